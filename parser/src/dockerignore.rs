@@ -1,0 +1,1 @@
+//! `.dockerignore` reading and matching with Docker's patternmatcher semantics.
