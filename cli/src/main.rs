@@ -1,3 +1,98 @@
-//! The `kiln` command line.
+//! The `kiln` command line: argument parsing, rendering and exit codes.
+//! The engine lives in the library crates; this binary is glue.
 
-fn main() {}
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// kiln: a daemonless, BuildKit-class Dockerfile build engine.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, about, propagate_version = true)]
+struct Cli {
+    /// Store root (default: $KILN_ROOT, else /var/lib/kiln as root).
+    #[arg(long, global = true, env = "KILN_ROOT", value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Verbose diagnostics on stderr.
+    #[arg(long, global = true)]
+    debug: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Tools for looking inside kiln.
+    Debug {
+        #[command(subcommand)]
+        what: DebugCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DebugCommand {
+    /// Print a Dockerfile's AST in BuildKit's dump format (or typed JSON).
+    Ast {
+        /// The Dockerfile; stdin when omitted or `-`.
+        file: Option<PathBuf>,
+        /// Print the typed instructions as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Debug {
+            what: DebugCommand::Ast { file, json },
+        } => debug_ast(file, json),
+    }
+}
+
+/// Reads a Dockerfile from a path, or stdin for `None` / `-`.
+fn read_dockerfile(file: Option<&PathBuf>) -> anyhow::Result<(String, String)> {
+    let mut bytes = Vec::new();
+    let name = match file.filter(|f| f.as_os_str() != "-") {
+        Some(path) => {
+            bytes = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+            path.display().to_string()
+        }
+        None => {
+            std::io::stdin().read_to_end(&mut bytes)?;
+            "Dockerfile".to_string()
+        }
+    };
+    Ok((name, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+fn debug_ast(file: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    let (name, text) = read_dockerfile(file.as_ref())?;
+    let out = if json {
+        kiln_parser::parse(&text).map(|df| serde_json::to_string_pretty(&df))
+    } else {
+        kiln_parser::parse_ast(&text).map(|ast| Ok(ast.dump()))
+    };
+    match out {
+        Ok(s) => {
+            println!("{}", s?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprint!("{}", e.render(&name, &text));
+            Ok(ExitCode::from(1))
+        }
+    }
+}

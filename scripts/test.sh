@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# scripts/test.sh — kiln's whole test suite, exactly as CI runs it.
+#
+# Installs what the tests need when it is missing (Debian packages, the Rust
+# components, cargo-nextest), then runs formatting, clippy and every test
+# (unit, integration, conformance, doc tests). Run it as root: the executor
+# tests create namespaces and mounts.
+#
+# Environment:
+#   KILN_CONFORMANCE  where the public conformance corpora are
+#                     (default: ../shared/conformance next to the checkout)
+#   CI=true           missing prerequisites fail tests instead of skipping
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[test.sh] %s\n' "$*" >&2; }
+
+# Debian packages the tests use: busybox-static builds the base rootfs.
+APT_PKGS=(busybox-static)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    log "installing ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  else
+    log "missing Debian packages: ${missing[*]} (run as root to install them)"
+  fi
+fi
+
+for comp in rustfmt clippy; do
+  if ! cargo "${comp/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    log "adding rustup component $comp"
+    rustup component add "$comp"
+  fi
+done
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest"
+  cargo install cargo-nextest --locked
+fi
+
+if [ -z "${KILN_CONFORMANCE:-}" ] && [ -d ../shared/conformance ]; then
+  KILN_CONFORMANCE="$(cd ../shared/conformance && pwd)"
+  export KILN_CONFORMANCE
+fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+log "cargo nextest run"
+cargo nextest run --workspace --no-fail-fast
+log "doc tests"
+cargo test --workspace --doc

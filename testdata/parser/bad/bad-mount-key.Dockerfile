@@ -1,0 +1,3 @@
+FROM busybox
+RUN --mount=type=cache,tagret=/root/.cache \
+    make

@@ -1,0 +1,3 @@
+ARG V=1
+RUN echo $V
+FROM busybox

@@ -1,0 +1,2 @@
+FROM busybox
+SHELL /bin/bash -c
