@@ -1,1 +1,1264 @@
 //! `.dockerignore` reading and matching with Docker's patternmatcher semantics.
+//!
+//! This is a port of the rules of [`moby/patternmatcher`] (and of its
+//! `ignorefile` reader), plus the walk decisions of [`tonistiigi/fsutil`]'s
+//! filtered walker, which BuildKit uses to send a build context. It does no
+//! I/O: callers read the ignore file and walk the context themselves.
+//!
+//! * [`read_ignore_file`] turns the text of a `.dockerignore` into patterns;
+//! * [`PatternMatcher`] answers "is this path excluded?" exactly as
+//!   `patternmatcher.MatchesOrParentMatches` does;
+//! * [`ContextFilter`] combines include patterns (BuildKit's
+//!   `IncludePatterns`) and exclude patterns (the `.dockerignore`) into the
+//!   per-entry [`Decision`] a context walker needs;
+//! * [`ignore_file_candidates`] names the files to look for.
+//!
+//! The pattern language (not gitignore's): patterns are path-cleaned and
+//! anchored at the context root; `*` and `?` do not cross `/`; `**` matches
+//! any number of directories; `[...]` classes and `\` escapes follow Go's
+//! `filepath.Match`; a pattern matches a path when it matches the path or
+//! any of its ancestor directories; a leading `!` makes an exception; the
+//! last matching pattern wins.
+//!
+//! ```
+//! use kiln_parser::dockerignore::{read_ignore_file, PatternMatcher};
+//!
+//! let patterns = read_ignore_file("# build output\ntarget/\n*.md\n!README.md\n");
+//! assert_eq!(patterns, ["target", "*.md", "!README.md"]);
+//! let pm = PatternMatcher::new(&patterns).unwrap();
+//! assert!(pm.matches_or_parent_matches("target/debug/kiln").unwrap());
+//! assert!(pm.matches_or_parent_matches("CHANGES.md").unwrap());
+//! assert!(!pm.matches_or_parent_matches("README.md").unwrap());
+//! assert!(!pm.matches_or_parent_matches("docs/guide.md").unwrap());
+//! ```
+//!
+//! Known deviations from upstream (all in corners no real ignore file
+//! reaches): Unicode class escapes (`\pL`, `\p{Greek}`) are reported as a
+//! bad pattern instead of being matched, and the reader has no 64 KiB
+//! line-length limit.
+//!
+//! [`moby/patternmatcher`]: https://github.com/moby/patternmatcher
+//! [`tonistiigi/fsutil`]: https://github.com/tonistiigi/fsutil
+
+/// Why a pattern list was rejected or a match could not be decided.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IgnoreError {
+    /// A pattern consisting of a lone `!`.
+    #[error("illegal exclusion pattern: \"!\"")]
+    IllegalExclusion,
+    /// A malformed pattern (Go's `filepath.ErrBadPattern`). Most are found
+    /// when the matcher is built; a few only when the pattern is first
+    /// evaluated, and then every evaluation reports it again.
+    #[error("syntax error in pattern `{pattern}`")]
+    BadPattern {
+        /// The cleaned pattern, without its `!`.
+        pattern: String,
+    },
+    /// A [`MatchInfo`] from a different matcher was passed in.
+    #[error("wrong number of values in parent match info")]
+    MatchInfoMismatch,
+}
+
+/// Reads the text of a `.dockerignore` into its list of patterns, as
+/// `patternmatcher/ignorefile.ReadAll` does.
+///
+/// A UTF-8 BOM on the first line is dropped; a line whose *first* character
+/// is `#` is a comment (after leading blanks it is a pattern); lines are
+/// trimmed and blank ones skipped; a leading `!` is split off and the rest
+/// trimmed again; the pattern is path-cleaned and one leading `/` removed;
+/// the `!` is put back. A lone `!` is kept (the matcher rejects it).
+pub fn read_ignore_file(text: &str) -> Vec<String> {
+    let mut patterns = Vec::new();
+    for (index, raw) in text.split('\n').enumerate() {
+        let mut line = raw.strip_suffix('\r').unwrap_or(raw);
+        if index == 0 {
+            line = line.strip_prefix('\u{feff}').unwrap_or(line);
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let mut pattern = line.trim();
+        if pattern.is_empty() {
+            continue;
+        }
+        let invert = match pattern.strip_prefix('!') {
+            Some(rest) => {
+                pattern = rest.trim();
+                true
+            }
+            None => false,
+        };
+        let mut out = String::new();
+        if invert {
+            out.push('!');
+        }
+        if !pattern.is_empty() {
+            let cleaned = go_path::clean(pattern);
+            let cleaned = match cleaned.strip_prefix('/') {
+                Some(rest) if !rest.is_empty() => rest,
+                _ => cleaned.as_str(),
+            };
+            out.push_str(cleaned);
+        }
+        patterns.push(out);
+    }
+    patterns
+}
+
+/// The ignore files to try, in order, for a Dockerfile at `dockerfile_path`.
+///
+/// Docker's rule: `<name>.dockerignore` beside the Dockerfile wins when it
+/// exists, else `.dockerignore` at the root of the context. The first
+/// candidate is `dockerfile_path` with `.dockerignore` appended (so it is
+/// relative to whatever `dockerfile_path` is relative to); the last is
+/// always `.dockerignore`, relative to the context root. Use the first one
+/// that exists; none existing means no patterns. A path without a file name
+/// (empty, or ending in `/`) yields only `.dockerignore`.
+pub fn ignore_file_candidates(dockerfile_path: &str) -> Vec<String> {
+    let mut candidates = Vec::with_capacity(2);
+    if !dockerfile_path.is_empty() && !dockerfile_path.ends_with('/') {
+        candidates.push(format!("{dockerfile_path}.dockerignore"));
+    }
+    candidates.push(".dockerignore".to_owned());
+    candidates
+}
+
+/// An ordered list of `.dockerignore` patterns, compiled.
+#[derive(Debug, Clone)]
+pub struct PatternMatcher {
+    patterns: Vec<Pattern>,
+    exclusions: bool,
+    literal_patterns: bool,
+    literal_exceptions: bool,
+}
+
+/// Per-pattern results for a directory, handed to the matching of its
+/// children by [`PatternMatcher::matches_using_parent_results`]. The default
+/// value means "no information" (use it for entries at the context root).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MatchInfo {
+    parent_matched: Vec<bool>,
+}
+
+impl PatternMatcher {
+    /// Compiles `patterns` (as produced by [`read_ignore_file`]) like
+    /// `patternmatcher.New`: each is trimmed (blank ones are dropped),
+    /// path-cleaned, split from a leading `!`, and checked with Go's
+    /// `filepath.Match` syntax rules.
+    pub fn new<S: AsRef<str>>(patterns: &[S]) -> Result<Self, IgnoreError> {
+        let mut compiled = Vec::with_capacity(patterns.len());
+        let mut exclusions = false;
+        for raw in patterns {
+            let trimmed = raw.as_ref().trim();
+            if trimmed.is_empty() {
+                continue;
+            }
+            let cleaned = go_path::clean(trimmed);
+            let (exclusion, body) = match cleaned.strip_prefix('!') {
+                Some("") => return Err(IgnoreError::IllegalExclusion),
+                Some(body) => (true, body.to_owned()),
+                None => (false, cleaned),
+            };
+            exclusions |= exclusion;
+            if !glob::is_valid(&body) {
+                return Err(IgnoreError::BadPattern { pattern: body });
+            }
+            compiled.push(Pattern::compile(body, exclusion));
+        }
+        let literal = |exclusion: bool| {
+            compiled
+                .iter()
+                .filter(|p| p.exclusion == exclusion)
+                .all(|p| !p.without_trailing_glob().contains(GLOB_CHARS))
+        };
+        let literal_patterns = literal(false);
+        let literal_exceptions = literal(true);
+        Ok(PatternMatcher {
+            patterns: compiled,
+            exclusions,
+            literal_patterns,
+            literal_exceptions,
+        })
+    }
+
+    /// Whether `path` (slash-separated, relative to the context root) is
+    /// excluded: `patternmatcher.MatchesOrParentMatches`. Patterns are
+    /// walked in order; one matches when it matches `path` or any ancestor
+    /// directory of it; a matching pattern sets "excluded", a matching `!`
+    /// pattern clears it. The path is used as given (not cleaned).
+    pub fn matches_or_parent_matches(&self, path: &str) -> Result<bool, IgnoreError> {
+        let mut matched = false;
+        let parent = go_path::dir(path);
+        for pattern in &self.patterns {
+            if pattern.exclusion != matched {
+                continue;
+            }
+            let mut hit = pattern.matches(path)?;
+            if !hit && parent != "." {
+                hit = ancestors(&parent).any(|a| pattern.matches(a).unwrap_or(false));
+            }
+            if hit {
+                matched = !pattern.exclusion;
+            }
+        }
+        Ok(matched)
+    }
+
+    /// The incremental form used by BuildKit's context walker
+    /// (`patternmatcher.MatchesUsingParentResults`): `parent` is the
+    /// [`MatchInfo`] returned for the parent directory (default for entries
+    /// at the root). Returns whether `path` is excluded and the info to hand
+    /// to its children. A pattern that matched the parent counts as matching
+    /// without being re-evaluated, which can differ from
+    /// [`matches_or_parent_matches`](Self::matches_or_parent_matches) in
+    /// corner cases exactly as upstream does.
+    pub fn matches_using_parent_results(
+        &self,
+        path: &str,
+        parent: &MatchInfo,
+    ) -> Result<(bool, MatchInfo), IgnoreError> {
+        let parent_matched = &parent.parent_matched;
+        if !parent_matched.is_empty() && parent_matched.len() != self.patterns.len() {
+            return Err(IgnoreError::MatchInfoMismatch);
+        }
+        let mut matched = false;
+        let mut info = vec![false; self.patterns.len()];
+        let mut parent_path: Option<String> = None;
+        for (i, pattern) in self.patterns.iter().enumerate() {
+            let mut hit = parent_matched.get(i).copied().unwrap_or(false);
+            if !hit {
+                if pattern.exclusion != matched {
+                    continue;
+                }
+                hit = pattern.matches(path)?;
+                if !hit && parent_matched.is_empty() {
+                    let parent = parent_path.get_or_insert_with(|| go_path::dir(path));
+                    if parent != "." {
+                        hit = ancestors(parent).any(|a| pattern.matches(a).unwrap_or(false));
+                    }
+                }
+            }
+            if let Some(slot) = info.get_mut(i) {
+                *slot = hit;
+            }
+            if hit {
+                matched = !pattern.exclusion;
+            }
+        }
+        Ok((
+            matched,
+            MatchInfo {
+                parent_matched: info,
+            },
+        ))
+    }
+
+    /// Whether any `!` pattern is present.
+    pub fn exclusions(&self) -> bool {
+        self.exclusions
+    }
+
+    /// Fast path for walkers: given a directory `dir` that this matcher
+    /// excludes, could a `!` pattern re-include something below it? `false`
+    /// means the walker may skip the whole subtree.
+    ///
+    /// This is fsutil's conservative test: with no `!` patterns the answer
+    /// is `false`; if any `!` pattern has glob characters (other than a
+    /// trailing `/*` or `/**`) it is `true`; otherwise it is `true` only
+    /// when some `!` pattern lies at or below `dir`.
+    pub fn may_reinclude_below(&self, dir: &str) -> bool {
+        if !self.exclusions {
+            return false;
+        }
+        !self.literal_exceptions || self.any_literal_below(dir, true)
+    }
+
+    /// The same test for normal patterns, used on include patterns: given a
+    /// directory that does not match, could a pattern match something below
+    /// it? `true` when any normal pattern has glob characters (other than a
+    /// trailing `/*` or `/**`), else when one lies at or below `dir`.
+    pub fn may_match_below(&self, dir: &str) -> bool {
+        !self.literal_patterns || self.any_literal_below(dir, false)
+    }
+
+    fn any_literal_below(&self, dir: &str, exclusion: bool) -> bool {
+        self.patterns
+            .iter()
+            .filter(|p| p.exclusion == exclusion)
+            .any(|p| {
+                let stem = p.without_trailing_glob();
+                // `stem + "/"` starts with `dir + "/"`.
+                stem.strip_prefix(dir)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            })
+    }
+}
+
+/// Characters that make fsutil treat a pattern as a glob rather than a
+/// plain path prefix.
+const GLOB_CHARS: &[char] = &['*', '[', ']', '?', '^', '\\'];
+
+/// The decision for one entry of a build context walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Send the entry (after any of its ancestor directories not sent yet);
+    /// descend if it is a directory.
+    Include,
+    /// Do not send the entry; if it is a directory, still descend, since
+    /// something below may be included (and would bring this directory
+    /// along as a parent).
+    Exclude,
+    /// A directory that is not sent and below which nothing can be
+    /// included: do not descend.
+    ExcludeSkipDir,
+}
+
+/// Include and exclude patterns together: what fsutil's filtered walker
+/// decides for each entry of a build context.
+///
+/// A walker that visits entries depth-first in lexical order, asks
+/// [`decide`](Self::decide) (or [`decide_in`](Self::decide_in)) for each,
+/// descends into directories unless told [`Decision::ExcludeSkipDir`], and
+/// on [`Decision::Include`] first emits the ancestor directories it has not
+/// emitted yet, reproduces BuildKit's context exactly.
+#[derive(Debug, Clone)]
+pub struct ContextFilter {
+    include: Option<PatternMatcher>,
+    exclude: Option<PatternMatcher>,
+}
+
+/// What [`ContextFilter::decide_in`] remembers about a directory for its
+/// children. The default value is the state of the context root.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirState {
+    include: MatchInfo,
+    exclude: MatchInfo,
+}
+
+impl ContextFilter {
+    /// Builds a filter. `includes` are BuildKit's include patterns (an empty
+    /// list means everything; a non-empty list whose patterns are all blank
+    /// means nothing, as upstream); `excludes` are the `.dockerignore`
+    /// patterns. Both use the same pattern language.
+    pub fn new<I: AsRef<str>, E: AsRef<str>>(
+        includes: &[I],
+        excludes: &[E],
+    ) -> Result<Self, IgnoreError> {
+        let include = if includes.is_empty() {
+            None
+        } else {
+            Some(PatternMatcher::new(includes)?)
+        };
+        let exclude = if excludes.is_empty() {
+            None
+        } else {
+            Some(PatternMatcher::new(excludes)?)
+        };
+        Ok(ContextFilter { include, exclude })
+    }
+
+    /// The decision for `rel_path` (slash-separated, relative to the
+    /// context root, as a walker produces it: no leading `/` or `./`, no
+    /// trailing `/`). Stateless: the states of the ancestors are recomputed
+    /// on each call; a walker can use [`decide_in`](Self::decide_in) to
+    /// avoid that. A path below a directory that would be skipped is
+    /// reported as [`Decision::Exclude`] (or [`Decision::ExcludeSkipDir`]
+    /// for a directory).
+    pub fn decide(&self, rel_path: &str, is_dir: bool) -> Result<Decision, IgnoreError> {
+        let mut state = DirState::default();
+        for (i, _) in rel_path.match_indices('/') {
+            let ancestor = &rel_path[..i];
+            if ancestor.is_empty() {
+                continue;
+            }
+            let (decision, next) = self.decide_in(ancestor, true, &state)?;
+            if decision == Decision::ExcludeSkipDir {
+                return Ok(if is_dir {
+                    Decision::ExcludeSkipDir
+                } else {
+                    Decision::Exclude
+                });
+            }
+            state = next;
+        }
+        Ok(self.decide_in(rel_path, is_dir, &state)?.0)
+    }
+
+    /// The decision for `rel_path`, given the [`DirState`] returned for its
+    /// parent directory (the default state for entries at the root).
+    /// Returns the state to pass for the entry's children when it is a
+    /// directory.
+    pub fn decide_in(
+        &self,
+        rel_path: &str,
+        is_dir: bool,
+        parent: &DirState,
+    ) -> Result<(Decision, DirState), IgnoreError> {
+        let mut state = DirState::default();
+        let mut skip = false;
+        if let Some(include) = &self.include {
+            let (matched, info) =
+                include.matches_using_parent_results(rel_path, &parent.include)?;
+            state.include = info;
+            if !matched {
+                if is_dir && !include.may_match_below(rel_path) {
+                    return Ok((Decision::ExcludeSkipDir, DirState::default()));
+                }
+                skip = true;
+            }
+        }
+        if let Some(exclude) = &self.exclude {
+            let (matched, info) =
+                exclude.matches_using_parent_results(rel_path, &parent.exclude)?;
+            state.exclude = info;
+            if matched {
+                if is_dir && !exclude.may_reinclude_below(rel_path) {
+                    return Ok((Decision::ExcludeSkipDir, DirState::default()));
+                }
+                skip = true;
+            }
+        }
+        let decision = if skip {
+            Decision::Exclude
+        } else {
+            Decision::Include
+        };
+        Ok((decision, state))
+    }
+
+    /// Whether a single file may be opened through the filtered context
+    /// (fsutil's filtered `Open`): it must match the include patterns (if
+    /// any) and not the exclude patterns, both by
+    /// [`PatternMatcher::matches_or_parent_matches`].
+    pub fn open_allowed(&self, rel_path: &str) -> Result<bool, IgnoreError> {
+        if let Some(include) = &self.include {
+            if !include.matches_or_parent_matches(rel_path)? {
+                return Ok(false);
+            }
+        }
+        if let Some(exclude) = &self.exclude {
+            if exclude.matches_or_parent_matches(rel_path)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// The ancestors Go builds from `filepath.Dir(file)` split at `/`: every
+/// prefix of `parent` that ends before a `/`, then `parent` itself.
+fn ancestors(parent: &str) -> impl Iterator<Item = &str> {
+    parent
+        .match_indices('/')
+        .map(move |(i, _)| &parent[..i])
+        .chain(std::iter::once(parent))
+}
+
+/// One compiled pattern.
+#[derive(Debug, Clone)]
+struct Pattern {
+    /// Cleaned, without the `!`.
+    cleaned: String,
+    exclusion: bool,
+    kind: MatchKind,
+}
+
+#[derive(Debug, Clone)]
+enum MatchKind {
+    /// No special characters: the path must equal the pattern.
+    Exact,
+    /// `literal**`: the path must start with these bytes.
+    Prefix(Vec<u8>),
+    /// `**literal`: the path must end with these bytes (or, when they start
+    /// with `/`, equal the rest).
+    Suffix(Vec<u8>),
+    /// Anything else, through the regular expression upstream builds.
+    /// `None` when that expression does not compile: the error is reported
+    /// each time the pattern is evaluated.
+    Regex(Option<regex::Program>),
+}
+
+impl Pattern {
+    /// Mirrors `Pattern.compile`: classifies the pattern and builds the Go
+    /// regular expression upstream would, then compiles that with Go's
+    /// syntax.
+    fn compile(cleaned: String, exclusion: bool) -> Pattern {
+        #[derive(PartialEq)]
+        enum Ty {
+            Exact,
+            Prefix,
+            Suffix,
+            Regex,
+        }
+        let mut re = String::from("^");
+        let mut ty = Ty::Exact;
+        let mut chars = cleaned.chars().peekable();
+        // text/scanner drops a byte order mark at the very start.
+        if chars.peek() == Some(&'\u{feff}') {
+            chars.next();
+        }
+        let mut first = true;
+        while let Some(ch) = chars.next() {
+            match ch {
+                '*' if chars.peek() == Some(&'*') => {
+                    chars.next();
+                    if chars.peek() == Some(&'/') {
+                        chars.next();
+                    }
+                    if chars.peek().is_none() {
+                        if ty == Ty::Exact {
+                            ty = Ty::Prefix;
+                        } else {
+                            re.push_str(".*");
+                            ty = Ty::Regex;
+                        }
+                    } else {
+                        re.push_str("(.*/)?");
+                        ty = Ty::Regex;
+                    }
+                    if first {
+                        ty = Ty::Suffix;
+                    }
+                }
+                '*' => {
+                    re.push_str("[^/]*");
+                    ty = Ty::Regex;
+                }
+                '?' => {
+                    re.push_str("[^/]");
+                    ty = Ty::Regex;
+                }
+                '.' | '+' | '(' | ')' | '|' | '{' | '}' | '$' => {
+                    re.push('\\');
+                    re.push(ch);
+                }
+                '\\' => match chars.next() {
+                    Some(next) => {
+                        re.push('\\');
+                        re.push(next);
+                        ty = Ty::Regex;
+                    }
+                    None => re.push('\\'),
+                },
+                '[' | ']' => {
+                    re.push(ch);
+                    ty = Ty::Regex;
+                }
+                _ => re.push(ch),
+            }
+            first = false;
+        }
+        let kind = match ty {
+            Ty::Exact => MatchKind::Exact,
+            Ty::Prefix => {
+                let bytes = cleaned.as_bytes();
+                let stem = bytes.get(..bytes.len().saturating_sub(2)).unwrap_or(&[]);
+                MatchKind::Prefix(stem.to_vec())
+            }
+            Ty::Suffix => MatchKind::Suffix(cleaned.as_bytes().get(2..).unwrap_or(&[]).to_vec()),
+            Ty::Regex => {
+                re.push('$');
+                MatchKind::Regex(regex::Program::compile(&re).ok())
+            }
+        };
+        Pattern {
+            cleaned,
+            exclusion,
+            kind,
+        }
+    }
+
+    fn matches(&self, path: &str) -> Result<bool, IgnoreError> {
+        Ok(match &self.kind {
+            MatchKind::Exact => path == self.cleaned,
+            MatchKind::Prefix(prefix) => path.as_bytes().starts_with(prefix),
+            MatchKind::Suffix(suffix) => {
+                path.as_bytes().ends_with(suffix)
+                    || (suffix.first() == Some(&b'/') && suffix.get(1..) == Some(path.as_bytes()))
+            }
+            MatchKind::Regex(Some(program)) => program.is_match(path),
+            MatchKind::Regex(None) => {
+                return Err(IgnoreError::BadPattern {
+                    pattern: self.cleaned.clone(),
+                })
+            }
+        })
+    }
+
+    /// fsutil's `patternWithoutTrailingGlob`.
+    fn without_trailing_glob(&self) -> &str {
+        let p = self.cleaned.as_str();
+        let p = p.strip_suffix("/**").unwrap_or(p);
+        p.strip_suffix("/*").unwrap_or(p)
+    }
+}
+
+/// Go's `path/filepath` helpers (unix flavour).
+mod go_path {
+    /// `filepath.Clean`: the shortest equivalent path, lexically.
+    pub(super) fn clean(path: &str) -> String {
+        if path.is_empty() {
+            return ".".to_owned();
+        }
+        let rooted = path.starts_with('/');
+        let mut parts: Vec<&str> = Vec::new();
+        // Leading `..` elements of a relative path cannot be cancelled.
+        let mut fixed = 0;
+        for part in path.split('/') {
+            match part {
+                "" | "." => {}
+                ".." => {
+                    if parts.len() > fixed {
+                        parts.pop();
+                    } else if !rooted {
+                        parts.push("..");
+                        fixed = parts.len();
+                    }
+                }
+                _ => parts.push(part),
+            }
+        }
+        let joined = parts.join("/");
+        if rooted {
+            format!("/{joined}")
+        } else if joined.is_empty() {
+            ".".to_owned()
+        } else {
+            joined
+        }
+    }
+
+    /// `filepath.Dir`: everything up to the last `/`, cleaned.
+    pub(super) fn dir(path: &str) -> String {
+        let end = path.rfind('/').map_or(0, |i| i + 1);
+        clean(path.get(..end).unwrap_or(""))
+    }
+}
+
+/// Syntax checking of Go `filepath.Match` patterns (what `patternmatcher.New`
+/// calls `filepath.Match(p, ".")` for): the pattern is valid when every
+/// chunk between unbracketed `*`s is.
+mod glob {
+    pub(super) fn is_valid(pattern: &str) -> bool {
+        let mut rest = pattern.as_bytes();
+        while !rest.is_empty() {
+            let (chunk, after) = scan_chunk(rest);
+            if !chunk_is_valid(chunk) {
+                return false;
+            }
+            rest = after;
+        }
+        true
+    }
+
+    /// `scanChunk`: skips leading stars, then takes everything up to the
+    /// next `*` outside brackets.
+    fn scan_chunk(pattern: &[u8]) -> (&[u8], &[u8]) {
+        let start = pattern.iter().take_while(|&&b| b == b'*').count();
+        let pattern = pattern.get(start..).unwrap_or(&[]);
+        let mut in_range = false;
+        let mut i = 0;
+        while i < pattern.len() {
+            match pattern[i] {
+                b'\\' if i + 1 < pattern.len() => i += 1,
+                b'[' => in_range = true,
+                b']' => in_range = false,
+                b'*' if !in_range => break,
+                _ => {}
+            }
+            i += 1;
+        }
+        pattern.split_at(i.min(pattern.len()))
+    }
+
+    /// The syntax checks of `matchChunk`.
+    fn chunk_is_valid(chunk: &[u8]) -> bool {
+        let mut i = 0;
+        while let Some(&b) = chunk.get(i) {
+            match b {
+                b'[' => {
+                    i += 1;
+                    if chunk.get(i) == Some(&b'^') {
+                        i += 1;
+                    }
+                    let mut ranges = 0;
+                    loop {
+                        if ranges > 0 && chunk.get(i) == Some(&b']') {
+                            i += 1;
+                            break;
+                        }
+                        let Some(next) = class_char(chunk, i) else {
+                            return false;
+                        };
+                        i = next;
+                        if chunk.get(i) == Some(&b'-') {
+                            let Some(next) = class_char(chunk, i + 1) else {
+                                return false;
+                            };
+                            i = next;
+                        }
+                        ranges += 1;
+                    }
+                }
+                b'\\' => {
+                    if i + 1 >= chunk.len() {
+                        return false;
+                    }
+                    i += 2;
+                }
+                _ => i += 1,
+            }
+        }
+        true
+    }
+
+    /// `getEsc`: one possibly escaped character of a class; `None` when the
+    /// pattern is malformed (including when nothing follows it).
+    fn class_char(chunk: &[u8], mut i: usize) -> Option<usize> {
+        match chunk.get(i) {
+            None | Some(b'-') | Some(b']') => return None,
+            Some(b'\\') => i += 1,
+            Some(_) => {}
+        }
+        let lead = *chunk.get(i)?;
+        let width = match lead {
+            0x00..=0x7f => 1,
+            0xc0..=0xdf => 2,
+            0xe0..=0xef => 3,
+            0xf0..=0xf7 => 4,
+            _ => return None,
+        };
+        i += width;
+        (i < chunk.len()).then_some(i)
+    }
+}
+
+/// The subset of Go's RE2 syntax (`regexp/syntax` with Perl flags) that the
+/// expressions built by `Pattern::compile` can contain, compiled to a small
+/// Pike VM. Only "does it match" is needed, so there are no captures.
+mod regex {
+    /// Largest Unicode scalar value.
+    const MAX_RUNE: u32 = 0x10_ffff;
+    /// Deepest group nesting accepted (Go's parser limit is 1000).
+    const MAX_DEPTH: usize = 1000;
+
+    /// Why an expression is rejected; the details are not surfaced.
+    #[derive(Debug)]
+    pub(super) struct Invalid;
+
+    type Ranges = Vec<(u32, u32)>;
+
+    #[derive(Debug, Clone, Copy)]
+    enum Look {
+        BeginText,
+        EndText,
+        WordBoundary,
+        NotWordBoundary,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Rep {
+        Star,
+        Plus,
+        Quest,
+    }
+
+    #[derive(Debug)]
+    enum Node {
+        Class(Ranges),
+        Look(Look),
+        Concat(Vec<Node>),
+        Repeat(Box<Node>, Rep),
+    }
+
+    #[derive(Debug, Clone)]
+    enum Inst {
+        Class(Ranges),
+        Look(Look),
+        Split(usize, usize),
+        Jmp(usize),
+        Match,
+    }
+
+    /// A compiled expression.
+    #[derive(Debug, Clone)]
+    pub(super) struct Program {
+        insts: Vec<Inst>,
+    }
+
+    impl Program {
+        pub(super) fn compile(expr: &str) -> Result<Program, Invalid> {
+            let node = parse(expr)?;
+            let mut insts = Vec::new();
+            emit(&node, &mut insts);
+            insts.push(Inst::Match);
+            Ok(Program { insts })
+        }
+
+        /// Go's `Regexp.MatchString`: is there a match anywhere in `text`?
+        pub(super) fn is_match(&self, text: &str) -> bool {
+            let chars: Vec<char> = text.chars().collect();
+            let len = self.insts.len();
+            let mut current = Threads::new(len);
+            let mut next = Threads::new(len);
+            let mut stack = Vec::new();
+            for pos in 0..=chars.len() {
+                if self.add(&mut current, 0, &chars, pos, &mut stack) {
+                    return true;
+                }
+                let Some(&c) = chars.get(pos) else {
+                    break;
+                };
+                next.clear();
+                for k in 0..current.dense.len() {
+                    let pc = current.dense[k];
+                    if let Some(Inst::Class(ranges)) = self.insts.get(pc) {
+                        if class_contains(ranges, c as u32)
+                            && self.add(&mut next, pc + 1, &chars, pos + 1, &mut stack)
+                        {
+                            return true;
+                        }
+                    }
+                }
+                std::mem::swap(&mut current, &mut next);
+            }
+            false
+        }
+
+        /// Adds the thread at `pc` and everything reachable from it without
+        /// consuming input; `true` when that reaches the match state.
+        fn add(
+            &self,
+            threads: &mut Threads,
+            pc: usize,
+            chars: &[char],
+            pos: usize,
+            stack: &mut Vec<usize>,
+        ) -> bool {
+            stack.clear();
+            stack.push(pc);
+            while let Some(pc) = stack.pop() {
+                if !threads.insert(pc) {
+                    continue;
+                }
+                match self.insts.get(pc) {
+                    Some(Inst::Match) => return true,
+                    Some(Inst::Jmp(to)) => stack.push(*to),
+                    Some(Inst::Split(a, b)) => {
+                        stack.push(*b);
+                        stack.push(*a);
+                    }
+                    Some(Inst::Look(look)) => {
+                        if look_holds(*look, chars, pos) {
+                            stack.push(pc + 1);
+                        }
+                    }
+                    Some(Inst::Class(_)) | None => {}
+                }
+            }
+            false
+        }
+    }
+
+    /// A sparse set of program counters, in insertion order.
+    struct Threads {
+        dense: Vec<usize>,
+        seen: Vec<bool>,
+    }
+
+    impl Threads {
+        fn new(len: usize) -> Threads {
+            Threads {
+                dense: Vec::with_capacity(len),
+                seen: vec![false; len],
+            }
+        }
+
+        fn insert(&mut self, pc: usize) -> bool {
+            match self.seen.get_mut(pc) {
+                Some(seen) if !*seen => {
+                    *seen = true;
+                    self.dense.push(pc);
+                    true
+                }
+                _ => false,
+            }
+        }
+
+        fn clear(&mut self) {
+            for &pc in &self.dense {
+                if let Some(seen) = self.seen.get_mut(pc) {
+                    *seen = false;
+                }
+            }
+            self.dense.clear();
+        }
+    }
+
+    fn is_word(c: Option<&char>) -> bool {
+        c.is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_')
+    }
+
+    fn look_holds(look: Look, chars: &[char], pos: usize) -> bool {
+        let before = pos.checked_sub(1).and_then(|p| chars.get(p));
+        let after = chars.get(pos);
+        match look {
+            Look::BeginText => pos == 0,
+            Look::EndText => pos >= chars.len(),
+            Look::WordBoundary => is_word(before) != is_word(after),
+            Look::NotWordBoundary => is_word(before) == is_word(after),
+        }
+    }
+
+    fn class_contains(ranges: &Ranges, c: u32) -> bool {
+        ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi)
+    }
+
+    fn emit(node: &Node, insts: &mut Vec<Inst>) {
+        match node {
+            Node::Class(ranges) => insts.push(Inst::Class(ranges.clone())),
+            Node::Look(look) => insts.push(Inst::Look(*look)),
+            Node::Concat(nodes) => {
+                for node in nodes {
+                    emit(node, insts);
+                }
+            }
+            Node::Repeat(sub, Rep::Star) => {
+                let split = insts.len();
+                insts.push(Inst::Jmp(0));
+                emit(sub, insts);
+                insts.push(Inst::Jmp(split));
+                let end = insts.len();
+                insts[split] = Inst::Split(split + 1, end);
+            }
+            Node::Repeat(sub, Rep::Plus) => {
+                let start = insts.len();
+                emit(sub, insts);
+                let end = insts.len() + 1;
+                insts.push(Inst::Split(start, end));
+            }
+            Node::Repeat(sub, Rep::Quest) => {
+                let split = insts.len();
+                insts.push(Inst::Jmp(0));
+                emit(sub, insts);
+                let end = insts.len();
+                insts[split] = Inst::Split(split + 1, end);
+            }
+        }
+    }
+
+    fn literal(c: u32) -> Node {
+        Node::Class(vec![(c, c)])
+    }
+
+    /// Parses Go regular-expression syntax (Perl flags: `^`/`$` anchor the
+    /// text, `.` excludes `\n`, negated classes include it).
+    fn parse(expr: &str) -> Result<Node, Invalid> {
+        let s: Vec<char> = expr.chars().collect();
+        let mut frames: Vec<Vec<Node>> = vec![Vec::new()];
+        let mut last_was_repeat = false;
+        let mut i = 0;
+        while let Some(&c) = s.get(i) {
+            let mut repeat = false;
+            let top = frames.last_mut().ok_or(Invalid)?;
+            match c {
+                '(' => {
+                    if s.get(i + 1) == Some(&'?') || frames.len() > MAX_DEPTH {
+                        return Err(Invalid);
+                    }
+                    frames.push(Vec::new());
+                    i += 1;
+                }
+                ')' => {
+                    if frames.len() < 2 {
+                        return Err(Invalid);
+                    }
+                    let group = frames.pop().ok_or(Invalid)?;
+                    frames.last_mut().ok_or(Invalid)?.push(Node::Concat(group));
+                    i += 1;
+                }
+                // Never produced unescaped by `Pattern::compile`.
+                '|' | '{' => return Err(Invalid),
+                '^' => {
+                    top.push(Node::Look(Look::BeginText));
+                    i += 1;
+                }
+                '$' => {
+                    top.push(Node::Look(Look::EndText));
+                    i += 1;
+                }
+                '.' => {
+                    top.push(Node::Class(vec![(0, 9), (11, MAX_RUNE)]));
+                    i += 1;
+                }
+                '[' => {
+                    let (ranges, next) = parse_class(&s, i)?;
+                    top.push(Node::Class(ranges));
+                    i = next;
+                }
+                '*' | '+' | '?' => {
+                    let rep = match c {
+                        '*' => Rep::Star,
+                        '+' => Rep::Plus,
+                        _ => Rep::Quest,
+                    };
+                    i += 1;
+                    // A trailing `?` makes it non-greedy: same matches.
+                    if s.get(i) == Some(&'?') {
+                        i += 1;
+                    }
+                    if last_was_repeat {
+                        return Err(Invalid);
+                    }
+                    let sub = top.pop().ok_or(Invalid)?;
+                    top.push(Node::Repeat(Box::new(sub), rep));
+                    repeat = true;
+                }
+                '\\' => i = parse_top_escape(&s, i, top)?,
+                _ => {
+                    top.push(literal(c as u32));
+                    i += 1;
+                }
+            }
+            last_was_repeat = repeat;
+        }
+        if frames.len() != 1 {
+            return Err(Invalid);
+        }
+        Ok(Node::Concat(frames.pop().unwrap_or_default()))
+    }
+
+    /// An escape outside a class, at `s[i] == '\\'`; returns the index after
+    /// it.
+    fn parse_top_escape(s: &[char], i: usize, top: &mut Vec<Node>) -> Result<usize, Invalid> {
+        let look = match s.get(i + 1) {
+            Some('A') => Some(Look::BeginText),
+            Some('z') => Some(Look::EndText),
+            Some('b') => Some(Look::WordBoundary),
+            Some('B') => Some(Look::NotWordBoundary),
+            Some('C') | Some('p') | Some('P') => return Err(Invalid),
+            Some('Q') => {
+                // `\Q...\E`: everything up to `\E` (or the end) is literal.
+                let mut j = i + 2;
+                while let Some(&c) = s.get(j) {
+                    if c == '\\' && s.get(j + 1) == Some(&'E') {
+                        return Ok(j + 2);
+                    }
+                    top.push(literal(c as u32));
+                    j += 1;
+                }
+                return Ok(j);
+            }
+            _ => None,
+        };
+        if let Some(look) = look {
+            top.push(Node::Look(look));
+            return Ok(i + 2);
+        }
+        if let Some(ranges) = s.get(i + 1).and_then(|&c| perl_class(c)) {
+            top.push(Node::Class(ranges));
+            return Ok(i + 2);
+        }
+        let (c, next) = parse_escape(s, i)?;
+        top.push(literal(c));
+        Ok(next)
+    }
+
+    /// `parseEscape`: a single-character escape at `s[i] == '\\'`.
+    fn parse_escape(s: &[char], i: usize) -> Result<(u32, usize), Invalid> {
+        let c = *s.get(i + 1).ok_or(Invalid)?;
+        let mut j = i + 2;
+        let octal = |c: Option<&char>| c.is_some_and(|c| ('0'..='7').contains(c));
+        match c {
+            '1'..='7' | '0' => {
+                if c != '0' && !octal(s.get(j)) {
+                    // A backreference: not supported.
+                    return Err(Invalid);
+                }
+                let mut r = c as u32 - '0' as u32;
+                for _ in 1..3 {
+                    match s.get(j) {
+                        Some(&d) if octal(Some(&d)) => {
+                            r = r * 8 + (d as u32 - '0' as u32);
+                            j += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                Ok((r, j))
+            }
+            'x' => {
+                let first = *s.get(j).ok_or(Invalid)?;
+                j += 1;
+                if first == '{' {
+                    let mut r: u32 = 0;
+                    let mut digits = 0;
+                    loop {
+                        let d = *s.get(j).ok_or(Invalid)?;
+                        j += 1;
+                        if d == '}' {
+                            break;
+                        }
+                        r = r * 16 + d.to_digit(16).ok_or(Invalid)?;
+                        if r > MAX_RUNE {
+                            return Err(Invalid);
+                        }
+                        digits += 1;
+                    }
+                    if digits == 0 {
+                        return Err(Invalid);
+                    }
+                    return Ok((r, j));
+                }
+                let second = *s.get(j).ok_or(Invalid)?;
+                j += 1;
+                let hi = first.to_digit(16).ok_or(Invalid)?;
+                let lo = second.to_digit(16).ok_or(Invalid)?;
+                Ok((hi * 16 + lo, j))
+            }
+            'a' => Ok((7, j)),
+            'f' => Ok((12, j)),
+            'n' => Ok((10, j)),
+            'r' => Ok((13, j)),
+            't' => Ok((9, j)),
+            'v' => Ok((11, j)),
+            c if c.is_ascii() && !c.is_ascii_alphanumeric() => Ok((c as u32, j)),
+            _ => Err(Invalid),
+        }
+    }
+
+    /// `\d \s \w` and their negations (ASCII, as in Go).
+    fn perl_class(c: char) -> Option<Ranges> {
+        let (ranges, negate): (&[(u32, u32)], bool) = match c {
+            'd' => (&DIGIT, false),
+            'D' => (&DIGIT, true),
+            's' => (&PERL_SPACE, false),
+            'S' => (&PERL_SPACE, true),
+            'w' => (&WORD, false),
+            'W' => (&WORD, true),
+            _ => return None,
+        };
+        let ranges = ranges.to_vec();
+        Some(if negate { negated(ranges) } else { ranges })
+    }
+
+    const DIGIT: [(u32, u32); 1] = [(0x30, 0x39)];
+    const PERL_SPACE: [(u32, u32); 3] = [(0x09, 0x0a), (0x0c, 0x0d), (0x20, 0x20)];
+    const WORD: [(u32, u32); 4] = [(0x30, 0x39), (0x41, 0x5a), (0x5f, 0x5f), (0x61, 0x7a)];
+
+    /// Go's POSIX classes (`[:alpha:]` inside brackets).
+    fn posix_class(name: &str) -> Option<Ranges> {
+        let (name, negate) = match name.strip_prefix('^') {
+            Some(name) => (name, true),
+            None => (name, false),
+        };
+        let ranges: &[(u32, u32)] = match name {
+            "alnum" => &[(0x30, 0x39), (0x41, 0x5a), (0x61, 0x7a)],
+            "alpha" => &[(0x41, 0x5a), (0x61, 0x7a)],
+            "ascii" => &[(0x00, 0x7f)],
+            "blank" => &[(0x09, 0x09), (0x20, 0x20)],
+            "cntrl" => &[(0x00, 0x1f), (0x7f, 0x7f)],
+            "digit" => &DIGIT,
+            "graph" => &[(0x21, 0x7e)],
+            "lower" => &[(0x61, 0x7a)],
+            "print" => &[(0x20, 0x7e)],
+            "punct" => &[(0x21, 0x2f), (0x3a, 0x40), (0x5b, 0x60), (0x7b, 0x7e)],
+            "space" => &[(0x09, 0x0d), (0x20, 0x20)],
+            "upper" => &[(0x41, 0x5a)],
+            "word" => &WORD,
+            "xdigit" => &[(0x30, 0x39), (0x41, 0x46), (0x61, 0x66)],
+            _ => return None,
+        };
+        let ranges = ranges.to_vec();
+        Some(if negate { negated(ranges) } else { ranges })
+    }
+
+    /// The complement of `ranges` within `0..=MAX_RUNE`.
+    fn negated(mut ranges: Ranges) -> Ranges {
+        ranges.sort_unstable();
+        let mut out = Vec::new();
+        let mut next: u32 = 0;
+        for (lo, hi) in ranges {
+            if lo > next {
+                out.push((next, lo - 1));
+            }
+            next = next.max(hi.saturating_add(1));
+        }
+        if next <= MAX_RUNE {
+            out.push((next, MAX_RUNE));
+        }
+        out
+    }
+
+    /// `parseClass` at `s[i] == '['`; returns the ranges and the index after
+    /// the closing `]`.
+    fn parse_class(s: &[char], i: usize) -> Result<(Ranges, usize), Invalid> {
+        let mut j = i + 1;
+        let negate = s.get(j) == Some(&'^');
+        if negate {
+            j += 1;
+        }
+        let mut ranges = Vec::new();
+        let mut first = true;
+        loop {
+            match s.get(j) {
+                None => return Err(Invalid),
+                Some(']') if !first => {
+                    j += 1;
+                    break;
+                }
+                _ => {}
+            }
+            first = false;
+            if s.get(j) == Some(&'[') && s.get(j + 1) == Some(&':') && s.len() - j > 2 {
+                let close = (j + 2..s.len().saturating_sub(1))
+                    .find(|&k| s.get(k) == Some(&':') && s.get(k + 1) == Some(&']'));
+                if let Some(k) = close {
+                    let name: String = s.get(j + 2..k).unwrap_or(&[]).iter().collect();
+                    ranges.extend(posix_class(&name).ok_or(Invalid)?);
+                    j = k + 2;
+                    continue;
+                }
+            }
+            if s.get(j) == Some(&'\\') {
+                match s.get(j + 1) {
+                    Some('p') | Some('P') => return Err(Invalid),
+                    Some(&c) => {
+                        if let Some(class) = perl_class(c) {
+                            ranges.extend(class);
+                            j += 2;
+                            continue;
+                        }
+                    }
+                    None => {}
+                }
+            }
+            let (lo, next) = class_char(s, j)?;
+            j = next;
+            let mut hi = lo;
+            if s.get(j) == Some(&'-') && s.get(j + 1).is_some_and(|&c| c != ']') {
+                let (h, next) = class_char(s, j + 1)?;
+                if h < lo {
+                    return Err(Invalid);
+                }
+                hi = h;
+                j = next;
+            }
+            ranges.push((lo, hi));
+        }
+        if negate {
+            ranges = negated(ranges);
+        }
+        Ok((ranges, j))
+    }
+
+    /// `parseClassChar`.
+    fn class_char(s: &[char], j: usize) -> Result<(u32, usize), Invalid> {
+        match s.get(j) {
+            None => Err(Invalid),
+            Some('\\') => parse_escape(s, j),
+            Some(&c) => Ok((c as u32, j + 1)),
+        }
+    }
+}
