@@ -51,7 +51,7 @@ use std::hash::BuildHasher;
 
 /// How deep `${…}` expansions and quotes inside them may nest before
 /// expansion fails with [`ShellErrorKind::TooDeep`].
-pub const MAX_NESTING: usize = 128;
+pub const MAX_NESTING: usize = 64;
 
 /// A read-only view of environment variables for expansion.
 ///
@@ -1047,6 +1047,299 @@ fn extract_group_name(s: &str) -> Option<(&str, &str)> {
         after.strip_prefix('}').map(|after| (name, after))
     } else {
         Some((name, after))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> EnvList {
+        EnvList::new([
+            "V=a.b.c",
+            "E=",
+            "N=a b",
+            "M=x\ny.z",
+            "नाम=hindi",
+            "न=na",
+            "٣=three",
+        ])
+    }
+
+    fn word(lex: Lex, input: &str) -> String {
+        lex.process_word(input, &env())
+            .unwrap_or_else(|e| panic!("{input:?}: {e}"))
+    }
+
+    fn words(lex: Lex, input: &str) -> Vec<String> {
+        lex.process_words(input, &env())
+            .unwrap_or_else(|e| panic!("{input:?}: {e}"))
+    }
+
+    fn error(lex: Lex, input: &str) -> ShellErrorKind {
+        match lex.process_word(input, &env()) {
+            Ok(s) => panic!("{input:?} expanded to {s:?}, expected an error"),
+            Err(e) => e.kind().clone(),
+        }
+    }
+
+    #[test]
+    fn env_implementations() {
+        let pairs = vec![
+            ("K".to_string(), "first".to_string()),
+            ("K".to_string(), "last".to_string()),
+        ];
+        assert_eq!(Env::get(&pairs, "K").as_deref(), Some("last"));
+        assert_eq!(Env::get(pairs.as_slice(), "K").as_deref(), Some("last"));
+        assert_eq!(Env::get(&pairs, "k"), None, "keys are case-sensitive");
+
+        let map = HashMap::from([("K".to_string(), String::new())]);
+        assert_eq!(Env::get(&map, "K").as_deref(), Some(""));
+        let tree = BTreeMap::from([("K".to_string(), "v".to_string())]);
+        assert_eq!(Env::get(&tree, "K").as_deref(), Some("v"));
+
+        let list = EnvList::new(["A=1", "B", "A=2=3", "C="]);
+        assert_eq!(list.get("A").as_deref(), Some("2=3"));
+        assert_eq!(list.get("B").as_deref(), Some(""));
+        assert_eq!(list.get("C").as_deref(), Some(""));
+        assert_eq!(list.get("D"), None);
+        assert_eq!(list.keys(), ["A", "B", "A", "C"]);
+    }
+
+    #[test]
+    fn prefix_and_suffix_removal() {
+        let lex = Lex::default();
+        assert_eq!(word(lex, "${V%.*}"), "a.b");
+        assert_eq!(word(lex, "${V%%.*}"), "a");
+        assert_eq!(word(lex, "${V#*.}"), "b.c");
+        assert_eq!(word(lex, "${V##*.}"), "c");
+        assert_eq!(word(lex, "${V#a?b}"), ".c");
+        assert_eq!(word(lex, "${V#[a]}"), "a.b.c", "brackets are literal");
+        assert_eq!(word(lex, "${U%%*}"), "");
+        // Wildcards do not cross a newline.
+        assert_eq!(word(lex, "${M%.*}"), "x\ny");
+        assert_eq!(word(lex, "${M##*}"), "\ny.z");
+    }
+
+    #[test]
+    fn replacement() {
+        let lex = Lex::default();
+        assert_eq!(word(lex, "${V/./-}"), "a-b.c");
+        assert_eq!(word(lex, "${V//./-}"), "a-b-c");
+        assert!(
+            matches!(
+                error(lex, "${V//\\./-}"),
+                ShellErrorKind::InvalidPattern { .. }
+            ),
+            "only \\*, \\?, \\\\, \\}} and \\/ are escapes"
+        );
+        // Only `//` reads the replacement as a Go template: `$0` is the
+        // match and `$$` a dollar.
+        assert_eq!(
+            word(lex, "${V//./<$0>}"),
+            "a<>b<>c",
+            "$0 here is an unset variable"
+        );
+        assert_eq!(word(lex, "${V//'.'/'[$0]'}"), "a[.]b[.]c");
+        assert_eq!(word(lex, "${V//'.'/'$$'}"), "a$b$c");
+        assert_eq!(word(lex, "${V/'.'/'[$0]'}"), "a[$0]b.c");
+        // An unset variable is replaced in as empty.
+        assert_eq!(word(lex, "${U/*/x}"), "x");
+        assert_eq!(word(lex, "${U//*/x}"), "x");
+    }
+
+    #[test]
+    fn backtick_escape() {
+        let lex = Lex::new('`');
+        assert_eq!(lex.escape(), '`');
+        assert_eq!(words(lex, "a`$b c`\\d"), ["a$b", "c\\d"]);
+        assert_eq!(word(lex, "\"a`\"b\""), "a\"b");
+        // Patterns only know `\` escapes.
+        assert_eq!(word(lex, "${V#`*}"), "a.b.c");
+        assert_eq!(word(lex, "${V#*\\?b}"), "a.b.c");
+        assert_eq!(word(lex, "${V#*\\\\}"), "a.b.c");
+    }
+
+    #[test]
+    fn raw_quotes() {
+        let lex = Lex::default().raw_quotes(true);
+        assert_eq!(
+            words(lex, "'a b' \"$N\" $N"),
+            ["'a b'", "\"a b\"", "a", "b"]
+        );
+    }
+
+    #[test]
+    fn raw_escapes() {
+        let lex = Lex::default().raw_escapes(true);
+        assert_eq!(words(lex, "a\\ b \"c\\d\""), ["a\\ b", "c\\\\d"]);
+        // Not inside `${V:-…}`.
+        assert_eq!(word(lex, "${U:-a\\b}"), "ab");
+    }
+
+    #[test]
+    fn skip_unset_env_writes_references_back() {
+        let lex = Lex::default().skip_unset_env(true);
+        assert_eq!(
+            words(lex, "$U ${U} ${U:-x} ${U?x} ${U:=x} ${V:-x}"),
+            ["$U", "${U}", "${U:-x}", "${U?x}", "${U:=x}", "a.b.c"]
+        );
+        // Regression: BuildKit writes `${U//a/b}` back as `${U/a/b}`.
+        assert_eq!(word(lex, "${U//a/b} ${U/a/b}"), "${U//a/b} ${U/a/b}");
+    }
+
+    #[test]
+    fn skip_process_quotes() {
+        let lex = Lex::default().skip_process_quotes(true);
+        assert_eq!(words(lex, "'a b' \"c\""), ["'a", "b'", "\"c\""]);
+    }
+
+    #[test]
+    fn splitting() {
+        let lex = Lex::default();
+        assert_eq!(words(lex, "x${U:-a b}y"), ["xa", "by"]);
+        assert_eq!(words(lex, "\"x${U:-a b}y\""), ["xa by"]);
+        // Quotes inside the default do not protect the expansion.
+        assert_eq!(words(lex, "${U:-\"a b\"}"), ["a", "b"]);
+        assert_eq!(words(lex, "a \"\" b"), ["a", "b"]);
+        assert_eq!(words(lex, "cat << EOF x"), ["cat", "<< EOF", "x"]);
+        assert_eq!(words(lex, "a<b"), ["a<b"]);
+    }
+
+    #[test]
+    fn words_keep_text_before_a_nested_expansion() {
+        // Regression for BuildKit's shared word buffer, which returns
+        // ["bc"] here.
+        let lex = Lex::default();
+        assert_eq!(words(lex, "a${U:-b}c"), ["abc"]);
+        assert_eq!(words(lex, "'q'\"${U:-b}\""), ["qb"]);
+    }
+
+    #[test]
+    fn names_follow_go_unicode_classes() {
+        let lex = Lex::default();
+        // U+093E (a vowel sign) is not a letter: the name stops before it.
+        assert_eq!(word(lex, "$नाम"), "naाम");
+        // Non-ASCII decimal digits start a positional name.
+        assert_eq!(word(lex, "$٣x"), "threex");
+        // U+00B2 is a number but not a decimal digit.
+        assert_eq!(word(lex, "$V²"), "a.b.c²");
+        assert!(is_letter('ª') && is_letter('한') && !is_letter('Ⅻ'));
+        assert!(is_digit('٣') && !is_digit('²'));
+    }
+
+    #[test]
+    fn leading_byte_order_mark_is_ignored() {
+        assert_eq!(word(Lex::default(), "\u{feff}$V"), "a.b.c");
+        assert_eq!(word(Lex::default(), "x\u{feff}"), "x\u{feff}");
+    }
+
+    #[test]
+    fn matches() {
+        let p = Lex::default()
+            .process_word_with_matches("$V ${U:-$E} ${N+x}", &env())
+            .unwrap();
+        assert_eq!(p.result, "a.b.c  x");
+        assert_eq!(p.words, ["a.b.c", "x"]);
+        assert_eq!(
+            p.matched,
+            BTreeSet::from(["V".into(), "E".into(), "N".into()])
+        );
+        assert_eq!(p.unmatched, BTreeSet::from(["U".into()]));
+    }
+
+    #[test]
+    fn errors() {
+        use ShellErrorKind::*;
+        let lex = Lex::default();
+        assert_eq!(error(lex, "${V"), MissingBrace);
+        assert_eq!(error(lex, "${V:-${U}"), MissingBrace);
+        assert_eq!(error(lex, "${V/a"), MissingSlash);
+        assert_eq!(error(lex, "${}"), BadSubstitution);
+        assert_eq!(error(lex, "${:-x}"), BadSubstitution);
+        assert_eq!(error(lex, "${V:=x}"), UnsupportedModifier(":=".into()));
+        assert_eq!(error(lex, "${V:#x}"), UnsupportedModifier(":#".into()));
+        assert_eq!(error(lex, "${V.}"), UnsupportedModifier(".".into()));
+        assert_eq!(error(lex, "\"abc"), UnterminatedDoubleQuote);
+        assert_eq!(error(lex, "'abc"), UnterminatedSingleQuote);
+        assert_eq!(
+            error(lex, "${U?}"),
+            Required {
+                name: "U".into(),
+                message: "is not allowed to be unset".into()
+            }
+        );
+        assert_eq!(
+            error(lex, "${E:?must be $N}"),
+            Required {
+                name: "E".into(),
+                message: "must be a b".into()
+            }
+        );
+        assert!(matches!(
+            error(lex, "${V%\\x}"),
+            InvalidPattern { pattern, .. } if pattern == "\\x"
+        ));
+        let e = lex.process_word("${E:?no}", &env()).unwrap_err();
+        assert_eq!(e.word(), "${E:?no}");
+        assert_eq!(e.to_string(), "failed to process \"${E:?no}\": E: no");
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        // At the limit a debug build needs about 300 KiB of stack (release
+        // far less); 512 KiB keeps a margin inside any 2 MiB thread.
+        let run = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(|| {
+                let lex = Lex::default();
+                let deep = "${U:-\"".repeat(100_000);
+                let err = lex.process_word(&deep, &env()).unwrap_err();
+                assert_eq!(err.kind(), &ShellErrorKind::TooDeep);
+                let ok = format!(
+                    "{}x{}",
+                    "${U:-".repeat(MAX_NESTING - 1),
+                    "}".repeat(MAX_NESTING - 1)
+                );
+                assert_eq!(lex.process_word(&ok, &env()).unwrap(), "x");
+                let too_deep = format!(
+                    "{}x{}",
+                    "${U:-".repeat(MAX_NESTING),
+                    "}".repeat(MAX_NESTING)
+                );
+                assert!(lex.process_word(&too_deep, &env()).is_err());
+            })
+            .unwrap();
+        run.join().unwrap();
+    }
+
+    #[test]
+    fn glob_priority_matches_go_regexp() {
+        let s: Vec<char> = "xaxbxa".chars().collect();
+        let greedy = Glob::compile("*x", true).unwrap();
+        assert_eq!(greedy.match_ends(&s)[0], Some(5));
+        let lazy = Glob::compile("*x", false).unwrap();
+        assert_eq!(lazy.match_ends(&s)[0], Some(1));
+        let unanchored = Glob::compile("b*", true).unwrap();
+        assert_eq!(unanchored.match_ends(&s)[3], Some(6));
+        assert_eq!(unanchored.match_ends(&s)[2], None);
+        assert!(Glob::compile("\\", true).is_err());
+        assert!(Glob::compile("a\\}\\/", true).is_ok());
+    }
+
+    #[test]
+    fn reverse_pattern_keeps_escapes() {
+        assert_eq!(reverse_pattern("a\\*c"), "c\\*a");
+        assert_eq!(reverse_pattern("\\\\\\ab"), "b\\a\\\\");
+        assert_eq!(reverse_pattern("ab\\"), "\\ba");
+        assert_eq!(reverse_pattern("👽\\🚀🖖"), "🖖\\🚀👽");
+    }
+
+    #[test]
+    fn go_template_expansion() {
+        let mut out = String::new();
+        expand_template(&mut out, "<$0|${0}|$00|$1|$$|${0|$|$name|${}>", "M");
+        assert_eq!(out, "<M|M|||$|${0|$||${}>");
     }
 }
 
