@@ -13,4 +13,67 @@
 //!
 //! **What it must not do.** It does not know about Dockerfiles, cache keys or
 //! layers, and depends on no other kiln crate.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use kiln_executor::{default_spec, ExecRequest, Executor, RootfsMount};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! fn main() {
+//!     // Must come first: this binary doubles as the sandbox init.
+//!     kiln_executor::maybe_run_init();
+//!     let rt = tokio::runtime::Runtime::new().unwrap();
+//!     rt.block_on(async {
+//!         let spec = default_spec(vec!["/bin/sh".into(), "-c".into(), "echo hi > /out".into()]);
+//!         let rootfs = RootfsMount::overlay(
+//!             &["/var/lib/kiln/layers/busybox".into()],
+//!             "/tmp/step/upper".into(),
+//!             "/tmp/step/work".into(),
+//!         );
+//!         let req = ExecRequest::new("RUN echo hi > /out", spec, vec![rootfs]);
+//!         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+//!         let printer = tokio::spawn(async move {
+//!             while let Some(line) = rx.recv().await {
+//!                 println!("{line}");
+//!             }
+//!         });
+//!         let outcome = Executor::default()
+//!             .run(req, Some(tx), CancellationToken::new())
+//!             .await
+//!             .unwrap();
+//!         printer.await.unwrap();
+//!         assert!(outcome.status.success());
+//!     });
+//! }
+//! ```
 #![deny(missing_docs)]
+
+pub mod caps;
+pub mod cgroup;
+mod error;
+mod init;
+mod net;
+mod protocol;
+mod request;
+pub mod rootfs;
+mod run;
+mod spec;
+pub mod user;
+
+pub use caps::DEFAULT_CAPS;
+pub use cgroup::{CgroupError, Limits};
+pub use error::Error;
+pub use init::{maybe_run_init, DEFAULT_PATH, INIT_ARG};
+pub use protocol::ProtocolError;
+pub use request::{
+    ExecOutcome, ExecRequest, ExitStatus, OutputLine, RequestError, RootfsKind, RootfsMount,
+    Stream, MAX_LINE,
+};
+pub use run::{Executor, ExecutorConfig};
+pub use spec::{default_spec, set_network, NetworkMode};
+pub use user::{resolve_user, ResolvedUser, UserError};
+/// The OCI runtime spec types the executor takes.
+pub use oci_spec::runtime as oci;
+/// The cancellation token type [`Executor::run`] takes.
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,394 @@
+//! One cgroup per step, on cgroup v1, v2 or a hybrid of both.
+//!
+//! The step's cgroup is `<hierarchy>/<our own cgroup>/<parent>/<id>` in each
+//! hierarchy used: on v1 the `memory`, `cpu`, `pids` and `freezer`
+//! hierarchies (when mounted), on v2 the unified hierarchy. Nesting under
+//! the caller's own cgroup keeps any limit the caller is under. A limit goes
+//! to the v1 hierarchy that has its controller, else to v2 when the unified
+//! hierarchy offers it. Killing uses `cgroup.kill` (v2) or freeze + SIGKILL
+//! of every listed process (v1).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Failures of cgroup handling.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// A cgroup file could not be written or read.
+    #[error("cgroup {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A limit was asked for but no hierarchy offers its controller.
+    #[error("cgroup controller {0} is not available on this host")]
+    NoController(&'static str),
+    /// Processes survived the kill.
+    #[error("cgroup {0}: processes still alive after kill")]
+    NotEmpty(PathBuf),
+}
+
+/// Limits for a step's cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory limit in bytes (swap is limited to the same total).
+    pub memory: Option<i64>,
+    /// CPU quota (µs per period).
+    pub cpu_quota: Option<i64>,
+    /// CPU period (µs), default 100000.
+    pub cpu_period: Option<u64>,
+    /// CPU shares (v1) / weight (v2).
+    pub cpu_shares: Option<u64>,
+    /// Maximum number of processes.
+    pub pids: Option<i64>,
+}
+
+impl Limits {
+    /// The limits an OCI spec's `linux.resources` asks for.
+    pub fn from_spec(spec: &oci_spec::runtime::Spec) -> Limits {
+        let mut l = Limits::default();
+        let Some(r) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) else {
+            return l;
+        };
+        if let Some(m) = r.memory() {
+            l.memory = m.limit().filter(|v| *v > 0);
+        }
+        if let Some(c) = r.cpu() {
+            l.cpu_quota = c.quota().filter(|v| *v > 0);
+            l.cpu_period = c.period();
+            l.cpu_shares = c.shares();
+        }
+        if let Some(p) = r.pids() {
+            if p.limit() > 0 {
+                l.pids = Some(p.limit());
+            }
+        }
+        l
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    V1 { controllers: Vec<String> },
+    V2,
+}
+
+#[derive(Debug, Clone)]
+struct Hierarchy {
+    kind: Kind,
+    /// Where this process's own cgroup is on disk.
+    own_dir: PathBuf,
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> CgroupError {
+    CgroupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The hierarchies mounted here that we use, with our own cgroup in each.
+fn discover() -> Result<Vec<Hierarchy>, CgroupError> {
+    let mi = Path::new("/proc/self/mountinfo");
+    let mountinfo = fs::read_to_string(mi).map_err(|e| io_err(mi, e))?;
+    let pc = Path::new("/proc/self/cgroup");
+    let own = fs::read_to_string(pc).map_err(|e| io_err(pc, e))?;
+    let wanted = ["memory", "cpu", "pids", "freezer"];
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        let pre: Vec<&str> = pre.split(' ').collect();
+        let post: Vec<&str> = post.split(' ').collect();
+        let (Some(root), Some(mnt), Some(fstype)) = (pre.get(3), pre.get(4), post.first()) else {
+            continue;
+        };
+        let rel = |own_path: &str| -> PathBuf {
+            let stripped = own_path.strip_prefix(root).unwrap_or(own_path);
+            Path::new(mnt).join(stripped.trim_start_matches('/'))
+        };
+        match *fstype {
+            "cgroup2" => {
+                let Some(p) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
+                    continue;
+                };
+                if out.iter().any(|h: &Hierarchy| matches!(h.kind, Kind::V2)) {
+                    continue;
+                }
+                out.push(Hierarchy {
+                    kind: Kind::V2,
+                    own_dir: rel(p),
+                });
+            }
+            "cgroup" => {
+                let opts = post.get(2).copied().unwrap_or("");
+                let ctrls: Vec<String> = opts
+                    .split(',')
+                    .filter(|o| wanted.contains(o) || *o == "cpuacct")
+                    .map(str::to_string)
+                    .collect();
+                if !ctrls.iter().any(|c| wanted.contains(&c.as_str())) {
+                    continue;
+                }
+                // Find our path in this hierarchy from /proc/self/cgroup.
+                let p = own.lines().find_map(|l| {
+                    let mut it = l.splitn(3, ':');
+                    let _id = it.next()?;
+                    let cs = it.next()?;
+                    let path = it.next()?;
+                    let set: Vec<&str> = cs.split(',').collect();
+                    ctrls.iter().all(|c| set.contains(&c.as_str())).then_some(path)
+                });
+                let Some(p) = p else { continue };
+                if out.iter().any(|h| match &h.kind {
+                    Kind::V1 { controllers } => controllers == &ctrls,
+                    Kind::V2 => false,
+                }) {
+                    continue;
+                }
+                out.push(Hierarchy {
+                    kind: Kind::V1 { controllers: ctrls },
+                    own_dir: rel(p),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// One step's cgroup, in every hierarchy used.
+#[derive(Debug)]
+pub struct StepCgroup {
+    dirs: Vec<(Kind, PathBuf)>,
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(|e| io_err(path, e))
+}
+
+impl StepCgroup {
+    /// Create `<own>/<parent>/<id>` in each hierarchy and apply `limits`.
+    pub fn create(parent: &str, id: &str, limits: &Limits) -> Result<StepCgroup, CgroupError> {
+        let hier = discover()?;
+        let mut cg = StepCgroup { dirs: Vec::new() };
+        let v1_has = |c: &str| {
+            hier.iter().any(|h| match &h.kind {
+                Kind::V1 { controllers } => controllers.iter().any(|x| x == c),
+                Kind::V2 => false,
+            })
+        };
+        for h in &hier {
+            let dir = h.own_dir.join(parent).join(id);
+            if let Err(e) = fs::create_dir_all(&dir) {
+                // A hierarchy we cannot write to is skipped unless needed
+                // for a limit (checked below).
+                if matches!(h.kind, Kind::V2) || limits != &Limits::default() {
+                    let _ = cg.remove();
+                    return Err(io_err(&dir, e));
+                }
+                continue;
+            }
+            cg.dirs.push((h.kind.clone(), dir));
+        }
+        let res = cg.apply(limits, &v1_has, &hier);
+        if let Err(e) = res {
+            let _ = cg.remove();
+            return Err(e);
+        }
+        Ok(cg)
+    }
+
+    fn v1_dir(&self, controller: &str) -> Option<&Path> {
+        self.dirs.iter().find_map(|(k, d)| match k {
+            Kind::V1 { controllers } if controllers.iter().any(|c| c == controller) => {
+                Some(d.as_path())
+            }
+            _ => None,
+        })
+    }
+
+    fn v2_dir(&self) -> Option<&Path> {
+        self.dirs.iter().find_map(|(k, d)| match k {
+            Kind::V2 => Some(d.as_path()),
+            _ => None,
+        })
+    }
+
+    /// The v2 dir, with `controller` enabled down the path to it.
+    fn v2_with(
+        &self,
+        controller: &'static str,
+        hier: &[Hierarchy],
+    ) -> Result<&Path, CgroupError> {
+        let dir = self.v2_dir().ok_or(CgroupError::NoController(controller))?;
+        let own = hier
+            .iter()
+            .find(|h| matches!(h.kind, Kind::V2))
+            .map(|h| h.own_dir.clone())
+            .ok_or(CgroupError::NoController(controller))?;
+        let avail = fs::read_to_string(own.join("cgroup.controllers")).unwrap_or_default();
+        if !avail.split_whitespace().any(|c| c == controller) {
+            return Err(CgroupError::NoController(controller));
+        }
+        // Enable in own and every level between own and the step.
+        let mut p = own.clone();
+        let rel = dir.strip_prefix(&own).unwrap_or(dir);
+        for comp in rel.components() {
+            write(&p.join("cgroup.subtree_control"), &format!("+{controller}"))?;
+            p.push(comp);
+        }
+        Ok(dir)
+    }
+
+    fn apply(
+        &self,
+        l: &Limits,
+        v1_has: &dyn Fn(&str) -> bool,
+        hier: &[Hierarchy],
+    ) -> Result<(), CgroupError> {
+        if let Some(mem) = l.memory {
+            if v1_has("memory") {
+                let d = self.v1_dir("memory").ok_or(CgroupError::NoController("memory"))?;
+                write(&d.join("memory.limit_in_bytes"), &mem.to_string())?;
+                let sw = d.join("memory.memsw.limit_in_bytes");
+                if sw.exists() {
+                    write(&sw, &mem.to_string())?;
+                }
+            } else {
+                let d = self.v2_with("memory", hier)?;
+                write(&d.join("memory.max"), &mem.to_string())?;
+                let sw = d.join("memory.swap.max");
+                if sw.exists() {
+                    write(&sw, "0")?;
+                }
+            }
+        }
+        if let Some(p) = l.pids {
+            let d = if v1_has("pids") {
+                self.v1_dir("pids").ok_or(CgroupError::NoController("pids"))?
+            } else {
+                self.v2_with("pids", hier)?
+            };
+            write(&d.join("pids.max"), &p.to_string())?;
+        }
+        if l.cpu_quota.is_some() || l.cpu_shares.is_some() {
+            let period = l.cpu_period.unwrap_or(100_000);
+            if v1_has("cpu") {
+                let d = self.v1_dir("cpu").ok_or(CgroupError::NoController("cpu"))?;
+                if let Some(q) = l.cpu_quota {
+                    write(&d.join("cpu.cfs_period_us"), &period.to_string())?;
+                    write(&d.join("cpu.cfs_quota_us"), &q.to_string())?;
+                }
+                if let Some(s) = l.cpu_shares {
+                    write(&d.join("cpu.shares"), &s.to_string())?;
+                }
+            } else {
+                let d = self.v2_with("cpu", hier)?;
+                if let Some(q) = l.cpu_quota {
+                    write(&d.join("cpu.max"), &format!("{q} {period}"))?;
+                }
+                if let Some(s) = l.cpu_shares {
+                    // runc's conversion of shares [2..262144] to weight [1..10000].
+                    let w = 1 + ((s.clamp(2, 262_144) - 2) * 9999) / 262_142;
+                    write(&d.join("cpu.weight"), &w.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Move process `pid` into the cgroup (every hierarchy).
+    pub fn add(&self, pid: u32) -> Result<(), CgroupError> {
+        for (_, d) in &self.dirs {
+            write(&d.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn procs(&self) -> Vec<i32> {
+        let mut v = Vec::new();
+        for (_, d) in &self.dirs {
+            if let Ok(s) = fs::read_to_string(d.join("cgroup.procs")) {
+                v.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            }
+        }
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Kill every process in the cgroup and wait until it is empty.
+    pub fn kill_all(&self) -> Result<(), CgroupError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        if let Some(d) = self.v2_dir() {
+            let k = d.join("cgroup.kill");
+            if k.exists() {
+                write(&k, "1")?;
+            }
+        }
+        let freezer = self.v1_dir("freezer").map(Path::to_path_buf);
+        loop {
+            let procs = self.procs();
+            if procs.is_empty() {
+                return Ok(());
+            }
+            // Freeze so nothing forks between listing and killing.
+            if let Some(f) = &freezer {
+                let _ = fs::write(f.join("freezer.state"), "FROZEN");
+            }
+            for p in self.procs() {
+                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+            }
+            if let Some(f) = &freezer {
+                let _ = fs::write(f.join("freezer.state"), "THAWED");
+            }
+            if Instant::now() > deadline {
+                let d = self.dirs.first().map(|(_, d)| d.clone()).unwrap_or_default();
+                return Err(CgroupError::NotEmpty(d));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Kill everything and remove the cgroup directories.
+    pub fn remove(&self) -> Result<(), CgroupError> {
+        let killed = self.kill_all();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last = None;
+        for (_, d) in &self.dirs {
+            loop {
+                match fs::remove_dir(d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => {
+                        last = Some(io_err(d, e));
+                        break;
+                    }
+                }
+            }
+        }
+        killed?;
+        match last {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The directories of this cgroup (one per hierarchy).
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|(_, d)| d.clone()).collect()
+    }
+}

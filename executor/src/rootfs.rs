@@ -1,0 +1,528 @@
+//! Mounts inside the sandbox's private mount namespace (run by the init's
+//! PID 1): the rootfs, /proc, /dev, /sys, extra mounts, pivot_root, masked
+//! and read-only paths.
+//!
+//! Targets inside the rootfs are opened with `openat2(RESOLVE_IN_ROOT)` and
+//! mounted on through `/proc/self/fd/N`, so a symlink in an image can never
+//! send a mount outside the rootfs.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::Mode;
+
+use crate::protocol::{InitConfig, MountEntry};
+use crate::request::{RootfsKind, RootfsMount};
+
+/// A failed mount step, with what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct MountError {
+    /// What was being done.
+    pub what: String,
+    /// The errno.
+    #[source]
+    pub source: nix::Error,
+}
+
+type Result<T> = std::result::Result<T, MountError>;
+
+fn ctx<T>(r: nix::Result<T>, what: impl FnOnce() -> String) -> Result<T> {
+    r.map_err(|source| MountError {
+        what: what(),
+        source,
+    })
+}
+
+/// Destinations the executor provides itself.
+pub(crate) const SYSTEM_DESTINATIONS: &[&str] = &[
+    "/proc",
+    "/dev",
+    "/dev/pts",
+    "/dev/shm",
+    "/dev/mqueue",
+    "/sys",
+    "/sys/fs/cgroup",
+];
+
+/// runc's (and Docker's) default masked paths.
+pub const DEFAULT_MASKED_PATHS: &[&str] = &[
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// runc's (and Docker's) default read-only paths.
+pub const DEFAULT_READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// Parse runc-style mount options into flags, propagation flags and data.
+pub(crate) fn parse_options(options: &[String]) -> (MsFlags, MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut prop = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in options {
+        let (set, clear) = match o.as_str() {
+            "ro" => (MsFlags::MS_RDONLY, false),
+            "rw" => (MsFlags::MS_RDONLY, true),
+            "nosuid" => (MsFlags::MS_NOSUID, false),
+            "suid" => (MsFlags::MS_NOSUID, true),
+            "nodev" => (MsFlags::MS_NODEV, false),
+            "dev" => (MsFlags::MS_NODEV, true),
+            "noexec" => (MsFlags::MS_NOEXEC, false),
+            "exec" => (MsFlags::MS_NOEXEC, true),
+            "noatime" => (MsFlags::MS_NOATIME, false),
+            "relatime" => (MsFlags::MS_RELATIME, false),
+            "strictatime" => (MsFlags::MS_STRICTATIME, false),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, false),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, false),
+            "bind" => (MsFlags::MS_BIND, false),
+            "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, false),
+            "private" => {
+                prop |= MsFlags::MS_PRIVATE;
+                continue;
+            }
+            "rprivate" => {
+                prop |= MsFlags::MS_PRIVATE | MsFlags::MS_REC;
+                continue;
+            }
+            "slave" => {
+                prop |= MsFlags::MS_SLAVE;
+                continue;
+            }
+            "rslave" => {
+                prop |= MsFlags::MS_SLAVE | MsFlags::MS_REC;
+                continue;
+            }
+            "shared" | "rshared" | "unbindable" | "runbindable" => continue,
+            "defaults" => continue,
+            other => {
+                data.push(other.to_string());
+                continue;
+            }
+        };
+        if clear {
+            flags.remove(set);
+        } else {
+            flags.insert(set);
+        }
+    }
+    (flags, prop, data.join(","))
+}
+
+/// Open `dest` inside `root` (O_PATH), never leaving it.
+pub(crate) fn open_in_root(root: &OwnedFd, dest: &Path) -> nix::Result<OwnedFd> {
+    let rel = dest.strip_prefix("/").unwrap_or(dest);
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT);
+    nix::fcntl::openat2(root, rel, how)
+}
+
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Mount the rootfs mounts, in order, on `dir`.
+pub(crate) fn mount_rootfs(dir: &Path, mounts: &[RootfsMount]) -> Result<()> {
+    for m in mounts {
+        match m.kind {
+            RootfsKind::Overlay => {
+                let (flags, _, data) = parse_options(&m.options);
+                ctx(
+                    mount(
+                        Some("overlay"),
+                        dir,
+                        Some("overlay"),
+                        flags & !(MsFlags::MS_BIND | MsFlags::MS_REC),
+                        Some(data.as_str()),
+                    ),
+                    || format!("mounting overlay rootfs ({})", m.options.join(",")),
+                )?;
+            }
+            RootfsKind::Bind => {
+                let (flags, _, _) = parse_options(&m.options);
+                ctx(
+                    mount(
+                        Some(&m.source),
+                        dir,
+                        None::<&str>,
+                        MsFlags::MS_BIND | MsFlags::MS_REC,
+                        None::<&str>,
+                    ),
+                    || format!("bind-mounting rootfs {}", m.source.display()),
+                )?;
+                if flags.contains(MsFlags::MS_RDONLY) {
+                    ctx(
+                        mount(
+                            None::<&str>,
+                            dir,
+                            None::<&str>,
+                            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                            None::<&str>,
+                        ),
+                        || "remounting rootfs read-only".into(),
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Mount `typ` on `dest` inside the root, resolving `dest` safely.
+fn mount_at(
+    root: &OwnedFd,
+    dest: &str,
+    source: &str,
+    typ: &str,
+    flags: MsFlags,
+    data: &str,
+) -> Result<()> {
+    let target = ctx(open_in_root(root, Path::new(dest)), || {
+        format!("opening mount point {dest}")
+    })?;
+    let data = (!data.is_empty()).then_some(data);
+    ctx(
+        mount(Some(source), &fd_path(&target), Some(typ), flags, data),
+        || format!("mounting {typ} on {dest}"),
+    )
+}
+
+/// Everything between "rootfs mounted" and pivot_root.
+pub(crate) fn setup_mounts(cfg: &InitConfig) -> Result<()> {
+    let root = ctx(
+        nix::fcntl::open(
+            &cfg.rootfs_dir,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ),
+        || "opening rootfs".into(),
+    )?;
+    let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_at(&root, "/proc", "proc", "proc", common, "")?;
+    mount_at(
+        &root,
+        "/sys",
+        "sysfs",
+        "sysfs",
+        common | MsFlags::MS_RDONLY,
+        "",
+    )?;
+    setup_dev(&root)?;
+    for m in &cfg.mounts {
+        extra_mount(&root, m)?;
+    }
+    Ok(())
+}
+
+/// /dev: tmpfs with host device nodes bound in, devpts, shm, mqueue, links.
+fn setup_dev(root: &OwnedFd) -> Result<()> {
+    mount_at(
+        root,
+        "/dev",
+        "tmpfs",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        "mode=755,size=65536k",
+    )?;
+    let dev_fd = ctx(open_in_root(root, Path::new("/dev")), || "opening /dev".into())?;
+    // The tmpfs is ours and empty: plain paths below it are safe.
+    let dev = PathBuf::from(format!("/proc/self/fd/{}", dev_fd.as_raw_fd()));
+    // Paths under a magic link are resolved through it; keep the fd open.
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let p = dev.join(name);
+        ctx(
+            nix::fcntl::open(
+                &p,
+                OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o666),
+            )
+            .map(drop),
+            || format!("creating /dev/{name}"),
+        )?;
+        let host = Path::new("/dev").join(name);
+        ctx(
+            mount(
+                Some(&host),
+                &p,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            ),
+            || format!("binding /dev/{name}"),
+        )?;
+    }
+    for (d, mode) in [("pts", 0o755), ("shm", 0o1777), ("mqueue", 0o755)] {
+        ctx(
+            nix::unistd::mkdir(&dev.join(d), Mode::from_bits_truncate(mode)),
+            || format!("creating /dev/{d}"),
+        )?;
+    }
+    let nsx = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    ctx(
+        mount(
+            Some("devpts"),
+            &dev.join("pts"),
+            Some("devpts"),
+            nsx,
+            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ),
+        || "mounting devpts on /dev/pts".into(),
+    )?;
+    ctx(
+        mount(
+            Some("shm"),
+            &dev.join("shm"),
+            Some("tmpfs"),
+            nsx | MsFlags::MS_NODEV,
+            Some("mode=1777,size=65536k"),
+        ),
+        || "mounting tmpfs on /dev/shm".into(),
+    )?;
+    ctx(
+        mount(
+            Some("mqueue"),
+            &dev.join("mqueue"),
+            Some("mqueue"),
+            nsx | MsFlags::MS_NODEV,
+            None::<&str>,
+        ),
+        || "mounting mqueue on /dev/mqueue".into(),
+    )?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("core", "/proc/kcore"),
+    ] {
+        ctx(
+            std::os::unix::fs::symlink(target, dev.join(link)).map_err(io_to_nix),
+            || format!("creating /dev/{link}"),
+        )?;
+    }
+    Ok(())
+}
+
+fn io_to_nix(e: std::io::Error) -> nix::Error {
+    nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// One mount from the spec (or a provided file such as /etc/resolv.conf).
+fn extra_mount(root: &OwnedFd, m: &MountEntry) -> Result<()> {
+    let dest = m.destination.to_string_lossy().into_owned();
+    let (flags, prop, data) = parse_options(&m.options);
+    let target = ctx(open_in_root(root, &m.destination), || {
+        format!("opening mount point {dest}")
+    })?;
+    let tp = fd_path(&target);
+    if flags.contains(MsFlags::MS_BIND) {
+        ctx(
+            mount(
+                Some(&m.source),
+                &tp,
+                None::<&str>,
+                flags & (MsFlags::MS_BIND | MsFlags::MS_REC),
+                None::<&str>,
+            ),
+            || format!("bind-mounting {} on {dest}", m.source.display()),
+        )?;
+        let extra = flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
+        if !extra.is_empty() {
+            // Re-open: the path now names the new mount.
+            let target = ctx(open_in_root(root, &m.destination), || {
+                format!("opening mount point {dest}")
+            })?;
+            ctx(
+                mount(
+                    None::<&str>,
+                    &fd_path(&target),
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
+                    None::<&str>,
+                ),
+                || format!("remounting {dest} ({})", m.options.join(",")),
+            )?;
+        }
+    } else {
+        let data = (!data.is_empty()).then_some(data.as_str());
+        ctx(
+            mount(Some(&m.source), &tp, Some(m.typ.as_str()), flags, data),
+            || format!("mounting {} on {dest}", m.typ),
+        )?;
+    }
+    if !prop.is_empty() {
+        let target = ctx(open_in_root(root, &m.destination), || {
+            format!("opening mount point {dest}")
+        })?;
+        ctx(
+            mount(None::<&str>, &fd_path(&target), None::<&str>, prop, None::<&str>),
+            || format!("setting propagation of {dest}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Make `dir` the root: pivot_root and detach the old root.
+pub(crate) fn pivot(dir: &Path) -> Result<()> {
+    ctx(nix::unistd::chdir(dir), || "chdir to rootfs".into())?;
+    ctx(nix::unistd::pivot_root(".", "."), || "pivot_root".into())?;
+    // The old root is now stacked under the new one: make sure nothing
+    // propagates back to the host, then detach it.
+    ctx(
+        mount(
+            None::<&str>,
+            ".",
+            None::<&str>,
+            MsFlags::MS_SLAVE | MsFlags::MS_REC,
+            None::<&str>,
+        ),
+        || "making old root rslave".into(),
+    )?;
+    ctx(umount2(".", MntFlags::MNT_DETACH), || "detaching old root".into())?;
+    ctx(nix::unistd::chdir("/"), || "chdir /".into())
+}
+
+/// Mask paths (after pivot_root): /dev/null over files, read-only tmpfs over
+/// directories. Missing paths are skipped.
+pub(crate) fn mask_paths(paths: &[String]) -> Result<()> {
+    for p in paths {
+        let meta = match std::fs::symlink_metadata(p) {
+            Ok(m) => m,
+            Err(_) => continue,
+        };
+        let r = if meta.is_dir() {
+            mount(
+                Some("tmpfs"),
+                p.as_str(),
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+        } else {
+            mount(
+                Some("/dev/null"),
+                p.as_str(),
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+        };
+        ctx(r, || format!("masking {p}"))?;
+    }
+    Ok(())
+}
+
+/// Make paths read-only (bind onto themselves, remount ro). Missing paths
+/// are skipped.
+pub(crate) fn readonly_paths(paths: &[String]) -> Result<()> {
+    for p in paths {
+        if std::fs::symlink_metadata(p).is_err() {
+            continue;
+        }
+        ctx(
+            mount(
+                Some(p.as_str()),
+                p.as_str(),
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            ),
+            || format!("binding {p} read-only"),
+        )?;
+        let keep = statvfs_flags(p);
+        ctx(
+            mount(
+                None::<&str>,
+                p.as_str(),
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | keep,
+                None::<&str>,
+            ),
+            || format!("remounting {p} read-only"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Remount / read-only (spec.root.readonly).
+pub(crate) fn readonly_root() -> Result<()> {
+    let keep = statvfs_flags("/");
+    ctx(
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | keep,
+            None::<&str>,
+        ),
+        || "remounting / read-only".into(),
+    )
+}
+
+/// The nosuid/nodev/noexec flags a mount already has (they are locked on
+/// remount).
+fn statvfs_flags(p: &str) -> MsFlags {
+    let Ok(c) = CString::new(p) else {
+        return MsFlags::empty();
+    };
+    // SAFETY: valid C string, zeroed out-struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return MsFlags::empty();
+    }
+    let mut f = MsFlags::empty();
+    if st.f_flag & libc::ST_NOSUID != 0 {
+        f |= MsFlags::MS_NOSUID;
+    }
+    if st.f_flag & libc::ST_NODEV != 0 {
+        f |= MsFlags::MS_NODEV;
+    }
+    if st.f_flag & libc::ST_NOEXEC != 0 {
+        f |= MsFlags::MS_NOEXEC;
+    }
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_like_runc() {
+        let o: Vec<String> = ["rbind", "ro", "nosuid", "rprivate", "size=1m"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let (f, p, d) = parse_options(&o);
+        assert!(f.contains(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY));
+        assert!(f.contains(MsFlags::MS_NOSUID));
+        assert_eq!(p, MsFlags::MS_PRIVATE | MsFlags::MS_REC);
+        assert_eq!(d, "size=1m");
+    }
+}

@@ -1,0 +1,778 @@
+//! The parent side: prepares a step, starts the init, streams output,
+//! enforces timeout and cancellation, and cleans up.
+
+use std::collections::VecDeque;
+use std::fs;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use oci_spec::runtime::{LinuxNamespaceType, PosixRlimitType, Spec};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::caps::{mask_of, DEFAULT_CAPS};
+use crate::cgroup::{Limits, StepCgroup};
+use crate::error::Error;
+use crate::init::{INIT_ARG, PARENT_PID_ENV};
+use crate::protocol::{
+    recv_msg, send_msg, socketpair, CapSets, ChildMessage, InitConfig, MountEntry, UserSpec,
+    INIT_FD,
+};
+use crate::request::{
+    ExecOutcome, ExecRequest, OutputLine, RequestError, RootfsKind, RootfsMount, Stream, MAX_LINE,
+};
+use crate::rootfs::{DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, SYSTEM_DESTINATIONS};
+
+/// How the executor itself is set up (shared by all steps).
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// The binary re-executed as init (`<init_path> __init`); it must call
+    /// [`crate::maybe_run_init`] first thing. Default `/proc/self/exe`.
+    pub init_path: PathBuf,
+    /// Where per-step state (provided files, mount points) is kept while a
+    /// step runs. Default `$TMPDIR/kiln-executor`.
+    pub state_dir: PathBuf,
+    /// Name of the cgroup that holds the steps' cgroups. Default `kiln`.
+    pub cgroup_parent: String,
+    /// How many last lines of output to keep. Default 20.
+    pub tail_lines: usize,
+    /// The host file copied to the sandbox's /etc/resolv.conf.
+    pub resolv_conf: PathBuf,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        ExecutorConfig {
+            init_path: PathBuf::from("/proc/self/exe"),
+            state_dir: std::env::temp_dir().join("kiln-executor"),
+            cgroup_parent: "kiln".into(),
+            tail_lines: 20,
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+        }
+    }
+}
+
+/// Runs build steps. Cheap to clone; steps may run concurrently.
+#[derive(Debug, Clone, Default)]
+pub struct Executor {
+    config: ExecutorConfig,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn step_id() -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{}-{n}-{t:08x}", std::process::id())
+}
+
+/// Per-step state directory, removed on drop.
+struct StateDir {
+    path: PathBuf,
+    /// Stubs created inside a bind rootfs, removed (if still empty) on drop.
+    bind_stubs: Vec<PathBuf>,
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        for p in self.bind_stubs.iter().rev() {
+            match fs::symlink_metadata(p) {
+                Ok(m) if m.is_dir() => {
+                    let _ = fs::remove_dir(p);
+                }
+                Ok(m) if m.is_file() && m.len() == 0 => {
+                    let _ = fs::remove_file(p);
+                }
+                _ => {}
+            }
+        }
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+struct Tail {
+    cap: usize,
+    lines: VecDeque<OutputLine>,
+}
+
+impl Tail {
+    fn push(&mut self, l: OutputLine) {
+        if self.cap == 0 {
+            return;
+        }
+        if self.lines.len() == self.cap {
+            self.lines.pop_front();
+        }
+        self.lines.push_back(l);
+    }
+}
+
+fn rlimit_resource(t: PosixRlimitType) -> (i32, &'static str) {
+    use PosixRlimitType as T;
+    let (r, n) = match t {
+        T::RlimitCpu => (libc::RLIMIT_CPU, "RLIMIT_CPU"),
+        T::RlimitFsize => (libc::RLIMIT_FSIZE, "RLIMIT_FSIZE"),
+        T::RlimitData => (libc::RLIMIT_DATA, "RLIMIT_DATA"),
+        T::RlimitStack => (libc::RLIMIT_STACK, "RLIMIT_STACK"),
+        T::RlimitCore => (libc::RLIMIT_CORE, "RLIMIT_CORE"),
+        T::RlimitRss => (libc::RLIMIT_RSS, "RLIMIT_RSS"),
+        T::RlimitNproc => (libc::RLIMIT_NPROC, "RLIMIT_NPROC"),
+        T::RlimitNofile => (libc::RLIMIT_NOFILE, "RLIMIT_NOFILE"),
+        T::RlimitMemlock => (libc::RLIMIT_MEMLOCK, "RLIMIT_MEMLOCK"),
+        T::RlimitAs => (libc::RLIMIT_AS, "RLIMIT_AS"),
+        T::RlimitLocks => (libc::RLIMIT_LOCKS, "RLIMIT_LOCKS"),
+        T::RlimitSigpending => (libc::RLIMIT_SIGPENDING, "RLIMIT_SIGPENDING"),
+        T::RlimitMsgqueue => (libc::RLIMIT_MSGQUEUE, "RLIMIT_MSGQUEUE"),
+        T::RlimitNice => (libc::RLIMIT_NICE, "RLIMIT_NICE"),
+        T::RlimitRtprio => (libc::RLIMIT_RTPRIO, "RLIMIT_RTPRIO"),
+        T::RlimitRttime => (libc::RLIMIT_RTTIME, "RLIMIT_RTTIME"),
+    };
+    (r as i32, n)
+}
+
+/// Translate the spec into the init's config (without mounts), checking it.
+fn init_config(req: &ExecRequest) -> Result<InitConfig, RequestError> {
+    let spec: &Spec = &req.spec;
+    let process = spec.process().as_ref().ok_or(RequestError::NoArgs)?;
+    let args = process.args().clone().unwrap_or_default();
+    if args.is_empty() {
+        return Err(RequestError::NoArgs);
+    }
+    if req.rootfs.is_empty() {
+        return Err(RequestError::NoRootfs);
+    }
+    let linux = spec.linux().as_ref();
+    let (mut new_uts, mut new_ipc, mut new_cgroup, mut new_net) = (true, true, true, false);
+    if let Some(list) = linux.and_then(|l| l.namespaces().as_ref()) {
+        new_uts = false;
+        new_ipc = false;
+        new_cgroup = false;
+        for n in list {
+            if let Some(p) = n.path() {
+                return Err(RequestError::UnsupportedNamespace(format!(
+                    "joining the {} namespace at {}",
+                    n.typ(),
+                    p.display()
+                )));
+            }
+            match n.typ() {
+                LinuxNamespaceType::Mount | LinuxNamespaceType::Pid => {}
+                LinuxNamespaceType::Uts => new_uts = true,
+                LinuxNamespaceType::Ipc => new_ipc = true,
+                LinuxNamespaceType::Cgroup => new_cgroup = true,
+                LinuxNamespaceType::Network => new_net = true,
+                other => return Err(RequestError::UnsupportedNamespace(other.to_string())),
+            }
+        }
+    }
+    let caps = match process.capabilities() {
+        Some(c) => {
+            let m = |s: &Option<oci_spec::runtime::Capabilities>| -> Result<u64, RequestError> {
+                s.as_ref()
+                    .map(mask_of)
+                    .transpose()
+                    .map(|v| v.unwrap_or(0))
+                    .map_err(RequestError::UnknownCapability)
+            };
+            CapSets {
+                bounding: m(c.bounding())?,
+                effective: m(c.effective())?,
+                permitted: m(c.permitted())?,
+                inheritable: m(c.inheritable())?,
+                ambient: m(c.ambient())?,
+            }
+        }
+        None => CapSets {
+            bounding: DEFAULT_CAPS,
+            effective: DEFAULT_CAPS,
+            permitted: DEFAULT_CAPS,
+            inheritable: 0,
+            ambient: 0,
+        },
+    };
+    let mut rlimits = Vec::new();
+    for r in process.rlimits().iter().flatten() {
+        let (res, name) = rlimit_resource(r.typ());
+        if r.soft() > r.hard() {
+            return Err(RequestError::RlimitSoftAboveHard {
+                name: name.into(),
+                soft: r.soft(),
+                hard: r.hard(),
+            });
+        }
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: valid out-pointer.
+        if unsafe { libc::getrlimit(res as _, &mut cur) } == 0 {
+            let host = cur.rlim_max as u64;
+            if cur.rlim_max != libc::RLIM_INFINITY && r.hard() > host {
+                return Err(RequestError::RlimitAboveHard {
+                    name: name.into(),
+                    requested: r.hard(),
+                    host,
+                });
+            }
+        }
+        rlimits.push((res, r.soft(), r.hard()));
+    }
+    let user = match &req.user {
+        Some(u) => UserSpec::Docker(u.clone()),
+        None => {
+            let u = process.user();
+            UserSpec::Ids {
+                uid: u.uid(),
+                gid: u.gid(),
+                additional_gids: u.additional_gids().clone().unwrap_or_default(),
+            }
+        }
+    };
+    let cwd = process.cwd().to_string_lossy().into_owned();
+    let cwd = if cwd.starts_with('/') {
+        cwd
+    } else {
+        format!("/{cwd}")
+    };
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    Ok(InitConfig {
+        step: req.name.clone(),
+        args,
+        env: process.env().clone().unwrap_or_default(),
+        cwd,
+        user,
+        caps,
+        rlimits,
+        no_new_privs: process.no_new_privileges().unwrap_or(false),
+        umask: process.user().umask().unwrap_or(0o022),
+        oom_score_adj: process.oom_score_adj(),
+        hostname: Some(spec.hostname().clone().unwrap_or_else(|| "kiln".into())),
+        new_net,
+        new_uts,
+        new_ipc,
+        new_cgroup,
+        rootfs_dir: PathBuf::new(),
+        rootfs: req.rootfs.clone(),
+        readonly_rootfs: spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false),
+        mounts: Vec::new(),
+        masked_paths: linux
+            .and_then(|l| l.masked_paths().clone())
+            .unwrap_or_else(|| strings(DEFAULT_MASKED_PATHS)),
+        readonly_paths: linux
+            .and_then(|l| l.readonly_paths().clone())
+            .unwrap_or_else(|| strings(DEFAULT_READONLY_PATHS)),
+    })
+}
+
+/// Spec mounts that the executor performs (system destinations skipped).
+fn spec_mounts(spec: &Spec) -> Result<Vec<MountEntry>, RequestError> {
+    let mut out = Vec::new();
+    for m in spec.mounts().iter().flatten() {
+        let dest = m.destination().to_string_lossy().into_owned();
+        let norm = dest.trim_end_matches('/');
+        if SYSTEM_DESTINATIONS.contains(&norm) {
+            continue;
+        }
+        if !dest.starts_with('/') {
+            return Err(RequestError::InvalidMount {
+                destination: dest,
+                reason: "destination is not absolute".into(),
+            });
+        }
+        let options = m.options().clone().unwrap_or_default();
+        let is_bind = m.typ().as_deref() == Some("bind")
+            || options.iter().any(|o| o == "bind" || o == "rbind");
+        let mut options = options;
+        if is_bind && !options.iter().any(|o| o == "bind" || o == "rbind") {
+            options.push("rbind".into());
+        }
+        let source = m.source().clone().unwrap_or_default();
+        if is_bind && source.as_os_str().is_empty() {
+            return Err(RequestError::InvalidMount {
+                destination: dest,
+                reason: "bind mount without source".into(),
+            });
+        }
+        out.push(MountEntry {
+            destination: m.destination().clone(),
+            typ: m.typ().clone().unwrap_or_else(|| "bind".into()),
+            source,
+            options,
+        });
+    }
+    Ok(out)
+}
+
+/// Where a path is in the first (topmost) lower that has it.
+fn lookup_lowers(lowers: &[PathBuf], rel: &Path) -> Option<fs::Metadata> {
+    for l in lowers {
+        match fs::symlink_metadata(l.join(rel)) {
+            Ok(m) => {
+                // A whiteout (0/0 char device) hides everything below.
+                use std::os::unix::fs::FileTypeExt;
+                if m.file_type().is_char_device() && m.rdev() == 0 {
+                    return None;
+                }
+                return Some(m);
+            }
+            Err(_) => continue,
+        }
+    }
+    None
+}
+
+fn copy_meta(p: &Path, m: Option<&fs::Metadata>, default_mode: u32) -> std::io::Result<()> {
+    match m {
+        Some(m) => {
+            fs::set_permissions(p, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+            std::os::unix::fs::lchown(p, Some(m.uid()), Some(m.gid()))?;
+            let f = fs::File::open(p)?;
+            let times = fs::FileTimes::new()
+                .set_accessed(m.accessed()?)
+                .set_modified(m.modified()?);
+            f.set_times(times)?;
+        }
+        None => fs::set_permissions(p, fs::Permissions::from_mode(default_mode))?,
+    }
+    Ok(())
+}
+
+/// Build the stub layer: a lowerdir placed on top of the image's lowers
+/// that holds every mount point the sandbox needs (directories copy the
+/// metadata of the real ones below). Mounting over these never writes to the
+/// upperdir, so the layer holds only what the step wrote.
+fn build_stub_layer(
+    stub: &Path,
+    lowers: &[PathBuf],
+    entries: &[(PathBuf, bool)],
+) -> std::io::Result<()> {
+    fs::DirBuilder::new().mode(0o755).create(stub)?;
+    if let Some(m) = lookup_lowers(lowers, Path::new("")) {
+        copy_meta(stub, Some(&m), 0o755)?;
+    }
+    for (dest, is_dir) in entries {
+        let rel = dest.strip_prefix("/").unwrap_or(dest);
+        let comps: Vec<_> = rel.components().collect();
+        let mut cur = PathBuf::new();
+        for (i, c) in comps.iter().enumerate() {
+            cur.push(c);
+            let p = stub.join(&cur);
+            if fs::symlink_metadata(&p).is_ok() {
+                continue;
+            }
+            let leaf = i + 1 == comps.len();
+            let below = lookup_lowers(lowers, &cur);
+            if leaf && !is_dir {
+                fs::File::create(&p)?;
+                copy_meta(&p, below.as_ref().filter(|m| m.is_file()), 0o644)?;
+            } else {
+                fs::create_dir(&p)?;
+                copy_meta(&p, below.as_ref().filter(|m| m.is_dir()), 0o755)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Create missing mount points inside a bind rootfs; returns what was
+/// created (to be removed afterwards). Entries below a symlink are left
+/// alone (the mount then fails with a clear message).
+fn create_bind_stubs(root: &Path, entries: &[(PathBuf, bool)]) -> std::io::Result<Vec<PathBuf>> {
+    let mut created = Vec::new();
+    'entries: for (dest, is_dir) in entries {
+        let rel = dest.strip_prefix("/").unwrap_or(dest);
+        let comps: Vec<_> = rel.components().collect();
+        let mut cur = root.to_path_buf();
+        for (i, c) in comps.iter().enumerate() {
+            cur.push(c);
+            let leaf = i + 1 == comps.len();
+            match fs::symlink_metadata(&cur) {
+                Ok(m) if m.file_type().is_symlink() => continue 'entries,
+                Ok(_) => continue,
+                Err(_) => {
+                    if leaf && !is_dir {
+                        fs::File::create(&cur)?;
+                    } else {
+                        fs::create_dir(&cur)?;
+                    }
+                    created.push(cur.clone());
+                }
+            }
+        }
+    }
+    Ok(created)
+}
+
+fn hosts_file(hostname: &str) -> String {
+    format!(
+        "127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    )
+}
+
+async fn pump<R: AsyncRead + Unpin>(
+    r: R,
+    stream: Stream,
+    tail: Arc<Mutex<Tail>>,
+    out: Option<mpsc::Sender<OutputLine>>,
+) {
+    let mut r = BufReader::with_capacity(64 * 1024, r);
+    let mut line = Vec::new();
+    let emit = |bytes: Vec<u8>| {
+        let l = OutputLine { stream, bytes };
+        if let Ok(mut t) = tail.lock() {
+            t.push(l.clone());
+        }
+        l
+    };
+    loop {
+        let buf = match r.fill_buf().await {
+            Ok(b) => b,
+            Err(_) => break,
+        };
+        if buf.is_empty() {
+            if !line.is_empty() {
+                let l = emit(std::mem::take(&mut line));
+                if let Some(tx) = &out {
+                    let _ = tx.send(l).await;
+                }
+            }
+            break;
+        }
+        let room = MAX_LINE - line.len();
+        let (take, complete) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) if i <= room => (i + 1, true),
+            _ => {
+                let n = buf.len().min(room);
+                (n, line.len() + n >= MAX_LINE)
+            }
+        };
+        let chunk = &buf[..take];
+        line.extend_from_slice(chunk.strip_suffix(b"\n").unwrap_or(chunk));
+        r.consume(take);
+        if complete {
+            let l = emit(std::mem::take(&mut line));
+            if let Some(tx) = &out {
+                let _ = tx.send(l).await;
+            }
+        }
+    }
+}
+
+impl Executor {
+    /// An executor with `config`.
+    pub fn new(config: ExecutorConfig) -> Self {
+        Executor { config }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ExecutorConfig {
+        &self.config
+    }
+
+    /// Run one step to its end.
+    ///
+    /// Output lines are sent to `output` as they come (the step is slowed
+    /// down, not lines dropped, if the receiver is slow; a dropped receiver
+    /// is ignored). A step that ran returns `Ok` whatever its exit status;
+    /// setup failures, timeout and cancellation are errors. In every case the
+    /// step's cgroup is killed and removed and its state directory deleted
+    /// before this returns; all its mounts lived in its own mount namespace.
+    pub async fn run(
+        &self,
+        req: ExecRequest,
+        output: Option<mpsc::Sender<OutputLine>>,
+        cancel: CancellationToken,
+    ) -> Result<ExecOutcome, Error> {
+        let step = req.name.clone();
+        let req_err = |source| Error::Request {
+            step: step.clone(),
+            source,
+        };
+        let io_err = |what: String| {
+            let step = step.clone();
+            move |source| Error::Io {
+                step,
+                what,
+                source,
+            }
+        };
+        let mut cfg = init_config(&req).map_err(req_err)?;
+        let mut mounts = spec_mounts(&req.spec).map_err(req_err)?;
+
+        // State directory with the provided files and the rootfs mount point.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.config.state_dir)
+            .map_err(io_err(format!("creating {}", self.config.state_dir.display())))?;
+        let id = step_id();
+        let dir = self.config.state_dir.join(&id);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err(format!("creating {}", dir.display())))?;
+        let mut state = StateDir {
+            path: dir.clone(),
+            bind_stubs: Vec::new(),
+        };
+        let rootfs_dir = dir.join("rootfs");
+        fs::create_dir(&rootfs_dir).map_err(io_err(format!("creating {}", rootfs_dir.display())))?;
+        cfg.rootfs_dir = rootfs_dir;
+        let hostname = cfg.hostname.clone().unwrap_or_else(|| "kiln".into());
+        let resolv = fs::read(&self.config.resolv_conf).unwrap_or_default();
+        let provided = [
+            ("resolv.conf", resolv),
+            ("hosts", hosts_file(&hostname).into_bytes()),
+            ("hostname", format!("{hostname}\n").into_bytes()),
+        ];
+        for (name, content) in &provided {
+            let p = dir.join(name);
+            fs::write(&p, content).map_err(io_err(format!("writing {}", p.display())))?;
+            let _ = fs::set_permissions(&p, fs::Permissions::from_mode(0o644));
+            mounts.push(MountEntry {
+                destination: PathBuf::from("/etc").join(name),
+                typ: "bind".into(),
+                source: p,
+                options: vec!["bind".into(), "nosuid".into(), "nodev".into()],
+            });
+        }
+        // Mount points the sandbox needs.
+        let mut stubs: Vec<(PathBuf, bool)> = vec![
+            (PathBuf::from("/proc"), true),
+            (PathBuf::from("/sys"), true),
+            (PathBuf::from("/dev"), true),
+        ];
+        for m in &mounts {
+            let is_dir = !(m.options.iter().any(|o| o == "bind" || o == "rbind")
+                && fs::metadata(&m.source).map(|s| !s.is_dir()).unwrap_or(false));
+            stubs.push((m.destination.clone(), is_dir));
+        }
+        let top = req.rootfs.len() - 1;
+        match cfg.rootfs[top].kind {
+            RootfsKind::Overlay => {
+                let lower = cfg.rootfs[top]
+                    .option("lowerdir")
+                    .ok_or_else(|| req_err(RequestError::NoLowerdir))?
+                    .to_string();
+                let lowers: Vec<PathBuf> = lower.split(':').map(PathBuf::from).collect();
+                let stub = dir.join("stub");
+                build_stub_layer(&stub, &lowers, &stubs)
+                    .map_err(io_err("building the mount-point layer".into()))?;
+                let m: &mut RootfsMount = &mut cfg.rootfs[top];
+                for o in m.options.iter_mut() {
+                    if o.starts_with("lowerdir=") {
+                        *o = format!("lowerdir={}:{lower}", stub.display());
+                    }
+                }
+            }
+            RootfsKind::Bind => {
+                let src = cfg.rootfs[top].source.clone();
+                state.bind_stubs = create_bind_stubs(&src, &stubs)
+                    .map_err(io_err(format!("creating mount points in {}", src.display())))?;
+            }
+        }
+        cfg.mounts = mounts;
+
+        let limits = Limits::from_spec(&req.spec);
+        let parent = self.config.cgroup_parent.clone();
+        let cg_id = id.clone();
+        let cgroup = tokio::task::spawn_blocking(move || StepCgroup::create(&parent, &cg_id, &limits))
+            .await
+            .map_err(|e| io_err("creating cgroup".into())(std::io::Error::other(e)))?
+            .map_err(|source| Error::Cgroup {
+                step: step.clone(),
+                source,
+            })?;
+        let cgroup = Arc::new(cgroup);
+        let result = self
+            .run_in_cgroup(&step, cfg, req.timeout, output, cancel, cgroup.clone())
+            .await;
+        let cg = cgroup.clone();
+        let removed = tokio::task::spawn_blocking(move || cg.remove()).await;
+        drop(state);
+        let outcome = result?;
+        match removed {
+            Ok(Err(source)) => Err(Error::Cgroup { step, source }),
+            _ => Ok(outcome),
+        }
+    }
+
+    async fn run_in_cgroup(
+        &self,
+        step: &str,
+        cfg: InitConfig,
+        timeout: Option<Duration>,
+        output: Option<mpsc::Sender<OutputLine>>,
+        cancel: CancellationToken,
+        cgroup: Arc<StepCgroup>,
+    ) -> Result<ExecOutcome, Error> {
+        let start = Instant::now();
+        let proto = |source| Error::Protocol {
+            step: step.to_string(),
+            source,
+        };
+        let (parent_end, child_end) = socketpair().map_err(proto)?;
+        let mut cmd = tokio::process::Command::new(&self.config.init_path);
+        cmd.arg(INIT_ARG)
+            .env_clear()
+            .env(PARENT_PID_ENV, std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child_raw = child_end.as_raw_fd();
+        // SAFETY: only async-signal-safe calls (dup2, fcntl) after fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if child_raw == INIT_FD {
+                    if libc::fcntl(INIT_FD, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(child_raw, INIT_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| Error::Io {
+            step: step.to_string(),
+            what: format!("starting sandbox init {}", self.config.init_path.display()),
+            source,
+        })?;
+        drop(child_end);
+        let pid = child.id().unwrap_or(0);
+        let kill_tree = |cg: Arc<StepCgroup>| async move {
+            let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
+        };
+        if let Err(source) = cgroup.add(pid) {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(Error::Cgroup {
+                step: step.to_string(),
+                source,
+            });
+        }
+        if let Err(e) = send_msg(parent_end.as_fd(), &cfg) {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(proto(e));
+        }
+
+        let tail = Arc::new(Mutex::new(Tail {
+            cap: self.config.tail_lines,
+            lines: VecDeque::new(),
+        }));
+        let mut pumps = Vec::new();
+        if let Some(o) = child.stdout.take() {
+            pumps.push(tokio::spawn(pump(o, Stream::Stdout, tail.clone(), output.clone())));
+        }
+        if let Some(e) = child.stderr.take() {
+            pumps.push(tokio::spawn(pump(e, Stream::Stderr, tail.clone(), output.clone())));
+        }
+        drop(output);
+        let messages = tokio::task::spawn_blocking(move || read_messages(parent_end));
+
+        enum End {
+            Exited(std::io::Result<std::process::ExitStatus>),
+            TimedOut(Duration),
+            Cancelled,
+        }
+        let sleep = async {
+            match timeout {
+                Some(t) => {
+                    tokio::time::sleep(t).await;
+                    t
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let end = tokio::select! {
+            st = child.wait() => End::Exited(st),
+            t = sleep => End::TimedOut(t),
+            _ = cancel.cancelled() => End::Cancelled,
+        };
+        // Whatever happened, nothing of the step may survive it.
+        kill_tree(cgroup.clone()).await;
+        let init_status = match &end {
+            End::Exited(Ok(s)) => Some(*s),
+            _ => {
+                let _ = child.start_kill();
+                child.wait().await.ok()
+            }
+        };
+        let drain = Duration::from_secs(5);
+        for p in pumps {
+            let abort = p.abort_handle();
+            if tokio::time::timeout(drain, p).await.is_err() {
+                abort.abort();
+            }
+        }
+        let msgs = match tokio::time::timeout(drain, messages).await {
+            Ok(Ok(Ok(m))) => m,
+            Ok(Ok(Err(e))) => return Err(proto(e)),
+            _ => Vec::new(),
+        };
+        let tail: Vec<OutputLine> = tail
+            .lock()
+            .map(|t| t.lines.iter().cloned().collect())
+            .unwrap_or_default();
+        for m in &msgs {
+            if let ChildMessage::Error { stage, message } = m {
+                return Err(Error::Setup {
+                    step: step.to_string(),
+                    stage: stage.clone(),
+                    message: message.clone(),
+                });
+            }
+        }
+        match end {
+            End::TimedOut(after) => {
+                return Err(Error::TimedOut {
+                    step: step.to_string(),
+                    after,
+                    tail,
+                })
+            }
+            End::Cancelled => {
+                return Err(Error::Cancelled {
+                    step: step.to_string(),
+                })
+            }
+            End::Exited(_) => {}
+        }
+        let status = msgs.iter().find_map(|m| match m {
+            ChildMessage::Exited(s) => Some(*s),
+            _ => None,
+        });
+        match status {
+            Some(status) => Ok(ExecOutcome {
+                status,
+                tail,
+                duration: start.elapsed(),
+            }),
+            None => Err(Error::InitDied {
+                step: step.to_string(),
+                status: init_status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+            }),
+        }
+    }
+}
+
+fn read_messages(fd: OwnedFd) -> Result<Vec<ChildMessage>, crate::protocol::ProtocolError> {
+    let mut v = Vec::new();
+    while let Some(m) = recv_msg::<ChildMessage>(fd.as_fd(), false)? {
+        v.push(m);
+    }
+    Ok(v)
+}
