@@ -318,7 +318,13 @@ mod no_panic {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        // No failure persistence: an integration test has no lib.rs beside
+        // it to store regressions next to; a failure prints its input.
+        #![proptest_config(ProptestConfig {
+            cases: 2000,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
 
         #[test]
         fn expander_never_panics(word in shellish(), escape in prop::sample::select(vec!['\\', '`']),
