@@ -1,18 +1,28 @@
 //! # kiln-solver — from a parsed Dockerfile to a built image
 //!
 //! **What this room is for.** The solver lowers the typed instructions of
-//! `kiln-parser` into a DAG of ops (`Source`, `Exec`, `File` and image-config
-//! edits), gives every vertex a content-addressed cache key
-//! (`sha256(op definition || input keys || selected input content)`), and
-//! schedules the graph on tokio so that independent vertices run
+//! `kiln-parser` into the steps of a build, gives every layer-producing step
+//! a content-addressed cache key
+//! (`sha256(op definition || parent key || selected input content)`), and
+//! schedules the stages on tokio so that independent stages run
 //! concurrently and identical keys run once.
 //!
 //! **What it owns.** Lowering rules (stages, `--target` pruning, `COPY
-//! --from` edges, ONBUILD splicing), cache-key derivation, the scheduler and
-//! the progress event stream.
+//! --from` edges, ARG/ENV scoping and expansion), cache-key derivation, the
+//! scheduler, COPY/ADD file operations on snapshot layers, and the progress
+//! event stream.
 //!
 //! **What it must not do.** It does not parse Dockerfile text (that is
 //! `kiln-parser`), does not touch namespaces or mounts itself (that is
 //! `kiln-executor`), and does not know on-disk layouts (that is
 //! `kiln-cache` / `kiln-image`). It talks to each through their public APIs.
 #![deny(missing_docs)]
+
+pub mod copy;
+pub mod error;
+pub mod fsview;
+pub mod key;
+pub mod plan;
+pub mod progress;
+
+pub use error::BuildError;

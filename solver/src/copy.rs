@@ -1,0 +1,641 @@
+//! COPY and ADD: selecting sources (wildcards, `.dockerignore`, directory
+//! contents), hashing exactly what was selected for the cache key, and
+//! writing it into a snapshot's top layer with Docker's destination rules.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use kiln_parser::dockerignore::PatternMatcher;
+use sha2::{Digest as _, Sha256};
+
+use crate::fsview::{base_name, clean_abs, join_abs, lchown, set_mtime, LayerView, ViewError};
+use crate::key::KeyHasher;
+
+/// The identity of a file's content as `stat` sees it: if all of these are
+/// unchanged, the content is taken as unchanged (never the mtime alone).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StatKey {
+    /// Host path.
+    pub path: PathBuf,
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Status-change time, nanoseconds since the epoch.
+    pub ctime_ns: i64,
+}
+
+impl StatKey {
+    fn of(path: &Path, m: &fs::Metadata) -> Self {
+        StatKey {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        }
+    }
+}
+
+/// A persistent map from [`StatKey`] to content sha256, so that unchanged
+/// files are never read twice. Implemented by the store.
+pub trait HashCache: Send + Sync {
+    /// Looks up many keys at once.
+    fn lookup(&self, keys: &[StatKey]) -> Vec<Option<[u8; 32]>>;
+    /// Records many hashes at once.
+    fn store(&self, entries: &[(StatKey, [u8; 32])]);
+}
+
+/// A `HashCache` that remembers nothing.
+pub struct NoHashCache;
+
+impl HashCache for NoHashCache {
+    fn lookup(&self, keys: &[StatKey]) -> Vec<Option<[u8; 32]>> {
+        vec![None; keys.len()]
+    }
+    fn store(&self, _: &[(StatKey, [u8; 32])]) {}
+}
+
+/// Errors of COPY/ADD.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// A view error (not found, escape, …).
+    #[error(transparent)]
+    View(#[from] ViewError),
+    /// A source pattern matched nothing.
+    #[error("failed to compute cache key: \"{0}\" not found")]
+    NotFound(String),
+    /// Several sources into a destination without a trailing slash.
+    #[error("When using COPY with more than one source file, the destination must be a directory and end with a /")]
+    DestNotDir,
+    /// A bad `.dockerignore` pattern.
+    #[error(".dockerignore: {0}")]
+    Ignore(String),
+    /// I/O.
+    #[error("{0}: {1}")]
+    Io(String, io::Error),
+}
+
+fn io_err(p: &Path, e: io::Error) -> CopyError {
+    CopyError::Io(p.display().to_string(), e)
+}
+
+/// One entry to copy.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Path relative to the destination base ("" = the base itself).
+    pub rel: String,
+    /// Host path to read from.
+    pub host: PathBuf,
+    /// Its lstat.
+    pub meta: fs::Metadata,
+    /// Symlink target, for links.
+    pub link: Option<String>,
+}
+
+/// One selected source and everything under it.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// The resolved source path in its view.
+    pub path: String,
+    /// True when the source is a directory (its contents are copied).
+    pub is_dir: bool,
+    /// The entries, sorted, the source itself first (rel "").
+    pub entries: Vec<Entry>,
+}
+
+/// Is this a Go `filepath.Match` pattern (has `*`, `?` or `[`)?
+fn has_glob(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// Go's `filepath.Match` for one path component.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    fn m(p: &[char], n: &[char]) -> bool {
+        if p.is_empty() {
+            return n.is_empty();
+        }
+        match p[0] {
+            '*' => (0..=n.len()).any(|i| !n[..i].contains(&'/') && m(&p[1..], &n[i..])),
+            '?' => !n.is_empty() && n[0] != '/' && m(&p[1..], &n[1..]),
+            '[' => {
+                if n.is_empty() {
+                    return false;
+                }
+                let mut i = 1;
+                let negate = p.get(1) == Some(&'^') || p.get(1) == Some(&'!');
+                if negate {
+                    i += 1;
+                }
+                let mut matched = false;
+                let mut first = true;
+                while i < p.len() && (p[i] != ']' || first) {
+                    first = false;
+                    let mut lo = p[i];
+                    if lo == '\\' && i + 1 < p.len() {
+                        i += 1;
+                        lo = p[i];
+                    }
+                    let mut hi = lo;
+                    if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
+                        hi = p[i + 2];
+                        if hi == '\\' && i + 3 < p.len() {
+                            hi = p[i + 3];
+                            i += 1;
+                        }
+                        i += 2;
+                    }
+                    if lo <= n[0] && n[0] <= hi {
+                        matched = true;
+                    }
+                    i += 1;
+                }
+                if i >= p.len() {
+                    return false;
+                }
+                matched != negate && m(&p[i + 1..], &n[1..])
+            }
+            '\\' if p.len() > 1 => !n.is_empty() && n[0] == p[1] && m(&p[2..], &n[1..]),
+            c => !n.is_empty() && n[0] == c && m(&p[1..], &n[1..]),
+        }
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    m(&p, &n)
+}
+
+/// Source selection over a view, honouring `.dockerignore` for the context.
+pub struct Selector<'a> {
+    /// The view sources are read from.
+    pub view: &'a LayerView,
+    /// `.dockerignore` (context only).
+    pub ignore: Option<&'a PatternMatcher>,
+    /// `--exclude` patterns.
+    pub exclude: Option<&'a PatternMatcher>,
+}
+
+impl Selector<'_> {
+    fn excluded(&self, path: &str) -> Result<bool, CopyError> {
+        let rel = path.trim_start_matches('/');
+        if rel.is_empty() {
+            return Ok(false);
+        }
+        for m in [self.ignore, self.exclude].into_iter().flatten() {
+            if m
+                .matches_or_parent_matches(rel)
+                .map_err(|e| CopyError::Ignore(e.to_string()))?
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Expands one source pattern (relative to the view's root).
+    pub fn select(&self, pattern: &str) -> Result<Vec<Selection>, CopyError> {
+        let clean = clean_abs(pattern);
+        if pattern.split('/').filter(|c| *c == "..").count() > 0
+            && self.view.resolve(pattern, false).is_err()
+        {
+            return Err(ViewError::Escape(pattern.to_string()).into());
+        }
+        let paths = if has_glob(&clean) {
+            self.glob(&clean)?
+        } else {
+            vec![clean.clone()]
+        };
+        let mut out = Vec::new();
+        for p in paths {
+            let resolved = self.view.resolve(&p, true)?;
+            if self.excluded(&p)? {
+                continue;
+            }
+            let Some(found) = self.view.lookup(&resolved) else {
+                continue;
+            };
+            let is_dir = found.meta.is_dir();
+            let mut entries = vec![Entry {
+                rel: String::new(),
+                link: None,
+                host: found.host,
+                meta: found.meta,
+            }];
+            if is_dir {
+                self.walk(&resolved, &p, "", &mut entries)?;
+            }
+            out.push(Selection {
+                path: resolved,
+                is_dir,
+                entries,
+            });
+        }
+        if out.is_empty() {
+            return Err(CopyError::NotFound(pattern.to_string()));
+        }
+        Ok(out)
+    }
+
+    fn glob(&self, pattern: &str) -> Result<Vec<String>, CopyError> {
+        let mut current = vec![String::new()];
+        for comp in pattern.split('/').filter(|c| !c.is_empty()) {
+            let mut next = Vec::new();
+            for base in &current {
+                if !has_glob(comp) {
+                    next.push(format!("{base}/{comp}"));
+                    continue;
+                }
+                let dir = if base.is_empty() { "/" } else { base.as_str() };
+                let resolved = self.view.resolve(dir, true)?;
+                let names = match self.view.read_dir(&resolved) {
+                    Ok(n) => n,
+                    Err(_) => continue,
+                };
+                for n in names {
+                    if glob_match(comp, &n) {
+                        next.push(format!("{base}/{n}"));
+                    }
+                }
+            }
+            current = next;
+        }
+        current.retain(|p| !p.is_empty());
+        Ok(current)
+    }
+
+    fn walk(
+        &self,
+        dir: &str,
+        logical: &str,
+        rel: &str,
+        out: &mut Vec<Entry>,
+    ) -> Result<(), CopyError> {
+        for name in self.view.read_dir(dir)? {
+            let path = format!("{}/{name}", dir.trim_end_matches('/'));
+            let lpath = format!("{}/{name}", logical.trim_end_matches('/'));
+            let r = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let Some(found) = self.view.lookup(&path) else {
+                continue;
+            };
+            let is_dir = found.meta.is_dir();
+            if self.excluded(&lpath)? {
+                let reinclude = [self.ignore, self.exclude]
+                    .into_iter()
+                    .flatten()
+                    .any(|m| m.exclusions());
+                if is_dir && reinclude {
+                    self.walk(&path, &lpath, &r, out)?;
+                }
+                continue;
+            }
+            let link = if found.meta.file_type().is_symlink() {
+                Some(
+                    fs::read_link(&found.host)
+                        .map_err(|e| io_err(&found.host, e))?
+                        .to_string_lossy()
+                        .to_string(),
+                )
+            } else {
+                None
+            };
+            out.push(Entry {
+                rel: r.clone(),
+                host: found.host,
+                meta: found.meta,
+                link,
+            });
+            if is_dir {
+                self.walk(&path, &lpath, &r, out)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Hashes the selected files' content (through `cache`) and metadata into
+/// `key`. Never the mtime.
+pub fn hash_selection(
+    key: &mut KeyHasher,
+    selections: &[Selection],
+    cache: &dyn HashCache,
+    keep_owner: bool,
+) -> Result<(), CopyError> {
+    let mut files: Vec<StatKey> = Vec::new();
+    for s in selections {
+        for e in &s.entries {
+            if e.meta.file_type().is_file() {
+                files.push(StatKey::of(&e.host, &e.meta));
+            }
+        }
+    }
+    let known = cache.lookup(&files);
+    let mut hashes: BTreeMap<PathBuf, [u8; 32]> = BTreeMap::new();
+    let mut fresh = Vec::new();
+    for (k, h) in files.iter().zip(known) {
+        let h = match h {
+            Some(h) => h,
+            None => {
+                let h = sha256_file(&k.path)?;
+                fresh.push((k.clone(), h));
+                h
+            }
+        };
+        hashes.insert(k.path.clone(), h);
+    }
+    if !fresh.is_empty() {
+        cache.store(&fresh);
+    }
+    for s in selections {
+        key.field(&s.path).field(if s.is_dir { "dir" } else { "file" });
+        key.field((s.entries.len() as u64).to_le_bytes());
+        for e in &s.entries {
+            let m = &e.meta;
+            key.field(&e.rel).field(m.mode().to_le_bytes());
+            if keep_owner {
+                key.field(m.uid().to_le_bytes()).field(m.gid().to_le_bytes());
+            }
+            if let Some(l) = &e.link {
+                key.field(l);
+            }
+            if m.file_type().is_file() {
+                key.field(m.size().to_le_bytes());
+                if let Some(h) = hashes.get(&e.host) {
+                    key.field(h);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sha256_file(p: &Path) -> Result<[u8; 32], CopyError> {
+    let mut f = fs::File::open(p).map_err(|e| io_err(p, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 17];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| io_err(p, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
+/// How copied entries are owned and moded.
+#[derive(Debug, Clone, Default)]
+pub struct CopyOptions {
+    /// `--chown`, resolved. `None`: root for the context, kept for stages.
+    pub owner: Option<(u32, u32)>,
+    /// Keep source ownership when `owner` is `None` (COPY --from).
+    pub keep_owner: bool,
+    /// `--chmod` as an octal mode.
+    pub chmod: Option<u32>,
+    /// Clamp mtimes to this (SOURCE_DATE_EPOCH).
+    pub clamp_mtime: Option<i64>,
+}
+
+/// Works out where each selection goes (Docker's destination rules) and
+/// copies it into the view's top layer. `dest` is absolute.
+pub fn copy_selections(
+    dst: &LayerView,
+    dest: &str,
+    dest_is_dir_hint: bool,
+    selections: &[Selection],
+    opts: &CopyOptions,
+) -> Result<(), CopyError> {
+    let multiple = selections.len() > 1;
+    let dest_clean = clean_abs(dest);
+    let dest_resolved = dst.resolve(&dest_clean, true)?;
+    let existing_dir = dst
+        .lookup(&dest_resolved)
+        .is_some_and(|f| f.meta.is_dir());
+    let dest_is_dir = dest_is_dir_hint || existing_dir;
+    if multiple && !dest_is_dir {
+        return Err(CopyError::DestNotDir);
+    }
+    let new_owner = opts.owner.unwrap_or((0, 0));
+    for s in selections {
+        let target = if s.is_dir {
+            dest_resolved.clone()
+        } else if dest_is_dir {
+            join_abs(&dest_resolved, base_name(&s.path))
+        } else {
+            dest_resolved.clone()
+        };
+        let parent = parent_of(&target);
+        let parent = dst.resolve(&parent, true)?;
+        dst.ensure_dir(&parent, new_owner)?;
+        let target = join_abs(&parent, base_name(&target));
+        for e in &s.entries {
+            let to = if e.rel.is_empty() {
+                target.clone()
+            } else {
+                join_abs(&target, &e.rel)
+            };
+            write_entry(dst, &to, e, opts)?;
+        }
+        // Directory mtimes are set after their contents are written.
+        if s.is_dir {
+            for e in s.entries.iter().rev().filter(|e| e.meta.is_dir()) {
+                let to = if e.rel.is_empty() {
+                    target.clone()
+                } else {
+                    join_abs(&target, &e.rel)
+                };
+                if let Some(top) = dst.top() {
+                    let host = top.join(to.trim_start_matches('/'));
+                    let t = clamp(e.meta.mtime(), opts.clamp_mtime);
+                    set_mtime(&host, t, 0, false)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parent_of(p: &str) -> String {
+    match p.rfind('/') {
+        Some(0) | None => "/".into(),
+        Some(i) => p[..i].to_string(),
+    }
+}
+
+fn clamp(t: i64, c: Option<i64>) -> i64 {
+    match c {
+        Some(c) if t > c => c,
+        _ => t,
+    }
+}
+
+fn write_entry(dst: &LayerView, to: &str, e: &Entry, opts: &CopyOptions) -> Result<(), CopyError> {
+    let top = dst
+        .top()
+        .ok_or_else(|| CopyError::NotFound("(no layers)".into()))?;
+    let host = top.join(to.trim_start_matches('/'));
+    let m = &e.meta;
+    let (uid, gid) = match opts.owner {
+        Some(o) => o,
+        None if opts.keep_owner => (m.uid(), m.gid()),
+        None => (0, 0),
+    };
+    let ft = m.file_type();
+    if let Ok(old) = fs::symlink_metadata(&host) {
+        if old.is_dir() && ft.is_dir() {
+            // merge into the existing directory
+        } else if old.is_dir() {
+            fs::remove_dir_all(&host).map_err(|err| io_err(&host, err))?;
+        } else {
+            fs::remove_file(&host).map_err(|err| io_err(&host, err))?;
+        }
+    }
+    let mode = opts.chmod.unwrap_or(m.mode() & 0o7777);
+    if ft.is_dir() {
+        if !host.is_dir() {
+            fs::create_dir(&host).map_err(|err| io_err(&host, err))?;
+        }
+        lchown(&host, uid, gid)?;
+        fs::set_permissions(&host, fs::Permissions::from_mode(mode))
+            .map_err(|err| io_err(&host, err))?;
+    } else if ft.is_symlink() {
+        let target = e.link.clone().unwrap_or_else(|| {
+            fs::read_link(&e.host)
+                .map(|t| t.to_string_lossy().to_string())
+                .unwrap_or_default()
+        });
+        std::os::unix::fs::symlink(&target, &host).map_err(|err| io_err(&host, err))?;
+        lchown(&host, uid, gid)?;
+        set_mtime(&host, clamp(m.mtime(), opts.clamp_mtime), 0, true)?;
+    } else if ft.is_file() {
+        copy_file(&e.host, &host)?;
+        lchown(&host, uid, gid)?;
+        fs::set_permissions(&host, fs::Permissions::from_mode(mode))
+            .map_err(|err| io_err(&host, err))?;
+        let t = clamp(m.mtime(), opts.clamp_mtime);
+        let ns = if opts.clamp_mtime.is_some_and(|c| m.mtime() >= c) {
+            0
+        } else {
+            m.mtime_nsec()
+        };
+        set_mtime(&host, t, ns, false)?;
+    } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
+        let c = std::ffi::CString::new(host.as_os_str().as_encoded_bytes())
+            .map_err(|err| io_err(&host, io::Error::new(io::ErrorKind::InvalidInput, err)))?;
+        // SAFETY: valid path; mode and rdev come from an lstat.
+        let r = unsafe { libc::mknod(c.as_ptr(), m.mode() as libc::mode_t, m.rdev() as libc::dev_t) };
+        if r != 0 {
+            return Err(io_err(&host, io::Error::last_os_error()));
+        }
+        lchown(&host, uid, gid)?;
+    }
+    Ok(())
+}
+
+/// Copies file content, with a reflink when the file system allows it.
+fn copy_file(from: &Path, to: &Path) -> Result<(), CopyError> {
+    let mut src = fs::File::open(from).map_err(|e| io_err(from, e))?;
+    let mut dst = fs::File::create(to).map_err(|e| io_err(to, e))?;
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: two open descriptors; FICLONE fails harmlessly when
+        // unsupported.
+        let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
+        if r == 0 {
+            return Ok(());
+        }
+    }
+    io::copy(&mut src, &mut dst).map_err(|e| io_err(to, e))?;
+    dst.flush().map_err(|e| io_err(to, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_glob() {
+        assert!(glob_match("*.txt", "a.txt"));
+        assert!(!glob_match("*.txt", "a.txt.bak"));
+        assert!(glob_match("f?o", "foo"));
+        assert!(glob_match("[a-c]x", "bx"));
+        assert!(!glob_match("[^a-c]x", "bx"));
+        assert!(glob_match("\\*", "*"));
+    }
+
+    #[test]
+    fn select_copy_dir_contents_and_file_rules() {
+        let t = tempfile::tempdir().unwrap();
+        let ctx = t.path().join("ctx");
+        fs::create_dir_all(ctx.join("src/sub")).unwrap();
+        fs::write(ctx.join("src/a.txt"), "a").unwrap();
+        fs::write(ctx.join("src/sub/b.txt"), "b").unwrap();
+        fs::write(ctx.join("top.txt"), "t").unwrap();
+        fs::write(ctx.join("skip.log"), "s").unwrap();
+        let view = LayerView::new(vec![ctx.clone()], true);
+        let ignore = PatternMatcher::new(&["*.log"]).unwrap();
+        let sel = Selector {
+            view: &view,
+            ignore: Some(&ignore),
+            exclude: None,
+        };
+        let src = sel.select("src").unwrap();
+        assert_eq!(src.len(), 1);
+        let rels: Vec<&str> = src[0].entries.iter().map(|e| e.rel.as_str()).collect();
+        assert_eq!(rels, vec!["", "a.txt", "sub", "sub/b.txt"]);
+        assert!(matches!(sel.select("skip.log"), Err(CopyError::NotFound(_))));
+        assert!(matches!(sel.select("../etc/passwd"), Err(CopyError::View(ViewError::Escape(_)))));
+        let globbed = sel.select("*.txt").unwrap();
+        assert_eq!(globbed.len(), 1);
+
+        let upper = t.path().join("upper");
+        fs::create_dir_all(&upper).unwrap();
+        let dst = LayerView::new(vec![upper.clone()], false);
+        let opts = CopyOptions::default();
+        copy_selections(&dst, "/app", false, &src, &opts).unwrap();
+        copy_selections(&dst, "/app/renamed.txt", false, &globbed, &opts).unwrap();
+        copy_selections(&dst, "/dir/", true, &globbed, &opts).unwrap();
+        assert_eq!(fs::read_to_string(upper.join("app/sub/b.txt")).unwrap(), "b");
+        assert_eq!(fs::read_to_string(upper.join("app/renamed.txt")).unwrap(), "t");
+        assert_eq!(fs::read_to_string(upper.join("dir/top.txt")).unwrap(), "t");
+        let two = [src[0].clone(), globbed[0].clone()];
+        assert!(matches!(
+            copy_selections(&dst, "/nodir", false, &two, &opts),
+            Err(CopyError::DestNotDir)
+        ));
+    }
+
+    #[test]
+    fn key_ignores_mtime_but_not_content() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("f"), "one").unwrap();
+        let view = LayerView::new(vec![t.path().to_path_buf()], true);
+        let sel = Selector {
+            view: &view,
+            ignore: None,
+            exclude: None,
+        };
+        let key = || {
+            let s = sel.select("f").unwrap();
+            let mut k = KeyHasher::new("copy");
+            hash_selection(&mut k, &s, &NoHashCache, false).unwrap();
+            k.finish()
+        };
+        let k1 = key();
+        set_mtime(&t.path().join("f"), 12345, 0, false).unwrap();
+        assert_eq!(key(), k1);
+        fs::write(t.path().join("f"), "two").unwrap();
+        assert_ne!(key(), k1);
+    }
+}

@@ -1,0 +1,430 @@
+//! A read (and, for the top layer, write) view of a root file system made of
+//! stacked layer directories, as an overlay mount would show it — without
+//! mounting anything. COPY and ADD write straight into a snapshot's
+//! upperdir through it, USER/--chown names are resolved through the stack's
+//! own /etc/passwd, and `COPY --from` reads another stage's stack.
+//!
+//! Paths inside the view are absolute, slash-separated and resolved
+//! component by component inside the root: `..` and symlinks never leave
+//! it. In `strict` mode (the build context) an escape is an error instead.
+
+use std::ffi::{CString, OsStr};
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Go's `path.Clean` for absolute slash paths: the result starts with `/`.
+pub fn clean_abs(p: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// Joins `p` onto the directory `base` (when `p` is relative) and cleans.
+pub fn join_abs(base: &str, p: &str) -> String {
+    if p.starts_with('/') {
+        clean_abs(p)
+    } else {
+        clean_abs(&format!("{base}/{p}"))
+    }
+}
+
+/// Errors of the view.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    /// The path does not exist.
+    #[error("{0}: no such file or directory")]
+    NotFound(String),
+    /// The path leaves the root (strict views only).
+    #[error("{0}: forbidden path outside the build context")]
+    Escape(String),
+    /// Too many symlinks.
+    #[error("{0}: too many levels of symbolic links")]
+    Loop(String),
+    /// A path component is not a directory.
+    #[error("{0}: not a directory")]
+    NotDir(String),
+    /// An I/O error on a host path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The host path.
+        path: String,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path, source: io::Error) -> ViewError {
+    ViewError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Where a path was found.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// Index of the layer (0 = top).
+    pub layer: usize,
+    /// The host path of the entry in that layer.
+    pub host: PathBuf,
+    /// Its metadata (lstat).
+    pub meta: fs::Metadata,
+}
+
+/// A stack of layer directories, top first.
+#[derive(Debug, Clone)]
+pub struct LayerView {
+    layers: Vec<PathBuf>,
+    strict: bool,
+}
+
+fn is_whiteout(meta: &fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    meta.file_type().is_char_device() && meta.rdev() == 0
+}
+
+fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let p = CString::new(path.as_os_str().as_bytes()).ok()?;
+    let n = CString::new(name).ok()?;
+    let mut buf = [0u8; 16];
+    // SAFETY: valid NUL-terminated strings and a buffer of the given size.
+    let r = unsafe {
+        libc::lgetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    (r >= 0).then(|| buf[..r as usize].to_vec())
+}
+
+fn is_opaque(path: &Path) -> bool {
+    ["trusted.overlay.opaque", "user.overlay.opaque"]
+        .iter()
+        .any(|n| getxattr(path, n).is_some_and(|v| v == b"y"))
+}
+
+impl LayerView {
+    /// A view of `layers` (top first). `strict` makes escapes errors.
+    pub fn new(layers: Vec<PathBuf>, strict: bool) -> Self {
+        LayerView { layers, strict }
+    }
+
+    /// The top (writable) layer directory.
+    pub fn top(&self) -> Option<&Path> {
+        self.layers.first().map(PathBuf::as_path)
+    }
+
+    /// The layer directories, top first.
+    pub fn layers(&self) -> &[PathBuf] {
+        &self.layers
+    }
+
+    /// Looks up an already-resolved path (no symlinks in its parents)
+    /// without following a final symlink.
+    pub fn lookup(&self, resolved: &str) -> Option<Found> {
+        let rel = resolved.trim_start_matches('/');
+        let comps: Vec<&str> = if rel.is_empty() {
+            Vec::new()
+        } else {
+            rel.split('/').collect()
+        };
+        'layers: for (i, layer) in self.layers.iter().enumerate() {
+            // A whiteout of any ancestor, or an opaque ancestor in an upper
+            // layer, hides this layer's entry.
+            let mut host = layer.clone();
+            for (n, c) in comps.iter().enumerate() {
+                host.push(c);
+                let Ok(meta) = fs::symlink_metadata(&host) else {
+                    continue 'layers;
+                };
+                if is_whiteout(&meta) {
+                    return None;
+                }
+                if n + 1 == comps.len() {
+                    return Some(Found { layer: i, host, meta });
+                }
+                if !meta.is_dir() {
+                    return None;
+                }
+                if self.layers.len() > 1 && is_opaque(&host) {
+                    // Lower layers are hidden below this directory: finish
+                    // the lookup in this layer only.
+                    let mut h = host.clone();
+                    for c in &comps[n + 1..] {
+                        h.push(c);
+                    }
+                    return fs::symlink_metadata(&h)
+                        .ok()
+                        .filter(|m| !is_whiteout(m))
+                        .map(|meta| Found {
+                            layer: i,
+                            host: h,
+                            meta,
+                        });
+                }
+            }
+            if comps.is_empty() {
+                if let Ok(meta) = fs::symlink_metadata(&host) {
+                    return Some(Found { layer: i, host, meta });
+                }
+            }
+        }
+        None
+    }
+
+    /// Resolves `path` inside the root, following symlinks in every
+    /// component (and in the last one when `follow_last`). Returns the
+    /// clean resolved path; the entry itself may not exist.
+    pub fn resolve(&self, path: &str, follow_last: bool) -> Result<String, ViewError> {
+        if self.strict && escapes(path) {
+            return Err(ViewError::Escape(path.to_string()));
+        }
+        let mut pending: Vec<String> = path
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .rev()
+            .map(str::to_string)
+            .collect();
+        let mut cur: Vec<String> = Vec::new();
+        let mut hops = 0;
+        while let Some(c) = pending.pop() {
+            if c == ".." {
+                if cur.pop().is_none() && self.strict {
+                    return Err(ViewError::Escape(path.to_string()));
+                }
+                continue;
+            }
+            cur.push(c);
+            let is_last = pending.is_empty();
+            if is_last && !follow_last {
+                break;
+            }
+            let here = format!("/{}", cur.join("/"));
+            let Some(found) = self.lookup(&here) else {
+                continue;
+            };
+            if !found.meta.file_type().is_symlink() {
+                continue;
+            }
+            hops += 1;
+            if hops > 40 {
+                return Err(ViewError::Loop(path.to_string()));
+            }
+            let target = fs::read_link(&found.host).map_err(|e| io_err(&found.host, e))?;
+            let target = target.as_os_str().to_string_lossy().to_string();
+            cur.pop();
+            if target.starts_with('/') {
+                if self.strict {
+                    return Err(ViewError::Escape(format!("{here} -> {target}")));
+                }
+                cur.clear();
+            }
+            for t in target.split('/').filter(|c| !c.is_empty() && *c != ".").rev() {
+                pending.push(t.to_string());
+            }
+        }
+        Ok(format!("/{}", cur.join("/")))
+    }
+
+    /// Resolves and looks up `path`, following all symlinks.
+    pub fn stat(&self, path: &str) -> Result<Found, ViewError> {
+        let r = self.resolve(path, true)?;
+        self.lookup(&r).ok_or(ViewError::NotFound(path.to_string()))
+    }
+
+    /// Reads a whole (small) file, following symlinks.
+    pub fn read(&self, path: &str) -> Result<Vec<u8>, ViewError> {
+        let f = self.stat(path)?;
+        fs::read(&f.host).map_err(|e| io_err(&f.host, e))
+    }
+
+    /// The merged, sorted entry names of a resolved directory path.
+    pub fn read_dir(&self, resolved: &str) -> Result<Vec<String>, ViewError> {
+        let rel = resolved.trim_start_matches('/');
+        let mut names = std::collections::BTreeMap::<String, bool>::new();
+        for layer in &self.layers {
+            let dir = if rel.is_empty() {
+                layer.clone()
+            } else {
+                layer.join(rel)
+            };
+            let Ok(meta) = fs::symlink_metadata(&dir) else {
+                continue;
+            };
+            if is_whiteout(&meta) || !meta.is_dir() {
+                break;
+            }
+            let rd = fs::read_dir(&dir).map_err(|e| io_err(&dir, e))?;
+            for e in rd {
+                let e = e.map_err(|e| io_err(&dir, e))?;
+                let name = e.file_name().to_string_lossy().to_string();
+                if names.contains_key(&name) {
+                    continue;
+                }
+                let m = e.metadata().map_err(|err| io_err(&e.path(), err))?;
+                names.insert(name, is_whiteout(&m));
+            }
+            if self.layers.len() > 1 && is_opaque(&dir) {
+                break;
+            }
+        }
+        Ok(names
+            .into_iter()
+            .filter(|(_, whiteout)| !whiteout)
+            .map(|(n, _)| n)
+            .collect())
+    }
+
+    /// Makes sure directory `resolved` exists in the top layer, creating
+    /// missing parents: a directory present in a lower layer is recreated
+    /// with its mode, owner and mtime (so the overlay shows it unchanged);
+    /// a new one gets mode 0755 and `owner`.
+    pub fn ensure_dir(&self, resolved: &str, owner: (u32, u32)) -> Result<PathBuf, ViewError> {
+        let top = self
+            .top()
+            .ok_or_else(|| ViewError::NotFound("(no layers)".into()))?
+            .to_path_buf();
+        let mut host = top.clone();
+        let mut view_path = String::new();
+        for c in resolved.split('/').filter(|c| !c.is_empty()) {
+            host.push(c);
+            view_path.push('/');
+            view_path.push_str(c);
+            match fs::symlink_metadata(&host) {
+                Ok(m) if m.is_dir() => continue,
+                Ok(m) if is_whiteout(&m) => {
+                    fs::remove_file(&host).map_err(|e| io_err(&host, e))?;
+                }
+                Ok(_) => return Err(ViewError::NotDir(view_path)),
+                Err(_) => {}
+            }
+            match self.lookup(&view_path) {
+                Some(f) if f.meta.is_dir() => {
+                    fs::create_dir(&host).map_err(|e| io_err(&host, e))?;
+                    copy_meta(&host, &f.meta)?;
+                }
+                Some(_) => return Err(ViewError::NotDir(view_path)),
+                None => {
+                    fs::create_dir(&host).map_err(|e| io_err(&host, e))?;
+                    fs::set_permissions(&host, fs::Permissions::from_mode(0o755))
+                        .map_err(|e| io_err(&host, e))?;
+                    lchown(&host, owner.0, owner.1)?;
+                }
+            }
+        }
+        Ok(host)
+    }
+}
+
+/// True when a relative or absolute path climbs above its root.
+fn escapes(p: &str) -> bool {
+    let mut depth: i64 = 0;
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return true;
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    false
+}
+
+/// `lchown(2)`.
+pub fn lchown(path: &Path, uid: u32, gid: u32) -> Result<(), ViewError> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|e| io_err(path, e))
+}
+
+/// Copies mode, owner and mtime of `meta` onto `path` (a directory).
+fn copy_meta(path: &Path, meta: &fs::Metadata) -> Result<(), ViewError> {
+    lchown(path, meta.uid(), meta.gid())?;
+    fs::set_permissions(path, fs::Permissions::from_mode(meta.mode() & 0o7777))
+        .map_err(|e| io_err(path, e))?;
+    set_mtime(path, meta.mtime(), meta.mtime_nsec(), false)
+}
+
+/// Sets atime and mtime of `path` (not following a symlink when `nofollow`).
+pub fn set_mtime(path: &Path, secs: i64, nsecs: i64, nofollow: bool) -> Result<(), ViewError> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io_err(path, io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let ts = libc::timespec {
+        tv_sec: secs as libc::time_t,
+        tv_nsec: nsecs as libc::c_long,
+    };
+    let times = [ts, ts];
+    let flags = if nofollow { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
+    // SAFETY: a valid path and two timespecs.
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), flags) };
+    if r != 0 {
+        return Err(io_err(path, io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The file name of a slash path.
+pub fn base_name(p: &str) -> &str {
+    p.trim_end_matches('/').rsplit('/').next().unwrap_or("")
+}
+
+/// An `OsStr` view of a slash path relative to its root.
+pub fn rel(p: &str) -> &OsStr {
+    OsStr::new(p.trim_start_matches('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn clean_and_join() {
+        assert_eq!(clean_abs("/a/../../b/./c/"), "/b/c");
+        assert_eq!(join_abs("/app", "x/y"), "/app/x/y");
+        assert_eq!(join_abs("/app", "/x"), "/x");
+        assert!(escapes("../x"));
+        assert!(escapes("a/../../x"));
+        assert!(!escapes("a/../x"));
+    }
+
+    #[test]
+    fn layered_lookup_and_symlinks_stay_inside() {
+        let t = tempfile::tempdir().unwrap();
+        let lower = t.path().join("lower");
+        let upper = t.path().join("upper");
+        fs::create_dir_all(lower.join("etc")).unwrap();
+        fs::create_dir_all(lower.join("usr/bin")).unwrap();
+        fs::write(lower.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        symlink("/usr/bin", lower.join("bin")).unwrap();
+        symlink("../../../../etc/passwd", lower.join("usr/bin/evil")).unwrap();
+        fs::create_dir_all(&upper).unwrap();
+        fs::write(upper.join("new"), "x").unwrap();
+        let v = LayerView::new(vec![upper.clone(), lower.clone()], false);
+        assert_eq!(v.resolve("/bin/sh", true).unwrap(), "/usr/bin/sh");
+        assert_eq!(v.resolve("/usr/bin/evil", true).unwrap(), "/etc/passwd");
+        assert!(v.read("/usr/bin/evil").unwrap().starts_with(b"root"));
+        assert_eq!(v.read_dir("/").unwrap(), vec!["bin", "etc", "new", "usr"]);
+        let host = v.ensure_dir("/usr/bin/sub", (0, 0)).unwrap();
+        assert!(host.starts_with(&upper) && host.is_dir());
+
+        let strict = LayerView::new(vec![lower], true);
+        assert!(matches!(strict.resolve("/usr/bin/evil", true), Err(ViewError::Escape(_))));
+        assert!(matches!(strict.resolve("../x", true), Err(ViewError::Escape(_))));
+    }
+}

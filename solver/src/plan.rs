@@ -1,0 +1,295 @@
+//! Which stages a build needs and in what order: global ARGs evaluated,
+//! `FROM` bases expanded and resolved to stages, images or `scratch`,
+//! stage-to-stage edges (`FROM <stage>`, `COPY --from`, `RUN --mount=from=`)
+//! collected, and everything the target does not reach pruned away.
+
+use std::collections::BTreeMap;
+
+use kiln_parser::instructions::{Dockerfile, Kind, Stage};
+use kiln_parser::shell::Lex;
+
+use crate::error::BuildError;
+
+/// What a stage starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Base {
+    /// The empty filesystem.
+    Scratch,
+    /// An earlier stage of the same Dockerfile.
+    Stage(usize),
+    /// An image reference (expanded, not yet normalised).
+    Image(String),
+}
+
+/// Where a `COPY --from` / `--mount from=` reads from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A stage of this Dockerfile.
+    Stage(usize),
+    /// An image reference.
+    Image(String),
+}
+
+/// One stage the build will run.
+#[derive(Debug, Clone)]
+pub struct PlannedStage {
+    /// Index into [`Dockerfile::stages`].
+    pub index: usize,
+    /// The expanded base.
+    pub base: Base,
+    /// Stages this one waits for.
+    pub deps: Vec<usize>,
+}
+
+/// The pruned build plan.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Reachable stages in source order (dependencies always come first).
+    pub stages: Vec<PlannedStage>,
+    /// The stage whose result is the image.
+    pub target: usize,
+    /// Global ARG values after `--build-arg` overrides, in declaration order
+    /// (`None`: declared without a value).
+    pub global_args: Vec<(String, Option<String>)>,
+}
+
+impl Plan {
+    /// The planned stage with Dockerfile index `index`.
+    pub fn stage(&self, index: usize) -> Option<&PlannedStage> {
+        self.stages.iter().find(|s| s.index == index)
+    }
+}
+
+/// The host platform in OCI terms (`linux/amd64`, …).
+pub fn host_platform() -> (&'static str, &'static str, &'static str) {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "arm" => "arm",
+        "powerpc64" => "ppc64le",
+        "s390x" => "s390x",
+        "riscv64" => "riscv64",
+        other => other,
+    };
+    let variant = if arch == "arm64" { "v8" } else { "" };
+    ("linux", arch, variant)
+}
+
+/// BuildKit's predefined platform ARGs for a build on and for this host.
+pub fn platform_args() -> Vec<(String, String)> {
+    let (os, arch, variant) = host_platform();
+    let platform = if variant.is_empty() {
+        format!("{os}/{arch}")
+    } else {
+        format!("{os}/{arch}/{variant}")
+    };
+    let mut out = Vec::new();
+    for prefix in ["BUILD", "TARGET"] {
+        out.push((format!("{prefix}PLATFORM"), platform.clone()));
+        out.push((format!("{prefix}OS"), os.to_string()));
+        out.push((format!("{prefix}ARCH"), arch.to_string()));
+        out.push((format!("{prefix}VARIANT"), variant.to_string()));
+    }
+    out
+}
+
+/// Build args that need no `ARG` declaration and stay out of history and
+/// cache keys (Docker's proxy variables).
+pub const PROXY_ARGS: [&str; 8] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
+/// Evaluates the global ARGs (`ARG` before the first `FROM`).
+pub fn global_args(
+    df: &Dockerfile,
+    build_args: &BTreeMap<String, String>,
+) -> Result<Vec<(String, Option<String>)>, BuildError> {
+    let lex = Lex::new(df.escape);
+    let mut env: Vec<(String, String)> = platform_args();
+    let mut out = Vec::new();
+    for instr in &df.meta_args {
+        let Kind::Arg { args } = &instr.kind else {
+            continue;
+        };
+        for def in args {
+            let value = match (build_args.get(&def.key), &def.default) {
+                (Some(v), _) => Some(v.clone()),
+                (None, Some(d)) => Some(
+                    lex.process_word(d, &env)
+                        .map_err(|e| BuildError::at(instr.line, format!("ARG {}: {e}", def.key)))?,
+                ),
+                (None, None) => None,
+            };
+            if let Some(v) = &value {
+                env.push((def.key.clone(), v.clone()));
+            }
+            out.push((def.key.clone(), value));
+        }
+    }
+    Ok(out)
+}
+
+/// The environment FROM lines and `--from` values expand in: predefined
+/// platform args, then the global args that have values.
+pub fn global_env(global: &[(String, Option<String>)]) -> Vec<(String, String)> {
+    let mut env = platform_args();
+    for (k, v) in global {
+        if let Some(v) = v {
+            env.push((k.clone(), v.clone()));
+        }
+    }
+    env
+}
+
+fn find_stage(stages: &[Stage], name: &str, before: usize) -> Option<usize> {
+    let lower = name.to_lowercase();
+    if let Some(i) = stages[..before]
+        .iter()
+        .position(|s| s.name.as_deref() == Some(lower.as_str()))
+    {
+        return Some(i);
+    }
+    name.parse::<usize>().ok().filter(|i| *i < before)
+}
+
+/// Resolves a `--from` value seen in stage `stage`.
+pub fn resolve_source(df: &Dockerfile, stage: usize, from: &str) -> Source {
+    match find_stage(&df.stages, from, stage) {
+        Some(i) => Source::Stage(i),
+        None => Source::Image(from.to_string()),
+    }
+}
+
+/// Plans the build of `target` (the last stage when `None`).
+pub fn plan(
+    df: &Dockerfile,
+    build_args: &BTreeMap<String, String>,
+    target: Option<&str>,
+) -> Result<Plan, BuildError> {
+    let global = global_args(df, build_args)?;
+    let env = global_env(&global);
+    let lex = Lex::new(df.escape);
+    let target = match target {
+        None => df.stages.len() - 1,
+        Some(t) => df
+            .stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(t.to_lowercase().as_str()))
+            .ok_or_else(|| {
+                let names: Vec<&str> = df.stages.iter().filter_map(|s| s.name.as_deref()).collect();
+                BuildError::Usage(format!(
+                    "target stage {t:?} could not be found (stages: {})",
+                    if names.is_empty() { "none named".into() } else { names.join(", ") }
+                ))
+            })?,
+    };
+
+    let mut all = Vec::with_capacity(df.stages.len());
+    for (i, stage) in df.stages.iter().enumerate() {
+        let base_name = lex
+            .process_word(&stage.base, &env)
+            .map_err(|e| BuildError::at(stage.line, format!("FROM {}: {e}", stage.base)))?;
+        if base_name.is_empty() {
+            return Err(BuildError::at(
+                stage.line,
+                format!("base name ({}) should not be blank", stage.base),
+            ));
+        }
+        let base = if base_name.eq_ignore_ascii_case("scratch") {
+            Base::Scratch
+        } else if let Some(j) = find_stage(&df.stages, &base_name, i) {
+            Base::Stage(j)
+        } else {
+            Base::Image(base_name)
+        };
+        let mut deps = Vec::new();
+        if let Base::Stage(j) = base {
+            deps.push(j);
+        }
+        for instr in &stage.instructions {
+            for from in source_refs(&instr.kind) {
+                let from = lex
+                    .process_word(&from, &env)
+                    .map_err(|e| BuildError::at(instr.line, format!("--from {from}: {e}")))?;
+                if let Source::Stage(j) = resolve_source(df, i, &from) {
+                    if !deps.contains(&j) {
+                        deps.push(j);
+                    }
+                } else if df.stages.iter().skip(i).any(|s| s.name.as_deref() == Some(from.to_lowercase().as_str())) {
+                    return Err(BuildError::at(
+                        instr.line,
+                        format!("stage {from:?} is used before it is defined; stages can only refer to earlier stages"),
+                    ));
+                }
+            }
+        }
+        all.push(PlannedStage { index: i, base, deps });
+    }
+
+    let mut needed = vec![false; all.len()];
+    let mut stack = vec![target];
+    while let Some(i) = stack.pop() {
+        if std::mem::replace(&mut needed[i], true) {
+            continue;
+        }
+        stack.extend(all[i].deps.iter().copied());
+    }
+    let stages = all.into_iter().filter(|s| needed[s.index]).collect();
+    Ok(Plan {
+        stages,
+        target,
+        global_args: global,
+    })
+}
+
+/// `--from` values an instruction reads from (COPY --from, RUN --mount from=).
+fn source_refs(kind: &Kind) -> Vec<String> {
+    match kind {
+        Kind::Copy(c) => c.from.iter().cloned().collect(),
+        Kind::Run(r) => r.mounts.iter().filter_map(|m| m.from.clone()).collect(),
+        Kind::Onbuild { .. } => Vec::new(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn df(text: &str) -> Dockerfile {
+        kiln_parser::parse(text).expect("parse")
+    }
+
+    #[test]
+    fn target_prunes_unreachable_stages() {
+        let d = df("FROM scratch AS a\nFROM scratch AS broken\nRUN false\nFROM a AS b\nCOPY --from=0 / /\n");
+        let p = plan(&d, &BTreeMap::new(), Some("b")).unwrap();
+        let idx: Vec<usize> = p.stages.iter().map(|s| s.index).collect();
+        assert_eq!(idx, vec![0, 2]);
+        assert_eq!(p.stages[1].base, Base::Stage(0));
+    }
+
+    #[test]
+    fn global_args_expand_in_from() {
+        let d = df("ARG BASE=busy\nARG TAG\nFROM ${BASE}box:${TAG:-latest}\n");
+        let p = plan(&d, &BTreeMap::new(), None).unwrap();
+        assert_eq!(p.stages[0].base, Base::Image("busybox:latest".into()));
+        let args = BTreeMap::from([("TAG".to_string(), "1.36".to_string())]);
+        let p = plan(&d, &args, None).unwrap();
+        assert_eq!(p.stages[0].base, Base::Image("busybox:1.36".into()));
+    }
+
+    #[test]
+    fn unknown_target_is_a_usage_error() {
+        let d = df("FROM scratch AS a\n");
+        assert!(matches!(plan(&d, &BTreeMap::new(), Some("nope")), Err(BuildError::Usage(_))));
+    }
+}
