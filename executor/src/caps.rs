@@ -133,7 +133,10 @@ struct CapData {
 /// Set effective, permitted and inheritable sets of this thread.
 pub(crate) fn capset(effective: u64, permitted: u64, inheritable: u64) -> nix::Result<()> {
     const V3: u32 = 0x2008_0522;
-    let mut hdr = CapHeader { version: V3, pid: 0 };
+    let mut hdr = CapHeader {
+        version: V3,
+        pid: 0,
+    };
     let mut data = [CapData::default(); 2];
     for (i, d) in data.iter_mut().enumerate() {
         let shift = 32 * i as u32;

@@ -145,7 +145,10 @@ fn discover() -> Result<Vec<Hierarchy>, CgroupError> {
                     let cs = it.next()?;
                     let path = it.next()?;
                     let set: Vec<&str> = cs.split(',').collect();
-                    ctrls.iter().all(|c| set.contains(&c.as_str())).then_some(path)
+                    ctrls
+                        .iter()
+                        .all(|c| set.contains(&c.as_str()))
+                        .then_some(path)
                 });
                 let Some(p) = p else { continue };
                 if out.iter().any(|h| match &h.kind {
@@ -224,11 +227,7 @@ impl StepCgroup {
     }
 
     /// The v2 dir, with `controller` enabled down the path to it.
-    fn v2_with(
-        &self,
-        controller: &'static str,
-        hier: &[Hierarchy],
-    ) -> Result<&Path, CgroupError> {
+    fn v2_with(&self, controller: &'static str, hier: &[Hierarchy]) -> Result<&Path, CgroupError> {
         let dir = self.v2_dir().ok_or(CgroupError::NoController(controller))?;
         let own = hier
             .iter()
@@ -257,7 +256,9 @@ impl StepCgroup {
     ) -> Result<(), CgroupError> {
         if let Some(mem) = l.memory {
             if v1_has("memory") {
-                let d = self.v1_dir("memory").ok_or(CgroupError::NoController("memory"))?;
+                let d = self
+                    .v1_dir("memory")
+                    .ok_or(CgroupError::NoController("memory"))?;
                 write(&d.join("memory.limit_in_bytes"), &mem.to_string())?;
                 let sw = d.join("memory.memsw.limit_in_bytes");
                 if sw.exists() {
@@ -274,7 +275,8 @@ impl StepCgroup {
         }
         if let Some(p) = l.pids {
             let d = if v1_has("pids") {
-                self.v1_dir("pids").ok_or(CgroupError::NoController("pids"))?
+                self.v1_dir("pids")
+                    .ok_or(CgroupError::NoController("pids"))?
             } else {
                 self.v2_with("pids", hier)?
             };
@@ -352,7 +354,11 @@ impl StepCgroup {
                 let _ = fs::write(f.join("freezer.state"), "THAWED");
             }
             if Instant::now() > deadline {
-                let d = self.dirs.first().map(|(_, d)| d.clone()).unwrap_or_default();
+                let d = self
+                    .dirs
+                    .first()
+                    .map(|(_, d)| d.clone())
+                    .unwrap_or_default();
                 return Err(CgroupError::NotEmpty(d));
             }
             std::thread::sleep(Duration::from_millis(5));

@@ -23,7 +23,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::sched::{unshare, CloneFlags};
-use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{
+    kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal,
+};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 
@@ -57,10 +59,8 @@ const FORWARDED: &[Signal] = &[
 /// returns; otherwise it returns at once.
 ///
 /// ```no_run
-/// fn main() {
-///     kiln_executor::maybe_run_init();
-///     // ... start tokio, parse arguments, etc.
-/// }
+/// kiln_executor::maybe_run_init(); // first line of main()
+/// // ... then start tokio, parse arguments, etc.
 /// ```
 pub fn maybe_run_init() {
     if std::env::args_os().nth(1).as_deref() != Some(OsStr::new(INIT_ARG)) {
@@ -166,7 +166,11 @@ fn supervisor() -> i32 {
     };
     let set = block_signals();
     if let Err(e) = unshare(CloneFlags::CLONE_NEWPID) {
-        report(sock.as_fd(), "namespaces", format!("unshare pid namespace: {e}"));
+        report(
+            sock.as_fd(),
+            "namespaces",
+            format!("unshare pid namespace: {e}"),
+        );
         return 1;
     }
     // SAFETY: this process is single-threaded (freshly exec'd).
@@ -271,7 +275,9 @@ fn prepare(cfg: &InitConfig) -> StageResult {
         || "rootfs".into(),
     )?;
     stage(rootfs::setup_mounts(cfg), "mount", || "mounts".into())?;
-    stage(rootfs::pivot(&cfg.rootfs_dir), "mount", || "pivot_root".into())?;
+    stage(rootfs::pivot(&cfg.rootfs_dir), "mount", || {
+        "pivot_root".into()
+    })?;
     stage(rootfs::mask_paths(&cfg.masked_paths), "mount", || {
         "masked paths".into()
     })?;
@@ -279,7 +285,9 @@ fn prepare(cfg: &InitConfig) -> StageResult {
         "read-only paths".into()
     })?;
     if cfg.readonly_rootfs {
-        stage(rootfs::readonly_root(), "mount", || "read-only rootfs".into())?;
+        stage(rootfs::readonly_root(), "mount", || {
+            "read-only rootfs".into()
+        })?;
     }
     Ok(())
 }
@@ -306,7 +314,8 @@ fn mkdir_all_chown(path: &Path, uid: u32, gid: u32) -> Result<(), String> {
                     Ok(()) | Err(nix::Error::EEXIST) => {}
                     Err(e) => return Err(format!("mkdir {}: {}", cur.display(), errno_text(e))),
                 }
-                let _ = nix::unistd::chown(&cur, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+                let _ =
+                    nix::unistd::chown(&cur, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
             }
         }
     }
@@ -339,7 +348,9 @@ fn look_path(name: &str, path_env: &str) -> Result<PathBuf, String> {
             return Ok(p);
         }
     }
-    Err(format!("exec: {name:?}: executable file not found in $PATH"))
+    Err(format!(
+        "exec: {name:?}: executable file not found in $PATH"
+    ))
 }
 
 /// Stage 3: become the step. Returns only on failure.
@@ -386,8 +397,12 @@ fn exec_step_inner(cfg: &InitConfig) -> Result<Never, (&'static str, String)> {
         .to_string();
 
     let cwd = Path::new(&cfg.cwd);
-    mkdir_all_chown(cwd, uid, gid)
-        .map_err(|e| ("cwd", format!("creating working directory {}: {e}", cfg.cwd)))?;
+    mkdir_all_chown(cwd, uid, gid).map_err(|e| {
+        (
+            "cwd",
+            format!("creating working directory {}: {e}", cfg.cwd),
+        )
+    })?;
 
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(cfg.umask));
     if let Some(adj) = cfg.oom_score_adj {
@@ -407,7 +422,10 @@ fn exec_step_inner(cfg: &InitConfig) -> Result<Never, (&'static str, String)> {
             let e = nix::Error::last();
             return Err((
                 "rlimits",
-                format!("setting rlimit {res} to soft={soft} hard={hard}: {}", errno_text(e)),
+                format!(
+                    "setting rlimit {res} to soft={soft} hard={hard}: {}",
+                    errno_text(e)
+                ),
             ));
         }
     }
@@ -422,16 +440,24 @@ fn exec_step_inner(cfg: &InitConfig) -> Result<Never, (&'static str, String)> {
     stage(caps::drop_bounding(c.bounding), "capabilities", || {
         "dropping bounding capabilities".into()
     })?;
-    stage(nix::sys::prctl::set_keepcaps(true), "user", || "keepcaps".into())?;
+    stage(nix::sys::prctl::set_keepcaps(true), "user", || {
+        "keepcaps".into()
+    })?;
     let gids: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
     stage(nix::unistd::setgroups(&gids), "user", || {
         format!("setgroups {groups:?}")
     })?;
     let g = Gid::from_raw(gid);
-    stage(nix::unistd::setresgid(g, g, g), "user", || format!("setgid {gid}"))?;
+    stage(nix::unistd::setresgid(g, g, g), "user", || {
+        format!("setgid {gid}")
+    })?;
     let u = Uid::from_raw(uid);
-    stage(nix::unistd::setresuid(u, u, u), "user", || format!("setuid {uid}"))?;
-    stage(nix::sys::prctl::set_keepcaps(false), "user", || "keepcaps".into())?;
+    stage(nix::unistd::setresuid(u, u, u), "user", || {
+        format!("setuid {uid}")
+    })?;
+    stage(nix::sys::prctl::set_keepcaps(false), "user", || {
+        "keepcaps".into()
+    })?;
     stage(
         caps::capset(c.effective, c.permitted, c.inheritable | c.ambient),
         "capabilities",
@@ -454,7 +480,8 @@ fn exec_step_inner(cfg: &InitConfig) -> Result<Never, (&'static str, String)> {
 
     let arg0 = cfg.args.first().cloned().unwrap_or_default();
     let exe = look_path(&arg0, &path_env).map_err(|e| ("exec", e))?;
-    let to_c = |s: &str| CString::new(s).map_err(|_| ("exec", format!("argument {s:?} contains NUL")));
+    let to_c =
+        |s: &str| CString::new(s).map_err(|_| ("exec", format!("argument {s:?} contains NUL")));
     let argv = cfg
         .args
         .iter()

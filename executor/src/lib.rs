@@ -48,6 +48,7 @@
 //! }
 //! ```
 #![deny(missing_docs)]
+#![allow(clippy::needless_doctest_main)] // the example *is* about main()
 
 pub mod caps;
 pub mod cgroup;
@@ -65,6 +66,8 @@ pub use caps::DEFAULT_CAPS;
 pub use cgroup::{CgroupError, Limits};
 pub use error::Error;
 pub use init::{maybe_run_init, DEFAULT_PATH, INIT_ARG};
+/// The OCI runtime spec types the executor takes.
+pub use oci_spec::runtime as oci;
 pub use protocol::ProtocolError;
 pub use request::{
     ExecOutcome, ExecRequest, ExitStatus, OutputLine, RequestError, RootfsKind, RootfsMount,
@@ -72,8 +75,6 @@ pub use request::{
 };
 pub use run::{Executor, ExecutorConfig};
 pub use spec::{default_spec, set_network, NetworkMode};
-pub use user::{resolve_user, ResolvedUser, UserError};
-/// The OCI runtime spec types the executor takes.
-pub use oci_spec::runtime as oci;
 /// The cancellation token type [`Executor::run`] takes.
 pub use tokio_util::sync::CancellationToken;
+pub use user::{resolve_user, ResolvedUser, UserError};

@@ -171,7 +171,10 @@ pub struct ExecOutcome {
 impl ExecOutcome {
     /// A message for a failed step, in BuildKit's words, with the tail.
     pub fn failure_message(&self, step: &str) -> String {
-        let mut m = format!("process {step:?} did not complete successfully: {}", self.status);
+        let mut m = format!(
+            "process {step:?} did not complete successfully: {}",
+            self.status
+        );
         for l in &self.tail {
             m.push_str("\n  ");
             m.push_str(&l.to_string());

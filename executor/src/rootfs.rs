@@ -248,7 +248,9 @@ fn setup_dev(root: &OwnedFd) -> Result<()> {
         MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
         "mode=755,size=65536k",
     )?;
-    let dev_fd = ctx(open_in_root(root, Path::new("/dev")), || "opening /dev".into())?;
+    let dev_fd = ctx(open_in_root(root, Path::new("/dev")), || {
+        "opening /dev".into()
+    })?;
     // The tmpfs is ours and empty: plain paths below it are safe.
     let dev = PathBuf::from(format!("/proc/self/fd/{}", dev_fd.as_raw_fd()));
     // Paths under a magic link are resolved through it; keep the fd open.
@@ -380,7 +382,13 @@ fn extra_mount(root: &OwnedFd, m: &MountEntry) -> Result<()> {
             format!("opening mount point {dest}")
         })?;
         ctx(
-            mount(None::<&str>, &fd_path(&target), None::<&str>, prop, None::<&str>),
+            mount(
+                None::<&str>,
+                &fd_path(&target),
+                None::<&str>,
+                prop,
+                None::<&str>,
+            ),
             || format!("setting propagation of {dest}"),
         )?;
     }
@@ -403,7 +411,9 @@ pub(crate) fn pivot(dir: &Path) -> Result<()> {
         ),
         || "making old root rslave".into(),
     )?;
-    ctx(umount2(".", MntFlags::MNT_DETACH), || "detaching old root".into())?;
+    ctx(umount2(".", MntFlags::MNT_DETACH), || {
+        "detaching old root".into()
+    })?;
     ctx(nix::unistd::chdir("/"), || "chdir /".into())
 }
 

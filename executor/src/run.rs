@@ -215,7 +215,7 @@ fn init_config(req: &ExecRequest) -> Result<InitConfig, RequestError> {
         };
         // SAFETY: valid out-pointer.
         if unsafe { libc::getrlimit(res as _, &mut cur) } == 0 {
-            let host = cur.rlim_max as u64;
+            let host = cur.rlim_max;
             if cur.rlim_max != libc::RLIM_INFINITY && r.hard() > host {
                 return Err(RequestError::RlimitAboveHard {
                     name: name.into(),
@@ -262,7 +262,11 @@ fn init_config(req: &ExecRequest) -> Result<InitConfig, RequestError> {
         new_cgroup,
         rootfs_dir: PathBuf::new(),
         rootfs: req.rootfs.clone(),
-        readonly_rootfs: spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false),
+        readonly_rootfs: spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false),
         mounts: Vec::new(),
         masked_paths: linux
             .and_then(|l| l.masked_paths().clone())
@@ -413,9 +417,7 @@ fn create_bind_stubs(root: &Path, entries: &[(PathBuf, bool)]) -> std::io::Resul
 }
 
 fn hosts_file(hostname: &str) -> String {
-    format!(
-        "127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-    )
+    format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
 }
 
 async fn pump<R: AsyncRead + Unpin>(
@@ -433,11 +435,7 @@ async fn pump<R: AsyncRead + Unpin>(
         }
         l
     };
-    loop {
-        let buf = match r.fill_buf().await {
-            Ok(b) => b,
-            Err(_) => break,
-        };
+    while let Ok(buf) = r.fill_buf().await {
         if buf.is_empty() {
             if !line.is_empty() {
                 let l = emit(std::mem::take(&mut line));
@@ -499,11 +497,7 @@ impl Executor {
         };
         let io_err = |what: String| {
             let step = step.clone();
-            move |source| Error::Io {
-                step,
-                what,
-                source,
-            }
+            move |source| Error::Io { step, what, source }
         };
         let mut cfg = init_config(&req).map_err(req_err)?;
         let mut mounts = spec_mounts(&req.spec).map_err(req_err)?;
@@ -513,7 +507,10 @@ impl Executor {
             .recursive(true)
             .mode(0o700)
             .create(&self.config.state_dir)
-            .map_err(io_err(format!("creating {}", self.config.state_dir.display())))?;
+            .map_err(io_err(format!(
+                "creating {}",
+                self.config.state_dir.display()
+            )))?;
         let id = step_id();
         let dir = self.config.state_dir.join(&id);
         fs::DirBuilder::new()
@@ -525,7 +522,8 @@ impl Executor {
             bind_stubs: Vec::new(),
         };
         let rootfs_dir = dir.join("rootfs");
-        fs::create_dir(&rootfs_dir).map_err(io_err(format!("creating {}", rootfs_dir.display())))?;
+        fs::create_dir(&rootfs_dir)
+            .map_err(io_err(format!("creating {}", rootfs_dir.display())))?;
         cfg.rootfs_dir = rootfs_dir;
         let hostname = cfg.hostname.clone().unwrap_or_else(|| "kiln".into());
         let resolv = fs::read(&self.config.resolv_conf).unwrap_or_default();
@@ -553,7 +551,9 @@ impl Executor {
         ];
         for m in &mounts {
             let is_dir = !(m.options.iter().any(|o| o == "bind" || o == "rbind")
-                && fs::metadata(&m.source).map(|s| !s.is_dir()).unwrap_or(false));
+                && fs::metadata(&m.source)
+                    .map(|s| !s.is_dir())
+                    .unwrap_or(false));
             stubs.push((m.destination.clone(), is_dir));
         }
         let top = req.rootfs.len() - 1;
@@ -576,8 +576,10 @@ impl Executor {
             }
             RootfsKind::Bind => {
                 let src = cfg.rootfs[top].source.clone();
-                state.bind_stubs = create_bind_stubs(&src, &stubs)
-                    .map_err(io_err(format!("creating mount points in {}", src.display())))?;
+                state.bind_stubs = create_bind_stubs(&src, &stubs).map_err(io_err(format!(
+                    "creating mount points in {}",
+                    src.display()
+                )))?;
             }
         }
         cfg.mounts = mounts;
@@ -585,13 +587,14 @@ impl Executor {
         let limits = Limits::from_spec(&req.spec);
         let parent = self.config.cgroup_parent.clone();
         let cg_id = id.clone();
-        let cgroup = tokio::task::spawn_blocking(move || StepCgroup::create(&parent, &cg_id, &limits))
-            .await
-            .map_err(|e| io_err("creating cgroup".into())(std::io::Error::other(e)))?
-            .map_err(|source| Error::Cgroup {
-                step: step.clone(),
-                source,
-            })?;
+        let cgroup =
+            tokio::task::spawn_blocking(move || StepCgroup::create(&parent, &cg_id, &limits))
+                .await
+                .map_err(|e| io_err("creating cgroup".into())(std::io::Error::other(e)))?
+                .map_err(|source| Error::Cgroup {
+                    step: step.clone(),
+                    source,
+                })?;
         let cgroup = Arc::new(cgroup);
         let result = self
             .run_in_cgroup(&step, cfg, req.timeout, output, cancel, cgroup.clone())
@@ -673,10 +676,20 @@ impl Executor {
         }));
         let mut pumps = Vec::new();
         if let Some(o) = child.stdout.take() {
-            pumps.push(tokio::spawn(pump(o, Stream::Stdout, tail.clone(), output.clone())));
+            pumps.push(tokio::spawn(pump(
+                o,
+                Stream::Stdout,
+                tail.clone(),
+                output.clone(),
+            )));
         }
         if let Some(e) = child.stderr.take() {
-            pumps.push(tokio::spawn(pump(e, Stream::Stderr, tail.clone(), output.clone())));
+            pumps.push(tokio::spawn(pump(
+                e,
+                Stream::Stderr,
+                tail.clone(),
+                output.clone(),
+            )));
         }
         drop(output);
         let messages = tokio::task::spawn_blocking(move || read_messages(parent_end));

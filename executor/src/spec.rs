@@ -2,7 +2,7 @@
 
 use oci_spec::runtime::{
     LinuxBuilder, LinuxCapabilitiesBuilder, LinuxNamespace, LinuxNamespaceBuilder,
-    LinuxNamespaceType, ProcessBuilder, Spec, UserBuilder,
+    LinuxNamespaceType, ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 
 use crate::caps::{capabilities_of, DEFAULT_CAPS};
@@ -65,7 +65,12 @@ pub fn default_spec(args: Vec<String>) -> Spec {
     .collect();
     let linux = LinuxBuilder::default()
         .namespaces(namespaces)
-        .masked_paths(DEFAULT_MASKED_PATHS.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .masked_paths(
+            DEFAULT_MASKED_PATHS
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+        )
         .readonly_paths(
             DEFAULT_READONLY_PATHS
                 .iter()
@@ -76,6 +81,14 @@ pub fn default_spec(args: Vec<String>) -> Spec {
         .ok();
     let mut spec = Spec::default();
     spec.set_process(Some(process));
+    // Build steps write to their rootfs.
+    spec.set_root(
+        RootBuilder::default()
+            .path("rootfs")
+            .readonly(false)
+            .build()
+            .ok(),
+    );
     spec.set_hostname(Some("kiln".into()));
     spec.set_linux(linux);
     spec.set_mounts(Some(Vec::new()));

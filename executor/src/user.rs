@@ -160,7 +160,11 @@ fn parse_id(what: &'static str, s: &str) -> Result<Option<u32>, UserError> {
 }
 
 /// Resolve `user` with the given passwd and group file contents.
-pub(crate) fn resolve_with(user: &str, passwd: &str, group: &str) -> Result<ResolvedUser, UserError> {
+pub(crate) fn resolve_with(
+    user: &str,
+    passwd: &str,
+    group: &str,
+) -> Result<ResolvedUser, UserError> {
     let (user_arg, group_arg) = match user.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
@@ -246,7 +250,10 @@ mod tests {
     fn numeric_uid_with_entry_and_explicit_group() {
         let u = resolve_with("1000:staff", PASSWD, GROUP).unwrap();
         assert_eq!((u.uid, u.gid), (1000, 50));
-        assert!(u.additional_gids.is_empty(), "explicit group: no supplementary");
+        assert!(
+            u.additional_gids.is_empty(),
+            "explicit group: no supplementary"
+        );
         let u = resolve_with("1000:777", PASSWD, GROUP).unwrap();
         assert_eq!(u.gid, 777);
     }

@@ -1,0 +1,1074 @@
+//! Real sandbox tests, as root, on an overlay of a busybox rootfs.
+//!
+//! This binary is its own sandbox init: `main()` calls
+//! `kiln_executor::maybe_run_init()` first. It speaks enough of libtest's
+//! command line for `cargo test` and `cargo nextest run` (`--list --format
+//! terse`, name filters, `--exact`).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kiln_executor::oci::{PosixRlimitBuilder, PosixRlimitType, Spec};
+use kiln_executor::{
+    default_spec, set_network, CancellationToken, Error, ExecOutcome, ExecRequest, Executor,
+    ExecutorConfig, ExitStatus, NetworkMode, OutputLine, RootfsMount, Stream,
+};
+
+type TestResult = Result<(), String>;
+
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(format!($($fmt)+));
+        }
+    };
+}
+
+fn busybox() -> Option<PathBuf> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// One test's world: a busybox rootfs, an overlay upper/work, a state dir.
+struct Fixture {
+    tmp: tempfile::TempDir,
+    rootfs: PathBuf,
+    upper: PathBuf,
+    work: PathBuf,
+    executor: Executor,
+}
+
+impl Fixture {
+    fn new() -> Result<Fixture, String> {
+        let bb = busybox().ok_or("busybox not installed")?;
+        let tmp = tempfile::Builder::new()
+            .prefix("kiln-exec-test-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let rootfs = tmp.path().join("rootfs");
+        make_rootfs(&bb, &rootfs)?;
+        let upper = tmp.path().join("upper");
+        let work = tmp.path().join("work");
+        fs::create_dir(&upper).map_err(|e| e.to_string())?;
+        fs::create_dir(&work).map_err(|e| e.to_string())?;
+        let executor = Executor::new(ExecutorConfig {
+            state_dir: tmp.path().join("state"),
+            tail_lines: 5,
+            ..ExecutorConfig::default()
+        });
+        Ok(Fixture {
+            tmp,
+            rootfs,
+            upper,
+            work,
+            executor,
+        })
+    }
+
+    fn overlay(&self) -> RootfsMount {
+        RootfsMount::overlay(
+            std::slice::from_ref(&self.rootfs),
+            self.upper.clone(),
+            self.work.clone(),
+        )
+    }
+
+    fn req(&self, args: &[&str]) -> ExecRequest {
+        let spec = default_spec(args.iter().map(|s| s.to_string()).collect());
+        ExecRequest::new(
+            format!("RUN {}", args.join(" ")),
+            spec,
+            vec![self.overlay()],
+        )
+    }
+
+    fn sh(&self, script: &str) -> ExecRequest {
+        self.req(&["/bin/sh", "-c", script])
+    }
+
+    /// Run and collect every line sent to the output channel.
+    fn run(&self, req: ExecRequest) -> (Result<ExecOutcome, Error>, Vec<OutputLine>) {
+        self.run_with(req, CancellationToken::new())
+    }
+
+    fn run_with(
+        &self,
+        req: ExecRequest,
+        cancel: CancellationToken,
+    ) -> (Result<ExecOutcome, Error>, Vec<OutputLine>) {
+        let rt = runtime();
+        rt.block_on(async {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+            let collect = tokio::spawn(async move {
+                let mut v = Vec::new();
+                while let Some(l) = rx.recv().await {
+                    v.push(l);
+                }
+                v
+            });
+            let r = self.executor.run(req, Some(tx), cancel).await;
+            let lines = collect.await.unwrap_or_default();
+            (r, lines)
+        })
+    }
+
+    /// Run a shell script that must succeed; return its stdout.
+    fn stdout(&self, req: ExecRequest) -> Result<String, String> {
+        let (r, lines) = self.run(req);
+        let o = r.map_err(|e| e.to_string())?;
+        let text = text(&lines, Stream::Stdout);
+        ensure!(
+            o.status.success(),
+            "status {} stdout {text:?} stderr {:?}",
+            o.status,
+            self::text(&lines, Stream::Stderr)
+        );
+        Ok(text)
+    }
+
+    /// Every path in the upperdir, relative.
+    fn upper_entries(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        walk(&self.upper, &self.upper, &mut out);
+        out
+    }
+
+    /// Nothing of this test is mounted on the host, and its state is gone.
+    fn host_clean(&self) -> TestResult {
+        let mounts = fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+        let me = self.tmp.path().to_string_lossy().into_owned();
+        let leaked: Vec<&str> = mounts.lines().filter(|l| l.contains(&me)).collect();
+        ensure!(leaked.is_empty(), "mounts leaked on the host: {leaked:?}");
+        let state = self.tmp.path().join("state");
+        let left: Vec<_> = fs::read_dir(&state)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        ensure!(left.is_empty(), "state left behind: {left:?}");
+        Ok(())
+    }
+}
+
+fn walk(base: &Path, dir: &Path, out: &mut BTreeSet<String>) {
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if let Ok(rel) = p.strip_prefix(base) {
+            out.insert(rel.to_string_lossy().into_owned());
+        }
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            walk(base, &p, out);
+        }
+    }
+}
+
+fn text(lines: &[OutputLine], s: Stream) -> String {
+    lines
+        .iter()
+        .filter(|l| l.stream == s)
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The same rootfs as `shared/tools/peer-env.sh make_rootfs`, plus a user
+/// `alice` with supplementary groups for the identity tests.
+fn make_rootfs(bb: &Path, r: &Path) -> TestResult {
+    let e = |e: std::io::Error| e.to_string();
+    for d in [
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "tmp",
+        "root",
+        "proc",
+        "sys",
+        "dev",
+        "var",
+        "home/alice",
+    ] {
+        fs::create_dir_all(r.join(d)).map_err(e)?;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(r.join("tmp"), fs::Permissions::from_mode(0o1777)).map_err(e)?;
+    fs::set_permissions(r.join("root"), fs::Permissions::from_mode(0o700)).map_err(e)?;
+    fs::copy(bb, r.join("bin/busybox")).map_err(e)?;
+    let list = Command::new(bb).arg("--list-full").output().map_err(e)?;
+    for p in String::from_utf8_lossy(&list.stdout).lines() {
+        if p.is_empty() || p == "bin/busybox" || p == "linuxrc" {
+            continue;
+        }
+        let dst = r.join(p);
+        if let Some(parent) = dst.parent() {
+            fs::create_dir_all(parent).map_err(e)?;
+        }
+        let _ = symlink("/bin/busybox", dst);
+    }
+    fs::write(
+        r.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\n\
+         nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n\
+         alice:x:1000:1000:Alice:/home/alice:/bin/sh\n",
+    )
+    .map_err(e)?;
+    fs::write(
+        r.join("etc/group"),
+        "root:x:0:\nnogroup:x:65534:\nalice:x:1000:\nstaff:x:50:alice\nwheel:x:10:bob,alice\n",
+    )
+    .map_err(e)?;
+    std::os::unix::fs::chown(r.join("home/alice"), Some(1000), Some(1000)).map_err(e)?;
+    Ok(())
+}
+
+/// Processes on the host whose command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(c) = fs::read(e.path().join("cmdline")) {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            if c.contains(needle) {
+                v.push(format!("{name}: {c}"));
+            }
+        }
+    }
+    v
+}
+
+fn wait_no_processes(needle: &str, within: Duration) -> TestResult {
+    let t = Instant::now();
+    loop {
+        let p = processes_with(needle);
+        if p.is_empty() {
+            return Ok(());
+        }
+        ensure!(t.elapsed() < within, "processes survived: {p:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn rlimit(t: PosixRlimitType, soft: u64, hard: u64) -> kiln_executor::oci::PosixRlimit {
+    PosixRlimitBuilder::default()
+        .typ(t)
+        .soft(soft)
+        .hard(hard)
+        .build()
+        .expect("rlimit")
+}
+
+fn set_resources(spec: &mut Spec, f: impl FnOnce(&mut kiln_executor::oci::LinuxResources)) {
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut res = linux.resources().clone().unwrap_or_default();
+    f(&mut res);
+    linux.set_resources(Some(res));
+    spec.set_linux(Some(linux));
+}
+
+// ---------------------------------------------------------------- tests
+
+fn exit_code_and_streams() -> TestResult {
+    let f = Fixture::new()?;
+    let (r, lines) = f.run(f.sh("echo out1; echo err1 >&2; echo out2; exit 3"));
+    let o = r.map_err(|e| e.to_string())?;
+    ensure!(o.status == ExitStatus::Code(3), "status {:?}", o.status);
+    ensure!(
+        text(&lines, Stream::Stdout) == "out1\nout2\n",
+        "stdout {lines:?}"
+    );
+    ensure!(text(&lines, Stream::Stderr) == "err1\n", "stderr {lines:?}");
+    ensure!(
+        o.failure_message("RUN x").contains("exit code: 3"),
+        "{}",
+        o.failure_message("RUN x")
+    );
+    f.host_clean()
+}
+
+fn signal_reported() -> TestResult {
+    let f = Fixture::new()?;
+    let (r, _) = f.run(f.sh("kill -9 $$"));
+    let o = r.map_err(|e| e.to_string())?;
+    ensure!(o.status == ExitStatus::Signal(9), "status {:?}", o.status);
+    ensure!(o.status.to_string().contains("SIGKILL"), "{}", o.status);
+    f.host_clean()
+}
+
+fn exec_form_without_shell() -> TestResult {
+    let f = Fixture::new()?;
+    let out = f.stdout(f.req(&["echo", "a  b", "$HOME"]))?;
+    ensure!(out == "a  b $HOME\n", "{out:?}");
+    f.host_clean()
+}
+
+fn output_streamed_in_order_and_tail_kept() -> TestResult {
+    let f = Fixture::new()?;
+    let rt = runtime();
+    rt.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let ex = f.executor.clone();
+        let req = f
+            .sh("echo first; sleep 1; i=0; while [ $i -lt 200 ]; do echo line$i; i=$((i+1)); done");
+        let h = tokio::spawn(async move { ex.run(req, Some(tx), CancellationToken::new()).await });
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .map_err(|_| "no first line within 5s".to_string())?
+            .ok_or("channel closed")?;
+        ensure!(first.to_string() == "first", "{first:?}");
+        ensure!(
+            !h.is_finished(),
+            "first line only arrived after the step ended"
+        );
+        let mut rest = Vec::new();
+        while let Some(l) = rx.recv().await {
+            rest.push(l.to_string());
+        }
+        let want: Vec<String> = (0..200).map(|i| format!("line{i}")).collect();
+        ensure!(
+            rest == want,
+            "out of order or missing: {} lines",
+            rest.len()
+        );
+        let o = h
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let tail: Vec<String> = o.tail.iter().map(|l| l.to_string()).collect();
+        ensure!(tail == want[195..], "tail {tail:?}");
+        Ok::<(), String>(())
+    })?;
+    f.host_clean()
+}
+
+fn long_line_is_split() -> TestResult {
+    let f = Fixture::new()?;
+    let (r, lines) = f.run(f.sh("head -c 200000 /dev/zero | tr '\\0' a; echo; echo end"));
+    r.map_err(|e| e.to_string())?;
+    let sizes: Vec<usize> = lines.iter().map(|l| l.bytes.len()).collect();
+    ensure!(
+        sizes == vec![65536, 65536, 65536, 200000 - 3 * 65536, 3],
+        "{sizes:?}"
+    );
+    Ok(())
+}
+
+fn upperdir_holds_only_the_commands_writes() -> TestResult {
+    let f = Fixture::new()?;
+    // A spec mount on a path missing from the image, too.
+    let cache = f.tmp.path().join("cache");
+    fs::create_dir(&cache).map_err(|e| e.to_string())?;
+    let mut req = f.sh(
+        "cat /etc/resolv.conf /etc/hosts /etc/hostname >/dev/null && \
+         echo hi > /created && mkdir -p /var/lib/x && touch /var/lib/x/y && \
+         echo c > /mnt/cache/c && ls /proc/1 >/dev/null",
+    );
+    let m = kiln_executor::oci::MountBuilder::default()
+        .destination("/mnt/cache")
+        .typ("bind")
+        .source(cache.clone())
+        .options(vec!["rbind".to_string()])
+        .build()
+        .map_err(|e| e.to_string())?;
+    req.spec.set_mounts(Some(vec![m]));
+    f.stdout(req)?;
+    let got = f.upper_entries();
+    let want: BTreeSet<String> = ["created", "var", "var/lib", "var/lib/x", "var/lib/x/y"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    ensure!(got == want, "upperdir has {got:?}");
+    ensure!(
+        cache.join("c").exists(),
+        "bind mount did not receive the write"
+    );
+    // The rootfs (lower) is untouched too.
+    ensure!(!f.rootfs.join("etc/hostname").exists(), "lower modified");
+    ensure!(!f.rootfs.join("mnt/cache").exists(), "lower modified");
+    f.host_clean()
+}
+
+fn provided_etc_files() -> TestResult {
+    let f = Fixture::new()?;
+    let mut req = f.sh("cat /etc/hostname; grep -c localhost /etc/hosts; hostname");
+    req.spec.set_hostname(Some("builder".into()));
+    let out = f.stdout(req)?;
+    ensure!(out == "builder\n2\nbuilder\n", "{out:?}");
+    let out = f.stdout(f.sh("hostname"))?;
+    ensure!(out == "kiln\n", "{out:?}");
+    f.host_clean()
+}
+
+fn pid1_is_init_and_reaps() -> TestResult {
+    let f = Fixture::new()?;
+    // `true` is orphaned to PID 1, which must reap it.
+    let out = f.stdout(f.sh(
+        "tr '\\0' ' ' < /proc/1/cmdline; echo; echo $$; (true &); (true &); sleep 0.3; \
+         grep -l '^State:.*Z' /proc/[0-9]*/status | wc -l",
+    ))?;
+    let lines: Vec<&str> = out.lines().collect();
+    ensure!(lines.len() == 3, "{out:?}");
+    ensure!(lines[0].contains("__init"), "pid 1 is {:?}", lines[0]);
+    ensure!(lines[1] == "2", "the step is pid {}", lines[1]);
+    ensure!(lines[2].trim() == "0", "zombies: {}", lines[2]);
+    f.host_clean()
+}
+
+fn capabilities_docker_default() -> TestResult {
+    let f = Fixture::new()?;
+    let out = f.stdout(
+        f.sh("grep -E '^(CapEff|CapPrm|CapBnd|CapInh|CapAmb|NoNewPrivs)' /proc/self/status"),
+    )?;
+    for want in [
+        "CapInh:\t0000000000000000",
+        "CapPrm:\t00000000a80425fb",
+        "CapEff:\t00000000a80425fb",
+        "CapBnd:\t00000000a80425fb",
+        "CapAmb:\t0000000000000000",
+        "NoNewPrivs:\t0",
+    ] {
+        ensure!(out.contains(want), "missing {want:?} in {out:?}");
+    }
+    let mut req = f.sh("grep -E '^(CapEff|CapBnd)' /proc/self/status");
+    req.user = Some("nobody".into());
+    let out = f.stdout(req)?;
+    ensure!(out.contains("CapEff:\t0000000000000000"), "{out:?}");
+    ensure!(out.contains("CapBnd:\t00000000a80425fb"), "{out:?}");
+    f.host_clean()
+}
+
+fn no_new_privs_when_asked() -> TestResult {
+    let f = Fixture::new()?;
+    let mut req = f.sh("grep NoNewPrivs /proc/self/status");
+    if let Some(p) = req.spec.process_mut() {
+        p.set_no_new_privileges(Some(true));
+    }
+    let out = f.stdout(req)?;
+    ensure!(out.contains("NoNewPrivs:\t1"), "{out:?}");
+    Ok(())
+}
+
+fn sys_readonly_proc_masked() -> TestResult {
+    let f = Fixture::new()?;
+    let out = f.stdout(f.sh("touch /sys/x 2>/dev/null && echo sys-writable; \
+         echo 1 > /proc/sys/vm/drop_caches 2>/dev/null && echo procsys-writable; \
+         ls /proc/acpi 2>/dev/null | wc -l; \
+         grep -E ' /sys | /proc/sys ' /proc/mounts | cut -d' ' -f2,4 | cut -d, -f1"))?;
+    ensure!(!out.contains("writable"), "{out:?}");
+    // Every default masked file that exists reads empty (kcore may not exist).
+    for p in kiln_executor::rootfs::DEFAULT_MASKED_PATHS {
+        let host = Path::new(p);
+        if host.is_file() && fs::read(host).map(|c| !c.is_empty()).unwrap_or(false) {
+            let out = f.stdout(f.sh(&format!("wc -c < {p}")))?;
+            ensure!(out.trim() == "0", "{p} not masked: {out:?}");
+        }
+    }
+    ensure!(out.contains("/sys ro"), "{out:?}");
+    ensure!(out.contains("/proc/sys ro"), "{out:?}");
+    f.host_clean()
+}
+
+fn dev_has_the_minimal_nodes() -> TestResult {
+    let f = Fixture::new()?;
+    let out = f.stdout(f.sh(
+        "ls /dev | tr '\\n' ' '; echo; echo x > /dev/null; head -c 5 /dev/urandom | wc -c; \
+         head -c 3 /dev/zero | wc -c; for l in ptmx fd stdin stdout stderr; do readlink /dev/$l; done; \
+         grep -E ' /dev/(pts|shm|mqueue) ' /proc/mounts | cut -d' ' -f3 | tr '\\n' ' '",
+    ))?;
+    let l: Vec<&str> = out.lines().collect();
+    let names: BTreeSet<&str> = l
+        .first()
+        .copied()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    for want in [
+        "null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm", "mqueue", "fd",
+        "stdin", "stdout", "stderr",
+    ] {
+        ensure!(names.contains(want), "/dev lacks {want}: {names:?}");
+    }
+    ensure!(l.get(1) == Some(&"5") && l.get(2) == Some(&"3"), "{out:?}");
+    ensure!(
+        l.get(3..8)
+            == Some(
+                &[
+                    "pts/ptmx",
+                    "/proc/self/fd",
+                    "/proc/self/fd/0",
+                    "/proc/self/fd/1",
+                    "/proc/self/fd/2"
+                ][..]
+            ),
+        "{out:?}"
+    );
+    ensure!(
+        l.get(8).map(|s| s.trim()) == Some("devpts tmpfs mqueue"),
+        "{out:?}"
+    );
+    f.host_clean()
+}
+
+fn network_none_has_only_lo() -> TestResult {
+    let f = Fixture::new()?;
+    let mut req = f.sh("ls /sys/class/net | tr '\\n' ' '; echo; cat /sys/class/net/lo/flags");
+    set_network(&mut req.spec, NetworkMode::None);
+    let out = f.stdout(req)?;
+    let l: Vec<&str> = out.lines().collect();
+    ensure!(l.first().map(|s| s.trim()) == Some("lo"), "{out:?}");
+    // IFF_UP = 0x1
+    let flags = l
+        .get(1)
+        .and_then(|s| u32::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+        .unwrap_or(0);
+    ensure!(flags & 1 == 1, "lo not up: {out:?}");
+    // Host network (default): the host's interfaces are there.
+    let host: BTreeSet<String> = fs::read_dir("/sys/class/net")
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let out = f.stdout(f.sh("ls /sys/class/net"))?;
+    let inside: BTreeSet<String> = out.lines().map(str::to_string).collect();
+    ensure!(inside == host, "host net: inside {inside:?} host {host:?}");
+    f.host_clean()
+}
+
+fn user_forms_resolve_in_rootfs() -> TestResult {
+    let f = Fixture::new()?;
+    let cases = [
+        // id -G sorted: primary group plus supplementary ones.
+        ("alice", "1000 1000 10 50 1000 /home/alice"),
+        ("1000", "1000 1000 10 50 1000 /home/alice"),
+        ("4242", "4242 0 0 /"),
+        ("1000:50", "1000 50 50 /home/alice"),
+        ("alice:staff", "1000 50 50 /home/alice"),
+        ("nobody", "65534 65534 65534 /nonexistent"),
+        ("root", "0 0 0 /root"),
+    ];
+    for (user, want) in cases {
+        let mut req =
+            f.sh("echo $(id -u) $(id -g) $(id -G | tr ' ' '\\n' | sort -n | tr '\\n' ' ')$HOME");
+        req.user = Some(user.into());
+        let out = f.stdout(req)?;
+        ensure!(
+            out.trim() == want,
+            "USER {user}: got {:?}, want {want:?}",
+            out.trim()
+        );
+    }
+    // The public helper agrees, and does not follow symlinks out of the rootfs.
+    let u = kiln_executor::resolve_user(&f.rootfs, "alice").map_err(|e| e.to_string())?;
+    ensure!(u.uid == 1000 && u.additional_gids == vec![50, 10], "{u:?}");
+    let evil = f.tmp.path().join("evil");
+    fs::create_dir_all(evil.join("etc")).map_err(|e| e.to_string())?;
+    symlink("/etc/passwd", evil.join("etc/passwd")).map_err(|e| e.to_string())?;
+    let r = kiln_executor::resolve_user(&evil, "root");
+    // /etc/passwd resolves inside `evil`, where it does not exist: no user
+    // "root" by name... but root is uid 0 by default only for numeric forms.
+    ensure!(r.is_err(), "followed a symlink out of the rootfs: {r:?}");
+    f.host_clean()
+}
+
+fn unknown_user_is_a_clear_error() -> TestResult {
+    let f = Fixture::new()?;
+    let mut req = f.sh("true");
+    req.user = Some("nosuch".into());
+    let (r, _) = f.run(req);
+    match r {
+        Err(Error::Setup { message, .. }) => {
+            ensure!(message.contains("unable to find user nosuch"), "{message}");
+        }
+        other => return Err(format!("expected a setup error, got {other:?}")),
+    }
+    f.host_clean()
+}
+
+fn missing_executable_is_a_clear_error() -> TestResult {
+    let f = Fixture::new()?;
+    let (r, _) = f.run(f.req(&["nosuch", "arg"]));
+    let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(
+        msg == r#"step "RUN nosuch arg": exec: "nosuch": executable file not found in $PATH"#,
+        "{msg}"
+    );
+    let (r, _) = f.run(f.req(&["/no/such"]));
+    let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(
+        msg.contains(r#"exec: "/no/such": stat /no/such: no such file or directory"#),
+        "{msg}"
+    );
+    // Shell form: the shell reports it, exit 127.
+    let (r, lines) = f.run(f.sh("nosuch"));
+    let o = r.map_err(|e| e.to_string())?;
+    ensure!(
+        o.status == ExitStatus::Code(127),
+        "{:?} {lines:?}",
+        o.status
+    );
+    f.host_clean()
+}
+
+fn workdir_created_or_clear_error() -> TestResult {
+    let f = Fixture::new()?;
+    let mut req = f.sh("pwd; stat -c %u /home/alice/a/b");
+    if let Some(p) = req.spec.process_mut() {
+        p.set_cwd("/home/alice/a/b".into());
+    }
+    req.user = Some("alice".into());
+    let out = f.stdout(req)?;
+    ensure!(out == "/home/alice/a/b\n1000\n", "{out:?}");
+    let mut req = f.sh("true");
+    if let Some(p) = req.spec.process_mut() {
+        p.set_cwd("/etc/passwd/sub".into());
+    }
+    let (r, _) = f.run(req);
+    let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(
+        msg.contains("creating working directory /etc/passwd/sub")
+            && msg.contains("not a directory"),
+        "{msg}"
+    );
+    // A directory the user may not enter.
+    let mut req = f.sh("true");
+    if let Some(p) = req.spec.process_mut() {
+        p.set_cwd("/root".into());
+    }
+    req.user = Some("nobody".into());
+    let (r, _) = f.run(req);
+    let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(
+        msg.contains("chdir to working directory /root: permission denied"),
+        "{msg}"
+    );
+    f.host_clean()
+}
+
+fn rlimits_applied_within_hard_limit() -> TestResult {
+    let f = Fixture::new()?;
+    let mut req = f.sh("ulimit -n; ulimit -Hn");
+    if let Some(p) = req.spec.process_mut() {
+        p.set_rlimits(Some(vec![rlimit(PosixRlimitType::RlimitNofile, 512, 1000)]));
+    }
+    let out = f.stdout(req)?;
+    ensure!(out == "512\n1000\n", "{out:?}");
+    let mut host = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut host) };
+    let mut req = f.sh("true");
+    let too_much = host.rlim_max.saturating_add(10_000);
+    if let Some(p) = req.spec.process_mut() {
+        p.set_rlimits(Some(vec![rlimit(
+            PosixRlimitType::RlimitNofile,
+            1024,
+            too_much,
+        )]));
+    }
+    let (r, _) = f.run(req);
+    let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(
+        msg.contains(&format!(
+            "rlimit RLIMIT_NOFILE hard limit {too_much} exceeds the host's hard limit {}",
+            host.rlim_max
+        )),
+        "{msg}"
+    );
+    f.host_clean()
+}
+
+fn memory_limit_enforced() -> TestResult {
+    let f = Fixture::new()?;
+    let args = ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"];
+    let out = f.run(f.req(&args)).0.map_err(|e| e.to_string())?;
+    ensure!(out.status.success(), "without limit: {:?}", out.status);
+    let mut req = f.req(&args);
+    set_resources(&mut req.spec, |r| {
+        r.set_memory(
+            kiln_executor::oci::LinuxMemoryBuilder::default()
+                .limit(16i64 << 20)
+                .build()
+                .ok(),
+        );
+    });
+    let o = f.run(req).0.map_err(|e| e.to_string())?;
+    ensure!(
+        o.status == ExitStatus::Signal(9),
+        "with 16M limit: {:?}",
+        o.status
+    );
+    f.host_clean()
+}
+
+fn pids_limit_enforced() -> TestResult {
+    let f = Fixture::new()?;
+    let mut req = f.sh("for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 5 & done; echo spawned");
+    set_resources(&mut req.spec, |r| {
+        r.set_pids(
+            kiln_executor::oci::LinuxPidsBuilder::default()
+                .limit(6i64)
+                .build()
+                .ok(),
+        );
+    });
+    let t = Instant::now();
+    let (r, lines) = f.run(req);
+    r.map_err(|e| e.to_string())?;
+    let err = text(&lines, Stream::Stderr);
+    ensure!(err.contains("fork"), "no fork failure: {lines:?}");
+    ensure!(
+        t.elapsed() < Duration::from_secs(4),
+        "background sleeps were waited for"
+    );
+    f.host_clean()
+}
+
+fn cpu_quota_accepted() -> TestResult {
+    let f = Fixture::new()?;
+    let mut req = f.sh("echo ok");
+    set_resources(&mut req.spec, |r| {
+        r.set_cpu(
+            kiln_executor::oci::LinuxCpuBuilder::default()
+                .quota(50_000i64)
+                .period(100_000u64)
+                .build()
+                .ok(),
+        );
+    });
+    let out = f.stdout(req)?;
+    ensure!(out == "ok\n", "{out:?}");
+    f.host_clean()
+}
+
+fn background_process_killed_with_step() -> TestResult {
+    let f = Fixture::new()?;
+    let out = f.stdout(f.sh("sleep 987001 & echo started"))?;
+    ensure!(out == "started\n", "{out:?}");
+    wait_no_processes("987001", Duration::from_millis(200))?;
+    f.host_clean()
+}
+
+fn timeout_kills_the_tree() -> TestResult {
+    let f = Fixture::new()?;
+    let mut req = f.sh("echo before; sleep 987002 & sleep 987002");
+    req.timeout = Some(Duration::from_millis(800));
+    let t = Instant::now();
+    let (r, _) = f.run(req);
+    match r {
+        Err(Error::TimedOut { tail, .. }) => {
+            ensure!(
+                tail.first().map(|l| l.to_string()).as_deref() == Some("before"),
+                "{tail:?}"
+            )
+        }
+        other => return Err(format!("expected timeout, got {other:?}")),
+    }
+    ensure!(
+        t.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        t.elapsed()
+    );
+    wait_no_processes("987002", Duration::from_millis(200))?;
+    f.host_clean()
+}
+
+fn cancellation_kills_the_tree() -> TestResult {
+    let f = Fixture::new()?;
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        c2.cancel();
+    });
+    let t = Instant::now();
+    let (r, _) = f.run_with(f.sh("sleep 987004 & sleep 987004"), cancel);
+    ensure!(matches!(r, Err(Error::Cancelled { .. })), "{r:?}");
+    ensure!(
+        t.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        t.elapsed()
+    );
+    wait_no_processes("987004", Duration::from_millis(200))?;
+    f.host_clean()
+}
+
+/// Child mode for the PDEATHSIG test: run a long step, print "started".
+fn pdeathsig_child(dir: &Path) -> ! {
+    let rootfs = dir.join("rootfs");
+    let ex = Executor::new(ExecutorConfig {
+        state_dir: dir.join("state"),
+        ..ExecutorConfig::default()
+    });
+    let rt = runtime();
+    rt.block_on(async {
+        let spec = default_spec(vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo started; sleep 987003 & sleep 987003".into(),
+        ]);
+        let m = RootfsMount::overlay(&[rootfs], dir.join("upper"), dir.join("work"));
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let run = tokio::spawn(async move {
+            ex.run(
+                ExecRequest::new("RUN sleep", spec, vec![m]),
+                Some(tx),
+                CancellationToken::new(),
+            )
+            .await
+        });
+        if let Some(l) = rx.recv().await {
+            println!("{l}");
+        }
+        let _ = run.await;
+    });
+    std::process::exit(0)
+}
+
+fn sigkill_of_kiln_takes_the_sandbox_down() -> TestResult {
+    let f = Fixture::new()?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .arg("__pdeathsig_child")
+        .arg(f.tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut out = child.stdout.take().ok_or("no stdout")?;
+    let mut buf = [0u8; 8];
+    use std::io::Read;
+    let n = out.read(&mut buf).map_err(|e| e.to_string())?;
+    ensure!(&buf[..n] == b"started\n", "child said {:?}", &buf[..n]);
+    ensure!(
+        !processes_with("sleep 987003").is_empty(),
+        "step not running"
+    );
+    child.kill().map_err(|e| e.to_string())?; // SIGKILL
+    let _ = child.wait();
+    wait_no_processes("sleep 987003", Duration::from_secs(3))?;
+    // Mounts lived in the dead sandbox's namespace only.
+    let mounts = fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let me = f.tmp.path().to_string_lossy().into_owned();
+    ensure!(!mounts.contains(&me), "mounts leaked after SIGKILL");
+    Ok(())
+}
+
+fn bind_rootfs_leaves_no_stubs() -> TestResult {
+    let f = Fixture::new()?;
+    let spec = default_spec(vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "cat /etc/hostname; echo x > /written".into(),
+    ]);
+    let req = ExecRequest::new("RUN bind", spec, vec![RootfsMount::bind(f.rootfs.clone())]);
+    let out = f.stdout(req)?;
+    ensure!(out == "kiln\n", "{out:?}");
+    ensure!(f.rootfs.join("written").exists(), "write lost");
+    for stub in ["etc/hostname", "etc/hosts", "etc/resolv.conf"] {
+        ensure!(
+            !f.rootfs.join(stub).exists(),
+            "stub {stub} left in the rootfs"
+        );
+    }
+    f.host_clean()
+}
+
+fn bad_namespace_request_rejected() -> TestResult {
+    let f = Fixture::new()?;
+    let mut req = f.sh("true");
+    if let Some(l) = req.spec.linux_mut() {
+        let mut ns = l.namespaces().clone().unwrap_or_default();
+        ns.extend(
+            kiln_executor::oci::LinuxNamespaceBuilder::default()
+                .typ(kiln_executor::oci::LinuxNamespaceType::User)
+                .build()
+                .ok(),
+        );
+        l.set_namespaces(Some(ns));
+    }
+    let (r, _) = f.run(req);
+    ensure!(matches!(r, Err(Error::Request { .. })), "{r:?}");
+    f.host_clean()
+}
+
+// ---------------------------------------------------------------- harness
+
+type TestFn = fn() -> TestResult;
+
+const TESTS: &[(&str, TestFn)] = &[
+    ("exit_code_and_streams", exit_code_and_streams),
+    ("signal_reported", signal_reported),
+    ("exec_form_without_shell", exec_form_without_shell),
+    (
+        "output_streamed_in_order_and_tail_kept",
+        output_streamed_in_order_and_tail_kept,
+    ),
+    ("long_line_is_split", long_line_is_split),
+    (
+        "upperdir_holds_only_the_commands_writes",
+        upperdir_holds_only_the_commands_writes,
+    ),
+    ("provided_etc_files", provided_etc_files),
+    ("pid1_is_init_and_reaps", pid1_is_init_and_reaps),
+    ("capabilities_docker_default", capabilities_docker_default),
+    ("no_new_privs_when_asked", no_new_privs_when_asked),
+    ("sys_readonly_proc_masked", sys_readonly_proc_masked),
+    ("dev_has_the_minimal_nodes", dev_has_the_minimal_nodes),
+    ("network_none_has_only_lo", network_none_has_only_lo),
+    ("user_forms_resolve_in_rootfs", user_forms_resolve_in_rootfs),
+    (
+        "unknown_user_is_a_clear_error",
+        unknown_user_is_a_clear_error,
+    ),
+    (
+        "missing_executable_is_a_clear_error",
+        missing_executable_is_a_clear_error,
+    ),
+    (
+        "workdir_created_or_clear_error",
+        workdir_created_or_clear_error,
+    ),
+    (
+        "rlimits_applied_within_hard_limit",
+        rlimits_applied_within_hard_limit,
+    ),
+    ("memory_limit_enforced", memory_limit_enforced),
+    ("pids_limit_enforced", pids_limit_enforced),
+    ("cpu_quota_accepted", cpu_quota_accepted),
+    (
+        "background_process_killed_with_step",
+        background_process_killed_with_step,
+    ),
+    ("timeout_kills_the_tree", timeout_kills_the_tree),
+    ("cancellation_kills_the_tree", cancellation_kills_the_tree),
+    (
+        "sigkill_of_kiln_takes_the_sandbox_down",
+        sigkill_of_kiln_takes_the_sandbox_down,
+    ),
+    ("bind_rootfs_leaves_no_stubs", bind_rootfs_leaves_no_stubs),
+    (
+        "bad_namespace_request_rejected",
+        bad_namespace_request_rejected,
+    ),
+];
+
+fn main() {
+    kiln_executor::maybe_run_init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("__pdeathsig_child") {
+        let dir = PathBuf::from(args.get(1).cloned().unwrap_or_default());
+        pdeathsig_child(&dir);
+    }
+    let list = args.iter().any(|a| a == "--list");
+    let exact = args.iter().any(|a| a == "--exact");
+    let ignored = args.iter().any(|a| a == "--ignored");
+    let mut filters = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--format" | "--test-threads" | "--color" | "-Z" | "--logfile" | "--skip" => {
+                it.next();
+            }
+            s if s.starts_with('-') => {}
+            s => filters.push(s.to_string()),
+        }
+    }
+    let selected: Vec<&(&str, TestFn)> = TESTS
+        .iter()
+        .filter(|(n, _)| {
+            filters.is_empty()
+                || filters.iter().any(|f| {
+                    if exact {
+                        n == f
+                    } else {
+                        n.contains(f.as_str())
+                    }
+                })
+        })
+        .collect();
+    if list {
+        if !ignored {
+            for (n, _) in &selected {
+                println!("{n}: test");
+            }
+        }
+        return;
+    }
+    if ignored {
+        println!("\ntest result: ok. 0 passed; 0 failed; 0 ignored");
+        return;
+    }
+    let ci = std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false);
+    if busybox().is_none() || !nix::unistd::Uid::effective().is_root() {
+        let why = if busybox().is_none() {
+            "busybox (Debian busybox-static) is not installed"
+        } else {
+            "these tests need root"
+        };
+        if ci {
+            eprintln!("FAILED: {why}; the sandbox tests cannot run (CI=true)");
+            std::process::exit(1);
+        }
+        println!("sandbox tests not run: {why}");
+        return;
+    }
+    println!("\nrunning {} tests", selected.len());
+    let start = Instant::now();
+    // A few at a time: the machine is small and shared.
+    let queue = std::sync::Mutex::new(selected.iter());
+    let out = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| loop {
+                let next = queue.lock().ok().and_then(|mut q| q.next());
+                let Some((name, f)) = next else { break };
+                let t = Instant::now();
+                let r = std::panic::catch_unwind(f).unwrap_or_else(|_| Err("panicked".to_string()));
+                let d = t.elapsed();
+                match &r {
+                    Ok(()) => println!("test {name} ... ok ({:.2}s)", d.as_secs_f64()),
+                    Err(e) => println!("test {name} ... FAILED ({:.2}s)\n    {e}", d.as_secs_f64()),
+                }
+                if let Ok(mut o) = out.lock() {
+                    o.push((name.to_string(), r, d));
+                }
+            });
+        }
+    });
+    let results: Vec<(String, TestResult, Duration)> = out.into_inner().unwrap_or_default();
+    let failed: Vec<&(String, TestResult, Duration)> =
+        results.iter().filter(|(_, r, _)| r.is_err()).collect();
+    let passed = results.len() - failed.len();
+    if !failed.is_empty() {
+        println!("\nfailures:");
+        for (n, r, _) in &failed {
+            println!("    {n}: {}", r.as_ref().err().cloned().unwrap_or_default());
+        }
+    }
+    println!(
+        "\ntest result: {}. {passed} passed; {} failed; finished in {:.2}s",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        failed.len(),
+        start.elapsed().as_secs_f64()
+    );
+    if !failed.is_empty() {
+        std::process::exit(101);
+    }
+}
