@@ -248,7 +248,7 @@ fn extra_cases_unit_level() {
             .iter()
             .map(|d| serde_json::json!({"name": d.name, "value": d.value}))
             .collect();
-        if &Value::Array(got.clone()) != &case["expect"] {
+        if Value::Array(got.clone()) != case["expect"] {
             failures.push(format!("parse_all {text:?}: {got:?}"));
         }
     }

@@ -25,7 +25,10 @@ fn bad_dockerfiles_render_expected_diagnostics() {
             Err(e) => {
                 let got = e.render("Dockerfile", &text);
                 if got != want {
-                    failures.push(format!("{}:\n--- want\n{want}--- got\n{got}", case.display()));
+                    failures.push(format!(
+                        "{}:\n--- want\n{want}--- got\n{got}",
+                        case.display()
+                    ));
                 }
             }
         }
@@ -42,7 +45,10 @@ fn example_dockerfile_parses_into_two_stages() {
     assert_eq!(df.stages.len(), 2);
     assert_eq!(df.stages[0].name.as_deref(), Some("build"));
     assert_eq!(df.stages[0].base, "${BASE}");
-    assert_eq!(df.directives, vec![("syntax".to_string(), "docker/dockerfile:1".to_string())]);
+    assert_eq!(
+        df.directives,
+        vec![("syntax".to_string(), "docker/dockerfile:1".to_string())]
+    );
     let run = &df.stages[0].instructions[2];
     match &run.kind {
         kiln_parser::instructions::Kind::Run(r) => {

@@ -189,8 +189,7 @@ impl Selector<'_> {
             return Ok(false);
         }
         for m in [self.ignore, self.exclude].into_iter().flatten() {
-            if m
-                .matches_or_parent_matches(rel)
+            if m.matches_or_parent_matches(rel)
                 .map_err(|e| CopyError::Ignore(e.to_string()))?
             {
                 return Ok(true);
@@ -357,13 +356,15 @@ pub fn hash_selection(
         cache.store(&fresh);
     }
     for s in selections {
-        key.field(&s.path).field(if s.is_dir { "dir" } else { "file" });
+        key.field(&s.path)
+            .field(if s.is_dir { "dir" } else { "file" });
         key.field((s.entries.len() as u64).to_le_bytes());
         for e in &s.entries {
             let m = &e.meta;
             key.field(&e.rel).field(m.mode().to_le_bytes());
             if keep_owner {
-                key.field(m.uid().to_le_bytes()).field(m.gid().to_le_bytes());
+                key.field(m.uid().to_le_bytes())
+                    .field(m.gid().to_le_bytes());
             }
             if let Some(l) = &e.link {
                 key.field(l);
@@ -418,9 +419,7 @@ pub fn copy_selections(
     let multiple = selections.len() > 1;
     let dest_clean = clean_abs(dest);
     let dest_resolved = dst.resolve(&dest_clean, true)?;
-    let existing_dir = dst
-        .lookup(&dest_resolved)
-        .is_some_and(|f| f.meta.is_dir());
+    let existing_dir = dst.lookup(&dest_resolved).is_some_and(|f| f.meta.is_dir());
     let dest_is_dir = dest_is_dir_hint || existing_dir;
     if multiple && !dest_is_dir {
         return Err(CopyError::DestNotDir);
@@ -533,7 +532,13 @@ fn write_entry(dst: &LayerView, to: &str, e: &Entry, opts: &CopyOptions) -> Resu
         let c = std::ffi::CString::new(host.as_os_str().as_encoded_bytes())
             .map_err(|err| io_err(&host, io::Error::new(io::ErrorKind::InvalidInput, err)))?;
         // SAFETY: valid path; mode and rdev come from an lstat.
-        let r = unsafe { libc::mknod(c.as_ptr(), m.mode() as libc::mode_t, m.rdev() as libc::dev_t) };
+        let r = unsafe {
+            libc::mknod(
+                c.as_ptr(),
+                m.mode() as libc::mode_t,
+                m.rdev() as libc::dev_t,
+            )
+        };
         if r != 0 {
             return Err(io_err(&host, io::Error::last_os_error()));
         }
@@ -594,8 +599,14 @@ mod tests {
         assert_eq!(src.len(), 1);
         let rels: Vec<&str> = src[0].entries.iter().map(|e| e.rel.as_str()).collect();
         assert_eq!(rels, vec!["", "a.txt", "sub", "sub/b.txt"]);
-        assert!(matches!(sel.select("skip.log"), Err(CopyError::NotFound(_))));
-        assert!(matches!(sel.select("../etc/passwd"), Err(CopyError::View(ViewError::Escape(_)))));
+        assert!(matches!(
+            sel.select("skip.log"),
+            Err(CopyError::NotFound(_))
+        ));
+        assert!(matches!(
+            sel.select("../etc/passwd"),
+            Err(CopyError::View(ViewError::Escape(_)))
+        ));
         let globbed = sel.select("*.txt").unwrap();
         assert_eq!(globbed.len(), 1);
 
@@ -606,8 +617,14 @@ mod tests {
         copy_selections(&dst, "/app", false, &src, &opts).unwrap();
         copy_selections(&dst, "/app/renamed.txt", false, &globbed, &opts).unwrap();
         copy_selections(&dst, "/dir/", true, &globbed, &opts).unwrap();
-        assert_eq!(fs::read_to_string(upper.join("app/sub/b.txt")).unwrap(), "b");
-        assert_eq!(fs::read_to_string(upper.join("app/renamed.txt")).unwrap(), "t");
+        assert_eq!(
+            fs::read_to_string(upper.join("app/sub/b.txt")).unwrap(),
+            "b"
+        );
+        assert_eq!(
+            fs::read_to_string(upper.join("app/renamed.txt")).unwrap(),
+            "t"
+        );
         assert_eq!(fs::read_to_string(upper.join("dir/top.txt")).unwrap(), "t");
         let two = [src[0].clone(), globbed[0].clone()];
         assert!(matches!(

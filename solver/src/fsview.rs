@@ -99,14 +99,7 @@ fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let n = CString::new(name).ok()?;
     let mut buf = [0u8; 16];
     // SAFETY: valid NUL-terminated strings and a buffer of the given size.
-    let r = unsafe {
-        libc::lgetxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
+    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     (r >= 0).then(|| buf[..r as usize].to_vec())
 }
 
@@ -154,7 +147,11 @@ impl LayerView {
                     return None;
                 }
                 if n + 1 == comps.len() {
-                    return Some(Found { layer: i, host, meta });
+                    return Some(Found {
+                        layer: i,
+                        host,
+                        meta,
+                    });
                 }
                 if !meta.is_dir() {
                     return None;
@@ -178,7 +175,11 @@ impl LayerView {
             }
             if comps.is_empty() {
                 if let Ok(meta) = fs::symlink_metadata(&host) {
-                    return Some(Found { layer: i, host, meta });
+                    return Some(Found {
+                        layer: i,
+                        host,
+                        meta,
+                    });
                 }
             }
         }
@@ -232,7 +233,11 @@ impl LayerView {
                 }
                 cur.clear();
             }
-            for t in target.split('/').filter(|c| !c.is_empty() && *c != ".").rev() {
+            for t in target
+                .split('/')
+                .filter(|c| !c.is_empty() && *c != ".")
+                .rev()
+            {
                 pending.push(t.to_string());
             }
         }
@@ -369,7 +374,11 @@ pub fn set_mtime(path: &Path, secs: i64, nsecs: i64, nofollow: bool) -> Result<(
         tv_nsec: nsecs as libc::c_long,
     };
     let times = [ts, ts];
-    let flags = if nofollow { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
+    let flags = if nofollow {
+        libc::AT_SYMLINK_NOFOLLOW
+    } else {
+        0
+    };
     // SAFETY: a valid path and two timespecs.
     let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), flags) };
     if r != 0 {
@@ -424,7 +433,13 @@ mod tests {
         assert!(host.starts_with(&upper) && host.is_dir());
 
         let strict = LayerView::new(vec![lower], true);
-        assert!(matches!(strict.resolve("/usr/bin/evil", true), Err(ViewError::Escape(_))));
-        assert!(matches!(strict.resolve("../x", true), Err(ViewError::Escape(_))));
+        assert!(matches!(
+            strict.resolve("/usr/bin/evil", true),
+            Err(ViewError::Escape(_))
+        ));
+        assert!(matches!(
+            strict.resolve("../x", true),
+            Err(ViewError::Escape(_))
+        ));
     }
 }

@@ -59,6 +59,9 @@ mod tests {
 
     #[test]
     fn op_kind_matters() {
-        assert_ne!(KeyHasher::new("run").finish(), KeyHasher::new("copy").finish());
+        assert_ne!(
+            KeyHasher::new("run").finish(),
+            KeyHasher::new("copy").finish()
+        );
     }
 }

@@ -187,7 +187,11 @@ pub fn plan(
                 let names: Vec<&str> = df.stages.iter().filter_map(|s| s.name.as_deref()).collect();
                 BuildError::Usage(format!(
                     "target stage {t:?} could not be found (stages: {})",
-                    if names.is_empty() { "none named".into() } else { names.join(", ") }
+                    if names.is_empty() {
+                        "none named".into()
+                    } else {
+                        names.join(", ")
+                    }
                 ))
             })?,
     };
@@ -223,7 +227,12 @@ pub fn plan(
                     if !deps.contains(&j) {
                         deps.push(j);
                     }
-                } else if df.stages.iter().skip(i).any(|s| s.name.as_deref() == Some(from.to_lowercase().as_str())) {
+                } else if df
+                    .stages
+                    .iter()
+                    .skip(i)
+                    .any(|s| s.name.as_deref() == Some(from.to_lowercase().as_str()))
+                {
                     return Err(BuildError::at(
                         instr.line,
                         format!("stage {from:?} is used before it is defined; stages can only refer to earlier stages"),
@@ -231,7 +240,11 @@ pub fn plan(
                 }
             }
         }
-        all.push(PlannedStage { index: i, base, deps });
+        all.push(PlannedStage {
+            index: i,
+            base,
+            deps,
+        });
     }
 
     let mut needed = vec![false; all.len()];
@@ -290,6 +303,9 @@ mod tests {
     #[test]
     fn unknown_target_is_a_usage_error() {
         let d = df("FROM scratch AS a\n");
-        assert!(matches!(plan(&d, &BTreeMap::new(), Some("nope")), Err(BuildError::Usage(_))));
+        assert!(matches!(
+            plan(&d, &BTreeMap::new(), Some("nope")),
+            Err(BuildError::Usage(_))
+        ));
     }
 }

@@ -28,7 +28,7 @@ pub fn conformance_dir(corpus: &str) -> Option<PathBuf> {
 
 /// Reads a JSON file into a `serde_json::Value`, panicking with the path on error.
 pub fn read_json(path: &std::path::Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
