@@ -189,15 +189,12 @@ impl PatternMatcher {
     /// pattern clears it. The path is used as given (not cleaned).
     pub fn matches_or_parent_matches(&self, path: &str) -> Result<bool, IgnoreError> {
         let mut matched = false;
-        let parent = go_path::dir(path);
+        let target = Target::new(path);
         for pattern in &self.patterns {
             if pattern.exclusion != matched {
                 continue;
             }
-            let mut hit = pattern.matches(path)?;
-            if !hit && parent != "." {
-                hit = ancestors(&parent).any(|a| pattern.matches(a).unwrap_or(false));
-            }
+            let hit = pattern.matches_self_or_ancestor(&target)?;
             if hit {
                 matched = !pattern.exclusion;
             }
@@ -224,20 +221,18 @@ impl PatternMatcher {
         }
         let mut matched = false;
         let mut info = vec![false; self.patterns.len()];
-        let mut parent_path: Option<String> = None;
+        let target = Target::new(path);
         for (i, pattern) in self.patterns.iter().enumerate() {
             let mut hit = parent_matched.get(i).copied().unwrap_or(false);
             if !hit {
                 if pattern.exclusion != matched {
                     continue;
                 }
-                hit = pattern.matches(path)?;
-                if !hit && parent_matched.is_empty() {
-                    let parent = parent_path.get_or_insert_with(|| go_path::dir(path));
-                    if parent != "." {
-                        hit = ancestors(parent).any(|a| pattern.matches(a).unwrap_or(false));
-                    }
-                }
+                hit = if parent_matched.is_empty() {
+                    pattern.matches_self_or_ancestor(&target)?
+                } else {
+                    pattern.matches(path)?
+                };
             }
             if let Some(slot) = info.get_mut(i) {
                 *slot = hit;
@@ -446,6 +441,31 @@ impl ContextFilter {
     }
 }
 
+/// A path to match against a pattern and its ancestor directories.
+struct Target<'a> {
+    path: &'a str,
+    /// Whether `path` is already clean and relative (no empty, `.` or `..`
+    /// components): then the ancestors upstream derives from
+    /// `filepath.Dir` are exactly the prefixes of `path` ending before a
+    /// `/`, and a pattern can test them all in one pass.
+    clean: bool,
+}
+
+impl<'a> Target<'a> {
+    fn new(path: &'a str) -> Target<'a> {
+        let clean = path
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..");
+        Target { path, clean }
+    }
+
+    /// The ancestor directories, as prefixes of the path.
+    fn prefixes(&self) -> impl Iterator<Item = &'a str> {
+        let path = self.path;
+        path.match_indices('/').map(move |(i, _)| &path[..i])
+    }
+}
+
 /// The ancestors Go builds from `filepath.Dir(file)` split at `/`: every
 /// prefix of `parent` that ends before a `/`, then `parent` itself.
 fn ancestors(parent: &str) -> impl Iterator<Item = &str> {
@@ -529,7 +549,11 @@ impl Pattern {
                     re.push_str("[^/]");
                     ty = Ty::Regex;
                 }
-                '.' | '+' | '(' | ')' | '|' | '{' | '}' | '$' => {
+                // Upstream's `shouldEscape` means to escape `.+()|{}$`,
+                // but its bitmap only has room for bytes below 64, so `|`,
+                // `{` and `}` reach the regexp unescaped (and act as
+                // alternation and repetition there).
+                '.' | '+' | '(' | ')' | '$' => {
                     re.push('\\');
                     re.push(ch);
                 }
@@ -569,6 +593,33 @@ impl Pattern {
         }
     }
 
+    /// Whether the pattern matches the path or one of its ancestor
+    /// directories (the inner loop of `MatchesOrParentMatches`).
+    fn matches_self_or_ancestor(&self, target: &Target<'_>) -> Result<bool, IgnoreError> {
+        let path = target.path;
+        if !target.clean {
+            if self.matches(path)? {
+                return Ok(true);
+            }
+            let parent = go_path::dir(path);
+            return Ok(
+                parent != "." && ancestors(&parent).any(|a| self.matches(a).unwrap_or(false))
+            );
+        }
+        Ok(match &self.kind {
+            MatchKind::Exact => path
+                .strip_prefix(self.cleaned.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+            // An ancestor starting with the prefix means the path does too.
+            MatchKind::Prefix(_) => self.matches(path)?,
+            MatchKind::Suffix(_) => {
+                self.matches(path)? || target.prefixes().any(|a| self.matches(a).unwrap_or(false))
+            }
+            MatchKind::Regex(Some(program)) => program.is_match(path, true),
+            MatchKind::Regex(None) => self.matches(path)?,
+        })
+    }
+
     fn matches(&self, path: &str) -> Result<bool, IgnoreError> {
         Ok(match &self.kind {
             MatchKind::Exact => path == self.cleaned,
@@ -577,7 +628,7 @@ impl Pattern {
                 path.as_bytes().ends_with(suffix)
                     || (suffix.first() == Some(&b'/') && suffix.get(1..) == Some(path.as_bytes()))
             }
-            MatchKind::Regex(Some(program)) => program.is_match(path),
+            MatchKind::Regex(Some(program)) => program.is_match(path, false),
             MatchKind::Regex(None) => {
                 return Err(IgnoreError::BadPattern {
                     pattern: self.cleaned.clone(),
@@ -736,12 +787,17 @@ mod glob {
 
 /// The subset of Go's RE2 syntax (`regexp/syntax` with Perl flags) that the
 /// expressions built by `Pattern::compile` can contain, compiled to a small
-/// Pike VM. Only "does it match" is needed, so there are no captures.
+/// Pike VM (linear in the text). Only "does it match" is needed, so there
+/// are no captures.
 mod regex {
     /// Largest Unicode scalar value.
     const MAX_RUNE: u32 = 0x10_ffff;
     /// Deepest group nesting accepted (Go's parser limit is 1000).
     const MAX_DEPTH: usize = 1000;
+    /// Largest count in `{n,m}` (Go's limit).
+    const MAX_REPEAT: i64 = 1000;
+    /// Largest compiled program (Go's `maxSize`: 128 MiB of 40-byte insts).
+    const MAX_INSTS: usize = (128 << 20) / 40;
 
     /// Why an expression is rejected; the details are not surfaced.
     #[derive(Debug)]
@@ -757,24 +813,27 @@ mod regex {
         NotWordBoundary,
     }
 
-    #[derive(Debug, Clone, Copy)]
-    enum Rep {
-        Star,
-        Plus,
-        Quest,
-    }
-
     #[derive(Debug)]
     enum Node {
-        Class(Ranges),
+        /// Index into the class table.
+        Class(usize),
         Look(Look),
         Concat(Vec<Node>),
-        Repeat(Box<Node>, Rep),
+        Alternate(Vec<Node>),
+        /// `min` to `max` (unbounded when `None`) copies of `sub`; `counted`
+        /// when written `{n,m}` (Go's `OpRepeat`).
+        Repeat {
+            sub: Box<Node>,
+            min: u32,
+            max: Option<u32>,
+            counted: bool,
+        },
     }
 
-    #[derive(Debug, Clone)]
+    #[derive(Debug, Clone, Copy)]
     enum Inst {
-        Class(Ranges),
+        /// Index into the class table.
+        Class(usize),
         Look(Look),
         Split(usize, usize),
         Jmp(usize),
@@ -785,56 +844,101 @@ mod regex {
     #[derive(Debug, Clone)]
     pub(super) struct Program {
         insts: Vec<Inst>,
+        classes: Vec<Ranges>,
     }
 
     impl Program {
         pub(super) fn compile(expr: &str) -> Result<Program, Invalid> {
-            let node = parse(expr)?;
-            let mut insts = Vec::new();
-            emit(&node, &mut insts);
-            insts.push(Inst::Match);
-            Ok(Program { insts })
+            let mut classes = Vec::new();
+            let node = parse(expr, &mut classes)?;
+            let mut compiler = Compiler { insts: Vec::new() };
+            compiler.emit(&node)?;
+            compiler.push(Inst::Match)?;
+            Ok(Program {
+                insts: compiler.insts,
+                classes,
+            })
         }
 
         /// Go's `Regexp.MatchString`: is there a match anywhere in `text`?
-        pub(super) fn is_match(&self, text: &str) -> bool {
-            let chars: Vec<char> = text.chars().collect();
+        /// With `ancestors`, also when there is one in a prefix of `text`
+        /// that ends before a `/` (not at the start): the same answer as
+        /// matching each such prefix on its own, in a single pass.
+        pub(super) fn is_match(&self, text: &str, ancestors: bool) -> bool {
             let len = self.insts.len();
+            // Threads only start at the beginning when the program does.
+            let anchored = matches!(self.insts.first(), Some(Inst::Look(Look::BeginText)));
             let mut current = Threads::new(len);
             let mut next = Threads::new(len);
             let mut stack = Vec::new();
-            for pos in 0..=chars.len() {
-                if self.add(&mut current, 0, &chars, pos, &mut stack) {
+            // Threads stopped at `$` by the `/` that follows: at the end of
+            // the prefix, they would go on.
+            let mut blocked = Vec::new();
+            let mut blocked_next = Vec::new();
+            let mut chars = text.chars();
+            let mut at = Position {
+                start: true,
+                before: None,
+                after: chars.next(),
+            };
+            loop {
+                if (at.start || !anchored)
+                    && self.add(&mut current, 0, at, &mut stack, &mut blocked)
+                {
                     return true;
                 }
-                let Some(&c) = chars.get(pos) else {
-                    break;
+                if ancestors && !at.start && at.after == Some('/') && !blocked.is_empty() {
+                    let end = Position { after: None, ..at };
+                    let mut scratch = Threads::new(len);
+                    let mut unused = Vec::new();
+                    for &pc in &blocked {
+                        if self.add(&mut scratch, pc + 1, end, &mut stack, &mut unused) {
+                            return true;
+                        }
+                    }
+                }
+                let Some(c) = at.after else {
+                    return false;
+                };
+                if anchored && current.dense.is_empty() {
+                    return false;
+                }
+                let following = Position {
+                    start: false,
+                    before: Some(c),
+                    after: chars.next(),
                 };
                 next.clear();
-                for k in 0..current.dense.len() {
-                    let pc = current.dense[k];
-                    if let Some(Inst::Class(ranges)) = self.insts.get(pc) {
-                        if class_contains(ranges, c as u32)
-                            && self.add(&mut next, pc + 1, &chars, pos + 1, &mut stack)
+                blocked_next.clear();
+                for &pc in &current.dense {
+                    if let Some(Inst::Class(class)) = self.insts.get(pc) {
+                        let hit = self
+                            .classes
+                            .get(*class)
+                            .is_some_and(|ranges| class_contains(ranges, c as u32));
+                        if hit
+                            && self.add(&mut next, pc + 1, following, &mut stack, &mut blocked_next)
                         {
                             return true;
                         }
                     }
                 }
                 std::mem::swap(&mut current, &mut next);
+                std::mem::swap(&mut blocked, &mut blocked_next);
+                at = following;
             }
-            false
         }
 
         /// Adds the thread at `pc` and everything reachable from it without
-        /// consuming input; `true` when that reaches the match state.
+        /// consuming input; `true` when that reaches the match state. Threads
+        /// stopped at `$` because text follows are noted in `blocked`.
         fn add(
             &self,
             threads: &mut Threads,
             pc: usize,
-            chars: &[char],
-            pos: usize,
+            at: Position,
             stack: &mut Vec<usize>,
+            blocked: &mut Vec<usize>,
         ) -> bool {
             stack.clear();
             stack.push(pc);
@@ -850,14 +954,36 @@ mod regex {
                         stack.push(*a);
                     }
                     Some(Inst::Look(look)) => {
-                        if look_holds(*look, chars, pos) {
+                        if at.holds(*look) {
                             stack.push(pc + 1);
+                        } else if matches!(look, Look::EndText) {
+                            blocked.push(pc);
                         }
                     }
                     Some(Inst::Class(_)) | None => {}
                 }
             }
             false
+        }
+    }
+
+    /// Where the matcher stands: at the start or not, and the characters on
+    /// either side.
+    #[derive(Debug, Clone, Copy)]
+    struct Position {
+        start: bool,
+        before: Option<char>,
+        after: Option<char>,
+    }
+
+    impl Position {
+        fn holds(self, look: Look) -> bool {
+            match look {
+                Look::BeginText => self.start,
+                Look::EndText => self.after.is_none(),
+                Look::WordBoundary => is_word(self.before) != is_word(self.after),
+                Look::NotWordBoundary => is_word(self.before) == is_word(self.after),
+            }
         }
     }
 
@@ -896,128 +1022,319 @@ mod regex {
         }
     }
 
-    fn is_word(c: Option<&char>) -> bool {
-        c.is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_')
-    }
-
-    fn look_holds(look: Look, chars: &[char], pos: usize) -> bool {
-        let before = pos.checked_sub(1).and_then(|p| chars.get(p));
-        let after = chars.get(pos);
-        match look {
-            Look::BeginText => pos == 0,
-            Look::EndText => pos >= chars.len(),
-            Look::WordBoundary => is_word(before) != is_word(after),
-            Look::NotWordBoundary => is_word(before) == is_word(after),
-        }
+    fn is_word(c: Option<char>) -> bool {
+        c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
     }
 
     fn class_contains(ranges: &Ranges, c: u32) -> bool {
         ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi)
     }
 
-    fn emit(node: &Node, insts: &mut Vec<Inst>) {
-        match node {
-            Node::Class(ranges) => insts.push(Inst::Class(ranges.clone())),
-            Node::Look(look) => insts.push(Inst::Look(*look)),
-            Node::Concat(nodes) => {
-                for node in nodes {
-                    emit(node, insts);
+    /// Thompson construction, with counted repetitions expanded.
+    struct Compiler {
+        insts: Vec<Inst>,
+    }
+
+    impl Compiler {
+        fn push(&mut self, inst: Inst) -> Result<usize, Invalid> {
+            if self.insts.len() >= MAX_INSTS {
+                return Err(Invalid);
+            }
+            self.insts.push(inst);
+            Ok(self.insts.len() - 1)
+        }
+
+        fn patch(&mut self, at: usize, inst: Inst) {
+            if let Some(slot) = self.insts.get_mut(at) {
+                *slot = inst;
+            }
+        }
+
+        fn emit(&mut self, node: &Node) -> Result<(), Invalid> {
+            match node {
+                Node::Class(class) => {
+                    self.push(Inst::Class(*class))?;
+                }
+                Node::Look(look) => {
+                    self.push(Inst::Look(*look))?;
+                }
+                Node::Concat(nodes) => {
+                    for node in nodes {
+                        self.emit(node)?;
+                    }
+                }
+                Node::Alternate(alternatives) => {
+                    let mut exits = Vec::new();
+                    let last = alternatives.len().saturating_sub(1);
+                    for (k, alternative) in alternatives.iter().enumerate() {
+                        if k == last {
+                            self.emit(alternative)?;
+                            break;
+                        }
+                        let split = self.push(Inst::Match)?;
+                        self.emit(alternative)?;
+                        exits.push(self.push(Inst::Match)?);
+                        let next = self.insts.len();
+                        self.patch(split, Inst::Split(split + 1, next));
+                    }
+                    let end = self.insts.len();
+                    for exit in exits {
+                        self.patch(exit, Inst::Jmp(end));
+                    }
+                }
+                Node::Repeat { sub, min, max, .. } => {
+                    for _ in 0..*min {
+                        self.emit(sub)?;
+                    }
+                    match max {
+                        None => {
+                            let split = self.push(Inst::Match)?;
+                            self.emit(sub)?;
+                            self.push(Inst::Jmp(split))?;
+                            let end = self.insts.len();
+                            self.patch(split, Inst::Split(split + 1, end));
+                        }
+                        Some(max) => {
+                            for _ in *min..*max {
+                                let split = self.push(Inst::Match)?;
+                                self.emit(sub)?;
+                                let end = self.insts.len();
+                                self.patch(split, Inst::Split(split + 1, end));
+                            }
+                        }
+                    }
                 }
             }
-            Node::Repeat(sub, Rep::Star) => {
-                let split = insts.len();
-                insts.push(Inst::Jmp(0));
-                emit(sub, insts);
-                insts.push(Inst::Jmp(split));
-                let end = insts.len();
-                insts[split] = Inst::Split(split + 1, end);
-            }
-            Node::Repeat(sub, Rep::Plus) => {
-                let start = insts.len();
-                emit(sub, insts);
-                let end = insts.len() + 1;
-                insts.push(Inst::Split(start, end));
-            }
-            Node::Repeat(sub, Rep::Quest) => {
-                let split = insts.len();
-                insts.push(Inst::Jmp(0));
-                emit(sub, insts);
-                let end = insts.len();
-                insts[split] = Inst::Split(split + 1, end);
-            }
+            Ok(())
         }
     }
 
-    fn literal(c: u32) -> Node {
-        Node::Class(vec![(c, c)])
+    /// One level of parentheses while parsing.
+    #[derive(Default)]
+    struct Frame {
+        alternatives: Vec<Node>,
+        current: Vec<Node>,
+    }
+
+    impl Frame {
+        fn finish(mut self) -> Node {
+            if self.alternatives.is_empty() {
+                Node::Concat(self.current)
+            } else {
+                self.alternatives.push(Node::Concat(self.current));
+                Node::Alternate(self.alternatives)
+            }
+        }
+
+        /// Applies a repetition operator to the last atom (Go's
+        /// `parser.repeat`).
+        fn repeat(
+            &mut self,
+            min: u32,
+            max: Option<u32>,
+            counted: bool,
+            after_repeat: bool,
+        ) -> Result<(), Invalid> {
+            if after_repeat {
+                // `a**` is an error in Go's Perl mode, not a double star.
+                return Err(Invalid);
+            }
+            let sub = self.current.pop().ok_or(Invalid)?;
+            let node = Node::Repeat {
+                sub: Box::new(sub),
+                min,
+                max,
+                counted,
+            };
+            if counted && (min >= 2 || max.is_some_and(|m| m >= 2)) && !repeat_is_valid(&node, 1000)
+            {
+                return Err(Invalid);
+            }
+            self.current.push(node);
+            Ok(())
+        }
+    }
+
+    /// Go's `repeatIsValid`: nested counted repetitions may not multiply
+    /// beyond `n` copies.
+    fn repeat_is_valid(node: &Node, mut n: u32) -> bool {
+        match node {
+            Node::Repeat {
+                sub,
+                min,
+                max,
+                counted,
+            } => {
+                if *counted {
+                    let m = max.unwrap_or(*min);
+                    if m == 0 && max.is_some() {
+                        return true;
+                    }
+                    if m > n {
+                        return false;
+                    }
+                    if let Some(q) = n.checked_div(m) {
+                        n = q;
+                    }
+                }
+                repeat_is_valid(sub, n)
+            }
+            Node::Concat(nodes) | Node::Alternate(nodes) => {
+                nodes.iter().all(|node| repeat_is_valid(node, n))
+            }
+            Node::Class(_) | Node::Look(_) => true,
+        }
+    }
+
+    /// Go's `parseRepeat` at `s[i] == '{'`: `(min, max, index after)`, with
+    /// `max == -1` for `{n,}` and a negative `min` for numbers too large;
+    /// `None` when this is not a repetition (then `{` is a literal).
+    fn parse_repeat(s: &[char], i: usize) -> Option<(i64, i64, usize)> {
+        let (mut min, mut j) = parse_int(s, i + 1)?;
+        let max;
+        if *s.get(j)? != ',' {
+            max = min;
+        } else {
+            j += 1;
+            if *s.get(j)? == '}' {
+                max = -1;
+            } else {
+                let (m, next) = parse_int(s, j)?;
+                j = next;
+                if m < 0 {
+                    min = -1;
+                }
+                max = m;
+            }
+        }
+        (*s.get(j)? == '}').then_some((min, max, j + 1))
+    }
+
+    /// Go's `parseInt`: decimal digits without a leading zero; `-1` when
+    /// the value reaches 10^8.
+    fn parse_int(s: &[char], mut j: usize) -> Option<(i64, usize)> {
+        let first = *s.get(j)?;
+        if !first.is_ascii_digit() {
+            return None;
+        }
+        if first == '0' && s.get(j + 1).is_some_and(char::is_ascii_digit) {
+            return None;
+        }
+        let mut n: i64 = 0;
+        let mut overflow = false;
+        while let Some(d) = s.get(j).and_then(|c| c.to_digit(10)) {
+            if n >= 100_000_000 {
+                overflow = true;
+            }
+            if !overflow {
+                n = n * 10 + i64::from(d);
+            }
+            j += 1;
+        }
+        Some((if overflow { -1 } else { n }, j))
+    }
+
+    fn add_class(classes: &mut Vec<Ranges>, ranges: Ranges) -> Node {
+        classes.push(ranges);
+        Node::Class(classes.len() - 1)
+    }
+
+    fn literal(classes: &mut Vec<Ranges>, c: u32) -> Node {
+        add_class(classes, vec![(c, c)])
     }
 
     /// Parses Go regular-expression syntax (Perl flags: `^`/`$` anchor the
     /// text, `.` excludes `\n`, negated classes include it).
-    fn parse(expr: &str) -> Result<Node, Invalid> {
+    fn parse(expr: &str, classes: &mut Vec<Ranges>) -> Result<Node, Invalid> {
         let s: Vec<char> = expr.chars().collect();
-        let mut frames: Vec<Vec<Node>> = vec![Vec::new()];
+        let mut frames: Vec<Frame> = vec![Frame::default()];
         let mut last_was_repeat = false;
         let mut i = 0;
         while let Some(&c) = s.get(i) {
             let mut repeat = false;
-            let top = frames.last_mut().ok_or(Invalid)?;
+            let frame = frames.last_mut().ok_or(Invalid)?;
             match c {
                 '(' => {
                     if s.get(i + 1) == Some(&'?') || frames.len() > MAX_DEPTH {
+                        // Flag groups are never produced by `Pattern::compile`.
                         return Err(Invalid);
                     }
-                    frames.push(Vec::new());
+                    frames.push(Frame::default());
                     i += 1;
                 }
                 ')' => {
                     if frames.len() < 2 {
                         return Err(Invalid);
                     }
-                    let group = frames.pop().ok_or(Invalid)?;
-                    frames.last_mut().ok_or(Invalid)?.push(Node::Concat(group));
+                    let group = frames.pop().ok_or(Invalid)?.finish();
+                    frames.last_mut().ok_or(Invalid)?.current.push(group);
                     i += 1;
                 }
-                // Never produced unescaped by `Pattern::compile`.
-                '|' | '{' => return Err(Invalid),
+                '|' => {
+                    let done = std::mem::take(&mut frame.current);
+                    frame.alternatives.push(Node::Concat(done));
+                    i += 1;
+                }
                 '^' => {
-                    top.push(Node::Look(Look::BeginText));
+                    frame.current.push(Node::Look(Look::BeginText));
                     i += 1;
                 }
                 '$' => {
-                    top.push(Node::Look(Look::EndText));
+                    frame.current.push(Node::Look(Look::EndText));
                     i += 1;
                 }
                 '.' => {
-                    top.push(Node::Class(vec![(0, 9), (11, MAX_RUNE)]));
+                    let any = add_class(classes, vec![(0, 9), (11, MAX_RUNE)]);
+                    frame.current.push(any);
                     i += 1;
                 }
                 '[' => {
                     let (ranges, next) = parse_class(&s, i)?;
-                    top.push(Node::Class(ranges));
+                    let class = add_class(classes, ranges);
+                    frame.current.push(class);
                     i = next;
                 }
                 '*' | '+' | '?' => {
-                    let rep = match c {
-                        '*' => Rep::Star,
-                        '+' => Rep::Plus,
-                        _ => Rep::Quest,
+                    let (min, max) = match c {
+                        '*' => (0, None),
+                        '+' => (1, None),
+                        _ => (0, Some(1)),
                     };
                     i += 1;
                     // A trailing `?` makes it non-greedy: same matches.
                     if s.get(i) == Some(&'?') {
                         i += 1;
                     }
-                    if last_was_repeat {
-                        return Err(Invalid);
-                    }
-                    let sub = top.pop().ok_or(Invalid)?;
-                    top.push(Node::Repeat(Box::new(sub), rep));
+                    frame.repeat(min, max, false, last_was_repeat)?;
                     repeat = true;
                 }
-                '\\' => i = parse_top_escape(&s, i, top)?,
+                '{' => match parse_repeat(&s, i) {
+                    None => {
+                        let brace = literal(classes, '{' as u32);
+                        frame.current.push(brace);
+                        i += 1;
+                    }
+                    Some((min, max, next)) => {
+                        if !(0..=MAX_REPEAT).contains(&min)
+                            || max > MAX_REPEAT
+                            || (max >= 0 && min > max)
+                        {
+                            return Err(Invalid);
+                        }
+                        i = next;
+                        if s.get(i) == Some(&'?') {
+                            i += 1;
+                        }
+                        let min = u32::try_from(min).map_err(|_| Invalid)?;
+                        let max = u32::try_from(max).ok();
+                        frame.repeat(min, max, true, last_was_repeat)?;
+                        repeat = true;
+                    }
+                },
+                '\\' => i = parse_top_escape(&s, i, &mut frame.current, classes)?,
                 _ => {
-                    top.push(literal(c as u32));
+                    let lit = literal(classes, c as u32);
+                    frame.current.push(lit);
                     i += 1;
                 }
             }
@@ -1026,12 +1343,17 @@ mod regex {
         if frames.len() != 1 {
             return Err(Invalid);
         }
-        Ok(Node::Concat(frames.pop().unwrap_or_default()))
+        Ok(frames.pop().ok_or(Invalid)?.finish())
     }
 
     /// An escape outside a class, at `s[i] == '\\'`; returns the index after
     /// it.
-    fn parse_top_escape(s: &[char], i: usize, top: &mut Vec<Node>) -> Result<usize, Invalid> {
+    fn parse_top_escape(
+        s: &[char],
+        i: usize,
+        top: &mut Vec<Node>,
+        classes: &mut Vec<Ranges>,
+    ) -> Result<usize, Invalid> {
         let look = match s.get(i + 1) {
             Some('A') => Some(Look::BeginText),
             Some('z') => Some(Look::EndText),
@@ -1045,7 +1367,7 @@ mod regex {
                     if c == '\\' && s.get(j + 1) == Some(&'E') {
                         return Ok(j + 2);
                     }
-                    top.push(literal(c as u32));
+                    top.push(literal(classes, c as u32));
                     j += 1;
                 }
                 return Ok(j);
@@ -1057,11 +1379,11 @@ mod regex {
             return Ok(i + 2);
         }
         if let Some(ranges) = s.get(i + 1).and_then(|&c| perl_class(c)) {
-            top.push(Node::Class(ranges));
+            top.push(add_class(classes, ranges));
             return Ok(i + 2);
         }
         let (c, next) = parse_escape(s, i)?;
-        top.push(literal(c));
+        top.push(literal(classes, c));
         Ok(next)
     }
 

@@ -533,10 +533,127 @@ fn run_context_cases(corpus: &Value) -> Section {
     section
 }
 
-/// Extra cases not in the corpus, each checked against upstream
-/// patternmatcher (Go) by hand: `(patterns, path, Some(excluded))` or
-/// `None` for an error (at construction or when matching).
-const EXTRA_CASES: &[(&[&str], &str, Option<bool>)] = &[];
+/// Extra cases not in the corpus, each run through upstream patternmatcher
+/// (the corpus commit, with current Go's whole-pattern `filepath.Match`
+/// validation): `(patterns, path, Some(excluded))`, or `None` for an error
+/// (at construction or when matching). They pin upstream quirks: `|`, `{`
+/// and `}` reach Go's regexp unescaped; `\` escapes are regexp escapes;
+/// `**x` is a plain suffix test; a regexp may lack its end anchor.
+const EXTRA_CASES: &[(&[&str], &str, Option<bool>)] = &[
+    (&["a*|b"], "xb", Some(true)),
+    (&["a*|b"], "ab/c", Some(true)),
+    (&["a*|b"], "c", Some(false)),
+    (&["a|b"], "a|b", Some(true)),
+    (&["a|b"], "b", Some(false)),
+    (&["x{2}*"], "xx", Some(true)),
+    (&["x{2}*"], "x", Some(false)),
+    (&["x{2}"], "x{2}", Some(true)),
+    (&["a*{2}"], "a", None),
+    (&["ab{2,}c*"], "abbbc", Some(true)),
+    (&["a{01}*"], "a{01}", Some(true)),
+    (&["a{1001}*"], "a", None),
+    (&["\\d*"], "7z", Some(true)),
+    (&["\\d*"], "z", Some(false)),
+    (&["[[:digit:]]*"], "5", Some(true)),
+    (&["[[:bogus:]]"], "b", None),
+    (&["\\Qa*"], "a[^/]*$", Some(true)),
+    (&["\\Qa*"], "ab", Some(false)),
+    (&["\\y*"], "y", None),
+    (&["\\x41*"], "A", Some(true)),
+    (&["\\n*"], "n", Some(false)),
+    (&["**foo"], "barfoo", Some(true)),
+    (&["**/foo"], "barfoo", Some(false)),
+    (&["^a*"], "abc", Some(true)),
+    (&["^a"], "a", Some(false)),
+    (&["^a"], "^a", Some(true)),
+    (&["[*]x"], "[]x", Some(true)),
+    (&["[*]x"], "*x", Some(false)),
+    (&["\u{feff}a*"], "ab", Some(true)),
+    (&["\u{feff}a"], "a", Some(false)),
+    (&["a/**"], "a", Some(false)),
+    (&["a**"], "abc", Some(true)),
+    (&["*", "!a", "a/b"], "a/b/c", Some(true)),
+    (&["/a"], "a", Some(false)),
+    (&["/a"], "/a", Some(true)),
+    (&["./a"], "a", Some(true)),
+    (&["a/../b"], "b", Some(true)),
+    (&["! a"], "a", Some(false)),
+    (&["!./a"], "a", Some(false)),
+    (&["\\"], "x", None),
+    (&["x*["], "x", None),
+    (&["[a-"], "a", None),
+    (&["[z-a]*"], "b", None),
+    (&["[\\z]"], "z", None),
+    (&["**/*.go"], "dir/x.go", Some(true)),
+    (&["dir/*"], "dir/sub/x", Some(true)),
+    (&["a*", "!ab*", "[z-a]"], "ab", None),
+    (&["a*", "!ab*", "[z-a]"], "ac", Some(true)),
+];
+
+/// Extra walks not in the corpus, checked against a Go transliteration of
+/// fsutil's `filterFS.Walk` over upstream patternmatcher:
+/// `(tree, includes, excludes, expected)`.
+const EXTRA_WALKS: &[ExtraWalk] = &[
+    // The walker's incremental matching differs from MatchesOrParentMatches
+    // (which would keep `a/b`): `!a` was skipped for `a`, so `a/b` only
+    // sees it against itself.
+    (&["dir a", "file a/b"], &[], &["a/b", "!a"], &["dir a"]),
+    (
+        &["dir a", "dir a/x", "file a/x/y", "file a/z"],
+        &[],
+        &["a", "!a/x/y"],
+        &["dir a", "dir a/x", "file a/x/y"],
+    ),
+    (
+        &["dir a", "dir a/x", "file a/x/y", "file a/z"],
+        &[],
+        &["a", "!a/*/y"],
+        &["dir a", "dir a/x", "file a/x/y"],
+    ),
+    (
+        &["dir a", "dir a/x", "file a/x/y", "file b"],
+        &["a/x"],
+        &["**/y"],
+        &["dir a", "dir a/x"],
+    ),
+    // Include patterns that are all blank include nothing.
+    (
+        &["dir a", "dir a/x", "file a/x/y", "file b"],
+        &["   "],
+        &[],
+        &[],
+    ),
+];
+
+/// `(tree, includes, excludes, expected walk)`.
+type ExtraWalk = (
+    &'static [&'static str],
+    &'static [&'static str],
+    &'static [&'static str],
+    &'static [&'static str],
+);
+
+fn run_extra_walks() -> Section {
+    let mut section = Section::new("extra walks (kiln, upstream-verified)");
+    for &(tree, includes, excludes, expected) in EXTRA_WALKS {
+        let tree: Vec<String> = tree.iter().map(|e| (*e).to_owned()).collect();
+        let outcome = ContextFilter::new(includes, excludes)
+            .map_err(|e| format!("filter rejected: {e}"))
+            .and_then(|filter| walk_tree(&tree, &filter))
+            .and_then(|got| {
+                if got == expected {
+                    Ok(())
+                } else {
+                    Err(format!("walked {got:?}, expected {expected:?}"))
+                }
+            });
+        section.record(
+            format!("include {includes:?} exclude {excludes:?}"),
+            outcome,
+        );
+    }
+    section
+}
 
 fn run_extra_cases() -> Section {
     let mut section = Section::new("extra (kiln, upstream-verified)");
@@ -568,6 +685,7 @@ fn conformance_dockerignore() {
         run_open_cases(&corpus),
         run_context_cases(&corpus),
         run_extra_cases(),
+        run_extra_walks(),
     ];
     let mut failures = Vec::new();
     for section in &sections {
