@@ -15,10 +15,22 @@
 //!
 //! The pattern language (not gitignore's): patterns are path-cleaned and
 //! anchored at the context root; `*` and `?` do not cross `/`; `**` matches
-//! any number of directories; `[...]` classes and `\` escapes follow Go's
-//! `filepath.Match`; a pattern matches a path when it matches the path or
-//! any of its ancestor directories; a leading `!` makes an exception; the
-//! last matching pattern wins.
+//! any number of directories; `[...]` classes and `\` escapes are checked
+//! with Go's `filepath.Match` rules; a pattern matches a path when it
+//! matches the path or any of its ancestor directories; a leading `!` makes
+//! an exception; the last matching pattern wins.
+//!
+//! Like upstream, a pattern with glob characters is matched through the Go
+//! regular expression patternmatcher builds from it, quirks included: `|`,
+//! `{` and `}` are not escaped (so `a*|b` is an alternation and `x{2}*` a
+//! repetition), `\` escapes are regexp escapes (`\d`, `\x41`, `\Q`), and a
+//! few patterns that pass the construction check fail only when first
+//! evaluated (`[z-a]`, `\y`). Construction validates the whole pattern as
+//! current Go does (Go 1.19 and older accepted e.g. `x*[`).
+//!
+//! For walking a context, [`ContextFilter::decide_in`] carries each
+//! directory's match state to its children, as BuildKit does; the
+//! stateless [`ContextFilter::decide`] recomputes it from the root.
 //!
 //! ```
 //! use kiln_parser::dockerignore::{read_ignore_file, PatternMatcher};
