@@ -18,6 +18,9 @@
 //! `kiln-cache` / `kiln-image`). It talks to each through their public APIs.
 #![deny(missing_docs)]
 
+pub mod archive;
+pub mod backend;
+pub mod build;
 pub mod copy;
 pub mod error;
 pub mod fsview;
@@ -25,4 +28,5 @@ pub mod key;
 pub mod plan;
 pub mod progress;
 
+pub use build::{build, BuildOptions, BuildResult, ResourceLimits};
 pub use error::BuildError;

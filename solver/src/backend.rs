@@ -1,0 +1,94 @@
+//! What the solver needs from the store, as one narrow trait: resolving
+//! base images, unpacking them into snapshots, the cache index, preparing
+//! and committing snapshots, and writing the final image. The store-backed
+//! implementation is [`crate::store::StoreBackend`].
+
+use std::path::PathBuf;
+
+use kiln_executor::RootfsMount;
+use kiln_image::config::ImageConfig;
+use kiln_image::diff::DiffOptions;
+use kiln_image::Digest;
+
+use crate::copy::HashCache;
+
+/// A layer of an image or a build result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerRecord {
+    /// sha256 of the uncompressed tar.
+    pub diff_id: Digest,
+    /// Digest of the stored blob.
+    pub digest: Digest,
+    /// Size of the stored blob.
+    pub size: u64,
+    /// Media type of the stored blob.
+    pub media_type: String,
+    /// The committed snapshot holding the layer's files.
+    pub snapshot: String,
+}
+
+/// A base image found in the store.
+#[derive(Debug, Clone)]
+pub struct BaseImage {
+    /// The normalised reference it was found under.
+    pub reference: String,
+    /// Digest of its manifest (what cache keys of the stage start from).
+    pub manifest_digest: String,
+    /// Its configuration.
+    pub config: ImageConfig,
+    /// Its layers, bottom first, unpacked into snapshots.
+    pub layers: Vec<LayerRecord>,
+}
+
+/// A writable snapshot prepared on top of a parent.
+#[derive(Debug)]
+pub struct Active {
+    /// Snapshot key.
+    pub key: String,
+    /// How to mount it (handed to the executor).
+    pub mounts: Vec<RootfsMount>,
+    /// The layer directories, writable top first, then the parents' (for
+    /// COPY through [`crate::fsview::LayerView`]).
+    pub layers: Vec<PathBuf>,
+}
+
+/// The image the build produced.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    /// The image ID (digest of the config).
+    pub image_id: String,
+    /// Digest of the manifest.
+    pub manifest_digest: String,
+}
+
+/// An error from the store, already worded for the user.
+pub type BackendResult<T> = Result<T, String>;
+
+/// The solver's view of the store. Methods block: call them from
+/// `spawn_blocking`.
+pub trait Backend: Send + Sync + 'static {
+    /// Finds `reference` (normalised Docker-style) in the local store and
+    /// makes sure its layers are unpacked into snapshots.
+    fn resolve_image(&self, reference: &str) -> BackendResult<Option<BaseImage>>;
+    /// The layer stored under a cache key, if its snapshot still exists.
+    fn cache_get(&self, key: &str) -> BackendResult<Option<LayerRecord>>;
+    /// A writable snapshot on top of `parent` (`None`: empty).
+    fn prepare(&self, parent: Option<&str>) -> BackendResult<Active>;
+    /// Turns the writable snapshot into a layer: diff, store the blob,
+    /// commit the snapshot and record `key` in the cache index.
+    fn commit(&self, active: Active, key: &str, opts: &DiffOptions) -> BackendResult<LayerRecord>;
+    /// Drops a writable snapshot.
+    fn abort(&self, active: Active);
+    /// The layer directories of a committed snapshot chain, top first.
+    fn layer_dirs(&self, snapshot: &str) -> BackendResult<Vec<PathBuf>>;
+    /// The stat-keyed file-hash cache for build contexts.
+    fn hash_cache(&self) -> &dyn HashCache;
+    /// Writes the image (config, manifest) and points `tags` at it. Tags
+    /// move only after everything else is durable.
+    fn export(
+        &self,
+        config: &ImageConfig,
+        layers: &[LayerRecord],
+        tags: &[String],
+    ) -> BackendResult<Exported>;
+}

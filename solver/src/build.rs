@@ -1,0 +1,1572 @@
+//! The build: stages run as concurrent tasks that wait only for the stages
+//! they read from; each instruction is dispatched with BuildKit's semantics
+//! (ARG/ENV scoping, expansion, config edits, history), and each
+//! layer-producing step is keyed, looked up in the cache index, and run
+//! only on a miss. Identical keys in flight run once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kiln_executor::{CancellationToken, ExecRequest, Executor, NetworkMode, OutputLine};
+use kiln_image::config::{Healthcheck, History, ImageConfig};
+use kiln_image::diff::DiffOptions;
+use kiln_image::manifest::Platform;
+use kiln_parser::dockerignore::PatternMatcher;
+use kiln_parser::instructions::{CommandLine, Dockerfile, Instruction, Kind, Stage};
+use kiln_parser::shell::Lex;
+use tokio::sync::{watch, OnceCell};
+
+use crate::backend::{Backend, LayerRecord};
+use crate::copy::{copy_selections, hash_selection, CopyOptions, Selection, Selector};
+use crate::error::BuildError;
+use crate::fsview::{join_abs, LayerView};
+use crate::key::KeyHasher;
+use crate::plan::{self, Base, Plan, Source, PROXY_ARGS};
+use crate::progress::{Event, Progress};
+
+/// Everything a build needs besides the store.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// The Dockerfile text.
+    pub dockerfile: String,
+    /// The build context directory.
+    pub context: PathBuf,
+    /// `.dockerignore` patterns (already read).
+    pub ignore: Vec<String>,
+    /// `--build-arg` values.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`.
+    pub target: Option<String>,
+    /// `--no-cache`.
+    pub no_cache: bool,
+    /// `--label` values added to the image.
+    pub labels: BTreeMap<String, String>,
+    /// Default network of RUN steps.
+    pub network: NetworkMode,
+    /// Resource limits of every RUN step.
+    pub limits: ResourceLimits,
+    /// Names to tag the result with (normalised).
+    pub tags: Vec<String>,
+    /// `SOURCE_DATE_EPOCH`: clamps created times and file mtimes.
+    pub source_date_epoch: Option<i64>,
+}
+
+/// What a build produced.
+#[derive(Debug, Clone)]
+pub struct BuildResult {
+    /// The image ID (config digest).
+    pub image_id: String,
+    /// The manifest digest.
+    pub manifest_digest: String,
+    /// How many steps ran (were not cached).
+    pub executed: usize,
+    /// How many steps came from the cache.
+    pub cached: usize,
+}
+
+/// `--memory`, `--cpus`, `--pids-limit`: applied to every RUN step's cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ResourceLimits {
+    /// Memory limit in bytes.
+    pub memory: Option<i64>,
+    /// CPUs (fractional), enforced as a CFS quota per 100ms period.
+    pub cpus: Option<f64>,
+    /// Maximum number of processes.
+    pub pids: Option<i64>,
+}
+
+fn apply_limits(spec: &mut kiln_executor::oci::Spec, l: &ResourceLimits) {
+    use kiln_executor::oci::{
+        LinuxCpuBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResourcesBuilder,
+    };
+    if l.memory.is_none() && l.cpus.is_none() && l.pids.is_none() {
+        return;
+    }
+    let mut r = LinuxResourcesBuilder::default();
+    if let Some(m) = l.memory {
+        if let Ok(mem) = LinuxMemoryBuilder::default().limit(m).swap(m).build() {
+            r = r.memory(mem);
+        }
+    }
+    if let Some(c) = l.cpus {
+        let period: u64 = 100_000;
+        if let Ok(cpu) = LinuxCpuBuilder::default()
+            .period(period)
+            .quota((c * period as f64) as i64)
+            .build()
+        {
+            r = r.cpu(cpu);
+        }
+    }
+    if let Some(p) = l.pids {
+        if let Ok(pids) = LinuxPidsBuilder::default().limit(p).build() {
+            r = r.pids(pids);
+        }
+    }
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    linux.set_resources(r.build().ok());
+    spec.set_linux(Some(linux));
+}
+
+/// The state of a stage after some instructions.
+#[derive(Debug, Clone)]
+struct StageState {
+    config: ImageConfig,
+    layers: Vec<LayerRecord>,
+    /// The chain key (cache key of the last layer step, or of the base).
+    key: String,
+    /// Environment for expansion and RUN: config env plus ARGs, last wins.
+    env: Vec<(String, String)>,
+    /// Declared build args in scope, for RUN history and environment.
+    args: Vec<(String, Option<String>)>,
+    /// CMD set in this stage (ENTRYPOINT then keeps it).
+    cmd_set: bool,
+}
+
+impl StageState {
+    fn top(&self) -> Option<&str> {
+        self.layers.last().map(|l| l.snapshot.as_str())
+    }
+    fn workdir(&self) -> String {
+        self.config
+            .config
+            .as_ref()
+            .and_then(|c| c.working_dir.clone())
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into())
+    }
+    fn user(&self) -> Option<String> {
+        self.config
+            .config
+            .as_ref()
+            .and_then(|c| c.user.clone())
+            .filter(|u| !u.is_empty())
+    }
+    fn shell(&self) -> Vec<String> {
+        self.config
+            .config
+            .as_ref()
+            .and_then(|c| c.shell.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()])
+    }
+    fn set_env(&mut self, k: &str, v: &str) {
+        let env = self.config.config_mut().env.get_or_insert_with(Vec::new);
+        let entry = format!("{k}={v}");
+        match env
+            .iter_mut()
+            .find(|e| e.split_once('=').map_or(e.as_str(), |(a, _)| a) == k)
+        {
+            Some(e) => *e = entry,
+            None => env.push(entry),
+        }
+        self.env.push((k.into(), v.into()));
+    }
+    /// The environment a RUN sees: the state env with duplicates resolved
+    /// (last wins, first position kept).
+    fn run_env(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for (k, v) in &self.env {
+            match out.iter_mut().find(|(ok, _)| ok == k) {
+                Some(e) => e.1 = v.clone(),
+                None => out.push((k.clone(), v.clone())),
+            }
+        }
+        out
+    }
+}
+
+type StageResult = Result<Arc<StageState>, Arc<BuildError>>;
+
+/// Shared state of one build.
+struct Ctx {
+    backend: Arc<dyn Backend>,
+    executor: Executor,
+    progress: Progress,
+    cancel: CancellationToken,
+    opts: BuildOptions,
+    df: Dockerfile,
+    plan: Plan,
+    lex: Lex,
+    ignore: Option<PatternMatcher>,
+    stages: HashMap<usize, watch::Receiver<Option<StageResult>>>,
+    inflight: Mutex<HashMap<String, Arc<OnceCell<LayerRecord>>>>,
+    images: Mutex<HashMap<String, Arc<OnceCell<Arc<StageState>>>>>,
+    executed: std::sync::atomic::AtomicUsize,
+    cached: std::sync::atomic::AtomicUsize,
+    created: String,
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, BuildError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BuildError::internal("worker", e))?
+        .map_err(BuildError::Internal)
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Builds `opts.dockerfile` and writes the image to the store.
+pub async fn build(
+    backend: Arc<dyn Backend>,
+    executor: Executor,
+    progress: Progress,
+    cancel: CancellationToken,
+    opts: BuildOptions,
+) -> Result<BuildResult, BuildError> {
+    let df = kiln_parser::parse(&opts.dockerfile)?;
+    let plan = plan::plan(&df, &opts.build_args, opts.target.as_deref())?;
+    let ignore = if opts.ignore.is_empty() {
+        None
+    } else {
+        Some(
+            PatternMatcher::new(&opts.ignore)
+                .map_err(|e| BuildError::Usage(format!(".dockerignore: {e}")))?,
+        )
+    };
+    let created = kiln_image::config::rfc3339(opts.source_date_epoch.unwrap_or_else(now_secs));
+    let lex = Lex::new(df.escape);
+    let mut senders = HashMap::new();
+    let mut receivers = HashMap::new();
+    for s in &plan.stages {
+        let (tx, rx) = watch::channel(None);
+        senders.insert(s.index, tx);
+        receivers.insert(s.index, rx);
+    }
+    let ctx = Arc::new(Ctx {
+        backend,
+        executor,
+        progress,
+        cancel: cancel.clone(),
+        opts,
+        df,
+        plan,
+        lex,
+        ignore,
+        stages: receivers,
+        inflight: Mutex::new(HashMap::new()),
+        images: Mutex::new(HashMap::new()),
+        executed: Default::default(),
+        cached: Default::default(),
+        created,
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in ctx.plan.stages.clone() {
+        let ctx = ctx.clone();
+        let Some(tx) = senders.remove(&s.index) else {
+            continue;
+        };
+        tasks.spawn(async move {
+            let r = ctx.clone().run_stage(s.index).await;
+            let failed = r.is_err();
+            let _ = tx.send(Some(r.map_err(Arc::new)));
+            if failed {
+                ctx.cancel.cancel();
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let target = ctx.plan.target;
+    let result = ctx.stage_result(target).await;
+    let state = match result {
+        Ok(s) => s,
+        Err(e) => {
+            // Report the first real failure, not a cancellation it caused.
+            for s in &ctx.plan.stages {
+                if let Some(Err(e)) = ctx.stages.get(&s.index).and_then(|r| r.borrow().clone()) {
+                    if !matches!(*e, BuildError::Cancelled) {
+                        return Err(unwrap_arc(e));
+                    }
+                }
+            }
+            return Err(unwrap_arc(e));
+        }
+    };
+    let mut config = state.config.clone();
+    if !ctx.opts.labels.is_empty() {
+        let labels = config.config_mut().labels.get_or_insert_with(BTreeMap::new);
+        for (k, v) in &ctx.opts.labels {
+            labels.insert(k.clone(), v.clone());
+        }
+    }
+    config.created = Some(ctx.created.clone());
+    let id = ctx.progress.start("exporting to image".into());
+    let t = Instant::now();
+    let backend = ctx.backend.clone();
+    let layers = state.layers.clone();
+    let tags = ctx.opts.tags.clone();
+    let exported = blocking(move || backend.export(&config, &layers, &tags)).await?;
+    ctx.progress.send(Event::Log {
+        id,
+        stream: "stdout",
+        line: format!("writing image {} done", exported.image_id),
+        elapsed: t.elapsed().as_secs_f64(),
+    });
+    for tag in &ctx.opts.tags {
+        ctx.progress.send(Event::Log {
+            id,
+            stream: "stdout",
+            line: format!("naming to {tag} done"),
+            elapsed: t.elapsed().as_secs_f64(),
+        });
+    }
+    ctx.progress.done(id, t.elapsed());
+    Ok(BuildResult {
+        image_id: exported.image_id,
+        manifest_digest: exported.manifest_digest,
+        executed: ctx.executed.load(std::sync::atomic::Ordering::Relaxed),
+        cached: ctx.cached.load(std::sync::atomic::Ordering::Relaxed),
+    })
+}
+
+fn unwrap_arc(e: Arc<BuildError>) -> BuildError {
+    Arc::try_unwrap(e).unwrap_or_else(|e| match &*e {
+        BuildError::Step { line, message } => BuildError::Step {
+            line: *line,
+            message: message.clone(),
+        },
+        BuildError::Run {
+            line,
+            command,
+            status,
+            tail,
+        } => BuildError::Run {
+            line: *line,
+            command: command.clone(),
+            status: status.clone(),
+            tail: tail.clone(),
+        },
+        BuildError::Usage(m) => BuildError::Usage(m.clone()),
+        BuildError::Cancelled => BuildError::Cancelled,
+        other => BuildError::Internal(other.to_string()),
+    })
+}
+
+fn history(created: &str, created_by: String) -> History {
+    History {
+        created: Some(created.to_string()),
+        created_by: Some(created_by),
+        comment: Some("buildkit.dockerfile.v0".into()),
+        ..Default::default()
+    }
+}
+
+impl Ctx {
+    async fn stage_result(&self, index: usize) -> StageResult {
+        let Some(mut rx) = self.stages.get(&index).cloned() else {
+            return Err(Arc::new(BuildError::internal(
+                "plan",
+                format!("stage {index} is not part of the build"),
+            )));
+        };
+        loop {
+            if let Some(r) = rx.borrow().clone() {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                return Err(Arc::new(BuildError::Cancelled));
+            }
+        }
+    }
+
+    fn stage_label(&self, index: usize) -> String {
+        let st = &self.df.stages[index];
+        match &st.name {
+            Some(n) => n.clone(),
+            None => format!("stage-{index}"),
+        }
+    }
+
+    fn expand(
+        &self,
+        word: &str,
+        env: &[(String, String)],
+        line: usize,
+    ) -> Result<String, BuildError> {
+        let env: Vec<(String, String)> = env.to_vec();
+        self.lex
+            .process_word(word, &env)
+            .map_err(|e| BuildError::at(line, e.to_string()))
+    }
+
+    async fn run_stage(self: Arc<Self>, index: usize) -> Result<Arc<StageState>, BuildError> {
+        let stage: Stage = self.df.stages[index].clone();
+        let planned = self
+            .plan
+            .stage(index)
+            .cloned()
+            .ok_or_else(|| BuildError::internal("plan", "stage missing"))?;
+        let label = self.stage_label(index);
+        let total = stage.instructions.len() + 1;
+        let mut state = match &planned.base {
+            Base::Scratch => {
+                let mut config = ImageConfig::new(&Platform::host());
+                config.config_mut().env =
+                    Some(vec![format!("PATH={}", kiln_executor::DEFAULT_PATH)]);
+                StageState {
+                    env: env_pairs(&config),
+                    config,
+                    layers: Vec::new(),
+                    key: KeyHasher::new("scratch").finish(),
+                    args: Vec::new(),
+                    cmd_set: false,
+                }
+            }
+            Base::Stage(j) => {
+                let base = self.stage_result(*j).await.map_err(unwrap_arc)?;
+                let mut s = (*base).clone();
+                s.cmd_set = false;
+                s
+            }
+            Base::Image(reference) => {
+                let id = self
+                    .progress
+                    .start(format!("[{label} 1/{total}] FROM {reference}"));
+                let t = Instant::now();
+                let base = self
+                    .image_state(reference, stage.line)
+                    .await
+                    .inspect_err(|e| {
+                        self.progress.send(Event::Failed {
+                            id,
+                            error: e.to_string(),
+                        })
+                    })?;
+                self.progress.done(id, t.elapsed());
+                (*base).clone()
+            }
+        };
+        // ONBUILD triggers of the base run first, then are dropped.
+        let triggers = state
+            .config
+            .config
+            .as_mut()
+            .and_then(|c| c.on_build.take())
+            .unwrap_or_default();
+        for trigger in triggers {
+            let parsed =
+                kiln_parser::parse(&format!("FROM scratch\n{trigger}\n")).map_err(|e| {
+                    BuildError::at(
+                        stage.line,
+                        format!("invalid ONBUILD trigger {trigger:?}: {e}"),
+                    )
+                })?;
+            for instr in parsed.stages.into_iter().flat_map(|s| s.instructions) {
+                let instr = Instruction {
+                    line: stage.line,
+                    end_line: stage.line,
+                    ..instr
+                };
+                self.clone()
+                    .dispatch(index, &label, 0, total, &mut state, &instr)
+                    .await?;
+            }
+        }
+        for (n, instr) in stage.instructions.iter().enumerate() {
+            if self.cancel.is_cancelled() {
+                return Err(BuildError::Cancelled);
+            }
+            self.clone()
+                .dispatch(index, &label, n + 2, total, &mut state, instr)
+                .await?;
+        }
+        Ok(Arc::new(state))
+    }
+
+    /// Resolves an image reference to a stage state (once per build).
+    async fn image_state(
+        &self,
+        reference: &str,
+        line: usize,
+    ) -> Result<Arc<StageState>, BuildError> {
+        let cell = {
+            let mut m = self
+                .images
+                .lock()
+                .map_err(|_| BuildError::internal("lock", "poisoned"))?;
+            m.entry(reference.to_string()).or_default().clone()
+        };
+        let reference = reference.to_string();
+        let backend = self.backend.clone();
+        cell.get_or_try_init(|| async move {
+            let r = reference.clone();
+            let img = blocking(move || backend.resolve_image(&r)).await?;
+            let Some(img) = img else {
+                return Err(BuildError::at(
+                    line,
+                    format!(
+                        "{reference}: image not found in the local store (import or load it first, e.g. `kiln import rootfs.tar {reference}`)"
+                    ),
+                ));
+            };
+            let mut config = img.config.clone();
+            let has_path = env_pairs(&config).iter().any(|(k, _)| k == "PATH");
+            if !has_path {
+                config
+                    .config_mut()
+                    .env
+                    .get_or_insert_with(Vec::new)
+                    .push(format!("PATH={}", kiln_executor::DEFAULT_PATH));
+            }
+            Ok(Arc::new(StageState {
+                env: env_pairs(&config),
+                config,
+                layers: img.layers.clone(),
+                key: {
+                    let mut k = KeyHasher::new("image");
+                    k.field(&img.manifest_digest);
+                    k.finish()
+                },
+                args: Vec::new(),
+                cmd_set: false,
+            }))
+        })
+        .await
+        .cloned()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn dispatch(
+        self: Arc<Self>,
+        stage: usize,
+        label: &str,
+        n: usize,
+        total: usize,
+        state: &mut StageState,
+        instr: &Instruction,
+    ) -> Result<(), BuildError> {
+        let line = instr.line;
+        let created = self.created.clone();
+        let name = if n == 0 {
+            format!("[{label} ONBUILD] {}", instr.original.trim())
+        } else {
+            format!("[{label} {n}/{total}] {}", instr.original.trim())
+        };
+        match &instr.kind {
+            Kind::Env { vars } => {
+                let mut msg = String::from("ENV");
+                for kv in vars {
+                    let k = self.expand(&kv.key, &state.env, line)?;
+                    let v = self.expand(&kv.value, &state.env, line)?;
+                    msg.push_str(&format!(" {k}={v}"));
+                    state.set_env(&k, &v);
+                }
+                state.config.push_empty(history(&created, msg));
+            }
+            Kind::Label { labels } => {
+                let mut msg = String::from("LABEL");
+                for kv in labels {
+                    let k = self.expand(&kv.key, &state.env, line)?;
+                    let v = self.expand(&kv.value, &state.env, line)?;
+                    msg.push_str(&format!(" {k}={v}"));
+                    state
+                        .config
+                        .config_mut()
+                        .labels
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(k, v);
+                }
+                state.config.push_empty(history(&created, msg));
+            }
+            Kind::Arg { args } => {
+                let mut parts = Vec::new();
+                for def in args {
+                    let key = self.expand(&def.key, &state.env, line)?;
+                    let mut value = match (self.opts.build_args.get(&key), &def.default) {
+                        (Some(v), _) => Some(v.clone()),
+                        (None, Some(d)) => Some(self.expand(d, &state.env, line)?),
+                        (None, None) => None,
+                    };
+                    if value.is_none() {
+                        value = self
+                            .plan
+                            .global_args
+                            .iter()
+                            .rev()
+                            .find(|(k, _)| *k == key)
+                            .and_then(|(_, v)| v.clone())
+                            .or_else(|| {
+                                plan::platform_args()
+                                    .into_iter()
+                                    .find(|(k, _)| *k == key)
+                                    .map(|(_, v)| v)
+                            });
+                    }
+                    if let Some(v) = &value {
+                        state.env.push((key.clone(), v.clone()));
+                        parts.push(format!("{key}={v}"));
+                    } else {
+                        parts.push(key.clone());
+                    }
+                    state.args.retain(|(k, _)| *k != key);
+                    state.args.push((key, value));
+                }
+                state
+                    .config
+                    .push_empty(history(&created, format!("ARG {}", parts.join(" "))));
+            }
+            Kind::Maintainer { name } => {
+                state.config.author = Some(name.clone());
+                state
+                    .config
+                    .push_empty(history(&created, format!("MAINTAINER {name}")));
+            }
+            Kind::User { user } => {
+                let u = self.expand(user, &state.env, line)?;
+                state.config.config_mut().user = Some(u.clone());
+                state
+                    .config
+                    .push_empty(history(&created, format!("USER {u}")));
+            }
+            Kind::Stopsignal { signal } => {
+                let s = self.expand(signal, &state.env, line)?;
+                validate_signal(&s).map_err(|m| BuildError::at(line, m))?;
+                state.config.config_mut().stop_signal = Some(s.clone());
+                state
+                    .config
+                    .push_empty(history(&created, format!("STOPSIGNAL {s}")));
+            }
+            Kind::Volume { volumes } => {
+                let mut vs = Vec::new();
+                for v in volumes {
+                    let v = self.expand(v, &state.env, line)?;
+                    if v.is_empty() {
+                        return Err(BuildError::at(
+                            line,
+                            "VOLUME specified can not be an empty string",
+                        ));
+                    }
+                    state
+                        .config
+                        .config_mut()
+                        .volumes
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(v.clone(), Default::default());
+                    vs.push(v);
+                }
+                state
+                    .config
+                    .push_empty(history(&created, format!("VOLUME [{}]", vs.join(" "))));
+            }
+            Kind::Expose { ports } => {
+                let env = state.env.clone();
+                let mut specs = Vec::new();
+                for p in ports {
+                    let words = self
+                        .lex
+                        .process_words(p, &env)
+                        .map_err(|e| BuildError::at(line, e.to_string()))?;
+                    for w in words {
+                        specs.extend(parse_ports(&w).map_err(|m| BuildError::at(line, m))?);
+                    }
+                }
+                specs.sort();
+                specs.dedup();
+                for s in &specs {
+                    state
+                        .config
+                        .config_mut()
+                        .exposed_ports
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(s.clone(), Default::default());
+                }
+                state
+                    .config
+                    .push_empty(history(&created, format!("EXPOSE [{}]", specs.join(" "))));
+            }
+            Kind::Shell { shell } => {
+                state.config.config_mut().shell = Some(shell.clone());
+                state
+                    .config
+                    .push_empty(history(&created, format!("SHELL [{}]", shell.join(" "))));
+            }
+            Kind::Onbuild { expression, .. } => {
+                state
+                    .config
+                    .config_mut()
+                    .on_build
+                    .get_or_insert_with(Vec::new)
+                    .push(expression.clone());
+            }
+            Kind::Cmd(cl) => {
+                let args = shell_wrap(cl, &state.shell());
+                state.config.config_mut().cmd = Some(args.clone());
+                state.cmd_set = true;
+                state
+                    .config
+                    .push_empty(history(&created, format!("CMD {}", go_quote_list(&args))));
+            }
+            Kind::Entrypoint(cl) => {
+                let args = shell_wrap(cl, &state.shell());
+                let c = state.config.config_mut();
+                c.entrypoint = if args.is_empty() {
+                    None
+                } else {
+                    Some(args.clone())
+                };
+                if !state.cmd_set {
+                    c.cmd = None;
+                }
+                state.config.push_empty(history(
+                    &created,
+                    format!("ENTRYPOINT {}", go_quote_list(&args)),
+                ));
+            }
+            Kind::Healthcheck(h) => {
+                let hc = Healthcheck {
+                    test: Some(h.test.clone()),
+                    interval: h.interval.map(|d| d.as_nanos() as i64),
+                    timeout: h.timeout.map(|d| d.as_nanos() as i64),
+                    start_period: h.start_period.map(|d| d.as_nanos() as i64),
+                    start_interval: h.start_interval.map(|d| d.as_nanos() as i64),
+                    retries: h.retries.map(i64::from),
+                };
+                let msg = format!(
+                    "HEALTHCHECK &{{Test:[{}] Interval:{} Timeout:{} StartPeriod:{} StartInterval:{} Retries:{}}}",
+                    h.test.join(" "),
+                    go_duration(h.interval),
+                    go_duration(h.timeout),
+                    go_duration(h.start_period),
+                    go_duration(h.start_interval),
+                    h.retries.unwrap_or(0)
+                );
+                state.config.config_mut().healthcheck = Some(hc);
+                state.config.push_empty(history(&created, msg));
+            }
+            Kind::Workdir { path } => {
+                let p = self.expand(path, &state.env, line)?;
+                let wd = join_abs(&state.workdir(), &p);
+                state.config.config_mut().working_dir = Some(wd.clone());
+                let msg = format!("WORKDIR {wd}");
+                if wd == "/" {
+                    state.config.push_empty(history(&created, msg));
+                } else {
+                    let mut k = KeyHasher::new("mkdir");
+                    k.field(&state.key)
+                        .field(&wd)
+                        .field(state.user().unwrap_or_default());
+                    let key = k.finish();
+                    let user = state.user();
+                    let dir = wd.clone();
+                    let layer = self
+                        .clone()
+                        .layer_step(stage, &name, state, key, move |view| {
+                            let owner = match &user {
+                                Some(u) => resolve_owner(view, u)?,
+                                None => (0, 0),
+                            };
+                            let resolved = view.resolve(&dir, true).map_err(|e| e.to_string())?;
+                            view.ensure_dir(&resolved, owner)
+                                .map_err(|e| e.to_string())?;
+                            Ok(())
+                        })
+                        .await?;
+                    push_layer(state, layer, history(&created, msg));
+                }
+            }
+            Kind::Run(run) => {
+                self.clone()
+                    .run_step(stage, &name, state, instr, run)
+                    .await?;
+            }
+            Kind::Copy(c) => {
+                let from = match &c.from {
+                    Some(f) => {
+                        Some(self.expand(f, &plan::global_env(&self.plan.global_args), line)?)
+                    }
+                    None => None,
+                };
+                self.clone()
+                    .copy_step(
+                        stage,
+                        &name,
+                        state,
+                        instr,
+                        CopySpec {
+                            add: false,
+                            from,
+                            paths: &c.paths,
+                            chown: c.chown.as_deref(),
+                            chmod: c.chmod.as_deref(),
+                            excludes: &c.excludes,
+                            link: c.link,
+                            parents: c.parents,
+                        },
+                    )
+                    .await?;
+            }
+            Kind::Add(a) => {
+                if a.paths.sources.iter().any(|s| is_url(s)) {
+                    return Err(BuildError::at(
+                        line,
+                        "ADD from a URL or git repository is not supported yet",
+                    ));
+                }
+                if a.checksum.is_some() || a.keep_git_dir.is_some() {
+                    return Err(BuildError::at(
+                        line,
+                        "ADD --checksum/--keep-git-dir apply to remote sources, which are not supported yet",
+                    ));
+                }
+                self.clone()
+                    .copy_step(
+                        stage,
+                        &name,
+                        state,
+                        instr,
+                        CopySpec {
+                            add: a.unpack != Some(false),
+                            from: None,
+                            paths: &a.paths,
+                            chown: a.chown.as_deref(),
+                            chmod: a.chmod.as_deref(),
+                            excludes: &a.excludes,
+                            link: a.link,
+                            parents: false,
+                        },
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs (or takes from the cache) one layer-producing step whose work
+    /// is `work` on the writable view of a fresh snapshot.
+    async fn layer_step<F>(
+        self: Arc<Self>,
+        _stage: usize,
+        name: &str,
+        state: &StageState,
+        key: String,
+        work: F,
+    ) -> Result<LayerRecord, BuildError>
+    where
+        F: FnOnce(&LayerView) -> Result<(), String> + Send + 'static,
+    {
+        let id = self.progress.start(name.to_string());
+        let t = Instant::now();
+        let parent = state.top().map(str::to_string);
+        let me = self.clone();
+        let k = key.clone();
+        let r = self
+            .single_flight(&key, async move {
+                if let Some(hit) = me.cache_lookup(&k).await? {
+                    return Ok((hit, true));
+                }
+                let backend = me.backend.clone();
+                let opts = me.diff_options();
+                let layer = blocking(move || {
+                    let active = backend.prepare(parent.as_deref())?;
+                    let view = LayerView::new(active.layers.clone(), false);
+                    if let Err(e) = work(&view) {
+                        backend.abort(active);
+                        return Err(e);
+                    }
+                    backend.commit(active, &k, &opts)
+                })
+                .await?;
+                Ok((layer, false))
+            })
+            .await;
+        self.finish(id, t, r)
+    }
+
+    fn finish(
+        &self,
+        id: usize,
+        t: Instant,
+        r: Result<(LayerRecord, bool), BuildError>,
+    ) -> Result<LayerRecord, BuildError> {
+        match r {
+            Ok((layer, true)) => {
+                self.cached
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.progress.send(Event::Cached { id });
+                Ok(layer)
+            }
+            Ok((layer, false)) => {
+                self.executed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.progress.done(id, t.elapsed());
+                Ok(layer)
+            }
+            Err(e) => {
+                self.progress.send(Event::Failed {
+                    id,
+                    error: e.to_string(),
+                });
+                Err(e)
+            }
+        }
+    }
+
+    fn diff_options(&self) -> DiffOptions {
+        DiffOptions {
+            clamp_mtime: self.opts.source_date_epoch,
+            exclude: Vec::new(),
+        }
+    }
+
+    async fn cache_lookup(&self, key: &str) -> Result<Option<LayerRecord>, BuildError> {
+        if self.opts.no_cache {
+            return Ok(None);
+        }
+        let backend = self.backend.clone();
+        let k = key.to_string();
+        blocking(move || backend.cache_get(&k)).await
+    }
+
+    /// Runs `fut` once per key among concurrent callers; returns whether
+    /// the result came from the cache.
+    async fn single_flight<Fut>(
+        &self,
+        key: &str,
+        fut: Fut,
+    ) -> Result<(LayerRecord, bool), BuildError>
+    where
+        Fut: std::future::Future<Output = Result<(LayerRecord, bool), BuildError>>,
+    {
+        let cell = {
+            let mut m = self
+                .inflight
+                .lock()
+                .map_err(|_| BuildError::internal("lock", "poisoned"))?;
+            m.entry(key.to_string()).or_default().clone()
+        };
+        let mut was_cached = true;
+        let layer = cell
+            .get_or_try_init(|| async {
+                let (l, c) = fut.await?;
+                was_cached = c;
+                Ok::<_, BuildError>(l)
+            })
+            .await?
+            .clone();
+        Ok((layer, was_cached))
+    }
+
+    async fn run_step(
+        self: Arc<Self>,
+        _stage: usize,
+        name: &str,
+        state: &mut StageState,
+        instr: &Instruction,
+        run: &kiln_parser::instructions::Run,
+    ) -> Result<(), BuildError> {
+        let line = instr.line;
+        if !run.mounts.is_empty() {
+            return Err(BuildError::at(line, "RUN --mount is not supported yet"));
+        }
+        if run.security.as_deref() == Some("insecure") {
+            return Err(BuildError::at(
+                line,
+                "RUN --security=insecure needs `--allow security.insecure`, which is not supported yet",
+            ));
+        }
+        let args = run_args(&run.command, &state.shell()).map_err(|m| BuildError::at(line, m))?;
+        let network = match run.network.as_deref() {
+            Some("none") => NetworkMode::None,
+            Some("host") => NetworkMode::Host,
+            _ => self.opts.network,
+        };
+        // Proxy args reach the step without being declared, outside the key.
+        let mut env = state.run_env();
+        let mut key = KeyHasher::new("run");
+        key.field(&state.key)
+            .fields(&args)
+            .fields(env.iter().map(|(k, v)| format!("{k}={v}")))
+            .field(state.workdir())
+            .field(state.user().unwrap_or_default())
+            .field(if network == NetworkMode::None {
+                "none"
+            } else {
+                "host"
+            });
+        let key = key.finish();
+        for p in PROXY_ARGS {
+            if let Some(v) = self.opts.build_args.get(p) {
+                if !env.iter().any(|(k, _)| k == p) {
+                    env.push((p.to_string(), v.clone()));
+                }
+            }
+        }
+        let history_args: Vec<(String, Option<String>)> = state.args.clone();
+        let created_by = format!(
+            "RUN {}",
+            run_command_string(&args, &history_args, &state.run_env())
+        );
+
+        let id = self.progress.start(name.to_string());
+        let t = Instant::now();
+        let me = self.clone();
+        let parent = state.top().map(str::to_string);
+        let workdir = state.workdir();
+        let user = state.user();
+        let step_name = instr.original.trim().to_string();
+        let k = key.clone();
+        let r = self
+            .single_flight(&key, async move {
+                if let Some(hit) = me.cache_lookup(&k).await? {
+                    return Ok((hit, true));
+                }
+                let backend = me.backend.clone();
+                let active = blocking(move || backend.prepare(parent.as_deref())).await?;
+                let mut spec = kiln_executor::default_spec(args.clone());
+                if let Some(p) = spec.process_mut() {
+                    p.set_env(Some(env.iter().map(|(k, v)| format!("{k}={v}")).collect()));
+                    p.set_cwd(PathBuf::from(&workdir));
+                }
+                kiln_executor::set_network(&mut spec, network);
+                apply_limits(&mut spec, &me.opts.limits);
+                let mut req = ExecRequest::new(step_name.clone(), spec, active.mounts.clone());
+                req.user = user.clone();
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<OutputLine>(256);
+                let progress = me.progress.clone();
+                let started = Instant::now();
+                let forward = tokio::spawn(async move {
+                    while let Some(l) = rx.recv().await {
+                        progress.send(Event::Log {
+                            id,
+                            stream: match l.stream {
+                                kiln_executor::Stream::Stdout => "stdout",
+                                kiln_executor::Stream::Stderr => "stderr",
+                            },
+                            line: String::from_utf8_lossy(&l.bytes)
+                                .trim_end_matches(['\n', '\r'])
+                                .to_string(),
+                            elapsed: started.elapsed().as_secs_f64(),
+                        });
+                    }
+                });
+                let outcome = me
+                    .executor
+                    .run(req, Some(tx), me.cancel.child_token())
+                    .await;
+                let _ = forward.await;
+                let outcome = match outcome {
+                    Ok(o) => o,
+                    Err(e) => {
+                        let backend = me.backend.clone();
+                        let _ = blocking(move || {
+                            backend.abort(active);
+                            Ok(())
+                        })
+                        .await;
+                        if me.cancel.is_cancelled() {
+                            return Err(BuildError::Cancelled);
+                        }
+                        return Err(BuildError::at(line, e.to_string()));
+                    }
+                };
+                if !outcome.status.success() {
+                    let backend = me.backend.clone();
+                    let _ = blocking(move || {
+                        backend.abort(active);
+                        Ok(())
+                    })
+                    .await;
+                    if me.cancel.is_cancelled() {
+                        return Err(BuildError::Cancelled);
+                    }
+                    return Err(BuildError::Run {
+                        line,
+                        command: args.join(" "),
+                        status: outcome.status.to_string(),
+                        tail: outcome
+                            .tail
+                            .iter()
+                            .map(|l| {
+                                String::from_utf8_lossy(&l.bytes)
+                                    .trim_end_matches(['\n', '\r'])
+                                    .to_string()
+                            })
+                            .collect(),
+                    });
+                }
+                let backend = me.backend.clone();
+                let opts = me.diff_options();
+                let layer = blocking(move || backend.commit(active, &k, &opts)).await?;
+                Ok((layer, false))
+            })
+            .await;
+        let layer = self.finish(id, t, r)?;
+        push_layer(state, layer, history(&self.created, created_by));
+        Ok(())
+    }
+
+    /// The layer view of another stage or an image, for COPY --from.
+    async fn source_view(
+        &self,
+        stage: usize,
+        from: &str,
+        line: usize,
+    ) -> Result<LayerView, BuildError> {
+        let state = match plan::resolve_source(&self.df, stage, from) {
+            Source::Stage(j) => self.stage_result(j).await.map_err(unwrap_arc)?,
+            Source::Image(r) => self.image_state(&r, line).await?,
+        };
+        let Some(top) = state.top().map(str::to_string) else {
+            return Ok(LayerView::new(Vec::new(), false));
+        };
+        let backend = self.backend.clone();
+        let dirs = blocking(move || backend.layer_dirs(&top)).await?;
+        Ok(LayerView::new(dirs, false))
+    }
+
+    async fn copy_step(
+        self: Arc<Self>,
+        stage: usize,
+        name: &str,
+        state: &mut StageState,
+        instr: &Instruction,
+        spec: CopySpec<'_>,
+    ) -> Result<(), BuildError> {
+        let line = instr.line;
+        if spec.link {
+            // --link only changes how the layer may be reused; the files
+            // are the same.
+        }
+        if spec.parents {
+            return Err(BuildError::at(line, "COPY --parents is not supported yet"));
+        }
+        let env = state.env.clone();
+        let mut sources = Vec::new();
+        for s in &spec.paths.sources {
+            sources.push(self.expand(s, &env, line)?);
+        }
+        let dest_raw = self.expand(&spec.paths.dest, &env, line)?;
+        let dest = join_abs(&state.workdir(), &dest_raw);
+        let dest_is_dir = dest_raw.ends_with('/') || dest_raw.ends_with("/.") || dest_raw == ".";
+        let chown = match spec.chown {
+            Some(c) => Some(self.expand(c, &env, line)?),
+            None => None,
+        };
+        let chmod = match spec.chmod {
+            Some(c) => Some(
+                parse_chmod(&self.expand(c, &env, line)?).map_err(|m| BuildError::at(line, m))?,
+            ),
+            None => None,
+        };
+        let excludes = spec
+            .excludes
+            .iter()
+            .map(|e| self.expand(e, &env, line))
+            .collect::<Result<Vec<_>, _>>()?;
+        let exclude = if excludes.is_empty() {
+            None
+        } else {
+            Some(
+                PatternMatcher::new(&excludes)
+                    .map_err(|e| BuildError::at(line, format!("--exclude: {e}")))?,
+            )
+        };
+        let (view, from_context) = match &spec.from {
+            Some(f) => (self.source_view(stage, f, line).await?, false),
+            None => (LayerView::new(vec![self.opts.context.clone()], true), true),
+        };
+        // Select and hash off the async threads.
+        let backend = self.backend.clone();
+        let ignore = if from_context {
+            self.ignore.clone()
+        } else {
+            None
+        };
+        let src = sources.clone();
+        let mut key = KeyHasher::new(if spec.add { "add" } else { "copy" });
+        key.field(&state.key)
+            .field(&dest)
+            .field(if dest_is_dir { "dir" } else { "path" })
+            .field(chown.clone().unwrap_or_default())
+            .field(chmod.map(|m| m.to_string()).unwrap_or_default())
+            .fields(&excludes);
+        match &spec.from {
+            Some(f) => {
+                let top = view
+                    .layers()
+                    .first()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                key.field("from").field(f).field(top);
+            }
+            None => {
+                key.field("context");
+            }
+        }
+        for c in &spec.paths.contents {
+            key.field("heredoc")
+                .field(&c.path)
+                .field(&c.data)
+                .field(if c.expand { "1" } else { "0" });
+        }
+        let view2 = view.clone();
+        let (selections, key) = blocking(move || {
+            let selector = Selector {
+                view: &view2,
+                ignore: ignore.as_ref(),
+                exclude: exclude.as_ref(),
+            };
+            let mut all: Vec<Selection> = Vec::new();
+            for s in &src {
+                all.extend(selector.select(s).map_err(|e| e.to_string())?);
+            }
+            hash_selection(&mut key, &all, backend.hash_cache(), !from_context)
+                .map_err(|e| e.to_string())?;
+            Ok((all, key.finish()))
+        })
+        .await
+        .map_err(|e| match e {
+            BuildError::Internal(m) => BuildError::at(line, m),
+            other => other,
+        })?;
+        let mut contents = Vec::new();
+        for c in &spec.paths.contents {
+            let data = if c.expand {
+                self.lex
+                    .skip_process_quotes(true)
+                    .process_word(&c.data, &env)
+                    .map_err(|e| BuildError::at(line, e.to_string()))?
+            } else {
+                c.data.clone()
+            };
+            contents.push((c.path.clone(), data));
+        }
+        let created_by = copy_created_by(
+            spec.add,
+            &spec,
+            &sources,
+            &contents,
+            &dest_raw,
+            chown.as_deref(),
+        );
+        let opts = CopyOptions {
+            owner: None,
+            keep_owner: !from_context,
+            chmod,
+            clamp_mtime: self.opts.source_date_epoch,
+        };
+        let add = spec.add;
+        let layer = self
+            .clone()
+            .layer_step(stage, name, state, key, move |dst| {
+                let mut opts = opts;
+                if let Some(c) = &chown {
+                    opts.owner = Some(resolve_owner(dst, c)?);
+                }
+                if add {
+                    crate::archive::add_selections(dst, &dest, dest_is_dir, &selections, &opts)
+                        .map_err(|e| e.to_string())?;
+                } else {
+                    copy_selections(dst, &dest, dest_is_dir, &selections, &opts)
+                        .map_err(|e| e.to_string())?;
+                }
+                for (name, data) in &contents {
+                    crate::archive::write_inline(
+                        dst,
+                        &dest,
+                        dest_is_dir || contents.len() > 1,
+                        name,
+                        data,
+                        &opts,
+                    )
+                    .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| match e {
+                BuildError::Internal(m) => BuildError::at(line, m),
+                other => other,
+            })?;
+        push_layer(state, layer, history(&self.created, created_by));
+        Ok(())
+    }
+}
+
+struct CopySpec<'a> {
+    add: bool,
+    from: Option<String>,
+    paths: &'a kiln_parser::instructions::SourcesAndDest,
+    chown: Option<&'a str>,
+    chmod: Option<&'a str>,
+    excludes: &'a [String],
+    link: bool,
+    parents: bool,
+}
+
+fn copy_created_by(
+    add: bool,
+    spec: &CopySpec<'_>,
+    sources: &[String],
+    contents: &[(String, String)],
+    dest: &str,
+    chown: Option<&str>,
+) -> String {
+    let mut m = String::from(if add { "ADD" } else { "COPY" });
+    if let Some(c) = chown {
+        m.push_str(&format!(" --chown={c}"));
+    }
+    if let Some(c) = spec.chmod {
+        m.push_str(&format!(" --chmod={c}"));
+    }
+    if let Some(f) = &spec.from {
+        m.push_str(&format!(" --from={f}"));
+    }
+    for s in sources {
+        m.push(' ');
+        m.push_str(s);
+    }
+    for (p, _) in contents {
+        m.push_str(&format!(" <<{p}"));
+    }
+    m.push(' ');
+    m.push_str(dest);
+    m.push_str(" # buildkit");
+    m
+}
+
+fn push_layer(state: &mut StageState, layer: LayerRecord, h: History) {
+    state.key = {
+        let mut k = KeyHasher::new("chain");
+        k.field(&state.key).field(layer.diff_id.as_str());
+        k.finish()
+    };
+    state.config.push_layer(layer.diff_id.clone(), h);
+    state.layers.push(layer);
+}
+
+fn env_pairs(config: &ImageConfig) -> Vec<(String, String)> {
+    config
+        .config
+        .as_ref()
+        .and_then(|c| c.env.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| match e.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (e, String::new()),
+        })
+        .collect()
+}
+
+fn is_url(s: &str) -> bool {
+    s.starts_with("http://") || s.starts_with("https://") || s.starts_with("git@")
+}
+
+/// CMD/ENTRYPOINT: the shell form is wrapped in the current SHELL.
+fn shell_wrap(cl: &CommandLine, shell: &[String]) -> Vec<String> {
+    if cl.prepend_shell {
+        let mut v = shell.to_vec();
+        v.push(cl.args.join(" "));
+        v
+    } else {
+        cl.args.clone()
+    }
+}
+
+/// RUN's argv: heredocs become the script, the shell form is wrapped.
+fn run_args(cl: &CommandLine, shell: &[String]) -> Result<Vec<String>, String> {
+    let mut args = cl.args.clone();
+    if !cl.files.is_empty() {
+        if args.len() != 1 || !cl.prepend_shell {
+            return Err(format!("parsing produced an invalid run command: {args:?}"));
+        }
+        if let Ok(Some(_)) = kiln_parser::parse_heredoc(&args[0]) {
+            let f = &cl.files[0];
+            let data = f.chomped_content();
+            if data.starts_with("#!") {
+                return Err(
+                    "a RUN heredoc with a #! interpreter line is not supported yet; use `RUN <<EOF` with shell commands or `RUN python3 <<EOF`"
+                        .into(),
+                );
+            }
+            args = vec![data];
+        } else {
+            let mut s = args[0].clone();
+            for f in &cl.files {
+                s.push('\n');
+                s.push_str(&f.content);
+                s.push_str(&f.name);
+            }
+            args = vec![s];
+        }
+    }
+    if cl.prepend_shell {
+        let mut v = shell.to_vec();
+        v.push(args.join(" "));
+        return Ok(v);
+    }
+    Ok(args)
+}
+
+/// BuildKit's `runCommandString`: `|N K=V … cmd` when build args are set.
+fn run_command_string(
+    args: &[String],
+    build_args: &[(String, Option<String>)],
+    env: &[(String, String)],
+) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for (k, v) in build_args {
+        let value = env
+            .iter()
+            .rev()
+            .find(|(ek, _)| ek == k)
+            .map(|(_, ev)| ev.clone())
+            .or_else(|| v.clone())
+            .unwrap_or_default();
+        parts.push(format!("{k}={value}"));
+    }
+    if !parts.is_empty() {
+        parts.insert(0, format!("|{}", parts.len()));
+    }
+    parts.extend(args.iter().cloned());
+    parts.join(" ")
+}
+
+/// Go's `%q` of a string slice.
+fn go_quote_list(v: &[String]) -> String {
+    kiln_parser::ast::go_quote_list(v)
+}
+
+/// Go's `time.Duration.String()` for whole durations, `0s` when unset.
+fn go_duration(d: Option<std::time::Duration>) -> String {
+    let Some(d) = d else { return "0s".into() };
+    let total = d.as_secs_f64();
+    if total == 0.0 {
+        return "0s".into();
+    }
+    let h = (total / 3600.0).floor();
+    let m = ((total - h * 3600.0) / 60.0).floor();
+    let s = total - h * 3600.0 - m * 60.0;
+    let mut out = String::new();
+    if h > 0.0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if h > 0.0 || m > 0.0 {
+        out.push_str(&format!("{m}m"));
+    }
+    out.push_str(&format!("{}s", trim_float(s)));
+    out
+}
+
+fn trim_float(f: f64) -> String {
+    let s = format!("{f:.9}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// `EXPOSE` port specs: `80`, `80/tcp`, `8000-8002/udp`.
+fn parse_ports(w: &str) -> Result<Vec<String>, String> {
+    let (ports, proto) = match w.split_once('/') {
+        Some((p, proto)) => (p, proto.to_ascii_lowercase()),
+        None => (w, "tcp".to_string()),
+    };
+    if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
+        return Err(format!("invalid proto: {proto}"));
+    }
+    let (lo, hi) = match ports.split_once('-') {
+        Some((a, b)) => (a, b),
+        None => (ports, ports),
+    };
+    let lo: u16 = lo
+        .parse()
+        .map_err(|_| format!("invalid containerPort: {ports}"))?;
+    let hi: u16 = hi
+        .parse()
+        .map_err(|_| format!("invalid containerPort: {ports}"))?;
+    if hi < lo {
+        return Err(format!("invalid port range: {ports}"));
+    }
+    Ok((lo..=hi).map(|p| format!("{p}/{proto}")).collect())
+}
+
+fn validate_signal(s: &str) -> Result<(), String> {
+    let name = s.trim_start_matches("SIG");
+    const NAMES: [&str; 31] = [
+        "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
+        "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG",
+        "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
+    ];
+    if s.parse::<u32>().is_ok_and(|n| (1..=64).contains(&n))
+        || NAMES.contains(&name)
+        || name.starts_with("RTMIN")
+        || name.starts_with("RTMAX")
+    {
+        Ok(())
+    } else {
+        Err(format!("Invalid signal: {s}"))
+    }
+}
+
+/// `--chmod`: octal (`0755`) or symbolic (`u+x,go-w`, applied to 0644/0755
+/// later is not possible here, so symbolic forms are resolved against 0644).
+fn parse_chmod(s: &str) -> Result<u32, String> {
+    if let Ok(m) = u32::from_str_radix(s, 8) {
+        if m <= 0o7777 {
+            return Ok(m);
+        }
+    }
+    Err(format!(
+        "invalid chmod parameter: {s} (only octal modes are supported so far)"
+    ))
+}
+
+/// Resolves `user[:group]` through the view's /etc/passwd and /etc/group.
+fn resolve_owner(view: &LayerView, spec: &str) -> Result<(u32, u32), String> {
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let passwd = String::from_utf8_lossy(&view.read("/etc/passwd").unwrap_or_default()).to_string();
+    let groups = String::from_utf8_lossy(&view.read("/etc/group").unwrap_or_default()).to_string();
+    let (uid, primary) = match user.parse::<u32>() {
+        Ok(n) => (
+            n,
+            passwd
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() > 3 && f[2] == user)
+                .and_then(|f| f[3].parse().ok())
+                .unwrap_or(n),
+        ),
+        Err(_) => passwd
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[0] == user)
+            .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+            .ok_or_else(|| {
+                format!("unable to find user {user}: no matching entries in passwd file")
+            })?,
+    };
+    let gid = match group {
+        None => {
+            if user.parse::<u32>().is_ok() && group.is_none() {
+                // `--chown=1000` means uid 1000 and gid 1000 in BuildKit.
+                user.parse().unwrap_or(primary)
+            } else {
+                primary
+            }
+        }
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => groups
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() > 2 && f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| {
+                    format!("unable to find group {g}: no matching entries in group file")
+                })?,
+        },
+    };
+    Ok((uid, gid))
+}
