@@ -14,3 +14,16 @@
 //! `kiln-cache`) or how they travel (that is `kiln-registry`), and depends on
 //! no other kiln crate.
 #![deny(missing_docs)]
+
+pub mod apply;
+pub mod blob;
+pub mod compression;
+pub mod config;
+pub mod diff;
+mod digest;
+mod error;
+pub mod manifest;
+pub mod tarw;
+
+pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
+pub use error::ImageError;
