@@ -15,4 +15,54 @@
 //! **What it must not do.** It hands out mounts as data and never runs
 //! processes (that is `kiln-executor`); it stores OCI blobs but leaves their
 //! formats to `kiln-image`; it never talks to a registry.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use kiln_cache::{Store, PruneOptions};
+//!
+//! # fn main() -> Result<(), kiln_cache::Error> {
+//! let store = Store::open("/tmp/kiln-example")?;
+//! let _lease = store.lease(None)?; // keep what this build makes from GC
+//!
+//! // A blob, verified and durable before its row is written.
+//! let config = store.put_bytes(br#"{"architecture":"amd64"}"#, None)?;
+//! assert!(store.content().has(&config));
+//!
+//! // A snapshot: prepare -> (run / apply into it) -> commit.
+//! let sn = store.snapshotter();
+//! let mounts = sn.prepare("build-1", None)?; // mounts as data for the executor
+//! std::fs::write(sn.writable_dir("build-1")?.join("hello"), "hi").unwrap();
+//! sn.commit("layer-1", "build-1")?;
+//! store.meta().cache_put("cachekey-1", Some("layer-1"), None, &[])?;
+//! # let _ = mounts;
+//!
+//! // Later: what is on disk, is it sound, reclaim the rest.
+//! let report = store.check()?;
+//! assert!(report.ok(), "{:?}", report.problems);
+//! store.prune(&PruneOptions::default())?;
+//! # Ok(()) }
+//! ```
 #![deny(missing_docs)]
+
+mod content;
+mod digest;
+mod error;
+mod gc;
+mod meta;
+mod reference;
+pub mod snapshot;
+mod store;
+mod util;
+
+pub use content::{BlobListing, BlobWriter, ContentStore};
+pub use digest::{Digest, Hasher};
+pub use error::{Error, Result};
+pub use gc::{CheckReport, DfEntry, DiskUsage, PruneOptions, PruneReport};
+pub use meta::{
+    CacheRecord, FileStat, ImageRecord, Kind, LeaseRecord, Meta, SnapshotRow, SCHEMA_VERSION,
+};
+pub use reference::normalize_reference;
+pub use snapshot::{apply_into, ApplyMode, DiffSource, Info, Mount, Snapshotter, Usage};
+pub use store::{default_root, GcGuard, LeaseGuard, SnapshotterKind, Store, StoreOptions};
+pub use util::ProcessId;

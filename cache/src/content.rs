@@ -1,0 +1,269 @@
+//! The content store: blobs by digest under `blobs/sha256/<hex>`.
+//!
+//! Every blob is written to a temp file under `tmp/`, fsynced, verified
+//! against the expected digest and size, then renamed into place and the
+//! directory fsynced. A reader therefore sees either no blob or the whole,
+//! verified blob; a crash leaves at most a temp file, which `prune` reclaims.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::digest::{Digest, Hasher};
+use crate::error::{io_err, Error, IoContext, Result};
+use crate::util::{fsync_dir, random_hex};
+
+/// Blobs on disk, addressed by digest. Files only: which blobs are wanted is
+/// the metadata database's business (see [`crate::Store`]).
+#[derive(Debug, Clone)]
+pub struct ContentStore {
+    dir: PathBuf,
+    tmp: PathBuf,
+}
+
+impl ContentStore {
+    /// A content store over `blobs_dir` (`<root>/blobs/sha256`) writing its
+    /// temp files in `tmp_dir` (same filesystem).
+    pub fn new(blobs_dir: impl Into<PathBuf>, tmp_dir: impl Into<PathBuf>) -> Self {
+        ContentStore {
+            dir: blobs_dir.into(),
+            tmp: tmp_dir.into(),
+        }
+    }
+
+    /// Where the blob `digest` lives (whether or not it exists).
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join(digest.hex())
+    }
+
+    /// Whether the blob is present.
+    pub fn has(&self, digest: &Digest) -> bool {
+        self.path(digest).is_file()
+    }
+
+    /// The size of a present blob.
+    pub fn size(&self, digest: &Digest) -> Result<u64> {
+        let p = self.path(digest);
+        match std::fs::metadata(&p) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::NotFound {
+                kind: "blob",
+                name: digest.to_string(),
+            }),
+            Err(e) => Err(io_err("stat", p, e)),
+        }
+    }
+
+    /// Open a blob for reading.
+    pub fn open(&self, digest: &Digest) -> Result<File> {
+        let p = self.path(digest);
+        match File::open(&p) {
+            Ok(f) => Ok(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::NotFound {
+                kind: "blob",
+                name: digest.to_string(),
+            }),
+            Err(e) => Err(io_err("open", p, e)),
+        }
+    }
+
+    /// Read a whole (small) blob, e.g. a manifest or config.
+    pub fn read(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        let p = self.path(digest);
+        self.open(digest)?.read_to_end(&mut buf).ctx("read", p)?;
+        Ok(buf)
+    }
+
+    /// Start writing a new blob.
+    pub fn writer(&self) -> Result<BlobWriter> {
+        let path = self.tmp.join(format!("blob-{}", random_hex::<12>()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&path)
+            .ctx("create", &path)?;
+        Ok(BlobWriter {
+            file: Some(file),
+            tmp_path: path,
+            dir: self.dir.clone(),
+            hasher: Hasher::new(),
+        })
+    }
+
+    /// Stream `reader` into a blob; if `expected` is given, the result must
+    /// match that digest (and size, when given) or nothing is stored.
+    pub fn ingest(
+        &self,
+        mut reader: impl Read,
+        expected: Option<&Digest>,
+        expected_size: Option<u64>,
+    ) -> Result<(Digest, u64)> {
+        if let Some(d) = expected {
+            if let Ok(size) = self.size(d) {
+                if expected_size.is_none_or(|s| s == size) {
+                    return Ok((d.clone(), size));
+                }
+            }
+        }
+        let mut w = self.writer()?;
+        let tmp = w.tmp_path.clone();
+        io::copy(&mut reader, &mut w).map_err(|e| io_err("write", tmp, e))?;
+        w.commit(expected, expected_size)
+    }
+
+    /// Store `bytes` (a manifest, a config).
+    pub fn write_bytes(&self, bytes: &[u8], expected: Option<&Digest>) -> Result<Digest> {
+        let (d, _) = self.ingest(bytes, expected, Some(bytes.len() as u64))?;
+        Ok(d)
+    }
+
+    /// Remove a blob (GC only).
+    pub(crate) fn delete(&self, digest: &Digest) -> Result<()> {
+        let p = self.path(digest);
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", p, e)),
+        }
+    }
+
+    /// Every blob file present, with its size. Files whose names are not
+    /// digests are reported in the second list.
+    pub fn list(&self) -> Result<BlobListing> {
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).ctx("read dir", &self.dir)? {
+            let entry = entry.ctx("read dir", &self.dir)?;
+            let name = entry.file_name();
+            let parsed = name
+                .to_str()
+                .and_then(|n| format!("sha256:{n}").parse::<Digest>().ok());
+            match parsed {
+                Some(d) => {
+                    let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                    good.push((d, len));
+                }
+                None => bad.push(entry.path()),
+            }
+        }
+        good.sort();
+        Ok((good, bad))
+    }
+
+    /// Re-hash a blob; returns its size if it matches its name.
+    pub fn verify(&self, digest: &Digest) -> Result<u64> {
+        let p = self.path(digest);
+        let mut f = self.open(digest)?;
+        let mut h = Hasher::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = f.read(&mut buf).ctx("read", &p)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        let size = h.len();
+        let actual = h.finish();
+        if &actual != digest {
+            return Err(Error::DigestMismatch {
+                expected: digest.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        Ok(size)
+    }
+}
+
+/// Blob files present (digest, size), and paths in the blob directory
+/// whose names are not digests.
+pub type BlobListing = (Vec<(Digest, u64)>, Vec<PathBuf>);
+
+/// A blob being written. Hashes as it goes; [`commit`](Self::commit) makes
+/// it visible, dropping it without commit removes the temp file.
+#[derive(Debug)]
+pub struct BlobWriter {
+    file: Option<File>,
+    tmp_path: PathBuf,
+    dir: PathBuf,
+    hasher: Hasher,
+}
+
+impl BlobWriter {
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.hasher.len()
+    }
+
+    /// The temp file's path (for error messages).
+    pub fn temp_path(&self) -> &Path {
+        &self.tmp_path
+    }
+
+    /// fsync, verify against `expected` (digest and size when given), rename
+    /// into place and fsync the directory. On any mismatch or error the temp
+    /// file is removed and nothing becomes visible.
+    pub fn commit(
+        mut self,
+        expected: Option<&Digest>,
+        expected_size: Option<u64>,
+    ) -> Result<(Digest, u64)> {
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| Error::InvalidState("blob writer already committed".to_string()))?;
+        let size = self.hasher.len();
+        let digest = std::mem::take(&mut self.hasher).finish();
+        if expected.is_some_and(|e| e != &digest) || expected_size.is_some_and(|s| s != size) {
+            return Err(Error::DigestMismatch {
+                expected: format!(
+                    "{} ({} bytes)",
+                    expected
+                        .map(|d| d.to_string())
+                        .unwrap_or_else(|| "any".into()),
+                    expected_size
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "any".into())
+                ),
+                actual: format!("{digest} ({size} bytes)"),
+            });
+        }
+        file.sync_all().ctx("fsync", &self.tmp_path)?;
+        drop(file);
+        let target = self.dir.join(digest.hex());
+        // Same content under the same name: a concurrent writer's rename of
+        // an identical file is harmless, whichever wins.
+        std::fs::rename(&self.tmp_path, &target).ctx("rename", &target)?;
+        fsync_dir(&self.dir)?;
+        Ok((digest, size))
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("blob writer already committed"))?;
+        let n = f.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self.file.as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() || self.tmp_path.exists() {
+            let _ = std::fs::remove_file(&self.tmp_path);
+        }
+    }
+}

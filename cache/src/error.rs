@@ -1,0 +1,102 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error on a path of the store.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done ("create", "rename", ...).
+        op: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metadata database failed.
+    #[error("metadata database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// A digest string that is not `sha256:<64 hex>`.
+    #[error("invalid digest {0:?}")]
+    InvalidDigest(String),
+    /// Written content did not match what the caller said it would be.
+    #[error("content mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// The expected digest (and size).
+        expected: String,
+        /// What was actually written.
+        actual: String,
+    },
+    /// A blob, snapshot, image or record that does not exist.
+    #[error("{kind} {name:?} not found")]
+    NotFound {
+        /// "blob", "snapshot", "image", ...
+        kind: &'static str,
+        /// Its name or digest.
+        name: String,
+    },
+    /// Something with this name already exists.
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists {
+        /// "snapshot", ...
+        kind: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// An operation not allowed in the object's current state (e.g.
+    /// committing a committed snapshot, removing a snapshot with children).
+    #[error("{0}")]
+    InvalidState(String),
+    /// An image reference that cannot be normalised.
+    #[error("invalid reference {reference:?}: {reason}")]
+    InvalidReference {
+        /// The reference as given.
+        reference: String,
+        /// Why it is invalid.
+        reason: &'static str,
+    },
+    /// The store's database was written by a newer kiln.
+    #[error("store schema version {found} is newer than this kiln supports ({supported})")]
+    SchemaTooNew {
+        /// Version in the database.
+        found: i64,
+        /// Highest version this build knows.
+        supported: i64,
+    },
+    /// The filesystem ran out of space.
+    #[error("no space left on the store's filesystem ({path}); free space or run `kiln prune`")]
+    NoSpace {
+        /// The path being written.
+        path: PathBuf,
+    },
+    /// A layer format error from kiln-image.
+    #[error("layer: {0}")]
+    Image(String),
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attach a path and an operation name to an I/O error (turning ENOSPC into
+/// [`Error::NoSpace`]).
+pub(crate) trait IoContext<T> {
+    fn ctx(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|source| io_err(op, path, source))
+    }
+}
+
+pub(crate) fn io_err(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+    let path = path.into();
+    if source.raw_os_error() == Some(libc::ENOSPC) || source.raw_os_error() == Some(libc::EDQUOT) {
+        Error::NoSpace { path }
+    } else {
+        Error::Io { op, path, source }
+    }
+}

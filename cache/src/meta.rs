@@ -1,0 +1,949 @@
+//! The metadata database (`<root>/meta.db`, SQLite in WAL mode).
+//!
+//! Several kiln processes share it: every connection sets a busy timeout,
+//! every write transaction starts `IMMEDIATE` (so two writers queue instead
+//! of deadlocking on a lock upgrade), and foreign keys are on. Rows are only
+//! ever written after the files they name are durable, so a crash leaves at
+//! worst files without rows (orphans that `prune` reclaims), never rows
+//! without files.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::util::{now_unix, random_hex, ProcessId};
+
+/// Schema versions, in order. Index `i` migrates version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: the initial schema.
+    r#"
+    CREATE TABLE blobs(
+        digest     TEXT PRIMARY KEY,
+        size       INTEGER NOT NULL,
+        media_type TEXT,
+        created    INTEGER NOT NULL
+    );
+    CREATE TABLE blob_refs(
+        parent TEXT NOT NULL REFERENCES blobs(digest) ON DELETE CASCADE,
+        child  TEXT NOT NULL REFERENCES blobs(digest),
+        PRIMARY KEY(parent, child)
+    ) WITHOUT ROWID;
+    CREATE INDEX blob_refs_child ON blob_refs(child);
+    CREATE TABLE snapshots(
+        key         TEXT PRIMARY KEY,
+        id          TEXT NOT NULL UNIQUE,
+        kind        TEXT NOT NULL CHECK(kind IN ('active','view','committed')),
+        parent      TEXT REFERENCES snapshots(key),
+        diff_id     TEXT,
+        link        TEXT,
+        size        INTEGER,
+        inodes      INTEGER,
+        created     INTEGER NOT NULL,
+        owner_pid   INTEGER,
+        owner_start INTEGER
+    );
+    CREATE INDEX snapshots_parent ON snapshots(parent);
+    CREATE TABLE blob_snapshots(
+        blob     TEXT NOT NULL REFERENCES blobs(digest) ON DELETE CASCADE,
+        snapshot TEXT NOT NULL REFERENCES snapshots(key) ON DELETE CASCADE ON UPDATE CASCADE,
+        PRIMARY KEY(blob, snapshot)
+    ) WITHOUT ROWID;
+    CREATE TABLE images(
+        name     TEXT PRIMARY KEY,
+        manifest TEXT NOT NULL REFERENCES blobs(digest),
+        config   TEXT REFERENCES blobs(digest),
+        created  INTEGER NOT NULL
+    );
+    CREATE TABLE cache(
+        key       TEXT PRIMARY KEY,
+        snapshot  TEXT REFERENCES snapshots(key) ON DELETE CASCADE ON UPDATE CASCADE,
+        diff_id   TEXT,
+        created   INTEGER NOT NULL,
+        last_used INTEGER NOT NULL
+    );
+    CREATE TABLE cache_blobs(
+        key  TEXT NOT NULL REFERENCES cache(key) ON DELETE CASCADE,
+        pos  INTEGER NOT NULL,
+        blob TEXT NOT NULL REFERENCES blobs(digest),
+        PRIMARY KEY(key, pos)
+    ) WITHOUT ROWID;
+    CREATE TABLE layer_blobs(
+        diff_id     TEXT NOT NULL,
+        compression TEXT NOT NULL,
+        level       INTEGER NOT NULL,
+        blob        TEXT NOT NULL REFERENCES blobs(digest) ON DELETE CASCADE,
+        PRIMARY KEY(diff_id, compression, level)
+    ) WITHOUT ROWID;
+    CREATE TABLE leases(
+        id        TEXT PRIMARY KEY,
+        pid       INTEGER,
+        pid_start INTEGER,
+        created   INTEGER NOT NULL,
+        expires   INTEGER
+    );
+    CREATE TABLE lease_resources(
+        lease TEXT NOT NULL REFERENCES leases(id) ON DELETE CASCADE,
+        kind  TEXT NOT NULL,
+        name  TEXT NOT NULL,
+        PRIMARY KEY(lease, kind, name)
+    ) WITHOUT ROWID;
+    CREATE TABLE settings(
+        name  TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE file_hashes(
+        path     TEXT PRIMARY KEY,
+        dev      INTEGER NOT NULL,
+        ino      INTEGER NOT NULL,
+        size     INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        ctime_ns INTEGER NOT NULL,
+        mode     INTEGER NOT NULL,
+        hash     TEXT NOT NULL
+    ) WITHOUT ROWID;
+    "#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// The state of a snapshot, in containerd's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Writable, made by `prepare`.
+    Active,
+    /// Read-only, made by `view`.
+    View,
+    /// Immutable, made by `commit`; may be a parent.
+    Committed,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Active => "active",
+            Kind::View => "view",
+            Kind::Committed => "committed",
+        }
+    }
+    fn parse(s: &str) -> Result<Self> {
+        match s {
+            "active" => Ok(Kind::Active),
+            "view" => Ok(Kind::View),
+            "committed" => Ok(Kind::Committed),
+            other => Err(Error::InvalidState(format!(
+                "unknown snapshot kind {other:?}"
+            ))),
+        }
+    }
+}
+
+/// A snapshot's row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotRow {
+    /// The key (active/view) or name (committed).
+    pub key: String,
+    /// The directory id under `snapshots/`.
+    pub id: String,
+    /// Its state.
+    pub kind: Kind,
+    /// The parent's name, if any.
+    pub parent: Option<String>,
+    /// The diffID of the layer this snapshot adds, when known.
+    pub diff_id: Option<String>,
+    /// The overlay short link name (`l/<link>`), overlay only.
+    pub link: Option<String>,
+    /// Bytes used by this snapshot's own directory, when computed (commit).
+    pub size: Option<u64>,
+    /// Inodes used, when computed.
+    pub inodes: Option<u64>,
+    /// Creation time, Unix seconds.
+    pub created: i64,
+}
+
+const SNAP_COLS: &str = "key, id, kind, parent, diff_id, link, size, inodes, created";
+
+fn snap_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(SnapshotRow, String)> {
+    let kind: String = r.get(2)?;
+    Ok((
+        SnapshotRow {
+            key: r.get(0)?,
+            id: r.get(1)?,
+            kind: Kind::Active,
+            parent: r.get(3)?,
+            diff_id: r.get(4)?,
+            link: r.get(5)?,
+            size: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+            inodes: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+            created: r.get(8)?,
+        },
+        kind,
+    ))
+}
+
+fn finish_snap(pair: (SnapshotRow, String)) -> Result<SnapshotRow> {
+    let (mut row, kind) = pair;
+    row.kind = Kind::parse(&kind)?;
+    Ok(row)
+}
+
+/// A tagged image.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ImageRecord {
+    /// Normalised name, e.g. `docker.io/library/busybox:latest`.
+    pub name: String,
+    /// Manifest digest.
+    pub manifest: String,
+    /// Config digest, when recorded.
+    pub config: Option<String>,
+    /// When tagged, Unix seconds.
+    pub created: i64,
+}
+
+/// A build cache record: a step's cache key and what it produced.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CacheRecord {
+    /// The step's cache key.
+    pub key: String,
+    /// The committed snapshot the step produced (None for steps without a
+    /// filesystem result).
+    pub snapshot: Option<String>,
+    /// The diffID of the layer the step added, when computed.
+    pub diff_id: Option<String>,
+    /// Layer blob digests, when computed (e.g. for `--cache-to`).
+    pub blobs: Vec<String>,
+    /// Created, Unix seconds.
+    pub created: i64,
+    /// Last hit, Unix seconds.
+    pub last_used: i64,
+}
+
+/// The stat fields that key the file-hash cache. A file whose stat still
+/// matches is not re-read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStat {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i64,
+    /// Status change time, ns since the epoch.
+    pub ctime_ns: i64,
+    /// `st_mode` (type and permission bits).
+    pub mode: u32,
+}
+
+impl FileStat {
+    /// From `std::fs::Metadata` (use `symlink_metadata` for links).
+    pub fn from_metadata(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileStat {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            mode: m.mode(),
+        }
+    }
+}
+
+/// Where a lease is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LeaseRecord {
+    /// Its id.
+    pub id: String,
+    /// The owning process, if bound to one.
+    pub pid: Option<i64>,
+    /// Expiry, Unix seconds, if any.
+    pub expires: Option<i64>,
+}
+
+/// The SQLite metadata database.
+#[derive(Debug)]
+pub struct Meta {
+    conn: Mutex<Connection>,
+    lease: Mutex<Option<String>>,
+}
+
+impl Meta {
+    /// Open (creating and migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Meta> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(60))?;
+        // journal_mode returns a row; query it rather than execute.
+        let _mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        conn.execute_batch(
+            "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; \
+             CREATE TABLE IF NOT EXISTS schema_version(version INTEGER NOT NULL);",
+        )?;
+        let meta = Meta {
+            conn: Mutex::new(conn),
+            lease: Mutex::new(None),
+        };
+        meta.migrate()?;
+        Ok(meta)
+    }
+
+    fn migrate(&self) -> Result<()> {
+        self.write(|tx| {
+            let v: Option<i64> = tx
+                .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+                .optional()?;
+            let v = v.unwrap_or(0);
+            if v > SCHEMA_VERSION {
+                return Err(Error::SchemaTooNew {
+                    found: v,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            for m in &MIGRATIONS[v as usize..] {
+                tx.execute_batch(m)?;
+            }
+            tx.execute("DELETE FROM schema_version", [])?;
+            tx.execute(
+                "INSERT INTO schema_version(version) VALUES (?1)",
+                [SCHEMA_VERSION],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The schema version stored.
+    pub fn schema_version(&self) -> Result<i64> {
+        let c = self.conn();
+        Ok(c.query_row("SELECT version FROM schema_version", [], |r| r.get(0))?)
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run `f` in one IMMEDIATE write transaction.
+    pub(crate) fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Run `f` in one read transaction (a consistent snapshot).
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// A store setting (e.g. the snapshotter the store was created with).
+    pub fn setting(&self, name: &str) -> Result<Option<String>> {
+        self.read(|tx| {
+            Ok(tx
+                .query_row("SELECT value FROM settings WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })
+                .optional()?)
+        })
+    }
+
+    /// Set a store setting unless already set; returns the stored value.
+    pub fn setting_init(&self, name: &str, value: &str) -> Result<String> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO settings(name, value) VALUES (?1, ?2)",
+                [name, value],
+            )?;
+            Ok(
+                tx.query_row("SELECT value FROM settings WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })?,
+            )
+        })
+    }
+
+    // ------------------------------------------------------------ leases
+
+    /// Create a lease bound to this process (it expires when the process is
+    /// gone) and, if `ttl` is given, also after that long.
+    pub fn create_lease(&self, ttl: Option<Duration>) -> Result<String> {
+        let id = format!("lease-{}", random_hex::<8>());
+        let me = ProcessId::current();
+        let now = now_unix();
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO leases(id, pid, pid_start, created, expires) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, me.pid, me.start, now, ttl.map(|t| now + t.as_secs() as i64)],
+            )?;
+            Ok(())
+        })?;
+        Ok(id)
+    }
+
+    /// Delete a lease; what only it protected becomes collectable.
+    pub fn delete_lease(&self, id: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM leases WHERE id = ?1", [id])?;
+            Ok(())
+        })
+    }
+
+    /// Set the lease every resource created through this handle is added
+    /// to (None: no lease).
+    pub fn set_current_lease(&self, id: Option<String>) {
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = id;
+    }
+
+    /// The current lease, if any.
+    pub fn current_lease(&self) -> Option<String> {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Add a resource to the current lease (inside `tx`).
+    pub(crate) fn lease_add(&self, tx: &Transaction<'_>, kind: &str, name: &str) -> Result<()> {
+        if let Some(lease) = self.current_lease() {
+            tx.execute(
+                "INSERT OR IGNORE INTO lease_resources(lease, kind, name) VALUES (?1, ?2, ?3)",
+                params![lease, kind, name],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// All leases.
+    pub fn leases(&self) -> Result<Vec<LeaseRecord>> {
+        self.read(|tx| {
+            let mut st = tx.prepare("SELECT id, pid, expires FROM leases ORDER BY id")?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok(LeaseRecord {
+                        id: r.get(0)?,
+                        pid: r.get(1)?,
+                        expires: r.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// Delete leases whose process is gone or whose TTL passed; returns how
+    /// many.
+    pub(crate) fn expire_leases(&self, tx: &Transaction<'_>) -> Result<usize> {
+        let now = now_unix();
+        let mut dead = Vec::new();
+        {
+            let mut st = tx.prepare("SELECT id, pid, pid_start, expires FROM leases")?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let id: String = r.get(0)?;
+                let pid: Option<i64> = r.get(1)?;
+                let start: Option<i64> = r.get(2)?;
+                let expires: Option<i64> = r.get(3)?;
+                let proc_gone = pid.is_some_and(|pid| {
+                    !ProcessId {
+                        pid,
+                        start: start.unwrap_or(0),
+                    }
+                    .is_alive()
+                });
+                if proc_gone || expires.is_some_and(|e| e <= now) {
+                    dead.push(id);
+                }
+            }
+        }
+        for id in &dead {
+            tx.execute("DELETE FROM leases WHERE id = ?1", [id])?;
+        }
+        Ok(dead.len())
+    }
+
+    // ------------------------------------------------------------- blobs
+
+    /// Record a blob (its file must already be durable).
+    pub fn add_blob(&self, digest: &Digest, size: u64, media_type: Option<&str>) -> Result<()> {
+        self.write(|tx| self.add_blob_tx(tx, digest, size, media_type))
+    }
+
+    pub(crate) fn add_blob_tx(
+        &self,
+        tx: &Transaction<'_>,
+        digest: &Digest,
+        size: u64,
+        media_type: Option<&str>,
+    ) -> Result<()> {
+        let d = digest.to_string();
+        tx.execute(
+            "INSERT INTO blobs(digest, size, media_type, created) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(digest) DO UPDATE SET media_type = COALESCE(blobs.media_type, excluded.media_type)",
+            params![d, size as i64, media_type, now_unix()],
+        )?;
+        self.lease_add(tx, "blob", &d)
+    }
+
+    /// Record that blob `parent` (a manifest or index) references `child`.
+    pub fn add_blob_ref(&self, parent: &Digest, child: &Digest) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO blob_refs(parent, child) VALUES (?1, ?2)",
+                params![parent.to_string(), child.to_string()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Whether a blob row exists.
+    pub fn has_blob(&self, digest: &Digest) -> Result<bool> {
+        self.read(|tx| {
+            Ok(tx
+                .query_row(
+                    "SELECT 1 FROM blobs WHERE digest = ?1",
+                    [digest.to_string()],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+        })
+    }
+
+    /// Record that blob `blob` (a manifest) has its rootfs unpacked as the
+    /// committed snapshot `snapshot` (keeps the snapshot while the image is
+    /// tagged).
+    pub fn add_blob_snapshot(&self, blob: &Digest, snapshot: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO blob_snapshots(blob, snapshot) VALUES (?1, ?2)",
+                params![blob.to_string(), snapshot],
+            )?;
+            Ok(())
+        })
+    }
+
+    // ------------------------------------------------------------ images
+
+    /// Point `name` at a manifest (both blobs must be recorded).
+    pub fn tag_image(&self, name: &str, manifest: &Digest, config: Option<&Digest>) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO images(name, manifest, config, created) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO UPDATE SET manifest = excluded.manifest,
+                   config = excluded.config, created = excluded.created",
+                params![
+                    name,
+                    manifest.to_string(),
+                    config.map(|c| c.to_string()),
+                    now_unix()
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Remove a tag. Returns whether it existed.
+    pub fn untag_image(&self, name: &str) -> Result<bool> {
+        self.write(|tx| Ok(tx.execute("DELETE FROM images WHERE name = ?1", [name])? > 0))
+    }
+
+    /// Look an image up by normalised name.
+    pub fn image(&self, name: &str) -> Result<Option<ImageRecord>> {
+        self.read(|tx| {
+            Ok(tx
+                .query_row(
+                    "SELECT name, manifest, config, created FROM images WHERE name = ?1",
+                    [name],
+                    |r| {
+                        Ok(ImageRecord {
+                            name: r.get(0)?,
+                            manifest: r.get(1)?,
+                            config: r.get(2)?,
+                            created: r.get(3)?,
+                        })
+                    },
+                )
+                .optional()?)
+        })
+    }
+
+    /// Every tagged image, by name.
+    pub fn images(&self) -> Result<Vec<ImageRecord>> {
+        self.read(|tx| {
+            let mut st =
+                tx.prepare("SELECT name, manifest, config, created FROM images ORDER BY name")?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok(ImageRecord {
+                        name: r.get(0)?,
+                        manifest: r.get(1)?,
+                        config: r.get(2)?,
+                        created: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    // --------------------------------------------------------- snapshots
+
+    pub(crate) fn snapshot_insert(&self, tx: &Transaction<'_>, row: &SnapshotRow) -> Result<()> {
+        let me = ProcessId::current();
+        let owner = (row.kind != Kind::Committed).then_some(me);
+        let n = tx.execute(
+            "INSERT OR IGNORE INTO snapshots(key, id, kind, parent, diff_id, link, size, inodes, created, owner_pid, owner_start)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                row.key,
+                row.id,
+                row.kind.as_str(),
+                row.parent,
+                row.diff_id,
+                row.link,
+                row.size.map(|s| s as i64),
+                row.inodes.map(|s| s as i64),
+                row.created,
+                owner.map(|o| o.pid),
+                owner.map(|o| o.start),
+            ],
+        )?;
+        if n == 0 {
+            return Err(Error::AlreadyExists {
+                kind: "snapshot",
+                name: row.key.clone(),
+            });
+        }
+        self.lease_add(tx, "snapshot", &row.key)
+    }
+
+    pub(crate) fn snapshot_get_tx(
+        &self,
+        tx: &Transaction<'_>,
+        key: &str,
+    ) -> Result<Option<SnapshotRow>> {
+        let sql = format!("SELECT {SNAP_COLS} FROM snapshots WHERE key = ?1");
+        tx.query_row(&sql, [key], snap_from_row)
+            .optional()?
+            .map(finish_snap)
+            .transpose()
+    }
+
+    /// A snapshot's row.
+    pub fn snapshot(&self, key: &str) -> Result<Option<SnapshotRow>> {
+        self.read(|tx| self.snapshot_get_tx(tx, key))
+    }
+
+    /// The snapshot and its ancestors, nearest first.
+    pub fn snapshot_chain(&self, key: &str) -> Result<Vec<SnapshotRow>> {
+        self.read(|tx| {
+            let sql = format!(
+                "WITH RECURSIVE chain(k, depth) AS (
+                    SELECT ?1, 0
+                    UNION ALL
+                    SELECT s.parent, chain.depth + 1 FROM snapshots s JOIN chain ON s.key = chain.k
+                    WHERE s.parent IS NOT NULL)
+                 SELECT {SNAP_COLS} FROM snapshots JOIN chain ON snapshots.key = chain.k ORDER BY chain.depth"
+            );
+            let mut st = tx.prepare(&sql)?;
+            let rows = st
+                .query_map([key], snap_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter().map(finish_snap).collect()
+        })
+    }
+
+    /// Every snapshot row.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRow>> {
+        self.read(|tx| {
+            let sql = format!("SELECT {SNAP_COLS} FROM snapshots ORDER BY key");
+            let mut st = tx.prepare(&sql)?;
+            let rows = st
+                .query_map([], snap_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter().map(finish_snap).collect()
+        })
+    }
+
+    /// Turn the active snapshot `key` into the committed snapshot `name`.
+    pub(crate) fn snapshot_commit(
+        &self,
+        key: &str,
+        name: &str,
+        size: u64,
+        inodes: u64,
+    ) -> Result<()> {
+        self.write(|tx| {
+            let row = self
+                .snapshot_get_tx(tx, key)?
+                .ok_or_else(|| Error::NotFound {
+                    kind: "snapshot",
+                    name: key.to_string(),
+                })?;
+            if row.kind != Kind::Active {
+                return Err(Error::InvalidState(format!(
+                    "snapshot {key:?} is {:?}, only an active snapshot can be committed",
+                    row.kind
+                )));
+            }
+            if key != name && self.snapshot_get_tx(tx, name)?.is_some() {
+                return Err(Error::AlreadyExists {
+                    kind: "snapshot",
+                    name: name.to_string(),
+                });
+            }
+            tx.execute(
+                "UPDATE snapshots SET key = ?2, kind = 'committed', size = ?3, inodes = ?4,
+                   owner_pid = NULL, owner_start = NULL WHERE key = ?1",
+                params![key, name, size as i64, inodes as i64],
+            )?;
+            tx.execute(
+                "UPDATE lease_resources SET name = ?2 WHERE kind = 'snapshot' AND name = ?1",
+                params![key, name],
+            )?;
+            self.lease_add(tx, "snapshot", name)
+        })
+    }
+
+    /// Record the diffID of a committed snapshot's layer.
+    pub fn set_snapshot_diff_id(&self, key: &str, diff_id: &Digest) -> Result<()> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE snapshots SET diff_id = ?2 WHERE key = ?1",
+                params![key, diff_id.to_string()],
+            )?;
+            if n == 0 {
+                return Err(Error::NotFound {
+                    kind: "snapshot",
+                    name: key.to_string(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    /// Delete a snapshot row; fails if it has children.
+    pub(crate) fn snapshot_delete(&self, key: &str) -> Result<SnapshotRow> {
+        self.write(|tx| {
+            let row = self
+                .snapshot_get_tx(tx, key)?
+                .ok_or_else(|| Error::NotFound {
+                    kind: "snapshot",
+                    name: key.to_string(),
+                })?;
+            let children: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM snapshots WHERE parent = ?1",
+                [key],
+                |r| r.get(0),
+            )?;
+            if children > 0 {
+                return Err(Error::InvalidState(format!(
+                    "snapshot {key:?} has {children} children; remove them first"
+                )));
+            }
+            tx.execute("DELETE FROM snapshots WHERE key = ?1", [key])?;
+            tx.execute(
+                "DELETE FROM lease_resources WHERE kind = 'snapshot' AND name = ?1",
+                [key],
+            )?;
+            Ok(row)
+        })
+    }
+
+    // -------------------------------------------------------- cache index
+
+    /// Record (or replace) a build cache record. `snapshot` must be a
+    /// committed snapshot; `blobs` must be recorded blobs.
+    pub fn cache_put(
+        &self,
+        key: &str,
+        snapshot: Option<&str>,
+        diff_id: Option<&Digest>,
+        blobs: &[Digest],
+    ) -> Result<()> {
+        let now = now_unix();
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO cache(key, snapshot, diff_id, created, last_used) VALUES (?1, ?2, ?3, ?4, ?4)
+                 ON CONFLICT(key) DO UPDATE SET snapshot = excluded.snapshot,
+                   diff_id = excluded.diff_id, last_used = excluded.last_used",
+                params![key, snapshot, diff_id.map(|d| d.to_string()), now],
+            )?;
+            tx.execute("DELETE FROM cache_blobs WHERE key = ?1", [key])?;
+            for (i, b) in blobs.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO cache_blobs(key, pos, blob) VALUES (?1, ?2, ?3)",
+                    params![key, i as i64, b.to_string()],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Look a cache key up; a hit bumps `last_used`.
+    pub fn cache_get(&self, key: &str) -> Result<Option<CacheRecord>> {
+        let now = now_unix();
+        self.write(|tx| {
+            let rec = tx
+                .query_row(
+                    "SELECT key, snapshot, diff_id, created, last_used FROM cache WHERE key = ?1",
+                    [key],
+                    |r| {
+                        Ok(CacheRecord {
+                            key: r.get(0)?,
+                            snapshot: r.get(1)?,
+                            diff_id: r.get(2)?,
+                            blobs: Vec::new(),
+                            created: r.get(3)?,
+                            last_used: r.get(4)?,
+                        })
+                    },
+                )
+                .optional()?;
+            let Some(mut rec) = rec else { return Ok(None) };
+            tx.execute(
+                "UPDATE cache SET last_used = ?2 WHERE key = ?1",
+                params![key, now],
+            )?;
+            rec.last_used = now;
+            let mut st = tx.prepare("SELECT blob FROM cache_blobs WHERE key = ?1 ORDER BY pos")?;
+            rec.blobs = st
+                .query_map([key], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(Some(rec))
+        })
+    }
+
+    /// Every cache record (without blobs), newest use first.
+    pub fn cache_records(&self) -> Result<Vec<CacheRecord>> {
+        self.read(|tx| {
+            let mut st = tx.prepare(
+                "SELECT key, snapshot, diff_id, created, last_used FROM cache ORDER BY last_used DESC, created DESC",
+            )?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok(CacheRecord {
+                        key: r.get(0)?,
+                        snapshot: r.get(1)?,
+                        diff_id: r.get(2)?,
+                        blobs: Vec::new(),
+                        created: r.get(3)?,
+                        last_used: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    // ------------------------------------------------ compressed-blob memo
+
+    /// The blob computed earlier for (diffID, compression, level), if its
+    /// row is still there.
+    pub fn layer_blob(
+        &self,
+        diff_id: &Digest,
+        compression: &str,
+        level: i32,
+    ) -> Result<Option<Digest>> {
+        self.read(|tx| {
+            let s: Option<String> = tx
+                .query_row(
+                    "SELECT blob FROM layer_blobs WHERE diff_id = ?1 AND compression = ?2 AND level = ?3",
+                    params![diff_id.to_string(), compression, level],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            s.map(|s| s.parse()).transpose()
+        })
+    }
+
+    /// Remember the blob for (diffID, compression, level); the blob must be
+    /// recorded.
+    pub fn put_layer_blob(
+        &self,
+        diff_id: &Digest,
+        compression: &str,
+        level: i32,
+        blob: &Digest,
+    ) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO layer_blobs(diff_id, compression, level, blob) VALUES (?1, ?2, ?3, ?4)",
+                params![diff_id.to_string(), compression, level, blob.to_string()],
+            )?;
+            Ok(())
+        })
+    }
+
+    // ----------------------------------------------------- file-hash cache
+
+    /// Look up many files at once (one read transaction). Each result is
+    /// the stored hash if the stored stat equals the given one.
+    pub fn file_hashes_get(&self, entries: &[(&str, FileStat)]) -> Result<Vec<Option<String>>> {
+        self.read(|tx| {
+            let mut st = tx.prepare_cached(
+                "SELECT dev, ino, size, mtime_ns, ctime_ns, mode, hash FROM file_hashes WHERE path = ?1",
+            )?;
+            let mut out = Vec::with_capacity(entries.len());
+            for (path, stat) in entries {
+                let hit = st
+                    .query_row([path], |r| {
+                        let stored = FileStat {
+                            dev: r.get::<_, i64>(0)? as u64,
+                            ino: r.get::<_, i64>(1)? as u64,
+                            size: r.get::<_, i64>(2)? as u64,
+                            mtime_ns: r.get(3)?,
+                            ctime_ns: r.get(4)?,
+                            mode: r.get::<_, i64>(5)? as u32,
+                        };
+                        Ok((stored, r.get::<_, String>(6)?))
+                    })
+                    .optional()?;
+                out.push(hit.and_then(|(stored, hash)| (stored == *stat).then_some(hash)));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Store many file hashes at once (one write transaction). Entries
+    /// whose ctime is within the last two seconds are skipped: a write in
+    /// the same timestamp tick could change content without changing the
+    /// stat ("racy clean"), so such files are hashed again next time.
+    pub fn file_hashes_put(&self, entries: &[(&str, FileStat, &str)]) -> Result<usize> {
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(i64::MAX);
+        self.write(|tx| {
+            let mut st = tx.prepare_cached(
+                "INSERT OR REPLACE INTO file_hashes(path, dev, ino, size, mtime_ns, ctime_ns, mode, hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            let mut n = 0;
+            for (path, s, hash) in entries {
+                if s.ctime_ns > now_ns - 2_000_000_000 || s.mtime_ns > now_ns - 2_000_000_000 {
+                    continue;
+                }
+                st.execute(params![
+                    path,
+                    s.dev as i64,
+                    s.ino as i64,
+                    s.size as i64,
+                    s.mtime_ns,
+                    s.ctime_ns,
+                    s.mode as i64,
+                    hash
+                ])?;
+                n += 1;
+            }
+            Ok(n)
+        })
+    }
+}

@@ -1,0 +1,291 @@
+//! Snapshotters, in containerd's lifecycle terms.
+//!
+//! ```text
+//!   prepare(key, parent) ──► active (writable) ──commit(name, key)──► committed
+//!   view(key, parent)    ──► view (read-only)                          (may be a parent)
+//!   remove(key)          ──► gone (a committed snapshot only once it has no children)
+//! ```
+//!
+//! `prepare`/`view`/`mounts` return [`Mount`]s *as data*; whoever runs the
+//! process performs them (the executor, inside the child's mount
+//! namespace). Two implementations share one conformance suite
+//! (`tests/snapshotter.rs`): [`OverlaySnapshotter`] (each layer a directory,
+//! an active snapshot = parents as lowerdirs + a fresh upperdir, short link
+//! names so 500 lowerdirs fit one page) and [`NativeSnapshotter`] (full
+//! copies, reflinked where the filesystem can).
+
+mod copy;
+mod mount;
+mod native;
+mod overlay;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use mount::{CompactMount, Mount};
+pub use native::NativeSnapshotter;
+pub use overlay::OverlaySnapshotter;
+
+use crate::digest::Digest;
+use crate::error::{Error, IoContext, Result};
+use crate::meta::{Kind, Meta, SnapshotRow};
+use crate::util::{disk_usage, now_unix, random_hex, remove_all, syncfs, FileLock};
+
+/// What [`Snapshotter::stat`] and [`Snapshotter::walk`] report.
+pub type Info = SnapshotRow;
+
+/// Disk space used by one snapshot's own directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Usage {
+    /// Bytes allocated.
+    pub size: u64,
+    /// Inodes used.
+    pub inodes: u64,
+}
+
+/// How to turn an active snapshot into a layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiffSource {
+    /// Walk only the overlay upperdir (O(change)); 0/0 char devices are
+    /// whiteouts and `trusted.overlay.opaque=y` marks opaque directories
+    /// (`kiln_image::diff::write_overlay_diff`).
+    Overlay {
+        /// The upperdir.
+        upper: PathBuf,
+    },
+    /// Compare two full trees (`kiln_image::diff::write_tree_diff`).
+    Tree {
+        /// The parent's full tree (None: the layer is the whole tree).
+        lower: Option<PathBuf>,
+        /// This snapshot's full tree.
+        upper: PathBuf,
+    },
+}
+
+/// How a layer must be applied into [`Snapshotter::writable_dir`]
+/// (mirrors `kiln_image::apply::WhiteoutMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyMode {
+    /// Write whiteouts as overlay 0/0 char devices and opaque xattrs (the
+    /// directory is an upperdir over the parents).
+    Overlay,
+    /// Delete what whiteouts name (the directory is a full copy of the
+    /// parent).
+    Delete,
+}
+
+/// A snapshotter (see the module doc for the lifecycle).
+pub trait Snapshotter: Send + Sync {
+    /// "overlay" or "native".
+    fn name(&self) -> &'static str;
+
+    /// Create the active (writable) snapshot `key` on top of the committed
+    /// snapshot `parent`, returning the mounts that show it.
+    fn prepare(&self, key: &str, parent: Option<&str>) -> Result<Vec<Mount>>;
+
+    /// Create the read-only snapshot `key` showing the committed `parent`.
+    fn view(&self, key: &str, parent: Option<&str>) -> Result<Vec<Mount>>;
+
+    /// Turn the active snapshot `key` into the committed snapshot `name`
+    /// (its content is synced to disk first). `key` no longer exists after.
+    fn commit(&self, name: &str, key: &str) -> Result<()>;
+
+    /// Remove a snapshot (a committed one only once it has no children).
+    fn remove(&self, key: &str) -> Result<()>;
+
+    /// The mounts of an active or view snapshot (again).
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>>;
+
+    /// A snapshot's metadata.
+    fn stat(&self, key: &str) -> Result<Info>;
+
+    /// Disk space used by the snapshot's own directory.
+    fn usage(&self, key: &str) -> Result<Usage>;
+
+    /// Visit every snapshot.
+    fn walk(&self, f: &mut dyn FnMut(&Info) -> Result<()>) -> Result<()>;
+
+    /// The directory writes to the active snapshot `key` land in: the
+    /// overlay upperdir, or the native snapshot's full tree. Apply a layer
+    /// here (see [`Snapshotter::apply_mode`]) or let the executor mount it.
+    fn writable_dir(&self, key: &str) -> Result<PathBuf>;
+
+    /// How to apply a layer into [`Snapshotter::writable_dir`].
+    fn apply_mode(&self) -> ApplyMode;
+
+    /// What to diff to turn the snapshot `key` into a layer.
+    fn diff_source(&self, key: &str) -> Result<DiffSource>;
+
+    /// The metadata DB behind this snapshotter.
+    fn meta(&self) -> &Meta;
+}
+
+/// Apply a layer as the new committed snapshot `name` over `parent`:
+/// prepares a temporary active snapshot, runs `apply(dir, mode)` (typically
+/// `kiln_image::apply::apply_layer`), which returns the layer's diffID,
+/// commits and records the diffID. On error the temporary snapshot is
+/// removed. If `name` already exists it is returned untouched.
+pub fn apply_into(
+    sn: &dyn Snapshotter,
+    name: &str,
+    parent: Option<&str>,
+    apply: impl FnOnce(&Path, ApplyMode) -> Result<Digest>,
+) -> Result<Info> {
+    if let Ok(info) = sn.stat(name) {
+        return Ok(info);
+    }
+    let key = format!("extract-{}-{name}", random_hex::<6>());
+    sn.prepare(&key, parent)?;
+    let result = (|| {
+        let dir = sn.writable_dir(&key)?;
+        let diff_id = apply(&dir, sn.apply_mode())?;
+        sn.commit(name, &key)?;
+        sn.meta().set_snapshot_diff_id(name, &diff_id)?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => sn.stat(name),
+        Err(Error::AlreadyExists { .. }) => {
+            // Another process applied the same layer first: use theirs.
+            let _ = sn.remove(&key);
+            sn.stat(name)
+        }
+        Err(e) => {
+            let _ = sn.remove(&key);
+            Err(e)
+        }
+    }
+}
+
+/// Store paths the snapshotters share with the rest of the store.
+#[derive(Debug, Clone)]
+pub(crate) struct Paths {
+    /// `<root>/snapshots`: one directory per snapshot id.
+    pub snapshots: PathBuf,
+    /// `<root>/l`: overlay short links.
+    pub links: PathBuf,
+    /// `<root>/gc.lock`.
+    pub gc_lock: PathBuf,
+}
+
+/// The bookkeeping both snapshotters share: rows, ids, directories.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub meta: Arc<Meta>,
+    pub paths: Paths,
+}
+
+impl Core {
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.paths.snapshots.join(id)
+    }
+
+    pub fn fs(&self, id: &str) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    pub fn get(&self, key: &str) -> Result<Info> {
+        self.meta.snapshot(key)?.ok_or_else(|| Error::NotFound {
+            kind: "snapshot",
+            name: key.to_string(),
+        })
+    }
+
+    /// The committed parent's row, checking it is committed.
+    pub fn parent(&self, parent: Option<&str>) -> Result<Option<Info>> {
+        let Some(p) = parent else { return Ok(None) };
+        let row = self.get(p)?;
+        if row.kind != Kind::Committed {
+            return Err(Error::InvalidState(format!(
+                "parent {p:?} is {:?}; only a committed snapshot can be a parent",
+                row.kind
+            )));
+        }
+        Ok(Some(row))
+    }
+
+    /// Create a snapshot: under the shared GC lock, make its directory with
+    /// `populate`, then insert the row. A crash in between leaves only an
+    /// orphan directory (no row), which check ignores and prune removes.
+    pub fn create(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        kind: Kind,
+        populate: impl FnOnce(&Path) -> Result<Option<String>>,
+    ) -> Result<Info> {
+        let _gc = FileLock::shared(&self.paths.gc_lock)?;
+        if self.meta.snapshot(key)?.is_some() {
+            return Err(Error::AlreadyExists {
+                kind: "snapshot",
+                name: key.to_string(),
+            });
+        }
+        self.parent(parent)?;
+        let id = random_hex::<8>();
+        let dir = self.dir(&id);
+        std::fs::create_dir(&dir).ctx("mkdir", &dir)?;
+        let mut row = SnapshotRow {
+            key: key.to_string(),
+            id: id.clone(),
+            kind,
+            parent: parent.map(str::to_string),
+            diff_id: None,
+            link: None,
+            size: None,
+            inodes: None,
+            created: now_unix(),
+        };
+        let made = populate(&dir).and_then(|link| {
+            row.link = link;
+            self.meta.write(|tx| self.meta.snapshot_insert(tx, &row))
+        });
+        if let Err(e) = made {
+            if let Some(link) = &row.link {
+                let _ = std::fs::remove_file(self.paths.links.join(link));
+            }
+            let _ = remove_all(&dir);
+            return Err(e);
+        }
+        Ok(row)
+    }
+
+    pub fn commit(&self, name: &str, key: &str, content: &Path) -> Result<()> {
+        let row = self.get(key)?;
+        if row.kind != Kind::Active {
+            return Err(Error::InvalidState(format!(
+                "snapshot {key:?} is {:?}, only an active snapshot can be committed",
+                row.kind
+            )));
+        }
+        syncfs(content)?;
+        let (size, inodes) = disk_usage(content)?;
+        self.meta.snapshot_commit(key, name, size, inodes)
+    }
+
+    /// Delete the row, then the directory (and link). A crash in between
+    /// leaves an orphan directory for prune.
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let row = self.meta.snapshot_delete(key)?;
+        if let Some(link) = &row.link {
+            let _ = std::fs::remove_file(self.paths.links.join(link));
+        }
+        remove_all(&self.dir(&row.id))
+    }
+
+    pub fn usage(&self, key: &str, own_dir: &Path) -> Result<Usage> {
+        let row = self.get(key)?;
+        if let (Kind::Committed, Some(size), Some(inodes)) = (row.kind, row.size, row.inodes) {
+            return Ok(Usage { size, inodes });
+        }
+        let (size, inodes) = disk_usage(own_dir)?;
+        Ok(Usage { size, inodes })
+    }
+
+    pub fn walk(&self, f: &mut dyn FnMut(&Info) -> Result<()>) -> Result<()> {
+        for row in self.meta.snapshots()? {
+            f(&row)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,230 @@
+//! The overlay snapshotter: each snapshot is `snapshots/<id>/{fs,work}`,
+//! reachable through a short link `l/<5 chars>` -> `../snapshots/<id>/fs`
+//! so that a lowerdir list of 500 layers (`<root>/l/abcde:…`, compacted to
+//! `abcde:…` relative to `<root>/l` by [`Mount::compact`]) stays under one
+//! page. The kernel's own limit is 500 lowerdirs (`OVL_MAX_STACK`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{ApplyMode, Core, DiffSource, Info, Mount, Paths, Snapshotter, Usage};
+use crate::error::{io_err, Error, IoContext, Result};
+use crate::meta::{Kind, Meta};
+use crate::util::random_short;
+
+/// Length of the link names under `l/` (36^5 ≈ 60M names).
+const LINK_LEN: usize = 5;
+
+/// The overlay snapshotter (see the module doc).
+#[derive(Debug)]
+pub struct OverlaySnapshotter {
+    core: Core,
+}
+
+impl OverlaySnapshotter {
+    pub(crate) fn new(meta: Arc<Meta>, paths: Paths) -> Self {
+        OverlaySnapshotter {
+            core: Core { meta, paths },
+        }
+    }
+
+    /// Whether the kernel can mount overlay with upper and work dirs in
+    /// `dir` (probes with a real mount in a private scratch directory; needs
+    /// CAP_SYS_ADMIN). Errors mean "no".
+    pub fn supported(dir: &Path) -> bool {
+        probe(dir).is_ok()
+    }
+
+    fn link_path(&self, row: &Info) -> Result<PathBuf> {
+        let link = row.link.as_deref().ok_or_else(|| {
+            Error::InvalidState(format!("overlay snapshot {:?} has no link", row.key))
+        })?;
+        Ok(self.core.paths.links.join(link))
+    }
+
+    /// lowerdir paths for the snapshot `key`'s parent chain, nearest first.
+    fn lowers(&self, parent: Option<&str>) -> Result<Vec<String>> {
+        let Some(parent) = parent else {
+            return Ok(Vec::new());
+        };
+        self.core
+            .meta
+            .snapshot_chain(parent)?
+            .iter()
+            .map(|r| self.link_path(r).map(|p| p.to_string_lossy().into_owned()))
+            .collect()
+    }
+
+    fn make_link(&self, dir: &Path) -> Result<String> {
+        let target = Path::new("..")
+            .join(
+                dir.strip_prefix(self.core.paths.links.parent().unwrap_or(Path::new("/")))
+                    .unwrap_or(dir),
+            )
+            .join("fs");
+        for _ in 0..64 {
+            let name = random_short(LINK_LEN);
+            let link = self.core.paths.links.join(&name);
+            match std::os::unix::fs::symlink(&target, &link) {
+                Ok(()) => return Ok(name),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_err("symlink", link, e)),
+            }
+        }
+        Err(Error::InvalidState(
+            "could not find a free link name".into(),
+        ))
+    }
+
+    fn create(&self, key: &str, parent: Option<&str>, kind: Kind) -> Result<Info> {
+        self.core.create(key, parent, kind, |dir| {
+            let fs = dir.join("fs");
+            std::fs::create_dir(&fs).ctx("mkdir", &fs)?;
+            if kind != Kind::Active {
+                return Ok(None);
+            }
+            let work = dir.join("work");
+            std::fs::create_dir(&work).ctx("mkdir", &work)?;
+            // Active snapshots may become parents: their link exists before
+            // the row that names it.
+            let link = self.make_link(dir)?;
+            Ok(Some(link))
+        })
+    }
+
+    fn mounts_for(&self, row: &Info) -> Result<Vec<Mount>> {
+        let lowers = self.lowers(row.parent.as_deref())?;
+        let fs = self.core.fs(&row.id);
+        match row.kind {
+            Kind::Active if lowers.is_empty() => Ok(vec![bind(&fs, false)]),
+            Kind::Active => {
+                let work = self.core.dir(&row.id).join("work");
+                Ok(vec![Mount {
+                    kind: "overlay".into(),
+                    source: "overlay".into(),
+                    options: vec![
+                        format!("lowerdir={}", lowers.join(":")),
+                        format!("upperdir={}", fs.display()),
+                        format!("workdir={}", work.display()),
+                    ],
+                }])
+            }
+            Kind::View | Kind::Committed => match lowers.len() {
+                0 => Ok(vec![bind(&fs, true)]),
+                1 => {
+                    let parent = self.core.get(row.parent.as_deref().unwrap_or_default())?;
+                    Ok(vec![bind(&self.core.fs(&parent.id), true)])
+                }
+                _ => Ok(vec![Mount {
+                    kind: "overlay".into(),
+                    source: "overlay".into(),
+                    options: vec![format!("lowerdir={}", lowers.join(":"))],
+                }]),
+            },
+        }
+    }
+}
+
+fn bind(dir: &Path, ro: bool) -> Mount {
+    Mount {
+        kind: "bind".into(),
+        source: dir.to_string_lossy().into_owned(),
+        options: vec!["rbind".into(), if ro { "ro" } else { "rw" }.into()],
+    }
+}
+
+fn probe(dir: &Path) -> Result<()> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    let base = dir.join(format!("probe-{}", crate::util::random_hex::<4>()));
+    let result = (|| {
+        for d in ["lower", "upper", "work", "merged"] {
+            std::fs::create_dir_all(base.join(d)).ctx("mkdir", base.join(d))?;
+        }
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            base.join("lower").display(),
+            base.join("upper").display(),
+            base.join("work").display()
+        );
+        mount(
+            Some("overlay"),
+            &base.join("merged"),
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .map_err(|e| io_err("overlay probe", &base, e.into()))?;
+        let _ = umount2(&base.join("merged"), MntFlags::MNT_DETACH);
+        Ok(())
+    })();
+    let _ = crate::util::remove_all(&base);
+    result
+}
+
+impl Snapshotter for OverlaySnapshotter {
+    fn name(&self) -> &'static str {
+        "overlay"
+    }
+
+    fn prepare(&self, key: &str, parent: Option<&str>) -> Result<Vec<Mount>> {
+        let row = self.create(key, parent, Kind::Active)?;
+        self.mounts_for(&row)
+    }
+
+    fn view(&self, key: &str, parent: Option<&str>) -> Result<Vec<Mount>> {
+        let row = self.create(key, parent, Kind::View)?;
+        self.mounts_for(&row)
+    }
+
+    fn commit(&self, name: &str, key: &str) -> Result<()> {
+        let row = self.core.get(key)?;
+        self.core.commit(name, key, &self.core.fs(&row.id))
+    }
+
+    fn remove(&self, key: &str) -> Result<()> {
+        self.core.remove(key)
+    }
+
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let row = self.core.get(key)?;
+        self.mounts_for(&row)
+    }
+
+    fn stat(&self, key: &str) -> Result<Info> {
+        self.core.get(key)
+    }
+
+    fn usage(&self, key: &str) -> Result<Usage> {
+        let row = self.core.get(key)?;
+        self.core.usage(key, &self.core.fs(&row.id))
+    }
+
+    fn walk(&self, f: &mut dyn FnMut(&Info) -> Result<()>) -> Result<()> {
+        self.core.walk(f)
+    }
+
+    fn writable_dir(&self, key: &str) -> Result<PathBuf> {
+        let row = self.core.get(key)?;
+        if row.kind != Kind::Active {
+            return Err(Error::InvalidState(format!(
+                "snapshot {key:?} is not active"
+            )));
+        }
+        Ok(self.core.fs(&row.id))
+    }
+
+    fn apply_mode(&self) -> ApplyMode {
+        ApplyMode::Overlay
+    }
+
+    fn diff_source(&self, key: &str) -> Result<DiffSource> {
+        let row = self.core.get(key)?;
+        Ok(DiffSource::Overlay {
+            upper: self.core.fs(&row.id),
+        })
+    }
+
+    fn meta(&self) -> &Meta {
+        &self.core.meta
+    }
+}

@@ -1,0 +1,282 @@
+//! [`Store`]: one root directory, its layout, and the operations that span
+//! files and rows.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::content::ContentStore;
+use crate::digest::Digest;
+use crate::error::{Error, IoContext, Result};
+use crate::meta::Meta;
+use crate::snapshot::{NativeSnapshotter, OverlaySnapshotter, Paths, Snapshotter};
+use crate::util::{fsync_dir, FileLock};
+
+/// Which snapshotter a store uses. A store keeps the choice it was created
+/// with (snapshot directories of one kind mean nothing to the other).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SnapshotterKind {
+    /// Overlay if the kernel can mount it on the root's filesystem, else
+    /// native; or whatever the store was created with.
+    #[default]
+    Auto,
+    /// The overlay snapshotter.
+    Overlay,
+    /// The copying snapshotter.
+    Native,
+}
+
+impl SnapshotterKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            SnapshotterKind::Auto => "auto",
+            SnapshotterKind::Overlay => "overlay",
+            SnapshotterKind::Native => "native",
+        }
+    }
+}
+
+/// How to open a store.
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// The snapshotter.
+    pub snapshotter: SnapshotterKind,
+}
+
+/// The default store root: `$KILN_ROOT` is handled by the CLI; this is
+/// `/var/lib/kiln` for root, else `$XDG_DATA_HOME/kiln` (or
+/// `~/.local/share/kiln`).
+pub fn default_root() -> PathBuf {
+    // SAFETY: geteuid has no failure mode.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/kiln");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("kiln");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".local/share/kiln")
+}
+
+/// Everything kiln keeps on disk under one root:
+///
+/// ```text
+/// <root>/meta.db            SQLite (WAL): images, blobs, snapshots, cache, leases, file hashes
+/// <root>/blobs/sha256/<hex> content store
+/// <root>/snapshots/<id>/    one directory per snapshot (fs/, work/)
+/// <root>/l/<short>          overlay short links -> ../snapshots/<id>/fs
+/// <root>/tmp/               temp files (blobs being written, probes)
+/// <root>/gc.lock            writers hold it shared, prune exclusive
+/// ```
+pub struct Store {
+    root: PathBuf,
+    content: ContentStore,
+    meta: Arc<Meta>,
+    paths: Paths,
+    tmp: PathBuf,
+    snapshotter: Box<dyn Snapshotter>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("root", &self.root)
+            .field("snapshotter", &self.snapshotter.name())
+            .finish()
+    }
+}
+
+impl Store {
+    /// Open (creating if needed) the store at `root` with the default
+    /// options.
+    pub fn open(root: impl AsRef<Path>) -> Result<Store> {
+        Self::open_with(root, StoreOptions::default())
+    }
+
+    /// Open (creating if needed) the store at `root`.
+    pub fn open_with(root: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
+        let root = root.as_ref().to_path_buf();
+        let blobs = root.join("blobs").join("sha256");
+        let snapshots = root.join("snapshots");
+        let links = root.join("l");
+        let tmp = root.join("tmp");
+        for d in [&root, &blobs, &snapshots, &links, &tmp] {
+            std::fs::create_dir_all(d).ctx("mkdir", d)?;
+        }
+        let paths = Paths {
+            snapshots,
+            links,
+            gc_lock: root.join("gc.lock"),
+        };
+        let meta = Arc::new(Meta::open(&root.join("meta.db"))?);
+        fsync_dir(&root)?;
+        let wanted = match opts.snapshotter {
+            SnapshotterKind::Auto => match meta.setting("snapshotter")? {
+                Some(s) => s,
+                None => {
+                    if OverlaySnapshotter::supported(&tmp) {
+                        "overlay".to_string()
+                    } else {
+                        "native".to_string()
+                    }
+                }
+            },
+            k => k.as_str().to_string(),
+        };
+        let recorded = meta.setting_init("snapshotter", &wanted)?;
+        if recorded != wanted {
+            return Err(Error::InvalidState(format!(
+                "store {} was created with the {recorded} snapshotter, not {wanted}",
+                root.display()
+            )));
+        }
+        let snapshotter: Box<dyn Snapshotter> = if recorded == "overlay" {
+            Box::new(OverlaySnapshotter::new(meta.clone(), paths.clone()))
+        } else {
+            Box::new(NativeSnapshotter::new(meta.clone(), paths.clone()))
+        };
+        Ok(Store {
+            content: ContentStore::new(blobs, &tmp),
+            root,
+            meta,
+            paths,
+            tmp,
+            snapshotter,
+        })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The temp directory (same filesystem as everything else; files here
+    /// are reclaimed by prune once no writer holds the GC lock).
+    pub fn tmp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// The content store (files only; use [`Store::put_blob`] to also
+    /// record the blob).
+    pub fn content(&self) -> &ContentStore {
+        &self.content
+    }
+
+    /// The metadata database.
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// The snapshotter this store uses.
+    pub fn snapshotter(&self) -> &dyn Snapshotter {
+        self.snapshotter.as_ref()
+    }
+
+    pub(crate) fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    /// Hold the GC lock shared: prune cannot run while the guard lives. Use
+    /// around "write files, then record rows" sequences built from the
+    /// lower-level pieces.
+    pub fn gc_guard(&self) -> Result<GcGuard> {
+        Ok(GcGuard(FileLock::shared(&self.paths.gc_lock)?))
+    }
+
+    /// Stream a blob into the content store and record it (and add it to
+    /// the current lease). With `expected`, the content must match that
+    /// digest (and `size`) or nothing is kept.
+    pub fn put_blob(
+        &self,
+        reader: impl Read,
+        expected: Option<&Digest>,
+        size: Option<u64>,
+        media_type: Option<&str>,
+    ) -> Result<(Digest, u64)> {
+        let _gc = self.gc_guard()?;
+        let (d, n) = self.content.ingest(reader, expected, size)?;
+        self.meta.add_blob(&d, n, media_type)?;
+        Ok((d, n))
+    }
+
+    /// [`Store::put_blob`] for bytes in memory (manifests, configs).
+    pub fn put_bytes(&self, bytes: &[u8], media_type: Option<&str>) -> Result<Digest> {
+        Ok(self
+            .put_blob(bytes, None, Some(bytes.len() as u64), media_type)?
+            .0)
+    }
+
+    /// Record an image: the manifest references `config` and `layers` (all
+    /// already stored with [`Store::put_blob`]) and `name` (normalised, see
+    /// [`crate::normalize_reference`]) points at it. One transaction.
+    pub fn record_image(
+        &self,
+        name: &str,
+        manifest: &Digest,
+        config: &Digest,
+        layers: &[Digest],
+    ) -> Result<()> {
+        self.meta.write(|tx| {
+            for child in std::iter::once(config).chain(layers) {
+                tx.execute(
+                    "INSERT OR IGNORE INTO blob_refs(parent, child) VALUES (?1, ?2)",
+                    [manifest.to_string(), child.to_string()],
+                )?;
+            }
+            tx.execute(
+                "INSERT INTO images(name, manifest, config, created) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO UPDATE SET manifest = excluded.manifest,
+                   config = excluded.config, created = excluded.created",
+                rusqlite::params![
+                    name,
+                    manifest.to_string(),
+                    config.to_string(),
+                    crate::util::now_unix()
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Start a lease: until the guard drops (or this process dies, or
+    /// `ttl` passes), everything this store handle creates is kept by GC.
+    pub fn lease(&self, ttl: Option<Duration>) -> Result<LeaseGuard<'_>> {
+        let id = self.meta.create_lease(ttl)?;
+        let previous = self.meta.current_lease();
+        self.meta.set_current_lease(Some(id.clone()));
+        Ok(LeaseGuard {
+            store: self,
+            id,
+            previous,
+        })
+    }
+}
+
+/// The shared GC lock (see [`Store::gc_guard`]).
+#[derive(Debug)]
+pub struct GcGuard(#[allow(dead_code)] FileLock);
+
+/// An active lease (see [`Store::lease`]). Dropping it deletes the lease.
+#[derive(Debug)]
+pub struct LeaseGuard<'a> {
+    store: &'a Store,
+    id: String,
+    previous: Option<String>,
+}
+
+impl LeaseGuard<'_> {
+    /// The lease id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for LeaseGuard<'_> {
+    fn drop(&mut self) {
+        self.store.meta.set_current_lease(self.previous.take());
+        let _ = self.store.meta.delete_lease(&self.id);
+    }
+}

@@ -1,0 +1,407 @@
+//! Content store, metadata and multi-process tests.
+
+mod common;
+
+use std::io::Write;
+use std::sync::Arc;
+
+use kiln_cache::{Digest, Error, FileStat, PruneOptions, SnapshotterKind, Store, StoreOptions};
+
+fn open(dir: &std::path::Path) -> Store {
+    Store::open_with(
+        dir,
+        StoreOptions {
+            snapshotter: SnapshotterKind::Native,
+        },
+    )
+    .expect("open")
+}
+
+fn tmp_entries(s: &Store) -> usize {
+    std::fs::read_dir(s.tmp_dir()).unwrap().count()
+}
+
+#[test]
+fn layout_and_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    for d in ["blobs/sha256", "snapshots", "tmp", "l", "meta.db"] {
+        assert!(dir.path().join(d).exists(), "{d}");
+    }
+    assert_eq!(
+        s.meta().schema_version().unwrap(),
+        kiln_cache::SCHEMA_VERSION
+    );
+    drop(s);
+    // Re-open is idempotent, and keeps the snapshotter it was created with.
+    let s = open(dir.path());
+    assert_eq!(s.snapshotter().name(), "native");
+    let e = Store::open_with(
+        dir.path(),
+        StoreOptions {
+            snapshotter: SnapshotterKind::Overlay,
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("native"), "{e}");
+}
+
+#[test]
+fn concurrent_writers_of_the_same_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(open(dir.path()));
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let want = Digest::of(&data);
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            let data = data.clone();
+            let want = want.clone();
+            std::thread::spawn(move || {
+                // Write in small pieces so writers interleave.
+                let mut w = s.content().writer().unwrap();
+                for chunk in data.chunks(4096) {
+                    w.write_all(chunk).unwrap();
+                }
+                let (d, n) = w.commit(Some(&want), Some(data.len() as u64)).unwrap();
+                s.meta().add_blob(&d, n, None).unwrap();
+                d
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), want);
+    }
+    assert_eq!(s.content().verify(&want).unwrap(), data.len() as u64);
+    assert_eq!(s.content().list().unwrap().0.len(), 1);
+    assert_eq!(tmp_entries(&s), 0, "no temp files left");
+    assert!(s.check().unwrap().ok());
+}
+
+#[test]
+fn wrong_digest_is_rejected_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let wrong = Digest::of(b"something else");
+    let e = s
+        .put_blob(&b"hello"[..], Some(&wrong), None, None)
+        .unwrap_err();
+    assert!(matches!(e, Error::DigestMismatch { .. }), "{e}");
+    let right = Digest::of(b"hello");
+    let e = s
+        .put_blob(&b"hello"[..], Some(&right), Some(4), None)
+        .unwrap_err();
+    assert!(matches!(e, Error::DigestMismatch { .. }), "wrong size: {e}");
+    assert!(!s.content().has(&wrong) && !s.content().has(&right));
+    assert_eq!(s.content().list().unwrap().0.len(), 0);
+    assert_eq!(tmp_entries(&s), 0);
+    assert!(!s.meta().has_blob(&right).unwrap());
+    // And the right one goes in.
+    let (d, n) = s
+        .put_blob(&b"hello"[..], Some(&right), Some(5), Some("text/plain"))
+        .unwrap();
+    assert_eq!((d, n), (right.clone(), 5));
+    assert_eq!(s.content().read(&right).unwrap(), b"hello");
+}
+
+#[test]
+fn partial_write_is_invisible() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let d = Digest::of(b"0123456789");
+    let mut w = s.content().writer().unwrap();
+    w.write_all(b"01234").unwrap();
+    assert!(!s.content().has(&d));
+    assert!(matches!(s.content().open(&d), Err(Error::NotFound { .. })));
+    assert_eq!(s.content().list().unwrap().0.len(), 0);
+    assert!(s.check().unwrap().ok(), "a blob in flight is no problem");
+    drop(w); // abandoned writer removes its temp file
+    assert_eq!(tmp_entries(&s), 0);
+}
+
+#[test]
+fn cache_index_memo_and_file_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let sn = s.snapshotter();
+    sn.prepare("a", None).unwrap();
+    sn.commit("snap-1", "a").unwrap();
+    let blob = s
+        .put_bytes(b"layer", Some("application/vnd.oci.image.layer.v1.tar"))
+        .unwrap();
+    let diff = Digest::of(b"diff");
+    s.meta()
+        .cache_put(
+            "key-1",
+            Some("snap-1"),
+            Some(&diff),
+            std::slice::from_ref(&blob),
+        )
+        .unwrap();
+    let rec = s.meta().cache_get("key-1").unwrap().expect("hit");
+    assert_eq!(rec.snapshot.as_deref(), Some("snap-1"));
+    assert_eq!(rec.diff_id, Some(diff.to_string()));
+    assert_eq!(rec.blobs, vec![blob.to_string()]);
+    assert!(s.meta().cache_get("key-2").unwrap().is_none());
+
+    s.meta().put_layer_blob(&diff, "gzip", 6, &blob).unwrap();
+    assert_eq!(
+        s.meta().layer_blob(&diff, "gzip", 6).unwrap(),
+        Some(blob.clone())
+    );
+    assert_eq!(s.meta().layer_blob(&diff, "zstd", 3).unwrap(), None);
+
+    // File hashes: a batch of 5000 in one transaction each way.
+    let ctx = dir.path().join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(ctx.join("f"), "x").unwrap();
+    let mut st = FileStat::from_metadata(&std::fs::symlink_metadata(ctx.join("f")).unwrap());
+    // Pretend the file is old enough not to be "racy".
+    st.mtime_ns -= 10_000_000_000;
+    st.ctime_ns -= 10_000_000_000;
+    let paths: Vec<String> = (0..5000).map(|i| format!("/ctx/file-{i}")).collect();
+    let puts: Vec<(&str, FileStat, &str)> = paths
+        .iter()
+        .map(|p| (p.as_str(), st, "sha256:abc"))
+        .collect();
+    assert_eq!(s.meta().file_hashes_put(&puts).unwrap(), 5000);
+    let mut changed = st;
+    changed.size += 1;
+    let gets: Vec<(&str, FileStat)> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.as_str(), if i == 7 { changed } else { st }))
+        .collect();
+    let t = std::time::Instant::now();
+    let got = s.meta().file_hashes_get(&gets).unwrap();
+    eprintln!("5000 file-hash lookups: {:?}", t.elapsed());
+    assert_eq!(got.iter().filter(|g| g.is_some()).count(), 4999);
+    assert!(got[7].is_none(), "a changed stat misses");
+    // A file changed just now is not stored (racy clean).
+    let fresh = FileStat::from_metadata(&std::fs::symlink_metadata(ctx.join("f")).unwrap());
+    assert_eq!(
+        s.meta()
+            .file_hashes_put(&[("/ctx/fresh", fresh, "sha256:x")])
+            .unwrap(),
+        0
+    );
+    assert!(s.check().unwrap().ok());
+}
+
+#[test]
+fn prune_keeps_tags_cache_and_leases_and_reclaims_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let sn = s.snapshotter();
+    // Unreferenced: a blob and a committed snapshot.
+    let junk = s.put_bytes(b"junk", None).unwrap();
+    sn.prepare("j", None).unwrap();
+    sn.commit("junk-snap", "j").unwrap();
+    // Referenced by an image.
+    let layer = s.put_bytes(b"layer-bytes", None).unwrap();
+    let config = s.put_bytes(b"{}", None).unwrap();
+    let manifest = s.put_bytes(b"{\"manifest\":1}", None).unwrap();
+    s.record_image(
+        "docker.io/library/x:latest",
+        &manifest,
+        &config,
+        std::slice::from_ref(&layer),
+    )
+    .unwrap();
+    // Referenced by the cache, two records of different age.
+    for k in ["old", "new"] {
+        sn.prepare(k, None).unwrap();
+        std::fs::write(sn.writable_dir(k).unwrap().join("data"), vec![7u8; 100_000]).unwrap();
+        sn.commit(&format!("{k}-snap"), k).unwrap();
+        s.meta()
+            .cache_put(k, Some(&format!("{k}-snap")), None, &[])
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    // Under a lease.
+    let leased = {
+        let _l = s.lease(None).unwrap();
+        let d = s.put_bytes(b"leased", None).unwrap();
+        // Prune from another handle while the lease is live keeps it.
+        let other = open(dir.path());
+        other.prune(&PruneOptions::default()).unwrap();
+        assert!(s.content().has(&d), "leased blob survives");
+        d
+    };
+    // An orphan temp file and an orphan snapshot directory.
+    std::fs::write(s.tmp_dir().join("blob-orphan"), "x").unwrap();
+    std::fs::create_dir_all(dir.path().join("snapshots/deadbeef/fs")).unwrap();
+
+    let r = s.prune(&PruneOptions::default()).unwrap();
+    assert!(
+        !s.content().has(&junk) && !s.content().has(&leased),
+        "{r:?}"
+    );
+    assert!(s.content().has(&layer) && s.content().has(&manifest) && s.content().has(&config));
+    assert!(sn.stat("junk-snap").is_err());
+    assert!(sn.stat("old-snap").is_ok() && sn.stat("new-snap").is_ok());
+    assert!(!dir.path().join("snapshots/deadbeef").exists());
+    assert_eq!(tmp_entries(&s), 0);
+
+    // keep-storage: room for one record only -> the older goes.
+    let r = s
+        .prune(&PruneOptions {
+            all: false,
+            keep_storage: Some(150_000),
+        })
+        .unwrap();
+    assert_eq!(r.cache_records_removed, 1, "{r:?}");
+    assert!(sn.stat("old-snap").is_err() && sn.stat("new-snap").is_ok());
+    // --all drops the rest of the cache, images stay.
+    s.prune(&PruneOptions {
+        all: true,
+        keep_storage: None,
+    })
+    .unwrap();
+    assert!(sn.stat("new-snap").is_err());
+    assert!(s.content().has(&manifest));
+    let df = s.df().unwrap();
+    assert_eq!(df.images.count, 1);
+    assert_eq!(df.build_cache.count, 0);
+    assert!(s.check().unwrap().ok());
+    // Untag: everything goes.
+    s.meta().untag_image("docker.io/library/x:latest").unwrap();
+    s.prune(&PruneOptions::default()).unwrap();
+    assert!(s.content().list().unwrap().0.is_empty());
+}
+
+#[test]
+fn crashed_process_lease_and_active_snapshot_are_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    // Ours (this process lives): kept.
+    s.snapshotter().prepare("live-active", None).unwrap();
+    // A child makes a lease, a leased blob and an active snapshot, then
+    // exits without cleaning up (like a crash).
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_make_lease",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("KILN_TEST_HELPER_ROOT", dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(s.snapshotter().stat("helper-active").is_ok());
+    let helper_blob = Digest::of(b"helper blob");
+    assert!(s.content().has(&helper_blob));
+    let r = s.prune(&PruneOptions::default()).unwrap();
+    assert!(r.leases_expired >= 1, "{r:?}");
+    assert!(s.snapshotter().stat("helper-active").is_err(), "{r:?}");
+    assert!(!s.content().has(&helper_blob));
+    assert!(
+        s.snapshotter().stat("live-active").is_ok(),
+        "a live process's active snapshot stays"
+    );
+    assert!(s.check().unwrap().ok());
+}
+
+#[test]
+fn helper_make_lease() {
+    let Some(root) = std::env::var_os("KILN_TEST_HELPER_ROOT") else {
+        return;
+    };
+    let s = open(std::path::Path::new(&root));
+    let lease = s.meta().create_lease(None).unwrap();
+    s.meta().set_current_lease(Some(lease));
+    s.put_bytes(b"helper blob", None).unwrap();
+    s.snapshotter().prepare("helper-active", None).unwrap();
+    // exit without deleting the lease: like a crash
+    std::process::exit(0);
+}
+
+#[test]
+fn helper_worker() {
+    let Some(root) = std::env::var_os("KILN_TEST_HELPER_ROOT") else {
+        return;
+    };
+    let id: usize = std::env::var("KILN_TEST_WORKER").unwrap().parse().unwrap();
+    let s = open(std::path::Path::new(&root));
+    let _lease = s.lease(None).unwrap();
+    let sn = s.snapshotter();
+    let mut parent: Option<String> = None;
+    for i in 0..20 {
+        // Shared blobs (every worker writes the same ones) and own ones.
+        let shared = s.put_bytes(format!("shared-{i}").as_bytes(), None).unwrap();
+        let own = s
+            .put_bytes(format!("own-{id}-{i}").as_bytes(), None)
+            .unwrap();
+        let key = format!("w{id}-active-{i}");
+        sn.prepare(&key, parent.as_deref()).unwrap();
+        std::fs::write(sn.writable_dir(&key).unwrap().join(format!("f{i}")), "x").unwrap();
+        let name = format!("w{id}-layer-{i}");
+        sn.commit(&name, &key).unwrap();
+        s.meta()
+            .cache_put(&format!("w{id}-key-{i}"), Some(&name), None, &[shared, own])
+            .unwrap();
+        // A cache record every worker races on.
+        s.meta()
+            .cache_put(&format!("common-{i}"), Some(&name), None, &[])
+            .unwrap();
+        parent = Some(name);
+        let p = format!("/ctx/{id}/{i}");
+        let st = FileStat {
+            dev: 1,
+            ino: i,
+            size: 1,
+            mtime_ns: 1,
+            ctime_ns: 1,
+            mode: 0o100644,
+        };
+        s.meta()
+            .file_hashes_put(&[(p.as_str(), st, "sha256:1")])
+            .unwrap();
+        assert!(s
+            .meta()
+            .cache_get(&format!("common-{i}"))
+            .unwrap()
+            .is_some());
+    }
+}
+
+#[test]
+fn four_processes_share_one_store() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let children: Vec<_> = (0..4)
+        .map(|i| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "helper_worker",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("KILN_TEST_HELPER_ROOT", dir.path())
+                .env("KILN_TEST_WORKER", i.to_string())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "worker failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let s = open(dir.path());
+    assert_eq!(s.meta().cache_records().unwrap().len(), 4 * 20 + 20);
+    let report = s.check().unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    // Leases ended with the workers; cache records keep everything.
+    let r = s.prune(&PruneOptions::default()).unwrap();
+    assert_eq!(r.snapshots_removed, 0, "{r:?}");
+    assert!(s.check().unwrap().ok());
+}
