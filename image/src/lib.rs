@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod apply;
+pub mod archive;
 pub mod blob;
 pub mod compression;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod diff;
 mod digest;
 mod error;
 pub mod manifest;
+pub mod rootfs_tar;
 pub mod tarw;
 
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};

@@ -1,0 +1,719 @@
+//! Image archives: `docker save` format (docker-archive) and the OCI image
+//! layout, as tar streams or (OCI) a directory, plus a reader for both.
+//!
+//! Writers take images as raw manifests and fetch every blob through a
+//! [`BlobSource`], streaming each one: no layer is ever held in memory.
+//! Archive entries carry fixed metadata (mode 0644/0755, uid 0, mtime 0) so
+//! the same images give the same archive bytes.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::compression::{self, Compression};
+use crate::config::ImageConfig;
+use crate::digest::{Hasher, HashingReader, HashingWriter};
+use crate::manifest::{
+    media_types, Descriptor, ImageIndex, ImageManifest, Platform, RawManifest,
+    ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME,
+};
+use crate::tarw::{Kind, Meta, TarWriter};
+use crate::{Digest, ImageError};
+
+/// Where writers get blob bytes from (the content store, a registry, ...).
+pub trait BlobSource {
+    /// A reader over the blob's bytes.
+    fn open_blob(&self, d: &Digest) -> io::Result<Box<dyn Read + '_>>;
+    /// The blob's size in bytes.
+    fn blob_size(&self, d: &Digest) -> io::Result<u64>;
+}
+
+/// Blobs held in memory (tests, tiny images).
+#[derive(Clone, Debug, Default)]
+pub struct MemoryBlobs(pub HashMap<Digest, Vec<u8>>);
+
+impl MemoryBlobs {
+    /// Store `bytes` and return their digest.
+    pub fn put(&mut self, bytes: Vec<u8>) -> Digest {
+        let d = Digest::sha256_of(&bytes);
+        self.0.insert(d.clone(), bytes);
+        d
+    }
+}
+
+fn not_found(d: &Digest) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("blob {d} not found"))
+}
+
+impl BlobSource for MemoryBlobs {
+    fn open_blob(&self, d: &Digest) -> io::Result<Box<dyn Read + '_>> {
+        let b = self.0.get(d).ok_or_else(|| not_found(d))?;
+        Ok(Box::new(&b[..]))
+    }
+    fn blob_size(&self, d: &Digest) -> io::Result<u64> {
+        Ok(self.0.get(d).ok_or_else(|| not_found(d))?.len() as u64)
+    }
+}
+
+/// One image to put into an archive.
+#[derive(Clone, Debug)]
+pub struct ArchiveImage {
+    /// References (`app:1.0`, `docker.io/library/app:1.0`); may be empty.
+    pub names: Vec<String>,
+    /// The image manifest (not an index), as stored.
+    pub manifest: RawManifest,
+}
+
+fn arch_err(s: impl Into<String>) -> ImageError {
+    ImageError::Archive(s.into())
+}
+
+fn file_meta(path: &str, size: u64) -> Meta {
+    Meta {
+        path: path.as_bytes().to_vec(),
+        kind: Kind::Regular(size),
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        xattrs: Vec::new(),
+    }
+}
+
+fn dir_meta(path: &str) -> Meta {
+    Meta {
+        kind: Kind::Dir,
+        mode: 0o755,
+        ..file_meta(path, 0)
+    }
+}
+
+fn read_small(blobs: &dyn BlobSource, d: &Digest) -> Result<Vec<u8>, ImageError> {
+    let mut v = Vec::new();
+    let mut r = HashingReader::new(blobs.open_blob(d)?.take(64 * 1024 * 1024));
+    r.read_to_end(&mut v)?;
+    let got = r.finish().1;
+    if &got != d {
+        return Err(ImageError::DigestMismatch {
+            what: "blob".into(),
+            expected: d.to_string(),
+            actual: got.to_string(),
+        });
+    }
+    Ok(v)
+}
+
+/// Copy a blob into the tar as `path`, verifying its digest and size.
+fn put_blob<W: Write>(
+    tar: &mut TarWriter<W>,
+    path: &str,
+    blobs: &dyn BlobSource,
+    desc: &Descriptor,
+) -> Result<(), ImageError> {
+    let size = blobs.blob_size(&desc.digest)?;
+    if size != desc.size {
+        return Err(arch_err(format!(
+            "blob {} is {size} bytes, its descriptor says {}",
+            desc.digest, desc.size
+        )));
+    }
+    let mut r = HashingReader::new(blobs.open_blob(&desc.digest)?);
+    tar.append(&file_meta(path, size), Some(&mut r))?;
+    let got = r.finish().1;
+    if got != desc.digest {
+        return Err(ImageError::DigestMismatch {
+            what: path.to_string(),
+            expected: desc.digest.to_string(),
+            actual: got.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Split a reference into (repository, tag) with Docker's familiar form for
+/// Docker Hub names; `None` for digest references.
+fn repo_tag(name: &str) -> Option<(String, String)> {
+    if name.contains('@') {
+        return None;
+    }
+    let (repo, tag) = match name.rfind(':') {
+        Some(i) if !name[i..].contains('/') => (&name[..i], &name[i + 1..]),
+        _ => (name, "latest"),
+    };
+    let repo = repo
+        .strip_prefix("docker.io/library/")
+        .or_else(|| repo.strip_prefix("docker.io/"))
+        .unwrap_or(repo);
+    Some((repo.to_string(), tag.to_string()))
+}
+
+#[derive(Serialize, Deserialize)]
+struct DockerManifestEntry {
+    #[serde(rename = "Config")]
+    config: String,
+    #[serde(rename = "RepoTags", default)]
+    repo_tags: Option<Vec<String>>,
+    #[serde(rename = "Layers")]
+    layers: Vec<String>,
+}
+
+/// Write a `docker save` archive (manifest.json, repositories,
+/// `<config hex>.json`, `<diffID hex>/layer.tar`) loadable by `docker load`
+/// and `podman load`. Layers are stored uncompressed, as Docker does;
+/// compressed blobs are decompressed twice while streaming (once to learn
+/// the size the tar header needs, once to copy) rather than buffered.
+pub fn write_docker_archive(
+    out: impl Write,
+    images: &[ArchiveImage],
+    blobs: &dyn BlobSource,
+) -> Result<(), ImageError> {
+    let mut tar = TarWriter::new(out);
+    let mut entries = Vec::new();
+    let mut repos: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let mut done: HashSet<Digest> = HashSet::new();
+    for img in images {
+        let m = img.manifest.manifest()?;
+        let cfg_bytes = read_small(blobs, &m.config.digest)?;
+        let cfg = ImageConfig::from_bytes(&cfg_bytes)?;
+        if cfg.rootfs.diff_ids.len() != m.layers.len() {
+            return Err(arch_err(format!(
+                "config has {} diffIDs, manifest {} layers",
+                cfg.rootfs.diff_ids.len(),
+                m.layers.len()
+            )));
+        }
+        let mut layer_paths = Vec::new();
+        for (desc, diff_id) in m.layers.iter().zip(&cfg.rootfs.diff_ids) {
+            let dir = diff_id.hex().to_string();
+            let path = format!("{dir}/layer.tar");
+            if done.insert(diff_id.clone()) {
+                tar.append(&dir_meta(&dir), None)?;
+                write_uncompressed_layer(&mut tar, &path, blobs, desc, diff_id)?;
+            }
+            layer_paths.push(path);
+        }
+        let cfg_name = format!("{}.json", m.config.digest.hex());
+        if done.insert(m.config.digest.clone()) {
+            let mut r: &[u8] = &cfg_bytes;
+            tar.append(&file_meta(&cfg_name, cfg_bytes.len() as u64), Some(&mut r))?;
+        }
+        let mut tags = Vec::new();
+        for n in &img.names {
+            if let Some((repo, tag)) = repo_tag(n) {
+                tags.push(format!("{repo}:{tag}"));
+                if let Some(last) = layer_paths.last() {
+                    let id = last.trim_end_matches("/layer.tar").to_string();
+                    repos.entry(repo).or_default().insert(tag, id);
+                }
+            }
+        }
+        entries.push(DockerManifestEntry {
+            config: cfg_name,
+            repo_tags: if tags.is_empty() { None } else { Some(tags) },
+            layers: layer_paths,
+        });
+    }
+    let mj = serde_json::to_vec(&entries)?;
+    tar.append(
+        &file_meta("manifest.json", mj.len() as u64),
+        Some(&mut &mj[..]),
+    )?;
+    if !repos.is_empty() {
+        let rj = serde_json::to_vec(&repos)?;
+        tar.append(
+            &file_meta("repositories", rj.len() as u64),
+            Some(&mut &rj[..]),
+        )?;
+    }
+    tar.finish()?;
+    Ok(())
+}
+
+fn layer_kind(desc: &Descriptor) -> Compression {
+    let mt = desc.media_type.as_str();
+    if mt.ends_with("gzip") {
+        Compression::Gzip
+    } else if mt.ends_with("zstd") {
+        Compression::Zstd
+    } else {
+        Compression::Uncompressed
+    }
+}
+
+fn open_decompressed<'a>(
+    blobs: &'a dyn BlobSource,
+    desc: &Descriptor,
+) -> Result<Box<dyn Read + 'a>, ImageError> {
+    let r = blobs.open_blob(&desc.digest)?;
+    Ok(match layer_kind(desc) {
+        Compression::Uncompressed => r,
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(r))),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(r)?),
+    })
+}
+
+fn write_uncompressed_layer<W: Write>(
+    tar: &mut TarWriter<W>,
+    path: &str,
+    blobs: &dyn BlobSource,
+    desc: &Descriptor,
+    diff_id: &Digest,
+) -> Result<(), ImageError> {
+    let size = match layer_kind(desc) {
+        Compression::Uncompressed => blobs.blob_size(&desc.digest)?,
+        _ => io::copy(&mut open_decompressed(blobs, desc)?, &mut io::sink())?,
+    };
+    let mut r = HashingReader::new(open_decompressed(blobs, desc)?);
+    tar.append(&file_meta(path, size), Some(&mut r))?;
+    let got = r.finish().1;
+    if &got != diff_id {
+        return Err(ImageError::DigestMismatch {
+            what: format!("layer {} (diffID)", desc.digest),
+            expected: diff_id.to_string(),
+            actual: got.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The blobs of `images` in write order (manifest, config, layers), deduplicated.
+fn collect_blobs(images: &[ArchiveImage]) -> Result<Vec<Descriptor>, ImageError> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for img in images {
+        let m = img.manifest.manifest()?;
+        for d in std::iter::once(m.config.clone()).chain(m.layers.iter().cloned()) {
+            if seen.insert(d.digest.clone()) {
+                out.push(d);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn index_for(images: &[ArchiveImage], blobs: &dyn BlobSource) -> Result<Vec<u8>, ImageError> {
+    let mut manifests = Vec::new();
+    for img in images {
+        let m = img.manifest.manifest()?;
+        let mut desc = img.manifest.descriptor();
+        if let Ok(cfg) =
+            read_small(blobs, &m.config.digest).and_then(|b| ImageConfig::from_bytes(&b))
+        {
+            desc.platform = Some(Platform {
+                architecture: cfg.architecture.clone(),
+                os: cfg.os.clone(),
+                variant: cfg.variant.clone(),
+                ..Default::default()
+            });
+        }
+        if img.names.is_empty() {
+            manifests.push(desc.clone());
+        }
+        for n in &img.names {
+            let mut d = desc.clone();
+            let mut ann = BTreeMap::new();
+            ann.insert(ANNOTATION_CONTAINERD_NAME.to_string(), n.clone());
+            if let Some((_, tag)) = repo_tag(n) {
+                ann.insert(ANNOTATION_REF_NAME.to_string(), tag);
+            }
+            d.annotations = Some(ann);
+            manifests.push(d);
+        }
+    }
+    ImageIndex::new(manifests).to_bytes()
+}
+
+const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+
+/// Write an OCI image layout as a tar stream (`oci-layout`, `blobs/sha256/…`,
+/// `index.json` with `org.opencontainers.image.ref.name` (the tag) and
+/// `io.containerd.image.name` (the full name) annotations, as BuildKit).
+pub fn write_oci_archive(
+    out: impl Write,
+    images: &[ArchiveImage],
+    blobs: &dyn BlobSource,
+) -> Result<(), ImageError> {
+    let mut tar = TarWriter::new(out);
+    tar.append(
+        &file_meta("oci-layout", OCI_LAYOUT.len() as u64),
+        Some(&mut &OCI_LAYOUT[..]),
+    )?;
+    tar.append(&dir_meta("blobs"), None)?;
+    tar.append(&dir_meta("blobs/sha256"), None)?;
+    let mut written = HashSet::new();
+    for img in images {
+        if written.insert(img.manifest.digest.clone()) {
+            let b = &img.manifest.bytes;
+            let p = format!("blobs/sha256/{}", img.manifest.digest.hex());
+            tar.append(&file_meta(&p, b.len() as u64), Some(&mut &b[..]))?;
+        }
+    }
+    for d in collect_blobs(images)? {
+        if written.insert(d.digest.clone()) {
+            put_blob(
+                &mut tar,
+                &format!("blobs/sha256/{}", d.digest.hex()),
+                blobs,
+                &d,
+            )?;
+        }
+    }
+    let idx = index_for(images, blobs)?;
+    tar.append(
+        &file_meta("index.json", idx.len() as u64),
+        Some(&mut &idx[..]),
+    )?;
+    tar.finish()?;
+    Ok(())
+}
+
+fn write_atomic(path: &Path, r: &mut dyn Read, expect: Option<&Digest>) -> Result<(), ImageError> {
+    let dir = path.parent().ok_or_else(|| arch_err("no parent"))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .map_err(|e| ImageError::path("create temp in", dir, e))?;
+    let mut w = HashingWriter::new(tmp.as_file_mut());
+    io::copy(r, &mut w).map_err(|e| ImageError::path("write", path, e))?;
+    let (_, got, _) = w.finish();
+    if let Some(d) = expect {
+        if &got != d {
+            return Err(ImageError::DigestMismatch {
+                what: path.display().to_string(),
+                expected: d.to_string(),
+                actual: got.to_string(),
+            });
+        }
+    }
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| ImageError::path("fsync", path, e))?;
+    tmp.persist(path)
+        .map_err(|e| ImageError::path("rename", path, e.error))?;
+    Ok(())
+}
+
+/// Write an OCI image layout into the directory `dir` (created if needed).
+/// Blobs already present are kept; `index.json` is replaced. Every file is
+/// written to a temp file, verified, fsynced and renamed into place.
+pub fn write_oci_dir(
+    dir: &Path,
+    images: &[ArchiveImage],
+    blobs: &dyn BlobSource,
+) -> Result<(), ImageError> {
+    let bdir = dir.join("blobs/sha256");
+    fs::create_dir_all(&bdir).map_err(|e| ImageError::path("mkdir", &bdir, e))?;
+    write_atomic(&dir.join("oci-layout"), &mut &OCI_LAYOUT[..], None)?;
+    for img in images {
+        let p = bdir.join(img.manifest.digest.hex());
+        if !p.exists() {
+            write_atomic(&p, &mut &img.manifest.bytes[..], Some(&img.manifest.digest))?;
+        }
+    }
+    for d in collect_blobs(images)? {
+        let p = bdir.join(d.digest.hex());
+        if !p.exists() {
+            let mut r = blobs.open_blob(&d.digest)?;
+            write_atomic(&p, &mut r, Some(&d.digest))?;
+        }
+    }
+    let idx = index_for(images, blobs)?;
+    write_atomic(&dir.join("index.json"), &mut &idx[..], None)
+}
+
+/// Which kind of archive [`read_archive`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArchiveFormat {
+    /// `docker save` format.
+    Docker,
+    /// OCI image layout.
+    Oci,
+}
+
+/// One image found in an archive.
+#[derive(Clone, Debug)]
+pub struct LoadedImage {
+    /// Names it was saved under (`repo:tag`), possibly none.
+    pub names: Vec<String>,
+    /// The manifest: raw bytes from an OCI layout, synthesized (Docker
+    /// schema2) for a docker-archive.
+    pub manifest: RawManifest,
+    /// The raw config bytes.
+    pub config: Vec<u8>,
+    /// Layer descriptors (as in the manifest), base first.
+    pub layers: Vec<Descriptor>,
+}
+
+struct Spilled {
+    path: PathBuf,
+    digest: Digest,
+    size: u64,
+}
+
+/// The content of an archive read by [`read_archive`]. Blobs live in a
+/// temp directory that disappears with this value; it is a [`BlobSource`].
+pub struct LoadedArchive {
+    /// Which format it was.
+    pub format: ArchiveFormat,
+    /// The images, in archive order.
+    pub images: Vec<LoadedImage>,
+    blobs: HashMap<Digest, PathBuf>,
+    _spill: tempfile::TempDir,
+}
+
+impl LoadedArchive {
+    /// Digests of every blob available.
+    pub fn blob_digests(&self) -> Vec<Digest> {
+        let mut v: Vec<_> = self.blobs.keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+impl BlobSource for LoadedArchive {
+    fn open_blob(&self, d: &Digest) -> io::Result<Box<dyn Read + '_>> {
+        let p = self.blobs.get(d).ok_or_else(|| not_found(d))?;
+        Ok(Box::new(File::open(p)?))
+    }
+    fn blob_size(&self, d: &Digest) -> io::Result<u64> {
+        let p = self.blobs.get(d).ok_or_else(|| not_found(d))?;
+        Ok(fs::metadata(p)?.len())
+    }
+}
+
+fn norm(p: &[u8]) -> String {
+    let s = String::from_utf8_lossy(p);
+    s.split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Read a docker-archive or OCI-layout tar (plain, gzip or zstd wrapped).
+///
+/// Every regular file is streamed into a temp directory created inside
+/// `spill_dir` (put it on the store's filesystem so blobs can later be
+/// renamed into place), hashing as it goes; archive metadata is then read
+/// from there. Memory stays flat; disk use is the archive's size. OCI blobs
+/// whose content does not match their name are rejected.
+pub fn read_archive(r: impl Read + 'static, spill_dir: &Path) -> Result<LoadedArchive, ImageError> {
+    let spill = tempfile::Builder::new()
+        .prefix(".kiln-load-")
+        .tempdir_in(spill_dir)
+        .map_err(|e| ImageError::path("create temp dir in", spill_dir, e))?;
+    let mut files: HashMap<String, Spilled> = HashMap::new();
+    let mut links: HashMap<String, String> = HashMap::new();
+    let mut ar = tar::Archive::new(compression::decompress_auto(r)?);
+    for (n, e) in ar.entries()?.enumerate() {
+        let mut e = e?;
+        let name = norm(&e.path_bytes());
+        match e.header().entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let path = spill.path().join(n.to_string());
+                let mut f =
+                    File::create(&path).map_err(|err| ImageError::path("create", &path, err))?;
+                let mut w = HashingWriter::new(&mut f);
+                io::copy(&mut e, &mut w)?;
+                let (_, digest, size) = w.finish();
+                files.insert(name, Spilled { path, digest, size });
+            }
+            tar::EntryType::Symlink | tar::EntryType::Link => {
+                if let Some(t) = e.link_name_bytes() {
+                    let target = if e.header().entry_type() == tar::EntryType::Symlink {
+                        let dir = name.rsplit_once('/').map(|x| x.0).unwrap_or("");
+                        resolve_rel(dir, &String::from_utf8_lossy(&t))
+                    } else {
+                        norm(&t)
+                    };
+                    links.insert(name, target);
+                }
+            }
+            _ => {}
+        }
+    }
+    let lookup = |name: &str| -> Option<&Spilled> {
+        let mut n = name.to_string();
+        for _ in 0..16 {
+            if let Some(s) = files.get(&n) {
+                return Some(s);
+            }
+            n = links.get(&n)?.clone();
+        }
+        None
+    };
+    let read = |s: &Spilled| -> Result<Vec<u8>, ImageError> {
+        fs::read(&s.path).map_err(|e| ImageError::path("read", &s.path, e))
+    };
+    let mut blobs = HashMap::new();
+    let mut images = Vec::new();
+    let format;
+    if let Some(idx_file) = lookup("index.json") {
+        format = ArchiveFormat::Oci;
+        for (name, s) in &files {
+            if let Some(hex) = name.strip_prefix("blobs/sha256/") {
+                let want: Digest = format!("sha256:{hex}").parse()?;
+                if want != s.digest {
+                    return Err(ImageError::DigestMismatch {
+                        what: name.clone(),
+                        expected: want.to_string(),
+                        actual: s.digest.to_string(),
+                    });
+                }
+                blobs.insert(s.digest.clone(), s.path.clone());
+            }
+        }
+        let index: ImageIndex = serde_json::from_slice(&read(idx_file)?)?;
+        let blob_bytes = |d: &Digest| -> Result<Vec<u8>, ImageError> {
+            let p = blobs
+                .get(d)
+                .ok_or_else(|| arch_err(format!("blob {d} missing")))?;
+            fs::read(p).map_err(|e| ImageError::path("read", p, e))
+        };
+        // group index entries by manifest digest, gathering names
+        let mut order: Vec<Descriptor> = Vec::new();
+        let mut names: HashMap<Digest, Vec<String>> = HashMap::new();
+        for d in &index.manifests {
+            let ann = d.annotations.clone().unwrap_or_default();
+            let name = ann
+                .get(ANNOTATION_CONTAINERD_NAME)
+                .cloned()
+                .or_else(|| ann.get(ANNOTATION_REF_NAME).cloned());
+            if !names.contains_key(&d.digest) {
+                order.push(d.clone());
+            }
+            let e = names.entry(d.digest.clone()).or_default();
+            if let Some(n) = name {
+                e.push(n);
+            }
+        }
+        for d in order {
+            let mut raw = RawManifest::new(blob_bytes(&d.digest)?, Some(&d.media_type))?;
+            if raw.is_index() {
+                let sub = raw.index()?;
+                let pick = sub
+                    .select(&Platform::host())
+                    .or(sub.manifests.first())
+                    .ok_or_else(|| arch_err("empty nested index"))?
+                    .clone();
+                raw = RawManifest::new(blob_bytes(&pick.digest)?, Some(&pick.media_type))?;
+            }
+            let m = raw.manifest()?;
+            let config = blob_bytes(&m.config.digest)?;
+            images.push(LoadedImage {
+                names: names.remove(&d.digest).unwrap_or_default(),
+                manifest: raw,
+                config,
+                layers: m.layers,
+            });
+        }
+    } else if let Some(mf) = lookup("manifest.json") {
+        format = ArchiveFormat::Docker;
+        let entries: Vec<DockerManifestEntry> = serde_json::from_slice(&read(mf)?)?;
+        for ent in entries {
+            let cfg = lookup(&norm(ent.config.as_bytes()))
+                .ok_or_else(|| arch_err(format!("config {} missing", ent.config)))?;
+            let config = read(cfg)?;
+            blobs.insert(cfg.digest.clone(), cfg.path.clone());
+            let mut layers = Vec::new();
+            for l in &ent.layers {
+                let s = lookup(&norm(l.as_bytes()))
+                    .ok_or_else(|| arch_err(format!("layer {l} missing")))?;
+                let mut head = [0u8; 4];
+                let n = File::open(&s.path)
+                    .and_then(|mut f| f.read(&mut head))
+                    .map_err(|e| ImageError::path("read", &s.path, e))?;
+                let mt = match compression::sniff(&head[..n]) {
+                    Compression::Uncompressed => media_types::DOCKER_LAYER,
+                    Compression::Gzip => media_types::DOCKER_LAYER_GZIP,
+                    Compression::Zstd => media_types::OCI_LAYER_ZSTD,
+                };
+                blobs.insert(s.digest.clone(), s.path.clone());
+                layers.push(Descriptor::new(mt, s.digest.clone(), s.size));
+            }
+            let man = ImageManifest::new(
+                Descriptor::new(media_types::DOCKER_CONFIG, cfg.digest.clone(), cfg.size),
+                layers.clone(),
+                false,
+            );
+            images.push(LoadedImage {
+                names: ent.repo_tags.unwrap_or_default(),
+                manifest: man.to_raw()?,
+                config,
+                layers,
+            });
+        }
+    } else {
+        return Err(arch_err(
+            "neither index.json (OCI layout) nor manifest.json (docker-archive) found",
+        ));
+    }
+    Ok(LoadedArchive {
+        format,
+        images,
+        blobs,
+        _spill: spill,
+    })
+}
+
+fn resolve_rel(dir: &str, target: &str) -> String {
+    let mut parts: Vec<&str> = if target.starts_with('/') {
+        Vec::new()
+    } else {
+        dir.split('/').filter(|c| !c.is_empty()).collect()
+    };
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    parts.join("/")
+}
+
+/// Hash a reader completely (helper for callers verifying blobs).
+pub fn digest_reader(mut r: impl Read) -> io::Result<(Digest, u64)> {
+    let mut h = Hasher::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let len = h.len();
+    Ok((h.finish(), len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_tags() {
+        assert_eq!(repo_tag("app"), Some(("app".into(), "latest".into())));
+        assert_eq!(
+            repo_tag("docker.io/library/app:1.0"),
+            Some(("app".into(), "1.0".into()))
+        );
+        assert_eq!(
+            repo_tag("localhost:5000/x/y"),
+            Some(("localhost:5000/x/y".into(), "latest".into()))
+        );
+        assert_eq!(
+            repo_tag("localhost:5000/x:2"),
+            Some(("localhost:5000/x".into(), "2".into()))
+        );
+        assert_eq!(repo_tag("a@sha256:00"), None);
+    }
+
+    #[test]
+    fn resolve_symlinks() {
+        assert_eq!(resolve_rel("abc", "../def/layer.tar"), "def/layer.tar");
+        assert_eq!(resolve_rel("", "/x"), "x");
+    }
+}
