@@ -7,6 +7,21 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod build_cmd;
+mod progress;
+
+/// An error in how kiln was called: exit status 2, like a clap error.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
 /// kiln: a daemonless, BuildKit-class Dockerfile build engine.
 #[derive(Parser, Debug)]
 #[command(name = "kiln", version, about, propagate_version = true)]
@@ -23,6 +38,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Build an image from a Dockerfile and a context directory.
+    Build(Box<build_cmd::BuildArgs>),
     /// Tools for looking inside kiln.
     Debug {
         #[command(subcommand)]
@@ -43,9 +60,16 @@ enum DebugCommand {
 }
 
 fn main() -> ExitCode {
+    // The sandbox's init re-executes this binary: handle that before
+    // anything else (and before any thread exists).
+    kiln_executor::maybe_run_init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<UsageError>().is_some() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
@@ -53,8 +77,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// The store root: `--root`, else `$KILN_ROOT` (clap reads both), else the
+/// default for this user.
+fn store_root(root: Option<PathBuf>) -> PathBuf {
+    root.unwrap_or_else(kiln_cache::default_root)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Build(args) => build_cmd::run(&store_root(cli.root), *args),
         Command::Debug {
             what: DebugCommand::Ast { file, json },
         } => debug_ast(file, json),

@@ -30,6 +30,8 @@ pub struct StatKey {
     pub mtime_ns: i64,
     /// Status-change time, nanoseconds since the epoch.
     pub ctime_ns: i64,
+    /// `st_mode` (type and permission bits).
+    pub mode: u32,
 }
 
 impl StatKey {
@@ -41,6 +43,7 @@ impl StatKey {
             size: m.size(),
             mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
             ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            mode: m.mode(),
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod fsview;
 pub mod key;
 pub mod plan;
 pub mod progress;
+pub mod store;
 
 pub use build::{build, BuildOptions, BuildResult, ResourceLimits};
 pub use error::BuildError;

@@ -1,0 +1,317 @@
+//! `kiln build`: raw flags -> validated [`BuildOptions`] -> solver, with
+//! progress rendering and Docker-like exit codes and error output.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use kiln_parser::dockerignore::{ignore_file_candidates, read_ignore_file};
+use kiln_solver::progress::Progress;
+use kiln_solver::{BuildError, BuildOptions, ResourceLimits};
+
+use crate::progress::{self, Mode};
+
+/// Flags of `kiln build`, as clap parses them.
+#[derive(clap::Args, Debug)]
+pub struct BuildArgs {
+    /// Name and optionally a tag (`name:tag`); repeatable.
+    #[arg(short = 't', long = "tag", value_name = "NAME[:TAG]")]
+    tags: Vec<String>,
+    /// The Dockerfile (default: CONTEXT/Dockerfile; `-` reads stdin).
+    #[arg(short = 'f', long = "file", value_name = "DOCKERFILE")]
+    file: Option<String>,
+    /// Build-time variable; `K` alone takes the value from the environment.
+    #[arg(long = "build-arg", value_name = "K[=V]")]
+    build_args: Vec<String>,
+    /// The stage to build (default: the last one).
+    #[arg(long)]
+    target: Option<String>,
+    /// Run every step, ignoring the cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Always ask the registry for base images.
+    #[arg(long)]
+    pull: bool,
+    /// Progress output: auto, tty, plain, json.
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: Mode,
+    /// Print only the image ID.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Set a label on the image; repeatable.
+    #[arg(long = "label", value_name = "K=V")]
+    labels: Vec<String>,
+    /// Network of RUN steps: host (default) or none.
+    #[arg(long, default_value = "host", value_parser = ["host", "none", "default"])]
+    network: String,
+    /// Write the image ID to this file.
+    #[arg(long, value_name = "FILE")]
+    iidfile: Option<PathBuf>,
+    /// Memory limit of each RUN step (e.g. 512m, 2g).
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
+    /// CPUs each RUN step may use (e.g. 1.5).
+    #[arg(long, value_name = "N")]
+    cpus: Option<f64>,
+    /// Maximum number of processes in each RUN step.
+    #[arg(long = "pids-limit", value_name = "N")]
+    pids_limit: Option<i64>,
+    /// The build context directory.
+    context: PathBuf,
+}
+
+/// A size such as `512m`, `2g`, `1024` (bytes), Docker's binary units.
+pub fn parse_size(s: &str) -> Result<i64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.trim_end_matches('b');
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1i64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('t') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (e.g. 512m, 2g)"))?;
+    if n < 0.0 {
+        return Err(format!("invalid size {s:?}"));
+    }
+    Ok((n * mult as f64) as i64)
+}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(crate::UsageError(msg.into()))
+}
+
+/// Turns raw flags into build options (the Dockerfile read, names
+/// normalised, values checked).
+fn options(a: &BuildArgs) -> anyhow::Result<(BuildOptions, String)> {
+    let context = a.context.clone();
+    if !context.is_dir() {
+        return Err(usage(format!(
+            "unable to prepare context: path {:?} not found or not a directory",
+            context.display()
+        )));
+    }
+    let (name, text, ignore_path) = match a.file.as_deref() {
+        Some("-") => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            ("Dockerfile".to_string(), s, context.join(".dockerignore"))
+        }
+        Some(f) => {
+            let p = PathBuf::from(f);
+            let p = if p.is_absolute() || p.exists() {
+                p
+            } else {
+                context.join(f)
+            };
+            let bytes = std::fs::read(&p)
+                .map_err(|e| usage(format!("reading Dockerfile {}: {e}", p.display())))?;
+            let ignore = find_ignore_file(&p, &context);
+            (
+                f.to_string(),
+                String::from_utf8_lossy(&bytes).into_owned(),
+                ignore,
+            )
+        }
+        None => {
+            let p = context.join("Dockerfile");
+            let bytes = std::fs::read(&p)
+                .map_err(|e| usage(format!("reading Dockerfile {}: {e}", p.display())))?;
+            let ignore = find_ignore_file(&p, &context);
+            (
+                "Dockerfile".to_string(),
+                String::from_utf8_lossy(&bytes).into_owned(),
+                ignore,
+            )
+        }
+    };
+    let ignore = match std::fs::read(&ignore_path) {
+        Ok(b) => read_ignore_file(&String::from_utf8_lossy(&b)),
+        Err(_) => Vec::new(),
+    };
+    let mut build_args = BTreeMap::new();
+    for a in &a.build_args {
+        match a.split_once('=') {
+            Some((k, v)) => {
+                build_args.insert(k.to_string(), v.to_string());
+            }
+            None => {
+                if let Ok(v) = std::env::var(a) {
+                    build_args.insert(a.clone(), v);
+                }
+            }
+        }
+    }
+    let mut labels = BTreeMap::new();
+    for l in &a.labels {
+        let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let mut tags = Vec::new();
+    for t in &a.tags {
+        tags.push(
+            kiln_cache::normalize_reference(t)
+                .map_err(|e| usage(format!("invalid tag {t:?}: {e}")))?,
+        );
+    }
+    let source_date_epoch = build_args
+        .get("SOURCE_DATE_EPOCH")
+        .cloned()
+        .or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<i64>()
+                .map_err(|_| usage(format!("invalid SOURCE_DATE_EPOCH {s:?}")))
+        })
+        .transpose()?;
+    if a.pull {
+        return Err(usage(
+            "--pull: pulling base images from a registry is not supported yet; import or load them with `kiln import` / `kiln load`",
+        ));
+    }
+    let limits = ResourceLimits {
+        memory: a
+            .memory
+            .as_deref()
+            .map(parse_size)
+            .transpose()
+            .map_err(usage)?,
+        cpus: a.cpus.filter(|c| *c > 0.0),
+        pids: a.pids_limit.filter(|p| *p > 0),
+    };
+    Ok((
+        BuildOptions {
+            dockerfile: text,
+            context,
+            ignore,
+            build_args,
+            target: a.target.clone(),
+            no_cache: a.no_cache,
+            labels,
+            network: if a.network == "none" {
+                kiln_executor::NetworkMode::None
+            } else {
+                kiln_executor::NetworkMode::Host
+            },
+            limits,
+            tags,
+            source_date_epoch,
+        },
+        name,
+    ))
+}
+
+/// `<name>.dockerignore` beside the Dockerfile wins over the context's
+/// `.dockerignore`.
+fn find_ignore_file(dockerfile: &Path, context: &Path) -> PathBuf {
+    let s = dockerfile.to_string_lossy();
+    for c in ignore_file_candidates(&s) {
+        let p = if c == ".dockerignore" {
+            context.join(c)
+        } else {
+            PathBuf::from(c)
+        };
+        if p.exists() {
+            return p;
+        }
+    }
+    context.join(".dockerignore")
+}
+
+/// Renders a build error BuildKit-style: the cause, the Dockerfile lines
+/// around the failing instruction, and the step's last output.
+fn render_error(e: &BuildError, name: &str, text: &str) -> String {
+    if let BuildError::Dockerfile(pe) = e {
+        return pe.render(name, text);
+    }
+    let mut out = format!("ERROR: {e}\n");
+    if let BuildError::Run { tail, .. } = e {
+        if !tail.is_empty() {
+            out.push_str("------\n");
+            for l in tail {
+                out.push_str(&format!(" > {l}\n"));
+            }
+            out.push_str("------\n");
+        }
+    }
+    if let Some(line) = e.line() {
+        let lines: Vec<&str> = text.lines().collect();
+        out.push_str(&format!("{name}:{line}\n--------------------\n"));
+        let lo = line.saturating_sub(2).max(1);
+        let hi = (line + 2).min(lines.len());
+        for n in lo..=hi {
+            let marker = if n == line { ">>>" } else { "   " };
+            out.push_str(&format!(
+                "{marker}{n:>3} | {}\n",
+                lines.get(n - 1).copied().unwrap_or_default()
+            ));
+        }
+        out.push_str("--------------------\n");
+    }
+    out
+}
+
+/// Runs `kiln build`.
+pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
+    let (opts, name) = options(&a)?;
+    let text = opts.dockerfile.clone();
+    let store = kiln_cache::Store::open(root)
+        .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", root.display()))?;
+    let backend = Arc::new(kiln_solver::store::StoreBackend::new(store));
+    let executor = kiln_executor::Executor::new(kiln_executor::ExecutorConfig {
+        state_dir: root.join("tmp").join("executor"),
+        ..Default::default()
+    });
+    let mode = if a.quiet { Mode::Quiet } else { a.progress };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async move {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let render = tokio::spawn(progress::render(mode, rx));
+        let cancel = kiln_executor::CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                c.cancel();
+            }
+        });
+        let r = kiln_solver::build(backend, executor, Progress::new(tx), cancel, opts).await;
+        let _ = render.await;
+        r
+    });
+    match result {
+        Ok(r) => {
+            if let Some(f) = &a.iidfile {
+                std::fs::write(f, &r.image_id)?;
+            }
+            if a.quiet {
+                println!("{}", r.image_id);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(BuildError::Usage(m)) => Err(usage(m)),
+        Err(e) => {
+            eprint!("{}", render_error(&e, &name, &text));
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert!(parse_size("lots").is_err());
+    }
+}

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# scripts/bench.sh — kiln against buildah on the same machine, same run.
+#
+# Sets up the peer tools and the three fixtures with
+# ../shared/tools/peer-env.sh (buildah, a local registry, a busybox base
+# image made from Debian's busybox-static; fixture a: one stage, b: three
+# stages, c: COPY . of 20,000 files + 500 MiB), then for every fixture and
+# scenario runs kiln and buildah ALTERNATELY, ROUNDS times each, and prints
+# the median wall time of each and the ratio kiln/buildah.
+#
+# Scenarios:
+#   cold     every step re-run (--no-cache for both)
+#   cached   nothing changed since the previous build
+#   changed  one small context file changed before each build
+#   runstep  20 x `RUN true` with --no-cache (fixed cost per RUN step)
+#
+# Usage: scripts/bench.sh [fixture...]        (default: a b c runstep)
+# Env:   ROUNDS (default 5), BENCH_DIR (default /tmp/kiln-bench),
+#        PEER_TOOLS (default ../shared/tools next to the checkout)
+# Run as root. Results go to stdout as a Markdown table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+ROUNDS=${ROUNDS:-5}
+OUT=${BENCH_DIR:-/tmp/kiln-bench}
+TOOLS=${PEER_TOOLS:-$REPO/../shared/tools}
+PEER_ENV="$TOOLS/peer-env.sh"
+PEER_BUILD="$TOOLS/peer-build.sh"
+REG=${PEER_REGISTRY:-127.0.0.1:5000}
+log() { printf '[bench] %s\n' "$*" >&2; }
+
+[ "$(id -u)" = 0 ] || { log "run as root"; exit 1; }
+[ -x "$PEER_ENV" ] || [ -f "$PEER_ENV" ] || { log "missing $PEER_ENV"; exit 1; }
+
+log "peer setup (packages, base image, registry, fixtures) in $OUT"
+bash "$PEER_ENV" all "$OUT" "$OUT/registry" >&2
+FIX="$OUT/fixtures"
+
+log "building kiln (release)"
+cargo build --release -p kiln >&2
+KILN="$REPO/target/release/kiln"
+export KILN_ROOT="$OUT/kiln-root"
+rm -rf "$KILN_ROOT"
+"$KILN" load -i "$OUT/busybox.tar" >&2
+"$KILN" tag busybox:latest "$REG/busybox:latest" >&2
+
+# runstep fixture: 20 RUN steps that do nothing.
+mkdir -p "$FIX/runstep"
+{
+  echo "FROM $REG/busybox:latest"
+  for i in $(seq 1 20); do echo "RUN true # $i"; done
+} > "$FIX/runstep/Dockerfile"
+
+now() { date +%s.%N; }
+elapsed() { echo "$(now) - $1" | bc -l; }
+median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+
+kiln_build() {  # fixture, extra args...
+  local f=$1; shift
+  "$KILN" build -q --network none -t "bench-$f:latest" "$@" "$FIX/$f" >/dev/null
+}
+peer_build() {
+  local f=$1; shift
+  PEER_QUIET=1 bash "$PEER_BUILD" "$FIX/$f" "bench-$f:latest" "$@" >/dev/null 2>&1
+}
+touch_one() {  # change one small file of a fixture
+  case "$1" in
+    a) echo "change $RANDOM" >> "$FIX/a/ctx/one.txt" ;;
+    b) echo "change $RANDOM" >> "$FIX/b/src/main.txt" ;;
+    c) echo "change $RANDOM" >> "$FIX/c/small/d00/f000.txt" ;;
+  esac
+}
+
+declare -A RESULT
+run_scenario() {  # fixture scenario
+  local f=$1 s=$2 i t k=() p=()
+  # warm both so that "cached" and "changed" start from a built state
+  kiln_build "$f" || { log "kiln build $f failed"; return 1; }
+  peer_build "$f" || { log "buildah build $f failed"; return 1; }
+  for i in $(seq 1 "$ROUNDS"); do
+    case "$s" in
+      cold)
+        t=$(now); kiln_build "$f" --no-cache; k+=("$(elapsed "$t")")
+        t=$(now); peer_build "$f" --no-cache; p+=("$(elapsed "$t")") ;;
+      cached)
+        t=$(now); kiln_build "$f"; k+=("$(elapsed "$t")")
+        t=$(now); peer_build "$f"; p+=("$(elapsed "$t")") ;;
+      changed)
+        touch_one "$f"; t=$(now); kiln_build "$f"; k+=("$(elapsed "$t")")
+        touch_one "$f"; t=$(now); peer_build "$f"; p+=("$(elapsed "$t")") ;;
+    esac
+  done
+  local km pm
+  km=$(printf '%s\n' "${k[@]}" | median)
+  pm=$(printf '%s\n' "${p[@]}" | median)
+  RESULT["$f/$s"]="$km $pm"
+  printf '| %s | %s | %.3f s | %.3f s | %.3f |\n' "$f" "$s" "$km" "$pm" "$(echo "$km / $pm" | bc -l)"
+}
+
+fixtures=("$@")
+[ ${#fixtures[@]} -gt 0 ] || fixtures=(a b c runstep)
+echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); $(buildah --version)"
+echo "Rounds: $ROUNDS, alternating kiln / buildah, medians"
+echo
+echo "| fixture | scenario | kiln | buildah | kiln/buildah |"
+echo "|---|---|---|---|---|"
+for f in "${fixtures[@]}"; do
+  if [ "$f" = runstep ]; then
+    run_scenario runstep cold
+  else
+    for s in cold cached changed; do run_scenario "$f" "$s"; done
+  fi
+done

@@ -1,0 +1,427 @@
+//! [`Backend`] on kiln's on-disk store (`kiln-cache`): images resolve
+//! through the image table and are unpacked once into snapshots named by
+//! their OCI chain IDs; a step's layer is the snapshot's upperdir diffed
+//! into an uncompressed tar blob (compression waits for export or push);
+//! the cache index maps step keys to committed snapshots; a lease keeps a
+//! running build's work safe from a concurrent `kiln prune`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kiln_cache::{DiffSource, FileStat, Snapshotter, Store};
+use kiln_executor::{RootfsKind, RootfsMount};
+use kiln_image::config::ImageConfig;
+use kiln_image::diff::{write_overlay_diff, write_tree_diff, DiffOptions};
+use kiln_image::manifest::{media_types, Descriptor, ImageManifest};
+use kiln_image::{Digest, HashingWriter};
+
+use crate::backend::{Active, Backend, BackendResult, BaseImage, Exported, LayerRecord};
+use crate::copy::{HashCache, StatKey};
+
+/// The store-backed backend. Holds a lease for its whole life.
+pub struct StoreBackend {
+    store: Store,
+    lease: Option<String>,
+}
+
+fn e(context: &str, err: impl std::fmt::Display) -> String {
+    format!("{context}: {err}")
+}
+
+static ACTIVE: AtomicU64 = AtomicU64::new(0);
+
+/// The OCI chain ID of `parent` (a chain ID) plus a layer `diff_id`.
+pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
+    match parent {
+        None => diff_id.to_string(),
+        Some(p) => Digest::sha256_of(format!("{p} {diff_id}").as_bytes()).to_string(),
+    }
+}
+
+fn cache_digest(d: &Digest) -> BackendResult<kiln_cache::Digest> {
+    d.as_str().parse().map_err(|err| e("digest", err))
+}
+
+impl StoreBackend {
+    /// Wraps an open store and takes a lease for this build.
+    pub fn new(store: Store) -> Self {
+        let lease = store.meta().create_lease(None).ok();
+        store.meta().set_current_lease(lease.clone());
+        StoreBackend { store, lease }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn sn(&self) -> &dyn Snapshotter {
+        self.store.snapshotter()
+    }
+
+    fn to_rootfs(m: &kiln_cache::Mount) -> RootfsMount {
+        RootfsMount {
+            kind: if m.kind == "overlay" {
+                RootfsKind::Overlay
+            } else {
+                RootfsKind::Bind
+            },
+            source: PathBuf::from(&m.source),
+            options: m.options.clone(),
+        }
+    }
+
+    fn layer_of(&self, snapshot: &str, diff_id: &str) -> BackendResult<LayerRecord> {
+        let diff = diff_id.parse::<Digest>().map_err(|err| e("diff id", err))?;
+        let blob = cache_digest(&diff)?;
+        let size = self
+            .store
+            .content()
+            .size(&blob)
+            .map_err(|err| e("layer blob", err))?;
+        Ok(LayerRecord {
+            diff_id: diff.clone(),
+            digest: diff,
+            size,
+            media_type: media_types::OCI_LAYER.to_string(),
+            snapshot: snapshot.to_string(),
+        })
+    }
+
+    /// Unpacks an image's layers into snapshots (once; later calls find
+    /// them) and returns the layer records.
+    fn unpack(
+        &self,
+        manifest: &ImageManifest,
+        config: &ImageConfig,
+    ) -> BackendResult<Vec<LayerRecord>> {
+        if manifest.layers.len() != config.rootfs.diff_ids.len() {
+            return Err(format!(
+                "image has {} layers but {} diffIDs",
+                manifest.layers.len(),
+                config.rootfs.diff_ids.len()
+            ));
+        }
+        let mut parent: Option<String> = None;
+        let mut out = Vec::new();
+        for (desc, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
+            let name = chain_id(parent.as_deref(), diff_id.as_str());
+            let blob = cache_digest(&desc.digest)?;
+            let content = self.store.content();
+            kiln_cache::apply_into(self.sn(), &name, parent.as_deref(), |dir, mode| {
+                let f = content.open(&blob)?;
+                let reader = kiln_image::compression::decompress_auto(f)
+                    .map_err(|err| kiln_cache::Error::InvalidState(e("decompress", err)))?;
+                let mode = match mode {
+                    kiln_cache::ApplyMode::Overlay => kiln_image::apply::WhiteoutMode::Overlay,
+                    kiln_cache::ApplyMode::Delete => kiln_image::apply::WhiteoutMode::Delete,
+                };
+                kiln_image::apply::apply_layer(reader, dir, mode)
+                    .map_err(|err| kiln_cache::Error::InvalidState(e("apply layer", err)))?;
+                cache_digest(diff_id).map_err(kiln_cache::Error::InvalidState)
+            })
+            .map_err(|err| e(&format!("unpacking layer {}", desc.digest), err))?;
+            out.push(LayerRecord {
+                diff_id: diff_id.clone(),
+                digest: desc.digest.clone(),
+                size: desc.size,
+                media_type: desc.media_type.clone(),
+                snapshot: name.clone(),
+            });
+            parent = Some(name);
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for StoreBackend {
+    fn drop(&mut self) {
+        if let Some(l) = self.lease.take() {
+            self.store.meta().set_current_lease(None);
+            let _ = self.store.meta().delete_lease(&l);
+        }
+    }
+}
+
+impl HashCache for StoreBackend {
+    fn lookup(&self, keys: &[StatKey]) -> Vec<Option<[u8; 32]>> {
+        let paths: Vec<String> = keys
+            .iter()
+            .map(|k| k.path.to_string_lossy().to_string())
+            .collect();
+        let entries: Vec<(&str, FileStat)> = keys
+            .iter()
+            .zip(&paths)
+            .map(|(k, p)| (p.as_str(), stat_of(k)))
+            .collect();
+        match self.store.meta().file_hashes_get(&entries) {
+            Ok(v) => v
+                .into_iter()
+                .map(|h| {
+                    h.and_then(|h| {
+                        let mut out = [0u8; 32];
+                        hex::decode_to_slice(h.trim_start_matches("sha256:"), &mut out).ok()?;
+                        Some(out)
+                    })
+                })
+                .collect(),
+            Err(_) => vec![None; keys.len()],
+        }
+    }
+
+    fn store(&self, entries: &[(StatKey, [u8; 32])]) {
+        let rows: Vec<(String, FileStat, String)> = entries
+            .iter()
+            .map(|(k, h)| {
+                (
+                    k.path.to_string_lossy().to_string(),
+                    stat_of(k),
+                    hex::encode(h),
+                )
+            })
+            .collect();
+        let refs: Vec<(&str, FileStat, &str)> = rows
+            .iter()
+            .map(|(p, s, h)| (p.as_str(), *s, h.as_str()))
+            .collect();
+        let _ = self.store.meta().file_hashes_put(&refs);
+    }
+}
+
+fn stat_of(k: &StatKey) -> FileStat {
+    FileStat {
+        dev: k.dev,
+        ino: k.ino,
+        size: k.size,
+        mtime_ns: k.mtime_ns,
+        ctime_ns: k.ctime_ns,
+        mode: k.mode,
+    }
+}
+
+impl Backend for StoreBackend {
+    fn resolve_image(&self, reference: &str) -> BackendResult<Option<BaseImage>> {
+        let name = kiln_cache::normalize_reference(reference).map_err(|err| e(reference, err))?;
+        let Some(rec) = self
+            .store
+            .meta()
+            .image(&name)
+            .map_err(|err| e("image table", err))?
+        else {
+            return Ok(None);
+        };
+        let md: kiln_cache::Digest = rec
+            .manifest
+            .parse()
+            .map_err(|err| e("manifest digest", err))?;
+        let bytes = self
+            .store
+            .content()
+            .read(&md)
+            .map_err(|err| e("manifest", err))?;
+        let manifest: ImageManifest =
+            serde_json::from_slice(&bytes).map_err(|err| e("parsing manifest", err))?;
+        let cd = cache_digest(&manifest.config.digest)?;
+        let cbytes = self
+            .store
+            .content()
+            .read(&cd)
+            .map_err(|err| e("config", err))?;
+        let config = ImageConfig::from_bytes(&cbytes).map_err(|err| e("parsing config", err))?;
+        let layers = self.unpack(&manifest, &config)?;
+        Ok(Some(BaseImage {
+            reference: name,
+            manifest_digest: rec.manifest,
+            config,
+            layers,
+        }))
+    }
+
+    fn cache_get(&self, key: &str) -> BackendResult<Option<LayerRecord>> {
+        let Some(rec) = self
+            .store
+            .meta()
+            .cache_get(key)
+            .map_err(|err| e("cache index", err))?
+        else {
+            return Ok(None);
+        };
+        let (Some(snap), Some(diff)) = (rec.snapshot, rec.diff_id) else {
+            return Ok(None);
+        };
+        if self.sn().stat(&snap).is_err() {
+            return Ok(None);
+        }
+        match self.layer_of(&snap, &diff) {
+            Ok(l) => Ok(Some(l)),
+            Err(_) => Ok(None),
+        }
+    }
+
+    fn prepare(&self, parent: Option<&str>) -> BackendResult<Active> {
+        let key = format!(
+            "build-{}-{}-{}",
+            std::process::id(),
+            ACTIVE.fetch_add(1, Ordering::Relaxed),
+            kiln_image::Digest::sha256_of(format!("{:?}", std::time::SystemTime::now()).as_bytes())
+                .hex()
+                .get(..8)
+                .unwrap_or_default()
+        );
+        let mounts = self
+            .sn()
+            .prepare(&key, parent)
+            .map_err(|err| e("prepare snapshot", err))?;
+        let top = self
+            .sn()
+            .writable_dir(&key)
+            .map_err(|err| e("snapshot dir", err))?;
+        let mut layers = vec![top];
+        if self.sn().name() == "overlay" {
+            if let Some(p) = parent {
+                layers.extend(self.layer_dirs(p)?);
+            }
+        }
+        Ok(Active {
+            key,
+            mounts: mounts.iter().map(Self::to_rootfs).collect(),
+            layers,
+        })
+    }
+
+    fn commit(&self, active: Active, key: &str, opts: &DiffOptions) -> BackendResult<LayerRecord> {
+        let sn = self.sn();
+        let result = (|| {
+            let parent = sn
+                .stat(&active.key)
+                .map_err(|err| e("snapshot", err))?
+                .parent;
+            let mut writer = self
+                .store
+                .content()
+                .writer()
+                .map_err(|err| e("blob writer", err))?;
+            {
+                let mut hw = HashingWriter::new(&mut writer);
+                match sn
+                    .diff_source(&active.key)
+                    .map_err(|err| e("diff source", err))?
+                {
+                    DiffSource::Overlay { upper } => write_overlay_diff(&upper, &mut hw, opts),
+                    DiffSource::Tree { lower, upper } => {
+                        write_tree_diff(lower.as_deref(), &upper, &mut hw, opts)
+                    }
+                }
+                .map_err(|err| e("diff", err))?;
+                let _ = hw.finish();
+            }
+            let (blob, size) = writer
+                .commit(None, None)
+                .map_err(|err| e("storing layer", err))?;
+            let diff_id: Digest = blob.to_string().parse().map_err(|err| e("digest", err))?;
+            self.store
+                .meta()
+                .add_blob(&blob, size, Some(media_types::OCI_LAYER))
+                .map_err(|err| e("recording layer", err))?;
+            let name = chain_id(parent.as_deref(), diff_id.as_str());
+            match sn.commit(&name, &active.key) {
+                Ok(()) => {
+                    let _ = sn.meta().set_snapshot_diff_id(&name, &blob);
+                }
+                Err(_) if sn.stat(&name).is_ok() => {
+                    // The same layer on the same parent exists already.
+                    let _ = sn.remove(&active.key);
+                }
+                Err(err) => return Err(e("commit snapshot", err)),
+            }
+            let _ = self.store.meta().add_blob_snapshot(&blob, &name);
+            self.store
+                .meta()
+                .cache_put(key, Some(&name), Some(&blob), std::slice::from_ref(&blob))
+                .map_err(|err| e("cache index", err))?;
+            Ok(LayerRecord {
+                diff_id: diff_id.clone(),
+                digest: diff_id,
+                size,
+                media_type: media_types::OCI_LAYER.to_string(),
+                snapshot: name,
+            })
+        })();
+        if result.is_err() {
+            let _ = sn.remove(&active.key);
+        }
+        result
+    }
+
+    fn abort(&self, active: Active) {
+        let _ = self.sn().remove(&active.key);
+    }
+
+    fn layer_dirs(&self, snapshot: &str) -> BackendResult<Vec<PathBuf>> {
+        let sn = self.sn();
+        if sn.name() != "overlay" {
+            // Native snapshots are full trees: a view's dir is the tree.
+            let key = format!("view-{snapshot}-{}", ACTIVE.fetch_add(1, Ordering::Relaxed));
+            let _ = sn.view(&key, Some(snapshot));
+            let dir = sn.writable_dir(&key).map_err(|err| e("view", err))?;
+            return Ok(vec![dir]);
+        }
+        let chain = self
+            .store
+            .meta()
+            .snapshot_chain(snapshot)
+            .map_err(|err| e("snapshot chain", err))?;
+        Ok(chain
+            .iter()
+            .map(|row| self.store.root().join("snapshots").join(&row.id).join("fs"))
+            .collect())
+    }
+
+    fn hash_cache(&self) -> &dyn HashCache {
+        self
+    }
+
+    fn export(
+        &self,
+        config: &ImageConfig,
+        layers: &[LayerRecord],
+        tags: &[String],
+    ) -> BackendResult<Exported> {
+        let mut config = config.clone();
+        config.rootfs.diff_ids = layers.iter().map(|l| l.diff_id.clone()).collect();
+        let cbytes = config.to_bytes().map_err(|err| e("config", err))?;
+        let cdigest = self
+            .store
+            .put_bytes(&cbytes, Some(media_types::OCI_CONFIG))
+            .map_err(|err| e("storing config", err))?;
+        let config_desc = Descriptor::of_bytes(media_types::OCI_CONFIG, &cbytes);
+        let layer_descs: Vec<Descriptor> = layers
+            .iter()
+            .map(|l| Descriptor::new(l.media_type.clone(), l.digest.clone(), l.size))
+            .collect();
+        let manifest = ImageManifest::new(config_desc, layer_descs, true);
+        let mbytes = manifest.to_bytes().map_err(|err| e("manifest", err))?;
+        let mdigest = self
+            .store
+            .put_bytes(&mbytes, Some(media_types::OCI_MANIFEST))
+            .map_err(|err| e("storing manifest", err))?;
+        let layer_blobs = layers
+            .iter()
+            .map(|l| cache_digest(&l.digest))
+            .collect::<BackendResult<Vec<_>>>()?;
+        for tag in tags {
+            self.store
+                .record_image(tag, &mdigest, &cdigest, &layer_blobs)
+                .map_err(|err| e("tagging", err))?;
+        }
+        if tags.is_empty() {
+            // Keep the image reachable by ID only through the lease; an
+            // untagged image is collected by the next prune, as dangling
+            // images are by `docker image prune`.
+        }
+        Ok(Exported {
+            image_id: cdigest.to_string(),
+            manifest_digest: mdigest.to_string(),
+        })
+    }
+}
