@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod build_cmd;
 mod progress;
+mod store_cmds;
 
 /// An error in how kiln was called: exit status 2, like a clap error.
 #[derive(Debug)]
@@ -40,6 +41,17 @@ struct Cli {
 enum Command {
     /// Build an image from a Dockerfile and a context directory.
     Build(Box<build_cmd::BuildArgs>),
+    /// Load images from a docker-archive or OCI archive (gzip too).
+    Load(store_cmds::LoadArgs),
+    /// Import a root filesystem tar as a one-layer image.
+    Import(store_cmds::ImportArgs),
+    /// Remove unreferenced data and, per policy, build cache.
+    Prune(store_cmds::PruneArgs),
+    /// Store-wide tools: disk usage, consistency check.
+    System {
+        #[command(subcommand)]
+        what: store_cmds::SystemCommand,
+    },
     /// Tools for looking inside kiln.
     Debug {
         #[command(subcommand)]
@@ -86,6 +98,10 @@ fn store_root(root: Option<PathBuf>) -> PathBuf {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Build(args) => build_cmd::run(&store_root(cli.root), *args),
+        Command::Load(args) => store_cmds::load(&store_root(cli.root), args),
+        Command::Import(args) => store_cmds::import(&store_root(cli.root), args),
+        Command::Prune(args) => store_cmds::prune(&store_root(cli.root), args),
+        Command::System { what } => store_cmds::system(&store_root(cli.root), what),
         Command::Debug {
             what: DebugCommand::Ast { file, json },
         } => debug_ast(file, json),

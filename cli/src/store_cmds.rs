@@ -1,0 +1,279 @@
+//! Store commands: `kiln load`, `kiln import`, `kiln prune`,
+//! `kiln system df`, `kiln system check`. Glue only: formats come from
+//! kiln-image, everything on disk from kiln-cache.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context};
+use clap::{Args, Subcommand};
+use kiln_cache::{normalize_reference, PruneOptions, Store};
+
+/// `kiln load` arguments.
+#[derive(Args, Debug)]
+pub struct LoadArgs {
+    /// The archive: docker-archive (`docker save`) or OCI layout tar, plain,
+    /// gzip or zstd compressed.
+    #[arg(short = 'i', long = "input", value_name = "FILE")]
+    pub input: PathBuf,
+    /// Print only the loaded names.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// `kiln import` arguments.
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// A root filesystem tar (plain, gzip or zstd); `-` for stdin.
+    #[arg(value_name = "ROOTFS.tar")]
+    pub file: PathBuf,
+    /// The name to tag, `NAME[:TAG]`.
+    #[arg(value_name = "NAME[:TAG]")]
+    pub name: String,
+    /// Commit message recorded in the image history.
+    #[arg(short, long)]
+    pub message: Option<String>,
+}
+
+/// `kiln prune` arguments.
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Remove all build cache, not only what is unreferenced.
+    #[arg(short, long)]
+    pub all: bool,
+    /// Keep this much build cache (most recently used first), e.g. `10GB`.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub keep_storage: Option<u64>,
+}
+
+/// `kiln system …`.
+#[derive(Subcommand, Debug)]
+pub enum SystemCommand {
+    /// Show what uses the store's space.
+    Df {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify every blob digest and every reference of the metadata DB;
+    /// exits 1 naming what is wrong.
+    Check,
+}
+
+fn open(root: &Path) -> anyhow::Result<Store> {
+    Store::open(root).with_context(|| format!("opening store {}", root.display()))
+}
+
+fn cache_digest(d: &kiln_image::Digest) -> anyhow::Result<kiln_cache::Digest> {
+    d.as_str().parse().map_err(|e| anyhow!("{e}"))
+}
+
+/// `kiln load -i FILE`.
+pub fn load(root: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
+    let store = open(root)?;
+    // The lease keeps what we write from a concurrent prune until tagged;
+    // the GC guard keeps prune from reclaiming our spill directory.
+    let _lease = store.lease(None)?;
+    let _gc = store.gc_guard()?;
+    let file =
+        File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
+    let archive = kiln_image::archive::read_archive(file, store.tmp_dir())
+        .with_context(|| format!("reading archive {}", args.input.display()))?;
+    if archive.images.is_empty() {
+        anyhow::bail!("{}: the archive holds no image", args.input.display());
+    }
+    let mut out = std::io::stdout().lock();
+    for img in &archive.images {
+        use kiln_image::archive::BlobSource;
+        let man = img.manifest.manifest().context("parsing manifest")?;
+        let mut layers = Vec::new();
+        for desc in std::iter::once(&man.config).chain(&man.layers) {
+            let reader = archive
+                .open_blob(&desc.digest)
+                .with_context(|| format!("blob {} missing from the archive", desc.digest))?;
+            let want = cache_digest(&desc.digest)?;
+            store
+                .put_blob(reader, Some(&want), Some(desc.size), Some(&desc.media_type))
+                .with_context(|| format!("storing blob {}", desc.digest))?;
+            layers.push(want);
+        }
+        let config = layers.remove(0);
+        let manifest = store
+            .put_bytes(&img.manifest.bytes, Some(&img.manifest.media_type))
+            .context("storing manifest")?;
+        if img.names.is_empty() {
+            // Keep it reachable: an untagged load would be pruned at once.
+            let name = format!("sha256:{}", config.hex());
+            store.record_image(&name, &manifest, &config, &layers)?;
+            writeln!(out, "Loaded image ID: {config}")?;
+        }
+        for n in &img.names {
+            let name = normalize_reference(n).with_context(|| format!("image name {n:?}"))?;
+            store.record_image(&name, &manifest, &config, &layers)?;
+            if args.quiet {
+                writeln!(out, "{name}")?;
+            } else {
+                writeln!(out, "Loaded image: {name}")?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln import ROOTFS.tar NAME[:TAG]`.
+pub fn import(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
+    let name =
+        normalize_reference(&args.name).with_context(|| format!("image name {:?}", args.name))?;
+    let store = open(root)?;
+    let _lease = store.lease(None)?;
+    let _gc = store.gc_guard()?;
+    let input: Box<dyn std::io::Read> = if args.file.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(
+            File::open(&args.file).with_context(|| format!("opening {}", args.file.display()))?,
+        )
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let opts = kiln_image::rootfs_tar::ImportOptions {
+        created: Some(kiln_image::config::rfc3339(now)),
+        comment: args.message.clone(),
+        ..Default::default()
+    };
+    let mut writer = store.content().writer()?;
+    let imported = kiln_image::rootfs_tar::import_rootfs(input, &mut writer, &opts)
+        .with_context(|| format!("importing {}", args.file.display()))?;
+    let layer = cache_digest(&imported.layer.digest)?;
+    let (layer, size) = writer.commit(Some(&layer), Some(imported.layer.size))?;
+    store
+        .meta()
+        .add_blob(&layer, size, Some(&imported.layer.media_type))?;
+    let config = store.put_bytes(&imported.config, None)?;
+    let manifest = store.put_bytes(
+        &imported.manifest.bytes,
+        Some(&imported.manifest.media_type),
+    )?;
+    store.record_image(&name, &manifest, &config, &[layer])?;
+    println!("{config}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln prune`.
+pub fn prune(root: &Path, args: PruneArgs) -> anyhow::Result<ExitCode> {
+    let store = open(root)?;
+    let r = store.prune(&PruneOptions {
+        all: args.all,
+        keep_storage: args.keep_storage,
+    })?;
+    println!(
+        "Deleted: {} blobs, {} snapshots, {} cache records, {} temp files; expired {} leases",
+        r.blobs_removed,
+        r.snapshots_removed,
+        r.cache_records_removed,
+        r.temp_removed,
+        r.leases_expired
+    );
+    println!("Total reclaimed space: {}", human(r.bytes_freed));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln system df|check`.
+pub fn system(root: &Path, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
+    let store = open(root)?;
+    match cmd {
+        SystemCommand::Df { json } => {
+            let du = store.df()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&du)?);
+            } else {
+                println!(
+                    "{:<14} {:>8} {:>12} {:>12}",
+                    "TYPE", "TOTAL", "SIZE", "RECLAIMABLE"
+                );
+                for (t, e) in [
+                    ("Images", &du.images),
+                    ("Build Cache", &du.build_cache),
+                    ("Unreferenced", &du.unreferenced),
+                ] {
+                    println!(
+                        "{:<14} {:>8} {:>12} {:>12}",
+                        t,
+                        e.count,
+                        human(e.size),
+                        human(e.reclaimable)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SystemCommand::Check => {
+            let r = store.check()?;
+            if r.ok() {
+                println!(
+                    "ok: {} blobs verified, {} snapshots checked, {} orphans (reclaimed by `kiln prune`)",
+                    r.blobs_verified, r.snapshots_checked, r.orphans
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                for p in &r.problems {
+                    eprintln!("problem: {p}");
+                }
+                eprintln!(
+                    "store {} has {} problem(s)",
+                    root.display(),
+                    r.problems.len()
+                );
+                Ok(ExitCode::from(1))
+            }
+        }
+    }
+}
+
+/// `1.5GB`-style sizes (decimal units, as Docker prints them).
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.3}{}", UNITS[u])
+    }
+}
+
+/// Parse `512`, `10k`, `10KB`, `1.5GB`, `2GiB`, `100m` (Docker's
+/// `units.RAMInBytes`-like: k/m/g/t binary unless a decimal `B` form… kept
+/// simple: `KiB`-style suffixes are binary, `KB`/`k` decimal).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0f64.powi(4),
+        _ => return Err(format!("invalid size unit in {s:?}")),
+    };
+    if !num.is_finite() || num < 0.0 {
+        return Err(format!("invalid size {s:?}"));
+    }
+    Ok((num * mult) as u64)
+}
