@@ -70,8 +70,39 @@ fn cache_digest(d: &kiln_image::Digest) -> anyhow::Result<kiln_cache::Digest> {
     d.as_str().parse().map_err(|e| anyhow!("{e}"))
 }
 
+/// Say plainly when the store's filesystem is full, whichever layer
+/// noticed (kiln-image's spill, the content store, SQLite).
+fn explain_enospc(root: &Path, e: anyhow::Error) -> anyhow::Error {
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc_enospc()))
+            || matches!(
+                c.downcast_ref::<kiln_cache::Error>(),
+                Some(kiln_cache::Error::NoSpace { .. })
+            )
+            || c.to_string().contains("No space left on device")
+            || c.to_string().contains("database or disk is full")
+    });
+    if full {
+        e.context(format!(
+            "no space left on the store's filesystem ({}); free space or run `kiln prune`",
+            root.display()
+        ))
+    } else {
+        e
+    }
+}
+
+const fn libc_enospc() -> i32 {
+    28 // ENOSPC on Linux
+}
+
 /// `kiln load -i FILE`.
 pub fn load(root: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
+    load_inner(root, args).map_err(|e| explain_enospc(root, e))
+}
+
+fn load_inner(root: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
     let store = open(root)?;
     // The lease keeps what we write from a concurrent prune until tagged;
     // the GC guard keeps prune from reclaiming our spill directory.
@@ -124,6 +155,10 @@ pub fn load(root: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
 
 /// `kiln import ROOTFS.tar NAME[:TAG]`.
 pub fn import(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
+    import_inner(root, args).map_err(|e| explain_enospc(root, e))
+}
+
+fn import_inner(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
     let name =
         normalize_reference(&args.name).with_context(|| format!("image name {:?}", args.name))?;
     let store = open(root)?;
