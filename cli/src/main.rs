@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod build_cmd;
+mod image_cmds;
 mod progress;
 mod store_cmds;
 
@@ -41,6 +42,37 @@ struct Cli {
 enum Command {
     /// Build an image from a Dockerfile and a context directory.
     Build(Box<build_cmd::BuildArgs>),
+    /// List images.
+    Images(image_cmds::ImagesArgs),
+    /// Show images' configuration as JSON.
+    Inspect {
+        /// Images (name, ID or ID prefix).
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Show the history of an image.
+    History {
+        /// The image.
+        image: String,
+    },
+    /// Give an image another name.
+    Tag {
+        /// The existing image.
+        source: String,
+        /// The new name.
+        target: String,
+    },
+    /// Remove image names (the data goes with the next prune).
+    Rmi {
+        /// Remove every name of an image given by ID.
+        #[arg(short, long)]
+        force: bool,
+        /// Images.
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Run a command in a new container from an image.
+    Run(Box<image_cmds::RunArgs>),
     /// Load images from a docker-archive or OCI archive (gzip too).
     Load(store_cmds::LoadArgs),
     /// Import a root filesystem tar as a one-layer image.
@@ -98,6 +130,12 @@ fn store_root(root: Option<PathBuf>) -> PathBuf {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Build(args) => build_cmd::run(&store_root(cli.root), *args),
+        Command::Images(args) => image_cmds::images(&store_root(cli.root), args),
+        Command::Inspect { images } => image_cmds::inspect(&store_root(cli.root), images),
+        Command::History { image } => image_cmds::history(&store_root(cli.root), &image),
+        Command::Tag { source, target } => image_cmds::tag(&store_root(cli.root), &source, &target),
+        Command::Rmi { force, images } => image_cmds::rmi(&store_root(cli.root), force, images),
+        Command::Run(args) => image_cmds::run(&store_root(cli.root), *args),
         Command::Load(args) => store_cmds::load(&store_root(cli.root), args),
         Command::Import(args) => store_cmds::import(&store_root(cli.root), args),
         Command::Prune(args) => store_cmds::prune(&store_root(cli.root), args),

@@ -25,6 +25,8 @@ pub struct LayerRecord {
     pub media_type: String,
     /// The committed snapshot holding the layer's files.
     pub snapshot: String,
+    /// When the layer was built (Unix seconds; 0 for base-image layers).
+    pub created: i64,
 }
 
 /// A base image found in the store.

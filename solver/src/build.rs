@@ -123,6 +123,11 @@ struct StageState {
     args: Vec<(String, Option<String>)>,
     /// CMD set in this stage (ENTRYPOINT then keeps it).
     cmd_set: bool,
+    /// History entries inherited from a base image (their times are kept).
+    base_history: usize,
+    /// Newest creation time of a layer this Dockerfile built (cache hits
+    /// keep their original time, so a fully cached rebuild is identical).
+    newest: Option<i64>,
 }
 
 impl StageState {
@@ -299,7 +304,19 @@ pub async fn build(
             labels.insert(k.clone(), v.clone());
         }
     }
-    config.created = Some(ctx.created.clone());
+    // A deterministic creation time: SOURCE_DATE_EPOCH, else when the
+    // newest layer of this build was made, else the base image's time.
+    let created = match (ctx.opts.source_date_epoch, state.newest) {
+        (Some(t), _) | (None, Some(t)) => kiln_image::config::rfc3339(t),
+        (None, None) => config
+            .created
+            .clone()
+            .unwrap_or_else(|| ctx.created.clone()),
+    };
+    for h in config.history.iter_mut().skip(state.base_history) {
+        h.created = Some(created.clone());
+    }
+    config.created = Some(created);
     let id = ctx.progress.start("exporting to image".into());
     let t = Instant::now();
     let backend = ctx.backend.clone();
@@ -420,6 +437,8 @@ impl Ctx {
                     key: KeyHasher::new("scratch").finish(),
                     args: Vec::new(),
                     cmd_set: false,
+                    base_history: 0,
+                    newest: None,
                 }
             }
             Base::Stage(j) => {
@@ -529,6 +548,8 @@ impl Ctx {
                 },
                 args: Vec::new(),
                 cmd_set: false,
+                base_history: config_history_len(&img.config),
+                newest: None,
             }))
         })
         .await
@@ -1335,7 +1356,12 @@ fn copy_created_by(
     m
 }
 
+fn config_history_len(c: &ImageConfig) -> usize {
+    c.history.len()
+}
+
 fn push_layer(state: &mut StageState, layer: LayerRecord, h: History) {
+    state.newest = state.newest.max(Some(layer.created));
     state.key = {
         let mut k = KeyHasher::new("chain");
         k.field(&state.key).field(layer.diff_id.as_str());

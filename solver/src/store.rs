@@ -71,7 +71,7 @@ impl StoreBackend {
         }
     }
 
-    fn layer_of(&self, snapshot: &str, diff_id: &str) -> BackendResult<LayerRecord> {
+    fn layer_of(&self, snapshot: &str, diff_id: &str, created: i64) -> BackendResult<LayerRecord> {
         let diff = diff_id.parse::<Digest>().map_err(|err| e("diff id", err))?;
         let blob = cache_digest(&diff)?;
         let size = self
@@ -85,6 +85,7 @@ impl StoreBackend {
             size,
             media_type: media_types::OCI_LAYER.to_string(),
             snapshot: snapshot.to_string(),
+            created,
         })
     }
 
@@ -127,6 +128,7 @@ impl StoreBackend {
                 size: desc.size,
                 media_type: desc.media_type.clone(),
                 snapshot: name.clone(),
+                created: 0,
             });
             parent = Some(name);
         }
@@ -252,7 +254,7 @@ impl Backend for StoreBackend {
         if self.sn().stat(&snap).is_err() {
             return Ok(None);
         }
-        match self.layer_of(&snap, &diff) {
+        match self.layer_of(&snap, &diff, rec.created) {
             Ok(l) => Ok(Some(l)),
             Err(_) => Ok(None),
         }
@@ -345,6 +347,10 @@ impl Backend for StoreBackend {
                 size,
                 media_type: media_types::OCI_LAYER.to_string(),
                 snapshot: name,
+                created: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0),
             })
         })();
         if result.is_err() {

@@ -1,0 +1,617 @@
+//! Image commands that mirror docker's: `images`, `inspect`, `history`,
+//! `tag`, `rmi`, and `run` to try an image right after building it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use kiln_cache::{ImageRecord, Store};
+use kiln_image::config::ImageConfig;
+use kiln_image::manifest::ImageManifest;
+use kiln_solver::backend::Backend;
+use kiln_solver::store::StoreBackend;
+
+use crate::UsageError;
+
+/// `kiln images` flags.
+#[derive(clap::Args, Debug)]
+pub struct ImagesArgs {
+    /// Only show image IDs.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Show manifest digests.
+    #[arg(long)]
+    digests: bool,
+    /// Output format: `table` or `json` (one object per line).
+    #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+    format: String,
+}
+
+/// `kiln run` flags.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Remove the container when it exits (kiln never keeps containers).
+    #[arg(long)]
+    rm: bool,
+    /// Set an environment variable (`K=V`, or `K` from the environment).
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
+    /// User (`name`, `uid`, `uid:gid`, `name:group`).
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    /// Bind mount `HOST:CONTAINER[:ro]`.
+    #[arg(short = 'v', long = "volume", value_name = "HOST:CTR")]
+    volumes: Vec<String>,
+    /// Network: host (default) or none.
+    #[arg(long, default_value = "host", value_parser = ["host", "none", "default"])]
+    network: String,
+    /// Override the image's ENTRYPOINT.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// The image.
+    image: String,
+    /// Command and arguments (replace the image's CMD).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+fn usage(m: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(m.into()))
+}
+
+fn open(root: &Path) -> anyhow::Result<Store> {
+    Store::open(root).map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", root.display()))
+}
+
+/// An image as the commands show it.
+struct Loaded {
+    names: Vec<String>,
+    manifest_digest: String,
+    config_digest: String,
+    config: ImageConfig,
+    manifest: ImageManifest,
+}
+
+fn load(store: &Store, rec: &ImageRecord) -> anyhow::Result<(ImageManifest, String, ImageConfig)> {
+    let md: kiln_cache::Digest = rec.manifest.parse()?;
+    let bytes = store.content().read(&md)?;
+    let manifest: ImageManifest = serde_json::from_slice(&bytes)?;
+    let cd: kiln_cache::Digest = manifest.config.digest.as_str().parse()?;
+    let config = ImageConfig::from_bytes(&store.content().read(&cd)?)?;
+    Ok((manifest, cd.to_string(), config))
+}
+
+/// Every image, tags grouped by image.
+fn all_images(store: &Store) -> anyhow::Result<Vec<Loaded>> {
+    let mut by_manifest: BTreeMap<String, Loaded> = BTreeMap::new();
+    for rec in store.meta().images()? {
+        if let Some(l) = by_manifest.get_mut(&rec.manifest) {
+            l.names.push(rec.name.clone());
+            continue;
+        }
+        let (manifest, config_digest, config) = load(store, &rec)?;
+        by_manifest.insert(
+            rec.manifest.clone(),
+            Loaded {
+                names: vec![rec.name.clone()],
+                manifest_digest: rec.manifest.clone(),
+                config_digest,
+                config,
+                manifest,
+            },
+        );
+    }
+    let mut v: Vec<Loaded> = by_manifest.into_values().collect();
+    v.sort_by(|a, b| b.config.created.cmp(&a.config.created));
+    Ok(v)
+}
+
+/// Finds an image by name, full ID or ID prefix.
+fn find(store: &Store, reference: &str) -> anyhow::Result<Loaded> {
+    let id = reference.trim_start_matches("sha256:");
+    let images = all_images(store)?;
+    if id.len() >= 4 && id.bytes().all(|c| c.is_ascii_hexdigit()) {
+        let hits: Vec<Loaded> = images
+            .into_iter()
+            .filter(|l| {
+                l.config_digest
+                    .trim_start_matches("sha256:")
+                    .starts_with(id)
+            })
+            .collect();
+        if hits.len() > 1 {
+            return Err(anyhow::anyhow!("{reference}: ambiguous image ID prefix"));
+        }
+        if let Some(l) = hits.into_iter().next() {
+            return Ok(l);
+        }
+        let images = all_images(store)?;
+        return by_name(images, reference);
+    }
+    by_name(images, reference)
+}
+
+fn by_name(images: Vec<Loaded>, reference: &str) -> anyhow::Result<Loaded> {
+    let name = kiln_cache::normalize_reference(reference)
+        .map_err(|e| usage(format!("invalid reference {reference:?}: {e}")))?;
+    images
+        .into_iter()
+        .find(|l| l.names.contains(&name))
+        .ok_or_else(|| anyhow::anyhow!("No such image: {reference}"))
+}
+
+/// `docker.io/library/busybox:latest` -> (`busybox`, `latest`).
+fn familiar(name: &str) -> (String, String) {
+    let (repo, tag) = match name.rfind(':') {
+        Some(i) if !name[i..].contains('/') => (&name[..i], &name[i + 1..]),
+        _ => (name, "<none>"),
+    };
+    let repo = repo
+        .strip_prefix("docker.io/library/")
+        .or_else(|| repo.strip_prefix("docker.io/"))
+        .unwrap_or(repo);
+    (repo.to_string(), tag.to_string())
+}
+
+fn short_id(d: &str) -> String {
+    d.trim_start_matches("sha256:").chars().take(12).collect()
+}
+
+/// "3 minutes ago" from an RFC 3339 time.
+fn ago(created: Option<&str>) -> String {
+    let Some(t) = created.and_then(parse_rfc3339) else {
+        return "N/A".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let s = (now - t).max(0);
+    let (n, unit) = match s {
+        0..=59 => (s, "second"),
+        60..=3599 => (s / 60, "minute"),
+        3600..=86_399 => (s / 3600, "hour"),
+        86_400..=2_591_999 => (s / 86_400, "day"),
+        2_592_000..=31_535_999 => (s / 2_592_000, "month"),
+        _ => (s / 31_536_000, "year"),
+    };
+    if n == 1 {
+        format!("1 {unit} ago")
+    } else {
+        format!("{n} {unit}s ago")
+    }
+}
+
+/// Seconds since the epoch of `YYYY-MM-DDTHH:MM:SS(.frac)?(Z|±HH:MM)`.
+fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 19 {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let mut t = days * 86_400 + h * 3600 + mi * 60 + se;
+    let tz = &s[19..];
+    let tz = tz.trim_start_matches(|c: char| c == '.' || c.is_ascii_digit());
+    if let Some(off) = tz.strip_prefix('+').or_else(|| tz.strip_prefix('-')) {
+        let oh: i64 = off.get(0..2)?.parse().ok()?;
+        let om: i64 = off.get(3..5)?.parse().ok()?;
+        let sign = if tz.starts_with('+') { 1 } else { -1 };
+        t -= sign * (oh * 3600 + om * 60);
+    }
+    Some(t)
+}
+
+/// Docker's human sizes (`4.26MB`, decimal units).
+fn human(n: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < units.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n}B")
+    } else {
+        format!(
+            "{}{}",
+            format!("{v:.3}")
+                .chars()
+                .take(4)
+                .collect::<String>()
+                .trim_end_matches('.'),
+            units[i]
+        )
+    }
+}
+
+fn image_size(l: &Loaded) -> u64 {
+    l.manifest.layers.iter().map(|d| d.size).sum()
+}
+
+/// `kiln images`.
+pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
+    let store = open(root)?;
+    let imgs = all_images(&store)?;
+    if a.quiet {
+        for l in &imgs {
+            println!("{}", short_id(&l.config_digest));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if a.format == "json" {
+        for l in &imgs {
+            for n in &l.names {
+                let (repo, tag) = familiar(n);
+                let v = serde_json::json!({
+                    "Repository": repo, "Tag": tag, "ID": short_id(&l.config_digest),
+                    "Digest": l.manifest_digest, "CreatedAt": l.config.created,
+                    "CreatedSince": ago(l.config.created.as_deref()), "Size": human(image_size(l)),
+                });
+                println!("{v}");
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut rows = vec![vec![
+        "REPOSITORY".to_string(),
+        "TAG".into(),
+        if a.digests {
+            "DIGEST".into()
+        } else {
+            String::new()
+        },
+        "IMAGE ID".into(),
+        "CREATED".into(),
+        "SIZE".into(),
+    ]];
+    for l in &imgs {
+        for n in &l.names {
+            let (repo, tag) = familiar(n);
+            rows.push(vec![
+                repo,
+                tag,
+                if a.digests {
+                    l.manifest_digest.clone()
+                } else {
+                    String::new()
+                },
+                short_id(&l.config_digest),
+                ago(l.config.created.as_deref()),
+                human(image_size(l)),
+            ]);
+        }
+    }
+    print_table(&rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.first().map(Vec::len).unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if widths[c] == 0 {
+                continue;
+            }
+            if c + 1 == cols {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}   ", w = widths[c]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+/// `kiln inspect IMAGE...`: docker-style JSON.
+pub fn inspect(root: &Path, images: Vec<String>) -> anyhow::Result<ExitCode> {
+    let store = open(root)?;
+    let mut out = Vec::new();
+    let mut failed = false;
+    for r in &images {
+        match find(&store, r) {
+            Ok(l) => {
+                let c = &l.config;
+                out.push(serde_json::json!({
+                    "Id": l.config_digest,
+                    "RepoTags": l.names.iter().map(|n| {
+                        let (repo, tag) = familiar(n);
+                        format!("{repo}:{tag}")
+                    }).collect::<Vec<_>>(),
+                    "RepoDigests": [],
+                    "Created": c.created,
+                    "Author": c.author.clone().unwrap_or_default(),
+                    "Config": c.config,
+                    "Architecture": c.architecture,
+                    "Variant": c.variant,
+                    "Os": c.os,
+                    "Size": image_size(&l),
+                    "RootFS": {"Type": c.rootfs.kind, "Layers": c.rootfs.diff_ids},
+                    "Metadata": {"ManifestDigest": l.manifest_digest},
+                }));
+            }
+            Err(e) => {
+                eprintln!("Error: {e}");
+                failed = true;
+            }
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `kiln history IMAGE`.
+pub fn history(root: &Path, image: &str) -> anyhow::Result<ExitCode> {
+    let store = open(root)?;
+    let l = find(&store, image)?;
+    let mut sizes = l.manifest.layers.iter().map(|d| d.size);
+    let mut rows = Vec::new();
+    for (i, h) in l.config.history.iter().enumerate() {
+        let size = if h.empty_layer {
+            0
+        } else {
+            sizes.next().unwrap_or(0)
+        };
+        rows.push((i, h, size));
+    }
+    let mut table = vec![vec![
+        "IMAGE".to_string(),
+        "CREATED".into(),
+        "CREATED BY".into(),
+        "SIZE".into(),
+        "COMMENT".into(),
+    ]];
+    let n = rows.len();
+    for (i, h, size) in rows.into_iter().rev() {
+        let mut by = h.created_by.clone().unwrap_or_default();
+        if by.chars().count() > 60 {
+            by = by.chars().take(57).collect::<String>() + "...";
+        }
+        table.push(vec![
+            if i + 1 == n {
+                short_id(&l.config_digest)
+            } else {
+                "<missing>".into()
+            },
+            ago(h.created.as_deref()),
+            by,
+            human(size),
+            h.comment.clone().unwrap_or_default(),
+        ]);
+    }
+    print_table(&table);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln tag SRC DST`.
+pub fn tag(root: &Path, src: &str, dst: &str) -> anyhow::Result<ExitCode> {
+    let store = open(root)?;
+    let l = find(&store, src)?;
+    let name = kiln_cache::normalize_reference(dst)
+        .map_err(|e| usage(format!("invalid reference {dst:?}: {e}")))?;
+    let md: kiln_cache::Digest = l.manifest_digest.parse()?;
+    let cd: kiln_cache::Digest = l.config_digest.parse()?;
+    let layers = l
+        .manifest
+        .layers
+        .iter()
+        .map(|d| d.digest.as_str().parse())
+        .collect::<Result<Vec<kiln_cache::Digest>, _>>()?;
+    store.record_image(&name, &md, &cd, &layers)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln rmi [-f] IMAGE...`.
+pub fn rmi(root: &Path, force: bool, images: Vec<String>) -> anyhow::Result<ExitCode> {
+    let store = open(root)?;
+    let mut failed = false;
+    for r in &images {
+        let l = match find(&store, r) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("Error: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        let by_name = kiln_cache::normalize_reference(r)
+            .ok()
+            .filter(|n| l.names.contains(n));
+        let names = match by_name {
+            Some(n) => vec![n],
+            None if l.names.len() > 1 && !force => {
+                eprintln!(
+                    "Error: unable to delete {} (must be forced) - image is referenced in multiple repositories",
+                    short_id(&l.config_digest)
+                );
+                failed = true;
+                continue;
+            }
+            None => l.names.clone(),
+        };
+        for n in names {
+            store.meta().untag_image(&n)?;
+            let (repo, tag) = familiar(&n);
+            println!("Untagged: {repo}:{tag}");
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `kiln run`: the image's entrypoint/cmd (Docker's rules) in a sandbox
+/// on a throw-away writable layer.
+pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
+    let store = open(root)?;
+    let l = find(&store, &a.image)?;
+    let name = l
+        .names
+        .first()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("image has no name"))?;
+    let backend = Arc::new(StoreBackend::new(store));
+    let base = backend
+        .resolve_image(&name)
+        .map_err(|e| anyhow::anyhow!(e))?
+        .ok_or_else(|| anyhow::anyhow!("No such image: {}", a.image))?;
+    let cfg = base.config.config.clone().unwrap_or_default();
+    let mut args: Vec<String> = match &a.entrypoint {
+        Some(ep) if ep.is_empty() => Vec::new(),
+        Some(ep) => vec![ep.clone()],
+        None => cfg.entrypoint.clone().unwrap_or_default(),
+    };
+    if !a.command.is_empty() {
+        args.extend(a.command.iter().cloned());
+    } else if a.entrypoint.is_none() {
+        args.extend(cfg.cmd.clone().unwrap_or_default());
+    }
+    if args.is_empty() {
+        return Err(usage("no command specified"));
+    }
+    let mut env = cfg.env.clone().unwrap_or_default();
+    for e in &a.env {
+        let entry = match e.split_once('=') {
+            Some(_) => e.clone(),
+            None => match std::env::var(e) {
+                Ok(v) => format!("{e}={v}"),
+                Err(_) => continue,
+            },
+        };
+        let key = entry.split('=').next().unwrap_or_default().to_string();
+        env.retain(|x| x.split('=').next() != Some(key.as_str()));
+        env.push(entry);
+    }
+    let mut spec = kiln_executor::default_spec(args.clone());
+    if let Some(p) = spec.process_mut() {
+        p.set_env(Some(env));
+        let wd = a
+            .workdir
+            .clone()
+            .or(cfg.working_dir.clone())
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into());
+        p.set_cwd(PathBuf::from(wd));
+    }
+    kiln_executor::set_network(
+        &mut spec,
+        if a.network == "none" {
+            kiln_executor::NetworkMode::None
+        } else {
+            kiln_executor::NetworkMode::Host
+        },
+    );
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for v in &a.volumes {
+        let parts: Vec<&str> = v.split(':').collect();
+        let (host, ctr, ro) = match parts.as_slice() {
+            [h, c] => (*h, *c, false),
+            [h, c, o] => (*h, *c, *o == "ro"),
+            _ => {
+                return Err(usage(format!(
+                    "invalid volume {v:?}: want HOST:CONTAINER[:ro]"
+                )))
+            }
+        };
+        let host =
+            std::fs::canonicalize(host).map_err(|e| usage(format!("volume source {host}: {e}")))?;
+        let mut opts = vec!["rbind".to_string()];
+        if ro {
+            opts.push("ro".into());
+        }
+        mounts.push(
+            kiln_executor::oci::MountBuilder::default()
+                .destination(PathBuf::from(ctr))
+                .typ("bind")
+                .source(host)
+                .options(opts)
+                .build()?,
+        );
+    }
+    spec.set_mounts(Some(mounts));
+    let user = a
+        .user
+        .clone()
+        .or(cfg.user.clone())
+        .filter(|u| !u.is_empty());
+    let top = base.layers.last().map(|l| l.snapshot.clone());
+    let active = backend
+        .prepare(top.as_deref())
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let mut req =
+        kiln_executor::ExecRequest::new(format!("run {}", a.image), spec, active.mounts.clone());
+    req.user = user;
+    let executor = kiln_executor::Executor::new(kiln_executor::ExecutorConfig {
+        state_dir: root.join("tmp").join("executor"),
+        ..Default::default()
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let outcome = rt.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<kiln_executor::OutputLine>(256);
+        let printer = tokio::spawn(async move {
+            use std::io::Write;
+            while let Some(line) = rx.recv().await {
+                match line.stream {
+                    kiln_executor::Stream::Stdout => {
+                        let mut o = std::io::stdout().lock();
+                        let _ = o.write_all(&line.bytes);
+                        let _ = o.write_all(b"\n");
+                        let _ = o.flush();
+                    }
+                    kiln_executor::Stream::Stderr => {
+                        let mut e = std::io::stderr().lock();
+                        let _ = e.write_all(&line.bytes);
+                        let _ = e.write_all(b"\n");
+                    }
+                }
+            }
+        });
+        let cancel = kiln_executor::CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                c.cancel();
+            }
+        });
+        let r = executor.run(req, Some(tx), cancel).await;
+        let _ = printer.await;
+        r
+    });
+    backend.abort(active);
+    let _ = a.rm;
+    match outcome {
+        Ok(o) => Ok(ExitCode::from(match o.status {
+            kiln_executor::ExitStatus::Code(c) => u8::try_from(c).unwrap_or(1),
+            kiln_executor::ExitStatus::Signal(s) => u8::try_from(128 + s).unwrap_or(1),
+        })),
+        Err(e) => {
+            eprintln!("Error: {e}");
+            Ok(ExitCode::from(125))
+        }
+    }
+}
