@@ -100,7 +100,7 @@ fn discover() -> Result<Vec<Hierarchy>, CgroupError> {
     let mountinfo = fs::read_to_string(mi).map_err(|e| io_err(mi, e))?;
     let pc = Path::new("/proc/self/cgroup");
     let own = fs::read_to_string(pc).map_err(|e| io_err(pc, e))?;
-    let wanted = ["memory", "cpu", "pids", "freezer"];
+    let wanted = ["memory", "cpu", "pids", "freezer", "devices"];
     let mut out = Vec::new();
     for line in mountinfo.lines() {
         let Some((pre, post)) = line.split_once(" - ") else {
@@ -168,6 +168,45 @@ fn discover() -> Result<Vec<Hierarchy>, CgroupError> {
     Ok(out)
 }
 
+/// Docker's default device allow-list.
+const DEFAULT_DEVICE_RULES: &[&str] = &[
+    "c *:* m",
+    "b *:* m",
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:1 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+    "c 10:200 rwm",
+];
+
+/// Remove empty step cgroups left by executor processes that died (e.g.
+/// SIGKILLed, so they could not clean up). Step ids start with the pid of
+/// the process that created them; only ids whose process is gone are
+/// touched, and `rmdir` only removes empty cgroups.
+fn sweep_stale(parent: &Path) {
+    for e in fs::read_dir(parent).into_iter().flatten().flatten() {
+        if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            continue;
+        }
+        if stale_owner(&e.file_name().to_string_lossy()) {
+            let _ = fs::remove_dir(e.path());
+        }
+    }
+}
+
+/// Whether a step id's creating process no longer exists.
+pub(crate) fn stale_owner(id: &str) -> bool {
+    let Some(pid) = id.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists()
+}
+
 /// One step's cgroup, in every hierarchy used.
 #[derive(Debug)]
 pub struct StepCgroup {
@@ -190,6 +229,7 @@ impl StepCgroup {
             })
         };
         for h in &hier {
+            sweep_stale(&h.own_dir.join(parent));
             let dir = h.own_dir.join(parent).join(id);
             if let Err(e) = fs::create_dir_all(&dir) {
                 // A hierarchy we cannot write to is skipped unless needed
@@ -202,7 +242,9 @@ impl StepCgroup {
             }
             cg.dirs.push((h.kind.clone(), dir));
         }
-        let res = cg.apply(limits, &v1_has, &hier);
+        let res = cg
+            .restrict_devices()
+            .and_then(|()| cg.apply(limits, &v1_has, &hier));
         if let Err(e) = res {
             let _ = cg.remove();
             return Err(e);
@@ -304,6 +346,19 @@ impl StepCgroup {
                     write(&d.join("cpu.weight"), &w.to_string())?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Docker's default device rules (v1 `devices` controller): nothing but
+    /// the standard character devices may be opened; mknod stays allowed.
+    fn restrict_devices(&self) -> Result<(), CgroupError> {
+        let Some(d) = self.v1_dir("devices") else {
+            return Ok(());
+        };
+        write(&d.join("devices.deny"), "a")?;
+        for rule in DEFAULT_DEVICE_RULES {
+            write(&d.join("devices.allow"), rule)?;
         }
         Ok(())
     }

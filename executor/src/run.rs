@@ -511,6 +511,17 @@ impl Executor {
                 "creating {}",
                 self.config.state_dir.display()
             )))?;
+        // State of executors that were SIGKILLed (their mounts died with
+        // their namespaces; only files are left).
+        for e in fs::read_dir(&self.config.state_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if crate::cgroup::stale_owner(&e.file_name().to_string_lossy()) {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
         let id = step_id();
         let dir = self.config.state_dir.join(&id);
         fs::DirBuilder::new()

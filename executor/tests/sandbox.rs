@@ -865,7 +865,190 @@ fn sigkill_of_kiln_takes_the_sandbox_down() -> TestResult {
     let mounts = fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
     let me = f.tmp.path().to_string_lossy().into_owned();
     ensure!(!mounts.contains(&me), "mounts leaked after SIGKILL");
-    Ok(())
+    // The dead executor's cgroup and state are swept by the next run.
+    let state = f.tmp.path().join("state");
+    let dead: Vec<String> = fs::read_dir(&state)
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    ensure!(
+        dead.len() == 1,
+        "expected the dead run's state, got {dead:?}"
+    );
+    let cgroups_of_dead = || -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        for base in cgroup_parents() {
+            let p = base.join(&dead[0]);
+            if p.exists() {
+                v.push(p);
+            }
+        }
+        v
+    };
+    ensure!(
+        !cgroups_of_dead().is_empty(),
+        "no cgroup of the dead run found"
+    );
+    let out = f.stdout(f.sh("echo again"))?;
+    ensure!(out == "again\n", "{out:?}");
+    ensure!(
+        cgroups_of_dead().is_empty(),
+        "stale cgroups: {:?}",
+        cgroups_of_dead()
+    );
+    f.host_clean()
+}
+
+/// `<hierarchy>/<our cgroup>/kiln` for every cgroup hierarchy mounted.
+fn cgroup_parents() -> Vec<PathBuf> {
+    let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut v = Vec::new();
+    for l in own.lines() {
+        let mut it = l.splitn(3, ':');
+        let (_, ctrls, path) = (it.next(), it.next().unwrap_or(""), it.next().unwrap_or(""));
+        let base = if ctrls.is_empty() {
+            PathBuf::from("/sys/fs/cgroup/unified")
+        } else {
+            PathBuf::from("/sys/fs/cgroup").join(ctrls.trim_start_matches("name="))
+        };
+        v.push(base.join(path.trim_start_matches('/')).join("kiln"));
+    }
+    v
+}
+
+fn devices_restricted() -> TestResult {
+    if !Path::new("/sys/fs/cgroup/devices").exists() {
+        println!("    (no v1 devices controller: skipped)");
+        return Ok(());
+    }
+    let f = Fixture::new()?;
+    // CAP_MKNOD is in the default set, but the node cannot be opened.
+    let out = f.stdout(f.sh(
+        "mknod /tmp/disk b 7 0 && echo made; head -c 1 /tmp/disk >/dev/null 2>&1 || echo denied; \
+         echo ok > /dev/null && echo null-ok",
+    ))?;
+    ensure!(out == "made\ndenied\nnull-ok\n", "{out:?}");
+    f.host_clean()
+}
+
+fn step_cgroups_removed() -> TestResult {
+    let f = Fixture::new()?;
+    let rt = runtime();
+    let dirs = rt.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let ex = f.executor.clone();
+        let req = f.sh("cat /proc/self/cgroup; echo ready 987006; sleep 987006 & sleep 1");
+        let h = tokio::spawn(async move { ex.run(req, Some(tx), CancellationToken::new()).await });
+        let mut inside = Vec::new();
+        loop {
+            let l = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .map_err(|_| "no ready line")?
+                .ok_or("closed")?
+                .to_string();
+            if l == "ready 987006" {
+                break;
+            }
+            inside.push(l);
+        }
+        // Inside, the cgroup namespace hides the step's path.
+        ensure!(
+            inside.iter().all(|l| l.ends_with(":/")),
+            "cgroup namespace not in effect: {inside:?}"
+        );
+        // On the host, the step (here: its background child; busybox sh
+        // execs its last command) is in <hierarchy>/<ours>/kiln/<id>.
+        let pid = processes_with("sleep 987006")
+            .first()
+            .and_then(|l| l.split(':').next().map(str::to_string))
+            .ok_or_else(|| {
+                format!(
+                    "step not found; inside {inside:?}; {:?}",
+                    processes_with("987006")
+                )
+            })?;
+        let mut dirs = Vec::new();
+        for base in cgroup_parents() {
+            for e in fs::read_dir(&base).into_iter().flatten().flatten() {
+                let procs = fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+                if procs.lines().any(|l| l == pid) {
+                    dirs.push(e.path());
+                }
+            }
+        }
+        let n_hier = cgroup_parents()
+            .iter()
+            .filter(|p| {
+                ["memory", "pids", "freezer", "unified"]
+                    .iter()
+                    .any(|h| p.starts_with(format!("/sys/fs/cgroup/{h}")))
+            })
+            .count();
+        ensure!(
+            dirs.len() >= n_hier,
+            "step in {dirs:?}, expected {n_hier} hierarchies"
+        );
+        let _ = h.await;
+        Ok::<_, String>(dirs)
+    })?;
+    let left: Vec<_> = dirs.iter().filter(|d| d.exists()).collect();
+    ensure!(left.is_empty(), "cgroups not removed: {left:?}");
+    wait_no_processes("987006", Duration::from_millis(200))?;
+    f.host_clean()
+}
+
+fn signals_forwarded_to_the_step() -> TestResult {
+    let f = Fixture::new()?;
+    let rt = runtime();
+    rt.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let ex = f.executor.clone();
+        let req = f.sh(
+            "trap 'echo got-term; exit 7' TERM; echo ready 987005; while true; do sleep 0.05; done",
+        );
+        let h = tokio::spawn(async move { ex.run(req, Some(tx), CancellationToken::new()).await });
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .map_err(|_| "no ready")?;
+        ensure!(
+            first.map(|l| l.to_string()).as_deref() == Some("ready 987005"),
+            "not ready"
+        );
+        // The step's shell -> its parent is PID 1 of the sandbox -> its
+        // parent is the supervisor we started. Signal the supervisor.
+        let sh = processes_with("ready 987005");
+        let pid = sh
+            .first()
+            .and_then(|l| l.split(':').next())
+            .ok_or("step not found")?
+            .to_string();
+        let ppid = |p: &str| -> Option<String> {
+            let st = fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+            st.lines()
+                .find_map(|l| l.strip_prefix("PPid:").map(|v| v.trim().to_string()))
+        };
+        let pid1 = ppid(&pid).ok_or("no pid 1")?;
+        let sup = ppid(&pid1).ok_or("no supervisor")?;
+        let sup: i32 = sup.parse().map_err(|_| "bad pid")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(sup),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .map_err(|e| e.to_string())?;
+        let mut rest = Vec::new();
+        while let Some(l) = rx.recv().await {
+            rest.push(l.to_string());
+        }
+        let o = h
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        ensure!(rest == ["got-term"], "{rest:?}");
+        ensure!(o.status == ExitStatus::Code(7), "{:?}", o.status);
+        Ok::<(), String>(())
+    })?;
+    f.host_clean()
 }
 
 fn bind_rootfs_leaves_no_stubs() -> TestResult {
@@ -961,6 +1144,12 @@ const TESTS: &[(&str, TestFn)] = &[
         sigkill_of_kiln_takes_the_sandbox_down,
     ),
     ("bind_rootfs_leaves_no_stubs", bind_rootfs_leaves_no_stubs),
+    ("devices_restricted", devices_restricted),
+    ("step_cgroups_removed", step_cgroups_removed),
+    (
+        "signals_forwarded_to_the_step",
+        signals_forwarded_to_the_step,
+    ),
     (
         "bad_namespace_request_rejected",
         bad_namespace_request_rejected,
