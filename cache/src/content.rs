@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::digest::{Digest, Hasher};
 use crate::error::{io_err, Error, IoContext, Result};
-use crate::util::{fsync_dir, random_hex};
+use crate::util::{fsync_dir, random_hex, FileLock};
 
 /// Blobs on disk, addressed by digest. Files only: which blobs are wanted is
 /// the metadata database's business (see [`crate::Store`]).
@@ -20,6 +20,7 @@ use crate::util::{fsync_dir, random_hex};
 pub struct ContentStore {
     dir: PathBuf,
     tmp: PathBuf,
+    gc_lock: Option<PathBuf>,
 }
 
 impl ContentStore {
@@ -29,7 +30,16 @@ impl ContentStore {
         ContentStore {
             dir: blobs_dir.into(),
             tmp: tmp_dir.into(),
+            gc_lock: None,
         }
+    }
+
+    /// Writers hold this lock file shared while they live, so that a
+    /// concurrent prune (which takes it exclusively) never reclaims their
+    /// temp files.
+    pub(crate) fn with_gc_lock(mut self, path: PathBuf) -> Self {
+        self.gc_lock = Some(path);
+        self
     }
 
     /// Where the blob `digest` lives (whether or not it exists).
@@ -76,8 +86,15 @@ impl ContentStore {
         Ok(buf)
     }
 
-    /// Start writing a new blob.
+    /// Start writing a new blob. The writer holds the store's GC lock
+    /// shared until it is dropped; record the blob with
+    /// [`crate::Store::commit_blob`] so that no prune can fall between the
+    /// rename and the row.
     pub fn writer(&self) -> Result<BlobWriter> {
+        let gc = match &self.gc_lock {
+            Some(p) => Some(FileLock::shared(p)?),
+            None => None,
+        };
         let path = self.tmp.join(format!("blob-{}", random_hex::<12>()));
         let file = OpenOptions::new()
             .write(true)
@@ -86,6 +103,7 @@ impl ContentStore {
             .open(&path)
             .ctx("create", &path)?;
         Ok(BlobWriter {
+            _gc: gc,
             file: Some(file),
             tmp_path: path,
             dir: self.dir.clone(),
@@ -186,6 +204,7 @@ pub type BlobListing = (Vec<(Digest, u64)>, Vec<PathBuf>);
 /// it visible, dropping it without commit removes the temp file.
 #[derive(Debug)]
 pub struct BlobWriter {
+    _gc: Option<FileLock>,
     file: Option<File>,
     tmp_path: PathBuf,
     dir: PathBuf,

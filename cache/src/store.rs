@@ -139,7 +139,7 @@ impl Store {
             Box::new(NativeSnapshotter::new(meta.clone(), paths.clone()))
         };
         Ok(Store {
-            content: ContentStore::new(blobs, &tmp),
+            content: ContentStore::new(blobs, &tmp).with_gc_lock(paths.gc_lock.clone()),
             root,
             meta,
             paths,
@@ -198,6 +198,22 @@ impl Store {
     ) -> Result<(Digest, u64)> {
         let _gc = self.gc_guard()?;
         let (d, n) = self.content.ingest(reader, expected, size)?;
+        self.meta.add_blob(&d, n, media_type)?;
+        Ok((d, n))
+    }
+
+    /// Commit a blob written through [`ContentStore::writer`] (verify,
+    /// rename, fsync) and record it, with no window for a concurrent prune
+    /// between the file and its row.
+    pub fn commit_blob(
+        &self,
+        writer: crate::content::BlobWriter,
+        expected: Option<&Digest>,
+        size: Option<u64>,
+        media_type: Option<&str>,
+    ) -> Result<(Digest, u64)> {
+        let _gc = self.gc_guard()?;
+        let (d, n) = writer.commit(expected, size)?;
         self.meta.add_blob(&d, n, media_type)?;
         Ok((d, n))
     }

@@ -184,10 +184,12 @@ fn import_inner(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
     let imported = kiln_image::rootfs_tar::import_rootfs(input, &mut writer, &opts)
         .with_context(|| format!("importing {}", args.file.display()))?;
     let layer = cache_digest(&imported.layer.digest)?;
-    let (layer, size) = writer.commit(Some(&layer), Some(imported.layer.size))?;
-    store
-        .meta()
-        .add_blob(&layer, size, Some(&imported.layer.media_type))?;
+    let (layer, _) = store.commit_blob(
+        writer,
+        Some(&layer),
+        Some(imported.layer.size),
+        Some(&imported.layer.media_type),
+    )?;
     let config = store.put_bytes(&imported.config, None)?;
     let manifest = store.put_bytes(
         &imported.manifest.bytes,
