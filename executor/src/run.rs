@@ -484,6 +484,11 @@ impl Executor {
     /// setup failures, timeout and cancellation are errors. In every case the
     /// step's cgroup is killed and removed and its state directory deleted
     /// before this returns; all its mounts lived in its own mount namespace.
+    ///
+    /// The init is started with PDEATHSIG=SIGKILL, which the kernel ties to
+    /// the *thread* that spawned it: call this from a tokio worker thread
+    /// (any `async` context of a runtime that outlives the step), not from a
+    /// short-lived thread.
     pub async fn run(
         &self,
         req: ExecRequest,
