@@ -580,13 +580,17 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
                     kiln_executor::Stream::Stdout => {
                         let mut o = std::io::stdout().lock();
                         let _ = o.write_all(&line.bytes);
-                        let _ = o.write_all(b"\n");
+                        if line.newline {
+                            let _ = o.write_all(b"\n");
+                        }
                         let _ = o.flush();
                     }
                     kiln_executor::Stream::Stderr => {
                         let mut e = std::io::stderr().lock();
                         let _ = e.write_all(&line.bytes);
-                        let _ = e.write_all(b"\n");
+                        if line.newline {
+                            let _ = e.write_all(b"\n");
+                        }
                     }
                 }
             }

@@ -116,8 +116,11 @@ pub enum Stream {
 pub struct OutputLine {
     /// Where it came from.
     pub stream: Stream,
-    /// The bytes (not necessarily UTF-8).
+    /// The bytes (not necessarily UTF-8), without the newline.
     pub bytes: Vec<u8>,
+    /// True when the line ended with a newline (false for a last partial
+    /// line, or a line split at [`MAX_LINE`]).
+    pub newline: bool,
 }
 
 /// Longest piece of a line delivered at once.

@@ -428,8 +428,12 @@ async fn pump<R: AsyncRead + Unpin>(
 ) {
     let mut r = BufReader::with_capacity(64 * 1024, r);
     let mut line = Vec::new();
-    let emit = |bytes: Vec<u8>| {
-        let l = OutputLine { stream, bytes };
+    let emit = |bytes: Vec<u8>, newline: bool| {
+        let l = OutputLine {
+            stream,
+            bytes,
+            newline,
+        };
         if let Ok(mut t) = tail.lock() {
             t.push(l.clone());
         }
@@ -438,7 +442,7 @@ async fn pump<R: AsyncRead + Unpin>(
     while let Ok(buf) = r.fill_buf().await {
         if buf.is_empty() {
             if !line.is_empty() {
-                let l = emit(std::mem::take(&mut line));
+                let l = emit(std::mem::take(&mut line), false);
                 if let Some(tx) = &out {
                     let _ = tx.send(l).await;
                 }
@@ -454,10 +458,11 @@ async fn pump<R: AsyncRead + Unpin>(
             }
         };
         let chunk = &buf[..take];
+        let ended = chunk.ends_with(b"\n");
         line.extend_from_slice(chunk.strip_suffix(b"\n").unwrap_or(chunk));
         r.consume(take);
         if complete {
-            let l = emit(std::mem::take(&mut line));
+            let l = emit(std::mem::take(&mut line), ended);
             if let Some(tx) = &out {
                 let _ = tx.send(l).await;
             }

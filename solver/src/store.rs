@@ -13,7 +13,7 @@ use kiln_executor::{RootfsKind, RootfsMount};
 use kiln_image::config::ImageConfig;
 use kiln_image::diff::{write_overlay_diff, write_tree_diff, DiffOptions};
 use kiln_image::manifest::{media_types, Descriptor, ImageManifest};
-use kiln_image::{Digest, HashingWriter};
+use kiln_image::Digest;
 
 use crate::backend::{Active, Backend, BackendResult, BaseImage, Exported, LayerRecord};
 use crate::copy::{HashCache, StatKey};
@@ -303,28 +303,23 @@ impl Backend for StoreBackend {
                 .content()
                 .writer()
                 .map_err(|err| e("blob writer", err))?;
+            match sn
+                .diff_source(&active.key)
+                .map_err(|err| e("diff source", err))?
             {
-                let mut hw = HashingWriter::new(&mut writer);
-                match sn
-                    .diff_source(&active.key)
-                    .map_err(|err| e("diff source", err))?
-                {
-                    DiffSource::Overlay { upper } => write_overlay_diff(&upper, &mut hw, opts),
-                    DiffSource::Tree { lower, upper } => {
-                        write_tree_diff(lower.as_deref(), &upper, &mut hw, opts)
-                    }
+                DiffSource::Overlay { upper } => write_overlay_diff(&upper, &mut writer, opts),
+                DiffSource::Tree { lower, upper } => {
+                    write_tree_diff(lower.as_deref(), &upper, &mut writer, opts)
                 }
-                .map_err(|err| e("diff", err))?;
-                let _ = hw.finish();
             }
-            let (blob, size) = writer
-                .commit(None, None)
+            .map_err(|err| e("diff", err))?;
+            // Stored and recorded under the GC lock in one step, so a
+            // concurrent prune never sees the blob unreferenced.
+            let (blob, size) = self
+                .store
+                .commit_blob(writer, None, None, Some(media_types::OCI_LAYER))
                 .map_err(|err| e("storing layer", err))?;
             let diff_id: Digest = blob.to_string().parse().map_err(|err| e("digest", err))?;
-            self.store
-                .meta()
-                .add_blob(&blob, size, Some(media_types::OCI_LAYER))
-                .map_err(|err| e("recording layer", err))?;
             let name = chain_id(parent.as_deref(), diff_id.as_str());
             match sn.commit(&name, &active.key) {
                 Ok(()) => {

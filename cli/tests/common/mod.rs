@@ -1,0 +1,181 @@
+//! Fixtures shared by the CLI's end-to-end tests: a busybox root
+//! filesystem made from Debian's busybox-static, a private store root per
+//! test, and a runner for the `kiln` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+/// Fails (under CI=true) or returns false (elsewhere, printing "not run")
+/// when the machine cannot run these tests: root and busybox-static.
+pub fn prerequisites() -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root (namespaces and mounts)");
+    }
+    if busybox().is_none() {
+        missing.push("a static busybox (apt-get install busybox-static)");
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("end-to-end prerequisites missing: {}", missing.join(", "));
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{msg}");
+    }
+    eprintln!("{msg}: not run");
+    false
+}
+
+/// The static busybox binary, if installed.
+pub fn busybox() -> Option<PathBuf> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// A tar of a busybox root filesystem (made once per test process).
+pub fn busybox_rootfs_tar() -> PathBuf {
+    static TAR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    TAR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("rootfs");
+        make_rootfs(&root);
+        let tar = dir.path().join("rootfs.tar");
+        let st = Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .args(["--numeric-owner", "-cf"])
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .expect("tar");
+        assert!(st.success(), "tar failed");
+        (dir, tar)
+    })
+    .1
+    .clone()
+}
+
+/// Fills `root` with busybox, its applet links, /etc/passwd and /etc/group.
+pub fn make_rootfs(root: &Path) {
+    let bb = busybox().expect("busybox");
+    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "tmp", "root", "proc", "sys", "dev", "var"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    std::fs::copy(&bb, root.join("bin/busybox")).expect("copy busybox");
+    let list = Command::new(&bb).arg("--list-full").output().expect("busybox --list-full");
+    for p in String::from_utf8_lossy(&list.stdout).lines() {
+        if p.is_empty() || p == "bin/busybox" || p == "linuxrc" {
+            continue;
+        }
+        let link = root.join(p);
+        if let Some(parent) = link.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        let _ = std::os::unix::fs::symlink("/bin/busybox", &link);
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+    )
+    .expect("passwd");
+    std::fs::write(
+        root.join("etc/group"),
+        "root:x:0:\nnogroup:x:65534:\napp:x:1000:\nstaff:x:50:app\n",
+    )
+    .expect("group");
+}
+
+/// A private store root and a runner of the kiln binary against it.
+pub struct Kiln {
+    /// The store root (removed on drop).
+    pub root: tempfile::TempDir,
+}
+
+impl Kiln {
+    /// A fresh store.
+    pub fn new() -> Kiln {
+        Kiln {
+            root: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// A fresh store with `busybox:latest` imported.
+    pub fn with_busybox() -> Kiln {
+        let k = Kiln::new();
+        let tar = busybox_rootfs_tar();
+        k.ok(&["import", tar.to_str().expect("utf-8"), "busybox:latest"]);
+        k
+    }
+
+    /// A `kiln` command with `--root` set.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.arg("--root").arg(self.root.path());
+        c.env_remove("KILN_ROOT");
+        c.env_remove("SOURCE_DATE_EPOCH");
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// Runs kiln with `args`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run kiln")
+    }
+
+    /// Runs kiln and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "kiln {args:?} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Builds `ctx` with extra args, asserting success; returns the image ID.
+    pub fn build(&self, ctx: &Path, extra: &[&str]) -> String {
+        let mut args = vec!["build", "-q"];
+        args.extend_from_slice(extra);
+        let c = ctx.to_str().expect("utf-8");
+        args.push(c);
+        self.ok(&args).trim().to_string()
+    }
+
+    /// `kiln inspect IMAGE` parsed.
+    pub fn inspect(&self, image: &str) -> serde_json::Value {
+        let out = self.ok(&["inspect", image]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("inspect json");
+        v[0].clone()
+    }
+}
+
+/// A build context directory with files `(path, content)`.
+pub fn context(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (p, c) in files {
+        let path = dir.path().join(p);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(path, c).expect("write");
+    }
+    dir
+}
+
+/// `/proc/self/mountinfo` lines that mention `needle`.
+pub fn host_mounts_with(needle: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
