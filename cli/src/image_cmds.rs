@@ -619,3 +619,114 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
 }
+
+/// `kiln save` flags.
+#[derive(clap::Args, Debug)]
+pub struct SaveArgs {
+    /// Write to this file (default: stdout, which must not be a terminal).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Archive format: `docker` (docker save / docker load) or `oci`
+    /// (an OCI image layout in a tar).
+    #[arg(long, default_value = "docker", value_parser = ["docker", "oci"])]
+    format: String,
+    /// Images to save.
+    #[arg(required = true)]
+    images: Vec<String>,
+}
+
+/// The store's content as a [`kiln_image::archive::BlobSource`].
+pub struct StoreBlobs<'a>(pub &'a Store);
+
+impl kiln_image::archive::BlobSource for StoreBlobs<'_> {
+    fn open_blob(&self, d: &kiln_image::Digest) -> std::io::Result<Box<dyn std::io::Read + '_>> {
+        let cd: kiln_cache::Digest = d
+            .as_str()
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
+        let f = self
+            .0
+            .content()
+            .open(&cd)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{e}")))?;
+        Ok(Box::new(f))
+    }
+    fn blob_size(&self, d: &kiln_image::Digest) -> std::io::Result<u64> {
+        let cd: kiln_cache::Digest = d
+            .as_str()
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
+        self.0
+            .content()
+            .size(&cd)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{e}")))
+    }
+}
+
+/// `kiln save`: images from the store as a docker-archive or OCI tar.
+pub fn save(root: &Path, a: SaveArgs) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let store = open(root)?;
+    let mut images = Vec::new();
+    for r in &a.images {
+        let l = find(&store, r)?;
+        let md: kiln_cache::Digest = l.manifest_digest.parse()?;
+        let bytes = store.content().read(&md)?;
+        let raw = kiln_image::manifest::RawManifest::new(bytes, None)?;
+        // The name asked for (if it is one), in docker's familiar form.
+        let names = match kiln_cache::normalize_reference(r) {
+            Ok(n) if l.names.contains(&n) => vec![n],
+            _ => l.names.clone(),
+        };
+        let names = names
+            .iter()
+            .map(|n| {
+                let (repo, tag) = familiar(n);
+                format!("{repo}:{tag}")
+            })
+            .collect();
+        images.push(kiln_image::archive::ArchiveImage {
+            names,
+            manifest: raw,
+        });
+    }
+    let blobs = StoreBlobs(&store);
+    let write = |out: &mut dyn std::io::Write| -> anyhow::Result<()> {
+        if a.format == "oci" {
+            kiln_image::archive::write_oci_archive(out, &images, &blobs)?;
+        } else {
+            kiln_image::archive::write_docker_archive(out, &images, &blobs)?;
+        }
+        Ok(())
+    };
+    match &a.output {
+        Some(path) => {
+            // Write beside the target and rename: a failed save leaves no
+            // half-written file under the name.
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+            {
+                let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+                write(&mut w)?;
+                std::io::Write::flush(&mut w)?;
+            }
+            tmp.as_file().sync_all()?;
+            tmp.persist(path)?;
+        }
+        None => {
+            if std::io::stdout().is_terminal() {
+                return Err(usage(
+                    "cowardly refusing to save to a terminal. Use the -o flag or redirect",
+                ));
+            }
+            let stdout = std::io::stdout();
+            let mut w = std::io::BufWriter::new(stdout.lock());
+            write(&mut w)?;
+            std::io::Write::flush(&mut w)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -73,6 +73,8 @@ enum Command {
     },
     /// Run a command in a new container from an image.
     Run(Box<image_cmds::RunArgs>),
+    /// Save images to a tar archive (docker-archive or OCI layout).
+    Save(image_cmds::SaveArgs),
     /// Load images from a docker-archive or OCI archive (gzip too).
     Load(store_cmds::LoadArgs),
     /// Import a root filesystem tar as a one-layer image.
@@ -136,6 +138,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tag { source, target } => image_cmds::tag(&store_root(cli.root), &source, &target),
         Command::Rmi { force, images } => image_cmds::rmi(&store_root(cli.root), force, images),
         Command::Run(args) => image_cmds::run(&store_root(cli.root), *args),
+        Command::Save(args) => image_cmds::save(&store_root(cli.root), args),
         Command::Load(args) => store_cmds::load(&store_root(cli.root), args),
         Command::Import(args) => store_cmds::import(&store_root(cli.root), args),
         Command::Prune(args) => store_cmds::prune(&store_root(cli.root), args),

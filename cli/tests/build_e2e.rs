@@ -9,7 +9,9 @@ use common::{context, prerequisites, Kiln};
 use serde_json::Value;
 
 fn testdata(p: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata").join(p)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../testdata")
+        .join(p)
 }
 
 fn events(stderr: &[u8]) -> Vec<Value> {
@@ -35,7 +37,10 @@ fn example_image_builds_and_runs() {
         .as_array()
         .unwrap()
         .contains(&Value::from("GREETING=hello from kiln")));
-    assert_eq!(c["Labels"]["org.opencontainers.image.title"], "kiln example");
+    assert_eq!(
+        c["Labels"]["org.opencontainers.image.title"],
+        "kiln example"
+    );
     assert_eq!(c["Healthcheck"]["Test"][0], "CMD-SHELL");
     assert_eq!(c["Healthcheck"]["Interval"], 30_000_000_000i64);
     assert_eq!(c["Healthcheck"]["Timeout"], 3_000_000_000i64);
@@ -52,24 +57,46 @@ fn fully_cached_rebuild_runs_nothing_and_gives_the_same_image() {
     }
     let k = Kiln::with_busybox();
     let ctx = context(&[
-        ("Dockerfile", "FROM busybox\nCOPY a.txt /a.txt\nRUN cat /a.txt > /b.txt\nENV X=1\nRUN echo $X > /x\n"),
+        (
+            "Dockerfile",
+            "FROM busybox\nCOPY a.txt /a.txt\nRUN cat /a.txt > /b.txt\nENV X=1\nRUN echo $X > /x\n",
+        ),
         ("a.txt", "one\n"),
     ]);
     let first = k.build(ctx.path(), &["-t", "c:1"]);
-    let o = k.run(&["build", "--progress", "json", "-t", "c:1", ctx.path().to_str().unwrap()]);
+    let o = k.run(&[
+        "build",
+        "--progress",
+        "json",
+        "-t",
+        "c:1",
+        ctx.path().to_str().unwrap(),
+    ]);
     assert!(o.status.success());
     let ev = events(&o.stderr);
     let cached = ev.iter().filter(|e| e["event"] == "cached").count();
-    let logs = ev.iter().filter(|e| e["event"] == "log" && e["stream"] == "stderr").count();
+    let logs = ev
+        .iter()
+        .filter(|e| e["event"] == "log" && e["stream"] == "stderr")
+        .count();
     assert_eq!(cached, 3, "COPY and both RUNs cached: {ev:?}");
     assert_eq!(logs, 0);
     let listed = k.ok(&["images", "-q"]);
-    assert!(listed.lines().any(|l| l == &first["sha256:".len().."sha256:".len() + 12]));
+    assert!(listed
+        .lines()
+        .any(|l| l == &first["sha256:".len().."sha256:".len() + 12]));
     assert_eq!(k.build(ctx.path(), &["-t", "c:1"]), first);
 
     // One changed file re-runs the COPY and what follows, nothing before.
     std::fs::write(ctx.path().join("a.txt"), "two\n").unwrap();
-    let o = k.run(&["build", "--progress", "json", "-t", "c:1", ctx.path().to_str().unwrap()]);
+    let o = k.run(&[
+        "build",
+        "--progress",
+        "json",
+        "-t",
+        "c:1",
+        ctx.path().to_str().unwrap(),
+    ]);
     assert!(o.status.success());
     let ev = events(&o.stderr);
     assert_eq!(ev.iter().filter(|e| e["event"] == "cached").count(), 0);
@@ -104,11 +131,21 @@ fn failed_run_shows_command_exit_code_output_and_keeps_the_tag() {
         "Dockerfile",
         "FROM busybox\nRUN echo first line && echo boom >&2 && exit 7\n",
     )]);
-    let o = k.run(&["build", "--progress", "plain", "-t", "app:1", bad.path().to_str().unwrap()]);
+    let o = k.run(&[
+        "build",
+        "--progress",
+        "plain",
+        "-t",
+        "app:1",
+        bad.path().to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("exit code: 7"), "{err}");
-    assert!(err.contains("/bin/sh -c echo first line && echo boom >&2 && exit 7"), "{err}");
+    assert!(
+        err.contains("/bin/sh -c echo first line && echo boom >&2 && exit 7"),
+        "{err}"
+    );
     assert!(err.contains(" > boom"), "last output lines shown: {err}");
     assert!(err.contains("Dockerfile:2"), "{err}");
     assert!(err.contains(">>>  2 | RUN echo first line"), "{err}");
@@ -141,7 +178,12 @@ fn usage_errors_exit_2() {
     let k = Kiln::with_busybox();
     let ctx = context(&[("Dockerfile", "FROM busybox AS a\n")]);
     let o = k.run(&["build", "--target", "nope", ctx.path().to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let o = k.run(&["build", "/nonexistent/context"]);
     assert_eq!(o.status.code(), Some(2));
     let o = k.run(&["build", "--no-such-flag", "."]);
@@ -161,7 +203,11 @@ fn target_never_builds_unreachable_stages() {
     k.build(ctx.path(), &["--target", "final", "-t", "t:1"]);
     assert_eq!(k.ok(&["run", "t:1", "cat", "/final"]), "base\n");
     let o = k.run(&["build", ctx.path().to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1), "the default target reaches the broken stage");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "the default target reaches the broken stage"
+    );
 }
 
 #[test]
@@ -174,14 +220,26 @@ fn independent_stages_run_concurrently() {
         "Dockerfile",
         "FROM busybox AS one\nRUN sleep 1 && echo 1 > /one\n\nFROM busybox AS two\nRUN sleep 1 && echo 2 > /two\n\nFROM busybox\nCOPY --from=one /one /\nCOPY --from=two /two /\n",
     )]);
-    let o = k.run(&["build", "--progress", "json", "-t", "p:1", ctx.path().to_str().unwrap()]);
+    let o = k.run(&[
+        "build",
+        "--progress",
+        "json",
+        "-t",
+        "p:1",
+        ctx.path().to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ev = events(&o.stderr);
     let pos = |pred: &dyn Fn(&Value) -> bool| ev.iter().position(pred).expect("event");
-    let start_one = pos(&|e| e["event"] == "started" && e["name"].as_str().unwrap_or("").contains("[one"));
-    let start_two = pos(&|e| e["event"] == "started" && e["name"].as_str().unwrap_or("").contains("[two"));
+    let start_one =
+        pos(&|e| e["event"] == "started" && e["name"].as_str().unwrap_or("").contains("[one"));
+    let start_two =
+        pos(&|e| e["event"] == "started" && e["name"].as_str().unwrap_or("").contains("[two"));
     let first_done = pos(&|e| e["event"] == "done");
-    assert!(start_one < first_done && start_two < first_done, "both stages started before either finished: {ev:?}");
+    assert!(
+        start_one < first_done && start_two < first_done,
+        "both stages started before either finished: {ev:?}"
+    );
     assert_eq!(k.ok(&["run", "p:1", "cat", "/one", "/two"]), "1\n2\n");
 }
 
@@ -196,13 +254,22 @@ fn args_env_and_history_follow_buildkit() {
         "ARG BASE=busybox\nARG GLOBAL=g\nFROM ${BASE}\nARG GLOBAL\nARG V=default\nARG UNUSED\nENV FROM_ENV=$V\nRUN echo \"$GLOBAL $V $FROM_ENV\" > /out\nARG V2=x\nENV V2=env-wins\nRUN echo $V2 >> /out\n",
     )]);
     k.build(ctx.path(), &["-t", "a:1", "--build-arg", "V=cli"]);
-    assert_eq!(k.ok(&["run", "a:1", "cat", "/out"]), "g cli cli\nenv-wins\n");
+    assert_eq!(
+        k.ok(&["run", "a:1", "cat", "/out"]),
+        "g cli cli\nenv-wins\n"
+    );
     let cfg = k.inspect("a:1");
     let env = cfg["Config"]["Env"].as_array().unwrap();
     assert!(env.contains(&Value::from("FROM_ENV=cli")));
-    assert!(!env.iter().any(|e| e.as_str().unwrap().starts_with("V=")), "ARGs stay out of the image env");
+    assert!(
+        !env.iter().any(|e| e.as_str().unwrap().starts_with("V=")),
+        "ARGs stay out of the image env"
+    );
     let hist = k.ok(&["history", "a:1"]);
-    assert!(hist.contains("RUN |3 GLOBAL=g V=cli UNUSED= /bin/sh -c"), "{hist}");
+    assert!(
+        hist.contains("RUN |3 GLOBAL=g V=cli UNUSED= /bin/sh -c"),
+        "{hist}"
+    );
 }
 
 #[test]
@@ -216,9 +283,20 @@ fn build_arg_only_changes_steps_that_use_it() {
         "FROM busybox\nRUN echo before > /before\nARG V=1\nRUN echo $V > /v\n",
     )]);
     k.build(ctx.path(), &["--build-arg", "V=1"]);
-    let o = k.run(&["build", "--progress", "json", "--build-arg", "V=2", ctx.path().to_str().unwrap()]);
+    let o = k.run(&[
+        "build",
+        "--progress",
+        "json",
+        "--build-arg",
+        "V=2",
+        ctx.path().to_str().unwrap(),
+    ]);
     let ev = events(&o.stderr);
-    assert_eq!(ev.iter().filter(|e| e["event"] == "cached").count(), 1, "{ev:?}");
+    assert_eq!(
+        ev.iter().filter(|e| e["event"] == "cached").count(),
+        1,
+        "{ev:?}"
+    );
 }
 
 #[test]
@@ -251,14 +329,21 @@ fn copy_add_semantics() {
     k.build(ctx.path(), &["-t", "cp:1"]);
     let run = |cmd: &str| k.ok(&["run", "-u", "root", "cp:1", "sh", "-c", cmd]);
     assert_eq!(run("cat /w/sub/a /w/sub/nested/b"), "ab");
-    assert_eq!(run("ls /glob"), "one.txt\ntwo.txt\n", ".dockerignore'd file excluded");
+    assert_eq!(
+        run("ls /glob"),
+        "one.txt\ntwo.txt\n",
+        ".dockerignore'd file excluded"
+    );
     assert_eq!(run("stat -c '%u:%g' /w/owned"), "1000:50\n");
     assert_eq!(run("stat -c '%a' /modded"), "700\n");
     assert_eq!(run("cat /renamed.txt"), "1");
     assert_eq!(run("cat /unpacked/a /unpacked/nested/b"), "ab");
     assert_eq!(run("test -f /kept/arch.tar && echo kept"), "kept\n");
     assert_eq!(run("cat /inline.txt"), "hello \n");
-    assert_eq!(k.ok(&["run", "cp:1", "sh", "-c", "id -u; pwd"]), "1000\n/home/app/work\n");
+    assert_eq!(
+        k.ok(&["run", "cp:1", "sh", "-c", "id -u; pwd"]),
+        "1000\n/home/app/work\n"
+    );
 
     // A source outside the context is an error, never a read of the host.
     let bad = context(&[("Dockerfile", "FROM busybox\nCOPY ../../etc/passwd /x\n")]);
@@ -301,10 +386,16 @@ fn onbuild_triggers_run_in_the_child() {
         "FROM busybox\nONBUILD RUN echo triggered > /onbuild\nONBUILD COPY x /x\n",
     )]);
     k.build(base.path(), &["-t", "ob-base:1"]);
-    assert_eq!(k.inspect("ob-base:1")["Config"]["OnBuild"][0], "RUN echo triggered > /onbuild");
+    assert_eq!(
+        k.inspect("ob-base:1")["Config"]["OnBuild"][0],
+        "RUN echo triggered > /onbuild"
+    );
     let child = context(&[("Dockerfile", "FROM ob-base:1\n"), ("x", "from child")]);
     k.build(child.path(), &["-t", "ob-child:1"]);
-    assert_eq!(k.ok(&["run", "ob-child:1", "cat", "/onbuild", "/x"]), "triggered\nfrom child");
+    assert_eq!(
+        k.ok(&["run", "ob-child:1", "cat", "/onbuild", "/x"]),
+        "triggered\nfrom child"
+    );
     assert!(k.inspect("ob-child:1")["Config"]["OnBuild"].is_null());
 }
 
@@ -314,11 +405,21 @@ fn entrypoint_cmd_and_metadata_instructions() {
         return;
     }
     let k = Kiln::with_busybox();
-    let base = context(&[("Dockerfile", "FROM busybox\nCMD [\"echo\", \"from-base\"]\n")]);
+    let base = context(&[(
+        "Dockerfile",
+        "FROM busybox\nCMD [\"echo\", \"from-base\"]\n",
+    )]);
     k.build(base.path(), &["-t", "with-cmd:1"]);
-    let same = context(&[("Dockerfile", "FROM busybox\nCMD [\"x\"]\nENTRYPOINT [\"echo\"]\n")]);
+    let same = context(&[(
+        "Dockerfile",
+        "FROM busybox\nCMD [\"x\"]\nENTRYPOINT [\"echo\"]\n",
+    )]);
     k.build(same.path(), &["-t", "same:1"]);
-    assert_eq!(k.ok(&["run", "same:1"]), "x\n", "CMD of the same stage is kept");
+    assert_eq!(
+        k.ok(&["run", "same:1"]),
+        "x\n",
+        "CMD of the same stage is kept"
+    );
     let ctx = context(&[(
         "Dockerfile",
         "FROM with-cmd:1\nENTRYPOINT echo ep\nEXPOSE 80 53/udp\nVOLUME /data\nSTOPSIGNAL SIGTERM\nSHELL [\"/bin/sh\", \"-ec\"]\nMAINTAINER someone\nLABEL a=b\nHEALTHCHECK NONE\n",
@@ -326,7 +427,10 @@ fn entrypoint_cmd_and_metadata_instructions() {
     k.build(ctx.path(), &["-t", "m:1"]);
     let cfg = k.inspect("m:1");
     let c = &cfg["Config"];
-    assert_eq!(c["Entrypoint"], serde_json::json!(["/bin/sh", "-c", "echo ep"]));
+    assert_eq!(
+        c["Entrypoint"],
+        serde_json::json!(["/bin/sh", "-c", "echo ep"])
+    );
     assert!(c["Cmd"].is_null(), "ENTRYPOINT clears an inherited CMD");
     assert!(c["ExposedPorts"]["80/tcp"].is_object());
     assert!(c["ExposedPorts"]["53/udp"].is_object());
@@ -345,7 +449,10 @@ fn source_date_epoch_gives_identical_digests_on_two_stores() {
     }
     // The base comes from the context, so both stores start equal.
     let ctx = context(&[
-        ("Dockerfile", "FROM scratch\nCOPY rootfs/ /\nCOPY f /f\nRUN mkdir /d && echo x > /d/y\n"),
+        (
+            "Dockerfile",
+            "FROM scratch\nCOPY rootfs/ /\nCOPY f /f\nRUN mkdir /d && echo x > /d/y\n",
+        ),
         ("f", "content"),
     ]);
     common::make_rootfs(&ctx.path().join("rootfs"));

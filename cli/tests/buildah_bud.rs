@@ -183,7 +183,11 @@ fn template_store() -> PathBuf {
         .get_or_init(|| {
             let k = Kiln::new();
             let tar = standin_rootfs_tar();
-            k.ok(&["import", tar.to_str().expect("utf-8"), "kiln-harness/rootfs:latest"]);
+            k.ok(&[
+                "import",
+                tar.to_str().expect("utf-8"),
+                "kiln-harness/rootfs:latest",
+            ]);
             let ctx = common::context(&[(
                 "Dockerfile",
                 &format!("FROM kiln-harness/rootfs\nENV PATH={ALPINE_PATH}\nCMD [\"/bin/sh\"]\n"),
@@ -494,7 +498,10 @@ fn setup(c: &Case, ctx: &Path, scratch: &Path) -> R<()> {
             let private = scratch.join("private_file");
             std::fs::write(&private, "hello\n").map_err(|e| e.to_string())?;
             let _ = std::fs::remove_file(ctx.join(".dockerignore"));
-            ln(private.to_str().unwrap_or_default(), &ctx.join(".dockerignore"))
+            ln(
+                private.to_str().unwrap_or_default(),
+                &ctx.join(".dockerignore"),
+            )
         }
         "dockerignore-unmatched-symlinks" => {
             ln("subdir", &ctx.join("symlink"))?;
@@ -511,9 +518,18 @@ fn setup(c: &Case, ctx: &Path, scratch: &Path) -> R<()> {
             let io = |r: std::io::Result<()>| r.map_err(|e| e.to_string());
             io(std::fs::create_dir(ctx.join("subdir")))?;
             io(std::fs::write(ctx.join("subdir/test1.txt"), "test1\n"))?;
-            io(std::fs::hard_link(ctx.join("subdir/test1.txt"), ctx.join("subdir/test2.txt")))?;
-            io(std::fs::hard_link(ctx.join("subdir/test2.txt"), ctx.join("test3.txt")))?;
-            io(std::fs::hard_link(ctx.join("test3.txt"), ctx.join("test4.txt")))
+            io(std::fs::hard_link(
+                ctx.join("subdir/test1.txt"),
+                ctx.join("subdir/test2.txt"),
+            ))?;
+            io(std::fs::hard_link(
+                ctx.join("subdir/test2.txt"),
+                ctx.join("test3.txt"),
+            ))?;
+            io(std::fs::hard_link(
+                ctx.join("test3.txt"),
+                ctx.join("test4.txt"),
+            ))
         }
         "arg-in-copy-src-and-dest-braces" | "arg-in-copy-src-and-dest-nobrace" => {
             std::fs::write(ctx.join("abc.txt"), "").map_err(|e| e.to_string())
@@ -589,9 +605,17 @@ fn run_case_inner(c: &Case) -> R<Outcome> {
         None => ctx_root.clone(),
     };
     let k = case_store();
-    for p in c.t.get("prereq_builds").and_then(Value::as_array).into_iter().flatten() {
+    for p in
+        c.t.get("prereq_builds")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+    {
         let tag = p.get("tag").and_then(Value::as_str).unwrap_or("prereq");
-        let df = p.get("dockerfile").and_then(Value::as_str).unwrap_or("Dockerfile");
+        let df = p
+            .get("dockerfile")
+            .and_then(Value::as_str)
+            .unwrap_or("Dockerfile");
         let b = kiln_build(
             &k,
             &BuildSpec {
@@ -638,8 +662,13 @@ fn run_case_inner(c: &Case) -> R<Outcome> {
             .map_err(|e| format!("{e}: {}", tail(&b.output)))?;
         return Ok(Outcome::Pass);
     }
-    check_output(id, &b.output, &c.strs("output_contains"), &c.strs("output_not_contains"))
-        .map_err(|e| format!("{e}: {}", tail(&b.output)))?;
+    check_output(
+        id,
+        &b.output,
+        &c.strs("output_contains"),
+        &c.strs("output_not_contains"),
+    )
+    .map_err(|e| format!("{e}: {}", tail(&b.output)))?;
     if id == "no-tag-build" {
         if !b.image_id.starts_with("sha256:") {
             return fail("no image ID");
@@ -652,7 +681,10 @@ fn run_case_inner(c: &Case) -> R<Outcome> {
     }
     if let Some(files) = c.table("files") {
         let rootfs = export_rootfs(&k, RESULT, scratch.path())?;
-        let workdir = inspect["Config"]["WorkingDir"].as_str().unwrap_or("/").to_string();
+        let workdir = inspect["Config"]["WorkingDir"]
+            .as_str()
+            .unwrap_or("/")
+            .to_string();
         check_files(files, &rootfs, &workdir, &context)?;
     }
     extra_checks(c, &k, &spec, &b, &ctx_root)?;
@@ -668,7 +700,10 @@ fn tail(s: &str) -> String {
 fn inspect(k: &Kiln, name: &str) -> R<Json> {
     let o = k.run(&["inspect", name]);
     if !o.status.success() {
-        return fail(format!("inspect {name}: {}", String::from_utf8_lossy(&o.stderr)));
+        return fail(format!(
+            "inspect {name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
     }
     let v: Json = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
     Ok(v[0].clone())
@@ -676,7 +711,11 @@ fn inspect(k: &Kiln, name: &str) -> R<Json> {
 
 fn json_strs(v: &Json) -> Vec<String> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -702,7 +741,11 @@ fn check_image(k: &Kiln, img: &toml::Table, ins: &Json) -> R<()> {
                     .all(|(lk, lv)| cfg["Labels"][lk.as_str()].as_str() == lv.as_str())
             }),
             "volumes" | "exposed_ports" => {
-                let field = if key == "volumes" { "Volumes" } else { "ExposedPorts" };
+                let field = if key == "volumes" {
+                    "Volumes"
+                } else {
+                    "ExposedPorts"
+                };
                 let got: BTreeSet<String> = cfg[field]
                     .as_object()
                     .map(|o| o.keys().cloned().collect())
@@ -761,8 +804,8 @@ fn export_rootfs(k: &Kiln, name: &str, scratch: &Path) -> R<PathBuf> {
         .map_err(|x| e(&x))?
         .ok_or_else(|| format!("no image {norm}"))?;
     let md: kiln_cache::Digest = rec.manifest.parse().map_err(|x| e(&x))?;
-    let manifest: Json =
-        serde_json::from_slice(&store.content().read(&md).map_err(|x| e(&x))?).map_err(|x| e(&x))?;
+    let manifest: Json = serde_json::from_slice(&store.content().read(&md).map_err(|x| e(&x))?)
+        .map_err(|x| e(&x))?;
     let root = scratch.join("rootfs");
     std::fs::create_dir_all(&root).map_err(|x| e(&x))?;
     for l in manifest["layers"].as_array().into_iter().flatten() {
@@ -806,9 +849,7 @@ fn id_names(rootfs: &Path, file: &str) -> BTreeMap<u32, String> {
 
 fn check_files(files: &toml::Table, rootfs: &Path, workdir: &str, context: &Path) -> R<()> {
     let path = |p: &str| image_path(rootfs, workdir, p);
-    let lmeta = |p: &str| {
-        std::fs::symlink_metadata(path(p)).map_err(|e| format!("{p}: {e}"))
-    };
+    let lmeta = |p: &str| std::fs::symlink_metadata(path(p)).map_err(|e| format!("{p}: {e}"));
     for (key, want) in files {
         match key.as_str() {
             "present" => {
@@ -834,7 +875,11 @@ fn check_files(files: &toml::Table, rootfs: &Path, workdir: &str, context: &Path
                 for (p, v) in want.as_table().into_iter().flatten() {
                     let got = std::fs::read_to_string(path(p)).map_err(|e| format!("{p}: {e}"))?;
                     let v = v.as_str().unwrap_or_default();
-                    let ok = if key == "contents" { got == v } else { got.contains(v) };
+                    let ok = if key == "contents" {
+                        got == v
+                    } else {
+                        got.contains(v)
+                    };
                     if !ok {
                         return fail(format!("{p}: {got:?}, want {key} {v:?}"));
                     }
@@ -934,7 +979,11 @@ fn list(root: &Path, dir: &Path, out: &mut BTreeSet<String>) -> std::io::Result<
     for e in std::fs::read_dir(dir)? {
         let e = e?;
         let p = e.path();
-        let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().into_owned();
+        let rel = p
+            .strip_prefix(root)
+            .unwrap_or(&p)
+            .to_string_lossy()
+            .into_owned();
         let ft = e.file_type()?;
         if ft.is_symlink() {
             out.insert(format!("{rel} -> {}", std::fs::read_link(&p)?.display()));
@@ -962,7 +1011,10 @@ fn extra_checks(c: &Case, k: &Kiln, spec: &BuildSpec, first: &Built, ctx: &Path)
     };
     let same = |what: &str, a: &Built, b: &Built| -> R<()> {
         if a.image_id != b.image_id {
-            return fail(format!("{what}: image IDs differ ({} vs {})", a.image_id, b.image_id));
+            return fail(format!(
+                "{what}: image IDs differ ({} vs {})",
+                a.image_id, b.image_id
+            ));
         }
         Ok(())
     };
@@ -980,7 +1032,9 @@ fn extra_checks(c: &Case, k: &Kiln, spec: &BuildSpec, first: &Built, ctx: &Path)
         "from-scratch-zero-layers" => {
             let again = rebuild(&|_| {})?;
             same("cached rebuild", first, &again)?;
-            let n = inspect(k, RESULT)?["RootFS"]["Layers"].as_array().map_or(0, Vec::len);
+            let n = inspect(k, RESULT)?["RootFS"]["Layers"]
+                .as_array()
+                .map_or(0, Vec::len);
             if n != 0 {
                 return fail(format!("rebuilt image has {n} layers"));
             }
@@ -1023,7 +1077,8 @@ fn extra_checks(c: &Case, k: &Kiln, spec: &BuildSpec, first: &Built, ctx: &Path)
                 s.labels = vec!["somefancylabel=true".into()];
                 s.no_cache = true;
             })?;
-            let l = |b: &Built| -> R<Json> { Ok(inspect(k, &b.image_id)?["Config"]["Labels"].clone()) };
+            let l =
+                |b: &Built| -> R<Json> { Ok(inspect(k, &b.image_id)?["Config"]["Labels"].clone()) };
             if l(&b1)?["somefancylabel"] != "true" {
                 return fail("--label missing from the final image");
             }
@@ -1032,7 +1087,10 @@ fn extra_checks(c: &Case, k: &Kiln, spec: &BuildSpec, first: &Built, ctx: &Path)
                 return fail("label survived into a build without --label");
             }
             if b2.cached != 2 {
-                return fail(format!("{} of 2 steps cached after a label change", b2.cached));
+                return fail(format!(
+                    "{} of 2 steps cached after a label change",
+                    b2.cached
+                ));
             }
             let b3 = rebuild(&|s| s.labels = vec!["anotherfancylabel=true".into()])?;
             let l3 = l(&b3)?;
@@ -1040,7 +1098,10 @@ fn extra_checks(c: &Case, k: &Kiln, spec: &BuildSpec, first: &Built, ctx: &Path)
                 return fail(format!("labels {l3}"));
             }
             if b3.cached != 2 {
-                return fail(format!("{} of 2 steps cached after a label change", b3.cached));
+                return fail(format!(
+                    "{} of 2 steps cached after a label change",
+                    b3.cached
+                ));
             }
         }
         "build-arg-cache-invalidation" => {
@@ -1129,7 +1190,10 @@ fn buildah_bud_conformance() {
             s.spawn(|| loop {
                 let next = queue.lock().map(|mut q| q.pop()).ok().flatten();
                 let Some((i, t)) = next else { break };
-                let c = Case { t, dir: dir.clone() };
+                let c = Case {
+                    t,
+                    dir: dir.clone(),
+                };
                 let started = std::time::Instant::now();
                 let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case(&c)))
                     .unwrap_or_else(|_| Outcome::Fail("harness panicked".into()));
@@ -1177,7 +1241,9 @@ fn buildah_bud_conformance() {
         println!("  unsupported x{n}: {r}");
     }
     if only.is_none() && pass < PASS_FLOOR {
-        problems.push(format!("{pass} cases pass, below the floor of {PASS_FLOOR}"));
+        problems.push(format!(
+            "{pass} cases pass, below the floor of {PASS_FLOOR}"
+        ));
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

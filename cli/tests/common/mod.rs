@@ -63,11 +63,16 @@ pub fn busybox_rootfs_tar() -> PathBuf {
 /// Fills `root` with busybox, its applet links, /etc/passwd and /etc/group.
 pub fn make_rootfs(root: &Path) {
     let bb = busybox().expect("busybox");
-    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "tmp", "root", "proc", "sys", "dev", "var"] {
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "tmp", "root", "proc", "sys", "dev", "var",
+    ] {
         std::fs::create_dir_all(root.join(d)).expect("mkdir");
     }
     std::fs::copy(&bb, root.join("bin/busybox")).expect("copy busybox");
-    let list = Command::new(&bb).arg("--list-full").output().expect("busybox --list-full");
+    let list = Command::new(&bb)
+        .arg("--list-full")
+        .output()
+        .expect("busybox --list-full");
     for p in String::from_utf8_lossy(&list.stdout).lines() {
         if p.is_empty() || p == "bin/busybox" || p == "linuxrc" {
             continue;
