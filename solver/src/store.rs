@@ -38,6 +38,16 @@ pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
     }
 }
 
+/// The OCI media type for a layer blob of `media_type` (a base image may
+/// come with Docker's; the bytes are the same format).
+fn oci_layer_type(media_type: &str) -> String {
+    match media_type {
+        media_types::DOCKER_LAYER_GZIP => media_types::OCI_LAYER_GZIP.to_string(),
+        media_types::DOCKER_LAYER => media_types::OCI_LAYER.to_string(),
+        other => other.to_string(),
+    }
+}
+
 fn cache_digest(d: &Digest) -> BackendResult<kiln_cache::Digest> {
     d.as_str().parse().map_err(|err| e("digest", err))
 }
@@ -398,7 +408,7 @@ impl Backend for StoreBackend {
         let config_desc = Descriptor::of_bytes(media_types::OCI_CONFIG, &cbytes);
         let layer_descs: Vec<Descriptor> = layers
             .iter()
-            .map(|l| Descriptor::new(l.media_type.clone(), l.digest.clone(), l.size))
+            .map(|l| Descriptor::new(oci_layer_type(&l.media_type), l.digest.clone(), l.size))
             .collect();
         let manifest = ImageManifest::new(config_desc, layer_descs, true);
         let mbytes = manifest.to_bytes().map_err(|err| e("manifest", err))?;
