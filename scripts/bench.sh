@@ -33,7 +33,7 @@ log() { printf '[bench] %s\n' "$*" >&2; }
 [ -x "$PEER_ENV" ] || [ -f "$PEER_ENV" ] || { log "missing $PEER_ENV"; exit 1; }
 
 log "peer setup (packages, base image, registry, fixtures) in $OUT"
-bash "$PEER_ENV" all "$OUT" "$OUT/registry" >&2
+bash "$PEER_ENV" all "$OUT" >&2
 FIX="$OUT/fixtures"
 
 log "building kiln (release)"
