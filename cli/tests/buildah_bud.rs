@@ -90,13 +90,33 @@ fn fail<T>(msg: impl Into<String>) -> R<T> {
 ///   what busybox's applets do for `-D`, `-H`, `-h HOME` (Debian's
 ///   busybox-static lacks those applets);
 /// - `/bin/bash`: a sh script running busybox `sh` with `$0 = /bin/bash`
-///   (the ubuntu cases only need a shell at that path).
+///   (the ubuntu cases only need a shell at that path);
+/// - every applet also under `/bin` (as in the busybox image, where e.g.
+///   `/bin/paste` and `/bin/nl` exist) and alpine's empty directories
+///   (`/usr/local/bin`, `/var/lib`, `/home`, ...).
 fn standin_rootfs_tar() -> PathBuf {
     static TAR: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
     TAR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("rootfs");
         common::make_rootfs(&root);
+        for d in [
+            "usr/local/bin", "usr/local/sbin", "usr/local/lib", "usr/local/share", "usr/lib",
+            "usr/share", "var/lib", "var/tmp", "var/log", "var/cache", "var/empty", "home",
+            "mnt", "opt", "run", "srv", "media", "lib",
+        ] {
+            std::fs::create_dir_all(root.join(d)).expect("mkdir");
+        }
+        let list = Command::new(common::busybox().expect("busybox"))
+            .arg("--list")
+            .output()
+            .expect("busybox --list");
+        for applet in String::from_utf8_lossy(&list.stdout).lines() {
+            let p = root.join("bin").join(applet);
+            if !applet.is_empty() && std::fs::symlink_metadata(&p).is_err() {
+                std::os::unix::fs::symlink("/bin/busybox", &p).expect("symlink");
+            }
+        }
         std::fs::write(
             root.join("etc/passwd"),
             "root:x:0:0:root:/root:/bin/sh\nbin:x:1:1:bin:/bin:/sbin/nologin\n\
@@ -1246,4 +1266,81 @@ fn buildah_bud_conformance() {
         ));
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+// ------------------------------------------------- regression tests (bugs
+// the corpus found, each named after the bug)
+
+/// Builds `files` on a busybox store; returns the store and the image's
+/// unpacked rootfs.
+fn build_and_export(files: &[(&str, &str)]) -> (Kiln, tempfile::TempDir, PathBuf) {
+    let k = Kiln::with_busybox();
+    let ctx = common::context(files);
+    k.build(ctx.path(), &["-t", RESULT]);
+    let out = tempfile::tempdir().expect("tempdir");
+    let root = export_rootfs(&k, RESULT, out.path()).expect("export");
+    (k, out, root)
+}
+
+#[test]
+fn copy_of_a_symlink_source_keeps_the_name_it_was_selected_by() {
+    if !common::prerequisites() {
+        return;
+    }
+    // /bin/ls is a symlink to /bin/busybox: the copy follows it but is
+    // named `ls`, not `busybox` (was: /test/busybox).
+    let (_k, _t, root) = build_and_export(&[(
+        "Dockerfile",
+        "FROM busybox AS base\nRUN echo hi > /f.1 && ln -s /f.1 /f\nFROM scratch\n\
+         COPY --from=base /bin/ls /test/\nCOPY --from=base /f /out/\n",
+    )]);
+    let m = std::fs::symlink_metadata(root.join("test/ls")).expect("/test/ls");
+    assert!(m.is_file(), "followed to a regular file");
+    assert!(!root.join("test/busybox").exists());
+    assert_eq!(
+        std::fs::read_to_string(root.join("out/f")).expect("/out/f"),
+        "hi\n"
+    );
+}
+
+#[test]
+fn copy_preserves_hard_links_between_copied_files() {
+    if !common::prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = common::context(&[
+        ("Dockerfile", "FROM scratch\nCOPY . /c/\nCOPY . /c/\n"),
+        ("a", "x"),
+    ]);
+    std::fs::hard_link(ctx.path().join("a"), ctx.path().join("b")).expect("ln");
+    k.build(ctx.path(), &["-t", RESULT]);
+    let out = tempfile::tempdir().expect("tempdir");
+    let root = export_rootfs(&k, RESULT, out.path()).expect("export");
+    let a = std::fs::metadata(root.join("c/a")).expect("a");
+    let b = std::fs::metadata(root.join("c/b")).expect("b");
+    assert_eq!(a.ino(), b.ino(), "one inode");
+    assert_eq!(a.nlink(), 2);
+}
+
+#[test]
+fn copy_from_expands_stage_scoped_args() {
+    if !common::prerequisites() {
+        return;
+    }
+    // A stage ARG overrides the global one in --from (was: global value).
+    let (_k, _t, root) = build_and_export(&[(
+        "Dockerfile",
+        "ARG SRC=a\nFROM busybox AS a\nRUN echo a > /from.txt\nFROM busybox AS b\n\
+         RUN echo b > /from.txt\nFROM scratch\nARG SRC=b\nARG V=\"a\"\n\
+         COPY --from=$SRC /from.txt /\nCOPY --from=\"${V}\" /from.txt /v.txt\n",
+    )]);
+    assert_eq!(
+        std::fs::read_to_string(root.join("from.txt")).expect("from"),
+        "b\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("v.txt")).expect("v"),
+        "a\n"
+    );
 }

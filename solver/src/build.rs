@@ -801,9 +801,13 @@ impl Ctx {
                     .await?;
             }
             Kind::Copy(c) => {
+                // The stage's ARG/ENV values over the global ARGs, as the
+                // plan expanded it (plan::track_stage_env).
                 let from = match &c.from {
                     Some(f) => {
-                        Some(self.expand(f, &plan::global_env(&self.plan.global_args), line)?)
+                        let mut env = plan::global_env(&self.plan.global_args);
+                        env.extend(state.env.iter().cloned());
+                        Some(self.expand(f, &env, line)?)
                     }
                     None => None,
                 };

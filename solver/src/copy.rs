@@ -2,7 +2,7 @@
 //! contents), hashing exactly what was selected for the cache key, and
 //! writing it into a snapshot's top layer with Docker's destination rules.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -109,6 +109,10 @@ pub struct Entry {
 pub struct Selection {
     /// The resolved source path in its view.
     pub path: String,
+    /// The base name the source was selected by, before its last symlink
+    /// was followed: a file copied into a directory takes this name
+    /// (BuildKit: `filepath.Base(src)`), not its link target's.
+    pub name: String,
     /// True when the source is a directory (its contents are copied).
     pub is_dir: bool,
     /// The entries, sorted, the source itself first (rel "").
@@ -234,6 +238,7 @@ impl Selector<'_> {
                 self.walk(&resolved, &p, "", &mut entries)?;
             }
             out.push(Selection {
+                name: base_name(&p).to_string(),
                 path: resolved,
                 is_dir,
                 entries,
@@ -428,11 +433,14 @@ pub fn copy_selections(
         return Err(CopyError::DestNotDir);
     }
     let new_owner = opts.owner.unwrap_or((0, 0));
+    // Hard links among the copied files stay hard links (BuildKit's
+    // copier tracks source inodes the same way).
+    let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     for s in selections {
         let target = if s.is_dir {
             dest_resolved.clone()
         } else if dest_is_dir {
-            join_abs(&dest_resolved, base_name(&s.path))
+            join_abs(&dest_resolved, &s.name)
         } else {
             dest_resolved.clone()
         };
@@ -446,7 +454,7 @@ pub fn copy_selections(
             } else {
                 join_abs(&target, &e.rel)
             };
-            write_entry(dst, &to, e, opts)?;
+            write_entry(dst, &to, e, opts, &mut links)?;
         }
         // Directory mtimes are set after their contents are written.
         if s.is_dir {
@@ -481,7 +489,13 @@ fn clamp(t: i64, c: Option<i64>) -> i64 {
     }
 }
 
-fn write_entry(dst: &LayerView, to: &str, e: &Entry, opts: &CopyOptions) -> Result<(), CopyError> {
+fn write_entry(
+    dst: &LayerView,
+    to: &str,
+    e: &Entry,
+    opts: &CopyOptions,
+    links: &mut HashMap<(u64, u64), PathBuf>,
+) -> Result<(), CopyError> {
     let top = dst
         .top()
         .ok_or_else(|| CopyError::NotFound("(no layers)".into()))?;
@@ -519,7 +533,14 @@ fn write_entry(dst: &LayerView, to: &str, e: &Entry, opts: &CopyOptions) -> Resu
         std::os::unix::fs::symlink(&target, &host).map_err(|err| io_err(&host, err))?;
         lchown(&host, uid, gid)?;
         set_mtime(&host, clamp(m.mtime(), opts.clamp_mtime), 0, true)?;
+    } else if ft.is_file() && m.nlink() > 1 && links.contains_key(&(m.dev(), m.ino())) {
+        if let Some(first) = links.get(&(m.dev(), m.ino())) {
+            fs::hard_link(first, &host).map_err(|err| io_err(&host, err))?;
+        }
     } else if ft.is_file() {
+        if m.nlink() > 1 {
+            links.insert((m.dev(), m.ino()), host.clone());
+        }
         copy_file(&e.host, &host)?;
         lchown(&host, uid, gid)?;
         fs::set_permissions(&host, fs::Permissions::from_mode(mode))

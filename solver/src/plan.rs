@@ -218,10 +218,14 @@ pub fn plan(
         if let Base::Stage(j) = base {
             deps.push(j);
         }
+        // `--from` expands with the stage's ARG/ENV values seen so far
+        // over the global ARGs (a stage `ARG SRC=b` wins over a global one).
+        let mut stage_env = env.clone();
         for instr in &stage.instructions {
+            track_stage_env(&lex, &global, build_args, &mut stage_env, &instr.kind);
             for from in source_refs(&instr.kind) {
                 let from = lex
-                    .process_word(&from, &env)
+                    .process_word(&from, &stage_env)
                     .map_err(|e| BuildError::at(instr.line, format!("--from {from}: {e}")))?;
                 if let Source::Stage(j) = resolve_source(df, i, &from) {
                     if !deps.contains(&j) {
@@ -261,6 +265,47 @@ pub fn plan(
         target,
         global_args: global,
     })
+}
+
+/// Updates `env` (last entry wins) with what an `ARG` or `ENV` of a stage
+/// defines, as the build will: `--build-arg`, else the default, else the
+/// global ARG's value. Expansion errors are left to the build itself.
+fn track_stage_env(
+    lex: &Lex,
+    global: &[(String, Option<String>)],
+    build_args: &BTreeMap<String, String>,
+    env: &mut Vec<(String, String)>,
+    kind: &Kind,
+) {
+    match kind {
+        Kind::Arg { args } => {
+            for def in args {
+                let value = match (build_args.get(&def.key), &def.default) {
+                    (Some(v), _) => Some(v.clone()),
+                    (None, Some(d)) => lex.process_word(d, env).ok(),
+                    (None, None) => global
+                        .iter()
+                        .rev()
+                        .find(|(k, _)| *k == def.key)
+                        .and_then(|(_, v)| v.clone()),
+                };
+                if let Some(v) = value {
+                    env.push((def.key.clone(), v));
+                }
+            }
+        }
+        Kind::Env { vars } => {
+            for kv in vars {
+                if let (Ok(k), Ok(v)) = (
+                    lex.process_word(&kv.key, env),
+                    lex.process_word(&kv.value, env),
+                ) {
+                    env.push((k, v));
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// `--from` values an instruction reads from (COPY --from, RUN --mount from=).
