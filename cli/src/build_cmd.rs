@@ -130,9 +130,9 @@ fn options(a: &BuildArgs) -> anyhow::Result<(BuildOptions, String)> {
             )
         }
     };
-    let ignore = match std::fs::read(&ignore_path) {
-        Ok(b) => read_ignore_file(&String::from_utf8_lossy(&b)),
-        Err(_) => Vec::new(),
+    let ignore = match read_confined(&ignore_path) {
+        Some(b) => read_ignore_file(&String::from_utf8_lossy(&b)),
+        None => Vec::new(),
     };
     let mut build_args = BTreeMap::new();
     for a in &a.build_args {
@@ -204,6 +204,48 @@ fn options(a: &BuildArgs) -> anyhow::Result<(BuildOptions, String)> {
         },
         name,
     ))
+}
+
+/// Reads `path` with symlinks resolved inside its own directory, as
+/// BuildKit reads the ignore file from the context (or Dockerfile) source:
+/// a link leading outside that directory is never followed to the host.
+fn read_confined(path: &Path) -> Option<Vec<u8>> {
+    let root = path.parent()?;
+    let mut todo: std::collections::VecDeque<std::ffi::OsString> =
+        [path.file_name()?.to_os_string()].into();
+    let mut cur: Vec<std::ffi::OsString> = Vec::new();
+    let mut hops = 0;
+    while let Some(c) = todo.pop_front() {
+        if c.is_empty() || c == "." {
+            continue;
+        }
+        if c == ".." {
+            cur.pop();
+            continue;
+        }
+        let mut p = root.to_path_buf();
+        p.extend(&cur);
+        p.push(&c);
+        let m = std::fs::symlink_metadata(&p).ok()?;
+        if !m.file_type().is_symlink() {
+            cur.push(c);
+            continue;
+        }
+        hops += 1;
+        if hops > 40 {
+            return None;
+        }
+        let target = std::fs::read_link(&p).ok()?;
+        if target.is_absolute() {
+            cur.clear();
+        }
+        for (i, t) in target.iter().filter(|t| *t != "/").enumerate() {
+            todo.insert(i, t.to_os_string());
+        }
+    }
+    let mut p = root.to_path_buf();
+    p.extend(&cur);
+    std::fs::read(p).ok()
 }
 
 /// `<name>.dockerignore` beside the Dockerfile wins over the context's

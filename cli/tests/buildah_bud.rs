@@ -1344,3 +1344,82 @@ fn copy_from_expands_stage_scoped_args() {
         "a\n"
     );
 }
+
+#[test]
+fn unused_build_args_are_warned_about() {
+    if !common::prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = common::context(&[(
+        "Dockerfile",
+        "ARG IMG=busybox\nFROM $IMG\nARG USED\nRUN echo $USED\n",
+    )]);
+    let c = ctx.path().to_str().expect("utf-8");
+    let o = k.run(&[
+        "build",
+        "--progress",
+        "plain",
+        "--build-arg",
+        "USED=1",
+        "--build-arg",
+        "IMG=busybox",
+        "--build-arg",
+        "NOPE=2",
+        "--build-arg",
+        "HTTP_PROXY=x",
+        "--build-arg",
+        "TARGETOS=linux",
+        c,
+    ]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("[Warning] One or more build-args [NOPE] were not consumed"),
+        "{err}"
+    );
+    let o = k.run(&["build", "--progress", "plain", "--build-arg", "USED=1", c]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("not consumed"));
+}
+
+#[test]
+fn unparsable_base_name_says_invalid_reference_format() {
+    if !common::prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = common::context(&[("Dockerfile", "FROM platform-\n")]);
+    let o = k.run(&["build", ctx.path().to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("invalid reference format"), "{err}");
+}
+
+#[test]
+fn dockerignore_symlink_leading_out_of_the_context_is_not_followed() {
+    if !common::prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let outside = tempfile::tempdir().expect("tempdir");
+    std::fs::write(outside.path().join("private"), "keep\n").expect("write");
+    let ctx = common::context(&[
+        ("Dockerfile", "FROM busybox\nCOPY keep /keep\n"),
+        ("keep", "k"),
+        ("inside", "*.never\n"),
+    ]);
+    let link = ctx.path().join(".dockerignore");
+    std::os::unix::fs::symlink(outside.path().join("private"), &link).expect("symlink");
+    k.build(ctx.path(), &[]);
+    // A link inside the context is read (resolved within the context).
+    std::fs::remove_file(&link).expect("rm");
+    std::os::unix::fs::symlink("inside", &link).expect("symlink");
+    k.build(ctx.path(), &[]);
+    std::fs::write(ctx.path().join("inside"), "keep\n").expect("write");
+    let o = k.run(&["build", ctx.path().to_str().expect("utf-8")]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "keep is ignored through the inside link"
+    );
+}

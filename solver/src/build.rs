@@ -338,6 +338,15 @@ pub async fn build(
         });
     }
     ctx.progress.done(id, t.elapsed());
+    let unused = plan::unused_build_args(&ctx.df, &ctx.plan, &ctx.opts.build_args);
+    if !unused.is_empty() {
+        ctx.progress.send(Event::Info {
+            message: format!(
+                "[Warning] One or more build-args [{}] were not consumed",
+                unused.join(" ")
+            ),
+        });
+    }
     Ok(BuildResult {
         image_id: exported.image_id,
         manifest_digest: exported.manifest_digest,

@@ -267,6 +267,38 @@ pub fn plan(
     })
 }
 
+/// `--build-arg` names no ARG of the planned build declares (BuildKit
+/// warns "One or more build-args [..] were not consumed"), sorted. Proxy
+/// variables, the platform args, `BUILDKIT_*` and `SOURCE_DATE_EPOCH` are
+/// predefined and never reported.
+pub fn unused_build_args(
+    df: &Dockerfile,
+    plan: &Plan,
+    build_args: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut declared: Vec<&str> = plan.global_args.iter().map(|(k, _)| k.as_str()).collect();
+    for s in &plan.stages {
+        for instr in df
+            .stages
+            .get(s.index)
+            .map(|s| &s.instructions[..])
+            .unwrap_or(&[])
+        {
+            if let Kind::Arg { args } = &instr.kind {
+                declared.extend(args.iter().map(|d| d.key.as_str()));
+            }
+        }
+    }
+    let builtin = platform_args();
+    build_args
+        .keys()
+        .filter(|k| !declared.contains(&k.as_str()))
+        .filter(|k| !PROXY_ARGS.contains(&k.as_str()) && !builtin.iter().any(|(b, _)| b == *k))
+        .filter(|k| !k.starts_with("BUILDKIT_") && k.as_str() != "SOURCE_DATE_EPOCH")
+        .cloned()
+        .collect()
+}
+
 /// Updates `env` (last entry wins) with what an `ARG` or `ENV` of a stage
 /// defines, as the build will: `--build-arg`, else the default, else the
 /// global ARG's value. Expansion errors are left to the build itself.

@@ -213,7 +213,11 @@ fn stat_of(k: &StatKey) -> FileStat {
 
 impl Backend for StoreBackend {
     fn resolve_image(&self, reference: &str) -> BackendResult<Option<BaseImage>> {
-        let name = kiln_cache::normalize_reference(reference).map_err(|err| e(reference, err))?;
+        // Docker/BuildKit word every unparsable name "invalid reference
+        // format"; the detail follows.
+        let name = kiln_cache::normalize_reference(reference).map_err(|err| {
+            format!("failed to parse stage name {reference:?}: invalid reference format ({err})")
+        })?;
         let Some(rec) = self
             .store
             .meta()
