@@ -16,7 +16,8 @@
 #
 # Usage: scripts/bench.sh [fixture...]        (default: a b c runstep)
 # Env:   ROUNDS (default 5), BENCH_DIR (default /tmp/kiln-bench),
-#        PEER_TOOLS (default ../shared/tools next to the checkout)
+#        PEER_TOOLS (default ../shared/tools next to the checkout),
+#        KILN_BIN (a kiln binary to use instead of building one)
 # Run as root. Results go to stdout as a Markdown table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,9 +37,13 @@ log "peer setup (packages, base image, registry, fixtures) in $OUT"
 bash "$PEER_ENV" all "$OUT" >&2
 FIX="$OUT/fixtures"
 
-log "building kiln (release)"
-cargo build --release -p kiln >&2
-KILN="$REPO/target/release/kiln"
+if [ -n "${KILN_BIN:-}" ]; then
+  KILN="$KILN_BIN"
+else
+  log "building kiln (release)"
+  cargo build --release -p kiln >&2
+  KILN="$REPO/target/release/kiln"
+fi
 export KILN_ROOT="$OUT/kiln-root"
 rm -rf "$KILN_ROOT"
 "$KILN" load -i "$OUT/busybox.tar" >&2
