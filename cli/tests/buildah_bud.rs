@@ -32,11 +32,33 @@ use serde_json::Value as Json;
 use toml::Value;
 
 /// Pass count below which the test fails (set to what passes today).
-const PASS_FLOOR: usize = 0;
+const PASS_FLOOR: usize = 125;
 
-/// Cases that fail today (each with its diagnosis in the README/report).
-/// One of them passing fails the test: remove it from here.
-const KNOWN_FAILING: &[&str] = &[];
+/// Cases that fail today, with the diagnosis. One of them passing fails
+/// the test: remove it from here.
+const KNOWN_FAILING: &[&str] = &[
+    // kiln rejects a RUN heredoc starting with `#!`; BuildKit mounts it as
+    // an executable file at /dev/pipes/<name> and runs that (needs the
+    // executor to create mount points for extra mounts).
+    "heredoc-shebang-sh",
+    "heredoc-shebang-interpreter",
+    // The corpus expects VOLUME to create its directory (buildah). BuildKit's
+    // dispatchVolume only records the config, so the next RUN fails there
+    // too: mislabelled `same`. kiln follows BuildKit.
+    "symlink-volume-through-symlinks",
+    "symlink-relative-volume",
+    "symlink-chain-volume",
+    "volume-perms-kept",
+    // A bare `RUN`: BuildKit runs `/bin/sh -c ""` (withShell joins no args)
+    // and succeeds; the corpus expects buildah's `sh -c` with no argument.
+    "empty-run-cmd-empty-run",
+    "empty-run-entrypoint-cmd-empty-run",
+    "empty-run-entrypoint-empty-run",
+    // `COPY *.txt /testdir` (2 matches, no trailing /): kiln fails as the
+    // Dockerfile reference requires; BuildKit overwrites /testdir with the
+    // last match (moby/buildkit#4550); the corpus wants a directory.
+    "copy-glob-single-arg",
+];
 
 /// Builds run concurrently (each case has its own store).
 const JOBS: usize = 3;
