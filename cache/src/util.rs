@@ -19,20 +19,6 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     f.sync_all().ctx("fsync dir", dir)
 }
 
-/// `syncfs(2)` on the filesystem holding `path`.
-pub(crate) fn syncfs(path: &Path) -> Result<()> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY)
-        .open(path)
-        .ctx("open dir", path)?;
-    // SAFETY: plain syscall on a valid fd we own.
-    let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
-    if rc != 0 {
-        return Err(io_err("syncfs", path, std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
 
 /// `N` random bytes from the kernel (falling back to hashing time, pid and
 /// a counter should `getrandom` ever fail).

@@ -29,7 +29,7 @@ pub use overlay::OverlaySnapshotter;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::meta::{Kind, Meta, SnapshotRow};
-use crate::util::{disk_usage, now_unix, random_hex, remove_all, syncfs, FileLock};
+use crate::util::{disk_usage, now_unix, random_hex, remove_all, FileLock};
 
 /// What [`Snapshotter::stat`] and [`Snapshotter::walk`] report.
 pub type Info = SnapshotRow;
@@ -258,7 +258,12 @@ impl Core {
                 row.kind
             )));
         }
-        syncfs(content)?;
+        // No syncfs here: it would flush every dirty page of the whole
+        // filesystem (other builds, other tools) and cost seconds. Like
+        // containerd and BuildKit we rely on the page cache for snapshot
+        // contents: a killed kiln loses nothing, and the layer blob, which
+        // is the durable record of the layer, is fsynced by the content
+        // store.
         let (size, inodes) = disk_usage(content)?;
         self.meta.snapshot_commit(key, name, size, inodes)
     }
