@@ -34,6 +34,9 @@ pub struct BuildArgs {
     /// Always ask the registry for base images.
     #[arg(long)]
     pull: bool,
+    /// Allow plain HTTP for this registry (HOST:PORT); repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registry: Vec<String>,
     /// Progress output: auto, tty, plain, json.
     #[arg(long, value_enum, default_value = "auto")]
     progress: Mode,
@@ -169,11 +172,6 @@ fn options(a: &BuildArgs) -> anyhow::Result<(BuildOptions, String)> {
                 .map_err(|_| usage(format!("invalid SOURCE_DATE_EPOCH {s:?}")))
         })
         .transpose()?;
-    if a.pull {
-        return Err(usage(
-            "--pull: pulling base images from a registry is not supported yet; import or load them with `kiln import` / `kiln load`",
-        ));
-    }
     let limits = ResourceLimits {
         memory: a
             .memory
@@ -304,7 +302,9 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     let text = opts.dockerfile.clone();
     let store = kiln_cache::Store::open(root)
         .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", root.display()))?;
-    let backend = Arc::new(kiln_solver::store::StoreBackend::new(store));
+    let registry = crate::registry_cmds::registry_config(&a.insecure_registry)?;
+    let backend =
+        Arc::new(kiln_solver::store::StoreBackend::new(store).with_registry(registry, a.pull));
     let executor = kiln_executor::Executor::new(kiln_executor::ExecutorConfig {
         state_dir: root.join("tmp").join("executor"),
         ..Default::default()

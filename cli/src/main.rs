@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 mod build_cmd;
 mod image_cmds;
 mod progress;
+mod registry_cmds;
 mod store_cmds;
 
 /// An error in how kiln was called: exit status 2, like a clap error.
@@ -81,6 +82,14 @@ enum Command {
     Import(store_cmds::ImportArgs),
     /// Remove unreferenced data and, per policy, build cache.
     Prune(store_cmds::PruneArgs),
+    /// Pull an image from a registry into the store.
+    Pull(registry_cmds::PullArgs),
+    /// Push an image from the store to a registry.
+    Push(registry_cmds::PushArgs),
+    /// Log in to a registry (credentials go to Docker's config.json).
+    Login(registry_cmds::LoginArgs),
+    /// Log out from a registry.
+    Logout(registry_cmds::LogoutArgs),
     /// Store-wide tools: disk usage, consistency check.
     System {
         #[command(subcommand)]
@@ -142,6 +151,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Load(args) => store_cmds::load(&store_root(cli.root), args),
         Command::Import(args) => store_cmds::import(&store_root(cli.root), args),
         Command::Prune(args) => store_cmds::prune(&store_root(cli.root), args),
+        Command::Pull(args) => registry_cmds::pull(&store_root(cli.root), args),
+        Command::Push(args) => registry_cmds::push(&store_root(cli.root), args),
+        Command::Login(args) => registry_cmds::login(args),
+        Command::Logout(args) => registry_cmds::logout(args),
         Command::System { what } => store_cmds::system(&store_root(cli.root), what),
         Command::Debug {
             what: DebugCommand::Ast { file, json },

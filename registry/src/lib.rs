@@ -5,9 +5,43 @@
 //! mounts, chunked uploads, retries), and authentication (anonymous, basic,
 //! bearer tokens, `~/.docker/config.json` auths and credential helpers).
 //!
-//! **What it owns.** Everything that crosses the network to a registry, and
-//! the registry-backed build-cache format.
+//! **What it owns.** Everything that crosses the network to a registry:
+//! the HTTP client (`ureq` on rustls/ring), TLS trust per registry
+//! (`certs.d/HOST:PORT/*.crt`), which hosts may use plain HTTP, and the
+//! reading and writing of Docker's `config.json` credentials.
 //!
 //! **What it must not do.** It never writes the local store directly: blobs
-//! flow through source/sink traits whose implementations live elsewhere.
+//! flow through the [`BlobSink`] and [`PushSource`] traits whose
+//! implementations live elsewhere (the solver), and it depends on no kiln
+//! crate but `kiln-image`.
+//!
+//! **Where to start.** [`Registry::new`] (one client per registry host),
+//! [`Registry::pull_image`], [`Registry::push_image`], [`RegistryConfig::load`].
+//!
+//! ```no_run
+//! use kiln_registry::{Reference, Registry, RegistryConfig, Transfer};
+//! use kiln_image::manifest::Platform;
+//!
+//! # fn main() -> Result<(), kiln_registry::RegistryError> {
+//! let cfg = RegistryConfig::load(&[])?;
+//! let r = Reference::parse("127.0.0.1:5000/busybox:latest")?;
+//! let reg = Registry::new(&r.registry, &cfg)?;
+//! let resolved = reg.resolve(&r, &Platform::host())?;
+//! println!("{} -> {}", r, resolved.manifest.digest);
+//! # Ok(()) }
+//! ```
 #![deny(missing_docs)]
+
+mod auth;
+mod client;
+pub mod config;
+mod error;
+mod reference;
+mod transfer;
+
+pub use auth::{parse_challenge, Challenge};
+pub use client::{ClientOptions, PushOutcome, Registry, VerifyingReader, MANIFEST_ACCEPT};
+pub use config::{Credentials, RegistryConfig};
+pub use error::{RegistryError, Result};
+pub use reference::{api_host, Reference, DOCKER_HUB};
+pub use transfer::{BlobSink, Pulled, PushSource, Resolved, Transfer};

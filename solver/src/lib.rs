@@ -28,6 +28,7 @@ pub mod key;
 pub mod plan;
 pub mod progress;
 pub mod store;
+pub mod transfer;
 
 pub use build::{build, BuildOptions, BuildResult, ResourceLimits};
 pub use error::BuildError;

@@ -22,6 +22,8 @@ use crate::copy::{HashCache, StatKey};
 pub struct StoreBackend {
     store: Store,
     lease: Option<String>,
+    /// Registry access for FROM: (settings, always pull).
+    registry: Option<(kiln_registry::RegistryConfig, bool)>,
 }
 
 fn e(context: &str, err: impl std::fmt::Display) -> String {
@@ -57,7 +59,18 @@ impl StoreBackend {
     pub fn new(store: Store) -> Self {
         let lease = store.meta().create_lease(None).ok();
         store.meta().set_current_lease(lease.clone());
-        StoreBackend { store, lease }
+        StoreBackend {
+            store,
+            lease,
+            registry: None,
+        }
+    }
+
+    /// Lets FROM pull from registries: images missing from the store, or
+    /// every image when `always` (`--pull`).
+    pub fn with_registry(mut self, cfg: kiln_registry::RegistryConfig, always: bool) -> Self {
+        self.registry = Some((cfg, always));
+        self
     }
 
     /// The store.
@@ -218,6 +231,12 @@ impl Backend for StoreBackend {
         let name = kiln_cache::normalize_reference(reference).map_err(|err| {
             format!("failed to parse stage name {reference:?}: invalid reference format ({err})")
         })?;
+        if let Some((cfg, always)) = &self.registry {
+            let local = self.store.meta().image(&name).map_err(|err| e("image table", err))?;
+            if *always || local.is_none() {
+                crate::transfer::pull(&self.store, cfg, &name, 4, &|_| {})?;
+            }
+        }
         let Some(rec) = self
             .store
             .meta()

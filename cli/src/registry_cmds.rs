@@ -1,0 +1,305 @@
+//! Registry commands: `kiln pull`, `kiln push`, `kiln login`,
+//! `kiln logout`. The work is in `kiln_solver::transfer` (store <->
+//! registry) and `kiln-registry` (the protocol); this is flags and
+//! progress lines.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use kiln_image::compression::{Compression, CompressionOpts};
+use kiln_registry::config::{erase_credentials, store_credentials};
+use kiln_registry::{Credentials, Registry, RegistryConfig, Transfer};
+use kiln_solver::transfer::{self, LayerEncoding};
+
+use crate::UsageError;
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(msg.into()))
+}
+
+fn open(root: &Path) -> anyhow::Result<kiln_cache::Store> {
+    kiln_cache::Store::open(root)
+        .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", root.display()))
+}
+
+/// Registry settings: `--insecure-registry` hosts plus kiln's config files.
+pub fn registry_config(insecure: &[String]) -> anyhow::Result<RegistryConfig> {
+    Ok(RegistryConfig::load(insecure)?)
+}
+
+/// `kiln pull` flags.
+#[derive(clap::Args, Debug)]
+pub struct PullArgs {
+    /// Allow plain HTTP for this registry (HOST:PORT); repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure: Vec<String>,
+    /// Print only the manifest digest.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Layers downloaded at once.
+    #[arg(long, default_value_t = 4)]
+    jobs: usize,
+    /// The image (`busybox`, `127.0.0.1:5000/app:1`, `name@sha256:…`).
+    image: String,
+}
+
+/// `kiln push` flags.
+#[derive(clap::Args, Debug)]
+pub struct PushArgs {
+    /// Allow plain HTTP for this registry (HOST:PORT); repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure: Vec<String>,
+    /// Layer compression: gzip (default), zstd or uncompressed.
+    #[arg(long, default_value = "gzip")]
+    compression: String,
+    /// Compression level (gzip 0-9, zstd 1-22).
+    #[arg(long = "compression-level", value_name = "N")]
+    compression_level: Option<i32>,
+    /// Recompress layers already compressed with another algorithm.
+    #[arg(long = "force-compression")]
+    force_compression: bool,
+    /// OCI media types (true, default) or Docker schema2 (false).
+    #[arg(long = "oci-mediatypes", default_value = "true", value_parser = ["true", "false"])]
+    oci_mediatypes: String,
+    /// Layers compressed and uploaded at once.
+    #[arg(long, default_value_t = 4)]
+    jobs: usize,
+    /// Print only the pushed manifest digest.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Write the pushed manifest digest to this file.
+    #[arg(long = "digestfile", value_name = "FILE")]
+    digestfile: Option<std::path::PathBuf>,
+    /// The local image.
+    image: String,
+    /// Where to push (default: the image's own name).
+    destination: Option<String>,
+}
+
+/// `kiln login` flags.
+#[derive(clap::Args, Debug)]
+pub struct LoginArgs {
+    /// User name.
+    #[arg(short, long)]
+    username: Option<String>,
+    /// Password (prefer --password-stdin).
+    #[arg(short, long)]
+    password: Option<String>,
+    /// Read the password from stdin.
+    #[arg(long = "password-stdin")]
+    password_stdin: bool,
+    /// Allow plain HTTP for this registry (HOST:PORT); repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure: Vec<String>,
+    /// The registry (default: Docker Hub).
+    server: Option<String>,
+}
+
+/// `kiln logout` flags.
+#[derive(clap::Args, Debug)]
+pub struct LogoutArgs {
+    /// The registry (default: Docker Hub).
+    server: Option<String>,
+}
+
+/// Per-blob progress lines on stderr: one when a blob starts, one when
+/// it ends, and (on a terminal) a running byte count.
+pub struct TransferLog {
+    verb: &'static str,
+    quiet: bool,
+    tty: bool,
+    last: Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl TransferLog {
+    /// A logger for `verb` ("pull", "push").
+    pub fn new(verb: &'static str, quiet: bool) -> Self {
+        TransferLog {
+            verb,
+            quiet,
+            tty: std::io::stderr().is_terminal(),
+            last: Mutex::new(Default::default()),
+        }
+    }
+
+    /// Report one event.
+    pub fn event(&self, t: Transfer) {
+        if self.quiet {
+            return;
+        }
+        let short = |d: &kiln_image::Digest| d.hex().get(..12).unwrap_or_default().to_string();
+        match t {
+            Transfer::Started(d, size) => {
+                eprintln!("{}: {}ing {} bytes", short(&d), self.verb, size)
+            }
+            Transfer::Bytes(d, n) => {
+                if !self.tty {
+                    return;
+                }
+                // at most one line per 32 MiB per blob
+                let k = short(&d);
+                let mut last = match self.last.lock() {
+                    Ok(g) => g,
+                    Err(_) => return,
+                };
+                let prev = last.entry(k.clone()).or_insert(0);
+                if n >= *prev + (32 << 20) {
+                    *prev = n;
+                    eprintln!("{k}: {} MiB", n >> 20);
+                }
+            }
+            Transfer::Skipped(d) => eprintln!("{}: already exists", short(&d)),
+            Transfer::Mounted(d) => eprintln!("{}: mounted from another repository", short(&d)),
+            Transfer::Done(d, size) => {
+                eprintln!("{}: {} complete ({size} bytes)", short(&d), self.verb)
+            }
+        }
+    }
+}
+
+/// Runs `kiln pull`.
+pub fn pull(root: &Path, a: PullArgs) -> anyhow::Result<ExitCode> {
+    let cfg = registry_config(&a.insecure)?;
+    let store = open(root)?;
+    let _lease = store.lease(None)?;
+    let log = TransferLog::new("pull", a.quiet);
+    let name = kiln_cache::normalize_reference(&a.image)
+        .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
+    if !a.quiet {
+        eprintln!("pulling {name}");
+    }
+    let r = transfer::pull(&store, &cfg, &name, a.jobs, &|t| log.event(t))
+        .map_err(anyhow::Error::msg)?;
+    if a.quiet {
+        println!("{}", r.manifest_digest);
+    } else {
+        if let Some(i) = &r.index_digest {
+            eprintln!("index: {i}");
+        }
+        eprintln!("digest: {}", r.manifest_digest);
+        println!("{}", r.name);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_compression(name: &str, level: Option<i32>) -> anyhow::Result<CompressionOpts> {
+    let kind: Compression = name.parse().map_err(|_| {
+        usage(format!(
+            "unknown compression {name:?} (gzip, zstd, uncompressed)"
+        ))
+    })?;
+    Ok(CompressionOpts { kind, level })
+}
+
+/// Pushes the stored manifest `manifest` to `dest`, printing progress.
+pub fn push_manifest(
+    store: &kiln_cache::Store,
+    cfg: &RegistryConfig,
+    manifest: &kiln_image::manifest::RawManifest,
+    dest: &str,
+    enc: LayerEncoding,
+    jobs: usize,
+    quiet: bool,
+) -> anyhow::Result<kiln_image::Digest> {
+    let log = TransferLog::new("push", quiet);
+    let say = |m: &str| {
+        if !quiet {
+            eprintln!("{m}")
+        }
+    };
+    let d = transfer::push(store, cfg, manifest, dest, enc, jobs, &say, &|t| {
+        log.event(t)
+    })
+    .map_err(anyhow::Error::msg)?;
+    Ok(d)
+}
+
+/// Runs `kiln push`.
+pub fn push(root: &Path, a: PushArgs) -> anyhow::Result<ExitCode> {
+    let cfg = registry_config(&a.insecure)?;
+    let store = open(root)?;
+    let _lease = store.lease(None)?;
+    let name = kiln_cache::normalize_reference(&a.image)
+        .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
+    let manifest = transfer::local_manifest(&store, &name).map_err(anyhow::Error::msg)?;
+    let dest = a.destination.clone().unwrap_or_else(|| name.clone());
+    let dest = kiln_cache::normalize_reference(&dest)
+        .map_err(|e| usage(format!("invalid destination {dest:?}: {e}")))?;
+    let enc = LayerEncoding {
+        compression: parse_compression(&a.compression, a.compression_level)?,
+        force: a.force_compression,
+        oci_media_types: a.oci_mediatypes == "true",
+    };
+    if !a.quiet {
+        eprintln!("pushing {name} to {dest}");
+    }
+    let d = push_manifest(&store, &cfg, &manifest, &dest, enc, a.jobs, a.quiet)?;
+    if let Some(f) = &a.digestfile {
+        std::fs::write(f, d.to_string())?;
+    }
+    if a.quiet {
+        println!("{d}");
+    } else {
+        eprintln!("{dest}: digest: {d}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn server_name(s: Option<&str>) -> String {
+    let s = s.unwrap_or("docker.io");
+    let s = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .unwrap_or(s);
+    let s = s.split('/').next().unwrap_or(s);
+    match s {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
+        o => o.to_string(),
+    }
+}
+
+/// Runs `kiln login`: checks the credentials against the registry, then
+/// stores them as `docker login` does.
+pub fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
+    let cfg = registry_config(&a.insecure)?;
+    let server = server_name(a.server.as_deref());
+    let username = match a.username {
+        Some(u) => u,
+        None => return Err(usage("kiln login needs --username")),
+    };
+    let password = match (a.password, a.password_stdin) {
+        (Some(_), true) => {
+            return Err(usage(
+                "--password and --password-stdin are mutually exclusive",
+            ))
+        }
+        (Some(p), false) => p,
+        (None, true) => {
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line)?;
+            line.trim_end_matches(['\n', '\r']).to_string()
+        }
+        (None, false) => return Err(usage("kiln login needs --password or --password-stdin")),
+    };
+    let creds = Credentials { username, password };
+    let reg = Registry::with_credentials(&server, &cfg, Some(creds.clone()))?;
+    reg.check_login()?;
+    let wrote = store_credentials(&cfg, &server, &creds)?;
+    eprintln!("credentials saved to {wrote}");
+    println!("Login Succeeded");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `kiln logout`.
+pub fn logout(a: LogoutArgs) -> anyhow::Result<ExitCode> {
+    let cfg = registry_config(&[])?;
+    let server = server_name(a.server.as_deref());
+    if erase_credentials(&cfg, &server)? {
+        println!("Removing login credentials for {server}");
+    } else {
+        println!("Not logged in to {server}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

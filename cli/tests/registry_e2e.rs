@@ -1,0 +1,492 @@
+//! Registry end to end: Debian's `docker-registry` (distribution 2.8) on
+//! 127.0.0.1 — plain, with htpasswd basic auth, with TLS from a test CA —
+//! and real clients (skopeo) on both sides of kiln's push and pull.
+//!
+//! Needs root, busybox-static, docker-registry, skopeo, htpasswd
+//! (apache2-utils) and openssl: under CI=true a missing tool fails the
+//! test, elsewhere the test prints "not run".
+
+mod common;
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{context, Kiln};
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Common prerequisites plus `tools`.
+fn ready(tools: &[&str]) -> bool {
+    if !common::prerequisites() {
+        return false;
+    }
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!(
+        "registry e2e needs {} (apt-get install docker-registry skopeo apache2-utils openssl)",
+        missing.join(", ")
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{msg}");
+    }
+    eprintln!("{msg}: not run");
+    false
+}
+
+/// A docker-registry process on 127.0.0.1:<free port>, killed on drop.
+struct Reg {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+#[derive(Default)]
+struct RegOpts {
+    htpasswd: Option<(String, String)>,
+    tls: bool,
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn sh(cmd: &mut Command) -> Output {
+    let o = cmd.output().expect("spawn");
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+impl Reg {
+    fn start(o: RegOpts) -> Reg {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path();
+        let port = free_port();
+        let mut cfg = format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: kiln-test-secret\n",
+            d.join("data").display()
+        );
+        if o.tls {
+            make_certs(d);
+            cfg.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                d.join("server.crt").display(),
+                d.join("server.key").display()
+            ));
+        }
+        if let Some((u, p)) = &o.htpasswd {
+            sh(Command::new("htpasswd")
+                .args(["-Bbc"])
+                .arg(d.join("htpasswd"))
+                .args([u, p]));
+            cfg.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+                d.join("htpasswd").display()
+            ));
+        }
+        std::fs::write(d.join("config.yml"), cfg).expect("config");
+        let log = std::fs::File::create(d.join("registry.log")).expect("log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(d.join("config.yml"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("docker-registry");
+        let reg = Reg { child, port, dir };
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "registry did not come up: {}",
+                std::fs::read_to_string(reg.dir.path().join("registry.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        reg
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Reg {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it.
+fn make_certs(d: &Path) {
+    let p = |n: &str| d.join(n).display().to_string();
+    sh(Command::new("openssl").args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=kiln test CA",
+        "-keyout",
+        &p("ca.key"),
+        "-out",
+        &p("ca.crt"),
+    ]));
+    sh(Command::new("openssl").args([
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &p("server.key"),
+        "-out",
+        &p("server.csr"),
+    ]));
+    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+    sh(Command::new("openssl").args([
+        "x509",
+        "-req",
+        "-in",
+        &p("server.csr"),
+        "-CA",
+        &p("ca.crt"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &p("ext.cnf"),
+        "-out",
+        &p("server.crt"),
+    ]));
+}
+
+/// kiln with private docker/kiln config directories.
+struct Client {
+    kiln: Kiln,
+    conf: tempfile::TempDir,
+}
+
+impl Client {
+    fn new(busybox: bool) -> Client {
+        Client {
+            kiln: if busybox {
+                Kiln::with_busybox()
+            } else {
+                Kiln::new()
+            },
+            conf: tempfile::tempdir().expect("tmp"),
+        }
+    }
+    fn cmd(&self) -> Command {
+        let mut c = self.kiln.cmd();
+        c.env("DOCKER_CONFIG", self.conf.path().join("docker"));
+        c.env("KILN_CONFIG_DIR", self.conf.path().join("kiln"));
+        c.env("XDG_CONFIG_HOME", self.conf.path().join("xdg"));
+        c
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("kiln")
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "kiln {args:?} failed\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    }
+    fn stdout(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "kiln {args:?} failed\nstderr:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+    fn build(&self, ctx: &Path, extra: &[&str]) -> String {
+        let mut a = vec!["build", "-q"];
+        a.extend_from_slice(extra);
+        a.push(ctx.to_str().expect("utf8"));
+        self.stdout(&a)
+    }
+}
+
+fn skopeo_inspect(args: &[&str]) -> serde_json::Value {
+    let o = sh(Command::new("skopeo").arg("inspect").args(args));
+    serde_json::from_slice(&o.stdout).expect("skopeo json")
+}
+
+fn app_context() -> tempfile::TempDir {
+    context(&[
+        (
+            "Dockerfile",
+            "FROM busybox\nRUN echo built-by-run > /run.txt\nCOPY hello.txt /hello.txt\nCMD [\"cat\", \"/hello.txt\"]\n",
+        ),
+        ("hello.txt", "hello registry\n"),
+    ])
+}
+
+#[test]
+fn push_to_plain_registry_then_skopeo_inspects_and_fresh_store_builds_from_it() {
+    if !ready(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let a = Client::new(true);
+    let ctx = app_context();
+    let name = format!("{}/kiln/app:1", reg.host());
+    a.build(ctx.path(), &["-t", &name]);
+    let out = a.ok(&["push", &name]);
+    assert!(out.contains("push complete"), "{out}");
+    let digest = a.stdout(&["push", "-q", &name]);
+    assert!(digest.starts_with("sha256:"), "{digest}");
+
+    // a real client reads what kiln pushed
+    let docker_ref = format!("docker://{name}");
+    let v = skopeo_inspect(&["--tls-verify=false", &docker_ref]);
+    assert_eq!(v["Digest"], digest.as_str());
+    assert_eq!(v["Layers"].as_array().map(Vec::len), Some(3), "{v}");
+    let raw =
+        sh(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", &docker_ref]));
+    let m: serde_json::Value = serde_json::from_slice(&raw.stdout).expect("manifest");
+    for l in m["layers"].as_array().expect("layers") {
+        assert_eq!(
+            l["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip",
+            "{m}"
+        );
+    }
+
+    // second push: every blob exists, compressed blobs come from the memo
+    let again = a.ok(&["push", &name]);
+    assert!(again.contains("already exists"), "{again}");
+    assert!(again.contains("blob found"), "{again}");
+    assert!(!again.contains("compressing"), "{again}");
+
+    // a fresh store builds FROM the pushed image: pulled implicitly
+    let b = Client::new(false);
+    let ctx2 = context(&[(
+        "Dockerfile",
+        &format!("FROM {name}\nRUN cat /run.txt /hello.txt > /both.txt && grep -q built-by-run /both.txt\n"),
+    )]);
+    b.build(ctx2.path(), &["-t", "derived:1"]);
+    let images = b.stdout(&["images"]);
+    assert!(images.contains("kiln/app"), "{images}");
+
+    // push to another repository of the same registry: base layers mount
+    let derived = format!("{}/kiln/derived:1", reg.host());
+    b.ok(&["tag", "derived:1", &derived]);
+    let out = b.ok(&["push", &derived]);
+    assert!(out.contains("mounted from another repository"), "{out}");
+    let v = skopeo_inspect(&["--tls-verify=false", &format!("docker://{derived}")]);
+    assert_eq!(v["Layers"].as_array().map(Vec::len), Some(4), "{v}");
+
+    // pull of an unknown tag says 404 and which registry
+    let o = b.run(&["pull", &format!("{}/kiln/app:nope", reg.host())]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&reg.host()) && err.contains("404"), "{err}");
+}
+
+#[test]
+fn kiln_pulls_what_skopeo_pushed_and_zstd_round_trips() {
+    if !ready(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let a = Client::new(true);
+    let ctx = app_context();
+    a.build(ctx.path(), &["-t", "app:1"]);
+    let tar = a.conf.path().join("app.tar");
+    a.ok(&["save", "-o", tar.to_str().expect("utf8"), "app:1"]);
+    let target = format!("{}/skopeo/app:1", reg.host());
+    sh(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        &format!("docker-archive:{}", tar.display()),
+        &format!("docker://{target}"),
+    ]));
+    let b = Client::new(false);
+    let out = b.ok(&["pull", &target]);
+    assert!(out.contains("pull complete"), "{out}");
+    let ctx2 = context(&[(
+        "Dockerfile",
+        &format!("FROM {target}\nRUN grep -q hello /hello.txt\n"),
+    )]);
+    b.build(ctx2.path(), &[]);
+    // pulling again downloads nothing
+    let out = b.ok(&["pull", &target]);
+    assert!(!out.contains("pull complete"), "{out}");
+
+    // zstd: kiln pushes zstd layers, skopeo sees them, kiln pulls them back
+    let z = format!("{}/kiln/zstd:1", reg.host());
+    a.ok(&["tag", "app:1", &z]);
+    a.ok(&["push", "--compression", "zstd", "--force-compression", &z]);
+    let raw = sh(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{z}"),
+    ]));
+    let m: serde_json::Value = serde_json::from_slice(&raw.stdout).expect("manifest");
+    for l in m["layers"].as_array().expect("layers") {
+        assert_eq!(
+            l["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd",
+            "{m}"
+        );
+    }
+    let c = Client::new(false);
+    let ctx3 = context(&[(
+        "Dockerfile",
+        &format!("FROM {z}\nRUN grep -q built-by-run /run.txt\n"),
+    )]);
+    c.build(ctx3.path(), &["--pull"]);
+}
+
+#[test]
+fn basic_auth_login_push_logout() {
+    if !ready(&["docker-registry", "skopeo", "htpasswd"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts {
+        htpasswd: Some(("alice".into(), "s3cret".into())),
+        tls: false,
+    });
+    let a = Client::new(true);
+    let name = format!("{}/private/app:1", reg.host());
+    a.ok(&["tag", "busybox:latest", &name]);
+    let o = a.run(&["push", &name]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&reg.host()) && err.contains("401"), "{err}");
+
+    let o = a.run(&["login", "-u", "alice", "-p", "wrong", &reg.host()]);
+    assert!(!o.status.success(), "wrong password accepted");
+    let out = a.ok(&["login", "-u", "alice", "-p", "s3cret", &reg.host()]);
+    assert!(out.contains("Login Succeeded"), "{out}");
+    let cfg: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(a.conf.path().join("docker/config.json")).expect("config.json"),
+    )
+    .expect("json");
+    assert_eq!(
+        cfg["auths"][reg.host()]["auth"],
+        "YWxpY2U6czNjcmV0",
+        "{cfg}"
+    );
+    a.ok(&["push", &name]);
+    // skopeo reads the same credentials file (docker's format)
+    let v = skopeo_inspect(&[
+        "--tls-verify=false",
+        "--authfile",
+        a.conf
+            .path()
+            .join("docker/config.json")
+            .to_str()
+            .expect("utf8"),
+        &format!("docker://{name}"),
+    ]);
+    assert_eq!(v["Layers"].as_array().map(Vec::len), Some(1));
+    let out = a.ok(&["logout", &reg.host()]);
+    assert!(out.contains("Removing login credentials"), "{out}");
+    let o = a.run(&["pull", &name]);
+    assert!(!o.status.success());
+}
+
+#[test]
+fn tls_registry_with_test_ca_from_certs_d() {
+    if !ready(&["docker-registry", "openssl"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts {
+        htpasswd: None,
+        tls: true,
+    });
+    let a = Client::new(true);
+    let name = format!("{}/tls/app:1", reg.host());
+    a.ok(&["tag", "busybox:latest", &name]);
+    let o = a.run(&["push", &name]);
+    assert!(!o.status.success(), "push without the CA must fail");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&reg.host()) && err.contains("network error"),
+        "{err}"
+    );
+    let certs: PathBuf = a.conf.path().join("kiln/certs.d").join(reg.host());
+    std::fs::create_dir_all(&certs).expect("mkdir");
+    std::fs::copy(reg.dir.path().join("ca.crt"), certs.join("ca.crt")).expect("ca");
+    a.ok(&["push", &name]);
+    let b = Client::new(false);
+    std::fs::create_dir_all(b.conf.path().join("kiln/certs.d").join(reg.host())).expect("mkdir");
+    std::fs::copy(
+        reg.dir.path().join("ca.crt"),
+        b.conf
+            .path()
+            .join("kiln/certs.d")
+            .join(reg.host())
+            .join("ca.crt"),
+    )
+    .expect("ca");
+    b.ok(&["pull", &name]);
+}
+
+#[test]
+fn source_date_epoch_pushes_byte_identical_manifests_from_two_stores() {
+    if !ready(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let ctx = app_context();
+    let mut digests = Vec::new();
+    for i in 0..2 {
+        let c = Client::new(true);
+        c.build(
+            ctx.path(),
+            &["-t", "app:1", "--build-arg", "SOURCE_DATE_EPOCH=1700000000"],
+        );
+        let dest = format!("{}/repro/app:{i}", reg.host());
+        digests.push(c.stdout(&["push", "-q", "app:1", &dest]));
+    }
+    assert_eq!(digests[0], digests[1]);
+    let raw = |t: &str| {
+        sh(Command::new("skopeo").args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{}/repro/app:{t}", reg.host()),
+        ]))
+        .stdout
+    };
+    assert_eq!(raw("0"), raw("1"));
+}

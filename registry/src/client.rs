@@ -1,0 +1,860 @@
+//! The distribution API client: one [`Registry`] per registry host, with
+//! its TLS settings, scheme (https, or http where allowed), credentials and
+//! cached tokens. Requests retry with exponential backoff on 5xx, 429 and
+//! dropped connections, a bounded number of times.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use kiln_image::manifest::{media_types, Descriptor, RawManifest};
+use kiln_image::{Digest, Hasher};
+
+use crate::auth::{parse_challenge, Challenge, TokenReply};
+use crate::config::{lookup_credentials, Credentials, RegistryConfig};
+use crate::error::{RegistryError, Result};
+use crate::reference::api_host;
+
+/// The manifest media types kiln asks for (and accepts).
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// Largest manifest or config accepted (distribution's own limit is 4 MiB).
+pub const MAX_MANIFEST: u64 = 4 << 20;
+
+/// Tunables of a client.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Attempts after the first for transient failures.
+    pub retries: u32,
+    /// First backoff delay (doubles per attempt).
+    pub backoff: Duration,
+    /// Blobs up to this size go up in one PUT; larger ones in PATCH chunks.
+    pub monolithic_limit: u64,
+    /// Chunk size of chunked uploads.
+    pub chunk_size: u64,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            retries: 4,
+            backoff: Duration::from_millis(200),
+            monolithic_limit: 256 << 20,
+            chunk_size: 64 << 20,
+        }
+    }
+}
+
+/// How a pushed blob reached the registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// The registry had it already (HEAD said so).
+    Exists,
+    /// Mounted from another repository of the same registry.
+    Mounted,
+    /// Uploaded.
+    Uploaded,
+}
+
+/// A request body that can be sent again on retry.
+enum Body<'a> {
+    Empty,
+    Bytes(&'a [u8]),
+    Stream(Box<dyn Read + 'a>, u64),
+}
+
+#[derive(Default)]
+struct AuthState {
+    challenge: Option<Challenge>,
+    tokens: HashMap<String, String>,
+}
+
+/// A client for one registry.
+pub struct Registry {
+    name: String,
+    host: String,
+    agent: ureq::Agent,
+    insecure: bool,
+    base: Mutex<Option<String>>,
+    creds: Option<Credentials>,
+    auth: Mutex<AuthState>,
+    opts: ClientOptions,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Registry({})", self.name)
+    }
+}
+
+fn tls_config(cfg: &RegistryConfig, host: &str) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let system = std::path::Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if let Ok(iter) = CertificateDer::pem_file_iter(system) {
+        for c in iter.flatten() {
+            let _ = roots.add(c);
+        }
+    }
+    for f in cfg.ca_files(host) {
+        let bad = |d: String| RegistryError::Config {
+            path: f.display().to_string(),
+            detail: d,
+        };
+        let certs = CertificateDer::pem_file_iter(&f).map_err(|e| bad(e.to_string()))?;
+        let mut n = 0;
+        for c in certs {
+            roots
+                .add(c.map_err(|e| bad(e.to_string()))?)
+                .map_err(|e| bad(e.to_string()))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(bad("no PEM certificate in file".into()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| RegistryError::Local(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(c))
+}
+
+fn percent(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            o.push(b as char);
+        } else {
+            o.push_str(&format!("%{b:02X}"));
+        }
+    }
+    o
+}
+
+fn with_query(url: &str, q: &str) -> String {
+    if url.contains('?') {
+        format!("{url}&{q}")
+    } else {
+        format!("{url}?{q}")
+    }
+}
+
+/// Content type without parameters.
+fn mime(resp: &ureq::Response) -> Option<String> {
+    resp.header("Content-Type")
+        .map(|c| c.split(';').next().unwrap_or("").trim().to_string())
+}
+
+/// Reads an error body and extracts distribution's `errors[].code/message`.
+fn error_detail(resp: ureq::Response) -> String {
+    let mut buf = Vec::new();
+    let _ = resp.into_reader().take(8192).read_to_end(&mut buf);
+    #[derive(serde::Deserialize)]
+    struct E {
+        #[serde(default)]
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Es {
+        errors: Vec<E>,
+    }
+    if let Ok(es) = serde_json::from_slice::<Es>(&buf) {
+        return es
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.code, e.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+    }
+    String::from_utf8_lossy(&buf)
+        .trim()
+        .chars()
+        .take(300)
+        .collect()
+}
+
+/// A reader that checks size and digest when the stream ends and fails
+/// the read that reaches EOF on a mismatch, so a sink never commits bad
+/// content.
+pub struct VerifyingReader<R> {
+    inner: R,
+    hasher: Hasher,
+    expected: Digest,
+    size: u64,
+    registry: String,
+}
+
+impl<R: Read> Read for VerifyingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        if self.hasher.len() > self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: blob {} is longer than its {} bytes",
+                    self.registry, self.expected, self.size
+                ),
+            ));
+        }
+        if n == 0 && !buf.is_empty() {
+            let got = self.hasher.clone().finish();
+            if got != self.expected || self.hasher.len() != self.size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: blob digest mismatch: expected {} ({} bytes), got {} ({} bytes)",
+                        self.registry,
+                        self.expected,
+                        self.size,
+                        got,
+                        self.hasher.len()
+                    ),
+                ));
+            }
+        }
+        Ok(n)
+    }
+}
+
+struct CountingReader<'a, R> {
+    inner: R,
+    progress: &'a (dyn Fn(u64) + Sync),
+}
+
+impl<R: Read> Read for CountingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.progress)(n as u64);
+        Ok(n)
+    }
+}
+
+impl Registry {
+    /// A client for `registry` (`docker.io`, `HOST[:PORT]`) with
+    /// credentials from Docker's config (if any).
+    pub fn new(registry: &str, cfg: &RegistryConfig) -> Result<Registry> {
+        let creds = lookup_credentials(cfg, registry)?;
+        Registry::with_credentials(registry, cfg, creds)
+    }
+
+    /// A client with explicit credentials (`None`: anonymous).
+    pub fn with_credentials(
+        registry: &str,
+        cfg: &RegistryConfig,
+        creds: Option<Credentials>,
+    ) -> Result<Registry> {
+        let host = api_host(registry).to_string();
+        let tls = tls_config(cfg, &host)?;
+        let agent = ureq::AgentBuilder::new()
+            .tls_config(tls)
+            .timeout_connect(Duration::from_secs(15))
+            .timeout_read(Duration::from_secs(120))
+            .timeout_write(Duration::from_secs(120))
+            .max_idle_connections_per_host(16)
+            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Ok(Registry {
+            name: registry.to_string(),
+            insecure: cfg.is_insecure(&host),
+            host,
+            agent,
+            base: Mutex::new(None),
+            creds,
+            auth: Mutex::new(AuthState::default()),
+            opts: ClientOptions::default(),
+        })
+    }
+
+    /// Replace the tunables.
+    pub fn set_options(&mut self, opts: ClientOptions) {
+        self.opts = opts;
+    }
+
+    /// The registry name this client talks to.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn net(&self, e: impl std::fmt::Display) -> RegistryError {
+        RegistryError::Network {
+            registry: self.name.clone(),
+            detail: e.to_string(),
+        }
+    }
+
+    fn proto(&self, e: impl std::fmt::Display) -> RegistryError {
+        RegistryError::Protocol {
+            registry: self.name.clone(),
+            detail: e.to_string(),
+        }
+    }
+
+    /// Ping `/v2/` on `scheme`; `Ok(Some(resp status))`, transport error as Err.
+    fn ping_scheme(&self, scheme: &str) -> std::result::Result<(u16, Option<String>), String> {
+        let url = format!("{scheme}://{}/v2/", self.host);
+        match self.agent.get(&url).call() {
+            Ok(r) => Ok((r.status(), None)),
+            Err(ureq::Error::Status(code, r)) => {
+                Ok((code, r.header("WWW-Authenticate").map(str::to_string)))
+            }
+            Err(ureq::Error::Transport(t)) => Err(t.to_string()),
+        }
+    }
+
+    /// The base URL (`https://host`, or `http://host` where allowed and
+    /// HTTPS is not answered), found once by pinging `/v2/`.
+    fn base(&self) -> Result<String> {
+        if let Some(b) = self.base.lock().map_err(|_| self.proto("lock"))?.clone() {
+            return Ok(b);
+        }
+        let mut last = String::new();
+        for attempt in 0..=self.opts.retries.min(2) {
+            if attempt > 0 {
+                std::thread::sleep(self.opts.backoff * (1 << attempt));
+            }
+            let (scheme, res) = match self.ping_scheme("https") {
+                Ok(r) => ("https", r),
+                Err(tls_err) if self.insecure => match self.ping_scheme("http") {
+                    Ok(r) if r.0 == 200 || r.0 == 401 => ("http", r),
+                    Ok(r) => {
+                        last = format!("https: {tls_err}; http: HTTP {}", r.0);
+                        continue;
+                    }
+                    Err(e) => {
+                        last = format!("https: {tls_err}; http: {e}");
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    last = format!(
+                        "{e} (plain HTTP is only used for localhost and --insecure-registry hosts)"
+                    );
+                    continue;
+                }
+            };
+            if res.0 >= 500 {
+                last = format!("{scheme}://{}/v2/ answered HTTP {}", self.host, res.0);
+                continue;
+            }
+            if let Some(h) = res.1 {
+                if let Ok(mut a) = self.auth.lock() {
+                    a.challenge = parse_challenge(&h);
+                }
+            }
+            let b = format!("{scheme}://{}", self.host);
+            if let Ok(mut g) = self.base.lock() {
+                *g = Some(b.clone());
+            }
+            return Ok(b);
+        }
+        Err(self.net(last))
+    }
+
+    fn basic_header(&self) -> Option<String> {
+        self.creds.as_ref().map(|c| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD
+                    .encode(format!("{}:{}", c.username, c.password))
+            )
+        })
+    }
+
+    /// Fetch a bearer token for `scope` (space-separated scopes).
+    fn fetch_token(&self, realm: &str, service: Option<&str>, scope: &str) -> Result<String> {
+        let mut req = self.agent.get(realm);
+        if let Some(s) = service {
+            req = req.query("service", s);
+        }
+        for s in scope.split(' ').filter(|s| !s.is_empty()) {
+            req = req.query("scope", s);
+        }
+        if let Some(h) = self.basic_header() {
+            req = req.set("Authorization", &h);
+        }
+        let resp = match req.call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(401, r)) | Err(ureq::Error::Status(403, r)) => {
+                return Err(RegistryError::Unauthorized {
+                    registry: self.name.clone(),
+                    detail: format!("token endpoint {realm} refused: {}", error_detail(r)),
+                })
+            }
+            Err(ureq::Error::Status(code, r)) => {
+                return Err(RegistryError::Status {
+                    registry: self.name.clone(),
+                    status: code,
+                    method: "GET".into(),
+                    url: realm.to_string(),
+                    detail: error_detail(r),
+                })
+            }
+            Err(ureq::Error::Transport(t)) => {
+                return Err(self.net(format!("token endpoint {realm}: {t}")))
+            }
+        };
+        let mut buf = Vec::new();
+        resp.into_reader()
+            .take(1 << 20)
+            .read_to_end(&mut buf)
+            .map_err(|e| self.net(e))?;
+        let t: TokenReply =
+            serde_json::from_slice(&buf).map_err(|e| self.proto(format!("token reply: {e}")))?;
+        t.token
+            .or(t.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| self.proto("token reply has no token"))
+    }
+
+    /// The Authorization header for `scope`, fetching a token if the
+    /// registry uses bearer auth and none is cached. `refresh` drops a
+    /// cached token first.
+    fn authorization(&self, scope: &str, refresh: bool) -> Result<Option<String>> {
+        let challenge = {
+            let mut a = self.auth.lock().map_err(|_| self.proto("lock"))?;
+            if refresh {
+                a.tokens.remove(scope);
+            }
+            if let Some(t) = a.tokens.get(scope) {
+                return Ok(Some(format!("Bearer {t}")));
+            }
+            a.challenge.clone()
+        };
+        match challenge {
+            None => Ok(None),
+            Some(Challenge::Basic { .. }) => Ok(self.basic_header()),
+            Some(Challenge::Bearer {
+                realm,
+                service,
+                scope: asked,
+            }) => {
+                let sc = if scope.is_empty() {
+                    asked.unwrap_or_default()
+                } else {
+                    scope.to_string()
+                };
+                let t = self.fetch_token(&realm, service.as_deref(), &sc)?;
+                if let Ok(mut a) = self.auth.lock() {
+                    a.tokens.insert(scope.to_string(), t.clone());
+                }
+                Ok(Some(format!("Bearer {t}")))
+            }
+        }
+    }
+
+    fn status_error(
+        &self,
+        method: &str,
+        url: &str,
+        what: &str,
+        code: u16,
+        resp: ureq::Response,
+    ) -> RegistryError {
+        let detail = error_detail(resp);
+        match code {
+            401 => RegistryError::Unauthorized {
+                registry: self.name.clone(),
+                detail: if detail.is_empty() {
+                    format!("{method} {what}")
+                } else {
+                    detail
+                },
+            },
+            403 => RegistryError::Forbidden {
+                registry: self.name.clone(),
+                detail: format!("{what}: {detail}"),
+            },
+            404 => RegistryError::NotFound {
+                registry: self.name.clone(),
+                what: what.to_string(),
+                detail,
+            },
+            _ => RegistryError::Status {
+                registry: self.name.clone(),
+                status: code,
+                method: method.to_string(),
+                url: url.to_string(),
+                detail,
+            },
+        }
+    }
+
+    /// One request with auth (a 401 refreshes the challenge/token once).
+    /// `path_or_url`: `/v2/...` relative to the base, or absolute.
+    fn send_once(
+        &self,
+        method: &str,
+        path_or_url: &str,
+        scope: &str,
+        headers: &[(&str, &str)],
+        body: Body<'_>,
+        what: &str,
+    ) -> Result<ureq::Response> {
+        let url = if path_or_url.starts_with('/') {
+            format!("{}{}", self.base()?, path_or_url)
+        } else {
+            path_or_url.to_string()
+        };
+        let build = |auth: Option<&str>| {
+            let mut req = self.agent.request(method, &url);
+            for (k, v) in headers {
+                req = req.set(k, v);
+            }
+            if let Some(a) = auth {
+                req = req.set("Authorization", a);
+            }
+            req
+        };
+        let auth = self.authorization(scope, false)?;
+        // A streamed body can be sent once; a 401 on it is answered by the
+        // caller's retry (auth is known by then).
+        let (first, body_again) = match body {
+            Body::Empty => (build(auth.as_deref()).call(), Some(Body::Empty)),
+            Body::Bytes(b) => (build(auth.as_deref()).send_bytes(b), Some(Body::Bytes(b))),
+            Body::Stream(r, len) => (
+                build(auth.as_deref())
+                    .set("Content-Length", &len.to_string())
+                    .send(r),
+                None,
+            ),
+        };
+        let resp = match (first, body_again) {
+            (Err(ureq::Error::Status(401, r)), Some(body)) => {
+                let ch = r.header("WWW-Authenticate").and_then(parse_challenge);
+                if let Some(ch) = ch {
+                    let mut a = self.auth.lock().map_err(|_| self.proto("lock"))?;
+                    a.challenge = Some(ch);
+                }
+                let Some(auth) = self.authorization(scope, true)? else {
+                    return Err(self.status_error(method, &url, what, 401, r));
+                };
+                match body {
+                    Body::Bytes(b) => build(Some(&auth)).send_bytes(b),
+                    _ => build(Some(&auth)).call(),
+                }
+            }
+            (other, _) => other,
+        };
+        match resp {
+            Ok(r) => Ok(r),
+            Err(ureq::Error::Status(code, r)) => {
+                Err(self.status_error(method, &url, what, code, r))
+            }
+            Err(ureq::Error::Transport(t)) => Err(self.net(format!("{method} {url}: {t}"))),
+        }
+    }
+
+    /// Run `f` until it succeeds, fails for good, or the retries run out.
+    pub fn retry<T>(&self, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+        let mut attempt = 0;
+        loop {
+            match f() {
+                Err(e) if e.is_transient() && attempt < self.opts.retries => {
+                    attempt += 1;
+                    std::thread::sleep(self.opts.backoff * (1u32 << (attempt - 1).min(6)));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn scope(repo: &str, push: bool) -> String {
+        if push {
+            format!("repository:{repo}:pull,push")
+        } else {
+            format!("repository:{repo}:pull")
+        }
+    }
+
+    /// Check that the registry answers and accepts our credentials
+    /// (`kiln login`).
+    pub fn check_login(&self) -> Result<()> {
+        self.retry(|| {
+            self.send_once("GET", "/v2/", "", &[], Body::Empty, "API root /v2/")
+                .map(|_| ())
+        })
+    }
+
+    /// GET a manifest by tag or digest (any of the four accepted types),
+    /// bytes kept as received; verified when asked for by digest.
+    pub fn get_manifest(&self, repo: &str, reference: &str) -> Result<RawManifest> {
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let what = format!("manifest {repo}:{reference}");
+        let (bytes, mt) = self.retry(|| {
+            let r = self.send_once(
+                "GET",
+                &path,
+                &Self::scope(repo, false),
+                &[("Accept", MANIFEST_ACCEPT)],
+                Body::Empty,
+                &what,
+            )?;
+            let mt = mime(&r);
+            let mut buf = Vec::new();
+            r.into_reader()
+                .take(MAX_MANIFEST + 1)
+                .read_to_end(&mut buf)
+                .map_err(|e| self.net(e))?;
+            Ok((buf, mt))
+        })?;
+        if bytes.len() as u64 > MAX_MANIFEST {
+            return Err(self.proto(format!("{what} is larger than 4 MiB")));
+        }
+        let mt = mt.filter(|m| media_types::is_manifest(m) || media_types::is_index(m));
+        let raw = RawManifest::new(bytes, mt.as_deref())?;
+        if let Ok(d) = reference.parse::<Digest>() {
+            if d != raw.digest {
+                return Err(RegistryError::DigestMismatch {
+                    registry: self.name.clone(),
+                    what,
+                    expected: d.to_string(),
+                    actual: raw.digest.to_string(),
+                });
+            }
+        }
+        if !raw.is_index() && !media_types::is_manifest(&raw.media_type) {
+            return Err(self.proto(format!("{what}: unsupported media type {}", raw.media_type)));
+        }
+        Ok(raw)
+    }
+
+    /// PUT a manifest under a tag or its digest; returns its digest.
+    pub fn put_manifest(&self, repo: &str, reference: &str, m: &RawManifest) -> Result<Digest> {
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let what = format!("manifest {repo}:{reference}");
+        self.retry(|| {
+            self.send_once(
+                "PUT",
+                &path,
+                &Self::scope(repo, true),
+                &[("Content-Type", m.media_type.as_str())],
+                Body::Bytes(&m.bytes),
+                &what,
+            )
+        })?;
+        Ok(m.digest.clone())
+    }
+
+    /// Whether the repository has the blob (HEAD).
+    pub fn blob_exists(&self, repo: &str, digest: &Digest) -> Result<bool> {
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        let what = format!("blob {digest}");
+        match self.retry(|| {
+            self.send_once(
+                "HEAD",
+                &path,
+                &Self::scope(repo, false),
+                &[],
+                Body::Empty,
+                &what,
+            )
+        }) {
+            Ok(_) => Ok(true),
+            Err(RegistryError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A verifying reader over a blob (one attempt; see [`Self::retry`]).
+    pub fn open_blob(
+        &self,
+        repo: &str,
+        desc: &Descriptor,
+    ) -> Result<VerifyingReader<Box<dyn Read + Send + Sync>>> {
+        let path = format!("/v2/{repo}/blobs/{}", desc.digest);
+        let what = format!("blob {} in {repo}", desc.digest);
+        let r = self.send_once(
+            "GET",
+            &path,
+            &Self::scope(repo, false),
+            &[],
+            Body::Empty,
+            &what,
+        )?;
+        Ok(VerifyingReader {
+            inner: r.into_reader(),
+            hasher: Hasher::new(),
+            expected: desc.digest.clone(),
+            size: desc.size,
+            registry: self.name.clone(),
+        })
+    }
+
+    /// A small blob (config) in memory, verified.
+    pub fn get_blob_bytes(&self, repo: &str, desc: &Descriptor) -> Result<Vec<u8>> {
+        if desc.size > MAX_MANIFEST * 4 {
+            return Err(self.proto(format!("blob {} too large to hold", desc.digest)));
+        }
+        self.retry(|| {
+            let mut r = self.open_blob(repo, desc)?;
+            let mut v = Vec::with_capacity(desc.size as usize);
+            r.read_to_end(&mut v).map_err(|e| {
+                if e.kind() == io::ErrorKind::InvalidData {
+                    self.proto(e)
+                } else {
+                    self.net(e)
+                }
+            })?;
+            Ok(v)
+        })
+    }
+
+    fn upload_url(&self, resp: &ureq::Response) -> Result<String> {
+        let loc = resp
+            .header("Location")
+            .ok_or_else(|| self.proto("upload response without Location"))?;
+        if loc.starts_with("http://") || loc.starts_with("https://") {
+            Ok(loc.to_string())
+        } else if loc.starts_with('/') {
+            Ok(format!("{}{loc}", self.base()?))
+        } else {
+            Err(self.proto(format!("odd upload Location {loc:?}")))
+        }
+    }
+
+    /// Push one blob: HEAD first, then a cross-repository mount from
+    /// `mount_from` (same registry) if given, else an upload — one PUT up
+    /// to [`ClientOptions::monolithic_limit`], PATCH chunks above. `open`
+    /// is called again for each retry. `progress` gets byte counts.
+    pub fn push_blob<'s>(
+        &self,
+        repo: &str,
+        desc: &Descriptor,
+        mount_from: Option<&str>,
+        open: &dyn Fn() -> io::Result<Box<dyn Read + 's>>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<PushOutcome> {
+        if self.blob_exists(repo, &desc.digest)? {
+            return Ok(PushOutcome::Exists);
+        }
+        self.retry(|| self.push_blob_once(repo, desc, mount_from, open, progress))
+    }
+
+    fn push_blob_once<'s>(
+        &self,
+        repo: &str,
+        desc: &Descriptor,
+        mount_from: Option<&str>,
+        open: &dyn Fn() -> io::Result<Box<dyn Read + 's>>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<PushOutcome> {
+        let what = format!("blob upload to {repo}");
+        let mut scope = Self::scope(repo, true);
+        let mut path = format!("/v2/{repo}/blobs/uploads/");
+        if let Some(from) = mount_from.filter(|f| *f != repo) {
+            scope = format!("{scope} repository:{from}:pull");
+            path = format!(
+                "{path}?mount={}&from={}",
+                percent(desc.digest.as_str()),
+                percent(from)
+            );
+        }
+        let r = self.send_once(
+            "POST",
+            &path,
+            &scope,
+            &[("Content-Length", "0")],
+            Body::Empty,
+            &what,
+        )?;
+        if r.status() == 201 {
+            return Ok(PushOutcome::Mounted);
+        }
+        let mut url = self.upload_url(&r)?;
+        let scope = Self::scope(repo, true);
+        let local =
+            |e: io::Error| RegistryError::Local(format!("reading blob {}: {e}", desc.digest));
+        let reader = open().map_err(local)?;
+        let mut reader = CountingReader {
+            inner: reader,
+            progress,
+        };
+        let digest_q = format!("digest={}", percent(desc.digest.as_str()));
+        if desc.size <= self.opts.monolithic_limit {
+            self.send_once(
+                "PUT",
+                &with_query(&url, &digest_q),
+                &scope,
+                &[("Content-Type", "application/octet-stream")],
+                Body::Stream(Box::new(&mut reader), desc.size),
+                &what,
+            )?;
+            return Ok(PushOutcome::Uploaded);
+        }
+        let mut off = 0u64;
+        while off < desc.size {
+            let n = self.opts.chunk_size.min(desc.size - off);
+            let range = format!("{}-{}", off, off + n - 1);
+            let r = self.send_once(
+                "PATCH",
+                &url,
+                &scope,
+                &[
+                    ("Content-Type", "application/octet-stream"),
+                    ("Content-Range", range.as_str()),
+                ],
+                Body::Stream(Box::new((&mut reader).take(n)), n),
+                &what,
+            )?;
+            url = self.upload_url(&r)?;
+            off += n;
+        }
+        self.send_once(
+            "PUT",
+            &with_query(&url, &digest_q),
+            &scope,
+            &[("Content-Length", "0")],
+            Body::Empty,
+            &what,
+        )?;
+        Ok(PushOutcome::Uploaded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifying_reader_rejects_bad_content() {
+        let data = b"hello".to_vec();
+        let good = Descriptor::of_bytes("x", &data);
+        let mut r = VerifyingReader {
+            inner: &data[..],
+            hasher: Hasher::new(),
+            expected: good.digest.clone(),
+            size: good.size,
+            registry: "r".into(),
+        };
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).expect("good content reads");
+        let mut r = VerifyingReader {
+            inner: &b"hellO"[..],
+            hasher: Hasher::new(),
+            expected: good.digest,
+            size: good.size,
+            registry: "r".into(),
+        };
+        let err = r.read_to_end(&mut Vec::new()).expect_err("mismatch");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn query_helpers() {
+        assert_eq!(
+            with_query("http://h/u?_state=x", "digest=a"),
+            "http://h/u?_state=x&digest=a"
+        );
+        assert_eq!(percent("sha256:ab"), "sha256%3Aab");
+    }
+}

@@ -1,0 +1,374 @@
+//! Images between the store and registries: pull into the store (blobs
+//! verified, recorded under the current lease, then the image named), and
+//! push from it (layers compressed at push time — in parallel, once per
+//! (diffID, compression, level) thanks to the store's `layer_blobs` memo —
+//! then blobs and manifest through `kiln-registry`).
+
+use std::io::Read;
+
+use kiln_cache::Store;
+use kiln_image::blob::{encode_layer, layer_media_type};
+use kiln_image::compression::{
+    decompress_auto, Compression, CompressionOpts, GZIP_DEFAULT_LEVEL, ZSTD_DEFAULT_LEVEL,
+};
+use kiln_image::config::ImageConfig;
+use kiln_image::manifest::{media_types, Descriptor, ImageManifest, Platform, RawManifest};
+use kiln_image::Digest;
+use kiln_registry::{BlobSink, PushSource, Reference, Registry, RegistryConfig, Transfer};
+
+fn cd(d: &Digest) -> Result<kiln_cache::Digest, String> {
+    d.as_str().parse().map_err(|e| format!("digest {d}: {e}"))
+}
+
+/// The store as a [`BlobSink`]: verified ingest (digest and size).
+pub struct StoreSink<'a>(pub &'a Store);
+
+impl BlobSink for StoreSink<'_> {
+    fn has_blob(&self, desc: &Descriptor) -> bool {
+        cd(&desc.digest).is_ok_and(|d| {
+            self.0.content().size(&d).is_ok_and(|s| s == desc.size)
+                && self.0.meta().has_blob(&d).unwrap_or(false)
+        })
+    }
+    fn put_blob(&self, desc: &Descriptor, r: &mut dyn Read) -> Result<(), String> {
+        let d = cd(&desc.digest)?;
+        self.0
+            .put_blob(r, Some(&d), Some(desc.size), Some(&desc.media_type))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The store as a [`PushSource`]; mounts from another repository of the
+/// same registry when a local image from there lists the blob.
+pub struct StoreSource<'a> {
+    /// The store.
+    pub store: &'a Store,
+    /// blob digest -> repository (same registry) known to hold it.
+    pub mounts: std::collections::HashMap<Digest, String>,
+}
+
+impl PushSource for StoreSource<'_> {
+    fn open(&self, desc: &Descriptor) -> std::io::Result<Box<dyn Read + '_>> {
+        let d = cd(&desc.digest).map_err(std::io::Error::other)?;
+        let f = self
+            .store
+            .content()
+            .open(&d)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string()))?;
+        Ok(Box::new(f))
+    }
+    fn mount_from(&self, desc: &Descriptor) -> Option<String> {
+        self.mounts.get(&desc.digest).cloned()
+    }
+}
+
+/// What a pull did.
+#[derive(Debug, Clone)]
+pub struct PullResult {
+    /// The normalised name recorded in the store.
+    pub name: String,
+    /// The manifest digest (of the platform's manifest).
+    pub manifest_digest: Digest,
+    /// The index digest, when the tag named an index.
+    pub index_digest: Option<Digest>,
+}
+
+/// Pull `reference` for the host platform into `store` and name it there.
+/// Layers go up to `jobs` at once; blobs the store has are not fetched.
+pub fn pull(
+    store: &Store,
+    cfg: &RegistryConfig,
+    reference: &str,
+    jobs: usize,
+    progress: &(dyn Fn(Transfer) + Sync),
+) -> Result<PullResult, String> {
+    let name = kiln_cache::normalize_reference(reference).map_err(|e| e.to_string())?;
+    let r = Reference::parse(&name).map_err(|e| e.to_string())?;
+    let reg = Registry::new(&r.registry, cfg).map_err(|e| e.to_string())?;
+    let sink = StoreSink(store);
+    let p = reg
+        .pull_image(&r, &Platform::host(), &sink, jobs, progress)
+        .map_err(|e| e.to_string())?;
+    let config = ImageConfig::from_bytes(&p.config).map_err(|e| format!("{name}: config: {e}"))?;
+    if config.rootfs.diff_ids.len() != p.manifest.layers.len() {
+        return Err(format!(
+            "{name}: manifest has {} layers, config {} diffIDs",
+            p.manifest.layers.len(),
+            config.rootfs.diff_ids.len()
+        ));
+    }
+    let err = |e: kiln_cache::Error| format!("storing {name}: {e}");
+    let cdig = cd(&p.manifest.config.digest)?;
+    store
+        .put_blob(
+            &p.config[..],
+            Some(&cdig),
+            Some(p.config.len() as u64),
+            Some(&p.manifest.config.media_type),
+        )
+        .map_err(err)?;
+    let m = &p.resolved.manifest;
+    let mdig = store
+        .put_bytes(&m.bytes, Some(&m.media_type))
+        .map_err(err)?;
+    let layers = p
+        .manifest
+        .layers
+        .iter()
+        .map(|l| cd(&l.digest))
+        .collect::<Result<Vec<_>, _>>()?;
+    store
+        .record_image(&name, &mdig, &cdig, &layers)
+        .map_err(err)?;
+    Ok(PullResult {
+        name,
+        manifest_digest: m.digest.clone(),
+        index_digest: p.resolved.index.as_ref().map(|i| i.digest.clone()),
+    })
+}
+
+/// How layers are encoded for a push or export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerEncoding {
+    /// Compression of layers that are stored uncompressed (and of all
+    /// layers with `force`).
+    pub compression: CompressionOpts,
+    /// Recompress layers that are already compressed differently.
+    pub force: bool,
+    /// OCI media types (else Docker schema2, zstd layers keep OCI's type).
+    pub oci_media_types: bool,
+}
+
+impl Default for LayerEncoding {
+    fn default() -> Self {
+        LayerEncoding {
+            compression: CompressionOpts::new(Compression::Gzip),
+            force: false,
+            oci_media_types: true,
+        }
+    }
+}
+
+fn kind_of(media_type: &str) -> Option<Compression> {
+    match media_type {
+        media_types::OCI_LAYER | media_types::DOCKER_LAYER => Some(Compression::Uncompressed),
+        media_types::OCI_LAYER_GZIP | media_types::DOCKER_LAYER_GZIP => Some(Compression::Gzip),
+        media_types::OCI_LAYER_ZSTD => Some(Compression::Zstd),
+        _ => None,
+    }
+}
+
+fn level_of(c: CompressionOpts) -> i32 {
+    match c.kind {
+        Compression::Uncompressed => 0,
+        Compression::Gzip => c.level.unwrap_or(GZIP_DEFAULT_LEVEL),
+        Compression::Zstd => c.level.unwrap_or(ZSTD_DEFAULT_LEVEL),
+    }
+}
+
+/// The blob of a layer in `enc` (computed once, then found in the memo).
+fn encode_one(
+    store: &Store,
+    layer: &Descriptor,
+    diff_id: &Digest,
+    enc: LayerEncoding,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Descriptor, String> {
+    let have = kind_of(&layer.media_type);
+    let want = enc.compression.kind;
+    let keep = match have {
+        None => true, // foreign/unknown: pass through
+        Some(Compression::Uncompressed) => want == Compression::Uncompressed,
+        Some(k) => !enc.force || k == want,
+    };
+    if keep {
+        let kind = have.unwrap_or(Compression::Uncompressed);
+        let mt = if have.is_some() {
+            layer_media_type(kind, enc.oci_media_types).to_string()
+        } else {
+            layer.media_type.clone()
+        };
+        return Ok(Descriptor::new(mt, layer.digest.clone(), layer.size));
+    }
+    let level = level_of(enc.compression);
+    let cname = want.to_string();
+    let did = cd(diff_id)?;
+    let mt = layer_media_type(want, enc.oci_media_types).to_string();
+    if let Ok(Some(b)) = store.meta().layer_blob(&did, &cname, level) {
+        if let Ok(size) = store.content().size(&b) {
+            progress(&format!(
+                "{}: {cname} blob found ({size} bytes)",
+                short(diff_id)
+            ));
+            let d: Digest = b.to_string().parse().map_err(|e| format!("{e}"))?;
+            return Ok(Descriptor::new(mt, d, size));
+        }
+    }
+    progress(&format!("{}: compressing ({cname})", short(diff_id)));
+    let src = store
+        .content()
+        .open(&cd(&layer.digest)?)
+        .map_err(|e| format!("layer {}: {e}", layer.digest))?;
+    let tar: Box<dyn Read> = match have {
+        Some(Compression::Uncompressed) => Box::new(src),
+        _ => decompress_auto(src).map_err(|e| format!("layer {}: {e}", layer.digest))?,
+    };
+    let mut w = store.content().writer().map_err(|e| e.to_string())?;
+    let d = encode_layer(tar, &mut w, enc.compression, enc.oci_media_types)
+        .map_err(|e| format!("compressing {}: {e}", layer.digest))?;
+    if &d.diff_id != diff_id {
+        return Err(format!(
+            "layer {}: content has diffID {}, config says {diff_id}",
+            layer.digest, d.diff_id
+        ));
+    }
+    let (blob, size) = store
+        .commit_blob(w, None, None, Some(&mt))
+        .map_err(|e| e.to_string())?;
+    store
+        .meta()
+        .put_layer_blob(&did, &cname, level, &blob)
+        .map_err(|e| e.to_string())?;
+    Ok(Descriptor::new(mt, d.digest, size))
+}
+
+fn short(d: &Digest) -> &str {
+    d.hex().get(..12).unwrap_or(d.hex())
+}
+
+/// An image of the store re-encoded per `enc`: the new manifest (stored,
+/// so its blobs are recorded) with the same config. Layers are encoded in
+/// parallel (up to `jobs`).
+pub fn encode_image(
+    store: &Store,
+    manifest: &RawManifest,
+    enc: LayerEncoding,
+    jobs: usize,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<RawManifest, String> {
+    let m = manifest.manifest().map_err(|e| e.to_string())?;
+    let cbytes = store
+        .content()
+        .read(&cd(&m.config.digest)?)
+        .map_err(|e| format!("config: {e}"))?;
+    let config = ImageConfig::from_bytes(&cbytes).map_err(|e| format!("config: {e}"))?;
+    if config.rootfs.diff_ids.len() != m.layers.len() {
+        return Err("manifest and config disagree on the number of layers".into());
+    }
+    let results: Vec<std::sync::Mutex<Option<Result<Descriptor, String>>>> = m
+        .layers
+        .iter()
+        .map(|_| std::sync::Mutex::new(None))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..jobs.clamp(1, m.layers.len().max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let (Some(l), Some(diff)) = (m.layers.get(i), config.rootfs.diff_ids.get(i)) else {
+                    return;
+                };
+                let r = encode_one(store, l, diff, enc, progress);
+                if let Some(slot) = results.get(i) {
+                    if let Ok(mut g) = slot.lock() {
+                        *g = Some(r);
+                    }
+                }
+            });
+        }
+    });
+    let mut layers = Vec::new();
+    for r in results {
+        let r = r
+            .into_inner()
+            .map_err(|_| "encoder thread panicked".to_string())?
+            .ok_or_else(|| "layer not encoded".to_string())??;
+        layers.push(r);
+    }
+    let mut config_desc = m.config.clone();
+    config_desc.platform = None;
+    let out = ImageManifest::new(config_desc, layers, enc.oci_media_types);
+    let raw = out.to_raw().map_err(|e| e.to_string())?;
+    store
+        .put_bytes(&raw.bytes, Some(&raw.media_type))
+        .map_err(|e| e.to_string())?;
+    Ok(raw)
+}
+
+/// For cross-repository mounts: blobs of local images that came from
+/// other repositories of `registry`.
+fn mount_candidates(
+    store: &Store,
+    target: &Reference,
+) -> std::collections::HashMap<Digest, String> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(images) = store.meta().images() else {
+        return out;
+    };
+    for img in images {
+        let Ok(r) = Reference::parse(&img.name) else {
+            continue;
+        };
+        if r.registry != target.registry || r.repository == target.repository {
+            continue;
+        }
+        let Ok(md) = img.manifest.parse::<kiln_cache::Digest>() else {
+            continue;
+        };
+        let Ok(bytes) = store.content().read(&md) else {
+            continue;
+        };
+        let Ok(m) = serde_json::from_slice::<ImageManifest>(&bytes) else {
+            continue;
+        };
+        for l in m.layers.iter().chain(std::iter::once(&m.config)) {
+            out.entry(l.digest.clone())
+                .or_insert_with(|| r.repository.clone());
+        }
+    }
+    out
+}
+
+/// The stored manifest of local image `image` (name or ID prefix handled
+/// by the caller: this takes a normalised name).
+pub fn local_manifest(store: &Store, name: &str) -> Result<RawManifest, String> {
+    let rec = store
+        .meta()
+        .image(name)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{name}: no such image in the local store"))?;
+    let md: kiln_cache::Digest = rec.manifest.parse().map_err(|e| format!("{e}"))?;
+    let bytes = store.content().read(&md).map_err(|e| e.to_string())?;
+    let raw = RawManifest::new(bytes, None).map_err(|e| e.to_string())?;
+    if raw.is_index() {
+        return Err(format!("{name}: is an index; push a single-platform image"));
+    }
+    Ok(raw)
+}
+
+/// Push a stored image (manifest) to `target`: layers encoded per `enc`,
+/// then blobs (HEAD, mount, upload) and the manifest. Returns the pushed
+/// manifest digest.
+#[allow(clippy::too_many_arguments)]
+pub fn push(
+    store: &Store,
+    cfg: &RegistryConfig,
+    manifest: &RawManifest,
+    target: &str,
+    enc: LayerEncoding,
+    jobs: usize,
+    progress: &(dyn Fn(&str) + Sync),
+    transfer: &(dyn Fn(Transfer) + Sync),
+) -> Result<Digest, String> {
+    let name = kiln_cache::normalize_reference(target).map_err(|e| e.to_string())?;
+    let r = Reference::parse(&name).map_err(|e| e.to_string())?;
+    let reg = Registry::new(&r.registry, cfg).map_err(|e| e.to_string())?;
+    let encoded = encode_image(store, manifest, enc, jobs, progress)?;
+    let source = StoreSource {
+        store,
+        mounts: mount_candidates(store, &r),
+    };
+    reg.push_image(&r, &encoded, &source, jobs, transfer)
+        .map_err(|e| e.to_string())
+}
