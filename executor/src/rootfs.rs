@@ -145,22 +145,95 @@ fn fd_path(fd: &OwnedFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
+/// Linux hands mount(2) at most one page of option data.
+const PAGE: usize = 4096;
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|c| c.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+/// When overlay option data would exceed a page, rewrites the `lowerdir=`
+/// entries that share the most common parent directory as names relative
+/// to it and returns that directory (the caller chdirs there for the
+/// mount). Other entries stay absolute; short data is returned unchanged.
+pub(crate) fn compact_overlay_data(data: &str) -> (Option<PathBuf>, String) {
+    if data.len() < PAGE {
+        return (None, data.to_string());
+    }
+    let opts: Vec<&str> = data.split(',').collect();
+    let Some(lower) = opts.iter().find_map(|o| o.strip_prefix("lowerdir=")) else {
+        return (None, data.to_string());
+    };
+    let dirs: Vec<&str> = lower.split(':').collect();
+    let mut counts: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for d in &dirs {
+        if let Some((parent, _)) = d.rsplit_once('/') {
+            *counts.entry(parent).or_default() += 1;
+        }
+    }
+    let Some((parent, _)) = counts.into_iter().max_by_key(|(_, n)| *n) else {
+        return (None, data.to_string());
+    };
+    let rewritten: Vec<String> = dirs
+        .iter()
+        .map(|d| match d.rsplit_once('/') {
+            Some((p, name)) if p == parent && !name.is_empty() => name.to_string(),
+            _ => d.to_string(),
+        })
+        .collect();
+    let new: Vec<String> = opts
+        .iter()
+        .map(|o| {
+            if o.starts_with("lowerdir=") {
+                format!("lowerdir={}", rewritten.join(":"))
+            } else {
+                o.to_string()
+            }
+        })
+        .collect();
+    let parent = if parent.is_empty() { "/" } else { parent };
+    (Some(PathBuf::from(parent)), new.join(","))
+}
+
 /// Mount the rootfs mounts, in order, on `dir`.
 pub(crate) fn mount_rootfs(dir: &Path, mounts: &[RootfsMount]) -> Result<()> {
     for m in mounts {
         match m.kind {
             RootfsKind::Overlay => {
                 let (flags, _, data) = parse_options(&m.options);
-                ctx(
+                // mount(2) copies its data as one page: a deep stack's
+                // lowerdirs are made relative to their most common parent,
+                // which becomes the working directory for the call.
+                let (chdir, data) = compact_overlay_data(&data);
+                let dir = match &chdir {
+                    Some(_) => absolute(dir),
+                    None => dir.to_path_buf(),
+                };
+                if let Some(c) = &chdir {
+                    ctx(nix::unistd::chdir(c.as_path()), || {
+                        format!("chdir {} for the overlay mount", c.display())
+                    })?;
+                }
+                let r = ctx(
                     mount(
                         Some("overlay"),
-                        dir,
+                        dir.as_path(),
                         Some("overlay"),
                         flags & !(MsFlags::MS_BIND | MsFlags::MS_REC),
                         Some(data.as_str()),
                     ),
                     || format!("mounting overlay rootfs ({})", m.options.join(",")),
-                )?;
+                );
+                if chdir.is_some() {
+                    let _ = nix::unistd::chdir("/");
+                }
+                r?;
             }
             RootfsKind::Bind => {
                 let (flags, _, _) = parse_options(&m.options);
@@ -517,6 +590,30 @@ fn statvfs_flags(p: &str) -> MsFlags {
         f |= MsFlags::MS_NOEXEC;
     }
     f
+}
+
+#[cfg(test)]
+mod compact_tests {
+    use super::*;
+
+    #[test]
+    fn deep_stacks_fit_in_a_page() {
+        let lowers: Vec<String> = (0..500)
+            .map(|i| format!("/var/lib/kiln/l/L{i:05}"))
+            .collect();
+        let data = format!(
+            "lowerdir=/tmp/stub:{},upperdir=/u,workdir=/w",
+            lowers.join(":")
+        );
+        assert!(data.len() > PAGE);
+        let (dir, short) = compact_overlay_data(&data);
+        assert_eq!(dir.as_deref(), Some(Path::new("/var/lib/kiln/l")));
+        assert!(short.len() < PAGE, "{}", short.len());
+        assert!(short.starts_with("lowerdir=/tmp/stub:L00000:L00001"));
+        assert!(short.ends_with(",upperdir=/u,workdir=/w"));
+        let small = "lowerdir=/a:/b,upperdir=/u,workdir=/w";
+        assert_eq!(compact_overlay_data(small), (None, small.to_string()));
+    }
 }
 
 #[cfg(test)]
