@@ -45,6 +45,8 @@ pub struct PruneReport {
     pub blobs_removed: usize,
     /// Temp files and directories removed.
     pub temp_removed: usize,
+    /// Cache-mount directories removed (`--all` only).
+    pub cache_mounts_removed: usize,
     /// Bytes freed (allocated blocks).
     pub bytes_freed: u64,
 }
@@ -308,6 +310,11 @@ impl Store {
         for p in bad {
             remove_all(&p)?;
             report.temp_removed += 1;
+        }
+        if opts.all {
+            let (n, bytes) = self.prune_cache_mounts()?;
+            report.cache_mounts_removed = n;
+            report.bytes_freed += bytes;
         }
         let tmp = self.tmp_dir();
         for entry in std::fs::read_dir(tmp).ctx("read dir", tmp)? {

@@ -45,6 +45,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod cachemount;
 mod content;
 mod digest;
 mod error;
@@ -55,6 +56,7 @@ pub mod snapshot;
 mod store;
 mod util;
 
+pub use cachemount::{CacheMountDir, CacheMountRecord, CacheSharing};
 pub use content::{BlobListing, BlobWriter, ContentStore};
 pub use digest::{Digest, Hasher};
 pub use error::{Error, Result};

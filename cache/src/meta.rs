@@ -106,6 +106,15 @@ const MIGRATIONS: &[&str] = &[
         hash     TEXT NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 1 -> 2: persistent cache mounts (RUN --mount=type=cache).
+    r#"
+    CREATE TABLE cache_mounts(
+        dir       TEXT PRIMARY KEY,
+        id        TEXT NOT NULL,
+        created   INTEGER NOT NULL,
+        last_used INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -61,6 +61,18 @@ pub struct BuildArgs {
     /// Maximum number of processes in each RUN step.
     #[arg(long = "pids-limit", value_name = "N")]
     pids_limit: Option<i64>,
+    /// A secret for `RUN --mount=type=secret`: `id=ID,src=FILE` or
+    /// `id=ID,env=VAR`; repeatable.
+    #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
+    secrets: Vec<String>,
+    /// An SSH agent socket for `RUN --mount=type=ssh`: `default` (this
+    /// process's $SSH_AUTH_SOCK) or `ID=SOCKET`; repeatable.
+    #[arg(long = "ssh", value_name = "default|ID[=SOCKET]")]
+    ssh: Vec<String>,
+    /// Extra privileges: `security.insecure` lets `RUN --security=insecure`
+    /// run with every capability; repeatable.
+    #[arg(long = "allow", value_name = "ENTITLEMENT")]
+    allow: Vec<String>,
     /// The build context directory.
     context: PathBuf,
 }
@@ -182,6 +194,28 @@ fn options(a: &BuildArgs) -> anyhow::Result<(BuildOptions, String)> {
         cpus: a.cpus.filter(|c| *c > 0.0),
         pids: a.pids_limit.filter(|p| *p > 0),
     };
+    let mut secrets = BTreeMap::new();
+    for s in &a.secrets {
+        let (id, src) = kiln_solver::build::parse_secret_flag(s).map_err(usage)?;
+        secrets.insert(id, src);
+    }
+    let mut ssh = BTreeMap::new();
+    for s in &a.ssh {
+        let (id, sock) = kiln_solver::build::parse_ssh_flag(s).map_err(usage)?;
+        ssh.insert(id, sock);
+    }
+    let mut allow_insecure = false;
+    for e in &a.allow {
+        match e.as_str() {
+            "security.insecure" => allow_insecure = true,
+            "network.host" => {}
+            other => {
+                return Err(usage(format!(
+                    "--allow {other:?}: unknown entitlement (security.insecure, network.host)"
+                )))
+            }
+        }
+    }
     Ok((
         BuildOptions {
             dockerfile: text,
@@ -199,6 +233,9 @@ fn options(a: &BuildArgs) -> anyhow::Result<(BuildOptions, String)> {
             limits,
             tags,
             source_date_epoch,
+            secrets,
+            ssh,
+            allow_insecure,
         },
         name,
     ))

@@ -40,7 +40,8 @@ pub struct ImportArgs {
 /// `kiln prune` arguments.
 #[derive(Args, Debug)]
 pub struct PruneArgs {
-    /// Remove all build cache, not only what is unreferenced.
+    /// Remove all build cache (and `RUN --mount=type=cache` directories),
+    /// not only what is unreferenced.
     #[arg(short, long)]
     pub all: bool,
     /// Keep this much build cache (most recently used first), e.g. `10GB`.
@@ -215,6 +216,9 @@ pub fn prune(root: &Path, args: PruneArgs) -> anyhow::Result<ExitCode> {
         r.temp_removed,
         r.leases_expired
     );
+    if r.cache_mounts_removed > 0 {
+        println!("Deleted: {} cache mounts", r.cache_mounts_removed);
+    }
     println!("Total reclaimed space: {}", human(r.bytes_freed));
     Ok(ExitCode::SUCCESS)
 }

@@ -63,6 +63,26 @@ pub struct Exported {
     pub manifest_digest: String,
 }
 
+/// A cache-mount directory held for one RUN step (`RUN
+/// --mount=type=cache`); its lock is released when this is dropped.
+pub struct CacheMountHold {
+    /// The directory to bind-mount.
+    pub dir: PathBuf,
+    /// True when it was just made (empty: seed it, set owner and mode).
+    pub created: bool,
+    /// Keeps the lock; dropped with the hold.
+    pub guard: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for CacheMountHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheMountHold")
+            .field("dir", &self.dir)
+            .field("created", &self.created)
+            .finish()
+    }
+}
+
 /// An error from the store, already worded for the user.
 pub type BackendResult<T> = Result<T, String>;
 
@@ -93,4 +113,19 @@ pub trait Backend: Send + Sync + 'static {
         layers: &[LayerRecord],
         tags: &[String],
     ) -> BackendResult<Exported>;
+    /// The persistent cache-mount directory `id` (see
+    /// [`kiln_cache::CacheSharing`] for how concurrent users share it).
+    fn cache_mount(
+        &self,
+        id: &str,
+        sharing: kiln_cache::CacheSharing,
+    ) -> BackendResult<CacheMountHold> {
+        let _ = (id, sharing);
+        Err("cache mounts need a store-backed build".into())
+    }
+    /// A directory for throwaway files of a step (writable upper layers of
+    /// `rw` bind mounts); on the store's filesystem when there is one.
+    fn scratch_dir(&self) -> PathBuf {
+        std::env::temp_dir()
+    }
 }

@@ -26,6 +26,9 @@ use crate::key::KeyHasher;
 use crate::plan::{self, Base, Plan, Source, PROXY_ARGS};
 use crate::progress::{Event, Progress};
 
+mod mounts;
+pub use mounts::{parse_secret_flag, parse_ssh_flag, SecretSource};
+
 /// Everything a build needs besides the store.
 #[derive(Debug, Clone, Default)]
 pub struct BuildOptions {
@@ -51,6 +54,14 @@ pub struct BuildOptions {
     pub tags: Vec<String>,
     /// `SOURCE_DATE_EPOCH`: clamps created times and file mtimes.
     pub source_date_epoch: Option<i64>,
+    /// `--secret`: build secrets by id (where to read them, never the
+    /// values).
+    pub secrets: BTreeMap<String, SecretSource>,
+    /// `--ssh`: SSH agent sockets by id.
+    pub ssh: BTreeMap<String, PathBuf>,
+    /// `--allow security.insecure`: `RUN --security=insecure` may run with
+    /// every capability.
+    pub allow_insecure: bool,
 }
 
 /// What a build produced.
@@ -999,15 +1010,17 @@ impl Ctx {
         run: &kiln_parser::instructions::Run,
     ) -> Result<(), BuildError> {
         let line = instr.line;
-        if !run.mounts.is_empty() {
-            return Err(BuildError::at(line, "RUN --mount is not supported yet"));
-        }
-        if run.security.as_deref() == Some("insecure") {
-            return Err(BuildError::at(
-                line,
-                "RUN --security=insecure needs `--allow security.insecure`, which is not supported yet",
-            ));
-        }
+        let insecure = match run.security.as_deref() {
+            Some("insecure") if self.opts.allow_insecure => true,
+            Some("insecure") => {
+                return Err(BuildError::at(
+                    line,
+                    "RUN --security=insecure is not allowed: pass `--allow security.insecure` to kiln build",
+                ))
+            }
+            _ => false,
+        };
+        let run_mounts = self.plan_mounts(_stage, state, &run.mounts, line).await?;
         let args = run_args(&run.command, &state.shell()).map_err(|m| BuildError::at(line, m))?;
         let network = match run.network.as_deref() {
             Some("none") => NetworkMode::None,
@@ -1027,6 +1040,12 @@ impl Ctx {
             } else {
                 "host"
             });
+        if !run.mounts.is_empty() {
+            key.field("mounts").fields(&run_mounts.key);
+        }
+        if insecure {
+            key.field("security=insecure");
+        }
         let key = key.finish();
         for p in PROXY_ARGS {
             if let Some(v) = self.opts.build_args.get(p) {
@@ -1055,11 +1074,36 @@ impl Ctx {
                     return Ok((hit, true));
                 }
                 let backend = me.backend.clone();
+                let prepared = if run_mounts.is_empty() {
+                    mounts::Prepared::default()
+                } else {
+                    let backend = me.backend.clone();
+                    let rm = run_mounts.clone();
+                    blocking(move || rm.prepare(backend.as_ref()))
+                        .await
+                        .map_err(|e| match e {
+                            BuildError::Internal(m) => BuildError::at(line, m),
+                            other => other,
+                        })?
+                };
                 let active = blocking(move || backend.prepare(parent.as_deref())).await?;
                 let mut spec = kiln_executor::default_spec(args.clone());
                 if let Some(p) = spec.process_mut() {
-                    p.set_env(Some(env.iter().map(|(k, v)| format!("{k}={v}")).collect()));
+                    let mut all = env.clone();
+                    for (k, v) in &prepared.env {
+                        all.retain(|(ek, _)| ek != k);
+                        all.push((k.clone(), v.clone()));
+                    }
+                    p.set_env(Some(all.iter().map(|(k, v)| format!("{k}={v}")).collect()));
                     p.set_cwd(PathBuf::from(&workdir));
+                }
+                if !prepared.mounts.is_empty() {
+                    let mut ms = spec.mounts().clone().unwrap_or_default();
+                    ms.extend(prepared.mounts.iter().cloned());
+                    spec.set_mounts(Some(ms));
+                }
+                if insecure {
+                    mounts::make_insecure(&mut spec);
                 }
                 kiln_executor::set_network(&mut spec, network);
                 apply_limits(&mut spec, &me.opts.limits);
@@ -1088,6 +1132,7 @@ impl Ctx {
                     .run(req, Some(tx), me.cancel.child_token())
                     .await;
                 let _ = forward.await;
+                drop(prepared);
                 let outcome = match outcome {
                     Ok(o) => o,
                     Err(e) => {

@@ -458,4 +458,24 @@ impl Backend for StoreBackend {
             manifest_digest: mdigest.to_string(),
         })
     }
+
+    fn cache_mount(
+        &self,
+        id: &str,
+        sharing: kiln_cache::CacheSharing,
+    ) -> BackendResult<crate::backend::CacheMountHold> {
+        let m = self
+            .store
+            .cache_mount(id, sharing)
+            .map_err(|err| e("cache mount", err))?;
+        Ok(crate::backend::CacheMountHold {
+            dir: m.dir.clone(),
+            created: m.created,
+            guard: Box::new(m),
+        })
+    }
+
+    fn scratch_dir(&self) -> PathBuf {
+        self.store.tmp_dir().to_path_buf()
+    }
 }

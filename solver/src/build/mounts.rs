@@ -1,0 +1,854 @@
+//! `RUN --mount`: cache, bind, tmpfs, secret and ssh mounts, BuildKit's
+//! semantics.
+//!
+//! Planning (before the cache lookup) expands the spec, resolves `from`
+//! stages and images and hashes what a bind mount reads from the context:
+//! that, never the contents of a cache or the value of a secret, is what
+//! enters the RUN's key. Preparing (only when the step runs) turns the
+//! plan into OCI spec mounts: cache directories come from the store (held
+//! under their lock for the step's life), stage/image sources are a
+//! read-only overlay of their layer directories (a writable one gets a
+//! throwaway upper directory), secrets are written to a 0700 directory on
+//! a tmpfs outside the store and removed when the step ends.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_cache::CacheSharing;
+use kiln_executor::oci;
+use kiln_parser::instructions::{parse_mount, Mount, MountType};
+
+use super::{blocking, Ctx, StageState};
+use crate::backend::{Backend, CacheMountHold};
+use crate::copy::{copy_selections, hash_selection, CopyOptions, Selection, Selector};
+use crate::error::BuildError;
+use crate::fsview::{join_abs, LayerView};
+use crate::key::KeyHasher;
+use crate::plan::{self, Source};
+
+/// Where a build secret's value comes from (`kiln build --secret`). Only
+/// the location is kept; the value is read when a step that mounts it
+/// runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// `src=FILE`.
+    File(PathBuf),
+    /// `env=VAR`: the variable of the kiln process.
+    Env(String),
+}
+
+/// Overlay mount data stays under a page; past this a stage/image source
+/// is copied instead.
+const MAX_OVERLAY_DATA: usize = 3500;
+
+/// What a mount reads from a bind source.
+#[derive(Debug, Clone)]
+enum BindSrc {
+    /// A host path bound directly (the context without ignore rules).
+    Host(PathBuf),
+    /// Selected entries copied into a throwaway directory.
+    Copy(Vec<Selection>),
+    /// Directories stacked as an overlay (top first).
+    Layers(Vec<PathBuf>),
+}
+
+/// One resolved mount of a RUN.
+#[derive(Debug, Clone)]
+enum Planned {
+    Cache {
+        target: String,
+        id: String,
+        sharing: CacheSharing,
+        readonly: bool,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        seed: Option<Vec<Selection>>,
+    },
+    Bind {
+        target: String,
+        readonly: bool,
+        src: BindSrc,
+    },
+    Tmpfs {
+        target: String,
+        size: Option<u64>,
+    },
+    Secret {
+        id: String,
+        target: Option<String>,
+        env: Option<String>,
+        source: SecretSource,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Ssh {
+        target: String,
+        socket: PathBuf,
+    },
+}
+
+/// The mounts of one RUN, resolved.
+#[derive(Debug, Clone, Default)]
+pub(super) struct RunMounts {
+    planned: Vec<Planned>,
+    /// What goes into the RUN's cache key.
+    pub key: Vec<String>,
+}
+
+/// The mounts of one execution; everything temporary goes on drop.
+#[derive(Default)]
+pub(super) struct Prepared {
+    /// Spec mounts to append.
+    pub mounts: Vec<oci::Mount>,
+    /// Environment to add (`env=` secrets, `SSH_AUTH_SOCK`).
+    pub env: Vec<(String, String)>,
+    _holds: Vec<CacheMountHold>,
+    _temps: Vec<tempfile::TempDir>,
+}
+
+fn sharing_of(s: Option<&str>) -> CacheSharing {
+    match s {
+        Some("private") => CacheSharing::Private,
+        Some("locked") => CacheSharing::Locked,
+        _ => CacheSharing::Shared,
+    }
+}
+
+fn sharing_name(s: CacheSharing) -> &'static str {
+    match s {
+        CacheSharing::Shared => "shared",
+        CacheSharing::Private => "private",
+        CacheSharing::Locked => "locked",
+    }
+}
+
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map(T::to_string).unwrap_or_default()
+}
+
+impl Ctx {
+    /// Expands variables in a mount spec (each `key=value` field on its
+    /// own, as BuildKit does) and parses it again.
+    fn expand_mount(
+        &self,
+        m: &Mount,
+        env: &[(String, String)],
+        line: usize,
+    ) -> Result<Mount, BuildError> {
+        if !m.raw.contains('$') {
+            return Ok(m.clone());
+        }
+        let mut fields = Vec::new();
+        for f in m.raw.split(',') {
+            match f.split_once('=') {
+                Some((k, v)) if !k.eq_ignore_ascii_case("from") => {
+                    fields.push(format!("{k}={}", self.expand(v, env, line)?))
+                }
+                _ => fields.push(f.to_string()),
+            }
+        }
+        parse_mount(&fields.join(","))
+            .map_err(|e| BuildError::at(line, format!("--mount={}: {e}", m.raw)))
+    }
+
+    /// The state and layer view of a `from=` stage or image.
+    async fn mount_from(
+        &self,
+        stage: usize,
+        from: &str,
+        line: usize,
+    ) -> Result<(Arc<StageState>, LayerView), BuildError> {
+        let state = match plan::resolve_source(&self.df, stage, from) {
+            Source::Stage(j) => self.stage_result(j).await.map_err(super::unwrap_arc)?,
+            Source::Image(r) => self.image_state(&r, line).await?,
+        };
+        let Some(top) = state.top().map(str::to_string) else {
+            return Ok((state, LayerView::new(Vec::new(), false)));
+        };
+        let backend = self.backend.clone();
+        let dirs = blocking(move || backend.layer_dirs(&top)).await?;
+        Ok((state, LayerView::new(dirs, false)))
+    }
+
+    /// Resolves the `--mount` specs of a RUN (see the module doc).
+    pub(super) async fn plan_mounts(
+        &self,
+        stage: usize,
+        state: &StageState,
+        mounts: &[Mount],
+        line: usize,
+    ) -> Result<RunMounts, BuildError> {
+        let mut out = RunMounts::default();
+        let workdir = state.workdir();
+        let env = state.env.clone();
+        let mut ssh_n = 0usize;
+        let mut targets: Vec<String> = Vec::new();
+        for raw in mounts {
+            let m = self.expand_mount(raw, &env, line)?;
+            let target = m.target.as_deref().filter(|t| !t.is_empty());
+            let target_of = |t: &str| crate::fsview::clean_abs(&join_abs(&workdir, t));
+            let err = |msg: String| BuildError::at(line, format!("--mount={}: {msg}", m.raw));
+            let planned = match m.kind {
+                MountType::Cache => {
+                    let target = target
+                        .map(target_of)
+                        .ok_or_else(|| err("mount target required".into()))?;
+                    let id =
+                        m.id.clone()
+                            .filter(|i| !i.is_empty())
+                            .unwrap_or(target.clone());
+                    let sharing = sharing_of(m.sharing.as_deref());
+                    let mut from_key = String::new();
+                    let seed = match &m.from {
+                        Some(f) => {
+                            let (st, view) = self.mount_from(stage, f, line).await?;
+                            from_key = st.key.clone();
+                            let source = m.source.clone().unwrap_or_else(|| "/".into());
+                            let sel = blocking(move || {
+                                let selector = Selector {
+                                    view: &view,
+                                    ignore: None,
+                                    exclude: None,
+                                };
+                                selector.select(&source).map_err(|e| e.to_string())
+                            })
+                            .await
+                            .map_err(|e| err(e.to_string()))?;
+                            Some(sel)
+                        }
+                        None => None,
+                    };
+                    out.key.push(format!(
+                        "cache target={target} id={id} sharing={} ro={} mode={} uid={} gid={} from={from_key} source={}",
+                        sharing_name(sharing),
+                        m.readonly,
+                        opt(&m.mode),
+                        opt(&m.uid),
+                        opt(&m.gid),
+                        opt(&m.source),
+                    ));
+                    Planned::Cache {
+                        target,
+                        id,
+                        sharing,
+                        readonly: m.readonly,
+                        mode: m.mode.unwrap_or(0o755),
+                        uid: m.uid.unwrap_or(0),
+                        gid: m.gid.unwrap_or(0),
+                        seed,
+                    }
+                }
+                MountType::Bind => {
+                    let target = target
+                        .map(target_of)
+                        .ok_or_else(|| err("mount target required".into()))?;
+                    let source = m.source.clone().unwrap_or_else(|| "/".into());
+                    let (src, key) = match &m.from {
+                        None => self.bind_context(&source).await.map_err(err)?,
+                        Some(f) => {
+                            let (st, view) = self.mount_from(stage, f, line).await?;
+                            let key = format!("from={} key={}", f, st.key);
+                            let src = blocking(move || bind_layers(&view, &source))
+                                .await
+                                .map_err(|e| err(e.to_string()))?;
+                            (src, key)
+                        }
+                    };
+                    out.key.push(format!(
+                        "bind target={target} source={} ro={} {key}",
+                        opt(&m.source),
+                        m.readonly
+                    ));
+                    Planned::Bind {
+                        target,
+                        readonly: m.readonly,
+                        src,
+                    }
+                }
+                MountType::Tmpfs => {
+                    let target = target
+                        .map(target_of)
+                        .ok_or_else(|| err("mount target required".into()))?;
+                    out.key
+                        .push(format!("tmpfs target={target} size={}", opt(&m.size)));
+                    Planned::Tmpfs {
+                        target,
+                        size: m.size,
+                    }
+                }
+                MountType::Secret => {
+                    let id = match (&m.id, &m.source, target) {
+                        (Some(i), _, _) | (None, Some(i), _) => i.clone(),
+                        (None, None, Some(t)) => crate::fsview::base_name(t).to_string(),
+                        (None, None, None) => return Err(err("secret id required".into())),
+                    };
+                    let target = match (target, &m.env) {
+                        (Some(t), _) => Some(target_of(t)),
+                        (None, Some(_)) => None,
+                        (None, None) => Some(format!("/run/secrets/{id}")),
+                    };
+                    out.key.push(format!(
+                        "secret id={id} target={} env={} required={} mode={} uid={} gid={}",
+                        opt(&target),
+                        opt(&m.env),
+                        m.required,
+                        opt(&m.mode),
+                        opt(&m.uid),
+                        opt(&m.gid)
+                    ));
+                    let Some(source) = self.opts.secrets.get(&id).cloned() else {
+                        if m.required {
+                            return Err(err(format!(
+                                "secret {id} not found: pass it with `--secret id={id},src=FILE` or `--secret id={id},env=VAR`"
+                            )));
+                        }
+                        continue;
+                    };
+                    Planned::Secret {
+                        id,
+                        target,
+                        env: m.env.clone(),
+                        source,
+                        mode: m.mode.unwrap_or(0o400),
+                        uid: m.uid.unwrap_or(0),
+                        gid: m.gid.unwrap_or(0),
+                    }
+                }
+                MountType::Ssh => {
+                    let id = m.id.clone().unwrap_or_else(|| "default".into());
+                    let target = match target {
+                        Some(t) => target_of(t),
+                        None => format!("/run/buildkit/ssh_agent.{ssh_n}"),
+                    };
+                    ssh_n += 1;
+                    out.key.push(format!(
+                        "ssh id={id} target={target} required={}",
+                        m.required
+                    ));
+                    let Some(socket) = self.opts.ssh.get(&id).cloned() else {
+                        if m.required {
+                            return Err(err(format!(
+                                "no SSH agent socket for id {id}: pass `--ssh {id}[=SOCKET]`"
+                            )));
+                        }
+                        continue;
+                    };
+                    Planned::Ssh { target, socket }
+                }
+            };
+            if let Some(t) = match &planned {
+                Planned::Cache { target, .. }
+                | Planned::Bind { target, .. }
+                | Planned::Tmpfs { target, .. }
+                | Planned::Ssh { target, .. } => Some(target.clone()),
+                Planned::Secret { target, .. } => target.clone(),
+            } {
+                if t == "/" {
+                    return Err(err("cannot mount over /".into()));
+                }
+                if targets.contains(&t) {
+                    return Err(err(format!("{t} is the target of two mounts")));
+                }
+                targets.push(t);
+            }
+            out.planned.push(planned);
+        }
+        Ok(out)
+    }
+
+    /// A bind source in the build context: what to mount and the hash of
+    /// exactly what was selected (with `.dockerignore` applied).
+    async fn bind_context(&self, source: &str) -> Result<(BindSrc, String), String> {
+        let context = self.opts.context.clone();
+        let ignore = self.ignore.clone();
+        let backend = self.backend.clone();
+        let source = source.to_string();
+        blocking(move || {
+            let view = LayerView::new(vec![context.clone()], true);
+            let selector = Selector {
+                view: &view,
+                ignore: ignore.as_ref(),
+                exclude: None,
+            };
+            let sel = selector.select(&source).map_err(|e| e.to_string())?;
+            let mut h = KeyHasher::new("bind-context");
+            hash_selection(&mut h, &sel, backend.hash_cache(), false).map_err(|e| e.to_string())?;
+            let key = format!("context={}", h.finish());
+            if ignore.is_some() {
+                return Ok((BindSrc::Copy(sel), key));
+            }
+            let resolved = view.resolve(&source, true).map_err(|e| e.to_string())?;
+            let host = context.join(resolved.trim_start_matches('/'));
+            Ok((BindSrc::Host(host), key))
+        })
+        .await
+        .map_err(|e| e.to_string())
+    }
+}
+
+fn is_whiteout(m: &fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    m.file_type().is_char_device() && m.rdev() == 0
+}
+
+fn is_opaque(p: &Path) -> bool {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(cp) = CString::new(p.as_os_str().as_bytes()) else {
+        return false;
+    };
+    ["trusted.overlay.opaque", "user.overlay.opaque"]
+        .iter()
+        .any(|n| {
+            let Ok(cn) = CString::new(*n) else {
+                return false;
+            };
+            let mut buf = [0u8; 4];
+            // SAFETY: valid NUL-terminated strings and a buffer of that size.
+            let r = unsafe {
+                libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            };
+            r == 1 && buf[0] == b'y'
+        })
+}
+
+/// A directory or file of a stage/image as a bind source: the layer
+/// directories that hold it (top first, stopping where a layer hides what
+/// is below), or a copy when there are too many to stack.
+fn bind_layers(view: &LayerView, source: &str) -> Result<BindSrc, String> {
+    let resolved = view
+        .resolve(source, true)
+        .map_err(|e| format!("mount source {source}: {e}"))?;
+    let found = view
+        .lookup(&resolved)
+        .ok_or_else(|| format!("mount source {source} not found"))?;
+    if !found.meta.is_dir() {
+        return Ok(BindSrc::Host(found.host));
+    }
+    let rel = resolved.trim_start_matches('/');
+    let comps: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+    let mut lowers = Vec::new();
+    'layers: for layer in view.layers().iter().skip(found.layer) {
+        // Something on the way down hides the rest?
+        let mut cur = layer.clone();
+        let mut stop = false;
+        for c in &comps {
+            cur.push(c);
+            match fs::symlink_metadata(&cur) {
+                Ok(m) if is_whiteout(&m) || !m.is_dir() => break 'layers,
+                Ok(_) => stop |= is_opaque(&cur),
+                Err(_) => continue 'layers,
+            }
+        }
+        lowers.push(cur);
+        if stop {
+            break;
+        }
+    }
+    let data: usize = lowers.iter().map(|l| l.as_os_str().len() + 1).sum();
+    if data > MAX_OVERLAY_DATA {
+        let selector = Selector {
+            view,
+            ignore: None,
+            exclude: None,
+        };
+        return Ok(BindSrc::Copy(
+            selector.select(source).map_err(|e| e.to_string())?,
+        ));
+    }
+    Ok(BindSrc::Layers(lowers))
+}
+
+fn bind_mount(target: &str, source: &Path, readonly: bool) -> Result<oci::Mount, String> {
+    oci::MountBuilder::default()
+        .destination(target)
+        .typ("bind")
+        .source(source)
+        .options(vec![
+            "rbind".to_string(),
+            if readonly { "ro" } else { "rw" }.to_string(),
+        ])
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn scratch(backend: &dyn Backend, prefix: &str) -> Result<tempfile::TempDir, String> {
+    let base = backend.scratch_dir();
+    fs::create_dir_all(&base).map_err(|e| format!("creating {}: {e}", base.display()))?;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&base)
+        .map_err(|e| format!("temp dir in {}: {e}", base.display()))
+}
+
+/// Copies `sel` into `dir` (ownership kept).
+fn copy_into(dir: &Path, sel: &[Selection]) -> Result<(), String> {
+    let view = LayerView::new(vec![dir.to_path_buf()], true);
+    let opts = CopyOptions {
+        keep_owner: true,
+        ..CopyOptions::default()
+    };
+    copy_selections(&view, "/", true, sel, &opts).map_err(|e| e.to_string())
+}
+
+/// Where secrets are written: a tmpfs when there is one, never the store.
+fn secret_base() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+fn read_secret(id: &str, source: &SecretSource) -> Result<Vec<u8>, String> {
+    match source {
+        SecretSource::File(p) => {
+            fs::read(p).map_err(|e| format!("secret {id}: reading {}: {e}", p.display()))
+        }
+        SecretSource::Env(v) => std::env::var_os(v)
+            .map(std::os::unix::ffi::OsStringExt::into_vec)
+            .ok_or_else(|| format!("secret {id}: environment variable {v} is not set")),
+    }
+}
+
+impl RunMounts {
+    /// True when there is nothing to mount.
+    pub fn is_empty(&self) -> bool {
+        self.planned.is_empty()
+    }
+
+    /// Sets the mounts up for one execution (blocking).
+    pub fn prepare(&self, backend: &dyn Backend) -> Result<Prepared, String> {
+        let mut p = Prepared::default();
+        for m in &self.planned {
+            match m {
+                Planned::Cache {
+                    target,
+                    id,
+                    sharing,
+                    readonly,
+                    mode,
+                    uid,
+                    gid,
+                    seed,
+                } => {
+                    let hold = backend.cache_mount(id, *sharing)?;
+                    if hold.created {
+                        let init = || -> Result<(), String> {
+                            if let Some(sel) = seed {
+                                copy_into(&hold.dir, sel)?;
+                            }
+                            std::os::unix::fs::chown(&hold.dir, Some(*uid), Some(*gid))
+                                .map_err(|e| format!("chown {}: {e}", hold.dir.display()))?;
+                            fs::set_permissions(&hold.dir, fs::Permissions::from_mode(*mode))
+                                .map_err(|e| format!("chmod {}: {e}", hold.dir.display()))
+                        };
+                        if let Err(e) = init() {
+                            // Leave no half-seeded cache behind.
+                            let _ = fs::remove_dir_all(&hold.dir);
+                            return Err(e);
+                        }
+                    }
+                    p.mounts.push(bind_mount(target, &hold.dir, *readonly)?);
+                    p._holds.push(hold);
+                }
+                Planned::Bind {
+                    target,
+                    readonly,
+                    src,
+                } => p
+                    .mounts
+                    .push(bind_src(backend, &mut p._temps, target, *readonly, src)?),
+                Planned::Tmpfs { target, size } => {
+                    let mut options = vec!["nosuid".to_string(), "nodev".to_string()];
+                    if let Some(s) = size {
+                        options.push(format!("size={s}"));
+                    }
+                    p.mounts.push(
+                        oci::MountBuilder::default()
+                            .destination(target)
+                            .typ("tmpfs")
+                            .source("tmpfs")
+                            .options(options)
+                            .build()
+                            .map_err(|e| e.to_string())?,
+                    );
+                }
+                Planned::Secret {
+                    id,
+                    target,
+                    env,
+                    source,
+                    mode,
+                    uid,
+                    gid,
+                } => {
+                    let value = read_secret(id, source)?;
+                    if let Some(var) = env {
+                        let s = String::from_utf8(value.clone())
+                            .map_err(|_| format!("secret {id}: not UTF-8, cannot be an env var"))?;
+                        p.env.push((var.clone(), s));
+                    }
+                    if let Some(target) = target {
+                        let base = secret_base();
+                        let dir = tempfile::Builder::new()
+                            .prefix("kiln-secret-")
+                            .tempdir_in(&base)
+                            .map_err(|e| format!("secret {id}: temp dir: {e}"))?;
+                        let file = dir.path().join("secret");
+                        let mut f = fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .mode(0o600)
+                            .open(&file)
+                            .map_err(|e| format!("secret {id}: {e}"))?;
+                        f.write_all(&value)
+                            .map_err(|e| format!("secret {id}: {e}"))?;
+                        drop(f);
+                        std::os::unix::fs::chown(&file, Some(*uid), Some(*gid))
+                            .map_err(|e| format!("secret {id}: chown: {e}"))?;
+                        fs::set_permissions(&file, fs::Permissions::from_mode(*mode))
+                            .map_err(|e| format!("secret {id}: chmod: {e}"))?;
+                        let mut m = bind_mount(target, &file, true)?;
+                        let mut o = m.options().clone().unwrap_or_default();
+                        o.extend([
+                            "nosuid".to_string(),
+                            "nodev".to_string(),
+                            "noexec".to_string(),
+                        ]);
+                        m.set_options(Some(o));
+                        p.mounts.push(m);
+                        p._temps.push(dir);
+                    }
+                }
+                Planned::Ssh { target, socket } => {
+                    if fs::metadata(socket).is_err() {
+                        return Err(format!("SSH agent socket {} not found", socket.display()));
+                    }
+                    p.mounts.push(bind_mount(target, socket, false)?);
+                    p.env.push(("SSH_AUTH_SOCK".into(), target.clone()));
+                }
+            }
+        }
+        Ok(p)
+    }
+}
+
+fn bind_src(
+    backend: &dyn Backend,
+    temps: &mut Vec<tempfile::TempDir>,
+    target: &str,
+    readonly: bool,
+    src: &BindSrc,
+) -> Result<oci::Mount, String> {
+    match src {
+        BindSrc::Host(h) => {
+            let is_dir = fs::metadata(h).map(|m| m.is_dir()).unwrap_or(false);
+            if readonly {
+                return bind_mount(target, h, true);
+            }
+            if is_dir {
+                return overlay(backend, temps, target, std::slice::from_ref(h), false);
+            }
+            // A writable single file: a throwaway copy.
+            let t = scratch(backend, "bind-")?;
+            let copy = t.path().join("file");
+            fs::copy(h, &copy).map_err(|e| format!("copying {}: {e}", h.display()))?;
+            let m = bind_mount(target, &copy, false)?;
+            temps.push(t);
+            Ok(m)
+        }
+        BindSrc::Copy(sel) => {
+            let t = scratch(backend, "bind-")?;
+            let root = t.path().join("root");
+            fs::create_dir(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+            copy_into(&root, sel)?;
+            // A single file selected: bind the file, not the directory.
+            let path = match sel.as_slice() {
+                [s] if !s.is_dir => root.join(&s.name),
+                _ => root,
+            };
+            let m = bind_mount(target, &path, readonly)?;
+            temps.push(t);
+            Ok(m)
+        }
+        BindSrc::Layers(lowers) => match lowers.as_slice() {
+            [] => Err("mount source is empty".into()),
+            [one] if readonly => bind_mount(target, one, true),
+            many => overlay(backend, temps, target, many, readonly),
+        },
+    }
+}
+
+/// An overlay of `lowers` (top first); writable ones get a throwaway upper.
+fn overlay(
+    backend: &dyn Backend,
+    temps: &mut Vec<tempfile::TempDir>,
+    target: &str,
+    lowers: &[PathBuf],
+    readonly: bool,
+) -> Result<oci::Mount, String> {
+    let lower = lowers
+        .iter()
+        .map(|l| l.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    let mut options = vec![format!("lowerdir={lower}")];
+    if readonly {
+        options.push("ro".into());
+    } else {
+        let t = scratch(backend, "bind-")?;
+        let upper = t.path().join("upper");
+        let work = t.path().join("work");
+        for d in [&upper, &work] {
+            fs::create_dir(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+        }
+        // The mount point shows the source's owner and mode.
+        if let Some(m) = lowers.first().and_then(|l| fs::metadata(l).ok()) {
+            let _ = std::os::unix::fs::chown(&upper, Some(m.uid()), Some(m.gid()));
+            let _ = fs::set_permissions(&upper, fs::Permissions::from_mode(m.mode() & 0o7777));
+        }
+        options.push(format!("upperdir={}", upper.display()));
+        options.push(format!("workdir={}", work.display()));
+        temps.push(t);
+    }
+    oci::MountBuilder::default()
+        .destination(target)
+        .typ("overlay")
+        .source("overlay")
+        .options(options)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// The bounding set of this process (what "every capability" can be).
+fn own_bounding_set() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(u64::MAX)
+}
+
+/// `RUN --security=insecure`: every capability kiln itself has, no masked
+/// or read-only /proc paths (BuildKit's privileged mode, without host
+/// devices).
+pub(super) fn make_insecure(spec: &mut oci::Spec) {
+    let all = kiln_executor::caps::capabilities_of(own_bounding_set());
+    if let Some(p) = spec.process_mut() {
+        let caps = oci::LinuxCapabilitiesBuilder::default()
+            .bounding(all.clone())
+            .effective(all.clone())
+            .permitted(all.clone())
+            .inheritable(kiln_executor::caps::capabilities_of(0))
+            .ambient(kiln_executor::caps::capabilities_of(0))
+            .build()
+            .ok();
+        p.set_capabilities(caps);
+    }
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    linux.set_masked_paths(Some(Vec::new()));
+    linux.set_readonly_paths(Some(Vec::new()));
+    spec.set_linux(Some(linux));
+}
+
+/// `--secret` values of `kiln build`, parsed: `id=ID[,src=FILE|,env=VAR]`
+/// (BuildKit also takes `source=`, `type=file|env`; an id alone reads the
+/// environment variable of that name).
+pub fn parse_secret_flag(s: &str) -> Result<(String, SecretSource), String> {
+    let mut fields: BTreeMap<String, String> = BTreeMap::new();
+    for f in s.split(',') {
+        let (k, v) = f
+            .split_once('=')
+            .ok_or_else(|| format!("--secret {s:?}: {f:?} is not key=value"))?;
+        fields.insert(k.trim().to_ascii_lowercase(), v.to_string());
+    }
+    let id = fields
+        .get("id")
+        .cloned()
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| format!("--secret {s:?}: id= is required"))?;
+    let src = fields.get("src").or_else(|| fields.get("source")).cloned();
+    let env = fields.get("env").cloned();
+    let typ = fields.get("type").map(String::as_str);
+    let source = match (typ, src, env) {
+        (Some("env"), Some(v), None) | (_, None, Some(v)) => SecretSource::Env(v),
+        (Some("file") | None, Some(p), None) => SecretSource::File(PathBuf::from(p)),
+        (None | Some("env"), None, None) => SecretSource::Env(id.clone()),
+        (Some("file"), None, None) => SecretSource::File(PathBuf::from(&id)),
+        (Some(t), _, _) if t != "file" && t != "env" => {
+            return Err(format!("--secret {s:?}: unknown type {t:?} (file or env)"))
+        }
+        _ => return Err(format!("--secret {s:?}: give either src= or env=")),
+    };
+    Ok((id, source))
+}
+
+/// `--ssh` values of `kiln build`: `default` (the `$SSH_AUTH_SOCK` of kiln)
+/// or `ID=SOCKET`.
+pub fn parse_ssh_flag(s: &str) -> Result<(String, PathBuf), String> {
+    let (id, path) = match s.split_once('=') {
+        Some((id, p)) => (id.to_string(), PathBuf::from(p)),
+        None => {
+            let sock = std::env::var_os("SSH_AUTH_SOCK")
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| format!("--ssh {s}: SSH_AUTH_SOCK is not set; give ID=SOCKET"))?;
+            (s.to_string(), PathBuf::from(sock))
+        }
+    };
+    if id.is_empty() {
+        return Err(format!("--ssh {s:?}: empty id"));
+    }
+    if path.to_string_lossy().contains(',') {
+        return Err(format!(
+            "--ssh {s:?}: only one socket per id is supported (no key files)"
+        ));
+    }
+    Ok((id, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_flags() {
+        assert_eq!(
+            parse_secret_flag("id=a,src=/x").unwrap(),
+            ("a".into(), SecretSource::File("/x".into()))
+        );
+        assert_eq!(
+            parse_secret_flag("id=a,env=TOK").unwrap(),
+            ("a".into(), SecretSource::Env("TOK".into()))
+        );
+        assert_eq!(
+            parse_secret_flag("id=TOK").unwrap(),
+            ("TOK".into(), SecretSource::Env("TOK".into()))
+        );
+        assert_eq!(
+            parse_secret_flag("type=file,id=a,source=/y").unwrap(),
+            ("a".into(), SecretSource::File("/y".into()))
+        );
+        assert!(parse_secret_flag("src=/x").is_err());
+        assert!(parse_secret_flag("id=a,src=/x,env=Y").is_err());
+    }
+
+    #[test]
+    fn ssh_flags() {
+        assert_eq!(
+            parse_ssh_flag("default=/tmp/s").unwrap(),
+            ("default".into(), PathBuf::from("/tmp/s"))
+        );
+        assert!(parse_ssh_flag("=/tmp/s").is_err());
+    }
+}
