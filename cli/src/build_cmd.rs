@@ -37,6 +37,10 @@ pub struct BuildArgs {
     /// Allow plain HTTP for this registry (HOST:PORT); repeatable.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registry: Vec<String>,
+    /// Where the result goes, BuildKit syntax (`type=image|registry|docker|
+    /// oci|local|tar,...`); repeatable.
+    #[arg(short = 'o', long = "output", value_name = "type=TYPE,...")]
+    outputs: Vec<String>,
     /// Progress output: auto, tty, plain, json.
     #[arg(long, value_enum, default_value = "auto")]
     progress: Mode,
@@ -335,7 +339,16 @@ fn render_error(e: &BuildError, name: &str, text: &str) -> String {
 
 /// Runs `kiln build`.
 pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
-    let (opts, name) = options(&a)?;
+    let (mut opts, name) = options(&a)?;
+    let outputs = a
+        .outputs
+        .iter()
+        .map(|o| crate::output::OutputSpec::parse(o))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for o in &outputs {
+        opts.tags.extend(o.names()?);
+    }
+    let epoch = opts.source_date_epoch;
     let text = opts.dockerfile.clone();
     let store = kiln_cache::Store::open(root)
         .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", root.display()))?;
@@ -366,6 +379,14 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     });
     match result {
         Ok(r) => {
+            crate::output::run_outputs(
+                root,
+                &outputs,
+                &r.manifest_digest,
+                &a.insecure_registry,
+                epoch,
+                a.quiet,
+            )?;
             if let Some(f) = &a.iidfile {
                 std::fs::write(f, &r.image_id)?;
             }

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod build_cmd;
 mod image_cmds;
+mod output;
 mod progress;
 mod registry_cmds;
 mod store_cmds;
@@ -90,6 +91,8 @@ enum Command {
     Login(registry_cmds::LoginArgs),
     /// Log out from a registry.
     Logout(registry_cmds::LogoutArgs),
+    /// Write an image's final filesystem as one tar.
+    Export(output::ExportArgs),
     /// Store-wide tools: disk usage, consistency check.
     System {
         #[command(subcommand)]
@@ -155,6 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Push(args) => registry_cmds::push(&store_root(cli.root), args),
         Command::Login(args) => registry_cmds::login(args),
         Command::Logout(args) => registry_cmds::logout(args),
+        Command::Export(args) => output::export(&store_root(cli.root), args),
         Command::System { what } => store_cmds::system(&store_root(cli.root), what),
         Command::Debug {
             what: DebugCommand::Ast { file, json },

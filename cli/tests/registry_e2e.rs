@@ -490,3 +490,58 @@ fn source_date_epoch_pushes_byte_identical_manifests_from_two_stores() {
     };
     assert_eq!(raw("0"), raw("1"));
 }
+
+#[test]
+fn build_outputs_registry_archives_local_and_tar() {
+    if !ready(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let a = Client::new(true);
+    let ctx = app_context();
+    let out = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| out.path().join(n).display().to_string();
+    let name = format!("{}/outputs/app:1", reg.host());
+    let outputs = [
+        format!("type=registry,name={name},compression=zstd,force-compression=true"),
+        format!("type=oci,dest={}", p("oci.tar")),
+        format!(
+            "type=oci,dest={},tar=false,oci-mediatypes=true",
+            p("ocidir")
+        ),
+        format!("type=docker,dest={}", p("docker.tar")),
+        format!("type=local,dest={}", p("rootfs")),
+        format!("type=tar,dest={}", p("rootfs.tar")),
+    ];
+    let mut args: Vec<&str> = Vec::new();
+    for o in &outputs {
+        args.push("--output");
+        args.push(o);
+    }
+    a.build(ctx.path(), &args);
+    let v = skopeo_inspect(&["--tls-verify=false", &format!("docker://{name}")]);
+    assert_eq!(v["Layers"].as_array().map(Vec::len), Some(3), "{v}");
+    let v = skopeo_inspect(&[&format!("oci-archive:{}", p("oci.tar"))]);
+    assert_eq!(v["Layers"].as_array().map(Vec::len), Some(3), "{v}");
+    let v = skopeo_inspect(&[&format!("oci:{}", p("ocidir"))]);
+    assert_eq!(v["Layers"].as_array().map(Vec::len), Some(3), "{v}");
+    let v = skopeo_inspect(&[&format!("docker-archive:{}", p("docker.tar"))]);
+    assert_eq!(v["Layers"].as_array().map(Vec::len), Some(3), "{v}");
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("rootfs/hello.txt")).expect("local"),
+        "hello registry\n"
+    );
+    assert!(out.path().join("rootfs/bin/busybox").exists());
+    let list = sh(Command::new("tar").arg("-tf").arg(p("rootfs.tar")));
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.lines()
+            .any(|l| l.trim_start_matches("./") == "run.txt"),
+        "{list}"
+    );
+    // kiln export: the same filesystem from an image in the store
+    let ex = p("export.tar");
+    a.ok(&["export", "-o", &ex, &name]);
+    let list = sh(Command::new("tar").arg("-tf").arg(&ex));
+    assert!(String::from_utf8_lossy(&list.stdout).contains("hello.txt"));
+}
