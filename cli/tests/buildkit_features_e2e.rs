@@ -461,3 +461,41 @@ fn run_network_modes_and_security_insecure() {
         .to_string();
     assert_eq!(sh(&k, "n:2", "cat /caps"), format!("CapEff:\t{bnd}\n"));
 }
+
+#[test]
+fn copy_and_add_exclude_patterns() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[
+        (
+            "Dockerfile",
+            "FROM busybox\n\
+             COPY --exclude=*.log --exclude=tmp/ src/ /app/\n\
+             ADD --exclude=**/*.md --exclude=*.log src /add\n",
+        ),
+        ("src/a.txt", "a\n"),
+        ("src/b.log", "b\n"),
+        ("src/tmp/c.txt", "c\n"),
+        ("src/doc/readme.md", "d\n"),
+        ("src/doc/keep.txt", "k\n"),
+    ]);
+    k.build(ctx.path(), &["-t", "ex:1"]);
+    assert_eq!(
+        sh(&k, "ex:1", "cd /app && find . -type f | sort"),
+        "./a.txt\n./doc/keep.txt\n./doc/readme.md\n"
+    );
+    assert_eq!(
+        sh(&k, "ex:1", "cd /add && find . -type f | sort"),
+        "./a.txt\n./doc/keep.txt\n./tmp/c.txt\n"
+    );
+    // Excluded files never affect the key.
+    let id = k.build(ctx.path(), &[]);
+    std::fs::write(ctx.path().join("src/b.log"), "changed\n").unwrap();
+    std::fs::write(ctx.path().join("src/doc/readme.md"), "changed\n").unwrap();
+    let id2 = k.build(ctx.path(), &[]);
+    assert_ne!(id, id2, "readme.md is copied by COPY, so the image changes");
+    std::fs::write(ctx.path().join("src/b.log"), "changed again\n").unwrap();
+    assert_eq!(k.build(ctx.path(), &[]), id2);
+}

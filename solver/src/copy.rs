@@ -191,11 +191,21 @@ pub struct Selector<'a> {
 
 impl Selector<'_> {
     fn excluded(&self, path: &str) -> Result<bool, CopyError> {
-        let rel = path.trim_start_matches('/');
-        if rel.is_empty() {
-            return Ok(false);
-        }
-        for m in [self.ignore, self.exclude].into_iter().flatten() {
+        self.excluded_at(path, path)
+    }
+
+    /// `.dockerignore` matches `path` (relative to the context root);
+    /// `--exclude` matches `in_source` (relative to the copied source, as
+    /// BuildKit's copier does: `COPY --exclude=*.log src/ /app/` drops
+    /// `src/b.log`).
+    fn excluded_at(&self, path: &str, in_source: &str) -> Result<bool, CopyError> {
+        for (m, p) in [(self.ignore, path), (self.exclude, in_source)] {
+            let (Some(m), rel) = (m, p.trim_start_matches('/')) else {
+                continue;
+            };
+            if rel.is_empty() {
+                continue;
+            }
             if m.matches_or_parent_matches(rel)
                 .map_err(|e| CopyError::Ignore(e.to_string()))?
             {
@@ -296,7 +306,7 @@ impl Selector<'_> {
                 continue;
             };
             let is_dir = found.meta.is_dir();
-            if self.excluded(&lpath)? {
+            if self.excluded_at(&lpath, &r)? {
                 let reinclude = [self.ignore, self.exclude]
                     .into_iter()
                     .flatten()
