@@ -77,6 +77,10 @@ pub struct BuildArgs {
     /// run with every capability; repeatable.
     #[arg(long = "allow", value_name = "ENTITLEMENT")]
     allow: Vec<String>,
+    /// Run the Dockerfile lint rules (BuildKit's checks) and report them
+    /// with their lines, without building.
+    #[arg(long)]
+    check: bool,
     /// The build context directory.
     context: PathBuf,
 }
@@ -340,6 +344,9 @@ fn render_error(e: &BuildError, name: &str, text: &str) -> String {
 /// Runs `kiln build`.
 pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     let (mut opts, name) = options(&a)?;
+    if a.check {
+        return check(&opts.dockerfile, &name);
+    }
     let outputs = a
         .outputs
         .iter()
@@ -401,6 +408,46 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// `kiln build --check`: lint the Dockerfile, print the findings with
+/// their lines, build nothing. Fails only under `# check=error=true`.
+fn check(text: &str, name: &str) -> anyhow::Result<ExitCode> {
+    let df = kiln_parser::parse(text).map_err(|e| usage(format!("{name}: {e}")))?;
+    let report = kiln_solver::lint::lint(&df);
+    let lines: Vec<&str> = text.lines().collect();
+    if report.warnings.is_empty() {
+        println!("Check complete, no warnings found.");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "Check complete, {} warning{} found!",
+        report.warnings.len(),
+        if report.warnings.len() == 1 {
+            " has been"
+        } else {
+            "s have been"
+        }
+    );
+    for w in &report.warnings {
+        println!();
+        println!("WARNING: {} - {}", w.rule, w.url());
+        println!("{}", w.message);
+        println!("{name}:{}", w.line);
+        println!("--------------------");
+        let from = w.line.saturating_sub(2).max(1);
+        for n in from..=w.line.min(lines.len()) {
+            let text = lines.get(n - 1).copied().unwrap_or_default();
+            let mark = if n == w.line { ">>>" } else { "   " };
+            println!("{mark} {n:>3} | {text}");
+        }
+        println!("--------------------");
+    }
+    Ok(if report.error {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 #[cfg(test)]

@@ -499,3 +499,47 @@ fn copy_and_add_exclude_patterns() {
     std::fs::write(ctx.path().join("src/b.log"), "changed again\n").unwrap();
     assert_eq!(k.build(ctx.path(), &[]), id2);
 }
+
+#[test]
+fn build_check_reports_lint_rules_with_lines_without_building() {
+    // Needs no root: nothing is built.
+    let k = Kiln::new();
+    let ctx = dockerfile(
+        "FROM --platform=linux/amd64 busybox as Build\nrun true\nCMD echo hi\nENV A b\n",
+    );
+    let out = k.ok(&["build", "--check", ctx.path().to_str().unwrap()]);
+    assert!(
+        out.contains("Check complete, 6 warnings have been found!"),
+        "{out}"
+    );
+    for (rule, line) in [
+        ("FromAsCasing", 1),
+        ("StageNameCasing", 1),
+        ("FromPlatformFlagConstDisallowed", 1),
+        ("ConsistentInstructionCasing", 2),
+        ("JSONArgsRecommended", 3),
+        ("LegacyKeyValueFormat", 4),
+    ] {
+        let at = out
+            .find(&format!("WARNING: {rule} - "))
+            .unwrap_or_else(|| panic!("{rule} missing:\n{out}"));
+        assert!(
+            out[at..].contains(&format!("Dockerfile:{line}\n")),
+            "{rule} line {line}:\n{out}"
+        );
+    }
+    assert!(k.ok(&["images"]).lines().count() <= 1, "nothing was built");
+    // # check=error=true fails; skip= silences.
+    let strict =
+        dockerfile("# check=error=true;skip=JSONArgsRecommended\nFROM busybox\nCMD sh\nENV A b\n");
+    let o = k.run(&["build", "--check", strict.path().to_str().unwrap()]);
+    assert!(!o.status.success());
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        s.contains("LegacyKeyValueFormat") && !s.contains("JSONArgs"),
+        "{s}"
+    );
+    let clean = dockerfile("FROM busybox AS a\nCMD [\"sh\"]\n");
+    let out = k.ok(&["build", "--check", clean.path().to_str().unwrap()]);
+    assert_eq!(out, "Check complete, no warnings found.\n");
+}

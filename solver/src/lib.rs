@@ -25,6 +25,7 @@ pub mod copy;
 pub mod error;
 pub mod fsview;
 pub mod key;
+pub mod lint;
 pub mod plan;
 pub mod progress;
 pub mod store;
