@@ -471,3 +471,111 @@ fn source_date_epoch_gives_identical_digests_on_two_stores() {
         .collect();
     assert_eq!(ids[0], ids[1]);
 }
+
+#[test]
+fn five_hundred_layers_build_and_run() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let mut dockerfile = String::from("FROM busybox\n");
+    let mut files = Vec::new();
+    for i in 0..500 {
+        dockerfile.push_str(&format!("COPY f{i} /layers/\n"));
+        files.push((format!("f{i}"), format!("{i}")));
+    }
+    dockerfile.push_str("RUN ls /layers | wc -l > /count && cat /layers/f0 /layers/f499 >> /count\n");
+    let mut entries: Vec<(&str, &str)> = vec![("Dockerfile", dockerfile.as_str())];
+    entries.extend(files.iter().map(|(a, b)| (a.as_str(), b.as_str())));
+    let ctx = context(&entries);
+    k.build(ctx.path(), &["-t", "deep:1"]);
+    assert_eq!(k.ok(&["run", "deep:1", "cat", "/count"]), "500\n0499");
+    let layers = k.inspect("deep:1")["RootFS"]["Layers"].as_array().map(Vec::len);
+    assert_eq!(layers, Some(502), "base + 500 COPY + RUN");
+}
+
+#[test]
+fn dockerfile_from_stdin_or_outside_the_context_with_its_own_ignore_file() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[("a", "A"), ("b", "B"), (".dockerignore", "a\n")]);
+    let elsewhere = context(&[
+        ("app.Dockerfile", "FROM busybox\nCOPY . /ctx\n"),
+        ("app.Dockerfile.dockerignore", "b\n"),
+    ]);
+    // -f outside the context: its own <name>.dockerignore wins.
+    let df = elsewhere.path().join("app.Dockerfile");
+    k.ok(&[
+        "build",
+        "-q",
+        "-t",
+        "f:1",
+        "-f",
+        df.to_str().unwrap(),
+        ctx.path().to_str().unwrap(),
+    ]);
+    assert_eq!(k.ok(&["run", "f:1", "ls", "-A", "/ctx"]), ".dockerignore\na\n");
+    // -f - reads stdin; the context's .dockerignore applies.
+    let mut child = k
+        .cmd()
+        .args(["build", "-q", "-t", "f:2", "-f", "-"])
+        .arg(ctx.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"FROM busybox\nCOPY . /ctx\n")
+        .unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+    assert_eq!(k.ok(&["run", "f:2", "ls", "-A", "/ctx"]), ".dockerignore\nb\n");
+}
+
+#[test]
+fn iidfile_labels_network_and_resource_limits() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN cat /sys/class/net/*/operstate | wc -l > /ifaces\n",
+    )]);
+    let iid = ctx.path().join("iid");
+    k.ok(&[
+        "build",
+        "-q",
+        "--network",
+        "none",
+        "--label",
+        "team=kiln",
+        "--iidfile",
+        iid.to_str().unwrap(),
+        "-t",
+        "l:1",
+        ctx.path().to_str().unwrap(),
+    ]);
+    let cfg = k.inspect("l:1");
+    assert_eq!(std::fs::read_to_string(&iid).unwrap(), cfg["Id"].as_str().unwrap());
+    assert_eq!(cfg["Config"]["Labels"]["team"], "kiln");
+    assert_eq!(k.ok(&["run", "l:1", "cat", "/ifaces"]), "1\n", "only lo with --network none");
+
+    let forky = context(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN for i in 1 2 3 4 5 6 7 8 9 10; do sleep 2 & done; wait\n",
+    )]);
+    let o = k.run(&["build", "--pids-limit", "5", forky.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "fork beyond --pids-limit fails");
+    let mem = context(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN head -c 64m /dev/zero | tr '\\0' 'x' | sort > /dev/null\n",
+    )]);
+    let o = k.run(&["build", "--memory", "16m", mem.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "--memory is enforced");
+}

@@ -445,6 +445,14 @@ impl Ctx {
             .ok_or_else(|| BuildError::internal("plan", "stage missing"))?;
         let label = self.stage_label(index);
         let total = stage.instructions.len() + 1;
+        if let Some(p) = &stage.platform {
+            check_platform(&self.expand(
+                p,
+                &plan::global_env(&self.plan.global_args),
+                stage.line,
+            )?)
+            .map_err(|m| BuildError::at(stage.line, m))?;
+        }
         let mut state = match &planned.base {
             Base::Scratch => {
                 let mut config = ImageConfig::new(&Platform::host());
@@ -1571,6 +1579,23 @@ fn parse_ports(w: &str) -> Result<Vec<String>, String> {
         return Err(format!("invalid port range: {ports}"));
     }
     Ok((lo..=hi).map(|p| format!("{p}/{proto}")).collect())
+}
+
+/// `FROM --platform=…`: kiln builds for the host platform only, so any
+/// other platform is an error rather than a silently wrong image.
+fn check_platform(p: &str) -> Result<(), String> {
+    let (os, arch, variant) = plan::host_platform();
+    let mut parts = p.split('/');
+    let ok = parts.next() == Some(os)
+        && parts.next().is_none_or(|a| a == arch)
+        && parts.next().is_none_or(|v| v.is_empty() || v == variant);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "platform {p:?} is not supported: kiln builds for the host platform ({os}/{arch}) only"
+        ))
+    }
 }
 
 fn validate_signal(s: &str) -> Result<(), String> {

@@ -23,6 +23,7 @@ pub mod backend;
 pub mod build;
 pub mod copy;
 pub mod error;
+pub mod flatten;
 pub mod fsview;
 pub mod key;
 pub mod lint;

@@ -17,6 +17,7 @@ use kiln_image::Digest;
 
 use crate::backend::{Active, Backend, BackendResult, BaseImage, Exported, LayerRecord};
 use crate::copy::{HashCache, StatKey};
+use crate::flatten::MAX_LOWERS;
 
 /// The store-backed backend. Holds a lease for its whole life.
 pub struct StoreBackend {
@@ -31,6 +32,24 @@ fn e(context: &str, err: impl std::fmt::Display) -> String {
 }
 
 static ACTIVE: AtomicU64 = AtomicU64::new(0);
+
+/// Layers merged together at a time when a stack outgrows overlayfs.
+const FLAT_BLOCK: usize = 200;
+
+/// Keeps the first `keep` lowerdirs of an overlay mount and puts `flat`
+/// (their merged remainder) last.
+fn cap_lowers(m: &mut RootfsMount, keep: usize, flat: &std::path::Path) {
+    if m.kind != RootfsKind::Overlay {
+        return;
+    }
+    for o in &mut m.options {
+        if let Some(lower) = o.strip_prefix("lowerdir=") {
+            let mut dirs: Vec<String> = lower.split(':').take(keep).map(str::to_string).collect();
+            dirs.push(flat.display().to_string());
+            *o = format!("lowerdir={}", dirs.join(":"));
+        }
+    }
+}
 
 /// The OCI chain ID of `parent` (a chain ID) plus a layer `diff_id`.
 pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
@@ -110,6 +129,34 @@ impl StoreBackend {
             snapshot: snapshot.to_string(),
             created,
         })
+    }
+
+    /// One directory holding the merged content of `bottom` (layer dirs,
+    /// top first), made once per chain and kept as a committed snapshot
+    /// (so a lease protects it and prune can reclaim it).
+    fn flat_dir(&self, parent: &str, keep: usize, bottom: &[PathBuf]) -> BackendResult<PathBuf> {
+        let top_of_bottom = self
+            .store
+            .meta()
+            .snapshot_chain(parent)
+            .map_err(|err| e("snapshot chain", err))?
+            .get(keep)
+            .map(|row| row.key.clone())
+            .ok_or_else(|| "snapshot chain shorter than expected".to_string())?;
+        let name = format!("flat-{}", Digest::sha256_of(top_of_bottom.as_bytes()).hex());
+        let info = kiln_cache::apply_into(self.sn(), &name, None, |dir, _mode| {
+            crate::flatten::flatten(bottom, dir)
+                .map_err(|err| kiln_cache::Error::InvalidState(e("flattening layers", err)))?;
+            cache_digest(&Digest::sha256_of(name.as_bytes()))
+                .map_err(kiln_cache::Error::InvalidState)
+        })
+        .map_err(|err| e("flattening a deep layer stack", err))?;
+        Ok(self
+            .store
+            .root()
+            .join("snapshots")
+            .join(&info.id)
+            .join("fs"))
     }
 
     /// Unpacks an image's layers into snapshots (once; later calls find
@@ -232,7 +279,11 @@ impl Backend for StoreBackend {
             format!("failed to parse stage name {reference:?}: invalid reference format ({err})")
         })?;
         if let Some((cfg, always)) = &self.registry {
-            let local = self.store.meta().image(&name).map_err(|err| e("image table", err))?;
+            let local = self
+                .store
+                .meta()
+                .image(&name)
+                .map_err(|err| e("image table", err))?;
             if *always || local.is_none() {
                 crate::transfer::pull(&self.store, cfg, &name, 4, &|_| {})?;
             }
@@ -312,14 +363,31 @@ impl Backend for StoreBackend {
             .writable_dir(&key)
             .map_err(|err| e("snapshot dir", err))?;
         let mut layers = vec![top];
+        let mut mounts: Vec<RootfsMount> = mounts.iter().map(Self::to_rootfs).collect();
         if self.sn().name() == "overlay" {
             if let Some(p) = parent {
-                layers.extend(self.layer_dirs(p)?);
+                let dirs = self.layer_dirs(p)?;
+                if dirs.len() > MAX_LOWERS {
+                    // Merge the bottom in blocks of FLAT_BLOCK layers, so
+                    // the same merged directory serves every step until
+                    // the stack grows by another block.
+                    let excess = dirs.len() + 1 - MAX_LOWERS;
+                    let bottom = excess.div_ceil(FLAT_BLOCK) * FLAT_BLOCK;
+                    let keep = dirs.len() - bottom;
+                    let flat = self.flat_dir(p, keep, &dirs[keep..])?;
+                    for m in &mut mounts {
+                        cap_lowers(m, keep, &flat);
+                    }
+                    layers.extend(dirs[..keep].iter().cloned());
+                    layers.push(flat);
+                } else {
+                    layers.extend(dirs);
+                }
             }
         }
         Ok(Active {
             key,
-            mounts: mounts.iter().map(Self::to_rootfs).collect(),
+            mounts,
             layers,
         })
     }
