@@ -173,7 +173,7 @@ pub fn write_inline(
     fs::write(&host, data).map_err(|e| io_err(&target, e))?;
     fs::set_permissions(
         &host,
-        fs::Permissions::from_mode(opts.chmod.unwrap_or(0o644)),
+        fs::Permissions::from_mode(opts.chmod.as_ref().map_or(0o644, |c| c.apply(0o644, false))),
     )
     .map_err(|e| io_err(&target, e))?;
     lchown(&host, owner.0, owner.1)?;

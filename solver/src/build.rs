@@ -1241,7 +1241,8 @@ impl Ctx {
         };
         let chmod = match spec.chmod {
             Some(c) => Some(
-                parse_chmod(&self.expand(c, &env, line)?).map_err(|m| BuildError::at(line, m))?,
+                crate::chmod::Chmod::parse(&self.expand(c, &env, line)?)
+                    .map_err(|m| BuildError::at(line, m))?,
             ),
             None => None,
         };
@@ -1275,7 +1276,7 @@ impl Ctx {
             .field(&dest)
             .field(if dest_is_dir { "dir" } else { "path" })
             .field(chown.clone().unwrap_or_default())
-            .field(chmod.map(|m| m.to_string()).unwrap_or_default())
+            .field(chmod.as_ref().map(|m| m.to_string()).unwrap_or_default())
             .fields(&excludes);
         match &spec.from {
             Some(f) => {
@@ -1614,19 +1615,6 @@ fn validate_signal(s: &str) -> Result<(), String> {
     } else {
         Err(format!("Invalid signal: {s}"))
     }
-}
-
-/// `--chmod`: octal (`0755`) or symbolic (`u+x,go-w`, applied to 0644/0755
-/// later is not possible here, so symbolic forms are resolved against 0644).
-fn parse_chmod(s: &str) -> Result<u32, String> {
-    if let Ok(m) = u32::from_str_radix(s, 8) {
-        if m <= 0o7777 {
-            return Ok(m);
-        }
-    }
-    Err(format!(
-        "invalid chmod parameter: {s} (only octal modes are supported so far)"
-    ))
 }
 
 /// Resolves `user[:group]` through the view's /etc/passwd and /etc/group.

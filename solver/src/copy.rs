@@ -419,8 +419,8 @@ pub struct CopyOptions {
     pub owner: Option<(u32, u32)>,
     /// Keep source ownership when `owner` is `None` (COPY --from).
     pub keep_owner: bool,
-    /// `--chmod` as an octal mode.
-    pub chmod: Option<u32>,
+    /// `--chmod`, resolved per entry against its source mode.
+    pub chmod: Option<crate::chmod::Chmod>,
     /// Clamp mtimes to this (SOURCE_DATE_EPOCH).
     pub clamp_mtime: Option<i64>,
 }
@@ -526,7 +526,10 @@ fn write_entry(
             fs::remove_file(&host).map_err(|err| io_err(&host, err))?;
         }
     }
-    let mode = opts.chmod.unwrap_or(m.mode() & 0o7777);
+    let mode = match &opts.chmod {
+        Some(c) => c.apply(m.mode() & 0o7777, ft.is_dir()),
+        None => m.mode() & 0o7777,
+    };
     if ft.is_dir() {
         if !host.is_dir() {
             fs::create_dir(&host).map_err(|err| io_err(&host, err))?;

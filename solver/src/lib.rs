@@ -21,6 +21,7 @@
 pub mod archive;
 pub mod backend;
 pub mod build;
+pub mod chmod;
 pub mod copy;
 pub mod error;
 pub mod flatten;
