@@ -83,3 +83,55 @@ fn chmod_symbolic_is_resolved_per_file_against_its_source_mode() {
     let err = build_fails(&k, bad.path(), &[]);
     assert!(err.contains("invalid chmod parameter"), "{err}");
 }
+
+#[test]
+fn copy_parents_keeps_parent_dirs_pivots_at_dot_and_globs() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[
+        (
+            "Dockerfile",
+            "FROM busybox AS first\n\
+             COPY --parents a/b/c.txt x/./y/z.txt /out/\n\
+             COPY --parents */keep.txt /glob/\n\
+             COPY --parents nomatch*/q /none/\n\
+             COPY --parents ./dir/sub /tree\n\
+             FROM busybox\n\
+             COPY --from=first --parents /out/./a/b /from/\n",
+        ),
+        ("a/b/c.txt", "c"),
+        ("x/y/z.txt", "z"),
+        ("p1/keep.txt", "1"),
+        ("p2/keep.txt", "2"),
+        ("p2/other.txt", "o"),
+        ("dir/sub/f", "f"),
+        ("dir/sub/g/h", "h"),
+    ]);
+    set_mode(&ctx.path().join("a/b"), 0o750);
+    k.build(ctx.path(), &["-t", "parents:1", "--target", "first"]);
+    let out = sh(
+        &k,
+        "parents:1",
+        "cd / && find out glob tree none 2>/dev/null | sort; stat -c '%a' out/a/b; cat out/a/b/c.txt out/y/z.txt",
+    );
+    assert_eq!(
+        out,
+        "glob\nglob/p1\nglob/p1/keep.txt\nglob/p2\nglob/p2/keep.txt\nnone\n\
+         out\nout/a\nout/a/b\nout/a/b/c.txt\nout/y\nout/y/z.txt\n\
+         tree\ntree/dir\ntree/dir/sub\ntree/dir/sub/f\ntree/dir/sub/g\ntree/dir/sub/g/h\n\
+         750\ncz"
+    );
+    k.build(ctx.path(), &["-t", "parents:2"]);
+    assert_eq!(
+        sh(&k, "parents:2", "cd / && find from | sort"),
+        "from\nfrom/a\nfrom/a/b\nfrom/a/b/c.txt\n"
+    );
+    let hist = k.ok(&["history", "parents:1"]);
+    assert!(hist.contains("COPY --parents */keep.txt /glob/"), "{hist}");
+    // A plain (wildcard-free) source must exist.
+    let bad = context(&[("Dockerfile", "FROM busybox\nCOPY --parents missing/f /m/\n")]);
+    let err = build_fails(&k, bad.path(), &[]);
+    assert!(err.contains("not found"), "{err}");
+}

@@ -1224,9 +1224,6 @@ impl Ctx {
             // --link only changes how the layer may be reused; the files
             // are the same.
         }
-        if spec.parents {
-            return Err(BuildError::at(line, "COPY --parents is not supported yet"));
-        }
         let env = state.env.clone();
         let mut sources = Vec::new();
         for s in &spec.paths.sources {
@@ -1234,7 +1231,8 @@ impl Ctx {
         }
         let dest_raw = self.expand(&spec.paths.dest, &env, line)?;
         let dest = join_abs(&state.workdir(), &dest_raw);
-        let dest_is_dir = dest_raw.ends_with('/') || dest_raw.ends_with("/.") || dest_raw == ".";
+        let dest_is_dir =
+            dest_raw.ends_with('/') || dest_raw.ends_with("/.") || dest_raw == "." || spec.parents;
         let chown = match spec.chown {
             Some(c) => Some(self.expand(c, &env, line)?),
             None => None,
@@ -1298,6 +1296,8 @@ impl Ctx {
                 .field(if c.expand { "1" } else { "0" });
         }
         let view2 = view.clone();
+        let parents = spec.parents;
+        key.field(if parents { "parents" } else { "" });
         let (selections, key) = blocking(move || {
             let selector = Selector {
                 view: &view2,
@@ -1305,8 +1305,14 @@ impl Ctx {
                 exclude: exclude.as_ref(),
             };
             let mut all: Vec<Selection> = Vec::new();
-            for s in &src {
-                all.extend(selector.select(s).map_err(|e| e.to_string())?);
+            if parents {
+                all.push(
+                    crate::parents::select_parents(&selector, &src).map_err(|e| e.to_string())?,
+                );
+            } else {
+                for s in &src {
+                    all.extend(selector.select(s).map_err(|e| e.to_string())?);
+                }
             }
             hash_selection(&mut key, &all, backend.hash_cache(), !from_context)
                 .map_err(|e| e.to_string())?;
@@ -1409,6 +1415,9 @@ fn copy_created_by(
     }
     if let Some(f) = &spec.from {
         m.push_str(&format!(" --from={f}"));
+    }
+    if spec.parents {
+        m.push_str(" --parents");
     }
     for s in sources {
         m.push(' ');

@@ -458,6 +458,11 @@ pub fn copy_selections(
         let parent = dst.resolve(&parent, true)?;
         dst.ensure_dir(&parent, new_owner)?;
         let target = join_abs(&parent, base_name(&target));
+        if s.is_dir && s.entries.first().is_none_or(|e| !e.rel.is_empty()) {
+            // A directory selection without its own root entry (`COPY
+            // --parents`): the destination is made with default modes.
+            dst.ensure_dir(&dst.resolve(&target, true)?, new_owner)?;
+        }
         for e in &s.entries {
             let to = if e.rel.is_empty() {
                 target.clone()

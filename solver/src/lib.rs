@@ -28,6 +28,7 @@ pub mod flatten;
 pub mod fsview;
 pub mod key;
 pub mod lint;
+pub mod parents;
 pub mod plan;
 pub mod progress;
 pub mod store;
