@@ -19,7 +19,6 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     f.sync_all().ctx("fsync dir", dir)
 }
 
-
 /// `N` random bytes from the kernel (falling back to hashing time, pid and
 /// a counter should `getrandom` ever fail).
 pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {

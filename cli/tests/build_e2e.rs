@@ -484,13 +484,16 @@ fn five_hundred_layers_build_and_run() {
         dockerfile.push_str(&format!("COPY f{i} /layers/\n"));
         files.push((format!("f{i}"), format!("{i}")));
     }
-    dockerfile.push_str("RUN ls /layers | wc -l > /count && cat /layers/f0 /layers/f499 >> /count\n");
+    dockerfile
+        .push_str("RUN ls /layers | wc -l > /count && cat /layers/f0 /layers/f499 >> /count\n");
     let mut entries: Vec<(&str, &str)> = vec![("Dockerfile", dockerfile.as_str())];
     entries.extend(files.iter().map(|(a, b)| (a.as_str(), b.as_str())));
     let ctx = context(&entries);
     k.build(ctx.path(), &["-t", "deep:1"]);
     assert_eq!(k.ok(&["run", "deep:1", "cat", "/count"]), "500\n0499");
-    let layers = k.inspect("deep:1")["RootFS"]["Layers"].as_array().map(Vec::len);
+    let layers = k.inspect("deep:1")["RootFS"]["Layers"]
+        .as_array()
+        .map(Vec::len);
     assert_eq!(layers, Some(502), "base + 500 COPY + RUN");
 }
 
@@ -516,7 +519,10 @@ fn dockerfile_from_stdin_or_outside_the_context_with_its_own_ignore_file() {
         df.to_str().unwrap(),
         ctx.path().to_str().unwrap(),
     ]);
-    assert_eq!(k.ok(&["run", "f:1", "ls", "-A", "/ctx"]), ".dockerignore\na\n");
+    assert_eq!(
+        k.ok(&["run", "f:1", "ls", "-A", "/ctx"]),
+        ".dockerignore\na\n"
+    );
     // -f - reads stdin; the context's .dockerignore applies.
     let mut child = k
         .cmd()
@@ -534,7 +540,10 @@ fn dockerfile_from_stdin_or_outside_the_context_with_its_own_ignore_file() {
         .write_all(b"FROM busybox\nCOPY . /ctx\n")
         .unwrap();
     assert!(child.wait_with_output().unwrap().status.success());
-    assert_eq!(k.ok(&["run", "f:2", "ls", "-A", "/ctx"]), ".dockerignore\nb\n");
+    assert_eq!(
+        k.ok(&["run", "f:2", "ls", "-A", "/ctx"]),
+        ".dockerignore\nb\n"
+    );
 }
 
 #[test]
@@ -562,9 +571,16 @@ fn iidfile_labels_network_and_resource_limits() {
         ctx.path().to_str().unwrap(),
     ]);
     let cfg = k.inspect("l:1");
-    assert_eq!(std::fs::read_to_string(&iid).unwrap(), cfg["Id"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(&iid).unwrap(),
+        cfg["Id"].as_str().unwrap()
+    );
     assert_eq!(cfg["Config"]["Labels"]["team"], "kiln");
-    assert_eq!(k.ok(&["run", "l:1", "cat", "/ifaces"]), "1\n", "only lo with --network none");
+    assert_eq!(
+        k.ok(&["run", "l:1", "cat", "/ifaces"]),
+        "1\n",
+        "only lo with --network none"
+    );
 
     let forky = context(&[(
         "Dockerfile",
