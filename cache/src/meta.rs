@@ -869,7 +869,8 @@ impl Meta {
                     |r| r.get(0),
                 )
                 .optional()?;
-            s.map(|s| s.parse()).transpose()
+            s.map(|s| s.parse().map_err(|_| Error::InvalidDigest(s.clone())))
+                .transpose()
         })
     }
 

@@ -51,7 +51,7 @@ fn concurrent_writers_of_the_same_blob() {
     let dir = tempfile::tempdir().unwrap();
     let s = Arc::new(open(dir.path()));
     let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-    let want = Digest::of(&data);
+    let want = Digest::sha256_of(&data);
     let threads: Vec<_> = (0..8)
         .map(|_| {
             let s = s.clone();
@@ -82,12 +82,12 @@ fn concurrent_writers_of_the_same_blob() {
 fn wrong_digest_is_rejected_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    let wrong = Digest::of(b"something else");
+    let wrong = Digest::sha256_of(b"something else");
     let e = s
         .put_blob(&b"hello"[..], Some(&wrong), None, None)
         .unwrap_err();
     assert!(matches!(e, Error::DigestMismatch { .. }), "{e}");
-    let right = Digest::of(b"hello");
+    let right = Digest::sha256_of(b"hello");
     let e = s
         .put_blob(&b"hello"[..], Some(&right), Some(4), None)
         .unwrap_err();
@@ -108,7 +108,7 @@ fn wrong_digest_is_rejected_and_leaves_nothing() {
 fn partial_write_is_invisible() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    let d = Digest::of(b"0123456789");
+    let d = Digest::sha256_of(b"0123456789");
     let mut w = s.content().writer().unwrap();
     w.write_all(b"01234").unwrap();
     assert!(!s.content().has(&d));
@@ -129,7 +129,7 @@ fn cache_index_memo_and_file_hashes() {
     let blob = s
         .put_bytes(b"layer", Some("application/vnd.oci.image.layer.v1.tar"))
         .unwrap();
-    let diff = Digest::of(b"diff");
+    let diff = Digest::sha256_of(b"diff");
     s.meta()
         .cache_put(
             "key-1",
@@ -290,7 +290,7 @@ fn crashed_process_lease_and_active_snapshot_are_reclaimed() {
         .unwrap();
     assert!(status.success());
     assert!(s.snapshotter().stat("helper-active").is_ok());
-    let helper_blob = Digest::of(b"helper blob");
+    let helper_blob = Digest::sha256_of(b"helper blob");
     assert!(s.content().has(&helper_blob));
     let r = s.prune(&PruneOptions::default()).unwrap();
     assert!(r.leases_expired >= 1, "{r:?}");

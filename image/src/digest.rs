@@ -88,6 +88,12 @@ pub struct Hasher {
     len: u64,
 }
 
+impl std::fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hasher").field("len", &self.len()).finish()
+    }
+}
+
 impl Hasher {
     /// A fresh hasher.
     pub fn new() -> Self {
