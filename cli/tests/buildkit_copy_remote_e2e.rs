@@ -135,3 +135,86 @@ fn copy_parents_keeps_parent_dirs_pivots_at_dot_and_globs() {
     let err = build_fails(&k, bad.path(), &[]);
     assert!(err.contains("not found"), "{err}");
 }
+
+/// `kiln build` (not quiet) of `ctx`; returns the progress output.
+fn build_progress(k: &Kiln, ctx: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["build", "--progress=plain"];
+    args.extend_from_slice(extra);
+    args.push(ctx.to_str().expect("utf-8"));
+    let o = k.run(&args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "build failed:\n{err}");
+    err
+}
+
+/// The progress id of the step whose name contains `needle`, and whether
+/// it was reported CACHED.
+fn step_cached(progress: &str, needle: &str) -> bool {
+    let id = progress
+        .lines()
+        .find(|l| l.contains(needle) && l.starts_with('#'))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no step {needle:?} in:\n{progress}"))
+        .to_string();
+    progress.lines().any(|l| l.trim() == format!("{id} CACHED"))
+}
+
+fn layers(k: &Kiln, image: &str) -> Vec<String> {
+    k.inspect(image)["RootFS"]["Layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|v| v.as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn copy_link_layer_is_reused_when_the_base_changes() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[
+        (
+            "Dockerfile",
+            "FROM busybox\n\
+             ARG V=1\n\
+             RUN mkdir -p /app && chmod 0700 /app && echo $V > /base\n\
+             COPY --link --chmod=0640 data /app/sub/\n\
+             COPY --link <<EOF /app/inline\nhi\nEOF\n\
+             COPY data /plain/\n",
+        ),
+        ("data/a", "alpha"),
+        ("data/b/c", "gamma"),
+    ]);
+    let c = ctx.path();
+    let p1 = build_progress(&k, c, &["-t", "link:1", "--build-arg", "V=1"]);
+    assert!(!step_cached(&p1, "COPY --link --chmod=0640"), "{p1}");
+    let p2 = build_progress(&k, c, &["-t", "link:2", "--build-arg", "V=2"]);
+    // The base changed (the RUN ran again), the --link layers did not:
+    // reported cached, identical diffIDs. The plain COPY was redone.
+    assert!(!step_cached(&p2, "RUN mkdir"), "{p2}");
+    assert!(step_cached(&p2, "COPY --link --chmod=0640"), "{p2}");
+    assert!(step_cached(&p2, "COPY --link <<EOF"), "{p2}");
+    assert!(!step_cached(&p2, "COPY data /plain/"), "{p2}");
+    let (l1, l2) = (layers(&k, "link:1"), layers(&k, "link:2"));
+    assert_eq!(l1.len(), 5);
+    assert_ne!(l1[1], l2[1], "the RUN layer differs");
+    assert_eq!(l1[2], l2[2], "COPY --link layer reused");
+    assert_eq!(l1[3], l2[3], "COPY --link heredoc layer reused");
+    // The layer is independent of the base: /app was made fresh (0755,
+    // root) in the layer, so it shows over the base's 0700 /app; the
+    // files are stacked on the new base.
+    assert_eq!(
+        sh(
+            &k,
+            "link:2",
+            "stat -c '%a %u' /app /app/sub/a; cat /base /app/sub/a /app/sub/b/c /app/inline /plain/a"
+        ),
+        "755 0\n640 0\n2\nalphagammahi\nalpha"
+    );
+    // Same inputs once more: everything cached, same image.
+    let p3 = build_progress(&k, c, &["-t", "link:3", "--build-arg", "V=2"]);
+    assert!(step_cached(&p3, "COPY --link --chmod=0640"), "{p3}");
+    assert_eq!(layers(&k, "link:3"), l2);
+}

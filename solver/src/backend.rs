@@ -128,4 +128,15 @@ pub trait Backend: Send + Sync + 'static {
     fn scratch_dir(&self) -> PathBuf {
         std::env::temp_dir()
     }
+    /// `COPY --link`: stacks `layer` (committed on an empty parent) onto
+    /// `parent` as a new snapshot, recorded under `key`.
+    fn stack_layer(
+        &self,
+        parent: Option<&str>,
+        layer: &LayerRecord,
+        key: &str,
+    ) -> BackendResult<LayerRecord> {
+        let _ = (parent, layer, key);
+        Err("COPY --link needs a store-backed build".into())
+    }
 }

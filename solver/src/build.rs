@@ -26,6 +26,7 @@ use crate::key::KeyHasher;
 use crate::plan::{self, Base, Plan, Source, PROXY_ARGS};
 use crate::progress::{Event, Progress};
 
+mod link;
 mod mounts;
 pub use mounts::{parse_secret_flag, parse_ssh_flag, SecretSource};
 
@@ -1220,10 +1221,6 @@ impl Ctx {
         spec: CopySpec<'_>,
     ) -> Result<(), BuildError> {
         let line = instr.line;
-        if spec.link {
-            // --link only changes how the layer may be reused; the files
-            // are the same.
-        }
         let env = state.env.clone();
         let mut sources = Vec::new();
         for s in &spec.paths.sources {
@@ -1270,7 +1267,8 @@ impl Ctx {
         };
         let src = sources.clone();
         let mut key = KeyHasher::new(if spec.add { "add" } else { "copy" });
-        key.field(&state.key)
+        // A --link layer does not depend on the chain below it.
+        key.field(if spec.link { "link" } else { &state.key })
             .field(&dest)
             .field(if dest_is_dir { "dir" } else { "path" })
             .field(chown.clone().unwrap_or_default())
@@ -1350,38 +1348,41 @@ impl Ctx {
             clamp_mtime: self.opts.source_date_epoch,
         };
         let add = spec.add;
-        let layer = self
-            .clone()
-            .layer_step(stage, name, state, key, move |dst| {
-                let mut opts = opts;
-                if let Some(c) = &chown {
-                    opts.owner = Some(resolve_owner(dst, c)?);
-                }
-                if add {
-                    crate::archive::add_selections(dst, &dest, dest_is_dir, &selections, &opts)
-                        .map_err(|e| e.to_string())?;
-                } else {
-                    copy_selections(dst, &dest, dest_is_dir, &selections, &opts)
-                        .map_err(|e| e.to_string())?;
-                }
-                for (name, data) in &contents {
-                    crate::archive::write_inline(
-                        dst,
-                        &dest,
-                        dest_is_dir || contents.len() > 1,
-                        name,
-                        data,
-                        &opts,
-                    )
+        let link = spec.link;
+        let work = move |dst: &LayerView| {
+            let mut opts = opts;
+            if let Some(c) = &chown {
+                opts.owner = Some(resolve_owner(dst, c)?);
+            }
+            if add {
+                crate::archive::add_selections(dst, &dest, dest_is_dir, &selections, &opts)
                     .map_err(|e| e.to_string())?;
-                }
-                Ok(())
-            })
-            .await
-            .map_err(|e| match e {
-                BuildError::Internal(m) => BuildError::at(line, m),
-                other => other,
-            })?;
+            } else {
+                copy_selections(dst, &dest, dest_is_dir, &selections, &opts)
+                    .map_err(|e| e.to_string())?;
+            }
+            for (name, data) in &contents {
+                crate::archive::write_inline(
+                    dst,
+                    &dest,
+                    dest_is_dir || contents.len() > 1,
+                    name,
+                    data,
+                    &opts,
+                )
+                .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        let layer = if link {
+            self.clone().link_step(name, state, key, work).await
+        } else {
+            self.clone().layer_step(stage, name, state, key, work).await
+        }
+        .map_err(|e| match e {
+            BuildError::Internal(m) => BuildError::at(line, m),
+            other => other,
+        })?;
         push_layer(state, layer, history(&self.created, created_by));
         Ok(())
     }

@@ -27,6 +27,7 @@ pub mod error;
 pub mod flatten;
 pub mod fsview;
 pub mod key;
+pub mod link;
 pub mod lint;
 pub mod parents;
 pub mod plan;

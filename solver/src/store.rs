@@ -546,4 +546,13 @@ impl Backend for StoreBackend {
     fn scratch_dir(&self) -> PathBuf {
         self.store.tmp_dir().to_path_buf()
     }
+
+    fn stack_layer(
+        &self,
+        parent: Option<&str>,
+        layer: &LayerRecord,
+        key: &str,
+    ) -> BackendResult<LayerRecord> {
+        crate::link::stack_layer(&self.store, parent, layer, key)
+    }
 }

@@ -1,0 +1,64 @@
+//! `COPY/ADD --link` on the store: a layer built on an empty parent is
+//! stacked onto the current chain by applying its blob as a new snapshot
+//! over the chain's top. Only that cheap apply depends on the base; the
+//! layer (its files, its blob, its diffID) is reused as it is.
+
+use kiln_cache::Store;
+
+use crate::backend::{BackendResult, LayerRecord};
+use crate::store::chain_id;
+
+fn e(context: &str, err: impl std::fmt::Display) -> String {
+    format!("{context}: {err}")
+}
+
+/// Puts `layer` (committed on an empty parent) on top of `parent` and
+/// records the result under `key`.
+pub(crate) fn stack_layer(
+    store: &Store,
+    parent: Option<&str>,
+    layer: &LayerRecord,
+    key: &str,
+) -> BackendResult<LayerRecord> {
+    let blob: kiln_cache::Digest = layer
+        .digest
+        .as_str()
+        .parse()
+        .map_err(|err| e("layer digest", err))?;
+    let diff: kiln_cache::Digest = layer
+        .diff_id
+        .as_str()
+        .parse()
+        .map_err(|err| e("layer diff id", err))?;
+    let name = match parent {
+        // On an empty base the linked layer is its own snapshot.
+        None => layer.snapshot.clone(),
+        Some(p) => {
+            let name = chain_id(Some(p), layer.diff_id.as_str());
+            let content = store.content();
+            kiln_cache::apply_into(store.snapshotter(), &name, Some(p), |dir, mode| {
+                let f = content.open(&blob)?;
+                let reader = kiln_image::compression::decompress_auto(f)
+                    .map_err(|err| kiln_cache::Error::InvalidState(e("decompress", err)))?;
+                let mode = match mode {
+                    kiln_cache::ApplyMode::Overlay => kiln_image::apply::WhiteoutMode::Overlay,
+                    kiln_cache::ApplyMode::Delete => kiln_image::apply::WhiteoutMode::Delete,
+                };
+                kiln_image::apply::apply_layer(reader, dir, mode)
+                    .map_err(|err| kiln_cache::Error::InvalidState(e("apply layer", err)))?;
+                Ok(diff.clone())
+            })
+            .map_err(|err| e("stacking a --link layer", err))?;
+            let _ = store.meta().add_blob_snapshot(&blob, &name);
+            name
+        }
+    };
+    store
+        .meta()
+        .cache_put(key, Some(&name), Some(&diff), std::slice::from_ref(&blob))
+        .map_err(|err| e("cache index", err))?;
+    Ok(LayerRecord {
+        snapshot: name,
+        ..layer.clone()
+    })
+}
