@@ -218,3 +218,222 @@ fn copy_link_layer_is_reused_when_the_base_changes() {
     assert!(step_cached(&p3, "COPY --link --chmod=0640"), "{p3}");
     assert_eq!(layers(&k, "link:3"), l2);
 }
+
+/// A tiny HTTP/1.1 server on 127.0.0.1 for the test's life: fixed
+/// responses by path, else files under `root` (a dumb git server needs
+/// no more). Stopped and joined on drop.
+struct Server {
+    port: u16,
+    routes: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Route>>>,
+    hits: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Clone)]
+struct Route {
+    body: Vec<u8>,
+    headers: Vec<(String, String)>,
+}
+
+impl Server {
+    fn start(root: Option<std::path::PathBuf>) -> Server {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        let port = listener.local_addr().expect("addr").port();
+        let routes: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Route>>> =
+            Default::default();
+        let hits: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r, h, s) = (routes.clone(), hits.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut first = String::new();
+                if reader.read_line(&mut first).is_err() {
+                    continue;
+                }
+                loop {
+                    let mut l = String::new();
+                    if reader.read_line(&mut l).unwrap_or(0) == 0 || l == "\r\n" {
+                        break;
+                    }
+                }
+                let full = first.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let path = full.split('?').next().unwrap_or("/").to_string();
+                h.lock().unwrap().push(path.clone());
+                let route = r.lock().unwrap().get(&path).cloned().or_else(|| {
+                    let clean = path.as_str();
+                    let f = root.as_ref()?.join(clean.trim_start_matches('/'));
+                    if clean.contains("..") || !f.is_file() {
+                        return None;
+                    }
+                    Some(Route {
+                        body: std::fs::read(f).ok()?,
+                        headers: Vec::new(),
+                    })
+                });
+                let resp = match route {
+                    Some(rt) => {
+                        let mut head = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n",
+                            rt.body.len()
+                        );
+                        for (k, v) in &rt.headers {
+                            head.push_str(&format!("{k}: {v}\r\n"));
+                        }
+                        head.push_str("\r\n");
+                        let mut b = head.into_bytes();
+                        b.extend_from_slice(&rt.body);
+                        b
+                    }
+                    None => {
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .to_vec()
+                    }
+                };
+                let _ = conn.write_all(&resp);
+            }
+        });
+        Server {
+            port,
+            routes,
+            hits,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn set(&self, path: &str, body: &[u8], headers: &[(&str, &str)]) {
+        self.routes.lock().unwrap().insert(
+            path.to_string(),
+            Route {
+                body: body.to_vec(),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            },
+        );
+    }
+
+    fn hits(&self, path: &str) -> usize {
+        self.hits
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| *p == path)
+            .count()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(data)?;
+            c.wait_with_output()
+        })
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A gzip tarball holding `inner.txt`.
+fn tarball() -> Vec<u8> {
+    let d = context(&[("inner.txt", "packed")]);
+    let out = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(d.path())
+        .args(["-czf", "-", "inner.txt"])
+        .output()
+        .expect("tar");
+    assert!(out.status.success());
+    out.stdout
+}
+
+#[test]
+fn add_http_url_names_modes_mtime_checksum_unpack_and_cache() {
+    if !prerequisites() {
+        return;
+    }
+    let srv = Server::start(None);
+    let lm = ("Last-Modified", "Sun, 06 Nov 1994 08:49:37 GMT");
+    srv.set("/files/hello.txt", b"hello v1\n", &[lm]);
+    srv.set("/files/a.tar.gz", &tarball(), &[]);
+    let sum = sha256_hex(b"hello v1\n");
+    let k = Kiln::with_busybox();
+    let df = format!(
+        "FROM busybox\n\
+         ADD {hello} /dl/\n\
+         ADD {hello}?x=1 /named.txt\n\
+         ADD --checksum=sha256:{sum} {hello} /sum/\n\
+         ADD {tgz} /tars/\n\
+         ADD --unpack=true {tgz} /unpacked/\n\
+         ADD --chmod=0644 {hello} /moded\n",
+        hello = srv.url("/files/hello.txt"),
+        tgz = srv.url("/files/a.tar.gz"),
+    );
+    let ctx = context(&[("Dockerfile", &df)]);
+    k.build(ctx.path(), &["-t", "http:1"]);
+    assert_eq!(
+        sh(
+            &k,
+            "http:1",
+            "cd / && stat -c '%a %Y %u %n' dl/hello.txt named.txt sum/hello.txt moded; ls tars; ls unpacked; cat dl/hello.txt unpacked/inner.txt"
+        ),
+        "600 784111777 0 dl/hello.txt\n600 784111777 0 named.txt\n600 784111777 0 sum/hello.txt\n\
+         644 784111777 0 moded\na.tar.gz\ninner.txt\nhello v1\npacked"
+    );
+    // Unchanged content: every ADD is a cache hit (the URL is re-checked).
+    let before = srv.hits("/files/hello.txt");
+    let p = build_progress(&k, ctx.path(), &["-t", "http:2"]);
+    assert!(step_cached(&p, "ADD http"), "{p}");
+    assert!(
+        srv.hits("/files/hello.txt") > before,
+        "the URL was re-checked"
+    );
+    assert_eq!(layers(&k, "http:1"), layers(&k, "http:2"));
+    // Changed content: the plain ADDs run again; the checksum one fails.
+    srv.set("/files/hello.txt", b"hello v2\n", &[lm]);
+    let err = build_fails(&k, ctx.path(), &[]);
+    assert!(err.contains("digest mismatch"), "{err}");
+    let df2 = df.replace(&format!("ADD --checksum=sha256:{sum} "), "ADD ");
+    let ctx2 = context(&[("Dockerfile", &df2)]);
+    k.build(ctx2.path(), &["-t", "http:3"]);
+    assert_eq!(
+        sh(&k, "http:3", "cat /dl/hello.txt /sum/hello.txt"),
+        "hello v2\nhello v2\n"
+    );
+    // COPY does not fetch URLs; a missing URL is a clear error.
+    let bad = context(&[(
+        "Dockerfile",
+        &format!("FROM busybox\nADD {} /x\n", srv.url("/missing")),
+    )]);
+    let err = build_fails(&k, bad.path(), &[]);
+    assert!(err.contains("404"), "{err}");
+}

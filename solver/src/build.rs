@@ -28,6 +28,7 @@ use crate::progress::{Event, Progress};
 
 mod link;
 mod mounts;
+mod remote_src;
 pub use mounts::{parse_secret_flag, parse_ssh_flag, SecretSource};
 
 /// Everything a build needs besides the store.
@@ -855,23 +856,14 @@ impl Ctx {
                             excludes: &c.excludes,
                             link: c.link,
                             parents: c.parents,
+                            checksum: None,
+                            keep_git_dir: false,
+                            unpack_remote: false,
                         },
                     )
                     .await?;
             }
             Kind::Add(a) => {
-                if a.paths.sources.iter().any(|s| is_url(s)) {
-                    return Err(BuildError::at(
-                        line,
-                        "ADD from a URL or git repository is not supported yet",
-                    ));
-                }
-                if a.checksum.is_some() || a.keep_git_dir.is_some() {
-                    return Err(BuildError::at(
-                        line,
-                        "ADD --checksum/--keep-git-dir apply to remote sources, which are not supported yet",
-                    ));
-                }
                 self.clone()
                     .copy_step(
                         stage,
@@ -887,6 +879,9 @@ impl Ctx {
                             excludes: &a.excludes,
                             link: a.link,
                             parents: false,
+                            checksum: a.checksum.as_deref(),
+                            keep_git_dir: a.keep_git_dir == Some(true),
+                            unpack_remote: a.unpack == Some(true),
                         },
                     )
                     .await?;
@@ -1265,8 +1260,24 @@ impl Ctx {
         } else {
             None
         };
-        let src = sources.clone();
+        let (src, fetched) = if spec.add || spec.checksum.is_some() {
+            let checksum = match spec.checksum {
+                Some(c) => Some(self.expand(c, &env, line)?),
+                None => None,
+            };
+            self.fetch_remote_sources(&sources, checksum.as_deref(), spec.keep_git_dir, line)
+                .await?
+        } else {
+            (sources.clone(), Vec::new())
+        };
+        let picks: Vec<(PathBuf, String)> = fetched
+            .iter()
+            .map(|f| (f.dir.path().to_path_buf(), f.select.clone()))
+            .collect();
         let mut key = KeyHasher::new(if spec.add { "add" } else { "copy" });
+        for f in &fetched {
+            key.field("remote").field(&f.identity);
+        }
         // A --link layer does not depend on the chain below it.
         key.field(if spec.link { "link" } else { &state.key })
             .field(&dest)
@@ -1296,7 +1307,7 @@ impl Ctx {
         let view2 = view.clone();
         let parents = spec.parents;
         key.field(if parents { "parents" } else { "" });
-        let (selections, key) = blocking(move || {
+        let ((selections, fetched_sel), key) = blocking(move || {
             let selector = Selector {
                 view: &view2,
                 ignore: ignore.as_ref(),
@@ -1314,7 +1325,19 @@ impl Ctx {
             }
             hash_selection(&mut key, &all, backend.hash_cache(), !from_context)
                 .map_err(|e| e.to_string())?;
-            Ok((all, key.finish()))
+            let mut fetched_sel: Vec<Selection> = Vec::new();
+            for (dir, pick) in &picks {
+                let v = LayerView::new(vec![dir.clone()], true);
+                let sel = Selector {
+                    view: &v,
+                    ignore: None,
+                    exclude: exclude.as_ref(),
+                };
+                fetched_sel.extend(sel.select(pick).map_err(|e| e.to_string())?);
+            }
+            hash_selection(&mut key, &fetched_sel, &crate::copy::NoHashCache, false)
+                .map_err(|e| e.to_string())?;
+            Ok(((all, fetched_sel), key.finish()))
         })
         .await
         .map_err(|e| match e {
@@ -1349,12 +1372,24 @@ impl Ctx {
         };
         let add = spec.add;
         let link = spec.link;
+        let unpack_remote = spec.unpack_remote;
         let work = move |dst: &LayerView| {
             let mut opts = opts;
             if let Some(c) = &chown {
                 opts.owner = Some(resolve_owner(dst, c)?);
             }
-            if add {
+            // Downloads are not unpacked unless --unpack=true.
+            if unpack_remote {
+                crate::archive::add_selections(dst, &dest, dest_is_dir, &fetched_sel, &opts)
+                    .map_err(|e| e.to_string())?;
+            } else if !fetched_sel.is_empty() {
+                copy_selections(dst, &dest, dest_is_dir, &fetched_sel, &opts)
+                    .map_err(|e| e.to_string())?;
+            }
+            drop(fetched);
+            if selections.is_empty() {
+                // Only remote sources (or heredocs).
+            } else if add {
                 crate::archive::add_selections(dst, &dest, dest_is_dir, &selections, &opts)
                     .map_err(|e| e.to_string())?;
             } else {
@@ -1397,6 +1432,12 @@ struct CopySpec<'a> {
     excludes: &'a [String],
     link: bool,
     parents: bool,
+    /// ADD `--checksum` (remote sources only).
+    checksum: Option<&'a str>,
+    /// ADD `--keep-git-dir`.
+    keep_git_dir: bool,
+    /// ADD `--unpack=true`: remote archives are unpacked too.
+    unpack_remote: bool,
 }
 
 fn copy_created_by(
@@ -1460,10 +1501,6 @@ fn env_pairs(config: &ImageConfig) -> Vec<(String, String)> {
             None => (e, String::new()),
         })
         .collect()
-}
-
-fn is_url(s: &str) -> bool {
-    s.starts_with("http://") || s.starts_with("https://") || s.starts_with("git@")
 }
 
 /// CMD/ENTRYPOINT: the shell form is wrapped in the current SHELL.

@@ -32,6 +32,7 @@ pub mod lint;
 pub mod parents;
 pub mod plan;
 pub mod progress;
+pub mod remote;
 pub mod store;
 pub mod transfer;
 

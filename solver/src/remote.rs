@@ -1,0 +1,375 @@
+//! Remote sources of `ADD` and of build contexts: http(s) URLs and git
+//! repositories, fetched into a scratch directory that COPY's selection
+//! then reads like any other source.
+//!
+//! * **http(s)**: one GET (ureq over rustls). The file is named after the
+//!   URL path's last element (`__unnamed__` when there is none, as
+//!   BuildKit), mode 0600, its mtime the `Last-Modified` header; a
+//!   `--checksum=sha256:…` is verified after the download. The step's key
+//!   then covers the content (its digest), so an unchanged download is a
+//!   cache hit.
+//! * **git**: `https://host/repo.git#ref:subdir`, `git@host:repo.git#ref`,
+//!   `git://…` and `ssh://…` through the `git` CLI (a full clone, so dumb
+//!   HTTP servers work too), checked out at `ref` (branch, tag or commit;
+//!   default HEAD); `.git` is removed unless `--keep-git-dir`. A checksum
+//!   is a prefix of the commit ID.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+
+/// Does this `ADD` source name a git repository (BuildKit's rules)?
+pub fn is_git_url(s: &str) -> bool {
+    if s.starts_with("git@") || s.starts_with("git://") || s.starts_with("ssh://") {
+        return true;
+    }
+    if s.starts_with("github.com/") {
+        return true;
+    }
+    if s.starts_with("http://") || s.starts_with("https://") {
+        let base = s.split('#').next().unwrap_or(s);
+        return base.ends_with(".git") || base.ends_with(".git/") || s.contains(".git#");
+    }
+    false
+}
+
+/// Does this `ADD` source name an http(s) URL (and not a git repository)?
+pub fn is_http_url(s: &str) -> bool {
+    (s.starts_with("http://") || s.starts_with("https://")) && !is_git_url(s)
+}
+
+/// A downloaded or cloned source: a scratch directory (removed on drop)
+/// and the path inside it to select.
+#[derive(Debug)]
+pub struct Fetched {
+    /// Keeps the files until the step has copied them.
+    pub dir: tempfile::TempDir,
+    /// What to select in `dir`: `/NAME` for a URL, `/` for a repository.
+    pub select: String,
+    /// What identifies the source besides its content (the commit of a
+    /// repository), for the step's key.
+    pub identity: String,
+}
+
+fn http_agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(30))
+        .timeout_read(Duration::from_secs(300))
+        .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// The file name BuildKit gives a URL download.
+pub fn url_file_name(url: &str) -> String {
+    let path = url
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or(url)
+        .split(['?', '#'])
+        .next()
+        .unwrap_or_default();
+    let path = path.split_once('/').map(|(_, p)| p).unwrap_or("");
+    match path.trim_end_matches('/').rsplit('/').next() {
+        Some(b) if !b.is_empty() && b != "." && b != ".." => b.to_string(),
+        _ => "__unnamed__".to_string(),
+    }
+}
+
+/// Parses `sha256:HEX` (`--checksum`).
+fn parse_sha256(checksum: &str) -> Result<String, String> {
+    match checksum.split_once(':') {
+        Some(("sha256", hex)) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(hex.to_ascii_lowercase())
+        }
+        _ => Err(format!(
+            "invalid checksum {checksum:?}: expected sha256:<64 hex digits>"
+        )),
+    }
+}
+
+/// Downloads `url` into a fresh directory under `scratch`, to `/NAME`.
+pub fn fetch_http(url: &str, scratch: &Path, checksum: Option<&str>) -> Result<Fetched, String> {
+    let want = checksum.map(parse_sha256).transpose()?;
+    let dir = tempfile::Builder::new()
+        .prefix("add-url-")
+        .tempdir_in(scratch)
+        .map_err(|e| format!("scratch dir: {e}"))?;
+    let name = url_file_name(url);
+    let resp = match http_agent().get(url).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(code, r)) => {
+            return Err(format!(
+                "failed to load {url}: invalid response status {code} {}",
+                r.status_text()
+            ))
+        }
+        Err(e) => return Err(format!("failed to load {url}: {e}")),
+    };
+    let last_modified = resp.header("Last-Modified").and_then(parse_http_date);
+    let path = dir.path().join(&name);
+    let mut out = fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut reader = resp.into_reader();
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("failed to load {url}: {e}")),
+        };
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    out.sync_all()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    drop(out);
+    let got = hex::encode(hasher.finalize());
+    if let Some(w) = want {
+        if w != got {
+            return Err(format!(
+                "digest mismatch for {url}: --checksum=sha256:{w} but the download is sha256:{got}"
+            ));
+        }
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(t) = last_modified {
+        crate::fsview::set_mtime(&path, t, 0, false).map_err(|e| e.to_string())?;
+    }
+    Ok(Fetched {
+        dir,
+        select: format!("/{name}"),
+        identity: format!("sha256:{got}"),
+    })
+}
+
+/// An RFC 7231 IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) as Unix
+/// seconds.
+pub fn parse_http_date(s: &str) -> Option<i64> {
+    let mut it = s.split_whitespace();
+    let _weekday = it.next()?;
+    let day: i64 = it.next()?.parse().ok()?;
+    let month = match it.next()? {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let year: i64 = it.next()?.parse().ok()?;
+    let mut hms = it.next()?.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
+    if it.next()? != "GMT" {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Some(days * 86400 + h * 3600 + m * 60 + sec)
+}
+
+/// A git source split into remote, ref and subdirectory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitRef {
+    /// What `git clone` is given.
+    pub remote: String,
+    /// Branch, tag or commit (`None`: the remote's HEAD).
+    pub reference: Option<String>,
+    /// Directory inside the repository to use as the root.
+    pub subdir: Option<String>,
+}
+
+/// Parses `REMOTE[#REF[:SUBDIR]]`.
+pub fn parse_git_url(s: &str) -> Result<GitRef, String> {
+    let (remote, frag) = match s.split_once('#') {
+        Some((r, f)) => (r, Some(f)),
+        None => (s, None),
+    };
+    let mut remote = remote.to_string();
+    if remote.starts_with("github.com/") {
+        remote = format!("https://{remote}");
+    }
+    let (reference, subdir) = match frag {
+        None => (None, None),
+        Some(f) => {
+            // BuildKit also takes `#key=value,…` (ref=, subdir=).
+            if f.contains('=') {
+                let mut r = None;
+                let mut d = None;
+                for kv in f.split(',') {
+                    match kv.split_once('=') {
+                        Some(("ref", v)) => r = Some(v.to_string()),
+                        Some(("subdir", v)) => d = Some(v.to_string()),
+                        _ => return Err(format!("unsupported git fragment {kv:?} in {s}")),
+                    }
+                }
+                (r, d)
+            } else {
+                let (r, d) = match f.split_once(':') {
+                    Some((r, d)) => (r, Some(d.to_string())),
+                    None => (f, None),
+                };
+                ((!r.is_empty()).then(|| r.to_string()), d)
+            }
+        }
+    };
+    let subdir = subdir
+        .map(|d| d.trim_matches('/').to_string())
+        .filter(|d| !d.is_empty());
+    if let Some(d) = &subdir {
+        if d.split('/').any(|c| c == "..") {
+            return Err(format!("git subdir {d:?} leaves the repository"));
+        }
+    }
+    Ok(GitRef {
+        remote,
+        reference,
+        subdir,
+    })
+}
+
+fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                "git sources need the git command (apt-get install git)".to_string()
+            } else {
+                format!("running git: {e}")
+            }
+        })?;
+    if !out.status.success() {
+        return Err(format!(
+            "git {}: {}",
+            args.first().copied().unwrap_or_default(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Clones `url` into a fresh directory under `scratch`; the selection is
+/// the checked-out tree (or its subdirectory).
+pub fn fetch_git(
+    url: &str,
+    scratch: &Path,
+    keep_git_dir: bool,
+    checksum: Option<&str>,
+) -> Result<Fetched, String> {
+    let r = parse_git_url(url)?;
+    let dir = tempfile::Builder::new()
+        .prefix("add-git-")
+        .tempdir_in(scratch)
+        .map_err(|e| format!("scratch dir: {e}"))?;
+    let repo: PathBuf = dir.path().join("repo");
+    let repo_s = repo.to_string_lossy().to_string();
+    git(
+        dir.path(),
+        &["clone", "--quiet", "--no-checkout", &r.remote, &repo_s],
+    )
+    .map_err(|e| format!("failed to fetch {url}: {e}"))?;
+    let target = match &r.reference {
+        Some(reference) => {
+            // A branch or tag of the remote, else a commit.
+            let remote_ref = format!("refs/remotes/origin/{reference}^{{commit}}");
+            let tag = format!("refs/tags/{reference}^{{commit}}");
+            let commit = format!("{reference}^{{commit}}");
+            [remote_ref, tag, commit]
+                .iter()
+                .find_map(|c| git(&repo, &["rev-parse", "--verify", "--quiet", c]).ok())
+                .ok_or_else(|| format!("failed to fetch {url}: ref {reference:?} not found"))?
+        }
+        None => git(&repo, &["rev-parse", "HEAD^{commit}"])
+            .map_err(|e| format!("failed to fetch {url}: {e}"))?,
+    };
+    if let Some(c) = checksum {
+        let want = c.trim_start_matches("sha1:").to_ascii_lowercase();
+        if want.len() < 7 || !target.starts_with(&want) {
+            return Err(format!(
+                "checksum mismatch for {url}: expected commit {c}, got {target}"
+            ));
+        }
+    }
+    git(&repo, &["checkout", "--quiet", "--detach", &target])
+        .map_err(|e| format!("failed to fetch {url}: {e}"))?;
+    // Submodules are followed as BuildKit does by default (best effort:
+    // a repository without them does nothing here).
+    if repo.join(".gitmodules").exists() {
+        git(
+            &repo,
+            &["submodule", "update", "--init", "--recursive", "--quiet"],
+        )
+        .map_err(|e| format!("failed to fetch submodules of {url}: {e}"))?;
+    }
+    if !keep_git_dir {
+        fs::remove_dir_all(repo.join(".git")).map_err(|e| format!("removing .git: {e}"))?;
+    }
+    let select = match &r.subdir {
+        Some(d) => format!("/repo/{d}"),
+        None => "/repo".to_string(),
+    };
+    Ok(Fetched {
+        dir,
+        select,
+        identity: format!(
+            "git:{}#{target}:{}:{keep_git_dir}",
+            r.remote,
+            r.subdir.unwrap_or_default()
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_kinds_and_names() {
+        assert!(is_git_url("https://example.com/a/b.git#main:dir"));
+        assert!(is_git_url("git@github.com:moby/buildkit.git"));
+        assert!(is_http_url("http://127.0.0.1:8000/x/file.txt?a=b"));
+        assert!(!is_http_url("https://h/r.git"));
+        assert_eq!(url_file_name("http://h:1/x/file.txt?a=b"), "file.txt");
+        assert_eq!(url_file_name("http://h:1/"), "__unnamed__");
+        assert_eq!(url_file_name("http://h"), "__unnamed__");
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784111777)
+        );
+        assert_eq!(parse_http_date("garbage"), None);
+        let g = parse_git_url("https://h/r.git#v1:sub/dir").unwrap();
+        assert_eq!(g.reference.as_deref(), Some("v1"));
+        assert_eq!(g.subdir.as_deref(), Some("sub/dir"));
+        let g = parse_git_url("https://h/r.git#:sub").unwrap();
+        assert_eq!((g.reference, g.subdir.as_deref()), (None, Some("sub")));
+        assert!(parse_git_url("https://h/r.git#main:../x").is_err());
+        assert!(parse_sha256("sha256:abc").is_err());
+    }
+}
