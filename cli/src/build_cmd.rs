@@ -37,6 +37,14 @@ pub struct BuildArgs {
     /// Allow plain HTTP for this registry (HOST:PORT); repeatable.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registry: Vec<String>,
+    /// Import build cache: `type=registry,ref=REF` (or a bare REF) or
+    /// `type=local,src=DIR`; repeatable.
+    #[arg(long = "cache-from", value_name = "type=TYPE,...")]
+    cache_from: Vec<String>,
+    /// Export build cache: `type=registry,ref=REF[,mode=min|max]`,
+    /// `type=local,dest=DIR[,mode=…]` or `type=inline`; repeatable.
+    #[arg(long = "cache-to", value_name = "type=TYPE,...")]
+    cache_to: Vec<String>,
     /// Where the result goes, BuildKit syntax (`type=image|registry|docker|
     /// oci|local|tar,...`); repeatable.
     #[arg(short = 'o', long = "output", value_name = "type=TYPE,...")]
@@ -360,8 +368,15 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     let store = kiln_cache::Store::open(root)
         .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", root.display()))?;
     let registry = crate::registry_cmds::registry_config(&a.insecure_registry)?;
-    let backend =
-        Arc::new(kiln_solver::store::StoreBackend::new(store).with_registry(registry, a.pull));
+    let caches = crate::build_cache::CacheFlags::parse(&a.cache_from, &a.cache_to)?;
+    let store_backend =
+        kiln_solver::store::StoreBackend::new(store).with_registry(registry.clone(), a.pull);
+    let (backend, cache): (Arc<dyn kiln_solver::backend::Backend>, _) = if caches.any() {
+        let c = crate::build_cache::backend(store_backend, registry, &caches, a.quiet);
+        (c.clone(), Some(c))
+    } else {
+        (Arc::new(store_backend), None)
+    };
     let executor = kiln_executor::Executor::new(kiln_executor::ExecutorConfig {
         state_dir: root.join("tmp").join("executor"),
         ..Default::default()
@@ -394,6 +409,9 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
                 epoch,
                 a.quiet,
             )?;
+            if let Some(c) = &cache {
+                crate::build_cache::export(c, &caches, &outputs, &r.manifest_digest, a.quiet)?;
+            }
             if let Some(f) = &a.iidfile {
                 std::fs::write(f, &r.image_id)?;
             }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod build_cache;
 mod build_cmd;
 mod image_cmds;
 mod output;

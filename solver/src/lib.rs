@@ -33,6 +33,7 @@ pub mod parents;
 pub mod plan;
 pub mod progress;
 pub mod remote;
+pub mod remote_cache;
 pub mod store;
 pub mod transfer;
 

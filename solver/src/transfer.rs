@@ -168,7 +168,7 @@ fn level_of(c: CompressionOpts) -> i32 {
 }
 
 /// The blob of a layer in `enc` (computed once, then found in the memo).
-fn encode_one(
+pub fn encode_one(
     store: &Store,
     layer: &Descriptor,
     diff_id: &Digest,

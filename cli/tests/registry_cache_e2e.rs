@@ -1,0 +1,406 @@
+//! The build cache shared through a registry (`--cache-to` /
+//! `--cache-from`), end to end: Debian's `docker-registry` on 127.0.0.1
+//! with its access log on, so the tests count which blobs a runner with an
+//! empty store downloads. Also the OCI-layout (`type=local`) and
+//! `type=inline` variants.
+//!
+//! Needs root, busybox-static, docker-registry and skopeo: under CI=true a
+//! missing tool fails the test, elsewhere the test prints "not run".
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{context, Kiln};
+use serde_json::Value;
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn ready() -> bool {
+    if !common::prerequisites() {
+        return false;
+    }
+    let missing: Vec<&str> = ["docker-registry", "skopeo"]
+        .into_iter()
+        .filter(|t| !have(t))
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!(
+        "registry cache e2e needs {} (apt-get install docker-registry skopeo)",
+        missing.join(", ")
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{msg}");
+    }
+    eprintln!("{msg}: not run");
+    false
+}
+
+/// A plain-HTTP docker-registry on 127.0.0.1 with its access log in
+/// `registry.log`; killed on drop.
+struct Reg {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Reg {
+    fn start() -> Reg {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let cfg = format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: kiln-test-secret\n",
+            d.join("data").display()
+        );
+        std::fs::write(d.join("config.yml"), cfg).expect("config");
+        let log = std::fs::File::create(d.join("registry.log")).expect("log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(d.join("config.yml"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("docker-registry");
+        let reg = Reg { child, port, dir };
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "registry did not come up: {}",
+                reg.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        reg
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Blob GETs in `log` under repository `repo`: digest -> count.
+    fn blob_gets(log: &str, repo: &str) -> BTreeMap<String, usize> {
+        let needle = format!("\"GET /v2/{repo}/blobs/");
+        let mut out = BTreeMap::new();
+        for l in log.lines() {
+            if let Some(i) = l.find(&needle) {
+                let rest = &l[i + needle.len()..];
+                let d: String = rest.chars().take_while(|c| *c != ' ').collect();
+                *out.entry(d).or_default() += 1;
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Reg {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// kiln with private docker/kiln config directories.
+struct Client {
+    kiln: Kiln,
+    conf: tempfile::TempDir,
+}
+
+impl Client {
+    fn new(busybox: bool) -> Client {
+        Client {
+            kiln: if busybox {
+                Kiln::with_busybox()
+            } else {
+                Kiln::new()
+            },
+            conf: tempfile::tempdir().expect("tmp"),
+        }
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        let mut c = self.kiln.cmd();
+        c.env("DOCKER_CONFIG", self.conf.path().join("docker"));
+        c.env("KILN_CONFIG_DIR", self.conf.path().join("kiln"));
+        c.env("XDG_CONFIG_HOME", self.conf.path().join("xdg"));
+        c.args(args).output().expect("kiln")
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "kiln {args:?} failed\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+    /// `kiln build --progress json` with `extra`: (image ID, events).
+    fn build(&self, ctx: &Path, extra: &[&str]) -> (String, Vec<Value>) {
+        let iid = self.conf.path().join("iid");
+        let mut a = vec![
+            "build",
+            "--progress",
+            "json",
+            "--iidfile",
+            iid.to_str().expect("utf8"),
+        ];
+        a.extend_from_slice(extra);
+        a.push(ctx.to_str().expect("utf8"));
+        let o = self.run(&a);
+        assert!(
+            o.status.success(),
+            "kiln {a:?} failed\nstderr:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let events = String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (std::fs::read_to_string(iid).expect("iidfile"), events)
+    }
+}
+
+fn count(ev: &[Value], kind: &str) -> usize {
+    ev.iter().filter(|e| e["event"] == kind).count()
+}
+
+fn logged(ev: &[Value], needle: &str) -> bool {
+    ev.iter()
+        .any(|e| e["event"] == "log" && e["line"].as_str().is_some_and(|l| l.contains(needle)))
+}
+
+/// The steps that ran (`done` events of vertices named like a step).
+fn ran(ev: &[Value]) -> Vec<String> {
+    let names: BTreeMap<u64, String> = ev
+        .iter()
+        .filter(|e| e["event"] == "started")
+        .filter_map(|e| Some((e["id"].as_u64()?, e["name"].as_str()?.to_string())))
+        .collect();
+    ev.iter()
+        .filter(|e| e["event"] == "done")
+        .filter_map(|e| names.get(&e["id"].as_u64()?).cloned())
+        .filter(|n| n.contains("RUN") || n.contains("COPY"))
+        .collect()
+}
+
+/// Pushes the busybox base to the registry; returns its name.
+fn push_base(reg: &Reg) -> String {
+    let seed = Client::new(true);
+    let base = format!("{}/base/busybox:1", reg.host());
+    seed.ok(&["push", "-q", "busybox:latest", &base]);
+    base
+}
+
+fn app(base: &str) -> tempfile::TempDir {
+    context(&[
+        (
+            "Dockerfile",
+            &format!(
+                "FROM {base}\nRUN echo MARKER-FIRST && echo first > /first.txt\nCOPY a.txt /a.txt\nRUN echo MARKER-SECOND && cat /a.txt /first.txt > /b.txt\n"
+            ),
+        ),
+        ("a.txt", "one\n"),
+    ])
+}
+
+fn raw_manifest(reference: &str) -> Value {
+    let o = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .output()
+        .expect("skopeo");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("manifest json")
+}
+
+#[test]
+fn registry_cache_makes_an_empty_runner_run_nothing_and_download_only_the_result() {
+    if !ready() {
+        return;
+    }
+    let reg = Reg::start();
+    let base = push_base(&reg);
+    let ctx = app(&base);
+    let cache = format!("{}/cache:1", reg.host());
+
+    let a = Client::new(false);
+    let to = format!("type=registry,ref={cache},mode=max");
+    let (id_a, ev) = a.build(ctx.path(), &["-t", "app:1", "--cache-to", &to]);
+    assert!(logged(&ev, "MARKER-FIRST") && logged(&ev, "MARKER-SECOND"));
+
+    // The cache manifest: OCI, kiln's config type, one layer per step.
+    let m = raw_manifest(&cache);
+    assert_eq!(m["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(
+        m["config"]["mediaType"],
+        "application/vnd.kiln.cache.config.v1+json"
+    );
+    assert_eq!(m["artifactType"], m["config"]["mediaType"]);
+    let layers: Vec<String> = m["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["digest"].as_str().expect("digest").to_string())
+        .collect();
+    assert_eq!(layers.len(), 3, "{m}");
+
+    // An empty store: every step cached, no RUN, the same image.
+    let before = reg.log().len();
+    let b = Client::new(false);
+    let from = format!("type=registry,ref={cache}");
+    let (id_b, ev) = b.build(ctx.path(), &["-t", "app:1", "--cache-from", &from]);
+    assert_eq!(count(&ev, "cached"), 3, "{ev:?}");
+    assert!(ran(&ev).is_empty(), "{:?}", ran(&ev));
+    assert!(!logged(&ev, "MARKER"), "{ev:?}");
+    assert_eq!(id_a, id_b);
+    // Downloads: the cache config and the three layers, each once.
+    let log = reg.log();
+    let gets = Reg::blob_gets(&log[before..], "cache");
+    let mut want: Vec<String> = layers.clone();
+    want.push(m["config"]["digest"].as_str().expect("config").to_string());
+    want.sort();
+    assert_eq!(gets.keys().cloned().collect::<Vec<_>>(), want, "{gets:?}");
+    assert!(gets.values().all(|n| *n == 1), "{gets:?}");
+    // The imported snapshots are real: the image runs, a rebuild hits locally.
+    assert_eq!(
+        b.ok(&["run", "--rm", "app:1", "cat", "/b.txt"]),
+        "one\nfirst"
+    );
+    let (_, ev) = b.build(ctx.path(), &["-t", "app:1"]);
+    assert_eq!(count(&ev, "cached"), 3);
+
+    // One changed file: a fresh runner takes the first RUN from the cache
+    // and runs the COPY and the RUN after it.
+    std::fs::write(ctx.path().join("a.txt"), "two\n").expect("write");
+    let before = reg.log().len();
+    let c = Client::new(false);
+    let (_, ev) = c.build(ctx.path(), &["-t", "app:2", "--cache-from", &from]);
+    assert_eq!(count(&ev, "cached"), 1, "{ev:?}");
+    assert!(!logged(&ev, "MARKER-FIRST") && logged(&ev, "MARKER-SECOND"));
+    assert_eq!(ran(&ev).len(), 2, "{:?}", ran(&ev));
+    let log = reg.log();
+    let gets = Reg::blob_gets(&log[before..], "cache");
+    assert_eq!(gets.len(), 2, "config and the first RUN's layer: {gets:?}");
+    assert_eq!(
+        c.ok(&["run", "--rm", "app:2", "cat", "/b.txt"]),
+        "two\nfirst"
+    );
+}
+
+#[test]
+fn local_oci_layout_cache_round_trips() {
+    if !ready() {
+        return;
+    }
+    let reg = Reg::start();
+    let base = push_base(&reg);
+    let ctx = app(&base);
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("cache");
+
+    let a = Client::new(false);
+    let to = format!("type=local,dest={}", dest.display());
+    let (id_a, _) = a.build(ctx.path(), &["-t", "app:1", "--cache-to", &to]);
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(dest.join("index.json")).expect("index"))
+            .expect("index json");
+    assert_eq!(
+        index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"],
+        "latest"
+    );
+    assert!(dest.join("oci-layout").exists());
+
+    let b = Client::new(false);
+    let from = format!("type=local,src={}", dest.display());
+    let (id_b, ev) = b.build(ctx.path(), &["-t", "app:1", "--cache-from", &from]);
+    assert_eq!(count(&ev, "cached"), 3, "{ev:?}");
+    assert!(!logged(&ev, "MARKER"));
+    assert_eq!(id_a, id_b);
+    assert_eq!(
+        b.ok(&["run", "--rm", "app:1", "cat", "/b.txt"]),
+        "one\nfirst"
+    );
+}
+
+#[test]
+fn inline_cache_in_the_pushed_image() {
+    if !ready() {
+        return;
+    }
+    let reg = Reg::start();
+    let base = push_base(&reg);
+    let ctx = app(&base);
+    let image = format!("{}/app/inline:1", reg.host());
+
+    let a = Client::new(false);
+    let out = format!("type=registry,name={image}");
+    let (id_a, _) = a.build(ctx.path(), &["--output", &out, "--cache-to", "type=inline"]);
+    let m = raw_manifest(&image);
+    let records: Value = serde_json::from_str(
+        m["annotations"]["dev.kiln.cache.v1"]
+            .as_str()
+            .expect("inline annotation"),
+    )
+    .expect("records");
+    assert_eq!(records["records"].as_array().map(Vec::len), Some(3), "{m}");
+    // skopeo still reads it as an ordinary image.
+    let o = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .arg(format!("docker://{image}"))
+        .output()
+        .expect("skopeo");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let b = Client::new(false);
+    let from = format!("type=registry,ref={image}");
+    let (id_b, ev) = b.build(ctx.path(), &["-t", "app:1", "--cache-from", &from]);
+    assert_eq!(count(&ev, "cached"), 3, "{ev:?}");
+    assert!(!logged(&ev, "MARKER"));
+    assert_eq!(id_a, id_b);
+}
+
+#[test]
+fn a_missing_cache_is_a_warning_and_the_build_runs() {
+    if !ready() {
+        return;
+    }
+    let reg = Reg::start();
+    let base = push_base(&reg);
+    let ctx = app(&base);
+    let b = Client::new(false);
+    let from = format!("type=registry,ref={}/cache:none", reg.host());
+    let o = b.run(&[
+        "build",
+        "-t",
+        "app:1",
+        "--cache-from",
+        &from,
+        ctx.path().to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("failed to import cache"), "{err}");
+}

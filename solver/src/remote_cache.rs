@@ -1,0 +1,868 @@
+//! A build cache shared through a registry or an OCI layout directory
+//! (`--cache-from` / `--cache-to`; the format is `docs/cache-format.md`).
+//!
+//! [`RemoteCacheBackend`] wraps the store backend. On a local cache miss
+//! it consults the imported records (step key → layer descriptor, diffID,
+//! chain ID, parent chain ID); a hit is returned at once as a *pending*
+//! layer, and only materialised — blob downloaded and verified,
+//! decompressed into the store's uncompressed blob, applied as a snapshot
+//! on its parent, recorded in the local cache index — when something needs
+//! its files (a RUN or COPY on top of it, a `COPY --from` reading it) or
+//! the exported image needs its blob. A hit whose layer nothing needs is
+//! never downloaded.
+//!
+//! Every step the build ran or took from a cache is remembered, so that at
+//! the end the records of the final image (`mode=min`) or of every stage
+//! (`mode=max`) can be exported: layers compressed once (gzip, through the
+//! store's compression memo), pushed (existing blobs are skipped after a
+//! HEAD), and described by an OCI image manifest whose config
+//! (`application/vnd.kiln.cache.config.v1+json`) lists the records.
+//! `type=inline` puts the same record list, for the image's own layers,
+//! into an annotation of the pushed image manifest.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kiln_cache::{Snapshotter, Store};
+use kiln_image::compression::{
+    decompress_auto, Compression, GZIP_DEFAULT_LEVEL, ZSTD_DEFAULT_LEVEL,
+};
+use kiln_image::config::ImageConfig;
+use kiln_image::diff::DiffOptions;
+use kiln_image::manifest::{
+    media_types, Descriptor, ImageIndex, ImageManifest, Platform, RawManifest, ANNOTATION_REF_NAME,
+};
+use kiln_image::Digest;
+use kiln_registry::{BlobSink, Reference, Registry, RegistryConfig, Transfer};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{
+    Active, Backend, BackendResult, BaseImage, CacheMountHold, Exported, LayerRecord,
+};
+use crate::copy::HashCache;
+use crate::store::{chain_id, StoreBackend};
+use crate::transfer::{encode_image, encode_one, LayerEncoding, StoreSink, StoreSource};
+
+/// Media type of the cache config blob (also the manifest's `artifactType`).
+pub const CACHE_CONFIG_MEDIA_TYPE: &str = "application/vnd.kiln.cache.config.v1+json";
+/// Annotation of an image manifest carrying inline cache records (the
+/// config JSON as a string).
+pub const INLINE_ANNOTATION: &str = "dev.kiln.cache.v1";
+
+/// The cache config blob: the records of a cache manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheConfig {
+    /// Always 1.
+    pub schema_version: u32,
+    /// One record per cached step.
+    pub records: Vec<CacheRecord>,
+}
+
+/// One cached step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheRecord {
+    /// The step's cache key.
+    pub key: String,
+    /// Index of the step's layer in the manifest's `layers`.
+    pub layer: usize,
+    /// sha256 of the uncompressed layer tar.
+    #[serde(rename = "diffID")]
+    pub diff_id: Digest,
+    /// OCI chain ID of the layer on its parent (names the snapshot).
+    #[serde(rename = "chainID")]
+    pub chain_id: String,
+    /// Chain ID of the layer below (a base-image layer or another record);
+    /// absent for a layer on an empty filesystem.
+    #[serde(
+        rename = "parentChainID",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub parent_chain_id: Option<String>,
+    /// When the step ran (Unix seconds; image history times).
+    #[serde(default)]
+    pub created: i64,
+}
+
+/// `mode=` of `--cache-to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// The steps whose layers are in the exported image.
+    #[default]
+    Min,
+    /// The steps of every stage of the build.
+    Max,
+}
+
+/// Where `--cache-from` reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheImport {
+    /// A cache manifest, or an image with inline cache, in a registry.
+    Registry(String),
+    /// An OCI layout directory (`src=`), manifest named `tag`.
+    Local {
+        /// The layout directory.
+        dir: PathBuf,
+        /// The `org.opencontainers.image.ref.name` to pick.
+        tag: String,
+    },
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, Default)]
+pub struct ExportSummary {
+    /// Records written.
+    pub records: usize,
+    /// Layer blobs referenced.
+    pub layers: usize,
+    /// Blobs actually uploaded or copied (others were there already).
+    pub written: usize,
+    /// Digest of the cache manifest (or annotated image manifest).
+    pub manifest: Option<Digest>,
+}
+
+#[derive(Clone)]
+enum Origin {
+    Registry { reg: Arc<Registry>, repo: String },
+    Dir(PathBuf),
+}
+
+#[derive(Clone)]
+struct Remote {
+    rec: CacheRecord,
+    desc: Descriptor,
+    origin: Origin,
+}
+
+#[derive(Clone)]
+struct Seen {
+    snapshot: String,
+    diff_id: Digest,
+    created: i64,
+}
+
+fn s(context: &str, err: impl std::fmt::Display) -> String {
+    format!("{context}: {err}")
+}
+
+fn cd(d: &Digest) -> Result<kiln_cache::Digest, String> {
+    d.as_str().parse().map_err(|e| s(d.as_str(), e))
+}
+
+fn blob_path(dir: &Path, d: &Digest) -> PathBuf {
+    dir.join("blobs").join(d.algorithm()).join(d.hex())
+}
+
+/// Reads a blob of an OCI layout, verified against `d`.
+fn read_layout_blob(dir: &Path, d: &Digest, limit: u64) -> Result<Vec<u8>, String> {
+    let f = std::fs::File::open(blob_path(dir, d)).map_err(|e| s(&format!("blob {d}"), e))?;
+    let mut v = Vec::new();
+    f.take(limit + 1)
+        .read_to_end(&mut v)
+        .map_err(|e| s(&format!("blob {d}"), e))?;
+    if v.len() as u64 > limit {
+        return Err(format!("blob {d}: larger than {limit} bytes"));
+    }
+    if &Digest::sha256_of(&v) != d {
+        return Err(format!("blob {d}: content does not match its digest"));
+    }
+    Ok(v)
+}
+
+/// The store backend plus imported remote cache records; see the module
+/// documentation.
+pub struct RemoteCacheBackend {
+    inner: StoreBackend,
+    registry: RegistryConfig,
+    /// Imported records by step key (the first import naming a key wins).
+    index: HashMap<String, Remote>,
+    /// Remote hits not applied yet, by chain ID.
+    pending: Mutex<HashMap<String, Remote>>,
+    /// Steps of this build (ran or cached), by key.
+    seen: Mutex<BTreeMap<String, Seen>>,
+    /// Snapshots of the exported image's layers, bottom first.
+    final_layers: Mutex<Vec<String>>,
+    /// One materialisation at a time.
+    materializing: Mutex<()>,
+}
+
+impl RemoteCacheBackend {
+    /// Wraps `inner`; `registry` is used for imports and exports.
+    pub fn new(inner: StoreBackend, registry: RegistryConfig) -> Self {
+        RemoteCacheBackend {
+            inner,
+            registry,
+            index: HashMap::new(),
+            pending: Mutex::new(HashMap::new()),
+            seen: Mutex::new(BTreeMap::new()),
+            final_layers: Mutex::new(Vec::new()),
+            materializing: Mutex::new(()),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        self.inner.store()
+    }
+
+    fn sn(&self) -> &dyn Snapshotter {
+        self.store().snapshotter()
+    }
+
+    /// Reads the records of `src` (a manifest fetch and a config fetch; no
+    /// layer is downloaded). Returns how many records were usable.
+    pub fn import(&mut self, src: &CacheImport) -> Result<usize, String> {
+        let (manifest, origin, config) = match src {
+            CacheImport::Registry(reference) => {
+                let name =
+                    kiln_cache::normalize_reference(reference).map_err(|e| s(reference, e))?;
+                let r = Reference::parse(&name).map_err(|e| s(reference, e))?;
+                let reg = Registry::new(&r.registry, &self.registry).map_err(|e| e.to_string())?;
+                let resolved = reg
+                    .resolve(&r, &Platform::host())
+                    .map_err(|e| e.to_string())?;
+                let m = resolved.manifest.manifest().map_err(|e| s(reference, e))?;
+                let config = if is_cache_manifest(&m) {
+                    Some(
+                        reg.get_blob_bytes(&r.repository, &m.config)
+                            .map_err(|e| e.to_string())?,
+                    )
+                } else {
+                    None
+                };
+                let origin = Origin::Registry {
+                    reg: Arc::new(reg),
+                    repo: r.repository.clone(),
+                };
+                (m, origin, config)
+            }
+            CacheImport::Local { dir, tag } => {
+                let raw = read_layout_manifest(dir, tag)?;
+                let m = raw
+                    .manifest()
+                    .map_err(|e| s(&dir.display().to_string(), e))?;
+                let config = if is_cache_manifest(&m) {
+                    Some(read_layout_blob(dir, &m.config.digest, 64 << 20)?)
+                } else {
+                    None
+                };
+                (m, Origin::Dir(dir.clone()), config)
+            }
+        };
+        let cfg: CacheConfig = match config {
+            Some(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| s("parsing the cache config", e))?
+            }
+            None => {
+                let text = manifest
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(INLINE_ANNOTATION))
+                    .ok_or_else(|| {
+                        "neither a kiln cache manifest nor an image with inline cache".to_string()
+                    })?;
+                serde_json::from_str(text).map_err(|e| s("parsing the inline cache", e))?
+            }
+        };
+        let mut n = 0;
+        for rec in cfg.records {
+            let Some(desc) = manifest.layers.get(rec.layer) else {
+                continue;
+            };
+            // A record must name its snapshot consistently.
+            if chain_id(rec.parent_chain_id.as_deref(), rec.diff_id.as_str()) != rec.chain_id {
+                continue;
+            }
+            if !self.index.contains_key(&rec.key) {
+                n += 1;
+                self.index.insert(
+                    rec.key.clone(),
+                    Remote {
+                        rec,
+                        desc: desc.clone(),
+                        origin: origin.clone(),
+                    },
+                );
+            }
+        }
+        Ok(n)
+    }
+
+    fn has_snapshot(&self, name: &str) -> bool {
+        self.sn()
+            .stat(name)
+            .is_ok_and(|i| i.kind == kiln_cache::Kind::Committed)
+    }
+
+    fn note(&self, key: &str, l: &LayerRecord) {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.insert(
+                key.to_string(),
+                Seen {
+                    snapshot: l.snapshot.clone(),
+                    diff_id: l.diff_id.clone(),
+                    created: l.created,
+                },
+            );
+        }
+    }
+
+    fn remote_hit(&self, key: &str) -> BackendResult<Option<LayerRecord>> {
+        let Some(remote) = self.index.get(key) else {
+            return Ok(None);
+        };
+        let rec = &remote.rec;
+        let mut pending = self.pending.lock().map_err(|_| "lock poisoned")?;
+        if let Some(p) = &rec.parent_chain_id {
+            if !pending.contains_key(p) && !self.has_snapshot(p) {
+                return Ok(None);
+            }
+        }
+        pending
+            .entry(rec.chain_id.clone())
+            .or_insert_with(|| remote.clone());
+        Ok(Some(LayerRecord {
+            diff_id: rec.diff_id.clone(),
+            digest: rec.diff_id.clone(),
+            // The uncompressed size is known once materialised (export).
+            size: remote.desc.size,
+            media_type: media_types::OCI_LAYER.to_string(),
+            snapshot: rec.chain_id.clone(),
+            created: rec.created,
+        }))
+    }
+
+    /// Applies `snapshot` and its pending ancestors (no-op when it is not
+    /// pending).
+    fn materialize(&self, snapshot: &str) -> BackendResult<()> {
+        let _one = self.materializing.lock().map_err(|_| "lock poisoned")?;
+        let mut todo = Vec::new();
+        {
+            let pending = self.pending.lock().map_err(|_| "lock poisoned")?;
+            let mut cur = Some(snapshot.to_string());
+            while let Some(c) = cur {
+                let Some(r) = pending.get(&c) else { break };
+                cur = r.rec.parent_chain_id.clone();
+                todo.push(r.clone());
+            }
+        }
+        for r in todo.iter().rev() {
+            self.apply_remote(r)
+                .map_err(|e| s(&format!("importing cached layer {}", r.desc.digest), e))?;
+            if let Ok(mut p) = self.pending.lock() {
+                p.remove(&r.rec.chain_id);
+            }
+        }
+        Ok(())
+    }
+
+    fn fetch(&self, r: &Remote) -> Result<(), String> {
+        let store = self.store();
+        let sink = StoreSink(store);
+        if sink.has_blob(&r.desc) {
+            return Ok(());
+        }
+        match &r.origin {
+            Origin::Registry { reg, repo } => reg
+                .pull_blob(repo, &r.desc, &sink, &|_: Transfer| {})
+                .map_err(|e| e.to_string()),
+            Origin::Dir(dir) => {
+                let mut f = std::fs::File::open(blob_path(dir, &r.desc.digest))
+                    .map_err(|e| s(&format!("blob {}", r.desc.digest), e))?;
+                sink.put_blob(&r.desc, &mut f)
+            }
+        }
+    }
+
+    fn apply_remote(&self, r: &Remote) -> Result<(), String> {
+        let store = self.store();
+        let diff = cd(&r.rec.diff_id)?;
+        let have_tar =
+            store.content().size(&diff).is_ok() && store.meta().has_blob(&diff).unwrap_or(false);
+        if !have_tar {
+            self.fetch(r)?;
+            if r.desc.digest != r.rec.diff_id {
+                let f = store
+                    .content()
+                    .open(&cd(&r.desc.digest)?)
+                    .map_err(|e| e.to_string())?;
+                let mut tar = decompress_auto(f).map_err(|e| s("decompress", e))?;
+                let mut w = store.content().writer().map_err(|e| e.to_string())?;
+                std::io::copy(&mut tar, &mut w).map_err(|e| s("decompress", e))?;
+                store
+                    .commit_blob(w, Some(&diff), None, Some(media_types::OCI_LAYER))
+                    .map_err(|e| s("layer content does not match its diffID", e))?;
+                // Remember the compressed form: pushing it again needs no
+                // recompression.
+                let memo = match r.desc.media_type.as_str() {
+                    media_types::OCI_LAYER_GZIP | media_types::DOCKER_LAYER_GZIP => {
+                        Some((Compression::Gzip, GZIP_DEFAULT_LEVEL))
+                    }
+                    media_types::OCI_LAYER_ZSTD => Some((Compression::Zstd, ZSTD_DEFAULT_LEVEL)),
+                    _ => None,
+                };
+                if let Some((c, level)) = memo {
+                    let _ = store.meta().put_layer_blob(
+                        &diff,
+                        &c.to_string(),
+                        level,
+                        &cd(&r.desc.digest)?,
+                    );
+                }
+            }
+        }
+        let content = store.content();
+        kiln_cache::apply_into(
+            self.sn(),
+            &r.rec.chain_id,
+            r.rec.parent_chain_id.as_deref(),
+            |dir, mode| {
+                let f = content.open(&diff)?;
+                let mode = match mode {
+                    kiln_cache::ApplyMode::Overlay => kiln_image::apply::WhiteoutMode::Overlay,
+                    kiln_cache::ApplyMode::Delete => kiln_image::apply::WhiteoutMode::Delete,
+                };
+                kiln_image::apply::apply_layer(f, dir, mode)
+                    .map_err(|e| kiln_cache::Error::InvalidState(s("apply layer", e)))?;
+                Ok(diff.clone())
+            },
+        )
+        .map_err(|e| s("applying", e))?;
+        let _ = store.meta().add_blob_snapshot(&diff, &r.rec.chain_id);
+        store
+            .meta()
+            .cache_put(
+                &r.rec.key,
+                Some(&r.rec.chain_id),
+                Some(&diff),
+                std::slice::from_ref(&diff),
+            )
+            .map_err(|e| s("cache index", e))
+    }
+
+    fn parent_of(&self, snapshot: &str) -> Option<String> {
+        self.sn().stat(snapshot).ok().and_then(|i| i.parent)
+    }
+
+    /// The records to export and their layer blobs (gzip), everything
+    /// materialised locally first.
+    fn collect(
+        &self,
+        mode: CacheMode,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<(CacheConfig, Vec<Descriptor>), String> {
+        let finals: HashSet<String> = self
+            .final_layers
+            .lock()
+            .map_err(|_| "lock poisoned")?
+            .iter()
+            .cloned()
+            .collect();
+        let seen: Vec<(String, Seen)> = self
+            .seen
+            .lock()
+            .map_err(|_| "lock poisoned")?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let store = self.store();
+        let mut layers: Vec<Descriptor> = Vec::new();
+        let mut records = Vec::new();
+        for (key, sn) in seen {
+            if mode == CacheMode::Min && !finals.contains(&sn.snapshot) {
+                continue;
+            }
+            self.materialize(&sn.snapshot)?;
+            let diff = cd(&sn.diff_id)?;
+            let size = store.content().size(&diff).map_err(|e| s("layer", e))?;
+            let plain = Descriptor::new(media_types::OCI_LAYER, sn.diff_id.clone(), size);
+            let desc = encode_one(
+                store,
+                &plain,
+                &sn.diff_id,
+                LayerEncoding::default(),
+                progress,
+            )?;
+            let layer = match layers.iter().position(|d| d.digest == desc.digest) {
+                Some(i) => i,
+                None => {
+                    layers.push(desc);
+                    layers.len() - 1
+                }
+            };
+            records.push(CacheRecord {
+                key,
+                layer,
+                diff_id: sn.diff_id.clone(),
+                parent_chain_id: self.parent_of(&sn.snapshot),
+                chain_id: sn.snapshot,
+                created: sn.created,
+            });
+        }
+        Ok((
+            CacheConfig {
+                schema_version: 1,
+                records,
+            },
+            layers,
+        ))
+    }
+
+    fn cache_manifest(
+        &self,
+        cfg: &CacheConfig,
+        layers: Vec<Descriptor>,
+    ) -> Result<(RawManifest, Descriptor), String> {
+        let cbytes = serde_json::to_vec(cfg).map_err(|e| s("cache config", e))?;
+        self.store()
+            .put_bytes(&cbytes, Some(CACHE_CONFIG_MEDIA_TYPE))
+            .map_err(|e| s("storing the cache config", e))?;
+        let config = Descriptor::of_bytes(CACHE_CONFIG_MEDIA_TYPE, &cbytes);
+        let m = ImageManifest {
+            schema_version: 2,
+            media_type: Some(media_types::OCI_MANIFEST.to_string()),
+            artifact_type: Some(CACHE_CONFIG_MEDIA_TYPE.to_string()),
+            config: config.clone(),
+            layers,
+            subject: None,
+            annotations: None,
+        };
+        let raw = m.to_raw().map_err(|e| s("cache manifest", e))?;
+        self.store()
+            .put_bytes(&raw.bytes, Some(&raw.media_type))
+            .map_err(|e| s("storing the cache manifest", e))?;
+        Ok((raw, config))
+    }
+
+    /// `--cache-to type=registry,ref=REF`: layers and the cache manifest
+    /// pushed to `reference` (blobs the registry has are not uploaded).
+    pub fn export_registry(
+        &self,
+        reference: &str,
+        mode: CacheMode,
+        jobs: usize,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<ExportSummary, String> {
+        let name = kiln_cache::normalize_reference(reference).map_err(|e| s(reference, e))?;
+        let r = Reference::parse(&name).map_err(|e| s(reference, e))?;
+        let reg = Registry::new(&r.registry, &self.registry).map_err(|e| e.to_string())?;
+        let (cfg, layers) = self.collect(mode, progress)?;
+        let (raw, config) = self.cache_manifest(&cfg, layers.clone())?;
+        let mut blobs = layers.clone();
+        blobs.push(config);
+        let written = AtomicUsize::new(0);
+        let count = |t: Transfer| {
+            if matches!(t, Transfer::Done(..)) {
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        let source = StoreSource {
+            store: self.store(),
+            mounts: HashMap::new(),
+        };
+        reg.push_blobs(&r.repository, &blobs, &source, jobs, &count)
+            .map_err(|e| e.to_string())?;
+        let tag = r.tag.clone().unwrap_or_else(|| "latest".to_string());
+        let digest = reg
+            .put_manifest(&r.repository, &tag, &raw)
+            .map_err(|e| e.to_string())?;
+        Ok(ExportSummary {
+            records: cfg.records.len(),
+            layers: layers.len(),
+            written: written.into_inner(),
+            manifest: Some(digest),
+        })
+    }
+
+    /// `--cache-to type=local,dest=DIR`: the cache manifest in an OCI
+    /// layout directory, named `tag` in its `index.json`.
+    pub fn export_local(
+        &self,
+        dir: &Path,
+        tag: &str,
+        mode: CacheMode,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<ExportSummary, String> {
+        let (cfg, layers) = self.collect(mode, progress)?;
+        let (raw, config) = self.cache_manifest(&cfg, layers.clone())?;
+        let io = |e: std::io::Error| s(&dir.display().to_string(), e);
+        std::fs::create_dir_all(dir.join("blobs").join("sha256")).map_err(io)?;
+        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io)?;
+        let mut written = 0;
+        let mut blobs = layers.clone();
+        blobs.push(config);
+        blobs.push(raw.descriptor());
+        for b in &blobs {
+            let path = blob_path(dir, &b.digest);
+            if std::fs::metadata(&path).is_ok_and(|m| m.len() == b.size) {
+                continue;
+            }
+            let mut src = self
+                .store()
+                .content()
+                .open(&cd(&b.digest)?)
+                .map_err(|e| s(&format!("blob {}", b.digest), e))?;
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            std::io::copy(&mut src, &mut f).map_err(io)?;
+            f.sync_all().map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            written += 1;
+        }
+        let index_path = dir.join("index.json");
+        let mut index = match std::fs::read(&index_path) {
+            Ok(b) => serde_json::from_slice::<ImageIndex>(&b)
+                .map_err(|e| s(&index_path.display().to_string(), e))?,
+            Err(_) => ImageIndex::new(Vec::new()),
+        };
+        index
+            .manifests
+            .retain(|d| ref_name(d).is_none_or(|n| n != tag));
+        let mut desc = raw.descriptor();
+        desc.artifact_type = Some(CACHE_CONFIG_MEDIA_TYPE.to_string());
+        desc.annotations = Some([(ANNOTATION_REF_NAME.to_string(), tag.to_string())].into());
+        index.manifests.push(desc);
+        let bytes = index.to_bytes().map_err(|e| s("index.json", e))?;
+        let tmp = dir.join("index.json.tmp");
+        std::fs::write(&tmp, bytes).map_err(io)?;
+        std::fs::rename(&tmp, &index_path).map_err(io)?;
+        Ok(ExportSummary {
+            records: cfg.records.len(),
+            layers: layers.len(),
+            written,
+            manifest: Some(raw.digest.clone()),
+        })
+    }
+
+    /// `--cache-to type=inline`: re-puts the image pushed as `target`
+    /// (stored manifest `manifest_digest`, encoded per `enc` as the push
+    /// did) with the records of its own layers in an annotation.
+    pub fn push_inline(
+        &self,
+        manifest_digest: &str,
+        target: &str,
+        enc: LayerEncoding,
+    ) -> Result<ExportSummary, String> {
+        let store = self.store();
+        let finals = self
+            .final_layers
+            .lock()
+            .map_err(|_| "lock poisoned")?
+            .clone();
+        let seen = self.seen.lock().map_err(|_| "lock poisoned")?.clone();
+        let mut records = Vec::new();
+        for (i, snap) in finals.iter().enumerate() {
+            for (key, sn) in seen.iter().filter(|(_, sn)| &sn.snapshot == snap) {
+                records.push(CacheRecord {
+                    key: key.clone(),
+                    layer: i,
+                    diff_id: sn.diff_id.clone(),
+                    chain_id: snap.clone(),
+                    parent_chain_id: self.parent_of(snap),
+                    created: sn.created,
+                });
+            }
+        }
+        let cfg = CacheConfig {
+            schema_version: 1,
+            records,
+        };
+        let md: kiln_cache::Digest = manifest_digest.parse().map_err(|e| s(manifest_digest, e))?;
+        let local = RawManifest::new(
+            store.content().read(&md).map_err(|e| s("manifest", e))?,
+            None,
+        )
+        .map_err(|e| s("manifest", e))?;
+        let encoded = encode_image(store, &local, enc, 4, &|_| {})?;
+        let mut m = encoded.manifest().map_err(|e| s("manifest", e))?;
+        m.annotations.get_or_insert_with(BTreeMap::new).insert(
+            INLINE_ANNOTATION.to_string(),
+            serde_json::to_string(&cfg).map_err(|e| s("inline cache", e))?,
+        );
+        let raw = m.to_raw().map_err(|e| s("manifest", e))?;
+        store
+            .put_bytes(&raw.bytes, Some(&raw.media_type))
+            .map_err(|e| s("storing the manifest", e))?;
+        let name = kiln_cache::normalize_reference(target).map_err(|e| s(target, e))?;
+        let r = Reference::parse(&name).map_err(|e| s(target, e))?;
+        let reg = Registry::new(&r.registry, &self.registry).map_err(|e| e.to_string())?;
+        let tag = r.tag.clone().unwrap_or_else(|| "latest".to_string());
+        let digest = reg
+            .put_manifest(&r.repository, &tag, &raw)
+            .map_err(|e| e.to_string())?;
+        Ok(ExportSummary {
+            records: cfg.records.len(),
+            layers: m.layers.len(),
+            written: 0,
+            manifest: Some(digest),
+        })
+    }
+}
+
+fn is_cache_manifest(m: &ImageManifest) -> bool {
+    m.config.media_type == CACHE_CONFIG_MEDIA_TYPE
+        || m.artifact_type.as_deref() == Some(CACHE_CONFIG_MEDIA_TYPE)
+}
+
+fn ref_name(d: &Descriptor) -> Option<&str> {
+    d.annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_REF_NAME))
+        .map(String::as_str)
+}
+
+/// The manifest named `tag` in the OCI layout `dir` (the last one when
+/// none has that name and there is just one), verified.
+fn read_layout_manifest(dir: &Path, tag: &str) -> Result<RawManifest, String> {
+    let path = dir.join("index.json");
+    let bytes = std::fs::read(&path).map_err(|e| s(&path.display().to_string(), e))?;
+    let index: ImageIndex =
+        serde_json::from_slice(&bytes).map_err(|e| s(&path.display().to_string(), e))?;
+    let d = index
+        .manifests
+        .iter()
+        .rev()
+        .find(|d| ref_name(d) == Some(tag))
+        .or(if index.manifests.len() == 1 {
+            index.manifests.first()
+        } else {
+            None
+        })
+        .ok_or_else(|| format!("{}: no cache named {tag:?}", dir.display()))?;
+    let bytes = read_layout_blob(dir, &d.digest, 4 << 20)?;
+    RawManifest::new(bytes, Some(&d.media_type)).map_err(|e| s("manifest", e))
+}
+
+impl Backend for RemoteCacheBackend {
+    fn resolve_image(&self, reference: &str) -> BackendResult<Option<BaseImage>> {
+        self.inner.resolve_image(reference)
+    }
+
+    fn cache_get(&self, key: &str) -> BackendResult<Option<LayerRecord>> {
+        let hit = match self.inner.cache_get(key)? {
+            Some(l) => Some(l),
+            None => self.remote_hit(key)?,
+        };
+        if let Some(l) = &hit {
+            self.note(key, l);
+        }
+        Ok(hit)
+    }
+
+    fn prepare(&self, parent: Option<&str>) -> BackendResult<Active> {
+        if let Some(p) = parent {
+            self.materialize(p)?;
+        }
+        self.inner.prepare(parent)
+    }
+
+    fn commit(&self, active: Active, key: &str, opts: &DiffOptions) -> BackendResult<LayerRecord> {
+        let l = self.inner.commit(active, key, opts)?;
+        self.note(key, &l);
+        Ok(l)
+    }
+
+    fn abort(&self, active: Active) {
+        self.inner.abort(active)
+    }
+
+    fn layer_dirs(&self, snapshot: &str) -> BackendResult<Vec<PathBuf>> {
+        self.materialize(snapshot)?;
+        self.inner.layer_dirs(snapshot)
+    }
+
+    fn hash_cache(&self) -> &dyn HashCache {
+        self.inner.hash_cache()
+    }
+
+    fn export(
+        &self,
+        config: &ImageConfig,
+        layers: &[LayerRecord],
+        tags: &[String],
+    ) -> BackendResult<Exported> {
+        let was_pending: HashSet<String> = self
+            .pending
+            .lock()
+            .map_err(|_| "lock poisoned")?
+            .keys()
+            .cloned()
+            .collect();
+        let mut fixed = Vec::with_capacity(layers.len());
+        for l in layers {
+            let mut l = l.clone();
+            if was_pending.contains(&l.snapshot) {
+                self.materialize(&l.snapshot)?;
+                l.size = self
+                    .store()
+                    .content()
+                    .size(&cd(&l.diff_id)?)
+                    .map_err(|e| s("layer blob", e))?;
+            }
+            fixed.push(l);
+        }
+        if let Ok(mut f) = self.final_layers.lock() {
+            *f = fixed.iter().map(|l| l.snapshot.clone()).collect();
+        }
+        self.inner.export(config, &fixed, tags)
+    }
+
+    fn cache_mount(
+        &self,
+        id: &str,
+        sharing: kiln_cache::CacheSharing,
+    ) -> BackendResult<CacheMountHold> {
+        self.inner.cache_mount(id, sharing)
+    }
+
+    fn scratch_dir(&self) -> PathBuf {
+        self.inner.scratch_dir()
+    }
+
+    fn stack_layer(
+        &self,
+        parent: Option<&str>,
+        layer: &LayerRecord,
+        key: &str,
+    ) -> BackendResult<LayerRecord> {
+        if let Some(p) = parent {
+            self.materialize(p)?;
+        }
+        self.materialize(&layer.snapshot)?;
+        let l = self.inner.stack_layer(parent, layer, key)?;
+        self.note(key, &l);
+        Ok(l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_round_trips_with_documented_field_names() {
+        let d = Digest::sha256_of(b"layer");
+        let cfg = CacheConfig {
+            schema_version: 1,
+            records: vec![CacheRecord {
+                key: "sha256:00".into(),
+                layer: 0,
+                diff_id: d.clone(),
+                chain_id: chain_id(Some("sha256:11"), d.as_str()),
+                parent_chain_id: Some("sha256:11".into()),
+                created: 1_700_000_000,
+            }],
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&serde_json::to_vec(&cfg).unwrap()).unwrap();
+        assert_eq!(v["schemaVersion"], 1);
+        assert_eq!(v["records"][0]["diffID"], d.as_str());
+        assert_eq!(v["records"][0]["parentChainID"], "sha256:11");
+        let back: CacheConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(back, cfg);
+    }
+}
