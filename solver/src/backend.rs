@@ -88,6 +88,11 @@ pub type BackendResult<T> = Result<T, String>;
 
 /// The solver's view of the store. Methods block: call them from
 /// `spawn_blocking`.
+///
+/// [`crate::remote_cache::RemoteCacheBackend`] wraps the store backend and
+/// forwards every method: a method added here needs a forwarding there too
+/// (a default implementation would otherwise answer for `--cache-from`
+/// builds).
 pub trait Backend: Send + Sync + 'static {
     /// Finds `reference` (normalised Docker-style) in the local store and
     /// makes sure its layers are unpacked into snapshots.
