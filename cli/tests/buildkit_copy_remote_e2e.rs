@@ -437,3 +437,111 @@ fn add_http_url_names_modes_mtime_checksum_unpack_and_cache() {
     let err = build_fails(&k, bad.path(), &[]);
     assert!(err.contains("404"), "{err}");
 }
+
+/// Runs git in `dir`, asserting success; stdout.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let o = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
+        .output()
+        .expect("git");
+    assert!(
+        o.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// git is needed: under CI=true its absence fails the test.
+fn have_git() -> bool {
+    let ok = std::process::Command::new("git")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        let msg = "git tests need the git command (apt-get install git)";
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("{msg}");
+        }
+        eprintln!("{msg}: not run");
+    }
+    ok
+}
+
+/// A bare repository under `root/repo.git` served dumb-HTTP style: tag
+/// `v1` has `sub/f` = "one", branch `main` then moves on to "two".
+fn git_repo(root: &Path) -> String {
+    let work = root.join("work");
+    std::fs::create_dir_all(work.join("sub")).expect("mkdir");
+    git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(work.join("sub/f"), "one").expect("write");
+    std::fs::write(work.join("top"), "top").expect("write");
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-q", "-m", "one"]);
+    git(&work, &["tag", "v1"]);
+    let v1 = git(&work, &["rev-parse", "HEAD"]);
+    std::fs::write(work.join("sub/f"), "two").expect("write");
+    git(&work, &["commit", "-q", "-am", "two"]);
+    let bare = root.join("repo.git");
+    git(
+        root,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            work.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+    );
+    git(&bare, &["update-server-info"]);
+    v1
+}
+
+#[test]
+fn add_git_repository_at_ref_and_subdir_with_keep_git_dir() {
+    if !prerequisites() || !have_git() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let v1 = git_repo(root.path());
+    let srv = Server::start(Some(root.path().to_path_buf()));
+    let repo = srv.url("/repo.git");
+    let k = Kiln::with_busybox();
+    let df = format!(
+        "FROM busybox\n\
+         ADD {repo}#v1:sub /at-tag/\n\
+         ADD {repo} /head/\n\
+         ADD {repo}#{short}:sub /at-commit/\n\
+         ADD --keep-git-dir=true {repo}#main /kept/\n\
+         ADD --checksum={v1} {repo}#v1 /summed/\n",
+        short = &v1[..12],
+    );
+    let ctx = context(&[("Dockerfile", &df)]);
+    k.build(ctx.path(), &["-t", "git:1"]);
+    assert_eq!(
+        sh(
+            &k,
+            "git:1",
+            "cd / && ls -A at-tag head kept | tr '\\n' ' '; echo; cat at-tag/f head/sub/f at-commit/f summed/sub/f; test -d kept/.git && test ! -e head/.git && echo ok"
+        ),
+        "at-tag: f  head: sub top  kept: .git sub top \nonetwooneoneok\n"
+    );
+    // A checksum that is not the commit fails clearly.
+    let bad = context(&[(
+        "Dockerfile",
+        &format!("FROM busybox\nADD --checksum=0000000 {repo}#v1 /x/\n"),
+    )]);
+    let err = build_fails(&k, bad.path(), &[]);
+    assert!(err.contains("checksum mismatch"), "{err}");
+    // An unchanged repository is a cache hit.
+    let p = build_progress(&k, ctx.path(), &["-t", "git:2"]);
+    assert!(step_cached(&p, "ADD --keep-git-dir"), "{p}");
+    assert_eq!(layers(&k, "git:1"), layers(&k, "git:2"));
+}

@@ -1270,9 +1270,9 @@ impl Ctx {
         } else {
             (sources.clone(), Vec::new())
         };
-        let picks: Vec<(PathBuf, String)> = fetched
+        let picks: Vec<(PathBuf, String, bool)> = fetched
             .iter()
-            .map(|f| (f.dir.path().to_path_buf(), f.select.clone()))
+            .map(|f| (f.dir.path().to_path_buf(), f.select.clone(), f.hash_content))
             .collect();
         let mut key = KeyHasher::new(if spec.add { "add" } else { "copy" });
         for f in &fetched {
@@ -1326,17 +1326,20 @@ impl Ctx {
             hash_selection(&mut key, &all, backend.hash_cache(), !from_context)
                 .map_err(|e| e.to_string())?;
             let mut fetched_sel: Vec<Selection> = Vec::new();
-            for (dir, pick) in &picks {
+            for (dir, pick, hash_content) in &picks {
                 let v = LayerView::new(vec![dir.clone()], true);
                 let sel = Selector {
                     view: &v,
                     ignore: None,
                     exclude: exclude.as_ref(),
                 };
-                fetched_sel.extend(sel.select(pick).map_err(|e| e.to_string())?);
+                let picked = sel.select(pick).map_err(|e| e.to_string())?;
+                if *hash_content {
+                    hash_selection(&mut key, &picked, &crate::copy::NoHashCache, false)
+                        .map_err(|e| e.to_string())?;
+                }
+                fetched_sel.extend(picked);
             }
-            hash_selection(&mut key, &fetched_sel, &crate::copy::NoHashCache, false)
-                .map_err(|e| e.to_string())?;
             Ok(((all, fetched_sel), key.finish()))
         })
         .await

@@ -53,6 +53,10 @@ pub struct Fetched {
     /// What identifies the source besides its content (the commit of a
     /// repository), for the step's key.
     pub identity: String,
+    /// Whether the key must also cover the fetched content (a download);
+    /// a repository is keyed by its commit alone (a kept `.git` differs
+    /// from clone to clone).
+    pub hash_content: bool,
 }
 
 fn http_agent() -> ureq::Agent {
@@ -149,6 +153,7 @@ pub fn fetch_http(url: &str, scratch: &Path, checksum: Option<&str>) -> Result<F
         dir,
         select: format!("/{name}"),
         identity: format!("sha256:{got}"),
+        hash_content: true,
     })
 }
 
@@ -343,6 +348,7 @@ pub fn fetch_git(
             r.remote,
             r.subdir.unwrap_or_default()
         ),
+        hash_content: false,
     })
 }
 
