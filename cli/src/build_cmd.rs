@@ -85,6 +85,11 @@ pub struct BuildArgs {
     /// run with every capability; repeatable.
     #[arg(long = "allow", value_name = "ENTITLEMENT")]
     allow: Vec<String>,
+    /// A named context for `FROM NAME` and `COPY --from=NAME`:
+    /// `NAME=DIR`, `NAME=docker-image://REF` or
+    /// `NAME=oci-layout://PATH[:TAG]`; repeatable.
+    #[arg(long = "build-context", value_name = "NAME=VALUE")]
+    build_contexts: Vec<String>,
     /// Run the Dockerfile lint rules (BuildKit's checks) and report them
     /// with their lines, without building.
     #[arg(long)]
@@ -232,6 +237,11 @@ fn options(a: &BuildArgs) -> anyhow::Result<(BuildOptions, String)> {
             }
         }
     }
+    let mut named_contexts = BTreeMap::new();
+    for c in &a.build_contexts {
+        let (n, v) = kiln_solver::contexts::parse_build_context(c).map_err(usage)?;
+        named_contexts.insert(n, v);
+    }
     Ok((
         BuildOptions {
             dockerfile: text,
@@ -252,6 +262,7 @@ fn options(a: &BuildArgs) -> anyhow::Result<(BuildOptions, String)> {
             secrets,
             ssh,
             allow_insecure,
+            named_contexts,
         },
         name,
     ))

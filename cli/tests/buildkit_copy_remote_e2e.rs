@@ -545,3 +545,58 @@ fn add_git_repository_at_ref_and_subdir_with_keep_git_dir() {
     assert!(step_cached(&p, "ADD --keep-git-dir"), "{p}");
     assert_eq!(layers(&k, "git:1"), layers(&k, "git:2"));
 }
+
+#[test]
+fn build_context_names_a_directory_or_an_image_for_from_and_copy_from() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let extra = context(&[("data.txt", "from a named dir"), ("skip.txt", "s")]);
+    let ctx = context(&[
+        (
+            "Dockerfile",
+            "FROM alpine AS a\n\
+             COPY --from=files data.txt /d.txt\n\
+             COPY --from=img /etc/group /g\n\
+             RUN stat -c '%u %n' /d.txt > /owner\n",
+        ),
+        (".dockerignore", "data.txt\n"),
+    ]);
+    let files = format!("files={}", extra.path().display());
+    let args = [
+        "-t",
+        "named:1",
+        "--build-context",
+        "alpine=docker-image://busybox:latest",
+        "--build-context",
+        &files,
+        "--build-context",
+        "img=docker-image://busybox",
+    ];
+    k.build(ctx.path(), &args);
+    assert_eq!(
+        sh(&k, "named:1", "cat /d.txt; echo; cat /owner; head -1 /g"),
+        "from a named dir\n0 /d.txt\nroot:x:0:\n"
+    );
+    // Changing the named directory's content changes the COPY.
+    std::fs::write(extra.path().join("data.txt"), "changed").expect("write");
+    k.build(ctx.path(), &args);
+    assert_eq!(sh(&k, "named:1", "cat /d.txt"), "changed");
+    // Kinds that are not supported yet say so.
+    let err = build_fails(
+        &k,
+        ctx.path(),
+        &[
+            "--build-context",
+            "alpine=oci-layout:///nonexistent/layout:v1",
+        ],
+    );
+    assert!(err.contains("not supported yet"), "{err}");
+    let err = build_fails(
+        &k,
+        ctx.path(),
+        &["--build-context", &files.replace("files=", "alpine=")],
+    );
+    assert!(err.contains("not supported yet"), "{err}");
+}

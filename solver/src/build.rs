@@ -28,6 +28,7 @@ use crate::progress::{Event, Progress};
 
 mod link;
 mod mounts;
+mod named;
 mod remote_src;
 pub use mounts::{parse_secret_flag, parse_ssh_flag, SecretSource};
 
@@ -64,6 +65,8 @@ pub struct BuildOptions {
     /// `--allow security.insecure`: `RUN --security=insecure` may run with
     /// every capability.
     pub allow_insecure: bool,
+    /// `--build-context`: names `FROM` and `--from` resolve to first.
+    pub named_contexts: BTreeMap<String, crate::contexts::NamedContext>,
 }
 
 /// What a build produced.
@@ -538,6 +541,7 @@ impl Ctx {
         reference: &str,
         line: usize,
     ) -> Result<Arc<StageState>, BuildError> {
+        let reference = &*self.named_image(reference, line)?;
         let cell = {
             let mut m = self
                 .images
@@ -1197,7 +1201,14 @@ impl Ctx {
     ) -> Result<LayerView, BuildError> {
         let state = match plan::resolve_source(&self.df, stage, from) {
             Source::Stage(j) => self.stage_result(j).await.map_err(unwrap_arc)?,
-            Source::Image(r) => self.image_state(&r, line).await?,
+            Source::Image(r) => {
+                if let Some(crate::contexts::NamedContext::Dir(d)) =
+                    self.opts.named_contexts.get(&r)
+                {
+                    return Ok(LayerView::new(vec![d.clone()], true));
+                }
+                self.image_state(&r, line).await?
+            }
         };
         let Some(top) = state.top().map(str::to_string) else {
             return Ok(LayerView::new(Vec::new(), false));
@@ -1249,6 +1260,14 @@ impl Ctx {
                     .map_err(|e| BuildError::at(line, format!("--exclude: {e}")))?,
             )
         };
+        // A named directory context is read like the build context (files
+        // owned by root), without the context's .dockerignore.
+        let named_dir = spec.from.as_ref().is_some_and(|f| {
+            matches!(
+                self.opts.named_contexts.get(f),
+                Some(crate::contexts::NamedContext::Dir(_))
+            )
+        });
         let (view, from_context) = match &spec.from {
             Some(f) => (self.source_view(stage, f, line).await?, false),
             None => (LayerView::new(vec![self.opts.context.clone()], true), true),
@@ -1323,8 +1342,13 @@ impl Ctx {
                     all.extend(selector.select(s).map_err(|e| e.to_string())?);
                 }
             }
-            hash_selection(&mut key, &all, backend.hash_cache(), !from_context)
-                .map_err(|e| e.to_string())?;
+            hash_selection(
+                &mut key,
+                &all,
+                backend.hash_cache(),
+                !from_context && !named_dir,
+            )
+            .map_err(|e| e.to_string())?;
             let mut fetched_sel: Vec<Selection> = Vec::new();
             for (dir, pick, hash_content) in &picks {
                 let v = LayerView::new(vec![dir.clone()], true);
@@ -1369,7 +1393,7 @@ impl Ctx {
         );
         let opts = CopyOptions {
             owner: None,
-            keep_owner: !from_context,
+            keep_owner: !from_context && !named_dir,
             chmod,
             clamp_mtime: self.opts.source_date_epoch,
         };

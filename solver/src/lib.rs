@@ -22,6 +22,7 @@ pub mod archive;
 pub mod backend;
 pub mod build;
 pub mod chmod;
+pub mod contexts;
 pub mod copy;
 pub mod error;
 pub mod flatten;

@@ -1,0 +1,70 @@
+//! Named build contexts (`kiln build --build-context NAME=VALUE`): a name
+//! that `FROM NAME` and `COPY --from=NAME` resolve to before stages'
+//! images are looked up — a local directory, or another image
+//! (`docker-image://REF`). `oci-layout://PATH[:TAG]` is parsed but not
+//! supported yet.
+
+use std::path::PathBuf;
+
+/// What a named context stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamedContext {
+    /// A local directory (read like the main build context).
+    Dir(PathBuf),
+    /// An image reference, resolved like a `FROM` image.
+    Image(String),
+    /// An OCI image layout directory and optional tag.
+    OciLayout(PathBuf, Option<String>),
+}
+
+/// Parses `NAME=DIR|docker-image://REF|oci-layout://PATH[:TAG]`.
+pub fn parse_build_context(s: &str) -> Result<(String, NamedContext), String> {
+    let (name, value) = s
+        .split_once('=')
+        .filter(|(n, v)| !n.is_empty() && !v.is_empty())
+        .ok_or_else(|| format!("invalid --build-context {s:?}: expected NAME=VALUE"))?;
+    let ctx = if let Some(r) = value.strip_prefix("docker-image://") {
+        NamedContext::Image(r.to_string())
+    } else if let Some(p) = value.strip_prefix("oci-layout://") {
+        // The tag follows the last ':' after the last '/'.
+        let slash = p.rfind('/').map_or(0, |i| i + 1);
+        match p[slash..].rfind(':') {
+            Some(i) => NamedContext::OciLayout(
+                PathBuf::from(&p[..slash + i]),
+                Some(p[slash + i + 1..].to_string()),
+            ),
+            None => NamedContext::OciLayout(PathBuf::from(p), None),
+        }
+    } else if value.contains("://") {
+        return Err(format!(
+            "--build-context {name}={value}: this kind of context is not supported yet (use a directory, docker-image:// or oci-layout://)"
+        ));
+    } else {
+        let p = PathBuf::from(value);
+        if !p.is_dir() {
+            return Err(format!("--build-context {name}={value}: not a directory"));
+        }
+        NamedContext::Dir(p)
+    };
+    Ok((name.to_string(), ctx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kinds() {
+        assert_eq!(
+            parse_build_context("base=docker-image://busybox:1.36").unwrap(),
+            ("base".into(), NamedContext::Image("busybox:1.36".into()))
+        );
+        assert_eq!(
+            parse_build_context("l=oci-layout:///tmp/lay:v1").unwrap().1,
+            NamedContext::OciLayout("/tmp/lay".into(), Some("v1".into()))
+        );
+        assert!(parse_build_context("x").is_err());
+        assert!(parse_build_context("x=/definitely/not/here").is_err());
+        assert!(parse_build_context("x=https://h/a.tar").is_err());
+    }
+}
