@@ -1305,13 +1305,11 @@ impl Ctx {
             .field(chmod.as_ref().map(|m| m.to_string()).unwrap_or_default())
             .fields(&excludes);
         match &spec.from {
-            Some(f) => {
-                let top = view
-                    .layers()
-                    .first()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default();
-                key.field("from").field(f).field(top);
+            Some(_) => {
+                // The selected files' content and metadata are hashed below:
+                // no local path may enter the key (it must match on
+                // another machine sharing the cache).
+                key.field("from");
             }
             None => {
                 key.field("context");
