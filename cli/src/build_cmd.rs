@@ -126,6 +126,12 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 /// normalised, values checked).
 fn options(a: &BuildArgs) -> anyhow::Result<(BuildOptions, String)> {
     let context = a.context.clone();
+    let spelled = context.to_string_lossy();
+    if spelled == "-" || spelled.contains("://") || spelled.starts_with("git@") {
+        return Err(usage(format!(
+            "build context {spelled:?}: a tar archive on stdin, a git repository or an http(s) URL as the context is not supported yet; pass a directory"
+        )));
+    }
     if !context.is_dir() {
         return Err(usage(format!(
             "unable to prepare context: path {:?} not found or not a directory",

@@ -600,3 +600,18 @@ fn build_context_names_a_directory_or_an_image_for_from_and_copy_from() {
     );
     assert!(err.contains("not supported yet"), "{err}");
 }
+
+#[test]
+fn contexts_beyond_a_directory_are_reported_as_not_supported_yet() {
+    let k = Kiln::new();
+    for c in [
+        "-",
+        "https://127.0.0.1:1/ctx.tar",
+        "https://127.0.0.1:1/r.git#main",
+    ] {
+        let o = k.run(&["build", c]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{c}: {err}");
+        assert!(err.contains("not supported yet"), "{c}: {err}");
+    }
+}
