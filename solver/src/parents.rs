@@ -41,7 +41,13 @@ pub fn select_parents(sel: &Selector<'_>, sources: &[String]) -> Result<Selectio
             format!("{pivot_resolved}/")
         };
         for m in matched {
-            let Some(rel) = m.path.strip_prefix(&prefix).map(str::to_string) else {
+            // `x/./` selects the pivot itself: its contents, no parents.
+            let rel = if m.path == pivot_resolved {
+                Some(String::new())
+            } else {
+                m.path.strip_prefix(&prefix).map(str::to_string)
+            };
+            let Some(rel) = rel else {
                 return Err(CopyError::Io(
                     src.clone(),
                     std::io::Error::other(format!(
@@ -72,6 +78,8 @@ pub fn select_parents(sel: &Selector<'_>, sources: &[String]) -> Result<Selectio
             for e in m.entries {
                 let r = if e.rel.is_empty() {
                     rel.clone()
+                } else if rel.is_empty() {
+                    e.rel.clone()
                 } else {
                     format!("{rel}/{}", e.rel)
                 };
