@@ -268,7 +268,27 @@ impl Write for BlobWriter {
             .as_mut()
             .ok_or_else(|| io::Error::other("blob writer already committed"))?;
         let n = f.write(buf)?;
+        let before = self.hasher.len();
         self.hasher.update(&buf[..n]);
+        // Start writeback of every finished 8 MiB window now, so the
+        // fsync at commit waits for little and large layers stream to
+        // disk while they are produced.
+        const WINDOW: u64 = 8 << 20;
+        let after = self.hasher.len();
+        if after / WINDOW > before / WINDOW {
+            use std::os::fd::AsRawFd;
+            let end = (after / WINDOW) * WINDOW;
+            // SAFETY: a plain syscall on our own open descriptor; failure
+            // only means no early writeback.
+            unsafe {
+                libc::sync_file_range(
+                    f.as_raw_fd(),
+                    (end - WINDOW) as libc::off64_t,
+                    WINDOW as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        }
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {

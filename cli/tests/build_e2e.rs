@@ -595,3 +595,46 @@ fn iidfile_labels_network_and_resource_limits() {
     let o = k.run(&["build", "--memory", "16m", mem.path().to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1), "--memory is enforced");
 }
+
+#[test]
+fn changed_file_costs_that_file_unchanged_ones_are_hard_linked() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let mut files: Vec<(String, String)> = (0..50)
+        .map(|i| (format!("src/f{i}"), format!("content {i}")))
+        .collect();
+    files.push((
+        "Dockerfile".into(),
+        "FROM busybox\nCOPY src/ /app/\n".into(),
+    ));
+    let entries: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let ctx = context(&entries);
+    k.build(ctx.path(), &["-t", "reuse:1"]);
+    std::fs::write(ctx.path().join("src/f7"), "changed").unwrap();
+    k.build(ctx.path(), &["-t", "reuse:1"]);
+    assert_eq!(
+        k.ok(&["run", "reuse:1", "cat", "/app/f7", "/app/f8"]),
+        "changedcontent 8"
+    );
+    // The second COPY layer shares the 49 unchanged files' inodes with the
+    // first one instead of copying their bytes.
+    use std::os::unix::fs::MetadataExt;
+    let mut linked = 0;
+    for snap in std::fs::read_dir(k.root.path().join("snapshots"))
+        .unwrap()
+        .flatten()
+    {
+        let app = snap.path().join("fs/app");
+        for f in std::fs::read_dir(&app).into_iter().flatten().flatten() {
+            if f.metadata().is_ok_and(|m| m.nlink() == 2) {
+                linked += 1;
+            }
+        }
+    }
+    assert_eq!(linked, 2 * 49, "49 files linked in each of the two layers");
+}

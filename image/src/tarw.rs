@@ -49,6 +49,8 @@ pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 pub struct TarWriter<W: Write> {
     out: W,
     written: u64,
+    /// Copy buffer for file data (large reads: few syscalls per file).
+    buf: Vec<u8>,
 }
 
 const BLOCK: usize = 512;
@@ -132,7 +134,11 @@ pub fn parse_pax(mut data: &[u8]) -> io::Result<Xattrs> {
 impl<W: Write> TarWriter<W> {
     /// A writer into `out`.
     pub fn new(out: W) -> Self {
-        TarWriter { out, written: 0 }
+        TarWriter {
+            out,
+            written: 0,
+            buf: Vec::new(),
+        }
     }
 
     /// Bytes written so far.
@@ -280,7 +286,7 @@ impl<W: Write> TarWriter<W> {
         self.raw(&h)?;
         if size > 0 {
             let data = data.ok_or_else(|| io::Error::other("regular file without data"))?;
-            let n = io::copy(&mut data.take(size), &mut CountingWrite(self))?;
+            let n = self.copy_data(data, size)?;
             if n != size {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -295,24 +301,34 @@ impl<W: Write> TarWriter<W> {
         Ok(())
     }
 
+    /// Copies up to `size` bytes of `data` into the archive.
+    fn copy_data(&mut self, data: &mut dyn Read, size: u64) -> io::Result<u64> {
+        const CHUNK: usize = 256 * 1024;
+        let want = usize::try_from(size).unwrap_or(CHUNK).min(CHUNK);
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+        let mut left = size;
+        while left > 0 {
+            let n = usize::try_from(left).unwrap_or(CHUNK).min(self.buf.len());
+            let got = match data.read(&mut self.buf[..n]) {
+                Ok(0) => break,
+                Ok(g) => g,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.out.write_all(&self.buf[..got])?;
+            self.written += got as u64;
+            left -= got as u64;
+        }
+        Ok(size - left)
+    }
+
     /// Write the end-of-archive marker and return the inner writer.
     pub fn finish(mut self) -> io::Result<W> {
         self.raw(&[0u8; BLOCK * 2])?;
         self.out.flush()?;
         Ok(self.out)
-    }
-}
-
-struct CountingWrite<'a, W: Write>(&'a mut TarWriter<W>);
-
-impl<W: Write> Write for CountingWrite<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.0.out.write(buf)?;
-        self.0.written += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.out.flush()
     }
 }
 

@@ -99,6 +99,12 @@ pub trait Backend: Send + Sync + 'static {
     fn resolve_image(&self, reference: &str) -> BackendResult<Option<BaseImage>>;
     /// The layer stored under a cache key, if its snapshot still exists.
     fn cache_get(&self, key: &str) -> BackendResult<Option<LayerRecord>>;
+    /// Records `layer` under one more key (e.g. a COPY's shape key, which
+    /// leads a later run with changed content to the files it can reuse).
+    fn cache_alias(&self, key: &str, layer: &LayerRecord) -> BackendResult<()> {
+        let _ = (key, layer);
+        Ok(())
+    }
     /// A writable snapshot on top of `parent` (`None`: empty).
     fn prepare(&self, parent: Option<&str>) -> BackendResult<Active>;
     /// Turns the writable snapshot into a layer: diff, store the blob,

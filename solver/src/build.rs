@@ -1324,7 +1324,41 @@ impl Ctx {
         let view2 = view.clone();
         let parents = spec.parents;
         key.field(if parents { "parents" } else { "" });
-        let ((selections, fetched_sel), key) = blocking(move || {
+        // A plain COPY from the context may hard-link the files it shares
+        // with its previous run: find that run by the step's shape (the key
+        // without the content).
+        let reusable = from_context && !spec.add && !spec.link && fetched.is_empty();
+        let shape = {
+            let mut k = KeyHasher::new("copy-shape");
+            k.field(&state.key)
+                .field(&dest)
+                .field(if dest_is_dir { "dir" } else { "path" })
+                .field(chown.clone().unwrap_or_default())
+                .field(chmod.as_ref().map(|m| m.to_string()).unwrap_or_default())
+                .fields(&excludes)
+                .fields(&sources)
+                .field(if parents { "parents" } else { "" });
+            k.finish()
+        };
+        let prev = if reusable && !self.opts.no_cache {
+            let backend = self.backend.clone();
+            let sk = shape.clone();
+            blocking(move || {
+                let Some(layer) = backend.cache_get(&sk)? else {
+                    return Ok(None);
+                };
+                let dirs = backend.layer_dirs(&layer.snapshot)?;
+                Ok(dirs
+                    .into_iter()
+                    .next()
+                    .and_then(|d| crate::copy::Reuse::load_index(&d).map(|i| (d, i))))
+            })
+            .await
+            .unwrap_or(None)
+        } else {
+            None
+        };
+        let ((selections, fetched_sel, src_hashes), key) = blocking(move || {
             let selector = Selector {
                 view: &view2,
                 ignore: ignore.as_ref(),
@@ -1340,7 +1374,7 @@ impl Ctx {
                     all.extend(selector.select(s).map_err(|e| e.to_string())?);
                 }
             }
-            hash_selection(
+            let src_hashes = crate::copy::hash_selection_map(
                 &mut key,
                 &all,
                 backend.hash_cache(),
@@ -1362,7 +1396,7 @@ impl Ctx {
                 }
                 fetched_sel.extend(picked);
             }
-            Ok(((all, fetched_sel), key.finish()))
+            Ok(((all, fetched_sel, src_hashes), key.finish()))
         })
         .await
         .map_err(|e| match e {
@@ -1394,6 +1428,13 @@ impl Ctx {
             keep_owner: !from_context && !named_dir,
             chmod,
             clamp_mtime: self.opts.source_date_epoch,
+            reuse: reusable.then(|| {
+                std::sync::Arc::new(crate::copy::Reuse {
+                    src_hashes,
+                    prev,
+                    written: Default::default(),
+                })
+            }),
         };
         let add = spec.add;
         let link = spec.link;
@@ -1420,6 +1461,9 @@ impl Ctx {
             } else {
                 copy_selections(dst, &dest, dest_is_dir, &selections, &opts)
                     .map_err(|e| e.to_string())?;
+                if let (Some(r), Some(top)) = (&opts.reuse, dst.top()) {
+                    r.store_index(top).map_err(|e| e.to_string())?;
+                }
             }
             for (name, data) in &contents {
                 crate::archive::write_inline(
@@ -1443,6 +1487,12 @@ impl Ctx {
             BuildError::Internal(m) => BuildError::at(line, m),
             other => other,
         })?;
+        if reusable {
+            let backend = self.backend.clone();
+            let l = layer.clone();
+            // Best effort: without the alias the next run copies everything.
+            let _ = blocking(move || backend.cache_alias(&shape, &l)).await;
+        }
         push_layer(state, layer, history(&self.created, created_by));
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! contents), hashing exactly what was selected for the cache key, and
 //! writing it into a snapshot's top layer with Docker's destination rules.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -348,6 +348,52 @@ pub fn hash_selection(
     cache: &dyn HashCache,
     keep_owner: bool,
 ) -> Result<(), CopyError> {
+    hash_selection_map(key, selections, cache, keep_owner).map(|_| ())
+}
+
+/// Hashes files not known to the cache, on every core.
+fn hash_files(paths: &[&Path]) -> Result<Vec<[u8; 32]>, CopyError> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
+    if threads < 2 || paths.len() < 16 {
+        return paths.iter().map(|p| sha256_file(p)).collect();
+    }
+    let chunk = paths.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = paths
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|p| sha256_file(p))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(paths.len());
+        for h in handles {
+            let part = h.join().map_err(|_| {
+                CopyError::Io(
+                    "hashing".into(),
+                    io::Error::other("hashing thread panicked"),
+                )
+            })??;
+            out.extend(part);
+        }
+        Ok(out)
+    })
+}
+
+/// [`hash_selection`], also returning each selected file's content
+/// sha256 by host path.
+pub fn hash_selection_map(
+    key: &mut KeyHasher,
+    selections: &[Selection],
+    cache: &dyn HashCache,
+    keep_owner: bool,
+) -> Result<HashMap<PathBuf, [u8; 32]>, CopyError> {
     let mut files: Vec<StatKey> = Vec::new();
     for s in selections {
         for e in &s.entries {
@@ -357,18 +403,23 @@ pub fn hash_selection(
         }
     }
     let known = cache.lookup(&files);
-    let mut hashes: BTreeMap<PathBuf, [u8; 32]> = BTreeMap::new();
-    let mut fresh = Vec::new();
+    let mut hashes: HashMap<PathBuf, [u8; 32]> = HashMap::with_capacity(files.len());
+    let missing: Vec<&StatKey> = files
+        .iter()
+        .zip(&known)
+        .filter(|(_, h)| h.is_none())
+        .map(|(k, _)| k)
+        .collect();
+    let paths: Vec<&Path> = missing.iter().map(|k| k.path.as_path()).collect();
+    let computed = hash_files(&paths)?;
+    let fresh: Vec<(StatKey, [u8; 32])> = missing.into_iter().cloned().zip(computed).collect();
     for (k, h) in files.iter().zip(known) {
-        let h = match h {
-            Some(h) => h,
-            None => {
-                let h = sha256_file(&k.path)?;
-                fresh.push((k.clone(), h));
-                h
-            }
-        };
-        hashes.insert(k.path.clone(), h);
+        if let Some(h) = h {
+            hashes.insert(k.path.clone(), h);
+        }
+    }
+    for (k, h) in &fresh {
+        hashes.insert(k.path.clone(), *h);
     }
     if !fresh.is_empty() {
         cache.store(&fresh);
@@ -395,7 +446,7 @@ pub fn hash_selection(
             }
         }
     }
-    Ok(())
+    Ok(hashes)
 }
 
 fn sha256_file(p: &Path) -> Result<[u8; 32], CopyError> {
@@ -423,6 +474,94 @@ pub struct CopyOptions {
     pub chmod: Option<crate::chmod::Chmod>,
     /// Clamp mtimes to this (SOURCE_DATE_EPOCH).
     pub clamp_mtime: Option<i64>,
+    /// Reuse unchanged files of the previous run of this COPY.
+    pub reuse: Option<std::sync::Arc<Reuse>>,
+}
+
+/// What a COPY from the build context may take over from its previous run
+/// (same destination and options, other content): files whose content hash
+/// and metadata are unchanged are hard-linked from that immutable snapshot
+/// instead of copied, so a rebuild after one changed file costs that file.
+#[derive(Debug, Default)]
+pub struct Reuse {
+    /// Content hash of each selected source file, by host path.
+    pub src_hashes: HashMap<PathBuf, [u8; 32]>,
+    /// The previous run's layer directory and its index (destination path
+    /// -> content hash).
+    pub prev: Option<(PathBuf, HashMap<String, [u8; 32]>)>,
+    /// This run's index, filled while copying.
+    pub written: std::sync::Mutex<Vec<(String, [u8; 32])>>,
+}
+
+/// The file beside a COPY layer's directory that indexes its files.
+pub const COPY_INDEX: &str = "kiln-copy-index.json";
+
+impl Reuse {
+    /// Reads the index written beside a previous layer directory `fs`.
+    pub fn load_index(fs: &Path) -> Option<HashMap<String, [u8; 32]>> {
+        let text = fs::read(fs.parent()?.join(COPY_INDEX)).ok()?;
+        let rows: Vec<(String, String)> = serde_json::from_slice(&text).ok()?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for (path, hex_hash) in rows {
+            let mut h = [0u8; 32];
+            hex::decode_to_slice(hex_hash, &mut h).ok()?;
+            out.insert(path, h);
+        }
+        Some(out)
+    }
+
+    /// Writes this run's index beside the layer directory `fs`.
+    pub fn store_index(&self, fs: &Path) -> Result<(), CopyError> {
+        let Some(dir) = fs.parent() else {
+            return Ok(());
+        };
+        let rows: Vec<(String, String)> = self
+            .written
+            .lock()
+            .map_err(|_| CopyError::Io("copy index".into(), io::Error::other("poisoned")))?
+            .iter()
+            .map(|(p, h)| (p.clone(), hex::encode(h)))
+            .collect();
+        let bytes = serde_json::to_vec(&rows)
+            .map_err(|e| CopyError::Io("copy index".into(), io::Error::other(e)))?;
+        let path = dir.join(COPY_INDEX);
+        fs::write(&path, bytes).map_err(|e| io_err(&path, e))
+    }
+
+    /// Hard-links `to` from the previous run when `e` is unchanged there.
+    fn link_unchanged(
+        &self,
+        to: &str,
+        host: &Path,
+        e: &Entry,
+        want: (u32, u32, u32, i64, i64),
+    ) -> bool {
+        let Some(h) = self.src_hashes.get(&e.host) else {
+            return false;
+        };
+        if let Ok(mut w) = self.written.lock() {
+            w.push((to.to_string(), *h));
+        }
+        let Some((prev_dir, index)) = &self.prev else {
+            return false;
+        };
+        if index.get(to) != Some(h) {
+            return false;
+        }
+        let prev = prev_dir.join(to.trim_start_matches('/'));
+        let Ok(pm) = fs::symlink_metadata(&prev) else {
+            return false;
+        };
+        let (uid, gid, mode, mtime, nsec) = want;
+        let same = pm.file_type().is_file()
+            && pm.size() == e.meta.size()
+            && pm.uid() == uid
+            && pm.gid() == gid
+            && pm.mode() & 0o7777 == mode
+            && pm.mtime() == mtime
+            && pm.mtime_nsec() == nsec;
+        same && fs::hard_link(&prev, host).is_ok()
+    }
 }
 
 /// Works out where each selection goes (Docker's destination rules) and
@@ -559,16 +698,21 @@ fn write_entry(
         if m.nlink() > 1 {
             links.insert((m.dev(), m.ino()), host.clone());
         }
-        copy_file(&e.host, &host)?;
-        lchown(&host, uid, gid)?;
-        fs::set_permissions(&host, fs::Permissions::from_mode(mode))
-            .map_err(|err| io_err(&host, err))?;
         let t = clamp(m.mtime(), opts.clamp_mtime);
         let ns = if opts.clamp_mtime.is_some_and(|c| m.mtime() >= c) {
             0
         } else {
             m.mtime_nsec()
         };
+        if let Some(r) = &opts.reuse {
+            if r.link_unchanged(to, &host, e, (uid, gid, mode, t, ns)) {
+                return Ok(());
+            }
+        }
+        copy_file(&e.host, &host)?;
+        lchown(&host, uid, gid)?;
+        fs::set_permissions(&host, fs::Permissions::from_mode(mode))
+            .map_err(|err| io_err(&host, err))?;
         set_mtime(&host, t, ns, false)?;
     } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
         let c = std::ffi::CString::new(host.as_os_str().as_encoded_bytes())

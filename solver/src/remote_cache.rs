@@ -742,6 +742,10 @@ impl Backend for RemoteCacheBackend {
         self.inner.resolve_image(reference)
     }
 
+    fn cache_alias(&self, key: &str, layer: &LayerRecord) -> BackendResult<()> {
+        self.inner.cache_alias(key, layer)
+    }
+
     fn cache_get(&self, key: &str) -> BackendResult<Option<LayerRecord>> {
         let hit = match self.inner.cache_get(key)? {
             Some(l) => Some(l),

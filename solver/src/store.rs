@@ -323,6 +323,18 @@ impl Backend for StoreBackend {
         }))
     }
 
+    fn cache_alias(&self, key: &str, layer: &LayerRecord) -> BackendResult<()> {
+        self.store
+            .meta()
+            .cache_put(
+                key,
+                Some(&layer.snapshot),
+                Some(&layer.diff_id),
+                std::slice::from_ref(&layer.digest),
+            )
+            .map_err(|err| e("cache index", err))
+    }
+
     fn cache_get(&self, key: &str) -> BackendResult<Option<LayerRecord>> {
         let Some(rec) = self
             .store
@@ -404,16 +416,21 @@ impl Backend for StoreBackend {
                 .content()
                 .writer()
                 .map_err(|err| e("blob writer", err))?;
-            match sn
-                .diff_source(&active.key)
-                .map_err(|err| e("diff source", err))?
             {
-                DiffSource::Overlay { upper } => write_overlay_diff(&upper, &mut writer, opts),
-                DiffSource::Tree { lower, upper } => {
-                    write_tree_diff(lower.as_deref(), &upper, &mut writer, opts)
+                // Few large writes instead of one per tar block.
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut writer);
+                match sn
+                    .diff_source(&active.key)
+                    .map_err(|err| e("diff source", err))?
+                {
+                    DiffSource::Overlay { upper } => write_overlay_diff(&upper, &mut out, opts),
+                    DiffSource::Tree { lower, upper } => {
+                        write_tree_diff(lower.as_deref(), &upper, &mut out, opts)
+                    }
                 }
+                .map_err(|err| e("diff", err))?;
+                std::io::Write::flush(&mut out).map_err(|err| e("storing layer", err))?;
             }
-            .map_err(|err| e("diff", err))?;
             // Stored and recorded under the GC lock in one step, so a
             // concurrent prune never sees the blob unreferenced.
             let (blob, size) = self
