@@ -638,3 +638,31 @@ fn changed_file_costs_that_file_unchanged_ones_are_hard_linked() {
     }
     assert_eq!(linked, 2 * 49, "49 files linked in each of the two layers");
 }
+
+#[test]
+fn run_heredoc_with_a_shebang_runs_as_a_script() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN <<EOF\n#!/bin/sh -e\necho \"run as $0\" > /out\nEOF\nRUN <<-EOT\n\t#!/bin/sh\n\techo chomped >> /out\n\tEOT\n",
+    )]);
+    k.build(ctx.path(), &["-t", "sb:1"]);
+    assert_eq!(
+        k.ok(&["run", "sb:1", "cat", "/out"]),
+        "run as /dev/pipes/EOF\nchomped\n"
+    );
+    assert_eq!(
+        k.ok(&[
+            "run",
+            "sb:1",
+            "sh",
+            "-c",
+            "test -e /dev/pipes || echo clean"
+        ]),
+        "clean\n",
+        "the script is not left in the image"
+    );
+}

@@ -411,6 +411,27 @@ fn io_to_nix(e: std::io::Error) -> nix::Error {
 fn extra_mount(root: &OwnedFd, m: &MountEntry) -> Result<()> {
     let dest = m.destination.to_string_lossy().into_owned();
     let (flags, prop, data) = parse_options(&m.options);
+    // Under /dev (the sandbox's own fresh tmpfs, which never reaches a
+    // layer) a missing mount point is created, e.g. /dev/pipes/NAME for a
+    // RUN heredoc script.
+    if let Some(rel) = dest.strip_prefix("/dev/") {
+        let host = fd_path(root).join("dev").join(rel);
+        if std::fs::symlink_metadata(&host).is_err() && !rel.split('/').any(|c| c == "..") {
+            if let Some(parent) = host.parent() {
+                ctx(std::fs::create_dir_all(parent).map_err(io_to_nix), || {
+                    format!("creating the mount point {dest}")
+                })?;
+            }
+            let made = if m.source.is_dir() {
+                std::fs::create_dir(&host)
+            } else {
+                std::fs::File::create(&host).map(drop)
+            };
+            ctx(made.map_err(io_to_nix), || {
+                format!("creating the mount point {dest}")
+            })?;
+        }
+    }
     let target = ctx(open_in_root(root, &m.destination), || {
         format!("opening mount point {dest}")
     })?;

@@ -1030,6 +1030,7 @@ impl Ctx {
         };
         let run_mounts = self.plan_mounts(_stage, state, &run.mounts, line).await?;
         let args = run_args(&run.command, &state.shell()).map_err(|m| BuildError::at(line, m))?;
+        let script = shebang_script(&run.command);
         let network = match run.network.as_deref() {
             Some("none") => NetworkMode::None,
             Some("host") => NetworkMode::Host,
@@ -1050,6 +1051,9 @@ impl Ctx {
             });
         if !run.mounts.is_empty() {
             key.field("mounts").fields(&run_mounts.key);
+        }
+        if let Some((name, data)) = &script {
+            key.field("script").field(name).field(data);
         }
         if insecure {
             key.field("security=insecure");
@@ -1110,6 +1114,18 @@ impl Ctx {
                     ms.extend(prepared.mounts.iter().cloned());
                     spec.set_mounts(Some(ms));
                 }
+                // Kept alive until the step is over.
+                let _script_dir = match &script {
+                    Some((name, data)) => {
+                        let (dir, m) =
+                            script_mount(name, data).map_err(|msg| BuildError::at(line, msg))?;
+                        let mut ms = spec.mounts().clone().unwrap_or_default();
+                        ms.push(m);
+                        spec.set_mounts(Some(ms));
+                        Some(dir)
+                    }
+                    None => None,
+                };
                 if insecure {
                     mounts::make_insecure(&mut spec);
                 }
@@ -1590,6 +1606,47 @@ fn shell_wrap(cl: &CommandLine, shell: &[String]) -> Vec<String> {
 }
 
 /// RUN's argv: heredocs become the script, the shell form is wrapped.
+/// Where a `RUN <<EOF` script with a `#!` line is mounted.
+const PIPES: &str = "/dev/pipes";
+
+/// The `#!` script of a single-heredoc RUN: (file name, content).
+fn shebang_script(cl: &CommandLine) -> Option<(String, String)> {
+    let arg = cl.args.first()?;
+    if cl.files.len() != 1 || cl.args.len() != 1 || !cl.prepend_shell {
+        return None;
+    }
+    kiln_parser::parse_heredoc(arg).ok().flatten()?;
+    let f = &cl.files[0];
+    let data = f.chomped_content();
+    data.starts_with("#!").then(|| (f.name.clone(), data))
+}
+
+/// Writes a `#!` heredoc script to a private directory outside the store
+/// and returns it with the read-only bind mount that shows it at
+/// `/dev/pipes/NAME`.
+fn script_mount(
+    name: &str,
+    data: &str,
+) -> Result<(tempfile::TempDir, kiln_executor::oci::Mount), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-heredoc-")
+        .tempdir()
+        .map_err(|e| format!("heredoc script: {e}"))?;
+    let file = dir.path().join("script");
+    std::fs::write(&file, data).map_err(|e| format!("heredoc script: {e}"))?;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("heredoc script: {e}"))?;
+    let m = kiln_executor::oci::MountBuilder::default()
+        .destination(PathBuf::from(format!("{PIPES}/{name}")))
+        .typ("bind")
+        .source(file)
+        .options(vec!["rbind".to_string(), "ro".to_string()])
+        .build()
+        .map_err(|e| format!("heredoc script mount: {e}"))?;
+    Ok((dir, m))
+}
+
 fn run_args(cl: &CommandLine, shell: &[String]) -> Result<Vec<String>, String> {
     let mut args = cl.args.clone();
     if !cl.files.is_empty() {
@@ -1600,12 +1657,12 @@ fn run_args(cl: &CommandLine, shell: &[String]) -> Result<Vec<String>, String> {
             let f = &cl.files[0];
             let data = f.chomped_content();
             if data.starts_with("#!") {
-                return Err(
-                    "a RUN heredoc with a #! interpreter line is not supported yet; use `RUN <<EOF` with shell commands or `RUN python3 <<EOF`"
-                        .into(),
-                );
+                // BuildKit runs such a script as a file at /dev/pipes/NAME
+                // (mounted read-only by run_step).
+                args = vec![format!("{PIPES}/{}", f.name)];
+            } else {
+                args = vec![data];
             }
-            args = vec![data];
         } else {
             let mut s = args[0].clone();
             for f in &cl.files {
