@@ -548,6 +548,35 @@ fn network_none_has_only_lo() -> TestResult {
     f.host_clean()
 }
 
+fn namespaces_are_fresh_except_the_host_network() -> TestResult {
+    let f = Fixture::new()?;
+    let kinds = ["ipc", "uts", "mnt", "pid", "cgroup", "net"];
+    let script = kinds
+        .iter()
+        .map(|k| format!("readlink /proc/self/ns/{k}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let out = f.stdout(f.sh(&script))?;
+    let inside: Vec<&str> = out.lines().collect();
+    ensure!(inside.len() == kinds.len(), "{out:?}");
+    for (k, ns) in kinds.iter().zip(&inside) {
+        let host = fs::read_link(format!("/proc/self/ns/{k}"))
+            .map_err(|e| e.to_string())?
+            .to_string_lossy()
+            .into_owned();
+        if *k == "net" {
+            ensure!(*ns == host, "host network by default: {ns} vs {host}");
+        } else {
+            ensure!(*ns != host, "{k} namespace is the host's ({ns})");
+        }
+    }
+    // IPC objects made inside stay inside: the step sees an empty SysV
+    // namespace (no host segments).
+    let ipcs = f.stdout(f.sh("cat /proc/sysvipc/shm | wc -l"))?;
+    ensure!(ipcs.trim() == "1", "only the header line: {ipcs:?}");
+    f.host_clean()
+}
+
 fn user_forms_resolve_in_rootfs() -> TestResult {
     let f = Fixture::new()?;
     let cases = [
@@ -1113,6 +1142,10 @@ const TESTS: &[(&str, TestFn)] = &[
     ("sys_readonly_proc_masked", sys_readonly_proc_masked),
     ("dev_has_the_minimal_nodes", dev_has_the_minimal_nodes),
     ("network_none_has_only_lo", network_none_has_only_lo),
+    (
+        "namespaces_are_fresh_except_the_host_network",
+        namespaces_are_fresh_except_the_host_network,
+    ),
     ("user_forms_resolve_in_rootfs", user_forms_resolve_in_rootfs),
     (
         "unknown_user_is_a_clear_error",
