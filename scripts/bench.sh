@@ -13,8 +13,11 @@
 #   cached   nothing changed since the previous build
 #   changed  one small context file changed before each build
 #   runstep  20 x `RUN true` with --no-cache (fixed cost per RUN step)
+#   push     fixture c to an empty registry: `kiln push` vs `buildah push`
+#   pull     that image into an empty store: `kiln pull` vs `skopeo copy`
+#            (to an OCI layout)
 #
-# Usage: scripts/bench.sh [fixture...]        (default: a b c runstep)
+# Usage: scripts/bench.sh [fixture...]        (default: a b c runstep push pull)
 # Env:   ROUNDS (default 5), BENCH_DIR (default /tmp/kiln-bench),
 #        PEER_TOOLS (default ../shared/tools next to the checkout),
 #        KILN_BIN (a kiln binary to use instead of building one)
@@ -102,8 +105,41 @@ run_scenario() {  # fixture scenario
   printf '| %s | %s | %.3f s | %.3f s | %.3f |\n' "$f" "$s" "$km" "$pm" "$(echo "$km / $pm" | bc -l)"
 }
 
+REG_DIR=${PEER_REGISTRY_DIR:-/tmp/peer-registry}
+run_transfer() {  # push | pull
+  local s=$1 i t k=() p=()
+  kiln_build c || { log "kiln build c failed"; return 1; }
+  peer_build c || { log "buildah build c failed"; return 1; }
+  for i in $(seq 1 "$ROUNDS"); do
+    case "$s" in
+      push)
+        bash "$PEER_ENV" registry-wipe "$REG_DIR" >/dev/null 2>&1
+        t=$(now); "$KILN" push bench-c:latest "$REG/bench-kiln:latest" >/dev/null 2>&1; k+=("$(elapsed "$t")")
+        bash "$PEER_ENV" registry-wipe "$REG_DIR" >/dev/null 2>&1
+        t=$(now); buildah --storage-driver overlay push --quiet --tls-verify=false \
+          localhost/bench-c:latest "docker://$REG/bench-buildah:latest" >/dev/null 2>&1; p+=("$(elapsed "$t")") ;;
+      pull)
+        if [ "$i" = 1 ]; then
+          bash "$PEER_ENV" registry-wipe "$REG_DIR" >/dev/null 2>&1
+          "$KILN" push bench-c:latest "$REG/bench-pull:latest" >/dev/null 2>&1
+        fi
+        local fresh="$OUT/pull-root" layout="$OUT/pull-oci"
+        rm -rf "$fresh" "$layout"
+        t=$(now); KILN_ROOT="$fresh" "$KILN" pull "$REG/bench-pull:latest" >/dev/null 2>&1; k+=("$(elapsed "$t")")
+        t=$(now); skopeo copy --quiet --src-tls-verify=false "docker://$REG/bench-pull:latest" \
+          "oci:$layout:latest" >/dev/null 2>&1; p+=("$(elapsed "$t")")
+        rm -rf "$fresh" "$layout" ;;
+    esac
+  done
+  local km pm peer
+  km=$(printf '%s\n' "${k[@]}" | median)
+  pm=$(printf '%s\n' "${p[@]}" | median)
+  peer=$([ "$s" = push ] && echo "buildah push" || echo "skopeo copy")
+  printf '| c | %s (vs %s) | %.3f s | %.3f s | %.3f |\n' "$s" "$peer" "$km" "$pm" "$(echo "$km / $pm" | bc -l)"
+}
+
 fixtures=("$@")
-[ ${#fixtures[@]} -gt 0 ] || fixtures=(a b c runstep)
+[ ${#fixtures[@]} -gt 0 ] || fixtures=(a b c runstep push pull)
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); $(buildah --version)"
 echo "Rounds: $ROUNDS, alternating kiln / buildah, medians"
 echo
@@ -112,6 +148,8 @@ echo "|---|---|---|---|---|"
 for f in "${fixtures[@]}"; do
   if [ "$f" = runstep ]; then
     run_scenario runstep cold
+  elif [ "$f" = push ] || [ "$f" = pull ]; then
+    run_transfer "$f"
   else
     for s in cold cached changed; do run_scenario "$f" "$s"; done
   fi
