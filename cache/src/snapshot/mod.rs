@@ -74,6 +74,61 @@ pub enum ApplyMode {
     Delete,
 }
 
+/// The lifecycle methods both snapshotters implement the same way: on
+/// their shared `core` bookkeeping plus their own `create` and
+/// `mounts_for`.
+macro_rules! lifecycle_on_core {
+    () => {
+        fn prepare(&self, key: &str, parent: Option<&str>) -> Result<Vec<Mount>> {
+            let row = self.create(key, parent, Kind::Active)?;
+            self.mounts_for(&row)
+        }
+
+        fn view(&self, key: &str, parent: Option<&str>) -> Result<Vec<Mount>> {
+            let row = self.create(key, parent, Kind::View)?;
+            self.mounts_for(&row)
+        }
+
+        fn commit(&self, name: &str, key: &str) -> Result<()> {
+            let row = self.core.get(key)?;
+            self.core.commit(name, key, &self.core.fs(&row.id))
+        }
+
+        fn remove(&self, key: &str) -> Result<()> {
+            self.core.remove(key)
+        }
+
+        fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+            let row = self.core.get(key)?;
+            self.mounts_for(&row)
+        }
+
+        fn stat(&self, key: &str) -> Result<Info> {
+            self.core.get(key)
+        }
+
+        fn usage(&self, key: &str) -> Result<Usage> {
+            let row = self.core.get(key)?;
+            self.core.usage(key, &self.core.fs(&row.id))
+        }
+
+        fn walk(&self, f: &mut dyn FnMut(&Info) -> Result<()>) -> Result<()> {
+            self.core.walk(f)
+        }
+
+        fn writable_dir(&self, key: &str) -> Result<PathBuf> {
+            let row = self.core.get(key)?;
+            if row.kind != Kind::Active {
+                return Err(Error::InvalidState(format!(
+                    "snapshot {key:?} is not active"
+                )));
+            }
+            Ok(self.core.fs(&row.id))
+        }
+    };
+}
+pub(crate) use lifecycle_on_core;
+
 /// A snapshotter (see the module doc for the lifecycle).
 pub trait Snapshotter: Send + Sync {
     /// "overlay" or "native".

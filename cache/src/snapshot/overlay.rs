@@ -166,52 +166,7 @@ impl Snapshotter for OverlaySnapshotter {
         "overlay"
     }
 
-    fn prepare(&self, key: &str, parent: Option<&str>) -> Result<Vec<Mount>> {
-        let row = self.create(key, parent, Kind::Active)?;
-        self.mounts_for(&row)
-    }
-
-    fn view(&self, key: &str, parent: Option<&str>) -> Result<Vec<Mount>> {
-        let row = self.create(key, parent, Kind::View)?;
-        self.mounts_for(&row)
-    }
-
-    fn commit(&self, name: &str, key: &str) -> Result<()> {
-        let row = self.core.get(key)?;
-        self.core.commit(name, key, &self.core.fs(&row.id))
-    }
-
-    fn remove(&self, key: &str) -> Result<()> {
-        self.core.remove(key)
-    }
-
-    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let row = self.core.get(key)?;
-        self.mounts_for(&row)
-    }
-
-    fn stat(&self, key: &str) -> Result<Info> {
-        self.core.get(key)
-    }
-
-    fn usage(&self, key: &str) -> Result<Usage> {
-        let row = self.core.get(key)?;
-        self.core.usage(key, &self.core.fs(&row.id))
-    }
-
-    fn walk(&self, f: &mut dyn FnMut(&Info) -> Result<()>) -> Result<()> {
-        self.core.walk(f)
-    }
-
-    fn writable_dir(&self, key: &str) -> Result<PathBuf> {
-        let row = self.core.get(key)?;
-        if row.kind != Kind::Active {
-            return Err(Error::InvalidState(format!(
-                "snapshot {key:?} is not active"
-            )));
-        }
-        Ok(self.core.fs(&row.id))
-    }
+    crate::snapshot::lifecycle_on_core!();
 
     fn apply_mode(&self) -> ApplyMode {
         ApplyMode::Overlay
