@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use kiln_parser::dockerignore::{ignore_file_candidates, read_ignore_file};
+use kiln_solver::main_context::{self, ContextSpec, Prepared};
 use kiln_solver::progress::Progress;
 use kiln_solver::{BuildError, BuildOptions, ResourceLimits};
 
@@ -94,7 +95,9 @@ pub struct BuildArgs {
     /// with their lines, without building.
     #[arg(long)]
     check: bool,
-    /// The build context directory.
+    /// The build context: a directory, `-` (a tar archive on stdin, plain
+    /// or gzip/bzip2/xz/zstd), a git repository (`https://…git#REF:DIR`,
+    /// `git@…`, `git://…`) or an http(s) URL of a tar archive.
     context: PathBuf,
 }
 
@@ -123,28 +126,78 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 }
 
 /// Turns raw flags into build options (the Dockerfile read, names
-/// normalised, values checked).
-fn options(a: &BuildArgs) -> anyhow::Result<(BuildOptions, String)> {
-    let context = a.context.clone();
-    let spelled = context.to_string_lossy();
-    if spelled == "-" || spelled.contains("://") || spelled.starts_with("git@") {
-        return Err(usage(format!(
-            "build context {spelled:?}: a tar archive on stdin, a git repository or an http(s) URL as the context is not supported yet; pass a directory"
-        )));
+/// normalised, values checked). A context that is not a directory is
+/// made into a temporary one under `scratch`, kept alive by the returned
+/// guard until the build is over.
+fn options(
+    a: &BuildArgs,
+    scratch: &Path,
+) -> anyhow::Result<(BuildOptions, String, Option<Prepared>)> {
+    let spelled = a.context.to_string_lossy().into_owned();
+    let spec = main_context::classify(&spelled);
+    if spec == ContextSpec::Stdin && a.file.as_deref() == Some("-") {
+        return Err(usage(
+            "invalid argument: can't use stdin for both the build context and the Dockerfile",
+        ));
     }
+    let prepared = main_context::prepare(&spec, std::io::stdin().lock(), scratch).map_err(usage)?;
+    let context = match &prepared {
+        Some(p) => p.dir.clone(),
+        None => a.context.clone(),
+    };
     if !context.is_dir() {
         return Err(usage(format!(
             "unable to prepare context: path {:?} not found or not a directory",
             context.display()
         )));
     }
-    let (name, text, ignore_path) = match a.file.as_deref() {
-        Some("-") => {
+    let (name, text, ignore_path) = match (a.file.as_deref(), &prepared) {
+        (Some("-"), _) => {
             let mut s = String::new();
             std::io::stdin().read_to_string(&mut s)?;
             ("Dockerfile".to_string(), s, context.join(".dockerignore"))
         }
-        Some(f) => {
+        (f, Some(p)) => {
+            // The context itself was a Dockerfile, else -f (default
+            // `Dockerfile`) names a file inside the context.
+            if let Some(bytes) = &p.dockerfile {
+                if let Some(f) = f {
+                    return Err(usage(format!(
+                        "-f {f}: the build context {spelled:?} is a Dockerfile, not an archive"
+                    )));
+                }
+                (
+                    "Dockerfile".to_string(),
+                    String::from_utf8_lossy(bytes).into_owned(),
+                    context.join(".dockerignore"),
+                )
+            } else {
+                let f = f.unwrap_or("Dockerfile");
+                let rel = f.trim_start_matches('/');
+                if rel.is_empty() || rel.split('/').any(|c| c == "..") {
+                    return Err(usage(format!(
+                        "-f {f}: the Dockerfile must be a path inside the build context {spelled:?}"
+                    )));
+                }
+                let path = context.join(rel);
+                let bytes = read_confined(&path).ok_or_else(|| {
+                    usage(format!(
+                        "unable to prepare context: the Dockerfile {rel:?} was not found in {spelled:?}"
+                    ))
+                })?;
+                let ignore = ignore_file_candidates(rel)
+                    .into_iter()
+                    .map(|c| context.join(c))
+                    .find(|c| c.exists())
+                    .unwrap_or_else(|| context.join(".dockerignore"));
+                (
+                    f.to_string(),
+                    String::from_utf8_lossy(&bytes).into_owned(),
+                    ignore,
+                )
+            }
+        }
+        (Some(f), None) => {
             let p = PathBuf::from(f);
             let p = if p.is_absolute() || p.exists() {
                 p
@@ -160,7 +213,7 @@ fn options(a: &BuildArgs) -> anyhow::Result<(BuildOptions, String)> {
                 ignore,
             )
         }
-        None => {
+        (None, None) => {
             let p = context.join("Dockerfile");
             let bytes = std::fs::read(&p)
                 .map_err(|e| usage(format!("reading Dockerfile {}: {e}", p.display())))?;
@@ -271,6 +324,7 @@ fn options(a: &BuildArgs) -> anyhow::Result<(BuildOptions, String)> {
             named_contexts,
         },
         name,
+        prepared,
     ))
 }
 
@@ -333,6 +387,112 @@ fn find_ignore_file(dockerfile: &Path, context: &Path) -> PathBuf {
     context.join(".dockerignore")
 }
 
+/// The registry domain of the names `oci-layout://` contexts are imported
+/// under (reserved: never pulled).
+const OCI_LAYOUT_DOMAIN: &str = kiln_solver::store::OCI_LAYOUT_DOMAIN;
+
+/// Imports the image of an OCI image layout directory (the manifest whose
+/// `org.opencontainers.image.ref.name` is `tag`, default `latest`; the only
+/// one when a layout holds a single unnamed image) into the store, and
+/// returns the reference a `docker-image://` context would have.
+fn import_oci_layout(
+    store: &kiln_cache::Store,
+    dir: &Path,
+    tag: Option<&str>,
+) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    use kiln_image::manifest::{
+        ImageIndex, Platform, RawManifest, ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME,
+    };
+    let what = || format!("oci-layout://{}", dir.display());
+    let blob_path = |d: &kiln_image::Digest| -> anyhow::Result<PathBuf> {
+        let s = d.to_string();
+        let hex = s
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| anyhow::anyhow!("{}: unsupported digest {s}", what()))?;
+        Ok(dir.join("blobs/sha256").join(hex))
+    };
+    let read_blob = |d: &kiln_image::Digest| -> anyhow::Result<Vec<u8>> {
+        let p = blob_path(d)?;
+        let bytes =
+            std::fs::read(&p).with_context(|| format!("{}: reading {}", what(), p.display()))?;
+        let (got, _) = kiln_image::archive::digest_reader(&bytes[..])?;
+        if &got != d {
+            anyhow::bail!("{}: blob {d} has digest {got}", what());
+        }
+        Ok(bytes)
+    };
+    let idx_path = dir.join("index.json");
+    let idx_bytes = std::fs::read(&idx_path)
+        .with_context(|| format!("{}: not an OCI image layout (reading index.json)", what()))?;
+    let index: ImageIndex = serde_json::from_slice(&idx_bytes)
+        .with_context(|| format!("{}: parsing index.json", what()))?;
+    let want = tag.unwrap_or("latest");
+    let named = |d: &kiln_image::manifest::Descriptor| -> Option<String> {
+        let ann = d.annotations.as_ref()?;
+        ann.get(ANNOTATION_REF_NAME)
+            .or_else(|| ann.get(ANNOTATION_CONTAINERD_NAME))
+            .cloned()
+    };
+    let pick = index
+        .manifests
+        .iter()
+        .find(|d| {
+            named(d)
+                .is_some_and(|n| n == want || n.rsplit_once(':').is_some_and(|(_, t)| t == want))
+        })
+        .or_else(|| match (tag, index.manifests.as_slice()) {
+            (None, [only]) if named(only).is_none() => Some(only),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no image tagged {want:?} in index.json (org.opencontainers.image.ref.name)",
+                what()
+            )
+        })?
+        .clone();
+    let mut raw = RawManifest::new(read_blob(&pick.digest)?, Some(&pick.media_type))?;
+    if raw.is_index() {
+        let sub = raw.index()?;
+        let d = sub
+            .select(&Platform::host())
+            .or(sub.manifests.first())
+            .ok_or_else(|| anyhow::anyhow!("{}: empty nested index", what()))?
+            .clone();
+        raw = RawManifest::new(read_blob(&d.digest)?, Some(&d.media_type))?;
+    }
+    let man = raw.manifest()?;
+    let _lease = store.lease(None)?;
+    let mut stored = Vec::new();
+    for desc in std::iter::once(&man.config).chain(&man.layers) {
+        let p = blob_path(&desc.digest)?;
+        let f = std::fs::File::open(&p)
+            .with_context(|| format!("{}: blob {} missing", what(), desc.digest))?;
+        let want: kiln_cache::Digest = desc
+            .digest
+            .to_string()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("digest {}: {e}", desc.digest))?;
+        store
+            .put_blob(f, Some(&want), Some(desc.size), Some(&desc.media_type))
+            .with_context(|| format!("{}: storing blob {}", what(), desc.digest))?;
+        stored.push(want);
+    }
+    let config = stored.remove(0);
+    let manifest = store
+        .put_bytes(&raw.bytes, Some(&raw.media_type))
+        .context("storing manifest")?;
+    let name = format!(
+        "{OCI_LAYOUT_DOMAIN}/layout@sha256:{}",
+        raw.digest.to_string().trim_start_matches("sha256:")
+    );
+    let name = kiln_cache::normalize_reference(&name)?;
+    store.record_image(&name, &manifest, &config, &stored)?;
+    Ok(name)
+}
+
 /// Renders a build error BuildKit-style: the cause, the Dockerfile lines
 /// around the failing instruction, and the step's last output.
 fn render_error(e: &BuildError, name: &str, text: &str) -> String {
@@ -368,7 +528,9 @@ fn render_error(e: &BuildError, name: &str, text: &str) -> String {
 
 /// Runs `kiln build`.
 pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
-    let (mut opts, name) = options(&a)?;
+    // Kept until the build is over: the temporary directory of a context
+    // from stdin, git or a URL.
+    let (mut opts, name, _context_dir) = options(&a, &root.join("tmp"))?;
     if a.check {
         return check(&opts.dockerfile, &name);
     }
@@ -384,6 +546,13 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     let text = opts.dockerfile.clone();
     let store = kiln_cache::Store::open(root)
         .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", root.display()))?;
+    for ctx in opts.named_contexts.values_mut() {
+        if let kiln_solver::contexts::NamedContext::OciLayout(dir, tag) = ctx {
+            let name = import_oci_layout(&store, dir, tag.as_deref())
+                .map_err(|e| usage(format!("{e:#}")))?;
+            *ctx = kiln_solver::contexts::NamedContext::Image(name);
+        }
+    }
     let registry = crate::registry_cmds::registry_config(&a.insecure_registry)?;
     let caches = crate::build_cache::CacheFlags::parse(&a.cache_from, &a.cache_to)?;
     let store_backend =

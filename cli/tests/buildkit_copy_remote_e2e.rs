@@ -583,16 +583,7 @@ fn build_context_names_a_directory_or_an_image_for_from_and_copy_from() {
     std::fs::write(extra.path().join("data.txt"), "changed").expect("write");
     k.build(ctx.path(), &args);
     assert_eq!(sh(&k, "named:1", "cat /d.txt"), "changed");
-    // Kinds that are not supported yet say so.
-    let err = build_fails(
-        &k,
-        ctx.path(),
-        &[
-            "--build-context",
-            "alpine=oci-layout:///nonexistent/layout:v1",
-        ],
-    );
-    assert!(err.contains("not supported yet"), "{err}");
+    // A directory as a FROM base is not supported yet and says so.
     let err = build_fails(
         &k,
         ctx.path(),
@@ -601,17 +592,347 @@ fn build_context_names_a_directory_or_an_image_for_from_and_copy_from() {
     assert!(err.contains("not supported yet"), "{err}");
 }
 
+/// `kiln build ARGS…` with `input` on stdin.
+fn run_stdin(k: &Kiln, args: &[&str], input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = k
+        .cmd()
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn kiln");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // A failing build may stop reading early; a broken pipe is its answer.
+    let _ = stdin.write_all(input);
+    drop(stdin);
+    child.wait_with_output().expect("wait kiln")
+}
+
+fn ok_stdin(k: &Kiln, args: &[&str], input: &[u8]) -> String {
+    let o = run_stdin(k, args, input);
+    assert!(
+        o.status.success(),
+        "kiln {args:?} failed\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `tar -C dir FLAGS -f - .` (FLAGS picks the compression).
+fn tar_of(dir: &Path, flags: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .args(flags)
+        .args(["-cf", "-", "."])
+        .output()
+        .expect("tar");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Nothing of a context from stdin, git or a URL is left in the store.
+fn no_context_left(k: &Kiln) {
+    let tmp = k.root.path().join("tmp");
+    let left: Vec<String> = std::fs::read_dir(&tmp)
+        .expect("store tmp")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("context-") || n.starts_with("add-"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+fn context_files() -> tempfile::TempDir {
+    context(&[
+        (
+            "Dockerfile",
+            "FROM busybox\nCOPY . /ctx/\nRUN cd /ctx && find . -type f | sort > /list\n",
+        ),
+        ("a.txt", "alpha"),
+        ("sub/b.txt", "beta"),
+        (
+            "sub/Other.Dockerfile",
+            "FROM busybox\nCOPY sub/b.txt /only\n",
+        ),
+        ("skip.log", "s"),
+        (".dockerignore", "*.log\n"),
+    ])
+}
+
 #[test]
-fn contexts_beyond_a_directory_are_reported_as_not_supported_yet() {
-    let k = Kiln::new();
-    for c in [
-        "-",
-        "https://127.0.0.1:1/ctx.tar",
-        "https://127.0.0.1:1/r.git#main",
-    ] {
-        let o = k.run(&["build", c]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{c}: {err}");
-        assert!(err.contains("not supported yet"), "{c}: {err}");
+fn build_context_from_stdin_archive_in_any_compression() {
+    if !prerequisites() {
+        return;
     }
+    let k = Kiln::with_busybox();
+    let ctx = context_files();
+    for (i, flags) in [
+        &[][..],
+        &["-z"][..],
+        &["-j"][..],
+        &["-J"][..],
+        &["--zstd"][..],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let tag = format!("stdin:{i}");
+        ok_stdin(
+            &k,
+            &["build", "-q", "-t", &tag, "-"],
+            &tar_of(ctx.path(), flags),
+        );
+        assert_eq!(
+            sh(&k, &tag, "cat /list; cat /ctx/a.txt /ctx/sub/b.txt"),
+            "./.dockerignore\n./Dockerfile\n./a.txt\n./sub/Other.Dockerfile\n./sub/b.txt\nalphabeta",
+            "{flags:?}"
+        );
+    }
+    // -f is a path inside the archive.
+    ok_stdin(
+        &k,
+        &[
+            "build",
+            "-q",
+            "-t",
+            "stdin:f",
+            "-f",
+            "sub/Other.Dockerfile",
+            "-",
+        ],
+        &tar_of(ctx.path(), &["-z"]),
+    );
+    let err = run_stdin(
+        &k,
+        &["build", "-q", "-f", "sub/Other.Dockerfile", "-"],
+        &tar_of(&ctx.path().join("sub"), &[]),
+    );
+    // The archive of sub/ alone has no sub/Other.Dockerfile.
+    assert_eq!(err.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&err.stderr)
+    );
+    assert_eq!(sh(&k, "stdin:f", "cat /only"), "beta");
+    // A plain Dockerfile on stdin is a build with an empty context.
+    ok_stdin(
+        &k,
+        &["build", "-q", "-t", "stdin:df", "-"],
+        b"FROM busybox\nRUN echo plain > /p\n",
+    );
+    assert_eq!(sh(&k, "stdin:df", "cat /p"), "plain\n");
+    // Hostile names cannot escape the temporary context.
+    let mut b = Vec::new();
+    {
+        let mut hdr = [0u8; 512];
+        let name = b"../escaped.txt";
+        hdr[..name.len()].copy_from_slice(name);
+        hdr[100..108].copy_from_slice(b"0000644\0");
+        hdr[108..116].copy_from_slice(b"0000000\0");
+        hdr[116..124].copy_from_slice(b"0000000\0");
+        hdr[124..136].copy_from_slice(b"00000000001\0");
+        hdr[136..148].copy_from_slice(b"00000000000\0");
+        hdr[156] = b'0';
+        hdr[257..263].copy_from_slice(b"ustar\0");
+        hdr[263..265].copy_from_slice(b"00");
+        hdr[148..156].copy_from_slice(b"        ");
+        let sum: u32 = hdr.iter().map(|c| u32::from(*c)).sum();
+        hdr[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        b.extend_from_slice(&hdr);
+        let mut data = [0u8; 512];
+        data[0] = b'x';
+        b.extend_from_slice(&data);
+        b.extend_from_slice(&[0u8; 1024]);
+    }
+    let o = run_stdin(&k, &["build", "-q", "-"], &b);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("unpacking the build context"), "{err}");
+    assert!(!k.root.path().join("tmp/escaped.txt").exists());
+    // stdin cannot be both the context and the Dockerfile.
+    let o = run_stdin(&k, &["build", "-f", "-", "-"], b"");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("both"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    no_context_left(&k);
+}
+
+#[test]
+fn build_context_from_an_http_tarball() {
+    if !prerequisites() {
+        return;
+    }
+    let srv = Server::start(None);
+    let ctx = context_files();
+    srv.set("/ctx.tar.gz", &tar_of(ctx.path(), &["-z"]), &[]);
+    srv.set("/ctx.tar.xz", &tar_of(ctx.path(), &["-J"]), &[]);
+    srv.set("/Dockerfile", b"FROM busybox\nRUN echo remote > /r\n", &[]);
+    let k = Kiln::with_busybox();
+    for (tag, path) in [("url:gz", "/ctx.tar.gz"), ("url:xz", "/ctx.tar.xz")] {
+        k.ok(&["build", "-q", "-t", tag, &srv.url(path)]);
+        assert_eq!(
+            sh(&k, tag, "cat /list; cat /ctx/a.txt"),
+            "./.dockerignore\n./Dockerfile\n./a.txt\n./sub/Other.Dockerfile\n./sub/b.txt\nalpha"
+        );
+    }
+    k.ok(&[
+        "build",
+        "-q",
+        "-t",
+        "url:f",
+        "-f",
+        "sub/Other.Dockerfile",
+        &srv.url("/ctx.tar.gz"),
+    ]);
+    assert_eq!(sh(&k, "url:f", "cat /only"), "beta");
+    // A URL of a plain Dockerfile builds with an empty context.
+    k.ok(&["build", "-q", "-t", "url:df", &srv.url("/Dockerfile")]);
+    assert_eq!(sh(&k, "url:df", "cat /r"), "remote\n");
+    // A missing URL is a clear error.
+    let o = k.run(&["build", "-q", &srv.url("/missing.tar")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("404"), "{err}");
+    no_context_left(&k);
+}
+
+#[test]
+fn build_context_from_a_git_repository_at_ref_and_subdir() {
+    if !prerequisites() || !have_git() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    git_repo(root.path());
+    // A Dockerfile in sub/ on a branch of its own.
+    let work = root.path().join("work");
+    git(&work, &["checkout", "-q", "-b", "docker"]);
+    std::fs::write(
+        work.join("sub/Dockerfile"),
+        "FROM busybox\nCOPY . /ctx/\nRUN ls -A /ctx | tr '\\n' ' ' > /list\n",
+    )
+    .expect("write");
+    std::fs::write(
+        work.join("Dockerfile.top"),
+        "FROM busybox\nCOPY top sub/f /t/\n",
+    )
+    .expect("write");
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-q", "-m", "docker"]);
+    let bare = root.path().join("repo.git");
+    git(
+        &bare,
+        &[
+            "fetch",
+            "-q",
+            work.to_str().expect("utf-8"),
+            "docker:docker",
+        ],
+    );
+    git(&bare, &["update-server-info"]);
+    let srv = Server::start(Some(root.path().to_path_buf()));
+    let repo = srv.url("/repo.git");
+    let k = Kiln::with_busybox();
+    k.ok(&[
+        "build",
+        "-q",
+        "-t",
+        "git:sub",
+        &format!("{repo}#docker:sub"),
+    ]);
+    assert_eq!(
+        sh(&k, "git:sub", "cat /list; cat /ctx/f"),
+        "Dockerfile f two"
+    );
+    k.ok(&[
+        "build",
+        "-q",
+        "-t",
+        "git:top",
+        "-f",
+        "Dockerfile.top",
+        &format!("{repo}#docker"),
+    ]);
+    assert_eq!(sh(&k, "git:top", "cat /t/top /t/f"), "toptwo");
+    // A ref without the Dockerfile, a missing ref, a missing subdir.
+    for (url, want) in [
+        (format!("{repo}#v1"), "Dockerfile"),
+        (format!("{repo}#nope"), "not found"),
+        (format!("{repo}#docker:missing"), "missing"),
+    ] {
+        let o = k.run(&["build", "-q", &url]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{url}: {err}");
+        assert!(err.contains(want), "{url}: {err}");
+    }
+    no_context_left(&k);
+}
+
+#[test]
+fn build_context_from_an_oci_layout_directory_by_tag() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    // An OCI layout directory made by `-o type=oci,tar=false`, holding
+    // tag v1 (and then v2 in a second layout).
+    let layouts = tempfile::tempdir().expect("tempdir");
+    let lay = layouts.path().join("lay");
+    for v in ["v1", "v2"] {
+        let src = context(&[(
+            "Dockerfile",
+            &format!("FROM busybox\nRUN echo {v} > /marker\n"),
+        )]);
+        let dest = if v == "v1" {
+            lay.clone()
+        } else {
+            layouts.path().join("lay2")
+        };
+        let out = format!(
+            "type=oci,dest={},tar=false,name=example/base:{v}",
+            dest.display()
+        );
+        k.build(src.path(), &["-o", &out]);
+    }
+    // Another store, without those images: only the layout provides them.
+    let k2 = Kiln::with_busybox();
+    let named = format!("base=oci-layout://{}:v1", lay.display());
+    let ctx_a = context(&[("Dockerfile", "FROM base\nRUN cat /marker > /seen\n")]);
+    k2.build(ctx_a.path(), &["-t", "oci:from", "--build-context", &named]);
+    assert_eq!(sh(&k2, "oci:from", "cat /seen"), "v1\n");
+    let ctx_b = context(&[(
+        "Dockerfile",
+        "FROM busybox\nCOPY --from=base /marker /copied\n",
+    )]);
+    k2.build(ctx_b.path(), &["-t", "oci:copy", "--build-context", &named]);
+    assert_eq!(sh(&k2, "oci:copy", "cat /copied"), "v1\n");
+    // A tag the layout does not hold, and a path that is no layout.
+    let err = build_fails(
+        &k2,
+        ctx_a.path(),
+        &[
+            "--build-context",
+            &format!("base=oci-layout://{}:v9", lay.display()),
+        ],
+    );
+    assert!(err.contains("no image tagged \"v9\""), "{err}");
+    let err = build_fails(
+        &k2,
+        ctx_a.path(),
+        &[
+            "--build-context",
+            "base=oci-layout:///nonexistent/layout:v1",
+        ],
+    );
+    assert!(err.contains("not an OCI image layout"), "{err}");
 }

@@ -18,7 +18,7 @@ fn io_err(what: &str, e: impl std::fmt::Display) -> CopyError {
 }
 
 /// The decompressor for a file's first bytes, if it is an archive.
-fn open_archive(path: &std::path::Path) -> io::Result<Option<Box<dyn Read>>> {
+pub(crate) fn open_archive(path: &std::path::Path) -> io::Result<Option<Box<dyn Read>>> {
     let mut f = fs::File::open(path)?;
     let mut head = [0u8; 512];
     let mut n = 0;

@@ -1,8 +1,9 @@
 //! Named build contexts (`kiln build --build-context NAME=VALUE`): a name
 //! that `FROM NAME` and `COPY --from=NAME` resolve to before stages'
 //! images are looked up — a local directory, or another image
-//! (`docker-image://REF`). `oci-layout://PATH[:TAG]` is parsed but not
-//! supported yet.
+//! (`docker-image://REF`), or an OCI image layout directory
+//! (`oci-layout://PATH[:TAG]`, which `kiln build` imports into the store
+//! and then uses as an image).
 
 use std::path::PathBuf;
 

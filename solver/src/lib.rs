@@ -30,6 +30,7 @@ pub mod fsview;
 pub mod key;
 pub mod link;
 pub mod lint;
+pub mod main_context;
 pub mod parents;
 pub mod plan;
 pub mod progress;

@@ -271,6 +271,10 @@ fn stat_of(k: &StatKey) -> FileStat {
     }
 }
 
+/// The registry domain under which `oci-layout://` build contexts are
+/// imported: reserved (`.invalid`), never pulled.
+pub const OCI_LAYOUT_DOMAIN: &str = "oci-layout.kiln.invalid";
+
 impl Backend for StoreBackend {
     fn resolve_image(&self, reference: &str) -> BackendResult<Option<BaseImage>> {
         // Docker/BuildKit word every unparsable name "invalid reference
@@ -278,7 +282,8 @@ impl Backend for StoreBackend {
         let name = kiln_cache::normalize_reference(reference).map_err(|err| {
             format!("failed to parse stage name {reference:?}: invalid reference format ({err})")
         })?;
-        if let Some((cfg, always)) = &self.registry {
+        let imported = name.starts_with(&format!("{OCI_LAYOUT_DOMAIN}/"));
+        if let Some((cfg, always)) = self.registry.as_ref().filter(|_| !imported) {
             let local = self
                 .store
                 .meta()

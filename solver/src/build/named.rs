@@ -23,7 +23,7 @@ impl Ctx {
             Some(NamedContext::OciLayout(p, _)) => Err(BuildError::at(
                 line,
                 format!(
-                    "{reference}: oci-layout:// build contexts ({}) are not supported yet; load the layout with `kiln load` and use docker-image://",
+                    "{reference}: the oci-layout:// build context ({}) was not imported into the store",
                     p.display()
                 ),
             )),
