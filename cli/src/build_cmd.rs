@@ -532,7 +532,7 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     // from stdin, git or a URL.
     let (mut opts, name, _context_dir) = options(&a, &root.join("tmp"))?;
     if a.check {
-        return check(&opts.dockerfile, &name);
+        return check(root, &opts.dockerfile, &name);
     }
     let outputs = a
         .outputs
@@ -616,9 +616,29 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
 
 /// `kiln build --check`: lint the Dockerfile, print the findings with
 /// their lines, build nothing. Fails only under `# check=error=true`.
-fn check(text: &str, name: &str) -> anyhow::Result<ExitCode> {
+fn check(root: &Path, text: &str, name: &str) -> anyhow::Result<ExitCode> {
     let df = kiln_parser::parse(text).map_err(|e| usage(format!("{name}: {e}")))?;
-    let report = kiln_solver::lint::lint(&df);
+    // Base images' variables come from the local store when it has them
+    // (nothing is pulled for a check).
+    let store = if root.join("meta.db").exists() {
+        kiln_cache::Store::open(root).ok()
+    } else {
+        None
+    };
+    let base_env = |reference: &str| -> Option<Vec<String>> {
+        let store = store.as_ref()?;
+        let name = kiln_cache::normalize_reference(reference).ok()?;
+        let rec = store.meta().image(&name).ok()??;
+        let md: kiln_cache::Digest = rec.manifest.parse().ok()?;
+        let manifest: kiln_image::manifest::ImageManifest =
+            serde_json::from_slice(&store.content().read(&md).ok()?).ok()?;
+        let config = kiln_image::config::ImageConfig::from_bytes(
+            &store.content().read(&manifest.config.digest).ok()?,
+        )
+        .ok()?;
+        Some(config.config.and_then(|c| c.env).unwrap_or_default())
+    };
+    let report = kiln_solver::lint::lint_with(&df, &base_env);
     let lines: Vec<&str> = text.lines().collect();
     if report.warnings.is_empty() {
         println!("Check complete, no warnings found.");

@@ -3,7 +3,10 @@
 //! without building. `# check=skip=Rule1,Rule2` (or `skip=all`) turns
 //! rules off; `error=true` makes any warning fail the check.
 
+use std::collections::BTreeSet;
+
 use kiln_parser::instructions::Dockerfile;
+use kiln_parser::shell::Lex;
 
 /// One finding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,9 +22,17 @@ pub struct LintWarning {
 impl LintWarning {
     /// The rule's documentation page.
     pub fn url(&self) -> String {
+        // `JSONArgsRecommended` -> `json-args-recommended`: a word starts
+        // at an upper-case letter after a lower-case one, or at the last
+        // capital of an acronym.
+        let chars: Vec<char> = self.rule.chars().collect();
         let mut slug = String::new();
-        for (i, c) in self.rule.chars().enumerate() {
-            if c.is_ascii_uppercase() && i > 0 {
+        for (i, c) in chars.iter().enumerate() {
+            let prev_lower = i > 0 && chars[i - 1].is_ascii_lowercase();
+            let acronym_end = i > 0
+                && chars[i - 1].is_ascii_uppercase()
+                && chars.get(i + 1).is_some_and(|n| n.is_ascii_lowercase());
+            if c.is_ascii_uppercase() && (prev_lower || acronym_end) {
                 slug.push('-');
             }
             slug.push(c.to_ascii_lowercase());
@@ -50,7 +61,141 @@ pub const RULES: &[&str] = &[
     "DuplicateStageName",
     "ReservedStageName",
     "LegacyKeyValueFormat",
+    "UndefinedArgInFrom",
+    "UndefinedVar",
 ];
+
+/// The environment variables of a base image, when known (`None`: the
+/// image is not at hand, so its variables cannot be judged).
+pub type BaseEnv<'a> = &'a dyn Fn(&str) -> Option<Vec<String>>;
+
+/// Variables `word` uses that `known` lacks (as BuildKit's shell lexer
+/// sees them).
+fn undefined_in(lex: &Lex, word: &str, known: &BTreeSet<String>) -> Vec<String> {
+    let env: Vec<(String, String)> = known.iter().map(|k| (k.clone(), "x".into())).collect();
+    match lex.process_word_with_matches(word, &env) {
+        Ok(p) => p.unmatched.into_iter().collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// `UndefinedArgInFrom` and `UndefinedVar`: variables used by what the
+/// frontend expands (not RUN/CMD/ENTRYPOINT, which the shell expands) that
+/// no ARG, ENV, predefined arg or base image defines.
+fn undefined_vars(
+    df: &Dockerfile,
+    base_env: BaseEnv<'_>,
+    push: &mut dyn FnMut(&'static str, usize, String),
+) {
+    use kiln_parser::instructions::Kind;
+    let lex = Lex::new(df.escape);
+    let predefined: BTreeSet<String> = crate::plan::platform_args()
+        .into_iter()
+        .map(|(k, _)| k)
+        .chain(crate::plan::PROXY_ARGS.iter().map(|s| s.to_string()))
+        .collect();
+    let mut global = predefined.clone();
+    for instr in &df.meta_args {
+        if let Kind::Arg { args } = &instr.kind {
+            global.extend(args.iter().map(|a| a.key.clone()));
+        }
+    }
+    let genv = crate::plan::global_env(
+        &crate::plan::global_args(df, &std::collections::BTreeMap::new()).unwrap_or_default(),
+    );
+    let mut stage_env: Vec<Option<BTreeSet<String>>> = Vec::new();
+    for stage in &df.stages {
+        for v in undefined_in(&lex, &stage.base, &global) {
+            push(
+                "UndefinedArgInFrom",
+                stage.line,
+                format!("FROM argument '{v}' is not declared"),
+            );
+        }
+        // What the base brings: scratch nothing, a stage its variables,
+        // an image its config's (when known).
+        let Ok(base_name) = lex.process_word(&stage.base, &genv) else {
+            stage_env.push(None);
+            continue;
+        };
+        let base = base_name.to_ascii_lowercase();
+        let known_base: Option<BTreeSet<String>> = if base == "scratch" {
+            Some(BTreeSet::new())
+        } else if let Some(i) = df.stages[..stage_env.len()]
+            .iter()
+            .position(|s| s.name.as_deref() == Some(base.as_str()))
+        {
+            stage_env.get(i).cloned().flatten()
+        } else {
+            base_env(&base_name).map(|vars| {
+                vars.iter()
+                    .map(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k).to_string())
+                    .collect()
+            })
+        };
+        let Some(mut known) = known_base else {
+            stage_env.push(None);
+            continue;
+        };
+        known.insert("PATH".into());
+        known.extend(predefined.iter().cloned());
+        for instr in &stage.instructions {
+            let mut words: Vec<&str> = Vec::new();
+            let mut define: Vec<String> = Vec::new();
+            match &instr.kind {
+                Kind::Env { vars } => {
+                    for kv in vars {
+                        words.push(&kv.value);
+                        define.push(kv.key.clone());
+                    }
+                }
+                Kind::Arg { args } => {
+                    for a in args {
+                        if let Some(d) = &a.default {
+                            words.push(d);
+                        }
+                        define.push(a.key.clone());
+                    }
+                }
+                Kind::Label { labels } => {
+                    for kv in labels {
+                        words.push(&kv.key);
+                        words.push(&kv.value);
+                    }
+                }
+                Kind::Copy(c) => {
+                    words.extend(c.paths.sources.iter().map(String::as_str));
+                    words.push(&c.paths.dest);
+                    words.extend(c.chown.as_deref());
+                    words.extend(c.chmod.as_deref());
+                }
+                Kind::Add(a) => {
+                    words.extend(a.paths.sources.iter().map(String::as_str));
+                    words.push(&a.paths.dest);
+                    words.extend(a.chown.as_deref());
+                    words.extend(a.chmod.as_deref());
+                }
+                Kind::Workdir { path } => words.push(path),
+                Kind::User { user } => words.push(user),
+                Kind::Stopsignal { signal } => words.push(signal),
+                Kind::Expose { ports } => words.extend(ports.iter().map(String::as_str)),
+                Kind::Volume { volumes } => words.extend(volumes.iter().map(String::as_str)),
+                _ => {}
+            }
+            for word in words {
+                for v in undefined_in(&lex, word, &known) {
+                    push(
+                        "UndefinedVar",
+                        instr.line,
+                        format!("Usage of undefined variable '${v}'"),
+                    );
+                }
+            }
+            known.extend(define);
+        }
+        stage_env.push(Some(known));
+    }
+}
 
 fn words(s: &str) -> Vec<&str> {
     s.split_whitespace().collect()
@@ -81,8 +226,14 @@ fn args_after_flags(original: &str) -> &str {
     rest
 }
 
-/// Lints `df` (honouring its `# check=` directive).
+/// Lints `df` (honouring its `# check=` directive). Base images' variables
+/// are unknown here; see [`lint_with`].
 pub fn lint(df: &Dockerfile) -> LintReport {
+    lint_with(df, &|_| None)
+}
+
+/// Lints `df`, asking `base_env` for the variables of base images.
+pub fn lint_with(df: &Dockerfile, base_env: BaseEnv<'_>) -> LintReport {
     let mut skip: Vec<String> = Vec::new();
     let mut error = false;
     for (k, v) in &df.directives {
@@ -196,6 +347,7 @@ pub fn lint(df: &Dockerfile) -> LintReport {
             }
         }
     }
+    undefined_vars(df, base_env, &mut push);
     let uppers = keywords.iter().filter(|(k, _)| is_upper(k)).count();
     let lowers = keywords.iter().filter(|(k, _)| is_lower(k)).count();
     let majority_upper = uppers >= lowers;
@@ -229,6 +381,63 @@ pub fn lint(df: &Dockerfile) -> LintReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rule_urls() {
+        let w = |rule| LintWarning {
+            rule,
+            message: String::new(),
+            line: 1,
+        };
+        assert!(w("JSONArgsRecommended")
+            .url()
+            .ends_with("/json-args-recommended/"));
+        assert!(w("FromAsCasing").url().ends_with("/from-as-casing/"));
+        assert!(w("UndefinedVar").url().ends_with("/undefined-var/"));
+    }
+
+    #[test]
+    fn undefined_variables() {
+        let df = kiln_parser::parse(
+            "ARG BASE=alpine\nFROM $BASE AS a\nARG V=1\nENV E=$V\nCOPY $V $E $NOPE /x/\nRUN echo $SHELL_ONLY\nFROM ${MISSING:-scratch}\nWORKDIR /$HOME\n",
+        )
+        .expect("parse");
+        let env = |name: &str| (name == "alpine").then(|| vec!["HOME=/root".to_string()]);
+        let r: Vec<(&str, usize, String)> = lint_with(&df, &env)
+            .warnings
+            .into_iter()
+            .map(|w| (w.rule, w.line, w.message))
+            .collect();
+        assert!(
+            r.contains(&(
+                "UndefinedVar",
+                5,
+                "Usage of undefined variable '$NOPE'".into()
+            )),
+            "{r:?}"
+        );
+        assert!(
+            r.contains(&(
+                "UndefinedArgInFrom",
+                7,
+                "FROM argument 'MISSING' is not declared".into()
+            )),
+            "{r:?}"
+        );
+        assert!(
+            r.contains(&(
+                "UndefinedVar",
+                8,
+                "Usage of undefined variable '$HOME'".into()
+            )),
+            "{r:?}"
+        );
+        assert_eq!(
+            r.iter().filter(|x| x.0 == "UndefinedVar").count(),
+            2,
+            "{r:?}"
+        );
+    }
 
     fn rules(text: &str) -> Vec<(&'static str, usize)> {
         let df = kiln_parser::parse(text).expect("parse");
