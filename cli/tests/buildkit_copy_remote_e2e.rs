@@ -583,13 +583,27 @@ fn build_context_names_a_directory_or_an_image_for_from_and_copy_from() {
     std::fs::write(extra.path().join("data.txt"), "changed").expect("write");
     k.build(ctx.path(), &args);
     assert_eq!(sh(&k, "named:1", "cat /d.txt"), "changed");
-    // A directory as a FROM base is not supported yet and says so.
-    let err = build_fails(
-        &k,
-        ctx.path(),
-        &["--build-context", &files.replace("files=", "alpine=")],
+    // A directory as a FROM base: its files, root-owned, are the base layer.
+    let rootfs = tempfile::tempdir().expect("tempdir");
+    common::make_rootfs(rootfs.path());
+    std::fs::write(rootfs.path().join("hello"), "from a directory base\n").expect("write");
+    let based = context(&[("Dockerfile", "FROM base\nRUN cat /hello > /copied\n")]);
+    let base_arg = format!("base={}", rootfs.path().display());
+    k.build(
+        based.path(),
+        &["-t", "dirbase:1", "--build-context", &base_arg],
     );
-    assert!(err.contains("not supported yet"), "{err}");
+    assert_eq!(
+        sh(&k, "dirbase:1", "cat /copied"),
+        "from a directory base\n"
+    );
+    assert_eq!(
+        k.inspect("dirbase:1")["RootFS"]["Layers"]
+            .as_array()
+            .map(Vec::len),
+        Some(2),
+        "the directory layer and the RUN layer"
+    );
 }
 
 /// `kiln build ARGS…` with `input` on stdin.

@@ -459,26 +459,22 @@ impl Ctx {
             .map_err(|m| BuildError::at(stage.line, m))?;
         }
         let mut state = match &planned.base {
-            Base::Scratch => {
-                let mut config = ImageConfig::new(&Platform::host());
-                config.config_mut().env =
-                    Some(vec![format!("PATH={}", kiln_executor::DEFAULT_PATH)]);
-                StageState {
-                    env: env_pairs(&config),
-                    config,
-                    layers: Vec::new(),
-                    key: KeyHasher::new("scratch").finish(),
-                    args: Vec::new(),
-                    cmd_set: false,
-                    base_history: 0,
-                    newest: None,
-                }
-            }
+            Base::Scratch => scratch_state(),
             Base::Stage(j) => {
                 let base = self.stage_result(*j).await.map_err(unwrap_arc)?;
                 let mut s = (*base).clone();
                 s.cmd_set = false;
                 s
+            }
+            Base::Image(reference)
+                if matches!(
+                    self.opts.named_contexts.get(reference),
+                    Some(crate::contexts::NamedContext::Dir(_))
+                ) =>
+            {
+                self.clone()
+                    .dir_base_state(reference, &label, total, stage.line)
+                    .await?
             }
             Base::Image(reference) => {
                 let id = self
@@ -1563,6 +1559,22 @@ fn copy_created_by(
     m.push_str(dest);
     m.push_str(" # buildkit");
     m
+}
+
+/// The state of `FROM scratch`.
+fn scratch_state() -> StageState {
+    let mut config = ImageConfig::new(&Platform::host());
+    config.config_mut().env = Some(vec![format!("PATH={}", kiln_executor::DEFAULT_PATH)]);
+    StageState {
+        env: env_pairs(&config),
+        config,
+        layers: Vec::new(),
+        key: KeyHasher::new("scratch").finish(),
+        args: Vec::new(),
+        cmd_set: false,
+        base_history: 0,
+        newest: None,
+    }
 }
 
 fn config_history_len(c: &ImageConfig) -> usize {
