@@ -10,26 +10,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::{context, prerequisites, Kiln};
-
-/// `kiln run --rm IMAGE sh -c SCRIPT`, stdout.
-fn sh(k: &Kiln, image: &str, script: &str) -> String {
-    k.ok(&["run", "--rm", image, "sh", "-c", script])
-}
-
-fn build_fails(k: &Kiln, ctx: &Path, extra: &[&str]) -> String {
-    let mut args = vec!["build", "-q"];
-    args.extend_from_slice(extra);
-    args.push(ctx.to_str().expect("utf-8"));
-    let o = k.run(&args);
-    assert!(
-        !o.status.success(),
-        "build should fail\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{build_fails, context, prerequisites, sh, Kiln};
 
 fn set_mode(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");

@@ -8,29 +8,10 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{context, prerequisites, Kiln};
+use common::{build_fails, context, prerequisites, sh, Kiln};
 
 fn dockerfile(text: &str) -> tempfile::TempDir {
     context(&[("Dockerfile", text)])
-}
-
-/// `kiln run --rm IMAGE sh -c SCRIPT`, stdout.
-fn sh(k: &Kiln, image: &str, script: &str) -> String {
-    k.ok(&["run", "--rm", image, "sh", "-c", script])
-}
-
-fn build_fails(k: &Kiln, ctx: &Path, extra: &[&str]) -> String {
-    let mut args = vec!["build", "-q"];
-    args.extend_from_slice(extra);
-    args.push(ctx.to_str().expect("utf-8"));
-    let o = k.run(&args);
-    assert!(
-        !o.status.success(),
-        "build should fail\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn cachemount_dirs(k: &Kiln) -> Vec<String> {

@@ -184,3 +184,23 @@ pub fn host_mounts_with(needle: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// `kiln run --rm IMAGE sh -c SCRIPT`, stdout.
+pub fn sh(k: &Kiln, image: &str, script: &str) -> String {
+    k.ok(&["run", "--rm", image, "sh", "-c", script])
+}
+
+/// Runs `kiln build -q EXTRA… CTX`, asserts that it fails, returns stderr.
+pub fn build_fails(k: &Kiln, ctx: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["build", "-q"];
+    args.extend_from_slice(extra);
+    args.push(ctx.to_str().expect("utf-8"));
+    let o = k.run(&args);
+    assert!(
+        !o.status.success(),
+        "build should fail\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
