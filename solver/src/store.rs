@@ -484,11 +484,15 @@ impl Backend for StoreBackend {
     fn layer_dirs(&self, snapshot: &str) -> BackendResult<Vec<PathBuf>> {
         let sn = self.sn();
         if sn.name() != "overlay" {
-            // Native snapshots are full trees: a view's dir is the tree.
-            let key = format!("view-{snapshot}-{}", ACTIVE.fetch_add(1, Ordering::Relaxed));
-            let _ = sn.view(&key, Some(snapshot));
-            let dir = sn.writable_dir(&key).map_err(|err| e("view", err))?;
-            return Ok(vec![dir]);
+            // A committed native snapshot is a full, immutable tree: read it
+            // where it is.
+            let row = sn.stat(snapshot).map_err(|err| e("snapshot", err))?;
+            return Ok(vec![self
+                .store
+                .root()
+                .join("snapshots")
+                .join(&row.id)
+                .join("fs")]);
         }
         let chain = self
             .store
@@ -576,5 +580,39 @@ impl Backend for StoreBackend {
         key: &str,
     ) -> BackendResult<LayerRecord> {
         crate::link::stack_layer(&self.store, parent, layer, key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With the copying snapshotter, a committed layer is read where it is
+    /// (COPY --from, flattening): one full tree, no view snapshot left over.
+    #[test]
+    fn native_layer_dirs_are_the_committed_tree() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_with(
+            root.path(),
+            kiln_cache::StoreOptions {
+                snapshotter: kiln_cache::SnapshotterKind::Native,
+            },
+        )
+        .expect("store");
+        let b = StoreBackend::new(store);
+        let active = b.prepare(None).expect("prepare");
+        let top = active.layers[0].clone();
+        std::fs::write(top.join("hello"), "hi").expect("write");
+        let layer = b
+            .commit(active, "key-1", &DiffOptions::default())
+            .expect("commit");
+        let before = b.store().meta().snapshots().expect("rows").len();
+        let dirs = b.layer_dirs(&layer.snapshot).expect("dirs");
+        assert_eq!(dirs.len(), 1);
+        assert_eq!(
+            std::fs::read_to_string(dirs[0].join("hello")).expect("read"),
+            "hi"
+        );
+        assert_eq!(b.store().meta().snapshots().expect("rows").len(), before);
     }
 }
