@@ -811,7 +811,7 @@ impl Ctx {
                     let dir = wd.clone();
                     let layer = self
                         .clone()
-                        .layer_step(stage, &name, state, key, move |view| {
+                        .layer_step(&name, state, key, move |view| {
                             let owner = match &user {
                                 Some(u) => resolve_owner(view, u)?,
                                 None => (0, 0),
@@ -894,7 +894,6 @@ impl Ctx {
     /// is `work` on the writable view of a fresh snapshot.
     async fn layer_step<F>(
         self: Arc<Self>,
-        _stage: usize,
         name: &str,
         state: &StageState,
         key: String,
@@ -1153,36 +1152,13 @@ impl Ctx {
                     .await;
                 let _ = forward.await;
                 drop(prepared);
-                let outcome = match outcome {
-                    Ok(o) => o,
-                    Err(e) => {
-                        let backend = me.backend.clone();
-                        let _ = blocking(move || {
-                            backend.abort(active);
-                            Ok(())
-                        })
-                        .await;
-                        if me.cancel.is_cancelled() {
-                            return Err(BuildError::Cancelled);
-                        }
-                        return Err(BuildError::at(line, e.to_string()));
-                    }
-                };
-                if !outcome.status.success() {
-                    let backend = me.backend.clone();
-                    let _ = blocking(move || {
-                        backend.abort(active);
-                        Ok(())
-                    })
-                    .await;
-                    if me.cancel.is_cancelled() {
-                        return Err(BuildError::Cancelled);
-                    }
-                    return Err(BuildError::Run {
+                let failure = match &outcome {
+                    Ok(o) if o.status.success() => None,
+                    Ok(o) => Some(BuildError::Run {
                         line,
                         command: args.join(" "),
-                        status: outcome.status.to_string(),
-                        tail: outcome
+                        status: o.status.to_string(),
+                        tail: o
                             .tail
                             .iter()
                             .map(|l| {
@@ -1191,6 +1167,21 @@ impl Ctx {
                                     .to_string()
                             })
                             .collect(),
+                    }),
+                    Err(e) => Some(BuildError::at(line, e.to_string())),
+                };
+                if let Some(err) = failure {
+                    // The writable snapshot of a failed step is dropped.
+                    let backend = me.backend.clone();
+                    let _ = blocking(move || {
+                        backend.abort(active);
+                        Ok(())
+                    })
+                    .await;
+                    return Err(if me.cancel.is_cancelled() {
+                        BuildError::Cancelled
+                    } else {
+                        err
                     });
                 }
                 let backend = me.backend.clone();
@@ -1493,7 +1484,7 @@ impl Ctx {
         let layer = if link {
             self.clone().link_step(name, state, key, work).await
         } else {
-            self.clone().layer_step(stage, name, state, key, work).await
+            self.clone().layer_step(name, state, key, work).await
         }
         .map_err(|e| match e {
             BuildError::Internal(m) => BuildError::at(line, m),

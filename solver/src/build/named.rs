@@ -53,7 +53,7 @@ impl Ctx {
         let name = format!("[{label} 1/{total}] FROM {reference} ({})", dir.display());
         let layer = self
             .clone()
-            .layer_step(0, &name, &state, key, move |dst| {
+            .layer_step(&name, &state, key, move |dst| {
                 copy_selections(dst, "/", true, &selections, &opts).map_err(|e| e.to_string())
             })
             .await?;
