@@ -115,6 +115,12 @@ const MIGRATIONS: &[&str] = &[
         last_used INTEGER NOT NULL
     );
     "#,
+    // 2 -> 3: layer blobs kept as their source instead of a file. A row
+    // with `source` set may have no file: its bytes are the diff of that
+    // committed snapshot, written again (deterministically) when read.
+    r#"
+    ALTER TABLE blobs ADD COLUMN source TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -493,10 +499,64 @@ impl Meta {
         let d = digest.to_string();
         tx.execute(
             "INSERT INTO blobs(digest, size, media_type, created) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(digest) DO UPDATE SET media_type = COALESCE(blobs.media_type, excluded.media_type)",
+             ON CONFLICT(digest) DO UPDATE SET media_type = COALESCE(blobs.media_type, excluded.media_type),
+               source = NULL",
             params![d, size as i64, media_type, now_unix()],
         )?;
         self.lease_add(tx, "blob", &d)
+    }
+
+    /// Record a layer blob that has no file: `source` (JSON, see
+    /// [`crate::Store::record_layer_source`]) says how to write it again.
+    /// A row that exists already (a file, or another source) is kept.
+    /// Also links the blob to `snapshot`, so GC keeps the snapshot while
+    /// the blob is reachable.
+    pub fn add_lazy_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        media_type: &str,
+        snapshot: &str,
+        source: &str,
+    ) -> Result<()> {
+        let d = digest.to_string();
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO blobs(digest, size, media_type, created, source)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(digest) DO NOTHING",
+                params![d, size as i64, media_type, now_unix(), source],
+            )?;
+            tx.execute(
+                "INSERT OR IGNORE INTO blob_snapshots(blob, snapshot) VALUES (?1, ?2)",
+                params![d, snapshot],
+            )?;
+            self.lease_add(tx, "blob", &d)
+        })
+    }
+
+    /// A blob row: its size and, for a blob kept as its source, that
+    /// source (JSON).
+    pub fn blob_row(&self, digest: &Digest) -> Result<Option<(u64, Option<String>)>> {
+        self.read(|tx| {
+            Ok(tx
+                .query_row(
+                    "SELECT size, source FROM blobs WHERE digest = ?1",
+                    [digest.to_string()],
+                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+                )
+                .optional()?)
+        })
+    }
+
+    /// Forget a blob's source once its file is stored.
+    pub fn clear_blob_source(&self, digest: &Digest) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE blobs SET source = NULL WHERE digest = ?1",
+                [digest.to_string()],
+            )?;
+            Ok(())
+        })
     }
 
     /// Record that blob `parent` (a manifest or index) references `child`.

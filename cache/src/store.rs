@@ -218,6 +218,128 @@ impl Store {
         Ok((d, n))
     }
 
+    /// Record a layer blob without storing its bytes: `digest`/`size`
+    /// are those of the tar that `opts` diffing the committed `snapshot`
+    /// writes (deterministically). [`Store::open_blob`] writes it again
+    /// when it is read (export, push); GC keeps the snapshot while the
+    /// blob is reachable. Locally built layers are kept this way: the
+    /// snapshot already holds every byte, and a second copy as a tar
+    /// (written and fsynced at build time) doubled the cost of big
+    /// `COPY` steps.
+    pub fn record_layer_source(
+        &self,
+        digest: &Digest,
+        size: u64,
+        snapshot: &str,
+        opts: &kiln_image::diff::DiffOptions,
+    ) -> Result<()> {
+        let source = serde_json::to_string(&LayerSource {
+            snapshot: snapshot.to_string(),
+            opts: opts.clone(),
+        })
+        .map_err(|e| Error::InvalidState(format!("layer source: {e}")))?;
+        let _gc = self.gc_guard()?;
+        self.meta.add_lazy_blob(
+            digest,
+            size,
+            kiln_image::manifest::media_types::OCI_LAYER,
+            snapshot,
+            &source,
+        )
+    }
+
+    /// Whether the blob can be read: its file is stored, or it is a layer
+    /// kept as its source (see [`Store::record_layer_source`]).
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blob_size(digest).is_ok()
+    }
+
+    /// The size of a blob that can be read (see [`Store::has_blob`]).
+    pub fn blob_size(&self, digest: &Digest) -> Result<u64> {
+        match self.content.size(digest) {
+            Err(Error::NotFound { .. }) => match self.meta.blob_row(digest)? {
+                Some((size, Some(_))) => Ok(size),
+                _ => Err(Error::NotFound {
+                    kind: "blob",
+                    name: digest.to_string(),
+                }),
+            },
+            other => other,
+        }
+    }
+
+    /// Open a blob for reading: its file, or for a layer kept as its
+    /// source, the snapshot's diff written again on a thread and checked
+    /// against `digest` and the recorded size at the end (a mismatch is a
+    /// read error). The GC lock is held shared until the reader drops, so
+    /// no prune removes the snapshot underneath.
+    pub fn open_blob(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        match self.content.open(digest) {
+            Ok(f) => return Ok(Box::new(f)),
+            Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let gc = self.gc_guard()?;
+        // The file may have appeared (and the source been cleared) since.
+        if let Ok(f) = self.content.open(digest) {
+            return Ok(Box::new(f));
+        }
+        let not_found = || Error::NotFound {
+            kind: "blob",
+            name: digest.to_string(),
+        };
+        let Some((size, Some(source))) = self.meta.blob_row(digest)? else {
+            return Err(not_found());
+        };
+        let src: LayerSource = serde_json::from_str(&source)
+            .map_err(|e| Error::InvalidState(format!("blob {digest}: layer source: {e}")))?;
+        let diff = self.snapshotter().diff_source(&src.snapshot).map_err(|e| {
+            Error::InvalidState(format!(
+                "blob {digest} is kept as the diff of snapshot {}, which cannot be read: {e}",
+                src.snapshot
+            ))
+        })?;
+        let (reader, writer) = std::io::pipe().ctx("pipe", self.root())?;
+        let failure = Arc::new(std::sync::Mutex::new(None::<String>));
+        let fail = failure.clone();
+        std::thread::Builder::new()
+            .name("kiln-layer-tar".into())
+            .spawn(move || {
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, writer);
+                let res = match diff {
+                    crate::snapshot::DiffSource::Overlay { upper } => {
+                        kiln_image::diff::write_overlay_diff(&upper, &mut out, &src.opts)
+                    }
+                    crate::snapshot::DiffSource::Tree { lower, upper } => {
+                        kiln_image::diff::write_tree_diff(
+                            lower.as_deref(),
+                            &upper,
+                            &mut out,
+                            &src.opts,
+                        )
+                    }
+                };
+                let res = res
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| std::io::Write::flush(&mut out).map_err(|e| e.to_string()));
+                if let Err(e) = res {
+                    if let Ok(mut f) = fail.lock() {
+                        *f = Some(e);
+                    }
+                }
+            })
+            .ctx("spawn", self.root())?;
+        Ok(Box::new(SourceReader {
+            inner: reader,
+            hasher: Some(kiln_image::Hasher::new()),
+            want: digest.clone(),
+            size,
+            failure,
+            _gc: gc,
+        }))
+    }
+
     /// [`Store::put_blob`] for bytes in memory (manifests, configs).
     pub fn put_bytes(&self, bytes: &[u8], media_type: Option<&str>) -> Result<Digest> {
         Ok(self
@@ -268,6 +390,61 @@ impl Store {
             id,
             previous,
         })
+    }
+}
+
+/// How a layer blob without a file is written again (the `source` column
+/// of its row).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LayerSource {
+    snapshot: String,
+    opts: kiln_image::diff::DiffOptions,
+}
+
+/// A layer written again from its snapshot, verified at the end.
+struct SourceReader {
+    inner: std::io::PipeReader,
+    hasher: Option<kiln_image::Hasher>,
+    want: Digest,
+    size: u64,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
+    _gc: GcGuard,
+}
+
+impl Read for SourceReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            if let Some(h) = self.hasher.as_mut() {
+                h.update(&buf[..n]);
+            }
+            return Ok(n);
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let Some(h) = self.hasher.take() else {
+            return Ok(0);
+        };
+        if let Some(e) = self.failure.lock().ok().and_then(|mut f| f.take()) {
+            return Err(std::io::Error::other(format!(
+                "writing layer {} from its snapshot: {e}",
+                self.want
+            )));
+        }
+        let len = h.len();
+        let got = h.finish();
+        if got.as_str() != self.want.as_str() || len != self.size {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "layer {} written again from its snapshot has digest {got} and {len} bytes \
+                     ({} expected): the snapshot changed",
+                    self.want, self.size
+                ),
+            ));
+        }
+        Ok(n)
     }
 }
 

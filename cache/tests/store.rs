@@ -405,3 +405,82 @@ fn four_processes_share_one_store() {
     assert_eq!(r.snapshots_removed, 0, "{r:?}");
     assert!(s.check().unwrap().ok());
 }
+
+/// A locally built layer is kept as its snapshot's diff (no file): it
+/// reads back as the same bytes, its size is known, `check` verifies it by
+/// writing it again, a changed snapshot is caught, and GC keeps the
+/// snapshot while the blob is reachable and drops both after.
+#[test]
+fn layer_kept_as_its_snapshot_reads_back_and_is_verified() {
+    use kiln_image::diff::{write_tree_diff, DiffOptions};
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let sn = s.snapshotter();
+    sn.prepare("b", None).unwrap();
+    let w = sn.writable_dir("b").unwrap();
+    std::fs::create_dir(w.join("etc")).unwrap();
+    std::fs::write(w.join("etc/motd"), "hello\n").unwrap();
+    std::fs::write(w.join("big"), vec![3u8; 300_000]).unwrap();
+    let opts = DiffOptions {
+        clamp_mtime: Some(0),
+        exclude: vec!["etc/skip".into()],
+    };
+    // What the builder does: hash the diff, commit, record the source.
+    let mut tar = Vec::new();
+    write_tree_diff(None, &w, &mut tar, &opts).unwrap();
+    let digest = Digest::sha256_of(&tar);
+    sn.commit("layer-snap", "b").unwrap();
+    s.record_layer_source(&digest, tar.len() as u64, "layer-snap", &opts)
+        .unwrap();
+    assert!(!s.content().has(&digest), "no file is written");
+    assert!(s.has_blob(&digest));
+    assert_eq!(s.blob_size(&digest).unwrap(), tar.len() as u64);
+    let mut back = Vec::new();
+    s.open_blob(&digest)
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert!(back == tar, "the same bytes come back");
+
+    // Referenced by an image: prune keeps blob and snapshot.
+    let config = s.put_bytes(b"{}", None).unwrap();
+    let manifest = s.put_bytes(b"{\"m\":2}", None).unwrap();
+    s.record_image(
+        "docker.io/library/lazy:latest",
+        &manifest,
+        &config,
+        std::slice::from_ref(&digest),
+    )
+    .unwrap();
+    s.prune(&PruneOptions::default()).unwrap();
+    assert!(s.has_blob(&digest) && sn.stat("layer-snap").is_ok());
+    let rep = s.check().unwrap();
+    assert!(rep.ok(), "{rep:?}");
+
+    // A snapshot changed behind the store's back is a read error and a
+    // check problem, never silently different bytes.
+    let fs = dir
+        .path()
+        .join("snapshots")
+        .join(sn.stat("layer-snap").unwrap().id)
+        .join("fs");
+    std::fs::write(fs.join("etc/motd"), "HELLO\n").unwrap();
+    let mut sink = Vec::new();
+    let err = s
+        .open_blob(&digest)
+        .unwrap()
+        .read_to_end(&mut sink)
+        .unwrap_err();
+    assert!(err.to_string().contains("snapshot changed"), "{err}");
+    let rep = s.check().unwrap();
+    assert!(!rep.ok(), "{rep:?}");
+
+    // Untagged: prune drops the blob row and the snapshot.
+    s.meta()
+        .untag_image("docker.io/library/lazy:latest")
+        .unwrap();
+    s.prune(&PruneOptions::default()).unwrap();
+    assert!(!s.has_blob(&digest));
+    assert!(sn.stat("layer-snap").is_err());
+}

@@ -644,12 +644,10 @@ impl kiln_image::archive::BlobSource for StoreBlobs<'_> {
             .as_str()
             .parse()
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
-        let f = self
-            .0
-            .content()
-            .open(&cd)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{e}")))?;
-        Ok(Box::new(f))
+        self.0
+            .open_blob(&cd)
+            .map(|r| -> Box<dyn std::io::Read + '_> { r })
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{e}")))
     }
     fn blob_size(&self, d: &kiln_image::Digest) -> std::io::Result<u64> {
         let cd: kiln_cache::Digest = d
@@ -657,8 +655,7 @@ impl kiln_image::archive::BlobSource for StoreBlobs<'_> {
             .parse()
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
         self.0
-            .content()
-            .size(&cd)
+            .blob_size(&cd)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{e}")))
     }
 }

@@ -172,7 +172,7 @@ pub fn unpack_rootfs(store: &Store, manifest: &RawManifest, dir: &Path) -> anyho
     let m = manifest.manifest()?;
     for l in &m.layers {
         let d: kiln_cache::Digest = l.digest.as_str().parse()?;
-        let f = store.content().open(&d)?;
+        let f = store.open_blob(&d)?;
         let r = kiln_image::compression::decompress_auto(f)?;
         kiln_image::apply::apply_layer(r, dir, kiln_image::apply::WhiteoutMode::Delete)
             .map_err(|e| anyhow::anyhow!("layer {}: {e}", l.digest))?;

@@ -955,7 +955,7 @@ fn export_rootfs(k: &Kiln, name: &str, scratch: &Path) -> R<PathBuf> {
             .unwrap_or_default()
             .parse()
             .map_err(|x| e(&x))?;
-        let f = store.content().open(&d).map_err(|x| e(&x))?;
+        let f = store.open_blob(&d).map_err(|x| e(&x))?;
         let r = kiln_image::compression::decompress_auto(f).map_err(|x| e(&x))?;
         kiln_image::apply::apply_layer(r, &root, kiln_image::apply::WhiteoutMode::Delete)
             .map_err(|x| e(&x))?;

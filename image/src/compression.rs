@@ -67,8 +67,8 @@ pub const ZSTD_DEFAULT_LEVEL: i32 = 3;
 pub enum Encoder<W: Write> {
     /// Pass-through.
     Plain(W),
-    /// gzip.
-    Gzip(flate2::write::GzEncoder<W>),
+    /// gzip, on all cores ([`crate::pargz`]).
+    Gzip(crate::pargz::ParGzEncoder<W>),
     /// zstd.
     Zstd(zstd::stream::write::Encoder<'static, W>),
 }
@@ -81,11 +81,8 @@ impl<W: Write> Encoder<W> {
             Compression::Uncompressed => Encoder::Plain(out),
             Compression::Gzip => {
                 let level = opts.level.unwrap_or(GZIP_DEFAULT_LEVEL).clamp(0, 9) as u32;
-                Encoder::Gzip(
-                    flate2::GzBuilder::new()
-                        .mtime(0)
-                        .write(out, flate2::Compression::new(level)),
-                )
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+                Encoder::Gzip(crate::pargz::ParGzEncoder::new(out, level, threads)?)
             }
             Compression::Zstd => {
                 let level = opts.level.unwrap_or(ZSTD_DEFAULT_LEVEL);

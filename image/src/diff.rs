@@ -18,7 +18,7 @@ use crate::tarw::{Kind, Meta, TarWriter};
 use crate::ImageError;
 
 /// Options shared by both differs.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct DiffOptions {
     /// `SOURCE_DATE_EPOCH`: every mtime later than this is written as this.
     pub clamp_mtime: Option<i64>,

@@ -55,6 +55,7 @@ pub mod diff;
 mod digest;
 mod error;
 pub mod manifest;
+pub mod pargz;
 pub mod rootfs_tar;
 pub mod tarw;
 

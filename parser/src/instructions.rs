@@ -584,7 +584,7 @@ fn key_values(node: &Node, name: &str) -> IResult<Vec<KeyValue>> {
             "{name} requires at least one argument"
         )));
     }
-    if args.len() % 3 != 0 {
+    if !args.len().is_multiple_of(3) {
         return Err(InstrError::new(format!(
             "Bad input to {name}, too many arguments"
         )));

@@ -35,9 +35,8 @@ pub(crate) fn stack_layer(
         None => layer.snapshot.clone(),
         Some(p) => {
             let name = chain_id(Some(p), layer.diff_id.as_str());
-            let content = store.content();
             kiln_cache::apply_into(store.snapshotter(), &name, Some(p), |dir, mode| {
-                let f = content.open(&blob)?;
+                let f = store.open_blob(&blob)?;
                 let reader = kiln_image::compression::decompress_auto(f)
                     .map_err(|err| kiln_cache::Error::InvalidState(e("decompress", err)))?;
                 let mode = match mode {

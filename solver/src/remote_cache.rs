@@ -381,14 +381,12 @@ impl RemoteCacheBackend {
     fn apply_remote(&self, r: &Remote) -> Result<(), String> {
         let store = self.store();
         let diff = cd(&r.rec.diff_id)?;
-        let have_tar =
-            store.content().size(&diff).is_ok() && store.meta().has_blob(&diff).unwrap_or(false);
+        let have_tar = store.has_blob(&diff) && store.meta().has_blob(&diff).unwrap_or(false);
         if !have_tar {
             self.fetch(r)?;
             if r.desc.digest != r.rec.diff_id {
                 let f = store
-                    .content()
-                    .open(&cd(&r.desc.digest)?)
+                    .open_blob(&cd(&r.desc.digest)?)
                     .map_err(|e| e.to_string())?;
                 let mut tar = decompress_auto(f).map_err(|e| s("decompress", e))?;
                 let mut w = store.content().writer().map_err(|e| e.to_string())?;
@@ -415,13 +413,12 @@ impl RemoteCacheBackend {
                 }
             }
         }
-        let content = store.content();
         kiln_cache::apply_into(
             self.sn(),
             &r.rec.chain_id,
             r.rec.parent_chain_id.as_deref(),
             |dir, mode| {
-                let f = content.open(&diff)?;
+                let f = store.open_blob(&diff)?;
                 let mode = match mode {
                     kiln_cache::ApplyMode::Overlay => kiln_image::apply::WhiteoutMode::Overlay,
                     kiln_cache::ApplyMode::Delete => kiln_image::apply::WhiteoutMode::Delete,
@@ -478,7 +475,7 @@ impl RemoteCacheBackend {
             }
             self.materialize(&sn.snapshot)?;
             let diff = cd(&sn.diff_id)?;
-            let size = store.content().size(&diff).map_err(|e| s("layer", e))?;
+            let size = store.blob_size(&diff).map_err(|e| s("layer", e))?;
             let plain = Descriptor::new(media_types::OCI_LAYER, sn.diff_id.clone(), size);
             let desc = encode_one(
                 store,
@@ -603,8 +600,7 @@ impl RemoteCacheBackend {
             }
             let mut src = self
                 .store()
-                .content()
-                .open(&cd(&b.digest)?)
+                .open_blob(&cd(&b.digest)?)
                 .map_err(|e| s(&format!("blob {}", b.digest), e))?;
             let tmp = path.with_extension("tmp");
             let mut f = std::fs::File::create(&tmp).map_err(io)?;
@@ -803,8 +799,7 @@ impl Backend for RemoteCacheBackend {
                 self.materialize(&l.snapshot)?;
                 l.size = self
                     .store()
-                    .content()
-                    .size(&cd(&l.diff_id)?)
+                    .blob_size(&cd(&l.diff_id)?)
                     .map_err(|e| s("layer blob", e))?;
             }
             fixed.push(l);

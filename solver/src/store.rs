@@ -118,8 +118,7 @@ impl StoreBackend {
         let blob = cache_digest(&diff)?;
         let size = self
             .store
-            .content()
-            .size(&blob)
+            .blob_size(&blob)
             .map_err(|err| e("layer blob", err))?;
         Ok(LayerRecord {
             diff_id: diff.clone(),
@@ -178,9 +177,9 @@ impl StoreBackend {
         for (desc, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
             let name = chain_id(parent.as_deref(), diff_id.as_str());
             let blob = cache_digest(&desc.digest)?;
-            let content = self.store.content();
+            let store = &self.store;
             kiln_cache::apply_into(self.sn(), &name, parent.as_deref(), |dir, mode| {
-                let f = content.open(&blob)?;
+                let f = store.open_blob(&blob)?;
                 let reader = kiln_image::compression::decompress_auto(f)
                     .map_err(|err| kiln_cache::Error::InvalidState(e("decompress", err)))?;
                 let mode = match mode {
@@ -416,14 +415,13 @@ impl Backend for StoreBackend {
                 .stat(&active.key)
                 .map_err(|err| e("snapshot", err))?
                 .parent;
-            let mut writer = self
-                .store
-                .content()
-                .writer()
-                .map_err(|err| e("blob writer", err))?;
+            // The layer's bytes stay in the snapshot: only its diffID and
+            // size are computed here (one streaming pass, nothing written);
+            // the tar is written again when the blob is read (export,
+            // push) — see `Store::record_layer_source`.
+            let mut sink = kiln_image::HashingWriter::new(std::io::sink());
             {
-                // Few large writes instead of one per tar block.
-                let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut writer);
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut sink);
                 match sn
                     .diff_source(&active.key)
                     .map_err(|err| e("diff source", err))?
@@ -434,14 +432,9 @@ impl Backend for StoreBackend {
                     }
                 }
                 .map_err(|err| e("diff", err))?;
-                std::io::Write::flush(&mut out).map_err(|err| e("storing layer", err))?;
+                std::io::Write::flush(&mut out).map_err(|err| e("hashing layer", err))?;
             }
-            // Stored and recorded under the GC lock in one step, so a
-            // concurrent prune never sees the blob unreferenced.
-            let (blob, size) = self
-                .store
-                .commit_blob(writer, None, None, Some(media_types::OCI_LAYER))
-                .map_err(|err| e("storing layer", err))?;
+            let (_, blob, size) = sink.finish();
             let diff_id: Digest = blob.to_string().parse().map_err(|err| e("digest", err))?;
             let name = chain_id(parent.as_deref(), diff_id.as_str());
             match sn.commit(&name, &active.key) {
@@ -454,7 +447,9 @@ impl Backend for StoreBackend {
                 }
                 Err(err) => return Err(e("commit snapshot", err)),
             }
-            let _ = self.store.meta().add_blob_snapshot(&blob, &name);
+            self.store
+                .record_layer_source(&blob, size, &name, opts)
+                .map_err(|err| e("recording layer", err))?;
             self.store
                 .meta()
                 .cache_put(key, Some(&name), Some(&blob), std::slice::from_ref(&blob))

@@ -26,7 +26,7 @@ pub struct StoreSink<'a>(pub &'a Store);
 impl BlobSink for StoreSink<'_> {
     fn has_blob(&self, desc: &Descriptor) -> bool {
         cd(&desc.digest).is_ok_and(|d| {
-            self.0.content().size(&d).is_ok_and(|s| s == desc.size)
+            self.0.blob_size(&d).is_ok_and(|s| s == desc.size)
                 && self.0.meta().has_blob(&d).unwrap_or(false)
         })
     }
@@ -51,12 +51,10 @@ pub struct StoreSource<'a> {
 impl PushSource for StoreSource<'_> {
     fn open(&self, desc: &Descriptor) -> std::io::Result<Box<dyn Read + '_>> {
         let d = cd(&desc.digest).map_err(std::io::Error::other)?;
-        let f = self
-            .store
-            .content()
-            .open(&d)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string()))?;
-        Ok(Box::new(f))
+        self.store
+            .open_blob(&d)
+            .map(|r| -> Box<dyn Read + '_> { r })
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string()))
     }
     fn mount_from(&self, desc: &Descriptor) -> Option<String> {
         self.mounts.get(&desc.digest).cloned()
@@ -207,8 +205,7 @@ pub fn encode_one(
     }
     progress(&format!("{}: compressing ({cname})", short(diff_id)));
     let src = store
-        .content()
-        .open(&cd(&layer.digest)?)
+        .open_blob(&cd(&layer.digest)?)
         .map_err(|e| format!("layer {}: {e}", layer.digest))?;
     let tar: Box<dyn Read> = match have {
         Some(Compression::Uncompressed) => Box::new(src),

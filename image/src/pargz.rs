@@ -1,0 +1,294 @@
+//! gzip on all cores, in the manner of pigz: the input is cut into blocks
+//! of [`BLOCK`] bytes, each block is deflated on a worker (primed with the
+//! previous block's last 32 KiB as its dictionary, ended with a sync flush
+//! so the pieces join on a byte boundary), and the pieces are written in
+//! order between one gzip header and one trailer whose CRC-32 is combined
+//! from the blocks' CRCs. The result is a single ordinary gzip member.
+//!
+//! The bytes depend only on the input and the level — never on the number
+//! of workers or on timing — so a layer compresses to the same digest on
+//! every machine (the store memoises compressed layers by digest).
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+use flate2::{Compress, Crc, FlushCompress, Status};
+
+/// Input bytes per independently deflated block.
+pub const BLOCK: usize = 1 << 20;
+/// The deflate window: how much of the previous block primes the next.
+const WINDOW: usize = 32 * 1024;
+
+/// A compressed block and its CRC-32, or why it failed.
+type BlockResult = io::Result<(Vec<u8>, Crc)>;
+
+/// One block's work and where its result goes.
+struct Job {
+    data: Vec<u8>,
+    dict: Vec<u8>,
+    last: bool,
+    reply: SyncSender<BlockResult>,
+}
+
+/// A parallel gzip writer; [`ParGzEncoder::finish`] writes the trailer.
+pub struct ParGzEncoder<W: Write> {
+    out: Option<W>,
+    level: u32,
+    threads: usize,
+    buf: Vec<u8>,
+    /// The tail of the previous block (the next block's dictionary).
+    dict: Vec<u8>,
+    crc: Crc,
+    jobs: Option<SyncSender<Job>>,
+    pending: VecDeque<Receiver<BlockResult>>,
+}
+
+impl<W: Write> ParGzEncoder<W> {
+    /// A gzip writer at `level` (0–9) using up to `threads` workers
+    /// (started when the input outgrows one block). The header carries no
+    /// name and mtime 0.
+    pub fn new(mut out: W, level: u32, threads: usize) -> io::Result<Self> {
+        // ID1 ID2 CM=deflate FLG=0 MTIME=0 XFL=0 OS=255 (unknown).
+        out.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255])?;
+        Ok(ParGzEncoder {
+            out: Some(out),
+            level: level.min(9),
+            threads: threads.max(1),
+            buf: Vec::with_capacity(BLOCK),
+            dict: Vec::new(),
+            crc: Crc::new(),
+            jobs: None,
+            pending: VecDeque::new(),
+        })
+    }
+
+    fn out(&mut self) -> io::Result<&mut W> {
+        self.out
+            .as_mut()
+            .ok_or_else(|| io::Error::other("gzip stream already finished"))
+    }
+
+    fn start_workers(&mut self) -> SyncSender<Job> {
+        let (tx, rx) = mpsc::sync_channel::<Job>(self.threads);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..self.threads {
+            let rx = rx.clone();
+            let level = self.level;
+            let spawned =
+                std::thread::Builder::new()
+                    .name("kiln-gzip".into())
+                    .spawn(move || loop {
+                        let job = match rx.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(job) = job else { return };
+                        let res = deflate_block(&job.data, &job.dict, job.last, level);
+                        let _ = job.reply.send(res);
+                    });
+            if spawned.is_err() {
+                // Fewer workers than asked for still make progress; with
+                // none, `submit` compresses inline.
+                break;
+            }
+        }
+        tx
+    }
+
+    /// Hands the current block to a worker (or compresses it here when
+    /// single-threaded) and writes finished blocks in order.
+    fn submit(&mut self, last: bool) -> io::Result<()> {
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(BLOCK));
+        let next_dict = if last {
+            Vec::new()
+        } else {
+            data[data.len().saturating_sub(WINDOW)..].to_vec()
+        };
+        let dict = std::mem::replace(&mut self.dict, next_dict);
+        let (reply, result) = mpsc::sync_channel(1);
+        if self.threads > 1 && !(last && self.jobs.is_none()) {
+            if self.jobs.is_none() {
+                self.jobs = Some(self.start_workers());
+            }
+            let jobs = self.jobs.clone();
+            let job = Job {
+                data,
+                dict,
+                last,
+                reply,
+            };
+            match jobs.map(|j| j.send(job)) {
+                Some(Ok(())) => {}
+                Some(Err(mpsc::SendError(job))) => {
+                    // No worker left: compress here.
+                    let _ = job
+                        .reply
+                        .send(deflate_block(&job.data, &job.dict, job.last, self.level));
+                }
+                None => return Err(io::Error::other("gzip workers missing")),
+            }
+        } else {
+            let _ = reply.send(deflate_block(&data, &dict, last, self.level));
+        }
+        self.pending.push_back(result);
+        // Keep a bounded number of blocks in flight.
+        while self.pending.len() > self.threads * 2 || (last && !self.pending.is_empty()) {
+            self.collect_one()?;
+        }
+        Ok(())
+    }
+
+    fn collect_one(&mut self) -> io::Result<()> {
+        let Some(rx) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        let (bytes, crc) = rx
+            .recv()
+            .map_err(|_| io::Error::other("a gzip worker stopped"))??;
+        self.crc.combine(&crc);
+        self.out()?.write_all(&bytes)
+    }
+
+    /// Compresses what is left, writes the trailer, returns the writer.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.submit(true)?;
+        self.jobs = None;
+        let (sum, amount) = (self.crc.sum(), self.crc.amount());
+        let mut out = self
+            .out
+            .take()
+            .ok_or_else(|| io::Error::other("gzip stream already finished"))?;
+        out.write_all(&sum.to_le_bytes())?;
+        out.write_all(&amount.to_le_bytes())?;
+        Ok(out)
+    }
+}
+
+impl<W: Write> Write for ParGzEncoder<W> {
+    fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
+        let total = data.len();
+        while !data.is_empty() {
+            let room = BLOCK - self.buf.len();
+            let take = room.min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.buf.len() == BLOCK {
+                self.submit(false)?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Writes the blocks already compressed; the current partial block
+    /// stays buffered (flushing it would change the output's bytes).
+    fn flush(&mut self) -> io::Result<()> {
+        self.out()?.flush()
+    }
+}
+
+/// Raw deflate of one block: primed with `dict`, ended with a sync flush
+/// (more blocks follow) or the final block. Returns the bytes and the
+/// block's CRC-32.
+fn deflate_block(data: &[u8], dict: &[u8], last: bool, level: u32) -> BlockResult {
+    let mut crc = Crc::new();
+    crc.update(data);
+    let mut c = Compress::new(flate2::Compression::new(level), false);
+    if !dict.is_empty() {
+        c.set_dictionary(dict).map_err(io::Error::other)?;
+    }
+    let flush = if last {
+        FlushCompress::Finish
+    } else {
+        FlushCompress::Sync
+    };
+    let mut out = Vec::with_capacity(data.len() + data.len() / 8 + 64);
+    loop {
+        let consumed = c.total_in() as usize;
+        let status = c
+            .compress_vec(&data[consumed..], &mut out, flush)
+            .map_err(io::Error::other)?;
+        let all_in = c.total_in() as usize == data.len();
+        // Done when everything is in and the flush fit (zlib's rule: room
+        // left in the output after a flush means it is complete).
+        let done = match status {
+            Status::StreamEnd => true,
+            _ => !last && all_in && out.len() < out.capacity(),
+        };
+        if done {
+            return Ok((out, crc));
+        }
+        out.reserve(out.capacity().max(64 * 1024));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn gunzip(bytes: &[u8]) -> Vec<u8> {
+        let mut d = flate2::read::GzDecoder::new(bytes);
+        let mut out = Vec::new();
+        d.read_to_end(&mut out).expect("valid gzip");
+        // One member: nothing after the trailer.
+        assert!(d.into_inner().is_empty(), "trailing bytes after the member");
+        out
+    }
+
+    fn sample(n: usize) -> Vec<u8> {
+        let mut x = 0x2545_f491_u64;
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if (i / 100_000) % 2 == 0 {
+                    (x & 0xff) as u8
+                } else {
+                    b"the quick brown fox "[i % 20]
+                }
+            })
+            .collect()
+    }
+
+    fn encode(data: &[u8], threads: usize, chunks: usize) -> Vec<u8> {
+        let mut e = ParGzEncoder::new(Vec::new(), 6, threads).expect("new");
+        for piece in data.chunks(chunks.max(1)) {
+            e.write_all(piece).expect("write");
+        }
+        e.finish().expect("finish")
+    }
+
+    #[test]
+    fn round_trips_at_every_size() {
+        for n in [0, 1, 100, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 12_345] {
+            let data = sample(n);
+            assert_eq!(gunzip(&encode(&data, 2, 70_000)), data, "size {n}");
+        }
+    }
+
+    #[test]
+    fn output_is_the_same_whatever_the_threads_or_write_sizes() {
+        let data = sample(4 * BLOCK + 777);
+        let one = encode(&data, 1, 4096);
+        assert_eq!(encode(&data, 2, 1 << 20), one);
+        assert_eq!(encode(&data, 5, 333_333), one);
+    }
+
+    #[test]
+    fn dictionary_keeps_the_ratio_of_one_stream() {
+        let text: Vec<u8> = (0..6 * BLOCK).map(|i| b"abcdefgh01234"[i % 13]).collect();
+        let par = encode(&text, 2, 1 << 16);
+        let mut one = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        one.write_all(&text).expect("write");
+        let one = one.finish().expect("finish");
+        assert!(
+            par.len() <= one.len() + 64 * 6,
+            "{} vs {}",
+            par.len(),
+            one.len()
+        );
+    }
+}
