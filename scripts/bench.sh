@@ -14,10 +14,13 @@
 #   changed  one small context file changed before each build
 #   runstep  20 x `RUN true` with --no-cache (fixed cost per RUN step)
 #   push     fixture c to an empty registry: `kiln push` vs `buildah push`
+#   pushmemo the same, kiln reusing the compressed layer it remembered
 #   pull     that image into an empty store: `kiln pull` vs `skopeo copy`
 #            (to an OCI layout)
+#   layers500 500 x RUN on one chain, per-step time by depth (kiln only)
 #
-# Usage: scripts/bench.sh [fixture...]        (default: a b c runstep push pull)
+# Usage: scripts/bench.sh [fixture...]
+#        (default: a b c runstep push pushmemo pull layers500)
 # Env:   ROUNDS (default 5), BENCH_DIR (default /tmp/kiln-bench),
 #        PEER_TOOLS (default ../shared/tools next to the checkout),
 #        KILN_BIN (a kiln binary to use instead of building one)
@@ -112,8 +115,12 @@ run_transfer() {  # push | pull
   peer_build c || { log "buildah build c failed"; return 1; }
   for i in $(seq 1 "$ROUNDS"); do
     case "$s" in
-      push)
+      push|pushmemo)
         bash "$PEER_ENV" registry-wipe "$REG_DIR" >/dev/null 2>&1
+        # push: the layer is compressed anew, as buildah does every time
+        # (prune drops the unreferenced compressed blob kiln remembers);
+        # pushmemo: kiln reuses the compressed blob of the previous round.
+        [ "$s" = push ] && "$KILN" prune >/dev/null 2>&1
         t=$(now); "$KILN" push bench-c:latest "$REG/bench-kiln:latest" >/dev/null 2>&1; k+=("$(elapsed "$t")")
         bash "$PEER_ENV" registry-wipe "$REG_DIR" >/dev/null 2>&1
         t=$(now); buildah --storage-driver overlay push --quiet --tls-verify=false \
@@ -134,12 +141,59 @@ run_transfer() {  # push | pull
   local km pm peer
   km=$(printf '%s\n' "${k[@]}" | median)
   pm=$(printf '%s\n' "${p[@]}" | median)
-  peer=$([ "$s" = push ] && echo "buildah push" || echo "skopeo copy")
+  peer=$([ "$s" = pull ] && echo "skopeo copy" || echo "buildah push")
   printf '| c | %s (vs %s) | %.3f s | %.3f s | %.3f |\n' "$s" "$peer" "$km" "$pm" "$(echo "$km / $pm" | bc -l)"
 }
 
+# layers500: 500 x RUN on one chain (no peer: buildah's overlay stops at
+# about 125 layers). Per-step seconds come from `--progress json`; the
+# median of layers 1-50, 226-275 and 451-500 shows whether the time per
+# layer stays flat as the stack grows.
+run_layers500() {
+  local dir="$FIX/layers500" i out
+  mkdir -p "$dir"
+  {
+    echo "FROM $REG/busybox:latest"
+    for i in $(seq 1 500); do echo "RUN echo $i > /layer-$((i % 7))"; done
+  } > "$dir/Dockerfile"
+  for i in $(seq 1 "$ROUNDS"); do
+    out="$OUT/layers500-$i.json"
+    local t; t=$(now)
+    "$KILN" build --progress json --no-cache --network none -t bench-layers500:latest "$dir" \
+      >/dev/null 2>"$out" || { log "kiln build layers500 failed"; return 1; }
+    echo "total $(elapsed "$t")" >> "$OUT/layers500-$i.total"
+  done
+  python3 - "$OUT" "$ROUNDS" <<'PY'
+import json, statistics, sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+bands = {"1-50": (1, 50), "226-275": (226, 275), "451-500": (451, 500)}
+per = {b: [] for b in bands}
+totals = []
+for r in range(1, rounds + 1):
+    names, secs = {}, {}
+    for line in open(f"{out}/layers500-{r}.json"):
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("event") == "started":
+            names[e["id"]] = e["name"]
+        elif e.get("event") == "done":
+            secs[e["id"]] = e["seconds"]
+    runs = [secs[i] for i in sorted(secs) if "RUN echo" in names.get(i, "")]
+    for b, (lo, hi) in bands.items():
+        per[b].extend(runs[lo - 1:hi])
+    totals.append(float(open(f"{out}/layers500-{r}.total").read().split()[-1]))
+m = {b: statistics.median(v) * 1000 for b, v in per.items()}
+print(f"| layers500 | per RUN step, layers 1-50 / 226-275 / 451-500 | "
+      f"{m['1-50']:.1f} / {m['226-275']:.1f} / {m['451-500']:.1f} ms | "
+      f"total {statistics.median(totals):.2f} s | last/first {m['451-500'] / m['1-50']:.2f} |")
+PY
+  rm -f "$OUT"/layers500-*.total
+}
+
 fixtures=("$@")
-[ ${#fixtures[@]} -gt 0 ] || fixtures=(a b c runstep push pull)
+[ ${#fixtures[@]} -gt 0 ] || fixtures=(a b c runstep push pushmemo pull layers500)
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); $(buildah --version)"
 echo "Rounds: $ROUNDS, alternating kiln / buildah, medians"
 echo
@@ -148,7 +202,9 @@ echo "|---|---|---|---|---|"
 for f in "${fixtures[@]}"; do
   if [ "$f" = runstep ]; then
     run_scenario runstep cold
-  elif [ "$f" = push ] || [ "$f" = pull ]; then
+  elif [ "$f" = layers500 ]; then
+    run_layers500
+  elif [ "$f" = push ] || [ "$f" = pushmemo ] || [ "$f" = pull ]; then
     run_transfer "$f"
   else
     for s in cold cached changed; do run_scenario "$f" "$s"; done

@@ -110,6 +110,7 @@ impl Store {
             snapshots,
             links,
             gc_lock: root.join("gc.lock"),
+            tmp: tmp.clone(),
         };
         let meta = Arc::new(Meta::open(&root.join("meta.db"))?);
         fsync_dir(&root)?;
@@ -338,6 +339,51 @@ impl Store {
             failure,
             _gc: gc,
         }))
+    }
+
+    /// Delete retired snapshot directories (see
+    /// [`Snapshotter::retire`]), oldest first, until those left take at
+    /// most `budget` bytes. Returns how many were deleted. `kiln build`
+    /// calls this at its end with a tenth of the filesystem's size, as
+    /// BuildKit's default GC budget; `kiln prune` deletes them all.
+    pub fn sweep_retired(&self, budget: u64) -> Result<usize> {
+        let _gc = self.gc_guard()?;
+        let mut retired: Vec<(u64, u64, PathBuf)> = Vec::new();
+        for entry in std::fs::read_dir(&self.tmp).ctx("read dir", &self.tmp)? {
+            let entry = entry.ctx("read dir", &self.tmp)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(crate::snapshot::RETIRED_PREFIX) else {
+                continue;
+            };
+            let mut parts = rest.splitn(3, '-');
+            let (Some(Ok(when)), Some(Ok(size))) = (
+                parts.next().map(str::parse::<u64>),
+                parts.next().map(str::parse::<u64>),
+            ) else {
+                continue;
+            };
+            retired.push((when, size, entry.path()));
+        }
+        retired.sort();
+        let mut total: u64 = retired.iter().map(|r| r.1).sum();
+        let mut removed = 0;
+        for (_, size, path) in retired {
+            if total <= budget {
+                break;
+            }
+            crate::util::remove_all(&path)?;
+            total = total.saturating_sub(size);
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// A tenth of the size of the filesystem holding the store (0 if it
+    /// cannot be read): the default budget for [`Store::sweep_retired`].
+    pub fn retired_budget(&self) -> u64 {
+        nix::sys::statvfs::statvfs(self.root())
+            .map(|s| (s.blocks() as u64).saturating_mul(s.fragment_size() as u64) / 10)
+            .unwrap_or(0)
     }
 
     /// [`Store::put_blob`] for bytes in memory (manifests, configs).

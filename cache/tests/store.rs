@@ -484,3 +484,37 @@ fn layer_kept_as_its_snapshot_reads_back_and_is_verified() {
     assert!(!s.has_blob(&digest));
     assert!(sn.stat("layer-snap").is_err());
 }
+
+/// A retired snapshot loses its row at once and waits under tmp/ for the
+/// size-bounded sweep or prune; the sweep deletes oldest first.
+#[test]
+fn retired_snapshots_wait_for_the_sweep_or_prune() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let sn = s.snapshotter();
+    for k in ["r1", "r2", "r3"] {
+        sn.prepare(k, None).unwrap();
+        std::fs::write(sn.writable_dir(k).unwrap().join("data"), vec![1u8; 50_000]).unwrap();
+        sn.retire(k).unwrap();
+        assert!(sn.stat(k).is_err(), "row gone at once");
+    }
+    let retired = || {
+        std::fs::read_dir(s.tmp_dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("retired-"))
+            .count()
+    };
+    assert_eq!(retired(), 3);
+    assert!(
+        s.check().unwrap().ok(),
+        "retired directories are not faults"
+    );
+    assert_eq!(s.sweep_retired(u64::MAX).unwrap(), 0, "within budget");
+    assert_eq!(retired(), 3);
+    // Room for about two: the oldest goes.
+    assert_eq!(s.sweep_retired(120_000).unwrap(), 1);
+    assert_eq!(retired(), 2);
+    s.prune(&PruneOptions::default()).unwrap();
+    assert_eq!(retired(), 0);
+}

@@ -527,6 +527,16 @@ fn render_error(e: &BuildError, name: &str, text: &str) -> String {
 }
 
 /// Runs `kiln build`.
+/// Deletes the oldest results that --no-cache rebuilds replaced once they
+/// take more than a tenth of the store's filesystem (`kiln prune` deletes
+/// them all). Best effort: a failure here does not fail the build.
+fn sweep_retired(root: &Path) {
+    let Ok(store) = kiln_cache::Store::open(root) else {
+        return;
+    };
+    let _ = store.sweep_retired(store.retired_budget());
+}
+
 pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     // Kept until the build is over: the temporary directory of a context
     // from stdin, git or a URL.
@@ -604,6 +614,7 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
             if a.quiet {
                 println!("{}", r.image_id);
             }
+            sweep_retired(root);
             Ok(ExitCode::SUCCESS)
         }
         Err(BuildError::Usage(m)) => Err(usage(m)),

@@ -442,8 +442,10 @@ impl Backend for StoreBackend {
                     let _ = sn.meta().set_snapshot_diff_id(&name, &blob);
                 }
                 Err(_) if sn.stat(&name).is_ok() => {
-                    // The same layer on the same parent exists already.
-                    let _ = sn.remove(&active.key);
+                    // The same layer on the same parent exists already
+                    // (a --no-cache rebuild): keep that one; this copy is
+                    // left for prune rather than deleted now.
+                    let _ = sn.retire(&active.key);
                 }
                 Err(err) => return Err(e("commit snapshot", err)),
             }

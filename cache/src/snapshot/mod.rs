@@ -98,6 +98,10 @@ macro_rules! lifecycle_on_core {
             self.core.remove(key)
         }
 
+        fn retire(&self, key: &str) -> Result<()> {
+            self.core.retire(key)
+        }
+
         fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
             let row = self.core.get(key)?;
             self.mounts_for(&row)
@@ -129,6 +133,9 @@ macro_rules! lifecycle_on_core {
 }
 pub(crate) use lifecycle_on_core;
 
+/// Name prefix of retired snapshot directories under `<root>/tmp`.
+pub(crate) const RETIRED_PREFIX: &str = "retired-";
+
 /// A snapshotter (see the module doc for the lifecycle).
 pub trait Snapshotter: Send + Sync {
     /// "overlay" or "native".
@@ -147,6 +154,15 @@ pub trait Snapshotter: Send + Sync {
 
     /// Remove a snapshot (a committed one only once it has no children).
     fn remove(&self, key: &str) -> Result<()>;
+
+    /// Remove a snapshot's row now and leave its directory, moved under
+    /// the store's tmp directory, for `prune` (or
+    /// [`crate::Store::sweep_retired`]) to delete: for an active snapshot
+    /// whose result turned out to exist already. Freeing tens of thousands
+    /// of inodes costs time now, and on ext4 freshly freed inodes make the
+    /// next build's file creation scan past them; BuildKit likewise leaves
+    /// replaced results to its garbage collector.
+    fn retire(&self, key: &str) -> Result<()>;
 
     /// The mounts of an active or view snapshot (again).
     fn mounts(&self, key: &str) -> Result<Vec<Mount>>;
@@ -221,6 +237,8 @@ pub(crate) struct Paths {
     pub links: PathBuf,
     /// `<root>/gc.lock`.
     pub gc_lock: PathBuf,
+    /// `<root>/tmp`: where retired snapshot directories wait for prune.
+    pub tmp: PathBuf,
 }
 
 /// The bookkeeping both snapshotters share: rows, ids, directories.
@@ -331,6 +349,26 @@ impl Core {
             let _ = std::fs::remove_file(self.paths.links.join(link));
         }
         remove_all(&self.dir(&row.id))
+    }
+
+    /// Delete the row, then move the directory to
+    /// `tmp/retired-<unix secs>-<bytes>-<id>` (deleted by prune or by the
+    /// size-bounded sweep).
+    pub fn retire(&self, key: &str) -> Result<()> {
+        let (size, _) = disk_usage(&self.fs(&self.get(key)?.id)).unwrap_or((0, 0));
+        let row = self.meta.snapshot_delete(key)?;
+        if let Some(link) = &row.link {
+            let _ = std::fs::remove_file(self.paths.links.join(link));
+        }
+        let to = self.paths.tmp.join(format!(
+            "{RETIRED_PREFIX}{}-{size}-{}",
+            crate::util::now_unix(),
+            row.id
+        ));
+        match std::fs::rename(self.dir(&row.id), &to) {
+            Ok(()) => Ok(()),
+            Err(_) => remove_all(&self.dir(&row.id)),
+        }
     }
 
     pub fn usage(&self, key: &str, own_dir: &Path) -> Result<Usage> {
