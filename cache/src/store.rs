@@ -380,6 +380,7 @@ impl Store {
 
     /// A tenth of the size of the filesystem holding the store (0 if it
     /// cannot be read): the default budget for [`Store::sweep_retired`].
+    #[allow(clippy::unnecessary_cast)] // the statvfs types differ by target
     pub fn retired_budget(&self) -> u64 {
         nix::sys::statvfs::statvfs(self.root())
             .map(|s| (s.blocks() as u64).saturating_mul(s.fragment_size() as u64) / 10)
