@@ -1,8 +1,13 @@
-//! Overlayfs stacks at most 500 lower directories. A deeper chain keeps
-//! its top layers as they are and has its bottom layers merged, once, into
-//! one directory that stands in for all of them: the layer directories are
-//! applied bottom first, with overlay whiteouts (0/0 character devices)
-//! deleting and opaque directories replacing what lies below.
+//! Deep layer stacks: overlayfs accepts at most 500 lower directories,
+//! and every lookup that misses walks all of them (each step's mount,
+//! exec and path lookups cost O(depth)). A chain deeper than
+//! [`MAX_LOWERS`] keeps its top layers as they are and has its bottom
+//! layers merged, once per block of layers, into one directory that
+//! stands in for all of them: the layer directories are applied bottom
+//! first, with overlay whiteouts (0/0 character devices) deleting and
+//! opaque directories replacing what lies below. Regular files are
+//! hard-linked from their (immutable) layers, not copied, so a merge
+//! costs O(entries), not O(bytes).
 
 use std::ffi::CString;
 use std::fs;
@@ -13,9 +18,15 @@ use std::path::Path;
 
 use crate::fsview::{lchown, set_mtime};
 
-/// Lower directories a mount may use, leaving room for the executor's own
-/// (the stub directory) under the kernel's limit of 500.
-pub const MAX_LOWERS: usize = 450;
+/// Lower directories a step's mount uses at most; the kernel's limit is
+/// 500 (the executor adds its stub directory). Kept low so that a step
+/// costs the same at layer 500 as at layer 50.
+pub const MAX_LOWERS: usize = 64;
+
+/// Layers merged at a time: the bottom of a deep chain is re-merged
+/// every this many layers, and a step mounts between
+/// `MAX_LOWERS - FLAT_BLOCK` and `MAX_LOWERS` lower directories.
+pub const FLAT_BLOCK: usize = 32;
 
 fn is_whiteout(m: &fs::Metadata) -> bool {
     m.file_type().is_char_device() && m.rdev() == 0
@@ -86,8 +97,12 @@ fn apply_dir(layer: &Path, into: &Path) -> io::Result<()> {
             std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
             meta_to(&dst, &m, true)?;
         } else if ft.is_file() {
-            fs::copy(&src, &dst)?;
-            meta_to(&dst, &m, false)?;
+            // Same inode, same owner, mode, mtime and xattrs; a copy only
+            // where a link cannot be made.
+            if fs::hard_link(&src, &dst).is_err() {
+                fs::copy(&src, &dst)?;
+                meta_to(&dst, &m, false)?;
+            }
         } else {
             let c = CString::new(dst.as_os_str().as_bytes()).map_err(io::Error::other)?;
             // SAFETY: a valid path; mode and rdev come from an lstat.
@@ -141,9 +156,17 @@ mod tests {
             unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, 0) },
             0
         );
-        flatten(&[up, low], &out).unwrap();
+        flatten(&[up, low.clone()], &out).unwrap();
         assert_eq!(fs::read_to_string(out.join("f")).unwrap(), "new");
         assert_eq!(fs::read_to_string(out.join("d/keep")).unwrap(), "k");
         assert!(!out.join("gone").exists());
+        // Files are the layers' own inodes, and replacing one in the merge
+        // never touches the layer it came from.
+        assert_eq!(
+            fs::metadata(out.join("d/keep")).unwrap().ino(),
+            fs::metadata(low.join("d/keep")).unwrap().ino()
+        );
+        assert_eq!(fs::read_to_string(low.join("f")).unwrap(), "old");
+        assert!(low.join("gone").exists());
     }
 }

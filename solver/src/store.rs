@@ -17,12 +17,19 @@ use kiln_image::Digest;
 
 use crate::backend::{Active, Backend, BackendResult, BaseImage, Exported, LayerRecord};
 use crate::copy::{HashCache, StatKey};
-use crate::flatten::MAX_LOWERS;
+use crate::flatten::{FLAT_BLOCK, MAX_LOWERS};
+
+/// A committed snapshot's chain, itself first: (name, layer directory).
+type Chain = std::sync::Arc<Vec<(String, PathBuf)>>;
 
 /// The store-backed backend. Holds a lease for its whole life.
 pub struct StoreBackend {
     store: Store,
     lease: Option<String>,
+    /// Chains of committed snapshots seen in this build (immutable, and
+    /// kept by the lease): a step's chain is its parent's plus one, so
+    /// a deep stack costs one row per step instead of a query over all.
+    chains: std::sync::Mutex<std::collections::HashMap<String, Chain>>,
     /// Registry access for FROM: (settings, always pull).
     registry: Option<(kiln_registry::RegistryConfig, bool)>,
 }
@@ -32,9 +39,6 @@ fn e(context: &str, err: impl std::fmt::Display) -> String {
 }
 
 static ACTIVE: AtomicU64 = AtomicU64::new(0);
-
-/// Layers merged together at a time when a stack outgrows overlayfs.
-const FLAT_BLOCK: usize = 200;
 
 /// Keeps the first `keep` lowerdirs of an overlay mount and puts `flat`
 /// (their merged remainder) last.
@@ -82,6 +86,7 @@ impl StoreBackend {
             store,
             lease,
             registry: None,
+            chains: Default::default(),
         }
     }
 
@@ -130,17 +135,55 @@ impl StoreBackend {
         })
     }
 
+    /// The chain of the committed snapshot `snapshot` (overlay), from this
+    /// build's memo when its parent's is there.
+    fn chain(&self, snapshot: &str) -> BackendResult<Chain> {
+        if let Some(c) = self
+            .chains
+            .lock()
+            .ok()
+            .and_then(|m| m.get(snapshot).cloned())
+        {
+            return Ok(c);
+        }
+        let dir = |id: &str| self.store.root().join("snapshots").join(id).join("fs");
+        let row = self.sn().stat(snapshot).map_err(|err| e("snapshot", err))?;
+        let parent = row
+            .parent
+            .as_ref()
+            .and_then(|p| self.chains.lock().ok().and_then(|m| m.get(p).cloned()));
+        let chain: Vec<(String, PathBuf)> = match (&row.parent, parent) {
+            (None, _) => vec![(row.key.clone(), dir(&row.id))],
+            (Some(_), Some(pc)) => std::iter::once((row.key.clone(), dir(&row.id)))
+                .chain(pc.iter().cloned())
+                .collect(),
+            (Some(_), None) => self
+                .store
+                .meta()
+                .snapshot_chain(snapshot)
+                .map_err(|err| e("snapshot chain", err))?
+                .into_iter()
+                .map(|r| {
+                    let d = dir(&r.id);
+                    (r.key, d)
+                })
+                .collect(),
+        };
+        let chain = std::sync::Arc::new(chain);
+        if let Ok(mut m) = self.chains.lock() {
+            m.insert(snapshot.to_string(), chain.clone());
+        }
+        Ok(chain)
+    }
+
     /// One directory holding the merged content of `bottom` (layer dirs,
     /// top first), made once per chain and kept as a committed snapshot
     /// (so a lease protects it and prune can reclaim it).
     fn flat_dir(&self, parent: &str, keep: usize, bottom: &[PathBuf]) -> BackendResult<PathBuf> {
         let top_of_bottom = self
-            .store
-            .meta()
-            .snapshot_chain(parent)
-            .map_err(|err| e("snapshot chain", err))?
+            .chain(parent)?
             .get(keep)
-            .map(|row| row.key.clone())
+            .map(|(key, _)| key.clone())
             .ok_or_else(|| "snapshot chain shorter than expected".to_string())?;
         let name = format!("flat-{}", Digest::sha256_of(top_of_bottom.as_bytes()).hex());
         let info = kiln_cache::apply_into(self.sn(), &name, None, |dir, _mode| {
@@ -491,14 +534,10 @@ impl Backend for StoreBackend {
                 .join(&row.id)
                 .join("fs")]);
         }
-        let chain = self
-            .store
-            .meta()
-            .snapshot_chain(snapshot)
-            .map_err(|err| e("snapshot chain", err))?;
-        Ok(chain
+        Ok(self
+            .chain(snapshot)?
             .iter()
-            .map(|row| self.store.root().join("snapshots").join(&row.id).join("fs"))
+            .map(|(_, d)| d.clone())
             .collect())
     }
 
