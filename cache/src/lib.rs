@@ -66,5 +66,7 @@ pub use meta::{
 };
 pub use reference::normalize_reference;
 pub use snapshot::{apply_into, ApplyMode, DiffSource, Info, Mount, Snapshotter, Usage};
-pub use store::{default_root, GcGuard, LeaseGuard, SnapshotterKind, Store, StoreOptions};
+pub use store::{
+    default_root, retired_over_budget, GcGuard, LeaseGuard, SnapshotterKind, Store, StoreOptions,
+};
 pub use util::ProcessId;

@@ -348,23 +348,7 @@ impl Store {
     /// BuildKit's default GC budget; `kiln prune` deletes them all.
     pub fn sweep_retired(&self, budget: u64) -> Result<usize> {
         let _gc = self.gc_guard()?;
-        let mut retired: Vec<(u64, u64, PathBuf)> = Vec::new();
-        for entry in std::fs::read_dir(&self.tmp).ctx("read dir", &self.tmp)? {
-            let entry = entry.ctx("read dir", &self.tmp)?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix(crate::snapshot::RETIRED_PREFIX) else {
-                continue;
-            };
-            let mut parts = rest.splitn(3, '-');
-            let (Some(Ok(when)), Some(Ok(size))) = (
-                parts.next().map(str::parse::<u64>),
-                parts.next().map(str::parse::<u64>),
-            ) else {
-                continue;
-            };
-            retired.push((when, size, entry.path()));
-        }
-        retired.sort();
+        let retired = retired_dirs(&self.tmp)?;
         let mut total: u64 = retired.iter().map(|r| r.1).sum();
         let mut removed = 0;
         for (_, size, path) in retired {
@@ -380,11 +364,8 @@ impl Store {
 
     /// A tenth of the size of the filesystem holding the store (0 if it
     /// cannot be read): the default budget for [`Store::sweep_retired`].
-    #[allow(clippy::unnecessary_cast)] // the statvfs types differ by target
     pub fn retired_budget(&self) -> u64 {
-        nix::sys::statvfs::statvfs(self.root())
-            .map(|s| (s.blocks() as u64).saturating_mul(s.fragment_size() as u64) / 10)
-            .unwrap_or(0)
+        fs_tenth(self.root())
     }
 
     /// [`Store::put_blob`] for bytes in memory (manifests, configs).
@@ -438,6 +419,48 @@ impl Store {
             previous,
         })
     }
+}
+
+/// A tenth of the size of the filesystem holding `path` (0 if unknown).
+#[allow(clippy::unnecessary_cast)] // the statvfs types differ by target
+fn fs_tenth(path: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(path)
+        .map(|s| (s.blocks() as u64).saturating_mul(s.fragment_size() as u64) / 10)
+        .unwrap_or(0)
+}
+
+/// Retired snapshot directories under `tmp`: (unix time, bytes, path),
+/// oldest first.
+fn retired_dirs(tmp: &Path) -> Result<Vec<(u64, u64, PathBuf)>> {
+    let mut retired = Vec::new();
+    for entry in std::fs::read_dir(tmp).ctx("read dir", tmp)? {
+        let entry = entry.ctx("read dir", tmp)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(crate::snapshot::RETIRED_PREFIX) else {
+            continue;
+        };
+        let mut parts = rest.splitn(3, '-');
+        let (Some(Ok(when)), Some(Ok(size))) = (
+            parts.next().map(str::parse::<u64>),
+            parts.next().map(str::parse::<u64>),
+        ) else {
+            continue;
+        };
+        retired.push((when, size, entry.path()));
+    }
+    retired.sort();
+    Ok(retired)
+}
+
+/// Whether the retired snapshot directories of the store at `root` take
+/// more than a tenth of its filesystem: a check that needs no open store
+/// (a directory listing), so that a build only opens the store again to
+/// sweep when there is something to sweep.
+pub fn retired_over_budget(root: &Path) -> bool {
+    let total: u64 = retired_dirs(&root.join("tmp"))
+        .map(|v| v.iter().map(|r| r.1).sum())
+        .unwrap_or(0);
+    total > 0 && total > fs_tenth(root)
 }
 
 /// How a layer blob without a file is written again (the `source` column

@@ -531,6 +531,9 @@ fn render_error(e: &BuildError, name: &str, text: &str) -> String {
 /// take more than a tenth of the store's filesystem (`kiln prune` deletes
 /// them all). Best effort: a failure here does not fail the build.
 fn sweep_retired(root: &Path) {
+    if !kiln_cache::retired_over_budget(root) {
+        return;
+    }
     let Ok(store) = kiln_cache::Store::open(root) else {
         return;
     };

@@ -279,8 +279,16 @@ impl LayerView {
                 if names.contains_key(&name) {
                     continue;
                 }
-                let m = e.metadata().map_err(|err| io_err(&e.path(), err))?;
-                names.insert(name, is_whiteout(&m));
+                // Only a character device can be a whiteout: the entry's
+                // type comes with the listing, so most names need no stat.
+                let whiteout = match e.file_type() {
+                    Ok(t) if !std::os::unix::fs::FileTypeExt::is_char_device(&t) => false,
+                    _ => {
+                        let m = e.metadata().map_err(|err| io_err(&e.path(), err))?;
+                        is_whiteout(&m)
+                    }
+                };
+                names.insert(name, whiteout);
             }
             if self.layers.len() > 1 && is_opaque(&dir) {
                 break;
