@@ -1,7 +1,8 @@
 //! [`Backend`] on kiln's on-disk store (`kiln-cache`): images resolve
 //! through the image table and are unpacked once into snapshots named by
-//! their OCI chain IDs; a step's layer is the snapshot's upperdir diffed
-//! into an uncompressed tar blob (compression waits for export or push);
+//! their OCI chain IDs; a step's layer is the snapshot's upperdir, of which
+//! only the diffID and size are computed at build time (the tar is written
+//! again from the snapshot, and compressed, on export or push);
 //! the cache index maps step keys to committed snapshots; a lease keeps a
 //! running build's work safe from a concurrent `kiln prune`.
 

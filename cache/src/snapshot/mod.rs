@@ -334,9 +334,10 @@ impl Core {
         // No syncfs here: it would flush every dirty page of the whole
         // filesystem (other builds, other tools) and cost seconds. Like
         // containerd and BuildKit we rely on the page cache for snapshot
-        // contents: a killed kiln loses nothing, and the layer blob, which
-        // is the durable record of the layer, is fsynced by the content
-        // store.
+        // contents: a killed kiln loses nothing. A locally built layer's
+        // only copy is its snapshot (its blob is written again from it on
+        // export); after a power loss `system check` re-derives each such
+        // layer and names any that no longer matches its diffID.
         let (size, inodes) = disk_usage(content)?;
         self.meta.snapshot_commit(key, name, size, inodes)
     }
