@@ -468,9 +468,16 @@ fn source_date_epoch_pushes_byte_identical_manifests_from_two_stores() {
     }
     let reg = Reg::start(RegOpts::default());
     let ctx = app_context();
+    // Both stores start from the same base image, pulled from the
+    // registry (as two CI machines would): a base imported separately
+    // into each carries its own import time in its history.
+    let base = format!("{}/repro/busybox:1", reg.host());
+    Client::new(true).ok(&["push", "busybox:latest", &base]);
     let mut digests = Vec::new();
     for i in 0..2 {
-        let c = Client::new(true);
+        let c = Client::new(false);
+        c.ok(&["pull", &base]);
+        c.ok(&["tag", &base, "busybox:latest"]);
         c.build(
             ctx.path(),
             &["-t", "app:1", "--build-arg", "SOURCE_DATE_EPOCH=1700000000"],
