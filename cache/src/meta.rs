@@ -548,17 +548,6 @@ impl Meta {
         })
     }
 
-    /// Forget a blob's source once its file is stored.
-    pub fn clear_blob_source(&self, digest: &Digest) -> Result<()> {
-        self.write(|tx| {
-            tx.execute(
-                "UPDATE blobs SET source = NULL WHERE digest = ?1",
-                [digest.to_string()],
-            )?;
-            Ok(())
-        })
-    }
-
     /// Record that blob `parent` (a manifest or index) references `child`.
     pub fn add_blob_ref(&self, parent: &Digest, child: &Digest) -> Result<()> {
         self.write(|tx| {

@@ -270,10 +270,11 @@ impl Store {
     }
 
     /// Open a blob for reading: its file, or for a layer kept as its
-    /// source, the snapshot's diff written again on a thread and checked
-    /// against `digest` and the recorded size at the end (a mismatch is a
-    /// read error). The GC lock is held shared until the reader drops, so
-    /// no prune removes the snapshot underneath.
+    /// source, the snapshot's diff written again on a thread (which also
+    /// hashes it, off the reader's thread) and checked against `digest`
+    /// and the recorded size at the end (a mismatch is a read error). The
+    /// GC lock is held shared until the reader drops, so no prune removes
+    /// the snapshot underneath.
     pub fn open_blob(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
         match self.content.open(digest) {
             Ok(f) => return Ok(Box::new(f)),
@@ -301,42 +302,32 @@ impl Store {
             ))
         })?;
         let (reader, writer) = std::io::pipe().ctx("pipe", self.root())?;
-        let failure = Arc::new(std::sync::Mutex::new(None::<String>));
-        let fail = failure.clone();
+        let outcome: Arc<std::sync::Mutex<Option<WriteOutcome>>> = Default::default();
+        let report = outcome.clone();
         std::thread::Builder::new()
             .name("kiln-layer-tar".into())
             .spawn(move || {
-                let mut out = std::io::BufWriter::with_capacity(1 << 20, writer);
-                let res = match diff {
-                    crate::snapshot::DiffSource::Overlay { upper } => {
-                        kiln_image::diff::write_overlay_diff(&upper, &mut out, &src.opts)
-                    }
-                    crate::snapshot::DiffSource::Tree { lower, upper } => {
-                        kiln_image::diff::write_tree_diff(
-                            lower.as_deref(),
-                            &upper,
-                            &mut out,
-                            &src.opts,
-                        )
-                    }
+                let mut hashed = kiln_image::HashingWriter::new(writer);
+                let res = {
+                    let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut hashed);
+                    diff.write_tar(&mut out, &src.opts)
+                        .map_err(|e| e.to_string())
+                        .and_then(|_| std::io::Write::flush(&mut out).map_err(|e| e.to_string()))
                 };
-                let res = res
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| std::io::Write::flush(&mut out).map_err(|e| e.to_string()));
-                if let Err(e) = res {
-                    if let Ok(mut f) = fail.lock() {
-                        *f = Some(e);
-                    }
+                let (writer, got, len) = hashed.finish();
+                if let Ok(mut r) = report.lock() {
+                    *r = Some(res.map(|()| (got, len)));
                 }
+                // The reader sees the end only now, with the outcome set.
+                drop(writer);
             })
             .ctx("spawn", self.root())?;
         Ok(Box::new(SourceReader {
             inner: reader,
-            hasher: Some(kiln_image::Hasher::new()),
             want: digest.clone(),
             size,
-            failure,
+            outcome,
+            checked: false,
             _gc: gc,
         }))
     }
@@ -471,50 +462,47 @@ struct LayerSource {
     opts: kiln_image::diff::DiffOptions,
 }
 
+/// What the writing thread reports: the digest and length of what it
+/// wrote, or why it stopped.
+type WriteOutcome = std::result::Result<(Digest, u64), String>;
+
 /// A layer written again from its snapshot, verified at the end.
 struct SourceReader {
     inner: std::io::PipeReader,
-    hasher: Option<kiln_image::Hasher>,
     want: Digest,
     size: u64,
-    failure: Arc<std::sync::Mutex<Option<String>>>,
+    outcome: Arc<std::sync::Mutex<Option<WriteOutcome>>>,
+    checked: bool,
     _gc: GcGuard,
 }
 
 impl Read for SourceReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        if n > 0 {
-            if let Some(h) = self.hasher.as_mut() {
-                h.update(&buf[..n]);
-            }
+        if n > 0 || buf.is_empty() || self.checked {
             return Ok(n);
         }
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        let Some(h) = self.hasher.take() else {
-            return Ok(0);
-        };
-        if let Some(e) = self.failure.lock().ok().and_then(|mut f| f.take()) {
-            return Err(std::io::Error::other(format!(
-                "writing layer {} from its snapshot: {e}",
-                self.want
-            )));
-        }
-        let len = h.len();
-        let got = h.finish();
-        if got.as_str() != self.want.as_str() || len != self.size {
-            return Err(std::io::Error::new(
+        self.checked = true;
+        let outcome = self.outcome.lock().ok().and_then(|mut o| o.take());
+        match outcome {
+            Some(Ok((got, len))) if got.as_str() == self.want.as_str() && len == self.size => Ok(0),
+            Some(Ok((got, len))) => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
                     "layer {} written again from its snapshot has digest {got} and {len} bytes \
                      ({} expected): the snapshot changed",
                     self.want, self.size
                 ),
-            ));
+            )),
+            Some(Err(e)) => Err(std::io::Error::other(format!(
+                "writing layer {} from its snapshot: {e}",
+                self.want
+            ))),
+            None => Err(std::io::Error::other(format!(
+                "writing layer {} from its snapshot stopped without a result",
+                self.want
+            ))),
         }
-        Ok(n)
     }
 }
 

@@ -526,7 +526,6 @@ fn render_error(e: &BuildError, name: &str, text: &str) -> String {
     out
 }
 
-/// Runs `kiln build`.
 /// Deletes the oldest results that --no-cache rebuilds replaced once they
 /// take more than a tenth of the store's filesystem (`kiln prune` deletes
 /// them all). Best effort: a failure here does not fail the build.
@@ -540,6 +539,7 @@ fn sweep_retired(root: &Path) {
     let _ = store.sweep_retired(store.retired_budget());
 }
 
+/// Runs `kiln build`.
 pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     // Kept until the build is over: the temporary directory of a context
     // from stdin, git or a URL.

@@ -32,6 +32,15 @@ struct Job {
     reply: SyncSender<BlockResult>,
 }
 
+impl Job {
+    /// Compresses the block and sends the result.
+    fn run(self, level: u32) {
+        let _ = self
+            .reply
+            .send(deflate_block(&self.data, &self.dict, self.last, level));
+    }
+}
+
 /// A parallel gzip writer; [`ParGzEncoder::finish`] writes the trailer.
 pub struct ParGzEncoder<W: Write> {
     out: Option<W>,
@@ -85,8 +94,7 @@ impl<W: Write> ParGzEncoder<W> {
                             Err(_) => return,
                         };
                         let Ok(job) = job else { return };
-                        let res = deflate_block(&job.data, &job.dict, job.last, level);
-                        let _ = job.reply.send(res);
+                        job.run(level);
                     });
             if spawned.is_err() {
                 // Fewer workers than asked for still make progress; with
@@ -108,29 +116,25 @@ impl<W: Write> ParGzEncoder<W> {
         };
         let dict = std::mem::replace(&mut self.dict, next_dict);
         let (reply, result) = mpsc::sync_channel(1);
-        if self.threads > 1 && !(last && self.jobs.is_none()) {
-            if self.jobs.is_none() {
-                self.jobs = Some(self.start_workers());
-            }
-            let jobs = self.jobs.clone();
-            let job = Job {
-                data,
-                dict,
-                last,
-                reply,
-            };
-            match jobs.map(|j| j.send(job)) {
-                Some(Ok(())) => {}
-                Some(Err(mpsc::SendError(job))) => {
+        let job = Job {
+            data,
+            dict,
+            last,
+            reply,
+        };
+        // A stream of one block is compressed here, without workers.
+        let parallel = self.threads > 1 && !(last && self.jobs.is_none());
+        if parallel && self.jobs.is_none() {
+            self.jobs = Some(self.start_workers());
+        }
+        match self.jobs.as_ref().filter(|_| parallel) {
+            Some(jobs) => {
+                if let Err(mpsc::SendError(job)) = jobs.send(job) {
                     // No worker left: compress here.
-                    let _ = job
-                        .reply
-                        .send(deflate_block(&job.data, &job.dict, job.last, self.level));
+                    job.run(self.level);
                 }
-                None => return Err(io::Error::other("gzip workers missing")),
             }
-        } else {
-            let _ = reply.send(deflate_block(&data, &dict, last, self.level));
+            None => job.run(self.level),
         }
         self.pending.push_back(result);
         // Keep a bounded number of blocks in flight.

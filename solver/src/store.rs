@@ -9,10 +9,10 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kiln_cache::{DiffSource, FileStat, Snapshotter, Store};
+use kiln_cache::{FileStat, Snapshotter, Store};
 use kiln_executor::{RootfsKind, RootfsMount};
 use kiln_image::config::ImageConfig;
-use kiln_image::diff::{write_overlay_diff, write_tree_diff, DiffOptions};
+use kiln_image::diff::DiffOptions;
 use kiln_image::manifest::{media_types, Descriptor, ImageManifest};
 use kiln_image::Digest;
 
@@ -136,6 +136,11 @@ impl StoreBackend {
         })
     }
 
+    /// The tree of the snapshot with directory id `id`.
+    fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.store.root().join("snapshots").join(id).join("fs")
+    }
+
     /// The chain of the committed snapshot `snapshot` (overlay), from this
     /// build's memo when its parent's is there.
     fn chain(&self, snapshot: &str) -> BackendResult<Chain> {
@@ -147,15 +152,14 @@ impl StoreBackend {
         {
             return Ok(c);
         }
-        let dir = |id: &str| self.store.root().join("snapshots").join(id).join("fs");
         let row = self.sn().stat(snapshot).map_err(|err| e("snapshot", err))?;
         let parent = row
             .parent
             .as_ref()
             .and_then(|p| self.chains.lock().ok().and_then(|m| m.get(p).cloned()));
         let chain: Vec<(String, PathBuf)> = match (&row.parent, parent) {
-            (None, _) => vec![(row.key.clone(), dir(&row.id))],
-            (Some(_), Some(pc)) => std::iter::once((row.key.clone(), dir(&row.id)))
+            (None, _) => vec![(row.key.clone(), self.snapshot_dir(&row.id))],
+            (Some(_), Some(pc)) => std::iter::once((row.key.clone(), self.snapshot_dir(&row.id)))
                 .chain(pc.iter().cloned())
                 .collect(),
             (Some(_), None) => self
@@ -165,7 +169,7 @@ impl StoreBackend {
                 .map_err(|err| e("snapshot chain", err))?
                 .into_iter()
                 .map(|r| {
-                    let d = dir(&r.id);
+                    let d = self.snapshot_dir(&r.id);
                     (r.key, d)
                 })
                 .collect(),
@@ -194,12 +198,7 @@ impl StoreBackend {
                 .map_err(kiln_cache::Error::InvalidState)
         })
         .map_err(|err| e("flattening a deep layer stack", err))?;
-        Ok(self
-            .store
-            .root()
-            .join("snapshots")
-            .join(&info.id)
-            .join("fs"))
+        Ok(self.snapshot_dir(&info.id))
     }
 
     /// Unpacks an image's layers into snapshots (once; later calls find
@@ -466,16 +465,10 @@ impl Backend for StoreBackend {
             let mut sink = kiln_image::HashingWriter::new(std::io::sink());
             {
                 let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut sink);
-                match sn
-                    .diff_source(&active.key)
+                sn.diff_source(&active.key)
                     .map_err(|err| e("diff source", err))?
-                {
-                    DiffSource::Overlay { upper } => write_overlay_diff(&upper, &mut out, opts),
-                    DiffSource::Tree { lower, upper } => {
-                        write_tree_diff(lower.as_deref(), &upper, &mut out, opts)
-                    }
-                }
-                .map_err(|err| e("diff", err))?;
+                    .write_tar(&mut out, opts)
+                    .map_err(|err| e("diff", err))?;
                 std::io::Write::flush(&mut out).map_err(|err| e("hashing layer", err))?;
             }
             let (_, blob, size) = sink.finish();
@@ -528,12 +521,7 @@ impl Backend for StoreBackend {
             // A committed native snapshot is a full, immutable tree: read it
             // where it is.
             let row = sn.stat(snapshot).map_err(|err| e("snapshot", err))?;
-            return Ok(vec![self
-                .store
-                .root()
-                .join("snapshots")
-                .join(&row.id)
-                .join("fs")]);
+            return Ok(vec![self.snapshot_dir(&row.id)]);
         }
         Ok(self
             .chain(snapshot)?

@@ -62,6 +62,24 @@ pub enum DiffSource {
     },
 }
 
+impl DiffSource {
+    /// Writes the layer tar (the one writer both differs share, so a
+    /// layer hashed at commit and written again on export is the same
+    /// bytes).
+    pub fn write_tar(
+        &self,
+        out: impl std::io::Write,
+        opts: &kiln_image::diff::DiffOptions,
+    ) -> std::result::Result<kiln_image::diff::DiffStats, kiln_image::ImageError> {
+        match self {
+            DiffSource::Overlay { upper } => kiln_image::diff::write_overlay_diff(upper, out, opts),
+            DiffSource::Tree { lower, upper } => {
+                kiln_image::diff::write_tree_diff(lower.as_deref(), upper, out, opts)
+            }
+        }
+    }
+}
+
 /// How a layer must be applied into [`Snapshotter::writable_dir`]
 /// (mirrors `kiln_image::apply::WhiteoutMode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
