@@ -10,177 +10,40 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use common::{context, Kiln};
+use common::context;
+use common::registry::{Client, Reg, RegOpts};
 use serde_json::Value;
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn ready() -> bool {
-    if !common::prerequisites() {
-        return false;
-    }
-    let missing: Vec<&str> = ["docker-registry", "skopeo"]
-        .into_iter()
-        .filter(|t| !have(t))
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!(
-        "registry cache e2e needs {} (apt-get install docker-registry skopeo)",
-        missing.join(", ")
+    common::registry::ready(&["docker-registry", "skopeo"])
+}
+
+/// `kiln build --progress json` with `extra`: (image ID, events).
+fn build_json(c: &Client, ctx: &Path, extra: &[&str]) -> (String, Vec<Value>) {
+    let iid = c.conf.path().join("iid");
+    let mut a = vec![
+        "build",
+        "--progress",
+        "json",
+        "--iidfile",
+        iid.to_str().expect("utf8"),
+    ];
+    a.extend_from_slice(extra);
+    a.push(ctx.to_str().expect("utf8"));
+    let o = c.run(&a);
+    assert!(
+        o.status.success(),
+        "kiln {a:?} failed\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stderr)
     );
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{msg}");
-    }
-    eprintln!("{msg}: not run");
-    false
-}
-
-/// A plain-HTTP docker-registry on 127.0.0.1 with its access log in
-/// `registry.log`; killed on drop.
-struct Reg {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Reg {
-    fn start() -> Reg {
-        let dir = tempfile::tempdir().expect("tmp");
-        let d = dir.path();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let cfg = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: kiln-test-secret\n",
-            d.join("data").display()
-        );
-        std::fs::write(d.join("config.yml"), cfg).expect("config");
-        let log = std::fs::File::create(d.join("registry.log")).expect("log");
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(d.join("config.yml"))
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("docker-registry");
-        let reg = Reg { child, port, dir };
-        let t0 = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "registry did not come up: {}",
-                reg.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        reg
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-    }
-
-    /// Blob GETs in `log` under repository `repo`: digest -> count.
-    fn blob_gets(log: &str, repo: &str) -> BTreeMap<String, usize> {
-        let needle = format!("\"GET /v2/{repo}/blobs/");
-        let mut out = BTreeMap::new();
-        for l in log.lines() {
-            if let Some(i) = l.find(&needle) {
-                let rest = &l[i + needle.len()..];
-                let d: String = rest.chars().take_while(|c| *c != ' ').collect();
-                *out.entry(d).or_default() += 1;
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Reg {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// kiln with private docker/kiln config directories.
-struct Client {
-    kiln: Kiln,
-    conf: tempfile::TempDir,
-}
-
-impl Client {
-    fn new(busybox: bool) -> Client {
-        Client {
-            kiln: if busybox {
-                Kiln::with_busybox()
-            } else {
-                Kiln::new()
-            },
-            conf: tempfile::tempdir().expect("tmp"),
-        }
-    }
-    fn run(&self, args: &[&str]) -> Output {
-        let mut c = self.kiln.cmd();
-        c.env("DOCKER_CONFIG", self.conf.path().join("docker"));
-        c.env("KILN_CONFIG_DIR", self.conf.path().join("kiln"));
-        c.env("XDG_CONFIG_HOME", self.conf.path().join("xdg"));
-        c.args(args).output().expect("kiln")
-    }
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "kiln {args:?} failed\nstdout:\n{}\nstderr:\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    }
-    /// `kiln build --progress json` with `extra`: (image ID, events).
-    fn build(&self, ctx: &Path, extra: &[&str]) -> (String, Vec<Value>) {
-        let iid = self.conf.path().join("iid");
-        let mut a = vec![
-            "build",
-            "--progress",
-            "json",
-            "--iidfile",
-            iid.to_str().expect("utf8"),
-        ];
-        a.extend_from_slice(extra);
-        a.push(ctx.to_str().expect("utf8"));
-        let o = self.run(&a);
-        assert!(
-            o.status.success(),
-            "kiln {a:?} failed\nstderr:\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let events = String::from_utf8_lossy(&o.stderr)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        (std::fs::read_to_string(iid).expect("iidfile"), events)
-    }
+    let events = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    (std::fs::read_to_string(iid).expect("iidfile"), events)
 }
 
 fn count(ev: &[Value], kind: &str) -> usize {
@@ -241,14 +104,14 @@ fn registry_cache_makes_an_empty_runner_run_nothing_and_download_only_the_result
     if !ready() {
         return;
     }
-    let reg = Reg::start();
+    let reg = Reg::start(RegOpts::default());
     let base = push_base(&reg);
     let ctx = app(&base);
     let cache = format!("{}/cache:1", reg.host());
 
     let a = Client::new(false);
     let to = format!("type=registry,ref={cache},mode=max");
-    let (id_a, ev) = a.build(ctx.path(), &["-t", "app:1", "--cache-to", &to]);
+    let (id_a, ev) = build_json(&a, ctx.path(), &["-t", "app:1", "--cache-to", &to]);
     assert!(logged(&ev, "MARKER-FIRST") && logged(&ev, "MARKER-SECOND"));
 
     // The cache manifest: OCI, kiln's config type, one layer per step.
@@ -271,7 +134,7 @@ fn registry_cache_makes_an_empty_runner_run_nothing_and_download_only_the_result
     let before = reg.log().len();
     let b = Client::new(false);
     let from = format!("type=registry,ref={cache}");
-    let (id_b, ev) = b.build(ctx.path(), &["-t", "app:1", "--cache-from", &from]);
+    let (id_b, ev) = build_json(&b, ctx.path(), &["-t", "app:1", "--cache-from", &from]);
     assert_eq!(count(&ev, "cached"), 3, "{ev:?}");
     assert!(ran(&ev).is_empty(), "{:?}", ran(&ev));
     assert!(!logged(&ev, "MARKER"), "{ev:?}");
@@ -286,10 +149,10 @@ fn registry_cache_makes_an_empty_runner_run_nothing_and_download_only_the_result
     assert!(gets.values().all(|n| *n == 1), "{gets:?}");
     // The imported snapshots are real: the image runs, a rebuild hits locally.
     assert_eq!(
-        b.ok(&["run", "--rm", "app:1", "cat", "/b.txt"]),
+        b.stdout(&["run", "--rm", "app:1", "cat", "/b.txt"]),
         "one\nfirst"
     );
-    let (_, ev) = b.build(ctx.path(), &["-t", "app:1"]);
+    let (_, ev) = build_json(&b, ctx.path(), &["-t", "app:1"]);
     assert_eq!(count(&ev, "cached"), 3);
 
     // One changed file: a fresh runner takes the first RUN from the cache
@@ -297,7 +160,7 @@ fn registry_cache_makes_an_empty_runner_run_nothing_and_download_only_the_result
     std::fs::write(ctx.path().join("a.txt"), "two\n").expect("write");
     let before = reg.log().len();
     let c = Client::new(false);
-    let (_, ev) = c.build(ctx.path(), &["-t", "app:2", "--cache-from", &from]);
+    let (_, ev) = build_json(&c, ctx.path(), &["-t", "app:2", "--cache-from", &from]);
     assert_eq!(count(&ev, "cached"), 1, "{ev:?}");
     assert!(!logged(&ev, "MARKER-FIRST") && logged(&ev, "MARKER-SECOND"));
     assert_eq!(ran(&ev).len(), 2, "{:?}", ran(&ev));
@@ -305,7 +168,7 @@ fn registry_cache_makes_an_empty_runner_run_nothing_and_download_only_the_result
     let gets = Reg::blob_gets(&log[before..], "cache");
     assert_eq!(gets.len(), 2, "config and the first RUN's layer: {gets:?}");
     assert_eq!(
-        c.ok(&["run", "--rm", "app:2", "cat", "/b.txt"]),
+        c.stdout(&["run", "--rm", "app:2", "cat", "/b.txt"]),
         "two\nfirst"
     );
 }
@@ -315,7 +178,7 @@ fn local_oci_layout_cache_round_trips() {
     if !ready() {
         return;
     }
-    let reg = Reg::start();
+    let reg = Reg::start(RegOpts::default());
     let base = push_base(&reg);
     let ctx = app(&base);
     let dir = tempfile::tempdir().expect("tmp");
@@ -323,7 +186,7 @@ fn local_oci_layout_cache_round_trips() {
 
     let a = Client::new(false);
     let to = format!("type=local,dest={}", dest.display());
-    let (id_a, _) = a.build(ctx.path(), &["-t", "app:1", "--cache-to", &to]);
+    let (id_a, _) = build_json(&a, ctx.path(), &["-t", "app:1", "--cache-to", &to]);
     let index: Value =
         serde_json::from_slice(&std::fs::read(dest.join("index.json")).expect("index"))
             .expect("index json");
@@ -335,12 +198,12 @@ fn local_oci_layout_cache_round_trips() {
 
     let b = Client::new(false);
     let from = format!("type=local,src={}", dest.display());
-    let (id_b, ev) = b.build(ctx.path(), &["-t", "app:1", "--cache-from", &from]);
+    let (id_b, ev) = build_json(&b, ctx.path(), &["-t", "app:1", "--cache-from", &from]);
     assert_eq!(count(&ev, "cached"), 3, "{ev:?}");
     assert!(!logged(&ev, "MARKER"));
     assert_eq!(id_a, id_b);
     assert_eq!(
-        b.ok(&["run", "--rm", "app:1", "cat", "/b.txt"]),
+        b.stdout(&["run", "--rm", "app:1", "cat", "/b.txt"]),
         "one\nfirst"
     );
 }
@@ -350,14 +213,18 @@ fn inline_cache_in_the_pushed_image() {
     if !ready() {
         return;
     }
-    let reg = Reg::start();
+    let reg = Reg::start(RegOpts::default());
     let base = push_base(&reg);
     let ctx = app(&base);
     let image = format!("{}/app/inline:1", reg.host());
 
     let a = Client::new(false);
     let out = format!("type=registry,name={image}");
-    let (id_a, _) = a.build(ctx.path(), &["--output", &out, "--cache-to", "type=inline"]);
+    let (id_a, _) = build_json(
+        &a,
+        ctx.path(),
+        &["--output", &out, "--cache-to", "type=inline"],
+    );
     let m = raw_manifest(&image);
     let records: Value = serde_json::from_str(
         m["annotations"]["dev.kiln.cache.v1"]
@@ -376,7 +243,7 @@ fn inline_cache_in_the_pushed_image() {
 
     let b = Client::new(false);
     let from = format!("type=registry,ref={image}");
-    let (id_b, ev) = b.build(ctx.path(), &["-t", "app:1", "--cache-from", &from]);
+    let (id_b, ev) = build_json(&b, ctx.path(), &["-t", "app:1", "--cache-from", &from]);
     assert_eq!(count(&ev, "cached"), 3, "{ev:?}");
     assert!(!logged(&ev, "MARKER"));
     assert_eq!(id_a, id_b);
@@ -387,7 +254,7 @@ fn a_missing_cache_is_a_warning_and_the_build_runs() {
     if !ready() {
         return;
     }
-    let reg = Reg::start();
+    let reg = Reg::start(RegOpts::default());
     let base = push_base(&reg);
     let ctx = app(&base);
     let b = Client::new(false);

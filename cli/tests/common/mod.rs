@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
+pub mod registry;
+
 /// Fails (under CI=true) or returns false (elsewhere, printing "not run")
 /// when the machine cannot run these tests: root and busybox-static.
 pub fn prerequisites() -> bool {

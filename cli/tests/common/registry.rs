@@ -1,0 +1,274 @@
+//! A real registry for the CLI's end-to-end tests: Debian's
+//! `docker-registry` on 127.0.0.1 (plain, htpasswd or TLS from a test CA,
+//! access log on) and a kiln client with private config directories.
+
+use std::collections::BTreeMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::Kiln;
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Common prerequisites plus `tools`.
+pub fn ready(tools: &[&str]) -> bool {
+    if !super::prerequisites() {
+        return false;
+    }
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!(
+        "registry tests need {} (apt-get install docker-registry skopeo apache2-utils openssl)",
+        missing.join(", ")
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{msg}");
+    }
+    eprintln!("{msg}: not run");
+    false
+}
+
+/// A docker-registry process on 127.0.0.1:<free port>, killed on drop.
+pub struct Reg {
+    child: Child,
+    /// The port on 127.0.0.1.
+    pub port: u16,
+    /// Config, data, certificates and `registry.log`.
+    pub dir: tempfile::TempDir,
+}
+
+#[derive(Default)]
+pub struct RegOpts {
+    /// Basic auth with this user and password.
+    pub htpasswd: Option<(String, String)>,
+    /// TLS with a server certificate from a test CA (`ca.crt` in `dir`).
+    pub tls: bool,
+}
+
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Runs `cmd` and asserts it succeeded.
+pub fn sh(cmd: &mut Command) -> Output {
+    let o = cmd.output().expect("spawn");
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+impl Reg {
+    /// Starts a registry and waits until it accepts connections.
+    pub fn start(o: RegOpts) -> Reg {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path();
+        let port = free_port();
+        let mut cfg = format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: kiln-test-secret\n",
+            d.join("data").display()
+        );
+        if o.tls {
+            make_certs(d);
+            cfg.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                d.join("server.crt").display(),
+                d.join("server.key").display()
+            ));
+        }
+        if let Some((u, p)) = &o.htpasswd {
+            sh(Command::new("htpasswd")
+                .args(["-Bbc"])
+                .arg(d.join("htpasswd"))
+                .args([u, p]));
+            cfg.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+                d.join("htpasswd").display()
+            ));
+        }
+        std::fs::write(d.join("config.yml"), cfg).expect("config");
+        let log = std::fs::File::create(d.join("registry.log")).expect("log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(d.join("config.yml"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("docker-registry");
+        let reg = Reg { child, port, dir };
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "registry did not come up: {}",
+                reg.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        reg
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The registry's output so far, access log included.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Blob GETs in `log` under repository `repo`: digest -> count.
+    pub fn blob_gets(log: &str, repo: &str) -> BTreeMap<String, usize> {
+        let needle = format!("\"GET /v2/{repo}/blobs/");
+        let mut out = BTreeMap::new();
+        for l in log.lines() {
+            if let Some(i) = l.find(&needle) {
+                let rest = &l[i + needle.len()..];
+                let d: String = rest.chars().take_while(|c| *c != ' ').collect();
+                *out.entry(d).or_default() += 1;
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Reg {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it.
+pub fn make_certs(d: &Path) {
+    let p = |n: &str| d.join(n).display().to_string();
+    sh(Command::new("openssl").args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=kiln test CA",
+        "-keyout",
+        &p("ca.key"),
+        "-out",
+        &p("ca.crt"),
+    ]));
+    sh(Command::new("openssl").args([
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &p("server.key"),
+        "-out",
+        &p("server.csr"),
+    ]));
+    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+    sh(Command::new("openssl").args([
+        "x509",
+        "-req",
+        "-in",
+        &p("server.csr"),
+        "-CA",
+        &p("ca.crt"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &p("ext.cnf"),
+        "-out",
+        &p("server.crt"),
+    ]));
+}
+
+/// kiln with private docker/kiln config directories.
+pub struct Client {
+    /// The store.
+    pub kiln: Kiln,
+    /// DOCKER_CONFIG, KILN_CONFIG_DIR and XDG_CONFIG_HOME live here.
+    pub conf: tempfile::TempDir,
+}
+
+impl Client {
+    /// A private store (with the busybox image when `busybox`) and
+    /// private config directories.
+    pub fn new(busybox: bool) -> Client {
+        Client {
+            kiln: if busybox {
+                Kiln::with_busybox()
+            } else {
+                Kiln::new()
+            },
+            conf: tempfile::tempdir().expect("tmp"),
+        }
+    }
+    /// `kiln` with the store and config directories set.
+    pub fn cmd(&self) -> Command {
+        let mut c = self.kiln.cmd();
+        c.env("DOCKER_CONFIG", self.conf.path().join("docker"));
+        c.env("KILN_CONFIG_DIR", self.conf.path().join("kiln"));
+        c.env("XDG_CONFIG_HOME", self.conf.path().join("xdg"));
+        c
+    }
+    /// Runs kiln.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("kiln")
+    }
+    /// Runs kiln, asserts success; stdout and stderr together.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "kiln {args:?} failed\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    }
+    /// Runs kiln, asserts success; stdout, trimmed.
+    pub fn stdout(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "kiln {args:?} failed\nstderr:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+    /// `kiln build -q` with `extra`: the image ID.
+    pub fn build(&self, ctx: &Path, extra: &[&str]) -> String {
+        let mut a = vec!["build", "-q"];
+        a.extend_from_slice(extra);
+        a.push(ctx.to_str().expect("utf8"));
+        self.stdout(&a)
+    }
+}
