@@ -166,6 +166,25 @@ fn image_roots(tx: &Transaction<'_>) -> Result<Vec<String>> {
     Ok(v)
 }
 
+/// Everything something still needs: tagged images, the build cache,
+/// live leases and the active snapshots of running processes, with all
+/// they reach.
+fn live_marks(tx: &Transaction<'_>) -> Result<Marks> {
+    let mut blob_roots = image_roots(tx)?;
+    blob_roots.extend(strings(tx, "SELECT blob FROM cache_blobs")?);
+    blob_roots.extend(strings(
+        tx,
+        "SELECT name FROM lease_resources WHERE kind = 'blob'",
+    )?);
+    let mut snap_roots = strings(tx, "SELECT snapshot FROM cache WHERE snapshot IS NOT NULL")?;
+    snap_roots.extend(strings(
+        tx,
+        "SELECT name FROM lease_resources WHERE kind = 'snapshot'",
+    )?);
+    snap_roots.extend(live_active(tx)?);
+    mark(tx, blob_roots, snap_roots)
+}
+
 /// Active/view snapshots whose owner still runs.
 fn live_active(tx: &Transaction<'_>) -> Result<Vec<String>> {
     let mut st =
@@ -199,20 +218,7 @@ impl Store {
         let (dead_snaps, dead_blobs) = self.meta().write(|tx| {
             report.leases_expired = self.meta().expire_leases(tx)?;
             report.cache_records_removed = apply_cache_policy(tx, opts)?;
-            let mut blob_roots = image_roots(tx)?;
-            blob_roots.extend(strings(tx, "SELECT blob FROM cache_blobs")?);
-            blob_roots.extend(strings(
-                tx,
-                "SELECT name FROM lease_resources WHERE kind = 'blob'",
-            )?);
-            let mut snap_roots =
-                strings(tx, "SELECT snapshot FROM cache WHERE snapshot IS NOT NULL")?;
-            snap_roots.extend(strings(
-                tx,
-                "SELECT name FROM lease_resources WHERE kind = 'snapshot'",
-            )?);
-            snap_roots.extend(live_active(tx)?);
-            let marks = mark(tx, blob_roots, snap_roots)?;
+            let marks = live_marks(tx)?;
             // Snapshots: children before parents (unmarked snapshots only
             // have unmarked children).
             let mut dead: Vec<(String, String, Option<String>)> = Vec::new();
@@ -534,20 +540,7 @@ impl Store {
                 strings(tx, "SELECT blob FROM cache_blobs")?,
                 strings(tx, "SELECT snapshot FROM cache WHERE snapshot IS NOT NULL")?,
             )?;
-            let mut blob_roots = image_roots(tx)?;
-            blob_roots.extend(strings(tx, "SELECT blob FROM cache_blobs")?);
-            blob_roots.extend(strings(
-                tx,
-                "SELECT name FROM lease_resources WHERE kind = 'blob'",
-            )?);
-            let mut snap_roots =
-                strings(tx, "SELECT snapshot FROM cache WHERE snapshot IS NOT NULL")?;
-            snap_roots.extend(strings(
-                tx,
-                "SELECT name FROM lease_resources WHERE kind = 'snapshot'",
-            )?);
-            snap_roots.extend(live_active(tx)?);
-            let all = mark(tx, blob_roots, snap_roots)?;
+            let all = live_marks(tx)?;
             du.images.count =
                 tx.query_row("SELECT COUNT(*) FROM images", [], |r| r.get::<_, i64>(0))? as usize;
             du.build_cache.count =
