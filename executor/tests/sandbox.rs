@@ -883,10 +883,13 @@ fn sigkill_of_kiln_takes_the_sandbox_down() -> TestResult {
     use std::io::Read;
     let n = out.read(&mut buf).map_err(|e| e.to_string())?;
     ensure!(&buf[..n] == b"started\n", "child said {:?}", &buf[..n]);
-    ensure!(
-        !processes_with("sleep 987003").is_empty(),
-        "step not running"
-    );
+    // The shell says "started" before it forks the sleeps: give them a
+    // moment to appear (under load that takes more than no time).
+    let t = Instant::now();
+    while processes_with("sleep 987003").is_empty() {
+        ensure!(t.elapsed() < Duration::from_secs(3), "step not running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     child.kill().map_err(|e| e.to_string())?; // SIGKILL
     let _ = child.wait();
     wait_no_processes("sleep 987003", Duration::from_secs(3))?;

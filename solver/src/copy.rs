@@ -241,11 +241,11 @@ impl Selector<'_> {
             let mut entries = vec![Entry {
                 rel: String::new(),
                 link: None,
-                host: found.host,
+                host: found.host.clone(),
                 meta: found.meta,
             }];
             if is_dir {
-                self.walk(&resolved, &p, "", &mut entries)?;
+                self.walk(&resolved, &found.host, &p, "", &mut entries)?;
             }
             out.push(Selection {
                 name: base_name(&p).to_string(),
@@ -290,6 +290,7 @@ impl Selector<'_> {
     fn walk(
         &self,
         dir: &str,
+        dir_host: &Path,
         logical: &str,
         rel: &str,
         out: &mut Vec<Entry>,
@@ -302,7 +303,7 @@ impl Selector<'_> {
             } else {
                 format!("{rel}/{name}")
             };
-            let Some(found) = self.view.lookup(&path) else {
+            let Some(found) = self.view.lookup_child(dir, dir_host, &name) else {
                 continue;
             };
             let is_dir = found.meta.is_dir();
@@ -312,7 +313,7 @@ impl Selector<'_> {
                     .flatten()
                     .any(|m| m.exclusions());
                 if is_dir && reinclude {
-                    self.walk(&path, &lpath, &r, out)?;
+                    self.walk(&path, &found.host, &lpath, &r, out)?;
                 }
                 continue;
             }
@@ -328,12 +329,12 @@ impl Selector<'_> {
             };
             out.push(Entry {
                 rel: r.clone(),
-                host: found.host,
+                host: found.host.clone(),
                 meta: found.meta,
                 link,
             });
             if is_dir {
-                self.walk(&path, &lpath, &r, out)?;
+                self.walk(&path, &found.host, &lpath, &r, out)?;
             }
         }
         Ok(())
