@@ -145,8 +145,28 @@ fn supervisor() -> i32 {
         eprintln!("kiln init: not started by kiln-executor (no message socket on fd {INIT_FD})");
         return 2;
     }
-    // SAFETY: fd 3 is the socket the executor handed us; we own it now.
-    let sock = unsafe { OwnedFd::from_raw_fd(INIT_FD) };
+    // Move the socket off stdin to a close-on-exec descriptor, and give
+    // stdin /dev/null (what the step reads).
+    // SAFETY: fcntl/open/dup2/close on descriptor numbers we own.
+    let moved = unsafe { libc::fcntl(INIT_FD, libc::F_DUPFD_CLOEXEC, 3) };
+    if moved < 0 {
+        eprintln!(
+            "kiln init: moving the message socket: {}",
+            std::io::Error::last_os_error()
+        );
+        return 2;
+    }
+    let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if null < 0 || unsafe { libc::dup2(null, INIT_FD) } < 0 {
+        eprintln!(
+            "kiln init: /dev/null on stdin: {}",
+            std::io::Error::last_os_error()
+        );
+        return 2;
+    }
+    unsafe { libc::close(null) };
+    // SAFETY: `moved` is the socket the executor handed us; we own it now.
+    let sock = unsafe { OwnedFd::from_raw_fd(moved) };
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     if let Some(ppid) = std::env::var(PARENT_PID_ENV)
         .ok()
@@ -491,11 +511,8 @@ fn exec_step_inner(cfg: &InitConfig) -> Result<Never, (&'static str, String)> {
     let exe_c = CString::new(exe.as_os_str().as_encoded_bytes())
         .map_err(|_| ("exec", "path contains NUL".to_string()))?;
 
-    // The message socket must not leak into the step.
-    // SAFETY: fcntl on our own fd.
-    unsafe {
-        libc::fcntl(INIT_FD, libc::F_SETFD, libc::FD_CLOEXEC);
-    }
+    // The message socket is close-on-exec (moved there at start): it does
+    // not leak into the step.
     let _ = SigSet::all().thread_unblock();
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     let e = nix::unistd::execve(&exe_c, &argv, &envp).unwrap_err();

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::fs;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -22,7 +22,6 @@ use crate::error::Error;
 use crate::init::{INIT_ARG, PARENT_PID_ENV};
 use crate::protocol::{
     recv_msg, send_msg, socketpair, CapSets, ChildMessage, InitConfig, MountEntry, UserSpec,
-    INIT_FD,
 };
 use crate::request::{
     ExecOutcome, ExecRequest, OutputLine, RequestError, RootfsKind, RootfsMount, Stream, MAX_LINE,
@@ -649,30 +648,18 @@ impl Executor {
         cmd.arg(INIT_ARG)
             .env_clear()
             .env(PARENT_PID_ENV, std::process::id().to_string())
-            .stdin(Stdio::null())
+            // The message socket goes in as the init's stdin (INIT_FD).
+            .stdin(Stdio::from(child_end))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let child_raw = child_end.as_raw_fd();
-        // SAFETY: only async-signal-safe calls (dup2, fcntl) after fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                if child_raw == INIT_FD {
-                    if libc::fcntl(INIT_FD, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(child_raw, INIT_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let mut child = cmd.spawn().map_err(|source| Error::Io {
             step: step.to_string(),
             what: format!("starting sandbox init {}", self.config.init_path.display()),
             source,
         })?;
-        drop(child_end);
+        // Our copy of the init's end closes with the command.
+        drop(cmd);
         let pid = child.id().unwrap_or(0);
         let kill_tree = |cg: Arc<StepCgroup>| async move {
             let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
