@@ -79,7 +79,7 @@ impl<W: Write> ParGzEncoder<W> {
             .ok_or_else(|| io::Error::other("gzip stream already finished"))
     }
 
-    fn start_workers(&mut self) -> SyncSender<Job> {
+    fn start_workers(&self) -> SyncSender<Job> {
         let (tx, rx) = mpsc::sync_channel::<Job>(self.threads);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..self.threads {
