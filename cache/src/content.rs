@@ -91,6 +91,18 @@ impl ContentStore {
     /// [`crate::Store::commit_blob`] so that no prune can fall between the
     /// rename and the row.
     pub fn writer(&self) -> Result<BlobWriter> {
+        self.new_writer(true)
+    }
+
+    /// A writer for a caller that hashes the same bytes itself (one pass
+    /// instead of two over a large compressed layer): it does not hash,
+    /// and [`BlobWriter::commit`] must be given the digest and size, which
+    /// it takes as they are.
+    pub fn writer_prehashed(&self) -> Result<BlobWriter> {
+        self.new_writer(false)
+    }
+
+    fn new_writer(&self, hashing: bool) -> Result<BlobWriter> {
         let gc = match &self.gc_lock {
             Some(p) => Some(FileLock::shared(p)?),
             None => None,
@@ -107,7 +119,8 @@ impl ContentStore {
             file: Some(file),
             tmp_path: path,
             dir: self.dir.clone(),
-            hasher: Hasher::new(),
+            hasher: hashing.then(Hasher::new),
+            written: 0,
         })
     }
 
@@ -208,13 +221,15 @@ pub struct BlobWriter {
     file: Option<File>,
     tmp_path: PathBuf,
     dir: PathBuf,
-    hasher: Hasher,
+    /// `None` for a [`ContentStore::writer_prehashed`] writer.
+    hasher: Option<Hasher>,
+    written: u64,
 }
 
 impl BlobWriter {
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
-        self.hasher.len()
+        self.written
     }
 
     /// The temp file's path (for error messages).
@@ -234,8 +249,16 @@ impl BlobWriter {
             .file
             .take()
             .ok_or_else(|| Error::InvalidState("blob writer already committed".to_string()))?;
-        let size = self.hasher.len();
-        let digest = std::mem::take(&mut self.hasher).finish();
+        let size = self.written;
+        let digest = match (self.hasher.take(), expected) {
+            (Some(h), _) => h.finish(),
+            (None, Some(d)) if expected_size.is_some() => d.clone(),
+            (None, _) => {
+                return Err(Error::InvalidState(
+                    "a prehashed blob needs its digest and size to commit".to_string(),
+                ))
+            }
+        };
         if expected.is_some_and(|e| e != &digest) || expected_size.is_some_and(|s| s != size) {
             return Err(Error::DigestMismatch {
                 expected: format!(
@@ -268,13 +291,16 @@ impl Write for BlobWriter {
             .as_mut()
             .ok_or_else(|| io::Error::other("blob writer already committed"))?;
         let n = f.write(buf)?;
-        let before = self.hasher.len();
-        self.hasher.update(&buf[..n]);
+        let before = self.written;
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
+        self.written += n as u64;
         // Start writeback of every finished 8 MiB window now, so the
         // fsync at commit waits for little and large layers stream to
         // disk while they are produced.
         const WINDOW: u64 = 8 << 20;
-        let after = self.hasher.len();
+        let after = self.written;
         if after / WINDOW > before / WINDOW {
             use std::os::fd::AsRawFd;
             let end = (after / WINDOW) * WINDOW;

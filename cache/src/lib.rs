@@ -46,6 +46,7 @@
 #![deny(missing_docs)]
 
 mod cachemount;
+mod chunkpipe;
 mod content;
 mod digest;
 mod error;

@@ -276,15 +276,23 @@ impl Store {
     /// GC lock is held shared until the reader drops, so no prune removes
     /// the snapshot underneath.
     pub fn open_blob(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        self.open_blob_checked(digest).map(|(r, _)| r)
+    }
+
+    /// [`Store::open_blob`], also telling whether the reader itself checks
+    /// the bytes against `digest` (a layer written again from its
+    /// snapshot: yes; a stored file: no), so that a caller that needs the
+    /// digest verified need not hash the bytes a second time.
+    pub fn open_blob_checked(&self, digest: &Digest) -> Result<(Box<dyn Read + Send>, bool)> {
         match self.content.open(digest) {
-            Ok(f) => return Ok(Box::new(f)),
+            Ok(f) => return Ok((Box::new(f), false)),
             Err(Error::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
         let gc = self.gc_guard()?;
         // The file may have appeared (and the source been cleared) since.
         if let Ok(f) = self.content.open(digest) {
-            return Ok(Box::new(f));
+            return Ok((Box::new(f), false));
         }
         let not_found = || Error::NotFound {
             kind: "blob",
@@ -301,19 +309,19 @@ impl Store {
                 src.snapshot
             ))
         })?;
-        let (reader, writer) = std::io::pipe().ctx("pipe", self.root())?;
+        let (writer, reader) = crate::chunkpipe::chunk_pipe();
         let outcome: Arc<std::sync::Mutex<Option<WriteOutcome>>> = Default::default();
         let report = outcome.clone();
         std::thread::Builder::new()
             .name("kiln-layer-tar".into())
             .spawn(move || {
+                // The chunk writer buffers (1 MiB), so the tar's small
+                // writes need no BufWriter of their own.
                 let mut hashed = kiln_image::HashingWriter::new(writer);
-                let res = {
-                    let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut hashed);
-                    diff.write_tar(&mut out, &src.opts)
-                        .map_err(|e| e.to_string())
-                        .and_then(|_| std::io::Write::flush(&mut out).map_err(|e| e.to_string()))
-                };
+                let res = diff
+                    .write_tar(&mut hashed, &src.opts)
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| std::io::Write::flush(&mut hashed).map_err(|e| e.to_string()));
                 let (writer, got, len) = hashed.finish();
                 if let Ok(mut r) = report.lock() {
                     *r = Some(res.map(|()| (got, len)));
@@ -322,14 +330,17 @@ impl Store {
                 drop(writer);
             })
             .ctx("spawn", self.root())?;
-        Ok(Box::new(SourceReader {
-            inner: reader,
-            want: digest.clone(),
-            size,
-            outcome,
-            checked: false,
-            _gc: gc,
-        }))
+        Ok((
+            Box::new(SourceReader {
+                inner: reader,
+                want: digest.clone(),
+                size,
+                outcome,
+                checked: false,
+                _gc: gc,
+            }),
+            true,
+        ))
     }
 
     /// Delete retired snapshot directories (see
@@ -468,7 +479,7 @@ type WriteOutcome = std::result::Result<(Digest, u64), String>;
 
 /// A layer written again from its snapshot, verified at the end.
 struct SourceReader {
-    inner: std::io::PipeReader,
+    inner: crate::chunkpipe::ChunkReader,
     want: Digest,
     size: u64,
     outcome: Arc<std::sync::Mutex<Option<WriteOutcome>>>,

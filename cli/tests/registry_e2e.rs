@@ -323,3 +323,43 @@ fn build_outputs_registry_archives_local_and_tar() {
     let list = sh(Command::new("tar").arg("-tf").arg(&ex));
     assert!(String::from_utf8_lossy(&list.stdout).contains("hello.txt"));
 }
+
+/// The file `name` in one of the store's snapshots.
+fn find_in_snapshots(root: &std::path::Path, name: &str) -> Option<PathBuf> {
+    let snaps = std::fs::read_dir(root.join("snapshots")).ok()?;
+    snaps
+        .flatten()
+        .map(|e| e.path().join("fs").join(name))
+        .find(|p| p.is_file())
+}
+
+#[test]
+fn streamed_push_of_a_changed_snapshot_fails_and_tags_nothing() {
+    if !ready(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let a = Client::new(true);
+    let ctx = app_context();
+    let name = format!("{}/kiln/changed:1", reg.host());
+    a.build(ctx.path(), &["-t", &name]);
+    // The COPY layer is kept as its snapshot; change it behind kiln's back
+    // (same length, other bytes).
+    let f = find_in_snapshots(a.kiln.root.path(), "hello.txt").expect("snapshot of the COPY");
+    std::fs::write(&f, "HELLO REGISTRY\n").expect("change");
+    let o = a.run(&["push", &name]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("snapshot changed"), "{err}");
+    // The layer was streamed but never completed, and no manifest went up.
+    let o = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", &format!("docker://{name}")])
+        .output()
+        .expect("skopeo");
+    assert!(!o.status.success(), "the tag exists after a failed push");
+    // Put it back: the same push now succeeds, and skopeo reads it.
+    std::fs::write(&f, "hello registry\n").expect("restore");
+    let digest = a.stdout(&["push", "-q", &name]);
+    let v = skopeo_inspect(&["--tls-verify=false", &format!("docker://{name}")]);
+    assert_eq!(v["Digest"], digest.as_str());
+}

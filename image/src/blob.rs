@@ -3,7 +3,7 @@
 use std::io::{self, Read, Write};
 
 use crate::compression::{Compression, CompressionOpts, Encoder};
-use crate::digest::{Hasher, HashingWriter};
+use crate::digest::Hasher;
 use crate::manifest::media_types;
 use crate::{Digest, ImageError};
 
@@ -38,33 +38,178 @@ pub fn layer_media_type(kind: Compression, oci_media_types: bool) -> &'static st
 /// hash both sides on the way. Memory use is a fixed buffer plus the
 /// compressor's window, whatever the layer size.
 pub fn encode_layer(
-    mut tar: impl Read,
+    tar: impl Read,
     out: impl Write,
     opts: CompressionOpts,
     oci_media_types: bool,
 ) -> Result<LayerDigests, ImageError> {
-    let mut diff = Hasher::new();
-    let mut enc = Encoder::new(HashingWriter::new(out), opts)?;
+    encode(tar, out, opts, oci_media_types, None)
+}
+
+/// [`encode_layer`] for a `tar` reader that checks its own bytes against
+/// `diff_id` (failing the read on a mismatch): the tar is not hashed a
+/// second time, and `diff_id` is reported as the layer's.
+pub fn encode_verified_layer(
+    tar: impl Read,
+    out: impl Write,
+    opts: CompressionOpts,
+    oci_media_types: bool,
+    diff_id: &Digest,
+) -> Result<LayerDigests, ImageError> {
+    encode(tar, out, opts, oci_media_types, Some(diff_id))
+}
+
+fn encode(
+    tar: impl Read,
+    mut out: impl Write,
+    opts: CompressionOpts,
+    oci_media_types: bool,
+    verified: Option<&Digest>,
+) -> Result<LayerDigests, ImageError> {
+    let mut r = EncodingReader::new(tar, opts, oci_media_types, verified.cloned())?;
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = match tar.read(&mut buf) {
+        let n = match r.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         };
-        diff.update(&buf[..n]);
-        enc.write_all(&buf[..n])?;
+        out.write_all(&buf[..n])?;
     }
-    let mut hw = enc.finish()?;
-    hw.flush()?;
-    let uncompressed_size = diff.len();
-    let (_, digest, size) = hw.finish();
-    Ok(LayerDigests {
-        diff_id: diff.finish(),
-        digest,
-        size,
-        uncompressed_size,
-        media_type: layer_media_type(opts.kind, oci_media_types).to_string(),
-    })
+    out.flush()?;
+    r.digests()
+        .ok_or_else(|| ImageError::Io(io::Error::other("layer stream ended early")))
+}
+
+/// A layer tar compressed as it is read, for a consumer that pulls (an
+/// upload whose digest is known only at its end). Both sides are hashed
+/// on the way (the tar side unless its reader verifies itself); after the
+/// end of the stream, [`EncodingReader::digests`] says what was produced.
+pub struct EncodingReader<R> {
+    src: R,
+    enc: Option<Encoder<Vec<u8>>>,
+    out: Vec<u8>,
+    pos: usize,
+    buf: Vec<u8>,
+    diff: Hasher,
+    tar_len: u64,
+    known_diff: Option<Digest>,
+    blob: Option<Hasher>,
+    media_type: String,
+    done: bool,
+}
+
+impl<R: Read> EncodingReader<R> {
+    /// Compresses `tar` per `opts`. `verified`: the diffID, when `tar`
+    /// checks its own bytes against it (then the tar is not hashed here).
+    pub fn new(
+        tar: R,
+        opts: CompressionOpts,
+        oci_media_types: bool,
+        verified: Option<Digest>,
+    ) -> io::Result<Self> {
+        Ok(EncodingReader {
+            src: tar,
+            enc: Some(Encoder::new(Vec::new(), opts)?),
+            out: Vec::new(),
+            pos: 0,
+            buf: vec![0u8; 1 << 20],
+            diff: Hasher::new(),
+            tar_len: 0,
+            known_diff: verified,
+            blob: Some(Hasher::new()),
+            media_type: layer_media_type(opts.kind, oci_media_types).to_string(),
+            done: false,
+        })
+    }
+
+    /// For a consumer that hashes the compressed bytes itself (an upload
+    /// does): they are not hashed here, and [`EncodingReader::digests`]
+    /// has nothing to say; [`EncodingReader::tar_digest`] still does.
+    pub fn without_blob_digest(mut self) -> Self {
+        self.blob = None;
+        self
+    }
+
+    /// The tar's digest (the diffID) and size, once the whole stream has
+    /// been read.
+    pub fn tar_digest(&self) -> Option<(Digest, u64)> {
+        if !self.done {
+            return None;
+        }
+        let diff_id = match &self.known_diff {
+            Some(d) => d.clone(),
+            None => self.diff.clone().finish(),
+        };
+        Some((diff_id, self.tar_len))
+    }
+
+    /// The layer's digests, once the whole stream has been read (and
+    /// unless [`EncodingReader::without_blob_digest`]).
+    pub fn digests(&self) -> Option<LayerDigests> {
+        let (diff_id, uncompressed_size) = self.tar_digest()?;
+        let blob = self.blob.as_ref()?;
+        Some(LayerDigests {
+            diff_id,
+            digest: blob.clone().finish(),
+            size: blob.len(),
+            uncompressed_size,
+            media_type: self.media_type.clone(),
+        })
+    }
+
+    /// Feeds the encoder until it has output or the input ends.
+    fn fill(&mut self) -> io::Result<()> {
+        self.out.clear();
+        self.pos = 0;
+        while self.out.is_empty() {
+            let Some(enc) = self.enc.as_mut() else {
+                self.done = true;
+                return Ok(());
+            };
+            let n = loop {
+                match self.src.read(&mut self.buf) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other?,
+                }
+            };
+            if n == 0 {
+                let enc = self
+                    .enc
+                    .take()
+                    .ok_or_else(|| io::Error::other("encoder gone"))?;
+                self.out = enc.finish()?;
+            } else {
+                let piece = &self.buf[..n];
+                if self.known_diff.is_none() {
+                    self.diff.update(piece);
+                }
+                self.tar_len += n as u64;
+                enc.write_all(piece)?;
+                if let Some(produced) = enc.get_mut() {
+                    std::mem::swap(&mut self.out, produced);
+                }
+            }
+        }
+        if let Some(h) = self.blob.as_mut() {
+            h.update(&self.out);
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for EncodingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.pos == self.out.len() {
+            self.fill()?;
+        }
+        let n = (self.out.len() - self.pos).min(buf.len());
+        buf[..n].copy_from_slice(&self.out[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }

@@ -93,6 +93,16 @@ impl<W: Write> Encoder<W> {
         })
     }
 
+    /// The writer the compressed bytes go to (for a caller that drains
+    /// it between writes). `None` only after a failed finish.
+    pub fn get_mut(&mut self) -> Option<&mut W> {
+        match self {
+            Encoder::Plain(w) => Some(w),
+            Encoder::Gzip(g) => g.get_mut(),
+            Encoder::Zstd(z) => Some(z.get_mut()),
+        }
+    }
+
     /// Write the trailer and return the inner writer.
     pub fn finish(self) -> io::Result<W> {
         match self {

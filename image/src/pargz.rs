@@ -73,6 +73,12 @@ impl<W: Write> ParGzEncoder<W> {
         })
     }
 
+    /// The writer compressed blocks go to (they arrive in order, a few
+    /// blocks behind the input).
+    pub fn get_mut(&mut self) -> Option<&mut W> {
+        self.out.as_mut()
+    }
+
     fn out(&mut self) -> io::Result<&mut W> {
         self.out
             .as_mut()
@@ -192,12 +198,115 @@ impl<W: Write> Write for ParGzEncoder<W> {
     }
 }
 
+/// Bytes per piece whose compressibility is judged on its own.
+const PIECE: usize = 64 * 1024;
+/// Order-0 entropy (bits per byte) from which a piece is stored, not
+/// deflated. Random or already-compressed data measures 7.99+ over 64 KiB;
+/// Huffman coding alone could save under 0.3 % of such a piece, and
+/// deflating it costs as much CPU as compressing text. (A piece that looks
+/// random but repeats itself within the 32 KiB window would compress; such
+/// data is rare in layers, and storing it is still correct.)
+const STORE_ENTROPY: f64 = 7.98;
+
+/// Whether `piece` looks incompressible (order-0 entropy at or above
+/// [`STORE_ENTROPY`]).
+fn incompressible(piece: &[u8]) -> bool {
+    if piece.len() < 4096 {
+        return false;
+    }
+    // Four histograms side by side, so that runs of one byte value do not
+    // serialise on one counter.
+    let mut h = [[0u32; 256]; 4];
+    let mut quads = piece.chunks_exact(4);
+    for q in &mut quads {
+        h[0][q[0] as usize] += 1;
+        h[1][q[1] as usize] += 1;
+        h[2][q[2] as usize] += 1;
+        h[3][q[3] as usize] += 1;
+    }
+    for &b in quads.remainder() {
+        h[0][b as usize] += 1;
+    }
+    let n = piece.len() as f64;
+    let mut bits = 0.0;
+    let [a, b, c, d] = &h;
+    for (((a, b), c), d) in a.iter().zip(b).zip(c).zip(d) {
+        let c = a + b + c + d;
+        if c > 0 {
+            let p = f64::from(c) / n;
+            bits -= p * p.log2();
+        }
+    }
+    bits >= STORE_ENTROPY
+}
+
+/// Appends `data` as stored deflate blocks (the stream must be at a byte
+/// boundary; it is again afterwards). `last` marks the final one.
+fn store_blocks(out: &mut Vec<u8>, data: &[u8], last: bool) {
+    let mut chunks = data.chunks(usize::from(u16::MAX)).peekable();
+    while let Some(c) = chunks.next() {
+        let fin = last && chunks.peek().is_none();
+        let len = c.len() as u16;
+        out.push(u8::from(fin)); // BFINAL, BTYPE=00 (stored), padding
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(c);
+    }
+}
+
 /// Raw deflate of one block: primed with `dict`, ended with a sync flush
-/// (more blocks follow) or the final block. Returns the bytes and the
-/// block's CRC-32.
+/// (more blocks follow) or the final block. Pieces of [`PIECE`] bytes that
+/// look incompressible are stored as they are; runs of the others are
+/// deflated. Returns the bytes and the block's CRC-32.
 fn deflate_block(data: &[u8], dict: &[u8], last: bool, level: u32) -> BlockResult {
     let mut crc = Crc::new();
     crc.update(data);
+    let mut out = Vec::with_capacity(data.len() + data.len() / 8 + 64);
+    let stored: Vec<bool> = data.chunks(PIECE).map(incompressible).collect();
+    if data.is_empty() {
+        // Nothing to add: just the sync flush or the final empty block.
+        deflate_run(&mut out, data, dict, last, level)?;
+        return Ok((out, crc));
+    }
+    let mut start = 0;
+    let mut i = 0;
+    while i < stored.len() {
+        // A run of pieces with the same verdict.
+        let verdict = stored.get(i).copied().unwrap_or(false);
+        let mut j = i;
+        while j < stored.len() && stored[j] == verdict {
+            j += 1;
+        }
+        let end = (j * PIECE).min(data.len());
+        let run = &data[start..end];
+        let fin = last && end == data.len();
+        if verdict {
+            store_blocks(&mut out, run, fin);
+        } else {
+            // The window the decoder has at `start`: up to 32 KiB of what
+            // came before, from this block and the previous one.
+            let mut window = Vec::new();
+            if start < WINDOW {
+                window.extend_from_slice(&dict[dict.len().saturating_sub(WINDOW - start)..]);
+            }
+            window.extend_from_slice(&data[start.saturating_sub(WINDOW)..start]);
+            deflate_run(&mut out, run, &window, fin, level)?;
+        }
+        start = end;
+        i = j;
+    }
+    Ok((out, crc))
+}
+
+/// Deflates `data` into `out` primed with `dict`, ending with a sync flush
+/// or, when `last`, the final block.
+fn deflate_run(
+    out: &mut Vec<u8>,
+    data: &[u8],
+    dict: &[u8],
+    last: bool,
+    level: u32,
+) -> io::Result<()> {
     let mut c = Compress::new(flate2::Compression::new(level), false);
     if !dict.is_empty() {
         c.set_dictionary(dict).map_err(io::Error::other)?;
@@ -207,11 +316,11 @@ fn deflate_block(data: &[u8], dict: &[u8], last: bool, level: u32) -> BlockResul
     } else {
         FlushCompress::Sync
     };
-    let mut out = Vec::with_capacity(data.len() + data.len() / 8 + 64);
+    out.reserve(data.len() + data.len() / 8 + 64);
     loop {
         let consumed = c.total_in() as usize;
         let status = c
-            .compress_vec(&data[consumed..], &mut out, flush)
+            .compress_vec(&data[consumed..], out, flush)
             .map_err(io::Error::other)?;
         let all_in = c.total_in() as usize == data.len();
         // Done when everything is in and the flush fit (zlib's rule: room
@@ -221,7 +330,7 @@ fn deflate_block(data: &[u8], dict: &[u8], last: bool, level: u32) -> BlockResul
             _ => !last && all_in && out.len() < out.capacity(),
         };
         if done {
-            return Ok((out, crc));
+            return Ok(());
         }
         out.reserve(out.capacity().max(64 * 1024));
     }
@@ -279,6 +388,50 @@ mod tests {
         let one = encode(&data, 1, 4096);
         assert_eq!(encode(&data, 2, 1 << 20), one);
         assert_eq!(encode(&data, 5, 333_333), one);
+    }
+
+    fn random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn random_data_is_stored_not_deflated() {
+        let data = random(3 * BLOCK + 5_000, 7);
+        let z = encode(&data, 2, 100_000);
+        assert_eq!(gunzip(&z), data);
+        // Stored blocks cost 5 bytes per 64 KiB, plus the joins.
+        assert!(z.len() < data.len() + data.len() / 1000, "{}", z.len());
+        assert!(incompressible(&data[..PIECE]));
+    }
+
+    #[test]
+    fn text_after_random_still_uses_the_window() {
+        // Random, then text that repeats a random stretch from just before
+        // it: the deflated run must be primed with the stored bytes.
+        let mut data = random(PIECE + 10_000, 3);
+        let tail: Vec<u8> = data[data.len() - 20_000..].to_vec();
+        data.extend_from_slice(&tail);
+        data.extend_from_slice(&[b'x'; 50_000]);
+        for (threads, chunk) in [(1, 4096), (2, 1 << 20)] {
+            let z = encode(&data, threads, chunk);
+            assert_eq!(gunzip(&z), data);
+            // The repeat is found: about the random part's size, not
+            // 20,000 bytes more.
+            assert!(z.len() < PIECE + 10_000 + 4_000, "{}", z.len());
+        }
+        // A stream that ends in a stored piece has a stored final block.
+        let mut ends_random = vec![b'a'; 200_000];
+        ends_random.extend_from_slice(&random(2 * PIECE, 9));
+        assert_eq!(gunzip(&encode(&ends_random, 2, 65_536)), ends_random);
+        assert!(!incompressible(&ends_random[..PIECE]));
     }
 
     #[test]

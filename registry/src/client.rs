@@ -62,7 +62,9 @@ pub enum PushOutcome {
 enum Body<'a> {
     Empty,
     Bytes(&'a [u8]),
-    Stream(Box<dyn Read + 'a>, u64),
+    /// A body read from a stream: of this length, or of a length not
+    /// known in advance (sent with chunked transfer encoding).
+    Stream(Box<dyn Read + 'a>, Option<u64>),
 }
 
 #[derive(Default)]
@@ -236,6 +238,29 @@ impl<R: Read> Read for CountingReader<'_, R> {
         let n = self.inner.read(buf)?;
         (self.progress)(n as u64);
         Ok(n)
+    }
+}
+
+/// Hashes what it reads and notes a read error (so that the caller can
+/// tell a failing source from a failing network).
+struct NotingReader<'a, R> {
+    inner: R,
+    hasher: Hasher,
+    failed: &'a std::cell::RefCell<Option<String>>,
+}
+
+impl<R: Read> Read for NotingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.hasher.update(&buf[..n]);
+                Ok(n)
+            }
+            Err(e) => {
+                *self.failed.borrow_mut() = Some(e.to_string());
+                Err(e)
+            }
+        }
     }
 }
 
@@ -521,12 +546,13 @@ impl Registry {
         let (first, body_again) = match body {
             Body::Empty => (build(auth.as_deref()).call(), Some(Body::Empty)),
             Body::Bytes(b) => (build(auth.as_deref()).send_bytes(b), Some(Body::Bytes(b))),
-            Body::Stream(r, len) => (
-                build(auth.as_deref())
-                    .set("Content-Length", &len.to_string())
-                    .send(r),
-                None,
-            ),
+            Body::Stream(r, len) => {
+                let mut req = build(auth.as_deref());
+                if let Some(len) = len {
+                    req = req.set("Content-Length", &len.to_string());
+                }
+                (req.send(r), None)
+            }
         };
         let resp = match (first, body_again) {
             (Err(ureq::Error::Status(401, r)), Some(body)) => {
@@ -740,6 +766,75 @@ impl Registry {
         self.retry(|| self.push_blob_once(repo, desc, mount_from, open, progress))
     }
 
+    /// Upload a blob whose digest is known only once all of it has been
+    /// read (a layer compressed while it is sent): POST, one PATCH that
+    /// streams the body with chunked transfer encoding, then PUT with the
+    /// digest of what was sent. `open` is called again for each retry.
+    /// Returns the digest and size. A read error of the source (as
+    /// opposed to the network) fails at once, without retries.
+    pub fn push_blob_streamed<'s>(
+        &self,
+        repo: &str,
+        open: &dyn Fn() -> io::Result<Box<dyn Read + 's>>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<(Digest, u64)> {
+        self.retry(|| self.push_streamed_once(repo, open, progress))
+    }
+
+    fn push_streamed_once<'s>(
+        &self,
+        repo: &str,
+        open: &dyn Fn() -> io::Result<Box<dyn Read + 's>>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<(Digest, u64)> {
+        let what = format!("blob upload to {repo}");
+        let scope = Self::scope(repo, true);
+        let r = self.send_once(
+            "POST",
+            &format!("/v2/{repo}/blobs/uploads/"),
+            &scope,
+            &[("Content-Length", "0")],
+            Body::Empty,
+            &what,
+        )?;
+        let url = self.upload_url(&r)?;
+        let local = |e: String| RegistryError::Local(format!("reading the blob to upload: {e}"));
+        let source = open().map_err(|e| local(e.to_string()))?;
+        let failed = std::cell::RefCell::new(None);
+        let mut reader = NotingReader {
+            inner: CountingReader {
+                inner: source,
+                progress,
+            },
+            hasher: Hasher::new(),
+            failed: &failed,
+        };
+        let sent = self.send_once(
+            "PATCH",
+            &url,
+            &scope,
+            &[("Content-Type", "application/octet-stream")],
+            Body::Stream(Box::new(&mut reader), None),
+            &what,
+        );
+        if let Some(e) = failed.borrow_mut().take() {
+            return Err(local(e));
+        }
+        let url = self.upload_url(&sent?)?;
+        let size = reader.hasher.len();
+        let digest = reader.hasher.finish();
+        let digest_q = format!("digest={}", percent(digest.as_str()));
+        self.send_once(
+            "PUT",
+            &with_query(&url, &digest_q),
+            &scope,
+            &[("Content-Length", "0")],
+            Body::Empty,
+            &what,
+        )?;
+        Ok((digest, size))
+    }
+
     fn push_blob_once<'s>(
         &self,
         repo: &str,
@@ -786,7 +881,7 @@ impl Registry {
                 &with_query(&url, &digest_q),
                 &scope,
                 &[("Content-Type", "application/octet-stream")],
-                Body::Stream(Box::new(&mut reader), desc.size),
+                Body::Stream(Box::new(&mut reader), Some(desc.size)),
                 &what,
             )?;
             return Ok(PushOutcome::Uploaded);
@@ -803,7 +898,7 @@ impl Registry {
                     ("Content-Type", "application/octet-stream"),
                     ("Content-Range", range.as_str()),
                 ],
-                Body::Stream(Box::new((&mut reader).take(n)), n),
+                Body::Stream(Box::new((&mut reader).take(n)), Some(n)),
                 &what,
             )?;
             url = self.upload_url(&r)?;

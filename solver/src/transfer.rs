@@ -4,10 +4,10 @@
 //! (diffID, compression, level) thanks to the store's `layer_blobs` memo —
 //! then blobs and manifest through `kiln-registry`).
 
-use std::io::Read;
+use std::io::{Read, Write};
 
 use kiln_cache::Store;
-use kiln_image::blob::{encode_layer, layer_media_type};
+use kiln_image::blob::{encode_layer, encode_verified_layer, layer_media_type, EncodingReader};
 use kiln_image::compression::{
     decompress_auto, Compression, CompressionOpts, GZIP_DEFAULT_LEVEL, ZSTD_DEFAULT_LEVEL,
 };
@@ -165,14 +165,30 @@ fn level_of(c: CompressionOpts) -> i32 {
     }
 }
 
-/// The blob of a layer in `enc` (computed once, then found in the memo).
-pub fn encode_one(
+/// How a layer goes out in an encoding: a blob known already (the layer
+/// kept as it is, or its compressed form found in the memo), or one still
+/// to be compressed.
+enum LayerPlan {
+    /// This blob.
+    Ready(Box<Descriptor>),
+    /// Compress the layer (the memo has it under `cname` at `level`).
+    Compress {
+        /// The media type of the result.
+        media_type: String,
+        /// The compression's name, as the memo keys it.
+        cname: String,
+        /// The level, as the memo keys it.
+        level: i32,
+    },
+}
+
+fn plan_layer(
     store: &Store,
     layer: &Descriptor,
     diff_id: &Digest,
     enc: LayerEncoding,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<Descriptor, String> {
+) -> Result<LayerPlan, String> {
     let have = kind_of(&layer.media_type);
     let want = enc.compression.kind;
     let keep = match have {
@@ -187,33 +203,79 @@ pub fn encode_one(
         } else {
             layer.media_type.clone()
         };
-        return Ok(Descriptor::new(mt, layer.digest.clone(), layer.size));
+        return Ok(LayerPlan::Ready(Box::new(Descriptor::new(
+            mt,
+            layer.digest.clone(),
+            layer.size,
+        ))));
     }
     let level = level_of(enc.compression);
     let cname = want.to_string();
     let did = cd(diff_id)?;
     let mt = layer_media_type(want, enc.oci_media_types).to_string();
     if let Ok(Some(b)) = store.meta().layer_blob(&did, &cname, level) {
-        if let Ok(size) = store.content().size(&b) {
+        if let Ok(size) = store.blob_size(&b) {
             progress(&format!(
                 "{}: {cname} blob found ({size} bytes)",
                 short(diff_id)
             ));
             let d: Digest = b.to_string().parse().map_err(|e| format!("{e}"))?;
-            return Ok(Descriptor::new(mt, d, size));
+            return Ok(LayerPlan::Ready(Box::new(Descriptor::new(mt, d, size))));
         }
     }
-    progress(&format!("{}: compressing ({cname})", short(diff_id)));
-    let src = store
-        .open_blob(&cd(&layer.digest)?)
+    Ok(LayerPlan::Compress {
+        media_type: mt,
+        cname,
+        level,
+    })
+}
+
+/// An uncompressed tar reader over `layer`, and whether it checks its
+/// own bytes against `diff_id` (then they need no second hash).
+fn layer_tar<'a>(
+    store: &'a Store,
+    layer: &Descriptor,
+    diff_id: &Digest,
+) -> Result<(Box<dyn Read + 'a>, Option<Digest>), String> {
+    let (src, checked) = store
+        .open_blob_checked(&cd(&layer.digest)?)
         .map_err(|e| format!("layer {}: {e}", layer.digest))?;
-    let tar: Box<dyn Read> = match have {
-        Some(Compression::Uncompressed) => Box::new(src),
-        _ => decompress_auto(src).map_err(|e| format!("layer {}: {e}", layer.digest))?,
+    if kind_of(&layer.media_type) == Some(Compression::Uncompressed) {
+        // The blob is the tar: a checking reader verifies the diffID.
+        let verified = (checked && &layer.digest == diff_id).then(|| diff_id.clone());
+        return Ok((src, verified));
+    }
+    let tar = decompress_auto(src).map_err(|e| format!("layer {}: {e}", layer.digest))?;
+    Ok((tar, None))
+}
+
+/// The blob of a layer in `enc` (computed once, then found in the memo).
+pub fn encode_one(
+    store: &Store,
+    layer: &Descriptor,
+    diff_id: &Digest,
+    enc: LayerEncoding,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Descriptor, String> {
+    let (mt, cname, level) = match plan_layer(store, layer, diff_id, enc, progress)? {
+        LayerPlan::Ready(d) => return Ok(*d),
+        LayerPlan::Compress {
+            media_type,
+            cname,
+            level,
+        } => (media_type, cname, level),
     };
-    let mut w = store.content().writer().map_err(|e| e.to_string())?;
-    let d = encode_layer(tar, &mut w, enc.compression, enc.oci_media_types)
-        .map_err(|e| format!("compressing {}: {e}", layer.digest))?;
+    progress(&format!("{}: compressing ({cname})", short(diff_id)));
+    let (tar, verified) = layer_tar(store, layer, diff_id)?;
+    let mut w = store
+        .content()
+        .writer_prehashed()
+        .map_err(|e| e.to_string())?;
+    let d = match &verified {
+        Some(v) => encode_verified_layer(tar, &mut w, enc.compression, enc.oci_media_types, v),
+        None => encode_layer(tar, &mut w, enc.compression, enc.oci_media_types),
+    }
+    .map_err(|e| format!("compressing {}: {e}", layer.digest))?;
     if &d.diff_id != diff_id {
         return Err(format!(
             "layer {}: content has diffID {}, config says {diff_id}",
@@ -221,13 +283,108 @@ pub fn encode_one(
         ));
     }
     let (blob, size) = store
-        .commit_blob(w, None, None, Some(&mt))
+        .commit_blob(w, Some(&cd(&d.digest)?), Some(d.size), Some(&mt))
         .map_err(|e| e.to_string())?;
     store
         .meta()
-        .put_layer_blob(&did, &cname, level, &blob)
+        .put_layer_blob(&cd(diff_id)?, &cname, level, &blob)
         .map_err(|e| e.to_string())?;
     Ok(Descriptor::new(mt, d.digest, size))
+}
+
+/// The compressed stream of a layer being uploaded, copied into a store
+/// writer on the way (the memo of the compressed blob), and checked
+/// against the diffID at its end — before the upload is completed.
+struct Teed<'a, R> {
+    inner: EncodingReader<R>,
+    copy: Option<kiln_cache::BlobWriter>,
+    diff_id: &'a Digest,
+    /// Where the copy goes at the end of the stream.
+    slot: &'a std::sync::Mutex<Option<kiln_cache::BlobWriter>>,
+}
+
+impl<R: Read> Read for Teed<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            // The copy is a cache: if it cannot be written, the upload
+            // goes on without it.
+            if let Some(w) = self.copy.as_mut() {
+                if w.write_all(&buf[..n]).is_err() {
+                    self.copy = None;
+                }
+            }
+            return Ok(n);
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        match self.inner.tar_digest() {
+            Some((d, _)) if &d == self.diff_id => {}
+            Some((d, _)) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("content has diffID {d}, config says {}", self.diff_id),
+                ))
+            }
+            None => return Err(std::io::Error::other("compressed stream ended early")),
+        }
+        if let (Some(w), Ok(mut slot)) = (self.copy.take(), self.slot.lock()) {
+            *slot = Some(w);
+        }
+        Ok(0)
+    }
+}
+
+/// Push one layer that must be compressed: compressed while it is
+/// uploaded (no wait for the whole blob before the first byte goes out),
+/// then remembered in the store's memo. Returns its descriptor.
+#[allow(clippy::too_many_arguments)]
+fn stream_layer(
+    store: &Store,
+    reg: &Registry,
+    repo: &str,
+    layer: &Descriptor,
+    diff_id: &Digest,
+    enc: LayerEncoding,
+    (media_type, cname, level): (String, String, i32),
+    progress: &(dyn Fn(&str) + Sync),
+    transfer: &(dyn Fn(Transfer) + Sync),
+) -> Result<Descriptor, String> {
+    progress(&format!(
+        "{}: compressing ({cname}) while uploading",
+        short(diff_id)
+    ));
+    let slot = std::sync::Mutex::new(None);
+    let open = || -> std::io::Result<Box<dyn Read + '_>> {
+        let (tar, verified) = layer_tar(store, layer, diff_id).map_err(std::io::Error::other)?;
+        let inner = EncodingReader::new(tar, enc.compression, enc.oci_media_types, verified)?
+            .without_blob_digest();
+        Ok(Box::new(Teed {
+            inner,
+            copy: store.content().writer_prehashed().ok(),
+            diff_id,
+            slot: &slot,
+        }))
+    };
+    let moved = std::sync::atomic::AtomicU64::new(0);
+    let count = |n: u64| {
+        let total = moved.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+        transfer(Transfer::Bytes(diff_id.clone(), total));
+    };
+    let (digest, size) = reg
+        .push_blob_streamed(repo, &open, &count)
+        .map_err(|e| format!("layer {}: {e}", short(diff_id)))?;
+    transfer(Transfer::Done(digest.clone(), size));
+    let copy = slot.lock().ok().and_then(|mut s| s.take());
+    if let (Some(w), Ok(d), Ok(did)) = (copy, cd(&digest), cd(diff_id)) {
+        // The memo is a cache: a failure to keep it costs a later push
+        // its compression, nothing else.
+        if let Ok((blob, _)) = store.commit_blob(w, Some(&d), Some(size), Some(&media_type)) {
+            let _ = store.meta().put_layer_blob(&did, &cname, level, &blob);
+        }
+    }
+    Ok(Descriptor::new(media_type, digest, size))
 }
 
 fn short(d: &Digest) -> &str {
@@ -244,6 +401,20 @@ pub fn encode_image(
     jobs: usize,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<RawManifest, String> {
+    let (m, config) = image_parts(store, manifest)?;
+    let one = |i: usize| match (m.layers.get(i), config.rootfs.diff_ids.get(i)) {
+        (Some(l), Some(diff)) => encode_one(store, l, diff, enc, progress),
+        _ => Err("layer index out of range".to_string()),
+    };
+    let layers = parallel(m.layers.len(), jobs, &one)?;
+    store_manifest(store, &m, layers, enc)
+}
+
+/// A stored image's manifest and config, checked to agree on the layers.
+fn image_parts(
+    store: &Store,
+    manifest: &RawManifest,
+) -> Result<(ImageManifest, ImageConfig), String> {
     let m = manifest.manifest().map_err(|e| e.to_string())?;
     let cbytes = store
         .content()
@@ -253,44 +424,29 @@ pub fn encode_image(
     if config.rootfs.diff_ids.len() != m.layers.len() {
         return Err("manifest and config disagree on the number of layers".into());
     }
-    let results: Vec<std::sync::Mutex<Option<Result<Descriptor, String>>>> = m
-        .layers
-        .iter()
-        .map(|_| std::sync::Mutex::new(None))
-        .collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..jobs.clamp(1, m.layers.len().max(1)) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let (Some(l), Some(diff)) = (m.layers.get(i), config.rootfs.diff_ids.get(i)) else {
-                    return;
-                };
-                let r = encode_one(store, l, diff, enc, progress);
-                if let Some(slot) = results.get(i) {
-                    if let Ok(mut g) = slot.lock() {
-                        *g = Some(r);
-                    }
-                }
-            });
-        }
-    });
-    let mut layers = Vec::new();
-    for r in results {
-        let r = r
-            .into_inner()
-            .map_err(|_| "encoder thread panicked".to_string())?
-            .ok_or_else(|| "layer not encoded".to_string())??;
-        layers.push(r);
-    }
-    let mut config_desc = m.config.clone();
-    config_desc.platform = None;
-    let out = ImageManifest::new(config_desc, layers, enc.oci_media_types);
+    Ok((m, config))
+}
+
+/// The manifest of `m`'s config with `layers` (as encoded), stored.
+fn store_manifest(
+    store: &Store,
+    m: &ImageManifest,
+    layers: Vec<Descriptor>,
+    enc: LayerEncoding,
+) -> Result<RawManifest, String> {
+    let out = ImageManifest::new(config_of(m), layers, enc.oci_media_types);
     let raw = out.to_raw().map_err(|e| e.to_string())?;
     store
         .put_bytes(&raw.bytes, Some(&raw.media_type))
         .map_err(|e| e.to_string())?;
     Ok(raw)
+}
+
+/// The config descriptor of `m` as a manifest lists it (no platform).
+fn config_of(m: &ImageManifest) -> Descriptor {
+    let mut d = m.config.clone();
+    d.platform = None;
+    d
 }
 
 /// For cross-repository mounts: blobs of local images that came from
@@ -344,9 +500,11 @@ pub fn local_manifest(store: &Store, name: &str) -> Result<RawManifest, String> 
     Ok(raw)
 }
 
-/// Push a stored image (manifest) to `target`: layers encoded per `enc`,
-/// then blobs (HEAD, mount, upload) and the manifest. Returns the pushed
-/// manifest digest.
+/// Push a stored image (manifest) to `target`: layers encoded per `enc`
+/// (a layer not yet compressed that way is compressed while it is
+/// uploaded, and remembered), blobs up to `jobs` at once (HEAD, mount,
+/// upload), then the config and the manifest. Returns the pushed manifest
+/// digest.
 #[allow(clippy::too_many_arguments)]
 pub fn push(
     store: &Store,
@@ -361,11 +519,96 @@ pub fn push(
     let name = kiln_cache::normalize_reference(target).map_err(|e| e.to_string())?;
     let r = Reference::parse(&name).map_err(|e| e.to_string())?;
     let reg = Registry::new(&r.registry, cfg).map_err(|e| e.to_string())?;
-    let encoded = encode_image(store, manifest, enc, jobs, progress)?;
+    let (m, config) = image_parts(store, manifest)?;
     let source = StoreSource {
         store,
         mounts: mount_candidates(store, &r),
     };
-    reg.push_image(&r, &encoded, &source, jobs, transfer)
+    let repo = r.repository.as_str();
+    let one = |i: usize| -> Result<Descriptor, String> {
+        let (Some(l), Some(diff)) = (m.layers.get(i), config.rootfs.diff_ids.get(i)) else {
+            return Err("layer index out of range".into());
+        };
+        match plan_layer(store, l, diff, enc, progress)? {
+            LayerPlan::Ready(d) => {
+                reg.push_blobs(repo, std::slice::from_ref(&*d), &source, 1, transfer)
+                    .map_err(|e| e.to_string())?;
+                Ok(*d)
+            }
+            LayerPlan::Compress {
+                media_type,
+                cname,
+                level,
+            } => stream_layer(
+                store,
+                &reg,
+                repo,
+                l,
+                diff,
+                enc,
+                (media_type, cname, level),
+                progress,
+                transfer,
+            ),
+        }
+    };
+    let layers = parallel(m.layers.len(), jobs, &one)?;
+    let raw = store_manifest(store, &m, layers, enc)?;
+    reg.push_blobs(repo, &[config_of(&m)], &source, 1, transfer)
+        .map_err(|e| e.to_string())?;
+    let reference = r.tag.clone().unwrap_or_else(|| raw.digest.to_string());
+    reg.put_manifest(repo, &reference, &raw)
         .map_err(|e| e.to_string())
+}
+
+/// `f(0..n)` on up to `jobs` threads, results in order; the first error
+/// stops the others from starting more.
+fn parallel<T: Send>(
+    n: usize,
+    jobs: usize,
+    f: &(dyn Fn(usize) -> Result<T, String> + Sync),
+) -> Result<Vec<T>, String> {
+    let results: Vec<std::sync::Mutex<Option<Result<T, String>>>> =
+        (0..n).map(|_| std::sync::Mutex::new(None)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..jobs.clamp(1, n.max(1)) {
+            s.spawn(|| loop {
+                if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(slot) = results.get(i) else { return };
+                let r = f(i);
+                if r.is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                if let Ok(mut g) = slot.lock() {
+                    *g = Some(r);
+                }
+            });
+        }
+    });
+    let mut out = Vec::with_capacity(n);
+    let mut first_err = None;
+    for r in results {
+        match r.into_inner() {
+            Ok(Some(Ok(v))) => out.push(v),
+            Ok(Some(Err(e))) => {
+                first_err.get_or_insert(e);
+            }
+            Ok(None) => {
+                first_err.get_or_insert_with(|| "stopped after an earlier error".to_string());
+            }
+            Err(_) => {
+                first_err.get_or_insert_with(|| "a worker thread panicked".to_string());
+            }
+        }
+    }
+    match first_err {
+        // A real error beats the "stopped" placeholder of a later slot.
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
 }
