@@ -193,6 +193,23 @@ fn chain(sn: &dyn Snapshotter, scratch: &Path, depth: usize) {
     let _mnt2 = mount_all(&m, &at2);
     std::fs::write(at2.join("written"), "ok").unwrap();
     assert_eq!(std::fs::read_to_string(at2.join("f0")).unwrap(), "0");
+    drop(_mnt2);
+    sn.remove("rw-top").unwrap();
+    // A top layer removed and made again under the same name (another
+    // directory): a child of it mounts the new one, not a remembered chain.
+    let top = parent.clone().unwrap_or_default();
+    sn.remove("top-view").unwrap();
+    drop(_mnt);
+    sn.remove(&top).unwrap();
+    let below = (depth >= 2).then(|| format!("layer-{}", depth - 2));
+    sn.prepare("again", below.as_deref()).unwrap();
+    std::fs::write(sn.writable_dir("again").unwrap().join("top"), "again").unwrap();
+    sn.commit(&top, "again").unwrap();
+    let m = sn.view("again-view", Some(&top)).unwrap();
+    let at3 = scratch.join("chain-again");
+    let _mnt3 = mount_all(&m, &at3);
+    assert_eq!(std::fs::read_to_string(at3.join("top")).unwrap(), "again");
+    assert!(!at3.join(format!("f{}", depth - 1)).exists());
     eprintln!(
         "{}: {depth}-layer chain mounts (option data {data_len} bytes)",
         sn.name()

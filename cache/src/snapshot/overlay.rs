@@ -19,12 +19,18 @@ const LINK_LEN: usize = 5;
 #[derive(Debug)]
 pub struct OverlaySnapshotter {
     core: Core,
+    /// lowerdir lists of committed snapshots (nearest first), by snapshot
+    /// id — an id names one creation, and a committed snapshot's chain
+    /// never changes — so that a step on a deep chain costs two row
+    /// lookups, not a walk of the whole chain.
+    chains: std::sync::Mutex<std::collections::HashMap<String, Arc<Vec<String>>>>,
 }
 
 impl OverlaySnapshotter {
     pub(crate) fn new(meta: Arc<Meta>, paths: Paths) -> Self {
         OverlaySnapshotter {
             core: Core { meta, paths },
+            chains: Default::default(),
         }
     }
 
@@ -47,12 +53,41 @@ impl OverlaySnapshotter {
         let Some(parent) = parent else {
             return Ok(Vec::new());
         };
-        self.core
-            .meta
-            .snapshot_chain(parent)?
-            .iter()
-            .map(|r| self.link_path(r).map(|p| p.to_string_lossy().into_owned()))
-            .collect()
+        Ok(self.chain(&self.core.get(parent)?)?.to_vec())
+    }
+
+    /// The lowerdir list that mounts committed snapshot `row` (it first,
+    /// then its ancestors): from the memo, or the parent's memo plus
+    /// `row`, or else read in one query.
+    fn chain(&self, row: &Info) -> Result<Arc<Vec<String>>> {
+        let memo = |id: &str| self.chains.lock().ok().and_then(|m| m.get(id).cloned());
+        if let Some(c) = memo(&row.id) {
+            return Ok(c);
+        }
+        let link = |r: &Info| self.link_path(r).map(|p| p.to_string_lossy().into_owned());
+        let below = match row.parent.as_deref() {
+            None => Some(Arc::new(Vec::new())),
+            Some(p) => memo(&self.core.get(p)?.id),
+        };
+        let chain = match below {
+            Some(below) => std::iter::once(link(row))
+                .chain(below.iter().cloned().map(Ok))
+                .collect::<Result<Vec<_>>>()?,
+            None => self
+                .core
+                .meta
+                .snapshot_chain(&row.key)?
+                .iter()
+                .map(link)
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let chain = Arc::new(chain);
+        if row.kind == Kind::Committed {
+            if let Ok(mut m) = self.chains.lock() {
+                m.insert(row.id.clone(), chain.clone());
+            }
+        }
+        Ok(chain)
     }
 
     fn make_link(&self, dir: &Path) -> Result<String> {
