@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::context;
-use common::registry::{ready, sh, Client, Reg, RegOpts};
+use common::registry::{ready, sh, Client, NoStreamProxy, Reg, RegOpts};
 
 fn skopeo_inspect(args: &[&str]) -> serde_json::Value {
     let o = sh(Command::new("skopeo").arg("inspect").args(args));
@@ -346,6 +346,9 @@ fn streamed_push_of_a_changed_snapshot_fails_and_tags_nothing() {
     // The COPY layer is kept as its snapshot; change it behind kiln's back
     // (same length, other bytes).
     let f = find_in_snapshots(a.kiln.root.path(), "hello.txt").expect("snapshot of the COPY");
+    let mtime = std::fs::metadata(&f)
+        .and_then(|m| m.modified())
+        .expect("mtime");
     std::fs::write(&f, "HELLO REGISTRY\n").expect("change");
     let o = a.run(&["push", &name]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -359,7 +362,37 @@ fn streamed_push_of_a_changed_snapshot_fails_and_tags_nothing() {
     assert!(!o.status.success(), "the tag exists after a failed push");
     // Put it back: the same push now succeeds, and skopeo reads it.
     std::fs::write(&f, "hello registry\n").expect("restore");
+    std::fs::File::options()
+        .write(true)
+        .open(&f)
+        .and_then(|h| h.set_modified(mtime))
+        .expect("restore mtime");
     let digest = a.stdout(&["push", "-q", &name]);
     let v = skopeo_inspect(&["--tls-verify=false", &format!("docker://{name}")]);
     assert_eq!(v["Digest"], digest.as_str());
+}
+
+#[test]
+fn a_registry_refusing_streamed_uploads_gets_the_layer_with_its_length() {
+    if !ready(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let proxy = NoStreamProxy::start(reg.port);
+    let a = Client::new(true);
+    let ctx = app_context();
+    let name = format!("{}/kiln/nostream:1", proxy.host());
+    a.build(ctx.path(), &["-t", &name]);
+    let out = a.ok(&["push", &name]);
+    assert!(out.contains("refused a streamed upload"), "{out}");
+    assert!(proxy.refused() >= 1);
+    // What arrived is whole: skopeo reads it from the registry itself.
+    let v = skopeo_inspect(&[
+        "--tls-verify=false",
+        &format!("docker://{}/kiln/nostream:1", reg.host()),
+    ]);
+    assert_eq!(v["Layers"].as_array().map(Vec::len), Some(3), "{v}");
+    // The compressed layer was kept: a second push finds it.
+    let again = a.ok(&["push", &name]);
+    assert!(again.contains("blob found"), "{again}");
 }

@@ -372,9 +372,30 @@ fn stream_layer(
         let total = moved.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
         transfer(Transfer::Bytes(diff_id.clone(), total));
     };
-    let (digest, size) = reg
-        .push_blob_streamed(repo, &open, &count)
-        .map_err(|e| format!("layer {}: {e}", short(diff_id)))?;
+    let (digest, size) = match reg.push_blob_streamed(repo, &open, &count) {
+        Ok(v) => v,
+        // A registry that refuses a streamed (chunked, length-less)
+        // upload gets the layer compressed into the store first and sent
+        // with its length, as any other blob.
+        Err(kiln_registry::RegistryError::Status {
+            status: 400 | 405 | 411 | 413 | 416 | 501,
+            ..
+        }) => {
+            progress(&format!(
+                "{}: the registry refused a streamed upload; compressing first",
+                short(diff_id)
+            ));
+            let d = encode_one(store, layer, diff_id, enc, progress)?;
+            let source = StoreSource {
+                store,
+                mounts: Default::default(),
+            };
+            reg.push_blobs(repo, std::slice::from_ref(&d), &source, 1, transfer)
+                .map_err(|e| format!("layer {}: {e}", short(diff_id)))?;
+            return Ok(d);
+        }
+        Err(e) => return Err(format!("layer {}: {e}", short(diff_id))),
+    };
     transfer(Transfer::Done(digest.clone(), size));
     let copy = slot.lock().ok().and_then(|mut s| s.take());
     if let (Some(w), Ok(d), Ok(did)) = (copy, cd(&digest), cd(diff_id)) {

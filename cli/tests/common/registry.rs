@@ -272,3 +272,109 @@ impl Client {
         self.stdout(&a)
     }
 }
+
+/// An HTTP proxy on 127.0.0.1 in front of a registry that refuses
+/// request bodies of unknown length (chunked transfer encoding) with 411
+/// Length Required, as some registries do; everything else goes through,
+/// one request per connection.
+pub struct NoStreamProxy {
+    /// The port on 127.0.0.1.
+    pub port: u16,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl NoStreamProxy {
+    /// A proxy for the registry on 127.0.0.1:`upstream`.
+    pub fn start(upstream: u16) -> NoStreamProxy {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = refused.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let count = count.clone();
+                std::thread::spawn(move || {
+                    let _ = proxy_one(c, upstream, &count);
+                });
+            }
+        });
+        NoStreamProxy { port, refused }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Requests refused with 411 so far.
+    pub fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+fn proxy_one(
+    client: TcpStream,
+    upstream: u16,
+    refused: &std::sync::atomic::AtomicUsize,
+) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut r = BufReader::new(client.try_clone()?);
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push(line.trim_end().to_string());
+    }
+    let header = |name: &str| {
+        head.iter().skip(1).find_map(|h| {
+            let (k, v) = h.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    let mut out = client;
+    if header("Transfer-Encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        // Read the whole chunked body, then refuse it.
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
+                .unwrap_or(0);
+            let mut skip = vec![0u8; n + 2];
+            r.read_exact(&mut skip)?;
+            if n == 0 {
+                break;
+            }
+        }
+        refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        out.write_all(
+            b"HTTP/1.1 411 Length Required\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?;
+        return Ok(());
+    }
+    let len: usize = header("Content-Length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+    let mut req = String::new();
+    for h in &head {
+        if !h.to_ascii_lowercase().starts_with("connection:") {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+    }
+    req.push_str("Connection: close\r\n\r\n");
+    up.write_all(req.as_bytes())?;
+    up.write_all(&body)?;
+    let mut resp = Vec::new();
+    up.read_to_end(&mut resp)?;
+    out.write_all(&resp)
+}
