@@ -67,6 +67,29 @@ fn benches(c: &mut Criterion) {
             })
         });
     }
+    // Already-compressed or random content: gzip stores such 64 KiB
+    // pieces instead of deflating them (see kiln_image::pargz).
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let random: Vec<u8> = (0..32usize << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 32) as u8
+        })
+        .collect();
+    g.throughput(Throughput::Bytes(random.len() as u64));
+    g.bench_function("encode_gzip_incompressible", |b| {
+        b.iter(|| {
+            encode_layer(
+                &random[..],
+                Sink,
+                CompressionOpts::new(Compression::Gzip),
+                true,
+            )
+            .expect("encode")
+        })
+    });
     g.finish();
 }
 

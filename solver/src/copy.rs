@@ -530,12 +530,15 @@ impl Reuse {
     }
 
     /// Hard-links `to` from the previous run when `e` is unchanged there.
+    /// `dirs` keeps the directories of both sides open, so the check and
+    /// the link name the file relative to them.
     fn link_unchanged(
         &self,
         to: &str,
         host: &Path,
         e: &Entry,
         want: (u32, u32, u32, i64, i64),
+        dirs: &mut DirFds,
     ) -> bool {
         let Some(h) = self.src_hashes.get(&e.host) else {
             return false;
@@ -550,19 +553,88 @@ impl Reuse {
             return false;
         }
         let prev = prev_dir.join(to.trim_start_matches('/'));
-        let Ok(pm) = fs::symlink_metadata(&prev) else {
+        let (Some(prev_parent), Some(host_parent), Some(name)) =
+            (prev.parent(), host.parent(), c_name(host))
+        else {
+            return false;
+        };
+        let Some(pfd) = DirFds::open(&mut dirs.prev, prev_parent) else {
+            return false;
+        };
+        let Ok(pm) = lstat_at(pfd, &name) else {
             return false;
         };
         let (uid, gid, mode, mtime, nsec) = want;
-        let same = pm.file_type().is_file()
-            && pm.size() == e.meta.size()
-            && pm.uid() == uid
-            && pm.gid() == gid
-            && pm.mode() & 0o7777 == mode
-            && pm.mtime() == mtime
-            && pm.mtime_nsec() == nsec;
-        same && fs::hard_link(&prev, host).is_ok()
+        let same = pm.st_mode & libc::S_IFMT == libc::S_IFREG
+            && pm.st_size as u64 == e.meta.size()
+            && pm.st_uid == uid
+            && pm.st_gid == gid
+            && pm.st_mode & 0o7777 == mode
+            && pm.st_mtime == mtime
+            && pm.st_mtime_nsec == nsec;
+        if !same {
+            return false;
+        }
+        let Some(hfd) = DirFds::open(&mut dirs.host, host_parent) else {
+            return false;
+        };
+        // SAFETY: two open directory descriptors and NUL-terminated names.
+        unsafe { libc::linkat(pfd, name.as_ptr(), hfd, name.as_ptr(), 0) == 0 }
     }
+}
+
+/// The destination's and the previous layer's directories, one of each
+/// open at a time: a COPY writes directory by directory, so per-file
+/// calls can name a file relative to its open directory instead of
+/// walking its whole path each time.
+#[derive(Default)]
+pub(crate) struct DirFds {
+    host: Option<(PathBuf, std::os::fd::OwnedFd)>,
+    prev: Option<(PathBuf, std::os::fd::OwnedFd)>,
+}
+
+impl DirFds {
+    /// The descriptor of `dir` in `slot` (opened with O_PATH if it is not
+    /// the one open already).
+    fn open(slot: &mut Option<(PathBuf, std::os::fd::OwnedFd)>, dir: &Path) -> Option<i32> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        if slot.as_ref().is_none_or(|(p, _)| p != dir) {
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                .open(dir)
+                .ok()?;
+            *slot = Some((dir.to_path_buf(), f.into()));
+        }
+        slot.as_ref().map(|(_, fd)| fd.as_raw_fd())
+    }
+}
+
+/// The last component of `p` as a C string.
+fn c_name(p: &Path) -> Option<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.file_name()?.as_bytes()).ok()
+}
+
+/// `lstat` of `name` in the open directory `dir`.
+fn lstat_at(dir: i32, name: &std::ffi::CStr) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: a valid descriptor, a NUL-terminated name and room for the
+    // result, which the call fills in full when it returns 0.
+    if unsafe {
+        libc::fstatat(
+            dir,
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: filled by the successful call above.
+    Ok(unsafe { st.assume_init() })
 }
 
 /// Works out where each selection goes (Docker's destination rules) and
@@ -586,6 +658,7 @@ pub fn copy_selections(
     // Hard links among the copied files stay hard links (BuildKit's
     // copier tracks source inodes the same way).
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let mut dirs = DirFds::default();
     for s in selections {
         let target = if s.is_dir {
             dest_resolved.clone()
@@ -609,7 +682,7 @@ pub fn copy_selections(
             } else {
                 join_abs(&target, &e.rel)
             };
-            write_entry(dst, &to, e, opts, &mut links)?;
+            write_entry(dst, &to, e, opts, &mut links, &mut dirs)?;
         }
         // Directory mtimes are set after their contents are written.
         if s.is_dir {
@@ -650,6 +723,7 @@ fn write_entry(
     e: &Entry,
     opts: &CopyOptions,
     links: &mut HashMap<(u64, u64), PathBuf>,
+    dirs: &mut DirFds,
 ) -> Result<(), CopyError> {
     let top = dst
         .top()
@@ -662,10 +736,22 @@ fn write_entry(
         None => (0, 0),
     };
     let ft = m.file_type();
-    if let Ok(old) = fs::symlink_metadata(&host) {
+    // Most destinations do not exist yet: one fstatat in the open parent
+    // says so without walking the path.
+    let absent = match (host.parent(), c_name(&host)) {
+        (Some(parent), Some(name)) => DirFds::open(&mut dirs.host, parent).is_some_and(|fd| {
+            lstat_at(fd, &name).is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+        }),
+        _ => false,
+    };
+    if absent {
+        // nothing to replace
+    } else if let Ok(old) = fs::symlink_metadata(&host) {
         if old.is_dir() && ft.is_dir() {
             // merge into the existing directory
         } else if old.is_dir() {
+            // An open descriptor may name the directory about to go.
+            dirs.host = None;
             fs::remove_dir_all(&host).map_err(|err| io_err(&host, err))?;
         } else {
             fs::remove_file(&host).map_err(|err| io_err(&host, err))?;
@@ -706,7 +792,7 @@ fn write_entry(
             m.mtime_nsec()
         };
         if let Some(r) = &opts.reuse {
-            if r.link_unchanged(to, &host, e, (uid, gid, mode, t, ns)) {
+            if r.link_unchanged(to, &host, e, (uid, gid, mode, t, ns), dirs) {
                 return Ok(());
             }
         }

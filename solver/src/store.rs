@@ -462,16 +462,11 @@ impl Backend for StoreBackend {
             // size are computed here (one streaming pass, nothing written);
             // the tar is written again when the blob is read (export,
             // push) — see `Store::record_layer_source`.
-            let mut sink = kiln_image::HashingWriter::new(std::io::sink());
-            {
-                let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut sink);
-                sn.diff_source(&active.key)
-                    .map_err(|err| e("diff source", err))?
-                    .write_tar(&mut out, opts)
-                    .map_err(|err| e("diff", err))?;
-                std::io::Write::flush(&mut out).map_err(|err| e("hashing layer", err))?;
-            }
-            let (_, blob, size) = sink.finish();
+            let (blob, size) = sn
+                .diff_source(&active.key)
+                .map_err(|err| e("diff source", err))?
+                .digest(opts)
+                .map_err(|err| e("diff", err))?;
             let diff_id: Digest = blob.to_string().parse().map_err(|err| e("digest", err))?;
             let name = chain_id(parent.as_deref(), diff_id.as_str());
             match sn.commit(&name, &active.key) {

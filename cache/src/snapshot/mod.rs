@@ -80,6 +80,46 @@ impl DiffSource {
     }
 }
 
+impl DiffSource {
+    /// The layer tar's digest (its diffID) and size, without writing it
+    /// anywhere: the tar is written on a second thread and hashed on
+    /// this one, so reading the files and hashing overlap.
+    pub fn digest(
+        &self,
+        opts: &kiln_image::diff::DiffOptions,
+    ) -> std::result::Result<(crate::Digest, u64), kiln_image::ImageError> {
+        let (mut w, mut r) = crate::chunkpipe::chunk_pipe();
+        std::thread::scope(|s| {
+            let writer = s.spawn(move || {
+                let res = self.write_tar(&mut w, opts);
+                let flushed = std::io::Write::flush(&mut w);
+                // The hasher sees the end of the stream once `w` is gone.
+                drop(w);
+                res.and_then(|_| flushed.map_err(kiln_image::ImageError::from))
+            });
+            let mut h = crate::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let read = loop {
+                match std::io::Read::read(&mut r, &mut buf) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => h.update(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            // A failed read drops the reader, which stops the writer.
+            drop(r);
+            let wrote = writer.join().map_err(|_| {
+                kiln_image::ImageError::from(std::io::Error::other("diff writer panicked"))
+            })?;
+            wrote?;
+            read?;
+            let len = h.len();
+            Ok((h.finish(), len))
+        })
+    }
+}
+
 /// How a layer must be applied into [`Snapshotter::writable_dir`]
 /// (mirrors `kiln_image::apply::WhiteoutMode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
