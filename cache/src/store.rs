@@ -337,6 +337,7 @@ impl Store {
                 size,
                 outcome,
                 checked: false,
+                failed: None,
                 _gc: gc,
             }),
             true,
@@ -484,16 +485,33 @@ struct SourceReader {
     size: u64,
     outcome: Arc<std::sync::Mutex<Option<WriteOutcome>>>,
     checked: bool,
+    failed: Option<std::io::Error>,
     _gc: GcGuard,
 }
 
 impl Read for SourceReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(e) = &self.failed {
+            // A failed check fails every later read too: a caller that
+            // reads on never sees a clean end of an unverified stream.
+            return Err(std::io::Error::new(e.kind(), e.to_string()));
+        }
         let n = self.inner.read(buf)?;
         if n > 0 || buf.is_empty() || self.checked {
             return Ok(n);
         }
         self.checked = true;
+        let verdict = self.verdict();
+        if let Err(e) = &verdict {
+            self.failed = Some(std::io::Error::new(e.kind(), e.to_string()));
+        }
+        verdict
+    }
+}
+
+impl SourceReader {
+    /// Ok(0) when the writer's digest and size match, else the error.
+    fn verdict(&mut self) -> std::io::Result<usize> {
         let outcome = self.outcome.lock().ok().and_then(|mut o| o.take());
         match outcome {
             Some(Ok((got, len))) if got.as_str() == self.want.as_str() && len == self.size => Ok(0),

@@ -1,4 +1,5 @@
-//! Layer blobs: one streaming pass tar -> compress -> sha256 of both sides.
+//! Layer blobs: one streaming pass tar -> compress -> sha256 of both sides
+//! (of the tar only when its reader does not verify itself).
 
 use std::io::{self, Read, Write};
 
@@ -35,8 +36,9 @@ pub fn layer_media_type(kind: Compression, oci_media_types: bool) -> &'static st
 }
 
 /// Read an uncompressed layer tar from `tar`, compress it into `out`, and
-/// hash both sides on the way. Memory use is a fixed buffer plus the
-/// compressor's window, whatever the layer size.
+/// hash both sides on the way. Memory use is bounded whatever the layer
+/// size: a 1 MiB read buffer plus the compressor's blocks in flight (a
+/// few MiB per core for gzip).
 pub fn encode_layer(
     tar: impl Read,
     out: impl Write,

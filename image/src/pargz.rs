@@ -4,6 +4,9 @@
 //! so the pieces join on a byte boundary), and the pieces are written in
 //! order between one gzip header and one trailer whose CRC-32 is combined
 //! from the blocks' CRCs. The result is a single ordinary gzip member.
+//! Within a block, 64 KiB pieces that look incompressible (random or
+//! already-compressed data) go out as stored deflate blocks instead of
+//! being deflated.
 //!
 //! The bytes depend only on the input and the level — never on the number
 //! of workers or on timing — so a layer compresses to the same digest on
@@ -200,16 +203,20 @@ impl<W: Write> Write for ParGzEncoder<W> {
 
 /// Bytes per piece whose compressibility is judged on its own.
 const PIECE: usize = 64 * 1024;
-/// Order-0 entropy (bits per byte) from which a piece is stored, not
-/// deflated. Random or already-compressed data measures 7.99+ over 64 KiB;
-/// Huffman coding alone could save under 0.3 % of such a piece, and
-/// deflating it costs as much CPU as compressing text. (A piece that looks
-/// random but repeats itself within the 32 KiB window would compress; such
-/// data is rare in layers, and storing it is still correct.)
-const STORE_ENTROPY: f64 = 7.98;
+/// A piece is stored when `Σ count² × STORE_RATIO ≤ n²` over its byte
+/// histogram: its collision (Rényi-2) entropy is at least
+/// log2(251) ≈ 7.97 bits per byte. Random or already-compressed data
+/// measures 7.99+ over 64 KiB; Huffman coding alone could save under
+/// 0.3 % of such a piece (collision entropy never exceeds Shannon's), and
+/// deflating it costs as much CPU as compressing text. The test is exact
+/// integer arithmetic, so every machine makes the same choice and the
+/// output's digest does not depend on a maths library. (A piece that
+/// looks random but repeats itself within the 32 KiB window would
+/// compress; such data is rare in layers, and storing it is still
+/// correct.)
+const STORE_RATIO: u64 = 251;
 
-/// Whether `piece` looks incompressible (order-0 entropy at or above
-/// [`STORE_ENTROPY`]).
+/// Whether `piece` looks incompressible (see [`STORE_RATIO`]).
 fn incompressible(piece: &[u8]) -> bool {
     if piece.len() < 4096 {
         return false;
@@ -227,17 +234,16 @@ fn incompressible(piece: &[u8]) -> bool {
     for &b in quads.remainder() {
         h[0][b as usize] += 1;
     }
-    let n = piece.len() as f64;
-    let mut bits = 0.0;
     let [a, b, c, d] = &h;
-    for (((a, b), c), d) in a.iter().zip(b).zip(c).zip(d) {
-        let c = a + b + c + d;
-        if c > 0 {
-            let p = f64::from(c) / n;
-            bits -= p * p.log2();
-        }
-    }
-    bits >= STORE_ENTROPY
+    let collisions: u64 = a
+        .iter()
+        .zip(b)
+        .zip(c)
+        .zip(d)
+        .map(|(((a, b), c), d)| u64::from(a + b + c + d).pow(2))
+        .sum();
+    let n = piece.len() as u64;
+    collisions.saturating_mul(STORE_RATIO) <= n * n
 }
 
 /// Appends `data` as stored deflate blocks (the stream must be at a byte

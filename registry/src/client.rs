@@ -541,8 +541,9 @@ impl Registry {
             req
         };
         let auth = self.authorization(scope, false)?;
-        // A streamed body can be sent once; a 401 on it is answered by the
-        // caller's retry (auth is known by then).
+        // A streamed body can be sent once. Uploads send one only after
+        // their POST, on the same scope, has answered any 401 challenge,
+        // so it goes out with credentials.
         let (first, body_again) = match body {
             Body::Empty => (build(auth.as_deref()).call(), Some(Body::Empty)),
             Body::Bytes(b) => (build(auth.as_deref()).send_bytes(b), Some(Body::Bytes(b))),
@@ -768,38 +769,52 @@ impl Registry {
 
     /// Upload a blob whose digest is known only once all of it has been
     /// read (a layer compressed while it is sent): POST, one PATCH that
-    /// streams the body with chunked transfer encoding, then PUT with the
-    /// digest of what was sent. `open` is called again for each retry.
-    /// Returns the digest and size. A read error of the source (as
-    /// opposed to the network) fails at once, without retries.
-    pub fn push_blob_streamed<'s>(
+    /// streams `source` with chunked transfer encoding, then PUT with the
+    /// digest of what was sent. Returns the digest and size. One attempt,
+    /// no retries: a body of unknown length cannot be replayed, so a
+    /// caller that can produce the blob again falls back to
+    /// [`Registry::push_blob`] (sized, retried) when this fails — see
+    /// [`RegistryError::stream_refused`]. A read error of the source
+    /// comes back as [`RegistryError::Local`].
+    pub fn push_blob_streamed(
         &self,
         repo: &str,
-        open: &dyn Fn() -> io::Result<Box<dyn Read + 's>>,
-        progress: &(dyn Fn(u64) + Sync),
-    ) -> Result<(Digest, u64)> {
-        self.retry(|| self.push_streamed_once(repo, open, progress))
-    }
-
-    fn push_streamed_once<'s>(
-        &self,
-        repo: &str,
-        open: &dyn Fn() -> io::Result<Box<dyn Read + 's>>,
+        source: Box<dyn Read + '_>,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<(Digest, u64)> {
         let what = format!("blob upload to {repo}");
         let scope = Self::scope(repo, true);
-        let r = self.send_once(
-            "POST",
-            &format!("/v2/{repo}/blobs/uploads/"),
-            &scope,
-            &[("Content-Length", "0")],
-            Body::Empty,
-            &what,
-        )?;
+        let start = format!("/v2/{repo}/blobs/uploads/");
+        let r = self.retry(|| {
+            self.send_once(
+                "POST",
+                &start,
+                &scope,
+                &[("Content-Length", "0")],
+                Body::Empty,
+                &what,
+            )
+        })?;
         let url = self.upload_url(&r)?;
+        let result = self.stream_to(&url, &scope, &what, source, progress);
+        if result.is_err() {
+            // Best effort: let the registry drop the unfinished upload.
+            let _ = self.send_once("DELETE", &url, &scope, &[], Body::Empty, &what);
+        }
+        result
+    }
+
+    /// The PATCH and PUT of [`Registry::push_blob_streamed`] on the upload
+    /// session at `url`.
+    fn stream_to(
+        &self,
+        url: &str,
+        scope: &str,
+        what: &str,
+        source: Box<dyn Read + '_>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<(Digest, u64)> {
         let local = |e: String| RegistryError::Local(format!("reading the blob to upload: {e}"));
-        let source = open().map_err(|e| local(e.to_string()))?;
         let failed = std::cell::RefCell::new(None);
         let mut reader = NotingReader {
             inner: CountingReader {
@@ -811,11 +826,11 @@ impl Registry {
         };
         let sent = self.send_once(
             "PATCH",
-            &url,
-            &scope,
+            url,
+            scope,
             &[("Content-Type", "application/octet-stream")],
             Body::Stream(Box::new(&mut reader), None),
-            &what,
+            what,
         );
         if let Some(e) = failed.borrow_mut().take() {
             return Err(local(e));
@@ -827,10 +842,10 @@ impl Registry {
         self.send_once(
             "PUT",
             &with_query(&url, &digest_q),
-            &scope,
+            scope,
             &[("Content-Length", "0")],
             Body::Empty,
-            &what,
+            what,
         )?;
         Ok((digest, size))
     }

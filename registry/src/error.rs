@@ -126,6 +126,18 @@ impl RegistryError {
             _ => false,
         }
     }
+
+    /// Whether a failed [`crate::Registry::push_blob_streamed`] is worth
+    /// repeating as an ordinary sized upload: the network failed, or the
+    /// registry turned down the streamed body or its completion (not the
+    /// start of the upload, and not for want of permission).
+    pub fn stream_refused(&self) -> bool {
+        match self {
+            RegistryError::Network { .. } => true,
+            RegistryError::Status { method, .. } => method != "POST",
+            _ => false,
+        }
+    }
 }
 
 /// Result with [`RegistryError`].

@@ -282,13 +282,7 @@ pub fn encode_one(
             layer.digest, d.diff_id
         ));
     }
-    let (blob, size) = store
-        .commit_blob(w, Some(&cd(&d.digest)?), Some(d.size), Some(&mt))
-        .map_err(|e| e.to_string())?;
-    store
-        .meta()
-        .put_layer_blob(&cd(diff_id)?, &cname, level, &blob)
-        .map_err(|e| e.to_string())?;
+    let size = remember(store, w, &d.digest, d.size, &mt, diff_id, &cname, level)?;
     Ok(Descriptor::new(mt, d.digest, size))
 }
 
@@ -338,7 +332,11 @@ impl<R: Read> Read for Teed<'_, R> {
 
 /// Push one layer that must be compressed: compressed while it is
 /// uploaded (no wait for the whole blob before the first byte goes out),
-/// then remembered in the store's memo. Returns its descriptor.
+/// then remembered in the store's memo. When the registry turns the
+/// streamed upload down (or the network fails under it), the layer is
+/// compressed into the store first and sent as any other blob, with
+/// retries, and `streaming` is cleared so that the push's other layers go
+/// that way at once. Returns its descriptor.
 #[allow(clippy::too_many_arguments)]
 fn stream_layer(
     store: &Store,
@@ -348,64 +346,90 @@ fn stream_layer(
     diff_id: &Digest,
     enc: LayerEncoding,
     (media_type, cname, level): (String, String, i32),
+    streaming: &std::sync::atomic::AtomicBool,
     progress: &(dyn Fn(&str) + Sync),
     transfer: &(dyn Fn(Transfer) + Sync),
 ) -> Result<Descriptor, String> {
+    let sized = || -> Result<Descriptor, String> {
+        let d = encode_one(store, layer, diff_id, enc, progress)?;
+        let source = StoreSource {
+            store,
+            mounts: Default::default(),
+        };
+        reg.push_blobs(repo, std::slice::from_ref(&d), &source, 1, transfer)
+            .map_err(|e| format!("layer {}: {e}", short(diff_id)))?;
+        Ok(d)
+    };
+    if !streaming.load(std::sync::atomic::Ordering::Relaxed) {
+        return sized();
+    }
     progress(&format!(
         "{}: compressing ({cname}) while uploading",
         short(diff_id)
     ));
     let slot = std::sync::Mutex::new(None);
-    let open = || -> std::io::Result<Box<dyn Read + '_>> {
-        let (tar, verified) = layer_tar(store, layer, diff_id).map_err(std::io::Error::other)?;
-        let inner = EncodingReader::new(tar, enc.compression, enc.oci_media_types, verified)?
-            .without_blob_digest();
-        Ok(Box::new(Teed {
-            inner,
-            copy: store.content().writer_prehashed().ok(),
-            diff_id,
-            slot: &slot,
-        }))
-    };
+    let (tar, verified) = layer_tar(store, layer, diff_id)?;
+    let inner = EncodingReader::new(tar, enc.compression, enc.oci_media_types, verified)
+        .map_err(|e| format!("layer {}: {e}", short(diff_id)))?
+        .without_blob_digest();
+    let source = Box::new(Teed {
+        inner,
+        copy: store.content().writer_prehashed().ok(),
+        diff_id,
+        slot: &slot,
+    });
     let moved = std::sync::atomic::AtomicU64::new(0);
     let count = |n: u64| {
         let total = moved.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
         transfer(Transfer::Bytes(diff_id.clone(), total));
     };
-    let (digest, size) = match reg.push_blob_streamed(repo, &open, &count) {
+    let (digest, size) = match reg.push_blob_streamed(repo, source, &count) {
         Ok(v) => v,
-        // A registry that refuses a streamed (chunked, length-less)
-        // upload gets the layer compressed into the store first and sent
-        // with its length, as any other blob.
-        Err(kiln_registry::RegistryError::Status {
-            status: 400 | 405 | 411 | 413 | 416 | 501,
-            ..
-        }) => {
+        Err(e) if e.stream_refused() => {
+            streaming.store(false, std::sync::atomic::Ordering::Relaxed);
             progress(&format!(
-                "{}: the registry refused a streamed upload; compressing first",
+                "{}: streamed upload failed ({e}); compressing first, then uploading",
                 short(diff_id)
             ));
-            let d = encode_one(store, layer, diff_id, enc, progress)?;
-            let source = StoreSource {
-                store,
-                mounts: Default::default(),
-            };
-            reg.push_blobs(repo, std::slice::from_ref(&d), &source, 1, transfer)
-                .map_err(|e| format!("layer {}: {e}", short(diff_id)))?;
-            return Ok(d);
+            return sized();
         }
         Err(e) => return Err(format!("layer {}: {e}", short(diff_id))),
     };
+    progress(&format!(
+        "{}: compressed to {} ({size} bytes)",
+        short(diff_id),
+        short(&digest)
+    ));
     transfer(Transfer::Done(digest.clone(), size));
-    let copy = slot.lock().ok().and_then(|mut s| s.take());
-    if let (Some(w), Ok(d), Ok(did)) = (copy, cd(&digest), cd(diff_id)) {
+    if let Some(w) = slot.lock().ok().and_then(|mut s| s.take()) {
         // The memo is a cache: a failure to keep it costs a later push
         // its compression, nothing else.
-        if let Ok((blob, _)) = store.commit_blob(w, Some(&d), Some(size), Some(&media_type)) {
-            let _ = store.meta().put_layer_blob(&did, &cname, level, &blob);
-        }
+        let _ = remember(store, w, &digest, size, &media_type, diff_id, &cname, level);
     }
     Ok(Descriptor::new(media_type, digest, size))
+}
+
+/// Commits a compressed layer written by a prehashed store writer and
+/// records it in the memo under (diffID, compression, level).
+#[allow(clippy::too_many_arguments)]
+fn remember(
+    store: &Store,
+    w: kiln_cache::BlobWriter,
+    digest: &Digest,
+    size: u64,
+    media_type: &str,
+    diff_id: &Digest,
+    cname: &str,
+    level: i32,
+) -> Result<u64, String> {
+    let (blob, size) = store
+        .commit_blob(w, Some(&cd(digest)?), Some(size), Some(media_type))
+        .map_err(|e| e.to_string())?;
+    store
+        .meta()
+        .put_layer_blob(&cd(diff_id)?, cname, level, &blob)
+        .map_err(|e| e.to_string())?;
+    Ok(size)
 }
 
 fn short(d: &Digest) -> &str {
@@ -546,6 +570,7 @@ pub fn push(
         mounts: mount_candidates(store, &r),
     };
     let repo = r.repository.as_str();
+    let streaming = std::sync::atomic::AtomicBool::new(true);
     let one = |i: usize| -> Result<Descriptor, String> {
         let (Some(l), Some(diff)) = (m.layers.get(i), config.rootfs.diff_ids.get(i)) else {
             return Err("layer index out of range".into());
@@ -568,6 +593,7 @@ pub fn push(
                 diff,
                 enc,
                 (media_type, cname, level),
+                &streaming,
                 progress,
                 transfer,
             ),
