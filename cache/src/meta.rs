@@ -121,6 +121,17 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE blobs ADD COLUMN source TEXT;
     "#,
+    // 3 -> 4: where blobs are known to be in registries (pushed there or
+    // pulled from there), for cross-repository mounts on later pushes.
+    r#"
+    CREATE TABLE blob_locations(
+        digest   TEXT NOT NULL REFERENCES blobs(digest) ON DELETE CASCADE,
+        registry TEXT NOT NULL,
+        repo     TEXT NOT NULL,
+        seen     INTEGER NOT NULL,
+        PRIMARY KEY(digest, registry, repo)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -938,6 +949,44 @@ impl Meta {
                 params![diff_id.to_string(), compression, level, blob.to_string()],
             )?;
             Ok(())
+        })
+    }
+
+    // ----------------------------------------------------- blob locations
+
+    /// Records that `registry`/`repo` holds each of `digests` (blobs the
+    /// store does not have are skipped).
+    pub fn add_blob_locations(&self, registry: &str, repo: &str, digests: &[Digest]) -> Result<()> {
+        let now = now_unix();
+        self.write(|tx| {
+            let mut st = tx.prepare(
+                "INSERT OR REPLACE INTO blob_locations(digest, registry, repo, seen)
+                 SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM blobs WHERE digest = ?1)",
+            )?;
+            for d in digests {
+                st.execute(params![d.to_string(), registry, repo, now])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// A repository of `registry` other than `except` known to hold
+    /// `digest` (the most recently seen), if any.
+    pub fn blob_location(
+        &self,
+        digest: &Digest,
+        registry: &str,
+        except: &str,
+    ) -> Result<Option<String>> {
+        self.read(|tx| {
+            Ok(tx
+                .query_row(
+                    "SELECT repo FROM blob_locations WHERE digest = ?1 AND registry = ?2 AND repo != ?3
+                     ORDER BY seen DESC, repo LIMIT 1",
+                    params![digest.to_string(), registry, except],
+                    |r| r.get(0),
+                )
+                .optional()?)
         })
     }
 

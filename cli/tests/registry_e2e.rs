@@ -65,6 +65,25 @@ fn push_to_plain_registry_then_skopeo_inspects_and_fresh_store_builds_from_it() 
     assert!(again.contains("blob found"), "{again}");
     assert!(!again.contains("compressing"), "{again}");
 
+    // an image named only locally, pushed to two repositories of the
+    // registry: the store remembers where it pushed each blob, so the
+    // second push mounts every blob instead of uploading it
+    let c = Client::new(true);
+    c.build(ctx.path(), &["-t", "plain:1"]);
+    let one = format!("{}/kiln/one:1", reg.host());
+    let two = format!("{}/kiln/two:1", reg.host());
+    let out = c.ok(&["push", "plain:1", &one]);
+    assert!(!out.contains("mounted"), "{out}");
+    let out = c.ok(&["push", "plain:1", &two]);
+    assert_eq!(
+        out.matches("mounted from another repository").count(),
+        4,
+        "{out}"
+    );
+    assert!(!out.contains("push complete"), "{out}");
+    let v = skopeo_inspect(&["--tls-verify=false", &format!("docker://{two}")]);
+    assert_eq!(v["Layers"].as_array().map(Vec::len), Some(3), "{v}");
+
     // a fresh store builds FROM the pushed image: pulled implicitly
     let b = Client::new(false);
     let ctx2 = context(&[(

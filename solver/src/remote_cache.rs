@@ -560,6 +560,7 @@ impl RemoteCacheBackend {
         let source = StoreSource {
             store: self.store(),
             mounts: HashMap::new(),
+            target: None,
         };
         reg.push_blobs(&r.repository, &blobs, &source, jobs, &count)
             .map_err(|e| e.to_string())?;

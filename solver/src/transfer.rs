@@ -40,12 +40,16 @@ impl BlobSink for StoreSink<'_> {
 }
 
 /// The store as a [`PushSource`]; mounts from another repository of the
-/// same registry when a local image from there lists the blob.
+/// same registry when a local image from there lists the blob, or when
+/// the store remembers pushing it there or pulling it from there.
 pub struct StoreSource<'a> {
     /// The store.
     pub store: &'a Store,
     /// blob digest -> repository (same registry) known to hold it.
     pub mounts: std::collections::HashMap<Digest, String>,
+    /// The registry and repository pushed to, for looking blobs up in the
+    /// store's record of where they are (`None`: no lookup).
+    pub target: Option<(String, String)>,
 }
 
 impl PushSource for StoreSource<'_> {
@@ -57,7 +61,16 @@ impl PushSource for StoreSource<'_> {
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string()))
     }
     fn mount_from(&self, desc: &Descriptor) -> Option<String> {
-        self.mounts.get(&desc.digest).cloned()
+        if let Some(m) = self.mounts.get(&desc.digest) {
+            return Some(m.clone());
+        }
+        let (registry, repo) = self.target.as_ref()?;
+        let d = cd(&desc.digest).ok()?;
+        self.store
+            .meta()
+            .blob_location(&d, registry, repo)
+            .ok()
+            .flatten()
     }
 }
 
@@ -119,6 +132,7 @@ pub fn pull(
     store
         .record_image(&name, &mdig, &cdig, &layers)
         .map_err(err)?;
+    remember_locations(store, &r, &p.manifest.config, &p.manifest.layers);
     Ok(PullResult {
         name,
         manifest_digest: m.digest.clone(),
@@ -355,6 +369,7 @@ fn stream_layer(
         let source = StoreSource {
             store,
             mounts: Default::default(),
+            target: None,
         };
         reg.push_blobs(repo, std::slice::from_ref(&d), &source, 1, transfer)
             .map_err(|e| format!("layer {}: {e}", short(diff_id)))?;
@@ -568,6 +583,7 @@ pub fn push(
     let source = StoreSource {
         store,
         mounts: mount_candidates(store, &r),
+        target: Some((r.registry.clone(), r.repository.clone())),
     };
     let repo = r.repository.as_str();
     let streaming = std::sync::atomic::AtomicBool::new(true);
@@ -600,12 +616,29 @@ pub fn push(
         }
     };
     let layers = parallel(m.layers.len(), jobs, &one)?;
-    let raw = store_manifest(store, &m, layers, enc)?;
+    let raw = store_manifest(store, &m, layers.clone(), enc)?;
     reg.push_blobs(repo, &[config_of(&m)], &source, 1, transfer)
         .map_err(|e| e.to_string())?;
     let reference = r.tag.clone().unwrap_or_else(|| raw.digest.to_string());
-    reg.put_manifest(repo, &reference, &raw)
-        .map_err(|e| e.to_string())
+    let pushed = reg
+        .put_manifest(repo, &reference, &raw)
+        .map_err(|e| e.to_string())?;
+    remember_locations(store, &r, &m.config, &layers);
+    Ok(pushed)
+}
+
+/// Notes that `r`'s repository holds `config` and `layers`, for
+/// cross-repository mounts on later pushes to the same registry. A
+/// failure only costs those mounts.
+fn remember_locations(store: &Store, r: &Reference, config: &Descriptor, layers: &[Descriptor]) {
+    let digests: Vec<kiln_cache::Digest> = layers
+        .iter()
+        .chain(std::iter::once(config))
+        .filter_map(|d| cd(&d.digest).ok())
+        .collect();
+    let _ = store
+        .meta()
+        .add_blob_locations(&r.registry, &r.repository, &digests);
 }
 
 /// `f(0..n)` on up to `jobs` threads, results in order; the first error
