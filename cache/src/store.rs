@@ -203,6 +203,36 @@ impl Store {
         Ok((d, n))
     }
 
+    /// [`Store::put_blob`] for a reader that itself fails at EOF unless
+    /// its bytes have `digest` and `size` (a verifying download): the
+    /// bytes are written without being hashed again, and the stream must
+    /// end cleanly with exactly `size` bytes for anything to be kept.
+    pub fn put_verified_blob(
+        &self,
+        mut reader: impl Read,
+        digest: &Digest,
+        size: u64,
+        media_type: Option<&str>,
+    ) -> Result<(Digest, u64)> {
+        let _gc = self.gc_guard()?;
+        if self.content.size(digest).is_ok_and(|s| s == size) {
+            self.meta.add_blob(digest, size, media_type)?;
+            return Ok((digest.clone(), size));
+        }
+        let mut w = self.content.writer_prehashed()?;
+        let tmp = w.temp_path().to_path_buf();
+        std::io::copy(&mut reader, &mut w).ctx("write", &tmp)?;
+        if w.written() != size {
+            return Err(Error::DigestMismatch {
+                expected: format!("{digest} ({size} bytes)"),
+                actual: format!("{} bytes", w.written()),
+            });
+        }
+        let (d, n) = w.commit(Some(digest), Some(size))?;
+        self.meta.add_blob(&d, n, media_type)?;
+        Ok((d, n))
+    }
+
     /// Commit a blob written through [`ContentStore::writer`] (verify,
     /// rename, fsync) and record it, with no window for a concurrent prune
     /// between the file and its row.

@@ -415,3 +415,56 @@ fn a_registry_refusing_streamed_uploads_gets_the_layer_with_its_length() {
     let again = a.ok(&["push", &name]);
     assert!(again.contains("blob found"), "{again}");
 }
+
+#[test]
+fn a_blob_corrupted_in_the_registry_fails_the_pull_and_stores_nothing() {
+    if !ready(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let a = Client::new(true);
+    let ctx = app_context();
+    let name = format!("{}/kiln/corrupt:1", reg.host());
+    a.build(ctx.path(), &["-t", &name]);
+    a.ok(&["push", &name]);
+    // Flip bytes of the largest layer blob in the registry's storage
+    // (same size, other content).
+    let raw = sh(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{name}"),
+    ]));
+    let m: serde_json::Value = serde_json::from_slice(&raw.stdout).expect("manifest");
+    let layer = m["layers"]
+        .as_array()
+        .and_then(|l| l.iter().max_by_key(|d| d["size"].as_u64()))
+        .and_then(|d| d["digest"].as_str())
+        .expect("a layer")
+        .trim_start_matches("sha256:")
+        .to_string();
+    let data = reg
+        .dir
+        .path()
+        .join("data/docker/registry/v2/blobs/sha256")
+        .join(&layer[..2])
+        .join(&layer)
+        .join("data");
+    let mut bytes = std::fs::read(&data).expect("registry blob");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&data, &bytes).expect("corrupt");
+
+    let b = Client::new(false);
+    let o = b.run(&["pull", &name]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("digest mismatch"), "{err}");
+    // Nothing half-stored: no image, no blob with that digest, and the
+    // store checks clean.
+    assert!(!b.stdout(&["images"]).contains("kiln/corrupt"));
+    let blobs = b.kiln.root.path().join("blobs/sha256");
+    assert!(!blobs.join(&layer).exists(), "corrupt blob kept");
+    let check = b.ok(&["system", "check"]);
+    assert!(check.contains("ok"), "{check}");
+}

@@ -184,19 +184,45 @@ const DEFAULT_DEVICE_RULES: &[&str] = &[
     "c 10:200 rwm",
 ];
 
-/// Remove empty step cgroups left by executor processes that died (e.g.
+/// Remove step cgroups left by executor processes that died (e.g.
 /// SIGKILLed, so they could not clean up). Step ids start with the pid of
 /// the process that created them; only ids whose process is gone are
-/// touched, and `rmdir` only removes empty cgroups.
+/// touched. A step's processes may still be exiting when the next run
+/// looks (their sandbox died with its executor): whatever is left in such
+/// a cgroup is killed, and its removal retried for a moment.
 fn sweep_stale(parent: &Path) {
     for e in fs::read_dir(parent).into_iter().flatten().flatten() {
         if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
             continue;
         }
-        if stale_owner(&e.file_name().to_string_lossy()) {
-            let _ = fs::remove_dir(e.path());
+        if !stale_owner(&e.file_name().to_string_lossy()) {
+            continue;
+        }
+        let dir = e.path();
+        let deadline = Instant::now() + Duration::from_millis(500);
+        loop {
+            match fs::remove_dir(&dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(_) if Instant::now() < deadline => {
+                    for pid in listed_procs(&dir) {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => break,
+            }
         }
     }
+}
+
+/// The pids in a cgroup directory's `cgroup.procs`.
+fn listed_procs(dir: &Path) -> Vec<i32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
 /// Whether a step id's creating process no longer exists.
@@ -372,12 +398,11 @@ impl StepCgroup {
     }
 
     fn procs(&self) -> Vec<i32> {
-        let mut v = Vec::new();
-        for (_, d) in &self.dirs {
-            if let Ok(s) = fs::read_to_string(d.join("cgroup.procs")) {
-                v.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
-            }
-        }
+        let mut v: Vec<i32> = self
+            .dirs
+            .iter()
+            .flat_map(|(_, d)| listed_procs(d))
+            .collect();
         v.sort_unstable();
         v.dedup();
         v

@@ -21,6 +21,17 @@ pub trait BlobSink: Sync {
     fn has_blob(&self, desc: &Descriptor) -> bool;
     /// Store the blob read from `r`.
     fn put_blob(&self, desc: &Descriptor, r: &mut dyn Read) -> std::result::Result<(), String>;
+    /// Store the blob read from `r`, a reader that itself fails at EOF
+    /// unless what it gave has `desc`'s digest and size (a download from a
+    /// registry is such a reader), so the sink need not hash the bytes a
+    /// second time. By default the same as [`BlobSink::put_blob`].
+    fn put_verified_blob(
+        &self,
+        desc: &Descriptor,
+        r: &mut dyn Read,
+    ) -> std::result::Result<(), String> {
+        self.put_blob(desc, r)
+    }
 }
 
 /// Where pushed blobs come from.
@@ -129,7 +140,7 @@ impl Registry {
                 digest: &desc.digest,
                 progress,
             };
-            sink.put_blob(desc, &mut counting).map_err(|e| {
+            sink.put_verified_blob(desc, &mut counting).map_err(|e| {
                 // A broken stream is worth a retry; a digest mismatch or
                 // a local failure is not.
                 if e.contains("digest mismatch") || counting.n == 0 && !e.contains("network") {

@@ -37,6 +37,13 @@ impl BlobSink for StoreSink<'_> {
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
+    fn put_verified_blob(&self, desc: &Descriptor, r: &mut dyn Read) -> Result<(), String> {
+        let d = cd(&desc.digest)?;
+        self.0
+            .put_verified_blob(r, &d, desc.size, Some(&desc.media_type))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// The store as a [`PushSource`]; mounts from another repository of the
