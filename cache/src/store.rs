@@ -222,12 +222,7 @@ impl Store {
         let mut w = self.content.writer_prehashed()?;
         let tmp = w.temp_path().to_path_buf();
         std::io::copy(&mut reader, &mut w).ctx("write", &tmp)?;
-        if w.written() != size {
-            return Err(Error::DigestMismatch {
-                expected: format!("{digest} ({size} bytes)"),
-                actual: format!("{} bytes", w.written()),
-            });
-        }
+        // commit checks the size written against `size`.
         let (d, n) = w.commit(Some(digest), Some(size))?;
         self.meta.add_blob(&d, n, media_type)?;
         Ok((d, n))

@@ -243,13 +243,13 @@ impl<R: Read> Read for CountingReader<'_, R> {
 
 /// Hashes what it reads and notes a read error (so that the caller can
 /// tell a failing source from a failing network).
-struct NotingReader<'a, R> {
+struct NotingReader<R> {
     inner: R,
     hasher: Hasher,
-    failed: &'a std::cell::RefCell<Option<String>>,
+    failed: Option<String>,
 }
 
-impl<R: Read> Read for NotingReader<'_, R> {
+impl<R: Read> Read for NotingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.inner.read(buf) {
             Ok(n) => {
@@ -257,7 +257,7 @@ impl<R: Read> Read for NotingReader<'_, R> {
                 Ok(n)
             }
             Err(e) => {
-                *self.failed.borrow_mut() = Some(e.to_string());
+                self.failed = Some(e.to_string());
                 Err(e)
             }
         }
@@ -815,14 +815,13 @@ impl Registry {
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<(Digest, u64)> {
         let local = |e: String| RegistryError::Local(format!("reading the blob to upload: {e}"));
-        let failed = std::cell::RefCell::new(None);
         let mut reader = NotingReader {
             inner: CountingReader {
                 inner: source,
                 progress,
             },
             hasher: Hasher::new(),
-            failed: &failed,
+            failed: None,
         };
         let sent = self.send_once(
             "PATCH",
@@ -832,7 +831,7 @@ impl Registry {
             Body::Stream(Box::new(&mut reader), None),
             what,
         );
-        if let Some(e) = failed.borrow_mut().take() {
+        if let Some(e) = reader.failed.take() {
             return Err(local(e));
         }
         let url = self.upload_url(&sent?)?;

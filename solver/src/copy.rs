@@ -538,6 +538,7 @@ impl Reuse {
         host: &Path,
         e: &Entry,
         want: (u32, u32, u32, i64, i64),
+        name: &std::ffi::CStr,
         dirs: &mut DirFds,
     ) -> bool {
         let Some(h) = self.src_hashes.get(&e.host) else {
@@ -553,15 +554,13 @@ impl Reuse {
             return false;
         }
         let prev = prev_dir.join(to.trim_start_matches('/'));
-        let (Some(prev_parent), Some(host_parent), Some(name)) =
-            (prev.parent(), host.parent(), c_name(host))
-        else {
+        let (Some(prev_parent), Some(host_parent)) = (prev.parent(), host.parent()) else {
             return false;
         };
         let Some(pfd) = DirFds::open(&mut dirs.prev, prev_parent) else {
             return false;
         };
-        let Ok(pm) = lstat_at(pfd, &name) else {
+        let Ok(pm) = lstat_at(pfd, name) else {
             return false;
         };
         let (uid, gid, mode, mtime, nsec) = want;
@@ -738,9 +737,10 @@ fn write_entry(
     let ft = m.file_type();
     // Most destinations do not exist yet: one fstatat in the open parent
     // says so without walking the path.
-    let absent = match (host.parent(), c_name(&host)) {
+    let name = c_name(&host);
+    let absent = match (host.parent(), &name) {
         (Some(parent), Some(name)) => DirFds::open(&mut dirs.host, parent).is_some_and(|fd| {
-            lstat_at(fd, &name).is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+            lstat_at(fd, name).is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
         }),
         _ => false,
     };
@@ -791,8 +791,8 @@ fn write_entry(
         } else {
             m.mtime_nsec()
         };
-        if let Some(r) = &opts.reuse {
-            if r.link_unchanged(to, &host, e, (uid, gid, mode, t, ns), dirs) {
+        if let (Some(r), Some(name)) = (&opts.reuse, &name) {
+            if r.link_unchanged(to, &host, e, (uid, gid, mode, t, ns), name, dirs) {
                 return Ok(());
             }
         }

@@ -20,17 +20,10 @@ use crate::backend::{Active, Backend, BackendResult, BaseImage, Exported, LayerR
 use crate::copy::{HashCache, StatKey};
 use crate::flatten::{FLAT_BLOCK, MAX_LOWERS};
 
-/// A committed snapshot's chain, itself first: (name, layer directory).
-type Chain = std::sync::Arc<Vec<(String, PathBuf)>>;
-
 /// The store-backed backend. Holds a lease for its whole life.
 pub struct StoreBackend {
     store: Store,
     lease: Option<String>,
-    /// Chains of committed snapshots seen in this build (immutable, and
-    /// kept by the lease): a step's chain is its parent's plus one, so
-    /// a deep stack costs one row per step instead of a query over all.
-    chains: std::sync::Mutex<std::collections::HashMap<String, Chain>>,
     /// Registry access for FROM: (settings, always pull).
     registry: Option<(kiln_registry::RegistryConfig, bool)>,
 }
@@ -87,7 +80,6 @@ impl StoreBackend {
             store,
             lease,
             registry: None,
-            chains: Default::default(),
         }
     }
 
@@ -141,44 +133,13 @@ impl StoreBackend {
         self.store.root().join("snapshots").join(id).join("fs")
     }
 
-    /// The chain of the committed snapshot `snapshot` (overlay), from this
-    /// build's memo when its parent's is there.
-    fn chain(&self, snapshot: &str) -> BackendResult<Chain> {
-        if let Some(c) = self
-            .chains
-            .lock()
-            .ok()
-            .and_then(|m| m.get(snapshot).cloned())
-        {
-            return Ok(c);
-        }
-        let row = self.sn().stat(snapshot).map_err(|err| e("snapshot", err))?;
-        let parent = row
-            .parent
-            .as_ref()
-            .and_then(|p| self.chains.lock().ok().and_then(|m| m.get(p).cloned()));
-        let chain: Vec<(String, PathBuf)> = match (&row.parent, parent) {
-            (None, _) => vec![(row.key.clone(), self.snapshot_dir(&row.id))],
-            (Some(_), Some(pc)) => std::iter::once((row.key.clone(), self.snapshot_dir(&row.id)))
-                .chain(pc.iter().cloned())
-                .collect(),
-            (Some(_), None) => self
-                .store
-                .meta()
-                .snapshot_chain(snapshot)
-                .map_err(|err| e("snapshot chain", err))?
-                .into_iter()
-                .map(|r| {
-                    let d = self.snapshot_dir(&r.id);
-                    (r.key, d)
-                })
-                .collect(),
-        };
-        let chain = std::sync::Arc::new(chain);
-        if let Ok(mut m) = self.chains.lock() {
-            m.insert(snapshot.to_string(), chain.clone());
-        }
-        Ok(chain)
+    /// The committed snapshot `snapshot` and its ancestors, nearest first.
+    /// The snapshotter remembers chains, so a deep stack costs a row or
+    /// two per step, not a query over all.
+    fn chain(&self, snapshot: &str) -> BackendResult<Vec<std::sync::Arc<kiln_cache::Info>>> {
+        self.sn()
+            .chain(snapshot)
+            .map_err(|err| e("snapshot chain", err))
     }
 
     /// One directory holding the merged content of `bottom` (layer dirs,
@@ -188,7 +149,7 @@ impl StoreBackend {
         let top_of_bottom = self
             .chain(parent)?
             .get(keep)
-            .map(|(key, _)| key.clone())
+            .map(|row| row.key.clone())
             .ok_or_else(|| "snapshot chain shorter than expected".to_string())?;
         let name = format!("flat-{}", Digest::sha256_of(top_of_bottom.as_bytes()).hex());
         let info = kiln_cache::apply_into(self.sn(), &name, None, |dir, _mode| {
@@ -521,7 +482,7 @@ impl Backend for StoreBackend {
         Ok(self
             .chain(snapshot)?
             .iter()
-            .map(|(_, d)| d.clone())
+            .map(|row| self.snapshot_dir(&row.id))
             .collect())
     }
 

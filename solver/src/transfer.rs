@@ -192,15 +192,19 @@ fn level_of(c: CompressionOpts) -> i32 {
 enum LayerPlan {
     /// This blob.
     Ready(Box<Descriptor>),
-    /// Compress the layer (the memo has it under `cname` at `level`).
-    Compress {
-        /// The media type of the result.
-        media_type: String,
-        /// The compression's name, as the memo keys it.
-        cname: String,
-        /// The level, as the memo keys it.
-        level: i32,
-    },
+    /// Compress the layer.
+    Compress(Target),
+}
+
+/// What a layer is compressed to: the result's media type, and the key of
+/// the store's memo of compressed layers.
+struct Target {
+    /// The media type of the result.
+    media_type: String,
+    /// The compression's name, as the memo keys it.
+    cname: String,
+    /// The level, as the memo keys it.
+    level: i32,
 }
 
 fn plan_layer(
@@ -244,11 +248,11 @@ fn plan_layer(
             return Ok(LayerPlan::Ready(Box::new(Descriptor::new(mt, d, size))));
         }
     }
-    Ok(LayerPlan::Compress {
+    Ok(LayerPlan::Compress(Target {
         media_type: mt,
         cname,
         level,
-    })
+    }))
 }
 
 /// An uncompressed tar reader over `layer`, and whether it checks its
@@ -278,15 +282,22 @@ pub fn encode_one(
     enc: LayerEncoding,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Descriptor, String> {
-    let (mt, cname, level) = match plan_layer(store, layer, diff_id, enc, progress)? {
-        LayerPlan::Ready(d) => return Ok(*d),
-        LayerPlan::Compress {
-            media_type,
-            cname,
-            level,
-        } => (media_type, cname, level),
-    };
-    progress(&format!("{}: compressing ({cname})", short(diff_id)));
+    match plan_layer(store, layer, diff_id, enc, progress)? {
+        LayerPlan::Ready(d) => Ok(*d),
+        LayerPlan::Compress(t) => compress_into_store(store, layer, diff_id, enc, &t, progress),
+    }
+}
+
+/// Compresses a layer into the store (and the memo) as `t` says.
+fn compress_into_store(
+    store: &Store,
+    layer: &Descriptor,
+    diff_id: &Digest,
+    enc: LayerEncoding,
+    t: &Target,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Descriptor, String> {
+    progress(&format!("{}: compressing ({})", short(diff_id), t.cname));
     let (tar, verified) = layer_tar(store, layer, diff_id)?;
     let mut w = store
         .content()
@@ -303,8 +314,8 @@ pub fn encode_one(
             layer.digest, d.diff_id
         ));
     }
-    let size = remember(store, w, &d.digest, d.size, &mt, diff_id, &cname, level)?;
-    Ok(Descriptor::new(mt, d.digest, size))
+    let size = remember(store, w, &d.digest, d.size, diff_id, t)?;
+    Ok(Descriptor::new(t.media_type.clone(), d.digest, size))
 }
 
 /// The compressed stream of a layer being uploaded, copied into a store
@@ -366,13 +377,13 @@ fn stream_layer(
     layer: &Descriptor,
     diff_id: &Digest,
     enc: LayerEncoding,
-    (media_type, cname, level): (String, String, i32),
+    t: Target,
     streaming: &std::sync::atomic::AtomicBool,
     progress: &(dyn Fn(&str) + Sync),
     transfer: &(dyn Fn(Transfer) + Sync),
 ) -> Result<Descriptor, String> {
     let sized = || -> Result<Descriptor, String> {
-        let d = encode_one(store, layer, diff_id, enc, progress)?;
+        let d = compress_into_store(store, layer, diff_id, enc, &t, progress)?;
         let source = StoreSource {
             store,
             mounts: Default::default(),
@@ -386,8 +397,9 @@ fn stream_layer(
         return sized();
     }
     progress(&format!(
-        "{}: compressing ({cname}) while uploading",
-        short(diff_id)
+        "{}: compressing ({}) while uploading",
+        short(diff_id),
+        t.cname
     ));
     let slot = std::sync::Mutex::new(None);
     let (tar, verified) = layer_tar(store, layer, diff_id)?;
@@ -426,30 +438,27 @@ fn stream_layer(
     if let Some(w) = slot.lock().ok().and_then(|mut s| s.take()) {
         // The memo is a cache: a failure to keep it costs a later push
         // its compression, nothing else.
-        let _ = remember(store, w, &digest, size, &media_type, diff_id, &cname, level);
+        let _ = remember(store, w, &digest, size, diff_id, &t);
     }
-    Ok(Descriptor::new(media_type, digest, size))
+    Ok(Descriptor::new(t.media_type, digest, size))
 }
 
 /// Commits a compressed layer written by a prehashed store writer and
 /// records it in the memo under (diffID, compression, level).
-#[allow(clippy::too_many_arguments)]
 fn remember(
     store: &Store,
     w: kiln_cache::BlobWriter,
     digest: &Digest,
     size: u64,
-    media_type: &str,
     diff_id: &Digest,
-    cname: &str,
-    level: i32,
+    t: &Target,
 ) -> Result<u64, String> {
     let (blob, size) = store
-        .commit_blob(w, Some(&cd(digest)?), Some(size), Some(media_type))
+        .commit_blob(w, Some(&cd(digest)?), Some(size), Some(&t.media_type))
         .map_err(|e| e.to_string())?;
     store
         .meta()
-        .put_layer_blob(&cd(diff_id)?, cname, level, &blob)
+        .put_layer_blob(&cd(diff_id)?, &t.cname, t.level, &blob)
         .map_err(|e| e.to_string())?;
     Ok(size)
 }
@@ -604,21 +613,8 @@ pub fn push(
                     .map_err(|e| e.to_string())?;
                 Ok(*d)
             }
-            LayerPlan::Compress {
-                media_type,
-                cname,
-                level,
-            } => stream_layer(
-                store,
-                &reg,
-                repo,
-                l,
-                diff,
-                enc,
-                (media_type, cname, level),
-                &streaming,
-                progress,
-                transfer,
+            LayerPlan::Compress(t) => stream_layer(
+                store, &reg, repo, l, diff, enc, t, &streaming, progress, transfer,
             ),
         }
     };

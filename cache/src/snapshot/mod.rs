@@ -169,6 +169,10 @@ macro_rules! lifecycle_on_core {
             self.core.get(key)
         }
 
+        fn chain(&self, key: &str) -> Result<Vec<Arc<Info>>> {
+            self.core.chain(key)
+        }
+
         fn usage(&self, key: &str) -> Result<Usage> {
             let row = self.core.get(key)?;
             self.core.usage(key, &self.core.fs(&row.id))
@@ -227,6 +231,10 @@ pub trait Snapshotter: Send + Sync {
 
     /// A snapshot's metadata.
     fn stat(&self, key: &str) -> Result<Info>;
+
+    /// The snapshot `key` and its ancestors, nearest first (remembered
+    /// for committed snapshots, whose chains never change).
+    fn chain(&self, key: &str) -> Result<Vec<Arc<Info>>>;
 
     /// Disk space used by the snapshot's own directory.
     fn usage(&self, key: &str) -> Result<Usage>;
@@ -304,7 +312,14 @@ pub(crate) struct Paths {
 pub(crate) struct Core {
     pub meta: Arc<Meta>,
     pub paths: Paths,
+    /// Committed snapshots seen, by snapshot id (an id names one creation,
+    /// and a committed snapshot's row never changes): the row and its
+    /// parent's id — see [`Core::chain`].
+    pub chains: std::sync::Mutex<std::collections::HashMap<String, ChainNode>>,
 }
+
+/// A committed snapshot's row and its parent's snapshot id.
+type ChainNode = (Arc<Info>, Option<String>);
 
 impl Core {
     pub fn dir(&self, id: &str) -> PathBuf {
@@ -320,6 +335,60 @@ impl Core {
             kind: "snapshot",
             name: key.to_string(),
         })
+    }
+
+    /// The snapshot `key` and its ancestors, nearest first. Committed
+    /// rows are remembered with their parent's id, so a step on a deep
+    /// chain costs one or two row lookups and a walk in memory, not a
+    /// query over the whole chain.
+    pub fn chain(&self, key: &str) -> Result<Vec<Arc<Info>>> {
+        let row = self.get(key)?;
+        if row.kind == Kind::Committed && !self.known(&row.id) {
+            if let Some(p) = row.parent.as_deref() {
+                let parent = self.get(p)?;
+                if self.known(&parent.id) {
+                    self.remember(Arc::new(row.clone()), Some(parent.id));
+                }
+            }
+        }
+        if let Some(c) = self.remembered_chain(&row.id) {
+            return Ok(c);
+        }
+        let rows: Vec<Arc<Info>> = self
+            .meta
+            .snapshot_chain(key)?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        if rows.iter().all(|r| r.kind == Kind::Committed) {
+            for (i, r) in rows.iter().enumerate() {
+                self.remember(r.clone(), rows.get(i + 1).map(|p| p.id.clone()));
+            }
+        }
+        Ok(rows)
+    }
+
+    fn known(&self, id: &str) -> bool {
+        self.chains.lock().is_ok_and(|m| m.contains_key(id))
+    }
+
+    fn remember(&self, row: Arc<Info>, parent: Option<String>) {
+        if let Ok(mut m) = self.chains.lock() {
+            m.insert(row.id.clone(), (row, parent));
+        }
+    }
+
+    /// The rows from `id` down to the bottom, if the memo holds them all.
+    fn remembered_chain(&self, id: &str) -> Option<Vec<Arc<Info>>> {
+        let m = self.chains.lock().ok()?;
+        let mut out = Vec::new();
+        let mut cur = Some(id);
+        while let Some(c) = cur {
+            let (row, parent) = m.get(c)?;
+            out.push(row.clone());
+            cur = parent.as_deref();
+        }
+        Some(out)
     }
 
     /// The committed parent's row, checking it is committed.

@@ -20,7 +20,11 @@ pub struct NativeSnapshotter {
 impl NativeSnapshotter {
     pub(crate) fn new(meta: Arc<Meta>, paths: Paths) -> Self {
         NativeSnapshotter {
-            core: Core { meta, paths },
+            core: Core {
+                meta,
+                paths,
+                chains: Default::default(),
+            },
         }
     }
 

@@ -15,25 +15,20 @@ use crate::util::random_short;
 /// Length of the link names under `l/` (36^5 ≈ 60M names).
 const LINK_LEN: usize = 5;
 
-/// A committed snapshot's lowerdir link and its parent's snapshot id.
-type ChainNode = (String, Option<String>);
-
 /// The overlay snapshotter (see the module doc).
 #[derive(Debug)]
 pub struct OverlaySnapshotter {
     core: Core,
-    /// Committed snapshots seen, by snapshot id (an id names one creation,
-    /// and a committed snapshot's parent never changes): its lowerdir
-    /// link and its parent's id. A step on a deep chain then costs two row
-    /// lookups and a walk in memory, not a query over the whole chain.
-    chains: std::sync::Mutex<std::collections::HashMap<String, ChainNode>>,
 }
 
 impl OverlaySnapshotter {
     pub(crate) fn new(meta: Arc<Meta>, paths: Paths) -> Self {
         OverlaySnapshotter {
-            core: Core { meta, paths },
-            chains: Default::default(),
+            core: Core {
+                meta,
+                paths,
+                chains: Default::default(),
+            },
         }
     }
 
@@ -56,56 +51,11 @@ impl OverlaySnapshotter {
         let Some(parent) = parent else {
             return Ok(Vec::new());
         };
-        self.chain(&self.core.get(parent)?)
-    }
-
-    /// The lowerdir list that mounts committed snapshot `row` (it first,
-    /// then its ancestors): walked in the memo when `row` or its parent is
-    /// there, else read in one query (and remembered).
-    fn chain(&self, row: &Info) -> Result<Vec<String>> {
-        let link = |r: &Info| self.link_path(r).map(|p| p.to_string_lossy().into_owned());
-        if row.kind == Kind::Committed && !self.known(&row.id) {
-            if let Some(p) = row.parent.as_deref() {
-                let parent = self.core.get(p)?;
-                if self.known(&parent.id) {
-                    self.remember(&row.id, link(row)?, Some(parent.id));
-                }
-            }
-        }
-        if let Some(c) = self.walk(&row.id) {
-            return Ok(c);
-        }
-        let rows = self.core.meta.snapshot_chain(&row.key)?;
-        let links = rows.iter().map(link).collect::<Result<Vec<_>>>()?;
-        if rows.iter().all(|r| r.kind == Kind::Committed) {
-            for (i, (r, l)) in rows.iter().zip(&links).enumerate() {
-                self.remember(&r.id, l.clone(), rows.get(i + 1).map(|p| p.id.clone()));
-            }
-        }
-        Ok(links)
-    }
-
-    fn known(&self, id: &str) -> bool {
-        self.chains.lock().is_ok_and(|m| m.contains_key(id))
-    }
-
-    fn remember(&self, id: &str, link: String, parent: Option<String>) {
-        if let Ok(mut m) = self.chains.lock() {
-            m.insert(id.to_string(), (link, parent));
-        }
-    }
-
-    /// The links from `id` down to the bottom, if the memo holds them all.
-    fn walk(&self, id: &str) -> Option<Vec<String>> {
-        let m = self.chains.lock().ok()?;
-        let mut out = Vec::new();
-        let mut cur = Some(id);
-        while let Some(c) = cur {
-            let (link, parent) = m.get(c)?;
-            out.push(link.clone());
-            cur = parent.as_deref();
-        }
-        Some(out)
+        self.core
+            .chain(parent)?
+            .iter()
+            .map(|r| self.link_path(r).map(|p| p.to_string_lossy().into_owned()))
+            .collect()
     }
 
     fn make_link(&self, dir: &Path) -> Result<String> {
