@@ -26,14 +26,7 @@ fn tool(name: &str) -> bool {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let o = cmd.output().expect("spawn");
-    assert!(
-        o.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    String::from_utf8_lossy(&common::registry::sh(cmd).stdout).into_owned()
 }
 
 fn built() -> (Kiln, tempfile::TempDir, String) {
