@@ -838,10 +838,11 @@ fn cancellation_kills_the_tree() -> TestResult {
 }
 
 /// Child mode for the PDEATHSIG test: run a long step, print "started".
-fn pdeathsig_child(dir: &Path) -> ! {
+fn pdeathsig_child(dir: &Path, cgroup_parent: &str) -> ! {
     let rootfs = dir.join("rootfs");
     let ex = Executor::new(ExecutorConfig {
         state_dir: dir.join("state"),
+        cgroup_parent: cgroup_parent.to_string(),
         ..ExecutorConfig::default()
     });
     let rt = runtime();
@@ -870,11 +871,22 @@ fn pdeathsig_child(dir: &Path) -> ! {
 }
 
 fn sigkill_of_kiln_takes_the_sandbox_down() -> TestResult {
-    let f = Fixture::new()?;
+    let mut f = Fixture::new()?;
+    // A cgroup parent of its own: the other sandbox tests run at the same
+    // time, and any executor's first step sweeps its parent's dead runs;
+    // the dead run below must be there to see until this test sweeps it.
+    let parent = format!("kiln-sigkill-test-{}", std::process::id());
+    f.executor = Executor::new(ExecutorConfig {
+        state_dir: f.tmp.path().join("state"),
+        tail_lines: 5,
+        cgroup_parent: parent.clone(),
+        ..ExecutorConfig::default()
+    });
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .arg("__pdeathsig_child")
         .arg(f.tmp.path())
+        .arg(&parent)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
@@ -910,7 +922,7 @@ fn sigkill_of_kiln_takes_the_sandbox_down() -> TestResult {
     );
     let cgroups_of_dead = || -> Vec<PathBuf> {
         let mut v = Vec::new();
-        for base in cgroup_parents() {
+        for base in cgroup_parents_named(&parent) {
             let p = base.join(&dead[0]);
             if p.exists() {
                 v.push(p);
@@ -929,11 +941,19 @@ fn sigkill_of_kiln_takes_the_sandbox_down() -> TestResult {
         "stale cgroups: {:?}",
         cgroups_of_dead()
     );
+    for base in cgroup_parents_named(&parent) {
+        let _ = fs::remove_dir(base);
+    }
     f.host_clean()
 }
 
 /// `<hierarchy>/<our cgroup>/kiln` for every cgroup hierarchy mounted.
 fn cgroup_parents() -> Vec<PathBuf> {
+    cgroup_parents_named("kiln")
+}
+
+/// `<hierarchy>/<our cgroup>/<parent>` for every cgroup hierarchy mounted.
+fn cgroup_parents_named(parent: &str) -> Vec<PathBuf> {
     let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let mut v = Vec::new();
     for l in own.lines() {
@@ -944,7 +964,7 @@ fn cgroup_parents() -> Vec<PathBuf> {
         } else {
             PathBuf::from("/sys/fs/cgroup").join(ctrls.trim_start_matches("name="))
         };
-        v.push(base.join(path.trim_start_matches('/')).join("kiln"));
+        v.push(base.join(path.trim_start_matches('/')).join(parent));
     }
     v
 }
@@ -1197,7 +1217,8 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("__pdeathsig_child") {
         let dir = PathBuf::from(args.get(1).cloned().unwrap_or_default());
-        pdeathsig_child(&dir);
+        let parent = args.get(2).cloned().unwrap_or_else(|| "kiln".into());
+        pdeathsig_child(&dir, &parent);
     }
     let list = args.iter().any(|a| a == "--list");
     let exact = args.iter().any(|a| a == "--exact");
