@@ -11,11 +11,79 @@ use std::ffi::OsStr;
 use std::fs::{self, File, Metadata};
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::tarw::{Kind, Meta, TarWriter};
+use crate::tarw::{Kind, Meta, TarWriter, Xattrs};
 use crate::ImageError;
+
+/// What the differs use of an entry's `lstat`.
+#[derive(Clone, Copy, Debug)]
+struct St {
+    /// `st_mode`: file type and permission bits.
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    nlink: u64,
+    dev: u64,
+    ino: u64,
+    rdev: u64,
+    size: u64,
+    /// 512-byte blocks allocated.
+    blocks: u64,
+    mtime: i64,
+}
+
+impl St {
+    fn of(md: &Metadata) -> St {
+        St {
+            mode: md.mode(),
+            uid: md.uid(),
+            gid: md.gid(),
+            nlink: md.nlink(),
+            dev: md.dev(),
+            ino: md.ino(),
+            rdev: md.rdev(),
+            size: md.len(),
+            blocks: md.blocks(),
+            mtime: md.mtime(),
+        }
+    }
+
+    // `st_nlink` is 32 bits wide on some architectures.
+    #[allow(clippy::unnecessary_cast)]
+    fn of_stat(s: &libc::stat) -> St {
+        St {
+            mode: s.st_mode,
+            uid: s.st_uid,
+            gid: s.st_gid,
+            nlink: s.st_nlink as u64,
+            dev: s.st_dev,
+            ino: s.st_ino,
+            rdev: s.st_rdev,
+            size: s.st_size.max(0) as u64,
+            blocks: s.st_blocks.max(0) as u64,
+            mtime: s.st_mtime,
+        }
+    }
+
+    fn file_type(&self) -> u32 {
+        self.mode & libc::S_IFMT
+    }
+    fn is_dir(&self) -> bool {
+        self.file_type() == libc::S_IFDIR
+    }
+    fn is_file(&self) -> bool {
+        self.file_type() == libc::S_IFREG
+    }
+    fn is_symlink(&self) -> bool {
+        self.file_type() == libc::S_IFLNK
+    }
+    /// An overlay whiteout: a 0/0 character device.
+    fn is_whiteout(&self) -> bool {
+        self.file_type() == libc::S_IFCHR && self.rdev == 0
+    }
+}
 
 /// Options shared by both differs.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -40,6 +108,11 @@ pub struct DiffStats {
     pub content_bytes: u64,
     /// Size of the tar stream.
     pub tar_bytes: u64,
+    /// Disk space of the walked directory itself — bytes allocated and
+    /// inodes, each inode once, the root directory included — when the
+    /// walk saw all of it (an overlay upperdir with nothing excluded), so
+    /// the caller need not walk it again to measure it.
+    pub usage: Option<(u64, u64)>,
 }
 
 /// The whiteout prefix of the OCI layer format.
@@ -58,19 +131,53 @@ fn skip_xattr(name: &[u8]) -> bool {
     is_overlay_xattr(name) || name == b"security.selinux"
 }
 
-fn read_xattrs(path: &Path) -> Result<crate::tarw::Xattrs, ImageError> {
-    let names = match xattr::list(path) {
-        Ok(n) => n,
+fn read_xattrs(path: &Path) -> Result<Xattrs, ImageError> {
+    let names: Vec<std::ffi::OsString> = match xattr::list(path) {
+        Ok(n) => n.collect(),
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
         Err(e) => return Err(ImageError::path("listxattr", path, e)),
     };
+    layer_xattrs(&XattrAt::Path(path), &names, path)
+}
+
+/// Where an entry's extended attributes are read: through a descriptor
+/// opened on it (no path walk) or by path.
+enum XattrAt<'a> {
+    Fd(&'a File),
+    Path(&'a Path),
+}
+
+impl XattrAt<'_> {
+    fn list(&self) -> std::io::Result<Vec<std::ffi::OsString>> {
+        use xattr::FileExt;
+        match self {
+            XattrAt::Fd(f) => f.list_xattr().map(|l| l.collect()),
+            XattrAt::Path(p) => xattr::list(p).map(|l| l.collect()),
+        }
+    }
+
+    fn get(&self, name: &OsStr) -> std::io::Result<Option<Vec<u8>>> {
+        use xattr::FileExt;
+        match self {
+            XattrAt::Fd(f) => f.get_xattr(name),
+            XattrAt::Path(p) => xattr::get(p, name),
+        }
+    }
+}
+
+/// The values of `names` that belong in a layer, sorted.
+fn layer_xattrs(
+    at: &XattrAt,
+    names: &[std::ffi::OsString],
+    path: &Path,
+) -> Result<Xattrs, ImageError> {
     let mut out = Vec::new();
     for name in names {
         let nb = name.as_bytes();
         if skip_xattr(nb) {
             continue;
         }
-        match xattr::get(path, &name) {
+        match at.get(name) {
             Ok(Some(v)) => out.push((nb.to_vec(), v)),
             Ok(None) => {}
             Err(e) => return Err(ImageError::path("getxattr", path, e)),
@@ -80,9 +187,25 @@ fn read_xattrs(path: &Path) -> Result<crate::tarw::Xattrs, ImageError> {
     Ok(out)
 }
 
-fn overlay_flag(path: &Path, key: &str) -> Result<Option<Vec<u8>>, ImageError> {
+/// The value of overlayfs's `key` flag (`trusted.overlay.<key>`, or
+/// `user.overlay.<key>` for an unprivileged mount), looked up among the
+/// entry's listed attribute `names`.
+fn overlay_flag(
+    at: &XattrAt,
+    names: &[std::ffi::OsString],
+    key: &str,
+    path: &Path,
+) -> Result<Option<Vec<u8>>, ImageError> {
     for prefix in ["trusted.overlay.", "user.overlay."] {
-        match xattr::get(path, format!("{prefix}{key}")) {
+        let Some(name) = names.iter().find(|n| {
+            let b = n.as_bytes();
+            b.len() == prefix.len() + key.len()
+                && b.starts_with(prefix.as_bytes())
+                && b.ends_with(key.as_bytes())
+        }) else {
+            continue;
+        };
+        match at.get(name) {
             Ok(Some(v)) => return Ok(Some(v)),
             Ok(None) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {}
@@ -104,6 +227,12 @@ struct Ctx<W: Write> {
     exclude: HashSet<PathBuf>,
     links: HashMap<(u64, u64), Vec<u8>>,
     stats: DiffStats,
+    /// Disk usage of what was walked (see [`DiffStats::usage`]): bytes,
+    /// inodes, the multiply-linked inodes counted, and whether anything
+    /// was left out.
+    usage: (u64, u64),
+    counted: HashSet<(u64, u64)>,
+    partial: bool,
 }
 
 impl<W: Write> Ctx<W> {
@@ -114,7 +243,19 @@ impl<W: Write> Ctx<W> {
             opts: opts.clone(),
             links: HashMap::new(),
             stats: DiffStats::default(),
+            usage: (0, 0),
+            counted: HashSet::new(),
+            partial: false,
         }
+    }
+
+    /// Counts `st` into the walked tree's disk usage.
+    fn count(&mut self, st: &St) {
+        if st.nlink > 1 && !st.is_dir() && !self.counted.insert((st.dev, st.ino)) {
+            return;
+        }
+        self.usage.0 += st.blocks * 512;
+        self.usage.1 += 1;
     }
 
     fn excluded(&self, rel: &[u8]) -> bool {
@@ -169,49 +310,59 @@ impl<W: Write> Ctx<W> {
         Ok(())
     }
 
-    /// Describe `abs` (already lstat'ed as `md`) as a tar entry at `rel`.
-    fn meta(&mut self, abs: &Path, rel: Vec<u8>, md: &Metadata) -> Result<Meta, ImageError> {
-        let ft = md.file_type();
-        let kind = if ft.is_dir() {
-            Kind::Dir
-        } else if ft.is_symlink() {
-            let t = fs::read_link(abs).map_err(|e| ImageError::path("readlink", abs, e))?;
-            Kind::Symlink(t.as_os_str().as_bytes().to_vec())
-        } else if ft.is_char_device() {
-            Kind::Char(dev_major(md.rdev()), dev_minor(md.rdev()))
-        } else if ft.is_block_device() {
-            Kind::Block(dev_major(md.rdev()), dev_minor(md.rdev()))
-        } else if ft.is_fifo() {
-            Kind::Fifo
-        } else if ft.is_file() {
-            Kind::Regular(md.len())
-        } else {
-            return Err(ImageError::Unsupported(format!(
-                "{}: sockets cannot be stored in a layer",
-                abs.display()
-            )));
-        };
-        let xattrs = if ft.is_symlink() {
-            Vec::new()
-        } else {
-            read_xattrs(abs)?
+    /// Describe the entry at `abs` (lstat'ed as `st`, with the layer
+    /// attributes `xattrs`; `link` reads a symlink's target) as a tar
+    /// entry at `rel`.
+    fn meta(
+        &self,
+        abs: &Path,
+        rel: Vec<u8>,
+        st: &St,
+        xattrs: Xattrs,
+        link: impl FnOnce() -> std::io::Result<PathBuf>,
+    ) -> Result<Meta, ImageError> {
+        let kind = match st.file_type() {
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => {
+                let t = link().map_err(|e| ImageError::path("readlink", abs, e))?;
+                Kind::Symlink(std::os::unix::ffi::OsStringExt::into_vec(
+                    t.into_os_string(),
+                ))
+            }
+            libc::S_IFCHR => Kind::Char(dev_major(st.rdev), dev_minor(st.rdev)),
+            libc::S_IFBLK => Kind::Block(dev_major(st.rdev), dev_minor(st.rdev)),
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFREG => Kind::Regular(st.size),
+            _ => {
+                return Err(ImageError::Unsupported(format!(
+                    "{}: sockets cannot be stored in a layer",
+                    abs.display()
+                )))
+            }
         };
         Ok(Meta {
             path: rel,
             kind,
-            mode: md.mode() & 0o7777,
-            uid: u64::from(md.uid()),
-            gid: u64::from(md.gid()),
-            mtime: self.clamp(md.mtime()),
-            xattrs,
+            mode: st.mode & 0o7777,
+            uid: u64::from(st.uid),
+            gid: u64::from(st.gid),
+            mtime: self.clamp(st.mtime),
+            xattrs: if st.is_symlink() { Vec::new() } else { xattrs },
         })
     }
 
-    /// Write `meta` (from [`Ctx::meta`]) with the content of `abs`; a second
+    /// Write `meta` (from [`Ctx::meta`]) with the content of `abs` (read
+    /// through `open` when the caller has the file open already); a second
     /// name of an inode already in this layer becomes a hardlink entry.
-    fn emit(&mut self, abs: &Path, meta: &Meta, md: &Metadata) -> Result<(), ImageError> {
-        if md.is_file() && md.nlink() > 1 {
-            let key = (md.dev(), md.ino());
+    fn emit(
+        &mut self,
+        abs: &Path,
+        meta: &Meta,
+        st: &St,
+        open: Option<File>,
+    ) -> Result<(), ImageError> {
+        if st.is_file() && st.nlink > 1 {
+            let key = (st.dev, st.ino);
             if let Some(first) = self.links.get(&key) {
                 let link = Meta {
                     kind: Kind::Hardlink(first.clone()),
@@ -224,7 +375,10 @@ impl<W: Write> Ctx<W> {
         }
         if let Kind::Regular(n) = meta.kind {
             if n > 0 {
-                let mut f = open_nofollow(abs)?;
+                let mut f = match open {
+                    Some(f) => f,
+                    None => open_nofollow(abs)?,
+                };
                 return self.put(meta, Some(&mut f));
             }
         }
@@ -238,6 +392,14 @@ impl<W: Write> Ctx<W> {
         let before = tar.written();
         tar.finish()?;
         stats.tar_bytes = before + 1024;
+        Ok(stats)
+    }
+
+    /// [`Ctx::finish`], with the disk usage of the walk when it was whole.
+    fn finish_measured(self) -> Result<DiffStats, ImageError> {
+        let usage = (!self.partial).then_some(self.usage);
+        let mut stats = self.finish()?;
+        stats.usage = usage;
         Ok(stats)
     }
 }
@@ -284,10 +446,6 @@ fn lstat(p: &Path) -> Result<Metadata, ImageError> {
     fs::symlink_metadata(p).map_err(|e| ImageError::path("lstat", p, e))
 }
 
-fn is_whiteout_dev(md: &Metadata) -> bool {
-    md.file_type().is_char_device() && md.rdev() == 0
-}
-
 /// Write the layer of an overlayfs upperdir to `out` as an uncompressed tar.
 ///
 /// Only the upperdir is walked, so the cost is proportional to what changed.
@@ -302,51 +460,161 @@ pub fn write_overlay_diff(
     opts: &DiffOptions,
 ) -> Result<DiffStats, ImageError> {
     let mut ctx = Ctx::new(out, opts);
-    overlay_dir(&mut ctx, upper, &[])?;
-    ctx.finish()
+    let root = open_dir(None, upper).map_err(|e| ImageError::path("open", upper, e))?;
+    let md = root
+        .metadata()
+        .map_err(|e| ImageError::path("stat", upper, e))?;
+    ctx.count(&St::of(&md));
+    overlay_dir(&mut ctx, &root, upper, &[])?;
+    ctx.finish_measured()
 }
 
+/// `openat(dir, name)` (or `open(path)` without `dir`) for reading, never
+/// following a symlink; `O_NOATIME` where the caller may use it, so that
+/// reading a layer dirties no inodes.
+fn open_at(dir: Option<&File>, name: &Path, directory: bool) -> std::io::Result<File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let c = std::ffi::CString::new(name.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let dirfd = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+    let mut flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOATIME;
+    if directory {
+        flags |= libc::O_DIRECTORY;
+    }
+    loop {
+        // SAFETY: `c` is a NUL-terminated string alive for the call, and
+        // `dirfd` is AT_FDCWD or a descriptor `dir` keeps open.
+        let fd = unsafe { libc::openat(dirfd, c.as_ptr(), flags) };
+        if fd >= 0 {
+            // SAFETY: `fd` was just returned by openat and is owned by
+            // nothing else.
+            return Ok(unsafe { File::from_raw_fd(fd) });
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => {}
+            // O_NOATIME needs the file's owner or CAP_FOWNER.
+            Some(libc::EPERM) if flags & libc::O_NOATIME != 0 => flags &= !libc::O_NOATIME,
+            _ => return Err(e),
+        }
+    }
+}
+
+fn open_dir(dir: Option<&File>, name: &Path) -> std::io::Result<File> {
+    open_at(dir, name, true)
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
+fn lstat_at(dir: &File, name: &[u8]) -> std::io::Result<St> {
+    use std::os::fd::AsRawFd;
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `c` is NUL-terminated, `dir` is an open descriptor and `st`
+    // is valid for writes of one `stat`.
+    let r = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fstatat succeeded, so it filled `st`.
+    Ok(St::of_stat(unsafe { &st.assume_init() }))
+}
+
+/// `readlinkat(dir, name)`.
+fn readlink_at(dir: &File, name: &[u8]) -> std::io::Result<PathBuf> {
+    nix::fcntl::readlinkat(dir, OsStr::from_bytes(name))
+        .map(PathBuf::from)
+        .map_err(std::io::Error::from)
+}
+
+/// One upperdir directory (`dir`, open, at `abs_dir`). Each entry is
+/// reached from the open directory by its name alone, and a directory or
+/// regular file is opened once: its attributes, and a file's content, are
+/// read through that descriptor. Walking whole paths several times per
+/// file cost more than reading the files.
 fn overlay_dir<W: Write>(
     ctx: &mut Ctx<W>,
+    dir: &File,
     abs_dir: &Path,
     rel_dir: &[u8],
 ) -> Result<(), ImageError> {
     let names = sorted_names(abs_dir)?;
     let mut rest = Vec::with_capacity(names.len());
     for name in names {
-        let abs = abs_dir.join(OsStr::from_bytes(&name));
         let rel = join(rel_dir, &name);
         if ctx.excluded(&rel) {
+            ctx.partial = true;
             continue;
         }
-        let md = lstat(&abs)?;
-        if is_whiteout_dev(&md) {
+        let abs = abs_dir.join(OsStr::from_bytes(&name));
+        let st = lstat_at(dir, &name).map_err(|e| ImageError::path("lstat", &abs, e))?;
+        ctx.count(&st);
+        if st.is_whiteout() {
             ctx.whiteout(rel_dir, &name)?;
         } else {
-            rest.push((abs, rel, md));
+            rest.push((name, abs, rel, st));
         }
     }
-    for (abs, rel, md) in rest {
-        if md.is_dir() {
-            if overlay_flag(&abs, "redirect")?.is_some() {
+    for (name, abs, rel, st) in rest {
+        let mut fd = if st.is_dir() || st.is_file() {
+            match open_at(Some(dir), Path::new(OsStr::from_bytes(&name)), st.is_dir()) {
+                Ok(f) => Some(f),
+                // A file we may not read is still described (by path);
+                // its content, if any, then fails to open with this error.
+                Err(e) if st.is_file() && e.raw_os_error() == Some(libc::EACCES) => None,
+                Err(e) => return Err(ImageError::path("open", &abs, e)),
+            }
+        } else {
+            None
+        };
+        let at = match &fd {
+            Some(f) => XattrAt::Fd(f),
+            None => XattrAt::Path(&abs),
+        };
+        let xnames = if st.is_symlink() {
+            Vec::new()
+        } else {
+            match at.list() {
+                Ok(n) => n,
+                Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Vec::new(),
+                Err(e) => return Err(ImageError::path("listxattr", &abs, e)),
+            }
+        };
+        if st.is_dir() {
+            if overlay_flag(&at, &xnames, "redirect", &abs)?.is_some() {
                 return Err(ImageError::Unsupported(format!(
                     "{}: overlay redirect_dir is in use; mount with redirect_dir=off",
                     abs.display()
                 )));
             }
-        } else if md.is_file() && overlay_flag(&abs, "metacopy")?.is_some() {
+        } else if st.is_file() && overlay_flag(&at, &xnames, "metacopy", &abs)?.is_some() {
             return Err(ImageError::Unsupported(format!(
                 "{}: overlay metacopy is in use; mount with metacopy=off",
                 abs.display()
             )));
         }
-        let meta = ctx.meta(&abs, rel.clone(), &md)?;
-        ctx.emit(&abs, &meta, &md)?;
-        if md.is_dir() {
-            if overlay_flag(&abs, "opaque")?.as_deref() == Some(b"y") {
+        let opaque =
+            st.is_dir() && overlay_flag(&at, &xnames, "opaque", &abs)?.as_deref() == Some(b"y");
+        let xattrs = layer_xattrs(&at, &xnames, &abs)?;
+        let meta = ctx.meta(&abs, rel.clone(), &st, xattrs, || readlink_at(dir, &name))?;
+        if st.is_dir() {
+            ctx.emit(&abs, &meta, &st, None)?;
+            if opaque {
                 ctx.opaque(&meta)?;
             }
-            overlay_dir(ctx, &abs, &rel)?;
+            let sub = fd.take().ok_or_else(|| {
+                ImageError::path("open", &abs, std::io::Error::from_raw_os_error(libc::EBADF))
+            })?;
+            overlay_dir(ctx, &sub, &abs, &rel)?;
+        } else {
+            ctx.emit(&abs, &meta, &st, fd.take())?;
         }
     }
     Ok(())
@@ -426,7 +694,13 @@ fn tree_dir<W: Write>(
             }
             _ => None,
         };
-        let meta = ctx.meta(&uabs, rel.clone(), &umd)?;
+        let ust = St::of(&umd);
+        let xattrs = if umd.is_symlink() {
+            Vec::new()
+        } else {
+            read_xattrs(&uabs)?
+        };
+        let meta = ctx.meta(&uabs, rel.clone(), &ust, xattrs, || fs::read_link(&uabs))?;
         let changed = match &lower_child {
             None => true,
             Some((labs, lmd)) => !same_entry(labs, lmd, &uabs, &umd)?,
@@ -438,7 +712,7 @@ fn tree_dir<W: Write>(
             };
             if changed {
                 flush_pending(ctx, pending)?;
-                ctx.emit(&uabs, &meta, &umd)?;
+                ctx.emit(&uabs, &meta, &ust, None)?;
                 pending.push(None);
             } else {
                 pending.push(Some(meta));
@@ -448,7 +722,7 @@ fn tree_dir<W: Write>(
             r?;
         } else if changed {
             flush_pending(ctx, pending)?;
-            ctx.emit(&uabs, &meta, &umd)?;
+            ctx.emit(&uabs, &meta, &ust, None)?;
         }
     }
     Ok(())

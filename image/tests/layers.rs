@@ -155,8 +155,60 @@ fn exclude_paths() {
     let names = entry_names(&tree_tar(None, &src, &opts));
     assert_eq!(names, vec!["etc/", "keep", "run/"]);
     let mut out = Vec::new();
-    write_overlay_diff(&src, &mut out, &opts).expect("overlay diff");
+    let stats = write_overlay_diff(&src, &mut out, &opts).expect("overlay diff");
     assert_eq!(entry_names(&out), vec!["etc/", "keep", "run/"]);
+    assert_eq!(
+        stats.usage, None,
+        "a walk that left paths out measures nothing"
+    );
+}
+
+/// Bytes allocated and inodes under `root` (itself included), each inode
+/// once: what the snapshotter would measure with a walk of its own.
+fn du(root: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(p: &Path, seen: &mut std::collections::HashSet<(u64, u64)>, t: &mut (u64, u64)) {
+        let m = fs::symlink_metadata(p).expect("lstat");
+        if seen.insert((m.dev(), m.ino())) {
+            t.0 += m.blocks() * 512;
+            t.1 += 1;
+        }
+        if m.is_dir() {
+            for e in fs::read_dir(p).expect("readdir") {
+                walk(&e.expect("entry").path(), seen, t);
+            }
+        }
+    }
+    let mut t = (0, 0);
+    walk(root, &mut Default::default(), &mut t);
+    t
+}
+
+/// The overlay differ, which reaches every entry from its open parent
+/// directory and reads attributes and content through one descriptor,
+/// writes the same tar as the tree differ for a tree without whiteouts,
+/// and measures the tree's disk usage on the way.
+#[test]
+fn overlay_differ_matches_tree_differ_and_measures_usage() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    build_rich_tree(&src);
+    // Another name of a file, outside the tree, must not change the count.
+    fs::hard_link(src.join("ux"), t.path().join("outside")).expect("link");
+    let opts = DiffOptions::default();
+    let mut out = Vec::new();
+    let stats = write_overlay_diff(&src, &mut out, &opts).expect("overlay diff");
+    assert_eq!(
+        out,
+        tree_tar(None, &src, &opts),
+        "same bytes as the tree differ"
+    );
+    assert_eq!(stats.usage, Some(du(&src)));
+    let dst = t.path().join("dst");
+    fs::create_dir(&dst).expect("mkdir");
+    apply_layer(&out[..], &dst, WhiteoutMode::Delete).expect("apply");
+    fs::remove_file(t.path().join("outside")).expect("unlink");
+    assert_same_tree(&src, &dst, true);
 }
 
 /// A real overlay mount: deletions become whiteout devices and a removed and

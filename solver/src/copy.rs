@@ -529,9 +529,17 @@ impl Reuse {
         fs::write(&path, bytes).map_err(|e| io_err(&path, e))
     }
 
+    /// Notes `to` in this run's index (with its source's content hash).
+    fn note(&self, to: &str, e: &Entry) {
+        if let (Some(h), Ok(mut w)) = (self.src_hashes.get(&e.host), self.written.lock()) {
+            w.push((to.to_string(), *h));
+        }
+    }
+
     /// Hard-links `to` from the previous run when `e` is unchanged there.
     /// `dirs` keeps the directories of both sides open, so the check and
-    /// the link name the file relative to them.
+    /// the link name the file relative to them. Fails (false) as well
+    /// when `to` exists already.
     fn link_unchanged(
         &self,
         to: &str,
@@ -544,9 +552,6 @@ impl Reuse {
         let Some(h) = self.src_hashes.get(&e.host) else {
             return false;
         };
-        if let Ok(mut w) = self.written.lock() {
-            w.push((to.to_string(), *h));
-        }
         let Some((prev_dir, index)) = &self.prev else {
             return false;
         };
@@ -735,9 +740,38 @@ fn write_entry(
         None => (0, 0),
     };
     let ft = m.file_type();
+    let mode = match &opts.chmod {
+        Some(c) => c.apply(m.mode() & 0o7777, ft.is_dir()),
+        None => m.mode() & 0o7777,
+    };
+    let name = c_name(&host);
+    // A regular file that is not another name of a file copied already.
+    let first_name = ft.is_file() && !(m.nlink() > 1 && links.contains_key(&(m.dev(), m.ino())));
+    let (t, ns) = (
+        clamp(m.mtime(), opts.clamp_mtime),
+        if opts.clamp_mtime.is_some_and(|c| m.mtime() >= c) {
+            0
+        } else {
+            m.mtime_nsec()
+        },
+    );
+    let mut link_tried = false;
+    if let (true, Some(r), Some(name)) = (first_name, &opts.reuse, &name) {
+        r.note(to, e);
+        // The common case of a COPY run again after a small change: an
+        // unchanged file, linked from the previous run into a destination
+        // that does not exist yet (if it does, the link fails and the
+        // general way below replaces it).
+        if r.link_unchanged(to, &host, e, (uid, gid, mode, t, ns), name, dirs) {
+            if m.nlink() > 1 {
+                links.insert((m.dev(), m.ino()), host.clone());
+            }
+            return Ok(());
+        }
+        link_tried = true;
+    }
     // Most destinations do not exist yet: one fstatat in the open parent
     // says so without walking the path.
-    let name = c_name(&host);
     let absent = match (host.parent(), &name) {
         (Some(parent), Some(name)) => DirFds::open(&mut dirs.host, parent).is_some_and(|fd| {
             lstat_at(fd, name).is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
@@ -757,10 +791,6 @@ fn write_entry(
             fs::remove_file(&host).map_err(|err| io_err(&host, err))?;
         }
     }
-    let mode = match &opts.chmod {
-        Some(c) => c.apply(m.mode() & 0o7777, ft.is_dir()),
-        None => m.mode() & 0o7777,
-    };
     if ft.is_dir() {
         if !host.is_dir() {
             fs::create_dir(&host).map_err(|err| io_err(&host, err))?;
@@ -785,13 +815,8 @@ fn write_entry(
         if m.nlink() > 1 {
             links.insert((m.dev(), m.ino()), host.clone());
         }
-        let t = clamp(m.mtime(), opts.clamp_mtime);
-        let ns = if opts.clamp_mtime.is_some_and(|c| m.mtime() >= c) {
-            0
-        } else {
-            m.mtime_nsec()
-        };
-        if let (Some(r), Some(name)) = (&opts.reuse, &name) {
+        // The link above found the destination taken; it is gone now.
+        if let (true, false, Some(r), Some(name)) = (link_tried, absent, &opts.reuse, &name) {
             if r.link_unchanged(to, &host, e, (uid, gid, mode, t, ns), name, dirs) {
                 return Ok(());
             }

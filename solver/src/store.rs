@@ -423,14 +423,18 @@ impl Backend for StoreBackend {
             // size are computed here (one streaming pass, nothing written);
             // the tar is written again when the blob is read (export,
             // push) — see `Store::record_layer_source`.
-            let (blob, size) = sn
+            let (blob, size, usage) = sn
                 .diff_source(&active.key)
                 .map_err(|err| e("diff source", err))?
                 .digest(opts)
                 .map_err(|err| e("diff", err))?;
             let diff_id: Digest = blob.to_string().parse().map_err(|err| e("digest", err))?;
             let name = chain_id(parent.as_deref(), diff_id.as_str());
-            match sn.commit(&name, &active.key) {
+            let committed = match usage {
+                Some(u) => sn.commit_measured(&name, &active.key, u),
+                None => sn.commit(&name, &active.key),
+            };
+            match committed {
                 Ok(()) => {
                     let _ = sn.meta().set_snapshot_diff_id(&name, &blob);
                 }

@@ -83,11 +83,13 @@ impl DiffSource {
 impl DiffSource {
     /// The layer tar's digest (its diffID) and size, without writing it
     /// anywhere: the tar is written on a second thread and hashed on
-    /// this one, so reading the files and hashing overlap.
+    /// this one, so reading the files and hashing overlap. Also the disk
+    /// usage of the snapshot's directory when the walk measured it
+    /// (for [`Snapshotter::commit_measured`]).
     pub fn digest(
         &self,
         opts: &kiln_image::diff::DiffOptions,
-    ) -> std::result::Result<(crate::Digest, u64), kiln_image::ImageError> {
+    ) -> std::result::Result<(crate::Digest, u64, Option<Usage>), kiln_image::ImageError> {
         let (mut w, mut r) = crate::chunkpipe::chunk_pipe();
         std::thread::scope(|s| {
             let writer = s.spawn(move || {
@@ -95,27 +97,17 @@ impl DiffSource {
                 let flushed = std::io::Write::flush(&mut w);
                 // The hasher sees the end of the stream once `w` is gone.
                 drop(w);
-                res.and_then(|_| flushed.map_err(kiln_image::ImageError::from))
+                res.and_then(|stats| flushed.map(|_| stats).map_err(kiln_image::ImageError::from))
             });
             let mut h = crate::Hasher::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let read = loop {
-                match std::io::Read::read(&mut r, &mut buf) {
-                    Ok(0) => break Ok(()),
-                    Ok(n) => h.update(&buf[..n]),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => break Err(e),
-                }
-            };
-            // A failed read drops the reader, which stops the writer.
+            r.for_each_chunk(|c| h.update(c));
             drop(r);
             let wrote = writer.join().map_err(|_| {
                 kiln_image::ImageError::from(std::io::Error::other("diff writer panicked"))
             })?;
-            wrote?;
-            read?;
+            let usage = wrote?.usage.map(|(size, inodes)| Usage { size, inodes });
             let len = h.len();
-            Ok((h.finish(), len))
+            Ok((h.finish(), len, usage))
         })
     }
 }
@@ -149,7 +141,13 @@ macro_rules! lifecycle_on_core {
 
         fn commit(&self, name: &str, key: &str) -> Result<()> {
             let row = self.core.get(key)?;
-            self.core.commit(name, key, &self.core.fs(&row.id))
+            self.core.commit(name, key, &self.core.fs(&row.id), None)
+        }
+
+        fn commit_measured(&self, name: &str, key: &str, usage: Usage) -> Result<()> {
+            let row = self.core.get(key)?;
+            self.core
+                .commit(name, key, &self.core.fs(&row.id), Some(usage))
         }
 
         fn remove(&self, key: &str) -> Result<()> {
@@ -213,6 +211,11 @@ pub trait Snapshotter: Send + Sync {
     /// Turn the active snapshot `key` into the committed snapshot `name`
     /// (its content is synced to disk first). `key` no longer exists after.
     fn commit(&self, name: &str, key: &str) -> Result<()>;
+
+    /// [`Snapshotter::commit`] with the disk usage of the snapshot's own
+    /// directory already measured (by the diff walk that read all of it),
+    /// so it is not walked again.
+    fn commit_measured(&self, name: &str, key: &str, usage: Usage) -> Result<()>;
 
     /// Remove a snapshot (a committed one only once it has no children).
     fn remove(&self, key: &str) -> Result<()>;
@@ -450,7 +453,13 @@ impl Core {
         Ok(row)
     }
 
-    pub fn commit(&self, name: &str, key: &str, content: &Path) -> Result<()> {
+    pub fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        content: &Path,
+        measured: Option<Usage>,
+    ) -> Result<()> {
         let row = self.get(key)?;
         if row.kind != Kind::Active {
             return Err(Error::InvalidState(format!(
@@ -465,7 +474,10 @@ impl Core {
         // only copy is its snapshot (its blob is written again from it on
         // export); after a power loss `system check` re-derives each such
         // layer and names any that no longer matches its diffID.
-        let (size, inodes) = disk_usage(content)?;
+        let (size, inodes) = match measured {
+            Some(u) => (u.size, u.inodes),
+            None => disk_usage(content)?,
+        };
         self.meta.snapshot_commit(key, name, size, inodes)
     }
 
