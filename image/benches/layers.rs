@@ -7,7 +7,7 @@ use std::path::Path;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kiln_image::blob::encode_layer;
 use kiln_image::compression::{Compression, CompressionOpts};
-use kiln_image::diff::{write_tree_diff, DiffOptions};
+use kiln_image::diff::{write_overlay_diff, write_tree_diff, DiffOptions};
 
 struct Sink;
 impl Write for Sink {
@@ -54,6 +54,11 @@ fn benches(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(bytes));
     g.bench_function("tar_write_tree", |b| {
         b.iter(|| write_tree_diff(None, t.path(), Sink, &DiffOptions::default()).expect("diff"))
+    });
+    // What a commit runs on an overlay upperdir (entries reached from
+    // their open parent directory, read through one descriptor each).
+    g.bench_function("tar_write_overlay_upper", |b| {
+        b.iter(|| write_overlay_diff(t.path(), Sink, &DiffOptions::default()).expect("diff"))
     });
     g.throughput(Throughput::Bytes(tar.len() as u64));
     for (name, kind) in [
