@@ -497,6 +497,41 @@ fn five_hundred_layers_build_and_run() {
     assert_eq!(layers, Some(502), "base + 500 COPY + RUN");
 }
 
+/// A chain deep enough to be mounted through merged blocks of both
+/// levels (see solver/src/flatten.rs): what a layer deletes or replaces
+/// stays deleted or replaced in the steps above, whichever blocks the
+/// layers involved end up in.
+#[test]
+fn deep_chain_keeps_deletions_and_replaced_directories() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let mut df = String::from("FROM busybox\n");
+    df.push_str(
+        "RUN mkdir -p /d /m && echo a > /d/a && echo g > /gone && echo f > /x && echo 1 > /m/a\n",
+    );
+    for i in 1..300 {
+        match i {
+            40 => df.push_str(
+                "RUN rm /gone && rm -rf /d && mkdir /d && echo b > /d/b && rm /x && mkdir /x && echo in > /x/in\n",
+            ),
+            100 => df.push_str("RUN echo 2 > /m/b && rm /m/a\n"),
+            270 => df.push_str("RUN echo back > /gone\n"),
+            _ => df.push_str(&format!("RUN echo {i} > /l{i}\n")),
+        }
+    }
+    df.push_str(
+        "RUN (test ! -e /d/a && test ! -e /m/a && cat /gone /d/b /x/in /m/b && ls / | grep -c '^l') > /result\n",
+    );
+    let ctx = context(&[("Dockerfile", df.as_str())]);
+    k.build(ctx.path(), &["-t", "deepwh:1"]);
+    assert_eq!(
+        k.ok(&["run", "deepwh:1", "cat", "/result"]),
+        "back\nb\nin\n2\n296\n"
+    );
+}
+
 #[test]
 fn dockerfile_from_stdin_or_outside_the_context_with_its_own_ignore_file() {
     if !prerequisites() {

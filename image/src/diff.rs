@@ -460,7 +460,7 @@ pub fn write_overlay_diff(
     opts: &DiffOptions,
 ) -> Result<DiffStats, ImageError> {
     let mut ctx = Ctx::new(out, opts);
-    let root = open_dir(None, upper).map_err(|e| ImageError::path("open", upper, e))?;
+    let root = File::open(upper).map_err(|e| ImageError::path("open", upper, e))?;
     let md = root
         .metadata()
         .map_err(|e| ImageError::path("stat", upper, e))?;
@@ -469,21 +469,21 @@ pub fn write_overlay_diff(
     ctx.finish_measured()
 }
 
-/// `openat(dir, name)` (or `open(path)` without `dir`) for reading, never
-/// following a symlink; `O_NOATIME` where the caller may use it, so that
-/// reading a layer dirties no inodes.
-fn open_at(dir: Option<&File>, name: &Path, directory: bool) -> std::io::Result<File> {
+/// `openat(dir, name)` for reading, never following a symlink;
+/// `O_NOATIME` where the caller may use it, so that reading a layer
+/// dirties no inodes.
+fn open_at(dir: &File, name: &[u8], directory: bool) -> std::io::Result<File> {
     use std::os::fd::{AsRawFd, FromRawFd};
-    let c = std::ffi::CString::new(name.as_os_str().as_bytes())
+    let c = std::ffi::CString::new(name)
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let dirfd = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+    let dirfd = dir.as_raw_fd();
     let mut flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOATIME;
     if directory {
         flags |= libc::O_DIRECTORY;
     }
     loop {
         // SAFETY: `c` is a NUL-terminated string alive for the call, and
-        // `dirfd` is AT_FDCWD or a descriptor `dir` keeps open.
+        // `dirfd` is a descriptor `dir` keeps open.
         let fd = unsafe { libc::openat(dirfd, c.as_ptr(), flags) };
         if fd >= 0 {
             // SAFETY: `fd` was just returned by openat and is owned by
@@ -498,10 +498,6 @@ fn open_at(dir: Option<&File>, name: &Path, directory: bool) -> std::io::Result<
             _ => return Err(e),
         }
     }
-}
-
-fn open_dir(dir: Option<&File>, name: &Path) -> std::io::Result<File> {
-    open_at(dir, name, true)
 }
 
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
@@ -564,7 +560,7 @@ fn overlay_dir<W: Write>(
     }
     for (name, abs, rel, st) in rest {
         let mut fd = if st.is_dir() || st.is_file() {
-            match open_at(Some(dir), Path::new(OsStr::from_bytes(&name)), st.is_dir()) {
+            match open_at(dir, &name, st.is_dir()) {
                 Ok(f) => Some(f),
                 // A file we may not read is still described (by path);
                 // its content, if any, then fails to open with this error.

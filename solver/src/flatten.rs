@@ -1,54 +1,106 @@
 //! Deep layer stacks: overlayfs accepts at most 500 lower directories,
 //! and every lookup that misses walks all of them (each step's mount,
 //! exec and path lookups cost O(depth)). A chain deeper than
-//! [`MAX_LOWERS`] keeps its top layers as they are and has its bottom
-//! layers merged, once per block of layers, into one directory that
-//! stands in for all of them: the layer directories are applied bottom
-//! first, with overlay whiteouts (0/0 character devices) deleting and
-//! opaque directories replacing what lies below. Regular files are
-//! hard-linked from their (immutable) layers, not copied, so a merge
-//! costs O(entries), not O(bytes).
+//! [`MAX_LOWERS`] is mounted as its top layers (fewer than
+//! [`FLAT_BLOCK`]) over a few merged directories, each standing in for a
+//! fixed, aligned block of the layers below ([`plan`]): blocks of
+//! [`FLAT_BLOCK`] layers, blocks of [`FLAT_FANOUT`] such blocks, and so
+//! on. A block is merged once, when the chain first grows past it, and
+//! never again, so a layer at the bottom with many files (a big base
+//! image) is merged once per level, not every few steps; and a step
+//! mounts about as many directories at layer 500 as at layer 50.
+//!
+//! A merged block is itself an overlay layer ([`squash`]): what its
+//! layers delete from the layers below it stays a whiteout (a 0/0
+//! character device), and a directory that hides what lies below it is
+//! marked opaque. Regular files are hard-linked from their (immutable)
+//! layers, not copied, so a merge costs O(entries), not O(bytes).
 
 use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::fsview::{lchown, set_mtime};
 
-/// Lower directories a step's mount uses at most; the kernel's limit is
-/// 500 (the executor adds its stub directory). Kept low so that a step
-/// costs the same at layer 500 as at layer 50.
+/// Lower directories a step's mount uses at most before the chain is
+/// mounted through merged blocks; the kernel's limit is 500 (the
+/// executor adds its stub directory).
 pub const MAX_LOWERS: usize = 64;
 
-/// Layers merged at a time: the bottom of a deep chain is re-merged
-/// every this many layers, and a step mounts between
-/// `MAX_LOWERS - FLAT_BLOCK` and `MAX_LOWERS` lower directories.
+/// Layers in a first-level merged block.
 pub const FLAT_BLOCK: usize = 32;
+
+/// Blocks of one level in a block of the next.
+pub const FLAT_FANOUT: usize = 8;
+
+/// One merged block: `len` layers from `start` (counted from the bottom
+/// of the chain, 0 being its first layer), at `level` (0: made of
+/// layers, 1: of level-0 blocks, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    /// 0 for a block of layers, n + 1 for a block of level-n blocks.
+    pub level: u32,
+    /// Index of the block's bottom layer, counted from the chain's bottom.
+    pub start: usize,
+    /// Layers the block covers.
+    pub len: usize,
+}
+
+impl Block {
+    /// The blocks one level down that make up this one (bottom first);
+    /// empty at level 0.
+    pub fn parts(&self) -> Vec<Block> {
+        if self.level == 0 {
+            return Vec::new();
+        }
+        let len = self.len / FLAT_FANOUT;
+        (0..FLAT_FANOUT)
+            .map(|i| Block {
+                level: self.level - 1,
+                start: self.start + i * len,
+                len,
+            })
+            .collect()
+    }
+}
+
+/// How a chain of `depth` layers is mounted: the merged blocks, bottom
+/// first, and how many top layers stay as they are. Chains of at most
+/// [`MAX_LOWERS`] layers are mounted as they are. Deeper ones take the
+/// biggest aligned blocks first, so the blocks a chain uses are the same
+/// ones its children use, until a block of the next size fills up.
+pub fn plan(depth: usize) -> (Vec<Block>, usize) {
+    if depth <= MAX_LOWERS {
+        return (Vec::new(), depth);
+    }
+    let mut sizes = vec![FLAT_BLOCK];
+    while let Some(&top) = sizes.last() {
+        let next = top.saturating_mul(FLAT_FANOUT);
+        if next > depth || next == top {
+            break;
+        }
+        sizes.push(next);
+    }
+    let mut blocks = Vec::new();
+    let mut start = 0;
+    for (level, &size) in sizes.iter().enumerate().rev() {
+        while depth - start >= size {
+            blocks.push(Block {
+                level: level as u32,
+                start,
+                len: size,
+            });
+            start += size;
+        }
+    }
+    (blocks, depth - start)
+}
 
 fn is_whiteout(m: &fs::Metadata) -> bool {
     m.file_type().is_char_device() && m.rdev() == 0
-}
-
-fn is_opaque(p: &Path) -> bool {
-    let Ok(c) = CString::new(p.as_os_str().as_bytes()) else {
-        return false;
-    };
-    ["trusted.overlay.opaque", "user.overlay.opaque"]
-        .iter()
-        .any(|name| {
-            let Ok(n) = CString::new(*name) else {
-                return false;
-            };
-            let mut buf = [0u8; 4];
-            // SAFETY: valid C strings and a buffer of the given length.
-            let r = unsafe {
-                libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            };
-            r == 1 && buf[0] == b'y'
-        })
 }
 
 fn remove(p: &Path) -> io::Result<()> {
@@ -69,7 +121,61 @@ fn meta_to(dst: &Path, m: &fs::Metadata, symlink: bool) -> io::Result<()> {
     set_mtime(dst, m.mtime(), m.mtime_nsec(), symlink).map_err(err)
 }
 
-/// Applies `layer` (an overlay layer directory) on top of `into`.
+/// The overlay xattr that marks `p` opaque, if it has one set to "y".
+fn opaque_xattr(p: &Path) -> Option<&'static str> {
+    let c = CString::new(p.as_os_str().as_bytes()).ok()?;
+    ["trusted.overlay.opaque", "user.overlay.opaque"]
+        .into_iter()
+        .find(|name| {
+            let Ok(n) = CString::new(*name) else {
+                return false;
+            };
+            let mut buf = [0u8; 4];
+            // SAFETY: valid C strings and a buffer of the given length.
+            let r = unsafe {
+                libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            };
+            r == 1 && buf[0] == b'y'
+        })
+}
+
+fn set_opaque(dir: &Path, name: &str) -> io::Result<()> {
+    xattr::set(dir, name, b"y")
+}
+
+/// Copies the extended attributes of the directory `src` that belong to
+/// its content (not overlayfs's own) onto `dst`.
+fn copy_dir_xattrs(src: &Path, dst: &Path) -> io::Result<()> {
+    let names = match xattr::list(src) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for name in names {
+        let b = name.as_bytes();
+        if b.starts_with(b"trusted.overlay.") || b.starts_with(b"user.overlay.") {
+            continue;
+        }
+        if let Some(v) = xattr::get(src, &name)? {
+            xattr::set(dst, &name, &v)?;
+        }
+    }
+    Ok(())
+}
+
+fn mknod(dst: &Path, mode: u32, rdev: u64) -> io::Result<()> {
+    let c = CString::new(dst.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: a valid path; mode and rdev come from an lstat (or are a
+    // whiteout's 0/0).
+    if unsafe { libc::mknod(c.as_ptr(), mode as libc::mode_t, rdev as libc::dev_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Applies `layer` (an overlay layer directory) on top of `into`, itself
+/// an overlay layer: the result, mounted over the layers below both,
+/// shows what `layer` over `into` over those would.
 fn apply_dir(layer: &Path, into: &Path) -> io::Result<()> {
     let mut names: Vec<_> = fs::read_dir(layer)?.collect::<Result<Vec<_>, _>>()?;
     names.sort_by_key(|e| e.file_name());
@@ -78,17 +184,35 @@ fn apply_dir(layer: &Path, into: &Path) -> io::Result<()> {
         let dst = into.join(e.file_name());
         let m = fs::symlink_metadata(&src)?;
         if is_whiteout(&m) {
+            // Deleted here, and (a whiteout) in whatever lies below.
             remove(&dst)?;
+            mknod(&dst, libc::S_IFCHR | 0o600, 0)?;
+            meta_to(&dst, &m, false)?;
             continue;
         }
         let ft = m.file_type();
         if ft.is_dir() {
-            let existing_dir = fs::symlink_metadata(&dst).is_ok_and(|d| d.is_dir());
-            if is_opaque(&src) || !existing_dir {
-                remove(&dst)?;
-                fs::create_dir(&dst)?;
+            let below = fs::symlink_metadata(&dst).ok();
+            let merge = below.as_ref().is_some_and(|d| d.is_dir());
+            match opaque_xattr(&src) {
+                Some(name) => {
+                    remove(&dst)?;
+                    fs::create_dir(&dst)?;
+                    set_opaque(&dst, name)?;
+                }
+                None if merge => {}
+                None => {
+                    remove(&dst)?;
+                    fs::create_dir(&dst)?;
+                    if below.is_some() {
+                        // A directory over a file or a whiteout hides
+                        // whatever the layers below have at that path.
+                        set_opaque(&dst, "trusted.overlay.opaque")?;
+                    }
+                }
             }
             apply_dir(&src, &dst)?;
+            copy_dir_xattrs(&src, &dst)?;
             meta_to(&dst, &m, false)?;
             continue;
         }
@@ -104,26 +228,17 @@ fn apply_dir(layer: &Path, into: &Path) -> io::Result<()> {
                 meta_to(&dst, &m, false)?;
             }
         } else {
-            let c = CString::new(dst.as_os_str().as_bytes()).map_err(io::Error::other)?;
-            // SAFETY: a valid path; mode and rdev come from an lstat.
-            if unsafe {
-                libc::mknod(
-                    c.as_ptr(),
-                    m.mode() as libc::mode_t,
-                    m.rdev() as libc::dev_t,
-                )
-            } != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
+            mknod(&dst, m.mode(), m.rdev())?;
             meta_to(&dst, &m, false)?;
         }
     }
     Ok(())
 }
 
-/// Merges `layers` (top first) into the empty directory `into`.
-pub fn flatten(layers: &[std::path::PathBuf], into: &Path) -> io::Result<()> {
+/// Merges `layers` (overlay layer directories, top first) into the empty
+/// directory `into`, as one overlay layer that stands in for all of them
+/// over whatever lies below.
+pub fn squash(layers: &[PathBuf], into: &Path) -> io::Result<()> {
     for layer in layers.iter().rev() {
         apply_dir(layer, into)?;
     }
@@ -134,8 +249,76 @@ pub fn flatten(layers: &[std::path::PathBuf], into: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    fn whiteout(p: &Path) {
+        mknod(p, libc::S_IFCHR | 0o600, 0).unwrap();
+    }
+
+    fn is_whiteout_at(p: &Path) -> bool {
+        fs::symlink_metadata(p).is_ok_and(|m| is_whiteout(&m))
+    }
+
     #[test]
-    fn upper_layers_win_and_whiteouts_delete() {
+    fn plan_takes_aligned_blocks_biggest_first() {
+        assert_eq!(plan(64), (Vec::new(), 64));
+        let (b, keep) = plan(65);
+        assert_eq!(keep, 1);
+        assert_eq!(
+            b,
+            vec![
+                Block {
+                    level: 0,
+                    start: 0,
+                    len: 32
+                },
+                Block {
+                    level: 0,
+                    start: 32,
+                    len: 32
+                }
+            ]
+        );
+        let (b, keep) = plan(500);
+        // 256 + 7 x 32 + 20: eight lower directories and twenty layers.
+        assert_eq!(keep, 20);
+        assert_eq!(
+            b[0],
+            Block {
+                level: 1,
+                start: 0,
+                len: 256
+            }
+        );
+        assert_eq!(b.len(), 8);
+        assert!(b[1..].iter().all(|x| x.level == 0 && x.len == 32));
+        assert_eq!(b[0].parts().len(), FLAT_FANOUT);
+        assert_eq!(
+            b[0].parts()[7],
+            Block {
+                level: 0,
+                start: 224,
+                len: 32
+            }
+        );
+        // The blocks of a chain are the blocks of its children, as long as
+        // no bigger block fills up; and no depth mounts many directories.
+        for d in 65..5000 {
+            let (b, keep) = plan(d);
+            let (b1, _) = plan(d + 1);
+            if (d + 1) % FLAT_BLOCK != 0 {
+                assert_eq!(b, b1, "depth {d}");
+            }
+            assert!(
+                b.len() + keep <= 2 * FLAT_BLOCK,
+                "depth {d}: {} + {keep}",
+                b.len()
+            );
+            let covered: usize = b.iter().map(|x| x.len).sum();
+            assert_eq!(covered + keep, d);
+        }
+    }
+
+    #[test]
+    fn upper_layers_win_and_whiteouts_stay_whiteouts() {
         let t = tempfile::tempdir().unwrap();
         let (low, up, out) = (
             t.path().join("low"),
@@ -150,16 +333,14 @@ mod tests {
         fs::write(low.join("gone"), "g").unwrap();
         fs::write(low.join("f"), "old").unwrap();
         fs::write(up.join("f"), "new").unwrap();
-        let c = CString::new(up.join("gone").as_os_str().as_bytes()).unwrap();
-        // SAFETY: valid path; a 0/0 character device is overlay's whiteout.
-        assert_eq!(
-            unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, 0) },
-            0
-        );
-        flatten(&[up, low.clone()], &out).unwrap();
+        whiteout(&up.join("gone"));
+        whiteout(&up.join("below"));
+        squash(&[up, low.clone()], &out).unwrap();
         assert_eq!(fs::read_to_string(out.join("f")).unwrap(), "new");
         assert_eq!(fs::read_to_string(out.join("d/keep")).unwrap(), "k");
-        assert!(!out.join("gone").exists());
+        // Deleted from the block and from whatever lies below it.
+        assert!(is_whiteout_at(&out.join("gone")));
+        assert!(is_whiteout_at(&out.join("below")));
         // Files are the layers' own inodes, and replacing one in the merge
         // never touches the layer it came from.
         assert_eq!(
@@ -168,5 +349,51 @@ mod tests {
         );
         assert_eq!(fs::read_to_string(low.join("f")).unwrap(), "old");
         assert!(low.join("gone").exists());
+    }
+
+    #[test]
+    fn directories_that_hide_what_is_below_are_opaque() {
+        let t = tempfile::tempdir().unwrap();
+        let p = |n: &str| t.path().join(n);
+        for d in ["l1", "l2", "l3", "out"] {
+            fs::create_dir_all(p(d)).unwrap();
+        }
+        // l1: a file `x` and a directory `m` with `a`.
+        fs::write(p("l1/x"), "file").unwrap();
+        fs::create_dir(p("l1/m")).unwrap();
+        fs::write(p("l1/m/a"), "a").unwrap();
+        // l2: `x` becomes a directory; `w` is deleted; `o` is made opaque.
+        fs::create_dir(p("l2/x")).unwrap();
+        fs::write(p("l2/x/in"), "in").unwrap();
+        whiteout(&p("l2/w"));
+        fs::create_dir(p("l2/o")).unwrap();
+        xattr::set(p("l2/o"), "trusted.overlay.opaque", b"y").unwrap();
+        xattr::set(p("l2/o"), "user.kept", b"v").unwrap();
+        // l3: `w` comes back as a directory; `m` gains `b`.
+        fs::create_dir(p("l3/w")).unwrap();
+        fs::create_dir(p("l3/m")).unwrap();
+        fs::write(p("l3/m/b"), "b").unwrap();
+        squash(&[p("l3"), p("l2"), p("l1")], &p("out")).unwrap();
+        let opaque = |n: &str| opaque_xattr(&p(n)).is_some();
+        assert!(
+            opaque("out/x"),
+            "a directory over a file hides the layers below"
+        );
+        assert!(
+            opaque("out/w"),
+            "a directory over a whiteout hides the layers below"
+        );
+        assert!(opaque("out/o"), "an opaque directory stays opaque");
+        assert_eq!(
+            xattr::get(p("out/o"), "user.kept").unwrap(),
+            Some(b"v".to_vec())
+        );
+        assert!(
+            !opaque("out/m"),
+            "a merged directory still shows the layers below"
+        );
+        assert_eq!(fs::read_to_string(p("out/m/a")).unwrap(), "a");
+        assert_eq!(fs::read_to_string(p("out/m/b")).unwrap(), "b");
+        assert_eq!(fs::read_to_string(p("out/x/in")).unwrap(), "in");
     }
 }

@@ -18,7 +18,7 @@ use kiln_image::Digest;
 
 use crate::backend::{Active, Backend, BackendResult, BaseImage, Exported, LayerRecord};
 use crate::copy::{HashCache, StatKey};
-use crate::flatten::{FLAT_BLOCK, MAX_LOWERS};
+use crate::flatten::Block;
 
 /// The store-backed backend. Holds a lease for its whole life.
 pub struct StoreBackend {
@@ -26,6 +26,9 @@ pub struct StoreBackend {
     lease: Option<String>,
     /// Registry access for FROM: (settings, always pull).
     registry: Option<(kiln_registry::RegistryConfig, bool)>,
+    /// Merged blocks of deep chains made or found by this build, by
+    /// snapshot name (immutable, and held by the build's lease).
+    flats: std::sync::Mutex<std::collections::HashMap<String, PathBuf>>,
 }
 
 fn e(context: &str, err: impl std::fmt::Display) -> String {
@@ -34,16 +37,16 @@ fn e(context: &str, err: impl std::fmt::Display) -> String {
 
 static ACTIVE: AtomicU64 = AtomicU64::new(0);
 
-/// Keeps the first `keep` lowerdirs of an overlay mount and puts `flat`
-/// (their merged remainder) last.
-fn cap_lowers(m: &mut RootfsMount, keep: usize, flat: &std::path::Path) {
+/// Keeps the first `keep` lowerdirs of an overlay mount and puts `flats`
+/// (the merged blocks of the rest, top first) after them.
+fn cap_lowers(m: &mut RootfsMount, keep: usize, flats: &[PathBuf]) {
     if m.kind != RootfsKind::Overlay {
         return;
     }
     for o in &mut m.options {
         if let Some(lower) = o.strip_prefix("lowerdir=") {
             let mut dirs: Vec<String> = lower.split(':').take(keep).map(str::to_string).collect();
-            dirs.push(flat.display().to_string());
+            dirs.extend(flats.iter().map(|f| f.display().to_string()));
             *o = format!("lowerdir={}", dirs.join(":"));
         }
     }
@@ -80,6 +83,7 @@ impl StoreBackend {
             store,
             lease,
             registry: None,
+            flats: Default::default(),
         }
     }
 
@@ -142,24 +146,65 @@ impl StoreBackend {
             .map_err(|err| e("snapshot chain", err))
     }
 
-    /// One directory holding the merged content of `bottom` (layer dirs,
-    /// top first), made once per chain and kept as a committed snapshot
-    /// (so a lease protects it and prune can reclaim it).
-    fn flat_dir(&self, parent: &str, keep: usize, bottom: &[PathBuf]) -> BackendResult<PathBuf> {
-        let top_of_bottom = self
-            .chain(parent)?
-            .get(keep)
-            .map(|row| row.key.clone())
-            .ok_or_else(|| "snapshot chain shorter than expected".to_string())?;
-        let name = format!("flat-{}", Digest::sha256_of(top_of_bottom.as_bytes()).hex());
+    /// The directory of the merged `block` of the chain `rows` (top
+    /// first): made once (from the blocks one level down, or from the
+    /// layers at level 0) and kept as a committed snapshot named after the
+    /// block's top layer and level, so a lease protects it, prune can
+    /// reclaim it, and every chain sharing those layers finds it.
+    fn block_dir(
+        &self,
+        rows: &[std::sync::Arc<kiln_cache::Info>],
+        block: Block,
+    ) -> BackendResult<PathBuf> {
+        let depth = rows.len();
+        let (Some(top), Some(end)) = (
+            depth.checked_sub(block.start + block.len),
+            depth.checked_sub(block.start),
+        ) else {
+            return Err("snapshot chain shorter than a merged block".to_string());
+        };
+        let row = rows
+            .get(top)
+            .ok_or_else(|| "snapshot chain shorter than a merged block".to_string())?;
+        let name = format!(
+            "flat-{}-{}",
+            block.level,
+            Digest::sha256_of(row.key.as_bytes()).hex()
+        );
+        let known = self
+            .flats
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&name).cloned())
+            .filter(|p| p.is_dir());
+        if let Some(dir) = known {
+            return Ok(dir);
+        }
+        let sources: Vec<PathBuf> = if block.level == 0 {
+            rows[top..end]
+                .iter()
+                .map(|r| self.snapshot_dir(&r.id))
+                .collect()
+        } else {
+            block
+                .parts()
+                .into_iter()
+                .rev()
+                .map(|b| self.block_dir(rows, b))
+                .collect::<BackendResult<_>>()?
+        };
         let info = kiln_cache::apply_into(self.sn(), &name, None, |dir, _mode| {
-            crate::flatten::flatten(bottom, dir)
-                .map_err(|err| kiln_cache::Error::InvalidState(e("flattening layers", err)))?;
+            crate::flatten::squash(&sources, dir)
+                .map_err(|err| kiln_cache::Error::InvalidState(e("merging layers", err)))?;
             cache_digest(&Digest::sha256_of(name.as_bytes()))
                 .map_err(kiln_cache::Error::InvalidState)
         })
-        .map_err(|err| e("flattening a deep layer stack", err))?;
-        Ok(self.snapshot_dir(&info.id))
+        .map_err(|err| e("merging a deep layer stack", err))?;
+        let dir = self.snapshot_dir(&info.id);
+        if let Ok(mut m) = self.flats.lock() {
+            m.insert(name, dir.clone());
+        }
+        Ok(dir)
     }
 
     /// Unpacks an image's layers into snapshots (once; later calls find
@@ -387,21 +432,23 @@ impl Backend for StoreBackend {
         if self.sn().name() == "overlay" {
             if let Some(p) = parent {
                 let dirs = self.layer_dirs(p)?;
-                if dirs.len() > MAX_LOWERS {
-                    // Merge the bottom in blocks of FLAT_BLOCK layers, so
-                    // the same merged directory serves every step until
-                    // the stack grows by another block.
-                    let excess = dirs.len() + 1 - MAX_LOWERS;
-                    let bottom = excess.div_ceil(FLAT_BLOCK) * FLAT_BLOCK;
-                    let keep = dirs.len() - bottom;
-                    let flat = self.flat_dir(p, keep, &dirs[keep..])?;
+                let (blocks, keep) = crate::flatten::plan(dirs.len());
+                if blocks.is_empty() {
+                    layers.extend(dirs);
+                } else {
+                    // A deep chain: its top layers over merged blocks of
+                    // the rest (see `flatten`), topmost block first.
+                    let rows = self.chain(p)?;
+                    let flats = blocks
+                        .iter()
+                        .rev()
+                        .map(|b| self.block_dir(&rows, *b))
+                        .collect::<BackendResult<Vec<_>>>()?;
                     for m in &mut mounts {
-                        cap_lowers(m, keep, &flat);
+                        cap_lowers(m, keep, &flats);
                     }
                     layers.extend(dirs[..keep].iter().cloned());
-                    layers.push(flat);
-                } else {
-                    layers.extend(dirs);
+                    layers.extend(flats);
                 }
             }
         }
