@@ -445,6 +445,12 @@ impl Meta {
         Ok(())
     }
 
+    /// Adds an existing snapshot (one a build uses but did not create) to
+    /// the current lease, so that prune leaves it while the build runs.
+    pub fn lease_snapshot(&self, name: &str) -> Result<()> {
+        self.write(|tx| self.lease_add(tx, "snapshot", name))
+    }
+
     /// All leases.
     pub fn leases(&self) -> Result<Vec<LeaseRecord>> {
         self.read(|tx| {

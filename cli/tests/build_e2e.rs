@@ -512,23 +512,32 @@ fn deep_chain_keeps_deletions_and_replaced_directories() {
         "RUN mkdir -p /d /m && echo a > /d/a && echo g > /gone && echo f > /x && echo 1 > /m/a\n",
     );
     for i in 1..300 {
+        // RUN i is layer i + 1 of the chain (the base is layer 0): blocks
+        // of 32 layers at [0, 32), [32, 64), ...; 256 layers at [0, 256).
         match i {
+            35 => df.push_str("RUN mkdir /w3 && echo a > /w3/a && echo b > /w3/b\n"),
             40 => df.push_str(
                 "RUN rm /gone && rm -rf /d && mkdir /d && echo b > /d/b && rm /x && mkdir /x && echo in > /x/in\n",
             ),
+            45 => df.push_str("RUN rm /w3/a\n"),
             100 => df.push_str("RUN echo 2 > /m/b && rm /m/a\n"),
+            // Mounted over the block [32, 64): /w3 exists in that block
+            // only, and its deleted file must not be listed.
+            120 => df.push_str("RUN ls /w3 > /w3list\n"),
+            260 => df.push_str("RUN mkdir /w2 && echo a > /w2/a && echo b > /w2/b\n"),
+            265 => df.push_str("RUN rm /w2/a\n"),
             270 => df.push_str("RUN echo back > /gone\n"),
             _ => df.push_str(&format!("RUN echo {i} > /l{i}\n")),
         }
     }
     df.push_str(
-        "RUN (test ! -e /d/a && test ! -e /m/a && cat /gone /d/b /x/in /m/b && ls / | grep -c '^l') > /result\n",
+        "RUN (test ! -e /d/a && test ! -e /m/a && cat /gone /d/b /x/in /m/b /w3list && ls /w2 && ls / | grep -c '^l') > /result\n",
     );
     let ctx = context(&[("Dockerfile", df.as_str())]);
     k.build(ctx.path(), &["-t", "deepwh:1"]);
     assert_eq!(
         k.ok(&["run", "deepwh:1", "cat", "/result"]),
-        "back\nb\nin\n2\n296\n"
+        "back\nb\nin\n2\nb\nb\n291\n"
     );
 }
 

@@ -531,10 +531,12 @@ fn readlink_at(dir: &File, name: &[u8]) -> std::io::Result<PathBuf> {
 }
 
 /// One upperdir directory (`dir`, open, at `abs_dir`). Each entry is
-/// reached from the open directory by its name alone, and a directory or
-/// regular file is opened once: its attributes, and a file's content, are
-/// read through that descriptor. Walking whole paths several times per
-/// file cost more than reading the files.
+/// stat'ed and opened from the open directory by its name alone, and a
+/// subdirectory or regular file is opened once: its attributes, and a
+/// file's content, are read through that descriptor (devices, fifos and
+/// files we may not open are still described by path). Walking whole
+/// paths several times per file cost more than reading the files. One
+/// descriptor stays open per directory level being walked.
 fn overlay_dir<W: Write>(
     ctx: &mut Ctx<W>,
     dir: &File,

@@ -143,22 +143,44 @@ fn set_opaque(dir: &Path, name: &str) -> io::Result<()> {
     xattr::set(dir, name, b"y")
 }
 
-/// Copies the extended attributes of the directory `src` that belong to
-/// its content (not overlayfs's own) onto `dst`.
+fn is_overlay_xattr(name: &std::ffi::OsStr) -> bool {
+    let b = name.as_bytes();
+    b.starts_with(b"trusted.overlay.") || b.starts_with(b"user.overlay.")
+}
+
+/// Gives the directory `dst` the extended attributes of `src` that belong
+/// to its content (not overlayfs's own): the topmost directory's
+/// attributes are the merged directory's, so those `dst` had from a lower
+/// layer and `src` lacks go.
 fn copy_dir_xattrs(src: &Path, dst: &Path) -> io::Result<()> {
-    let names = match xattr::list(src) {
-        Ok(n) => n,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(()),
-        Err(e) => return Err(e),
+    let list = |p: &Path| match xattr::list(p) {
+        Ok(n) => Ok(n.filter(|n| !is_overlay_xattr(n)).collect::<Vec<_>>()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Ok(Vec::new()),
+        Err(e) => Err(e),
     };
-    for name in names {
-        let b = name.as_bytes();
-        if b.starts_with(b"trusted.overlay.") || b.starts_with(b"user.overlay.") {
-            continue;
+    let wanted = list(src)?;
+    for name in list(dst)? {
+        if !wanted.contains(&name) {
+            xattr::remove(dst, &name)?;
         }
+    }
+    for name in wanted {
         if let Some(v) = xattr::get(src, &name)? {
             xattr::set(dst, &name, &v)?;
         }
+    }
+    Ok(())
+}
+
+/// Marks the directory `dir` as one that may hold whiteouts. overlayfs
+/// hides whiteouts from a directory listing only in directories it merges
+/// from several layers or that carry an origin; in a directory that
+/// exists in one lower layer only, a whiteout would be listed as a name
+/// that cannot be opened. An empty origin means "copied up, origin
+/// unknown" to the kernel and sets nothing else.
+fn mark_may_hold_whiteouts(dir: &Path) -> io::Result<()> {
+    if xattr::get(dir, "trusted.overlay.origin")?.is_none() {
+        xattr::set(dir, "trusted.overlay.origin", b"")?;
     }
     Ok(())
 }
@@ -175,8 +197,9 @@ fn mknod(dst: &Path, mode: u32, rdev: u64) -> io::Result<()> {
 
 /// Applies `layer` (an overlay layer directory) on top of `into`, itself
 /// an overlay layer: the result, mounted over the layers below both,
-/// shows what `layer` over `into` over those would.
-fn apply_dir(layer: &Path, into: &Path) -> io::Result<()> {
+/// shows what `layer` over `into` over those would. With nothing below
+/// (`bottom`), deletions just delete.
+fn apply_dir(layer: &Path, into: &Path, bottom: bool) -> io::Result<()> {
     let mut names: Vec<_> = fs::read_dir(layer)?.collect::<Result<Vec<_>, _>>()?;
     names.sort_by_key(|e| e.file_name());
     for e in names {
@@ -186,8 +209,11 @@ fn apply_dir(layer: &Path, into: &Path) -> io::Result<()> {
         if is_whiteout(&m) {
             // Deleted here, and (a whiteout) in whatever lies below.
             remove(&dst)?;
-            mknod(&dst, libc::S_IFCHR | 0o600, 0)?;
-            meta_to(&dst, &m, false)?;
+            if !bottom {
+                mknod(&dst, libc::S_IFCHR | 0o600, 0)?;
+                meta_to(&dst, &m, false)?;
+                mark_may_hold_whiteouts(into)?;
+            }
             continue;
         }
         let ft = m.file_type();
@@ -211,7 +237,7 @@ fn apply_dir(layer: &Path, into: &Path) -> io::Result<()> {
                     }
                 }
             }
-            apply_dir(&src, &dst)?;
+            apply_dir(&src, &dst, bottom)?;
             copy_dir_xattrs(&src, &dst)?;
             meta_to(&dst, &m, false)?;
             continue;
@@ -237,10 +263,11 @@ fn apply_dir(layer: &Path, into: &Path) -> io::Result<()> {
 
 /// Merges `layers` (overlay layer directories, top first) into the empty
 /// directory `into`, as one overlay layer that stands in for all of them
-/// over whatever lies below.
-pub fn squash(layers: &[PathBuf], into: &Path) -> io::Result<()> {
+/// over whatever lies below; `bottom` when nothing does (then it holds no
+/// whiteouts).
+pub fn squash(layers: &[PathBuf], into: &Path, bottom: bool) -> io::Result<()> {
     for layer in layers.iter().rev() {
-        apply_dir(layer, into)?;
+        apply_dir(layer, into, bottom)?;
     }
     Ok(())
 }
@@ -335,7 +362,7 @@ mod tests {
         fs::write(up.join("f"), "new").unwrap();
         whiteout(&up.join("gone"));
         whiteout(&up.join("below"));
-        squash(&[up, low.clone()], &out).unwrap();
+        squash(&[up.clone(), low.clone()], &out, false).unwrap();
         assert_eq!(fs::read_to_string(out.join("f")).unwrap(), "new");
         assert_eq!(fs::read_to_string(out.join("d/keep")).unwrap(), "k");
         // Deleted from the block and from whatever lies below it.
@@ -349,6 +376,19 @@ mod tests {
         );
         assert_eq!(fs::read_to_string(low.join("f")).unwrap(), "old");
         assert!(low.join("gone").exists());
+        // A directory holding a whiteout is marked so that overlayfs
+        // filters it from listings even where nothing else merges it.
+        assert_eq!(
+            xattr::get(&out, "trusted.overlay.origin").unwrap(),
+            Some(Vec::new())
+        );
+        // At the bottom of a chain, deleting is all there is to do.
+        let bottom = t.path().join("bottom");
+        fs::create_dir(&bottom).unwrap();
+        squash(&[up, low], &bottom, true).unwrap();
+        assert!(fs::symlink_metadata(bottom.join("gone")).is_err());
+        assert!(fs::symlink_metadata(bottom.join("below")).is_err());
+        assert_eq!(xattr::get(&bottom, "trusted.overlay.origin").unwrap(), None);
     }
 
     #[test]
@@ -369,11 +409,12 @@ mod tests {
         fs::create_dir(p("l2/o")).unwrap();
         xattr::set(p("l2/o"), "trusted.overlay.opaque", b"y").unwrap();
         xattr::set(p("l2/o"), "user.kept", b"v").unwrap();
+        xattr::set(p("l1/m"), "user.old", b"o").unwrap();
         // l3: `w` comes back as a directory; `m` gains `b`.
         fs::create_dir(p("l3/w")).unwrap();
         fs::create_dir(p("l3/m")).unwrap();
         fs::write(p("l3/m/b"), "b").unwrap();
-        squash(&[p("l3"), p("l2"), p("l1")], &p("out")).unwrap();
+        squash(&[p("l3"), p("l2"), p("l1")], &p("out"), false).unwrap();
         let opaque = |n: &str| opaque_xattr(&p(n)).is_some();
         assert!(
             opaque("out/x"),

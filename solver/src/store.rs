@@ -27,7 +27,8 @@ pub struct StoreBackend {
     /// Registry access for FROM: (settings, always pull).
     registry: Option<(kiln_registry::RegistryConfig, bool)>,
     /// Merged blocks of deep chains made or found by this build, by
-    /// snapshot name (immutable, and held by the build's lease).
+    /// snapshot name (immutable; those found are added to the build's
+    /// lease, those made are in it).
     flats: std::sync::Mutex<std::collections::HashMap<String, PathBuf>>,
 }
 
@@ -180,6 +181,17 @@ impl StoreBackend {
         if let Some(dir) = known {
             return Ok(dir);
         }
+        let remember = |dir: PathBuf| {
+            if let Ok(mut m) = self.flats.lock() {
+                m.insert(name.clone(), dir.clone());
+            }
+            dir
+        };
+        if let Ok(info) = self.sn().stat(&name) {
+            // Made by an earlier build: no need for its parts.
+            let _ = self.sn().meta().lease_snapshot(&name);
+            return Ok(remember(self.snapshot_dir(&info.id)));
+        }
         let sources: Vec<PathBuf> = if block.level == 0 {
             rows[top..end]
                 .iter()
@@ -194,17 +206,13 @@ impl StoreBackend {
                 .collect::<BackendResult<_>>()?
         };
         let info = kiln_cache::apply_into(self.sn(), &name, None, |dir, _mode| {
-            crate::flatten::squash(&sources, dir)
+            crate::flatten::squash(&sources, dir, block.start == 0)
                 .map_err(|err| kiln_cache::Error::InvalidState(e("merging layers", err)))?;
             cache_digest(&Digest::sha256_of(name.as_bytes()))
                 .map_err(kiln_cache::Error::InvalidState)
         })
         .map_err(|err| e("merging a deep layer stack", err))?;
-        let dir = self.snapshot_dir(&info.id);
-        if let Ok(mut m) = self.flats.lock() {
-            m.insert(name, dir.clone());
-        }
-        Ok(dir)
+        Ok(remember(self.snapshot_dir(&info.id)))
     }
 
     /// Unpacks an image's layers into snapshots (once; later calls find
