@@ -473,54 +473,38 @@ pub fn write_overlay_diff(
 /// `O_NOATIME` where the caller may use it, so that reading a layer
 /// dirties no inodes.
 fn open_at(dir: &File, name: &[u8], directory: bool) -> std::io::Result<File> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let c = std::ffi::CString::new(name)
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let dirfd = dir.as_raw_fd();
-    let mut flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOATIME;
+    use nix::fcntl::OFlag;
+    let mut flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOATIME;
     if directory {
-        flags |= libc::O_DIRECTORY;
+        flags |= OFlag::O_DIRECTORY;
     }
     loop {
-        // SAFETY: `c` is a NUL-terminated string alive for the call, and
-        // `dirfd` is a descriptor `dir` keeps open.
-        let fd = unsafe { libc::openat(dirfd, c.as_ptr(), flags) };
-        if fd >= 0 {
-            // SAFETY: `fd` was just returned by openat and is owned by
-            // nothing else.
-            return Ok(unsafe { File::from_raw_fd(fd) });
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => {}
+        match nix::fcntl::openat(
+            dir,
+            OsStr::from_bytes(name),
+            flags,
+            nix::sys::stat::Mode::empty(),
+        ) {
+            Ok(fd) => return Ok(File::from(fd)),
+            Err(nix::errno::Errno::EINTR) => {}
             // O_NOATIME needs the file's owner or CAP_FOWNER.
-            Some(libc::EPERM) if flags & libc::O_NOATIME != 0 => flags &= !libc::O_NOATIME,
-            _ => return Err(e),
+            Err(nix::errno::Errno::EPERM) if flags.contains(OFlag::O_NOATIME) => {
+                flags.remove(OFlag::O_NOATIME)
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
 fn lstat_at(dir: &File, name: &[u8]) -> std::io::Result<St> {
-    use std::os::fd::AsRawFd;
-    let c = std::ffi::CString::new(name)
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: `c` is NUL-terminated, `dir` is an open descriptor and `st`
-    // is valid for writes of one `stat`.
-    let r = unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fstatat succeeded, so it filled `st`.
-    Ok(St::of_stat(unsafe { &st.assume_init() }))
+    nix::sys::stat::fstatat(
+        dir,
+        OsStr::from_bytes(name),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map(|s| St::of_stat(&s))
+    .map_err(std::io::Error::from)
 }
 
 /// `readlinkat(dir, name)`.

@@ -78,9 +78,7 @@ impl DiffSource {
             }
         }
     }
-}
 
-impl DiffSource {
     /// The layer tar's digest (its diffID) and size, without writing it
     /// anywhere: the tar is written on a second thread and hashed on
     /// this one, so reading the files and hashing overlap. Also the disk
