@@ -497,6 +497,23 @@ fn five_hundred_layers_build_and_run() {
     assert_eq!(layers, Some(502), "base + 500 COPY + RUN");
 }
 
+/// Metadata on `scratch` makes no layer and so has no time of its own:
+/// the image is dated the Unix epoch, and a rebuild a second later gives
+/// the same image ID (it used to carry the build's clock).
+#[test]
+fn metadata_only_scratch_image_has_a_stable_id() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::new();
+    let ctx = context(&[("Dockerfile", "FROM scratch\nLABEL a=b\nENV X=1\n")]);
+    let first = k.build(ctx.path(), &["-t", "meta:1"]);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let again = k.build(ctx.path(), &["-t", "meta:1"]);
+    assert_eq!(first, again);
+    assert_eq!(k.inspect("meta:1")["Created"], "1970-01-01T00:00:00Z");
+}
+
 /// A chain deep enough to be mounted through merged blocks of both
 /// levels (see solver/src/flatten.rs): what a layer deletes or replaces
 /// stays deleted or replaced in the steps above, whichever blocks the

@@ -321,13 +321,16 @@ pub async fn build(
         }
     }
     // A deterministic creation time: SOURCE_DATE_EPOCH, else when the
-    // newest layer of this build was made, else the base image's time.
+    // newest layer of this build was made, else the base image's time,
+    // else (metadata on `scratch`: nothing was made) the Unix epoch, as
+    // reproducible-image tools write, so that a rebuild gives the same ID
+    // rather than one that depends on the second it ran in.
     let created = match (ctx.opts.source_date_epoch, state.newest) {
         (Some(t), _) | (None, Some(t)) => kiln_image::config::rfc3339(t),
         (None, None) => config
             .created
             .clone()
-            .unwrap_or_else(|| ctx.created.clone()),
+            .unwrap_or_else(|| kiln_image::config::rfc3339(0)),
     };
     for h in config.history.iter_mut().skip(state.base_history) {
         h.created = Some(created.clone());
