@@ -23,7 +23,11 @@
 #        (default: a b c runstep push pushmemo pull layers500)
 # Env:   ROUNDS (default 5), BENCH_DIR (default /tmp/kiln-bench),
 #        PEER_TOOLS (default ../shared/tools next to the checkout),
-#        KILN_BIN (a kiln binary to use instead of building one)
+#        KILN_BIN (a kiln binary to use instead of building one),
+#        BENCH_KEEP=1 (keep kiln's store and buildah's bench images at the end)
+# Every changed build of fixture c leaves a 500 MiB layer behind in both
+# stores, so buildah's dangling images are pruned after each scenario, and
+# both stores are emptied of the bench's images at exit.
 # Run as root. Results go to stdout as a Markdown table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +56,19 @@ else
 fi
 export KILN_ROOT="$OUT/kiln-root"
 rm -rf "$KILN_ROOT"
+peer_prune() {  # drop buildah's dangling images and working containers
+  buildah --storage-driver overlay rm --all >/dev/null 2>&1 || true
+  buildah --storage-driver overlay rmi --prune >/dev/null 2>&1 || true
+}
+cleanup() {
+  [ "${BENCH_KEEP:-}" = 1 ] && return
+  log "removing the bench's images from buildah's store and kiln's store $KILN_ROOT"
+  buildah --storage-driver overlay images --format '{{.Name}}:{{.Tag}}' 2>/dev/null \
+    | grep '/bench-' | xargs -r buildah --storage-driver overlay rmi -f >/dev/null 2>&1 || true
+  peer_prune
+  rm -rf "$KILN_ROOT" "$OUT/pull-root" "$OUT/pull-oci"
+}
+trap cleanup EXIT
 "$KILN" load -i "$OUT/busybox.tar" >&2
 "$KILN" tag busybox:latest "$REG/busybox:latest" >&2
 
@@ -207,6 +224,7 @@ for f in "${fixtures[@]}"; do
   elif [ "$f" = push ] || [ "$f" = pushmemo ] || [ "$f" = pull ]; then
     run_transfer "$f"
   else
-    for s in cold cached changed; do run_scenario "$f" "$s"; done
+    for s in cold cached changed; do run_scenario "$f" "$s"; peer_prune; done
   fi
+  peer_prune
 done

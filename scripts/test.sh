@@ -50,6 +50,11 @@ if [ -z "${KILN_CONFORMANCE:-}" ] && [ -d ../shared/conformance ]; then
   export KILN_CONFORMANCE
 fi
 
+# A clean checkout gains nothing from incremental caches, and they are the
+# biggest part of a debug target directory.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
+log "disk free before the build: $(df -h --output=avail . | tail -1 | tr -d ' ')"
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
@@ -58,3 +63,4 @@ log "cargo nextest run"
 cargo nextest run --workspace --no-fail-fast
 log "doc tests"
 cargo test --workspace --doc
+log "target directory: $(du -sh target 2>/dev/null | cut -f1), disk free: $(df -h --output=avail . | tail -1 | tr -d ' ')"
