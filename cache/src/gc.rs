@@ -632,7 +632,8 @@ fn apply_cache_policy(tx: &Transaction<'_>, opts: &PruneOptions) -> Result<usize
     let mut total = 0u64;
     let mut dropped = 0;
     for (key, snap) in recs {
-        // The record's cost: its snapshot chain and blobs not yet counted.
+        // The record's cost: its snapshot chain and blob files not yet
+        // counted.
         let mut cost = 0u64;
         let mut cur = snap;
         while let Some(s) = cur {
@@ -652,7 +653,10 @@ fn apply_cache_policy(tx: &Transaction<'_>, opts: &PruneOptions) -> Result<usize
         }
         let blobs = {
             let mut st = tx.prepare(
-                "SELECT b.digest, b.size FROM cache_blobs c JOIN blobs b ON b.digest = c.blob WHERE c.key = ?1",
+                // A lazy blob (a source, no file) costs no disk: its
+                // snapshot is counted above.
+                "SELECT b.digest, b.size FROM cache_blobs c JOIN blobs b ON b.digest = c.blob
+                 WHERE c.key = ?1 AND b.source IS NULL",
             )?;
             let v = st
                 .query_map([&key], |r| {

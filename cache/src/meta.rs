@@ -861,10 +861,11 @@ impl Meta {
         })
     }
 
-    /// Look a cache key up; a hit bumps `last_used`.
+    /// Look a cache key up. A pure read: the caller reports its hits with
+    /// [`Meta::cache_touch`] (a build does so once, at its end), so a fully
+    /// cached build does not write the index once per step.
     pub fn cache_get(&self, key: &str) -> Result<Option<CacheRecord>> {
-        let now = now_unix();
-        self.write(|tx| {
+        self.read(|tx| {
             let rec = tx
                 .query_row(
                     "SELECT key, snapshot, diff_id, created, last_used FROM cache WHERE key = ?1",
@@ -882,16 +883,29 @@ impl Meta {
                 )
                 .optional()?;
             let Some(mut rec) = rec else { return Ok(None) };
-            tx.execute(
-                "UPDATE cache SET last_used = ?2 WHERE key = ?1",
-                params![key, now],
-            )?;
-            rec.last_used = now;
             let mut st = tx.prepare("SELECT blob FROM cache_blobs WHERE key = ?1 ORDER BY pos")?;
             rec.blobs = st
                 .query_map([key], |r| r.get(0))?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
             Ok(Some(rec))
+        })
+    }
+
+    /// Mark cache records as used now (prune removes the least recently
+    /// used first), in one transaction. Keys without a record are ignored;
+    /// records already marked this second are not rewritten.
+    pub fn cache_touch<S: AsRef<str>>(&self, keys: &[S]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let now = now_unix();
+        self.write(|tx| {
+            let mut st =
+                tx.prepare("UPDATE cache SET last_used = ?2 WHERE key = ?1 AND last_used < ?2")?;
+            for k in keys {
+                st.execute(params![k.as_ref(), now])?;
+            }
+            Ok(())
         })
     }
 

@@ -120,6 +120,44 @@ fn partial_write_is_invisible() {
 }
 
 #[test]
+fn cache_lookups_are_reads_and_touch_marks_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let sn = s.snapshotter();
+    for k in ["old", "used"] {
+        sn.prepare(&format!("a-{k}"), None).unwrap();
+        sn.commit(&format!("snap-{k}"), &format!("a-{k}")).unwrap();
+        s.meta()
+            .cache_put(k, Some(&format!("snap-{k}")), None, &[])
+            .unwrap();
+    }
+    let last_used = |k: &str| {
+        s.meta()
+            .cache_records()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.key == k)
+            .map(|r| r.last_used)
+            .unwrap()
+    };
+    let put_at = last_used("used");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert!(s.meta().cache_get("used").unwrap().is_some());
+    assert_eq!(last_used("used"), put_at, "a lookup writes nothing");
+    s.meta().cache_touch(&["used", "no-such-key"]).unwrap();
+    assert!(
+        last_used("used") > put_at,
+        "touch marks the record used now"
+    );
+    assert_eq!(last_used("old"), put_at, "touch leaves other records alone");
+    assert_eq!(
+        s.meta().cache_records().unwrap()[0].key,
+        "used",
+        "the touched record is the most recently used"
+    );
+}
+
+#[test]
 fn cache_index_memo_and_file_hashes() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());

@@ -727,3 +727,40 @@ fn run_heredoc_with_a_shebang_runs_as_a_script() {
         "the script is not left in the image"
     );
 }
+
+#[test]
+fn cached_rebuild_marks_its_steps_used_for_prune() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx_a = context(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN head -c 8000000 /dev/urandom > /a\n",
+    )]);
+    let ctx_b = context(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN head -c 8000000 /dev/urandom > /b\n",
+    )]);
+    // Untagged: only the cache records keep the steps' snapshots. B's step
+    // is made a second after A's ...
+    k.build(ctx_a.path(), &[]);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    k.build(ctx_b.path(), &[]);
+    // ... and A's cached rebuild, a second later, makes A's the most
+    // recently used: the store marks the records it hit when the build ends.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let cached = |ctx: &Path| {
+        let o = k.run(&["build", "--progress", "json", ctx.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        events(&o.stderr)
+            .iter()
+            .filter(|e| e["event"] == "cached")
+            .count()
+    };
+    assert_eq!(cached(ctx_a.path()), 1);
+    // Room for one 8 MB step over busybox, not two: B's goes.
+    k.ok(&["prune", "--keep-storage", "12MB"]);
+    assert_eq!(cached(ctx_a.path()), 1, "the step used last is kept");
+    assert_eq!(cached(ctx_b.path()), 0, "the older one is pruned");
+}
