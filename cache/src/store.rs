@@ -112,8 +112,13 @@ impl Store {
             gc_lock: root.join("gc.lock"),
             tmp: tmp.clone(),
         };
-        let meta = Arc::new(Meta::open(&root.join("meta.db"))?);
-        fsync_dir(&root)?;
+        let db = root.join("meta.db");
+        let fresh = !db.exists();
+        let meta = Arc::new(Meta::open(&db)?);
+        if fresh {
+            // The new database's directory entry (its contents are SQLite's).
+            fsync_dir(&root)?;
+        }
         let wanted = match opts.snapshotter {
             SnapshotterKind::Auto => match meta.setting("snapshotter")? {
                 Some(s) => s,
@@ -396,10 +401,14 @@ impl Store {
         fs_tenth(self.root())
     }
 
-    /// [`Store::put_blob`] for bytes in memory (manifests, configs).
+    /// [`Store::put_blob`] for bytes in memory (manifests, configs). Their
+    /// digest is known before anything is written, so a blob already
+    /// stored (a cached rebuild's config and manifest) is only recorded,
+    /// not written and synced again.
     pub fn put_bytes(&self, bytes: &[u8], media_type: Option<&str>) -> Result<Digest> {
+        let d = Digest::sha256_of(bytes);
         Ok(self
-            .put_blob(bytes, None, Some(bytes.len() as u64), media_type)?
+            .put_verified_blob(bytes, &d, bytes.len() as u64, media_type)?
             .0)
     }
 
