@@ -1346,24 +1346,18 @@ impl Ctx {
                 .field(if parents { "parents" } else { "" });
             k.finish()
         };
-        let prev = if reusable && !self.opts.no_cache {
+        // Only the previous run's record is looked up here; its index is
+        // read by the copy itself, which a cache hit never runs.
+        let prev_layer = if reusable && !self.opts.no_cache {
             let backend = self.backend.clone();
             let sk = shape.clone();
-            blocking(move || {
-                let Some(layer) = backend.cache_get(&sk)? else {
-                    return Ok(None);
-                };
-                let dirs = backend.layer_dirs(&layer.snapshot)?;
-                Ok(dirs
-                    .into_iter()
-                    .next()
-                    .and_then(|d| crate::copy::Reuse::load_index(&d).map(|i| (d, i))))
-            })
-            .await
-            .unwrap_or(None)
+            blocking(move || backend.cache_get(&sk))
+                .await
+                .unwrap_or(None)
         } else {
             None
         };
+        let prev_snapshot = prev_layer.as_ref().map(|l| l.snapshot.clone());
         let ((selections, fetched_sel, src_hashes), key) = blocking(move || {
             let selector = Selector {
                 view: &view2,
@@ -1434,19 +1428,30 @@ impl Ctx {
             keep_owner: !from_context && !named_dir,
             chmod,
             clamp_mtime: self.opts.source_date_epoch,
-            reuse: reusable.then(|| {
-                std::sync::Arc::new(crate::copy::Reuse {
-                    src_hashes,
-                    prev,
-                    written: Default::default(),
-                })
-            }),
+            reuse: None,
         };
+        let reuse_backend = self.backend.clone();
         let add = spec.add;
         let link = spec.link;
         let unpack_remote = spec.unpack_remote;
         let work = move |dst: &LayerView| {
             let mut opts = opts;
+            if reusable {
+                let prev = prev_layer.and_then(|layer| {
+                    let dir = reuse_backend
+                        .layer_dirs(&layer.snapshot)
+                        .ok()?
+                        .into_iter()
+                        .next()?;
+                    let index = crate::copy::Reuse::load_index(&dir)?;
+                    Some((dir, index))
+                });
+                opts.reuse = Some(std::sync::Arc::new(crate::copy::Reuse {
+                    src_hashes,
+                    prev,
+                    written: Default::default(),
+                }));
+            }
             if let Some(c) = &chown {
                 opts.owner = Some(resolve_owner(dst, c)?);
             }
@@ -1493,7 +1498,9 @@ impl Ctx {
             BuildError::Internal(m) => BuildError::at(line, m),
             other => other,
         })?;
-        if reusable {
+        // A fully cached COPY whose shape already names this layer writes
+        // nothing.
+        if reusable && prev_snapshot.as_deref() != Some(layer.snapshot.as_str()) {
             let backend = self.backend.clone();
             let l = layer.clone();
             // Best effort: without the alias the next run copies everything.

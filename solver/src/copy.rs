@@ -245,7 +245,15 @@ impl Selector<'_> {
                 meta: found.meta,
             }];
             if is_dir {
-                self.walk(&resolved, &found.host, &p, "", &mut entries)?;
+                self.walk_all(
+                    Job {
+                        dir: resolved.clone(),
+                        host: found.host.clone(),
+                        logical: p.clone(),
+                        rel: String::new(),
+                    },
+                    &mut entries,
+                )?;
             }
             out.push(Selection {
                 name: base_name(&p).to_string(),
@@ -287,24 +295,22 @@ impl Selector<'_> {
         Ok(current)
     }
 
-    fn walk(
+    /// Calls `f` for each entry of `job`'s directory, in name order: an
+    /// [`Step::Entry`] for each selected one, and a [`Step::Descend`] for
+    /// each directory to walk next (right after its own entry, or alone
+    /// for an excluded directory that exclusions may reach into).
+    fn visit(
         &self,
-        dir: &str,
-        dir_host: &Path,
-        logical: &str,
-        rel: &str,
-        out: &mut Vec<Entry>,
+        job: &Job,
+        f: &mut dyn FnMut(Step) -> Result<(), CopyError>,
     ) -> Result<(), CopyError> {
-        for name in self.view.read_dir(dir)? {
-            let path = format!("{}/{name}", dir.trim_end_matches('/'));
-            let lpath = format!("{}/{name}", logical.trim_end_matches('/'));
-            let r = if rel.is_empty() {
-                name.clone()
+        for (name, found) in self.view.children(&job.dir, &job.host)? {
+            let path = format!("{}/{name}", job.dir.trim_end_matches('/'));
+            let lpath = format!("{}/{name}", job.logical.trim_end_matches('/'));
+            let r = if job.rel.is_empty() {
+                name
             } else {
-                format!("{rel}/{name}")
-            };
-            let Some(found) = self.view.lookup_child(dir, dir_host, &name) else {
-                continue;
+                format!("{}/{name}", job.rel)
             };
             let is_dir = found.meta.is_dir();
             if self.excluded_at(&lpath, &r)? {
@@ -313,7 +319,12 @@ impl Selector<'_> {
                     .flatten()
                     .any(|m| m.exclusions());
                 if is_dir && reinclude {
-                    self.walk(&path, &found.host, &lpath, &r, out)?;
+                    f(Step::Descend(Job {
+                        dir: path,
+                        host: found.host,
+                        logical: lpath,
+                        rel: r,
+                    }))?;
                 }
                 continue;
             }
@@ -327,18 +338,173 @@ impl Selector<'_> {
             } else {
                 None
             };
-            out.push(Entry {
-                rel: r.clone(),
+            let sub = is_dir.then(|| Job {
+                dir: path,
                 host: found.host.clone(),
+                logical: lpath,
+                rel: r.clone(),
+            });
+            f(Step::Entry(Entry {
+                rel: r,
+                host: found.host,
                 meta: found.meta,
                 link,
-            });
-            if is_dir {
-                self.walk(&path, &found.host, &lpath, &r, out)?;
+            }))?;
+            if let Some(j) = sub {
+                f(Step::Descend(j))?;
             }
         }
         Ok(())
     }
+
+    /// Everything below `job`'s directory, depth first in name order.
+    fn walk(&self, job: &Job, out: &mut Vec<Entry>) -> Result<(), CopyError> {
+        self.visit(job, &mut |s| match s {
+            Step::Entry(e) => {
+                out.push(e);
+                Ok(())
+            }
+            Step::Descend(j) => self.walk(&j, out),
+        })
+    }
+
+    /// [`Selector::walk`] on every core: the top levels are listed here
+    /// until there are enough directories left to walk, which threads then
+    /// walk whole; the pieces are put back together in walk order, so the
+    /// result is the same as one thread's.
+    fn walk_all(&self, root: Job, out: &mut Vec<Entry>) -> Result<(), CopyError> {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(8);
+        if threads < 2 {
+            return self.walk(&root, out);
+        }
+        let mut pieces = vec![Piece::Todo(root)];
+        for _ in 0..WALK_SPLIT_LEVELS {
+            let todo = pieces
+                .iter()
+                .filter(|p| matches!(p, Piece::Todo(_)))
+                .count();
+            if todo == 0 || todo >= threads * WALK_JOBS_PER_THREAD {
+                break;
+            }
+            let mut next = Vec::with_capacity(pieces.len() + todo * 4);
+            for p in pieces {
+                let job = match p {
+                    Piece::Todo(j) => j,
+                    done => {
+                        next.push(done);
+                        continue;
+                    }
+                };
+                let mut cur = Vec::new();
+                self.visit(&job, &mut |s| {
+                    match s {
+                        Step::Entry(e) => cur.push(e),
+                        Step::Descend(j) => {
+                            next.push(Piece::Done(std::mem::take(&mut cur)));
+                            next.push(Piece::Todo(j));
+                        }
+                    }
+                    Ok(())
+                })?;
+                next.push(Piece::Done(cur));
+            }
+            pieces = next;
+        }
+        let jobs: Vec<&Job> = pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Todo(j) => Some(j),
+                Piece::Done(_) => None,
+            })
+            .collect();
+        let mut walked: Vec<Option<Result<Vec<Entry>, CopyError>>> = Vec::new();
+        walked.resize_with(jobs.len(), || None);
+        if jobs.len() == 1 {
+            let mut v = Vec::new();
+            walked[0] = Some(self.walk(jobs[0], &mut v).map(|()| v));
+        } else if !jobs.is_empty() {
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let parts = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..threads.min(jobs.len()))
+                    .map(|_| {
+                        scope.spawn(|| {
+                            let mut mine = Vec::new();
+                            loop {
+                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let Some(job) = jobs.get(i) else { break };
+                                let mut v = Vec::new();
+                                mine.push((i, self.walk(job, &mut v).map(|()| v)));
+                            }
+                            mine
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join())
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(|_| {
+                CopyError::Io(
+                    "walking the sources".into(),
+                    io::Error::other("walking thread panicked"),
+                )
+            })?;
+            for (i, r) in parts.into_iter().flatten() {
+                walked[i] = Some(r);
+            }
+        }
+        let mut walked = walked.into_iter();
+        for p in pieces {
+            match p {
+                Piece::Done(v) => out.extend(v),
+                Piece::Todo(_) => match walked.next().flatten() {
+                    Some(r) => out.extend(r?),
+                    None => {
+                        return Err(CopyError::Io(
+                            "walking the sources".into(),
+                            io::Error::other("a directory was not walked"),
+                        ))
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How many levels [`Selector::walk_all`] lists itself, at most, before it
+/// hands the directories below to threads.
+const WALK_SPLIT_LEVELS: usize = 4;
+/// Directories per thread that [`Selector::walk_all`] aims for, so that a
+/// big one does not leave the other threads idle for long.
+const WALK_JOBS_PER_THREAD: usize = 8;
+
+/// A directory still to be walked.
+struct Job {
+    /// Its resolved path in the view.
+    dir: String,
+    /// Where it is on the host.
+    host: PathBuf,
+    /// Its path as the source pattern names it (for `.dockerignore`).
+    logical: String,
+    /// Its path relative to the selected source.
+    rel: String,
+}
+
+/// What [`Selector::visit`] found.
+enum Step {
+    Entry(Entry),
+    Descend(Job),
+}
+
+/// A run of walked entries, or a directory still to walk in its place.
+enum Piece {
+    Done(Vec<Entry>),
+    Todo(Job),
 }
 
 /// Hashes the selected files' content (through `cache`) and metadata into
@@ -875,6 +1041,66 @@ mod tests {
         assert!(glob_match("[a-c]x", "bx"));
         assert!(!glob_match("[^a-c]x", "bx"));
         assert!(glob_match("\\*", "*"));
+    }
+
+    /// The threaded walk gives exactly the one-thread walk's entries, in
+    /// its order, for single- and multi-layer views, with excluded
+    /// directories that an exception reaches into, symlinks and empty
+    /// directories.
+    #[test]
+    fn threaded_walk_equals_the_sequential_one() {
+        let t = tempfile::tempdir().unwrap();
+        let ctx = t.path().join("ctx");
+        for a in 0..6 {
+            for b in 0..5 {
+                let d = ctx.join(format!("src/d{a}/e{b}"));
+                fs::create_dir_all(d.join("deep/er")).unwrap();
+                fs::write(d.join("f.txt"), format!("{a}{b}")).unwrap();
+                fs::write(d.join("x.log"), "log").unwrap();
+                fs::write(d.join("deep/er/g"), "g").unwrap();
+                std::os::unix::fs::symlink("f.txt", d.join("link")).unwrap();
+            }
+            fs::create_dir_all(ctx.join(format!("src/empty{a}"))).unwrap();
+            fs::write(ctx.join(format!("src/top{a}")), "t").unwrap();
+        }
+        fs::create_dir_all(ctx.join("src/skipped/keep")).unwrap();
+        fs::write(ctx.join("src/skipped/keep/k"), "k").unwrap();
+        fs::write(ctx.join("src/skipped/gone"), "g").unwrap();
+        let lower = t.path().join("lower");
+        fs::create_dir_all(lower.join("src/d0/from-lower")).unwrap();
+        fs::write(lower.join("src/d0/from-lower/l"), "l").unwrap();
+        let ignore =
+            PatternMatcher::new(&["**/*.log", "src/skipped", "!src/skipped/keep"]).unwrap();
+        for layers in [vec![ctx.clone()], vec![ctx.clone(), lower.clone()]] {
+            let view = LayerView::new(layers, false);
+            let sel = Selector {
+                view: &view,
+                ignore: Some(&ignore),
+                exclude: None,
+            };
+            let root = || Job {
+                dir: "/src".into(),
+                host: ctx.join("src"),
+                logical: "/src".into(),
+                rel: String::new(),
+            };
+            let mut one = Vec::new();
+            sel.walk(&root(), &mut one).unwrap();
+            let mut all = Vec::new();
+            sel.walk_all(root(), &mut all).unwrap();
+            let show = |v: &[Entry]| -> Vec<(String, PathBuf, Option<String>)> {
+                v.iter()
+                    .map(|e| (e.rel.clone(), e.host.clone(), e.link.clone()))
+                    .collect()
+            };
+            assert!(one.len() >= 200, "{}", one.len());
+            assert_eq!(show(&all), show(&one));
+            let rels: Vec<&str> = one.iter().map(|e| e.rel.as_str()).collect();
+            assert!(rels.contains(&"skipped/keep/k"), "{rels:?}");
+            assert!(!rels.contains(&"skipped/gone"));
+            assert!(!rels.iter().any(|r| r.ends_with(".log")));
+            assert!(rels.windows(2).all(|w| w[0] != w[1]));
+        }
     }
 
     #[test]

@@ -207,6 +207,48 @@ impl LayerView {
         })
     }
 
+    /// The entries of the resolved directory `dir` (found at `dir_host`, a
+    /// real directory), sorted by name, whiteouts left out. In a one-layer
+    /// view each entry is `lstat`ed relative to the open directory (no
+    /// walk of its whole path); views of several layers merge the layers'
+    /// listings and look each name up through the stack.
+    pub fn children(&self, dir: &str, dir_host: &Path) -> Result<Vec<(String, Found)>, ViewError> {
+        if self.layers.len() != 1 {
+            return Ok(self
+                .read_dir(dir)?
+                .into_iter()
+                .filter_map(|n| {
+                    let f = self.lookup_child(dir, dir_host, &n)?;
+                    Some((n, f))
+                })
+                .collect());
+        }
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir_host).map_err(|e| io_err(dir_host, e))? {
+            let e = e.map_err(|e| io_err(dir_host, e))?;
+            let meta = match e.metadata() {
+                Ok(m) => m,
+                // Removed since it was listed.
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(io_err(&e.path(), err)),
+            };
+            if is_whiteout(&meta) {
+                continue;
+            }
+            let name = e.file_name();
+            out.push((
+                name.to_string_lossy().into_owned(),
+                Found {
+                    layer: 0,
+                    host: dir_host.join(&name),
+                    meta,
+                },
+            ));
+        }
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     /// Resolves `path` inside the root, following symlinks in every
     /// component (and in the last one when `follow_last`). Returns the
     /// clean resolved path; the entry itself may not exist.
