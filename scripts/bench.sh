@@ -66,7 +66,7 @@ cleanup() {
   buildah --storage-driver overlay images --format '{{.Name}}:{{.Tag}}' 2>/dev/null \
     | grep '/bench-' | xargs -r buildah --storage-driver overlay rmi -f >/dev/null 2>&1 || true
   peer_prune
-  rm -rf "$KILN_ROOT" "$OUT/pull-root" "$OUT/pull-oci"
+  rm -rf "$KILN_ROOT" "$OUT/pull-root" "$OUT/pull-oci" || true
 }
 trap cleanup EXIT
 "$KILN" load -i "$OUT/busybox.tar" >&2

@@ -612,26 +612,40 @@ impl Store {
     }
 }
 
-/// Drop cache records per the policy; returns how many.
+/// Drop cache records per the policy; returns how many. Records used
+/// since the oldest live lease began (by a build still running: its
+/// lookups mark them) are kept whatever the policy, so that the build
+/// finds the snapshots and blobs it has been handed.
 fn apply_cache_policy(tx: &Transaction<'_>, opts: &PruneOptions) -> Result<usize> {
+    // After expire_leases: only live leases are left.
+    let in_use_since: i64 = tx
+        .query_row("SELECT MIN(created) FROM leases", [], |r| {
+            r.get::<_, Option<i64>>(0)
+        })?
+        .unwrap_or(i64::MAX);
     if opts.all {
-        return Ok(tx.execute("DELETE FROM cache", [])?);
+        return Ok(tx.execute("DELETE FROM cache WHERE last_used < ?1", [in_use_since])?);
     }
     let Some(keep) = opts.keep_storage else {
         return Ok(0);
     };
-    let mut st =
-        tx.prepare("SELECT key, snapshot FROM cache ORDER BY last_used DESC, created DESC")?;
+    let mut st = tx.prepare(
+        "SELECT key, snapshot, last_used FROM cache ORDER BY last_used DESC, created DESC",
+    )?;
     let recs = st
         .query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     drop(st);
     let mut counted: HashSet<String> = HashSet::new();
     let mut total = 0u64;
     let mut dropped = 0;
-    for (key, snap) in recs {
+    for (key, snap, last_used) in recs {
         // The record's cost: its snapshot chain and blob files not yet
         // counted.
         let mut cost = 0u64;
@@ -670,7 +684,7 @@ fn apply_cache_policy(tx: &Transaction<'_>, opts: &PruneOptions) -> Result<usize
                 cost += s as u64;
             }
         }
-        if total + cost <= keep {
+        if total + cost <= keep || last_used >= in_use_since {
             total += cost;
         } else {
             tx.execute("DELETE FROM cache WHERE key = ?1", [&key])?;

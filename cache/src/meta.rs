@@ -861,11 +861,14 @@ impl Meta {
         })
     }
 
-    /// Look a cache key up. A pure read: the caller reports its hits with
-    /// [`Meta::cache_touch`] (a build does so once, at its end), so a fully
-    /// cached build does not write the index once per step.
+    /// Look a cache key up. A hit is marked used now, in the same
+    /// transaction: prune drops the least recently used records first, and
+    /// never a record used since a live lease (a running build) began, so
+    /// a prune beside the build cannot take what the build goes on to use.
+    /// A record already marked this second is not written again.
     pub fn cache_get(&self, key: &str) -> Result<Option<CacheRecord>> {
-        self.read(|tx| {
+        let now = now_unix();
+        self.write(|tx| {
             let rec = tx
                 .query_row(
                     "SELECT key, snapshot, diff_id, created, last_used FROM cache WHERE key = ?1",
@@ -883,29 +886,18 @@ impl Meta {
                 )
                 .optional()?;
             let Some(mut rec) = rec else { return Ok(None) };
+            if rec.last_used < now {
+                tx.execute(
+                    "UPDATE cache SET last_used = ?2 WHERE key = ?1",
+                    params![key, now],
+                )?;
+                rec.last_used = now;
+            }
             let mut st = tx.prepare("SELECT blob FROM cache_blobs WHERE key = ?1 ORDER BY pos")?;
             rec.blobs = st
                 .query_map([key], |r| r.get(0))?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
             Ok(Some(rec))
-        })
-    }
-
-    /// Mark cache records as used now (prune removes the least recently
-    /// used first), in one transaction. Keys without a record are ignored;
-    /// records already marked this second are not rewritten.
-    pub fn cache_touch<S: AsRef<str>>(&self, keys: &[S]) -> Result<()> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let now = now_unix();
-        self.write(|tx| {
-            let mut st =
-                tx.prepare("UPDATE cache SET last_used = ?2 WHERE key = ?1 AND last_used < ?2")?;
-            for k in keys {
-                st.execute(params![k.as_ref(), now])?;
-            }
-            Ok(())
         })
     }
 

@@ -120,15 +120,23 @@ fn partial_write_is_invisible() {
 }
 
 #[test]
-fn cache_lookups_are_reads_and_touch_marks_use() {
+fn a_cache_hit_is_marked_used_and_kept_while_its_build_runs() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
     let sn = s.snapshotter();
     for k in ["old", "used"] {
         sn.prepare(&format!("a-{k}"), None).unwrap();
         sn.commit(&format!("snap-{k}"), &format!("a-{k}")).unwrap();
+        let blob = s
+            .put_bytes(k.as_bytes(), Some("application/octet-stream"))
+            .unwrap();
         s.meta()
-            .cache_put(k, Some(&format!("snap-{k}")), None, &[])
+            .cache_put(
+                k,
+                Some(&format!("snap-{k}")),
+                None,
+                std::slice::from_ref(&blob),
+            )
             .unwrap();
     }
     let last_used = |k: &str| {
@@ -138,23 +146,52 @@ fn cache_lookups_are_reads_and_touch_marks_use() {
             .into_iter()
             .find(|r| r.key == k)
             .map(|r| r.last_used)
-            .unwrap()
     };
-    let put_at = last_used("used");
+    let put_at = last_used("used").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    assert!(s.meta().cache_get("used").unwrap().is_some());
-    assert_eq!(last_used("used"), put_at, "a lookup writes nothing");
-    s.meta().cache_touch(&["used", "no-such-key"]).unwrap();
-    assert!(
-        last_used("used") > put_at,
-        "touch marks the record used now"
-    );
-    assert_eq!(last_used("old"), put_at, "touch leaves other records alone");
-    assert_eq!(
-        s.meta().cache_records().unwrap()[0].key,
-        "used",
-        "the touched record is the most recently used"
-    );
+    // A build's lookup, under the build's lease.
+    let lease = s.meta().create_lease(None).unwrap();
+    s.meta().set_current_lease(Some(lease.clone()));
+    let hit = s.meta().cache_get("used").unwrap().expect("hit");
+    assert!(s.meta().cache_get("nothing").unwrap().is_none());
+    s.meta().set_current_lease(None);
+    assert!(hit.last_used > put_at, "a hit marks the record used now");
+    assert_eq!(last_used("used"), Some(hit.last_used));
+    assert_eq!(last_used("old"), Some(put_at), "other records stay");
+    assert_eq!(s.meta().cache_records().unwrap()[0].key, "used");
+    // A prune beside the build drops every record but the one the build
+    // used, and what that one holds.
+    let all = PruneOptions {
+        all: true,
+        ..Default::default()
+    };
+    s.prune(&all).unwrap();
+    let left: Vec<String> = s
+        .meta()
+        .cache_records()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    assert_eq!(left, vec!["used".to_string()]);
+    assert!(s.meta().snapshot("snap-used").unwrap().is_some());
+    assert!(s.meta().snapshot("snap-old").unwrap().is_none());
+    let used_blob = Digest::sha256_of(b"used");
+    assert!(s.content().has(&used_blob));
+    assert!(!s.content().has(&Digest::sha256_of(b"old")));
+    // So does a size budget too small for it.
+    s.prune(&PruneOptions {
+        keep_storage: Some(0),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(s.meta().cache_records().unwrap().len(), 1);
+    // Once the build is over, it goes too.
+    s.meta().delete_lease(&lease).unwrap();
+    s.prune(&all).unwrap();
+    assert!(s.meta().cache_records().unwrap().is_empty());
+    assert!(s.meta().snapshot("snap-used").unwrap().is_none());
+    assert!(!s.content().has(&used_blob));
 }
 
 #[test]

@@ -224,8 +224,27 @@ impl LayerView {
                 .collect());
         }
         let mut out = Vec::new();
-        for e in fs::read_dir(dir_host).map_err(|e| io_err(dir_host, e))? {
+        let rd = match fs::read_dir(dir_host) {
+            Ok(rd) => rd,
+            // Gone, or no longer a directory, since it was found: as
+            // `read_dir`, nothing to list.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Ok(out)
+            }
+            Err(e) => return Err(io_err(dir_host, e)),
+        };
+        for e in rd {
             let e = e.map_err(|e| io_err(dir_host, e))?;
+            // Names that are not UTF-8 are left out, as `read_dir` and
+            // `lookup` leave them (a lossy name would copy to another).
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
             let meta = match e.metadata() {
                 Ok(m) => m,
                 // Removed since it was listed.
@@ -235,12 +254,12 @@ impl LayerView {
             if is_whiteout(&meta) {
                 continue;
             }
-            let name = e.file_name();
+            let host = dir_host.join(&name);
             out.push((
-                name.to_string_lossy().into_owned(),
+                name,
                 Found {
                     layer: 0,
-                    host: dir_host.join(&name),
+                    host,
                     meta,
                 },
             ));

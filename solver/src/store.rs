@@ -30,9 +30,6 @@ pub struct StoreBackend {
     /// snapshot name (immutable; those found are added to the build's
     /// lease, those made are in it).
     flats: std::sync::Mutex<std::collections::HashMap<String, PathBuf>>,
-    /// Cache keys this build hit; their records are marked used in one
-    /// transaction when the build ends, not one write per step.
-    hits: std::sync::Mutex<Vec<String>>,
 }
 
 fn e(context: &str, err: impl std::fmt::Display) -> String {
@@ -88,7 +85,6 @@ impl StoreBackend {
             lease,
             registry: None,
             flats: Default::default(),
-            hits: Default::default(),
         }
     }
 
@@ -268,9 +264,6 @@ impl StoreBackend {
 
 impl Drop for StoreBackend {
     fn drop(&mut self) {
-        let hits = std::mem::take(self.hits.get_mut().unwrap_or_else(|p| p.into_inner()));
-        // Best effort: a failed mark only makes prune see these as older.
-        let _ = self.store.meta().cache_touch(&hits);
         if let Some(l) = self.lease.take() {
             self.store.meta().set_current_lease(None);
             let _ = self.store.meta().delete_lease(&l);
@@ -419,13 +412,7 @@ impl Backend for StoreBackend {
             return Ok(None);
         }
         match self.layer_of(&snap, &diff, rec.created) {
-            Ok(l) => {
-                self.hits
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(rec.key);
-                Ok(Some(l))
-            }
+            Ok(l) => Ok(Some(l)),
             Err(_) => Ok(None),
         }
     }
