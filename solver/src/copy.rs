@@ -436,7 +436,13 @@ impl Selector<'_> {
                                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 let Some(job) = jobs.get(i) else { break };
                                 let mut v = Vec::new();
-                                mine.push((i, self.walk(job, &mut v).map(|()| v)));
+                                let r = self.walk(job, &mut v).map(|()| v);
+                                if r.is_err() {
+                                    // Hand out no more: the first error in
+                                    // walk order is among those handed out.
+                                    next.store(jobs.len(), std::sync::atomic::Ordering::Relaxed);
+                                }
+                                mine.push((i, r));
                             }
                             mine
                         })
@@ -455,6 +461,17 @@ impl Selector<'_> {
             })?;
             for (i, r) in parts.into_iter().flatten() {
                 walked[i] = Some(r);
+            }
+            if walked.iter().any(|w| matches!(w, Some(Err(_)))) {
+                for w in walked {
+                    if let Some(Err(e)) = w {
+                        return Err(e);
+                    }
+                }
+                return Err(CopyError::Io(
+                    "walking the sources".into(),
+                    io::Error::other("a walk failed"),
+                ));
             }
         }
         let mut walked = walked.into_iter();
