@@ -1011,21 +1011,26 @@ fn step_cgroups_removed() -> TestResult {
         );
         // On the host, the step (here: its background child; busybox sh
         // execs its last command) is in <hierarchy>/<ours>/kiln/<id>. The
-        // shell says "ready" before it forks the sleep: under load that
-        // takes a moment.
+        // shell says "ready" before it forks the sleep, and the shell's own
+        // command line (and its fork's, until it execs) holds the words
+        // too, while an exec in progress reads as empty: wait for the
+        // sleep itself, and keep the pid the same listing gave.
         let t = Instant::now();
-        while processes_with("sleep 987006").is_empty() && t.elapsed() < Duration::from_secs(3) {
+        let pid = loop {
+            let sleep = processes_with("sleep 987006").into_iter().find_map(|l| {
+                let (pid, cmd) = l.split_once(": ")?;
+                cmd.starts_with("sleep 987006").then(|| pid.to_string())
+            });
+            if let Some(pid) = sleep {
+                break pid;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(3),
+                "step not found; inside {inside:?}; {:?}",
+                processes_with("987006")
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let pid = processes_with("sleep 987006")
-            .first()
-            .and_then(|l| l.split(':').next().map(str::to_string))
-            .ok_or_else(|| {
-                format!(
-                    "step not found; inside {inside:?}; {:?}",
-                    processes_with("987006")
-                )
-            })?;
+        };
         let mut dirs = Vec::new();
         for base in cgroup_parents() {
             for e in fs::read_dir(&base).into_iter().flatten().flatten() {
@@ -1075,17 +1080,22 @@ fn signals_forwarded_to_the_step() -> TestResult {
         );
         // The step's shell -> its parent is PID 1 of the sandbox -> its
         // parent is the supervisor we started. Signal the supervisor.
-        let sh = processes_with("ready 987005");
-        let pid = sh
-            .first()
-            .and_then(|l| l.split(':').next())
-            .ok_or("step not found")?
-            .to_string();
         let ppid = |p: &str| -> Option<String> {
             let st = fs::read_to_string(format!("/proc/{p}/status")).ok()?;
             st.lines()
                 .find_map(|l| l.strip_prefix("PPid:").map(|v| v.trim().to_string()))
         };
+        // The shell's forks (before they exec `sleep`) carry its command
+        // line too: the shell is the match whose parent is not one.
+        let matches: Vec<String> = processes_with("ready 987005")
+            .iter()
+            .filter_map(|l| l.split(':').next().map(str::to_string))
+            .collect();
+        let pid = matches
+            .iter()
+            .find(|p| ppid(p).is_some_and(|pp| !matches.contains(&pp)))
+            .ok_or("step not found")?
+            .clone();
         let pid1 = ppid(&pid).ok_or("no pid 1")?;
         let sup = ppid(&pid1).ok_or("no supervisor")?;
         let sup: i32 = sup.parse().map_err(|_| "bad pid")?;
