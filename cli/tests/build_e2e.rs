@@ -748,7 +748,7 @@ fn cached_rebuild_marks_its_steps_used_for_prune() {
     std::thread::sleep(std::time::Duration::from_millis(1100));
     k.build(ctx_b.path(), &[]);
     // ... and A's cached rebuild, a second later, makes A's the most
-    // recently used: the store marks the records it hit when the build ends.
+    // recently used: each cache lookup marks the record it hits.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let cached = |ctx: &Path| {
         let o = k.run(&["build", "--progress", "json", ctx.to_str().unwrap()]);

@@ -373,10 +373,7 @@ impl Selector<'_> {
     /// walk whole; the pieces are put back together in walk order, so the
     /// result is the same as one thread's.
     fn walk_all(&self, root: Job, out: &mut Vec<Entry>) -> Result<(), CopyError> {
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(8);
+        let threads = cores();
         if threads < 2 {
             return self.walk(&root, out);
         }
@@ -420,73 +417,16 @@ impl Selector<'_> {
                 Piece::Done(_) => None,
             })
             .collect();
-        let mut walked: Vec<Option<Result<Vec<Entry>, CopyError>>> = Vec::new();
-        walked.resize_with(jobs.len(), || None);
-        if jobs.len() == 1 {
+        let walked = map_on_cores(&jobs, |job| {
             let mut v = Vec::new();
-            walked[0] = Some(self.walk(jobs[0], &mut v).map(|()| v));
-        } else if !jobs.is_empty() {
-            let next = std::sync::atomic::AtomicUsize::new(0);
-            let parts = std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..threads.min(jobs.len()))
-                    .map(|_| {
-                        scope.spawn(|| {
-                            let mut mine = Vec::new();
-                            loop {
-                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                let Some(job) = jobs.get(i) else { break };
-                                let mut v = Vec::new();
-                                let r = self.walk(job, &mut v).map(|()| v);
-                                if r.is_err() {
-                                    // Hand out no more: the first error in
-                                    // walk order is among those handed out.
-                                    next.store(jobs.len(), std::sync::atomic::Ordering::Relaxed);
-                                }
-                                mine.push((i, r));
-                            }
-                            mine
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join())
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .map_err(|_| {
-                CopyError::Io(
-                    "walking the sources".into(),
-                    io::Error::other("walking thread panicked"),
-                )
-            })?;
-            for (i, r) in parts.into_iter().flatten() {
-                walked[i] = Some(r);
-            }
-            if walked.iter().any(|w| matches!(w, Some(Err(_)))) {
-                for w in walked {
-                    if let Some(Err(e)) = w {
-                        return Err(e);
-                    }
-                }
-                return Err(CopyError::Io(
-                    "walking the sources".into(),
-                    io::Error::other("a walk failed"),
-                ));
-            }
-        }
+            self.walk(job, &mut v).map(|()| v)
+        })?;
         let mut walked = walked.into_iter();
         for p in pieces {
             match p {
                 Piece::Done(v) => out.extend(v),
-                Piece::Todo(_) => match walked.next().flatten() {
-                    Some(r) => out.extend(r?),
-                    None => {
-                        return Err(CopyError::Io(
-                            "walking the sources".into(),
-                            io::Error::other("a directory was not walked"),
-                        ))
-                    }
-                },
+                // map_on_cores gives one result per job, in order.
+                Piece::Todo(_) => out.extend(walked.next().into_iter().flatten()),
             }
         }
         Ok(())
@@ -537,37 +477,72 @@ pub fn hash_selection(
 
 /// Hashes files not known to the cache, on every core.
 fn hash_files(paths: &[&Path]) -> Result<Vec<[u8; 32]>, CopyError> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(8);
-    if threads < 2 || paths.len() < 16 {
+    if paths.len() < 16 {
         return paths.iter().map(|p| sha256_file(p)).collect();
     }
-    let chunk = paths.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = paths
-            .chunks(chunk)
-            .map(|part| {
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|p| sha256_file(p))
-                        .collect::<Result<Vec<_>, _>>()
+    map_on_cores(paths, |p| sha256_file(p))
+}
+
+/// Threads the COPY walk and hasher use: one per core, at most 8.
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8)
+}
+
+/// `f` of every item, on [`cores`] threads that take the next item as
+/// they finish one; the results come in the items' order, or the first
+/// error in that order (after an error no more items are started).
+fn map_on_cores<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<R, CopyError> + Sync,
+) -> Result<Vec<R>, CopyError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let threads = cores().min(items.len());
+    if threads < 2 {
+        return items.iter().map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let parts = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        let r = f(item);
+                        if r.is_err() {
+                            next.store(items.len(), Ordering::Relaxed);
+                        }
+                        mine.push((i, r));
+                    }
+                    mine
                 })
             })
             .collect();
-        let mut out = Vec::with_capacity(paths.len());
-        for h in handles {
-            let part = h.join().map_err(|_| {
-                CopyError::Io(
-                    "hashing".into(),
-                    io::Error::other("hashing thread panicked"),
-                )
-            })??;
-            out.extend(part);
-        }
-        Ok(out)
+        handles
+            .into_iter()
+            .map(|h| h.join())
+            .collect::<Result<Vec<_>, _>>()
     })
+    .map_err(|_| CopyError::Io("COPY".into(), io::Error::other("a worker thread panicked")))?;
+    // Items are handed out in order, so those done are a prefix of them,
+    // and one cut short ends in an error.
+    let mut parts: Vec<_> = parts.into_iter().flatten().collect();
+    parts.sort_unstable_by_key(|(i, _)| *i);
+    let out = parts
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect::<Result<Vec<R>, _>>()?;
+    if out.len() != items.len() {
+        return Err(CopyError::Io(
+            "COPY".into(),
+            io::Error::other("an item was not done"),
+        ));
+    }
+    Ok(out)
 }
 
 /// [`hash_selection`], also returning each selected file's content

@@ -186,27 +186,6 @@ impl LayerView {
         None
     }
 
-    /// Looks up `name` in the resolved directory `dir`, whose entry
-    /// [`LayerView::lookup`] found at `dir_host` (a real directory). In a
-    /// one-layer view (a build context, a committed tree) that is one
-    /// `lstat` of `dir_host/name` instead of one per component of the
-    /// path; views of several layers look the whole path up.
-    pub fn lookup_child(&self, dir: &str, dir_host: &Path, name: &str) -> Option<Found> {
-        if self.layers.len() != 1 || name.contains('/') {
-            return self.lookup(&format!("{}/{name}", dir.trim_end_matches('/')));
-        }
-        let host = dir_host.join(name);
-        let meta = fs::symlink_metadata(&host).ok()?;
-        if is_whiteout(&meta) {
-            return None;
-        }
-        Some(Found {
-            layer: 0,
-            host,
-            meta,
-        })
-    }
-
     /// The entries of the resolved directory `dir` (found at `dir_host`, a
     /// real directory), sorted by name, whiteouts left out. In a one-layer
     /// view each entry is `lstat`ed relative to the open directory (no
@@ -218,7 +197,7 @@ impl LayerView {
                 .read_dir(dir)?
                 .into_iter()
                 .filter_map(|n| {
-                    let f = self.lookup_child(dir, dir_host, &n)?;
+                    let f = self.lookup(&format!("{}/{n}", dir.trim_end_matches('/')))?;
                     Some((n, f))
                 })
                 .collect());
