@@ -111,6 +111,11 @@ fn discover() -> Result<Vec<Hierarchy>, CgroupError> {
         let (Some(root), Some(mnt), Some(fstype)) = (pre.get(3), pre.get(4), post.first()) else {
             continue;
         };
+        // A hierarchy listed but hidden (a tmpfs mounted over
+        // /sys/fs/cgroup, a mount namespace that dropped it) is not there.
+        if !is_cgroupfs(Path::new(mnt), *fstype == "cgroup2") {
+            continue;
+        }
         let rel = |own_path: &str| -> PathBuf {
             let stripped = own_path.strip_prefix(root).unwrap_or(own_path);
             Path::new(mnt).join(stripped.trim_start_matches('/'))
@@ -166,6 +171,29 @@ fn discover() -> Result<Vec<Hierarchy>, CgroupError> {
         }
     }
     Ok(out)
+}
+
+/// Whether `path` is the root of a mounted cgroup (v1) or cgroup2 file
+/// system (mountinfo escapes such as `\040` are not undone: such a path
+/// is simply not used).
+fn is_cgroupfs(path: &Path, v2: bool) -> bool {
+    const CGROUP_SUPER_MAGIC: i64 = 0x0027_e0eb;
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: valid C string, zeroed out-struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    let want = if v2 {
+        CGROUP2_SUPER_MAGIC
+    } else {
+        CGROUP_SUPER_MAGIC
+    };
+    st.f_type as i64 == want
 }
 
 /// Docker's default device allow-list.
@@ -258,9 +286,11 @@ impl StepCgroup {
             sweep_stale(&h.own_dir.join(parent));
             let dir = h.own_dir.join(parent).join(id);
             if let Err(e) = fs::create_dir_all(&dir) {
-                // A hierarchy we cannot write to is skipped unless needed
-                // for a limit (checked below).
-                if matches!(h.kind, Kind::V2) || limits != &Limits::default() {
+                // A hierarchy we cannot write to (read-only, not delegated)
+                // is skipped unless a limit needs it: the step still runs,
+                // its pid namespace still takes every process down with it,
+                // and devices are closed by nodev mounts, not cgroups.
+                if limits != &Limits::default() {
                     let _ = cg.remove();
                     return Err(io_err(&dir, e));
                 }
@@ -378,6 +408,9 @@ impl StepCgroup {
 
     /// Docker's default device rules (v1 `devices` controller): nothing but
     /// the standard character devices may be opened; mknod stays allowed.
+    /// A second line of defence only: the sandbox's mounts are `nodev`
+    /// (see `rootfs`), which holds on v2 and cgroup-less hosts too. (No v2
+    /// BPF device program is attached.)
     fn restrict_devices(&self) -> Result<(), CgroupError> {
         let Some(d) = self.v1_dir("devices") else {
             return Ok(());

@@ -135,6 +135,49 @@ fn exit_code(s: ExitStatus) -> i32 {
     }
 }
 
+/// Close (or, with `cloexec`, mark close-on-exec) every descriptor from
+/// `first` up: what kiln's caller left open (a directory on `exec 7</`, a
+/// lock file, a CI log pipe) must not reach the sandbox (runc's fix for
+/// CVE-2024-21626). `close_range(2)`, else a walk of /proc/self/fd.
+pub(crate) fn close_fds_from(first: i32, cloexec: bool) {
+    let flags = if cloexec {
+        libc::CLOSE_RANGE_CLOEXEC as libc::c_long
+    } else {
+        0
+    };
+    // SAFETY: close_range only affects descriptor numbers; no memory.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            flags,
+        )
+    };
+    if r == 0 {
+        return;
+    }
+    // Older kernels: list first (the listing holds a descriptor of its
+    // own), then act.
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .filter(|fd| *fd >= first)
+        .collect();
+    for fd in fds {
+        // SAFETY: as above; a number that is no longer open fails harmlessly.
+        unsafe {
+            if cloexec {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            } else {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
 /// Stage 1: runs in the host pid namespace.
 fn supervisor() -> i32 {
     // SAFETY: fstat on an fd number; it is only adopted if it is a socket.
@@ -145,6 +188,8 @@ fn supervisor() -> i32 {
         eprintln!("kiln init: not started by kiln-executor (no message socket on fd {INIT_FD})");
         return 2;
     }
+    // Only stdin (the socket), stdout and stderr were meant for us.
+    close_fds_from(3, false);
     // Move the socket off stdin to a close-on-exec descriptor, and give
     // stdin /dev/null (what the step reads).
     // SAFETY: fcntl/open/dup2/close on descriptor numbers we own.
@@ -512,7 +557,8 @@ fn exec_step_inner(cfg: &InitConfig) -> Result<Never, (&'static str, String)> {
         .map_err(|_| ("exec", "path contains NUL".to_string()))?;
 
     // The message socket is close-on-exec (moved there at start): it does
-    // not leak into the step.
+    // not leak into the step; nor does anything else past stderr.
+    close_fds_from(3, true);
     let _ = SigSet::all().thread_unblock();
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     let e = nix::unistd::execve(&exe_c, &argv, &envp).unwrap_err();

@@ -70,8 +70,8 @@ pub use init::{maybe_run_init, DEFAULT_PATH, INIT_ARG};
 pub use oci_spec::runtime as oci;
 pub use protocol::ProtocolError;
 pub use request::{
-    ExecOutcome, ExecRequest, ExitStatus, OutputLine, RequestError, RootfsKind, RootfsMount,
-    Stream, MAX_LINE,
+    ExecOutcome, ExecRequest, ExitStatus, InlineFile, OutputLine, RequestError, RootfsKind,
+    RootfsMount, Stream, MAX_INLINE_FILE, MAX_LINE,
 };
 pub use run::{Executor, ExecutorConfig};
 pub use spec::{default_spec, set_network, NetworkMode};

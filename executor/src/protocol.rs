@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use nix::sys::socket::{recv, send, MsgFlags};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::request::{ExitStatus, RootfsMount};
+use crate::request::{ExitStatus, InlineFile, RootfsMount};
 
 /// The fd number the init finds its end of the socket on: its standard
 /// input. Handing it over as stdin needs no code between fork and exec, so
@@ -92,6 +92,9 @@ pub(crate) struct InitConfig {
     pub rootfs: Vec<RootfsMount>,
     pub readonly_rootfs: bool,
     pub mounts: Vec<MountEntry>,
+    /// Files carried by value (secrets), placed after `mounts`.
+    #[serde(default)]
+    pub inline_files: Vec<InlineFile>,
     pub masked_paths: Vec<String>,
     pub readonly_paths: Vec<String>,
 }

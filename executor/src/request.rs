@@ -65,6 +65,40 @@ impl RootfsMount {
     }
 }
 
+/// Largest inline file accepted (BuildKit caps a secret at 500 KB).
+pub const MAX_INLINE_FILE: usize = 512 * 1024;
+
+/// A file handed to the step by value (a build secret): the init writes it
+/// on a tmpfs that exists only in the sandbox's mount namespace and binds it
+/// read-only, nosuid, nodev, noexec onto `destination`. It never touches a
+/// file the host can see. Its `Debug` output shows the size, never the
+/// bytes.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InlineFile {
+    /// Absolute path in the sandbox.
+    pub destination: PathBuf,
+    /// The contents (at most [`MAX_INLINE_FILE`] bytes).
+    pub contents: Vec<u8>,
+    /// Permission bits of the file.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+}
+
+impl fmt::Debug for InlineFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InlineFile")
+            .field("destination", &self.destination)
+            .field("contents", &format_args!("<{} bytes>", self.contents.len()))
+            .field("mode", &format_args!("{:o}", self.mode))
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .finish()
+    }
+}
+
 /// One step to run.
 #[derive(Debug, Clone)]
 pub struct ExecRequest {
@@ -86,6 +120,9 @@ pub struct ExecRequest {
     pub user: Option<String>,
     /// Kill the step after this long.
     pub timeout: Option<Duration>,
+    /// Files handed over by value (build secrets), placed after the spec's
+    /// mounts.
+    pub files: Vec<InlineFile>,
 }
 
 impl ExecRequest {
@@ -97,6 +134,7 @@ impl ExecRequest {
             rootfs,
             user: None,
             timeout: None,
+            files: Vec::new(),
         }
     }
 }
@@ -224,6 +262,14 @@ pub enum RequestError {
     /// A capability name the kernel does not know.
     #[error("unknown capability {0}")]
     UnknownCapability(String),
+    /// An inline file that cannot be placed.
+    #[error("invalid file {destination}: {reason}")]
+    InvalidFile {
+        /// Destination in the sandbox.
+        destination: String,
+        /// Why.
+        reason: String,
+    },
     /// A mount in the spec that cannot be performed.
     #[error("invalid mount {destination}: {reason}")]
     InvalidMount {

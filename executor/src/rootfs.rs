@@ -5,6 +5,21 @@
 //! Targets inside the rootfs are opened with `openat2(RESOLVE_IN_ROOT)` and
 //! mounted on through `/proc/self/fd/N`, so a symlink in an image can never
 //! send a mount outside the rootfs.
+//!
+//! **Devices, whatever the cgroup layout.** Once every mount of the
+//! sandbox is in place, the whole tree is made `nodev` (recursively: the
+//! rootfs, the /dev tmpfs, cache/bind/tmpfs mounts, spec mounts and their
+//! submounts). Only then are Docker's default nodes (null, zero, full,
+//! random, urandom, tty) bind-mounted from the host into /dev and devpts
+//! mounted, so they are the only device nodes that open. A node made with
+//! `mknod` anywhere else (CAP_MKNOD is in Docker's set, packages create
+//! nodes in images) exists but fails to open with EACCES, on a cgroup v1,
+//! v2, hybrid or cgroup-less host alike.
+//!
+//! **Inline files** (build secrets) never touch a host-visible file: the
+//! init writes them on a small tmpfs mounted inside the sandbox's own mount
+//! namespace, binds each read-only onto its target and detaches the
+//! staging mount.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -15,7 +30,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 
 use crate::protocol::{InitConfig, MountEntry};
-use crate::request::{RootfsKind, RootfsMount};
+use crate::request::{InlineFile, RootfsKind, RootfsMount};
 
 /// A failed mount step, with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -225,7 +240,7 @@ pub(crate) fn mount_rootfs(dir: &Path, mounts: &[RootfsMount]) -> Result<()> {
                         Some("overlay"),
                         dir.as_path(),
                         Some("overlay"),
-                        flags & !(MsFlags::MS_BIND | MsFlags::MS_REC),
+                        (flags & !(MsFlags::MS_BIND | MsFlags::MS_REC)) | MsFlags::MS_NODEV,
                         Some(data.as_str()),
                     ),
                     || format!("mounting overlay rootfs ({})", m.options.join(",")),
@@ -304,50 +319,50 @@ pub(crate) fn setup_mounts(cfg: &InitConfig) -> Result<()> {
         common | MsFlags::MS_RDONLY,
         "",
     )?;
-    setup_dev(&root)?;
+    let dev_fd = setup_dev(&root)?;
     for m in &cfg.mounts {
         extra_mount(&root, m)?;
     }
-    Ok(())
+    inline_files(&root, &dev_fd, &cfg.inline_files)?;
+    nodev_everywhere(&root, &cfg.rootfs_dir)?;
+    allowed_devices(&dev_fd)
 }
 
-/// /dev: tmpfs with host device nodes bound in, devpts, shm, mqueue, links.
-fn setup_dev(root: &OwnedFd) -> Result<()> {
+/// Docker's default device nodes, bind-mounted from the host.
+pub const DEFAULT_DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// The path of the sandbox's /dev tmpfs through its descriptor. The tmpfs
+/// is ours and holds only what we put there: plain paths below it are safe.
+/// Paths under a magic link are resolved through it: keep the fd open.
+fn dev_path(dev_fd: &OwnedFd) -> PathBuf {
+    fd_path(dev_fd)
+}
+
+/// /dev, first part: a `nodev` tmpfs with empty mount points for the
+/// allowed nodes, shm, mqueue, the pts directory and the standard links.
+/// Returns a descriptor of the tmpfs.
+fn setup_dev(root: &OwnedFd) -> Result<OwnedFd> {
     mount_at(
         root,
         "/dev",
         "tmpfs",
         "tmpfs",
-        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_STRICTATIME,
         "mode=755,size=65536k",
     )?;
     let dev_fd = ctx(open_in_root(root, Path::new("/dev")), || {
         "opening /dev".into()
     })?;
-    // The tmpfs is ours and empty: plain paths below it are safe.
-    let dev = PathBuf::from(format!("/proc/self/fd/{}", dev_fd.as_raw_fd()));
-    // Paths under a magic link are resolved through it; keep the fd open.
-    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
-        let p = dev.join(name);
+    let dev = dev_path(&dev_fd);
+    for name in DEFAULT_DEVICES {
         ctx(
             nix::fcntl::open(
-                &p,
-                OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                &dev.join(name),
+                OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
                 Mode::from_bits_truncate(0o666),
             )
             .map(drop),
             || format!("creating /dev/{name}"),
-        )?;
-        let host = Path::new("/dev").join(name);
-        ctx(
-            mount(
-                Some(&host),
-                &p,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            ),
-            || format!("binding /dev/{name}"),
         )?;
     }
     for (d, mode) in [("pts", 0o755), ("shm", 0o1777), ("mqueue", 0o755)] {
@@ -357,16 +372,6 @@ fn setup_dev(root: &OwnedFd) -> Result<()> {
         )?;
     }
     let nsx = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
-    ctx(
-        mount(
-            Some("devpts"),
-            &dev.join("pts"),
-            Some("devpts"),
-            nsx,
-            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
-        ),
-        || "mounting devpts on /dev/pts".into(),
-    )?;
     ctx(
         mount(
             Some("shm"),
@@ -398,6 +403,242 @@ fn setup_dev(root: &OwnedFd) -> Result<()> {
         ctx(
             std::os::unix::fs::symlink(target, dev.join(link)).map_err(io_to_nix),
             || format!("creating /dev/{link}"),
+        )?;
+    }
+    Ok(dev_fd)
+}
+
+/// /dev, last part (after [`nodev_everywhere`]): the allowed host nodes
+/// bound onto their mount points (a bind keeps the host /dev mount's
+/// `dev` flag) and a fresh devpts (ptmx and the pty slaves).
+fn allowed_devices(dev_fd: &OwnedFd) -> Result<()> {
+    let dev = dev_path(dev_fd);
+    for name in DEFAULT_DEVICES {
+        let host = Path::new("/dev").join(name);
+        ctx(
+            mount(
+                Some(&host),
+                &dev.join(name),
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            ),
+            || format!("binding /dev/{name}"),
+        )?;
+    }
+    ctx(
+        mount(
+            Some("devpts"),
+            &dev.join("pts"),
+            Some("devpts"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ),
+        || "mounting devpts on /dev/pts".into(),
+    )
+}
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const AT_RECURSIVE: libc::c_int = 0x8000;
+
+/// Make every mount at and below the root `nodev`, keeping their other
+/// flags: `mount_setattr(AT_RECURSIVE)` (Linux 5.12), else a remount of
+/// each mount listed under `dir` in /proc/self/mountinfo.
+pub(crate) fn nodev_everywhere(root: &OwnedFd, dir: &Path) -> Result<()> {
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: valid fd, NUL-terminated empty path, attr of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            root.as_raw_fd(),
+            c"".as_ptr(),
+            (libc::AT_EMPTY_PATH | AT_RECURSIVE) as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = nix::Error::last();
+    if e != nix::Error::ENOSYS {
+        return Err(MountError {
+            what: "making the sandbox's mounts nodev".into(),
+            source: e,
+        });
+    }
+    let dir = absolute(dir);
+    let info = ctx(
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(io_to_nix),
+        || "reading mountinfo".into(),
+    )?;
+    for line in info.lines() {
+        let Some(mp) = line.split(' ').nth(4).map(unescape_mountinfo) else {
+            continue;
+        };
+        let mp = PathBuf::from(mp);
+        if !mp.starts_with(&dir) {
+            continue;
+        }
+        let keep = statvfs_flags_of(&mp, true);
+        ctx(
+            mount(
+                None::<&str>,
+                &mp,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NODEV | keep,
+                None::<&str>,
+            ),
+            || format!("remounting {} nodev", mp.display()),
+        )?;
+    }
+    Ok(())
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape_mountinfo(s: &str) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    std::ffi::OsString::from_vec(out)
+}
+
+/// Name of the staging directory for inline files inside the /dev tmpfs.
+const INLINE_STAGE: &str = ".kiln-inline";
+
+/// Place inline files (build secrets): a tmpfs mounted in the sandbox's
+/// own mount namespace only (under its /dev tmpfs) holds them; each is
+/// bound read-only, nosuid, nodev, noexec onto its target, then the staging
+/// mount is detached and its directory removed. The host never sees a
+/// file, so nothing is left to clean whatever happens to kiln.
+fn inline_files(root: &OwnedFd, dev_fd: &OwnedFd, files: &[InlineFile]) -> Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let stage = dev_path(dev_fd).join(INLINE_STAGE);
+    ctx(
+        nix::unistd::mkdir(&stage, Mode::from_bits_truncate(0o700)),
+        || "creating the inline-file staging directory".into(),
+    )?;
+    let bytes: usize = files.iter().map(|f| f.contents.len() + 4096).sum();
+    let size = format!(
+        "mode=0700,size={},nr_inodes={}",
+        bytes + 4096,
+        files.len() + 8
+    );
+    ctx(
+        mount(
+            Some("tmpfs"),
+            &stage,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some(size.as_str()),
+        ),
+        || "mounting the inline-file staging tmpfs".into(),
+    )?;
+    let placed = place_inline_files(root, &stage, files);
+    let detached = ctx(umount2(&stage, MntFlags::MNT_DETACH), || {
+        "detaching the inline-file staging tmpfs".into()
+    });
+    let removed = ctx(std::fs::remove_dir(&stage).map_err(io_to_nix), || {
+        "removing the inline-file staging directory".into()
+    });
+    placed.and(detached).and(removed)
+}
+
+fn place_inline_files(root: &OwnedFd, stage: &Path, files: &[InlineFile]) -> Result<()> {
+    use std::io::Write;
+    for (i, f) in files.iter().enumerate() {
+        let dest = f.destination.display().to_string();
+        let p = stage.join(i.to_string());
+        let fd = ctx(
+            nix::fcntl::open(
+                &p,
+                OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_WRONLY
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o600),
+            ),
+            || format!("creating the file for {dest}"),
+        )?;
+        let mut file = std::fs::File::from(fd);
+        ctx(file.write_all(&f.contents).map_err(io_to_nix), || {
+            format!("writing the file for {dest}")
+        })?;
+        // Owner first: chown clears set-id bits that fchmod then sets.
+        ctx(
+            nix::unistd::fchown(
+                &file,
+                Some(nix::unistd::Uid::from_raw(f.uid)),
+                Some(nix::unistd::Gid::from_raw(f.gid)),
+            ),
+            || format!("chown of {dest}"),
+        )?;
+        ctx(
+            nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(f.mode & 0o7777)),
+            || format!("chmod of {dest}"),
+        )?;
+        drop(file);
+        let target = ctx(open_in_root(root, &f.destination), || {
+            format!("opening mount point {dest}")
+        })?;
+        ctx(
+            mount(
+                Some(&p),
+                &fd_path(&target),
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            ),
+            || format!("binding the file onto {dest}"),
+        )?;
+        let target = ctx(open_in_root(root, &f.destination), || {
+            format!("opening mount point {dest}")
+        })?;
+        ctx(
+            mount(
+                None::<&str>,
+                &fd_path(&target),
+                None::<&str>,
+                MsFlags::MS_BIND
+                    | MsFlags::MS_REMOUNT
+                    | MsFlags::MS_RDONLY
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV
+                    | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            ),
+            || format!("remounting {dest} read-only"),
         )?;
     }
     Ok(())
@@ -591,7 +832,12 @@ pub(crate) fn readonly_root() -> Result<()> {
 /// The nosuid/nodev/noexec flags a mount already has (they are locked on
 /// remount).
 fn statvfs_flags(p: &str) -> MsFlags {
-    let Ok(c) = CString::new(p) else {
+    statvfs_flags_of(Path::new(p), false)
+}
+
+/// As [`statvfs_flags`], with `ro` too when `rdonly`.
+fn statvfs_flags_of(p: &Path, rdonly: bool) -> MsFlags {
+    let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else {
         return MsFlags::empty();
     };
     // SAFETY: valid C string, zeroed out-struct.
@@ -609,6 +855,9 @@ fn statvfs_flags(p: &str) -> MsFlags {
     }
     if st.f_flag & libc::ST_NOEXEC != 0 {
         f |= MsFlags::MS_NOEXEC;
+    }
+    if rdonly && st.f_flag & libc::ST_RDONLY != 0 {
+        f |= MsFlags::MS_RDONLY;
     }
     f
 }

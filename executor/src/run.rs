@@ -24,7 +24,8 @@ use crate::protocol::{
     recv_msg, send_msg, socketpair, CapSets, ChildMessage, InitConfig, MountEntry, UserSpec,
 };
 use crate::request::{
-    ExecOutcome, ExecRequest, OutputLine, RequestError, RootfsKind, RootfsMount, Stream, MAX_LINE,
+    ExecOutcome, ExecRequest, InlineFile, OutputLine, RequestError, RootfsKind, RootfsMount,
+    Stream, MAX_INLINE_FILE, MAX_LINE,
 };
 use crate::rootfs::{DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, SYSTEM_DESTINATIONS};
 
@@ -267,6 +268,7 @@ fn init_config(req: &ExecRequest) -> Result<InitConfig, RequestError> {
             .and_then(|r| r.readonly())
             .unwrap_or(false),
         mounts: Vec::new(),
+        inline_files: inline_files(&req.files)?,
         masked_paths: linux
             .and_then(|l| l.masked_paths().clone())
             .unwrap_or_else(|| strings(DEFAULT_MASKED_PATHS)),
@@ -274,6 +276,31 @@ fn init_config(req: &ExecRequest) -> Result<InitConfig, RequestError> {
             .and_then(|l| l.readonly_paths().clone())
             .unwrap_or_else(|| strings(DEFAULT_READONLY_PATHS)),
     })
+}
+
+/// The request's inline files, checked.
+fn inline_files(files: &[InlineFile]) -> Result<Vec<InlineFile>, RequestError> {
+    for f in files {
+        let destination = f.destination.display().to_string();
+        let bad = |reason: &str| RequestError::InvalidFile {
+            destination: destination.clone(),
+            reason: reason.into(),
+        };
+        if !f.destination.is_absolute() {
+            return Err(bad("destination is not absolute"));
+        }
+        let norm = destination.trim_end_matches('/');
+        if norm.is_empty() || SYSTEM_DESTINATIONS.contains(&norm) {
+            return Err(bad("destination is a system mount point"));
+        }
+        if f.contents.len() > MAX_INLINE_FILE {
+            return Err(bad(&format!(
+                "{} bytes is over the limit of {MAX_INLINE_FILE}",
+                f.contents.len()
+            )));
+        }
+    }
+    Ok(files.to_vec())
 }
 
 /// Spec mounts that the executor performs (system destinations skipped).
@@ -575,6 +602,9 @@ impl Executor {
                     .map(|s| !s.is_dir())
                     .unwrap_or(false));
             stubs.push((m.destination.clone(), is_dir));
+        }
+        for f in &cfg.inline_files {
+            stubs.push((f.destination.clone(), false));
         }
         let top = req.rootfs.len() - 1;
         match cfg.rootfs[top].kind {

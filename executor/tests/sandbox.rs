@@ -516,10 +516,9 @@ fn dev_has_the_minimal_nodes() -> TestResult {
             ),
         "{out:?}"
     );
-    ensure!(
-        l.get(8).map(|s| s.trim()) == Some("devpts tmpfs mqueue"),
-        "{out:?}"
-    );
+    let mut fs_types: Vec<&str> = l.get(8).copied().unwrap_or("").split_whitespace().collect();
+    fs_types.sort_unstable();
+    ensure!(fs_types == ["devpts", "mqueue", "tmpfs"], "{out:?}");
     f.host_clean()
 }
 
@@ -1139,6 +1138,352 @@ fn bind_rootfs_leaves_no_stubs() -> TestResult {
     f.host_clean()
 }
 
+/// The fds kiln's caller left open (here: a non-CLOEXEC descriptor of a
+/// host directory, as `exec 7</` leaves one) reach neither the step nor the
+/// sandbox's PID 1.
+fn inherited_fds_do_not_reach_the_step() -> TestResult {
+    let f = Fixture::new()?;
+    let host = f.tmp.path().join("host");
+    fs::create_dir(&host).map_err(|e| e.to_string())?;
+    fs::write(host.join("marker"), "HOST-FD-MARKER\n").map_err(|e| e.to_string())?;
+    let c =
+        std::ffi::CString::new(host.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: plain descriptor calls on numbers this test owns.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+    ensure!(fd >= 0, "open {}", std::io::Error::last_os_error());
+    // dup2 leaves the new descriptor without FD_CLOEXEC.
+    ensure!(unsafe { libc::dup2(fd, 77) } == 77, "dup2");
+    unsafe { libc::close(fd) };
+    let r = f.stdout(f.sh(
+        "ls /proc/self/fd | tr '\\n' ' '; echo; cat /proc/self/fd/77/marker 2>&1; \
+         cat /proc/1/fd/77/marker 2>&1; true",
+    ));
+    // Without a shell in between: what the step's own process holds.
+    let direct = f.stdout(f.req(&["/bin/ls", "/proc/self/fd"]));
+    // SAFETY: ours.
+    unsafe { libc::close(77) };
+    let out = r?;
+    ensure!(
+        !out.contains("HOST-FD-MARKER"),
+        "host fd reached the sandbox: {out:?}"
+    );
+    let l: Vec<&str> = out.lines().collect();
+    // ls sees its own 0, 1, 2 and the directory it is listing.
+    ensure!(l.first().map(|s| s.trim()) == Some("0 1 2 3"), "{out:?}");
+    let direct = direct?;
+    ensure!(direct == "0\n1\n2\n3\n", "the step's fds: {direct:?}");
+    f.host_clean()
+}
+
+/// A small file behind a loop device, standing in for a host disk.
+struct LoopDisk {
+    dev: String,
+    minor: u64,
+    file: PathBuf,
+    content: Vec<u8>,
+}
+
+const DISK_MARKER: &str = "KILN-HOST-DISK-CONTENT";
+
+impl LoopDisk {
+    fn new(dir: &Path) -> Result<LoopDisk, String> {
+        let file = dir.join("disk.img");
+        let content = DISK_MARKER.as_bytes().repeat(65536 / DISK_MARKER.len() + 1);
+        fs::write(&file, &content).map_err(|e| e.to_string())?;
+        // Concurrent `losetup -f` may race for the same free device.
+        let mut last = String::new();
+        for _ in 0..10 {
+            let o = Command::new("losetup")
+                .args(["-f", "--show"])
+                .arg(&file)
+                .output()
+                .map_err(|e| format!("losetup: {e}"))?;
+            if o.status.success() {
+                let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                let st = nix::sys::stat::stat(dev.as_str()).map_err(|e| e.to_string())?;
+                let disk = LoopDisk {
+                    minor: libc::minor(st.st_rdev) as u64,
+                    dev,
+                    file,
+                    content,
+                };
+                ensure!(
+                    libc::major(st.st_rdev) == 7,
+                    "{} is not a loop device",
+                    disk.dev
+                );
+                return Ok(disk);
+            }
+            last = String::from_utf8_lossy(&o.stderr).into_owned();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!("losetup failed: {last}"))
+    }
+
+    /// Detach and check that nothing was written to the disk.
+    fn detach_and_check(mut self) -> TestResult {
+        self.detach();
+        let now = fs::read(&self.file).map_err(|e| e.to_string())?;
+        ensure!(now == self.content, "the host disk was written to");
+        Ok(())
+    }
+
+    fn detach(&mut self) {
+        if !self.dev.is_empty() {
+            let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+            self.dev.clear();
+        }
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+/// A script that makes a node of the loop disk in each of `dirs`, reads and
+/// writes it, and checks that the allowed nodes work.
+fn device_probe_script(minor: u64, dirs: &[&str]) -> String {
+    let mut s = String::new();
+    for d in dirs {
+        s.push_str(&format!(
+            "mknod {d}/kdisk b 7 {minor} && echo 'mknod {d} ok'; \
+             head -c 64 {d}/kdisk 2>&1; echo \"read {d} rc=$?\"; \
+             dd if=/dev/zero of={d}/kdisk bs=512 count=1 conv=notrunc 2>&1; echo \"write {d} rc=$?\"; \
+             rm -f {d}/kdisk; "
+        ));
+    }
+    s.push_str(
+        "echo x > /dev/null && head -c 3 /dev/zero | wc -c && head -c 3 /dev/urandom | wc -c && \
+         exec 3<>/dev/ptmx && echo allowed-ok",
+    );
+    s
+}
+
+/// Checks the probe's output: every mknod worked, no read or write did.
+fn check_probe(out: &str, dirs: &[&str]) -> TestResult {
+    ensure!(!out.contains(DISK_MARKER), "host disk read: {out:?}");
+    for d in dirs {
+        ensure!(
+            out.contains(&format!("mknod {d} ok")),
+            "mknod in {d} failed: {out:?}"
+        );
+        for op in ["read", "write"] {
+            let line = out
+                .lines()
+                .find(|l| l.starts_with(&format!("{op} {d} rc=")))
+                .ok_or_else(|| format!("no {op} {d} line: {out:?}"))?;
+            ensure!(!line.ends_with("rc=0"), "{op} in {d} worked: {out:?}");
+        }
+    }
+    ensure!(out.contains("Permission denied"), "{out:?}");
+    ensure!(
+        out.contains("3\n3\nallowed-ok"),
+        "allowed nodes broken: {out:?}"
+    );
+    Ok(())
+}
+
+const PROBE_DIRS: &[&str] = &["/dev", "/tmp", "/cache", "/scratch"];
+
+/// A request for the device probe, with a writable bind mount of a host
+/// directory (what a cache mount is) and a tmpfs asking for nothing but
+/// nosuid.
+fn device_probe_request(
+    tmp: &Path,
+    rootfs: RootfsMount,
+    minor: u64,
+) -> Result<ExecRequest, String> {
+    let cache = tmp.join("cache-dir");
+    fs::create_dir_all(&cache).map_err(|e| e.to_string())?;
+    let mut spec = default_spec(vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        device_probe_script(minor, PROBE_DIRS),
+    ]);
+    let mounts = vec![
+        kiln_executor::oci::MountBuilder::default()
+            .destination("/cache")
+            .typ("bind")
+            .source(&cache)
+            .options(vec!["rbind".to_string(), "rw".to_string()])
+            .build()
+            .map_err(|e| e.to_string())?,
+        kiln_executor::oci::MountBuilder::default()
+            .destination("/scratch")
+            .typ("tmpfs")
+            .source("tmpfs")
+            .options(vec!["nosuid".to_string()])
+            .build()
+            .map_err(|e| e.to_string())?,
+    ];
+    spec.set_mounts(Some(mounts));
+    Ok(ExecRequest::new("RUN probe devices", spec, vec![rootfs]))
+}
+
+/// On the host's own cgroup layout: a mknod'ed host disk opens nowhere.
+fn host_devices_unreachable() -> TestResult {
+    let f = Fixture::new()?;
+    let disk = LoopDisk::new(f.tmp.path())?;
+    let out = f.stdout(device_probe_request(f.tmp.path(), f.overlay(), disk.minor)?)?;
+    check_probe(&out, PROBE_DIRS)?;
+    disk.detach_and_check()?;
+    f.host_clean()
+}
+
+/// The same with the cgroup hierarchies hidden in a private mount
+/// namespace: v1 hierarchies gone (a cgroup-v2-only host), and everything
+/// gone (no cgroups at all). Steps still run (without limits) and the
+/// disk still cannot be opened.
+fn host_devices_unreachable_without_cgroups() -> TestResult {
+    let f = Fixture::new()?;
+    let disk = LoopDisk::new(f.tmp.path())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    for mode in ["v2only", "none"] {
+        let o = Command::new(&exe)
+            .arg("__hidden_cgroups_child")
+            .arg(mode)
+            .arg(f.tmp.path())
+            .arg(disk.minor.to_string())
+            .output()
+            .map_err(|e| e.to_string())?;
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        ensure!(o.status.success(), "{mode}: child failed: {out}\n{err}");
+        check_probe(&out, PROBE_DIRS).map_err(|e| format!("{mode}: {e}\n{err}"))?;
+    }
+    disk.detach_and_check()?;
+    f.host_clean()
+}
+
+/// Child mode: hide cgroups as `mode` says in a private mount namespace,
+/// then run the device probe and print its output.
+fn hidden_cgroups_child(mode: &str, dir: &Path, minor: u64) -> ! {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    let fail = |m: String| -> ! {
+        eprintln!("{m}");
+        std::process::exit(1)
+    };
+    if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS) {
+        fail(format!("unshare: {e}"));
+    }
+    let none = None::<&str>;
+    if let Err(e) = mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none) {
+        fail(format!("rprivate: {e}"));
+    }
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    match mode {
+        "v2only" => {
+            for l in info.lines() {
+                let Some((pre, post)) = l.split_once(" - ") else {
+                    continue;
+                };
+                if post.starts_with("cgroup ") {
+                    if let Some(mp) = pre.split(' ').nth(4) {
+                        if let Err(e) = umount2(mp, MntFlags::MNT_DETACH) {
+                            fail(format!("umount {mp}: {e}"));
+                        }
+                    }
+                }
+            }
+        }
+        _ => {
+            if let Err(e) = mount(
+                Some("tmpfs"),
+                "/sys/fs/cgroup",
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY,
+                none,
+            ) {
+                fail(format!("tmpfs over /sys/fs/cgroup: {e}"));
+            }
+        }
+    }
+    let left = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" - cgroup"))
+        .count();
+    eprintln!("{mode}: {left} cgroup mounts still listed in mountinfo");
+    let sub = dir.join(format!("child-{mode}"));
+    let (upper, work) = (sub.join("upper"), sub.join("work"));
+    for d in [&upper, &work] {
+        if let Err(e) = fs::create_dir_all(d) {
+            fail(e.to_string());
+        }
+    }
+    let ex = Executor::new(ExecutorConfig {
+        state_dir: dir.join("state"),
+        cgroup_parent: format!("kiln-hidden-{mode}"),
+        ..ExecutorConfig::default()
+    });
+    let rootfs = RootfsMount::overlay(&[dir.join("rootfs")], upper, work);
+    let req = match device_probe_request(&sub, rootfs, minor) {
+        Ok(r) => r,
+        Err(e) => fail(e),
+    };
+    let rt = runtime();
+    let r = rt.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let collect = tokio::spawn(async move {
+            let mut v = Vec::new();
+            while let Some(l) = rx.recv().await {
+                v.push(l);
+            }
+            v
+        });
+        let r = ex.run(req, Some(tx), CancellationToken::new()).await;
+        (r, collect.await.unwrap_or_default())
+    });
+    match r {
+        (Ok(o), lines) if o.status.success() => {
+            print!("{}", text(&lines, Stream::Stdout));
+            std::process::exit(0)
+        }
+        (r, lines) => fail(format!("{r:?}: {}", text(&lines, Stream::Stdout))),
+    }
+}
+
+/// An inline file (a secret) is there with its mode and owner, read-only,
+/// and leaves nothing in the layer, /dev or the state directory.
+fn inline_file_placed_privately() -> TestResult {
+    let f = Fixture::new()?;
+    let mut req = f.sh(
+        "stat -c '%a %u %g' /run/secrets/tok; cat /run/secrets/tok; echo; \
+         grep ' /run/secrets/tok ' /proc/mounts | cut -d' ' -f4; \
+         ls -a /dev | grep -c kiln; echo x > /run/secrets/tok 2>/dev/null || echo read-only",
+    );
+    req.files.push(kiln_executor::InlineFile {
+        destination: PathBuf::from("/run/secrets/tok"),
+        contents: b"INLINE-SECRET-VALUE".to_vec(),
+        mode: 0o440,
+        uid: 1000,
+        gid: 50,
+    });
+    let dbg = format!("{req:?}");
+    ensure!(
+        !dbg.contains("INLINE-SECRET-VALUE"),
+        "Debug shows the value"
+    );
+    let out = f.stdout(req)?;
+    let l: Vec<&str> = out.lines().collect();
+    ensure!(l.first() == Some(&"440 1000 50"), "{out:?}");
+    ensure!(l.get(1) == Some(&"INLINE-SECRET-VALUE"), "{out:?}");
+    let opts = l.get(2).copied().unwrap_or("");
+    for o in ["ro", "nosuid", "nodev", "noexec"] {
+        ensure!(opts.split(',').any(|x| x == o), "mount options {opts:?}");
+    }
+    ensure!(l.get(3) == Some(&"0"), "staging left in /dev: {out:?}");
+    ensure!(l.get(4) == Some(&"read-only"), "{out:?}");
+    ensure!(
+        f.upper_entries().is_empty(),
+        "layer: {:?}",
+        f.upper_entries()
+    );
+    f.host_clean()
+}
+
 fn bad_namespace_request_rejected() -> TestResult {
     let f = Fixture::new()?;
     let mut req = f.sh("true");
@@ -1226,6 +1571,16 @@ const TESTS: &[(&str, TestFn)] = &[
         "bad_namespace_request_rejected",
         bad_namespace_request_rejected,
     ),
+    (
+        "inherited_fds_do_not_reach_the_step",
+        inherited_fds_do_not_reach_the_step,
+    ),
+    ("host_devices_unreachable", host_devices_unreachable),
+    (
+        "host_devices_unreachable_without_cgroups",
+        host_devices_unreachable_without_cgroups,
+    ),
+    ("inline_file_placed_privately", inline_file_placed_privately),
 ];
 
 fn main() {
@@ -1235,6 +1590,12 @@ fn main() {
         let dir = PathBuf::from(args.get(1).cloned().unwrap_or_default());
         let parent = args.get(2).cloned().unwrap_or_else(|| "kiln".into());
         pdeathsig_child(&dir, &parent);
+    }
+    if args.first().map(String::as_str) == Some("__hidden_cgroups_child") {
+        let mode = args.get(1).cloned().unwrap_or_default();
+        let dir = PathBuf::from(args.get(2).cloned().unwrap_or_default());
+        let minor = args.get(3).and_then(|m| m.parse().ok()).unwrap_or(0);
+        hidden_cgroups_child(&mode, &dir, minor);
     }
     let list = args.iter().any(|a| a == "--list");
     let exact = args.iter().any(|a| a == "--exact");
