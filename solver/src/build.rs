@@ -1131,6 +1131,7 @@ impl Ctx {
                 apply_limits(&mut spec, &me.opts.limits);
                 let mut req = ExecRequest::new(step_name.clone(), spec, active.mounts.clone());
                 req.user = user.clone();
+                req.files = prepared.files.clone();
                 let (tx, mut rx) = tokio::sync::mpsc::channel::<OutputLine>(256);
                 let progress = me.progress.clone();
                 let started = Instant::now();

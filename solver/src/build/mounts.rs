@@ -8,13 +8,15 @@
 //! plan into OCI spec mounts: cache directories come from the store (held
 //! under their lock for the step's life), stage/image sources are a
 //! read-only overlay of their layer directories (a writable one gets a
-//! throwaway upper directory), secrets are written to a 0700 directory on
-//! a tmpfs outside the store and removed when the step ends.
+//! throwaway upper directory). A secret's value never touches a file the
+//! host can see: it goes to the executor by value (an
+//! [`kiln_executor::InlineFile`]), and the sandbox's init places it on a
+//! tmpfs that exists only in the step's mount namespace, so nothing is
+//! left to clean even when kiln is SIGKILLed.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -108,6 +110,8 @@ pub(super) struct Prepared {
     pub mounts: Vec<oci::Mount>,
     /// Environment to add (`env=` secrets, `SSH_AUTH_SOCK`).
     pub env: Vec<(String, String)>,
+    /// Files handed to the step by value (`type=secret` with a target).
+    pub files: Vec<kiln_executor::InlineFile>,
     _holds: Vec<CacheMountHold>,
     _temps: Vec<tempfile::TempDir>,
 }
@@ -497,16 +501,6 @@ fn copy_into(dir: &Path, sel: &[Selection]) -> Result<(), String> {
     copy_selections(&view, "/", true, sel, &opts).map_err(|e| e.to_string())
 }
 
-/// Where secrets are written: a tmpfs when there is one, never the store.
-fn secret_base() -> PathBuf {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        shm.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    }
-}
-
 fn read_secret(id: &str, source: &SecretSource) -> Result<Vec<u8>, String> {
     match source {
         SecretSource::File(p) => {
@@ -597,35 +591,20 @@ impl RunMounts {
                         p.env.push((var.clone(), s));
                     }
                     if let Some(target) = target {
-                        let base = secret_base();
-                        let dir = tempfile::Builder::new()
-                            .prefix("kiln-secret-")
-                            .tempdir_in(&base)
-                            .map_err(|e| format!("secret {id}: temp dir: {e}"))?;
-                        let file = dir.path().join("secret");
-                        let mut f = fs::OpenOptions::new()
-                            .write(true)
-                            .create_new(true)
-                            .mode(0o600)
-                            .open(&file)
-                            .map_err(|e| format!("secret {id}: {e}"))?;
-                        f.write_all(&value)
-                            .map_err(|e| format!("secret {id}: {e}"))?;
-                        drop(f);
-                        std::os::unix::fs::chown(&file, Some(*uid), Some(*gid))
-                            .map_err(|e| format!("secret {id}: chown: {e}"))?;
-                        fs::set_permissions(&file, fs::Permissions::from_mode(*mode))
-                            .map_err(|e| format!("secret {id}: chmod: {e}"))?;
-                        let mut m = bind_mount(target, &file, true)?;
-                        let mut o = m.options().clone().unwrap_or_default();
-                        o.extend([
-                            "nosuid".to_string(),
-                            "nodev".to_string(),
-                            "noexec".to_string(),
-                        ]);
-                        m.set_options(Some(o));
-                        p.mounts.push(m);
-                        p._temps.push(dir);
+                        if value.len() > kiln_executor::MAX_INLINE_FILE {
+                            return Err(format!(
+                                "secret {id}: {} bytes is over the limit of {}",
+                                value.len(),
+                                kiln_executor::MAX_INLINE_FILE
+                            ));
+                        }
+                        p.files.push(kiln_executor::InlineFile {
+                            destination: PathBuf::from(target),
+                            contents: value,
+                            mode: *mode,
+                            uid: *uid,
+                            gid: *gid,
+                        });
                     }
                 }
                 Planned::Ssh { target, socket } => {
