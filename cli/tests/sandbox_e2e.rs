@@ -226,10 +226,11 @@ fn check_probe(out: &str, dirs: &[&str], what: &str) {
 }
 
 /// What hides the cgroup hierarchies, run in a private mount namespace
-/// before kiln starts: none (the host as it is), v1 unmounted (a
-/// cgroup-v2-only host), everything hidden (no cgroups at all).
+/// before kiln starts: v1 unmounted (a cgroup-v2-only host), everything
+/// hidden (no cgroups at all), nothing (the host as it is; there the v1
+/// devices cgroup would refuse the open with EPERM, the nodev mounts refuse
+/// it first with EACCES, "Permission denied").
 const LAYOUTS: &[(&str, bool, &str)] = &[
-    ("host", false, "true"),
     (
         "v2only",
         true,
@@ -240,6 +241,7 @@ const LAYOUTS: &[(&str, bool, &str)] = &[
         true,
         "mount -t tmpfs -o ro tmpfs /sys/fs/cgroup",
     ),
+    ("host", false, "true"),
 ];
 
 /// `RUN mknod` + read/write of a host disk in /dev, the rootfs, a cache
