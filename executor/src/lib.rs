@@ -60,6 +60,7 @@ mod request;
 pub mod rootfs;
 mod run;
 mod spec;
+mod tree;
 pub mod user;
 
 pub use caps::DEFAULT_CAPS;

@@ -22,7 +22,7 @@
 //! staging mount.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
@@ -654,24 +654,16 @@ fn extra_mount(root: &OwnedFd, m: &MountEntry) -> Result<()> {
     let (flags, prop, data) = parse_options(&m.options);
     // Under /dev (the sandbox's own fresh tmpfs, which never reaches a
     // layer) a missing mount point is created, e.g. /dev/pipes/NAME for a
-    // RUN heredoc script.
-    if let Some(rel) = dest.strip_prefix("/dev/") {
-        let host = fd_path(root).join("dev").join(rel);
-        if std::fs::symlink_metadata(&host).is_err() && !rel.split('/').any(|c| c == "..") {
-            if let Some(parent) = host.parent() {
-                ctx(std::fs::create_dir_all(parent).map_err(io_to_nix), || {
-                    format!("creating the mount point {dest}")
-                })?;
-            }
-            let made = if m.source.is_dir() {
-                std::fs::create_dir(&host)
-            } else {
-                std::fs::File::create(&host).map(drop)
-            };
-            ctx(made.map_err(io_to_nix), || {
-                format!("creating the mount point {dest}")
-            })?;
-        }
+    // RUN heredoc script: by descriptor, inside the tmpfs.
+    let comps = crate::tree::clean_components(&m.destination);
+    if comps.len() > 1 && comps[0] == "dev" {
+        let dev = ctx(open_in_root(root, Path::new("/dev")), || {
+            "opening /dev".into()
+        })?;
+        ctx(
+            crate::tree::make_path(dev.as_fd(), &comps[1..], m.source.is_dir(), &mut |_| Ok(())),
+            || format!("creating the mount point {dest}"),
+        )?;
     }
     let target = ctx(open_in_root(root, &m.destination), || {
         format!("opening mount point {dest}")

@@ -4,13 +4,15 @@
 use std::collections::VecDeque;
 use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::fcntl::OFlag;
+use nix::sys::stat::{FileStat, SFlag};
 use oci_spec::runtime::{LinuxNamespaceType, PosixRlimitType, Spec};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
@@ -28,6 +30,7 @@ use crate::request::{
     Stream, MAX_INLINE_FILE, MAX_LINE,
 };
 use crate::rootfs::{DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, SYSTEM_DESTINATIONS};
+use crate::tree;
 
 /// How the executor itself is set up (shared by all steps).
 #[derive(Debug, Clone)]
@@ -79,20 +82,32 @@ fn step_id() -> String {
 struct StateDir {
     path: PathBuf,
     /// Stubs created inside a bind rootfs, removed (if still empty) on drop.
-    bind_stubs: Vec<PathBuf>,
+    bind_stubs: Vec<BindStub>,
+}
+
+/// A mount point made inside a bind rootfs: removed through its parent's
+/// descriptor, never by path.
+struct BindStub {
+    parent: OwnedFd,
+    name: std::ffi::OsString,
+    is_dir: bool,
 }
 
 impl Drop for StateDir {
     fn drop(&mut self) {
-        for p in self.bind_stubs.iter().rev() {
-            match fs::symlink_metadata(p) {
-                Ok(m) if m.is_dir() => {
-                    let _ = fs::remove_dir(p);
-                }
-                Ok(m) if m.is_file() && m.len() == 0 => {
-                    let _ = fs::remove_file(p);
-                }
-                _ => {}
+        use nix::unistd::{unlinkat, UnlinkatFlags};
+        for s in self.bind_stubs.iter().rev() {
+            if s.is_dir {
+                let _ = unlinkat(&s.parent, s.name.as_os_str(), UnlinkatFlags::RemoveDir);
+                continue;
+            }
+            let st = nix::sys::stat::fstatat(
+                &s.parent,
+                s.name.as_os_str(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            );
+            if matches!(st, Ok(st) if tree::is_type(&st, SFlag::S_IFREG) && st.st_size == 0) {
+                let _ = unlinkat(&s.parent, s.name.as_os_str(), UnlinkatFlags::NoRemoveDir);
             }
         }
         let _ = fs::remove_dir_all(&self.path);
@@ -342,102 +357,109 @@ fn spec_mounts(spec: &Spec) -> Result<Vec<MountEntry>, RequestError> {
     Ok(out)
 }
 
-/// Where a path is in the first (topmost) lower that has it.
-fn lookup_lowers(lowers: &[PathBuf], rel: &Path) -> Option<fs::Metadata> {
+/// The entry at `rel` in the first (topmost) lower that has it, resolved
+/// inside that lower (its symlinks never reach the host).
+fn lookup_lowers(lowers: &[OwnedFd], rel: &Path) -> Option<FileStat> {
     for l in lowers {
-        match fs::symlink_metadata(l.join(rel)) {
-            Ok(m) => {
-                // A whiteout (0/0 char device) hides everything below.
-                use std::os::unix::fs::FileTypeExt;
-                if m.file_type().is_char_device() && m.rdev() == 0 {
-                    return None;
-                }
-                return Some(m);
+        if let Ok(st) = tree::lstat_in_root(l.as_fd(), rel) {
+            // A whiteout (0/0 char device) hides everything below.
+            if tree::is_type(&st, SFlag::S_IFCHR) && st.st_rdev == 0 {
+                return None;
             }
-            Err(_) => continue,
+            return Some(st);
         }
     }
     None
 }
 
-fn copy_meta(p: &Path, m: Option<&fs::Metadata>, default_mode: u32) -> std::io::Result<()> {
-    match m {
-        Some(m) => {
-            fs::set_permissions(p, fs::Permissions::from_mode(m.mode() & 0o7777))?;
-            std::os::unix::fs::lchown(p, Some(m.uid()), Some(m.gid()))?;
-            let f = fs::File::open(p)?;
-            let times = fs::FileTimes::new()
-                .set_accessed(m.accessed()?)
-                .set_modified(m.modified()?);
-            f.set_times(times)?;
+/// Give an entry the owner, mode and times of `st`, or `default_mode`.
+fn copy_meta(fd: &OwnedFd, st: Option<&FileStat>, default_mode: u32) -> nix::Result<()> {
+    use nix::sys::stat::{fchmod, futimens, Mode};
+    use nix::sys::time::TimeSpec;
+    match st {
+        Some(st) => {
+            // Owner first: chown clears set-id bits that fchmod then sets.
+            nix::unistd::fchown(
+                fd,
+                Some(nix::unistd::Uid::from_raw(st.st_uid)),
+                Some(nix::unistd::Gid::from_raw(st.st_gid)),
+            )?;
+            fchmod(fd, Mode::from_bits_truncate(st.st_mode & 0o7777))?;
+            futimens(
+                fd,
+                &TimeSpec::new(st.st_atime, st.st_atime_nsec),
+                &TimeSpec::new(st.st_mtime, st.st_mtime_nsec),
+            )
         }
-        None => fs::set_permissions(p, fs::Permissions::from_mode(default_mode))?,
+        None => fchmod(fd, Mode::from_bits_truncate(default_mode)),
     }
-    Ok(())
+}
+
+fn open_dir(p: &Path, flags: OFlag) -> std::io::Result<OwnedFd> {
+    nix::fcntl::open(
+        p,
+        flags | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(std::io::Error::from)
 }
 
 /// Build the stub layer: a lowerdir placed on top of the image's lowers
 /// that holds every mount point the sandbox needs (directories copy the
 /// metadata of the real ones below). Mounting over these never writes to the
-/// upperdir, so the layer holds only what the step wrote.
+/// upperdir, so the layer holds only what the step wrote. Everything is
+/// made by descriptor inside the stub directory (a destination's `..`
+/// cannot leave it) and the lowers are only looked at inside themselves.
 fn build_stub_layer(
     stub: &Path,
     lowers: &[PathBuf],
     entries: &[(PathBuf, bool)],
 ) -> std::io::Result<()> {
     fs::DirBuilder::new().mode(0o755).create(stub)?;
-    if let Some(m) = lookup_lowers(lowers, Path::new("")) {
-        copy_meta(stub, Some(&m), 0o755)?;
+    let lower_fds: Vec<OwnedFd> = lowers
+        .iter()
+        .filter_map(|l| open_dir(l, OFlag::O_PATH).ok())
+        .collect();
+    if let Some(st) = lookup_lowers(&lower_fds, Path::new("")) {
+        copy_meta(&open_dir(stub, OFlag::O_RDONLY)?, Some(&st), 0o755)?;
     }
+    let root = open_dir(stub, OFlag::O_PATH)?;
     for (dest, is_dir) in entries {
-        let rel = dest.strip_prefix("/").unwrap_or(dest);
-        let comps: Vec<_> = rel.components().collect();
-        let mut cur = PathBuf::new();
-        for (i, c) in comps.iter().enumerate() {
-            cur.push(c);
-            let p = stub.join(&cur);
-            if fs::symlink_metadata(&p).is_ok() {
-                continue;
-            }
-            let leaf = i + 1 == comps.len();
-            let below = lookup_lowers(lowers, &cur);
-            if leaf && !is_dir {
-                fs::File::create(&p)?;
-                copy_meta(&p, below.as_ref().filter(|m| m.is_file()), 0o644)?;
+        let comps = tree::clean_components(dest);
+        tree::make_path(root.as_fd(), &comps, *is_dir, &mut |m| {
+            let want = if m.is_dir {
+                SFlag::S_IFDIR
             } else {
-                fs::create_dir(&p)?;
-                copy_meta(&p, below.as_ref().filter(|m| m.is_dir()), 0o755)?;
-            }
-        }
+                SFlag::S_IFREG
+            };
+            let below = lookup_lowers(&lower_fds, m.rel).filter(|st| tree::is_type(st, want));
+            let fd = tree::open_entry(m.parent, m.name, m.is_dir)?;
+            copy_meta(&fd, below.as_ref(), if m.is_dir { 0o755 } else { 0o644 })
+        })?;
     }
     Ok(())
 }
 
-/// Create missing mount points inside a bind rootfs; returns what was
-/// created (to be removed afterwards). Entries below a symlink are left
-/// alone (the mount then fails with a clear message).
-fn create_bind_stubs(root: &Path, entries: &[(PathBuf, bool)]) -> std::io::Result<Vec<PathBuf>> {
+/// Create missing mount points inside a bind rootfs, by descriptor inside
+/// it (its symlinks are followed inside the root; a dangling one leaves
+/// the entry alone and the mount then fails with a clear message); returns
+/// what was created, to be removed afterwards.
+fn create_bind_stubs(root: &Path, entries: &[(PathBuf, bool)]) -> std::io::Result<Vec<BindStub>> {
+    let root = open_dir(root, OFlag::O_PATH)?;
     let mut created = Vec::new();
-    'entries: for (dest, is_dir) in entries {
-        let rel = dest.strip_prefix("/").unwrap_or(dest);
-        let comps: Vec<_> = rel.components().collect();
-        let mut cur = root.to_path_buf();
-        for (i, c) in comps.iter().enumerate() {
-            cur.push(c);
-            let leaf = i + 1 == comps.len();
-            match fs::symlink_metadata(&cur) {
-                Ok(m) if m.file_type().is_symlink() => continue 'entries,
-                Ok(_) => continue,
-                Err(_) => {
-                    if leaf && !is_dir {
-                        fs::File::create(&cur)?;
-                    } else {
-                        fs::create_dir(&cur)?;
-                    }
-                    created.push(cur.clone());
-                }
-            }
-        }
+    for (dest, is_dir) in entries {
+        let comps = tree::clean_components(dest);
+        tree::make_path(root.as_fd(), &comps, *is_dir, &mut |m| {
+            created.push(BindStub {
+                parent: m
+                    .parent
+                    .try_clone()
+                    .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?,
+                name: m.name.to_os_string(),
+                is_dir: m.is_dir,
+            });
+            Ok(())
+        })?;
     }
     Ok(created)
 }

@@ -1484,6 +1484,49 @@ fn inline_file_placed_privately() -> TestResult {
     f.host_clean()
 }
 
+/// A mount destination that climbs with `..` (`kiln run -v SRC:/../../x`
+/// passes it through as given) gets its mount point inside the sandbox,
+/// never on the host, for an overlay and a bind rootfs.
+fn dotdot_mount_point_stays_in_the_root() -> TestResult {
+    let f = Fixture::new()?;
+    let escaped = f.tmp.path().join("escaped");
+    let rel = escaped
+        .strip_prefix("/")
+        .map_err(|e| e.to_string())?
+        .display()
+        .to_string();
+    let dest = format!("{}/{rel}/mnt", "/..".repeat(30));
+    let inside = format!("/{rel}/mnt");
+    for bind in [false, true] {
+        let mut req = f.sh(&format!(
+            "grep -c ' {inside} tmpfs ' /proc/mounts; test -d {inside} && echo dir"
+        ));
+        if bind {
+            req.rootfs = vec![RootfsMount::bind(f.rootfs.clone())];
+        }
+        req.spec
+            .set_mounts(Some(vec![kiln_executor::oci::MountBuilder::default()
+                .destination(&dest)
+                .typ("tmpfs")
+                .source("tmpfs")
+                .options(vec!["nosuid".to_string()])
+                .build()
+                .map_err(|e| e.to_string())?]));
+        let out = f.stdout(req);
+        ensure!(
+            !escaped.exists(),
+            "a mount point was made on the host (bind={bind})"
+        );
+        let out = out?;
+        ensure!(out == "1\ndir\n", "bind={bind}: {out:?}");
+    }
+    ensure!(
+        !f.rootfs.join(&rel).exists(),
+        "stubs left in the bind rootfs"
+    );
+    f.host_clean()
+}
+
 fn bad_namespace_request_rejected() -> TestResult {
     let f = Fixture::new()?;
     let mut req = f.sh("true");
@@ -1581,6 +1624,10 @@ const TESTS: &[(&str, TestFn)] = &[
         host_devices_unreachable_without_cgroups,
     ),
     ("inline_file_placed_privately", inline_file_placed_privately),
+    (
+        "dotdot_mount_point_stays_in_the_root",
+        dotdot_mount_point_stays_in_the_root,
+    ),
 ];
 
 fn main() {
