@@ -596,12 +596,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
             }
         });
         let cancel = kiln_executor::CancellationToken::new();
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                c.cancel();
-            }
-        });
+        crate::signals::cancel_on_interrupt(&cancel);
         let r = executor.run(req, Some(tx), cancel).await;
         let _ = printer.await;
         r
