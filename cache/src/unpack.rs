@@ -193,6 +193,95 @@ impl Store {
         }
     }
 
+    /// Layer snapshots (named `sha256:…`, with a diffID) whose name is not
+    /// the OCI chain ID of their parent and diffID.
+    pub(crate) fn check_layer_names(&self, problems: &mut Vec<String>) -> Result<()> {
+        for s in self.meta().snapshots()? {
+            let (Some(diff), true) = (&s.diff_id, s.key.starts_with("sha256:")) else {
+                continue;
+            };
+            if s.kind != crate::meta::Kind::Committed {
+                continue;
+            }
+            let want = match &s.parent {
+                None => diff.clone(),
+                Some(p) => Digest::sha256_of(format!("{p} {diff}").as_bytes()).to_string(),
+            };
+            if want != s.key {
+                problems.push(format!(
+                    "snapshot {}: recorded diffID {diff} on parent {} makes chain ID {want}",
+                    s.key,
+                    s.parent.as_deref().unwrap_or("(none)")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Decompresses and hashes every stored image's layer blobs against
+    /// the diffIDs their configs name; returns how many layers were.
+    pub(crate) fn check_image_layers(&self, problems: &mut Vec<String>) -> Result<usize> {
+        use kiln_image::config::ImageConfig;
+        use kiln_image::manifest::RawManifest;
+        let mut seen = std::collections::HashSet::new();
+        let mut n = 0;
+        for img in self.meta().images()? {
+            let parts = (|| -> std::result::Result<_, String> {
+                let md: Digest = img.manifest.parse().map_err(|e| format!("{e}"))?;
+                let raw =
+                    RawManifest::new(self.content().read(&md).map_err(|e| e.to_string())?, None)
+                        .map_err(|e| e.to_string())?;
+                if raw.is_index() {
+                    return Ok(None);
+                }
+                let m = raw.manifest().map_err(|e| e.to_string())?;
+                let cbytes = self
+                    .content()
+                    .read(&m.config.digest)
+                    .map_err(|e| e.to_string())?;
+                let cfg = ImageConfig::from_bytes(&cbytes).map_err(|e| e.to_string())?;
+                Ok(Some((m, cfg)))
+            })();
+            let (m, cfg) = match parts {
+                Ok(Some(x)) => x,
+                Ok(None) => continue,
+                Err(e) => {
+                    problems.push(format!("image {}: {e}", img.name));
+                    continue;
+                }
+            };
+            if m.layers.len() != cfg.rootfs.diff_ids.len() {
+                problems.push(format!(
+                    "image {}: {} layers, {} diffIDs",
+                    img.name,
+                    m.layers.len(),
+                    cfg.rootfs.diff_ids.len()
+                ));
+                continue;
+            }
+            for (l, d) in m.layers.iter().zip(&cfg.rootfs.diff_ids) {
+                if !seen.insert((l.digest.clone(), d.clone())) {
+                    continue;
+                }
+                let got = self.open_blob(&l.digest).and_then(|r| {
+                    let (kind, r) = sniff_reader(r).map_err(|e| Error::Image(e.to_string()))?;
+                    let r = decompress(r, kind).map_err(|e| Error::Image(e.to_string()))?;
+                    kiln_image::archive::digest_reader(r).map_err(|e| Error::Image(e.to_string()))
+                });
+                n += 1;
+                match got {
+                    Ok((got, _)) if &got == d => {}
+                    Ok((got, _)) => problems.push(format!(
+                        "image {}: layer {} has diffID {got}, its config says {d}",
+                        img.name, l.digest
+                    )),
+                    Err(e) => problems.push(format!("image {}: layer {}: {e}", img.name, l.digest)),
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// The error for a stored blob that does not match its digest, after
     /// moving it aside (when it is still the file in place) so that the
     /// next load or pull stores a good copy.

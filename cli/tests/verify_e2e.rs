@@ -144,6 +144,17 @@ fn a_loaded_image_claiming_busyboxs_diff_id_never_becomes_busyboxs_snapshot() {
         busybox_is_intact(&k);
         let check = k.ok(&["system", "check"]);
         assert!(check.starts_with("ok:"), "{check}");
+        let deep = k.run(&["system", "check", "--deep"]);
+        let report = String::from_utf8_lossy(&deep.stderr);
+        if load.status.success() {
+            // The lying image is still stored: the deep check names it.
+            assert!(
+                !deep.status.success() && report.contains("evil") && report.contains(&real),
+                "{report}"
+            );
+        } else {
+            assert!(deep.status.success(), "{report}");
+        }
     }
 }
 
@@ -185,11 +196,7 @@ fn a_registry_image_claiming_busyboxs_diff_id_never_becomes_busyboxs_snapshot() 
 
 /// The stored file of the busybox image's layer blob.
 fn busybox_layer_file(k: &Kiln) -> PathBuf {
-    let v = k.inspect("busybox");
-    let id = v["Id"].as_str().expect("Id").to_string();
-    // The manifest lists the layer; find it through the blobs on disk:
-    // the largest blob is the layer.
-    let _ = id;
+    // The largest blob is the layer.
     let dir = k.root.path().join("blobs/sha256");
     std::fs::read_dir(&dir)
         .expect("blobs")
@@ -254,6 +261,38 @@ fn a_flipped_byte_in_a_stored_layer_is_refused_and_loading_again_repairs_it() {
     k2.ok(&["load", "-i", good.to_str().expect("utf8")]);
     assert_eq!(sha256_file(&blob2), digest);
     assert_eq!(common::sh(&k2, "busybox", "echo fine").trim(), "fine");
+}
+
+#[test]
+fn a_corrupt_pulled_layer_is_refused_and_pulling_again_repairs_it() {
+    if !ready(&["docker-registry"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let a = Client::new(true);
+    let name = format!("{}/bb:1", reg.host());
+    a.ok(&["tag", "busybox", &name]);
+    a.ok(&["push", &name]);
+    let b = Client::new(false);
+    b.ok(&["pull", &name]);
+    let blob = busybox_layer_file(&b.kiln);
+    let digest = format!(
+        "sha256:{}",
+        blob.file_name().expect("name").to_string_lossy()
+    );
+    flip_a_byte(&blob);
+    let o = b.run(&["run", "--rm", &name, "true"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "run used a corrupt layer");
+    assert!(err.contains(&digest) && err.contains("corrupt"), "{err}");
+    b.ok(&["pull", &name]);
+    assert_eq!(sha256_file(&blob), digest);
+    assert_eq!(
+        b.stdout(&["run", "--rm", &name, "sh", "-c", "echo fine"]),
+        "fine"
+    );
+    let check = b.ok(&["system", "check", "--deep"]);
+    assert!(check.starts_with("ok:"), "{check}");
 }
 
 /// Runs `args` as nobody (uid/gid 65534, no groups), from a shell of
