@@ -188,6 +188,9 @@ impl Store {
                         }
                     }
                 }
+                // A failed apply stops the reader (a broken pipe): then
+                // the apply's error is the one to tell.
+                applied.map_err(|ae| Error::Image(ae.to_string()))?;
                 Err(Error::Image(format!("reading layer {}: {e}", layer.digest)))
             }
         }
