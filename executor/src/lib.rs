@@ -59,6 +59,7 @@ mod protocol;
 mod request;
 pub mod rootfs;
 mod run;
+mod seccomp;
 mod spec;
 pub mod user;
 
@@ -74,6 +75,7 @@ pub use request::{
     Stream, MAX_LINE,
 };
 pub use run::{Executor, ExecutorConfig};
+pub use seccomp::default_seccomp;
 pub use spec::{default_spec, set_network, NetworkMode};
 /// The cancellation token type [`Executor::run`] takes.
 pub use tokio_util::sync::CancellationToken;

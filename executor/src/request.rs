@@ -224,6 +224,10 @@ pub enum RequestError {
     /// A capability name the kernel does not know.
     #[error("unknown capability {0}")]
     UnknownCapability(String),
+    /// A `linux.seccomp` section kiln cannot apply (only Docker's default
+    /// profile, as `default_spec()` sets it, or none).
+    #[error("seccomp: {0}")]
+    UnsupportedSeccomp(String),
     /// A mount in the spec that cannot be performed.
     #[error("invalid mount {destination}: {reason}")]
     InvalidMount {
