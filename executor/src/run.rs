@@ -243,7 +243,7 @@ fn init_config(req: &ExecRequest) -> Result<InitConfig, RequestError> {
         format!("/{cwd}")
     };
     let seccomp = match linux.and_then(|l| l.seccomp().as_ref()) {
-        Some(section) => crate::seccomp::compile(section, caps.bounding)?,
+        Some(section) => crate::seccomp::compile(section, caps.bounding, !new_net)?,
         None => Vec::new(),
     };
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();

@@ -1295,6 +1295,8 @@ fn seccomp_denies_docker_denials_and_keyring_is_fresh() -> TestResult {
         "request_key errno=1",
         "socket-vsock errno=1",
         "socket-alg errno=1",
+        // On the host's network: no link-level sniffing.
+        "socket-packet errno=1",
         "socket-inet ok",
         "socket-unix ok",
         "unshare-user errno=1",
@@ -1313,6 +1315,17 @@ fn seccomp_denies_docker_denials_and_keyring_is_fresh() -> TestResult {
             "missing {want:?} in {out:?}"
         );
     }
+    // In a network namespace of its own a step may open packet sockets
+    // (Docker's rule; CAP_NET_RAW is in the default set).
+    let mut req = f.req(&["/bin/probe", &key.desc]);
+    set_network(&mut req.spec, NetworkMode::None);
+    let out = f.stdout(req)?;
+    ensure!(
+        out.lines().any(|l| l == "socket-packet ok")
+            && out.lines().any(|l| l == "socket-vsock errno=1")
+            && !out.contains("hunter2"),
+        "{out:?}"
+    );
     // Unconfined, the step still has a session keyring of its own.
     let mut req = f.req(&["/bin/probe", &key.desc]);
     unconfined(&mut req);

@@ -4,7 +4,10 @@
 //! rules: every syscall not allowed fails with `EPERM` (Docker's
 //! `defaultErrnoRet`); a few are allowed only with some arguments
 //! (`socket` except `AF_ALG`/`AF_VSOCK`, `personality` with Docker's five
-//! values, `clone` without namespace flags); rules Docker ties to a
+//! values, `clone` without namespace flags);
+//! one addition: a step on the host's network namespace (kiln's default,
+//! where a Docker container has its own) cannot open `AF_PACKET` sockets,
+//! which would see every frame of the host's interfaces; rules Docker ties to a
 //! capability apply when the step's bounding set holds it (with Docker's
 //! default set that adds only `chroot`); `clone3` without `CAP_SYS_ADMIN`
 //! and any syscall newer than the profile knows fail with `ENOSYS`, so libc
@@ -510,6 +513,8 @@ const CAP_SYS_ADMIN: u32 = 21;
 /// `socket` domains Docker refuses: AF_ALG (38) and AF_VSOCK (40).
 const AF_ALG: u64 = 38;
 const AF_VSOCK: u64 = 40;
+/// Link-level sockets: refused on the host's network namespace.
+const AF_PACKET: u64 = 17;
 
 /// `personality` values Docker allows: PER_LINUX, PER_LINUX32,
 /// UNAME26, UNAME26|PER_LINUX32, and the query 0xffffffff.
@@ -565,7 +570,7 @@ enum Allow {
 
 /// The allowlist for a step whose bounding set is `bounding`, by syscall
 /// name (names this architecture lacks included; they are dropped later).
-fn allowlist(bounding: u64) -> Result<BTreeMap<&'static str, Allow>, String> {
+fn allowlist(bounding: u64, host_network: bool) -> Result<BTreeMap<&'static str, Allow>, String> {
     let mut m: BTreeMap<&'static str, Allow> = BTreeMap::new();
     let always = |m: &mut BTreeMap<&'static str, Allow>, n: &'static str| {
         m.insert(n, Allow::Always);
@@ -588,12 +593,22 @@ fn allowlist(bounding: u64) -> Result<BTreeMap<&'static str, Allow>, String> {
         Allow::When(v) => v.push(r),
     };
     use SeccompCmpArgLen::{Dword, Qword};
-    // socket(2): every domain but AF_ALG and AF_VSOCK.
-    when(
-        &mut m,
-        "socket",
-        rule(vec![cond(0, Dword, SeccompCmpOp::Lt, AF_ALG)?])?,
-    );
+    // socket(2): every domain but AF_ALG and AF_VSOCK (and AF_PACKET on
+    // the host's network).
+    let below_alg = if host_network {
+        when(
+            &mut m,
+            "socket",
+            rule(vec![cond(0, Dword, SeccompCmpOp::Lt, AF_PACKET)?])?,
+        );
+        rule(vec![
+            cond(0, Dword, SeccompCmpOp::Gt, AF_PACKET)?,
+            cond(0, Dword, SeccompCmpOp::Lt, AF_ALG)?,
+        ])?
+    } else {
+        rule(vec![cond(0, Dword, SeccompCmpOp::Lt, AF_ALG)?])?
+    };
+    when(&mut m, "socket", below_alg);
     when(
         &mut m,
         "socket",
@@ -658,11 +673,13 @@ fn enosys_filter(clone3_enosys: bool) -> Vec<Insn> {
     ]
 }
 
-/// Compile the filters for a spec's `linux.seccomp` section and the step's
-/// bounding set: the programs to install, in order.
+/// Compile the filters for a spec's `linux.seccomp` section, the step's
+/// bounding set and whether it shares the host's network namespace: the
+/// programs to install, in order.
 pub(crate) fn compile(
     section: &LinuxSeccomp,
     bounding: u64,
+    host_network: bool,
 ) -> Result<Vec<Vec<Insn>>, RequestError> {
     let bad = |why: String| RequestError::UnsupportedSeccomp(why);
     if section.syscalls().as_ref().is_some_and(|s| !s.is_empty()) {
@@ -685,7 +702,7 @@ pub(crate) fn compile(
     let errno = section.default_errno_ret().unwrap_or(libc::EPERM as u32);
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| bad(e.to_string()))?;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for (name, allow) in allowlist(bounding).map_err(bad)? {
+    for (name, allow) in allowlist(bounding, host_network).map_err(bad)? {
         let Some(nr) = syscall_nr(name) else { continue };
         rules.insert(
             nr,
@@ -775,7 +792,7 @@ mod tests {
 
     #[test]
     fn default_caps_allow_chroot_but_not_admin_calls() {
-        let m = allowlist(DEFAULT_CAPS).unwrap();
+        let m = allowlist(DEFAULT_CAPS, true).unwrap();
         for n in [
             "chroot",
             "read",
@@ -810,13 +827,13 @@ mod tests {
             assert!(!m.contains_key(n), "{n} must be denied");
         }
         assert!(matches!(m.get("clone"), Some(Allow::When(r)) if r.len() == 1));
-        assert!(matches!(m.get("socket"), Some(Allow::When(r)) if r.len() == 3));
+        assert!(matches!(m.get("socket"), Some(Allow::When(r)) if r.len() == 4));
         assert!(matches!(m.get("personality"), Some(Allow::When(r)) if r.len() == 5));
     }
 
     #[test]
     fn sys_admin_allows_namespaces() {
-        let m = allowlist(DEFAULT_CAPS | 1 << CAP_SYS_ADMIN).unwrap();
+        let m = allowlist(DEFAULT_CAPS | 1 << CAP_SYS_ADMIN, false).unwrap();
         for n in ["clone", "clone3", "unshare", "setns", "mount"] {
             assert!(matches!(m.get(n), Some(Allow::Always)), "{n}");
         }
@@ -851,7 +868,7 @@ mod tests {
 
     #[test]
     fn compiles_within_limits() {
-        let p = compile(&default_seccomp(), DEFAULT_CAPS).unwrap();
+        let p = compile(&default_seccomp(), DEFAULT_CAPS, true).unwrap();
         assert_eq!(p.len(), 2);
         assert!(p[0].len() < libc::BPF_MAXINSNS as usize);
         assert_eq!(p[1].len(), 7);
@@ -861,7 +878,7 @@ mod tests {
     fn custom_profiles_are_refused() {
         let mut s = default_seccomp();
         s.set_default_action(LinuxSeccompAction::ScmpActAllow);
-        assert!(compile(&s, DEFAULT_CAPS).is_err());
+        assert!(compile(&s, DEFAULT_CAPS, true).is_err());
         let mut s = default_seccomp();
         s.set_syscalls(Some(vec![oci_spec::runtime::LinuxSyscallBuilder::default(
         )
@@ -869,6 +886,6 @@ mod tests {
         .action(LinuxSeccompAction::ScmpActAllow)
         .build()
         .unwrap()]));
-        assert!(compile(&s, DEFAULT_CAPS).is_err());
+        assert!(compile(&s, DEFAULT_CAPS, true).is_err());
     }
 }

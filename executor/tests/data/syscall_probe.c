@@ -61,6 +61,9 @@ int main(int argc, char **argv) {
     fd = socket(38 /* AF_ALG */, SOCK_SEQPACKET, 0);
     report("socket-alg", fd);
     if (fd >= 0) close(fd);
+    fd = socket(17 /* AF_PACKET */, SOCK_RAW, 0);
+    report("socket-packet", fd);
+    if (fd >= 0) close(fd);
     fd = socket(AF_INET, SOCK_STREAM, 0);
     report("socket-inet", fd);
     if (fd >= 0) close(fd);
