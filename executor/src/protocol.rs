@@ -94,6 +94,8 @@ pub(crate) struct InitConfig {
     pub mounts: Vec<MountEntry>,
     pub masked_paths: Vec<String>,
     pub readonly_paths: Vec<String>,
+    /// Seccomp programs to install in order (none: unconfined).
+    pub seccomp: Vec<Vec<crate::seccomp::Insn>>,
 }
 
 /// What the init tells the parent.
