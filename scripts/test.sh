@@ -18,8 +18,9 @@ log() { printf '[test.sh] %s\n' "$*" >&2; }
 # Debian packages the tests use: busybox-static builds the base rootfs;
 # skopeo, umoci and podman (with runc) check the images kiln writes;
 # docker-registry, htpasswd (apache2-utils) and openssl serve the registry tests;
-# git makes and clones the repositories of the ADD/context git tests.
-APT_PKGS=(busybox-static skopeo umoci podman runc docker-registry apache2-utils openssl git)
+# git makes and clones the repositories of the ADD/context git tests;
+# gcc and libc6-dev build the static syscall probe of the seccomp tests.
+APT_PKGS=(busybox-static skopeo umoci podman runc docker-registry apache2-utils openssl git gcc libc6-dev)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

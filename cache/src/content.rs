@@ -111,7 +111,7 @@ impl ContentStore {
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o644)
+            .mode(0o600)
             .open(&path)
             .ctx("create", &path)?;
         Ok(BlobWriter {
@@ -149,6 +149,60 @@ impl ContentStore {
     pub fn write_bytes(&self, bytes: &[u8], expected: Option<&Digest>) -> Result<Digest> {
         let (d, _) = self.ingest(bytes, expected, Some(bytes.len() as u64))?;
         Ok(d)
+    }
+
+    /// Moves the blob file aside (to `tmp_dir`, where prune reclaims it)
+    /// if it is still the file `opened` — found not to match its digest —
+    /// so that a later load or pull stores a good copy under the name.
+    /// Returns whether it was moved.
+    pub(crate) fn move_aside(&self, digest: &Digest, opened: &File, tmp_dir: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let p = self.path(digest);
+        let same = match (opened.metadata(), std::fs::symlink_metadata(&p)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+        if !same {
+            return false;
+        }
+        let to = tmp_dir.join(format!("corrupt-{}-{}", digest.hex(), random_hex::<4>()));
+        std::fs::rename(&p, &to).is_ok() && fsync_dir(&self.dir).is_ok()
+    }
+
+    /// Puts the file `path` (on the store's filesystem, written and hashed
+    /// by the caller: its content is `digest`, `size` bytes) in place as
+    /// that blob without copying it: hard-linked under a temp name, made
+    /// private, fsynced and renamed over whatever file had the name — so
+    /// a blob that was corrupt in the store is replaced by this good one.
+    pub fn adopt_file(&self, path: &Path, digest: &Digest, size: u64) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let _gc = match &self.gc_lock {
+            Some(p) => Some(FileLock::shared(p)?),
+            None => None,
+        };
+        let meta = std::fs::symlink_metadata(path).ctx("stat", path)?;
+        if !meta.is_file() || meta.len() != size {
+            return Err(Error::DigestMismatch {
+                expected: format!("{digest} ({size} bytes)"),
+                actual: format!("{} bytes at {}", meta.len(), path.display()),
+            });
+        }
+        let tmp = self.tmp.join(format!("blob-{}", random_hex::<12>()));
+        std::fs::hard_link(path, &tmp).ctx("link", &tmp)?;
+        let done = (|| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .ctx("chmod", &tmp)?;
+            File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .ctx("fsync", &tmp)?;
+            let target = self.path(digest);
+            std::fs::rename(&tmp, &target).ctx("rename", &target)?;
+            fsync_dir(&self.dir)
+        })();
+        if done.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        done
     }
 
     /// Remove a blob (GC only).

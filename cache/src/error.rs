@@ -72,6 +72,32 @@ pub enum Error {
         /// The path being written.
         path: PathBuf,
     },
+    /// A layer's content is not the layer its image's config names: its
+    /// uncompressed tar has another digest than the diffID. Nothing of it
+    /// was kept.
+    #[error(
+        "layer {blob}: its content has diffID {actual}, but the image config says {expected}; \
+         nothing was unpacked"
+    )]
+    DiffIdMismatch {
+        /// The layer blob's digest.
+        blob: String,
+        /// The diffID the config names.
+        expected: String,
+        /// The digest of the content.
+        actual: String,
+    },
+    /// A stored blob no longer matches its digest (a disk error, a change
+    /// behind kiln's back).
+    #[error("blob {digest} in the store is corrupt: its content is {actual}; {what_now}")]
+    CorruptBlob {
+        /// The blob's digest (its name in the store).
+        digest: String,
+        /// What its content hashes to (and its size).
+        actual: String,
+        /// What was done and what to do.
+        what_now: String,
+    },
     /// A layer format error from kiln-image.
     #[error("layer: {0}")]
     Image(String),

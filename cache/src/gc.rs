@@ -60,6 +60,9 @@ pub struct CheckReport {
     pub blobs_verified: usize,
     /// Snapshots checked.
     pub snapshots_checked: usize,
+    /// Image layers whose blobs were decompressed and hashed against the
+    /// diffIDs their configs name (`check_with(true)` only).
+    pub layers_rehashed: usize,
     /// Orphans (ignored, reclaimed by prune): temp files, snapshot
     /// directories and blob files without rows.
     pub orphans: usize,
@@ -336,6 +339,27 @@ impl Store {
     /// Verify every blob's digest and size and every reference in the
     /// database. Orphans (files without rows) are counted, not faulted.
     pub fn check(&self) -> Result<CheckReport> {
+        self.check_with(false)
+    }
+
+    /// [`Store::check`]; also, for every layer snapshot, that its name is
+    /// the chain ID of its parent and its recorded diffID (snapshots are
+    /// only committed once their content was verified against that
+    /// diffID, see [`Store::unpack_layer`]). With `deep`, every stored
+    /// image's layer blobs are decompressed and hashed against the
+    /// diffIDs their configs name as well.
+    pub fn check_with(&self, deep: bool) -> Result<CheckReport> {
+        let mut rep = self.check_store()?;
+        let mut problems = std::mem::take(&mut rep.problems);
+        self.check_layer_names(&mut problems)?;
+        if deep {
+            rep.layers_rehashed = self.check_image_layers(&mut problems)?;
+        }
+        rep.problems = problems;
+        Ok(rep)
+    }
+
+    fn check_store(&self) -> Result<CheckReport> {
         let _gc = FileLock::shared(&self.paths().gc_lock)?;
         let mut rep = CheckReport::default();
         let mut problems = Vec::new();

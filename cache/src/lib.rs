@@ -55,6 +55,7 @@ mod meta;
 mod reference;
 pub mod snapshot;
 mod store;
+mod unpack;
 mod util;
 
 pub use cachemount::{CacheMountDir, CacheMountRecord, CacheSharing};
@@ -70,4 +71,5 @@ pub use snapshot::{apply_into, ApplyMode, DiffSource, Info, Mount, Snapshotter, 
 pub use store::{
     default_root, retired_over_budget, GcGuard, LeaseGuard, SnapshotterKind, Store, StoreOptions,
 };
+pub use unpack::LayerBlob;
 pub use util::ProcessId;

@@ -2,6 +2,7 @@
 //! files and rows.
 
 use std::io::Read;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,8 +105,17 @@ impl Store {
         let links = root.join("l");
         let tmp = root.join("tmp");
         for d in [&root, &blobs, &snapshots, &links, &tmp] {
-            std::fs::create_dir_all(d).ctx("mkdir", d)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .ctx("mkdir", d)?;
         }
+        // The store holds every image's files (setuid binaries among
+        // them) and the build cache: no other user may reach into it. A
+        // store made by an older kiln (0755) is closed here; the root's
+        // mode alone cuts every path below it.
+        private_root(&root)?;
         let paths = Paths {
             snapshots,
             links,
@@ -115,6 +125,7 @@ impl Store {
         let db = root.join("meta.db");
         let fresh = !db.exists();
         let meta = Arc::new(Meta::open(&db)?);
+        private_db(&db);
         if fresh {
             // The new database's directory entry (its contents are SQLite's).
             fsync_dir(&root)?;
@@ -231,6 +242,24 @@ impl Store {
         let (d, n) = w.commit(Some(digest), Some(size))?;
         self.meta.add_blob(&d, n, media_type)?;
         Ok((d, n))
+    }
+
+    /// Store the file `path` (on the store's filesystem; its content was
+    /// hashed by the caller as it was written: `digest`, `size` bytes) as
+    /// that blob without copying it, and record it. Unlike
+    /// [`Store::put_blob`] this replaces a stored file of that name, so
+    /// loading an image again repairs a blob that was corrupt in the store.
+    pub fn put_blob_file(
+        &self,
+        path: &Path,
+        digest: &Digest,
+        size: u64,
+        media_type: Option<&str>,
+    ) -> Result<()> {
+        let _gc = self.gc_guard()?;
+        self.content.adopt_file(path, digest, size)?;
+        self.meta.add_blob(digest, size, media_type)?;
+        Ok(())
     }
 
     /// Commit a blob written through [`ContentStore::writer`] (verify,
@@ -455,6 +484,37 @@ impl Store {
             id,
             previous,
         })
+    }
+}
+
+/// Makes the store root 0700 when it lets others in (and this user owns
+/// it: a root shared on purpose by someone else is left as it is).
+fn private_root(root: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = std::fs::metadata(root).ctx("stat", root)?;
+    // SAFETY: geteuid has no failure mode.
+    let me = unsafe { libc::geteuid() };
+    if m.mode() & 0o077 != 0 && m.uid() == me {
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .ctx("chmod", root)?;
+    }
+    Ok(())
+}
+
+/// The database and its WAL files readable by their owner only (SQLite
+/// creates them 0644 under the usual umask). Best effort: the root's
+/// mode already keeps others out.
+fn private_db(db: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        let p = PathBuf::from(p);
+        if let Ok(m) = std::fs::metadata(&p) {
+            if m.mode() & 0o077 != 0 {
+                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+            }
+        }
     }
 }
 

@@ -588,12 +588,7 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let render = tokio::spawn(progress::render(mode, rx));
         let cancel = kiln_executor::CancellationToken::new();
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                c.cancel();
-            }
-        });
+        crate::signals::cancel_on_interrupt(&cancel);
         let r = kiln_solver::build(backend, executor, Progress::new(tx), cancel, opts).await;
         let _ = render.await;
         r

@@ -52,6 +52,10 @@ pub struct RunArgs {
     /// Override the image's ENTRYPOINT.
     #[arg(long)]
     entrypoint: Option<String>,
+    /// Security options: `seccomp=unconfined` runs without Docker's default
+    /// seccomp profile (the only option kiln takes).
+    #[arg(long = "security-opt", value_name = "OPT")]
+    security_opt: Vec<String>,
     /// The image.
     image: String,
     /// Command and arguments (replace the image's CMD).
@@ -61,6 +65,28 @@ pub struct RunArgs {
 
 fn usage(m: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(m.into()))
+}
+
+/// Whether `--security-opt` values lift the seccomp profile; any other
+/// option is refused (Docker also spells it `seccomp:unconfined`).
+fn seccomp_unconfined(opts: &[String]) -> anyhow::Result<bool> {
+    let mut unconfined = false;
+    for o in opts {
+        match o.as_str() {
+            "seccomp=unconfined" | "seccomp:unconfined" => unconfined = true,
+            s if s.starts_with("seccomp=") || s.starts_with("seccomp:") => {
+                return Err(usage(format!(
+                    "--security-opt {o:?}: kiln applies Docker's default seccomp profile or none; custom profiles are not supported (use seccomp=unconfined)"
+                )))
+            }
+            _ => {
+                return Err(usage(format!(
+                    "--security-opt {o:?} is not supported (kiln run takes seccomp=unconfined)"
+                )))
+            }
+        }
+    }
+    Ok(unconfined)
 }
 
 fn open(root: &Path) -> anyhow::Result<Store> {
@@ -466,6 +492,7 @@ pub fn rmi(root: &Path, force: bool, images: Vec<String>) -> anyhow::Result<Exit
 /// `kiln run`: the image's entrypoint/cmd (Docker's rules) in a sandbox
 /// on a throw-away writable layer.
 pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
+    let unconfined = seccomp_unconfined(&a.security_opt)?;
     let store = open(root)?;
     let l = find(&store, &a.image)?;
     let name = l
@@ -515,6 +542,11 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
             .filter(|w| !w.is_empty())
             .unwrap_or_else(|| "/".into());
         p.set_cwd(PathBuf::from(wd));
+    }
+    if unconfined {
+        if let Some(l) = spec.linux_mut() {
+            l.set_seccomp(None);
+        }
     }
     kiln_executor::set_network(
         &mut spec,
@@ -596,12 +628,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
             }
         });
         let cancel = kiln_executor::CancellationToken::new();
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                c.cancel();
-            }
-        });
+        crate::signals::cancel_on_interrupt(&cancel);
         let r = executor.run(req, Some(tx), cancel).await;
         let _ = printer.await;
         r

@@ -13,6 +13,7 @@ mod image_cmds;
 mod output;
 mod progress;
 mod registry_cmds;
+mod signals;
 mod store_cmds;
 
 /// An error in how kiln was called: exit status 2, like a clap error.

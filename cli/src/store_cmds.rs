@@ -58,9 +58,22 @@ pub enum SystemCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Verify every blob digest and every reference of the metadata DB;
-    /// exits 1 naming what is wrong.
-    Check,
+    /// Verify the store; exits 1 naming what is wrong.
+    ///
+    /// By default: every blob file is re-hashed against its digest and
+    /// size (a layer kept as its snapshot's diff is written again from the
+    /// snapshot and hashed), every reference of the metadata database is
+    /// followed, every snapshot's directory is present, and every layer
+    /// snapshot's name is the chain ID of its parent and the diffID it was
+    /// verified against when it was made (kiln commits a snapshot only
+    /// after hashing the layer's bytes against that diffID). The files
+    /// inside an unpacked snapshot are not compared with the layer again.
+    Check {
+        /// Also decompress every stored image's layer blobs and hash them
+        /// against the diffIDs the image configs name.
+        #[arg(long)]
+        deep: bool,
+    },
 }
 
 fn open(root: &Path) -> anyhow::Result<Store> {
@@ -120,14 +133,33 @@ fn load_inner(root: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
     for img in &archive.images {
         use kiln_image::archive::BlobSource;
         let man = img.manifest.manifest().context("parsing manifest")?;
+        let what = img
+            .names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| man.config.digest.to_string());
+        check_uncompressed_diff_ids(&what, &man, &img.config)?;
         let mut layers = Vec::new();
         for desc in std::iter::once(&man.config).chain(&man.layers) {
-            let reader = archive
-                .open_blob(&desc.digest)
-                .with_context(|| format!("blob {} missing from the archive", desc.digest))?;
             let want = cache_digest(&desc.digest)?;
+            let size = archive
+                .blob_size(&desc.digest)
+                .with_context(|| format!("blob {} missing from the archive", desc.digest))?;
+            if size != desc.size {
+                anyhow::bail!(
+                    "{what}: blob {} is {size} bytes in the archive, its manifest says {}",
+                    desc.digest,
+                    desc.size
+                );
+            }
+            // The archive's files were hashed as they were read: each is
+            // taken into the store as it is (no copy), replacing a stored
+            // copy that may have gone bad.
+            let file = archive
+                .blob_file(&desc.digest)
+                .with_context(|| format!("blob {} missing from the archive", desc.digest))?;
             store
-                .put_blob(reader, Some(&want), Some(desc.size), Some(&desc.media_type))
+                .put_blob_file(file, &want, desc.size, Some(&desc.media_type))
                 .with_context(|| format!("storing blob {}", desc.digest))?;
             layers.push(want);
         }
@@ -152,6 +184,44 @@ fn load_inner(root: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A layer stored uncompressed is its own tar: its digest must be the
+/// diffID the config names for it. Checked at load (free: the archive's
+/// files were hashed as they were read), so that an image whose config
+/// claims another layer's diffID is turned away at once; every layer,
+/// compressed or not, is verified again when it is unpacked.
+fn check_uncompressed_diff_ids(
+    what: &str,
+    man: &kiln_image::manifest::ImageManifest,
+    config: &[u8],
+) -> anyhow::Result<()> {
+    use kiln_image::manifest::media_types;
+    let cfg = kiln_image::config::ImageConfig::from_bytes(config)
+        .with_context(|| format!("{what}: parsing config"))?;
+    if cfg.rootfs.diff_ids.len() != man.layers.len() {
+        anyhow::bail!(
+            "{what}: manifest has {} layers, config {} diffIDs",
+            man.layers.len(),
+            cfg.rootfs.diff_ids.len()
+        );
+    }
+    for (i, (l, d)) in man.layers.iter().zip(&cfg.rootfs.diff_ids).enumerate() {
+        let plain = matches!(
+            l.media_type.as_str(),
+            media_types::DOCKER_LAYER | media_types::OCI_LAYER
+        );
+        if plain && &l.digest != d {
+            anyhow::bail!(
+                "{what}: layer {} ({}): its content has diffID {}, but the image config says {d}; \
+                 nothing was loaded",
+                i + 1,
+                l.digest,
+                l.digest
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `kiln import ROOTFS.tar NAME[:TAG]`.
@@ -252,11 +322,19 @@ pub fn system(root: &Path, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        SystemCommand::Check => {
-            let r = store.check()?;
+        SystemCommand::Check { deep } => {
+            let r = store.check_with(deep)?;
             if r.ok() {
+                let layers = if deep {
+                    format!(
+                        ", {} layers re-hashed against their diffIDs",
+                        r.layers_rehashed
+                    )
+                } else {
+                    String::new()
+                };
                 println!(
-                    "ok: {} blobs verified, {} snapshots checked, {} orphans (reclaimed by `kiln prune`)",
+                    "ok: {} blobs verified, {} snapshots checked{layers}, {} orphans (reclaimed by `kiln prune`)",
                     r.blobs_verified, r.snapshots_checked, r.orphans
                 );
                 Ok(ExitCode::SUCCESS)

@@ -764,3 +764,70 @@ fn cached_rebuild_marks_its_steps_used_for_prune() {
     assert_eq!(cached(ctx_a.path()), 1, "the step used last is kept");
     assert_eq!(cached(ctx_b.path()), 0, "the older one is pruned");
 }
+
+#[test]
+fn seccomp_profile_in_run_steps_and_kiln_run_lifted_by_insecure_and_unconfined() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox\n\
+         RUN grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status > /status; \
+             (unshare -U true || unshare -n true) 2>/dev/null && echo escaped > /escaped; true\n\
+         RUN --security=insecure grep '^Seccomp:' /proc/self/status > /insecure\n",
+    )]);
+    k.build(ctx.path(), &["-t", "sc:1", "--allow", "security.insecure"]);
+    assert_eq!(
+        k.ok(&["run", "--rm", "sc:1", "cat", "/status"]),
+        "NoNewPrivs:\t0\nSeccomp:\t2\n"
+    );
+    assert_eq!(
+        k.ok(&[
+            "run",
+            "--rm",
+            "sc:1",
+            "sh",
+            "-c",
+            "ls /escaped 2>&1 >/dev/null | wc -l"
+        ]),
+        "1\n",
+        "a RUN step created a user or network namespace"
+    );
+    assert_eq!(
+        k.ok(&["run", "--rm", "sc:1", "cat", "/insecure"]),
+        "Seccomp:\t0\n"
+    );
+    // kiln run: the profile by default, lifted by --security-opt.
+    assert_eq!(
+        k.ok(&[
+            "run",
+            "--rm",
+            "sc:1",
+            "grep",
+            "^Seccomp:",
+            "/proc/self/status"
+        ]),
+        "Seccomp:\t2\n"
+    );
+    assert_eq!(
+        k.ok(&[
+            "run",
+            "--rm",
+            "--security-opt",
+            "seccomp=unconfined",
+            "sc:1",
+            "grep",
+            "^Seccomp:",
+            "/proc/self/status"
+        ]),
+        "Seccomp:\t0\n"
+    );
+    for bad in ["apparmor=unconfined", "seccomp=/tmp/profile.json"] {
+        let o = k.run(&["run", "--rm", "--security-opt", bad, "sc:1", "true"]);
+        assert_eq!(o.status.code(), Some(2), "--security-opt {bad}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--security-opt"), "{err}");
+    }
+}

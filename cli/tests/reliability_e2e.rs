@@ -131,3 +131,115 @@ fn sigkill_during_builds_ten_times_leaves_a_store_that_checks_clean() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     assert_eq!(k.ok(&["run", "kill:ok", "cat", "/n"]), "final\ns");
 }
+
+/// Processes whose command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Sends `sig` to a kiln build once its step has printed `started`, and
+/// checks that kiln cancels as for Ctrl-C: it exits soon with an error, the
+/// step's processes and mounts are gone, the tag is untouched, the store
+/// checks clean.
+fn interrupt_build(sig: libc::c_int, name: &str) {
+    use std::io::BufRead;
+    let k = Kiln::with_busybox();
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM busybox\nRUN echo started-{name} && sleep 4321{sig}\n"),
+    )]);
+    let pre = context(&[("Dockerfile", "FROM busybox\nRUN echo before > /b\n")]);
+    k.build(pre.path(), &["-t", "sig:keep"]);
+    let before = k.inspect("sig:keep")["Id"].clone();
+    let mut child = k
+        .cmd()
+        .args(["build", "--progress", "plain", "-t", "sig:keep"])
+        .arg(ctx.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("the step never started:\n{}", seen.join("\n")));
+        if line.contains(&format!("started-{name}")) && !line.contains("RUN") {
+            break;
+        }
+        seen.push(line);
+    }
+    let needle = format!("sleep 4321{sig}");
+    assert!(!processes_with(&needle).is_empty(), "step not running");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, sig) };
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "kiln did not exit within 15 s of {name}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(
+        !status.success() && status.code().is_some(),
+        "kiln should fail with an exit code after {name} (not die of it): {status:?}\n{}",
+        rest.join("\n")
+    );
+    let t = Instant::now();
+    while !processes_with(&needle).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the step outlived kiln after {name}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        common::host_mounts_with(k.root.path().to_str().unwrap_or("?")).is_empty(),
+        "mounts left on the host after {name}"
+    );
+    assert_eq!(k.inspect("sig:keep")["Id"], before, "the tag moved");
+    k.ok(&["system", "check"]);
+}
+
+#[test]
+fn sigterm_cancels_a_build_as_ctrl_c_does() {
+    if !prerequisites() {
+        return;
+    }
+    interrupt_build(libc::SIGTERM, "sigterm");
+}
+
+#[test]
+fn sigint_cancels_a_build() {
+    if !prerequisites() {
+        return;
+    }
+    interrupt_build(libc::SIGINT, "sigint");
+}

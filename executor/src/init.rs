@@ -502,6 +502,16 @@ fn exec_step_inner(cfg: &InitConfig) -> Result<Never, (&'static str, String)> {
         c.effective = c.ambient;
         c.permitted = c.ambient;
     }
+    // A fresh session keyring, then seccomp while CAP_SYS_ADMIN is held
+    // (runc's order; with no_new_privs it waits until just before exec).
+    stage(crate::seccomp::join_session_keyring(), "keyring", || {
+        "joining a new session keyring".into()
+    })?;
+    if !cfg.no_new_privs {
+        stage(crate::seccomp::install(&cfg.seccomp), "seccomp", || {
+            "installing the seccomp filter".into()
+        })?;
+    }
     stage(caps::drop_bounding(c.bounding), "capabilities", || {
         "dropping bounding capabilities".into()
     })?;
@@ -559,6 +569,11 @@ fn exec_step_inner(cfg: &InitConfig) -> Result<Never, (&'static str, String)> {
     // The message socket is close-on-exec (moved there at start): it does
     // not leak into the step; nor does anything else past stderr.
     close_fds_from(3, true);
+    if cfg.no_new_privs {
+        stage(crate::seccomp::install(&cfg.seccomp), "seccomp", || {
+            "installing the seccomp filter".into()
+        })?;
+    }
     let _ = SigSet::all().thread_unblock();
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     let e = nix::unistd::execve(&exe_c, &argv, &envp).unwrap_err();

@@ -5,7 +5,9 @@
 //! re-executes a single-threaded init, creates mount/pid/uts/ipc/cgroup (and
 //! optionally network) namespaces, mounts the rootfs inside the child's
 //! private mount namespace, pivot_roots, sets identity, capabilities,
-//! rlimits and cgroup limits, and streams the process's output back.
+//! rlimits and cgroup limits, a fresh session keyring and Docker's default
+//! seccomp profile (when the spec has a `linux.seccomp` section, as
+//! [`default_spec`] gives it), and streams the process's output back.
 //!
 //! **What it owns.** Namespaces, mounts inside the sandbox, the init
 //! protocol, cgroups of a step, and process lifecycle (timeouts,
@@ -59,6 +61,7 @@ mod protocol;
 mod request;
 pub mod rootfs;
 mod run;
+mod seccomp;
 mod spec;
 mod tree;
 pub mod user;
@@ -75,6 +78,7 @@ pub use request::{
     RootfsMount, Stream, MAX_INLINE_FILE, MAX_LINE,
 };
 pub use run::{Executor, ExecutorConfig};
+pub use seccomp::default_seccomp;
 pub use spec::{default_spec, set_network, NetworkMode};
 /// The cancellation token type [`Executor::run`] takes.
 pub use tokio_util::sync::CancellationToken;

@@ -97,6 +97,8 @@ pub(crate) struct InitConfig {
     pub inline_files: Vec<InlineFile>,
     pub masked_paths: Vec<String>,
     pub readonly_paths: Vec<String>,
+    /// Seccomp programs to install in order (none: unconfined).
+    pub seccomp: Vec<Vec<crate::seccomp::Insn>>,
 }
 
 /// What the init tells the parent.

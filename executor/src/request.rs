@@ -106,7 +106,12 @@ pub struct ExecRequest {
     pub name: String,
     /// The OCI runtime spec: process (args, env, cwd, user, capabilities,
     /// rlimits, no_new_privileges), hostname, linux (namespaces, masked and
-    /// read-only paths, resources) and extra mounts.
+    /// read-only paths, resources, seccomp) and extra mounts.
+    ///
+    /// Seccomp: with a `linux.seccomp` section (as [`crate::default_spec`]
+    /// sets it, see [`crate::default_seccomp`]) the step runs under Docker's
+    /// default profile, its capability rules taken from the bounding set;
+    /// without one it is unconfined. Custom profiles are refused.
     ///
     /// Mounts whose destination is one the executor provides itself
     /// (`/proc`, `/dev`, `/dev/pts`, `/dev/shm`, `/dev/mqueue`, `/sys`,
@@ -270,6 +275,10 @@ pub enum RequestError {
         /// Why.
         reason: String,
     },
+    /// A `linux.seccomp` section kiln cannot apply (only Docker's default
+    /// profile, as `default_spec()` sets it, or none).
+    #[error("seccomp: {0}")]
+    UnsupportedSeccomp(String),
     /// A mount in the spec that cannot be performed.
     #[error("invalid mount {destination}: {reason}")]
     InvalidMount {

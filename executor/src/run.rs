@@ -258,6 +258,10 @@ fn init_config(req: &ExecRequest) -> Result<InitConfig, RequestError> {
     } else {
         format!("/{cwd}")
     };
+    let seccomp = match linux.and_then(|l| l.seccomp().as_ref()) {
+        Some(section) => crate::seccomp::compile(section, caps.bounding, !new_net)?,
+        None => Vec::new(),
+    };
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     Ok(InitConfig {
         step: req.name.clone(),
@@ -290,6 +294,7 @@ fn init_config(req: &ExecRequest) -> Result<InitConfig, RequestError> {
         readonly_paths: linux
             .and_then(|l| l.readonly_paths().clone())
             .unwrap_or_else(|| strings(DEFAULT_READONLY_PATHS)),
+        seccomp,
     })
 }
 

@@ -24,13 +24,16 @@ fn ns(typ: LinuxNamespaceType) -> Option<LinuxNamespace> {
 }
 
 /// A Docker-like spec for running `args` as root in `/`: Docker's default
-/// capabilities, no_new_privs off, hostname `kiln`, mount/pid/uts/ipc/cgroup
+/// capabilities and seccomp profile (the `linux.seccomp` section of
+/// [`crate::default_seccomp`]; set it to `None` to run unconfined),
+/// no_new_privs off, hostname `kiln`, mount/pid/uts/ipc/cgroup
 /// namespaces (host network), runc's masked and read-only paths, default
 /// PATH. Adjust with the oci-spec setters.
 ///
 /// ```
 /// let spec = kiln_executor::default_spec(vec!["/bin/sh".into(), "-c".into(), "echo hi".into()]);
 /// assert_eq!(spec.hostname().as_deref(), Some("kiln"));
+/// assert!(spec.linux().as_ref().unwrap().seccomp().is_some());
 /// ```
 pub fn default_spec(args: Vec<String>) -> Spec {
     let caps = LinuxCapabilitiesBuilder::default()
@@ -77,6 +80,7 @@ pub fn default_spec(args: Vec<String>) -> Spec {
                 .map(|s| s.to_string())
                 .collect::<Vec<_>>(),
         )
+        .seccomp(crate::seccomp::default_seccomp())
         .build()
         .ok();
     let mut spec = Spec::default();

@@ -1545,6 +1545,217 @@ fn bad_namespace_request_rejected() -> TestResult {
     f.host_clean()
 }
 
+// ---------------------------------------------------------------- seccomp
+
+fn ci() -> bool {
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
+}
+
+/// Compile the syscall probe (`tests/data/syscall_probe.c`) statically into
+/// the fixture's rootfs as `/bin/probe`. `Ok(false)` when there is no C
+/// compiler outside CI (scripts/test.sh installs gcc and libc6-dev).
+fn install_probe(f: &Fixture) -> Result<bool, String> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/syscall_probe.c");
+    let out = Command::new("cc")
+        .args(["-static", "-O1", "-o"])
+        .arg(f.rootfs.join("bin/probe"))
+        .arg(&src)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Ok(true),
+        Ok(o) => Err(format!(
+            "cc -static {}: {} (install gcc and libc6-dev)",
+            src.display(),
+            String::from_utf8_lossy(&o.stderr)
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !ci() => {
+            println!("    (no C compiler: the syscall probe is not run)");
+            Ok(false)
+        }
+        Err(e) => Err(format!("cc: {e} (install gcc and libc6-dev)")),
+    }
+}
+
+/// A key in the host root user's keyring, invalidated on drop.
+struct HostKey {
+    id: libc::c_long,
+    desc: String,
+}
+
+impl HostKey {
+    fn add(payload: &str) -> Result<HostKey, String> {
+        let desc = format!(
+            "kiln-test-secret-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        );
+        let c_desc = std::ffi::CString::new(desc.clone()).map_err(|e| e.to_string())?;
+        // SAFETY: add_key with valid strings and a payload of the given size.
+        let id = unsafe {
+            libc::syscall(
+                libc::SYS_add_key,
+                c"user".as_ptr(),
+                c_desc.as_ptr(),
+                payload.as_ptr(),
+                payload.len(),
+                -4 as libc::c_long, // KEY_SPEC_USER_KEYRING
+            )
+        };
+        ensure!(
+            id >= 0,
+            "add_key on the host: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(HostKey { id, desc })
+    }
+}
+
+impl Drop for HostKey {
+    fn drop(&mut self) {
+        // SAFETY: KEYCTL_INVALIDATE (21) of a key we created.
+        unsafe { libc::syscall(libc::SYS_keyctl, 21 as libc::c_long, self.id) };
+    }
+}
+
+fn host_session_keyring() -> libc::c_long {
+    // SAFETY: KEYCTL_GET_KEYRING_ID (0) of KEY_SPEC_SESSION_KEYRING (-3).
+    unsafe { libc::syscall(libc::SYS_keyctl, 0 as libc::c_long, -3 as libc::c_long, 0) }
+}
+
+fn unconfined(req: &mut ExecRequest) {
+    if let Some(l) = req.spec.linux_mut() {
+        l.set_seccomp(None);
+    }
+}
+
+fn seccomp_mode_and_namespaces_denied() -> TestResult {
+    let f = Fixture::new()?;
+    let script = "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; \
+                  unshare -U true 2>/dev/null && echo userns-created; \
+                  unshare -n true 2>/dev/null && echo netns-created; \
+                  unshare -m true 2>/dev/null && echo mntns-created; \
+                  echo done";
+    let out = f.stdout(f.sh(script))?;
+    for want in ["Seccomp:\t2", "NoNewPrivs:\t0", "done"] {
+        ensure!(out.contains(want), "missing {want:?} in {out:?}");
+    }
+    ensure!(!out.contains("created"), "a namespace was created: {out:?}");
+    // A non-root user too.
+    let mut req = f.sh("grep '^Seccomp:' /proc/self/status");
+    req.user = Some("nobody".into());
+    let out = f.stdout(req)?;
+    ensure!(out.contains("Seccomp:\t2"), "{out:?}");
+    // With no_new_privs the filter goes on just before exec.
+    let mut req = f.sh("grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status");
+    if let Some(p) = req.spec.process_mut() {
+        p.set_no_new_privileges(Some(true));
+    }
+    let out = f.stdout(req)?;
+    ensure!(
+        out.contains("Seccomp:\t2") && out.contains("NoNewPrivs:\t1"),
+        "{out:?}"
+    );
+    // Without the spec's seccomp section: unconfined.
+    let mut req = f.sh("grep '^Seccomp:' /proc/self/status");
+    unconfined(&mut req);
+    let out = f.stdout(req)?;
+    ensure!(out.contains("Seccomp:\t0"), "{out:?}");
+    f.host_clean()
+}
+
+fn seccomp_denies_docker_denials_and_keyring_is_fresh() -> TestResult {
+    let f = Fixture::new()?;
+    if !install_probe(&f)? {
+        return Ok(());
+    }
+    let key = HostKey::add("hunter2")?;
+    let out = f.stdout(f.req(&["/bin/probe", &key.desc]))?;
+    ensure!(
+        !out.contains("hunter2"),
+        "the step read the host root user's keyring: {out:?}"
+    );
+    for want in [
+        "keyctl-search-user errno=1",
+        "keyctl-session errno=1",
+        "add_key errno=1",
+        "request_key errno=1",
+        "socket-vsock errno=1",
+        "socket-alg errno=1",
+        // On the host's network: no link-level sniffing.
+        "socket-packet errno=1",
+        "socket-inet ok",
+        "socket-unix ok",
+        "unshare-user errno=1",
+        "unshare-net errno=1",
+        "clone-newuser errno=1",
+        "fork ok",
+        // ENOSYS, so that libc falls back to clone(2).
+        "clone3 errno=38",
+        "bpf errno=1",
+        "perf_event_open errno=1",
+        "personality-query ok",
+        "personality-read-implies-exec errno=1",
+    ] {
+        ensure!(
+            out.lines().any(|l| l == want),
+            "missing {want:?} in {out:?}"
+        );
+    }
+    // In a network namespace of its own a step may open packet sockets
+    // (Docker's rule; CAP_NET_RAW is in the default set).
+    let mut req = f.req(&["/bin/probe", &key.desc]);
+    set_network(&mut req.spec, NetworkMode::None);
+    let out = f.stdout(req)?;
+    ensure!(
+        out.lines().any(|l| l == "socket-packet ok")
+            && out.lines().any(|l| l == "socket-vsock errno=1")
+            && !out.contains("hunter2"),
+        "{out:?}"
+    );
+    // Unconfined, the step still has a session keyring of its own.
+    let mut req = f.req(&["/bin/probe", &key.desc]);
+    unconfined(&mut req);
+    let out = f.stdout(req)?;
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("session-id "))
+        .ok_or_else(|| format!("no session keyring id in {out:?}"))?;
+    ensure!(
+        id != host_session_keyring().to_string(),
+        "the step shares kiln's session keyring {id}: {out:?}"
+    );
+    ensure!(
+        out.lines()
+            .any(|l| l.starts_with("session-describe ") && l.ends_with(";_ses")),
+        "the session keyring is not a fresh anonymous one: {out:?}"
+    );
+    ensure!(
+        out.contains("clone3 errno=14") || out.contains("clone3 errno=22"),
+        "unconfined clone3 should reach the kernel: {out:?}"
+    );
+    drop(key);
+    f.host_clean()
+}
+
+fn custom_seccomp_profile_refused() -> TestResult {
+    let f = Fixture::new()?;
+    let mut req = f.sh("true");
+    if let Some(l) = req.spec.linux_mut() {
+        let mut s = kiln_executor::default_seccomp();
+        s.set_default_action(kiln_executor::oci::LinuxSeccompAction::ScmpActAllow);
+        l.set_seccomp(Some(s));
+    }
+    let (r, _) = f.run(req);
+    ensure!(
+        matches!(&r, Err(Error::Request { .. }))
+            && format!("{r:?}").to_lowercase().contains("seccomp"),
+        "{r:?}"
+    );
+    f.host_clean()
+}
+
 // ---------------------------------------------------------------- harness
 
 type TestFn = fn() -> TestResult;
@@ -1627,6 +1838,18 @@ const TESTS: &[(&str, TestFn)] = &[
     (
         "dotdot_mount_point_stays_in_the_root",
         dotdot_mount_point_stays_in_the_root,
+    ),
+    (
+        "seccomp_mode_and_namespaces_denied",
+        seccomp_mode_and_namespaces_denied,
+    ),
+    (
+        "seccomp_denies_docker_denials_and_keyring_is_fresh",
+        seccomp_denies_docker_denials_and_keyring_is_fresh,
+    ),
+    (
+        "custom_seccomp_profile_refused",
+        custom_seccomp_profile_refused,
     ),
 ];
 

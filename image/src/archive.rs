@@ -463,6 +463,14 @@ pub struct LoadedArchive {
 }
 
 impl LoadedArchive {
+    /// The spilled file holding blob `d` (on the filesystem of the
+    /// `spill_dir` given to [`read_archive`]); its content was hashed as
+    /// it was written and is `d`. Lets a store take the file as it is
+    /// instead of copying it.
+    pub fn blob_file(&self, d: &Digest) -> Option<&Path> {
+        self.blobs.get(d).map(PathBuf::as_path)
+    }
+
     /// Digests of every blob available.
     pub fn blob_digests(&self) -> Vec<Digest> {
         let mut v: Vec<_> = self.blobs.keys().cloned().collect();

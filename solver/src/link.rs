@@ -35,19 +35,17 @@ pub(crate) fn stack_layer(
         None => layer.snapshot.clone(),
         Some(p) => {
             let name = chain_id(Some(p), layer.diff_id.as_str());
-            kiln_cache::apply_into(store.snapshotter(), &name, Some(p), |dir, mode| {
-                let f = store.open_blob(&blob)?;
-                let reader = kiln_image::compression::decompress_auto(f)
-                    .map_err(|err| kiln_cache::Error::InvalidState(e("decompress", err)))?;
-                let mode = match mode {
-                    kiln_cache::ApplyMode::Overlay => kiln_image::apply::WhiteoutMode::Overlay,
-                    kiln_cache::ApplyMode::Delete => kiln_image::apply::WhiteoutMode::Delete,
-                };
-                kiln_image::apply::apply_layer(reader, dir, mode)
-                    .map_err(|err| kiln_cache::Error::InvalidState(e("apply layer", err)))?;
-                Ok(diff.clone())
-            })
-            .map_err(|err| e("stacking a --link layer", err))?;
+            store
+                .unpack_layer(
+                    &name,
+                    Some(p),
+                    kiln_cache::LayerBlob {
+                        digest: &blob,
+                        size: Some(layer.size),
+                        diff_id: &diff,
+                    },
+                )
+                .map_err(|err| e("stacking a --link layer", err))?;
             let _ = store.meta().add_blob_snapshot(&blob, &name);
             name
         }

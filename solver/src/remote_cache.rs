@@ -413,22 +413,17 @@ impl RemoteCacheBackend {
                 }
             }
         }
-        kiln_cache::apply_into(
-            self.sn(),
-            &r.rec.chain_id,
-            r.rec.parent_chain_id.as_deref(),
-            |dir, mode| {
-                let f = store.open_blob(&diff)?;
-                let mode = match mode {
-                    kiln_cache::ApplyMode::Overlay => kiln_image::apply::WhiteoutMode::Overlay,
-                    kiln_cache::ApplyMode::Delete => kiln_image::apply::WhiteoutMode::Delete,
-                };
-                kiln_image::apply::apply_layer(f, dir, mode)
-                    .map_err(|e| kiln_cache::Error::InvalidState(s("apply layer", e)))?;
-                Ok(diff.clone())
-            },
-        )
-        .map_err(|e| s("applying", e))?;
+        store
+            .unpack_layer(
+                &r.rec.chain_id,
+                r.rec.parent_chain_id.as_deref(),
+                kiln_cache::LayerBlob {
+                    digest: &diff,
+                    size: None,
+                    diff_id: &diff,
+                },
+            )
+            .map_err(|e| s("applying", e))?;
         let _ = store.meta().add_blob_snapshot(&diff, &r.rec.chain_id);
         store
             .meta()

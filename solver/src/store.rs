@@ -216,38 +216,52 @@ impl StoreBackend {
     }
 
     /// Unpacks an image's layers into snapshots (once; later calls find
-    /// them) and returns the layer records.
+    /// them) and returns the layer records. Each layer is verified as it
+    /// is unpacked — its blob against the manifest's digest and size, its
+    /// tar against the config's diffID — before its snapshot is committed
+    /// (see [`Store::unpack_layer`]); `image` names it in errors.
     fn unpack(
         &self,
+        image: &str,
         manifest: &ImageManifest,
         config: &ImageConfig,
     ) -> BackendResult<Vec<LayerRecord>> {
         if manifest.layers.len() != config.rootfs.diff_ids.len() {
             return Err(format!(
-                "image has {} layers but {} diffIDs",
+                "image {image} has {} layers but {} diffIDs",
                 manifest.layers.len(),
                 config.rootfs.diff_ids.len()
             ));
         }
         let mut parent: Option<String> = None;
         let mut out = Vec::new();
-        for (desc, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
+        for (i, (desc, diff_id)) in manifest
+            .layers
+            .iter()
+            .zip(&config.rootfs.diff_ids)
+            .enumerate()
+        {
             let name = chain_id(parent.as_deref(), diff_id.as_str());
             let blob = cache_digest(&desc.digest)?;
-            let store = &self.store;
-            kiln_cache::apply_into(self.sn(), &name, parent.as_deref(), |dir, mode| {
-                let f = store.open_blob(&blob)?;
-                let reader = kiln_image::compression::decompress_auto(f)
-                    .map_err(|err| kiln_cache::Error::InvalidState(e("decompress", err)))?;
-                let mode = match mode {
-                    kiln_cache::ApplyMode::Overlay => kiln_image::apply::WhiteoutMode::Overlay,
-                    kiln_cache::ApplyMode::Delete => kiln_image::apply::WhiteoutMode::Delete,
-                };
-                kiln_image::apply::apply_layer(reader, dir, mode)
-                    .map_err(|err| kiln_cache::Error::InvalidState(e("apply layer", err)))?;
-                cache_digest(diff_id).map_err(kiln_cache::Error::InvalidState)
-            })
-            .map_err(|err| e(&format!("unpacking layer {}", desc.digest), err))?;
+            let diff = cache_digest(diff_id)?;
+            self.store
+                .unpack_layer(
+                    &name,
+                    parent.as_deref(),
+                    kiln_cache::LayerBlob {
+                        digest: &blob,
+                        size: Some(desc.size),
+                        diff_id: &diff,
+                    },
+                )
+                .map_err(|err| {
+                    format!(
+                        "image {image}: unpacking layer {} of {} ({}): {err}",
+                        i + 1,
+                        manifest.layers.len(),
+                        desc.digest
+                    )
+                })?;
             out.push(LayerRecord {
                 diff_id: diff_id.clone(),
                 digest: desc.digest.clone(),
@@ -375,7 +389,7 @@ impl Backend for StoreBackend {
             .read(&cd)
             .map_err(|err| e("config", err))?;
         let config = ImageConfig::from_bytes(&cbytes).map_err(|err| e("parsing config", err))?;
-        let layers = self.unpack(&manifest, &config)?;
+        let layers = self.unpack(&name, &manifest, &config)?;
         Ok(Some(BaseImage {
             reference: name,
             manifest_digest: rec.manifest,

@@ -425,7 +425,11 @@ impl Core {
         self.parent(parent)?;
         let id = random_hex::<8>();
         let dir = self.dir(&id);
-        std::fs::create_dir(&dir).ctx("mkdir", &dir)?;
+        // Owner only: the tree below may hold setuid files (the store
+        // root is private too; this keeps a moved root closed).
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&dir)
+            .ctx("mkdir", &dir)?;
         let mut row = SnapshotRow {
             key: key.to_string(),
             id: id.clone(),

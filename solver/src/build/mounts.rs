@@ -720,8 +720,8 @@ fn own_bounding_set() -> u64 {
 }
 
 /// `RUN --security=insecure`: every capability kiln itself has, no masked
-/// or read-only /proc paths (BuildKit's privileged mode, without host
-/// devices).
+/// or read-only /proc paths, no seccomp filter (BuildKit's privileged mode,
+/// without host devices).
 pub(super) fn make_insecure(spec: &mut oci::Spec) {
     let all = kiln_executor::caps::capabilities_of(own_bounding_set());
     if let Some(p) = spec.process_mut() {
@@ -738,6 +738,7 @@ pub(super) fn make_insecure(spec: &mut oci::Spec) {
     let mut linux = spec.linux().clone().unwrap_or_default();
     linux.set_masked_paths(Some(Vec::new()));
     linux.set_readonly_paths(Some(Vec::new()));
+    linux.set_seccomp(None);
     spec.set_linux(Some(linux));
 }
 

@@ -1,0 +1,331 @@
+//! Layer blobs into snapshots, verified: the one place where bytes from
+//! an image become a snapshot named after a diffID.
+//!
+//! An image's config names each layer's diffID, and the snapshot is named
+//! (and shared by every image) after the chain of those diffIDs; so the
+//! bytes unpacked must be proved to be that layer before the snapshot is
+//! committed, or an image could plant its files under another image's
+//! layer. [`Store::unpack_layer`] streams the blob once: a thread reads the
+//! stored file, hashes it (against the blob digest and size), decompresses
+//! it and hashes the tar (against the diffID) while the applier writes the
+//! files on this thread. Only when both digests match is the snapshot
+//! committed; on a mismatch nothing is kept. A stored blob whose bytes no
+//! longer match its digest is moved aside (under `tmp/`, reclaimed by
+//! prune), so that loading or pulling the image again stores a good copy.
+
+use std::cell::RefCell;
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::rc::Rc;
+
+use kiln_image::compression::{decompress, sniff_reader, Compression};
+
+use crate::digest::{Digest, Hasher};
+use crate::error::{Error, Result};
+use crate::snapshot::{apply_into, ApplyMode, Info};
+use crate::store::Store;
+
+/// One layer of an image, as its manifest and config name it.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerBlob<'a> {
+    /// The blob's digest (compressed or not) from the manifest.
+    pub digest: &'a Digest,
+    /// Its size from the manifest (`None`: not known, e.g. a layer this
+    /// store built itself).
+    pub size: Option<u64>,
+    /// The diffID the image config names for it: the digest of the
+    /// uncompressed tar.
+    pub diff_id: &'a Digest,
+}
+
+/// Reads through to `inner`, hashing what passes into a shared hasher (so
+/// the hash can be read back after a decompressor has swallowed the
+/// reader).
+struct HashInto<R> {
+    inner: R,
+    hasher: Rc<RefCell<Hasher>>,
+}
+
+impl<R: Read> Read for HashInto<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.borrow_mut().update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// What the reading thread saw: the blob's digest and size, and the
+/// uncompressed stream's digest and size.
+struct Streamed {
+    blob: (Digest, u64),
+    tar: (Digest, u64),
+}
+
+/// Reads `src` (the blob), hashes it, decompresses it, hashes the tar and
+/// writes the tar to `out`, to its end.
+fn stream_layer(src: Box<dyn Read + Send>, out: &mut dyn Write) -> io::Result<Streamed> {
+    let blob_hash = Rc::new(RefCell::new(Hasher::new()));
+    let hashed = HashInto {
+        inner: src,
+        hasher: blob_hash.clone(),
+    };
+    let (kind, sniffed) = sniff_reader(hashed)?;
+    let tar_hash = (kind != Compression::Uncompressed).then(Hasher::new);
+    let mut tar = decompress(sniffed, kind)?;
+    let mut tar_hash = tar_hash;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match tar.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if let Some(h) = tar_hash.as_mut() {
+            h.update(&buf[..n]);
+        }
+        out.write_all(&buf[..n])?;
+    }
+    out.flush()?;
+    drop(tar);
+    let blob_hasher = Rc::try_unwrap(blob_hash)
+        .map(RefCell::into_inner)
+        .map_err(|_| io::Error::other("blob hasher still shared"))?;
+    let blob_len = blob_hasher.len();
+    let blob = (blob_hasher.finish(), blob_len);
+    let tar = match tar_hash {
+        Some(h) => {
+            let len = h.len();
+            (h.finish(), len)
+        }
+        // An uncompressed blob is its own tar.
+        None => blob.clone(),
+    };
+    Ok(Streamed { blob, tar })
+}
+
+impl Store {
+    /// Unpacks `layer` as the committed snapshot `name` over `parent`
+    /// (see the module doc), verifying the blob against its digest and
+    /// size and the tar against the diffID before anything is committed.
+    /// A snapshot `name` that exists already is returned as it is (it was
+    /// verified when it was made): a cached rebuild hashes nothing.
+    ///
+    /// Errors: [`Error::CorruptBlob`] when the stored blob no longer
+    /// matches its digest (it is moved aside, so that loading or pulling
+    /// the image again repairs the store); [`Error::DiffIdMismatch`]
+    /// when the content is not the layer the config names.
+    pub fn unpack_layer(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        layer: LayerBlob<'_>,
+    ) -> Result<Info> {
+        apply_into(self.snapshotter(), name, parent, |dir, mode| {
+            self.unpack_verified(layer, dir, mode)
+        })
+    }
+
+    fn unpack_verified(&self, layer: LayerBlob<'_>, dir: &Path, mode: ApplyMode) -> Result<Digest> {
+        // A stored file: kept open so that a corrupt one can be moved
+        // aside (the very file that was read, not a repaired copy).
+        let (src, file): (Box<dyn Read + Send>, Option<std::fs::File>) =
+            match self.content().open(layer.digest) {
+                Ok(f) => {
+                    let keep = f.try_clone().ok();
+                    (Box::new(io::BufReader::with_capacity(256 * 1024, f)), keep)
+                }
+                Err(Error::NotFound { .. }) => (self.open_blob(layer.digest)?, None),
+                Err(e) => return Err(e),
+            };
+        let wmode = match mode {
+            ApplyMode::Overlay => kiln_image::apply::WhiteoutMode::Overlay,
+            ApplyMode::Delete => kiln_image::apply::WhiteoutMode::Delete,
+        };
+        let (mut w, mut r) = crate::chunkpipe::chunk_pipe();
+        let (streamed, applied) = std::thread::scope(|s| {
+            let reader = s.spawn(move || {
+                let res = stream_layer(src, &mut w);
+                drop(w);
+                res
+            });
+            let applied = kiln_image::apply::apply_layer(&mut r, dir, wmode).and_then(|_| {
+                // What follows the tar's end marker is part of the
+                // layer's bytes too (and its diffID).
+                io::copy(&mut r, &mut io::sink())
+                    .map(|_| ())
+                    .map_err(kiln_image::ImageError::from)
+            });
+            // A failed apply stops reading: the thread's next write fails.
+            drop(r);
+            let streamed = reader
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("layer reader panicked")));
+            (streamed, applied)
+        });
+        let blob_ok =
+            |got: &(Digest, u64)| &got.0 == layer.digest && layer.size.is_none_or(|s| s == got.1);
+        match streamed {
+            Ok(st) if !blob_ok(&st.blob) => Err(self.corrupt(layer, file.as_ref(), Some(st.blob))),
+            Ok(st) => {
+                applied.map_err(|e| Error::Image(e.to_string()))?;
+                if &st.tar.0 != layer.diff_id {
+                    return Err(Error::DiffIdMismatch {
+                        blob: layer.digest.to_string(),
+                        expected: layer.diff_id.to_string(),
+                        actual: st.tar.0.to_string(),
+                    });
+                }
+                Ok(st.tar.0)
+            }
+            Err(e) => {
+                // The blob could not be read or decompressed to its end:
+                // corrupt in the store, or bad from the start.
+                if let Some(f) = file.as_ref() {
+                    if let Ok(got) = hash_file(f) {
+                        if !blob_ok(&got) {
+                            return Err(self.corrupt(layer, Some(f), Some(got)));
+                        }
+                    }
+                }
+                // A failed apply stops the reader (a broken pipe): then
+                // the apply's error is the one to tell.
+                applied.map_err(|ae| Error::Image(ae.to_string()))?;
+                Err(Error::Image(format!("reading layer {}: {e}", layer.digest)))
+            }
+        }
+    }
+
+    /// Layer snapshots (named `sha256:…`, with a diffID) whose name is not
+    /// the OCI chain ID of their parent and diffID.
+    pub(crate) fn check_layer_names(&self, problems: &mut Vec<String>) -> Result<()> {
+        for s in self.meta().snapshots()? {
+            let (Some(diff), true) = (&s.diff_id, s.key.starts_with("sha256:")) else {
+                continue;
+            };
+            if s.kind != crate::meta::Kind::Committed {
+                continue;
+            }
+            let want = match &s.parent {
+                None => diff.clone(),
+                Some(p) => Digest::sha256_of(format!("{p} {diff}").as_bytes()).to_string(),
+            };
+            if want != s.key {
+                problems.push(format!(
+                    "snapshot {}: recorded diffID {diff} on parent {} makes chain ID {want}",
+                    s.key,
+                    s.parent.as_deref().unwrap_or("(none)")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Decompresses and hashes every stored image's layer blobs against
+    /// the diffIDs their configs name; returns how many layers were.
+    pub(crate) fn check_image_layers(&self, problems: &mut Vec<String>) -> Result<usize> {
+        use kiln_image::config::ImageConfig;
+        use kiln_image::manifest::RawManifest;
+        let mut seen = std::collections::HashSet::new();
+        let mut n = 0;
+        for img in self.meta().images()? {
+            let parts = (|| -> std::result::Result<_, String> {
+                let md: Digest = img.manifest.parse().map_err(|e| format!("{e}"))?;
+                let raw =
+                    RawManifest::new(self.content().read(&md).map_err(|e| e.to_string())?, None)
+                        .map_err(|e| e.to_string())?;
+                if raw.is_index() {
+                    return Ok(None);
+                }
+                let m = raw.manifest().map_err(|e| e.to_string())?;
+                let cbytes = self
+                    .content()
+                    .read(&m.config.digest)
+                    .map_err(|e| e.to_string())?;
+                let cfg = ImageConfig::from_bytes(&cbytes).map_err(|e| e.to_string())?;
+                Ok(Some((m, cfg)))
+            })();
+            let (m, cfg) = match parts {
+                Ok(Some(x)) => x,
+                Ok(None) => continue,
+                Err(e) => {
+                    problems.push(format!("image {}: {e}", img.name));
+                    continue;
+                }
+            };
+            if m.layers.len() != cfg.rootfs.diff_ids.len() {
+                problems.push(format!(
+                    "image {}: {} layers, {} diffIDs",
+                    img.name,
+                    m.layers.len(),
+                    cfg.rootfs.diff_ids.len()
+                ));
+                continue;
+            }
+            for (l, d) in m.layers.iter().zip(&cfg.rootfs.diff_ids) {
+                if !seen.insert((l.digest.clone(), d.clone())) {
+                    continue;
+                }
+                let got = self.open_blob(&l.digest).and_then(|r| {
+                    let (kind, r) = sniff_reader(r).map_err(|e| Error::Image(e.to_string()))?;
+                    let r = decompress(r, kind).map_err(|e| Error::Image(e.to_string()))?;
+                    kiln_image::archive::digest_reader(r).map_err(|e| Error::Image(e.to_string()))
+                });
+                n += 1;
+                match got {
+                    Ok((got, _)) if &got == d => {}
+                    Ok((got, _)) => problems.push(format!(
+                        "image {}: layer {} has diffID {got}, its config says {d}",
+                        img.name, l.digest
+                    )),
+                    Err(e) => problems.push(format!("image {}: layer {}: {e}", img.name, l.digest)),
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// The error for a stored blob that does not match its digest, after
+    /// moving it aside (when it is still the file in place) so that the
+    /// next load or pull stores a good copy.
+    fn corrupt(
+        &self,
+        layer: LayerBlob<'_>,
+        file: Option<&std::fs::File>,
+        got: Option<(Digest, u64)>,
+    ) -> Error {
+        let moved =
+            file.is_some_and(|f| self.content().move_aside(layer.digest, f, self.tmp_dir()));
+        let actual = match got {
+            Some((d, n)) => format!("{d} ({n} bytes)"),
+            None => "unreadable".to_string(),
+        };
+        Error::CorruptBlob {
+            digest: layer.digest.to_string(),
+            actual,
+            what_now: if moved {
+                "it was moved aside: load or pull the image again to restore it".to_string()
+            } else {
+                "load or pull the image again to replace it".to_string()
+            },
+        }
+    }
+}
+
+/// The digest and size of an open file's content, read from its start.
+fn hash_file(f: &std::fs::File) -> io::Result<(Digest, u64)> {
+    use std::os::unix::fs::FileExt;
+    let mut h = Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut off = 0u64;
+    loop {
+        let n = f.read_at(&mut buf, off)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    let len = h.len();
+    Ok((h.finish(), len))
+}

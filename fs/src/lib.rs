@@ -1,0 +1,1185 @@
+//! Safe trees: the one way kiln writes into a directory tree it does not
+//! trust.
+//!
+//! **What this room is for.** Every write into a snapshot, a layer being
+//! built (an overlay upperdir), a container rootfs or an export directory
+//! goes through this crate. Such trees hold symlinks planted by a build
+//! context, a base image or a RUN step; a write that names a host path and
+//! lets the kernel follow those links (`std::fs::write`, `set_permissions`,
+//! `create_dir_all`) can land anywhere on the host. Here a path is never
+//! handed to the kernel whole: a [`Root`] is an open directory descriptor,
+//! paths inside it are resolved with `openat2(2)` (`RESOLVE_IN_ROOT` or
+//! `RESOLVE_NO_SYMLINKS`, always `RESOLVE_NO_MAGICLINKS`) or one component
+//! at a time with `O_NOFOLLOW`, and every change is an `*at` call relative
+//! to an open parent [`Dir`] that never follows the final component.
+//!
+//! **What it owns.** Resolution inside a root, in the two ways a caller
+//! must choose between explicitly ([`Follow`]):
+//!
+//! * [`Follow::InRoot`] — symlinks met on the way are followed *as if the
+//!   root were `/`* (an absolute link or a `..` never leaves it). This is
+//!   how BuildKit resolves a destination inside an image: the link stays,
+//!   the write lands at its target inside the image.
+//! * [`Follow::Never`] — any symlink on the way is an error. For trees
+//!   whose links were already resolved elsewhere, e.g. an overlay
+//!   upperdir whose paths kiln resolves through the merged view of all its
+//!   layers: a link in the upper alone means nothing, and following it on
+//!   the host would be an escape.
+//!
+//! The final component of a path is never followed by a write: [`Dir`]'s
+//! operations take a single name and use `O_NOFOLLOW`,
+//! `AT_SYMLINK_NOFOLLOW`, `O_EXCL` or their equivalents.
+//!
+//! **What it must not do.** Know about images, layers, whiteouts policy,
+//! Dockerfiles or the store: it depends on no other kiln crate. It never
+//! opens a device node it meets for reading or writing (only `O_PATH`),
+//! and never resolves a path through the host's `/`.
+//!
+//! Keeping per-directory work cheap is the caller's side of the bargain:
+//! open a parent [`Dir`] once and make many `*at` calls on it, rather than
+//! resolving a full path per file.
+//!
+//! ```no_run
+//! use kiln_fs::{Create, DirSpec, Follow, Root};
+//! # fn main() -> Result<(), kiln_fs::Error> {
+//! let root = Root::open("/var/lib/kiln/snapshots/42/fs")?;
+//! // `/etc` may be a symlink planted by the image: it resolves inside.
+//! let etc = root.mkdir_all("etc/app", Follow::InRoot, &DirSpec::default())?;
+//! let mut f = etc.create_file("conf", 0o644, Create::Replace)?;
+//! std::io::Write::write_all(&mut f, b"x=1\n").map_err(|e| etc.error("write", "conf", e))?;
+//! etc.chown("conf", 0, 0)?;
+//! # Ok(()) }
+//! ```
+
+#![deny(missing_docs)]
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Component, Path, PathBuf};
+
+/// How many symlinks one resolution may follow (Linux's own limit).
+const MAX_HOPS: usize = 40;
+
+/// A failed operation on a tree, with the operation and the path it was
+/// about (the root's host path joined with the path inside it).
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {}: {source}", path.display())]
+pub struct Error {
+    op: &'static str,
+    path: PathBuf,
+    #[source]
+    source: io::Error,
+}
+
+impl Error {
+    /// An error of `op` on `path`.
+    pub fn new(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The operation that failed (`"open"`, `"mkdir"`, …).
+    pub fn op(&self) -> &'static str {
+        self.op
+    }
+
+    /// The path it failed on.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The underlying I/O error's kind.
+    pub fn kind(&self) -> io::ErrorKind {
+        self.source.kind()
+    }
+
+    /// The underlying OS error number, if any.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+
+    /// The underlying I/O error.
+    pub fn io(&self) -> &io::Error {
+        &self.source
+    }
+
+    /// True when the error says the entry does not exist.
+    pub fn is_not_found(&self) -> bool {
+        self.raw_os_error() == Some(libc::ENOENT)
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        io::Error::new(e.source.kind(), e)
+    }
+}
+
+/// Results of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How symlinks met while resolving a path inside a [`Root`] are treated.
+/// (The final component of a write is never followed; see [`Dir`].)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Follow {
+    /// Follow them as if the root were `/`: absolute targets and `..`
+    /// stay inside the root (`RESOLVE_IN_ROOT`). Image semantics.
+    InRoot,
+    /// A symlink anywhere on the way is an error (`ELOOP`). For trees
+    /// whose paths were resolved elsewhere (an overlay upperdir).
+    Never,
+}
+
+/// How [`Dir::create_file`] treats an existing entry of that name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Create {
+    /// Fail with `EEXIST` if anything has the name.
+    Exclusive,
+    /// Open an existing regular file and truncate it (its other hard
+    /// links see the change); fail on a symlink (`ELOOP`) or a directory.
+    Truncate,
+    /// Remove whatever has the name (a directory with everything below
+    /// it, a symlink itself, never its target), then create afresh: other
+    /// hard links of an old file keep their content.
+    Replace,
+}
+
+/// Mode, owner and time given to directories that [`Root::mkdir_all`]
+/// creates (existing ones are left as they are).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirSpec {
+    /// Permission bits (applied with chmod, so the umask does not apply).
+    pub mode: u32,
+    /// Owner (uid, gid); `None` keeps the creating process's.
+    pub owner: Option<(u32, u32)>,
+    /// Access and modification time (seconds, nanoseconds); `None` = now.
+    pub mtime: Option<(i64, i64)>,
+}
+
+impl Default for DirSpec {
+    fn default() -> Self {
+        DirSpec {
+            mode: 0o755,
+            owner: None,
+            mtime: None,
+        }
+    }
+}
+
+/// What `lstat` says about an entry (never a symlink's target).
+#[derive(Clone, Copy, Debug)]
+pub struct Stat(libc::stat);
+
+impl Stat {
+    /// `st_mode`: type and permission bits.
+    pub fn mode(&self) -> u32 {
+        self.0.st_mode
+    }
+    /// The type bits (`libc::S_IFMT` part of the mode).
+    pub fn kind(&self) -> u32 {
+        self.0.st_mode & libc::S_IFMT
+    }
+    /// A directory.
+    pub fn is_dir(&self) -> bool {
+        self.kind() == libc::S_IFDIR
+    }
+    /// A regular file.
+    pub fn is_file(&self) -> bool {
+        self.kind() == libc::S_IFREG
+    }
+    /// A symlink.
+    pub fn is_symlink(&self) -> bool {
+        self.kind() == libc::S_IFLNK
+    }
+    /// A character or block device.
+    pub fn is_device(&self) -> bool {
+        matches!(self.kind(), libc::S_IFCHR | libc::S_IFBLK)
+    }
+    /// Owner uid.
+    pub fn uid(&self) -> u32 {
+        self.0.st_uid
+    }
+    /// Owner gid.
+    pub fn gid(&self) -> u32 {
+        self.0.st_gid
+    }
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.0.st_size as u64
+    }
+    /// Device number of a device node.
+    pub fn rdev(&self) -> u64 {
+        self.0.st_rdev
+    }
+    /// Device of the file system holding the entry.
+    pub fn dev(&self) -> u64 {
+        self.0.st_dev
+    }
+    /// Inode number.
+    pub fn ino(&self) -> u64 {
+        self.0.st_ino
+    }
+    /// Number of hard links.
+    pub fn nlink(&self) -> u64 {
+        self.0.st_nlink
+    }
+    /// Modification time (seconds, nanoseconds).
+    pub fn mtime(&self) -> (i64, i64) {
+        (self.0.st_mtime, self.0.st_mtime_nsec)
+    }
+}
+
+fn errno() -> io::Error {
+    io::Error::last_os_error()
+}
+
+fn einval(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, what.to_string())
+}
+
+/// One name inside a directory: non-empty, no `/`, no NUL, not `.`/`..`.
+fn name_c(name: &OsStr) -> io::Result<CString> {
+    let b = name.as_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        return Err(einval("not a single path component"));
+    }
+    CString::new(b).map_err(|_| einval("a NUL byte in a name"))
+}
+
+fn cstring(b: &[u8]) -> io::Result<CString> {
+    CString::new(b).map_err(|_| einval("a NUL byte in a path"))
+}
+
+fn openat(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: a valid descriptor (or AT_FDCWD) and a NUL-terminated name.
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: openat returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn openat2(dir: RawFd, path: &CStr, flags: i32, resolve: u64) -> io::Result<OwnedFd> {
+    // SAFETY: open_how is plain data; zeroed is its documented default.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = resolve;
+    loop {
+        // SAFETY: a valid descriptor, a NUL-terminated path and an
+        // open_how of the size passed.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir,
+                path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: openat2 returned a fresh descriptor that nothing
+            // else owns.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+        }
+        let e = errno();
+        // EAGAIN: a concurrent rename raced the resolution; try again.
+        if e.raw_os_error() != Some(libc::EAGAIN) {
+            return Err(e);
+        }
+    }
+}
+
+fn fstatat(dir: RawFd, name: &CStr, flags: i32) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: a valid descriptor, a NUL-terminated name and room for the
+    // result, which the call fills in full when it returns 0.
+    if unsafe { libc::fstatat(dir, name.as_ptr(), st.as_mut_ptr(), flags) } != 0 {
+        return Err(errno());
+    }
+    // SAFETY: filled by the successful call above.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// The clean components of a path inside a root: `.` and empty ones
+/// dropped, a leading `/` ignored, `..` resolved lexically (never above
+/// the root), as Go's `path.Clean` on an image path.
+fn clean(rel: &Path) -> Vec<OsString> {
+    let mut out: Vec<OsString> = Vec::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => out.push(n.to_os_string()),
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
+}
+
+fn join(comps: &[OsString]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for (i, c) in comps.iter().enumerate() {
+        if i > 0 {
+            v.push(b'/');
+        }
+        v.extend_from_slice(c.as_bytes());
+    }
+    if v.is_empty() {
+        v.push(b'.');
+    }
+    v
+}
+
+fn resolve_flags(follow: Follow) -> u64 {
+    match follow {
+        Follow::InRoot => libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+        Follow::Never => {
+            libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS
+        }
+    }
+}
+
+/// A directory tree kiln writes into: an open `O_PATH` descriptor of its
+/// top. Nothing done through it leaves the tree.
+#[derive(Debug)]
+pub struct Root {
+    dir: Dir,
+}
+
+impl Root {
+    /// Opens the directory `path` (which itself is trusted: a host path
+    /// kiln chose, e.g. a snapshot's directory) as a root.
+    pub fn open(path: impl AsRef<Path>) -> Result<Root> {
+        let path = path.as_ref();
+        let c = cstring(path.as_os_str().as_bytes()).map_err(|e| Error::new("open", path, e))?;
+        let fd = openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY, 0)
+            .map_err(|e| Error::new("open", path, e))?;
+        Ok(Root {
+            dir: Dir {
+                fd,
+                path: path.to_path_buf(),
+            },
+        })
+    }
+
+    /// The root's host path (for messages).
+    pub fn path(&self) -> &Path {
+        &self.dir.path
+    }
+
+    /// The root directory itself.
+    pub fn dir(&self) -> &Dir {
+        &self.dir
+    }
+
+    fn host(&self, comps: &[OsString]) -> PathBuf {
+        let mut p = self.dir.path.clone();
+        for c in comps {
+            p.push(c);
+        }
+        p
+    }
+
+    /// Opens the directory `rel` inside the root (one `openat2`). The last
+    /// component is followed too under [`Follow::InRoot`] (a directory
+    /// reached through a link is still that directory).
+    pub fn open_dir(&self, rel: impl AsRef<Path>, follow: Follow) -> Result<Dir> {
+        let comps = clean(rel.as_ref());
+        let host = self.host(&comps);
+        let c = cstring(&join(&comps)).map_err(|e| Error::new("open", &host, e))?;
+        let fd = openat2(
+            self.dir.fd.as_raw_fd(),
+            &c,
+            libc::O_PATH | libc::O_DIRECTORY,
+            resolve_flags(follow),
+        )
+        .map_err(|e| Error::new("open", &host, e))?;
+        Ok(Dir { fd, path: host })
+    }
+
+    /// Opens the parent directory of `rel` (resolved as
+    /// [`Root::open_dir`]) and returns it with the final name, which is
+    /// not resolved at all. `rel` naming the root itself is an error.
+    pub fn parent(&self, rel: impl AsRef<Path>, follow: Follow) -> Result<(Dir, OsString)> {
+        let mut comps = clean(rel.as_ref());
+        let Some(name) = comps.pop() else {
+            return Err(Error::new(
+                "resolve",
+                self.path(),
+                einval("the root has no parent"),
+            ));
+        };
+        let dir = self.open_dir(PathBuf::from(OsString::from_vec(join(&comps))), follow)?;
+        Ok((dir, name))
+    }
+
+    /// Like [`Root::parent`], creating missing directories of the parent
+    /// path with `spec` (see [`Root::mkdir_all`]).
+    pub fn parent_mkdir(
+        &self,
+        rel: impl AsRef<Path>,
+        follow: Follow,
+        spec: &DirSpec,
+    ) -> Result<(Dir, OsString)> {
+        let mut comps = clean(rel.as_ref());
+        let Some(name) = comps.pop() else {
+            return Err(Error::new(
+                "resolve",
+                self.path(),
+                einval("the root has no parent"),
+            ));
+        };
+        let dir = self.mkdir_all(
+            PathBuf::from(OsString::from_vec(join(&comps))),
+            follow,
+            spec,
+        )?;
+        Ok((dir, name))
+    }
+
+    /// `mkdir -p` inside the root: walks `rel` one component at a time
+    /// with `O_NOFOLLOW`, creating what is missing with `spec`. A symlink
+    /// on the way is followed inside the root ([`Follow::InRoot`], where a
+    /// dangling one gets its target created, as BuildKit does) or is an
+    /// error ([`Follow::Never`]). Returns the final directory.
+    pub fn mkdir_all(&self, rel: impl AsRef<Path>, follow: Follow, spec: &DirSpec) -> Result<Dir> {
+        self.walk(rel.as_ref(), follow, Some(&mut |_: &Path| *spec), true)
+            .map(|(d, _)| d)
+    }
+
+    /// [`Root::mkdir_all`] with a spec per created directory: `spec` gets
+    /// the directory's resolved path inside the root (with a leading `/`).
+    pub fn mkdir_all_with(
+        &self,
+        rel: impl AsRef<Path>,
+        follow: Follow,
+        spec: &mut dyn FnMut(&Path) -> DirSpec,
+    ) -> Result<Dir> {
+        self.walk(rel.as_ref(), follow, Some(spec), true)
+            .map(|(d, _)| d)
+    }
+
+    /// Resolves `rel` inside the root following every symlink, the last
+    /// one too, as [`Follow::InRoot`] does, and returns the resolved path
+    /// (with a leading `/`). Components that do not exist are kept as
+    /// named. Creates nothing.
+    pub fn resolve(&self, rel: impl AsRef<Path>) -> Result<PathBuf> {
+        self.walk(rel.as_ref(), Follow::InRoot, None, false)
+            .map(|(_, p)| p)
+    }
+
+    /// The walker behind [`Root::mkdir_all`] and [`Root::resolve`]. With
+    /// `create` missing directories are made; without, a missing
+    /// component ends the walk and the rest is appended lexically. With
+    /// `dirs_only` a non-directory on the way is `ENOTDIR`.
+    fn walk(
+        &self,
+        rel: &Path,
+        follow: Follow,
+        mut create: Option<&mut dyn FnMut(&Path) -> DirSpec>,
+        dirs_only: bool,
+    ) -> Result<(Dir, PathBuf)> {
+        let mut pending: Vec<OsString> = clean(rel).into_iter().rev().collect();
+        // The directories resolved so far below the root, with their fds.
+        let mut stack: Vec<(OsString, OwnedFd)> = Vec::new();
+        let mut hops = 0;
+        let mut missing: Vec<OsString> = Vec::new();
+        let names = |stack: &[(OsString, OwnedFd)]| -> Vec<OsString> {
+            stack.iter().map(|(n, _)| n.clone()).collect()
+        };
+        while let Some(c) = pending.pop() {
+            if !missing.is_empty() {
+                // Resolving only, below a missing component: lexical.
+                if c == ".." {
+                    missing.pop();
+                } else {
+                    missing.push(c);
+                }
+                continue;
+            }
+            if c == ".." {
+                stack.pop();
+                continue;
+            }
+            let here = stack
+                .last()
+                .map_or(self.dir.fd.as_raw_fd(), |(_, fd)| fd.as_raw_fd());
+            let mut path = names(&stack);
+            path.push(c.clone());
+            let host = self.host(&path);
+            let cn = name_c(&c).map_err(|e| Error::new("resolve", &host, e))?;
+            match openat(
+                here,
+                &cn,
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            ) {
+                Ok(fd) => {
+                    stack.push((c, fd));
+                    continue;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    let Some(make) = create.as_mut() else {
+                        missing.push(c);
+                        continue;
+                    };
+                    let inside =
+                        Path::new("/").join(PathBuf::from(OsString::from_vec(join(&path))));
+                    let spec = make(&inside);
+                    // SAFETY: a valid descriptor and a NUL-terminated name.
+                    if unsafe { libc::mkdirat(here, cn.as_ptr(), 0o700) } != 0 {
+                        let e = errno();
+                        if e.raw_os_error() == Some(libc::EEXIST) {
+                            // Made by someone else meanwhile: look again.
+                            pending.push(c);
+                            continue;
+                        }
+                        return Err(Error::new("mkdir", &host, e));
+                    }
+                    let fd = openat(
+                        here,
+                        &cn,
+                        libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                        0,
+                    )
+                    .map_err(|e| Error::new("open", &host, e))?;
+                    apply_spec(here, &cn, &host, &spec)?;
+                    stack.push((c, fd));
+                    continue;
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR) | Some(libc::ELOOP)) => {
+                    let st = fstatat(here, &cn, libc::AT_SYMLINK_NOFOLLOW)
+                        .map_err(|e| Error::new("lstat", &host, e))?;
+                    if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+                        if !dirs_only && pending.is_empty() {
+                            // The last component of a resolve: any type.
+                            missing.push(c);
+                            continue;
+                        }
+                        return Err(Error::new(
+                            "resolve",
+                            &host,
+                            io::Error::from_raw_os_error(libc::ENOTDIR),
+                        ));
+                    }
+                    if follow == Follow::Never {
+                        return Err(Error::new(
+                            "resolve",
+                            &host,
+                            io::Error::from_raw_os_error(libc::ELOOP),
+                        ));
+                    }
+                    hops += 1;
+                    if hops > MAX_HOPS {
+                        return Err(Error::new(
+                            "resolve",
+                            &host,
+                            io::Error::from_raw_os_error(libc::ELOOP),
+                        ));
+                    }
+                    let target =
+                        readlinkat(here, &cn).map_err(|e| Error::new("readlink", &host, e))?;
+                    if target.as_bytes().starts_with(b"/") {
+                        stack.clear();
+                    }
+                    for t in target.as_bytes().split(|b| *b == b'/').rev() {
+                        if t.is_empty() || t == b"." {
+                            continue;
+                        }
+                        pending.push(OsString::from_vec(t.to_vec()));
+                    }
+                }
+                Err(e) => return Err(Error::new("open", &host, e)),
+            }
+        }
+        let mut resolved = names(&stack);
+        let dir = match (missing.is_empty(), stack.pop()) {
+            (true, Some((_, fd))) => Dir {
+                fd,
+                path: self.host(&resolved),
+            },
+            (true, None) => self.dir.try_clone()?,
+            (false, _) => Dir {
+                // Only `resolve` gets here; its caller uses the path.
+                fd: self.dir.try_clone()?.fd,
+                path: self.dir.path.clone(),
+            },
+        };
+        resolved.extend(missing);
+        let p = Path::new("/").join(PathBuf::from(OsString::from_vec(join(&resolved))));
+        let p = if resolved.is_empty() {
+            PathBuf::from("/")
+        } else {
+            p
+        };
+        Ok((dir, p))
+    }
+
+    /// Writes `data` as the file `rel` (parents resolved with `follow`
+    /// and created with default modes; the final name is replaced, never
+    /// followed), with `mode` and, when given, `owner`.
+    pub fn write_file(
+        &self,
+        rel: impl AsRef<Path>,
+        follow: Follow,
+        data: &[u8],
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<()> {
+        let (dir, name) = self.parent_mkdir(rel, follow, &DirSpec::default())?;
+        dir.write_file(&name, data, mode, owner)
+    }
+
+    /// Opens the file `rel` for reading without following its last
+    /// component.
+    pub fn open_file(&self, rel: impl AsRef<Path>, follow: Follow) -> Result<File> {
+        let (dir, name) = self.parent(rel, follow)?;
+        dir.open_file(&name)
+    }
+}
+
+fn readlinkat(dir: RawFd, name: &CStr) -> io::Result<OsString> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: a valid descriptor, a NUL-terminated name and a buffer
+        // of the given length.
+        let n = unsafe { libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(errno());
+        }
+        let n = n as usize;
+        if n < buf.len() {
+            buf.truncate(n);
+            return Ok(OsString::from_vec(buf));
+        }
+        if buf.len() >= 1 << 16 {
+            return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+        }
+        buf.resize(buf.len() * 4, 0);
+    }
+}
+
+/// An open directory inside a tree (an `O_PATH` descriptor). Every
+/// operation takes one name in it and never follows that name if it is a
+/// symlink: the link itself is what is created, changed or removed.
+#[derive(Debug)]
+pub struct Dir {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl AsFd for Dir {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Dir {
+    /// The directory's host path (for messages only: never open it).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// An error of `op` on `name` in this directory.
+    pub fn error(&self, op: &'static str, name: impl AsRef<OsStr>, e: io::Error) -> Error {
+        Error::new(op, self.path.join(name.as_ref()), e)
+    }
+
+    fn name(&self, op: &'static str, name: &OsStr) -> Result<CString> {
+        name_c(name).map_err(|e| self.error(op, name, e))
+    }
+
+    fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Another descriptor of the same directory.
+    pub fn try_clone(&self) -> Result<Dir> {
+        let fd = self
+            .fd
+            .try_clone()
+            .map_err(|e| Error::new("dup", &self.path, e))?;
+        Ok(Dir {
+            fd,
+            path: self.path.clone(),
+        })
+    }
+
+    /// `lstat` of `name`; `None` when nothing has that name.
+    pub fn stat(&self, name: impl AsRef<OsStr>) -> Result<Option<Stat>> {
+        let name = name.as_ref();
+        let c = self.name("lstat", name)?;
+        match fstatat(self.raw(), &c, libc::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(Stat(st))),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(self.error("lstat", name, e)),
+        }
+    }
+
+    /// `fstat` of this directory itself.
+    pub fn stat_self(&self) -> Result<Stat> {
+        fstatat(self.raw(), c"", libc::AT_EMPTY_PATH)
+            .map(Stat)
+            .map_err(|e| Error::new("stat", &self.path, e))
+    }
+
+    /// Opens the subdirectory `name` (not following a symlink).
+    pub fn open_dir(&self, name: impl AsRef<OsStr>) -> Result<Dir> {
+        let name = name.as_ref();
+        let c = self.name("open", name)?;
+        let fd = openat(
+            self.raw(),
+            &c,
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )
+        .map_err(|e| self.error("open", name, e))?;
+        Ok(Dir {
+            fd,
+            path: self.path.join(name),
+        })
+    }
+
+    /// Opens the relative path `rel` below this directory, symlinks on the
+    /// way handled as `follow` says with this directory as the root.
+    pub fn open_below(&self, rel: impl AsRef<Path>, follow: Follow) -> Result<Dir> {
+        let comps = clean(rel.as_ref());
+        let mut host = self.path.clone();
+        for c in &comps {
+            host.push(c);
+        }
+        let c = cstring(&join(&comps)).map_err(|e| Error::new("open", &host, e))?;
+        let fd = openat2(
+            self.raw(),
+            &c,
+            libc::O_PATH | libc::O_DIRECTORY,
+            resolve_flags(follow),
+        )
+        .map_err(|e| Error::new("open", &host, e))?;
+        Ok(Dir { fd, path: host })
+    }
+
+    /// Makes the directory `name` with `mode` (chmod'ed, so the umask does
+    /// not apply). Returns false (and changes nothing) when something has
+    /// the name already.
+    pub fn mkdir(&self, name: impl AsRef<OsStr>, mode: u32) -> Result<bool> {
+        let name = name.as_ref();
+        let c = self.name("mkdir", name)?;
+        // SAFETY: a valid descriptor and a NUL-terminated name.
+        if unsafe { libc::mkdirat(self.raw(), c.as_ptr(), 0o700) } != 0 {
+            let e = errno();
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                return Ok(false);
+            }
+            return Err(self.error("mkdir", name, e));
+        }
+        self.chmod(name, mode)?;
+        Ok(true)
+    }
+
+    /// Creates (see [`Create`]) the regular file `name` for writing, with
+    /// `mode` (chmod'ed after creation, so the umask does not apply).
+    pub fn create_file(&self, name: impl AsRef<OsStr>, mode: u32, how: Create) -> Result<File> {
+        let name = name.as_ref();
+        let c = self.name("create", name)?;
+        let base = libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CREAT;
+        let flags = match how {
+            Create::Exclusive => base | libc::O_EXCL,
+            Create::Truncate => base | libc::O_TRUNC,
+            Create::Replace => {
+                self.remove_all(name)?;
+                base | libc::O_EXCL
+            }
+        };
+        let fd = openat(self.raw(), &c, flags, 0o600).map_err(|e| self.error("create", name, e))?;
+        let f = File::from(fd);
+        // A truncated file may not be a regular one (a fifo, a device):
+        // refuse to have opened it.
+        if how == Create::Truncate {
+            let st = fstatat(f.as_raw_fd(), c"", libc::AT_EMPTY_PATH)
+                .map_err(|e| self.error("stat", name, e))?;
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                return Err(self.error("create", name, einval("not a regular file")));
+            }
+        }
+        // SAFETY: a valid descriptor.
+        if unsafe { libc::fchmod(f.as_raw_fd(), mode & 0o7777) } != 0 {
+            return Err(self.error("chmod", name, errno()));
+        }
+        Ok(f)
+    }
+
+    /// Writes `data` as the file `name` (replacing what had the name),
+    /// then sets `owner` (when given) and `mode`.
+    pub fn write_file(
+        &self,
+        name: impl AsRef<OsStr>,
+        data: &[u8],
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<()> {
+        let name = name.as_ref();
+        let mut f = self.create_file(name, 0o600, Create::Replace)?;
+        io::Write::write_all(&mut f, data).map_err(|e| self.error("write", name, e))?;
+        if let Some((uid, gid)) = owner {
+            // SAFETY: a valid descriptor.
+            if unsafe { libc::fchown(f.as_raw_fd(), uid, gid) } != 0 {
+                return Err(self.error("chown", name, errno()));
+            }
+        }
+        // After chown, which clears set-id bits.
+        // SAFETY: a valid descriptor.
+        if unsafe { libc::fchmod(f.as_raw_fd(), mode & 0o7777) } != 0 {
+            return Err(self.error("chmod", name, errno()));
+        }
+        Ok(())
+    }
+
+    /// Opens the regular file `name` for reading (not following a
+    /// symlink; a device node or fifo is refused without being opened).
+    pub fn open_file(&self, name: impl AsRef<OsStr>) -> Result<File> {
+        let name = name.as_ref();
+        let c = self.name("open", name)?;
+        let p = openat(self.raw(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0)
+            .map_err(|e| self.error("open", name, e))?;
+        let st = fstatat(p.as_raw_fd(), c"", libc::AT_EMPTY_PATH)
+            .map_err(|e| self.error("stat", name, e))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            let code = if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+                libc::ELOOP
+            } else {
+                libc::EINVAL
+            };
+            return Err(self.error("open", name, io::Error::from_raw_os_error(code)));
+        }
+        // Reopen the very inode found, for reading, through its O_PATH fd.
+        let proc = cstring(format!("/proc/self/fd/{}", p.as_raw_fd()).as_bytes())
+            .map_err(|e| self.error("open", name, e))?;
+        match openat(libc::AT_FDCWD, &proc, libc::O_RDONLY, 0) {
+            Ok(fd) => Ok(File::from(fd)),
+            // No /proc: the name again, still not following it.
+            Err(_) => openat(
+                self.raw(),
+                &c,
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+                0,
+            )
+            .map(File::from)
+            .map_err(|e| self.error("open", name, e)),
+        }
+    }
+
+    /// The target of the symlink `name`.
+    pub fn read_link(&self, name: impl AsRef<OsStr>) -> Result<OsString> {
+        let name = name.as_ref();
+        let c = self.name("readlink", name)?;
+        readlinkat(self.raw(), &c).map_err(|e| self.error("readlink", name, e))
+    }
+
+    /// The names in this directory (not `.` and `..`), unsorted.
+    pub fn read_dir(&self) -> Result<Vec<OsString>> {
+        let fd = openat(self.raw(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+            .map_err(|e| Error::new("opendir", &self.path, e))?;
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+        // SAFETY: raw is an open directory descriptor; fdopendir owns it
+        // from here on.
+        let dp = unsafe { libc::fdopendir(raw) };
+        if dp.is_null() {
+            let e = errno();
+            // SAFETY: fdopendir failed, so raw is still ours to close.
+            unsafe { libc::close(raw) };
+            return Err(Error::new("opendir", &self.path, e));
+        }
+        let mut names = Vec::new();
+        loop {
+            // SAFETY: dp is a valid DIR*.
+            let ent = unsafe { libc::readdir(dp) };
+            if ent.is_null() {
+                break;
+            }
+            // SAFETY: readdir returned a valid dirent whose d_name is
+            // NUL-terminated.
+            let n = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes();
+            if n != b"." && n != b".." {
+                names.push(OsString::from_vec(n.to_vec()));
+            }
+        }
+        // SAFETY: dp is valid and closed once.
+        unsafe { libc::closedir(dp) };
+        Ok(names)
+    }
+
+    /// Makes the symlink `name` -> `target` (the target is stored as
+    /// given and never resolved here).
+    pub fn symlink(&self, name: impl AsRef<OsStr>, target: impl AsRef<OsStr>) -> Result<()> {
+        let name = name.as_ref();
+        let c = self.name("symlink", name)?;
+        let t = cstring(target.as_ref().as_bytes()).map_err(|e| self.error("symlink", name, e))?;
+        // SAFETY: a valid descriptor and NUL-terminated strings.
+        if unsafe { libc::symlinkat(t.as_ptr(), self.raw(), c.as_ptr()) } != 0 {
+            return Err(self.error("symlink", name, errno()));
+        }
+        Ok(())
+    }
+
+    /// Makes `name` a hard link of `from_name` in `from` (a link is linked
+    /// itself, never its target). Both must be in the same file system.
+    pub fn hard_link(
+        &self,
+        name: impl AsRef<OsStr>,
+        from: &Dir,
+        from_name: impl AsRef<OsStr>,
+    ) -> Result<()> {
+        let name = name.as_ref();
+        let c = self.name("link", name)?;
+        let f = from.name("link", from_name.as_ref())?;
+        // SAFETY: valid descriptors and NUL-terminated names; flags 0 do
+        // not follow a symlink.
+        if unsafe { libc::linkat(from.raw(), f.as_ptr(), self.raw(), c.as_ptr(), 0) } != 0 {
+            return Err(self.error("link", name, errno()));
+        }
+        Ok(())
+    }
+
+    /// `mknod` of `name` (`mode` holds the type bits: fifo, character or
+    /// block device).
+    pub fn mknod(&self, name: impl AsRef<OsStr>, mode: u32, rdev: u64) -> Result<()> {
+        let name = name.as_ref();
+        let c = self.name("mknod", name)?;
+        // SAFETY: a valid descriptor and a NUL-terminated name.
+        if unsafe { libc::mknodat(self.raw(), c.as_ptr(), mode, rdev) } != 0 {
+            return Err(self.error("mknod", name, errno()));
+        }
+        Ok(())
+    }
+
+    /// Sets the permission bits of `name`, not following a symlink (a
+    /// symlink's own mode means nothing on Linux: left as it is).
+    pub fn chmod(&self, name: impl AsRef<OsStr>, mode: u32) -> Result<()> {
+        let name = name.as_ref();
+        let c = self.name("chmod", name)?;
+        chmod_at(self.raw(), &c, mode).map_err(|e| self.error("chmod", name, e))
+    }
+
+    /// Sets the owner of `name` (a symlink itself, not its target).
+    pub fn chown(&self, name: impl AsRef<OsStr>, uid: u32, gid: u32) -> Result<()> {
+        let name = name.as_ref();
+        let c = self.name("chown", name)?;
+        // SAFETY: a valid descriptor and a NUL-terminated name.
+        if unsafe { libc::fchownat(self.raw(), c.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }
+            != 0
+        {
+            return Err(self.error("chown", name, errno()));
+        }
+        Ok(())
+    }
+
+    /// Sets access and modification time of `name` (a symlink itself) to
+    /// `(seconds, nanoseconds)`.
+    pub fn set_times(&self, name: impl AsRef<OsStr>, t: (i64, i64)) -> Result<()> {
+        let name = name.as_ref();
+        let c = self.name("utimensat", name)?;
+        utimes_at(self.raw(), &c, t).map_err(|e| self.error("utimensat", name, e))
+    }
+
+    /// Removes `name` (a file, symlink, node or empty directory).
+    /// Nothing there is not an error.
+    pub fn remove(&self, name: impl AsRef<OsStr>) -> Result<()> {
+        let name = name.as_ref();
+        let c = self.name("remove", name)?;
+        // SAFETY: a valid descriptor and a NUL-terminated name.
+        if unsafe { libc::unlinkat(self.raw(), c.as_ptr(), 0) } == 0 {
+            return Ok(());
+        }
+        let e = errno();
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => Ok(()),
+            Some(libc::EISDIR) | Some(libc::EPERM) => {
+                // SAFETY: as above.
+                if unsafe { libc::unlinkat(self.raw(), c.as_ptr(), libc::AT_REMOVEDIR) } == 0 {
+                    return Ok(());
+                }
+                Err(self.error("remove", name, errno()))
+            }
+            _ => Err(self.error("remove", name, e)),
+        }
+    }
+
+    /// Removes `name` and, if it is a directory, everything below it,
+    /// never following a symlink. Nothing there is not an error.
+    pub fn remove_all(&self, name: impl AsRef<OsStr>) -> Result<()> {
+        let name = name.as_ref();
+        let c = self.name("remove", name)?;
+        remove_all_at(self.raw(), &c).map_err(|e| self.error("remove", name, e))
+    }
+
+    /// Renames `name` to `to_name` in `to` (replacing a file there).
+    pub fn rename(
+        &self,
+        name: impl AsRef<OsStr>,
+        to: &Dir,
+        to_name: impl AsRef<OsStr>,
+    ) -> Result<()> {
+        let name = name.as_ref();
+        let c = self.name("rename", name)?;
+        let t = to.name("rename", to_name.as_ref())?;
+        // SAFETY: valid descriptors and NUL-terminated names.
+        if unsafe { libc::renameat(self.raw(), c.as_ptr(), to.raw(), t.as_ptr()) } != 0 {
+            return Err(self.error("rename", name, errno()));
+        }
+        Ok(())
+    }
+
+    /// Sets the extended attribute `key` on `name` (not following a
+    /// symlink: the attribute goes on the entry's own inode).
+    pub fn set_xattr(&self, name: impl AsRef<OsStr>, key: &[u8], value: &[u8]) -> Result<()> {
+        let name = name.as_ref();
+        let c = self.name("setxattr", name)?;
+        let k = cstring(key).map_err(|e| self.error("setxattr", name, e))?;
+        let p = openat(self.raw(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0)
+            .map_err(|e| self.error("setxattr", name, e))?;
+        let proc = cstring(format!("/proc/self/fd/{}", p.as_raw_fd()).as_bytes())
+            .map_err(|e| self.error("setxattr", name, e))?;
+        // setxattr follows the magic link to exactly the pinned inode
+        // (the symlink itself, if the entry is one).
+        // SAFETY: NUL-terminated strings and a buffer of the given length.
+        let r = unsafe {
+            libc::setxattr(
+                proc.as_ptr(),
+                k.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if r != 0 {
+            return Err(self.error("setxattr", name, errno()));
+        }
+        Ok(())
+    }
+}
+
+fn remove_all_at(dir: RawFd, name: &CStr) -> io::Result<()> {
+    // SAFETY: a valid descriptor and a NUL-terminated name.
+    if unsafe { libc::unlinkat(dir, name.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let e = errno();
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => return Ok(()),
+        Some(libc::EISDIR) | Some(libc::EPERM) => {}
+        _ => return Err(e),
+    }
+    let sub = openat(
+        dir,
+        name,
+        libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    )?;
+    let d = Dir {
+        fd: sub,
+        path: PathBuf::new(),
+    };
+    let names = d
+        .read_dir()
+        .map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
+    for n in names {
+        let c = cstring(n.as_bytes())?;
+        remove_all_at(d.raw(), &c)?;
+    }
+    // SAFETY: a valid descriptor and a NUL-terminated name.
+    if unsafe { libc::unlinkat(dir, name.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
+        let e = errno();
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Gives the entry `name` in `dir` the owner, mode and times of `spec`,
+/// never following it.
+fn apply_spec(dir: RawFd, name: &CStr, host: &Path, spec: &DirSpec) -> Result<()> {
+    if let Some((uid, gid)) = spec.owner {
+        // SAFETY: a valid descriptor and a NUL-terminated name.
+        if unsafe { libc::fchownat(dir, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+            return Err(Error::new("chown", host, errno()));
+        }
+    }
+    chmod_at(dir, name, spec.mode).map_err(|e| Error::new("chmod", host, e))?;
+    if let Some(t) = spec.mtime {
+        utimes_at(dir, name, t).map_err(|e| Error::new("utimensat", host, e))?;
+    }
+    Ok(())
+}
+
+fn utimes_at(dir: RawFd, name: &CStr, t: (i64, i64)) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: t.0 as libc::time_t,
+        tv_nsec: t.1 as libc::c_long,
+    };
+    let times = [ts, ts];
+    // SAFETY: a valid descriptor, a NUL-terminated name and two timespecs.
+    if unsafe {
+        libc::utimensat(
+            dir,
+            name.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    } != 0
+    {
+        return Err(errno());
+    }
+    Ok(())
+}
+
+/// chmod of `name` in `dir` without following it; a symlink is left
+/// alone (its mode means nothing on Linux).
+fn chmod_at(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
+    // fchmodat2 (Linux 6.6) takes AT_SYMLINK_NOFOLLOW.
+    // SAFETY: a valid descriptor and a NUL-terminated name.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fchmodat2,
+            dir,
+            name.as_ptr(),
+            (mode & 0o7777) as libc::c_uint,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = errno();
+    match e.raw_os_error() {
+        // A symlink.
+        Some(libc::EOPNOTSUPP) => return Ok(()),
+        Some(libc::ENOSYS) => {}
+        _ => return Err(e),
+    }
+    // Older kernels: pin the inode with O_PATH and chmod it through its
+    // /proc link, which names exactly that inode.
+    let p = openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+    let st = fstatat(p.as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
+    if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        return Ok(());
+    }
+    let proc = cstring(format!("/proc/self/fd/{}", p.as_raw_fd()).as_bytes())?;
+    // SAFETY: a NUL-terminated path.
+    if unsafe { libc::chmod(proc.as_ptr(), mode & 0o7777) } != 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
