@@ -446,12 +446,9 @@ fn escapes(p: &str) -> bool {
     false
 }
 
-/// `lchown(2)`.
-pub fn lchown(path: &Path, uid: u32, gid: u32) -> Result<(), ViewError> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|e| io_err(path, e))
-}
-
 /// Sets atime and mtime of `path` (not following a symlink when `nofollow`).
+/// For kiln's own files (downloads, scratch): never a path into a layer
+/// or rootfs, whose writes go through `kiln_fs`.
 pub fn set_mtime(path: &Path, secs: i64, nsecs: i64, nofollow: bool) -> Result<(), ViewError> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io_err(path, io::Error::new(io::ErrorKind::InvalidInput, e)))?;
