@@ -221,13 +221,19 @@ fn run_mount_target_through_a_link_to_a_host_path() {
     let out = outside();
     let o = out.path().display().to_string();
     let ctx = context(&[("f", "mounted\n")]);
+    // Each mount lands at the link's target inside the image while the
+    // step runs, and the link stays a link (runc resolves a destination
+    // inside the root).
     dockerfile(
         ctx.path(),
         &format!(
             "FROM busybox\nRUN ln -s {o} /mnt2\n\
-             RUN --mount=type=bind,source=f,target=/mnt2/f cat /mnt2/f > /seen\n\
-             RUN --mount=type=cache,target=/mnt2/cache touch /mnt2/cache/x\n\
-             RUN --mount=type=tmpfs,target=/mnt2/victim true\n"
+             RUN --mount=type=bind,source=f,target=/mnt2/f \
+                 test -L /mnt2 && cat {o}/f > /seen\n\
+             RUN --mount=type=cache,target=/mnt2/cache \
+                 test -L /mnt2 && touch {o}/cache/x\n\
+             RUN --mount=type=tmpfs,target=/mnt2/victim \
+                 test -L /mnt2 && touch {o}/victim/in-tmpfs\n"
         ),
     );
     k.build(ctx.path(), &["-t", "mnt:1"]);
