@@ -556,7 +556,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
             kiln_executor::NetworkMode::Host
         },
     );
-    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    let mut volumes = Vec::new();
     for v in &a.volumes {
         let parts: Vec<&str> = v.split(':').collect();
         let (host, ctr, ro) = match parts.as_slice() {
@@ -574,16 +574,8 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         if ro {
             opts.push("ro".into());
         }
-        mounts.push(
-            kiln_executor::oci::MountBuilder::default()
-                .destination(PathBuf::from(ctr))
-                .typ("bind")
-                .source(host)
-                .options(opts)
-                .build()?,
-        );
+        volumes.push((host, ctr.to_string(), opts));
     }
-    spec.set_mounts(Some(mounts));
     let user = a
         .user
         .clone()
@@ -593,6 +585,29 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     let active = backend
         .prepare(top.as_deref())
         .map_err(|e| anyhow::anyhow!(e))?;
+    // A volume's destination that is a symlink in the image is followed
+    // inside the image's root, as Docker does: the link stays, the mount
+    // lands at its target (never a path on the host).
+    let view = kiln_solver::fsview::LayerView::new(active.layers.clone(), false);
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for (host, ctr, opts) in volumes {
+        let dest = match view.resolve(&kiln_solver::fsview::clean_abs(&ctr), true) {
+            Ok(d) => d,
+            Err(e) => {
+                backend.abort(active);
+                return Err(usage(format!("volume destination {ctr}: {e}")));
+            }
+        };
+        mounts.push(
+            kiln_executor::oci::MountBuilder::default()
+                .destination(PathBuf::from(dest))
+                .typ("bind")
+                .source(host)
+                .options(opts)
+                .build()?,
+        );
+    }
+    spec.set_mounts(Some(mounts));
     let mut req =
         kiln_executor::ExecRequest::new(format!("run {}", a.image), spec, active.mounts.clone());
     req.user = user;

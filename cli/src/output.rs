@@ -166,16 +166,38 @@ fn write_dest(
 }
 
 /// The final filesystem of `manifest` unpacked into `dir` (layers applied
-/// in order, whiteouts deleting).
+/// in order, whiteouts deleting). Every write is resolved inside `dir`
+/// with file descriptors (the applier's `RESOLVE_IN_ROOT`), and device
+/// nodes are never made on the host: they are left out, and named on
+/// stderr.
 pub fn unpack_rootfs(store: &Store, manifest: &RawManifest, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let m = manifest.manifest()?;
+    let opts = kiln_image::apply::ApplyOptions { skip_devices: true };
+    let mut skipped = Vec::new();
     for l in &m.layers {
         let d: kiln_cache::Digest = l.digest.as_str().parse()?;
         let f = store.open_blob(&d)?;
         let r = kiln_image::compression::decompress_auto(f)?;
-        kiln_image::apply::apply_layer(r, dir, kiln_image::apply::WhiteoutMode::Delete)
-            .map_err(|e| anyhow::anyhow!("layer {}: {e}", l.digest))?;
+        let st = kiln_image::apply::apply_layer_with(
+            r,
+            dir,
+            kiln_image::apply::WhiteoutMode::Delete,
+            &opts,
+        )
+        .map_err(|e| anyhow::anyhow!("layer {}: {e}", l.digest))?;
+        skipped.extend(st.skipped_devices);
+    }
+    if !skipped.is_empty() {
+        let names: Vec<String> = skipped
+            .iter()
+            .map(|p| format!("/{}", p.display()))
+            .collect();
+        eprintln!(
+            "warning: {} device node(s) not exported (kiln never creates device nodes on the host): {}",
+            names.len(),
+            names.join(", ")
+        );
     }
     Ok(())
 }

@@ -682,6 +682,12 @@ impl AsFd for Dir {
     }
 }
 
+impl AsRawFd for Dir {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 impl Dir {
     /// The directory's host path (for messages only: never open it).
     pub fn path(&self) -> &Path {
@@ -877,6 +883,14 @@ impl Dir {
         }
     }
 
+    /// This directory opened for reading (listing, extended attributes
+    /// through the file's own calls).
+    pub fn open_self(&self) -> Result<File> {
+        openat(self.raw(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+            .map(File::from)
+            .map_err(|e| Error::new("open", &self.path, e))
+    }
+
     /// The target of the symlink `name`.
     pub fn read_link(&self, name: impl AsRef<OsStr>) -> Result<OsString> {
         let name = name.as_ref();
@@ -988,6 +1002,47 @@ impl Dir {
         let name = name.as_ref();
         let c = self.name("utimensat", name)?;
         utimes_at(self.raw(), &c, t).map_err(|e| self.error("utimensat", name, e))
+    }
+
+    /// Sets the owner of this directory itself.
+    pub fn chown_self(&self, uid: u32, gid: u32) -> Result<()> {
+        // SAFETY: a valid descriptor; AT_EMPTY_PATH acts on it.
+        if unsafe { libc::fchownat(self.raw(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH) } != 0 {
+            return Err(Error::new("chown", &self.path, errno()));
+        }
+        Ok(())
+    }
+
+    /// The `/proc` link of this descriptor, which names exactly its inode
+    /// (an `O_PATH` descriptor cannot be fchmod'ed or futimens'ed).
+    fn proc_link(&self, op: &'static str) -> Result<CString> {
+        cstring(format!("/proc/self/fd/{}", self.raw()).as_bytes())
+            .map_err(|e| Error::new(op, &self.path, e))
+    }
+
+    /// Sets the permission bits of this directory itself.
+    pub fn chmod_self(&self, mode: u32) -> Result<()> {
+        let p = self.proc_link("chmod")?;
+        // SAFETY: a NUL-terminated path.
+        if unsafe { libc::chmod(p.as_ptr(), mode & 0o7777) } != 0 {
+            return Err(Error::new("chmod", &self.path, errno()));
+        }
+        Ok(())
+    }
+
+    /// Sets access and modification time of this directory itself.
+    pub fn set_times_self(&self, t: (i64, i64)) -> Result<()> {
+        let p = self.proc_link("utimensat")?;
+        let ts = libc::timespec {
+            tv_sec: t.0 as libc::time_t,
+            tv_nsec: t.1 as libc::c_long,
+        };
+        let times = [ts, ts];
+        // SAFETY: a NUL-terminated path and two timespecs.
+        if unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) } != 0 {
+            return Err(Error::new("utimensat", &self.path, errno()));
+        }
+        Ok(())
     }
 
     /// Removes `name` (a file, symlink, node or empty directory).

@@ -307,4 +307,13 @@ fn nodes_links_renames_and_reads() {
     assert!(root.parent("/", Follow::InRoot).is_err());
     assert!(root.open_dir("/", Follow::Never).is_ok());
     a.set_xattr("f", b"user.kiln", b"1").unwrap();
+    let b = a.open_dir("b").unwrap();
+    b.chown_self(5, 6).unwrap();
+    b.chmod_self(0o701).unwrap();
+    b.set_times_self((77, 0)).unwrap();
+    let m = fs::metadata(t.root.join("a/b")).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o7777, m.mtime()),
+        (5, 6, 0o701, 77)
+    );
 }

@@ -43,6 +43,19 @@ pub struct ApplyStats {
     /// Entries skipped because their tar type has no meaning here
     /// (GNU sparse files, volume labels, ...).
     pub skipped: u64,
+    /// Device nodes left out because [`ApplyOptions::skip_devices`] was
+    /// set (and hard links to them), by path inside the root.
+    pub skipped_devices: Vec<PathBuf>,
+}
+
+/// How [`apply_layer_with`] applies a layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyOptions {
+    /// Leave character and block device nodes out (listed in
+    /// [`ApplyStats::skipped_devices`]): for trees on the host, such as a
+    /// `type=local` export, where a node from an untrusted image would
+    /// give whoever can open it the host's device.
+    pub skip_devices: bool,
 }
 
 fn errno() -> io::Error {
@@ -374,7 +387,9 @@ fn read_entry<R: Read>(
 struct Applier {
     root: Root,
     mode: WhiteoutMode,
+    opts: ApplyOptions,
     created: HashSet<Vec<Vec<u8>>>,
+    skipped_devices: HashSet<Vec<Vec<u8>>>,
     dir_times: Vec<(Vec<Vec<u8>>, i64)>,
     stats: ApplyStats,
 }
@@ -393,10 +408,22 @@ pub fn apply_layer(
     root: &Path,
     mode: WhiteoutMode,
 ) -> Result<ApplyStats, ImageError> {
+    apply_layer_with(tar, root, mode, &ApplyOptions::default())
+}
+
+/// [`apply_layer`] with options (e.g. leaving device nodes out).
+pub fn apply_layer_with(
+    tar: impl Read,
+    root: &Path,
+    mode: WhiteoutMode,
+    opts: &ApplyOptions,
+) -> Result<ApplyStats, ImageError> {
     let mut ap = Applier {
         root: Root::open(root)?,
         mode,
+        opts: *opts,
         created: HashSet::new(),
+        skipped_devices: HashSet::new(),
         dir_times: Vec::new(),
         stats: ApplyStats::default(),
     };
@@ -478,6 +505,22 @@ impl Applier {
         };
         if name.starts_with(WHITEOUT_PREFIX.as_bytes()) {
             return self.whiteout(parent, name, &path);
+        }
+        if self.opts.skip_devices {
+            let device = matches!(e.kind, tar::EntryType::Char | tar::EntryType::Block);
+            let link_to_device = e.kind == tar::EntryType::Link
+                && e.link
+                    .as_deref()
+                    .is_some_and(|l| clean(l).is_ok_and(|c| self.skipped_devices.contains(&c)));
+            if device || link_to_device {
+                // The node would have replaced what an earlier layer had.
+                if let (Ok(pfd), Ok(c)) = (self.root.open_dir(parent, OFlag::O_PATH), cstr(name)) {
+                    remove_all_at(pfd.as_fd(), &c).map_err(perr("remove"))?;
+                }
+                self.skipped_devices.insert(e.comps.clone());
+                self.stats.skipped_devices.push(path);
+                return Ok(());
+            }
         }
         let pfd = self
             .root
@@ -721,7 +764,46 @@ impl Applier {
 
 #[cfg(test)]
 mod tests {
-    use super::clean;
+    use super::*;
+
+    #[test]
+    fn skip_devices_leaves_nodes_and_links_to_them_out() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |name: &str, kind: tar::EntryType, link: Option<&str>| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(0o644);
+            h.set_size(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            if kind == tar::EntryType::Block {
+                h.set_device_major(7).unwrap();
+                h.set_device_minor(0).unwrap();
+            }
+            if let Some(l) = link {
+                h.set_link_name(l).unwrap();
+            }
+            h.set_cksum();
+            b.append_data(&mut h, name, &[][..]).unwrap();
+        };
+        add("dev/", tar::EntryType::Directory, None);
+        add("dev/loop", tar::EntryType::Block, None);
+        add("dev/again", tar::EntryType::Link, Some("dev/loop"));
+        add("dev/fifo", tar::EntryType::Fifo, None);
+        add("file", tar::EntryType::Regular, None);
+        let bytes = b.into_inner().unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let opts = ApplyOptions { skip_devices: true };
+        let st = apply_layer_with(&bytes[..], t.path(), WhiteoutMode::Delete, &opts).unwrap();
+        assert_eq!(
+            st.skipped_devices,
+            vec![PathBuf::from("dev/loop"), PathBuf::from("dev/again")]
+        );
+        assert!(std::fs::symlink_metadata(t.path().join("dev/loop")).is_err());
+        assert!(std::fs::symlink_metadata(t.path().join("dev/again")).is_err());
+        assert!(t.path().join("dev/fifo").exists() && t.path().join("file").exists());
+    }
 
     #[test]
     fn clean_paths() {

@@ -6,12 +6,11 @@
 
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::PermissionsExt;
 
 use kiln_image::apply::{apply_layer, WhiteoutMode};
 
 use crate::copy::{copy_selections, CopyError, CopyOptions, Selection, Selector};
-use crate::fsview::{join_abs, lchown, LayerView};
+use crate::fsview::{join_abs, LayerView};
 
 fn io_err(what: &str, e: impl std::fmt::Display) -> CopyError {
     CopyError::Io(what.to_string(), io::Error::other(e.to_string()))
@@ -145,7 +144,12 @@ pub fn add_selections(
     Ok(())
 }
 
-/// Writes a heredoc source (`COPY <<EOF /dest`) as a file.
+/// Writes a heredoc source (`COPY <<EOF /dest`) as a file, as BuildKit
+/// copies it: into a directory destination under its own name (an entry
+/// of that name, a symlink too, is replaced, never followed), or at a file
+/// destination resolved through the image's symlinks inside the root.
+/// Written through the top layer's open directory: no symlink is ever
+/// followed on the host.
 pub fn write_inline(
     dst: &LayerView,
     dest: &str,
@@ -155,9 +159,9 @@ pub fn write_inline(
     opts: &CopyOptions,
 ) -> Result<(), CopyError> {
     let target = if dest_is_dir {
-        join_abs(dest, name)
+        join_abs(&dst.resolve(dest, true)?, name)
     } else {
-        dest.to_string()
+        dst.resolve(dest, true)?
     };
     let owner = opts.owner.unwrap_or((0, 0));
     let parent = match target.rfind('/') {
@@ -165,20 +169,17 @@ pub fn write_inline(
         Some(i) => target[..i].to_string(),
     };
     let parent = dst.resolve(&parent, true)?;
-    let host_parent = dst.ensure_dir(&parent, owner)?;
-    let host = host_parent.join(crate::fsview::base_name(&target));
-    if host.is_dir() {
-        fs::remove_dir_all(&host).map_err(|e| io_err(&target, e))?;
+    let dir = dst.ensure_dir(&parent, owner)?;
+    let base = crate::fsview::base_name(&target);
+    if base.is_empty() {
+        return Err(io_err(&target, "not a file name"));
     }
-    fs::write(&host, data).map_err(|e| io_err(&target, e))?;
-    fs::set_permissions(
-        &host,
-        fs::Permissions::from_mode(opts.chmod.as_ref().map_or(0o644, |c| c.apply(0o644, false))),
-    )
-    .map_err(|e| io_err(&target, e))?;
-    lchown(&host, owner.0, owner.1)?;
+    let mode = opts.chmod.as_ref().map_or(0o644, |c| c.apply(0o644, false));
+    let fs_err = |e: kiln_fs::Error| CopyError::View(e.into());
+    dir.write_file(base, data.as_bytes(), mode, Some(owner))
+        .map_err(fs_err)?;
     if let Some(t) = opts.clamp_mtime {
-        crate::fsview::set_mtime(&host, t, 0, false)?;
+        dir.set_times(base, (t, 0)).map_err(fs_err)?;
     }
     Ok(())
 }

@@ -1097,6 +1097,16 @@ impl Ctx {
                         })?
                 };
                 let active = blocking(move || backend.prepare(parent.as_deref())).await?;
+                let run_mount_list = {
+                    let layers = active.layers.clone();
+                    let ms = prepared.mounts.clone();
+                    blocking(move || resolve_mount_targets(&layers, ms))
+                        .await
+                        .map_err(|e| match e {
+                            BuildError::Internal(m) => BuildError::at(line, m),
+                            other => other,
+                        })?
+                };
                 let mut spec = kiln_executor::default_spec(args.clone());
                 if let Some(p) = spec.process_mut() {
                     let mut all = env.clone();
@@ -1107,9 +1117,9 @@ impl Ctx {
                     p.set_env(Some(all.iter().map(|(k, v)| format!("{k}={v}")).collect()));
                     p.set_cwd(PathBuf::from(&workdir));
                 }
-                if !prepared.mounts.is_empty() {
+                if !run_mount_list.is_empty() {
                     let mut ms = spec.mounts().clone().unwrap_or_default();
-                    ms.extend(prepared.mounts.iter().cloned());
+                    ms.extend(run_mount_list);
                     spec.set_mounts(Some(ms));
                 }
                 // Kept alive until the step is over.
@@ -1619,6 +1629,26 @@ fn shell_wrap(cl: &CommandLine, shell: &[String]) -> Vec<String> {
     }
 }
 
+/// `RUN --mount` targets resolved inside the step's root (its layers, top
+/// first), as runc resolves a mount destination: a target below a symlink
+/// in the image mounts at the link's target inside the image, the link
+/// stays, and the mount point the executor makes for it is made there
+/// (not as a directory shadowing the link).
+fn resolve_mount_targets(
+    layers: &[PathBuf],
+    mut mounts: Vec<kiln_executor::oci::Mount>,
+) -> Result<Vec<kiln_executor::oci::Mount>, String> {
+    let view = LayerView::new(layers.to_vec(), false);
+    for m in &mut mounts {
+        let dest = m.destination().to_string_lossy().into_owned();
+        let resolved = view
+            .resolve(&crate::fsview::clean_abs(&dest), true)
+            .map_err(|e| format!("mount target {dest}: {e}"))?;
+        m.set_destination(PathBuf::from(resolved));
+    }
+    Ok(mounts)
+}
+
 /// RUN's argv: heredocs become the script, the shell form is wrapped.
 /// Where a `RUN <<EOF` script with a `#!` line is mounted.
 const PIPES: &str = "/dev/pipes";
@@ -1642,14 +1672,13 @@ fn script_mount(
     name: &str,
     data: &str,
 ) -> Result<(tempfile::TempDir, kiln_executor::oci::Mount), String> {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::Builder::new()
         .prefix("kiln-heredoc-")
         .tempdir()
         .map_err(|e| format!("heredoc script: {e}"))?;
     let file = dir.path().join("script");
-    std::fs::write(&file, data).map_err(|e| format!("heredoc script: {e}"))?;
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))
+    kiln_fs::Root::open(dir.path())
+        .and_then(|r| r.dir().write_file("script", data.as_bytes(), 0o755, None))
         .map_err(|e| format!("heredoc script: {e}"))?;
     let m = kiln_executor::oci::MountBuilder::default()
         .destination(PathBuf::from(format!("{PIPES}/{name}")))

@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use kiln_parser::dockerignore::PatternMatcher;
 use sha2::{Digest as _, Sha256};
 
-use crate::fsview::{base_name, clean_abs, join_abs, lchown, set_mtime, LayerView, ViewError};
+use crate::fsview::{base_name, clean_abs, join_abs, LayerView, ViewError};
 use crate::key::KeyHasher;
 
 /// The identity of a file's content as `stat` sees it: if all of these are
@@ -698,15 +698,18 @@ impl Reuse {
     /// `dirs` keeps the directories of both sides open, so the check and
     /// the link name the file relative to them. Fails (false) as well
     /// when `to` exists already.
+    #[allow(clippy::too_many_arguments)]
     fn link_unchanged(
         &self,
+        root: &kiln_fs::Root,
         to: &str,
-        host: &Path,
+        parent: &str,
         e: &Entry,
         want: (u32, u32, u32, i64, i64),
         name: &std::ffi::CStr,
         dirs: &mut DirFds,
     ) -> bool {
+        use std::os::fd::AsRawFd;
         let Some(h) = self.src_hashes.get(&e.host) else {
             return false;
         };
@@ -716,11 +719,7 @@ impl Reuse {
         if index.get(to) != Some(h) {
             return false;
         }
-        let prev = prev_dir.join(to.trim_start_matches('/'));
-        let (Some(prev_parent), Some(host_parent)) = (prev.parent(), host.parent()) else {
-            return false;
-        };
-        let Some(pfd) = DirFds::open(&mut dirs.prev, prev_parent) else {
+        let Some(pfd) = dirs.prev_dir(prev_dir, parent) else {
             return false;
         };
         let Ok(pm) = lstat_at(pfd, name) else {
@@ -737,46 +736,71 @@ impl Reuse {
         if !same {
             return false;
         }
-        let Some(hfd) = DirFds::open(&mut dirs.host, host_parent) else {
+        let Ok(hdir) = dirs.dir(root, parent) else {
             return false;
         };
-        // SAFETY: two open directory descriptors and NUL-terminated names.
-        unsafe { libc::linkat(pfd, name.as_ptr(), hfd, name.as_ptr(), 0) == 0 }
+        // SAFETY: two open directory descriptors and NUL-terminated names;
+        // flags 0 never follow a link.
+        unsafe { libc::linkat(pfd, name.as_ptr(), hdir.as_raw_fd(), name.as_ptr(), 0) == 0 }
     }
 }
 
 /// The destination's and the previous layer's directories, one of each
 /// open at a time: a COPY writes directory by directory, so per-file
-/// calls can name a file relative to its open directory instead of
-/// walking its whole path each time.
+/// calls name a file relative to its open directory instead of walking
+/// its whole path each time.
 #[derive(Default)]
 pub(crate) struct DirFds {
-    host: Option<(PathBuf, std::os::fd::OwnedFd)>,
-    prev: Option<(PathBuf, std::os::fd::OwnedFd)>,
+    /// The top layer's directory (by its path in the view).
+    host: Option<(String, kiln_fs::Dir)>,
+    /// The previous run's layer, and a directory in it.
+    prev_root: Option<kiln_fs::Root>,
+    prev: Option<(String, kiln_fs::Dir)>,
 }
 
 impl DirFds {
-    /// The descriptor of `dir` in `slot` (opened with O_PATH if it is not
-    /// the one open already).
-    fn open(slot: &mut Option<(PathBuf, std::os::fd::OwnedFd)>, dir: &Path) -> Option<i32> {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::fs::OpenOptionsExt;
-        if slot.as_ref().is_none_or(|(p, _)| p != dir) {
-            let f = fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
-                .open(dir)
-                .ok()?;
-            *slot = Some((dir.to_path_buf(), f.into()));
+    /// The top layer's directory at the view path `dir` (resolved, with
+    /// no symlink on the way: one is an error, never followed).
+    fn dir(&mut self, root: &kiln_fs::Root, dir: &str) -> Result<&kiln_fs::Dir, CopyError> {
+        if self.host.as_ref().is_none_or(|(p, _)| p != dir) {
+            let d = root
+                .open_dir(dir.trim_start_matches('/'), kiln_fs::Follow::Never)
+                .map_err(|e| CopyError::View(e.into()))?;
+            self.host = Some((dir.to_string(), d));
         }
-        slot.as_ref().map(|(_, fd)| fd.as_raw_fd())
+        match &self.host {
+            Some((_, d)) => Ok(d),
+            None => Err(CopyError::Io(dir.into(), io::Error::other("no directory"))),
+        }
     }
-}
 
-/// The last component of `p` as a C string.
-fn c_name(p: &Path) -> Option<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(p.file_name()?.as_bytes()).ok()
+    /// Drops a held directory at or below `path`, which is about to go.
+    fn forget_below(&mut self, path: &str) {
+        if self
+            .host
+            .as_ref()
+            .is_some_and(|(p, _)| p == path || p.starts_with(&format!("{path}/")))
+        {
+            self.host = None;
+        }
+    }
+
+    /// The previous layer's directory at the view path `dir`, if there is
+    /// one (symlinks on the way: none).
+    fn prev_dir(&mut self, prev_layer: &Path, dir: &str) -> Option<i32> {
+        use std::os::fd::AsRawFd;
+        if self.prev_root.is_none() {
+            self.prev_root = kiln_fs::Root::open(prev_layer).ok();
+        }
+        let root = self.prev_root.as_ref()?;
+        if self.prev.as_ref().is_none_or(|(p, _)| p != dir) {
+            let d = root
+                .open_dir(dir.trim_start_matches('/'), kiln_fs::Follow::Never)
+                .ok()?;
+            self.prev = Some((dir.to_string(), d));
+        }
+        self.prev.as_ref().map(|(_, d)| d.as_raw_fd())
+    }
 }
 
 /// `lstat` of `name` in the open directory `dir`.
@@ -819,7 +843,8 @@ pub fn copy_selections(
     let new_owner = opts.owner.unwrap_or((0, 0));
     // Hard links among the copied files stay hard links (BuildKit's
     // copier tracks source inodes the same way).
-    let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let mut links: HashMap<(u64, u64), String> = HashMap::new();
+    let root = dst.top_root()?;
     let mut dirs = DirFds::default();
     for s in selections {
         let target = if s.is_dir {
@@ -831,12 +856,12 @@ pub fn copy_selections(
         };
         let parent = parent_of(&target);
         let parent = dst.resolve(&parent, true)?;
-        dst.ensure_dir(&parent, new_owner)?;
+        dst.ensure_dir_in(&root, &parent, new_owner)?;
         let target = join_abs(&parent, base_name(&target));
         if s.is_dir && s.entries.first().is_none_or(|e| !e.rel.is_empty()) {
             // A directory selection without its own root entry (`COPY
             // --parents`): the destination is made with default modes.
-            dst.ensure_dir(&dst.resolve(&target, true)?, new_owner)?;
+            dst.ensure_dir_in(&root, &dst.resolve(&target, true)?, new_owner)?;
         }
         for e in &s.entries {
             let to = if e.rel.is_empty() {
@@ -844,7 +869,7 @@ pub fn copy_selections(
             } else {
                 join_abs(&target, &e.rel)
             };
-            write_entry(dst, &to, e, opts, &mut links, &mut dirs)?;
+            write_entry(&root, &to, e, opts, &mut links, &mut dirs)?;
         }
         // Directory mtimes are set after their contents are written.
         if s.is_dir {
@@ -854,10 +879,12 @@ pub fn copy_selections(
                 } else {
                     join_abs(&target, &e.rel)
                 };
-                if let Some(top) = dst.top() {
-                    let host = top.join(to.trim_start_matches('/'));
-                    let t = clamp(e.meta.mtime(), opts.clamp_mtime);
-                    set_mtime(&host, t, 0, false)?;
+                let t = (clamp(e.meta.mtime(), opts.clamp_mtime), 0);
+                if to == "/" {
+                    root.dir().set_times_self(t).map_err(ViewError::from)?;
+                } else {
+                    let d = dirs.dir(&root, &parent_of(&to))?;
+                    d.set_times(base_name(&to), t).map_err(ViewError::from)?;
                 }
             }
         }
@@ -879,18 +906,17 @@ fn clamp(t: i64, c: Option<i64>) -> i64 {
     }
 }
 
+/// Writes one entry at `to` (a path in the top layer whose parents were
+/// resolved through the view and exist) through its open parent
+/// directory: nothing here follows a symlink on the host.
 fn write_entry(
-    dst: &LayerView,
+    root: &kiln_fs::Root,
     to: &str,
     e: &Entry,
     opts: &CopyOptions,
-    links: &mut HashMap<(u64, u64), PathBuf>,
+    links: &mut HashMap<(u64, u64), String>,
     dirs: &mut DirFds,
 ) -> Result<(), CopyError> {
-    let top = dst
-        .top()
-        .ok_or_else(|| CopyError::NotFound("(no layers)".into()))?;
-    let host = top.join(to.trim_start_matches('/'));
     let m = &e.meta;
     let (uid, gid) = match opts.owner {
         Some(o) => o,
@@ -902,7 +928,25 @@ fn write_entry(
         Some(c) => c.apply(m.mode() & 0o7777, ft.is_dir()),
         None => m.mode() & 0o7777,
     };
-    let name = c_name(&host);
+    let fs_err = |err: kiln_fs::Error| CopyError::View(err.into());
+    if to == "/" {
+        // The selection's root onto the layer's root: only a directory
+        // merges there, and takes its owner and mode.
+        if ft.is_dir() {
+            let d = root.dir();
+            d.chown_self(uid, gid).map_err(fs_err)?;
+            d.chmod_self(mode).map_err(fs_err)?;
+        }
+        return Ok(());
+    }
+    let name_s = base_name(to);
+    let name = std::ffi::OsStr::new(name_s);
+    let Ok(cname) = std::ffi::CString::new(name_s) else {
+        return Err(CopyError::Io(
+            to.to_string(),
+            io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a name"),
+        ));
+    };
     // A regular file that is not another name of a file copied already.
     let first_name = ft.is_file() && !(m.nlink() > 1 && links.contains_key(&(m.dev(), m.ino())));
     let (t, ns) = (
@@ -913,111 +957,124 @@ fn write_entry(
             m.mtime_nsec()
         },
     );
+    let parent = parent_of(to);
     let mut link_tried = false;
-    if let (true, Some(r), Some(name)) = (first_name, &opts.reuse, &name) {
+    if let (true, Some(r)) = (first_name, &opts.reuse) {
         r.note(to, e);
         // The common case of a COPY run again after a small change: an
         // unchanged file, linked from the previous run into a destination
         // that does not exist yet (if it does, the link fails and the
         // general way below replaces it).
-        if r.link_unchanged(to, &host, e, (uid, gid, mode, t, ns), name, dirs) {
+        if r.link_unchanged(root, to, &parent, e, (uid, gid, mode, t, ns), &cname, dirs) {
             if m.nlink() > 1 {
-                links.insert((m.dev(), m.ino()), host.clone());
+                links.insert((m.dev(), m.ino()), to.to_string());
             }
             return Ok(());
         }
         link_tried = true;
     }
     // Most destinations do not exist yet: one fstatat in the open parent
-    // says so without walking the path.
-    let absent = match (host.parent(), &name) {
-        (Some(parent), Some(name)) => DirFds::open(&mut dirs.host, parent).is_some_and(|fd| {
-            lstat_at(fd, name).is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
-        }),
-        _ => false,
-    };
-    if absent {
-        // nothing to replace
-    } else if let Ok(old) = fs::symlink_metadata(&host) {
+    // says so.
+    let old = dirs.dir(root, &parent)?.stat(name).map_err(fs_err)?;
+    let absent = old.is_none();
+    if let Some(old) = old {
         if old.is_dir() && ft.is_dir() {
             // merge into the existing directory
-        } else if old.is_dir() {
-            // An open descriptor may name the directory about to go.
-            dirs.host = None;
-            fs::remove_dir_all(&host).map_err(|err| io_err(&host, err))?;
         } else {
-            fs::remove_file(&host).map_err(|err| io_err(&host, err))?;
+            if old.is_dir() {
+                // An open descriptor may name a directory about to go.
+                dirs.forget_below(to);
+            }
+            dirs.dir(root, &parent)?.remove_all(name).map_err(fs_err)?;
         }
     }
+    let dir = dirs.dir(root, &parent)?;
     if ft.is_dir() {
-        if !host.is_dir() {
-            fs::create_dir(&host).map_err(|err| io_err(&host, err))?;
-        }
-        lchown(&host, uid, gid)?;
-        fs::set_permissions(&host, fs::Permissions::from_mode(mode))
-            .map_err(|err| io_err(&host, err))?;
+        dir.mkdir(name, 0o700).map_err(fs_err)?;
+        dir.chown(name, uid, gid).map_err(fs_err)?;
+        dir.chmod(name, mode).map_err(fs_err)?;
     } else if ft.is_symlink() {
-        let target = e.link.clone().unwrap_or_else(|| {
-            fs::read_link(&e.host)
+        let target = match &e.link {
+            Some(l) => l.clone(),
+            None => fs::read_link(&e.host)
                 .map(|t| t.to_string_lossy().to_string())
-                .unwrap_or_default()
-        });
-        std::os::unix::fs::symlink(&target, &host).map_err(|err| io_err(&host, err))?;
-        lchown(&host, uid, gid)?;
-        set_mtime(&host, clamp(m.mtime(), opts.clamp_mtime), 0, true)?;
+                .unwrap_or_default(),
+        };
+        dir.symlink(name, &target).map_err(fs_err)?;
+        dir.chown(name, uid, gid).map_err(fs_err)?;
+        dir.set_times(name, (clamp(m.mtime(), opts.clamp_mtime), 0))
+            .map_err(fs_err)?;
     } else if ft.is_file() && m.nlink() > 1 && links.contains_key(&(m.dev(), m.ino())) {
         if let Some(first) = links.get(&(m.dev(), m.ino())) {
-            fs::hard_link(first, &host).map_err(|err| io_err(&host, err))?;
+            let from = root
+                .open_dir(
+                    parent_of(first).trim_start_matches('/'),
+                    kiln_fs::Follow::Never,
+                )
+                .map_err(fs_err)?;
+            dir.hard_link(name, &from, base_name(first))
+                .map_err(fs_err)?;
         }
     } else if ft.is_file() {
         if m.nlink() > 1 {
-            links.insert((m.dev(), m.ino()), host.clone());
+            links.insert((m.dev(), m.ino()), to.to_string());
         }
         // The link above found the destination taken; it is gone now.
-        if let (true, false, Some(r), Some(name)) = (link_tried, absent, &opts.reuse, &name) {
-            if r.link_unchanged(to, &host, e, (uid, gid, mode, t, ns), name, dirs) {
+        if let (true, false, Some(r)) = (link_tried, absent, &opts.reuse) {
+            if r.link_unchanged(root, to, &parent, e, (uid, gid, mode, t, ns), &cname, dirs) {
                 return Ok(());
             }
         }
-        copy_file(&e.host, &host)?;
-        lchown(&host, uid, gid)?;
-        fs::set_permissions(&host, fs::Permissions::from_mode(mode))
-            .map_err(|err| io_err(&host, err))?;
-        set_mtime(&host, t, ns, false)?;
+        let dir = dirs.dir(root, &parent)?;
+        let f = dir
+            .create_file(name, 0o600, kiln_fs::Create::Exclusive)
+            .map_err(fs_err)?;
+        copy_file(&e.host, f, to, (uid, gid, mode), (t, ns))?;
     } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
-        let c = std::ffi::CString::new(host.as_os_str().as_encoded_bytes())
-            .map_err(|err| io_err(&host, io::Error::new(io::ErrorKind::InvalidInput, err)))?;
-        // SAFETY: valid path; mode and rdev come from an lstat.
-        let r = unsafe {
-            libc::mknod(
-                c.as_ptr(),
-                m.mode() as libc::mode_t,
-                m.rdev() as libc::dev_t,
-            )
-        };
-        if r != 0 {
-            return Err(io_err(&host, io::Error::last_os_error()));
-        }
-        lchown(&host, uid, gid)?;
+        dir.mknod(name, m.mode(), m.rdev()).map_err(fs_err)?;
+        dir.chown(name, uid, gid).map_err(fs_err)?;
     }
     Ok(())
 }
 
-/// Copies file content, with a reflink when the file system allows it.
-fn copy_file(from: &Path, to: &Path) -> Result<(), CopyError> {
+/// Copies file content into the new file `dst` (with a reflink when the
+/// file system allows it), then gives it its owner, mode and times, all
+/// through its descriptor.
+fn copy_file(
+    from: &Path,
+    mut dst: fs::File,
+    to: &str,
+    (uid, gid, mode): (u32, u32, u32),
+    (t, ns): (i64, i64),
+) -> Result<(), CopyError> {
+    use std::os::fd::AsRawFd;
+    let err = |e: io::Error| CopyError::Io(to.to_string(), e);
     let mut src = fs::File::open(from).map_err(|e| io_err(from, e))?;
-    let mut dst = fs::File::create(to).map_err(|e| io_err(to, e))?;
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: two open descriptors; FICLONE fails harmlessly when
-        // unsupported.
-        let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
-        if r == 0 {
-            return Ok(());
-        }
+    // SAFETY: two open descriptors; FICLONE fails harmlessly when
+    // unsupported.
+    let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
+    if r != 0 {
+        io::copy(&mut src, &mut dst).map_err(err)?;
+        dst.flush().map_err(err)?;
     }
-    io::copy(&mut src, &mut dst).map_err(|e| io_err(to, e))?;
-    dst.flush().map_err(|e| io_err(to, e))?;
+    // Owner first: chown clears set-id bits.
+    // SAFETY: an open descriptor.
+    if unsafe { libc::fchown(dst.as_raw_fd(), uid, gid) } != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // SAFETY: an open descriptor.
+    if unsafe { libc::fchmod(dst.as_raw_fd(), mode) } != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    let ts = libc::timespec {
+        tv_sec: t as libc::time_t,
+        tv_nsec: ns as libc::c_long,
+    };
+    let times = [ts, ts];
+    // SAFETY: an open descriptor and two timespecs.
+    if unsafe { libc::futimens(dst.as_raw_fd(), times.as_ptr()) } != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
     Ok(())
 }
 
@@ -1166,7 +1223,7 @@ mod tests {
             k.finish()
         };
         let k1 = key();
-        set_mtime(&t.path().join("f"), 12345, 0, false).unwrap();
+        crate::fsview::set_mtime(&t.path().join("f"), 12345, 0, false).unwrap();
         assert_eq!(key(), k1);
         fs::write(t.path().join("f"), "two").unwrap();
         assert_ne!(key(), k1);

@@ -16,14 +16,15 @@
 //! marked opaque. Regular files are hard-linked from their (immutable)
 //! layers, not copied, so a merge costs O(entries), not O(bytes).
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use crate::fsview::{lchown, set_mtime};
+use kiln_fs::Dir;
 
 /// Lower directories a step's mount uses at most before the chain is
 /// mounted through merged blocks; the kernel's limit is 500 (the
@@ -103,22 +104,19 @@ fn is_whiteout(m: &fs::Metadata) -> bool {
     m.file_type().is_char_device() && m.rdev() == 0
 }
 
-fn remove(p: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
-        Ok(_) => fs::remove_file(p),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
+fn fs_err(e: kiln_fs::Error) -> io::Error {
+    e.into()
 }
 
-fn meta_to(dst: &Path, m: &fs::Metadata, symlink: bool) -> io::Result<()> {
-    let err = |e: crate::fsview::ViewError| io::Error::other(e.to_string());
-    lchown(dst, m.uid(), m.gid()).map_err(err)?;
+/// Gives `name` in `dir` the owner, mode and times of `m`, never
+/// following it.
+fn meta_to(dir: &Dir, name: &OsStr, m: &fs::Metadata, symlink: bool) -> io::Result<()> {
+    dir.chown(name, m.uid(), m.gid()).map_err(fs_err)?;
     if !symlink {
-        fs::set_permissions(dst, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+        dir.chmod(name, m.mode() & 0o7777).map_err(fs_err)?;
     }
-    set_mtime(dst, m.mtime(), m.mtime_nsec(), symlink).map_err(err)
+    dir.set_times(name, (m.mtime(), m.mtime_nsec()))
+        .map_err(fs_err)
 }
 
 /// The overlay xattr that marks `p` opaque, if it has one set to "y".
@@ -139,10 +137,6 @@ fn opaque_xattr(p: &Path) -> Option<&'static str> {
         })
 }
 
-fn set_opaque(dir: &Path, name: &str) -> io::Result<()> {
-    xattr::set(dir, name, b"y")
-}
-
 fn is_overlay_xattr(name: &std::ffi::OsStr) -> bool {
     let b = name.as_bytes();
     b.starts_with(b"trusted.overlay.") || b.starts_with(b"user.overlay.")
@@ -152,21 +146,23 @@ fn is_overlay_xattr(name: &std::ffi::OsStr) -> bool {
 /// to its content (not overlayfs's own): the topmost directory's
 /// attributes are the merged directory's, so those `dst` had from a lower
 /// layer and `src` lacks go.
-fn copy_dir_xattrs(src: &Path, dst: &Path) -> io::Result<()> {
-    let list = |p: &Path| match xattr::list(p) {
+fn copy_dir_xattrs(src: &Path, dst: &Dir) -> io::Result<()> {
+    use xattr::FileExt;
+    let dst = dst.open_self().map_err(fs_err)?;
+    let keep = |n: io::Result<xattr::XAttrs>| match n {
         Ok(n) => Ok(n.filter(|n| !is_overlay_xattr(n)).collect::<Vec<_>>()),
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Ok(Vec::new()),
         Err(e) => Err(e),
     };
-    let wanted = list(src)?;
-    for name in list(dst)? {
+    let wanted = keep(xattr::list(src))?;
+    for name in keep(dst.list_xattr())? {
         if !wanted.contains(&name) {
-            xattr::remove(dst, &name)?;
+            dst.remove_xattr(&name)?;
         }
     }
     for name in wanted {
         if let Some(v) = xattr::get(src, &name)? {
-            xattr::set(dst, &name, &v)?;
+            dst.set_xattr(&name, &v)?;
         }
     }
     Ok(())
@@ -178,85 +174,98 @@ fn copy_dir_xattrs(src: &Path, dst: &Path) -> io::Result<()> {
 /// exists in one lower layer only, a whiteout would be listed as a name
 /// that cannot be opened. An empty origin means "copied up, origin
 /// unknown" to the kernel and sets nothing else.
-fn mark_may_hold_whiteouts(dir: &Path) -> io::Result<()> {
-    if xattr::get(dir, "trusted.overlay.origin")?.is_none() {
-        xattr::set(dir, "trusted.overlay.origin", b"")?;
-    }
-    Ok(())
-}
-
-fn mknod(dst: &Path, mode: u32, rdev: u64) -> io::Result<()> {
-    let c = CString::new(dst.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: a valid path; mode and rdev come from an lstat (or are a
-    // whiteout's 0/0).
-    if unsafe { libc::mknod(c.as_ptr(), mode as libc::mode_t, rdev as libc::dev_t) } != 0 {
-        return Err(io::Error::last_os_error());
+fn mark_may_hold_whiteouts(dir: &Dir) -> io::Result<()> {
+    use xattr::FileExt;
+    let d = dir.open_self().map_err(fs_err)?;
+    if d.get_xattr("trusted.overlay.origin")?.is_none() {
+        d.set_xattr("trusted.overlay.origin", b"")?;
     }
     Ok(())
 }
 
 /// Applies `layer` (an overlay layer directory) on top of `into`, itself
-/// an overlay layer: the result, mounted over the layers below both,
-/// shows what `layer` over `into` over those would. With nothing below
-/// (`bottom`), deletions just delete.
-fn apply_dir(layer: &Path, into: &Path, bottom: bool) -> io::Result<()> {
+/// an overlay layer (open: every write is relative to it and follows no
+/// symlink): the result, mounted over the layers below both, shows what
+/// `layer` over `into` over those would. With nothing below (`bottom`),
+/// deletions just delete.
+fn apply_dir(layer: &Path, into: &Dir, bottom: bool) -> io::Result<()> {
     let mut names: Vec<_> = fs::read_dir(layer)?.collect::<Result<Vec<_>, _>>()?;
     names.sort_by_key(|e| e.file_name());
     for e in names {
         let src = e.path();
-        let dst = into.join(e.file_name());
+        let name = e.file_name();
         let m = fs::symlink_metadata(&src)?;
         if is_whiteout(&m) {
             // Deleted here, and (a whiteout) in whatever lies below.
-            remove(&dst)?;
+            into.remove_all(&name).map_err(fs_err)?;
             if !bottom {
-                mknod(&dst, libc::S_IFCHR | 0o600, 0)?;
-                meta_to(&dst, &m, false)?;
+                into.mknod(&name, libc::S_IFCHR | 0o600, 0)
+                    .map_err(fs_err)?;
+                meta_to(into, &name, &m, false)?;
                 mark_may_hold_whiteouts(into)?;
             }
             continue;
         }
         let ft = m.file_type();
         if ft.is_dir() {
-            let below = fs::symlink_metadata(&dst).ok();
-            let merge = below.as_ref().is_some_and(|d| d.is_dir());
+            let below = into.stat(&name).map_err(fs_err)?;
+            let merge = below.is_some_and(|d| d.is_dir());
             match opaque_xattr(&src) {
-                Some(name) => {
-                    remove(&dst)?;
-                    fs::create_dir(&dst)?;
-                    set_opaque(&dst, name)?;
+                Some(x) => {
+                    into.remove_all(&name).map_err(fs_err)?;
+                    into.mkdir(&name, 0o700).map_err(fs_err)?;
+                    into.set_xattr(&name, x.as_bytes(), b"y").map_err(fs_err)?;
                 }
                 None if merge => {}
                 None => {
-                    remove(&dst)?;
-                    fs::create_dir(&dst)?;
+                    into.remove_all(&name).map_err(fs_err)?;
+                    into.mkdir(&name, 0o700).map_err(fs_err)?;
                     if below.is_some() {
                         // A directory over a file or a whiteout hides
                         // whatever the layers below have at that path.
-                        set_opaque(&dst, "trusted.overlay.opaque")?;
+                        into.set_xattr(&name, b"trusted.overlay.opaque", b"y")
+                            .map_err(fs_err)?;
                     }
                 }
             }
-            apply_dir(&src, &dst, bottom)?;
-            copy_dir_xattrs(&src, &dst)?;
-            meta_to(&dst, &m, false)?;
+            let sub = into.open_dir(&name).map_err(fs_err)?;
+            apply_dir(&src, &sub, bottom)?;
+            copy_dir_xattrs(&src, &sub)?;
+            meta_to(into, &name, &m, false)?;
             continue;
         }
-        remove(&dst)?;
+        into.remove_all(&name).map_err(fs_err)?;
         if ft.is_symlink() {
-            std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
-            meta_to(&dst, &m, true)?;
+            into.symlink(&name, fs::read_link(&src)?).map_err(fs_err)?;
+            meta_to(into, &name, &m, true)?;
         } else if ft.is_file() {
             // Same inode, same owner, mode, mtime and xattrs; a copy only
             // where a link cannot be made.
-            if fs::hard_link(&src, &dst).is_err() {
-                fs::copy(&src, &dst)?;
-                meta_to(&dst, &m, false)?;
+            if link_from(&src, into, &name).is_err() {
+                let mut to = into
+                    .create_file(&name, 0o600, kiln_fs::Create::Exclusive)
+                    .map_err(fs_err)?;
+                io::copy(&mut fs::File::open(&src)?, &mut to)?;
+                drop(to);
+                meta_to(into, &name, &m, false)?;
             }
         } else {
-            mknod(&dst, m.mode(), m.rdev())?;
-            meta_to(&dst, &m, false)?;
+            into.mknod(&name, m.mode(), m.rdev()).map_err(fs_err)?;
+            meta_to(into, &name, &m, false)?;
         }
+    }
+    Ok(())
+}
+
+/// Hard-links the layer file `src` (kiln's own immutable snapshot) as
+/// `name` in `into`.
+fn link_from(src: &Path, into: &Dir, name: &OsStr) -> io::Result<()> {
+    let s = CString::new(src.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let n = CString::new(name.as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: NUL-terminated strings and an open directory descriptor;
+    // flags 0 never follow a link.
+    if unsafe { libc::linkat(libc::AT_FDCWD, s.as_ptr(), into.as_raw_fd(), n.as_ptr(), 0) } != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -266,8 +275,9 @@ fn apply_dir(layer: &Path, into: &Path, bottom: bool) -> io::Result<()> {
 /// over whatever lies below; `bottom` when nothing does (then it holds no
 /// whiteouts).
 pub fn squash(layers: &[PathBuf], into: &Path, bottom: bool) -> io::Result<()> {
+    let root = kiln_fs::Root::open(into).map_err(fs_err)?;
     for layer in layers.iter().rev() {
-        apply_dir(layer, into, bottom)?;
+        apply_dir(layer, root.dir(), bottom)?;
     }
     Ok(())
 }
@@ -277,7 +287,12 @@ mod tests {
     use super::*;
 
     fn whiteout(p: &Path) {
-        mknod(p, libc::S_IFCHR | 0o600, 0).unwrap();
+        let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid path.
+        assert_eq!(
+            unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, 0) },
+            0
+        );
     }
 
     fn is_whiteout_at(p: &Path) -> bool {

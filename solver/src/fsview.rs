@@ -12,7 +12,7 @@ use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Go's `path.Clean` for absolute slash paths: the result starts with `/`.
@@ -54,6 +54,10 @@ pub enum ViewError {
     /// A path component is not a directory.
     #[error("{0}: not a directory")]
     NotDir(String),
+    /// A write into the top layer failed (or met a symlink it must not
+    /// follow).
+    #[error(transparent)]
+    Fs(#[from] kiln_fs::Error),
     /// An I/O error on a host path.
     #[error("{path}: {source}")]
     Io {
@@ -362,44 +366,65 @@ impl LayerView {
             .collect())
     }
 
+    /// The top (writable) layer as a [`kiln_fs::Root`]: every write into
+    /// it goes through one, and never follows a symlink on the host (its
+    /// paths are resolved through the whole view first).
+    pub fn top_root(&self) -> Result<kiln_fs::Root, ViewError> {
+        let top = self
+            .top()
+            .ok_or_else(|| ViewError::NotFound("(no layers)".into()))?;
+        Ok(kiln_fs::Root::open(top)?)
+    }
+
     /// Makes sure directory `resolved` exists in the top layer, creating
     /// missing parents: a directory present in a lower layer is recreated
     /// with its mode, owner and mtime (so the overlay shows it unchanged);
-    /// a new one gets mode 0755 and `owner`.
-    pub fn ensure_dir(&self, resolved: &str, owner: (u32, u32)) -> Result<PathBuf, ViewError> {
-        let top = self
-            .top()
-            .ok_or_else(|| ViewError::NotFound("(no layers)".into()))?
-            .to_path_buf();
-        let mut host = top.clone();
+    /// a new one gets mode 0755 and `owner`. `resolved` has no symlinks
+    /// left in the view; one met in the top layer is an error (never
+    /// followed on the host). Returns the directory, open.
+    pub fn ensure_dir(&self, resolved: &str, owner: (u32, u32)) -> Result<kiln_fs::Dir, ViewError> {
+        let root = self.top_root()?;
+        self.ensure_dir_in(&root, resolved, owner)
+    }
+
+    /// [`LayerView::ensure_dir`] in an already open top layer `root`.
+    pub fn ensure_dir_in(
+        &self,
+        root: &kiln_fs::Root,
+        resolved: &str,
+        owner: (u32, u32),
+    ) -> Result<kiln_fs::Dir, ViewError> {
+        let mut dir = root.dir().try_clone()?;
         let mut view_path = String::new();
         for c in resolved.split('/').filter(|c| !c.is_empty()) {
-            host.push(c);
             view_path.push('/');
             view_path.push_str(c);
-            match fs::symlink_metadata(&host) {
-                Ok(m) if m.is_dir() => continue,
-                Ok(m) if is_whiteout(&m) => {
-                    fs::remove_file(&host).map_err(|e| io_err(&host, e))?;
+            match dir.stat(c)? {
+                Some(st) if st.is_dir() => {
+                    dir = dir.open_dir(c)?;
+                    continue;
                 }
-                Ok(_) => return Err(ViewError::NotDir(view_path)),
-                Err(_) => {}
+                Some(st) if st.kind() == libc::S_IFCHR && st.rdev() == 0 => dir.remove(c)?,
+                Some(_) => return Err(ViewError::NotDir(view_path)),
+                None => {}
             }
             match self.lookup(&view_path) {
                 Some(f) if f.meta.is_dir() => {
-                    fs::create_dir(&host).map_err(|e| io_err(&host, e))?;
-                    copy_meta(&host, &f.meta)?;
+                    dir.mkdir(c, 0o700)?;
+                    dir.chown(c, f.meta.uid(), f.meta.gid())?;
+                    dir.chmod(c, f.meta.mode() & 0o7777)?;
+                    dir.set_times(c, (f.meta.mtime(), f.meta.mtime_nsec()))?;
                 }
                 Some(_) => return Err(ViewError::NotDir(view_path)),
                 None => {
-                    fs::create_dir(&host).map_err(|e| io_err(&host, e))?;
-                    fs::set_permissions(&host, fs::Permissions::from_mode(0o755))
-                        .map_err(|e| io_err(&host, e))?;
-                    lchown(&host, owner.0, owner.1)?;
+                    dir.mkdir(c, 0o700)?;
+                    dir.chown(c, owner.0, owner.1)?;
+                    dir.chmod(c, 0o755)?;
                 }
             }
+            dir = dir.open_dir(c)?;
         }
-        Ok(host)
+        Ok(dir)
     }
 }
 
@@ -421,20 +446,9 @@ fn escapes(p: &str) -> bool {
     false
 }
 
-/// `lchown(2)`.
-pub fn lchown(path: &Path, uid: u32, gid: u32) -> Result<(), ViewError> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|e| io_err(path, e))
-}
-
-/// Copies mode, owner and mtime of `meta` onto `path` (a directory).
-fn copy_meta(path: &Path, meta: &fs::Metadata) -> Result<(), ViewError> {
-    lchown(path, meta.uid(), meta.gid())?;
-    fs::set_permissions(path, fs::Permissions::from_mode(meta.mode() & 0o7777))
-        .map_err(|e| io_err(path, e))?;
-    set_mtime(path, meta.mtime(), meta.mtime_nsec(), false)
-}
-
 /// Sets atime and mtime of `path` (not following a symlink when `nofollow`).
+/// For kiln's own files (downloads, scratch): never a path into a layer
+/// or rootfs, whose writes go through `kiln_fs`.
 pub fn set_mtime(path: &Path, secs: i64, nsecs: i64, nofollow: bool) -> Result<(), ViewError> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io_err(path, io::Error::new(io::ErrorKind::InvalidInput, e)))?;
@@ -498,8 +512,12 @@ mod tests {
         assert_eq!(v.resolve("/usr/bin/evil", true).unwrap(), "/etc/passwd");
         assert!(v.read("/usr/bin/evil").unwrap().starts_with(b"root"));
         assert_eq!(v.read_dir("/").unwrap(), vec!["bin", "etc", "new", "usr"]);
-        let host = v.ensure_dir("/usr/bin/sub", (0, 0)).unwrap();
-        assert!(host.starts_with(&upper) && host.is_dir());
+        let dir = v.ensure_dir("/usr/bin/sub", (0, 0)).unwrap();
+        assert!(dir.path().starts_with(&upper) && upper.join("usr/bin/sub").is_dir());
+        // A symlink in the top layer is never followed on the host.
+        symlink(t.path(), upper.join("hostlink")).unwrap();
+        assert!(v.ensure_dir("/hostlink/x", (0, 0)).is_err());
+        assert!(!t.path().join("x").exists());
 
         let strict = LayerView::new(vec![lower], true);
         assert!(matches!(

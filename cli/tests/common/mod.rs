@@ -121,7 +121,11 @@ impl Kiln {
 
     /// A `kiln` command with `--root` set.
     pub fn cmd(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        // KILN_E2E_BIN runs the tests against another build (e.g. the
+        // code before a fix, to see a regression test fail there).
+        let bin =
+            std::env::var_os("KILN_E2E_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_kiln").into());
+        let mut c = Command::new(bin);
         c.arg("--root").arg(self.root.path());
         c.env_remove("KILN_ROOT");
         c.env_remove("SOURCE_DATE_EPOCH");

@@ -1,0 +1,308 @@
+//! A hostile build cannot write to the host through symlinks (issue 13):
+//! every write into a layer, a rootfs or an export directory goes through
+//! kiln-fs. Each test plants links to a host directory ("outside", a temp
+//! directory standing in for the host) and checks that nothing there
+//! changed, and that the image got what BuildKit gives.
+
+mod common;
+
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use common::{context, prerequisites, sh, Kiln};
+
+/// A host directory holding one file, `victim` ("host", mode 0600).
+fn outside() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("victim"), "host").unwrap();
+    std::fs::set_permissions(
+        d.path().join("victim"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    d
+}
+
+/// `outside` still holds exactly its victim, unchanged.
+fn untouched(outside: &Path) {
+    let mut names: Vec<String> = std::fs::read_dir(outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["victim"], "the host directory gained entries");
+    let v = outside.join("victim");
+    assert_eq!(
+        std::fs::read_to_string(&v).unwrap(),
+        "host",
+        "victim rewritten"
+    );
+    assert_eq!(
+        std::fs::symlink_metadata(&v).unwrap().mode() & 0o7777,
+        0o600,
+        "victim chmod'ed"
+    );
+}
+
+fn dockerfile(ctx: &Path, text: &str) {
+    std::fs::write(ctx.join("Dockerfile"), text).unwrap();
+}
+
+#[test]
+fn heredoc_source_over_a_context_symlink_does_not_write_the_host_file() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let out = outside();
+    let victim = out.path().join("victim");
+    for chmod in ["", "--chmod=4777 "] {
+        let ctx = context(&[]);
+        std::fs::create_dir(ctx.path().join("dir")).unwrap();
+        symlink(&victim, ctx.path().join("dir/s")).unwrap();
+        dockerfile(
+            ctx.path(),
+            &format!("FROM busybox\nCOPY {chmod}dir/ <<s /d/\nfrom heredoc\ns\n"),
+        );
+        k.build(ctx.path(), &["-t", "hd:1"]);
+        untouched(out.path());
+        // BuildKit's copier replaces the copied link with the heredoc file.
+        let got = sh(
+            &k,
+            "hd:1",
+            "test -L /d/s && echo link; cat /d/s; stat -c %a /d/s",
+        );
+        let mode = if chmod.is_empty() { "644" } else { "4777" };
+        assert_eq!(got, format!("from heredoc\n{mode}\n"), "chmod {chmod:?}");
+    }
+}
+
+#[test]
+fn copy_chmod_and_chown_through_links_stay_in_the_image() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let out = outside();
+    let o = out.path().display().to_string();
+    let ctx = context(&[("f", "file\n"), ("d/inner", "inner\n")]);
+    symlink(out.path().join("victim"), ctx.path().join("d/v")).unwrap();
+    symlink(out.path(), ctx.path().join("d/hostdir")).unwrap();
+    dockerfile(
+        ctx.path(),
+        &format!(
+            "FROM busybox\n\
+             RUN ln -s {o} /app && ln -s {o}/victim /app-file\n\
+             COPY --chmod=777 --chown=1000:1000 f /app/\n\
+             COPY --chmod=777 f /app-file\n\
+             COPY --chmod=777 --chown=1000:1000 d/ /app/d/\n\
+             RUN ln -s {o} /lk\n\
+             COPY --chmod=777 --link f /lk/linked\n"
+        ),
+    );
+    k.build(ctx.path(), &["-t", "ch:1"]);
+    untouched(out.path());
+    let got = sh(
+        &k,
+        "ch:1",
+        &format!(
+            "test -L /app && test -L /app-file && echo links; \
+             cat {o}/f {o}/victim; stat -c '%a %u' {o}/f {o}/d/inner; \
+             readlink {o}/d/v"
+        ),
+    );
+    assert_eq!(
+        got,
+        format!("links\nfile\nfile\n777 1000\n777 1000\n{o}/victim\n")
+    );
+}
+
+#[test]
+fn symlinked_workdir_is_created_inside_the_image() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let out = outside();
+    let o = out.path().display().to_string();
+    let ctx = context(&[]);
+    dockerfile(
+        ctx.path(),
+        &format!(
+            "FROM busybox\nRUN ln -s {o} /w\nWORKDIR /w/sub\nRUN pwd > here\nWORKDIR /w/sub2\n"
+        ),
+    );
+    k.build(ctx.path(), &["-t", "wd:1"]);
+    untouched(out.path());
+    let got = sh(
+        &k,
+        "wd:1",
+        &format!("test -L /w && echo link; cat {o}/sub/here; test -d {o}/sub2 && echo sub2"),
+    );
+    // The step ran in the link's target inside the image.
+    assert_eq!(got, format!("link\n{o}/sub\nsub2\n"));
+}
+
+/// A tar with symlinks `hostdir` -> the host directory and `hostfile` ->
+/// the host file, then `files` (name, content).
+fn hostile_tar(o: &str, files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let head = |kind, size| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h
+    };
+    for (name, target) in [
+        ("hostdir", o.to_string()),
+        ("hostfile", format!("{o}/victim")),
+    ] {
+        let mut h = head(tar::EntryType::Symlink, 0);
+        b.append_link(&mut h, name, target).unwrap();
+    }
+    for (name, data) in files {
+        let mut h = head(tar::EntryType::Regular, data.len() as u64);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn add_archive_through_links_unpacks_inside_the_image() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let out = outside();
+    let o = out.path().display().to_string();
+    let ctx = context(&[]);
+    // A member written over a link to the host file, into a destination
+    // that is a link to the host directory.
+    std::fs::write(
+        ctx.path().join("a.tar"),
+        hostile_tar(&o, &[("hostfile", b"pwned\n")]),
+    )
+    .unwrap();
+    dockerfile(
+        ctx.path(),
+        &format!("FROM busybox\nRUN ln -s {o} /dst\nADD a.tar /dst/\n"),
+    );
+    k.build(ctx.path(), &["-t", "add:1"]);
+    untouched(out.path());
+    let got = sh(
+        &k,
+        "add:1",
+        &format!("test -L /dst && echo link; test -L {o}/hostfile || cat {o}/hostfile; readlink {o}/hostdir"),
+    );
+    assert_eq!(got, format!("link\npwned\n{o}\n"));
+    // A member below a link to the host directory: it may fail, but it
+    // never lands on the host.
+    std::fs::write(
+        ctx.path().join("b.tar"),
+        hostile_tar(&o, &[("hostdir/pwned", b"pwned\n")]),
+    )
+    .unwrap();
+    dockerfile(ctx.path(), "FROM busybox\nADD b.tar /x/\n");
+    let _ = k.run(&["build", "-q", ctx.path().to_str().unwrap()]);
+    untouched(out.path());
+}
+
+#[test]
+fn run_mount_target_through_a_link_to_a_host_path() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let out = outside();
+    let o = out.path().display().to_string();
+    let ctx = context(&[("f", "mounted\n")]);
+    // Each mount lands at the link's target inside the image while the
+    // step runs, and the link stays a link (runc resolves a destination
+    // inside the root).
+    dockerfile(
+        ctx.path(),
+        &format!(
+            "FROM busybox\nRUN ln -s {o} /mnt2\n\
+             RUN --mount=type=bind,source=f,target=/mnt2/f \
+                 test -L /mnt2 && cat {o}/f > /seen\n\
+             RUN --mount=type=cache,target=/mnt2/cache \
+                 test -L /mnt2 && touch {o}/cache/x\n\
+             RUN --mount=type=tmpfs,target=/mnt2/victim \
+                 test -L /mnt2 && touch {o}/victim/in-tmpfs\n"
+        ),
+    );
+    k.build(ctx.path(), &["-t", "mnt:1"]);
+    untouched(out.path());
+    assert_eq!(sh(&k, "mnt:1", "cat /seen"), "mounted\n");
+}
+
+#[test]
+fn run_volume_onto_a_link_lands_at_its_target_inside_the_container() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let out = outside();
+    let o = out.path().display().to_string();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("data"), "volume\n").unwrap();
+    let ctx = context(&[]);
+    dockerfile(ctx.path(), &format!("FROM busybox\nRUN ln -s {o} /vol\n"));
+    k.build(ctx.path(), &["-t", "vol:1"]);
+    let v = format!("{}:/vol", src.path().display());
+    let got = k.ok(&[
+        "run",
+        "--rm",
+        "-v",
+        &v,
+        "vol:1",
+        "sh",
+        "-c",
+        &format!("test -L /vol && echo link; cat {o}/data; touch /vol/new"),
+    ]);
+    assert_eq!(got, "link\nvolume\n");
+    untouched(out.path());
+    assert!(src.path().join("new").exists());
+}
+
+#[test]
+fn local_export_never_creates_device_nodes_on_the_host() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[]);
+    dockerfile(
+        ctx.path(),
+        "FROM busybox\nRUN mknod /null2 c 1 3 && mknod /disk b 7 0 && mkfifo /fifo && echo x > /file\n",
+    );
+    let dest = tempfile::tempdir().unwrap();
+    let o = format!("type=local,dest={}", dest.path().join("out").display());
+    let r = k.run(&["build", "-q", "-o", &o, ctx.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    let out = dest.path().join("out");
+    assert!(out.join("file").is_file());
+    for n in ["null2", "disk"] {
+        assert!(
+            std::fs::symlink_metadata(out.join(n)).is_err(),
+            "device node {n} was created on the host"
+        );
+        assert!(
+            err.contains(&format!("/{n}")),
+            "no warning naming {n}: {err}"
+        );
+    }
+    // A tar export leaves them out as well (and says so).
+    let tar = dest.path().join("out.tar");
+    let o = format!("type=tar,dest={}", tar.display());
+    let r = k.run(&["build", "-q", "-o", &o, ctx.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(err.contains("/null2"), "{err}");
+}
