@@ -610,7 +610,7 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
                 std::fs::write(f, &r.image_id)?;
             }
             if a.quiet {
-                println!("{}", r.image_id);
+                outln!("{}", r.image_id);
             }
             sweep_retired(root);
             Ok(ExitCode::SUCCESS)
@@ -650,10 +650,10 @@ fn check(root: &Path, text: &str, name: &str) -> anyhow::Result<ExitCode> {
     let report = kiln_solver::lint::lint_with(&df, &base_env);
     let lines: Vec<&str> = text.lines().collect();
     if report.warnings.is_empty() {
-        println!("Check complete, no warnings found.");
+        outln!("Check complete, no warnings found.");
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "Check complete, {} warning{} found!",
         report.warnings.len(),
         if report.warnings.len() == 1 {
@@ -663,18 +663,18 @@ fn check(root: &Path, text: &str, name: &str) -> anyhow::Result<ExitCode> {
         }
     );
     for w in &report.warnings {
-        println!();
-        println!("WARNING: {} - {}", w.rule, w.url());
-        println!("{}", w.message);
-        println!("{name}:{}", w.line);
-        println!("--------------------");
+        outln!();
+        outln!("WARNING: {} - {}", w.rule, w.url());
+        outln!("{}", w.message);
+        outln!("{name}:{}", w.line);
+        outln!("--------------------");
         let from = w.line.saturating_sub(2).max(1);
         for n in from..=w.line.min(lines.len()) {
             let text = lines.get(n - 1).copied().unwrap_or_default();
             let mark = if n == w.line { ">>>" } else { "   " };
-            println!("{mark} {n:>3} | {text}");
+            outln!("{mark} {n:>3} | {text}");
         }
-        println!("--------------------");
+        outln!("--------------------");
     }
     Ok(if report.error {
         ExitCode::FAILURE

@@ -248,7 +248,7 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
     let imgs = all_images(&store)?;
     if a.quiet {
         for l in &imgs {
-            println!("{}", short_id(&l.config_digest));
+            outln!("{}", short_id(&l.config_digest));
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -261,7 +261,7 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
                     "Digest": l.manifest_digest, "CreatedAt": l.config.created,
                     "CreatedSince": ago(l.config.created.as_deref()), "Size": human(image_size(l)),
                 });
-                println!("{v}");
+                outln!("{v}");
             }
         }
         return Ok(ExitCode::SUCCESS);
@@ -316,7 +316,7 @@ fn print_table(rows: &[Vec<String>]) {
                 line.push_str(&format!("{cell:<w$}   ", w = widths[c]));
             }
         }
-        println!("{}", line.trim_end());
+        outln!("{}", line.trim_end());
     }
 }
 
@@ -353,7 +353,7 @@ pub fn inspect(root: &Path, images: Vec<String>) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    outln!("{}", serde_json::to_string_pretty(&out)?);
     Ok(if failed {
         ExitCode::from(1)
     } else {
@@ -453,7 +453,7 @@ pub fn rmi(root: &Path, force: bool, images: Vec<String>) -> anyhow::Result<Exit
         for n in names {
             store.meta().untag_image(&n)?;
             let (repo, tag) = familiar(&n);
-            println!("Untagged: {repo}:{tag}");
+            outln!("Untagged: {repo}:{tag}");
         }
     }
     Ok(if failed {
@@ -693,20 +693,9 @@ pub fn save(root: &Path, a: SaveArgs) -> anyhow::Result<ExitCode> {
     };
     match &a.output {
         Some(path) => {
-            // Write beside the target and rename: a failed save leaves no
-            // half-written file under the name.
-            let dir = path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-            {
-                let mut w = std::io::BufWriter::new(tmp.as_file_mut());
-                write(&mut w)?;
-                std::io::Write::flush(&mut w)?;
-            }
-            tmp.as_file().sync_all()?;
-            tmp.persist(path)?;
+            // A failed or killed save leaves nothing under the name or
+            // beside it.
+            crate::outfile::write_atomically(path, |w| write(w))?;
         }
         None => {
             if std::io::stdout().is_terminal() {
