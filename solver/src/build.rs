@@ -53,6 +53,9 @@ pub struct BuildOptions {
     pub network: NetworkMode,
     /// Resource limits of every RUN step.
     pub limits: ResourceLimits,
+    /// How much of each RUN step's output (per stream) is shown before it
+    /// is clipped (BuildKit: 2 MiB, then "output clipped").
+    pub step_log_limit: crate::progress::StepLogLimit,
     /// Names to tag the result with (normalised).
     pub tags: Vec<String>,
     /// `SOURCE_DATE_EPOCH`: clamps created times and file mtimes.
@@ -1134,19 +1137,49 @@ impl Ctx {
                 let (tx, mut rx) = tokio::sync::mpsc::channel::<OutputLine>(256);
                 let progress = me.progress.clone();
                 let started = Instant::now();
+                let log_limit = me.opts.step_log_limit;
                 let forward = tokio::spawn(async move {
+                    // Each stream clipped on its own, as BuildKit does;
+                    // past the clip lines are read (the step runs on) and
+                    // dropped, and `log` waits for the renderer, so memory
+                    // stays flat however much the step prints.
+                    let mut clips = [
+                        crate::progress::LogClip::new(log_limit),
+                        crate::progress::LogClip::new(log_limit),
+                    ];
                     while let Some(l) = rx.recv().await {
-                        progress.send(Event::Log {
-                            id,
-                            stream: match l.stream {
-                                kiln_executor::Stream::Stdout => "stdout",
-                                kiln_executor::Stream::Stderr => "stderr",
-                            },
-                            line: String::from_utf8_lossy(&l.bytes)
+                        let (stream, clip) = match l.stream {
+                            kiln_executor::Stream::Stdout => ("stdout", &mut clips[0]),
+                            kiln_executor::Stream::Stderr => ("stderr", &mut clips[1]),
+                        };
+                        let Some((keep, note)) = clip.admit(l.bytes.len(), l.newline) else {
+                            continue;
+                        };
+                        let elapsed = started.elapsed().as_secs_f64();
+                        if keep > 0 || note.is_none() {
+                            let bytes = &l.bytes[..keep.min(l.bytes.len())];
+                            let line = String::from_utf8_lossy(bytes)
                                 .trim_end_matches(['\n', '\r'])
-                                .to_string(),
-                            elapsed: started.elapsed().as_secs_f64(),
-                        });
+                                .to_string();
+                            progress
+                                .log(Event::Log {
+                                    id,
+                                    stream,
+                                    line,
+                                    elapsed,
+                                })
+                                .await;
+                        }
+                        if let Some(line) = note {
+                            progress
+                                .log(Event::Log {
+                                    id,
+                                    stream,
+                                    line,
+                                    elapsed,
+                                })
+                                .await;
+                        }
                     }
                 });
                 let outcome = me
