@@ -213,11 +213,15 @@ impl ImageConfig {
     }
     /// Parse config bytes.
     pub fn from_bytes(b: &[u8]) -> Result<Self, ImageError> {
+        check_config_size(b.len() as u64)?;
         Ok(serde_json::from_slice(b)?)
     }
-    /// Serialise (compact JSON, fixed order).
+    /// Serialise (compact JSON, fixed order); a config over
+    /// [`MAX_CONFIG_SIZE`] is an error.
     pub fn to_bytes(&self) -> Result<Vec<u8>, ImageError> {
-        Ok(serde_json::to_vec(self)?)
+        let b = serde_json::to_vec(self)?;
+        check_config_size(b.len() as u64)?;
+        Ok(b)
     }
     /// The image ID: the digest of the serialised config.
     pub fn digest(&self) -> Result<Digest, ImageError> {
@@ -262,6 +266,24 @@ pub fn rfc3339(secs: i64) -> String {
     let mo = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if mo <= 2 { y + 1 } else { y };
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+
+/// The largest image config kiln builds, loads or pulls (one limit for
+/// all three). Configs of real images are a few KiB; Docker Hub's largest
+/// are well under 1 MiB.
+pub const MAX_CONFIG_SIZE: u64 = 8 << 20;
+
+/// An error when a config of `size` bytes is over [`MAX_CONFIG_SIZE`].
+pub fn check_config_size(size: u64) -> Result<(), ImageError> {
+    if size > MAX_CONFIG_SIZE {
+        return Err(ImageError::TooLarge {
+            what: "image config".into(),
+            size,
+            limit: MAX_CONFIG_SIZE,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

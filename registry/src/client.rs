@@ -20,8 +20,8 @@ use crate::reference::api_host;
 /// The manifest media types kiln asks for (and accepts).
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
-/// Largest manifest or config accepted (distribution's own limit is 4 MiB).
-pub const MAX_MANIFEST: u64 = 4 << 20;
+/// Largest manifest or index accepted (distribution's own limit is 4 MiB).
+pub const MAX_MANIFEST: u64 = kiln_image::manifest::MAX_MANIFEST_SIZE;
 
 /// Tunables of a client.
 #[derive(Clone, Debug)]
