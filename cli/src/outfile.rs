@@ -102,10 +102,7 @@ fn open_unnamed(dir: &Path) -> std::io::Result<File> {
 /// Links the unnamed `file` in under a temp name in `dir`, then renames
 /// it over `path`.
 fn link_into_place(file: &File, dir: &Path, path: &Path) -> std::io::Result<()> {
-    let proc_path = cstring(Path::new(&format!(
-        "/proc/self/fd/{}",
-        file.as_raw_fd()
-    )))?;
+    let proc_path = cstring(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
     let mut last = None;
     for n in 0..16u32 {
         let tmp: PathBuf = dir.join(format!(".kiln-{}-{n}.tmp", std::process::id()));

@@ -268,7 +268,6 @@ pub fn rfc3339(secs: i64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
 }
 
-
 /// The largest image config kiln builds, loads or pulls (one limit for
 /// all three). Configs of real images are a few KiB; Docker Hub's largest
 /// are well under 1 MiB.

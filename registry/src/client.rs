@@ -365,6 +365,9 @@ impl Registry {
                         last = format!("https: {tls_err}; http: HTTP {}", r.0);
                         continue;
                     }
+                    Err(e) if crate::http::is_timeout_message(&e) => {
+                        return Err(self.net(format!("http://{}/v2/: {e}", self.host)))
+                    }
                     Err(e) => {
                         last = format!("https: {tls_err}; http: {e}");
                         continue;

@@ -211,9 +211,18 @@ mod tests {
         assert!(check_url("ftp://h/x").is_err());
         assert!(check_url("http://h:1/x").is_ok());
         let a = Url::parse("https://r.example/v2/").unwrap();
-        assert!(same_origin(&a, &Url::parse("https://r.example:443/x").unwrap()));
+        assert!(same_origin(
+            &a,
+            &Url::parse("https://r.example:443/x").unwrap()
+        ));
         assert!(!same_origin(&a, &Url::parse("http://r.example/x").unwrap()));
-        assert!(!same_origin(&a, &Url::parse("https://r.example:444/x").unwrap()));
-        assert!(!same_origin(&a, &Url::parse("https://evil.example/x").unwrap()));
+        assert!(!same_origin(
+            &a,
+            &Url::parse("https://r.example:444/x").unwrap()
+        ));
+        assert!(!same_origin(
+            &a,
+            &Url::parse("https://evil.example/x").unwrap()
+        ));
     }
 }

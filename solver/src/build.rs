@@ -395,6 +395,7 @@ fn unwrap_arc(e: Arc<BuildError>) -> BuildError {
             tail: tail.clone(),
         },
         BuildError::Usage(m) => BuildError::Usage(m.clone()),
+        BuildError::Dockerfile(pe) => BuildError::Dockerfile(pe.clone()),
         BuildError::Cancelled => BuildError::Cancelled,
         other => BuildError::Internal(other.to_string()),
     })

@@ -273,15 +273,13 @@ fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
     if std::env::var_os("GIT_SSH_COMMAND").is_none() {
         cmd.env("GIT_SSH_COMMAND", t.git_ssh_command());
     }
-    let out = cmd
-        .output()
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                "git sources need the git command (apt-get install git)".to_string()
-            } else {
-                format!("running git: {e}")
-            }
-        })?;
+    let out = cmd.output().map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            "git sources need the git command (apt-get install git)".to_string()
+        } else {
+            format!("running git: {e}")
+        }
+    })?;
     if !out.status.success() {
         return Err(format!(
             "git {}: {}",
