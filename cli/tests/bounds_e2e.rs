@@ -261,7 +261,8 @@ fn a_dockerfile_that_is_a_device_a_fifo_or_a_host_file_is_refused() {
     let k = Kiln::with_busybox();
     let secret = tempfile::NamedTempFile::new().expect("tmp");
     std::fs::write(secret.path(), "SECRET-FIRST-LINE of a host file\n").expect("write");
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    type Make<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: Vec<(&str, Make, &str)> = vec![
         (
             "symlink to /dev/zero",
             Box::new(|d: &Path| {

@@ -1311,6 +1311,27 @@ mod tests {
     }
 
     #[test]
+    fn expansion_is_bounded_while_it_grows() {
+        let lex = Lex::default();
+        let half = "x".repeat(MAX_EXPANSION / 2);
+        let env: Vec<(String, String)> = vec![("A".into(), half.clone())];
+        // Exactly at the limit is fine.
+        assert_eq!(lex.process_word("$A$A", &env).unwrap().len(), MAX_EXPANSION);
+        for word in ["$A$A$A", "\"$A$A$A\"", "${A//x/yyy}", "x${B:-$A$A$A}"] {
+            let r = lex.process_word(word, &env).map(|v| v.len());
+            assert!(
+                matches!(&r, Err(e) if e.kind() == &ShellErrorKind::TooLong),
+                "{word}: {r:?}"
+            );
+        }
+        // A replacement that multiplies stops early instead of building
+        // MAX_EXPANSION² bytes.
+        let small: Vec<(String, String)> = vec![("A".into(), "x".repeat(4096)), ("R".into(), half)];
+        let err = lex.process_word("${A//x/$R}", &small).unwrap_err();
+        assert_eq!(err.kind(), &ShellErrorKind::TooLong);
+    }
+
+    #[test]
     fn deep_nesting_is_an_error_not_a_stack_overflow() {
         // At the limit a debug build needs about 300 KiB of stack (release
         // far less); 512 KiB keeps a margin inside any 2 MiB thread.

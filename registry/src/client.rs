@@ -429,10 +429,10 @@ impl Registry {
             if let (Some(h), true) = (&basic, first_origin) {
                 req = req.set("Authorization", h);
             }
-            req.call()
+            req.call().map_err(Box::new)
         })
         .map_err(|e| self.proto(format!("token endpoint: {e}")))?;
-        let resp = match followed {
+        let resp = match followed.map_err(|e| *e) {
             Ok(r) => r,
             Err(ureq::Error::Status(401, r)) | Err(ureq::Error::Status(403, r)) => {
                 return Err(RegistryError::Unauthorized {

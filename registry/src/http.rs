@@ -169,11 +169,12 @@ pub fn redirect_target(from: &Url, resp: &ureq::Response) -> Result<Option<Url>,
 /// A GET or HEAD of `url` that follows redirects by kiln's rules:
 /// `request(url, same_origin_as_first)` makes each request (with
 /// credentials only when asked for the first URL's origin). Statuses of
-/// 400 and above come back as `ureq::Error::Status`, as ureq returns them.
+/// 400 and above come back as `ureq::Error::Status`, as ureq returns them
+/// (boxed: the error is large).
 pub fn follow(
     url: &str,
-    mut request: impl FnMut(&Url, bool) -> Result<ureq::Response, ureq::Error>,
-) -> Result<Result<ureq::Response, ureq::Error>, String> {
+    mut request: impl FnMut(&Url, bool) -> Result<ureq::Response, Box<ureq::Error>>,
+) -> Result<Result<ureq::Response, Box<ureq::Error>>, String> {
     let first = check_url(url)?;
     let mut cur = first.clone();
     for _ in 0..=MAX_REDIRECTS {

@@ -140,15 +140,12 @@ impl Progress {
         let (Some(tx), Some(room)) = (&self.tx, &self.room) else {
             return;
         };
-        match room.acquire().await {
-            Ok(p) => {
-                p.forget();
-                if tx.send((e, true)).is_err() {
-                    room.add_permits(1);
-                }
+        // An error: the receiver is gone, nothing to send to.
+        if let Ok(p) = room.acquire().await {
+            p.forget();
+            if tx.send((e, true)).is_err() {
+                room.add_permits(1);
             }
-            // The receiver is gone: nothing to send to.
-            Err(_) => {}
         }
     }
 

@@ -102,9 +102,11 @@ pub fn fetch_http(url: &str, scratch: &Path, checksum: Option<&str>) -> Result<F
     let agent = http_agent()?;
     // Redirects are followed by kiln's rules: http(s) only (a redirect to
     // `file:///…` is an error, not a panic inside the HTTP client).
-    let followed = kiln_registry::http::follow(url, |u, _| agent.request_url("GET", u).call())
-        .map_err(|e| format!("failed to load {url}: {e}"))?;
-    let resp = match followed {
+    let followed = kiln_registry::http::follow(url, |u, _| {
+        agent.request_url("GET", u).call().map_err(Box::new)
+    })
+    .map_err(|e| format!("failed to load {url}: {e}"))?;
+    let resp = match followed.map_err(|e| *e) {
         Ok(r) => r,
         Err(ureq::Error::Status(code, r)) => {
             return Err(format!(
