@@ -705,8 +705,14 @@ pub fn save(root: &Path, a: SaveArgs) -> anyhow::Result<ExitCode> {
             }
             let stdout = std::io::stdout();
             let mut w = std::io::BufWriter::new(stdout.lock());
-            write(&mut w)?;
-            std::io::Write::flush(&mut w)?;
+            let r = write(&mut w).and_then(|()| Ok(std::io::Write::flush(&mut w)?));
+            match r {
+                // `kiln save IMAGE | head -c 100`: quietly, as docker.
+                Err(e) if crate::is_broken_pipe(&e) => {
+                    std::process::exit(crate::EXIT_STDOUT_CLOSED.into())
+                }
+                r => r?,
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -146,6 +146,19 @@ pub fn stdout_failed(e: std::io::Error) -> ! {
     std::process::exit(1)
 }
 
+/// Whether `e` comes from writing to a pipe whose reader is gone.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let io = c.downcast_ref::<std::io::Error>().or_else(|| {
+            match c.downcast_ref::<kiln_image::ImageError>() {
+                Some(kiln_image::ImageError::Io(io)) => Some(io),
+                _ => None,
+            }
+        });
+        io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// A backstop for output written with `println!`/`eprintln!` (which panic
 /// on a closed pipe): such a panic ends kiln quietly with
 /// [`EXIT_STDOUT_CLOSED`]; every other panic keeps the default report.

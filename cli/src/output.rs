@@ -144,8 +144,13 @@ fn write_dest(
             ));
         }
         let mut lock = std::io::BufWriter::new(out.lock());
-        f(&mut lock)?;
-        lock.flush()?;
+        match f(&mut lock).and_then(|()| Ok(lock.flush()?)) {
+            // The reader of stdout went away: quietly, as docker.
+            Err(e) if crate::is_broken_pipe(&e) => {
+                std::process::exit(crate::EXIT_STDOUT_CLOSED.into())
+            }
+            r => r?,
+        }
         return Ok(());
     }
     crate::outfile::write_atomically(&PathBuf::from(dest), f)

@@ -588,6 +588,7 @@ fn a_closed_stdout_ends_kiln_quietly() {
         vec!["images", "-q"],
         vec!["inspect", "busybox:latest"],
         vec!["history", "busybox:latest"],
+        vec!["save", "busybox:latest"],
     ] {
         let mut fds = [0; 2];
         // SAFETY: valid out-array.
