@@ -619,3 +619,59 @@ fn a_closed_stdout_ends_kiln_quietly() {
         );
     }
 }
+
+#[test]
+fn one_config_limit_for_load_and_build() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    // load: a docker-archive whose config carries a 9 MiB label.
+    let d = tempfile::tempdir().expect("tmp");
+    let big = "x".repeat(9 << 20);
+    let cfg = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Labels": {"big": big}},
+        "rootfs": {"type": "layers", "diff_ids": []},
+    });
+    std::fs::write(d.path().join("c.json"), cfg.to_string()).expect("write");
+    std::fs::write(
+        d.path().join("manifest.json"),
+        r#"[{"Config":"c.json","RepoTags":["big:1"],"Layers":[]}]"#,
+    )
+    .expect("write");
+    let tar = d.path().join("big.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(d.path())
+        .arg("-cf")
+        .arg(&tar)
+        .args(["manifest.json", "c.json"])
+        .status()
+        .expect("tar");
+    assert!(st.success());
+    let out = k.run(&["load", "-i", tar.to_str().expect("utf8")]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "a 9 MiB config was loaded");
+    assert!(
+        err.contains("image config is") && err.contains("more than the limit"),
+        "{err}"
+    );
+    // build: labels that together pass the same limit fail at their line.
+    let mut df = String::from("FROM busybox\nARG a=0123456789abcdef\n");
+    for _ in 0..15 {
+        df.push_str("ARG a=$a$a\n");
+    }
+    for i in 0..20 {
+        df.push_str(&format!("LABEL l{i}=$a\n"));
+    }
+    let ctx = context(&[("Dockerfile", &df)]);
+    let mut cmd = k.cmd();
+    cmd.args(["build", "-q"]).arg(ctx.path());
+    cap_memory(&mut cmd, 8 << 30);
+    let out = run_with_limit(&mut cmd, Duration::from_secs(120)).expect("build hung");
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "a config over the limit was built");
+    assert!(err.contains("more than the limit of 8 MiB"), "{err}");
+    assert!(err.contains("| LABEL l"), "no source line: {err}");
+}
