@@ -396,6 +396,19 @@ fn a_silent_server_times_out_pull_and_add() {
             t0.elapsed()
         );
     }
+    // push: the same client, the same bound.
+    let target = format!("127.0.0.1:{mute_port}/img:1");
+    k.ok(&["tag", "busybox:latest", &target]);
+    let mut cmd = k.cmd();
+    timeouts(&mut cmd);
+    cmd.args(["push", &target]);
+    let t0 = Instant::now();
+    let out = run_with_limit(&mut cmd, Duration::from_secs(60))
+        .expect("push to a silent registry still running after 60 s");
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("timed out"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "took {:?}", t0.elapsed());
     let ctx = context(&[(
         "Dockerfile",
         &format!("FROM busybox\nADD http://{}/f /f\n", fake.host()),
