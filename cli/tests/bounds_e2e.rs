@@ -408,7 +408,11 @@ fn a_silent_server_times_out_pull_and_add() {
     let err = text(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("timed out"), "{err}");
-    assert!(t0.elapsed() < Duration::from_secs(30), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t0.elapsed()
+    );
     let ctx = context(&[(
         "Dockerfile",
         &format!("FROM busybox\nADD http://{}/f /f\n", fake.host()),

@@ -292,6 +292,26 @@ mod tests {
     const DOCKER_CONFIG: &str = r#"{"architecture":"amd64","config":{"Hostname":"","User":"app","ExposedPorts":{"80/tcp":{}},"Env":["PATH=/usr/bin"],"Cmd":["sh"],"Healthcheck":{"Test":["CMD-SHELL","true"],"Interval":30000000000,"Timeout":5000000000,"StartPeriod":1000000000,"StartInterval":2000000000,"Retries":3},"ArgsEscaped":true,"OnBuild":["RUN echo hi"],"Shell":["/bin/bash","-c"],"StopSignal":"SIGQUIT","Labels":{"a":"b"}},"container":"abc","created":"2024-01-02T03:04:05.123456789Z","docker_version":"24.0.7","history":[{"created":"2024-01-02T03:04:05Z","created_by":"/bin/sh -c #(nop) ADD file:x in / "},{"created":"2024-01-02T03:04:05Z","created_by":"CMD [\"sh\"]","comment":"buildkit.dockerfile.v0","empty_layer":true}],"os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"]}}"#;
 
     #[test]
+    fn configs_and_manifests_over_their_limits_are_errors() {
+        let mut c = ImageConfig::from_bytes(DOCKER_CONFIG.as_bytes()).expect("parse");
+        c.config_mut()
+            .labels
+            .get_or_insert_with(Default::default)
+            .insert("big".into(), "x".repeat(MAX_CONFIG_SIZE as usize));
+        assert!(matches!(c.to_bytes(), Err(ImageError::TooLarge { .. })));
+        let big = vec![b' '; MAX_CONFIG_SIZE as usize + 1];
+        assert!(matches!(
+            ImageConfig::from_bytes(&big),
+            Err(ImageError::TooLarge { .. })
+        ));
+        let m = vec![b' '; crate::manifest::MAX_MANIFEST_SIZE as usize + 1];
+        assert!(matches!(
+            crate::manifest::RawManifest::new(m, Some(crate::manifest::media_types::OCI_MANIFEST)),
+            Err(ImageError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
     fn docker_config_round_trip_keeps_everything() {
         let c = ImageConfig::from_bytes(DOCKER_CONFIG.as_bytes()).expect("parse");
         let cc = c.config.as_ref().expect("config");
