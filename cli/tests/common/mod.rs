@@ -97,15 +97,6 @@ pub fn make_rootfs(root: &Path) {
     .expect("group");
 }
 
-/// The kiln binary under test: `KILN_TEST_BIN` when set (to run a suite
-/// against another build, say main's, and see which tests it fails), else
-/// this package's.
-pub fn kiln_bin() -> PathBuf {
-    std::env::var_os("KILN_TEST_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kiln")))
-}
-
 /// A private store root and a runner of the kiln binary against it.
 pub struct Kiln {
     /// The store root (removed on drop).
@@ -130,7 +121,7 @@ impl Kiln {
 
     /// A `kiln` command with `--root` set.
     pub fn cmd(&self) -> Command {
-        let mut c = Command::new(kiln_bin());
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
         c.arg("--root").arg(self.root.path());
         c.env_remove("KILN_ROOT");
         c.env_remove("SOURCE_DATE_EPOCH");
