@@ -6,8 +6,8 @@
 //! stdout.
 //!
 //! The HTTP servers are small in-process fakes (a thread per connection).
-//! `KILN_E2E_BIN=/path/to/old/kiln` (main's tests/common) runs the suite against another
-//! build.
+//! `KILN_E2E_BIN=/path/to/old/kiln` (tests/common) runs the suite against
+//! another build.
 
 mod common;
 
