@@ -206,6 +206,51 @@ mod tests {
         assert_eq!(parse_duration("x"), None);
     }
 
+    fn redirect(to: &str) -> ureq::Response {
+        format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\n\r\n")
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn redirects_are_followed_by_kiln_rules() {
+        let ok = || {
+            "HTTP/1.1 200 OK\r\n\r\nx"
+                .parse::<ureq::Response>()
+                .unwrap()
+        };
+        // http(s) only.
+        let r = follow("http://a.example/x", |_, _| {
+            Ok(redirect("file:///etc/passwd"))
+        });
+        assert!(r.unwrap_err().contains("only http:// and https://"));
+        // A relative Location stays on the origin; another host is not the
+        // first origin (no credentials there).
+        let mut seen = Vec::new();
+        let r = follow("http://a.example/x", |u, first| {
+            seen.push((u.to_string(), first));
+            Ok(match u.path() {
+                "/x" => redirect("/y"),
+                "/y" => redirect("https://b.example/z"),
+                _ => ok(),
+            })
+        });
+        assert!(r.unwrap().is_ok());
+        assert_eq!(
+            seen,
+            vec![
+                ("http://a.example/x".to_string(), true),
+                ("http://a.example/y".to_string(), true),
+                ("https://b.example/z".to_string(), false),
+            ]
+        );
+        // A loop ends.
+        let r = follow("http://a.example/x", |_, _| Ok(redirect("/x")));
+        assert!(r.unwrap_err().contains("more than"));
+        // The first URL is checked too.
+        assert!(follow("file:///etc/passwd", |_, _| Ok(ok())).is_err());
+    }
+
     #[test]
     fn urls_and_origins() {
         assert!(check_url("file:///etc/passwd").is_err());
