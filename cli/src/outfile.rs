@@ -108,7 +108,7 @@ fn link_into_place(file: &File, dir: &Path, path: &Path) -> std::io::Result<()> 
         let tmp: PathBuf = dir.join(format!(".kiln-{}-{n}.tmp", std::process::id()));
         let tmp_c = cstring(&tmp)?;
         // SAFETY: valid NUL-terminated paths.
-        let r = unsafe {
+        let mut r = unsafe {
             libc::linkat(
                 libc::AT_FDCWD,
                 proc_path.as_ptr(),
@@ -117,6 +117,20 @@ fn link_into_place(file: &File, dir: &Path, path: &Path) -> std::io::Result<()> 
                 libc::AT_SYMLINK_FOLLOW,
             )
         };
+        if r != 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::NotFound {
+            // No /proc: link the descriptor itself (needs
+            // CAP_DAC_READ_SEARCH, which root has).
+            // SAFETY: a valid descriptor and NUL-terminated paths.
+            r = unsafe {
+                libc::linkat(
+                    file.as_raw_fd(),
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    tmp_c.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                )
+            };
+        }
         if r != 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::AlreadyExists {
