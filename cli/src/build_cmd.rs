@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use kiln_parser::dockerignore::{ignore_file_candidates, read_ignore_file};
 use kiln_solver::main_context::{self, ContextSpec, Prepared};
-use kiln_solver::progress::Progress;
 use kiln_solver::{BuildError, BuildOptions, ResourceLimits};
 
 use crate::progress::{self, Mode};
@@ -153,9 +152,21 @@ fn options(
     }
     let (name, text, ignore_path) = match (a.file.as_deref(), &prepared) {
         (Some("-"), _) => {
-            let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s)?;
-            ("Dockerfile".to_string(), s, context.join(".dockerignore"))
+            let mut b = Vec::new();
+            std::io::stdin()
+                .take(MAX_DOCKERFILE + 1)
+                .read_to_end(&mut b)?;
+            if b.len() as u64 > MAX_DOCKERFILE {
+                return Err(usage(format!(
+                    "the Dockerfile on stdin is larger than {} MiB",
+                    MAX_DOCKERFILE >> 20
+                )));
+            }
+            (
+                "Dockerfile".to_string(),
+                String::from_utf8_lossy(&b).into_owned(),
+                context.join(".dockerignore"),
+            )
         }
         (f, Some(p)) => {
             // The context itself was a Dockerfile, else -f (default
@@ -180,11 +191,12 @@ fn options(
                     )));
                 }
                 let path = context.join(rel);
-                let bytes = read_confined(&path).ok_or_else(|| {
+                let found = confined_path(&path).ok_or_else(|| {
                     usage(format!(
                         "unable to prepare context: the Dockerfile {rel:?} was not found in {spelled:?}"
                     ))
                 })?;
+                let bytes = read_regular(&found, rel).map_err(usage)?;
                 let ignore = ignore_file_candidates(rel)
                     .into_iter()
                     .map(|c| context.join(c))
@@ -204,8 +216,9 @@ fn options(
             } else {
                 context.join(f)
             };
-            let bytes = std::fs::read(&p)
-                .map_err(|e| usage(format!("reading Dockerfile {}: {e}", p.display())))?;
+            // Given with -f: it may live outside the context, but it must
+            // be a regular file (not a device or a FIFO) of bounded size.
+            let bytes = read_regular(&p, &p.display().to_string()).map_err(usage)?;
             let ignore = find_ignore_file(&p, &context);
             (
                 f.to_string(),
@@ -214,9 +227,16 @@ fn options(
             )
         }
         (None, None) => {
+            // The context's Dockerfile: resolved inside the context (a
+            // symlink cannot name a host file), a regular file only.
             let p = context.join("Dockerfile");
-            let bytes = std::fs::read(&p)
-                .map_err(|e| usage(format!("reading Dockerfile {}: {e}", p.display())))?;
+            let found = confined_path(&p).ok_or_else(|| {
+                usage(format!(
+                    "reading Dockerfile {}: not found inside the build context",
+                    p.display()
+                ))
+            })?;
+            let bytes = read_regular(&found, "Dockerfile").map_err(usage)?;
             let ignore = find_ignore_file(&p, &context);
             (
                 "Dockerfile".to_string(),
@@ -316,6 +336,7 @@ fn options(
                 kiln_executor::NetworkMode::Host
             },
             limits,
+            step_log_limit: kiln_solver::progress::StepLogLimit::from_env(),
             tags,
             source_date_epoch,
             secrets,
@@ -332,6 +353,71 @@ fn options(
 /// BuildKit reads the ignore file from the context (or Dockerfile) source:
 /// a link leading outside that directory is never followed to the host.
 fn read_confined(path: &Path) -> Option<Vec<u8>> {
+    read_regular(&confined_path(path)?, &path.display().to_string()).ok()
+}
+
+/// The largest Dockerfile (or ignore file) kiln reads.
+pub const MAX_DOCKERFILE: u64 = 16 << 20;
+
+/// Reads `path` if it is a regular file of at most [`MAX_DOCKERFILE`]
+/// bytes: devices (`/dev/zero`), FIFOs and sockets are refused before
+/// anything is read, and the open never blocks on a FIFO.
+fn read_regular(path: &Path, shown: &str) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let kind = |t: std::fs::FileType| {
+        if t.is_char_device() {
+            "a character device"
+        } else if t.is_block_device() {
+            "a block device"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        }
+    };
+    let refuse = |t| format!("the Dockerfile {shown} is {}, not a regular file", kind(t));
+    let m = std::fs::metadata(path).map_err(|e| format!("reading Dockerfile {shown}: {e}"))?;
+    if !m.is_file() {
+        return Err(refuse(m.file_type()));
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("reading Dockerfile {shown}: {e}"))?;
+    let m = f
+        .metadata()
+        .map_err(|e| format!("reading Dockerfile {shown}: {e}"))?;
+    if !m.is_file() {
+        return Err(refuse(m.file_type()));
+    }
+    let too_big = || {
+        format!(
+            "the Dockerfile {shown} is larger than {} MiB",
+            MAX_DOCKERFILE >> 20
+        )
+    };
+    if m.len() > MAX_DOCKERFILE {
+        return Err(too_big());
+    }
+    let mut b = Vec::new();
+    f.take(MAX_DOCKERFILE + 1)
+        .read_to_end(&mut b)
+        .map_err(|e| format!("reading Dockerfile {shown}: {e}"))?;
+    if b.len() as u64 > MAX_DOCKERFILE {
+        return Err(too_big());
+    }
+    Ok(b)
+}
+
+/// Where `path` leads when its symlinks are resolved inside its parent
+/// directory (an absolute or `..` link cannot leave it); `None` when it
+/// does not exist.
+fn confined_path(path: &Path) -> Option<PathBuf> {
     let root = path.parent()?;
     let mut todo: std::collections::VecDeque<std::ffi::OsString> =
         [path.file_name()?.to_os_string()].into();
@@ -367,7 +453,8 @@ fn read_confined(path: &Path) -> Option<Vec<u8>> {
     }
     let mut p = root.to_path_buf();
     p.extend(&cur);
-    std::fs::read(p).ok()
+    std::fs::symlink_metadata(&p).ok()?;
+    Some(p)
 }
 
 /// `<name>.dockerignore` beside the Dockerfile wins over the context's
@@ -585,11 +672,11 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let result = rt.block_on(async move {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (progress_tx, rx) = kiln_solver::progress::channel();
         let render = tokio::spawn(progress::render(mode, rx));
         let cancel = kiln_executor::CancellationToken::new();
         crate::signals::cancel_on_interrupt(&cancel);
-        let r = kiln_solver::build(backend, executor, Progress::new(tx), cancel, opts).await;
+        let r = kiln_solver::build(backend, executor, progress_tx, cancel, opts).await;
         let _ = render.await;
         r
     });
@@ -610,7 +697,7 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
                 std::fs::write(f, &r.image_id)?;
             }
             if a.quiet {
-                println!("{}", r.image_id);
+                outln!("{}", r.image_id);
             }
             sweep_retired(root);
             Ok(ExitCode::SUCCESS)
@@ -650,10 +737,10 @@ fn check(root: &Path, text: &str, name: &str) -> anyhow::Result<ExitCode> {
     let report = kiln_solver::lint::lint_with(&df, &base_env);
     let lines: Vec<&str> = text.lines().collect();
     if report.warnings.is_empty() {
-        println!("Check complete, no warnings found.");
+        outln!("Check complete, no warnings found.");
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "Check complete, {} warning{} found!",
         report.warnings.len(),
         if report.warnings.len() == 1 {
@@ -663,18 +750,18 @@ fn check(root: &Path, text: &str, name: &str) -> anyhow::Result<ExitCode> {
         }
     );
     for w in &report.warnings {
-        println!();
-        println!("WARNING: {} - {}", w.rule, w.url());
-        println!("{}", w.message);
-        println!("{name}:{}", w.line);
-        println!("--------------------");
+        outln!();
+        outln!("WARNING: {} - {}", w.rule, w.url());
+        outln!("{}", w.message);
+        outln!("{name}:{}", w.line);
+        outln!("--------------------");
         let from = w.line.saturating_sub(2).max(1);
         for n in from..=w.line.min(lines.len()) {
             let text = lines.get(n - 1).copied().unwrap_or_default();
             let mark = if n == w.line { ">>>" } else { "   " };
-            println!("{mark} {n:>3} | {text}");
+            outln!("{mark} {n:>3} | {text}");
         }
-        println!("--------------------");
+        outln!("--------------------");
     }
     Ok(if report.error {
         ExitCode::FAILURE

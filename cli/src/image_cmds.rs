@@ -274,7 +274,7 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
     let imgs = all_images(&store)?;
     if a.quiet {
         for l in &imgs {
-            println!("{}", short_id(&l.config_digest));
+            outln!("{}", short_id(&l.config_digest));
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -287,7 +287,7 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
                     "Digest": l.manifest_digest, "CreatedAt": l.config.created,
                     "CreatedSince": ago(l.config.created.as_deref()), "Size": human(image_size(l)),
                 });
-                println!("{v}");
+                outln!("{v}");
             }
         }
         return Ok(ExitCode::SUCCESS);
@@ -342,7 +342,7 @@ fn print_table(rows: &[Vec<String>]) {
                 line.push_str(&format!("{cell:<w$}   ", w = widths[c]));
             }
         }
-        println!("{}", line.trim_end());
+        outln!("{}", line.trim_end());
     }
 }
 
@@ -379,7 +379,7 @@ pub fn inspect(root: &Path, images: Vec<String>) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    outln!("{}", serde_json::to_string_pretty(&out)?);
     Ok(if failed {
         ExitCode::from(1)
     } else {
@@ -479,7 +479,7 @@ pub fn rmi(root: &Path, force: bool, images: Vec<String>) -> anyhow::Result<Exit
         for n in names {
             store.meta().untag_image(&n)?;
             let (repo, tag) = familiar(&n);
-            println!("Untagged: {repo}:{tag}");
+            outln!("Untagged: {repo}:{tag}");
         }
     }
     Ok(if failed {
@@ -740,20 +740,9 @@ pub fn save(root: &Path, a: SaveArgs) -> anyhow::Result<ExitCode> {
     };
     match &a.output {
         Some(path) => {
-            // Write beside the target and rename: a failed save leaves no
-            // half-written file under the name.
-            let dir = path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-            {
-                let mut w = std::io::BufWriter::new(tmp.as_file_mut());
-                write(&mut w)?;
-                std::io::Write::flush(&mut w)?;
-            }
-            tmp.as_file().sync_all()?;
-            tmp.persist(path)?;
+            // A failed or killed save leaves nothing under the name or
+            // beside it.
+            crate::outfile::write_atomically(path, |w| write(w))?;
         }
         None => {
             if std::io::stdout().is_terminal() {
@@ -763,8 +752,14 @@ pub fn save(root: &Path, a: SaveArgs) -> anyhow::Result<ExitCode> {
             }
             let stdout = std::io::stdout();
             let mut w = std::io::BufWriter::new(stdout.lock());
-            write(&mut w)?;
-            std::io::Write::flush(&mut w)?;
+            let r = write(&mut w).and_then(|()| Ok(std::io::Write::flush(&mut w)?));
+            match r {
+                // `kiln save IMAGE | head -c 100`: quietly, as docker.
+                Err(e) if crate::is_broken_pipe(&e) => {
+                    std::process::exit(crate::EXIT_STDOUT_CLOSED.into())
+                }
+                r => r?,
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

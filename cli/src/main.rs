@@ -7,9 +7,22 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// `println!` for command output: a closed stdout (`kiln images | head`)
+/// ends kiln quietly with status 141 (128 + SIGPIPE, what a shell shows
+/// for docker, whose writes die of SIGPIPE) instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
+            $crate::stdout_failed(e)
+        }
+    }};
+}
+
 mod build_cache;
 mod build_cmd;
 mod image_cmds;
+mod outfile;
 mod output;
 mod progress;
 mod registry_cmds;
@@ -119,10 +132,60 @@ enum DebugCommand {
     },
 }
 
+/// Exit status of a command whose stdout was closed under it.
+pub const EXIT_STDOUT_CLOSED: u8 = 141;
+
+/// Ends kiln after a failed write to stdout: quietly with
+/// [`EXIT_STDOUT_CLOSED`] when the reader went away (EPIPE), else with the
+/// error and status 1.
+pub fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(EXIT_STDOUT_CLOSED.into());
+    }
+    eprintln!("error: writing to stdout: {e}");
+    std::process::exit(1)
+}
+
+/// Whether `e` comes from writing to a pipe whose reader is gone.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let io = c.downcast_ref::<std::io::Error>().or_else(|| {
+            match c.downcast_ref::<kiln_image::ImageError>() {
+                Some(kiln_image::ImageError::Io(io)) => Some(io),
+                _ => None,
+            }
+        });
+        io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// A backstop for output written with `println!`/`eprintln!` (which panic
+/// on a closed pipe): such a panic ends kiln quietly with
+/// [`EXIT_STDOUT_CLOSED`]; every other panic keeps the default report.
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if (msg.starts_with("failed printing to stdout")
+            || msg.starts_with("failed printing to stderr"))
+            && msg.contains("Broken pipe")
+        {
+            std::process::exit(EXIT_STDOUT_CLOSED.into());
+        }
+        default(info)
+    }));
+}
+
 fn main() -> ExitCode {
     // The sandbox's init re-executes this binary: handle that before
     // anything else (and before any thread exists).
     kiln_executor::maybe_run_init();
+    quiet_on_closed_pipe();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -194,7 +257,7 @@ fn debug_ast(file: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
     };
     match out {
         Ok(s) => {
-            println!("{}", s?);
+            outln!("{}", s?);
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

@@ -144,25 +144,16 @@ fn write_dest(
             ));
         }
         let mut lock = std::io::BufWriter::new(out.lock());
-        f(&mut lock)?;
-        lock.flush()?;
+        match f(&mut lock).and_then(|()| Ok(lock.flush()?)) {
+            // The reader of stdout went away: quietly, as docker.
+            Err(e) if crate::is_broken_pipe(&e) => {
+                std::process::exit(crate::EXIT_STDOUT_CLOSED.into())
+            }
+            r => r?,
+        }
         return Ok(());
     }
-    let path = PathBuf::from(dest);
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    {
-        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
-        f(&mut w)?;
-        w.flush()?;
-    }
-    tmp.as_file().sync_all()?;
-    tmp.persist(&path)
-        .map_err(|e| anyhow::anyhow!("writing {}: {}", path.display(), e.error))?;
-    Ok(())
+    crate::outfile::write_atomically(&PathBuf::from(dest), f)
 }
 
 /// The final filesystem of `manifest` unpacked into `dir` (layers applied

@@ -8,8 +8,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kiln_solver::progress::Event;
-use tokio::sync::mpsc::UnboundedReceiver;
+use kiln_solver::progress::{Event, Receiver};
 
 /// `--progress` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -38,7 +37,7 @@ impl Mode {
 }
 
 /// Consumes events until the channel closes.
-pub async fn render(mode: Mode, mut rx: UnboundedReceiver<Event>) {
+pub async fn render(mode: Mode, mut rx: Receiver) {
     match mode.resolve() {
         Mode::Quiet => while rx.recv().await.is_some() {},
         Mode::Json => {
@@ -54,7 +53,7 @@ pub async fn render(mode: Mode, mut rx: UnboundedReceiver<Event>) {
     }
 }
 
-async fn plain(mut rx: UnboundedReceiver<Event>) {
+async fn plain(mut rx: Receiver) {
     let mut names = BTreeMap::new();
     while let Some(e) = rx.recv().await {
         let mut err = std::io::stderr().lock();
@@ -84,7 +83,7 @@ struct Running {
 
 const TAIL: usize = 6;
 
-async fn tty(mut rx: UnboundedReceiver<Event>) {
+async fn tty(mut rx: Receiver) {
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
     let style = ProgressStyle::with_template("{spinner} {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_spinner());

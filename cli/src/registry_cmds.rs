@@ -173,13 +173,13 @@ pub fn pull(root: &Path, a: PullArgs) -> anyhow::Result<ExitCode> {
     let r = transfer::pull(&store, &cfg, &name, a.jobs, &|t| log.event(t))
         .map_err(anyhow::Error::msg)?;
     if a.quiet {
-        println!("{}", r.manifest_digest);
+        outln!("{}", r.manifest_digest);
     } else {
         if let Some(i) = &r.index_digest {
             eprintln!("index: {i}");
         }
         eprintln!("digest: {}", r.manifest_digest);
-        println!("{}", r.name);
+        outln!("{}", r.name);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -240,7 +240,7 @@ pub fn push(root: &Path, a: PushArgs) -> anyhow::Result<ExitCode> {
         std::fs::write(f, d.to_string())?;
     }
     if a.quiet {
-        println!("{d}");
+        outln!("{d}");
     } else {
         eprintln!("{dest}: digest: {d}");
     }
@@ -288,7 +288,7 @@ pub fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
     reg.check_login()?;
     let wrote = store_credentials(&cfg, &server, &creds)?;
     eprintln!("credentials saved to {wrote}");
-    println!("Login Succeeded");
+    outln!("Login Succeeded");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -297,9 +297,9 @@ pub fn logout(a: LogoutArgs) -> anyhow::Result<ExitCode> {
     let cfg = registry_config(&[])?;
     let server = server_name(a.server.as_deref());
     if erase_credentials(&cfg, &server)? {
-        println!("Removing login credentials for {server}");
+        outln!("Removing login credentials for {server}");
     } else {
-        println!("Not logged in to {server}");
+        outln!("Not logged in to {server}");
     }
     Ok(ExitCode::SUCCESS)
 }

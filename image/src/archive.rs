@@ -93,8 +93,10 @@ fn dir_meta(path: &str) -> Meta {
 
 fn read_small(blobs: &dyn BlobSource, d: &Digest) -> Result<Vec<u8>, ImageError> {
     let mut v = Vec::new();
-    let mut r = HashingReader::new(blobs.open_blob(d)?.take(64 * 1024 * 1024));
+    let limit = crate::config::MAX_CONFIG_SIZE;
+    let mut r = HashingReader::new(blobs.open_blob(d)?.take(limit + 1));
     r.read_to_end(&mut v)?;
+    crate::config::check_config_size(v.len() as u64)?;
     let got = r.finish().1;
     if &got != d {
         return Err(ImageError::DigestMismatch {
@@ -550,7 +552,9 @@ pub fn read_archive(r: impl Read + 'static, spill_dir: &Path) -> Result<LoadedAr
         }
         None
     };
+    // Archive metadata, manifests and configs are read whole: bounded.
     let read = |s: &Spilled| -> Result<Vec<u8>, ImageError> {
+        crate::config::check_config_size(s.size)?;
         fs::read(&s.path).map_err(|e| ImageError::path("read", &s.path, e))
     };
     let mut blobs = HashMap::new();
@@ -576,6 +580,10 @@ pub fn read_archive(r: impl Read + 'static, spill_dir: &Path) -> Result<LoadedAr
             let p = blobs
                 .get(d)
                 .ok_or_else(|| arch_err(format!("blob {d} missing")))?;
+            let len = fs::metadata(p)
+                .map_err(|e| ImageError::path("stat", p, e))?
+                .len();
+            crate::config::check_config_size(len)?;
             fs::read(p).map_err(|e| ImageError::path("read", p, e))
         };
         // group index entries by manifest digest, gathering names

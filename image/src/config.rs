@@ -213,11 +213,15 @@ impl ImageConfig {
     }
     /// Parse config bytes.
     pub fn from_bytes(b: &[u8]) -> Result<Self, ImageError> {
+        check_config_size(b.len() as u64)?;
         Ok(serde_json::from_slice(b)?)
     }
-    /// Serialise (compact JSON, fixed order).
+    /// Serialise (compact JSON, fixed order); a config over
+    /// [`MAX_CONFIG_SIZE`] is an error.
     pub fn to_bytes(&self) -> Result<Vec<u8>, ImageError> {
-        Ok(serde_json::to_vec(self)?)
+        let b = serde_json::to_vec(self)?;
+        check_config_size(b.len() as u64)?;
+        Ok(b)
     }
     /// The image ID: the digest of the serialised config.
     pub fn digest(&self) -> Result<Digest, ImageError> {
@@ -264,11 +268,48 @@ pub fn rfc3339(secs: i64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
 }
 
+/// The largest image config kiln builds, loads or pulls (one limit for
+/// all three). Configs of real images are a few KiB; Docker Hub's largest
+/// are well under 1 MiB.
+pub const MAX_CONFIG_SIZE: u64 = 8 << 20;
+
+/// An error when a config of `size` bytes is over [`MAX_CONFIG_SIZE`].
+pub fn check_config_size(size: u64) -> Result<(), ImageError> {
+    if size > MAX_CONFIG_SIZE {
+        return Err(ImageError::TooLarge {
+            what: "image config".into(),
+            size,
+            limit: MAX_CONFIG_SIZE,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const DOCKER_CONFIG: &str = r#"{"architecture":"amd64","config":{"Hostname":"","User":"app","ExposedPorts":{"80/tcp":{}},"Env":["PATH=/usr/bin"],"Cmd":["sh"],"Healthcheck":{"Test":["CMD-SHELL","true"],"Interval":30000000000,"Timeout":5000000000,"StartPeriod":1000000000,"StartInterval":2000000000,"Retries":3},"ArgsEscaped":true,"OnBuild":["RUN echo hi"],"Shell":["/bin/bash","-c"],"StopSignal":"SIGQUIT","Labels":{"a":"b"}},"container":"abc","created":"2024-01-02T03:04:05.123456789Z","docker_version":"24.0.7","history":[{"created":"2024-01-02T03:04:05Z","created_by":"/bin/sh -c #(nop) ADD file:x in / "},{"created":"2024-01-02T03:04:05Z","created_by":"CMD [\"sh\"]","comment":"buildkit.dockerfile.v0","empty_layer":true}],"os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"]}}"#;
+
+    #[test]
+    fn configs_and_manifests_over_their_limits_are_errors() {
+        let mut c = ImageConfig::from_bytes(DOCKER_CONFIG.as_bytes()).expect("parse");
+        c.config_mut()
+            .labels
+            .get_or_insert_with(Default::default)
+            .insert("big".into(), "x".repeat(MAX_CONFIG_SIZE as usize));
+        assert!(matches!(c.to_bytes(), Err(ImageError::TooLarge { .. })));
+        let big = vec![b' '; MAX_CONFIG_SIZE as usize + 1];
+        assert!(matches!(
+            ImageConfig::from_bytes(&big),
+            Err(ImageError::TooLarge { .. })
+        ));
+        let m = vec![b' '; crate::manifest::MAX_MANIFEST_SIZE as usize + 1];
+        assert!(matches!(
+            crate::manifest::RawManifest::new(m, Some(crate::manifest::media_types::OCI_MANIFEST)),
+            Err(ImageError::TooLarge { .. })
+        ));
+    }
 
     #[test]
     fn docker_config_round_trip_keeps_everything() {

@@ -39,6 +39,17 @@ pub enum ImageError {
         /// The computed digest.
         actual: String,
     },
+    /// A config, manifest or index over its size limit
+    /// ([`crate::config::MAX_CONFIG_SIZE`], [`crate::manifest::MAX_MANIFEST_SIZE`]).
+    #[error("{what} is {size} bytes, more than the limit of {limit} bytes")]
+    TooLarge {
+        /// Which object (`image config`, `manifest`).
+        what: String,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// JSON (config, manifest, index, archive metadata) that does not parse.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),

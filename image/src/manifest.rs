@@ -289,11 +289,29 @@ struct Probe {
     manifests: Option<serde_json::Value>,
 }
 
+/// The largest manifest or index kiln fetches, loads or keeps
+/// (distribution's own limit is 4 MiB).
+pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
+
+/// An error when a manifest or index of `size` bytes is over
+/// [`MAX_MANIFEST_SIZE`].
+pub fn check_manifest_size(size: u64) -> Result<(), ImageError> {
+    if size > MAX_MANIFEST_SIZE {
+        return Err(ImageError::TooLarge {
+            what: "manifest".into(),
+            size,
+            limit: MAX_MANIFEST_SIZE,
+        });
+    }
+    Ok(())
+}
+
 impl RawManifest {
     /// Wrap `bytes`; when `media_type` is None it is read from the JSON
     /// (`mediaType`, else by shape: `manifests` -> OCI index, else OCI
     /// manifest).
     pub fn new(bytes: Vec<u8>, media_type: Option<&str>) -> Result<Self, ImageError> {
+        check_manifest_size(bytes.len() as u64)?;
         let mt = match media_type {
             Some(m) => m.to_string(),
             None => {

@@ -42,6 +42,9 @@
 //!   `${V//p/r}` back as `${V/p/r}`; here it is written back unchanged.
 //! * **Nesting is bounded.** More than [`MAX_NESTING`] levels of `${…}` or
 //!   quotes inside `${…}` are an error instead of unbounded recursion.
+//! * **Length is bounded.** A word whose expansion grows past
+//!   [`MAX_EXPANSION`] bytes (say, ARGs that double themselves) is an
+//!   error, found while it grows, not after it has filled memory.
 //!
 //! Go's `unicode.IsLetter`/`IsDigit` decide what a variable name is; the
 //! tables below reproduce them for Unicode 15.0 (Go 1.21 and later).
@@ -52,6 +55,17 @@ use std::hash::BuildHasher;
 /// How deep `${…}` expansions and quotes inside them may nest before
 /// expansion fails with [`ShellErrorKind::TooDeep`].
 pub const MAX_NESTING: usize = 64;
+
+/// The longest expansion of one word, in bytes (1 MiB; Linux refuses an
+/// environment string over 128 KiB to `execve` anyway).
+pub const MAX_EXPANSION: usize = 1 << 20;
+
+fn check_len(s: &str) -> Result<(), ShellErrorKind> {
+    if s.len() > MAX_EXPANSION {
+        return Err(ShellErrorKind::TooLong);
+    }
+    Ok(())
+}
 
 /// A read-only view of environment variables for expansion.
 ///
@@ -198,6 +212,9 @@ pub enum ShellErrorKind {
     /// `${…}` and quotes nested more than [`MAX_NESTING`] levels deep.
     #[error("expansions nested more than {MAX_NESTING} levels deep")]
     TooDeep,
+    /// The expansion grew past [`MAX_EXPANSION`] bytes.
+    #[error("the expanded value is larger than {} MiB", MAX_EXPANSION >> 20)]
+    TooLong,
 }
 
 /// A word that could not be expanded, and why.
@@ -483,10 +500,12 @@ impl Expander<'_> {
             match c {
                 '$' => {
                     let value = self.process_dollar()?;
+                    check_len(&value)?;
                     if let Some(w) = words.as_deref_mut() {
                         w.add_str(&value);
                     }
                     result.push_str(&value);
+                    check_len(&result)?;
                 }
                 '<' => {
                     let text = self.process_possible_heredoc();
@@ -582,6 +601,7 @@ impl Expander<'_> {
                 Some('$') => {
                     let value = self.process_dollar()?;
                     result.push_str(&value);
+                    check_len(&result)?;
                 }
                 Some(mut c) => {
                     self.pos += 1;
@@ -770,7 +790,7 @@ impl Expander<'_> {
         let value: Vec<char> = value.chars().collect();
         let ends = glob.match_ends(&value);
         if replace_all {
-            Ok(replace_all_matches(&value, &ends, &replacement))
+            replace_all_matches(&value, &ends, &replacement)
         } else {
             let found = ends
                 .iter()
@@ -791,7 +811,7 @@ impl Expander<'_> {
     /// An error from a nested word becomes "missing `}`" (or `/`) when the
     /// input ran out, as in BuildKit.
     fn missing_if_at_end(&self, err: ShellErrorKind, missing: ShellErrorKind) -> ShellErrorKind {
-        if self.at_end() && err != ShellErrorKind::TooDeep {
+        if self.at_end() && err != ShellErrorKind::TooDeep && err != ShellErrorKind::TooLong {
             missing
         } else {
             err
@@ -985,7 +1005,11 @@ fn reverse_pattern(pattern: &str) -> String {
 /// Go's `Regexp.ReplaceAllString` over precomputed match ends: repeated
 /// leftmost matches, an empty match right after a match is skipped, and
 /// the replacement is a Go template (`$0`/`${0}` is the match, `$$` a `$`).
-fn replace_all_matches(value: &[char], ends: &[Option<usize>], template: &str) -> String {
+fn replace_all_matches(
+    value: &[char],
+    ends: &[Option<usize>],
+    template: &str,
+) -> Result<String, ShellErrorKind> {
     let n = value.len();
     let mut out = String::new();
     let mut last_end = 0;
@@ -997,12 +1021,13 @@ fn replace_all_matches(value: &[char], ends: &[Option<usize>], template: &str) -
         if end > last_end || start == 0 {
             let matched: String = value[start..end].iter().collect();
             expand_template(&mut out, template, &matched);
+            check_len(&out)?;
         }
         last_end = end;
         search = if end == search { search + 1 } else { end };
     }
     out.extend(&value[last_end..]);
-    out
+    Ok(out)
 }
 
 /// Go's `Regexp.Expand` for a pattern without groups.
@@ -1283,6 +1308,27 @@ mod tests {
         let e = lex.process_word("${E:?no}", &env()).unwrap_err();
         assert_eq!(e.word(), "${E:?no}");
         assert_eq!(e.to_string(), "failed to process \"${E:?no}\": E: no");
+    }
+
+    #[test]
+    fn expansion_is_bounded_while_it_grows() {
+        let lex = Lex::default();
+        let half = "x".repeat(MAX_EXPANSION / 2);
+        let env: Vec<(String, String)> = vec![("A".into(), half.clone())];
+        // Exactly at the limit is fine.
+        assert_eq!(lex.process_word("$A$A", &env).unwrap().len(), MAX_EXPANSION);
+        for word in ["$A$A$A", "\"$A$A$A\"", "${A//x/yyy}", "x${B:-$A$A$A}"] {
+            let r = lex.process_word(word, &env).map(|v| v.len());
+            assert!(
+                matches!(&r, Err(e) if e.kind() == &ShellErrorKind::TooLong),
+                "{word}: {r:?}"
+            );
+        }
+        // A replacement that multiplies stops early instead of building
+        // MAX_EXPANSION² bytes.
+        let small: Vec<(String, String)> = vec![("A".into(), "x".repeat(4096)), ("R".into(), half)];
+        let err = lex.process_word("${A//x/$R}", &small).unwrap_err();
+        assert_eq!(err.kind(), &ShellErrorKind::TooLong);
     }
 
     #[test]

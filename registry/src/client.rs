@@ -20,8 +20,8 @@ use crate::reference::api_host;
 /// The manifest media types kiln asks for (and accepts).
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
-/// Largest manifest or config accepted (distribution's own limit is 4 MiB).
-pub const MAX_MANIFEST: u64 = 4 << 20;
+/// Largest manifest or index accepted (distribution's own limit is 4 MiB).
+pub const MAX_MANIFEST: u64 = kiln_image::manifest::MAX_MANIFEST_SIZE;
 
 /// Tunables of a client.
 #[derive(Clone, Debug)]
@@ -280,13 +280,11 @@ impl Registry {
     ) -> Result<Registry> {
         let host = api_host(registry).to_string();
         let tls = tls_config(cfg, &host)?;
-        let agent = ureq::AgentBuilder::new()
+        let timeouts = crate::http::NetTimeouts::from_env().map_err(RegistryError::Local)?;
+        let agent = timeouts
+            .agent_builder()
             .tls_config(tls)
-            .timeout_connect(Duration::from_secs(15))
-            .timeout_read(Duration::from_secs(120))
-            .timeout_write(Duration::from_secs(120))
             .max_idle_connections_per_host(16)
-            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
             .build();
         Ok(Registry {
             name: registry.to_string(),
@@ -311,6 +309,13 @@ impl Registry {
     }
 
     fn net(&self, e: impl std::fmt::Display) -> RegistryError {
+        let detail = e.to_string();
+        if crate::http::is_timeout_message(&detail) {
+            return RegistryError::TimedOut {
+                registry: self.name.clone(),
+                detail,
+            };
+        }
         RegistryError::Network {
             registry: self.name.clone(),
             detail: e.to_string(),
@@ -349,11 +354,19 @@ impl Registry {
             }
             let (scheme, res) = match self.ping_scheme("https") {
                 Ok(r) => ("https", r),
+                // A server that accepts and stays silent: neither another
+                // scheme nor another attempt helps.
+                Err(e) if crate::http::is_timeout_message(&e) => {
+                    return Err(self.net(format!("https://{}/v2/: {e}", self.host)))
+                }
                 Err(tls_err) if self.insecure => match self.ping_scheme("http") {
                     Ok(r) if r.0 == 200 || r.0 == 401 => ("http", r),
                     Ok(r) => {
                         last = format!("https: {tls_err}; http: HTTP {}", r.0);
                         continue;
+                    }
+                    Err(e) if crate::http::is_timeout_message(&e) => {
+                        return Err(self.net(format!("http://{}/v2/: {e}", self.host)))
                     }
                     Err(e) => {
                         last = format!("https: {tls_err}; http: {e}");
@@ -397,17 +410,29 @@ impl Registry {
 
     /// Fetch a bearer token for `scope` (space-separated scopes).
     fn fetch_token(&self, realm: &str, service: Option<&str>, scope: &str) -> Result<String> {
-        let mut req = self.agent.get(realm);
-        if let Some(s) = service {
-            req = req.query("service", s);
+        let basic = self.basic_header();
+        let mut url = crate::http::check_url(realm)
+            .map_err(|e| self.proto(format!("token endpoint: {e}")))?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            for s in scope.split(' ').filter(|s| !s.is_empty()) {
+                q.append_pair("scope", s);
+            }
         }
-        for s in scope.split(' ').filter(|s| !s.is_empty()) {
-            req = req.query("scope", s);
-        }
-        if let Some(h) = self.basic_header() {
-            req = req.set("Authorization", &h);
-        }
-        let resp = match req.call() {
+        let followed = crate::http::follow(url.as_str(), |url, first_origin| {
+            let mut req = self.agent.request_url("GET", url);
+            // The registry named the realm: its credentials go there, and
+            // to no other host a redirect names.
+            if let (Some(h), true) = (&basic, first_origin) {
+                req = req.set("Authorization", h);
+            }
+            req.call().map_err(Box::new)
+        })
+        .map_err(|e| self.proto(format!("token endpoint: {e}")))?;
+        let resp = match followed.map_err(|e| *e) {
             Ok(r) => r,
             Err(ureq::Error::Status(401, r)) | Err(ureq::Error::Status(403, r)) => {
                 return Err(RegistryError::Unauthorized {
@@ -525,13 +550,19 @@ impl Registry {
         body: Body<'_>,
         what: &str,
     ) -> Result<ureq::Response> {
+        let base = self.base()?;
         let url = if path_or_url.starts_with('/') {
-            format!("{}{}", self.base()?, path_or_url)
+            format!("{base}{path_or_url}")
         } else {
             path_or_url.to_string()
         };
-        let build = |auth: Option<&str>| {
-            let mut req = self.agent.request(method, &url);
+        let target = crate::http::check_url(&url).map_err(|e| self.proto(e))?;
+        let base_url = crate::http::check_url(&base).map_err(|e| self.proto(e))?;
+        // Credentials go to the registry's own origin only: an upload
+        // `Location` or a redirect naming another host gets none.
+        let own = crate::http::same_origin(&base_url, &target);
+        let build = |u: &crate::http::Url, auth: Option<&str>| {
+            let mut req = self.agent.request_url(method, u);
             for (k, v) in headers {
                 req = req.set(k, v);
             }
@@ -540,15 +571,22 @@ impl Registry {
             }
             req
         };
-        let auth = self.authorization(scope, false)?;
+        let auth = if own {
+            self.authorization(scope, false)?
+        } else {
+            None
+        };
         // A streamed body can be sent once. Uploads send one only after
         // their POST, on the same scope, has answered any 401 challenge,
         // so it goes out with credentials.
         let (first, body_again) = match body {
-            Body::Empty => (build(auth.as_deref()).call(), Some(Body::Empty)),
-            Body::Bytes(b) => (build(auth.as_deref()).send_bytes(b), Some(Body::Bytes(b))),
+            Body::Empty => (build(&target, auth.as_deref()).call(), Some(Body::Empty)),
+            Body::Bytes(b) => (
+                build(&target, auth.as_deref()).send_bytes(b),
+                Some(Body::Bytes(b)),
+            ),
             Body::Stream(r, len) => {
-                let mut req = build(auth.as_deref());
+                let mut req = build(&target, auth.as_deref());
                 if let Some(len) = len {
                     req = req.set("Content-Length", &len.to_string());
                 }
@@ -556,7 +594,7 @@ impl Registry {
             }
         };
         let resp = match (first, body_again) {
-            (Err(ureq::Error::Status(401, r)), Some(body)) => {
+            (Err(ureq::Error::Status(401, r)), Some(body)) if own => {
                 let ch = r.header("WWW-Authenticate").and_then(parse_challenge);
                 if let Some(ch) = ch {
                     let mut a = self.auth.lock().map_err(|_| self.proto("lock"))?;
@@ -566,19 +604,39 @@ impl Registry {
                     return Err(self.status_error(method, &url, what, 401, r));
                 };
                 match body {
-                    Body::Bytes(b) => build(Some(&auth)).send_bytes(b),
-                    _ => build(Some(&auth)).call(),
+                    Body::Bytes(b) => build(&target, Some(&auth)).send_bytes(b),
+                    _ => build(&target, Some(&auth)).call(),
                 }
             }
             (other, _) => other,
         };
-        match resp {
+        let lift = |resp: std::result::Result<ureq::Response, ureq::Error>, u: &str| match resp {
             Ok(r) => Ok(r),
-            Err(ureq::Error::Status(code, r)) => {
-                Err(self.status_error(method, &url, what, code, r))
-            }
-            Err(ureq::Error::Transport(t)) => Err(self.net(format!("{method} {url}: {t}"))),
+            Err(ureq::Error::Status(code, r)) => Err(self.status_error(method, u, what, code, r)),
+            Err(ureq::Error::Transport(t)) => Err(self.net(format!("{method} {u}: {t}"))),
+        };
+        let mut resp = lift(resp, &url)?;
+        if !matches!(method, "GET" | "HEAD") {
+            return Ok(resp);
         }
+        // Redirects (blob downloads go to storage hosts), by kiln's rules:
+        // http(s) only, credentials only on the registry's own origin.
+        let mut cur = target;
+        for _ in 0..crate::http::MAX_REDIRECTS {
+            let Some(next) =
+                crate::http::redirect_target(&cur, &resp).map_err(|e| self.proto(e))?
+            else {
+                return Ok(resp);
+            };
+            let keep = own && crate::http::same_origin(&base_url, &next);
+            let auth = if keep { auth.as_deref() } else { None };
+            resp = lift(build(&next, auth).call(), next.as_str())?;
+            cur = next;
+        }
+        Err(self.proto(format!(
+            "{method} {url}: more than {} redirects",
+            crate::http::MAX_REDIRECTS
+        )))
     }
 
     /// Run `f` until it succeeds, fails for good, or the retries run out.

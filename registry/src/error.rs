@@ -53,6 +53,16 @@ pub enum RegistryError {
         /// The transport error.
         detail: String,
     },
+    /// The registry (or its token server) accepted no connection, or sent
+    /// nothing, within the connect or idle timeout. Not retried: a server
+    /// that stays silent would hold the command for retries × timeout.
+    #[error("{registry}: timed out: {detail} (timeouts: KILN_CONNECT_TIMEOUT, KILN_IDLE_TIMEOUT)")]
+    TimedOut {
+        /// Registry host.
+        registry: String,
+        /// The request and what timed out.
+        detail: String,
+    },
     /// Content did not match its digest.
     #[error("{registry}: {what}: digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch {

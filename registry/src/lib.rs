@@ -36,6 +36,7 @@ mod auth;
 mod client;
 pub mod config;
 mod error;
+pub mod http;
 mod reference;
 mod transfer;
 

@@ -170,6 +170,8 @@ impl Registry {
     ) -> Result<Pulled> {
         let resolved = self.resolve(r, platform)?;
         let manifest = resolved.manifest.manifest()?;
+        // One config limit for pull, load and build.
+        kiln_image::config::check_config_size(manifest.config.size)?;
         let config = self.get_blob_bytes(&r.repository, &manifest.config)?;
         self.for_each_parallel(&manifest.layers, jobs, |d| {
             self.pull_blob(&r.repository, d, sink, progress)

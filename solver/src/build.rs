@@ -53,6 +53,9 @@ pub struct BuildOptions {
     pub network: NetworkMode,
     /// Resource limits of every RUN step.
     pub limits: ResourceLimits,
+    /// How much of each RUN step's output (per stream) is shown before it
+    /// is clipped (BuildKit: 2 MiB, then "output clipped").
+    pub step_log_limit: crate::progress::StepLogLimit,
     /// Names to tag the result with (normalised).
     pub tags: Vec<String>,
     /// `SOURCE_DATE_EPOCH`: clamps created times and file mtimes.
@@ -392,6 +395,7 @@ fn unwrap_arc(e: Arc<BuildError>) -> BuildError {
             tail: tail.clone(),
         },
         BuildError::Usage(m) => BuildError::Usage(m.clone()),
+        BuildError::Dockerfile(pe) => BuildError::Dockerfile(pe.clone()),
         BuildError::Cancelled => BuildError::Cancelled,
         other => BuildError::Internal(other.to_string()),
     })
@@ -439,9 +443,76 @@ impl Ctx {
         line: usize,
     ) -> Result<String, BuildError> {
         let env: Vec<(String, String)> = env.to_vec();
-        self.lex
-            .process_word(word, &env)
-            .map_err(|e| BuildError::at(line, e.to_string()))
+        self.lex.process_word(word, &env).map_err(|e| {
+            if *e.kind() == kiln_parser::shell::ShellErrorKind::TooLong {
+                let shown: String = word.chars().take(40).collect();
+                let more = if shown.len() < word.len() { "…" } else { "" };
+                self.located(
+                    line,
+                    word,
+                    format!(
+                        "expanding {shown:?}{more} gives more than {} MiB (the limit of one ARG, ENV or LABEL value)",
+                        kiln_parser::shell::MAX_EXPANSION >> 20
+                    ),
+                )
+            } else {
+                BuildError::at(line, e.to_string())
+            }
+        })
+    }
+
+    /// An error pointing at `needle` (or the instruction's first
+    /// character) on `line` of the Dockerfile, rendered with a caret.
+    fn located(&self, line: usize, needle: &str, message: String) -> BuildError {
+        let lines: Vec<&str> = self.opts.dockerfile.lines().collect();
+        let text = lines.get(line.saturating_sub(1)).copied().unwrap_or("");
+        let column = match text.find(needle).filter(|_| !needle.is_empty()) {
+            Some(b) => text[..b].chars().count() + 1,
+            None => text.chars().take_while(|c| c.is_whitespace()).count() + 1,
+        };
+        BuildError::Dockerfile(kiln_parser::ParseError {
+            message,
+            location: kiln_parser::Location {
+                line,
+                column,
+                end_line: line,
+            },
+            suggestion: None,
+        })
+    }
+
+    /// After an instruction that grows the image config (ENV, LABEL, ARG):
+    /// an error at `line` when the config would pass
+    /// [`kiln_image::config::MAX_CONFIG_SIZE`] (an estimate from the sizes
+    /// of its environment, labels and history; export checks the real one).
+    fn check_config_growth(&self, state: &StageState, line: usize) -> Result<(), BuildError> {
+        let cfg = &state.config;
+        let env: usize = state.env.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+        let labels: usize = cfg
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.as_ref())
+            .map(|l| l.iter().map(|(k, v)| k.len() + v.len() + 6).sum())
+            .unwrap_or(0);
+        let history: usize = cfg
+            .history
+            .iter()
+            .map(|h| h.created_by.as_deref().map_or(0, str::len) + 64)
+            .sum();
+        let size = (env + labels + history) as u64;
+        let limit = kiln_image::config::MAX_CONFIG_SIZE;
+        if size > limit {
+            return Err(self.located(
+                line,
+                "",
+                format!(
+                    "the image config would be about {} MiB, more than the limit of {} MiB (ENV, LABEL and ARG values, and the history that records them)",
+                    size >> 20,
+                    limit >> 20
+                ),
+            ));
+        }
+        Ok(())
     }
 
     async fn run_stage(self: Arc<Self>, index: usize) -> Result<Arc<StageState>, BuildError> {
@@ -616,6 +687,7 @@ impl Ctx {
                     state.set_env(&k, &v);
                 }
                 state.config.push_empty(history(&created, msg));
+                self.check_config_growth(state, line)?;
             }
             Kind::Label { labels } => {
                 let mut msg = String::from("LABEL");
@@ -631,6 +703,7 @@ impl Ctx {
                         .insert(k, v);
                 }
                 state.config.push_empty(history(&created, msg));
+                self.check_config_growth(state, line)?;
             }
             Kind::Arg { args } => {
                 let mut parts = Vec::new();
@@ -668,6 +741,7 @@ impl Ctx {
                 state
                     .config
                     .push_empty(history(&created, format!("ARG {}", parts.join(" "))));
+                self.check_config_growth(state, line)?;
             }
             Kind::Maintainer { name } => {
                 state.config.author = Some(name.clone());
@@ -1145,19 +1219,49 @@ impl Ctx {
                 let (tx, mut rx) = tokio::sync::mpsc::channel::<OutputLine>(256);
                 let progress = me.progress.clone();
                 let started = Instant::now();
+                let log_limit = me.opts.step_log_limit;
                 let forward = tokio::spawn(async move {
+                    // Each stream clipped on its own, as BuildKit does;
+                    // past the clip lines are read (the step runs on) and
+                    // dropped, and `log` waits for the renderer, so memory
+                    // stays flat however much the step prints.
+                    let mut clips = [
+                        crate::progress::LogClip::new(log_limit),
+                        crate::progress::LogClip::new(log_limit),
+                    ];
                     while let Some(l) = rx.recv().await {
-                        progress.send(Event::Log {
-                            id,
-                            stream: match l.stream {
-                                kiln_executor::Stream::Stdout => "stdout",
-                                kiln_executor::Stream::Stderr => "stderr",
-                            },
-                            line: String::from_utf8_lossy(&l.bytes)
+                        let (stream, clip) = match l.stream {
+                            kiln_executor::Stream::Stdout => ("stdout", &mut clips[0]),
+                            kiln_executor::Stream::Stderr => ("stderr", &mut clips[1]),
+                        };
+                        let Some((keep, note)) = clip.admit(l.bytes.len(), l.newline) else {
+                            continue;
+                        };
+                        let elapsed = started.elapsed().as_secs_f64();
+                        if keep > 0 || note.is_none() {
+                            let bytes = &l.bytes[..keep.min(l.bytes.len())];
+                            let line = String::from_utf8_lossy(bytes)
                                 .trim_end_matches(['\n', '\r'])
-                                .to_string(),
-                            elapsed: started.elapsed().as_secs_f64(),
-                        });
+                                .to_string();
+                            progress
+                                .log(Event::Log {
+                                    id,
+                                    stream,
+                                    line,
+                                    elapsed,
+                                })
+                                .await;
+                        }
+                        if let Some(line) = note {
+                            progress
+                                .log(Event::Log {
+                                    id,
+                                    stream,
+                                    line,
+                                    elapsed,
+                                })
+                                .await;
+                        }
                     }
                 });
                 let outcome = me

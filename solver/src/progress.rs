@@ -1,10 +1,24 @@
 //! The progress event stream: every state change of a build is one event on
 //! one channel; the CLI renders it (tty, plain or JSON).
+//!
+//! Memory stays flat however much the steps print: a step's log lines go
+//! through [`Progress::log`], which waits while [`LOG_QUEUE`] lines are
+//! queued and not yet rendered (the step is slowed down, as by a full
+//! pipe), and each step's output is clipped at [`StepLogLimit`] bytes per
+//! stream with BuildKit's note (see [`LogClip`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::Semaphore;
+
+/// The most log lines queued for the renderer at once.
+pub const LOG_QUEUE: usize = 1024;
+
+/// BuildKit's default for `BUILDKIT_STEP_LOG_MAX_SIZE` in Docker (2 MiB).
+pub const DEFAULT_STEP_LOG_MAX: u64 = 2 << 20;
 
 /// One progress event. Serialised as one JSON object per line by
 /// `--progress=json` (`{"event": "...", ...}`).
@@ -58,23 +72,57 @@ pub enum Event {
 /// Sends events; a disconnected receiver is ignored.
 #[derive(Debug, Clone)]
 pub struct Progress {
-    tx: Option<UnboundedSender<Event>>,
+    tx: Option<UnboundedSender<(Event, bool)>>,
+    /// Room for log lines in the queue (one permit a line).
+    room: Option<Arc<Semaphore>>,
     next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-impl Progress {
-    /// A sender to `tx`.
-    pub fn new(tx: UnboundedSender<Event>) -> Self {
+/// The renderer's end of a [`channel`].
+#[derive(Debug)]
+pub struct Receiver {
+    rx: UnboundedReceiver<(Event, bool)>,
+    room: Arc<Semaphore>,
+}
+
+impl Receiver {
+    /// The next event; `None` once every [`Progress`] is gone.
+    pub async fn recv(&mut self) -> Option<Event> {
+        let (e, counted) = self.rx.recv().await?;
+        if counted {
+            self.room.add_permits(1);
+        }
+        Some(e)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        // Nobody renders any more: senders must not wait for room.
+        self.room.close();
+    }
+}
+
+/// A progress sender and the receiver a renderer reads.
+pub fn channel() -> (Progress, Receiver) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let room = Arc::new(Semaphore::new(LOG_QUEUE));
+    (
         Progress {
             tx: Some(tx),
+            room: Some(room.clone()),
             next: Default::default(),
-        }
-    }
+        },
+        Receiver { rx, room },
+    )
+}
 
+impl Progress {
     /// A sender that drops everything.
     pub fn discard() -> Self {
         Progress {
             tx: None,
+            room: None,
             next: Default::default(),
         }
     }
@@ -82,7 +130,22 @@ impl Progress {
     /// Sends one event.
     pub fn send(&self, e: Event) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(e);
+            let _ = tx.send((e, false));
+        }
+    }
+
+    /// Sends one line of a step's output, first waiting while
+    /// [`LOG_QUEUE`] lines wait for the renderer.
+    pub async fn log(&self, e: Event) {
+        let (Some(tx), Some(room)) = (&self.tx, &self.room) else {
+            return;
+        };
+        // An error: the receiver is gone, nothing to send to.
+        if let Ok(p) = room.acquire().await {
+            p.forget();
+            if tx.send((e, true)).is_err() {
+                room.add_permits(1);
+            }
         }
     }
 
@@ -99,5 +162,137 @@ impl Progress {
             id,
             seconds: d.as_secs_f64(),
         });
+    }
+}
+
+/// The per-stream limit on a step's log: `KILN_STEP_LOG_MAX_SIZE` (bytes;
+/// `-1` for no limit; BuildKit's `BUILDKIT_STEP_LOG_MAX_SIZE` is read too),
+/// default [`DEFAULT_STEP_LOG_MAX`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepLogLimit(pub Option<u64>);
+
+impl Default for StepLogLimit {
+    fn default() -> Self {
+        StepLogLimit(Some(DEFAULT_STEP_LOG_MAX))
+    }
+}
+
+impl StepLogLimit {
+    /// The limit from the environment (a value that does not parse keeps
+    /// the default).
+    pub fn from_env() -> StepLogLimit {
+        for name in ["KILN_STEP_LOG_MAX_SIZE", "BUILDKIT_STEP_LOG_MAX_SIZE"] {
+            if let Ok(v) = std::env::var(name) {
+                match v.trim().parse::<i64>() {
+                    Ok(n) if n < 0 => return StepLogLimit(None),
+                    Ok(n) => return StepLogLimit(Some(n as u64)),
+                    Err(_) => {}
+                }
+            }
+        }
+        StepLogLimit::default()
+    }
+
+    /// The limit as BuildKit words it (`2MiB`).
+    pub fn human(&self) -> String {
+        match self.0 {
+            None => "unlimited".into(),
+            Some(n) if n > 0 && n % (1 << 20) == 0 => format!("{}MiB", n >> 20),
+            Some(n) if n > 0 && n % (1 << 10) == 0 => format!("{}KiB", n >> 10),
+            Some(n) => format!("{n}B"),
+        }
+    }
+}
+
+/// Clips one stream of a step's log as BuildKit does: once the bytes seen
+/// (lines and their newlines) pass the limit, the rest of the line is cut,
+/// one note `[output clipped, log limit 2MiB reached]` follows, and later
+/// lines are dropped (the step keeps running).
+#[derive(Debug)]
+pub struct LogClip {
+    limit: StepLogLimit,
+    seen: u64,
+    clipped: bool,
+}
+
+impl LogClip {
+    /// A clip with `limit`.
+    pub fn new(limit: StepLogLimit) -> Self {
+        LogClip {
+            limit,
+            seen: 0,
+            clipped: false,
+        }
+    }
+
+    /// What to show of a line of `len` bytes (plus a newline when
+    /// `newline`): `(bytes of the line to keep, note to add)`; `None` once
+    /// clipped.
+    pub fn admit(&mut self, len: usize, newline: bool) -> Option<(usize, Option<String>)> {
+        if self.clipped {
+            return None;
+        }
+        let Some(max) = self.limit.0 else {
+            return Some((len, None));
+        };
+        let cost = len as u64 + u64::from(newline);
+        if self.seen + cost <= max {
+            self.seen += cost;
+            return Some((len, None));
+        }
+        let keep = max.saturating_sub(self.seen).min(len as u64) as usize;
+        self.seen = max;
+        self.clipped = true;
+        Some((
+            keep,
+            Some(format!(
+                "[output clipped, log limit {} reached]",
+                self.limit.human()
+            )),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clips_like_buildkit() {
+        let mut c = LogClip::new(StepLogLimit(Some(10)));
+        assert_eq!(c.admit(4, true), Some((4, None)));
+        assert_eq!(c.admit(4, true), Some((4, None)));
+        let (keep, note) = c.admit(4, true).unwrap();
+        assert_eq!(keep, 0);
+        assert_eq!(note.unwrap(), "[output clipped, log limit 10B reached]");
+        assert_eq!(c.admit(1, true), None);
+        assert_eq!(StepLogLimit::default().human(), "2MiB");
+        let mut u = LogClip::new(StepLogLimit(None));
+        assert_eq!(u.admit(1 << 30, true), Some((1 << 30, None)));
+    }
+
+    #[tokio::test]
+    async fn log_waits_for_the_renderer_and_not_for_a_dropped_one() {
+        let (p, mut rx) = channel();
+        let line = |n: usize| Event::Log {
+            id: 1,
+            stream: "stdout",
+            line: n.to_string(),
+            elapsed: 0.0,
+        };
+        for n in 0..LOG_QUEUE {
+            p.log(line(n)).await;
+        }
+        // The queue is full: the next line waits until one is read.
+        let more = tokio::time::timeout(Duration::from_millis(50), p.log(line(0))).await;
+        assert!(more.is_err(), "a full queue must make the sender wait");
+        assert!(rx.recv().await.is_some());
+        tokio::time::timeout(Duration::from_secs(5), p.log(line(1)))
+            .await
+            .unwrap();
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(5), p.log(line(2)))
+            .await
+            .unwrap();
     }
 }

@@ -18,7 +18,6 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 
@@ -59,12 +58,9 @@ pub struct Fetched {
     pub hash_content: bool,
 }
 
-fn http_agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(30))
-        .timeout_read(Duration::from_secs(300))
-        .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
-        .build()
+fn http_agent() -> Result<ureq::Agent, String> {
+    let t = kiln_registry::http::NetTimeouts::from_env()?;
+    Ok(t.agent_builder().build())
 }
 
 /// The file name BuildKit gives a URL download.
@@ -103,7 +99,14 @@ pub fn fetch_http(url: &str, scratch: &Path, checksum: Option<&str>) -> Result<F
         .tempdir_in(scratch)
         .map_err(|e| format!("scratch dir: {e}"))?;
     let name = url_file_name(url);
-    let resp = match http_agent().get(url).call() {
+    let agent = http_agent()?;
+    // Redirects are followed by kiln's rules: http(s) only (a redirect to
+    // `file:///…` is an error, not a panic inside the HTTP client).
+    let followed = kiln_registry::http::follow(url, |u, _| {
+        agent.request_url("GET", u).call().map_err(Box::new)
+    })
+    .map_err(|e| format!("failed to load {url}: {e}"))?;
+    let resp = match followed.map_err(|e| *e) {
         Ok(r) => r,
         Err(ureq::Error::Status(code, r)) => {
             return Err(format!(
@@ -256,20 +259,29 @@ pub fn parse_git_url(s: &str) -> Result<GitRef, String> {
 }
 
 fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
-    let out = Command::new("git")
-        .arg("-C")
+    // The same connect and idle bounds as every other fetch: http(s)
+    // transfers slower than 1 byte/s for the idle time are aborted, ssh
+    // gets a connect timeout and keep-alives; local `file` remotes (say,
+    // from a submodule) are refused.
+    let t = kiln_registry::http::NetTimeouts::from_env()?;
+    let mut cmd = Command::new("git");
+    cmd.arg("-C")
         .arg(dir)
+        .args(t.git_config())
+        .args(["-c", "protocol.file.allow=never"])
         .args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .output()
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                "git sources need the git command (apt-get install git)".to_string()
-            } else {
-                format!("running git: {e}")
-            }
-        })?;
+        .env("GIT_CONFIG_NOSYSTEM", "1");
+    if std::env::var_os("GIT_SSH_COMMAND").is_none() {
+        cmd.env("GIT_SSH_COMMAND", t.git_ssh_command());
+    }
+    let out = cmd.output().map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            "git sources need the git command (apt-get install git)".to_string()
+        } else {
+            format!("running git: {e}")
+        }
+    })?;
     if !out.status.success() {
         return Err(format!(
             "git {}: {}",

@@ -1,0 +1,188 @@
+//! Output files (`save -o`, `--output type=docker,dest=…`) written so that
+//! a failure or a `kill -9` leaves neither a half-written file under the
+//! name nor a hidden temp file beside it, with the mode an ordinary
+//! `creat(0666)` gets under the umask (docker's archives are 0644).
+//!
+//! The data goes to an unnamed file (`O_TMPFILE`) in the target's
+//! directory, which the kernel frees if kiln dies; once complete and
+//! synced it is linked in under a temp name and renamed over the target
+//! (a window of two system calls). Where the filesystem has no
+//! `O_TMPFILE`, a named temp file is used as before (`.kiln-*.tmp`).
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// Writes `path` with what `f` writes, atomically (see the module doc).
+pub fn write_atomically(
+    path: &Path,
+    f: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let ctx = |e: std::io::Error| anyhow::anyhow!("writing {}: {e}", path.display());
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match open_unnamed(dir) {
+        Ok(file) => {
+            let file = fill(file, f)?;
+            link_into_place(&file, dir, path).map_err(ctx)
+        }
+        Err(e) if unsupported(&e) => {
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".kiln-")
+                .suffix(".tmp")
+                .tempfile_in(dir)
+                .map_err(ctx)?;
+            // tempfile creates 0600; an output file gets 0666 & !umask.
+            tmp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o666 & !umask()))
+                .map_err(ctx)?;
+            {
+                let mut w = BufWriter::new(tmp.as_file_mut());
+                f(&mut w)?;
+                w.flush().map_err(ctx)?;
+            }
+            tmp.as_file().sync_all().map_err(ctx)?;
+            tmp.persist(path).map_err(|e| ctx(e.error))?;
+            Ok(())
+        }
+        Err(e) => Err(ctx(e)),
+    }
+}
+
+fn fill(
+    mut file: File,
+    f: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>,
+) -> anyhow::Result<File> {
+    {
+        let mut w = BufWriter::new(&mut file);
+        f(&mut w)?;
+        w.flush()?;
+    }
+    file.sync_all()?;
+    Ok(file)
+}
+
+/// Filesystems (and kernels) without `O_TMPFILE` answer one of these.
+fn unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL)
+    )
+}
+
+fn cstring(p: &Path) -> std::io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))
+}
+
+/// An unnamed regular file in `dir`, mode 0666 under the umask.
+fn open_unnamed(dir: &Path) -> std::io::Result<File> {
+    let c = cstring(dir)?;
+    // SAFETY: a valid NUL-terminated path; the fd is owned by the File.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o666 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Links the unnamed `file` in under a temp name in `dir`, then renames
+/// it over `path`.
+fn link_into_place(file: &File, dir: &Path, path: &Path) -> std::io::Result<()> {
+    let proc_path = cstring(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
+    let mut last = None;
+    for n in 0..16u32 {
+        let tmp: PathBuf = dir.join(format!(".kiln-{}-{n}.tmp", std::process::id()));
+        let tmp_c = cstring(&tmp)?;
+        // SAFETY: valid NUL-terminated paths.
+        let mut r = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                proc_path.as_ptr(),
+                libc::AT_FDCWD,
+                tmp_c.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if r != 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::NotFound {
+            // No /proc: link the descriptor itself (needs
+            // CAP_DAC_READ_SEARCH, which root has).
+            // SAFETY: a valid descriptor and NUL-terminated paths.
+            r = unsafe {
+                libc::linkat(
+                    file.as_raw_fd(),
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    tmp_c.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                )
+            };
+        }
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                last = Some(e);
+                continue;
+            }
+            return Err(e);
+        }
+        return std::fs::rename(&tmp, path).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        });
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free temp name")))
+}
+
+/// The process umask (from /proc; 022 when it cannot be read).
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_whole_file_and_leaves_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("out.tar");
+        write_atomically(&p, |w| Ok(w.write_all(b"hello")?)).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"hello");
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1);
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !umask());
+    }
+
+    #[test]
+    fn failure_leaves_no_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("out.tar");
+        let r = write_atomically(&p, |w| {
+            w.write_all(b"partial")?;
+            anyhow::bail!("boom")
+        });
+        assert!(r.is_err());
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+}

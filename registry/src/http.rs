@@ -1,0 +1,274 @@
+//! HTTP rules shared by every client kiln has — registries, token servers,
+//! `ADD <url>` and remote build contexts — and the timeouts handed to git:
+//!
+//! * **timeouts**: a connect timeout and an idle timeout (no byte read or
+//!   written for that long ends the request), from `KILN_CONNECT_TIMEOUT`
+//!   and `KILN_IDLE_TIMEOUT` (seconds, or with a `ms`/`s`/`m` suffix;
+//!   defaults [`DEFAULT_CONNECT_TIMEOUT`] and [`DEFAULT_IDLE_TIMEOUT`]).
+//! * **http(s) only**: redirects are followed here, not inside the HTTP
+//!   library, at most [`MAX_REDIRECTS`] of them, and only to `http://` or
+//!   `https://` URLs; anything else (`file:///…`) is a clear error.
+//! * **credentials only for the host that asked for them**: a redirect or
+//!   an upload `Location` on another origin (scheme, host, port) gets no
+//!   `Authorization` header.
+
+use std::time::Duration;
+
+pub use url::Url;
+
+/// Default connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default idle timeout: the longest wait for the next byte of a request
+/// or a response.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most redirects one request follows.
+pub const MAX_REDIRECTS: usize = 10;
+
+/// Connect and idle timeouts of network clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetTimeouts {
+    /// Longest wait for a TCP (and TLS) connection.
+    pub connect: Duration,
+    /// Longest time without a byte read or written.
+    pub idle: Duration,
+}
+
+impl Default for NetTimeouts {
+    fn default() -> Self {
+        NetTimeouts {
+            connect: DEFAULT_CONNECT_TIMEOUT,
+            idle: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// Parses a duration: `30` (seconds), `30s`, `500ms`, `2m`; zero is refused.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return None,
+    };
+    if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
+        return None;
+    }
+    Some(Duration::from_secs_f64(secs))
+}
+
+impl NetTimeouts {
+    /// The timeouts from `KILN_CONNECT_TIMEOUT` and `KILN_IDLE_TIMEOUT`,
+    /// defaults where unset; a value that does not parse is an error.
+    pub fn from_env() -> Result<NetTimeouts, String> {
+        let get = |name: &str, default: Duration| match std::env::var(name) {
+            Ok(v) if !v.trim().is_empty() => parse_duration(&v).ok_or_else(|| {
+                format!("{name}={v:?}: expected a positive duration such as 30, 30s, 500ms or 2m")
+            }),
+            _ => Ok(default),
+        };
+        Ok(NetTimeouts {
+            connect: get("KILN_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)?,
+            idle: get("KILN_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT)?,
+        })
+    }
+
+    /// An agent builder with these timeouts that follows no redirects
+    /// (see [`follow`]).
+    pub fn agent_builder(&self) -> ureq::AgentBuilder {
+        ureq::AgentBuilder::new()
+            .timeout_connect(self.connect)
+            .timeout_read(self.idle)
+            .timeout_write(self.idle)
+            .redirects(0)
+            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+    }
+
+    /// Settings that give git the same bounds (`-c` arguments): a transfer
+    /// slower than 1 byte/s for the idle time is aborted.
+    pub fn git_config(&self) -> Vec<String> {
+        let idle = self.idle.as_secs().max(1);
+        vec![
+            "-c".into(),
+            "http.lowSpeedLimit=1".into(),
+            "-c".into(),
+            format!("http.lowSpeedTime={idle}"),
+        ]
+    }
+
+    /// Environment for git's ssh transport (`GIT_SSH_COMMAND`): connect
+    /// timeout and keep-alives that end a silent connection.
+    pub fn git_ssh_command(&self) -> String {
+        let connect = self.connect.as_secs().max(1);
+        let alive = (self.idle.as_secs() / 3).max(1);
+        format!(
+            "ssh -o ConnectTimeout={connect} -o ServerAliveInterval={alive} -o ServerAliveCountMax=3"
+        )
+    }
+}
+
+/// Whether a transport error's text says it timed out (ureq reports a
+/// socket timeout as "timed out" or, for reads, "Resource temporarily
+/// unavailable"/"would block").
+pub fn is_timeout_message(detail: &str) -> bool {
+    let d = detail.to_ascii_lowercase();
+    d.contains("timed out")
+        || d.contains("timeout")
+        || d.contains("resource temporarily unavailable")
+        || d.contains("would block")
+}
+
+/// Parses `url` and checks that it is `http://` or `https://` with a host.
+pub fn check_url(url: &str) -> Result<Url, String> {
+    let u = Url::parse(url).map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err(format!(
+            "{url}: only http:// and https:// URLs are fetched, not {}://",
+            u.scheme()
+        ));
+    }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{url}: no host"));
+    }
+    Ok(u)
+}
+
+/// Whether `a` and `b` are the same origin: scheme, host and port.
+pub fn same_origin(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// Where a response redirects to, if it is a redirect a GET or HEAD
+/// follows (301, 302, 303, 307, 308 with a `Location`): the target URL,
+/// checked by [`check_url`].
+pub fn redirect_target(from: &Url, resp: &ureq::Response) -> Result<Option<Url>, String> {
+    if !matches!(resp.status(), 301 | 302 | 303 | 307 | 308) {
+        return Ok(None);
+    }
+    let Some(loc) = resp.header("Location") else {
+        return Ok(None);
+    };
+    let to = from
+        .join(loc)
+        .map_err(|e| format!("{from} redirects to an invalid URL {loc:?}: {e}"))?;
+    if !matches!(to.scheme(), "http" | "https") || to.host_str().is_none_or(str::is_empty) {
+        return Err(format!(
+            "{from} redirects to {to}: only http:// and https:// redirects are followed"
+        ));
+    }
+    Ok(Some(to))
+}
+
+/// A GET or HEAD of `url` that follows redirects by kiln's rules:
+/// `request(url, same_origin_as_first)` makes each request (with
+/// credentials only when asked for the first URL's origin). Statuses of
+/// 400 and above come back as `ureq::Error::Status`, as ureq returns them
+/// (boxed: the error is large).
+pub fn follow(
+    url: &str,
+    mut request: impl FnMut(&Url, bool) -> Result<ureq::Response, Box<ureq::Error>>,
+) -> Result<Result<ureq::Response, Box<ureq::Error>>, String> {
+    let first = check_url(url)?;
+    let mut cur = first.clone();
+    for _ in 0..=MAX_REDIRECTS {
+        let resp = match request(&cur, same_origin(&first, &cur)) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        match redirect_target(&cur, &resp)? {
+            Some(next) => cur = next,
+            None => return Ok(Ok(resp)),
+        }
+    }
+    Err(format!("{url}: more than {MAX_REDIRECTS} redirects"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0"), None);
+        assert_eq!(parse_duration("-1"), None);
+        assert_eq!(parse_duration("1h"), None);
+        assert_eq!(parse_duration("x"), None);
+    }
+
+    fn redirect(to: &str) -> ureq::Response {
+        format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\n\r\n")
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn redirects_are_followed_by_kiln_rules() {
+        let ok = || {
+            "HTTP/1.1 200 OK\r\n\r\nx"
+                .parse::<ureq::Response>()
+                .unwrap()
+        };
+        // http(s) only.
+        let r = follow("http://a.example/x", |_, _| {
+            Ok(redirect("file:///etc/passwd"))
+        });
+        assert!(r.unwrap_err().contains("only http:// and https://"));
+        // A relative Location stays on the origin; another host is not the
+        // first origin (no credentials there).
+        let mut seen = Vec::new();
+        let r = follow("http://a.example/x", |u, first| {
+            seen.push((u.to_string(), first));
+            Ok(match u.path() {
+                "/x" => redirect("/y"),
+                "/y" => redirect("https://b.example/z"),
+                _ => ok(),
+            })
+        });
+        assert!(r.unwrap().is_ok());
+        assert_eq!(
+            seen,
+            vec![
+                ("http://a.example/x".to_string(), true),
+                ("http://a.example/y".to_string(), true),
+                ("https://b.example/z".to_string(), false),
+            ]
+        );
+        // A loop ends.
+        let r = follow("http://a.example/x", |_, _| Ok(redirect("/x")));
+        assert!(r.unwrap_err().contains("more than"));
+        // The first URL is checked too.
+        assert!(follow("file:///etc/passwd", |_, _| Ok(ok())).is_err());
+    }
+
+    #[test]
+    fn urls_and_origins() {
+        assert!(check_url("file:///etc/passwd").is_err());
+        assert!(check_url("ftp://h/x").is_err());
+        assert!(check_url("http://h:1/x").is_ok());
+        let a = Url::parse("https://r.example/v2/").unwrap();
+        assert!(same_origin(
+            &a,
+            &Url::parse("https://r.example:443/x").unwrap()
+        ));
+        assert!(!same_origin(&a, &Url::parse("http://r.example/x").unwrap()));
+        assert!(!same_origin(
+            &a,
+            &Url::parse("https://r.example:444/x").unwrap()
+        ));
+        assert!(!same_origin(
+            &a,
+            &Url::parse("https://evil.example/x").unwrap()
+        ));
+    }
+}
