@@ -600,7 +600,9 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         };
         mounts.push(
             kiln_executor::oci::MountBuilder::default()
-                .destination(PathBuf::from(dest))
+                .destination(PathBuf::from(
+                    <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(dest),
+                ))
                 .typ("bind")
                 .source(host)
                 .options(opts)
