@@ -232,7 +232,7 @@ impl Selector<'_> {
         {
             return Err(ViewError::Escape(pattern.to_string()).into());
         }
-        let paths = if has_glob(pattern) {
+        let paths = if has_glob(&show(&clean)) {
             self.glob(&clean)?
         } else {
             vec![clean.clone()]
@@ -1155,23 +1155,26 @@ mod tests {
                 exclude: None,
             };
             let root = || Job {
-                dir: "/src".into(),
+                dir: b"/src".to_vec(),
                 host: ctx.join("src"),
-                logical: "/src".into(),
-                rel: String::new(),
+                logical: b"/src".to_vec(),
+                rel: Vec::new(),
             };
             let mut one = Vec::new();
             sel.walk(&root(), &mut one).unwrap();
             let mut all = Vec::new();
             sel.walk_all(root(), &mut all).unwrap();
-            let show = |v: &[Entry]| -> Vec<(String, PathBuf, Option<String>)> {
+            let listed = |v: &[Entry]| -> Vec<(Vec<u8>, PathBuf, Option<Vec<u8>>)> {
                 v.iter()
                     .map(|e| (e.rel.clone(), e.host.clone(), e.link.clone()))
                     .collect()
             };
             assert!(one.len() >= 200, "{}", one.len());
-            assert_eq!(show(&all), show(&one));
-            let rels: Vec<&str> = one.iter().map(|e| e.rel.as_str()).collect();
+            assert_eq!(listed(&all), listed(&one));
+            let rels: Vec<&str> = one
+                .iter()
+                .map(|e| std::str::from_utf8(&e.rel).unwrap())
+                .collect();
             assert!(rels.contains(&"skipped/keep/k"), "{rels:?}");
             assert!(!rels.contains(&"skipped/gone"));
             assert!(!rels.iter().any(|r| r.ends_with(".log")));
@@ -1197,7 +1200,11 @@ mod tests {
         };
         let src = sel.select("src").unwrap();
         assert_eq!(src.len(), 1);
-        let rels: Vec<&str> = src[0].entries.iter().map(|e| e.rel.as_str()).collect();
+        let rels: Vec<&str> = src[0]
+            .entries
+            .iter()
+            .map(|e| std::str::from_utf8(&e.rel).unwrap())
+            .collect();
         assert_eq!(rels, vec!["", "a.txt", "sub", "sub/b.txt"]);
         assert!(matches!(
             sel.select("skip.log"),
@@ -1254,5 +1261,107 @@ mod tests {
         assert_eq!(key(), k1);
         fs::write(t.path().join("f"), "two").unwrap();
         assert_ne!(key(), k1);
+    }
+
+    /// Names that are not UTF-8 are listed, walked (one layer or several),
+    /// matched by `.dockerignore` and wildcards through their lossy form
+    /// yet kept as bytes, hashed into the key as bytes, and written under
+    /// their own bytes.
+    #[test]
+    fn names_that_are_not_utf8_are_walked_matched_hashed_and_written() {
+        let p = |b: &[u8]| PathBuf::from(OsStr::from_bytes(b));
+        let t = tempfile::tempdir().unwrap();
+        let ctx = t.path().join("ctx");
+        fs::create_dir_all(ctx.join(p(b"r\xe9p"))).unwrap();
+        fs::write(ctx.join(p(b"r\xe9p/caf\xe9")), "in").unwrap();
+        fs::write(ctx.join(p(b"caf\xe9")), "top").unwrap();
+        fs::write(ctx.join(p(b"caf\xe8")), "other").unwrap();
+        fs::write(ctx.join(p(b"skip\xe9")), "ignored").unwrap();
+        std::os::unix::fs::symlink(OsStr::from_bytes(b"caf\xe9"), ctx.join("link")).unwrap();
+        let lower = t.path().join("lower");
+        fs::create_dir_all(lower.join(p(b"r\xe9p"))).unwrap();
+        fs::write(lower.join(p(b"r\xe9p/low\xff")), "low").unwrap();
+
+        let ignore = PatternMatcher::new(&["skip*"]).unwrap();
+        for layers in [vec![ctx.clone()], vec![ctx.clone(), lower.clone()]] {
+            let view = LayerView::new(layers.clone(), layers.len() == 1);
+            let names = view.read_dir("/").unwrap();
+            assert!(names.contains(&b"caf\xe9".to_vec()), "{names:?}");
+            let sel = Selector {
+                view: &view,
+                ignore: Some(&ignore),
+                exclude: None,
+            };
+            let all = sel.select(".").unwrap();
+            let rels: Vec<&[u8]> = all[0].entries.iter().map(|e| e.rel.as_slice()).collect();
+            let mut want: Vec<&[u8]> = vec![
+                b"",
+                b"caf\xe8",
+                b"caf\xe9",
+                b"link",
+                b"r\xe9p",
+                b"r\xe9p/caf\xe9",
+            ];
+            if layers.len() > 1 {
+                want.push(b"r\xe9p/low\xff");
+            }
+            assert_eq!(rels, want);
+            let link = all[0].entries.iter().find(|e| e.rel == b"link").unwrap();
+            assert_eq!(link.link.as_deref(), Some(&b"caf\xe9"[..]));
+            // A wildcard matches the lossy form, the selection keeps bytes.
+            let globbed = sel.select("caf?").unwrap();
+            let got: Vec<&[u8]> = globbed.iter().map(|s| s.name.as_slice()).collect();
+            assert_eq!(got, vec![&b"caf\xe8"[..], &b"caf\xe9"[..]]);
+            assert!(matches!(sel.select("skip*"), Err(CopyError::NotFound(_))));
+        }
+
+        // Names are bytes in the key: two names that read the same lossily
+        // give two keys, and so does one such file's content.
+        let view = LayerView::new(vec![ctx.clone()], true);
+        let sel = Selector {
+            view: &view,
+            ignore: Some(&ignore),
+            exclude: None,
+        };
+        let key = |pat: &str| {
+            let s = sel.select(pat).unwrap();
+            let mut k = KeyHasher::new("copy");
+            hash_selection(&mut k, &s, &NoHashCache, false).unwrap();
+            k.finish()
+        };
+        let k1 = key(".");
+        fs::rename(ctx.join(p(b"caf\xe8")), ctx.join(p(b"caf\xe7"))).unwrap();
+        let k2 = key(".");
+        assert_ne!(k2, k1, "a name's bytes are in the key");
+        fs::write(ctx.join(p(b"r\xe9p/caf\xe9")), "changed").unwrap();
+        assert_ne!(key("."), k2, "such a file's content is in the key");
+        fs::write(ctx.join(p(b"skip\xe9")), "changed").unwrap();
+        let k3 = key(".");
+        fs::write(ctx.join(p(b"skip\xe9")), "changed again").unwrap();
+        assert_eq!(key("."), k3, "an ignored file is not");
+
+        // The copy writes the names' bytes.
+        let upper = t.path().join("upper");
+        fs::create_dir_all(&upper).unwrap();
+        let dst = LayerView::new(vec![upper.clone()], false);
+        let all = sel.select(".").unwrap();
+        copy_selections(&dst, "/app/", true, &all, &CopyOptions::default()).unwrap();
+        let one = sel.select("caf\u{e9}").err();
+        assert!(one.is_some(), "UTF-8 é is another name than Latin-1 é");
+        assert_eq!(
+            fs::read_to_string(upper.join("app").join(p(b"r\xe9p/caf\xe9"))).unwrap(),
+            "changed"
+        );
+        assert_eq!(
+            fs::read_link(upper.join("app/link")).unwrap(),
+            p(b"caf\xe9")
+        );
+        assert!(!upper.join("app").join(p(b"skip\xe9")).exists());
+        let top = sel.select("caf?").unwrap();
+        copy_selections(&dst, "/one/", true, &top, &CopyOptions::default()).unwrap();
+        assert_eq!(
+            fs::read_to_string(upper.join("one").join(p(b"caf\xe9"))).unwrap(),
+            "top"
+        );
     }
 }

@@ -571,9 +571,9 @@ mod tests {
         assert_eq!(clean_abs("/a/../../b/./c/"), "/b/c");
         assert_eq!(join_abs("/app", "x/y"), "/app/x/y");
         assert_eq!(join_abs("/app", "/x"), "/x");
-        assert!(escapes("../x"));
-        assert!(escapes("a/../../x"));
-        assert!(!escapes("a/../x"));
+        assert!(escapes(b"../x"));
+        assert!(escapes(b"a/../../x"));
+        assert!(!escapes(b"a/../x"));
     }
 
     #[test]
