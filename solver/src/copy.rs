@@ -10,7 +10,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use kiln_parser::dockerignore::PatternMatcher;
+use kiln_parser::dockerignore::{match_text, PatternMatcher};
 use sha2::{Digest as _, Sha256};
 
 use crate::fsview::{
@@ -203,19 +203,19 @@ impl Selector<'_> {
     /// BuildKit's copier does: `COPY --exclude=*.log src/ /app/` drops
     /// `src/b.log`).
     ///
-    /// Patterns are text; a name that is not UTF-8 is matched through its
-    /// lossy form (each bad byte one U+FFFD, which `*` and `?` match), for
-    /// matching only: the entry keeps its bytes.
+    /// Patterns are text; a name that is not UTF-8 is matched as
+    /// [`match_text`] spells it (each bad byte one U+FFFD, as Go reads
+    /// it), for matching only: the entry keeps its bytes.
     fn excluded_at(&self, path: &[u8], in_source: &[u8]) -> Result<bool, CopyError> {
         for (m, p) in [(self.ignore, path), (self.exclude, in_source)] {
             let Some(m) = m else {
                 continue;
             };
-            let rel = show(crate::fsview::rel(p).as_bytes());
+            let rel = crate::fsview::rel(p).as_bytes();
             if rel.is_empty() {
                 continue;
             }
-            if m.matches_or_parent_matches(&rel)
+            if m.matches_or_parent_matches_bytes(rel)
                 .map_err(|e| CopyError::Ignore(e.to_string()))?
             {
                 return Ok(true);
@@ -278,13 +278,14 @@ impl Selector<'_> {
     }
 
     /// The paths a wildcard pattern (clean, absolute) matches. Patterns
-    /// are text; names that are not UTF-8 are matched lossily and kept as
-    /// their bytes.
+    /// are text; names that are not UTF-8 are matched as [`match_text`]
+    /// spells them (as Go's `filepath.Match` reads them) and kept as their
+    /// bytes.
     fn glob(&self, pattern: &[u8]) -> Result<Vec<Vec<u8>>, CopyError> {
         let mut current = vec![Vec::new()];
         for comp in components(pattern) {
             let mut next = Vec::new();
-            let comp_s = show(comp);
+            let comp_s = match_text(comp);
             for base in &current {
                 if !has_glob(&comp_s) {
                     next.push(join_child(base, comp));
@@ -297,7 +298,7 @@ impl Selector<'_> {
                     Err(_) => continue,
                 };
                 for n in names {
-                    if glob_match(&comp_s, &show(&n)) {
+                    if glob_match(&comp_s, &match_text(&n)) {
                         next.push(join_child(base, &n));
                     }
                 }
