@@ -591,7 +591,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     let view = kiln_solver::fsview::LayerView::new(active.layers.clone(), false);
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     for (host, ctr, opts) in volumes {
-        let dest = match view.resolve(&kiln_solver::fsview::clean_abs(&ctr), true) {
+        let dest = match view.resolve(kiln_solver::fsview::clean_abs(&ctr), true) {
             Ok(d) => d,
             Err(e) => {
                 backend.abort(active);

@@ -31,10 +31,13 @@ fn meta(path: &[u8], kind: Kind, mode: u32) -> Meta {
     }
 }
 
+/// (directory, file, symlink, its target, hard link).
+type Names = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>);
+
 /// A directory in Latin-1, a file below it whose one name is longer than
 /// a USTAR name field (so no prefix split: a PAX `path`), a symlink with a
 /// long non-UTF-8 target (PAX `linkpath`), and a hard link to the file.
-fn names() -> (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>) {
+fn names() -> Names {
     let dir = b"r\xe9p".to_vec();
     let mut file = dir.clone();
     file.push(b'/');
