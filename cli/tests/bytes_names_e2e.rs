@@ -274,4 +274,16 @@ fn names_that_are_not_utf8_survive_copy_layers_save_load_and_export() {
         cat(&k, "bytes:2", &join(b"/ctx", &join(DIR, CAFE))),
         b"changed"
     );
+    // The rebuild costs the changed file only: the unchanged one with a
+    // name that is not UTF-8 is hard-linked from the previous COPY layer.
+    use std::os::unix::fs::MetadataExt;
+    let linked = std::fs::read_dir(k.root.path().join("snapshots"))
+        .unwrap()
+        .flatten()
+        .filter(|s| {
+            std::fs::symlink_metadata(s.path().join("fs/ctx").join(p(CAFE)))
+                .is_ok_and(|m| m.nlink() == 2)
+        })
+        .count();
+    assert_eq!(linked, 2, "caf\\xe9 shared by the two COPY . layers");
 }

@@ -679,6 +679,16 @@ pub struct Reuse {
     pub written: std::sync::Mutex<Vec<(String, [u8; 32])>>,
 }
 
+/// A destination path as a key of the copy index (JSON text): the path
+/// when it is UTF-8, else `hex:` and its bytes in hex (never an absolute
+/// path, so no two names share a key).
+fn index_key(to: &[u8]) -> String {
+    match std::str::from_utf8(to) {
+        Ok(s) => s.to_string(),
+        Err(_) => format!("hex:{}", hex::encode(to)),
+    }
+}
+
 /// The file beside a COPY layer's directory that indexes its files.
 pub const COPY_INDEX: &str = "kiln-copy-index.json";
 
@@ -715,14 +725,9 @@ impl Reuse {
     }
 
     /// Notes `to` in this run's index (with its source's content hash).
-    /// The index is JSON text: a name that is not UTF-8 is left out of it
-    /// (such a file is copied again next time, never linked by mistake).
     fn note(&self, to: &[u8], e: &Entry) {
-        let Ok(to) = std::str::from_utf8(to) else {
-            return;
-        };
         if let (Some(h), Ok(mut w)) = (self.src_hashes.get(&e.host), self.written.lock()) {
-            w.push((to.to_string(), *h));
+            w.push((index_key(to), *h));
         }
     }
 
@@ -748,10 +753,7 @@ impl Reuse {
         let Some((prev_dir, index)) = &self.prev else {
             return false;
         };
-        let Ok(to) = std::str::from_utf8(to) else {
-            return false;
-        };
-        if index.get(to) != Some(h) {
+        if index.get(&index_key(to)) != Some(h) {
             return false;
         }
         let Some(pfd) = dirs.prev_dir(prev_dir, parent) else {
