@@ -240,7 +240,14 @@ fn names_that_are_not_utf8_survive_copy_layers_save_load_and_export() {
     check_in_image(&fresh, "bytes:1", "/from");
     // The same through an OCI image layout.
     let oci = out.path().join("saved-oci.tar");
-    k.ok(&["save", "--format", "oci", "-o", oci.to_str().unwrap(), "bytes:1"]);
+    k.ok(&[
+        "save",
+        "--format",
+        "oci",
+        "-o",
+        oci.to_str().unwrap(),
+        "bytes:1",
+    ]);
     let fresh_oci = Kiln::new();
     fresh_oci.ok(&["load", "-i", oci.to_str().unwrap()]);
     check_in_image(&fresh_oci, "bytes:1", "/from");
