@@ -591,7 +591,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     let view = kiln_solver::fsview::LayerView::new(active.layers.clone(), false);
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     for (host, ctr, opts) in volumes {
-        let dest = match view.resolve(&kiln_solver::fsview::clean_abs(&ctr), true) {
+        let dest = match view.resolve(kiln_solver::fsview::clean_abs(&ctr), true) {
             Ok(d) => d,
             Err(e) => {
                 backend.abort(active);
@@ -600,7 +600,9 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         };
         mounts.push(
             kiln_executor::oci::MountBuilder::default()
-                .destination(PathBuf::from(dest))
+                .destination(PathBuf::from(
+                    <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(dest),
+                ))
                 .typ("bind")
                 .source(host)
                 .options(opts)

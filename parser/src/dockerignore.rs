@@ -52,6 +52,8 @@
 //! [`moby/patternmatcher`]: https://github.com/moby/patternmatcher
 //! [`tonistiigi/fsutil`]: https://github.com/tonistiigi/fsutil
 
+use std::borrow::Cow;
+
 /// Why a pattern list was rejected or a match could not be decided.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -70,6 +72,25 @@ pub enum IgnoreError {
     /// A [`MatchInfo`] from a different matcher was passed in.
     #[error("wrong number of values in parent match info")]
     MatchInfoMismatch,
+}
+
+/// The text a path whose names are bytes is matched as. Patterns are
+/// text; Go's matchers, which BuildKit uses, read a string that is not
+/// UTF-8 one invalid byte at a time, each as U+FFFD (`utf8.RuneError`), so
+/// `?` and `*` match such a byte as one character. Borrowed when `path` is
+/// UTF-8 already.
+pub fn match_text(path: &[u8]) -> Cow<'_, str> {
+    if let Ok(s) = std::str::from_utf8(path) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(path.len() + 8);
+    for chunk in path.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for _ in chunk.invalid() {
+            out.push(char::REPLACEMENT_CHARACTER);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Reads the text of a `.dockerignore` into its list of patterns, as
@@ -212,6 +233,14 @@ impl PatternMatcher {
             }
         }
         Ok(matched)
+    }
+
+    /// [`matches_or_parent_matches`](Self::matches_or_parent_matches) for
+    /// a path whose names are bytes (a file name need not be UTF-8): the
+    /// path is matched as [`match_text`] spells it. Only the match sees that
+    /// text; the caller keeps (and copies) the name's own bytes.
+    pub fn matches_or_parent_matches_bytes(&self, path: &[u8]) -> Result<bool, IgnoreError> {
+        self.matches_or_parent_matches(&match_text(path))
     }
 
     /// The incremental form used by BuildKit's context walker
@@ -1594,5 +1623,37 @@ mod regex {
             Some('\\') => parse_escape(s, j),
             Some(&c) => Ok((c as u32, j + 1)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name that is not UTF-8 is matched as Go sees it: each invalid
+    /// byte one U+FFFD, which `?`, `*` and `**` match; UTF-8 `é` is not
+    /// Latin-1 `é`.
+    #[test]
+    fn names_that_are_not_utf8_match_one_rune_per_bad_byte() {
+        assert_eq!(match_text(b"plain"), Cow::Borrowed("plain"));
+        assert_eq!(match_text(b"caf\xe9"), "caf\u{fffd}");
+        // A cut-short sequence is two bad bytes, two runes (Go's
+        // DecodeRune), not one as `from_utf8_lossy` would give.
+        assert_eq!(match_text(b"a\xe9\x80b"), "a\u{fffd}\u{fffd}b");
+        let m = PatternMatcher::new(&["caf?", "dir*/x", "**/deep?"]).unwrap();
+        assert!(m.matches_or_parent_matches_bytes(b"caf\xe9").unwrap());
+        assert!(!m.matches_or_parent_matches_bytes(b"caf\xe9\x80").unwrap());
+        assert!(m
+            .matches_or_parent_matches_bytes(b"dir\xff/x/below")
+            .unwrap());
+        assert!(m
+            .matches_or_parent_matches_bytes(b"a\xfe/b/deep\xfe")
+            .unwrap());
+        assert!(!m.matches_or_parent_matches_bytes(b"cafe\xe9").unwrap());
+        let utf8 = PatternMatcher::new(&["caf\u{e9}"]).unwrap();
+        assert!(utf8
+            .matches_or_parent_matches_bytes("caf\u{e9}".as_bytes())
+            .unwrap());
+        assert!(!utf8.matches_or_parent_matches_bytes(b"caf\xe9").unwrap());
     }
 }

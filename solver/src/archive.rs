@@ -6,11 +6,12 @@
 
 use std::fs;
 use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
 
 use kiln_image::apply::{apply_layer, WhiteoutMode};
 
 use crate::copy::{copy_selections, CopyError, CopyOptions, Selection, Selector};
-use crate::fsview::{join_abs, LayerView};
+use crate::fsview::{base_bytes, join_bytes, parent_bytes, show, LayerView};
 
 fn io_err(what: &str, e: impl std::fmt::Display) -> CopyError {
     CopyError::Io(what.to_string(), io::Error::other(e.to_string()))
@@ -107,7 +108,7 @@ pub fn add_selections(
                 .first()
                 .map(|e| open_archive(&e.host))
                 .transpose()
-                .map_err(|e| io_err(&s.path, e))?
+                .map_err(|e| io_err(&show(&s.path), e))?
                 .flatten()
         };
         let Some(reader) = archive else {
@@ -124,7 +125,8 @@ pub fn add_selections(
             .prefix(".kiln-add-")
             .tempdir_in(parent)
             .map_err(|e| io_err("temporary directory", e))?;
-        apply_layer(reader, tmp.path(), WhiteoutMode::Delete).map_err(|e| io_err(&s.path, e))?;
+        apply_layer(reader, tmp.path(), WhiteoutMode::Delete)
+            .map_err(|e| io_err(&show(&s.path), e))?;
         let src = LayerView::new(vec![tmp.path().to_path_buf()], false);
         let sel = Selector {
             view: &src,
@@ -159,20 +161,16 @@ pub fn write_inline(
     opts: &CopyOptions,
 ) -> Result<(), CopyError> {
     let target = if dest_is_dir {
-        join_abs(&dst.resolve(dest, true)?, name)
+        join_bytes(&dst.resolve(dest, true)?, name.as_bytes())
     } else {
         dst.resolve(dest, true)?
     };
     let owner = opts.owner.unwrap_or((0, 0));
-    let parent = match target.rfind('/') {
-        Some(0) | None => "/".to_string(),
-        Some(i) => target[..i].to_string(),
-    };
-    let parent = dst.resolve(&parent, true)?;
+    let parent = dst.resolve(parent_bytes(&target), true)?;
     let dir = dst.ensure_dir(&parent, owner)?;
-    let base = crate::fsview::base_name(&target);
+    let base = std::ffi::OsStr::from_bytes(base_bytes(&target));
     if base.is_empty() {
-        return Err(io_err(&target, "not a file name"));
+        return Err(io_err(&show(&target), "not a file name"));
     }
     let mode = opts.chmod.as_ref().map_or(0o644, |c| c.apply(0o644, false));
     let fs_err = |e: kiln_fs::Error| CopyError::View(e.into());

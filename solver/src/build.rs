@@ -1744,11 +1744,12 @@ fn resolve_mount_targets(
 ) -> Result<Vec<kiln_executor::oci::Mount>, String> {
     let view = LayerView::new(layers.to_vec(), false);
     for m in &mut mounts {
-        let dest = m.destination().to_string_lossy().into_owned();
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        let dest = m.destination().as_os_str().as_bytes().to_vec();
         let resolved = view
-            .resolve(&crate::fsview::clean_abs(&dest), true)
-            .map_err(|e| format!("mount target {dest}: {e}"))?;
-        m.set_destination(PathBuf::from(resolved));
+            .resolve(crate::fsview::clean_bytes(&dest), true)
+            .map_err(|e| format!("mount target {}: {e}", crate::fsview::show(&dest)))?;
+        m.set_destination(PathBuf::from(std::ffi::OsString::from_vec(resolved)));
     }
     Ok(mounts)
 }

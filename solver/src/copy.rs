@@ -3,15 +3,19 @@
 //! writing it into a snapshot's top layer with Docker's destination rules.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use kiln_parser::dockerignore::PatternMatcher;
+use kiln_parser::dockerignore::{match_text, PatternMatcher};
 use sha2::{Digest as _, Sha256};
 
-use crate::fsview::{base_name, clean_abs, join_abs, LayerView, ViewError};
+use crate::fsview::{
+    base_bytes, clean_bytes, components, join_bytes, parent_bytes, show, LayerView, ViewError,
+};
 use crate::key::KeyHasher;
 
 /// The identity of a file's content as `stat` sees it: if all of these are
@@ -91,28 +95,28 @@ fn io_err(p: &Path, e: io::Error) -> CopyError {
     CopyError::Io(p.display().to_string(), e)
 }
 
-/// One entry to copy.
+/// One entry to copy. Names are bytes (not necessarily UTF-8).
 #[derive(Debug, Clone)]
 pub struct Entry {
     /// Path relative to the destination base ("" = the base itself).
-    pub rel: String,
+    pub rel: Vec<u8>,
     /// Host path to read from.
     pub host: PathBuf,
     /// Its lstat.
     pub meta: fs::Metadata,
     /// Symlink target, for links.
-    pub link: Option<String>,
+    pub link: Option<Vec<u8>>,
 }
 
 /// One selected source and everything under it.
 #[derive(Debug, Clone)]
 pub struct Selection {
     /// The resolved source path in its view.
-    pub path: String,
+    pub path: Vec<u8>,
     /// The base name the source was selected by, before its last symlink
     /// was followed: a file copied into a directory takes this name
     /// (BuildKit: `filepath.Base(src)`), not its link target's.
-    pub name: String,
+    pub name: Vec<u8>,
     /// True when the source is a directory (its contents are copied).
     pub is_dir: bool,
     /// The entries, sorted, the source itself first (rel "").
@@ -190,7 +194,7 @@ pub struct Selector<'a> {
 }
 
 impl Selector<'_> {
-    fn excluded(&self, path: &str) -> Result<bool, CopyError> {
+    fn excluded(&self, path: &[u8]) -> Result<bool, CopyError> {
         self.excluded_at(path, path)
     }
 
@@ -198,15 +202,20 @@ impl Selector<'_> {
     /// `--exclude` matches `in_source` (relative to the copied source, as
     /// BuildKit's copier does: `COPY --exclude=*.log src/ /app/` drops
     /// `src/b.log`).
-    fn excluded_at(&self, path: &str, in_source: &str) -> Result<bool, CopyError> {
+    ///
+    /// Patterns are text; a name that is not UTF-8 is matched as
+    /// [`match_text`] spells it (each bad byte one U+FFFD, as Go reads
+    /// it), for matching only: the entry keeps its bytes.
+    fn excluded_at(&self, path: &[u8], in_source: &[u8]) -> Result<bool, CopyError> {
         for (m, p) in [(self.ignore, path), (self.exclude, in_source)] {
-            let (Some(m), rel) = (m, p.trim_start_matches('/')) else {
+            let Some(m) = m else {
                 continue;
             };
+            let rel = crate::fsview::rel(p).as_bytes();
             if rel.is_empty() {
                 continue;
             }
-            if m.matches_or_parent_matches(rel)
+            if m.matches_or_parent_matches_bytes(rel)
                 .map_err(|e| CopyError::Ignore(e.to_string()))?
             {
                 return Ok(true);
@@ -217,13 +226,13 @@ impl Selector<'_> {
 
     /// Expands one source pattern (relative to the view's root).
     pub fn select(&self, pattern: &str) -> Result<Vec<Selection>, CopyError> {
-        let clean = clean_abs(pattern);
+        let clean = clean_bytes(pattern.as_bytes());
         if pattern.split('/').filter(|c| *c == "..").count() > 0
             && self.view.resolve(pattern, false).is_err()
         {
             return Err(ViewError::Escape(pattern.to_string()).into());
         }
-        let paths = if has_glob(&clean) {
+        let paths = if has_glob(&show(&clean)) {
             self.glob(&clean)?
         } else {
             vec![clean.clone()]
@@ -239,7 +248,7 @@ impl Selector<'_> {
             };
             let is_dir = found.meta.is_dir();
             let mut entries = vec![Entry {
-                rel: String::new(),
+                rel: Vec::new(),
                 link: None,
                 host: found.host.clone(),
                 meta: found.meta,
@@ -250,13 +259,13 @@ impl Selector<'_> {
                         dir: resolved.clone(),
                         host: found.host.clone(),
                         logical: p.clone(),
-                        rel: String::new(),
+                        rel: Vec::new(),
                     },
                     &mut entries,
                 )?;
             }
             out.push(Selection {
-                name: base_name(&p).to_string(),
+                name: base_bytes(&p).to_vec(),
                 path: resolved,
                 is_dir,
                 entries,
@@ -268,24 +277,29 @@ impl Selector<'_> {
         Ok(out)
     }
 
-    fn glob(&self, pattern: &str) -> Result<Vec<String>, CopyError> {
-        let mut current = vec![String::new()];
-        for comp in pattern.split('/').filter(|c| !c.is_empty()) {
+    /// The paths a wildcard pattern (clean, absolute) matches. Patterns
+    /// are text; names that are not UTF-8 are matched as [`match_text`]
+    /// spells them (as Go's `filepath.Match` reads them) and kept as their
+    /// bytes.
+    fn glob(&self, pattern: &[u8]) -> Result<Vec<Vec<u8>>, CopyError> {
+        let mut current = vec![Vec::new()];
+        for comp in components(pattern) {
             let mut next = Vec::new();
+            let comp_s = match_text(comp);
             for base in &current {
-                if !has_glob(comp) {
-                    next.push(format!("{base}/{comp}"));
+                if !has_glob(&comp_s) {
+                    next.push(join_child(base, comp));
                     continue;
                 }
-                let dir = if base.is_empty() { "/" } else { base.as_str() };
+                let dir: &[u8] = if base.is_empty() { b"/" } else { base };
                 let resolved = self.view.resolve(dir, true)?;
                 let names = match self.view.read_dir(&resolved) {
                     Ok(n) => n,
                     Err(_) => continue,
                 };
                 for n in names {
-                    if glob_match(comp, &n) {
-                        next.push(format!("{base}/{n}"));
+                    if glob_match(&comp_s, &match_text(&n)) {
+                        next.push(join_child(base, &n));
                     }
                 }
             }
@@ -305,12 +319,15 @@ impl Selector<'_> {
         f: &mut dyn FnMut(Step) -> Result<(), CopyError>,
     ) -> Result<(), CopyError> {
         for (name, found) in self.view.children(&job.dir, &job.host)? {
-            let path = format!("{}/{name}", job.dir.trim_end_matches('/'));
-            let lpath = format!("{}/{name}", job.logical.trim_end_matches('/'));
+            let path = join_child(&job.dir, &name);
+            let lpath = join_child(&job.logical, &name);
             let r = if job.rel.is_empty() {
                 name
             } else {
-                format!("{}/{name}", job.rel)
+                let mut r = job.rel.clone();
+                r.push(b'/');
+                r.extend_from_slice(&name);
+                r
             };
             let is_dir = found.meta.is_dir();
             if self.excluded_at(&lpath, &r)? {
@@ -332,8 +349,8 @@ impl Selector<'_> {
                 Some(
                     fs::read_link(&found.host)
                         .map_err(|e| io_err(&found.host, e))?
-                        .to_string_lossy()
-                        .to_string(),
+                        .into_os_string()
+                        .into_vec(),
                 )
             } else {
                 None
@@ -440,16 +457,26 @@ const WALK_SPLIT_LEVELS: usize = 4;
 /// big one does not leave the other threads idle for long.
 const WALK_JOBS_PER_THREAD: usize = 8;
 
-/// A directory still to be walked.
+/// `dir/name` for an absolute slash path `dir` ("" or "/" = the root).
+fn join_child(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let dir = dir.strip_suffix(b"/").unwrap_or(dir);
+    let mut p = Vec::with_capacity(dir.len() + name.len() + 1);
+    p.extend_from_slice(dir);
+    p.push(b'/');
+    p.extend_from_slice(name);
+    p
+}
+
+/// A directory still to be walked. Paths are bytes.
 struct Job {
     /// Its resolved path in the view.
-    dir: String,
+    dir: Vec<u8>,
     /// Where it is on the host.
     host: PathBuf,
     /// Its path as the source pattern names it (for `.dockerignore`).
-    logical: String,
+    logical: Vec<u8>,
     /// Its path relative to the selected source.
-    rel: String,
+    rel: Vec<u8>,
 }
 
 /// What [`Selector::visit`] found.
@@ -652,6 +679,16 @@ pub struct Reuse {
     pub written: std::sync::Mutex<Vec<(String, [u8; 32])>>,
 }
 
+/// A destination path as a key of the copy index (JSON text): the path
+/// when it is UTF-8, else `hex:` and its bytes in hex (never an absolute
+/// path, so no two names share a key).
+fn index_key(to: &[u8]) -> String {
+    match std::str::from_utf8(to) {
+        Ok(s) => s.to_string(),
+        Err(_) => format!("hex:{}", hex::encode(to)),
+    }
+}
+
 /// The file beside a COPY layer's directory that indexes its files.
 pub const COPY_INDEX: &str = "kiln-copy-index.json";
 
@@ -688,9 +725,9 @@ impl Reuse {
     }
 
     /// Notes `to` in this run's index (with its source's content hash).
-    fn note(&self, to: &str, e: &Entry) {
+    fn note(&self, to: &[u8], e: &Entry) {
         if let (Some(h), Ok(mut w)) = (self.src_hashes.get(&e.host), self.written.lock()) {
-            w.push((to.to_string(), *h));
+            w.push((index_key(to), *h));
         }
     }
 
@@ -702,8 +739,8 @@ impl Reuse {
     fn link_unchanged(
         &self,
         root: &kiln_fs::Root,
-        to: &str,
-        parent: &str,
+        to: &[u8],
+        parent: &[u8],
         e: &Entry,
         want: (u32, u32, u32, i64, i64),
         name: &std::ffi::CStr,
@@ -716,7 +753,7 @@ impl Reuse {
         let Some((prev_dir, index)) = &self.prev else {
             return false;
         };
-        if index.get(to) != Some(h) {
+        if index.get(&index_key(to)) != Some(h) {
             return false;
         }
         let Some(pfd) = dirs.prev_dir(prev_dir, parent) else {
@@ -752,42 +789,40 @@ impl Reuse {
 #[derive(Default)]
 pub(crate) struct DirFds {
     /// The top layer's directory (by its path in the view).
-    host: Option<(String, kiln_fs::Dir)>,
+    host: Option<(Vec<u8>, kiln_fs::Dir)>,
     /// The previous run's layer, and a directory in it.
     prev_root: Option<kiln_fs::Root>,
-    prev: Option<(String, kiln_fs::Dir)>,
+    prev: Option<(Vec<u8>, kiln_fs::Dir)>,
 }
 
 impl DirFds {
     /// The top layer's directory at the view path `dir` (resolved, with
     /// no symlink on the way: one is an error, never followed).
-    fn dir(&mut self, root: &kiln_fs::Root, dir: &str) -> Result<&kiln_fs::Dir, CopyError> {
+    fn dir(&mut self, root: &kiln_fs::Root, dir: &[u8]) -> Result<&kiln_fs::Dir, CopyError> {
         if self.host.as_ref().is_none_or(|(p, _)| p != dir) {
             let d = root
-                .open_dir(dir.trim_start_matches('/'), kiln_fs::Follow::Never)
+                .open_dir(crate::fsview::rel(dir), kiln_fs::Follow::Never)
                 .map_err(|e| CopyError::View(e.into()))?;
-            self.host = Some((dir.to_string(), d));
+            self.host = Some((dir.to_vec(), d));
         }
         match &self.host {
             Some((_, d)) => Ok(d),
-            None => Err(CopyError::Io(dir.into(), io::Error::other("no directory"))),
+            None => Err(CopyError::Io(show(dir), io::Error::other("no directory"))),
         }
     }
 
     /// Drops a held directory at or below `path`, which is about to go.
-    fn forget_below(&mut self, path: &str) {
-        if self
-            .host
-            .as_ref()
-            .is_some_and(|(p, _)| p == path || p.starts_with(&format!("{path}/")))
-        {
+    fn forget_below(&mut self, path: &[u8]) {
+        if self.host.as_ref().is_some_and(|(p, _)| {
+            p == path || (p.starts_with(path) && p.get(path.len()) == Some(&b'/'))
+        }) {
             self.host = None;
         }
     }
 
     /// The previous layer's directory at the view path `dir`, if there is
     /// one (symlinks on the way: none).
-    fn prev_dir(&mut self, prev_layer: &Path, dir: &str) -> Option<i32> {
+    fn prev_dir(&mut self, prev_layer: &Path, dir: &[u8]) -> Option<i32> {
         use std::os::fd::AsRawFd;
         if self.prev_root.is_none() {
             self.prev_root = kiln_fs::Root::open(prev_layer).ok();
@@ -795,9 +830,9 @@ impl DirFds {
         let root = self.prev_root.as_ref()?;
         if self.prev.as_ref().is_none_or(|(p, _)| p != dir) {
             let d = root
-                .open_dir(dir.trim_start_matches('/'), kiln_fs::Follow::Never)
+                .open_dir(crate::fsview::rel(dir), kiln_fs::Follow::Never)
                 .ok()?;
-            self.prev = Some((dir.to_string(), d));
+            self.prev = Some((dir.to_vec(), d));
         }
         self.prev.as_ref().map(|(_, d)| d.as_raw_fd())
     }
@@ -833,7 +868,7 @@ pub fn copy_selections(
     opts: &CopyOptions,
 ) -> Result<(), CopyError> {
     let multiple = selections.len() > 1;
-    let dest_clean = clean_abs(dest);
+    let dest_clean = clean_bytes(dest.as_bytes());
     let dest_resolved = dst.resolve(&dest_clean, true)?;
     let existing_dir = dst.lookup(&dest_resolved).is_some_and(|f| f.meta.is_dir());
     let dest_is_dir = dest_is_dir_hint || existing_dir;
@@ -843,21 +878,21 @@ pub fn copy_selections(
     let new_owner = opts.owner.unwrap_or((0, 0));
     // Hard links among the copied files stay hard links (BuildKit's
     // copier tracks source inodes the same way).
-    let mut links: HashMap<(u64, u64), String> = HashMap::new();
+    let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     let root = dst.top_root()?;
     let mut dirs = DirFds::default();
     for s in selections {
         let target = if s.is_dir {
             dest_resolved.clone()
         } else if dest_is_dir {
-            join_abs(&dest_resolved, &s.name)
+            join_bytes(&dest_resolved, &s.name)
         } else {
             dest_resolved.clone()
         };
-        let parent = parent_of(&target);
+        let parent = parent_bytes(&target);
         let parent = dst.resolve(&parent, true)?;
         dst.ensure_dir_in(&root, &parent, new_owner)?;
-        let target = join_abs(&parent, base_name(&target));
+        let target = join_bytes(&parent, base_bytes(&target));
         if s.is_dir && s.entries.first().is_none_or(|e| !e.rel.is_empty()) {
             // A directory selection without its own root entry (`COPY
             // --parents`): the destination is made with default modes.
@@ -867,7 +902,7 @@ pub fn copy_selections(
             let to = if e.rel.is_empty() {
                 target.clone()
             } else {
-                join_abs(&target, &e.rel)
+                join_bytes(&target, &e.rel)
             };
             write_entry(&root, &to, e, opts, &mut links, &mut dirs)?;
         }
@@ -877,26 +912,20 @@ pub fn copy_selections(
                 let to = if e.rel.is_empty() {
                     target.clone()
                 } else {
-                    join_abs(&target, &e.rel)
+                    join_bytes(&target, &e.rel)
                 };
                 let t = (clamp(e.meta.mtime(), opts.clamp_mtime), 0);
-                if to == "/" {
+                if to == b"/" {
                     root.dir().set_times_self(t).map_err(ViewError::from)?;
                 } else {
-                    let d = dirs.dir(&root, &parent_of(&to))?;
-                    d.set_times(base_name(&to), t).map_err(ViewError::from)?;
+                    let d = dirs.dir(&root, &parent_bytes(&to))?;
+                    d.set_times(OsStr::from_bytes(base_bytes(&to)), t)
+                        .map_err(ViewError::from)?;
                 }
             }
         }
     }
     Ok(())
-}
-
-fn parent_of(p: &str) -> String {
-    match p.rfind('/') {
-        Some(0) | None => "/".into(),
-        Some(i) => p[..i].to_string(),
-    }
 }
 
 fn clamp(t: i64, c: Option<i64>) -> i64 {
@@ -911,10 +940,10 @@ fn clamp(t: i64, c: Option<i64>) -> i64 {
 /// directory: nothing here follows a symlink on the host.
 fn write_entry(
     root: &kiln_fs::Root,
-    to: &str,
+    to: &[u8],
     e: &Entry,
     opts: &CopyOptions,
-    links: &mut HashMap<(u64, u64), String>,
+    links: &mut HashMap<(u64, u64), Vec<u8>>,
     dirs: &mut DirFds,
 ) -> Result<(), CopyError> {
     let m = &e.meta;
@@ -929,7 +958,7 @@ fn write_entry(
         None => m.mode() & 0o7777,
     };
     let fs_err = |err: kiln_fs::Error| CopyError::View(err.into());
-    if to == "/" {
+    if to == b"/" {
         // The selection's root onto the layer's root: only a directory
         // merges there, and takes its owner and mode.
         if ft.is_dir() {
@@ -939,11 +968,11 @@ fn write_entry(
         }
         return Ok(());
     }
-    let name_s = base_name(to);
-    let name = std::ffi::OsStr::new(name_s);
-    let Ok(cname) = std::ffi::CString::new(name_s) else {
+    let name_b = base_bytes(to);
+    let name = OsStr::from_bytes(name_b);
+    let Ok(cname) = std::ffi::CString::new(name_b) else {
         return Err(CopyError::Io(
-            to.to_string(),
+            show(to),
             io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a name"),
         ));
     };
@@ -957,7 +986,7 @@ fn write_entry(
             m.mtime_nsec()
         },
     );
-    let parent = parent_of(to);
+    let parent = parent_bytes(to);
     let mut link_tried = false;
     if let (true, Some(r)) = (first_name, &opts.reuse) {
         r.note(to, e);
@@ -967,7 +996,7 @@ fn write_entry(
         // general way below replaces it).
         if r.link_unchanged(root, to, &parent, e, (uid, gid, mode, t, ns), &cname, dirs) {
             if m.nlink() > 1 {
-                links.insert((m.dev(), m.ino()), to.to_string());
+                links.insert((m.dev(), m.ino()), to.to_vec());
             }
             return Ok(());
         }
@@ -997,10 +1026,11 @@ fn write_entry(
         let target = match &e.link {
             Some(l) => l.clone(),
             None => fs::read_link(&e.host)
-                .map(|t| t.to_string_lossy().to_string())
+                .map(|t| t.into_os_string().into_vec())
                 .unwrap_or_default(),
         };
-        dir.symlink(name, &target).map_err(fs_err)?;
+        dir.symlink(name, OsStr::from_bytes(&target))
+            .map_err(fs_err)?;
         dir.chown(name, uid, gid).map_err(fs_err)?;
         dir.set_times(name, (clamp(m.mtime(), opts.clamp_mtime), 0))
             .map_err(fs_err)?;
@@ -1008,16 +1038,16 @@ fn write_entry(
         if let Some(first) = links.get(&(m.dev(), m.ino())) {
             let from = root
                 .open_dir(
-                    parent_of(first).trim_start_matches('/'),
+                    crate::fsview::rel(&parent_bytes(first)),
                     kiln_fs::Follow::Never,
                 )
                 .map_err(fs_err)?;
-            dir.hard_link(name, &from, base_name(first))
+            dir.hard_link(name, &from, OsStr::from_bytes(base_bytes(first)))
                 .map_err(fs_err)?;
         }
     } else if ft.is_file() {
         if m.nlink() > 1 {
-            links.insert((m.dev(), m.ino()), to.to_string());
+            links.insert((m.dev(), m.ino()), to.to_vec());
         }
         // The link above found the destination taken; it is gone now.
         if let (true, false, Some(r)) = (link_tried, absent, &opts.reuse) {
@@ -1043,12 +1073,12 @@ fn write_entry(
 fn copy_file(
     from: &Path,
     mut dst: fs::File,
-    to: &str,
+    to: &[u8],
     (uid, gid, mode): (u32, u32, u32),
     (t, ns): (i64, i64),
 ) -> Result<(), CopyError> {
     use std::os::fd::AsRawFd;
-    let err = |e: io::Error| CopyError::Io(to.to_string(), e);
+    let err = |e: io::Error| CopyError::Io(show(to), e);
     let mut src = fs::File::open(from).map_err(|e| io_err(from, e))?;
     // SAFETY: two open descriptors; FICLONE fails harmlessly when
     // unsupported.
@@ -1128,23 +1158,26 @@ mod tests {
                 exclude: None,
             };
             let root = || Job {
-                dir: "/src".into(),
+                dir: b"/src".to_vec(),
                 host: ctx.join("src"),
-                logical: "/src".into(),
-                rel: String::new(),
+                logical: b"/src".to_vec(),
+                rel: Vec::new(),
             };
             let mut one = Vec::new();
             sel.walk(&root(), &mut one).unwrap();
             let mut all = Vec::new();
             sel.walk_all(root(), &mut all).unwrap();
-            let show = |v: &[Entry]| -> Vec<(String, PathBuf, Option<String>)> {
+            let listed = |v: &[Entry]| -> Vec<(Vec<u8>, PathBuf, Option<Vec<u8>>)> {
                 v.iter()
                     .map(|e| (e.rel.clone(), e.host.clone(), e.link.clone()))
                     .collect()
             };
             assert!(one.len() >= 200, "{}", one.len());
-            assert_eq!(show(&all), show(&one));
-            let rels: Vec<&str> = one.iter().map(|e| e.rel.as_str()).collect();
+            assert_eq!(listed(&all), listed(&one));
+            let rels: Vec<&str> = one
+                .iter()
+                .map(|e| std::str::from_utf8(&e.rel).unwrap())
+                .collect();
             assert!(rels.contains(&"skipped/keep/k"), "{rels:?}");
             assert!(!rels.contains(&"skipped/gone"));
             assert!(!rels.iter().any(|r| r.ends_with(".log")));
@@ -1170,7 +1203,11 @@ mod tests {
         };
         let src = sel.select("src").unwrap();
         assert_eq!(src.len(), 1);
-        let rels: Vec<&str> = src[0].entries.iter().map(|e| e.rel.as_str()).collect();
+        let rels: Vec<&str> = src[0]
+            .entries
+            .iter()
+            .map(|e| std::str::from_utf8(&e.rel).unwrap())
+            .collect();
         assert_eq!(rels, vec!["", "a.txt", "sub", "sub/b.txt"]);
         assert!(matches!(
             sel.select("skip.log"),
@@ -1227,5 +1264,107 @@ mod tests {
         assert_eq!(key(), k1);
         fs::write(t.path().join("f"), "two").unwrap();
         assert_ne!(key(), k1);
+    }
+
+    /// Names that are not UTF-8 are listed, walked (one layer or several),
+    /// matched by `.dockerignore` and wildcards through their lossy form
+    /// yet kept as bytes, hashed into the key as bytes, and written under
+    /// their own bytes.
+    #[test]
+    fn names_that_are_not_utf8_are_walked_matched_hashed_and_written() {
+        let p = |b: &[u8]| PathBuf::from(OsStr::from_bytes(b));
+        let t = tempfile::tempdir().unwrap();
+        let ctx = t.path().join("ctx");
+        fs::create_dir_all(ctx.join(p(b"r\xe9p"))).unwrap();
+        fs::write(ctx.join(p(b"r\xe9p/caf\xe9")), "in").unwrap();
+        fs::write(ctx.join(p(b"caf\xe9")), "top").unwrap();
+        fs::write(ctx.join(p(b"caf\xe8")), "other").unwrap();
+        fs::write(ctx.join(p(b"skip\xe9")), "ignored").unwrap();
+        std::os::unix::fs::symlink(OsStr::from_bytes(b"caf\xe9"), ctx.join("link")).unwrap();
+        let lower = t.path().join("lower");
+        fs::create_dir_all(lower.join(p(b"r\xe9p"))).unwrap();
+        fs::write(lower.join(p(b"r\xe9p/low\xff")), "low").unwrap();
+
+        let ignore = PatternMatcher::new(&["skip*"]).unwrap();
+        for layers in [vec![ctx.clone()], vec![ctx.clone(), lower.clone()]] {
+            let view = LayerView::new(layers.clone(), layers.len() == 1);
+            let names = view.read_dir("/").unwrap();
+            assert!(names.contains(&b"caf\xe9".to_vec()), "{names:?}");
+            let sel = Selector {
+                view: &view,
+                ignore: Some(&ignore),
+                exclude: None,
+            };
+            let all = sel.select(".").unwrap();
+            let rels: Vec<&[u8]> = all[0].entries.iter().map(|e| e.rel.as_slice()).collect();
+            let mut want: Vec<&[u8]> = vec![
+                b"",
+                b"caf\xe8",
+                b"caf\xe9",
+                b"link",
+                b"r\xe9p",
+                b"r\xe9p/caf\xe9",
+            ];
+            if layers.len() > 1 {
+                want.push(b"r\xe9p/low\xff");
+            }
+            assert_eq!(rels, want);
+            let link = all[0].entries.iter().find(|e| e.rel == b"link").unwrap();
+            assert_eq!(link.link.as_deref(), Some(&b"caf\xe9"[..]));
+            // A wildcard matches the lossy form, the selection keeps bytes.
+            let globbed = sel.select("caf?").unwrap();
+            let got: Vec<&[u8]> = globbed.iter().map(|s| s.name.as_slice()).collect();
+            assert_eq!(got, vec![&b"caf\xe8"[..], &b"caf\xe9"[..]]);
+            assert!(matches!(sel.select("skip*"), Err(CopyError::NotFound(_))));
+        }
+
+        // Names are bytes in the key: two names that read the same lossily
+        // give two keys, and so does one such file's content.
+        let view = LayerView::new(vec![ctx.clone()], true);
+        let sel = Selector {
+            view: &view,
+            ignore: Some(&ignore),
+            exclude: None,
+        };
+        let key = |pat: &str| {
+            let s = sel.select(pat).unwrap();
+            let mut k = KeyHasher::new("copy");
+            hash_selection(&mut k, &s, &NoHashCache, false).unwrap();
+            k.finish()
+        };
+        let k1 = key(".");
+        fs::rename(ctx.join(p(b"caf\xe8")), ctx.join(p(b"caf\xe7"))).unwrap();
+        let k2 = key(".");
+        assert_ne!(k2, k1, "a name's bytes are in the key");
+        fs::write(ctx.join(p(b"r\xe9p/caf\xe9")), "changed").unwrap();
+        assert_ne!(key("."), k2, "such a file's content is in the key");
+        fs::write(ctx.join(p(b"skip\xe9")), "changed").unwrap();
+        let k3 = key(".");
+        fs::write(ctx.join(p(b"skip\xe9")), "changed again").unwrap();
+        assert_eq!(key("."), k3, "an ignored file is not");
+
+        // The copy writes the names' bytes.
+        let upper = t.path().join("upper");
+        fs::create_dir_all(&upper).unwrap();
+        let dst = LayerView::new(vec![upper.clone()], false);
+        let all = sel.select(".").unwrap();
+        copy_selections(&dst, "/app/", true, &all, &CopyOptions::default()).unwrap();
+        let one = sel.select("caf\u{e9}").err();
+        assert!(one.is_some(), "UTF-8 é is another name than Latin-1 é");
+        assert_eq!(
+            fs::read_to_string(upper.join("app").join(p(b"r\xe9p/caf\xe9"))).unwrap(),
+            "changed"
+        );
+        assert_eq!(
+            fs::read_link(upper.join("app/link")).unwrap(),
+            p(b"caf\xe9")
+        );
+        assert!(!upper.join("app").join(p(b"skip\xe9")).exists());
+        let top = sel.select("caf?").unwrap();
+        copy_selections(&dst, "/one/", true, &top, &CopyOptions::default()).unwrap();
+        assert_eq!(
+            fs::read_to_string(upper.join("one").join(p(b"caf\xe9"))).unwrap(),
+            "top"
+        );
     }
 }

@@ -7,36 +7,73 @@
 //! Paths inside the view are absolute, slash-separated and resolved
 //! component by component inside the root: `..` and symlinks never leave
 //! it. In `strict` mode (the build context) an escape is an error instead.
+//!
+//! File names are bytes: a view path is a `[u8]` (a name need not be
+//! UTF-8), and only messages show it lossily.
 
 use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Go's `path.Clean` for absolute slash paths: the result starts with `/`.
 pub fn clean_abs(p: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for c in p.split('/') {
+    // Cleaning only removes whole components: UTF-8 in, UTF-8 out.
+    String::from_utf8_lossy(&clean_bytes(p.as_bytes())).into_owned()
+}
+
+/// Joins `p` onto the directory `base` (when `p` is relative) and cleans.
+pub fn join_abs(base: &str, p: &str) -> String {
+    String::from_utf8_lossy(&join_bytes(base.as_bytes(), p.as_bytes())).into_owned()
+}
+
+/// The non-empty components of a slash path.
+pub fn components(p: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    p.split(|b| *b == b'/').filter(|c| !c.is_empty())
+}
+
+/// [`clean_abs`] of a path whose names are bytes.
+pub fn clean_bytes(p: &[u8]) -> Vec<u8> {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for c in components(p) {
         match c {
-            "" | "." => {}
-            ".." => {
+            b"." => {}
+            b".." => {
                 parts.pop();
             }
             c => parts.push(c),
         }
     }
-    format!("/{}", parts.join("/"))
+    let mut out = Vec::with_capacity(p.len() + 1);
+    for c in &parts {
+        out.push(b'/');
+        out.extend_from_slice(c);
+    }
+    if out.is_empty() {
+        out.push(b'/');
+    }
+    out
 }
 
-/// Joins `p` onto the directory `base` (when `p` is relative) and cleans.
-pub fn join_abs(base: &str, p: &str) -> String {
-    if p.starts_with('/') {
-        clean_abs(p)
+/// [`join_abs`] of paths whose names are bytes.
+pub fn join_bytes(base: &[u8], p: &[u8]) -> Vec<u8> {
+    if p.starts_with(b"/") {
+        clean_bytes(p)
     } else {
-        clean_abs(&format!("{base}/{p}"))
+        let mut v = Vec::with_capacity(base.len() + p.len() + 1);
+        v.extend_from_slice(base);
+        v.push(b'/');
+        v.extend_from_slice(p);
+        clean_bytes(&v)
     }
+}
+
+/// A path's bytes as text, for messages only (lossy).
+pub fn show(p: &[u8]) -> String {
+    String::from_utf8_lossy(p).into_owned()
 }
 
 /// Errors of the view.
@@ -131,13 +168,10 @@ impl LayerView {
 
     /// Looks up an already-resolved path (no symlinks in its parents)
     /// without following a final symlink.
-    pub fn lookup(&self, resolved: &str) -> Option<Found> {
-        let rel = resolved.trim_start_matches('/');
-        let comps: Vec<&str> = if rel.is_empty() {
-            Vec::new()
-        } else {
-            rel.split('/').collect()
-        };
+    pub fn lookup(&self, resolved: impl AsRef<[u8]>) -> Option<Found> {
+        let comps: Vec<&OsStr> = components(resolved.as_ref())
+            .map(OsStr::from_bytes)
+            .collect();
         'layers: for (i, layer) in self.layers.iter().enumerate() {
             // A whiteout of any ancestor, or an opaque ancestor in an upper
             // layer, hides this layer's entry.
@@ -195,13 +229,17 @@ impl LayerView {
     /// view each entry is `lstat`ed relative to the open directory (no
     /// walk of its whole path); views of several layers merge the layers'
     /// listings and look each name up through the stack.
-    pub fn children(&self, dir: &str, dir_host: &Path) -> Result<Vec<(String, Found)>, ViewError> {
+    pub fn children(
+        &self,
+        dir: &[u8],
+        dir_host: &Path,
+    ) -> Result<Vec<(Vec<u8>, Found)>, ViewError> {
         if self.layers.len() != 1 {
             return Ok(self
                 .read_dir(dir)?
                 .into_iter()
                 .filter_map(|n| {
-                    let f = self.lookup(&format!("{}/{n}", dir.trim_end_matches('/')))?;
+                    let f = self.lookup(join_bytes(dir, &n))?;
                     Some((n, f))
                 })
                 .collect());
@@ -223,11 +261,8 @@ impl LayerView {
         };
         for e in rd {
             let e = e.map_err(|e| io_err(dir_host, e))?;
-            // Names that are not UTF-8 are left out, as `read_dir` and
-            // `lookup` leave them (a lossy name would copy to another).
-            let Ok(name) = e.file_name().into_string() else {
-                continue;
-            };
+            // A name is its bytes, UTF-8 or not.
+            let name = e.file_name().into_vec();
             let meta = match e.metadata() {
                 Ok(m) => m,
                 // Removed since it was listed.
@@ -237,7 +272,7 @@ impl LayerView {
             if is_whiteout(&meta) {
                 continue;
             }
-            let host = dir_host.join(&name);
+            let host = dir_host.join(OsStr::from_bytes(&name));
             out.push((
                 name,
                 Found {
@@ -254,22 +289,22 @@ impl LayerView {
     /// Resolves `path` inside the root, following symlinks in every
     /// component (and in the last one when `follow_last`). Returns the
     /// clean resolved path; the entry itself may not exist.
-    pub fn resolve(&self, path: &str, follow_last: bool) -> Result<String, ViewError> {
+    pub fn resolve(&self, path: impl AsRef<[u8]>, follow_last: bool) -> Result<Vec<u8>, ViewError> {
+        let path = path.as_ref();
         if self.strict && escapes(path) {
-            return Err(ViewError::Escape(path.to_string()));
+            return Err(ViewError::Escape(show(path)));
         }
-        let mut pending: Vec<String> = path
-            .split('/')
-            .filter(|c| !c.is_empty() && *c != ".")
+        let mut pending: Vec<Vec<u8>> = components(path)
+            .filter(|c| *c != b".")
             .rev()
-            .map(str::to_string)
+            .map(<[u8]>::to_vec)
             .collect();
-        let mut cur: Vec<String> = Vec::new();
+        let mut cur: Vec<Vec<u8>> = Vec::new();
         let mut hops = 0;
         while let Some(c) = pending.pop() {
-            if c == ".." {
+            if c == b".." {
                 if cur.pop().is_none() && self.strict {
-                    return Err(ViewError::Escape(path.to_string()));
+                    return Err(ViewError::Escape(show(path)));
                 }
                 continue;
             }
@@ -278,7 +313,7 @@ impl LayerView {
             if is_last && !follow_last {
                 break;
             }
-            let here = format!("/{}", cur.join("/"));
+            let here = abs_of(&cur);
             let Some(found) = self.lookup(&here) else {
                 continue;
             };
@@ -287,44 +322,48 @@ impl LayerView {
             }
             hops += 1;
             if hops > 40 {
-                return Err(ViewError::Loop(path.to_string()));
+                return Err(ViewError::Loop(show(path)));
             }
-            let target = fs::read_link(&found.host).map_err(|e| io_err(&found.host, e))?;
-            let target = target.as_os_str().to_string_lossy().to_string();
+            let target = fs::read_link(&found.host)
+                .map_err(|e| io_err(&found.host, e))?
+                .into_os_string()
+                .into_vec();
             cur.pop();
-            if target.starts_with('/') {
+            if target.starts_with(b"/") {
                 if self.strict {
-                    return Err(ViewError::Escape(format!("{here} -> {target}")));
+                    return Err(ViewError::Escape(format!(
+                        "{} -> {}",
+                        show(&here),
+                        show(&target)
+                    )));
                 }
                 cur.clear();
             }
-            for t in target
-                .split('/')
-                .filter(|c| !c.is_empty() && *c != ".")
-                .rev()
-            {
-                pending.push(t.to_string());
+            for t in components(&target).filter(|c| *c != b".").rev() {
+                pending.push(t.to_vec());
             }
         }
-        Ok(format!("/{}", cur.join("/")))
+        Ok(abs_of(&cur))
     }
 
     /// Resolves and looks up `path`, following all symlinks.
-    pub fn stat(&self, path: &str) -> Result<Found, ViewError> {
+    pub fn stat(&self, path: impl AsRef<[u8]>) -> Result<Found, ViewError> {
+        let path = path.as_ref();
         let r = self.resolve(path, true)?;
-        self.lookup(&r).ok_or(ViewError::NotFound(path.to_string()))
+        self.lookup(&r)
+            .ok_or_else(|| ViewError::NotFound(show(path)))
     }
 
     /// Reads a whole (small) file, following symlinks.
-    pub fn read(&self, path: &str) -> Result<Vec<u8>, ViewError> {
+    pub fn read(&self, path: impl AsRef<[u8]>) -> Result<Vec<u8>, ViewError> {
         let f = self.stat(path)?;
         fs::read(&f.host).map_err(|e| io_err(&f.host, e))
     }
 
     /// The merged, sorted entry names of a resolved directory path.
-    pub fn read_dir(&self, resolved: &str) -> Result<Vec<String>, ViewError> {
-        let rel = resolved.trim_start_matches('/');
-        let mut names = std::collections::BTreeMap::<String, bool>::new();
+    pub fn read_dir(&self, resolved: impl AsRef<[u8]>) -> Result<Vec<Vec<u8>>, ViewError> {
+        let rel = rel(resolved.as_ref());
+        let mut names = std::collections::BTreeMap::<Vec<u8>, bool>::new();
         for layer in &self.layers {
             let dir = if rel.is_empty() {
                 layer.clone()
@@ -340,7 +379,7 @@ impl LayerView {
             let rd = fs::read_dir(&dir).map_err(|e| io_err(&dir, e))?;
             for e in rd {
                 let e = e.map_err(|e| io_err(&dir, e))?;
-                let name = e.file_name().to_string_lossy().to_string();
+                let name = e.file_name().into_vec();
                 if names.contains_key(&name) {
                     continue;
                 }
@@ -382,7 +421,11 @@ impl LayerView {
     /// a new one gets mode 0755 and `owner`. `resolved` has no symlinks
     /// left in the view; one met in the top layer is an error (never
     /// followed on the host). Returns the directory, open.
-    pub fn ensure_dir(&self, resolved: &str, owner: (u32, u32)) -> Result<kiln_fs::Dir, ViewError> {
+    pub fn ensure_dir(
+        &self,
+        resolved: impl AsRef<[u8]>,
+        owner: (u32, u32),
+    ) -> Result<kiln_fs::Dir, ViewError> {
         let root = self.top_root()?;
         self.ensure_dir_in(&root, resolved, owner)
     }
@@ -391,21 +434,22 @@ impl LayerView {
     pub fn ensure_dir_in(
         &self,
         root: &kiln_fs::Root,
-        resolved: &str,
+        resolved: impl AsRef<[u8]>,
         owner: (u32, u32),
     ) -> Result<kiln_fs::Dir, ViewError> {
         let mut dir = root.dir().try_clone()?;
-        let mut view_path = String::new();
-        for c in resolved.split('/').filter(|c| !c.is_empty()) {
-            view_path.push('/');
-            view_path.push_str(c);
+        let mut view_path = Vec::new();
+        for c in components(resolved.as_ref()) {
+            view_path.push(b'/');
+            view_path.extend_from_slice(c);
+            let c = OsStr::from_bytes(c);
             match dir.stat(c)? {
                 Some(st) if st.is_dir() => {
                     dir = dir.open_dir(c)?;
                     continue;
                 }
                 Some(st) if st.kind() == libc::S_IFCHR && st.rdev() == 0 => dir.remove(c)?,
-                Some(_) => return Err(ViewError::NotDir(view_path)),
+                Some(_) => return Err(ViewError::NotDir(show(&view_path))),
                 None => {}
             }
             match self.lookup(&view_path) {
@@ -415,7 +459,7 @@ impl LayerView {
                     dir.chmod(c, f.meta.mode() & 0o7777)?;
                     dir.set_times(c, (f.meta.mtime(), f.meta.mtime_nsec()))?;
                 }
-                Some(_) => return Err(ViewError::NotDir(view_path)),
+                Some(_) => return Err(ViewError::NotDir(show(&view_path))),
                 None => {
                     dir.mkdir(c, 0o700)?;
                     dir.chown(c, owner.0, owner.1)?;
@@ -428,13 +472,26 @@ impl LayerView {
     }
 }
 
+/// `/` and the components joined: an absolute view path.
+fn abs_of(comps: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in comps {
+        out.push(b'/');
+        out.extend_from_slice(c);
+    }
+    if out.is_empty() {
+        out.push(b'/');
+    }
+    out
+}
+
 /// True when a relative or absolute path climbs above its root.
-fn escapes(p: &str) -> bool {
+fn escapes(p: &[u8]) -> bool {
     let mut depth: i64 = 0;
-    for c in p.split('/') {
+    for c in p.split(|b| *b == b'/') {
         match c {
-            "" | "." => {}
-            ".." => {
+            b"" | b"." => {}
+            b".." => {
                 depth -= 1;
                 if depth < 0 {
                     return true;
@@ -475,9 +532,33 @@ pub fn base_name(p: &str) -> &str {
     p.trim_end_matches('/').rsplit('/').next().unwrap_or("")
 }
 
+/// [`base_name`] of a path whose names are bytes.
+pub fn base_bytes(p: &[u8]) -> &[u8] {
+    components(p).next_back().unwrap_or(b"")
+}
+
+/// The parent directory of an absolute slash path (`/` for `/`).
+pub fn parent_bytes(p: &[u8]) -> Vec<u8> {
+    let mut comps: Vec<&[u8]> = components(p).collect();
+    comps.pop();
+    let mut out = Vec::new();
+    for c in comps {
+        out.push(b'/');
+        out.extend_from_slice(c);
+    }
+    if out.is_empty() {
+        out.push(b'/');
+    }
+    out
+}
+
 /// An `OsStr` view of a slash path relative to its root.
-pub fn rel(p: &str) -> &OsStr {
-    OsStr::new(p.trim_start_matches('/'))
+pub fn rel(p: &[u8]) -> &OsStr {
+    let mut p = p;
+    while let Some(r) = p.strip_prefix(b"/") {
+        p = r;
+    }
+    OsStr::from_bytes(p)
 }
 
 #[cfg(test)]
@@ -490,9 +571,9 @@ mod tests {
         assert_eq!(clean_abs("/a/../../b/./c/"), "/b/c");
         assert_eq!(join_abs("/app", "x/y"), "/app/x/y");
         assert_eq!(join_abs("/app", "/x"), "/x");
-        assert!(escapes("../x"));
-        assert!(escapes("a/../../x"));
-        assert!(!escapes("a/../x"));
+        assert!(escapes(b"../x"));
+        assert!(escapes(b"a/../../x"));
+        assert!(!escapes(b"a/../x"));
     }
 
     #[test]
@@ -508,10 +589,18 @@ mod tests {
         fs::create_dir_all(&upper).unwrap();
         fs::write(upper.join("new"), "x").unwrap();
         let v = LayerView::new(vec![upper.clone(), lower.clone()], false);
-        assert_eq!(v.resolve("/bin/sh", true).unwrap(), "/usr/bin/sh");
-        assert_eq!(v.resolve("/usr/bin/evil", true).unwrap(), "/etc/passwd");
+        assert_eq!(v.resolve("/bin/sh", true).unwrap(), b"/usr/bin/sh");
+        assert_eq!(v.resolve("/usr/bin/evil", true).unwrap(), b"/etc/passwd");
         assert!(v.read("/usr/bin/evil").unwrap().starts_with(b"root"));
-        assert_eq!(v.read_dir("/").unwrap(), vec!["bin", "etc", "new", "usr"]);
+        assert_eq!(
+            v.read_dir("/").unwrap(),
+            vec![
+                b"bin".to_vec(),
+                b"etc".to_vec(),
+                b"new".to_vec(),
+                b"usr".to_vec()
+            ]
+        );
         let dir = v.ensure_dir("/usr/bin/sub", (0, 0)).unwrap();
         assert!(dir.path().starts_with(&upper) && upper.join("usr/bin/sub").is_dir());
         // A symlink in the top layer is never followed on the host.

@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 
 use crate::copy::{CopyError, Entry, Selection, Selector};
-use crate::fsview::clean_abs;
+use crate::fsview::{clean_abs, components, show};
 
 fn has_glob(s: &str) -> bool {
     s.contains(['*', '?', '['])
@@ -22,7 +22,7 @@ fn has_glob(s: &str) -> bool {
 /// `COPY --parents`.
 pub fn select_parents(sel: &Selector<'_>, sources: &[String]) -> Result<Selection, CopyError> {
     let mut entries: Vec<Entry> = Vec::new();
-    let mut seen: HashSet<String> = HashSet::new();
+    let mut seen: HashSet<Vec<u8>> = HashSet::new();
     for src in sources {
         let (pivot, pattern) = match src.split_once("/./") {
             Some((p, rest)) => (clean_abs(p), rest.to_string()),
@@ -35,39 +35,39 @@ pub fn select_parents(sel: &Selector<'_>, sources: &[String]) -> Result<Selectio
             Err(e) => return Err(e),
         };
         let pivot_resolved = sel.view.resolve(&pivot, true)?;
-        let prefix = if pivot_resolved == "/" {
-            "/".to_string()
-        } else {
-            format!("{pivot_resolved}/")
-        };
+        let mut prefix = pivot_resolved.clone();
+        if prefix != b"/" {
+            prefix.push(b'/');
+        }
         for m in matched {
             // `x/./` selects the pivot itself: its contents, no parents.
             let rel = if m.path == pivot_resolved {
-                Some(String::new())
+                Some(Vec::new())
             } else {
-                m.path.strip_prefix(&prefix).map(str::to_string)
+                m.path.strip_prefix(prefix.as_slice()).map(<[u8]>::to_vec)
             };
             let Some(rel) = rel else {
                 return Err(CopyError::Io(
                     src.clone(),
                     std::io::Error::other(format!(
                         "COPY --parents: {} resolves outside {pivot} through a symlink; not supported yet",
-                        m.path
+                        show(&m.path)
                     )),
                 ));
             };
             // The kept parents, outermost first.
-            let comps: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+            let comps: Vec<&[u8]> = components(&rel).collect();
             for i in 1..comps.len() {
-                let prel = comps[..i].join("/");
+                let prel = comps[..i].join(&b'/');
                 if !seen.insert(prel.clone()) {
                     continue;
                 }
-                let logical = format!("{prefix}{prel}");
+                let mut logical = prefix.clone();
+                logical.extend_from_slice(&prel);
                 let found = sel
                     .view
                     .lookup(&logical)
-                    .ok_or_else(|| CopyError::NotFound(logical.clone()))?;
+                    .ok_or_else(|| CopyError::NotFound(show(&logical)))?;
                 entries.push(Entry {
                     rel: prel,
                     host: found.host,
@@ -81,7 +81,10 @@ pub fn select_parents(sel: &Selector<'_>, sources: &[String]) -> Result<Selectio
                 } else if rel.is_empty() {
                     e.rel.clone()
                 } else {
-                    format!("{rel}/{}", e.rel)
+                    let mut r = rel.clone();
+                    r.push(b'/');
+                    r.extend_from_slice(&e.rel);
+                    r
                 };
                 if r.is_empty() || !seen.insert(r.clone()) {
                     continue;
@@ -91,8 +94,8 @@ pub fn select_parents(sel: &Selector<'_>, sources: &[String]) -> Result<Selectio
         }
     }
     Ok(Selection {
-        path: "/".into(),
-        name: String::new(),
+        path: b"/".to_vec(),
+        name: Vec::new(),
         is_dir: true,
         entries,
     })

@@ -287,10 +287,7 @@ impl Drop for StoreBackend {
 
 impl HashCache for StoreBackend {
     fn lookup(&self, keys: &[StatKey]) -> Vec<Option<[u8; 32]>> {
-        let paths: Vec<String> = keys
-            .iter()
-            .map(|k| k.path.to_string_lossy().to_string())
-            .collect();
+        let paths: Vec<String> = keys.iter().map(|k| path_key(&k.path)).collect();
         let entries: Vec<(&str, FileStat)> = keys
             .iter()
             .zip(&paths)
@@ -314,19 +311,25 @@ impl HashCache for StoreBackend {
     fn store(&self, entries: &[(StatKey, [u8; 32])]) {
         let rows: Vec<(String, FileStat, String)> = entries
             .iter()
-            .map(|(k, h)| {
-                (
-                    k.path.to_string_lossy().to_string(),
-                    stat_of(k),
-                    hex::encode(h),
-                )
-            })
+            .map(|(k, h)| (path_key(&k.path), stat_of(k), hex::encode(h)))
             .collect();
         let refs: Vec<(&str, FileStat, &str)> = rows
             .iter()
             .map(|(p, s, h)| (p.as_str(), *s, h.as_str()))
             .collect();
         let _ = self.store.meta().file_hashes_put(&refs);
+    }
+}
+
+/// The hash cache's key for a host path: the path itself when it is
+/// UTF-8, else `hex:` and its bytes in hex (never an absolute path, so
+/// two names that differ only in bytes that are not UTF-8 keep two rows).
+fn path_key(p: &std::path::Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let b = p.as_os_str().as_bytes();
+    match std::str::from_utf8(b) {
+        Ok(s) => s.to_string(),
+        Err(_) => format!("hex:{}", hex::encode(b)),
     }
 }
 

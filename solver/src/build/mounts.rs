@@ -388,7 +388,7 @@ impl Ctx {
                 return Ok((BindSrc::Copy(sel), key));
             }
             let resolved = view.resolve(&source, true).map_err(|e| e.to_string())?;
-            let host = context.join(resolved.trim_start_matches('/'));
+            let host = context.join(crate::fsview::rel(&resolved));
             Ok((BindSrc::Host(host), key))
         })
         .await
@@ -435,8 +435,9 @@ fn bind_layers(view: &LayerView, source: &str) -> Result<BindSrc, String> {
     if !found.meta.is_dir() {
         return Ok(BindSrc::Host(found.host));
     }
-    let rel = resolved.trim_start_matches('/');
-    let comps: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+    let comps: Vec<&std::ffi::OsStr> = crate::fsview::components(&resolved)
+        .map(std::os::unix::ffi::OsStrExt::from_bytes)
+        .collect();
     let mut lowers = Vec::new();
     'layers: for layer in view.layers().iter().skip(found.layer) {
         // Something on the way down hides the rest?
@@ -651,7 +652,8 @@ fn bind_src(
             copy_into(&root, sel)?;
             // A single file selected: bind the file, not the directory.
             let path = match sel.as_slice() {
-                [s] if !s.is_dir => root.join(&s.name),
+                [s] if !s.is_dir => root
+                    .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&s.name)),
                 _ => root,
             };
             let m = bind_mount(target, &path, readonly)?;
