@@ -424,3 +424,82 @@ fn full_disk_gives_a_clear_error_and_a_clean_store() {
     ok(&root, &["prune"]);
     check_clean(&root);
 }
+
+/// Bytes used under `dir` (apparent sizes of regular files).
+fn bytes_under(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn enospc_while_unpacking_a_layer_leaves_no_partial_snapshot() {
+    if !is_root() && missing("root (to mount a tmpfs)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(tar) = make_rootfs_tar(dir.path(), 8 << 20) else {
+        return;
+    };
+    let archive = dir.path().join("big.tar");
+    make_archive(&tar, "big:1", Format::Docker, &archive);
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .unwrap();
+    let root = dir.path().join("small");
+    std::fs::create_dir(&root).unwrap();
+    // Room for the blob (about 10 MiB) but not for the blob and its snapshot.
+    nix::mount::mount(
+        Some("tmpfs"),
+        &root,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=15m"),
+    )
+    .unwrap();
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _guard = Unmount(root.clone());
+    ok(&root, &["load", "-i", archive.to_str().unwrap()]);
+    let out = kiln(&root, &["run", "--rm", "big:1", "true"]);
+    assert!(!out.status.success(), "the layer should not fit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.to_lowercase().contains("no space left"),
+        "a clear error: {err}"
+    );
+    // The partial snapshot is gone: the space is free again.
+    let left = bytes_under(&root.join("snapshots"));
+    assert!(
+        left < 1 << 20,
+        "{left} bytes of a partial snapshot left in the store"
+    );
+    check_clean(&root);
+    // The image is intact: with room, it runs.
+    let big = dir.path().join("big");
+    std::fs::create_dir(&big).unwrap();
+    ok(&big, &["load", "-i", archive.to_str().unwrap()]);
+    ok(&big, &["run", "--rm", "big:1", "true"]);
+}

@@ -484,8 +484,19 @@ impl Core {
     }
 
     /// Delete the row, then the directory (and link). A crash in between
-    /// leaves an orphan directory for prune.
+    /// leaves an orphan directory for prune. An active snapshot's contents
+    /// are nobody's yet and go first: a layer that filled the disk while it
+    /// was unpacked frees its space, so that the row's delete can then be
+    /// written (SQLite needs room in its journal).
     pub fn remove(&self, key: &str) -> Result<()> {
+        if let Ok(row) = self.get(key) {
+            if row.kind == Kind::Active {
+                let fs = self.fs(&row.id);
+                if remove_all(&fs).is_ok() {
+                    let _ = std::fs::create_dir(&fs);
+                }
+            }
+        }
         let row = self.meta.snapshot_delete(key)?;
         if let Some(link) = &row.link {
             let _ = std::fs::remove_file(self.paths.links.join(link));
