@@ -395,10 +395,9 @@ fn setup_dev(root: &Root) -> Result<Dir> {
         ("stderr", "/proc/self/fd/2"),
         ("core", "/proc/kcore"),
     ] {
-        ctx(
-            dev_fd.symlink(link, target).map_err(fs_to_nix),
-            || format!("creating /dev/{link}"),
-        )?;
+        ctx(dev_fd.symlink(link, target).map_err(fs_to_nix), || {
+            format!("creating /dev/{link}")
+        })?;
     }
     Ok(dev_fd)
 }

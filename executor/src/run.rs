@@ -3,8 +3,8 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, OwnedFd};
 use std::fs;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -425,9 +425,9 @@ pub(crate) fn make_mount_point(
     match dir.stat(&leaf)? {
         // A link is resolved by the mount (inside the root); one that
         // dangles is left alone.
-        Some(st) if st.is_symlink() => {
-            Ok(root.open_path(parent_rel.join(&leaf), Follow::InRoot).is_ok())
-        }
+        Some(st) if st.is_symlink() => Ok(root
+            .open_path(parent_rel.join(&leaf), Follow::InRoot)
+            .is_ok()),
         Some(_) => Ok(true),
         None => {
             let created = if leaf_dir {

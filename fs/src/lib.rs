@@ -60,6 +60,24 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 
+/// Gives a file opened through a [`Dir`] (e.g. by [`Dir::create_file`],
+/// once its content is written) its owner, when given, then its permission
+/// bits: chown first, because it clears set-id bits. Works on the
+/// descriptor, never on a path.
+pub fn set_owner_mode(f: &File, owner: Option<(u32, u32)>, mode: u32) -> io::Result<()> {
+    if let Some((uid, gid)) = owner {
+        // SAFETY: a valid descriptor.
+        if unsafe { libc::fchown(f.as_raw_fd(), uid, gid) } != 0 {
+            return Err(errno());
+        }
+    }
+    // SAFETY: a valid descriptor.
+    if unsafe { libc::fchmod(f.as_raw_fd(), mode & 0o7777) } != 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
 /// How many symlinks one resolution may follow (Linux's own limit).
 const MAX_HOPS: usize = 40;
 
@@ -946,49 +964,6 @@ impl Dir {
         Ok(f)
     }
 
-    /// [`Dir::create_file`] that also gives the new file an owner: chown
-    /// first (it clears set-id bits), then `mode`, both on the open file.
-    pub fn create_file_as(
-        &self,
-        name: impl AsRef<OsStr>,
-        mode: u32,
-        owner: Option<(u32, u32)>,
-        how: Create,
-    ) -> Result<File> {
-        let name = name.as_ref();
-        let Some((uid, gid)) = owner else {
-            return self.create_file(name, mode, how);
-        };
-        let c = self.name("create", name)?;
-        let base = libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CREAT;
-        let flags = match how {
-            Create::Exclusive => base | libc::O_EXCL,
-            Create::Truncate => base | libc::O_TRUNC,
-            Create::Replace => {
-                self.remove_all(name)?;
-                base | libc::O_EXCL
-            }
-        };
-        let fd = openat(self.raw(), &c, flags, 0o600).map_err(|e| self.error("create", name, e))?;
-        let f = File::from(fd);
-        if how == Create::Truncate {
-            let st = fstatat(f.as_raw_fd(), c"", libc::AT_EMPTY_PATH)
-                .map_err(|e| self.error("stat", name, e))?;
-            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                return Err(self.error("create", name, einval("not a regular file")));
-            }
-        }
-        // SAFETY: a valid descriptor.
-        if unsafe { libc::fchown(f.as_raw_fd(), uid, gid) } != 0 {
-            return Err(self.error("chown", name, errno()));
-        }
-        // SAFETY: a valid descriptor.
-        if unsafe { libc::fchmod(f.as_raw_fd(), mode & 0o7777) } != 0 {
-            return Err(self.error("chmod", name, errno()));
-        }
-        Ok(f)
-    }
-
     /// Gives `name` (never followed) the owner, permission bits and
     /// access and modification times `st` describes (e.g. those of the
     /// same path in a layer below). Owner first: chown clears set-id bits.
@@ -1004,7 +979,7 @@ impl Dir {
             st.mtime(),
             libc::AT_SYMLINK_NOFOLLOW,
         )
-            .map_err(|e| self.error("utimensat", name, e))
+        .map_err(|e| self.error("utimensat", name, e))
     }
 
     /// [`Dir::copy_meta`] for this directory itself.
@@ -1321,7 +1296,15 @@ impl Dir {
         let p = self.proc_link("setxattr")?;
         // SAFETY: NUL-terminated strings and a buffer of the given length;
         // the magic link names exactly this directory's inode.
-        let r = unsafe { libc::setxattr(p.as_ptr(), k.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+        let r = unsafe {
+            libc::setxattr(
+                p.as_ptr(),
+                k.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
         if r != 0 {
             return Err(Error::new("setxattr", &self.path, errno()));
         }
@@ -1421,15 +1404,7 @@ fn utimes2_at(
     let times = [ts(atime), ts(mtime)];
     // SAFETY: a valid descriptor (or AT_FDCWD), a NUL-terminated name and
     // two timespecs.
-    if unsafe {
-        libc::utimensat(
-            dir,
-            name.as_ptr(),
-            times.as_ptr(),
-            flags,
-        )
-    } != 0
-    {
+    if unsafe { libc::utimensat(dir, name.as_ptr(), times.as_ptr(), flags) } != 0 {
         return Err(errno());
     }
     Ok(())
