@@ -905,3 +905,100 @@ fn read_messages(fd: OwnedFd) -> Result<Vec<ChildMessage>, crate::protocol::Prot
     }
     Ok(v)
 }
+
+#[cfg(test)]
+mod mount_point_tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+
+    #[test]
+    fn make_mount_point_stays_inside_and_follows_links_inside() {
+        let outside = tempfile::tempdir().unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        fs::create_dir(&root).unwrap();
+        // An absolute link to a host directory, and a relative one that
+        // climbs: both resolve inside the root.
+        symlink(outside.path(), root.join("abs")).unwrap();
+        symlink("../../../..", root.join("up")).unwrap();
+        let r = Root::open(&root).unwrap();
+        let mut names = Vec::new();
+        let mut rec = |m: MadeStub<'_>| {
+            names.push((m.rel.to_path_buf(), m.is_dir));
+            Ok(())
+        };
+        assert!(make_mount_point(&r, Path::new("/up/x/y"), false, &mut rec).unwrap());
+        assert!(root.join("x/y").is_file(), "created at the root");
+        assert!(make_mount_point(&r, Path::new("/../../z"), true, &mut rec).unwrap());
+        assert!(root.join("z").is_dir());
+        // The absolute link points at a path that does not exist in the
+        // root: dangling there, nothing is created anywhere.
+        assert!(!make_mount_point(&r, Path::new("/abs/f"), false, &mut rec).unwrap());
+        assert!(!make_mount_point(&r, Path::new("/abs/d/e"), true, &mut rec).unwrap());
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
+        // What exists is used as it is.
+        assert!(make_mount_point(&r, Path::new("/x/y"), false, &mut rec).unwrap());
+        assert_eq!(
+            names,
+            [
+                (PathBuf::from("x"), true),
+                (PathBuf::from("x/y"), false),
+                (PathBuf::from("z"), true)
+            ]
+        );
+    }
+
+    #[test]
+    fn stub_layer_copies_what_is_below_and_bind_stubs_are_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let lower = t.path().join("lower");
+        fs::create_dir_all(lower.join("etc")).unwrap();
+        fs::set_permissions(lower.join("etc"), fs::Permissions::from_mode(0o710)).unwrap();
+        std::os::unix::fs::chown(lower.join("etc"), Some(7), Some(8)).unwrap();
+        fs::write(lower.join("etc/hosts"), "x").unwrap();
+        fs::set_permissions(lower.join("etc/hosts"), fs::Permissions::from_mode(0o600)).unwrap();
+        let stub = t.path().join("stub");
+        let entries = vec![
+            (PathBuf::from("/etc/hosts"), false),
+            (PathBuf::from("/proc"), true),
+            (PathBuf::from("/../../etc/../run/x"), true),
+        ];
+        build_stub_layer(&stub, std::slice::from_ref(&lower), &entries).unwrap();
+        let m = fs::metadata(stub.join("etc")).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o710, 7, 8));
+        let m = fs::metadata(stub.join("etc/hosts")).unwrap();
+        assert_eq!(
+            (m.mode() & 0o7777, m.len()),
+            (0o600, 0),
+            "empty, with the lower's mode"
+        );
+        assert_eq!(
+            fs::metadata(stub.join("proc")).unwrap().mode() & 0o7777,
+            0o755
+        );
+        assert!(stub.join("run/x").is_dir());
+        assert!(!t.path().join("run").exists());
+
+        // Bind stubs: made inside, removed by descriptor when empty.
+        let rootfs = t.path().join("rootfs");
+        fs::create_dir_all(rootfs.join("keep")).unwrap();
+        let stubs = create_bind_stubs(
+            &rootfs,
+            &[
+                (PathBuf::from("/keep/m"), true),
+                (PathBuf::from("/new/f"), false),
+            ],
+        )
+        .unwrap();
+        assert_eq!(stubs.len(), 3);
+        assert!(rootfs.join("keep/m").is_dir() && rootfs.join("new/f").is_file());
+        let state = t.path().join("state");
+        fs::create_dir(&state).unwrap();
+        drop(StateDir {
+            path: state,
+            bind_stubs: stubs,
+        });
+        assert!(rootfs.join("keep").is_dir(), "what was there stays");
+        assert!(!rootfs.join("keep/m").exists() && !rootfs.join("new").exists());
+    }
+}
