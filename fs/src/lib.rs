@@ -394,11 +394,14 @@ fn resolve_flags(follow: Follow) -> u64 {
     }
 }
 
+/// What [`Root::mkdir_all_ext`] calls for each directory it made.
+type Made<'a> = &'a mut dyn FnMut(&Dir, &OsStr) -> Result<()>;
+
 /// How the walker creates what is missing.
 struct Maker<'a> {
     spec: &'a mut dyn FnMut(&Path) -> DirSpec,
     dangling: Dangling,
-    made: Option<&'a mut dyn FnMut(&Dir, &OsStr) -> Result<()>>,
+    made: Option<Made<'a>>,
 }
 
 /// A directory tree kiln writes into: an open `O_PATH` descriptor of its
