@@ -201,19 +201,29 @@ fn ignore_not_found(e: std::io::Error) -> std::io::Result<()> {
 
 /// Give the owner write+exec permission on every directory below `path`, so
 /// that read-only directories inside a layer (e.g. `dr-xr-xr-x`) can be
-/// removed even without CAP_DAC_OVERRIDE.
+/// removed even without CAP_DAC_OVERRIDE. The tree may hold anything an
+/// image or a step put there: it is walked and changed through kiln-fs
+/// (each directory opened with `Follow::Never`, each chmod by descriptor),
+/// so no symlink in it, even one swapped in meanwhile, is ever followed.
 fn make_writable(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    for entry in walkdir::WalkDir::new(path).into_iter().flatten() {
-        if entry.file_type().is_dir() {
-            if let Ok(m) = entry.metadata() {
-                let mode = m.permissions().mode();
-                if mode & 0o700 != 0o700 {
-                    let _ = std::fs::set_permissions(
-                        entry.path(),
-                        std::fs::Permissions::from_mode(mode | 0o700),
-                    );
-                }
+    let Ok(root) = kiln_fs::Root::open(path) else {
+        return;
+    };
+    // Paths inside the root, not open directories: a wide tree must not
+    // hold a descriptor per pending directory.
+    let mut pending = vec![PathBuf::new()];
+    while let Some(rel) = pending.pop() {
+        let Ok(dir) = root.open_dir(&rel, kiln_fs::Follow::Never) else {
+            continue;
+        };
+        if let Ok(st) = dir.stat_self() {
+            if st.mode() & 0o700 != 0o700 {
+                let _ = dir.chmod_self(st.mode() | 0o700);
+            }
+        }
+        for name in dir.read_dir().unwrap_or_default() {
+            if matches!(dir.stat(&name), Ok(Some(st)) if st.is_dir()) {
+                pending.push(rel.join(name));
             }
         }
     }
@@ -242,4 +252,32 @@ pub(crate) fn disk_usage(path: &Path) -> Result<(u64, u64)> {
         }
     }
     Ok((size, inodes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    #[test]
+    fn remove_all_opens_read_only_dirs_but_never_a_link_target() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o500)).unwrap();
+        let tree = t.path().join("tree");
+        std::fs::create_dir_all(tree.join("ro/deeper")).unwrap();
+        symlink(&outside, tree.join("ro/deeper/esc")).unwrap();
+        symlink("../../../outside", tree.join("ro/rel")).unwrap();
+        for d in ["ro/deeper", "ro"] {
+            std::fs::set_permissions(tree.join(d), std::fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        make_writable(&tree);
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&tree.join("ro")), 0o755);
+        assert_eq!(mode(&tree.join("ro/deeper")), 0o755);
+        assert_eq!(mode(&outside), 0o500, "a link's target is never changed");
+        remove_all(&tree).unwrap();
+        assert!(!tree.exists() && outside.is_dir());
+    }
 }

@@ -366,25 +366,30 @@ fn errno_text(e: nix::Error) -> String {
     }
 }
 
-/// `mkdir -p` as root, chowning the components it creates.
+/// `mkdir -p` as root inside the sandbox's root (after pivot_root),
+/// chowning the components it creates (best effort), through kiln-fs:
+/// symlinks on the way are followed inside the root and a dangling one is
+/// an error (as before: nothing is created at its target), each directory
+/// is made (0755) and chowned by descriptor. Runs in the step process, forked from the
+/// single-threaded init, so allocating is fine.
 fn mkdir_all_chown(path: &Path, uid: u32, gid: u32) -> Result<(), String> {
-    let mut cur = PathBuf::from("/");
-    for comp in path.components().skip(1) {
-        cur.push(comp);
-        match std::fs::metadata(&cur) {
-            Ok(m) if m.is_dir() => continue,
-            Ok(_) => return Err(format!("mkdir {}: not a directory", cur.display())),
-            Err(_) => {
-                match nix::unistd::mkdir(&cur, nix::sys::stat::Mode::from_bits_truncate(0o755)) {
-                    Ok(()) | Err(nix::Error::EEXIST) => {}
-                    Err(e) => return Err(format!("mkdir {}: {}", cur.display(), errno_text(e))),
-                }
-                let _ =
-                    nix::unistd::chown(&cur, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
-            }
-        }
-    }
-    Ok(())
+    let root = kiln_fs::Root::open("/").map_err(|e| e.to_string())?;
+    root.mkdir_all_ext(
+        path,
+        kiln_fs::Follow::InRoot,
+        kiln_fs::Dangling::Fail,
+        &mut |_| kiln_fs::DirSpec::default(),
+        // Best effort, as before (an unmapped id in a user namespace).
+        &mut |parent, name| {
+            let _ = parent.chown(name, uid, gid);
+            Ok(())
+        },
+    )
+    .map(drop)
+    .map_err(|e| {
+        let errno = nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+        format!("mkdir {}: {}", e.path().display(), errno_text(errno))
+    })
 }
 
 /// Go's `exec.LookPath`, with Go's messages.

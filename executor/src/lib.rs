@@ -63,7 +63,6 @@ pub mod rootfs;
 mod run;
 mod seccomp;
 mod spec;
-mod tree;
 pub mod user;
 
 pub use caps::DEFAULT_CAPS;

@@ -22,10 +22,10 @@
 //! staging mount.
 
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use kiln_fs::{Create, Dir, Follow, Root};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 
@@ -142,21 +142,18 @@ pub(crate) fn parse_options(options: &[String]) -> (MsFlags, MsFlags, String) {
     (flags, prop, data.join(","))
 }
 
-/// Open `dest` inside `root` (O_PATH), never leaving it.
-pub(crate) fn open_in_root(root: &OwnedFd, dest: &Path) -> nix::Result<OwnedFd> {
-    let rel = dest.strip_prefix("/").unwrap_or(dest);
-    let rel = if rel.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        rel
-    };
-    let how = OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
-        .resolve(ResolveFlag::RESOLVE_IN_ROOT);
-    nix::fcntl::openat2(root, rel, how)
+/// Open `dest` inside `root` (O_PATH, any type, the last component
+/// followed too), never leaving it: kiln-fs's `RESOLVE_IN_ROOT`.
+pub(crate) fn open_in_root(root: &Root, dest: &Path) -> nix::Result<OwnedFd> {
+    root.open_path(dest, Follow::InRoot).map_err(fs_to_nix)
 }
 
-fn fd_path(fd: &OwnedFd) -> PathBuf {
+/// The errno of a kiln-fs error (the step's context is added by [`ctx`]).
+fn fs_to_nix(e: kiln_fs::Error) -> nix::Error {
+    nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn fd_path(fd: &impl AsRawFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
@@ -282,7 +279,7 @@ pub(crate) fn mount_rootfs(dir: &Path, mounts: &[RootfsMount]) -> Result<()> {
 
 /// Mount `typ` on `dest` inside the root, resolving `dest` safely.
 fn mount_at(
-    root: &OwnedFd,
+    root: &Root,
     dest: &str,
     source: &str,
     typ: &str,
@@ -301,14 +298,9 @@ fn mount_at(
 
 /// Everything between "rootfs mounted" and pivot_root.
 pub(crate) fn setup_mounts(cfg: &InitConfig) -> Result<()> {
-    let root = ctx(
-        nix::fcntl::open(
-            &cfg.rootfs_dir,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ),
-        || "opening rootfs".into(),
-    )?;
+    let root = ctx(Root::open(&cfg.rootfs_dir).map_err(fs_to_nix), || {
+        "opening rootfs".into()
+    })?;
     let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_at(&root, "/proc", "proc", "proc", common, "")?;
     mount_at(
@@ -324,7 +316,7 @@ pub(crate) fn setup_mounts(cfg: &InitConfig) -> Result<()> {
         extra_mount(&root, m)?;
     }
     inline_files(&root, &dev_fd, &cfg.inline_files)?;
-    nodev_everywhere(&root, &cfg.rootfs_dir)?;
+    nodev_everywhere(root.dir(), &cfg.rootfs_dir)?;
     allowed_devices(&dev_fd)
 }
 
@@ -334,14 +326,14 @@ pub const DEFAULT_DEVICES: &[&str] = &["null", "zero", "full", "random", "urando
 /// The path of the sandbox's /dev tmpfs through its descriptor. The tmpfs
 /// is ours and holds only what we put there: plain paths below it are safe.
 /// Paths under a magic link are resolved through it: keep the fd open.
-fn dev_path(dev_fd: &OwnedFd) -> PathBuf {
+fn dev_path(dev_fd: &Dir) -> PathBuf {
     fd_path(dev_fd)
 }
 
 /// /dev, first part: a `nodev` tmpfs with empty mount points for the
 /// allowed nodes, shm, mqueue, the pts directory and the standard links.
 /// Returns a descriptor of the tmpfs.
-fn setup_dev(root: &OwnedFd) -> Result<OwnedFd> {
+fn setup_dev(root: &Root) -> Result<Dir> {
     mount_at(
         root,
         "/dev",
@@ -350,24 +342,27 @@ fn setup_dev(root: &OwnedFd) -> Result<OwnedFd> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_STRICTATIME,
         "mode=755,size=65536k",
     )?;
-    let dev_fd = ctx(open_in_root(root, Path::new("/dev")), || {
-        "opening /dev".into()
-    })?;
+    let dev_fd = ctx(
+        root.open_dir("/dev", Follow::InRoot).map_err(fs_to_nix),
+        || "opening /dev".into(),
+    )?;
     let dev = dev_path(&dev_fd);
     for name in DEFAULT_DEVICES {
         ctx(
-            nix::fcntl::open(
-                &dev.join(name),
-                OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
-                Mode::from_bits_truncate(0o666),
-            )
-            .map(drop),
+            dev_fd
+                .create_file(name, 0o666, Create::Exclusive)
+                .map(drop)
+                .map_err(fs_to_nix),
             || format!("creating /dev/{name}"),
         )?;
     }
     for (d, mode) in [("pts", 0o755), ("shm", 0o1777), ("mqueue", 0o755)] {
         ctx(
-            nix::unistd::mkdir(&dev.join(d), Mode::from_bits_truncate(mode)),
+            match dev_fd.mkdir(d, mode) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(nix::Error::EEXIST),
+                Err(e) => Err(fs_to_nix(e)),
+            },
             || format!("creating /dev/{d}"),
         )?;
     }
@@ -400,10 +395,9 @@ fn setup_dev(root: &OwnedFd) -> Result<OwnedFd> {
         ("stderr", "/proc/self/fd/2"),
         ("core", "/proc/kcore"),
     ] {
-        ctx(
-            std::os::unix::fs::symlink(target, dev.join(link)).map_err(io_to_nix),
-            || format!("creating /dev/{link}"),
-        )?;
+        ctx(dev_fd.symlink(link, target).map_err(fs_to_nix), || {
+            format!("creating /dev/{link}")
+        })?;
     }
     Ok(dev_fd)
 }
@@ -411,7 +405,7 @@ fn setup_dev(root: &OwnedFd) -> Result<OwnedFd> {
 /// /dev, last part (after [`nodev_everywhere`]): the allowed host nodes
 /// bound onto their mount points (a bind keeps the host /dev mount's
 /// `dev` flag) and a fresh devpts (ptmx and the pty slaves).
-fn allowed_devices(dev_fd: &OwnedFd) -> Result<()> {
+fn allowed_devices(dev_fd: &Dir) -> Result<()> {
     let dev = dev_path(dev_fd);
     for name in DEFAULT_DEVICES {
         let host = Path::new("/dev").join(name);
@@ -453,7 +447,7 @@ const AT_RECURSIVE: libc::c_int = 0x8000;
 /// Make every mount at and below the root `nodev`, keeping their other
 /// flags: `mount_setattr(AT_RECURSIVE)` (Linux 5.12), else a remount of
 /// each mount listed under `dir` in /proc/self/mountinfo.
-pub(crate) fn nodev_everywhere(root: &OwnedFd, dir: &Path) -> Result<()> {
+pub(crate) fn nodev_everywhere(root: &impl AsRawFd, dir: &Path) -> Result<()> {
     let attr = MountAttr {
         attr_set: MOUNT_ATTR_NODEV,
         attr_clr: 0,
@@ -539,13 +533,17 @@ const INLINE_STAGE: &str = ".kiln-inline";
 /// bound read-only, nosuid, nodev, noexec onto its target, then the staging
 /// mount is detached and its directory removed. The host never sees a
 /// file, so nothing is left to clean whatever happens to kiln.
-fn inline_files(root: &OwnedFd, dev_fd: &OwnedFd, files: &[InlineFile]) -> Result<()> {
+fn inline_files(root: &Root, dev_fd: &Dir, files: &[InlineFile]) -> Result<()> {
     if files.is_empty() {
         return Ok(());
     }
     let stage = dev_path(dev_fd).join(INLINE_STAGE);
     ctx(
-        nix::unistd::mkdir(&stage, Mode::from_bits_truncate(0o700)),
+        match dev_fd.mkdir(INLINE_STAGE, 0o700) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(nix::Error::EEXIST),
+            Err(e) => Err(fs_to_nix(e)),
+        },
         || "creating the inline-file staging directory".into(),
     )?;
     let bytes: usize = files.iter().map(|f| f.contents.len() + 4096).sum();
@@ -568,30 +566,28 @@ fn inline_files(root: &OwnedFd, dev_fd: &OwnedFd, files: &[InlineFile]) -> Resul
     let detached = ctx(umount2(&stage, MntFlags::MNT_DETACH), || {
         "detaching the inline-file staging tmpfs".into()
     });
-    let removed = ctx(std::fs::remove_dir(&stage).map_err(io_to_nix), || {
+    let removed = ctx(dev_fd.remove(INLINE_STAGE).map_err(fs_to_nix), || {
         "removing the inline-file staging directory".into()
     });
     placed.and(detached).and(removed)
 }
 
-fn place_inline_files(root: &OwnedFd, stage: &Path, files: &[InlineFile]) -> Result<()> {
+fn place_inline_files(root: &Root, stage: &Path, files: &[InlineFile]) -> Result<()> {
     use std::io::Write;
+    // The staging tmpfs was just mounted and holds only what is made here.
+    let stage_dir = ctx(Root::open(stage).map_err(fs_to_nix), || {
+        "opening the inline-file staging directory".into()
+    })?;
     for (i, f) in files.iter().enumerate() {
         let dest = f.destination.display().to_string();
         let p = stage.join(i.to_string());
-        let fd = ctx(
-            nix::fcntl::open(
-                &p,
-                OFlag::O_CREAT
-                    | OFlag::O_EXCL
-                    | OFlag::O_WRONLY
-                    | OFlag::O_NOFOLLOW
-                    | OFlag::O_CLOEXEC,
-                Mode::from_bits_truncate(0o600),
-            ),
+        let mut file = ctx(
+            stage_dir
+                .dir()
+                .create_file(i.to_string(), 0o600, Create::Exclusive)
+                .map_err(fs_to_nix),
             || format!("creating the file for {dest}"),
         )?;
-        let mut file = std::fs::File::from(fd);
         ctx(file.write_all(&f.contents).map_err(io_to_nix), || {
             format!("writing the file for {dest}")
         })?;
@@ -649,19 +645,28 @@ fn io_to_nix(e: std::io::Error) -> nix::Error {
 }
 
 /// One mount from the spec (or a provided file such as /etc/resolv.conf).
-fn extra_mount(root: &OwnedFd, m: &MountEntry) -> Result<()> {
+fn extra_mount(root: &Root, m: &MountEntry) -> Result<()> {
     let dest = m.destination.to_string_lossy().into_owned();
     let (flags, prop, data) = parse_options(&m.options);
     // Under /dev (the sandbox's own fresh tmpfs, which never reaches a
     // layer) a missing mount point is created, e.g. /dev/pipes/NAME for a
     // RUN heredoc script: by descriptor, inside the tmpfs.
-    let comps = crate::tree::clean_components(&m.destination);
+    let comps = kiln_fs::clean_components(&m.destination);
     if comps.len() > 1 && comps[0] == "dev" {
-        let dev = ctx(open_in_root(root, Path::new("/dev")), || {
-            "opening /dev".into()
-        })?;
+        let dev = ctx(
+            root.open_dir("/dev", Follow::InRoot).map_err(fs_to_nix),
+            || "opening /dev".into(),
+        )?;
+        let rest: PathBuf = comps[1..].iter().collect();
         ctx(
-            crate::tree::make_path(dev.as_fd(), &comps[1..], m.source.is_dir(), &mut |_| Ok(())),
+            crate::run::make_mount_point(
+                &Root::from_dir(dev),
+                &rest,
+                m.source.is_dir(),
+                &mut |_| Ok(()),
+            )
+            .map(drop)
+            .map_err(fs_to_nix),
             || format!("creating the mount point {dest}"),
         )?;
     }

@@ -2,6 +2,7 @@
 //! enforces timeout and cancellation, and cleans up.
 
 use std::collections::VecDeque;
+use std::ffi::OsStr;
 use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -11,8 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::OFlag;
-use nix::sys::stat::{FileStat, SFlag};
+use kiln_fs::{Create, Dangling, Dir, DirSpec, Follow, Root, Stat};
 use oci_spec::runtime::{LinuxNamespaceType, PosixRlimitType, Spec};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
@@ -30,7 +30,6 @@ use crate::request::{
     Stream, MAX_INLINE_FILE, MAX_LINE,
 };
 use crate::rootfs::{DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, SYSTEM_DESTINATIONS};
-use crate::tree;
 
 /// How the executor itself is set up (shared by all steps).
 #[derive(Debug, Clone)]
@@ -88,26 +87,23 @@ struct StateDir {
 /// A mount point made inside a bind rootfs: removed through its parent's
 /// descriptor, never by path.
 struct BindStub {
-    parent: OwnedFd,
+    parent: Dir,
     name: std::ffi::OsString,
     is_dir: bool,
 }
 
 impl Drop for StateDir {
     fn drop(&mut self) {
-        use nix::unistd::{unlinkat, UnlinkatFlags};
         for s in self.bind_stubs.iter().rev() {
             if s.is_dir {
-                let _ = unlinkat(&s.parent, s.name.as_os_str(), UnlinkatFlags::RemoveDir);
+                // Only an empty directory goes (rmdir semantics).
+                if matches!(s.parent.stat(&s.name), Ok(Some(st)) if st.is_dir()) {
+                    let _ = s.parent.remove(&s.name);
+                }
                 continue;
             }
-            let st = nix::sys::stat::fstatat(
-                &s.parent,
-                s.name.as_os_str(),
-                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-            );
-            if matches!(st, Ok(st) if tree::is_type(&st, SFlag::S_IFREG) && st.st_size == 0) {
-                let _ = unlinkat(&s.parent, s.name.as_os_str(), UnlinkatFlags::NoRemoveDir);
+            if matches!(s.parent.stat(&s.name), Ok(Some(st)) if st.is_file() && st.size() == 0) {
+                let _ = s.parent.remove(&s.name);
             }
         }
         let _ = fs::remove_dir_all(&self.path);
@@ -363,12 +359,13 @@ fn spec_mounts(spec: &Spec) -> Result<Vec<MountEntry>, RequestError> {
 }
 
 /// The entry at `rel` in the first (topmost) lower that has it, resolved
-/// inside that lower (its symlinks never reach the host).
-fn lookup_lowers(lowers: &[OwnedFd], rel: &Path) -> Option<FileStat> {
+/// inside that lower (its symlinks never reach the host; the last
+/// component is not followed).
+fn lookup_lowers(lowers: &[Root], rel: &Path) -> Option<Stat> {
     for l in lowers {
-        if let Ok(st) = tree::lstat_in_root(l.as_fd(), rel) {
+        if let Ok(Some(st)) = l.lstat(rel, Follow::InRoot) {
             // A whiteout (0/0 char device) hides everything below.
-            if tree::is_type(&st, SFlag::S_IFCHR) && st.st_rdev == 0 {
+            if st.kind() == libc::S_IFCHR && st.rdev() == 0 {
                 return None;
             }
             return Some(st);
@@ -377,89 +374,143 @@ fn lookup_lowers(lowers: &[OwnedFd], rel: &Path) -> Option<FileStat> {
     None
 }
 
-/// Give an entry the owner, mode and times of `st`, or `default_mode`.
-fn copy_meta(fd: &OwnedFd, st: Option<&FileStat>, default_mode: u32) -> nix::Result<()> {
-    use nix::sys::stat::{fchmod, futimens, Mode};
-    use nix::sys::time::TimeSpec;
-    match st {
-        Some(st) => {
-            // Owner first: chown clears set-id bits that fchmod then sets.
-            nix::unistd::fchown(
-                fd,
-                Some(nix::unistd::Uid::from_raw(st.st_uid)),
-                Some(nix::unistd::Gid::from_raw(st.st_gid)),
-            )?;
-            fchmod(fd, Mode::from_bits_truncate(st.st_mode & 0o7777))?;
-            futimens(
-                fd,
-                &TimeSpec::new(st.st_atime, st.st_atime_nsec),
-                &TimeSpec::new(st.st_mtime, st.st_mtime_nsec),
-            )
+/// One mount point made by [`make_mount_point`]: the directory it was
+/// created in, its name there, whether it is a directory (else an empty
+/// file) and its path inside the root.
+pub(crate) struct MadeStub<'a> {
+    parent: &'a Dir,
+    name: &'a OsStr,
+    is_dir: bool,
+    rel: &'a Path,
+}
+
+/// Create every missing component of the mount point `dest` inside `root`
+/// with kiln-fs: directories (0755), and the last one as a directory or,
+/// with `leaf_dir` false, an empty file (0644). `..` never climbs above
+/// the root; what exists is used as it is; a symlink on the way is
+/// followed inside the root, and a dangling one leaves the path alone
+/// (`Ok(false)`: the mount then fails with a clear message). `made` sees
+/// each entry created, in order.
+pub(crate) fn make_mount_point(
+    root: &Root,
+    dest: &Path,
+    leaf_dir: bool,
+    made: &mut dyn FnMut(MadeStub<'_>) -> kiln_fs::Result<()>,
+) -> kiln_fs::Result<bool> {
+    let mut comps = kiln_fs::clean_components(dest);
+    let Some(leaf) = comps.pop() else {
+        return Ok(true);
+    };
+    let parent_rel: PathBuf = comps.iter().collect();
+    let mut on_dir = |parent: &Dir, name: &OsStr| -> kiln_fs::Result<()> {
+        let rel = rel_of(root, parent, name);
+        made(MadeStub {
+            parent,
+            name,
+            is_dir: true,
+            rel: &rel,
+        })
+    };
+    let dir = match root.mkdir_all_ext(
+        &parent_rel,
+        Follow::InRoot,
+        Dangling::Fail,
+        &mut |_| DirSpec::default(),
+        &mut on_dir,
+    ) {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match dir.stat(&leaf)? {
+        // A link is resolved by the mount (inside the root); one that
+        // dangles is left alone.
+        Some(st) if st.is_symlink() => Ok(root
+            .open_path(parent_rel.join(&leaf), Follow::InRoot)
+            .is_ok()),
+        Some(_) => Ok(true),
+        None => {
+            let created = if leaf_dir {
+                dir.mkdir(&leaf, 0o755)?
+            } else {
+                match dir.create_file(&leaf, 0o644, Create::Exclusive) {
+                    Ok(_) => true,
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
+                    Err(e) => return Err(e),
+                }
+            };
+            if created {
+                let rel = rel_of(root, &dir, &leaf);
+                made(MadeStub {
+                    parent: &dir,
+                    name: &leaf,
+                    is_dir: leaf_dir,
+                    rel: &rel,
+                })?;
+            }
+            Ok(true)
         }
-        None => fchmod(fd, Mode::from_bits_truncate(default_mode)),
     }
 }
 
-fn open_dir(p: &Path, flags: OFlag) -> std::io::Result<OwnedFd> {
-    nix::fcntl::open(
-        p,
-        flags | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map_err(std::io::Error::from)
+/// The path inside `root` of `name` in `parent` (a directory kiln-fs
+/// resolved inside it, so its host path lies below the root's).
+fn rel_of(root: &Root, parent: &Dir, name: &OsStr) -> PathBuf {
+    parent
+        .path()
+        .strip_prefix(root.path())
+        .map(|p| p.join(name))
+        .unwrap_or_else(|_| PathBuf::from(name))
 }
 
 /// Build the stub layer: a lowerdir placed on top of the image's lowers
 /// that holds every mount point the sandbox needs (directories copy the
 /// metadata of the real ones below). Mounting over these never writes to the
 /// upperdir, so the layer holds only what the step wrote. Everything is
-/// made by descriptor inside the stub directory (a destination's `..`
+/// made through kiln-fs inside the stub directory (a destination's `..`
 /// cannot leave it) and the lowers are only looked at inside themselves.
 fn build_stub_layer(
     stub: &Path,
     lowers: &[PathBuf],
     entries: &[(PathBuf, bool)],
 ) -> std::io::Result<()> {
+    // The stub directory itself is kiln's (in the step's state directory).
     fs::DirBuilder::new().mode(0o755).create(stub)?;
-    let lower_fds: Vec<OwnedFd> = lowers
-        .iter()
-        .filter_map(|l| open_dir(l, OFlag::O_PATH).ok())
-        .collect();
-    if let Some(st) = lookup_lowers(&lower_fds, Path::new("")) {
-        copy_meta(&open_dir(stub, OFlag::O_RDONLY)?, Some(&st), 0o755)?;
+    let lower_roots: Vec<Root> = lowers.iter().filter_map(|l| Root::open(l).ok()).collect();
+    let root = Root::open(stub)?;
+    if let Some(st) = lookup_lowers(&lower_roots, Path::new("")) {
+        root.dir().copy_meta_self(&st)?;
     }
-    let root = open_dir(stub, OFlag::O_PATH)?;
     for (dest, is_dir) in entries {
-        let comps = tree::clean_components(dest);
-        tree::make_path(root.as_fd(), &comps, *is_dir, &mut |m| {
-            let want = if m.is_dir {
-                SFlag::S_IFDIR
-            } else {
-                SFlag::S_IFREG
-            };
-            let below = lookup_lowers(&lower_fds, m.rel).filter(|st| tree::is_type(st, want));
-            let fd = tree::open_entry(m.parent, m.name, m.is_dir)?;
-            copy_meta(&fd, below.as_ref(), if m.is_dir { 0o755 } else { 0o644 })
+        make_mount_point(&root, dest, *is_dir, &mut |m| {
+            let below = lookup_lowers(&lower_roots, m.rel).filter(|st| {
+                if m.is_dir {
+                    st.is_dir()
+                } else {
+                    st.is_file()
+                }
+            });
+            // Without one below, the defaults it was made with stay.
+            match below {
+                Some(st) => m.parent.copy_meta(m.name, &st),
+                None => Ok(()),
+            }
         })?;
     }
     Ok(())
 }
 
-/// Create missing mount points inside a bind rootfs, by descriptor inside
-/// it (its symlinks are followed inside the root; a dangling one leaves
-/// the entry alone and the mount then fails with a clear message); returns
-/// what was created, to be removed afterwards.
+/// Create missing mount points inside a bind rootfs, through kiln-fs
+/// inside it (its symlinks are followed inside the root; a dangling one
+/// leaves the entry alone and the mount then fails with a clear message);
+/// returns what was created, to be removed afterwards.
 fn create_bind_stubs(root: &Path, entries: &[(PathBuf, bool)]) -> std::io::Result<Vec<BindStub>> {
-    let root = open_dir(root, OFlag::O_PATH)?;
+    let root = Root::open(root)?;
     let mut created = Vec::new();
     for (dest, is_dir) in entries {
-        let comps = tree::clean_components(dest);
-        tree::make_path(root.as_fd(), &comps, *is_dir, &mut |m| {
+        make_mount_point(&root, dest, *is_dir, &mut |m| {
             created.push(BindStub {
-                parent: m
-                    .parent
-                    .try_clone()
-                    .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?,
+                parent: m.parent.try_clone()?,
                 name: m.name.to_os_string(),
                 is_dir: m.is_dir,
             });
@@ -853,4 +904,101 @@ fn read_messages(fd: OwnedFd) -> Result<Vec<ChildMessage>, crate::protocol::Prot
         v.push(m);
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod mount_point_tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+
+    #[test]
+    fn make_mount_point_stays_inside_and_follows_links_inside() {
+        let outside = tempfile::tempdir().unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        fs::create_dir(&root).unwrap();
+        // An absolute link to a host directory, and a relative one that
+        // climbs: both resolve inside the root.
+        symlink(outside.path(), root.join("abs")).unwrap();
+        symlink("../../../..", root.join("up")).unwrap();
+        let r = Root::open(&root).unwrap();
+        let mut names = Vec::new();
+        let mut rec = |m: MadeStub<'_>| {
+            names.push((m.rel.to_path_buf(), m.is_dir));
+            Ok(())
+        };
+        assert!(make_mount_point(&r, Path::new("/up/x/y"), false, &mut rec).unwrap());
+        assert!(root.join("x/y").is_file(), "created at the root");
+        assert!(make_mount_point(&r, Path::new("/../../z"), true, &mut rec).unwrap());
+        assert!(root.join("z").is_dir());
+        // The absolute link points at a path that does not exist in the
+        // root: dangling there, nothing is created anywhere.
+        assert!(!make_mount_point(&r, Path::new("/abs/f"), false, &mut rec).unwrap());
+        assert!(!make_mount_point(&r, Path::new("/abs/d/e"), true, &mut rec).unwrap());
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
+        // What exists is used as it is.
+        assert!(make_mount_point(&r, Path::new("/x/y"), false, &mut rec).unwrap());
+        assert_eq!(
+            names,
+            [
+                (PathBuf::from("x"), true),
+                (PathBuf::from("x/y"), false),
+                (PathBuf::from("z"), true)
+            ]
+        );
+    }
+
+    #[test]
+    fn stub_layer_copies_what_is_below_and_bind_stubs_are_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let lower = t.path().join("lower");
+        fs::create_dir_all(lower.join("etc")).unwrap();
+        fs::set_permissions(lower.join("etc"), fs::Permissions::from_mode(0o710)).unwrap();
+        std::os::unix::fs::chown(lower.join("etc"), Some(7), Some(8)).unwrap();
+        fs::write(lower.join("etc/hosts"), "x").unwrap();
+        fs::set_permissions(lower.join("etc/hosts"), fs::Permissions::from_mode(0o600)).unwrap();
+        let stub = t.path().join("stub");
+        let entries = vec![
+            (PathBuf::from("/etc/hosts"), false),
+            (PathBuf::from("/proc"), true),
+            (PathBuf::from("/../../etc/../run/x"), true),
+        ];
+        build_stub_layer(&stub, std::slice::from_ref(&lower), &entries).unwrap();
+        let m = fs::metadata(stub.join("etc")).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o710, 7, 8));
+        let m = fs::metadata(stub.join("etc/hosts")).unwrap();
+        assert_eq!(
+            (m.mode() & 0o7777, m.len()),
+            (0o600, 0),
+            "empty, with the lower's mode"
+        );
+        assert_eq!(
+            fs::metadata(stub.join("proc")).unwrap().mode() & 0o7777,
+            0o755
+        );
+        assert!(stub.join("run/x").is_dir());
+        assert!(!t.path().join("run").exists());
+
+        // Bind stubs: made inside, removed by descriptor when empty.
+        let rootfs = t.path().join("rootfs");
+        fs::create_dir_all(rootfs.join("keep")).unwrap();
+        let stubs = create_bind_stubs(
+            &rootfs,
+            &[
+                (PathBuf::from("/keep/m"), true),
+                (PathBuf::from("/new/f"), false),
+            ],
+        )
+        .unwrap();
+        assert_eq!(stubs.len(), 3);
+        assert!(rootfs.join("keep/m").is_dir() && rootfs.join("new/f").is_file());
+        let state = t.path().join("state");
+        fs::create_dir(&state).unwrap();
+        drop(StateDir {
+            path: state,
+            bind_stubs: stubs,
+        });
+        assert!(rootfs.join("keep").is_dir(), "what was there stays");
+        assert!(!rootfs.join("keep/m").exists() && !rootfs.join("new").exists());
+    }
 }

@@ -60,6 +60,24 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 
+/// Gives a file opened through a [`Dir`] (e.g. by [`Dir::create_file`],
+/// once its content is written) its owner, when given, then its permission
+/// bits: chown first, because it clears set-id bits. Works on the
+/// descriptor, never on a path.
+pub fn set_owner_mode(f: &File, owner: Option<(u32, u32)>, mode: u32) -> io::Result<()> {
+    if let Some((uid, gid)) = owner {
+        // SAFETY: a valid descriptor.
+        if unsafe { libc::fchown(f.as_raw_fd(), uid, gid) } != 0 {
+            return Err(errno());
+        }
+    }
+    // SAFETY: a valid descriptor.
+    if unsafe { libc::fchmod(f.as_raw_fd(), mode & 0o7777) } != 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
 /// How many symlinks one resolution may follow (Linux's own limit).
 const MAX_HOPS: usize = 40;
 
@@ -134,6 +152,22 @@ pub enum Follow {
     /// A symlink anywhere on the way is an error (`ELOOP`). For trees
     /// whose paths were resolved elsewhere (an overlay upperdir).
     Never,
+}
+
+/// What [`Root::mkdir_all_ext`] does with a directory that is missing
+/// because a symlink on the way names something that does not exist (a
+/// dangling link).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dangling {
+    /// Create the link's target inside the root, as BuildKit's (and
+    /// containerd's) `MkdirAll` through `fs.RootPath` does.
+    Create,
+    /// Fail with `ENOENT` and create nothing there: how kiln's layer
+    /// applier has always treated a member below a dangling link (and how
+    /// Docker's chrooted unpacker does), and how mount points are made (a
+    /// mount then fails with a clear message instead of creating a
+    /// directory the image never had).
+    Fail,
 }
 
 /// How [`Dir::create_file`] treats an existing entry of that name.
@@ -233,6 +267,10 @@ impl Stat {
     pub fn mtime(&self) -> (i64, i64) {
         (self.0.st_mtime, self.0.st_mtime_nsec)
     }
+    /// Access time (seconds, nanoseconds).
+    pub fn atime(&self) -> (i64, i64) {
+        (self.0.st_atime, self.0.st_atime_nsec)
+    }
 }
 
 fn errno() -> io::Error {
@@ -324,6 +362,15 @@ fn clean(rel: &Path) -> Vec<OsString> {
     out
 }
 
+/// The components of `p` below `/`, cleaned lexically as Docker cleans a
+/// mount destination and Go's `path.Clean` an image path: `.` and empty
+/// components dropped, a leading `/` ignored, `..` removes the previous
+/// component and never climbs above the root. This is exactly how every
+/// [`Root`] method reads the paths it is given.
+pub fn clean_components(p: impl AsRef<Path>) -> Vec<OsString> {
+    clean(p.as_ref())
+}
+
 fn join(comps: &[OsString]) -> Vec<u8> {
     let mut v = Vec::new();
     for (i, c) in comps.iter().enumerate() {
@@ -347,6 +394,16 @@ fn resolve_flags(follow: Follow) -> u64 {
     }
 }
 
+/// What [`Root::mkdir_all_ext`] calls for each directory it made.
+type Made<'a> = &'a mut dyn FnMut(&Dir, &OsStr) -> Result<()>;
+
+/// How the walker creates what is missing.
+struct Maker<'a> {
+    spec: &'a mut dyn FnMut(&Path) -> DirSpec,
+    dangling: Dangling,
+    made: Option<Made<'a>>,
+}
+
 /// A directory tree kiln writes into: an open `O_PATH` descriptor of its
 /// top. Nothing done through it leaves the tree.
 #[derive(Debug)]
@@ -368,6 +425,12 @@ impl Root {
                 path: path.to_path_buf(),
             },
         })
+    }
+
+    /// A directory already opened inside a tree (e.g. a tmpfs mounted in
+    /// a rootfs) as a root of its own: nothing done through it leaves it.
+    pub fn from_dir(dir: Dir) -> Root {
+        Root { dir }
     }
 
     /// The root's host path (for messages).
@@ -451,7 +514,13 @@ impl Root {
     /// dangling one gets its target created, as BuildKit does) or is an
     /// error ([`Follow::Never`]). Returns the final directory.
     pub fn mkdir_all(&self, rel: impl AsRef<Path>, follow: Follow, spec: &DirSpec) -> Result<Dir> {
-        self.walk(rel.as_ref(), follow, Some(&mut |_: &Path| *spec), true)
+        let mut spec = |_: &Path| *spec;
+        let maker = Maker {
+            spec: &mut spec,
+            dangling: Dangling::Create,
+            made: None,
+        };
+        self.walk(rel.as_ref(), follow, Some(maker), true)
             .map(|(d, _)| d)
     }
 
@@ -463,7 +532,33 @@ impl Root {
         follow: Follow,
         spec: &mut dyn FnMut(&Path) -> DirSpec,
     ) -> Result<Dir> {
-        self.walk(rel.as_ref(), follow, Some(spec), true)
+        let maker = Maker {
+            spec,
+            dangling: Dangling::Create,
+            made: None,
+        };
+        self.walk(rel.as_ref(), follow, Some(maker), true)
+            .map(|(d, _)| d)
+    }
+
+    /// [`Root::mkdir_all_with`] choosing what a dangling link on the way
+    /// means ([`Dangling`]) and seeing every directory it creates: `made`
+    /// gets the parent and the name of each, right after it was made (and
+    /// given its spec), in order; an error from it ends the walk.
+    pub fn mkdir_all_ext(
+        &self,
+        rel: impl AsRef<Path>,
+        follow: Follow,
+        dangling: Dangling,
+        spec: &mut dyn FnMut(&Path) -> DirSpec,
+        made: &mut dyn FnMut(&Dir, &OsStr) -> Result<()>,
+    ) -> Result<Dir> {
+        let maker = Maker {
+            spec,
+            dangling,
+            made: Some(made),
+        };
+        self.walk(rel.as_ref(), follow, Some(maker), true)
             .map(|(d, _)| d)
     }
 
@@ -476,6 +571,37 @@ impl Root {
             .map(|(_, p)| p)
     }
 
+    /// An `O_PATH` descriptor of whatever `rel` names inside the root, of
+    /// any type, for calls that take a descriptor (`mount(2)` through its
+    /// `/proc/self/fd` link, `fstat`). The last component is followed too
+    /// under [`Follow::InRoot`] (inside the root, like every other one).
+    /// One `openat2`; nothing is created.
+    pub fn open_path(&self, rel: impl AsRef<Path>, follow: Follow) -> Result<OwnedFd> {
+        let comps = clean(rel.as_ref());
+        let host = self.host(&comps);
+        let c = cstring(&join(&comps)).map_err(|e| Error::new("open", &host, e))?;
+        openat2(
+            self.dir.fd.as_raw_fd(),
+            &c,
+            libc::O_PATH,
+            resolve_flags(follow),
+        )
+        .map_err(|e| Error::new("open", &host, e))
+    }
+
+    /// `lstat` of `rel` inside the root: the parent resolved as
+    /// [`Root::parent`] does, the last component never followed (`rel`
+    /// naming the root stats the root). `None` when nothing has the final
+    /// name; a missing parent is an error.
+    pub fn lstat(&self, rel: impl AsRef<Path>, follow: Follow) -> Result<Option<Stat>> {
+        let rel = rel.as_ref();
+        if clean(rel).is_empty() {
+            return self.dir.stat_self().map(Some);
+        }
+        let (dir, name) = self.parent(rel, follow)?;
+        dir.stat(&name)
+    }
+
     /// The walker behind [`Root::mkdir_all`] and [`Root::resolve`]. With
     /// `create` missing directories are made; without, a missing
     /// component ends the walk and the rest is appended lexically. With
@@ -484,10 +610,13 @@ impl Root {
         &self,
         rel: &Path,
         follow: Follow,
-        mut create: Option<&mut dyn FnMut(&Path) -> DirSpec>,
+        mut create: Option<Maker<'_>>,
         dirs_only: bool,
     ) -> Result<(Dir, PathBuf)> {
-        let mut pending: Vec<OsString> = clean(rel).into_iter().rev().collect();
+        // Each pending component carries whether it came from a symlink's
+        // target (for [`Dangling::Fail`]).
+        let mut pending: Vec<(OsString, bool)> =
+            clean(rel).into_iter().rev().map(|c| (c, false)).collect();
         // The directories resolved so far below the root, with their fds.
         let mut stack: Vec<(OsString, OwnedFd)> = Vec::new();
         let mut hops = 0;
@@ -495,7 +624,7 @@ impl Root {
         let names = |stack: &[(OsString, OwnedFd)]| -> Vec<OsString> {
             stack.iter().map(|(n, _)| n.clone()).collect()
         };
-        while let Some(c) = pending.pop() {
+        while let Some((c, from_link)) = pending.pop() {
             if !missing.is_empty() {
                 // Resolving only, below a missing component: lexical.
                 if c == ".." {
@@ -531,15 +660,18 @@ impl Root {
                         missing.push(c);
                         continue;
                     };
+                    if from_link && make.dangling == Dangling::Fail {
+                        return Err(Error::new("resolve", &host, e));
+                    }
                     let inside =
                         Path::new("/").join(PathBuf::from(OsString::from_vec(join(&path))));
-                    let spec = make(&inside);
+                    let spec = (make.spec)(&inside);
                     // SAFETY: a valid descriptor and a NUL-terminated name.
                     if unsafe { libc::mkdirat(here, cn.as_ptr(), 0o700) } != 0 {
                         let e = errno();
                         if e.raw_os_error() == Some(libc::EEXIST) {
                             // Made by someone else meanwhile: look again.
-                            pending.push(c);
+                            pending.push((c, from_link));
                             continue;
                         }
                         return Err(Error::new("mkdir", &host, e));
@@ -552,6 +684,18 @@ impl Root {
                     )
                     .map_err(|e| Error::new("open", &host, e))?;
                     apply_spec(here, &cn, &host, &spec)?;
+                    if let Some(made) = make.made.as_mut() {
+                        // SAFETY: `here` is open for this whole call (owned
+                        // by the stack or by the root).
+                        let here_fd = unsafe { BorrowedFd::borrow_raw(here) };
+                        let parent = Dir {
+                            fd: here_fd
+                                .try_clone_to_owned()
+                                .map_err(|e| Error::new("dup", &host, e))?,
+                            path: host.parent().map(Path::to_path_buf).unwrap_or_default(),
+                        };
+                        made(&parent, &c)?;
+                    }
                     stack.push((c, fd));
                     continue;
                 }
@@ -594,7 +738,7 @@ impl Root {
                         if t.is_empty() || t == b"." {
                             continue;
                         }
-                        pending.push(OsString::from_vec(t.to_vec()));
+                        pending.push((OsString::from_vec(t.to_vec()), true));
                     }
                 }
                 Err(e) => return Err(Error::new("open", &host, e)),
@@ -821,6 +965,33 @@ impl Dir {
             return Err(self.error("chmod", name, errno()));
         }
         Ok(f)
+    }
+
+    /// Gives `name` (never followed) the owner, permission bits and
+    /// access and modification times `st` describes (e.g. those of the
+    /// same path in a layer below). Owner first: chown clears set-id bits.
+    pub fn copy_meta(&self, name: impl AsRef<OsStr>, st: &Stat) -> Result<()> {
+        let name = name.as_ref();
+        self.chown(name, st.uid(), st.gid())?;
+        self.chmod(name, st.mode())?;
+        let c = self.name("utimensat", name)?;
+        utimes2_at(
+            self.raw(),
+            &c,
+            st.atime(),
+            st.mtime(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| self.error("utimensat", name, e))
+    }
+
+    /// [`Dir::copy_meta`] for this directory itself.
+    pub fn copy_meta_self(&self, st: &Stat) -> Result<()> {
+        self.chown_self(st.uid(), st.gid())?;
+        self.chmod_self(st.mode())?;
+        let p = self.proc_link("utimensat")?;
+        utimes2_at(libc::AT_FDCWD, &p, st.atime(), st.mtime(), 0)
+            .map_err(|e| Error::new("utimensat", &self.path, e))
     }
 
     /// Writes `data` as the file `name` (replacing what had the name),
@@ -1120,6 +1291,28 @@ impl Dir {
         }
         Ok(())
     }
+
+    /// Sets the extended attribute `key` on this directory itself (e.g.
+    /// an overlay opaque marker).
+    pub fn set_xattr_self(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        let k = cstring(key).map_err(|e| Error::new("setxattr", &self.path, e))?;
+        let p = self.proc_link("setxattr")?;
+        // SAFETY: NUL-terminated strings and a buffer of the given length;
+        // the magic link names exactly this directory's inode.
+        let r = unsafe {
+            libc::setxattr(
+                p.as_ptr(),
+                k.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if r != 0 {
+            return Err(Error::new("setxattr", &self.path, errno()));
+        }
+        Ok(())
+    }
 }
 
 fn remove_all_at(dir: RawFd, name: &CStr) -> io::Result<()> {
@@ -1192,6 +1385,29 @@ fn utimes_at(dir: RawFd, name: &CStr, t: (i64, i64)) -> io::Result<()> {
         )
     } != 0
     {
+        return Err(errno());
+    }
+    Ok(())
+}
+
+/// utimensat with separate access and modification times; `flags` is
+/// `AT_SYMLINK_NOFOLLOW` for a name, 0 for a `/proc/self/fd` link (which
+/// must be followed to reach the inode it names).
+fn utimes2_at(
+    dir: RawFd,
+    name: &CStr,
+    atime: (i64, i64),
+    mtime: (i64, i64),
+    flags: i32,
+) -> io::Result<()> {
+    let ts = |t: (i64, i64)| libc::timespec {
+        tv_sec: t.0 as libc::time_t,
+        tv_nsec: t.1 as libc::c_long,
+    };
+    let times = [ts(atime), ts(mtime)];
+    // SAFETY: a valid descriptor (or AT_FDCWD), a NUL-terminated name and
+    // two timespecs.
+    if unsafe { libc::utimensat(dir, name.as_ptr(), times.as_ptr(), flags) } != 0 {
         return Err(errno());
     }
     Ok(())

@@ -317,3 +317,126 @@ fn nodes_links_renames_and_reads() {
         (5, 6, 0o701, 77)
     );
 }
+
+#[test]
+fn dangling_fail_creates_nothing_below_a_dangling_link_and_create_makes_it_inside() {
+    for target in hostile_targets(&setup()) {
+        let t = setup();
+        // A link whose target does not exist inside the root.
+        symlink(format!("{target}/nowhere"), t.root.join("dl")).unwrap();
+        let root = Root::open(&t.root).unwrap();
+        let mut made = Vec::new();
+        let r = root.mkdir_all_ext(
+            "dl/x/y",
+            Follow::InRoot,
+            Dangling::Fail,
+            &mut |_| DirSpec::default(),
+            &mut |d, n| {
+                made.push(d.path().join(n));
+                Ok(())
+            },
+        );
+        assert!(
+            r.as_ref().is_err_and(|e| e.is_not_found()),
+            "{target}: {r:?}"
+        );
+        assert!(made.is_empty(), "{target}: {made:?}");
+        outside_untouched(&t);
+        // Under Create the target is made, inside the root; `made` sees
+        // each directory with its parent.
+        let d = root
+            .mkdir_all_ext(
+                "dl/x",
+                Follow::InRoot,
+                Dangling::Create,
+                &mut |_| DirSpec::default(),
+                &mut |d, n| {
+                    assert!(d.stat(n).unwrap().unwrap().is_dir());
+                    made.push(d.path().join(n));
+                    Ok(())
+                },
+            )
+            .unwrap();
+        assert!(d.path().starts_with(&t.root), "{target}: {:?}", d.path());
+        assert!(!made.is_empty() && made.iter().all(|p| p.starts_with(&t.root)));
+        assert!(
+            made.last().unwrap().ends_with("nowhere/x"),
+            "{target}: {made:?}"
+        );
+        outside_untouched(&t);
+    }
+}
+
+#[test]
+fn dangling_fail_still_creates_below_a_link_to_an_existing_directory() {
+    let t = setup();
+    symlink("/a/b", t.root.join("lnk")).unwrap();
+    let root = Root::open(&t.root).unwrap();
+    root.mkdir_all_ext(
+        "lnk/new",
+        Follow::InRoot,
+        Dangling::Fail,
+        &mut |_| DirSpec::default(),
+        &mut |_, _| Ok(()),
+    )
+    .unwrap();
+    assert!(t.root.join("a/b/new").is_dir());
+}
+
+#[test]
+fn open_path_and_lstat_stay_inside() {
+    for target in hostile_targets(&setup()) {
+        let t = setup();
+        symlink(&target, t.root.join("a/b/esc")).unwrap();
+        fs::write(t.root.join("victim"), "inside").unwrap();
+        let root = Root::open(&t.root).unwrap();
+        // Through the link, `victim` is the root's own (or missing).
+        if let Ok(fd) = root.open_path("a/b/esc/victim", Follow::InRoot) {
+            let link = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+            assert!(link.starts_with(&t.root), "{target}: {link:?}");
+        }
+        // `..` never climbs above the root.
+        let fd = root.open_path("../../../victim", Follow::InRoot).unwrap();
+        let link = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        assert_eq!(link, t.root.join("victim"));
+        assert!(root.open_path("a/b/esc/victim", Follow::Never).is_err());
+        // lstat does not follow the last component.
+        let st = root.lstat("a/b/esc", Follow::InRoot).unwrap().unwrap();
+        assert!(st.is_symlink());
+        assert!(root.lstat("", Follow::InRoot).unwrap().unwrap().is_dir());
+        assert!(root.lstat("a/nothing", Follow::InRoot).unwrap().is_none());
+        outside_untouched(&t);
+    }
+}
+
+#[test]
+fn copy_meta_and_xattr_self_never_reach_a_link_target() {
+    let t = setup();
+    let root = Root::open(&t.root).unwrap();
+    let a = root.open_dir("a", Follow::Never).unwrap();
+    symlink(t.outside.join("victim"), t.root.join("a/l")).unwrap();
+    fs::write(t.root.join("a/f"), "f").unwrap();
+    fs::set_permissions(t.root.join("a/f"), fs::Permissions::from_mode(0o4751)).unwrap();
+    let model = a.stat("f").unwrap().unwrap();
+    // On a link: the link itself gets owner and times, never the target.
+    a.copy_meta("l", &model).unwrap();
+    outside_untouched(&t);
+    a.copy_meta("b", &model).unwrap();
+    let m = fs::symlink_metadata(t.root.join("a/b")).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o4751);
+    assert_eq!(m.mtime(), model.mtime().0);
+    assert_eq!(m.atime(), model.atime().0);
+    let b = a.open_dir("b").unwrap();
+    b.copy_meta_self(&model).unwrap();
+    b.set_xattr_self(b"user.kiln", b"1").unwrap_or(());
+    let f = a.create_file("new", 0o600, Create::Exclusive).unwrap();
+    set_owner_mode(&f, Some((0, 0)), 0o2755).unwrap();
+    assert_eq!(
+        fs::symlink_metadata(t.root.join("a/new")).unwrap().mode() & 0o7777,
+        0o2755
+    );
+    assert_eq!(
+        clean_components("/../a/./b/../c"),
+        vec![OsString::from("a"), OsString::from("c")]
+    );
+}

@@ -1,10 +1,11 @@
-//! Layer tar writing and compression on a generated tree.
+//! Layer tar writing, compression and applying on generated trees.
 
 use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use kiln_image::apply::{apply_layer, WhiteoutMode};
 use kiln_image::blob::encode_layer;
 use kiln_image::compression::{Compression, CompressionOpts};
 use kiln_image::diff::{write_overlay_diff, write_tree_diff, DiffOptions};
@@ -41,6 +42,71 @@ fn generate(root: &Path) -> u64 {
         }
     }
     total
+}
+
+/// A layer like a package-manager install: 20,000 small files (and a few
+/// symlinks) in 400 directories, two levels deep, in tar order.
+fn many_small_files() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: String, kind: tar::EntryType, data: &[u8], link: Option<&str>| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(if kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
+        h.set_size(data.len() as u64);
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        if let Some(l) = link {
+            h.set_link_name(l).expect("link");
+        }
+        h.set_cksum();
+        b.append_data(&mut h, name, data).expect("append");
+    };
+    let data = [b'x'; 300];
+    for top in 0..20 {
+        add(
+            format!("usr/lib{top}/"),
+            tar::EntryType::Directory,
+            &[],
+            None,
+        );
+        for sub in 0..20 {
+            let d = format!("usr/lib{top}/pkg{sub}");
+            add(format!("{d}/"), tar::EntryType::Directory, &[], None);
+            for f in 0..50 {
+                add(format!("{d}/f{f}"), tar::EntryType::Regular, &data, None);
+            }
+            add(
+                format!("{d}/link"),
+                tar::EntryType::Symlink,
+                &[],
+                Some("f0"),
+            );
+        }
+    }
+    b.into_inner().expect("tar")
+}
+
+fn apply_benches(c: &mut Criterion) {
+    let layer = many_small_files();
+    let mut g = c.benchmark_group("apply");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(20_000));
+    g.bench_function("small_files_20k", |b| {
+        b.iter_batched(
+            || tempfile::tempdir().expect("tmp"),
+            |t| {
+                apply_layer(&layer[..], t.path(), WhiteoutMode::Overlay).expect("apply");
+                t
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
 }
 
 fn benches(c: &mut Criterion) {
@@ -98,5 +164,5 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(layer_benches, benches);
+criterion_group!(layer_benches, benches, apply_benches);
 criterion_main!(layer_benches);

@@ -1,22 +1,29 @@
 //! The applier: OCI layer tar -> directory, confined to the directory.
 //!
-//! Every path is cleaned lexically first (a `..` that would climb above the
-//! root is an error). Parent directories are then opened with `openat2(2)`
-//! and `RESOLVE_IN_ROOT`, so symlinks met along the way — absolute or
-//! relative, planted by this layer or an earlier one — resolve as if the
-//! root were `/`. The final component is always handled with `*at` calls
-//! that do not follow it (`O_NOFOLLOW`, `AT_SYMLINK_NOFOLLOW`, `O_EXCL`).
-//! Nothing outside `root` is ever created, written or removed.
+//! Every write goes through `kiln-fs`. Every path is cleaned lexically
+//! first (a `..` that would climb above the root is an error). Parent
+//! directories are then opened inside a [`kiln_fs::Root`] with
+//! [`Follow::InRoot`] (`openat2(RESOLVE_IN_ROOT)`), so symlinks met along
+//! the way — absolute or relative, planted by this layer or an earlier one
+//! — resolve as if the root were `/`; a missing parent is created
+//! ([`Dangling::Fail`]: below a dangling link an entry fails, as it always
+//! has here). The final component is always handled by [`kiln_fs::Dir`]'s
+//! `*at` calls, which do not follow it. Nothing outside `root` is ever
+//! created, written or removed.
+//!
+//! Speed: entries of one directory come together in a tar, so the last
+//! parent opened is kept and reused while nothing is removed (a removal
+//! is the only thing that can change what a path resolves to here; see
+//! [`Applier::parent`]): one resolution per directory, not per file.
 
 use std::collections::HashSet;
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use kiln_fs::{Create, Dangling, Dir, DirSpec, Follow, Root};
 
 use crate::diff::{is_overlay_xattr, WHITEOUT_OPAQUE, WHITEOUT_PREFIX};
 use crate::ImageError;
@@ -58,12 +65,21 @@ pub struct ApplyOptions {
     pub skip_devices: bool,
 }
 
-fn errno() -> io::Error {
-    io::Error::last_os_error()
-}
-
 fn cstr(b: &[u8]) -> Result<CString, ImageError> {
     CString::new(b).map_err(|_| ImageError::UnsafePath(String::from_utf8_lossy(b).into_owned()))
+}
+
+/// A kiln-fs error as the plain OS error it carries (the applier names
+/// the path inside the layer itself).
+fn io_of(e: kiln_fs::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(n) => io::Error::from_raw_os_error(n),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+fn os(b: &[u8]) -> &OsStr {
+    OsStr::from_bytes(b)
 }
 
 fn display(comps: &[Vec<u8>]) -> PathBuf {
@@ -99,188 +115,6 @@ pub(crate) fn clean(raw: &[u8]) -> Result<Vec<Vec<u8>>, ImageError> {
         }
     }
     Ok(out)
-}
-
-struct Root {
-    fd: OwnedFd,
-}
-
-impl Root {
-    fn open(root: &Path) -> Result<Root, ImageError> {
-        let fd = nix::fcntl::open(
-            root,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .map_err(|e| ImageError::path("open", root, io::Error::from(e)))?;
-        Ok(Root { fd })
-    }
-
-    /// Open the directory `comps` inside the root (symlinks confined).
-    fn open_dir(&self, comps: &[Vec<u8>], flags: OFlag) -> io::Result<OwnedFd> {
-        let joined = if comps.is_empty() {
-            b".".to_vec()
-        } else {
-            comps.join(&b'/')
-        };
-        let how = OpenHow::new()
-            .flags(flags | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
-            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        let p = OsStr::from_bytes(&joined);
-        nix::fcntl::openat2(self.fd.as_fd(), p, how).map_err(io::Error::from)
-    }
-
-    /// Open (creating missing directories with mode 0755) the directory
-    /// `comps` inside the root.
-    fn ensure_dir(&self, comps: &[Vec<u8>]) -> io::Result<OwnedFd> {
-        match self.open_dir(comps, OFlag::O_PATH) {
-            Ok(fd) => Ok(fd),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !comps.is_empty() => {
-                let parent = self.ensure_dir(&comps[..comps.len() - 1])?;
-                let name = CString::new(comps[comps.len() - 1].clone())
-                    .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-                // SAFETY: valid fd and NUL-terminated name.
-                let r = unsafe { libc::mkdirat(parent.as_raw_fd(), name.as_ptr(), 0o755) };
-                if r != 0 {
-                    let e = errno();
-                    if e.raw_os_error() != Some(libc::EEXIST) {
-                        return Err(e);
-                    }
-                }
-                self.open_dir(comps, OFlag::O_PATH)
-            }
-            Err(e) => Err(e),
-        }
-    }
-}
-
-fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<libc::stat>> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: valid fd, NUL-terminated name, out pointer to a stat.
-    let r = unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if r != 0 {
-        let e = errno();
-        if e.raw_os_error() == Some(libc::ENOENT) {
-            return Ok(None);
-        }
-        return Err(e);
-    }
-    // SAFETY: fstatat succeeded and filled the struct.
-    Ok(Some(unsafe { st.assume_init() }))
-}
-
-fn openat_raw(dir: RawFd, name: &CStr, flags: i32, mode: libc::mode_t) -> io::Result<OwnedFd> {
-    // SAFETY: valid fd and NUL-terminated name.
-    let fd = unsafe {
-        libc::openat(
-            dir,
-            name.as_ptr(),
-            flags | libc::O_CLOEXEC,
-            mode as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(errno());
-    }
-    // SAFETY: openat returned a fresh descriptor that we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Names in the directory `dir` (excluding `.` and `..`).
-fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
-    let fd = openat_raw(dir.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
-    // SAFETY: raw is an open directory fd; fdopendir takes ownership.
-    let dp = unsafe { libc::fdopendir(raw) };
-    if dp.is_null() {
-        let e = errno();
-        // SAFETY: fdopendir failed, so we still own raw.
-        unsafe { libc::close(raw) };
-        return Err(e);
-    }
-    let mut names = Vec::new();
-    loop {
-        // SAFETY: dp is a valid DIR*.
-        let ent = unsafe { libc::readdir(dp) };
-        if ent.is_null() {
-            break;
-        }
-        // SAFETY: readdir returned a valid dirent whose d_name is NUL-terminated.
-        let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
-        let b = name.to_bytes();
-        if b != b"." && b != b".." {
-            names.push(name.to_owned());
-        }
-    }
-    // SAFETY: dp is valid and closed once.
-    unsafe { libc::closedir(dp) };
-    Ok(names)
-}
-
-/// Remove `name` in `dir` and, if it is a directory, everything below it,
-/// never following symlinks.
-fn remove_all_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-    // SAFETY: valid fd and NUL-terminated name.
-    if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) } == 0 {
-        return Ok(());
-    }
-    let e = errno();
-    match e.raw_os_error() {
-        Some(libc::ENOENT) => return Ok(()),
-        Some(libc::EISDIR) | Some(libc::EPERM) => {}
-        _ => return Err(e),
-    }
-    let sub = openat_raw(
-        dir.as_raw_fd(),
-        name,
-        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-        0,
-    )?;
-    for child in list_dir(sub.as_fd())? {
-        remove_all_at(sub.as_fd(), &child)?;
-    }
-    // SAFETY: valid fd and NUL-terminated name.
-    if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
-        let e = errno();
-        if e.raw_os_error() != Some(libc::ENOENT) {
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
-fn set_xattr_fd(fd: RawFd, name: &[u8], value: &[u8], via_proc: bool) -> io::Result<()> {
-    let cname = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let r = if via_proc {
-        // O_PATH descriptors (device nodes, fifos) take xattrs through their
-        // /proc magic link, which names exactly this inode.
-        let p = CString::new(format!("/proc/self/fd/{fd}"))
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: valid C strings and buffer.
-        unsafe {
-            libc::setxattr(
-                p.as_ptr(),
-                cname.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            )
-        }
-    } else {
-        // SAFETY: valid fd, C string and buffer.
-        unsafe { libc::fsetxattr(fd, cname.as_ptr(), value.as_ptr().cast(), value.len(), 0) }
-    };
-    if r != 0 {
-        return Err(errno());
-    }
-    Ok(())
 }
 
 struct Entry {
@@ -392,6 +226,8 @@ struct Applier {
     skipped_devices: HashSet<Vec<Vec<u8>>>,
     dir_times: Vec<(Vec<Vec<u8>>, i64)>,
     stats: ApplyStats,
+    /// The last parent directory opened, by its path in the layer.
+    last: Option<(Vec<Vec<u8>>, Dir)>,
 }
 
 /// Apply an uncompressed layer tar to `root`.
@@ -419,13 +255,14 @@ pub fn apply_layer_with(
     opts: &ApplyOptions,
 ) -> Result<ApplyStats, ImageError> {
     let mut ap = Applier {
-        root: Root::open(root)?,
+        root: Root::open(root).map_err(|e| ImageError::path("open", root, io_of(e)))?,
         mode,
         opts: *opts,
         created: HashSet::new(),
         skipped_devices: HashSet::new(),
         dir_times: Vec::new(),
         stats: ApplyStats::default(),
+        last: None,
     };
     let mut ar = tar::Archive::new(tar);
     let mut pending = Pending::default();
@@ -460,39 +297,60 @@ pub fn apply_layer_with(
     let times = std::mem::take(&mut ap.dir_times);
     for (comps, mtime) in times.into_iter().rev() {
         let (parent, name) = comps.split_at(comps.len() - 1);
-        let pfd = ap
+        let pdir = ap
             .root
-            .open_dir(parent, OFlag::O_PATH)
-            .map_err(|e| ImageError::path("open", display(parent), e))?;
-        let cname = cstr(&name[0])?;
-        set_times(pfd.as_fd(), &cname, mtime)
-            .map_err(|e| ImageError::path("utimensat", display(&comps), e))?;
+            .open_dir(display(parent), Follow::InRoot)
+            .map_err(|e| ImageError::path("open", display(parent), io_of(e)))?;
+        pdir.set_times(os(&name[0]), (mtime, 0))
+            .map_err(|e| ImageError::path("utimensat", display(&comps), io_of(e)))?;
     }
     Ok(ap.stats)
 }
 
-fn set_times(dir: BorrowedFd<'_>, name: &CStr, mtime: i64) -> io::Result<()> {
-    let ts = libc::timespec {
-        tv_sec: mtime as libc::time_t,
-        tv_nsec: 0,
-    };
-    let times = [ts, ts];
-    // SAFETY: valid fd, C string, and a two-element timespec array.
-    let r = unsafe {
-        libc::utimensat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if r != 0 {
-        return Err(errno());
-    }
-    Ok(())
-}
-
 impl Applier {
+    /// The directory `comps` inside the root, symlinks on the way followed
+    /// inside it; with `create`, missing directories are made (0755), but
+    /// never below a dangling link ([`Dangling::Fail`]). The last one
+    /// opened is reused for the next entries of the same directory: that
+    /// is sound because a resolution that succeeded can only change when
+    /// an entry on the way is removed or replaced, and every removal the
+    /// applier makes goes through [`Applier::removed`], which forgets it.
+    fn parent<'a>(
+        root: &Root,
+        last: &'a mut Option<(Vec<Vec<u8>>, Dir)>,
+        comps: &[Vec<u8>],
+        create: bool,
+    ) -> io::Result<&'a Dir> {
+        let hit = matches!(last, Some((c, _)) if c.as_slice() == comps);
+        if !hit {
+            let rel = display(comps);
+            let dir = match root.open_dir(&rel, Follow::InRoot) {
+                Ok(d) => d,
+                Err(e) if create && e.is_not_found() => root
+                    .mkdir_all_ext(
+                        &rel,
+                        Follow::InRoot,
+                        Dangling::Fail,
+                        &mut |_| DirSpec::default(),
+                        &mut |_, _| Ok(()),
+                    )
+                    .map_err(io_of)?,
+                Err(e) => return Err(io_of(e)),
+            };
+            *last = Some((comps.to_vec(), dir));
+        }
+        match last {
+            Some((_, d)) => Ok(d),
+            None => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+        }
+    }
+
+    /// Something was removed: a cached parent may no longer be what its
+    /// path names.
+    fn removed(&mut self) {
+        self.last = None;
+    }
+
     fn apply(&mut self, e: Entry, data: &mut dyn Read) -> Result<(), ImageError> {
         let Some((name, parent)) = e.comps.split_last() else {
             // the root itself ("./"): leave the target root as it is
@@ -503,9 +361,14 @@ impl Applier {
             let path = path.clone();
             move |err: io::Error| ImageError::path(op, path, err)
         };
+        let ferr = |op: &'static str| {
+            let path = path.clone();
+            move |err: kiln_fs::Error| ImageError::path(op, path, io_of(err))
+        };
         if name.starts_with(WHITEOUT_PREFIX.as_bytes()) {
             return self.whiteout(parent, name, &path);
         }
+        let oname = os(name);
         if self.opts.skip_devices {
             let device = matches!(e.kind, tar::EntryType::Char | tar::EntryType::Block);
             let link_to_device = e.kind == tar::EntryType::Link
@@ -514,78 +377,76 @@ impl Applier {
                     .is_some_and(|l| clean(l).is_ok_and(|c| self.skipped_devices.contains(&c)));
             if device || link_to_device {
                 // The node would have replaced what an earlier layer had.
-                if let (Ok(pfd), Ok(c)) = (self.root.open_dir(parent, OFlag::O_PATH), cstr(name)) {
-                    remove_all_at(pfd.as_fd(), &c).map_err(perr("remove"))?;
+                if let Ok(pdir) = Self::parent(&self.root, &mut self.last, parent, false) {
+                    pdir.remove_all(oname).map_err(ferr("remove"))?;
                 }
+                self.removed();
                 self.skipped_devices.insert(e.comps.clone());
                 self.stats.skipped_devices.push(path);
                 return Ok(());
             }
         }
-        let pfd = self
-            .root
-            .ensure_dir(parent)
-            .map_err(perr("mkdir parents of"))?;
-        let cname = cstr(name)?;
         let is_dir = e.kind == tar::EntryType::Directory;
-        if let Some(st) = lstat_at(pfd.as_fd(), &cname).map_err(perr("lstat"))? {
-            let existing_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-            if !(is_dir && existing_dir) {
-                remove_all_at(pfd.as_fd(), &cname).map_err(perr("remove"))?;
+        let existing = {
+            let pdir = Self::parent(&self.root, &mut self.last, parent, true)
+                .map_err(perr("mkdir parents of"))?;
+            pdir.stat(oname).map_err(ferr("lstat"))?
+        };
+        if let Some(st) = existing {
+            if !(is_dir && st.is_dir()) {
+                let pdir = Self::parent(&self.root, &mut self.last, parent, true)
+                    .map_err(perr("mkdir parents of"))?;
+                pdir.remove_all(oname).map_err(ferr("remove"))?;
+                self.removed();
             }
         }
-        let dfd = pfd.as_raw_fd();
-        let mut file: Option<File> = None;
         use tar::EntryType as T;
+        // A hard link's target is resolved from the root (it may be
+        // anywhere in the layer), before the parent is borrowed.
+        let link_from = if e.kind == T::Link {
+            let raw = e.link.as_deref().unwrap_or(b"");
+            let tcomps = clean(raw)?;
+            let Some((tname, tparent)) = tcomps.split_last() else {
+                return Err(ImageError::UnsafePath(format!(
+                    "{}: hardlink to the root",
+                    path.display()
+                )));
+            };
+            let tdir = self
+                .root
+                .open_dir(display(tparent), Follow::InRoot)
+                .map_err(ferr("resolve hardlink target of"))?;
+            Some((tdir, tname.clone()))
+        } else {
+            None
+        };
+        let pdir = Self::parent(&self.root, &mut self.last, parent, true)
+            .map_err(perr("mkdir parents of"))?;
+        let mut file: Option<File> = None;
         match e.kind {
             T::Regular | T::Continuous => {
-                let fd = openat_raw(
-                    dfd,
-                    &cname,
-                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-                    0o600,
-                )
-                .map_err(perr("create"))?;
-                let mut f = File::from(fd);
+                let mut f = pdir
+                    .create_file(oname, 0o600, Create::Exclusive)
+                    .map_err(ferr("create"))?;
                 let n = io::copy(data, &mut f).map_err(perr("write"))?;
                 self.stats.content_bytes += n;
+                // Once written: owner first (chown clears set-id bits and
+                // security.capability), then the mode, on the open file.
+                kiln_fs::set_owner_mode(&f, Some((e.uid, e.gid)), e.mode).map_err(perr("chown"))?;
                 file = Some(f);
             }
             T::Directory => {
-                // SAFETY: valid fd and C string.
-                if unsafe { libc::mkdirat(dfd, cname.as_ptr(), 0o700) } != 0 {
-                    let err = errno();
-                    if err.raw_os_error() != Some(libc::EEXIST) {
-                        return Err(ImageError::path("mkdir", path, err));
-                    }
-                }
+                pdir.mkdir(oname, 0o700).map_err(ferr("mkdir"))?;
             }
             T::Symlink => {
-                let target = cstr(e.link.as_deref().unwrap_or(b""))?;
-                // SAFETY: valid fd and C strings.
-                if unsafe { libc::symlinkat(target.as_ptr(), dfd, cname.as_ptr()) } != 0 {
-                    return Err(ImageError::path("symlink", path, errno()));
-                }
+                let target = e.link.as_deref().unwrap_or(b"");
+                cstr(target)?;
+                pdir.symlink(oname, os(target)).map_err(ferr("symlink"))?;
             }
             T::Link => {
-                let raw = e.link.as_deref().unwrap_or(b"");
-                let tcomps = clean(raw)?;
-                let Some((tname, tparent)) = tcomps.split_last() else {
-                    return Err(ImageError::UnsafePath(format!(
-                        "{}: hardlink to the root",
-                        path.display()
-                    )));
-                };
-                let tfd = self
-                    .root
-                    .open_dir(tparent, OFlag::O_PATH)
-                    .map_err(perr("resolve hardlink target of"))?;
-                let tc = cstr(tname)?;
-                // SAFETY: valid fds and C strings; flags 0 = do not follow.
-                if unsafe { libc::linkat(tfd.as_raw_fd(), tc.as_ptr(), dfd, cname.as_ptr(), 0) }
-                    != 0
-                {
-                    return Err(ImageError::path("link", path, errno()));
+                if let Some((tdir, tname)) = &link_from {
+                    pdir.hard_link(oname, tdir, os(tname))
+                        .map_err(ferr("link"))?;
                 }
                 self.created.insert(e.comps.clone());
                 self.stats.entries += 1;
@@ -599,10 +460,8 @@ impl Applier {
                     _ => libc::S_IFIFO,
                 };
                 let dev = libc::makedev(e.dev.0, e.dev.1);
-                // SAFETY: valid fd and C string.
-                if unsafe { libc::mknodat(dfd, cname.as_ptr(), kind | 0o600, dev) } != 0 {
-                    return Err(ImageError::path("mknod", path, errno()));
-                }
+                pdir.mknod(oname, kind | 0o600, dev)
+                    .map_err(ferr("mknod"))?;
             }
             _ => {
                 self.stats.skipped += 1;
@@ -611,83 +470,30 @@ impl Applier {
         }
         self.created.insert(e.comps.clone());
         self.stats.entries += 1;
-        // ownership first: chown clears setuid bits and security.capability
-        // SAFETY: valid fd and C string.
-        if unsafe { libc::fchownat(dfd, cname.as_ptr(), e.uid, e.gid, libc::AT_SYMLINK_NOFOLLOW) }
-            != 0
-        {
-            return Err(ImageError::path("chown", path, errno()));
-        }
-        if e.kind != T::Symlink {
-            let r = match &file {
-                // SAFETY: valid fd.
-                Some(f) => unsafe { libc::fchmod(f.as_raw_fd(), e.mode & 0o7777) },
-                // not a symlink (we just created it), so following is moot
-                // SAFETY: valid fd and C string.
-                None => unsafe { libc::fchmodat(dfd, cname.as_ptr(), e.mode & 0o7777, 0) },
-            };
-            if r != 0 {
-                return Err(ImageError::path("chmod", path, errno()));
+        if file.is_none() {
+            // ownership first: chown clears setuid bits and security.capability
+            pdir.chown(oname, e.uid, e.gid).map_err(ferr("chown"))?;
+            if e.kind != T::Symlink {
+                pdir.chmod(oname, e.mode).map_err(ferr("chmod"))?;
             }
         }
-        if !e.xattrs.is_empty() {
-            self.set_xattrs(&e, dfd, &cname, file.as_ref(), &path)?;
-        }
-        if e.kind == T::Directory {
-            self.dir_times.push((e.comps.clone(), e.mtime));
-        } else {
-            drop(file);
-            set_times(pfd.as_fd(), &cname, e.mtime).map_err(perr("utimensat"))?;
-        }
-        Ok(())
-    }
-
-    fn set_xattrs(
-        &self,
-        e: &Entry,
-        dfd: RawFd,
-        cname: &CStr,
-        file: Option<&File>,
-        path: &Path,
-    ) -> Result<(), ImageError> {
-        use tar::EntryType as T;
-        let (owned, via_proc) = match (file, e.kind) {
-            (Some(_), _) => (None, false),
-            (None, T::Directory) => (
-                Some(
-                    openat_raw(
-                        dfd,
-                        cname,
-                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-                        0,
-                    )
-                    .map_err(|err| ImageError::path("open", path, err))?,
-                ),
-                false,
-            ),
-            (None, _) => (
-                Some(
-                    openat_raw(dfd, cname, libc::O_PATH | libc::O_NOFOLLOW, 0)
-                        .map_err(|err| ImageError::path("open", path, err))?,
-                ),
-                true,
-            ),
-        };
-        let fd = match (&owned, file) {
-            (Some(o), _) => o.as_raw_fd(),
-            (None, Some(f)) => f.as_raw_fd(),
-            (None, None) => return Ok(()),
-        };
         for (k, v) in &e.xattrs {
-            if let Err(err) = set_xattr_fd(fd, k, v, via_proc) {
+            if let Err(err) = pdir.set_xattr(oname, k, v) {
                 // user.* xattrs are not allowed on symlinks and device nodes;
                 // a filesystem may lack a namespace. Those are not fatal.
                 let benign = matches!(err.raw_os_error(), Some(libc::EPERM) | Some(libc::ENOTSUP))
                     && (e.kind == T::Symlink || !k.starts_with(b"security.capability"));
                 if !benign {
-                    return Err(ImageError::path("setxattr", path, err));
+                    return Err(ImageError::path("setxattr", path, io_of(err)));
                 }
             }
+        }
+        if e.kind == T::Directory {
+            self.dir_times.push((e.comps.clone(), e.mtime));
+        } else {
+            drop(file);
+            pdir.set_times(oname, (e.mtime, 0))
+                .map_err(ferr("utimensat"))?;
         }
         Ok(())
     }
@@ -697,28 +503,32 @@ impl Applier {
             let path = path.to_path_buf();
             move |err: io::Error| ImageError::path(op, path, err)
         };
+        let ferr = |op: &'static str| {
+            let path = path.to_path_buf();
+            move |err: kiln_fs::Error| ImageError::path(op, path, io_of(err))
+        };
         self.stats.whiteouts += 1;
         if name == WHITEOUT_OPAQUE.as_bytes() {
-            let dfd = self
-                .root
-                .ensure_dir(parent)
+            let mode = self.mode;
+            let pdir = Self::parent(&self.root, &mut self.last, parent, true)
                 .map_err(perr("mkdir opaque dir"))?;
-            match self.mode {
+            match mode {
                 WhiteoutMode::Overlay => {
-                    let fd = self
-                        .root
-                        .open_dir(parent, OFlag::O_RDONLY)
-                        .map_err(perr("open opaque dir"))?;
-                    set_xattr_fd(fd.as_raw_fd(), b"trusted.overlay.opaque", b"y", false)
-                        .map_err(perr("setxattr trusted.overlay.opaque"))?;
+                    pdir.set_xattr_self(b"trusted.overlay.opaque", b"y")
+                        .map_err(ferr("setxattr trusted.overlay.opaque"))?;
                 }
                 WhiteoutMode::Delete => {
-                    for child in list_dir(dfd.as_fd()).map_err(perr("readdir"))? {
+                    let mut gone = false;
+                    for child in pdir.read_dir().map_err(ferr("readdir"))? {
                         let mut c = parent.to_vec();
-                        c.push(child.to_bytes().to_vec());
+                        c.push(child.as_bytes().to_vec());
                         if !self.created.contains(&c) {
-                            remove_all_at(dfd.as_fd(), &child).map_err(perr("remove"))?;
+                            pdir.remove_all(&child).map_err(ferr("remove"))?;
+                            gone = true;
                         }
+                    }
+                    if gone {
+                        self.removed();
                     }
                 }
             }
@@ -734,28 +544,25 @@ impl Applier {
         if target.is_empty() || target == b"." || target == b".." {
             return Err(ImageError::UnsafePath(path.display().to_string()));
         }
-        let ctarget = cstr(target)?;
+        cstr(target)?;
+        let otarget = os(target);
         match self.mode {
             WhiteoutMode::Delete => {
-                let dfd = match self.root.open_dir(parent, OFlag::O_PATH) {
-                    Ok(fd) => fd,
+                let pdir = match Self::parent(&self.root, &mut self.last, parent, false) {
+                    Ok(d) => d,
                     Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
                     Err(err) => return Err(ImageError::path("open", path, err)),
                 };
-                remove_all_at(dfd.as_fd(), &ctarget).map_err(perr("remove"))?;
+                pdir.remove_all(otarget).map_err(ferr("remove"))?;
+                self.removed();
             }
             WhiteoutMode::Overlay => {
-                let dfd = self
-                    .root
-                    .ensure_dir(parent)
+                let pdir = Self::parent(&self.root, &mut self.last, parent, true)
                     .map_err(perr("mkdir parents of"))?;
-                remove_all_at(dfd.as_fd(), &ctarget).map_err(perr("remove"))?;
-                // SAFETY: valid fd and C string.
-                if unsafe { libc::mknodat(dfd.as_raw_fd(), ctarget.as_ptr(), libc::S_IFCHR, 0) }
-                    != 0
-                {
-                    return Err(ImageError::path("mknod whiteout", path, errno()));
-                }
+                pdir.remove_all(otarget).map_err(ferr("remove"))?;
+                pdir.mknod(otarget, libc::S_IFCHR, 0)
+                    .map_err(ferr("mknod whiteout"))?;
+                self.removed();
             }
         }
         Ok(())

@@ -1,14 +1,15 @@
-//! Copy a tree exactly: modes, ownership, timestamps, xattrs, hardlinks,
+//! Copy a tree exactly (every write through kiln-fs): modes, ownership, timestamps, xattrs, hardlinks,
 //! symlinks, device nodes and fifos; file data reflinked (`FICLONE`) where
 //! the filesystem allows, else copied with `copy_file_range`.
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use kiln_fs::{Create, Dir, Follow, Root, Stat};
 
 use crate::error::{io_err, IoContext, Result};
 
@@ -22,17 +23,28 @@ fn cstr(p: &Path) -> Result<CString> {
     })
 }
 
-fn check(rc: libc::c_int, op: &'static str, p: &Path) -> Result<()> {
-    if rc != 0 {
-        return Err(io_err(op, p, std::io::Error::last_os_error()));
-    }
-    Ok(())
+fn fs_err(e: kiln_fs::Error) -> crate::error::Error {
+    let io = match e.raw_os_error() {
+        Some(n) => std::io::Error::from_raw_os_error(n),
+        None => std::io::Error::new(e.kind(), e.to_string()),
+    };
+    io_err(e.op(), e.path(), io)
 }
 
 /// Copy `src` (a directory) to `dst` (which must not exist).
+///
+/// Every write goes through kiln-fs inside `dst` with [`Follow::Never`]:
+/// the copy makes every directory on the way itself, so a symlink met on
+/// a destination path can only be one the copy made from the source and
+/// is refused rather than followed. The source (a committed snapshot) is
+/// only read, and its entries are looked at without following them.
 pub(crate) fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    // `dst` itself is the store's own path for the new snapshot.
+    std::fs::create_dir(dst).ctx("mkdir", dst)?;
+    let src_root = Root::open(src).map_err(fs_err)?;
+    let root = Root::open(dst).map_err(fs_err)?;
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
-    let mut dirs: Vec<(PathBuf, std::fs::Metadata)> = Vec::new();
+    let mut dirs: Vec<(PathBuf, Stat)> = Vec::new();
     for entry in walkdir::WalkDir::new(src).follow_links(false) {
         let entry = entry.map_err(|e| {
             let p = e
@@ -41,54 +53,71 @@ pub(crate) fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
                 .unwrap_or_else(|| src.to_path_buf());
             io_err("walk", p, e.into())
         })?;
-        let rel = entry.path().strip_prefix(src).unwrap_or(Path::new(""));
-        let to = dst.join(rel);
-        let m = entry.path().symlink_metadata().ctx("stat", entry.path())?;
-        let ft = m.file_type();
-        if ft.is_dir() {
-            std::fs::create_dir(&to).ctx("mkdir", &to)?;
-            copy_xattrs(entry.path(), &to)?;
-            dirs.push((to, m));
+        let rel = entry
+            .path()
+            .strip_prefix(src)
+            .unwrap_or(Path::new(""))
+            .to_path_buf();
+        let Some(st) = src_root.lstat(&rel, Follow::Never).map_err(fs_err)? else {
+            return Err(io_err(
+                "stat",
+                entry.path(),
+                std::io::Error::from_raw_os_error(libc::ENOENT),
+            ));
+        };
+        if rel.as_os_str().is_empty() {
+            // The top: its metadata, last.
+            copy_xattrs(entry.path(), root.dir(), None)?;
+            dirs.push((rel, st));
             continue;
         }
-        if m.nlink() > 1 {
-            if let Some(first) = links.get(&(m.dev(), m.ino())) {
-                std::fs::hard_link(first, &to).ctx("link", &to)?;
+        let (dir, name) = root.parent(&rel, Follow::Never).map_err(fs_err)?;
+        if st.is_dir() {
+            dir.mkdir(&name, 0o700).map_err(fs_err)?;
+            copy_xattrs(entry.path(), &dir, Some(&name))?;
+            dirs.push((rel, st));
+            continue;
+        }
+        if st.nlink() > 1 {
+            if let Some(first) = links.get(&(st.dev(), st.ino())) {
+                let (fdir, fname) = root.parent(first, Follow::Never).map_err(fs_err)?;
+                dir.hard_link(&name, &fdir, &fname).map_err(fs_err)?;
                 continue;
             }
-            links.insert((m.dev(), m.ino()), to.clone());
+            links.insert((st.dev(), st.ino()), rel.clone());
         }
-        if ft.is_symlink() {
+        if st.is_symlink() {
             let target = std::fs::read_link(entry.path()).ctx("readlink", entry.path())?;
-            std::os::unix::fs::symlink(&target, &to).ctx("symlink", &to)?;
-        } else if ft.is_file() {
-            copy_file(entry.path(), &to, m.mode())?;
+            dir.symlink(&name, &target).map_err(fs_err)?;
+        } else if st.is_file() {
+            let to = dir
+                .create_file(&name, 0o600, Create::Exclusive)
+                .map_err(fs_err)?;
+            copy_file(entry.path(), &to, &dst.join(&rel))?;
         } else {
             // char/block device, fifo, socket
-            let c = cstr(&to)?;
-            // SAFETY: valid C string; mode/rdev from the source's stat.
-            let rc = unsafe { libc::mknod(c.as_ptr(), m.mode(), m.rdev()) };
-            check(rc, "mknod", &to)?;
+            dir.mknod(&name, st.mode(), st.rdev()).map_err(fs_err)?;
         }
-        copy_xattrs(entry.path(), &to)?;
-        set_owner_mode_times(&to, &m, ft.is_symlink())?;
+        copy_xattrs(entry.path(), &dir, Some(&name))?;
+        dir.copy_meta(&name, &st).map_err(fs_err)?;
     }
     // Directories last, deepest first, so their mtimes survive the copy of
     // their children and read-only directories could be filled.
-    for (to, m) in dirs.iter().rev() {
-        set_owner_mode_times(to, m, false)?;
+    for (rel, st) in dirs.iter().rev() {
+        if rel.as_os_str().is_empty() {
+            root.dir().copy_meta_self(st).map_err(fs_err)?;
+            continue;
+        }
+        let (dir, name) = root.parent(rel, Follow::Never).map_err(fs_err)?;
+        dir.copy_meta(&name, st).map_err(fs_err)?;
     }
     Ok(())
 }
 
-fn copy_file(src: &Path, dst: &Path, mode: u32) -> Result<()> {
+/// The content of `src` into `to` (a new, empty file made through kiln-fs):
+/// reflinked where the file system allows, else copied.
+fn copy_file(src: &Path, to: &File, dst: &Path) -> Result<()> {
     let from = File::open(src).ctx("open", src)?;
-    let to = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode & 0o7777)
-        .open(dst)
-        .ctx("create", dst)?;
     // SAFETY: FICLONE takes the source fd as its argument.
     let rc = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
     if rc == 0 {
@@ -119,7 +148,7 @@ fn copy_file(src: &Path, dst: &Path, mode: u32) -> Result<()> {
             ) && copied == 0
             {
                 let mut r = &from;
-                let mut w = &to;
+                let mut w = to;
                 std::io::copy(&mut r, &mut w).ctx("copy", dst)?;
                 return Ok(());
             }
@@ -133,50 +162,10 @@ fn copy_file(src: &Path, dst: &Path, mode: u32) -> Result<()> {
     Ok(())
 }
 
-fn set_owner_mode_times(p: &Path, m: &std::fs::Metadata, symlink: bool) -> Result<()> {
-    let c = cstr(p)?;
-    // SAFETY: valid C string and plain values.
-    let rc = unsafe {
-        libc::fchownat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            m.uid(),
-            m.gid(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    check(rc, "chown", p)?;
-    if !symlink {
-        // chown clears setuid/setgid: set the mode after it.
-        // SAFETY: as above.
-        let rc = unsafe { libc::chmod(c.as_ptr(), m.mode() & 0o7777) };
-        check(rc, "chmod", p)?;
-    }
-    let times = [
-        libc::timespec {
-            tv_sec: m.atime(),
-            tv_nsec: m.atime_nsec(),
-        },
-        libc::timespec {
-            tv_sec: m.mtime(),
-            tv_nsec: m.mtime_nsec(),
-        },
-    ];
-    // SAFETY: valid C string, two timespecs.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    check(rc, "utimensat", p)
-}
-
-fn copy_xattrs(src: &Path, dst: &Path) -> Result<()> {
+/// The source entry's extended attributes (read without following it)
+/// onto `name` in `dir` (or `dir` itself), through kiln-fs.
+fn copy_xattrs(src: &Path, dir: &Dir, entry: Option<&std::ffi::OsStr>) -> Result<()> {
     let s = cstr(src)?;
-    let d = cstr(dst)?;
     // SAFETY: size query with a null buffer.
     let len = unsafe { libc::llistxattr(s.as_ptr(), std::ptr::null_mut(), 0) };
     if len <= 0 {
@@ -211,23 +200,49 @@ fn copy_xattrs(src: &Path, dst: &Path) -> Result<()> {
         if vlen < 0 {
             continue;
         }
-        // SAFETY: valid strings and buffer.
-        let rc = unsafe {
-            libc::lsetxattr(
-                d.as_ptr(),
-                cname.as_ptr(),
-                value.as_ptr().cast(),
-                vlen as usize,
-                0,
-            )
+        value.truncate(vlen as usize);
+        let set = match entry {
+            Some(n) => dir.set_xattr(n, cname.as_bytes(), &value),
+            None => dir.set_xattr_self(cname.as_bytes(), &value),
         };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = set {
             // Filesystems without user xattrs on symlinks etc.: not fatal.
             if !matches!(e.raw_os_error(), Some(libc::ENOTSUP | libc::EPERM)) {
-                return Err(io_err("setxattr", dst, e));
+                return Err(fs_err(e));
             }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+
+    #[test]
+    fn hostile_links_are_copied_as_links_and_never_written_through() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let src = t.path().join("src");
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        symlink(&outside, src.join("abs")).unwrap();
+        symlink("../../../../..", src.join("d/up")).unwrap();
+        std::fs::write(src.join("d/f"), "content").unwrap();
+        std::fs::set_permissions(src.join("d/f"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+        std::fs::hard_link(src.join("d/f"), src.join("again")).unwrap();
+        let dst = t.path().join("dst");
+        copy_tree(&src, &dst).unwrap();
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        assert_eq!(std::fs::read_link(dst.join("abs")).unwrap(), outside);
+        assert_eq!(
+            std::fs::read_link(dst.join("d/up")).unwrap(),
+            Path::new("../../../../..")
+        );
+        let f = std::fs::metadata(dst.join("d/f")).unwrap();
+        assert_eq!(f.mode() & 0o7777, 0o4755);
+        assert_eq!(f.ino(), std::fs::metadata(dst.join("again")).unwrap().ino());
+        assert_eq!(std::fs::read(dst.join("again")).unwrap(), b"content");
+    }
 }
