@@ -306,3 +306,88 @@ fn local_export_never_creates_device_nodes_on_the_host() {
     assert!(r.status.success(), "{err}");
     assert!(err.contains("/null2"), "{err}");
 }
+
+/// Red-team finding: `COPY --chown=NAME` read the image's /etc/passwd and
+/// /etc/group on the host side, where nothing is nodev: a device node there
+/// was opened by kiln (a host disk read, /dev/zero read until memory ran
+/// out) and a fifo hung the build. They are refused without being opened.
+#[test]
+fn chown_lookup_never_opens_a_device_or_fifo_from_the_image() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    for (file, make) in [
+        ("/etc/passwd", "mknod /etc/passwd c 1 5"),
+        ("/etc/group", "mkfifo /etc/group"),
+    ] {
+        let ctx = context(&[("f", "x")]);
+        dockerfile(
+            ctx.path(),
+            &format!("FROM busybox\nRUN rm -f {file} && {make}\nCOPY --chown=root:root f /f\n"),
+        );
+        let mut child = k
+            .cmd()
+            .args(["build", "-q"])
+            .arg(ctx.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if t.elapsed() > std::time::Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("{make}: the build hung on {file}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!status.success(), "{make}: the build should fail");
+        assert!(
+            err.contains(file) && err.contains("not a regular file"),
+            "{make}: a clear error naming {file}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_pipeline_whose_reader_exits_ends() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[]);
+    // `&& true`: busybox sh execs its last command itself, with SIGQUIT
+    // ignored as the shell has it; the grep must be a forked child.
+    dockerfile(
+        ctx.path(),
+        "FROM busybox\nRUN yes kiln | head -c 9 > /y && grep -q '^SigIgn:[[:space:]]*0*$' /proc/self/status && true\n",
+    );
+    let mut child = k
+        .cmd()
+        .args(["build", "-q", "-t", "pipe:1"])
+        .arg(ctx.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            let o = child.wait_with_output().unwrap();
+            assert!(s.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            break;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("`yes | head` never ended: SIGPIPE is ignored in the step");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(sh(&k, "pipe:1", "cat /y"), "kiln\nkiln");
+}

@@ -579,8 +579,37 @@ fn exec_step_inner(cfg: &InitConfig) -> Result<Never, (&'static str, String)> {
             "installing the seccomp filter".into()
         })?;
     }
+    // Rust ignores SIGPIPE at start-up, and ignored signals stay ignored
+    // across exec: the step gets every disposition back at its default,
+    // as runc gives it (`yes | head` must end).
+    reset_signal_dispositions();
     let _ = SigSet::all().thread_unblock();
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     let e = nix::unistd::execve(&exe_c, &argv, &envp).unwrap_err();
     Err(("exec", format!("exec {}: {}", exe.display(), errno_text(e))))
+}
+
+/// Every catchable signal back to `SIG_DFL` (what a fresh process has).
+/// The raw system call, because glibc's wrapper refuses its own two
+/// real-time signals (32 and 33), which kiln's parent may have ignored.
+fn reset_signal_dispositions() {
+    // The kernel's `struct sigaction`, all zero: SIG_DFL, no flags, no
+    // restorer, empty mask (four words covers every architecture's layout).
+    let dfl = [0u64; 4];
+    for sig in 1..=libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: a valid pointer to a zeroed kernel sigaction and the
+        // kernel's sigset size; no handler is installed.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                dfl.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            );
+        }
+    }
 }

@@ -309,6 +309,19 @@ fn signal_reported() -> TestResult {
     f.host_clean()
 }
 
+/// Red-team finding: the init (a Rust binary) ignores SIGPIPE and the step
+/// inherited that, so `yes | head` spun forever.
+fn signals_start_at_their_defaults() -> TestResult {
+    let f = Fixture::new()?;
+    let out =
+        f.stdout(f.sh("grep -E '^Sig(Ign|Blk):' /proc/self/status; yes kiln | head -c 9; echo"))?;
+    ensure!(
+        out == "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\nkiln\nkiln\n",
+        "{out:?}"
+    );
+    f.host_clean()
+}
+
 fn exec_form_without_shell() -> TestResult {
     let f = Fixture::new()?;
     let out = f.stdout(f.req(&["echo", "a  b", "$HOME"]))?;
@@ -1762,6 +1775,10 @@ type TestFn = fn() -> TestResult;
 
 const TESTS: &[(&str, TestFn)] = &[
     ("exit_code_and_streams", exit_code_and_streams),
+    (
+        "signals_start_at_their_defaults",
+        signals_start_at_their_defaults,
+    ),
     ("signal_reported", signal_reported),
     ("exec_form_without_shell", exec_form_without_shell),
     (

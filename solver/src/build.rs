@@ -1950,8 +1950,15 @@ fn resolve_owner(view: &LayerView, spec: &str) -> Result<(u32, u32), String> {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let passwd = String::from_utf8_lossy(&view.read("/etc/passwd").unwrap_or_default()).to_string();
-    let groups = String::from_utf8_lossy(&view.read("/etc/group").unwrap_or_default()).to_string();
+    // A missing file is empty (numeric ids still work); a device, fifo or
+    // oversized file in the image is an error, never opened or read whole.
+    let read = |p: &str| match view.read(p) {
+        Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+        Err(crate::fsview::ViewError::NotFound(_)) => Ok(String::new()),
+        Err(e) => Err(format!("reading {p} to resolve --chown={spec}: {e}")),
+    };
+    let passwd = read("/etc/passwd")?;
+    let groups = read("/etc/group")?;
     let (uid, primary) = match user.parse::<u32>() {
         Ok(n) => (
             n,

@@ -76,6 +76,9 @@ pub fn show(p: &[u8]) -> String {
     String::from_utf8_lossy(p).into_owned()
 }
 
+/// The most [`LayerView::read`] reads (`/etc/passwd`, `/etc/group`).
+pub const MAX_SMALL_FILE: u64 = 16 << 20;
+
 /// Errors of the view.
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
@@ -91,6 +94,13 @@ pub enum ViewError {
     /// A path component is not a directory.
     #[error("{0}: not a directory")]
     NotDir(String),
+    /// A file read whole is not a regular file (a device node, fifo,
+    /// socket or directory).
+    #[error("{0}: not a regular file")]
+    NotRegular(String),
+    /// A file read whole is larger than [`MAX_SMALL_FILE`].
+    #[error("{0}: larger than 16 MiB")]
+    TooLarge(String),
     /// A write into the top layer failed (or met a symlink it must not
     /// follow).
     #[error(transparent)]
@@ -354,10 +364,29 @@ impl LayerView {
             .ok_or_else(|| ViewError::NotFound(show(path)))
     }
 
-    /// Reads a whole (small) file, following symlinks.
+    /// Reads a whole small file (at most [`MAX_SMALL_FILE`] bytes),
+    /// following symlinks inside the view. The layers are untrusted: a
+    /// device node or fifo at `path` is refused without being opened (on
+    /// the host side nothing is `nodev`), and a larger file is an error.
     pub fn read(&self, path: impl AsRef<[u8]>) -> Result<Vec<u8>, ViewError> {
+        use std::io::Read;
+        let path = path.as_ref();
         let f = self.stat(path)?;
-        fs::read(&f.host).map_err(|e| io_err(&f.host, e))
+        if !f.meta.file_type().is_file() {
+            return Err(ViewError::NotRegular(show(path)));
+        }
+        let (Some(parent), Some(name)) = (f.host.parent(), f.host.file_name()) else {
+            return Err(ViewError::NotRegular(show(path)));
+        };
+        let file = kiln_fs::Root::open(parent)?.open_file(name, kiln_fs::Follow::Never)?;
+        let mut out = Vec::new();
+        file.take(MAX_SMALL_FILE + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| io_err(&f.host, e))?;
+        if out.len() as u64 > MAX_SMALL_FILE {
+            return Err(ViewError::TooLarge(show(path)));
+        }
+        Ok(out)
     }
 
     /// The merged, sorted entry names of a resolved directory path.
