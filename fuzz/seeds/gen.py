@@ -144,4 +144,6 @@ out("manifest", "docker-list", b"\x04" + json.dumps({
 out("dockerignore", "basic",
     b"# comment\n*.log\n!keep.log\n/build/**\n**/node_modules\n  ! tmp/[a-c]?.txt \n"
     b"\0src\n*.go\0a.log\nkeep.log\nbuild/x/y\nsrc/\nsrc/node_modules/z\ntmp/b1.txt\n")
+# found by hand while fuzzing: minutes per name before MATCH_BUDGET
+out("dockerignore", "costly", b"?{0,1000}" * 100 + b"x\n\0\0" + b"a" * 1000 + b"\n")
 out("dockerignore", "escapes", b"\xef\xbb\xbf\\*\n[^a]\n[\\]]\n**\n!**/*.md\n\0\0x/y/z.md\nx/\n")
