@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{context, prerequisites, Kiln};
+use common::{build_fails, context, prerequisites, Kiln};
 use serde_json::Value;
 
 fn testdata(p: &str) -> std::path::PathBuf {
@@ -373,6 +373,33 @@ fn ignored_files_never_affect_the_key() {
     assert_eq!(k.build(ctx.path(), &[]), a);
     std::fs::write(ctx.path().join("keep"), "changed").unwrap();
     assert_ne!(k.build(ctx.path(), &[]), a);
+}
+
+/// Found fuzzing the `.dockerignore` matcher: a 4 KiB pattern line of
+/// `?{0,1000}` repetitions (upstream leaves `{n,m}` unescaped) made every
+/// long file name cost seconds to minutes; the build now stops at once with
+/// a typed "too costly" error.
+#[test]
+fn costly_dockerignore_pattern_fails_the_build_fast() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let pattern = format!("{}x\n", "?{0,1000}".repeat(400));
+    let long = "n".repeat(250);
+    let ctx = context(&[
+        ("Dockerfile", "FROM busybox\nCOPY . /app\n"),
+        (".dockerignore", &pattern),
+        (&long, "x"),
+    ]);
+    let start = std::time::Instant::now();
+    let err = build_fails(&k, ctx.path(), &[]);
+    assert!(err.contains("too costly"), "{err}");
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(60),
+        "took {:?}",
+        start.elapsed()
+    );
 }
 
 #[test]

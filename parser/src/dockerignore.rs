@@ -46,8 +46,13 @@
 //!
 //! Known deviations from upstream (all in corners no real ignore file
 //! reaches): Unicode class escapes (`\pL`, `\p{Greek}`) are reported as a
-//! bad pattern instead of being matched, and the reader has no 64 KiB
-//! line-length limit.
+//! bad pattern instead of being matched, the reader has no 64 KiB
+//! line-length limit, and deciding one path may cost at most
+//! [`MATCH_BUDGET`] matcher steps: a pattern built to be slow (upstream's
+//! unescaped `{n,m}` lets a 4 KiB line such as `?{0,1000}?{0,1000}…` take
+//! tens of seconds per file name, and longer lines far more) fails with
+//! [`IgnoreError::TooComplex`] instead of stalling the build. Real patterns
+//! stay orders of magnitude below it.
 //!
 //! [`moby/patternmatcher`]: https://github.com/moby/patternmatcher
 //! [`tonistiigi/fsutil`]: https://github.com/tonistiigi/fsutil
@@ -72,6 +77,15 @@ pub enum IgnoreError {
     /// A [`MatchInfo`] from a different matcher was passed in.
     #[error("wrong number of values in parent match info")]
     MatchInfoMismatch,
+    /// Matching one path took more than [`MATCH_BUDGET`] steps of the
+    /// pattern matcher (a pattern built to be slow).
+    #[error(
+        "pattern `{pattern}` is too costly to match (more than {MATCH_BUDGET} steps for one path)"
+    )]
+    TooComplex {
+        /// The pattern that ran out of budget (cut at 100 characters).
+        pattern: String,
+    },
 }
 
 /// The text a path whose names are bytes is matched as. Patterns are
@@ -92,6 +106,14 @@ pub fn match_text(path: &[u8]) -> Cow<'_, str> {
     }
     Cow::Owned(out)
 }
+
+/// The most matcher steps (threads visited by the regular-expression
+/// matcher) one decision about one path may take, over all patterns.
+/// Measured: `**/*.log` against a 4000-byte path takes about 30 thousand,
+/// a glob of a thousand `*a` against a 4000-byte name about 18 million
+/// (about 0.1 s); the slow pattern this guards against wanted 300 million
+/// for one 1000-byte name, and far more for longer ones.
+pub const MATCH_BUDGET: u64 = 1 << 25;
 
 /// Reads the text of a `.dockerignore` into its list of patterns, as
 /// `patternmatcher/ignorefile.ReadAll` does.
@@ -223,11 +245,12 @@ impl PatternMatcher {
     pub fn matches_or_parent_matches(&self, path: &str) -> Result<bool, IgnoreError> {
         let mut matched = false;
         let target = Target::new(path);
+        let mut budget = MATCH_BUDGET;
         for pattern in &self.patterns {
             if pattern.exclusion != matched {
                 continue;
             }
-            let hit = pattern.matches_self_or_ancestor(&target)?;
+            let hit = pattern.matches_self_or_ancestor(&target, &mut budget)?;
             if hit {
                 matched = !pattern.exclusion;
             }
@@ -263,6 +286,7 @@ impl PatternMatcher {
         let mut matched = false;
         let mut info = vec![false; self.patterns.len()];
         let target = Target::new(path);
+        let mut budget = MATCH_BUDGET;
         for (i, pattern) in self.patterns.iter().enumerate() {
             let mut hit = parent_matched.get(i).copied().unwrap_or(false);
             if !hit {
@@ -270,9 +294,9 @@ impl PatternMatcher {
                     continue;
                 }
                 hit = if parent_matched.is_empty() {
-                    pattern.matches_self_or_ancestor(&target)?
+                    pattern.matches_self_or_ancestor(&target, &mut budget)?
                 } else {
-                    pattern.matches(path)?
+                    pattern.matches(path, &mut budget)?
                 };
             }
             if let Some(slot) = info.get_mut(i) {
@@ -636,40 +660,69 @@ impl Pattern {
 
     /// Whether the pattern matches the path or one of its ancestor
     /// directories (the inner loop of `MatchesOrParentMatches`).
-    fn matches_self_or_ancestor(&self, target: &Target<'_>) -> Result<bool, IgnoreError> {
+    fn matches_self_or_ancestor(
+        &self,
+        target: &Target<'_>,
+        budget: &mut u64,
+    ) -> Result<bool, IgnoreError> {
         let path = target.path;
         if !target.clean {
-            if self.matches(path)? {
+            if self.matches(path, budget)? {
                 return Ok(true);
             }
             let parent = go_path::dir(path);
-            return Ok(
-                parent != "." && ancestors(&parent).any(|a| self.matches(a).unwrap_or(false))
-            );
+            if parent == "." {
+                return Ok(false);
+            }
+            // `matches(path)` above already reported a pattern that fails
+            // to compile, so the only error left is the budget
+            for a in ancestors(&parent) {
+                if self.matches(a, budget)? {
+                    return Ok(true);
+                }
+            }
+            return Ok(false);
         }
         Ok(match &self.kind {
             MatchKind::Exact => path
                 .strip_prefix(self.cleaned.as_str())
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
             // An ancestor starting with the prefix means the path does too.
-            MatchKind::Prefix(_) => self.matches(path)?,
+            MatchKind::Prefix(_) => self.matches(path, budget)?,
             MatchKind::Suffix(_) => {
-                self.matches(path)? || target.prefixes().any(|a| self.matches(a).unwrap_or(false))
+                self.matches(path, budget)? || target.prefixes().any(|a| self.suffix_matches(a))
             }
-            MatchKind::Regex(Some(program)) => program.is_match(path, true),
-            MatchKind::Regex(None) => self.matches(path)?,
+            MatchKind::Regex(Some(program)) => program
+                .is_match(path, true, budget)
+                .map_err(|_| self.too_complex())?,
+            MatchKind::Regex(None) => self.matches(path, budget)?,
         })
     }
 
-    fn matches(&self, path: &str) -> Result<bool, IgnoreError> {
-        Ok(match &self.kind {
-            MatchKind::Exact => path == self.cleaned,
-            MatchKind::Prefix(prefix) => path.as_bytes().starts_with(prefix),
+    fn too_complex(&self) -> IgnoreError {
+        IgnoreError::TooComplex {
+            pattern: self.cleaned.chars().take(100).collect(),
+        }
+    }
+
+    fn suffix_matches(&self, path: &str) -> bool {
+        match &self.kind {
             MatchKind::Suffix(suffix) => {
                 path.as_bytes().ends_with(suffix)
                     || (suffix.first() == Some(&b'/') && suffix.get(1..) == Some(path.as_bytes()))
             }
-            MatchKind::Regex(Some(program)) => program.is_match(path, false),
+            _ => false,
+        }
+    }
+
+    fn matches(&self, path: &str, budget: &mut u64) -> Result<bool, IgnoreError> {
+        Ok(match &self.kind {
+            MatchKind::Exact => path == self.cleaned,
+            MatchKind::Prefix(prefix) => path.as_bytes().starts_with(prefix),
+            MatchKind::Suffix(_) => self.suffix_matches(path),
+            MatchKind::Regex(Some(program)) => program
+                .is_match(path, false, budget)
+                .map_err(|_| self.too_complex())?,
             MatchKind::Regex(None) => {
                 return Err(IgnoreError::BadPattern {
                     pattern: self.cleaned.clone(),
@@ -844,6 +897,10 @@ mod regex {
     #[derive(Debug)]
     pub(super) struct Invalid;
 
+    /// A match ran out of its step budget.
+    #[derive(Debug)]
+    pub(super) struct Exhausted;
+
     type Ranges = Vec<(u32, u32)>;
 
     #[derive(Debug, Clone, Copy)]
@@ -904,8 +961,15 @@ mod regex {
         /// Go's `Regexp.MatchString`: is there a match anywhere in `text`?
         /// With `ancestors`, also when there is one in a prefix of `text`
         /// that ends before a `/` (not at the start): the same answer as
-        /// matching each such prefix on its own, in a single pass.
-        pub(super) fn is_match(&self, text: &str, ancestors: bool) -> bool {
+        /// matching each such prefix on its own, in a single pass. Each
+        /// thread visited costs one step of `budget`; [`Exhausted`] when
+        /// it runs out.
+        pub(super) fn is_match(
+            &self,
+            text: &str,
+            ancestors: bool,
+            budget: &mut u64,
+        ) -> Result<bool, Exhausted> {
             let len = self.insts.len();
             // Threads only start at the beginning when the program does.
             let anchored = matches!(self.insts.first(), Some(Inst::Look(Look::BeginText)));
@@ -924,25 +988,25 @@ mod regex {
             };
             loop {
                 if (at.start || !anchored)
-                    && self.add(&mut current, 0, at, &mut stack, &mut blocked)
+                    && self.add(&mut current, 0, at, &mut stack, &mut blocked, budget)?
                 {
-                    return true;
+                    return Ok(true);
                 }
                 if ancestors && !at.start && at.after == Some('/') && !blocked.is_empty() {
                     let end = Position { after: None, ..at };
                     let mut scratch = Threads::new(len);
                     let mut unused = Vec::new();
                     for &pc in &blocked {
-                        if self.add(&mut scratch, pc + 1, end, &mut stack, &mut unused) {
-                            return true;
+                        if self.add(&mut scratch, pc + 1, end, &mut stack, &mut unused, budget)? {
+                            return Ok(true);
                         }
                     }
                 }
                 let Some(c) = at.after else {
-                    return false;
+                    return Ok(false);
                 };
                 if anchored && current.dense.is_empty() {
-                    return false;
+                    return Ok(false);
                 }
                 let following = Position {
                     start: false,
@@ -958,9 +1022,16 @@ mod regex {
                             .get(*class)
                             .is_some_and(|ranges| class_contains(ranges, c as u32));
                         if hit
-                            && self.add(&mut next, pc + 1, following, &mut stack, &mut blocked_next)
+                            && self.add(
+                                &mut next,
+                                pc + 1,
+                                following,
+                                &mut stack,
+                                &mut blocked_next,
+                                budget,
+                            )?
                         {
-                            return true;
+                            return Ok(true);
                         }
                     }
                 }
@@ -980,15 +1051,17 @@ mod regex {
             at: Position,
             stack: &mut Vec<usize>,
             blocked: &mut Vec<usize>,
-        ) -> bool {
+            budget: &mut u64,
+        ) -> Result<bool, Exhausted> {
             stack.clear();
             stack.push(pc);
             while let Some(pc) = stack.pop() {
+                *budget = budget.checked_sub(1).ok_or(Exhausted)?;
                 if !threads.insert(pc) {
                     continue;
                 }
                 match self.insts.get(pc) {
-                    Some(Inst::Match) => return true,
+                    Some(Inst::Match) => return Ok(true),
                     Some(Inst::Jmp(to)) => stack.push(*to),
                     Some(Inst::Split(a, b)) => {
                         stack.push(*b);
@@ -1004,7 +1077,7 @@ mod regex {
                     Some(Inst::Class(_)) | None => {}
                 }
             }
-            false
+            Ok(false)
         }
     }
 
@@ -1655,5 +1728,47 @@ mod tests {
             .matches_or_parent_matches_bytes("caf\u{e9}".as_bytes())
             .unwrap());
         assert!(!utf8.matches_or_parent_matches_bytes(b"caf\xe9").unwrap());
+    }
+
+    /// Found while fuzzing: upstream leaves `{n,m}` unescaped, so a 1 KiB
+    /// line of `?{0,1000}` repetitions compiles to ~200k matcher states, all
+    /// live at once; one 1000-byte file name cost 300 million steps (1.5 s
+    /// optimised, a minute under the fuzzer's sanitizers; the cost grows
+    /// with pattern length times name length). It now fails fast with a
+    /// typed error.
+    #[test]
+    fn costly_counted_repetition_pattern_fails_fast_instead_of_hanging() {
+        let pattern = format!("{}x", "?{0,1000}".repeat(100));
+        let path = "a".repeat(1000);
+        let pm = PatternMatcher::new(&[pattern.as_str()]).unwrap();
+        let start = std::time::Instant::now();
+        let err = pm.matches_or_parent_matches(&path).unwrap_err();
+        assert!(matches!(err, IgnoreError::TooComplex { .. }), "{err:?}");
+        assert!(err.to_string().contains("too costly"), "{err}");
+        assert!(pm
+            .matches_using_parent_results(&path, &MatchInfo::default())
+            .is_err());
+        let filter = ContextFilter::new::<&str, _>(&[], &[pattern.as_str()]).unwrap();
+        assert!(filter.decide(&path, false).is_err());
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "took {:?}",
+            start.elapsed()
+        );
+        // the same pattern on a short name is still decided
+        assert!(!pm.matches_or_parent_matches("aaa").unwrap());
+    }
+
+    /// The budget is far above what real patterns need: many stars against
+    /// a long path, and a deep path against a `**` pattern.
+    #[test]
+    fn budget_leaves_real_patterns_alone() {
+        let stars = format!("{}b", "*a".repeat(1000));
+        let long = format!("{}b", "a".repeat(4000));
+        let pm = PatternMatcher::new(&[stars.as_str()]).unwrap();
+        assert!(pm.matches_or_parent_matches(&long).unwrap());
+        let deep = format!("{}x.log", "d/".repeat(2000));
+        let pm = PatternMatcher::new(&["**/*.log", "!**/keep/**", "d/*/d"]).unwrap();
+        assert!(pm.matches_or_parent_matches(&deep).unwrap());
     }
 }
