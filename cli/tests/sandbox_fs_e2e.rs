@@ -307,6 +307,20 @@ fn local_export_never_creates_device_nodes_on_the_host() {
     assert!(err.contains("/null2"), "{err}");
 }
 
+/// Waits for `child` at most a minute (killing it and failing with
+/// `hung` after that) and returns its output.
+fn within_a_minute(mut child: std::process::Child, hung: &str) -> std::process::Output {
+    let t = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("{hung}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// Red-team finding: `COPY --chown=NAME` read the image's /etc/passwd and
 /// /etc/group on the host side, where nothing is nodev: a device node there
 /// was opened by kiln (a host disk read, /dev/zero read until memory ran
@@ -326,7 +340,7 @@ fn chown_lookup_never_opens_a_device_or_fifo_from_the_image() {
             ctx.path(),
             &format!("FROM busybox\nRUN rm -f {file} && {make}\nCOPY --chown=root:root f /f\n"),
         );
-        let mut child = k
+        let child = k
             .cmd()
             .args(["build", "-q"])
             .arg(ctx.path())
@@ -334,20 +348,9 @@ fn chown_lookup_never_opens_a_device_or_fifo_from_the_image() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let t = std::time::Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if t.elapsed() > std::time::Duration::from_secs(60) {
-                let _ = child.kill();
-                panic!("{make}: the build hung on {file}");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        };
-        let o = child.wait_with_output().unwrap();
+        let o = within_a_minute(child, &format!("{make}: the build hung on {file}"));
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!status.success(), "{make}: the build should fail");
+        assert!(!o.status.success(), "{make}: the build should fail");
         assert!(
             err.contains(file) && err.contains("not a regular file"),
             "{make}: a clear error naming {file}: {err}"
@@ -368,7 +371,7 @@ fn a_pipeline_whose_reader_exits_ends() {
         ctx.path(),
         "FROM busybox\nRUN yes kiln | head -c 9 > /y && grep -q '^SigIgn:[[:space:]]*0*$' /proc/self/status && true\n",
     );
-    let mut child = k
+    let child = k
         .cmd()
         .args(["build", "-q", "-t", "pipe:1"])
         .arg(ctx.path())
@@ -376,18 +379,10 @@ fn a_pipeline_whose_reader_exits_ends() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let t = std::time::Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            let o = child.wait_with_output().unwrap();
-            assert!(s.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            break;
-        }
-        if t.elapsed() > std::time::Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("`yes | head` never ended: SIGPIPE is ignored in the step");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let o = within_a_minute(
+        child,
+        "`yes | head` never ended: SIGPIPE is ignored in the step",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(sh(&k, "pipe:1", "cat /y"), "kiln\nkiln");
 }

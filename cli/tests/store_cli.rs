@@ -373,6 +373,40 @@ fn sigkill_during_load_and_import_ten_times() {
     check_clean(&root);
 }
 
+/// Unmounts (lazily) on drop.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A store root `dir/small` on a tmpfs of `size`, mounted in a private
+/// mount namespace of this thread (children inherit it).
+fn small_store(dir: &Path, size: &str) -> (PathBuf, Unmount) {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .unwrap();
+    let root = dir.join("small");
+    std::fs::create_dir(&root).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &root,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some(format!("size={size}").as_str()),
+    )
+    .unwrap();
+    (root.clone(), Unmount(root))
+}
+
 #[test]
 fn full_disk_gives_a_clear_error_and_a_clean_store() {
     if !is_root() && missing("root (to mount a tmpfs)") {
@@ -384,33 +418,7 @@ fn full_disk_gives_a_clear_error_and_a_clean_store() {
     };
     let archive = dir.path().join("big.tar");
     make_archive(&tar, "big:1", Format::Docker, &archive);
-    // A private mount namespace for this thread; children inherit it.
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
-    nix::mount::mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .unwrap();
-    let root = dir.path().join("small");
-    std::fs::create_dir(&root).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &root,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=2m"),
-    )
-    .unwrap();
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-    let _guard = Unmount(root.clone());
+    let (root, _guard) = small_store(dir.path(), "2m");
     let out = kiln(&root, &["load", "-i", archive.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -455,33 +463,8 @@ fn enospc_while_unpacking_a_layer_leaves_no_partial_snapshot() {
     };
     let archive = dir.path().join("big.tar");
     make_archive(&tar, "big:1", Format::Docker, &archive);
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
-    nix::mount::mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .unwrap();
-    let root = dir.path().join("small");
-    std::fs::create_dir(&root).unwrap();
     // Room for the blob (about 10 MiB) but not for the blob and its snapshot.
-    nix::mount::mount(
-        Some("tmpfs"),
-        &root,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=15m"),
-    )
-    .unwrap();
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-    let _guard = Unmount(root.clone());
+    let (root, _guard) = small_store(dir.path(), "15m");
     ok(&root, &["load", "-i", archive.to_str().unwrap()]);
     let out = kiln(&root, &["run", "--rm", "big:1", "true"]);
     assert!(!out.status.success(), "the layer should not fit");

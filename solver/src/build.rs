@@ -1238,21 +1238,13 @@ impl Ctx {
                             continue;
                         };
                         let elapsed = started.elapsed().as_secs_f64();
-                        if keep > 0 || note.is_none() {
+                        let kept = (keep > 0 || note.is_none()).then(|| {
                             let bytes = &l.bytes[..keep.min(l.bytes.len())];
-                            let line = String::from_utf8_lossy(bytes)
+                            String::from_utf8_lossy(bytes)
                                 .trim_end_matches(['\n', '\r'])
-                                .to_string();
-                            progress
-                                .log(Event::Log {
-                                    id,
-                                    stream,
-                                    line,
-                                    elapsed,
-                                })
-                                .await;
-                        }
-                        if let Some(line) = note {
+                                .to_string()
+                        });
+                        for line in kept.into_iter().chain(note) {
                             progress
                                 .log(Event::Log {
                                     id,

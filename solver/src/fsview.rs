@@ -568,17 +568,9 @@ pub fn base_bytes(p: &[u8]) -> &[u8] {
 
 /// The parent directory of an absolute slash path (`/` for `/`).
 pub fn parent_bytes(p: &[u8]) -> Vec<u8> {
-    let mut comps: Vec<&[u8]> = components(p).collect();
+    let mut comps: Vec<Vec<u8>> = components(p).map(<[u8]>::to_vec).collect();
     comps.pop();
-    let mut out = Vec::new();
-    for c in comps {
-        out.push(b'/');
-        out.extend_from_slice(c);
-    }
-    if out.is_empty() {
-        out.push(b'/');
-    }
-    out
+    abs_of(&comps)
 }
 
 /// An `OsStr` view of a slash path relative to its root.
