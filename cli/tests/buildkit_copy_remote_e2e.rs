@@ -931,3 +931,111 @@ fn build_context_from_an_oci_layout_directory_by_tag() {
     );
     assert!(err.contains("not an OCI image layout"), "{err}");
 }
+
+/// Sets `p`'s mtime (a directory too) to `secs` since the epoch.
+fn set_mtime(p: &Path, secs: u64) {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    std::fs::File::open(p)
+        .expect("open")
+        .set_modified(t)
+        .expect("set mtime");
+}
+
+/// Issue 15 item 1, BuildKit's rule (fsutil `copy.Copy`): the directory a
+/// directory's contents are copied into keeps its owner and mode when it
+/// exists (a user's home, chmod 700, a WORKDIR with `COPY
+/// --chown . .`, `/usr/src` with `COPY . /usr/src/`) and takes only the
+/// source's mtime; one COPY creates is 0755 and owned by `--chown` or root
+/// (never the source directory's owner or mode); a directory below it
+/// that exists takes its source's metadata; created parents are owned by
+/// `--chown`.
+#[test]
+fn copy_into_an_existing_directory_keeps_its_owner_and_mode() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[
+        (
+            "Dockerfile",
+            "FROM busybox AS stage\n\
+             RUN mkdir -p /owned/sub && echo s > /owned/sub/f && chown -R 1234:4321 /owned \
+                 && chmod 700 /owned\n\
+             FROM busybox\n\
+             RUN echo 'app:x:1000:1000::/home/app:/bin/sh' >> /etc/passwd \
+                 && echo 'app:x:1000:' >> /etc/group && mkdir -p /home/app \
+                 && chown 1000:1000 /home/app && chmod 700 /home/app && mkdir -m 700 /home/app/sub \
+                 && mkdir -p /usr/src/app && chmod 750 /usr/src\n\
+             COPY src/ /home/app/\n\
+             WORKDIR /usr/src/app\n\
+             COPY --chown=app:app src/ .\n\
+             COPY src/ /usr/src/\n\
+             COPY --chown=app:app src/ /new/made/\n\
+             COPY --from=stage /owned /fromstage\n",
+        ),
+        ("src/a.txt", "a\n"),
+        ("src/sub/b.txt", "b\n"),
+    ]);
+    let c = ctx.path();
+    set_mode(&c.join("src"), 0o775);
+    set_mode(&c.join("src/sub"), 0o755);
+    set_mtime(&c.join("src"), 1_000_000_000);
+    k.build(c, &["-t", "keep:1"]);
+    let out = sh(
+        &k,
+        "keep:1",
+        "cd / && stat -c '%a %u:%g %n' home/app home/app/sub home/app/a.txt \
+         usr/src/app usr/src/app/a.txt usr/src new new/made fromstage fromstage/sub \
+         && stat -c %Y home/app",
+    );
+    let uid = 1000;
+    assert_eq!(
+        out,
+        format!(
+            "700 {uid}:{uid} home/app\n\
+             755 0:0 home/app/sub\n\
+             644 0:0 home/app/a.txt\n\
+             755 0:0 usr/src/app\n\
+             644 {uid}:{uid} usr/src/app/a.txt\n\
+             750 0:0 usr/src\n\
+             755 {uid}:{uid} new\n\
+             755 {uid}:{uid} new/made\n\
+             755 0:0 fromstage\n\
+             755 1234:4321 fromstage/sub\n\
+             1000000000\n"
+        )
+    );
+}
+
+/// Issue 15 item 2: `COPY --from=<a stage that is only FROM scratch> / /`
+/// copies nothing and goes on (BuildKit sees an empty directory), and
+/// into a new directory makes just that directory.
+#[test]
+fn copy_the_root_of_an_empty_scratch_stage_copies_nothing() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM scratch AS empty\n\
+         FROM busybox\n\
+         COPY --from=empty / /\n\
+         COPY --from=empty / /made/\n\
+         RUN echo ok > /ok\n",
+    )]);
+    k.build(ctx.path(), &["-t", "empty:1"]);
+    let out = sh(
+        &k,
+        "empty:1",
+        "cat /ok && ls -A /made | wc -l && stat -c '%a %u' / /made",
+    );
+    assert_eq!(out, "ok\n0\n755 0\n755 0\n");
+    // A path below that root is still not there.
+    let bad = context(&[(
+        "Dockerfile",
+        "FROM scratch AS empty\nFROM busybox\nCOPY --from=empty /x /x\n",
+    )]);
+    let err = build_fails(&k, bad.path(), &[]);
+    assert!(err.contains("not found"), "{err}");
+}

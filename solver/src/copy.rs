@@ -244,6 +244,17 @@ impl Selector<'_> {
                 continue;
             }
             let Some(found) = self.view.lookup(&resolved) else {
+                if components(&resolved).next().is_none() {
+                    // The root of a stage with no layers (only `FROM
+                    // scratch`): an empty directory, as BuildKit sees it,
+                    // so copying it copies nothing.
+                    out.push(Selection {
+                        name: base_bytes(&p).to_vec(),
+                        path: resolved,
+                        is_dir: true,
+                        entries: Vec::new(),
+                    });
+                }
                 continue;
             };
             let is_dir = found.meta.is_dir();
@@ -893,12 +904,29 @@ pub fn copy_selections(
         let parent = dst.resolve(&parent, true)?;
         dst.ensure_dir_in(&root, &parent, new_owner)?;
         let target = join_bytes(&parent, base_bytes(&target));
-        if s.is_dir && s.entries.first().is_none_or(|e| !e.rel.is_empty()) {
-            // A directory selection without its own root entry (`COPY
-            // --parents`): the destination is made with default modes.
-            dst.ensure_dir_in(&root, &dst.resolve(&target, true)?, new_owner)?;
+        // The directory a directory's contents go into is never given the
+        // source directory's owner or mode (BuildKit's copier, fsutil
+        // `copy.Copy`: `prepareTargetDir` makes it with `MkdirAll`, and
+        // the top-level copy leaves an existing one's metadata alone but
+        // its mtime): one that exists keeps its owner and mode; a new one
+        // is made like a missing parent, 0755 (an octal `--chmod`'s mode)
+        // and owned by `--chown` or root. A non-directory in its way is
+        // replaced below, as before. Nested directories that exist take
+        // their source's metadata, as BuildKit's do.
+        let mut skip_root = false;
+        if s.is_dir {
+            let here = dst.lookup(&target);
+            let is_dir = here.as_ref().is_some_and(|f| f.meta.is_dir());
+            let root_entry = s.entries.first().is_some_and(|e| e.rel.is_empty());
+            if is_dir || here.is_none() || !root_entry {
+                let d = dst.ensure_dir_in(&root, &target, new_owner)?;
+                if let (None, Some(crate::chmod::Chmod::Octal(m))) = (&here, &opts.chmod) {
+                    d.chmod_self(*m).map_err(ViewError::from)?;
+                }
+                skip_root = root_entry;
+            }
         }
-        for e in &s.entries {
+        for e in &s.entries[usize::from(skip_root)..] {
             let to = if e.rel.is_empty() {
                 target.clone()
             } else {
@@ -959,13 +987,8 @@ fn write_entry(
     };
     let fs_err = |err: kiln_fs::Error| CopyError::View(err.into());
     if to == b"/" {
-        // The selection's root onto the layer's root: only a directory
-        // merges there, and takes its owner and mode.
-        if ft.is_dir() {
-            let d = root.dir();
-            d.chown_self(uid, gid).map_err(fs_err)?;
-            d.chmod_self(mode).map_err(fs_err)?;
-        }
+        // The layer's root is never replaced, and keeps its owner and mode
+        // (see `copy_selections`).
         return Ok(());
     }
     let name_b = base_bytes(to);
