@@ -618,26 +618,37 @@ fn place_inline_files(root: &Root, stage: &Path, files: &[InlineFile]) -> Result
             ),
             || format!("binding the file onto {dest}"),
         )?;
-        let target = ctx(open_in_root(root, &f.destination), || {
-            format!("opening mount point {dest}")
-        })?;
-        ctx(
-            mount(
-                None::<&str>,
-                &fd_path(&target),
-                None::<&str>,
-                MsFlags::MS_BIND
-                    | MsFlags::MS_REMOUNT
-                    | MsFlags::MS_RDONLY
-                    | MsFlags::MS_NOSUID
-                    | MsFlags::MS_NODEV
-                    | MsFlags::MS_NOEXEC,
-                None::<&str>,
-            ),
+        remount_bind(
+            root,
+            &f.destination,
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
             || format!("remounting {dest} read-only"),
         )?;
     }
     Ok(())
+}
+
+/// Remounts the bind mount now at `destination` with `flags` added
+/// (re-opened: the path names the new mount, not the mount point below).
+fn remount_bind(
+    root: &Root,
+    destination: &Path,
+    flags: MsFlags,
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    let target = ctx(open_in_root(root, destination), || {
+        format!("opening mount point {}", destination.display())
+    })?;
+    ctx(
+        mount(
+            None::<&str>,
+            &fd_path(&target),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
+            None::<&str>,
+        ),
+        what,
+    )
 }
 
 fn io_to_nix(e: std::io::Error) -> nix::Error {
@@ -687,20 +698,9 @@ fn extra_mount(root: &Root, m: &MountEntry) -> Result<()> {
         )?;
         let extra = flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
         if !extra.is_empty() {
-            // Re-open: the path now names the new mount.
-            let target = ctx(open_in_root(root, &m.destination), || {
-                format!("opening mount point {dest}")
+            remount_bind(root, &m.destination, extra, || {
+                format!("remounting {dest} ({})", m.options.join(","))
             })?;
-            ctx(
-                mount(
-                    None::<&str>,
-                    &fd_path(&target),
-                    None::<&str>,
-                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
-                    None::<&str>,
-                ),
-                || format!("remounting {dest} ({})", m.options.join(",")),
-            )?;
         }
     } else {
         let data = (!data.is_empty()).then_some(data.as_str());

@@ -514,14 +514,7 @@ impl Root {
     /// dangling one gets its target created, as BuildKit does) or is an
     /// error ([`Follow::Never`]). Returns the final directory.
     pub fn mkdir_all(&self, rel: impl AsRef<Path>, follow: Follow, spec: &DirSpec) -> Result<Dir> {
-        let mut spec = |_: &Path| *spec;
-        let maker = Maker {
-            spec: &mut spec,
-            dangling: Dangling::Create,
-            made: None,
-        };
-        self.walk(rel.as_ref(), follow, Some(maker), true)
-            .map(|(d, _)| d)
+        self.mkdir_all_with(rel, follow, &mut |_: &Path| *spec)
     }
 
     /// [`Root::mkdir_all`] with a spec per created directory: `spec` gets
