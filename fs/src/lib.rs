@@ -932,6 +932,20 @@ impl Dir {
     /// `mode` (chmod'ed after creation, so the umask does not apply).
     pub fn create_file(&self, name: impl AsRef<OsStr>, mode: u32, how: Create) -> Result<File> {
         let name = name.as_ref();
+        let f = self.create_file_unset(name, how)?;
+        // SAFETY: a valid descriptor.
+        if unsafe { libc::fchmod(f.as_raw_fd(), mode & 0o7777) } != 0 {
+            return Err(self.error("chmod", name, errno()));
+        }
+        Ok(f)
+    }
+
+    /// [`Dir::create_file`] without the mode: the file is created 0600
+    /// less the umask, for a caller that gives it its owner and mode
+    /// through the descriptor anyway (COPY, the layer applier, snapshot
+    /// copies: one `fchmod` a file fewer).
+    pub fn create_file_unset(&self, name: impl AsRef<OsStr>, how: Create) -> Result<File> {
+        let name = name.as_ref();
         let c = self.name("create", name)?;
         let base = libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CREAT;
         let flags = match how {
@@ -952,10 +966,6 @@ impl Dir {
             if st.st_mode & libc::S_IFMT != libc::S_IFREG {
                 return Err(self.error("create", name, einval("not a regular file")));
             }
-        }
-        // SAFETY: a valid descriptor.
-        if unsafe { libc::fchmod(f.as_raw_fd(), mode & 0o7777) } != 0 {
-            return Err(self.error("chmod", name, errno()));
         }
         Ok(f)
     }
@@ -1269,20 +1279,7 @@ impl Dir {
             .map_err(|e| self.error("setxattr", name, e))?;
         // setxattr follows the magic link to exactly the pinned inode
         // (the symlink itself, if the entry is one).
-        // SAFETY: NUL-terminated strings and a buffer of the given length.
-        let r = unsafe {
-            libc::setxattr(
-                proc.as_ptr(),
-                k.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            )
-        };
-        if r != 0 {
-            return Err(self.error("setxattr", name, errno()));
-        }
-        Ok(())
+        setxattr_path(&proc, &k, value).map_err(|e| self.error("setxattr", name, e))
     }
 
     /// Sets the extended attribute `key` on this directory itself (e.g.
@@ -1290,22 +1287,28 @@ impl Dir {
     pub fn set_xattr_self(&self, key: &[u8], value: &[u8]) -> Result<()> {
         let k = cstring(key).map_err(|e| Error::new("setxattr", &self.path, e))?;
         let p = self.proc_link("setxattr")?;
-        // SAFETY: NUL-terminated strings and a buffer of the given length;
-        // the magic link names exactly this directory's inode.
-        let r = unsafe {
-            libc::setxattr(
-                p.as_ptr(),
-                k.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            )
-        };
-        if r != 0 {
-            return Err(Error::new("setxattr", &self.path, errno()));
-        }
-        Ok(())
+        // The magic link names exactly this directory's inode.
+        setxattr_path(&p, &k, value).map_err(|e| Error::new("setxattr", &self.path, e))
     }
+}
+
+/// `setxattr(2)` on `path` (a `/proc/self/fd/N` magic link of a pinned
+/// inode).
+fn setxattr_path(path: &CStr, key: &CStr, value: &[u8]) -> io::Result<()> {
+    // SAFETY: NUL-terminated strings and a buffer of the given length.
+    let r = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            key.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(errno());
+    }
+    Ok(())
 }
 
 fn remove_all_at(dir: RawFd, name: &CStr) -> io::Result<()> {

@@ -426,7 +426,7 @@ impl Applier {
         match e.kind {
             T::Regular | T::Continuous => {
                 let mut f = pdir
-                    .create_file(oname, 0o600, Create::Exclusive)
+                    .create_file_unset(oname, Create::Exclusive)
                     .map_err(ferr("create"))?;
                 let n = io::copy(data, &mut f).map_err(perr("write"))?;
                 self.stats.content_bytes += n;

@@ -1080,7 +1080,7 @@ fn write_entry(
         }
         let dir = dirs.dir(root, &parent)?;
         let f = dir
-            .create_file(name, 0o600, kiln_fs::Create::Exclusive)
+            .create_file_unset(name, kiln_fs::Create::Exclusive)
             .map_err(fs_err)?;
         copy_file(&e.host, f, to, (uid, gid, mode), (t, ns))?;
     } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {

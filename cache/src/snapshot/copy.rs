@@ -91,7 +91,7 @@ pub(crate) fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
             dir.symlink(&name, &target).map_err(fs_err)?;
         } else if st.is_file() {
             let to = dir
-                .create_file(&name, 0o600, Create::Exclusive)
+                .create_file_unset(&name, Create::Exclusive)
                 .map_err(fs_err)?;
             copy_file(entry.path(), &to, &dst.join(&rel))?;
         } else {
