@@ -700,6 +700,25 @@ pub(crate) fn compile(
         )));
     }
     let errno = section.default_errno_ret().unwrap_or(libc::EPERM as u32);
+    // The programs depend on these three only: compiled once a process,
+    // not once a step.
+    type Memo = std::collections::HashMap<(u32, u64, bool), Vec<Vec<Insn>>>;
+    static MEMO: std::sync::OnceLock<std::sync::Mutex<Memo>> = std::sync::OnceLock::new();
+    let memo = MEMO.get_or_init(Default::default);
+    let key = (errno, bounding, host_network);
+    if let Some(p) = memo.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        return Ok(p);
+    }
+    let programs = build(errno, bounding, host_network)?;
+    if let Ok(mut m) = memo.lock() {
+        m.insert(key, programs.clone());
+    }
+    Ok(programs)
+}
+
+/// Compiles the two programs [`compile`] hands out.
+fn build(errno: u32, bounding: u64, host_network: bool) -> Result<Vec<Vec<Insn>>, RequestError> {
+    let bad = |why: String| RequestError::UnsupportedSeccomp(why);
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| bad(e.to_string()))?;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for (name, allow) in allowlist(bounding, host_network).map_err(bad)? {
