@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -89,43 +89,6 @@ impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Registry({})", self.name)
     }
-}
-
-fn tls_config(cfg: &RegistryConfig, host: &str) -> Result<Arc<rustls::ClientConfig>> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let system = std::path::Path::new("/etc/ssl/certs/ca-certificates.crt");
-    if let Ok(iter) = CertificateDer::pem_file_iter(system) {
-        for c in iter.flatten() {
-            let _ = roots.add(c);
-        }
-    }
-    for f in cfg.ca_files(host) {
-        let bad = |d: String| RegistryError::Config {
-            path: f.display().to_string(),
-            detail: d,
-        };
-        let certs = CertificateDer::pem_file_iter(&f).map_err(|e| bad(e.to_string()))?;
-        let mut n = 0;
-        for c in certs {
-            roots
-                .add(c.map_err(|e| bad(e.to_string()))?)
-                .map_err(|e| bad(e.to_string()))?;
-            n += 1;
-        }
-        if n == 0 {
-            return Err(bad("no PEM certificate in file".into()));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let c = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| RegistryError::Local(format!("TLS setup: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(c))
 }
 
 fn percent(s: &str) -> String {
@@ -279,7 +242,7 @@ impl Registry {
         creds: Option<Credentials>,
     ) -> Result<Registry> {
         let host = api_host(registry).to_string();
-        let tls = tls_config(cfg, &host)?;
+        let tls = crate::tls::client_config(cfg, &host)?;
         let timeouts = crate::http::NetTimeouts::from_env().map_err(RegistryError::Local)?;
         let agent = timeouts
             .agent_builder()

@@ -113,6 +113,9 @@ pub enum RegistryError {
     /// An image-format error.
     #[error(transparent)]
     Image(#[from] kiln_image::ImageError),
+    /// The trusted CA certificates could not be read.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 fn hint_login(registry: &str) -> String {

@@ -6,8 +6,9 @@
 //! bearer tokens, `~/.docker/config.json` auths and credential helpers).
 //!
 //! **What it owns.** Everything that crosses the network to a registry:
-//! the HTTP client (`ureq` on rustls/ring), TLS trust per registry
-//! (`certs.d/HOST:PORT/*.crt`), which hosts may use plain HTTP, and the
+//! the HTTP client (`ureq` on rustls/ring), TLS trust for every https
+//! client kiln has ([`tls`]: the system store, `SSL_CERT_FILE`/`SSL_CERT_DIR`
+//! and `certs.d/HOST:PORT/*.crt`), which hosts may use plain HTTP, and the
 //! reading and writing of Docker's `config.json` credentials.
 //!
 //! **What it must not do.** It never writes the local store directly: blobs
@@ -38,6 +39,7 @@ pub mod config;
 mod error;
 pub mod http;
 mod reference;
+pub mod tls;
 mod transfer;
 
 pub use auth::{parse_challenge, Challenge};

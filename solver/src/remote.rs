@@ -58,9 +58,29 @@ pub struct Fetched {
     pub hash_content: bool,
 }
 
-fn http_agent() -> Result<ureq::Agent, String> {
+/// An agent for one URL's host: kiln's timeouts, and the TLS roots every
+/// kiln client trusts (the system store, `SSL_CERT_FILE`/`SSL_CERT_DIR`,
+/// the host's `certs.d` CAs; see [`kiln_registry::tls`]).
+fn http_agent(url: &kiln_registry::http::Url) -> Result<ureq::Agent, String> {
     let t = kiln_registry::http::NetTimeouts::from_env()?;
-    Ok(t.agent_builder().build())
+    let mut b = t.agent_builder();
+    if url.scheme() == "https" {
+        let host = kiln_registry::tls::url_host(url).unwrap_or_default();
+        let cfg = kiln_registry::RegistryConfig::load(&[]).map_err(|e| e.to_string())?;
+        let tls = kiln_registry::tls::client_config(&cfg, &host).map_err(|e| e.to_string())?;
+        b = b.tls_config(tls);
+    }
+    Ok(b.build())
+}
+
+/// A transport error's text, with where kiln looks for CAs when the
+/// server's certificate was not trusted.
+fn transport_error(e: &ureq::Error) -> String {
+    let s = e.to_string();
+    match kiln_registry::tls::untrusted_hint(&s) {
+        Some(h) => format!("{s} ({h})"),
+        None => s,
+    }
 }
 
 /// The file name BuildKit gives a URL download.
@@ -99,13 +119,35 @@ pub fn fetch_http(url: &str, scratch: &Path, checksum: Option<&str>) -> Result<F
         .tempdir_in(scratch)
         .map_err(|e| format!("scratch dir: {e}"))?;
     let name = url_file_name(url);
-    let agent = http_agent()?;
     // Redirects are followed by kiln's rules: http(s) only (a redirect to
-    // `file:///…` is an error, not a panic inside the HTTP client).
+    // `file:///…` is an error, not a panic inside the HTTP client). Each
+    // hop trusts the CAs of its own host.
+    let mut agents: Vec<(String, ureq::Agent)> = Vec::new();
+    let mut setup_err: Option<String> = None;
     let followed = kiln_registry::http::follow(url, |u, _| {
+        let key = format!(
+            "{}://{}",
+            u.scheme(),
+            kiln_registry::tls::url_host(u).unwrap_or_default()
+        );
+        let agent = match agents.iter().find(|(k, _)| *k == key) {
+            Some((_, a)) => a.clone(),
+            None => {
+                let a = http_agent(u).map_err(|e| {
+                    let b = Box::new(ureq::Error::from(io::Error::other(e.clone())));
+                    setup_err = Some(e);
+                    b
+                })?;
+                agents.push((key, a.clone()));
+                a
+            }
+        };
         agent.request_url("GET", u).call().map_err(Box::new)
     })
     .map_err(|e| format!("failed to load {url}: {e}"))?;
+    if let Some(e) = setup_err {
+        return Err(format!("failed to load {url}: {e}"));
+    }
     let resp = match followed.map_err(|e| *e) {
         Ok(r) => r,
         Err(ureq::Error::Status(code, r)) => {
@@ -114,7 +156,7 @@ pub fn fetch_http(url: &str, scratch: &Path, checksum: Option<&str>) -> Result<F
                 r.status_text()
             ))
         }
-        Err(e) => return Err(format!("failed to load {url}: {e}")),
+        Err(e) => return Err(format!("failed to load {url}: {}", transport_error(&e))),
     };
     let last_modified = resp.header("Last-Modified").and_then(parse_http_date);
     let path = dir.path().join(&name);
