@@ -316,6 +316,17 @@ impl Meta {
             lease: Mutex::new(None),
         };
         meta.migrate()?;
+        // Uncompressed layer sizes by diffID (what `images`, `inspect` and
+        // `history` show). Additive and content-addressed (a diffID's size
+        // never changes, a stale row is harmless), so it needs no schema
+        // version: a kiln without it opens this store as before, and a
+        // store without it gets it here, its sizes found lazily.
+        meta.conn().execute_batch(
+            "CREATE TABLE IF NOT EXISTS diff_sizes(
+                 diff_id TEXT PRIMARY KEY,
+                 size    INTEGER NOT NULL
+             ) WITHOUT ROWID;",
+        )?;
         Ok(meta)
     }
 
@@ -959,6 +970,33 @@ impl Meta {
             tx.execute(
                 "INSERT OR REPLACE INTO layer_blobs(diff_id, compression, level, blob) VALUES (?1, ?2, ?3, ?4)",
                 params![diff_id.to_string(), compression, level, blob.to_string()],
+            )?;
+            Ok(())
+        })
+    }
+
+    // ------------------------------------------------ uncompressed sizes
+
+    /// The recorded size of the uncompressed layer tar `diff_id`.
+    pub fn diff_size(&self, diff_id: &Digest) -> Result<Option<u64>> {
+        self.read(|tx| {
+            Ok(tx
+                .query_row(
+                    "SELECT size FROM diff_sizes WHERE diff_id = ?1",
+                    [diff_id.to_string()],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()?
+                .map(|v| v.max(0) as u64))
+        })
+    }
+
+    /// Records the size of the uncompressed layer tar `diff_id`.
+    pub fn put_diff_size(&self, diff_id: &Digest, size: u64) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO diff_sizes(diff_id, size) VALUES (?1, ?2)",
+                params![diff_id.to_string(), size as i64],
             )?;
             Ok(())
         })

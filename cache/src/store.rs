@@ -305,7 +305,9 @@ impl Store {
             kiln_image::manifest::media_types::OCI_LAYER,
             snapshot,
             &source,
-        )
+        )?;
+        // The blob is the uncompressed tar: its size is the layer's.
+        self.meta.put_diff_size(digest, size)
     }
 
     /// Whether the blob can be read: its file is stored, or it is a layer

@@ -176,6 +176,10 @@ impl Store {
                         actual: st.tar.0.to_string(),
                     });
                 }
+                // The uncompressed size, for `images`/`inspect`/`history`.
+                // A memo of a value [`Store::layer_size`] can derive again:
+                // a failure to record it does not fail the unpack.
+                let _ = self.meta().put_diff_size(layer.diff_id, st.tar.1);
                 Ok(st.tar.0)
             }
             Err(e) => {
@@ -193,6 +197,43 @@ impl Store {
                 applied.map_err(|ae| Error::Image(ae.to_string()))?;
                 Err(Error::Image(format!("reading layer {}: {e}", layer.digest)))
             }
+        }
+    }
+
+    /// The size of `layer`'s uncompressed tar, as docker reports layer and
+    /// image sizes: recorded when the layer was unpacked or built; else
+    /// the blob's own size when the blob is the tar (its digest is the
+    /// diffID) or the tar is stored too; else found by decompressing the
+    /// stored blob once (checked against the diffID, then recorded — a
+    /// store from before sizes were recorded); else, when the blob is
+    /// not here, the blob's size from the manifest (the best there is).
+    pub fn layer_size(&self, layer: LayerBlob<'_>) -> Result<u64> {
+        if let Some(n) = self.meta().diff_size(layer.diff_id)? {
+            return Ok(n);
+        }
+        let blob_size = layer.size.unwrap_or(0);
+        if layer.digest == layer.diff_id {
+            return match layer.size {
+                Some(n) => Ok(n),
+                None => self.blob_size(layer.digest),
+            };
+        }
+        if let Ok(n) = self.blob_size(layer.diff_id) {
+            return Ok(n);
+        }
+        let counted = self.open_blob(layer.digest).and_then(|r| {
+            let (kind, r) = sniff_reader(r).map_err(|e| Error::Image(e.to_string()))?;
+            let r = decompress(r, kind).map_err(|e| Error::Image(e.to_string()))?;
+            kiln_image::archive::digest_reader(r).map_err(|e| Error::Image(e.to_string()))
+        });
+        match counted {
+            Ok((d, n)) if &d == layer.diff_id => {
+                self.meta().put_diff_size(layer.diff_id, n)?;
+                Ok(n)
+            }
+            // Not here, unreadable, or not the layer the config names
+            // (`kiln verify` tells which): the manifest's size.
+            _ => Ok(blob_size),
         }
     }
 

@@ -593,3 +593,74 @@ fn retired_snapshots_wait_for_the_sweep_or_prune() {
     s.prune(&PruneOptions::default()).unwrap();
     assert_eq!(retired(), 0);
 }
+
+/// Issue 15 item 5: a layer's size is its uncompressed tar's, as docker
+/// reports it — recorded when the layer is unpacked, found once by
+/// decompressing the stored blob in a store from before sizes were
+/// recorded (no `diff_sizes` table), the blob's size when the blob is the
+/// tar.
+#[test]
+fn layer_size_is_the_uncompressed_tar_recorded_at_unpack_or_found_once() {
+    use kiln_cache::LayerBlob;
+    use kiln_image::compression::{Compression, CompressionOpts, Encoder};
+    use kiln_image::diff::{write_tree_diff, DiffOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("zeros"), vec![0u8; 200_000]).unwrap();
+    let mut tar = Vec::new();
+    write_tree_diff(None, src.path(), &mut tar, &DiffOptions::default()).unwrap();
+    let diff_id = Digest::sha256_of(&tar);
+    let mut enc = Encoder::new(Vec::new(), CompressionOpts::new(Compression::Gzip)).unwrap();
+    enc.write_all(&tar).unwrap();
+    let gz = enc.finish().unwrap();
+    assert!(gz.len() * 10 < tar.len(), "the test layer compresses well");
+
+    // Unpacked: recorded.
+    let s = open(dir.path());
+    let bd = s.put_bytes(&gz, None).unwrap();
+    let bn = Some(gz.len() as u64);
+    let lb = LayerBlob {
+        digest: &bd,
+        size: bn,
+        diff_id: &diff_id,
+    };
+    s.unpack_layer(diff_id.as_str(), None, lb).unwrap();
+    assert_eq!(
+        s.meta().diff_size(&diff_id).unwrap(),
+        Some(tar.len() as u64)
+    );
+    assert_eq!(s.layer_size(lb).unwrap(), tar.len() as u64);
+    drop(s);
+
+    // A store from before: no table. Reopened, the size is found by
+    // decompressing the blob once, and recorded.
+    let db = rusqlite::Connection::open(dir.path().join("meta.db")).unwrap();
+    db.execute_batch("DROP TABLE diff_sizes").unwrap();
+    drop(db);
+    let s = open(dir.path());
+    assert_eq!(s.meta().diff_size(&diff_id).unwrap(), None);
+    assert_eq!(s.layer_size(lb).unwrap(), tar.len() as u64);
+    assert_eq!(
+        s.meta().diff_size(&diff_id).unwrap(),
+        Some(tar.len() as u64)
+    );
+
+    // The blob is the tar: its size.
+    let other = Digest::sha256_of(b"not stored");
+    let plain = LayerBlob {
+        digest: &other,
+        size: Some(1234),
+        diff_id: &other,
+    };
+    assert_eq!(s.layer_size(plain).unwrap(), 1234);
+    // A blob that is not here, or not the layer its config names: the
+    // manifest's size, the best there is (never a wrong recorded one).
+    let wrong = Digest::sha256_of(b"another diff");
+    let lying = LayerBlob {
+        digest: &bd,
+        size: bn,
+        diff_id: &wrong,
+    };
+    assert_eq!(s.layer_size(lying).unwrap(), gz.len() as u64);
+    assert_eq!(s.meta().diff_size(&wrong).unwrap(), None);
+}

@@ -264,8 +264,30 @@ fn human(n: u64) -> String {
     }
 }
 
-fn image_size(l: &Loaded) -> u64 {
-    l.manifest.layers.iter().map(|d| d.size).sum()
+/// Each layer's uncompressed size, as docker reports it (see
+/// [`Store::layer_size`]); the blob's size where the config names no
+/// diffID for it.
+fn layer_sizes(store: &Store, l: &Loaded) -> anyhow::Result<Vec<u64>> {
+    let diff_ids = &l.config.rootfs.diff_ids;
+    l.manifest
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match diff_ids.get(i) {
+            Some(diff_id) => Ok(store.layer_size(kiln_cache::LayerBlob {
+                digest: &d.digest,
+                size: Some(d.size),
+                diff_id,
+            })?),
+            None => Ok(d.size),
+        })
+        .collect()
+}
+
+/// The image's size: the sum of its layers' uncompressed sizes (docker's
+/// `SIZE` and `.Size`).
+fn image_size(store: &Store, l: &Loaded) -> anyhow::Result<u64> {
+    Ok(layer_sizes(store, l)?.iter().sum())
 }
 
 /// `kiln images`.
@@ -285,7 +307,7 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
                 let v = serde_json::json!({
                     "Repository": repo, "Tag": tag, "ID": short_id(&l.config_digest),
                     "Digest": l.manifest_digest, "CreatedAt": l.config.created,
-                    "CreatedSince": ago(l.config.created.as_deref()), "Size": human(image_size(l)),
+                    "CreatedSince": ago(l.config.created.as_deref()), "Size": human(image_size(&store, l)?),
                 });
                 outln!("{v}");
             }
@@ -305,6 +327,7 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
         "SIZE".into(),
     ]];
     for l in &imgs {
+        let size = human(image_size(&store, l)?);
         for n in &l.names {
             let (repo, tag) = familiar(n);
             rows.push(vec![
@@ -317,7 +340,7 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
                 },
                 short_id(&l.config_digest),
                 ago(l.config.created.as_deref()),
-                human(image_size(l)),
+                size.clone(),
             ]);
         }
     }
@@ -368,7 +391,7 @@ pub fn inspect(root: &Path, images: Vec<String>) -> anyhow::Result<ExitCode> {
                     "Architecture": c.architecture,
                     "Variant": c.variant,
                     "Os": c.os,
-                    "Size": image_size(&l),
+                    "Size": image_size(&store, &l)?,
                     "RootFS": {"Type": c.rootfs.kind, "Layers": c.rootfs.diff_ids},
                     "Metadata": {"ManifestDigest": l.manifest_digest},
                 }));
@@ -391,7 +414,7 @@ pub fn inspect(root: &Path, images: Vec<String>) -> anyhow::Result<ExitCode> {
 pub fn history(root: &Path, image: &str) -> anyhow::Result<ExitCode> {
     let store = open(root)?;
     let l = find(&store, image)?;
-    let mut sizes = l.manifest.layers.iter().map(|d| d.size);
+    let mut sizes = layer_sizes(&store, &l)?.into_iter();
     let mut rows = Vec::new();
     for (i, h) in l.config.history.iter().enumerate() {
         let size = if h.empty_layer {

@@ -468,3 +468,125 @@ fn a_blob_corrupted_in_the_registry_fails_the_pull_and_stores_nothing() {
     let check = b.ok(&["system", "check"]);
     assert!(check.contains("ok"), "{check}");
 }
+
+/// Docker's human size (`4.26MB`: decimal units, three significant
+/// digits), to compare with what kiln prints.
+fn docker_human(n: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < units.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        return format!("{n}B");
+    }
+    let s: String = format!("{v:.3}").chars().take(4).collect();
+    format!("{}{}", s.trim_end_matches('.'), units[i])
+}
+
+/// `kiln images`, `inspect` and `history` report what docker does: each
+/// layer's uncompressed tar size, summed for the image — the same numbers
+/// for an image pulled with gzip layers as for the image it was pushed
+/// from (issue 15 item 5: they added up compressed sizes for pulled layers
+/// and uncompressed ones for local ones).
+#[test]
+fn image_sizes_are_uncompressed_and_agree_across_images_inspect_history() {
+    if !ready(&["docker-registry", "skopeo", "gzip"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let a = Client::new(true);
+    let ctx = context(&[
+        (
+            "Dockerfile",
+            "FROM busybox\nRUN head -c 300000 /dev/zero > /zeros\nENV X=1\nCOPY a.txt /a.txt\n",
+        ),
+        ("a.txt", "a\n"),
+    ]);
+    a.build(ctx.path(), &["-t", "sizes:1"]);
+    let name = format!("{}/sizes/app:1", reg.host());
+    a.ok(&["push", "sizes:1", &name]);
+
+    // The uncompressed tar of each pushed (gzip) layer, by an outside tool.
+    let out = tempfile::tempdir().expect("tmp");
+    let dest = out.path().join("img");
+    sh(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{name}"),
+        &format!("dir:{}", dest.display()),
+    ]));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dest.join("manifest.json")).expect("manifest"))
+            .expect("json");
+    let mut want = Vec::new();
+    for l in manifest["layers"].as_array().expect("layers") {
+        assert!(
+            l["mediaType"].as_str().unwrap_or_default().contains("gzip"),
+            "{l}"
+        );
+        let digest = l["digest"].as_str().expect("digest");
+        let blob = dest.join(digest.trim_start_matches("sha256:"));
+        let o = sh(Command::new("sh")
+            .arg("-c")
+            .arg("gzip -dc \"$1\" | wc -c")
+            .arg("sh")
+            .arg(&blob));
+        let n: u64 = String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .expect("wc");
+        let compressed = l["size"].as_u64().expect("size");
+        assert!(compressed < n, "a gzip layer is smaller than its tar");
+        want.push(n);
+    }
+    let total: u64 = want.iter().sum();
+
+    let b = Client::new(false);
+    b.ok(&["pull", &name]);
+    // Loaded from an OCI archive with the same gzip layers.
+    let archive = out.path().join("oci.tar");
+    sh(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{name}"),
+        &format!("oci-archive:{}:sizes:loaded", archive.display()),
+    ]));
+    let l = Client::new(false);
+    let loaded = l.stdout(&["load", "-q", "-i", archive.to_str().expect("utf8")]);
+    let loaded = loaded.lines().next().expect("a loaded name").to_string();
+    for (c, image) in [(&a, "sizes:1"), (&b, name.as_str()), (&l, loaded.as_str())] {
+        let v: serde_json::Value =
+            serde_json::from_str(&c.stdout(&["inspect", image])).expect("inspect");
+        assert_eq!(v[0]["Size"].as_u64(), Some(total), "inspect {image}");
+        let images = c.stdout(&["images", "--format", "json"]);
+        let row: serde_json::Value = images
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+            .find(|r| image.contains(r["Repository"].as_str().unwrap_or("?")))
+            .expect("image row");
+        assert_eq!(
+            row["Size"].as_str(),
+            Some(docker_human(total).as_str()),
+            "images {image}"
+        );
+        // history: newest first, each layer's size, 0B for the ENV step.
+        let hist = c.stdout(&["history", image]);
+        let col = hist.find("SIZE").expect("SIZE column");
+        let sizes: Vec<String> = hist
+            .lines()
+            .skip(1)
+            .map(|l| {
+                l.get(col..)
+                    .and_then(|r| r.split_whitespace().next())
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect();
+        let mut layers: Vec<String> = want.iter().rev().map(|n| docker_human(*n)).collect();
+        layers.insert(1, "0B".to_string());
+        assert_eq!(sizes, layers, "history {image}:\n{hist}");
+    }
+}
