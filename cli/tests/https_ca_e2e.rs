@@ -80,7 +80,9 @@ impl Drop for Https {
 /// SSL_CERT_* of the test's own environment).
 fn build(c: &Client, env: &[(&str, &Path)], args: &[&str]) -> Output {
     let mut cmd = c.cmd();
-    cmd.env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
+    cmd.env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR")
+        .env_remove("GIT_SSL_CAINFO");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -248,4 +250,88 @@ fn https_build_context_trusts_ssl_cert_file() {
         &["-t", "c:2", &srv.url("Dockerfile")],
     ));
     assert_eq!(c.stdout(&["run", "--rm", "c:2", "cat", "/r"]), "remote");
+}
+
+/// Runs git, asserting success.
+fn git(dir: &Path, args: &[&str]) {
+    let o = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .output()
+        .expect("git");
+    assert!(
+        o.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// git reads the system bundle only: kiln hands it the same roots as its
+/// own clients (`SSL_CERT_FILE`, certs.d) for `ADD https://….git` and git
+/// build contexts.
+#[test]
+fn git_over_https_trusts_ssl_cert_file_and_certs_d() {
+    if !ready(&["openssl", "git"]) {
+        return;
+    }
+    let srv = Https::start();
+    // A dumb-HTTP repository: s_server serves files by path, so the
+    // smart-protocol probe's URL is a file holding the plain refs.
+    let src = tempfile::tempdir().expect("tmp");
+    git(src.path(), &["init", "-q"]);
+    std::fs::write(
+        src.path().join("Dockerfile"),
+        "FROM busybox\nCOPY g.txt /g.txt\n",
+    )
+    .expect("w");
+    std::fs::write(src.path().join("g.txt"), "from git over tls").expect("w");
+    git(src.path(), &["add", "."]);
+    git(src.path(), &["commit", "-qm", "one"]);
+    let bare = srv.dir.path().join("www/repo.git");
+    let bare_s = bare.to_str().expect("utf8");
+    git(src.path(), &["clone", "-q", "--bare", ".", bare_s]);
+    git(&bare, &["update-server-info"]);
+    std::fs::copy(
+        bare.join("info/refs"),
+        bare.join("info/refs?service=git-upload-pack"),
+    )
+    .expect("refs");
+    let url = srv.url("repo.git");
+    let c = Client::new(true);
+
+    let err = failed(&build(&c, &[], &["-t", "g:0", &url]));
+    assert!(err.contains("certificate"), "{err}");
+    ok(&build(
+        &c,
+        &[("SSL_CERT_FILE", &srv.ca())],
+        &["-t", "g:1", &url],
+    ));
+    assert_eq!(
+        c.stdout(&["run", "--rm", "g:1", "cat", "/g.txt"]),
+        "from git over tls"
+    );
+    // ADD of the repository, trusted through certs.d.
+    let host = format!("127.0.0.1:{}", srv.port);
+    let certs = c.conf.path().join("kiln/certs.d").join(&host);
+    std::fs::create_dir_all(&certs).expect("mkdir");
+    std::fs::copy(srv.ca(), certs.join("ca.crt")).expect("ca");
+    let ctx = context(&[("Dockerfile", &format!("FROM busybox\nADD {url} /src/\n"))]);
+    ok(&build(
+        &c,
+        &[],
+        &["-t", "g:2", ctx.path().to_str().expect("utf8")],
+    ));
+    assert_eq!(
+        c.stdout(&["run", "--rm", "g:2", "cat", "/src/g.txt"]),
+        "from git over tls"
+    );
 }

@@ -14,6 +14,10 @@
 //!    directories (like Docker's `/etc/docker/certs.d`), for the host being
 //!    contacted.
 //!
+//! git, which kiln runs for git sources, reads one CA file: [`pem_bundle`]
+//! writes these roots (less the bundled ones) as one, for
+//! `http.sslCAInfo`.
+//!
 //! Every file read is bounded ([`MAX_CA_FILE`] each, [`MAX_CA_DIR_FILES`]
 //! files a directory); a file that is too large, not a regular file, or
 //! named by `SSL_CERT_FILE`/certs.d but holding no certificate is a clear
@@ -255,6 +259,37 @@ pub fn client_config(
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(c))
+}
+
+/// A PEM bundle for a client that reads one CA file (git's
+/// `http.sslCAInfo`), when the defaults do not do: the system store (or
+/// `SSL_CERT_FILE`/`SSL_CERT_DIR`) plus `host`'s certs.d CAs. `None` when
+/// neither variable is set and the host has no certs.d CAs: the client's
+/// own default (the system bundle) is the same trust.
+pub fn pem_bundle(cfg: &RegistryConfig, host: &str) -> Result<Option<Vec<u8>>, TlsError> {
+    use base64::Engine as _;
+    let overridden = [ENV_CERT_FILE, ENV_CERT_DIR]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+    let host_files = cfg.ca_files(host);
+    if !overridden && host_files.is_empty() {
+        return Ok(None);
+    }
+    let mut certs = system_certs()?;
+    for f in host_files {
+        certs.extend(pem_certs(&f, Strict::Named)?);
+    }
+    let mut out = Vec::new();
+    for c in certs {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
+        out.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+        out.extend_from_slice(b"-----END CERTIFICATE-----\n");
+    }
+    Ok(Some(out))
 }
 
 /// The certs.d name of a URL's host: `HOST` for the scheme's default

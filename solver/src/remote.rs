@@ -334,6 +334,34 @@ fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// git's CA settings for an https `remote` (`-c http.sslCAInfo=FILE`):
+/// git reads the system bundle but neither `SSL_CERT_FILE`/`SSL_CERT_DIR`
+/// nor kiln's certs.d, so when either applies, the same roots as every
+/// other kiln client go to a bundle under `dir` (see
+/// [`kiln_registry::tls::pem_bundle`]). None when git's own
+/// `GIT_SSL_CAINFO` is set, or the defaults do.
+fn git_ca_args(remote: &str, dir: &Path) -> Result<Vec<String>, String> {
+    if !remote.starts_with("https://") || std::env::var_os("GIT_SSL_CAINFO").is_some() {
+        return Ok(Vec::new());
+    }
+    let Some(host) = kiln_registry::http::Url::parse(remote)
+        .ok()
+        .and_then(|u| kiln_registry::tls::url_host(&u))
+    else {
+        return Ok(Vec::new());
+    };
+    let cfg = kiln_registry::RegistryConfig::load(&[]).map_err(|e| e.to_string())?;
+    let Some(pem) = kiln_registry::tls::pem_bundle(&cfg, &host).map_err(|e| e.to_string())? else {
+        return Ok(Vec::new());
+    };
+    let file = dir.join("ca-bundle.pem");
+    fs::write(&file, pem).map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(vec![
+        "-c".into(),
+        format!("http.sslCAInfo={}", file.display()),
+    ])
+}
+
 /// Clones `url` into a fresh directory under `scratch`; the selection is
 /// the checked-out tree (or its subdirectory).
 pub fn fetch_git(
@@ -349,9 +377,16 @@ pub fn fetch_git(
         .map_err(|e| format!("scratch dir: {e}"))?;
     let repo: PathBuf = dir.path().join("repo");
     let repo_s = repo.to_string_lossy().to_string();
+    let ca =
+        git_ca_args(&r.remote, dir.path()).map_err(|e| format!("failed to fetch {url}: {e}"))?;
+    let ca: Vec<&str> = ca.iter().map(String::as_str).collect();
     git(
         dir.path(),
-        &["clone", "--quiet", "--no-checkout", &r.remote, &repo_s],
+        &[
+            &ca[..],
+            &["clone", "--quiet", "--no-checkout", &r.remote, &repo_s],
+        ]
+        .concat(),
     )
     .map_err(|e| format!("failed to fetch {url}: {e}"))?;
     let target = match &r.reference {
@@ -383,7 +418,11 @@ pub fn fetch_git(
     if repo.join(".gitmodules").exists() {
         git(
             &repo,
-            &["submodule", "update", "--init", "--recursive", "--quiet"],
+            &[
+                &ca[..],
+                &["submodule", "update", "--init", "--recursive", "--quiet"],
+            ]
+            .concat(),
         )
         .map_err(|e| format!("failed to fetch submodules of {url}: {e}"))?;
     }
