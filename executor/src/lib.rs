@@ -68,7 +68,7 @@ pub mod user;
 pub use caps::DEFAULT_CAPS;
 pub use cgroup::{CgroupError, Limits};
 pub use error::Error;
-pub use init::{maybe_run_init, DEFAULT_PATH, INIT_ARG};
+pub use init::{maybe_run_init, DEFAULT_PATH, FORWARDED_SIGNALS, INIT_ARG};
 /// The OCI runtime spec types the executor takes.
 pub use oci_spec::runtime as oci;
 pub use protocol::ProtocolError;
