@@ -495,7 +495,9 @@ pub fn rmi(root: &Path, force: bool, images: Vec<String>) -> anyhow::Result<Exit
 }
 
 /// `kiln run`: the image's entrypoint/cmd (Docker's rules) in a sandbox
-/// on a throw-away writable layer.
+/// on a throw-away writable layer. The signals kiln receives go to the
+/// application ([`crate::signals::forward_to_step`]); kiln exits with its
+/// status.
 pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     let unconfined = seccomp_unconfined(&a.security_opt)?;
     let store = open(root)?;

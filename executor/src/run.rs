@@ -765,10 +765,12 @@ impl Executor {
             .run_in_cgroup(
                 &step,
                 cfg,
-                req.timeout,
                 output,
-                cancel,
-                signals,
+                Control {
+                    timeout: req.timeout,
+                    cancel,
+                    signals,
+                },
                 cgroup.clone(),
             )
             .await;
@@ -786,12 +788,15 @@ impl Executor {
         &self,
         step: &str,
         cfg: InitConfig,
-        timeout: Option<Duration>,
         output: Option<mpsc::Sender<OutputLine>>,
-        cancel: CancellationToken,
-        mut signals: Option<mpsc::Receiver<i32>>,
+        control: Control,
         cgroup: Arc<StepCgroup>,
     ) -> Result<ExecOutcome, Error> {
+        let Control {
+            timeout,
+            cancel,
+            mut signals,
+        } = control;
         let start = Instant::now();
         let proto = |source| Error::Protocol {
             step: step.to_string(),
@@ -974,6 +979,16 @@ impl Executor {
             }),
         }
     }
+}
+
+/// What may end or reach a running step from outside.
+struct Control {
+    /// Kill the step after this long.
+    timeout: Option<Duration>,
+    /// Kill the step when cancelled.
+    cancel: CancellationToken,
+    /// Signals to forward to the step.
+    signals: Option<mpsc::Receiver<i32>>,
 }
 
 /// Sends `sig` to the init (which forwards it to the step) if it is one
