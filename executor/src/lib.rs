@@ -11,7 +11,7 @@
 //!
 //! **What it owns.** Namespaces, mounts inside the sandbox, the init
 //! protocol, cgroups of a step, and process lifecycle (timeouts,
-//! cancellation, PDEATHSIG).
+//! cancellation, PDEATHSIG, signals forwarded to the step).
 //!
 //! **What it must not do.** It does not know about Dockerfiles, cache keys or
 //! layers, and depends on no other kiln crate.
