@@ -34,6 +34,11 @@ pub struct RunArgs {
     /// Remove the container when it exits (kiln never keeps containers).
     #[arg(long)]
     rm: bool,
+    /// Run an init that forwards signals and reaps processes (kiln always
+    /// does: the application is the child of kiln's PID 1, as under
+    /// docker's `--init`).
+    #[arg(long)]
+    init: bool,
     /// Set an environment variable (`K=V`, or `K` from the environment).
     #[arg(short = 'e', long = "env", value_name = "K=V")]
     env: Vec<String>,
@@ -513,7 +518,9 @@ pub fn rmi(root: &Path, force: bool, images: Vec<String>) -> anyhow::Result<Exit
 }
 
 /// `kiln run`: the image's entrypoint/cmd (Docker's rules) in a sandbox
-/// on a throw-away writable layer.
+/// on a throw-away writable layer. The signals kiln receives go to the
+/// application ([`crate::signals::forward_to_step`]); kiln exits with its
+/// status.
 pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     let unconfined = seccomp_unconfined(&a.security_opt)?;
     let store = open(root)?;
@@ -668,18 +675,23 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
             }
         });
         let cancel = kiln_executor::CancellationToken::new();
-        crate::signals::cancel_on_interrupt(&cancel);
-        let r = executor.run(req, Some(tx), cancel).await;
+        let signals = crate::signals::forward_to_step(&cancel);
+        let r = executor
+            .run_with_signals(req, Some(tx), cancel, signals)
+            .await;
         let _ = printer.await;
         r
     });
     backend.abort(active);
-    let _ = a.rm;
+    let _ = (a.rm, a.init);
     match outcome {
         Ok(o) => Ok(ExitCode::from(match o.status {
             kiln_executor::ExitStatus::Code(c) => u8::try_from(c).unwrap_or(1),
             kiln_executor::ExitStatus::Signal(s) => u8::try_from(128 + s).unwrap_or(1),
         })),
+        // Killed after the last of the SIGINT/SIGTERMs it was sent: the
+        // status of a SIGKILLed container (what `docker kill` gives).
+        Err(kiln_executor::Error::Cancelled { .. }) => Ok(ExitCode::from(128 + 9)),
         Err(e) => {
             eprintln!("Error: {e}");
             Ok(ExitCode::from(125))

@@ -1,7 +1,10 @@
-//! Interrupts: Ctrl-C (SIGINT) and SIGTERM end a build or `kiln run` the
-//! same way. CI systems cancel jobs with SIGTERM; both cancel the work in
-//! progress, which then cleans up (the step's processes, its snapshot, the
-//! lease) before kiln exits.
+//! Interrupts: Ctrl-C (SIGINT) and SIGTERM cancel a build the same way. CI
+//! systems cancel jobs with SIGTERM; both cancel the work in progress,
+//! which then cleans up (the step's processes, its snapshot, the lease)
+//! before kiln exits.
+//!
+//! `kiln run` instead passes the signals it receives on to the application
+//! ([`forward_to_step`]), as `docker run` does.
 
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -35,4 +38,58 @@ pub fn cancel_on_interrupt(token: &kiln_executor::CancellationToken) {
         interrupted().await;
         c.cancel();
     });
+}
+
+/// How many SIGINT/SIGTERMs `kiln run` passes on before it kills the
+/// container: the third one kills it (docker's CLI gives up on a plugin
+/// after the same count).
+pub const FORCE_KILL_AFTER: usize = 3;
+
+/// For `kiln run`: every signal in [`kiln_executor::FORWARDED_SIGNALS`]
+/// that kiln receives is sent into the returned channel (for
+/// [`kiln_executor::Executor::run_with_signals`], which passes it to the
+/// application), like `docker run --sig-proxy=true`. The application
+/// decides what a signal means; one that ignores SIGTERM keeps running.
+/// As a way out, the [`FORCE_KILL_AFTER`]th SIGINT or SIGTERM cancels
+/// `token` instead (which kills the container; kiln still cleans up).
+///
+/// The handlers are installed before this returns, so that no signal in
+/// between takes its default action. Call it inside the runtime.
+pub fn forward_to_step(
+    token: &kiln_executor::CancellationToken,
+) -> tokio::sync::mpsc::Receiver<i32> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let (count_tx, mut count_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    for &n in kiln_executor::FORWARDED_SIGNALS {
+        // A handler that cannot be installed leaves the default action.
+        let Ok(mut stream) = signal(SignalKind::from_raw(n)) else {
+            continue;
+        };
+        let tx = tx.clone();
+        let count_tx = count_tx.clone();
+        let interrupt = n == libc::SIGINT || n == libc::SIGTERM;
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if interrupt {
+                    let _ = count_tx.send(());
+                }
+                if tx.send(n).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let c = token.clone();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while count_rx.recv().await.is_some() {
+            n += 1;
+            if n >= FORCE_KILL_AFTER {
+                eprintln!("got {n} SIGTERM/SIGINTs, killing the container");
+                c.cancel();
+                break;
+            }
+        }
+    });
+    rx
 }

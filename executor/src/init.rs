@@ -42,13 +42,25 @@ pub(crate) const PARENT_PID_ENV: &str = "_KILN_EXECUTOR_PID";
 /// Docker's default PATH.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-const FORWARDED: &[Signal] = &[
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-    Signal::SIGUSR1,
-    Signal::SIGUSR2,
+/// The signals the sandbox init forwards to the step, as raw numbers: a
+/// signal sent to the init (its supervisor, the process
+/// [`crate::Executor::run_with_signals`] signals) goes to PID 1 of the
+/// sandbox, which passes it to the step. The step is PID 1's child, not
+/// PID 1 itself, so a signal it has no handler for takes its default
+/// action (a `sleep` dies of SIGTERM), as under `docker run --init`.
+/// Others are not forwarded: SIGCHLD, SIGPIPE and SIGURG concern the init
+/// itself, SIGKILL and SIGSTOP cannot be caught, the job-control stops
+/// (SIGTSTP, SIGTTIN, SIGTTOU) stay with kiln, and fault signals are not
+/// sent by users.
+pub const FORWARDED_SIGNALS: &[i32] = &[
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+    libc::SIGALRM,
 ];
 
 /// Run the sandbox init if this process was started as one.
@@ -92,10 +104,13 @@ fn block_signals() -> SigSet {
         SaFlags::SA_RESTART,
         SigSet::empty(),
     );
-    for s in FORWARDED {
-        set.add(*s);
+    for s in FORWARDED_SIGNALS
+        .iter()
+        .filter_map(|n| Signal::try_from(*n).ok())
+    {
+        set.add(s);
         // SAFETY: the handler does nothing.
-        let _ = unsafe { sigaction(*s, &act) };
+        let _ = unsafe { sigaction(s, &act) };
     }
     let _ = set.thread_block();
     set
@@ -188,6 +203,9 @@ fn supervisor() -> i32 {
         eprintln!("kiln init: not started by kiln-executor (no message socket on fd {INIT_FD})");
         return 2;
     }
+    // Catch the forwarded signals before anything else: one that arrives
+    // while the sandbox is being set up waits (pending) for the step.
+    let set = block_signals();
     // Only stdin (the socket), stdout and stderr were meant for us.
     close_fds_from(3, false);
     // Move the socket off stdin to a close-on-exec descriptor, and give
@@ -229,7 +247,6 @@ fn supervisor() -> i32 {
             return 1;
         }
     };
-    let set = block_signals();
     if let Err(e) = unshare(CloneFlags::CLONE_NEWPID) {
         report(
             sock.as_fd(),

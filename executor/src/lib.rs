@@ -11,7 +11,7 @@
 //!
 //! **What it owns.** Namespaces, mounts inside the sandbox, the init
 //! protocol, cgroups of a step, and process lifecycle (timeouts,
-//! cancellation, PDEATHSIG).
+//! cancellation, PDEATHSIG, signals forwarded to the step).
 //!
 //! **What it must not do.** It does not know about Dockerfiles, cache keys or
 //! layers, and depends on no other kiln crate.
@@ -68,7 +68,7 @@ pub mod user;
 pub use caps::DEFAULT_CAPS;
 pub use cgroup::{CgroupError, Limits};
 pub use error::Error;
-pub use init::{maybe_run_init, DEFAULT_PATH, INIT_ARG};
+pub use init::{maybe_run_init, DEFAULT_PATH, FORWARDED_SIGNALS, INIT_ARG};
 /// The OCI runtime spec types the executor takes.
 pub use oci_spec::runtime as oci;
 pub use protocol::ProtocolError;

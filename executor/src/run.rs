@@ -598,11 +598,48 @@ impl Executor {
     /// the *thread* that spawned it: call this from a tokio worker thread
     /// (any `async` context of a runtime that outlives the step), not from a
     /// short-lived thread.
+    ///
+    /// The init runs in a process group of its own: a Ctrl-C at the
+    /// terminal reaches the caller, never the step directly; what the step
+    /// gets is the caller's choice (cancellation, or
+    /// [`Executor::run_with_signals`]).
     pub async fn run(
         &self,
         req: ExecRequest,
         output: Option<mpsc::Sender<OutputLine>>,
         cancel: CancellationToken,
+    ) -> Result<ExecOutcome, Error> {
+        self.run_inner(req, output, cancel, None).await
+    }
+
+    /// [`Executor::run`], passing on to the step each signal number that
+    /// comes through `signals` while it runs (what `docker run` does with
+    /// the signals it receives): one of [`crate::FORWARDED_SIGNALS`] goes
+    /// to the sandbox's init, which forwards it to the step; other numbers
+    /// are ignored. The step decides what a signal means: its exit status
+    /// is returned as usual (`ExitStatus::Signal` if a signal killed it),
+    /// and a step that ignores the signal keeps running. Only
+    /// cancellation, the timeout or the step's end stop the wait.
+    ///
+    /// A signal sent before the sandbox is ready is held until the step
+    /// has started (it then takes its default action, as the step has had
+    /// no chance to install a handler).
+    pub async fn run_with_signals(
+        &self,
+        req: ExecRequest,
+        output: Option<mpsc::Sender<OutputLine>>,
+        cancel: CancellationToken,
+        signals: mpsc::Receiver<i32>,
+    ) -> Result<ExecOutcome, Error> {
+        self.run_inner(req, output, cancel, Some(signals)).await
+    }
+
+    async fn run_inner(
+        &self,
+        req: ExecRequest,
+        output: Option<mpsc::Sender<OutputLine>>,
+        cancel: CancellationToken,
+        signals: Option<mpsc::Receiver<i32>>,
     ) -> Result<ExecOutcome, Error> {
         let step = req.name.clone();
         let req_err = |source| Error::Request {
@@ -725,7 +762,17 @@ impl Executor {
                 })?;
         let cgroup = Arc::new(cgroup);
         let result = self
-            .run_in_cgroup(&step, cfg, req.timeout, output, cancel, cgroup.clone())
+            .run_in_cgroup(
+                &step,
+                cfg,
+                output,
+                Control {
+                    timeout: req.timeout,
+                    cancel,
+                    signals,
+                },
+                cgroup.clone(),
+            )
             .await;
         let cg = cgroup.clone();
         let removed = tokio::task::spawn_blocking(move || cg.remove()).await;
@@ -741,11 +788,15 @@ impl Executor {
         &self,
         step: &str,
         cfg: InitConfig,
-        timeout: Option<Duration>,
         output: Option<mpsc::Sender<OutputLine>>,
-        cancel: CancellationToken,
+        control: Control,
         cgroup: Arc<StepCgroup>,
     ) -> Result<ExecOutcome, Error> {
+        let Control {
+            timeout,
+            cancel,
+            mut signals,
+        } = control;
         let start = Instant::now();
         let proto = |source| Error::Protocol {
             step: step.to_string(),
@@ -760,7 +811,26 @@ impl Executor {
             .stdin(Stdio::from(child_end))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .kill_on_drop(true)
+            // Signals from the terminal are for kiln, which decides.
+            .process_group(0);
+        if signals.is_some() {
+            // Keep the forwarded signals blocked across exec until the init
+            // has its handlers: one sent in that window must not kill it.
+            // SAFETY: pthread_sigmask is async-signal-safe and touches only
+            // the new process's mask; nothing is allocated.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    for s in crate::init::FORWARDED_SIGNALS {
+                        libc::sigaddset(&mut set, *s);
+                    }
+                    libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().map_err(|source| Error::Io {
             step: step.to_string(),
             what: format!("starting sandbox init {}", self.config.init_path.display()),
@@ -824,10 +894,23 @@ impl Executor {
                 None => std::future::pending().await,
             }
         };
-        let end = tokio::select! {
-            st = child.wait() => End::Exited(st),
-            t = sleep => End::TimedOut(t),
-            _ = cancel.cancelled() => End::Cancelled,
+        tokio::pin!(sleep);
+        let end = loop {
+            let signal = async {
+                match signals.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                st = child.wait() => break End::Exited(st),
+                t = &mut sleep => break End::TimedOut(t),
+                _ = cancel.cancelled() => break End::Cancelled,
+                sig = signal => match sig {
+                    Some(sig) => forward_signal(&child, sig),
+                    None => signals = None,
+                },
+            }
         };
         // Whatever happened, nothing of the step may survive it.
         kill_tree(cgroup.clone()).await;
@@ -895,6 +978,28 @@ impl Executor {
                     .unwrap_or_else(|| "unknown".into()),
             }),
         }
+    }
+}
+
+/// What may end or reach a running step from outside.
+struct Control {
+    /// Kill the step after this long.
+    timeout: Option<Duration>,
+    /// Kill the step when cancelled.
+    cancel: CancellationToken,
+    /// Signals to forward to the step.
+    signals: Option<mpsc::Receiver<i32>>,
+}
+
+/// Sends `sig` to the init (which forwards it to the step) if it is one
+/// the init forwards and the init has not been reaped (its pid is still
+/// its own).
+fn forward_signal(child: &tokio::process::Child, sig: i32) {
+    if !crate::init::FORWARDED_SIGNALS.contains(&sig) {
+        return;
+    }
+    if let (Some(pid), Ok(sig)) = (child.id(), nix::sys::signal::Signal::try_from(sig)) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
     }
 }
 

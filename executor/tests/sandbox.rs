@@ -309,6 +309,110 @@ fn signal_reported() -> TestResult {
     f.host_clean()
 }
 
+/// Runs `req` with `run_with_signals`, sending `sig` once a stdout line
+/// equal to `after` has come (at once if `None`: before the sandbox is
+/// even up); returns the outcome and stdout.
+fn run_signalled(
+    f: &Fixture,
+    req: ExecRequest,
+    sig: i32,
+    after: Option<&str>,
+) -> (Result<ExecOutcome, Error>, String) {
+    runtime().block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<OutputLine>(16);
+        let (stx, srx) = tokio::sync::mpsc::channel(4);
+        if after.is_none() {
+            let _ = stx.send(sig).await;
+        }
+        let ex = f.executor.clone();
+        let h = tokio::spawn(async move {
+            ex.run_with_signals(req, Some(tx), CancellationToken::new(), srx)
+                .await
+        });
+        let mut out = String::new();
+        while let Some(l) = rx.recv().await {
+            if l.stream == Stream::Stdout {
+                out.push_str(&format!("{l}\n"));
+                if after == Some(l.to_string().as_str()) {
+                    let _ = stx.send(sig).await;
+                }
+            }
+        }
+        drop(stx);
+        let r = h.await.unwrap_or_else(|e| panic!("{e}"));
+        (r, out)
+    })
+}
+
+fn a_forwarded_signal_runs_the_step_s_trap() -> TestResult {
+    let f = Fixture::new()?;
+    let req = f.sh("trap 'echo got TERM; exit 3' TERM; echo ready; while :; do sleep 0.1; done");
+    let t = Instant::now();
+    let (r, out) = run_signalled(&f, req, libc::SIGTERM, Some("ready"));
+    let o = r.map_err(|e| e.to_string())?;
+    ensure!(out == "ready\ngot TERM\n", "{out:?}");
+    ensure!(o.status == ExitStatus::Code(3), "status {:?}", o.status);
+    ensure!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    f.host_clean()
+}
+
+/// The step is the child of the sandbox's PID 1: an untrapped SIGTERM
+/// kills it (PID 1 itself would ignore it).
+fn a_forwarded_signal_kills_a_step_without_a_handler() -> TestResult {
+    let f = Fixture::new()?;
+    let (r, out) = run_signalled(
+        &f,
+        f.sh("echo ready; exec sleep 30"),
+        libc::SIGTERM,
+        Some("ready"),
+    );
+    let o = r.map_err(|e| e.to_string())?;
+    ensure!(
+        o.status == ExitStatus::Signal(15),
+        "status {:?} {out:?}",
+        o.status
+    );
+    f.host_clean()
+}
+
+/// A signal sent the moment the init starts is held until the step runs
+/// (it used to find the init without its handlers and kill it: "sandbox
+/// init died").
+fn a_signal_sent_at_once_waits_for_the_step() -> TestResult {
+    let f = Fixture::new()?;
+    for _ in 0..5 {
+        let (r, out) = run_signalled(&f, f.req(&["sleep", "30"]), libc::SIGTERM, None);
+        let o = r.map_err(|e| e.to_string())?;
+        ensure!(
+            o.status == ExitStatus::Signal(15),
+            "status {:?} {out:?}",
+            o.status
+        );
+    }
+    f.host_clean()
+}
+
+/// Numbers that are not forwarded signals (SIGKILL for the init, SIGSTOP,
+/// nonsense) are ignored: the step runs to its end.
+fn signals_that_are_not_forwarded_are_ignored() -> TestResult {
+    let f = Fixture::new()?;
+    for sig in [libc::SIGKILL, libc::SIGSTOP, libc::SIGCHLD, 0, -1, 999] {
+        let (r, out) = run_signalled(
+            &f,
+            f.sh("echo ready; sleep 0.3; echo done"),
+            sig,
+            Some("ready"),
+        );
+        let o = r.map_err(|e| e.to_string())?;
+        ensure!(
+            o.status == ExitStatus::Code(0) && out == "ready\ndone\n",
+            "signal {sig}: status {:?} {out:?}",
+            o.status
+        );
+    }
+    f.host_clean()
+}
+
 /// Red-team finding: the init (a Rust binary) ignores SIGPIPE and the step
 /// inherited that, so `yes | head` spun forever.
 fn signals_start_at_their_defaults() -> TestResult {
@@ -1780,6 +1884,22 @@ const TESTS: &[(&str, TestFn)] = &[
         signals_start_at_their_defaults,
     ),
     ("signal_reported", signal_reported),
+    (
+        "a_forwarded_signal_runs_the_step_s_trap",
+        a_forwarded_signal_runs_the_step_s_trap,
+    ),
+    (
+        "a_forwarded_signal_kills_a_step_without_a_handler",
+        a_forwarded_signal_kills_a_step_without_a_handler,
+    ),
+    (
+        "a_signal_sent_at_once_waits_for_the_step",
+        a_signal_sent_at_once_waits_for_the_step,
+    ),
+    (
+        "signals_that_are_not_forwarded_are_ignored",
+        signals_that_are_not_forwarded_are_ignored,
+    ),
     ("exec_form_without_shell", exec_form_without_shell),
     (
         "output_streamed_in_order_and_tail_kept",
