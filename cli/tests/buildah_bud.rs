@@ -127,10 +127,10 @@ fn fail<T>(msg: impl Into<String>) -> R<T> {
 ///   `/bin/paste` and `/bin/nl` exist) and alpine's empty directories
 ///   (`/usr/local/bin`, `/var/lib`, `/home`, ...).
 fn standin_rootfs_tar() -> PathBuf {
-    static TAR: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    static TAR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     TAR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().join("rootfs");
+        let dir = common::process_tempdir();
+        let root = dir.join("rootfs");
         common::make_rootfs(&root);
         for d in [
             "usr/local/bin", "usr/local/sbin", "usr/local/lib", "usr/local/share", "usr/lib",
@@ -211,7 +211,7 @@ if [ "$1" = "-c" ] && [ $# -eq 2 ]; then exec /bin/sh -c "$2" /bin/bash; fi
 exec /bin/sh "$@"
 "#,
         );
-        let tar = dir.path().join("rootfs.tar");
+        let tar = dir.join("rootfs.tar");
         let st = Command::new("tar")
             .arg("-C")
             .arg(&root)
@@ -221,16 +221,15 @@ exec /bin/sh "$@"
             .status()
             .expect("tar");
         assert!(st.success(), "tar failed");
-        (dir, tar)
+        tar
     })
-    .1
     .clone()
 }
 
 /// A store with the stand-in imported and tagged under [`BASE_NAMES`].
 /// Made once; every case gets a copy (`cp -a`) of it.
 fn template_store() -> PathBuf {
-    static STORE: std::sync::OnceLock<(Kiln, PathBuf)> = std::sync::OnceLock::new();
+    static STORE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     STORE
         .get_or_init(|| {
             let k = Kiln::new();
@@ -251,10 +250,11 @@ fn template_store() -> PathBuf {
             }
             args.push(ctx.path().to_str().expect("utf-8"));
             k.ok(&args);
-            let p = k.root.path().to_path_buf();
-            (k, p)
+            // A static is never dropped: the store is removed at exit.
+            let p = k.root.keep();
+            common::remove_at_exit(p.clone());
+            p
         })
-        .1
         .clone()
 }
 

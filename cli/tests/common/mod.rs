@@ -39,14 +39,44 @@ pub fn busybox() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-/// A tar of a busybox root filesystem (made once per test process).
+/// A temporary directory that lives until the test process exits, for
+/// fixtures kept in a `static` (statics are never dropped, so a `TempDir`
+/// held in one would be left behind by every test process — nextest runs
+/// each test in its own).
+pub fn process_tempdir() -> PathBuf {
+    let dir = tempfile::tempdir().expect("tempdir").keep();
+    remove_at_exit(dir.clone());
+    dir
+}
+
+/// Removes `dir` (recursively) when the test process exits normally.
+pub fn remove_at_exit(dir: PathBuf) {
+    static DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    extern "C" fn remove_all() {
+        if let Ok(dirs) = DIRS.lock() {
+            for d in dirs.iter() {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    // SAFETY: `remove_all` is an `extern "C"` function without arguments,
+    // as atexit requires; it runs once, at normal process exit.
+    REGISTER.call_once(|| unsafe {
+        libc::atexit(remove_all);
+    });
+    DIRS.lock().unwrap_or_else(|e| e.into_inner()).push(dir);
+}
+
+/// A tar of a busybox root filesystem (made once per test process, removed
+/// when it exits).
 pub fn busybox_rootfs_tar() -> PathBuf {
-    static TAR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    static TAR: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     TAR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().join("rootfs");
+        let dir = process_tempdir();
+        let root = dir.join("rootfs");
         make_rootfs(&root);
-        let tar = dir.path().join("rootfs.tar");
+        let tar = dir.join("rootfs.tar");
         let st = Command::new("tar")
             .arg("-C")
             .arg(&root)
