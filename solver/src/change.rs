@@ -42,14 +42,15 @@ pub enum ChangeError {
     #[error("the changes hold {0} bytes, more than the {MAX_CHANGES_BYTES} allowed")]
     TooLarge(usize),
     /// A change does not parse as a Dockerfile instruction.
-    #[error("change {index} ({text:?}): {source}")]
+    #[error("change {index} ({text:?}): {error}")]
     Parse {
         /// 1-based position of the change.
         index: usize,
         /// The change as given.
         text: String,
-        /// The parser's error.
-        source: ParseError,
+        /// The parser's error (shown in this one's message, so not a
+        /// `source` that would print twice).
+        error: ParseError,
     },
     /// A change uses an instruction that does not edit the config.
     #[error(
@@ -84,10 +85,10 @@ pub fn apply_changes(config: &mut ContainerConfig, changes: &[String]) -> Result
     let mut cmd_set = false;
     for (i, text) in changes.iter().enumerate() {
         let index = i + 1;
-        let parse = |source: ParseError| ChangeError::Parse {
+        let parse = |error: ParseError| ChangeError::Parse {
             index,
             text: text.clone(),
-            source,
+            error,
         };
         let invalid = |message: String| ChangeError::Invalid {
             index,
