@@ -19,8 +19,10 @@ log() { printf '[test.sh] %s\n' "$*" >&2; }
 # skopeo, umoci and podman (with runc) check the images kiln writes;
 # docker-registry, htpasswd (apache2-utils) and openssl serve the registry tests;
 # git makes and clones the repositories of the ADD/context git tests;
-# gcc and libc6-dev build the static syscall probe of the seccomp tests.
-APT_PKGS=(busybox-static skopeo umoci podman runc docker-registry apache2-utils openssl git gcc libc6-dev)
+# gcc and libc6-dev build the static syscall probe of the seccomp tests;
+# mmdebstrap makes the Debian base of the real-distribution tests (scripts/debian-base.sh),
+# whose results buildah builds too, for a file-by-file comparison.
+APT_PKGS=(busybox-static skopeo umoci podman buildah runc docker-registry apache2-utils openssl git gcc libc6-dev mmdebstrap)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -35,6 +35,11 @@ pub struct ImportArgs {
     /// Commit message recorded in the image history.
     #[arg(short, long)]
     pub message: Option<String>,
+    /// Apply a Dockerfile instruction to the image config, e.g.
+    /// `-c 'CMD ["bash"]'` (repeatable, in order): CMD, ENTRYPOINT, ENV,
+    /// EXPOSE, HEALTHCHECK, LABEL, ONBUILD, STOPSIGNAL, USER, VOLUME, WORKDIR.
+    #[arg(short, long = "change", value_name = "INSTRUCTION")]
+    pub change: Vec<String>,
 }
 
 /// `kiln prune` arguments.
@@ -232,6 +237,9 @@ pub fn import(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
 fn import_inner(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
     let name =
         normalize_reference(&args.name).with_context(|| format!("image name {:?}", args.name))?;
+    // The changes first: a bad one fails before the tar is read.
+    let mut config = kiln_image::config::ContainerConfig::default();
+    kiln_solver::change::apply_changes(&mut config, &args.change)?;
     let store = open(root)?;
     let _lease = store.lease(None)?;
     let _gc = store.gc_guard()?;
@@ -249,6 +257,7 @@ fn import_inner(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
     let opts = kiln_image::rootfs_tar::ImportOptions {
         created: Some(kiln_image::config::rfc3339(now)),
         comment: args.message.clone(),
+        config: Some(config),
         ..Default::default()
     };
     let mut writer = store.content().writer()?;

@@ -188,6 +188,110 @@ fn import_then_check_df_prune() {
 }
 
 #[test]
+fn import_change_sets_the_config_as_docker_import_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(tar) = make_rootfs_tar(dir.path(), 0) else {
+        return;
+    };
+    let root = dir.path().join("root");
+    let t = tar.to_str().unwrap();
+    ok(
+        &root,
+        &[
+            "import",
+            "-c",
+            r#"CMD ["sh", "-c", "echo $GREETING from $PWD"]"#,
+            "--change",
+            "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "-c",
+            "ENV GREETING=hello HOME=/root",
+            "-c",
+            "ENV APP=$HOME/app",
+            "-c",
+            "WORKDIR /srv",
+            "-c",
+            "EXPOSE 8080 53/udp",
+            "-c",
+            "LABEL org.opencontainers.image.title=base",
+            "-c",
+            "USER root",
+            "-c",
+            "VOLUME /data",
+            "-c",
+            "STOPSIGNAL SIGINT",
+            "-c",
+            "HEALTHCHECK --interval=30s CMD true",
+            "-c",
+            "ONBUILD RUN echo child",
+            "-m",
+            "a rootfs",
+            t,
+            "base:1",
+        ],
+    );
+    let out = ok(&root, &["inspect", "base:1"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let c = &v[0]["Config"];
+    assert_eq!(
+        c["Cmd"],
+        serde_json::json!(["sh", "-c", "echo $GREETING from $PWD"]),
+        "{out}"
+    );
+    assert_eq!(
+        c["Env"],
+        serde_json::json!([
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "GREETING=hello",
+            "HOME=/root",
+            "APP=/root/app"
+        ]),
+        "{out}"
+    );
+    assert_eq!(c["WorkingDir"], "/srv", "{out}");
+    assert_eq!(
+        c["ExposedPorts"],
+        serde_json::json!({"53/udp": {}, "8080/tcp": {}}),
+        "{out}"
+    );
+    assert_eq!(c["Labels"]["org.opencontainers.image.title"], "base");
+    assert_eq!(c["User"], "root");
+    assert_eq!(c["Volumes"], serde_json::json!({"/data": {}}));
+    assert_eq!(c["StopSignal"], "SIGINT");
+    assert_eq!(
+        c["Healthcheck"]["Test"],
+        serde_json::json!(["CMD-SHELL", "true"])
+    );
+    assert_eq!(c["OnBuild"], serde_json::json!(["RUN echo child"]));
+    let hist = ok(&root, &["history", "base:1"]);
+    assert!(hist.contains("a rootfs"), "{hist}");
+    check_clean(&root);
+
+    // An instruction that needs a build is refused by name, before the
+    // tar is read, and nothing is stored.
+    for (change, name) in [
+        ("RUN touch /x", "RUN"),
+        ("COPY . /", "COPY"),
+        ("FROM scratch", "FROM"),
+    ] {
+        let o = kiln(
+            &root,
+            &["import", "-c", "CMD [\"sh\"]", "-c", change, t, "bad:1"],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{change}: {err}");
+        assert!(
+            err.contains(&format!("{name} is not a valid change instruction")),
+            "{change}: {err}"
+        );
+        assert!(!kiln(&root, &["inspect", "bad:1"]).status.success());
+    }
+    // A malformed change names itself.
+    let o = kiln(&root, &["import", "-c", "EXPOSE 70000", t, "bad:1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("EXPOSE 70000"), "{err}");
+}
+
+#[test]
 fn load_docker_oci_and_gzip_archives() {
     let dir = tempfile::tempdir().unwrap();
     let Some(tar) = make_rootfs_tar(dir.path(), 0) else {

@@ -460,6 +460,24 @@ impl<'a> Flags<'a> {
     }
 }
 
+/// Lowers one instruction node of a parsed AST (anything but `FROM`, which
+/// [`lower`] handles) into its typed form, with its flags validated. Used
+/// alone where instructions come without stages, as `kiln import --change`
+/// lines do.
+pub fn lower_instruction(node: &Node, source: &str) -> Result<Instruction, ParseError> {
+    let kind = parse_kind(node).map_err(|e| {
+        ParseError::new(e.message, node.start_line, node.end_line)
+            .locate(source, e.needle.as_deref())
+            .with_suggestion(e.suggestion)
+    })?;
+    Ok(Instruction {
+        kind,
+        original: node.original.clone(),
+        line: node.start_line,
+        end_line: node.end_line,
+    })
+}
+
 /// Lowers a parsed AST into stages of typed instructions.
 pub fn lower(ast: &Ast, source: &str) -> Result<Dockerfile, ParseError> {
     let mut meta_args = Vec::new();
@@ -482,13 +500,7 @@ pub fn lower(ast: &Ast, source: &str) -> Result<Dockerfile, ParseError> {
             stages.push(stage);
             continue;
         }
-        let kind = parse_kind(node).map_err(located)?;
-        let instruction = Instruction {
-            kind,
-            original: node.original.clone(),
-            line: node.start_line,
-            end_line: node.end_line,
-        };
+        let instruction = lower_instruction(node, source)?;
         match stages.last_mut() {
             Some(stage) => stage.instructions.push(instruction),
             None if matches!(instruction.kind, Kind::Arg { .. }) => meta_args.push(instruction),

@@ -851,14 +851,7 @@ impl Ctx {
                 ));
             }
             Kind::Healthcheck(h) => {
-                let hc = Healthcheck {
-                    test: Some(h.test.clone()),
-                    interval: h.interval.map(|d| d.as_nanos() as i64),
-                    timeout: h.timeout.map(|d| d.as_nanos() as i64),
-                    start_period: h.start_period.map(|d| d.as_nanos() as i64),
-                    start_interval: h.start_interval.map(|d| d.as_nanos() as i64),
-                    retries: h.retries.map(i64::from),
-                };
+                let hc = healthcheck_config(h);
                 let msg = format!(
                     "HEALTHCHECK &{{Test:[{}] Interval:{} Timeout:{} StartPeriod:{} StartInterval:{} Retries:{}}}",
                     h.test.join(" "),
@@ -1715,7 +1708,7 @@ fn env_pairs(config: &ImageConfig) -> Vec<(String, String)> {
 }
 
 /// CMD/ENTRYPOINT: the shell form is wrapped in the current SHELL.
-fn shell_wrap(cl: &CommandLine, shell: &[String]) -> Vec<String> {
+pub(crate) fn shell_wrap(cl: &CommandLine, shell: &[String]) -> Vec<String> {
     if cl.prepend_shell {
         let mut v = shell.to_vec();
         v.push(cl.args.join(" "));
@@ -1876,8 +1869,20 @@ fn trim_float(f: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
+/// A `HEALTHCHECK` as the image config stores it (durations in ns).
+pub(crate) fn healthcheck_config(h: &kiln_parser::instructions::Healthcheck) -> Healthcheck {
+    Healthcheck {
+        test: Some(h.test.clone()),
+        interval: h.interval.map(|d| d.as_nanos() as i64),
+        timeout: h.timeout.map(|d| d.as_nanos() as i64),
+        start_period: h.start_period.map(|d| d.as_nanos() as i64),
+        start_interval: h.start_interval.map(|d| d.as_nanos() as i64),
+        retries: h.retries.map(i64::from),
+    }
+}
+
 /// `EXPOSE` port specs: `80`, `80/tcp`, `8000-8002/udp`.
-fn parse_ports(w: &str) -> Result<Vec<String>, String> {
+pub(crate) fn parse_ports(w: &str) -> Result<Vec<String>, String> {
     let (ports, proto) = match w.split_once('/') {
         Some((p, proto)) => (p, proto.to_ascii_lowercase()),
         None => (w, "tcp".to_string()),
@@ -1918,7 +1923,7 @@ fn check_platform(p: &str) -> Result<(), String> {
     }
 }
 
-fn validate_signal(s: &str) -> Result<(), String> {
+pub(crate) fn validate_signal(s: &str) -> Result<(), String> {
     let name = s.trim_start_matches("SIG");
     const NAMES: [&str; 31] = [
         "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",

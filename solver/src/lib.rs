@@ -21,6 +21,7 @@
 pub mod archive;
 pub mod backend;
 pub mod build;
+pub mod change;
 pub mod chmod;
 pub mod contexts;
 pub mod copy;
