@@ -360,7 +360,9 @@ fn buildah_build(k: &Kiln, ctx: &Path) -> Option<Saved> {
         .is_ok_and(|o| o.status.success())
     {
         if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("buildah is not installed (apt-get install buildah): the comparison must run in CI");
+            panic!(
+                "buildah is not installed (apt-get install buildah): the comparison must run in CI"
+            );
         }
         eprintln!("buildah is not installed: comparison not run");
         return None;
