@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kiln_executor::{CancellationToken, ExecRequest, Executor, NetworkMode, OutputLine};
+
+use crate::solve::runner::Runner;
 use kiln_image::config::{Healthcheck, History, ImageConfig};
 use kiln_image::diff::DiffOptions;
 use kiln_image::manifest::Platform;
@@ -207,7 +209,7 @@ type StageResult = Result<Arc<StageState>, Arc<BuildError>>;
 /// Shared state of one build.
 struct Ctx {
     backend: Arc<dyn Backend>,
-    executor: Executor,
+    executor: Arc<dyn Runner>,
     progress: Progress,
     cancel: CancellationToken,
     opts: BuildOptions,
@@ -244,6 +246,18 @@ fn now_secs() -> i64 {
 pub async fn build(
     backend: Arc<dyn Backend>,
     executor: Executor,
+    progress: Progress,
+    cancel: CancellationToken,
+    opts: BuildOptions,
+) -> Result<BuildResult, BuildError> {
+    build_with_runner(backend, Arc::new(executor), progress, cancel, opts).await
+}
+
+/// [`build`] with any [`Runner`] in front of the RUN steps (a fake one in
+/// tests).
+pub async fn build_with_runner(
+    backend: Arc<dyn Backend>,
+    executor: Arc<dyn Runner>,
     progress: Progress,
     cancel: CancellationToken,
     opts: BuildOptions,

@@ -36,8 +36,10 @@ pub mod plan;
 pub mod progress;
 pub mod remote;
 pub mod remote_cache;
+pub mod solve;
 pub mod store;
+pub mod testing;
 pub mod transfer;
 
-pub use build::{build, BuildOptions, BuildResult, ResourceLimits};
+pub use build::{build, build_with_runner, BuildOptions, BuildResult, ResourceLimits};
 pub use error::BuildError;

@@ -1,0 +1,3 @@
+//! The solver proper: runs the op graph the frontend produced.
+
+pub mod runner;
