@@ -22,15 +22,15 @@ use std::sync::Arc;
 
 use kiln_cache::CacheSharing;
 use kiln_executor::oci;
-use kiln_parser::instructions::{parse_mount, Mount, MountType};
+use kiln_parser::instructions::MountType;
 
-use super::{blocking, Ctx, StageState};
+use super::{blocking, Solved, Solver};
 use crate::backend::{Backend, CacheMountHold};
 use crate::copy::{copy_selections, hash_selection, CopyOptions, Selection, Selector};
 use crate::error::BuildError;
 use crate::fsview::{join_abs, LayerView};
-use crate::key::KeyHasher;
-use crate::plan::{self, Source};
+use crate::op::key::bind_context_key;
+use crate::op::{MountSpec, SourceRef};
 
 /// Where a build secret's value comes from (`kiln build --secret`). Only
 /// the location is kept; the value is read when a step that mounts it
@@ -136,67 +136,36 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref().map(T::to_string).unwrap_or_default()
 }
 
-impl Ctx {
-    /// Expands variables in a mount spec (each `key=value` field on its
-    /// own, as BuildKit does) and parses it again.
-    fn expand_mount(
-        &self,
-        m: &Mount,
-        env: &[(String, String)],
-        line: usize,
-    ) -> Result<Mount, BuildError> {
-        if !m.raw.contains('$') {
-            return Ok(m.clone());
-        }
-        let mut fields = Vec::new();
-        for f in m.raw.split(',') {
-            match f.split_once('=') {
-                Some((k, v)) if !k.eq_ignore_ascii_case("from") => {
-                    fields.push(format!("{k}={}", self.expand(v, env, line)?))
-                }
-                _ => fields.push(f.to_string()),
-            }
-        }
-        parse_mount(&fields.join(","))
-            .map_err(|e| BuildError::at(line, format!("--mount={}: {e}", m.raw)))
-    }
-
+impl Solver {
     /// The state and layer view of a `from=` stage or image.
     async fn mount_from(
         &self,
-        stage: usize,
-        from: &str,
+        from: &SourceRef,
         line: usize,
-    ) -> Result<(Arc<StageState>, LayerView), BuildError> {
-        let state = match plan::resolve_source(&self.df, stage, from) {
-            Source::Stage(j) => self.stage_result(j).await.map_err(super::unwrap_arc)?,
-            Source::Image(r) => self.image_state(&r, line).await?,
-        };
-        let Some(top) = state.top().map(str::to_string) else {
-            return Ok((state, LayerView::new(Vec::new(), false)));
-        };
-        let backend = self.backend.clone();
-        let dirs = blocking(move || backend.layer_dirs(&top)).await?;
-        Ok((state, LayerView::new(dirs, false)))
+    ) -> Result<(Arc<Solved>, LayerView), BuildError> {
+        match self.source_state(from, line).await? {
+            (Some(st), view) => Ok((st, view)),
+            (None, _) => Err(BuildError::internal(
+                "mount",
+                "a directory context is no mount source",
+            )),
+        }
     }
 
     /// Resolves the `--mount` specs of a RUN (see the module doc).
     pub(super) async fn plan_mounts(
         &self,
-        stage: usize,
-        state: &StageState,
-        mounts: &[Mount],
+        mounts: &[MountSpec],
+        workdir: &str,
         line: usize,
     ) -> Result<RunMounts, BuildError> {
         let mut out = RunMounts::default();
-        let workdir = state.workdir();
-        let env = state.env.clone();
         let mut ssh_n = 0usize;
         let mut targets: Vec<String> = Vec::new();
-        for raw in mounts {
-            let m = self.expand_mount(raw, &env, line)?;
+        for spec in mounts {
+            let m = &spec.mount;
             let target = m.target.as_deref().filter(|t| !t.is_empty());
-            let target_of = |t: &str| crate::fsview::clean_abs(&join_abs(&workdir, t));
+            let target_of = |t: &str| crate::fsview::clean_abs(&join_abs(workdir, t));
             let err = |msg: String| BuildError::at(line, format!("--mount={}: {msg}", m.raw));
             let planned = match m.kind {
                 MountType::Cache => {
@@ -209,9 +178,9 @@ impl Ctx {
                             .unwrap_or(target.clone());
                     let sharing = sharing_of(m.sharing.as_deref());
                     let mut from_key = String::new();
-                    let seed = match &m.from {
+                    let seed = match &spec.from {
                         Some(f) => {
-                            let (st, view) = self.mount_from(stage, f, line).await?;
+                            let (st, view) = self.mount_from(f, line).await?;
                             from_key = st.key.clone();
                             let source = m.source.clone().unwrap_or_else(|| "/".into());
                             let sel = blocking(move || {
@@ -253,16 +222,16 @@ impl Ctx {
                         .map(target_of)
                         .ok_or_else(|| err("mount target required".into()))?;
                     let source = m.source.clone().unwrap_or_else(|| "/".into());
-                    let (src, key) = match &m.from {
-                        None => self.bind_context(&source).await.map_err(err)?,
-                        Some(f) => {
-                            let (st, view) = self.mount_from(stage, f, line).await?;
-                            let key = format!("from={} key={}", f, st.key);
+                    let (src, key) = match (&spec.from, &m.from) {
+                        (Some(f), Some(raw)) => {
+                            let (st, view) = self.mount_from(f, line).await?;
+                            let key = format!("from={} key={}", raw, st.key);
                             let src = blocking(move || bind_layers(&view, &source))
                                 .await
                                 .map_err(|e| err(e.to_string()))?;
                             (src, key)
                         }
+                        _ => self.bind_context(&source).await.map_err(err)?,
                     };
                     out.key.push(format!(
                         "bind target={target} source={} ro={} {key}",
@@ -381,7 +350,7 @@ impl Ctx {
                 exclude: None,
             };
             let sel = selector.select(&source).map_err(|e| e.to_string())?;
-            let mut h = KeyHasher::new("bind-context");
+            let mut h = bind_context_key();
             hash_selection(&mut h, &sel, backend.hash_cache(), false).map_err(|e| e.to_string())?;
             let key = format!("context={}", h.finish());
             if ignore.is_some() {
