@@ -293,6 +293,29 @@ impl Backend for MemBackend {
         })
     }
 
+    fn cache_mount(
+        &self,
+        id: &str,
+        _sharing: kiln_cache::CacheSharing,
+    ) -> BackendResult<crate::backend::CacheMountHold> {
+        let name = format!("cache-{}", hex::encode(Sha256::digest(id.as_bytes())));
+        let dir = self.root.path().join(name);
+        let created = match std::fs::create_dir(&dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(err("cache mount", e)),
+        };
+        Ok(crate::backend::CacheMountHold {
+            dir,
+            created,
+            guard: Box::new(()),
+        })
+    }
+
+    fn scratch_dir(&self) -> PathBuf {
+        self.root.path().to_path_buf()
+    }
+
     fn stack_layer(
         &self,
         parent: Option<&str>,
