@@ -233,3 +233,66 @@ fn hostile_input_fails_at_lowering_with_its_line() {
         Err(BuildError::Dockerfile(_))
     ));
 }
+
+#[test]
+fn mounts_are_planned_at_lowering_targets_ids_and_checks() {
+    let g = lower_with(
+        "FROM scratch\nWORKDIR /w\nARG C=apk\n\
+         RUN --mount=type=cache,target=c/$C --mount=type=ssh --mount=type=ssh,id=b,required=false --mount=type=secret,id=s,env=TOKEN,required=false true\n",
+        &HashMap::new(),
+        |o| {
+            o.ssh = BTreeMap::from([("default".to_string(), "/tmp/agent".into())]);
+        },
+    )
+    .expect("lower");
+    let Op::Exec(e) = &g.stages[0].ops[1].op else {
+        panic!()
+    };
+    let planned: Vec<(Option<&str>, &str)> = e
+        .mounts
+        .iter()
+        .map(|m| (m.target.as_deref(), m.id.as_str()))
+        .collect();
+    assert_eq!(
+        planned,
+        [
+            (Some("/w/c/apk"), "/w/c/apk"),
+            (Some("/run/buildkit/ssh_agent.0"), "default"),
+            (Some("/run/buildkit/ssh_agent.1"), "b"),
+            (None, "s"),
+        ]
+    );
+}
+
+#[test]
+fn hostile_mount_plans_are_refused_before_anything_runs() {
+    for (df, why) in [
+        (
+            "FROM scratch\nRUN --mount=type=tmpfs,target=/a --mount=type=cache,target=/a true\n",
+            "is the target of two mounts",
+        ),
+        (
+            "FROM scratch\nRUN --mount=type=bind,target=/ true\n",
+            "cannot mount over /",
+        ),
+        (
+            "FROM scratch\nRUN --mount=type=tmpfs true\n",
+            "mount target required",
+        ),
+        (
+            "FROM scratch\nRUN --mount=type=secret,id=k,required=true true\n",
+            "secret k not found",
+        ),
+        (
+            "FROM scratch\nRUN --mount=type=ssh,required=true true\n",
+            "no SSH agent socket",
+        ),
+    ] {
+        match lower_with(df, &HashMap::new(), |_| {}) {
+            Err(BuildError::Step { line: 2, message }) => {
+                assert!(message.contains(why), "{df}: {message}")
+            }
+            other => panic!("{df}: {other:?}"),
+        }
+    }
+}

@@ -25,13 +25,13 @@ use crate::contexts::NamedContext;
 use crate::error::BuildError;
 use crate::fsview::join_abs;
 use crate::op::{
-    Base, ContextDirOp, CopyOp, ExecOp, Graph, Heredoc, LayerOp, MkdirOp, MountSpec, Op, SourceRef,
-    StageOps,
+    Base, ContextDirOp, CopyOp, ExecOp, Graph, Heredoc, LayerOp, MkdirOp, Op, SourceRef, StageOps,
 };
 
 pub mod history;
 pub mod instr;
 pub mod lint;
+pub mod mounts;
 pub mod plan;
 
 use history::{history, CopyHistory};
@@ -733,9 +733,10 @@ impl Lowerer<'_> {
             }
             _ => false,
         };
-        let mut mounts = Vec::with_capacity(run.mounts.len());
+        let mut specs = Vec::with_capacity(run.mounts.len());
         for raw in &run.mounts {
-            let mount = self.expand_mount(raw, &state.env, line)?;
+            let expand = |w: &str| self.expand(w, &state.env, line);
+            let mount = mounts::expand_mount(raw, line, &expand)?;
             let from =
                 mount
                     .from
@@ -744,8 +745,9 @@ impl Lowerer<'_> {
                         plan::Source::Stage(j) => SourceRef::Stage(j),
                         plan::Source::Image(r) => SourceRef::Image(r),
                     });
-            mounts.push(MountSpec { mount, from });
+            specs.push((mount, from));
         }
+        let mounts = mounts::plan_mounts(specs, &state.workdir(), self.opts, line)?;
         let args =
             instr::run_args(&run.command, &state.shell()).map_err(|m| BuildError::at(line, m))?;
         let network = match run.network.as_deref() {
@@ -781,30 +783,6 @@ impl Lowerer<'_> {
             },
             created_by,
         ))
-    }
-
-    /// Expands variables in a mount spec (each `key=value` field on its
-    /// own, as BuildKit does; `from` is kept) and parses it again.
-    fn expand_mount(
-        &self,
-        m: &kiln_parser::instructions::Mount,
-        env: &[(String, String)],
-        line: usize,
-    ) -> Result<kiln_parser::instructions::Mount, BuildError> {
-        if !m.raw.contains('$') {
-            return Ok(m.clone());
-        }
-        let mut fields = Vec::new();
-        for f in m.raw.split(',') {
-            match f.split_once('=') {
-                Some((k, v)) if !k.eq_ignore_ascii_case("from") => {
-                    fields.push(format!("{k}={}", self.expand(v, env, line)?))
-                }
-                _ => fields.push(f.to_string()),
-            }
-        }
-        kiln_parser::instructions::parse_mount(&fields.join(","))
-            .map_err(|e| BuildError::at(line, format!("--mount={}: {e}", m.raw)))
     }
 
     fn copy_op(

@@ -154,6 +154,10 @@ pub struct MountSpec {
     pub mount: Mount,
     /// Its `from=`, resolved.
     pub from: Option<SourceRef>,
+    /// Where it is mounted, absolute (`None`: an `env=` secret only).
+    pub target: Option<String>,
+    /// The cache, secret or SSH id (empty for bind and tmpfs mounts).
+    pub id: String,
 }
 
 /// `COPY` / `ADD`.

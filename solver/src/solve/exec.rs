@@ -28,7 +28,7 @@ impl Solver {
     ) -> Result<LayerRecord, BuildError> {
         let line = lop.line;
         let name = lop.name.as_str();
-        let run_mounts = self.plan_mounts(&op.mounts, &op.cwd, line).await?;
+        let run_mounts = self.plan_mounts(&op.mounts, line).await?;
         let key = cache_key(
             &Op::Exec(op.clone()),
             &KeyInputs {

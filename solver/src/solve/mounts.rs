@@ -28,7 +28,7 @@ use super::{blocking, Solved, Solver};
 use crate::backend::{Backend, CacheMountHold};
 use crate::copy::{copy_selections, hash_selection, CopyOptions, Selection, Selector};
 use crate::error::BuildError;
-use crate::fsview::{join_abs, LayerView};
+use crate::fsview::LayerView;
 use crate::op::key::bind_context_key;
 use crate::op::{MountSpec, SourceRef};
 
@@ -152,30 +152,27 @@ impl Solver {
         }
     }
 
-    /// Resolves the `--mount` specs of a RUN (see the module doc).
+    /// Resolves the `--mount` specs of a RUN, planned by the frontend
+    /// ([`crate::frontend::mounts`]): reads the states and context content
+    /// they name, and describes each for the RUN's key.
     pub(super) async fn plan_mounts(
         &self,
         mounts: &[MountSpec],
-        workdir: &str,
         line: usize,
     ) -> Result<RunMounts, BuildError> {
         let mut out = RunMounts::default();
-        let mut ssh_n = 0usize;
-        let mut targets: Vec<String> = Vec::new();
         for spec in mounts {
             let m = &spec.mount;
-            let target = m.target.as_deref().filter(|t| !t.is_empty());
-            let target_of = |t: &str| crate::fsview::clean_abs(&join_abs(workdir, t));
             let err = |msg: String| BuildError::at(line, format!("--mount={}: {msg}", m.raw));
+            let target = || {
+                spec.target
+                    .clone()
+                    .ok_or_else(|| BuildError::internal("mount", "a mount without a target"))
+            };
+            let id = spec.id.clone();
             let planned = match m.kind {
                 MountType::Cache => {
-                    let target = target
-                        .map(target_of)
-                        .ok_or_else(|| err("mount target required".into()))?;
-                    let id =
-                        m.id.clone()
-                            .filter(|i| !i.is_empty())
-                            .unwrap_or(target.clone());
+                    let target = target()?;
                     let sharing = sharing_of(m.sharing.as_deref());
                     let mut from_key = String::new();
                     let seed = match &spec.from {
@@ -218,9 +215,7 @@ impl Solver {
                     }
                 }
                 MountType::Bind => {
-                    let target = target
-                        .map(target_of)
-                        .ok_or_else(|| err("mount target required".into()))?;
+                    let target = target()?;
                     let source = m.source.clone().unwrap_or_else(|| "/".into());
                     let (src, key) = match (&spec.from, &m.from) {
                         (Some(f), Some(raw)) => {
@@ -245,9 +240,7 @@ impl Solver {
                     }
                 }
                 MountType::Tmpfs => {
-                    let target = target
-                        .map(target_of)
-                        .ok_or_else(|| err("mount target required".into()))?;
+                    let target = target()?;
                     out.key
                         .push(format!("tmpfs target={target} size={}", opt(&m.size)));
                     Planned::Tmpfs {
@@ -256,16 +249,7 @@ impl Solver {
                     }
                 }
                 MountType::Secret => {
-                    let id = match (&m.id, &m.source, target) {
-                        (Some(i), _, _) | (None, Some(i), _) => i.clone(),
-                        (None, None, Some(t)) => crate::fsview::base_name(t).to_string(),
-                        (None, None, None) => return Err(err("secret id required".into())),
-                    };
-                    let target = match (target, &m.env) {
-                        (Some(t), _) => Some(target_of(t)),
-                        (None, Some(_)) => None,
-                        (None, None) => Some(format!("/run/secrets/{id}")),
-                    };
+                    let target = spec.target.clone();
                     out.key.push(format!(
                         "secret id={id} target={} env={} required={} mode={} uid={} gid={}",
                         opt(&target),
@@ -275,12 +259,9 @@ impl Solver {
                         opt(&m.uid),
                         opt(&m.gid)
                     ));
+                    // Not given and not required (the frontend checked):
+                    // not mounted.
                     let Some(source) = self.opts.secrets.get(&id).cloned() else {
-                        if m.required {
-                            return Err(err(format!(
-                                "secret {id} not found: pass it with `--secret id={id},src=FILE` or `--secret id={id},env=VAR`"
-                            )));
-                        }
                         continue;
                     };
                     Planned::Secret {
@@ -294,42 +275,17 @@ impl Solver {
                     }
                 }
                 MountType::Ssh => {
-                    let id = m.id.clone().unwrap_or_else(|| "default".into());
-                    let target = match target {
-                        Some(t) => target_of(t),
-                        None => format!("/run/buildkit/ssh_agent.{ssh_n}"),
-                    };
-                    ssh_n += 1;
+                    let target = target()?;
                     out.key.push(format!(
                         "ssh id={id} target={target} required={}",
                         m.required
                     ));
                     let Some(socket) = self.opts.ssh.get(&id).cloned() else {
-                        if m.required {
-                            return Err(err(format!(
-                                "no SSH agent socket for id {id}: pass `--ssh {id}[=SOCKET]`"
-                            )));
-                        }
                         continue;
                     };
                     Planned::Ssh { target, socket }
                 }
             };
-            if let Some(t) = match &planned {
-                Planned::Cache { target, .. }
-                | Planned::Bind { target, .. }
-                | Planned::Tmpfs { target, .. }
-                | Planned::Ssh { target, .. } => Some(target.clone()),
-                Planned::Secret { target, .. } => target.clone(),
-            } {
-                if t == "/" {
-                    return Err(err("cannot mount over /".into()));
-                }
-                if targets.contains(&t) {
-                    return Err(err(format!("{t} is the target of two mounts")));
-                }
-                targets.push(t);
-            }
             out.planned.push(planned);
         }
         Ok(out)
