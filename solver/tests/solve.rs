@@ -427,3 +427,51 @@ async fn a_hostile_chown_name_missing_from_passwd_is_an_error_not_a_guess() {
     .expect_err("must fail");
     assert!(e.to_string().contains("unable to find user nobody"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_cache_runs_every_op_again_under_the_same_keys() {
+    let ctx = context(&[("a", "a\n")]);
+    let df = "FROM alpine\nCOPY a /a\nRUN make\n";
+    let backend = Arc::new(MemBackend::new().expect("backend"));
+    alpine(&backend);
+    let runner = Arc::new(writing_runner());
+    solve(&backend, &runner, opts(df, ctx.path()))
+        .await
+        .expect("build");
+    let first = backend.committed_keys();
+    let mut o = opts(df, ctx.path());
+    o.no_cache = true;
+    let r = solve(&backend, &runner, o).await.expect("rebuild");
+    assert_eq!((r.executed, r.cached), (2, 0));
+    assert_eq!(runner.ran().len(), 2);
+    // The same ops, keyed alike (the COPY's shape alias is not rewritten
+    // when the layer did not change).
+    let again: Vec<String> = backend.committed_keys()[first.len()..].to_vec();
+    assert!(
+        again.iter().all(|k| first.contains(k)),
+        "{first:?} {again:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_for_another_platform_fails_as_such_before_any_pull() {
+    let ctx = context(&[]);
+    let backend = Arc::new(MemBackend::new().expect("backend"));
+    let runner = Arc::new(writing_runner());
+    let other = if cfg!(target_arch = "x86_64") {
+        "linux/arm64"
+    } else {
+        "linux/amd64"
+    };
+    let df = format!("FROM scratch\nFROM --platform={other} missing\n");
+    let e = solve(&backend, &runner, opts(&df, ctx.path()))
+        .await
+        .expect_err("must fail");
+    match e {
+        BuildError::Step { line, message } => {
+            assert_eq!(line, 2);
+            assert!(message.contains("is not supported"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -187,6 +187,27 @@ fn image_state(mut config: ImageConfig) -> StageState {
     }
 }
 
+/// Checks the `FROM --platform` of every planned stage: the solver asks
+/// this before it resolves (pulls) any base image, so a stage for another
+/// platform fails as such rather than as a missing image.
+pub fn check_platforms(
+    df: &Dockerfile,
+    plan: &Plan,
+    opts: &BuildOptions,
+) -> Result<(), BuildError> {
+    let l = Lowerer {
+        df,
+        plan,
+        opts,
+        created: "",
+        lex: Lex::new(df.escape),
+        states: HashMap::new(),
+    };
+    plan.stages
+        .iter()
+        .try_for_each(|s| l.check_platform(s.index))
+}
+
 /// Lowers the stages of `plan` (see the module doc). `created` is the
 /// time history entries are stamped with.
 pub fn lower(
@@ -246,14 +267,7 @@ impl Lowerer<'_> {
             None => format!("stage-{index}"),
         };
         let total = stage.instructions.len() + 1;
-        if let Some(p) = &stage.platform {
-            instr::check_platform(&self.expand(
-                p,
-                &plan::global_env(&self.plan.global_args),
-                stage.line,
-            )?)
-            .map_err(|m| BuildError::at(stage.line, m))?;
-        }
+        self.check_platform(index)?;
         let mut out = Out {
             label: &label,
             index,
@@ -333,6 +347,20 @@ impl Lowerer<'_> {
         };
         self.states.insert(index, state);
         Ok(result)
+    }
+
+    /// `FROM --platform=…` of stage `index`: the host's, or an error.
+    fn check_platform(&self, index: usize) -> Result<(), BuildError> {
+        let stage = &self.df.stages[index];
+        if let Some(p) = &stage.platform {
+            instr::check_platform(&self.expand(
+                p,
+                &plan::global_env(&self.plan.global_args),
+                stage.line,
+            )?)
+            .map_err(|m| BuildError::at(stage.line, m))?;
+        }
+        Ok(())
     }
 
     fn expand(

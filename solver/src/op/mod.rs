@@ -222,3 +222,36 @@ pub struct ContextDirOp {
     /// The directory.
     pub dir: PathBuf,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mkdir(path: &str) -> Op {
+        Op::Mkdir(MkdirOp {
+            path: path.into(),
+            user: None,
+        })
+    }
+
+    #[test]
+    fn definition_digests_tell_ops_apart_and_not_their_inputs() {
+        assert_eq!(
+            mkdir("/a").definition_digest(),
+            mkdir("/a").definition_digest()
+        );
+        assert_ne!(
+            mkdir("/a").definition_digest(),
+            mkdir("/b").definition_digest()
+        );
+        let with_input = key::cache_key(
+            &mkdir("/a"),
+            &key::KeyInputs {
+                parent: "sha256:parent",
+                ..Default::default()
+            },
+        )
+        .finish();
+        assert_ne!(with_input, mkdir("/a").definition_digest());
+    }
+}

@@ -205,6 +205,7 @@ pub async fn solve(
     });
     // The frontend needs the base images' configs: resolve them first,
     // concurrently (this is where they are pulled).
+    crate::frontend::check_platforms(&df, &plan, &opts)?;
     let configs = resolve_bases(&images, &progress, &df, &plan, &opts).await?;
     if cancel.is_cancelled() {
         return Err(BuildError::Cancelled);
