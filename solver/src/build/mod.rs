@@ -15,6 +15,12 @@ use crate::progress::Progress;
 use crate::solve::runner::Runner;
 
 pub use crate::solve::mounts::{parse_secret_flag, parse_ssh_flag, SecretSource};
+// Instruction rules other rooms of the crate share with the frontend
+// (`kiln import -c` applies Dockerfile instructions to a config).
+#[allow(unused_imports)]
+pub(crate) use crate::frontend::history::shell_wrap;
+#[allow(unused_imports)]
+pub(crate) use crate::frontend::instr::{healthcheck_config, parse_ports, validate_signal};
 
 /// Everything a build needs besides the store.
 #[derive(Debug, Clone, Default)]

@@ -113,3 +113,17 @@ pub fn validate_signal(s: &str) -> Result<(), String> {
         Err(format!("Invalid signal: {s}"))
     }
 }
+
+/// A `HEALTHCHECK` as the image config stores it (durations in ns).
+pub fn healthcheck_config(
+    h: &kiln_parser::instructions::Healthcheck,
+) -> kiln_image::config::Healthcheck {
+    kiln_image::config::Healthcheck {
+        test: Some(h.test.clone()),
+        interval: h.interval.map(|d| d.as_nanos() as i64),
+        timeout: h.timeout.map(|d| d.as_nanos() as i64),
+        start_period: h.start_period.map(|d| d.as_nanos() as i64),
+        start_interval: h.start_interval.map(|d| d.as_nanos() as i64),
+        retries: h.retries.map(i64::from),
+    }
+}

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use kiln_image::config::{Healthcheck, ImageConfig};
+use kiln_image::config::ImageConfig;
 use kiln_image::manifest::Platform;
 use kiln_parser::instructions::{Dockerfile, Instruction, Kind};
 use kiln_parser::shell::Lex;
@@ -629,14 +629,7 @@ impl Lowerer<'_> {
                 );
             }
             Kind::Healthcheck(h) => {
-                let hc = Healthcheck {
-                    test: Some(h.test.clone()),
-                    interval: h.interval.map(|d| d.as_nanos() as i64),
-                    timeout: h.timeout.map(|d| d.as_nanos() as i64),
-                    start_period: h.start_period.map(|d| d.as_nanos() as i64),
-                    start_interval: h.start_interval.map(|d| d.as_nanos() as i64),
-                    retries: h.retries.map(i64::from),
-                };
+                let hc = instr::healthcheck_config(h);
                 let msg = format!(
                     "HEALTHCHECK &{{Test:[{}] Interval:{} Timeout:{} StartPeriod:{} StartInterval:{} Retries:{}}}",
                     h.test.join(" "),
