@@ -1,21 +1,28 @@
 //! # kiln-solver — from a parsed Dockerfile to a built image
 //!
-//! **What this room is for.** The solver lowers the typed instructions of
-//! `kiln-parser` into the steps of a build, gives every layer-producing step
-//! a content-addressed cache key
-//! (`sha256(op definition || parent key || selected input content)`), and
-//! schedules the stages on tokio so that independent stages run
-//! concurrently and identical keys run once.
+//! **What this room is for.** A build goes through three rooms here:
+//! [`frontend`] lowers the typed instructions of `kiln-parser` to an op
+//! graph ([`op`]: typed `Exec`/`Copy`/`Mkdir` ops in per-stage chains,
+//! with the stage's image config and history), [`op::key`] keys every op
+//! with one function (`sha256(op definition || input keys || content
+//! digests of selected inputs)`), and [`solve`] schedules the graph on
+//! tokio so that independent stages run concurrently, identical keys run
+//! once, and every op goes one way: look up, or prepare → run → commit.
+//! [`build`] joins them behind the `build(...)` entry.
 //!
 //! **What it owns.** Lowering rules (stages, `--target` pruning, `COPY
-//! --from` edges, ARG/ENV scoping and expansion), cache-key derivation, the
-//! scheduler, COPY/ADD file operations on snapshot layers, and the progress
-//! event stream.
+//! --from` edges, ARG/ENV scoping and expansion, ONBUILD, history),
+//! cache-key derivation, the scheduler, COPY/ADD file operations on
+//! snapshot layers, and the progress event stream. Its two seams are
+//! traits with in-memory fakes ([`testing`]): [`backend::Backend`] (the
+//! store) and [`solve::runner::Runner`] (the executor), so lowering, keys
+//! and scheduling are tested without root.
 //!
 //! **What it must not do.** It does not parse Dockerfile text (that is
 //! `kiln-parser`), does not touch namespaces or mounts itself (that is
 //! `kiln-executor`), and does not know on-disk layouts (that is
-//! `kiln-cache` / `kiln-image`). It talks to each through their public APIs.
+//! `kiln-cache` / `kiln-image`). It talks to each through their public
+//! APIs. The frontend knows no store and no executor.
 #![deny(missing_docs)]
 
 pub mod archive;
@@ -27,18 +34,21 @@ pub mod contexts;
 pub mod copy;
 pub mod error;
 pub mod flatten;
+pub mod frontend;
 pub mod fsview;
-pub mod key;
 pub mod link;
-pub mod lint;
 pub mod main_context;
+pub mod op;
 pub mod parents;
-pub mod plan;
 pub mod progress;
 pub mod remote;
 pub mod remote_cache;
+pub mod solve;
 pub mod store;
+pub mod testing;
 pub mod transfer;
 
-pub use build::{build, BuildOptions, BuildResult, ResourceLimits};
+pub use build::{build, build_with_runner, BuildOptions, BuildResult, ResourceLimits};
 pub use error::BuildError;
+pub use frontend::{lint, plan};
+pub use op::key;

@@ -8,19 +8,19 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{blocking, Ctx, StageState};
+use super::{blocking, Solved, Solver};
 use crate::backend::LayerRecord;
 use crate::error::BuildError;
 use crate::fsview::LayerView;
-use crate::key::KeyHasher;
+use crate::op::key::link_stack_key;
 
-impl Ctx {
+impl Solver {
     /// Runs (or reuses) a `--link` layer whose key `key` excludes the
     /// chain, and stacks it on `state`.
     pub(super) async fn link_step<F>(
         self: Arc<Self>,
         name: &str,
-        state: &StageState,
+        state: &Solved,
         key: String,
         work: F,
     ) -> Result<LayerRecord, BuildError>
@@ -30,11 +30,7 @@ impl Ctx {
         let id = self.progress.start(name.to_string());
         let t = Instant::now();
         let parent = state.top().map(str::to_string);
-        let stack_key = {
-            let mut k = KeyHasher::new("link-stack");
-            k.field(&key).field(&state.key);
-            k.finish()
-        };
+        let stack_key = link_stack_key(&key, &state.key);
         let me = self.clone();
         let sk = stack_key.clone();
         let r = self

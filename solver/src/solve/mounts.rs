@@ -22,15 +22,15 @@ use std::sync::Arc;
 
 use kiln_cache::CacheSharing;
 use kiln_executor::oci;
-use kiln_parser::instructions::{parse_mount, Mount, MountType};
+use kiln_parser::instructions::MountType;
 
-use super::{blocking, Ctx, StageState};
+use super::{blocking, Solved, Solver};
 use crate::backend::{Backend, CacheMountHold};
 use crate::copy::{copy_selections, hash_selection, CopyOptions, Selection, Selector};
 use crate::error::BuildError;
-use crate::fsview::{join_abs, LayerView};
-use crate::key::KeyHasher;
-use crate::plan::{self, Source};
+use crate::fsview::LayerView;
+use crate::op::key::bind_context_key;
+use crate::op::{MountSpec, SourceRef};
 
 /// Where a build secret's value comes from (`kiln build --secret`). Only
 /// the location is kept; the value is read when a step that mounts it
@@ -136,82 +136,48 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref().map(T::to_string).unwrap_or_default()
 }
 
-impl Ctx {
-    /// Expands variables in a mount spec (each `key=value` field on its
-    /// own, as BuildKit does) and parses it again.
-    fn expand_mount(
-        &self,
-        m: &Mount,
-        env: &[(String, String)],
-        line: usize,
-    ) -> Result<Mount, BuildError> {
-        if !m.raw.contains('$') {
-            return Ok(m.clone());
-        }
-        let mut fields = Vec::new();
-        for f in m.raw.split(',') {
-            match f.split_once('=') {
-                Some((k, v)) if !k.eq_ignore_ascii_case("from") => {
-                    fields.push(format!("{k}={}", self.expand(v, env, line)?))
-                }
-                _ => fields.push(f.to_string()),
-            }
-        }
-        parse_mount(&fields.join(","))
-            .map_err(|e| BuildError::at(line, format!("--mount={}: {e}", m.raw)))
-    }
-
+impl Solver {
     /// The state and layer view of a `from=` stage or image.
     async fn mount_from(
         &self,
-        stage: usize,
-        from: &str,
+        from: &SourceRef,
         line: usize,
-    ) -> Result<(Arc<StageState>, LayerView), BuildError> {
-        let state = match plan::resolve_source(&self.df, stage, from) {
-            Source::Stage(j) => self.stage_result(j).await.map_err(super::unwrap_arc)?,
-            Source::Image(r) => self.image_state(&r, line).await?,
-        };
-        let Some(top) = state.top().map(str::to_string) else {
-            return Ok((state, LayerView::new(Vec::new(), false)));
-        };
-        let backend = self.backend.clone();
-        let dirs = blocking(move || backend.layer_dirs(&top)).await?;
-        Ok((state, LayerView::new(dirs, false)))
+    ) -> Result<(Arc<Solved>, LayerView), BuildError> {
+        match self.source_state(from, line).await? {
+            (Some(st), view) => Ok((st, view)),
+            (None, _) => Err(BuildError::internal(
+                "mount",
+                "a directory context is no mount source",
+            )),
+        }
     }
 
-    /// Resolves the `--mount` specs of a RUN (see the module doc).
+    /// Resolves the `--mount` specs of a RUN, planned by the frontend
+    /// ([`crate::frontend::mounts`]): reads the states and context content
+    /// they name, and describes each for the RUN's key.
     pub(super) async fn plan_mounts(
         &self,
-        stage: usize,
-        state: &StageState,
-        mounts: &[Mount],
+        mounts: &[MountSpec],
         line: usize,
     ) -> Result<RunMounts, BuildError> {
         let mut out = RunMounts::default();
-        let workdir = state.workdir();
-        let env = state.env.clone();
-        let mut ssh_n = 0usize;
-        let mut targets: Vec<String> = Vec::new();
-        for raw in mounts {
-            let m = self.expand_mount(raw, &env, line)?;
-            let target = m.target.as_deref().filter(|t| !t.is_empty());
-            let target_of = |t: &str| crate::fsview::clean_abs(&join_abs(&workdir, t));
+        for spec in mounts {
+            let m = &spec.mount;
             let err = |msg: String| BuildError::at(line, format!("--mount={}: {msg}", m.raw));
+            let target = || {
+                spec.target
+                    .clone()
+                    .ok_or_else(|| BuildError::internal("mount", "a mount without a target"))
+            };
+            let id = spec.id.clone();
             let planned = match m.kind {
                 MountType::Cache => {
-                    let target = target
-                        .map(target_of)
-                        .ok_or_else(|| err("mount target required".into()))?;
-                    let id =
-                        m.id.clone()
-                            .filter(|i| !i.is_empty())
-                            .unwrap_or(target.clone());
+                    let target = target()?;
                     let sharing = sharing_of(m.sharing.as_deref());
                     let mut from_key = String::new();
-                    let seed = match &m.from {
+                    let seed = match &spec.from {
                         Some(f) => {
-                            let (st, view) = self.mount_from(stage, f, line).await?;
+                            let (st, view) = self.mount_from(f, line).await?;
                             from_key = st.key.clone();
                             let source = m.source.clone().unwrap_or_else(|| "/".into());
                             let sel = blocking(move || {
@@ -249,20 +215,18 @@ impl Ctx {
                     }
                 }
                 MountType::Bind => {
-                    let target = target
-                        .map(target_of)
-                        .ok_or_else(|| err("mount target required".into()))?;
+                    let target = target()?;
                     let source = m.source.clone().unwrap_or_else(|| "/".into());
-                    let (src, key) = match &m.from {
-                        None => self.bind_context(&source).await.map_err(err)?,
-                        Some(f) => {
-                            let (st, view) = self.mount_from(stage, f, line).await?;
-                            let key = format!("from={} key={}", f, st.key);
+                    let (src, key) = match (&spec.from, &m.from) {
+                        (Some(f), Some(raw)) => {
+                            let (st, view) = self.mount_from(f, line).await?;
+                            let key = format!("from={} key={}", raw, st.key);
                             let src = blocking(move || bind_layers(&view, &source))
                                 .await
                                 .map_err(|e| err(e.to_string()))?;
                             (src, key)
                         }
+                        _ => self.bind_context(&source).await.map_err(err)?,
                     };
                     out.key.push(format!(
                         "bind target={target} source={} ro={} {key}",
@@ -276,9 +240,7 @@ impl Ctx {
                     }
                 }
                 MountType::Tmpfs => {
-                    let target = target
-                        .map(target_of)
-                        .ok_or_else(|| err("mount target required".into()))?;
+                    let target = target()?;
                     out.key
                         .push(format!("tmpfs target={target} size={}", opt(&m.size)));
                     Planned::Tmpfs {
@@ -287,16 +249,7 @@ impl Ctx {
                     }
                 }
                 MountType::Secret => {
-                    let id = match (&m.id, &m.source, target) {
-                        (Some(i), _, _) | (None, Some(i), _) => i.clone(),
-                        (None, None, Some(t)) => crate::fsview::base_name(t).to_string(),
-                        (None, None, None) => return Err(err("secret id required".into())),
-                    };
-                    let target = match (target, &m.env) {
-                        (Some(t), _) => Some(target_of(t)),
-                        (None, Some(_)) => None,
-                        (None, None) => Some(format!("/run/secrets/{id}")),
-                    };
+                    let target = spec.target.clone();
                     out.key.push(format!(
                         "secret id={id} target={} env={} required={} mode={} uid={} gid={}",
                         opt(&target),
@@ -306,12 +259,9 @@ impl Ctx {
                         opt(&m.uid),
                         opt(&m.gid)
                     ));
+                    // Not given and not required (the frontend checked):
+                    // not mounted.
                     let Some(source) = self.opts.secrets.get(&id).cloned() else {
-                        if m.required {
-                            return Err(err(format!(
-                                "secret {id} not found: pass it with `--secret id={id},src=FILE` or `--secret id={id},env=VAR`"
-                            )));
-                        }
                         continue;
                     };
                     Planned::Secret {
@@ -325,42 +275,17 @@ impl Ctx {
                     }
                 }
                 MountType::Ssh => {
-                    let id = m.id.clone().unwrap_or_else(|| "default".into());
-                    let target = match target {
-                        Some(t) => target_of(t),
-                        None => format!("/run/buildkit/ssh_agent.{ssh_n}"),
-                    };
-                    ssh_n += 1;
+                    let target = target()?;
                     out.key.push(format!(
                         "ssh id={id} target={target} required={}",
                         m.required
                     ));
                     let Some(socket) = self.opts.ssh.get(&id).cloned() else {
-                        if m.required {
-                            return Err(err(format!(
-                                "no SSH agent socket for id {id}: pass `--ssh {id}[=SOCKET]`"
-                            )));
-                        }
                         continue;
                     };
                     Planned::Ssh { target, socket }
                 }
             };
-            if let Some(t) = match &planned {
-                Planned::Cache { target, .. }
-                | Planned::Bind { target, .. }
-                | Planned::Tmpfs { target, .. }
-                | Planned::Ssh { target, .. } => Some(target.clone()),
-                Planned::Secret { target, .. } => target.clone(),
-            } {
-                if t == "/" {
-                    return Err(err("cannot mount over /".into()));
-                }
-                if targets.contains(&t) {
-                    return Err(err(format!("{t} is the target of two mounts")));
-                }
-                targets.push(t);
-            }
             out.planned.push(planned);
         }
         Ok(out)
@@ -381,7 +306,7 @@ impl Ctx {
                 exclude: None,
             };
             let sel = selector.select(&source).map_err(|e| e.to_string())?;
-            let mut h = KeyHasher::new("bind-context");
+            let mut h = bind_context_key();
             hash_selection(&mut h, &sel, backend.hash_cache(), false).map_err(|e| e.to_string())?;
             let key = format!("context={}", h.finish());
             if ignore.is_some() {

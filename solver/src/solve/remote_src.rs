@@ -4,11 +4,11 @@
 //! fetched (content digest, commit) and the copy reads it like a local
 //! source. See [`crate::remote`].
 
-use super::{blocking, Ctx};
+use super::{at_line, blocking, Solver};
 use crate::error::BuildError;
 use crate::remote::{self, Fetched};
 
-impl Ctx {
+impl Solver {
     /// Splits `sources` into local ones and fetched remote ones.
     pub(super) async fn fetch_remote_sources(
         &self,
@@ -50,10 +50,7 @@ impl Ctx {
                 }
             })
             .await
-            .map_err(|e| match e {
-                BuildError::Internal(m) => BuildError::at(line, m),
-                other => other,
-            })?;
+            .map_err(at_line(line))?;
             fetched.push(f);
         }
         Ok((local, fetched))

@@ -1,0 +1,110 @@
+//! The build entry point: a Dockerfile and its options in, an image in
+//! the store out. Parsing is [`kiln_parser`], lowering to an op graph is
+//! [`crate::frontend`], running the graph is [`crate::solve`]; this module
+//! holds the options and the result, and joins them up.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_executor::{CancellationToken, Executor, NetworkMode};
+
+use crate::backend::Backend;
+use crate::error::BuildError;
+use crate::progress::Progress;
+use crate::solve::runner::Runner;
+
+pub use crate::solve::mounts::{parse_secret_flag, parse_ssh_flag, SecretSource};
+// Instruction rules other rooms of the crate share with the frontend
+// (`kiln import -c` applies Dockerfile instructions to a config).
+#[allow(unused_imports)]
+pub(crate) use crate::frontend::history::shell_wrap;
+#[allow(unused_imports)]
+pub(crate) use crate::frontend::instr::{healthcheck_config, parse_ports, validate_signal};
+
+/// Everything a build needs besides the store.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// The Dockerfile text.
+    pub dockerfile: String,
+    /// The build context directory.
+    pub context: PathBuf,
+    /// `.dockerignore` patterns (already read).
+    pub ignore: Vec<String>,
+    /// `--build-arg` values.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`.
+    pub target: Option<String>,
+    /// `--no-cache`.
+    pub no_cache: bool,
+    /// `--label` values added to the image.
+    pub labels: BTreeMap<String, String>,
+    /// Default network of RUN steps.
+    pub network: NetworkMode,
+    /// Resource limits of every RUN step.
+    pub limits: ResourceLimits,
+    /// How much of each RUN step's output (per stream) is shown before it
+    /// is clipped (BuildKit: 2 MiB, then "output clipped").
+    pub step_log_limit: crate::progress::StepLogLimit,
+    /// Names to tag the result with (normalised).
+    pub tags: Vec<String>,
+    /// `SOURCE_DATE_EPOCH`: clamps created times and file mtimes.
+    pub source_date_epoch: Option<i64>,
+    /// `--secret`: build secrets by id (where to read them, never the
+    /// values).
+    pub secrets: BTreeMap<String, SecretSource>,
+    /// `--ssh`: SSH agent sockets by id.
+    pub ssh: BTreeMap<String, PathBuf>,
+    /// `--allow security.insecure`: `RUN --security=insecure` may run with
+    /// every capability.
+    pub allow_insecure: bool,
+    /// `--build-context`: names `FROM` and `--from` resolve to first.
+    pub named_contexts: BTreeMap<String, crate::contexts::NamedContext>,
+}
+
+/// What a build produced.
+#[derive(Debug, Clone)]
+pub struct BuildResult {
+    /// The image ID (config digest).
+    pub image_id: String,
+    /// The manifest digest.
+    pub manifest_digest: String,
+    /// How many steps ran (were not cached).
+    pub executed: usize,
+    /// How many steps came from the cache.
+    pub cached: usize,
+}
+
+/// `--memory`, `--cpus`, `--pids-limit`: applied to every RUN step's cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ResourceLimits {
+    /// Memory limit in bytes.
+    pub memory: Option<i64>,
+    /// CPUs (fractional), enforced as a CFS quota per 100ms period.
+    pub cpus: Option<f64>,
+    /// Maximum number of processes.
+    pub pids: Option<i64>,
+}
+
+/// Builds `opts.dockerfile` and writes the image to the store.
+pub async fn build(
+    backend: Arc<dyn Backend>,
+    executor: Executor,
+    progress: Progress,
+    cancel: CancellationToken,
+    opts: BuildOptions,
+) -> Result<BuildResult, BuildError> {
+    build_with_runner(backend, Arc::new(executor), progress, cancel, opts).await
+}
+
+/// [`build`] with any [`Runner`] in front of the RUN steps (a fake one in
+/// tests, see [`crate::testing`]).
+pub async fn build_with_runner(
+    backend: Arc<dyn Backend>,
+    runner: Arc<dyn Runner>,
+    progress: Progress,
+    cancel: CancellationToken,
+    opts: BuildOptions,
+) -> Result<BuildResult, BuildError> {
+    crate::solve::solve(backend, runner, progress, cancel, opts).await
+}

@@ -1,0 +1,915 @@
+//! The Dockerfile frontend: a parsed Dockerfile, the build's options and
+//! the configs of its base images become an op graph ([`crate::op`]).
+//!
+//! It owns BuildKit's Dockerfile semantics: which stages a target needs
+//! ([`plan`]), ARG/ENV scoping and expansion, ONBUILD triggers, image
+//! config edits and their history strings, `--mount` expansion, and lint
+//! ([`lint`]). It knows no store and no executor: the only facts it needs
+//! from outside are the configs of the base images (their ENV, USER,
+//! WORKDIR, SHELL and ONBUILD decide how later instructions lower), asked
+//! of an [`ImageConfigs`] the solver fills by resolving the images first
+//! (BuildKit resolves image configs while lowering too). Everything that
+//! depends on content — file digests, `--chown` names looked up in the
+//! image's /etc/passwd, the layers themselves — stays in the ops for the
+//! solver, so lowering is pure and tested without root.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kiln_image::config::ImageConfig;
+use kiln_image::manifest::Platform;
+use kiln_parser::instructions::{Dockerfile, Instruction, Kind};
+use kiln_parser::shell::Lex;
+
+use crate::build::BuildOptions;
+use crate::contexts::NamedContext;
+use crate::error::BuildError;
+use crate::fsview::join_abs;
+use crate::op::{
+    Base, ContextDirOp, CopyOp, ExecOp, Graph, Heredoc, LayerOp, MkdirOp, Op, SourceRef, StageOps,
+};
+
+pub mod history;
+pub mod instr;
+pub mod lint;
+pub mod mounts;
+pub mod plan;
+
+use history::{history, CopyHistory};
+use plan::{Plan, PROXY_ARGS};
+
+/// The configs of the build's base images, by the reference the
+/// Dockerfile names (`FROM alpine` asks for `alpine`).
+pub trait ImageConfigs {
+    /// The image's config, `None` when it was not resolved.
+    fn image_config(&self, reference: &str) -> Option<ImageConfig>;
+}
+
+impl ImageConfigs for HashMap<String, ImageConfig> {
+    fn image_config(&self, reference: &str) -> Option<ImageConfig> {
+        self.get(reference).cloned()
+    }
+}
+
+/// The images whose configs [`lower`] needs: the bases of the planned
+/// stages that are images (not `--build-context` directories), with the
+/// line of their `FROM` and the stage's index.
+pub fn base_images(plan: &Plan, opts: &BuildOptions) -> Vec<(usize, String)> {
+    plan.stages
+        .iter()
+        .filter_map(|s| match &s.base {
+            plan::Base::Image(r)
+                if !matches!(opts.named_contexts.get(r), Some(NamedContext::Dir(_))) =>
+            {
+                Some((s.index, r.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A stage's state while it is lowered.
+#[derive(Debug, Clone)]
+struct StageState {
+    config: ImageConfig,
+    /// Environment for expansion and RUN: config env plus ARGs, last wins.
+    env: Vec<(String, String)>,
+    /// Declared build args in scope, for RUN history and environment.
+    args: Vec<(String, Option<String>)>,
+    /// CMD set in this stage (ENTRYPOINT then keeps it).
+    cmd_set: bool,
+    /// History entries inherited from a base image.
+    base_history: usize,
+}
+
+impl StageState {
+    fn workdir(&self) -> String {
+        self.config
+            .config
+            .as_ref()
+            .and_then(|c| c.working_dir.clone())
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into())
+    }
+    fn user(&self) -> Option<String> {
+        self.config
+            .config
+            .as_ref()
+            .and_then(|c| c.user.clone())
+            .filter(|u| !u.is_empty())
+    }
+    fn shell(&self) -> Vec<String> {
+        self.config
+            .config
+            .as_ref()
+            .and_then(|c| c.shell.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()])
+    }
+    fn set_env(&mut self, k: &str, v: &str) {
+        let env = self.config.config_mut().env.get_or_insert_with(Vec::new);
+        let entry = format!("{k}={v}");
+        match env
+            .iter_mut()
+            .find(|e| e.split_once('=').map_or(e.as_str(), |(a, _)| a) == k)
+        {
+            Some(e) => *e = entry,
+            None => env.push(entry),
+        }
+        self.env.push((k.into(), v.into()));
+    }
+    /// The environment a RUN sees: the state env with duplicates resolved
+    /// (last wins, first position kept).
+    fn run_env(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for (k, v) in &self.env {
+            match out.iter_mut().find(|(ok, _)| ok == k) {
+                Some(e) => e.1 = v.clone(),
+                None => out.push((k.clone(), v.clone())),
+            }
+        }
+        out
+    }
+    /// A layer op's history entry (the solver adds the diffID).
+    fn push_layer_history(&mut self, created: &str, created_by: String) {
+        self.config.history.push(kiln_image::config::History {
+            empty_layer: false,
+            ..history(created, created_by)
+        });
+    }
+    fn push_empty(&mut self, created: &str, created_by: String) {
+        self.config.push_empty(history(created, created_by));
+    }
+}
+
+fn env_pairs(config: &ImageConfig) -> Vec<(String, String)> {
+    config
+        .config
+        .as_ref()
+        .and_then(|c| c.env.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| match e.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (e, String::new()),
+        })
+        .collect()
+}
+
+/// The state of `FROM scratch`.
+fn scratch_state() -> StageState {
+    let mut config = ImageConfig::new(&Platform::host());
+    config.config_mut().env = Some(vec![format!("PATH={}", kiln_executor::DEFAULT_PATH)]);
+    StageState {
+        env: env_pairs(&config),
+        config,
+        args: Vec::new(),
+        cmd_set: false,
+        base_history: 0,
+    }
+}
+
+/// The state of `FROM <image>` with config `config`.
+fn image_state(mut config: ImageConfig) -> StageState {
+    let base_history = config.history.len();
+    if !env_pairs(&config).iter().any(|(k, _)| k == "PATH") {
+        config
+            .config_mut()
+            .env
+            .get_or_insert_with(Vec::new)
+            .push(format!("PATH={}", kiln_executor::DEFAULT_PATH));
+    }
+    StageState {
+        env: env_pairs(&config),
+        config,
+        args: Vec::new(),
+        cmd_set: false,
+        base_history,
+    }
+}
+
+/// Checks the `FROM --platform` of every planned stage: the solver asks
+/// this before it resolves (pulls) any base image, so a stage for another
+/// platform fails as such rather than as a missing image.
+pub fn check_platforms(
+    df: &Dockerfile,
+    plan: &Plan,
+    opts: &BuildOptions,
+) -> Result<(), BuildError> {
+    let l = Lowerer {
+        df,
+        plan,
+        opts,
+        created: "",
+        lex: Lex::new(df.escape),
+        states: HashMap::new(),
+    };
+    plan.stages
+        .iter()
+        .try_for_each(|s| l.check_platform(s.index))
+}
+
+/// Lowers the stages of `plan` (see the module doc). `created` is the
+/// time history entries are stamped with.
+pub fn lower(
+    df: &Dockerfile,
+    plan: &Plan,
+    opts: &BuildOptions,
+    created: &str,
+    images: &dyn ImageConfigs,
+) -> Result<Graph, BuildError> {
+    let mut l = Lowerer {
+        df,
+        plan,
+        opts,
+        created,
+        lex: Lex::new(df.escape),
+        states: HashMap::new(),
+    };
+    let mut stages = Vec::with_capacity(plan.stages.len());
+    for p in &plan.stages {
+        stages.push(l.stage(p, images)?);
+    }
+    Ok(Graph {
+        stages,
+        target: plan.target,
+        unused_build_args: plan::unused_build_args(df, plan, &opts.build_args),
+    })
+}
+
+struct Lowerer<'a> {
+    df: &'a Dockerfile,
+    plan: &'a Plan,
+    opts: &'a BuildOptions,
+    created: &'a str,
+    lex: Lex,
+    /// Lowered stages by index (for `FROM <stage>`).
+    states: HashMap<usize, StageState>,
+}
+
+/// Where `dispatch` appends a stage's ops.
+struct Out<'a> {
+    label: &'a str,
+    index: usize,
+    total: usize,
+    ops: Vec<LayerOp>,
+}
+
+impl Lowerer<'_> {
+    fn stage(
+        &mut self,
+        planned: &plan::PlannedStage,
+        images: &dyn ImageConfigs,
+    ) -> Result<StageOps, BuildError> {
+        let index = planned.index;
+        let stage = &self.df.stages[index];
+        let label = match &stage.name {
+            Some(n) => n.clone(),
+            None => format!("stage-{index}"),
+        };
+        let total = stage.instructions.len() + 1;
+        self.check_platform(index)?;
+        let mut out = Out {
+            label: &label,
+            index,
+            total,
+            ops: Vec::new(),
+        };
+        let (base, mut state) = match &planned.base {
+            plan::Base::Scratch => (Base::Scratch, scratch_state()),
+            plan::Base::Stage(j) => {
+                let mut s = self.states.get(j).cloned().ok_or_else(|| {
+                    BuildError::internal("plan", format!("stage {j} lowered after its user"))
+                })?;
+                s.cmd_set = false;
+                (Base::Stage(*j), s)
+            }
+            plan::Base::Image(reference) => match self.opts.named_contexts.get(reference) {
+                Some(NamedContext::Dir(dir)) => {
+                    // The directory's files (owned by root, as the build
+                    // context's are) become the base's one layer.
+                    let mut s = scratch_state();
+                    out.ops.push(LayerOp {
+                        name: format!("[{label} 1/{total}] FROM {reference} ({})", dir.display()),
+                        line: stage.line,
+                        op: Op::ContextDir(ContextDirOp { dir: dir.clone() }),
+                    });
+                    s.push_layer_history(
+                        self.created,
+                        format!("FROM {reference} (directory {})", dir.display()),
+                    );
+                    (Base::Scratch, s)
+                }
+                _ => {
+                    let config = images.image_config(reference).ok_or_else(|| {
+                        BuildError::at(stage.line, format!("{reference}: image not resolved"))
+                    })?;
+                    (Base::Image(reference.clone()), image_state(config))
+                }
+            },
+        };
+        // ONBUILD triggers of the base run first, then are dropped.
+        let triggers = state
+            .config
+            .config
+            .as_mut()
+            .and_then(|c| c.on_build.take())
+            .unwrap_or_default();
+        for trigger in triggers {
+            let parsed =
+                kiln_parser::parse(&format!("FROM scratch\n{trigger}\n")).map_err(|e| {
+                    BuildError::at(
+                        stage.line,
+                        format!("invalid ONBUILD trigger {trigger:?}: {e}"),
+                    )
+                })?;
+            for instr in parsed.stages.into_iter().flat_map(|s| s.instructions) {
+                let instr = Instruction {
+                    line: stage.line,
+                    end_line: stage.line,
+                    ..instr
+                };
+                self.dispatch(&mut out, 0, &mut state, &instr)?;
+            }
+        }
+        for (n, instr) in stage.instructions.iter().enumerate() {
+            self.dispatch(&mut out, n + 2, &mut state, instr)?;
+        }
+        let ops = out.ops;
+        let result = StageOps {
+            index,
+            label: label.clone(),
+            line: stage.line,
+            total,
+            base,
+            ops,
+            config: state.config.clone(),
+            base_history: state.base_history,
+        };
+        self.states.insert(index, state);
+        Ok(result)
+    }
+
+    /// `FROM --platform=…` of stage `index`: the host's, or an error.
+    fn check_platform(&self, index: usize) -> Result<(), BuildError> {
+        let stage = &self.df.stages[index];
+        if let Some(p) = &stage.platform {
+            instr::check_platform(&self.expand(
+                p,
+                &plan::global_env(&self.plan.global_args),
+                stage.line,
+            )?)
+            .map_err(|m| BuildError::at(stage.line, m))?;
+        }
+        Ok(())
+    }
+
+    fn expand(
+        &self,
+        word: &str,
+        env: &[(String, String)],
+        line: usize,
+    ) -> Result<String, BuildError> {
+        let env: Vec<(String, String)> = env.to_vec();
+        self.lex.process_word(word, &env).map_err(|e| {
+            if *e.kind() == kiln_parser::shell::ShellErrorKind::TooLong {
+                let shown: String = word.chars().take(40).collect();
+                let more = if shown.len() < word.len() { "…" } else { "" };
+                self.located(
+                    line,
+                    word,
+                    format!(
+                        "expanding {shown:?}{more} gives more than {} MiB (the limit of one ARG, ENV or LABEL value)",
+                        kiln_parser::shell::MAX_EXPANSION >> 20
+                    ),
+                )
+            } else {
+                BuildError::at(line, e.to_string())
+            }
+        })
+    }
+
+    /// An error pointing at `needle` (or the instruction's first
+    /// character) on `line` of the Dockerfile, rendered with a caret.
+    fn located(&self, line: usize, needle: &str, message: String) -> BuildError {
+        let lines: Vec<&str> = self.opts.dockerfile.lines().collect();
+        let text = lines.get(line.saturating_sub(1)).copied().unwrap_or("");
+        let column = match text.find(needle).filter(|_| !needle.is_empty()) {
+            Some(b) => text[..b].chars().count() + 1,
+            None => text.chars().take_while(|c| c.is_whitespace()).count() + 1,
+        };
+        BuildError::Dockerfile(kiln_parser::ParseError {
+            message,
+            location: kiln_parser::Location {
+                line,
+                column,
+                end_line: line,
+            },
+            suggestion: None,
+        })
+    }
+
+    /// After an instruction that grows the image config (ENV, LABEL, ARG):
+    /// an error at `line` when the config would pass
+    /// [`kiln_image::config::MAX_CONFIG_SIZE`] (an estimate from the sizes
+    /// of its environment, labels and history; export checks the real one).
+    fn check_config_growth(&self, state: &StageState, line: usize) -> Result<(), BuildError> {
+        let cfg = &state.config;
+        let env: usize = state.env.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+        let labels: usize = cfg
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.as_ref())
+            .map(|l| l.iter().map(|(k, v)| k.len() + v.len() + 6).sum())
+            .unwrap_or(0);
+        let history: usize = cfg
+            .history
+            .iter()
+            .map(|h| h.created_by.as_deref().map_or(0, str::len) + 64)
+            .sum();
+        let size = (env + labels + history) as u64;
+        let limit = kiln_image::config::MAX_CONFIG_SIZE;
+        if size > limit {
+            return Err(self.located(
+                line,
+                "",
+                format!(
+                    "the image config would be about {} MiB, more than the limit of {} MiB (ENV, LABEL and ARG values, and the history that records them)",
+                    size >> 20,
+                    limit >> 20
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Resolves a `--from` value seen in stage `stage`.
+    fn source_ref(&self, stage: usize, from: &str) -> SourceRef {
+        match plan::resolve_source(self.df, stage, from) {
+            plan::Source::Stage(j) => SourceRef::Stage(j),
+            plan::Source::Image(r) => match self.opts.named_contexts.get(&r) {
+                Some(NamedContext::Dir(d)) => SourceRef::ContextDir(d.clone()),
+                _ => SourceRef::Image(r),
+            },
+        }
+    }
+
+    fn dispatch(
+        &self,
+        out: &mut Out<'_>,
+        n: usize,
+        state: &mut StageState,
+        instr: &Instruction,
+    ) -> Result<(), BuildError> {
+        let line = instr.line;
+        let created = self.created;
+        let name = if n == 0 {
+            format!("[{} ONBUILD] {}", out.label, instr.original.trim())
+        } else {
+            format!(
+                "[{} {n}/{}] {}",
+                out.label,
+                out.total,
+                instr.original.trim()
+            )
+        };
+        match &instr.kind {
+            Kind::Env { vars } => {
+                let mut msg = String::from("ENV");
+                for kv in vars {
+                    let k = self.expand(&kv.key, &state.env, line)?;
+                    let v = self.expand(&kv.value, &state.env, line)?;
+                    msg.push_str(&format!(" {k}={v}"));
+                    state.set_env(&k, &v);
+                }
+                state.push_empty(created, msg);
+                self.check_config_growth(state, line)?;
+            }
+            Kind::Label { labels } => {
+                let mut msg = String::from("LABEL");
+                for kv in labels {
+                    let k = self.expand(&kv.key, &state.env, line)?;
+                    let v = self.expand(&kv.value, &state.env, line)?;
+                    msg.push_str(&format!(" {k}={v}"));
+                    state
+                        .config
+                        .config_mut()
+                        .labels
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(k, v);
+                }
+                state.push_empty(created, msg);
+                self.check_config_growth(state, line)?;
+            }
+            Kind::Arg { args } => {
+                let mut parts = Vec::new();
+                for def in args {
+                    let key = self.expand(&def.key, &state.env, line)?;
+                    let mut value = match (self.opts.build_args.get(&key), &def.default) {
+                        (Some(v), _) => Some(v.clone()),
+                        (None, Some(d)) => Some(self.expand(d, &state.env, line)?),
+                        (None, None) => None,
+                    };
+                    if value.is_none() {
+                        value = self
+                            .plan
+                            .global_args
+                            .iter()
+                            .rev()
+                            .find(|(k, _)| *k == key)
+                            .and_then(|(_, v)| v.clone())
+                            .or_else(|| {
+                                plan::platform_args()
+                                    .into_iter()
+                                    .find(|(k, _)| *k == key)
+                                    .map(|(_, v)| v)
+                            });
+                    }
+                    if let Some(v) = &value {
+                        state.env.push((key.clone(), v.clone()));
+                        parts.push(format!("{key}={v}"));
+                    } else {
+                        parts.push(key.clone());
+                    }
+                    state.args.retain(|(k, _)| *k != key);
+                    state.args.push((key, value));
+                }
+                state.push_empty(created, format!("ARG {}", parts.join(" ")));
+                self.check_config_growth(state, line)?;
+            }
+            Kind::Maintainer { name } => {
+                state.config.author = Some(name.clone());
+                state.push_empty(created, format!("MAINTAINER {name}"));
+            }
+            Kind::User { user } => {
+                let u = self.expand(user, &state.env, line)?;
+                state.config.config_mut().user = Some(u.clone());
+                state.push_empty(created, format!("USER {u}"));
+            }
+            Kind::Stopsignal { signal } => {
+                let s = self.expand(signal, &state.env, line)?;
+                instr::validate_signal(&s).map_err(|m| BuildError::at(line, m))?;
+                state.config.config_mut().stop_signal = Some(s.clone());
+                state.push_empty(created, format!("STOPSIGNAL {s}"));
+            }
+            Kind::Volume { volumes } => {
+                let mut vs = Vec::new();
+                for v in volumes {
+                    let v = self.expand(v, &state.env, line)?;
+                    if v.is_empty() {
+                        return Err(BuildError::at(
+                            line,
+                            "VOLUME specified can not be an empty string",
+                        ));
+                    }
+                    state
+                        .config
+                        .config_mut()
+                        .volumes
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(v.clone(), Default::default());
+                    vs.push(v);
+                }
+                state.push_empty(created, format!("VOLUME [{}]", vs.join(" ")));
+            }
+            Kind::Expose { ports } => {
+                let mut specs = Vec::new();
+                for p in ports {
+                    let words = self
+                        .lex
+                        .process_words(p, &state.env)
+                        .map_err(|e| BuildError::at(line, e.to_string()))?;
+                    for w in words {
+                        specs.extend(instr::parse_ports(&w).map_err(|m| BuildError::at(line, m))?);
+                    }
+                }
+                specs.sort();
+                specs.dedup();
+                for s in &specs {
+                    state
+                        .config
+                        .config_mut()
+                        .exposed_ports
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(s.clone(), Default::default());
+                }
+                state.push_empty(created, format!("EXPOSE [{}]", specs.join(" ")));
+            }
+            Kind::Shell { shell } => {
+                state.config.config_mut().shell = Some(shell.clone());
+                state.push_empty(created, format!("SHELL [{}]", shell.join(" ")));
+            }
+            Kind::Onbuild { expression, .. } => {
+                state
+                    .config
+                    .config_mut()
+                    .on_build
+                    .get_or_insert_with(Vec::new)
+                    .push(expression.clone());
+            }
+            Kind::Cmd(cl) => {
+                let args = history::shell_wrap(cl, &state.shell());
+                state.config.config_mut().cmd = Some(args.clone());
+                state.cmd_set = true;
+                state.push_empty(created, format!("CMD {}", history::go_quote_list(&args)));
+            }
+            Kind::Entrypoint(cl) => {
+                let args = history::shell_wrap(cl, &state.shell());
+                let c = state.config.config_mut();
+                c.entrypoint = if args.is_empty() {
+                    None
+                } else {
+                    Some(args.clone())
+                };
+                if !state.cmd_set {
+                    c.cmd = None;
+                }
+                state.push_empty(
+                    created,
+                    format!("ENTRYPOINT {}", history::go_quote_list(&args)),
+                );
+            }
+            Kind::Healthcheck(h) => {
+                let hc = instr::healthcheck_config(h);
+                let msg = format!(
+                    "HEALTHCHECK &{{Test:[{}] Interval:{} Timeout:{} StartPeriod:{} StartInterval:{} Retries:{}}}",
+                    h.test.join(" "),
+                    history::go_duration(h.interval),
+                    history::go_duration(h.timeout),
+                    history::go_duration(h.start_period),
+                    history::go_duration(h.start_interval),
+                    h.retries.unwrap_or(0)
+                );
+                state.config.config_mut().healthcheck = Some(hc);
+                state.push_empty(created, msg);
+            }
+            Kind::Workdir { path } => {
+                let p = self.expand(path, &state.env, line)?;
+                let wd = join_abs(&state.workdir(), &p);
+                state.config.config_mut().working_dir = Some(wd.clone());
+                let msg = format!("WORKDIR {wd}");
+                if wd == "/" {
+                    state.push_empty(created, msg);
+                } else {
+                    out.ops.push(LayerOp {
+                        name,
+                        line,
+                        op: Op::Mkdir(MkdirOp {
+                            path: wd,
+                            user: state.user(),
+                        }),
+                    });
+                    state.push_layer_history(created, msg);
+                }
+            }
+            Kind::Run(run) => {
+                let (op, created_by) = self.run_op(out.index, state, instr, run)?;
+                out.ops.push(LayerOp {
+                    name,
+                    line,
+                    op: Op::Exec(op),
+                });
+                state.push_layer_history(created, created_by);
+            }
+            Kind::Copy(c) => {
+                // The stage's ARG/ENV values over the global ARGs, as the
+                // plan expanded it (plan::track_stage_env).
+                let from = match &c.from {
+                    Some(f) => {
+                        let mut env = plan::global_env(&self.plan.global_args);
+                        env.extend(state.env.iter().cloned());
+                        Some(self.expand(f, &env, line)?)
+                    }
+                    None => None,
+                };
+                let (op, created_by) = self.copy_op(
+                    out.index,
+                    state,
+                    line,
+                    CopySpec {
+                        add: false,
+                        from,
+                        paths: &c.paths,
+                        chown: c.chown.as_deref(),
+                        chmod: c.chmod.as_deref(),
+                        excludes: &c.excludes,
+                        link: c.link,
+                        parents: c.parents,
+                        checksum: None,
+                        keep_git_dir: false,
+                        unpack_remote: false,
+                    },
+                )?;
+                out.ops.push(LayerOp {
+                    name,
+                    line,
+                    op: Op::Copy(op),
+                });
+                state.push_layer_history(created, created_by);
+            }
+            Kind::Add(a) => {
+                let (op, created_by) = self.copy_op(
+                    out.index,
+                    state,
+                    line,
+                    CopySpec {
+                        add: a.unpack != Some(false),
+                        from: None,
+                        paths: &a.paths,
+                        chown: a.chown.as_deref(),
+                        chmod: a.chmod.as_deref(),
+                        excludes: &a.excludes,
+                        link: a.link,
+                        parents: false,
+                        checksum: a.checksum.as_deref(),
+                        keep_git_dir: a.keep_git_dir == Some(true),
+                        unpack_remote: a.unpack == Some(true),
+                    },
+                )?;
+                out.ops.push(LayerOp {
+                    name,
+                    line,
+                    op: Op::Copy(op),
+                });
+                state.push_layer_history(created, created_by);
+            }
+        }
+        Ok(())
+    }
+
+    fn run_op(
+        &self,
+        stage: usize,
+        state: &StageState,
+        instr: &Instruction,
+        run: &kiln_parser::instructions::Run,
+    ) -> Result<(ExecOp, String), BuildError> {
+        let line = instr.line;
+        let insecure = match run.security.as_deref() {
+            Some("insecure") if self.opts.allow_insecure => true,
+            Some("insecure") => {
+                return Err(BuildError::at(
+                    line,
+                    "RUN --security=insecure is not allowed: pass `--allow security.insecure` to kiln build",
+                ))
+            }
+            _ => false,
+        };
+        let mut specs = Vec::with_capacity(run.mounts.len());
+        for raw in &run.mounts {
+            let expand = |w: &str| self.expand(w, &state.env, line);
+            let mount = mounts::expand_mount(raw, line, &expand)?;
+            let from =
+                mount
+                    .from
+                    .as_deref()
+                    .map(|f| match plan::resolve_source(self.df, stage, f) {
+                        plan::Source::Stage(j) => SourceRef::Stage(j),
+                        plan::Source::Image(r) => SourceRef::Image(r),
+                    });
+            specs.push((mount, from));
+        }
+        let mounts = mounts::plan_mounts(specs, &state.workdir(), self.opts, line)?;
+        let args =
+            instr::run_args(&run.command, &state.shell()).map_err(|m| BuildError::at(line, m))?;
+        let network = match run.network.as_deref() {
+            Some("none") => kiln_executor::NetworkMode::None,
+            Some("host") => kiln_executor::NetworkMode::Host,
+            _ => self.opts.network,
+        };
+        let env = state.run_env();
+        // Proxy args reach the step without being declared, outside the key.
+        let proxy_env = PROXY_ARGS
+            .iter()
+            .filter_map(|p| {
+                let v = self.opts.build_args.get(*p)?;
+                (!env.iter().any(|(k, _)| k == p)).then(|| (p.to_string(), v.clone()))
+            })
+            .collect();
+        let created_by = format!(
+            "RUN {}",
+            history::run_command_string(&args, &state.args, &env)
+        );
+        Ok((
+            ExecOp {
+                script: instr::shebang_script(&run.command),
+                args,
+                env,
+                proxy_env,
+                cwd: state.workdir(),
+                user: state.user(),
+                network,
+                mounts,
+                insecure,
+                step_name: instr.original.trim().to_string(),
+            },
+            created_by,
+        ))
+    }
+
+    fn copy_op(
+        &self,
+        stage: usize,
+        state: &StageState,
+        line: usize,
+        spec: CopySpec<'_>,
+    ) -> Result<(CopyOp, String), BuildError> {
+        let env = &state.env;
+        let mut sources = Vec::new();
+        for s in &spec.paths.sources {
+            sources.push(self.expand(s, env, line)?);
+        }
+        let dest_raw = self.expand(&spec.paths.dest, env, line)?;
+        let dest = join_abs(&state.workdir(), &dest_raw);
+        let dest_is_dir =
+            dest_raw.ends_with('/') || dest_raw.ends_with("/.") || dest_raw == "." || spec.parents;
+        let chown = match spec.chown {
+            Some(c) => Some(self.expand(c, env, line)?),
+            None => None,
+        };
+        let chmod = match spec.chmod {
+            Some(c) => Some(
+                crate::chmod::Chmod::parse(&self.expand(c, env, line)?)
+                    .map_err(|m| BuildError::at(line, m))?,
+            ),
+            None => None,
+        };
+        let excludes = spec
+            .excludes
+            .iter()
+            .map(|e| self.expand(e, env, line))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !excludes.is_empty() {
+            kiln_parser::dockerignore::PatternMatcher::new(&excludes)
+                .map_err(|e| BuildError::at(line, format!("--exclude: {e}")))?;
+        }
+        let checksum = match spec.checksum {
+            Some(c) => Some(self.expand(c, env, line)?),
+            None => None,
+        };
+        let mut heredocs = Vec::new();
+        for c in &spec.paths.contents {
+            let data = if c.expand {
+                self.lex
+                    .skip_process_quotes(true)
+                    .process_word(&c.data, env)
+                    .map_err(|e| BuildError::at(line, e.to_string()))?
+            } else {
+                c.data.clone()
+            };
+            heredocs.push(Heredoc {
+                path: c.path.clone(),
+                raw: c.data.clone(),
+                expand: c.expand,
+                data,
+            });
+        }
+        let names: Vec<String> = heredocs.iter().map(|h| h.path.clone()).collect();
+        let created_by = history::copy_created_by(&CopyHistory {
+            add: spec.add,
+            chown: chown.as_deref(),
+            chmod: spec.chmod,
+            from: spec.from.as_deref(),
+            parents: spec.parents,
+            sources: &sources,
+            heredocs: &names,
+            dest: &dest_raw,
+        });
+        let from = spec.from.as_deref().map(|f| self.source_ref(stage, f));
+        Ok((
+            CopyOp {
+                add: spec.add,
+                from,
+                sources,
+                dest,
+                dest_is_dir,
+                chown,
+                chmod,
+                excludes,
+                heredocs,
+                link: spec.link,
+                parents: spec.parents,
+                checksum,
+                keep_git_dir: spec.keep_git_dir,
+                unpack_remote: spec.unpack_remote,
+            },
+            created_by,
+        ))
+    }
+}
+
+struct CopySpec<'a> {
+    add: bool,
+    from: Option<String>,
+    paths: &'a kiln_parser::instructions::SourcesAndDest,
+    chown: Option<&'a str>,
+    chmod: Option<&'a str>,
+    excludes: &'a [String],
+    link: bool,
+    parents: bool,
+    /// ADD `--checksum` (remote sources only).
+    checksum: Option<&'a str>,
+    /// ADD `--keep-git-dir`.
+    keep_git_dir: bool,
+    /// ADD `--unpack=true`: remote archives are unpacked too.
+    unpack_remote: bool,
+}

@@ -1,0 +1,298 @@
+//! Lowering without a store or an executor: a Dockerfile and the configs
+//! of its base images (a fake [`ImageConfigs`]) become the op graph the
+//! solver runs.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kiln_image::config::ImageConfig;
+use kiln_image::manifest::Platform;
+use kiln_solver::frontend::{self, plan};
+use kiln_solver::op::{Base, Graph, Op, SourceRef};
+use kiln_solver::{BuildError, BuildOptions};
+
+fn lower_with(
+    df: &str,
+    images: &HashMap<String, ImageConfig>,
+    tweak: impl FnOnce(&mut BuildOptions),
+) -> Result<Graph, BuildError> {
+    let mut opts = BuildOptions {
+        dockerfile: df.to_string(),
+        ..Default::default()
+    };
+    tweak(&mut opts);
+    let parsed = kiln_parser::parse(df)?;
+    let p = plan::plan(&parsed, &opts.build_args, opts.target.as_deref())?;
+    frontend::lower(&parsed, &p, &opts, "2024-01-01T00:00:00Z", images)
+}
+
+fn lower(df: &str) -> Graph {
+    lower_with(df, &HashMap::new(), |_| {}).expect("lower")
+}
+
+fn node() -> HashMap<String, ImageConfig> {
+    let mut cfg = ImageConfig::new(&Platform::host());
+    let c = cfg.config_mut();
+    c.env = Some(vec![
+        "PATH=/usr/local/bin:/usr/bin".into(),
+        "NODE=20".into(),
+    ]);
+    c.working_dir = Some("/home/node".into());
+    c.user = Some("node".into());
+    c.on_build = Some(vec!["COPY package.json ./".into(), "RUN npm ci".into()]);
+    HashMap::from([("node".to_string(), cfg)])
+}
+
+#[test]
+fn config_instructions_lower_to_no_ops_but_to_config_and_history() {
+    let g = lower("FROM scratch\nENV A=1 B=$A\nLABEL x=$B\nUSER 7\nCMD run\nEXPOSE 80 81/udp\n");
+    let s = &g.stages[0];
+    assert!(s.ops.is_empty());
+    let c = s.config.config.as_ref().expect("config");
+    assert!(c.env.as_ref().expect("env").contains(&"B=1".to_string()));
+    assert_eq!(
+        c.labels
+            .as_ref()
+            .and_then(|l| l.get("x"))
+            .map(String::as_str),
+        Some("1")
+    );
+    assert_eq!(c.user.as_deref(), Some("7"));
+    assert_eq!(
+        c.cmd,
+        Some(vec!["/bin/sh".into(), "-c".into(), "run".into()])
+    );
+    let hist: Vec<&str> = s
+        .config
+        .history
+        .iter()
+        .filter_map(|h| h.created_by.as_deref())
+        .collect();
+    assert_eq!(
+        hist,
+        [
+            "ENV A=1 B=1",
+            "LABEL x=1",
+            "USER 7",
+            "CMD [\"/bin/sh\" \"-c\" \"run\"]",
+            "EXPOSE [80/tcp 81/udp]"
+        ]
+    );
+    assert!(s.config.history.iter().all(|h| h.empty_layer));
+}
+
+#[test]
+fn run_lowers_to_an_exec_with_the_stage_env_cwd_user_and_history() {
+    let g = lower(
+        "FROM scratch\nARG V=1\nENV P=/x\nWORKDIR /app\nUSER 10:20\nRUN --network=none echo $V $P\n",
+    );
+    let s = &g.stages[0];
+    assert_eq!(s.ops.len(), 2);
+    assert!(matches!(&s.ops[0].op, Op::Mkdir(m) if m.path == "/app" && m.user.is_none()));
+    let Op::Exec(e) = &s.ops[1].op else {
+        panic!("{:?}", s.ops[1].op)
+    };
+    assert_eq!(e.args, ["/bin/sh", "-c", "echo $V $P"]);
+    assert!(e.env.contains(&("V".into(), "1".into())));
+    assert_eq!(e.cwd, "/app");
+    assert_eq!(e.user.as_deref(), Some("10:20"));
+    assert_eq!(e.network, kiln_executor::NetworkMode::None);
+    assert_eq!(s.ops[1].name, "[stage-0 6/6] RUN --network=none echo $V $P");
+    assert_eq!(s.ops[1].line, 6);
+    let last = s.config.history.last().expect("history");
+    assert_eq!(
+        last.created_by.as_deref(),
+        Some("RUN |1 V=1 /bin/sh -c echo $V $P")
+    );
+    assert!(!last.empty_layer);
+}
+
+#[test]
+fn proxy_build_args_reach_the_step_but_not_its_key_inputs() {
+    let g = lower_with("FROM scratch\nRUN env\n", &HashMap::new(), |o| {
+        o.build_args = BTreeMap::from([("HTTP_PROXY".into(), "http://p".into())]);
+    })
+    .expect("lower");
+    let Op::Exec(e) = &g.stages[0].ops[0].op else {
+        panic!()
+    };
+    assert!(!e.env.iter().any(|(k, _)| k == "HTTP_PROXY"));
+    assert_eq!(
+        e.proxy_env,
+        [("HTTP_PROXY".to_string(), "http://p".to_string())]
+    );
+    assert!(g.unused_build_args.is_empty());
+}
+
+#[test]
+fn a_base_image_config_decides_env_workdir_user_and_its_onbuild_is_spliced() {
+    let g = lower_with("FROM node\nRUN echo $NODE\n", &node(), |_| {}).expect("lower");
+    let s = &g.stages[0];
+    assert_eq!(s.base, Base::Image("node".into()));
+    let names: Vec<&str> = s.ops.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "[stage-0 ONBUILD] COPY package.json ./",
+            "[stage-0 ONBUILD] RUN npm ci",
+            "[stage-0 2/2] RUN echo $NODE"
+        ]
+    );
+    let Op::Copy(c) = &s.ops[0].op else { panic!() };
+    assert_eq!(c.dest, "/home/node");
+    assert!(c.dest_is_dir);
+    let Op::Exec(e) = &s.ops[2].op else { panic!() };
+    assert_eq!(e.user.as_deref(), Some("node"));
+    assert_eq!(e.cwd, "/home/node");
+    assert!(e.env.contains(&("NODE".into(), "20".into())));
+    // Triggers run once: the stage's own config no longer carries them.
+    assert!(s
+        .config
+        .config
+        .as_ref()
+        .and_then(|c| c.on_build.clone())
+        .is_none());
+}
+
+#[test]
+fn an_unresolved_base_image_is_an_error_at_its_from_line() {
+    let e = lower_with("FROM scratch\nFROM ghost\n", &HashMap::new(), |_| {}).expect_err("fails");
+    assert!(matches!(e, BuildError::Step { line: 2, .. }), "{e:?}");
+}
+
+#[test]
+fn stages_are_edges_and_the_target_prunes_the_rest() {
+    let g = lower_with(
+        "FROM scratch AS a\nCOPY x /x\n\
+         FROM scratch AS unused\nRUN false\n\
+         FROM a AS b\nCOPY --from=a /x /y\nRUN --mount=type=bind,from=a,target=/m true\n\
+         FROM scratch AS c\n",
+        &HashMap::new(),
+        |o| o.target = Some("b".into()),
+    )
+    .expect("lower");
+    let idx: Vec<usize> = g.stages.iter().map(|s| s.index).collect();
+    assert_eq!(idx, [0, 2]);
+    assert_eq!(g.target, 2);
+    let b = &g.stages[1];
+    assert_eq!(b.base, Base::Stage(0));
+    let Op::Copy(c) = &b.ops[0].op else { panic!() };
+    assert_eq!(c.from, Some(SourceRef::Stage(0)));
+    let Op::Exec(e) = &b.ops[1].op else { panic!() };
+    assert_eq!(e.mounts[0].from, Some(SourceRef::Stage(0)));
+    // A stage built on another inherits its history (and its layers'
+    // entries).
+    assert_eq!(b.config.history.len(), 3);
+}
+
+#[test]
+fn copy_lowering_expands_its_flags_and_keeps_heredoc_text_for_the_key() {
+    let g = lower("FROM scratch\nARG U=5 M=644 D=dst\nCOPY --chown=$U --chmod=$M --exclude=*.tmp src/ $D/\nCOPY <<EOF /f\n$U\nEOF\n");
+    let s = &g.stages[0];
+    let Op::Copy(c) = &s.ops[0].op else { panic!() };
+    assert_eq!(c.chown.as_deref(), Some("5"));
+    assert_eq!(
+        c.chmod.as_ref().map(|m| m.to_string()).as_deref(),
+        Some("644")
+    );
+    assert_eq!(c.excludes, ["*.tmp"]);
+    assert_eq!(c.dest, "/dst");
+    assert!(c.dest_is_dir);
+    assert!(c.from.is_none());
+    let Op::Copy(h) = &s.ops[1].op else { panic!() };
+    assert_eq!(h.heredocs[0].raw, "$U\n");
+    assert_eq!(h.heredocs[0].data, "5\n");
+    let hist: Vec<&str> = s
+        .config
+        .history
+        .iter()
+        .filter_map(|h| h.created_by.as_deref())
+        .collect();
+    assert_eq!(hist[1], "COPY --chown=5 --chmod=$M src/ dst/ # buildkit");
+}
+
+#[test]
+fn hostile_input_fails_at_lowering_with_its_line() {
+    // An empty VOLUME, an insecure RUN not allowed, an invalid signal, a
+    // huge expansion: all refused before anything runs.
+    for (df, line) in [
+        ("FROM scratch\nARG E\nVOLUME $E\n", 3),
+        ("FROM scratch\n\nRUN --security=insecure true\n", 3),
+        ("FROM scratch\nSTOPSIGNAL SIGNOPE\n", 2),
+    ] {
+        match lower_with(df, &HashMap::new(), |_| {}) {
+            Err(BuildError::Step { line: l, .. }) => assert_eq!(l, line, "{df}"),
+            other => panic!("{df}: {other:?}"),
+        }
+    }
+    let big = format!(
+        "FROM scratch\nARG A={}\nENV B=$A$A$A$A$A$A$A$A$A$A$A$A$A$A$A$A$A$A$A$A\n",
+        "x".repeat(1 << 20)
+    );
+    assert!(matches!(
+        lower_with(&big, &HashMap::new(), |_| {}),
+        Err(BuildError::Dockerfile(_))
+    ));
+}
+
+#[test]
+fn mounts_are_planned_at_lowering_targets_ids_and_checks() {
+    let g = lower_with(
+        "FROM scratch\nWORKDIR /w\nARG C=apk\n\
+         RUN --mount=type=cache,target=c/$C --mount=type=ssh --mount=type=ssh,id=b,required=false --mount=type=secret,id=s,env=TOKEN,required=false true\n",
+        &HashMap::new(),
+        |o| {
+            o.ssh = BTreeMap::from([("default".to_string(), "/tmp/agent".into())]);
+        },
+    )
+    .expect("lower");
+    let Op::Exec(e) = &g.stages[0].ops[1].op else {
+        panic!()
+    };
+    let planned: Vec<(Option<&str>, &str)> = e
+        .mounts
+        .iter()
+        .map(|m| (m.target.as_deref(), m.id.as_str()))
+        .collect();
+    assert_eq!(
+        planned,
+        [
+            (Some("/w/c/apk"), "/w/c/apk"),
+            (Some("/run/buildkit/ssh_agent.0"), "default"),
+            (Some("/run/buildkit/ssh_agent.1"), "b"),
+            (None, "s"),
+        ]
+    );
+}
+
+#[test]
+fn hostile_mount_plans_are_refused_before_anything_runs() {
+    for (df, why) in [
+        (
+            "FROM scratch\nRUN --mount=type=tmpfs,target=/a --mount=type=cache,target=/a true\n",
+            "is the target of two mounts",
+        ),
+        (
+            "FROM scratch\nRUN --mount=type=bind,target=/ true\n",
+            "cannot mount over /",
+        ),
+        (
+            "FROM scratch\nRUN --mount=type=tmpfs true\n",
+            "mount target required",
+        ),
+        (
+            "FROM scratch\nRUN --mount=type=secret,id=k,required=true true\n",
+            "secret k not found",
+        ),
+        (
+            "FROM scratch\nRUN --mount=type=ssh,required=true true\n",
+            "no SSH agent socket",
+        ),
+    ] {
+        match lower_with(df, &HashMap::new(), |_| {}) {
+            Err(BuildError::Step { line: 2, message }) => {
+                assert!(message.contains(why), "{df}: {message}")
+            }
+            other => panic!("{df}: {other:?}"),
+        }
+    }
+}
