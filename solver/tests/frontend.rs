@@ -44,17 +44,24 @@ fn node() -> HashMap<String, ImageConfig> {
 
 #[test]
 fn config_instructions_lower_to_no_ops_but_to_config_and_history() {
-    let g = lower("FROM scratch\nENV A=1 B=$A\nLABEL x=$B\nUSER 7\nCMD run\nEXPOSE 80 81/udp\n");
+    // `ENV A=1 B=$A` expands `$A` as it was before the line (unset), as
+    // docker and BuildKit do; the next line sees A.
+    let g = lower(
+        "FROM scratch\nENV A=0\nENV A=1 B=$A\nENV C=$A\nLABEL x=$B\nUSER 7\nCMD run\nEXPOSE 80 81/udp\n",
+    );
     let s = &g.stages[0];
     assert!(s.ops.is_empty());
     let c = s.config.config.as_ref().expect("config");
-    assert!(c.env.as_ref().expect("env").contains(&"B=1".to_string()));
+    let env = c.env.as_ref().expect("env");
+    for want in ["A=1", "B=0", "C=1"] {
+        assert!(env.contains(&want.to_string()), "{want} not in {env:?}");
+    }
     assert_eq!(
         c.labels
             .as_ref()
             .and_then(|l| l.get("x"))
             .map(String::as_str),
-        Some("1")
+        Some("0")
     );
     assert_eq!(c.user.as_deref(), Some("7"));
     assert_eq!(
@@ -70,8 +77,10 @@ fn config_instructions_lower_to_no_ops_but_to_config_and_history() {
     assert_eq!(
         hist,
         [
-            "ENV A=1 B=1",
-            "LABEL x=1",
+            "ENV A=0",
+            "ENV A=1 B=0",
+            "ENV C=1",
+            "LABEL x=0",
             "USER 7",
             "CMD [\"/bin/sh\" \"-c\" \"run\"]",
             "EXPOSE [80/tcp 81/udp]"

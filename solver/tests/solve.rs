@@ -106,7 +106,8 @@ async fn golden_keys_of_a_scratch_build() {
     let df = "FROM scratch\n\
               COPY a.txt /a.txt\n\
               WORKDIR /app\n\
-              ENV X=1 Y=${X}2\n\
+              ENV X=1\n\
+              ENV Y=${X}2\n\
               COPY --chown=1:2 --chmod=640 dir/ ./dir/\n\
               ADD <<EOT /hello.sh\necho $Y\nEOT\n\
               COPY --link a.txt /linked\n";
@@ -135,7 +136,11 @@ fn assert_golden(keys: &[String], image_id: &str, golden: &[&str]) {
 
 /// Keys (committed, in order) and the image ID of
 /// [`golden_keys_of_a_scratch_build`]; captured from the interpreter that
-/// preceded the op graph.
+/// preceded the op graph. (The `ENV X=1` / `ENV Y=${X}2` pair was one `ENV
+/// X=1 Y=${X}2` line until ENV learned to expand every word with the
+/// environment from before the line, as docker does; split in two it keeps
+/// the same value and the same eight layer keys, and only the image ID,
+/// which counts the history entries, moved.)
 const GOLDEN_SCRATCH: &[&str] = &[
     "sha256:4baf4d6a23e22040592e0ce0fa74fba3bc27176915298d75badba8e5e3034ccb",
     "sha256:677a4852c13a321dc9ad75fe8de8cd405054139253f9afceb3007f73fa28f29a",
@@ -145,7 +150,7 @@ const GOLDEN_SCRATCH: &[&str] = &[
     "sha256:2928bc0d944a7445f6ec5c1470b4f7bbcc245ab309383708b2564263f522d708",
     "sha256:8e5306eeca397da3f9a48a32c35acefd3536904c1ceea43fd89890b69d525a98",
     "sha256:06be7aafa0847f3c65c30aa2ffae2e8762d82ea81a0540960d121fc1a8df13bf",
-    "sha256:a0652aa05314dfa0b8ed268174ea47e47666420dbc31511b33808e322d5fe7be",
+    "sha256:781b02c74549d004ed5a9b1a7427def3eac251c5b7eb90f1294cba047c43c4fe",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -474,10 +474,15 @@ impl Lowerer<'_> {
         };
         match &instr.kind {
             Kind::Env { vars } => {
+                // Every word expands with the environment from before the
+                // instruction (`ENV abc=bye def=$abc` gives def the old
+                // abc), as docker and BuildKit expand a whole instruction
+                // before they apply it.
+                let before = state.env.clone();
                 let mut msg = String::from("ENV");
                 for kv in vars {
-                    let k = self.expand(&kv.key, &state.env, line)?;
-                    let v = self.expand(&kv.value, &state.env, line)?;
+                    let k = self.expand(&kv.key, &before, line)?;
+                    let v = self.expand(&kv.value, &before, line)?;
                     msg.push_str(&format!(" {k}={v}"));
                     state.set_env(&k, &v);
                 }
