@@ -12,6 +12,11 @@ use kiln_image::manifest::ImageManifest;
 use kiln_solver::backend::Backend;
 use kiln_solver::store::StoreBackend;
 
+use kiln_image::archive::ArchiveImage;
+use kiln_solver::export::{
+    ArchiveExporter, ArchiveFormat, Dest, ExportError, ExportInput, Exporter, TarExporter,
+};
+
 use crate::UsageError;
 
 /// `kiln images` flags.
@@ -714,34 +719,25 @@ pub struct SaveArgs {
     images: Vec<String>,
 }
 
-/// The store's content as a [`kiln_image::archive::BlobSource`].
-pub struct StoreBlobs<'a>(pub &'a Store);
-
-impl kiln_image::archive::BlobSource for StoreBlobs<'_> {
-    fn open_blob(&self, d: &kiln_image::Digest) -> std::io::Result<Box<dyn std::io::Read + '_>> {
-        let cd: kiln_cache::Digest = d
-            .as_str()
-            .parse()
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
-        self.0
-            .open_blob(&cd)
-            .map(|r| -> Box<dyn std::io::Read + '_> { r })
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{e}")))
-    }
-    fn blob_size(&self, d: &kiln_image::Digest) -> std::io::Result<u64> {
-        let cd: kiln_cache::Digest = d
-            .as_str()
-            .parse()
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
-        self.0
-            .blob_size(&cd)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{e}")))
+/// Runs one exporter through the library's export path: a broken pipe on
+/// stdout ends kiln quietly (status 141, as docker), stdout on a
+/// terminal is refused with `refusal` (a usage error).
+fn run_exports(
+    input: &ExportInput<'_>,
+    exporter: Box<dyn Exporter>,
+    refusal: &str,
+) -> anyhow::Result<()> {
+    match kiln_solver::export::run(input, &[exporter], &crate::registry_cmds::CliReporter::new(false)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_broken_pipe() => std::process::exit(crate::EXIT_STDOUT_CLOSED.into()),
+        Err(ExportError::Terminal) => Err(usage(refusal)),
+        Err(ExportError::Usage(m)) => Err(usage(m)),
+        Err(e) => Err(anyhow::Error::msg(e.to_string())),
     }
 }
 
 /// `kiln save`: images from the store as a docker-archive or OCI tar.
 pub fn save(root: &Path, a: SaveArgs) -> anyhow::Result<ExitCode> {
-    use std::io::IsTerminal;
     let store = open(root)?;
     let mut images = Vec::new();
     for r in &a.images {
@@ -761,43 +757,65 @@ pub fn save(root: &Path, a: SaveArgs) -> anyhow::Result<ExitCode> {
                 format!("{repo}:{tag}")
             })
             .collect();
-        images.push(kiln_image::archive::ArchiveImage {
+        images.push(ArchiveImage {
             names,
             manifest: raw,
         });
     }
-    let blobs = StoreBlobs(&store);
-    let write = |out: &mut dyn std::io::Write| -> anyhow::Result<()> {
-        if a.format == "oci" {
-            kiln_image::archive::write_oci_archive(out, &images, &blobs)?;
+    let exporter: Box<dyn Exporter> = Box::new(ArchiveExporter {
+        format: if a.format == "oci" {
+            ArchiveFormat::Oci
         } else {
-            kiln_image::archive::write_docker_archive(out, &images, &blobs)?;
-        }
-        Ok(())
+            ArchiveFormat::Docker
+        },
+        // A failed or killed save leaves nothing under the name or
+        // beside it.
+        dest: match &a.output {
+            Some(path) => Dest::File(path.clone()),
+            None => Dest::Stdout,
+        },
+        names: None,
+        encoding: None,
+    });
+    let input = ExportInput {
+        store: &store,
+        images,
+        source_date_epoch: None,
+        cache: None,
     };
-    match &a.output {
-        Some(path) => {
-            // A failed or killed save leaves nothing under the name or
-            // beside it.
-            crate::outfile::write_atomically(path, |w| write(w))?;
-        }
-        None => {
-            if std::io::stdout().is_terminal() {
-                return Err(usage(
-                    "cowardly refusing to save to a terminal. Use the -o flag or redirect",
-                ));
-            }
-            let stdout = std::io::stdout();
-            let mut w = std::io::BufWriter::new(stdout.lock());
-            let r = write(&mut w).and_then(|()| Ok(std::io::Write::flush(&mut w)?));
-            match r {
-                // `kiln save IMAGE | head -c 100`: quietly, as docker.
-                Err(e) if crate::is_broken_pipe(&e) => {
-                    std::process::exit(crate::EXIT_STDOUT_CLOSED.into())
-                }
-                r => r?,
-            }
-        }
-    }
+    run_exports(&input, exporter, "cowardly refusing to save to a terminal. Use the -o flag or redirect")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln export` flags.
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// Write the tar here (default: stdout, which must not be a terminal).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<String>,
+    /// The image.
+    image: String,
+}
+
+/// Runs `kiln export`: the image's final filesystem as one tar.
+pub fn export(root: &Path, a: ExportArgs) -> anyhow::Result<ExitCode> {
+    let store = open(root)?;
+    let name = kiln_cache::normalize_reference(&a.image)
+        .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
+    let manifest = kiln_solver::transfer::local_manifest(&store, &name).map_err(anyhow::Error::msg)?;
+    let input = ExportInput {
+        store: &store,
+        images: vec![ArchiveImage {
+            names: Vec::new(),
+            manifest,
+        }],
+        source_date_epoch: None,
+        cache: None,
+    };
+    let tar: Box<dyn Exporter> = Box::new(TarExporter {
+        dest: Dest::parse(a.output.as_deref().unwrap_or("-")),
+        rewrite_timestamp: false,
+    });
+    run_exports(&input, tar, "refusing to write an archive to a terminal; use dest=FILE")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -19,11 +19,8 @@ macro_rules! outln {
     }};
 }
 
-mod build_cache;
 mod build_cmd;
 mod image_cmds;
-mod outfile;
-mod output;
 mod progress;
 mod registry_cmds;
 mod signals;
@@ -107,7 +104,7 @@ enum Command {
     /// Log out from a registry.
     Logout(registry_cmds::LogoutArgs),
     /// Write an image's final filesystem as one tar.
-    Export(output::ExportArgs),
+    Export(image_cmds::ExportArgs),
     /// Store-wide tools: disk usage, consistency check.
     System {
         #[command(subcommand)]
@@ -223,7 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Push(args) => registry_cmds::push(&store_root(cli.root), args),
         Command::Login(args) => registry_cmds::login(args),
         Command::Logout(args) => registry_cmds::logout(args),
-        Command::Export(args) => output::export(&store_root(cli.root), args),
+        Command::Export(args) => image_cmds::export(&store_root(cli.root), args),
         Command::System { what } => store_cmds::system(&store_root(cli.root), what),
         Command::Debug {
             what: DebugCommand::Ast { file, json },
