@@ -727,7 +727,11 @@ fn run_exports(
     exporter: Box<dyn Exporter>,
     refusal: &str,
 ) -> anyhow::Result<()> {
-    match kiln_solver::export::run(input, &[exporter], &crate::registry_cmds::CliReporter::new(false)) {
+    match kiln_solver::export::run(
+        input,
+        &[exporter],
+        &crate::registry_cmds::CliReporter::new(false),
+    ) {
         Ok(_) => Ok(()),
         Err(e) if e.is_broken_pipe() => std::process::exit(crate::EXIT_STDOUT_CLOSED.into()),
         Err(ExportError::Terminal) => Err(usage(refusal)),
@@ -783,7 +787,11 @@ pub fn save(root: &Path, a: SaveArgs) -> anyhow::Result<ExitCode> {
         source_date_epoch: None,
         cache: None,
     };
-    run_exports(&input, exporter, "cowardly refusing to save to a terminal. Use the -o flag or redirect")?;
+    run_exports(
+        &input,
+        exporter,
+        "cowardly refusing to save to a terminal. Use the -o flag or redirect",
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -802,7 +810,8 @@ pub fn export(root: &Path, a: ExportArgs) -> anyhow::Result<ExitCode> {
     let store = open(root)?;
     let name = kiln_cache::normalize_reference(&a.image)
         .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
-    let manifest = kiln_solver::transfer::local_manifest(&store, &name).map_err(anyhow::Error::msg)?;
+    let manifest =
+        kiln_solver::transfer::local_manifest(&store, &name).map_err(anyhow::Error::msg)?;
     let input = ExportInput {
         store: &store,
         images: vec![ArchiveImage {
@@ -816,6 +825,10 @@ pub fn export(root: &Path, a: ExportArgs) -> anyhow::Result<ExitCode> {
         dest: Dest::parse(a.output.as_deref().unwrap_or("-")),
         rewrite_timestamp: false,
     });
-    run_exports(&input, tar, "refusing to write an archive to a terminal; use dest=FILE")?;
+    run_exports(
+        &input,
+        tar,
+        "refusing to write an archive to a terminal; use dest=FILE",
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -8,12 +8,12 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
+use kiln_image::archive::ArchiveImage;
 use kiln_image::compression::{Compression, CompressionOpts};
 use kiln_registry::config::{erase_credentials, store_credentials};
 use kiln_registry::{Credentials, Registry, RegistryConfig, Transfer};
 use kiln_solver::export::{self, ExportInput, Exporter, RegistryExporter, Reporter};
 use kiln_solver::transfer::{self, LayerEncoding};
-use kiln_image::archive::ArchiveImage;
 
 use crate::UsageError;
 

@@ -366,11 +366,8 @@ impl Session {
     /// store at `root` when it exists and has them; nothing is pulled and
     /// no store is created.
     pub fn check(root: &Path, req: &BuildRequest) -> Result<Checked, Error> {
-        let resolved = context::resolve(
-            &req.context,
-            req.dockerfile.as_deref(),
-            &root.join("tmp"),
-        )?;
+        let resolved =
+            context::resolve(&req.context, req.dockerfile.as_deref(), &root.join("tmp"))?;
         let name = resolved.dockerfile_name.clone();
         let df = kiln_parser::parse(&resolved.dockerfile)
             .map_err(|e| Error::Usage(format!("{name}: {e}")))?;

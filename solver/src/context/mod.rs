@@ -315,4 +315,3 @@ fn find_ignore_file(dockerfile: &Path, context: &Path) -> PathBuf {
     }
     context.join(".dockerignore")
 }
-

@@ -76,8 +76,8 @@ pub fn import(
     };
     let read_blob = |d: &kiln_image::Digest| -> Result<Vec<u8>, OciLayoutError> {
         let p = blob_path(d)?;
-        let bytes =
-            std::fs::read(&p).map_err(|e| err(format!("{}: reading {}: {e}", what(), p.display())))?;
+        let bytes = std::fs::read(&p)
+            .map_err(|e| err(format!("{}: reading {}: {e}", what(), p.display())))?;
         let (got, _) = kiln_image::archive::digest_reader(&bytes[..])?;
         if &got != d {
             return Err(err(format!("{}: blob {d} has digest {got}", what())));
@@ -85,13 +85,12 @@ pub fn import(
         Ok(bytes)
     };
     let idx_path = dir.join("index.json");
-    let idx_bytes = std::fs::read(&idx_path)
-        .map_err(|e| {
-            err(format!(
-                "{}: not an OCI image layout (reading index.json): {e}",
-                what()
-            ))
-        })?;
+    let idx_bytes = std::fs::read(&idx_path).map_err(|e| {
+        err(format!(
+            "{}: not an OCI image layout (reading index.json): {e}",
+            what()
+        ))
+    })?;
     let index: ImageIndex = serde_json::from_slice(&idx_bytes)
         .map_err(|e| err(format!("{}: parsing index.json: {e}", what())))?;
     let want = tag.unwrap_or("latest");
@@ -165,4 +164,3 @@ pub fn import(
     store.record_image(&name, &manifest, &config, &stored)?;
     Ok(name)
 }
-

@@ -163,7 +163,9 @@ pub fn import(
         };
         let _span = tracing::info_span!("cache_import", from = %what).entered();
         match b.import(src) {
-            Ok(n) => report.note(&format!("importing cache manifest from {what}: {n} records")),
+            Ok(n) => report.note(&format!(
+                "importing cache manifest from {what}: {n} records"
+            )),
             Err(e) => report.warn(&format!("WARNING: failed to import cache from {what}: {e}")),
         }
     }
@@ -231,7 +233,9 @@ impl Exporter for CacheExporter {
                     Err(err) if *ignore_error => {
                         report.warn(&format!("WARNING: exporting cache to {reference}: {err}"))
                     }
-                    Err(err) => return Err(failed(format!("exporting cache to {reference}: {err}"))),
+                    Err(err) => {
+                        return Err(failed(format!("exporting cache to {reference}: {err}")))
+                    }
                 }
             }
             CacheExport::Local {

@@ -568,7 +568,8 @@ impl Exporter for ArchiveExporter {
         input: &ExportInput<'_>,
         report: &dyn Reporter,
     ) -> Result<Exported, ExportError> {
-        let _span = tracing::info_span!("export", format = ?self.format, dest = ?self.dest).entered();
+        let _span =
+            tracing::info_span!("export", format = ?self.format, dest = ?self.dest).entered();
         let mut images = input.images.clone();
         if let Some(names) = &self.names {
             let first = images
@@ -578,14 +579,11 @@ impl Exporter for ArchiveExporter {
         }
         if let Some(enc) = self.encoding {
             for img in &mut images {
-                img.manifest = transfer::encode_image(
-                    input.store,
-                    &img.manifest,
-                    enc,
-                    4,
-                    &|m: &str| report.note(m),
-                )
-                .map_err(ExportError::Failed)?;
+                img.manifest =
+                    transfer::encode_image(input.store, &img.manifest, enc, 4, &|m: &str| {
+                        report.note(m)
+                    })
+                    .map_err(ExportError::Failed)?;
             }
         }
         let blobs = StoreBlobs(input.store);
@@ -619,7 +617,8 @@ impl Exporter for LocalExporter {
         input: &ExportInput<'_>,
         report: &dyn Reporter,
     ) -> Result<Exported, ExportError> {
-        let _span = tracing::info_span!("export", kind = "local", dir = %self.dir.display()).entered();
+        let _span =
+            tracing::info_span!("export", kind = "local", dir = %self.dir.display()).entered();
         unpack_rootfs(input.store, &input.image()?.manifest, &self.dir, report)?;
         Ok(Exported::default())
     }
@@ -647,9 +646,8 @@ impl Exporter for TarExporter {
             None
         };
         let manifest = &input.image()?.manifest;
-        self.dest.write(|w| {
-            rootfs_tar(input.store, manifest, w, clamp, report)
-        })?;
+        self.dest
+            .write(|w| rootfs_tar(input.store, manifest, w, clamp, report))?;
         Ok(Exported::default())
     }
 }
