@@ -45,7 +45,8 @@ struct Cli {
     /// Store root (default: $KILN_ROOT, else /var/lib/kiln as root).
     #[arg(long, global = true, env = "KILN_ROOT", value_name = "DIR")]
     root: Option<PathBuf>,
-    /// Verbose diagnostics on stderr.
+    /// Verbose diagnostics on stderr (also `KILN_DEBUG=1`; `RUST_LOG`
+    /// filters them).
     #[arg(long, global = true)]
     debug: bool,
     #[command(subcommand)]
@@ -184,6 +185,7 @@ fn main() -> ExitCode {
     kiln_executor::maybe_run_init();
     quiet_on_closed_pipe();
     let cli = Cli::parse();
+    init_logging(cli.debug);
     match run(cli) {
         Ok(code) => code,
         Err(e) if e.downcast_ref::<UsageError>().is_some() => {
@@ -195,6 +197,27 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// With `--debug` or `KILN_DEBUG` (set, not empty or `0`): the library's
+/// `tracing` spans and events (build start and end, each step started,
+/// cached or done, pulls, pushes, exports, cache imports and exports) go
+/// to stderr, at debug level unless `RUST_LOG` says otherwise. Without
+/// it nothing is logged.
+fn init_logging(debug: bool) {
+    let env = std::env::var("KILN_DEBUG").is_ok_and(|v| !v.is_empty() && v != "0");
+    if !(debug || env) {
+        return;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(
+            "kiln=debug,kiln_solver=debug,kiln_cache=debug,kiln_image=debug,kiln_registry=debug,kiln_executor=debug",
+        ));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 /// The store root: `--root`, else `$KILN_ROOT` (clap reads both), else the

@@ -156,10 +156,12 @@ pub fn run(
 ) -> Result<Exported, ExportError> {
     let _lease = input.store.lease(None)?;
     let mut all = Exported::default();
+    tracing::info!(exporters = exporters.len(), "export started");
     for e in exporters {
         let done = e.export(input, report)?;
         all.pushed.extend(done.pushed);
     }
+    tracing::info!("export done");
     Ok(all)
 }
 
