@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use kiln_executor::NetworkMode;
+use kiln_solver::executor::NetworkMode;
 use kiln_solver::export::cache::CacheFlags;
 use kiln_solver::export::OutputSpec;
 use kiln_solver::session::{BuildRequest, Session};
@@ -269,7 +269,7 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     let result = rt.block_on(async move {
         let (progress_tx, rx) = kiln_solver::progress::channel();
         let render = tokio::spawn(progress::render(mode, rx));
-        let cancel = kiln_executor::CancellationToken::new();
+        let cancel = kiln_solver::executor::CancellationToken::new();
         crate::signals::cancel_on_interrupt(&cancel);
         let r = prepared.solve(progress_tx, cancel).await;
         let _ = render.await;

@@ -147,11 +147,11 @@ pub fn stdout_failed(e: std::io::Error) -> ! {
 /// Whether `e` comes from writing to a pipe whose reader is gone.
 pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        let io = c.downcast_ref::<std::io::Error>().or_else(|| {
-            match c.downcast_ref::<kiln_image::ImageError>() {
-                Some(kiln_image::ImageError::Io(io)) => Some(io),
-                _ => None,
-            }
+        let io = c.downcast_ref::<std::io::Error>().or_else(|| match c
+            .downcast_ref::<kiln_solver::image::ImageError>()
+        {
+            Some(kiln_solver::image::ImageError::Io(io)) => Some(io),
+            _ => None,
         });
         io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
@@ -223,7 +223,7 @@ fn init_logging(debug: bool) {
 /// The store root: `--root`, else `$KILN_ROOT` (clap reads both), else the
 /// default for this user.
 fn store_root(root: Option<PathBuf>) -> PathBuf {
-    root.unwrap_or_else(kiln_cache::default_root)
+    root.unwrap_or_else(kiln_solver::cache::default_root)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -271,9 +271,9 @@ fn read_dockerfile(file: Option<&PathBuf>) -> anyhow::Result<(String, String)> {
 fn debug_ast(file: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
     let (name, text) = read_dockerfile(file.as_ref())?;
     let out = if json {
-        kiln_parser::parse(&text).map(|df| serde_json::to_string_pretty(&df))
+        kiln_solver::parser::parse(&text).map(|df| serde_json::to_string_pretty(&df))
     } else {
-        kiln_parser::parse_ast(&text).map(|ast| Ok(ast.dump()))
+        kiln_solver::parser::parse_ast(&text).map(|ast| Ok(ast.dump()))
     };
     match out {
         Ok(s) => {

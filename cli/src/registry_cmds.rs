@@ -8,11 +8,11 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
-use kiln_image::archive::ArchiveImage;
-use kiln_image::compression::{Compression, CompressionOpts};
-use kiln_registry::config::{erase_credentials, store_credentials};
-use kiln_registry::{Credentials, Registry, RegistryConfig, Transfer};
 use kiln_solver::export::{self, ExportInput, Exporter, RegistryExporter, Reporter};
+use kiln_solver::image::archive::ArchiveImage;
+use kiln_solver::image::compression::{Compression, CompressionOpts};
+use kiln_solver::registry::config::{erase_credentials, store_credentials};
+use kiln_solver::registry::{Credentials, Registry, RegistryConfig, Transfer};
 use kiln_solver::transfer::{self, LayerEncoding};
 
 use crate::UsageError;
@@ -21,8 +21,8 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(msg.into()))
 }
 
-fn open(root: &Path) -> anyhow::Result<kiln_cache::Store> {
-    kiln_cache::Store::open(root)
+fn open(root: &Path) -> anyhow::Result<kiln_solver::cache::Store> {
+    kiln_solver::cache::Store::open(root)
         .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", root.display()))
 }
 
@@ -131,7 +131,8 @@ impl TransferLog {
         if self.quiet {
             return;
         }
-        let short = |d: &kiln_image::Digest| d.hex().get(..12).unwrap_or_default().to_string();
+        let short =
+            |d: &kiln_solver::image::Digest| d.hex().get(..12).unwrap_or_default().to_string();
         match t {
             Transfer::Started(d, size) => {
                 eprintln!("{}: {}ing {} bytes", short(&d), self.verb, size)
@@ -204,7 +205,7 @@ pub fn pull(root: &Path, a: PullArgs) -> anyhow::Result<ExitCode> {
     let store = open(root)?;
     let _lease = store.lease(None)?;
     let log = CliReporter::new(a.quiet);
-    let name = kiln_cache::normalize_reference(&a.image)
+    let name = kiln_solver::cache::normalize_reference(&a.image)
         .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
     if !a.quiet {
         eprintln!("pulling {name}");
@@ -236,11 +237,11 @@ fn parse_compression(name: &str, level: Option<i32>) -> anyhow::Result<Compressi
 pub fn push(root: &Path, a: PushArgs) -> anyhow::Result<ExitCode> {
     let cfg = registry_config(&a.insecure)?;
     let store = open(root)?;
-    let name = kiln_cache::normalize_reference(&a.image)
+    let name = kiln_solver::cache::normalize_reference(&a.image)
         .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
     let manifest = transfer::local_manifest(&store, &name).map_err(anyhow::Error::msg)?;
     let dest = a.destination.clone().unwrap_or_else(|| name.clone());
-    let dest = kiln_cache::normalize_reference(&dest)
+    let dest = kiln_solver::cache::normalize_reference(&dest)
         .map_err(|e| usage(format!("invalid destination {dest:?}: {e}")))?;
     let enc = LayerEncoding {
         compression: parse_compression(&a.compression, a.compression_level)?,

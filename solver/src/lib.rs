@@ -44,3 +44,16 @@ pub mod transfer;
 
 pub use build::{build, BuildOptions, BuildResult, ResourceLimits};
 pub use error::BuildError;
+
+/// The store ([`kiln_cache`]), re-exported so that a program depending on
+/// the facade alone (the CLI) reaches its types: image records, prune,
+/// df, check.
+pub use kiln_cache as cache;
+/// The sandbox ([`kiln_executor`]), re-exported for `kiln run`.
+pub use kiln_executor as executor;
+/// OCI formats ([`kiln_image`]), re-exported.
+pub use kiln_image as image;
+/// The Dockerfile parser ([`kiln_parser`]), re-exported.
+pub use kiln_parser as parser;
+/// The registry client ([`kiln_registry`]), re-exported.
+pub use kiln_registry as registry;
