@@ -7,6 +7,15 @@
 //! schedules the stages on tokio so that independent stages run
 //! concurrently and identical keys run once.
 //!
+//! **The library facade.** [`session`] is the entry point for the CLI and
+//! for embedders: [`session::Session`] + [`session::BuildRequest`] ->
+//! [`BuildResult`], doing what `kiln build` does (context and Dockerfile
+//! resolution in [`context`], named contexts, cache import, the solve,
+//! then the [`export`]ers behind one trait, cache exporters included).
+//! The crates it builds on are re-exported ([`cache`], [`image`],
+//! [`registry`], [`parser`], [`executor`]) so that a program depending
+//! on this crate alone reaches their types.
+//!
 //! **What it owns.** Lowering rules (stages, `--target` pruning, `COPY
 //! --from` edges, ARG/ENV scoping and expansion), cache-key derivation, the
 //! scheduler, COPY/ADD file operations on snapshot layers, and the progress
