@@ -6,11 +6,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use kiln_cache::{ImageRecord, Store};
-use kiln_image::config::ImageConfig;
-use kiln_image::manifest::ImageManifest;
 use kiln_solver::backend::Backend;
+use kiln_solver::cache::{ImageRecord, Store};
+use kiln_solver::image::config::ImageConfig;
+use kiln_solver::image::manifest::ImageManifest;
 use kiln_solver::store::StoreBackend;
+
+use kiln_solver::export::{
+    ArchiveExporter, ArchiveFormat, Dest, ExportError, ExportInput, Exporter, TarExporter,
+};
+use kiln_solver::image::archive::ArchiveImage;
 
 use crate::UsageError;
 
@@ -108,10 +113,10 @@ struct Loaded {
 }
 
 fn load(store: &Store, rec: &ImageRecord) -> anyhow::Result<(ImageManifest, String, ImageConfig)> {
-    let md: kiln_cache::Digest = rec.manifest.parse()?;
+    let md: kiln_solver::cache::Digest = rec.manifest.parse()?;
     let bytes = store.content().read(&md)?;
     let manifest: ImageManifest = serde_json::from_slice(&bytes)?;
-    let cd: kiln_cache::Digest = manifest.config.digest.as_str().parse()?;
+    let cd: kiln_solver::cache::Digest = manifest.config.digest.as_str().parse()?;
     let config = ImageConfig::from_bytes(&store.content().read(&cd)?)?;
     Ok((manifest, cd.to_string(), config))
 }
@@ -167,7 +172,7 @@ fn find(store: &Store, reference: &str) -> anyhow::Result<Loaded> {
 }
 
 fn by_name(images: Vec<Loaded>, reference: &str) -> anyhow::Result<Loaded> {
-    let name = kiln_cache::normalize_reference(reference)
+    let name = kiln_solver::cache::normalize_reference(reference)
         .map_err(|e| usage(format!("invalid reference {reference:?}: {e}")))?;
     images
         .into_iter()
@@ -279,7 +284,7 @@ fn layer_sizes(store: &Store, l: &Loaded) -> anyhow::Result<Vec<u64>> {
         .iter()
         .enumerate()
         .map(|(i, d)| match diff_ids.get(i) {
-            Some(diff_id) => Ok(store.layer_size(kiln_cache::LayerBlob {
+            Some(diff_id) => Ok(store.layer_size(kiln_solver::cache::LayerBlob {
                 digest: &d.digest,
                 size: Some(d.size),
                 diff_id,
@@ -462,16 +467,16 @@ pub fn history(root: &Path, image: &str) -> anyhow::Result<ExitCode> {
 pub fn tag(root: &Path, src: &str, dst: &str) -> anyhow::Result<ExitCode> {
     let store = open(root)?;
     let l = find(&store, src)?;
-    let name = kiln_cache::normalize_reference(dst)
+    let name = kiln_solver::cache::normalize_reference(dst)
         .map_err(|e| usage(format!("invalid reference {dst:?}: {e}")))?;
-    let md: kiln_cache::Digest = l.manifest_digest.parse()?;
-    let cd: kiln_cache::Digest = l.config_digest.parse()?;
+    let md: kiln_solver::cache::Digest = l.manifest_digest.parse()?;
+    let cd: kiln_solver::cache::Digest = l.config_digest.parse()?;
     let layers = l
         .manifest
         .layers
         .iter()
         .map(|d| d.digest.as_str().parse())
-        .collect::<Result<Vec<kiln_cache::Digest>, _>>()?;
+        .collect::<Result<Vec<kiln_solver::cache::Digest>, _>>()?;
     store.record_image(&name, &md, &cd, &layers)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -489,7 +494,7 @@ pub fn rmi(root: &Path, force: bool, images: Vec<String>) -> anyhow::Result<Exit
                 continue;
             }
         };
-        let by_name = kiln_cache::normalize_reference(r)
+        let by_name = kiln_solver::cache::normalize_reference(r)
             .ok()
             .filter(|n| l.names.contains(n));
         let names = match by_name {
@@ -562,7 +567,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         env.retain(|x| x.split('=').next() != Some(key.as_str()));
         env.push(entry);
     }
-    let mut spec = kiln_executor::default_spec(args.clone());
+    let mut spec = kiln_solver::executor::default_spec(args.clone());
     if let Some(p) = spec.process_mut() {
         p.set_env(Some(env));
         let wd = a
@@ -578,12 +583,12 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
             l.set_seccomp(None);
         }
     }
-    kiln_executor::set_network(
+    kiln_solver::executor::set_network(
         &mut spec,
         if a.network == "none" {
-            kiln_executor::NetworkMode::None
+            kiln_solver::executor::NetworkMode::None
         } else {
-            kiln_executor::NetworkMode::Host
+            kiln_solver::executor::NetworkMode::Host
         },
     );
     let mut volumes = Vec::new();
@@ -629,7 +634,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
             }
         };
         mounts.push(
-            kiln_executor::oci::MountBuilder::default()
+            kiln_solver::executor::oci::MountBuilder::default()
                 .destination(PathBuf::from(
                     <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(dest),
                 ))
@@ -640,10 +645,13 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         );
     }
     spec.set_mounts(Some(mounts));
-    let mut req =
-        kiln_executor::ExecRequest::new(format!("run {}", a.image), spec, active.mounts.clone());
+    let mut req = kiln_solver::executor::ExecRequest::new(
+        format!("run {}", a.image),
+        spec,
+        active.mounts.clone(),
+    );
     req.user = user;
-    let executor = kiln_executor::Executor::new(kiln_executor::ExecutorConfig {
+    let executor = kiln_solver::executor::Executor::new(kiln_solver::executor::ExecutorConfig {
         state_dir: root.join("tmp").join("executor"),
         ..Default::default()
     });
@@ -651,12 +659,12 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let outcome = rt.block_on(async {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<kiln_executor::OutputLine>(256);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<kiln_solver::executor::OutputLine>(256);
         let printer = tokio::spawn(async move {
             use std::io::Write;
             while let Some(line) = rx.recv().await {
                 match line.stream {
-                    kiln_executor::Stream::Stdout => {
+                    kiln_solver::executor::Stream::Stdout => {
                         let mut o = std::io::stdout().lock();
                         let _ = o.write_all(&line.bytes);
                         if line.newline {
@@ -664,7 +672,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
                         }
                         let _ = o.flush();
                     }
-                    kiln_executor::Stream::Stderr => {
+                    kiln_solver::executor::Stream::Stderr => {
                         let mut e = std::io::stderr().lock();
                         let _ = e.write_all(&line.bytes);
                         if line.newline {
@@ -674,7 +682,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         });
-        let cancel = kiln_executor::CancellationToken::new();
+        let cancel = kiln_solver::executor::CancellationToken::new();
         let signals = crate::signals::forward_to_step(&cancel);
         let r = executor
             .run_with_signals(req, Some(tx), cancel, signals)
@@ -686,12 +694,12 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     let _ = (a.rm, a.init);
     match outcome {
         Ok(o) => Ok(ExitCode::from(match o.status {
-            kiln_executor::ExitStatus::Code(c) => u8::try_from(c).unwrap_or(1),
-            kiln_executor::ExitStatus::Signal(s) => u8::try_from(128 + s).unwrap_or(1),
+            kiln_solver::executor::ExitStatus::Code(c) => u8::try_from(c).unwrap_or(1),
+            kiln_solver::executor::ExitStatus::Signal(s) => u8::try_from(128 + s).unwrap_or(1),
         })),
         // Killed after the last of the SIGINT/SIGTERMs it was sent: the
         // status of a SIGKILLed container (what `docker kill` gives).
-        Err(kiln_executor::Error::Cancelled { .. }) => Ok(ExitCode::from(128 + 9)),
+        Err(kiln_solver::executor::Error::Cancelled { .. }) => Ok(ExitCode::from(128 + 9)),
         Err(e) => {
             eprintln!("Error: {e}");
             Ok(ExitCode::from(125))
@@ -714,43 +722,38 @@ pub struct SaveArgs {
     images: Vec<String>,
 }
 
-/// The store's content as a [`kiln_image::archive::BlobSource`].
-pub struct StoreBlobs<'a>(pub &'a Store);
-
-impl kiln_image::archive::BlobSource for StoreBlobs<'_> {
-    fn open_blob(&self, d: &kiln_image::Digest) -> std::io::Result<Box<dyn std::io::Read + '_>> {
-        let cd: kiln_cache::Digest = d
-            .as_str()
-            .parse()
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
-        self.0
-            .open_blob(&cd)
-            .map(|r| -> Box<dyn std::io::Read + '_> { r })
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{e}")))
-    }
-    fn blob_size(&self, d: &kiln_image::Digest) -> std::io::Result<u64> {
-        let cd: kiln_cache::Digest = d
-            .as_str()
-            .parse()
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
-        self.0
-            .blob_size(&cd)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{e}")))
+/// Runs one exporter through the library's export path: a broken pipe on
+/// stdout ends kiln quietly (status 141, as docker), stdout on a
+/// terminal is refused with `refusal` (a usage error).
+fn run_exports(
+    input: &ExportInput<'_>,
+    exporter: Box<dyn Exporter>,
+    refusal: &str,
+) -> anyhow::Result<()> {
+    match kiln_solver::export::run(
+        input,
+        &[exporter],
+        &crate::registry_cmds::CliReporter::new(false),
+    ) {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_broken_pipe() => std::process::exit(crate::EXIT_STDOUT_CLOSED.into()),
+        Err(ExportError::Terminal) => Err(usage(refusal)),
+        Err(ExportError::Usage(m)) => Err(usage(m)),
+        Err(e) => Err(anyhow::Error::msg(e.to_string())),
     }
 }
 
 /// `kiln save`: images from the store as a docker-archive or OCI tar.
 pub fn save(root: &Path, a: SaveArgs) -> anyhow::Result<ExitCode> {
-    use std::io::IsTerminal;
     let store = open(root)?;
     let mut images = Vec::new();
     for r in &a.images {
         let l = find(&store, r)?;
-        let md: kiln_cache::Digest = l.manifest_digest.parse()?;
+        let md: kiln_solver::cache::Digest = l.manifest_digest.parse()?;
         let bytes = store.content().read(&md)?;
-        let raw = kiln_image::manifest::RawManifest::new(bytes, None)?;
+        let raw = kiln_solver::image::manifest::RawManifest::new(bytes, None)?;
         // The name asked for (if it is one), in docker's familiar form.
-        let names = match kiln_cache::normalize_reference(r) {
+        let names = match kiln_solver::cache::normalize_reference(r) {
             Ok(n) if l.names.contains(&n) => vec![n],
             _ => l.names.clone(),
         };
@@ -761,43 +764,74 @@ pub fn save(root: &Path, a: SaveArgs) -> anyhow::Result<ExitCode> {
                 format!("{repo}:{tag}")
             })
             .collect();
-        images.push(kiln_image::archive::ArchiveImage {
+        images.push(ArchiveImage {
             names,
             manifest: raw,
         });
     }
-    let blobs = StoreBlobs(&store);
-    let write = |out: &mut dyn std::io::Write| -> anyhow::Result<()> {
-        if a.format == "oci" {
-            kiln_image::archive::write_oci_archive(out, &images, &blobs)?;
+    let exporter: Box<dyn Exporter> = Box::new(ArchiveExporter {
+        format: if a.format == "oci" {
+            ArchiveFormat::Oci
         } else {
-            kiln_image::archive::write_docker_archive(out, &images, &blobs)?;
-        }
-        Ok(())
+            ArchiveFormat::Docker
+        },
+        // A failed or killed save leaves nothing under the name or
+        // beside it.
+        dest: match &a.output {
+            Some(path) => Dest::File(path.clone()),
+            None => Dest::Stdout,
+        },
+        names: None,
+        encoding: None,
+    });
+    let input = ExportInput {
+        store: &store,
+        images,
+        source_date_epoch: None,
+        cache: None,
     };
-    match &a.output {
-        Some(path) => {
-            // A failed or killed save leaves nothing under the name or
-            // beside it.
-            crate::outfile::write_atomically(path, |w| write(w))?;
-        }
-        None => {
-            if std::io::stdout().is_terminal() {
-                return Err(usage(
-                    "cowardly refusing to save to a terminal. Use the -o flag or redirect",
-                ));
-            }
-            let stdout = std::io::stdout();
-            let mut w = std::io::BufWriter::new(stdout.lock());
-            let r = write(&mut w).and_then(|()| Ok(std::io::Write::flush(&mut w)?));
-            match r {
-                // `kiln save IMAGE | head -c 100`: quietly, as docker.
-                Err(e) if crate::is_broken_pipe(&e) => {
-                    std::process::exit(crate::EXIT_STDOUT_CLOSED.into())
-                }
-                r => r?,
-            }
-        }
-    }
+    run_exports(
+        &input,
+        exporter,
+        "cowardly refusing to save to a terminal. Use the -o flag or redirect",
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln export` flags.
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// Write the tar here (default: stdout, which must not be a terminal).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<String>,
+    /// The image.
+    image: String,
+}
+
+/// Runs `kiln export`: the image's final filesystem as one tar.
+pub fn export(root: &Path, a: ExportArgs) -> anyhow::Result<ExitCode> {
+    let store = open(root)?;
+    let name = kiln_solver::cache::normalize_reference(&a.image)
+        .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
+    let manifest =
+        kiln_solver::transfer::local_manifest(&store, &name).map_err(anyhow::Error::msg)?;
+    let input = ExportInput {
+        store: &store,
+        images: vec![ArchiveImage {
+            names: Vec::new(),
+            manifest,
+        }],
+        source_date_epoch: None,
+        cache: None,
+    };
+    let tar: Box<dyn Exporter> = Box::new(TarExporter {
+        dest: Dest::parse(a.output.as_deref().unwrap_or("-")),
+        rewrite_timestamp: false,
+    });
+    run_exports(
+        &input,
+        tar,
+        "refusing to write an archive to a terminal; use dest=FILE",
+    )?;
     Ok(ExitCode::SUCCESS)
 }

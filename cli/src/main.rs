@@ -19,11 +19,8 @@ macro_rules! outln {
     }};
 }
 
-mod build_cache;
 mod build_cmd;
 mod image_cmds;
-mod outfile;
-mod output;
 mod progress;
 mod registry_cmds;
 mod signals;
@@ -48,7 +45,8 @@ struct Cli {
     /// Store root (default: $KILN_ROOT, else /var/lib/kiln as root).
     #[arg(long, global = true, env = "KILN_ROOT", value_name = "DIR")]
     root: Option<PathBuf>,
-    /// Verbose diagnostics on stderr.
+    /// Verbose diagnostics on stderr (also `KILN_DEBUG=1`; `RUST_LOG`
+    /// filters them).
     #[arg(long, global = true)]
     debug: bool,
     #[command(subcommand)]
@@ -107,7 +105,7 @@ enum Command {
     /// Log out from a registry.
     Logout(registry_cmds::LogoutArgs),
     /// Write an image's final filesystem as one tar.
-    Export(output::ExportArgs),
+    Export(image_cmds::ExportArgs),
     /// Store-wide tools: disk usage, consistency check.
     System {
         #[command(subcommand)]
@@ -149,11 +147,11 @@ pub fn stdout_failed(e: std::io::Error) -> ! {
 /// Whether `e` comes from writing to a pipe whose reader is gone.
 pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        let io = c.downcast_ref::<std::io::Error>().or_else(|| {
-            match c.downcast_ref::<kiln_image::ImageError>() {
-                Some(kiln_image::ImageError::Io(io)) => Some(io),
-                _ => None,
-            }
+        let io = c.downcast_ref::<std::io::Error>().or_else(|| match c
+            .downcast_ref::<kiln_solver::image::ImageError>()
+        {
+            Some(kiln_solver::image::ImageError::Io(io)) => Some(io),
+            _ => None,
         });
         io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
@@ -187,6 +185,7 @@ fn main() -> ExitCode {
     kiln_executor::maybe_run_init();
     quiet_on_closed_pipe();
     let cli = Cli::parse();
+    init_logging(cli.debug);
     match run(cli) {
         Ok(code) => code,
         Err(e) if e.downcast_ref::<UsageError>().is_some() => {
@@ -200,10 +199,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// With `--debug` or `KILN_DEBUG` (set, not empty or `0`): the library's
+/// `tracing` spans and events (build start and end, each step started,
+/// cached or done, pulls, pushes, exports, cache imports and exports) go
+/// to stderr, at debug level unless `RUST_LOG` says otherwise. Without
+/// it nothing is logged.
+fn init_logging(debug: bool) {
+    let env = std::env::var("KILN_DEBUG").is_ok_and(|v| !v.is_empty() && v != "0");
+    if !(debug || env) {
+        return;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(
+            "kiln=debug,kiln_solver=debug,kiln_cache=debug,kiln_image=debug,kiln_registry=debug,kiln_executor=debug",
+        ));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
 /// The store root: `--root`, else `$KILN_ROOT` (clap reads both), else the
 /// default for this user.
 fn store_root(root: Option<PathBuf>) -> PathBuf {
-    root.unwrap_or_else(kiln_cache::default_root)
+    root.unwrap_or_else(kiln_solver::cache::default_root)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -223,7 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Push(args) => registry_cmds::push(&store_root(cli.root), args),
         Command::Login(args) => registry_cmds::login(args),
         Command::Logout(args) => registry_cmds::logout(args),
-        Command::Export(args) => output::export(&store_root(cli.root), args),
+        Command::Export(args) => image_cmds::export(&store_root(cli.root), args),
         Command::System { what } => store_cmds::system(&store_root(cli.root), what),
         Command::Debug {
             what: DebugCommand::Ast { file, json },
@@ -251,9 +271,9 @@ fn read_dockerfile(file: Option<&PathBuf>) -> anyhow::Result<(String, String)> {
 fn debug_ast(file: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
     let (name, text) = read_dockerfile(file.as_ref())?;
     let out = if json {
-        kiln_parser::parse(&text).map(|df| serde_json::to_string_pretty(&df))
+        kiln_solver::parser::parse(&text).map(|df| serde_json::to_string_pretty(&df))
     } else {
-        kiln_parser::parse_ast(&text).map(|ast| Ok(ast.dump()))
+        kiln_solver::parser::parse_ast(&text).map(|ast| Ok(ast.dump()))
     };
     match out {
         Ok(s) => {

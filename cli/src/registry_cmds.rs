@@ -8,9 +8,11 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
-use kiln_image::compression::{Compression, CompressionOpts};
-use kiln_registry::config::{erase_credentials, store_credentials};
-use kiln_registry::{Credentials, Registry, RegistryConfig, Transfer};
+use kiln_solver::export::{self, ExportInput, Exporter, RegistryExporter, Reporter};
+use kiln_solver::image::archive::ArchiveImage;
+use kiln_solver::image::compression::{Compression, CompressionOpts};
+use kiln_solver::registry::config::{erase_credentials, store_credentials};
+use kiln_solver::registry::{Credentials, Registry, RegistryConfig, Transfer};
 use kiln_solver::transfer::{self, LayerEncoding};
 
 use crate::UsageError;
@@ -19,8 +21,8 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(msg.into()))
 }
 
-fn open(root: &Path) -> anyhow::Result<kiln_cache::Store> {
-    kiln_cache::Store::open(root)
+fn open(root: &Path) -> anyhow::Result<kiln_solver::cache::Store> {
+    kiln_solver::cache::Store::open(root)
         .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", root.display()))
 }
 
@@ -129,7 +131,8 @@ impl TransferLog {
         if self.quiet {
             return;
         }
-        let short = |d: &kiln_image::Digest| d.hex().get(..12).unwrap_or_default().to_string();
+        let short =
+            |d: &kiln_solver::image::Digest| d.hex().get(..12).unwrap_or_default().to_string();
         match t {
             Transfer::Started(d, size) => {
                 eprintln!("{}: {}ing {} bytes", short(&d), self.verb, size)
@@ -159,18 +162,55 @@ impl TransferLog {
     }
 }
 
+/// The CLI's [`Reporter`]: notes on stderr unless quiet, warnings
+/// always, transfers as [`TransferLog`] lines.
+pub struct CliReporter {
+    quiet: bool,
+    pull: TransferLog,
+    push: TransferLog,
+}
+
+impl CliReporter {
+    /// A reporter for a command run with or without `-q`.
+    pub fn new(quiet: bool) -> Self {
+        CliReporter {
+            quiet,
+            pull: TransferLog::new("pull", quiet),
+            push: TransferLog::new("push", quiet),
+        }
+    }
+}
+
+impl Reporter for CliReporter {
+    fn note(&self, line: &str) {
+        if !self.quiet {
+            eprintln!("{line}")
+        }
+    }
+    fn warn(&self, line: &str) {
+        eprintln!("{line}")
+    }
+    fn transfer(&self, verb: &'static str, t: Transfer) {
+        if verb == "pull" {
+            self.pull.event(t)
+        } else {
+            self.push.event(t)
+        }
+    }
+}
+
 /// Runs `kiln pull`.
 pub fn pull(root: &Path, a: PullArgs) -> anyhow::Result<ExitCode> {
     let cfg = registry_config(&a.insecure)?;
     let store = open(root)?;
     let _lease = store.lease(None)?;
-    let log = TransferLog::new("pull", a.quiet);
-    let name = kiln_cache::normalize_reference(&a.image)
+    let log = CliReporter::new(a.quiet);
+    let name = kiln_solver::cache::normalize_reference(&a.image)
         .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
     if !a.quiet {
         eprintln!("pulling {name}");
     }
-    let r = transfer::pull(&store, &cfg, &name, a.jobs, &|t| log.event(t))
+    let r = transfer::pull(&store, &cfg, &name, a.jobs, &|t| log.transfer("pull", t))
         .map_err(anyhow::Error::msg)?;
     if a.quiet {
         outln!("{}", r.manifest_digest);
@@ -193,39 +233,15 @@ fn parse_compression(name: &str, level: Option<i32>) -> anyhow::Result<Compressi
     Ok(CompressionOpts { kind, level })
 }
 
-/// Pushes the stored manifest `manifest` to `dest`, printing progress.
-pub fn push_manifest(
-    store: &kiln_cache::Store,
-    cfg: &RegistryConfig,
-    manifest: &kiln_image::manifest::RawManifest,
-    dest: &str,
-    enc: LayerEncoding,
-    jobs: usize,
-    quiet: bool,
-) -> anyhow::Result<kiln_image::Digest> {
-    let log = TransferLog::new("push", quiet);
-    let say = |m: &str| {
-        if !quiet {
-            eprintln!("{m}")
-        }
-    };
-    let d = transfer::push(store, cfg, manifest, dest, enc, jobs, &say, &|t| {
-        log.event(t)
-    })
-    .map_err(anyhow::Error::msg)?;
-    Ok(d)
-}
-
 /// Runs `kiln push`.
 pub fn push(root: &Path, a: PushArgs) -> anyhow::Result<ExitCode> {
     let cfg = registry_config(&a.insecure)?;
     let store = open(root)?;
-    let _lease = store.lease(None)?;
-    let name = kiln_cache::normalize_reference(&a.image)
+    let name = kiln_solver::cache::normalize_reference(&a.image)
         .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
     let manifest = transfer::local_manifest(&store, &name).map_err(anyhow::Error::msg)?;
     let dest = a.destination.clone().unwrap_or_else(|| name.clone());
-    let dest = kiln_cache::normalize_reference(&dest)
+    let dest = kiln_solver::cache::normalize_reference(&dest)
         .map_err(|e| usage(format!("invalid destination {dest:?}: {e}")))?;
     let enc = LayerEncoding {
         compression: parse_compression(&a.compression, a.compression_level)?,
@@ -235,7 +251,29 @@ pub fn push(root: &Path, a: PushArgs) -> anyhow::Result<ExitCode> {
     if !a.quiet {
         eprintln!("pushing {name} to {dest}");
     }
-    let d = push_manifest(&store, &cfg, &manifest, &dest, enc, a.jobs, a.quiet)?;
+    let input = ExportInput {
+        store: &store,
+        images: vec![ArchiveImage {
+            names: Vec::new(),
+            manifest,
+        }],
+        source_date_epoch: None,
+        cache: None,
+    };
+    let push: Box<dyn Exporter> = Box::new(RegistryExporter {
+        registry: cfg,
+        names: vec![dest.clone()],
+        encoding: enc,
+        jobs: a.jobs,
+    });
+    let done = export::run(&input, &[push], &CliReporter::new(a.quiet))
+        .map_err(|e| anyhow::Error::msg(e.to_string()))?;
+    let d = done
+        .pushed
+        .into_iter()
+        .next()
+        .map(|(_, d)| d)
+        .ok_or_else(|| anyhow::anyhow!("{dest}: nothing was pushed"))?;
     if let Some(f) = &a.digestfile {
         std::fs::write(f, d.to_string())?;
     }

@@ -32,7 +32,7 @@ pub async fn interrupted() {
 }
 
 /// Spawns a task that cancels `token` on the first SIGINT or SIGTERM.
-pub fn cancel_on_interrupt(token: &kiln_executor::CancellationToken) {
+pub fn cancel_on_interrupt(token: &kiln_solver::executor::CancellationToken) {
     let c = token.clone();
     tokio::spawn(async move {
         interrupted().await;
@@ -45,9 +45,9 @@ pub fn cancel_on_interrupt(token: &kiln_executor::CancellationToken) {
 /// after the same count).
 pub const FORCE_KILL_AFTER: usize = 3;
 
-/// For `kiln run`: every signal in [`kiln_executor::FORWARDED_SIGNALS`]
+/// For `kiln run`: every signal in [`kiln_solver::executor::FORWARDED_SIGNALS`]
 /// that kiln receives is sent into the returned channel (for
-/// [`kiln_executor::Executor::run_with_signals`], which passes it to the
+/// [`kiln_solver::executor::Executor::run_with_signals`], which passes it to the
 /// application), like `docker run --sig-proxy=true`. The application
 /// decides what a signal means; one that ignores SIGTERM keeps running.
 /// As a way out, the [`FORCE_KILL_AFTER`]th SIGINT or SIGTERM cancels
@@ -56,11 +56,11 @@ pub const FORCE_KILL_AFTER: usize = 3;
 /// The handlers are installed before this returns, so that no signal in
 /// between takes its default action. Call it inside the runtime.
 pub fn forward_to_step(
-    token: &kiln_executor::CancellationToken,
+    token: &kiln_solver::executor::CancellationToken,
 ) -> tokio::sync::mpsc::Receiver<i32> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let (count_tx, mut count_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    for &n in kiln_executor::FORWARDED_SIGNALS {
+    for &n in kiln_solver::executor::FORWARDED_SIGNALS {
         // A handler that cannot be installed leaves the default action.
         let Ok(mut stream) = signal(SignalKind::from_raw(n)) else {
             continue;

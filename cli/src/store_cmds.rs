@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
-use kiln_cache::{normalize_reference, PruneOptions, Store};
+use kiln_solver::cache::{normalize_reference, PruneOptions, Store};
 
 /// `kiln load` arguments.
 #[derive(Args, Debug)]
@@ -85,7 +85,7 @@ fn open(root: &Path) -> anyhow::Result<Store> {
     Store::open(root).with_context(|| format!("opening store {}", root.display()))
 }
 
-fn cache_digest(d: &kiln_image::Digest) -> anyhow::Result<kiln_cache::Digest> {
+fn cache_digest(d: &kiln_solver::image::Digest) -> anyhow::Result<kiln_solver::cache::Digest> {
     d.as_str().parse().map_err(|e| anyhow!("{e}"))
 }
 
@@ -96,8 +96,8 @@ fn explain_enospc(root: &Path, e: anyhow::Error) -> anyhow::Error {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.raw_os_error() == Some(libc_enospc()))
             || matches!(
-                c.downcast_ref::<kiln_cache::Error>(),
-                Some(kiln_cache::Error::NoSpace { .. })
+                c.downcast_ref::<kiln_solver::cache::Error>(),
+                Some(kiln_solver::cache::Error::NoSpace { .. })
             )
             || c.to_string().contains("No space left on device")
             || c.to_string().contains("database or disk is full")
@@ -129,14 +129,14 @@ fn load_inner(root: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
     let _gc = store.gc_guard()?;
     let file =
         File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
-    let archive = kiln_image::archive::read_archive(file, store.tmp_dir())
+    let archive = kiln_solver::image::archive::read_archive(file, store.tmp_dir())
         .with_context(|| format!("reading archive {}", args.input.display()))?;
     if archive.images.is_empty() {
         anyhow::bail!("{}: the archive holds no image", args.input.display());
     }
     let mut out = std::io::stdout().lock();
     for img in &archive.images {
-        use kiln_image::archive::BlobSource;
+        use kiln_solver::image::archive::BlobSource;
         let man = img.manifest.manifest().context("parsing manifest")?;
         let what = img
             .names
@@ -198,11 +198,11 @@ fn load_inner(root: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
 /// compressed or not, is verified again when it is unpacked.
 fn check_uncompressed_diff_ids(
     what: &str,
-    man: &kiln_image::manifest::ImageManifest,
+    man: &kiln_solver::image::manifest::ImageManifest,
     config: &[u8],
 ) -> anyhow::Result<()> {
-    use kiln_image::manifest::media_types;
-    let cfg = kiln_image::config::ImageConfig::from_bytes(config)
+    use kiln_solver::image::manifest::media_types;
+    let cfg = kiln_solver::image::config::ImageConfig::from_bytes(config)
         .with_context(|| format!("{what}: parsing config"))?;
     if cfg.rootfs.diff_ids.len() != man.layers.len() {
         anyhow::bail!(
@@ -238,7 +238,7 @@ fn import_inner(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
     let name =
         normalize_reference(&args.name).with_context(|| format!("image name {:?}", args.name))?;
     // The changes first: a bad one fails before the tar is read.
-    let mut config = kiln_image::config::ContainerConfig::default();
+    let mut config = kiln_solver::image::config::ContainerConfig::default();
     kiln_solver::change::apply_changes(&mut config, &args.change)?;
     let store = open(root)?;
     let _lease = store.lease(None)?;
@@ -254,14 +254,14 @@ fn import_inner(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let opts = kiln_image::rootfs_tar::ImportOptions {
-        created: Some(kiln_image::config::rfc3339(now)),
+    let opts = kiln_solver::image::rootfs_tar::ImportOptions {
+        created: Some(kiln_solver::image::config::rfc3339(now)),
         comment: args.message.clone(),
         config: Some(config),
         ..Default::default()
     };
     let mut writer = store.content().writer()?;
-    let imported = kiln_image::rootfs_tar::import_rootfs(input, &mut writer, &opts)
+    let imported = kiln_solver::image::rootfs_tar::import_rootfs(input, &mut writer, &opts)
         .with_context(|| format!("importing {}", args.file.display()))?;
     let layer = cache_digest(&imported.layer.digest)?;
     let (layer, _) = store.commit_blob(

@@ -10,6 +10,15 @@
 //! once, and every op goes one way: look up, or prepare → run → commit.
 //! [`build`] joins them behind the `build(...)` entry.
 //!
+//! **The library facade.** [`session`] is the entry point for the CLI and
+//! for embedders: [`session::Session`] + [`session::BuildRequest`] ->
+//! [`BuildResult`], doing what `kiln build` does (context and Dockerfile
+//! resolution in [`context`], named contexts, cache import, the solve,
+//! then the [`export`]ers behind one trait, cache exporters included).
+//! The crates it builds on are re-exported ([`cache`], [`image`],
+//! [`registry`], [`parser`], [`executor`]) so that a program depending
+//! on this crate alone reaches their types.
+//!
 //! **What it owns.** Lowering rules (stages, `--target` pruning, `COPY
 //! --from` edges, ARG/ENV scoping and expansion, ONBUILD, history),
 //! cache-key derivation, the scheduler, COPY/ADD file operations on
@@ -30,9 +39,11 @@ pub mod backend;
 pub mod build;
 pub mod change;
 pub mod chmod;
+pub mod context;
 pub mod contexts;
 pub mod copy;
 pub mod error;
+pub mod export;
 pub mod flatten;
 pub mod frontend;
 pub mod fsview;
@@ -43,6 +54,7 @@ pub mod parents;
 pub mod progress;
 pub mod remote;
 pub mod remote_cache;
+pub mod session;
 pub mod solve;
 pub mod store;
 pub mod testing;
@@ -52,3 +64,16 @@ pub use build::{build, build_with_runner, BuildOptions, BuildResult, ResourceLim
 pub use error::BuildError;
 pub use frontend::{lint, plan};
 pub use op::key;
+
+/// The store ([`kiln_cache`]), re-exported so that a program depending on
+/// the facade alone (the CLI) reaches its types: image records, prune,
+/// df, check.
+pub use kiln_cache as cache;
+/// The sandbox ([`kiln_executor`]), re-exported for `kiln run`.
+pub use kiln_executor as executor;
+/// OCI formats ([`kiln_image`]), re-exported.
+pub use kiln_image as image;
+/// The Dockerfile parser ([`kiln_parser`]), re-exported.
+pub use kiln_parser as parser;
+/// The registry client ([`kiln_registry`]), re-exported.
+pub use kiln_registry as registry;

@@ -127,8 +127,9 @@ impl Progress {
         }
     }
 
-    /// Sends one event.
+    /// Sends one event (and logs it with `tracing`: `--debug`).
     pub fn send(&self, e: Event) {
+        trace_event(&e);
         if let Some(tx) = &self.tx {
             let _ = tx.send((e, false));
         }
@@ -162,6 +163,18 @@ impl Progress {
             id,
             seconds: d.as_secs_f64(),
         });
+    }
+}
+
+/// Logs a progress event (not a step's output lines) with `tracing`.
+fn trace_event(e: &Event) {
+    match e {
+        Event::Started { id, name } => tracing::debug!(step = id, %name, "step started"),
+        Event::Cached { id } => tracing::debug!(step = id, "cache hit"),
+        Event::Done { id, seconds } => tracing::debug!(step = id, seconds, "step done"),
+        Event::Failed { id, error } => tracing::debug!(step = id, %error, "step failed"),
+        Event::Info { message } => tracing::debug!(%message, "build note"),
+        Event::Log { .. } => {}
     }
 }
 

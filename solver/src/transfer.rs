@@ -101,6 +101,8 @@ pub fn pull(
     jobs: usize,
     progress: &(dyn Fn(Transfer) + Sync),
 ) -> Result<PullResult, String> {
+    let _span = tracing::info_span!("pull", reference).entered();
+    tracing::info!("pull started");
     let name = kiln_cache::normalize_reference(reference).map_err(|e| e.to_string())?;
     let r = Reference::parse(&name).map_err(|e| e.to_string())?;
     let reg = Registry::new(&r.registry, cfg).map_err(|e| e.to_string())?;
@@ -592,6 +594,8 @@ pub fn push(
     progress: &(dyn Fn(&str) + Sync),
     transfer: &(dyn Fn(Transfer) + Sync),
 ) -> Result<Digest, String> {
+    let _span = tracing::info_span!("push", target).entered();
+    tracing::info!("push started");
     let name = kiln_cache::normalize_reference(target).map_err(|e| e.to_string())?;
     let r = Reference::parse(&name).map_err(|e| e.to_string())?;
     let reg = Registry::new(&r.registry, cfg).map_err(|e| e.to_string())?;

@@ -18,11 +18,16 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Writes `path` with what `f` writes, atomically (see the module doc).
-pub fn write_atomically(
+pub fn write_atomically<E: From<std::io::Error>>(
     path: &Path,
-    f: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    let ctx = |e: std::io::Error| anyhow::anyhow!("writing {}: {e}", path.display());
+    f: impl FnOnce(&mut dyn Write) -> Result<(), E>,
+) -> Result<(), E> {
+    let ctx = |e: std::io::Error| {
+        E::from(std::io::Error::new(
+            e.kind(),
+            format!("writing {}: {e}", path.display()),
+        ))
+    };
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -55,10 +60,10 @@ pub fn write_atomically(
     }
 }
 
-fn fill(
+fn fill<E: From<std::io::Error>>(
     mut file: File,
-    f: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>,
-) -> anyhow::Result<File> {
+    f: impl FnOnce(&mut dyn Write) -> Result<(), E>,
+) -> Result<File, E> {
     {
         let mut w = BufWriter::new(&mut file);
         f(&mut w)?;
@@ -166,7 +171,7 @@ mod tests {
     fn writes_whole_file_and_leaves_nothing_else() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("out.tar");
-        write_atomically(&p, |w| Ok(w.write_all(b"hello")?)).unwrap();
+        write_atomically::<std::io::Error>(&p, |w| w.write_all(b"hello")).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"hello");
         let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().flatten().collect();
         assert_eq!(names.len(), 1);
@@ -180,7 +185,7 @@ mod tests {
         let p = d.path().join("out.tar");
         let r = write_atomically(&p, |w| {
             w.write_all(b"partial")?;
-            anyhow::bail!("boom")
+            Err(std::io::Error::other("boom"))
         });
         assert!(r.is_err());
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);

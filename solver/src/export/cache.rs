@@ -1,4 +1,5 @@
-//! `kiln build --cache-from` / `--cache-to` (BuildKit's CSV syntax):
+//! Cache importers and exporters: `--cache-from` / `--cache-to`
+//! (BuildKit's CSV syntax):
 //! `type=registry,ref=REF[,mode=min|max]`, `type=local,dest=DIR` /
 //! `type=local,src=DIR` (an OCI layout; `tag=` names the entry),
 //! `type=inline`; a bare `REF` in `--cache-from` is `type=registry`.
@@ -10,14 +11,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln_registry::RegistryConfig;
-use kiln_solver::remote_cache::{CacheImport, CacheMode, RemoteCacheBackend};
-use kiln_solver::store::StoreBackend;
 
-use crate::output::OutputSpec;
-use crate::UsageError;
+use super::{ExportError, ExportInput, Exported, Exporter, OutputSpec, Reporter};
+use crate::remote_cache::{CacheImport, CacheMode, RemoteCacheBackend};
+use crate::store::StoreBackend;
+use crate::transfer::LayerEncoding;
 
-fn usage(msg: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(UsageError(msg.into()))
+fn usage(msg: impl Into<String>) -> ExportError {
+    ExportError::Usage(msg.into())
 }
 
 /// Where one `--cache-to` writes.
@@ -56,7 +57,7 @@ pub struct CacheFlags {
     pub exports: Vec<CacheExport>,
 }
 
-fn attrs(flag: &str, s: &str) -> anyhow::Result<BTreeMap<String, String>> {
+fn attrs(flag: &str, s: &str) -> Result<BTreeMap<String, String>, ExportError> {
     let mut out = BTreeMap::new();
     for part in s.split(',').filter(|p| !p.is_empty()) {
         let (k, v) = part
@@ -67,7 +68,7 @@ fn attrs(flag: &str, s: &str) -> anyhow::Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
-fn mode(flag: &str, a: &BTreeMap<String, String>) -> anyhow::Result<CacheMode> {
+fn mode(flag: &str, a: &BTreeMap<String, String>) -> Result<CacheMode, ExportError> {
     match a.get("mode").map(String::as_str) {
         None | Some("min") => Ok(CacheMode::Min),
         Some("max") => Ok(CacheMode::Max),
@@ -77,7 +78,7 @@ fn mode(flag: &str, a: &BTreeMap<String, String>) -> anyhow::Result<CacheMode> {
 
 impl CacheFlags {
     /// Parses the raw flag values.
-    pub fn parse(from: &[String], to: &[String]) -> anyhow::Result<CacheFlags> {
+    pub fn parse(from: &[String], to: &[String]) -> Result<CacheFlags, ExportError> {
         let mut flags = CacheFlags::default();
         for f in from {
             if !f.contains('=') {
@@ -146,49 +147,80 @@ impl CacheFlags {
     }
 }
 
-/// The build's backend with the `--cache-from` records loaded.
-pub fn backend(
+/// The build's backend with the `--cache-from` records loaded. An
+/// import that fails is a warning (a first build has no cache yet).
+pub fn import(
     inner: StoreBackend,
     registry: RegistryConfig,
-    flags: &CacheFlags,
-    quiet: bool,
+    imports: &[CacheImport],
+    report: &dyn Reporter,
 ) -> Arc<RemoteCacheBackend> {
     let mut b = RemoteCacheBackend::new(inner, registry);
-    for src in &flags.imports {
+    for src in imports {
         let what = match src {
             CacheImport::Registry(r) => r.clone(),
             CacheImport::Local { dir, .. } => dir.display().to_string(),
         };
+        let _span = tracing::info_span!("cache_import", from = %what).entered();
         match b.import(src) {
-            Ok(n) if !quiet => eprintln!("importing cache manifest from {what}: {n} records"),
-            Ok(_) => {}
-            Err(e) => eprintln!("WARNING: failed to import cache from {what}: {e}"),
+            Ok(n) => report.note(&format!(
+                "importing cache manifest from {what}: {n} records"
+            )),
+            Err(e) => report.warn(&format!("WARNING: failed to import cache from {what}: {e}")),
         }
     }
     Arc::new(b)
 }
 
-/// Runs the `--cache-to` exports after a successful build (and its
-/// outputs: `type=inline` re-tags the pushed images).
-pub fn export(
-    b: &RemoteCacheBackend,
-    flags: &CacheFlags,
-    outputs: &[OutputSpec],
-    manifest_digest: &str,
-    quiet: bool,
-) -> anyhow::Result<()> {
-    let say = |m: &str| {
-        if !quiet {
-            eprintln!("{m}")
+impl CacheExport {
+    /// The exporter of this `--cache-to`; `outputs` are the build's
+    /// outputs (`type=inline` adds the records to the images they push).
+    pub fn exporter(&self, outputs: &[OutputSpec]) -> Result<CacheExporter, ExportError> {
+        let mut inline = Vec::new();
+        if *self == CacheExport::Inline {
+            for o in outputs.iter().filter(|o| o.pushes()) {
+                let enc = o.encoding(true)?;
+                for n in o.names()? {
+                    inline.push((n, enc));
+                }
+            }
         }
-    };
-    for e in &flags.exports {
-        match e {
+        Ok(CacheExporter {
+            to: self.clone(),
+            inline,
+        })
+    }
+}
+
+/// Writes the build cache (after a successful build and its outputs:
+/// `type=inline` re-tags the pushed images). Needs
+/// [`ExportInput::cache`].
+#[derive(Debug, Clone)]
+pub struct CacheExporter {
+    /// Where.
+    pub to: CacheExport,
+    /// For `type=inline`: the pushed names and their encodings.
+    pub inline: Vec<(String, LayerEncoding)>,
+}
+
+impl Exporter for CacheExporter {
+    fn export(
+        &self,
+        input: &ExportInput<'_>,
+        report: &dyn Reporter,
+    ) -> Result<Exported, ExportError> {
+        let b = input
+            .cache
+            .ok_or_else(|| ExportError::Failed("no build cache to export".into()))?;
+        let say = |m: &str| report.note(m);
+        let failed = |m: String| ExportError::Failed(m);
+        match &self.to {
             CacheExport::Registry {
                 reference,
                 mode,
                 ignore_error,
             } => {
+                let _span = tracing::info_span!("cache_export", to = %reference).entered();
                 say(&format!("exporting cache to {reference}"));
                 match b.export_registry(reference, *mode, 4, &say) {
                     Ok(s) => say(&format!(
@@ -199,9 +231,11 @@ pub fn export(
                         s.written
                     )),
                     Err(err) if *ignore_error => {
-                        eprintln!("WARNING: exporting cache to {reference}: {err}")
+                        report.warn(&format!("WARNING: exporting cache to {reference}: {err}"))
                     }
-                    Err(err) => anyhow::bail!("exporting cache to {reference}: {err}"),
+                    Err(err) => {
+                        return Err(failed(format!("exporting cache to {reference}: {err}")))
+                    }
                 }
             }
             CacheExport::Local {
@@ -211,6 +245,7 @@ pub fn export(
                 ignore_error,
             } => {
                 let d = dir.display();
+                let _span = tracing::info_span!("cache_export", to = %d).entered();
                 say(&format!("exporting cache to {d}"));
                 match b.export_local(dir, tag, *mode, &say) {
                     Ok(s) => say(&format!(
@@ -221,34 +256,30 @@ pub fn export(
                         s.written
                     )),
                     Err(err) if *ignore_error => {
-                        eprintln!("WARNING: exporting cache to {d}: {err}")
+                        report.warn(&format!("WARNING: exporting cache to {d}: {err}"))
                     }
-                    Err(err) => anyhow::bail!("exporting cache to {d}: {err}"),
+                    Err(err) => return Err(failed(format!("exporting cache to {d}: {err}"))),
                 }
             }
             CacheExport::Inline => {
-                let mut pushed = false;
-                for o in outputs.iter().filter(|o| o.pushes()) {
-                    let enc = o.encoding(true)?;
-                    for n in o.names()? {
-                        let s = b
-                            .push_inline(manifest_digest, &n, enc)
-                            .map_err(|e| anyhow::anyhow!("inline cache for {n}: {e}"))?;
-                        say(&format!(
-                            "inline cache: {} records in {n}@{}",
-                            s.records,
-                            s.manifest.map(|d| d.to_string()).unwrap_or_default()
-                        ));
-                        pushed = true;
-                    }
+                let manifest_digest = input.image()?.manifest.digest.to_string();
+                for (n, enc) in &self.inline {
+                    let s = b
+                        .push_inline(&manifest_digest, n, *enc)
+                        .map_err(|e| failed(format!("inline cache for {n}: {e}")))?;
+                    say(&format!(
+                        "inline cache: {} records in {n}@{}",
+                        s.records,
+                        s.manifest.map(|d| d.to_string()).unwrap_or_default()
+                    ));
                 }
-                if !pushed {
-                    eprintln!("WARNING: --cache-to type=inline needs an output that pushes (--output type=registry,name=...)");
+                if self.inline.is_empty() {
+                    report.warn("WARNING: --cache-to type=inline needs an output that pushes (--output type=registry,name=...)");
                 }
             }
         }
+        Ok(Exported::default())
     }
-    Ok(())
 }
 
 #[cfg(test)]

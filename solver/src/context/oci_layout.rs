@@ -1,0 +1,166 @@
+//! `--build-context NAME=oci-layout://PATH[:TAG]`: the image of an OCI
+//! image layout directory imported into the store, so that the build
+//! uses it like a `docker-image://` context. Every blob is verified
+//! against its digest as it is stored.
+
+use std::path::{Path, PathBuf};
+
+/// The registry domain of the names `oci-layout://` contexts are imported
+/// under (reserved: never pulled).
+const OCI_LAYOUT_DOMAIN: &str = crate::store::OCI_LAYOUT_DOMAIN;
+
+/// Why an OCI layout could not be imported (the message names the layout
+/// and what was wrong).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct OciLayoutError(String);
+
+fn err(m: String) -> OciLayoutError {
+    OciLayoutError(m)
+}
+
+/// An error and its sources, `: `-joined.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let m = c.to_string();
+        if !s.ends_with(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        src = c.source();
+    }
+    s
+}
+
+impl From<kiln_image::ImageError> for OciLayoutError {
+    fn from(e: kiln_image::ImageError) -> Self {
+        OciLayoutError(chain(&e))
+    }
+}
+
+impl From<std::io::Error> for OciLayoutError {
+    fn from(e: std::io::Error) -> Self {
+        OciLayoutError(chain(&e))
+    }
+}
+
+impl From<kiln_cache::Error> for OciLayoutError {
+    fn from(e: kiln_cache::Error) -> Self {
+        OciLayoutError(chain(&e))
+    }
+}
+
+/// Imports the image of an OCI image layout directory (the manifest whose
+/// `org.opencontainers.image.ref.name` is `tag`, default `latest`; the only
+/// one when a layout holds a single unnamed image) into the store, and
+/// returns the reference a `docker-image://` context would have.
+pub fn import(
+    store: &kiln_cache::Store,
+    dir: &Path,
+    tag: Option<&str>,
+) -> Result<String, OciLayoutError> {
+    let _span = tracing::info_span!("oci_layout", dir = %dir.display()).entered();
+    use kiln_image::manifest::{
+        ImageIndex, Platform, RawManifest, ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME,
+    };
+    let what = || format!("oci-layout://{}", dir.display());
+    let blob_path = |d: &kiln_image::Digest| -> Result<PathBuf, OciLayoutError> {
+        let s = d.to_string();
+        let hex = s
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| err(format!("{}: unsupported digest {s}", what())))?;
+        Ok(dir.join("blobs/sha256").join(hex))
+    };
+    let read_blob = |d: &kiln_image::Digest| -> Result<Vec<u8>, OciLayoutError> {
+        let p = blob_path(d)?;
+        let bytes = std::fs::read(&p)
+            .map_err(|e| err(format!("{}: reading {}: {e}", what(), p.display())))?;
+        let (got, _) = kiln_image::archive::digest_reader(&bytes[..])?;
+        if &got != d {
+            return Err(err(format!("{}: blob {d} has digest {got}", what())));
+        }
+        Ok(bytes)
+    };
+    let idx_path = dir.join("index.json");
+    let idx_bytes = std::fs::read(&idx_path).map_err(|e| {
+        err(format!(
+            "{}: not an OCI image layout (reading index.json): {e}",
+            what()
+        ))
+    })?;
+    let index: ImageIndex = serde_json::from_slice(&idx_bytes)
+        .map_err(|e| err(format!("{}: parsing index.json: {e}", what())))?;
+    let want = tag.unwrap_or("latest");
+    let named = |d: &kiln_image::manifest::Descriptor| -> Option<String> {
+        let ann = d.annotations.as_ref()?;
+        ann.get(ANNOTATION_REF_NAME)
+            .or_else(|| ann.get(ANNOTATION_CONTAINERD_NAME))
+            .cloned()
+    };
+    let pick = index
+        .manifests
+        .iter()
+        .find(|d| {
+            named(d)
+                .is_some_and(|n| n == want || n.rsplit_once(':').is_some_and(|(_, t)| t == want))
+        })
+        .or_else(|| match (tag, index.manifests.as_slice()) {
+            (None, [only]) if named(only).is_none() => Some(only),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            err(format!(
+                "{}: no image tagged {want:?} in index.json (org.opencontainers.image.ref.name)",
+                what()
+            ))
+        })?
+        .clone();
+    let mut raw = RawManifest::new(read_blob(&pick.digest)?, Some(&pick.media_type))?;
+    if raw.is_index() {
+        let sub = raw.index()?;
+        let d = sub
+            .select(&Platform::host())
+            .or(sub.manifests.first())
+            .ok_or_else(|| err(format!("{}: empty nested index", what())))?
+            .clone();
+        raw = RawManifest::new(read_blob(&d.digest)?, Some(&d.media_type))?;
+    }
+    let man = raw.manifest()?;
+    let _lease = store.lease(None)?;
+    let mut stored = Vec::new();
+    for desc in std::iter::once(&man.config).chain(&man.layers) {
+        let p = blob_path(&desc.digest)?;
+        let f = std::fs::File::open(&p)
+            .map_err(|e| err(format!("{}: blob {} missing: {e}", what(), desc.digest)))?;
+        let want: kiln_cache::Digest = desc
+            .digest
+            .to_string()
+            .parse()
+            .map_err(|e| err(format!("digest {}: {e}", desc.digest)))?;
+        store
+            .put_blob(f, Some(&want), Some(desc.size), Some(&desc.media_type))
+            .map_err(|e| {
+                err(format!(
+                    "{}: storing blob {}: {}",
+                    what(),
+                    desc.digest,
+                    chain(&e)
+                ))
+            })?;
+        stored.push(want);
+    }
+    let config = stored.remove(0);
+    let manifest = store
+        .put_bytes(&raw.bytes, Some(&raw.media_type))
+        .map_err(|e| err(format!("storing manifest: {}", chain(&e))))?;
+    let name = format!(
+        "{OCI_LAYOUT_DOMAIN}/layout@sha256:{}",
+        raw.digest.to_string().trim_start_matches("sha256:")
+    );
+    let name = kiln_cache::normalize_reference(&name)?;
+    store.record_image(&name, &manifest, &config, &stored)?;
+    Ok(name)
+}

@@ -1,0 +1,680 @@
+//! Exporters: where a built image goes, behind one [`Exporter`] trait that
+//! `kiln build --output`, `kiln save`, `kiln export`, `kiln push` and
+//! embedders all use, through one path ([`run`]: one lease, one
+//! [`Reporter`]).
+//!
+//! * the local store under more names (`type=image`: the build records
+//!   them, nothing to write),
+//! * a registry ([`RegistryExporter`]: `type=registry`,
+//!   `type=image,push=true`, `kiln push`),
+//! * a docker-archive or OCI layout ([`ArchiveExporter`]: `type=docker`,
+//!   `type=oci`, `tar=false` for a directory, `kiln save`),
+//! * the final filesystem in a directory ([`LocalExporter`]: `type=local`)
+//!   or one tar ([`TarExporter`]: `type=tar`, `kiln export`),
+//! * the build cache ([`cache::CacheExporter`]: `--cache-to`).
+//!
+//! [`OutputSpec`] parses BuildKit's `--output` syntax into exporters;
+//! `dest=-` writes to stdout.
+
+pub mod cache;
+pub mod outfile;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use kiln_cache::Store;
+use kiln_image::archive::ArchiveImage;
+use kiln_image::compression::{Compression, CompressionOpts};
+use kiln_image::manifest::RawManifest;
+use kiln_registry::{RegistryConfig, Transfer};
+
+use crate::remote_cache::RemoteCacheBackend;
+use crate::transfer::{self, LayerEncoding};
+
+/// Why an export failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// A bad `--output` / `--cache-to` value or destination (a usage
+    /// error: the CLI exits 2).
+    #[error("{0}")]
+    Usage(String),
+    /// Stdout is a terminal: no archive is written there (a usage
+    /// error).
+    #[error("refusing to write an archive to a terminal; use dest=FILE")]
+    Terminal,
+    /// The reader of stdout went away while an archive was written there.
+    #[error("writing to stdout: {0}")]
+    BrokenPipe(#[source] std::io::Error),
+    /// Reading or writing a file.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] kiln_cache::Error),
+    /// An image format (manifest, archive, layer).
+    #[error(transparent)]
+    Image(#[from] kiln_image::ImageError),
+    /// Anything else, said in words (encoding, pushing, cache export).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ExportError {
+    /// Whether this comes from writing to a pipe whose reader is gone.
+    pub fn is_broken_pipe(&self) -> bool {
+        match self {
+            ExportError::BrokenPipe(_) => true,
+            ExportError::Io(e) => e.kind() == std::io::ErrorKind::BrokenPipe,
+            ExportError::Image(kiln_image::ImageError::Io(e)) => {
+                e.kind() == std::io::ErrorKind::BrokenPipe
+            }
+            _ => false,
+        }
+    }
+}
+
+fn usage(msg: impl Into<String>) -> ExportError {
+    ExportError::Usage(msg.into())
+}
+
+/// Where exporters (and the build's cache import) report what they do.
+/// The CLI prints notes unless `-q` and warnings always; the default,
+/// [`TracingReporter`], logs both.
+pub trait Reporter: Send + Sync {
+    /// A progress line ("exporting cache to …").
+    fn note(&self, line: &str);
+    /// A warning line, shown even when quiet.
+    fn warn(&self, line: &str);
+    /// A blob transfer of a pull (`verb` "pull") or push ("push").
+    fn transfer(&self, verb: &'static str, t: Transfer);
+}
+
+/// A [`Reporter`] that logs with `tracing` (info for notes, warn for
+/// warnings, debug for transfers).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TracingReporter;
+
+impl Reporter for TracingReporter {
+    fn note(&self, line: &str) {
+        tracing::info!("{line}");
+    }
+    fn warn(&self, line: &str) {
+        tracing::warn!("{line}");
+    }
+    fn transfer(&self, verb: &'static str, t: Transfer) {
+        tracing::debug!(verb, event = ?t, "transfer");
+    }
+}
+
+/// What an exporter is given: images of the store (a build exports one;
+/// `kiln save` several), and what the build knew.
+pub struct ExportInput<'a> {
+    /// The store the images are in.
+    pub store: &'a Store,
+    /// The images, each with the names it goes under (may be empty).
+    pub images: Vec<ArchiveImage>,
+    /// SOURCE_DATE_EPOCH of the build (`rewrite-timestamp=true`).
+    pub source_date_epoch: Option<i64>,
+    /// The build's cache records, for cache exporters.
+    pub cache: Option<&'a RemoteCacheBackend>,
+}
+
+impl ExportInput<'_> {
+    /// The (first) image.
+    pub fn image(&self) -> Result<&ArchiveImage, ExportError> {
+        self.images
+            .first()
+            .ok_or_else(|| ExportError::Failed("nothing to export".into()))
+    }
+}
+
+/// What an export did that a caller may want to print.
+#[derive(Debug, Clone, Default)]
+pub struct Exported {
+    /// Images pushed: (destination, manifest digest).
+    pub pushed: Vec<(String, kiln_image::Digest)>,
+}
+
+/// One destination of a built image.
+pub trait Exporter: Send + Sync {
+    /// Writes `input` out.
+    fn export(
+        &self,
+        input: &ExportInput<'_>,
+        report: &dyn Reporter,
+    ) -> Result<Exported, ExportError>;
+}
+
+/// The one export path: runs `exporters` in order over `input` under one
+/// lease (what they write is kept from a concurrent prune until done) and
+/// gathers what they did.
+pub fn run(
+    input: &ExportInput<'_>,
+    exporters: &[Box<dyn Exporter>],
+    report: &dyn Reporter,
+) -> Result<Exported, ExportError> {
+    let _lease = input.store.lease(None)?;
+    let mut all = Exported::default();
+    tracing::info!(exporters = exporters.len(), "export started");
+    for e in exporters {
+        let done = e.export(input, report)?;
+        all.pushed.extend(done.pushed);
+    }
+    tracing::info!("export done");
+    Ok(all)
+}
+
+/// The image named `manifest_digest` in `store`, with no names.
+pub fn stored_image(store: &Store, manifest_digest: &str) -> Result<ArchiveImage, ExportError> {
+    let md: kiln_cache::Digest = manifest_digest
+        .parse()
+        .map_err(|e| ExportError::Failed(format!("{e}")))?;
+    Ok(ArchiveImage {
+        names: Vec::new(),
+        manifest: RawManifest::new(store.content().read(&md)?, None)?,
+    })
+}
+
+/// The store's content as a [`kiln_image::archive::BlobSource`].
+pub struct StoreBlobs<'a>(pub &'a Store);
+
+impl kiln_image::archive::BlobSource for StoreBlobs<'_> {
+    fn open_blob(&self, d: &kiln_image::Digest) -> std::io::Result<Box<dyn std::io::Read + '_>> {
+        let cd: kiln_cache::Digest = d
+            .as_str()
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
+        self.0
+            .open_blob(&cd)
+            .map(|r| -> Box<dyn std::io::Read + '_> { r })
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{e}")))
+    }
+    fn blob_size(&self, d: &kiln_image::Digest) -> std::io::Result<u64> {
+        let cd: kiln_cache::Digest = d
+            .as_str()
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
+        self.0
+            .blob_size(&cd)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{e}")))
+    }
+}
+
+/// One `--output` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputSpec {
+    /// `image`, `registry`, `docker`, `oci`, `local`, `tar`.
+    pub kind: String,
+    /// The other `key=value` attributes.
+    pub attrs: BTreeMap<String, String>,
+}
+
+impl OutputSpec {
+    /// Parses `type=docker,dest=out.tar`; a bare `DIR` is `type=local,dest=DIR`
+    /// and a bare `-` is `type=tar,dest=-`, as in BuildKit.
+    pub fn parse(s: &str) -> Result<OutputSpec, ExportError> {
+        if !s.contains('=') {
+            let kind = if s == "-" { "tar" } else { "local" };
+            return Ok(OutputSpec {
+                kind: kind.into(),
+                attrs: [("dest".to_string(), s.to_string())].into(),
+            });
+        }
+        let mut attrs = BTreeMap::new();
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| usage(format!("--output {s:?}: {part:?} is not key=value")))?;
+            attrs.insert(k.trim().to_string(), v.trim().to_string());
+        }
+        let kind = attrs.remove("type").unwrap_or_else(|| "local".into());
+        match kind.as_str() {
+            "image" | "registry" => {}
+            "docker" | "oci" | "local" | "tar" => {
+                if !attrs.contains_key("dest") {
+                    return Err(usage(format!("--output type={kind} needs dest=")));
+                }
+            }
+            other => {
+                return Err(usage(format!(
+                    "--output: unknown type {other:?} (image, registry, docker, oci, local, tar)"
+                )))
+            }
+        }
+        if kind == "registry" && !attrs.contains_key("name") {
+            return Err(usage("--output type=registry needs name="));
+        }
+        Ok(OutputSpec { kind, attrs })
+    }
+
+    fn flag(&self, k: &str) -> bool {
+        self.attrs.get(k).is_some_and(|v| v == "true" || v == "1")
+    }
+
+    /// The names (normalised) this output gives the image in the store.
+    pub fn names(&self) -> Result<Vec<String>, ExportError> {
+        let Some(n) = self.attrs.get("name") else {
+            return Ok(Vec::new());
+        };
+        n.split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                kiln_cache::normalize_reference(s)
+                    .map_err(|e| usage(format!("--output name={s:?}: {e}")))
+            })
+            .collect()
+    }
+
+    /// Whether this output pushes to a registry.
+    pub fn pushes(&self) -> bool {
+        self.kind == "registry" || (self.kind == "image" && self.flag("push"))
+    }
+
+    /// Layer encoding from `compression=`, `compression-level=`,
+    /// `force-compression=`, `oci-mediatypes=`.
+    pub fn encoding(&self, default_oci: bool) -> Result<LayerEncoding, ExportError> {
+        let kind: Compression = match self.attrs.get("compression") {
+            Some(c) => c.parse().map_err(|_| {
+                usage(format!(
+                    "--output compression={c:?}: gzip, zstd or uncompressed"
+                ))
+            })?,
+            None => Compression::Gzip,
+        };
+        let level = self
+            .attrs
+            .get("compression-level")
+            .map(|l| {
+                l.parse::<i32>()
+                    .map_err(|_| usage(format!("--output compression-level={l:?}")))
+            })
+            .transpose()?;
+        let oci = match self.attrs.get("oci-mediatypes").map(String::as_str) {
+            Some("true") => true,
+            Some("false") => false,
+            Some(o) => {
+                return Err(usage(format!(
+                    "--output oci-mediatypes={o:?}: true or false"
+                )))
+            }
+            None => default_oci,
+        };
+        Ok(LayerEncoding {
+            compression: CompressionOpts { kind, level },
+            force: self.flag("force-compression"),
+            oci_media_types: oci,
+        })
+    }
+
+    /// The exporter of this output; `None` for `type=image` without push
+    /// (its names are recorded by the build). `registry` is used by
+    /// outputs that push.
+    pub fn exporter(
+        &self,
+        registry: &RegistryConfig,
+    ) -> Result<Option<Box<dyn Exporter>>, ExportError> {
+        let rewrite = self.flag("rewrite-timestamp");
+        Ok(Some(match self.kind.as_str() {
+            "image" | "registry" if self.pushes() => {
+                let names = self.names()?;
+                if names.is_empty() {
+                    return Err(usage("--output push=true needs name="));
+                }
+                Box::new(RegistryExporter {
+                    registry: registry.clone(),
+                    names,
+                    encoding: self.encoding(true)?,
+                    jobs: 4,
+                })
+            }
+            "docker" | "oci" => {
+                let oci = self.kind == "oci";
+                let dest = self.attrs.get("dest").map(String::as_str).unwrap_or("-");
+                let names = self
+                    .names()?
+                    .iter()
+                    .map(|n| if oci { n.clone() } else { familiar(n) })
+                    .collect();
+                Box::new(ArchiveExporter {
+                    format: if oci {
+                        ArchiveFormat::Oci
+                    } else {
+                        ArchiveFormat::Docker
+                    },
+                    dest: if oci && self.attrs.get("tar").is_some_and(|t| t == "false") {
+                        Dest::Dir(PathBuf::from(dest))
+                    } else {
+                        Dest::parse(dest)
+                    },
+                    names: Some(names),
+                    encoding: if oci || self.attrs.contains_key("compression") {
+                        Some(self.encoding(oci)?)
+                    } else {
+                        None
+                    },
+                })
+            }
+            "local" => {
+                let dest = self.attrs.get("dest").map(String::as_str).unwrap_or(".");
+                if dest == "-" {
+                    Box::new(TarExporter {
+                        dest: Dest::Stdout,
+                        rewrite_timestamp: rewrite,
+                    })
+                } else {
+                    Box::new(LocalExporter {
+                        dir: PathBuf::from(dest),
+                    })
+                }
+            }
+            "tar" => Box::new(TarExporter {
+                dest: Dest::parse(self.attrs.get("dest").map(String::as_str).unwrap_or("-")),
+                rewrite_timestamp: rewrite,
+            }),
+            _ => return Ok(None),
+        }))
+    }
+}
+
+/// Where an archive goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dest {
+    /// Standard output (refused when it is a terminal).
+    Stdout,
+    /// A file, written atomically ([`outfile::write_atomically`]).
+    File(PathBuf),
+    /// A directory (an OCI layout with `tar=false`).
+    Dir(PathBuf),
+}
+
+impl Dest {
+    /// `-` is stdout, anything else a file.
+    pub fn parse(s: &str) -> Dest {
+        if s == "-" {
+            Dest::Stdout
+        } else {
+            Dest::File(PathBuf::from(s))
+        }
+    }
+
+    /// Opens the destination for writing, runs `f`, and (for a file)
+    /// renames a temp file into place so a failure leaves no half-written
+    /// file. Stdout on a terminal is refused ([`ExportError::Terminal`]).
+    pub fn write(
+        &self,
+        f: impl FnOnce(&mut dyn Write) -> Result<(), ExportError>,
+    ) -> Result<(), ExportError> {
+        use std::io::IsTerminal;
+        match self {
+            Dest::Stdout => {
+                let out = std::io::stdout();
+                if out.is_terminal() {
+                    return Err(ExportError::Terminal);
+                }
+                let mut lock = std::io::BufWriter::new(out.lock());
+                match f(&mut lock).and_then(|()| Ok(lock.flush()?)) {
+                    Err(e) if e.is_broken_pipe() => Err(ExportError::BrokenPipe(
+                        std::io::ErrorKind::BrokenPipe.into(),
+                    )),
+                    r => r,
+                }
+            }
+            Dest::File(p) | Dest::Dir(p) => outfile::write_atomically(p, f),
+        }
+    }
+}
+
+/// The final filesystem of `manifest` unpacked into `dir` (layers applied
+/// in order, whiteouts deleting). Every write is resolved inside `dir`
+/// with file descriptors (the applier's `RESOLVE_IN_ROOT`), and device
+/// nodes are never made on the host: they are left out, and named in a
+/// warning.
+pub fn unpack_rootfs(
+    store: &Store,
+    manifest: &RawManifest,
+    dir: &Path,
+    report: &dyn Reporter,
+) -> Result<(), ExportError> {
+    std::fs::create_dir_all(dir)?;
+    let m = manifest.manifest()?;
+    let opts = kiln_image::apply::ApplyOptions { skip_devices: true };
+    let mut skipped = Vec::new();
+    for l in &m.layers {
+        let d: kiln_cache::Digest = l
+            .digest
+            .as_str()
+            .parse()
+            .map_err(|e| ExportError::Failed(format!("{e}")))?;
+        let f = store.open_blob(&d)?;
+        let r = kiln_image::compression::decompress_auto(f)?;
+        let st = kiln_image::apply::apply_layer_with(
+            r,
+            dir,
+            kiln_image::apply::WhiteoutMode::Delete,
+            &opts,
+        )
+        .map_err(|e| ExportError::Failed(format!("layer {}: {e}", l.digest)))?;
+        skipped.extend(st.skipped_devices);
+    }
+    if !skipped.is_empty() {
+        let names: Vec<String> = skipped
+            .iter()
+            .map(|p| format!("/{}", p.display()))
+            .collect();
+        report.warn(&format!(
+            "warning: {} device node(s) not exported (kiln never creates device nodes on the host): {}",
+            names.len(),
+            names.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// The final filesystem of `manifest` as one tar on `out`; `clamp`
+/// pins later mtimes (SOURCE_DATE_EPOCH / rewrite-timestamp).
+pub fn rootfs_tar(
+    store: &Store,
+    manifest: &RawManifest,
+    out: &mut dyn Write,
+    clamp: Option<i64>,
+    report: &dyn Reporter,
+) -> Result<(), ExportError> {
+    let tmp = tempfile::tempdir_in(store.tmp_dir())?;
+    let root = tmp.path().join("rootfs");
+    unpack_rootfs(store, manifest, &root, report)?;
+    let opts = kiln_image::diff::DiffOptions {
+        clamp_mtime: clamp,
+        exclude: Vec::new(),
+    };
+    kiln_image::diff::write_tree_diff(None, &root, out, &opts)?;
+    Ok(())
+}
+
+/// `docker.io/library/busybox:1` -> `busybox:1` (docker's familiar name).
+pub fn familiar(name: &str) -> String {
+    let n = name
+        .strip_prefix("docker.io/library/")
+        .or_else(|| name.strip_prefix("docker.io/"))
+        .unwrap_or(name);
+    n.to_string()
+}
+
+/// Pushes the image to a registry under each name.
+#[derive(Debug, Clone)]
+pub struct RegistryExporter {
+    /// Registry settings (insecure hosts, credentials).
+    pub registry: RegistryConfig,
+    /// Normalised destinations.
+    pub names: Vec<String>,
+    /// Layer encoding.
+    pub encoding: LayerEncoding,
+    /// Blobs uploaded at once.
+    pub jobs: usize,
+}
+
+impl Exporter for RegistryExporter {
+    fn export(
+        &self,
+        input: &ExportInput<'_>,
+        report: &dyn Reporter,
+    ) -> Result<Exported, ExportError> {
+        let img = input.image()?;
+        let mut done = Exported::default();
+        for n in &self.names {
+            let _span = tracing::info_span!("push", dest = %n).entered();
+            let d = transfer::push(
+                input.store,
+                &self.registry,
+                &img.manifest,
+                n,
+                self.encoding,
+                self.jobs,
+                &|m: &str| report.note(m),
+                &|t| report.transfer("push", t),
+            )
+            .map_err(ExportError::Failed)?;
+            tracing::info!(digest = %d, "pushed");
+            done.pushed.push((n.clone(), d));
+        }
+        Ok(done)
+    }
+}
+
+/// The two archive formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveFormat {
+    /// docker-archive (`docker save` / `docker load`).
+    Docker,
+    /// An OCI image layout (in a tar, or a directory).
+    Oci,
+}
+
+/// Writes the images as a docker-archive or OCI layout.
+#[derive(Debug, Clone)]
+pub struct ArchiveExporter {
+    /// Which format.
+    pub format: ArchiveFormat,
+    /// Where (a directory only for an OCI layout).
+    pub dest: Dest,
+    /// The names for the (one) image, replacing the input's names.
+    pub names: Option<Vec<String>>,
+    /// Layers re-encoded first (the OCI output's media types, or an
+    /// explicit `compression=`); `None` writes the stored blobs.
+    pub encoding: Option<LayerEncoding>,
+}
+
+impl Exporter for ArchiveExporter {
+    fn export(
+        &self,
+        input: &ExportInput<'_>,
+        report: &dyn Reporter,
+    ) -> Result<Exported, ExportError> {
+        let _span =
+            tracing::info_span!("export", format = ?self.format, dest = ?self.dest).entered();
+        let mut images = input.images.clone();
+        if let Some(names) = &self.names {
+            let first = images
+                .first_mut()
+                .ok_or_else(|| ExportError::Failed("nothing to export".into()))?;
+            first.names = names.clone();
+        }
+        if let Some(enc) = self.encoding {
+            for img in &mut images {
+                img.manifest =
+                    transfer::encode_image(input.store, &img.manifest, enc, 4, &|m: &str| {
+                        report.note(m)
+                    })
+                    .map_err(ExportError::Failed)?;
+            }
+        }
+        let blobs = StoreBlobs(input.store);
+        let oci = self.format == ArchiveFormat::Oci;
+        if let Dest::Dir(d) = &self.dest {
+            kiln_image::archive::write_oci_dir(d, &images, &blobs)?;
+            return Ok(Exported::default());
+        }
+        self.dest.write(|w| {
+            if oci {
+                kiln_image::archive::write_oci_archive(w, &images, &blobs)?;
+            } else {
+                kiln_image::archive::write_docker_archive(w, &images, &blobs)?;
+            }
+            Ok(())
+        })?;
+        Ok(Exported::default())
+    }
+}
+
+/// Unpacks the image's final filesystem into a directory.
+#[derive(Debug, Clone)]
+pub struct LocalExporter {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl Exporter for LocalExporter {
+    fn export(
+        &self,
+        input: &ExportInput<'_>,
+        report: &dyn Reporter,
+    ) -> Result<Exported, ExportError> {
+        let _span =
+            tracing::info_span!("export", kind = "local", dir = %self.dir.display()).entered();
+        unpack_rootfs(input.store, &input.image()?.manifest, &self.dir, report)?;
+        Ok(Exported::default())
+    }
+}
+
+/// Writes the image's final filesystem as one tar.
+#[derive(Debug, Clone)]
+pub struct TarExporter {
+    /// Where.
+    pub dest: Dest,
+    /// Clamp mtimes to the build's SOURCE_DATE_EPOCH.
+    pub rewrite_timestamp: bool,
+}
+
+impl Exporter for TarExporter {
+    fn export(
+        &self,
+        input: &ExportInput<'_>,
+        report: &dyn Reporter,
+    ) -> Result<Exported, ExportError> {
+        let _span = tracing::info_span!("export", kind = "tar", dest = ?self.dest).entered();
+        let clamp = if self.rewrite_timestamp {
+            input.source_date_epoch
+        } else {
+            None
+        };
+        let manifest = &input.image()?.manifest;
+        self.dest
+            .write(|w| rootfs_tar(input.store, manifest, w, clamp, report))?;
+        Ok(Exported::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_buildkit_syntax() {
+        let o = OutputSpec::parse("type=registry,name=127.0.0.1:5000/a:1,compression=zstd")
+            .expect("ok");
+        assert!(o.pushes());
+        assert_eq!(
+            o.encoding(true).expect("enc").compression.kind,
+            Compression::Zstd
+        );
+        let o = OutputSpec::parse("out").expect("ok");
+        assert_eq!(o.kind, "local");
+        let o = OutputSpec::parse("-").expect("ok");
+        assert_eq!(o.kind, "tar");
+        assert!(OutputSpec::parse("type=docker").is_err());
+        assert!(OutputSpec::parse("type=nope,dest=x").is_err());
+        assert!(OutputSpec::parse("type=image,name=a,push=true")
+            .expect("ok")
+            .pushes());
+    }
+}

@@ -1,0 +1,547 @@
+//! The library entry point: a [`Session`] on a store builds a
+//! [`BuildRequest`] into a [`BuildResult`] — context and Dockerfile
+//! resolution, named contexts, cache import, the solve, the exporters and
+//! cache exporters — the whole of `kiln build`, for the CLI and for any
+//! Rust program that embeds kiln.
+//!
+//! ```no_run
+//! // Building needs root (namespaces, overlay mounts): `no_run` here.
+//! use kiln_solver::session::{BuildRequest, Session};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let session = Session::open("/var/lib/kiln")?;
+//! let request = BuildRequest::new("./app")
+//!     .tag("app:1.0")
+//!     .build_arg("VERSION", "1.0")
+//!     .output("type=docker,dest=app.tar")?;
+//! let runtime = tokio::runtime::Runtime::new()?;
+//! let result = runtime.block_on(session.build(request))?;
+//! println!("built {} ({} steps run)", result.image_id, result.executed);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`Session::build`] discards progress; a caller that renders it (the
+//! CLI) goes through the three phases itself: [`Session::prepare`]
+//! (synchronous: context, store, cache import), [`Prepared::solve`]
+//! (async, with a [`Progress`] sender and a [`CancellationToken`]) and
+//! [`Solved::export`] (synchronous: outputs, then cache exports).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use kiln_executor::{CancellationToken, NetworkMode};
+use kiln_registry::RegistryConfig;
+
+use crate::backend::Backend;
+use crate::build::{BuildOptions, ResourceLimits, SecretSource};
+use crate::context::{self, ContextError, NamedContext};
+use crate::error::BuildError;
+use crate::export::cache::{self, CacheExport};
+use crate::export::{self, ExportError, ExportInput, Exported, Exporter, OutputSpec, Reporter};
+use crate::lint::LintReport;
+use crate::progress::{Progress, StepLogLimit};
+use crate::remote_cache::{CacheImport, RemoteCacheBackend};
+use crate::store::StoreBackend;
+
+pub use crate::build::BuildResult;
+
+/// Why a session call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is invalid (a usage error: the CLI exits 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The store could not be opened.
+    #[error("opening the store at {}: {source}", path.display())]
+    OpenStore {
+        /// The store root.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: kiln_cache::Error,
+    },
+    /// The context or its Dockerfile.
+    #[error(transparent)]
+    Context(#[from] ContextError),
+    /// Registry settings (`~/.docker/config.json`, certificates).
+    #[error(transparent)]
+    Registry(#[from] kiln_registry::RegistryError),
+    /// The build failed; the Dockerfile is kept to render the error
+    /// around its line.
+    #[error("{}", .0.error)]
+    Build(Box<FailedBuild>),
+    /// An output or cache export failed.
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    /// The store, outside a build.
+    #[error(transparent)]
+    Store(#[from] kiln_cache::Error),
+}
+
+impl Error {
+    /// Whether the caller asked for something invalid (exit status 2 in
+    /// the CLI) rather than the work failing.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Error::Usage(_)
+                | Error::Context(ContextError::Usage(_))
+                | Error::Context(ContextError::OciLayout(_))
+                | Error::Export(ExportError::Usage(_))
+                | Error::Export(ExportError::Terminal)
+        )
+    }
+}
+
+/// A failed build and the Dockerfile it ran.
+#[derive(Debug)]
+pub struct FailedBuild {
+    /// What failed (with its Dockerfile line where it has one).
+    pub error: BuildError,
+    /// The Dockerfile's name as given.
+    pub dockerfile_name: String,
+    /// The Dockerfile's text.
+    pub dockerfile: String,
+}
+
+/// What to build and where the result goes. Every field has the
+/// `kiln build` flag's default; the builder methods cover the usual ones.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    /// The context: a directory, `-` (a tar on stdin), a git URL or an
+    /// http(s) URL of an archive.
+    pub context: PathBuf,
+    /// The Dockerfile (`-f`; default `Dockerfile` in the context; `-`
+    /// reads stdin).
+    pub dockerfile: Option<String>,
+    /// Names for the image in the store (normalised by the build).
+    pub tags: Vec<String>,
+    /// `--build-arg`s.
+    pub build_args: BTreeMap<String, String>,
+    /// The stage to build (default: the last).
+    pub target: Option<String>,
+    /// Run every step.
+    pub no_cache: bool,
+    /// Always ask the registry for base images.
+    pub pull: bool,
+    /// Registries reachable over plain HTTP (`HOST:PORT`).
+    pub insecure_registries: Vec<String>,
+    /// Build cache imports.
+    pub cache_from: Vec<CacheImport>,
+    /// Build cache exports.
+    pub cache_to: Vec<CacheExport>,
+    /// Outputs besides the store.
+    pub outputs: Vec<OutputSpec>,
+    /// Image labels.
+    pub labels: BTreeMap<String, String>,
+    /// Network of RUN steps.
+    pub network: NetworkMode,
+    /// Limits of each RUN step.
+    pub limits: ResourceLimits,
+    /// How much output of a step is shown.
+    pub step_log_limit: StepLogLimit,
+    /// Secrets for `RUN --mount=type=secret`.
+    pub secrets: BTreeMap<String, SecretSource>,
+    /// SSH agent sockets for `RUN --mount=type=ssh`.
+    pub ssh: BTreeMap<String, PathBuf>,
+    /// `security.insecure` granted.
+    pub allow_insecure: bool,
+    /// `--build-context`s.
+    pub named_contexts: BTreeMap<String, NamedContext>,
+    /// SOURCE_DATE_EPOCH when no build arg sets it (the CLI passes the
+    /// environment's).
+    pub source_date_epoch: Option<String>,
+}
+
+impl BuildRequest {
+    /// A request to build `context` with the defaults of `kiln build`.
+    pub fn new(context: impl Into<PathBuf>) -> Self {
+        BuildRequest {
+            context: context.into(),
+            dockerfile: None,
+            tags: Vec::new(),
+            build_args: BTreeMap::new(),
+            target: None,
+            no_cache: false,
+            pull: false,
+            insecure_registries: Vec::new(),
+            cache_from: Vec::new(),
+            cache_to: Vec::new(),
+            outputs: Vec::new(),
+            labels: BTreeMap::new(),
+            network: NetworkMode::Host,
+            limits: ResourceLimits::default(),
+            step_log_limit: StepLogLimit::default(),
+            secrets: BTreeMap::new(),
+            ssh: BTreeMap::new(),
+            allow_insecure: false,
+            named_contexts: BTreeMap::new(),
+            source_date_epoch: None,
+        }
+    }
+
+    /// Adds a name for the image.
+    pub fn tag(mut self, name: impl Into<String>) -> Self {
+        self.tags.push(name.into());
+        self
+    }
+
+    /// Sets a build argument.
+    pub fn build_arg(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.build_args.insert(key.into(), value.into());
+        self
+    }
+
+    /// Names the Dockerfile (relative to the context unless absolute).
+    pub fn dockerfile(mut self, path: impl Into<String>) -> Self {
+        self.dockerfile = Some(path.into());
+        self
+    }
+
+    /// Builds this stage.
+    pub fn target(mut self, stage: impl Into<String>) -> Self {
+        self.target = Some(stage.into());
+        self
+    }
+
+    /// Adds an output in BuildKit's `--output` syntax.
+    pub fn output(mut self, spec: &str) -> Result<Self, Error> {
+        self.outputs.push(OutputSpec::parse(spec)?);
+        Ok(self)
+    }
+}
+
+/// A store to build in.
+#[derive(Clone)]
+pub struct Session {
+    root: PathBuf,
+    reporter: Arc<dyn Reporter>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("root", &self.root).finish()
+    }
+}
+
+fn open_store(root: &Path) -> Result<kiln_cache::Store, Error> {
+    kiln_cache::Store::open(root).map_err(|source| Error::OpenStore {
+        path: root.to_path_buf(),
+        source,
+    })
+}
+
+impl Session {
+    /// Opens (creating it if needed) the store at `root`. Notes and
+    /// warnings go to `tracing` until [`Session::with_reporter`].
+    pub fn open(root: impl Into<PathBuf>) -> Result<Session, Error> {
+        let root = root.into();
+        open_store(&root)?;
+        Ok(Session {
+            root,
+            reporter: Arc::new(export::TracingReporter),
+        })
+    }
+
+    /// Where exporters and cache imports report.
+    pub fn with_reporter(mut self, reporter: Arc<dyn Reporter>) -> Self {
+        self.reporter = reporter;
+        self
+    }
+
+    /// The store root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A handle on the store.
+    pub fn store(&self) -> Result<kiln_cache::Store, Error> {
+        open_store(&self.root)
+    }
+
+    /// Builds `req` and runs its exports; progress is discarded.
+    pub async fn build(&self, req: BuildRequest) -> Result<BuildResult, Error> {
+        let solved = self
+            .prepare(req)?
+            .solve(Progress::discard(), CancellationToken::new())
+            .await?;
+        solved.export()?;
+        Ok(solved.result)
+    }
+
+    /// The first phase of a build: resolves the context and Dockerfile,
+    /// checks the request, opens the store, imports `oci-layout://`
+    /// contexts and the `--cache-from` records. A context that is not a
+    /// directory lives in a temporary directory until the returned value
+    /// is dropped.
+    pub fn prepare(&self, req: BuildRequest) -> Result<Prepared, Error> {
+        let usage = |m: String| Error::Usage(m);
+        let resolved = context::resolve(
+            &req.context,
+            req.dockerfile.as_deref(),
+            &self.root.join("tmp"),
+        )?;
+        let mut tags = Vec::new();
+        for t in &req.tags {
+            tags.push(
+                kiln_cache::normalize_reference(t)
+                    .map_err(|e| usage(format!("invalid tag {t:?}: {e}")))?,
+            );
+        }
+        for o in &req.outputs {
+            tags.extend(o.names()?);
+        }
+        let source_date_epoch = req
+            .build_args
+            .get("SOURCE_DATE_EPOCH")
+            .cloned()
+            .or_else(|| req.source_date_epoch.clone())
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<i64>()
+                    .map_err(|_| usage(format!("invalid SOURCE_DATE_EPOCH {s:?}")))
+            })
+            .transpose()?;
+        let store = open_store(&self.root)?;
+        let mut named_contexts = req.named_contexts.clone();
+        for ctx in named_contexts.values_mut() {
+            if let NamedContext::OciLayout(dir, tag) = ctx {
+                let name = context::oci_layout::import(&store, dir, tag.as_deref())
+                    .map_err(ContextError::from)?;
+                *ctx = NamedContext::Image(name);
+            }
+        }
+        let registry = RegistryConfig::load(&req.insecure_registries)?;
+        let mut exporters: Vec<Box<dyn Exporter>> = Vec::new();
+        for o in &req.outputs {
+            exporters.extend(o.exporter(&registry)?);
+        }
+        for c in &req.cache_to {
+            exporters.push(Box::new(c.exporter(&req.outputs)?));
+        }
+        let store_backend = StoreBackend::new(store).with_registry(registry.clone(), req.pull);
+        let backend = if req.cache_from.is_empty() && req.cache_to.is_empty() {
+            Stores::Plain(Arc::new(store_backend))
+        } else {
+            Stores::Cached(cache::import(
+                store_backend,
+                registry,
+                &req.cache_from,
+                &*self.reporter,
+            ))
+        };
+        let opts = BuildOptions {
+            dockerfile: resolved.dockerfile.clone(),
+            context: resolved.dir.clone(),
+            ignore: resolved.ignore.clone(),
+            build_args: req.build_args,
+            target: req.target,
+            no_cache: req.no_cache,
+            labels: req.labels,
+            network: req.network,
+            limits: req.limits,
+            step_log_limit: req.step_log_limit,
+            tags,
+            source_date_epoch,
+            secrets: req.secrets,
+            ssh: req.ssh,
+            allow_insecure: req.allow_insecure,
+            named_contexts,
+        };
+        Ok(Prepared {
+            source_date_epoch,
+            root: self.root.clone(),
+            reporter: self.reporter.clone(),
+            context: resolved,
+            opts,
+            backend,
+            exporters,
+        })
+    }
+
+    /// `kiln build --check`: lints the request's Dockerfile (BuildKit's
+    /// rules) and builds nothing. Base images' variables come from the
+    /// store at `root` when it exists and has them; nothing is pulled and
+    /// no store is created.
+    pub fn check(root: &Path, req: &BuildRequest) -> Result<Checked, Error> {
+        let resolved =
+            context::resolve(&req.context, req.dockerfile.as_deref(), &root.join("tmp"))?;
+        let name = resolved.dockerfile_name.clone();
+        let df = kiln_parser::parse(&resolved.dockerfile)
+            .map_err(|e| Error::Usage(format!("{name}: {e}")))?;
+        let store = if root.join("meta.db").exists() {
+            kiln_cache::Store::open(root).ok()
+        } else {
+            None
+        };
+        let base_env = |reference: &str| -> Option<Vec<String>> {
+            let store = store.as_ref()?;
+            let name = kiln_cache::normalize_reference(reference).ok()?;
+            let rec = store.meta().image(&name).ok()??;
+            let md: kiln_cache::Digest = rec.manifest.parse().ok()?;
+            let manifest: kiln_image::manifest::ImageManifest =
+                serde_json::from_slice(&store.content().read(&md).ok()?).ok()?;
+            let config = kiln_image::config::ImageConfig::from_bytes(
+                &store.content().read(&manifest.config.digest).ok()?,
+            )
+            .ok()?;
+            Some(config.config.and_then(|c| c.env).unwrap_or_default())
+        };
+        let report = crate::lint::lint_with(&df, &base_env);
+        Ok(Checked {
+            report,
+            dockerfile_name: name,
+            dockerfile: resolved.dockerfile,
+        })
+    }
+}
+
+/// The findings of [`Session::check`].
+#[derive(Debug)]
+pub struct Checked {
+    /// The lint findings.
+    pub report: LintReport,
+    /// The Dockerfile's name as given.
+    pub dockerfile_name: String,
+    /// The Dockerfile's text.
+    pub dockerfile: String,
+}
+
+/// The build's backend, kept typed for the exports.
+enum Stores {
+    Plain(Arc<StoreBackend>),
+    Cached(Arc<RemoteCacheBackend>),
+}
+
+impl Stores {
+    fn backend(&self) -> Arc<dyn Backend> {
+        match self {
+            Stores::Plain(b) => b.clone(),
+            Stores::Cached(b) => b.clone(),
+        }
+    }
+    fn store(&self) -> &kiln_cache::Store {
+        match self {
+            Stores::Plain(b) => b.store(),
+            Stores::Cached(b) => b.store(),
+        }
+    }
+}
+
+/// A build ready to run ([`Session::prepare`]).
+pub struct Prepared {
+    source_date_epoch: Option<i64>,
+    root: PathBuf,
+    reporter: Arc<dyn Reporter>,
+    context: context::Resolved,
+    opts: BuildOptions,
+    backend: Stores,
+    exporters: Vec<Box<dyn Exporter>>,
+}
+
+impl Prepared {
+    /// The Dockerfile's name as given.
+    pub fn dockerfile_name(&self) -> &str {
+        &self.context.dockerfile_name
+    }
+
+    /// Runs the build: RUN steps in the sandbox (as
+    /// `kiln_executor::Executor` with its state under the store's `tmp`),
+    /// progress to `progress`, stopped by `cancel`.
+    pub async fn solve(
+        self,
+        progress: Progress,
+        cancel: CancellationToken,
+    ) -> Result<Solved, Error> {
+        let executor = kiln_executor::Executor::new(kiln_executor::ExecutorConfig {
+            state_dir: self.root.join("tmp").join("executor"),
+            ..Default::default()
+        });
+        let span = tracing::info_span!("build", context = %self.context.dir.display());
+        let started = std::time::Instant::now();
+        tracing::info!(parent: &span, dockerfile = %self.context.dockerfile_name, "build started");
+        let r = tracing::Instrument::instrument(
+            crate::build(
+                self.backend.backend(),
+                executor,
+                progress,
+                cancel,
+                self.opts,
+            ),
+            span.clone(),
+        )
+        .await;
+        match r {
+            Ok(result) => {
+                tracing::info!(
+                    parent: &span,
+                    image_id = %result.image_id,
+                    executed = result.executed,
+                    cached = result.cached,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "build done"
+                );
+                Ok(Solved {
+                    source_date_epoch: self.source_date_epoch,
+                    root: self.root,
+                    reporter: self.reporter,
+                    _context: self.context,
+                    backend: self.backend,
+                    exporters: self.exporters,
+                    result,
+                })
+            }
+            Err(BuildError::Usage(m)) => Err(Error::Usage(m)),
+            Err(error) => {
+                tracing::info!(parent: &span, error = %error, "build failed");
+                Err(Error::Build(Box::new(FailedBuild {
+                    error,
+                    dockerfile_name: self.context.dockerfile_name,
+                    dockerfile: self.context.dockerfile,
+                })))
+            }
+        }
+    }
+}
+
+/// A finished build whose exports have not run yet.
+pub struct Solved {
+    source_date_epoch: Option<i64>,
+    root: PathBuf,
+    reporter: Arc<dyn Reporter>,
+    _context: context::Resolved,
+    backend: Stores,
+    exporters: Vec<Box<dyn Exporter>>,
+    /// What the build made.
+    pub result: BuildResult,
+}
+
+impl Solved {
+    /// Runs the outputs, then the cache exports (one lease, through
+    /// [`export::run`]), then lets go of the oldest results `--no-cache`
+    /// rebuilds replaced once they take more than a tenth of the store's
+    /// filesystem (best effort).
+    pub fn export(&self) -> Result<Exported, Error> {
+        let mut done = Exported::default();
+        if !self.exporters.is_empty() {
+            let store = self.backend.store();
+            let input = ExportInput {
+                store,
+                images: vec![export::stored_image(store, &self.result.manifest_digest)?],
+                source_date_epoch: self.source_date_epoch,
+                cache: match &self.backend {
+                    Stores::Cached(c) => Some(c),
+                    Stores::Plain(_) => None,
+                },
+            };
+            done = export::run(&input, &self.exporters, &*self.reporter)?;
+        }
+        if kiln_cache::retired_over_budget(&self.root) {
+            let store = self.backend.store();
+            let _ = store.sweep_retired(store.retired_budget());
+        }
+        Ok(done)
+    }
+}
