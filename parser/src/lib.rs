@@ -39,6 +39,7 @@ mod error;
 pub mod instructions;
 mod reader;
 pub mod shell;
+pub mod units;
 
 pub use ast::Ast;
 pub use error::{Location, ParseError};
