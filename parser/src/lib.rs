@@ -36,6 +36,7 @@ pub mod ast;
 pub mod directives;
 pub mod dockerignore;
 mod error;
+pub mod glob;
 pub mod instructions;
 mod reader;
 pub mod shell;
