@@ -58,7 +58,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// Gives a file opened through a [`Dir`] (e.g. by [`Dir::create_file`],
 /// once its content is written) its owner, when given, then its permission
@@ -345,21 +345,12 @@ fn fstatat(dir: RawFd, name: &CStr, flags: i32) -> io::Result<libc::stat> {
     Ok(unsafe { st.assume_init() })
 }
 
-/// The clean components of a path inside a root: `.` and empty ones
-/// dropped, a leading `/` ignored, `..` resolved lexically (never above
-/// the root), as Go's `path.Clean` on an image path.
+/// The clean components of a path inside a root ([`path::components_in_root`]).
 fn clean(rel: &Path) -> Vec<OsString> {
-    let mut out: Vec<OsString> = Vec::new();
-    for c in rel.components() {
-        match c {
-            Component::Normal(n) => out.push(n.to_os_string()),
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-        }
-    }
-    out
+    path::components_in_root(rel.as_os_str().as_bytes())
+        .into_iter()
+        .map(|c| OsStr::from_bytes(c).to_os_string())
+        .collect()
 }
 
 /// The components of `p` below `/`, cleaned lexically as Docker cleans a
@@ -1447,6 +1438,8 @@ fn chmod_at(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
     }
     Ok(())
 }
+
+pub mod path;
 
 #[cfg(test)]
 mod tests;

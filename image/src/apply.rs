@@ -90,31 +90,16 @@ fn display(comps: &[Vec<u8>]) -> PathBuf {
     p
 }
 
-/// Clean a tar path: drop leading `/`, `.` and empty components; resolve
-/// `..` lexically; a `..` above the root is an error.
+/// Clean a tar path ([`kiln_fs::path::components_strict`]): drop leading
+/// `/`, `.` and empty components; resolve `..` lexically; a `..` above the
+/// root or a NUL byte is an error.
 pub(crate) fn clean(raw: &[u8]) -> Result<Vec<Vec<u8>>, ImageError> {
-    let mut out: Vec<Vec<u8>> = Vec::new();
-    for c in raw.split(|&b| b == b'/') {
-        match c {
-            b"" | b"." => {}
-            b".." => {
-                if out.pop().is_none() {
-                    return Err(ImageError::UnsafePath(
-                        String::from_utf8_lossy(raw).into_owned(),
-                    ));
-                }
-            }
-            c => {
-                if c.contains(&0) {
-                    return Err(ImageError::UnsafePath(
-                        String::from_utf8_lossy(raw).into_owned(),
-                    ));
-                }
-                out.push(c.to_vec())
-            }
-        }
+    let unsafe_path = || ImageError::UnsafePath(String::from_utf8_lossy(raw).into_owned());
+    if raw.contains(&0) {
+        return Err(unsafe_path());
     }
-    Ok(out)
+    let comps = kiln_fs::path::components_strict(raw).ok_or_else(unsafe_path)?;
+    Ok(comps.into_iter().map(<[u8]>::to_vec).collect())
 }
 
 struct Entry {

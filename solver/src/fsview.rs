@@ -35,27 +35,10 @@ pub fn components(p: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
     p.split(|b| *b == b'/').filter(|c| !c.is_empty())
 }
 
-/// [`clean_abs`] of a path whose names are bytes.
+/// [`clean_abs`] of a path whose names are bytes
+/// ([`kiln_fs::path::clean_abs`]).
 pub fn clean_bytes(p: &[u8]) -> Vec<u8> {
-    let mut parts: Vec<&[u8]> = Vec::new();
-    for c in components(p) {
-        match c {
-            b"." => {}
-            b".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
-    }
-    let mut out = Vec::with_capacity(p.len() + 1);
-    for c in &parts {
-        out.push(b'/');
-        out.extend_from_slice(c);
-    }
-    if out.is_empty() {
-        out.push(b'/');
-    }
-    out
+    kiln_fs::path::clean_abs(p)
 }
 
 /// [`join_abs`] of paths whose names are bytes.
@@ -516,20 +499,7 @@ fn abs_of(comps: &[Vec<u8>]) -> Vec<u8> {
 
 /// True when a relative or absolute path climbs above its root.
 fn escapes(p: &[u8]) -> bool {
-    let mut depth: i64 = 0;
-    for c in p.split(|b| *b == b'/') {
-        match c {
-            b"" | b"." => {}
-            b".." => {
-                depth -= 1;
-                if depth < 0 {
-                    return true;
-                }
-            }
-            _ => depth += 1,
-        }
-    }
-    false
+    kiln_fs::path::components_strict(p).is_none()
 }
 
 /// Sets atime and mtime of `path` (not following a symlink when `nofollow`).
