@@ -1439,6 +1439,7 @@ fn chmod_at(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
     Ok(())
 }
 
+pub mod overlay;
 pub mod path;
 
 #[cfg(test)]
