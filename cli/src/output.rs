@@ -164,7 +164,10 @@ fn write_dest(
 pub fn unpack_rootfs(store: &Store, manifest: &RawManifest, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let m = manifest.manifest()?;
-    let opts = kiln_image::apply::ApplyOptions { skip_devices: true };
+    let opts = kiln_image::apply::ApplyOptions {
+        skip_devices: true,
+        ..Default::default()
+    };
     let mut skipped = Vec::new();
     for l in &m.layers {
         let d: kiln_cache::Digest = l.digest.as_str().parse()?;

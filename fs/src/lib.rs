@@ -251,6 +251,10 @@ impl Stat {
     pub fn rdev(&self) -> u64 {
         self.0.st_rdev
     }
+    /// Is this an overlay whiteout (a character device 0:0)?
+    pub fn is_whiteout(&self) -> bool {
+        overlay::is_whiteout_stat(self.kind(), self.rdev())
+    }
     /// Device of the file system holding the entry.
     pub fn dev(&self) -> u64 {
         self.0.st_dev

@@ -23,9 +23,10 @@ pub const WHITEOUT_OPAQUE: &str = ".wh..wh..opq";
 pub const WHITEOUT_META_PREFIX: &str = ".wh..wh.";
 
 /// The xattr namespace an overlay mount keeps its metadata in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum XattrNs {
     /// `trusted.overlay.*`: overlayfs mounted by real root (kiln today).
+    #[default]
     Trusted,
     /// `user.overlay.*`: overlayfs mounted with `userxattr` (rootless).
     User,

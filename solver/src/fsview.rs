@@ -11,6 +11,7 @@
 //! File names are bytes: a view path is a `[u8]` (a name need not be
 //! UTF-8), and only messages show it lossily.
 
+use kiln_fs::overlay::{is_whiteout, XattrNs, OPAQUE_VALUE};
 use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io;
@@ -123,11 +124,6 @@ pub struct LayerView {
     strict: bool,
 }
 
-fn is_whiteout(meta: &fs::Metadata) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    meta.file_type().is_char_device() && meta.rdev() == 0
-}
-
 fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let p = CString::new(path.as_os_str().as_bytes()).ok()?;
     let n = CString::new(name).ok()?;
@@ -138,9 +134,9 @@ fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
 }
 
 fn is_opaque(path: &Path) -> bool {
-    ["trusted.overlay.opaque", "user.overlay.opaque"]
+    XattrNs::ALL
         .iter()
-        .any(|n| getxattr(path, n).is_some_and(|v| v == b"y"))
+        .any(|ns| getxattr(path, ns.opaque()).is_some_and(|v| v == OPAQUE_VALUE))
 }
 
 impl LayerView {
@@ -460,7 +456,7 @@ impl LayerView {
                     dir = dir.open_dir(c)?;
                     continue;
                 }
-                Some(st) if st.kind() == libc::S_IFCHR && st.rdev() == 0 => dir.remove(c)?,
+                Some(st) if st.is_whiteout() => dir.remove(c)?,
                 Some(_) => return Err(ViewError::NotDir(show(&view_path))),
                 None => {}
             }
