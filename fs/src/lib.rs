@@ -1445,6 +1445,7 @@ fn chmod_at(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
 
 pub mod overlay;
 pub mod path;
+pub mod userdb;
 
 #[cfg(test)]
 mod tests;
