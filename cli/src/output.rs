@@ -171,15 +171,8 @@ pub fn unpack_rootfs(store: &Store, manifest: &RawManifest, dir: &Path) -> anyho
     let mut skipped = Vec::new();
     for l in &m.layers {
         let d: kiln_cache::Digest = l.digest.as_str().parse()?;
-        let f = store.open_blob(&d)?;
-        let r = kiln_image::compression::decompress_auto(f)?;
-        let st = kiln_image::apply::apply_layer_with(
-            r,
-            dir,
-            kiln_image::apply::WhiteoutMode::Delete,
-            &opts,
-        )
-        .map_err(|e| anyhow::anyhow!("layer {}: {e}", l.digest))?;
+        let st =
+            store.apply_blob_to_dir(&d, dir, kiln_image::apply::WhiteoutMode::Delete, &opts)?;
         skipped.extend(st.skipped_devices);
     }
     if !skipped.is_empty() {
