@@ -267,6 +267,10 @@ impl Stat {
     pub fn nlink(&self) -> u64 {
         self.0.st_nlink
     }
+    /// Disk space allocated, in bytes (`st_blocks` × 512).
+    pub fn allocated(&self) -> u64 {
+        (self.0.st_blocks as u64).saturating_mul(512)
+    }
     /// Modification time (seconds, nanoseconds).
     pub fn mtime(&self) -> (i64, i64) {
         (self.0.st_mtime, self.0.st_mtime_nsec)
@@ -525,7 +529,7 @@ impl Root {
             dangling: Dangling::Create,
             made: None,
         };
-        self.walk(rel.as_ref(), follow, Some(maker), true)
+        self.descend(rel.as_ref(), follow, Some(maker), true)
             .map(|(d, _)| d)
     }
 
@@ -546,7 +550,7 @@ impl Root {
             dangling,
             made: Some(made),
         };
-        self.walk(rel.as_ref(), follow, Some(maker), true)
+        self.descend(rel.as_ref(), follow, Some(maker), true)
             .map(|(d, _)| d)
     }
 
@@ -555,7 +559,7 @@ impl Root {
     /// (with a leading `/`). Components that do not exist are kept as
     /// named. Creates nothing.
     pub fn resolve(&self, rel: impl AsRef<Path>) -> Result<PathBuf> {
-        self.walk(rel.as_ref(), Follow::InRoot, None, false)
+        self.descend(rel.as_ref(), Follow::InRoot, None, false)
             .map(|(_, p)| p)
     }
 
@@ -590,11 +594,51 @@ impl Root {
         dir.stat(&name)
     }
 
+    /// Visits the root and every entry below it, never following a
+    /// symlink: `f` gets each entry's path relative to the root (`""` for
+    /// the root itself, first) and its lstat, parents before children and
+    /// the names of one directory in byte order. Returning
+    /// [`Walk::Skip`] for a directory leaves its contents out. Each
+    /// directory is opened from the root with [`Follow::Never`] when its
+    /// turn comes (no descriptor is held per pending directory, so a wide
+    /// tree costs no more than a narrow one); an entry that vanishes
+    /// meanwhile is passed over.
+    pub fn walk(&self, f: &mut dyn FnMut(&Path, &Stat) -> Result<Walk>) -> Result<()> {
+        let top = self.dir.stat_self()?;
+        if f(Path::new(""), &top)? == Walk::Skip || !top.is_dir() {
+            return Ok(());
+        }
+        let mut pending = vec![PathBuf::new()];
+        while let Some(rel) = pending.pop() {
+            let dir = match self.open_dir(&rel, Follow::Never) {
+                Ok(d) => d,
+                Err(e) if !rel.as_os_str().is_empty() && e.raw_os_error() == Some(libc::ENOENT) => {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
+            let mut names = dir.read_dir()?;
+            names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            let mut below = Vec::new();
+            for name in names {
+                let Some(st) = dir.stat(&name)? else {
+                    continue;
+                };
+                let child = rel.join(&name);
+                if f(&child, &st)? == Walk::Into && st.is_dir() {
+                    below.push(child);
+                }
+            }
+            pending.extend(below.into_iter().rev());
+        }
+        Ok(())
+    }
+
     /// The walker behind [`Root::mkdir_all`] and [`Root::resolve`]. With
     /// `create` missing directories are made; without, a missing
     /// component ends the walk and the rest is appended lexically. With
     /// `dirs_only` a non-directory on the way is `ENOTDIR`.
-    fn walk(
+    fn descend(
         &self,
         rel: &Path,
         follow: Follow,
@@ -1441,6 +1485,15 @@ fn chmod_at(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
         return Err(errno());
     }
     Ok(())
+}
+
+/// What a [`Root::walk`] callback wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Walk {
+    /// Go on (into this entry, when it is a directory).
+    Into,
+    /// Leave this directory's contents out.
+    Skip,
 }
 
 pub mod overlay;
