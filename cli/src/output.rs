@@ -209,11 +209,7 @@ pub fn rootfs_tar(
 }
 
 fn familiar(name: &str) -> String {
-    let n = name
-        .strip_prefix("docker.io/library/")
-        .or_else(|| name.strip_prefix("docker.io/"))
-        .unwrap_or(name);
-    n.to_string()
+    kiln_image::reference::familiar(name).to_string()
 }
 
 /// Runs every output but `type=image` without push (those only add names,

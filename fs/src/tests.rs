@@ -464,8 +464,20 @@ fn walk_visits_parents_first_in_name_order_and_never_follows_links() {
     let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
-        ["", "a", "skip", "slash", "a/b", "a/to-host", "a/z", "a/b/c", "a/b/f"]
+        [
+            "",
+            "a",
+            "skip",
+            "slash",
+            "a/b",
+            "a/to-host",
+            "a/z",
+            "a/b/c",
+            "a/b/f"
+        ]
     );
     assert!(seen.iter().any(|(n, l)| n == "a/to-host" && *l));
-    assert!(!names.iter().any(|n| n.contains("victim") || n.contains("hidden")));
+    assert!(!names
+        .iter()
+        .any(|n| n.contains("victim") || n.contains("hidden")));
 }

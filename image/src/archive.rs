@@ -145,11 +145,10 @@ fn repo_tag(name: &str) -> Option<(String, String)> {
         Some(i) if !name[i..].contains('/') => (&name[..i], &name[i + 1..]),
         _ => (name, "latest"),
     };
-    let repo = repo
-        .strip_prefix("docker.io/library/")
-        .or_else(|| repo.strip_prefix("docker.io/"))
-        .unwrap_or(repo);
-    Some((repo.to_string(), tag.to_string()))
+    Some((
+        crate::reference::familiar(repo).to_string(),
+        tag.to_string(),
+    ))
 }
 
 #[derive(Serialize, Deserialize)]

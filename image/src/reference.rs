@@ -234,6 +234,20 @@ pub fn normalize(reference: &str) -> Result<String, ReferenceError> {
     Reference::parse(reference).map(|r| r.to_string())
 }
 
+/// Docker's `FamiliarName` of a normalised name (with or without its tag
+/// or digest): `docker.io/library/busybox:1` -> `busybox:1`,
+/// `docker.io/user/app` -> `user/app`; other registries stay as they are,
+/// and so does `library/` before a path of more than one component.
+pub fn familiar(name: &str) -> &str {
+    let Some(rest) = name.strip_prefix("docker.io/") else {
+        return name;
+    };
+    match rest.strip_prefix("library/") {
+        Some(short) if !short.split([':', '@']).next().unwrap_or("").contains('/') => short,
+        _ => rest,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::normalize as n;
@@ -308,6 +322,17 @@ mod tests {
         assert!(Reference::parse("UPPER/x").is_err());
         assert!(Reference::parse("x@sha256:12").is_err());
         assert!(Reference::parse("x:").is_err());
+    }
+
+    /// Three copies shortened names; all dropped `library/` even before a
+    /// deeper path, which Docker keeps.
+    #[test]
+    fn familiar_names_are_docker_s() {
+        assert_eq!(familiar("docker.io/library/busybox:1"), "busybox:1");
+        assert_eq!(familiar("docker.io/library/busybox"), "busybox");
+        assert_eq!(familiar("docker.io/user/app:2"), "user/app:2");
+        assert_eq!(familiar("docker.io/library/a/b:1"), "library/a/b:1");
+        assert_eq!(familiar("localhost:5000/x:1"), "localhost:5000/x:1");
     }
 
     /// The registry client's copy used to map `registry-1.docker.io` to
