@@ -58,7 +58,8 @@ pub fn match_pattern(pattern: &str, name: &str) -> Result<bool, BadPattern> {
             let mut i = 0;
             while i < n.len() && n[i] != '/' {
                 if let Some(t) = match_chunk(chunk, &n[i + 1..])? {
-                    if !(p.is_empty() && !t.is_empty()) {
+                    // A last chunk must use up the name.
+                    if !p.is_empty() || t.is_empty() {
                         n = t;
                         continue 'chunks;
                     }

@@ -58,7 +58,7 @@ fn parse(s: &str, base: f64) -> Result<u64, SizeError> {
     let sfx = sfx.to_ascii_lowercase();
     let mult = match sfx.as_bytes() {
         [] | [b'b'] => 1.0,
-        [p, rest @ ..] if matches!(rest, [] | [b'b'] | [b'i', b'b']) => {
+        [p] | [p, b'b'] | [p, b'i', b'b'] => {
             let exp = match p {
                 b'k' => 1,
                 b'm' => 2,
