@@ -35,6 +35,12 @@
 //! opens a device node it meets for reading or writing (only `O_PATH`),
 //! and never resolves a path through the host's `/`.
 //!
+//! Also here, because every crate that handles trees needs them and this
+//! one depends on none: [`overlay`] (the overlay format — whiteouts, opaque
+//! markers, the `trusted.`/`user.` xattr namespace, lowerdir compaction),
+//! [`path`] (Go's `path.Clean` over byte paths), [`userdb`] (passwd/group
+//! parsing and user resolution) and [`Root::walk`] (the tree walker).
+//!
 //! Keeping per-directory work cheap is the caller's side of the bargain:
 //! open a parent [`Dir`] once and make many `*at` calls on it, rather than
 //! resolving a full path per file.
