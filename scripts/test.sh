@@ -22,7 +22,10 @@ log() { printf '[test.sh] %s\n' "$*" >&2; }
 # gcc and libc6-dev build the static syscall probe of the seccomp tests;
 # mmdebstrap makes the Debian base of the real-distribution tests (scripts/debian-base.sh),
 # whose results buildah builds too, for a file-by-file comparison.
-APT_PKGS=(busybox-static skopeo umoci podman buildah runc docker-registry apache2-utils openssl git gcc libc6-dev mmdebstrap)
+# qemu-user-static runs the arm64/armhf busybox images of the multi-platform
+# tests (scripts/foreign-busybox.sh makes them from Debian's busybox-static
+# for those architectures; `kiln system binfmt` registers the interpreters).
+APT_PKGS=(busybox-static skopeo umoci podman buildah runc docker-registry apache2-utils openssl git gcc libc6-dev mmdebstrap qemu-user-static)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -62,6 +65,13 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+# Foreign-platform RUN steps need QEMU registered with binfmt_misc (flag F).
+# Debian's qemu-user-static registers it only where systemd-binfmt or
+# binfmt-support runs, which a fresh CI machine or container may lack.
+if [ "$(id -u)" = 0 ]; then
+  log "kiln system binfmt"
+  cargo run -q -p kiln -- system binfmt >&2 || log "kiln system binfmt failed: foreign-platform tests will say why"
+fi
 log "cargo nextest run"
 cargo nextest run --workspace --no-fail-fast
 log "doc tests"

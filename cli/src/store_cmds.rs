@@ -79,6 +79,22 @@ pub enum SystemCommand {
         #[arg(long)]
         deep: bool,
     },
+    /// Register the installed QEMU user-mode interpreters (Debian's
+    /// qemu-user-static) with binfmt_misc, for RUN steps of foreign
+    /// platforms (as root).
+    ///
+    /// Each architecture the host does not run natively whose
+    /// /usr/share/binfmts/qemu-<arch> file and interpreter are installed is
+    /// registered as `qemu-<arch>` with the flags C and F (fix-binary: the
+    /// kernel keeps the interpreter open, so it works inside the sandbox),
+    /// magic and mask taken from that file; binfmt_misc is mounted first
+    /// if it is not. An equal registration is left as it is; one without F
+    /// is replaced. Prints what is registered.
+    Binfmt {
+        /// Remove kiln's (and Debian's) `qemu-<arch>` registrations instead.
+        #[arg(long)]
+        uninstall: bool,
+    },
 }
 
 fn open(root: &Path) -> anyhow::Result<Store> {
@@ -304,6 +320,10 @@ pub fn prune(root: &Path, args: PruneArgs) -> anyhow::Result<ExitCode> {
 
 /// `kiln system df|check`.
 pub fn system(root: &Path, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
+    if let SystemCommand::Binfmt { uninstall } = cmd {
+        // Not about the store: no store is opened (or created).
+        return binfmt(uninstall);
+    }
     let store = open(root)?;
     match cmd {
         SystemCommand::Df { json } => {
@@ -359,6 +379,7 @@ pub fn system(root: &Path, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         }
+        SystemCommand::Binfmt { uninstall } => binfmt(uninstall),
     }
 }
 
@@ -382,4 +403,38 @@ fn human(n: u64) -> String {
 /// `RAMInBytes` (`10GB` = 10 GiB, `1k` = 1024 bytes), as `build --memory`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     kiln_solver::parser::units::ram_in_bytes(s).map_err(|e| e.to_string())
+}
+
+/// `kiln system binfmt [--uninstall]`.
+fn binfmt(uninstall: bool) -> anyhow::Result<ExitCode> {
+    use kiln_executor::emulation;
+    let mount = Path::new(emulation::BINFMT_MISC);
+    if uninstall {
+        for name in emulation::uninstall(mount)? {
+            println!("removed {name}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let done = emulation::install(mount, Path::new(emulation::BINFMTS_DIR))?;
+    if done.is_empty() {
+        anyhow::bail!(
+            "no QEMU user-mode interpreters found in {} (apt-get install qemu-user-static)",
+            emulation::BINFMTS_DIR
+        );
+    }
+    for r in &done {
+        println!(
+            "{:<14} {:<18} {} flags {}{}",
+            format!("linux/{}", r.arch.oci),
+            r.name,
+            r.interpreter.display(),
+            r.flags,
+            if r.changed {
+                ""
+            } else {
+                " (already registered)"
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

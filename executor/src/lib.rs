@@ -54,6 +54,7 @@
 
 pub mod caps;
 pub mod cgroup;
+pub mod emulation;
 mod error;
 mod init;
 mod net;
