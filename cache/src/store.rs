@@ -475,6 +475,39 @@ impl Store {
         })
     }
 
+    /// Record an index (an image for several platforms): each child
+    /// manifest references its config and layers (all already stored),
+    /// the index references the child manifests, and `name` points at
+    /// the index (with no config of its own). One transaction.
+    pub fn record_index(
+        &self,
+        name: &str,
+        index: &Digest,
+        children: &[(Digest, Digest, Vec<Digest>)],
+    ) -> Result<()> {
+        self.meta.write(|tx| {
+            for (manifest, config, layers) in children {
+                tx.execute(
+                    "INSERT OR IGNORE INTO blob_refs(parent, child) VALUES (?1, ?2)",
+                    [index.to_string(), manifest.to_string()],
+                )?;
+                for child in std::iter::once(config).chain(layers) {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO blob_refs(parent, child) VALUES (?1, ?2)",
+                        [manifest.to_string(), child.to_string()],
+                    )?;
+                }
+            }
+            tx.execute(
+                "INSERT INTO images(name, manifest, config, created) VALUES (?1, ?2, NULL, ?3)
+                 ON CONFLICT(name) DO UPDATE SET manifest = excluded.manifest,
+                   config = NULL, created = excluded.created",
+                rusqlite::params![name, index.to_string(), crate::util::now_unix()],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Start a lease: until the guard drops (or this process dies, or
     /// `ttl` passes), everything this store handle creates is kept by GC.
     pub fn lease(&self, ttl: Option<Duration>) -> Result<LeaseGuard<'_>> {

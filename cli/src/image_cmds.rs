@@ -9,7 +9,7 @@ use std::sync::Arc;
 use kiln_solver::backend::Backend;
 use kiln_solver::cache::{ImageRecord, Store};
 use kiln_solver::image::config::ImageConfig;
-use kiln_solver::image::manifest::ImageManifest;
+use kiln_solver::image::manifest::{ImageManifest, Platform};
 use kiln_solver::store::StoreBackend;
 
 use kiln_solver::export::{
@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// seccomp profile (the only option kiln takes).
     #[arg(long = "security-opt", value_name = "OPT")]
     security_opt: Vec<String>,
+    /// Run this platform's image of a multi-platform image (`linux/arm64`);
+    /// a foreign platform runs under QEMU emulation (`kiln system binfmt`).
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
     /// The image.
     image: String,
     /// Command and arguments (replace the image's CMD).
@@ -106,19 +110,58 @@ fn open(root: &Path) -> anyhow::Result<Store> {
 /// An image as the commands show it.
 struct Loaded {
     names: Vec<String>,
+    /// What the names point at: the manifest, or an index.
+    stored_digest: String,
+    /// The platforms of a stored index's images (empty for one image).
+    platforms: Vec<String>,
     manifest_digest: String,
     config_digest: String,
     config: ImageConfig,
     manifest: ImageManifest,
 }
 
-fn load(store: &Store, rec: &ImageRecord) -> anyhow::Result<(ImageManifest, String, ImageConfig)> {
-    let md: kiln_solver::cache::Digest = rec.manifest.parse()?;
-    let bytes = store.content().read(&md)?;
-    let manifest: ImageManifest = serde_json::from_slice(&bytes)?;
+/// A `--platform` value, parsed and normalised (a usage error if bad).
+pub fn platform_arg(p: Option<&str>) -> anyhow::Result<Option<Platform>> {
+    p.map(|p| kiln_solver::image::platform::parse(p).map_err(|e| usage(e.to_string())))
+        .transpose()
+}
+
+/// The image stored under `digest` (a manifest, or an index: then the
+/// `platform`'s image, else the host's, else — for listings, `any` — the
+/// first).
+fn load_digest(
+    store: &Store,
+    names: Vec<String>,
+    digest: &str,
+    platform: Option<&Platform>,
+    any: bool,
+) -> anyhow::Result<Loaded> {
+    let sel = kiln_solver::platforms::select(store, digest, platform, any)?;
+    let manifest: ImageManifest = serde_json::from_slice(&sel.manifest.bytes)?;
     let cd: kiln_solver::cache::Digest = manifest.config.digest.as_str().parse()?;
     let config = ImageConfig::from_bytes(&store.content().read(&cd)?)?;
-    Ok((manifest, cd.to_string(), config))
+    Ok(Loaded {
+        names,
+        stored_digest: digest.to_string(),
+        platforms: sel.platforms.iter().map(|p| p.to_string()).collect(),
+        manifest_digest: sel.manifest.digest.to_string(),
+        config_digest: cd.to_string(),
+        config,
+        manifest,
+    })
+}
+
+fn load(store: &Store, rec: &ImageRecord) -> anyhow::Result<Loaded> {
+    load_digest(store, vec![rec.name.clone()], &rec.manifest, None, true)
+}
+
+/// [`find`], then (with a platform) that platform's image of it.
+fn find_for(store: &Store, reference: &str, platform: Option<&Platform>) -> anyhow::Result<Loaded> {
+    let l = find(store, reference)?;
+    match platform {
+        None => Ok(l),
+        Some(p) => load_digest(store, l.names.clone(), &l.stored_digest, Some(p), false),
+    }
 }
 
 /// Every image, tags grouped by image.
@@ -129,17 +172,7 @@ fn all_images(store: &Store) -> anyhow::Result<Vec<Loaded>> {
             l.names.push(rec.name.clone());
             continue;
         }
-        let (manifest, config_digest, config) = load(store, &rec)?;
-        by_manifest.insert(
-            rec.manifest.clone(),
-            Loaded {
-                names: vec![rec.name.clone()],
-                manifest_digest: rec.manifest.clone(),
-                config_digest,
-                config,
-                manifest,
-            },
-        );
+        by_manifest.insert(rec.manifest.clone(), load(store, &rec)?);
     }
     let mut v: Vec<Loaded> = by_manifest.into_values().collect();
     v.sort_by(|a, b| b.config.created.cmp(&a.config.created));
@@ -313,11 +346,14 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
         for l in &imgs {
             for n in &l.names {
                 let (repo, tag) = familiar(n);
-                let v = serde_json::json!({
+                let mut v = serde_json::json!({
                     "Repository": repo, "Tag": tag, "ID": short_id(&l.config_digest),
-                    "Digest": l.manifest_digest, "CreatedAt": l.config.created,
+                    "Digest": l.stored_digest, "CreatedAt": l.config.created,
                     "CreatedSince": ago(l.config.created.as_deref()), "Size": human(image_size(&store, l)?),
                 });
+                if !l.platforms.is_empty() {
+                    v["Platforms"] = serde_json::json!(l.platforms);
+                }
                 outln!("{v}");
             }
         }
@@ -335,6 +371,11 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
         "CREATED".into(),
         "SIZE".into(),
     ]];
+    // An index is one image; its platforms get a column of their own.
+    let multi = imgs.iter().any(|l| !l.platforms.is_empty());
+    if multi {
+        rows[0].push("PLATFORMS".into());
+    }
     for l in &imgs {
         let size = human(image_size(&store, l)?);
         for n in &l.names {
@@ -343,7 +384,7 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
                 repo,
                 tag,
                 if a.digests {
-                    l.manifest_digest.clone()
+                    l.stored_digest.clone()
                 } else {
                     String::new()
                 },
@@ -351,6 +392,11 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
                 ago(l.config.created.as_deref()),
                 size.clone(),
             ]);
+            if multi {
+                if let Some(r) = rows.last_mut() {
+                    r.push(l.platforms.join(","));
+                }
+            }
         }
     }
     print_table(&rows);
@@ -379,15 +425,20 @@ fn print_table(rows: &[Vec<String>]) {
 }
 
 /// `kiln inspect IMAGE...`: docker-style JSON.
-pub fn inspect(root: &Path, images: Vec<String>) -> anyhow::Result<ExitCode> {
+pub fn inspect(
+    root: &Path,
+    images: Vec<String>,
+    platform: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let platform = platform_arg(platform)?;
     let store = open(root)?;
     let mut out = Vec::new();
     let mut failed = false;
     for r in &images {
-        match find(&store, r) {
+        match find_for(&store, r, platform.as_ref()) {
             Ok(l) => {
                 let c = &l.config;
-                out.push(serde_json::json!({
+                let mut v = serde_json::json!({
                     "Id": l.config_digest,
                     "RepoTags": l.names.iter().map(|n| {
                         let (repo, tag) = familiar(n);
@@ -403,7 +454,12 @@ pub fn inspect(root: &Path, images: Vec<String>) -> anyhow::Result<ExitCode> {
                     "Size": image_size(&store, &l)?,
                     "RootFS": {"Type": c.rootfs.kind, "Layers": c.rootfs.diff_ids},
                     "Metadata": {"ManifestDigest": l.manifest_digest},
-                }));
+                });
+                if !l.platforms.is_empty() {
+                    v["Platforms"] = serde_json::json!(l.platforms);
+                    v["Metadata"]["IndexDigest"] = serde_json::json!(l.stored_digest);
+                }
+                out.push(v);
             }
             Err(e) => {
                 eprintln!("Error: {e}");
@@ -420,9 +476,10 @@ pub fn inspect(root: &Path, images: Vec<String>) -> anyhow::Result<ExitCode> {
 }
 
 /// `kiln history IMAGE`.
-pub fn history(root: &Path, image: &str) -> anyhow::Result<ExitCode> {
+pub fn history(root: &Path, image: &str, platform: Option<&str>) -> anyhow::Result<ExitCode> {
+    let platform = platform_arg(platform)?;
     let store = open(root)?;
-    let l = find(&store, image)?;
+    let l = find_for(&store, image, platform.as_ref())?;
     let mut sizes = layer_sizes(&store, &l)?.into_iter();
     let mut rows = Vec::new();
     for (i, h) in l.config.history.iter().enumerate() {
@@ -468,6 +525,12 @@ pub fn tag(root: &Path, src: &str, dst: &str) -> anyhow::Result<ExitCode> {
     let l = find(&store, src)?;
     let name = kiln_solver::cache::normalize_reference(dst)
         .map_err(|e| usage(format!("invalid reference {dst:?}: {e}")))?;
+    if !l.platforms.is_empty() {
+        // An index: the new name points at the same index.
+        let id: kiln_solver::cache::Digest = l.stored_digest.parse()?;
+        store.meta().tag_image(&name, &id, None)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let md: kiln_solver::cache::Digest = l.manifest_digest.parse()?;
     let cd: kiln_solver::cache::Digest = l.config_digest.parse()?;
     let layers = l
@@ -527,14 +590,35 @@ pub fn rmi(root: &Path, force: bool, images: Vec<String>) -> anyhow::Result<Exit
 /// status.
 pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     let unconfined = seccomp_unconfined(&a.security_opt)?;
+    let platform = platform_arg(a.platform.as_deref())?;
     let store = open(root)?;
-    let l = find(&store, &a.image)?;
+    let l = find_for(&store, &a.image, platform.as_ref())?;
     let name = l
         .names
         .first()
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("image has no name"))?;
-    let backend = Arc::new(StoreBackend::new(store));
+    // A foreign platform runs only under emulation: say so before anything
+    // is unpacked or started (architectures kiln cannot name are left to
+    // the kernel, as before).
+    let c = &l.config;
+    match kiln_solver::executor::emulation::check(&c.os, &c.architecture, c.variant.as_deref()) {
+        Ok(_)
+        | Err(kiln_solver::executor::emulation::EmulationError::UnknownArchitecture { .. })
+        | Err(kiln_solver::executor::emulation::EmulationError::NotLinux { .. }) => {}
+        Err(e) => return Err(anyhow::anyhow!(e)),
+    }
+    let mut backend = StoreBackend::new(store);
+    if platform.is_some() || !l.platforms.is_empty() {
+        let c = &l.config;
+        backend = backend.with_platform(Platform {
+            os: c.os.clone(),
+            architecture: c.architecture.clone(),
+            variant: c.variant.clone(),
+            ..Default::default()
+        });
+    }
+    let backend = Arc::new(backend);
     let base = backend
         .resolve_image(&name)
         .map_err(|e| anyhow::anyhow!(e))?
@@ -716,6 +800,10 @@ pub struct SaveArgs {
     /// (an OCI image layout in a tar).
     #[arg(long, default_value = "docker", value_parser = ["docker", "oci"])]
     format: String,
+    /// Save this platform's image of a multi-platform image (default: the
+    /// host's).
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
     /// Images to save.
     #[arg(required = true)]
     images: Vec<String>,
@@ -744,10 +832,19 @@ fn run_exports(
 
 /// `kiln save`: images from the store as a docker-archive or OCI tar.
 pub fn save(root: &Path, a: SaveArgs) -> anyhow::Result<ExitCode> {
+    let platform = platform_arg(a.platform.as_deref())?;
     let store = open(root)?;
     let mut images = Vec::new();
     for r in &a.images {
         let l = find(&store, r)?;
+        // One platform's image of an index (the host's by default).
+        let l = load_digest(
+            &store,
+            l.names.clone(),
+            &l.stored_digest,
+            platform.as_ref(),
+            false,
+        )?;
         let md: kiln_solver::cache::Digest = l.manifest_digest.parse()?;
         let bytes = store.content().read(&md)?;
         let raw = kiln_solver::image::manifest::RawManifest::new(bytes, None)?;
@@ -803,6 +900,10 @@ pub struct ExportArgs {
     /// Write the tar here (default: stdout, which must not be a terminal).
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: Option<String>,
+    /// Export this platform's image of a multi-platform image (default:
+    /// the host's).
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
     /// The image.
     image: String,
 }
@@ -812,8 +913,13 @@ pub fn export(root: &Path, a: ExportArgs) -> anyhow::Result<ExitCode> {
     let store = open(root)?;
     let name = kiln_solver::cache::normalize_reference(&a.image)
         .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
+    let platform = platform_arg(a.platform.as_deref())?;
+    let rec = store
+        .meta()
+        .image(&name)?
+        .ok_or_else(|| anyhow::anyhow!("{name}: no such image in the local store"))?;
     let manifest =
-        kiln_solver::transfer::local_manifest(&store, &name).map_err(anyhow::Error::msg)?;
+        kiln_solver::platforms::select(&store, &rec.manifest, platform.as_ref(), false)?.manifest;
     let input = ExportInput {
         store: &store,
         images: vec![ArchiveImage {

@@ -61,12 +61,18 @@ enum Command {
     Images(image_cmds::ImagesArgs),
     /// Show images' configuration as JSON.
     Inspect {
+        /// Of a multi-platform image, this platform's (default: the host's).
+        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+        platform: Option<String>,
         /// Images (name, ID or ID prefix).
         #[arg(required = true)]
         images: Vec<String>,
     },
     /// Show the history of an image.
     History {
+        /// Of a multi-platform image, this platform's (default: the host's).
+        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+        platform: Option<String>,
         /// The image.
         image: String,
     },
@@ -230,8 +236,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Build(args) => build_cmd::run(&store_root(cli.root), *args),
         Command::Images(args) => image_cmds::images(&store_root(cli.root), args),
-        Command::Inspect { images } => image_cmds::inspect(&store_root(cli.root), images),
-        Command::History { image } => image_cmds::history(&store_root(cli.root), &image),
+        Command::Inspect { images, platform } => {
+            image_cmds::inspect(&store_root(cli.root), images, platform.as_deref())
+        }
+        Command::History { image, platform } => {
+            image_cmds::history(&store_root(cli.root), &image, platform.as_deref())
+        }
         Command::Tag { source, target } => image_cmds::tag(&store_root(cli.root), &source, &target),
         Command::Rmi { force, images } => image_cmds::rmi(&store_root(cli.root), force, images),
         Command::Run(args) => image_cmds::run(&store_root(cli.root), *args),

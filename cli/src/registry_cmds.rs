@@ -43,6 +43,18 @@ pub struct PullArgs {
     /// Layers downloaded at once.
     #[arg(long, default_value_t = 4)]
     jobs: usize,
+    /// From a multi-platform image, this platform's (`linux/arm64`,
+    /// `linux/arm/v7`; default: the host's).
+    #[arg(
+        long,
+        value_name = "OS/ARCH[/VARIANT]",
+        conflicts_with = "all_platforms"
+    )]
+    platform: Option<String>,
+    /// Keep a multi-platform image whole: every platform's image and the
+    /// index, the name pointing at the index.
+    #[arg(short = 'a', long = "all-platforms")]
+    all_platforms: bool,
     /// The image (`busybox`, `127.0.0.1:5000/app:1`, `name@sha256:…`).
     image: String,
 }
@@ -210,8 +222,14 @@ pub fn pull(root: &Path, a: PullArgs) -> anyhow::Result<ExitCode> {
     if !a.quiet {
         eprintln!("pulling {name}");
     }
-    let r = transfer::pull(&store, &cfg, &name, a.jobs, &|t| log.transfer("pull", t))
-        .map_err(anyhow::Error::msg)?;
+    let platform = crate::image_cmds::platform_arg(a.platform.as_deref())?;
+    let progress = |t| log.transfer("pull", t);
+    let r = if a.all_platforms {
+        transfer::pull_all_platforms(&store, &cfg, &name, a.jobs, &progress)
+    } else {
+        transfer::pull_platform(&store, &cfg, &name, platform.as_ref(), a.jobs, &progress)
+    }
+    .map_err(anyhow::Error::msg)?;
     if a.quiet {
         outln!("{}", r.manifest_digest);
     } else {
@@ -239,7 +257,6 @@ pub fn push(root: &Path, a: PushArgs) -> anyhow::Result<ExitCode> {
     let store = open(root)?;
     let name = kiln_solver::cache::normalize_reference(&a.image)
         .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
-    let manifest = transfer::local_manifest(&store, &name).map_err(anyhow::Error::msg)?;
     let dest = a.destination.clone().unwrap_or_else(|| name.clone());
     let dest = kiln_solver::cache::normalize_reference(&dest)
         .map_err(|e| usage(format!("invalid destination {dest:?}: {e}")))?;
@@ -248,6 +265,47 @@ pub fn push(root: &Path, a: PushArgs) -> anyhow::Result<ExitCode> {
         force: a.force_compression,
         oci_media_types: a.oci_mediatypes == "true",
     };
+    // A name that points at an index goes out whole: every stored
+    // platform's image, then the index.
+    let stored = store
+        .meta()
+        .image(&name)?
+        .ok_or_else(|| anyhow::anyhow!("{name}: no such image in the local store"))?;
+    let sel = kiln_solver::platforms::select(&store, &stored.manifest, None, true)?;
+    if let Some(index) = sel.index {
+        if !a.quiet {
+            eprintln!(
+                "pushing {name} ({}) to {dest}",
+                sel.platforms
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let log = CliReporter::new(a.quiet);
+        let d = transfer::push_index(
+            &store,
+            &cfg,
+            &index,
+            &dest,
+            enc,
+            a.jobs,
+            &|line| log.note(line),
+            &|t| log.transfer("push", t),
+        )
+        .map_err(anyhow::Error::msg)?;
+        if let Some(f) = &a.digestfile {
+            std::fs::write(f, d.to_string())?;
+        }
+        if a.quiet {
+            outln!("{d}");
+        } else {
+            eprintln!("{dest}: digest: {d}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let manifest = transfer::local_manifest(&store, &name).map_err(anyhow::Error::msg)?;
     if !a.quiet {
         eprintln!("pushing {name} to {dest}");
     }

@@ -40,6 +40,10 @@ pub struct ImportArgs {
     /// EXPOSE, HEALTHCHECK, LABEL, ONBUILD, STOPSIGNAL, USER, VOLUME, WORKDIR.
     #[arg(short, long = "change", value_name = "INSTRUCTION")]
     pub change: Vec<String>,
+    /// The platform the image's config names (default: the host's), as
+    /// `docker import --platform`.
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: Option<String>,
 }
 
 /// `kiln prune` arguments.
@@ -274,6 +278,7 @@ fn import_inner(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
         created: Some(kiln_solver::image::config::rfc3339(now)),
         comment: args.message.clone(),
         config: Some(config),
+        platform: crate::image_cmds::platform_arg(args.platform.as_deref())?,
         ..Default::default()
     };
     let mut writer = store.content().writer()?;

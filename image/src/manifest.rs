@@ -255,20 +255,6 @@ impl ImageIndex {
     pub fn to_bytes(&self) -> Result<Vec<u8>, ImageError> {
         Ok(serde_json::to_vec(self)?)
     }
-    /// The first manifest for `platform` (architecture, os and — when the
-    /// wanted platform names one — variant must match).
-    pub fn select(&self, platform: &Platform) -> Option<&Descriptor> {
-        self.manifests.iter().find(|d| {
-            d.platform.as_ref().is_some_and(|p| {
-                p.architecture == platform.architecture
-                    && p.os == platform.os
-                    && match (&platform.variant, &p.variant) {
-                        (Some(w), Some(h)) => w == h,
-                        _ => true,
-                    }
-            })
-        })
-    }
 }
 
 /// Manifest bytes exactly as received or first written, with their digest.

@@ -99,6 +99,17 @@ impl Registry {
             });
         }
         let idx = first.index()?;
+        if idx.manifests.len() > kiln_image::platform::MAX_INDEX_ENTRIES {
+            return Err(RegistryError::Protocol {
+                registry: self.name().to_string(),
+                detail: format!(
+                    "{r}: index {} has {} entries; kiln reads at most {}",
+                    first.digest,
+                    idx.manifests.len(),
+                    kiln_image::platform::MAX_INDEX_ENTRIES
+                ),
+            });
+        }
         let d = idx
             .select(platform)
             .ok_or_else(|| RegistryError::NoPlatform {
@@ -107,6 +118,17 @@ impl Registry {
                 platform: platform_str(platform),
             })?;
         let m = self.get_manifest(&r.repository, d.digest.as_str())?;
+        if m.bytes.len() as u64 != d.size {
+            return Err(RegistryError::Protocol {
+                registry: self.name().to_string(),
+                detail: format!(
+                    "{r}: index entry {} says {} bytes, the manifest has {}",
+                    d.digest,
+                    d.size,
+                    m.bytes.len()
+                ),
+            });
+        }
         if m.is_index() {
             return Err(RegistryError::Protocol {
                 registry: self.name().to_string(),

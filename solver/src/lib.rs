@@ -51,6 +51,7 @@ pub mod link;
 pub mod main_context;
 pub mod op;
 pub mod parents;
+pub mod platforms;
 pub mod progress;
 pub mod remote;
 pub mod remote_cache;

@@ -30,6 +30,8 @@ pub struct StoreBackend {
     /// snapshot name (immutable; those found are added to the build's
     /// lease, those made are in it).
     flats: std::sync::Mutex<std::collections::HashMap<String, PathBuf>>,
+    /// The platform picked from a stored index (`None`: the host's).
+    platform: Option<kiln_image::manifest::Platform>,
 }
 
 fn e(context: &str, err: impl std::fmt::Display) -> String {
@@ -85,7 +87,15 @@ impl StoreBackend {
             lease,
             registry: None,
             flats: Default::default(),
+            platform: None,
         }
+    }
+
+    /// Picks `platform`'s image when a name points at a stored index (by
+    /// default the host's); a single image must then be for `platform`.
+    pub fn with_platform(mut self, platform: kiln_image::manifest::Platform) -> Self {
+        self.platform = Some(platform);
+        self
     }
 
     /// Lets FROM pull from registries: images missing from the store, or
@@ -383,6 +393,20 @@ impl Backend for StoreBackend {
             .content()
             .read(&md)
             .map_err(|err| e("manifest", err))?;
+        // A name that points at an index (or a run for an explicit
+        // platform): the platform's image.
+        let (bytes, manifest_digest) = if self.platform.is_some()
+            || kiln_image::manifest::RawManifest::new(bytes.clone(), None)
+                .is_ok_and(|r| r.is_index())
+        {
+            let m =
+                crate::platforms::select(&self.store, &rec.manifest, self.platform.as_ref(), false)
+                    .map_err(|err| format!("{name}: {err}"))?
+                    .manifest;
+            (m.bytes, m.digest.to_string())
+        } else {
+            (bytes, rec.manifest.clone())
+        };
         let manifest: ImageManifest =
             serde_json::from_slice(&bytes).map_err(|err| e("parsing manifest", err))?;
         let cd = cache_digest(&manifest.config.digest)?;
@@ -395,7 +419,7 @@ impl Backend for StoreBackend {
         let layers = self.unpack(&name, &manifest, &config)?;
         Ok(Some(BaseImage {
             reference: name,
-            manifest_digest: rec.manifest,
+            manifest_digest,
             config,
             layers,
         }))

@@ -101,16 +101,112 @@ pub fn pull(
     jobs: usize,
     progress: &(dyn Fn(Transfer) + Sync),
 ) -> Result<PullResult, String> {
+    pull_platform(store, cfg, reference, None, jobs, progress)
+}
+
+/// [`pull`] for `platform` (`None`: the host's). From an index, the
+/// platform's manifest is chosen by containerd's rules (`arm64` is
+/// `arm64/v8`, `arm` is `arm/v7`, older ARM variants serve newer ones);
+/// its config must name the platform the index gave it (an index that
+/// lies is refused). A single image asked for with an explicit platform
+/// must be for that platform. The name points at the platform's manifest.
+pub fn pull_platform(
+    store: &Store,
+    cfg: &RegistryConfig,
+    reference: &str,
+    platform: Option<&Platform>,
+    jobs: usize,
+    progress: &(dyn Fn(Transfer) + Sync),
+) -> Result<PullResult, String> {
     let _span = tracing::info_span!("pull", reference).entered();
     tracing::info!("pull started");
     let name = kiln_cache::normalize_reference(reference).map_err(|e| e.to_string())?;
     let r = Reference::parse(&name).map_err(|e| e.to_string())?;
     let reg = Registry::new(&r.registry, cfg).map_err(|e| e.to_string())?;
     let sink = StoreSink(store);
+    let host = Platform::host();
+    let want = platform.unwrap_or(&host);
     let p = reg
-        .pull_image(&r, &Platform::host(), &sink, jobs, progress)
+        .pull_image(&r, want, &sink, jobs, progress)
         .map_err(|e| e.to_string())?;
     let config = ImageConfig::from_bytes(&p.config).map_err(|e| format!("{name}: config: {e}"))?;
+    let m = &p.resolved.manifest;
+    match &p.resolved.index {
+        Some(i) => {
+            let idx = i.index().map_err(|e| format!("{name}: index: {e}"))?;
+            let claimed = idx
+                .manifests
+                .iter()
+                .find(|d| d.digest == m.digest)
+                .and_then(|d| d.platform.clone());
+            if let Some(c) = claimed {
+                check_config_platform(&name, &m.digest, &c, &config)?;
+            }
+        }
+        None => {
+            if let Some(w) = platform {
+                check_config_platform(&name, &m.digest, w, &config)?;
+            }
+        }
+    }
+    let (mdig, cdig, layers) = store_pulled(store, &name, &r, &p, &config)?;
+    store
+        .record_image(&name, &mdig, &cdig, &layers)
+        .map_err(|e| format!("storing {name}: {e}"))?;
+    Ok(PullResult {
+        name,
+        manifest_digest: m.digest.clone(),
+        index_digest: p.resolved.index.as_ref().map(|i| i.digest.clone()),
+    })
+}
+
+/// Refuses an image whose config names another platform than `claimed`
+/// (what the index said, or what was asked for).
+fn check_config_platform(
+    name: &str,
+    manifest: &Digest,
+    claimed: &Platform,
+    config: &ImageConfig,
+) -> Result<(), String> {
+    let actual = Platform {
+        os: config.os.clone(),
+        architecture: config.architecture.clone(),
+        variant: config.variant.clone(),
+        ..Default::default()
+    };
+    // A config without a variant is taken as the claimed variant (many
+    // arm images leave it out).
+    let lenient = Platform {
+        variant: actual.variant.clone().or_else(|| claimed.variant.clone()),
+        ..actual.clone()
+    };
+    if claimed.matches(&actual) || claimed.matches(&lenient) {
+        return Ok(());
+    }
+    Err(format!(
+        "{name}: manifest {manifest} is for platform {}, but its config says {}: refusing it",
+        kiln_image::platform::normalize(claimed),
+        kiln_image::platform::normalize(&actual)
+    ))
+}
+
+/// Stores a pulled image's config and manifest (layers are in already)
+/// and remembers where its blobs live; returns (manifest, config,
+/// layers) digests for the image record.
+fn store_pulled(
+    store: &Store,
+    name: &str,
+    r: &Reference,
+    p: &kiln_registry::Pulled,
+    config: &ImageConfig,
+) -> Result<
+    (
+        kiln_cache::Digest,
+        kiln_cache::Digest,
+        Vec<kiln_cache::Digest>,
+    ),
+    String,
+> {
     if config.rootfs.diff_ids.len() != p.manifest.layers.len() {
         return Err(format!(
             "{name}: manifest has {} layers, config {} diffIDs",
@@ -138,14 +234,94 @@ pub fn pull(
         .iter()
         .map(|l| cd(&l.digest))
         .collect::<Result<Vec<_>, _>>()?;
+    remember_locations(store, r, &p.manifest.config, &p.manifest.layers);
+    Ok((mdig, cdig, layers))
+}
+
+/// Pull every platform of `reference` (`pull --all-platforms`): when it
+/// names an index, each child image manifest with a platform (at most
+/// [`crate::platforms::MAX_INDEX_ENTRIES`] entries; a child that is itself an index,
+/// or whose config lies about its platform, is refused; attestation
+/// entries, `unknown/unknown`, are left out), then the index; the name
+/// points at the index. A single image is pulled as [`pull`] does.
+pub fn pull_all_platforms(
+    store: &Store,
+    cfg: &RegistryConfig,
+    reference: &str,
+    jobs: usize,
+    progress: &(dyn Fn(Transfer) + Sync),
+) -> Result<PullResult, String> {
+    let _span = tracing::info_span!("pull", reference).entered();
+    let name = kiln_cache::normalize_reference(reference).map_err(|e| e.to_string())?;
+    let r = Reference::parse(&name).map_err(|e| e.to_string())?;
+    let reg = Registry::new(&r.registry, cfg).map_err(|e| e.to_string())?;
+    let first = reg
+        .get_manifest(&r.repository, &r.manifest_ref())
+        .map_err(|e| e.to_string())?;
+    if !first.is_index() {
+        return pull_platform(store, cfg, reference, None, jobs, progress);
+    }
+    let idx = first.index().map_err(|e| format!("{name}: index: {e}"))?;
+    if idx.manifests.len() > crate::platforms::MAX_INDEX_ENTRIES {
+        return Err(format!(
+            "{name}: index {} has {} entries; kiln pulls at most {}",
+            first.digest,
+            idx.manifests.len(),
+            crate::platforms::MAX_INDEX_ENTRIES
+        ));
+    }
+    let sink = StoreSink(store);
+    let mut children = Vec::new();
+    for d in &idx.manifests {
+        if media_types::is_index(&d.media_type) {
+            return Err(format!(
+                "{name}: index entry {} is itself an index; kiln does not pull nested indexes",
+                d.digest
+            ));
+        }
+        let Some(claimed) = d.platform.as_ref().filter(|p| p.os != "unknown") else {
+            continue;
+        };
+        let child = Reference {
+            tag: None,
+            digest: Some(d.digest.clone()),
+            ..r.clone()
+        };
+        let p = reg
+            .pull_image(&child, claimed, &sink, jobs, progress)
+            .map_err(|e| e.to_string())?;
+        if p.resolved.manifest.digest != d.digest
+            || p.resolved.manifest.bytes.len() as u64 != d.size
+        {
+            return Err(format!(
+                "{name}: index entry {} ({} bytes) resolved to {} ({} bytes)",
+                d.digest,
+                d.size,
+                p.resolved.manifest.digest,
+                p.resolved.manifest.bytes.len()
+            ));
+        }
+        let config =
+            ImageConfig::from_bytes(&p.config).map_err(|e| format!("{name}: config: {e}"))?;
+        check_config_platform(&name, &d.digest, claimed, &config)?;
+        children.push(store_pulled(store, &name, &r, &p, &config)?);
+    }
+    if children.is_empty() {
+        return Err(format!(
+            "{name}: index {} names no platform's image",
+            first.digest
+        ));
+    }
+    let idig = store
+        .put_bytes(&first.bytes, Some(&first.media_type))
+        .map_err(|e| format!("storing {name}: {e}"))?;
     store
-        .record_image(&name, &mdig, &cdig, &layers)
-        .map_err(err)?;
-    remember_locations(store, &r, &p.manifest.config, &p.manifest.layers);
+        .record_index(&name, &idig, &children)
+        .map_err(|e| format!("storing {name}: {e}"))?;
     Ok(PullResult {
         name,
-        manifest_digest: m.digest.clone(),
-        index_digest: p.resolved.index.as_ref().map(|i| i.digest.clone()),
+        manifest_digest: first.digest.clone(),
+        index_digest: Some(first.digest.clone()),
     })
 }
 
@@ -599,10 +775,105 @@ pub fn push(
     let name = kiln_cache::normalize_reference(target).map_err(|e| e.to_string())?;
     let r = Reference::parse(&name).map_err(|e| e.to_string())?;
     let reg = Registry::new(&r.registry, cfg).map_err(|e| e.to_string())?;
+    let tag = r.tag.clone();
+    push_to(
+        store,
+        &reg,
+        &r,
+        tag.as_deref(),
+        manifest,
+        enc,
+        jobs,
+        progress,
+        transfer,
+    )
+    .map(|raw| raw.digest)
+}
+
+/// Push a stored index whole (`kiln push` of a name that points at one):
+/// every stored child image as [`push`] does it (under its digest), then
+/// the index under `target`'s tag. When every child went out unchanged
+/// the index's own bytes are pushed (same digest); otherwise (layers
+/// recompressed, children the store lacks left out) a new index of the
+/// same type lists what was pushed, each with its platform. Returns the
+/// pushed index digest.
+#[allow(clippy::too_many_arguments)]
+pub fn push_index(
+    store: &Store,
+    cfg: &RegistryConfig,
+    index: &RawManifest,
+    target: &str,
+    enc: LayerEncoding,
+    jobs: usize,
+    progress: &(dyn Fn(&str) + Sync),
+    transfer: &(dyn Fn(Transfer) + Sync),
+) -> Result<Digest, String> {
+    let _span = tracing::info_span!("push", target).entered();
+    tracing::info!("index push started");
+    let name = kiln_cache::normalize_reference(target).map_err(|e| e.to_string())?;
+    let r = Reference::parse(&name).map_err(|e| e.to_string())?;
+    let reg = Registry::new(&r.registry, cfg).map_err(|e| e.to_string())?;
+    let mut idx = index.index().map_err(|e| format!("{name}: index: {e}"))?;
+    let children =
+        crate::platforms::stored_children(store, index).map_err(|e| format!("{name}: {e}"))?;
+    if children.is_empty() {
+        return Err(format!(
+            "{name}: the store holds no image of index {}",
+            index.digest
+        ));
+    }
+    let mut pushed = Vec::with_capacity(children.len());
+    for d in &children {
+        let bytes = store
+            .content()
+            .read(&cd(&d.digest)?)
+            .map_err(|e| format!("manifest {}: {e}", d.digest))?;
+        let raw = RawManifest::new(bytes, Some(&d.media_type)).map_err(|e| e.to_string())?;
+        let out = push_to(store, &reg, &r, None, &raw, enc, jobs, progress, transfer)?;
+        let mut nd = out.descriptor();
+        nd.platform = d.platform.clone();
+        nd.annotations = d.annotations.clone();
+        pushed.push(nd);
+    }
+    let unchanged = pushed.len() == idx.manifests.len()
+        && pushed
+            .iter()
+            .zip(&idx.manifests)
+            .all(|(a, b)| a.digest == b.digest);
+    let out = if unchanged {
+        index.clone()
+    } else {
+        idx.manifests = pushed;
+        let bytes = idx.to_bytes().map_err(|e| e.to_string())?;
+        let raw = RawManifest::new(bytes, Some(&index.media_type)).map_err(|e| e.to_string())?;
+        store
+            .put_bytes(&raw.bytes, Some(&raw.media_type))
+            .map_err(|e| e.to_string())?;
+        raw
+    };
+    let reference = r.tag.clone().unwrap_or_else(|| out.digest.to_string());
+    reg.put_manifest(&r.repository, &reference, &out)
+        .map_err(|e| e.to_string())
+}
+
+/// [`push`] of one image through `reg` to `r`'s repository, put under
+/// `tag` (else its digest); returns the manifest pushed.
+#[allow(clippy::too_many_arguments)]
+fn push_to(
+    store: &Store,
+    reg: &Registry,
+    r: &Reference,
+    tag: Option<&str>,
+    manifest: &RawManifest,
+    enc: LayerEncoding,
+    jobs: usize,
+    progress: &(dyn Fn(&str) + Sync),
+    transfer: &(dyn Fn(Transfer) + Sync),
+) -> Result<RawManifest, String> {
     let (m, config) = image_parts(store, manifest)?;
     let source = StoreSource {
         store,
-        mounts: mount_candidates(store, &r),
+        mounts: mount_candidates(store, r),
         target: Some((r.registry.clone(), r.repository.clone())),
     };
     let repo = r.repository.as_str();
@@ -618,7 +889,7 @@ pub fn push(
                 Ok(*d)
             }
             LayerPlan::Compress(t) => stream_layer(
-                store, &reg, repo, l, diff, enc, t, &streaming, progress, transfer,
+                store, reg, repo, l, diff, enc, t, &streaming, progress, transfer,
             ),
         }
     };
@@ -626,12 +897,11 @@ pub fn push(
     let raw = store_manifest(store, &m, layers.clone(), enc)?;
     reg.push_blobs(repo, &[config_of(&m)], &source, 1, transfer)
         .map_err(|e| e.to_string())?;
-    let reference = r.tag.clone().unwrap_or_else(|| raw.digest.to_string());
-    let pushed = reg
-        .put_manifest(repo, &reference, &raw)
+    let reference = tag.map_or_else(|| raw.digest.to_string(), str::to_string);
+    reg.put_manifest(repo, &reference, &raw)
         .map_err(|e| e.to_string())?;
-    remember_locations(store, &r, &m.config, &layers);
-    Ok(pushed)
+    remember_locations(store, r, &m.config, &layers);
+    Ok(raw)
 }
 
 /// Notes that `r`'s repository holds `config` and `layers`, for

@@ -92,15 +92,69 @@ pub fn busybox_rootfs_tar() -> PathBuf {
     .clone()
 }
 
+/// A static busybox for Debian architecture `deb_arch` (`arm64`,
+/// `armhf`), made by scripts/foreign-busybox.sh from Debian's
+/// busybox-static and cached in `<target>/tmp/kiln-test-cache` (or
+/// `$KILN_TEST_CACHE`). Needs root the first time (dpkg
+/// --add-architecture, apt-get).
+pub fn foreign_busybox(deb_arch: &str) -> PathBuf {
+    let cache = std::env::var_os("KILN_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("kiln-test-cache"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/foreign-busybox.sh");
+    let o = Command::new("bash")
+        .arg(&script)
+        .arg(&cache)
+        .arg(deb_arch)
+        .output()
+        .expect("run scripts/foreign-busybox.sh");
+    assert!(
+        o.status.success(),
+        "scripts/foreign-busybox.sh {deb_arch} failed (root? deb.debian.org reachable?):\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    assert!(path.is_file(), "{} is not a file", path.display());
+    path
+}
+
+/// A tar of a busybox root filesystem for Debian architecture `deb_arch`
+/// (the applet links are the host busybox's list: the same Debian
+/// version). Made once per test process, removed when it exits.
+pub fn foreign_rootfs_tar(deb_arch: &str) -> PathBuf {
+    let bb = foreign_busybox(deb_arch);
+    let dir = process_tempdir();
+    let root = dir.join("rootfs");
+    make_rootfs_with(&root, &bb);
+    let tar = dir.join("rootfs.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .args(["--numeric-owner", "-cf"])
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(st.success(), "tar failed");
+    tar
+}
+
 /// Fills `root` with busybox, its applet links, /etc/passwd and /etc/group.
 pub fn make_rootfs(root: &Path) {
+    let bb = busybox().expect("busybox");
+    make_rootfs_with(root, &bb);
+}
+
+/// [`make_rootfs`] with the busybox binary `binary` (the applet list is
+/// the host busybox's).
+pub fn make_rootfs_with(root: &Path, binary: &Path) {
     let bb = busybox().expect("busybox");
     for d in [
         "bin", "sbin", "usr/bin", "usr/sbin", "etc", "tmp", "root", "proc", "sys", "dev", "var",
     ] {
         std::fs::create_dir_all(root.join(d)).expect("mkdir");
     }
-    std::fs::copy(&bb, root.join("bin/busybox")).expect("copy busybox");
+    std::fs::copy(binary, root.join("bin/busybox")).expect("copy busybox");
     let list = Command::new(&bb)
         .arg("--list-full")
         .output()
