@@ -288,6 +288,16 @@ fn all_platforms_keeps_the_index_and_push_round_trips_it() {
         let cfg: serde_json::Value = serde_json::from_slice(&o.stdout).expect("config");
         assert_eq!(cfg["architecture"], d["platform"]["architecture"], "{cfg}");
     }
+    // prune keeps every platform's image of a tagged index; the store
+    // verifies.
+    c.ok(&["prune", "--all"]);
+    c.ok(&["system", "check"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&c.stdout(&["inspect", "--platform", "linux/arm64", &multi]))
+            .expect("inspect");
+    assert_eq!(v[0]["Architecture"], "arm64");
+    c.ok(&["history", "--platform", "linux/arm/v7", &multi]);
+
     // And a fresh store pulls the pushed index back.
     let d = Client::new(false);
     d.ok(&["pull", "--all-platforms", &copy]);
@@ -387,4 +397,53 @@ fn hostile_indexes_are_refused() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+#[test]
+fn podman_runs_the_saved_arm64_image_of_an_index() {
+    if !ready(&["docker-registry", "skopeo", "podman", "runc"]) || !emulation("arm64", None) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let multi = push_multi(&reg);
+    let c = Client::new(false);
+    c.ok(&["pull", "--all-platforms", &multi]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let tar = dir.path().join("arm64.tar");
+    c.ok(&[
+        "save",
+        "--platform",
+        "linux/arm64",
+        "-o",
+        tar.to_str().expect("utf-8"),
+        &multi,
+    ]);
+    // A private podman store, so the test leaves the host's alone.
+    let proot = dir.path().join("podman-root");
+    let prun = dir.path().join("podman-run");
+    let podman = || {
+        let mut c = Command::new("podman");
+        c.arg("--root").arg(&proot).arg("--runroot").arg(&prun);
+        c.args(["--runtime", "runc", "--storage-driver", "vfs"]);
+        c
+    };
+    sh(podman().args(["load", "-i"]).arg(&tar));
+    let nofile = sh(Command::new("sh").args(["-c", "ulimit -Hn"])).stdout;
+    let nofile = String::from_utf8_lossy(&nofile).trim().to_string();
+    let o = sh(podman().args([
+        "run",
+        "--rm",
+        "--platform",
+        "linux/arm64",
+        "--network",
+        "none",
+        "--ulimit",
+        &format!("nofile={nofile}:{nofile}"),
+        "--ulimit",
+        "nproc=32768:32768",
+        &multi,
+        "uname",
+        "-m",
+    ]));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "aarch64");
 }
