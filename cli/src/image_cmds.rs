@@ -603,6 +603,15 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     // the kernel, as before).
     let c = &l.config;
     match kiln_solver::executor::emulation::check(&c.os, &c.architecture, c.variant.as_deref()) {
+        Ok(kiln_solver::executor::emulation::Emulation::Handler(h)) if platform.is_none() => {
+            // docker's warning when the platform was not asked for.
+            eprintln!(
+                "WARNING: The requested image's platform ({}/{}) does not match the detected host platform; running under emulation ({})",
+                c.os,
+                c.architecture,
+                h.interpreter.display()
+            );
+        }
         Ok(_)
         | Err(kiln_solver::executor::emulation::EmulationError::UnknownArchitecture { .. })
         | Err(kiln_solver::executor::emulation::EmulationError::NotLinux { .. }) => {}
