@@ -288,56 +288,87 @@ impl Store {
         let mut seen = std::collections::HashSet::new();
         let mut n = 0;
         for img in self.meta().images()? {
-            let parts = (|| -> std::result::Result<_, String> {
+            // An image, or every stored platform's image of an index.
+            let parts = (|| -> std::result::Result<Vec<_>, String> {
                 let md: Digest = img.manifest.parse().map_err(|e| format!("{e}"))?;
                 let raw =
                     RawManifest::new(self.content().read(&md).map_err(|e| e.to_string())?, None)
                         .map_err(|e| e.to_string())?;
-                if raw.is_index() {
-                    return Ok(None);
+                let manifests = if raw.is_index() {
+                    let idx = raw.index().map_err(|e| e.to_string())?;
+                    if idx.manifests.len() > kiln_image::platform::MAX_INDEX_ENTRIES {
+                        return Err(format!("index has {} entries", idx.manifests.len()));
+                    }
+                    let mut v = Vec::new();
+                    for d in idx.manifests {
+                        let Ok(cd) = d.digest.as_str().parse::<Digest>() else {
+                            continue;
+                        };
+                        if !kiln_image::manifest::media_types::is_manifest(&d.media_type)
+                            || !self.meta().has_blob(&cd).unwrap_or(false)
+                        {
+                            continue;
+                        }
+                        let bytes = self.content().read(&cd).map_err(|e| e.to_string())?;
+                        v.push(
+                            RawManifest::new(bytes, Some(&d.media_type))
+                                .map_err(|e| e.to_string())?,
+                        );
+                    }
+                    v
+                } else {
+                    vec![raw]
+                };
+                let mut out = Vec::new();
+                for raw in manifests {
+                    let m = raw.manifest().map_err(|e| e.to_string())?;
+                    let cbytes = self
+                        .content()
+                        .read(&m.config.digest)
+                        .map_err(|e| e.to_string())?;
+                    let cfg = ImageConfig::from_bytes(&cbytes).map_err(|e| e.to_string())?;
+                    out.push((m, cfg));
                 }
-                let m = raw.manifest().map_err(|e| e.to_string())?;
-                let cbytes = self
-                    .content()
-                    .read(&m.config.digest)
-                    .map_err(|e| e.to_string())?;
-                let cfg = ImageConfig::from_bytes(&cbytes).map_err(|e| e.to_string())?;
-                Ok(Some((m, cfg)))
+                Ok(out)
             })();
-            let (m, cfg) = match parts {
-                Ok(Some(x)) => x,
-                Ok(None) => continue,
+            let parts = match parts {
+                Ok(x) => x,
                 Err(e) => {
                     problems.push(format!("image {}: {e}", img.name));
                     continue;
                 }
             };
-            if m.layers.len() != cfg.rootfs.diff_ids.len() {
-                problems.push(format!(
-                    "image {}: {} layers, {} diffIDs",
-                    img.name,
-                    m.layers.len(),
-                    cfg.rootfs.diff_ids.len()
-                ));
-                continue;
-            }
-            for (l, d) in m.layers.iter().zip(&cfg.rootfs.diff_ids) {
-                if !seen.insert((l.digest.clone(), d.clone())) {
+            for (m, cfg) in parts {
+                if m.layers.len() != cfg.rootfs.diff_ids.len() {
+                    problems.push(format!(
+                        "image {}: {} layers, {} diffIDs",
+                        img.name,
+                        m.layers.len(),
+                        cfg.rootfs.diff_ids.len()
+                    ));
                     continue;
                 }
-                let got = self.open_blob(&l.digest).and_then(|r| {
-                    let (kind, r) = sniff_reader(r).map_err(|e| Error::Image(e.to_string()))?;
-                    let r = decompress(r, kind).map_err(|e| Error::Image(e.to_string()))?;
-                    kiln_image::archive::digest_reader(r).map_err(|e| Error::Image(e.to_string()))
-                });
-                n += 1;
-                match got {
-                    Ok((got, _)) if &got == d => {}
-                    Ok((got, _)) => problems.push(format!(
-                        "image {}: layer {} has diffID {got}, its config says {d}",
-                        img.name, l.digest
-                    )),
-                    Err(e) => problems.push(format!("image {}: layer {}: {e}", img.name, l.digest)),
+                for (l, d) in m.layers.iter().zip(&cfg.rootfs.diff_ids) {
+                    if !seen.insert((l.digest.clone(), d.clone())) {
+                        continue;
+                    }
+                    let got = self.open_blob(&l.digest).and_then(|r| {
+                        let (kind, r) = sniff_reader(r).map_err(|e| Error::Image(e.to_string()))?;
+                        let r = decompress(r, kind).map_err(|e| Error::Image(e.to_string()))?;
+                        kiln_image::archive::digest_reader(r)
+                            .map_err(|e| Error::Image(e.to_string()))
+                    });
+                    n += 1;
+                    match got {
+                        Ok((got, _)) if &got == d => {}
+                        Ok((got, _)) => problems.push(format!(
+                            "image {}: layer {} has diffID {got}, its config says {d}",
+                            img.name, l.digest
+                        )),
+                        Err(e) => {
+                            problems.push(format!("image {}: layer {}: {e}", img.name, l.digest))
+                        }
+                    }
                 }
             }
         }

@@ -292,6 +292,9 @@ fn all_platforms_keeps_the_index_and_push_round_trips_it() {
     // verifies.
     c.ok(&["prune", "--all"]);
     c.ok(&["system", "check"]);
+    // --deep re-hashes every platform's layer (one each).
+    let out = c.stdout(&["system", "check", "--deep"]);
+    assert!(out.contains("3 layers re-hashed"), "{out}");
     let v: serde_json::Value =
         serde_json::from_str(&c.stdout(&["inspect", "--platform", "linux/arm64", &multi]))
             .expect("inspect");
@@ -340,6 +343,18 @@ fn hostile_indexes_are_refused() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("its config says linux/amd64"), "{err}");
     }
+    assert!(c.stdout(&["images", "-q"]).is_empty());
+    // A single image asked for as another platform (docker: "does not
+    // match the specified platform").
+    let o = c.run(&[
+        "pull",
+        "--platform",
+        "linux/arm64",
+        &format!("{}/kiln/busybox:amd64", reg.host()),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("its config says linux/amd64"), "{err}");
     assert!(c.stdout(&["images", "-q"]).is_empty());
 
     // 10,000 entries: refused before any of them is fetched.
