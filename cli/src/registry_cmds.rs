@@ -8,22 +8,17 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
-use kiln_solver::export::{self, ExportInput, Exporter, RegistryExporter, Reporter};
-use kiln_solver::image::archive::ArchiveImage;
+use kiln_solver::export::Reporter;
 use kiln_solver::image::compression::{Compression, CompressionOpts};
+use kiln_solver::images::TransferOptions;
 use kiln_solver::registry::config::{erase_credentials, store_credentials};
 use kiln_solver::registry::{Credentials, Registry, RegistryConfig, Transfer};
-use kiln_solver::transfer::{self, LayerEncoding};
+use kiln_solver::transfer::LayerEncoding;
 
-use crate::UsageError;
+use crate::{lib_error, session, UsageError};
 
 fn usage(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(msg.into()))
-}
-
-fn open(root: &Path) -> anyhow::Result<kiln_solver::cache::Store> {
-    kiln_solver::cache::Store::open(root)
-        .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", root.display()))
 }
 
 /// Registry settings: `--insecure-registry` hosts plus kiln's config files.
@@ -201,17 +196,13 @@ impl Reporter for CliReporter {
 
 /// Runs `kiln pull`.
 pub fn pull(root: &Path, a: PullArgs) -> anyhow::Result<ExitCode> {
-    let cfg = registry_config(&a.insecure)?;
-    let store = open(root)?;
-    let _lease = store.lease(None)?;
-    let log = CliReporter::new(a.quiet);
-    let name = kiln_solver::cache::normalize_reference(&a.image)
-        .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
-    if !a.quiet {
-        eprintln!("pulling {name}");
-    }
-    let r = transfer::pull(&store, &cfg, &name, a.jobs, &|t| log.transfer("pull", t))
-        .map_err(anyhow::Error::msg)?;
+    let opts = TransferOptions {
+        insecure_registries: a.insecure.clone(),
+        jobs: a.jobs,
+    };
+    let r = session(root, a.quiet)?
+        .pull(&a.image, &opts)
+        .map_err(lib_error)?;
     if a.quiet {
         outln!("{}", r.manifest_digest);
     } else {
@@ -235,45 +226,18 @@ fn parse_compression(name: &str, level: Option<i32>) -> anyhow::Result<Compressi
 
 /// Runs `kiln push`.
 pub fn push(root: &Path, a: PushArgs) -> anyhow::Result<ExitCode> {
-    let cfg = registry_config(&a.insecure)?;
-    let store = open(root)?;
-    let name = kiln_solver::cache::normalize_reference(&a.image)
-        .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
-    let manifest = transfer::local_manifest(&store, &name).map_err(anyhow::Error::msg)?;
-    let dest = a.destination.clone().unwrap_or_else(|| name.clone());
-    let dest = kiln_solver::cache::normalize_reference(&dest)
-        .map_err(|e| usage(format!("invalid destination {dest:?}: {e}")))?;
     let enc = LayerEncoding {
         compression: parse_compression(&a.compression, a.compression_level)?,
         force: a.force_compression,
         oci_media_types: a.oci_mediatypes == "true",
     };
-    if !a.quiet {
-        eprintln!("pushing {name} to {dest}");
-    }
-    let input = ExportInput {
-        store: &store,
-        images: vec![ArchiveImage {
-            names: Vec::new(),
-            manifest,
-        }],
-        source_date_epoch: None,
-        cache: None,
-    };
-    let push: Box<dyn Exporter> = Box::new(RegistryExporter {
-        registry: cfg,
-        names: vec![dest.clone()],
-        encoding: enc,
+    let opts = TransferOptions {
+        insecure_registries: a.insecure.clone(),
         jobs: a.jobs,
-    });
-    let done = export::run(&input, &[push], &CliReporter::new(a.quiet))
-        .map_err(|e| anyhow::Error::msg(e.to_string()))?;
-    let d = done
-        .pushed
-        .into_iter()
-        .next()
-        .map(|(_, d)| d)
-        .ok_or_else(|| anyhow::anyhow!("{dest}: nothing was pushed"))?;
+    };
+    let (dest, d) = session(root, a.quiet)?
+        .push(&a.image, a.destination.as_deref(), enc, &opts)
+        .map_err(lib_error)?;
     if let Some(f) = &a.digestfile {
         std::fs::write(f, d.to_string())?;
     }

@@ -47,6 +47,7 @@ pub mod export;
 pub mod flatten;
 pub mod frontend;
 pub mod fsview;
+pub mod images;
 pub mod link;
 pub mod main_context;
 pub mod op;

@@ -251,6 +251,11 @@ impl Session {
         self
     }
 
+    /// Where notes, warnings and transfers are reported.
+    pub fn reporter(&self) -> Arc<dyn Reporter> {
+        self.reporter.clone()
+    }
+
     /// The store root.
     pub fn root(&self) -> &Path {
         &self.root
