@@ -43,7 +43,7 @@ pub mod shell;
 pub use ast::Ast;
 pub use error::{Location, ParseError};
 pub use instructions::Dockerfile;
-pub use reader::parse_heredoc;
+pub use reader::{parse_heredoc, HeredocError};
 
 /// Parses Dockerfile text into its lossless syntax tree (BuildKit's
 /// `parser.Parse`). Unknown instructions are kept; [`parse`] rejects them.

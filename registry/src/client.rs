@@ -243,7 +243,8 @@ impl Registry {
     ) -> Result<Registry> {
         let host = api_host(registry).to_string();
         let tls = crate::tls::client_config(cfg, &host)?;
-        let timeouts = crate::http::NetTimeouts::from_env().map_err(RegistryError::Local)?;
+        let timeouts = crate::http::NetTimeouts::from_env()
+            .map_err(|e| RegistryError::Local(e.to_string()))?;
         let agent = timeouts
             .agent_builder()
             .tls_config(tls)
