@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use kiln_solver::export::Reporter;
 use kiln_solver::image::compression::{Compression, CompressionOpts};
-use kiln_solver::images::TransferOptions;
+use kiln_solver::images::{Error as ImagesError, TransferOptions};
 use kiln_solver::registry::config::{erase_credentials, store_credentials};
 use kiln_solver::registry::{Credentials, Registry, RegistryConfig, Transfer};
 use kiln_solver::transfer::LayerEncoding;
@@ -194,15 +194,25 @@ impl Reporter for CliReporter {
     }
 }
 
+/// A pull or push stopped by SIGINT/SIGTERM: said on stderr, status 130.
+fn cancelled(what: &str) -> ExitCode {
+    eprintln!("error: {what} cancelled");
+    ExitCode::from(crate::signals::EXIT_CANCELLED)
+}
+
 /// Runs `kiln pull`.
 pub fn pull(root: &Path, a: PullArgs) -> anyhow::Result<ExitCode> {
+    let (cancel, _signals) = crate::signals::cancel_on_interrupt_blocking()?;
     let opts = TransferOptions {
         insecure_registries: a.insecure.clone(),
         jobs: a.jobs,
+        cancel,
     };
-    let r = session(root, a.quiet)?
-        .pull(&a.image, &opts)
-        .map_err(lib_error)?;
+    let r = match session(root, a.quiet)?.pull(&a.image, &opts) {
+        Ok(r) => r,
+        Err(ImagesError::Cancelled) => return Ok(cancelled("pull")),
+        Err(e) => return Err(lib_error(e)),
+    };
     if a.quiet {
         outln!("{}", r.manifest_digest);
     } else {
@@ -231,13 +241,18 @@ pub fn push(root: &Path, a: PushArgs) -> anyhow::Result<ExitCode> {
         force: a.force_compression,
         oci_media_types: a.oci_mediatypes == "true",
     };
+    let (cancel, _signals) = crate::signals::cancel_on_interrupt_blocking()?;
     let opts = TransferOptions {
         insecure_registries: a.insecure.clone(),
         jobs: a.jobs,
+        cancel,
     };
-    let (dest, d) = session(root, a.quiet)?
-        .push(&a.image, a.destination.as_deref(), enc, &opts)
-        .map_err(lib_error)?;
+    let (dest, d) =
+        match session(root, a.quiet)?.push(&a.image, a.destination.as_deref(), enc, &opts) {
+            Ok(r) => r,
+            Err(ImagesError::Cancelled) => return Ok(cancelled("push")),
+            Err(e) => return Err(lib_error(e)),
+        };
     if let Some(f) = &a.digestfile {
         std::fs::write(f, d.to_string())?;
     }

@@ -152,7 +152,7 @@ impl Registry {
         }
         progress(Transfer::Started(desc.digest.clone(), desc.size));
         self.retry(|| {
-            let r = self.open_blob(repo, desc)?;
+            let r = self.cancellable(Box::new(self.open_blob(repo, desc)?));
             let mut counting = Progressing {
                 inner: r,
                 n: 0,
@@ -271,7 +271,7 @@ impl Registry {
                     }
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(item) = items.get(i) else { return };
-                    if let Err(e) = f(item) {
+                    if let Err(e) = self.check_cancel().and_then(|()| f(item)) {
                         failed.store(true, Ordering::Relaxed);
                         if let Ok(mut g) = first_err.lock() {
                             g.get_or_insert(e);

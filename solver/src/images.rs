@@ -23,6 +23,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use kiln_cache::{normalize_reference, Store};
+use kiln_executor::CancellationToken;
 use kiln_image::archive::ArchiveImage;
 use kiln_image::config::{History, ImageConfig};
 use kiln_image::manifest::ImageManifest;
@@ -296,6 +297,11 @@ pub struct TransferOptions {
     pub insecure_registries: Vec<String>,
     /// Blobs moved at once.
     pub jobs: usize,
+    /// Stops the transfer between blobs and between reads of one; the
+    /// call then fails with [`Error::Cancelled`], having written nothing
+    /// under the image's name (blobs already stored stay, unreferenced
+    /// until the next prune).
+    pub cancel: CancellationToken,
 }
 
 impl Default for TransferOptions {
@@ -303,6 +309,7 @@ impl Default for TransferOptions {
         TransferOptions {
             insecure_registries: Vec::new(),
             jobs: 4,
+            cancel: CancellationToken::new(),
         }
     }
 }
@@ -731,7 +738,7 @@ impl Session {
     /// Pulls `reference` for the host platform into the store and names
     /// it there; notes and blob transfers go to the session's reporter.
     pub fn pull(&self, reference: &str, opts: &TransferOptions) -> Result<PullResult, Error> {
-        let cfg = RegistryConfig::load(&opts.insecure_registries)?;
+        let cfg = RegistryConfig::load(&opts.insecure_registries)?.with_cancel(opts.cancel.clone());
         let store = self.open_images()?;
         let _lease = store.lease(None)?;
         let name = normalize_reference(reference).map_err(invalid("reference", reference))?;
@@ -740,7 +747,13 @@ impl Session {
         transfer::pull(&store, &cfg, &name, opts.jobs, &|t| {
             report.transfer("pull", t)
         })
-        .map_err(Error::Transfer)
+        .map_err(|e| {
+            if opts.cancel.is_cancelled() {
+                Error::Cancelled
+            } else {
+                Error::Transfer(e)
+            }
+        })
     }
 
     /// Pushes the stored image `image` to `destination` (default: its own
@@ -753,7 +766,7 @@ impl Session {
         encoding: LayerEncoding,
         opts: &TransferOptions,
     ) -> Result<(String, kiln_image::Digest), Error> {
-        let cfg = RegistryConfig::load(&opts.insecure_registries)?;
+        let cfg = RegistryConfig::load(&opts.insecure_registries)?.with_cancel(opts.cancel.clone());
         let store = self.open_images()?;
         let name = normalize_reference(image).map_err(invalid("reference", image))?;
         let manifest = transfer::local_manifest(&store, &name).map_err(Error::Transfer)?;
@@ -775,7 +788,13 @@ impl Session {
             encoding,
             jobs: opts.jobs,
         });
-        let done = export::run(&input, &[push], &*self.reporter())?;
+        let done = export::run(&input, &[push], &*self.reporter()).map_err(|e| {
+            if opts.cancel.is_cancelled() {
+                Error::Cancelled
+            } else {
+                Error::Export(e)
+            }
+        })?;
         let d = done
             .pushed
             .into_iter()
