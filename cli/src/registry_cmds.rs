@@ -11,8 +11,9 @@ use std::sync::Mutex;
 use kiln_solver::export::Reporter;
 use kiln_solver::image::compression::{Compression, CompressionOpts};
 use kiln_solver::images::{Error as ImagesError, TransferOptions};
+use kiln_solver::progress::{Event, TransferState};
 use kiln_solver::registry::config::{erase_credentials, store_credentials};
-use kiln_solver::registry::{Credentials, Registry, RegistryConfig, Transfer};
+use kiln_solver::registry::{Credentials, Registry, RegistryConfig};
 use kiln_solver::transfer::LayerEncoding;
 
 use crate::{lib_error, session, UsageError};
@@ -104,65 +105,58 @@ pub struct LogoutArgs {
 /// Per-blob progress lines on stderr: one when a blob starts, one when
 /// it ends, and (on a terminal) a running byte count.
 pub struct TransferLog {
-    verb: &'static str,
-    quiet: bool,
     tty: bool,
     last: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl TransferLog {
-    /// A logger for `verb` ("pull", "push").
-    pub fn new(verb: &'static str, quiet: bool) -> Self {
+    /// A logger that shows byte counts when stderr is a terminal.
+    pub fn new() -> Self {
         TransferLog {
-            verb,
-            quiet,
             tty: std::io::stderr().is_terminal(),
             last: Mutex::new(Default::default()),
         }
     }
 
-    /// Report one event.
-    pub fn event(&self, t: Transfer) {
-        if self.quiet {
-            return;
-        }
-        let short =
-            |d: &kiln_solver::image::Digest| d.hex().get(..12).unwrap_or_default().to_string();
-        match t {
-            Transfer::Started(d, size) => {
-                eprintln!("{}: {}ing {} bytes", short(&d), self.verb, size)
-            }
-            Transfer::Bytes(d, n) => {
+    /// The line for one [`Event::Transfer`] of `verb` ("pull", "push"),
+    /// if it gets one.
+    pub fn line(&self, verb: &str, digest: &str, state: TransferState, n: u64) -> Option<String> {
+        let hex = digest.split_once(':').map_or(digest, |(_, h)| h);
+        let short = hex.get(..12).unwrap_or_default();
+        Some(match state {
+            TransferState::Started => format!("{short}: {verb}ing {n} bytes"),
+            TransferState::Progress => {
                 if !self.tty {
-                    return;
+                    return None;
                 }
                 // at most one line per 32 MiB per blob
-                let k = short(&d);
-                let mut last = match self.last.lock() {
-                    Ok(g) => g,
-                    Err(_) => return,
-                };
-                let prev = last.entry(k.clone()).or_insert(0);
-                if n >= *prev + (32 << 20) {
-                    *prev = n;
-                    eprintln!("{k}: {} MiB", n >> 20);
+                let mut last = self.last.lock().ok()?;
+                let prev = last.entry(format!("{verb} {short}")).or_insert(0);
+                if n < *prev + (32 << 20) {
+                    return None;
                 }
+                *prev = n;
+                format!("{short}: {} MiB", n >> 20)
             }
-            Transfer::Skipped(d) => eprintln!("{}: already exists", short(&d)),
-            Transfer::Mounted(d) => eprintln!("{}: mounted from another repository", short(&d)),
-            Transfer::Done(d, size) => {
-                eprintln!("{}: {} complete ({size} bytes)", short(&d), self.verb)
-            }
-        }
+            TransferState::Skipped => format!("{short}: already exists"),
+            TransferState::Mounted => format!("{short}: mounted from another repository"),
+            TransferState::Done => format!("{short}: {verb} complete ({n} bytes)"),
+        })
     }
 }
 
-/// The CLI's [`Reporter`]: notes on stderr unless quiet, warnings
-/// always, transfers as [`TransferLog`] lines.
+impl Default for TransferLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The CLI's [`Reporter`]: renders the library's notes, warnings and
+/// transfers as lines on stderr — notes and transfers unless quiet,
+/// warnings always.
 pub struct CliReporter {
     quiet: bool,
-    pull: TransferLog,
-    push: TransferLog,
+    transfers: TransferLog,
 }
 
 impl CliReporter {
@@ -170,26 +164,28 @@ impl CliReporter {
     pub fn new(quiet: bool) -> Self {
         CliReporter {
             quiet,
-            pull: TransferLog::new("pull", quiet),
-            push: TransferLog::new("push", quiet),
+            transfers: TransferLog::new(),
         }
     }
 }
 
 impl Reporter for CliReporter {
-    fn note(&self, line: &str) {
-        if !self.quiet {
-            eprintln!("{line}")
-        }
-    }
-    fn warn(&self, line: &str) {
-        eprintln!("{line}")
-    }
-    fn transfer(&self, verb: &'static str, t: Transfer) {
-        if verb == "pull" {
-            self.pull.event(t)
-        } else {
-            self.push.event(t)
+    fn event(&self, e: Event) {
+        match e {
+            Event::Warning { message } => eprintln!("{message}"),
+            _ if self.quiet => {}
+            Event::Note { message } | Event::Info { message } => eprintln!("{message}"),
+            Event::Transfer {
+                verb,
+                digest,
+                state,
+                bytes,
+            } => {
+                if let Some(l) = self.transfers.line(verb, &digest, state, bytes) {
+                    eprintln!("{l}")
+                }
+            }
+            _ => {}
         }
     }
 }
