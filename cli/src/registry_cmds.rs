@@ -10,21 +10,15 @@ use std::sync::Mutex;
 
 use kiln_solver::export::Reporter;
 use kiln_solver::image::compression::{Compression, CompressionOpts};
-use kiln_solver::images::{Error as ImagesError, TransferOptions};
+use kiln_solver::images::{self, server_name, Error as ImagesError, TransferOptions};
 use kiln_solver::progress::{Event, TransferState};
-use kiln_solver::registry::config::{erase_credentials, store_credentials};
-use kiln_solver::registry::{Credentials, Registry, RegistryConfig};
+use kiln_solver::registry::Credentials;
 use kiln_solver::transfer::LayerEncoding;
 
 use crate::{lib_error, session, UsageError};
 
 fn usage(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(msg.into()))
-}
-
-/// Registry settings: `--insecure-registry` hosts plus kiln's config files.
-pub fn registry_config(insecure: &[String]) -> anyhow::Result<RegistryConfig> {
-    Ok(RegistryConfig::load(insecure)?)
 }
 
 /// `kiln pull` flags.
@@ -260,23 +254,9 @@ pub fn push(root: &Path, a: PushArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn server_name(s: Option<&str>) -> String {
-    let s = s.unwrap_or("docker.io");
-    let s = s
-        .strip_prefix("https://")
-        .or_else(|| s.strip_prefix("http://"))
-        .unwrap_or(s);
-    let s = s.split('/').next().unwrap_or(s);
-    match s {
-        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
-        o => o.to_string(),
-    }
-}
-
 /// Runs `kiln login`: checks the credentials against the registry, then
 /// stores them as `docker login` does.
 pub fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
-    let cfg = registry_config(&a.insecure)?;
     let server = server_name(a.server.as_deref());
     let username = match a.username {
         Some(u) => u,
@@ -297,9 +277,7 @@ pub fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
         (None, false) => return Err(usage("kiln login needs --password or --password-stdin")),
     };
     let creds = Credentials { username, password };
-    let reg = Registry::with_credentials(&server, &cfg, Some(creds.clone()))?;
-    reg.check_login()?;
-    let wrote = store_credentials(&cfg, &server, &creds)?;
+    let wrote = images::login(&server, &a.insecure, creds).map_err(lib_error)?;
     eprintln!("credentials saved to {wrote}");
     outln!("Login Succeeded");
     Ok(ExitCode::SUCCESS)
@@ -307,9 +285,8 @@ pub fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs `kiln logout`.
 pub fn logout(a: LogoutArgs) -> anyhow::Result<ExitCode> {
-    let cfg = registry_config(&[])?;
     let server = server_name(a.server.as_deref());
-    if erase_credentials(&cfg, &server)? {
+    if images::logout(&server).map_err(lib_error)? {
         outln!("Removing login credentials for {server}");
     } else {
         outln!("Not logged in to {server}");

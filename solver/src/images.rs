@@ -327,6 +327,44 @@ pub fn familiar(name: &str) -> (String, String) {
     )
 }
 
+/// The registry a `kiln login SERVER` / `kiln logout SERVER` names:
+/// Docker Hub by default and for its API hosts, scheme and path dropped.
+pub fn server_name(server: Option<&str>) -> String {
+    let s = server.unwrap_or("docker.io");
+    let s = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .unwrap_or(s);
+    let s = s.split('/').next().unwrap_or(s);
+    match s {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
+        o => o.to_string(),
+    }
+}
+
+/// Checks `credentials` against `server` (see [`server_name`]), then
+/// stores them as `docker login` does; returns the file written.
+pub fn login(
+    server: &str,
+    insecure_registries: &[String],
+    credentials: kiln_registry::Credentials,
+) -> Result<String, Error> {
+    let cfg = RegistryConfig::load(insecure_registries)?;
+    let reg = kiln_registry::Registry::with_credentials(server, &cfg, Some(credentials.clone()))?;
+    reg.check_login()?;
+    Ok(kiln_registry::config::store_credentials(
+        &cfg,
+        server,
+        &credentials,
+    )?)
+}
+
+/// Removes the stored credentials for `server`; whether there were any.
+pub fn logout(server: &str) -> Result<bool, Error> {
+    let cfg = RegistryConfig::load(&[])?;
+    Ok(kiln_registry::config::erase_credentials(&cfg, server)?)
+}
+
 fn invalid<'a>(
     what: &'static str,
     reference: &'a str,
