@@ -696,3 +696,54 @@ fn ctrl_c_stops_a_pull_in_the_middle_of_a_blob_and_leaves_the_store_intact() {
     b.ok(&["pull", &name]);
     assert!(b.ok(&["system", "check"]).starts_with("ok:"));
 }
+
+#[test]
+fn ctrl_c_during_a_builds_base_image_pull_stops_the_pull() {
+    use std::time::{Duration, Instant};
+    if !ready(&["docker-registry"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let a = Client::new(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tar = random_rootfs_tar(tmp.path(), 24 << 20);
+    let name = format!("{}/kiln/big:1", reg.host());
+    a.ok(&["import", tar.to_str().expect("utf8"), &name]);
+    a.ok(&["push", &name]);
+    // 24 MiB at 2 MiB/s: about 12 s if nothing stops it.
+    let proxy = SlowProxy::start(reg.port, 2 << 20);
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {}/kiln/big:1\nLABEL x=y\n", proxy.host()),
+    )]);
+    let b = Client::new(false);
+    let mut child = b
+        .cmd()
+        .args(["build", "--progress", "plain", "-t", "slow:1"])
+        .arg(ctx.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // Well inside the layer's download.
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "kiln build did not exit within 5 s of SIGINT during its pull"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !status.success() && status.code().is_some(),
+        "kiln should fail with an exit code: {status:?}"
+    );
+    assert_eq!(b.stdout(&["images", "-q"]), "");
+    assert!(b.ok(&["system", "check"]).starts_with("ok:"));
+}
