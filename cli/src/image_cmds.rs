@@ -1,23 +1,20 @@
 //! Image commands that mirror docker's: `images`, `inspect`, `history`,
-//! `tag`, `rmi`, and `run` to try an image right after building it.
+//! `tag`, `rmi`, `save`, `export`, and `run` to try an image right after
+//! building it. The data comes from the library ([`Session`]); this is
+//! flags, tables and exit codes.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use kiln_solver::backend::Backend;
-use kiln_solver::cache::{ImageRecord, Store};
-use kiln_solver::image::config::ImageConfig;
-use kiln_solver::image::manifest::{ImageManifest, Platform};
+use kiln_solver::export::{ArchiveFormat, Dest};
+use kiln_solver::image::manifest::Platform;
+use kiln_solver::images::{familiar, Error as ImagesError, ImageInfo};
+use kiln_solver::session::Session;
 use kiln_solver::store::StoreBackend;
 
-use kiln_solver::export::{
-    ArchiveExporter, ArchiveFormat, Dest, ExportError, ExportInput, Exporter, TarExporter,
-};
-use kiln_solver::image::archive::ArchiveImage;
-
-use crate::UsageError;
+use crate::{lib_error, session, UsageError};
 
 /// `kiln images` flags.
 #[derive(clap::Args, Debug)]
@@ -81,6 +78,12 @@ fn usage(m: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(m.into()))
 }
 
+/// A `--platform` value, parsed and normalised (a usage error if bad).
+pub fn platform_arg(p: Option<&str>) -> anyhow::Result<Option<Platform>> {
+    p.map(|p| kiln_solver::image::platform::parse(p).map_err(|e| usage(e.to_string())))
+        .transpose()
+}
+
 /// Whether `--security-opt` values lift the seccomp profile; any other
 /// option is refused (Docker also spells it `seccomp:unconfined`).
 fn seccomp_unconfined(opts: &[String]) -> anyhow::Result<bool> {
@@ -101,128 +104,6 @@ fn seccomp_unconfined(opts: &[String]) -> anyhow::Result<bool> {
         }
     }
     Ok(unconfined)
-}
-
-fn open(root: &Path) -> anyhow::Result<Store> {
-    Store::open(root).map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", root.display()))
-}
-
-/// An image as the commands show it.
-struct Loaded {
-    names: Vec<String>,
-    /// What the names point at: the manifest, or an index.
-    stored_digest: String,
-    /// The platforms of a stored index's images (empty for one image).
-    platforms: Vec<String>,
-    manifest_digest: String,
-    config_digest: String,
-    config: ImageConfig,
-    manifest: ImageManifest,
-}
-
-/// A `--platform` value, parsed and normalised (a usage error if bad).
-pub fn platform_arg(p: Option<&str>) -> anyhow::Result<Option<Platform>> {
-    p.map(|p| kiln_solver::image::platform::parse(p).map_err(|e| usage(e.to_string())))
-        .transpose()
-}
-
-/// The image stored under `digest` (a manifest, or an index: then the
-/// `platform`'s image, else the host's, else — for listings, `any` — the
-/// first).
-fn load_digest(
-    store: &Store,
-    names: Vec<String>,
-    digest: &str,
-    platform: Option<&Platform>,
-    any: bool,
-) -> anyhow::Result<Loaded> {
-    let sel = kiln_solver::platforms::select(store, digest, platform, any)?;
-    let manifest: ImageManifest = serde_json::from_slice(&sel.manifest.bytes)?;
-    let cd: kiln_solver::cache::Digest = manifest.config.digest.as_str().parse()?;
-    let config = ImageConfig::from_bytes(&store.content().read(&cd)?)?;
-    Ok(Loaded {
-        names,
-        stored_digest: digest.to_string(),
-        platforms: sel.platforms.iter().map(|p| p.to_string()).collect(),
-        manifest_digest: sel.manifest.digest.to_string(),
-        config_digest: cd.to_string(),
-        config,
-        manifest,
-    })
-}
-
-fn load(store: &Store, rec: &ImageRecord) -> anyhow::Result<Loaded> {
-    load_digest(store, vec![rec.name.clone()], &rec.manifest, None, true)
-}
-
-/// [`find`], then (with a platform) that platform's image of it.
-fn find_for(store: &Store, reference: &str, platform: Option<&Platform>) -> anyhow::Result<Loaded> {
-    let l = find(store, reference)?;
-    match platform {
-        None => Ok(l),
-        Some(p) => load_digest(store, l.names.clone(), &l.stored_digest, Some(p), false),
-    }
-}
-
-/// Every image, tags grouped by image.
-fn all_images(store: &Store) -> anyhow::Result<Vec<Loaded>> {
-    let mut by_manifest: BTreeMap<String, Loaded> = BTreeMap::new();
-    for rec in store.meta().images()? {
-        if let Some(l) = by_manifest.get_mut(&rec.manifest) {
-            l.names.push(rec.name.clone());
-            continue;
-        }
-        by_manifest.insert(rec.manifest.clone(), load(store, &rec)?);
-    }
-    let mut v: Vec<Loaded> = by_manifest.into_values().collect();
-    v.sort_by(|a, b| b.config.created.cmp(&a.config.created));
-    Ok(v)
-}
-
-/// Finds an image by name, full ID or ID prefix.
-fn find(store: &Store, reference: &str) -> anyhow::Result<Loaded> {
-    let id = reference.trim_start_matches("sha256:");
-    let images = all_images(store)?;
-    if id.len() >= 4 && id.bytes().all(|c| c.is_ascii_hexdigit()) {
-        let hits: Vec<Loaded> = images
-            .into_iter()
-            .filter(|l| {
-                l.config_digest
-                    .trim_start_matches("sha256:")
-                    .starts_with(id)
-            })
-            .collect();
-        if hits.len() > 1 {
-            return Err(anyhow::anyhow!("{reference}: ambiguous image ID prefix"));
-        }
-        if let Some(l) = hits.into_iter().next() {
-            return Ok(l);
-        }
-        let images = all_images(store)?;
-        return by_name(images, reference);
-    }
-    by_name(images, reference)
-}
-
-fn by_name(images: Vec<Loaded>, reference: &str) -> anyhow::Result<Loaded> {
-    let name = kiln_solver::cache::normalize_reference(reference)
-        .map_err(|e| usage(format!("invalid reference {reference:?}: {e}")))?;
-    images
-        .into_iter()
-        .find(|l| l.names.contains(&name))
-        .ok_or_else(|| anyhow::anyhow!("No such image: {reference}"))
-}
-
-/// `docker.io/library/busybox:latest` -> (`busybox`, `latest`).
-fn familiar(name: &str) -> (String, String) {
-    let (repo, tag) = match name.rfind(':') {
-        Some(i) if !name[i..].contains('/') => (&name[..i], &name[i + 1..]),
-        _ => (name, "<none>"),
-    };
-    (
-        kiln_solver::image::reference::familiar(repo).to_string(),
-        tag.to_string(),
-    )
 }
 
 fn short_id(d: &str) -> String {
@@ -306,36 +187,10 @@ fn human(n: u64) -> String {
     }
 }
 
-/// Each layer's uncompressed size, as docker reports it (see
-/// [`Store::layer_size`]); the blob's size where the config names no
-/// diffID for it.
-fn layer_sizes(store: &Store, l: &Loaded) -> anyhow::Result<Vec<u64>> {
-    let diff_ids = &l.config.rootfs.diff_ids;
-    l.manifest
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(i, d)| match diff_ids.get(i) {
-            Some(diff_id) => Ok(store.layer_size(kiln_solver::cache::LayerBlob {
-                digest: &d.digest,
-                size: Some(d.size),
-                diff_id,
-            })?),
-            None => Ok(d.size),
-        })
-        .collect()
-}
-
-/// The image's size: the sum of its layers' uncompressed sizes (docker's
-/// `SIZE` and `.Size`).
-fn image_size(store: &Store, l: &Loaded) -> anyhow::Result<u64> {
-    Ok(layer_sizes(store, l)?.iter().sum())
-}
-
 /// `kiln images`.
 pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
-    let store = open(root)?;
-    let imgs = all_images(&store)?;
+    let s = session(root, false)?;
+    let imgs = s.images().map_err(lib_error)?;
     if a.quiet {
         for l in &imgs {
             outln!("{}", short_id(&l.config_digest));
@@ -349,7 +204,8 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
                 let mut v = serde_json::json!({
                     "Repository": repo, "Tag": tag, "ID": short_id(&l.config_digest),
                     "Digest": l.stored_digest, "CreatedAt": l.config.created,
-                    "CreatedSince": ago(l.config.created.as_deref()), "Size": human(image_size(&store, l)?),
+                    "CreatedSince": ago(l.config.created.as_deref()),
+                    "Size": human(s.image_size(l).map_err(lib_error)?),
                 });
                 if !l.platforms.is_empty() {
                     v["Platforms"] = serde_json::json!(l.platforms);
@@ -377,7 +233,7 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
         rows[0].push("PLATFORMS".into());
     }
     for l in &imgs {
-        let size = human(image_size(&store, l)?);
+        let size = human(s.image_size(l).map_err(lib_error)?);
         for n in &l.names {
             let (repo, tag) = familiar(n);
             rows.push(vec![
@@ -424,6 +280,33 @@ fn print_table(rows: &[Vec<String>]) {
     }
 }
 
+/// docker's `inspect` JSON for one image.
+fn inspect_json(s: &Session, l: &ImageInfo) -> Result<serde_json::Value, ImagesError> {
+    let c = &l.config;
+    let mut v = serde_json::json!({
+        "Id": l.config_digest,
+        "RepoTags": l.names.iter().map(|n| {
+            let (repo, tag) = familiar(n);
+            format!("{repo}:{tag}")
+        }).collect::<Vec<_>>(),
+        "RepoDigests": [],
+        "Created": c.created,
+        "Author": c.author.clone().unwrap_or_default(),
+        "Config": c.config,
+        "Architecture": c.architecture,
+        "Variant": c.variant,
+        "Os": c.os,
+        "Size": s.image_size(l)?,
+        "RootFS": {"Type": c.rootfs.kind, "Layers": c.rootfs.diff_ids},
+        "Metadata": {"ManifestDigest": l.manifest_digest},
+    });
+    if !l.platforms.is_empty() {
+        v["Platforms"] = serde_json::json!(l.platforms);
+        v["Metadata"]["IndexDigest"] = serde_json::json!(l.stored_digest);
+    }
+    Ok(v)
+}
+
 /// `kiln inspect IMAGE...`: docker-style JSON.
 pub fn inspect(
     root: &Path,
@@ -431,36 +314,12 @@ pub fn inspect(
     platform: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
     let platform = platform_arg(platform)?;
-    let store = open(root)?;
+    let s = session(root, false)?;
     let mut out = Vec::new();
     let mut failed = false;
     for r in &images {
-        match find_for(&store, r, platform.as_ref()) {
-            Ok(l) => {
-                let c = &l.config;
-                let mut v = serde_json::json!({
-                    "Id": l.config_digest,
-                    "RepoTags": l.names.iter().map(|n| {
-                        let (repo, tag) = familiar(n);
-                        format!("{repo}:{tag}")
-                    }).collect::<Vec<_>>(),
-                    "RepoDigests": [],
-                    "Created": c.created,
-                    "Author": c.author.clone().unwrap_or_default(),
-                    "Config": c.config,
-                    "Architecture": c.architecture,
-                    "Variant": c.variant,
-                    "Os": c.os,
-                    "Size": image_size(&store, &l)?,
-                    "RootFS": {"Type": c.rootfs.kind, "Layers": c.rootfs.diff_ids},
-                    "Metadata": {"ManifestDigest": l.manifest_digest},
-                });
-                if !l.platforms.is_empty() {
-                    v["Platforms"] = serde_json::json!(l.platforms);
-                    v["Metadata"]["IndexDigest"] = serde_json::json!(l.stored_digest);
-                }
-                out.push(v);
-            }
+        match s.find_image_for(r, platform.as_ref()) {
+            Ok(l) => out.push(inspect_json(&s, &l).map_err(lib_error)?),
             Err(e) => {
                 eprintln!("Error: {e}");
                 failed = true;
@@ -478,18 +337,8 @@ pub fn inspect(
 /// `kiln history IMAGE`.
 pub fn history(root: &Path, image: &str, platform: Option<&str>) -> anyhow::Result<ExitCode> {
     let platform = platform_arg(platform)?;
-    let store = open(root)?;
-    let l = find_for(&store, image, platform.as_ref())?;
-    let mut sizes = layer_sizes(&store, &l)?.into_iter();
-    let mut rows = Vec::new();
-    for (i, h) in l.config.history.iter().enumerate() {
-        let size = if h.empty_layer {
-            0
-        } else {
-            sizes.next().unwrap_or(0)
-        };
-        rows.push((i, h, size));
-    }
+    let s = session(root, false)?;
+    let (l, rows) = s.history_for(image, platform.as_ref()).map_err(lib_error)?;
     let mut table = vec![vec![
         "IMAGE".to_string(),
         "CREATED".into(),
@@ -498,7 +347,8 @@ pub fn history(root: &Path, image: &str, platform: Option<&str>) -> anyhow::Resu
         "COMMENT".into(),
     ]];
     let n = rows.len();
-    for (i, h, size) in rows.into_iter().rev() {
+    for (i, row) in rows.into_iter().enumerate().rev() {
+        let h = &row.entry;
         let mut by = h.created_by.clone().unwrap_or_default();
         if by.chars().count() > 60 {
             by = by.chars().take(57).collect::<String>() + "...";
@@ -511,7 +361,7 @@ pub fn history(root: &Path, image: &str, platform: Option<&str>) -> anyhow::Resu
             },
             ago(h.created.as_deref()),
             by,
-            human(size),
+            human(row.size),
             h.comment.clone().unwrap_or_default(),
         ]);
     }
@@ -521,60 +371,32 @@ pub fn history(root: &Path, image: &str, platform: Option<&str>) -> anyhow::Resu
 
 /// `kiln tag SRC DST`.
 pub fn tag(root: &Path, src: &str, dst: &str) -> anyhow::Result<ExitCode> {
-    let store = open(root)?;
-    let l = find(&store, src)?;
-    let name = kiln_solver::cache::normalize_reference(dst)
-        .map_err(|e| usage(format!("invalid reference {dst:?}: {e}")))?;
-    if !l.platforms.is_empty() {
-        // An index: the new name points at the same index.
-        let id: kiln_solver::cache::Digest = l.stored_digest.parse()?;
-        store.meta().tag_image(&name, &id, None)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    let md: kiln_solver::cache::Digest = l.manifest_digest.parse()?;
-    let cd: kiln_solver::cache::Digest = l.config_digest.parse()?;
-    let layers = l
-        .manifest
-        .layers
-        .iter()
-        .map(|d| d.digest.as_str().parse())
-        .collect::<Result<Vec<kiln_solver::cache::Digest>, _>>()?;
-    store.record_image(&name, &md, &cd, &layers)?;
+    session(root, false)?.tag(src, dst).map_err(lib_error)?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `kiln rmi [-f] IMAGE...`.
 pub fn rmi(root: &Path, force: bool, images: Vec<String>) -> anyhow::Result<ExitCode> {
-    let store = open(root)?;
+    let s = session(root, false)?;
     let mut failed = false;
     for r in &images {
-        let l = match find(&store, r) {
-            Ok(l) => l,
-            Err(e) => {
+        match s.untag(r, force) {
+            Ok(names) => {
+                for n in names {
+                    let (repo, tag) = familiar(&n);
+                    outln!("Untagged: {repo}:{tag}");
+                }
+            }
+            Err(
+                e @ (ImagesError::NoSuchImage(_)
+                | ImagesError::AmbiguousId(_)
+                | ImagesError::MustForce(_)
+                | ImagesError::InvalidReference { .. }),
+            ) => {
                 eprintln!("Error: {e}");
                 failed = true;
-                continue;
             }
-        };
-        let by_name = kiln_solver::cache::normalize_reference(r)
-            .ok()
-            .filter(|n| l.names.contains(n));
-        let names = match by_name {
-            Some(n) => vec![n],
-            None if l.names.len() > 1 && !force => {
-                eprintln!(
-                    "Error: unable to delete {} (must be forced) - image is referenced in multiple repositories",
-                    short_id(&l.config_digest)
-                );
-                failed = true;
-                continue;
-            }
-            None => l.names.clone(),
-        };
-        for n in names {
-            store.meta().untag_image(&n)?;
-            let (repo, tag) = familiar(&n);
-            outln!("Untagged: {repo}:{tag}");
+            Err(e) => return Err(lib_error(e)),
         }
     }
     Ok(if failed {
@@ -591,8 +413,11 @@ pub fn rmi(root: &Path, force: bool, images: Vec<String>) -> anyhow::Result<Exit
 pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     let unconfined = seccomp_unconfined(&a.security_opt)?;
     let platform = platform_arg(a.platform.as_deref())?;
-    let store = open(root)?;
-    let l = find_for(&store, &a.image, platform.as_ref())?;
+    let session = session(root, false)?;
+    let l = session
+        .find_image_for(&a.image, platform.as_ref())
+        .map_err(lib_error)?;
+    let store = session.store().map_err(crate::build_cmd::facade_error)?;
     let name = l
         .names
         .first()
@@ -619,7 +444,6 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let mut backend = StoreBackend::new(store);
     if platform.is_some() || !l.platforms.is_empty() {
-        let c = &l.config;
         backend = backend.with_platform(Platform {
             os: c.os.clone(),
             architecture: c.architecture.clone(),
@@ -818,89 +642,40 @@ pub struct SaveArgs {
     images: Vec<String>,
 }
 
-/// Runs one exporter through the library's export path: a broken pipe on
-/// stdout ends kiln quietly (status 141, as docker), stdout on a
-/// terminal is refused with `refusal` (a usage error).
-fn run_exports(
-    input: &ExportInput<'_>,
-    exporter: Box<dyn Exporter>,
-    refusal: &str,
-) -> anyhow::Result<()> {
-    match kiln_solver::export::run(
-        input,
-        &[exporter],
-        &crate::registry_cmds::CliReporter::new(false),
-    ) {
-        Ok(_) => Ok(()),
-        Err(e) if e.is_broken_pipe() => std::process::exit(crate::EXIT_STDOUT_CLOSED.into()),
-        Err(ExportError::Terminal) => Err(usage(refusal)),
-        Err(ExportError::Usage(m)) => Err(usage(m)),
-        Err(e) => Err(anyhow::Error::msg(e.to_string())),
-    }
-}
-
 /// `kiln save`: images from the store as a docker-archive or OCI tar.
 pub fn save(root: &Path, a: SaveArgs) -> anyhow::Result<ExitCode> {
-    let platform = platform_arg(a.platform.as_deref())?;
-    let store = open(root)?;
-    let mut images = Vec::new();
-    for r in &a.images {
-        let l = find(&store, r)?;
-        // One platform's image of an index (the host's by default).
-        let l = load_digest(
-            &store,
-            l.names.clone(),
-            &l.stored_digest,
-            platform.as_ref(),
-            false,
-        )?;
-        let md: kiln_solver::cache::Digest = l.manifest_digest.parse()?;
-        let bytes = store.content().read(&md)?;
-        let raw = kiln_solver::image::manifest::RawManifest::new(bytes, None)?;
-        // The name asked for (if it is one), in docker's familiar form.
-        let names = match kiln_solver::cache::normalize_reference(r) {
-            Ok(n) if l.names.contains(&n) => vec![n],
-            _ => l.names.clone(),
-        };
-        let names = names
-            .iter()
-            .map(|n| {
-                let (repo, tag) = familiar(n);
-                format!("{repo}:{tag}")
-            })
-            .collect();
-        images.push(ArchiveImage {
-            names,
-            manifest: raw,
-        });
-    }
-    let exporter: Box<dyn Exporter> = Box::new(ArchiveExporter {
-        format: if a.format == "oci" {
-            ArchiveFormat::Oci
-        } else {
-            ArchiveFormat::Docker
-        },
-        // A failed or killed save leaves nothing under the name or
-        // beside it.
-        dest: match &a.output {
-            Some(path) => Dest::File(path.clone()),
-            None => Dest::Stdout,
-        },
-        names: None,
-        encoding: None,
-    });
-    let input = ExportInput {
-        store: &store,
-        images,
-        source_date_epoch: None,
-        cache: None,
+    let format = if a.format == "oci" {
+        ArchiveFormat::Oci
+    } else {
+        ArchiveFormat::Docker
     };
-    run_exports(
-        &input,
-        exporter,
-        "cowardly refusing to save to a terminal. Use the -o flag or redirect",
-    )?;
+    let dest = match &a.output {
+        Some(path) => Dest::File(path.clone()),
+        None => Dest::Stdout,
+    };
+    let platform = platform_arg(a.platform.as_deref())?;
+    session(root, false)?
+        .save_for(&a.images, format, dest, platform.as_ref())
+        .map_err(|e| {
+            export_error(
+                e,
+                "cowardly refusing to save to a terminal. Use the -o flag or redirect",
+            )
+        })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// An export's error: a broken pipe on stdout ends kiln quietly (status
+/// 141, as docker), stdout on a terminal is refused with `refusal` (a
+/// usage error).
+fn export_error(e: ImagesError, refusal: &str) -> anyhow::Error {
+    match e {
+        ImagesError::Export(x) if x.is_broken_pipe() => {
+            std::process::exit(crate::EXIT_STDOUT_CLOSED.into())
+        }
+        ImagesError::Export(kiln_solver::export::ExportError::Terminal) => usage(refusal),
+        e => lib_error(e),
+    }
 }
 
 /// `kiln export` flags.
@@ -919,33 +694,15 @@ pub struct ExportArgs {
 
 /// Runs `kiln export`: the image's final filesystem as one tar.
 pub fn export(root: &Path, a: ExportArgs) -> anyhow::Result<ExitCode> {
-    let store = open(root)?;
-    let name = kiln_solver::cache::normalize_reference(&a.image)
-        .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
     let platform = platform_arg(a.platform.as_deref())?;
-    let rec = store
-        .meta()
-        .image(&name)?
-        .ok_or_else(|| anyhow::anyhow!("{name}: no such image in the local store"))?;
-    let manifest =
-        kiln_solver::platforms::select(&store, &rec.manifest, platform.as_ref(), false)?.manifest;
-    let input = ExportInput {
-        store: &store,
-        images: vec![ArchiveImage {
-            names: Vec::new(),
-            manifest,
-        }],
-        source_date_epoch: None,
-        cache: None,
-    };
-    let tar: Box<dyn Exporter> = Box::new(TarExporter {
-        dest: Dest::parse(a.output.as_deref().unwrap_or("-")),
-        rewrite_timestamp: false,
-    });
-    run_exports(
-        &input,
-        tar,
-        "refusing to write an archive to a terminal; use dest=FILE",
-    )?;
+    let dest = Dest::parse(a.output.as_deref().unwrap_or("-"));
+    session(root, false)?
+        .export_filesystem_for(&a.image, dest, platform.as_ref())
+        .map_err(|e| {
+            export_error(
+                e,
+                "refusing to write an archive to a terminal; use dest=FILE",
+            )
+        })?;
     Ok(ExitCode::SUCCESS)
 }

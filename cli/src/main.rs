@@ -226,6 +226,37 @@ fn init_logging(debug: bool) {
         .try_init();
 }
 
+/// A library session on the store at `root`, reporting on stderr (notes
+/// only unless `quiet`).
+pub fn session(
+    root: &std::path::Path,
+    quiet: bool,
+) -> anyhow::Result<kiln_solver::session::Session> {
+    Ok(kiln_solver::session::Session::open(root)
+        .map_err(build_cmd::facade_error)?
+        .with_reporter(std::sync::Arc::new(registry_cmds::CliReporter::new(quiet))))
+}
+
+/// An error of the library's image operations: its message and those of
+/// its causes that it does not already include; a usage error exits 2.
+pub fn lib_error(e: kiln_solver::images::Error) -> anyhow::Error {
+    let mut msg = e.to_string();
+    let mut cur = std::error::Error::source(&e);
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !msg.contains(&t) {
+            msg.push_str(": ");
+            msg.push_str(&t);
+        }
+        cur = c.source();
+    }
+    if e.is_usage() {
+        anyhow::Error::new(UsageError(msg))
+    } else {
+        anyhow::Error::msg(msg)
+    }
+}
+
 /// The store root: `--root`, else `$KILN_ROOT` (clap reads both), else the
 /// default for this user.
 fn store_root(root: Option<PathBuf>) -> PathBuf {

@@ -55,6 +55,7 @@ pub async fn render(mode: Mode, mut rx: Receiver) {
 
 async fn plain(mut rx: Receiver) {
     let mut names = BTreeMap::new();
+    let transfers = crate::registry_cmds::TransferLog::new();
     while let Some(e) = rx.recv().await {
         let mut err = std::io::stderr().lock();
         let _ = match e {
@@ -69,7 +70,18 @@ async fn plain(mut rx: Receiver) {
             } => writeln!(err, "#{id} {elapsed:.3} {line}"),
             Event::Done { id, seconds } => writeln!(err, "#{id} DONE {seconds:.1}s"),
             Event::Failed { id, error } => writeln!(err, "#{id} ERROR: {error}"),
-            Event::Info { message } => writeln!(err, "{message}"),
+            Event::Info { message } | Event::Note { message } | Event::Warning { message } => {
+                writeln!(err, "{message}")
+            }
+            Event::Transfer {
+                verb,
+                digest,
+                state,
+                bytes,
+            } => match transfers.line(verb, &digest, state, bytes) {
+                Some(l) => writeln!(err, "{l}"),
+                None => Ok(()),
+            },
         };
     }
 }
@@ -88,6 +100,7 @@ async fn tty(mut rx: Receiver) {
     let style = ProgressStyle::with_template("{spinner} {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_spinner());
     let mut running: BTreeMap<usize, Running> = BTreeMap::new();
+    let transfers = crate::registry_cmds::TransferLog::new();
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
@@ -130,8 +143,13 @@ async fn tty(mut rx: Receiver) {
                             }
                         }
                     }
-                    Event::Info { message } => {
+                    Event::Info { message } | Event::Note { message } | Event::Warning { message } => {
                         let _ = multi.println(message);
+                    }
+                    Event::Transfer { verb, digest, state, bytes } => {
+                        if let Some(l) = transfers.line(verb, &digest, state, bytes) {
+                            let _ = multi.println(l);
+                        }
                     }
                 }
             }

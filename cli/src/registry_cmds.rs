@@ -8,27 +8,17 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
-use kiln_solver::export::{self, ExportInput, Exporter, RegistryExporter, Reporter};
-use kiln_solver::image::archive::ArchiveImage;
+use kiln_solver::export::Reporter;
 use kiln_solver::image::compression::{Compression, CompressionOpts};
-use kiln_solver::registry::config::{erase_credentials, store_credentials};
-use kiln_solver::registry::{Credentials, Registry, RegistryConfig, Transfer};
-use kiln_solver::transfer::{self, LayerEncoding};
+use kiln_solver::images::{self, server_name, Error as ImagesError, TransferOptions};
+use kiln_solver::progress::{Event, TransferState};
+use kiln_solver::registry::Credentials;
+use kiln_solver::transfer::LayerEncoding;
 
-use crate::UsageError;
+use crate::{lib_error, session, UsageError};
 
 fn usage(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(msg.into()))
-}
-
-fn open(root: &Path) -> anyhow::Result<kiln_solver::cache::Store> {
-    kiln_solver::cache::Store::open(root)
-        .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", root.display()))
-}
-
-/// Registry settings: `--insecure-registry` hosts plus kiln's config files.
-pub fn registry_config(insecure: &[String]) -> anyhow::Result<RegistryConfig> {
-    Ok(RegistryConfig::load(insecure)?)
 }
 
 /// `kiln pull` flags.
@@ -121,65 +111,58 @@ pub struct LogoutArgs {
 /// Per-blob progress lines on stderr: one when a blob starts, one when
 /// it ends, and (on a terminal) a running byte count.
 pub struct TransferLog {
-    verb: &'static str,
-    quiet: bool,
     tty: bool,
     last: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl TransferLog {
-    /// A logger for `verb` ("pull", "push").
-    pub fn new(verb: &'static str, quiet: bool) -> Self {
+    /// A logger that shows byte counts when stderr is a terminal.
+    pub fn new() -> Self {
         TransferLog {
-            verb,
-            quiet,
             tty: std::io::stderr().is_terminal(),
             last: Mutex::new(Default::default()),
         }
     }
 
-    /// Report one event.
-    pub fn event(&self, t: Transfer) {
-        if self.quiet {
-            return;
-        }
-        let short =
-            |d: &kiln_solver::image::Digest| d.hex().get(..12).unwrap_or_default().to_string();
-        match t {
-            Transfer::Started(d, size) => {
-                eprintln!("{}: {}ing {} bytes", short(&d), self.verb, size)
-            }
-            Transfer::Bytes(d, n) => {
+    /// The line for one [`Event::Transfer`] of `verb` ("pull", "push"),
+    /// if it gets one.
+    pub fn line(&self, verb: &str, digest: &str, state: TransferState, n: u64) -> Option<String> {
+        let hex = digest.split_once(':').map_or(digest, |(_, h)| h);
+        let short = hex.get(..12).unwrap_or_default();
+        Some(match state {
+            TransferState::Started => format!("{short}: {verb}ing {n} bytes"),
+            TransferState::Progress => {
                 if !self.tty {
-                    return;
+                    return None;
                 }
                 // at most one line per 32 MiB per blob
-                let k = short(&d);
-                let mut last = match self.last.lock() {
-                    Ok(g) => g,
-                    Err(_) => return,
-                };
-                let prev = last.entry(k.clone()).or_insert(0);
-                if n >= *prev + (32 << 20) {
-                    *prev = n;
-                    eprintln!("{k}: {} MiB", n >> 20);
+                let mut last = self.last.lock().ok()?;
+                let prev = last.entry(format!("{verb} {short}")).or_insert(0);
+                if n < *prev + (32 << 20) {
+                    return None;
                 }
+                *prev = n;
+                format!("{short}: {} MiB", n >> 20)
             }
-            Transfer::Skipped(d) => eprintln!("{}: already exists", short(&d)),
-            Transfer::Mounted(d) => eprintln!("{}: mounted from another repository", short(&d)),
-            Transfer::Done(d, size) => {
-                eprintln!("{}: {} complete ({size} bytes)", short(&d), self.verb)
-            }
-        }
+            TransferState::Skipped => format!("{short}: already exists"),
+            TransferState::Mounted => format!("{short}: mounted from another repository"),
+            TransferState::Done => format!("{short}: {verb} complete ({n} bytes)"),
+        })
     }
 }
 
-/// The CLI's [`Reporter`]: notes on stderr unless quiet, warnings
-/// always, transfers as [`TransferLog`] lines.
+impl Default for TransferLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The CLI's [`Reporter`]: renders the library's notes, warnings and
+/// transfers as lines on stderr — notes and transfers unless quiet,
+/// warnings always.
 pub struct CliReporter {
     quiet: bool,
-    pull: TransferLog,
-    push: TransferLog,
+    transfers: TransferLog,
 }
 
 impl CliReporter {
@@ -187,49 +170,53 @@ impl CliReporter {
     pub fn new(quiet: bool) -> Self {
         CliReporter {
             quiet,
-            pull: TransferLog::new("pull", quiet),
-            push: TransferLog::new("push", quiet),
+            transfers: TransferLog::new(),
         }
     }
 }
 
 impl Reporter for CliReporter {
-    fn note(&self, line: &str) {
-        if !self.quiet {
-            eprintln!("{line}")
-        }
-    }
-    fn warn(&self, line: &str) {
-        eprintln!("{line}")
-    }
-    fn transfer(&self, verb: &'static str, t: Transfer) {
-        if verb == "pull" {
-            self.pull.event(t)
-        } else {
-            self.push.event(t)
+    fn event(&self, e: Event) {
+        match e {
+            Event::Warning { message } => eprintln!("{message}"),
+            _ if self.quiet => {}
+            Event::Note { message } | Event::Info { message } => eprintln!("{message}"),
+            Event::Transfer {
+                verb,
+                digest,
+                state,
+                bytes,
+            } => {
+                if let Some(l) = self.transfers.line(verb, &digest, state, bytes) {
+                    eprintln!("{l}")
+                }
+            }
+            _ => {}
         }
     }
 }
 
+/// A pull or push stopped by SIGINT/SIGTERM: said on stderr, status 130.
+fn cancelled(what: &str) -> ExitCode {
+    eprintln!("error: {what} cancelled");
+    ExitCode::from(crate::signals::EXIT_CANCELLED)
+}
+
 /// Runs `kiln pull`.
 pub fn pull(root: &Path, a: PullArgs) -> anyhow::Result<ExitCode> {
-    let cfg = registry_config(&a.insecure)?;
-    let store = open(root)?;
-    let _lease = store.lease(None)?;
-    let log = CliReporter::new(a.quiet);
-    let name = kiln_solver::cache::normalize_reference(&a.image)
-        .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
-    if !a.quiet {
-        eprintln!("pulling {name}");
-    }
-    let platform = crate::image_cmds::platform_arg(a.platform.as_deref())?;
-    let progress = |t| log.transfer("pull", t);
-    let r = if a.all_platforms {
-        transfer::pull_all_platforms(&store, &cfg, &name, a.jobs, &progress)
-    } else {
-        transfer::pull_platform(&store, &cfg, &name, platform.as_ref(), a.jobs, &progress)
-    }
-    .map_err(anyhow::Error::msg)?;
+    let (cancel, _signals) = crate::signals::cancel_on_interrupt_blocking()?;
+    let opts = TransferOptions {
+        insecure_registries: a.insecure.clone(),
+        jobs: a.jobs,
+        cancel,
+        platform: crate::image_cmds::platform_arg(a.platform.as_deref())?,
+        all_platforms: a.all_platforms,
+    };
+    let r = match session(root, a.quiet)?.pull(&a.image, &opts) {
+        Ok(r) => r,
+        Err(ImagesError::Cancelled) => return Ok(cancelled("pull")),
+        Err(e) => return Err(lib_error(e)),
+    };
     if a.quiet {
         outln!("{}", r.manifest_digest);
     } else {
@@ -253,85 +240,24 @@ fn parse_compression(name: &str, level: Option<i32>) -> anyhow::Result<Compressi
 
 /// Runs `kiln push`.
 pub fn push(root: &Path, a: PushArgs) -> anyhow::Result<ExitCode> {
-    let cfg = registry_config(&a.insecure)?;
-    let store = open(root)?;
-    let name = kiln_solver::cache::normalize_reference(&a.image)
-        .map_err(|e| usage(format!("invalid reference {:?}: {e}", a.image)))?;
-    let dest = a.destination.clone().unwrap_or_else(|| name.clone());
-    let dest = kiln_solver::cache::normalize_reference(&dest)
-        .map_err(|e| usage(format!("invalid destination {dest:?}: {e}")))?;
     let enc = LayerEncoding {
         compression: parse_compression(&a.compression, a.compression_level)?,
         force: a.force_compression,
         oci_media_types: a.oci_mediatypes == "true",
     };
-    // A name that points at an index goes out whole: every stored
-    // platform's image, then the index.
-    let stored = store
-        .meta()
-        .image(&name)?
-        .ok_or_else(|| anyhow::anyhow!("{name}: no such image in the local store"))?;
-    let sel = kiln_solver::platforms::select(&store, &stored.manifest, None, true)?;
-    if let Some(index) = sel.index {
-        if !a.quiet {
-            eprintln!(
-                "pushing {name} ({}) to {dest}",
-                sel.platforms
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        let log = CliReporter::new(a.quiet);
-        let d = transfer::push_index(
-            &store,
-            &cfg,
-            &index,
-            &dest,
-            enc,
-            a.jobs,
-            &|line| log.note(line),
-            &|t| log.transfer("push", t),
-        )
-        .map_err(anyhow::Error::msg)?;
-        if let Some(f) = &a.digestfile {
-            std::fs::write(f, d.to_string())?;
-        }
-        if a.quiet {
-            outln!("{d}");
-        } else {
-            eprintln!("{dest}: digest: {d}");
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let manifest = transfer::local_manifest(&store, &name).map_err(anyhow::Error::msg)?;
-    if !a.quiet {
-        eprintln!("pushing {name} to {dest}");
-    }
-    let input = ExportInput {
-        store: &store,
-        images: vec![ArchiveImage {
-            names: Vec::new(),
-            manifest,
-        }],
-        source_date_epoch: None,
-        cache: None,
-    };
-    let push: Box<dyn Exporter> = Box::new(RegistryExporter {
-        registry: cfg,
-        names: vec![dest.clone()],
-        encoding: enc,
+    let (cancel, _signals) = crate::signals::cancel_on_interrupt_blocking()?;
+    let opts = TransferOptions {
+        insecure_registries: a.insecure.clone(),
         jobs: a.jobs,
-    });
-    let done = export::run(&input, &[push], &CliReporter::new(a.quiet))
-        .map_err(|e| anyhow::Error::msg(e.to_string()))?;
-    let d = done
-        .pushed
-        .into_iter()
-        .next()
-        .map(|(_, d)| d)
-        .ok_or_else(|| anyhow::anyhow!("{dest}: nothing was pushed"))?;
+        cancel,
+        ..Default::default()
+    };
+    let (dest, d) =
+        match session(root, a.quiet)?.push(&a.image, a.destination.as_deref(), enc, &opts) {
+            Ok(r) => r,
+            Err(ImagesError::Cancelled) => return Ok(cancelled("push")),
+            Err(e) => return Err(lib_error(e)),
+        };
     if let Some(f) = &a.digestfile {
         std::fs::write(f, d.to_string())?;
     }
@@ -343,23 +269,9 @@ pub fn push(root: &Path, a: PushArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn server_name(s: Option<&str>) -> String {
-    let s = s.unwrap_or("docker.io");
-    let s = s
-        .strip_prefix("https://")
-        .or_else(|| s.strip_prefix("http://"))
-        .unwrap_or(s);
-    let s = s.split('/').next().unwrap_or(s);
-    match s {
-        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
-        o => o.to_string(),
-    }
-}
-
 /// Runs `kiln login`: checks the credentials against the registry, then
 /// stores them as `docker login` does.
 pub fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
-    let cfg = registry_config(&a.insecure)?;
     let server = server_name(a.server.as_deref());
     let username = match a.username {
         Some(u) => u,
@@ -380,9 +292,7 @@ pub fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
         (None, false) => return Err(usage("kiln login needs --password or --password-stdin")),
     };
     let creds = Credentials { username, password };
-    let reg = Registry::with_credentials(&server, &cfg, Some(creds.clone()))?;
-    reg.check_login()?;
-    let wrote = store_credentials(&cfg, &server, &creds)?;
+    let wrote = images::login(&server, &a.insecure, creds).map_err(lib_error)?;
     eprintln!("credentials saved to {wrote}");
     outln!("Login Succeeded");
     Ok(ExitCode::SUCCESS)
@@ -390,9 +300,8 @@ pub fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs `kiln logout`.
 pub fn logout(a: LogoutArgs) -> anyhow::Result<ExitCode> {
-    let cfg = registry_config(&[])?;
     let server = server_name(a.server.as_deref());
-    if erase_credentials(&cfg, &server)? {
+    if images::logout(&server).map_err(lib_error)? {
         outln!("Removing login credentials for {server}");
     } else {
         outln!("Not logged in to {server}");

@@ -40,6 +40,52 @@ pub fn cancel_on_interrupt(token: &kiln_solver::executor::CancellationToken) {
     });
 }
 
+/// For commands without a runtime of their own (`kiln pull`, `kiln
+/// push`): a token cancelled on the first SIGINT or SIGTERM. The handlers
+/// are installed before this returns; the returned runtime watches for
+/// them and must live as long as the command.
+pub fn cancel_on_interrupt_blocking() -> std::io::Result<(
+    kiln_solver::executor::CancellationToken,
+    tokio::runtime::Runtime,
+)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let token = kiln_solver::executor::CancellationToken::new();
+    let (int, term) = {
+        let _in = rt.enter();
+        (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        )
+    };
+    let c = token.clone();
+    rt.spawn(async move {
+        match (int, term) {
+            (Ok(mut i), Ok(mut t)) => {
+                tokio::select! {
+                    _ = i.recv() => {}
+                    _ = t.recv() => {}
+                }
+            }
+            (Ok(mut i), Err(_)) => {
+                i.recv().await;
+            }
+            (Err(_), Ok(mut t)) => {
+                t.recv().await;
+            }
+            (Err(_), Err(_)) => std::future::pending::<()>().await,
+        }
+        c.cancel();
+    });
+    Ok((token, rt))
+}
+
+/// Exit status of a pull or push stopped by SIGINT/SIGTERM (128 + SIGINT,
+/// what a shell showed when the signal killed kiln).
+pub const EXIT_CANCELLED: u8 = 130;
+
 /// How many SIGINT/SIGTERMs `kiln run` passes on before it kills the
 /// container: the third one kills it (docker's CLI gives up on a plugin
 /// after the same count).

@@ -1,15 +1,17 @@
 //! Store commands: `kiln load`, `kiln import`, `kiln prune`,
-//! `kiln system df`, `kiln system check`. Glue only: formats come from
-//! kiln-image, everything on disk from kiln-cache.
+//! `kiln system df`, `kiln system check`. Glue only: the work is the
+//! library's ([`kiln_solver::session::Session`]).
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{anyhow, Context};
+use anyhow::Context;
 use clap::{Args, Subcommand};
-use kiln_solver::cache::{normalize_reference, PruneOptions, Store};
+use kiln_solver::cache::PruneOptions;
+use kiln_solver::images::Loaded;
+
+use crate::{lib_error, session};
 
 /// `kiln load` arguments.
 #[derive(Args, Debug)]
@@ -101,168 +103,21 @@ pub enum SystemCommand {
     },
 }
 
-fn open(root: &Path) -> anyhow::Result<Store> {
-    Store::open(root).with_context(|| format!("opening store {}", root.display()))
-}
-
-fn cache_digest(d: &kiln_solver::image::Digest) -> anyhow::Result<kiln_solver::cache::Digest> {
-    d.as_str().parse().map_err(|e| anyhow!("{e}"))
-}
-
-/// Say plainly when the store's filesystem is full, whichever layer
-/// noticed (kiln-image's spill, the content store, SQLite).
-fn explain_enospc(root: &Path, e: anyhow::Error) -> anyhow::Error {
-    let full = e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.raw_os_error() == Some(libc_enospc()))
-            || matches!(
-                c.downcast_ref::<kiln_solver::cache::Error>(),
-                Some(kiln_solver::cache::Error::NoSpace { .. })
-            )
-            || c.to_string().contains("No space left on device")
-            || c.to_string().contains("database or disk is full")
-    });
-    if full {
-        e.context(format!(
-            "no space left on the store's filesystem ({}); free space or run `kiln prune`",
-            root.display()
-        ))
-    } else {
-        e
-    }
-}
-
-const fn libc_enospc() -> i32 {
-    28 // ENOSPC on Linux
-}
-
 /// `kiln load -i FILE`.
 pub fn load(root: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
-    load_inner(root, args).map_err(|e| explain_enospc(root, e))
-}
-
-fn load_inner(root: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
-    let store = open(root)?;
-    // The lease keeps what we write from a concurrent prune until tagged;
-    // the GC guard keeps prune from reclaiming our spill directory.
-    let _lease = store.lease(None)?;
-    let _gc = store.gc_guard()?;
-    let file =
-        File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
-    let archive = kiln_solver::image::archive::read_archive(file, store.tmp_dir())
-        .with_context(|| format!("reading archive {}", args.input.display()))?;
-    if archive.images.is_empty() {
-        anyhow::bail!("{}: the archive holds no image", args.input.display());
-    }
-    let mut out = std::io::stdout().lock();
-    for img in &archive.images {
-        use kiln_solver::image::archive::BlobSource;
-        let man = img.manifest.manifest().context("parsing manifest")?;
-        let what = img
-            .names
-            .first()
-            .cloned()
-            .unwrap_or_else(|| man.config.digest.to_string());
-        check_uncompressed_diff_ids(&what, &man, &img.config)?;
-        let mut layers = Vec::new();
-        for desc in std::iter::once(&man.config).chain(&man.layers) {
-            let want = cache_digest(&desc.digest)?;
-            let size = archive
-                .blob_size(&desc.digest)
-                .with_context(|| format!("blob {} missing from the archive", desc.digest))?;
-            if size != desc.size {
-                anyhow::bail!(
-                    "{what}: blob {} is {size} bytes in the archive, its manifest says {}",
-                    desc.digest,
-                    desc.size
-                );
-            }
-            // The archive's files were hashed as they were read: each is
-            // taken into the store as it is (no copy), replacing a stored
-            // copy that may have gone bad.
-            let file = archive
-                .blob_file(&desc.digest)
-                .with_context(|| format!("blob {} missing from the archive", desc.digest))?;
-            store
-                .put_blob_file(file, &want, desc.size, Some(&desc.media_type))
-                .with_context(|| format!("storing blob {}", desc.digest))?;
-            layers.push(want);
-        }
-        let config = layers.remove(0);
-        let manifest = store
-            .put_bytes(&img.manifest.bytes, Some(&img.manifest.media_type))
-            .context("storing manifest")?;
-        if img.names.is_empty() {
-            // Keep it reachable: an untagged load would be pruned at once.
-            let name = format!("sha256:{}", config.hex());
-            store.record_image(&name, &manifest, &config, &layers)?;
-            writeln!(out, "Loaded image ID: {config}")?;
-        }
-        for n in &img.names {
-            let name = normalize_reference(n).with_context(|| format!("image name {n:?}"))?;
-            store.record_image(&name, &manifest, &config, &layers)?;
-            if args.quiet {
-                writeln!(out, "{name}")?;
-            } else {
-                writeln!(out, "Loaded image: {name}")?;
-            }
-        }
-    }
+    session(root, false)?
+        .load(&args.input, &mut |l| match l {
+            Loaded::Untagged(config) => outln!("Loaded image ID: {config}"),
+            Loaded::Named(name) if args.quiet => outln!("{name}"),
+            Loaded::Named(name) => outln!("Loaded image: {name}"),
+        })
+        .map_err(lib_error)?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// A layer stored uncompressed is its own tar: its digest must be the
-/// diffID the config names for it. Checked at load (free: the archive's
-/// files were hashed as they were read), so that an image whose config
-/// claims another layer's diffID is turned away at once; every layer,
-/// compressed or not, is verified again when it is unpacked.
-fn check_uncompressed_diff_ids(
-    what: &str,
-    man: &kiln_solver::image::manifest::ImageManifest,
-    config: &[u8],
-) -> anyhow::Result<()> {
-    use kiln_solver::image::manifest::media_types;
-    let cfg = kiln_solver::image::config::ImageConfig::from_bytes(config)
-        .with_context(|| format!("{what}: parsing config"))?;
-    if cfg.rootfs.diff_ids.len() != man.layers.len() {
-        anyhow::bail!(
-            "{what}: manifest has {} layers, config {} diffIDs",
-            man.layers.len(),
-            cfg.rootfs.diff_ids.len()
-        );
-    }
-    for (i, (l, d)) in man.layers.iter().zip(&cfg.rootfs.diff_ids).enumerate() {
-        let plain = matches!(
-            l.media_type.as_str(),
-            media_types::DOCKER_LAYER | media_types::OCI_LAYER
-        );
-        if plain && &l.digest != d {
-            anyhow::bail!(
-                "{what}: layer {} ({}): its content has diffID {}, but the image config says {d}; \
-                 nothing was loaded",
-                i + 1,
-                l.digest,
-                l.digest
-            );
-        }
-    }
-    Ok(())
 }
 
 /// `kiln import ROOTFS.tar NAME[:TAG]`.
 pub fn import(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
-    import_inner(root, args).map_err(|e| explain_enospc(root, e))
-}
-
-fn import_inner(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
-    let name =
-        normalize_reference(&args.name).with_context(|| format!("image name {:?}", args.name))?;
-    // The changes first: a bad one fails before the tar is read.
-    let mut config = kiln_solver::image::config::ContainerConfig::default();
-    kiln_solver::change::apply_changes(&mut config, &args.change)?;
-    let store = open(root)?;
-    let _lease = store.lease(None)?;
-    let _gc = store.gc_guard()?;
+    let s = session(root, false)?;
     let input: Box<dyn std::io::Read> = if args.file.as_os_str() == "-" {
         Box::new(std::io::stdin())
     } else {
@@ -270,44 +125,29 @@ fn import_inner(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
             File::open(&args.file).with_context(|| format!("opening {}", args.file.display()))?,
         )
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let opts = kiln_solver::image::rootfs_tar::ImportOptions {
-        created: Some(kiln_solver::image::config::rfc3339(now)),
-        comment: args.message.clone(),
-        config: Some(config),
-        platform: crate::image_cmds::platform_arg(args.platform.as_deref())?,
-        ..Default::default()
-    };
-    let mut writer = store.content().writer()?;
-    let imported = kiln_solver::image::rootfs_tar::import_rootfs(input, &mut writer, &opts)
-        .with_context(|| format!("importing {}", args.file.display()))?;
-    let layer = cache_digest(&imported.layer.digest)?;
-    let (layer, _) = store.commit_blob(
-        writer,
-        Some(&layer),
-        Some(imported.layer.size),
-        Some(&imported.layer.media_type),
-    )?;
-    let config = store.put_bytes(&imported.config, None)?;
-    let manifest = store.put_bytes(
-        &imported.manifest.bytes,
-        Some(&imported.manifest.media_type),
-    )?;
-    store.record_image(&name, &manifest, &config, &[layer])?;
-    println!("{config}");
+    let platform = crate::image_cmds::platform_arg(args.platform.as_deref())?;
+    let id = s
+        .import_for(
+            input,
+            &args.file.display().to_string(),
+            &args.name,
+            args.message,
+            &args.change,
+            platform,
+        )
+        .map_err(lib_error)?;
+    outln!("{id}");
     Ok(ExitCode::SUCCESS)
 }
 
 /// `kiln prune`.
 pub fn prune(root: &Path, args: PruneArgs) -> anyhow::Result<ExitCode> {
-    let store = open(root)?;
-    let r = store.prune(&PruneOptions {
-        all: args.all,
-        keep_storage: args.keep_storage,
-    })?;
+    let r = session(root, false)?
+        .prune(&PruneOptions {
+            all: args.all,
+            keep_storage: args.keep_storage,
+        })
+        .map_err(lib_error)?;
     println!(
         "Deleted: {} blobs, {} snapshots, {} cache records, {} temp files; expired {} leases",
         r.blobs_removed,
@@ -329,10 +169,10 @@ pub fn system(root: &Path, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
         // Not about the store: no store is opened (or created).
         return binfmt(uninstall);
     }
-    let store = open(root)?;
+    let s = session(root, false)?;
     match cmd {
         SystemCommand::Df { json } => {
-            let du = store.df()?;
+            let du = s.disk_usage().map_err(lib_error)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&du)?);
             } else {
@@ -357,7 +197,7 @@ pub fn system(root: &Path, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         SystemCommand::Check { deep } => {
-            let r = store.check_with(deep)?;
+            let r = s.check_store(deep).map_err(lib_error)?;
             if r.ok() {
                 let layers = if deep {
                     format!(
@@ -388,31 +228,9 @@ pub fn system(root: &Path, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `1.5GB`-style sizes (decimal units, as Docker prints them).
-fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u < UNITS.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n}B")
-    } else {
-        format!("{v:.3}{}", UNITS[u])
-    }
-}
-
-/// `--keep-storage`: docker's and buildx's `opts.MemBytes`, i.e.
-/// `RAMInBytes` (`10GB` = 10 GiB, `1k` = 1024 bytes), as `build --memory`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    kiln_solver::parser::units::ram_in_bytes(s).map_err(|e| e.to_string())
-}
-
 /// `kiln system binfmt [--uninstall]`.
 fn binfmt(uninstall: bool) -> anyhow::Result<ExitCode> {
-    use kiln_executor::emulation;
+    use kiln_solver::executor::emulation;
     let mount = Path::new(emulation::BINFMT_MISC);
     if uninstall {
         for name in emulation::uninstall(mount)? {
@@ -442,4 +260,26 @@ fn binfmt(uninstall: bool) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `1.5GB`-style sizes (decimal units, as Docker prints them).
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.3}{}", UNITS[u])
+    }
+}
+
+/// `--keep-storage`: docker's and buildx's `opts.MemBytes`, i.e.
+/// `RAMInBytes` (`10GB` = 10 GiB, `1k` = 1024 bytes), as `build --memory`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    kiln_solver::parser::units::ram_in_bytes(s).map_err(|e| e.to_string())
 }

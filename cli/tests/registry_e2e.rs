@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::context;
-use common::registry::{ready, sh, Client, NoStreamProxy, Reg, RegOpts};
+use common::registry::{ready, sh, Client, NoStreamProxy, Reg, RegOpts, SlowProxy};
 
 fn skopeo_inspect(args: &[&str]) -> serde_json::Value {
     let o = sh(Command::new("skopeo").arg("inspect").args(args));
@@ -589,4 +589,161 @@ fn image_sizes_are_uncompressed_and_agree_across_images_inspect_history() {
         layers.insert(1, "0B".to_string());
         assert_eq!(sizes, layers, "history {image}:\n{hist}");
     }
+}
+
+/// A root filesystem tar holding one file of `size` incompressible bytes.
+fn random_rootfs_tar(dir: &std::path::Path, size: usize) -> PathBuf {
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut data = Vec::with_capacity(size);
+    while data.len() < size {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        data.extend_from_slice(&seed.to_le_bytes());
+    }
+    let path = dir.join("big.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&path).expect("tar"));
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, "big.bin", &data[..]).expect("append");
+    b.finish().expect("finish");
+    path
+}
+
+#[test]
+fn ctrl_c_stops_a_pull_in_the_middle_of_a_blob_and_leaves_the_store_intact() {
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+    if !ready(&["docker-registry"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let a = Client::new(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tar = random_rootfs_tar(tmp.path(), 24 << 20);
+    let name = format!("{}/kiln/big:1", reg.host());
+    a.ok(&["import", tar.to_str().expect("utf8"), &name]);
+    a.ok(&["push", &name]);
+    // 24 MiB at 2 MiB/s: about 12 s if nothing stops it.
+    let proxy = SlowProxy::start(reg.port, 2 << 20);
+    let slow = format!("{}/kiln/big:1", proxy.host());
+    let b = Client::new(false);
+    let mut child = b
+        .cmd()
+        .args(["pull", &slow])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("the layer never started:\n{}", seen.join("\n")));
+        let layer = line.contains("pulling") && line.contains("bytes");
+        seen.push(line);
+        if layer {
+            break;
+        }
+    }
+    // Well inside the blob.
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "kiln did not exit within 5 s of SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "kiln should stop with status 130 (not die of the signal): {status:?}\n{}\n{}",
+        seen.join("\n"),
+        rest.join("\n")
+    );
+    assert!(
+        rest.iter().any(|l| l.contains("pull cancelled")),
+        "says it was cancelled: {rest:?}"
+    );
+    assert!(
+        !rest.iter().any(|l| l.contains("complete")),
+        "the layer did not finish: {rest:?}"
+    );
+    // Nothing named, the store checks clean, and the pull works after.
+    assert_eq!(b.stdout(&["images", "-q"]), "");
+    assert!(b.ok(&["system", "check"]).starts_with("ok:"));
+    b.ok(&["pull", &name]);
+    assert!(b.ok(&["system", "check"]).starts_with("ok:"));
+}
+
+#[test]
+fn ctrl_c_during_a_builds_base_image_pull_stops_the_pull() {
+    use std::time::{Duration, Instant};
+    if !ready(&["docker-registry"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let a = Client::new(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tar = random_rootfs_tar(tmp.path(), 24 << 20);
+    let name = format!("{}/kiln/big:1", reg.host());
+    a.ok(&["import", tar.to_str().expect("utf8"), &name]);
+    a.ok(&["push", &name]);
+    // 24 MiB at 2 MiB/s: about 12 s if nothing stops it.
+    let proxy = SlowProxy::start(reg.port, 2 << 20);
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {}/kiln/big:1\nLABEL x=y\n", proxy.host()),
+    )]);
+    let b = Client::new(false);
+    let mut child = b
+        .cmd()
+        .args(["build", "--progress", "plain", "-t", "slow:1"])
+        .arg(ctx.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // Well inside the layer's download.
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "kiln build did not exit within 5 s of SIGINT during its pull"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !status.success() && status.code().is_some(),
+        "kiln should fail with an exit code: {status:?}"
+    );
+    assert_eq!(b.stdout(&["images", "-q"]), "");
+    assert!(b.ok(&["system", "check"]).starts_with("ok:"));
 }

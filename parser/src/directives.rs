@@ -4,6 +4,17 @@
 /// The directive names BuildKit knows; any other name ends the directives.
 const KNOWN: [&str; 3] = ["syntax", "escape", "check"];
 
+/// A directive that cannot be honoured.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DirectiveError {
+    /// The same directive twice.
+    #[error("only one {0} parser directive can be used")]
+    Repeated(String),
+    /// `# escape=` with another character than `` ` `` or `\\`.
+    #[error("invalid escape token '{0}' does not match ` or \\")]
+    InvalidEscape(String),
+}
+
 /// A directive found by [`DirectiveParser`] or [`detect_syntax`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FoundDirective {
@@ -50,7 +61,7 @@ impl DirectiveParser {
     /// Feeds the next physical line (without its newline). Returns the
     /// directive it holds, `Ok(None)` when it holds none (which ends
     /// directive processing for good), or an error for a repeated directive.
-    pub fn parse_line(&mut self, line: &str) -> Result<Option<FoundDirective>, String> {
+    pub fn parse_line(&mut self, line: &str) -> Result<Option<FoundDirective>, DirectiveError> {
         self.line += 1;
         if self.done {
             return Ok(None);
@@ -70,7 +81,7 @@ impl DirectiveParser {
             return Ok(None);
         }
         if self.seen.contains(&name) {
-            return Err(format!("only one {name} parser directive can be used"));
+            return Err(DirectiveError::Repeated(name));
         }
         self.seen.push(name.clone());
         Ok(Some(FoundDirective {
@@ -81,7 +92,7 @@ impl DirectiveParser {
     }
 
     /// Reads all directives at the top of `text`.
-    pub fn parse_all(&mut self, text: &str) -> Result<Vec<FoundDirective>, String> {
+    pub fn parse_all(&mut self, text: &str) -> Result<Vec<FoundDirective>, DirectiveError> {
         let mut out = Vec::new();
         for line in text.lines() {
             if self.done {

@@ -48,7 +48,7 @@ pub mod units;
 pub use ast::Ast;
 pub use error::{Location, ParseError};
 pub use instructions::Dockerfile;
-pub use reader::parse_heredoc;
+pub use reader::{parse_heredoc, HeredocError};
 
 /// Parses Dockerfile text into its lossless syntax tree (BuildKit's
 /// `parser.Parse`). Unknown instructions are kept; [`parse`] rejects them.

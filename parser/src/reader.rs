@@ -3,9 +3,9 @@
 //! and dispatches each logical line to its argument parser.
 
 use crate::ast::{Arg, Ast, Directive, Heredoc, Node, Warning};
-use crate::directives::DirectiveParser;
+use crate::directives::{DirectiveError, DirectiveParser};
 use crate::error::ParseError;
-use crate::shell::{Env, Lex};
+use crate::shell::{Env, Lex, ShellError};
 
 /// State that the directives at the top of the file set.
 pub(crate) struct Directives {
@@ -22,7 +22,7 @@ impl Directives {
     }
 
     /// Looks for a directive on `line`; returns it when found.
-    fn possible_directive(&mut self, line: &str) -> Result<Option<Directive>, String> {
+    fn possible_directive(&mut self, line: &str) -> Result<Option<Directive>, DirectiveError> {
         let Some(found) = self.parser.parse_line(line)? else {
             return Ok(None);
         };
@@ -30,11 +30,7 @@ impl Directives {
             match found.value.as_str() {
                 "\\" => self.escape = '\\',
                 "`" => self.escape = '`',
-                other => {
-                    return Err(format!(
-                        "invalid escape token '{other}' does not match ` or \\"
-                    ))
-                }
+                other => return Err(DirectiveError::InvalidEscape(other.to_string())),
             }
         }
         Ok(Some(Directive {
@@ -114,7 +110,7 @@ pub fn parse(source: &str) -> Result<Ast, ParseError> {
                 directives.push(directive);
             }
             Ok(None) => {}
-            Err(e) => return Err(err(e, current_line + 1, current_line + 1)),
+            Err(e) => return Err(err(e.to_string(), current_line + 1, current_line + 1)),
         }
         let token = if is_comment(token) { "" } else { token };
         current_line += 1;
@@ -129,7 +125,7 @@ pub fn parse(source: &str) -> Result<Ast, ParseError> {
             let Some(raw) = lines.next() else { break };
             let token = trim_newline(raw);
             if let Err(e) = d.possible_directive(token) {
-                return Err(err(e, current_line + 1, current_line + 1));
+                return Err(err(e.to_string(), current_line + 1, current_line + 1));
             }
             current_line += 1;
             if is_comment(raw) {
@@ -154,8 +150,9 @@ pub fn parse(source: &str) -> Result<Ast, ParseError> {
             |(msg, needle)| err(msg, start_line, current_line).locate(source, needle.as_deref()),
         )?;
         if can_contain_heredoc(&child) && line.contains("<<") {
-            let docs = heredocs_from_line(&line)
-                .map_err(|m| err(m, start_line, current_line).locate(source, Some("<<")))?;
+            let docs = heredocs_from_line(&line).map_err(|m| {
+                err(m.to_string(), start_line, current_line).locate(source, Some("<<"))
+            })?;
             for mut doc in docs {
                 let mut content = String::new();
                 let mut terminated = false;
@@ -206,7 +203,7 @@ fn can_contain_heredoc(node: &Node) -> bool {
 }
 
 /// Finds the heredoc words (`<<EOF`, `<<-'EOF'`, `3<<EOF`) of a line.
-fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, String> {
+fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, HeredocError> {
     let lex = Lex::new('\\')
         .raw_quotes(true)
         .raw_escapes(true)
@@ -221,9 +218,20 @@ fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, String> {
     Ok(docs)
 }
 
+/// A heredoc word that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeredocError {
+    /// Its terminator does not expand.
+    #[error(transparent)]
+    Shell(#[from] ShellError),
+    /// The two lexing passes disagree (BuildKit's internal check).
+    #[error("internal lexing of heredoc produced inconsistent results: {0}")]
+    Inconsistent(String),
+}
+
 /// BuildKit's `ParseHeredoc`: recognises `^(\d*)<<(-?)\s*([^<]*)$` and
 /// works out the terminator name and whether its body expands.
-pub fn parse_heredoc(src: &str) -> Result<Option<Heredoc>, String> {
+pub fn parse_heredoc(src: &str) -> Result<Option<Heredoc>, HeredocError> {
     let digits = src.bytes().take_while(u8::is_ascii_digit).count();
     let Some(after) = src[digits..].strip_prefix("<<") else {
         return Ok(None);
@@ -239,21 +247,16 @@ pub fn parse_heredoc(src: &str) -> Result<Option<Heredoc>, String> {
     // Go's ParseUint fails on overflow and yields 0.
     let fd = src[..digits].parse::<u32>().unwrap_or(0);
     let lex = Lex::new('\\').skip_unset_env(true);
-    let words = lex
-        .process_words(rest, &EmptyEnv)
-        .map_err(|e| e.to_string())?;
+    let words = lex.process_words(rest, &EmptyEnv)?;
     if words.len() != 1 {
         return Ok(None);
     }
     let raw = Lex::new('\\')
         .skip_unset_env(true)
         .raw_quotes(true)
-        .process_words(rest, &EmptyEnv)
-        .map_err(|e| e.to_string())?;
+        .process_words(rest, &EmptyEnv)?;
     if raw.len() != words.len() {
-        return Err(format!(
-            "internal lexing of heredoc produced inconsistent results: {rest}"
-        ));
+        return Err(HeredocError::Inconsistent(rest.to_string()));
     }
     let quotes = |w: &str| w.chars().filter(|c| *c == '\'' || *c == '"').count();
     let name = words[0].clone();

@@ -81,6 +81,7 @@ pub struct Registry {
     insecure: bool,
     base: Mutex<Option<String>>,
     creds: Option<Credentials>,
+    cancel: tokio_util::sync::CancellationToken,
     auth: Mutex<AuthState>,
     opts: ClientOptions,
 }
@@ -243,7 +244,8 @@ impl Registry {
     ) -> Result<Registry> {
         let host = api_host(registry).to_string();
         let tls = crate::tls::client_config(cfg, &host)?;
-        let timeouts = crate::http::NetTimeouts::from_env().map_err(RegistryError::Local)?;
+        let timeouts = crate::http::NetTimeouts::from_env()
+            .map_err(|e| RegistryError::Local(e.to_string()))?;
         let agent = timeouts
             .agent_builder()
             .tls_config(tls)
@@ -256,6 +258,7 @@ impl Registry {
             agent,
             base: Mutex::new(None),
             creds,
+            cancel: cfg.cancel.clone(),
             auth: Mutex::new(AuthState::default()),
             opts: ClientOptions::default(),
         })
@@ -264,6 +267,31 @@ impl Registry {
     /// Replace the tunables.
     pub fn set_options(&mut self, opts: ClientOptions) {
         self.opts = opts;
+    }
+
+    /// [`RegistryError::Cancelled`] for this registry.
+    pub fn cancelled(&self) -> RegistryError {
+        RegistryError::Cancelled {
+            registry: self.name.clone(),
+        }
+    }
+
+    /// Fails with [`RegistryError::Cancelled`] once the settings' cancel
+    /// token is cancelled.
+    pub fn check_cancel(&self) -> Result<()> {
+        if self.cancel.is_cancelled() {
+            Err(self.cancelled())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `r`, failing its reads once the transfer is cancelled.
+    pub fn cancellable<'r>(&self, r: Box<dyn Read + 'r>) -> Box<dyn Read + 'r> {
+        Box::new(CancelReader {
+            inner: r,
+            cancel: self.cancel.clone(),
+        })
     }
 
     /// The registry name this client talks to.
@@ -606,7 +634,11 @@ impl Registry {
     pub fn retry<T>(&self, mut f: impl FnMut() -> Result<T>) -> Result<T> {
         let mut attempt = 0;
         loop {
+            self.check_cancel()?;
             match f() {
+                // Whatever broke once the transfer was cancelled (a reader
+                // that stopped, a dropped connection) is the cancellation.
+                Err(_) if self.cancel.is_cancelled() => return Err(self.cancelled()),
                 Err(e) if e.is_transient() && attempt < self.opts.retries => {
                     attempt += 1;
                     std::thread::sleep(self.opts.backoff * (1u32 << (attempt - 1).min(6)));
@@ -785,7 +817,8 @@ impl Registry {
         if self.blob_exists(repo, &desc.digest)? {
             return Ok(PushOutcome::Exists);
         }
-        self.retry(|| self.push_blob_once(repo, desc, mount_from, open, progress))
+        let open = || open().map(|r| self.cancellable(r));
+        self.retry(|| self.push_blob_once(repo, desc, mount_from, &open, progress))
     }
 
     /// Upload a blob whose digest is known only once all of it has been
@@ -817,7 +850,16 @@ impl Registry {
             )
         })?;
         let url = self.upload_url(&r)?;
-        let result = self.stream_to(&url, &scope, &what, source, progress);
+        let source = self.cancellable(source);
+        let result = self
+            .stream_to(&url, &scope, &what, source, progress)
+            .map_err(|e| {
+                if self.cancel.is_cancelled() {
+                    self.cancelled()
+                } else {
+                    e
+                }
+            });
         if result.is_err() {
             // Best effort: let the registry drop the unfinished upload.
             let _ = self.send_once("DELETE", &url, &scope, &[], Body::Empty, &what);
@@ -948,6 +990,23 @@ impl Registry {
             &what,
         )?;
         Ok(PushOutcome::Uploaded)
+    }
+}
+
+/// A reader that fails once its token is cancelled (checked before each
+/// read, so a transfer stops within one buffer).
+struct CancelReader<'r> {
+    inner: Box<dyn Read + 'r>,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+impl Read for CancelReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cancel.is_cancelled() {
+            // Not `Interrupted`: `read_to_end` and `io::copy` would retry.
+            return Err(io::Error::other("cancelled"));
+        }
+        self.inner.read(buf)
     }
 }
 

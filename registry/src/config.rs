@@ -24,6 +24,10 @@ pub struct RegistryConfig {
     pub certs_dirs: Vec<PathBuf>,
     /// Docker's config directory (`$DOCKER_CONFIG`, else `~/.docker`).
     pub docker_config_dir: Option<PathBuf>,
+    /// Stops every transfer of the clients made with these settings:
+    /// checked before each request and blob and between reads of a blob
+    /// (a cancelled transfer fails with [`RegistryError::Cancelled`]).
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 #[derive(Deserialize, Default)]
@@ -57,6 +61,12 @@ pub fn kiln_config_dirs() -> Vec<PathBuf> {
 }
 
 impl RegistryConfig {
+    /// These settings with transfers stopped by `cancel`.
+    pub fn with_cancel(mut self, cancel: tokio_util::sync::CancellationToken) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
     /// Settings from the environment and config files, plus `insecure`
     /// hosts given on the command line. Every existing `config.json` in
     /// [`kiln_config_dirs`] contributes its insecure registries.
@@ -65,6 +75,7 @@ impl RegistryConfig {
             insecure: insecure.to_vec(),
             certs_dirs: Vec::new(),
             docker_config_dir: docker_config_dir(),
+            cancel: Default::default(),
         };
         for dir in kiln_config_dirs() {
             let file = dir.join("config.json");

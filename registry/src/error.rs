@@ -110,6 +110,12 @@ pub enum RegistryError {
     /// Where the blobs go (or come from) failed.
     #[error("{0}")]
     Local(String),
+    /// The transfer was cancelled ([`crate::RegistryConfig::cancel`]).
+    #[error("{registry}: cancelled")]
+    Cancelled {
+        /// The registry.
+        registry: String,
+    },
     /// An image-format error.
     #[error(transparent)]
     Image(#[from] kiln_image::ImageError),

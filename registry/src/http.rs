@@ -24,6 +24,61 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The most redirects one request follows.
 pub const MAX_REDIRECTS: usize = 10;
 
+/// A URL, redirect or timeout setting that kiln will not use.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// `KILN_CONNECT_TIMEOUT` / `KILN_IDLE_TIMEOUT` does not parse.
+    #[error("{name}={value:?}: expected a positive duration such as 30, 30s, 500ms or 2m")]
+    BadTimeout {
+        /// The variable.
+        name: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// Not a URL.
+    #[error("invalid URL {url:?}: {source}")]
+    InvalidUrl {
+        /// As given.
+        url: String,
+        /// Why.
+        #[source]
+        source: url::ParseError,
+    },
+    /// Neither `http://` nor `https://`.
+    #[error("{url}: only http:// and https:// URLs are fetched, not {scheme}://")]
+    Scheme {
+        /// As given.
+        url: String,
+        /// Its scheme.
+        scheme: String,
+    },
+    /// A URL without a host.
+    #[error("{0}: no host")]
+    NoHost(String),
+    /// A `Location` that is not a URL.
+    #[error("{from} redirects to an invalid URL {location:?}: {source}")]
+    BadRedirect {
+        /// The URL that redirected.
+        from: String,
+        /// Its `Location`.
+        location: String,
+        /// Why.
+        #[source]
+        source: url::ParseError,
+    },
+    /// A redirect to another scheme than http(s).
+    #[error("{from} redirects to {to}: only http:// and https:// redirects are followed")]
+    RedirectScheme {
+        /// The URL that redirected.
+        from: String,
+        /// Where to.
+        to: String,
+    },
+    /// More than [`MAX_REDIRECTS`] hops.
+    #[error("{0}: more than {MAX_REDIRECTS} redirects")]
+    TooManyRedirects(String),
+}
+
 /// Connect and idle timeouts of network clients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NetTimeouts {
@@ -65,11 +120,11 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 impl NetTimeouts {
     /// The timeouts from `KILN_CONNECT_TIMEOUT` and `KILN_IDLE_TIMEOUT`,
     /// defaults where unset; a value that does not parse is an error.
-    pub fn from_env() -> Result<NetTimeouts, String> {
-        let get = |name: &str, default: Duration| match std::env::var(name) {
-            Ok(v) if !v.trim().is_empty() => parse_duration(&v).ok_or_else(|| {
-                format!("{name}={v:?}: expected a positive duration such as 30, 30s, 500ms or 2m")
-            }),
+    pub fn from_env() -> Result<NetTimeouts, HttpError> {
+        let get = |name: &'static str, default: Duration| match std::env::var(name) {
+            Ok(v) if !v.trim().is_empty() => {
+                parse_duration(&v).ok_or(HttpError::BadTimeout { name, value: v })
+            }
             _ => Ok(default),
         };
         Ok(NetTimeouts {
@@ -124,16 +179,19 @@ pub fn is_timeout_message(detail: &str) -> bool {
 }
 
 /// Parses `url` and checks that it is `http://` or `https://` with a host.
-pub fn check_url(url: &str) -> Result<Url, String> {
-    let u = Url::parse(url).map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+pub fn check_url(url: &str) -> Result<Url, HttpError> {
+    let u = Url::parse(url).map_err(|source| HttpError::InvalidUrl {
+        url: url.to_string(),
+        source,
+    })?;
     if !matches!(u.scheme(), "http" | "https") {
-        return Err(format!(
-            "{url}: only http:// and https:// URLs are fetched, not {}://",
-            u.scheme()
-        ));
+        return Err(HttpError::Scheme {
+            url: url.to_string(),
+            scheme: u.scheme().to_string(),
+        });
     }
     if u.host_str().is_none_or(str::is_empty) {
-        return Err(format!("{url}: no host"));
+        return Err(HttpError::NoHost(url.to_string()));
     }
     Ok(u)
 }
@@ -148,20 +206,23 @@ pub fn same_origin(a: &Url, b: &Url) -> bool {
 /// Where a response redirects to, if it is a redirect a GET or HEAD
 /// follows (301, 302, 303, 307, 308 with a `Location`): the target URL,
 /// checked by [`check_url`].
-pub fn redirect_target(from: &Url, resp: &ureq::Response) -> Result<Option<Url>, String> {
+pub fn redirect_target(from: &Url, resp: &ureq::Response) -> Result<Option<Url>, HttpError> {
     if !matches!(resp.status(), 301 | 302 | 303 | 307 | 308) {
         return Ok(None);
     }
     let Some(loc) = resp.header("Location") else {
         return Ok(None);
     };
-    let to = from
-        .join(loc)
-        .map_err(|e| format!("{from} redirects to an invalid URL {loc:?}: {e}"))?;
+    let to = from.join(loc).map_err(|source| HttpError::BadRedirect {
+        from: from.to_string(),
+        location: loc.to_string(),
+        source,
+    })?;
     if !matches!(to.scheme(), "http" | "https") || to.host_str().is_none_or(str::is_empty) {
-        return Err(format!(
-            "{from} redirects to {to}: only http:// and https:// redirects are followed"
-        ));
+        return Err(HttpError::RedirectScheme {
+            from: from.to_string(),
+            to: to.to_string(),
+        });
     }
     Ok(Some(to))
 }
@@ -174,7 +235,7 @@ pub fn redirect_target(from: &Url, resp: &ureq::Response) -> Result<Option<Url>,
 pub fn follow(
     url: &str,
     mut request: impl FnMut(&Url, bool) -> Result<ureq::Response, Box<ureq::Error>>,
-) -> Result<Result<ureq::Response, Box<ureq::Error>>, String> {
+) -> Result<Result<ureq::Response, Box<ureq::Error>>, HttpError> {
     let first = check_url(url)?;
     let mut cur = first.clone();
     for _ in 0..=MAX_REDIRECTS {
@@ -187,7 +248,7 @@ pub fn follow(
             None => return Ok(Ok(resp)),
         }
     }
-    Err(format!("{url}: more than {MAX_REDIRECTS} redirects"))
+    Err(HttpError::TooManyRedirects(url.to_string()))
 }
 
 #[cfg(test)]
@@ -223,7 +284,7 @@ mod tests {
         let r = follow("http://a.example/x", |_, _| {
             Ok(redirect("file:///etc/passwd"))
         });
-        assert!(r.unwrap_err().contains("only http:// and https://"));
+        assert!(matches!(r.unwrap_err(), HttpError::RedirectScheme { .. }));
         // A relative Location stays on the origin; another host is not the
         // first origin (no credentials there).
         let mut seen = Vec::new();
@@ -246,7 +307,7 @@ mod tests {
         );
         // A loop ends.
         let r = follow("http://a.example/x", |_, _| Ok(redirect("/x")));
-        assert!(r.unwrap_err().contains("more than"));
+        assert!(matches!(r.unwrap_err(), HttpError::TooManyRedirects(_)));
         // The first URL is checked too.
         assert!(follow("file:///etc/passwd", |_, _| Ok(ok())).is_err());
     }

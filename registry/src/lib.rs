@@ -47,4 +47,4 @@ pub use client::{ClientOptions, PushOutcome, Registry, VerifyingReader, MANIFEST
 pub use config::{Credentials, RegistryConfig};
 pub use error::{RegistryError, Result};
 pub use reference::{api_host, Reference, ReferenceError, DOCKER_HUB};
-pub use transfer::{BlobSink, Pulled, PushSource, Resolved, Transfer};
+pub use transfer::{BlobSink, Pulled, PushSource, Resolved, SinkError, Transfer};

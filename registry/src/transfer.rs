@@ -13,6 +13,25 @@ use crate::client::{PushOutcome, Registry};
 use crate::error::{RegistryError, Result};
 use crate::reference::Reference;
 
+/// Why a [`BlobSink`] could not store a blob: the sink's own error,
+/// kept as the source.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct SinkError(Box<dyn std::error::Error + Send + Sync>);
+
+impl SinkError {
+    /// Wraps the sink's error.
+    pub fn new(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> SinkError {
+        SinkError(e.into())
+    }
+}
+
+impl From<String> for SinkError {
+    fn from(s: String) -> SinkError {
+        SinkError(s.into())
+    }
+}
+
 /// Where pulled blobs go (the local store, in kiln). The sink must verify
 /// what it stores against `desc` (size and digest); the reader it gets
 /// also fails at EOF on a mismatch.
@@ -20,7 +39,7 @@ pub trait BlobSink: Sync {
     /// Whether the blob is already there (then it is not downloaded).
     fn has_blob(&self, desc: &Descriptor) -> bool;
     /// Store the blob read from `r`.
-    fn put_blob(&self, desc: &Descriptor, r: &mut dyn Read) -> std::result::Result<(), String>;
+    fn put_blob(&self, desc: &Descriptor, r: &mut dyn Read) -> std::result::Result<(), SinkError>;
     /// Store the blob read from `r`, a reader that itself fails at EOF
     /// unless what it gave has `desc`'s digest and size (a download from a
     /// registry is such a reader), so the sink need not hash the bytes a
@@ -29,7 +48,7 @@ pub trait BlobSink: Sync {
         &self,
         desc: &Descriptor,
         r: &mut dyn Read,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), SinkError> {
         self.put_blob(desc, r)
     }
 }
@@ -155,7 +174,7 @@ impl Registry {
         }
         progress(Transfer::Started(desc.digest.clone(), desc.size));
         self.retry(|| {
-            let r = self.open_blob(repo, desc)?;
+            let r = self.cancellable(Box::new(self.open_blob(repo, desc)?));
             let mut counting = Progressing {
                 inner: r,
                 n: 0,
@@ -165,6 +184,7 @@ impl Registry {
             sink.put_verified_blob(desc, &mut counting).map_err(|e| {
                 // A broken stream is worth a retry; a digest mismatch or
                 // a local failure is not.
+                let e = e.to_string();
                 if e.contains("digest mismatch") || counting.n == 0 && !e.contains("network") {
                     RegistryError::Local(format!("{}: {e}", desc.digest))
                 } else {
@@ -273,7 +293,7 @@ impl Registry {
                     }
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(item) = items.get(i) else { return };
-                    if let Err(e) = f(item) {
+                    if let Err(e) = self.check_cancel().and_then(|()| f(item)) {
                         failed.store(true, Ordering::Relaxed);
                         if let Ok(mut g) = first_err.lock() {
                             g.get_or_insert(e);

@@ -14,7 +14,13 @@
 //! for embedders: [`session::Session`] + [`session::BuildRequest`] ->
 //! [`BuildResult`], doing what `kiln build` does (context and Dockerfile
 //! resolution in [`context`], named contexts, cache import, the solve,
-//! then the [`export`]ers behind one trait, cache exporters included).
+//! then the [`export`]ers behind one trait, cache exporters included),
+//! and, in [`images`], every other command's work as `Session` methods
+//! with typed errors: list/find/inspect/history/tag/untag, load, import,
+//! pull and push (cancellable), save, filesystem export, prune, disk
+//! usage, check, login/logout. Progress of all of it — build steps,
+//! notes, warnings, blob transfers — is one [`progress::Event`] type on
+//! one bounded stream ([`export::Reporter`] is a thin adapter over it).
 //! The crates it builds on are re-exported ([`cache`], [`image`],
 //! [`registry`], [`parser`], [`executor`]) so that a program depending
 //! on this crate alone reaches their types.
@@ -47,6 +53,7 @@ pub mod export;
 pub mod flatten;
 pub mod frontend;
 pub mod fsview;
+pub mod images;
 pub mod link;
 pub mod main_context;
 pub mod op;

@@ -1,5 +1,10 @@
-//! The progress event stream: every state change of a build is one event on
-//! one channel; the CLI renders it (tty, plain or JSON).
+//! The progress event stream: every state change of a build, and every
+//! note, warning and blob transfer of a pull, push, export or cache
+//! import, is one [`Event`] on one channel; the CLI renders it (tty, plain
+//! or JSON). A [`Progress`] sender is also an
+//! [`export::Reporter`](crate::export::Reporter), so an embedder that
+//! gives the same sender to [`crate::session::Session::with_reporter`] and
+//! to the solve subscribes once to everything.
 //!
 //! Memory stays flat however much the steps print: a step's log lines go
 //! through [`Progress::log`], which waits while [`LOG_QUEUE`] lines are
@@ -67,6 +72,65 @@ pub enum Event {
         /// The message.
         message: String,
     },
+    /// A progress line of a pull, push, export or cache import
+    /// ("exporting cache to …"), not shown with `-q`.
+    Note {
+        /// The message.
+        message: String,
+    },
+    /// A warning, shown even with `-q`.
+    Warning {
+        /// The message.
+        message: String,
+    },
+    /// One blob of a pull or push.
+    Transfer {
+        /// `pull` or `push`.
+        verb: &'static str,
+        /// The blob's digest (`sha256:…`).
+        digest: String,
+        /// What happened.
+        state: TransferState,
+        /// Its size (started, done), bytes moved so far (progress), else 0.
+        bytes: u64,
+    },
+}
+
+/// What happened to one blob of a pull or push ([`Event::Transfer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferState {
+    /// Starting.
+    Started,
+    /// Bytes moved so far (these events are dropped, not queued, while
+    /// the renderer lags: the next one says more).
+    Progress,
+    /// Already at the destination.
+    Skipped,
+    /// Mounted from another repository.
+    Mounted,
+    /// Done.
+    Done,
+}
+
+impl Event {
+    /// The event for a registry transfer of `verb` (`pull`, `push`).
+    pub fn transfer(verb: &'static str, t: kiln_registry::Transfer) -> Event {
+        use kiln_registry::Transfer as T;
+        let (d, state, bytes) = match t {
+            T::Started(d, n) => (d, TransferState::Started, n),
+            T::Bytes(d, n) => (d, TransferState::Progress, n),
+            T::Skipped(d) => (d, TransferState::Skipped, 0),
+            T::Mounted(d) => (d, TransferState::Mounted, 0),
+            T::Done(d, n) => (d, TransferState::Done, n),
+        };
+        Event::Transfer {
+            verb,
+            digest: d.to_string(),
+            state,
+            bytes,
+        }
+    }
 }
 
 /// Sends events; a disconnected receiver is ignored.
@@ -127,12 +191,30 @@ impl Progress {
         }
     }
 
-    /// Sends one event (and logs it with `tracing`: `--debug`).
+    /// Sends one event (and logs it with `tracing`: `--debug`). A
+    /// transfer's byte count is dropped instead when [`LOG_QUEUE`] events
+    /// wait for the renderer (the next count supersedes it), so a sender
+    /// that cannot wait (a download thread) never grows the queue.
     pub fn send(&self, e: Event) {
         trace_event(&e);
-        if let Some(tx) = &self.tx {
-            let _ = tx.send((e, false));
+        let Some(tx) = &self.tx else { return };
+        if matches!(
+            e,
+            Event::Transfer {
+                state: TransferState::Progress,
+                ..
+            }
+        ) {
+            let Some(room) = &self.room else { return };
+            if let Ok(p) = room.try_acquire() {
+                p.forget();
+                if tx.send((e, true)).is_err() {
+                    room.add_permits(1);
+                }
+            }
+            return;
         }
+        let _ = tx.send((e, false));
     }
 
     /// Sends one line of a step's output, first waiting while
@@ -174,6 +256,14 @@ fn trace_event(e: &Event) {
         Event::Done { id, seconds } => tracing::debug!(step = id, seconds, "step done"),
         Event::Failed { id, error } => tracing::debug!(step = id, %error, "step failed"),
         Event::Info { message } => tracing::debug!(%message, "build note"),
+        Event::Note { message } => tracing::info!("{message}"),
+        Event::Warning { message } => tracing::warn!("{message}"),
+        Event::Transfer {
+            verb,
+            digest,
+            state,
+            bytes,
+        } => tracing::debug!(verb, %digest, ?state, bytes, "transfer"),
         Event::Log { .. } => {}
     }
 }
@@ -269,6 +359,55 @@ impl LogClip {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn digest() -> kiln_image::Digest {
+        kiln_image::Digest::sha256_of(b"blob")
+    }
+
+    #[tokio::test]
+    async fn one_subscription_gets_build_notes_and_transfers() {
+        use crate::export::Reporter;
+        let (tx, mut rx) = channel();
+        let id = tx.start("[1/1] FROM scratch".into());
+        tx.note("exporting to oci");
+        tx.transfer("push", kiln_registry::Transfer::Started(digest(), 4));
+        tx.transfer("push", kiln_registry::Transfer::Done(digest(), 4));
+        tx.done(id, Duration::from_millis(1));
+        drop(tx);
+        let mut got = Vec::new();
+        while let Some(e) = rx.recv().await {
+            got.push(
+                serde_json::to_value(&e).unwrap()["event"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        assert_eq!(got, ["started", "note", "transfer", "transfer", "done"]);
+    }
+
+    /// A download reports every read: a renderer that does not keep up
+    /// must not make the queue grow without bound.
+    #[tokio::test]
+    async fn byte_counts_are_dropped_while_the_renderer_lags() {
+        use crate::export::Reporter;
+        let (tx, mut rx) = channel();
+        for n in 0..(LOG_QUEUE as u64 * 4) {
+            tx.transfer("pull", kiln_registry::Transfer::Bytes(digest(), n));
+        }
+        tx.transfer("pull", kiln_registry::Transfer::Done(digest(), 9));
+        drop(tx);
+        let mut counts = 0;
+        let mut last = None;
+        while let Some(e) = rx.recv().await {
+            if let Event::Transfer { state, .. } = e {
+                counts += usize::from(state == TransferState::Progress);
+                last = Some(state);
+            }
+        }
+        assert_eq!(counts, LOG_QUEUE, "queued byte counts are bounded");
+        assert_eq!(last, Some(TransferState::Done), "the end is never dropped");
+    }
 
     #[test]
     fn clips_like_buildkit() {

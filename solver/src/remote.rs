@@ -62,7 +62,7 @@ pub struct Fetched {
 /// kiln client trusts (the system store, `SSL_CERT_FILE`/`SSL_CERT_DIR`,
 /// the host's `certs.d` CAs; see [`kiln_registry::tls`]).
 fn http_agent(url: &kiln_registry::http::Url) -> Result<ureq::Agent, String> {
-    let t = kiln_registry::http::NetTimeouts::from_env()?;
+    let t = kiln_registry::http::NetTimeouts::from_env().map_err(|e| e.to_string())?;
     let mut b = t.agent_builder();
     if url.scheme() == "https" {
         let host = kiln_registry::tls::url_host(url).unwrap_or_default();
@@ -305,7 +305,7 @@ fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
     // transfers slower than 1 byte/s for the idle time are aborted, ssh
     // gets a connect timeout and keep-alives; local `file` remotes (say,
     // from a submodule) are refused.
-    let t = kiln_registry::http::NetTimeouts::from_env()?;
+    let t = kiln_registry::http::NetTimeouts::from_env().map_err(|e| e.to_string())?;
     let mut cmd = Command::new("git");
     cmd.arg("-C")
         .arg(dir)

@@ -373,7 +373,7 @@ impl RemoteCacheBackend {
             Origin::Dir(dir) => {
                 let mut f = std::fs::File::open(blob_path(dir, &r.desc.digest))
                     .map_err(|e| s(&format!("blob {}", r.desc.digest), e))?;
-                sink.put_blob(&r.desc, &mut f)
+                sink.put_blob(&r.desc, &mut f).map_err(|e| e.to_string())
             }
         }
     }

@@ -251,6 +251,11 @@ impl Session {
         self
     }
 
+    /// Where notes, warnings and transfers are reported.
+    pub fn reporter(&self) -> Arc<dyn Reporter> {
+        self.reporter.clone()
+    }
+
     /// The store root.
     pub fn root(&self) -> &Path {
         &self.root
@@ -313,7 +318,11 @@ impl Session {
                 *ctx = NamedContext::Image(name);
             }
         }
-        let registry = RegistryConfig::load(&req.insecure_registries)?;
+        // Pulls of base images and cache imports stop when the build is
+        // cancelled (linked in `solve`).
+        let registry_cancel = CancellationToken::new();
+        let registry =
+            RegistryConfig::load(&req.insecure_registries)?.with_cancel(registry_cancel.clone());
         let mut exporters: Vec<Box<dyn Exporter>> = Vec::new();
         for o in &req.outputs {
             exporters.extend(o.exporter(&registry)?);
@@ -351,6 +360,7 @@ impl Session {
             named_contexts,
         };
         Ok(Prepared {
+            registry_cancel,
             source_date_epoch,
             root: self.root.clone(),
             reporter: self.reporter.clone(),
@@ -432,6 +442,7 @@ impl Stores {
 
 /// A build ready to run ([`Session::prepare`]).
 pub struct Prepared {
+    registry_cancel: CancellationToken,
     source_date_epoch: Option<i64>,
     root: PathBuf,
     reporter: Arc<dyn Reporter>,
@@ -459,6 +470,13 @@ impl Prepared {
             state_dir: self.root.join("tmp").join("executor"),
             ..Default::default()
         });
+        let link = {
+            let (c, r) = (cancel.clone(), self.registry_cancel.clone());
+            tokio::spawn(async move {
+                c.cancelled().await;
+                r.cancel();
+            })
+        };
         let span = tracing::info_span!("build", context = %self.context.dir.display());
         let started = std::time::Instant::now();
         tracing::info!(parent: &span, dockerfile = %self.context.dockerfile_name, "build started");
@@ -473,6 +491,7 @@ impl Prepared {
             span.clone(),
         )
         .await;
+        link.abort();
         match r {
             Ok(result) => {
                 tracing::info!(

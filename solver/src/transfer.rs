@@ -14,7 +14,9 @@ use kiln_image::compression::{
 use kiln_image::config::ImageConfig;
 use kiln_image::manifest::{media_types, Descriptor, ImageManifest, Platform, RawManifest};
 use kiln_image::Digest;
-use kiln_registry::{BlobSink, PushSource, Reference, Registry, RegistryConfig, Transfer};
+use kiln_registry::{
+    BlobSink, PushSource, Reference, Registry, RegistryConfig, SinkError, Transfer,
+};
 
 fn cd(d: &Digest) -> Result<kiln_cache::Digest, String> {
     d.as_str().parse().map_err(|e| format!("digest {d}: {e}"))
@@ -30,19 +32,19 @@ impl BlobSink for StoreSink<'_> {
                 && self.0.meta().has_blob(&d).unwrap_or(false)
         })
     }
-    fn put_blob(&self, desc: &Descriptor, r: &mut dyn Read) -> Result<(), String> {
+    fn put_blob(&self, desc: &Descriptor, r: &mut dyn Read) -> Result<(), SinkError> {
         let d = cd(&desc.digest)?;
         self.0
             .put_blob(r, Some(&d), Some(desc.size), Some(&desc.media_type))
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(SinkError::new)
     }
-    fn put_verified_blob(&self, desc: &Descriptor, r: &mut dyn Read) -> Result<(), String> {
+    fn put_verified_blob(&self, desc: &Descriptor, r: &mut dyn Read) -> Result<(), SinkError> {
         let d = cd(&desc.digest)?;
         self.0
             .put_verified_blob(r, &d, desc.size, Some(&desc.media_type))
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(SinkError::new)
     }
 }
 

@@ -378,3 +378,55 @@ fn proxy_one(
     up.read_to_end(&mut resp)?;
     out.write_all(&resp)
 }
+
+/// A TCP proxy on 127.0.0.1 in front of a registry that sends the
+/// registry's answers on at most `rate` bytes a second (requests go
+/// through unthrottled): a large pull through it takes long enough to be
+/// interrupted in the middle of a blob.
+pub struct SlowProxy {
+    /// The port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl SlowProxy {
+    /// A proxy for the registry on 127.0.0.1:`upstream`.
+    pub fn start(upstream: u16, rate: usize) -> SlowProxy {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let _ = slow_one(c, upstream, rate);
+                });
+            }
+        });
+        SlowProxy { port }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+fn slow_one(client: TcpStream, upstream: u16, rate: usize) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let server = TcpStream::connect(("127.0.0.1", upstream))?;
+    let (mut c_in, mut s_out) = (client.try_clone()?, server.try_clone()?);
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut c_in, &mut s_out);
+        let _ = s_out.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut s_in, mut c_out) = (server, client);
+    // Chunks of a tenth of the rate, one every 100 ms.
+    let mut buf = vec![0u8; (rate / 10).max(1)];
+    loop {
+        let n = s_in.read(&mut buf)?;
+        if n == 0 {
+            let _ = c_out.shutdown(std::net::Shutdown::Write);
+            return Ok(());
+        }
+        c_out.write_all(&buf[..n])?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -554,12 +554,12 @@ fn cond(
     len: SeccompCmpArgLen,
     op: SeccompCmpOp,
     value: u64,
-) -> Result<SeccompCondition, String> {
-    SeccompCondition::new(arg, len, op, value).map_err(|e| e.to_string())
+) -> Result<SeccompCondition, seccompiler::BackendError> {
+    SeccompCondition::new(arg, len, op, value)
 }
 
-fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, String> {
-    SeccompRule::new(conds).map_err(|e| e.to_string())
+fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, seccompiler::BackendError> {
+    SeccompRule::new(conds)
 }
 
 /// What one syscall may do: always, or when one of the rules matches.
@@ -570,7 +570,10 @@ enum Allow {
 
 /// The allowlist for a step whose bounding set is `bounding`, by syscall
 /// name (names this architecture lacks included; they are dropped later).
-fn allowlist(bounding: u64, host_network: bool) -> Result<BTreeMap<&'static str, Allow>, String> {
+fn allowlist(
+    bounding: u64,
+    host_network: bool,
+) -> Result<BTreeMap<&'static str, Allow>, seccompiler::BackendError> {
     let mut m: BTreeMap<&'static str, Allow> = BTreeMap::new();
     let always = |m: &mut BTreeMap<&'static str, Allow>, n: &'static str| {
         m.insert(n, Allow::Always);
@@ -721,7 +724,7 @@ fn build(errno: u32, bounding: u64, host_network: bool) -> Result<Vec<Vec<Insn>>
     let bad = |why: String| RequestError::UnsupportedSeccomp(why);
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| bad(e.to_string()))?;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for (name, allow) in allowlist(bounding, host_network).map_err(bad)? {
+    for (name, allow) in allowlist(bounding, host_network).map_err(|e| bad(e.to_string()))? {
         let Some(nr) = syscall_nr(name) else { continue };
         rules.insert(
             nr,

@@ -29,6 +29,7 @@ use kiln_image::compression::{Compression, CompressionOpts};
 use kiln_image::manifest::RawManifest;
 use kiln_registry::{RegistryConfig, Transfer};
 
+use crate::progress::{Event, Progress};
 use crate::remote_cache::RemoteCacheBackend;
 use crate::transfer::{self, LayerEncoding};
 
@@ -78,16 +79,31 @@ fn usage(msg: impl Into<String>) -> ExportError {
     ExportError::Usage(msg.into())
 }
 
-/// Where exporters (and the build's cache import) report what they do.
-/// The CLI prints notes unless `-q` and warnings always; the default,
-/// [`TracingReporter`], logs both.
+/// Where exporters, pulls, pushes and the build's cache import report
+/// what they do: [`Event::Note`], [`Event::Warning`] and
+/// [`Event::Transfer`] events of the one progress event type. A
+/// [`Progress`] sender is a reporter (an embedder subscribes once, to its
+/// receiver); the CLI renders the events as lines (notes unless `-q`,
+/// warnings always); the default, [`TracingReporter`], logs them.
 pub trait Reporter: Send + Sync {
+    /// One event.
+    fn event(&self, e: Event);
     /// A progress line ("exporting cache to …").
-    fn note(&self, line: &str);
+    fn note(&self, line: &str) {
+        self.event(Event::Note {
+            message: line.to_string(),
+        })
+    }
     /// A warning line, shown even when quiet.
-    fn warn(&self, line: &str);
+    fn warn(&self, line: &str) {
+        self.event(Event::Warning {
+            message: line.to_string(),
+        })
+    }
     /// A blob transfer of a pull (`verb` "pull") or push ("push").
-    fn transfer(&self, verb: &'static str, t: Transfer);
+    fn transfer(&self, verb: &'static str, t: Transfer) {
+        self.event(Event::transfer(verb, t))
+    }
 }
 
 /// A [`Reporter`] that logs with `tracing` (info for notes, warn for
@@ -96,14 +112,20 @@ pub trait Reporter: Send + Sync {
 pub struct TracingReporter;
 
 impl Reporter for TracingReporter {
-    fn note(&self, line: &str) {
-        tracing::info!("{line}");
+    fn event(&self, e: Event) {
+        match e {
+            Event::Note { message } | Event::Info { message } => tracing::info!("{message}"),
+            Event::Warning { message } => tracing::warn!("{message}"),
+            e => tracing::debug!(event = ?e, "progress"),
+        }
     }
-    fn warn(&self, line: &str) {
-        tracing::warn!("{line}");
-    }
-    fn transfer(&self, verb: &'static str, t: Transfer) {
-        tracing::debug!(verb, event = ?t, "transfer");
+}
+
+/// The build's progress sender as a reporter: every event goes on the
+/// one (bounded) stream.
+impl Reporter for Progress {
+    fn event(&self, e: Event) {
+        self.send(e)
     }
 }
 

@@ -1,0 +1,1116 @@
+//! The store's images, for the commands around a build: list them, find
+//! one by name, ID or ID prefix, their layer sizes and history, name and
+//! unname them, load an archive, import a root filesystem tar, pull,
+//! push, save, export a filesystem, and the store-wide prune, disk usage
+//! and check. Everything here is a [`Session`] method returning data and
+//! typed errors; rendering (tables, JSON, docker's wording) is the
+//! caller's.
+//!
+//! ```no_run
+//! use kiln_solver::session::Session;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let session = Session::open("/var/lib/kiln")?;
+//! for image in session.images()? {
+//!     println!("{:?} {} bytes", image.names, session.image_size(&image)?);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use kiln_cache::{normalize_reference, Store};
+use kiln_executor::CancellationToken;
+use kiln_image::archive::ArchiveImage;
+use kiln_image::config::{History, ImageConfig};
+use kiln_image::manifest::{ImageManifest, Platform};
+use kiln_registry::RegistryConfig;
+
+use crate::export::{
+    self, ArchiveExporter, ArchiveFormat, Dest, ExportError, ExportInput, Exporter,
+    RegistryExporter, TarExporter,
+};
+use crate::session::Session;
+use crate::transfer::{self, LayerEncoding, PullResult};
+
+/// Why an image operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store could not be opened.
+    #[error("opening the store at {}: {source}", path.display())]
+    OpenStore {
+        /// The store root.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: kiln_cache::Error,
+    },
+    /// A name that is not an image reference (a usage error).
+    #[error("invalid {what} {reference:?}: {source}")]
+    InvalidReference {
+        /// "reference", "destination".
+        what: &'static str,
+        /// As given.
+        reference: String,
+        /// Why.
+        #[source]
+        source: kiln_cache::Error,
+    },
+    /// No image has that name or ID.
+    #[error("No such image: {0}")]
+    NoSuchImage(String),
+    /// An ID prefix that several images share.
+    #[error("{0}: ambiguous image ID prefix")]
+    AmbiguousId(String),
+    /// `rmi` of an image by ID that has several names, without `force`.
+    #[error(
+        "unable to delete {0} (must be forced) - image is referenced in multiple repositories"
+    )]
+    MustForce(String),
+    /// A stored image record or manifest that does not parse.
+    #[error("image {name}: {detail}")]
+    Corrupt {
+        /// The image name.
+        name: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A file kiln was asked to read.
+    #[error("opening {}: {source}", path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An archive given to [`Session::load`].
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A `--change` given to [`Session::import`] (a usage error).
+    #[error(transparent)]
+    Change(#[from] crate::change::ChangeError),
+    /// Reading the root filesystem tar of [`Session::import`].
+    #[error("importing {what}: {source}")]
+    Import {
+        /// The tar's name.
+        what: String,
+        /// Why.
+        #[source]
+        source: kiln_image::ImageError,
+    },
+    /// The store's filesystem is full.
+    #[error("no space left on the store's filesystem ({}); free space or run `kiln prune`: {source}", root.display())]
+    NoSpace {
+        /// The store root.
+        root: PathBuf,
+        /// What failed.
+        #[source]
+        source: Box<Error>,
+    },
+    /// Registry settings (`~/.docker/config.json`, certificates).
+    #[error(transparent)]
+    Registry(#[from] kiln_registry::RegistryError),
+    /// A pull or push between the store and a registry.
+    #[error("{0}")]
+    Transfer(String),
+    /// The pull or push was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// A push that named no destination (should not happen).
+    #[error("{0}: nothing was pushed")]
+    NothingPushed(String),
+    /// A save, export or push through the export path.
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    /// An OCI format error.
+    #[error(transparent)]
+    Image(#[from] kiln_image::ImageError),
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] kiln_cache::Error),
+    /// No image for the platform asked for (or a stored index that does
+    /// not read).
+    #[error(transparent)]
+    Platform(Box<crate::platforms::PlatformError>),
+}
+
+impl From<crate::platforms::PlatformError> for Error {
+    fn from(e: crate::platforms::PlatformError) -> Self {
+        Error::Platform(Box::new(e))
+    }
+}
+
+impl Error {
+    /// Whether the caller asked for something invalid (exit status 2 in
+    /// the CLI) rather than the work failing.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidReference { .. }
+                | Error::Change(_)
+                | Error::Export(ExportError::Usage(_))
+                | Error::Export(ExportError::Terminal)
+        )
+    }
+
+    /// Whether the error comes from a full filesystem, whichever layer
+    /// noticed (kiln-image's spill, the content store, SQLite).
+    fn is_no_space(&self) -> bool {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cur {
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+                || matches!(
+                    e.downcast_ref::<kiln_cache::Error>(),
+                    Some(kiln_cache::Error::NoSpace { .. })
+                )
+            {
+                return true;
+            }
+            let s = e.to_string();
+            if s.contains("No space left on device") || s.contains("database or disk is full") {
+                return true;
+            }
+            cur = e.source();
+        }
+        false
+    }
+}
+
+/// An archive that [`Session::load`] turns away.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Unreadable as a docker-archive or OCI layout.
+    #[error("reading archive {}: {source}", path.display())]
+    Read {
+        /// The archive.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: kiln_image::ImageError,
+    },
+    /// No image inside.
+    #[error("{}: the archive holds no image", .0.display())]
+    Empty(PathBuf),
+    /// A manifest of the archive does not parse.
+    #[error("parsing manifest: {0}")]
+    Manifest(#[source] kiln_image::ImageError),
+    /// A blob the manifest names is not in the archive.
+    #[error("blob {0} missing from the archive")]
+    MissingBlob(kiln_image::Digest),
+    /// A blob's size differs from its descriptor's.
+    #[error("{what}: blob {digest} is {size} bytes in the archive, its manifest says {want}")]
+    SizeMismatch {
+        /// The image.
+        what: String,
+        /// The blob.
+        digest: kiln_image::Digest,
+        /// Its size in the archive.
+        size: u64,
+        /// The descriptor's size.
+        want: u64,
+    },
+    /// The image config does not parse.
+    #[error("{what}: parsing config: {source}")]
+    Config {
+        /// The image.
+        what: String,
+        /// Why.
+        #[source]
+        source: kiln_image::ImageError,
+    },
+    /// Layers and diffIDs do not pair up.
+    #[error("{what}: manifest has {layers} layers, config {diff_ids} diffIDs")]
+    LayerCount {
+        /// The image.
+        what: String,
+        /// Layers in the manifest.
+        layers: usize,
+        /// DiffIDs in the config.
+        diff_ids: usize,
+    },
+    /// An uncompressed layer whose digest is not its diffID.
+    #[error(
+        "{what}: layer {index} ({digest}): its content has diffID {digest}, but the image config says {diff_id}; nothing was loaded"
+    )]
+    DiffId {
+        /// The image.
+        what: String,
+        /// 1-based layer number.
+        index: usize,
+        /// The layer's digest (its diffID, being uncompressed).
+        digest: kiln_image::Digest,
+        /// What the config says.
+        diff_id: kiln_image::Digest,
+    },
+    /// A name in the archive that is not a reference.
+    #[error("image name {name:?}: {source}")]
+    Name {
+        /// The name.
+        name: String,
+        /// Why.
+        #[source]
+        source: kiln_cache::Error,
+    },
+    /// Storing a blob failed.
+    #[error("storing blob {digest}: {source}")]
+    Store {
+        /// The blob.
+        digest: kiln_image::Digest,
+        /// Why.
+        #[source]
+        source: kiln_cache::Error,
+    },
+}
+
+/// An image in the store with every name it has.
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    /// Its normalised names (`docker.io/library/busybox:latest`).
+    pub names: Vec<String>,
+    /// What the names point at: the manifest, or an index (an image for
+    /// several platforms, of which this is one).
+    pub stored_digest: String,
+    /// The platforms of a stored index's images (empty for one image).
+    pub platforms: Vec<String>,
+    /// The manifest digest (of the platform's image, for an index).
+    pub manifest_digest: String,
+    /// The config digest (the image ID).
+    pub config_digest: String,
+    /// The config.
+    pub config: ImageConfig,
+    /// The manifest.
+    pub manifest: ImageManifest,
+}
+
+/// One entry of an image's history with the size of its layer.
+#[derive(Debug, Clone)]
+pub struct HistoryEntry {
+    /// The config's entry.
+    pub entry: History,
+    /// The size of the layer it made (0 for an empty layer).
+    pub size: u64,
+}
+
+/// What [`Session::load`] took in, one per name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Loaded {
+    /// An image without a name, kept under its ID.
+    Untagged(kiln_cache::Digest),
+    /// An image under this normalised name.
+    Named(String),
+}
+
+/// How [`Session::pull`] and [`Session::push`] reach a registry.
+#[derive(Debug, Clone)]
+pub struct TransferOptions {
+    /// Registries reachable over plain HTTP (`HOST:PORT`).
+    pub insecure_registries: Vec<String>,
+    /// Blobs moved at once.
+    pub jobs: usize,
+    /// Stops the transfer between blobs and between reads of one; the
+    /// call then fails with [`Error::Cancelled`], having written nothing
+    /// under the image's name (blobs already stored stay, unreferenced
+    /// until the next prune).
+    pub cancel: CancellationToken,
+    /// Pull: from an index, this platform's image (default: the host's).
+    pub platform: Option<Platform>,
+    /// Pull: keep an index whole (every platform's image, the name
+    /// pointing at the index).
+    pub all_platforms: bool,
+}
+
+impl Default for TransferOptions {
+    fn default() -> Self {
+        TransferOptions {
+            insecure_registries: Vec::new(),
+            jobs: 4,
+            cancel: CancellationToken::new(),
+            platform: None,
+            all_platforms: false,
+        }
+    }
+}
+
+/// `docker.io/library/busybox:latest` -> (`busybox`, `latest`): docker's
+/// familiar form of a normalised name (`<none>` for a name without tag).
+pub fn familiar(name: &str) -> (String, String) {
+    let (repo, tag) = match name.rfind(':') {
+        Some(i) if !name[i..].contains('/') => (&name[..i], &name[i + 1..]),
+        _ => (name, "<none>"),
+    };
+    (
+        kiln_image::reference::familiar(repo).to_string(),
+        tag.to_string(),
+    )
+}
+
+/// The registry a `kiln login SERVER` / `kiln logout SERVER` names:
+/// Docker Hub by default and for its API hosts, scheme and path dropped.
+pub fn server_name(server: Option<&str>) -> String {
+    let s = server.unwrap_or("docker.io");
+    let s = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .unwrap_or(s);
+    let s = s.split('/').next().unwrap_or(s);
+    match s {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
+        o => o.to_string(),
+    }
+}
+
+/// Checks `credentials` against `server` (see [`server_name`]), then
+/// stores them as `docker login` does; returns the file written.
+pub fn login(
+    server: &str,
+    insecure_registries: &[String],
+    credentials: kiln_registry::Credentials,
+) -> Result<String, Error> {
+    let cfg = RegistryConfig::load(insecure_registries)?;
+    let reg = kiln_registry::Registry::with_credentials(server, &cfg, Some(credentials.clone()))?;
+    reg.check_login()?;
+    Ok(kiln_registry::config::store_credentials(
+        &cfg,
+        server,
+        &credentials,
+    )?)
+}
+
+/// Removes the stored credentials for `server`; whether there were any.
+pub fn logout(server: &str) -> Result<bool, Error> {
+    let cfg = RegistryConfig::load(&[])?;
+    Ok(kiln_registry::config::erase_credentials(&cfg, server)?)
+}
+
+fn invalid<'a>(
+    what: &'static str,
+    reference: &'a str,
+) -> impl FnOnce(kiln_cache::Error) -> Error + 'a {
+    move |source| Error::InvalidReference {
+        what,
+        reference: reference.to_string(),
+        source,
+    }
+}
+
+/// The image stored under `digest` (a manifest, or an index: then
+/// `platform`'s image, else the host's, else — `any`, for listings — its
+/// first).
+fn read_image(
+    store: &Store,
+    names: Vec<String>,
+    digest: &str,
+    platform: Option<&Platform>,
+    any: bool,
+) -> Result<ImageInfo, Error> {
+    let corrupt = |detail: String| Error::Corrupt {
+        name: digest.to_string(),
+        detail,
+    };
+    let sel = crate::platforms::select(store, digest, platform, any)?;
+    let m: ImageManifest = serde_json::from_slice(&sel.manifest.bytes)
+        .map_err(|e| corrupt(format!("manifest: {e}")))?;
+    let cd: kiln_cache::Digest = m.config.digest.as_str().parse()?;
+    let config = ImageConfig::from_bytes(&store.content().read(&cd)?)?;
+    Ok(ImageInfo {
+        names,
+        stored_digest: digest.to_string(),
+        platforms: sel.platforms.iter().map(|p| p.to_string()).collect(),
+        manifest_digest: sel.manifest.digest.to_string(),
+        config_digest: cd.to_string(),
+        config,
+        manifest: m,
+    })
+}
+
+/// Every image of `store`, names grouped by image, newest first.
+fn all_images(store: &Store) -> Result<Vec<ImageInfo>, Error> {
+    let mut by_manifest: BTreeMap<String, ImageInfo> = BTreeMap::new();
+    for rec in store.meta().images()? {
+        if let Some(l) = by_manifest.get_mut(&rec.manifest) {
+            l.names.push(rec.name.clone());
+            continue;
+        }
+        let info = read_image(store, vec![rec.name.clone()], &rec.manifest, None, true)?;
+        by_manifest.insert(rec.manifest.clone(), info);
+    }
+    let mut v: Vec<ImageInfo> = by_manifest.into_values().collect();
+    v.sort_by(|a, b| b.config.created.cmp(&a.config.created));
+    Ok(v)
+}
+
+/// Finds an image by name, full ID or ID prefix (4 hex digits at least).
+fn find(store: &Store, reference: &str) -> Result<ImageInfo, Error> {
+    let id = reference.trim_start_matches("sha256:");
+    let images = all_images(store)?;
+    if id.len() >= 4 && id.bytes().all(|c| c.is_ascii_hexdigit()) {
+        let mut hits = images.iter().filter(|l| {
+            l.config_digest
+                .trim_start_matches("sha256:")
+                .starts_with(id)
+        });
+        match (hits.next(), hits.next()) {
+            (Some(_), Some(_)) => return Err(Error::AmbiguousId(reference.to_string())),
+            (Some(l), None) => return Ok(l.clone()),
+            _ => {}
+        }
+    }
+    let name = normalize_reference(reference).map_err(invalid("reference", reference))?;
+    images
+        .into_iter()
+        .find(|l| l.names.contains(&name))
+        .ok_or_else(|| Error::NoSuchImage(reference.to_string()))
+}
+
+/// [`find`], then (with a platform) that platform's image of it.
+fn find_for(
+    store: &Store,
+    reference: &str,
+    platform: Option<&Platform>,
+) -> Result<ImageInfo, Error> {
+    let l = find(store, reference)?;
+    match platform {
+        None => Ok(l),
+        Some(p) => read_image(store, l.names.clone(), &l.stored_digest, Some(p), false),
+    }
+}
+
+/// Each layer's uncompressed size, as docker reports it (see
+/// [`Store::layer_size`]); the blob's size where the config names no
+/// diffID for it.
+fn layer_sizes(store: &Store, l: &ImageInfo) -> Result<Vec<u64>, Error> {
+    let diff_ids = &l.config.rootfs.diff_ids;
+    l.manifest
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match diff_ids.get(i) {
+            Some(diff_id) => Ok(store.layer_size(kiln_cache::LayerBlob {
+                digest: &d.digest,
+                size: Some(d.size),
+                diff_id,
+            })?),
+            None => Ok(d.size),
+        })
+        .collect()
+}
+
+/// A layer stored uncompressed is its own tar: its digest must be the
+/// diffID the config names for it. Checked at load (free: the archive's
+/// files were hashed as they were read), so that an image whose config
+/// claims another layer's diffID is turned away at once; every layer,
+/// compressed or not, is verified again when it is unpacked.
+fn check_uncompressed_diff_ids(
+    what: &str,
+    man: &ImageManifest,
+    config: &[u8],
+) -> Result<(), LoadError> {
+    use kiln_image::manifest::media_types;
+    let cfg = ImageConfig::from_bytes(config).map_err(|source| LoadError::Config {
+        what: what.to_string(),
+        source,
+    })?;
+    if cfg.rootfs.diff_ids.len() != man.layers.len() {
+        return Err(LoadError::LayerCount {
+            what: what.to_string(),
+            layers: man.layers.len(),
+            diff_ids: cfg.rootfs.diff_ids.len(),
+        });
+    }
+    for (i, (l, d)) in man.layers.iter().zip(&cfg.rootfs.diff_ids).enumerate() {
+        let plain = matches!(
+            l.media_type.as_str(),
+            media_types::DOCKER_LAYER | media_types::OCI_LAYER
+        );
+        if plain && &l.digest != d {
+            return Err(LoadError::DiffId {
+                what: what.to_string(),
+                index: i + 1,
+                digest: l.digest.clone(),
+                diff_id: d.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn store_digest(d: &kiln_image::Digest) -> Result<kiln_cache::Digest, Error> {
+    Ok(d.as_str().parse()?)
+}
+
+impl Session {
+    fn open_images(&self) -> Result<Store, Error> {
+        Store::open(self.root()).map_err(|source| Error::OpenStore {
+            path: self.root().to_path_buf(),
+            source,
+        })
+    }
+
+    /// Wraps a failure of a writing operation in [`Error::NoSpace`] when
+    /// the store's filesystem is full.
+    fn explain_no_space(&self, e: Error) -> Error {
+        if e.is_no_space() {
+            Error::NoSpace {
+                root: self.root().to_path_buf(),
+                source: Box::new(e),
+            }
+        } else {
+            e
+        }
+    }
+
+    /// Every image in the store, names grouped by image, newest first.
+    pub fn images(&self) -> Result<Vec<ImageInfo>, Error> {
+        all_images(&self.open_images()?)
+    }
+
+    /// The image with this name, full ID or ID prefix (4 hex digits at
+    /// least).
+    pub fn find_image(&self, reference: &str) -> Result<ImageInfo, Error> {
+        find(&self.open_images()?, reference)
+    }
+
+    /// [`Session::find_image`]; of an index, `platform`'s image (default:
+    /// the host's). A single image must be for `platform`.
+    pub fn find_image_for(
+        &self,
+        reference: &str,
+        platform: Option<&Platform>,
+    ) -> Result<ImageInfo, Error> {
+        find_for(&self.open_images()?, reference, platform)
+    }
+
+    /// Each layer's uncompressed size (docker's sizes).
+    pub fn layer_sizes(&self, image: &ImageInfo) -> Result<Vec<u64>, Error> {
+        layer_sizes(&self.open_images()?, image)
+    }
+
+    /// The image's size: the sum of its layers' uncompressed sizes
+    /// (docker's `SIZE` and `.Size`).
+    pub fn image_size(&self, image: &ImageInfo) -> Result<u64, Error> {
+        Ok(self.layer_sizes(image)?.iter().sum())
+    }
+
+    /// The image and its history, oldest first, each entry with the size
+    /// of the layer it made.
+    pub fn history(&self, reference: &str) -> Result<(ImageInfo, Vec<HistoryEntry>), Error> {
+        self.history_for(reference, None)
+    }
+
+    /// [`Session::history`] of `platform`'s image of an index.
+    pub fn history_for(
+        &self,
+        reference: &str,
+        platform: Option<&Platform>,
+    ) -> Result<(ImageInfo, Vec<HistoryEntry>), Error> {
+        let store = self.open_images()?;
+        let l = find_for(&store, reference, platform)?;
+        let mut sizes = layer_sizes(&store, &l)?.into_iter();
+        let rows = l
+            .config
+            .history
+            .iter()
+            .map(|h| HistoryEntry {
+                entry: h.clone(),
+                size: if h.empty_layer {
+                    0
+                } else {
+                    sizes.next().unwrap_or(0)
+                },
+            })
+            .collect();
+        Ok((l, rows))
+    }
+
+    /// Gives the image `source` (name or ID) the name `target`.
+    pub fn tag(&self, source: &str, target: &str) -> Result<(), Error> {
+        let store = self.open_images()?;
+        let l = find(&store, source)?;
+        let name = normalize_reference(target).map_err(invalid("reference", target))?;
+        if !l.platforms.is_empty() {
+            // An index: the new name points at the same index.
+            let id: kiln_cache::Digest = l.stored_digest.parse()?;
+            store.meta().tag_image(&name, &id, None)?;
+            return Ok(());
+        }
+        let md: kiln_cache::Digest = l.manifest_digest.parse()?;
+        let cd: kiln_cache::Digest = l.config_digest.parse()?;
+        let layers = l
+            .manifest
+            .layers
+            .iter()
+            .map(|d| store_digest(&d.digest))
+            .collect::<Result<Vec<_>, _>>()?;
+        store.record_image(&name, &md, &cd, &layers)?;
+        Ok(())
+    }
+
+    /// Removes names of an image (`kiln rmi`): the name given, or every
+    /// name of an image given by ID (which needs `force` when it has
+    /// several). Returns the names removed; the data goes with the next
+    /// prune.
+    pub fn untag(&self, reference: &str, force: bool) -> Result<Vec<String>, Error> {
+        let store = self.open_images()?;
+        let l = find(&store, reference)?;
+        let by_name = normalize_reference(reference)
+            .ok()
+            .filter(|n| l.names.contains(n));
+        let names = match by_name {
+            Some(n) => vec![n],
+            None if l.names.len() > 1 && !force => {
+                let id: String = l
+                    .config_digest
+                    .trim_start_matches("sha256:")
+                    .chars()
+                    .take(12)
+                    .collect();
+                return Err(Error::MustForce(id));
+            }
+            None => l.names.clone(),
+        };
+        for n in &names {
+            store.meta().untag_image(n)?;
+        }
+        Ok(names)
+    }
+
+    /// Loads a docker-archive or OCI layout tar (plain, gzip or zstd):
+    /// every blob verified and stored, every image named (an unnamed one
+    /// under its ID). `loaded` hears of each name as it is recorded.
+    pub fn load(&self, archive: &Path, loaded: &mut dyn FnMut(Loaded)) -> Result<(), Error> {
+        self.load_inner(archive, loaded)
+            .map_err(|e| self.explain_no_space(e))
+    }
+
+    fn load_inner(&self, path: &Path, loaded: &mut dyn FnMut(Loaded)) -> Result<(), Error> {
+        let store = self.open_images()?;
+        // The lease keeps what we write from a concurrent prune until
+        // tagged; the GC guard keeps prune from reclaiming our spill
+        // directory.
+        let _lease = store.lease(None)?;
+        let _gc = store.gc_guard()?;
+        let file = std::fs::File::open(path).map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        use kiln_image::archive::BlobSource;
+        let archive =
+            kiln_image::archive::read_archive(file, store.tmp_dir()).map_err(|source| {
+                LoadError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
+        if archive.images.is_empty() {
+            return Err(LoadError::Empty(path.to_path_buf()).into());
+        }
+        for img in &archive.images {
+            let man = img.manifest.manifest().map_err(LoadError::Manifest)?;
+            let what = img
+                .names
+                .first()
+                .cloned()
+                .unwrap_or_else(|| man.config.digest.to_string());
+            check_uncompressed_diff_ids(&what, &man, &img.config)?;
+            let mut layers = Vec::new();
+            for desc in std::iter::once(&man.config).chain(&man.layers) {
+                let want = store_digest(&desc.digest)?;
+                let size = archive
+                    .blob_size(&desc.digest)
+                    .map_err(|_| LoadError::MissingBlob(desc.digest.clone()))?;
+                if size != desc.size {
+                    return Err(LoadError::SizeMismatch {
+                        what,
+                        digest: desc.digest.clone(),
+                        size,
+                        want: desc.size,
+                    }
+                    .into());
+                }
+                // The archive's files were hashed as they were read: each
+                // is taken into the store as it is (no copy), replacing a
+                // stored copy that may have gone bad.
+                let file = archive
+                    .blob_file(&desc.digest)
+                    .ok_or_else(|| LoadError::MissingBlob(desc.digest.clone()))?;
+                store
+                    .put_blob_file(file, &want, desc.size, Some(&desc.media_type))
+                    .map_err(|source| LoadError::Store {
+                        digest: desc.digest.clone(),
+                        source,
+                    })?;
+                layers.push(want);
+            }
+            let config = layers.remove(0);
+            let manifest = store.put_bytes(&img.manifest.bytes, Some(&img.manifest.media_type))?;
+            if img.names.is_empty() {
+                // Keep it reachable: an untagged load would be pruned at
+                // once.
+                let name = format!("sha256:{}", config.hex());
+                store.record_image(&name, &manifest, &config, &layers)?;
+                loaded(Loaded::Untagged(config.clone()));
+            }
+            for n in &img.names {
+                let name = normalize_reference(n).map_err(|source| LoadError::Name {
+                    name: n.clone(),
+                    source,
+                })?;
+                store.record_image(&name, &manifest, &config, &layers)?;
+                loaded(Loaded::Named(name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Imports a root filesystem tar (plain, gzip or zstd) read from
+    /// `input` as a one-layer image named `name`, with `changes` (one
+    /// Dockerfile instruction each) applied to its config and `message`
+    /// in its history. `what` names the input in errors. Returns the
+    /// image ID.
+    pub fn import(
+        &self,
+        input: Box<dyn Read>,
+        what: &str,
+        name: &str,
+        message: Option<String>,
+        changes: &[String],
+    ) -> Result<kiln_cache::Digest, Error> {
+        self.import_inner(input, what, name, message, changes, None)
+            .map_err(|e| self.explain_no_space(e))
+    }
+
+    /// [`Session::import`] with the config naming `platform` (default: the
+    /// host's), as `docker import --platform`.
+    pub fn import_for(
+        &self,
+        input: Box<dyn Read>,
+        what: &str,
+        name: &str,
+        message: Option<String>,
+        changes: &[String],
+        platform: Option<Platform>,
+    ) -> Result<kiln_cache::Digest, Error> {
+        self.import_inner(input, what, name, message, changes, platform)
+            .map_err(|e| self.explain_no_space(e))
+    }
+
+    fn import_inner(
+        &self,
+        input: Box<dyn Read>,
+        what: &str,
+        name: &str,
+        message: Option<String>,
+        changes: &[String],
+        platform: Option<Platform>,
+    ) -> Result<kiln_cache::Digest, Error> {
+        let name = normalize_reference(name).map_err(|source| LoadError::Name {
+            name: name.to_string(),
+            source,
+        })?;
+        // The changes first: a bad one fails before the tar is read.
+        let mut config = kiln_image::config::ContainerConfig::default();
+        crate::change::apply_changes(&mut config, changes)?;
+        let store = self.open_images()?;
+        let _lease = store.lease(None)?;
+        let _gc = store.gc_guard()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let opts = kiln_image::rootfs_tar::ImportOptions {
+            created: Some(kiln_image::config::rfc3339(now)),
+            comment: message,
+            config: Some(config),
+            platform,
+            ..Default::default()
+        };
+        let mut writer = store.content().writer()?;
+        let imported =
+            kiln_image::rootfs_tar::import_rootfs(input, &mut writer, &opts).map_err(|source| {
+                Error::Import {
+                    what: what.to_string(),
+                    source,
+                }
+            })?;
+        let layer = store_digest(&imported.layer.digest)?;
+        let (layer, _) = store.commit_blob(
+            writer,
+            Some(&layer),
+            Some(imported.layer.size),
+            Some(&imported.layer.media_type),
+        )?;
+        let config = store.put_bytes(&imported.config, None)?;
+        let manifest = store.put_bytes(
+            &imported.manifest.bytes,
+            Some(&imported.manifest.media_type),
+        )?;
+        store.record_image(&name, &manifest, &config, &[layer])?;
+        Ok(config)
+    }
+
+    /// Pulls `reference` for the host platform (or `opts.platform`; or,
+    /// with `opts.all_platforms`, every platform of an index, the name
+    /// then pointing at the index) into the store and names it there;
+    /// notes and blob transfers go to the session's reporter.
+    pub fn pull(&self, reference: &str, opts: &TransferOptions) -> Result<PullResult, Error> {
+        let cfg = RegistryConfig::load(&opts.insecure_registries)?.with_cancel(opts.cancel.clone());
+        let store = self.open_images()?;
+        let _lease = store.lease(None)?;
+        let name = normalize_reference(reference).map_err(invalid("reference", reference))?;
+        let report = self.reporter();
+        report.note(&format!("pulling {name}"));
+        let progress = |t| report.transfer("pull", t);
+        if opts.all_platforms {
+            transfer::pull_all_platforms(&store, &cfg, &name, opts.jobs, &progress)
+        } else {
+            transfer::pull_platform(
+                &store,
+                &cfg,
+                &name,
+                opts.platform.as_ref(),
+                opts.jobs,
+                &progress,
+            )
+        }
+        .map_err(|e| {
+            if opts.cancel.is_cancelled() {
+                Error::Cancelled
+            } else {
+                Error::Transfer(e)
+            }
+        })
+    }
+
+    /// Pushes the stored image `image` to `destination` (default: its own
+    /// name), layers encoded as `encoding` says; returns the destination
+    /// and the pushed manifest's digest.
+    pub fn push(
+        &self,
+        image: &str,
+        destination: Option<&str>,
+        encoding: LayerEncoding,
+        opts: &TransferOptions,
+    ) -> Result<(String, kiln_image::Digest), Error> {
+        let cfg = RegistryConfig::load(&opts.insecure_registries)?.with_cancel(opts.cancel.clone());
+        let store = self.open_images()?;
+        let name = normalize_reference(image).map_err(invalid("reference", image))?;
+        let dest = destination.unwrap_or(&name);
+        let dest = normalize_reference(dest).map_err(invalid("destination", dest))?;
+        // A name that points at an index goes out whole: every stored
+        // platform's image, then the index.
+        let stored = store
+            .meta()
+            .image(&name)?
+            .ok_or_else(|| Error::NoSuchImage(name.clone()))?;
+        let sel = crate::platforms::select(&store, &stored.manifest, None, true)?;
+        if let Some(index) = sel.index {
+            let platforms: Vec<String> = sel.platforms.iter().map(|p| p.to_string()).collect();
+            let report = self.reporter();
+            report.note(&format!(
+                "pushing {name} ({}) to {dest}",
+                platforms.join(", ")
+            ));
+            let d = transfer::push_index(
+                &store,
+                &cfg,
+                &index,
+                &dest,
+                encoding,
+                opts.jobs,
+                &|line| report.note(line),
+                &|t| report.transfer("push", t),
+            )
+            .map_err(|e| {
+                if opts.cancel.is_cancelled() {
+                    Error::Cancelled
+                } else {
+                    Error::Transfer(e)
+                }
+            })?;
+            return Ok((dest, d));
+        }
+        let manifest = transfer::local_manifest(&store, &name).map_err(Error::Transfer)?;
+        self.reporter().note(&format!("pushing {name} to {dest}"));
+        let input = ExportInput {
+            store: &store,
+            images: vec![ArchiveImage {
+                names: Vec::new(),
+                manifest,
+            }],
+            source_date_epoch: None,
+            cache: None,
+        };
+        let push: Box<dyn Exporter> = Box::new(RegistryExporter {
+            registry: cfg,
+            names: vec![dest.clone()],
+            encoding,
+            jobs: opts.jobs,
+        });
+        let done = export::run(&input, &[push], &*self.reporter()).map_err(|e| {
+            if opts.cancel.is_cancelled() {
+                Error::Cancelled
+            } else {
+                Error::Export(e)
+            }
+        })?;
+        let d = done
+            .pushed
+            .into_iter()
+            .next()
+            .map(|(_, d)| d)
+            .ok_or_else(|| Error::NothingPushed(dest.clone()))?;
+        Ok((dest, d))
+    }
+
+    /// Saves images (names or IDs) as a docker-archive or OCI layout tar
+    /// to `dest`. Each image carries the name asked for, or all its names
+    /// when asked for by ID, in docker's familiar form.
+    pub fn save(&self, images: &[String], format: ArchiveFormat, dest: Dest) -> Result<(), Error> {
+        self.save_for(images, format, dest, None)
+    }
+
+    /// [`Session::save`] of `platform`'s image of each index (default:
+    /// the host's).
+    pub fn save_for(
+        &self,
+        images: &[String],
+        format: ArchiveFormat,
+        dest: Dest,
+        platform: Option<&Platform>,
+    ) -> Result<(), Error> {
+        let store = self.open_images()?;
+        let mut out = Vec::new();
+        for r in images {
+            let l = find(&store, r)?;
+            let l = read_image(&store, l.names.clone(), &l.stored_digest, platform, false)?;
+            let md: kiln_cache::Digest = l.manifest_digest.parse()?;
+            let bytes = store.content().read(&md)?;
+            let raw = kiln_image::manifest::RawManifest::new(bytes, None)?;
+            let names = match normalize_reference(r) {
+                Ok(n) if l.names.contains(&n) => vec![n],
+                _ => l.names.clone(),
+            };
+            let names = names
+                .iter()
+                .map(|n| {
+                    let (repo, tag) = familiar(n);
+                    format!("{repo}:{tag}")
+                })
+                .collect();
+            out.push(ArchiveImage {
+                names,
+                manifest: raw,
+            });
+        }
+        let exporter: Box<dyn Exporter> = Box::new(ArchiveExporter {
+            format,
+            // A failed or killed save leaves nothing under the name or
+            // beside it.
+            dest,
+            names: None,
+            encoding: None,
+        });
+        let input = ExportInput {
+            store: &store,
+            images: out,
+            source_date_epoch: None,
+            cache: None,
+        };
+        export::run(&input, &[exporter], &*self.reporter())?;
+        Ok(())
+    }
+
+    /// Writes the stored image `image`'s final filesystem as one tar.
+    pub fn export_filesystem(&self, image: &str, dest: Dest) -> Result<(), Error> {
+        self.export_filesystem_for(image, dest, None)
+    }
+
+    /// [`Session::export_filesystem`] of `platform`'s image of an index
+    /// (default: the host's).
+    pub fn export_filesystem_for(
+        &self,
+        image: &str,
+        dest: Dest,
+        platform: Option<&Platform>,
+    ) -> Result<(), Error> {
+        let store = self.open_images()?;
+        let name = normalize_reference(image).map_err(invalid("reference", image))?;
+        let rec = store
+            .meta()
+            .image(&name)?
+            .ok_or_else(|| Error::NoSuchImage(image.to_string()))?;
+        let manifest = crate::platforms::select(&store, &rec.manifest, platform, false)?.manifest;
+        let input = ExportInput {
+            store: &store,
+            images: vec![ArchiveImage {
+                names: Vec::new(),
+                manifest,
+            }],
+            source_date_epoch: None,
+            cache: None,
+        };
+        let tar: Box<dyn Exporter> = Box::new(TarExporter {
+            dest,
+            rewrite_timestamp: false,
+        });
+        export::run(&input, &[tar], &*self.reporter())?;
+        Ok(())
+    }
+
+    /// Removes unreferenced data and, per `opts`, build cache.
+    pub fn prune(&self, opts: &kiln_cache::PruneOptions) -> Result<kiln_cache::PruneReport, Error> {
+        Ok(self.open_images()?.prune(opts)?)
+    }
+
+    /// What uses the store's space.
+    pub fn disk_usage(&self) -> Result<kiln_cache::DiskUsage, Error> {
+        Ok(self.open_images()?.df()?)
+    }
+
+    /// Verifies the store (`deep`: every layer re-hashed against its
+    /// diffID too).
+    pub fn check_store(&self, deep: bool) -> Result<kiln_cache::CheckReport, Error> {
+        Ok(self.open_images()?.check_with(deep)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn familiar_names_drop_docker_hub_prefixes() {
+        assert_eq!(
+            familiar("docker.io/library/busybox:latest"),
+            ("busybox".into(), "latest".into())
+        );
+        assert_eq!(
+            familiar("docker.io/me/app:1"),
+            ("me/app".into(), "1".into())
+        );
+        assert_eq!(
+            familiar("localhost:5000/app"),
+            ("localhost:5000/app".into(), "<none>".into())
+        );
+    }
+
+    #[test]
+    fn a_store_without_images_lists_none_and_finds_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Session::open(dir.path()).unwrap();
+        assert!(s.images().unwrap().is_empty());
+        assert!(matches!(
+            s.find_image("busybox"),
+            Err(Error::NoSuchImage(r)) if r == "busybox"
+        ));
+        assert!(matches!(
+            s.find_image("UPPER CASE!"),
+            Err(e) if e.is_usage()
+        ));
+    }
+}
