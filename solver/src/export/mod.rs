@@ -55,6 +55,12 @@ pub enum ExportError {
     /// An image format (manifest, archive, layer).
     #[error(transparent)]
     Image(#[from] kiln_image::ImageError),
+    /// Pulling, pushing or encoding an image.
+    #[error("{0}")]
+    Transfer(#[from] crate::transfer::TransferError),
+    /// Importing or exporting the build cache.
+    #[error("{0}")]
+    RemoteCache(#[from] crate::remote_cache::RemoteCacheError),
     /// Anything else, said in words (encoding, pushing, cache export).
     #[error("{0}")]
     Failed(String),
@@ -532,8 +538,7 @@ impl Exporter for RegistryExporter {
                 self.jobs,
                 &|m: &str| report.note(m),
                 &|t| report.transfer("push", t),
-            )
-            .map_err(ExportError::Failed)?;
+            )?;
             tracing::info!(digest = %d, "pushed");
             done.pushed.push((n.clone(), d));
         }
@@ -584,8 +589,7 @@ impl Exporter for ArchiveExporter {
                 img.manifest =
                     transfer::encode_image(input.store, &img.manifest, enc, 4, &|m: &str| {
                         report.note(m)
-                    })
-                    .map_err(ExportError::Failed)?;
+                    })?;
             }
         }
         let blobs = StoreBlobs(input.store);

@@ -26,7 +26,7 @@ impl Solver {
         lop: &LayerOp,
         op: &ExecOp,
     ) -> Result<LayerRecord, BuildError> {
-        let line = lop.line;
+        let line = lop.location;
         let name = lop.name.as_str();
         let run_mounts = self.plan_mounts(&op.mounts, line).await?;
         let key = cache_key(
@@ -93,8 +93,8 @@ impl Solver {
                 // Kept alive until the step is over.
                 let _script_dir = match &script {
                     Some((name, data)) => {
-                        let (dir, m) =
-                            script_mount(name, data).map_err(|msg| BuildError::at(line, msg))?;
+                        let (dir, m) = script_mount(name, data)
+                            .map_err(|msg| BuildError::at_cause(line, msg))?;
                         let mut ms = spec.mounts().clone().unwrap_or_default();
                         ms.push(m);
                         spec.set_mounts(Some(ms));
@@ -156,7 +156,7 @@ impl Solver {
                 let failure = match &outcome {
                     Ok(o) if o.status.success() => None,
                     Ok(o) => Some(BuildError::Run {
-                        line,
+                        location: line,
                         command: args.join(" "),
                         status: o.status.to_string(),
                         tail: o
@@ -176,7 +176,7 @@ impl Solver {
                     let backend = me.backend.clone();
                     let _ = blocking(move || {
                         backend.abort(active);
-                        Ok(())
+                        Ok::<_, BuildError>(())
                     })
                     .await;
                     return Err(if me.cancel.is_cancelled() {
@@ -236,14 +236,17 @@ fn apply_limits(spec: &mut kiln_executor::oci::Spec, l: &ResourceLimits) {
 fn resolve_mount_targets(
     layers: &[PathBuf],
     mut mounts: Vec<kiln_executor::oci::Mount>,
-) -> Result<Vec<kiln_executor::oci::Mount>, String> {
+) -> Result<Vec<kiln_executor::oci::Mount>, super::StepError> {
     let view = LayerView::new(layers.to_vec(), false);
     for m in &mut mounts {
         use std::os::unix::ffi::{OsStrExt, OsStringExt};
         let dest = m.destination().as_os_str().as_bytes().to_vec();
         let resolved = view
             .resolve(crate::fsview::clean_bytes(&dest), true)
-            .map_err(|e| format!("mount target {}: {e}", crate::fsview::show(&dest)))?;
+            .map_err(super::StepError::ctx(format!(
+                "mount target {}",
+                crate::fsview::show(&dest)
+            )))?;
         m.set_destination(PathBuf::from(std::ffi::OsString::from_vec(resolved)));
     }
     Ok(mounts)
@@ -255,21 +258,21 @@ fn resolve_mount_targets(
 fn script_mount(
     name: &str,
     data: &str,
-) -> Result<(tempfile::TempDir, kiln_executor::oci::Mount), String> {
+) -> Result<(tempfile::TempDir, kiln_executor::oci::Mount), super::StepError> {
     let dir = tempfile::Builder::new()
         .prefix("kiln-heredoc-")
         .tempdir()
-        .map_err(|e| format!("heredoc script: {e}"))?;
+        .map_err(super::StepError::ctx("heredoc script"))?;
     let file = dir.path().join("script");
     kiln_fs::Root::open(dir.path())
         .and_then(|r| r.dir().write_file("script", data.as_bytes(), 0o755, None))
-        .map_err(|e| format!("heredoc script: {e}"))?;
+        .map_err(super::StepError::ctx("heredoc script"))?;
     let m = kiln_executor::oci::MountBuilder::default()
         .destination(PathBuf::from(format!("{PIPES}/{name}")))
         .typ("bind")
         .source(file)
         .options(vec!["rbind".to_string(), "ro".to_string()])
         .build()
-        .map_err(|e| format!("heredoc script mount: {e}"))?;
+        .map_err(super::StepError::ctx("heredoc script mount"))?;
     Ok((dir, m))
 }

@@ -25,7 +25,7 @@ impl Solver {
         work: F,
     ) -> Result<LayerRecord, BuildError>
     where
-        F: FnOnce(&LayerView) -> Result<(), String> + Send + 'static,
+        F: FnOnce(&LayerView) -> Result<(), BuildError> + Send + 'static,
     {
         let id = self.progress.start(name.to_string());
         let t = Instant::now();
@@ -47,14 +47,14 @@ impl Solver {
                         }
                         let backend = inner.backend.clone();
                         let opts = inner.diff_options();
-                        let layer = blocking(move || {
+                        let layer = blocking(move || -> Result<_, BuildError> {
                             let active = backend.prepare(None)?;
                             let view = LayerView::new(active.layers.clone(), false);
                             if let Err(e) = work(&view) {
                                 backend.abort(active);
                                 return Err(e);
                             }
-                            backend.commit(active, &k, &opts)
+                            Ok(backend.commit(active, &k, &opts)?)
                         })
                         .await?;
                         Ok((layer, false))
