@@ -46,6 +46,7 @@ impl Solver {
         let network = op.network;
         let id = self.progress.start(name.to_string());
         let t = Instant::now();
+        tracing::debug!(step = id, %name, key = %key, "step cache key");
         let me = self.clone();
         let parent = state.top().map(str::to_string);
         let workdir = op.cwd.clone();

@@ -29,8 +29,9 @@ impl Solver {
     {
         let id = self.progress.start(name.to_string());
         let t = Instant::now();
-        let parent = state.top().map(str::to_string);
         let stack_key = link_stack_key(&key, &state.key);
+        tracing::debug!(step = id, %name, key = %key, stack_key = %stack_key, "step cache key");
+        let parent = state.top().map(str::to_string);
         let me = self.clone();
         let sk = stack_key.clone();
         let r = self

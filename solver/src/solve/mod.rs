@@ -444,6 +444,7 @@ impl Solver {
     {
         let id = self.progress.start(name.to_string());
         let t = Instant::now();
+        tracing::debug!(step = id, %name, key = %key, "step cache key");
         let parent = state.top().map(str::to_string);
         let me = self.clone();
         let k = key.clone();
