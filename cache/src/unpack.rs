@@ -200,6 +200,24 @@ impl Store {
         }
     }
 
+    /// Applies the stored blob `digest` (compressed or not) onto `dir`,
+    /// a tree outside the snapshotter (a `type=local` export): the same
+    /// applier as [`Store::unpack_layer`], with `mode` and `opts` as
+    /// [`kiln_image::apply::apply_layer_with`] takes them. The blob was
+    /// verified when it was stored; nothing is committed.
+    pub fn apply_blob_to_dir(
+        &self,
+        digest: &Digest,
+        dir: &Path,
+        mode: kiln_image::apply::WhiteoutMode,
+        opts: &kiln_image::apply::ApplyOptions,
+    ) -> Result<kiln_image::apply::ApplyStats> {
+        let r = kiln_image::compression::decompress_auto(self.open_blob(digest)?)
+            .map_err(|e| Error::Image(format!("layer {digest}: {e}")))?;
+        kiln_image::apply::apply_layer_with(r, dir, mode, opts)
+            .map_err(|e| Error::Image(format!("layer {digest}: {e}")))
+    }
+
     /// The size of `layer`'s uncompressed tar, as docker reports layer and
     /// image sizes: recorded when the layer was unpacked or built; else
     /// the blob's own size when the blob is the tar (its digest is the

@@ -230,28 +230,25 @@ fn make_writable(path: &Path) {
 }
 
 /// Disk usage of a tree: (bytes allocated, inodes), hardlinks counted once.
+/// Walked with [`kiln_fs::Root::walk`] (descriptors, no link followed).
 pub(crate) fn disk_usage(path: &Path) -> Result<(u64, u64)> {
     use std::collections::HashSet;
-    use std::os::unix::fs::MetadataExt;
+    let root = kiln_fs::Root::open(path).map_err(|e| fs_error("walk", path, e))?;
     let mut seen = HashSet::new();
     let (mut size, mut inodes) = (0u64, 0u64);
-    for entry in walkdir::WalkDir::new(path) {
-        let entry = entry.map_err(|e| {
-            let p: PathBuf = e
-                .path()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| path.to_path_buf());
-            io_err("walk", p, e.into())
-        })?;
-        let m = entry
-            .metadata()
-            .map_err(|e| io_err("stat", entry.path(), e.into()))?;
-        if seen.insert((m.dev(), m.ino())) {
-            size += m.blocks() * 512;
+    root.walk(&mut |_, st| {
+        if seen.insert((st.dev(), st.ino())) {
+            size += st.allocated();
             inodes += 1;
         }
-    }
+        Ok(kiln_fs::Walk::Into)
+    })
+    .map_err(|e| fs_error("walk", path, e))?;
     Ok((size, inodes))
+}
+
+fn fs_error(op: &'static str, path: &Path, e: kiln_fs::Error) -> crate::error::Error {
+    io_err(op, path, e.into())
 }
 
 #[cfg(test)]

@@ -101,24 +101,10 @@ pub struct BuildArgs {
     context: PathBuf,
 }
 
-/// A size such as `512m`, `2g`, `1024` (bytes), Docker's binary units.
+/// `--memory`: docker's `RAMInBytes` (`512m`, `2g`, `1024`; binary units).
 pub fn parse_size(s: &str) -> Result<i64, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let t = t.trim_end_matches('b');
-    let (num, mult) = match t.chars().last() {
-        Some('k') => (&t[..t.len() - 1], 1i64 << 10),
-        Some('m') => (&t[..t.len() - 1], 1 << 20),
-        Some('g') => (&t[..t.len() - 1], 1 << 30),
-        Some('t') => (&t[..t.len() - 1], 1 << 40),
-        _ => (t, 1),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?} (e.g. 512m, 2g)"))?;
-    if n < 0.0 {
-        return Err(format!("invalid size {s:?}"));
-    }
-    Ok((n * mult as f64) as i64)
+    let n = kiln_solver::parser::units::ram_in_bytes(s).map_err(|e| e.to_string())?;
+    i64::try_from(n).map_err(|_| format!("invalid size {s:?}: too large"))
 }
 
 fn usage(msg: impl Into<String>) -> anyhow::Error {
@@ -351,5 +337,16 @@ mod tests {
         assert_eq!(parse_size("2G").unwrap(), 2 << 30);
         assert_eq!(parse_size("1024").unwrap(), 1024);
         assert!(parse_size("lots").is_err());
+    }
+
+    /// `1k` used to be 1000 bytes in `prune --keep-storage` and 1024 in
+    /// `build --memory`; docker and buildx read both with `RAMInBytes`.
+    #[test]
+    fn keep_storage_and_memory_read_1k_as_1024_bytes_like_docker() {
+        assert_eq!(parse_size("1k").unwrap(), 1024);
+        assert_eq!(crate::store_cmds::parse_size("1k").unwrap(), 1024);
+        assert_eq!(crate::store_cmds::parse_size("10GB").unwrap(), 10 << 30);
+        assert_eq!(crate::store_cmds::parse_size("1.5 MiB").unwrap(), 3 << 19);
+        assert!(crate::store_cmds::parse_size("1kk").is_err());
     }
 }

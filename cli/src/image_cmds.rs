@@ -186,11 +186,10 @@ fn familiar(name: &str) -> (String, String) {
         Some(i) if !name[i..].contains('/') => (&name[..i], &name[i + 1..]),
         _ => (name, "<none>"),
     };
-    let repo = repo
-        .strip_prefix("docker.io/library/")
-        .or_else(|| repo.strip_prefix("docker.io/"))
-        .unwrap_or(repo);
-    (repo.to_string(), tag.to_string())
+    (
+        kiln_solver::image::reference::familiar(repo).to_string(),
+        tag.to_string(),
+    )
 }
 
 fn short_id(d: &str) -> String {

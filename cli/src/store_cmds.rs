@@ -378,30 +378,8 @@ fn human(n: u64) -> String {
     }
 }
 
-/// Parse `512`, `10k`, `10KB`, `1.5GB`, `2GiB`, `100m` (Docker's
-/// `units.RAMInBytes`-like: k/m/g/t binary unless a decimal `B` form… kept
-/// simple: `KiB`-style suffixes are binary, `KB`/`k` decimal).
+/// `--keep-storage`: docker's and buildx's `opts.MemBytes`, i.e.
+/// `RAMInBytes` (`10GB` = 10 GiB, `1k` = 1024 bytes), as `build --memory`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let num: f64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "t" | "tb" => 1e12,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        "tib" => 1024.0f64.powi(4),
-        _ => return Err(format!("invalid size unit in {s:?}")),
-    };
-    if !num.is_finite() || num < 0.0 {
-        return Err(format!("invalid size {s:?}"));
-    }
-    Ok((num * mult) as u64)
+    kiln_solver::parser::units::ram_in_bytes(s).map_err(|e| e.to_string())
 }

@@ -158,7 +158,7 @@ fn fd_path(fd: &impl AsRawFd) -> PathBuf {
 }
 
 /// Linux hands mount(2) at most one page of option data.
-const PAGE: usize = 4096;
+const PAGE: usize = kiln_fs::overlay::MOUNT_DATA_MAX;
 
 fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
@@ -170,47 +170,32 @@ fn absolute(p: &Path) -> PathBuf {
     }
 }
 
-/// When overlay option data would exceed a page, rewrites the `lowerdir=`
-/// entries that share the most common parent directory as names relative
-/// to it and returns that directory (the caller chdirs there for the
-/// mount). Other entries stay absolute; short data is returned unchanged.
+/// When overlay option data would exceed a page, rewrites its `lowerdir=`
+/// with [`kiln_fs::overlay::compact_lowerdir`] and returns the directory
+/// the caller chdirs to for the mount; short data is returned unchanged.
 pub(crate) fn compact_overlay_data(data: &str) -> (Option<PathBuf>, String) {
     if data.len() < PAGE {
         return (None, data.to_string());
     }
     let opts: Vec<&str> = data.split(',').collect();
-    let Some(lower) = opts.iter().find_map(|o| o.strip_prefix("lowerdir=")) else {
-        return (None, data.to_string());
-    };
-    let dirs: Vec<&str> = lower.split(':').collect();
-    let mut counts: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    for d in &dirs {
-        if let Some((parent, _)) = d.rsplit_once('/') {
-            *counts.entry(parent).or_default() += 1;
-        }
-    }
-    let Some((parent, _)) = counts.into_iter().max_by_key(|(_, n)| *n) else {
-        return (None, data.to_string());
-    };
-    let rewritten: Vec<String> = dirs
+    let Some((dir, lower)) = opts
         .iter()
-        .map(|d| match d.rsplit_once('/') {
-            Some((p, name)) if p == parent && !name.is_empty() => name.to_string(),
-            _ => d.to_string(),
-        })
-        .collect();
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .and_then(kiln_fs::overlay::compact_lowerdir)
+    else {
+        return (None, data.to_string());
+    };
     let new: Vec<String> = opts
         .iter()
         .map(|o| {
             if o.starts_with("lowerdir=") {
-                format!("lowerdir={}", rewritten.join(":"))
+                format!("lowerdir={lower}")
             } else {
                 o.to_string()
             }
         })
         .collect();
-    let parent = if parent.is_empty() { "/" } else { parent };
-    (Some(PathBuf::from(parent)), new.join(","))
+    (Some(dir), new.join(","))
 }
 
 /// Mount the rootfs mounts, in order, on `dir`.

@@ -365,7 +365,7 @@ fn lookup_lowers(lowers: &[Root], rel: &Path) -> Option<Stat> {
     for l in lowers {
         if let Ok(Some(st)) = l.lstat(rel, Follow::InRoot) {
             // A whiteout (0/0 char device) hides everything below.
-            if st.kind() == libc::S_IFCHR && st.rdev() == 0 {
+            if st.is_whiteout() {
                 return None;
             }
             return Some(st);

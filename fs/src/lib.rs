@@ -35,6 +35,12 @@
 //! opens a device node it meets for reading or writing (only `O_PATH`),
 //! and never resolves a path through the host's `/`.
 //!
+//! Also here, because every crate that handles trees needs them and this
+//! one depends on none: [`overlay`] (the overlay format — whiteouts, opaque
+//! markers, the `trusted.`/`user.` xattr namespace, lowerdir compaction),
+//! [`path`] (Go's `path.Clean` over byte paths), [`userdb`] (passwd/group
+//! parsing and user resolution) and [`Root::walk`] (the tree walker).
+//!
 //! Keeping per-directory work cheap is the caller's side of the bargain:
 //! open a parent [`Dir`] once and make many `*at` calls on it, rather than
 //! resolving a full path per file.
@@ -58,7 +64,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// Gives a file opened through a [`Dir`] (e.g. by [`Dir::create_file`],
 /// once its content is written) its owner, when given, then its permission
@@ -251,6 +257,10 @@ impl Stat {
     pub fn rdev(&self) -> u64 {
         self.0.st_rdev
     }
+    /// Is this an overlay whiteout (a character device 0:0)?
+    pub fn is_whiteout(&self) -> bool {
+        overlay::is_whiteout_stat(self.kind(), self.rdev())
+    }
     /// Device of the file system holding the entry.
     pub fn dev(&self) -> u64 {
         self.0.st_dev
@@ -262,6 +272,10 @@ impl Stat {
     /// Number of hard links.
     pub fn nlink(&self) -> u64 {
         self.0.st_nlink
+    }
+    /// Disk space allocated, in bytes (`st_blocks` × 512).
+    pub fn allocated(&self) -> u64 {
+        (self.0.st_blocks as u64).saturating_mul(512)
     }
     /// Modification time (seconds, nanoseconds).
     pub fn mtime(&self) -> (i64, i64) {
@@ -345,21 +359,12 @@ fn fstatat(dir: RawFd, name: &CStr, flags: i32) -> io::Result<libc::stat> {
     Ok(unsafe { st.assume_init() })
 }
 
-/// The clean components of a path inside a root: `.` and empty ones
-/// dropped, a leading `/` ignored, `..` resolved lexically (never above
-/// the root), as Go's `path.Clean` on an image path.
+/// The clean components of a path inside a root ([`path::components_in_root`]).
 fn clean(rel: &Path) -> Vec<OsString> {
-    let mut out: Vec<OsString> = Vec::new();
-    for c in rel.components() {
-        match c {
-            Component::Normal(n) => out.push(n.to_os_string()),
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-        }
-    }
-    out
+    path::components_in_root(rel.as_os_str().as_bytes())
+        .into_iter()
+        .map(|c| OsStr::from_bytes(c).to_os_string())
+        .collect()
 }
 
 /// The components of `p` below `/`, cleaned lexically as Docker cleans a
@@ -530,7 +535,7 @@ impl Root {
             dangling: Dangling::Create,
             made: None,
         };
-        self.walk(rel.as_ref(), follow, Some(maker), true)
+        self.descend(rel.as_ref(), follow, Some(maker), true)
             .map(|(d, _)| d)
     }
 
@@ -551,7 +556,7 @@ impl Root {
             dangling,
             made: Some(made),
         };
-        self.walk(rel.as_ref(), follow, Some(maker), true)
+        self.descend(rel.as_ref(), follow, Some(maker), true)
             .map(|(d, _)| d)
     }
 
@@ -560,7 +565,7 @@ impl Root {
     /// (with a leading `/`). Components that do not exist are kept as
     /// named. Creates nothing.
     pub fn resolve(&self, rel: impl AsRef<Path>) -> Result<PathBuf> {
-        self.walk(rel.as_ref(), Follow::InRoot, None, false)
+        self.descend(rel.as_ref(), Follow::InRoot, None, false)
             .map(|(_, p)| p)
     }
 
@@ -595,11 +600,51 @@ impl Root {
         dir.stat(&name)
     }
 
+    /// Visits the root and every entry below it, never following a
+    /// symlink: `f` gets each entry's path relative to the root (`""` for
+    /// the root itself, first) and its lstat, parents before children and
+    /// the names of one directory in byte order. Returning
+    /// [`Walk::Skip`] for a directory leaves its contents out. Each
+    /// directory is opened from the root with [`Follow::Never`] when its
+    /// turn comes (no descriptor is held per pending directory, so a wide
+    /// tree costs no more than a narrow one); an entry that vanishes
+    /// meanwhile is passed over.
+    pub fn walk(&self, f: &mut dyn FnMut(&Path, &Stat) -> Result<Walk>) -> Result<()> {
+        let top = self.dir.stat_self()?;
+        if f(Path::new(""), &top)? == Walk::Skip || !top.is_dir() {
+            return Ok(());
+        }
+        let mut pending = vec![PathBuf::new()];
+        while let Some(rel) = pending.pop() {
+            let dir = match self.open_dir(&rel, Follow::Never) {
+                Ok(d) => d,
+                Err(e) if !rel.as_os_str().is_empty() && e.raw_os_error() == Some(libc::ENOENT) => {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
+            let mut names = dir.read_dir()?;
+            names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            let mut below = Vec::new();
+            for name in names {
+                let Some(st) = dir.stat(&name)? else {
+                    continue;
+                };
+                let child = rel.join(&name);
+                if f(&child, &st)? == Walk::Into && st.is_dir() {
+                    below.push(child);
+                }
+            }
+            pending.extend(below.into_iter().rev());
+        }
+        Ok(())
+    }
+
     /// The walker behind [`Root::mkdir_all`] and [`Root::resolve`]. With
     /// `create` missing directories are made; without, a missing
     /// component ends the walk and the rest is appended lexically. With
     /// `dirs_only` a non-directory on the way is `ENOTDIR`.
-    fn walk(
+    fn descend(
         &self,
         rel: &Path,
         follow: Follow,
@@ -1447,6 +1492,19 @@ fn chmod_at(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// What a [`Root::walk`] callback wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Walk {
+    /// Go on (into this entry, when it is a directory).
+    Into,
+    /// Leave this directory's contents out.
+    Skip,
+}
+
+pub mod overlay;
+pub mod path;
+pub mod userdb;
 
 #[cfg(test)]
 mod tests;

@@ -440,3 +440,44 @@ fn copy_meta_and_xattr_self_never_reach_a_link_target() {
         vec![OsString::from("a"), OsString::from("c")]
     );
 }
+
+#[test]
+fn walk_visits_parents_first_in_name_order_and_never_follows_links() {
+    let t = setup();
+    fs::write(t.root.join("a/z"), "z").unwrap();
+    fs::write(t.root.join("a/b/f"), "f").unwrap();
+    fs::create_dir(t.root.join("skip")).unwrap();
+    fs::write(t.root.join("skip/hidden"), "h").unwrap();
+    symlink(&t.outside, t.root.join("a/to-host")).unwrap();
+    symlink("/", t.root.join("slash")).unwrap();
+    let r = Root::open(&t.root).unwrap();
+    let mut seen = Vec::new();
+    r.walk(&mut |rel, st| {
+        seen.push((rel.to_string_lossy().into_owned(), st.is_symlink()));
+        Ok(if rel == Path::new("skip") {
+            Walk::Skip
+        } else {
+            Walk::Into
+        })
+    })
+    .unwrap();
+    let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "",
+            "a",
+            "skip",
+            "slash",
+            "a/b",
+            "a/to-host",
+            "a/z",
+            "a/b/c",
+            "a/b/f"
+        ]
+    );
+    assert!(seen.iter().any(|(n, l)| n == "a/to-host" && *l));
+    assert!(!names
+        .iter()
+        .any(|n| n.contains("victim") || n.contains("hidden")));
+}

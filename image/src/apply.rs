@@ -25,14 +25,17 @@ use std::path::{Path, PathBuf};
 
 use kiln_fs::{Create, Dangling, Dir, DirSpec, Follow, Root};
 
-use crate::diff::{is_overlay_xattr, WHITEOUT_OPAQUE, WHITEOUT_PREFIX};
 use crate::ImageError;
+use kiln_fs::overlay::{
+    is_overlay_xattr, whiteout_target, XattrNs, OPAQUE_VALUE, WHITEOUT_OPAQUE, WHITEOUT_PREFIX,
+};
 
 /// What to do with whiteouts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WhiteoutMode {
     /// The target is an overlay upperdir: write whiteouts as 0/0 character
-    /// devices and opaque markers as `trusted.overlay.opaque=y`.
+    /// devices and opaque markers as `<ns>.overlay.opaque=y`, in the
+    /// namespace [`ApplyOptions::overlay_xattrs`] names.
     Overlay,
     /// The target is a full tree: delete what whiteouts name.
     Delete,
@@ -63,6 +66,10 @@ pub struct ApplyOptions {
     /// `type=local` export, where a node from an untrusted image would
     /// give whoever can open it the host's device.
     pub skip_devices: bool,
+    /// The xattr namespace an overlay upperdir's opaque markers are
+    /// written in ([`WhiteoutMode::Overlay`]): `trusted.` (the default,
+    /// root) or `user.` (an overlay mounted with `userxattr`).
+    pub overlay_xattrs: XattrNs,
 }
 
 fn cstr(b: &[u8]) -> Result<CString, ImageError> {
@@ -90,31 +97,16 @@ fn display(comps: &[Vec<u8>]) -> PathBuf {
     p
 }
 
-/// Clean a tar path: drop leading `/`, `.` and empty components; resolve
-/// `..` lexically; a `..` above the root is an error.
+/// Clean a tar path ([`kiln_fs::path::components_strict`]): drop leading
+/// `/`, `.` and empty components; resolve `..` lexically; a `..` above the
+/// root or a NUL byte is an error.
 pub(crate) fn clean(raw: &[u8]) -> Result<Vec<Vec<u8>>, ImageError> {
-    let mut out: Vec<Vec<u8>> = Vec::new();
-    for c in raw.split(|&b| b == b'/') {
-        match c {
-            b"" | b"." => {}
-            b".." => {
-                if out.pop().is_none() {
-                    return Err(ImageError::UnsafePath(
-                        String::from_utf8_lossy(raw).into_owned(),
-                    ));
-                }
-            }
-            c => {
-                if c.contains(&0) {
-                    return Err(ImageError::UnsafePath(
-                        String::from_utf8_lossy(raw).into_owned(),
-                    ));
-                }
-                out.push(c.to_vec())
-            }
-        }
+    let unsafe_path = || ImageError::UnsafePath(String::from_utf8_lossy(raw).into_owned());
+    if raw.contains(&0) {
+        return Err(unsafe_path());
     }
-    Ok(out)
+    let comps = kiln_fs::path::components_strict(raw).ok_or_else(unsafe_path)?;
+    Ok(comps.into_iter().map(<[u8]>::to_vec).collect())
 }
 
 struct Entry {
@@ -514,8 +506,8 @@ impl Applier {
                 .map_err(perr("mkdir opaque dir"))?;
             match mode {
                 WhiteoutMode::Overlay => {
-                    pdir.set_xattr_self(b"trusted.overlay.opaque", b"y")
-                        .map_err(ferr("setxattr trusted.overlay.opaque"))?;
+                    pdir.set_xattr_self(self.opts.overlay_xattrs.opaque().as_bytes(), OPAQUE_VALUE)
+                        .map_err(ferr("setxattr overlay opaque"))?;
                 }
                 WhiteoutMode::Delete => {
                     let mut gone = false;
@@ -534,13 +526,12 @@ impl Applier {
             }
             return Ok(());
         }
-        if name.starts_with(b".wh..wh.") {
-            // other AUFS bookkeeping names: meaningless here
+        let Some(target) = whiteout_target(name) else {
+            // other AUFS bookkeeping names (`.wh..wh.*`): meaningless here
             self.stats.whiteouts -= 1;
             self.stats.skipped += 1;
             return Ok(());
-        }
-        let target = &name[WHITEOUT_PREFIX.len()..];
+        };
         if target.is_empty() || target == b"." || target == b".." {
             return Err(ImageError::UnsafePath(path.display().to_string()));
         }
@@ -601,7 +592,10 @@ mod tests {
         add("file", tar::EntryType::Regular, None);
         let bytes = b.into_inner().unwrap();
         let t = tempfile::tempdir().unwrap();
-        let opts = ApplyOptions { skip_devices: true };
+        let opts = ApplyOptions {
+            skip_devices: true,
+            ..ApplyOptions::default()
+        };
         let st = apply_layer_with(&bytes[..], t.path(), WhiteoutMode::Delete, &opts).unwrap();
         assert_eq!(
             st.skipped_devices,

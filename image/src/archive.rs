@@ -145,11 +145,10 @@ fn repo_tag(name: &str) -> Option<(String, String)> {
         Some(i) if !name[i..].contains('/') => (&name[..i], &name[i + 1..]),
         _ => (name, "latest"),
     };
-    let repo = repo
-        .strip_prefix("docker.io/library/")
-        .or_else(|| repo.strip_prefix("docker.io/"))
-        .unwrap_or(repo);
-    Some((repo.to_string(), tag.to_string()))
+    Some((
+        crate::reference::familiar(repo).to_string(),
+        tag.to_string(),
+    ))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -672,22 +671,19 @@ pub fn read_archive(r: impl Read + 'static, spill_dir: &Path) -> Result<LoadedAr
     })
 }
 
+/// A symlink's `target` read from the directory `dir` of the archive,
+/// cleaned inside the archive's root ([`kiln_fs::path::components_in_root`]).
 fn resolve_rel(dir: &str, target: &str) -> String {
-    let mut parts: Vec<&str> = if target.starts_with('/') {
-        Vec::new()
+    let joined = if target.starts_with('/') {
+        target.to_string()
     } else {
-        dir.split('/').filter(|c| !c.is_empty()).collect()
+        format!("{dir}/{target}")
     };
-    for c in target.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
-    }
-    parts.join("/")
+    kiln_fs::path::components_in_root(joined.as_bytes())
+        .iter()
+        .map(|c| String::from_utf8_lossy(c))
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// Hash a reader completely (helper for callers verifying blobs).

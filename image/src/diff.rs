@@ -81,7 +81,7 @@ impl St {
     }
     /// An overlay whiteout: a 0/0 character device.
     fn is_whiteout(&self) -> bool {
-        self.file_type() == libc::S_IFCHR && self.rdev == 0
+        kiln_fs::overlay::is_whiteout_stat(self.file_type(), self.rdev)
     }
 }
 
@@ -115,15 +115,8 @@ pub struct DiffStats {
     pub usage: Option<(u64, u64)>,
 }
 
-/// The whiteout prefix of the OCI layer format.
-pub const WHITEOUT_PREFIX: &str = ".wh.";
-/// The opaque-directory marker of the OCI layer format.
-pub const WHITEOUT_OPAQUE: &str = ".wh..wh..opq";
-
-/// Extended attributes that are overlayfs bookkeeping, never layer content.
-pub(crate) fn is_overlay_xattr(name: &[u8]) -> bool {
-    name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
-}
+use kiln_fs::overlay::{is_overlay_xattr, XattrNs};
+pub use kiln_fs::overlay::{WHITEOUT_OPAQUE, WHITEOUT_PREFIX};
 
 /// Extended attributes left out of layers: overlay bookkeeping and the
 /// host's SELinux label.
@@ -196,7 +189,7 @@ fn overlay_flag(
     key: &str,
     path: &Path,
 ) -> Result<Option<Vec<u8>>, ImageError> {
-    for prefix in ["trusted.overlay.", "user.overlay."] {
+    for prefix in XattrNs::ALL.map(XattrNs::prefix) {
         let Some(name) = names.iter().find(|n| {
             let b = n.as_bytes();
             b.len() == prefix.len() + key.len()

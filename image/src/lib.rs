@@ -56,6 +56,7 @@ mod digest;
 mod error;
 pub mod manifest;
 pub mod pargz;
+pub mod reference;
 pub mod rootfs_tar;
 pub mod tarw;
 

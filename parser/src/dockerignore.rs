@@ -216,7 +216,7 @@ impl PatternMatcher {
                 None => (false, cleaned),
             };
             exclusions |= exclusion;
-            if !glob::is_valid(&body) {
+            if !crate::glob::is_valid(&body) {
                 return Err(IgnoreError::BadPattern { pattern: body });
             }
             compiled.push(Pattern::compile(body, exclusion));
@@ -778,104 +778,6 @@ mod go_path {
     pub(super) fn dir(path: &str) -> String {
         let end = path.rfind('/').map_or(0, |i| i + 1);
         clean(path.get(..end).unwrap_or(""))
-    }
-}
-
-/// Syntax checking of Go `filepath.Match` patterns (what `patternmatcher.New`
-/// calls `filepath.Match(p, ".")` for): the pattern is valid when every
-/// chunk between unbracketed `*`s is.
-mod glob {
-    pub(super) fn is_valid(pattern: &str) -> bool {
-        let mut rest = pattern.as_bytes();
-        while !rest.is_empty() {
-            let (chunk, after) = scan_chunk(rest);
-            if !chunk_is_valid(chunk) {
-                return false;
-            }
-            rest = after;
-        }
-        true
-    }
-
-    /// `scanChunk`: skips leading stars, then takes everything up to the
-    /// next `*` outside brackets.
-    fn scan_chunk(pattern: &[u8]) -> (&[u8], &[u8]) {
-        let start = pattern.iter().take_while(|&&b| b == b'*').count();
-        let pattern = pattern.get(start..).unwrap_or(&[]);
-        let mut in_range = false;
-        let mut i = 0;
-        while i < pattern.len() {
-            match pattern[i] {
-                b'\\' if i + 1 < pattern.len() => i += 1,
-                b'[' => in_range = true,
-                b']' => in_range = false,
-                b'*' if !in_range => break,
-                _ => {}
-            }
-            i += 1;
-        }
-        pattern.split_at(i.min(pattern.len()))
-    }
-
-    /// The syntax checks of `matchChunk`.
-    fn chunk_is_valid(chunk: &[u8]) -> bool {
-        let mut i = 0;
-        while let Some(&b) = chunk.get(i) {
-            match b {
-                b'[' => {
-                    i += 1;
-                    if chunk.get(i) == Some(&b'^') {
-                        i += 1;
-                    }
-                    let mut ranges = 0;
-                    loop {
-                        if ranges > 0 && chunk.get(i) == Some(&b']') {
-                            i += 1;
-                            break;
-                        }
-                        let Some(next) = class_char(chunk, i) else {
-                            return false;
-                        };
-                        i = next;
-                        if chunk.get(i) == Some(&b'-') {
-                            let Some(next) = class_char(chunk, i + 1) else {
-                                return false;
-                            };
-                            i = next;
-                        }
-                        ranges += 1;
-                    }
-                }
-                b'\\' => {
-                    if i + 1 >= chunk.len() {
-                        return false;
-                    }
-                    i += 2;
-                }
-                _ => i += 1,
-            }
-        }
-        true
-    }
-
-    /// `getEsc`: one possibly escaped character of a class; `None` when the
-    /// pattern is malformed (including when nothing follows it).
-    fn class_char(chunk: &[u8], mut i: usize) -> Option<usize> {
-        match chunk.get(i) {
-            None | Some(b'-') | Some(b']') => return None,
-            Some(b'\\') => i += 1,
-            Some(_) => {}
-        }
-        let lead = *chunk.get(i)?;
-        let width = match lead {
-            0x00..=0x7f => 1,
-            0xc0..=0xdf => 2,
-            0xe0..=0xef => 3,
-            0xf0..=0xf7 => 4,
-            _ => return None,
-        };
-        i += width;
-        (i < chunk.len()).then_some(i)
     }
 }
 

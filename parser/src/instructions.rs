@@ -1150,8 +1150,8 @@ fn mount_field(m: &mut Mount, field: &str, ro_auto: &mut bool) -> Result<(), Str
             }
             if !deferred {
                 m.size = Some(
-                    parse_ram_size(value)
-                        .ok_or_else(|| format!("invalid value for {key}: {value}"))?,
+                    crate::units::ram_in_bytes(value)
+                        .map_err(|_| format!("invalid value for {key}: {value}"))?,
                 );
             }
         }
@@ -1220,28 +1220,6 @@ fn check_mount(mut m: Mount, ro_auto: bool) -> Result<Mount, String> {
         ));
     }
     Ok(m)
-}
-
-/// docker/go-units `RAMInBytes`: `512`, `64k`, `1.5m`, `2GiB`, … (binary
-/// multiples).
-fn parse_ram_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    let mult: f64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" | "kib" => 1024.0,
-        "m" | "mb" | "mib" => 1024.0f64.powi(2),
-        "g" | "gb" | "gib" => 1024.0f64.powi(3),
-        "t" | "tb" | "tib" => 1024.0f64.powi(4),
-        "p" | "pb" | "pib" => 1024.0f64.powi(5),
-        _ => return None,
-    };
-    let v = n * mult;
-    (v.is_finite() && v >= 0.0 && v < u64::MAX as f64).then_some(v as u64)
 }
 
 /// Go's `time.ParseDuration` (`300ms`, `1m30s`, `1.5h`, `0`).

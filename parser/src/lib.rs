@@ -12,7 +12,10 @@
 //! * [`shell`] — the shell-word expander (`$V`, `${V:-x}`, `${V#p}`, quotes,
 //!   escapes, word splitting) that BuildKit's `shell.Lex` defines;
 //! * [`dockerignore`] — `.dockerignore` reading and Docker's patternmatcher
-//!   rules.
+//!   rules;
+//! * [`glob`] — Go's `filepath.Match`, kiln's one wildcard matcher (COPY
+//!   sources, pattern syntax checks), linear in pattern × name;
+//! * [`units`] — human sizes as docker/go-units reads them (`RAMInBytes`).
 //!
 //! **What it owns.** Syntax: directives, line continuations, heredocs, flags,
 //! the AST and its source spans, the typed instructions and their
@@ -36,9 +39,11 @@ pub mod ast;
 pub mod directives;
 pub mod dockerignore;
 mod error;
+pub mod glob;
 pub mod instructions;
 mod reader;
 pub mod shell;
+pub mod units;
 
 pub use ast::Ast;
 pub use error::{Location, ParseError};

@@ -46,5 +46,5 @@ pub use auth::{parse_challenge, Challenge};
 pub use client::{ClientOptions, PushOutcome, Registry, VerifyingReader, MANIFEST_ACCEPT};
 pub use config::{Credentials, RegistryConfig};
 pub use error::{RegistryError, Result};
-pub use reference::{api_host, Reference, DOCKER_HUB};
+pub use reference::{api_host, Reference, ReferenceError, DOCKER_HUB};
 pub use transfer::{BlobSink, Pulled, PushSource, Resolved, Transfer};

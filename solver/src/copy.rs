@@ -11,6 +11,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use kiln_parser::dockerignore::{match_text, PatternMatcher};
+use kiln_parser::glob::{has_meta as has_glob, match_pattern};
 use sha2::{Digest as _, Sha256};
 
 use crate::fsview::{
@@ -121,66 +122,6 @@ pub struct Selection {
     pub is_dir: bool,
     /// The entries, sorted, the source itself first (rel "").
     pub entries: Vec<Entry>,
-}
-
-/// Is this a Go `filepath.Match` pattern (has `*`, `?` or `[`)?
-fn has_glob(s: &str) -> bool {
-    s.contains(['*', '?', '['])
-}
-
-/// Go's `filepath.Match` for one path component.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn m(p: &[char], n: &[char]) -> bool {
-        if p.is_empty() {
-            return n.is_empty();
-        }
-        match p[0] {
-            '*' => (0..=n.len()).any(|i| !n[..i].contains(&'/') && m(&p[1..], &n[i..])),
-            '?' => !n.is_empty() && n[0] != '/' && m(&p[1..], &n[1..]),
-            '[' => {
-                if n.is_empty() {
-                    return false;
-                }
-                let mut i = 1;
-                let negate = p.get(1) == Some(&'^') || p.get(1) == Some(&'!');
-                if negate {
-                    i += 1;
-                }
-                let mut matched = false;
-                let mut first = true;
-                while i < p.len() && (p[i] != ']' || first) {
-                    first = false;
-                    let mut lo = p[i];
-                    if lo == '\\' && i + 1 < p.len() {
-                        i += 1;
-                        lo = p[i];
-                    }
-                    let mut hi = lo;
-                    if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
-                        hi = p[i + 2];
-                        if hi == '\\' && i + 3 < p.len() {
-                            hi = p[i + 3];
-                            i += 1;
-                        }
-                        i += 2;
-                    }
-                    if lo <= n[0] && n[0] <= hi {
-                        matched = true;
-                    }
-                    i += 1;
-                }
-                if i >= p.len() {
-                    return false;
-                }
-                matched != negate && m(&p[i + 1..], &n[1..])
-            }
-            '\\' if p.len() > 1 => !n.is_empty() && n[0] == p[1] && m(&p[2..], &n[1..]),
-            c => !n.is_empty() && n[0] == c && m(&p[1..], &n[1..]),
-        }
-    }
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    m(&p, &n)
 }
 
 /// Source selection over a view, honouring `.dockerignore` for the context.
@@ -309,7 +250,9 @@ impl Selector<'_> {
                     Err(_) => continue,
                 };
                 for n in names {
-                    if glob_match(&comp_s, &match_text(&n)) {
+                    // A malformed pattern matches nothing, as BuildKit's
+                    // copy ignores `filepath.Match`'s error.
+                    if match_pattern(&comp_s, &match_text(&n)) == Ok(true) {
                         next.push(join_child(base, &n));
                     }
                 }
@@ -1135,14 +1078,33 @@ fn copy_file(
 mod tests {
     use super::*;
 
+    /// COPY wildcards are Go's `filepath.Match` (kiln_parser::glob): a
+    /// source pattern built to be slow selects in linear time (the old
+    /// backtracking matcher never finished on it), and `[!…]` is a class
+    /// holding `!`, not a negation.
     #[test]
-    fn go_glob() {
-        assert!(glob_match("*.txt", "a.txt"));
-        assert!(!glob_match("*.txt", "a.txt.bak"));
-        assert!(glob_match("f?o", "foo"));
-        assert!(glob_match("[a-c]x", "bx"));
-        assert!(!glob_match("[^a-c]x", "bx"));
-        assert!(glob_match("\\*", "*"));
+    fn hostile_copy_wildcard_selects_fast_and_classes_are_go_s() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("a".repeat(200)), "x").unwrap();
+        fs::write(t.path().join("ab"), "x").unwrap();
+        fs::write(t.path().join("!x"), "x").unwrap();
+        fs::write(t.path().join("bx"), "x").unwrap();
+        let view = LayerView::new(vec![t.path().to_path_buf()], true);
+        let sel = Selector {
+            view: &view,
+            ignore: None,
+            exclude: None,
+        };
+        let start = std::time::Instant::now();
+        let hostile = format!("/{}b", "*a".repeat(20));
+        assert!(matches!(sel.select(&hostile), Err(CopyError::NotFound(_))));
+        assert!(start.elapsed() < std::time::Duration::from_secs(2));
+        let names = |p: &str| -> Vec<Vec<u8>> {
+            sel.select(p).unwrap().into_iter().map(|s| s.name).collect()
+        };
+        assert_eq!(names("/*b"), [b"ab".to_vec()]);
+        assert_eq!(names("/[!a]x"), [b"!x".to_vec()]);
+        assert_eq!(names("/[^a]x"), [b"!x".to_vec(), b"bx".to_vec()]);
     }
 
     /// The threaded walk gives exactly the one-thread walk's entries, in

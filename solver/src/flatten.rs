@@ -21,9 +21,12 @@ use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use kiln_fs::overlay::{
+    is_overlay_xattr as is_overlay_xattr_name, is_whiteout, XattrNs, OPAQUE_VALUE,
+};
 use kiln_fs::Dir;
 
 /// Lower directories a step's mount uses at most before the chain is
@@ -100,10 +103,6 @@ pub fn plan(depth: usize) -> (Vec<Block>, usize) {
     (blocks, depth - start)
 }
 
-fn is_whiteout(m: &fs::Metadata) -> bool {
-    m.file_type().is_char_device() && m.rdev() == 0
-}
-
 fn fs_err(e: kiln_fs::Error) -> io::Error {
     e.into()
 }
@@ -122,24 +121,20 @@ fn meta_to(dir: &Dir, name: &OsStr, m: &fs::Metadata, symlink: bool) -> io::Resu
 /// The overlay xattr that marks `p` opaque, if it has one set to "y".
 fn opaque_xattr(p: &Path) -> Option<&'static str> {
     let c = CString::new(p.as_os_str().as_bytes()).ok()?;
-    ["trusted.overlay.opaque", "user.overlay.opaque"]
-        .into_iter()
-        .find(|name| {
-            let Ok(n) = CString::new(*name) else {
-                return false;
-            };
-            let mut buf = [0u8; 4];
-            // SAFETY: valid C strings and a buffer of the given length.
-            let r = unsafe {
-                libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            };
-            r == 1 && buf[0] == b'y'
-        })
+    XattrNs::ALL.map(XattrNs::opaque).into_iter().find(|name| {
+        let Ok(n) = CString::new(*name) else {
+            return false;
+        };
+        let mut buf = [0u8; 4];
+        // SAFETY: valid C strings and a buffer of the given length.
+        let r =
+            unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        r == 1 && buf[..1] == *OPAQUE_VALUE
+    })
 }
 
 fn is_overlay_xattr(name: &std::ffi::OsStr) -> bool {
-    let b = name.as_bytes();
-    b.starts_with(b"trusted.overlay.") || b.starts_with(b"user.overlay.")
+    is_overlay_xattr_name(name.as_bytes())
 }
 
 /// Gives the directory `dst` the extended attributes of `src` that belong
@@ -177,8 +172,9 @@ fn copy_dir_xattrs(src: &Path, dst: &Dir) -> io::Result<()> {
 fn mark_may_hold_whiteouts(dir: &Dir) -> io::Result<()> {
     use xattr::FileExt;
     let d = dir.open_self().map_err(fs_err)?;
-    if d.get_xattr("trusted.overlay.origin")?.is_none() {
-        d.set_xattr("trusted.overlay.origin", b"")?;
+    let origin = XattrNs::Trusted.origin();
+    if d.get_xattr(origin)?.is_none() {
+        d.set_xattr(origin, b"")?;
     }
     Ok(())
 }
@@ -214,7 +210,8 @@ fn apply_dir(layer: &Path, into: &Dir, bottom: bool) -> io::Result<()> {
                 Some(x) => {
                     into.remove_all(&name).map_err(fs_err)?;
                     into.mkdir(&name, 0o700).map_err(fs_err)?;
-                    into.set_xattr(&name, x.as_bytes(), b"y").map_err(fs_err)?;
+                    into.set_xattr(&name, x.as_bytes(), OPAQUE_VALUE)
+                        .map_err(fs_err)?;
                 }
                 None if merge => {}
                 None => {
@@ -223,7 +220,8 @@ fn apply_dir(layer: &Path, into: &Dir, bottom: bool) -> io::Result<()> {
                     if below.is_some() {
                         // A directory over a file or a whiteout hides
                         // whatever the layers below have at that path.
-                        into.set_xattr(&name, b"trusted.overlay.opaque", b"y")
+                        let opaque = XattrNs::Trusted.opaque().as_bytes();
+                        into.set_xattr(&name, opaque, OPAQUE_VALUE)
                             .map_err(fs_err)?;
                     }
                 }

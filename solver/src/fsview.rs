@@ -11,6 +11,7 @@
 //! File names are bytes: a view path is a `[u8]` (a name need not be
 //! UTF-8), and only messages show it lossily.
 
+use kiln_fs::overlay::{is_whiteout, XattrNs, OPAQUE_VALUE};
 use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io;
@@ -35,27 +36,10 @@ pub fn components(p: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
     p.split(|b| *b == b'/').filter(|c| !c.is_empty())
 }
 
-/// [`clean_abs`] of a path whose names are bytes.
+/// [`clean_abs`] of a path whose names are bytes
+/// ([`kiln_fs::path::clean_abs`]).
 pub fn clean_bytes(p: &[u8]) -> Vec<u8> {
-    let mut parts: Vec<&[u8]> = Vec::new();
-    for c in components(p) {
-        match c {
-            b"." => {}
-            b".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
-    }
-    let mut out = Vec::with_capacity(p.len() + 1);
-    for c in &parts {
-        out.push(b'/');
-        out.extend_from_slice(c);
-    }
-    if out.is_empty() {
-        out.push(b'/');
-    }
-    out
+    kiln_fs::path::clean_abs(p)
 }
 
 /// [`join_abs`] of paths whose names are bytes.
@@ -140,11 +124,6 @@ pub struct LayerView {
     strict: bool,
 }
 
-fn is_whiteout(meta: &fs::Metadata) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    meta.file_type().is_char_device() && meta.rdev() == 0
-}
-
 fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let p = CString::new(path.as_os_str().as_bytes()).ok()?;
     let n = CString::new(name).ok()?;
@@ -155,9 +134,9 @@ fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
 }
 
 fn is_opaque(path: &Path) -> bool {
-    ["trusted.overlay.opaque", "user.overlay.opaque"]
+    XattrNs::ALL
         .iter()
-        .any(|n| getxattr(path, n).is_some_and(|v| v == b"y"))
+        .any(|ns| getxattr(path, ns.opaque()).is_some_and(|v| v == OPAQUE_VALUE))
 }
 
 impl LayerView {
@@ -477,7 +456,7 @@ impl LayerView {
                     dir = dir.open_dir(c)?;
                     continue;
                 }
-                Some(st) if st.kind() == libc::S_IFCHR && st.rdev() == 0 => dir.remove(c)?,
+                Some(st) if st.is_whiteout() => dir.remove(c)?,
                 Some(_) => return Err(ViewError::NotDir(show(&view_path))),
                 None => {}
             }
@@ -516,20 +495,7 @@ fn abs_of(comps: &[Vec<u8>]) -> Vec<u8> {
 
 /// True when a relative or absolute path climbs above its root.
 fn escapes(p: &[u8]) -> bool {
-    let mut depth: i64 = 0;
-    for c in p.split(|b| *b == b'/') {
-        match c {
-            b"" | b"." => {}
-            b".." => {
-                depth -= 1;
-                if depth < 0 {
-                    return true;
-                }
-            }
-            _ => depth += 1,
-        }
-    }
-    false
+    kiln_fs::path::components_strict(p).is_none()
 }
 
 /// Sets atime and mtime of `path` (not following a symlink when `nofollow`).

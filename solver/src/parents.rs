@@ -13,10 +13,7 @@ use std::collections::HashSet;
 
 use crate::copy::{CopyError, Entry, Selection, Selector};
 use crate::fsview::{clean_abs, components, show};
-
-fn has_glob(s: &str) -> bool {
-    s.contains(['*', '?', '['])
-}
+use kiln_parser::glob::has_meta as has_glob;
 
 /// Selects `sources` (context- or stage-relative, as written) for
 /// `COPY --parents`.

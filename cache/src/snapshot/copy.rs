@@ -45,62 +45,63 @@ pub(crate) fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
     let root = Root::open(dst).map_err(fs_err)?;
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     let mut dirs: Vec<(PathBuf, Stat)> = Vec::new();
-    for entry in walkdir::WalkDir::new(src).follow_links(false) {
-        let entry = entry.map_err(|e| {
-            let p = e
-                .path()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| src.to_path_buf());
-            io_err("walk", p, e.into())
-        })?;
-        let rel = entry
-            .path()
-            .strip_prefix(src)
-            .unwrap_or(Path::new(""))
-            .to_path_buf();
-        let Some(st) = src_root.lstat(&rel, Follow::Never).map_err(fs_err)? else {
-            return Err(io_err(
-                "stat",
-                entry.path(),
-                std::io::Error::from_raw_os_error(libc::ENOENT),
-            ));
-        };
+    let mut copy_one = |rel: &Path, st: &Stat| -> Result<()> {
+        let host = src.join(rel);
         if rel.as_os_str().is_empty() {
             // The top: its metadata, last.
-            copy_xattrs(entry.path(), root.dir(), None)?;
-            dirs.push((rel, st));
-            continue;
+            copy_xattrs(&host, root.dir(), None)?;
+            dirs.push((rel.to_path_buf(), *st));
+            return Ok(());
         }
-        let (dir, name) = root.parent(&rel, Follow::Never).map_err(fs_err)?;
+        let (dir, name) = root.parent(rel, Follow::Never).map_err(fs_err)?;
         if st.is_dir() {
             dir.mkdir(&name, 0o700).map_err(fs_err)?;
-            copy_xattrs(entry.path(), &dir, Some(&name))?;
-            dirs.push((rel, st));
-            continue;
+            copy_xattrs(&host, &dir, Some(&name))?;
+            dirs.push((rel.to_path_buf(), *st));
+            return Ok(());
         }
         if st.nlink() > 1 {
             if let Some(first) = links.get(&(st.dev(), st.ino())) {
                 let (fdir, fname) = root.parent(first, Follow::Never).map_err(fs_err)?;
                 dir.hard_link(&name, &fdir, &fname).map_err(fs_err)?;
-                continue;
+                return Ok(());
             }
-            links.insert((st.dev(), st.ino()), rel.clone());
+            links.insert((st.dev(), st.ino()), rel.to_path_buf());
         }
         if st.is_symlink() {
-            let target = std::fs::read_link(entry.path()).ctx("readlink", entry.path())?;
+            let target = std::fs::read_link(&host).ctx("readlink", &host)?;
             dir.symlink(&name, &target).map_err(fs_err)?;
         } else if st.is_file() {
             let to = dir
                 .create_file_unset(&name, Create::Exclusive)
                 .map_err(fs_err)?;
-            copy_file(entry.path(), &to, &dst.join(&rel))?;
+            copy_file(&host, &to, &dst.join(rel))?;
         } else {
             // char/block device, fifo, socket
             dir.mknod(&name, st.mode(), st.rdev()).map_err(fs_err)?;
         }
-        copy_xattrs(entry.path(), &dir, Some(&name))?;
-        dir.copy_meta(&name, &st).map_err(fs_err)?;
+        copy_xattrs(&host, &dir, Some(&name))?;
+        dir.copy_meta(&name, st).map_err(fs_err)?;
+        Ok(())
+    };
+    // Entries are read with descriptors from the source root (never
+    // following a link); the first error stops the walk and is returned.
+    let mut failed = None;
+    let walked = src_root.walk(&mut |rel, st| match copy_one(rel, st) {
+        Ok(()) => Ok(kiln_fs::Walk::Into),
+        Err(e) => {
+            failed = Some(e);
+            Err(kiln_fs::Error::new(
+                "copy",
+                rel,
+                std::io::Error::other("copy failed"),
+            ))
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
     }
+    walked.map_err(fs_err)?;
     // Directories last, deepest first, so their mtimes survive the copy of
     // their children and read-only directories could be filled.
     for (rel, st) in dirs.iter().rev() {

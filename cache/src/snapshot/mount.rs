@@ -30,7 +30,7 @@ pub struct CompactMount {
 }
 
 /// Linux copies mount data as one page.
-const PAGE: usize = 4096;
+const PAGE: usize = kiln_fs::overlay::MOUNT_DATA_MAX;
 
 impl Mount {
     /// Whether this is a read-only mount.
@@ -49,9 +49,11 @@ impl Mount {
             .join(",")
     }
 
-    /// Rewrite an overlay whose lowerdirs share a parent directory so the
-    /// lowerdirs are relative to it. Always safe to call; non-overlay
-    /// mounts and short option strings are returned unchanged.
+    /// Rewrite an overlay whose option data would exceed a page with
+    /// [`kiln_fs::overlay::compact_lowerdir`] (the executor's rule: the
+    /// lowerdirs under their most common parent become relative to it).
+    /// Always safe to call; non-overlay mounts and short option strings
+    /// are returned unchanged.
     pub fn compact(&self) -> CompactMount {
         let unchanged = CompactMount {
             chdir: None,
@@ -60,37 +62,27 @@ impl Mount {
         if self.kind != "overlay" || self.data().len() < PAGE {
             return unchanged;
         }
-        let Some(lower) = self
+        let Some((dir, lower)) = self
             .options
             .iter()
             .find_map(|o| o.strip_prefix("lowerdir="))
+            .and_then(kiln_fs::overlay::compact_lowerdir)
         else {
             return unchanged;
         };
-        let dirs: Vec<&Path> = lower.split(':').map(Path::new).collect();
-        let Some(common) = dirs.first().and_then(|d| d.parent()) else {
-            return unchanged;
-        };
-        if !dirs.iter().all(|d| d.parent() == Some(common)) {
-            return unchanged;
-        }
-        let rel: Vec<String> = dirs
-            .iter()
-            .filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .collect();
         let options = self
             .options
             .iter()
             .map(|o| {
                 if o.starts_with("lowerdir=") {
-                    format!("lowerdir={}", rel.join(":"))
+                    format!("lowerdir={lower}")
                 } else {
                     o.clone()
                 }
             })
             .collect();
         CompactMount {
-            chdir: Some(common.to_path_buf()),
+            chdir: Some(dir),
             mount: Mount {
                 kind: self.kind.clone(),
                 source: self.source.clone(),
@@ -172,5 +164,33 @@ impl Mount {
                 "unknown mount type {other:?}"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod compact_tests {
+    use super::*;
+
+    /// The store's compactor used to give up unless every lowerdir shared
+    /// one parent, while the executor's compacted the most common one;
+    /// both now use `kiln_fs::overlay::compact_lowerdir`.
+    #[test]
+    fn a_foreign_lowerdir_no_longer_stops_compaction() {
+        let lowers: Vec<String> = (0..400).map(|i| format!("/s/l/L{i:05}")).collect();
+        let m = Mount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![
+                format!("lowerdir=/elsewhere/stub:{}", lowers.join(":")),
+                "upperdir=/u".into(),
+                "workdir=/w".into(),
+            ],
+        };
+        assert!(m.data().len() > PAGE);
+        let c = m.compact();
+        assert_eq!(c.chdir.as_deref(), Some(Path::new("/s/l")));
+        assert!(c.mount.data().len() < PAGE);
+        assert!(c.mount.options[0].starts_with("lowerdir=/elsewhere/stub:L00000:"));
+        assert_eq!(c.mount.options[1..], m.options[1..]);
     }
 }

@@ -444,7 +444,10 @@ pub fn unpack_rootfs(
 ) -> Result<(), ExportError> {
     std::fs::create_dir_all(dir)?;
     let m = manifest.manifest()?;
-    let opts = kiln_image::apply::ApplyOptions { skip_devices: true };
+    let opts = kiln_image::apply::ApplyOptions {
+        skip_devices: true,
+        ..Default::default()
+    };
     let mut skipped = Vec::new();
     for l in &m.layers {
         let d: kiln_cache::Digest = l
@@ -452,15 +455,9 @@ pub fn unpack_rootfs(
             .as_str()
             .parse()
             .map_err(|e| ExportError::Failed(format!("{e}")))?;
-        let f = store.open_blob(&d)?;
-        let r = kiln_image::compression::decompress_auto(f)?;
-        let st = kiln_image::apply::apply_layer_with(
-            r,
-            dir,
-            kiln_image::apply::WhiteoutMode::Delete,
-            &opts,
-        )
-        .map_err(|e| ExportError::Failed(format!("layer {}: {e}", l.digest)))?;
+        let st = store
+            .apply_blob_to_dir(&d, dir, kiln_image::apply::WhiteoutMode::Delete, &opts)
+            .map_err(|e| ExportError::Failed(format!("layer {}: {e}", l.digest)))?;
         skipped.extend(st.skipped_devices);
     }
     if !skipped.is_empty() {
@@ -499,11 +496,7 @@ pub fn rootfs_tar(
 
 /// `docker.io/library/busybox:1` -> `busybox:1` (docker's familiar name).
 pub fn familiar(name: &str) -> String {
-    let n = name
-        .strip_prefix("docker.io/library/")
-        .or_else(|| name.strip_prefix("docker.io/"))
-        .unwrap_or(name);
-    n.to_string()
+    kiln_image::reference::familiar(name).to_string()
 }
 
 /// Pushes the image to a registry under each name.

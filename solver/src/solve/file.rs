@@ -286,12 +286,9 @@ impl Solver {
     }
 }
 
-/// Resolves `user[:group]` through the view's /etc/passwd and /etc/group.
+/// Resolves `user[:group]` through the view's /etc/passwd and /etc/group
+/// (BuildKit's rule, [`kiln_fs::userdb::resolve_chown`]).
 fn resolve_owner(view: &LayerView, spec: &str) -> Result<(u32, u32), super::StepError> {
-    let (user, group) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (spec, None),
-    };
     // A missing file is empty (numeric ids still work); a device, fifo or
     // oversized file in the image is an error, never opened or read whole.
     let read = |p: &str| match view.read(p) {
@@ -303,49 +300,5 @@ fn resolve_owner(view: &LayerView, spec: &str) -> Result<(u32, u32), super::Step
     };
     let passwd = read("/etc/passwd")?;
     let groups = read("/etc/group")?;
-    let (uid, primary) = match user.parse::<u32>() {
-        Ok(n) => (
-            n,
-            passwd
-                .lines()
-                .map(|l| l.split(':').collect::<Vec<_>>())
-                .find(|f| f.len() > 3 && f[2] == user)
-                .and_then(|f| f[3].parse().ok())
-                .unwrap_or(n),
-        ),
-        Err(_) => passwd
-            .lines()
-            .map(|l| l.split(':').collect::<Vec<_>>())
-            .find(|f| f.len() > 3 && f[0] == user)
-            .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-            .ok_or_else(|| {
-                super::StepError::Invalid(format!(
-                    "unable to find user {user}: no matching entries in passwd file"
-                ))
-            })?,
-    };
-    let gid = match group {
-        None => {
-            if user.parse::<u32>().is_ok() && group.is_none() {
-                // `--chown=1000` means uid 1000 and gid 1000 in BuildKit.
-                user.parse().unwrap_or(primary)
-            } else {
-                primary
-            }
-        }
-        Some(g) => match g.parse::<u32>() {
-            Ok(n) => n,
-            Err(_) => groups
-                .lines()
-                .map(|l| l.split(':').collect::<Vec<_>>())
-                .find(|f| f.len() > 2 && f[0] == g)
-                .and_then(|f| f[2].parse().ok())
-                .ok_or_else(|| {
-                    super::StepError::Invalid(format!(
-                        "unable to find group {g}: no matching entries in group file"
-                    ))
-                })?,
-        },
-    };
-    Ok((uid, gid))
+    kiln_fs::userdb::resolve_chown(spec, &passwd, &groups).map_err(super::StepError::src)
 }

@@ -331,8 +331,7 @@ impl Solver {
 }
 
 fn is_whiteout(m: &fs::Metadata) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    m.file_type().is_char_device() && m.rdev() == 0
+    kiln_fs::overlay::is_whiteout(m)
 }
 
 fn is_opaque(p: &Path) -> bool {
@@ -341,19 +340,18 @@ fn is_opaque(p: &Path) -> bool {
     let Ok(cp) = CString::new(p.as_os_str().as_bytes()) else {
         return false;
     };
-    ["trusted.overlay.opaque", "user.overlay.opaque"]
-        .iter()
-        .any(|n| {
-            let Ok(cn) = CString::new(*n) else {
-                return false;
-            };
-            let mut buf = [0u8; 4];
-            // SAFETY: valid NUL-terminated strings and a buffer of that size.
-            let r = unsafe {
-                libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            };
-            r == 1 && buf[0] == b'y'
-        })
+    kiln_fs::overlay::XattrNs::ALL.iter().any(|ns| {
+        let Ok(cn) = CString::new(ns.opaque()) else {
+            return false;
+        };
+        let mut buf = [0u8; 4];
+        // SAFETY: valid NUL-terminated strings and a buffer of that size.
+        let r = unsafe {
+            libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        };
+        r == kiln_fs::overlay::OPAQUE_VALUE.len() as isize
+            && &buf[..r as usize] == kiln_fs::overlay::OPAQUE_VALUE
+    })
 }
 
 /// A directory or file of a stage/image as a bind source: the layer
