@@ -61,9 +61,21 @@ pub enum ExportError {
     /// Importing or exporting the build cache.
     #[error("{0}")]
     RemoteCache(#[from] crate::remote_cache::RemoteCacheError),
-    /// Anything else, said in words (encoding, pushing, cache export).
+    /// There is nothing of that kind to export (no image, no build cache).
     #[error("{0}")]
-    Failed(String),
+    Nothing(&'static str),
+    /// What was being done, and the typed cause.
+    #[error("{context}: {cause}")]
+    Context {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        #[source]
+        cause: crate::error::Cause,
+    },
+    /// A lower error, shown as it is.
+    #[error("{0}")]
+    Source(#[source] crate::error::Cause),
 }
 
 impl ExportError {
@@ -131,7 +143,7 @@ impl ExportInput<'_> {
     pub fn image(&self) -> Result<&ArchiveImage, ExportError> {
         self.images
             .first()
-            .ok_or_else(|| ExportError::Failed("nothing to export".into()))
+            .ok_or_else(|| ExportError::Nothing("nothing to export"))
     }
 }
 
@@ -175,7 +187,7 @@ pub fn run(
 pub fn stored_image(store: &Store, manifest_digest: &str) -> Result<ArchiveImage, ExportError> {
     let md: kiln_cache::Digest = manifest_digest
         .parse()
-        .map_err(|e| ExportError::Failed(format!("{e}")))?;
+        .map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
     Ok(ArchiveImage {
         names: Vec::new(),
         manifest: RawManifest::new(store.content().read(&md)?, None)?,
@@ -454,10 +466,13 @@ pub fn unpack_rootfs(
             .digest
             .as_str()
             .parse()
-            .map_err(|e| ExportError::Failed(format!("{e}")))?;
+            .map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
         let st = store
             .apply_blob_to_dir(&d, dir, kiln_image::apply::WhiteoutMode::Delete, &opts)
-            .map_err(|e| ExportError::Failed(format!("layer {}: {e}", l.digest)))?;
+            .map_err(|e| ExportError::Context {
+                context: format!("layer {}", l.digest),
+                cause: crate::error::Cause::new(e),
+            })?;
         skipped.extend(st.skipped_devices);
     }
     if !skipped.is_empty() {
@@ -574,7 +589,7 @@ impl Exporter for ArchiveExporter {
         if let Some(names) = &self.names {
             let first = images
                 .first_mut()
-                .ok_or_else(|| ExportError::Failed("nothing to export".into()))?;
+                .ok_or_else(|| ExportError::Nothing("nothing to export"))?;
             first.names = names.clone();
         }
         if let Some(enc) = self.encoding {

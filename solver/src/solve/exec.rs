@@ -1,6 +1,10 @@
 //! `Exec` ops: a RUN becomes an OCI runtime spec plus mounts, handed to
 //! the [`Runner`](super::runner::Runner); its output is streamed to the
 //! progress events, clipped per stream.
+//!
+//! [`spec`] is the one OCI runtime spec builder: RUN steps and `kiln run`
+//! both describe their process as a [`ProcessSpec`] and get their spec
+//! from it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +22,58 @@ use crate::frontend::instr::PIPES;
 use crate::fsview::LayerView;
 use crate::op::key::{cache_key, KeyInputs};
 use crate::op::{ExecOp, LayerOp, Op};
+
+/// A process to run in the sandbox, as data; [`spec`] makes its OCI
+/// runtime spec.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessSpec {
+    /// The argv.
+    pub args: Vec<String>,
+    /// The environment, `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// The working directory inside the root.
+    pub cwd: PathBuf,
+    /// Mounts added after the sandbox's own (`/proc`, `/dev`, …): RUN
+    /// mounts, heredoc scripts, `kiln run -v` volumes.
+    pub mounts: Vec<kiln_executor::oci::Mount>,
+    /// The network namespace.
+    pub network: kiln_executor::NetworkMode,
+    /// `RUN --security=insecure`: every capability kiln has, no masked
+    /// paths, no seccomp filter.
+    pub insecure: bool,
+    /// `kiln run --security-opt seccomp=unconfined`: no seccomp filter.
+    pub seccomp_unconfined: bool,
+    /// Memory, CPU and pids limits.
+    pub limits: ResourceLimits,
+}
+
+/// The OCI runtime spec of `p`: kiln's sandbox defaults
+/// ([`kiln_executor::default_spec`]: Docker's capabilities, the seccomp
+/// profile, masked paths, …) with the process, mounts, network and limits
+/// of `p`.
+pub fn spec(p: &ProcessSpec) -> kiln_executor::oci::Spec {
+    let mut spec = kiln_executor::default_spec(p.args.clone());
+    if let Some(proc_) = spec.process_mut() {
+        proc_.set_env(Some(p.env.clone()));
+        proc_.set_cwd(p.cwd.clone());
+    }
+    if !p.mounts.is_empty() {
+        let mut ms = spec.mounts().clone().unwrap_or_default();
+        ms.extend(p.mounts.iter().cloned());
+        spec.set_mounts(Some(ms));
+    }
+    if p.insecure {
+        mounts::make_insecure(&mut spec);
+    }
+    if p.seccomp_unconfined {
+        if let Some(l) = spec.linux_mut() {
+            l.set_seccomp(None);
+        }
+    }
+    kiln_executor::set_network(&mut spec, p.network);
+    apply_limits(&mut spec, &p.limits);
+    spec
+}
 
 impl Solver {
     pub(super) async fn run_exec(
@@ -76,38 +132,32 @@ impl Solver {
                         .await
                         .map_err(at_line(line))?
                 };
-                let mut spec = kiln_executor::default_spec(args.clone());
-                if let Some(p) = spec.process_mut() {
-                    let mut all = env.clone();
-                    for (k, v) in &prepared.env {
-                        all.retain(|(ek, _)| ek != k);
-                        all.push((k.clone(), v.clone()));
-                    }
-                    p.set_env(Some(all.iter().map(|(k, v)| format!("{k}={v}")).collect()));
-                    p.set_cwd(PathBuf::from(&workdir));
+                let mut all = env.clone();
+                for (k, v) in &prepared.env {
+                    all.retain(|(ek, _)| ek != k);
+                    all.push((k.clone(), v.clone()));
                 }
-                if !run_mount_list.is_empty() {
-                    let mut ms = spec.mounts().clone().unwrap_or_default();
-                    ms.extend(run_mount_list);
-                    spec.set_mounts(Some(ms));
-                }
+                let mut extra = run_mount_list;
                 // Kept alive until the step is over.
                 let _script_dir = match &script {
                     Some((name, data)) => {
                         let (dir, m) = script_mount(name, data)
                             .map_err(|msg| BuildError::at_cause(line, msg))?;
-                        let mut ms = spec.mounts().clone().unwrap_or_default();
-                        ms.push(m);
-                        spec.set_mounts(Some(ms));
+                        extra.push(m);
                         Some(dir)
                     }
                     None => None,
                 };
-                if insecure {
-                    mounts::make_insecure(&mut spec);
-                }
-                kiln_executor::set_network(&mut spec, network);
-                apply_limits(&mut spec, &me.opts.limits);
+                let spec = spec(&ProcessSpec {
+                    args: args.clone(),
+                    env: all.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+                    cwd: PathBuf::from(&workdir),
+                    mounts: extra,
+                    network,
+                    insecure,
+                    seccomp_unconfined: false,
+                    limits: me.opts.limits,
+                });
                 let mut req = ExecRequest::new(step_name.clone(), spec, active.mounts.clone());
                 req.user = user.clone();
                 req.files = prepared.files.clone();

@@ -73,6 +73,7 @@ impl Solver {
         .await?;
         let opts = CopyOptions {
             clamp_mtime: self.opts.source_date_epoch,
+            cancel: Some(self.cancel.clone()),
             ..CopyOptions::default()
         };
         self.layer_step(&lop.name, state, key, move |dst| {
@@ -205,6 +206,7 @@ impl Solver {
             chmod: op.chmod.clone(),
             clamp_mtime: self.opts.source_date_epoch,
             reuse: None,
+            cancel: Some(self.cancel.clone()),
         };
         let reuse_backend = self.backend.clone();
         let add = op.add;

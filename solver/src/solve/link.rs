@@ -48,10 +48,16 @@ impl Solver {
                         }
                         let backend = inner.backend.clone();
                         let opts = inner.diff_options();
+                        let cancel = inner.cancel.clone();
                         let layer = blocking(move || -> Result<_, BuildError> {
                             let active = backend.prepare(None)?;
                             let view = LayerView::new(active.layers.clone(), false);
-                            if let Err(e) = work(&view) {
+                            let worked = work(&view);
+                            if cancel.is_cancelled() {
+                                backend.abort(active);
+                                return Err(BuildError::Cancelled);
+                            }
+                            if let Err(e) = worked {
                                 backend.abort(active);
                                 return Err(e);
                             }

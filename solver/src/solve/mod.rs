@@ -29,7 +29,7 @@ use crate::op::key::{chain_key, image_key, scratch_key};
 use crate::op::{Base, Graph, LayerOp, Op, SourceRef};
 use crate::progress::{Event, Progress};
 
-mod exec;
+pub mod exec;
 mod file;
 mod link;
 pub(crate) mod mounts;
@@ -455,10 +455,18 @@ impl Solver {
                 }
                 let backend = me.backend.clone();
                 let opts = me.diff_options();
+                let cancel = me.cancel.clone();
                 let layer = blocking(move || -> Result<LayerRecord, BuildError> {
                     let active = backend.prepare(parent.as_deref())?;
                     let view = LayerView::new(active.layers.clone(), false);
-                    if let Err(e) = work(&view) {
+                    let worked = work(&view);
+                    // A cancelled build commits nothing (the work stopped
+                    // part way, or would be thrown away).
+                    if cancel.is_cancelled() {
+                        backend.abort(active);
+                        return Err(BuildError::Cancelled);
+                    }
+                    if let Err(e) = worked {
                         backend.abort(active);
                         return Err(e);
                     }
