@@ -160,11 +160,12 @@ fn request(a: &BuildArgs) -> anyhow::Result<BuildRequest> {
         pids: a.pids_limit.filter(|p| *p > 0),
     };
     for s in &a.secrets {
-        let (id, src) = kiln_solver::build::parse_secret_flag(s).map_err(usage)?;
+        let (id, src) =
+            kiln_solver::build::parse_secret_flag(s).map_err(|e| usage(e.to_string()))?;
         req.secrets.insert(id, src);
     }
     for s in &a.ssh {
-        let (id, sock) = kiln_solver::build::parse_ssh_flag(s).map_err(usage)?;
+        let (id, sock) = kiln_solver::build::parse_ssh_flag(s).map_err(|e| usage(e.to_string()))?;
         req.ssh.insert(id, sock);
     }
     for e in &a.allow {
@@ -179,7 +180,8 @@ fn request(a: &BuildArgs) -> anyhow::Result<BuildRequest> {
         }
     }
     for c in &a.build_contexts {
-        let (n, v) = kiln_solver::context::parse_build_context(c).map_err(usage)?;
+        let (n, v) =
+            kiln_solver::context::parse_build_context(c).map_err(|e| usage(e.to_string()))?;
         req.named_contexts.insert(n, v);
     }
     req.target = a.target.clone();

@@ -483,30 +483,26 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         env.retain(|x| x.split('=').next() != Some(key.as_str()));
         env.push(entry);
     }
-    let mut spec = kiln_solver::executor::default_spec(args.clone());
-    if let Some(p) = spec.process_mut() {
-        p.set_env(Some(env));
-        let wd = a
-            .workdir
-            .clone()
-            .or(cfg.working_dir.clone())
-            .filter(|w| !w.is_empty())
-            .unwrap_or_else(|| "/".into());
-        p.set_cwd(PathBuf::from(wd));
-    }
-    if unconfined {
-        if let Some(l) = spec.linux_mut() {
-            l.set_seccomp(None);
-        }
-    }
-    kiln_solver::executor::set_network(
-        &mut spec,
-        if a.network == "none" {
+    let wd = a
+        .workdir
+        .clone()
+        .or(cfg.working_dir.clone())
+        .filter(|w| !w.is_empty())
+        .unwrap_or_else(|| "/".into());
+    // The process as data; the solver's one OCI-spec builder (the same as
+    // RUN steps') makes its spec once the volumes are resolved.
+    let mut process = kiln_solver::solve::exec::ProcessSpec {
+        args: args.clone(),
+        env,
+        cwd: PathBuf::from(wd),
+        network: if a.network == "none" {
             kiln_solver::executor::NetworkMode::None
         } else {
             kiln_solver::executor::NetworkMode::Host
         },
-    );
+        seccomp_unconfined: unconfined,
+        ..Default::default()
+    };
     let mut volumes = Vec::new();
     for v in &a.volumes {
         let parts: Vec<&str> = v.split(':').collect();
@@ -540,7 +536,6 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     // inside the image's root, as Docker does: the link stays, the mount
     // lands at its target (never a path on the host).
     let view = kiln_solver::fsview::LayerView::new(active.layers.clone(), false);
-    let mut mounts = spec.mounts().clone().unwrap_or_default();
     for (host, ctr, opts) in volumes {
         let dest = match view.resolve(kiln_solver::fsview::clean_abs(&ctr), true) {
             Ok(d) => d,
@@ -549,7 +544,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
                 return Err(usage(format!("volume destination {ctr}: {e}")));
             }
         };
-        mounts.push(
+        process.mounts.push(
             kiln_solver::executor::oci::MountBuilder::default()
                 .destination(PathBuf::from(
                     <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(dest),
@@ -560,7 +555,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
                 .build()?,
         );
     }
-    spec.set_mounts(Some(mounts));
+    let spec = kiln_solver::solve::exec::spec(&process);
     let mut req = kiln_solver::executor::ExecRequest::new(
         format!("run {}", a.image),
         spec,

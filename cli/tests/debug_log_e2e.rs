@@ -43,11 +43,19 @@ fn debug_logs_the_build_its_steps_cache_hits_and_exports() {
         "build started",
         "step started",
         "cache hit",
+        "step cache key",
         "build done",
         "export",
     ] {
         assert!(e.contains(want), "no {want:?} in:\n{e}");
     }
+    // The RUN's cache key is logged with its step.
+    assert!(
+        e.lines().any(|l| l.contains("step cache key")
+            && l.contains("RUN echo hi")
+            && l.contains("key=")),
+        "{e}"
+    );
     assert!(tar.exists());
     // KILN_DEBUG=1 does the same.
     let e = stderr_of(

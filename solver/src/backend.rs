@@ -83,8 +83,18 @@ impl std::fmt::Debug for CacheMountHold {
     }
 }
 
-/// An error from the store, already worded for the user.
-pub type BackendResult<T> = Result<T, String>;
+crate::error::module_error! {
+    /// An error from the store, worded for the user, with its typed cause
+    /// (e.g. [`kiln_cache::Error::NoSpace`]) kept as the source.
+    pub enum BackendError {
+        /// The operation needs a store-backed build.
+        #[error("{0} needs a store-backed build")]
+        Unsupported(&'static str),
+    }
+}
+
+/// A result of a [`Backend`] method.
+pub type BackendResult<T> = Result<T, BackendError>;
 
 /// The solver's view of the store. Methods block: call them from
 /// `spawn_blocking`.
@@ -132,7 +142,7 @@ pub trait Backend: Send + Sync + 'static {
         sharing: kiln_cache::CacheSharing,
     ) -> BackendResult<CacheMountHold> {
         let _ = (id, sharing);
-        Err("cache mounts need a store-backed build".into())
+        Err(BackendError::Unsupported("RUN --mount=type=cache"))
     }
     /// A directory for throwaway files of a step (writable upper layers of
     /// `rw` bind mounts); on the store's filesystem when there is one.
@@ -148,6 +158,6 @@ pub trait Backend: Send + Sync + 'static {
         key: &str,
     ) -> BackendResult<LayerRecord> {
         let _ = (parent, layer, key);
-        Err("COPY --link needs a store-backed build".into())
+        Err(BackendError::Unsupported("COPY --link"))
     }
 }

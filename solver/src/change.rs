@@ -146,7 +146,7 @@ pub fn apply_changes(config: &mut ContainerConfig, changes: &[String]) -> Result
                 Kind::User { user } => config.user = Some(expand(user)?),
                 Kind::Stopsignal { signal } => {
                     let s = expand(signal)?;
-                    validate_signal(&s).map_err(invalid)?;
+                    validate_signal(&s).map_err(|e| invalid(e.to_string()))?;
                     config.stop_signal = Some(s);
                 }
                 Kind::Volume { volumes } => {
@@ -169,7 +169,7 @@ pub fn apply_changes(config: &mut ContainerConfig, changes: &[String]) -> Result
                             .process_words(p, &env)
                             .map_err(|e| invalid(e.to_string()))?;
                         for w in words {
-                            for spec in parse_ports(&w).map_err(invalid)? {
+                            for spec in parse_ports(&w).map_err(|e| invalid(e.to_string()))? {
                                 config
                                     .exposed_ports
                                     .get_or_insert_with(BTreeMap::new)

@@ -6,6 +6,11 @@
 
 use std::fmt;
 
+crate::error::module_error! {
+    /// A `--chmod` value that cannot be used.
+    pub enum ChmodError {}
+}
+
 /// A parsed `--chmod` value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Chmod {
@@ -51,11 +56,11 @@ const STICKY: u32 = 0o1000;
 
 impl Chmod {
     /// Parses `--chmod`'s value; the error reads like BuildKit's.
-    pub fn parse(s: &str) -> Result<Chmod, String> {
+    pub fn parse(s: &str) -> Result<Chmod, ChmodError> {
         let non_octal = || {
-            format!(
+            ChmodError::Invalid(format!(
                 "invalid chmod parameter: '{s}'. it should be octal string and between 0 and 07777"
-            )
+            ))
         };
         if s.starts_with(|c: char| c.is_ascii_digit()) {
             return match u32::from_str_radix(s, 8) {
@@ -63,7 +68,8 @@ impl Chmod {
                 _ => Err(non_octal()),
             };
         }
-        let syntax = || format!("invalid chmod parameter: '{s}': invalid syntax");
+        let syntax =
+            || ChmodError::Invalid(format!("invalid chmod parameter: '{s}': invalid syntax"));
         let mut clauses = Vec::new();
         for part in s.split(',') {
             let mut chars = part.chars().peekable();

@@ -7,6 +7,11 @@
 
 use std::path::PathBuf;
 
+crate::error::module_error! {
+    /// A `--build-context` value that cannot be used.
+    pub enum NamedContextError {}
+}
+
 /// What a named context stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NamedContext {
@@ -19,11 +24,15 @@ pub enum NamedContext {
 }
 
 /// Parses `NAME=DIR|docker-image://REF|oci-layout://PATH[:TAG]`.
-pub fn parse_build_context(s: &str) -> Result<(String, NamedContext), String> {
+pub fn parse_build_context(s: &str) -> Result<(String, NamedContext), NamedContextError> {
     let (name, value) = s
         .split_once('=')
         .filter(|(n, v)| !n.is_empty() && !v.is_empty())
-        .ok_or_else(|| format!("invalid --build-context {s:?}: expected NAME=VALUE"))?;
+        .ok_or_else(|| {
+            NamedContextError::Invalid(format!(
+                "invalid --build-context {s:?}: expected NAME=VALUE"
+            ))
+        })?;
     let ctx = if let Some(r) = value.strip_prefix("docker-image://") {
         NamedContext::Image(r.to_string())
     } else if let Some(p) = value.strip_prefix("oci-layout://") {
@@ -37,13 +46,15 @@ pub fn parse_build_context(s: &str) -> Result<(String, NamedContext), String> {
             None => NamedContext::OciLayout(PathBuf::from(p), None),
         }
     } else if value.contains("://") {
-        return Err(format!(
+        return Err(NamedContextError::Invalid(format!(
             "--build-context {name}={value}: this kind of context is not supported yet (use a directory, docker-image:// or oci-layout://)"
-        ));
+        )));
     } else {
         let p = PathBuf::from(value);
         if !p.is_dir() {
-            return Err(format!("--build-context {name}={value}: not a directory"));
+            return Err(NamedContextError::Invalid(format!(
+                "--build-context {name}={value}: not a directory"
+            )));
         }
         NamedContext::Dir(p)
     };

@@ -90,6 +90,9 @@ pub enum CopyError {
     /// I/O.
     #[error("{0}: {1}")]
     Io(String, io::Error),
+    /// The build was cancelled while copying.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 fn io_err(p: &Path, e: io::Error) -> CopyError {
@@ -616,7 +619,23 @@ pub struct CopyOptions {
     pub clamp_mtime: Option<i64>,
     /// Reuse unchanged files of the previous run of this COPY.
     pub reuse: Option<std::sync::Arc<Reuse>>,
+    /// Stops the copy (with [`CopyError::Cancelled`]) between entries and
+    /// between chunks of a large file once cancelled (Ctrl-C, or another
+    /// step of the build failed).
+    pub cancel: Option<kiln_executor::CancellationToken>,
 }
+
+impl CopyOptions {
+    fn check_cancel(&self) -> Result<(), CopyError> {
+        match &self.cancel {
+            Some(c) if c.is_cancelled() => Err(CopyError::Cancelled),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How much of a file is copied between two checks for cancellation.
+const COPY_CHUNK: u64 = 32 << 20;
 
 /// What a COPY from the build context may take over from its previous run
 /// (same destination and options, other content): files whose content hash
@@ -875,6 +894,7 @@ pub fn copy_selections(
             } else {
                 join_bytes(&target, &e.rel)
             };
+            opts.check_cancel()?;
             write_entry(&root, &to, e, opts, &mut links, &mut dirs)?;
         }
         // Directory mtimes are set after their contents are written.
@@ -1025,7 +1045,7 @@ fn write_entry(
         let f = dir
             .create_file_unset(name, kiln_fs::Create::Exclusive)
             .map_err(fs_err)?;
-        copy_file(&e.host, f, to, (uid, gid, mode), (t, ns))?;
+        copy_file(&e.host, f, to, (uid, gid, mode), (t, ns), opts)?;
     } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
         dir.mknod(name, m.mode(), m.rdev()).map_err(fs_err)?;
         dir.chown(name, uid, gid).map_err(fs_err)?;
@@ -1042,15 +1062,25 @@ fn copy_file(
     to: &[u8],
     (uid, gid, mode): (u32, u32, u32),
     (t, ns): (i64, i64),
+    opts: &CopyOptions,
 ) -> Result<(), CopyError> {
     use std::os::fd::AsRawFd;
     let err = |e: io::Error| CopyError::Io(show(to), e);
+    opts.check_cancel()?;
     let mut src = fs::File::open(from).map_err(|e| io_err(from, e))?;
     // SAFETY: two open descriptors; FICLONE fails harmlessly when
     // unsupported.
     let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
     if r != 0 {
-        io::copy(&mut src, &mut dst).map_err(err)?;
+        // In chunks (each still copied in the kernel where it can be), so
+        // that a cancelled build stops within one chunk of a large file.
+        loop {
+            opts.check_cancel()?;
+            let n = io::copy(&mut (&mut src).take(COPY_CHUNK), &mut dst).map_err(err)?;
+            if n == 0 {
+                break;
+            }
+        }
         dst.flush().map_err(err)?;
     }
     // Owner first: chown clears set-id bits.
@@ -1226,6 +1256,67 @@ mod tests {
             copy_selections(&dst, "/nodir", false, &two, &opts),
             Err(CopyError::DestNotDir)
         ));
+    }
+
+    /// A cancelled build stops a COPY between entries: nothing more is
+    /// written once the token is cancelled.
+    #[test]
+    fn a_cancelled_copy_stops_between_entries() {
+        let t = tempfile::tempdir().unwrap();
+        let ctx = t.path().join("ctx");
+        fs::create_dir_all(ctx.join("d")).unwrap();
+        for i in 0..200 {
+            fs::write(ctx.join(format!("d/f{i}")), "x").unwrap();
+        }
+        let view = LayerView::new(vec![ctx.clone()], true);
+        let sel = Selector {
+            view: &view,
+            ignore: None,
+            exclude: None,
+        };
+        let src = sel.select("d").unwrap();
+        let upper = t.path().join("upper");
+        fs::create_dir_all(&upper).unwrap();
+        let dst = LayerView::new(vec![upper.clone()], false);
+        let cancel = kiln_executor::CancellationToken::new();
+        cancel.cancel();
+        let opts = CopyOptions {
+            cancel: Some(cancel),
+            ..CopyOptions::default()
+        };
+        assert!(matches!(
+            copy_selections(&dst, "/app", false, &src, &opts),
+            Err(CopyError::Cancelled)
+        ));
+        let written = fs::read_dir(upper.join("app"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(written, 0);
+        // Not cancelled: everything is copied.
+        copy_selections(&dst, "/app", false, &src, &CopyOptions::default()).unwrap();
+        assert_eq!(fs::read_dir(upper.join("app")).unwrap().count(), 200);
+    }
+
+    /// A file's copy checks for cancellation before it starts and before
+    /// each chunk of its content.
+    #[test]
+    fn a_cancelled_copy_stops_inside_a_file() {
+        let t = tempfile::tempdir().unwrap();
+        let from = t.path().join("big");
+        fs::write(&from, vec![7u8; 1 << 20]).unwrap();
+        let to = t.path().join("copy");
+        let f = fs::File::create(&to).unwrap();
+        let cancel = kiln_executor::CancellationToken::new();
+        cancel.cancel();
+        let opts = CopyOptions {
+            cancel: Some(cancel),
+            ..CopyOptions::default()
+        };
+        assert!(matches!(
+            copy_file(&from, f, b"/copy", (0, 0, 0o644), (0, 0), &opts),
+            Err(CopyError::Cancelled)
+        ));
+        assert_eq!(fs::metadata(&to).unwrap().len(), 0);
     }
 
     #[test]

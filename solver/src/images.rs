@@ -115,8 +115,8 @@ pub enum Error {
     #[error(transparent)]
     Registry(#[from] kiln_registry::RegistryError),
     /// A pull or push between the store and a registry.
-    #[error("{0}")]
-    Transfer(String),
+    #[error(transparent)]
+    Transfer(#[from] crate::transfer::TransferError),
     /// The pull or push was cancelled.
     #[error("cancelled")]
     Cancelled,

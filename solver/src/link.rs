@@ -5,12 +5,8 @@
 
 use kiln_cache::Store;
 
-use crate::backend::{BackendResult, LayerRecord};
+use crate::backend::{BackendError, BackendResult, LayerRecord};
 use crate::store::chain_id;
-
-fn e(context: &str, err: impl std::fmt::Display) -> String {
-    format!("{context}: {err}")
-}
 
 /// Puts `layer` (committed on an empty parent) on top of `parent` and
 /// records the result under `key`.
@@ -24,12 +20,12 @@ pub(crate) fn stack_layer(
         .digest
         .as_str()
         .parse()
-        .map_err(|err| e("layer digest", err))?;
+        .map_err(BackendError::ctx("layer digest"))?;
     let diff: kiln_cache::Digest = layer
         .diff_id
         .as_str()
         .parse()
-        .map_err(|err| e("layer diff id", err))?;
+        .map_err(BackendError::ctx("layer diff id"))?;
     let name = match parent {
         // On an empty base the linked layer is its own snapshot.
         None => layer.snapshot.clone(),
@@ -45,7 +41,7 @@ pub(crate) fn stack_layer(
                         diff_id: &diff,
                     },
                 )
-                .map_err(|err| e("stacking a --link layer", err))?;
+                .map_err(BackendError::ctx("stacking a --link layer"))?;
             let _ = store.meta().add_blob_snapshot(&blob, &name);
             name
         }
@@ -53,7 +49,7 @@ pub(crate) fn stack_layer(
     store
         .meta()
         .cache_put(key, Some(&name), Some(&diff), std::slice::from_ref(&blob))
-        .map_err(|err| e("cache index", err))?;
+        .map_err(BackendError::ctx("cache index"))?;
     Ok(LayerRecord {
         snapshot: name,
         ..layer.clone()

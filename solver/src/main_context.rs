@@ -17,6 +17,11 @@ use std::path::{Path, PathBuf};
 
 use kiln_image::apply::{apply_layer, WhiteoutMode};
 
+crate::error::module_error! {
+    /// Why the main build context could not be prepared.
+    pub enum MainContextError {}
+}
+
 /// What the context argument of `kiln build` names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContextSpec {
@@ -55,33 +60,42 @@ pub struct Prepared {
     pub dockerfile: Option<Vec<u8>>,
 }
 
-fn scratch_dir(scratch: &Path, prefix: &str) -> Result<tempfile::TempDir, String> {
-    std::fs::create_dir_all(scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+fn scratch_dir(scratch: &Path, prefix: &str) -> Result<tempfile::TempDir, MainContextError> {
+    std::fs::create_dir_all(scratch)
+        .map_err(MainContextError::ctx(format!("{}", scratch.display())))?;
     tempfile::Builder::new()
         .prefix(prefix)
         .tempdir_in(scratch)
-        .map_err(|e| format!("temporary directory in {}: {e}", scratch.display()))
+        .map_err(MainContextError::ctx(format!(
+            "temporary directory in {}",
+            scratch.display()
+        )))
 }
 
 /// The file at `path` as a context: unpacked if it is an archive, else the
 /// Dockerfile of an empty context. `guard` holds `path` and gets `ctx`.
-fn from_file(guard: tempfile::TempDir, path: &Path, what: &str) -> Result<Prepared, String> {
+fn from_file(
+    guard: tempfile::TempDir,
+    path: &Path,
+    what: &str,
+) -> Result<Prepared, MainContextError> {
     let dir = guard.path().join("ctx");
-    std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let archive = crate::archive::open_archive(path)
-        .map_err(|e| format!("reading the build context from {what}: {e}"))?;
+    std::fs::create_dir(&dir).map_err(MainContextError::ctx(format!("{}", dir.display())))?;
+    let archive = crate::archive::open_archive(path).map_err(MainContextError::ctx(format!(
+        "reading the build context from {what}"
+    )))?;
     let dockerfile = match archive {
         Some(reader) => {
-            apply_layer(reader, &dir, WhiteoutMode::Delete)
-                .map_err(|e| format!("unpacking the build context from {what}: {e}"))?;
+            apply_layer(reader, &dir, WhiteoutMode::Delete).map_err(MainContextError::ctx(
+                format!("unpacking the build context from {what}"),
+            ))?;
             None
         }
-        None => Some(
-            std::fs::read(path)
-                .map_err(|e| format!("reading the build context from {what}: {e}"))?,
-        ),
+        None => Some(std::fs::read(path).map_err(MainContextError::ctx(format!(
+            "reading the build context from {what}"
+        )))?),
     };
-    std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::remove_file(path).map_err(MainContextError::ctx(format!("{}", path.display())))?;
     Ok(Prepared {
         _guard: guard,
         dir,
@@ -90,20 +104,24 @@ fn from_file(guard: tempfile::TempDir, path: &Path, what: &str) -> Result<Prepar
 }
 
 /// A context from a reader (stdin): spooled to `scratch`, then unpacked.
-pub fn from_reader(mut r: impl Read, scratch: &Path) -> Result<Prepared, String> {
+pub fn from_reader(mut r: impl Read, scratch: &Path) -> Result<Prepared, MainContextError> {
     let guard = scratch_dir(scratch, "context-stdin-")?;
     let spool = guard.path().join("input");
-    let mut f = std::fs::File::create(&spool).map_err(|e| format!("{}: {e}", spool.display()))?;
-    io::copy(&mut r, &mut f).map_err(|e| format!("reading the build context from stdin: {e}"))?;
+    let mut f = std::fs::File::create(&spool)
+        .map_err(MainContextError::ctx(format!("{}", spool.display())))?;
+    io::copy(&mut r, &mut f).map_err(MainContextError::ctx(
+        "reading the build context from stdin",
+    ))?;
     drop(f);
     from_file(guard, &spool, "stdin")
 }
 
 /// A context downloaded from an http(s) URL.
-pub fn from_http(url: &str, scratch: &Path) -> Result<Prepared, String> {
-    std::fs::create_dir_all(scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+pub fn from_http(url: &str, scratch: &Path) -> Result<Prepared, MainContextError> {
+    std::fs::create_dir_all(scratch)
+        .map_err(MainContextError::ctx(format!("{}", scratch.display())))?;
     let fetched = crate::remote::fetch_http(url, scratch, None)
-        .map_err(|e| format!("unable to prepare context: {e}"))?;
+        .map_err(MainContextError::ctx("unable to prepare context"))?;
     let path = fetched
         .dir
         .path()
@@ -112,10 +130,11 @@ pub fn from_http(url: &str, scratch: &Path) -> Result<Prepared, String> {
 }
 
 /// A context cloned from a git repository, at its ref and subdirectory.
-pub fn from_git(url: &str, scratch: &Path) -> Result<Prepared, String> {
-    std::fs::create_dir_all(scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+pub fn from_git(url: &str, scratch: &Path) -> Result<Prepared, MainContextError> {
+    std::fs::create_dir_all(scratch)
+        .map_err(MainContextError::ctx(format!("{}", scratch.display())))?;
     let fetched = crate::remote::fetch_git(url, scratch, false, None)
-        .map_err(|e| format!("unable to prepare context: {e}"))?;
+        .map_err(MainContextError::ctx("unable to prepare context"))?;
     let dir = fetched
         .dir
         .path()
@@ -124,27 +143,27 @@ pub fn from_git(url: &str, scratch: &Path) -> Result<Prepared, String> {
     // leading out of it.
     let meta = std::fs::symlink_metadata(&dir);
     if !meta.as_ref().is_ok_and(|m| m.is_dir()) {
-        return Err(format!(
+        return Err(MainContextError::Invalid(format!(
             "unable to prepare context: {url}: subdirectory {} not found in the repository",
             fetched
                 .select
                 .trim_start_matches("/repo")
                 .trim_start_matches('/')
-        ));
+        )));
     }
     let real = dir
         .canonicalize()
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+        .map_err(MainContextError::ctx(format!("{}", dir.display())))?;
     let top = fetched
         .dir
         .path()
         .join("repo")
         .canonicalize()
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+        .map_err(MainContextError::ctx(format!("{}", dir.display())))?;
     if !real.starts_with(&top) {
-        return Err(format!(
+        return Err(MainContextError::Invalid(format!(
             "unable to prepare context: {url}: the subdirectory leaves the repository"
-        ));
+        )));
     }
     Ok(Prepared {
         _guard: fetched.dir,
@@ -158,7 +177,7 @@ pub fn prepare(
     spec: &ContextSpec,
     stdin: impl Read,
     scratch: &Path,
-) -> Result<Option<Prepared>, String> {
+) -> Result<Option<Prepared>, MainContextError> {
     Ok(Some(match spec {
         ContextSpec::Dir(_) => return Ok(None),
         ContextSpec::Stdin => from_reader(stdin, scratch)?,

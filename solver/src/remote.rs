@@ -21,6 +21,11 @@ use std::process::Command;
 
 use sha2::{Digest as _, Sha256};
 
+crate::error::module_error! {
+    /// Why fetching a URL or git source failed.
+    pub enum FetchError {}
+}
+
 /// Does this `ADD` source name a git repository (BuildKit's rules)?
 pub fn is_git_url(s: &str) -> bool {
     if s.starts_with("git@") || s.starts_with("git://") || s.starts_with("ssh://") {
@@ -61,13 +66,13 @@ pub struct Fetched {
 /// An agent for one URL's host: kiln's timeouts, and the TLS roots every
 /// kiln client trusts (the system store, `SSL_CERT_FILE`/`SSL_CERT_DIR`,
 /// the host's `certs.d` CAs; see [`kiln_registry::tls`]).
-fn http_agent(url: &kiln_registry::http::Url) -> Result<ureq::Agent, String> {
-    let t = kiln_registry::http::NetTimeouts::from_env().map_err(|e| e.to_string())?;
+fn http_agent(url: &kiln_registry::http::Url) -> Result<ureq::Agent, FetchError> {
+    let t = kiln_registry::http::NetTimeouts::from_env().map_err(FetchError::src)?;
     let mut b = t.agent_builder();
     if url.scheme() == "https" {
         let host = kiln_registry::tls::url_host(url).unwrap_or_default();
-        let cfg = kiln_registry::RegistryConfig::load(&[]).map_err(|e| e.to_string())?;
-        let tls = kiln_registry::tls::client_config(&cfg, &host).map_err(|e| e.to_string())?;
+        let cfg = kiln_registry::RegistryConfig::load(&[]).map_err(FetchError::src)?;
+        let tls = kiln_registry::tls::client_config(&cfg, &host).map_err(FetchError::src)?;
         b = b.tls_config(tls);
     }
     Ok(b.build())
@@ -100,30 +105,34 @@ pub fn url_file_name(url: &str) -> String {
 }
 
 /// Parses `sha256:HEX` (`--checksum`).
-fn parse_sha256(checksum: &str) -> Result<String, String> {
+fn parse_sha256(checksum: &str) -> Result<String, FetchError> {
     match checksum.split_once(':') {
         Some(("sha256", hex)) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
             Ok(hex.to_ascii_lowercase())
         }
-        _ => Err(format!(
+        _ => Err(FetchError::Invalid(format!(
             "invalid checksum {checksum:?}: expected sha256:<64 hex digits>"
-        )),
+        ))),
     }
 }
 
 /// Downloads `url` into a fresh directory under `scratch`, to `/NAME`.
-pub fn fetch_http(url: &str, scratch: &Path, checksum: Option<&str>) -> Result<Fetched, String> {
+pub fn fetch_http(
+    url: &str,
+    scratch: &Path,
+    checksum: Option<&str>,
+) -> Result<Fetched, FetchError> {
     let want = checksum.map(parse_sha256).transpose()?;
     let dir = tempfile::Builder::new()
         .prefix("add-url-")
         .tempdir_in(scratch)
-        .map_err(|e| format!("scratch dir: {e}"))?;
+        .map_err(FetchError::ctx("scratch dir"))?;
     let name = url_file_name(url);
     // Redirects are followed by kiln's rules: http(s) only (a redirect to
     // `file:///…` is an error, not a panic inside the HTTP client). Each
     // hop trusts the CAs of its own host.
     let mut agents: Vec<(String, ureq::Agent)> = Vec::new();
-    let mut setup_err: Option<String> = None;
+    let mut setup_err: Option<FetchError> = None;
     let followed = kiln_registry::http::follow(url, |u, _| {
         let key = format!(
             "{}://{}",
@@ -134,7 +143,7 @@ pub fn fetch_http(url: &str, scratch: &Path, checksum: Option<&str>) -> Result<F
             Some((_, a)) => a.clone(),
             None => {
                 let a = http_agent(u).map_err(|e| {
-                    let b = Box::new(ureq::Error::from(io::Error::other(e.clone())));
+                    let b = Box::new(ureq::Error::from(io::Error::other(e.to_string())));
                     setup_err = Some(e);
                     b
                 })?;
@@ -144,23 +153,29 @@ pub fn fetch_http(url: &str, scratch: &Path, checksum: Option<&str>) -> Result<F
         };
         agent.request_url("GET", u).call().map_err(Box::new)
     })
-    .map_err(|e| format!("failed to load {url}: {e}"))?;
+    .map_err(|e| FetchError::Invalid(format!("failed to load {url}: {e}")))?;
     if let Some(e) = setup_err {
-        return Err(format!("failed to load {url}: {e}"));
+        return Err(FetchError::ctx(format!("failed to load {url}"))(e));
     }
     let resp = match followed.map_err(|e| *e) {
         Ok(r) => r,
         Err(ureq::Error::Status(code, r)) => {
-            return Err(format!(
+            return Err(FetchError::Invalid(format!(
                 "failed to load {url}: invalid response status {code} {}",
                 r.status_text()
-            ))
+            )))
         }
-        Err(e) => return Err(format!("failed to load {url}: {}", transport_error(&e))),
+        Err(e) => {
+            return Err(FetchError::Invalid(format!(
+                "failed to load {url}: {}",
+                transport_error(&e)
+            )))
+        }
     };
     let last_modified = resp.header("Last-Modified").and_then(parse_http_date);
     let path = dir.path().join(&name);
-    let mut out = fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out =
+        fs::File::create(&path).map_err(FetchError::ctx(format!("{}", path.display())))?;
     let mut reader = resp.into_reader();
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
@@ -169,30 +184,30 @@ pub fn fetch_http(url: &str, scratch: &Path, checksum: Option<&str>) -> Result<F
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("failed to load {url}: {e}")),
+            Err(e) => return Err(FetchError::Invalid(format!("failed to load {url}: {e}"))),
         };
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n])
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(FetchError::ctx(format!("{}", path.display())))?;
     }
     out.sync_all()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(FetchError::ctx(format!("{}", path.display())))?;
     drop(out);
     let got = hex::encode(hasher.finalize());
     if let Some(w) = want {
         if w != got {
-            return Err(format!(
+            return Err(FetchError::Invalid(format!(
                 "digest mismatch for {url}: --checksum=sha256:{w} but the download is sha256:{got}"
-            ));
+            )));
         }
     }
     {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(FetchError::ctx(format!("{}", path.display())))?;
     }
     if let Some(t) = last_modified {
-        crate::fsview::set_mtime(&path, t, 0, false).map_err(|e| e.to_string())?;
+        crate::fsview::set_mtime(&path, t, 0, false).map_err(FetchError::src)?;
     }
     Ok(Fetched {
         dir,
@@ -252,7 +267,7 @@ pub struct GitRef {
 }
 
 /// Parses `REMOTE[#REF[:SUBDIR]]`.
-pub fn parse_git_url(s: &str) -> Result<GitRef, String> {
+pub fn parse_git_url(s: &str) -> Result<GitRef, FetchError> {
     let (remote, frag) = match s.split_once('#') {
         Some((r, f)) => (r, Some(f)),
         None => (s, None),
@@ -272,7 +287,11 @@ pub fn parse_git_url(s: &str) -> Result<GitRef, String> {
                     match kv.split_once('=') {
                         Some(("ref", v)) => r = Some(v.to_string()),
                         Some(("subdir", v)) => d = Some(v.to_string()),
-                        _ => return Err(format!("unsupported git fragment {kv:?} in {s}")),
+                        _ => {
+                            return Err(FetchError::Invalid(format!(
+                                "unsupported git fragment {kv:?} in {s}"
+                            )))
+                        }
                     }
                 }
                 (r, d)
@@ -290,7 +309,9 @@ pub fn parse_git_url(s: &str) -> Result<GitRef, String> {
         .filter(|d| !d.is_empty());
     if let Some(d) = &subdir {
         if d.split('/').any(|c| c == "..") {
-            return Err(format!("git subdir {d:?} leaves the repository"));
+            return Err(FetchError::Invalid(format!(
+                "git subdir {d:?} leaves the repository"
+            )));
         }
     }
     Ok(GitRef {
@@ -300,12 +321,12 @@ pub fn parse_git_url(s: &str) -> Result<GitRef, String> {
     })
 }
 
-fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
+fn git(dir: &Path, args: &[&str]) -> Result<String, FetchError> {
     // The same connect and idle bounds as every other fetch: http(s)
     // transfers slower than 1 byte/s for the idle time are aborted, ssh
     // gets a connect timeout and keep-alives; local `file` remotes (say,
     // from a submodule) are refused.
-    let t = kiln_registry::http::NetTimeouts::from_env().map_err(|e| e.to_string())?;
+    let t = kiln_registry::http::NetTimeouts::from_env().map_err(FetchError::src)?;
     let mut cmd = Command::new("git");
     cmd.arg("-C")
         .arg(dir)
@@ -319,17 +340,17 @@ fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
     }
     let out = cmd.output().map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
-            "git sources need the git command (apt-get install git)".to_string()
+            FetchError::invalid("git sources need the git command (apt-get install git)")
         } else {
-            format!("running git: {e}")
+            FetchError::ctx("running git")(e)
         }
     })?;
     if !out.status.success() {
-        return Err(format!(
+        return Err(FetchError::Invalid(format!(
             "git {}: {}",
             args.first().copied().unwrap_or_default(),
             String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -340,7 +361,7 @@ fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
 /// other kiln client go to a bundle under `dir` (see
 /// [`kiln_registry::tls::pem_bundle`]). None when git's own
 /// `GIT_SSL_CAINFO` is set, or the defaults do.
-fn git_ca_args(remote: &str, dir: &Path) -> Result<Vec<String>, String> {
+fn git_ca_args(remote: &str, dir: &Path) -> Result<Vec<String>, FetchError> {
     if !remote.starts_with("https://") || std::env::var_os("GIT_SSL_CAINFO").is_some() {
         return Ok(Vec::new());
     }
@@ -350,12 +371,12 @@ fn git_ca_args(remote: &str, dir: &Path) -> Result<Vec<String>, String> {
     else {
         return Ok(Vec::new());
     };
-    let cfg = kiln_registry::RegistryConfig::load(&[]).map_err(|e| e.to_string())?;
-    let Some(pem) = kiln_registry::tls::pem_bundle(&cfg, &host).map_err(|e| e.to_string())? else {
+    let cfg = kiln_registry::RegistryConfig::load(&[]).map_err(FetchError::src)?;
+    let Some(pem) = kiln_registry::tls::pem_bundle(&cfg, &host).map_err(FetchError::src)? else {
         return Ok(Vec::new());
     };
     let file = dir.join("ca-bundle.pem");
-    fs::write(&file, pem).map_err(|e| format!("{}: {e}", file.display()))?;
+    fs::write(&file, pem).map_err(FetchError::ctx(format!("{}", file.display())))?;
     Ok(vec![
         "-c".into(),
         format!("http.sslCAInfo={}", file.display()),
@@ -369,16 +390,16 @@ pub fn fetch_git(
     scratch: &Path,
     keep_git_dir: bool,
     checksum: Option<&str>,
-) -> Result<Fetched, String> {
+) -> Result<Fetched, FetchError> {
     let r = parse_git_url(url)?;
     let dir = tempfile::Builder::new()
         .prefix("add-git-")
         .tempdir_in(scratch)
-        .map_err(|e| format!("scratch dir: {e}"))?;
+        .map_err(FetchError::ctx("scratch dir"))?;
     let repo: PathBuf = dir.path().join("repo");
     let repo_s = repo.to_string_lossy().to_string();
-    let ca =
-        git_ca_args(&r.remote, dir.path()).map_err(|e| format!("failed to fetch {url}: {e}"))?;
+    let ca = git_ca_args(&r.remote, dir.path())
+        .map_err(FetchError::ctx(format!("failed to fetch {url}")))?;
     let ca: Vec<&str> = ca.iter().map(String::as_str).collect();
     git(
         dir.path(),
@@ -388,7 +409,7 @@ pub fn fetch_git(
         ]
         .concat(),
     )
-    .map_err(|e| format!("failed to fetch {url}: {e}"))?;
+    .map_err(FetchError::ctx(format!("failed to fetch {url}")))?;
     let target = match &r.reference {
         Some(reference) => {
             // A branch or tag of the remote, else a commit.
@@ -398,21 +419,25 @@ pub fn fetch_git(
             [remote_ref, tag, commit]
                 .iter()
                 .find_map(|c| git(&repo, &["rev-parse", "--verify", "--quiet", c]).ok())
-                .ok_or_else(|| format!("failed to fetch {url}: ref {reference:?} not found"))?
+                .ok_or_else(|| {
+                    FetchError::Invalid(format!(
+                        "failed to fetch {url}: ref {reference:?} not found"
+                    ))
+                })?
         }
         None => git(&repo, &["rev-parse", "HEAD^{commit}"])
-            .map_err(|e| format!("failed to fetch {url}: {e}"))?,
+            .map_err(FetchError::ctx(format!("failed to fetch {url}")))?,
     };
     if let Some(c) = checksum {
         let want = c.trim_start_matches("sha1:").to_ascii_lowercase();
         if want.len() < 7 || !target.starts_with(&want) {
-            return Err(format!(
+            return Err(FetchError::Invalid(format!(
                 "checksum mismatch for {url}: expected commit {c}, got {target}"
-            ));
+            )));
         }
     }
     git(&repo, &["checkout", "--quiet", "--detach", &target])
-        .map_err(|e| format!("failed to fetch {url}: {e}"))?;
+        .map_err(FetchError::ctx(format!("failed to fetch {url}")))?;
     // Submodules are followed as BuildKit does by default (best effort:
     // a repository without them does nothing here).
     if repo.join(".gitmodules").exists() {
@@ -424,10 +449,12 @@ pub fn fetch_git(
             ]
             .concat(),
         )
-        .map_err(|e| format!("failed to fetch submodules of {url}: {e}"))?;
+        .map_err(FetchError::ctx(format!(
+            "failed to fetch submodules of {url}"
+        )))?;
     }
     if !keep_git_dir {
-        fs::remove_dir_all(repo.join(".git")).map_err(|e| format!("removing .git: {e}"))?;
+        fs::remove_dir_all(repo.join(".git")).map_err(FetchError::ctx("removing .git"))?;
     }
     let select = match &r.subdir {
         Some(d) => format!("/repo/{d}"),

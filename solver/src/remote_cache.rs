@@ -40,11 +40,19 @@ use kiln_registry::{BlobSink, Reference, Registry, RegistryConfig, Transfer};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{
-    Active, Backend, BackendResult, BaseImage, CacheMountHold, Exported, LayerRecord,
+    Active, Backend, BackendError, BackendResult, BaseImage, CacheMountHold, Exported, LayerRecord,
 };
 use crate::copy::HashCache;
 use crate::store::{chain_id, StoreBackend};
 use crate::transfer::{encode_image, encode_one, LayerEncoding, StoreSink, StoreSource};
+
+crate::error::module_error! {
+    /// Why a cache import or export failed.
+    pub enum RemoteCacheError {}
+}
+
+crate::error::wrap_from!(RemoteCacheError: BackendError, crate::transfer::TransferError);
+crate::error::wrap_from!(BackendError: RemoteCacheError);
 
 /// Media type of the cache config blob (also the manifest's `artifactType`).
 pub const CACHE_CONFIG_MEDIA_TYPE: &str = "application/vnd.kiln.cache.config.v1+json";
@@ -145,12 +153,10 @@ struct Seen {
     created: i64,
 }
 
-fn s(context: &str, err: impl std::fmt::Display) -> String {
-    format!("{context}: {err}")
-}
-
-fn cd(d: &Digest) -> Result<kiln_cache::Digest, String> {
-    d.as_str().parse().map_err(|e| s(d.as_str(), e))
+fn cd(d: &Digest) -> Result<kiln_cache::Digest, RemoteCacheError> {
+    d.as_str()
+        .parse()
+        .map_err(|e| RemoteCacheError::ctx(d.as_str())(e))
 }
 
 fn blob_path(dir: &Path, d: &Digest) -> PathBuf {
@@ -158,17 +164,22 @@ fn blob_path(dir: &Path, d: &Digest) -> PathBuf {
 }
 
 /// Reads a blob of an OCI layout, verified against `d`.
-fn read_layout_blob(dir: &Path, d: &Digest, limit: u64) -> Result<Vec<u8>, String> {
-    let f = std::fs::File::open(blob_path(dir, d)).map_err(|e| s(&format!("blob {d}"), e))?;
+fn read_layout_blob(dir: &Path, d: &Digest, limit: u64) -> Result<Vec<u8>, RemoteCacheError> {
+    let f = std::fs::File::open(blob_path(dir, d))
+        .map_err(|e| RemoteCacheError::ctx(format!("blob {d}"))(e))?;
     let mut v = Vec::new();
     f.take(limit + 1)
         .read_to_end(&mut v)
-        .map_err(|e| s(&format!("blob {d}"), e))?;
+        .map_err(|e| RemoteCacheError::ctx(format!("blob {d}"))(e))?;
     if v.len() as u64 > limit {
-        return Err(format!("blob {d}: larger than {limit} bytes"));
+        return Err(RemoteCacheError::Invalid(format!(
+            "blob {d}: larger than {limit} bytes"
+        )));
     }
     if &Digest::sha256_of(&v) != d {
-        return Err(format!("blob {d}: content does not match its digest"));
+        return Err(RemoteCacheError::Invalid(format!(
+            "blob {d}: content does not match its digest"
+        )));
     }
     Ok(v)
 }
@@ -215,21 +226,25 @@ impl RemoteCacheBackend {
 
     /// Reads the records of `src` (a manifest fetch and a config fetch; no
     /// layer is downloaded). Returns how many records were usable.
-    pub fn import(&mut self, src: &CacheImport) -> Result<usize, String> {
+    pub fn import(&mut self, src: &CacheImport) -> Result<usize, RemoteCacheError> {
         let (manifest, origin, config) = match src {
             CacheImport::Registry(reference) => {
-                let name =
-                    kiln_cache::normalize_reference(reference).map_err(|e| s(reference, e))?;
-                let r = Reference::parse(&name).map_err(|e| s(reference, e))?;
-                let reg = Registry::new(&r.registry, &self.registry).map_err(|e| e.to_string())?;
+                let name = kiln_cache::normalize_reference(reference)
+                    .map_err(|e| RemoteCacheError::ctx(reference)(e))?;
+                let r = Reference::parse(&name).map_err(|e| RemoteCacheError::ctx(reference)(e))?;
+                let reg =
+                    Registry::new(&r.registry, &self.registry).map_err(RemoteCacheError::src)?;
                 let resolved = reg
                     .resolve(&r, &Platform::host())
-                    .map_err(|e| e.to_string())?;
-                let m = resolved.manifest.manifest().map_err(|e| s(reference, e))?;
+                    .map_err(RemoteCacheError::src)?;
+                let m = resolved
+                    .manifest
+                    .manifest()
+                    .map_err(|e| RemoteCacheError::ctx(reference)(e))?;
                 let config = if is_cache_manifest(&m) {
                     Some(
                         reg.get_blob_bytes(&r.repository, &m.config)
-                            .map_err(|e| e.to_string())?,
+                            .map_err(RemoteCacheError::src)?,
                     )
                 } else {
                     None
@@ -244,7 +259,7 @@ impl RemoteCacheBackend {
                 let raw = read_layout_manifest(dir, tag)?;
                 let m = raw
                     .manifest()
-                    .map_err(|e| s(&dir.display().to_string(), e))?;
+                    .map_err(|e| RemoteCacheError::ctx(dir.display().to_string())(e))?;
                 let config = if is_cache_manifest(&m) {
                     Some(read_layout_blob(dir, &m.config.digest, 64 << 20)?)
                 } else {
@@ -254,18 +269,20 @@ impl RemoteCacheBackend {
             }
         };
         let cfg: CacheConfig = match config {
-            Some(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| s("parsing the cache config", e))?
-            }
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| RemoteCacheError::ctx("parsing the cache config")(e))?,
             None => {
                 let text = manifest
                     .annotations
                     .as_ref()
                     .and_then(|a| a.get(INLINE_ANNOTATION))
                     .ok_or_else(|| {
-                        "neither a kiln cache manifest nor an image with inline cache".to_string()
+                        RemoteCacheError::invalid(
+                            "neither a kiln cache manifest nor an image with inline cache",
+                        )
                     })?;
-                serde_json::from_str(text).map_err(|e| s("parsing the inline cache", e))?
+                serde_json::from_str(text)
+                    .map_err(|e| RemoteCacheError::ctx("parsing the inline cache")(e))?
             }
         };
         let mut n = 0;
@@ -316,7 +333,10 @@ impl RemoteCacheBackend {
             return Ok(None);
         };
         let rec = &remote.rec;
-        let mut pending = self.pending.lock().map_err(|_| "lock poisoned")?;
+        let mut pending = self
+            .pending
+            .lock()
+            .map_err(|_| BackendError::invalid("lock poisoned"))?;
         if let Some(p) = &rec.parent_chain_id {
             if !pending.contains_key(p) && !self.has_snapshot(p) {
                 return Ok(None);
@@ -339,10 +359,16 @@ impl RemoteCacheBackend {
     /// Applies `snapshot` and its pending ancestors (no-op when it is not
     /// pending).
     fn materialize(&self, snapshot: &str) -> BackendResult<()> {
-        let _one = self.materializing.lock().map_err(|_| "lock poisoned")?;
+        let _one = self
+            .materializing
+            .lock()
+            .map_err(|_| BackendError::invalid("lock poisoned"))?;
         let mut todo = Vec::new();
         {
-            let pending = self.pending.lock().map_err(|_| "lock poisoned")?;
+            let pending = self
+                .pending
+                .lock()
+                .map_err(|_| BackendError::invalid("lock poisoned"))?;
             let mut cur = Some(snapshot.to_string());
             while let Some(c) = cur {
                 let Some(r) = pending.get(&c) else { break };
@@ -351,8 +377,10 @@ impl RemoteCacheBackend {
             }
         }
         for r in todo.iter().rev() {
-            self.apply_remote(r)
-                .map_err(|e| s(&format!("importing cached layer {}", r.desc.digest), e))?;
+            self.apply_remote(r).map_err(BackendError::ctx(format!(
+                "importing cached layer {}",
+                r.desc.digest
+            )))?;
             if let Ok(mut p) = self.pending.lock() {
                 p.remove(&r.rec.chain_id);
             }
@@ -360,7 +388,7 @@ impl RemoteCacheBackend {
         Ok(())
     }
 
-    fn fetch(&self, r: &Remote) -> Result<(), String> {
+    fn fetch(&self, r: &Remote) -> Result<(), RemoteCacheError> {
         let store = self.store();
         let sink = StoreSink(store);
         if sink.has_blob(&r.desc) {
@@ -369,16 +397,17 @@ impl RemoteCacheBackend {
         match &r.origin {
             Origin::Registry { reg, repo } => reg
                 .pull_blob(repo, &r.desc, &sink, &|_: Transfer| {})
-                .map_err(|e| e.to_string()),
+                .map_err(RemoteCacheError::src),
             Origin::Dir(dir) => {
                 let mut f = std::fs::File::open(blob_path(dir, &r.desc.digest))
-                    .map_err(|e| s(&format!("blob {}", r.desc.digest), e))?;
-                sink.put_blob(&r.desc, &mut f).map_err(|e| e.to_string())
+                    .map_err(|e| RemoteCacheError::ctx(format!("blob {}", r.desc.digest))(e))?;
+                sink.put_blob(&r.desc, &mut f)
+                    .map_err(RemoteCacheError::src)
             }
         }
     }
 
-    fn apply_remote(&self, r: &Remote) -> Result<(), String> {
+    fn apply_remote(&self, r: &Remote) -> Result<(), RemoteCacheError> {
         let store = self.store();
         let diff = cd(&r.rec.diff_id)?;
         let have_tar = store.has_blob(&diff) && store.meta().has_blob(&diff).unwrap_or(false);
@@ -387,13 +416,17 @@ impl RemoteCacheBackend {
             if r.desc.digest != r.rec.diff_id {
                 let f = store
                     .open_blob(&cd(&r.desc.digest)?)
-                    .map_err(|e| e.to_string())?;
-                let mut tar = decompress_auto(f).map_err(|e| s("decompress", e))?;
-                let mut w = store.content().writer().map_err(|e| e.to_string())?;
-                std::io::copy(&mut tar, &mut w).map_err(|e| s("decompress", e))?;
+                    .map_err(RemoteCacheError::src)?;
+                let mut tar =
+                    decompress_auto(f).map_err(|e| RemoteCacheError::ctx("decompress")(e))?;
+                let mut w = store.content().writer().map_err(RemoteCacheError::src)?;
+                std::io::copy(&mut tar, &mut w)
+                    .map_err(|e| RemoteCacheError::ctx("decompress")(e))?;
                 store
                     .commit_blob(w, Some(&diff), None, Some(media_types::OCI_LAYER))
-                    .map_err(|e| s("layer content does not match its diffID", e))?;
+                    .map_err(|e| {
+                        RemoteCacheError::ctx("layer content does not match its diffID")(e)
+                    })?;
                 // Remember the compressed form: pushing it again needs no
                 // recompression.
                 let memo = match r.desc.media_type.as_str() {
@@ -423,7 +456,7 @@ impl RemoteCacheBackend {
                     diff_id: &diff,
                 },
             )
-            .map_err(|e| s("applying", e))?;
+            .map_err(|e| RemoteCacheError::ctx("applying")(e))?;
         let _ = store.meta().add_blob_snapshot(&diff, &r.rec.chain_id);
         store
             .meta()
@@ -433,7 +466,7 @@ impl RemoteCacheBackend {
                 Some(&diff),
                 std::slice::from_ref(&diff),
             )
-            .map_err(|e| s("cache index", e))
+            .map_err(|e| RemoteCacheError::ctx("cache index")(e))
     }
 
     fn parent_of(&self, snapshot: &str) -> Option<String> {
@@ -446,18 +479,18 @@ impl RemoteCacheBackend {
         &self,
         mode: CacheMode,
         progress: &(dyn Fn(&str) + Sync),
-    ) -> Result<(CacheConfig, Vec<Descriptor>), String> {
+    ) -> Result<(CacheConfig, Vec<Descriptor>), RemoteCacheError> {
         let finals: HashSet<String> = self
             .final_layers
             .lock()
-            .map_err(|_| "lock poisoned")?
+            .map_err(|_| BackendError::invalid("lock poisoned"))?
             .iter()
             .cloned()
             .collect();
         let seen: Vec<(String, Seen)> = self
             .seen
             .lock()
-            .map_err(|_| "lock poisoned")?
+            .map_err(|_| BackendError::invalid("lock poisoned"))?
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
@@ -470,7 +503,9 @@ impl RemoteCacheBackend {
             }
             self.materialize(&sn.snapshot)?;
             let diff = cd(&sn.diff_id)?;
-            let size = store.blob_size(&diff).map_err(|e| s("layer", e))?;
+            let size = store
+                .blob_size(&diff)
+                .map_err(|e| RemoteCacheError::ctx("layer")(e))?;
             let plain = Descriptor::new(media_types::OCI_LAYER, sn.diff_id.clone(), size);
             let desc = encode_one(
                 store,
@@ -508,11 +543,12 @@ impl RemoteCacheBackend {
         &self,
         cfg: &CacheConfig,
         layers: Vec<Descriptor>,
-    ) -> Result<(RawManifest, Descriptor), String> {
-        let cbytes = serde_json::to_vec(cfg).map_err(|e| s("cache config", e))?;
+    ) -> Result<(RawManifest, Descriptor), RemoteCacheError> {
+        let cbytes =
+            serde_json::to_vec(cfg).map_err(|e| RemoteCacheError::ctx("cache config")(e))?;
         self.store()
             .put_bytes(&cbytes, Some(CACHE_CONFIG_MEDIA_TYPE))
-            .map_err(|e| s("storing the cache config", e))?;
+            .map_err(|e| RemoteCacheError::ctx("storing the cache config")(e))?;
         let config = Descriptor::of_bytes(CACHE_CONFIG_MEDIA_TYPE, &cbytes);
         let m = ImageManifest {
             schema_version: 2,
@@ -523,10 +559,12 @@ impl RemoteCacheBackend {
             subject: None,
             annotations: None,
         };
-        let raw = m.to_raw().map_err(|e| s("cache manifest", e))?;
+        let raw = m
+            .to_raw()
+            .map_err(|e| RemoteCacheError::ctx("cache manifest")(e))?;
         self.store()
             .put_bytes(&raw.bytes, Some(&raw.media_type))
-            .map_err(|e| s("storing the cache manifest", e))?;
+            .map_err(|e| RemoteCacheError::ctx("storing the cache manifest")(e))?;
         Ok((raw, config))
     }
 
@@ -538,10 +576,11 @@ impl RemoteCacheBackend {
         mode: CacheMode,
         jobs: usize,
         progress: &(dyn Fn(&str) + Sync),
-    ) -> Result<ExportSummary, String> {
-        let name = kiln_cache::normalize_reference(reference).map_err(|e| s(reference, e))?;
-        let r = Reference::parse(&name).map_err(|e| s(reference, e))?;
-        let reg = Registry::new(&r.registry, &self.registry).map_err(|e| e.to_string())?;
+    ) -> Result<ExportSummary, RemoteCacheError> {
+        let name = kiln_cache::normalize_reference(reference)
+            .map_err(|e| RemoteCacheError::ctx(reference)(e))?;
+        let r = Reference::parse(&name).map_err(|e| RemoteCacheError::ctx(reference)(e))?;
+        let reg = Registry::new(&r.registry, &self.registry).map_err(RemoteCacheError::src)?;
         let (cfg, layers) = self.collect(mode, progress)?;
         let (raw, config) = self.cache_manifest(&cfg, layers.clone())?;
         let mut blobs = layers.clone();
@@ -558,11 +597,11 @@ impl RemoteCacheBackend {
             target: None,
         };
         reg.push_blobs(&r.repository, &blobs, &source, jobs, &count)
-            .map_err(|e| e.to_string())?;
+            .map_err(RemoteCacheError::src)?;
         let tag = r.tag.clone().unwrap_or_else(|| "latest".to_string());
         let digest = reg
             .put_manifest(&r.repository, &tag, &raw)
-            .map_err(|e| e.to_string())?;
+            .map_err(RemoteCacheError::src)?;
         Ok(ExportSummary {
             records: cfg.records.len(),
             layers: layers.len(),
@@ -579,10 +618,10 @@ impl RemoteCacheBackend {
         tag: &str,
         mode: CacheMode,
         progress: &(dyn Fn(&str) + Sync),
-    ) -> Result<ExportSummary, String> {
+    ) -> Result<ExportSummary, RemoteCacheError> {
         let (cfg, layers) = self.collect(mode, progress)?;
         let (raw, config) = self.cache_manifest(&cfg, layers.clone())?;
-        let io = |e: std::io::Error| s(&dir.display().to_string(), e);
+        let io = |e: std::io::Error| RemoteCacheError::ctx(dir.display().to_string())(e);
         std::fs::create_dir_all(dir.join("blobs").join("sha256")).map_err(io)?;
         std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io)?;
         let mut written = 0;
@@ -597,7 +636,7 @@ impl RemoteCacheBackend {
             let mut src = self
                 .store()
                 .open_blob(&cd(&b.digest)?)
-                .map_err(|e| s(&format!("blob {}", b.digest), e))?;
+                .map_err(|e| RemoteCacheError::ctx(format!("blob {}", b.digest))(e))?;
             let tmp = path.with_extension("tmp");
             let mut f = std::fs::File::create(&tmp).map_err(io)?;
             std::io::copy(&mut src, &mut f).map_err(io)?;
@@ -608,7 +647,7 @@ impl RemoteCacheBackend {
         let index_path = dir.join("index.json");
         let mut index = match std::fs::read(&index_path) {
             Ok(b) => serde_json::from_slice::<ImageIndex>(&b)
-                .map_err(|e| s(&index_path.display().to_string(), e))?,
+                .map_err(|e| RemoteCacheError::ctx(index_path.display().to_string())(e))?,
             Err(_) => ImageIndex::new(Vec::new()),
         };
         index
@@ -618,7 +657,9 @@ impl RemoteCacheBackend {
         desc.artifact_type = Some(CACHE_CONFIG_MEDIA_TYPE.to_string());
         desc.annotations = Some([(ANNOTATION_REF_NAME.to_string(), tag.to_string())].into());
         index.manifests.push(desc);
-        let bytes = index.to_bytes().map_err(|e| s("index.json", e))?;
+        let bytes = index
+            .to_bytes()
+            .map_err(|e| RemoteCacheError::ctx("index.json")(e))?;
         let tmp = dir.join("index.json.tmp");
         std::fs::write(&tmp, bytes).map_err(io)?;
         std::fs::rename(&tmp, &index_path).map_err(io)?;
@@ -638,14 +679,18 @@ impl RemoteCacheBackend {
         manifest_digest: &str,
         target: &str,
         enc: LayerEncoding,
-    ) -> Result<ExportSummary, String> {
+    ) -> Result<ExportSummary, RemoteCacheError> {
         let store = self.store();
         let finals = self
             .final_layers
             .lock()
-            .map_err(|_| "lock poisoned")?
+            .map_err(|_| BackendError::invalid("lock poisoned"))?
             .clone();
-        let seen = self.seen.lock().map_err(|_| "lock poisoned")?.clone();
+        let seen = self
+            .seen
+            .lock()
+            .map_err(|_| BackendError::invalid("lock poisoned"))?
+            .clone();
         let mut records = Vec::new();
         for (i, snap) in finals.iter().enumerate() {
             for (key, sn) in seen.iter().filter(|(_, sn)| &sn.snapshot == snap) {
@@ -663,29 +708,39 @@ impl RemoteCacheBackend {
             schema_version: 1,
             records,
         };
-        let md: kiln_cache::Digest = manifest_digest.parse().map_err(|e| s(manifest_digest, e))?;
+        let md: kiln_cache::Digest = manifest_digest
+            .parse()
+            .map_err(|e| RemoteCacheError::ctx(manifest_digest)(e))?;
         let local = RawManifest::new(
-            store.content().read(&md).map_err(|e| s("manifest", e))?,
+            store
+                .content()
+                .read(&md)
+                .map_err(|e| RemoteCacheError::ctx("manifest")(e))?,
             None,
         )
-        .map_err(|e| s("manifest", e))?;
+        .map_err(|e| RemoteCacheError::ctx("manifest")(e))?;
         let encoded = encode_image(store, &local, enc, 4, &|_| {})?;
-        let mut m = encoded.manifest().map_err(|e| s("manifest", e))?;
+        let mut m = encoded
+            .manifest()
+            .map_err(|e| RemoteCacheError::ctx("manifest")(e))?;
         m.annotations.get_or_insert_with(BTreeMap::new).insert(
             INLINE_ANNOTATION.to_string(),
-            serde_json::to_string(&cfg).map_err(|e| s("inline cache", e))?,
+            serde_json::to_string(&cfg).map_err(|e| RemoteCacheError::ctx("inline cache")(e))?,
         );
-        let raw = m.to_raw().map_err(|e| s("manifest", e))?;
+        let raw = m
+            .to_raw()
+            .map_err(|e| RemoteCacheError::ctx("manifest")(e))?;
         store
             .put_bytes(&raw.bytes, Some(&raw.media_type))
-            .map_err(|e| s("storing the manifest", e))?;
-        let name = kiln_cache::normalize_reference(target).map_err(|e| s(target, e))?;
-        let r = Reference::parse(&name).map_err(|e| s(target, e))?;
-        let reg = Registry::new(&r.registry, &self.registry).map_err(|e| e.to_string())?;
+            .map_err(|e| RemoteCacheError::ctx("storing the manifest")(e))?;
+        let name = kiln_cache::normalize_reference(target)
+            .map_err(|e| RemoteCacheError::ctx(target)(e))?;
+        let r = Reference::parse(&name).map_err(|e| RemoteCacheError::ctx(target)(e))?;
+        let reg = Registry::new(&r.registry, &self.registry).map_err(RemoteCacheError::src)?;
         let tag = r.tag.clone().unwrap_or_else(|| "latest".to_string());
         let digest = reg
             .put_manifest(&r.repository, &tag, &raw)
-            .map_err(|e| e.to_string())?;
+            .map_err(RemoteCacheError::src)?;
         Ok(ExportSummary {
             records: cfg.records.len(),
             layers: m.layers.len(),
@@ -709,11 +764,12 @@ fn ref_name(d: &Descriptor) -> Option<&str> {
 
 /// The manifest named `tag` in the OCI layout `dir` (the last one when
 /// none has that name and there is just one), verified.
-fn read_layout_manifest(dir: &Path, tag: &str) -> Result<RawManifest, String> {
+fn read_layout_manifest(dir: &Path, tag: &str) -> Result<RawManifest, RemoteCacheError> {
     let path = dir.join("index.json");
-    let bytes = std::fs::read(&path).map_err(|e| s(&path.display().to_string(), e))?;
-    let index: ImageIndex =
-        serde_json::from_slice(&bytes).map_err(|e| s(&path.display().to_string(), e))?;
+    let bytes =
+        std::fs::read(&path).map_err(|e| RemoteCacheError::ctx(path.display().to_string())(e))?;
+    let index: ImageIndex = serde_json::from_slice(&bytes)
+        .map_err(|e| RemoteCacheError::ctx(path.display().to_string())(e))?;
     let d = index
         .manifests
         .iter()
@@ -724,9 +780,11 @@ fn read_layout_manifest(dir: &Path, tag: &str) -> Result<RawManifest, String> {
         } else {
             None
         })
-        .ok_or_else(|| format!("{}: no cache named {tag:?}", dir.display()))?;
+        .ok_or_else(|| {
+            RemoteCacheError::Invalid(format!("{}: no cache named {tag:?}", dir.display()))
+        })?;
     let bytes = read_layout_blob(dir, &d.digest, 4 << 20)?;
-    RawManifest::new(bytes, Some(&d.media_type)).map_err(|e| s("manifest", e))
+    RawManifest::new(bytes, Some(&d.media_type)).map_err(|e| RemoteCacheError::ctx("manifest")(e))
 }
 
 impl Backend for RemoteCacheBackend {
@@ -784,7 +842,7 @@ impl Backend for RemoteCacheBackend {
         let was_pending: HashSet<String> = self
             .pending
             .lock()
-            .map_err(|_| "lock poisoned")?
+            .map_err(|_| BackendError::invalid("lock poisoned"))?
             .keys()
             .cloned()
             .collect();
@@ -796,7 +854,7 @@ impl Backend for RemoteCacheBackend {
                 l.size = self
                     .store()
                     .blob_size(&cd(&l.diff_id)?)
-                    .map_err(|e| s("layer blob", e))?;
+                    .map_err(|e| RemoteCacheError::ctx("layer blob")(e))?;
             }
             fixed.push(l);
         }

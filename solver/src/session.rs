@@ -89,6 +89,7 @@ impl Error {
             Error::Usage(_)
                 | Error::Context(ContextError::Usage(_))
                 | Error::Context(ContextError::OciLayout(_))
+                | Error::Context(ContextError::Prepare(_))
                 | Error::Export(ExportError::Usage(_))
                 | Error::Export(ExportError::Terminal)
         )

@@ -16,7 +16,9 @@ use kiln_image::diff::DiffOptions;
 use kiln_image::manifest::{media_types, Descriptor, ImageManifest};
 use kiln_image::Digest;
 
-use crate::backend::{Active, Backend, BackendResult, BaseImage, Exported, LayerRecord};
+use crate::backend::{
+    Active, Backend, BackendError, BackendResult, BaseImage, Exported, LayerRecord,
+};
 use crate::copy::{HashCache, StatKey};
 use crate::flatten::Block;
 
@@ -32,10 +34,6 @@ pub struct StoreBackend {
     flats: std::sync::Mutex<std::collections::HashMap<String, PathBuf>>,
     /// The platform picked from a stored index (`None`: the host's).
     platform: Option<kiln_image::manifest::Platform>,
-}
-
-fn e(context: &str, err: impl std::fmt::Display) -> String {
-    format!("{context}: {err}")
 }
 
 static ACTIVE: AtomicU64 = AtomicU64::new(0);
@@ -74,7 +72,7 @@ fn oci_layer_type(media_type: &str) -> String {
 }
 
 fn cache_digest(d: &Digest) -> BackendResult<kiln_cache::Digest> {
-    d.as_str().parse().map_err(|err| e("digest", err))
+    d.as_str().parse().map_err(BackendError::ctx("digest"))
 }
 
 impl StoreBackend {
@@ -127,12 +125,14 @@ impl StoreBackend {
     }
 
     fn layer_of(&self, snapshot: &str, diff_id: &str, created: i64) -> BackendResult<LayerRecord> {
-        let diff = diff_id.parse::<Digest>().map_err(|err| e("diff id", err))?;
+        let diff = diff_id
+            .parse::<Digest>()
+            .map_err(BackendError::ctx("diff id"))?;
         let blob = cache_digest(&diff)?;
         let size = self
             .store
             .blob_size(&blob)
-            .map_err(|err| e("layer blob", err))?;
+            .map_err(BackendError::ctx("layer blob"))?;
         Ok(LayerRecord {
             diff_id: diff.clone(),
             digest: diff,
@@ -154,7 +154,7 @@ impl StoreBackend {
     fn chain(&self, snapshot: &str) -> BackendResult<Vec<std::sync::Arc<kiln_cache::Info>>> {
         self.sn()
             .chain(snapshot)
-            .map_err(|err| e("snapshot chain", err))
+            .map_err(BackendError::ctx("snapshot chain"))
     }
 
     /// The directory of the merged `block` of the chain `rows` (top
@@ -172,11 +172,13 @@ impl StoreBackend {
             depth.checked_sub(block.start + block.len),
             depth.checked_sub(block.start),
         ) else {
-            return Err("snapshot chain shorter than a merged block".to_string());
+            return Err(BackendError::invalid(
+                "snapshot chain shorter than a merged block",
+            ));
         };
         let row = rows
             .get(top)
-            .ok_or_else(|| "snapshot chain shorter than a merged block".to_string())?;
+            .ok_or_else(|| BackendError::invalid("snapshot chain shorter than a merged block"))?;
         let name = format!(
             "flat-{}-{}",
             block.level,
@@ -217,11 +219,11 @@ impl StoreBackend {
         };
         let info = kiln_cache::apply_into(self.sn(), &name, None, |dir, _mode| {
             crate::flatten::squash(&sources, dir, block.start == 0)
-                .map_err(|err| kiln_cache::Error::InvalidState(e("merging layers", err)))?;
+                .map_err(|err| kiln_cache::Error::InvalidState(format!("merging layers: {err}")))?;
             cache_digest(&Digest::sha256_of(name.as_bytes()))
-                .map_err(kiln_cache::Error::InvalidState)
+                .map_err(|err| kiln_cache::Error::InvalidState(err.to_string()))
         })
-        .map_err(|err| e("merging a deep layer stack", err))?;
+        .map_err(BackendError::ctx("merging a deep layer stack"))?;
         Ok(remember(self.snapshot_dir(&info.id)))
     }
 
@@ -237,11 +239,11 @@ impl StoreBackend {
         config: &ImageConfig,
     ) -> BackendResult<Vec<LayerRecord>> {
         if manifest.layers.len() != config.rootfs.diff_ids.len() {
-            return Err(format!(
+            return Err(BackendError::Invalid(format!(
                 "image {image} has {} layers but {} diffIDs",
                 manifest.layers.len(),
                 config.rootfs.diff_ids.len()
-            ));
+            )));
         }
         let mut parent: Option<String> = None;
         let mut out = Vec::new();
@@ -264,14 +266,12 @@ impl StoreBackend {
                         diff_id: &diff,
                     },
                 )
-                .map_err(|err| {
-                    format!(
-                        "image {image}: unpacking layer {} of {} ({}): {err}",
-                        i + 1,
-                        manifest.layers.len(),
-                        desc.digest
-                    )
-                })?;
+                .map_err(BackendError::ctx(format!(
+                    "image {image}: unpacking layer {} of {} ({})",
+                    i + 1,
+                    manifest.layers.len(),
+                    desc.digest
+                )))?;
             out.push(LayerRecord {
                 diff_id: diff_id.clone(),
                 digest: desc.digest.clone(),
@@ -363,7 +363,9 @@ impl Backend for StoreBackend {
         // Docker/BuildKit word every unparsable name "invalid reference
         // format"; the detail follows.
         let name = kiln_cache::normalize_reference(reference).map_err(|err| {
-            format!("failed to parse stage name {reference:?}: invalid reference format ({err})")
+            BackendError::Invalid(format!(
+                "failed to parse stage name {reference:?}: invalid reference format ({err})"
+            ))
         })?;
         let imported = name.starts_with(&format!("{OCI_LAYOUT_DOMAIN}/"));
         if let Some((cfg, always)) = self.registry.as_ref().filter(|_| !imported) {
@@ -371,28 +373,29 @@ impl Backend for StoreBackend {
                 .store
                 .meta()
                 .image(&name)
-                .map_err(|err| e("image table", err))?;
+                .map_err(BackendError::ctx("image table"))?;
             if *always || local.is_none() {
-                crate::transfer::pull(&self.store, cfg, &name, 4, &|_| {})?;
+                crate::transfer::pull(&self.store, cfg, &name, 4, &|_| {})
+                    .map_err(BackendError::src)?;
             }
         }
         let Some(rec) = self
             .store
             .meta()
             .image(&name)
-            .map_err(|err| e("image table", err))?
+            .map_err(BackendError::ctx("image table"))?
         else {
             return Ok(None);
         };
         let md: kiln_cache::Digest = rec
             .manifest
             .parse()
-            .map_err(|err| e("manifest digest", err))?;
+            .map_err(BackendError::ctx("manifest digest"))?;
         let bytes = self
             .store
             .content()
             .read(&md)
-            .map_err(|err| e("manifest", err))?;
+            .map_err(BackendError::ctx("manifest"))?;
         // A name that points at an index (or a run for an explicit
         // platform): the platform's image.
         let (bytes, manifest_digest) = if self.platform.is_some()
@@ -401,21 +404,22 @@ impl Backend for StoreBackend {
         {
             let m =
                 crate::platforms::select(&self.store, &rec.manifest, self.platform.as_ref(), false)
-                    .map_err(|err| format!("{name}: {err}"))?
+                    .map_err(BackendError::ctx(name.clone()))?
                     .manifest;
             (m.bytes, m.digest.to_string())
         } else {
             (bytes, rec.manifest.clone())
         };
         let manifest: ImageManifest =
-            serde_json::from_slice(&bytes).map_err(|err| e("parsing manifest", err))?;
+            serde_json::from_slice(&bytes).map_err(BackendError::ctx("parsing manifest"))?;
         let cd = cache_digest(&manifest.config.digest)?;
         let cbytes = self
             .store
             .content()
             .read(&cd)
-            .map_err(|err| e("config", err))?;
-        let config = ImageConfig::from_bytes(&cbytes).map_err(|err| e("parsing config", err))?;
+            .map_err(BackendError::ctx("config"))?;
+        let config =
+            ImageConfig::from_bytes(&cbytes).map_err(BackendError::ctx("parsing config"))?;
         let layers = self.unpack(&name, &manifest, &config)?;
         Ok(Some(BaseImage {
             reference: name,
@@ -434,7 +438,7 @@ impl Backend for StoreBackend {
                 Some(&layer.diff_id),
                 std::slice::from_ref(&layer.digest),
             )
-            .map_err(|err| e("cache index", err))
+            .map_err(BackendError::ctx("cache index"))
     }
 
     fn cache_get(&self, key: &str) -> BackendResult<Option<LayerRecord>> {
@@ -442,7 +446,7 @@ impl Backend for StoreBackend {
             .store
             .meta()
             .cache_get(key)
-            .map_err(|err| e("cache index", err))?
+            .map_err(BackendError::ctx("cache index"))?
         else {
             return Ok(None);
         };
@@ -471,11 +475,11 @@ impl Backend for StoreBackend {
         let mounts = self
             .sn()
             .prepare(&key, parent)
-            .map_err(|err| e("prepare snapshot", err))?;
+            .map_err(BackendError::ctx("prepare snapshot"))?;
         let top = self
             .sn()
             .writable_dir(&key)
-            .map_err(|err| e("snapshot dir", err))?;
+            .map_err(BackendError::ctx("snapshot dir"))?;
         let mut layers = vec![top];
         let mut mounts: Vec<RootfsMount> = mounts.iter().map(Self::to_rootfs).collect();
         if self.sn().name() == "overlay" {
@@ -513,7 +517,7 @@ impl Backend for StoreBackend {
         let result = (|| {
             let parent = sn
                 .stat(&active.key)
-                .map_err(|err| e("snapshot", err))?
+                .map_err(BackendError::ctx("snapshot"))?
                 .parent;
             // The layer's bytes stay in the snapshot: only its diffID and
             // size are computed here (one streaming pass, nothing written);
@@ -521,10 +525,13 @@ impl Backend for StoreBackend {
             // push) — see `Store::record_layer_source`.
             let (blob, size, usage) = sn
                 .diff_source(&active.key)
-                .map_err(|err| e("diff source", err))?
+                .map_err(BackendError::ctx("diff source"))?
                 .digest(opts)
-                .map_err(|err| e("diff", err))?;
-            let diff_id: Digest = blob.to_string().parse().map_err(|err| e("digest", err))?;
+                .map_err(BackendError::ctx("diff"))?;
+            let diff_id: Digest = blob
+                .to_string()
+                .parse()
+                .map_err(BackendError::ctx("digest"))?;
             let name = chain_id(parent.as_deref(), diff_id.as_str());
             let committed = match usage {
                 Some(u) => sn.commit_measured(&name, &active.key, u),
@@ -540,15 +547,15 @@ impl Backend for StoreBackend {
                     // left for prune rather than deleted now.
                     let _ = sn.retire(&active.key);
                 }
-                Err(err) => return Err(e("commit snapshot", err)),
+                Err(err) => return Err(BackendError::ctx("commit snapshot")(err)),
             }
             self.store
                 .record_layer_source(&blob, size, &name, opts)
-                .map_err(|err| e("recording layer", err))?;
+                .map_err(BackendError::ctx("recording layer"))?;
             self.store
                 .meta()
                 .cache_put(key, Some(&name), Some(&blob), std::slice::from_ref(&blob))
-                .map_err(|err| e("cache index", err))?;
+                .map_err(BackendError::ctx("cache index"))?;
             Ok(LayerRecord {
                 diff_id: diff_id.clone(),
                 digest: diff_id,
@@ -576,7 +583,7 @@ impl Backend for StoreBackend {
         if sn.name() != "overlay" {
             // A committed native snapshot is a full, immutable tree: read it
             // where it is.
-            let row = sn.stat(snapshot).map_err(|err| e("snapshot", err))?;
+            let row = sn.stat(snapshot).map_err(BackendError::ctx("snapshot"))?;
             return Ok(vec![self.snapshot_dir(&row.id)]);
         }
         Ok(self
@@ -598,22 +605,22 @@ impl Backend for StoreBackend {
     ) -> BackendResult<Exported> {
         let mut config = config.clone();
         config.rootfs.diff_ids = layers.iter().map(|l| l.diff_id.clone()).collect();
-        let cbytes = config.to_bytes().map_err(|err| e("config", err))?;
+        let cbytes = config.to_bytes().map_err(BackendError::ctx("config"))?;
         let cdigest = self
             .store
             .put_bytes(&cbytes, Some(media_types::OCI_CONFIG))
-            .map_err(|err| e("storing config", err))?;
+            .map_err(BackendError::ctx("storing config"))?;
         let config_desc = Descriptor::of_bytes(media_types::OCI_CONFIG, &cbytes);
         let layer_descs: Vec<Descriptor> = layers
             .iter()
             .map(|l| Descriptor::new(oci_layer_type(&l.media_type), l.digest.clone(), l.size))
             .collect();
         let manifest = ImageManifest::new(config_desc, layer_descs, true);
-        let mbytes = manifest.to_bytes().map_err(|err| e("manifest", err))?;
+        let mbytes = manifest.to_bytes().map_err(BackendError::ctx("manifest"))?;
         let mdigest = self
             .store
             .put_bytes(&mbytes, Some(media_types::OCI_MANIFEST))
-            .map_err(|err| e("storing manifest", err))?;
+            .map_err(BackendError::ctx("storing manifest"))?;
         let layer_blobs = layers
             .iter()
             .map(|l| cache_digest(&l.digest))
@@ -621,7 +628,7 @@ impl Backend for StoreBackend {
         for tag in tags {
             self.store
                 .record_image(tag, &mdigest, &cdigest, &layer_blobs)
-                .map_err(|err| e("tagging", err))?;
+                .map_err(BackendError::ctx("tagging"))?;
         }
         if tags.is_empty() {
             // Keep the image reachable by ID only through the lease; an
@@ -642,7 +649,7 @@ impl Backend for StoreBackend {
         let m = self
             .store
             .cache_mount(id, sharing)
-            .map_err(|err| e("cache mount", err))?;
+            .map_err(BackendError::ctx("cache mount"))?;
         Ok(crate::backend::CacheMountHold {
             dir: m.dir.clone(),
             created: m.created,

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use kiln_executor::{
     CancellationToken, ExecOutcome, ExecRequest, ExitStatus, OutputLine, RootfsKind, RootfsMount,
@@ -25,7 +25,9 @@ use kiln_image::Digest;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
-use crate::backend::{Active, Backend, BackendResult, BaseImage, Exported, LayerRecord};
+use crate::backend::{
+    Active, Backend, BackendError, BackendResult, BaseImage, Exported, LayerRecord,
+};
 use crate::copy::{HashCache, NoHashCache};
 use crate::solve::runner::{RunError, RunFuture, Runner};
 
@@ -45,17 +47,17 @@ struct MemState {
     committed: Vec<String>,
     /// Every key looked up, in order.
     lookups: Vec<String>,
+    /// When set, every commit fails with the error it makes.
+    fail_commit: Option<CommitFault>,
 }
+
+type CommitFault = Arc<dyn Fn() -> BackendError + Send + Sync>;
 
 /// An in-memory store: see the module doc.
 pub struct MemBackend {
     root: tempfile::TempDir,
     next: AtomicUsize,
     state: Mutex<MemState>,
-}
-
-fn err(what: &str, e: impl std::fmt::Display) -> String {
-    format!("{what}: {e}")
 }
 
 struct HashWriter(Sha256);
@@ -82,6 +84,12 @@ impl MemBackend {
         })
     }
 
+    /// Makes every later commit fail with the error `fault` returns (as
+    /// a store that ran out of space would), after dropping the snapshot.
+    pub fn fail_commits_with(&self, fault: impl Fn() -> BackendError + Send + Sync + 'static) {
+        self.lock().fail_commit = Some(Arc::new(fault));
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, MemState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -90,7 +98,7 @@ impl MemBackend {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let name = format!("snap-{n}");
         let dir = self.root.path().join(&name);
-        std::fs::create_dir(&dir).map_err(|e| err("snapshot dir", e))?;
+        std::fs::create_dir(&dir).map_err(BackendError::ctx("snapshot dir"))?;
         Ok((name, dir))
     }
 
@@ -105,7 +113,7 @@ impl MemBackend {
         files: &[(&str, &[u8])],
     ) -> BackendResult<()> {
         let (snap, dir) = self.new_dir()?;
-        let root = kiln_fs::Root::open(&dir).map_err(|e| err("layer", e))?;
+        let root = kiln_fs::Root::open(&dir).map_err(BackendError::ctx("layer"))?;
         for (path, data) in files {
             root.write_file(
                 path.trim_start_matches('/'),
@@ -114,7 +122,7 @@ impl MemBackend {
                 0o644,
                 Some((0, 0)),
             )
-            .map_err(|e| err("layer file", e))?;
+            .map_err(BackendError::ctx("layer file"))?;
         }
         // Pinned mtimes: the base layer is the same whenever it is made.
         let opts = DiffOptions {
@@ -177,16 +185,16 @@ impl MemBackend {
 
 fn diff_of(dir: &Path, opts: &DiffOptions) -> BackendResult<Digest> {
     let mut w = HashWriter(Sha256::new());
-    kiln_image::diff::write_overlay_diff(dir, &mut w, opts).map_err(|e| err("diff", e))?;
+    kiln_image::diff::write_overlay_diff(dir, &mut w, opts).map_err(BackendError::ctx("diff"))?;
     format!("sha256:{}", hex::encode(w.0.finalize()))
         .parse()
-        .map_err(|e| err("digest", e))
+        .map_err(BackendError::ctx("digest"))
 }
 
 impl Backend for MemBackend {
     fn resolve_image(&self, reference: &str) -> BackendResult<Option<BaseImage>> {
         let name = kiln_cache::normalize_reference(reference)
-            .map_err(|e| format!("invalid reference format: {e}"))?;
+            .map_err(BackendError::ctx("invalid reference format"))?;
         Ok(self.lock().images.get(&name).cloned())
     }
 
@@ -229,11 +237,15 @@ impl Backend for MemBackend {
     }
 
     fn commit(&self, active: Active, key: &str, opts: &DiffOptions) -> BackendResult<LayerRecord> {
-        let snap = self
-            .lock()
-            .snaps
-            .remove(&active.key)
-            .ok_or_else(|| format!("no active snapshot {}", active.key))?;
+        let fault = self.lock().fail_commit.clone();
+        if let Some(fault) = fault {
+            self.abort(active);
+            return Err(fault());
+        }
+        let snap =
+            self.lock().snaps.remove(&active.key).ok_or_else(|| {
+                BackendError::Invalid(format!("no active snapshot {}", active.key))
+            })?;
         let diff_id = diff_of(&snap.dir, opts)?;
         let name = active.key.trim_start_matches("active-").to_string();
         let layer = LayerRecord {
@@ -262,7 +274,10 @@ impl Backend for MemBackend {
         let mut out = Vec::new();
         let mut cur = Some(snapshot.to_string());
         while let Some(c) = cur {
-            let s = st.snaps.get(&c).ok_or_else(|| format!("no snapshot {c}"))?;
+            let s = st
+                .snaps
+                .get(&c)
+                .ok_or_else(|| BackendError::Invalid(format!("no snapshot {c}")))?;
             out.push(s.dir.clone());
             cur = s.parent.clone();
         }
@@ -281,7 +296,7 @@ impl Backend for MemBackend {
     ) -> BackendResult<Exported> {
         let mut config = config.clone();
         config.rootfs.diff_ids = layers.iter().map(|l| l.diff_id.clone()).collect();
-        let bytes = config.to_bytes().map_err(|e| err("config", e))?;
+        let bytes = config.to_bytes().map_err(BackendError::ctx("config"))?;
         let image_id = Digest::sha256_of(&bytes).to_string();
         let manifest_digest = Digest::sha256_of(image_id.as_bytes()).to_string();
         self.lock()
@@ -303,7 +318,7 @@ impl Backend for MemBackend {
         let created = match std::fs::create_dir(&dir) {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
-            Err(e) => return Err(err("cache mount", e)),
+            Err(e) => return Err(BackendError::ctx("cache mount")(e)),
         };
         Ok(crate::backend::CacheMountHold {
             dir,
@@ -324,16 +339,16 @@ impl Backend for MemBackend {
     ) -> BackendResult<LayerRecord> {
         let src = self
             .snapshot_dir(&layer.snapshot)
-            .ok_or_else(|| format!("no snapshot {}", layer.snapshot))?;
+            .ok_or_else(|| BackendError::Invalid(format!("no snapshot {}", layer.snapshot)))?;
         let (name, dir) = self.new_dir()?;
         let status = std::process::Command::new("cp")
             .arg("-a")
             .arg(format!("{}/.", src.display()))
             .arg(&dir)
             .status()
-            .map_err(|e| err("stack", e))?;
+            .map_err(BackendError::ctx("stack"))?;
         if !status.success() {
-            return Err(format!("stack: cp exited {status}"));
+            return Err(BackendError::Invalid(format!("stack: cp exited {status}")));
         }
         let stacked = LayerRecord {
             snapshot: name.clone(),

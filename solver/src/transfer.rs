@@ -18,8 +18,15 @@ use kiln_registry::{
     BlobSink, PushSource, Reference, Registry, RegistryConfig, SinkError, Transfer,
 };
 
-fn cd(d: &Digest) -> Result<kiln_cache::Digest, String> {
-    d.as_str().parse().map_err(|e| format!("digest {d}: {e}"))
+crate::error::module_error! {
+    /// Why a pull, push or image encoding failed.
+    pub enum TransferError {}
+}
+
+fn cd(d: &Digest) -> Result<kiln_cache::Digest, TransferError> {
+    d.as_str()
+        .parse()
+        .map_err(TransferError::ctx(format!("digest {d}")))
 }
 
 /// The store as a [`BlobSink`]: verified ingest (digest and size).
@@ -33,14 +40,14 @@ impl BlobSink for StoreSink<'_> {
         })
     }
     fn put_blob(&self, desc: &Descriptor, r: &mut dyn Read) -> Result<(), SinkError> {
-        let d = cd(&desc.digest)?;
+        let d = cd(&desc.digest).map_err(SinkError::new)?;
         self.0
             .put_blob(r, Some(&d), Some(desc.size), Some(&desc.media_type))
             .map(|_| ())
             .map_err(SinkError::new)
     }
     fn put_verified_blob(&self, desc: &Descriptor, r: &mut dyn Read) -> Result<(), SinkError> {
-        let d = cd(&desc.digest)?;
+        let d = cd(&desc.digest).map_err(SinkError::new)?;
         self.0
             .put_verified_blob(r, &d, desc.size, Some(&desc.media_type))
             .map(|_| ())
@@ -102,7 +109,7 @@ pub fn pull(
     reference: &str,
     jobs: usize,
     progress: &(dyn Fn(Transfer) + Sync),
-) -> Result<PullResult, String> {
+) -> Result<PullResult, TransferError> {
     pull_platform(store, cfg, reference, None, jobs, progress)
 }
 
@@ -119,23 +126,26 @@ pub fn pull_platform(
     platform: Option<&Platform>,
     jobs: usize,
     progress: &(dyn Fn(Transfer) + Sync),
-) -> Result<PullResult, String> {
+) -> Result<PullResult, TransferError> {
     let _span = tracing::info_span!("pull", reference).entered();
     tracing::info!("pull started");
-    let name = kiln_cache::normalize_reference(reference).map_err(|e| e.to_string())?;
-    let r = Reference::parse(&name).map_err(|e| e.to_string())?;
-    let reg = Registry::new(&r.registry, cfg).map_err(|e| e.to_string())?;
+    let name = kiln_cache::normalize_reference(reference).map_err(TransferError::src)?;
+    let r = Reference::parse(&name).map_err(TransferError::src)?;
+    let reg = Registry::new(&r.registry, cfg).map_err(TransferError::src)?;
     let sink = StoreSink(store);
     let host = Platform::host();
     let want = platform.unwrap_or(&host);
     let p = reg
         .pull_image(&r, want, &sink, jobs, progress)
-        .map_err(|e| e.to_string())?;
-    let config = ImageConfig::from_bytes(&p.config).map_err(|e| format!("{name}: config: {e}"))?;
+        .map_err(TransferError::src)?;
+    let config = ImageConfig::from_bytes(&p.config)
+        .map_err(TransferError::ctx(format!("{name}: config")))?;
     let m = &p.resolved.manifest;
     match &p.resolved.index {
         Some(i) => {
-            let idx = i.index().map_err(|e| format!("{name}: index: {e}"))?;
+            let idx = i
+                .index()
+                .map_err(TransferError::ctx(format!("{name}: index")))?;
             let claimed = idx
                 .manifests
                 .iter()
@@ -154,7 +164,7 @@ pub fn pull_platform(
     let (mdig, cdig, layers) = store_pulled(store, &name, &r, &p, &config)?;
     store
         .record_image(&name, &mdig, &cdig, &layers)
-        .map_err(|e| format!("storing {name}: {e}"))?;
+        .map_err(TransferError::ctx(format!("storing {name}")))?;
     Ok(PullResult {
         name,
         manifest_digest: m.digest.clone(),
@@ -169,7 +179,7 @@ fn check_config_platform(
     manifest: &Digest,
     claimed: &Platform,
     config: &ImageConfig,
-) -> Result<(), String> {
+) -> Result<(), TransferError> {
     let actual = Platform {
         os: config.os.clone(),
         architecture: config.architecture.clone(),
@@ -185,11 +195,11 @@ fn check_config_platform(
     if claimed.matches(&actual) || claimed.matches(&lenient) {
         return Ok(());
     }
-    Err(format!(
+    Err(TransferError::Invalid(format!(
         "{name}: manifest {manifest} is for platform {}, but its config says {}: refusing it",
         kiln_image::platform::normalize(claimed),
         kiln_image::platform::normalize(&actual)
-    ))
+    )))
 }
 
 /// Stores a pulled image's config and manifest (layers are in already)
@@ -207,16 +217,16 @@ fn store_pulled(
         kiln_cache::Digest,
         Vec<kiln_cache::Digest>,
     ),
-    String,
+    TransferError,
 > {
     if config.rootfs.diff_ids.len() != p.manifest.layers.len() {
-        return Err(format!(
+        return Err(TransferError::Invalid(format!(
             "{name}: manifest has {} layers, config {} diffIDs",
             p.manifest.layers.len(),
             config.rootfs.diff_ids.len()
-        ));
+        )));
     }
-    let err = |e: kiln_cache::Error| format!("storing {name}: {e}");
+    let err = |e: kiln_cache::Error| TransferError::ctx(format!("storing {name}"))(e);
     let cdig = cd(&p.manifest.config.digest)?;
     store
         .put_blob(
@@ -252,34 +262,36 @@ pub fn pull_all_platforms(
     reference: &str,
     jobs: usize,
     progress: &(dyn Fn(Transfer) + Sync),
-) -> Result<PullResult, String> {
+) -> Result<PullResult, TransferError> {
     let _span = tracing::info_span!("pull", reference).entered();
-    let name = kiln_cache::normalize_reference(reference).map_err(|e| e.to_string())?;
-    let r = Reference::parse(&name).map_err(|e| e.to_string())?;
-    let reg = Registry::new(&r.registry, cfg).map_err(|e| e.to_string())?;
+    let name = kiln_cache::normalize_reference(reference).map_err(TransferError::src)?;
+    let r = Reference::parse(&name).map_err(TransferError::src)?;
+    let reg = Registry::new(&r.registry, cfg).map_err(TransferError::src)?;
     let first = reg
         .get_manifest(&r.repository, &r.manifest_ref())
-        .map_err(|e| e.to_string())?;
+        .map_err(TransferError::src)?;
     if !first.is_index() {
         return pull_platform(store, cfg, reference, None, jobs, progress);
     }
-    let idx = first.index().map_err(|e| format!("{name}: index: {e}"))?;
+    let idx = first
+        .index()
+        .map_err(TransferError::ctx(format!("{name}: index")))?;
     if idx.manifests.len() > crate::platforms::MAX_INDEX_ENTRIES {
-        return Err(format!(
+        return Err(TransferError::Invalid(format!(
             "{name}: index {} has {} entries; kiln pulls at most {}",
             first.digest,
             idx.manifests.len(),
             crate::platforms::MAX_INDEX_ENTRIES
-        ));
+        )));
     }
     let sink = StoreSink(store);
     let mut children = Vec::new();
     for d in &idx.manifests {
         if media_types::is_index(&d.media_type) {
-            return Err(format!(
+            return Err(TransferError::Invalid(format!(
                 "{name}: index entry {} is itself an index; kiln does not pull nested indexes",
                 d.digest
-            ));
+            )));
         }
         let Some(claimed) = d.platform.as_ref().filter(|p| p.os != "unknown") else {
             continue;
@@ -291,35 +303,35 @@ pub fn pull_all_platforms(
         };
         let p = reg
             .pull_image(&child, claimed, &sink, jobs, progress)
-            .map_err(|e| e.to_string())?;
+            .map_err(TransferError::src)?;
         if p.resolved.manifest.digest != d.digest
             || p.resolved.manifest.bytes.len() as u64 != d.size
         {
-            return Err(format!(
+            return Err(TransferError::Invalid(format!(
                 "{name}: index entry {} ({} bytes) resolved to {} ({} bytes)",
                 d.digest,
                 d.size,
                 p.resolved.manifest.digest,
                 p.resolved.manifest.bytes.len()
-            ));
+            )));
         }
-        let config =
-            ImageConfig::from_bytes(&p.config).map_err(|e| format!("{name}: config: {e}"))?;
+        let config = ImageConfig::from_bytes(&p.config)
+            .map_err(TransferError::ctx(format!("{name}: config")))?;
         check_config_platform(&name, &d.digest, claimed, &config)?;
         children.push(store_pulled(store, &name, &r, &p, &config)?);
     }
     if children.is_empty() {
-        return Err(format!(
+        return Err(TransferError::Invalid(format!(
             "{name}: index {} names no platform's image",
             first.digest
-        ));
+        )));
     }
     let idig = store
         .put_bytes(&first.bytes, Some(&first.media_type))
-        .map_err(|e| format!("storing {name}: {e}"))?;
+        .map_err(TransferError::ctx(format!("storing {name}")))?;
     store
         .record_index(&name, &idig, &children)
-        .map_err(|e| format!("storing {name}: {e}"))?;
+        .map_err(TransferError::ctx(format!("storing {name}")))?;
     Ok(PullResult {
         name,
         manifest_digest: first.digest.clone(),
@@ -393,7 +405,7 @@ fn plan_layer(
     diff_id: &Digest,
     enc: LayerEncoding,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<LayerPlan, String> {
+) -> Result<LayerPlan, TransferError> {
     let have = kind_of(&layer.media_type);
     let want = enc.compression.kind;
     let keep = match have {
@@ -424,7 +436,7 @@ fn plan_layer(
                 "{}: {cname} blob found ({size} bytes)",
                 short(diff_id)
             ));
-            let d: Digest = b.to_string().parse().map_err(|e| format!("{e}"))?;
+            let d: Digest = b.to_string().parse().map_err(TransferError::src)?;
             return Ok(LayerPlan::Ready(Box::new(Descriptor::new(mt, d, size))));
         }
     }
@@ -441,16 +453,17 @@ fn layer_tar<'a>(
     store: &'a Store,
     layer: &Descriptor,
     diff_id: &Digest,
-) -> Result<(Box<dyn Read + 'a>, Option<Digest>), String> {
+) -> Result<(Box<dyn Read + 'a>, Option<Digest>), TransferError> {
     let (src, checked) = store
         .open_blob_checked(&cd(&layer.digest)?)
-        .map_err(|e| format!("layer {}: {e}", layer.digest))?;
+        .map_err(TransferError::ctx(format!("layer {}", layer.digest)))?;
     if kind_of(&layer.media_type) == Some(Compression::Uncompressed) {
         // The blob is the tar: a checking reader verifies the diffID.
         let verified = (checked && &layer.digest == diff_id).then(|| diff_id.clone());
         return Ok((src, verified));
     }
-    let tar = decompress_auto(src).map_err(|e| format!("layer {}: {e}", layer.digest))?;
+    let tar =
+        decompress_auto(src).map_err(TransferError::ctx(format!("layer {}", layer.digest)))?;
     Ok((tar, None))
 }
 
@@ -461,7 +474,7 @@ pub fn encode_one(
     diff_id: &Digest,
     enc: LayerEncoding,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<Descriptor, String> {
+) -> Result<Descriptor, TransferError> {
     match plan_layer(store, layer, diff_id, enc, progress)? {
         LayerPlan::Ready(d) => Ok(*d),
         LayerPlan::Compress(t) => compress_into_store(store, layer, diff_id, enc, &t, progress),
@@ -476,23 +489,23 @@ fn compress_into_store(
     enc: LayerEncoding,
     t: &Target,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<Descriptor, String> {
+) -> Result<Descriptor, TransferError> {
     progress(&format!("{}: compressing ({})", short(diff_id), t.cname));
     let (tar, verified) = layer_tar(store, layer, diff_id)?;
     let mut w = store
         .content()
         .writer_prehashed()
-        .map_err(|e| e.to_string())?;
+        .map_err(TransferError::src)?;
     let d = match &verified {
         Some(v) => encode_verified_layer(tar, &mut w, enc.compression, enc.oci_media_types, v),
         None => encode_layer(tar, &mut w, enc.compression, enc.oci_media_types),
     }
-    .map_err(|e| format!("compressing {}: {e}", layer.digest))?;
+    .map_err(TransferError::ctx(format!("compressing {}", layer.digest)))?;
     if &d.diff_id != diff_id {
-        return Err(format!(
+        return Err(TransferError::Invalid(format!(
             "layer {}: content has diffID {}, config says {diff_id}",
             layer.digest, d.diff_id
-        ));
+        )));
     }
     let size = remember(store, w, &d.digest, d.size, diff_id, t)?;
     Ok(Descriptor::new(t.media_type.clone(), d.digest, size))
@@ -561,8 +574,8 @@ fn stream_layer(
     streaming: &std::sync::atomic::AtomicBool,
     progress: &(dyn Fn(&str) + Sync),
     transfer: &(dyn Fn(Transfer) + Sync),
-) -> Result<Descriptor, String> {
-    let sized = || -> Result<Descriptor, String> {
+) -> Result<Descriptor, TransferError> {
+    let sized = || -> Result<Descriptor, TransferError> {
         let d = compress_into_store(store, layer, diff_id, enc, &t, progress)?;
         let source = StoreSource {
             store,
@@ -570,7 +583,7 @@ fn stream_layer(
             target: None,
         };
         reg.push_blobs(repo, std::slice::from_ref(&d), &source, 1, transfer)
-            .map_err(|e| format!("layer {}: {e}", short(diff_id)))?;
+            .map_err(TransferError::ctx(format!("layer {}", short(diff_id))))?;
         Ok(d)
     };
     if !streaming.load(std::sync::atomic::Ordering::Relaxed) {
@@ -584,7 +597,7 @@ fn stream_layer(
     let slot = std::sync::Mutex::new(None);
     let (tar, verified) = layer_tar(store, layer, diff_id)?;
     let inner = EncodingReader::new(tar, enc.compression, enc.oci_media_types, verified)
-        .map_err(|e| format!("layer {}: {e}", short(diff_id)))?
+        .map_err(TransferError::ctx(format!("layer {}", short(diff_id))))?
         .without_blob_digest();
     let source = Box::new(Teed {
         inner,
@@ -607,7 +620,12 @@ fn stream_layer(
             ));
             return sized();
         }
-        Err(e) => return Err(format!("layer {}: {e}", short(diff_id))),
+        Err(e) => {
+            return Err(TransferError::Invalid(format!(
+                "layer {}: {e}",
+                short(diff_id)
+            )))
+        }
     };
     progress(&format!(
         "{}: compressed to {} ({size} bytes)",
@@ -632,14 +650,14 @@ fn remember(
     size: u64,
     diff_id: &Digest,
     t: &Target,
-) -> Result<u64, String> {
+) -> Result<u64, TransferError> {
     let (blob, size) = store
         .commit_blob(w, Some(&cd(digest)?), Some(size), Some(&t.media_type))
-        .map_err(|e| e.to_string())?;
+        .map_err(TransferError::src)?;
     store
         .meta()
         .put_layer_blob(&cd(diff_id)?, &t.cname, t.level, &blob)
-        .map_err(|e| e.to_string())?;
+        .map_err(TransferError::src)?;
     Ok(size)
 }
 
@@ -656,11 +674,11 @@ pub fn encode_image(
     enc: LayerEncoding,
     jobs: usize,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<RawManifest, String> {
+) -> Result<RawManifest, TransferError> {
     let (m, config) = image_parts(store, manifest)?;
     let one = |i: usize| match (m.layers.get(i), config.rootfs.diff_ids.get(i)) {
         (Some(l), Some(diff)) => encode_one(store, l, diff, enc, progress),
-        _ => Err("layer index out of range".to_string()),
+        _ => Err(TransferError::invalid("layer index out of range")),
     };
     let layers = parallel(m.layers.len(), jobs, &one)?;
     store_manifest(store, &m, layers, enc)
@@ -670,15 +688,17 @@ pub fn encode_image(
 fn image_parts(
     store: &Store,
     manifest: &RawManifest,
-) -> Result<(ImageManifest, ImageConfig), String> {
-    let m = manifest.manifest().map_err(|e| e.to_string())?;
+) -> Result<(ImageManifest, ImageConfig), TransferError> {
+    let m = manifest.manifest().map_err(TransferError::src)?;
     let cbytes = store
         .content()
         .read(&cd(&m.config.digest)?)
-        .map_err(|e| format!("config: {e}"))?;
-    let config = ImageConfig::from_bytes(&cbytes).map_err(|e| format!("config: {e}"))?;
+        .map_err(TransferError::ctx("config"))?;
+    let config = ImageConfig::from_bytes(&cbytes).map_err(TransferError::ctx("config"))?;
     if config.rootfs.diff_ids.len() != m.layers.len() {
-        return Err("manifest and config disagree on the number of layers".into());
+        return Err(TransferError::invalid(
+            "manifest and config disagree on the number of layers",
+        ));
     }
     Ok((m, config))
 }
@@ -689,12 +709,12 @@ fn store_manifest(
     m: &ImageManifest,
     layers: Vec<Descriptor>,
     enc: LayerEncoding,
-) -> Result<RawManifest, String> {
+) -> Result<RawManifest, TransferError> {
     let out = ImageManifest::new(config_of(m), layers, enc.oci_media_types);
-    let raw = out.to_raw().map_err(|e| e.to_string())?;
+    let raw = out.to_raw().map_err(TransferError::src)?;
     store
         .put_bytes(&raw.bytes, Some(&raw.media_type))
-        .map_err(|e| e.to_string())?;
+        .map_err(TransferError::src)?;
     Ok(raw)
 }
 
@@ -741,17 +761,21 @@ fn mount_candidates(
 
 /// The stored manifest of local image `image` (name or ID prefix handled
 /// by the caller: this takes a normalised name).
-pub fn local_manifest(store: &Store, name: &str) -> Result<RawManifest, String> {
+pub fn local_manifest(store: &Store, name: &str) -> Result<RawManifest, TransferError> {
     let rec = store
         .meta()
         .image(name)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("{name}: no such image in the local store"))?;
-    let md: kiln_cache::Digest = rec.manifest.parse().map_err(|e| format!("{e}"))?;
-    let bytes = store.content().read(&md).map_err(|e| e.to_string())?;
-    let raw = RawManifest::new(bytes, None).map_err(|e| e.to_string())?;
+        .map_err(TransferError::src)?
+        .ok_or_else(|| {
+            TransferError::Invalid(format!("{name}: no such image in the local store"))
+        })?;
+    let md: kiln_cache::Digest = rec.manifest.parse().map_err(TransferError::src)?;
+    let bytes = store.content().read(&md).map_err(TransferError::src)?;
+    let raw = RawManifest::new(bytes, None).map_err(TransferError::src)?;
     if raw.is_index() {
-        return Err(format!("{name}: is an index; push a single-platform image"));
+        return Err(TransferError::Invalid(format!(
+            "{name}: is an index; push a single-platform image"
+        )));
     }
     Ok(raw)
 }
@@ -771,12 +795,12 @@ pub fn push(
     jobs: usize,
     progress: &(dyn Fn(&str) + Sync),
     transfer: &(dyn Fn(Transfer) + Sync),
-) -> Result<Digest, String> {
+) -> Result<Digest, TransferError> {
     let _span = tracing::info_span!("push", target).entered();
     tracing::info!("push started");
-    let name = kiln_cache::normalize_reference(target).map_err(|e| e.to_string())?;
-    let r = Reference::parse(&name).map_err(|e| e.to_string())?;
-    let reg = Registry::new(&r.registry, cfg).map_err(|e| e.to_string())?;
+    let name = kiln_cache::normalize_reference(target).map_err(TransferError::src)?;
+    let r = Reference::parse(&name).map_err(TransferError::src)?;
+    let reg = Registry::new(&r.registry, cfg).map_err(TransferError::src)?;
     let tag = r.tag.clone();
     push_to(
         store,
@@ -809,28 +833,30 @@ pub fn push_index(
     jobs: usize,
     progress: &(dyn Fn(&str) + Sync),
     transfer: &(dyn Fn(Transfer) + Sync),
-) -> Result<Digest, String> {
+) -> Result<Digest, TransferError> {
     let _span = tracing::info_span!("push", target).entered();
     tracing::info!("index push started");
-    let name = kiln_cache::normalize_reference(target).map_err(|e| e.to_string())?;
-    let r = Reference::parse(&name).map_err(|e| e.to_string())?;
-    let reg = Registry::new(&r.registry, cfg).map_err(|e| e.to_string())?;
-    let mut idx = index.index().map_err(|e| format!("{name}: index: {e}"))?;
-    let children =
-        crate::platforms::stored_children(store, index).map_err(|e| format!("{name}: {e}"))?;
+    let name = kiln_cache::normalize_reference(target).map_err(TransferError::src)?;
+    let r = Reference::parse(&name).map_err(TransferError::src)?;
+    let reg = Registry::new(&r.registry, cfg).map_err(TransferError::src)?;
+    let mut idx = index
+        .index()
+        .map_err(TransferError::ctx(format!("{name}: index")))?;
+    let children = crate::platforms::stored_children(store, index)
+        .map_err(TransferError::ctx(name.clone()))?;
     if children.is_empty() {
-        return Err(format!(
+        return Err(TransferError::Invalid(format!(
             "{name}: the store holds no image of index {}",
             index.digest
-        ));
+        )));
     }
     let mut pushed = Vec::with_capacity(children.len());
     for d in &children {
         let bytes = store
             .content()
             .read(&cd(&d.digest)?)
-            .map_err(|e| format!("manifest {}: {e}", d.digest))?;
-        let raw = RawManifest::new(bytes, Some(&d.media_type)).map_err(|e| e.to_string())?;
+            .map_err(TransferError::ctx(format!("manifest {}", d.digest)))?;
+        let raw = RawManifest::new(bytes, Some(&d.media_type)).map_err(TransferError::src)?;
         let out = push_to(store, &reg, &r, None, &raw, enc, jobs, progress, transfer)?;
         let mut nd = out.descriptor();
         nd.platform = d.platform.clone();
@@ -846,16 +872,16 @@ pub fn push_index(
         index.clone()
     } else {
         idx.manifests = pushed;
-        let bytes = idx.to_bytes().map_err(|e| e.to_string())?;
-        let raw = RawManifest::new(bytes, Some(&index.media_type)).map_err(|e| e.to_string())?;
+        let bytes = idx.to_bytes().map_err(TransferError::src)?;
+        let raw = RawManifest::new(bytes, Some(&index.media_type)).map_err(TransferError::src)?;
         store
             .put_bytes(&raw.bytes, Some(&raw.media_type))
-            .map_err(|e| e.to_string())?;
+            .map_err(TransferError::src)?;
         raw
     };
     let reference = r.tag.clone().unwrap_or_else(|| out.digest.to_string());
     reg.put_manifest(&r.repository, &reference, &out)
-        .map_err(|e| e.to_string())
+        .map_err(TransferError::src)
 }
 
 /// [`push`] of one image through `reg` to `r`'s repository, put under
@@ -871,7 +897,7 @@ fn push_to(
     jobs: usize,
     progress: &(dyn Fn(&str) + Sync),
     transfer: &(dyn Fn(Transfer) + Sync),
-) -> Result<RawManifest, String> {
+) -> Result<RawManifest, TransferError> {
     let (m, config) = image_parts(store, manifest)?;
     let source = StoreSource {
         store,
@@ -880,14 +906,14 @@ fn push_to(
     };
     let repo = r.repository.as_str();
     let streaming = std::sync::atomic::AtomicBool::new(true);
-    let one = |i: usize| -> Result<Descriptor, String> {
+    let one = |i: usize| -> Result<Descriptor, TransferError> {
         let (Some(l), Some(diff)) = (m.layers.get(i), config.rootfs.diff_ids.get(i)) else {
-            return Err("layer index out of range".into());
+            return Err(TransferError::invalid("layer index out of range"));
         };
         match plan_layer(store, l, diff, enc, progress)? {
             LayerPlan::Ready(d) => {
                 reg.push_blobs(repo, std::slice::from_ref(&*d), &source, 1, transfer)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(TransferError::src)?;
                 Ok(*d)
             }
             LayerPlan::Compress(t) => stream_layer(
@@ -898,10 +924,10 @@ fn push_to(
     let layers = parallel(m.layers.len(), jobs, &one)?;
     let raw = store_manifest(store, &m, layers.clone(), enc)?;
     reg.push_blobs(repo, &[config_of(&m)], &source, 1, transfer)
-        .map_err(|e| e.to_string())?;
+        .map_err(TransferError::src)?;
     let reference = tag.map_or_else(|| raw.digest.to_string(), str::to_string);
     reg.put_manifest(repo, &reference, &raw)
-        .map_err(|e| e.to_string())?;
+        .map_err(TransferError::src)?;
     remember_locations(store, r, &m.config, &layers);
     Ok(raw)
 }
@@ -925,9 +951,9 @@ fn remember_locations(store: &Store, r: &Reference, config: &Descriptor, layers:
 fn parallel<T: Send>(
     n: usize,
     jobs: usize,
-    f: &(dyn Fn(usize) -> Result<T, String> + Sync),
-) -> Result<Vec<T>, String> {
-    let results: Vec<std::sync::Mutex<Option<Result<T, String>>>> =
+    f: &(dyn Fn(usize) -> Result<T, TransferError> + Sync),
+) -> Result<Vec<T>, TransferError> {
+    let results: Vec<std::sync::Mutex<Option<Result<T, TransferError>>>> =
         (0..n).map(|_| std::sync::Mutex::new(None)).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failed = std::sync::atomic::AtomicBool::new(false);
@@ -958,10 +984,12 @@ fn parallel<T: Send>(
                 first_err.get_or_insert(e);
             }
             Ok(None) => {
-                first_err.get_or_insert_with(|| "stopped after an earlier error".to_string());
+                first_err.get_or_insert_with(|| {
+                    TransferError::invalid("stopped after an earlier error")
+                });
             }
             Err(_) => {
-                first_err.get_or_insert_with(|| "a worker thread panicked".to_string());
+                first_err.get_or_insert_with(|| TransferError::invalid("a worker thread panicked"));
             }
         }
     }

@@ -106,7 +106,7 @@ fn run_lowers_to_an_exec_with_the_stage_env_cwd_user_and_history() {
     assert_eq!(e.user.as_deref(), Some("10:20"));
     assert_eq!(e.network, kiln_executor::NetworkMode::None);
     assert_eq!(s.ops[1].name, "[stage-0 6/6] RUN --network=none echo $V $P");
-    assert_eq!(s.ops[1].line, 6);
+    assert_eq!(s.ops[1].location.line, 6);
     let last = s.config.history.last().expect("history");
     assert_eq!(
         last.created_by.as_deref(),
@@ -165,7 +165,10 @@ fn a_base_image_config_decides_env_workdir_user_and_its_onbuild_is_spliced() {
 #[test]
 fn an_unresolved_base_image_is_an_error_at_its_from_line() {
     let e = lower_with("FROM scratch\nFROM ghost\n", &HashMap::new(), |_| {}).expect_err("fails");
-    assert!(matches!(e, BuildError::Step { line: 2, .. }), "{e:?}");
+    assert!(
+        matches!(e, BuildError::Step { location, .. } if location.line == 2),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -229,7 +232,7 @@ fn hostile_input_fails_at_lowering_with_its_line() {
         ("FROM scratch\nSTOPSIGNAL SIGNOPE\n", 2),
     ] {
         match lower_with(df, &HashMap::new(), |_| {}) {
-            Err(BuildError::Step { line: l, .. }) => assert_eq!(l, line, "{df}"),
+            Err(BuildError::Step { location, .. }) => assert_eq!(location.line, line, "{df}"),
             other => panic!("{df}: {other:?}"),
         }
     }
@@ -298,7 +301,9 @@ fn hostile_mount_plans_are_refused_before_anything_runs() {
         ),
     ] {
         match lower_with(df, &HashMap::new(), |_| {}) {
-            Err(BuildError::Step { line: 2, message }) => {
+            Err(BuildError::Step {
+                location, message, ..
+            }) if location.line == 2 => {
                 assert!(message.contains(why), "{df}: {message}")
             }
             other => panic!("{df}: {other:?}"),

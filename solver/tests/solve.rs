@@ -352,8 +352,10 @@ async fn a_failing_step_fails_the_build_at_its_line_and_cancels_the_rest() {
     .expect("the slow stage was not cancelled")
     .expect_err("must fail");
     match e {
-        BuildError::Run { line, status, .. } => {
-            assert_eq!(line, 4);
+        BuildError::Run {
+            location, status, ..
+        } => {
+            assert_eq!(location.line, 4);
             assert_eq!(status, "exit code: 1");
         }
         other => panic!("{other:?}"),
@@ -409,8 +411,10 @@ async fn a_missing_base_image_is_an_error_at_its_from_line() {
     .await
     .expect_err("must fail");
     match e {
-        BuildError::Step { line, message } => {
-            assert_eq!(line, 3);
+        BuildError::Step {
+            location, message, ..
+        } => {
+            assert_eq!(location.line, 3);
             assert!(message.contains("nothere"), "{message}");
         }
         other => panic!("{other:?}"),
@@ -473,10 +477,50 @@ async fn a_base_for_another_platform_fails_as_such_before_any_pull() {
         .await
         .expect_err("must fail");
     match e {
-        BuildError::Step { line, message } => {
-            assert_eq!(line, 2);
+        BuildError::Step {
+            location, message, ..
+        } => {
+            assert_eq!(location.line, 2);
             assert!(message.contains("is not supported"), "{message}");
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// A typed cause from the store (here: out of space on commit) reaches
+/// the caller in the build error's source chain, placed at the step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stores_no_space_error_reaches_the_build_error_as_its_cause() {
+    let ctx = context(&[("a", "a")]);
+    let backend = Arc::new(MemBackend::new().expect("backend"));
+    alpine(&backend);
+    backend.fail_commits_with(|| kiln_solver::backend::BackendError::Context {
+        context: "commit snapshot".into(),
+        cause: kiln_solver::error::Cause::new(kiln_solver::cache::Error::NoSpace {
+            path: "/store/snapshots".into(),
+        }),
+    });
+    let runner = Arc::new(writing_runner());
+    let e = solve(
+        &backend,
+        &runner,
+        opts("FROM alpine\n\nCOPY a /a\n", ctx.path()),
+    )
+    .await
+    .expect_err("must fail");
+    assert_eq!(e.line(), Some(3), "{e:?}");
+    assert!(e.to_string().contains("no space left"), "{e}");
+    let full = e.find_cause::<kiln_solver::cache::Error>();
+    assert!(
+        matches!(full, Some(kiln_solver::cache::Error::NoSpace { .. })),
+        "{e:?}"
+    );
+    // The same through the standard source chain.
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    let mut found = false;
+    while let Some(c) = cur {
+        found |= c.downcast_ref::<kiln_solver::cache::Error>().is_some();
+        cur = c.source();
+    }
+    assert!(found, "{e:?}");
 }

@@ -27,6 +27,10 @@ pub enum ContextError {
     /// An `oci-layout://` named context could not be imported.
     #[error(transparent)]
     OciLayout(#[from] oci_layout::OciLayoutError),
+    /// The context from stdin, a git repository or a URL could not be
+    /// prepared (a usage error, as the context argument is at fault).
+    #[error("{0}")]
+    Prepare(#[from] crate::main_context::MainContextError),
     /// Reading the Dockerfile from stdin.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -73,7 +77,7 @@ pub fn resolve(
             "invalid argument: can't use stdin for both the build context and the Dockerfile",
         ));
     }
-    let prepared = prepare(&spec, std::io::stdin().lock(), scratch).map_err(usage)?;
+    let prepared = prepare(&spec, std::io::stdin().lock(), scratch)?;
     let context = match &prepared {
         Some(p) => p.dir.clone(),
         None => context.to_path_buf(),

@@ -9,14 +9,31 @@ use std::path::{Path, PathBuf};
 /// under (reserved: never pulled).
 const OCI_LAYOUT_DOMAIN: &str = crate::store::OCI_LAYOUT_DOMAIN;
 
-/// Why an OCI layout could not be imported (the message names the layout
-/// and what was wrong).
+/// Why an OCI layout could not be imported: the message names the layout
+/// and what was wrong (with the whole chain of causes, as lower errors
+/// word only their own part); a lower error is kept as the source.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct OciLayoutError(String);
+#[error("{message}")]
+pub struct OciLayoutError {
+    /// What went wrong, worded for the user.
+    pub message: String,
+    /// The lower error, if any.
+    #[source]
+    pub cause: Option<crate::error::Cause>,
+}
 
-fn err(m: String) -> OciLayoutError {
-    OciLayoutError(m)
+fn err(message: String) -> OciLayoutError {
+    OciLayoutError {
+        message,
+        cause: None,
+    }
+}
+
+fn caused(message: String, e: impl std::error::Error + Send + Sync + 'static) -> OciLayoutError {
+    OciLayoutError {
+        message,
+        cause: Some(crate::error::Cause::new(e)),
+    }
 }
 
 /// An error and its sources, `: `-joined.
@@ -36,19 +53,19 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 impl From<kiln_image::ImageError> for OciLayoutError {
     fn from(e: kiln_image::ImageError) -> Self {
-        OciLayoutError(chain(&e))
+        caused(chain(&e), e)
     }
 }
 
 impl From<std::io::Error> for OciLayoutError {
     fn from(e: std::io::Error) -> Self {
-        OciLayoutError(chain(&e))
+        caused(chain(&e), e)
     }
 }
 
 impl From<kiln_cache::Error> for OciLayoutError {
     fn from(e: kiln_cache::Error) -> Self {
-        OciLayoutError(chain(&e))
+        caused(chain(&e), e)
     }
 }
 
@@ -77,7 +94,7 @@ pub fn import(
     let read_blob = |d: &kiln_image::Digest| -> Result<Vec<u8>, OciLayoutError> {
         let p = blob_path(d)?;
         let bytes = std::fs::read(&p)
-            .map_err(|e| err(format!("{}: reading {}: {e}", what(), p.display())))?;
+            .map_err(|e| caused(format!("{}: reading {}: {e}", what(), p.display()), e))?;
         let (got, _) = kiln_image::archive::digest_reader(&bytes[..])?;
         if &got != d {
             return Err(err(format!("{}: blob {d} has digest {got}", what())));
@@ -86,13 +103,16 @@ pub fn import(
     };
     let idx_path = dir.join("index.json");
     let idx_bytes = std::fs::read(&idx_path).map_err(|e| {
-        err(format!(
-            "{}: not an OCI image layout (reading index.json): {e}",
-            what()
-        ))
+        caused(
+            format!(
+                "{}: not an OCI image layout (reading index.json): {e}",
+                what()
+            ),
+            e,
+        )
     })?;
     let index: ImageIndex = serde_json::from_slice(&idx_bytes)
-        .map_err(|e| err(format!("{}: parsing index.json: {e}", what())))?;
+        .map_err(|e| caused(format!("{}: parsing index.json: {e}", what()), e))?;
     let want = tag.unwrap_or("latest");
     let named = |d: &kiln_image::manifest::Descriptor| -> Option<String> {
         let ann = d.annotations.as_ref()?;
@@ -134,28 +154,26 @@ pub fn import(
     for desc in std::iter::once(&man.config).chain(&man.layers) {
         let p = blob_path(&desc.digest)?;
         let f = std::fs::File::open(&p)
-            .map_err(|e| err(format!("{}: blob {} missing: {e}", what(), desc.digest)))?;
+            .map_err(|e| caused(format!("{}: blob {} missing: {e}", what(), desc.digest), e))?;
         let want: kiln_cache::Digest = desc
             .digest
             .to_string()
             .parse()
-            .map_err(|e| err(format!("digest {}: {e}", desc.digest)))?;
+            .map_err(|e| caused(format!("digest {}: {e}", desc.digest), e))?;
         store
             .put_blob(f, Some(&want), Some(desc.size), Some(&desc.media_type))
             .map_err(|e| {
-                err(format!(
-                    "{}: storing blob {}: {}",
-                    what(),
-                    desc.digest,
-                    chain(&e)
-                ))
+                caused(
+                    format!("{}: storing blob {}: {}", what(), desc.digest, chain(&e)),
+                    e,
+                )
             })?;
         stored.push(want);
     }
     let config = stored.remove(0);
     let manifest = store
         .put_bytes(&raw.bytes, Some(&raw.media_type))
-        .map_err(|e| err(format!("storing manifest: {}", chain(&e))))?;
+        .map_err(|e| caused(format!("storing manifest: {}", chain(&e)), e))?;
     let name = format!(
         "{OCI_LAYOUT_DOMAIN}/layout@sha256:{}",
         raw.digest.to_string().trim_start_matches("sha256:")

@@ -211,9 +211,13 @@ impl Exporter for CacheExporter {
     ) -> Result<Exported, ExportError> {
         let b = input
             .cache
-            .ok_or_else(|| ExportError::Failed("no build cache to export".into()))?;
+            .ok_or_else(|| ExportError::Nothing("no build cache to export"))?;
         let say = |m: &str| report.note(m);
-        let failed = |m: String| ExportError::Failed(m);
+        let failed =
+            |context: String, e: crate::remote_cache::RemoteCacheError| ExportError::Context {
+                context,
+                cause: crate::error::Cause::new(e),
+            };
         match &self.to {
             CacheExport::Registry {
                 reference,
@@ -233,9 +237,7 @@ impl Exporter for CacheExporter {
                     Err(err) if *ignore_error => {
                         report.warn(&format!("WARNING: exporting cache to {reference}: {err}"))
                     }
-                    Err(err) => {
-                        return Err(failed(format!("exporting cache to {reference}: {err}")))
-                    }
+                    Err(err) => return Err(failed(format!("exporting cache to {reference}"), err)),
                 }
             }
             CacheExport::Local {
@@ -258,7 +260,7 @@ impl Exporter for CacheExporter {
                     Err(err) if *ignore_error => {
                         report.warn(&format!("WARNING: exporting cache to {d}: {err}"))
                     }
-                    Err(err) => return Err(failed(format!("exporting cache to {d}: {err}"))),
+                    Err(err) => return Err(failed(format!("exporting cache to {d}"), err)),
                 }
             }
             CacheExport::Inline => {
@@ -266,7 +268,7 @@ impl Exporter for CacheExporter {
                 for (n, enc) in &self.inline {
                     let s = b
                         .push_inline(&manifest_digest, n, *enc)
-                        .map_err(|e| failed(format!("inline cache for {n}: {e}")))?;
+                        .map_err(|e| failed(format!("inline cache for {n}"), e))?;
                     say(&format!(
                         "inline cache: {} records in {n}@{}",
                         s.records,

@@ -56,9 +56,27 @@ pub enum ExportError {
     /// An image format (manifest, archive, layer).
     #[error(transparent)]
     Image(#[from] kiln_image::ImageError),
-    /// Anything else, said in words (encoding, pushing, cache export).
+    /// Pulling, pushing or encoding an image.
     #[error("{0}")]
-    Failed(String),
+    Transfer(#[from] crate::transfer::TransferError),
+    /// Importing or exporting the build cache.
+    #[error("{0}")]
+    RemoteCache(#[from] crate::remote_cache::RemoteCacheError),
+    /// There is nothing of that kind to export (no image, no build cache).
+    #[error("{0}")]
+    Nothing(&'static str),
+    /// What was being done, and the typed cause.
+    #[error("{context}: {cause}")]
+    Context {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        #[source]
+        cause: crate::error::Cause,
+    },
+    /// A lower error, shown as it is.
+    #[error("{0}")]
+    Source(#[source] crate::error::Cause),
 }
 
 impl ExportError {
@@ -147,7 +165,7 @@ impl ExportInput<'_> {
     pub fn image(&self) -> Result<&ArchiveImage, ExportError> {
         self.images
             .first()
-            .ok_or_else(|| ExportError::Failed("nothing to export".into()))
+            .ok_or_else(|| ExportError::Nothing("nothing to export"))
     }
 }
 
@@ -191,7 +209,7 @@ pub fn run(
 pub fn stored_image(store: &Store, manifest_digest: &str) -> Result<ArchiveImage, ExportError> {
     let md: kiln_cache::Digest = manifest_digest
         .parse()
-        .map_err(|e| ExportError::Failed(format!("{e}")))?;
+        .map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
     Ok(ArchiveImage {
         names: Vec::new(),
         manifest: RawManifest::new(store.content().read(&md)?, None)?,
@@ -470,10 +488,13 @@ pub fn unpack_rootfs(
             .digest
             .as_str()
             .parse()
-            .map_err(|e| ExportError::Failed(format!("{e}")))?;
+            .map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
         let st = store
             .apply_blob_to_dir(&d, dir, kiln_image::apply::WhiteoutMode::Delete, &opts)
-            .map_err(|e| ExportError::Failed(format!("layer {}: {e}", l.digest)))?;
+            .map_err(|e| ExportError::Context {
+                context: format!("layer {}", l.digest),
+                cause: crate::error::Cause::new(e),
+            })?;
         skipped.extend(st.skipped_devices);
     }
     if !skipped.is_empty() {
@@ -547,8 +568,7 @@ impl Exporter for RegistryExporter {
                 self.jobs,
                 &|m: &str| report.note(m),
                 &|t| report.transfer("push", t),
-            )
-            .map_err(ExportError::Failed)?;
+            )?;
             tracing::info!(digest = %d, "pushed");
             done.pushed.push((n.clone(), d));
         }
@@ -591,7 +611,7 @@ impl Exporter for ArchiveExporter {
         if let Some(names) = &self.names {
             let first = images
                 .first_mut()
-                .ok_or_else(|| ExportError::Failed("nothing to export".into()))?;
+                .ok_or_else(|| ExportError::Nothing("nothing to export"))?;
             first.names = names.clone();
         }
         if let Some(enc) = self.encoding {
@@ -599,8 +619,7 @@ impl Exporter for ArchiveExporter {
                 img.manifest =
                     transfer::encode_image(input.store, &img.manifest, enc, 4, &|m: &str| {
                         report.note(m)
-                    })
-                    .map_err(ExportError::Failed)?;
+                    })?;
             }
         }
         let blobs = StoreBlobs(input.store);

@@ -3,6 +3,11 @@
 
 use kiln_parser::instructions::CommandLine;
 
+crate::error::module_error! {
+    /// An instruction argument that breaks a rule.
+    pub enum InstrError {}
+}
+
 /// Where a `RUN <<EOF` script with a `#!` line is mounted.
 pub const PIPES: &str = "/dev/pipes";
 
@@ -19,11 +24,13 @@ pub fn shebang_script(cl: &CommandLine) -> Option<(String, String)> {
 }
 
 /// RUN's argv: heredocs become the script, the shell form is wrapped.
-pub fn run_args(cl: &CommandLine, shell: &[String]) -> Result<Vec<String>, String> {
+pub fn run_args(cl: &CommandLine, shell: &[String]) -> Result<Vec<String>, InstrError> {
     let mut args = cl.args.clone();
     if !cl.files.is_empty() {
         if args.len() != 1 || !cl.prepend_shell {
-            return Err(format!("parsing produced an invalid run command: {args:?}"));
+            return Err(InstrError::Invalid(format!(
+                "parsing produced an invalid run command: {args:?}"
+            )));
         }
         if let Ok(Some(_)) = kiln_parser::parse_heredoc(&args[0]) {
             let f = &cl.files[0];
@@ -54,13 +61,13 @@ pub fn run_args(cl: &CommandLine, shell: &[String]) -> Result<Vec<String>, Strin
 }
 
 /// `EXPOSE` port specs: `80`, `80/tcp`, `8000-8002/udp`.
-pub fn parse_ports(w: &str) -> Result<Vec<String>, String> {
+pub fn parse_ports(w: &str) -> Result<Vec<String>, InstrError> {
     let (ports, proto) = match w.split_once('/') {
         Some((p, proto)) => (p, proto.to_ascii_lowercase()),
         None => (w, "tcp".to_string()),
     };
     if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
-        return Err(format!("invalid proto: {proto}"));
+        return Err(InstrError::Invalid(format!("invalid proto: {proto}")));
     }
     let (lo, hi) = match ports.split_once('-') {
         Some((a, b)) => (a, b),
@@ -68,19 +75,19 @@ pub fn parse_ports(w: &str) -> Result<Vec<String>, String> {
     };
     let lo: u16 = lo
         .parse()
-        .map_err(|_| format!("invalid containerPort: {ports}"))?;
+        .map_err(|_| InstrError::Invalid(format!("invalid containerPort: {ports}")))?;
     let hi: u16 = hi
         .parse()
-        .map_err(|_| format!("invalid containerPort: {ports}"))?;
+        .map_err(|_| InstrError::Invalid(format!("invalid containerPort: {ports}")))?;
     if hi < lo {
-        return Err(format!("invalid port range: {ports}"));
+        return Err(InstrError::Invalid(format!("invalid port range: {ports}")));
     }
     Ok((lo..=hi).map(|p| format!("{p}/{proto}")).collect())
 }
 
 /// `FROM --platform=…`: kiln builds for the host platform only, so any
 /// other platform is an error rather than a silently wrong image.
-pub fn check_platform(p: &str) -> Result<(), String> {
+pub fn check_platform(p: &str) -> Result<(), InstrError> {
     let (os, arch, variant) = super::plan::host_platform();
     let mut parts = p.split('/');
     let ok = parts.next() == Some(os)
@@ -89,14 +96,14 @@ pub fn check_platform(p: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
+        Err(InstrError::Invalid(format!(
             "platform {p:?} is not supported: kiln builds for the host platform ({os}/{arch}) only"
-        ))
+        )))
     }
 }
 
 /// `STOPSIGNAL`: a signal name or number.
-pub fn validate_signal(s: &str) -> Result<(), String> {
+pub fn validate_signal(s: &str) -> Result<(), InstrError> {
     let name = s.trim_start_matches("SIG");
     const NAMES: [&str; 31] = [
         "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
@@ -110,7 +117,7 @@ pub fn validate_signal(s: &str) -> Result<(), String> {
     {
         Ok(())
     } else {
-        Err(format!("Invalid signal: {s}"))
+        Err(InstrError::Invalid(format!("Invalid signal: {s}")))
     }
 }
 

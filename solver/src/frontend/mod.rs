@@ -278,7 +278,7 @@ impl Lowerer<'_> {
             plan::Base::Scratch => (Base::Scratch, scratch_state()),
             plan::Base::Stage(j) => {
                 let mut s = self.states.get(j).cloned().ok_or_else(|| {
-                    BuildError::internal("plan", format!("stage {j} lowered after its user"))
+                    BuildError::internal_msg(format!("plan: stage {j} lowered after its user"))
                 })?;
                 s.cmd_set = false;
                 (Base::Stage(*j), s)
@@ -290,7 +290,7 @@ impl Lowerer<'_> {
                     let mut s = scratch_state();
                     out.ops.push(LayerOp {
                         name: format!("[{label} 1/{total}] FROM {reference} ({})", dir.display()),
-                        line: stage.line,
+                        location: self.location(stage.line, stage.line),
                         op: Op::ContextDir(ContextDirOp { dir: dir.clone() }),
                     });
                     s.push_layer_history(
@@ -338,7 +338,7 @@ impl Lowerer<'_> {
         let result = StageOps {
             index,
             label: label.clone(),
-            line: stage.line,
+            location: self.location(stage.line, stage.line),
             total,
             base,
             ops,
@@ -358,7 +358,7 @@ impl Lowerer<'_> {
                 &plan::global_env(&self.plan.global_args),
                 stage.line,
             )?)
-            .map_err(|m| BuildError::at(stage.line, m))?;
+            .map_err(|m| BuildError::at_cause(stage.line, m))?;
         }
         Ok(())
     }
@@ -386,6 +386,22 @@ impl Lowerer<'_> {
                 BuildError::at(line, e.to_string())
             }
         })
+    }
+
+    /// The location of the instruction on lines `line..=end_line`, its
+    /// column at the first non-blank character.
+    fn location(&self, line: usize, end_line: usize) -> kiln_parser::Location {
+        let text = self
+            .opts
+            .dockerfile
+            .lines()
+            .nth(line.saturating_sub(1))
+            .unwrap_or("");
+        kiln_parser::Location {
+            line,
+            column: text.chars().take_while(|c| c.is_whitespace()).count() + 1,
+            end_line: end_line.max(line),
+        }
     }
 
     /// An error pointing at `needle` (or the instruction's first
@@ -552,7 +568,7 @@ impl Lowerer<'_> {
             }
             Kind::Stopsignal { signal } => {
                 let s = self.expand(signal, &state.env, line)?;
-                instr::validate_signal(&s).map_err(|m| BuildError::at(line, m))?;
+                instr::validate_signal(&s).map_err(|m| BuildError::at_cause(line, m))?;
                 state.config.config_mut().stop_signal = Some(s.clone());
                 state.push_empty(created, format!("STOPSIGNAL {s}"));
             }
@@ -584,7 +600,9 @@ impl Lowerer<'_> {
                         .process_words(p, &state.env)
                         .map_err(|e| BuildError::at(line, e.to_string()))?;
                     for w in words {
-                        specs.extend(instr::parse_ports(&w).map_err(|m| BuildError::at(line, m))?);
+                        specs.extend(
+                            instr::parse_ports(&w).map_err(|m| BuildError::at_cause(line, m))?,
+                        );
                     }
                 }
                 specs.sort();
@@ -657,7 +675,7 @@ impl Lowerer<'_> {
                 } else {
                     out.ops.push(LayerOp {
                         name,
-                        line,
+                        location: self.location(instr.line, instr.end_line),
                         op: Op::Mkdir(MkdirOp {
                             path: wd,
                             user: state.user(),
@@ -670,7 +688,7 @@ impl Lowerer<'_> {
                 let (op, created_by) = self.run_op(out.index, state, instr, run)?;
                 out.ops.push(LayerOp {
                     name,
-                    line,
+                    location: self.location(instr.line, instr.end_line),
                     op: Op::Exec(op),
                 });
                 state.push_layer_history(created, created_by);
@@ -706,7 +724,7 @@ impl Lowerer<'_> {
                 )?;
                 out.ops.push(LayerOp {
                     name,
-                    line,
+                    location: self.location(instr.line, instr.end_line),
                     op: Op::Copy(op),
                 });
                 state.push_layer_history(created, created_by);
@@ -732,7 +750,7 @@ impl Lowerer<'_> {
                 )?;
                 out.ops.push(LayerOp {
                     name,
-                    line,
+                    location: self.location(instr.line, instr.end_line),
                     op: Op::Copy(op),
                 });
                 state.push_layer_history(created, created_by);
@@ -774,8 +792,8 @@ impl Lowerer<'_> {
             specs.push((mount, from));
         }
         let mounts = mounts::plan_mounts(specs, &state.workdir(), self.opts, line)?;
-        let args =
-            instr::run_args(&run.command, &state.shell()).map_err(|m| BuildError::at(line, m))?;
+        let args = instr::run_args(&run.command, &state.shell())
+            .map_err(|m| BuildError::at_cause(line, m))?;
         let network = match run.network.as_deref() {
             Some("none") => kiln_executor::NetworkMode::None,
             Some("host") => kiln_executor::NetworkMode::Host,
@@ -834,7 +852,7 @@ impl Lowerer<'_> {
         let chmod = match spec.chmod {
             Some(c) => Some(
                 crate::chmod::Chmod::parse(&self.expand(c, env, line)?)
-                    .map_err(|m| BuildError::at(line, m))?,
+                    .map_err(|m| BuildError::at_cause(line, m))?,
             ),
             None => None,
         };

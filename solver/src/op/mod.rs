@@ -54,8 +54,8 @@ pub struct StageOps {
     pub index: usize,
     /// Its name, or `stage-N`.
     pub label: String,
-    /// The line of its `FROM`.
-    pub line: usize,
+    /// Where its `FROM` is in the Dockerfile.
+    pub location: kiln_parser::Location,
     /// Number of progress steps (`[label n/total]`).
     pub total: usize,
     /// What it starts from.
@@ -93,8 +93,8 @@ impl Graph {
 pub struct LayerOp {
     /// Progress name, `[label n/total] INSTRUCTION`.
     pub name: String,
-    /// The instruction's first Dockerfile line (for errors).
-    pub line: usize,
+    /// Where the instruction is in the Dockerfile (for errors).
+    pub location: kiln_parser::Location,
     /// The op.
     pub op: Op,
 }

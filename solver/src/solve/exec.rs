@@ -1,6 +1,10 @@
 //! `Exec` ops: a RUN becomes an OCI runtime spec plus mounts, handed to
 //! the [`Runner`](super::runner::Runner); its output is streamed to the
 //! progress events, clipped per stream.
+//!
+//! [`spec`] is the one OCI runtime spec builder: RUN steps and `kiln run`
+//! both describe their process as a [`ProcessSpec`] and get their spec
+//! from it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +23,58 @@ use crate::fsview::LayerView;
 use crate::op::key::{cache_key, KeyInputs};
 use crate::op::{ExecOp, LayerOp, Op};
 
+/// A process to run in the sandbox, as data; [`spec`] makes its OCI
+/// runtime spec.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessSpec {
+    /// The argv.
+    pub args: Vec<String>,
+    /// The environment, `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// The working directory inside the root.
+    pub cwd: PathBuf,
+    /// Mounts added after the sandbox's own (`/proc`, `/dev`, …): RUN
+    /// mounts, heredoc scripts, `kiln run -v` volumes.
+    pub mounts: Vec<kiln_executor::oci::Mount>,
+    /// The network namespace.
+    pub network: kiln_executor::NetworkMode,
+    /// `RUN --security=insecure`: every capability kiln has, no masked
+    /// paths, no seccomp filter.
+    pub insecure: bool,
+    /// `kiln run --security-opt seccomp=unconfined`: no seccomp filter.
+    pub seccomp_unconfined: bool,
+    /// Memory, CPU and pids limits.
+    pub limits: ResourceLimits,
+}
+
+/// The OCI runtime spec of `p`: kiln's sandbox defaults
+/// ([`kiln_executor::default_spec`]: Docker's capabilities, the seccomp
+/// profile, masked paths, …) with the process, mounts, network and limits
+/// of `p`.
+pub fn spec(p: &ProcessSpec) -> kiln_executor::oci::Spec {
+    let mut spec = kiln_executor::default_spec(p.args.clone());
+    if let Some(proc_) = spec.process_mut() {
+        proc_.set_env(Some(p.env.clone()));
+        proc_.set_cwd(p.cwd.clone());
+    }
+    if !p.mounts.is_empty() {
+        let mut ms = spec.mounts().clone().unwrap_or_default();
+        ms.extend(p.mounts.iter().cloned());
+        spec.set_mounts(Some(ms));
+    }
+    if p.insecure {
+        mounts::make_insecure(&mut spec);
+    }
+    if p.seccomp_unconfined {
+        if let Some(l) = spec.linux_mut() {
+            l.set_seccomp(None);
+        }
+    }
+    kiln_executor::set_network(&mut spec, p.network);
+    apply_limits(&mut spec, &p.limits);
+    spec
+}
+
 impl Solver {
     pub(super) async fn run_exec(
         self: Arc<Self>,
@@ -26,7 +82,7 @@ impl Solver {
         lop: &LayerOp,
         op: &ExecOp,
     ) -> Result<LayerRecord, BuildError> {
-        let line = lop.line;
+        let line = lop.location;
         let name = lop.name.as_str();
         let run_mounts = self.plan_mounts(&op.mounts, line).await?;
         let key = cache_key(
@@ -46,6 +102,7 @@ impl Solver {
         let network = op.network;
         let id = self.progress.start(name.to_string());
         let t = Instant::now();
+        tracing::debug!(step = id, %name, key = %key, "step cache key");
         let me = self.clone();
         let parent = state.top().map(str::to_string);
         let workdir = op.cwd.clone();
@@ -75,38 +132,32 @@ impl Solver {
                         .await
                         .map_err(at_line(line))?
                 };
-                let mut spec = kiln_executor::default_spec(args.clone());
-                if let Some(p) = spec.process_mut() {
-                    let mut all = env.clone();
-                    for (k, v) in &prepared.env {
-                        all.retain(|(ek, _)| ek != k);
-                        all.push((k.clone(), v.clone()));
-                    }
-                    p.set_env(Some(all.iter().map(|(k, v)| format!("{k}={v}")).collect()));
-                    p.set_cwd(PathBuf::from(&workdir));
+                let mut all = env.clone();
+                for (k, v) in &prepared.env {
+                    all.retain(|(ek, _)| ek != k);
+                    all.push((k.clone(), v.clone()));
                 }
-                if !run_mount_list.is_empty() {
-                    let mut ms = spec.mounts().clone().unwrap_or_default();
-                    ms.extend(run_mount_list);
-                    spec.set_mounts(Some(ms));
-                }
+                let mut extra = run_mount_list;
                 // Kept alive until the step is over.
                 let _script_dir = match &script {
                     Some((name, data)) => {
-                        let (dir, m) =
-                            script_mount(name, data).map_err(|msg| BuildError::at(line, msg))?;
-                        let mut ms = spec.mounts().clone().unwrap_or_default();
-                        ms.push(m);
-                        spec.set_mounts(Some(ms));
+                        let (dir, m) = script_mount(name, data)
+                            .map_err(|msg| BuildError::at_cause(line, msg))?;
+                        extra.push(m);
                         Some(dir)
                     }
                     None => None,
                 };
-                if insecure {
-                    mounts::make_insecure(&mut spec);
-                }
-                kiln_executor::set_network(&mut spec, network);
-                apply_limits(&mut spec, &me.opts.limits);
+                let spec = spec(&ProcessSpec {
+                    args: args.clone(),
+                    env: all.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+                    cwd: PathBuf::from(&workdir),
+                    mounts: extra,
+                    network,
+                    insecure,
+                    seccomp_unconfined: false,
+                    limits: me.opts.limits,
+                });
                 let mut req = ExecRequest::new(step_name.clone(), spec, active.mounts.clone());
                 req.user = user.clone();
                 req.files = prepared.files.clone();
@@ -156,7 +207,7 @@ impl Solver {
                 let failure = match &outcome {
                     Ok(o) if o.status.success() => None,
                     Ok(o) => Some(BuildError::Run {
-                        line,
+                        location: line,
                         command: args.join(" "),
                         status: o.status.to_string(),
                         tail: o
@@ -176,7 +227,7 @@ impl Solver {
                     let backend = me.backend.clone();
                     let _ = blocking(move || {
                         backend.abort(active);
-                        Ok(())
+                        Ok::<_, BuildError>(())
                     })
                     .await;
                     return Err(if me.cancel.is_cancelled() {
@@ -236,14 +287,17 @@ fn apply_limits(spec: &mut kiln_executor::oci::Spec, l: &ResourceLimits) {
 fn resolve_mount_targets(
     layers: &[PathBuf],
     mut mounts: Vec<kiln_executor::oci::Mount>,
-) -> Result<Vec<kiln_executor::oci::Mount>, String> {
+) -> Result<Vec<kiln_executor::oci::Mount>, super::StepError> {
     let view = LayerView::new(layers.to_vec(), false);
     for m in &mut mounts {
         use std::os::unix::ffi::{OsStrExt, OsStringExt};
         let dest = m.destination().as_os_str().as_bytes().to_vec();
         let resolved = view
             .resolve(crate::fsview::clean_bytes(&dest), true)
-            .map_err(|e| format!("mount target {}: {e}", crate::fsview::show(&dest)))?;
+            .map_err(super::StepError::ctx(format!(
+                "mount target {}",
+                crate::fsview::show(&dest)
+            )))?;
         m.set_destination(PathBuf::from(std::ffi::OsString::from_vec(resolved)));
     }
     Ok(mounts)
@@ -255,21 +309,21 @@ fn resolve_mount_targets(
 fn script_mount(
     name: &str,
     data: &str,
-) -> Result<(tempfile::TempDir, kiln_executor::oci::Mount), String> {
+) -> Result<(tempfile::TempDir, kiln_executor::oci::Mount), super::StepError> {
     let dir = tempfile::Builder::new()
         .prefix("kiln-heredoc-")
         .tempdir()
-        .map_err(|e| format!("heredoc script: {e}"))?;
+        .map_err(super::StepError::ctx("heredoc script"))?;
     let file = dir.path().join("script");
     kiln_fs::Root::open(dir.path())
         .and_then(|r| r.dir().write_file("script", data.as_bytes(), 0o755, None))
-        .map_err(|e| format!("heredoc script: {e}"))?;
+        .map_err(super::StepError::ctx("heredoc script"))?;
     let m = kiln_executor::oci::MountBuilder::default()
         .destination(PathBuf::from(format!("{PIPES}/{name}")))
         .typ("bind")
         .source(file)
         .options(vec!["rbind".to_string(), "ro".to_string()])
         .build()
-        .map_err(|e| format!("heredoc script mount: {e}"))?;
+        .map_err(super::StepError::ctx("heredoc script mount"))?;
     Ok((dir, m))
 }

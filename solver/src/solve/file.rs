@@ -37,9 +37,9 @@ impl Solver {
                 Some(u) => resolve_owner(view, u)?,
                 None => (0, 0),
             };
-            let resolved = view.resolve(&dir, true).map_err(|e| e.to_string())?;
+            let resolved = view.resolve(&dir, true).map_err(BuildError::from_cause)?;
             view.ensure_dir(&resolved, owner)
-                .map_err(|e| e.to_string())?;
+                .map_err(BuildError::from_cause)?;
             Ok(())
         })
         .await
@@ -57,7 +57,7 @@ impl Solver {
         let backend = self.backend.clone();
         let d = op.dir.clone();
         let mut key = cache_key(&Op::ContextDir(op.clone()), &KeyInputs::default());
-        let (selections, key) = blocking(move || {
+        let (selections, key) = blocking(move || -> Result<_, BuildError> {
             let view = LayerView::new(vec![d], true);
             let sel = Selector {
                 view: &view,
@@ -65,18 +65,19 @@ impl Solver {
                 exclude: None,
             }
             .select("/")
-            .map_err(|e| e.to_string())?;
+            .map_err(BuildError::from_cause)?;
             hash_selection(&mut key, &sel, backend.hash_cache(), false)
-                .map_err(|e| e.to_string())?;
+                .map_err(BuildError::from_cause)?;
             Ok((sel, key.finish()))
         })
         .await?;
         let opts = CopyOptions {
             clamp_mtime: self.opts.source_date_epoch,
+            cancel: Some(self.cancel.clone()),
             ..CopyOptions::default()
         };
         self.layer_step(&lop.name, state, key, move |dst| {
-            copy_selections(dst, "/", true, &selections, &opts).map_err(|e| e.to_string())
+            copy_selections(dst, "/", true, &selections, &opts).map_err(BuildError::from_cause)
         })
         .await
     }
@@ -87,7 +88,7 @@ impl Solver {
         lop: &LayerOp,
         op: &CopyOp,
     ) -> Result<LayerRecord, BuildError> {
-        let line = lop.line;
+        let line = lop.location;
         let name = lop.name.as_str();
         let excludes = &op.excludes;
         let exclude = if excludes.is_empty() {
@@ -150,48 +151,50 @@ impl Solver {
             None
         };
         let prev_snapshot = prev_layer.as_ref().map(|l| l.snapshot.clone());
-        let ((selections, fetched_sel, src_hashes), key) = blocking(move || {
-            let selector = Selector {
-                view: &view2,
-                ignore: ignore.as_ref(),
-                exclude: exclude.as_ref(),
-            };
-            let mut all: Vec<Selection> = Vec::new();
-            if parents {
-                all.push(
-                    crate::parents::select_parents(&selector, &src).map_err(|e| e.to_string())?,
-                );
-            } else {
-                for s in &src {
-                    all.extend(selector.select(s).map_err(|e| e.to_string())?);
-                }
-            }
-            let src_hashes = crate::copy::hash_selection_map(
-                &mut key,
-                &all,
-                backend.hash_cache(),
-                !from_context && !named_dir,
-            )
-            .map_err(|e| e.to_string())?;
-            let mut fetched_sel: Vec<Selection> = Vec::new();
-            for (dir, pick, hash_content) in &picks {
-                let v = LayerView::new(vec![dir.clone()], true);
-                let sel = Selector {
-                    view: &v,
-                    ignore: None,
+        let ((selections, fetched_sel, src_hashes), key) =
+            blocking(move || -> Result<_, BuildError> {
+                let selector = Selector {
+                    view: &view2,
+                    ignore: ignore.as_ref(),
                     exclude: exclude.as_ref(),
                 };
-                let picked = sel.select(pick).map_err(|e| e.to_string())?;
-                if *hash_content {
-                    hash_selection(&mut key, &picked, &crate::copy::NoHashCache, false)
-                        .map_err(|e| e.to_string())?;
+                let mut all: Vec<Selection> = Vec::new();
+                if parents {
+                    all.push(
+                        crate::parents::select_parents(&selector, &src)
+                            .map_err(BuildError::from_cause)?,
+                    );
+                } else {
+                    for s in &src {
+                        all.extend(selector.select(s).map_err(BuildError::from_cause)?);
+                    }
                 }
-                fetched_sel.extend(picked);
-            }
-            Ok(((all, fetched_sel, src_hashes), key.finish()))
-        })
-        .await
-        .map_err(at_line(line))?;
+                let src_hashes = crate::copy::hash_selection_map(
+                    &mut key,
+                    &all,
+                    backend.hash_cache(),
+                    !from_context && !named_dir,
+                )
+                .map_err(BuildError::from_cause)?;
+                let mut fetched_sel: Vec<Selection> = Vec::new();
+                for (dir, pick, hash_content) in &picks {
+                    let v = LayerView::new(vec![dir.clone()], true);
+                    let sel = Selector {
+                        view: &v,
+                        ignore: None,
+                        exclude: exclude.as_ref(),
+                    };
+                    let picked = sel.select(pick).map_err(BuildError::from_cause)?;
+                    if *hash_content {
+                        hash_selection(&mut key, &picked, &crate::copy::NoHashCache, false)
+                            .map_err(BuildError::from_cause)?;
+                    }
+                    fetched_sel.extend(picked);
+                }
+                Ok(((all, fetched_sel, src_hashes), key.finish()))
+            })
+            .await
+            .map_err(at_line(line))?;
         let contents: Vec<(String, String)> = op
             .heredocs
             .iter()
@@ -203,6 +206,7 @@ impl Solver {
             chmod: op.chmod.clone(),
             clamp_mtime: self.opts.source_date_epoch,
             reuse: None,
+            cancel: Some(self.cancel.clone()),
         };
         let reuse_backend = self.backend.clone();
         let add = op.add;
@@ -235,22 +239,22 @@ impl Solver {
             // Downloads are not unpacked unless --unpack=true.
             if unpack_remote {
                 crate::archive::add_selections(dst, &dest, dest_is_dir, &fetched_sel, &opts)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(BuildError::from_cause)?;
             } else if !fetched_sel.is_empty() {
                 copy_selections(dst, &dest, dest_is_dir, &fetched_sel, &opts)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(BuildError::from_cause)?;
             }
             drop(fetched);
             if selections.is_empty() {
                 // Only remote sources (or heredocs).
             } else if add {
                 crate::archive::add_selections(dst, &dest, dest_is_dir, &selections, &opts)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(BuildError::from_cause)?;
             } else {
                 copy_selections(dst, &dest, dest_is_dir, &selections, &opts)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(BuildError::from_cause)?;
                 if let (Some(r), Some(top)) = (&opts.reuse, dst.top()) {
-                    r.store_index(top).map_err(|e| e.to_string())?;
+                    r.store_index(top).map_err(BuildError::from_cause)?;
                 }
             }
             for (name, data) in &contents {
@@ -262,7 +266,7 @@ impl Solver {
                     data,
                     &opts,
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(BuildError::from_cause)?;
             }
             Ok(())
         };
@@ -286,15 +290,17 @@ impl Solver {
 
 /// Resolves `user[:group]` through the view's /etc/passwd and /etc/group
 /// (BuildKit's rule, [`kiln_fs::userdb::resolve_chown`]).
-fn resolve_owner(view: &LayerView, spec: &str) -> Result<(u32, u32), String> {
+fn resolve_owner(view: &LayerView, spec: &str) -> Result<(u32, u32), super::StepError> {
     // A missing file is empty (numeric ids still work); a device, fifo or
     // oversized file in the image is an error, never opened or read whole.
     let read = |p: &str| match view.read(p) {
         Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
         Err(crate::fsview::ViewError::NotFound(_)) => Ok(String::new()),
-        Err(e) => Err(format!("reading {p} to resolve --chown={spec}: {e}")),
+        Err(e) => Err(super::StepError::ctx(format!(
+            "reading {p} to resolve --chown={spec}"
+        ))(e)),
     };
     let passwd = read("/etc/passwd")?;
     let groups = read("/etc/group")?;
-    kiln_fs::userdb::resolve_chown(spec, &passwd, &groups).map_err(|e| e.to_string())
+    kiln_fs::userdb::resolve_chown(spec, &passwd, &groups).map_err(super::StepError::src)
 }

@@ -25,12 +25,13 @@ impl Solver {
         work: F,
     ) -> Result<LayerRecord, BuildError>
     where
-        F: FnOnce(&LayerView) -> Result<(), String> + Send + 'static,
+        F: FnOnce(&LayerView) -> Result<(), BuildError> + Send + 'static,
     {
         let id = self.progress.start(name.to_string());
         let t = Instant::now();
-        let parent = state.top().map(str::to_string);
         let stack_key = link_stack_key(&key, &state.key);
+        tracing::debug!(step = id, %name, key = %key, stack_key = %stack_key, "step cache key");
+        let parent = state.top().map(str::to_string);
         let me = self.clone();
         let sk = stack_key.clone();
         let r = self
@@ -47,14 +48,20 @@ impl Solver {
                         }
                         let backend = inner.backend.clone();
                         let opts = inner.diff_options();
-                        let layer = blocking(move || {
+                        let cancel = inner.cancel.clone();
+                        let layer = blocking(move || -> Result<_, BuildError> {
                             let active = backend.prepare(None)?;
                             let view = LayerView::new(active.layers.clone(), false);
-                            if let Err(e) = work(&view) {
+                            let worked = work(&view);
+                            if cancel.is_cancelled() {
+                                backend.abort(active);
+                                return Err(BuildError::Cancelled);
+                            }
+                            if let Err(e) = worked {
                                 backend.abort(active);
                                 return Err(e);
                             }
-                            backend.commit(active, &k, &opts)
+                            Ok(backend.commit(active, &k, &opts)?)
                         })
                         .await?;
                         Ok((layer, false))

@@ -29,7 +29,7 @@ use crate::op::key::{chain_key, image_key, scratch_key};
 use crate::op::{Base, Graph, LayerOp, Op, SourceRef};
 use crate::progress::{Event, Progress};
 
-mod exec;
+pub mod exec;
 mod file;
 mod link;
 pub(crate) mod mounts;
@@ -37,6 +37,11 @@ mod remote_src;
 pub mod runner;
 
 use runner::Runner;
+
+crate::error::module_error! {
+    /// Why the work of a step (outside the store and the executor) failed.
+    pub enum StepError {}
+}
 
 /// A solved state: what a stage (or an image) is after its ops.
 #[derive(Debug, Clone)]
@@ -88,7 +93,11 @@ struct Images {
 impl Images {
     /// The image reference `reference` stands for (itself when it names
     /// no context).
-    fn named_image(&self, reference: &str, line: usize) -> Result<String, BuildError> {
+    fn named_image(
+        &self,
+        reference: &str,
+        line: crate::error::Location,
+    ) -> Result<String, BuildError> {
         match self.named.get(reference) {
             None => Ok(reference.to_string()),
             Some(NamedContext::Image(r)) => Ok(r.clone()),
@@ -110,13 +119,17 @@ impl Images {
     }
 
     /// Resolves an image reference (once per build).
-    async fn get(&self, reference: &str, line: usize) -> Result<Arc<ResolvedImage>, BuildError> {
+    async fn get(
+        &self,
+        reference: &str,
+        line: crate::error::Location,
+    ) -> Result<Arc<ResolvedImage>, BuildError> {
         let reference = self.named_image(reference, line)?;
         let cell = {
             let mut m = self
                 .cells
                 .lock()
-                .map_err(|_| BuildError::internal("lock", "poisoned"))?;
+                .map_err(|_| BuildError::internal_msg("lock: poisoned"))?;
             m.entry(reference.clone()).or_default().clone()
         };
         let backend = self.backend.clone();
@@ -162,13 +175,17 @@ pub(crate) struct Solver {
 }
 
 /// Runs blocking store work off the async threads.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, BuildError> {
+pub(crate) async fn blocking<T, E>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, BuildError>
+where
+    T: Send + 'static,
+    E: Into<BuildError> + Send + 'static,
+{
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| BuildError::internal("worker", e))?
-        .map_err(BuildError::Internal)
+        .map_err(Into::into)
 }
 
 fn now_secs() -> i64 {
@@ -236,7 +253,7 @@ async fn resolve_bases(
             .clone()
             .unwrap_or_else(|| format!("stage-{index}"));
         let total = stage.instructions.len() + 1;
-        let line = stage.line;
+        let line = crate::error::IntoLocation::into_location(stage.line);
         let images = images.clone();
         let progress = progress.clone();
         tasks.spawn(async move {
@@ -332,45 +349,23 @@ async fn solve_graph(
     sv.export(&state).await
 }
 
+/// The error a stage failed with (its typed causes are shared, not lost).
 fn unwrap_arc(e: Arc<BuildError>) -> BuildError {
-    Arc::try_unwrap(e).unwrap_or_else(|e| match &*e {
-        BuildError::Step { line, message } => BuildError::Step {
-            line: *line,
-            message: message.clone(),
-        },
-        BuildError::Run {
-            line,
-            command,
-            status,
-            tail,
-        } => BuildError::Run {
-            line: *line,
-            command: command.clone(),
-            status: status.clone(),
-            tail: tail.clone(),
-        },
-        BuildError::Usage(m) => BuildError::Usage(m.clone()),
-        BuildError::Dockerfile(pe) => BuildError::Dockerfile(pe.clone()),
-        BuildError::Cancelled => BuildError::Cancelled,
-        other => BuildError::Internal(other.to_string()),
-    })
+    Arc::try_unwrap(e).unwrap_or_else(|e| (*e).clone())
 }
 
-/// An `Internal` error of a step becomes an error at its line.
-fn at_line(line: usize) -> impl Fn(BuildError) -> BuildError {
-    move |e| match e {
-        BuildError::Internal(m) => BuildError::at(line, m),
-        other => other,
-    }
+/// An `Internal` error of a step becomes an error at its location (its
+/// cause kept).
+fn at_line(at: crate::error::Location) -> impl Fn(BuildError) -> BuildError {
+    move |e| e.located(at)
 }
 
 impl Solver {
     async fn stage_result(&self, index: usize) -> StageResult {
         let Some(mut rx) = self.stages.get(&index).cloned() else {
-            return Err(Arc::new(BuildError::internal(
-                "plan",
-                format!("stage {index} is not part of the build"),
-            )));
+            return Err(Arc::new(BuildError::internal_msg(format!(
+                "plan: stage {index} is not part of the build"
+            ))));
         };
         loop {
             if let Some(r) = rx.borrow().clone() {
@@ -386,11 +381,11 @@ impl Solver {
         let stage = self
             .graph
             .stage(index)
-            .ok_or_else(|| BuildError::internal("plan", "stage missing"))?;
+            .ok_or_else(|| BuildError::internal_msg("plan: stage missing"))?;
         let mut state: Solved = match &stage.base {
             Base::Scratch => Solved::scratch(),
             Base::Stage(j) => (*self.stage_result(*j).await.map_err(unwrap_arc)?).clone(),
-            Base::Image(r) => (*self.images.get(r, stage.line).await?.solved).clone(),
+            Base::Image(r) => (*self.images.get(r, stage.location).await?.solved).clone(),
         };
         for op in &stage.ops {
             if self.cancel.is_cancelled() {
@@ -420,7 +415,7 @@ impl Solver {
     async fn source_state(
         &self,
         src: &SourceRef,
-        line: usize,
+        line: crate::error::Location,
     ) -> Result<(Option<Arc<Solved>>, LayerView), BuildError> {
         let state = match src {
             SourceRef::ContextDir(d) => return Ok((None, LayerView::new(vec![d.clone()], true))),
@@ -445,10 +440,11 @@ impl Solver {
         work: F,
     ) -> Result<LayerRecord, BuildError>
     where
-        F: FnOnce(&LayerView) -> Result<(), String> + Send + 'static,
+        F: FnOnce(&LayerView) -> Result<(), BuildError> + Send + 'static,
     {
         let id = self.progress.start(name.to_string());
         let t = Instant::now();
+        tracing::debug!(step = id, %name, key = %key, "step cache key");
         let parent = state.top().map(str::to_string);
         let me = self.clone();
         let k = key.clone();
@@ -459,14 +455,22 @@ impl Solver {
                 }
                 let backend = me.backend.clone();
                 let opts = me.diff_options();
-                let layer = blocking(move || {
+                let cancel = me.cancel.clone();
+                let layer = blocking(move || -> Result<LayerRecord, BuildError> {
                     let active = backend.prepare(parent.as_deref())?;
                     let view = LayerView::new(active.layers.clone(), false);
-                    if let Err(e) = work(&view) {
+                    let worked = work(&view);
+                    // A cancelled build commits nothing (the work stopped
+                    // part way, or would be thrown away).
+                    if cancel.is_cancelled() {
+                        backend.abort(active);
+                        return Err(BuildError::Cancelled);
+                    }
+                    if let Err(e) = worked {
                         backend.abort(active);
                         return Err(e);
                     }
-                    backend.commit(active, &k, &opts)
+                    Ok(backend.commit(active, &k, &opts)?)
                 })
                 .await?;
                 Ok((layer, false))
@@ -534,7 +538,7 @@ impl Solver {
             let mut m = self
                 .inflight
                 .lock()
-                .map_err(|_| BuildError::internal("lock", "poisoned"))?;
+                .map_err(|_| BuildError::internal_msg("lock: poisoned"))?;
             m.entry(key.to_string()).or_default().clone()
         };
         let mut was_cached = true;
@@ -555,7 +559,7 @@ impl Solver {
         let stage = self
             .graph
             .stage(self.graph.target)
-            .ok_or_else(|| BuildError::internal("plan", "target stage missing"))?;
+            .ok_or_else(|| BuildError::internal_msg("plan: target stage missing"))?;
         let mut config = stage.config.clone();
         config.rootfs.diff_ids = state.layers.iter().map(|l| l.diff_id.clone()).collect();
         if !self.opts.labels.is_empty() {

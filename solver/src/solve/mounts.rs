@@ -32,6 +32,13 @@ use crate::fsview::LayerView;
 use crate::op::key::bind_context_key;
 use crate::op::{MountSpec, SourceRef};
 
+crate::error::module_error! {
+    /// Why a RUN mount could not be set up.
+    pub enum MountError {}
+}
+
+crate::error::wrap_from!(MountError: crate::backend::BackendError);
+
 /// Where a build secret's value comes from (`kiln build --secret`). Only
 /// the location is kept; the value is read when a step that mounts it
 /// runs.
@@ -141,13 +148,12 @@ impl Solver {
     async fn mount_from(
         &self,
         from: &SourceRef,
-        line: usize,
+        line: crate::error::Location,
     ) -> Result<(Arc<Solved>, LayerView), BuildError> {
         match self.source_state(from, line).await? {
             (Some(st), view) => Ok((st, view)),
-            (None, _) => Err(BuildError::internal(
-                "mount",
-                "a directory context is no mount source",
+            (None, _) => Err(BuildError::internal_msg(
+                "mount: a directory context is no mount source",
             )),
         }
     }
@@ -158,16 +164,20 @@ impl Solver {
     pub(super) async fn plan_mounts(
         &self,
         mounts: &[MountSpec],
-        line: usize,
+        line: crate::error::Location,
     ) -> Result<RunMounts, BuildError> {
         let mut out = RunMounts::default();
         for spec in mounts {
             let m = &spec.mount;
-            let err = |msg: String| BuildError::at(line, format!("--mount={}: {msg}", m.raw));
+            let err = |e: BuildError| BuildError::Step {
+                location: line,
+                message: format!("--mount={}: {e}", m.raw),
+                cause: Some(crate::error::Cause::new(e)),
+            };
             let target = || {
                 spec.target
                     .clone()
-                    .ok_or_else(|| BuildError::internal("mount", "a mount without a target"))
+                    .ok_or_else(|| BuildError::internal_msg("mount: a mount without a target"))
             };
             let id = spec.id.clone();
             let planned = match m.kind {
@@ -186,10 +196,10 @@ impl Solver {
                                     ignore: None,
                                     exclude: None,
                                 };
-                                selector.select(&source).map_err(|e| e.to_string())
+                                selector.select(&source).map_err(MountError::src)
                             })
                             .await
-                            .map_err(|e| err(e.to_string()))?;
+                            .map_err(err)?;
                             Some(sel)
                         }
                         None => None,
@@ -223,7 +233,7 @@ impl Solver {
                             let key = format!("from={} key={}", raw, st.key);
                             let src = blocking(move || bind_layers(&view, &source))
                                 .await
-                                .map_err(|e| err(e.to_string()))?;
+                                .map_err(err)?;
                             (src, key)
                         }
                         _ => self.bind_context(&source).await.map_err(err)?,
@@ -293,31 +303,30 @@ impl Solver {
 
     /// A bind source in the build context: what to mount and the hash of
     /// exactly what was selected (with `.dockerignore` applied).
-    async fn bind_context(&self, source: &str) -> Result<(BindSrc, String), String> {
+    async fn bind_context(&self, source: &str) -> Result<(BindSrc, String), BuildError> {
         let context = self.opts.context.clone();
         let ignore = self.ignore.clone();
         let backend = self.backend.clone();
         let source = source.to_string();
-        blocking(move || {
+        blocking(move || -> Result<_, MountError> {
             let view = LayerView::new(vec![context.clone()], true);
             let selector = Selector {
                 view: &view,
                 ignore: ignore.as_ref(),
                 exclude: None,
             };
-            let sel = selector.select(&source).map_err(|e| e.to_string())?;
+            let sel = selector.select(&source).map_err(MountError::src)?;
             let mut h = bind_context_key();
-            hash_selection(&mut h, &sel, backend.hash_cache(), false).map_err(|e| e.to_string())?;
+            hash_selection(&mut h, &sel, backend.hash_cache(), false).map_err(MountError::src)?;
             let key = format!("context={}", h.finish());
             if ignore.is_some() {
                 return Ok((BindSrc::Copy(sel), key));
             }
-            let resolved = view.resolve(&source, true).map_err(|e| e.to_string())?;
+            let resolved = view.resolve(&source, true).map_err(MountError::src)?;
             let host = context.join(crate::fsview::rel(&resolved));
             Ok((BindSrc::Host(host), key))
         })
         .await
-        .map_err(|e| e.to_string())
     }
 }
 
@@ -348,13 +357,13 @@ fn is_opaque(p: &Path) -> bool {
 /// A directory or file of a stage/image as a bind source: the layer
 /// directories that hold it (top first, stopping where a layer hides what
 /// is below), or a copy when there are too many to stack.
-fn bind_layers(view: &LayerView, source: &str) -> Result<BindSrc, String> {
+fn bind_layers(view: &LayerView, source: &str) -> Result<BindSrc, MountError> {
     let resolved = view
         .resolve(source, true)
-        .map_err(|e| format!("mount source {source}: {e}"))?;
+        .map_err(MountError::ctx(format!("mount source {source}")))?;
     let found = view
         .lookup(&resolved)
-        .ok_or_else(|| format!("mount source {source} not found"))?;
+        .ok_or_else(|| MountError::Invalid(format!("mount source {source} not found")))?;
     if !found.meta.is_dir() {
         return Ok(BindSrc::Host(found.host));
     }
@@ -387,13 +396,13 @@ fn bind_layers(view: &LayerView, source: &str) -> Result<BindSrc, String> {
             exclude: None,
         };
         return Ok(BindSrc::Copy(
-            selector.select(source).map_err(|e| e.to_string())?,
+            selector.select(source).map_err(MountError::src)?,
         ));
     }
     Ok(BindSrc::Layers(lowers))
 }
 
-fn bind_mount(target: &str, source: &Path, readonly: bool) -> Result<oci::Mount, String> {
+fn bind_mount(target: &str, source: &Path, readonly: bool) -> Result<oci::Mount, MountError> {
     oci::MountBuilder::default()
         .destination(target)
         .typ("bind")
@@ -403,36 +412,39 @@ fn bind_mount(target: &str, source: &Path, readonly: bool) -> Result<oci::Mount,
             if readonly { "ro" } else { "rw" }.to_string(),
         ])
         .build()
-        .map_err(|e| e.to_string())
+        .map_err(MountError::src)
 }
 
-fn scratch(backend: &dyn Backend, prefix: &str) -> Result<tempfile::TempDir, String> {
+fn scratch(backend: &dyn Backend, prefix: &str) -> Result<tempfile::TempDir, MountError> {
     let base = backend.scratch_dir();
-    fs::create_dir_all(&base).map_err(|e| format!("creating {}: {e}", base.display()))?;
+    fs::create_dir_all(&base).map_err(MountError::ctx(format!("creating {}", base.display())))?;
     tempfile::Builder::new()
         .prefix(prefix)
         .tempdir_in(&base)
-        .map_err(|e| format!("temp dir in {}: {e}", base.display()))
+        .map_err(MountError::ctx(format!("temp dir in {}", base.display())))
 }
 
 /// Copies `sel` into `dir` (ownership kept).
-fn copy_into(dir: &Path, sel: &[Selection]) -> Result<(), String> {
+fn copy_into(dir: &Path, sel: &[Selection]) -> Result<(), MountError> {
     let view = LayerView::new(vec![dir.to_path_buf()], true);
     let opts = CopyOptions {
         keep_owner: true,
         ..CopyOptions::default()
     };
-    copy_selections(&view, "/", true, sel, &opts).map_err(|e| e.to_string())
+    copy_selections(&view, "/", true, sel, &opts).map_err(MountError::src)
 }
 
-fn read_secret(id: &str, source: &SecretSource) -> Result<Vec<u8>, String> {
+fn read_secret(id: &str, source: &SecretSource) -> Result<Vec<u8>, MountError> {
     match source {
-        SecretSource::File(p) => {
-            fs::read(p).map_err(|e| format!("secret {id}: reading {}: {e}", p.display()))
-        }
+        SecretSource::File(p) => fs::read(p).map_err(MountError::ctx(format!(
+            "secret {id}: reading {}",
+            p.display()
+        ))),
         SecretSource::Env(v) => std::env::var_os(v)
             .map(std::os::unix::ffi::OsStringExt::into_vec)
-            .ok_or_else(|| format!("secret {id}: environment variable {v} is not set")),
+            .ok_or_else(|| {
+                MountError::Invalid(format!("secret {id}: environment variable {v} is not set"))
+            }),
     }
 }
 
@@ -443,7 +455,7 @@ impl RunMounts {
     }
 
     /// Sets the mounts up for one execution (blocking).
-    pub fn prepare(&self, backend: &dyn Backend) -> Result<Prepared, String> {
+    pub fn prepare(&self, backend: &dyn Backend) -> Result<Prepared, MountError> {
         let mut p = Prepared::default();
         for m in &self.planned {
             match m {
@@ -459,14 +471,15 @@ impl RunMounts {
                 } => {
                     let hold = backend.cache_mount(id, *sharing)?;
                     if hold.created {
-                        let init = || -> Result<(), String> {
+                        let init = || -> Result<(), MountError> {
                             if let Some(sel) = seed {
                                 copy_into(&hold.dir, sel)?;
                             }
-                            std::os::unix::fs::chown(&hold.dir, Some(*uid), Some(*gid))
-                                .map_err(|e| format!("chown {}: {e}", hold.dir.display()))?;
+                            std::os::unix::fs::chown(&hold.dir, Some(*uid), Some(*gid)).map_err(
+                                MountError::ctx(format!("chown {}", hold.dir.display())),
+                            )?;
                             fs::set_permissions(&hold.dir, fs::Permissions::from_mode(*mode))
-                                .map_err(|e| format!("chmod {}: {e}", hold.dir.display()))
+                                .map_err(MountError::ctx(format!("chmod {}", hold.dir.display())))
                         };
                         if let Err(e) = init() {
                             // Leave no half-seeded cache behind.
@@ -496,7 +509,7 @@ impl RunMounts {
                             .source("tmpfs")
                             .options(options)
                             .build()
-                            .map_err(|e| e.to_string())?,
+                            .map_err(MountError::src)?,
                     );
                 }
                 Planned::Secret {
@@ -510,17 +523,20 @@ impl RunMounts {
                 } => {
                     let value = read_secret(id, source)?;
                     if let Some(var) = env {
-                        let s = String::from_utf8(value.clone())
-                            .map_err(|_| format!("secret {id}: not UTF-8, cannot be an env var"))?;
+                        let s = String::from_utf8(value.clone()).map_err(|_| {
+                            MountError::Invalid(format!(
+                                "secret {id}: not UTF-8, cannot be an env var"
+                            ))
+                        })?;
                         p.env.push((var.clone(), s));
                     }
                     if let Some(target) = target {
                         if value.len() > kiln_executor::MAX_INLINE_FILE {
-                            return Err(format!(
+                            return Err(MountError::Invalid(format!(
                                 "secret {id}: {} bytes is over the limit of {}",
                                 value.len(),
                                 kiln_executor::MAX_INLINE_FILE
-                            ));
+                            )));
                         }
                         p.files.push(kiln_executor::InlineFile {
                             destination: PathBuf::from(target),
@@ -533,7 +549,10 @@ impl RunMounts {
                 }
                 Planned::Ssh { target, socket } => {
                     if fs::metadata(socket).is_err() {
-                        return Err(format!("SSH agent socket {} not found", socket.display()));
+                        return Err(MountError::Invalid(format!(
+                            "SSH agent socket {} not found",
+                            socket.display()
+                        )));
                     }
                     p.mounts.push(bind_mount(target, socket, false)?);
                     p.env.push(("SSH_AUTH_SOCK".into(), target.clone()));
@@ -550,7 +569,7 @@ fn bind_src(
     target: &str,
     readonly: bool,
     src: &BindSrc,
-) -> Result<oci::Mount, String> {
+) -> Result<oci::Mount, MountError> {
     match src {
         BindSrc::Host(h) => {
             let is_dir = fs::metadata(h).map(|m| m.is_dir()).unwrap_or(false);
@@ -563,7 +582,7 @@ fn bind_src(
             // A writable single file: a throwaway copy.
             let t = scratch(backend, "bind-")?;
             let copy = t.path().join("file");
-            fs::copy(h, &copy).map_err(|e| format!("copying {}: {e}", h.display()))?;
+            fs::copy(h, &copy).map_err(MountError::ctx(format!("copying {}", h.display())))?;
             let m = bind_mount(target, &copy, false)?;
             temps.push(t);
             Ok(m)
@@ -571,7 +590,8 @@ fn bind_src(
         BindSrc::Copy(sel) => {
             let t = scratch(backend, "bind-")?;
             let root = t.path().join("root");
-            fs::create_dir(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+            fs::create_dir(&root)
+                .map_err(MountError::ctx(format!("creating {}", root.display())))?;
             copy_into(&root, sel)?;
             // A single file selected: bind the file, not the directory.
             let path = match sel.as_slice() {
@@ -584,7 +604,7 @@ fn bind_src(
             Ok(m)
         }
         BindSrc::Layers(lowers) => match lowers.as_slice() {
-            [] => Err("mount source is empty".into()),
+            [] => Err(MountError::invalid("mount source is empty")),
             [one] if readonly => bind_mount(target, one, true),
             many => overlay(backend, temps, target, many, readonly),
         },
@@ -598,7 +618,7 @@ fn overlay(
     target: &str,
     lowers: &[PathBuf],
     readonly: bool,
-) -> Result<oci::Mount, String> {
+) -> Result<oci::Mount, MountError> {
     let lower = lowers
         .iter()
         .map(|l| l.display().to_string())
@@ -612,7 +632,7 @@ fn overlay(
         let upper = t.path().join("upper");
         let work = t.path().join("work");
         for d in [&upper, &work] {
-            fs::create_dir(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+            fs::create_dir(d).map_err(MountError::ctx(format!("creating {}", d.display())))?;
         }
         // The mount point shows the source's owner and mode.
         if let Some(m) = lowers.first().and_then(|l| fs::metadata(l).ok()) {
@@ -629,7 +649,7 @@ fn overlay(
         .source("overlay")
         .options(options)
         .build()
-        .map_err(|e| e.to_string())
+        .map_err(MountError::src)
 }
 
 /// The bounding set of this process (what "every capability" can be).
@@ -670,19 +690,19 @@ pub(super) fn make_insecure(spec: &mut oci::Spec) {
 /// `--secret` values of `kiln build`, parsed: `id=ID[,src=FILE|,env=VAR]`
 /// (BuildKit also takes `source=`, `type=file|env`; an id alone reads the
 /// environment variable of that name).
-pub fn parse_secret_flag(s: &str) -> Result<(String, SecretSource), String> {
+pub fn parse_secret_flag(s: &str) -> Result<(String, SecretSource), MountError> {
     let mut fields: BTreeMap<String, String> = BTreeMap::new();
     for f in s.split(',') {
-        let (k, v) = f
-            .split_once('=')
-            .ok_or_else(|| format!("--secret {s:?}: {f:?} is not key=value"))?;
+        let (k, v) = f.split_once('=').ok_or_else(|| {
+            MountError::Invalid(format!("--secret {s:?}: {f:?} is not key=value"))
+        })?;
         fields.insert(k.trim().to_ascii_lowercase(), v.to_string());
     }
     let id = fields
         .get("id")
         .cloned()
         .filter(|i| !i.is_empty())
-        .ok_or_else(|| format!("--secret {s:?}: id= is required"))?;
+        .ok_or_else(|| MountError::Invalid(format!("--secret {s:?}: id= is required")))?;
     let src = fields.get("src").or_else(|| fields.get("source")).cloned();
     let env = fields.get("env").cloned();
     let typ = fields.get("type").map(String::as_str);
@@ -692,32 +712,42 @@ pub fn parse_secret_flag(s: &str) -> Result<(String, SecretSource), String> {
         (None | Some("env"), None, None) => SecretSource::Env(id.clone()),
         (Some("file"), None, None) => SecretSource::File(PathBuf::from(&id)),
         (Some(t), _, _) if t != "file" && t != "env" => {
-            return Err(format!("--secret {s:?}: unknown type {t:?} (file or env)"))
+            return Err(MountError::Invalid(format!(
+                "--secret {s:?}: unknown type {t:?} (file or env)"
+            )))
         }
-        _ => return Err(format!("--secret {s:?}: give either src= or env=")),
+        _ => {
+            return Err(MountError::Invalid(format!(
+                "--secret {s:?}: give either src= or env="
+            )))
+        }
     };
     Ok((id, source))
 }
 
 /// `--ssh` values of `kiln build`: `default` (the `$SSH_AUTH_SOCK` of kiln)
 /// or `ID=SOCKET`.
-pub fn parse_ssh_flag(s: &str) -> Result<(String, PathBuf), String> {
+pub fn parse_ssh_flag(s: &str) -> Result<(String, PathBuf), MountError> {
     let (id, path) = match s.split_once('=') {
         Some((id, p)) => (id.to_string(), PathBuf::from(p)),
         None => {
             let sock = std::env::var_os("SSH_AUTH_SOCK")
                 .filter(|v| !v.is_empty())
-                .ok_or_else(|| format!("--ssh {s}: SSH_AUTH_SOCK is not set; give ID=SOCKET"))?;
+                .ok_or_else(|| {
+                    MountError::Invalid(format!(
+                        "--ssh {s}: SSH_AUTH_SOCK is not set; give ID=SOCKET"
+                    ))
+                })?;
             (s.to_string(), PathBuf::from(sock))
         }
     };
     if id.is_empty() {
-        return Err(format!("--ssh {s:?}: empty id"));
+        return Err(MountError::Invalid(format!("--ssh {s:?}: empty id")));
     }
     if path.to_string_lossy().contains(',') {
-        return Err(format!(
+        return Err(MountError::Invalid(format!(
             "--ssh {s:?}: only one socket per id is supported (no key files)"
-        ));
+        )));
     }
     Ok((id, path))
 }

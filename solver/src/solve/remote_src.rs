@@ -15,7 +15,7 @@ impl Solver {
         sources: &[String],
         checksum: Option<&str>,
         keep_git_dir: bool,
-        line: usize,
+        line: crate::error::Location,
     ) -> Result<(Vec<String>, Vec<Fetched>), BuildError> {
         let is_remote = |s: &str| remote::is_http_url(s) || remote::is_git_url(s);
         if checksum.is_some() {
