@@ -18,7 +18,9 @@
 //! and, in [`images`], every other command's work as `Session` methods
 //! with typed errors: list/find/inspect/history/tag/untag, load, import,
 //! pull and push (cancellable), save, filesystem export, prune, disk
-//! usage, check, login/logout. Progress of all of it — build steps,
+//! usage, check, login/logout. A stored name may point at an index
+//! (`pull --all-platforms`); [`platforms`] picks one platform's image of
+//! it for every command that shows, runs, saves or exports one. Progress of all of it — build steps,
 //! notes, warnings, blob transfers — is one [`progress::Event`] type on
 //! one bounded stream ([`export::Reporter`] is a thin adapter over it).
 //! The crates it builds on are re-exported ([`cache`], [`image`],
