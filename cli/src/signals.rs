@@ -12,8 +12,19 @@ use tokio::signal::unix::{signal, SignalKind};
 /// cannot be installed, that signal keeps its default action (the store
 /// survives being killed at any point) and only the other one is awaited.
 pub async fn interrupted() {
-    let int = signal(SignalKind::interrupt());
-    let term = signal(SignalKind::terminate());
+    first_of(
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    )
+    .await
+}
+
+/// Waits for the first of two installed signal streams; one that could not
+/// be installed is never awaited.
+async fn first_of(
+    int: std::io::Result<tokio::signal::unix::Signal>,
+    term: std::io::Result<tokio::signal::unix::Signal>,
+) {
     match (int, term) {
         (Ok(mut i), Ok(mut t)) => {
             tokio::select! {
@@ -62,21 +73,7 @@ pub fn cancel_on_interrupt_blocking() -> std::io::Result<(
     };
     let c = token.clone();
     rt.spawn(async move {
-        match (int, term) {
-            (Ok(mut i), Ok(mut t)) => {
-                tokio::select! {
-                    _ = i.recv() => {}
-                    _ = t.recv() => {}
-                }
-            }
-            (Ok(mut i), Err(_)) => {
-                i.recv().await;
-            }
-            (Err(_), Ok(mut t)) => {
-                t.recv().await;
-            }
-            (Err(_), Err(_)) => std::future::pending::<()>().await,
-        }
+        first_of(int, term).await;
         c.cancel();
     });
     Ok((token, rt))

@@ -29,6 +29,17 @@ fn cd(d: &Digest) -> Result<kiln_cache::Digest, TransferError> {
         .map_err(TransferError::ctx(format!("digest {d}")))
 }
 
+/// The normalised name, its parsed reference and a client of its registry.
+fn connect(
+    reference: &str,
+    cfg: &RegistryConfig,
+) -> Result<(String, Reference, Registry), TransferError> {
+    let name = kiln_cache::normalize_reference(reference).map_err(TransferError::src)?;
+    let r = Reference::parse(&name).map_err(TransferError::src)?;
+    let reg = Registry::new(&r.registry, cfg).map_err(TransferError::src)?;
+    Ok((name, r, reg))
+}
+
 /// The store as a [`BlobSink`]: verified ingest (digest and size).
 pub struct StoreSink<'a>(pub &'a Store);
 
@@ -129,9 +140,7 @@ pub fn pull_platform(
 ) -> Result<PullResult, TransferError> {
     let _span = tracing::info_span!("pull", reference).entered();
     tracing::info!("pull started");
-    let name = kiln_cache::normalize_reference(reference).map_err(TransferError::src)?;
-    let r = Reference::parse(&name).map_err(TransferError::src)?;
-    let reg = Registry::new(&r.registry, cfg).map_err(TransferError::src)?;
+    let (name, r, reg) = connect(reference, cfg)?;
     let sink = StoreSink(store);
     let host = Platform::host();
     let want = platform.unwrap_or(&host);
@@ -264,9 +273,7 @@ pub fn pull_all_platforms(
     progress: &(dyn Fn(Transfer) + Sync),
 ) -> Result<PullResult, TransferError> {
     let _span = tracing::info_span!("pull", reference).entered();
-    let name = kiln_cache::normalize_reference(reference).map_err(TransferError::src)?;
-    let r = Reference::parse(&name).map_err(TransferError::src)?;
-    let reg = Registry::new(&r.registry, cfg).map_err(TransferError::src)?;
+    let (name, r, reg) = connect(reference, cfg)?;
     let first = reg
         .get_manifest(&r.repository, &r.manifest_ref())
         .map_err(TransferError::src)?;
@@ -798,9 +805,7 @@ pub fn push(
 ) -> Result<Digest, TransferError> {
     let _span = tracing::info_span!("push", target).entered();
     tracing::info!("push started");
-    let name = kiln_cache::normalize_reference(target).map_err(TransferError::src)?;
-    let r = Reference::parse(&name).map_err(TransferError::src)?;
-    let reg = Registry::new(&r.registry, cfg).map_err(TransferError::src)?;
+    let (_, r, reg) = connect(target, cfg)?;
     let tag = r.tag.clone();
     push_to(
         store,
@@ -836,9 +841,7 @@ pub fn push_index(
 ) -> Result<Digest, TransferError> {
     let _span = tracing::info_span!("push", target).entered();
     tracing::info!("index push started");
-    let name = kiln_cache::normalize_reference(target).map_err(TransferError::src)?;
-    let r = Reference::parse(&name).map_err(TransferError::src)?;
-    let reg = Registry::new(&r.registry, cfg).map_err(TransferError::src)?;
+    let (name, r, reg) = connect(target, cfg)?;
     let mut idx = index
         .index()
         .map_err(TransferError::ctx(format!("{name}: index")))?;
