@@ -545,6 +545,7 @@ pub fn default_seccomp() -> LinuxSeccomp {
 fn syscall_nr(name: &str) -> Option<i64> {
     table::SYSCALLS
         .iter()
+        .chain(table::COMMON)
         .find(|(n, _)| *n == name)
         .map(|(_, nr)| *nr)
 }
