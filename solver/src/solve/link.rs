@@ -39,34 +39,7 @@ impl Solver {
                 if let Some(hit) = me.cache_lookup(&sk).await? {
                     return Ok((hit, true));
                 }
-                let inner = me.clone();
-                let k = key.clone();
-                let (layer, cached) = me
-                    .single_flight(&key, async move {
-                        if let Some(hit) = inner.cache_lookup(&k).await? {
-                            return Ok((hit, true));
-                        }
-                        let backend = inner.backend.clone();
-                        let opts = inner.diff_options();
-                        let cancel = inner.cancel.clone();
-                        let layer = blocking(move || -> Result<_, BuildError> {
-                            let active = backend.prepare(None)?;
-                            let view = LayerView::new(active.layers.clone(), false);
-                            let worked = work(&view);
-                            if cancel.is_cancelled() {
-                                backend.abort(active);
-                                return Err(BuildError::Cancelled);
-                            }
-                            if let Err(e) = worked {
-                                backend.abort(active);
-                                return Err(e);
-                            }
-                            Ok(backend.commit(active, &k, &opts)?)
-                        })
-                        .await?;
-                        Ok((layer, false))
-                    })
-                    .await?;
+                let (layer, cached) = me.clone().build_once(key, None, work).await?;
                 let backend = me.backend.clone();
                 let stacked =
                     blocking(move || backend.stack_layer(parent.as_deref(), &layer, &sk)).await?;

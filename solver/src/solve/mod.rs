@@ -446,37 +446,52 @@ impl Solver {
         let t = Instant::now();
         tracing::debug!(step = id, %name, key = %key, "step cache key");
         let parent = state.top().map(str::to_string);
+        let r = self.clone().build_once(key, parent, work).await;
+        self.finish(id, t, r)
+    }
+
+    /// The one way a layer is made: once per key among concurrent callers,
+    /// the cached layer if there is one, else `work` on a fresh snapshot
+    /// on `parent`, committed under `key` (aborted if it failed or the
+    /// build was cancelled). Returns whether it came from the cache.
+    async fn build_once<F>(
+        self: Arc<Self>,
+        key: String,
+        parent: Option<String>,
+        work: F,
+    ) -> Result<(LayerRecord, bool), BuildError>
+    where
+        F: FnOnce(&LayerView) -> Result<(), BuildError> + Send + 'static,
+    {
         let me = self.clone();
         let k = key.clone();
-        let r = self
-            .single_flight(&key, async move {
-                if let Some(hit) = me.cache_lookup(&k).await? {
-                    return Ok((hit, true));
+        self.single_flight(&key, async move {
+            if let Some(hit) = me.cache_lookup(&k).await? {
+                return Ok((hit, true));
+            }
+            let backend = me.backend.clone();
+            let opts = me.diff_options();
+            let cancel = me.cancel.clone();
+            let layer = blocking(move || -> Result<LayerRecord, BuildError> {
+                let active = backend.prepare(parent.as_deref())?;
+                let view = LayerView::new(active.layers.clone(), false);
+                let worked = work(&view);
+                // A cancelled build commits nothing (the work stopped
+                // part way, or would be thrown away).
+                if cancel.is_cancelled() {
+                    backend.abort(active);
+                    return Err(BuildError::Cancelled);
                 }
-                let backend = me.backend.clone();
-                let opts = me.diff_options();
-                let cancel = me.cancel.clone();
-                let layer = blocking(move || -> Result<LayerRecord, BuildError> {
-                    let active = backend.prepare(parent.as_deref())?;
-                    let view = LayerView::new(active.layers.clone(), false);
-                    let worked = work(&view);
-                    // A cancelled build commits nothing (the work stopped
-                    // part way, or would be thrown away).
-                    if cancel.is_cancelled() {
-                        backend.abort(active);
-                        return Err(BuildError::Cancelled);
-                    }
-                    if let Err(e) = worked {
-                        backend.abort(active);
-                        return Err(e);
-                    }
-                    Ok(backend.commit(active, &k, &opts)?)
-                })
-                .await?;
-                Ok((layer, false))
+                if let Err(e) = worked {
+                    backend.abort(active);
+                    return Err(e);
+                }
+                Ok(backend.commit(active, &k, &opts)?)
             })
-            .await;
-        self.finish(id, t, r)
+            .await?;
+            Ok((layer, false))
+        })
+        .await
     }
 
     fn finish(
