@@ -553,6 +553,7 @@ fn layer_kept_as_its_snapshot_reads_back_and_is_verified() {
     let opts = DiffOptions {
         clamp_mtime: Some(0),
         exclude: vec!["etc/skip".into()],
+        cancel: None,
     };
     // What the builder does: hash the diff, commit, record the source.
     let mut tar = Vec::new();

@@ -254,12 +254,15 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // Cancelled by SIGINT/SIGTERM only (the build cancels its own child
+    // token when a step fails).
+    let interrupted = kiln_solver::executor::CancellationToken::new();
+    let signalled = interrupted.clone();
     let result = rt.block_on(async move {
         let (progress_tx, rx) = kiln_solver::progress::channel();
         let render = tokio::spawn(progress::render(mode, rx));
-        let cancel = kiln_solver::executor::CancellationToken::new();
-        crate::signals::cancel_on_interrupt(&cancel);
-        let r = prepared.solve(progress_tx, cancel).await;
+        crate::signals::cancel_on_interrupt(&signalled);
+        let r = prepared.solve(progress_tx, signalled.child_token()).await;
         let _ = render.await;
         r
     });
@@ -280,7 +283,12 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
                 "{}",
                 render_error(&failed.error, &failed.dockerfile_name, &failed.dockerfile)
             );
-            Ok(ExitCode::from(1))
+            // Stopped by Ctrl-C/SIGTERM: 130, as a pull or push.
+            Ok(if interrupted.is_cancelled() {
+                ExitCode::from(crate::signals::EXIT_CANCELLED)
+            } else {
+                ExitCode::from(1)
+            })
         }
         Err(e) => Err(facade_error(e)),
     }

@@ -533,6 +533,7 @@ pub fn rootfs_tar(
     let opts = kiln_image::diff::DiffOptions {
         clamp_mtime: clamp,
         exclude: Vec::new(),
+        cancel: None,
     };
     kiln_image::diff::write_tree_diff(None, &root, out, &opts)?;
     Ok(())
