@@ -64,6 +64,7 @@ pub mod platforms;
 pub mod progress;
 pub mod remote;
 pub mod remote_cache;
+pub mod run;
 pub mod session;
 pub mod solve;
 pub mod store;
@@ -74,6 +75,10 @@ pub use build::{build, build_with_runner, BuildOptions, BuildResult, ResourceLim
 pub use error::BuildError;
 pub use frontend::{lint, plan};
 pub use op::key;
+
+/// Sizes as docker parses them (`10GB` = 10 GiB, `1k` = 1024 bytes): the
+/// one parser `build --memory` and `prune --keep-storage` share.
+pub use kiln_parser::units;
 
 /// The store ([`kiln_cache`]), re-exported so that a program depending on
 /// the facade alone (the CLI) reaches its types: image records, prune,
@@ -87,3 +92,27 @@ pub use kiln_image as image;
 pub use kiln_parser as parser;
 /// The registry client ([`kiln_registry`]), re-exported.
 pub use kiln_registry as registry;
+
+/// Why [`debug_ast`] gave no text.
+#[derive(Debug, thiserror::Error)]
+pub enum DebugAstError {
+    /// The Dockerfile does not parse (render it with
+    /// [`kiln_parser::ParseError::render`]: `file:line:col`, the line, a
+    /// caret).
+    #[error(transparent)]
+    Parse(#[from] kiln_parser::ParseError),
+    /// The instructions could not be written as JSON.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+/// `kiln debug ast`: the parser's view of a Dockerfile — the syntax tree
+/// as BuildKit's `dockerfile-frontend` dumps it, or (`json`) the typed
+/// instructions as pretty JSON.
+pub fn debug_ast(dockerfile: &str, json: bool) -> Result<String, DebugAstError> {
+    Ok(if json {
+        serde_json::to_string_pretty(&kiln_parser::parse(dockerfile)?)?
+    } else {
+        kiln_parser::parse_ast(dockerfile)?.dump()
+    })
+}
