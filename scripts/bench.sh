@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# scripts/bench.sh — kiln against buildah on the same machine, same run.
+# scripts/bench.sh — kiln against buildah (and BuildKit, when one is given)
+# on the same machine, same run.
 #
 # Sets up the peer tools and the three fixtures with
 # ../shared/tools/peer-env.sh (buildah, a local registry, a busybox base
@@ -7,6 +8,16 @@
 # stages, c: COPY . of 20,000 files + 500 MiB), then for every fixture and
 # scenario runs kiln and buildah ALTERNATELY, ROUNDS times each, and prints
 # the median wall time of each and the ratio kiln/buildah.
+#
+# BuildKit is the second peer when BUILDKIT_HOST names a running buildkitd
+# (e.g. unix:///run/buildkit/buildkitd.sock; OCI worker, able to pull the
+# base image from the plain-http registry at $PEER_REGISTRY) and buildctl
+# is on PATH (or BUILDCTL names it): then fixtures a, b, c and runstep are
+# also built with `buildctl build --frontend dockerfile.v0`, the result kept
+# in BuildKit's own image store (--output type=image), alternating with the
+# others, and the rows get BuildKit's median and kiln/BuildKit. Otherwise
+# those columns say "not run". The script never installs or starts BuildKit
+# (BENCHMARKS.md says how to get one).
 #
 # Scenarios:
 #   cold     every step re-run (--no-cache for both)
@@ -24,7 +35,10 @@
 # Env:   ROUNDS (default 5), BENCH_DIR (default /tmp/kiln-bench),
 #        PEER_TOOLS (default ../shared/tools next to the checkout),
 #        KILN_BIN (a kiln binary to use instead of building one),
-#        BENCH_KEEP=1 (keep kiln's store and buildah's bench images at the end)
+#        BENCH_KEEP=1 (keep kiln's store and buildah's bench images at the end),
+#        BUILDKIT_HOST, BUILDCTL (default buildctl): the BuildKit peer
+#        (BUILDKIT_PRUNE=0 leaves BuildKit's cache alone; by default the
+#        bench's builds are pruned from it after each scenario, as buildah's)
 # Every changed build of fixture c leaves a 500 MiB layer behind in both
 # stores, so buildah's dangling images are pruned after each scenario, and
 # both stores are emptied of the bench's images at exit.
@@ -79,6 +93,31 @@ mkdir -p "$FIX/runstep"
   for i in $(seq 1 20); do echo "RUN true # $i"; done
 } > "$FIX/runstep/Dockerfile"
 
+# The BuildKit peer: only when a buildkitd and buildctl are given.
+BUILDCTL=${BUILDCTL:-buildctl}
+BK=0
+if [ -n "${BUILDKIT_HOST:-}" ]; then
+  if ! command -v "$BUILDCTL" >/dev/null 2>&1; then
+    log "BUILDKIT_HOST is set but $BUILDCTL is not found: BuildKit not run"
+  elif ! "$BUILDCTL" --addr "$BUILDKIT_HOST" debug workers >/dev/null 2>&1; then
+    log "no buildkitd answers at $BUILDKIT_HOST: BuildKit not run"
+  else
+    BK=1
+    log "BuildKit peer: $("$BUILDCTL" --version 2>/dev/null | head -1) at $BUILDKIT_HOST"
+  fi
+fi
+bk_build() {  # fixture, extra buildctl args...
+  local f=$1; shift
+  "$BUILDCTL" --addr "$BUILDKIT_HOST" build --progress quiet \
+    --frontend dockerfile.v0 --opt force-network-mode=none \
+    --local context="$FIX/$f" --local dockerfile="$FIX/$f" \
+    --output "type=image,name=docker.io/library/bench-$f:latest" "$@" >/dev/null 2>&1
+}
+bk_prune() {  # drop BuildKit's build cache and records (its images stay)
+  [ "$BK" = 1 ] && [ "${BUILDKIT_PRUNE:-1}" = 1 ] || return 0
+  "$BUILDCTL" --addr "$BUILDKIT_HOST" prune --all >/dev/null 2>&1 || true
+}
+
 now() { date +%s.%N; }
 elapsed() { echo "$(now) - $1" | bc -l; }
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
@@ -101,28 +140,39 @@ touch_one() {  # change one small file of a fixture
 
 declare -A RESULT
 run_scenario() {  # fixture scenario
-  local f=$1 s=$2 i t k=() p=()
-  # warm both so that "cached" and "changed" start from a built state
+  local f=$1 s=$2 i t k=() p=() b=()
+  # warm all so that "cached" and "changed" start from a built state
   kiln_build "$f" || { log "kiln build $f failed"; return 1; }
   peer_build "$f" || { log "buildah build $f failed"; return 1; }
+  if [ "$BK" = 1 ]; then bk_build "$f" || { log "BuildKit build $f failed"; return 1; }; fi
   for i in $(seq 1 "$ROUNDS"); do
     case "$s" in
       cold)
         t=$(now); kiln_build "$f" --no-cache; k+=("$(elapsed "$t")")
-        t=$(now); peer_build "$f" --no-cache; p+=("$(elapsed "$t")") ;;
+        t=$(now); peer_build "$f" --no-cache; p+=("$(elapsed "$t")")
+        if [ "$BK" = 1 ]; then t=$(now); bk_build "$f" --no-cache; b+=("$(elapsed "$t")"); fi ;;
       cached)
         t=$(now); kiln_build "$f"; k+=("$(elapsed "$t")")
-        t=$(now); peer_build "$f"; p+=("$(elapsed "$t")") ;;
+        t=$(now); peer_build "$f"; p+=("$(elapsed "$t")")
+        if [ "$BK" = 1 ]; then t=$(now); bk_build "$f"; b+=("$(elapsed "$t")"); fi ;;
       changed)
         touch_one "$f"; t=$(now); kiln_build "$f"; k+=("$(elapsed "$t")")
-        touch_one "$f"; t=$(now); peer_build "$f"; p+=("$(elapsed "$t")") ;;
+        touch_one "$f"; t=$(now); peer_build "$f"; p+=("$(elapsed "$t")")
+        if [ "$BK" = 1 ]; then touch_one "$f"; t=$(now); bk_build "$f"; b+=("$(elapsed "$t")"); fi ;;
     esac
   done
-  local km pm
+  local km pm bm
   km=$(printf '%s\n' "${k[@]}" | median)
   pm=$(printf '%s\n' "${p[@]}" | median)
   RESULT["$f/$s"]="$km $pm"
-  printf '| %s | %s | %.3f s | %.3f s | %.3f |\n' "$f" "$s" "$km" "$pm" "$(echo "$km / $pm" | bc -l)"
+  if [ "$BK" = 1 ]; then
+    bm=$(printf '%s\n' "${b[@]}" | median)
+    printf '| %s | %s | %.3f s | %.3f s | %.3f s | %.3f | %.3f |\n' "$f" "$s" "$km" "$pm" "$bm" \
+      "$(echo "$km / $pm" | bc -l)" "$(echo "$km / $bm" | bc -l)"
+  else
+    printf '| %s | %s | %.3f s | %.3f s | not run | %.3f | not run |\n' "$f" "$s" "$km" "$pm" \
+      "$(echo "$km / $pm" | bc -l)"
+  fi
 }
 
 REG_DIR=${PEER_REGISTRY_DIR:-/tmp/peer-registry}
@@ -159,7 +209,7 @@ run_transfer() {  # push | pull
   km=$(printf '%s\n' "${k[@]}" | median)
   pm=$(printf '%s\n' "${p[@]}" | median)
   peer=$([ "$s" = pull ] && echo "skopeo copy" || echo "buildah push")
-  printf '| c | %s (vs %s) | %.3f s | %.3f s | %.3f |\n' "$s" "$peer" "$km" "$pm" "$(echo "$km / $pm" | bc -l)"
+  printf '| c | %s (vs %s) | %.3f s | %.3f s | — | %.3f | — |\n' "$s" "$peer" "$km" "$pm" "$(echo "$km / $pm" | bc -l)"
 }
 
 # layers500: 500 x RUN on one chain (no peer: buildah's overlay stops at
@@ -204,7 +254,7 @@ for r in range(1, rounds + 1):
 m = {b: statistics.median(v) * 1000 for b, v in per.items()}
 print(f"| layers500 | per RUN step, layers 1-50 / 226-275 / 451-500 | "
       f"{m['1-50']:.1f} / {m['226-275']:.1f} / {m['451-500']:.1f} ms | "
-      f"total {statistics.median(totals):.2f} s | last/first {m['451-500'] / m['1-50']:.2f} |")
+      f"total {statistics.median(totals):.2f} s | — | last/first {m['451-500'] / m['1-50']:.2f} | — |")
 PY
   rm -f "$OUT"/layers500-*.total
 }
@@ -212,10 +262,16 @@ PY
 fixtures=("$@")
 [ ${#fixtures[@]} -gt 0 ] || fixtures=(a b c runstep push pushmemo pull layers500)
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); $(buildah --version)"
-echo "Rounds: $ROUNDS, alternating kiln / buildah, medians"
+if [ "$BK" = 1 ]; then
+  echo "BuildKit: $("$BUILDCTL" --addr "$BUILDKIT_HOST" debug workers -v 2>/dev/null | awk '/^Labels:/{l=1} l && /org.mobyproject.buildkit.worker.(executor|snapshotter)/{printf "%s ", $1 "=" $2}'; "$BUILDCTL" --version | head -1)"
+  echo "Rounds: $ROUNDS, alternating kiln / buildah / BuildKit, medians"
+else
+  echo "BuildKit: not run (set BUILDKIT_HOST to a running buildkitd and put buildctl on PATH)"
+  echo "Rounds: $ROUNDS, alternating kiln / buildah, medians"
+fi
 echo
-echo "| fixture | scenario | kiln | buildah | kiln/buildah |"
-echo "|---|---|---|---|---|"
+echo "| fixture | scenario | kiln | buildah | BuildKit | kiln/buildah | kiln/BuildKit |"
+echo "|---|---|---|---|---|---|---|"
 for f in "${fixtures[@]}"; do
   if [ "$f" = runstep ]; then
     run_scenario runstep cold
@@ -224,7 +280,8 @@ for f in "${fixtures[@]}"; do
   elif [ "$f" = push ] || [ "$f" = pushmemo ] || [ "$f" = pull ]; then
     run_transfer "$f"
   else
-    for s in cold cached changed; do run_scenario "$f" "$s"; peer_prune; done
+    for s in cold cached changed; do run_scenario "$f" "$s"; peer_prune; bk_prune; done
   fi
   peer_prune
+  bk_prune
 done
