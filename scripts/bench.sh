@@ -263,7 +263,9 @@ fixtures=("$@")
 [ ${#fixtures[@]} -gt 0 ] || fixtures=(a b c runstep push pushmemo pull layers500)
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); $(buildah --version)"
 if [ "$BK" = 1 ]; then
-  echo "BuildKit: $("$BUILDCTL" --addr "$BUILDKIT_HOST" debug workers -v 2>/dev/null | awk '/^Labels:/{l=1} l && /org.mobyproject.buildkit.worker.(executor|snapshotter)/{printf "%s ", $1 "=" $2}'; "$BUILDCTL" --version | head -1)"
+  echo "BuildKit: $("$BUILDCTL" --addr "$BUILDKIT_HOST" debug workers -v 2>/dev/null | awk '
+    /^BuildKit:/ {v = $NF} /worker.executor:/ {e = $2} /worker.snapshotter:/ {s = $2}
+    END {printf "%s, worker executor %s, snapshotter %s", v, e, s}')"
   echo "Rounds: $ROUNDS, alternating kiln / buildah / BuildKit, medians"
 else
   echo "BuildKit: not run (set BUILDKIT_HOST to a running buildkitd and put buildctl on PATH)"
