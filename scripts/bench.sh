@@ -24,6 +24,10 @@
 #   cached   nothing changed since the previous build
 #   changed  one small context file changed before each build
 #   runstep  20 x `RUN true` with --no-cache (fixed cost per RUN step)
+#   fresh    fixture c on a new CI runner: kiln into an empty store (the
+#            base image loaded first, untimed), buildah with its store
+#            holding only the base image, BuildKit after `buildctl prune
+#            --all` (it pulls the base from the local registry)
 #   push     fixture c to an empty registry: `kiln push` vs `buildah push`
 #   pushmemo the same, kiln reusing the compressed layer it remembered
 #   pull     that image into an empty store: `kiln pull` vs `skopeo copy`
@@ -31,7 +35,7 @@
 #   layers500 500 x RUN on one chain, per-step time by depth (kiln only)
 #
 # Usage: scripts/bench.sh [fixture...]
-#        (default: a b c runstep push pushmemo pull layers500)
+#        (default: a b c runstep fresh push pushmemo pull layers500)
 # Env:   ROUNDS (default 5), BENCH_DIR (default /tmp/kiln-bench),
 #        PEER_TOOLS (default ../shared/tools next to the checkout),
 #        KILN_BIN (a kiln binary to use instead of building one),
@@ -80,7 +84,7 @@ cleanup() {
   buildah --storage-driver overlay images --format '{{.Name}}:{{.Tag}}' 2>/dev/null \
     | grep '/bench-' | xargs -r buildah --storage-driver overlay rmi -f >/dev/null 2>&1 || true
   peer_prune
-  rm -rf "$KILN_ROOT" "$OUT/pull-root" "$OUT/pull-oci" || true
+  rm -rf "$KILN_ROOT" "$OUT/pull-root" "$OUT/pull-oci" "$OUT/fresh-root" || true
 }
 trap cleanup EXIT
 "$KILN" load -i "$OUT/busybox.tar" >&2
@@ -175,6 +179,35 @@ run_scenario() {  # fixture scenario
   fi
 }
 
+# fresh: fixture c built where nothing of it is stored yet.
+run_fresh() {
+  local i t k=() p=() b=() km pm bm fresh="$OUT/fresh-root"
+  for i in $(seq 1 "$ROUNDS"); do
+    rm -rf "$fresh"
+    KILN_ROOT="$fresh" "$KILN" load -i "$OUT/busybox.tar" >/dev/null 2>&1
+    KILN_ROOT="$fresh" "$KILN" tag busybox:latest "$REG/busybox:latest" >/dev/null 2>&1
+    t=$(now); KILN_ROOT="$fresh" kiln_build c; k+=("$(elapsed "$t")")
+    rm -rf "$fresh"
+    buildah --storage-driver overlay rmi -f localhost/bench-c:latest >/dev/null 2>&1 || true
+    peer_prune
+    t=$(now); peer_build c; p+=("$(elapsed "$t")")
+    if [ "$BK" = 1 ]; then
+      "$BUILDCTL" --addr "$BUILDKIT_HOST" prune --all >/dev/null 2>&1 || true
+      t=$(now); bk_build c; b+=("$(elapsed "$t")")
+    fi
+  done
+  km=$(printf '%s\n' "${k[@]}" | median)
+  pm=$(printf '%s\n' "${p[@]}" | median)
+  if [ "$BK" = 1 ]; then
+    bm=$(printf '%s\n' "${b[@]}" | median)
+    printf '| c | fresh (empty store) | %.3f s | %.3f s | %.3f s | %.3f | %.3f |\n' "$km" "$pm" "$bm" \
+      "$(echo "$km / $pm" | bc -l)" "$(echo "$km / $bm" | bc -l)"
+  else
+    printf '| c | fresh (empty store) | %.3f s | %.3f s | not run | %.3f | not run |\n' "$km" "$pm" \
+      "$(echo "$km / $pm" | bc -l)"
+  fi
+}
+
 REG_DIR=${PEER_REGISTRY_DIR:-/tmp/peer-registry}
 run_transfer() {  # push | pull
   local s=$1 i t k=() p=()
@@ -260,7 +293,7 @@ PY
 }
 
 fixtures=("$@")
-[ ${#fixtures[@]} -gt 0 ] || fixtures=(a b c runstep push pushmemo pull layers500)
+[ ${#fixtures[@]} -gt 0 ] || fixtures=(a b c runstep fresh push pushmemo pull layers500)
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); $(buildah --version)"
 if [ "$BK" = 1 ]; then
   echo "BuildKit: $("$BUILDCTL" --addr "$BUILDKIT_HOST" debug workers -v 2>/dev/null | awk '
@@ -279,6 +312,8 @@ for f in "${fixtures[@]}"; do
     run_scenario runstep cold
   elif [ "$f" = layers500 ]; then
     run_layers500
+  elif [ "$f" = fresh ]; then
+    run_fresh
   elif [ "$f" = push ] || [ "$f" = pushmemo ] || [ "$f" = pull ]; then
     run_transfer "$f"
   else
