@@ -453,7 +453,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let backend = Arc::new(backend);
     let base = backend
-        .resolve_image(&name)
+        .resolve_image(&name, None)
         .map_err(|e| anyhow::anyhow!(e))?
         .ok_or_else(|| anyhow::anyhow!("No such image: {}", a.image))?;
     let cfg = base.config.config.clone().unwrap_or_default();

@@ -788,8 +788,12 @@ fn read_layout_manifest(dir: &Path, tag: &str) -> Result<RawManifest, RemoteCach
 }
 
 impl Backend for RemoteCacheBackend {
-    fn resolve_image(&self, reference: &str) -> BackendResult<Option<BaseImage>> {
-        self.inner.resolve_image(reference)
+    fn resolve_image(
+        &self,
+        reference: &str,
+        platform: Option<&kiln_image::manifest::Platform>,
+    ) -> BackendResult<Option<BaseImage>> {
+        self.inner.resolve_image(reference, platform)
     }
 
     fn cache_alias(&self, key: &str, layer: &LayerRecord) -> BackendResult<()> {

@@ -359,7 +359,11 @@ fn stat_of(k: &StatKey) -> FileStat {
 pub const OCI_LAYOUT_DOMAIN: &str = "oci-layout.kiln.invalid";
 
 impl Backend for StoreBackend {
-    fn resolve_image(&self, reference: &str) -> BackendResult<Option<BaseImage>> {
+    fn resolve_image(
+        &self,
+        reference: &str,
+        platform: Option<&kiln_image::manifest::Platform>,
+    ) -> BackendResult<Option<BaseImage>> {
         // Docker/BuildKit word every unparsable name "invalid reference
         // format"; the detail follows.
         let name = kiln_cache::normalize_reference(reference).map_err(|err| {
@@ -367,48 +371,75 @@ impl Backend for StoreBackend {
                 "failed to parse stage name {reference:?}: invalid reference format ({err})"
             ))
         })?;
-        let imported = name.starts_with(&format!("{OCI_LAYOUT_DOMAIN}/"));
-        if let Some((cfg, always)) = self.registry.as_ref().filter(|_| !imported) {
-            let local = self
+        let want = platform.or(self.platform.as_ref());
+        // The stored image for `want` (a name pointing at an index, or an
+        // explicit platform: the platform's image; else the one stored).
+        let local = |name: &str| -> BackendResult<Option<(Vec<u8>, String)>> {
+            let Some(rec) = self
                 .store
                 .meta()
-                .image(&name)
-                .map_err(BackendError::ctx("image table"))?;
-            if *always || local.is_none() {
-                crate::transfer::pull(&self.store, cfg, &name, 4, &|_| {})
-                    .map_err(BackendError::src)?;
+                .image(name)
+                .map_err(BackendError::ctx("image table"))?
+            else {
+                return Ok(None);
+            };
+            let md: kiln_cache::Digest = rec
+                .manifest
+                .parse()
+                .map_err(BackendError::ctx("manifest digest"))?;
+            let bytes = self
+                .store
+                .content()
+                .read(&md)
+                .map_err(BackendError::ctx("manifest"))?;
+            if want.is_none()
+                && !kiln_image::manifest::RawManifest::new(bytes.clone(), None)
+                    .is_ok_and(|r| r.is_index())
+            {
+                return Ok(Some((bytes, rec.manifest)));
             }
-        }
-        let Some(rec) = self
-            .store
-            .meta()
-            .image(&name)
-            .map_err(BackendError::ctx("image table"))?
-        else {
-            return Ok(None);
+            let m = crate::platforms::select(&self.store, &rec.manifest, want, false)
+                .map_err(BackendError::ctx(name.to_string()))?
+                .manifest;
+            Ok(Some((m.bytes, m.digest.to_string())))
         };
-        let md: kiln_cache::Digest = rec
-            .manifest
-            .parse()
-            .map_err(BackendError::ctx("manifest digest"))?;
-        let bytes = self
-            .store
-            .content()
-            .read(&md)
-            .map_err(BackendError::ctx("manifest"))?;
-        // A name that points at an index (or a run for an explicit
-        // platform): the platform's image.
-        let (bytes, manifest_digest) = if self.platform.is_some()
-            || kiln_image::manifest::RawManifest::new(bytes.clone(), None)
-                .is_ok_and(|r| r.is_index())
-        {
-            let m =
-                crate::platforms::select(&self.store, &rec.manifest, self.platform.as_ref(), false)
-                    .map_err(BackendError::ctx(name.clone()))?
-                    .manifest;
-            (m.bytes, m.digest.to_string())
-        } else {
-            (bytes, rec.manifest.clone())
+        let imported = name.starts_with(&format!("{OCI_LAYOUT_DOMAIN}/"));
+        let found = match self.registry.as_ref().filter(|_| !imported) {
+            Some((cfg, always)) => {
+                // A stored name for another platform is pulled for this
+                // one (the pulled manifest is used as it is: another
+                // platform's pull of the same name may move the name).
+                let have = if *always {
+                    None
+                } else {
+                    local(&name).ok().flatten()
+                };
+                match have {
+                    Some(h) => Some(h),
+                    None => {
+                        let pulled = crate::transfer::pull_platform(
+                            &self.store,
+                            cfg,
+                            &name,
+                            want,
+                            4,
+                            &|_| {},
+                        )
+                        .map_err(BackendError::src)?;
+                        let md = cache_digest(&pulled.manifest_digest)?;
+                        let bytes = self
+                            .store
+                            .content()
+                            .read(&md)
+                            .map_err(BackendError::ctx("manifest"))?;
+                        Some((bytes, pulled.manifest_digest.to_string()))
+                    }
+                }
+            }
+            None => local(&name)?,
+        };
+        let Some((bytes, manifest_digest)) = found else {
+            return Ok(None);
         };
         let manifest: ImageManifest =
             serde_json::from_slice(&bytes).map_err(BackendError::ctx("parsing manifest"))?;

@@ -21,6 +21,7 @@ use kiln_executor::{
 };
 use kiln_image::config::ImageConfig;
 use kiln_image::diff::DiffOptions;
+use kiln_image::manifest::Platform;
 use kiln_image::Digest;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
@@ -41,7 +42,8 @@ struct Snap {
 struct MemState {
     snaps: HashMap<String, Snap>,
     cache: HashMap<String, LayerRecord>,
-    images: HashMap<String, BaseImage>,
+    /// By reference: one image per platform (the config's).
+    images: HashMap<String, Vec<BaseImage>>,
     exported: Vec<(ImageConfig, Vec<LayerRecord>, Vec<String>)>,
     /// Every key committed or aliased, in order.
     committed: Vec<String>,
@@ -104,7 +106,9 @@ impl MemBackend {
 
     /// Adds an image whose one layer holds `files` (path, content), under
     /// `reference` (as the solver will ask for it, e.g.
-    /// `docker.io/library/alpine:latest`).
+    /// `docker.io/library/alpine:latest`). Images under one reference
+    /// whose configs name different platforms are kept side by side, as
+    /// an index's children are.
     pub fn add_image(
         &self,
         reference: &str,
@@ -140,15 +144,15 @@ impl MemBackend {
         };
         let mut st = self.lock();
         st.snaps.insert(snap, Snap { dir, parent: None });
-        st.images.insert(
-            reference.to_string(),
-            BaseImage {
-                reference: reference.to_string(),
-                manifest_digest: manifest_digest.to_string(),
-                config,
-                layers: vec![layer],
-            },
-        );
+        let list = st.images.entry(reference.to_string()).or_default();
+        let platform = config_platform(&config);
+        list.retain(|i| !config_platform(&i.config).matches(&platform));
+        list.push(BaseImage {
+            reference: reference.to_string(),
+            manifest_digest: manifest_digest.to_string(),
+            config,
+            layers: vec![layer],
+        });
         Ok(())
     }
 
@@ -183,6 +187,15 @@ impl MemBackend {
     }
 }
 
+fn config_platform(c: &ImageConfig) -> Platform {
+    Platform {
+        os: c.os.clone(),
+        architecture: c.architecture.clone(),
+        variant: c.variant.clone(),
+        ..Default::default()
+    }
+}
+
 fn diff_of(dir: &Path, opts: &DiffOptions) -> BackendResult<Digest> {
     let mut w = HashWriter(Sha256::new());
     kiln_image::diff::write_overlay_diff(dir, &mut w, opts).map_err(BackendError::ctx("diff"))?;
@@ -192,10 +205,25 @@ fn diff_of(dir: &Path, opts: &DiffOptions) -> BackendResult<Digest> {
 }
 
 impl Backend for MemBackend {
-    fn resolve_image(&self, reference: &str) -> BackendResult<Option<BaseImage>> {
+    fn resolve_image(
+        &self,
+        reference: &str,
+        platform: Option<&Platform>,
+    ) -> BackendResult<Option<BaseImage>> {
         let name = kiln_cache::normalize_reference(reference)
             .map_err(BackendError::ctx("invalid reference format"))?;
-        Ok(self.lock().images.get(&name).cloned())
+        let st = self.lock();
+        let Some(list) = st.images.get(&name) else {
+            return Ok(None);
+        };
+        let pick = match platform {
+            Some(p) => list.iter().find(|i| p.matches(&config_platform(&i.config))),
+            None => list
+                .iter()
+                .find(|i| Platform::host().matches(&config_platform(&i.config)))
+                .or(list.last()),
+        };
+        Ok(pick.cloned())
     }
 
     fn cache_get(&self, key: &str) -> BackendResult<Option<LayerRecord>> {

@@ -26,7 +26,7 @@ use crate::contexts::NamedContext;
 use crate::error::BuildError;
 use crate::fsview::LayerView;
 use crate::op::key::{chain_key, image_key, scratch_key};
-use crate::op::{Base, Graph, LayerOp, Op, SourceRef};
+use crate::op::{Graph, LayerOp, Op, Source};
 use crate::progress::{Event, Progress};
 
 pub mod exec;
@@ -82,13 +82,16 @@ struct ResolvedImage {
     solved: Arc<Solved>,
 }
 
-/// Base images resolved once per build, by normalised-or-not reference
-/// after `--build-context` names.
+/// Base images resolved once per build, by reference (after
+/// `--build-context` names) and platform.
 struct Images {
     backend: Arc<dyn Backend>,
     named: BTreeMap<String, NamedContext>,
-    cells: Mutex<HashMap<String, Arc<OnceCell<Arc<ResolvedImage>>>>>,
+    cells: Mutex<HashMap<ImageKey, Arc<OnceCell<Arc<ResolvedImage>>>>>,
 }
+
+/// An image of the build: (reference, normalised platform).
+type ImageKey = (String, String);
 
 impl Images {
     /// The image reference `reference` stands for (itself when it names
@@ -118,30 +121,41 @@ impl Images {
         }
     }
 
-    /// Resolves an image reference (once per build).
+    /// Resolves an image reference for `platform` (once per build and
+    /// platform). The host's platform asks the backend for its default
+    /// (the host's image of an index, or the one image stored).
     async fn get(
         &self,
         reference: &str,
+        platform: &kiln_image::manifest::Platform,
         line: crate::error::Location,
     ) -> Result<Arc<ResolvedImage>, BuildError> {
         let reference = self.named_image(reference, line)?;
+        let platform = kiln_image::platform::normalize(platform);
         let cell = {
             let mut m = self
                 .cells
                 .lock()
                 .map_err(|_| BuildError::internal_msg("lock: poisoned"))?;
-            m.entry(reference.clone()).or_default().clone()
+            m.entry((reference.clone(), platform.to_string()))
+                .or_default()
+                .clone()
         };
         let backend = self.backend.clone();
+        let foreign = !platform.matches(&crate::frontend::plan::host_platform());
         cell.get_or_try_init(|| async move {
             let r = reference.clone();
-            let img = blocking(move || backend.resolve_image(&r)).await?;
+            let p = platform.clone();
+            let img = blocking(move || backend.resolve_image(&r, foreign.then_some(&p))).await?;
             let Some(img) = img else {
+                let hint = if foreign {
+                    format!("for {platform} (pull it with `kiln pull --platform {platform} {reference}`)")
+                } else {
+                    format!("(import or load it first, e.g. `kiln import rootfs.tar {reference}`)")
+                };
                 return Err(BuildError::at(
                     line,
-                    format!(
-                        "{reference}: image not found in the local store (import or load it first, e.g. `kiln import rootfs.tar {reference}`)"
-                    ),
+                    format!("{reference}: image not found in the local store {hint}"),
                 ));
             };
             Ok(Arc::new(ResolvedImage {
@@ -222,7 +236,6 @@ pub async fn solve(
     });
     // The frontend needs the base images' configs: resolve them first,
     // concurrently (this is where they are pulled).
-    crate::frontend::check_platforms(&df, &plan, &opts)?;
     let configs = resolve_bases(&images, &progress, &df, &plan, &opts).await?;
     if cancel.is_cancelled() {
         return Err(BuildError::Cancelled);
@@ -243,10 +256,10 @@ async fn resolve_bases(
     df: &kiln_parser::instructions::Dockerfile,
     plan: &crate::frontend::plan::Plan,
     opts: &BuildOptions,
-) -> Result<HashMap<String, ImageConfig>, BuildError> {
+) -> Result<HashMap<(String, String), ImageConfig>, BuildError> {
     let mut tasks = tokio::task::JoinSet::new();
     let bases = crate::frontend::base_images(plan, opts);
-    for (n, (index, reference)) in bases.iter().cloned().enumerate() {
+    for (n, (index, reference, platform)) in bases.iter().cloned().enumerate() {
         let stage = &df.stages[index];
         let label = stage
             .name
@@ -259,7 +272,7 @@ async fn resolve_bases(
         tasks.spawn(async move {
             let id = progress.start(format!("[{label} 1/{total}] FROM {reference}"));
             let t = Instant::now();
-            let r = images.get(&reference, line).await;
+            let r = images.get(&reference, &platform, line).await;
             match &r {
                 Ok(_) => progress.done(id, t.elapsed()),
                 Err(e) => progress.send(Event::Failed {
@@ -267,7 +280,7 @@ async fn resolve_bases(
                     error: e.to_string(),
                 }),
             }
-            (n, reference, r)
+            (n, (reference, platform.to_string()), r)
         });
     }
     let mut results = Vec::new();
@@ -383,9 +396,22 @@ impl Solver {
             .stage(index)
             .ok_or_else(|| BuildError::internal_msg("plan: stage missing"))?;
         let mut state: Solved = match &stage.base {
-            Base::Scratch => Solved::scratch(),
-            Base::Stage(j) => (*self.stage_result(*j).await.map_err(unwrap_arc)?).clone(),
-            Base::Image(r) => (*self.images.get(r, stage.location).await?.solved).clone(),
+            Source::Scratch => Solved::scratch(),
+            Source::Stage(j) => (*self.stage_result(*j).await.map_err(unwrap_arc)?).clone(),
+            Source::Image {
+                reference,
+                platform,
+            } => (*self
+                .images
+                .get(reference, platform, stage.location)
+                .await?
+                .solved)
+                .clone(),
+            Source::ContextDir(_) => {
+                return Err(BuildError::internal_msg(
+                    "plan: a directory context as a stage base is lowered to an op",
+                ))
+            }
         };
         for op in &stage.ops {
             if self.cancel.is_cancelled() {
@@ -414,13 +440,22 @@ impl Solver {
     /// The state `src` names, with the layer view of its files.
     async fn source_state(
         &self,
-        src: &SourceRef,
+        src: &Source,
         line: crate::error::Location,
     ) -> Result<(Option<Arc<Solved>>, LayerView), BuildError> {
         let state = match src {
-            SourceRef::ContextDir(d) => return Ok((None, LayerView::new(vec![d.clone()], true))),
-            SourceRef::Stage(j) => self.stage_result(*j).await.map_err(unwrap_arc)?,
-            SourceRef::Image(r) => self.images.get(r, line).await?.solved.clone(),
+            Source::ContextDir(d) => return Ok((None, LayerView::new(vec![d.clone()], true))),
+            Source::Scratch => Arc::new(Solved::scratch()),
+            Source::Stage(j) => self.stage_result(*j).await.map_err(unwrap_arc)?,
+            Source::Image {
+                reference,
+                platform,
+            } => self
+                .images
+                .get(reference, platform, line)
+                .await?
+                .solved
+                .clone(),
         };
         let Some(top) = state.top().map(str::to_string) else {
             return Ok((Some(state), LayerView::new(Vec::new(), false)));
