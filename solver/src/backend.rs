@@ -142,6 +142,17 @@ pub trait Backend: Send + Sync + 'static {
         layers: &[LayerRecord],
         tags: &[String],
     ) -> BackendResult<Exported>;
+    /// Writes an OCI image index of the per-platform images `children`
+    /// (written by [`Backend::export`], in this order) and points `tags`
+    /// at it: a multi-platform build's result.
+    fn export_index(
+        &self,
+        children: &[(kiln_image::manifest::Platform, Exported)],
+        tags: &[String],
+    ) -> BackendResult<Exported> {
+        let _ = (children, tags);
+        Err(BackendError::Unsupported("a multi-platform build"))
+    }
     /// The persistent cache-mount directory `id` (see
     /// [`kiln_cache::CacheSharing`] for how concurrent users share it).
     fn cache_mount(

@@ -796,6 +796,14 @@ impl Backend for RemoteCacheBackend {
         self.inner.resolve_image(reference, platform)
     }
 
+    fn export_index(
+        &self,
+        children: &[(kiln_image::manifest::Platform, crate::backend::Exported)],
+        tags: &[String],
+    ) -> BackendResult<crate::backend::Exported> {
+        self.inner.export_index(children, tags)
+    }
+
     fn cache_alias(&self, key: &str, layer: &LayerRecord) -> BackendResult<()> {
         self.inner.cache_alias(key, layer)
     }

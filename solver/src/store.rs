@@ -672,6 +672,53 @@ impl Backend for StoreBackend {
         })
     }
 
+    fn export_index(
+        &self,
+        children: &[(kiln_image::manifest::Platform, Exported)],
+        tags: &[String],
+    ) -> BackendResult<Exported> {
+        let mut descs = Vec::with_capacity(children.len());
+        let mut parts = Vec::with_capacity(children.len());
+        for (platform, child) in children {
+            let md = child
+                .manifest_digest
+                .parse::<kiln_cache::Digest>()
+                .map_err(BackendError::ctx("manifest digest"))?;
+            let bytes = self
+                .store
+                .content()
+                .read(&md)
+                .map_err(BackendError::ctx("manifest"))?;
+            let m: ImageManifest =
+                serde_json::from_slice(&bytes).map_err(BackendError::ctx("parsing manifest"))?;
+            let mut d = Descriptor::of_bytes(media_types::OCI_MANIFEST, &bytes);
+            d.platform = Some(kiln_image::platform::normalize(platform));
+            descs.push(d);
+            let layers = m
+                .layers
+                .iter()
+                .map(|l| cache_digest(&l.digest))
+                .collect::<BackendResult<Vec<_>>>()?;
+            parts.push((md, cache_digest(&m.config.digest)?, layers));
+        }
+        let ibytes = kiln_image::manifest::ImageIndex::new(descs)
+            .to_bytes()
+            .map_err(BackendError::ctx("index"))?;
+        let idigest = self
+            .store
+            .put_bytes(&ibytes, Some(media_types::OCI_INDEX))
+            .map_err(BackendError::ctx("storing index"))?;
+        for tag in tags {
+            self.store
+                .record_index(tag, &idigest, &parts)
+                .map_err(BackendError::ctx("tagging"))?;
+        }
+        Ok(Exported {
+            image_id: idigest.to_string(),
+            manifest_digest: idigest.to_string(),
+        })
+    }
+
     fn cache_mount(
         &self,
         id: &str,

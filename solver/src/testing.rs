@@ -45,6 +45,8 @@ struct MemState {
     /// By reference: one image per platform (the config's).
     images: HashMap<String, Vec<BaseImage>>,
     exported: Vec<(ImageConfig, Vec<LayerRecord>, Vec<String>)>,
+    /// Indexes exported: (platform, manifest digest) children, tags.
+    indexes: Vec<IndexRecord>,
     /// Every key committed or aliased, in order.
     committed: Vec<String>,
     /// Every key looked up, in order.
@@ -54,6 +56,10 @@ struct MemState {
 }
 
 type CommitFault = Arc<dyn Fn() -> BackendError + Send + Sync>;
+
+/// An index a multi-platform build exported: its children (platform,
+/// manifest digest) in order, and its tags.
+pub type IndexRecord = (Vec<(String, String)>, Vec<String>);
 
 /// An in-memory store: see the module doc.
 pub struct MemBackend {
@@ -164,6 +170,11 @@ impl MemBackend {
     /// Keys looked up so far, in order.
     pub fn looked_up_keys(&self) -> Vec<String> {
         self.lock().lookups.clone()
+    }
+
+    /// The indexes exported so far (multi-platform builds).
+    pub fn exported_indexes(&self) -> Vec<IndexRecord> {
+        self.lock().indexes.clone()
     }
 
     /// The images exported so far: config, layers, tags.
@@ -333,6 +344,23 @@ impl Backend for MemBackend {
         Ok(Exported {
             image_id,
             manifest_digest,
+        })
+    }
+
+    fn export_index(
+        &self,
+        children: &[(Platform, Exported)],
+        tags: &[String],
+    ) -> BackendResult<Exported> {
+        let list: Vec<(String, String)> = children
+            .iter()
+            .map(|(p, e)| (p.to_string(), e.manifest_digest.clone()))
+            .collect();
+        let digest = Digest::sha256_of(format!("{list:?}").as_bytes()).to_string();
+        self.lock().indexes.push((list, tags.to_vec()));
+        Ok(Exported {
+            image_id: digest.clone(),
+            manifest_digest: digest,
         })
     }
 

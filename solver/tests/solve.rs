@@ -531,3 +531,126 @@ async fn the_stores_no_space_error_reaches_the_build_error_as_its_cause() {
     }
     assert!(found, "{e:?}");
 }
+
+// ---- multi-platform builds (issue 17) ----
+
+fn platform(s: &str) -> Platform {
+    kiln_image::platform::parse(s).expect("platform")
+}
+
+/// The host's busybox and one for `other`, under one name (as an index's
+/// children are).
+fn busyboxes(backend: &MemBackend, other: &Platform) {
+    for (n, p) in [(1, kiln_solver::plan::host_platform()), (2, other.clone())] {
+        let cfg = ImageConfig::new(&p);
+        backend
+            .add_image(
+                "docker.io/library/busybox:latest",
+                &format!("sha256:{}", format!("{n}").repeat(64)),
+                cfg,
+                &[("bin/sh", format!("#!{p}\n").as_bytes())],
+            )
+            .expect("image");
+    }
+}
+
+fn foreign() -> Platform {
+    if cfg!(target_arch = "x86_64") {
+        platform("linux/arm64")
+    } else {
+        platform("linux/amd64")
+    }
+}
+
+/// The cross-compile pattern: a `FROM --platform=$BUILDPLATFORM` stage
+/// runs natively once per target (its RUN reads `$TARGETARCH`), a step of
+/// it that does not depend on the target runs once for both, and the
+/// final stage of each platform copies its target's output; the result is
+/// an index of one image per platform, in `--platform` order, under the
+/// tags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_platform_build_is_one_solve_and_one_index() {
+    let ctx = context(&[]);
+    let backend = Arc::new(MemBackend::new().expect("backend"));
+    let runner = Arc::new(writing_runner());
+    let other = foreign();
+    busyboxes(&backend, &other);
+    let host = kiln_solver::plan::host_platform();
+    let df = "FROM --platform=$BUILDPLATFORM busybox AS build\n\
+              RUN echo shared\n\
+              ARG TARGETARCH\n\
+              RUN echo built for $TARGETARCH\n\
+              FROM busybox\n\
+              COPY --from=build / /out/\n";
+    let mut o = opts(df, ctx.path());
+    o.platforms = vec![host.clone(), other.clone()];
+    let r = solve(&backend, &runner, o).await.expect("build");
+    let ran: Vec<String> = runner.ran().iter().map(|s| s.args.join(" ")).collect();
+    assert_eq!(
+        ran.iter().filter(|a| a.contains("echo shared")).count(),
+        1,
+        "{ran:?}"
+    );
+    assert_eq!(
+        ran.iter().filter(|a| a.contains("built for")).count(),
+        2,
+        "{ran:?}"
+    );
+    let built = runner
+        .ran()
+        .iter()
+        .filter(|s| s.args.join(" ").contains("built for"))
+        .flat_map(|s| s.env.clone())
+        .filter(|e| e.starts_with("TARGETARCH="))
+        .collect::<Vec<_>>();
+    assert!(
+        built.contains(&format!("TARGETARCH={}", other.architecture)),
+        "{built:?}"
+    );
+    assert!(
+        built.contains(&format!("TARGETARCH={}", host.architecture)),
+        "{built:?}"
+    );
+    // One index under the tag; its children untagged, in order.
+    let idx = backend.exported_indexes();
+    assert_eq!(idx.len(), 1, "{idx:?}");
+    let (children, tags) = &idx[0];
+    assert_eq!(tags, &["docker.io/library/out:latest".to_string()]);
+    let order: Vec<&str> = children.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(order, [host.to_string(), other.to_string()]);
+    assert_eq!(r.platforms.len(), 2);
+    assert_eq!(r.manifest_digest, r.image_id);
+    let exported = backend.exported();
+    assert_eq!(exported.len(), 2);
+    assert!(exported.iter().all(|(_, _, tags)| tags.is_empty()));
+    assert_eq!(exported[1].0.architecture, other.architecture);
+
+    // A rebuild runs nothing.
+    let runner2 = Arc::new(writing_runner());
+    let mut o = opts(df, ctx.path());
+    o.platforms = vec![host, other];
+    let again = solve(&backend, &runner2, o).await.expect("rebuild");
+    assert!(runner2.ran().is_empty(), "{:?}", runner2.ran());
+    assert_eq!(again.image_id, r.image_id);
+}
+
+/// `--platform` of the host alone is a plain build for the host: the same
+/// keys and image as no `--platform`, no index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hosts_platform_alone_is_a_plain_build() {
+    let ctx = context(&[("a", "a")]);
+    let df = "FROM alpine\nRUN echo hi\nCOPY a /a\n";
+    let mut ids = Vec::new();
+    for platforms in [vec![], vec![kiln_solver::plan::host_platform()]] {
+        let backend = Arc::new(MemBackend::new().expect("backend"));
+        alpine(&backend);
+        let runner = Arc::new(writing_runner());
+        let mut o = opts(df, ctx.path());
+        o.platforms = platforms;
+        let r = solve(&backend, &runner, o).await.expect("build");
+        assert!(backend.exported_indexes().is_empty());
+        assert!(r.platforms.is_empty());
+        ids.push((backend.committed_keys(), r.image_id));
+    }
+    assert_eq!(ids[0], ids[1]);
+}

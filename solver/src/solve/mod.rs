@@ -21,7 +21,7 @@ use kiln_parser::dockerignore::PatternMatcher;
 use tokio::sync::{watch, OnceCell};
 
 use crate::backend::{Backend, LayerRecord};
-use crate::build::{BuildOptions, BuildResult};
+use crate::build::{BuildOptions, BuildResult, PlatformImage};
 use crate::contexts::NamedContext;
 use crate::error::BuildError;
 use crate::fsview::LayerView;
@@ -234,17 +234,99 @@ pub async fn solve(
         named: opts.named_contexts.clone(),
         cells: Mutex::new(HashMap::new()),
     });
-    // The frontend needs the base images' configs: resolve them first,
-    // concurrently (this is where they are pulled).
-    let configs = resolve_bases(&images, &progress, &df, &plan, &opts).await?;
-    if cancel.is_cancelled() {
-        return Err(BuildError::Cancelled);
+    let platforms = if opts.platforms.is_empty() {
+        vec![crate::frontend::plan::host_platform()]
+    } else {
+        opts.platforms.clone()
+    };
+    let multi = platforms.len() > 1;
+    // One graph per platform, lowered alone, then merged into one graph
+    // solved by one scheduler: identical keys (a `FROM
+    // --platform=$BUILDPLATFORM` stage that does not depend on the
+    // target) run once.
+    let mut graphs = Vec::with_capacity(platforms.len());
+    for p in &platforms {
+        let plan = if multi || !opts.platforms.is_empty() {
+            crate::frontend::plan::plan_for(&df, &opts.build_args, opts.target.as_deref(), p)?
+        } else {
+            plan.clone()
+        };
+        // The frontend needs the base images' configs: resolve them
+        // first, concurrently (this is where they are pulled).
+        let prefix = multi.then(|| p.to_string());
+        let configs = resolve_bases(&images, &progress, &df, &plan, &opts, prefix).await?;
+        if cancel.is_cancelled() {
+            return Err(BuildError::Cancelled);
+        }
+        graphs.push(crate::frontend::lower(
+            &df, &plan, &opts, &created, &configs,
+        )?);
     }
-    let graph = crate::frontend::lower(&df, &plan, &opts, &created, &configs)?;
+    let (graph, targets) = merge_graphs(graphs, df.stages.len(), multi);
     solve_graph(
-        backend, runner, progress, cancel, opts, graph, ignore, images,
+        backend, runner, progress, cancel, opts, graph, targets, ignore, images,
     )
     .await
+}
+
+/// The graphs of several platforms as one: platform `k`'s stage `i`
+/// becomes stage `k * stages + i` (its edges renumbered alike) and, with
+/// several platforms, its progress names start with the platform
+/// (`[linux/arm64 build 2/3]`, as BuildKit's). Returns the graph and each
+/// platform's target stage.
+fn merge_graphs(
+    graphs: Vec<Graph>,
+    stages: usize,
+    multi: bool,
+) -> (Graph, Vec<(kiln_image::manifest::Platform, usize)>) {
+    let mut targets = Vec::with_capacity(graphs.len());
+    let mut merged: Option<Graph> = None;
+    for (k, mut g) in graphs.into_iter().enumerate() {
+        let off = k * stages;
+        let renumber = |s: &mut Source| {
+            if let Source::Stage(j) = s {
+                *j += off;
+            }
+        };
+        for st in &mut g.stages {
+            st.index += off;
+            renumber(&mut st.base);
+            if multi {
+                st.label = format!("{} {}", g.platform, st.label);
+            }
+            for lop in &mut st.ops {
+                if multi {
+                    if let Some(rest) = lop.name.strip_prefix('[') {
+                        lop.name = format!("[{} {rest}", g.platform);
+                    }
+                }
+                match &mut lop.op {
+                    Op::Copy(c) => c.from.iter_mut().for_each(renumber),
+                    Op::Exec(e) => e
+                        .mounts
+                        .iter_mut()
+                        .filter_map(|m| m.from.as_mut())
+                        .for_each(renumber),
+                    Op::Mkdir(_) | Op::ContextDir(_) => {}
+                }
+            }
+        }
+        g.target += off;
+        targets.push((g.platform.clone(), g.target));
+        match &mut merged {
+            None => merged = Some(g),
+            Some(m) => m.stages.extend(g.stages),
+        }
+    }
+    (
+        merged.unwrap_or_else(|| Graph {
+            stages: Vec::new(),
+            target: 0,
+            unused_build_args: Vec::new(),
+            platform: crate::frontend::plan::host_platform(),
+        }),
+        targets,
+    )
 }
 
 /// Resolves the base images of the planned stages (one progress vertex
@@ -256,15 +338,19 @@ async fn resolve_bases(
     df: &kiln_parser::instructions::Dockerfile,
     plan: &crate::frontend::plan::Plan,
     opts: &BuildOptions,
+    prefix: Option<String>,
 ) -> Result<HashMap<(String, String), ImageConfig>, BuildError> {
     let mut tasks = tokio::task::JoinSet::new();
     let bases = crate::frontend::base_images(plan, opts);
     for (n, (index, reference, platform)) in bases.iter().cloned().enumerate() {
         let stage = &df.stages[index];
-        let label = stage
+        let mut label = stage
             .name
             .clone()
             .unwrap_or_else(|| format!("stage-{index}"));
+        if let Some(p) = &prefix {
+            label = format!("{p} {label}");
+        }
         let total = stage.instructions.len() + 1;
         let line = crate::error::IntoLocation::into_location(stage.line);
         let images = images.clone();
@@ -303,6 +389,7 @@ async fn solve_graph(
     cancel: CancellationToken,
     opts: BuildOptions,
     graph: Graph,
+    targets: Vec<(kiln_image::manifest::Platform, usize)>,
     ignore: Option<PatternMatcher>,
     images: Arc<Images>,
 ) -> Result<BuildResult, BuildError> {
@@ -344,22 +431,59 @@ async fn solve_graph(
         });
     }
     while tasks.join_next().await.is_some() {}
-    let target = sv.graph.target;
-    let state = match sv.stage_result(target).await {
-        Ok(s) => s,
-        Err(e) => {
-            // Report the first real failure, not a cancellation it caused.
-            for index in &order {
-                if let Some(Err(e)) = sv.stages.get(index).and_then(|r| r.borrow().clone()) {
-                    if !matches!(*e, BuildError::Cancelled) {
-                        return Err(unwrap_arc(e));
+    let mut states = Vec::with_capacity(targets.len());
+    for (platform, target) in &targets {
+        match sv.stage_result(*target).await {
+            Ok(s) => states.push((platform.clone(), *target, s)),
+            Err(e) => {
+                // Report the first real failure, not a cancellation it
+                // caused.
+                for index in &order {
+                    if let Some(Err(e)) = sv.stages.get(index).and_then(|r| r.borrow().clone()) {
+                        if !matches!(*e, BuildError::Cancelled) {
+                            return Err(unwrap_arc(e));
+                        }
                     }
                 }
+                return Err(unwrap_arc(e));
             }
-            return Err(unwrap_arc(e));
         }
-    };
-    sv.export(&state).await
+    }
+    if let [(_, target, state)] = &states[..] {
+        let exported = sv.export(*target, state, &sv.opts.tags, "").await?;
+        return Ok(sv.result(exported, Vec::new()));
+    }
+    // Several platforms: each image untagged, then the index under the
+    // tags.
+    let mut children = Vec::with_capacity(states.len());
+    for (platform, target, state) in &states {
+        let e = sv
+            .export(*target, state, &[], &format!(" {platform}"))
+            .await?;
+        children.push((platform.clone(), e));
+    }
+    let id = sv.progress.start("exporting manifest list".into());
+    let t = Instant::now();
+    let backend = sv.backend.clone();
+    let tags = sv.opts.tags.clone();
+    let list = children.clone();
+    let index = blocking(move || backend.export_index(&list, &tags)).await?;
+    sv.progress.send(Event::Log {
+        id,
+        stream: "stdout",
+        line: format!("exporting manifest list {} done", index.manifest_digest),
+        elapsed: t.elapsed().as_secs_f64(),
+    });
+    sv.progress.done(id, t.elapsed());
+    let platforms = children
+        .into_iter()
+        .map(|(platform, e)| PlatformImage {
+            platform,
+            image_id: e.image_id,
+            manifest_digest: e.manifest_digest,
+        })
+        .collect();
+    Ok(sv.result(index, platforms))
 }
 
 /// The error a stage failed with (its typed causes are shared, not lost).
@@ -603,12 +727,42 @@ impl Solver {
         Ok((layer, was_cached))
     }
 
-    /// Writes the target stage's image: its config from the frontend, its
-    /// layers from the solve, creation times made deterministic.
-    async fn export(&self, state: &Solved) -> Result<BuildResult, BuildError> {
+    /// What the build made, from what it exported.
+    fn result(
+        &self,
+        exported: crate::backend::Exported,
+        platforms: Vec<PlatformImage>,
+    ) -> BuildResult {
+        if !self.graph.unused_build_args.is_empty() {
+            self.progress.send(Event::Info {
+                message: format!(
+                    "[Warning] One or more build-args [{}] were not consumed",
+                    self.graph.unused_build_args.join(" ")
+                ),
+            });
+        }
+        BuildResult {
+            image_id: exported.image_id,
+            manifest_digest: exported.manifest_digest,
+            executed: self.executed.load(std::sync::atomic::Ordering::Relaxed),
+            cached: self.cached.load(std::sync::atomic::Ordering::Relaxed),
+            platforms,
+        }
+    }
+
+    /// Writes the image of target stage `target` under `tags`: its config
+    /// from the frontend, its layers from the solve, creation times made
+    /// deterministic. `suffix` follows "exporting to image" in progress.
+    async fn export(
+        &self,
+        target: usize,
+        state: &Solved,
+        tags: &[String],
+        suffix: &str,
+    ) -> Result<crate::backend::Exported, BuildError> {
         let stage = self
             .graph
-            .stage(self.graph.target)
+            .stage(target)
             .ok_or_else(|| BuildError::internal_msg("plan: target stage missing"))?;
         let mut config = stage.config.clone();
         config.rootfs.diff_ids = state.layers.iter().map(|l| l.diff_id.clone()).collect();
@@ -634,19 +788,19 @@ impl Solver {
             h.created = Some(created.clone());
         }
         config.created = Some(created);
-        let id = self.progress.start("exporting to image".into());
+        let id = self.progress.start(format!("exporting to image{suffix}"));
         let t = Instant::now();
         let backend = self.backend.clone();
         let layers = state.layers.clone();
-        let tags = self.opts.tags.clone();
-        let exported = blocking(move || backend.export(&config, &layers, &tags)).await?;
+        let names = tags.to_vec();
+        let exported = blocking(move || backend.export(&config, &layers, &names)).await?;
         self.progress.send(Event::Log {
             id,
             stream: "stdout",
             line: format!("writing image {} done", exported.image_id),
             elapsed: t.elapsed().as_secs_f64(),
         });
-        for tag in &self.opts.tags {
+        for tag in tags.iter() {
             self.progress.send(Event::Log {
                 id,
                 stream: "stdout",
@@ -655,19 +809,6 @@ impl Solver {
             });
         }
         self.progress.done(id, t.elapsed());
-        if !self.graph.unused_build_args.is_empty() {
-            self.progress.send(Event::Info {
-                message: format!(
-                    "[Warning] One or more build-args [{}] were not consumed",
-                    self.graph.unused_build_args.join(" ")
-                ),
-            });
-        }
-        Ok(BuildResult {
-            image_id: exported.image_id,
-            manifest_digest: exported.manifest_digest,
-            executed: self.executed.load(std::sync::atomic::Ordering::Relaxed),
-            cached: self.cached.load(std::sync::atomic::Ordering::Relaxed),
-        })
+        Ok(exported)
     }
 }
