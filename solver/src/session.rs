@@ -348,6 +348,16 @@ impl Session {
             tags.extend(o.names()?);
         }
         let platforms = target_platforms(&req.platforms)?;
+        if platforms.len() > 1
+            && req
+                .cache_to
+                .iter()
+                .any(|c| matches!(c, CacheExport::Inline))
+        {
+            return Err(Error::Usage(
+                "--cache-to type=inline: inline cache of a multi-platform image is not supported; use type=registry,ref=… (it holds every platform's steps)".into(),
+            ));
+        }
         if platforms.len() > 1 {
             if let Some(o) = req.outputs.iter().find(|o| o.kind == "docker") {
                 return Err(Error::Usage(format!(
