@@ -358,6 +358,50 @@ fn stat_of(k: &StatKey) -> FileStat {
 /// imported: reserved (`.invalid`), never pulled.
 pub const OCI_LAYOUT_DOMAIN: &str = "oci-layout.kiln.invalid";
 
+impl StoreBackend {
+    /// After a pull of one platform from index `index`: `name` points at
+    /// the index, with every child the store holds, so that a build
+    /// pulling another platform of the same name keeps this one.
+    fn record_stored_index(&self, name: &str, index: &Digest) -> BackendResult<()> {
+        let idig = cache_digest(index)?;
+        let bytes = self
+            .store
+            .content()
+            .read(&idig)
+            .map_err(BackendError::ctx("index"))?;
+        let raw = kiln_image::manifest::RawManifest::new(bytes, None)
+            .map_err(BackendError::ctx("index"))?;
+        let children = crate::platforms::stored_children(&self.store, &raw)
+            .map_err(BackendError::ctx(name.to_string()))?;
+        let mut parts = Vec::with_capacity(children.len());
+        for d in children {
+            let md = cache_digest(&d.digest)?;
+            let mbytes = self
+                .store
+                .content()
+                .read(&md)
+                .map_err(BackendError::ctx("manifest"))?;
+            let m: ImageManifest =
+                serde_json::from_slice(&mbytes).map_err(BackendError::ctx("parsing manifest"))?;
+            let config = cache_digest(&m.config.digest)?;
+            // Only children whose config is here too (a child of an
+            // earlier pull may have been pruned in part).
+            if !self.store.meta().has_blob(&config).unwrap_or(false) {
+                continue;
+            }
+            let layers = m
+                .layers
+                .iter()
+                .map(|l| cache_digest(&l.digest))
+                .collect::<BackendResult<Vec<_>>>()?;
+            parts.push((md, config, layers));
+        }
+        self.store
+            .record_index(name, &idig, &parts)
+            .map_err(BackendError::ctx("tagging"))
+    }
+}
+
 impl Backend for StoreBackend {
     fn resolve_image(
         &self,
@@ -426,6 +470,9 @@ impl Backend for StoreBackend {
                             &|_| {},
                         )
                         .map_err(BackendError::src)?;
+                        if let Some(index) = &pulled.index_digest {
+                            self.record_stored_index(&name, index)?;
+                        }
                         let md = cache_digest(&pulled.manifest_digest)?;
                         let bytes = self
                             .store

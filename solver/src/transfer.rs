@@ -171,6 +171,13 @@ pub fn pull_platform(
         }
     }
     let (mdig, cdig, layers) = store_pulled(store, &name, &r, &p, &config)?;
+    // The index itself is kept too (unreferenced until a name points at
+    // it): a build pulling several platforms of one name records it.
+    if let Some(i) = &p.resolved.index {
+        store
+            .put_bytes(&i.bytes, Some(&i.media_type))
+            .map_err(TransferError::ctx(format!("storing {name}")))?;
+    }
     store
         .record_image(&name, &mdig, &cdig, &layers)
         .map_err(TransferError::ctx(format!("storing {name}")))?;
