@@ -183,6 +183,8 @@ pub(crate) struct Solver {
     ignore: Option<PatternMatcher>,
     images: Arc<Images>,
     stages: HashMap<usize, watch::Receiver<Option<StageResult>>>,
+    /// Each platform's target stage.
+    targets: Vec<(kiln_image::manifest::Platform, usize)>,
     inflight: Mutex<HashMap<String, Arc<OnceCell<LayerRecord>>>>,
     executed: std::sync::atomic::AtomicUsize,
     cached: std::sync::atomic::AtomicUsize,
@@ -411,6 +413,7 @@ async fn solve_graph(
         ignore,
         images,
         stages: receivers,
+        targets: targets.clone(),
         inflight: Mutex::new(HashMap::new()),
         executed: Default::default(),
         cached: Default::default(),
@@ -766,6 +769,21 @@ impl Solver {
             .ok_or_else(|| BuildError::internal_msg("plan: target stage missing"))?;
         let mut config = stage.config.clone();
         config.rootfs.diff_ids = state.layers.iter().map(|l| l.diff_id.clone()).collect();
+        // An explicit --platform names the image's platform, whatever its
+        // last stage started from (BuildKit: a `FROM
+        // --platform=$BUILDPLATFORM` final stage still gives an image for
+        // the target); the variant stays when os/arch already agree and
+        // the target names none.
+        if !self.opts.platforms.is_empty() {
+            if let Some((p, _)) = self.targets.iter().find(|(_, t)| *t == target) {
+                let same = config.os == p.os && config.architecture == p.architecture;
+                config.os = p.os.clone();
+                config.architecture = p.architecture.clone();
+                if p.variant.is_some() || !same {
+                    config.variant = p.variant.clone();
+                }
+            }
+        }
         if !self.opts.labels.is_empty() {
             let labels = config.config_mut().labels.get_or_insert_with(BTreeMap::new);
             for (k, v) in &self.opts.labels {
