@@ -361,6 +361,49 @@ fn the_hosts_platform_alone_is_a_plain_image_and_docker_media_types_give_a_manif
             "{index}"
         );
     }
+
+    // `kiln push` of a built index pushes it whole.
+    let pushed = format!("{}/kiln/pushed:1", reg.host());
+    build(
+        &c,
+        ctx.path(),
+        &["--platform", "linux/amd64,linux/arm64", "-t", &pushed],
+    );
+    c.ok(&["push", "-q", &pushed]);
+    let index: serde_json::Value = serde_json::from_slice(&raw(&pushed)).expect("index");
+    assert_eq!(
+        index["manifests"].as_array().map(Vec::len),
+        Some(2),
+        "{index}"
+    );
+
+    // The registry cache holds every platform's steps: a fresh store
+    // importing it runs nothing for either platform.
+    let cache = format!("{}/kiln/cache:1", reg.host());
+    build(
+        &c,
+        ctx.path(),
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--cache-to",
+            &format!("type=registry,ref={cache},mode=max"),
+        ],
+    );
+    let fresh = Client::new(false);
+    let progress = build(
+        &fresh,
+        ctx.path(),
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--cache-from",
+            &format!("type=registry,ref={cache}"),
+        ],
+    );
+    let ran = runs(&progress);
+    assert_eq!(ran.len(), 2, "{progress}");
+    assert!(ran.iter().all(|(_, cached)| *cached), "{progress}");
 }
 
 /// Hostile and refused: a bogus `--platform`, garbage in `FROM
