@@ -46,6 +46,19 @@ fn arm64_emulation() -> bool {
 
 const SDE: &str = "1700000000";
 
+/// Busybox for linux/amd64 and linux/arm64 pushed to `reg` as one index;
+/// its reference.
+fn busybox_amd64_arm64(reg: &Reg) -> String {
+    push_busybox_index(
+        reg,
+        "multi",
+        &[
+            ("amd64", busybox_rootfs_tar(), "linux/amd64"),
+            ("arm64", foreign_rootfs_tar("arm64"), "linux/arm64"),
+        ],
+    )
+}
+
 /// The cross-compile pattern: the build stage runs on the build platform
 /// and writes per-`$TARGETARCH` output; the final stage is per platform.
 fn dockerfile(base: &str) -> String {
@@ -103,14 +116,7 @@ fn two_platforms_one_index_pushed_run_cached_and_reproducible() {
         return;
     }
     let reg = Reg::start(RegOpts::default());
-    let base = push_busybox_index(
-        &reg,
-        "multi",
-        &[
-            ("amd64", busybox_rootfs_tar(), "linux/amd64"),
-            ("arm64", foreign_rootfs_tar("arm64"), "linux/arm64"),
-        ],
-    );
+    let base = busybox_amd64_arm64(&reg);
     let app = format!("{}/kiln/app:1", reg.host());
     let ctx = context(&[("Dockerfile", &dockerfile(&base))]);
     let out = tempfile::tempdir().expect("tmp");
@@ -269,42 +275,10 @@ fn two_platforms_one_index_pushed_run_cached_and_reproducible() {
     }
 
     // podman runs the arm64 image (saved for that platform) under QEMU.
-    let tar = out.path().join("arm64.tar");
-    c.ok(&[
-        "save",
-        "--platform",
-        "linux/arm64",
-        "-o",
-        tar.to_str().expect("utf-8"),
-        &app,
-    ]);
-    let proot = out.path().join("podman-root");
-    let prun = out.path().join("podman-run");
-    let podman = || {
-        let mut c = Command::new("podman");
-        c.arg("--root").arg(&proot).arg("--runroot").arg(&prun);
-        c.args(["--runtime", "runc", "--storage-driver", "vfs"]);
-        c
-    };
-    sh(podman().args(["load", "-i"]).arg(&tar));
-    let nofile = sh(Command::new("sh").args(["-c", "ulimit -Hn"])).stdout;
-    let nofile = String::from_utf8_lossy(&nofile).trim().to_string();
-    let o = sh(podman().args([
-        "run",
-        "--rm",
-        "--platform",
-        "linux/arm64",
-        "--network",
-        "none",
-        "--ulimit",
-        &format!("nofile={nofile}:{nofile}"),
-        "--ulimit",
-        "nproc=32768:32768",
-        &app,
-        "uname",
-        "-m",
-    ]));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "aarch64");
+    assert_eq!(
+        common::registry::podman_uname_arm64(&c, out.path(), &app),
+        "aarch64"
+    );
 }
 
 /// `--platform` of the host alone is a plain build: the same image as no
@@ -316,14 +290,7 @@ fn the_hosts_platform_alone_is_a_plain_image_and_docker_media_types_give_a_manif
         return;
     }
     let reg = Reg::start(RegOpts::default());
-    let base = push_busybox_index(
-        &reg,
-        "multi",
-        &[
-            ("amd64", busybox_rootfs_tar(), "linux/amd64"),
-            ("arm64", foreign_rootfs_tar("arm64"), "linux/arm64"),
-        ],
-    );
+    let base = busybox_amd64_arm64(&reg);
     let ctx = context(&[(
         "Dockerfile",
         &format!("FROM {base}\nARG TARGETARCH\nRUN echo $TARGETARCH > /t\n"),

@@ -352,41 +352,8 @@ fn podman_runs_the_saved_arm64_image_of_an_index() {
     let c = Client::new(false);
     c.ok(&["pull", "--all-platforms", &multi]);
     let dir = tempfile::tempdir().expect("tmp");
-    let tar = dir.path().join("arm64.tar");
-    c.ok(&[
-        "save",
-        "--platform",
-        "linux/arm64",
-        "-o",
-        tar.to_str().expect("utf-8"),
-        &multi,
-    ]);
-    // A private podman store, so the test leaves the host's alone.
-    let proot = dir.path().join("podman-root");
-    let prun = dir.path().join("podman-run");
-    let podman = || {
-        let mut c = Command::new("podman");
-        c.arg("--root").arg(&proot).arg("--runroot").arg(&prun);
-        c.args(["--runtime", "runc", "--storage-driver", "vfs"]);
-        c
-    };
-    sh(podman().args(["load", "-i"]).arg(&tar));
-    let nofile = sh(Command::new("sh").args(["-c", "ulimit -Hn"])).stdout;
-    let nofile = String::from_utf8_lossy(&nofile).trim().to_string();
-    let o = sh(podman().args([
-        "run",
-        "--rm",
-        "--platform",
-        "linux/arm64",
-        "--network",
-        "none",
-        "--ulimit",
-        &format!("nofile={nofile}:{nofile}"),
-        "--ulimit",
-        "nproc=32768:32768",
-        &multi,
-        "uname",
-        "-m",
-    ]));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "aarch64");
+    assert_eq!(
+        common::registry::podman_uname_arm64(&c, dir.path(), &multi),
+        "aarch64"
+    );
 }

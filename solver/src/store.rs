@@ -359,6 +359,26 @@ fn stat_of(k: &StatKey) -> FileStat {
 pub const OCI_LAYOUT_DOMAIN: &str = "oci-layout.kiln.invalid";
 
 impl StoreBackend {
+    /// Stored manifest `md`: its bytes, config digest and layer digests.
+    fn manifest_parts(
+        &self,
+        md: &kiln_cache::Digest,
+    ) -> BackendResult<(Vec<u8>, kiln_cache::Digest, Vec<kiln_cache::Digest>)> {
+        let bytes = self
+            .store
+            .content()
+            .read(md)
+            .map_err(BackendError::ctx("manifest"))?;
+        let m: ImageManifest =
+            serde_json::from_slice(&bytes).map_err(BackendError::ctx("parsing manifest"))?;
+        let layers = m
+            .layers
+            .iter()
+            .map(|l| cache_digest(&l.digest))
+            .collect::<BackendResult<Vec<_>>>()?;
+        Ok((bytes, cache_digest(&m.config.digest)?, layers))
+    }
+
     /// After a pull of one platform from index `index`: `name` points at
     /// the index, with every child the store holds, so that a build
     /// pulling another platform of the same name keeps this one.
@@ -376,24 +396,12 @@ impl StoreBackend {
         let mut parts = Vec::with_capacity(children.len());
         for d in children {
             let md = cache_digest(&d.digest)?;
-            let mbytes = self
-                .store
-                .content()
-                .read(&md)
-                .map_err(BackendError::ctx("manifest"))?;
-            let m: ImageManifest =
-                serde_json::from_slice(&mbytes).map_err(BackendError::ctx("parsing manifest"))?;
-            let config = cache_digest(&m.config.digest)?;
+            let (_, config, layers) = self.manifest_parts(&md)?;
             // Only children whose config is here too (a child of an
             // earlier pull may have been pruned in part).
             if !self.store.meta().has_blob(&config).unwrap_or(false) {
                 continue;
             }
-            let layers = m
-                .layers
-                .iter()
-                .map(|l| cache_digest(&l.digest))
-                .collect::<BackendResult<Vec<_>>>()?;
             parts.push((md, config, layers));
         }
         self.store
@@ -731,22 +739,11 @@ impl Backend for StoreBackend {
                 .manifest_digest
                 .parse::<kiln_cache::Digest>()
                 .map_err(BackendError::ctx("manifest digest"))?;
-            let bytes = self
-                .store
-                .content()
-                .read(&md)
-                .map_err(BackendError::ctx("manifest"))?;
-            let m: ImageManifest =
-                serde_json::from_slice(&bytes).map_err(BackendError::ctx("parsing manifest"))?;
+            let (bytes, config, layers) = self.manifest_parts(&md)?;
             let mut d = Descriptor::of_bytes(media_types::OCI_MANIFEST, &bytes);
             d.platform = Some(kiln_image::platform::normalize(platform));
             descs.push(d);
-            let layers = m
-                .layers
-                .iter()
-                .map(|l| cache_digest(&l.digest))
-                .collect::<BackendResult<Vec<_>>>()?;
-            parts.push((md, cache_digest(&m.config.digest)?, layers));
+            parts.push((md, config, layers));
         }
         let ibytes = kiln_image::manifest::ImageIndex::new(descs)
             .to_bytes()

@@ -715,11 +715,7 @@ pub fn encode_index(
         .map_err(TransferError::ctx(format!("index {}", index.digest)))?;
     let mut out = Vec::with_capacity(children.len());
     for d in &children {
-        let bytes = store
-            .content()
-            .read(&cd(&d.digest)?)
-            .map_err(TransferError::ctx(format!("manifest {}", d.digest)))?;
-        let raw = RawManifest::new(bytes, Some(&d.media_type)).map_err(TransferError::src)?;
+        let raw = stored_manifest(store, d)?;
         let e = encode_image(store, &raw, enc, jobs, progress)?;
         let mut nd = e.descriptor();
         nd.platform = d.platform.clone();
@@ -734,6 +730,15 @@ pub fn encode_index(
         .put_bytes(&raw.bytes, Some(&raw.media_type))
         .map_err(TransferError::src)?;
     Ok(raw)
+}
+
+/// The stored manifest `d` describes (an index's child).
+fn stored_manifest(store: &Store, d: &Descriptor) -> Result<RawManifest, TransferError> {
+    let bytes = store
+        .content()
+        .read(&cd(&d.digest)?)
+        .map_err(TransferError::ctx(format!("manifest {}", d.digest)))?;
+    RawManifest::new(bytes, Some(&d.media_type)).map_err(TransferError::src)
 }
 
 /// The index type that goes with `enc`'s manifests.
@@ -909,11 +914,7 @@ pub fn push_index(
     }
     let mut pushed = Vec::with_capacity(children.len());
     for d in &children {
-        let bytes = store
-            .content()
-            .read(&cd(&d.digest)?)
-            .map_err(TransferError::ctx(format!("manifest {}", d.digest)))?;
-        let raw = RawManifest::new(bytes, Some(&d.media_type)).map_err(TransferError::src)?;
+        let raw = stored_manifest(store, d)?;
         let out = push_to(store, &reg, &r, None, &raw, enc, jobs, progress, transfer)?;
         let mut nd = out.descriptor();
         nd.platform = d.platform.clone();

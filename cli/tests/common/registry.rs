@@ -516,3 +516,49 @@ pub fn push_busybox_index(
     );
     format!("{repo}:{index_tag}")
 }
+
+/// `podman load -i TAR` into a private podman store under `dir` (runc,
+/// vfs: the host's store is left alone), then `podman run --rm --network
+/// none` with this host's hard limits (podman's defaults are above them)
+/// and `args` (options, image, command); returns its stdout.
+pub fn podman_load_run(dir: &Path, tar: &Path, args: &[&str]) -> String {
+    let proot = dir.join("podman-root");
+    let prun = dir.join("podman-run");
+    let podman = || {
+        let mut c = Command::new("podman");
+        c.arg("--root").arg(&proot).arg("--runroot").arg(&prun);
+        c.args(["--runtime", "runc", "--storage-driver", "vfs"]);
+        c
+    };
+    sh(podman().args(["load", "-i"]).arg(tar));
+    let nofile = sh(Command::new("sh").args(["-c", "ulimit -Hn"])).stdout;
+    let nofile = String::from_utf8_lossy(&nofile).trim().to_string();
+    let o = sh(podman()
+        .args(["run", "--rm", "--network", "none", "--ulimit"])
+        .arg(format!("nofile={nofile}:{nofile}"))
+        .args(["--ulimit", "nproc=32768:32768"])
+        .args(args));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `kiln save --platform linux/arm64` of `image` (from `c`'s store) into
+/// `dir`, loaded and run by podman ([`podman_load_run`]) as `uname -m`
+/// for linux/arm64; returns the output, trimmed (`aarch64` under QEMU).
+pub fn podman_uname_arm64(c: &Client, dir: &Path, image: &str) -> String {
+    let tar = dir.join("arm64.tar");
+    c.ok(&[
+        "save",
+        "--platform",
+        "linux/arm64",
+        "-o",
+        tar.to_str().expect("utf-8"),
+        image,
+    ]);
+    podman_load_run(
+        dir,
+        &tar,
+        &["--platform", "linux/arm64", image, "uname", "-m"],
+    )
+    .trim()
+    .to_string()
+}
