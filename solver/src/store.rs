@@ -22,18 +22,17 @@ use crate::backend::{
 use crate::copy::{HashCache, StatKey};
 use crate::flatten::Block;
 
-/// The store-backed backend. Holds a lease for its whole life.
+/// The store-backed backend. Holds a lease for its whole life: its store
+/// handle is made with the lease, so everything the build writes through
+/// it (and nothing written through other handles) joins that lease.
 pub struct StoreBackend {
     store: Store,
-    lease: Option<String>,
     /// Registry access for FROM: (settings, always pull).
     registry: Option<(kiln_registry::RegistryConfig, bool)>,
     /// Merged blocks of deep chains made or found by this build, by
     /// snapshot name (immutable; those found are added to the build's
     /// lease, those made are in it).
     flats: std::sync::Mutex<std::collections::HashMap<String, PathBuf>>,
-    /// The platform picked from a stored index (`None`: the host's).
-    platform: Option<kiln_image::manifest::Platform>,
 }
 
 static ACTIVE: AtomicU64 = AtomicU64::new(0);
@@ -76,24 +75,17 @@ fn cache_digest(d: &Digest) -> BackendResult<kiln_cache::Digest> {
 }
 
 impl StoreBackend {
-    /// Wraps an open store and takes a lease for this build.
+    /// Wraps an open store and takes a lease for this build (released
+    /// when the backend drops).
     pub fn new(store: Store) -> Self {
-        let lease = store.meta().create_lease(None).ok();
-        store.meta().set_current_lease(lease.clone());
+        // Without a lease (the database refused one) the build still
+        // runs, as before; only a concurrent prune could then take its work.
+        let store = store.leased(None).unwrap_or(store);
         StoreBackend {
             store,
-            lease,
             registry: None,
             flats: Default::default(),
-            platform: None,
         }
-    }
-
-    /// Picks `platform`'s image when a name points at a stored index (by
-    /// default the host's); a single image must then be for `platform`.
-    pub fn with_platform(mut self, platform: kiln_image::manifest::Platform) -> Self {
-        self.platform = Some(platform);
-        self
     }
 
     /// Lets FROM pull from registries: images missing from the store, or
@@ -286,15 +278,6 @@ impl StoreBackend {
     }
 }
 
-impl Drop for StoreBackend {
-    fn drop(&mut self) {
-        if let Some(l) = self.lease.take() {
-            self.store.meta().set_current_lease(None);
-            let _ = self.store.meta().delete_lease(&l);
-        }
-    }
-}
-
 impl HashCache for StoreBackend {
     fn lookup(&self, keys: &[StatKey]) -> Vec<Option<[u8; 32]>> {
         let paths: Vec<String> = keys.iter().map(|k| path_key(&k.path)).collect();
@@ -423,7 +406,7 @@ impl Backend for StoreBackend {
                 "failed to parse stage name {reference:?}: invalid reference format ({err})"
             ))
         })?;
-        let want = platform.or(self.platform.as_ref());
+        let want = platform;
         // The stored image for `want` (a name pointing at an index, or an
         // explicit platform: the platform's image; else the one stored).
         let local = |name: &str| -> BackendResult<Option<(Vec<u8>, String)>> {
