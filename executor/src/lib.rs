@@ -65,6 +65,7 @@ mod run;
 mod seccomp;
 mod spec;
 pub mod user;
+pub mod userns;
 
 pub use caps::DEFAULT_CAPS;
 pub use cgroup::{CgroupError, Limits};

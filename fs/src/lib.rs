@@ -39,7 +39,9 @@
 //! one depends on none: [`overlay`] (the overlay format — whiteouts, opaque
 //! markers, the `trusted.`/`user.` xattr namespace, lowerdir compaction),
 //! [`path`] (Go's `path.Clean` over byte paths), [`userdb`] (passwd/group
-//! parsing and user resolution) and [`Root::walk`] (the tree walker).
+//! parsing and user resolution), [`idmap`] (this process's user namespace
+//! id maps: rootless or not, which ids exist) and [`Root::walk`] (the tree
+//! walker).
 //!
 //! Keeping per-directory work cheap is the caller's side of the bargain:
 //! open a parent [`Dir`] once and make many `*at` calls on it, rather than
@@ -1502,6 +1504,7 @@ pub enum Walk {
     Skip,
 }
 
+pub mod idmap;
 pub mod overlay;
 pub mod path;
 pub mod userdb;
