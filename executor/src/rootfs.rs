@@ -442,7 +442,13 @@ fn allowed_devices(dev_fd: &Dir) -> Result<()> {
             &dev.join("pts"),
             Some("devpts"),
             MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+            // gid 5 (tty) owns the slaves, where it exists (a one-id
+            // rootless map has only 0).
+            Some(if kiln_fs::idmap::IdMaps::current().maps_gid(5) {
+                "newinstance,ptmxmode=0666,mode=0620,gid=5"
+            } else {
+                "newinstance,ptmxmode=0666,mode=0620"
+            }),
         ),
         || "mounting devpts on /dev/pts".into(),
     )

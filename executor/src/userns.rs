@@ -238,7 +238,7 @@ pub fn enter(warn: &mut dyn FnMut(&str)) -> Result<Entered, UsernsError> {
     let who = name.clone().unwrap_or_else(|| uid.to_string());
     let single = if subuids.is_empty() || subgids.is_empty() {
         warn(&format!(
-            "rootless: no subordinate ids for {who} in {SUBUID_FILE}/{SUBGID_FILE}: only one id is \
+            "rootless: no subordinate ids for {who} in {SUBUID_FILE} and {SUBGID_FILE}: only one id is \
              mapped (you, as root in the build); files owned by other users (in base image \
              layers, COPY --chown, USER) cannot be created. Add a range (e.g. `usermod \
              --add-subuids 100000-165535 --add-subgids 100000-165535 {who}`) to build any image"
