@@ -85,6 +85,13 @@ pub enum SystemCommand {
         #[arg(long)]
         deep: bool,
     },
+    /// Say how kiln runs here: the store, its snapshotter, whether kiln is
+    /// rootless (in a user namespace) and with which id maps.
+    Info {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Register the installed QEMU user-mode interpreters (Debian's
     /// qemu-user-static) with binfmt_misc, for RUN steps of foreign
     /// platforms (as root).
@@ -171,6 +178,7 @@ pub fn system(root: &Path, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
     }
     let s = session(root, false)?;
     match cmd {
+        SystemCommand::Info { json } => info(&s, json),
         SystemCommand::Df { json } => {
             let du = s.disk_usage().map_err(lib_error)?;
             if json {
@@ -282,4 +290,47 @@ fn human(n: u64) -> String {
 /// `RAMInBytes` (`10GB` = 10 GiB, `1k` = 1024 bytes), as `build --memory`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     kiln_solver::parser::units::ram_in_bytes(s).map_err(|e| e.to_string())
+}
+
+/// `kiln system info`.
+fn info(s: &kiln_solver::session::Session, json: bool) -> anyhow::Result<ExitCode> {
+    use kiln_executor::userns::{describe, IdMaps};
+    let store = s.store().map_err(crate::build_cmd::facade_error)?;
+    let maps = IdMaps::current();
+    let sn = store.snapshotter().name();
+    let xattrs = maps.overlay_xattrs().prefix().trim_end_matches('.');
+    let id_mode = if !maps.in_userns {
+        "none (real root)"
+    } else if maps.single_id() {
+        "one id (no subordinate ids: files of other ids cannot exist)"
+    } else {
+        "subordinate ids"
+    };
+    if json {
+        let v = serde_json::json!({
+            "root": s.root(),
+            "snapshotter": sn,
+            "overlayXattrs": if sn == "overlay" { Some(xattrs) } else { None },
+            "rootless": maps.in_userns,
+            "idMapping": id_mode,
+            "uidMap": describe(&maps.uid_map),
+            "gidMap": describe(&maps.gid_map),
+        });
+        outln!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!("Store:        {}", s.root().display());
+    if sn == "overlay" {
+        outln!("Snapshotter:  overlay ({xattrs} xattrs)");
+    } else {
+        outln!("Snapshotter:  {sn}");
+    }
+    outln!(
+        "Rootless:     {}",
+        if maps.in_userns { "yes" } else { "no" }
+    );
+    outln!("ID mapping:   {id_mode}");
+    outln!("UID map:      {}", describe(&maps.uid_map));
+    outln!("GID map:      {}", describe(&maps.gid_map));
+    Ok(ExitCode::SUCCESS)
 }

@@ -41,7 +41,7 @@ pub const SUBUID_FILE: &str = "/etc/subuid";
 /// The file of subordinate group ids.
 pub const SUBGID_FILE: &str = "/etc/subgid";
 
-pub use kiln_fs::idmap::{IdMaps, IdRange};
+pub use kiln_fs::idmap::{describe, IdMaps, IdRange};
 
 /// Failures of entering the user namespace.
 #[derive(Debug, thiserror::Error)]
