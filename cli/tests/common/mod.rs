@@ -8,6 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 pub mod registry;
+pub mod rootless;
 
 /// Fails (under CI=true) or returns false (elsewhere, printing "not run")
 /// when the machine cannot run these tests: root and busybox-static.
