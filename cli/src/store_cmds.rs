@@ -299,12 +299,15 @@ fn info(s: &kiln_solver::session::Session, json: bool) -> anyhow::Result<ExitCod
     let maps = IdMaps::current();
     let sn = store.snapshotter().name();
     let xattrs = maps.overlay_xattrs().prefix().trim_end_matches('.');
+    let entered = std::env::var(kiln_executor::userns::ROOTLESS_ENV).unwrap_or_default();
     let id_mode = if !maps.in_userns {
         "none (real root)"
     } else if maps.single_id() {
         "one id (no subordinate ids: files of other ids cannot exist)"
-    } else {
+    } else if entered == "subids" {
         "subordinate ids"
+    } else {
+        "the ids of the enclosing user namespace (a container's)"
     };
     if json {
         let v = serde_json::json!({

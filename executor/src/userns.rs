@@ -31,17 +31,16 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, pipe, ForkResult, Pid};
 
-/// Set (to `subids` or `single`) in the environment of a kiln that
-/// [`enter`] put into a user namespace: its children (`kiln unshare`
-/// commands, test helpers) see how the namespace was made.
-pub const ROOTLESS_ENV: &str = "_KILN_ROOTLESS";
+/// Set in the environment of a kiln that [`enter`] put into a user
+/// namespace (see [`kiln_fs::idmap::ENTERED_ENV`]).
+pub const ROOTLESS_ENV: &str = kiln_fs::idmap::ENTERED_ENV;
 
 /// The file of subordinate user ids.
 pub const SUBUID_FILE: &str = "/etc/subuid";
 /// The file of subordinate group ids.
 pub const SUBGID_FILE: &str = "/etc/subgid";
 
-pub use kiln_fs::idmap::{describe, IdMaps, IdRange};
+pub use kiln_fs::idmap::{describe, parse_id_map, IdMaps, IdRange};
 
 /// Failures of entering the user namespace.
 #[derive(Debug, thiserror::Error)]
@@ -120,8 +119,9 @@ fn parse_subordinate(text: &str, name: Option<&str>, id: u32) -> Vec<(u32, u32)>
 pub enum Entered {
     /// Running as root (or already inside a namespace kiln made): nothing.
     Nothing,
-    /// In a new user namespace with the user's subordinate ids.
-    SubIds,
+    /// In a new user namespace with many ids: the user's subordinate
+    /// ids, or (root of an unprivileged container) the container's ids.
+    Mapped,
     /// In a new user namespace with a one-id map.
     SingleId,
 }
@@ -167,6 +167,22 @@ fn helper_path(name: &str) -> Option<std::path::PathBuf> {
         .chain(["/usr/bin".into(), "/bin".into(), "/usr/sbin".into()])
         .map(|d| d.join(name))
         .find(|p| p.is_file())
+}
+
+/// Writes `file` (`uid_map`/`gid_map`) of `pid` directly.
+fn write_map(pid: Pid, file: &str, map: &[IdRange]) -> Result<(), UsernsError> {
+    let path = format!("/proc/{pid}/{file}");
+    let text: String = map
+        .iter()
+        .map(|r| format!("{} {} {}\n", r.inside, r.outside, r.count))
+        .collect();
+    fs::write(&path, text).map_err(|source| UsernsError::Sys {
+        what: format!(
+            "writing {path} ({}; needs CAP_SETUID, CAP_SETGID and CAP_SETFCAP)",
+            kiln_fs::idmap::describe(map)
+        ),
+        source,
+    })
 }
 
 /// Writes the map of `pid` with `helper` (`newuidmap`/`newgidmap`).
@@ -216,9 +232,93 @@ fn run_helper(
 pub fn enter(warn: &mut dyn FnMut(&str)) -> Result<Entered, UsernsError> {
     let uid = nix::unistd::geteuid().as_raw();
     let gid = nix::unistd::getegid().as_raw();
-    if uid == 0 || std::env::var_os(ROOTLESS_ENV).is_some() {
+    if std::env::var_os(ROOTLESS_ENV).is_some() {
         return Ok(Entered::Nothing);
     }
+    let plan = if uid == 0 {
+        if has_cap(CAP_SYS_ADMIN) {
+            return Ok(Entered::Nothing);
+        }
+        // Root without CAP_SYS_ADMIN: root of an unprivileged container.
+        // A nested namespace gives the capabilities back over the ids the
+        // container has; CAP_SETUID/CAP_SETGID (and CAP_SETFCAP, to map
+        // root) let this process write the child's maps itself.
+        let read = |p: &str| parse_id_map(&fs::read_to_string(p).unwrap_or_default());
+        let same = |m: Vec<IdRange>| -> Vec<IdRange> {
+            m.iter()
+                .map(|r| IdRange {
+                    inside: r.inside,
+                    outside: r.inside,
+                    count: r.count,
+                })
+                .collect()
+        };
+        if has_cap(CAP_SETUID) && has_cap(CAP_SETGID) {
+            Plan::Direct(
+                same(read("/proc/self/uid_map")),
+                same(read("/proc/self/gid_map")),
+            )
+        } else {
+            warn(
+                "rootless: root without CAP_SYS_ADMIN, CAP_SETUID or CAP_SETGID (a container \
+                 that dropped them): only one id is mapped; files owned by other users cannot \
+                 be created",
+            );
+            Plan::Single
+        }
+    } else {
+        user_plan(uid, gid, warn)
+    };
+    let (child_r, child_w) = pipe().map_err(sys("pipe"))?;
+    let (parent_r, parent_w) = pipe().map_err(sys("pipe"))?;
+    // SAFETY: called before any thread exists (the caller's contract).
+    match unsafe { fork() }.map_err(sys("fork"))? {
+        ForkResult::Child => {
+            drop(child_r);
+            drop(parent_w);
+            let how = match plan {
+                Plan::Helpers(..) => "subids",
+                Plan::Direct(..) => "direct",
+                Plan::Single => "single",
+            };
+            child(how, uid, gid, child_w, parent_r)
+        }
+        ForkResult::Parent { child } => {
+            drop(child_w);
+            drop(parent_r);
+            let code = parent(child, &plan, child_r, parent_w);
+            std::process::exit(code)
+        }
+    }
+}
+
+/// How the child's id maps are written.
+enum Plan {
+    /// By `newuidmap`/`newgidmap`, these maps.
+    Helpers(Vec<IdRange>, Vec<IdRange>),
+    /// By the parent itself (it has CAP_SETUID/CAP_SETGID), these maps.
+    Direct(Vec<IdRange>, Vec<IdRange>),
+    /// By the child: its own id as 0.
+    Single,
+}
+
+const CAP_SETGID: u32 = 6;
+const CAP_SETUID: u32 = 7;
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Whether capability `cap` is in this process's effective set.
+fn has_cap(cap: u32) -> bool {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .is_some_and(|eff| eff & (1u64 << cap) != 0)
+}
+
+/// The plan for an ordinary user: its subordinate ids through the
+/// helpers, else one id (with a warning saying why and what it costs).
+fn user_plan(uid: u32, gid: u32, warn: &mut dyn FnMut(&str)) -> Plan {
     let name = user_name(uid);
     let gname = group_name(gid);
     let subuids = subordinate_ranges(Path::new(SUBUID_FILE), name.as_deref(), uid);
@@ -236,53 +336,36 @@ pub fn enter(warn: &mut dyn FnMut(&str)) -> Result<Entered, UsernsError> {
         });
     let helpers = helper_path("newuidmap").is_some() && helper_path("newgidmap").is_some();
     let who = name.clone().unwrap_or_else(|| uid.to_string());
-    let single = if subuids.is_empty() || subgids.is_empty() {
+    if subuids.is_empty() || subgids.is_empty() {
         warn(&format!(
             "rootless: no subordinate ids for {who} in {SUBUID_FILE} and {SUBGID_FILE}: only one id is \
              mapped (you, as root in the build); files owned by other users (in base image \
              layers, COPY --chown, USER) cannot be created. Add a range (e.g. `usermod \
              --add-subuids 100000-165535 --add-subgids 100000-165535 {who}`) to build any image"
         ));
-        true
+        Plan::Single
     } else if !helpers {
         warn(&format!(
             "rootless: newuidmap/newgidmap not found (Debian/Ubuntu package `uidmap`): only one \
              id is mapped (you, as root in the build); files owned by other users cannot be \
              created although {who} has subordinate ids"
         ));
-        true
+        Plan::Single
     } else {
-        false
-    };
-    let (child_r, child_w) = pipe().map_err(sys("pipe"))?;
-    let (parent_r, parent_w) = pipe().map_err(sys("pipe"))?;
-    // SAFETY: called before any thread exists (the caller's contract).
-    match unsafe { fork() }.map_err(sys("fork"))? {
-        ForkResult::Child => {
-            drop(child_r);
-            drop(parent_w);
-            child(single, uid, gid, child_w, parent_r)
-        }
-        ForkResult::Parent { child } => {
-            drop(child_w);
-            drop(parent_r);
-            let code = parent(
-                child, single, uid, gid, &subuids, &subgids, child_r, parent_w,
-            );
-            std::process::exit(code)
-        }
+        Plan::Helpers(full_map(uid, &subuids), full_map(gid, &subgids))
     }
 }
 
 /// The child's side: unshare, tell the parent, wait for the maps.
 fn child(
-    single: bool,
+    how: &'static str,
     uid: u32,
     gid: u32,
     to_parent: OwnedFd,
     from_parent: OwnedFd,
 ) -> Result<Entered, UsernsError> {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    let single = how == "single";
     let mut to_parent = fs::File::from(to_parent);
     let mut from_parent = fs::File::from(from_parent);
     if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS) {
@@ -335,28 +418,18 @@ fn child(
     .map_err(sys("making / rslave"))?;
     // SAFETY: single-threaded (the caller's contract): nothing reads the
     // environment concurrently.
-    std::env::set_var(ROOTLESS_ENV, if single { "single" } else { "subids" });
+    std::env::set_var(ROOTLESS_ENV, how);
     Ok(if single {
         Entered::SingleId
     } else {
-        Entered::SubIds
+        Entered::Mapped
     })
 }
 
 /// The parent's side: write the maps, then wait for the child, passing on
 /// signals sent to this process (not those the terminal sent to the whole
 /// process group, which the child got too).
-#[allow(clippy::too_many_arguments)]
-fn parent(
-    child: Pid,
-    single: bool,
-    uid: u32,
-    gid: u32,
-    subuids: &[(u32, u32)],
-    subgids: &[(u32, u32)],
-    from_child: OwnedFd,
-    to_child: OwnedFd,
-) -> i32 {
+fn parent(child: Pid, plan: &Plan, from_child: OwnedFd, to_child: OwnedFd) -> i32 {
     let mut set = SigSet::empty();
     for s in [
         Signal::SIGCHLD,
@@ -379,9 +452,17 @@ fn parent(
         .ok()
         .filter(|n| *n == 1)
         .map(|_| b[0]);
-    if said == Some(b'U') && !single {
-        let maps = run_helper("newuidmap", SUBUID_FILE, child, &full_map(uid, subuids))
-            .and_then(|()| run_helper("newgidmap", SUBGID_FILE, child, &full_map(gid, subgids)));
+    let maps = match plan {
+        Plan::Helpers(u, g) => Some(
+            run_helper("newuidmap", SUBUID_FILE, child, u)
+                .and_then(|()| run_helper("newgidmap", SUBGID_FILE, child, g)),
+        ),
+        Plan::Direct(u, g) => {
+            Some(write_map(child, "uid_map", u).and_then(|()| write_map(child, "gid_map", g)))
+        }
+        Plan::Single => None,
+    };
+    if let (Some(b'U'), Some(maps)) = (said, maps) {
         match maps {
             Ok(()) => {
                 let _ = to_child.write_all(b"G");

@@ -5,6 +5,13 @@
 
 use std::sync::OnceLock;
 
+/// Set in the environment of a kiln that entered a user namespace of its
+/// own at start (to `subids`, `direct` or `single`: how its maps were
+/// written), and passed on to the sandbox init. A nested namespace that
+/// maps the whole of its parent's ids looks like the initial one from its
+/// maps alone.
+pub const ENTERED_ENV: &str = "_KILN_ROOTLESS";
+
 use crate::overlay::XattrNs;
 
 /// One line of a `uid_map`/`gid_map`: `count` ids from `inside` (in the
@@ -60,7 +67,10 @@ impl IdMaps {
         static MAPS: OnceLock<IdMaps> = OnceLock::new();
         MAPS.get_or_init(|| {
             let read = |p: &str| parse_id_map(&std::fs::read_to_string(p).unwrap_or_default());
-            IdMaps::from_maps(read("/proc/self/uid_map"), read("/proc/self/gid_map"))
+            let mut maps =
+                IdMaps::from_maps(read("/proc/self/uid_map"), read("/proc/self/gid_map"));
+            maps.in_userns |= std::env::var_os(ENTERED_ENV).is_some_and(|v| !v.is_empty());
+            maps
         })
     }
 
