@@ -28,6 +28,9 @@
 //!   naming the file or step and the id
 //! - sandbox escapes, rootless: descriptors of kiln's caller, a host disk
 //!   through `mknod`, `/sys` read-only, masked `/proc` paths
+//! - kiln as root of a podman container without `--privileged`, in a user
+//!   namespace (`--uidmap`): a nested namespace over the container's ids;
+//!   what it needs (`seccomp=unconfined`, `systempaths=unconfined`)
 //!
 //! Under CI=true missing prerequisites (newuidmap, unprivileged user
 //! namespaces, Linux ≥ 5.11) fail the tests.
@@ -612,4 +615,115 @@ fn sandbox_escapes_hold_rootless() {
         "kiln run: host disk read: {out}"
     );
     assert!(!out.contains("sys rc=0"), "kiln run: /sys writable: {out}");
+}
+
+/// A root filesystem for `podman run --rootfs`: busybox, the kiln binary
+/// and the libraries both need (from `ldd`), a build context and the
+/// busybox archive.
+fn podman_rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for d in [
+        "bin", "usr/bin", "etc", "tmp", "proc", "sys", "dev", "work/ctx", "store",
+    ] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+        .expect("chmod");
+    let bb = common::busybox().expect("busybox");
+    std::fs::copy(&bb, root.join("bin/busybox")).expect("busybox");
+    for a in ["sh", "cat", "ls", "id"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).expect("symlink");
+    }
+    let kiln = common::rootless::kiln_bin();
+    std::fs::copy(&kiln, root.join("usr/bin/kiln")).expect("kiln");
+    let ldd = text(&sh(Command::new("ldd").arg(&kiln)).stdout);
+    for lib in ldd
+        .split_whitespace()
+        .filter(|w| w.starts_with('/') && Path::new(w).exists())
+    {
+        let to = root.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(lib, &to).expect("copy library");
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").expect("passwd");
+    std::fs::write(root.join("etc/group"), "root:x:0:\n").expect("group");
+    std::fs::copy(busybox_archive(), root.join("work/bb.tar")).expect("archive");
+    std::fs::write(
+        root.join("work/ctx/Dockerfile"),
+        "FROM busybox\nRUN echo hi > /x && chown 33:44 /x && stat -c %u:%g /x\n",
+    )
+    .expect("Dockerfile");
+    // The container's root (host uid 400000, see --uidmap) owns its files.
+    sh(Command::new("chown")
+        .args(["-R", "400000:400000"])
+        .arg(&root));
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    root
+}
+
+/// kiln as root of a podman container started without `--privileged`, in
+/// a user namespace of its own (`--uidmap`, as a Kubernetes pod with
+/// `hostUsers: false`), with podman's default capabilities: it enters a
+/// nested user namespace and builds; what it needs besides is
+/// `seccomp=unconfined` (mount(2) and unshare(2) are refused to a
+/// container without CAP_SYS_ADMIN by the default profile) and
+/// `systempaths=unconfined` (the kernel mounts no new /proc where parts of
+/// the old one are masked). Without them the build fails with a clear
+/// error.
+#[test]
+fn in_a_podman_container_without_privileged() {
+    if !prerequisites() || !common::registry::ready(&["podman", "runc", "ldd"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rootfs = podman_rootfs(dir.path());
+    let nofile = text(&sh(Command::new("sh").args(["-c", "ulimit -Hn"])).stdout);
+    let podman = |extra: &[&str]| {
+        let mut c = Command::new("podman");
+        c.arg("--root").arg(dir.path().join("p/root"));
+        c.arg("--runroot").arg(dir.path().join("p/run"));
+        c.arg("--tmpdir").arg(dir.path().join("p/tmp"));
+        c.args(["--runtime", "runc", "--storage-driver", "vfs"]);
+        c.args(["run", "--rm", "--network", "host"]);
+        c.args(["--ulimit", &format!("nofile={0}:{0}", nofile.trim())]);
+        c.args(["--ulimit", "nproc=32768:32768"]);
+        c.args(["--uidmap", "0:400000:65536", "--gidmap", "0:400000:65536"]);
+        c.args(["--mount", "type=tmpfs,destination=/store"]);
+        c.args(extra);
+        c.arg("--rootfs").arg(&rootfs);
+        c.args([
+            "sh",
+            "-c",
+            "kiln --root /store/s load -q -i /work/bb.tar && kiln --root /store/s system info \
+             && kiln --root /store/s build -q --progress plain /work/ctx",
+        ]);
+        c.stdin(std::process::Stdio::null());
+        c.output().expect("podman")
+    };
+    let o = podman(&[
+        "--security-opt",
+        "seccomp=unconfined",
+        "--security-opt",
+        "systempaths=unconfined",
+    ]);
+    let out = text(&o.stdout);
+    assert!(
+        o.status.success(),
+        "kiln in podman failed:\n{out}\n{}",
+        text(&o.stderr)
+    );
+    assert!(out.contains("Rootless:     yes"), "{out}");
+    assert!(
+        out.contains("Snapshotter:  overlay (user.overlay xattrs)"),
+        "{out}"
+    );
+    assert!(out.contains("UID map:      0:0:65536"), "{out}");
+    // podman's default seccomp profile and masked /proc: a clear error.
+    let o = podman(&[]);
+    assert!(!o.status.success(), "{}", text(&o.stdout));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("Operation not permitted") || err.contains("EPERM"),
+        "{err}"
+    );
 }
