@@ -16,9 +16,13 @@
 //!   subordinate ids; the same Dockerfile under SOURCE_DATE_EPOCH gives
 //!   the same image ID rootless and as root
 //! - exporters: the store, `type=oci`, `type=tar`, `type=local`; `kiln
-//!   save`; `kiln run`
+//!   save`; `kiln run`; `RUN --mount=type=ssh`
+//! - concurrent builds on one store; SIGTERM to the kiln outside the
+//!   namespace cancels the build inside, nothing is left running
 //! - registry: push to and pull from the test registry (`docker-registry`
-//!   on 127.0.0.1), pull into a fresh store and run
+//!   on 127.0.0.1), pull into a fresh store and run; the build cache
+//!   exported to and imported from it (`--cache-to/--cache-from
+//!   type=registry`)
 //! - network: the user's own by default, `--network=none` a fresh
 //!   namespace with only `lo`
 //! - cgroup limits: `--memory` without a delegated cgroup fails with a
@@ -183,6 +187,7 @@ fn build_mounts_exporters_and_run() {
                  RUN --mount=type=secret,id=tok cat /run/secrets/tok > /secret-len.txt && wc -c < /run/secrets/tok > /secret-len.txt\n\
                  RUN --mount=type=bind,source=a.txt,target=/bound.txt cp /bound.txt /from-bind.txt\n\
                  RUN --mount=type=tmpfs,target=/t touch /t/x && ls /t > /tmpfs.txt && test ! -e /t/y\n\
+                 RUN --mount=type=ssh test -S \"$SSH_AUTH_SOCK\" && echo ssh-ok > /ssh.txt\n\
                  RUN id -u > /whoami\n",
             ),
             ("a.txt", "hello\n"),
@@ -208,6 +213,10 @@ fn build_mounts_exporters_and_run() {
     std::fs::write(&secret, "s3cr3t").expect("secret");
     user.chown(&secret);
     let secret_arg = format!("id=tok,src={}", secret.display());
+    let sock = k.dir.path().join("agent.sock");
+    let _agent = std::os::unix::net::UnixListener::bind(&sock).expect("agent socket");
+    user.chown(&sock);
+    let ssh_arg = format!("default={}", sock.display());
     let oci = k.dir.path().join("out-oci.tar");
     let fstar = k.dir.path().join("out-fs.tar");
     let local = k.dir.path().join("out-local");
@@ -219,6 +228,8 @@ fn build_mounts_exporters_and_run() {
         "app:1",
         "--secret",
         &secret_arg,
+        "--ssh",
+        &ssh_arg,
         "-o",
         &format!("type=oci,dest={}", oci.display()),
         "-o",
@@ -256,8 +267,8 @@ fn build_mounts_exporters_and_run() {
     let listing = tar_listing(&oci);
     assert!(listing.contains("index.json"), "{listing}");
     let out = k.ok(&["run", "--rm", "app:1", "sh", "-c",
-        "cat /whoami /cache-log /secret-len.txt /from-bind.txt /tmpfs.txt; ls -ln /copied.txt /high.txt /app/etc/conf"]);
-    assert!(out.starts_with("0\nrun 1\n6\nhello\nx\n"), "{out}");
+        "cat /whoami /cache-log /secret-len.txt /from-bind.txt /tmpfs.txt /ssh.txt; ls -ln /copied.txt /high.txt /app/etc/conf"]);
+    assert!(out.starts_with("0\nrun 1\n6\nhello\nx\nssh-ok\n"), "{out}");
     assert!(out.contains(" 1234 ") && out.contains(" 567 "), "{out}");
     assert!(out.contains(" 70000 ") && out.contains(" 70001 "), "{out}");
     assert!(out.contains(" 4242 ") && out.contains(" 4343 "), "{out}");
@@ -280,6 +291,8 @@ fn build_mounts_exporters_and_run() {
         "N=2",
         "--secret",
         &secret_arg,
+        "--ssh",
+        &ssh_arg,
         c,
     ]);
     let log = k.ok(&["run", "--rm", "app:2", "cat", "/cache-log"]);
@@ -369,8 +382,32 @@ fn registry_push_and_pull() {
         )],
     );
     let name = format!("{}/rootless/app:1", reg.host());
-    k.ok(&["build", "-q", "-t", &name, ctx.to_str().expect("utf-8")]);
+    let cache = format!("{}/rootless/cache:1", reg.host());
+    k.ok(&[
+        "build",
+        "-q",
+        "-t",
+        &name,
+        "--cache-to",
+        &format!("type=registry,ref={cache},mode=max"),
+        ctx.to_str().expect("utf-8"),
+    ]);
     k.ok(&["push", "-q", &name]);
+    // The build cache through the registry: a fresh store runs nothing.
+    let k3 = rootless_kiln(&user);
+    let o = k3
+        .cmd()
+        .args(["build", "--progress", "plain", "--cache-from"])
+        .arg(format!("type=registry,ref={cache}"))
+        .arg(&ctx)
+        .output()
+        .expect("kiln");
+    let log = format!("{}{}", text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.lines().any(|l| l.contains("CACHED")),
+        "not served from the registry cache:\n{log}"
+    );
     // A fresh store of the same user pulls it back.
     let k2 = user.kiln();
     k2.ok(&["pull", "-q", &name]);
@@ -726,4 +763,134 @@ fn in_a_podman_container_without_privileged() {
         err.contains("Operation not permitted") || err.contains("EPERM"),
         "{err}"
     );
+}
+
+/// Two builds at once on one store, both rootless (each kiln its own user
+/// namespace), sharing the base's snapshots.
+#[test]
+fn concurrent_builds_on_one_store() {
+    if !prerequisites() {
+        return;
+    }
+    let user = TestUser::create(true);
+    let k = rootless_kiln(&user);
+    let ctx = k.context(
+        "ctx",
+        &[
+            (
+                "Dockerfile.1",
+                "FROM busybox\nRUN sleep 1 && echo one > /n && chown 1:1 /n\n",
+            ),
+            (
+                "Dockerfile.2",
+                "FROM busybox\nRUN sleep 1 && echo two > /n && chown 2:2 /n\n",
+            ),
+        ],
+    );
+    let spawn = |n: &str| {
+        k.cmd()
+            .args(["build", "-q", "-t", &format!("c:{n}"), "-f"])
+            .arg(ctx.join(format!("Dockerfile.{n}")))
+            .arg(&ctx)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kiln")
+    };
+    let (a, b) = (spawn("1"), spawn("2"));
+    for c in [a, b] {
+        let o = c.wait_with_output().expect("wait");
+        assert!(o.status.success(), "{}", text(&o.stderr));
+    }
+    assert_eq!(
+        k.ok(&["run", "--rm", "c:1", "stat", "-c", "%u %n", "/n"]),
+        "1 /n\n"
+    );
+    assert_eq!(
+        k.ok(&["run", "--rm", "c:2", "stat", "-c", "%u %n", "/n"]),
+        "2 /n\n"
+    );
+    k.ok(&["system", "check"]);
+}
+
+/// Processes of `uid` (this test's own user: nothing else runs as it).
+fn processes_of(uid: u32) -> Vec<(i32, String)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let m = std::fs::metadata(e.path()).ok()?;
+            (m.uid() == uid).then(|| {
+                let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                (pid, String::from_utf8_lossy(&cmd).replace('\0', " "))
+            })
+        })
+        .collect()
+}
+
+/// SIGTERM to the kiln the caller started (the process outside the user
+/// namespace) reaches the kiln inside: the build is cancelled, its step
+/// killed, and the store stays intact.
+#[test]
+fn sigterm_to_the_outer_process_cancels_the_build() {
+    if !prerequisites() {
+        return;
+    }
+    let user = TestUser::create(true);
+    let k = rootless_kiln(&user);
+    let ctx = k.context(
+        "ctx",
+        &[(
+            "Dockerfile",
+            "FROM busybox\nRUN echo started && sleep 600\n",
+        )],
+    );
+    let mut child = k
+        .cmd()
+        .args(["build", "--progress", "plain", "-t", "never:1"])
+        .arg(&ctx)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("kiln");
+    let t0 = std::time::Instant::now();
+    while !processes_of(user.uid)
+        .iter()
+        .any(|(_, c)| c.starts_with("sleep 600"))
+    {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "the step never started: {:?}",
+            processes_of(user.uid)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: kill(2) of the child this test spawned.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let t1 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            t1.elapsed() < std::time::Duration::from_secs(30),
+            "kiln still running 30 s after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let t2 = std::time::Instant::now();
+    while !processes_of(user.uid).is_empty() {
+        assert!(
+            t2.elapsed() < std::time::Duration::from_secs(10),
+            "left behind: {:?}",
+            processes_of(user.uid)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    k.ok(&["system", "check"]);
+    let o = k.run(&["inspect", "never:1"]);
+    assert!(!o.status.success(), "the cancelled build was tagged");
 }
