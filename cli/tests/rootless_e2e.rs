@@ -67,6 +67,12 @@ fn busybox_archive() -> PathBuf {
     .clone()
 }
 
+/// A fresh user with subordinate ids, or None (outside CI) when rootless
+/// kiln cannot run here.
+fn user_with_subids() -> Option<TestUser> {
+    prerequisites().then(|| TestUser::create(true))
+}
+
 fn rootless_kiln(user: &TestUser) -> UserKiln<'_> {
     let k = user.kiln();
     k.load(&busybox_archive());
@@ -105,10 +111,9 @@ fn owner_in(listing: &str, name: &str) -> String {
 
 #[test]
 fn namespace_info_and_unshare() {
-    if !prerequisites() {
+    let Some(user) = user_with_subids() else {
         return;
-    }
-    let user = TestUser::create(true);
+    };
     let k = user.kiln();
     let info = k.ok(&["system", "info"]);
     assert!(info.contains("Rootless:     yes"), "{info}");
@@ -164,10 +169,9 @@ fn namespace_info_and_unshare() {
 /// layer tars.
 #[test]
 fn build_mounts_exporters_and_run() {
-    if !prerequisites() {
+    let Some(user) = user_with_subids() else {
         return;
-    }
-    let user = TestUser::create(true);
+    };
     let k = rootless_kiln(&user);
     let ctx = k.context(
         "ctx",
@@ -429,10 +433,9 @@ fn registry_push_and_pull() {
 
 #[test]
 fn network_is_the_users_by_default_and_fresh_for_none() {
-    if !prerequisites() {
+    let Some(user) = user_with_subids() else {
         return;
-    }
-    let user = TestUser::create(true);
+    };
     let k = rootless_kiln(&user);
     let ctx = k.context(
         "ctx",
@@ -474,10 +477,9 @@ fn delegated(k: &UserKiln<'_>) -> bool {
 
 #[test]
 fn limits_need_a_delegated_cgroup_plain_builds_work() {
-    if !prerequisites() {
+    let Some(user) = user_with_subids() else {
         return;
-    }
-    let user = TestUser::create(true);
+    };
     let k = rootless_kiln(&user);
     let ctx = k.context("ctx", &[("Dockerfile", "FROM busybox\nRUN echo limited\n")]);
     let c = ctx.to_str().expect("utf-8");
@@ -575,10 +577,9 @@ fn one_id_map_fallback() {
 /// A few of the sandbox's escape checks (sandbox_e2e.rs), rootless.
 #[test]
 fn sandbox_escapes_hold_rootless() {
-    if !prerequisites() {
+    let Some(user) = user_with_subids() else {
         return;
-    }
-    let user = TestUser::create(true);
+    };
     let k = rootless_kiln(&user);
     // The host disk that holds the store.
     let dev = std::fs::metadata(k.root().parent().expect("parent"))
@@ -769,10 +770,9 @@ fn in_a_podman_container_without_privileged() {
 /// namespace), sharing the base's snapshots.
 #[test]
 fn concurrent_builds_on_one_store() {
-    if !prerequisites() {
+    let Some(user) = user_with_subids() else {
         return;
-    }
-    let user = TestUser::create(true);
+    };
     let k = rootless_kiln(&user);
     let ctx = k.context(
         "ctx",
@@ -835,10 +835,9 @@ fn processes_of(uid: u32) -> Vec<(i32, String)> {
 /// killed, and the store stays intact.
 #[test]
 fn sigterm_to_the_outer_process_cancels_the_build() {
-    if !prerequisites() {
+    let Some(user) = user_with_subids() else {
         return;
-    }
-    let user = TestUser::create(true);
+    };
     let k = rootless_kiln(&user);
     let ctx = k.context(
         "ctx",

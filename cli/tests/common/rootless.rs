@@ -297,16 +297,10 @@ impl UserKiln<'_> {
 
     /// Runs kiln, asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "kiln {args:?} as {} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
-            self.user.name,
-            o.status.code(),
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        super::succeeded(
+            &self.run(args),
+            format_args!("kiln {args:?} as {}", self.user.name),
+        )
     }
 
     /// A build context in the user's directory with files `(path, text)`.
