@@ -32,6 +32,8 @@
 //!   naming the file or step and the id
 //! - sandbox escapes, rootless: descriptors of kiln's caller, a host disk
 //!   through `mknod`, `/sys` read-only, masked `/proc` paths
+//! - hostile: overlay xattrs (`user.overlay.opaque`) in an ADDed tar hide
+//!   nothing
 //! - kiln as root of a podman container without `--privileged`, in a user
 //!   namespace (`--uidmap`): a nested namespace over the container's ids;
 //!   what it needs (`seccomp=unconfined`, `systempaths=unconfined`)
@@ -892,4 +894,57 @@ fn sigterm_to_the_outer_process_cancels_the_build() {
     k.ok(&["system", "check"]);
     let o = k.run(&["inspect", "never:1"]);
     assert!(!o.status.success(), "the cancelled build was tagged");
+}
+
+/// Hostile: a tar added by ADD whose directories carry the overlay's own
+/// xattrs (`user.overlay.opaque`, what a rootless overlay reads, and
+/// `trusted.overlay.opaque`) must not hide what the layers below hold.
+#[test]
+fn overlay_xattrs_in_an_added_tar_hide_nothing() {
+    let Some(user) = user_with_subids() else {
+        return;
+    };
+    let k = rootless_kiln(&user);
+    let src = k.dir.path().join("evil");
+    for (d, name) in [
+        ("bin", "user.overlay.opaque"),
+        ("etc", "trusted.overlay.opaque"),
+    ] {
+        std::fs::create_dir_all(src.join(d)).expect("mkdir");
+        std::fs::write(src.join(d).join("planted"), "x\n").expect("write");
+        let p = std::ffi::CString::new(src.join(d).to_str().expect("utf-8")).expect("path");
+        let n = std::ffi::CString::new(name).expect("name");
+        // SAFETY: NUL-terminated path and name, a one-byte value.
+        let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), c"y".as_ptr().cast(), 1, 0) };
+        assert_eq!(r, 0, "setxattr {name}: {}", std::io::Error::last_os_error());
+    }
+    let ctx = k.context(
+        "ctx",
+        &[(
+            "Dockerfile",
+            "FROM busybox\nADD evil.tar /\nRUN test -x /bin/busybox && test -e /etc/passwd \
+             && test -e /bin/planted && echo intact > /result\n",
+        )],
+    );
+    sh(Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "-C"])
+        .arg(&src)
+        .arg("-cf")
+        .arg(ctx.join("evil.tar"))
+        .args(["bin", "etc"]));
+    let listing = text(
+        &sh(Command::new("tar")
+            .args(["--xattrs", "-tvvf"])
+            .arg(ctx.join("evil.tar")))
+        .stdout,
+    );
+    assert!(listing.contains("user.overlay.opaque"), "{listing}");
+    user.chown(&ctx);
+    k.ok(&["build", "-q", "-t", "evil:1", ctx.to_str().expect("utf-8")]);
+    assert_eq!(
+        k.ok(&["run", "--rm", "evil:1", "cat", "/result"]),
+        "intact\n"
+    );
+    let out = k.ok(&["run", "--rm", "evil:1", "sh", "-c", "ls /bin | wc -l"]);
+    assert!(out.trim().parse::<u32>().expect("count") > 10, "{out}");
 }
