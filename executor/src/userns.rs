@@ -452,28 +452,28 @@ fn parent(child: Pid, plan: &Plan, from_child: OwnedFd, to_child: OwnedFd) -> i3
         .ok()
         .filter(|n| *n == 1)
         .map(|_| b[0]);
-    let maps = match plan {
-        Plan::Helpers(u, g) => Some(
+    // Only a child that unshared ('U') waits for its maps.
+    let maps = match (said, plan) {
+        (Some(b'U'), Plan::Helpers(u, g)) => Some(
             run_helper("newuidmap", SUBUID_FILE, child, u)
                 .and_then(|()| run_helper("newgidmap", SUBGID_FILE, child, g)),
         ),
-        Plan::Direct(u, g) => {
+        (Some(b'U'), Plan::Direct(u, g)) => {
             Some(write_map(child, "uid_map", u).and_then(|()| write_map(child, "gid_map", g)))
         }
-        Plan::Single => None,
+        _ => None,
     };
-    if let (Some(b'U'), Some(maps)) = (said, maps) {
-        match maps {
-            Ok(()) => {
-                let _ = to_child.write_all(b"G");
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                let _ = to_child.write_all(b"F");
-                let _ = wait_child(child, &set);
-                return 1;
-            }
+    match maps {
+        Some(Ok(())) => {
+            let _ = to_child.write_all(b"G");
         }
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            let _ = to_child.write_all(b"F");
+            let _ = wait_child(child, &set);
+            return 1;
+        }
+        None => {}
     }
     drop(to_child);
     drop(from_child);
