@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use kiln_solver::executor::NetworkMode;
 use kiln_solver::export::cache::CacheFlags;
 use kiln_solver::export::OutputSpec;
+use kiln_solver::session::NetworkMode;
 use kiln_solver::session::{BuildRequest, Session};
 use kiln_solver::{BuildError, ResourceLimits};
 
@@ -103,7 +103,7 @@ pub struct BuildArgs {
 
 /// `--memory`: docker's `RAMInBytes` (`512m`, `2g`, `1024`; binary units).
 pub fn parse_size(s: &str) -> Result<i64, String> {
-    let n = kiln_solver::parser::units::ram_in_bytes(s).map_err(|e| e.to_string())?;
+    let n = kiln_solver::units::ram_in_bytes(s).map_err(|e| e.to_string())?;
     i64::try_from(n).map_err(|_| format!("invalid size {s:?}: too large"))
 }
 
@@ -254,12 +254,15 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // Cancelled by SIGINT/SIGTERM only (the build cancels its own child
+    // token when a step fails).
+    let interrupted = kiln_solver::session::CancellationToken::new();
+    let signalled = interrupted.clone();
     let result = rt.block_on(async move {
         let (progress_tx, rx) = kiln_solver::progress::channel();
         let render = tokio::spawn(progress::render(mode, rx));
-        let cancel = kiln_solver::executor::CancellationToken::new();
-        crate::signals::cancel_on_interrupt(&cancel);
-        let r = prepared.solve(progress_tx, cancel).await;
+        crate::signals::cancel_on_interrupt(&signalled);
+        let r = prepared.solve(progress_tx, signalled.child_token()).await;
         let _ = render.await;
         r
     });
@@ -280,7 +283,12 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
                 "{}",
                 render_error(&failed.error, &failed.dockerfile_name, &failed.dockerfile)
             );
-            Ok(ExitCode::from(1))
+            // Stopped by Ctrl-C/SIGTERM: 130, as a pull or push.
+            Ok(if interrupted.is_cancelled() {
+                ExitCode::from(crate::signals::EXIT_CANCELLED)
+            } else {
+                ExitCode::from(1)
+            })
         }
         Err(e) => Err(facade_error(e)),
     }

@@ -692,7 +692,7 @@ impl Session {
         // The lease keeps what we write from a concurrent prune until
         // tagged; the GC guard keeps prune from reclaiming our spill
         // directory.
-        let _lease = store.lease(None)?;
+        let store = store.leased(None)?;
         let _gc = store.gc_guard()?;
         let file = std::fs::File::open(path).map_err(|source| Error::Open {
             path: path.to_path_buf(),
@@ -816,7 +816,7 @@ impl Session {
         let mut config = kiln_image::config::ContainerConfig::default();
         crate::change::apply_changes(&mut config, changes)?;
         let store = self.open_images()?;
-        let _lease = store.lease(None)?;
+        let store = store.leased(None)?;
         let _gc = store.gc_guard()?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -860,7 +860,7 @@ impl Session {
     pub fn pull(&self, reference: &str, opts: &TransferOptions) -> Result<PullResult, Error> {
         let cfg = RegistryConfig::load(&opts.insecure_registries)?.with_cancel(opts.cancel.clone());
         let store = self.open_images()?;
-        let _lease = store.lease(None)?;
+        let store = store.leased(None)?;
         let name = normalize_reference(reference).map_err(invalid("reference", reference))?;
         let report = self.reporter();
         report.note(&format!("pulling {name}"));

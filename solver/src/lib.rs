@@ -18,7 +18,9 @@
 //! and, in [`images`], every other command's work as `Session` methods
 //! with typed errors: list/find/inspect/history/tag/untag, load, import,
 //! pull and push (cancellable), save, filesystem export, prune, disk
-//! usage, check, login/logout. A stored name may point at an index
+//! usage, check, login/logout; [`run`] is `kiln run`, and [`debug_ast`]
+//! `kiln debug ast`, so the CLI names no store, executor or parser
+//! type of its own. A stored name may point at an index
 //! (`pull --all-platforms`); [`platforms`] picks one platform's image of
 //! it for every command that shows, runs, saves or exports one. Progress of all of it — build steps,
 //! notes, warnings, blob transfers — is one [`progress::Event`] type on
@@ -34,6 +36,27 @@
 //! traits with in-memory fakes ([`testing`]): [`backend::Backend`] (the
 //! store) and [`solve::runner::Runner`] (the executor), so lowering, keys
 //! and scheduling are tested without root.
+//!
+//! **Two decisions, kept on purpose.** Config-only instructions (ENV,
+//! LABEL, EXPOSE, USER, CMD, …) live in
+//! [`op::StageOps::config`] rather than as ops: that is BuildKit's own shape —
+//! `dockerfile2llb` keeps the image config out of LLB and hands it to the
+//! exporter as metadata — so they make no vertex, no key and no layer.
+//! And a step's key includes the diffID of the layer below (a chain key,
+//! content-addressed): a rebuild that makes a byte-identical parent
+//! layer hits the cache again, and a key made from the definitions alone
+//! would change nothing for users but bump the key version (emptying
+//! every cache) once.
+//!
+//! **Leases and cancellation.** A build, pull, load, import or export
+//! writes through a store handle made with its own lease
+//! (`kiln_cache::Store::leased`), so concurrent operations never join
+//! each other's lease and what a running build holds is not collected.
+//! The build's cancel token reaches every blocking part: running steps,
+//! COPY (between entries and 32 MiB chunks), the hashing of COPY sources
+//! before the cache lookup (between files and every 8 MiB), and the
+//! differ of a layer's commit (`kiln_image::diff::Cancel`, between
+//! entries and reads); a cancelled commit records nothing.
 //!
 //! **What it must not do.** It does not parse Dockerfile text (that is
 //! `kiln-parser`), does not touch namespaces or mounts itself (that is
@@ -64,6 +87,7 @@ pub mod platforms;
 pub mod progress;
 pub mod remote;
 pub mod remote_cache;
+pub mod run;
 pub mod session;
 pub mod solve;
 pub mod store;
@@ -74,6 +98,10 @@ pub use build::{build, build_with_runner, BuildOptions, BuildResult, ResourceLim
 pub use error::BuildError;
 pub use frontend::{lint, plan};
 pub use op::key;
+
+/// Sizes as docker parses them (`10GB` = 10 GiB, `1k` = 1024 bytes): the
+/// one parser `build --memory` and `prune --keep-storage` share.
+pub use kiln_parser::units;
 
 /// The store ([`kiln_cache`]), re-exported so that a program depending on
 /// the facade alone (the CLI) reaches its types: image records, prune,
@@ -87,3 +115,27 @@ pub use kiln_image as image;
 pub use kiln_parser as parser;
 /// The registry client ([`kiln_registry`]), re-exported.
 pub use kiln_registry as registry;
+
+/// Why [`debug_ast`] gave no text.
+#[derive(Debug, thiserror::Error)]
+pub enum DebugAstError {
+    /// The Dockerfile does not parse (render it with
+    /// [`kiln_parser::ParseError::render`]: `file:line:col`, the line, a
+    /// caret).
+    #[error(transparent)]
+    Parse(#[from] kiln_parser::ParseError),
+    /// The instructions could not be written as JSON.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+/// `kiln debug ast`: the parser's view of a Dockerfile — the syntax tree
+/// as BuildKit's `dockerfile-frontend` dumps it, or (`json`) the typed
+/// instructions as pretty JSON.
+pub fn debug_ast(dockerfile: &str, json: bool) -> Result<String, DebugAstError> {
+    Ok(if json {
+        serde_json::to_string_pretty(&kiln_parser::parse(dockerfile)?)?
+    } else {
+        kiln_parser::parse_ast(dockerfile)?.dump()
+    })
+}

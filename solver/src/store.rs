@@ -22,10 +22,11 @@ use crate::backend::{
 use crate::copy::{HashCache, StatKey};
 use crate::flatten::Block;
 
-/// The store-backed backend. Holds a lease for its whole life.
+/// The store-backed backend. Holds a lease for its whole life: its store
+/// handle is made with the lease, so everything the build writes through
+/// it (and nothing written through other handles) joins that lease.
 pub struct StoreBackend {
     store: Store,
-    lease: Option<String>,
     /// Registry access for FROM: (settings, always pull).
     registry: Option<(kiln_registry::RegistryConfig, bool)>,
     /// Merged blocks of deep chains made or found by this build, by
@@ -76,13 +77,14 @@ fn cache_digest(d: &Digest) -> BackendResult<kiln_cache::Digest> {
 }
 
 impl StoreBackend {
-    /// Wraps an open store and takes a lease for this build.
+    /// Wraps an open store and takes a lease for this build (released
+    /// when the backend drops).
     pub fn new(store: Store) -> Self {
-        let lease = store.meta().create_lease(None).ok();
-        store.meta().set_current_lease(lease.clone());
+        // Without a lease (the database refused one) the build still
+        // runs, as before; only a concurrent prune could then take its work.
+        let store = store.leased(None).unwrap_or(store);
         StoreBackend {
             store,
-            lease,
             registry: None,
             flats: Default::default(),
             platform: None,
@@ -283,15 +285,6 @@ impl StoreBackend {
             parent = Some(name);
         }
         Ok(out)
-    }
-}
-
-impl Drop for StoreBackend {
-    fn drop(&mut self) {
-        if let Some(l) = self.lease.take() {
-            self.store.meta().set_current_lease(None);
-            let _ = self.store.meta().delete_lease(&l);
-        }
     }
 }
 

@@ -49,6 +49,8 @@ struct MemState {
     lookups: Vec<String>,
     /// When set, every commit fails with the error it makes.
     fail_commit: Option<CommitFault>,
+    /// When set, called as every commit starts (before the diff).
+    on_commit: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 type CommitFault = Arc<dyn Fn() -> BackendError + Send + Sync>;
@@ -88,6 +90,12 @@ impl MemBackend {
     /// a store that ran out of space would), after dropping the snapshot.
     pub fn fail_commits_with(&self, fault: impl Fn() -> BackendError + Send + Sync + 'static) {
         self.lock().fail_commit = Some(Arc::new(fault));
+    }
+
+    /// Calls `hook` as every later commit starts, before its diff (e.g.
+    /// to cancel the build while a layer is being committed).
+    pub fn on_commit(&self, hook: impl Fn() + Send + Sync + 'static) {
+        self.lock().on_commit = Some(Arc::new(hook));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemState> {
@@ -246,7 +254,18 @@ impl Backend for MemBackend {
             self.lock().snaps.remove(&active.key).ok_or_else(|| {
                 BackendError::Invalid(format!("no active snapshot {}", active.key))
             })?;
-        let diff_id = diff_of(&snap.dir, opts)?;
+        let hook = self.lock().on_commit.clone();
+        if let Some(hook) = hook {
+            hook();
+        }
+        let diff_id = match diff_of(&snap.dir, opts) {
+            Ok(d) => d,
+            Err(e) => {
+                // Nothing recorded: the snapshot goes as an abort's would.
+                let _ = std::fs::remove_dir_all(&snap.dir);
+                return Err(e);
+            }
+        };
         let name = active.key.trim_start_matches("active-").to_string();
         let layer = LayerRecord {
             diff_id: diff_id.clone(),

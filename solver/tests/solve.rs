@@ -524,3 +524,102 @@ async fn the_stores_no_space_error_reaches_the_build_error_as_its_cause() {
     }
     assert!(found, "{e:?}");
 }
+
+/// A sparse file of `size` bytes (no disk used): big enough that hashing
+/// or diffing it takes seconds on any machine.
+fn sparse(path: &Path, size: u64) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(size))
+        .expect("sparse file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_reaches_the_diff_of_a_layer_being_committed() {
+    let ctx = context(&[]);
+    let df = "FROM alpine\nRUN make-big\n";
+    let backend = Arc::new(MemBackend::new().expect("backend"));
+    alpine(&backend);
+    // The step leaves a 2 GiB file: its diff (reading and hashing it)
+    // takes seconds.
+    let runner = Arc::new(FakeRunner::new(|_: &RanStep, upper: &Path| {
+        sparse(&upper.join("big"), 2 << 30);
+        0
+    }));
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    // Cancelled once the commit has started, while the differ walks.
+    backend.on_commit(move || {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            c.cancel();
+        });
+    });
+    let t = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        build_with_runner(
+            backend.clone(),
+            runner,
+            Progress::discard(),
+            cancel,
+            opts(df, ctx.path()),
+        ),
+    )
+    .await
+    .expect("the build never ended");
+    assert!(matches!(r, Err(BuildError::Cancelled)), "{r:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the diff went on after the cancel: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        backend.committed_keys().is_empty(),
+        "a cancelled commit records nothing"
+    );
+    assert_eq!(backend.active_snapshots(), 0);
+    assert!(backend.exported().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_reaches_the_hashing_of_copy_sources_before_the_lookup() {
+    let ctx = context(&[]);
+    sparse(&ctx.path().join("big"), 2 << 30);
+    let df = "FROM alpine\nCOPY big /big\n";
+    let backend = Arc::new(MemBackend::new().expect("backend"));
+    alpine(&backend);
+    let runner = Arc::new(writing_runner());
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        c.cancel();
+    });
+    let t = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        build_with_runner(
+            backend.clone(),
+            runner,
+            Progress::discard(),
+            cancel,
+            opts(df, ctx.path()),
+        ),
+    )
+    .await
+    .expect("the build never ended");
+    assert!(matches!(r, Err(BuildError::Cancelled)), "{r:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "hashing went on after the cancel: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        backend.looked_up_keys().len() <= 1,
+        "no lookup but the previous run's (by the step's shape, before hashing): {:?}",
+        backend.looked_up_keys()
+    );
+    assert!(backend.committed_keys().is_empty());
+    assert_eq!(backend.active_snapshots(), 0);
+}

@@ -194,7 +194,14 @@ pub fn run(
     exporters: &[Box<dyn Exporter>],
     report: &dyn Reporter,
 ) -> Result<Exported, ExportError> {
-    let _lease = input.store.lease(None)?;
+    // The exporters write through a handle holding the export's own lease.
+    let store = input.store.leased(None)?;
+    let input = &ExportInput {
+        store: &store,
+        images: input.images.clone(),
+        source_date_epoch: input.source_date_epoch,
+        cache: input.cache,
+    };
     let mut all = Exported::default();
     tracing::info!(exporters = exporters.len(), "export started");
     for e in exporters {
@@ -526,6 +533,7 @@ pub fn rootfs_tar(
     let opts = kiln_image::diff::DiffOptions {
         clamp_mtime: clamp,
         exclude: Vec::new(),
+        cancel: None,
     };
     kiln_image::diff::write_tree_diff(None, &root, out, &opts)?;
     Ok(())

@@ -238,7 +238,10 @@ impl Solver {
                 }
                 let backend = me.backend.clone();
                 let opts = me.diff_options();
-                let layer = blocking(move || backend.commit(active, &k, &opts)).await?;
+                let cancel = me.cancel.clone();
+                let layer =
+                    blocking(move || super::committed(backend.commit(active, &k, &opts), &cancel))
+                        .await?;
                 Ok((layer, false))
             })
             .await;

@@ -486,7 +486,7 @@ impl Solver {
                     backend.abort(active);
                     return Err(e);
                 }
-                Ok(backend.commit(active, &k, &opts)?)
+                committed(backend.commit(active, &k, &opts), &cancel)
             })
             .await?;
             Ok((layer, false))
@@ -523,10 +523,14 @@ impl Solver {
         }
     }
 
+    /// The diff options of a commit: the build's clamp, and its cancel
+    /// token (a cancel stops the differ part way).
     fn diff_options(&self) -> DiffOptions {
+        let cancel = self.cancel.clone();
         DiffOptions {
             clamp_mtime: self.opts.source_date_epoch,
             exclude: Vec::new(),
+            cancel: Some(kiln_image::diff::Cancel::new(move || cancel.is_cancelled())),
         }
     }
 
@@ -634,5 +638,18 @@ impl Solver {
             executed: self.executed.load(std::sync::atomic::Ordering::Relaxed),
             cached: self.cached.load(std::sync::atomic::Ordering::Relaxed),
         })
+    }
+}
+
+/// A commit's outcome: one cut short by the build's cancellation (the
+/// differ stops part way and the backend records nothing) is the
+/// cancellation, not a failure of the step.
+fn committed(
+    r: crate::backend::BackendResult<LayerRecord>,
+    cancel: &CancellationToken,
+) -> Result<LayerRecord, BuildError> {
+    match r {
+        Err(_) if cancel.is_cancelled() => Err(BuildError::Cancelled),
+        r => Ok(r?),
     }
 }
