@@ -294,46 +294,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// `kiln system info`.
 fn info(s: &kiln_solver::session::Session, json: bool) -> anyhow::Result<ExitCode> {
-    use kiln_executor::userns::{describe, IdMaps};
-    let store = s.store().map_err(crate::build_cmd::facade_error)?;
-    let maps = IdMaps::current();
-    let sn = store.snapshotter().name();
-    let xattrs = maps.overlay_xattrs().prefix().trim_end_matches('.');
-    let entered = std::env::var(kiln_executor::userns::ROOTLESS_ENV).unwrap_or_default();
-    let id_mode = if !maps.in_userns {
-        "none (real root)"
-    } else if maps.single_id() {
-        "one id (no subordinate ids: files of other ids cannot exist)"
-    } else if entered == "subids" {
-        "subordinate ids"
-    } else {
-        "the ids of the enclosing user namespace (a container's)"
-    };
+    let i = s.system_info().map_err(lib_error)?;
     if json {
-        let v = serde_json::json!({
-            "root": s.root(),
-            "snapshotter": sn,
-            "overlayXattrs": if sn == "overlay" { Some(xattrs) } else { None },
-            "rootless": maps.in_userns,
-            "idMapping": id_mode,
-            "uidMap": describe(&maps.uid_map),
-            "gidMap": describe(&maps.gid_map),
-        });
-        outln!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&i)?);
         return Ok(ExitCode::SUCCESS);
     }
-    outln!("Store:        {}", s.root().display());
-    if sn == "overlay" {
-        outln!("Snapshotter:  overlay ({xattrs} xattrs)");
-    } else {
-        outln!("Snapshotter:  {sn}");
+    outln!("Store:        {}", i.root.display());
+    match &i.overlay_xattrs {
+        Some(x) => outln!("Snapshotter:  {} ({x} xattrs)", i.snapshotter),
+        None => outln!("Snapshotter:  {}", i.snapshotter),
     }
-    outln!(
-        "Rootless:     {}",
-        if maps.in_userns { "yes" } else { "no" }
-    );
-    outln!("ID mapping:   {id_mode}");
-    outln!("UID map:      {}", describe(&maps.uid_map));
-    outln!("GID map:      {}", describe(&maps.gid_map));
+    outln!("Rootless:     {}", if i.rootless { "yes" } else { "no" });
+    outln!("ID mapping:   {}", i.id_mapping);
+    outln!("UID map:      {}", i.uid_map);
+    outln!("GID map:      {}", i.gid_map);
     Ok(ExitCode::SUCCESS)
 }
