@@ -22,7 +22,8 @@
 //! - registry: push to and pull from the test registry (`docker-registry`
 //!   on 127.0.0.1), pull into a fresh store and run; the build cache
 //!   exported to and imported from it (`--cache-to/--cache-from
-//!   type=registry`)
+//!   type=registry`); credentials from the user's `~/.docker/config.json`
+//!   (`kiln login` as the user)
 //! - network: the user's own by default, `--network=none` a fresh
 //!   namespace with only `lo`
 //! - cgroup limits: `--memory` without a delegated cgroup fails with a
@@ -947,4 +948,34 @@ fn overlay_xattrs_in_an_added_tar_hide_nothing() {
     );
     let out = k.ok(&["run", "--rm", "evil:1", "sh", "-c", "ls /bin | wc -l"]);
     assert!(out.trim().parse::<u32>().expect("count") > 10, "{out}");
+}
+
+/// Registry credentials from the user's own `~/.docker/config.json`:
+/// `kiln login` (run as the user, outside the namespace) writes it, and the
+/// push and pull inside the namespace use it.
+#[test]
+fn registry_auth_from_the_users_docker_config() {
+    if !common::registry::ready(&["docker-registry", "htpasswd"]) {
+        return;
+    }
+    let Some(user) = user_with_subids() else {
+        return;
+    };
+    let reg = Reg::start(RegOpts {
+        htpasswd: Some(("alice".into(), "s3cret".into())),
+        tls: false,
+    });
+    let k = rootless_kiln(&user);
+    let name = format!("{}/private/app:1", reg.host());
+    k.ok(&["tag", "busybox:latest", &name]);
+    let o = k.run(&["push", &name]);
+    assert!(!o.status.success(), "pushed without credentials");
+    k.ok(&["login", "-u", "alice", "-p", "s3cret", &reg.host()]);
+    let config = user.home.join(".docker/config.json");
+    let meta = std::fs::metadata(&config).expect("the user's docker config");
+    assert_eq!(meta.uid(), user.uid, "config.json not the user's own");
+    k.ok(&["push", "-q", &name]);
+    let k2 = user.kiln();
+    k2.ok(&["pull", "-q", &name]);
+    assert_eq!(k2.ok(&["run", "--rm", &name, "echo", "pulled"]), "pulled\n");
 }
