@@ -1,7 +1,10 @@
 //! Rootless kiln: the user namespace an ordinary user's kiln runs in.
 //!
 //! At start, before any thread exists, [`enter`] checks who runs kiln. As
-//! root it does nothing. As an ordinary user it forks: the child unshares
+//! root with `CAP_SYS_ADMIN` it does nothing. As root without it (root of
+//! an unprivileged container) it enters a nested user namespace mapping
+//! the ids the container has, writing the maps itself (`CAP_SETUID`,
+//! `CAP_SETGID`). As an ordinary user it forks: the child unshares
 //! a user namespace and a mount namespace; the parent (still outside)
 //! writes the child's id maps with `newuidmap`/`newgidmap` (Debian's
 //! `uidmap`: setuid helpers that check `/etc/subuid` and `/etc/subgid`),
