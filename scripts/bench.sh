@@ -33,9 +33,20 @@
 #   pull     that image into an empty store: `kiln pull` vs `skopeo copy`
 #            (to an OCI layout)
 #   layers500 500 x RUN on one chain, per-step time by depth (kiln only)
+#   rootless fixtures a and c, cold and cached: kiln run by an unprivileged
+#            user (its own user namespace, overlay with userxattr) against
+#            kiln as root, alternately (kiln only; `scripts/bench.sh
+#            rootless` sets up only the fixtures and a busybox base, no
+#            buildah or registry). The user kiln-bench-rl is made for the
+#            run (with a subordinate id range) and removed at exit.
+#   platforms `--platform linux/amd64,linux/arm64` of a cross-compile
+#            Dockerfile (a native `FROM --platform=$BUILDPLATFORM` stage,
+#            a final RUN per platform, arm64's under QEMU), cold and
+#            cached (kiln only; needs qemu-user-static and `kiln system
+#            binfmt`; the arm64 busybox comes from scripts/foreign-busybox.sh)
 #
 # Usage: scripts/bench.sh [fixture...]
-#        (default: a b c runstep fresh push pushmemo pull layers500)
+#        (default: a b c runstep fresh push pushmemo pull layers500 platforms)
 # Env:   ROUNDS (default 5), BENCH_DIR (default /tmp/kiln-bench),
 #        PEER_TOOLS (default ../shared/tools next to the checkout),
 #        KILN_BIN (a kiln binary to use instead of building one),
@@ -61,9 +72,17 @@ log() { printf '[bench] %s\n' "$*" >&2; }
 [ "$(id -u)" = 0 ] || { log "run as root"; exit 1; }
 [ -x "$PEER_ENV" ] || [ -f "$PEER_ENV" ] || { log "missing $PEER_ENV"; exit 1; }
 
-log "peer setup (packages, base image, registry, fixtures) in $OUT"
-bash "$PEER_ENV" all "$OUT" >&2
 FIX="$OUT/fixtures"
+ONLY_ROOTLESS=0
+[ "$*" = rootless ] && ONLY_ROOTLESS=1
+if [ "$ONLY_ROOTLESS" = 1 ]; then
+  # kiln against kiln: the fixtures and a busybox base are all it needs.
+  log "fixtures in $FIX"
+  bash "$PEER_ENV" fixtures "$FIX" >&2
+else
+  log "peer setup (packages, base image, registry, fixtures) in $OUT"
+  bash "$PEER_ENV" all "$OUT" >&2
+fi
 
 if [ -n "${KILN_BIN:-}" ]; then
   KILN="$KILN_BIN"
@@ -87,6 +106,22 @@ cleanup() {
   rm -rf "$KILN_ROOT" "$OUT/pull-root" "$OUT/pull-oci" "$OUT/fresh-root" || true
 }
 trap cleanup EXIT
+if [ "$ONLY_ROOTLESS" = 1 ] && [ ! -f "$OUT/busybox.tar" ]; then
+  # The base the peer setup would make, from Debian's busybox-static.
+  bb_root="$OUT/busybox-rootfs"
+  rm -rf "$bb_root"
+  mkdir -p "$bb_root"/{bin,etc,tmp,root,proc,sys,dev}
+  cp "$(command -v busybox)" "$bb_root/bin/busybox"
+  for a in $("$bb_root/bin/busybox" --list); do
+    [ "$a" = busybox ] || ln -s busybox "$bb_root/bin/$a"
+  done
+  printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$bb_root/etc/passwd"
+  printf 'root:x:0:\nnogroup:x:65534:\n' > "$bb_root/etc/group"
+  tar -C "$bb_root" --numeric-owner -cf "$OUT/busybox-rootfs.tar" .
+  "$KILN" import "$OUT/busybox-rootfs.tar" busybox:latest >&2
+  "$KILN" save -o "$OUT/busybox.tar" busybox:latest >&2
+  rm -rf "$bb_root" "$OUT/busybox-rootfs.tar"
+fi
 "$KILN" load -i "$OUT/busybox.tar" >&2
 "$KILN" tag busybox:latest "$REG/busybox:latest" >&2
 
@@ -298,9 +333,98 @@ PY
   rm -f "$OUT"/layers500-*.total
 }
 
+# rootless: kiln as an unprivileged user vs kiln as root.
+RL_USER=kiln-bench-rl
+RL_DIR="$OUT/rootless"
+rl_cleanup() {
+  rm -rf "$RL_DIR"
+  if [ "${RL_MADE_USER:-0}" = 1 ]; then userdel -r -f "$RL_USER" >/dev/null 2>&1 || true; fi
+}
+as_rl_user() {
+  setpriv --reuid="$RL_USER" --regid="$RL_USER" --clear-groups \
+    env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME="$RL_DIR" \
+    KILN_ROOT="$RL_DIR/store" "$@"
+}
+run_rootless() {
+  local f s i t k r km rm_
+  if ! id "$RL_USER" >/dev/null 2>&1; then
+    useradd -M -s /usr/sbin/nologin -K SUB_UID_COUNT=65536 -K SUB_GID_COUNT=65536 "$RL_USER"
+    RL_MADE_USER=1
+  fi
+  trap 'rl_cleanup; cleanup' EXIT
+  rm -rf "$RL_DIR"
+  install -d -m 755 "$RL_DIR"
+  install -d -o "$RL_USER" -g "$RL_USER" -m 700 "$RL_DIR/store"
+  install -m 755 "$KILN" "$RL_DIR/kiln"
+  chmod a+x "$OUT" "$FIX"
+  chmod -R a+rX "$FIX/a" "$FIX/c" "$OUT/busybox.tar"
+  as_rl_user "$RL_DIR/kiln" load -q -i "$OUT/busybox.tar" >&2
+  as_rl_user "$RL_DIR/kiln" tag busybox:latest "$REG/busybox:latest" >&2
+  as_rl_user "$RL_DIR/kiln" system info >&2
+  rl_build() {  # fixture, extra args...
+    local f=$1; shift
+    as_rl_user "$RL_DIR/kiln" build -q --network none -t "bench-$f:latest" "$@" "$FIX/$f" >/dev/null
+  }
+  for f in a c; do
+    kiln_build "$f" && rl_build "$f" || { log "warm-up build of $f failed"; return 1; }
+    for s in cold cached; do
+      k=(); r=()
+      for i in $(seq 1 "$ROUNDS"); do
+        local extra=()
+        [ "$s" = cold ] && extra=(--no-cache)
+        t=$(now); rl_build "$f" "${extra[@]}"; r+=("$(elapsed "$t")")
+        t=$(now); kiln_build "$f" "${extra[@]}"; k+=("$(elapsed "$t")")
+      done
+      rm_=$(printf '%s\n' "${r[@]}" | median)
+      km=$(printf '%s\n' "${k[@]}" | median)
+      printf '| %s | %s, kiln rootless vs kiln as root | %.3f s | %.3f s | — | %.3f | — |\n' \
+        "$f" "$s" "$rm_" "$km" "$(echo "$rm_ / $km" | bc -l)"
+    done
+  done
+}
+
+# platforms: a two-platform build, cold and cached (kiln only). The base
+# is a busybox index made by kiln itself from the host's and Debian's
+# arm64 busybox-static.
+run_platforms() {
+  local dir="$FIX/platforms" i t s k
+  mkdir -p "$dir/base" "$dir/app"
+  cp "$(command -v busybox)" "$dir/base/bb-amd64"
+  cp "$(bash "$REPO/scripts/foreign-busybox.sh" "$OUT/foreign" arm64)" "$dir/base/bb-arm64"
+  cat > "$dir/base/Dockerfile" <<'EOF'
+FROM scratch
+ARG TARGETARCH
+COPY bb-$TARGETARCH /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+EOF
+  cat > "$dir/app/Dockerfile" <<'EOF'
+FROM --platform=$BUILDPLATFORM bench-platforms-base:latest AS build
+ARG TARGETARCH
+RUN i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo "$TARGETARCH" > /arch
+FROM bench-platforms-base:latest
+COPY --from=build /arch /arch
+RUN i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; uname -m > /uname
+EOF
+  "$KILN" build -q --network none --platform linux/amd64,linux/arm64 \
+    -t bench-platforms-base:latest "$dir/base" >/dev/null \
+    || { log "kiln build of the platforms base failed"; return 1; }
+  for s in cold cached; do
+    k=()
+    for i in $(seq 1 "$ROUNDS"); do
+      t=$(now)
+      "$KILN" build -q --network none --platform linux/amd64,linux/arm64 \
+        -t bench-platforms:latest $([ "$s" = cold ] && echo --no-cache) "$dir/app" >/dev/null \
+        || { log "kiln build platforms $s failed"; return 1; }
+      k+=("$(elapsed "$t")")
+    done
+    printf '| platforms | %s, linux/amd64+linux/arm64 | %.3f s | (no peer) | (no peer) | | |\n' \
+      "$s" "$(printf '%s\n' "${k[@]}" | median)"
+  done
+}
+
 fixtures=("$@")
-[ ${#fixtures[@]} -gt 0 ] || fixtures=(a b c runstep fresh push pushmemo pull layers500)
-echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); $(buildah --version)"
+[ ${#fixtures[@]} -gt 0 ] || fixtures=(a b c runstep fresh push pushmemo pull layers500 platforms)
+echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); $(buildah --version 2>/dev/null || echo 'no buildah')"
 if [ "$BK" = 1 ]; then
   echo "BuildKit: $("$BUILDCTL" --addr "$BUILDKIT_HOST" debug workers -v 2>/dev/null | awk '
     /^BuildKit:/ {v = $NF} /worker.executor:/ {e = $2} /worker.snapshotter:/ {s = $2}
@@ -314,12 +438,17 @@ echo
 echo "| fixture | scenario | kiln | buildah | BuildKit | kiln/buildah | kiln/BuildKit |"
 echo "|---|---|---|---|---|---|---|"
 for f in "${fixtures[@]}"; do
-  if [ "$f" = runstep ]; then
+  if [ "$f" = rootless ]; then
+    echo "| (rootless rows: kiln rootless, kiln as root, rootless/root) | | | | | | |"
+    run_rootless
+  elif [ "$f" = runstep ]; then
     run_scenario runstep cold
   elif [ "$f" = layers500 ]; then
     run_layers500
   elif [ "$f" = fresh ]; then
     run_fresh
+  elif [ "$f" = platforms ]; then
+    run_platforms
   elif [ "$f" = push ] || [ "$f" = pushmemo ] || [ "$f" = pull ]; then
     run_transfer "$f"
   else

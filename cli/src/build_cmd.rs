@@ -91,6 +91,11 @@ pub struct BuildArgs {
     /// `NAME=oci-layout://PATH[:TAG]`; repeatable.
     #[arg(long = "build-context", value_name = "NAME=VALUE")]
     build_contexts: Vec<String>,
+    /// Target platforms (`linux/amd64,linux/arm64`; comma-separated and
+    /// repeatable). Several give one image index; a foreign RUN runs under
+    /// QEMU emulation (`kiln system binfmt`).
+    #[arg(long = "platform", value_name = "OS/ARCH[/VARIANT]")]
+    platforms: Vec<String>,
     /// Run the Dockerfile lint rules (BuildKit's checks) and report them
     /// with their lines, without building.
     #[arg(long)]
@@ -183,6 +188,10 @@ fn request(a: &BuildArgs) -> anyhow::Result<BuildRequest> {
         let (n, v) =
             kiln_solver::context::parse_build_context(c).map_err(|e| usage(e.to_string()))?;
         req.named_contexts.insert(n, v);
+    }
+    for p in &a.platforms {
+        req.platforms
+            .extend(kiln_solver::session::parse_platforms(p).map_err(facade_error)?);
     }
     req.target = a.target.clone();
     req.no_cache = a.no_cache;

@@ -8,7 +8,14 @@
 //! digests of selected inputs)`), and [`solve`] schedules the graph on
 //! tokio so that independent stages run concurrently, identical keys run
 //! once, and every op goes one way: look up, or prepare → run → commit.
-//! [`build`] joins them behind the `build(...)` entry.
+//! [`build`] joins them behind the `build(...)` entry. A multi-platform
+//! build (`BuildOptions::platforms`) lowers one graph per target platform
+//! (every stage, RUN and image source carries its platform; BuildKit's
+//! `TARGET*`/`BUILD*` args), merges them into one graph solved by one
+//! scheduler (a `FROM --platform=$BUILDPLATFORM` stage that does not
+//! depend on the target runs once), and writes one image per platform
+//! and an index of them ([`backend::Backend::export_index`]); a foreign
+//! RUN checks QEMU emulation (`kiln_executor::emulation`) before it runs.
 //!
 //! **The library facade.** [`session`] is the entry point for the CLI and
 //! for embedders: [`session::Session`] + [`session::BuildRequest`] ->
@@ -30,7 +37,7 @@
 //! on this crate alone reaches their types.
 //!
 //! **What it owns.** Lowering rules (stages, `--target` pruning, `COPY
-//! --from` edges, ARG/ENV scoping and expansion, ONBUILD, history),
+//! --from` edges, ARG/ENV scoping and expansion, platforms, ONBUILD, history),
 //! cache-key derivation, the scheduler, COPY/ADD file operations on
 //! snapshot layers, and the progress event stream. Its two seams are
 //! traits with in-memory fakes ([`testing`]): [`backend::Backend`] (the

@@ -163,18 +163,16 @@ impl Session {
             | Err(EmulationError::NotLinux { .. }) => {}
             Err(e) => return Err(RunError::Emulation(e)),
         }
-        let mut backend = StoreBackend::new(store);
-        if req.platform.is_some() || !l.platforms.is_empty() {
-            backend = backend.with_platform(Platform {
-                os: c.os.clone(),
-                architecture: c.architecture.clone(),
-                variant: c.variant.clone(),
-                ..Default::default()
-            });
-        }
-        let backend = Arc::new(backend);
+        // The platform's image of an index (or a platform asked for).
+        let want = (req.platform.is_some() || !l.platforms.is_empty()).then(|| Platform {
+            os: c.os.clone(),
+            architecture: c.architecture.clone(),
+            variant: c.variant.clone(),
+            ..Default::default()
+        });
+        let backend = Arc::new(StoreBackend::new(store));
         let base = backend
-            .resolve_image(&name)?
+            .resolve_image(&name, want.as_ref())?
             .ok_or_else(|| RunError::NoSuchImage(req.image.clone()))?;
         let cfg = base.config.config.clone().unwrap_or_default();
         let mut args: Vec<String> = match &req.entrypoint {

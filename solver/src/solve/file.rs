@@ -13,7 +13,7 @@ use crate::copy::{copy_selections, hash_selection, CopyOptions, Selection, Selec
 use crate::error::BuildError;
 use crate::fsview::LayerView;
 use crate::op::key::{cache_key, copy_shape_key, KeyInputs};
-use crate::op::{ContextDirOp, CopyOp, LayerOp, MkdirOp, Op, SourceRef};
+use crate::op::{ContextDirOp, CopyOp, LayerOp, MkdirOp, Op, Source};
 
 impl Solver {
     pub(super) async fn run_mkdir(
@@ -102,7 +102,7 @@ impl Solver {
         };
         // A named directory context is read like the build context (files
         // owned by root), without the context's .dockerignore.
-        let named_dir = matches!(op.from, Some(SourceRef::ContextDir(_)));
+        let named_dir = matches!(op.from, Some(Source::ContextDir(_)));
         let (view, from_context) = match &op.from {
             Some(f) => (self.source_state(f, line).await?.1, false),
             None => (LayerView::new(vec![self.opts.context.clone()], true), true),

@@ -30,7 +30,7 @@ use crate::copy::{copy_selections, hash_selection, CopyOptions, Selection, Selec
 use crate::error::BuildError;
 use crate::fsview::LayerView;
 use crate::op::key::bind_context_key;
-use crate::op::{MountSpec, SourceRef};
+use crate::op::{MountSpec, Source};
 
 crate::error::module_error! {
     /// Why a RUN mount could not be set up.
@@ -147,7 +147,7 @@ impl Solver {
     /// The state and layer view of a `from=` stage or image.
     async fn mount_from(
         &self,
-        from: &SourceRef,
+        from: &Source,
         line: crate::error::Location,
     ) -> Result<(Arc<Solved>, LayerView), BuildError> {
         match self.source_state(from, line).await? {
