@@ -543,7 +543,13 @@ mod tests {
         let mut v = View::default();
         v.apply(Event::Planned { steps: 5 }, S(0));
         started(&mut v, 1, "[1/3] FROM docker.io/library/busybox", 0);
-        v.apply(Event::Done { id: 1, seconds: 0.3 }, S(300));
+        v.apply(
+            Event::Done {
+                id: 1,
+                seconds: 0.3,
+            },
+            S(300),
+        );
         started(&mut v, 2, "[2/3] COPY a /a", 300);
         v.apply(Event::Cached { id: 2 }, S(310));
         started(&mut v, 3, "[3/3] RUN make", 400);
@@ -591,13 +597,31 @@ mod tests {
     #[test]
     fn the_last_frame_is_finished_and_shows_the_export_and_no_output() {
         let mut v = build();
-        v.apply(Event::Done { id: 3, seconds: 3.0 }, S(3400));
+        v.apply(
+            Event::Done {
+                id: 3,
+                seconds: 3.0,
+            },
+            S(3400),
+        );
         started(&mut v, 4, "exporting to image", 3400);
         log(&mut v, 4, "writing image sha256:abc done", 3400);
         log(&mut v, 4, "naming to app:1.0 done", 3400);
-        v.apply(Event::Done { id: 4, seconds: 0.0 }, S(3410));
+        v.apply(
+            Event::Done {
+                id: 4,
+                seconds: 0.0,
+            },
+            S(3410),
+        );
         started(&mut v, 5, "other", 3410);
-        v.apply(Event::Done { id: 5, seconds: 0.0 }, S(3410));
+        v.apply(
+            Event::Done {
+                id: 5,
+                seconds: 0.0,
+            },
+            S(3410),
+        );
         let f = v.frame(S(3500), look(50), true);
         assert_eq!(f[0], "[+] Building 3.5s (5/5) FINISHED");
         assert!(f.iter().all(|l| !l.contains("compiling")), "{f:#?}");
@@ -611,7 +635,10 @@ mod tests {
         let mut l = look(60);
         l.color = true;
         let f = v.frame(S(3600), l, false);
-        assert!(f[1].starts_with(BLUE) && f[1].ends_with(RESET), "done: blue");
+        assert!(
+            f[1].starts_with(BLUE) && f[1].ends_with(RESET),
+            "done: blue"
+        );
         assert!(!f[3].contains('\x1b'), "running: plain");
         assert!(f[4].starts_with(FAINT), "output: faint");
         assert!(color_enabled(None));
@@ -658,7 +685,10 @@ mod tests {
         log(&mut v, 3, "10%\r50%\r100%", 700);
         let f = v.frame(S(3600), look(60), false);
         assert!(f.iter().all(|l| !l.contains('\x1b')), "{f:#?}");
-        assert!(f.contains(&" => => # [2J]0;pwnedevil tab".to_string()), "{f:#?}");
+        assert!(
+            f.contains(&" => => # [2J]0;pwnedevil tab".to_string()),
+            "{f:#?}"
+        );
         assert_eq!(f.last().unwrap(), " => => # 100%");
     }
 
@@ -668,7 +698,13 @@ mod tests {
         for i in 1..=10 {
             started(&mut v, i, &format!("step {i}"), 0);
             if i < 9 {
-                v.apply(Event::Done { id: i, seconds: 0.0 }, S(10));
+                v.apply(
+                    Event::Done {
+                        id: i,
+                        seconds: 0.0,
+                    },
+                    S(10),
+                );
             }
         }
         log(&mut v, 9, "out", 20);
@@ -676,7 +712,10 @@ mod tests {
         l.height = Some(6);
         let f = v.frame(S(100), l, false);
         assert_eq!(f.len(), 5, "{f:#?}");
-        assert!(f[1].contains("step 7") && f[4].contains("step 10"), "{f:#?}");
+        assert!(
+            f[1].contains("step 7") && f[4].contains("step 10"),
+            "{f:#?}"
+        );
         // The last frame shows everything.
         assert_eq!(v.frame(S(100), l, true).len(), 11);
     }

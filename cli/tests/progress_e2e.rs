@@ -54,7 +54,10 @@ fn tty_progress_into_a_pipe_draws_frames_and_ends_with_the_image() {
     let frames = raw.matches("[+] Building").count();
     assert!(frames >= 3, "a frame every 100ms over a second: {raw:?}");
     assert!(raw.contains("\x1b[34m"), "finished steps in blue: {raw:?}");
-    assert!(raw.contains("\x1b[2m => => # first-line"), "output tail: {raw:?}");
+    assert!(
+        raw.contains("\x1b[2m => => # first-line"),
+        "output tail: {raw:?}"
+    );
     let text = strip_ansi(&raw);
     // The last frame: finished, every step, the image and its name.
     let last = &text[text.rfind("[+] Building").unwrap()..];
@@ -64,11 +67,15 @@ fn tty_progress_into_a_pipe_draws_frames_and_ends_with_the_image() {
         "{last}"
     );
     assert!(lines[1].contains(" 1/3] FROM busybox"), "{last}");
-    assert!(lines.iter().any(|l| l.contains(" 2/3] RUN echo first-line")));
+    assert!(lines
+        .iter()
+        .any(|l| l.contains(" 2/3] RUN echo first-line")));
     assert!(!last.contains("first-line; sleep 1; echo second-line\n => => #"));
     let writing = format!(" => => writing image {}", &id[..30]);
     assert!(lines.iter().any(|l| l.starts_with(&writing)), "{last}");
-    assert!(lines.iter().any(|l| l.starts_with(" => => naming to docker.io/library/app:1.0")));
+    assert!(lines
+        .iter()
+        .any(|l| l.starts_with(" => => naming to docker.io/library/app:1.0")));
     for l in &lines {
         assert!(l.chars().count() < 70, "cut to COLUMNS: {l:?}");
     }
@@ -90,7 +97,10 @@ fn tty_progress_into_a_pipe_draws_frames_and_ends_with_the_image() {
     let raw = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{raw}");
     assert!(raw.contains("[+] Building"));
-    assert!(!raw.contains("\x1b[34m") && !raw.contains("\x1b[2m"), "{raw:?}");
+    assert!(
+        !raw.contains("\x1b[34m") && !raw.contains("\x1b[2m"),
+        "{raw:?}"
+    );
 }
 
 #[test]
@@ -118,8 +128,14 @@ fn json_progress_ends_with_the_result() {
     let cfg = k.inspect("j:1");
     assert_eq!(last["image_id"], cfg["Id"]);
     let digest = last["digest"].as_str().unwrap();
-    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{digest}");
-    assert_ne!(last["digest"], last["image_id"], "the manifest, not the config");
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
+    assert_ne!(
+        last["digest"], last["image_id"],
+        "the manifest, not the config"
+    );
     let planned = events.iter().find(|e| e["event"] == "planned").unwrap();
     let started = events.iter().filter(|e| e["event"] == "started").count();
     assert_eq!(planned["steps"], started, "the plan counts every step");
