@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use kiln_solver::progress::{Event, Receiver};
+use kiln_solver::progress::{Event, Receiver, TransferState};
 use unicode_width::UnicodeWidthChar;
 
 /// `--progress` values.
@@ -118,6 +118,38 @@ struct Step {
     /// Sub-steps (an export's `writing image …`, `naming to …`) with their
     /// seconds.
     subs: Vec<(String, f64)>,
+    /// The blobs pulled or pushed while it ran.
+    transfers: Vec<Transfer>,
+}
+
+/// One blob of a pull or push, a sub-step of the step it happened in
+/// (BuildKit's ` => => sha256:… 1.20MB / 3.40MB`).
+#[derive(Debug, Clone)]
+struct Transfer {
+    /// `sha256:` and the first 12 hex digits.
+    short: String,
+    moved: u64,
+    size: u64,
+    start: Duration,
+    end: Option<Duration>,
+    /// "already exists", "mounted from another repository".
+    note: Option<&'static str>,
+}
+
+/// A byte count as BuildKit's (go-units, decimal): `512B`, `3.15MB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "kB", "MB", "GB", "TB", "PB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.2}{}", UNITS[u])
+    }
 }
 
 /// The tty view's state: every step seen, in the order they started.
@@ -127,6 +159,8 @@ pub struct View {
     by_id: HashMap<usize, usize>,
     /// The steps the build announced (0: unknown).
     planned: usize,
+    /// Each blob in flight: its step and place among the step's transfers.
+    transfers: HashMap<String, (usize, usize)>,
 }
 
 /// How a frame is drawn.
@@ -213,6 +247,7 @@ impl View {
                     state: State::Running,
                     tail: VecDeque::new(),
                     subs: Vec::new(),
+                    transfers: Vec::new(),
                 });
             }
             Event::Cached { id } => {
@@ -266,6 +301,61 @@ impl View {
             Event::Transfer { .. } | Event::Result { .. } => {}
         }
         None
+    }
+
+    /// Takes one blob transfer in, as a sub-step of the last running
+    /// step (a pull's `FROM`); false when no step runs (then it is a line
+    /// above the view).
+    pub fn transfer(
+        &mut self,
+        verb: &str,
+        digest: &str,
+        state: TransferState,
+        n: u64,
+        now: Duration,
+    ) -> bool {
+        let key = format!("{verb} {digest}");
+        let at = match self.transfers.get(&key) {
+            Some(&at) => at,
+            None => {
+                let Some(i) = self.steps.iter().rposition(|s| s.state == State::Running) else {
+                    return false;
+                };
+                let hex = digest.split_once(':').map_or(digest, |(_, h)| h);
+                let short = clean(&format!("sha256:{}", hex.get(..12).unwrap_or(hex)));
+                let list = &mut self.steps[i].transfers;
+                list.push(Transfer {
+                    short,
+                    moved: 0,
+                    size: 0,
+                    start: now,
+                    end: None,
+                    note: None,
+                });
+                let at = (i, list.len() - 1);
+                self.transfers.insert(key, at);
+                at
+            }
+        };
+        let t = &mut self.steps[at.0].transfers[at.1];
+        match state {
+            TransferState::Started => t.size = n,
+            TransferState::Progress => t.moved = n.max(t.moved),
+            TransferState::Done => {
+                t.moved = n;
+                t.size = n;
+                t.end = Some(now);
+            }
+            TransferState::Skipped => {
+                t.note = Some("already exists");
+                t.end = Some(now);
+            }
+            TransferState::Mounted => {
+                t.note = Some("mounted from another repository");
+                t.end = Some(now);
+            }
+        }
+        true
     }
 
     /// Steps finished (done, cached, failed or cancelled) and in all.
@@ -346,6 +436,26 @@ impl View {
                         look,
                     ),
                     finished,
+                    tail: false,
+                });
+            }
+            for t in &s.transfers {
+                let what = match t.note {
+                    Some(n) => format!(" => => {} {n}", t.short),
+                    None if t.size > 0 => {
+                        format!(" => => {} {} / {}", t.short, bytes(t.moved), bytes(t.size))
+                    }
+                    None => format!(" => => {} {}", t.short, bytes(t.moved)),
+                };
+                let secs = t.end.unwrap_or(now).saturating_sub(t.start).as_secs_f64();
+                let secs = if secs < 0.05 { 0.0 } else { secs };
+                lines.push(Line {
+                    text: paint(
+                        align(&what, &format!(" {secs:.1}s"), look.width),
+                        t.end.and(color),
+                        look,
+                    ),
+                    finished: t.end.is_some() || finished,
                     tail: false,
                 });
             }
@@ -486,13 +596,17 @@ async fn tty(mut rx: Receiver) {
         tokio::select! {
             e = rx.recv() => {
                 let Some(e) = e else { break };
-                let line = match &e {
+                let text = match e {
                     Event::Transfer { verb, digest, state, bytes } => {
-                        transfers.line(verb, digest, *state, *bytes)
+                        if view.transfer(verb, &digest, state, bytes, started.elapsed()) {
+                            None
+                        } else {
+                            transfers.line(verb, &digest, state, bytes)
+                        }
                     }
-                    _ => None,
+                    e => view.apply(e, started.elapsed()),
                 };
-                if let Some(text) = view.apply(e, started.elapsed()).or(line) {
+                if let Some(text) = text {
                     screen.above(&text);
                     screen.draw(&view.frame(started.elapsed(), look(), false));
                 }
@@ -718,6 +832,32 @@ mod tests {
         );
         // The last frame shows everything.
         assert_eq!(v.frame(S(100), l, true).len(), 11);
+    }
+
+    #[test]
+    fn blobs_are_sub_steps_of_the_running_step() {
+        let mut v = View::default();
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let e = format!("sha256:{}", "cd".repeat(32));
+        assert!(!v.transfer("pull", &d, TransferState::Started, 10, S(0)));
+        started(&mut v, 1, "[1/2] FROM registry/app", 0);
+        assert!(v.transfer("pull", &d, TransferState::Started, 3_400_000, S(0)));
+        v.transfer("pull", &d, TransferState::Progress, 1_200_000, S(100));
+        v.transfer("pull", &e, TransferState::Skipped, 0, S(100));
+        let f = v.frame(S(500), look(60), false);
+        assert_eq!(
+            f[2],
+            " => => sha256:abababababab 1.20MB / 3.40MB             0.5s"
+        );
+        assert_eq!(
+            f[3],
+            " => => sha256:cdcdcdcdcdcd already exists              0.0s"
+        );
+        v.transfer("pull", &d, TransferState::Done, 3_400_000, S(700));
+        let f = v.frame(S(900), look(60), false);
+        assert!(f[2].contains("3.40MB / 3.40MB") && f[2].ends_with(" 0.7s"));
+        assert_eq!(bytes(999), "999B");
+        assert_eq!(bytes(1_500), "1.50kB");
     }
 
     #[test]
