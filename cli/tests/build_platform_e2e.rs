@@ -417,3 +417,62 @@ fn bogus_platforms_and_the_docker_exporter_with_two_are_refused() {
     assert!(err.contains("invalid platform"), "{err}");
     assert!(err.contains(":2"), "the error names line 2: {err}");
 }
+
+/// `-o type=local` of two platforms writes `dest/linux_amd64` and
+/// `dest/linux_arm64`; a symlink by that name already in dest (left by an
+/// earlier export of an untrusted image) is refused, never followed out.
+#[test]
+fn a_symlinked_platform_directory_in_a_local_dest_is_not_followed() {
+    if !common::prerequisites() {
+        return;
+    }
+    let k = common::Kiln::with_busybox();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir(&outside).expect("mkdir");
+    let out = tmp.path().join("out");
+    let link = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM busybox\nRUN ln -s {} /linux_arm64\n",
+            outside.display()
+        ),
+    )]);
+    let dest = format!("type=local,dest={}", out.display());
+    k.build(link.path(), &["-o", &dest]);
+    assert!(std::fs::symlink_metadata(out.join("linux_arm64"))
+        .expect("the image's link")
+        .file_type()
+        .is_symlink());
+    let two = context(&[("Dockerfile", "FROM scratch\nCOPY f /f\n"), ("f", "data\n")]);
+    let o = k.run(&[
+        "build",
+        "-q",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-o",
+        &dest,
+        two.path().to_str().expect("utf-8"),
+    ]);
+    assert!(!o.status.success(), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("linux_arm64 exists and is not a directory"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).expect("ls").count(),
+        0,
+        "written through the link"
+    );
+    // A fresh dest gets both directories.
+    let fresh = tmp.path().join("fresh");
+    let dest = format!("type=local,dest={}", fresh.display());
+    k.build(
+        two.path(),
+        &["--platform", "linux/amd64,linux/arm64", "-o", &dest],
+    );
+    for p in ["linux_amd64", "linux_arm64"] {
+        assert_eq!(read(&fresh.join(p).join("f")), "data", "{p}");
+    }
+}
