@@ -476,3 +476,27 @@ fn a_symlinked_platform_directory_in_a_local_dest_is_not_followed() {
         assert_eq!(read(&fresh.join(p).join("f")), "data", "{p}");
     }
 }
+
+/// `--platform linux/arm64` of a base that is one linux/amd64 manifest
+/// (no index): the error says so (it used to call the manifest "for
+/// platform linux/arm64" with a config that lies), for `pull` and `FROM`.
+#[test]
+fn a_single_platform_base_of_another_platform_is_named_as_such() {
+    if !ready(&["docker-registry"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let c = Client::new(true);
+    let name = format!("{}/kiln/amd64only:1", reg.host());
+    c.ok(&["tag", "busybox:latest", &name]);
+    c.ok(&["push", "-q", &name]);
+    let fresh = Client::new(false);
+    let o = fresh.run(&["pull", "--platform", "linux/arm64", &name]);
+    assert!(!o.status.success(), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let want = format!("no linux/arm64 image: {name} is a single-platform image for linux/amd64");
+    assert!(err.contains(&want), "{err}");
+    let ctx = context(&[("Dockerfile", &format!("FROM {name}\nRUN true\n"))]);
+    let err = common::build_fails(&fresh.kiln, ctx.path(), &["--platform", "linux/arm64"]);
+    assert!(err.contains(&want), "{err}");
+}
