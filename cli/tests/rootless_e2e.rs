@@ -165,6 +165,27 @@ fn namespace_info_and_unshare() {
         "{}",
         text(&o.stdout)
     );
+    // Without HOME, or with relative HOME / XDG_DATA_HOME (ignored, as
+    // the XDG spec says), the store is still under the home from the
+    // user database: never /tmp/.local/share/kiln (a shared directory
+    // another user could have made first) nor below the working
+    // directory.
+    let want = format!("Store:        {}/.local/share/kiln\n", user.home.display());
+    for env in [
+        vec![],
+        vec![("HOME", "relative")],
+        vec![("XDG_DATA_HOME", "rel"), ("HOME", "")],
+    ] {
+        let mut c = k.command(common::rootless::kiln_bin());
+        c.env_remove("HOME").envs(env.iter().copied());
+        let o = c.args(["system", "info"]).output().expect("kiln");
+        assert!(o.status.success(), "{env:?}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stdout).contains(&want),
+            "{env:?}: {}",
+            text(&o.stdout)
+        );
+    }
 }
 
 /// RUN, whiteouts, COPY --chown, ADD (file and tar), every RUN --mount
