@@ -708,6 +708,14 @@ impl Exporter for LocalExporter {
     ) -> Result<Exported, ExportError> {
         let _span =
             tracing::info_span!("export", kind = "local", dir = %self.dir.display()).entered();
+        // The image's tree over the host's own: its directories replace
+        // the host's symlinks (/bin -> usr/bin), its files the host's.
+        if std::fs::canonicalize(&self.dir).is_ok_and(|p| p == Path::new("/")) {
+            return Err(ExportError::Usage(format!(
+                "refusing to export the image's filesystem over / (dest={})",
+                self.dir.display()
+            )));
+        }
         for (sub, manifest) in platform_roots(input.store, &input.image()?.manifest)? {
             let dir = if sub.as_os_str().is_empty() {
                 self.dir.clone()
