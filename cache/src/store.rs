@@ -586,14 +586,23 @@ impl Store {
     }
 }
 
-/// Makes the store root 0700 when it lets others in (and this user owns
-/// it: a root shared on purpose by someone else is left as it is).
+/// Refuses a store root another user owns (root opening a rootless
+/// user's store: that user controls every file and record in it, and
+/// root's files would be left in it), and makes this user's 0700 when it
+/// lets others in.
 fn private_root(root: &Path) -> Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let m = std::fs::metadata(root).ctx("stat", root)?;
     // SAFETY: geteuid has no failure mode.
     let me = unsafe { libc::geteuid() };
-    if m.mode() & 0o077 != 0 && m.uid() == me {
+    if m.uid() != me {
+        return Err(Error::ForeignStore {
+            path: root.to_path_buf(),
+            owner: m.uid(),
+            me,
+        });
+    }
+    if m.mode() & 0o077 != 0 {
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
             .ctx("chmod", root)?;
     }

@@ -186,6 +186,26 @@ fn namespace_info_and_unshare() {
             text(&o.stdout)
         );
     }
+    // Root never opens the user's store (the user controls all of it, and
+    // root's files would be left in it): refused, nothing written.
+    k.ok(&["images"]);
+    let before = std::fs::read_dir(k.root()).expect("ls").count();
+    let o = Command::new(common::rootless::kiln_bin())
+        .arg("--root")
+        .arg(k.root())
+        .args(["images"])
+        .output()
+        .expect("kiln");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains(&format!(
+            "belongs to uid {}, not to this kiln's uid 0",
+            user.uid
+        )),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_eq!(std::fs::read_dir(k.root()).expect("ls").count(), before);
 }
 
 /// RUN, whiteouts, COPY --chown, ADD (file and tar), every RUN --mount
