@@ -500,3 +500,37 @@ fn a_single_platform_base_of_another_platform_is_named_as_such() {
     let err = common::build_fails(&fresh.kiln, ctx.path(), &["--platform", "linux/arm64"]);
     assert!(err.contains(&want), "{err}");
 }
+
+/// `kiln save` of a built index without the host's platform, without
+/// `--platform`: the error lists what it has and names the flag; with
+/// one of them it saves.
+#[test]
+fn saving_an_index_without_the_hosts_platform_names_the_flag() {
+    if !common::prerequisites() {
+        return;
+    }
+    let k = common::Kiln::new();
+    let ctx = context(&[("Dockerfile", "FROM scratch\nCOPY f /f\n"), ("f", "x\n")]);
+    k.build(
+        ctx.path(),
+        &["--platform", "linux/s390x,linux/ppc64le", "-t", "foreign:1"],
+    );
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("f.tar");
+    let o = k.run(&["save", "-o", out.to_str().expect("utf-8"), "foreign:1"]);
+    assert!(!o.status.success(), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("it has: linux/s390x, linux/ppc64le; name one with --platform"),
+        "{err}"
+    );
+    k.ok(&[
+        "save",
+        "--platform",
+        "linux/s390x",
+        "-o",
+        out.to_str().expect("utf-8"),
+        "foreign:1",
+    ]);
+    assert!(out.is_file());
+}
