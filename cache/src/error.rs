@@ -98,6 +98,20 @@ pub enum Error {
         /// What was done and what to do.
         what_now: String,
     },
+    /// The store's directory belongs to another user than the one kiln
+    /// runs as (root opening a rootless user's store, say): a store is
+    /// its owner's alone; another's is neither trusted nor written.
+    #[error(
+        "the store at {path} belongs to uid {owner}, not to this kiln's uid {me}: stores are per user (pass --root with a store of your own)"
+    )]
+    ForeignStore {
+        /// The store's root.
+        path: PathBuf,
+        /// Its owner (as seen here).
+        owner: u32,
+        /// The effective uid kiln runs as (as seen here).
+        me: u32,
+    },
     /// A layer format error from kiln-image.
     #[error("layer: {0}")]
     Image(String),

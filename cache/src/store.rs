@@ -45,21 +45,57 @@ pub struct StoreOptions {
     pub snapshotter: SnapshotterKind,
 }
 
+/// There is no default store root for an ordinary user without a home
+/// directory.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no home directory for uid {uid} (HOME and XDG_DATA_HOME are unset or not absolute, and the user database has none): pass --root or set KILN_ROOT"
+)]
+pub struct NoHome {
+    /// The effective uid.
+    pub uid: u32,
+}
+
 /// The default store root: `$KILN_ROOT` is handled by the CLI; this is
 /// `/var/lib/kiln` for root, else `$XDG_DATA_HOME/kiln` (or
-/// `~/.local/share/kiln`).
-pub fn default_root() -> PathBuf {
+/// `~/.local/share/kiln`, `~` being `$HOME`, else the user database's
+/// home). Relative values are ignored, as the XDG base directory spec
+/// says: never a store below the working directory, nor in a shared
+/// directory such as `/tmp` where another user could have made it first.
+pub fn default_root() -> Result<PathBuf, NoHome> {
     // SAFETY: geteuid has no failure mode.
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/lib/kiln");
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return Ok(PathBuf::from("/var/lib/kiln"));
     }
-    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
-        return PathBuf::from(x).join("kiln");
+    let absolute = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").and_then(absolute) {
+        return Ok(x.join("kiln"));
     }
     let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    home.join(".local/share/kiln")
+        .and_then(absolute)
+        .or_else(|| passwd_home(uid))
+        .ok_or(NoHome { uid })?;
+    Ok(home.join(".local/share/kiln"))
+}
+
+/// `uid`'s home directory from the user database, when absolute.
+fn passwd_home(uid: u32) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: zeroed is a valid passwd (null pointers, zero ids).
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; on success `out`
+    // points at `pw`, whose strings live in `buf`.
+    let rc =
+        unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut out) };
+    if rc != 0 || out.is_null() || pw.pw_dir.is_null() {
+        return None;
+    }
+    // SAFETY: a NUL-terminated string inside `buf`, alive here.
+    let dir = unsafe { std::ffi::CStr::from_ptr(pw.pw_dir) };
+    Some(PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()))).filter(|p| p.is_absolute())
 }
 
 /// Everything kiln keeps on disk under one root:
@@ -550,14 +586,23 @@ impl Store {
     }
 }
 
-/// Makes the store root 0700 when it lets others in (and this user owns
-/// it: a root shared on purpose by someone else is left as it is).
+/// Refuses a store root another user owns (root opening a rootless
+/// user's store: that user controls every file and record in it, and
+/// root's files would be left in it), and makes this user's 0700 when it
+/// lets others in.
 fn private_root(root: &Path) -> Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let m = std::fs::metadata(root).ctx("stat", root)?;
     // SAFETY: geteuid has no failure mode.
     let me = unsafe { libc::geteuid() };
-    if m.mode() & 0o077 != 0 && m.uid() == me {
+    if m.uid() != me {
+        return Err(Error::ForeignStore {
+            path: root.to_path_buf(),
+            owner: m.uid(),
+            me,
+        });
+    }
+    if m.mode() & 0o077 != 0 {
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
             .ctx("chmod", root)?;
     }

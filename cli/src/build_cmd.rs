@@ -280,7 +280,9 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
             solved.export().map_err(facade_error)?;
             let r = &solved.result;
             if let Some(f) = &a.iidfile {
-                std::fs::write(f, &r.image_id)?;
+                std::fs::write(f, &r.image_id).map_err(|e| {
+                    anyhow::anyhow!("writing the image ID to --iidfile {}: {e}", f.display())
+                })?;
             }
             if a.quiet {
                 outln!("{}", r.image_id);

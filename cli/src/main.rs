@@ -214,7 +214,13 @@ fn main() -> ExitCode {
     // The default store is the calling user's: chosen before entering the
     // user namespace, where this process is root.
     if cli.root.is_none() {
-        cli.root = Some(kiln_solver::cache::default_root());
+        match kiln_solver::cache::default_root() {
+            Ok(r) => cli.root = Some(r),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
     }
     if cli.command.in_namespace() {
         // Before any thread: this forks when run by an ordinary user.
@@ -291,33 +297,38 @@ pub fn lib_error(e: kiln_solver::images::Error) -> anyhow::Error {
 
 /// The store root: `--root`, else `$KILN_ROOT` (clap reads both), else the
 /// default for this user.
-fn store_root(root: Option<PathBuf>) -> PathBuf {
-    root.unwrap_or_else(kiln_solver::cache::default_root)
+fn store_root(root: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match root {
+        Some(r) => Ok(r),
+        None => Ok(kiln_solver::cache::default_root()?),
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Build(args) => build_cmd::run(&store_root(cli.root), *args),
-        Command::Images(args) => image_cmds::images(&store_root(cli.root), args),
+        Command::Build(args) => build_cmd::run(&store_root(cli.root)?, *args),
+        Command::Images(args) => image_cmds::images(&store_root(cli.root)?, args),
         Command::Inspect { images, platform } => {
-            image_cmds::inspect(&store_root(cli.root), images, platform.as_deref())
+            image_cmds::inspect(&store_root(cli.root)?, images, platform.as_deref())
         }
         Command::History { image, platform } => {
-            image_cmds::history(&store_root(cli.root), &image, platform.as_deref())
+            image_cmds::history(&store_root(cli.root)?, &image, platform.as_deref())
         }
-        Command::Tag { source, target } => image_cmds::tag(&store_root(cli.root), &source, &target),
-        Command::Rmi { force, images } => image_cmds::rmi(&store_root(cli.root), force, images),
-        Command::Run(args) => image_cmds::run(&store_root(cli.root), *args),
-        Command::Save(args) => image_cmds::save(&store_root(cli.root), args),
-        Command::Load(args) => store_cmds::load(&store_root(cli.root), args),
-        Command::Import(args) => store_cmds::import(&store_root(cli.root), args),
-        Command::Prune(args) => store_cmds::prune(&store_root(cli.root), args),
-        Command::Pull(args) => registry_cmds::pull(&store_root(cli.root), args),
-        Command::Push(args) => registry_cmds::push(&store_root(cli.root), args),
+        Command::Tag { source, target } => {
+            image_cmds::tag(&store_root(cli.root)?, &source, &target)
+        }
+        Command::Rmi { force, images } => image_cmds::rmi(&store_root(cli.root)?, force, images),
+        Command::Run(args) => image_cmds::run(&store_root(cli.root)?, *args),
+        Command::Save(args) => image_cmds::save(&store_root(cli.root)?, args),
+        Command::Load(args) => store_cmds::load(&store_root(cli.root)?, args),
+        Command::Import(args) => store_cmds::import(&store_root(cli.root)?, args),
+        Command::Prune(args) => store_cmds::prune(&store_root(cli.root)?, args),
+        Command::Pull(args) => registry_cmds::pull(&store_root(cli.root)?, args),
+        Command::Push(args) => registry_cmds::push(&store_root(cli.root)?, args),
         Command::Login(args) => registry_cmds::login(args),
         Command::Logout(args) => registry_cmds::logout(args),
-        Command::Export(args) => image_cmds::export(&store_root(cli.root), args),
-        Command::System { what } => store_cmds::system(&store_root(cli.root), what),
+        Command::Export(args) => image_cmds::export(&store_root(cli.root)?, args),
+        Command::System { what } => store_cmds::system(&store_root(cli.root)?, what),
         Command::Unshare { command } => unshare(command),
         Command::Debug {
             what: DebugCommand::Ast { file, json },

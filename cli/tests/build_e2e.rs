@@ -664,6 +664,20 @@ fn iidfile_labels_network_and_resource_limits() {
         cfg["Id"].as_str().unwrap()
     );
     assert_eq!(cfg["Config"]["Labels"]["team"], "kiln");
+    // An --iidfile that cannot be written: the error names it.
+    let o = k.run(&[
+        "build",
+        "-q",
+        "--iidfile",
+        ctx.path().to_str().unwrap(),
+        ctx.path().to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("--iidfile {}: ", ctx.path().display())),
+        "{err}"
+    );
     assert_eq!(
         k.ok(&["run", "l:1", "cat", "/ifaces"]),
         "1\n",

@@ -417,3 +417,120 @@ fn bogus_platforms_and_the_docker_exporter_with_two_are_refused() {
     assert!(err.contains("invalid platform"), "{err}");
     assert!(err.contains(":2"), "the error names line 2: {err}");
 }
+
+/// `-o type=local` of two platforms writes `dest/linux_amd64` and
+/// `dest/linux_arm64`; a symlink by that name already in dest (left by an
+/// earlier export of an untrusted image) is refused, never followed out.
+#[test]
+fn a_symlinked_platform_directory_in_a_local_dest_is_not_followed() {
+    if !common::prerequisites() {
+        return;
+    }
+    let k = common::Kiln::with_busybox();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir(&outside).expect("mkdir");
+    let out = tmp.path().join("out");
+    let link = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM busybox\nRUN ln -s {} /linux_arm64\n",
+            outside.display()
+        ),
+    )]);
+    let dest = format!("type=local,dest={}", out.display());
+    k.build(link.path(), &["-o", &dest]);
+    assert!(std::fs::symlink_metadata(out.join("linux_arm64"))
+        .expect("the image's link")
+        .file_type()
+        .is_symlink());
+    let two = context(&[("Dockerfile", "FROM scratch\nCOPY f /f\n"), ("f", "data\n")]);
+    let o = k.run(&[
+        "build",
+        "-q",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-o",
+        &dest,
+        two.path().to_str().expect("utf-8"),
+    ]);
+    assert!(!o.status.success(), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("linux_arm64 exists and is not a directory"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).expect("ls").count(),
+        0,
+        "written through the link"
+    );
+    // A fresh dest gets both directories.
+    let fresh = tmp.path().join("fresh");
+    let dest = format!("type=local,dest={}", fresh.display());
+    k.build(
+        two.path(),
+        &["--platform", "linux/amd64,linux/arm64", "-o", &dest],
+    );
+    for p in ["linux_amd64", "linux_arm64"] {
+        assert_eq!(read(&fresh.join(p).join("f")), "data", "{p}");
+    }
+}
+
+/// `--platform linux/arm64` of a base that is one linux/amd64 manifest
+/// (no index): the error says so (it used to call the manifest "for
+/// platform linux/arm64" with a config that lies), for `pull` and `FROM`.
+#[test]
+fn a_single_platform_base_of_another_platform_is_named_as_such() {
+    if !ready(&["docker-registry"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let c = Client::new(true);
+    let name = format!("{}/kiln/amd64only:1", reg.host());
+    c.ok(&["tag", "busybox:latest", &name]);
+    c.ok(&["push", "-q", &name]);
+    let fresh = Client::new(false);
+    let o = fresh.run(&["pull", "--platform", "linux/arm64", &name]);
+    assert!(!o.status.success(), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let want = format!("no linux/arm64 image: {name} is a single-platform image for linux/amd64");
+    assert!(err.contains(&want), "{err}");
+    let ctx = context(&[("Dockerfile", &format!("FROM {name}\nRUN true\n"))]);
+    let err = common::build_fails(&fresh.kiln, ctx.path(), &["--platform", "linux/arm64"]);
+    assert!(err.contains(&want), "{err}");
+}
+
+/// `kiln save` of a built index without the host's platform, without
+/// `--platform`: the error lists what it has and names the flag; with
+/// one of them it saves.
+#[test]
+fn saving_an_index_without_the_hosts_platform_names_the_flag() {
+    if !common::prerequisites() {
+        return;
+    }
+    let k = common::Kiln::new();
+    let ctx = context(&[("Dockerfile", "FROM scratch\nCOPY f /f\n"), ("f", "x\n")]);
+    k.build(
+        ctx.path(),
+        &["--platform", "linux/s390x,linux/ppc64le", "-t", "foreign:1"],
+    );
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("f.tar");
+    let o = k.run(&["save", "-o", out.to_str().expect("utf-8"), "foreign:1"]);
+    assert!(!o.status.success(), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("it has: linux/s390x, linux/ppc64le; name one with --platform"),
+        "{err}"
+    );
+    k.ok(&[
+        "save",
+        "--platform",
+        "linux/s390x",
+        "-o",
+        out.to_str().expect("utf-8"),
+        "foreign:1",
+    ]);
+    assert!(out.is_file());
+}

@@ -282,7 +282,11 @@ fn hostile_indexes_are_refused() {
     ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("its config says linux/amd64"), "{err}");
+    assert!(
+        err.contains("no linux/arm64 image")
+            && err.contains("single-platform image for linux/amd64"),
+        "{err}"
+    );
     assert!(c.stdout(&["images", "-q"]).is_empty());
 
     // 10,000 entries: refused before any of them is fetched.

@@ -165,6 +165,47 @@ fn namespace_info_and_unshare() {
         "{}",
         text(&o.stdout)
     );
+    // Without HOME, or with relative HOME / XDG_DATA_HOME (ignored, as
+    // the XDG spec says), the store is still under the home from the
+    // user database: never /tmp/.local/share/kiln (a shared directory
+    // another user could have made first) nor below the working
+    // directory.
+    let want = format!("Store:        {}/.local/share/kiln\n", user.home.display());
+    for env in [
+        vec![],
+        vec![("HOME", "relative")],
+        vec![("XDG_DATA_HOME", "rel"), ("HOME", "")],
+    ] {
+        let mut c = k.command(common::rootless::kiln_bin());
+        c.env_remove("HOME").envs(env.iter().copied());
+        let o = c.args(["system", "info"]).output().expect("kiln");
+        assert!(o.status.success(), "{env:?}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stdout).contains(&want),
+            "{env:?}: {}",
+            text(&o.stdout)
+        );
+    }
+    // Root never opens the user's store (the user controls all of it, and
+    // root's files would be left in it): refused, nothing written.
+    k.ok(&["images"]);
+    let before = std::fs::read_dir(k.root()).expect("ls").count();
+    let o = Command::new(common::rootless::kiln_bin())
+        .arg("--root")
+        .arg(k.root())
+        .args(["images"])
+        .output()
+        .expect("kiln");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains(&format!(
+            "belongs to uid {}, not to this kiln's uid 0",
+            user.uid
+        )),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_eq!(std::fs::read_dir(k.root()).expect("ls").count(), before);
 }
 
 /// RUN, whiteouts, COPY --chown, ADD (file and tar), every RUN --mount

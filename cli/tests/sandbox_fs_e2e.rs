@@ -307,6 +307,40 @@ fn local_export_never_creates_device_nodes_on_the_host() {
     assert!(err.contains("/null2"), "{err}");
 }
 
+/// `-o type=local` whose dest is `/` (here through a symlink) is refused
+/// before anything is written: the image's directories would replace the
+/// host's symlinks (`/bin -> usr/bin`) and its files the host's.
+#[test]
+fn local_export_over_the_hosts_root_is_refused() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::new();
+    let name = format!("kiln-refused-export-{}", std::process::id());
+    let ctx = context(&[
+        ("Dockerfile", &format!("FROM scratch\nCOPY f /{name}\n")),
+        ("f", "x\n"),
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let link = tmp.path().join("root");
+    symlink("/", &link).unwrap();
+    let o = format!("type=local,dest={}", link.display());
+    let r = k.run(&["build", "-q", "-o", &o, ctx.path().to_str().unwrap()]);
+    let written = Path::new("/").join(&name);
+    let leaked = std::fs::remove_file(&written).is_ok();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !leaked,
+        "{} was written on the host: {err}",
+        written.display()
+    );
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("refusing to export the image's filesystem over /"),
+        "{err}"
+    );
+}
+
 /// Waits for `child` at most a minute (killing it and failing with
 /// `hung` after that) and returns its output.
 fn within_a_minute(mut child: std::process::Child, hung: &str) -> std::process::Output {

@@ -450,17 +450,30 @@ pub fn write_oci_dir(
     blobs: &dyn BlobSource,
 ) -> Result<(), ImageError> {
     let bdir = dir.join("blobs/sha256");
-    fs::create_dir_all(&bdir).map_err(|e| ImageError::path("mkdir", &bdir, e))?;
+    fs::create_dir_all(dir).map_err(|e| ImageError::path("mkdir", dir, e))?;
+    // What is in `dir` already may come from an earlier export of an
+    // untrusted image: a symlink named `blobs` or `blobs/sha256` is an
+    // error, never followed out of `dir`.
+    kiln_fs::Root::open(dir)
+        .and_then(|r| r.mkdir_all("blobs/sha256", kiln_fs::Follow::Never, &Default::default()))
+        .map_err(|e| {
+            let msg = if e.raw_os_error() == Some(libc::ELOOP) {
+                "a symlink, never followed out of the layout directory".to_string()
+            } else {
+                e.io().to_string()
+            };
+            ImageError::path(e.op(), e.path(), io::Error::new(e.kind(), msg))
+        })?;
     write_atomic(&dir.join("oci-layout"), &mut &OCI_LAYOUT[..], None)?;
     for img in images {
         let p = bdir.join(img.manifest.digest.hex());
-        if !p.exists() {
+        if !fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
             write_atomic(&p, &mut &img.manifest.bytes[..], Some(&img.manifest.digest))?;
         }
     }
     for d in collect_blobs(images, blobs)? {
         let p = bdir.join(d.digest.hex());
-        if !p.exists() {
+        if !fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
             let mut r = blobs.open_blob(&d.digest)?;
             write_atomic(&p, &mut r, Some(&d.digest))?;
         }

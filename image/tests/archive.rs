@@ -290,3 +290,37 @@ fn umoci_unpacks_our_layout() {
     );
     assert!(bundle.join("config.json").exists());
 }
+
+/// An OCI layout directory that already holds a symlink named `blobs`
+/// or `blobs/sha256` (say from an earlier `-o type=local` of an untrusted
+/// image) is refused, never written through; a blob file that is a
+/// symlink is replaced, not kept.
+#[test]
+fn oci_dir_never_writes_through_symlinks_in_the_layout() {
+    let (blobs, img, _) = tiny_image(Compression::Gzip, true);
+    let t = tempfile::tempdir().expect("tmp");
+    let outside = t.path().join("outside");
+    fs::create_dir(&outside).expect("mkdir");
+    for planted in ["blobs", "blobs/sha256"] {
+        let layout = t.path().join(format!("layout-{}", planted.len()));
+        let link = layout.join(planted);
+        fs::create_dir_all(link.parent().expect("parent")).expect("mkdir");
+        std::os::unix::fs::symlink(&outside, &link).expect("symlink");
+        let err = write_oci_dir(&layout, std::slice::from_ref(&img), &blobs)
+            .expect_err("written through a symlink")
+            .to_string();
+        assert!(err.contains("never followed"), "{planted}: {err}");
+        assert_eq!(fs::read_dir(&outside).expect("ls").count(), 0, "{planted}");
+    }
+    let layout = t.path().join("layout-file");
+    let bdir = layout.join("blobs/sha256");
+    fs::create_dir_all(&bdir).expect("mkdir");
+    let decoy = outside.join("decoy");
+    fs::write(&decoy, b"not the manifest").expect("w");
+    let m = bdir.join(img.manifest.digest.hex());
+    std::os::unix::fs::symlink(&decoy, &m).expect("symlink");
+    write_oci_dir(&layout, std::slice::from_ref(&img), &blobs).expect("dir");
+    assert!(fs::symlink_metadata(&m).expect("stat").is_file());
+    assert_eq!(fs::read(&m).expect("read"), img.manifest.bytes);
+    assert_eq!(fs::read(&decoy).expect("read"), b"not the manifest");
+}

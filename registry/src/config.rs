@@ -45,15 +45,23 @@ fn env_path(name: &str) -> Option<PathBuf> {
 }
 
 /// kiln's config directories, most specific first: `$KILN_CONFIG_DIR`,
-/// `$XDG_CONFIG_HOME/kiln` (else `~/.config/kiln`), `/etc/kiln`.
+/// `$XDG_CONFIG_HOME/kiln` (else `~/.config/kiln`), `/etc/kiln`. A
+/// relative `XDG_CONFIG_HOME` or `HOME` is ignored, as the XDG base
+/// directory spec says (else the config would be read from wherever kiln
+/// is started, a build context say).
 pub fn kiln_config_dirs() -> Vec<PathBuf> {
+    config_dirs_from(&|name| env_path(name))
+}
+
+fn config_dirs_from(env: &dyn Fn(&str) -> Option<PathBuf>) -> Vec<PathBuf> {
+    let absolute = |name: &str| env(name).filter(|p| p.is_absolute());
     let mut v = Vec::new();
-    if let Some(d) = env_path("KILN_CONFIG_DIR") {
+    if let Some(d) = env("KILN_CONFIG_DIR") {
         v.push(d);
     }
-    if let Some(x) = env_path("XDG_CONFIG_HOME") {
+    if let Some(x) = absolute("XDG_CONFIG_HOME") {
         v.push(x.join("kiln"));
-    } else if let Some(h) = env_path("HOME") {
+    } else if let Some(h) = absolute("HOME") {
         v.push(h.join(".config").join("kiln"));
     }
     v.push(PathBuf::from("/etc/kiln"));
@@ -156,9 +164,13 @@ fn strip_port(host: &str) -> &str {
     host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
 }
 
-/// `$DOCKER_CONFIG`, else `$HOME/.docker`.
+/// `$DOCKER_CONFIG`, else `$HOME/.docker` (a relative `HOME` is ignored).
 pub fn docker_config_dir() -> Option<PathBuf> {
-    env_path("DOCKER_CONFIG").or_else(|| env_path("HOME").map(|h| h.join(".docker")))
+    env_path("DOCKER_CONFIG").or_else(|| {
+        env_path("HOME")
+            .filter(|h| h.is_absolute())
+            .map(|h| h.join(".docker"))
+    })
 }
 
 /// A username and password (or token) for one registry.
@@ -477,6 +489,27 @@ mod tests {
             docker_config_dir: Some(dir.to_path_buf()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn relative_xdg_config_home_and_home_are_ignored() {
+        let dirs = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, PathBuf)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), PathBuf::from(v)))
+                .collect();
+            config_dirs_from(&|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+        };
+        let p = |s: &str| PathBuf::from(s);
+        assert_eq!(
+            dirs(&[("XDG_CONFIG_HOME", "ctx"), ("HOME", "/home/u")]),
+            vec![p("/home/u/.config/kiln"), p("/etc/kiln")]
+        );
+        assert_eq!(dirs(&[("HOME", "rel")]), vec![p("/etc/kiln")]);
+        assert_eq!(
+            dirs(&[("XDG_CONFIG_HOME", "/x"), ("KILN_CONFIG_DIR", "/k")]),
+            vec![p("/k"), p("/x/kiln"), p("/etc/kiln")]
+        );
     }
 
     #[test]

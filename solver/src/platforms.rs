@@ -48,7 +48,7 @@ pub enum PlatformError {
         count: usize,
     },
     /// The index has no (stored) image for the platform.
-    #[error("no image for platform {wanted} in index {digest} (it has: {have})")]
+    #[error("no image for platform {wanted} in index {digest} (it has: {have}; name one with --platform)")]
     NoMatch {
         /// The index.
         digest: String,

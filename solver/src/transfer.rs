@@ -166,7 +166,14 @@ pub fn pull_platform(
         }
         None => {
             if let Some(w) = platform {
-                check_config_platform(&name, &m.digest, w, &config)?;
+                // No index to choose from: the one image is of another
+                // platform (docker pull: "does not match the specified
+                // platform"), not a lying index entry.
+                if let Err((wanted, actual)) = platform_matches(w, &config) {
+                    return Err(TransferError::Invalid(format!(
+                        "{name}: no {wanted} image: {name} is a single-platform image for {actual} (a manifest, not an index of platforms)"
+                    )));
+                }
             }
         }
     }
@@ -196,6 +203,15 @@ fn check_config_platform(
     claimed: &Platform,
     config: &ImageConfig,
 ) -> Result<(), TransferError> {
+    platform_matches(claimed, config).map_err(|(claimed, actual)| {
+        TransferError::Invalid(format!(
+            "{name}: manifest {manifest} is for platform {claimed}, but its config says {actual}: refusing it"
+        ))
+    })
+}
+
+/// Whether `config` is of platform `claimed`; else both, normalised.
+fn platform_matches(claimed: &Platform, config: &ImageConfig) -> Result<(), (String, String)> {
     let actual = Platform {
         os: config.os.clone(),
         architecture: config.architecture.clone(),
@@ -211,11 +227,10 @@ fn check_config_platform(
     if claimed.matches(&actual) || claimed.matches(&lenient) {
         return Ok(());
     }
-    Err(TransferError::Invalid(format!(
-        "{name}: manifest {manifest} is for platform {}, but its config says {}: refusing it",
-        kiln_image::platform::normalize(claimed),
-        kiln_image::platform::normalize(&actual)
-    )))
+    Err((
+        kiln_image::platform::normalize(claimed).to_string(),
+        kiln_image::platform::normalize(&actual).to_string(),
+    ))
 }
 
 /// Stores a pulled image's config and manifest (layers are in already)

@@ -708,11 +708,48 @@ impl Exporter for LocalExporter {
     ) -> Result<Exported, ExportError> {
         let _span =
             tracing::info_span!("export", kind = "local", dir = %self.dir.display()).entered();
+        // The image's tree over the host's own: its directories replace
+        // the host's symlinks (/bin -> usr/bin), its files the host's.
+        if std::fs::canonicalize(&self.dir).is_ok_and(|p| p == Path::new("/")) {
+            return Err(ExportError::Usage(format!(
+                "refusing to export the image's filesystem over / (dest={})",
+                self.dir.display()
+            )));
+        }
         for (sub, manifest) in platform_roots(input.store, &input.image()?.manifest)? {
-            unpack_rootfs(input.store, &manifest, &self.dir.join(sub), report)?;
+            let dir = if sub.as_os_str().is_empty() {
+                self.dir.clone()
+            } else {
+                platform_subdir(&self.dir, &sub)?
+            };
+            unpack_rootfs(input.store, &manifest, &dir, report)?;
         }
         Ok(Exported::default())
     }
+}
+
+/// `dest/linux_arm64`, made a real directory of `dest` (created if
+/// missing). What is already there came perhaps from an earlier export of
+/// an untrusted image: a symlink (or anything not a directory) by that
+/// name is refused, never followed out of `dest`.
+fn platform_subdir(dest: &Path, sub: &Path) -> Result<PathBuf, ExportError> {
+    std::fs::create_dir_all(dest)?;
+    let root =
+        kiln_fs::Root::open(dest).map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
+    let path = dest.join(sub);
+    match root.dir().stat(sub.as_os_str()) {
+        Ok(Some(st)) if !st.is_dir() => {
+            return Err(ExportError::Usage(format!(
+                "{} exists and is not a directory (a symlink is never followed out of dest): remove it or pick another dest",
+                path.display()
+            )))
+        }
+        Ok(_) => {}
+        Err(e) => return Err(ExportError::Source(crate::error::Cause::new(e))),
+    }
+    root.mkdir_all(sub, kiln_fs::Follow::Never, &kiln_fs::DirSpec::default())
+        .map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
+    Ok(path)
 }
 
 /// Writes the image's final filesystem as one tar.
