@@ -534,3 +534,56 @@ fn saving_an_index_without_the_hosts_platform_names_the_flag() {
     ]);
     assert!(out.is_file());
 }
+
+/// A RUN for a platform this machine cannot run (no binfmt_misc handler,
+/// or an architecture kiln has no ELF machine for) fails before the step
+/// runs, at the RUN's line, naming the platform; a COPY-only build for
+/// that platform needs no emulation and succeeds. (The machine's own
+/// handlers are never touched: the unknown architecture takes the same
+/// path through `emulation::check` as a missing handler.)
+#[test]
+fn a_run_for_a_platform_without_emulation_fails_before_the_step_at_its_line() {
+    if !common::prerequisites() {
+        return;
+    }
+    let c = Client::new(true);
+    c.ok(&[
+        "import",
+        "--platform",
+        "linux/sparc64",
+        busybox_rootfs_tar().to_str().expect("utf-8"),
+        "sparcbox:1",
+    ]);
+    let ctx = context(&[
+        (
+            "Dockerfile",
+            "FROM sparcbox:1\nCOPY f /f\nRUN echo MARK$((6*7))X\n",
+        ),
+        ("f", "data\n"),
+    ]);
+    let err = common::build_fails(&c.kiln, ctx.path(), &["--platform", "linux/sparc64"]);
+    assert!(
+        err.contains("RUN for linux/sparc64 needs emulation"),
+        "{err}"
+    );
+    assert!(err.contains(":3"), "the error names line 3: {err}");
+    assert!(!err.contains("MARK42X"), "the step must not have run: {err}");
+    let copy_only = context(&[("Dockerfile", "FROM sparcbox:1\nCOPY f /f\n"), ("f", "x\n")]);
+    let o = c.run(&[
+        "build",
+        "-q",
+        "--platform",
+        "linux/sparc64",
+        "-t",
+        "sparc-copy:1",
+        copy_only.path().to_str().expect("utf-8"),
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let o = c.run(&["inspect", "sparc-copy:1"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("inspect prints JSON");
+    let arch = v
+        .pointer("/0/Architecture")
+        .or_else(|| v.pointer("/Architecture"));
+    assert_eq!(arch.and_then(|a| a.as_str()), Some("sparc64"), "{v}");
+}
