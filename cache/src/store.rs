@@ -443,6 +443,29 @@ impl Store {
             .0)
     }
 
+    /// Record an image without a name (a build without tags, an archive
+    /// image without one): it is kept under [`untagged_name`] until it is
+    /// named or pruned, as docker keeps a "dangling" image. A no-op when
+    /// the image already has a name.
+    pub fn record_untagged(
+        &self,
+        manifest: &Digest,
+        config: &Digest,
+        layers: &[Digest],
+    ) -> Result<()> {
+        let named: bool = self.meta.read(|tx| {
+            Ok(tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM images WHERE manifest = ?1 AND name NOT LIKE 'sha256:%')",
+                [manifest.to_string()],
+                |r| r.get(0),
+            )?)
+        })?;
+        if named {
+            return Ok(());
+        }
+        self.record_image(&untagged_name(config), manifest, config, layers)
+    }
+
     /// Record an image: the manifest references `config` and `layers` (all
     /// already stored with [`Store::put_blob`]) and `name` (normalised, see
     /// [`crate::normalize_reference`]) points at it. One transaction.
@@ -471,6 +494,13 @@ impl Store {
                     crate::util::now_unix()
                 ],
             )?;
+            // A named image is no longer untagged.
+            if !is_untagged_name(name) {
+                tx.execute(
+                    "DELETE FROM images WHERE name = ?1 AND manifest = ?2",
+                    [untagged_name(config), manifest.to_string()],
+                )?;
+            }
             Ok(())
         })
     }
@@ -688,4 +718,16 @@ impl Drop for LeaseGuard<'_> {
         self.store.meta.set_current_lease(self.previous.take());
         let _ = self.store.meta.delete_lease(&self.id);
     }
+}
+
+/// The name of the image row that keeps an untagged image: its ID (the
+/// config digest, `sha256:…`), which no normalised reference can be.
+pub fn untagged_name(config: &Digest) -> String {
+    config.to_string()
+}
+
+/// Whether an image row's name is an untagged image's ID (see
+/// [`untagged_name`]) rather than a reference.
+pub fn is_untagged_name(name: &str) -> bool {
+    name.starts_with("sha256:")
 }

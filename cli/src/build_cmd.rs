@@ -107,7 +107,8 @@ pub fn parse_size(s: &str) -> Result<i64, String> {
     i64::try_from(n).map_err(|_| format!("invalid size {s:?}: too large"))
 }
 
-fn usage(msg: impl Into<String>) -> anyhow::Error {
+/// A usage error (exit status 2).
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(crate::UsageError(msg.into()))
 }
 

@@ -199,8 +199,7 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
     }
     if a.format == "json" {
         for l in &imgs {
-            for n in &l.names {
-                let (repo, tag) = familiar(n);
+            for (repo, tag) in repo_tags(l) {
                 let mut v = serde_json::json!({
                     "Repository": repo, "Tag": tag, "ID": short_id(&l.config_digest),
                     "Digest": l.stored_digest, "CreatedAt": l.config.created,
@@ -234,8 +233,7 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
     }
     for l in &imgs {
         let size = human(s.image_size(l).map_err(lib_error)?);
-        for n in &l.names {
-            let (repo, tag) = familiar(n);
+        for (repo, tag) in repo_tags(l) {
             rows.push(vec![
                 repo,
                 tag,
@@ -257,6 +255,15 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
     }
     print_table(&rows);
     Ok(ExitCode::SUCCESS)
+}
+
+/// (repository, tag) of each name, familiar; `<none>`, `<none>` for an
+/// untagged image.
+fn repo_tags(l: &ImageInfo) -> Vec<(String, String)> {
+    if l.names.is_empty() {
+        return vec![("<none>".into(), "<none>".into())];
+    }
+    l.names.iter().map(|n| familiar(n)).collect()
 }
 
 fn print_table(rows: &[Vec<String>]) {
@@ -381,15 +388,18 @@ pub fn rmi(root: &Path, force: bool, images: Vec<String>) -> anyhow::Result<Exit
     let mut failed = false;
     for r in &images {
         match s.untag(r, force) {
-            Ok(names) => {
-                for n in names {
+            Ok(removed) => {
+                for n in removed.untagged {
                     let (repo, tag) = familiar(&n);
                     outln!("Untagged: {repo}:{tag}");
+                }
+                if let Some(id) = removed.deleted {
+                    outln!("Deleted: {id}");
                 }
             }
             Err(
                 e @ (ImagesError::NoSuchImage(_)
-                | ImagesError::AmbiguousId(_)
+                | ImagesError::AmbiguousId(..)
                 | ImagesError::MustForce(_)
                 | ImagesError::InvalidReference { .. }),
             ) => {
@@ -418,11 +428,8 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         .find_image_for(&a.image, platform.as_ref())
         .map_err(lib_error)?;
     let store = session.store().map_err(crate::build_cmd::facade_error)?;
-    let name = l
-        .names
-        .first()
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("image has no name"))?;
+    // Its name, or for an untagged image the ID it is kept under.
+    let name = l.key.clone();
     // A foreign platform runs only under emulation: say so before anything
     // is unpacked or started (architectures kiln cannot name are left to
     // the kernel, as before).

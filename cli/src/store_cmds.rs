@@ -58,6 +58,66 @@ pub struct PruneArgs {
     /// Keep this much build cache (most recently used first), e.g. `10GB`.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub keep_storage: Option<u64>,
+    /// Do not prompt for confirmation (kiln never does; accepted for
+    /// docker's scripts).
+    #[arg(short, long)]
+    pub force: bool,
+    /// `until=DURATION` (`24h`, `90m`, `1h30m`): only untagged images made
+    /// and (with `--all`) cache records last used before then.
+    #[arg(long = "filter", value_name = "until=DURATION")]
+    pub filter: Vec<String>,
+}
+
+/// A Go duration (`24h`, `1h30m`, `90s`, `1.5h`) in seconds, as docker's
+/// `until=` filters take it (a bare number is seconds).
+pub fn parse_go_duration(s: &str) -> Result<u64, String> {
+    let bad = || format!("invalid duration {s:?} (e.g. 24h, 90m, 1h30m)");
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(n);
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let v: f64 = rest[..n].parse().map_err(|_| bad())?;
+        rest = &rest[n..];
+        let u = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let mult = match &rest[..u] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            _ => return Err(bad()),
+        };
+        total += v * mult;
+        rest = &rest[u..];
+    }
+    Ok(total as u64)
+}
+
+/// The `until=` of `--filter` values (others are refused).
+pub fn prune_until(filters: &[String]) -> anyhow::Result<Option<u64>> {
+    let mut until = None;
+    for f in filters {
+        match f.split_once('=') {
+            Some(("until", v)) => {
+                until = Some(parse_go_duration(v).map_err(crate::build_cmd::usage)?)
+            }
+            _ => {
+                return Err(crate::build_cmd::usage(format!(
+                    "--filter {f:?}: kiln's prune takes until=DURATION"
+                )))
+            }
+        }
+    }
+    Ok(until)
 }
 
 /// `kiln system …`.
@@ -142,12 +202,22 @@ pub fn import(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
 
 /// `kiln prune`.
 pub fn prune(root: &Path, args: PruneArgs) -> anyhow::Result<ExitCode> {
+    let _ = args.force;
     let r = session(root, false)?
         .prune(&PruneOptions {
             all: args.all,
             keep_storage: args.keep_storage,
+            until: prune_until(&args.filter)?,
+            ..Default::default()
         })
         .map_err(lib_error)?;
+    if !r.untagged_removed.is_empty() {
+        println!("Deleted Images:");
+        for id in &r.untagged_removed {
+            println!("deleted: {id}");
+        }
+        println!();
+    }
     println!(
         "Deleted: {} blobs, {} snapshots, {} cache records, {} temp files; expired {} leases",
         r.blobs_removed,

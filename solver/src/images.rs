@@ -62,9 +62,10 @@ pub enum Error {
     /// No image has that name or ID.
     #[error("No such image: {0}")]
     NoSuchImage(String),
-    /// An ID prefix that several images share.
-    #[error("{0}: ambiguous image ID prefix")]
-    AmbiguousId(String),
+    /// An ID prefix that several images share (the prefix, then the IDs
+    /// it matches).
+    #[error("{0}: ambiguous image ID prefix, it matches {1}")]
+    AmbiguousId(String, String),
     /// `rmi` of an image by ID that has several names, without `force`.
     #[error(
         "unable to delete {0} (must be forced) - image is referenced in multiple repositories"
@@ -120,6 +121,9 @@ pub enum Error {
     /// The pull or push was cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// A push of an image given by ID without a destination.
+    #[error("{0}: an image given by ID needs a destination to push to (kiln push ID NAME[:TAG])")]
+    NoDestination(String),
     /// A push that named no destination (should not happen).
     #[error("{0}: nothing was pushed")]
     NothingPushed(String),
@@ -151,6 +155,7 @@ impl Error {
         matches!(
             self,
             Error::InvalidReference { .. }
+                | Error::NoDestination(_)
                 | Error::Change(_)
                 | Error::Export(ExportError::Usage(_))
                 | Error::Export(ExportError::Terminal)
@@ -270,8 +275,14 @@ pub enum LoadError {
 /// An image in the store with every name it has.
 #[derive(Debug, Clone)]
 pub struct ImageInfo {
-    /// Its normalised names (`docker.io/library/busybox:latest`).
+    /// Its normalised names (`docker.io/library/busybox:latest`); empty
+    /// for an untagged ("dangling") image.
     pub names: Vec<String>,
+    /// The name of a store record of it, for the store's lookups: its
+    /// first name, or for an untagged image the ID it is kept under.
+    pub key: String,
+    /// When it got the name (or, untagged, was made), Unix seconds.
+    pub recorded: i64,
     /// What the names point at: the manifest, or an index (an image for
     /// several platforms, of which this is one).
     pub stored_digest: String,
@@ -294,6 +305,16 @@ pub struct HistoryEntry {
     pub entry: History,
     /// The size of the layer it made (0 for an empty layer).
     pub size: u64,
+}
+
+/// What [`Session::untag`] removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// The names removed (normalised).
+    pub untagged: Vec<String>,
+    /// The image's ID when no record of it is left (its data goes with
+    /// the next prune).
+    pub deleted: Option<String>,
 }
 
 /// What [`Session::load`] took in, one per name.
@@ -418,6 +439,8 @@ fn read_image(
     let cd: kiln_cache::Digest = m.config.digest.as_str().parse()?;
     let config = ImageConfig::from_bytes(&store.content().read(&cd)?)?;
     Ok(ImageInfo {
+        key: names.first().cloned().unwrap_or_default(),
+        recorded: 0,
         names,
         stored_digest: digest.to_string(),
         platforms: sel.platforms.iter().map(|p| p.to_string()).collect(),
@@ -432,11 +455,25 @@ fn read_image(
 fn all_images(store: &Store) -> Result<Vec<ImageInfo>, Error> {
     let mut by_manifest: BTreeMap<String, ImageInfo> = BTreeMap::new();
     for rec in store.meta().images()? {
+        let untagged = kiln_cache::is_untagged_name(&rec.name);
         if let Some(l) = by_manifest.get_mut(&rec.manifest) {
-            l.names.push(rec.name.clone());
+            if !untagged {
+                if l.names.is_empty() {
+                    l.key = rec.name.clone();
+                }
+                l.names.push(rec.name.clone());
+                l.recorded = l.recorded.max(rec.created);
+            }
             continue;
         }
-        let info = read_image(store, vec![rec.name.clone()], &rec.manifest, None, true)?;
+        let names = if untagged {
+            Vec::new()
+        } else {
+            vec![rec.name.clone()]
+        };
+        let mut info = read_image(store, names, &rec.manifest, None, true)?;
+        info.key = rec.name.clone();
+        info.recorded = rec.created;
         by_manifest.insert(rec.manifest.clone(), info);
     }
     let mut v: Vec<ImageInfo> = by_manifest.into_values().collect();
@@ -444,27 +481,70 @@ fn all_images(store: &Store) -> Result<Vec<ImageInfo>, Error> {
     Ok(v)
 }
 
-/// Finds an image by name, full ID or ID prefix (4 hex digits at least).
+/// Finds an image as docker does: by name first, then by ID (the config
+/// digest, `sha256:…` or bare hex) or any unique prefix of it. Names of an
+/// image (tagged or untagged) all share its ID; a prefix that several IDs
+/// share is [`Error::AmbiguousId`].
 fn find(store: &Store, reference: &str) -> Result<ImageInfo, Error> {
-    let id = reference.trim_start_matches("sha256:");
     let images = all_images(store)?;
-    if id.len() >= 4 && id.bytes().all(|c| c.is_ascii_hexdigit()) {
-        let mut hits = images.iter().filter(|l| {
-            l.config_digest
-                .trim_start_matches("sha256:")
-                .starts_with(id)
-        });
-        match (hits.next(), hits.next()) {
-            (Some(_), Some(_)) => return Err(Error::AmbiguousId(reference.to_string())),
-            (Some(l), None) => return Ok(l.clone()),
-            _ => {}
+    let explicit = reference.strip_prefix("sha256:");
+    let hex = explicit.unwrap_or(reference);
+    let named = if explicit.is_none() {
+        normalize_reference(reference).map_err(invalid("reference", reference))
+    } else {
+        Err(Error::NoSuchImage(reference.to_string()))
+    };
+    if let Ok(name) = &named {
+        if let Some(l) = images.iter().find(|l| l.names.contains(name)) {
+            return Ok(l.clone());
         }
     }
-    let name = normalize_reference(reference).map_err(invalid("reference", reference))?;
-    images
-        .into_iter()
-        .find(|l| l.names.contains(&name))
-        .ok_or_else(|| Error::NoSuchImage(reference.to_string()))
+    let is_hex = !hex.is_empty()
+        && hex.len() <= 64
+        && hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    if is_hex {
+        let hits: Vec<&ImageInfo> = images
+            .iter()
+            .filter(|l| {
+                l.config_digest
+                    .strip_prefix("sha256:")
+                    .is_some_and(|h| h.starts_with(hex))
+            })
+            .collect();
+        let mut ids: Vec<&str> = hits.iter().map(|l| l.config_digest.as_str()).collect();
+        ids.dedup();
+        ids.sort_unstable();
+        ids.dedup();
+        match ids.len() {
+            0 => {}
+            1 => {
+                // The named record first (an image both named and kept
+                // untagged under another manifest is one image).
+                let best = hits
+                    .iter()
+                    .find(|l| !l.names.is_empty())
+                    .or(hits.first())
+                    .copied();
+                if let Some(l) = best {
+                    return Ok(l.clone());
+                }
+            }
+            _ => {
+                let shown: Vec<String> = ids
+                    .iter()
+                    .take(3)
+                    .map(|i| i.trim_start_matches("sha256:").chars().take(12).collect())
+                    .collect();
+                let more = if ids.len() > 3 { ", …" } else { "" };
+                return Err(Error::AmbiguousId(
+                    reference.to_string(),
+                    format!("{}{more}", shown.join(", ")),
+                ));
+            }
+        }
+    }
+    named?;
+    Err(Error::NoSuchImage(reference.to_string()))
 }
 
 /// [`find`], then (with a platform) that platform's image of it.
@@ -476,7 +556,12 @@ fn find_for(
     let l = find(store, reference)?;
     match platform {
         None => Ok(l),
-        Some(p) => read_image(store, l.names.clone(), &l.stored_digest, Some(p), false),
+        Some(p) => {
+            let mut one = read_image(store, l.names.clone(), &l.stored_digest, Some(p), false)?;
+            one.key = l.key;
+            one.recorded = l.recorded;
+            Ok(one)
+        }
     }
 }
 
@@ -652,11 +737,19 @@ impl Session {
 
     /// Removes names of an image (`kiln rmi`): the name given, or every
     /// name of an image given by ID (which needs `force` when it has
-    /// several). Returns the names removed; the data goes with the next
-    /// prune.
-    pub fn untag(&self, reference: &str, force: bool) -> Result<Vec<String>, Error> {
+    /// several); an untagged image given by ID is removed. Returns the
+    /// names removed and, when the image has no record left, its ID
+    /// (docker's "Deleted:"); the data goes with the next prune.
+    pub fn untag(&self, reference: &str, force: bool) -> Result<Removed, Error> {
         let store = self.open_images()?;
         let l = find(&store, reference)?;
+        if l.names.is_empty() {
+            store.meta().untag_image(&l.key)?;
+            return Ok(Removed {
+                untagged: Vec::new(),
+                deleted: Some(l.config_digest),
+            });
+        }
         let by_name = normalize_reference(reference)
             .ok()
             .filter(|n| l.names.contains(n));
@@ -676,7 +769,11 @@ impl Session {
         for n in &names {
             store.meta().untag_image(n)?;
         }
-        Ok(names)
+        let deleted = (names.len() == l.names.len()).then(|| l.config_digest.clone());
+        Ok(Removed {
+            untagged: names,
+            deleted,
+        })
     }
 
     /// Loads a docker-archive or OCI layout tar (plain, gzip or zstd):
@@ -751,8 +848,7 @@ impl Session {
             if img.names.is_empty() {
                 // Keep it reachable: an untagged load would be pruned at
                 // once.
-                let name = format!("sha256:{}", config.hex());
-                store.record_image(&name, &manifest, &config, &layers)?;
+                store.record_untagged(&manifest, &config, &layers)?;
                 loaded(Loaded::Untagged(config.clone()));
             }
             for n in &img.names {
@@ -898,8 +994,19 @@ impl Session {
     ) -> Result<(String, kiln_image::Digest), Error> {
         let cfg = RegistryConfig::load(&opts.insecure_registries)?.with_cancel(opts.cancel.clone());
         let store = self.open_images()?;
-        let name = normalize_reference(image).map_err(invalid("reference", image))?;
-        let dest = destination.unwrap_or(&name);
+        // A name, or (with a destination) an ID.
+        let found = find(&store, image)?;
+        let name = match normalize_reference(image) {
+            Ok(n) if found.names.contains(&n) => n,
+            _ => found.key.clone(),
+        };
+        let dest = match destination {
+            Some(d) => d,
+            None if found.names.contains(&name) => name.as_str(),
+            None => {
+                return Err(Error::NoDestination(image.to_string()));
+            }
+        };
         let dest = normalize_reference(dest).map_err(invalid("destination", dest))?;
         // A name that points at an index goes out whole: every stored
         // platform's image, then the index.
@@ -1039,12 +1146,9 @@ impl Session {
         platform: Option<&Platform>,
     ) -> Result<(), Error> {
         let store = self.open_images()?;
-        let name = normalize_reference(image).map_err(invalid("reference", image))?;
-        let rec = store
-            .meta()
-            .image(&name)?
-            .ok_or_else(|| Error::NoSuchImage(image.to_string()))?;
-        let manifest = crate::platforms::select(&store, &rec.manifest, platform, false)?.manifest;
+        let l = find(&store, image)?;
+        let manifest =
+            crate::platforms::select(&store, &l.stored_digest, platform, false)?.manifest;
         let input = ExportInput {
             store: &store,
             images: vec![ArchiveImage {

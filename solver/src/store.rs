@@ -362,12 +362,25 @@ impl Backend for StoreBackend {
     fn resolve_image(&self, reference: &str) -> BackendResult<Option<BaseImage>> {
         // Docker/BuildKit word every unparsable name "invalid reference
         // format"; the detail follows.
-        let name = kiln_cache::normalize_reference(reference).map_err(|err| {
-            BackendError::Invalid(format!(
-                "failed to parse stage name {reference:?}: invalid reference format ({err})"
-            ))
-        })?;
-        let imported = name.starts_with(&format!("{OCI_LAYOUT_DOMAIN}/"));
+        // An untagged image is found by the ID it is kept under, and only
+        // in the store.
+        let untagged = kiln_cache::is_untagged_name(reference)
+            && self
+                .store
+                .meta()
+                .image(reference)
+                .map_err(BackendError::ctx("image table"))?
+                .is_some();
+        let name = if untagged {
+            reference.to_string()
+        } else {
+            kiln_cache::normalize_reference(reference).map_err(|err| {
+                BackendError::Invalid(format!(
+                    "failed to parse stage name {reference:?}: invalid reference format ({err})"
+                ))
+            })?
+        };
+        let imported = untagged || name.starts_with(&format!("{OCI_LAYOUT_DOMAIN}/"));
         if let Some((cfg, always)) = self.registry.as_ref().filter(|_| !imported) {
             let local = self
                 .store
@@ -631,9 +644,12 @@ impl Backend for StoreBackend {
                 .map_err(BackendError::ctx("tagging"))?;
         }
         if tags.is_empty() {
-            // Keep the image reachable by ID only through the lease; an
-            // untagged image is collected by the next prune, as dangling
-            // images are by `docker image prune`.
+            // Reachable by its ID (`kiln run $(kiln build -q .)`) until it
+            // is named or the next prune removes it, as docker's dangling
+            // images.
+            self.store
+                .record_untagged(&mdigest, &cdigest, &layer_blobs)
+                .map_err(BackendError::ctx("recording the untagged image"))?;
         }
         Ok(Exported {
             image_id: cdigest.to_string(),
