@@ -20,6 +20,7 @@ macro_rules! outln {
 }
 
 mod build_cmd;
+mod build_flags;
 mod image_cmds;
 mod progress;
 mod registry_cmds;

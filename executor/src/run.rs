@@ -46,6 +46,11 @@ pub struct ExecutorConfig {
     pub tail_lines: usize,
     /// The host file copied to the sandbox's /etc/resolv.conf.
     pub resolv_conf: PathBuf,
+    /// Extra `/etc/hosts` entries (host name, address), as docker's
+    /// `--add-host`; checked by [`crate::check_extra_host`].
+    pub extra_hosts: Vec<(String, String)>,
+    /// Size of each sandbox's /dev/shm tmpfs in bytes (default 64 MiB).
+    pub shm_size: Option<u64>,
 }
 
 impl Default for ExecutorConfig {
@@ -56,6 +61,8 @@ impl Default for ExecutorConfig {
             cgroup_parent: "kiln".into(),
             tail_lines: 20,
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            extra_hosts: Vec::new(),
+            shm_size: None,
         }
     }
 }
@@ -291,6 +298,7 @@ fn init_config(req: &ExecRequest) -> Result<InitConfig, RequestError> {
             .and_then(|l| l.readonly_paths().clone())
             .unwrap_or_else(|| strings(DEFAULT_READONLY_PATHS)),
         seccomp,
+        shm_size: None,
     })
 }
 
@@ -520,8 +528,32 @@ fn create_bind_stubs(root: &Path, entries: &[(PathBuf, bool)]) -> std::io::Resul
     Ok(created)
 }
 
-fn hosts_file(hostname: &str) -> String {
-    format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+fn hosts_file(hostname: &str, extra: &[(String, String)]) -> String {
+    let mut s =
+        format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    for (name, addr) in extra {
+        s.push_str(&format!("{addr}\t{name}\n"));
+    }
+    s
+}
+
+/// Checks an `--add-host` entry (`name`, `address`) before it is written
+/// to a sandbox's /etc/hosts: a host name (letters, digits, `.`, `-`,
+/// `_`, at most 253 bytes) and an IPv4 or IPv6 address, so that nothing
+/// else (a newline, another entry) can be slipped into the file.
+pub fn check_extra_host(name: &str, addr: &str) -> Result<(), String> {
+    let name_ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if !name_ok {
+        return Err(format!("invalid host name {name:?}"));
+    }
+    if addr.parse::<std::net::IpAddr>().is_err() {
+        return Err(format!("invalid IP address {addr:?} for {name}"));
+    }
+    Ok(())
 }
 
 async fn pump<R: AsyncRead + Unpin>(
@@ -687,11 +719,15 @@ impl Executor {
         fs::create_dir(&rootfs_dir)
             .map_err(io_err(format!("creating {}", rootfs_dir.display())))?;
         cfg.rootfs_dir = rootfs_dir;
+        cfg.shm_size = self.config.shm_size;
         let hostname = cfg.hostname.clone().unwrap_or_else(|| "kiln".into());
         let resolv = fs::read(&self.config.resolv_conf).unwrap_or_default();
         let provided = [
             ("resolv.conf", resolv),
-            ("hosts", hosts_file(&hostname).into_bytes()),
+            (
+                "hosts",
+                hosts_file(&hostname, &self.config.extra_hosts).into_bytes(),
+            ),
             ("hostname", format!("{hostname}\n").into_bytes()),
         ];
         for (name, content) in &provided {

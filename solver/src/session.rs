@@ -154,6 +154,11 @@ pub struct BuildRequest {
     /// SOURCE_DATE_EPOCH when no build arg sets it (the CLI passes the
     /// environment's).
     pub source_date_epoch: Option<String>,
+    /// The RUN steps' sandbox (`--add-host`, `--shm-size`, `--ulimit`,
+    /// `--cgroup-parent`).
+    pub sandbox: crate::build::SandboxOptions,
+    /// Annotations of the image's manifest (`--annotation`).
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl BuildRequest {
@@ -180,6 +185,8 @@ impl BuildRequest {
             allow_insecure: false,
             named_contexts: BTreeMap::new(),
             source_date_epoch: None,
+            sandbox: Default::default(),
+            annotations: BTreeMap::new(),
         }
     }
 
@@ -331,7 +338,25 @@ impl Session {
         for c in &req.cache_to {
             exporters.push(Box::new(c.exporter(&req.outputs)?));
         }
-        let store_backend = StoreBackend::new(store).with_registry(registry.clone(), req.pull);
+        for (name, addr) in &req.sandbox.extra_hosts {
+            kiln_executor::check_extra_host(name, addr)
+                .map_err(|e| usage(format!("--add-host {name}:{addr}: {e}")))?;
+        }
+        if let Some(p) = &req.sandbox.cgroup_parent {
+            let ok = !p.is_empty()
+                && p.len() <= 255
+                && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+            if !ok {
+                return Err(usage(format!(
+                    "--cgroup-parent {p:?}: want a relative cgroup path (letters, digits, ., _, -, /; no ..)"
+                )));
+            }
+        }
+        let store_backend = StoreBackend::new(store)
+            .with_registry(registry.clone(), req.pull)
+            .with_annotations(req.annotations.clone());
         let backend = if req.cache_from.is_empty() && req.cache_to.is_empty() {
             Stores::Plain(Arc::new(store_backend))
         } else {
@@ -359,6 +384,7 @@ impl Session {
             ssh: req.ssh,
             allow_insecure: req.allow_insecure,
             named_contexts,
+            sandbox: req.sandbox,
         };
         Ok(Prepared {
             registry_cancel,
@@ -467,10 +493,17 @@ impl Prepared {
         progress: Progress,
         cancel: CancellationToken,
     ) -> Result<Solved, Error> {
-        let executor = kiln_executor::Executor::new(kiln_executor::ExecutorConfig {
+        let sandbox = &self.opts.sandbox;
+        let mut exec_config = kiln_executor::ExecutorConfig {
             state_dir: self.root.join("tmp").join("executor"),
+            extra_hosts: sandbox.extra_hosts.clone(),
+            shm_size: sandbox.shm_size,
             ..Default::default()
-        });
+        };
+        if let Some(p) = &sandbox.cgroup_parent {
+            exec_config.cgroup_parent = p.clone();
+        }
+        let executor = kiln_executor::Executor::new(exec_config);
         let link = {
             let (c, r) = (cancel.clone(), self.registry_cancel.clone());
             tokio::spawn(async move {

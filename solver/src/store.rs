@@ -34,6 +34,8 @@ pub struct StoreBackend {
     flats: std::sync::Mutex<std::collections::HashMap<String, PathBuf>>,
     /// The platform picked from a stored index (`None`: the host's).
     platform: Option<kiln_image::manifest::Platform>,
+    /// Annotations of the manifests [`Backend::export`] writes.
+    annotations: std::collections::BTreeMap<String, String>,
 }
 
 static ACTIVE: AtomicU64 = AtomicU64::new(0);
@@ -86,6 +88,7 @@ impl StoreBackend {
             registry: None,
             flats: Default::default(),
             platform: None,
+            annotations: Default::default(),
         }
     }
 
@@ -100,6 +103,16 @@ impl StoreBackend {
     /// every image when `always` (`--pull`).
     pub fn with_registry(mut self, cfg: kiln_registry::RegistryConfig, always: bool) -> Self {
         self.registry = Some((cfg, always));
+        self
+    }
+
+    /// Puts `annotations` in the manifest of the image the build writes
+    /// (`--annotation`).
+    pub fn with_annotations(
+        mut self,
+        annotations: std::collections::BTreeMap<String, String>,
+    ) -> Self {
+        self.annotations = annotations;
         self
     }
 
@@ -628,7 +641,10 @@ impl Backend for StoreBackend {
             .iter()
             .map(|l| Descriptor::new(oci_layer_type(&l.media_type), l.digest.clone(), l.size))
             .collect();
-        let manifest = ImageManifest::new(config_desc, layer_descs, true);
+        let mut manifest = ImageManifest::new(config_desc, layer_descs, true);
+        if !self.annotations.is_empty() {
+            manifest.annotations = Some(self.annotations.clone());
+        }
         let mbytes = manifest.to_bytes().map_err(BackendError::ctx("manifest"))?;
         let mdigest = self
             .store
