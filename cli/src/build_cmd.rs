@@ -292,6 +292,7 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
                     }
                 }
                 let pushed = exported.pushed.first().map(|(_, d)| d.to_string());
+                // (RepoDigests of pushes are recorded below.)
                 let v = crate::build_flags::metadata(
                     &r.image_id,
                     &r.manifest_digest,
@@ -301,6 +302,14 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
                 );
                 std::fs::write(f, serde_json::to_string_pretty(&v)? + "\n")
                     .map_err(|e| anyhow::anyhow!("writing --metadata-file {}: {e}", f.display()))?;
+            }
+            // docker's RepoDigests for what the build pushed.
+            if !exported.pushed.is_empty() {
+                let s = crate::session(root, true)?;
+                for (dest, d) in &exported.pushed {
+                    s.record_push(&r.image_id, dest, d.as_str())
+                        .map_err(crate::lib_error)?;
+                }
             }
             if a.quiet {
                 outln!("{}", r.image_id);

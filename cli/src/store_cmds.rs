@@ -17,9 +17,10 @@ use crate::{lib_error, session};
 #[derive(Args, Debug)]
 pub struct LoadArgs {
     /// The archive: docker-archive (`docker save`) or OCI layout tar, plain,
-    /// gzip or zstd compressed.
+    /// gzip or zstd compressed (default, or `-`: stdin, as `kiln load <
+    /// image.tar`).
     #[arg(short = 'i', long = "input", value_name = "FILE")]
-    pub input: PathBuf,
+    pub input: Option<PathBuf>,
     /// Print only the loaded names.
     #[arg(short, long)]
     pub quiet: bool,
@@ -120,9 +121,45 @@ pub fn prune_until(filters: &[String]) -> anyhow::Result<Option<u64>> {
     Ok(until)
 }
 
+/// `kiln image prune` arguments.
+#[derive(Args, Debug)]
+pub struct ImagePruneArgs {
+    /// Every image, not only untagged ones (kiln has no containers: no
+    /// image is in use).
+    #[arg(short, long)]
+    pub all: bool,
+    /// Do not prompt (kiln never does).
+    #[arg(short, long)]
+    pub force: bool,
+    /// `until=DURATION`: only images made before then.
+    #[arg(long = "filter", value_name = "until=DURATION")]
+    pub filter: Vec<String>,
+}
+
+/// `kiln system prune` arguments.
+#[derive(Args, Debug)]
+pub struct SystemPruneArgs {
+    /// Every image and all build cache, not only untagged images and
+    /// unreferenced data.
+    #[arg(short, long)]
+    pub all: bool,
+    /// Do not prompt (kiln never does).
+    #[arg(short, long)]
+    pub force: bool,
+    /// Accepted (kiln has no volumes).
+    #[arg(long)]
+    pub volumes: bool,
+    /// `until=DURATION`: only what is older.
+    #[arg(long = "filter", value_name = "until=DURATION")]
+    pub filter: Vec<String>,
+}
+
 /// `kiln system …`.
 #[derive(Subcommand, Debug)]
 pub enum SystemCommand {
+    /// Remove untagged images, unreferenced data and (with `-a`) every
+    /// image and all build cache, as `docker system prune`.
+    Prune(SystemPruneArgs),
     /// Show what uses the store's space.
     Df {
         /// Print JSON.
@@ -163,15 +200,29 @@ pub enum SystemCommand {
     },
 }
 
-/// `kiln load -i FILE`.
+/// `kiln load [-i FILE]` (stdin without `-i` or with `-i -`).
 pub fn load(root: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
-    session(root, false)?
-        .load(&args.input, &mut |l| match l {
-            Loaded::Untagged(config) => outln!("Loaded image ID: {config}"),
-            Loaded::Named(name) if args.quiet => outln!("{name}"),
-            Loaded::Named(name) => outln!("Loaded image: {name}"),
-        })
-        .map_err(lib_error)?;
+    let s = session(root, false)?;
+    let mut report = |l: Loaded| match l {
+        Loaded::Untagged(config) => outln!("Loaded image ID: {config}"),
+        Loaded::Named(name) if args.quiet => outln!("{name}"),
+        Loaded::Named(name) => {
+            let (repo, tag) = kiln_solver::images::familiar(&name);
+            outln!("Loaded image: {repo}:{tag}")
+        }
+    };
+    match args.input.as_deref().filter(|p| p.as_os_str() != "-") {
+        Some(path) => s.load(path, &mut report),
+        None => {
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                return Err(crate::build_cmd::usage(
+                    "requested load from stdin, but stdin is a terminal: use -i FILE or redirect",
+                ));
+            }
+            s.load_from(Box::new(std::io::stdin()), Path::new("stdin"), &mut report)
+        }
+    }
+    .map_err(lib_error)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -203,14 +254,77 @@ pub fn import(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
 /// `kiln prune`.
 pub fn prune(root: &Path, args: PruneArgs) -> anyhow::Result<ExitCode> {
     let _ = args.force;
-    let r = session(root, false)?
-        .prune(&PruneOptions {
+    run_prune(
+        root,
+        &PruneOptions {
             all: args.all,
             keep_storage: args.keep_storage,
             until: prune_until(&args.filter)?,
             ..Default::default()
-        })
-        .map_err(lib_error)?;
+        },
+        false,
+    )
+}
+
+/// `kiln builder prune`: build cache only, images stay.
+pub fn builder_prune(root: &Path, args: PruneArgs) -> anyhow::Result<ExitCode> {
+    let _ = args.force;
+    run_prune(
+        root,
+        &PruneOptions {
+            all: args.all,
+            keep_storage: args.keep_storage,
+            until: prune_until(&args.filter)?,
+            keep_untagged: true,
+        },
+        false,
+    )
+}
+
+/// `kiln image prune`: untagged images (`-a`: every image), the cache
+/// stays.
+pub fn image_prune(root: &Path, args: ImagePruneArgs) -> anyhow::Result<ExitCode> {
+    let _ = args.force;
+    let until = prune_until(&args.filter)?;
+    run_prune(
+        root,
+        &PruneOptions {
+            until,
+            ..Default::default()
+        },
+        args.all,
+    )
+}
+
+/// Every name of every image made before `until` seconds ago (all with
+/// `None`) removed, as docker's `prune -a` removes unused images; prints
+/// them as docker does.
+fn untag_all(root: &Path, until: Option<u64>) -> anyhow::Result<()> {
+    let s = session(root, false)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    for l in s.images().map_err(lib_error)? {
+        if until.is_some_and(|u| l.recorded > now - u as i64) || l.names.is_empty() {
+            continue;
+        }
+        for n in &l.names {
+            let removed = s.untag(n, true).map_err(lib_error)?;
+            for u in removed.untagged {
+                let (repo, tag) = kiln_solver::images::familiar(&u);
+                println!("untagged: {repo}:{tag}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_prune(root: &Path, opts: &PruneOptions, all_images: bool) -> anyhow::Result<ExitCode> {
+    if all_images {
+        untag_all(root, opts.until)?;
+    }
+    let r = session(root, false)?.prune(opts).map_err(lib_error)?;
     if !r.untagged_removed.is_empty() {
         println!("Deleted Images:");
         for id in &r.untagged_removed {
@@ -239,10 +353,22 @@ pub fn system(root: &Path, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
         // Not about the store: no store is opened (or created).
         return binfmt(uninstall);
     }
-    let s = session(root, false)?;
+    let s = || session(root, false);
     match cmd {
+        SystemCommand::Prune(a) => {
+            let _ = (a.force, a.volumes);
+            run_prune(
+                root,
+                &PruneOptions {
+                    all: a.all,
+                    until: prune_until(&a.filter)?,
+                    ..Default::default()
+                },
+                a.all,
+            )
+        }
         SystemCommand::Df { json } => {
-            let du = s.disk_usage().map_err(lib_error)?;
+            let du = s()?.disk_usage().map_err(lib_error)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&du)?);
             } else {
@@ -267,7 +393,7 @@ pub fn system(root: &Path, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         SystemCommand::Check { deep } => {
-            let r = s.check_store(deep).map_err(lib_error)?;
+            let r = s()?.check_store(deep).map_err(lib_error)?;
             if r.ok() {
                 let layers = if deep {
                     format!(

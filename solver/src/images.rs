@@ -283,6 +283,10 @@ pub struct ImageInfo {
     pub key: String,
     /// When it got the name (or, untagged, was made), Unix seconds.
     pub recorded: i64,
+    /// Where it is known to be in registries, `repo@digest` (normalised;
+    /// docker's RepoDigests): pushed there, pulled from there, or named
+    /// by digest.
+    pub repo_digests: Vec<String>,
     /// What the names point at: the manifest, or an index (an image for
     /// several platforms, of which this is one).
     pub stored_digest: String,
@@ -358,8 +362,16 @@ impl Default for TransferOptions {
 }
 
 /// `docker.io/library/busybox:latest` -> (`busybox`, `latest`): docker's
-/// familiar form of a normalised name (`<none>` for a name without tag).
+/// familiar form of a normalised name (`<none>` for a name without tag,
+/// and for a name by digest, `busybox@sha256:…`, as docker lists an
+/// image pulled by digest).
 pub fn familiar(name: &str) -> (String, String) {
+    if let Some((repo, _)) = name.split_once('@') {
+        return (
+            kiln_image::reference::familiar(repo).to_string(),
+            "<none>".to_string(),
+        );
+    }
     let (repo, tag) = match name.rfind(':') {
         Some(i) if !name[i..].contains('/') => (&name[..i], &name[i + 1..]),
         _ => (name, "<none>"),
@@ -368,6 +380,16 @@ pub fn familiar(name: &str) -> (String, String) {
         kiln_image::reference::familiar(repo).to_string(),
         tag.to_string(),
     )
+}
+
+/// The repository of a normalised name: the name without its tag or
+/// digest (`docker.io/library/busybox`).
+pub fn repository(name: &str) -> &str {
+    let name = name.split_once('@').map_or(name, |(r, _)| r);
+    match name.rfind(':') {
+        Some(i) if !name[i..].contains('/') => &name[..i],
+        _ => name,
+    }
 }
 
 /// The registry a `kiln login SERVER` / `kiln logout SERVER` names:
@@ -438,9 +460,17 @@ fn read_image(
         .map_err(|e| corrupt(format!("manifest: {e}")))?;
     let cd: kiln_cache::Digest = m.config.digest.as_str().parse()?;
     let config = ImageConfig::from_bytes(&store.content().read(&cd)?)?;
+    let mut repo_digests: Vec<String> = names.iter().filter(|n| n.contains('@')).cloned().collect();
+    for (repo, d) in store.meta().repo_digests(digest)? {
+        let rd = format!("{repo}@{d}");
+        if !repo_digests.contains(&rd) {
+            repo_digests.push(rd);
+        }
+    }
     Ok(ImageInfo {
         key: names.first().cloned().unwrap_or_default(),
         recorded: 0,
+        repo_digests,
         names,
         stored_digest: digest.to_string(),
         platforms: sel.platforms.iter().map(|p| p.to_string()).collect(),
@@ -460,6 +490,9 @@ fn all_images(store: &Store) -> Result<Vec<ImageInfo>, Error> {
             if !untagged {
                 if l.names.is_empty() {
                     l.key = rec.name.clone();
+                }
+                if rec.name.contains('@') && !l.repo_digests.contains(&rec.name) {
+                    l.repo_digests.push(rec.name.clone());
                 }
                 l.names.push(rec.name.clone());
                 l.recorded = l.recorded.max(rec.created);
@@ -780,24 +813,40 @@ impl Session {
     /// every blob verified and stored, every image named (an unnamed one
     /// under its ID). `loaded` hears of each name as it is recorded.
     pub fn load(&self, archive: &Path, loaded: &mut dyn FnMut(Loaded)) -> Result<(), Error> {
-        self.load_inner(archive, loaded)
+        let file = std::fs::File::open(archive).map_err(|source| Error::Open {
+            path: archive.to_path_buf(),
+            source,
+        })?;
+        self.load_from(Box::new(file), archive, loaded)
+    }
+
+    /// [`Session::load`] of an archive read from `input` (stdin: `kiln
+    /// load < image.tar`); `what` names it in errors.
+    pub fn load_from(
+        &self,
+        input: Box<dyn Read>,
+        what: &Path,
+        loaded: &mut dyn FnMut(Loaded),
+    ) -> Result<(), Error> {
+        self.load_inner(input, what, loaded)
             .map_err(|e| self.explain_no_space(e))
     }
 
-    fn load_inner(&self, path: &Path, loaded: &mut dyn FnMut(Loaded)) -> Result<(), Error> {
+    fn load_inner(
+        &self,
+        input: Box<dyn Read>,
+        path: &Path,
+        loaded: &mut dyn FnMut(Loaded),
+    ) -> Result<(), Error> {
         let store = self.open_images()?;
         // The lease keeps what we write from a concurrent prune until
         // tagged; the GC guard keeps prune from reclaiming our spill
         // directory.
         let _lease = store.lease(None)?;
         let _gc = store.gc_guard()?;
-        let file = std::fs::File::open(path).map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
         use kiln_image::archive::BlobSource;
         let archive =
-            kiln_image::archive::read_archive(file, store.tmp_dir()).map_err(|source| {
+            kiln_image::archive::read_archive(input, store.tmp_dir()).map_err(|source| {
                 LoadError::Read {
                     path: path.to_path_buf(),
                     source,
@@ -961,7 +1010,7 @@ impl Session {
         let report = self.reporter();
         report.note(&format!("pulling {name}"));
         let progress = |t| report.transfer("pull", t);
-        if opts.all_platforms {
+        let r = if opts.all_platforms {
             transfer::pull_all_platforms(&store, &cfg, &name, opts.jobs, &progress)
         } else {
             transfer::pull_platform(
@@ -979,7 +1028,27 @@ impl Session {
             } else {
                 Error::Transfer(e)
             }
-        })
+        })?;
+        // docker's RepoDigests: the digest the registry gave for the name.
+        if let Some(rec) = store.meta().image(&r.name)? {
+            let d = r.index_digest.as_ref().unwrap_or(&r.manifest_digest);
+            store
+                .meta()
+                .put_repo_digest(&rec.manifest, repository(&r.name), d.as_str())?;
+        }
+        Ok(r)
+    }
+
+    /// Records that the stored image `image` (name or ID) was pushed to
+    /// `destination` with manifest digest `digest` (its RepoDigests).
+    pub fn record_push(&self, image: &str, destination: &str, digest: &str) -> Result<(), Error> {
+        let store = self.open_images()?;
+        let l = find(&store, image)?;
+        let dest = normalize_reference(destination).map_err(invalid("destination", destination))?;
+        store
+            .meta()
+            .put_repo_digest(&l.stored_digest, repository(&dest), digest)?;
+        Ok(())
     }
 
     /// Pushes the stored image `image` to `destination` (default: its own
@@ -1039,6 +1108,9 @@ impl Session {
                     Error::Transfer(e)
                 }
             })?;
+            store
+                .meta()
+                .put_repo_digest(&stored.manifest, repository(&dest), d.as_str())?;
             return Ok((dest, d));
         }
         let manifest = transfer::local_manifest(&store, &name).map_err(Error::Transfer)?;
@@ -1071,6 +1143,9 @@ impl Session {
             .next()
             .map(|(_, d)| d)
             .ok_or_else(|| Error::NothingPushed(dest.clone()))?;
+        store
+            .meta()
+            .put_repo_digest(&stored.manifest, repository(&dest), d.as_str())?;
         Ok((dest, d))
     }
 
