@@ -135,6 +135,17 @@ fn request(a: &BuildArgs) -> anyhow::Result<BuildRequest> {
     let mut req = BuildRequest::new(a.context.clone());
     req.dockerfile = a.file.clone();
     for a in &a.build_args {
+        let key = a.split_once('=').map_or(a.as_str(), |(k, _)| k);
+        if key.is_empty() || key.chars().any(char::is_whitespace) {
+            return Err(usage(format!(
+                "--build-arg {a:?}: the name {} (want NAME=VALUE or NAME)",
+                if key.is_empty() {
+                    "is empty"
+                } else {
+                    "contains whitespace"
+                }
+            )));
+        }
         match a.split_once('=') {
             Some((k, v)) => {
                 req.build_args.insert(k.to_string(), v.to_string());
@@ -206,7 +217,9 @@ fn render_error(e: &BuildError, name: &str, text: &str) -> String {
     if let BuildError::Dockerfile(pe) = e {
         return pe.render(name, text);
     }
-    let mut out = format!("ERROR: {e}\n");
+    // One style for every error kiln prints: `error: ` (clap's own usage
+    // errors are worded so, and they cannot be reworded).
+    let mut out = format!("error: {e}\n");
     if let BuildError::Run { tail, .. } = e {
         if !tail.is_empty() {
             out.push_str("------\n");

@@ -932,7 +932,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         // status of a SIGKILLed container (what `docker kill` gives).
         Err(kiln_solver::executor::Error::Cancelled { .. }) => Ok(ExitCode::from(128 + 9)),
         Err(e) => {
-            eprintln!("Error: {e}");
+            eprintln!("error: {e}");
             Ok(ExitCode::from(125))
         }
     }
