@@ -1,7 +1,9 @@
 //! Garbage collection (`prune`), verification (`check`) and disk usage
 //! (`df`).
 //!
-//! Mark and sweep, containerd-style. Roots: image tags, build cache records
+//! Mark and sweep, containerd-style. First the rows of untagged images
+//! (kept under their ID, docker's dangling images) go, unless
+//! [`PruneOptions::keep_untagged`]. Roots: image tags, build cache records
 //! (after the cache policy dropped what it drops), resources of live leases
 //! (a lease dies with its process or its TTL), and active/view snapshots
 //! whose owning process still runs. Blobs mark the blobs they reference and

@@ -69,38 +69,22 @@ pub struct PruneArgs {
     pub filter: Vec<String>,
 }
 
-/// A Go duration (`24h`, `1h30m`, `90s`, `1.5h`) in seconds, as docker's
-/// `until=` filters take it (a bare number is seconds).
+/// docker's `until=` value as an age in seconds: a Go duration (`24h`,
+/// `1h30m`, `90s`, `1.5h`; the parser's HEALTHCHECK reading) or a Unix
+/// timestamp (seconds).
 pub fn parse_go_duration(s: &str) -> Result<u64, String> {
-    let bad = || format!("invalid duration {s:?} (e.g. 24h, 90m, 1h30m)");
-    if let Ok(n) = s.parse::<u64>() {
-        return Ok(n);
+    if let Ok(ts) = s.parse::<u64>() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        return Ok(now.saturating_sub(ts));
     }
-    let mut total = 0f64;
-    let mut rest = s;
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let n = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        let v: f64 = rest[..n].parse().map_err(|_| bad())?;
-        rest = &rest[n..];
-        let u = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let mult = match &rest[..u] {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 0.001,
-            _ => return Err(bad()),
-        };
-        total += v * mult;
-        rest = &rest[u..];
-    }
-    Ok(total as u64)
+    kiln_solver::parser::instructions::parse_go_duration(s)
+        .map(|d| d.as_secs())
+        .ok_or_else(|| {
+            format!("invalid duration {s:?} (e.g. 24h, 90m, 1h30m, or a Unix timestamp)")
+        })
 }
 
 /// The `until=` of `--filter` values (others are refused).
@@ -253,21 +237,15 @@ pub fn import(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
 
 /// `kiln prune`.
 pub fn prune(root: &Path, args: PruneArgs) -> anyhow::Result<ExitCode> {
-    let _ = args.force;
-    run_prune(
-        root,
-        &PruneOptions {
-            all: args.all,
-            keep_storage: args.keep_storage,
-            until: prune_until(&args.filter)?,
-            ..Default::default()
-        },
-        false,
-    )
+    cache_prune(root, args, false)
 }
 
 /// `kiln builder prune`: build cache only, images stay.
 pub fn builder_prune(root: &Path, args: PruneArgs) -> anyhow::Result<ExitCode> {
+    cache_prune(root, args, true)
+}
+
+fn cache_prune(root: &Path, args: PruneArgs, keep_untagged: bool) -> anyhow::Result<ExitCode> {
     let _ = args.force;
     run_prune(
         root,
@@ -275,7 +253,7 @@ pub fn builder_prune(root: &Path, args: PruneArgs) -> anyhow::Result<ExitCode> {
             all: args.all,
             keep_storage: args.keep_storage,
             until: prune_until(&args.filter)?,
-            keep_untagged: true,
+            keep_untagged,
         },
         false,
     )

@@ -687,8 +687,8 @@ impl Session {
         all_images(&self.open_images()?)
     }
 
-    /// The image with this name, full ID or ID prefix (4 hex digits at
-    /// least).
+    /// The image with this name, else this full ID (`sha256:…` or bare
+    /// hex) or unique ID prefix, as docker finds images.
     pub fn find_image(&self, reference: &str) -> Result<ImageInfo, Error> {
         find(&self.open_images()?, reference)
     }
