@@ -82,6 +82,25 @@ pub struct RunArgs {
     /// Set an environment variable (`K=V`, or `K` from the environment).
     #[arg(short = 'e', long = "env", value_name = "K=V")]
     env: Vec<String>,
+    /// Read environment variables from a file (docker's format: `K=V`
+    /// lines, `#` comments, `K` alone from kiln's environment); before
+    /// `-e`; repeatable.
+    #[arg(long = "env-file", value_name = "FILE")]
+    env_file: Vec<PathBuf>,
+    /// Keep stdin open: the application reads kiln's stdin.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Run the application on a pseudo-terminal (its stdin, stdout,
+    /// stderr and controlling terminal); with `-i` kiln's terminal is put
+    /// in raw mode and passed through.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Accepted and ignored: kiln keeps no containers to name.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Refused: kiln runs in the foreground only.
+    #[arg(short = 'd', long, hide = true)]
+    detach: bool,
     /// Working directory inside the container.
     #[arg(short = 'w', long = "workdir")]
     workdir: Option<String>,
@@ -734,7 +753,17 @@ pub fn rmi(root: &Path, a: RmiArgs) -> anyhow::Result<ExitCode> {
 /// application ([`crate::signals::forward_to_step`]); kiln exits with its
 /// status.
 pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
+    if a.detach {
+        return Err(usage(
+            "not supported by kiln: --detach (kiln runs an image in the foreground only)",
+        ));
+    }
+    let _ = &a.name;
     let unconfined = seccomp_unconfined(&a.security_opt)?;
+    let mut from_files = Vec::new();
+    for f in &a.env_file {
+        from_files.extend(crate::run_io::read_env_file(f)?);
+    }
     let platform = platform_arg(a.platform.as_deref())?;
     let session = session(root, false)?;
     let l = session
@@ -791,7 +820,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         return Err(usage("no command specified"));
     }
     let mut env = cfg.env.clone().unwrap_or_default();
-    for e in &a.env {
+    for e in from_files.iter().chain(&a.env) {
         let entry = match e.split_once('=') {
             Some(_) => e.clone(),
             None => match std::env::var(e) {
@@ -882,6 +911,16 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         active.mounts.clone(),
     );
     req.user = user;
+    let terminal = if a.tty {
+        let t = crate::run_io::Terminal::open(a.interactive)?;
+        req.tty = t.slave();
+        Some(t)
+    } else {
+        if a.interactive {
+            req.stdin = Some(Arc::new(crate::run_io::dup_stdin()?));
+        }
+        None
+    };
     let executor = kiln_solver::executor::Executor::new(kiln_solver::executor::ExecutorConfig {
         state_dir: root.join("tmp").join("executor"),
         ..Default::default()
@@ -922,6 +961,9 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         r
     });
     backend.abort(active);
+    if let Some(t) = terminal {
+        t.finish();
+    }
     let _ = (a.rm, a.init);
     match outcome {
         Ok(o) => Ok(ExitCode::from(match o.status {
@@ -931,6 +973,13 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         // Killed after the last of the SIGINT/SIGTERMs it was sent: the
         // status of a SIGKILLed container (what `docker kill` gives).
         Err(kiln_solver::executor::Error::Cancelled { .. }) => Ok(ExitCode::from(128 + 9)),
+        // docker's statuses: 127 when the command is not found, 126 when
+        // it cannot be run, 125 for kiln's own failures.
+        Err(kiln_solver::executor::Error::Setup { stage, message, .. }) if stage == "exec" => {
+            eprintln!("error: {message}");
+            let not_found = message.contains("not found") || message.contains("no such file");
+            Ok(ExitCode::from(if not_found { 127 } else { 126 }))
+        }
         Err(e) => {
             eprintln!("error: {e}");
             Ok(ExitCode::from(125))

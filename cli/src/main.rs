@@ -26,6 +26,7 @@ mod image_cmds;
 mod mgmt;
 mod progress;
 mod registry_cmds;
+mod run_io;
 mod signals;
 mod store_cmds;
 

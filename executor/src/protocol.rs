@@ -102,6 +102,10 @@ pub(crate) struct InitConfig {
     /// Size of the /dev/shm tmpfs in bytes (default 64 MiB).
     #[serde(default)]
     pub shm_size: Option<u64>,
+    /// The step's stdin (the descriptor the init got as fd 3) is a
+    /// terminal: it becomes stdout, stderr and the controlling terminal.
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// What the init tells the parent.

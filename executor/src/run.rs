@@ -299,6 +299,7 @@ fn init_config(req: &ExecRequest) -> Result<InitConfig, RequestError> {
             .unwrap_or_else(|| strings(DEFAULT_READONLY_PATHS)),
         seccomp,
         shm_size: None,
+        tty: req.tty.is_some(),
     })
 }
 
@@ -806,6 +807,7 @@ impl Executor {
                     timeout: req.timeout,
                     cancel,
                     signals,
+                    stdin: req.tty.clone().or_else(|| req.stdin.clone()),
                 },
                 cgroup.clone(),
             )
@@ -832,6 +834,7 @@ impl Executor {
             timeout,
             cancel,
             mut signals,
+            stdin,
         } = control;
         let start = Instant::now();
         let proto = |source| Error::Protocol {
@@ -850,6 +853,22 @@ impl Executor {
             .kill_on_drop(true)
             // Signals from the terminal are for kiln, which decides.
             .process_group(0);
+        if let Some(fd) = &stdin {
+            use std::os::fd::AsRawFd;
+            let raw = fd.as_raw_fd();
+            cmd.env(crate::init::STDIN_FD_ENV, "3");
+            // The step's stdin goes in as fd 3 (dup2 clears close-on-exec).
+            // SAFETY: dup2 is async-signal-safe; `raw` stays open (the Arc
+            // lives in this frame) until spawn returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::dup2(raw, 3) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         if signals.is_some() {
             // Keep the forwarded signals blocked across exec until the init
             // has its handlers: one sent in that window must not kill it.
@@ -1025,6 +1044,8 @@ struct Control {
     cancel: CancellationToken,
     /// Signals to forward to the step.
     signals: Option<mpsc::Receiver<i32>>,
+    /// The step's stdin (a terminal's slave with `ExecRequest::tty`).
+    stdin: Option<Arc<OwnedFd>>,
 }
 
 /// Sends `sig` to the init (which forwards it to the step) if it is one
