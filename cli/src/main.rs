@@ -21,6 +21,7 @@ macro_rules! outln {
 
 mod build_cmd;
 mod build_flags;
+mod dist;
 mod gotemplate;
 mod image_cmds;
 mod mgmt;
@@ -112,6 +113,16 @@ enum Command {
         #[command(subcommand)]
         what: store_cmds::SystemCommand,
     },
+    /// Show kiln's version, commit and build date (docker's layout).
+    Version(dist::VersionArgs),
+    /// Print a shell completion script (bash, zsh, fish).
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: dist::Shell,
+    },
+    /// Print the kiln(1) man page (roff).
+    Man,
     /// Tools for looking inside kiln.
     Debug {
         #[command(subcommand)]
@@ -280,6 +291,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logout(args) => registry_cmds::logout(args),
         Command::Export(args) => image_cmds::export(&store_root(cli.root), args),
         Command::System { what } => store_cmds::system(&store_root(cli.root), what),
+        Command::Version(args) => dist::version(args),
+        Command::Completion { shell } => dist::completion(shell),
+        Command::Man => dist::man(),
         Command::Debug {
             what: DebugCommand::Ast { file, json },
         } => debug_ast(file, json),
