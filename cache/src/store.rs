@@ -1,6 +1,7 @@
 //! [`Store`]: one root directory, its layout, and the operations that span
 //! files and rows.
 
+use rusqlite::OptionalExtension;
 use std::io::Read;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -483,6 +484,14 @@ impl Store {
                     [manifest.to_string(), child.to_string()],
                 )?;
             }
+            // What the name pointed at before, if something else.
+            let before: Option<(String, Option<String>)> = tx
+                .query_row(
+                    "SELECT manifest, config FROM images WHERE name = ?1 AND manifest != ?2",
+                    [name, &manifest.to_string()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
             tx.execute(
                 "INSERT INTO images(name, manifest, config, created) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(name) DO UPDATE SET manifest = excluded.manifest,
@@ -494,6 +503,29 @@ impl Store {
                     crate::util::now_unix()
                 ],
             )?;
+            // An image whose last name moved to another stays, untagged,
+            // as docker's `<none>` images do (until pruned).
+            if let (Some((old_manifest, Some(old_config))), false) =
+                (before, is_untagged_name(name))
+            {
+                let named_still: bool = tx.query_row(
+                    "SELECT EXISTS(SELECT 1 FROM images WHERE manifest = ?1)",
+                    [&old_manifest],
+                    |r| r.get(0),
+                )?;
+                if !named_still {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO images(name, manifest, config, created)
+                         VALUES (?1, ?2, ?3, ?4)",
+                        rusqlite::params![
+                            &old_config,
+                            old_manifest,
+                            old_config,
+                            crate::util::now_unix()
+                        ],
+                    )?;
+                }
+            }
             // A named image is no longer untagged.
             if !is_untagged_name(name) {
                 tx.execute(

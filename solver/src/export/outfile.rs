@@ -7,7 +7,9 @@
 //! directory, which the kernel frees if kiln dies; once complete and
 //! synced it is linked in under a temp name and renamed over the target
 //! (a window of two system calls). Where the filesystem has no
-//! `O_TMPFILE`, a named temp file is used as before (`.kiln-*.tmp`).
+//! `O_TMPFILE`, a named temp file is used as before (`.kiln-*.tmp`). A
+//! target that is a device, FIFO or socket (`/dev/null`, `/dev/stdout`)
+//! is written to in place, never replaced.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -28,6 +30,19 @@ pub fn write_atomically<E: From<std::io::Error>>(
             format!("writing {}: {e}", path.display()),
         ))
     };
+    // A device, FIFO or socket (`-o /dev/null`, `-o /dev/stdout`, a named
+    // pipe) is written to, as docker does, never replaced by a file.
+    if let Ok(m) = std::fs::metadata(path) {
+        if !m.is_file() && !m.is_dir() {
+            let out = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(ctx)?;
+            let mut w = BufWriter::new(out);
+            f(&mut w)?;
+            return w.flush().map_err(ctx);
+        }
+    }
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -177,6 +192,26 @@ mod tests {
         assert_eq!(names.len(), 1);
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o666 & !umask());
+    }
+
+    /// `save -o /dev/null` once replaced the host's /dev/null with a
+    /// regular file (renamed over it); a FIFO shows the same path without
+    /// risking the host's devices.
+    #[test]
+    fn a_fifo_or_device_target_is_written_to_not_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("pipe");
+        let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).unwrap())
+        };
+        write_atomically::<std::io::Error>(&fifo, |w| w.write_all(b"through")).unwrap();
+        assert_eq!(reader.join().unwrap(), b"through");
+        let ft = std::fs::symlink_metadata(&fifo).unwrap().file_type();
+        assert!(std::os::unix::fs::FileTypeExt::is_fifo(&ft), "still a FIFO");
     }
 
     #[test]
