@@ -18,9 +18,14 @@
 #   pull     that image into an empty store: `kiln pull` vs `skopeo copy`
 #            (to an OCI layout)
 #   layers500 500 x RUN on one chain, per-step time by depth (kiln only)
+#   platforms `--platform linux/amd64,linux/arm64` of a cross-compile
+#            Dockerfile (a native `FROM --platform=$BUILDPLATFORM` stage,
+#            a final RUN per platform, arm64's under QEMU), cold and
+#            cached (kiln only; needs qemu-user-static and `kiln system
+#            binfmt`; the arm64 busybox comes from scripts/foreign-busybox.sh)
 #
 # Usage: scripts/bench.sh [fixture...]
-#        (default: a b c runstep push pushmemo pull layers500)
+#        (default: a b c runstep push pushmemo pull layers500 platforms)
 # Env:   ROUNDS (default 5), BENCH_DIR (default /tmp/kiln-bench),
 #        PEER_TOOLS (default ../shared/tools next to the checkout),
 #        KILN_BIN (a kiln binary to use instead of building one),
@@ -209,8 +214,47 @@ PY
   rm -f "$OUT"/layers500-*.total
 }
 
+# platforms: a two-platform build, cold and cached (kiln only). The base
+# is a busybox index made by kiln itself from the host's and Debian's
+# arm64 busybox-static.
+run_platforms() {
+  local dir="$FIX/platforms" i t s k
+  mkdir -p "$dir/base" "$dir/app"
+  cp "$(command -v busybox)" "$dir/base/bb-amd64"
+  cp "$(bash "$REPO/scripts/foreign-busybox.sh" "$OUT/foreign" arm64)" "$dir/base/bb-arm64"
+  cat > "$dir/base/Dockerfile" <<'EOF'
+FROM scratch
+ARG TARGETARCH
+COPY bb-$TARGETARCH /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+EOF
+  cat > "$dir/app/Dockerfile" <<'EOF'
+FROM --platform=$BUILDPLATFORM bench-platforms-base:latest AS build
+ARG TARGETARCH
+RUN i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo "$TARGETARCH" > /arch
+FROM bench-platforms-base:latest
+COPY --from=build /arch /arch
+RUN i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; uname -m > /uname
+EOF
+  "$KILN" build -q --network none --platform linux/amd64,linux/arm64 \
+    -t bench-platforms-base:latest "$dir/base" >/dev/null \
+    || { log "kiln build of the platforms base failed"; return 1; }
+  for s in cold cached; do
+    k=()
+    for i in $(seq 1 "$ROUNDS"); do
+      t=$(now)
+      "$KILN" build -q --network none --platform linux/amd64,linux/arm64 \
+        -t bench-platforms:latest $([ "$s" = cold ] && echo --no-cache) "$dir/app" >/dev/null \
+        || { log "kiln build platforms $s failed"; return 1; }
+      k+=("$(elapsed "$t")")
+    done
+    printf '| platforms | %s, linux/amd64+linux/arm64 | %.3f s | (no peer) | |\n' \
+      "$s" "$(printf '%s\n' "${k[@]}" | median)"
+  done
+}
+
 fixtures=("$@")
-[ ${#fixtures[@]} -gt 0 ] || fixtures=(a b c runstep push pushmemo pull layers500)
+[ ${#fixtures[@]} -gt 0 ] || fixtures=(a b c runstep push pushmemo pull layers500 platforms)
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); $(buildah --version)"
 echo "Rounds: $ROUNDS, alternating kiln / buildah, medians"
 echo
@@ -221,6 +265,8 @@ for f in "${fixtures[@]}"; do
     run_scenario runstep cold
   elif [ "$f" = layers500 ]; then
     run_layers500
+  elif [ "$f" = platforms ]; then
+    run_platforms
   elif [ "$f" = push ] || [ "$f" = pushmemo ] || [ "$f" = pull ]; then
     run_transfer "$f"
   else

@@ -23,7 +23,9 @@
 //!
 //! # fn main() -> Result<(), kiln_cache::Error> {
 //! let store = Store::open("/tmp/kiln-example")?;
-//! let _lease = store.lease(None)?; // keep what this build makes from GC
+//! // What this build writes through `store` is kept from GC while the
+//! // handle lives (its lease is explicit: other handles don't join it).
+//! let store = store.leased(None)?;
 //!
 //! // A blob, verified and durable before its row is written.
 //! let config = store.put_bytes(br#"{"architecture":"amd64"}"#, None)?;
@@ -64,13 +66,13 @@ pub use digest::{Digest, Hasher};
 pub use error::{Error, Result};
 pub use gc::{CheckReport, DfEntry, DiskUsage, PruneOptions, PruneReport};
 pub use meta::{
-    CacheRecord, FileStat, ImageRecord, Kind, LeaseRecord, Meta, SnapshotRow, SCHEMA_VERSION,
+    CacheRecord, FileStat, ImageRecord, Kind, Lease, LeaseRecord, Meta, SnapshotRow, SCHEMA_VERSION,
 };
 pub use reference::normalize_reference;
 pub use snapshot::{apply_into, ApplyMode, DiffSource, Info, Mount, Snapshotter, Usage};
 pub use store::{
-    default_root, is_untagged_name, retired_over_budget, untagged_name, GcGuard, LeaseGuard,
-    SnapshotterKind, Store, StoreOptions,
+    default_root, is_untagged_name, retired_over_budget, untagged_name, GcGuard, SnapshotterKind,
+    Store, StoreOptions,
 };
 pub use unpack::LayerBlob;
 pub use util::ProcessId;

@@ -8,7 +8,7 @@
 //! without files.
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
@@ -293,11 +293,50 @@ pub struct LeaseRecord {
     pub expires: Option<i64>,
 }
 
-/// The SQLite metadata database.
+/// The SQLite metadata database, through one handle: a handle made
+/// [`Meta::with_lease`] adds what it creates to that lease; others (the
+/// one [`Meta::open`] returns) to none. Handles share the connection.
 #[derive(Debug)]
 pub struct Meta {
-    conn: Mutex<Connection>,
-    lease: Mutex<Option<String>>,
+    conn: Arc<Mutex<Connection>>,
+    lease: Option<Lease>,
+}
+
+/// A lease: while a value (or a clone, or a store handle made with it)
+/// lives — and its process lives, and its TTL has not passed — what was
+/// written through a handle holding it is kept by GC. Dropping the last
+/// holder deletes the lease, releasing only what it protected. Made by
+/// [`Meta::new_lease`] (or `Store::lease`); joined only explicitly, never
+/// by an ambient setting, so two operations on one store handle each keep
+/// their own.
+#[derive(Debug, Clone)]
+pub struct Lease(Arc<LeaseInner>);
+
+#[derive(Debug)]
+struct LeaseInner {
+    id: String,
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Lease {
+    /// The lease id.
+    pub fn id(&self) -> &str {
+        &self.0.id
+    }
+}
+
+impl Drop for LeaseInner {
+    fn drop(&mut self) {
+        let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        // On failure the lease still dies with this process (prune
+        // expires it).
+        let _ = c
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .and_then(|tx| {
+                tx.execute("DELETE FROM leases WHERE id = ?1", [&self.id])?;
+                tx.commit()
+            });
+    }
 }
 
 impl Meta {
@@ -312,8 +351,8 @@ impl Meta {
              CREATE TABLE IF NOT EXISTS schema_version(version INTEGER NOT NULL);",
         )?;
         let meta = Meta {
-            conn: Mutex::new(conn),
-            lease: Mutex::new(None),
+            conn: Arc::new(Mutex::new(conn)),
+            lease: None,
         };
         meta.migrate()?;
         // Uncompressed layer sizes by diffID (what `images`, `inspect` and
@@ -446,30 +485,41 @@ impl Meta {
         })
     }
 
-    /// Set the lease every resource created through this handle is added
-    /// to (None: no lease).
-    pub fn set_current_lease(&self, id: Option<String>) {
-        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = id;
+    /// Start a lease (see [`Lease`]; `ttl` as in [`Meta::create_lease`]).
+    pub fn new_lease(&self, ttl: Option<Duration>) -> Result<Lease> {
+        Ok(Lease(Arc::new(LeaseInner {
+            id: self.create_lease(ttl)?,
+            conn: self.conn.clone(),
+        })))
     }
 
-    /// The current lease, if any.
-    pub fn current_lease(&self) -> Option<String> {
-        self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// A handle on the same database whose writes join `lease` (and keep
+    /// it alive).
+    pub fn with_lease(&self, lease: &Lease) -> Meta {
+        Meta {
+            conn: self.conn.clone(),
+            lease: Some(lease.clone()),
+        }
     }
 
-    /// Add a resource to the current lease (inside `tx`).
+    /// The lease this handle's writes join, if any.
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
+    }
+
+    /// Add a resource to this handle's lease (inside `tx`).
     pub(crate) fn lease_add(&self, tx: &Transaction<'_>, kind: &str, name: &str) -> Result<()> {
-        if let Some(lease) = self.current_lease() {
+        if let Some(lease) = &self.lease {
             tx.execute(
                 "INSERT OR IGNORE INTO lease_resources(lease, kind, name) VALUES (?1, ?2, ?3)",
-                params![lease, kind, name],
+                params![lease.id(), kind, name],
             )?;
         }
         Ok(())
     }
 
     /// Adds an existing snapshot (one a build uses but did not create) to
-    /// the current lease, so that prune leaves it while the build runs.
+    /// this handle's lease, so that prune leaves it while the build runs.
     pub fn lease_snapshot(&self, name: &str) -> Result<()> {
         self.write(|tx| self.lease_add(tx, "snapshot", name))
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::content::ContentStore;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
-use crate::meta::Meta;
+use crate::meta::{Lease, Meta};
 use crate::snapshot::{NativeSnapshotter, OverlaySnapshotter, Paths, Snapshotter};
 use crate::util::{fsync_dir, FileLock};
 
@@ -80,6 +80,10 @@ pub struct Store {
     paths: Paths,
     tmp: PathBuf,
     snapshotter: Box<dyn Snapshotter>,
+    /// Whether `snapshotter` is the overlay one (to make handles).
+    overlay: bool,
+    /// The snapshotters' chain memo, shared by this store's handles.
+    chains: crate::snapshot::Chains,
 }
 
 impl std::fmt::Debug for Store {
@@ -151,19 +155,47 @@ impl Store {
                 root.display()
             )));
         }
-        let snapshotter: Box<dyn Snapshotter> = if recorded == "overlay" {
-            Box::new(OverlaySnapshotter::new(meta.clone(), paths.clone()))
-        } else {
-            Box::new(NativeSnapshotter::new(meta.clone(), paths.clone()))
-        };
+        let overlay = recorded == "overlay";
+        let chains = crate::snapshot::Chains::default();
         Ok(Store {
             content: ContentStore::new(blobs, &tmp).with_gc_lock(paths.gc_lock.clone()),
             root,
+            snapshotter: make_snapshotter(overlay, &meta, &paths, &chains),
             meta,
             paths,
             tmp,
-            snapshotter,
+            overlay,
+            chains,
         })
+    }
+
+    /// A handle on the same store whose writes (blobs, snapshots, their
+    /// commits) join `lease` and keep it alive; writes through other
+    /// handles, `self` included, don't.
+    pub fn with_lease(&self, lease: &Lease) -> Store {
+        let meta = Arc::new(self.meta.with_lease(lease));
+        Store {
+            root: self.root.clone(),
+            content: self.content.clone(),
+            snapshotter: make_snapshotter(self.overlay, &meta, &self.paths, &self.chains),
+            meta,
+            paths: self.paths.clone(),
+            tmp: self.tmp.clone(),
+            overlay: self.overlay,
+            chains: self.chains.clone(),
+        }
+    }
+
+    /// A new lease and a handle whose writes join it (see
+    /// [`Store::lease`], [`Store::with_lease`]): what an operation
+    /// writes through the handle is kept by GC until the handle drops.
+    pub fn leased(&self, ttl: Option<Duration>) -> Result<Store> {
+        Ok(self.with_lease(&self.lease(ttl)?))
+    }
+
+    /// The lease this handle's writes join, if any.
+    pub fn current_lease(&self) -> Option<&Lease> {
+        self.meta.lease()
     }
 
     /// The root directory.
@@ -570,17 +602,13 @@ impl Store {
         })
     }
 
-    /// Start a lease: until the guard drops (or this process dies, or
-    /// `ttl` passes), everything this store handle creates is kept by GC.
-    pub fn lease(&self, ttl: Option<Duration>) -> Result<LeaseGuard<'_>> {
-        let id = self.meta.create_lease(ttl)?;
-        let previous = self.meta.current_lease();
-        self.meta.set_current_lease(Some(id.clone()));
-        Ok(LeaseGuard {
-            store: self,
-            id,
-            previous,
-        })
+    /// Start a lease: until it (and every handle made
+    /// [`Store::with_lease`] it) drops, or this process dies, or `ttl`
+    /// passes, what is written through such handles is kept by GC. Writes
+    /// join a lease only through a handle holding it: there is no ambient
+    /// "current lease", so concurrent operations on one store keep apart.
+    pub fn lease(&self, ttl: Option<Duration>) -> Result<Lease> {
+        self.meta.new_lease(ttl)
     }
 }
 
@@ -730,25 +758,24 @@ impl SourceReader {
 #[derive(Debug)]
 pub struct GcGuard(#[allow(dead_code)] FileLock);
 
-/// An active lease (see [`Store::lease`]). Dropping it deletes the lease.
-#[derive(Debug)]
-pub struct LeaseGuard<'a> {
-    store: &'a Store,
-    id: String,
-    previous: Option<String>,
-}
-
-impl LeaseGuard<'_> {
-    /// The lease id.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-}
-
-impl Drop for LeaseGuard<'_> {
-    fn drop(&mut self) {
-        self.store.meta.set_current_lease(self.previous.take());
-        let _ = self.store.meta.delete_lease(&self.id);
+fn make_snapshotter(
+    overlay: bool,
+    meta: &Arc<Meta>,
+    paths: &Paths,
+    chains: &crate::snapshot::Chains,
+) -> Box<dyn Snapshotter> {
+    if overlay {
+        Box::new(OverlaySnapshotter::new(
+            meta.clone(),
+            paths.clone(),
+            chains.clone(),
+        ))
+    } else {
+        Box::new(NativeSnapshotter::new(
+            meta.clone(),
+            paths.clone(),
+            chains.clone(),
+        ))
     }
 }
 

@@ -150,11 +150,10 @@ fn a_cache_hit_is_marked_used_and_kept_while_its_build_runs() {
     let put_at = last_used("used").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1100));
     // A build's lookup, under the build's lease.
-    let lease = s.meta().create_lease(None).unwrap();
-    s.meta().set_current_lease(Some(lease.clone()));
-    let hit = s.meta().cache_get("used").unwrap().expect("hit");
-    assert!(s.meta().cache_get("nothing").unwrap().is_none());
-    s.meta().set_current_lease(None);
+    let lease = s.lease(None).unwrap();
+    let build = s.with_lease(&lease);
+    let hit = build.meta().cache_get("used").unwrap().expect("hit");
+    assert!(build.meta().cache_get("nothing").unwrap().is_none());
     assert!(hit.last_used > put_at, "a hit marks the record used now");
     assert_eq!(last_used("used"), Some(hit.last_used));
     assert_eq!(last_used("old"), Some(put_at), "other records stay");
@@ -187,7 +186,7 @@ fn a_cache_hit_is_marked_used_and_kept_while_its_build_runs() {
     .unwrap();
     assert_eq!(s.meta().cache_records().unwrap().len(), 1);
     // Once the build is over, it goes too.
-    s.meta().delete_lease(&lease).unwrap();
+    drop((build, lease));
     s.prune(&all).unwrap();
     assert!(s.meta().cache_records().unwrap().is_empty());
     assert!(s.meta().snapshot("snap-used").unwrap().is_none());
@@ -295,8 +294,8 @@ fn prune_keeps_tags_cache_and_leases_and_reclaims_the_rest() {
     }
     // Under a lease.
     let leased = {
-        let _l = s.lease(None).unwrap();
-        let d = s.put_bytes(b"leased", None).unwrap();
+        let l = s.leased(None).unwrap();
+        let d = l.put_bytes(b"leased", None).unwrap();
         // Prune from another handle while the lease is live keeps it.
         let other = open(dir.path());
         other.prune(&PruneOptions::default()).unwrap();
@@ -348,6 +347,62 @@ fn prune_keeps_tags_cache_and_leases_and_reclaims_the_rest() {
 }
 
 #[test]
+fn two_leases_on_one_store_keep_apart_and_dropping_one_releases_only_its_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    // Two operations at once on one handle, each under its own lease.
+    let a = s.leased(None).unwrap();
+    let b = s.leased(None).unwrap();
+    assert_ne!(
+        a.current_lease().unwrap().id(),
+        b.current_lease().unwrap().id()
+    );
+    assert!(
+        s.current_lease().is_none(),
+        "no ambient lease on the handle"
+    );
+    let da = a.put_bytes(b"written by a", None).unwrap();
+    let db = b.put_bytes(b"written by b", None).unwrap();
+    a.snapshotter().prepare("a-active", None).unwrap();
+    a.snapshotter().commit("a-snap", "a-active").unwrap();
+    b.snapshotter().prepare("b-active", None).unwrap();
+    b.snapshotter().commit("b-snap", "b-active").unwrap();
+    // Written outside both: joins neither.
+    let loose = s.put_bytes(b"written by nobody", None).unwrap();
+    let other = open(dir.path());
+    other.prune(&PruneOptions::default()).unwrap();
+    assert!(s.content().has(&da) && s.content().has(&db));
+    assert!(s.meta().snapshot("a-snap").unwrap().is_some());
+    assert!(s.meta().snapshot("b-snap").unwrap().is_some());
+    assert!(
+        !s.content().has(&loose),
+        "a write outside a lease is not kept"
+    );
+    // The first operation ends: only its content becomes collectable.
+    drop(a);
+    other.prune(&PruneOptions::default()).unwrap();
+    assert!(!s.content().has(&da), "a's blob released");
+    assert!(
+        s.meta().snapshot("a-snap").unwrap().is_none(),
+        "a's snapshot released"
+    );
+    assert!(s.content().has(&db), "b's blob still leased");
+    assert!(s.meta().snapshot("b-snap").unwrap().is_some());
+    // A lease outlives its value while a handle holds it.
+    let lease = s.lease(None).unwrap();
+    let c = s.with_lease(&lease);
+    drop(lease);
+    let dc = c.put_bytes(b"written by c", None).unwrap();
+    other.prune(&PruneOptions::default()).unwrap();
+    assert!(s.content().has(&dc));
+    drop((b, c));
+    other.prune(&PruneOptions::default()).unwrap();
+    assert!(!s.content().has(&db) && !s.content().has(&dc));
+    assert!(s.meta().leases().unwrap().is_empty());
+    assert!(s.check().unwrap().ok());
+}
+
+#[test]
 fn crashed_process_lease_and_active_snapshot_are_reclaimed() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
@@ -386,8 +441,7 @@ fn helper_make_lease() {
         return;
     };
     let s = open(std::path::Path::new(&root));
-    let lease = s.meta().create_lease(None).unwrap();
-    s.meta().set_current_lease(Some(lease));
+    let s = s.leased(None).unwrap();
     s.put_bytes(b"helper blob", None).unwrap();
     s.snapshotter().prepare("helper-active", None).unwrap();
     // exit without deleting the lease: like a crash
@@ -400,8 +454,7 @@ fn helper_worker() {
         return;
     };
     let id: usize = std::env::var("KILN_TEST_WORKER").unwrap().parse().unwrap();
-    let s = open(std::path::Path::new(&root));
-    let _lease = s.lease(None).unwrap();
+    let s = open(std::path::Path::new(&root)).leased(None).unwrap();
     let sn = s.snapshotter();
     let mut parent: Option<String> = None;
     for i in 0..20 {
@@ -502,6 +555,7 @@ fn layer_kept_as_its_snapshot_reads_back_and_is_verified() {
     let opts = DiffOptions {
         clamp_mtime: Some(0),
         exclude: vec!["etc/skip".into()],
+        cancel: None,
     };
     // What the builder does: hash the diff, commit, record the source.
     let mut tar = Vec::new();

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use kiln_solver::executor::NetworkMode;
 use kiln_solver::export::cache::CacheFlags;
+use kiln_solver::session::NetworkMode;
 use kiln_solver::session::{BuildRequest, Session};
 use kiln_solver::{BuildError, ResourceLimits};
 
@@ -91,6 +91,11 @@ pub struct BuildArgs {
     /// `NAME=oci-layout://PATH[:TAG]`; repeatable.
     #[arg(long = "build-context", value_name = "NAME=VALUE")]
     build_contexts: Vec<String>,
+    /// Target platforms (`linux/amd64,linux/arm64`; comma-separated and
+    /// repeatable). Several give one image index; a foreign RUN runs under
+    /// QEMU emulation (`kiln system binfmt`).
+    #[arg(long = "platform", value_name = "OS/ARCH[/VARIANT]")]
+    platforms: Vec<String>,
     /// Run the Dockerfile lint rules (BuildKit's checks) and report them
     /// with their lines, without building.
     #[arg(long)]
@@ -105,7 +110,7 @@ pub struct BuildArgs {
 
 /// `--memory`: docker's `RAMInBytes` (`512m`, `2g`, `1024`; binary units).
 pub fn parse_size(s: &str) -> Result<i64, String> {
-    let n = kiln_solver::parser::units::ram_in_bytes(s).map_err(|e| e.to_string())?;
+    let n = kiln_solver::units::ram_in_bytes(s).map_err(|e| e.to_string())?;
     i64::try_from(n).map_err(|_| format!("invalid size {s:?}: too large"))
 }
 
@@ -198,6 +203,10 @@ fn request(a: &BuildArgs) -> anyhow::Result<BuildRequest> {
             kiln_solver::context::parse_build_context(c).map_err(|e| usage(e.to_string()))?;
         req.named_contexts.insert(n, v);
     }
+    for p in &a.platforms {
+        req.platforms
+            .extend(kiln_solver::session::parse_platforms(p).map_err(facade_error)?);
+    }
     req.target = a.target.clone();
     req.no_cache = a.no_cache;
     req.pull = a.pull.unwrap_or(false);
@@ -270,12 +279,15 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // Cancelled by SIGINT/SIGTERM only (the build cancels its own child
+    // token when a step fails).
+    let interrupted = kiln_solver::session::CancellationToken::new();
+    let signalled = interrupted.clone();
     let result = rt.block_on(async move {
         let (progress_tx, rx) = kiln_solver::progress::channel();
         let render = tokio::spawn(progress::render(mode, rx));
-        let cancel = kiln_solver::executor::CancellationToken::new();
-        crate::signals::cancel_on_interrupt(&cancel);
-        let r = prepared.solve(progress_tx, cancel).await;
+        crate::signals::cancel_on_interrupt(&signalled);
+        let r = prepared.solve(progress_tx, signalled.child_token()).await;
         let _ = render.await;
         r
     });
@@ -288,16 +300,9 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
                     .map_err(|e| anyhow::anyhow!("writing --iidfile {}: {e}", f.display()))?;
             }
             if let Some(f) = &a.compat.metadata_file {
-                let size = r
-                    .manifest_digest
-                    .parse::<kiln_solver::cache::Digest>()
-                    .ok()
-                    .and_then(|d| {
-                        kiln_solver::cache::Store::open(root)
-                            .ok()?
-                            .blob_size(&d)
-                            .ok()
-                    });
+                let size = crate::session(root, true)?
+                    .blob_size(&r.manifest_digest)
+                    .ok();
                 let mut names: Vec<String> = Vec::new();
                 for t in &a.tags {
                     if let Ok(n) = kiln_solver::cache::normalize_reference(t) {
@@ -334,7 +339,12 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
                 "{}",
                 render_error(&failed.error, &failed.dockerfile_name, &failed.dockerfile)
             );
-            Ok(ExitCode::from(1))
+            // Stopped by Ctrl-C/SIGTERM: 130, as a pull or push.
+            Ok(if interrupted.is_cancelled() {
+                ExitCode::from(crate::signals::EXIT_CANCELLED)
+            } else {
+                ExitCode::from(1)
+            })
         }
         Err(e) => Err(facade_error(e)),
     }

@@ -5,14 +5,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use kiln_solver::backend::Backend;
 use kiln_solver::export::{ArchiveFormat, Dest};
 use kiln_solver::image::manifest::Platform;
 use kiln_solver::images::{familiar, Error as ImagesError, ImageInfo};
 use kiln_solver::session::Session;
-use kiln_solver::store::StoreBackend;
 
 use crate::{lib_error, session, UsageError};
 
@@ -753,6 +750,10 @@ pub fn rmi(root: &Path, a: RmiArgs) -> anyhow::Result<ExitCode> {
 /// application ([`crate::signals::forward_to_step`]); kiln exits with its
 /// status.
 pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
+    use kiln_solver::run::{
+        CancellationToken, ExecError, ExitStatus, NetworkMode, OutputLine, RunError, RunRequest,
+        Stream, Volume,
+    };
     if a.detach {
         return Err(usage(
             "not supported by kiln: --detach (kiln runs an image in the foreground only)",
@@ -766,92 +767,16 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let platform = platform_arg(a.platform.as_deref())?;
     let session = session(root, false)?;
-    let l = session
-        .find_image_for(&a.image, platform.as_ref())
-        .map_err(lib_error)?;
-    let store = session.store().map_err(crate::build_cmd::facade_error)?;
-    // Its name, or for an untagged image the ID it is kept under.
-    let name = l.key.clone();
-    // A foreign platform runs only under emulation: say so before anything
-    // is unpacked or started (architectures kiln cannot name are left to
-    // the kernel, as before).
-    let c = &l.config;
-    match kiln_solver::executor::emulation::check(&c.os, &c.architecture, c.variant.as_deref()) {
-        Ok(kiln_solver::executor::emulation::Emulation::Handler(h)) if platform.is_none() => {
-            // docker's warning when the platform was not asked for.
-            eprintln!(
-                "WARNING: The requested image's platform ({}/{}) does not match the detected host platform; running under emulation ({})",
-                c.os,
-                c.architecture,
-                h.interpreter.display()
-            );
-        }
-        Ok(_)
-        | Err(kiln_solver::executor::emulation::EmulationError::UnknownArchitecture { .. })
-        | Err(kiln_solver::executor::emulation::EmulationError::NotLinux { .. }) => {}
-        Err(e) => return Err(anyhow::anyhow!(e)),
-    }
-    let mut backend = StoreBackend::new(store);
-    if platform.is_some() || !l.platforms.is_empty() {
-        backend = backend.with_platform(Platform {
-            os: c.os.clone(),
-            architecture: c.architecture.clone(),
-            variant: c.variant.clone(),
-            ..Default::default()
-        });
-    }
-    let backend = Arc::new(backend);
-    let base = backend
-        .resolve_image(&name)
-        .map_err(|e| anyhow::anyhow!(e))?
-        .ok_or_else(|| anyhow::anyhow!("No such image: {}", a.image))?;
-    let cfg = base.config.config.clone().unwrap_or_default();
-    let mut args: Vec<String> = match &a.entrypoint {
-        Some(ep) if ep.is_empty() => Vec::new(),
-        Some(ep) => vec![ep.clone()],
-        None => cfg.entrypoint.clone().unwrap_or_default(),
-    };
-    if !a.command.is_empty() {
-        args.extend(a.command.iter().cloned());
-    } else if a.entrypoint.is_none() {
-        args.extend(cfg.cmd.clone().unwrap_or_default());
-    }
-    if args.is_empty() {
-        return Err(usage("no command specified"));
-    }
-    let mut env = cfg.env.clone().unwrap_or_default();
-    for e in from_files.iter().chain(&a.env) {
-        let entry = match e.split_once('=') {
-            Some(_) => e.clone(),
-            None => match std::env::var(e) {
-                Ok(v) => format!("{e}={v}"),
-                Err(_) => continue,
-            },
-        };
-        let key = entry.split('=').next().unwrap_or_default().to_string();
-        env.retain(|x| x.split('=').next() != Some(key.as_str()));
-        env.push(entry);
-    }
-    let wd = a
-        .workdir
-        .clone()
-        .or(cfg.working_dir.clone())
-        .filter(|w| !w.is_empty())
-        .unwrap_or_else(|| "/".into());
-    // The process as data; the solver's one OCI-spec builder (the same as
-    // RUN steps') makes its spec once the volumes are resolved.
-    let mut process = kiln_solver::solve::exec::ProcessSpec {
-        args: args.clone(),
-        env,
-        cwd: PathBuf::from(wd),
-        network: if a.network == "none" {
-            kiln_solver::executor::NetworkMode::None
-        } else {
-            kiln_solver::executor::NetworkMode::Host
-        },
-        seccomp_unconfined: unconfined,
-        ..Default::default()
-    };
+    // `--env-file` first, then `-e`; `KEY` alone takes KEY from kiln's
+    // environment (left out when unset).
+    let env = from_files
+        .iter()
+        .chain(&a.env)
+        .filter_map(|e| match e.split_once('=') {
+            Some(_) => Some(e.clone()),
+            None => std::env::var(e).ok().map(|v| format!("{e}={v}")),
+        })
+        .collect();
     let mut volumes = Vec::new();
     for v in &a.volumes {
         let parts: Vec<&str> = v.split(':').collect();
@@ -866,75 +791,63 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         };
         let host =
             std::fs::canonicalize(host).map_err(|e| usage(format!("volume source {host}: {e}")))?;
-        let mut opts = vec!["rbind".to_string()];
-        if ro {
-            opts.push("ro".into());
-        }
-        volumes.push((host, ctr.to_string(), opts));
+        volumes.push(Volume {
+            host,
+            container: ctr.to_string(),
+            read_only: ro,
+        });
     }
-    let user = a
-        .user
-        .clone()
-        .or(cfg.user.clone())
-        .filter(|u| !u.is_empty());
-    let top = base.layers.last().map(|l| l.snapshot.clone());
-    let active = backend
-        .prepare(top.as_deref())
-        .map_err(|e| anyhow::anyhow!(e))?;
-    // A volume's destination that is a symlink in the image is followed
-    // inside the image's root, as Docker does: the link stays, the mount
-    // lands at its target (never a path on the host).
-    let view = kiln_solver::fsview::LayerView::new(active.layers.clone(), false);
-    for (host, ctr, opts) in volumes {
-        let dest = match view.resolve(kiln_solver::fsview::clean_abs(&ctr), true) {
-            Ok(d) => d,
-            Err(e) => {
-                backend.abort(active);
-                return Err(usage(format!("volume destination {ctr}: {e}")));
-            }
-        };
-        process.mounts.push(
-            kiln_solver::executor::oci::MountBuilder::default()
-                .destination(PathBuf::from(
-                    <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(dest),
-                ))
-                .typ("bind")
-                .source(host)
-                .options(opts)
-                .build()?,
-        );
-    }
-    let spec = kiln_solver::solve::exec::spec(&process);
-    let mut req = kiln_solver::executor::ExecRequest::new(
-        format!("run {}", a.image),
-        spec,
-        active.mounts.clone(),
-    );
-    req.user = user;
+    let req = RunRequest {
+        image: a.image.clone(),
+        platform,
+        entrypoint: a.entrypoint.clone(),
+        command: a.command.clone(),
+        env,
+        workdir: a.workdir.clone(),
+        user: a.user.clone(),
+        network: if a.network == "none" {
+            NetworkMode::None
+        } else {
+            NetworkMode::Host
+        },
+        seccomp_unconfined: unconfined,
+        volumes,
+        stdin: None,
+        tty: None,
+    };
+    let mut req = req;
     let terminal = if a.tty {
         let t = crate::run_io::Terminal::open(a.interactive)?;
         req.tty = t.slave();
         Some(t)
     } else {
         if a.interactive {
-            req.stdin = Some(Arc::new(crate::run_io::dup_stdin()?));
+            req.stdin = Some(std::sync::Arc::new(crate::run_io::dup_stdin()?));
         }
         None
     };
-    let executor = kiln_solver::executor::Executor::new(kiln_solver::executor::ExecutorConfig {
-        state_dir: root.join("tmp").join("executor"),
-        ..Default::default()
-    });
+    let prepared = match session.prepare_run(&req) {
+        Ok(p) => p,
+        Err(RunError::Image(e)) => return Err(lib_error(e)),
+        Err(RunError::Session(e)) => return Err(crate::build_cmd::facade_error(e)),
+        Err(e @ (RunError::NoCommand | RunError::VolumeDestination { .. })) => {
+            return Err(usage(e.to_string()))
+        }
+        Err(e) => return Err(anyhow::anyhow!(e)),
+    };
+    // The request's reference to the terminal's slave goes now: the
+    // terminal's output ends when the sandbox's last one closes.
+    drop(req);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let outcome = rt.block_on(async {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<kiln_solver::executor::OutputLine>(256);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<OutputLine>(256);
         let printer = tokio::spawn(async move {
             use std::io::Write;
             while let Some(line) = rx.recv().await {
                 match line.stream {
-                    kiln_solver::executor::Stream::Stdout => {
+                    Stream::Stdout => {
                         let mut o = std::io::stdout().lock();
                         let _ = o.write_all(&line.bytes);
                         if line.newline {
@@ -942,7 +855,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
                         }
                         let _ = o.flush();
                     }
-                    kiln_solver::executor::Stream::Stderr => {
+                    Stream::Stderr => {
                         let mut e = std::io::stderr().lock();
                         let _ = e.write_all(&line.bytes);
                         if line.newline {
@@ -952,30 +865,27 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         });
-        let cancel = kiln_solver::executor::CancellationToken::new();
+        let cancel = CancellationToken::new();
         let signals = crate::signals::forward_to_step(&cancel);
-        let r = executor
-            .run_with_signals(req, Some(tx), cancel, signals)
-            .await;
+        let r = prepared.run(Some(tx), cancel, signals).await;
         let _ = printer.await;
         r
     });
-    backend.abort(active);
     if let Some(t) = terminal {
         t.finish();
     }
     let _ = (a.rm, a.init);
     match outcome {
         Ok(o) => Ok(ExitCode::from(match o.status {
-            kiln_solver::executor::ExitStatus::Code(c) => u8::try_from(c).unwrap_or(1),
-            kiln_solver::executor::ExitStatus::Signal(s) => u8::try_from(128 + s).unwrap_or(1),
+            ExitStatus::Code(c) => u8::try_from(c).unwrap_or(1),
+            ExitStatus::Signal(s) => u8::try_from(128 + s).unwrap_or(1),
         })),
         // Killed after the last of the SIGINT/SIGTERMs it was sent: the
         // status of a SIGKILLed container (what `docker kill` gives).
-        Err(kiln_solver::executor::Error::Cancelled { .. }) => Ok(ExitCode::from(128 + 9)),
+        Err(ExecError::Cancelled { .. }) => Ok(ExitCode::from(128 + 9)),
         // docker's statuses: 127 when the command is not found, 126 when
         // it cannot be run, 125 for kiln's own failures.
-        Err(kiln_solver::executor::Error::Setup { stage, message, .. }) if stage == "exec" => {
+        Err(ExecError::Setup { stage, message, .. }) if stage == "exec" => {
             eprintln!("error: {message}");
             let not_found = message.contains("not found") || message.contains("no such file");
             Ok(ExitCode::from(if not_found { 127 } else { 126 }))

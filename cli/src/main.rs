@@ -319,19 +319,15 @@ fn read_dockerfile(file: Option<&PathBuf>) -> anyhow::Result<(String, String)> {
 
 fn debug_ast(file: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
     let (name, text) = read_dockerfile(file.as_ref())?;
-    let out = if json {
-        kiln_solver::parser::parse(&text).map(|df| serde_json::to_string_pretty(&df))
-    } else {
-        kiln_solver::parser::parse_ast(&text).map(|ast| Ok(ast.dump()))
-    };
-    match out {
+    match kiln_solver::debug_ast(&text, json) {
         Ok(s) => {
-            outln!("{}", s?);
+            outln!("{s}");
             Ok(ExitCode::SUCCESS)
         }
-        Err(e) => {
+        Err(kiln_solver::DebugAstError::Parse(e)) => {
             eprint!("{}", e.render(&name, &text));
             Ok(ExitCode::from(1))
         }
+        Err(e) => Err(e.into()),
     }
 }

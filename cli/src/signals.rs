@@ -43,7 +43,7 @@ async fn first_of(
 }
 
 /// Spawns a task that cancels `token` on the first SIGINT or SIGTERM.
-pub fn cancel_on_interrupt(token: &kiln_solver::executor::CancellationToken) {
+pub fn cancel_on_interrupt(token: &kiln_solver::session::CancellationToken) {
     let c = token.clone();
     tokio::spawn(async move {
         interrupted().await;
@@ -56,14 +56,14 @@ pub fn cancel_on_interrupt(token: &kiln_solver::executor::CancellationToken) {
 /// are installed before this returns; the returned runtime watches for
 /// them and must live as long as the command.
 pub fn cancel_on_interrupt_blocking() -> std::io::Result<(
-    kiln_solver::executor::CancellationToken,
+    kiln_solver::session::CancellationToken,
     tokio::runtime::Runtime,
 )> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let token = kiln_solver::executor::CancellationToken::new();
+    let token = kiln_solver::session::CancellationToken::new();
     let (int, term) = {
         let _in = rt.enter();
         (
@@ -88,9 +88,9 @@ pub const EXIT_CANCELLED: u8 = 130;
 /// after the same count).
 pub const FORCE_KILL_AFTER: usize = 3;
 
-/// For `kiln run`: every signal in [`kiln_solver::executor::FORWARDED_SIGNALS`]
+/// For `kiln run`: every signal in [`kiln_solver::run::FORWARDED_SIGNALS`]
 /// that kiln receives is sent into the returned channel (for
-/// [`kiln_solver::executor::Executor::run_with_signals`], which passes it to the
+/// [`kiln_solver::run::PreparedRun::run`], which passes it to the
 /// application), like `docker run --sig-proxy=true`. The application
 /// decides what a signal means; one that ignores SIGTERM keeps running.
 /// As a way out, the [`FORCE_KILL_AFTER`]th SIGINT or SIGTERM cancels
@@ -99,11 +99,11 @@ pub const FORCE_KILL_AFTER: usize = 3;
 /// The handlers are installed before this returns, so that no signal in
 /// between takes its default action. Call it inside the runtime.
 pub fn forward_to_step(
-    token: &kiln_solver::executor::CancellationToken,
+    token: &kiln_solver::session::CancellationToken,
 ) -> tokio::sync::mpsc::Receiver<i32> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let (count_tx, mut count_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    for &n in kiln_solver::executor::FORWARDED_SIGNALS {
+    for &n in kiln_solver::run::FORWARDED_SIGNALS {
         // A handler that cannot be installed leaves the default action.
         let Ok(mut stream) = signal(SignalKind::from_raw(n)) else {
             continue;

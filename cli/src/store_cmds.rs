@@ -404,7 +404,7 @@ pub fn system(root: &Path, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
 
 /// `kiln system binfmt [--uninstall]`.
 fn binfmt(uninstall: bool) -> anyhow::Result<ExitCode> {
-    use kiln_solver::executor::emulation;
+    use kiln_solver::run::emulation;
     let mount = Path::new(emulation::BINFMT_MISC);
     if uninstall {
         for name in emulation::uninstall(mount)? {
@@ -455,5 +455,5 @@ fn human(n: u64) -> String {
 /// `--keep-storage`: docker's and buildx's `opts.MemBytes`, i.e.
 /// `RAMInBytes` (`10GB` = 10 GiB, `1k` = 1024 bytes), as `build --memory`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    kiln_solver::parser::units::ram_in_bytes(s).map_err(|e| e.to_string())
+    kiln_solver::units::ram_in_bytes(s).map_err(|e| e.to_string())
 }

@@ -120,29 +120,6 @@ fn podman_loads_and_runs_the_docker_archive() {
     let (k, out, _) = built();
     let tar = out.path().join("exp.tar");
     k.ok(&["save", "-o", tar.to_str().unwrap(), "exp:1"]);
-    // A private podman store, so the test leaves the host's alone.
-    let proot = out.path().join("podman-root");
-    let prun = out.path().join("podman-run");
-    let podman = || {
-        let mut c = Command::new("podman");
-        c.arg("--root").arg(&proot).arg("--runroot").arg(&prun);
-        c.args(["--runtime", "runc", "--storage-driver", "vfs"]);
-        c
-    };
-    run(podman().args(["load", "-i"]).arg(&tar));
-    // This host's hard limits: podman's defaults are above them.
-    let nofile = run(Command::new("sh").args(["-c", "ulimit -Hn"]));
-    let nofile = nofile.trim();
-    let out_run = run(podman().args([
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "--ulimit",
-        &format!("nofile={nofile}:{nofile}"),
-        "--ulimit",
-        "nproc=32768:32768",
-        "localhost/exp:1",
-    ]));
+    let out_run = common::registry::podman_load_run(out.path(), &tar, &["localhost/exp:1"]);
     assert_eq!(out_run, "hi\nbuilt\n");
 }

@@ -13,11 +13,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 
-use common::registry::{ready, sh, Client, Reg, RegOpts};
+use common::registry::{push_busybox_index, put_manifest, raw, ready, sh, Client, Reg, RegOpts};
 use common::{busybox_rootfs_tar, foreign_rootfs_tar};
 
 fn in_ci() -> bool {
@@ -36,89 +34,19 @@ fn emulation(arch: &str, variant: Option<&str>) -> bool {
     }
 }
 
-/// PUTs `body` as a manifest of `media_type` at `/v2/{repo}/manifests/{reference}`.
-fn put_manifest(reg: &Reg, repo: &str, reference: &str, media_type: &str, body: &[u8]) {
-    let mut s = TcpStream::connect(("127.0.0.1", reg.port)).expect("connect");
-    let head = format!(
-        "PUT /v2/{repo}/manifests/{reference} HTTP/1.1\r\nHost: {}\r\nContent-Type: {media_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        reg.host(),
-        body.len()
-    );
-    s.write_all(head.as_bytes()).expect("write");
-    s.write_all(body).expect("write");
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    assert!(
-        resp.starts_with("HTTP/1.1 201"),
-        "PUT {repo}:{reference}: {}",
-        resp.lines().next().unwrap_or_default()
-    );
-}
-
-/// The raw manifest at `docker://REF`.
-fn raw(reference: &str) -> Vec<u8> {
-    sh(Command::new("skopeo").args([
-        "inspect",
-        "--raw",
-        "--tls-verify=false",
-        &format!("docker://{reference}"),
-    ]))
-    .stdout
-}
-
-fn descriptor(reference: &str, platform: serde_json::Value) -> serde_json::Value {
-    let bytes = raw(reference);
-    let m: serde_json::Value = serde_json::from_slice(&bytes).expect("manifest");
-    serde_json::json!({
-        "mediaType": m["mediaType"],
-        "digest": kiln_image::Digest::sha256_of(&bytes).to_string(),
-        "size": bytes.len(),
-        "platform": platform,
-    })
-}
-
 /// Pushes busybox for linux/amd64, linux/arm64 and linux/arm/v7 to
 /// `REG/kiln/busybox:{amd64,arm64,armv7}` and the index of the three to
 /// `REG/kiln/busybox:multi`; returns the index's reference.
 fn push_multi(reg: &Reg) -> String {
-    let c = Client::new(false);
-    let repo = format!("{}/kiln/busybox", reg.host());
-    let images = [
-        ("amd64", busybox_rootfs_tar(), "linux/amd64"),
-        ("arm64", foreign_rootfs_tar("arm64"), "linux/arm64"),
-        ("armv7", foreign_rootfs_tar("armhf"), "linux/arm/v7"),
-    ];
-    let mut manifests = Vec::new();
-    for (tag, tar, platform) in &images {
-        let name = format!("{repo}:{tag}");
-        c.ok(&[
-            "import",
-            "--platform",
-            platform,
-            tar.to_str().expect("utf-8"),
-            &name,
-        ]);
-        c.ok(&["push", "-q", &name]);
-        let p: Vec<&str> = platform.split('/').collect();
-        let mut pj = serde_json::json!({"os": p[0], "architecture": p[1]});
-        if let Some(v) = p.get(2) {
-            pj["variant"] = serde_json::json!(v);
-        }
-        manifests.push(descriptor(&name, pj));
-    }
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": manifests,
-    });
-    put_manifest(
+    push_busybox_index(
         reg,
-        "kiln/busybox",
         "multi",
-        "application/vnd.oci.image.index.v1+json",
-        &serde_json::to_vec(&index).expect("json"),
-    );
-    format!("{repo}:multi")
+        &[
+            ("amd64", busybox_rootfs_tar(), "linux/amd64"),
+            ("arm64", foreign_rootfs_tar("arm64"), "linux/arm64"),
+            ("armv7", foreign_rootfs_tar("armhf"), "linux/arm/v7"),
+        ],
+    )
 }
 
 #[test]
@@ -427,41 +355,8 @@ fn podman_runs_the_saved_arm64_image_of_an_index() {
     let c = Client::new(false);
     c.ok(&["pull", "--all-platforms", &multi]);
     let dir = tempfile::tempdir().expect("tmp");
-    let tar = dir.path().join("arm64.tar");
-    c.ok(&[
-        "save",
-        "--platform",
-        "linux/arm64",
-        "-o",
-        tar.to_str().expect("utf-8"),
-        &multi,
-    ]);
-    // A private podman store, so the test leaves the host's alone.
-    let proot = dir.path().join("podman-root");
-    let prun = dir.path().join("podman-run");
-    let podman = || {
-        let mut c = Command::new("podman");
-        c.arg("--root").arg(&proot).arg("--runroot").arg(&prun);
-        c.args(["--runtime", "runc", "--storage-driver", "vfs"]);
-        c
-    };
-    sh(podman().args(["load", "-i"]).arg(&tar));
-    let nofile = sh(Command::new("sh").args(["-c", "ulimit -Hn"])).stdout;
-    let nofile = String::from_utf8_lossy(&nofile).trim().to_string();
-    let o = sh(podman().args([
-        "run",
-        "--rm",
-        "--platform",
-        "linux/arm64",
-        "--network",
-        "none",
-        "--ulimit",
-        &format!("nofile={nofile}:{nofile}"),
-        "--ulimit",
-        "nproc=32768:32768",
-        &multi,
-        "uname",
-        "-m",
-    ]));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "aarch64");
+    assert_eq!(
+        common::registry::podman_uname_arm64(&c, dir.path(), &multi),
+        "aarch64"
+    );
 }

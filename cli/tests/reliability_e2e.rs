@@ -243,3 +243,103 @@ fn sigint_cancels_a_build() {
     }
     interrupt_build(libc::SIGINT, "sigint");
 }
+
+/// Builds `ctx` (tagged `big:keep`, which an earlier build made) and sends
+/// SIGINT `delay` after stderr shows `wait_for` (at once when None): kiln
+/// must exit 130 within 5 s, the tag unmoved and the store checking clean.
+fn interrupt_big_build(k: &Kiln, ctx: &std::path::Path, wait_for: Option<&str>, delay: Duration) {
+    use std::io::BufRead;
+    let pre = context(&[("Dockerfile", "FROM busybox\nRUN echo before > /b\n")]);
+    k.build(pre.path(), &["-t", "big:keep"]);
+    let before = k.inspect("big:keep")["Id"].clone();
+    let mut child = k
+        .cmd()
+        .args(["build", "--progress", "plain", "-t", "big:keep"])
+        .arg(ctx)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    if let Some(needle) = wait_for {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = Vec::new();
+        loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("never saw {needle:?}:\n{}", seen.join("\n")));
+            if line.contains(needle) && !line.contains("RUN") {
+                break;
+            }
+            seen.push(line);
+        }
+    }
+    std::thread::sleep(delay);
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "the build ended before the interrupt: the test needs a bigger file"
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "kiln did not exit within 5 s of SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "a cancelled build exits 130: {status:?}\n{}",
+        rest.join("\n")
+    );
+    assert!(
+        common::host_mounts_with(k.root.path().to_str().unwrap_or("?")).is_empty(),
+        "mounts left on the host"
+    );
+    assert_eq!(k.inspect("big:keep")["Id"], before, "the tag moved");
+    k.ok(&["system", "check"]);
+}
+
+#[test]
+fn sigint_stops_the_hashing_of_a_large_context_before_the_lookup() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[("Dockerfile", "FROM busybox\nCOPY big /big\n")]);
+    // 4 GiB, sparse: hashing it for the COPY's key takes many seconds.
+    std::fs::File::create(ctx.path().join("big"))
+        .and_then(|f| f.set_len(4 << 30))
+        .expect("sparse file");
+    interrupt_big_build(&k, ctx.path(), None, Duration::from_millis(1500));
+}
+
+#[test]
+fn sigint_stops_the_commit_of_a_large_layer() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    // The step makes a 4 GiB sparse file: its diff takes many seconds.
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN truncate -s 4G /big && echo made-big\n",
+    )]);
+    interrupt_big_build(&k, ctx.path(), Some("made-big"), Duration::from_millis(700));
+}

@@ -215,7 +215,13 @@ fn supervisor() -> i32 {
     // Move the socket off stdin to a close-on-exec descriptor, and give
     // stdin /dev/null (what the step reads).
     // SAFETY: fcntl/open/dup2/close on descriptor numbers we own.
-    let moved = unsafe { libc::fcntl(INIT_FD, libc::F_DUPFD_CLOEXEC, 3) };
+    let moved = unsafe {
+        libc::fcntl(
+            INIT_FD,
+            libc::F_DUPFD_CLOEXEC,
+            if given_stdin { 4 } else { 3 },
+        )
+    };
     if moved < 0 {
         eprintln!(
             "kiln init: moving the message socket: {}",

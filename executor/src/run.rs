@@ -862,7 +862,13 @@ impl Executor {
             // lives in this frame) until spawn returns.
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::dup2(raw, 3) < 0 {
+                    // dup2 onto itself keeps close-on-exec: clear it then.
+                    let r = if raw == 3 {
+                        libc::fcntl(3, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(raw, 3)
+                    };
+                    if r < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())

@@ -63,7 +63,9 @@ impl BlobSource for MemoryBlobs {
 pub struct ArchiveImage {
     /// References (`app:1.0`, `docker.io/library/app:1.0`); may be empty.
     pub names: Vec<String>,
-    /// The image manifest (not an index), as stored.
+    /// The image manifest, as stored; or, in an OCI layout only, an image
+    /// index (a multi-platform image) whose child manifests, configs and
+    /// layers are all in the blob source.
     pub manifest: RawManifest,
 }
 
@@ -176,6 +178,12 @@ pub fn write_docker_archive(
     let mut repos: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     let mut done: HashSet<Digest> = HashSet::new();
     for img in images {
+        if img.manifest.is_index() {
+            return Err(arch_err(format!(
+                "{}: docker exporter does not currently support exporting manifest lists (pick one platform)",
+                img.manifest.digest
+            )));
+        }
         let m = img.manifest.manifest()?;
         let cfg_bytes = read_small(blobs, &m.config.digest)?;
         let cfg = ImageConfig::from_bytes(&cfg_bytes)?;
@@ -280,15 +288,49 @@ fn write_uncompressed_layer<W: Write>(
     Ok(())
 }
 
-/// The blobs of `images` in write order (manifest, config, layers), deduplicated.
-fn collect_blobs(images: &[ArchiveImage]) -> Result<Vec<Descriptor>, ImageError> {
+/// The blobs of `images` in write order (config, layers; for an index,
+/// each child manifest then its config and layers), deduplicated.
+fn collect_blobs(
+    images: &[ArchiveImage],
+    blobs: &dyn BlobSource,
+) -> Result<Vec<Descriptor>, ImageError> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
+    let mut push = |d: Descriptor, out: &mut Vec<Descriptor>| {
+        if seen.insert(d.digest.clone()) {
+            out.push(d);
+        }
+    };
     for img in images {
-        let m = img.manifest.manifest()?;
-        for d in std::iter::once(m.config.clone()).chain(m.layers.iter().cloned()) {
-            if seen.insert(d.digest.clone()) {
-                out.push(d);
+        let manifests = if img.manifest.is_index() {
+            let idx = img.manifest.index()?;
+            if idx.manifests.len() > crate::platform::MAX_INDEX_ENTRIES {
+                return Err(arch_err(format!(
+                    "index {} has {} entries; at most {} are written",
+                    img.manifest.digest,
+                    idx.manifests.len(),
+                    crate::platform::MAX_INDEX_ENTRIES
+                )));
+            }
+            let mut v = Vec::with_capacity(idx.manifests.len());
+            for child in idx.manifests {
+                if crate::manifest::media_types::is_index(&child.media_type) {
+                    return Err(arch_err(format!(
+                        "index {}: nested index {} is not written",
+                        img.manifest.digest, child.digest
+                    )));
+                }
+                let bytes = read_small(blobs, &child.digest)?;
+                v.push(RawManifest::new(bytes, Some(&child.media_type))?.manifest()?);
+                push(child, &mut out);
+            }
+            v
+        } else {
+            vec![img.manifest.manifest()?]
+        };
+        for m in manifests {
+            for d in std::iter::once(m.config.clone()).chain(m.layers.iter().cloned()) {
+                push(d, &mut out);
             }
         }
     }
@@ -298,10 +340,14 @@ fn collect_blobs(images: &[ArchiveImage]) -> Result<Vec<Descriptor>, ImageError>
 fn index_for(images: &[ArchiveImage], blobs: &dyn BlobSource) -> Result<Vec<u8>, ImageError> {
     let mut manifests = Vec::new();
     for img in images {
-        let m = img.manifest.manifest()?;
         let mut desc = img.manifest.descriptor();
-        if let Ok(cfg) =
-            read_small(blobs, &m.config.digest).and_then(|b| ImageConfig::from_bytes(&b))
+        // An index is listed as it is (its children carry the platforms).
+        let config = match img.manifest.is_index() {
+            true => None,
+            false => Some(img.manifest.manifest()?.config.digest),
+        };
+        if let Some(Ok(cfg)) =
+            config.map(|c| read_small(blobs, &c).and_then(|b| ImageConfig::from_bytes(&b)))
         {
             desc.platform = Some(Platform {
                 architecture: cfg.architecture.clone(),
@@ -352,7 +398,7 @@ pub fn write_oci_archive(
             tar.append(&file_meta(&p, b.len() as u64), Some(&mut &b[..]))?;
         }
     }
-    for d in collect_blobs(images)? {
+    for d in collect_blobs(images, blobs)? {
         if written.insert(d.digest.clone()) {
             put_blob(
                 &mut tar,
@@ -412,7 +458,7 @@ pub fn write_oci_dir(
             write_atomic(&p, &mut &img.manifest.bytes[..], Some(&img.manifest.digest))?;
         }
     }
-    for d in collect_blobs(images)? {
+    for d in collect_blobs(images, blobs)? {
         let p = bdir.join(d.digest.hex());
         if !p.exists() {
             let mut r = blobs.open_blob(&d.digest)?;

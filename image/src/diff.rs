@@ -85,6 +85,55 @@ impl St {
     }
 }
 
+/// A cancellation check for long work (a diff of a big tree, the copy of a
+/// big file): asked between entries and between reads of a file's
+/// content; once it answers true the work stops with
+/// [`ImageError::Cancelled`].
+#[derive(Clone)]
+pub struct Cancel(std::sync::Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl Cancel {
+    /// A check that asks `is_cancelled`.
+    pub fn new(is_cancelled: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        Cancel(std::sync::Arc::new(is_cancelled))
+    }
+
+    /// Whether the work should stop.
+    pub fn is_cancelled(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Cancel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Cancel").field(&self.is_cancelled()).finish()
+    }
+}
+
+/// Whether `cancel` (if any) fired, as an error.
+pub(crate) fn check_cancel(cancel: Option<&Cancel>) -> Result<(), ImageError> {
+    match cancel {
+        Some(c) if c.is_cancelled() => Err(ImageError::Cancelled),
+        _ => Ok(()),
+    }
+}
+
+/// A reader that fails with [`ImageError::Cancelled`] (as an I/O error)
+/// once its check fires, asked before every read.
+struct CancelRead<'a, R: ?Sized> {
+    inner: &'a mut R,
+    cancel: &'a Cancel,
+}
+
+impl<R: Read + ?Sized> Read for CancelRead<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.cancel.is_cancelled() {
+            return Err(std::io::Error::other(ImageError::Cancelled));
+        }
+        self.inner.read(buf)
+    }
+}
+
 /// Options shared by both differs.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct DiffOptions {
@@ -93,6 +142,10 @@ pub struct DiffOptions {
     /// Paths relative to the layer root to leave out with everything below
     /// them (e.g. mount points the executor created).
     pub exclude: Vec<PathBuf>,
+    /// Stops the diff part way (Ctrl-C during a commit); not part of a
+    /// recorded layer source.
+    #[serde(skip)]
+    pub cancel: Option<Cancel>,
 }
 
 /// Counts from one diff.
@@ -262,8 +315,23 @@ impl<W: Write> Ctx<W> {
         }
     }
 
+    /// Whether the diff was cancelled, as an error.
+    fn check(&self) -> Result<(), ImageError> {
+        check_cancel(self.opts.cancel.as_ref())
+    }
+
     fn put(&mut self, meta: &Meta, data: Option<&mut dyn Read>) -> Result<(), ImageError> {
-        self.tar.append(meta, data)?;
+        self.check()?;
+        let appended = match (data, &self.opts.cancel) {
+            (Some(r), Some(cancel)) => self
+                .tar
+                .append(meta, Some(&mut CancelRead { inner: r, cancel })),
+            (data, _) => self.tar.append(meta, data),
+        };
+        if appended.is_err() {
+            self.check()?;
+        }
+        appended?;
         self.stats.entries += 1;
         if let Kind::Regular(n) = meta.kind {
             self.stats.content_bytes += n;
@@ -523,6 +591,7 @@ fn overlay_dir<W: Write>(
     let names = sorted_names(abs_dir)?;
     let mut rest = Vec::with_capacity(names.len());
     for name in names {
+        ctx.check()?;
         let rel = join(rel_dir, &name);
         if ctx.excluded(&rel) {
             ctx.partial = true;
@@ -655,6 +724,7 @@ fn tree_dir<W: Write>(
     }
     let lset: HashSet<&[u8]> = lnames.iter().map(|n| n.as_slice()).collect();
     for name in &unames {
+        ctx.check()?;
         let rel = join(rel_dir, name);
         if ctx.excluded(&rel) {
             continue;
@@ -678,7 +748,7 @@ fn tree_dir<W: Write>(
         let meta = ctx.meta(&uabs, rel.clone(), &ust, xattrs, || fs::read_link(&uabs))?;
         let changed = match &lower_child {
             None => true,
-            Some((labs, lmd)) => !same_entry(labs, lmd, &uabs, &umd)?,
+            Some((labs, lmd)) => !same_entry(labs, lmd, &uabs, &umd, ctx.opts.cancel.as_ref())?,
         };
         if umd.is_dir() {
             let lower_dir = match &lower_child {
@@ -703,7 +773,13 @@ fn tree_dir<W: Write>(
     Ok(())
 }
 
-fn same_entry(labs: &Path, l: &Metadata, uabs: &Path, u: &Metadata) -> Result<bool, ImageError> {
+fn same_entry(
+    labs: &Path,
+    l: &Metadata,
+    uabs: &Path,
+    u: &Metadata,
+    cancel: Option<&Cancel>,
+) -> Result<bool, ImageError> {
     if l.mode() != u.mode() || l.uid() != u.uid() || l.gid() != u.gid() || l.rdev() != u.rdev() {
         return Ok(false);
     }
@@ -728,15 +804,16 @@ fn same_entry(labs: &Path, l: &Metadata, uabs: &Path, u: &Metadata) -> Result<bo
     if u.mtime_nsec() != 0 {
         return Ok(true);
     }
-    same_content(labs, uabs)
+    same_content(labs, uabs, cancel)
 }
 
-fn same_content(a: &Path, b: &Path) -> Result<bool, ImageError> {
+fn same_content(a: &Path, b: &Path, cancel: Option<&Cancel>) -> Result<bool, ImageError> {
     let mut fa = open_nofollow(a)?;
     let mut fb = open_nofollow(b)?;
     let mut ba = vec![0u8; 64 * 1024];
     let mut bb = vec![0u8; 64 * 1024];
     loop {
+        check_cancel(cancel)?;
         let na = read_full(&mut fa, &mut ba).map_err(|e| ImageError::path("read", a, e))?;
         let nb = read_full(&mut fb, &mut bb).map_err(|e| ImageError::path("read", b, e))?;
         if na != nb || ba[..na] != bb[..nb] {

@@ -60,6 +60,9 @@ pub enum ImageError {
     /// A malformed archive (docker-archive / OCI layout).
     #[error("archive: {0}")]
     Archive(String),
+    /// The work was cancelled (a [`crate::diff::Cancel`] fired).
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl ImageError {

@@ -30,7 +30,7 @@
 //! # fn main() -> Result<(), kiln_image::ImageError> {
 //! // 1. the layer of a finished RUN step: walk only its upperdir
 //! let mut tar = Vec::new(); // a pipe or temp file in real code
-//! let opts = DiffOptions { clamp_mtime: Some(1_700_000_000), exclude: vec![] };
+//! let opts = DiffOptions { clamp_mtime: Some(1_700_000_000), ..Default::default() };
 //! write_overlay_diff(Path::new("/var/lib/kiln/snapshots/42/fs"), &mut tar, &opts)?;
 //!
 //! // 2. compress and hash both sides in one pass

@@ -33,6 +33,7 @@ fn tiny_image(kind: Compression, oci: bool) -> (MemoryBlobs, ArchiveImage, Diges
         &DiffOptions {
             clamp_mtime: Some(0),
             exclude: vec![],
+            cancel: None,
         },
     )
     .expect("diff");

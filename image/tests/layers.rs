@@ -69,6 +69,7 @@ fn clamp_mtime() {
     let opts = DiffOptions {
         clamp_mtime: Some(5000),
         exclude: vec![],
+        cancel: None,
     };
     let tar = tree_tar(None, &src, &opts);
     let mut ar = tar::Archive::new(&tar[..]);
@@ -151,6 +152,7 @@ fn exclude_paths() {
     let opts = DiffOptions {
         clamp_mtime: None,
         exclude: vec!["/run/secrets".into(), "etc/resolv.conf".into()],
+        cancel: None,
     };
     let names = entry_names(&tree_tar(None, &src, &opts));
     assert_eq!(names, vec!["etc/", "keep", "run/"]);

@@ -48,7 +48,7 @@ fn hash_ctx(dir: &std::path::Path, cache: &dyn HashCache) -> String {
     .select("/")
     .expect("select");
     let mut k = KeyHasher::new("copy");
-    hash_selection(&mut k, &sel, cache, false).expect("hash");
+    hash_selection(&mut k, &sel, cache, false, None).expect("hash");
     k.finish()
 }
 

@@ -104,9 +104,17 @@ pub type BackendResult<T> = Result<T, BackendError>;
 /// (a default implementation would otherwise answer for `--cache-from`
 /// builds).
 pub trait Backend: Send + Sync + 'static {
-    /// Finds `reference` (normalised Docker-style) in the local store and
-    /// makes sure its layers are unpacked into snapshots.
-    fn resolve_image(&self, reference: &str) -> BackendResult<Option<BaseImage>>;
+    /// Finds `reference` (normalised Docker-style) in the local store (or
+    /// pulls it) for `platform` and makes sure its layers are unpacked
+    /// into snapshots. `None` is the host's platform, leniently: the
+    /// host's image of an index, or the one image stored whatever it is
+    /// for. With a platform, a name pointing at an index gives that
+    /// platform's child and a single image must be for it.
+    fn resolve_image(
+        &self,
+        reference: &str,
+        platform: Option<&kiln_image::manifest::Platform>,
+    ) -> BackendResult<Option<BaseImage>>;
     /// The layer stored under a cache key, if its snapshot still exists.
     fn cache_get(&self, key: &str) -> BackendResult<Option<LayerRecord>>;
     /// Records `layer` under one more key (e.g. a COPY's shape key, which
@@ -134,6 +142,17 @@ pub trait Backend: Send + Sync + 'static {
         layers: &[LayerRecord],
         tags: &[String],
     ) -> BackendResult<Exported>;
+    /// Writes an OCI image index of the per-platform images `children`
+    /// (written by [`Backend::export`], in this order) and points `tags`
+    /// at it: a multi-platform build's result.
+    fn export_index(
+        &self,
+        children: &[(kiln_image::manifest::Platform, Exported)],
+        tags: &[String],
+    ) -> BackendResult<Exported> {
+        let _ = (children, tags);
+        Err(BackendError::Unsupported("a multi-platform build"))
+    }
     /// The persistent cache-mount directory `id` (see
     /// [`kiln_cache::CacheSharing`] for how concurrent users share it).
     fn cache_mount(

@@ -449,22 +449,27 @@ enum Piece {
 }
 
 /// Hashes the selected files' content (through `cache`) and metadata into
-/// `key`. Never the mtime.
+/// `key`. Never the mtime. Stops with [`CopyError::Cancelled`] between
+/// files and between reads of a file once `cancel` fires.
 pub fn hash_selection(
     key: &mut KeyHasher,
     selections: &[Selection],
     cache: &dyn HashCache,
     keep_owner: bool,
+    cancel: Option<&kiln_executor::CancellationToken>,
 ) -> Result<(), CopyError> {
-    hash_selection_map(key, selections, cache, keep_owner).map(|_| ())
+    hash_selection_map(key, selections, cache, keep_owner, cancel).map(|_| ())
 }
 
 /// Hashes files not known to the cache, on every core.
-fn hash_files(paths: &[&Path]) -> Result<Vec<[u8; 32]>, CopyError> {
+fn hash_files(
+    paths: &[&Path],
+    cancel: Option<&kiln_executor::CancellationToken>,
+) -> Result<Vec<[u8; 32]>, CopyError> {
     if paths.len() < 16 {
-        return paths.iter().map(|p| sha256_file(p)).collect();
+        return paths.iter().map(|p| sha256_file(p, cancel)).collect();
     }
-    map_on_cores(paths, |p| sha256_file(p))
+    map_on_cores(paths, |p| sha256_file(p, cancel))
 }
 
 /// Threads the COPY walk and hasher use: one per core, at most 8.
@@ -536,6 +541,7 @@ pub fn hash_selection_map(
     selections: &[Selection],
     cache: &dyn HashCache,
     keep_owner: bool,
+    cancel: Option<&kiln_executor::CancellationToken>,
 ) -> Result<HashMap<PathBuf, [u8; 32]>, CopyError> {
     let mut files: Vec<StatKey> = Vec::new();
     for s in selections {
@@ -554,7 +560,7 @@ pub fn hash_selection_map(
         .map(|(k, _)| k)
         .collect();
     let paths: Vec<&Path> = missing.iter().map(|k| k.path.as_path()).collect();
-    let computed = hash_files(&paths)?;
+    let computed = hash_files(&paths, cancel)?;
     let fresh: Vec<(StatKey, [u8; 32])> = missing.into_iter().cloned().zip(computed).collect();
     for (k, h) in files.iter().zip(known) {
         if let Some(h) = h {
@@ -592,12 +598,28 @@ pub fn hash_selection_map(
     Ok(hashes)
 }
 
-fn sha256_file(p: &Path) -> Result<[u8; 32], CopyError> {
+fn sha256_file(
+    p: &Path,
+    cancel: Option<&kiln_executor::CancellationToken>,
+) -> Result<[u8; 32], CopyError> {
+    let cancelled = || cancel.is_some_and(|c| c.is_cancelled());
+    if cancelled() {
+        return Err(CopyError::Cancelled);
+    }
     let mut f = fs::File::open(p).map_err(|e| io_err(p, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 17];
+    // Asked every HASH_CHECK bytes: a big file stops within one such run.
+    let mut since_check = 0usize;
     loop {
+        if since_check >= HASH_CHECK {
+            if cancelled() {
+                return Err(CopyError::Cancelled);
+            }
+            since_check = 0;
+        }
         let n = f.read(&mut buf).map_err(|e| io_err(p, e))?;
+        since_check += n;
         if n == 0 {
             break;
         }
@@ -636,6 +658,9 @@ impl CopyOptions {
 
 /// How much of a file is copied between two checks for cancellation.
 const COPY_CHUNK: u64 = 32 << 20;
+
+/// How much of a file is hashed between two checks for cancellation.
+const HASH_CHECK: usize = 8 << 20;
 
 /// What a COPY from the build context may take over from its previous run
 /// (same destination and options, other content): files whose content hash
@@ -1332,7 +1357,7 @@ mod tests {
         let key = || {
             let s = sel.select("f").unwrap();
             let mut k = KeyHasher::new("copy");
-            hash_selection(&mut k, &s, &NoHashCache, false).unwrap();
+            hash_selection(&mut k, &s, &NoHashCache, false, None).unwrap();
             k.finish()
         };
         let k1 = key();
@@ -1405,7 +1430,7 @@ mod tests {
         let key = |pat: &str| {
             let s = sel.select(pat).unwrap();
             let mut k = KeyHasher::new("copy");
-            hash_selection(&mut k, &s, &NoHashCache, false).unwrap();
+            hash_selection(&mut k, &s, &NoHashCache, false, None).unwrap();
             k.finish()
         };
         let k1 = key(".");

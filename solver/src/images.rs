@@ -703,6 +703,13 @@ impl Session {
         find_for(&self.open_images()?, reference, platform)
     }
 
+    /// The size of the stored blob `digest` (`sha256:…`), e.g. a built
+    /// image's manifest for `--metadata-file`'s descriptor.
+    pub fn blob_size(&self, digest: &str) -> Result<u64, Error> {
+        let d: kiln_cache::Digest = digest.parse()?;
+        Ok(self.open_images()?.blob_size(&d)?)
+    }
+
     /// Each layer's uncompressed size (docker's sizes).
     pub fn layer_sizes(&self, image: &ImageInfo) -> Result<Vec<u64>, Error> {
         layer_sizes(&self.open_images()?, image)
@@ -842,7 +849,7 @@ impl Session {
         // The lease keeps what we write from a concurrent prune until
         // tagged; the GC guard keeps prune from reclaiming our spill
         // directory.
-        let _lease = store.lease(None)?;
+        let store = store.leased(None)?;
         let _gc = store.gc_guard()?;
         use kiln_image::archive::BlobSource;
         let archive =
@@ -961,7 +968,7 @@ impl Session {
         let mut config = kiln_image::config::ContainerConfig::default();
         crate::change::apply_changes(&mut config, changes)?;
         let store = self.open_images()?;
-        let _lease = store.lease(None)?;
+        let store = store.leased(None)?;
         let _gc = store.gc_guard()?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1005,7 +1012,7 @@ impl Session {
     pub fn pull(&self, reference: &str, opts: &TransferOptions) -> Result<PullResult, Error> {
         let cfg = RegistryConfig::load(&opts.insecure_registries)?.with_cancel(opts.cancel.clone());
         let store = self.open_images()?;
-        let _lease = store.lease(None)?;
+        let store = store.leased(None)?;
         let name = normalize_reference(reference).map_err(invalid("reference", reference))?;
         let report = self.reporter();
         report.note(&format!("pulling {name}"));

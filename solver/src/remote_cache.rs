@@ -225,7 +225,9 @@ impl RemoteCacheBackend {
     }
 
     /// Reads the records of `src` (a manifest fetch and a config fetch; no
-    /// layer is downloaded). Returns how many records were usable.
+    /// layer is downloaded). An image index (a multi-platform image with
+    /// inline cache) gives the records of every platform's image, not
+    /// just the host's. Returns how many records were usable.
     pub fn import(&mut self, src: &CacheImport) -> Result<usize, RemoteCacheError> {
         let (manifest, origin, config) = match src {
             CacheImport::Registry(reference) => {
@@ -237,23 +239,44 @@ impl RemoteCacheBackend {
                 let resolved = reg
                     .resolve(&r, &Platform::host())
                     .map_err(RemoteCacheError::src)?;
-                let m = resolved
-                    .manifest
-                    .manifest()
-                    .map_err(|e| RemoteCacheError::ctx(reference)(e))?;
-                let config = if is_cache_manifest(&m) {
-                    Some(
-                        reg.get_blob_bytes(&r.repository, &m.config)
-                            .map_err(RemoteCacheError::src)?,
-                    )
-                } else {
-                    None
+                let mut platforms: Vec<Platform> = match &resolved.index {
+                    Some(i) => i
+                        .index()
+                        .map_err(|e| RemoteCacheError::ctx(reference)(e))?
+                        .manifests
+                        .iter()
+                        .take(crate::platforms::MAX_INDEX_ENTRIES)
+                        .filter_map(|d| d.platform.clone())
+                        .filter(|p| p.os != "unknown")
+                        .collect(),
+                    None => Vec::new(),
                 };
+                let reg = Arc::new(reg);
                 let origin = Origin::Registry {
-                    reg: Arc::new(reg),
+                    reg: reg.clone(),
                     repo: r.repository.clone(),
                 };
-                (m, origin, config)
+                let mut n = 0;
+                let mut manifests = vec![resolved.manifest];
+                platforms.retain(|p| !p.matches(&Platform::host()));
+                for p in &platforms {
+                    manifests.push(reg.resolve(&r, p).map_err(RemoteCacheError::src)?.manifest);
+                }
+                for raw in manifests {
+                    let m = raw
+                        .manifest()
+                        .map_err(|e| RemoteCacheError::ctx(reference)(e))?;
+                    let config = if is_cache_manifest(&m) {
+                        Some(
+                            reg.get_blob_bytes(&r.repository, &m.config)
+                                .map_err(RemoteCacheError::src)?,
+                        )
+                    } else {
+                        None
+                    };
+                    n += self.import_records(&m, &origin, config)?;
+                }
+                return Ok(n);
             }
             CacheImport::Local { dir, tag } => {
                 let raw = read_layout_manifest(dir, tag)?;
@@ -268,6 +291,17 @@ impl RemoteCacheBackend {
                 (m, Origin::Dir(dir.clone()), config)
             }
         };
+        self.import_records(&manifest, &origin, config)
+    }
+
+    /// The records of one cache manifest (its `config`) or image with
+    /// inline cache (`config` is `None`), whose layers come from `origin`.
+    fn import_records(
+        &mut self,
+        manifest: &ImageManifest,
+        origin: &Origin,
+        config: Option<Vec<u8>>,
+    ) -> Result<usize, RemoteCacheError> {
         let cfg: CacheConfig = match config {
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| RemoteCacheError::ctx("parsing the cache config")(e))?,
@@ -788,8 +822,20 @@ fn read_layout_manifest(dir: &Path, tag: &str) -> Result<RawManifest, RemoteCach
 }
 
 impl Backend for RemoteCacheBackend {
-    fn resolve_image(&self, reference: &str) -> BackendResult<Option<BaseImage>> {
-        self.inner.resolve_image(reference)
+    fn resolve_image(
+        &self,
+        reference: &str,
+        platform: Option<&kiln_image::manifest::Platform>,
+    ) -> BackendResult<Option<BaseImage>> {
+        self.inner.resolve_image(reference, platform)
+    }
+
+    fn export_index(
+        &self,
+        children: &[(kiln_image::manifest::Platform, crate::backend::Exported)],
+        tags: &[String],
+    ) -> BackendResult<crate::backend::Exported> {
+        self.inner.export_index(children, tags)
     }
 
     fn cache_alias(&self, key: &str, layer: &LayerRecord) -> BackendResult<()> {
@@ -858,8 +904,14 @@ impl Backend for RemoteCacheBackend {
             }
             fixed.push(l);
         }
+        // A multi-platform build exports one image per platform: the
+        // final layers of all of them are the build's (`mode=min`).
         if let Ok(mut f) = self.final_layers.lock() {
-            *f = fixed.iter().map(|l| l.snapshot.clone()).collect();
+            for l in &fixed {
+                if !f.contains(&l.snapshot) {
+                    f.push(l.snapshot.clone());
+                }
+            }
         }
         self.inner.export(config, &fixed, tags)
     }

@@ -154,6 +154,9 @@ pub struct BuildRequest {
     /// SOURCE_DATE_EPOCH when no build arg sets it (the CLI passes the
     /// environment's).
     pub source_date_epoch: Option<String>,
+    /// `--platform`: target platforms (empty: the host's). Normalised and
+    /// deduplicated by [`Session::prepare`]; several give an image index.
+    pub platforms: Vec<kiln_image::manifest::Platform>,
     /// The RUN steps' sandbox (`--add-host`, `--shm-size`, `--ulimit`,
     /// `--cgroup-parent`).
     pub sandbox: crate::build::SandboxOptions,
@@ -185,9 +188,17 @@ impl BuildRequest {
             allow_insecure: false,
             named_contexts: BTreeMap::new(),
             source_date_epoch: None,
+            platforms: Vec::new(),
             sandbox: Default::default(),
             annotations: BTreeMap::new(),
         }
+    }
+
+    /// Adds target platforms (`linux/arm64`, or several comma-separated,
+    /// as `--platform` takes them).
+    pub fn platform(mut self, platforms: &str) -> Result<Self, Error> {
+        self.platforms.extend(parse_platforms(platforms)?);
+        Ok(self)
     }
 
     /// Adds a name for the image.
@@ -219,6 +230,43 @@ impl BuildRequest {
         self.outputs.push(OutputSpec::parse(spec)?);
         Ok(self)
     }
+}
+
+/// Parses a `--platform` value: one or more comma-separated platforms
+/// (`linux/amd64,linux/arm64`), each normalised (containerd's rules).
+pub fn parse_platforms(value: &str) -> Result<Vec<kiln_image::manifest::Platform>, Error> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            kiln_image::platform::parse(p).map_err(|e| Error::Usage(format!("--platform: {e}")))
+        })
+        .collect()
+}
+
+/// The most platforms one build makes (an index of more is refused).
+pub const MAX_PLATFORMS: usize = 32;
+
+/// `platforms` normalised, without duplicates, in the order given; an
+/// empty list or the host's platform alone is a build for the host.
+fn target_platforms(
+    platforms: &[kiln_image::manifest::Platform],
+) -> Result<Vec<kiln_image::manifest::Platform>, Error> {
+    let mut out: Vec<kiln_image::manifest::Platform> = Vec::new();
+    for p in platforms {
+        let p = kiln_image::platform::normalize(p);
+        if !out.iter().any(|o| o.matches(&p)) {
+            out.push(p);
+        }
+    }
+    if out.len() > MAX_PLATFORMS {
+        return Err(Error::Usage(format!(
+            "--platform: {} platforms given; kiln builds at most {MAX_PLATFORMS} at once",
+            out.len()
+        )));
+    }
+    Ok(out)
 }
 
 /// A store to build in.
@@ -306,6 +354,25 @@ impl Session {
         for o in &req.outputs {
             tags.extend(o.names()?);
         }
+        let platforms = target_platforms(&req.platforms)?;
+        if platforms.len() > 1
+            && req
+                .cache_to
+                .iter()
+                .any(|c| matches!(c, CacheExport::Inline))
+        {
+            return Err(Error::Usage(
+                "--cache-to type=inline: inline cache of a multi-platform image is not supported; use type=registry,ref=… (it holds every platform's steps)".into(),
+            ));
+        }
+        if platforms.len() > 1 {
+            if let Some(o) = req.outputs.iter().find(|o| o.kind == "docker") {
+                return Err(Error::Usage(format!(
+                    "--output type={}: docker exporter does not currently support exporting manifest lists (build one --platform, or use type=oci or type=registry)",
+                    o.kind
+                )));
+            }
+        }
         let source_date_epoch = req
             .build_args
             .get("SOURCE_DATE_EPOCH")
@@ -340,7 +407,7 @@ impl Session {
         }
         for (name, addr) in &req.sandbox.extra_hosts {
             kiln_executor::check_extra_host(name, addr)
-                .map_err(|e| usage(format!("--add-host {name}:{addr}: {e}")))?;
+                .map_err(|e| usage(format!("--add-host {:?}: {e}", format!("{name}:{addr}"))))?;
         }
         if let Some(p) = &req.sandbox.cgroup_parent {
             let ok = !p.is_empty()
@@ -384,6 +451,7 @@ impl Session {
             ssh: req.ssh,
             allow_insecure: req.allow_insecure,
             named_contexts,
+            platforms,
             sandbox: req.sandbox,
         };
         Ok(Prepared {

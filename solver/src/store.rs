@@ -22,18 +22,17 @@ use crate::backend::{
 use crate::copy::{HashCache, StatKey};
 use crate::flatten::Block;
 
-/// The store-backed backend. Holds a lease for its whole life.
+/// The store-backed backend. Holds a lease for its whole life: its store
+/// handle is made with the lease, so everything the build writes through
+/// it (and nothing written through other handles) joins that lease.
 pub struct StoreBackend {
     store: Store,
-    lease: Option<String>,
     /// Registry access for FROM: (settings, always pull).
     registry: Option<(kiln_registry::RegistryConfig, bool)>,
     /// Merged blocks of deep chains made or found by this build, by
     /// snapshot name (immutable; those found are added to the build's
     /// lease, those made are in it).
     flats: std::sync::Mutex<std::collections::HashMap<String, PathBuf>>,
-    /// The platform picked from a stored index (`None`: the host's).
-    platform: Option<kiln_image::manifest::Platform>,
     /// Annotations of the manifests [`Backend::export`] writes.
     annotations: std::collections::BTreeMap<String, String>,
 }
@@ -78,25 +77,18 @@ fn cache_digest(d: &Digest) -> BackendResult<kiln_cache::Digest> {
 }
 
 impl StoreBackend {
-    /// Wraps an open store and takes a lease for this build.
+    /// Wraps an open store and takes a lease for this build (released
+    /// when the backend drops).
     pub fn new(store: Store) -> Self {
-        let lease = store.meta().create_lease(None).ok();
-        store.meta().set_current_lease(lease.clone());
+        // Without a lease (the database refused one) the build still
+        // runs, as before; only a concurrent prune could then take its work.
+        let store = store.leased(None).unwrap_or(store);
         StoreBackend {
             store,
-            lease,
             registry: None,
             flats: Default::default(),
-            platform: None,
             annotations: Default::default(),
         }
-    }
-
-    /// Picks `platform`'s image when a name points at a stored index (by
-    /// default the host's); a single image must then be for `platform`.
-    pub fn with_platform(mut self, platform: kiln_image::manifest::Platform) -> Self {
-        self.platform = Some(platform);
-        self
     }
 
     /// Lets FROM pull from registries: images missing from the store, or
@@ -299,15 +291,6 @@ impl StoreBackend {
     }
 }
 
-impl Drop for StoreBackend {
-    fn drop(&mut self) {
-        if let Some(l) = self.lease.take() {
-            self.store.meta().set_current_lease(None);
-            let _ = self.store.meta().delete_lease(&l);
-        }
-    }
-}
-
 impl HashCache for StoreBackend {
     fn lookup(&self, keys: &[StatKey]) -> Vec<Option<[u8; 32]>> {
         let paths: Vec<String> = keys.iter().map(|k| path_key(&k.path)).collect();
@@ -371,8 +354,64 @@ fn stat_of(k: &StatKey) -> FileStat {
 /// imported: reserved (`.invalid`), never pulled.
 pub const OCI_LAYOUT_DOMAIN: &str = "oci-layout.kiln.invalid";
 
+impl StoreBackend {
+    /// Stored manifest `md`: its bytes, config digest and layer digests.
+    fn manifest_parts(
+        &self,
+        md: &kiln_cache::Digest,
+    ) -> BackendResult<(Vec<u8>, kiln_cache::Digest, Vec<kiln_cache::Digest>)> {
+        let bytes = self
+            .store
+            .content()
+            .read(md)
+            .map_err(BackendError::ctx("manifest"))?;
+        let m: ImageManifest =
+            serde_json::from_slice(&bytes).map_err(BackendError::ctx("parsing manifest"))?;
+        let layers = m
+            .layers
+            .iter()
+            .map(|l| cache_digest(&l.digest))
+            .collect::<BackendResult<Vec<_>>>()?;
+        Ok((bytes, cache_digest(&m.config.digest)?, layers))
+    }
+
+    /// After a pull of one platform from index `index`: `name` points at
+    /// the index, with every child the store holds, so that a build
+    /// pulling another platform of the same name keeps this one.
+    fn record_stored_index(&self, name: &str, index: &Digest) -> BackendResult<()> {
+        let idig = cache_digest(index)?;
+        let bytes = self
+            .store
+            .content()
+            .read(&idig)
+            .map_err(BackendError::ctx("index"))?;
+        let raw = kiln_image::manifest::RawManifest::new(bytes, None)
+            .map_err(BackendError::ctx("index"))?;
+        let children = crate::platforms::stored_children(&self.store, &raw)
+            .map_err(BackendError::ctx(name.to_string()))?;
+        let mut parts = Vec::with_capacity(children.len());
+        for d in children {
+            let md = cache_digest(&d.digest)?;
+            let (_, config, layers) = self.manifest_parts(&md)?;
+            // Only children whose config is here too (a child of an
+            // earlier pull may have been pruned in part).
+            if !self.store.meta().has_blob(&config).unwrap_or(false) {
+                continue;
+            }
+            parts.push((md, config, layers));
+        }
+        self.store
+            .record_index(name, &idig, &parts)
+            .map_err(BackendError::ctx("tagging"))
+    }
+}
+
 impl Backend for StoreBackend {
-    fn resolve_image(&self, reference: &str) -> BackendResult<Option<BaseImage>> {
+    fn resolve_image(
+        &self,
+        reference: &str,
+        platform: Option<&kiln_image::manifest::Platform>,
+    ) -> BackendResult<Option<BaseImage>> {
         // Docker/BuildKit word every unparsable name "invalid reference
         // format"; the detail follows.
         // An untagged image is found by the ID it is kept under, and only
@@ -393,48 +432,78 @@ impl Backend for StoreBackend {
                 ))
             })?
         };
-        let imported = untagged || name.starts_with(&format!("{OCI_LAYOUT_DOMAIN}/"));
-        if let Some((cfg, always)) = self.registry.as_ref().filter(|_| !imported) {
-            let local = self
+        let want = platform;
+        // The stored image for `want` (a name pointing at an index, or an
+        // explicit platform: the platform's image; else the one stored).
+        let local = |name: &str| -> BackendResult<Option<(Vec<u8>, String)>> {
+            let Some(rec) = self
                 .store
                 .meta()
-                .image(&name)
-                .map_err(BackendError::ctx("image table"))?;
-            if *always || local.is_none() {
-                crate::transfer::pull(&self.store, cfg, &name, 4, &|_| {})
-                    .map_err(BackendError::src)?;
+                .image(name)
+                .map_err(BackendError::ctx("image table"))?
+            else {
+                return Ok(None);
+            };
+            let md: kiln_cache::Digest = rec
+                .manifest
+                .parse()
+                .map_err(BackendError::ctx("manifest digest"))?;
+            let bytes = self
+                .store
+                .content()
+                .read(&md)
+                .map_err(BackendError::ctx("manifest"))?;
+            if want.is_none()
+                && !kiln_image::manifest::RawManifest::new(bytes.clone(), None)
+                    .is_ok_and(|r| r.is_index())
+            {
+                return Ok(Some((bytes, rec.manifest)));
             }
-        }
-        let Some(rec) = self
-            .store
-            .meta()
-            .image(&name)
-            .map_err(BackendError::ctx("image table"))?
-        else {
-            return Ok(None);
+            let m = crate::platforms::select(&self.store, &rec.manifest, want, false)
+                .map_err(BackendError::ctx(name.to_string()))?
+                .manifest;
+            Ok(Some((m.bytes, m.digest.to_string())))
         };
-        let md: kiln_cache::Digest = rec
-            .manifest
-            .parse()
-            .map_err(BackendError::ctx("manifest digest"))?;
-        let bytes = self
-            .store
-            .content()
-            .read(&md)
-            .map_err(BackendError::ctx("manifest"))?;
-        // A name that points at an index (or a run for an explicit
-        // platform): the platform's image.
-        let (bytes, manifest_digest) = if self.platform.is_some()
-            || kiln_image::manifest::RawManifest::new(bytes.clone(), None)
-                .is_ok_and(|r| r.is_index())
-        {
-            let m =
-                crate::platforms::select(&self.store, &rec.manifest, self.platform.as_ref(), false)
-                    .map_err(BackendError::ctx(name.clone()))?
-                    .manifest;
-            (m.bytes, m.digest.to_string())
-        } else {
-            (bytes, rec.manifest.clone())
+        let imported = untagged || name.starts_with(&format!("{OCI_LAYOUT_DOMAIN}/"));
+        let found = match self.registry.as_ref().filter(|_| !imported) {
+            Some((cfg, always)) => {
+                // A stored name for another platform is pulled for this
+                // one (the pulled manifest is used as it is: another
+                // platform's pull of the same name may move the name).
+                let have = if *always {
+                    None
+                } else {
+                    local(&name).ok().flatten()
+                };
+                match have {
+                    Some(h) => Some(h),
+                    None => {
+                        let pulled = crate::transfer::pull_platform(
+                            &self.store,
+                            cfg,
+                            &name,
+                            want,
+                            4,
+                            &|_| {},
+                        )
+                        .map_err(BackendError::src)?;
+                        if let Some(index) = &pulled.index_digest {
+                            self.record_stored_index(&name, index)?;
+                        }
+                        let md = cache_digest(&pulled.manifest_digest)?;
+                        let bytes = self
+                            .store
+                            .content()
+                            .read(&md)
+                            .map_err(BackendError::ctx("manifest"))?;
+                        Some((bytes, pulled.manifest_digest.to_string()))
+                    }
+                }
+            }
+            None => local(&name)?,
+        };
+        let Some((bytes, manifest_digest)) = found else {
+            return Ok(None);
         };
         let manifest: ImageManifest =
             serde_json::from_slice(&bytes).map_err(BackendError::ctx("parsing manifest"))?;
@@ -670,6 +739,42 @@ impl Backend for StoreBackend {
         Ok(Exported {
             image_id: cdigest.to_string(),
             manifest_digest: mdigest.to_string(),
+        })
+    }
+
+    fn export_index(
+        &self,
+        children: &[(kiln_image::manifest::Platform, Exported)],
+        tags: &[String],
+    ) -> BackendResult<Exported> {
+        let mut descs = Vec::with_capacity(children.len());
+        let mut parts = Vec::with_capacity(children.len());
+        for (platform, child) in children {
+            let md = child
+                .manifest_digest
+                .parse::<kiln_cache::Digest>()
+                .map_err(BackendError::ctx("manifest digest"))?;
+            let (bytes, config, layers) = self.manifest_parts(&md)?;
+            let mut d = Descriptor::of_bytes(media_types::OCI_MANIFEST, &bytes);
+            d.platform = Some(kiln_image::platform::normalize(platform));
+            descs.push(d);
+            parts.push((md, config, layers));
+        }
+        let ibytes = kiln_image::manifest::ImageIndex::new(descs)
+            .to_bytes()
+            .map_err(BackendError::ctx("index"))?;
+        let idigest = self
+            .store
+            .put_bytes(&ibytes, Some(media_types::OCI_INDEX))
+            .map_err(BackendError::ctx("storing index"))?;
+        for tag in tags {
+            self.store
+                .record_index(tag, &idigest, &parts)
+                .map_err(BackendError::ctx("tagging"))?;
+        }
+        Ok(Exported {
+            image_id: idigest.to_string(),
+            manifest_digest: idigest.to_string(),
         })
     }
 

@@ -21,6 +21,7 @@ use kiln_executor::{
 };
 use kiln_image::config::ImageConfig;
 use kiln_image::diff::DiffOptions;
+use kiln_image::manifest::Platform;
 use kiln_image::Digest;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
@@ -41,17 +42,26 @@ struct Snap {
 struct MemState {
     snaps: HashMap<String, Snap>,
     cache: HashMap<String, LayerRecord>,
-    images: HashMap<String, BaseImage>,
+    /// By reference: one image per platform (the config's).
+    images: HashMap<String, Vec<BaseImage>>,
     exported: Vec<(ImageConfig, Vec<LayerRecord>, Vec<String>)>,
+    /// Indexes exported: (platform, manifest digest) children, tags.
+    indexes: Vec<IndexRecord>,
     /// Every key committed or aliased, in order.
     committed: Vec<String>,
     /// Every key looked up, in order.
     lookups: Vec<String>,
     /// When set, every commit fails with the error it makes.
     fail_commit: Option<CommitFault>,
+    /// When set, called as every commit starts (before the diff).
+    on_commit: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 type CommitFault = Arc<dyn Fn() -> BackendError + Send + Sync>;
+
+/// An index a multi-platform build exported: its children (platform,
+/// manifest digest) in order, and its tags.
+pub type IndexRecord = (Vec<(String, String)>, Vec<String>);
 
 /// An in-memory store: see the module doc.
 pub struct MemBackend {
@@ -90,6 +100,12 @@ impl MemBackend {
         self.lock().fail_commit = Some(Arc::new(fault));
     }
 
+    /// Calls `hook` as every later commit starts, before its diff (e.g.
+    /// to cancel the build while a layer is being committed).
+    pub fn on_commit(&self, hook: impl Fn() + Send + Sync + 'static) {
+        self.lock().on_commit = Some(Arc::new(hook));
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, MemState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -104,7 +120,9 @@ impl MemBackend {
 
     /// Adds an image whose one layer holds `files` (path, content), under
     /// `reference` (as the solver will ask for it, e.g.
-    /// `docker.io/library/alpine:latest`).
+    /// `docker.io/library/alpine:latest`). Images under one reference
+    /// whose configs name different platforms are kept side by side, as
+    /// an index's children are.
     pub fn add_image(
         &self,
         reference: &str,
@@ -140,15 +158,15 @@ impl MemBackend {
         };
         let mut st = self.lock();
         st.snaps.insert(snap, Snap { dir, parent: None });
-        st.images.insert(
-            reference.to_string(),
-            BaseImage {
-                reference: reference.to_string(),
-                manifest_digest: manifest_digest.to_string(),
-                config,
-                layers: vec![layer],
-            },
-        );
+        let list = st.images.entry(reference.to_string()).or_default();
+        let platform = config_platform(&config);
+        list.retain(|i| !config_platform(&i.config).matches(&platform));
+        list.push(BaseImage {
+            reference: reference.to_string(),
+            manifest_digest: manifest_digest.to_string(),
+            config,
+            layers: vec![layer],
+        });
         Ok(())
     }
 
@@ -160,6 +178,11 @@ impl MemBackend {
     /// Keys looked up so far, in order.
     pub fn looked_up_keys(&self) -> Vec<String> {
         self.lock().lookups.clone()
+    }
+
+    /// The indexes exported so far (multi-platform builds).
+    pub fn exported_indexes(&self) -> Vec<IndexRecord> {
+        self.lock().indexes.clone()
     }
 
     /// The images exported so far: config, layers, tags.
@@ -183,6 +206,15 @@ impl MemBackend {
     }
 }
 
+fn config_platform(c: &ImageConfig) -> Platform {
+    Platform {
+        os: c.os.clone(),
+        architecture: c.architecture.clone(),
+        variant: c.variant.clone(),
+        ..Default::default()
+    }
+}
+
 fn diff_of(dir: &Path, opts: &DiffOptions) -> BackendResult<Digest> {
     let mut w = HashWriter(Sha256::new());
     kiln_image::diff::write_overlay_diff(dir, &mut w, opts).map_err(BackendError::ctx("diff"))?;
@@ -192,10 +224,25 @@ fn diff_of(dir: &Path, opts: &DiffOptions) -> BackendResult<Digest> {
 }
 
 impl Backend for MemBackend {
-    fn resolve_image(&self, reference: &str) -> BackendResult<Option<BaseImage>> {
+    fn resolve_image(
+        &self,
+        reference: &str,
+        platform: Option<&Platform>,
+    ) -> BackendResult<Option<BaseImage>> {
         let name = kiln_cache::normalize_reference(reference)
             .map_err(BackendError::ctx("invalid reference format"))?;
-        Ok(self.lock().images.get(&name).cloned())
+        let st = self.lock();
+        let Some(list) = st.images.get(&name) else {
+            return Ok(None);
+        };
+        let pick = match platform {
+            Some(p) => list.iter().find(|i| p.matches(&config_platform(&i.config))),
+            None => list
+                .iter()
+                .find(|i| Platform::host().matches(&config_platform(&i.config)))
+                .or(list.last()),
+        };
+        Ok(pick.cloned())
     }
 
     fn cache_get(&self, key: &str) -> BackendResult<Option<LayerRecord>> {
@@ -246,7 +293,18 @@ impl Backend for MemBackend {
             self.lock().snaps.remove(&active.key).ok_or_else(|| {
                 BackendError::Invalid(format!("no active snapshot {}", active.key))
             })?;
-        let diff_id = diff_of(&snap.dir, opts)?;
+        let hook = self.lock().on_commit.clone();
+        if let Some(hook) = hook {
+            hook();
+        }
+        let diff_id = match diff_of(&snap.dir, opts) {
+            Ok(d) => d,
+            Err(e) => {
+                // Nothing recorded: the snapshot goes as an abort's would.
+                let _ = std::fs::remove_dir_all(&snap.dir);
+                return Err(e);
+            }
+        };
         let name = active.key.trim_start_matches("active-").to_string();
         let layer = LayerRecord {
             diff_id: diff_id.clone(),
@@ -305,6 +363,23 @@ impl Backend for MemBackend {
         Ok(Exported {
             image_id,
             manifest_digest,
+        })
+    }
+
+    fn export_index(
+        &self,
+        children: &[(Platform, Exported)],
+        tags: &[String],
+    ) -> BackendResult<Exported> {
+        let list: Vec<(String, String)> = children
+            .iter()
+            .map(|(p, e)| (p.to_string(), e.manifest_digest.clone()))
+            .collect();
+        let digest = Digest::sha256_of(format!("{list:?}").as_bytes()).to_string();
+        self.lock().indexes.push((list, tags.to_vec()));
+        Ok(Exported {
+            image_id: digest.clone(),
+            manifest_digest: digest,
         })
     }
 

@@ -171,6 +171,13 @@ pub fn pull_platform(
         }
     }
     let (mdig, cdig, layers) = store_pulled(store, &name, &r, &p, &config)?;
+    // The index itself is kept too (unreferenced until a name points at
+    // it): a build pulling several platforms of one name records it.
+    if let Some(i) = &p.resolved.index {
+        store
+            .put_bytes(&i.bytes, Some(&i.media_type))
+            .map_err(TransferError::ctx(format!("storing {name}")))?;
+    }
     store
         .record_image(&name, &mdig, &cdig, &layers)
         .map_err(TransferError::ctx(format!("storing {name}")))?;
@@ -691,6 +698,58 @@ pub fn encode_image(
     store_manifest(store, &m, layers, enc)
 }
 
+/// A stored index re-encoded per `enc` (a multi-platform build's result
+/// for `-o type=oci`): every stored child through [`encode_image`] (its
+/// platform and annotations kept, in index order), then the new index,
+/// stored: an OCI index, or a Docker manifest list when `enc` asks for
+/// Docker media types (`oci-mediatypes=false`).
+pub fn encode_index(
+    store: &Store,
+    index: &RawManifest,
+    enc: LayerEncoding,
+    jobs: usize,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<RawManifest, TransferError> {
+    let mut idx = index.index().map_err(TransferError::ctx("index"))?;
+    let children = crate::platforms::stored_children(store, index)
+        .map_err(TransferError::ctx(format!("index {}", index.digest)))?;
+    let mut out = Vec::with_capacity(children.len());
+    for d in &children {
+        let raw = stored_manifest(store, d)?;
+        let e = encode_image(store, &raw, enc, jobs, progress)?;
+        let mut nd = e.descriptor();
+        nd.platform = d.platform.clone();
+        nd.annotations = d.annotations.clone();
+        out.push(nd);
+    }
+    idx.manifests = out;
+    idx.media_type = Some(index_media_type(enc).to_string());
+    let bytes = idx.to_bytes().map_err(TransferError::src)?;
+    let raw = RawManifest::new(bytes, idx.media_type.as_deref()).map_err(TransferError::src)?;
+    store
+        .put_bytes(&raw.bytes, Some(&raw.media_type))
+        .map_err(TransferError::src)?;
+    Ok(raw)
+}
+
+/// The stored manifest `d` describes (an index's child).
+fn stored_manifest(store: &Store, d: &Descriptor) -> Result<RawManifest, TransferError> {
+    let bytes = store
+        .content()
+        .read(&cd(&d.digest)?)
+        .map_err(TransferError::ctx(format!("manifest {}", d.digest)))?;
+    RawManifest::new(bytes, Some(&d.media_type)).map_err(TransferError::src)
+}
+
+/// The index type that goes with `enc`'s manifests.
+fn index_media_type(enc: LayerEncoding) -> &'static str {
+    if enc.oci_media_types {
+        media_types::OCI_INDEX
+    } else {
+        media_types::DOCKER_MANIFEST_LIST
+    }
+}
+
 /// A stored image's manifest and config, checked to agree on the layers.
 fn image_parts(
     store: &Store,
@@ -860,11 +919,7 @@ pub fn push_index(
     }
     let mut pushed = Vec::with_capacity(children.len());
     for d in &children {
-        let bytes = store
-            .content()
-            .read(&cd(&d.digest)?)
-            .map_err(TransferError::ctx(format!("manifest {}", d.digest)))?;
-        let raw = RawManifest::new(bytes, Some(&d.media_type)).map_err(TransferError::src)?;
+        let raw = stored_manifest(store, d)?;
         let out = push_to(store, &reg, &r, None, &raw, enc, jobs, progress, transfer)?;
         let mut nd = out.descriptor();
         nd.platform = d.platform.clone();
@@ -880,8 +935,16 @@ pub fn push_index(
         index.clone()
     } else {
         idx.manifests = pushed;
+        // Docker manifests (`oci-mediatypes=false`) go in a Docker
+        // manifest list; otherwise the index keeps its type.
+        let media_type = if enc.oci_media_types {
+            index.media_type.clone()
+        } else {
+            index_media_type(enc).to_string()
+        };
+        idx.media_type = Some(media_type.clone());
         let bytes = idx.to_bytes().map_err(TransferError::src)?;
-        let raw = RawManifest::new(bytes, Some(&index.media_type)).map_err(TransferError::src)?;
+        let raw = RawManifest::new(bytes, Some(&media_type)).map_err(TransferError::src)?;
         store
             .put_bytes(&raw.bytes, Some(&raw.media_type))
             .map_err(TransferError::src)?;

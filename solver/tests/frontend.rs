@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use kiln_image::config::ImageConfig;
 use kiln_image::manifest::Platform;
 use kiln_solver::frontend::{self, plan};
-use kiln_solver::op::{Base, Graph, Op, SourceRef};
+use kiln_solver::op::{Graph, Op, Source};
 use kiln_solver::{BuildError, BuildOptions};
 
 fn lower_with(
@@ -136,7 +136,13 @@ fn proxy_build_args_reach_the_step_but_not_its_key_inputs() {
 fn a_base_image_config_decides_env_workdir_user_and_its_onbuild_is_spliced() {
     let g = lower_with("FROM node\nRUN echo $NODE\n", &node(), |_| {}).expect("lower");
     let s = &g.stages[0];
-    assert_eq!(s.base, Base::Image("node".into()));
+    assert_eq!(
+        s.base,
+        Source::Image {
+            reference: "node".into(),
+            platform: plan::host_platform()
+        }
+    );
     let names: Vec<&str> = s.ops.iter().map(|o| o.name.as_str()).collect();
     assert_eq!(
         names,
@@ -186,11 +192,11 @@ fn stages_are_edges_and_the_target_prunes_the_rest() {
     assert_eq!(idx, [0, 2]);
     assert_eq!(g.target, 2);
     let b = &g.stages[1];
-    assert_eq!(b.base, Base::Stage(0));
+    assert_eq!(b.base, Source::Stage(0));
     let Op::Copy(c) = &b.ops[0].op else { panic!() };
-    assert_eq!(c.from, Some(SourceRef::Stage(0)));
+    assert_eq!(c.from, Some(Source::Stage(0)));
     let Op::Exec(e) = &b.ops[1].op else { panic!() };
-    assert_eq!(e.mounts[0].from, Some(SourceRef::Stage(0)));
+    assert_eq!(e.mounts[0].from, Some(Source::Stage(0)));
     // A stage built on another inherits its history (and its layers'
     // entries).
     assert_eq!(b.config.history.len(), 3);
@@ -301,6 +307,142 @@ fn hostile_mount_plans_are_refused_before_anything_runs() {
         ),
     ] {
         match lower_with(df, &HashMap::new(), |_| {}) {
+            Err(BuildError::Step {
+                location, message, ..
+            }) if location.line == 2 => {
+                assert!(message.contains(why), "{df}: {message}")
+            }
+            other => panic!("{df}: {other:?}"),
+        }
+    }
+}
+
+// ---- platforms (issue 17) ----
+
+fn arm64() -> Platform {
+    kiln_image::platform::parse("linux/arm64").expect("platform")
+}
+
+fn lower_for(df: &str, target: &Platform) -> Result<Graph, BuildError> {
+    let opts = BuildOptions {
+        dockerfile: df.to_string(),
+        ..Default::default()
+    };
+    let parsed = kiln_parser::parse(df)?;
+    let p = plan::plan_for(&parsed, &opts.build_args, None, target)?;
+    frontend::lower(
+        &parsed,
+        &p,
+        &opts,
+        "2024-01-01T00:00:00Z",
+        &HashMap::<String, ImageConfig>::new(),
+    )
+}
+
+fn exec_env(g: &Graph, stage: usize, op: usize) -> Vec<(String, String)> {
+    match &g.stages[stage].ops[op].op {
+        Op::Exec(e) => e.env.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn automatic_platform_args_are_global_in_from_and_scoped_in_stages() {
+    let host = plan::host_platform();
+    // In FROM lines they are defined without a declaration.
+    let d = kiln_parser::parse("FROM busybox:$TARGETARCH-$BUILDARCH\n").expect("parse");
+    let p = plan::plan_for(&d, &BTreeMap::new(), None, &arm64()).expect("plan");
+    assert_eq!(
+        p.stages[0].base,
+        plan::Base::Image(format!("busybox:arm64-{}", host.architecture))
+    );
+    // Inside a stage only after `ARG NAME`; values for the target.
+    let g = lower_for(
+        "FROM scratch\nRUN echo\nARG TARGETARCH TARGETPLATFORM TARGETVARIANT BUILDARCH BUILDOS\nRUN echo\n",
+        &arm64(),
+    )
+    .expect("lower");
+    let before = exec_env(&g, 0, 0);
+    assert!(
+        !before
+            .iter()
+            .any(|(k, _)| k.starts_with("TARGET") || k.starts_with("BUILD")),
+        "{before:?}"
+    );
+    let after = exec_env(&g, 0, 1);
+    for (k, v) in [
+        ("TARGETARCH", "arm64"),
+        ("TARGETPLATFORM", "linux/arm64"),
+        ("TARGETVARIANT", ""),
+        ("BUILDARCH", host.architecture.as_str()),
+        ("BUILDOS", "linux"),
+    ] {
+        assert!(
+            after.contains(&(k.to_string(), v.to_string())),
+            "{k}: {after:?}"
+        );
+    }
+    // The stage's image config and RUN are for the target.
+    let s = &g.stages[0];
+    assert_eq!(s.config.architecture, "arm64");
+    assert_eq!(s.platform, arm64());
+    assert!(matches!(&s.ops[0].op, Op::Exec(e) if e.platform == arm64()));
+}
+
+#[test]
+fn from_platform_buildplatform_runs_natively_and_stages_inherit_their_base_platform() {
+    let g = lower_for(
+        "FROM --platform=$BUILDPLATFORM scratch AS build\nARG TARGETARCH\nRUN echo $TARGETARCH\n\
+         FROM build AS more\nRUN true\n\
+         FROM scratch\nCOPY --from=more / /\n",
+        &arm64(),
+    )
+    .expect("lower");
+    let host = plan::host_platform();
+    assert_eq!(g.stages[0].platform, host);
+    assert!(matches!(&g.stages[0].ops[0].op, Op::Exec(e) if e.platform == host));
+    assert!(exec_env(&g, 0, 0).contains(&("TARGETARCH".into(), "arm64".into())));
+    // FROM <stage> keeps the stage's platform (BuildKit's rule).
+    assert_eq!(g.stages[1].platform, host);
+    assert_eq!(g.stages[2].platform, arm64());
+    assert_eq!(g.stages[2].config.architecture, "arm64");
+    assert_eq!(g.platform, arm64());
+}
+
+#[test]
+fn the_platform_is_part_of_a_run_key() {
+    let df = "FROM scratch\nRUN true\n";
+    let digest = |p: &Platform| match &lower_for(df, p).expect("lower").stages[0].ops[0].op {
+        op @ Op::Exec(_) => op.definition_digest(),
+        other => panic!("{other:?}"),
+    };
+    assert_ne!(digest(&plan::host_platform()), digest(&arm64()));
+    assert_eq!(digest(&arm64()), digest(&arm64()));
+}
+
+/// Hostile: garbage in `FROM --platform=` (as written or expanded) is an
+/// error at the FROM line naming the value, before any image is asked for.
+#[test]
+fn from_platform_garbage_is_a_located_error() {
+    for (df, why) in [
+        (
+            "FROM scratch\nFROM --platform=linux/../../etc busybox\n",
+            "invalid platform",
+        ),
+        (
+            "FROM scratch\nFROM --platform=$NOPE busybox\n",
+            "invalid platform",
+        ),
+        (
+            "FROM scratch\nFROM --platform=a/b/c/d busybox\n",
+            "more than three",
+        ),
+        (
+            "FROM scratch\nFROM --platform=${X:?unset} busybox\n",
+            "unset",
+        ),
+    ] {
+        match lower_for(df, &plan::host_platform()) {
             Err(BuildError::Step {
                 location, message, ..
             }) if location.line == 2 => {

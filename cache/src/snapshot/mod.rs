@@ -316,8 +316,12 @@ pub(crate) struct Core {
     /// Committed snapshots seen, by snapshot id (an id names one creation,
     /// and a committed snapshot's row never changes): the row and its
     /// parent's id — see [`Core::chain`].
-    pub chains: std::sync::Mutex<std::collections::HashMap<String, ChainNode>>,
+    /// (Shared by every handle on one store.)
+    pub chains: Chains,
 }
+
+/// The committed-chain memo of [`Core`], shared by a store's handles.
+pub(crate) type Chains = Arc<std::sync::Mutex<std::collections::HashMap<String, ChainNode>>>;
 
 /// A committed snapshot's row and its parent's snapshot id.
 type ChainNode = (Arc<Info>, Option<String>);

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::copy::copy_tree;
-use super::{ApplyMode, Core, DiffSource, Info, Mount, Paths, Snapshotter, Usage};
+use super::{ApplyMode, Chains, Core, DiffSource, Info, Mount, Paths, Snapshotter, Usage};
 use crate::error::{Error, IoContext, Result};
 use crate::meta::{Kind, Meta};
 
@@ -18,12 +18,12 @@ pub struct NativeSnapshotter {
 }
 
 impl NativeSnapshotter {
-    pub(crate) fn new(meta: Arc<Meta>, paths: Paths) -> Self {
+    pub(crate) fn new(meta: Arc<Meta>, paths: Paths, chains: Chains) -> Self {
         NativeSnapshotter {
             core: Core {
                 meta,
                 paths,
-                chains: Default::default(),
+                chains,
             },
         }
     }

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{ApplyMode, Core, DiffSource, Info, Mount, Paths, Snapshotter, Usage};
+use super::{ApplyMode, Chains, Core, DiffSource, Info, Mount, Paths, Snapshotter, Usage};
 use crate::error::{io_err, Error, IoContext, Result};
 use crate::meta::{Kind, Meta};
 use crate::util::random_short;
@@ -22,12 +22,12 @@ pub struct OverlaySnapshotter {
 }
 
 impl OverlaySnapshotter {
-    pub(crate) fn new(meta: Arc<Meta>, paths: Paths) -> Self {
+    pub(crate) fn new(meta: Arc<Meta>, paths: Paths, chains: Chains) -> Self {
         OverlaySnapshotter {
             core: Core {
                 meta,
                 paths,
-                chains: Default::default(),
+                chains,
             },
         }
     }

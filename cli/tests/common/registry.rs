@@ -3,6 +3,7 @@
 //! access log on) and a kiln client with private config directories.
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -429,4 +430,135 @@ fn slow_one(client: TcpStream, upstream: u16, rate: usize) -> std::io::Result<()
         c_out.write_all(&buf[..n])?;
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// PUTs `body` as a manifest of `media_type` at `/v2/{repo}/manifests/{reference}`.
+pub fn put_manifest(reg: &Reg, repo: &str, reference: &str, media_type: &str, body: &[u8]) {
+    let mut s = TcpStream::connect(("127.0.0.1", reg.port)).expect("connect");
+    let head = format!(
+        "PUT /v2/{repo}/manifests/{reference} HTTP/1.1\r\nHost: {}\r\nContent-Type: {media_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        reg.host(),
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    s.write_all(body).expect("write");
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(
+        resp.starts_with("HTTP/1.1 201"),
+        "PUT {repo}:{reference}: {}",
+        resp.lines().next().unwrap_or_default()
+    );
+}
+
+/// The raw manifest at `docker://REF`.
+pub fn raw(reference: &str) -> Vec<u8> {
+    sh(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{reference}"),
+    ]))
+    .stdout
+}
+
+pub fn descriptor(reference: &str, platform: serde_json::Value) -> serde_json::Value {
+    let bytes = raw(reference);
+    let m: serde_json::Value = serde_json::from_slice(&bytes).expect("manifest");
+    serde_json::json!({
+        "mediaType": m["mediaType"],
+        "digest": kiln_image::Digest::sha256_of(&bytes).to_string(),
+        "size": bytes.len(),
+        "platform": platform,
+    })
+}
+
+/// Imports each (tag, rootfs tar, platform) of `images` as
+/// `REG/kiln/busybox:TAG` for its platform, pushes it, and pushes the OCI
+/// index of them all as `REG/kiln/busybox:INDEX_TAG`; returns the index's
+/// reference.
+pub fn push_busybox_index(
+    reg: &Reg,
+    index_tag: &str,
+    images: &[(&str, std::path::PathBuf, &str)],
+) -> String {
+    let c = Client::new(false);
+    let repo = format!("{}/kiln/busybox", reg.host());
+    let mut manifests = Vec::new();
+    for (tag, tar, platform) in images {
+        let name = format!("{repo}:{tag}");
+        c.ok(&[
+            "import",
+            "--platform",
+            platform,
+            tar.to_str().expect("utf-8"),
+            &name,
+        ]);
+        c.ok(&["push", "-q", &name]);
+        let p: Vec<&str> = platform.split('/').collect();
+        let mut pj = serde_json::json!({"os": p[0], "architecture": p[1]});
+        if let Some(v) = p.get(2) {
+            pj["variant"] = serde_json::json!(v);
+        }
+        manifests.push(descriptor(&name, pj));
+    }
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    });
+    put_manifest(
+        reg,
+        "kiln/busybox",
+        index_tag,
+        "application/vnd.oci.image.index.v1+json",
+        &serde_json::to_vec(&index).expect("json"),
+    );
+    format!("{repo}:{index_tag}")
+}
+
+/// `podman load -i TAR` into a private podman store under `dir` (runc,
+/// vfs: the host's store is left alone), then `podman run --rm --network
+/// none` with this host's hard limits (podman's defaults are above them)
+/// and `args` (options, image, command); returns its stdout.
+pub fn podman_load_run(dir: &Path, tar: &Path, args: &[&str]) -> String {
+    let proot = dir.join("podman-root");
+    let prun = dir.join("podman-run");
+    let podman = || {
+        let mut c = Command::new("podman");
+        c.arg("--root").arg(&proot).arg("--runroot").arg(&prun);
+        c.args(["--runtime", "runc", "--storage-driver", "vfs"]);
+        c
+    };
+    sh(podman().args(["load", "-i"]).arg(tar));
+    let nofile = sh(Command::new("sh").args(["-c", "ulimit -Hn"])).stdout;
+    let nofile = String::from_utf8_lossy(&nofile).trim().to_string();
+    let o = sh(podman()
+        .args(["run", "--rm", "--network", "none", "--ulimit"])
+        .arg(format!("nofile={nofile}:{nofile}"))
+        .args(["--ulimit", "nproc=32768:32768"])
+        .args(args));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `kiln save --platform linux/arm64` of `image` (from `c`'s store) into
+/// `dir`, loaded and run by podman ([`podman_load_run`]) as `uname -m`
+/// for linux/arm64; returns the output, trimmed (`aarch64` under QEMU).
+pub fn podman_uname_arm64(c: &Client, dir: &Path, image: &str) -> String {
+    let tar = dir.join("arm64.tar");
+    c.ok(&[
+        "save",
+        "--platform",
+        "linux/arm64",
+        "-o",
+        tar.to_str().expect("utf-8"),
+        image,
+    ]);
+    podman_load_run(
+        dir,
+        &tar,
+        &["--platform", "linux/arm64", image, "uname", "-m"],
+    )
+    .trim()
+    .to_string()
 }

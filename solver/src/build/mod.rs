@@ -60,6 +60,10 @@ pub struct BuildOptions {
     pub allow_insecure: bool,
     /// `--build-context`: names `FROM` and `--from` resolve to first.
     pub named_contexts: BTreeMap<String, crate::contexts::NamedContext>,
+    /// `--platform`: the target platforms, normalised and without
+    /// duplicates (empty: the host's). One gives an image for it; several
+    /// give an image index of one image per platform, in this order.
+    pub platforms: Vec<kiln_image::manifest::Platform>,
     /// The RUN steps' sandbox: `--add-host`, `--shm-size`, `--ulimit`,
     /// `--cgroup-parent`.
     pub sandbox: SandboxOptions,
@@ -166,6 +170,21 @@ pub struct BuildResult {
     pub executed: usize,
     /// How many steps came from the cache.
     pub cached: usize,
+    /// A multi-platform build: each platform's image, in `--platform`
+    /// order (`image_id` and `manifest_digest` are then the index's
+    /// digest). Empty for a build of one platform.
+    pub platforms: Vec<PlatformImage>,
+}
+
+/// One platform's image of a multi-platform build.
+#[derive(Debug, Clone)]
+pub struct PlatformImage {
+    /// The platform (normalised).
+    pub platform: kiln_image::manifest::Platform,
+    /// Its image ID (config digest).
+    pub image_id: String,
+    /// Its manifest digest.
+    pub manifest_digest: String,
 }
 
 /// `--memory`, `--cpus`, `--pids-limit`: applied to every RUN step's cgroup.

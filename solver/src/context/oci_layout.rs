@@ -149,7 +149,7 @@ pub fn import(
         raw = RawManifest::new(read_blob(&d.digest)?, Some(&d.media_type))?;
     }
     let man = raw.manifest()?;
-    let _lease = store.lease(None)?;
+    let store = store.leased(None)?;
     let mut stored = Vec::new();
     for desc in std::iter::once(&man.config).chain(&man.layers) {
         let p = blob_path(&desc.digest)?;

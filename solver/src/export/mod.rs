@@ -194,7 +194,14 @@ pub fn run(
     exporters: &[Box<dyn Exporter>],
     report: &dyn Reporter,
 ) -> Result<Exported, ExportError> {
-    let _lease = input.store.lease(None)?;
+    // The exporters write through a handle holding the export's own lease.
+    let store = input.store.leased(None)?;
+    let input = &ExportInput {
+        store: &store,
+        images: input.images.clone(),
+        source_date_epoch: input.source_date_epoch,
+        cache: input.cache,
+    };
     let mut all = Exported::default();
     tracing::info!(exporters = exporters.len(), "export started");
     for e in exporters {
@@ -526,9 +533,47 @@ pub fn rootfs_tar(
     let opts = kiln_image::diff::DiffOptions {
         clamp_mtime: clamp,
         exclude: Vec::new(),
+        cancel: None,
     };
     kiln_image::diff::write_tree_diff(None, &root, out, &opts)?;
     Ok(())
+}
+
+/// The filesystems a local or tar export writes: one image's at the top
+/// (an empty subdirectory), or, for an index (a multi-platform build),
+/// each stored child's under `os_arch[_variant]` (`linux_arm64`), as
+/// BuildKit's local exporter writes them.
+pub fn platform_roots(
+    store: &Store,
+    manifest: &RawManifest,
+) -> Result<Vec<(PathBuf, RawManifest)>, ExportError> {
+    if !manifest.is_index() {
+        return Ok(vec![(PathBuf::new(), manifest.clone())]);
+    }
+    let children = crate::platforms::stored_children(store, manifest)
+        .map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
+    let mut out = Vec::with_capacity(children.len());
+    for d in children {
+        let Some(p) = d.platform.as_ref() else {
+            continue;
+        };
+        // Checked as a platform string (no `/`, only [A-Za-z0-9_.-] in a
+        // component): the name is one path component of `os_arch`.
+        let p = kiln_image::platform::parse(&p.to_string())
+            .map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
+        let dir = match &p.variant {
+            Some(v) => format!("{}_{}_{v}", p.os, p.architecture),
+            None => format!("{}_{}", p.os, p.architecture),
+        };
+        let md: kiln_cache::Digest = d
+            .digest
+            .as_str()
+            .parse()
+            .map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
+        let raw = RawManifest::new(store.content().read(&md)?, Some(&d.media_type))?;
+        out.push((PathBuf::from(dir), raw));
+    }
+    Ok(out)
 }
 
 /// `docker.io/library/busybox:1` -> `busybox:1` (docker's familiar name).
@@ -557,9 +602,15 @@ impl Exporter for RegistryExporter {
     ) -> Result<Exported, ExportError> {
         let img = input.image()?;
         let mut done = Exported::default();
+        // A multi-platform build's index goes whole: its images, then it.
+        let push = if img.manifest.is_index() {
+            transfer::push_index
+        } else {
+            transfer::push
+        };
         for n in &self.names {
             let _span = tracing::info_span!("push", dest = %n).entered();
-            let d = transfer::push(
+            let d = push(
                 input.store,
                 &self.registry,
                 &img.manifest,
@@ -616,10 +667,12 @@ impl Exporter for ArchiveExporter {
         }
         if let Some(enc) = self.encoding {
             for img in &mut images {
-                img.manifest =
-                    transfer::encode_image(input.store, &img.manifest, enc, 4, &|m: &str| {
-                        report.note(m)
-                    })?;
+                let note = |m: &str| report.note(m);
+                img.manifest = if img.manifest.is_index() {
+                    transfer::encode_index(input.store, &img.manifest, enc, 4, &note)?
+                } else {
+                    transfer::encode_image(input.store, &img.manifest, enc, 4, &note)?
+                };
             }
         }
         let blobs = StoreBlobs(input.store);
@@ -655,7 +708,9 @@ impl Exporter for LocalExporter {
     ) -> Result<Exported, ExportError> {
         let _span =
             tracing::info_span!("export", kind = "local", dir = %self.dir.display()).entered();
-        unpack_rootfs(input.store, &input.image()?.manifest, &self.dir, report)?;
+        for (sub, manifest) in platform_roots(input.store, &input.image()?.manifest)? {
+            unpack_rootfs(input.store, &manifest, &self.dir.join(sub), report)?;
+        }
         Ok(Exported::default())
     }
 }
@@ -681,9 +736,27 @@ impl Exporter for TarExporter {
         } else {
             None
         };
-        let manifest = &input.image()?.manifest;
-        self.dest
-            .write(|w| rootfs_tar(input.store, manifest, w, clamp, report))?;
+        let roots = platform_roots(input.store, &input.image()?.manifest)?;
+        self.dest.write(|w| match &roots[..] {
+            [(sub, manifest)] if sub.as_os_str().is_empty() => {
+                rootfs_tar(input.store, manifest, w, clamp, report)
+            }
+            _ => {
+                // Several platforms: one tar with a directory each.
+                let tmp = tempfile::tempdir_in(input.store.tmp_dir())?;
+                let root = tmp.path().join("rootfs");
+                for (sub, manifest) in &roots {
+                    unpack_rootfs(input.store, manifest, &root.join(sub), report)?;
+                }
+                let opts = kiln_image::diff::DiffOptions {
+                    clamp_mtime: clamp,
+                    exclude: Vec::new(),
+                    cancel: None,
+                };
+                kiln_image::diff::write_tree_diff(None, &root, w, &opts)?;
+                Ok(())
+            }
+        })?;
         Ok(Exported::default())
     }
 }

@@ -1,5 +1,5 @@
 //! Instruction-level rules of the frontend: RUN argv and heredoc
-//! scripts, EXPOSE ports, STOPSIGNAL names, FROM platforms.
+//! scripts, EXPOSE ports, STOPSIGNAL names, HEALTHCHECK configs.
 
 use kiln_parser::instructions::CommandLine;
 
@@ -83,23 +83,6 @@ pub fn parse_ports(w: &str) -> Result<Vec<String>, InstrError> {
         return Err(InstrError::Invalid(format!("invalid port range: {ports}")));
     }
     Ok((lo..=hi).map(|p| format!("{p}/{proto}")).collect())
-}
-
-/// `FROM --platform=…`: kiln builds for the host platform only, so any
-/// other platform is an error rather than a silently wrong image.
-pub fn check_platform(p: &str) -> Result<(), InstrError> {
-    let (os, arch, variant) = super::plan::host_platform();
-    let mut parts = p.split('/');
-    let ok = parts.next() == Some(os)
-        && parts.next().is_none_or(|a| a == arch)
-        && parts.next().is_none_or(|v| v.is_empty() || v == variant);
-    if ok {
-        Ok(())
-    } else {
-        Err(InstrError::Invalid(format!(
-            "platform {p:?} is not supported: kiln builds for the host platform ({os}/{arch}) only"
-        )))
-    }
 }
 
 /// `STOPSIGNAL`: a signal name or number.

@@ -100,8 +100,11 @@ fn undefined_vars(
             global.extend(args.iter().map(|a| a.key.clone()));
         }
     }
+    let host = crate::plan::host_platform();
     let genv = crate::plan::global_env(
-        &crate::plan::global_args(df, &std::collections::BTreeMap::new()).unwrap_or_default(),
+        &crate::plan::global_args(df, &std::collections::BTreeMap::new(), &host)
+            .unwrap_or_default(),
+        &host,
     );
     let mut stage_env: Vec<Option<BTreeSet<String>>> = Vec::new();
     for stage in &df.stages {

@@ -25,7 +25,7 @@ use crate::contexts::NamedContext;
 use crate::error::BuildError;
 use crate::fsview::join_abs;
 use crate::op::{
-    Base, ContextDirOp, CopyOp, ExecOp, Graph, Heredoc, LayerOp, MkdirOp, Op, SourceRef, StageOps,
+    ContextDirOp, CopyOp, ExecOp, Graph, Heredoc, LayerOp, MkdirOp, Op, Source, StageOps,
 };
 
 pub mod history;
@@ -38,29 +38,39 @@ use history::{history, CopyHistory};
 use plan::{Plan, PROXY_ARGS};
 
 /// The configs of the build's base images, by the reference the
-/// Dockerfile names (`FROM alpine` asks for `alpine`).
+/// Dockerfile names (`FROM alpine` asks for `alpine`) and the platform
+/// the stage builds for.
 pub trait ImageConfigs {
     /// The image's config, `None` when it was not resolved.
-    fn image_config(&self, reference: &str) -> Option<ImageConfig>;
+    fn image_config(&self, reference: &str, platform: &Platform) -> Option<ImageConfig>;
 }
 
+/// By reference alone (one platform).
 impl ImageConfigs for HashMap<String, ImageConfig> {
-    fn image_config(&self, reference: &str) -> Option<ImageConfig> {
+    fn image_config(&self, reference: &str, _: &Platform) -> Option<ImageConfig> {
         self.get(reference).cloned()
+    }
+}
+
+/// By (reference, platform as `os/arch[/variant]`, normalised).
+impl ImageConfigs for HashMap<(String, String), ImageConfig> {
+    fn image_config(&self, reference: &str, platform: &Platform) -> Option<ImageConfig> {
+        let p = kiln_image::platform::normalize(platform).to_string();
+        self.get(&(reference.to_string(), p)).cloned()
     }
 }
 
 /// The images whose configs [`lower`] needs: the bases of the planned
 /// stages that are images (not `--build-context` directories), with the
-/// line of their `FROM` and the stage's index.
-pub fn base_images(plan: &Plan, opts: &BuildOptions) -> Vec<(usize, String)> {
+/// stage's index and platform.
+pub fn base_images(plan: &Plan, opts: &BuildOptions) -> Vec<(usize, String, Platform)> {
     plan.stages
         .iter()
         .filter_map(|s| match &s.base {
             plan::Base::Image(r)
                 if !matches!(opts.named_contexts.get(r), Some(NamedContext::Dir(_))) =>
             {
-                Some((s.index, r.clone()))
+                Some((s.index, r.clone(), s.platform.clone()))
             }
             _ => None,
         })
@@ -155,9 +165,9 @@ fn env_pairs(config: &ImageConfig) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The state of `FROM scratch`.
-fn scratch_state() -> StageState {
-    let mut config = ImageConfig::new(&Platform::host());
+/// The state of `FROM scratch` for `platform`.
+fn scratch_state(platform: &Platform) -> StageState {
+    let mut config = ImageConfig::new(platform);
     config.config_mut().env = Some(vec![format!("PATH={}", kiln_executor::DEFAULT_PATH)]);
     StageState {
         env: env_pairs(&config),
@@ -187,27 +197,6 @@ fn image_state(mut config: ImageConfig) -> StageState {
     }
 }
 
-/// Checks the `FROM --platform` of every planned stage: the solver asks
-/// this before it resolves (pulls) any base image, so a stage for another
-/// platform fails as such rather than as a missing image.
-pub fn check_platforms(
-    df: &Dockerfile,
-    plan: &Plan,
-    opts: &BuildOptions,
-) -> Result<(), BuildError> {
-    let l = Lowerer {
-        df,
-        plan,
-        opts,
-        created: "",
-        lex: Lex::new(df.escape),
-        states: HashMap::new(),
-    };
-    plan.stages
-        .iter()
-        .try_for_each(|s| l.check_platform(s.index))
-}
-
 /// Lowers the stages of `plan` (see the module doc). `created` is the
 /// time history entries are stamped with.
 pub fn lower(
@@ -233,6 +222,7 @@ pub fn lower(
         stages,
         target: plan.target,
         unused_build_args: plan::unused_build_args(df, plan, &opts.build_args),
+        platform: plan.platform.clone(),
     })
 }
 
@@ -252,6 +242,8 @@ struct Out<'a> {
     index: usize,
     total: usize,
     ops: Vec<LayerOp>,
+    /// The stage's platform.
+    platform: &'a Platform,
 }
 
 impl Lowerer<'_> {
@@ -267,27 +259,28 @@ impl Lowerer<'_> {
             None => format!("stage-{index}"),
         };
         let total = stage.instructions.len() + 1;
-        self.check_platform(index)?;
+        let platform = &planned.platform;
         let mut out = Out {
             label: &label,
             index,
             total,
             ops: Vec::new(),
+            platform,
         };
         let (base, mut state) = match &planned.base {
-            plan::Base::Scratch => (Base::Scratch, scratch_state()),
+            plan::Base::Scratch => (Source::Scratch, scratch_state(platform)),
             plan::Base::Stage(j) => {
                 let mut s = self.states.get(j).cloned().ok_or_else(|| {
                     BuildError::internal_msg(format!("plan: stage {j} lowered after its user"))
                 })?;
                 s.cmd_set = false;
-                (Base::Stage(*j), s)
+                (Source::Stage(*j), s)
             }
             plan::Base::Image(reference) => match self.opts.named_contexts.get(reference) {
                 Some(NamedContext::Dir(dir)) => {
                     // The directory's files (owned by root, as the build
                     // context's are) become the base's one layer.
-                    let mut s = scratch_state();
+                    let mut s = scratch_state(platform);
                     out.ops.push(LayerOp {
                         name: format!("[{label} 1/{total}] FROM {reference} ({})", dir.display()),
                         location: self.location(stage.line, stage.line),
@@ -297,13 +290,22 @@ impl Lowerer<'_> {
                         self.created,
                         format!("FROM {reference} (directory {})", dir.display()),
                     );
-                    (Base::Scratch, s)
+                    (Source::Scratch, s)
                 }
                 _ => {
-                    let config = images.image_config(reference).ok_or_else(|| {
-                        BuildError::at(stage.line, format!("{reference}: image not resolved"))
+                    let config = images.image_config(reference, platform).ok_or_else(|| {
+                        BuildError::at(
+                            stage.line,
+                            format!("{reference} ({platform}): image not resolved"),
+                        )
                     })?;
-                    (Base::Image(reference.clone()), image_state(config))
+                    (
+                        Source::Image {
+                            reference: reference.clone(),
+                            platform: platform.clone(),
+                        },
+                        image_state(config),
+                    )
                 }
             },
         };
@@ -341,26 +343,13 @@ impl Lowerer<'_> {
             location: self.location(stage.line, stage.line),
             total,
             base,
+            platform: platform.clone(),
             ops,
             config: state.config.clone(),
             base_history: state.base_history,
         };
         self.states.insert(index, state);
         Ok(result)
-    }
-
-    /// `FROM --platform=…` of stage `index`: the host's, or an error.
-    fn check_platform(&self, index: usize) -> Result<(), BuildError> {
-        let stage = &self.df.stages[index];
-        if let Some(p) = &stage.platform {
-            instr::check_platform(&self.expand(
-                p,
-                &plan::global_env(&self.plan.global_args),
-                stage.line,
-            )?)
-            .map_err(|m| BuildError::at_cause(stage.line, m))?;
-        }
-        Ok(())
     }
 
     fn expand(
@@ -458,13 +447,17 @@ impl Lowerer<'_> {
         Ok(())
     }
 
-    /// Resolves a `--from` value seen in stage `stage`.
-    fn source_ref(&self, stage: usize, from: &str) -> SourceRef {
+    /// Resolves a `--from` value seen in stage `stage`. An image is
+    /// taken for the build's target platform (as BuildKit does).
+    fn source_ref(&self, stage: usize, from: &str) -> Source {
         match plan::resolve_source(self.df, stage, from) {
-            plan::Source::Stage(j) => SourceRef::Stage(j),
-            plan::Source::Image(r) => match self.opts.named_contexts.get(&r) {
-                Some(NamedContext::Dir(d)) => SourceRef::ContextDir(d.clone()),
-                _ => SourceRef::Image(r),
+            plan::Source::Stage(j) => Source::Stage(j),
+            plan::Source::Image(reference) => match self.opts.named_contexts.get(&reference) {
+                Some(NamedContext::Dir(d)) => Source::ContextDir(d.clone()),
+                _ => Source::Image {
+                    reference,
+                    platform: self.plan.platform.clone(),
+                },
             },
         }
     }
@@ -539,7 +532,7 @@ impl Lowerer<'_> {
                             .find(|(k, _)| *k == key)
                             .and_then(|(_, v)| v.clone())
                             .or_else(|| {
-                                plan::platform_args()
+                                plan::platform_args_for(&self.plan.platform)
                                     .into_iter()
                                     .find(|(k, _)| *k == key)
                                     .map(|(_, v)| v)
@@ -685,7 +678,7 @@ impl Lowerer<'_> {
                 }
             }
             Kind::Run(run) => {
-                let (op, created_by) = self.run_op(out.index, state, instr, run)?;
+                let (op, created_by) = self.run_op(out.index, out.platform, state, instr, run)?;
                 out.ops.push(LayerOp {
                     name,
                     location: self.location(instr.line, instr.end_line),
@@ -698,7 +691,7 @@ impl Lowerer<'_> {
                 // plan expanded it (plan::track_stage_env).
                 let from = match &c.from {
                     Some(f) => {
-                        let mut env = plan::global_env(&self.plan.global_args);
+                        let mut env = plan::global_env(&self.plan.global_args, &self.plan.platform);
                         env.extend(state.env.iter().cloned());
                         Some(self.expand(f, &env, line)?)
                     }
@@ -762,6 +755,7 @@ impl Lowerer<'_> {
     fn run_op(
         &self,
         stage: usize,
+        platform: &Platform,
         state: &StageState,
         instr: &Instruction,
         run: &kiln_parser::instructions::Run,
@@ -786,8 +780,11 @@ impl Lowerer<'_> {
                     .from
                     .as_deref()
                     .map(|f| match plan::resolve_source(self.df, stage, f) {
-                        plan::Source::Stage(j) => SourceRef::Stage(j),
-                        plan::Source::Image(r) => SourceRef::Image(r),
+                        plan::Source::Stage(j) => Source::Stage(j),
+                        plan::Source::Image(reference) => Source::Image {
+                            reference,
+                            platform: self.plan.platform.clone(),
+                        },
                     });
             specs.push((mount, from));
         }
@@ -824,6 +821,7 @@ impl Lowerer<'_> {
                 mounts,
                 insecure,
                 step_name: instr.original.trim().to_string(),
+                platform: platform.clone(),
             },
             created_by,
         ))

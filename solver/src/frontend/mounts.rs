@@ -11,7 +11,7 @@ use kiln_parser::instructions::{parse_mount, Mount, MountType};
 use crate::build::BuildOptions;
 use crate::error::BuildError;
 use crate::fsview::join_abs;
-use crate::op::{MountSpec, SourceRef};
+use crate::op::{MountSpec, Source};
 
 /// Expands the variables of a mount spec and parses it again.
 pub fn expand_mount(
@@ -37,7 +37,7 @@ pub fn expand_mount(
 
 /// Plans the mounts of one RUN (see the module doc).
 pub fn plan_mounts(
-    mounts: Vec<(Mount, Option<SourceRef>)>,
+    mounts: Vec<(Mount, Option<Source>)>,
     workdir: &str,
     opts: &BuildOptions,
     line: usize,

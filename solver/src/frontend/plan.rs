@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use kiln_image::manifest::Platform;
 use kiln_parser::instructions::{Dockerfile, Kind, Stage};
 use kiln_parser::shell::Lex;
 
@@ -39,6 +40,9 @@ pub struct PlannedStage {
     pub base: Base,
     /// Stages this one waits for.
     pub deps: Vec<usize>,
+    /// The platform it builds for: its `FROM --platform=` (expanded,
+    /// normalised), else its base stage's, else the build's target.
+    pub platform: Platform,
 }
 
 /// The pruned build plan.
@@ -51,6 +55,8 @@ pub struct Plan {
     /// Global ARG values after `--build-arg` overrides, in declaration order
     /// (`None`: declared without a value).
     pub global_args: Vec<(String, Option<String>)>,
+    /// The target platform (`TARGETPLATFORM`), normalised.
+    pub platform: Platform,
 }
 
 impl Plan {
@@ -60,38 +66,36 @@ impl Plan {
     }
 }
 
-/// The host platform in OCI terms (`linux/amd64`, …).
-pub fn host_platform() -> (&'static str, &'static str, &'static str) {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "arm" => "arm",
-        "powerpc64" => "ppc64le",
-        "s390x" => "s390x",
-        "riscv64" => "riscv64",
-        other => other,
-    };
-    let variant = if arch == "arm64" { "v8" } else { "" };
-    ("linux", arch, variant)
+/// The host platform, normalised as BuildKit's automatic args give it
+/// (`linux/amd64`; arm64 has no variant).
+pub fn host_platform() -> Platform {
+    kiln_image::platform::normalize(&Platform::host())
 }
 
-/// BuildKit's predefined platform ARGs for a build on and for this host.
-pub fn platform_args() -> Vec<(String, String)> {
-    let (os, arch, variant) = host_platform();
-    let platform = if variant.is_empty() {
-        format!("{os}/{arch}")
-    } else {
-        format!("{os}/{arch}/{variant}")
-    };
+/// BuildKit's automatic platform args for a build on this host for
+/// `target`: `BUILDPLATFORM`, `BUILDOS`, `BUILDARCH`, `BUILDVARIANT`
+/// (the host) and `TARGETPLATFORM`, `TARGETOS`, `TARGETARCH`,
+/// `TARGETVARIANT`. They are defined in `FROM` lines; inside a stage only
+/// after `ARG NAME` (BuildKit's scoping).
+pub fn platform_args_for(target: &Platform) -> Vec<(String, String)> {
+    let build = host_platform();
+    let target = kiln_image::platform::normalize(target);
     let mut out = Vec::new();
-    for prefix in ["BUILD", "TARGET"] {
-        out.push((format!("{prefix}PLATFORM"), platform.clone()));
-        out.push((format!("{prefix}OS"), os.to_string()));
-        out.push((format!("{prefix}ARCH"), arch.to_string()));
-        out.push((format!("{prefix}VARIANT"), variant.to_string()));
+    for (prefix, p) in [("BUILD", &build), ("TARGET", &target)] {
+        out.push((format!("{prefix}PLATFORM"), p.to_string()));
+        out.push((format!("{prefix}OS"), p.os.clone()));
+        out.push((format!("{prefix}ARCH"), p.architecture.clone()));
+        out.push((
+            format!("{prefix}VARIANT"),
+            p.variant.clone().unwrap_or_default(),
+        ));
     }
     out
+}
+
+/// [`platform_args_for`] the host (a build for the host).
+pub fn platform_args() -> Vec<(String, String)> {
+    platform_args_for(&host_platform())
 }
 
 /// Build args that need no `ARG` declaration and stay out of history and
@@ -107,13 +111,15 @@ pub const PROXY_ARGS: [&str; 8] = [
     "no_proxy",
 ];
 
-/// Evaluates the global ARGs (`ARG` before the first `FROM`).
+/// Evaluates the global ARGs (`ARG` before the first `FROM`) of a build
+/// for `target`.
 pub fn global_args(
     df: &Dockerfile,
     build_args: &BTreeMap<String, String>,
+    target: &Platform,
 ) -> Result<Vec<(String, Option<String>)>, BuildError> {
     let lex = Lex::new(df.escape);
-    let mut env: Vec<(String, String)> = platform_args();
+    let mut env: Vec<(String, String)> = platform_args_for(target);
     let mut out = Vec::new();
     for instr in &df.meta_args {
         let Kind::Arg { args } = &instr.kind else {
@@ -138,9 +144,9 @@ pub fn global_args(
 }
 
 /// The environment FROM lines and `--from` values expand in: predefined
-/// platform args, then the global args that have values.
-pub fn global_env(global: &[(String, Option<String>)]) -> Vec<(String, String)> {
-    let mut env = platform_args();
+/// platform args (for `target`), then the global args that have values.
+pub fn global_env(global: &[(String, Option<String>)], target: &Platform) -> Vec<(String, String)> {
+    let mut env = platform_args_for(target);
     for (k, v) in global {
         if let Some(v) = v {
             env.push((k.clone(), v.clone()));
@@ -168,14 +174,26 @@ pub fn resolve_source(df: &Dockerfile, stage: usize, from: &str) -> Source {
     }
 }
 
-/// Plans the build of `target` (the last stage when `None`).
+/// Plans the build of `target` (the last stage when `None`) for the host
+/// platform.
 pub fn plan(
     df: &Dockerfile,
     build_args: &BTreeMap<String, String>,
     target: Option<&str>,
 ) -> Result<Plan, BuildError> {
-    let global = global_args(df, build_args)?;
-    let env = global_env(&global);
+    plan_for(df, build_args, target, &host_platform())
+}
+
+/// [`plan`] for the target platform `platform`.
+pub fn plan_for(
+    df: &Dockerfile,
+    build_args: &BTreeMap<String, String>,
+    target: Option<&str>,
+    platform: &Platform,
+) -> Result<Plan, BuildError> {
+    let platform = kiln_image::platform::normalize(platform);
+    let global = global_args(df, build_args, &platform)?;
+    let env = global_env(&global, &platform);
     let lex = Lex::new(df.escape);
     let target = match target {
         None => df.stages.len() - 1,
@@ -221,6 +239,21 @@ pub fn plan(
         if let Base::Stage(j) = base {
             deps.push(j);
         }
+        let stage_platform = match (&stage.platform, &base) {
+            (Some(p), _) => {
+                let expanded = lex
+                    .process_word(p, &env)
+                    .map_err(|e| BuildError::at(stage.line, format!("FROM --platform={p}: {e}")))?;
+                kiln_image::platform::parse(&expanded)
+                    .map_err(|e| BuildError::at(stage.line, format!("FROM --platform={p}: {e}")))?
+            }
+            (None, Base::Stage(j)) => all
+                .iter()
+                .find(|s: &&PlannedStage| s.index == *j)
+                .map(|s| s.platform.clone())
+                .unwrap_or_else(|| platform.clone()),
+            (None, _) => platform.clone(),
+        };
         // `--from` expands with the stage's ARG/ENV values seen so far
         // over the global ARGs (a stage `ARG SRC=b` wins over a global one).
         let mut stage_env = env.clone();
@@ -251,6 +284,7 @@ pub fn plan(
             index: i,
             base,
             deps,
+            platform: stage_platform,
         });
     }
 
@@ -267,6 +301,7 @@ pub fn plan(
         stages,
         target,
         global_args: global,
+        platform,
     })
 }
 

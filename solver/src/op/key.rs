@@ -18,7 +18,7 @@ use super::{ContextDirOp, CopyOp, ExecOp, MkdirOp, Op};
 use kiln_executor::NetworkMode;
 
 /// The version every key starts with.
-pub const KEY_VERSION: &str = "kiln-key-v1";
+pub const KEY_VERSION: &str = "kiln-key-v2";
 
 /// What an op's key covers besides its own definition.
 #[derive(Debug, Clone, Copy, Default)]
@@ -56,7 +56,8 @@ fn exec_key(e: &ExecOp, inputs: &KeyInputs<'_>) -> KeyHasher {
             "none"
         } else {
             "host"
-        });
+        })
+        .field(kiln_image::platform::normalize(&e.platform).to_string());
     if !e.mounts.is_empty() {
         key.field("mounts").fields(inputs.mounts);
     }

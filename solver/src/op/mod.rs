@@ -1,10 +1,13 @@
 //! The op graph: what the frontend lowers a Dockerfile to and the solver
 //! runs. A build is one [`StageOps`] per needed stage; each stage starts
-//! from a [`Base`] and applies its [`LayerOp`]s in order, each producing
+//! from a [`Source`] and applies its [`LayerOp`]s in order, each producing
 //! one layer. Config-only instructions (ENV, LABEL, CMD, …) have no op:
 //! the frontend has already applied them to the stage's image config and
-//! history. Edges between stages are [`SourceRef::Stage`] values (`FROM
-//! <stage>`, `COPY --from`, `RUN --mount=from=`).
+//! history. Every state an op starts from or reads is one [`Source`]
+//! (`FROM`, `COPY --from`, `RUN --mount=from=`); edges between stages are
+//! [`Source::Stage`] values. Every stage, RUN and image source carries
+//! its platform: a multi-platform build is one graph per platform, solved
+//! together, and what differs per platform differs in its key.
 //!
 //! An op is pure data: everything the Dockerfile decides is expanded and
 //! resolved here; what only the solve can know (the snapshot the op runs
@@ -18,32 +21,30 @@ use std::path::PathBuf;
 
 use kiln_executor::NetworkMode;
 use kiln_image::config::ImageConfig;
+use kiln_image::manifest::Platform;
 use kiln_parser::instructions::Mount;
 
 use crate::chmod::Chmod;
 
 pub mod key;
 
-/// What a stage starts from.
+/// A state a stage starts from or an op reads: `FROM`, `COPY --from`,
+/// `RUN --mount=from=`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Base {
-    /// The empty filesystem.
+pub enum Source {
+    /// The empty filesystem (`FROM scratch`).
     Scratch,
-    /// The result of an earlier stage (its Dockerfile index).
-    Stage(usize),
-    /// An image, by the reference the Dockerfile names (resolved by the
-    /// solver, through `--build-context` names first).
-    Image(String),
-}
-
-/// A state another op reads from (`COPY --from`, `RUN --mount=from=`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SourceRef {
     /// The result of a stage (its Dockerfile index).
     Stage(usize),
-    /// An image reference (resolved like a `FROM` image).
-    Image(String),
-    /// A `--build-context NAME=DIR` directory.
+    /// An image, by the reference the Dockerfile names (resolved by the
+    /// solver, through `--build-context` names first), for `platform`.
+    Image {
+        /// The reference as written (expanded).
+        reference: String,
+        /// The platform whose image is taken from an index.
+        platform: Platform,
+    },
+    /// A `--build-context NAME=DIR` directory (`COPY --from`, mounts).
     ContextDir(PathBuf),
 }
 
@@ -59,7 +60,10 @@ pub struct StageOps {
     /// Number of progress steps (`[label n/total]`).
     pub total: usize,
     /// What it starts from.
-    pub base: Base,
+    pub base: Source,
+    /// The platform it builds for (`FROM --platform`, else its base
+    /// stage's, else the build's target).
+    pub platform: Platform,
     /// The layer-producing ops, in order.
     pub ops: Vec<LayerOp>,
     /// The image config after the stage (history included; the solver
@@ -79,6 +83,8 @@ pub struct Graph {
     pub target: usize,
     /// `--build-arg` names no ARG of the build declares.
     pub unused_build_args: Vec<String>,
+    /// The target platform the graph was lowered for.
+    pub platform: Platform,
 }
 
 impl Graph {
@@ -145,6 +151,9 @@ pub struct ExecOp {
     pub insecure: bool,
     /// The instruction as written (the executor's step name).
     pub step_name: String,
+    /// The platform the process runs as (its stage's; a foreign one runs
+    /// under emulation). Part of the key.
+    pub platform: Platform,
 }
 
 /// One `RUN --mount`, expanded.
@@ -153,7 +162,7 @@ pub struct MountSpec {
     /// The parsed spec (variables expanded).
     pub mount: Mount,
     /// Its `from=`, resolved.
-    pub from: Option<SourceRef>,
+    pub from: Option<Source>,
     /// Where it is mounted, absolute (`None`: an `env=` secret only).
     pub target: Option<String>,
     /// The cache, secret or SSH id (empty for bind and tmpfs mounts).
@@ -166,7 +175,7 @@ pub struct CopyOp {
     /// `ADD` semantics (local archives unpacked).
     pub add: bool,
     /// `--from`, resolved (`None`: the build context).
-    pub from: Option<SourceRef>,
+    pub from: Option<Source>,
     /// Sources, expanded (local paths, URLs, git repositories).
     pub sources: Vec<String>,
     /// Absolute destination.

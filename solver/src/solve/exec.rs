@@ -94,6 +94,27 @@ pub fn spec(p: &ProcessSpec) -> kiln_executor::oci::Spec {
     spec
 }
 
+/// Before a RUN for `platform` runs (not when it is cached): a foreign
+/// platform needs a binfmt_misc handler with the `F` flag (the QEMU
+/// interpreter opened when registered, so it is reachable inside the
+/// sandbox). When there is none, the step fails before it starts, naming
+/// the platform, the interpreter and `kiln system binfmt`.
+async fn check_emulation(
+    platform: &kiln_image::manifest::Platform,
+    line: crate::error::Location,
+) -> Result<(), BuildError> {
+    if platform.matches(&crate::frontend::plan::host_platform()) {
+        return Ok(());
+    }
+    let p = kiln_image::platform::normalize(platform);
+    blocking(move || {
+        kiln_executor::emulation::check(&p.os, &p.architecture, p.variant.as_deref())
+            .map(|_| ())
+            .map_err(|e| BuildError::at_cause(line, e))
+    })
+    .await
+}
+
 impl Solver {
     pub(super) async fn run_exec(
         self: Arc<Self>,
@@ -119,6 +140,7 @@ impl Solver {
         let script = op.script.clone();
         let insecure = op.insecure;
         let network = op.network;
+        let platform = op.platform.clone();
         let id = self.progress.start(name.to_string());
         let t = Instant::now();
         tracing::debug!(step = id, %name, key = %key, "step cache key");
@@ -133,6 +155,7 @@ impl Solver {
                 if let Some(hit) = me.cache_lookup(&k).await? {
                     return Ok((hit, true));
                 }
+                check_emulation(&platform, line).await?;
                 let backend = me.backend.clone();
                 let prepared = if run_mounts.is_empty() {
                     mounts::Prepared::default()
@@ -258,7 +281,10 @@ impl Solver {
                 }
                 let backend = me.backend.clone();
                 let opts = me.diff_options();
-                let layer = blocking(move || backend.commit(active, &k, &opts)).await?;
+                let cancel = me.cancel.clone();
+                let layer =
+                    blocking(move || super::committed(backend.commit(active, &k, &opts), &cancel))
+                        .await?;
                 Ok((layer, false))
             })
             .await;

@@ -13,7 +13,7 @@ use crate::copy::{copy_selections, hash_selection, CopyOptions, Selection, Selec
 use crate::error::BuildError;
 use crate::fsview::LayerView;
 use crate::op::key::{cache_key, copy_shape_key, KeyInputs};
-use crate::op::{ContextDirOp, CopyOp, LayerOp, MkdirOp, Op, SourceRef};
+use crate::op::{ContextDirOp, CopyOp, LayerOp, MkdirOp, Op, Source};
 
 impl Solver {
     pub(super) async fn run_mkdir(
@@ -57,6 +57,7 @@ impl Solver {
         let backend = self.backend.clone();
         let d = op.dir.clone();
         let mut key = cache_key(&Op::ContextDir(op.clone()), &KeyInputs::default());
+        let cancel = self.cancel.clone();
         let (selections, key) = blocking(move || -> Result<_, BuildError> {
             let view = LayerView::new(vec![d], true);
             let sel = Selector {
@@ -66,8 +67,8 @@ impl Solver {
             }
             .select("/")
             .map_err(BuildError::from_cause)?;
-            hash_selection(&mut key, &sel, backend.hash_cache(), false)
-                .map_err(BuildError::from_cause)?;
+            hash_selection(&mut key, &sel, backend.hash_cache(), false, Some(&cancel))
+                .map_err(hash_error)?;
             Ok((sel, key.finish()))
         })
         .await?;
@@ -101,7 +102,7 @@ impl Solver {
         };
         // A named directory context is read like the build context (files
         // owned by root), without the context's .dockerignore.
-        let named_dir = matches!(op.from, Some(SourceRef::ContextDir(_)));
+        let named_dir = matches!(op.from, Some(Source::ContextDir(_)));
         let (view, from_context) = match &op.from {
             Some(f) => (self.source_state(f, line).await?.1, false),
             None => (LayerView::new(vec![self.opts.context.clone()], true), true),
@@ -151,6 +152,7 @@ impl Solver {
             None
         };
         let prev_snapshot = prev_layer.as_ref().map(|l| l.snapshot.clone());
+        let cancel = self.cancel.clone();
         let ((selections, fetched_sel, src_hashes), key) =
             blocking(move || -> Result<_, BuildError> {
                 let selector = Selector {
@@ -174,8 +176,9 @@ impl Solver {
                     &all,
                     backend.hash_cache(),
                     !from_context && !named_dir,
+                    Some(&cancel),
                 )
-                .map_err(BuildError::from_cause)?;
+                .map_err(hash_error)?;
                 let mut fetched_sel: Vec<Selection> = Vec::new();
                 for (dir, pick, hash_content) in &picks {
                     let v = LayerView::new(vec![dir.clone()], true);
@@ -186,8 +189,14 @@ impl Solver {
                     };
                     let picked = sel.select(pick).map_err(BuildError::from_cause)?;
                     if *hash_content {
-                        hash_selection(&mut key, &picked, &crate::copy::NoHashCache, false)
-                            .map_err(BuildError::from_cause)?;
+                        hash_selection(
+                            &mut key,
+                            &picked,
+                            &crate::copy::NoHashCache,
+                            false,
+                            Some(&cancel),
+                        )
+                        .map_err(hash_error)?;
                     }
                     fetched_sel.extend(picked);
                 }
@@ -303,4 +312,13 @@ fn resolve_owner(view: &LayerView, spec: &str) -> Result<(u32, u32), super::Step
     let passwd = read("/etc/passwd")?;
     let groups = read("/etc/group")?;
     kiln_fs::userdb::resolve_chown(spec, &passwd, &groups).map_err(super::StepError::src)
+}
+
+/// An error hashing COPY sources for the cache key: a cancellation is the
+/// build's (not a failure of the step), anything else keeps its cause.
+fn hash_error(e: crate::copy::CopyError) -> BuildError {
+    match e {
+        crate::copy::CopyError::Cancelled => BuildError::Cancelled,
+        e => BuildError::from_cause(e),
+    }
 }

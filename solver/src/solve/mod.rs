@@ -21,12 +21,12 @@ use kiln_parser::dockerignore::PatternMatcher;
 use tokio::sync::{watch, OnceCell};
 
 use crate::backend::{Backend, LayerRecord};
-use crate::build::{BuildOptions, BuildResult};
+use crate::build::{BuildOptions, BuildResult, PlatformImage};
 use crate::contexts::NamedContext;
 use crate::error::BuildError;
 use crate::fsview::LayerView;
 use crate::op::key::{chain_key, image_key, scratch_key};
-use crate::op::{Base, Graph, LayerOp, Op, SourceRef};
+use crate::op::{Graph, LayerOp, Op, Source};
 use crate::progress::{Event, Progress};
 
 pub mod exec;
@@ -82,13 +82,16 @@ struct ResolvedImage {
     solved: Arc<Solved>,
 }
 
-/// Base images resolved once per build, by normalised-or-not reference
-/// after `--build-context` names.
+/// Base images resolved once per build, by reference (after
+/// `--build-context` names) and platform.
 struct Images {
     backend: Arc<dyn Backend>,
     named: BTreeMap<String, NamedContext>,
-    cells: Mutex<HashMap<String, Arc<OnceCell<Arc<ResolvedImage>>>>>,
+    cells: Mutex<HashMap<ImageKey, Arc<OnceCell<Arc<ResolvedImage>>>>>,
 }
+
+/// An image of the build: (reference, normalised platform).
+type ImageKey = (String, String);
 
 impl Images {
     /// The image reference `reference` stands for (itself when it names
@@ -118,24 +121,32 @@ impl Images {
         }
     }
 
-    /// Resolves an image reference (once per build).
+    /// Resolves an image reference for `platform` (once per build and
+    /// platform). The host's platform asks the backend for its default
+    /// (the host's image of an index, or the one image stored).
     async fn get(
         &self,
         reference: &str,
+        platform: &kiln_image::manifest::Platform,
         line: crate::error::Location,
     ) -> Result<Arc<ResolvedImage>, BuildError> {
         let reference = self.named_image(reference, line)?;
+        let platform = kiln_image::platform::normalize(platform);
         let cell = {
             let mut m = self
                 .cells
                 .lock()
                 .map_err(|_| BuildError::internal_msg("lock: poisoned"))?;
-            m.entry(reference.clone()).or_default().clone()
+            m.entry((reference.clone(), platform.to_string()))
+                .or_default()
+                .clone()
         };
         let backend = self.backend.clone();
+        let foreign = !platform.matches(&crate::frontend::plan::host_platform());
         cell.get_or_try_init(|| async move {
             let r = reference.clone();
-            let img = blocking(move || backend.resolve_image(&r))
+            let p = platform.clone();
+            let img = blocking(move || backend.resolve_image(&r, foreign.then_some(&p)))
                 .await
                 .map_err(|e| match e {
                     BuildError::Cancelled | BuildError::Step { .. } => e,
@@ -146,11 +157,14 @@ impl Images {
                     },
                 })?;
             let Some(img) = img else {
+                let hint = if foreign {
+                    format!("for {platform} (pull it with `kiln pull --platform {platform} {reference}`)")
+                } else {
+                    format!("(import or load it first, e.g. `kiln import rootfs.tar {reference}`)")
+                };
                 return Err(BuildError::at(
                     line,
-                    format!(
-                        "{reference}: image not found in the local store (import or load it first, e.g. `kiln import rootfs.tar {reference}`)"
-                    ),
+                    format!("{reference}: image not found in the local store {hint}"),
                 ));
             };
             Ok(Arc::new(ResolvedImage {
@@ -178,6 +192,8 @@ pub(crate) struct Solver {
     ignore: Option<PatternMatcher>,
     images: Arc<Images>,
     stages: HashMap<usize, watch::Receiver<Option<StageResult>>>,
+    /// Each platform's target stage.
+    targets: Vec<(kiln_image::manifest::Platform, usize)>,
     inflight: Mutex<HashMap<String, Arc<OnceCell<LayerRecord>>>>,
     executed: std::sync::atomic::AtomicUsize,
     cached: std::sync::atomic::AtomicUsize,
@@ -229,16 +245,37 @@ pub async fn solve(
         named: opts.named_contexts.clone(),
         cells: Mutex::new(HashMap::new()),
     });
-    // The frontend needs the base images' configs: resolve them first,
-    // concurrently (this is where they are pulled).
-    crate::frontend::check_platforms(&df, &plan, &opts)?;
-    let configs = resolve_bases(&images, &progress, &df, &plan, &opts).await?;
-    if cancel.is_cancelled() {
-        return Err(BuildError::Cancelled);
+    let platforms = if opts.platforms.is_empty() {
+        vec![crate::frontend::plan::host_platform()]
+    } else {
+        opts.platforms.clone()
+    };
+    let multi = platforms.len() > 1;
+    // One graph per platform, lowered alone, then merged into one graph
+    // solved by one scheduler: identical keys (a `FROM
+    // --platform=$BUILDPLATFORM` stage that does not depend on the
+    // target) run once.
+    let mut graphs = Vec::with_capacity(platforms.len());
+    for p in &platforms {
+        let plan = if multi || !opts.platforms.is_empty() {
+            crate::frontend::plan::plan_for(&df, &opts.build_args, opts.target.as_deref(), p)?
+        } else {
+            plan.clone()
+        };
+        // The frontend needs the base images' configs: resolve them
+        // first, concurrently (this is where they are pulled).
+        let prefix = multi.then(|| p.to_string());
+        let configs = resolve_bases(&images, &progress, &df, &plan, &opts, prefix).await?;
+        if cancel.is_cancelled() {
+            return Err(BuildError::Cancelled);
+        }
+        graphs.push(crate::frontend::lower(
+            &df, &plan, &opts, &created, &configs,
+        )?);
     }
-    let graph = crate::frontend::lower(&df, &plan, &opts, &created, &configs)?;
+    let (graph, targets) = merge_graphs(graphs, df.stages.len(), multi);
     solve_graph(
-        backend, runner, progress, cancel, opts, graph, ignore, images,
+        backend, runner, progress, cancel, opts, graph, targets, ignore, images,
     )
     .await
 }
@@ -252,6 +289,66 @@ fn stage_hint(reference: &str, names: &[String]) -> String {
         .unwrap_or_default()
 }
 
+/// The graphs of several platforms as one: platform `k`'s stage `i`
+/// becomes stage `k * stages + i` (its edges renumbered alike) and, with
+/// several platforms, its progress names start with the platform
+/// (`[linux/arm64 build 2/3]`, as BuildKit's). Returns the graph and each
+/// platform's target stage.
+fn merge_graphs(
+    graphs: Vec<Graph>,
+    stages: usize,
+    multi: bool,
+) -> (Graph, Vec<(kiln_image::manifest::Platform, usize)>) {
+    let mut targets = Vec::with_capacity(graphs.len());
+    let mut merged: Option<Graph> = None;
+    for (k, mut g) in graphs.into_iter().enumerate() {
+        let off = k * stages;
+        let renumber = |s: &mut Source| {
+            if let Source::Stage(j) = s {
+                *j += off;
+            }
+        };
+        for st in &mut g.stages {
+            st.index += off;
+            renumber(&mut st.base);
+            if multi {
+                st.label = format!("{} {}", g.platform, st.label);
+            }
+            for lop in &mut st.ops {
+                if multi {
+                    if let Some(rest) = lop.name.strip_prefix('[') {
+                        lop.name = format!("[{} {rest}", g.platform);
+                    }
+                }
+                match &mut lop.op {
+                    Op::Copy(c) => c.from.iter_mut().for_each(renumber),
+                    Op::Exec(e) => e
+                        .mounts
+                        .iter_mut()
+                        .filter_map(|m| m.from.as_mut())
+                        .for_each(renumber),
+                    Op::Mkdir(_) | Op::ContextDir(_) => {}
+                }
+            }
+        }
+        g.target += off;
+        targets.push((g.platform.clone(), g.target));
+        match &mut merged {
+            None => merged = Some(g),
+            Some(m) => m.stages.extend(g.stages),
+        }
+    }
+    (
+        merged.unwrap_or_else(|| Graph {
+            stages: Vec::new(),
+            target: 0,
+            unused_build_args: Vec::new(),
+            platform: crate::frontend::plan::host_platform(),
+        }),
+        targets,
+    )
+}
+
 /// Resolves the base images of the planned stages (one progress vertex
 /// per stage, as `[stage 1/N] FROM ref`); the first failure in stage
 /// order is the error.
@@ -261,15 +358,19 @@ async fn resolve_bases(
     df: &kiln_parser::instructions::Dockerfile,
     plan: &crate::frontend::plan::Plan,
     opts: &BuildOptions,
-) -> Result<HashMap<String, ImageConfig>, BuildError> {
+    prefix: Option<String>,
+) -> Result<HashMap<(String, String), ImageConfig>, BuildError> {
     let mut tasks = tokio::task::JoinSet::new();
     let bases = crate::frontend::base_images(plan, opts);
-    for (n, (index, reference)) in bases.iter().cloned().enumerate() {
+    for (n, (index, reference, platform)) in bases.iter().cloned().enumerate() {
         let stage = &df.stages[index];
-        let label = stage
+        let mut label = stage
             .name
             .clone()
             .unwrap_or_else(|| format!("stage-{index}"));
+        if let Some(p) = &prefix {
+            label = format!("{p} {label}");
+        }
         let total = stage.instructions.len() + 1;
         let line = crate::error::IntoLocation::into_location(stage.line);
         let images = images.clone();
@@ -277,7 +378,7 @@ async fn resolve_bases(
         tasks.spawn(async move {
             let id = progress.start(format!("[{label} 1/{total}] FROM {reference}"));
             let t = Instant::now();
-            let r = images.get(&reference, line).await;
+            let r = images.get(&reference, &platform, line).await;
             match &r {
                 Ok(_) => progress.done(id, t.elapsed()),
                 Err(e) => progress.send(Event::Failed {
@@ -285,7 +386,7 @@ async fn resolve_bases(
                     error: e.to_string(),
                 }),
             }
-            (n, reference, r)
+            (n, (reference, platform.to_string()), r)
         });
     }
     let mut results = Vec::new();
@@ -303,7 +404,7 @@ async fn resolve_bases(
                 cause,
             } => BuildError::Step {
                 location,
-                message: format!("{message}{}", stage_hint(&reference, &names)),
+                message: format!("{message}{}", stage_hint(&reference.0, &names)),
                 cause,
             },
             e => e,
@@ -321,6 +422,7 @@ async fn solve_graph(
     cancel: CancellationToken,
     opts: BuildOptions,
     graph: Graph,
+    targets: Vec<(kiln_image::manifest::Platform, usize)>,
     ignore: Option<PatternMatcher>,
     images: Arc<Images>,
 ) -> Result<BuildResult, BuildError> {
@@ -342,6 +444,7 @@ async fn solve_graph(
         ignore,
         images,
         stages: receivers,
+        targets: targets.clone(),
         inflight: Mutex::new(HashMap::new()),
         executed: Default::default(),
         cached: Default::default(),
@@ -362,22 +465,59 @@ async fn solve_graph(
         });
     }
     while tasks.join_next().await.is_some() {}
-    let target = sv.graph.target;
-    let state = match sv.stage_result(target).await {
-        Ok(s) => s,
-        Err(e) => {
-            // Report the first real failure, not a cancellation it caused.
-            for index in &order {
-                if let Some(Err(e)) = sv.stages.get(index).and_then(|r| r.borrow().clone()) {
-                    if !matches!(*e, BuildError::Cancelled) {
-                        return Err(unwrap_arc(e));
+    let mut states = Vec::with_capacity(targets.len());
+    for (platform, target) in &targets {
+        match sv.stage_result(*target).await {
+            Ok(s) => states.push((platform.clone(), *target, s)),
+            Err(e) => {
+                // Report the first real failure, not a cancellation it
+                // caused.
+                for index in &order {
+                    if let Some(Err(e)) = sv.stages.get(index).and_then(|r| r.borrow().clone()) {
+                        if !matches!(*e, BuildError::Cancelled) {
+                            return Err(unwrap_arc(e));
+                        }
                     }
                 }
+                return Err(unwrap_arc(e));
             }
-            return Err(unwrap_arc(e));
         }
-    };
-    sv.export(&state).await
+    }
+    if let [(_, target, state)] = &states[..] {
+        let exported = sv.export(*target, state, &sv.opts.tags, "").await?;
+        return Ok(sv.result(exported, Vec::new()));
+    }
+    // Several platforms: each image untagged, then the index under the
+    // tags.
+    let mut children = Vec::with_capacity(states.len());
+    for (platform, target, state) in &states {
+        let e = sv
+            .export(*target, state, &[], &format!(" {platform}"))
+            .await?;
+        children.push((platform.clone(), e));
+    }
+    let id = sv.progress.start("exporting manifest list".into());
+    let t = Instant::now();
+    let backend = sv.backend.clone();
+    let tags = sv.opts.tags.clone();
+    let list = children.clone();
+    let index = blocking(move || backend.export_index(&list, &tags)).await?;
+    sv.progress.send(Event::Log {
+        id,
+        stream: "stdout",
+        line: format!("exporting manifest list {} done", index.manifest_digest),
+        elapsed: t.elapsed().as_secs_f64(),
+    });
+    sv.progress.done(id, t.elapsed());
+    let platforms = children
+        .into_iter()
+        .map(|(platform, e)| PlatformImage {
+            platform,
+            image_id: e.image_id,
+            manifest_digest: e.manifest_digest,
+        })
+        .collect();
+    Ok(sv.result(index, platforms))
 }
 
 /// The error a stage failed with (its typed causes are shared, not lost).
@@ -414,9 +554,22 @@ impl Solver {
             .stage(index)
             .ok_or_else(|| BuildError::internal_msg("plan: stage missing"))?;
         let mut state: Solved = match &stage.base {
-            Base::Scratch => Solved::scratch(),
-            Base::Stage(j) => (*self.stage_result(*j).await.map_err(unwrap_arc)?).clone(),
-            Base::Image(r) => (*self.images.get(r, stage.location).await?.solved).clone(),
+            Source::Scratch => Solved::scratch(),
+            Source::Stage(j) => (*self.stage_result(*j).await.map_err(unwrap_arc)?).clone(),
+            Source::Image {
+                reference,
+                platform,
+            } => (*self
+                .images
+                .get(reference, platform, stage.location)
+                .await?
+                .solved)
+                .clone(),
+            Source::ContextDir(_) => {
+                return Err(BuildError::internal_msg(
+                    "plan: a directory context as a stage base is lowered to an op",
+                ))
+            }
         };
         for op in &stage.ops {
             if self.cancel.is_cancelled() {
@@ -465,17 +618,21 @@ impl Solver {
     /// The state `src` names, with the layer view of its files.
     async fn source_state(
         &self,
-        src: &SourceRef,
+        src: &Source,
         line: crate::error::Location,
     ) -> Result<(Option<Arc<Solved>>, LayerView), BuildError> {
         let state = match src {
-            SourceRef::ContextDir(d) => return Ok((None, LayerView::new(vec![d.clone()], true))),
-            SourceRef::Stage(j) => self.stage_result(*j).await.map_err(unwrap_arc)?,
-            SourceRef::Image(r) => self
+            Source::ContextDir(d) => return Ok((None, LayerView::new(vec![d.clone()], true))),
+            Source::Scratch => Arc::new(Solved::scratch()),
+            Source::Stage(j) => self.stage_result(*j).await.map_err(unwrap_arc)?,
+            Source::Image {
+                reference,
+                platform,
+            } => self
                 .images
-                .get(r, line)
+                .get(reference, platform, line)
                 .await
-                .map_err(|e| self.not_a_stage(r, e, line))?
+                .map_err(|e| self.not_a_stage(reference, e, line))?
                 .solved
                 .clone(),
         };
@@ -543,7 +700,7 @@ impl Solver {
                     backend.abort(active);
                     return Err(e);
                 }
-                Ok(backend.commit(active, &k, &opts)?)
+                committed(backend.commit(active, &k, &opts), &cancel)
             })
             .await?;
             Ok((layer, false))
@@ -580,10 +737,14 @@ impl Solver {
         }
     }
 
+    /// The diff options of a commit: the build's clamp, and its cancel
+    /// token (a cancel stops the differ part way).
     fn diff_options(&self) -> DiffOptions {
+        let cancel = self.cancel.clone();
         DiffOptions {
             clamp_mtime: self.opts.source_date_epoch,
             exclude: Vec::new(),
+            cancel: Some(kiln_image::diff::Cancel::new(move || cancel.is_cancelled())),
         }
     }
 
@@ -625,15 +786,60 @@ impl Solver {
         Ok((layer, was_cached))
     }
 
-    /// Writes the target stage's image: its config from the frontend, its
-    /// layers from the solve, creation times made deterministic.
-    async fn export(&self, state: &Solved) -> Result<BuildResult, BuildError> {
+    /// What the build made, from what it exported.
+    fn result(
+        &self,
+        exported: crate::backend::Exported,
+        platforms: Vec<PlatformImage>,
+    ) -> BuildResult {
+        if !self.graph.unused_build_args.is_empty() {
+            self.progress.send(Event::Info {
+                message: format!(
+                    "[Warning] One or more build-args [{}] were not consumed",
+                    self.graph.unused_build_args.join(" ")
+                ),
+            });
+        }
+        BuildResult {
+            image_id: exported.image_id,
+            manifest_digest: exported.manifest_digest,
+            executed: self.executed.load(std::sync::atomic::Ordering::Relaxed),
+            cached: self.cached.load(std::sync::atomic::Ordering::Relaxed),
+            platforms,
+        }
+    }
+
+    /// Writes the image of target stage `target` under `tags`: its config
+    /// from the frontend, its layers from the solve, creation times made
+    /// deterministic. `suffix` follows "exporting to image" in progress.
+    async fn export(
+        &self,
+        target: usize,
+        state: &Solved,
+        tags: &[String],
+        suffix: &str,
+    ) -> Result<crate::backend::Exported, BuildError> {
         let stage = self
             .graph
-            .stage(self.graph.target)
+            .stage(target)
             .ok_or_else(|| BuildError::internal_msg("plan: target stage missing"))?;
         let mut config = stage.config.clone();
         config.rootfs.diff_ids = state.layers.iter().map(|l| l.diff_id.clone()).collect();
+        // An explicit --platform names the image's platform, whatever its
+        // last stage started from (BuildKit: a `FROM
+        // --platform=$BUILDPLATFORM` final stage still gives an image for
+        // the target); the variant stays when os/arch already agree and
+        // the target names none.
+        if !self.opts.platforms.is_empty() {
+            if let Some((p, _)) = self.targets.iter().find(|(_, t)| *t == target) {
+                let same = config.os == p.os && config.architecture == p.architecture;
+                config.os = p.os.clone();
+                config.architecture = p.architecture.clone();
+                if p.variant.is_some() || !same {
+                    config.variant = p.variant.clone();
+                }
+            }
+        }
         if !self.opts.labels.is_empty() {
             let labels = config.config_mut().labels.get_or_insert_with(BTreeMap::new);
             for (k, v) in &self.opts.labels {
@@ -656,19 +862,19 @@ impl Solver {
             h.created = Some(created.clone());
         }
         config.created = Some(created);
-        let id = self.progress.start("exporting to image".into());
+        let id = self.progress.start(format!("exporting to image{suffix}"));
         let t = Instant::now();
         let backend = self.backend.clone();
         let layers = state.layers.clone();
-        let tags = self.opts.tags.clone();
-        let exported = blocking(move || backend.export(&config, &layers, &tags)).await?;
+        let names = tags.to_vec();
+        let exported = blocking(move || backend.export(&config, &layers, &names)).await?;
         self.progress.send(Event::Log {
             id,
             stream: "stdout",
             line: format!("writing image {} done", exported.image_id),
             elapsed: t.elapsed().as_secs_f64(),
         });
-        for tag in &self.opts.tags {
+        for tag in tags.iter() {
             self.progress.send(Event::Log {
                 id,
                 stream: "stdout",
@@ -677,19 +883,19 @@ impl Solver {
             });
         }
         self.progress.done(id, t.elapsed());
-        if !self.graph.unused_build_args.is_empty() {
-            self.progress.send(Event::Info {
-                message: format!(
-                    "[Warning] One or more build-args [{}] were not consumed",
-                    self.graph.unused_build_args.join(" ")
-                ),
-            });
-        }
-        Ok(BuildResult {
-            image_id: exported.image_id,
-            manifest_digest: exported.manifest_digest,
-            executed: self.executed.load(std::sync::atomic::Ordering::Relaxed),
-            cached: self.cached.load(std::sync::atomic::Ordering::Relaxed),
-        })
+        Ok(exported)
+    }
+}
+
+/// A commit's outcome: one cut short by the build's cancellation (the
+/// differ stops part way and the backend records nothing) is the
+/// cancellation, not a failure of the step.
+fn committed(
+    r: crate::backend::BackendResult<LayerRecord>,
+    cancel: &CancellationToken,
+) -> Result<LayerRecord, BuildError> {
+    match r {
+        Err(_) if cancel.is_cancelled() => Err(BuildError::Cancelled),
+        r => Ok(r?),
     }
 }

@@ -30,7 +30,7 @@ use crate::copy::{copy_selections, hash_selection, CopyOptions, Selection, Selec
 use crate::error::BuildError;
 use crate::fsview::LayerView;
 use crate::op::key::bind_context_key;
-use crate::op::{MountSpec, SourceRef};
+use crate::op::{MountSpec, Source};
 
 crate::error::module_error! {
     /// Why a RUN mount could not be set up.
@@ -147,7 +147,7 @@ impl Solver {
     /// The state and layer view of a `from=` stage or image.
     async fn mount_from(
         &self,
-        from: &SourceRef,
+        from: &Source,
         line: crate::error::Location,
     ) -> Result<(Arc<Solved>, LayerView), BuildError> {
         match self.source_state(from, line).await? {
@@ -308,7 +308,8 @@ impl Solver {
         let ignore = self.ignore.clone();
         let backend = self.backend.clone();
         let source = source.to_string();
-        blocking(move || -> Result<_, MountError> {
+        let cancel = self.cancel.clone();
+        let hashed = blocking(move || -> Result<_, MountError> {
             let view = LayerView::new(vec![context.clone()], true);
             let selector = Selector {
                 view: &view,
@@ -317,7 +318,8 @@ impl Solver {
             };
             let sel = selector.select(&source).map_err(MountError::src)?;
             let mut h = bind_context_key();
-            hash_selection(&mut h, &sel, backend.hash_cache(), false).map_err(MountError::src)?;
+            hash_selection(&mut h, &sel, backend.hash_cache(), false, Some(&cancel))
+                .map_err(MountError::src)?;
             let key = format!("context={}", h.finish());
             if ignore.is_some() {
                 return Ok((BindSrc::Copy(sel), key));
@@ -326,7 +328,11 @@ impl Solver {
             let host = context.join(crate::fsview::rel(&resolved));
             Ok((BindSrc::Host(host), key))
         })
-        .await
+        .await;
+        match hashed {
+            Err(_) if self.cancel.is_cancelled() => Err(BuildError::Cancelled),
+            r => r,
+        }
     }
 }
 
