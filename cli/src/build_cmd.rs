@@ -325,8 +325,9 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
             if !exported.pushed.is_empty() {
                 let s = crate::session(root, true)?;
                 for (dest, d) in &exported.pushed {
-                    s.record_push(&r.image_id, dest, d.as_str())
-                        .map_err(crate::lib_error)?;
+                    // Bookkeeping only: a multi-platform build's ID is its
+                    // index, which has no single image to note it on.
+                    let _ = s.record_push(&r.image_id, dest, d.as_str());
                 }
             }
             if a.quiet {
