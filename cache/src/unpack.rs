@@ -149,13 +149,18 @@ impl Store {
                 drop(w);
                 res
             });
-            let applied = kiln_image::apply::apply_layer(&mut r, dir, wmode).and_then(|_| {
-                // What follows the tar's end marker is part of the
-                // layer's bytes too (and its diffID).
-                io::copy(&mut r, &mut io::sink())
-                    .map(|_| ())
-                    .map_err(kiln_image::ImageError::from)
-            });
+            let opts = kiln_image::apply::ApplyOptions {
+                overlay_xattrs: kiln_fs::idmap::IdMaps::current().overlay_xattrs(),
+                ..Default::default()
+            };
+            let applied =
+                kiln_image::apply::apply_layer_with(&mut r, dir, wmode, &opts).and_then(|_| {
+                    // What follows the tar's end marker is part of the
+                    // layer's bytes too (and its diffID).
+                    io::copy(&mut r, &mut io::sink())
+                        .map(|_| ())
+                        .map_err(kiln_image::ImageError::from)
+                });
             // A failed apply stops reading: the thread's next write fails.
             drop(r);
             let streamed = reader

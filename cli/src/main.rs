@@ -123,6 +123,14 @@ enum Command {
     },
     /// Print the kiln(1) man page (roff).
     Man,
+    /// Run a command (default: $SHELL) in the user and mount namespace a
+    /// rootless kiln builds in, as `buildah unshare` does (as root: just
+    /// runs it).
+    Unshare {
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Tools for looking inside kiln.
     Debug {
         #[command(subcommand)]
@@ -140,6 +148,18 @@ enum DebugCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+impl Command {
+    /// Whether the command runs in the rootless user namespace (when kiln
+    /// is not run by root): everything that touches the store or runs
+    /// steps. Registry logins edit the user's own files as the user.
+    fn in_namespace(&self) -> bool {
+        !matches!(
+            self,
+            Command::Login(_) | Command::Logout(_) | Command::Debug { .. }
+        )
+    }
 }
 
 /// Exit status of a command whose stdout was closed under it.
@@ -196,7 +216,19 @@ fn main() -> ExitCode {
     // anything else (and before any thread exists).
     kiln_executor::maybe_run_init();
     quiet_on_closed_pipe();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // The default store is the calling user's: chosen before entering the
+    // user namespace, where this process is root.
+    if cli.root.is_none() {
+        cli.root = Some(kiln_solver::cache::default_root());
+    }
+    if cli.command.in_namespace() {
+        // Before any thread: this forks when run by an ordinary user.
+        if let Err(e) = kiln_executor::userns::enter(&mut |w| eprintln!("warning: {w}")) {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    }
     init_logging(cli.debug);
     match run(cli) {
         Ok(code) => code,
@@ -294,10 +326,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Version(args) => dist::version(args),
         Command::Completion { shell } => dist::completion(shell),
         Command::Man => dist::man(),
+        Command::Unshare { command } => unshare(command),
         Command::Debug {
             what: DebugCommand::Ast { file, json },
         } => debug_ast(file, json),
     }
+}
+
+/// `kiln unshare`: runs `command` (default `$SHELL`, else `/bin/sh`) in
+/// the namespace `main` entered, replacing kiln.
+fn unshare(command: Vec<std::ffi::OsString>) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::CommandExt as _;
+    let mut argv = command.into_iter();
+    let prog = argv
+        .next()
+        .or_else(|| std::env::var_os("SHELL").filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "/bin/sh".into());
+    let err = std::process::Command::new(&prog).args(argv).exec();
+    Err(anyhow::anyhow!(
+        "kiln unshare: running {}: {err}",
+        std::path::Path::new(&prog).display()
+    ))
 }
 
 /// Reads a Dockerfile from a path, or stdin for `None` / `-`.

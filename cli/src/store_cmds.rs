@@ -166,6 +166,13 @@ pub enum SystemCommand {
         #[arg(long)]
         deep: bool,
     },
+    /// Say how kiln runs here: the store, its snapshotter, whether kiln is
+    /// rootless (in a user namespace) and with which id maps.
+    Info {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Register the installed QEMU user-mode interpreters (Debian's
     /// qemu-user-static) with binfmt_misc, for RUN steps of foreign
     /// platforms (as root).
@@ -345,6 +352,7 @@ pub fn system(root: &Path, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
                 a.all,
             )
         }
+        SystemCommand::Info { json } => info(&s()?, json),
         SystemCommand::Df { json } => {
             let du = s()?.disk_usage().map_err(lib_error)?;
             if json {
@@ -456,4 +464,23 @@ fn human(n: u64) -> String {
 /// `RAMInBytes` (`10GB` = 10 GiB, `1k` = 1024 bytes), as `build --memory`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     kiln_solver::units::ram_in_bytes(s).map_err(|e| e.to_string())
+}
+
+/// `kiln system info`.
+fn info(s: &kiln_solver::session::Session, json: bool) -> anyhow::Result<ExitCode> {
+    let i = s.system_info().map_err(lib_error)?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&i)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!("Store:        {}", i.root.display());
+    match &i.overlay_xattrs {
+        Some(x) => outln!("Snapshotter:  {} ({x} xattrs)", i.snapshotter),
+        None => outln!("Snapshotter:  {}", i.snapshotter),
+    }
+    outln!("Rootless:     {}", if i.rootless { "yes" } else { "no" });
+    outln!("ID mapping:   {}", i.id_mapping);
+    outln!("UID map:      {}", i.uid_map);
+    outln!("GID map:      {}", i.gid_map);
+    Ok(ExitCode::SUCCESS)
 }

@@ -148,24 +148,18 @@ fn processes_with(needle: &str) -> Vec<i32> {
     out
 }
 
-/// Sends `sig` to a kiln build once its step has printed `started`, and
-/// checks that kiln cancels as for Ctrl-C: it exits soon with an error, the
-/// step's processes and mounts are gone, the tag is untouched, the store
-/// checks clean.
-fn interrupt_build(sig: libc::c_int, name: &str) {
+/// Starts `kiln build --progress plain -t TAG CTX`; its stderr lines come
+/// through the receiver.
+fn spawn_build(
+    k: &Kiln,
+    ctx: &std::path::Path,
+    tag: &str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead;
-    let k = Kiln::with_busybox();
-    let ctx = context(&[(
-        "Dockerfile",
-        &format!("FROM busybox\nRUN echo started-{name} && sleep 4321{sig}\n"),
-    )]);
-    let pre = context(&[("Dockerfile", "FROM busybox\nRUN echo before > /b\n")]);
-    k.build(pre.path(), &["-t", "sig:keep"]);
-    let before = k.inspect("sig:keep")["Id"].clone();
     let mut child = k
         .cmd()
-        .args(["build", "--progress", "plain", "-t", "sig:keep"])
-        .arg(ctx.path())
+        .args(["build", "--progress", "plain", "-t", tag])
+        .arg(ctx)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -180,32 +174,64 @@ fn interrupt_build(sig: libc::c_int, name: &str) {
             let _ = tx.send(line);
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
+    (child, rx)
+}
+
+/// Waits (up to 60 s) for a line with `needle` that is not the step's own
+/// `RUN` line.
+fn wait_for_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = Vec::new();
     loop {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("the step never started:\n{}", seen.join("\n")));
-        if line.contains(&format!("started-{name}")) && !line.contains("RUN") {
-            break;
+            .unwrap_or_else(|_| panic!("never saw {needle:?}:\n{}", seen.join("\n")));
+        if line.contains(needle) && !line.contains("RUN") {
+            return;
         }
         seen.push(line);
     }
-    let needle = format!("sleep 4321{sig}");
-    assert!(!processes_with(&needle).is_empty(), "step not running");
+}
+
+/// Sends `sig` to `child` and waits for it to exit, at most `limit`.
+fn signal_and_wait(
+    child: &mut std::process::Child,
+    sig: libc::c_int,
+    limit: Duration,
+) -> std::process::ExitStatus {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, sig) };
     let t = Instant::now();
-    let status = loop {
+    loop {
         if let Some(s) = child.try_wait().expect("wait") {
-            break s;
+            return s;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "kiln did not exit within 15 s of {name}"
+            t.elapsed() < limit,
+            "kiln did not exit within {limit:?} of signal {sig}"
         );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `sig` to a kiln build once its step has printed `started`, and
+/// checks that kiln cancels as for Ctrl-C: it exits soon with an error, the
+/// step's processes and mounts are gone, the tag is untouched, the store
+/// checks clean.
+fn interrupt_build(sig: libc::c_int, name: &str) {
+    let k = Kiln::with_busybox();
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM busybox\nRUN echo started-{name} && sleep 4321{sig}\n"),
+    )]);
+    let pre = context(&[("Dockerfile", "FROM busybox\nRUN echo before > /b\n")]);
+    k.build(pre.path(), &["-t", "sig:keep"]);
+    let before = k.inspect("sig:keep")["Id"].clone();
+    let (mut child, rx) = spawn_build(&k, ctx.path(), "sig:keep");
+    wait_for_line(&rx, &format!("started-{name}"));
+    let needle = format!("sleep 4321{sig}");
+    assert!(!processes_with(&needle).is_empty(), "step not running");
+    let status = signal_and_wait(&mut child, sig, Duration::from_secs(15));
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(
         !status.success() && status.code().is_some(),
@@ -248,59 +274,19 @@ fn sigint_cancels_a_build() {
 /// SIGINT `delay` after stderr shows `wait_for` (at once when None): kiln
 /// must exit 130 within 5 s, the tag unmoved and the store checking clean.
 fn interrupt_big_build(k: &Kiln, ctx: &std::path::Path, wait_for: Option<&str>, delay: Duration) {
-    use std::io::BufRead;
     let pre = context(&[("Dockerfile", "FROM busybox\nRUN echo before > /b\n")]);
     k.build(pre.path(), &["-t", "big:keep"]);
     let before = k.inspect("big:keep")["Id"].clone();
-    let mut child = k
-        .cmd()
-        .args(["build", "--progress", "plain", "-t", "big:keep"])
-        .arg(ctx)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, rx) = spawn_build(k, ctx, "big:keep");
     if let Some(needle) = wait_for {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut seen = Vec::new();
-        loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("never saw {needle:?}:\n{}", seen.join("\n")));
-            if line.contains(needle) && !line.contains("RUN") {
-                break;
-            }
-            seen.push(line);
-        }
+        wait_for_line(&rx, needle);
     }
     std::thread::sleep(delay);
     assert!(
         child.try_wait().expect("wait").is_none(),
         "the build ended before the interrupt: the test needs a bigger file"
     );
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "kiln did not exit within 5 s of SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = signal_and_wait(&mut child, libc::SIGINT, Duration::from_secs(5));
     let rest: Vec<String> = rx.try_iter().collect();
     assert_eq!(
         status.code(),

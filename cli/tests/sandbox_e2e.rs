@@ -39,14 +39,7 @@ fn kiln_after(k: &Kiln, unshare: bool, prelude: &str, args: &[&str]) -> Command 
 }
 
 fn ok(o: Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    common::succeeded(&o, format_args!("{what}"))
 }
 
 // ------------------------------------------------------------ descriptors

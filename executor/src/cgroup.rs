@@ -30,6 +30,20 @@ pub enum CgroupError {
     /// A limit was asked for but no hierarchy offers its controller.
     #[error("cgroup controller {0} is not available on this host")]
     NoController(&'static str),
+    /// Limits were asked for, but kiln runs rootless and no cgroup it may
+    /// write (a delegated cgroup v2 subtree) is there to hold them.
+    #[error(
+        "--memory, --cpus and --pids-limit need a cgroup kiln may write: kiln runs rootless and \
+         cannot create {path} ({source}); run kiln in a delegated cgroup v2 subtree (e.g. \
+         `systemd-run --user --scope -p Delegate=yes kiln ...`), or build without limits"
+    )]
+    NotDelegated {
+        /// The cgroup that could not be created.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Processes survived the kill.
     #[error("cgroup {0}: processes still alive after kill")]
     NotEmpty(PathBuf),
@@ -276,6 +290,8 @@ impl StepCgroup {
     pub fn create(parent: &str, id: &str, limits: &Limits) -> Result<StepCgroup, CgroupError> {
         let hier = discover()?;
         let mut cg = StepCgroup { dirs: Vec::new() };
+        let rootless = kiln_fs::idmap::IdMaps::current().in_userns;
+        let mut refused: Option<(PathBuf, std::io::Error)> = None;
         let v1_has = |c: &str| {
             hier.iter().any(|h| match &h.kind {
                 Kind::V1 { controllers } => controllers.iter().any(|x| x == c),
@@ -290,10 +306,13 @@ impl StepCgroup {
                 // is skipped unless a limit needs it: the step still runs,
                 // its pid namespace still takes every process down with it,
                 // and devices are closed by nodev mounts, not cgroups.
-                if limits != &Limits::default() {
+                // Rootless, the hierarchies not delegated to us are
+                // skipped even with limits: a delegated one may hold them.
+                if limits != &Limits::default() && !rootless {
                     let _ = cg.remove();
                     return Err(io_err(&dir, e));
                 }
+                refused.get_or_insert((dir, e));
                 continue;
             }
             cg.dirs.push((h.kind.clone(), dir));
@@ -303,7 +322,12 @@ impl StepCgroup {
             .and_then(|()| cg.apply(limits, &v1_has, &hier));
         if let Err(e) = res {
             let _ = cg.remove();
-            return Err(e);
+            return Err(match (e, refused) {
+                (CgroupError::NoController(_), Some((path, source))) if rootless => {
+                    CgroupError::NotDelegated { path, source }
+                }
+                (e, _) => e,
+            });
         }
         Ok(cg)
     }

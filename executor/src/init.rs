@@ -571,10 +571,38 @@ fn exec_step_inner(cfg: &InitConfig) -> Result<Never, (&'static str, String)> {
     stage(nix::sys::prctl::set_keepcaps(true), "user", || {
         "keepcaps".into()
     })?;
+    let maps = kiln_fs::idmap::IdMaps::current();
+    if let Some(id) = std::iter::once(uid)
+        .filter(|_| maps.in_userns)
+        .filter(|u| !maps.maps_uid(*u))
+        .map(|u| format!("uid {u}"))
+        .chain(
+            std::iter::once(&gid)
+                .chain(groups.iter())
+                .filter(|g| !maps.maps_gid(**g))
+                .map(|g| format!("gid {g}")),
+        )
+        .next()
+    {
+        return Err((
+            "user",
+            format!(
+                "{id} does not exist in kiln's rootless user namespace (uid map {}, gid map {}); \
+                 give the user subordinate ids in /etc/subuid and /etc/subgid",
+                kiln_fs::idmap::describe(&maps.uid_map),
+                kiln_fs::idmap::describe(&maps.gid_map)
+            ),
+        ));
+    }
     let gids: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
-    stage(nix::unistd::setgroups(&gids), "user", || {
-        format!("setgroups {groups:?}")
-    })?;
+    // Where setgroups is denied (a one-id rootless map) only the group
+    // list that is already ours can be had: none beyond the primary group.
+    let denied = std::fs::read_to_string("/proc/self/setgroups").is_ok_and(|s| s.trim() == "deny");
+    if !(denied && groups.iter().all(|g| *g == gid)) {
+        stage(nix::unistd::setgroups(&gids), "user", || {
+            format!("setgroups {groups:?}")
+        })?;
+    }
     let g = Gid::from_raw(gid);
     stage(nix::unistd::setresgid(g, g, g), "user", || {
         format!("setgid {gid}")

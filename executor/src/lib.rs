@@ -11,7 +11,12 @@
 //!
 //! **What it owns.** Namespaces, mounts inside the sandbox, the init
 //! protocol, cgroups of a step, and process lifecycle (timeouts,
-//! cancellation, PDEATHSIG, signals forwarded to the step).
+//! cancellation, PDEATHSIG, signals forwarded to the step). Also the
+//! rootless entry ([`userns::enter`]): run by an ordinary user (or as root
+//! without `CAP_SYS_ADMIN`, in an unprivileged container), kiln enters a
+//! user and mount namespace once at start, before any thread; every step
+//! then runs inside it (overlay with `userxattr`, the host's `/sys` bound
+//! where a new sysfs is refused, cgroups only where delegated).
 //!
 //! **What it must not do.** It does not know about Dockerfiles, cache keys or
 //! layers, and depends on no other kiln crate.
@@ -65,6 +70,7 @@ mod run;
 mod seccomp;
 mod spec;
 pub mod user;
+pub mod userns;
 
 pub use caps::DEFAULT_CAPS;
 pub use cgroup::{CgroupError, Limits};

@@ -288,14 +288,7 @@ pub(crate) fn setup_mounts(cfg: &InitConfig) -> Result<()> {
     })?;
     let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_at(&root, "/proc", "proc", "proc", common, "")?;
-    mount_at(
-        &root,
-        "/sys",
-        "sysfs",
-        "sysfs",
-        common | MsFlags::MS_RDONLY,
-        "",
-    )?;
+    sysfs(&root, common)?;
     let dev_fd = setup_dev(&root, cfg.shm_size)?;
     for m in &cfg.mounts {
         extra_mount(&root, m)?;
@@ -303,6 +296,44 @@ pub(crate) fn setup_mounts(cfg: &InitConfig) -> Result<()> {
     inline_files(&root, &dev_fd, &cfg.inline_files)?;
     nodev_everywhere(root.dir(), &cfg.rootfs_dir)?;
     allowed_devices(&dev_fd)
+}
+
+/// A read-only sysfs on /sys. The kernel refuses a new sysfs to a user
+/// namespace that does not own the network namespace (a rootless step on
+/// the user's network): then the host's /sys is bound (recursively: its
+/// submounts are locked to it) and made read-only, nosuid, nodev and
+/// noexec all the way down; the masked paths hide the same parts.
+fn sysfs(root: &Root, common: MsFlags) -> Result<()> {
+    let flags = common | MsFlags::MS_RDONLY;
+    match mount_at(root, "/sys", "sysfs", "sysfs", flags, "") {
+        Err(e) if e.source == nix::Error::EPERM && kiln_fs::idmap::IdMaps::current().in_userns => {}
+        other => return other,
+    }
+    let target = ctx(open_in_root(root, Path::new("/sys")), || {
+        "opening mount point /sys".into()
+    })?;
+    ctx(
+        mount(
+            Some("/sys"),
+            &fd_path(&target),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        ),
+        || "binding the host's /sys (a new sysfs was refused)".into(),
+    )?;
+    // The descriptor of the mount point is under the new mount: open the
+    // mount itself.
+    let bound = ctx(open_in_root(root, Path::new("/sys")), || {
+        "opening /sys".into()
+    })?;
+    ctx(
+        setattr_recursive(
+            &bound,
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+        ),
+        || "making the bound /sys read-only".into(),
+    )
 }
 
 /// Docker's default device nodes, bind-mounted from the host.
@@ -417,7 +448,13 @@ fn allowed_devices(dev_fd: &Dir) -> Result<()> {
             &dev.join("pts"),
             Some("devpts"),
             MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+            // gid 5 (tty) owns the slaves, where it exists (a one-id
+            // rootless map has only 0).
+            Some(if kiln_fs::idmap::IdMaps::current().maps_gid(5) {
+                "newinstance,ptmxmode=0666,mode=0620,gid=5"
+            } else {
+                "newinstance,ptmxmode=0666,mode=0620"
+            }),
         ),
         || "mounting devpts on /dev/pts".into(),
     )
@@ -432,15 +469,17 @@ struct MountAttr {
     userns_fd: u64,
 }
 
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
 const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
 const AT_RECURSIVE: libc::c_int = 0x8000;
 
-/// Make every mount at and below the root `nodev`, keeping their other
-/// flags: `mount_setattr(AT_RECURSIVE)` (Linux 5.12), else a remount of
-/// each mount listed under `dir` in /proc/self/mountinfo.
-pub(crate) fn nodev_everywhere(root: &impl AsRawFd, dir: &Path) -> Result<()> {
+/// `mount_setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE)` setting `set`
+/// on the mount `fd` is on and every mount below it (Linux 5.12).
+fn setattr_recursive(fd: &impl AsRawFd, set: u64) -> nix::Result<()> {
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_NODEV,
+        attr_set: set,
         attr_clr: 0,
         propagation: 0,
         userns_fd: 0,
@@ -449,7 +488,7 @@ pub(crate) fn nodev_everywhere(root: &impl AsRawFd, dir: &Path) -> Result<()> {
     let r = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            root.as_raw_fd(),
+            fd.as_raw_fd(),
             c"".as_ptr(),
             (libc::AT_EMPTY_PATH | AT_RECURSIVE) as libc::c_uint,
             &attr as *const MountAttr,
@@ -457,9 +496,19 @@ pub(crate) fn nodev_everywhere(root: &impl AsRawFd, dir: &Path) -> Result<()> {
         )
     };
     if r == 0 {
-        return Ok(());
+        Ok(())
+    } else {
+        Err(nix::Error::last())
     }
-    let e = nix::Error::last();
+}
+
+/// Make every mount at and below the root `nodev`, keeping their other
+/// flags: `mount_setattr(AT_RECURSIVE)` (Linux 5.12), else a remount of
+/// each mount listed under `dir` in /proc/self/mountinfo.
+pub(crate) fn nodev_everywhere(root: &impl AsRawFd, dir: &Path) -> Result<()> {
+    let Err(e) = setattr_recursive(root, MOUNT_ATTR_NODEV) else {
+        return Ok(());
+    };
     if e != nix::Error::ENOSYS {
         return Err(MountError {
             what: "making the sandbox's mounts nodev".into(),

@@ -846,6 +846,11 @@ impl Executor {
         cmd.arg(INIT_ARG)
             .env_clear()
             .env(PARENT_PID_ENV, std::process::id().to_string())
+            // Rootless: the init must know (its maps may not show it).
+            .envs(
+                std::env::var_os(kiln_fs::idmap::ENTERED_ENV)
+                    .map(|v| (kiln_fs::idmap::ENTERED_ENV, v)),
+            )
             // The message socket goes in as the init's stdin (INIT_FD).
             .stdin(Stdio::from(child_end))
             .stdout(Stdio::piped())

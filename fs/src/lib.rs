@@ -39,7 +39,9 @@
 //! one depends on none: [`overlay`] (the overlay format — whiteouts, opaque
 //! markers, the `trusted.`/`user.` xattr namespace, lowerdir compaction),
 //! [`path`] (Go's `path.Clean` over byte paths), [`userdb`] (passwd/group
-//! parsing and user resolution) and [`Root::walk`] (the tree walker).
+//! parsing and user resolution), [`idmap`] (this process's user namespace
+//! id maps: rootless or not, which ids exist) and [`Root::walk`] (the tree
+//! walker).
 //!
 //! Keeping per-directory work cheap is the caller's side of the bargain:
 //! open a parent [`Dir`] once and make many `*at` calls on it, rather than
@@ -74,7 +76,7 @@ pub fn set_owner_mode(f: &File, owner: Option<(u32, u32)>, mode: u32) -> io::Res
     if let Some((uid, gid)) = owner {
         // SAFETY: a valid descriptor.
         if unsafe { libc::fchown(f.as_raw_fd(), uid, gid) } != 0 {
-            return Err(errno());
+            return Err(chown_errno(uid, gid));
         }
     }
     // SAFETY: a valid descriptor.
@@ -82,6 +84,33 @@ pub fn set_owner_mode(f: &File, owner: Option<(u32, u32)>, mode: u32) -> io::Res
         return Err(errno());
     }
     Ok(())
+}
+
+/// The error of a chown to `uid:gid` that just failed (read from errno):
+/// errno, or, when the ids do not exist in this user namespace (EINVAL
+/// under a rootless map), an error that names the id and the map.
+pub fn chown_errno(uid: u32, gid: u32) -> io::Error {
+    let e = errno();
+    if e.raw_os_error() != Some(libc::EINVAL) {
+        return e;
+    }
+    let maps = idmap::IdMaps::current();
+    let unmapped = if maps.in_userns && !maps.maps_uid(uid) {
+        format!("uid {uid}")
+    } else if maps.in_userns && !maps.maps_gid(gid) {
+        format!("gid {gid}")
+    } else {
+        return e;
+    };
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "{unmapped} does not exist in kiln's rootless user namespace (uid map {}, gid map {}): \
+             give the user subordinate ids in /etc/subuid and /etc/subgid",
+            idmap::describe(&maps.uid_map),
+            idmap::describe(&maps.gid_map)
+        ),
+    )
 }
 
 /// How many symlinks one resolution may follow (Linux's own limit).
@@ -1057,7 +1086,7 @@ impl Dir {
         if let Some((uid, gid)) = owner {
             // SAFETY: a valid descriptor.
             if unsafe { libc::fchown(f.as_raw_fd(), uid, gid) } != 0 {
-                return Err(self.error("chown", name, errno()));
+                return Err(self.error("chown", name, chown_errno(uid, gid)));
             }
         }
         // After chown, which clears set-id bits.
@@ -1210,7 +1239,7 @@ impl Dir {
         if unsafe { libc::fchownat(self.raw(), c.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }
             != 0
         {
-            return Err(self.error("chown", name, errno()));
+            return Err(self.error("chown", name, chown_errno(uid, gid)));
         }
         Ok(())
     }
@@ -1227,7 +1256,7 @@ impl Dir {
     pub fn chown_self(&self, uid: u32, gid: u32) -> Result<()> {
         // SAFETY: a valid descriptor; AT_EMPTY_PATH acts on it.
         if unsafe { libc::fchownat(self.raw(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH) } != 0 {
-            return Err(Error::new("chown", &self.path, errno()));
+            return Err(Error::new("chown", &self.path, chown_errno(uid, gid)));
         }
         Ok(())
     }
@@ -1400,7 +1429,7 @@ fn apply_spec(dir: RawFd, name: &CStr, host: &Path, spec: &DirSpec) -> Result<()
     if let Some((uid, gid)) = spec.owner {
         // SAFETY: a valid descriptor and a NUL-terminated name.
         if unsafe { libc::fchownat(dir, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
-            return Err(Error::new("chown", host, errno()));
+            return Err(Error::new("chown", host, chown_errno(uid, gid)));
         }
     }
     chmod_at(dir, name, spec.mode).map_err(|e| Error::new("chmod", host, e))?;
@@ -1502,6 +1531,7 @@ pub enum Walk {
     Skip,
 }
 
+pub mod idmap;
 pub mod overlay;
 pub mod path;
 pub mod userdb;

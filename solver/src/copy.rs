@@ -1111,7 +1111,7 @@ fn copy_file(
     // Owner first: chown clears set-id bits.
     // SAFETY: an open descriptor.
     if unsafe { libc::fchown(dst.as_raw_fd(), uid, gid) } != 0 {
-        return Err(err(io::Error::last_os_error()));
+        return Err(err(kiln_fs::chown_errno(uid, gid)));
     }
     // SAFETY: an open descriptor.
     if unsafe { libc::fchmod(dst.as_raw_fd(), mode) } != 0 {

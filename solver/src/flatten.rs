@@ -24,6 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use kiln_fs::idmap::IdMaps;
 use kiln_fs::overlay::{
     is_overlay_xattr as is_overlay_xattr_name, is_whiteout, XattrNs, OPAQUE_VALUE,
 };
@@ -172,7 +173,7 @@ fn copy_dir_xattrs(src: &Path, dst: &Dir) -> io::Result<()> {
 fn mark_may_hold_whiteouts(dir: &Dir) -> io::Result<()> {
     use xattr::FileExt;
     let d = dir.open_self().map_err(fs_err)?;
-    let origin = XattrNs::Trusted.origin();
+    let origin = IdMaps::current().overlay_xattrs().origin();
     if d.get_xattr(origin)?.is_none() {
         d.set_xattr(origin, b"")?;
     }
@@ -220,7 +221,7 @@ fn apply_dir(layer: &Path, into: &Dir, bottom: bool) -> io::Result<()> {
                     if below.is_some() {
                         // A directory over a file or a whiteout hides
                         // whatever the layers below have at that path.
-                        let opaque = XattrNs::Trusted.opaque().as_bytes();
+                        let opaque = IdMaps::current().overlay_xattrs().opaque().as_bytes();
                         into.set_xattr(&name, opaque, OPAQUE_VALUE)
                             .map_err(fs_err)?;
                     }

@@ -1263,6 +1263,87 @@ impl Session {
     pub fn check_store(&self, deep: bool) -> Result<kiln_cache::CheckReport, Error> {
         Ok(self.open_images()?.check_with(deep)?)
     }
+
+    /// How kiln runs here: the store's snapshotter, and whether this
+    /// process is rootless (in a user namespace) with which id maps.
+    pub fn system_info(&self) -> Result<SystemInfo, Error> {
+        use kiln_fs::idmap::{describe, IdMaps, ENTERED_ENV};
+        let store = self.open_images()?;
+        let maps = IdMaps::current();
+        let snapshotter = store.snapshotter().name().to_string();
+        let entered = std::env::var(ENTERED_ENV).unwrap_or_default();
+        let id_mapping = if !maps.in_userns {
+            IdMapping::None
+        } else if maps.single_id() {
+            IdMapping::OneId
+        } else if entered == "subids" {
+            IdMapping::SubordinateIds
+        } else {
+            IdMapping::EnclosingNamespace
+        };
+        Ok(SystemInfo {
+            root: self.root().to_path_buf(),
+            overlay_xattrs: (snapshotter == "overlay").then(|| {
+                maps.overlay_xattrs()
+                    .prefix()
+                    .trim_end_matches('.')
+                    .to_string()
+            }),
+            snapshotter,
+            rootless: maps.in_userns,
+            id_mapping,
+            uid_map: describe(&maps.uid_map),
+            gid_map: describe(&maps.gid_map),
+        })
+    }
+}
+
+/// What [`Session::system_info`] reports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemInfo {
+    /// The store root.
+    pub root: PathBuf,
+    /// The store's snapshotter: `overlay` or `native`.
+    pub snapshotter: String,
+    /// The overlay's xattr namespace (`trusted.overlay` as real root,
+    /// `user.overlay` rootless), for the overlay snapshotter.
+    pub overlay_xattrs: Option<String>,
+    /// Whether kiln runs in a user namespace (rootless).
+    pub rootless: bool,
+    /// Which ids that namespace has.
+    pub id_mapping: IdMapping,
+    /// The uid map, `inside:outside:count,…`.
+    pub uid_map: String,
+    /// The gid map.
+    pub gid_map: String,
+}
+
+/// Which ids a rootless kiln's user namespace maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdMapping {
+    /// Not in a user namespace: real root.
+    None,
+    /// The user as 0 and its subordinate ids (`newuidmap`).
+    SubordinateIds,
+    /// The ids of the namespace kiln started in (root of a container).
+    EnclosingNamespace,
+    /// One id (the one-id fallback): files of other ids cannot exist.
+    OneId,
+}
+
+impl std::fmt::Display for IdMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IdMapping::None => "none (real root)",
+            IdMapping::SubordinateIds => "subordinate ids",
+            IdMapping::EnclosingNamespace => {
+                "the ids of the enclosing user namespace (a container's)"
+            }
+            IdMapping::OneId => "one id (no subordinate ids: files of other ids cannot exist)",
+        })
+    }
 }
 
 #[cfg(test)]

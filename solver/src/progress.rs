@@ -94,6 +94,21 @@ pub enum Event {
         /// Its size (started, done), bytes moved so far (progress), else 0.
         bytes: u64,
     },
+    /// How many steps the build has in all, once it knows (after the
+    /// base images are resolved): the tty view's `(done/total)`. Steps
+    /// that start beyond it raise the total.
+    Planned {
+        /// Steps started so far plus those still to come.
+        steps: usize,
+    },
+    /// The build's outcome, its last event: the image (or index) it made.
+    Result {
+        /// The image ID (`sha256:…` of the config; an index's digest for
+        /// a multi-platform build), as `--iidfile` writes it.
+        image_id: String,
+        /// The digest of its manifest (or index).
+        digest: String,
+    },
 }
 
 /// What happened to one blob of a pull or push ([`Event::Transfer`]).
@@ -239,6 +254,11 @@ impl Progress {
         id
     }
 
+    /// The number of vertices started so far.
+    pub fn started(&self) -> usize {
+        self.next.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Marks vertex `id` done after `d`.
     pub fn done(&self, id: usize, d: Duration) {
         self.send(Event::Done {
@@ -264,6 +284,10 @@ fn trace_event(e: &Event) {
             state,
             bytes,
         } => tracing::debug!(verb, %digest, ?state, bytes, "transfer"),
+        Event::Planned { steps } => tracing::debug!(steps, "steps planned"),
+        Event::Result { image_id, digest } => {
+            tracing::debug!(%image_id, %digest, "build result")
+        }
         Event::Log { .. } => {}
     }
 }

@@ -663,6 +663,37 @@ fn sparse(path: &Path, size: u64) {
         .expect("sparse file");
 }
 
+/// Builds `df` until `cancel` fires (as the test arranges): the build must
+/// end as cancelled within 5 s (`what` did not go on).
+async fn cancelled_within_5s(
+    backend: &Arc<MemBackend>,
+    runner: Arc<FakeRunner>,
+    cancel: CancellationToken,
+    df: &str,
+    ctx: &Path,
+    what: &str,
+) {
+    let t = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        build_with_runner(
+            backend.clone(),
+            runner,
+            Progress::discard(),
+            cancel,
+            opts(df, ctx),
+        ),
+    )
+    .await
+    .expect("the build never ended");
+    assert!(matches!(r, Err(BuildError::Cancelled)), "{r:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "{what} went on after the cancel: {:?}",
+        t.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_reaches_the_diff_of_a_layer_being_committed() {
     let ctx = context(&[]);
@@ -685,25 +716,7 @@ async fn cancelling_reaches_the_diff_of_a_layer_being_committed() {
             c.cancel();
         });
     });
-    let t = std::time::Instant::now();
-    let r = tokio::time::timeout(
-        Duration::from_secs(30),
-        build_with_runner(
-            backend.clone(),
-            runner,
-            Progress::discard(),
-            cancel,
-            opts(df, ctx.path()),
-        ),
-    )
-    .await
-    .expect("the build never ended");
-    assert!(matches!(r, Err(BuildError::Cancelled)), "{r:?}");
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "the diff went on after the cancel: {:?}",
-        t.elapsed()
-    );
+    cancelled_within_5s(&backend, runner, cancel, df, ctx.path(), "the diff").await;
     assert!(
         backend.committed_keys().is_empty(),
         "a cancelled commit records nothing"
@@ -726,25 +739,7 @@ async fn cancelling_reaches_the_hashing_of_copy_sources_before_the_lookup() {
         tokio::time::sleep(Duration::from_millis(150)).await;
         c.cancel();
     });
-    let t = std::time::Instant::now();
-    let r = tokio::time::timeout(
-        Duration::from_secs(30),
-        build_with_runner(
-            backend.clone(),
-            runner,
-            Progress::discard(),
-            cancel,
-            opts(df, ctx.path()),
-        ),
-    )
-    .await
-    .expect("the build never ended");
-    assert!(matches!(r, Err(BuildError::Cancelled)), "{r:?}");
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "hashing went on after the cancel: {:?}",
-        t.elapsed()
-    );
+    cancelled_within_5s(&backend, runner, cancel, df, ctx.path(), "hashing").await;
     assert!(
         backend.looked_up_keys().len() <= 1,
         "no lookup but the previous run's (by the step's shape, before hashing): {:?}",

@@ -11,6 +11,8 @@ use super::{ApplyMode, Chains, Core, DiffSource, Info, Mount, Paths, Snapshotter
 use crate::error::{io_err, Error, IoContext, Result};
 use crate::meta::{Kind, Meta};
 use crate::util::random_short;
+use kiln_fs::idmap::IdMaps;
+use kiln_fs::overlay::XattrNs;
 
 /// Length of the link names under `l/` (36^5 ≈ 60M names).
 const LINK_LEN: usize = 5;
@@ -19,6 +21,9 @@ const LINK_LEN: usize = 5;
 #[derive(Debug)]
 pub struct OverlaySnapshotter {
     core: Core,
+    /// The xattr namespace of the mounts: `user.` (the `userxattr` option)
+    /// in a user namespace (rootless), else `trusted.`.
+    xattrs: XattrNs,
 }
 
 impl OverlaySnapshotter {
@@ -29,14 +34,30 @@ impl OverlaySnapshotter {
                 paths,
                 chains,
             },
+            xattrs: IdMaps::current().overlay_xattrs(),
         }
+    }
+
+    /// The xattr namespace this snapshotter's overlays use (whiteouts and
+    /// opaque markers written into its directories must be in it).
+    pub fn xattrs(&self) -> XattrNs {
+        self.xattrs
     }
 
     /// Whether the kernel can mount overlay with upper and work dirs in
     /// `dir` (probes with a real mount in a private scratch directory; needs
-    /// CAP_SYS_ADMIN). Errors mean "no".
+    /// CAP_SYS_ADMIN; in a user namespace with `userxattr`, Linux 5.11).
+    /// Errors mean "no".
     pub fn supported(dir: &Path) -> bool {
-        probe(dir).is_ok()
+        probe(dir, IdMaps::current().overlay_xattrs()).is_ok()
+    }
+
+    /// The options every overlay mount of this snapshotter carries.
+    fn base_options(&self) -> Vec<String> {
+        match self.xattrs {
+            XattrNs::User => vec!["userxattr".into()],
+            XattrNs::Trusted => Vec::new(),
+        }
     }
 
     fn link_path(&self, row: &Info) -> Result<PathBuf> {
@@ -102,14 +123,16 @@ impl OverlaySnapshotter {
             Kind::Active if lowers.is_empty() => Ok(vec![bind(&fs, false)]),
             Kind::Active => {
                 let work = self.core.dir(&row.id).join("work");
+                let mut options = self.base_options();
+                options.extend([
+                    format!("lowerdir={}", lowers.join(":")),
+                    format!("upperdir={}", fs.display()),
+                    format!("workdir={}", work.display()),
+                ]);
                 Ok(vec![Mount {
                     kind: "overlay".into(),
                     source: "overlay".into(),
-                    options: vec![
-                        format!("lowerdir={}", lowers.join(":")),
-                        format!("upperdir={}", fs.display()),
-                        format!("workdir={}", work.display()),
-                    ],
+                    options,
                 }])
             }
             Kind::View | Kind::Committed => match lowers.len() {
@@ -118,11 +141,15 @@ impl OverlaySnapshotter {
                     let parent = self.core.get(row.parent.as_deref().unwrap_or_default())?;
                     Ok(vec![bind(&self.core.fs(&parent.id), true)])
                 }
-                _ => Ok(vec![Mount {
-                    kind: "overlay".into(),
-                    source: "overlay".into(),
-                    options: vec![format!("lowerdir={}", lowers.join(":"))],
-                }]),
+                _ => {
+                    let mut options = self.base_options();
+                    options.push(format!("lowerdir={}", lowers.join(":")));
+                    Ok(vec![Mount {
+                        kind: "overlay".into(),
+                        source: "overlay".into(),
+                        options,
+                    }])
+                }
             },
         }
     }
@@ -136,7 +163,7 @@ fn bind(dir: &Path, ro: bool) -> Mount {
     }
 }
 
-fn probe(dir: &Path) -> Result<()> {
+fn probe(dir: &Path, xattrs: XattrNs) -> Result<()> {
     use nix::mount::{mount, umount2, MntFlags, MsFlags};
     let base = dir.join(format!("probe-{}", crate::util::random_hex::<4>()));
     let result = (|| {
@@ -144,7 +171,11 @@ fn probe(dir: &Path) -> Result<()> {
             std::fs::create_dir_all(base.join(d)).ctx("mkdir", base.join(d))?;
         }
         let data = format!(
-            "lowerdir={},upperdir={},workdir={}",
+            "{}lowerdir={},upperdir={},workdir={}",
+            match xattrs {
+                XattrNs::User => "userxattr,",
+                XattrNs::Trusted => "",
+            },
             base.join("lower").display(),
             base.join("upper").display(),
             base.join("work").display()

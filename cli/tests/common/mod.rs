@@ -8,6 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 pub mod registry;
+pub mod rootless;
 
 /// Fails (under CI=true) or returns false (elsewhere, printing "not run")
 /// when the machine cannot run these tests: root and busybox-static.
@@ -224,15 +225,7 @@ impl Kiln {
 
     /// Runs kiln and asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "kiln {args:?} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
-            o.status.code(),
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        succeeded(&self.run(args), format_args!("kiln {args:?}"))
     }
 
     /// Builds `ctx` with extra args, asserting success; returns the image ID.
@@ -250,6 +243,19 @@ impl Kiln {
         let v: serde_json::Value = serde_json::from_str(&out).expect("inspect json");
         v[0].clone()
     }
+}
+
+/// Asserts that the command `what` succeeded (else fails with its status,
+/// stdout and stderr); returns its stdout.
+pub fn succeeded(o: &Output, what: std::fmt::Arguments<'_>) -> String {
+    assert!(
+        o.status.success(),
+        "{what} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// A build context directory with files `(path, content)`.

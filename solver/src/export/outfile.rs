@@ -7,9 +7,13 @@
 //! directory, which the kernel frees if kiln dies; once complete and
 //! synced it is linked in under a temp name and renamed over the target
 //! (a window of two system calls). Where the filesystem has no
-//! `O_TMPFILE`, a named temp file is used as before (`.kiln-*.tmp`). A
-//! target that is a device, FIFO or socket (`/dev/null`, `/dev/stdout`)
-//! is written to in place, never replaced.
+//! `O_TMPFILE`, a named temp file is used as before (`.kiln-*.tmp`).
+//!
+//! A target that exists and is not a regular file or a directory
+//! (`/dev/null`, a FIFO, a terminal, a socket — also through a symlink)
+//! is opened and written in place, as docker does: renaming over it would
+//! replace the device node (`save -o /dev/null` as root once turned
+//! `/dev/null` into a 2 MB regular file).
 
 use std::ffi::CString;
 use std::fs::File;
@@ -30,17 +34,14 @@ pub fn write_atomically<E: From<std::io::Error>>(
             format!("writing {}: {e}", path.display()),
         ))
     };
-    // A device, FIFO or socket (`-o /dev/null`, `-o /dev/stdout`, a named
-    // pipe) is written to, as docker does, never replaced by a file.
-    if let Ok(m) = std::fs::metadata(path) {
-        if !m.is_file() && !m.is_dir() {
-            let out = std::fs::OpenOptions::new()
+    if let Ok(meta) = std::fs::metadata(path) {
+        let t = meta.file_type();
+        if !t.is_file() && !t.is_dir() {
+            let file = std::fs::OpenOptions::new()
                 .write(true)
                 .open(path)
                 .map_err(ctx)?;
-            let mut w = BufWriter::new(out);
-            f(&mut w)?;
-            return w.flush().map_err(ctx);
+            return write_in_place(file, f);
         }
     }
     let dir = path
@@ -86,6 +87,18 @@ fn fill<E: From<std::io::Error>>(
     }
     file.sync_all()?;
     Ok(file)
+}
+
+/// Writes into an open device, FIFO or socket: no sync (a FIFO refuses
+/// one), no rename.
+fn write_in_place<E: From<std::io::Error>>(
+    mut file: File,
+    f: impl FnOnce(&mut dyn Write) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut w = BufWriter::new(&mut file);
+    f(&mut w)?;
+    w.flush()?;
+    Ok(())
 }
 
 /// Filesystems (and kernels) without `O_TMPFILE` answer one of these.
@@ -194,24 +207,37 @@ mod tests {
         assert_eq!(mode, 0o666 & !umask());
     }
 
-    /// `save -o /dev/null` once replaced the host's /dev/null with a
-    /// regular file (renamed over it); a FIFO shows the same path without
-    /// risking the host's devices.
     #[test]
-    fn a_fifo_or_device_target_is_written_to_not_replaced() {
+    fn a_fifo_or_device_target_is_written_in_place_not_replaced() {
         let d = tempfile::tempdir().unwrap();
         let fifo = d.path().join("pipe");
-        let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
-        // SAFETY: a valid path.
+        let c = cstring(&fifo).unwrap();
+        // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let reader = {
             let fifo = fifo.clone();
             std::thread::spawn(move || std::fs::read(fifo).unwrap())
         };
-        write_atomically::<std::io::Error>(&fifo, |w| w.write_all(b"through")).unwrap();
-        assert_eq!(reader.join().unwrap(), b"through");
-        let ft = std::fs::symlink_metadata(&fifo).unwrap().file_type();
-        assert!(std::os::unix::fs::FileTypeExt::is_fifo(&ft), "still a FIFO");
+        write_atomically::<std::io::Error>(&fifo, |w| w.write_all(b"through the pipe")).unwrap();
+        assert_eq!(reader.join().unwrap(), b"through the pipe");
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        // A symlink to /dev/null: the device is written, never renamed over.
+        let link = d.path().join("null");
+        std::os::unix::fs::symlink("/dev/null", &link).unwrap();
+        write_atomically::<std::io::Error>(&link, |w| w.write_all(b"gone")).unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(std::fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device());
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2);
     }
 
     #[test]

@@ -434,6 +434,12 @@ async fn solve_graph(
         receivers.insert(s.index, rx);
     }
     let order: Vec<usize> = graph.stages.iter().map(|s| s.index).collect();
+    // What is left: a step per op, an export per target, and the index of
+    // a multi-platform build (the renderer's `(done/total)`).
+    let ops: usize = graph.stages.iter().map(|s| s.ops.len()).sum();
+    progress.send(Event::Planned {
+        steps: progress.started() + ops + targets.len() + usize::from(targets.len() > 1),
+    });
     let sv = Arc::new(Solver {
         backend,
         runner,
@@ -800,6 +806,10 @@ impl Solver {
                 ),
             });
         }
+        self.progress.send(Event::Result {
+            image_id: exported.image_id.clone(),
+            digest: exported.manifest_digest.clone(),
+        });
         BuildResult {
             image_id: exported.image_id,
             manifest_digest: exported.manifest_digest,
