@@ -25,7 +25,8 @@ log() { printf '[test.sh] %s\n' "$*" >&2; }
 # qemu-user-static runs the arm64/armhf busybox images of the multi-platform
 # tests (scripts/foreign-busybox.sh makes them from Debian's busybox-static
 # for those architectures; `kiln system binfmt` registers the interpreters).
-APT_PKGS=(busybox-static uidmap skopeo umoci podman buildah runc docker-registry apache2-utils openssl git gcc libc6-dev mmdebstrap qemu-user-static)
+# curl reads the registry's manifests in the docker_compat cases.
+APT_PKGS=(busybox-static uidmap skopeo umoci podman buildah runc docker-registry apache2-utils openssl git gcc libc6-dev mmdebstrap qemu-user-static curl)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

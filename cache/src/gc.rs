@@ -1,7 +1,9 @@
 //! Garbage collection (`prune`), verification (`check`) and disk usage
 //! (`df`).
 //!
-//! Mark and sweep, containerd-style. Roots: image tags, build cache records
+//! Mark and sweep, containerd-style. First the rows of untagged images
+//! (kept under their ID, docker's dangling images) go, unless
+//! [`PruneOptions::keep_untagged`]. Roots: image tags, build cache records
 //! (after the cache policy dropped what it drops), resources of live leases
 //! (a lease dies with its process or its TTL), and active/view snapshots
 //! whose owning process still runs. Blobs mark the blobs they reference and
@@ -30,6 +32,14 @@ pub struct PruneOptions {
     /// Keep the most recently used cache records up to this many bytes
     /// (`--keep-storage`), drop the rest.
     pub keep_storage: Option<u64>,
+    /// Keep untagged images (those kept under their ID only, docker's
+    /// "dangling" images, see [`crate::untagged_name`]); by default prune
+    /// removes them, as `docker system prune` does.
+    pub keep_untagged: bool,
+    /// Only what is older than this many seconds (docker's
+    /// `--filter until=`): untagged images made, and with `all` cache
+    /// records last used, before then.
+    pub until: Option<u64>,
 }
 
 /// What `prune` did.
@@ -39,6 +49,8 @@ pub struct PruneReport {
     pub leases_expired: usize,
     /// Cache records dropped by the policy.
     pub cache_records_removed: usize,
+    /// Untagged images removed (their IDs).
+    pub untagged_removed: Vec<String>,
     /// Snapshots removed (rows, plus orphan directories).
     pub snapshots_removed: usize,
     /// Blobs removed (rows, plus orphan files).
@@ -221,6 +233,9 @@ impl Store {
         let (dead_snaps, dead_blobs) = self.meta().write(|tx| {
             report.leases_expired = self.meta().expire_leases(tx)?;
             report.cache_records_removed = apply_cache_policy(tx, opts)?;
+            if !opts.keep_untagged {
+                report.untagged_removed = remove_untagged(tx, opts.until)?;
+            }
             let marks = live_marks(tx)?;
             // Snapshots: children before parents (unmarked snapshots only
             // have unmarked children).
@@ -640,6 +655,23 @@ impl Store {
 /// since the oldest live lease began (by a build still running: its
 /// lookups mark them) are kept whatever the policy, so that the build
 /// finds the snapshots and blobs it has been handed.
+/// Drops the image rows of untagged images (made before `until` seconds
+/// ago, if given); returns their IDs.
+fn remove_untagged(tx: &Transaction<'_>, until: Option<u64>) -> Result<Vec<String>> {
+    let before = until.map_or(i64::MAX, |u| crate::util::now_unix() - u as i64);
+    let mut st = tx.prepare(
+        "SELECT name FROM images WHERE name LIKE 'sha256:%' AND created < ?1 ORDER BY name",
+    )?;
+    let names = st
+        .query_map([before], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    drop(st);
+    for n in &names {
+        tx.execute("DELETE FROM images WHERE name = ?1", [n])?;
+    }
+    Ok(names)
+}
+
 fn apply_cache_policy(tx: &Transaction<'_>, opts: &PruneOptions) -> Result<usize> {
     // After expire_leases: only live leases are left.
     let in_use_since: i64 = tx
@@ -648,7 +680,11 @@ fn apply_cache_policy(tx: &Transaction<'_>, opts: &PruneOptions) -> Result<usize
         })?
         .unwrap_or(i64::MAX);
     if opts.all {
-        return Ok(tx.execute("DELETE FROM cache WHERE last_used < ?1", [in_use_since])?);
+        let before = match opts.until {
+            Some(u) => in_use_since.min(crate::util::now_unix() - u as i64),
+            None => in_use_since,
+        };
+        return Ok(tx.execute("DELETE FROM cache WHERE last_used < ?1", [before])?);
     }
     let Some(keep) = opts.keep_storage else {
         return Ok(0);

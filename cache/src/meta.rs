@@ -366,6 +366,18 @@ impl Meta {
                  size    INTEGER NOT NULL
              ) WITHOUT ROWID;",
         )?;
+        // Where stored images are known to be in registries (docker's
+        // RepoDigests): additive and keyed by content digests like
+        // diff_sizes, so it needs no schema version either; a row whose
+        // manifest is gone is never shown.
+        meta.conn().execute_batch(
+            "CREATE TABLE IF NOT EXISTS repo_digests(
+                 manifest TEXT NOT NULL,
+                 repo     TEXT NOT NULL,
+                 digest   TEXT NOT NULL,
+                 PRIMARY KEY(manifest, repo)
+             ) WITHOUT ROWID;",
+        )?;
         Ok(meta)
     }
 
@@ -1049,6 +1061,34 @@ impl Meta {
                 params![diff_id.to_string(), size as i64],
             )?;
             Ok(())
+        })
+    }
+
+    // ------------------------------------------------------ repo digests
+
+    /// Records that the stored manifest `manifest` is `repo@digest` in a
+    /// registry (pushed there or pulled from there).
+    pub fn put_repo_digest(&self, manifest: &str, repo: &str, digest: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO repo_digests(manifest, repo, digest) VALUES (?1, ?2, ?3)",
+                params![manifest, repo, digest],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The `(repo, digest)` pairs recorded for the stored manifest
+    /// `manifest`, by repo.
+    pub fn repo_digests(&self, manifest: &str) -> Result<Vec<(String, String)>> {
+        self.read(|tx| {
+            let mut st = tx.prepare(
+                "SELECT repo, digest FROM repo_digests WHERE manifest = ?1 ORDER BY repo",
+            )?;
+            let rows = st
+                .query_map([manifest], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
         })
     }
 

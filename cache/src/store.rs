@@ -1,6 +1,7 @@
 //! [`Store`]: one root directory, its layout, and the operations that span
 //! files and rows.
 
+use rusqlite::OptionalExtension;
 use std::io::Read;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -511,6 +512,29 @@ impl Store {
             .0)
     }
 
+    /// Record an image without a name (a build without tags, an archive
+    /// image without one): it is kept under [`untagged_name`] until it is
+    /// named or pruned, as docker keeps a "dangling" image. A no-op when
+    /// the image already has a name.
+    pub fn record_untagged(
+        &self,
+        manifest: &Digest,
+        config: &Digest,
+        layers: &[Digest],
+    ) -> Result<()> {
+        let named: bool = self.meta.read(|tx| {
+            Ok(tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM images WHERE manifest = ?1 AND name NOT LIKE 'sha256:%')",
+                [manifest.to_string()],
+                |r| r.get(0),
+            )?)
+        })?;
+        if named {
+            return Ok(());
+        }
+        self.record_image(&untagged_name(config), manifest, config, layers)
+    }
+
     /// Record an image: the manifest references `config` and `layers` (all
     /// already stored with [`Store::put_blob`]) and `name` (normalised, see
     /// [`crate::normalize_reference`]) points at it. One transaction.
@@ -528,6 +552,14 @@ impl Store {
                     [manifest.to_string(), child.to_string()],
                 )?;
             }
+            // What the name pointed at before, if something else.
+            let before: Option<(String, Option<String>)> = tx
+                .query_row(
+                    "SELECT manifest, config FROM images WHERE name = ?1 AND manifest != ?2",
+                    [name, &manifest.to_string()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
             tx.execute(
                 "INSERT INTO images(name, manifest, config, created) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(name) DO UPDATE SET manifest = excluded.manifest,
@@ -539,6 +571,36 @@ impl Store {
                     crate::util::now_unix()
                 ],
             )?;
+            // An image whose last name moved to another stays, untagged,
+            // as docker's `<none>` images do (until pruned).
+            if let (Some((old_manifest, Some(old_config))), false) =
+                (before, is_untagged_name(name))
+            {
+                let named_still: bool = tx.query_row(
+                    "SELECT EXISTS(SELECT 1 FROM images WHERE manifest = ?1)",
+                    [&old_manifest],
+                    |r| r.get(0),
+                )?;
+                if !named_still {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO images(name, manifest, config, created)
+                         VALUES (?1, ?2, ?3, ?4)",
+                        rusqlite::params![
+                            &old_config,
+                            old_manifest,
+                            old_config,
+                            crate::util::now_unix()
+                        ],
+                    )?;
+                }
+            }
+            // A named image is no longer untagged.
+            if !is_untagged_name(name) {
+                tx.execute(
+                    "DELETE FROM images WHERE name = ?1 AND manifest = ?2",
+                    [untagged_name(config), manifest.to_string()],
+                )?;
+            }
             Ok(())
         })
     }
@@ -760,4 +822,16 @@ fn make_snapshotter(
             chains.clone(),
         ))
     }
+}
+
+/// The name of the image row that keeps an untagged image: its ID (the
+/// config digest, `sha256:…`), which no normalised reference can be.
+pub fn untagged_name(config: &Digest) -> String {
+    config.to_string()
+}
+
+/// Whether an image row's name is an untagged image's ID (see
+/// [`untagged_name`]) rather than a reference.
+pub fn is_untagged_name(name: &str) -> bool {
+    name.starts_with("sha256:")
 }

@@ -322,6 +322,7 @@ fn prune_keeps_tags_cache_and_leases_and_reclaims_the_rest() {
         .prune(&PruneOptions {
             all: false,
             keep_storage: Some(150_000),
+            ..Default::default()
         })
         .unwrap();
     assert_eq!(r.cache_records_removed, 1, "{r:?}");
@@ -330,6 +331,7 @@ fn prune_keeps_tags_cache_and_leases_and_reclaims_the_rest() {
     s.prune(&PruneOptions {
         all: true,
         keep_storage: None,
+        ..Default::default()
     })
     .unwrap();
     assert!(sn.stat("new-snap").is_err());

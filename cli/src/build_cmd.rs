@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use kiln_solver::export::cache::CacheFlags;
-use kiln_solver::export::OutputSpec;
 use kiln_solver::session::NetworkMode;
 use kiln_solver::session::{BuildRequest, Session};
 use kiln_solver::{BuildError, ResourceLimits};
@@ -32,9 +31,10 @@ pub struct BuildArgs {
     /// Run every step, ignoring the cache.
     #[arg(long)]
     no_cache: bool,
-    /// Always ask the registry for base images.
-    #[arg(long)]
-    pull: bool,
+    /// Always ask the registry for base images (`--pull=false`: only when
+    /// missing, the default).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pull: Option<bool>,
     /// Allow plain HTTP for this registry (HOST:PORT); repeatable.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registry: Vec<String>,
@@ -66,7 +66,7 @@ pub struct BuildArgs {
     #[arg(long, value_name = "FILE")]
     iidfile: Option<PathBuf>,
     /// Memory limit of each RUN step (e.g. 512m, 2g).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(short = 'm', long, value_name = "SIZE")]
     memory: Option<String>,
     /// CPUs each RUN step may use (e.g. 1.5).
     #[arg(long, value_name = "N")]
@@ -100,6 +100,8 @@ pub struct BuildArgs {
     /// with their lines, without building.
     #[arg(long)]
     check: bool,
+    #[command(flatten)]
+    compat: crate::build_flags::CompatFlags,
     /// The build context: a directory, `-` (a tar archive on stdin, plain
     /// or gzip/bzip2/xz/zstd), a git repository (`https://…git#REF:DIR`,
     /// `git@…`, `git://…`) or an http(s) URL of a tar archive.
@@ -112,7 +114,8 @@ pub fn parse_size(s: &str) -> Result<i64, String> {
     i64::try_from(n).map_err(|_| format!("invalid size {s:?}: too large"))
 }
 
-fn usage(msg: impl Into<String>) -> anyhow::Error {
+/// A usage error (exit status 2).
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(crate::UsageError(msg.into()))
 }
 
@@ -137,6 +140,17 @@ fn request(a: &BuildArgs) -> anyhow::Result<BuildRequest> {
     let mut req = BuildRequest::new(a.context.clone());
     req.dockerfile = a.file.clone();
     for a in &a.build_args {
+        let key = a.split_once('=').map_or(a.as_str(), |(k, _)| k);
+        if key.is_empty() || key.chars().any(char::is_whitespace) {
+            return Err(usage(format!(
+                "--build-arg {a:?}: the name {} (want NAME=VALUE or NAME)",
+                if key.is_empty() {
+                    "is empty"
+                } else {
+                    "contains whitespace"
+                }
+            )));
+        }
         match a.split_once('=') {
             Some((k, v)) => {
                 req.build_args.insert(k.to_string(), v.to_string());
@@ -195,7 +209,7 @@ fn request(a: &BuildArgs) -> anyhow::Result<BuildRequest> {
     }
     req.target = a.target.clone();
     req.no_cache = a.no_cache;
-    req.pull = a.pull;
+    req.pull = a.pull.unwrap_or(false);
     req.network = if a.network == "none" {
         NetworkMode::None
     } else {
@@ -212,7 +226,9 @@ fn render_error(e: &BuildError, name: &str, text: &str) -> String {
     if let BuildError::Dockerfile(pe) = e {
         return pe.render(name, text);
     }
-    let mut out = format!("ERROR: {e}\n");
+    // One style for every error kiln prints: `error: ` (clap's own usage
+    // errors are worded so, and they cannot be reworded).
+    let mut out = format!("error: {e}\n");
     if let BuildError::Run { tail, .. } = e {
         if !tail.is_empty() {
             out.push_str("------\n");
@@ -243,13 +259,13 @@ fn render_error(e: &BuildError, name: &str, text: &str) -> String {
 /// phases, with progress rendered while it solves.
 pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     let mut req = request(&a)?;
-    if a.check {
+    if a.check || a.compat.check() {
         return check(root, &req);
     }
     for o in &a.outputs {
-        req.outputs
-            .push(OutputSpec::parse(o).map_err(|e| usage(e.to_string()))?);
+        req.outputs.push(crate::build_flags::output(o, &a.tags)?);
     }
+    a.compat.apply(&mut req)?;
     let caches = CacheFlags::parse(&a.cache_from, &a.cache_to).map_err(|e| usage(e.to_string()))?;
     req.cache_from = caches.imports;
     req.cache_to = caches.exports;
@@ -277,12 +293,43 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     });
     match result {
         Ok(solved) => {
-            solved.export().map_err(facade_error)?;
+            let exported = solved.export().map_err(facade_error)?;
             let r = &solved.result;
             if let Some(f) = &a.iidfile {
                 std::fs::write(f, &r.image_id).map_err(|e| {
                     anyhow::anyhow!("writing the image ID to --iidfile {}: {e}", f.display())
                 })?;
+            }
+            if let Some(f) = &a.compat.metadata_file {
+                let size = crate::session(root, true)?
+                    .blob_size(&r.manifest_digest)
+                    .ok();
+                let mut names: Vec<String> = Vec::new();
+                for t in &a.tags {
+                    if let Ok(n) = kiln_solver::cache::normalize_reference(t) {
+                        names.push(n);
+                    }
+                }
+                let pushed = exported.pushed.first().map(|(_, d)| d.to_string());
+                // (RepoDigests of pushes are recorded below.)
+                let v = crate::build_flags::metadata(
+                    &r.image_id,
+                    &r.manifest_digest,
+                    size,
+                    &names,
+                    pushed.as_deref(),
+                );
+                std::fs::write(f, serde_json::to_string_pretty(&v)? + "\n")
+                    .map_err(|e| anyhow::anyhow!("writing --metadata-file {}: {e}", f.display()))?;
+            }
+            // docker's RepoDigests for what the build pushed.
+            if !exported.pushed.is_empty() {
+                let s = crate::session(root, true)?;
+                for (dest, d) in &exported.pushed {
+                    // Bookkeeping only: a multi-platform build's ID is its
+                    // index, which has no single image to note it on.
+                    let _ = s.record_push(&r.image_id, dest, d.as_str());
+                }
             }
             if a.quiet {
                 outln!("{}", r.image_id);

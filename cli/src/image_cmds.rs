@@ -22,9 +22,47 @@ pub struct ImagesArgs {
     /// Show manifest digests.
     #[arg(long)]
     digests: bool,
-    /// Output format: `table` or `json` (one object per line).
-    #[arg(long, default_value = "table", value_parser = ["table", "json"])]
-    format: String,
+    /// All images (kiln keeps no intermediate images: the same list).
+    #[arg(short, long)]
+    all: bool,
+    /// Full image IDs.
+    #[arg(long)]
+    no_trunc: bool,
+    /// `dangling=true|false`, `reference=GLOB`, `label=K[=V]`,
+    /// `before=IMAGE`, `since=IMAGE`, `until=DURATION`; repeatable (all
+    /// must hold; several `reference=` are alternatives).
+    #[arg(short, long = "filter", value_name = "KEY=VALUE")]
+    filter: Vec<String>,
+    /// `table` (default), `json` (one object per line), or a Go template
+    /// (`{{.Repository}}:{{.Tag}}`, `table {{.ID}}\t{{.Size}}`).
+    #[arg(long, value_name = "FORMAT")]
+    format: Option<String>,
+    /// Only this repository (and tag).
+    #[arg(value_name = "REPOSITORY[:TAG]")]
+    repository: Option<String>,
+}
+
+/// `kiln tag` arguments.
+#[derive(clap::Args, Debug)]
+pub struct TagArgs {
+    /// The existing image.
+    source: String,
+    /// The new name.
+    target: String,
+}
+
+/// `kiln rmi` flags.
+#[derive(clap::Args, Debug)]
+pub struct RmiArgs {
+    /// Remove every name of an image given by ID.
+    #[arg(short, long)]
+    force: bool,
+    /// Accepted (data goes with the next prune anyway).
+    #[arg(long)]
+    no_prune: bool,
+    /// Images.
+    #[arg(required = true)]
+    images: Vec<String>,
 }
 
 /// `kiln run` flags.
@@ -41,6 +79,25 @@ pub struct RunArgs {
     /// Set an environment variable (`K=V`, or `K` from the environment).
     #[arg(short = 'e', long = "env", value_name = "K=V")]
     env: Vec<String>,
+    /// Read environment variables from a file (docker's format: `K=V`
+    /// lines, `#` comments, `K` alone from kiln's environment); before
+    /// `-e`; repeatable.
+    #[arg(long = "env-file", value_name = "FILE")]
+    env_file: Vec<PathBuf>,
+    /// Keep stdin open: the application reads kiln's stdin.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Run the application on a pseudo-terminal (its stdin, stdout,
+    /// stderr and controlling terminal); with `-i` kiln's terminal is put
+    /// in raw mode and passed through.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Accepted and ignored: kiln keeps no containers to name.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Refused: kiln runs in the foreground only.
+    #[arg(short = 'd', long, hide = true)]
+    detach: bool,
     /// Working directory inside the container.
     #[arg(short = 'w', long = "workdir")]
     workdir: Option<String>,
@@ -184,97 +241,278 @@ fn human(n: u64) -> String {
     }
 }
 
-/// `kiln images`.
+/// "2024-01-02 03:04:05 +0000 UTC": Go's time printing, docker's
+/// `CreatedAt`.
+fn go_time(created: Option<&str>) -> String {
+    let Some(t) = created.and_then(parse_rfc3339) else {
+        return String::new();
+    };
+    let days = t.div_euclid(86_400);
+    let secs = t.rem_euclid(86_400);
+    // Civil from days (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} +0000 UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// docker's `images --filter` values, parsed.
+#[derive(Default)]
+struct ImageFilters {
+    dangling: Option<bool>,
+    references: Vec<String>,
+    labels: Vec<(String, Option<String>)>,
+    before: Option<i64>,
+    since: Option<i64>,
+    until: Option<i64>,
+}
+
+/// When an image was made (its config's `created`), Unix seconds.
+fn created_at(l: &ImageInfo) -> i64 {
+    l.config
+        .created
+        .as_deref()
+        .and_then(parse_rfc3339)
+        .unwrap_or(0)
+}
+
+fn image_filters(s: &Session, filters: &[String]) -> anyhow::Result<ImageFilters> {
+    let mut f = ImageFilters::default();
+    for raw in filters {
+        let (k, v) = raw
+            .split_once('=')
+            .ok_or_else(|| usage(format!("--filter {raw:?}: want KEY=VALUE")))?;
+        match k {
+            "dangling" => {
+                f.dangling = Some(match v {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(usage(format!("--filter {raw:?}: dangling=true or false"))),
+                })
+            }
+            "reference" => f.references.push(v.to_string()),
+            "label" => f.labels.push(match v.split_once('=') {
+                Some((lk, lv)) => (lk.to_string(), Some(lv.to_string())),
+                None => (v.to_string(), None),
+            }),
+            "before" | "since" => {
+                let t = created_at(&s.find_image(v).map_err(lib_error)?);
+                if k == "before" {
+                    f.before = Some(t);
+                } else {
+                    f.since = Some(t);
+                }
+            }
+            "until" => {
+                let secs = crate::store_cmds::parse_go_duration(v).map_err(usage)?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                f.until = Some(now - secs as i64);
+            }
+            _ => {
+                return Err(usage(format!(
+                    "--filter {raw:?}: kiln's images takes dangling, reference, label, before, since, until"
+                )))
+            }
+        }
+    }
+    Ok(f)
+}
+
+/// Whether `pattern` (docker's `reference=` filter, a glob such as
+/// `busy*` or `*/app:1.*`) matches the familiar `repo` and `repo:tag`.
+fn reference_matches(pattern: &str, repo: &str, tag: &str) -> bool {
+    let m = |name: &str| kiln_solver::parser::glob::match_pattern(pattern, name).unwrap_or(false);
+    m(repo) || m(&format!("{repo}:{tag}"))
+}
+
+impl ImageFilters {
+    fn keep_image(&self, l: &ImageInfo) -> bool {
+        if self.dangling.is_some_and(|d| d != l.names.is_empty()) {
+            return false;
+        }
+        let t = created_at(l);
+        if self.before.is_some_and(|b| t >= b)
+            || self.since.is_some_and(|s| t <= s)
+            || self.until.is_some_and(|u| t >= u)
+        {
+            return false;
+        }
+        let labels = l.config.config.as_ref().and_then(|c| c.labels.as_ref());
+        self.labels.iter().all(|(k, v)| {
+            labels
+                .and_then(|ls| ls.get(k))
+                .is_some_and(|have| v.as_ref().is_none_or(|v| v == have))
+        })
+    }
+
+    fn keep_row(&self, repo: &str, tag: &str) -> bool {
+        self.references.is_empty()
+            || self
+                .references
+                .iter()
+                .any(|p| reference_matches(p, repo, tag))
+    }
+}
+
+/// The `{{.Field}}`s of a row of `kiln images`, as docker's.
+fn image_row(l: &ImageInfo, repo: &str, tag: &str, size: u64, no_trunc: bool) -> serde_json::Value {
+    let digest = l
+        .repo_digests
+        .iter()
+        .find(|d| kiln_solver::images::repository(d) == repo_name_of(repo))
+        .and_then(|d| d.split_once('@').map(|(_, h)| h.to_string()))
+        .unwrap_or_else(|| "<none>".into());
+    let mut v = serde_json::json!({
+        "Containers": "N/A",
+        "CreatedAt": go_time(l.config.created.as_deref()),
+        "CreatedSince": ago(l.config.created.as_deref()),
+        "Digest": digest,
+        "ID": if no_trunc { l.config_digest.clone() } else { short_id(&l.config_digest) },
+        "Repository": repo,
+        "SharedSize": "N/A",
+        "Size": human(size),
+        "Tag": tag,
+        "UniqueSize": "N/A",
+        "VirtualSize": human(size),
+    });
+    if !l.platforms.is_empty() {
+        v["Platforms"] = serde_json::json!(l.platforms);
+    }
+    v
+}
+
+/// The normalised repository of a familiar one (`busybox` ->
+/// `docker.io/library/busybox`).
+fn repo_name_of(familiar_repo: &str) -> String {
+    kiln_solver::cache::normalize_reference(familiar_repo)
+        .map(|n| kiln_solver::images::repository(&n).to_string())
+        .unwrap_or_else(|_| familiar_repo.to_string())
+}
+
+/// `kiln images [REPO[:TAG]]`.
 pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
     let s = session(root, false)?;
+    let filters = image_filters(&s, &a.filter)?;
+    let _ = a.all;
+    // `images REPO[:TAG]`: that repository, that tag if given.
+    let wanted = a.repository.as_deref().map(|r| {
+        let (repo, tag) = match r.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
+            Some((repo, tag)) => (repo, Some(tag)),
+            None => (r, None),
+        };
+        (repo_name_of(repo), tag.map(str::to_string))
+    });
     let imgs = s.images().map_err(lib_error)?;
+    let mut rows = Vec::new();
+    let mut ids: Vec<String> = Vec::new();
+    for l in imgs.iter().filter(|l| filters.keep_image(l)) {
+        let mut size = None;
+        for (repo, tag) in repo_tags(l) {
+            if !filters.keep_row(&repo, &tag) {
+                continue;
+            }
+            if let Some((wr, wt)) = &wanted {
+                if repo_name_of(&repo) != *wr || wt.as_ref().is_some_and(|t| *t != tag) {
+                    continue;
+                }
+            }
+            let size = match size {
+                Some(n) => n,
+                None => *size.insert(s.image_size(l).map_err(lib_error)?),
+            };
+            let id = if a.no_trunc {
+                l.config_digest.clone()
+            } else {
+                short_id(&l.config_digest)
+            };
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+            rows.push(image_row(l, &repo, &tag, size, a.no_trunc));
+        }
+    }
     if a.quiet {
-        for l in &imgs {
-            outln!("{}", short_id(&l.config_digest));
+        for id in ids {
+            outln!("{id}");
         }
         return Ok(ExitCode::SUCCESS);
     }
-    if a.format == "json" {
-        for l in &imgs {
-            for n in &l.names {
-                let (repo, tag) = familiar(n);
-                let mut v = serde_json::json!({
-                    "Repository": repo, "Tag": tag, "ID": short_id(&l.config_digest),
-                    "Digest": l.stored_digest, "CreatedAt": l.config.created,
-                    "CreatedSince": ago(l.config.created.as_deref()),
-                    "Size": human(s.image_size(l).map_err(lib_error)?),
-                });
-                if !l.platforms.is_empty() {
-                    v["Platforms"] = serde_json::json!(l.platforms);
-                }
-                outln!("{v}");
-            }
+    let format = a.format.as_deref().unwrap_or("table");
+    if format == "json" {
+        for r in &rows {
+            outln!("{r}");
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut rows = vec![vec![
-        "REPOSITORY".to_string(),
-        "TAG".into(),
-        if a.digests {
-            "DIGEST".into()
-        } else {
-            String::new()
-        },
-        "IMAGE ID".into(),
-        "CREATED".into(),
-        "SIZE".into(),
-    ]];
-    // An index is one image; its platforms get a column of their own.
     let multi = imgs.iter().any(|l| !l.platforms.is_empty());
-    if multi {
-        rows[0].push("PLATFORMS".into());
-    }
-    for l in &imgs {
-        let size = human(s.image_size(l).map_err(lib_error)?);
-        for n in &l.names {
-            let (repo, tag) = familiar(n);
-            rows.push(vec![
-                repo,
-                tag,
-                if a.digests {
-                    l.stored_digest.clone()
-                } else {
-                    String::new()
-                },
-                short_id(&l.config_digest),
-                ago(l.config.created.as_deref()),
-                size.clone(),
-            ]);
-            if multi {
-                if let Some(r) = rows.last_mut() {
-                    r.push(l.platforms.join(","));
-                }
-            }
+    let format = if format == "table" {
+        let mut f = "table {{.Repository}}\t{{.Tag}}\t".to_string();
+        if a.digests {
+            f.push_str("{{.Digest}}\t");
         }
-    }
-    print_table(&rows);
+        f.push_str("{{.ID}}\t{{.CreatedSince}}\t{{.Size}}");
+        if multi {
+            f.push_str("\t{{join .Platforms \",\"}}");
+        }
+        f
+    } else {
+        format.to_string()
+    };
+    let headers = serde_json::json!({
+        "Containers": "CONTAINERS", "CreatedAt": "CREATED AT", "CreatedSince": "CREATED",
+        "Digest": "DIGEST", "ID": "IMAGE ID", "Repository": "REPOSITORY",
+        "SharedSize": "SHARED SIZE", "Size": "SIZE", "Tag": "TAG",
+        "UniqueSize": "UNIQUE SIZE", "VirtualSize": "VIRTUAL SIZE", "Platforms": ["PLATFORMS"],
+    });
+    let rows: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|mut r| {
+            if multi && r.get("Platforms").is_none() {
+                r["Platforms"] = serde_json::json!([]);
+            }
+            r
+        })
+        .collect();
+    let out = crate::gotemplate::render_rows(&format, &rows, &headers).map_err(template_error)?;
+    out_str(&out);
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_table(rows: &[Vec<String>]) {
-    let cols = rows.first().map(Vec::len).unwrap_or(0);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    for r in rows {
-        let mut line = String::new();
-        for (c, cell) in r.iter().enumerate() {
-            if widths[c] == 0 {
-                continue;
-            }
-            if c + 1 == cols {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<w$}   ", w = widths[c]));
-            }
-        }
-        outln!("{}", line.trim_end());
+/// Writes `s` to stdout as it is (see [`outln`]).
+fn out_str(s: &str) {
+    use std::io::Write as _;
+    if let Err(e) = std::io::stdout().lock().write_all(s.as_bytes()) {
+        crate::stdout_failed(e)
     }
+}
+
+/// A `--format` template that does not parse or run: docker's wording,
+/// a usage error.
+fn template_error(e: crate::gotemplate::TemplateError) -> anyhow::Error {
+    usage(format!("{e}"))
+}
+
+/// (repository, tag) of each name, familiar; `<none>`, `<none>` for an
+/// untagged image.
+fn repo_tags(l: &ImageInfo) -> Vec<(String, String)> {
+    if l.names.is_empty() {
+        return vec![("<none>".into(), "<none>".into())];
+    }
+    l.names.iter().map(|n| familiar(n)).collect()
 }
 
 /// docker's `inspect` JSON for one image.
@@ -282,18 +520,26 @@ fn inspect_json(s: &Session, l: &ImageInfo) -> Result<serde_json::Value, ImagesE
     let c = &l.config;
     let mut v = serde_json::json!({
         "Id": l.config_digest,
-        "RepoTags": l.names.iter().map(|n| {
+        "RepoTags": l.names.iter().filter(|n| !n.contains('@')).map(|n| {
             let (repo, tag) = familiar(n);
             format!("{repo}:{tag}")
         }).collect::<Vec<_>>(),
-        "RepoDigests": [],
+        "RepoDigests": l.repo_digests.iter().map(|d| {
+            let (repo, _) = familiar(d);
+            let digest = d.split_once('@').map(|(_, h)| h).unwrap_or_default();
+            format!("{repo}@{digest}")
+        }).collect::<Vec<_>>(),
+        "Parent": "",
+        "Comment": "",
         "Created": c.created,
+        "DockerVersion": "",
         "Author": c.author.clone().unwrap_or_default(),
         "Config": c.config,
         "Architecture": c.architecture,
         "Variant": c.variant,
         "Os": c.os,
         "Size": s.image_size(l)?,
+        "VirtualSize": s.image_size(l)?,
         "RootFS": {"Type": c.rootfs.kind, "Layers": c.rootfs.diff_ids},
         "Metadata": {"ManifestDigest": l.manifest_digest},
     });
@@ -304,26 +550,67 @@ fn inspect_json(s: &Session, l: &ImageInfo) -> Result<serde_json::Value, ImagesE
     Ok(v)
 }
 
-/// `kiln inspect IMAGE...`: docker-style JSON.
-pub fn inspect(
-    root: &Path,
+/// `kiln inspect` flags.
+#[derive(clap::Args, Debug)]
+pub struct InspectArgs {
+    /// Print each image through this Go template (`{{.Id}}`,
+    /// `{{json .Config}}`) instead of the JSON array.
+    #[arg(short = 'f', long = "format", value_name = "TEMPLATE")]
+    format: Option<String>,
+    /// Only `image` (kiln has no containers, volumes or networks).
+    #[arg(long = "type", value_name = "image")]
+    kind: Option<String>,
+    /// Accepted (sizes are always shown).
+    #[arg(short = 's', long)]
+    size: bool,
+    /// Of a multi-platform image, this platform's (default: the host's).
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
+    /// Images (name, ID or ID prefix).
+    #[arg(required = true)]
     images: Vec<String>,
-    platform: Option<&str>,
-) -> anyhow::Result<ExitCode> {
-    let platform = platform_arg(platform)?;
+}
+
+/// `kiln inspect IMAGE...`: docker-style JSON, or a template per image.
+pub fn inspect(root: &Path, a: InspectArgs) -> anyhow::Result<ExitCode> {
+    if let Some(k) = a.kind.as_deref().filter(|k| *k != "image") {
+        return Err(usage(format!(
+            "--type {k:?}: kiln inspects images only (--type image)"
+        )));
+    }
+    let _ = a.size;
+    let template = a
+        .format
+        .as_deref()
+        .filter(|f| !f.is_empty() && *f != "json")
+        .map(|f| crate::gotemplate::Template::parse(&f.replace("\\t", "\t").replace("\\n", "\n")))
+        .transpose()
+        .map_err(template_error)?;
+    let platform = platform_arg(a.platform.as_deref())?;
     let s = session(root, false)?;
     let mut out = Vec::new();
     let mut failed = false;
-    for r in &images {
+    for r in &a.images {
         match s.find_image_for(r, platform.as_ref()) {
-            Ok(l) => out.push(inspect_json(&s, &l).map_err(lib_error)?),
+            Ok(l) => {
+                let v = inspect_json(&s, &l).map_err(lib_error)?;
+                match &template {
+                    Some(t) => {
+                        let text = t.render(&v).map_err(template_error)?;
+                        outln!("{text}");
+                    }
+                    None => out.push(v),
+                }
+            }
             Err(e) => {
-                eprintln!("Error: {e}");
+                eprintln!("error: {e}");
                 failed = true;
             }
         }
     }
-    outln!("{}", serde_json::to_string_pretty(&out)?);
+    if template.is_none() {
+        outln!("{}", serde_json::to_string_pretty(&out)?);
+    }
     Ok(if failed {
         ExitCode::from(1)
     } else {
@@ -331,66 +618,121 @@ pub fn inspect(
     })
 }
 
+/// `kiln history` flags.
+#[derive(clap::Args, Debug)]
+pub struct HistoryArgs {
+    /// Of a multi-platform image, this platform's (default: the host's).
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
+    /// A Go template per entry (`{{.CreatedBy}}`, `table …`) or `json`.
+    #[arg(long, value_name = "TEMPLATE")]
+    format: Option<String>,
+    /// Do not cut the commands.
+    #[arg(long)]
+    no_trunc: bool,
+    /// Only the image ID (docker prints it for the newest entry and
+    /// `<missing>` for the others).
+    #[arg(short, long)]
+    quiet: bool,
+    /// Sizes and dates in human form (`-H=false`: bytes and RFC 3339).
+    #[arg(short = 'H', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    human: Option<bool>,
+    /// The image.
+    image: String,
+}
+
 /// `kiln history IMAGE`.
-pub fn history(root: &Path, image: &str, platform: Option<&str>) -> anyhow::Result<ExitCode> {
-    let platform = platform_arg(platform)?;
+pub fn history(root: &Path, a: HistoryArgs) -> anyhow::Result<ExitCode> {
+    let platform = platform_arg(a.platform.as_deref())?;
     let s = session(root, false)?;
-    let (l, rows) = s.history_for(image, platform.as_ref()).map_err(lib_error)?;
-    let mut table = vec![vec![
-        "IMAGE".to_string(),
-        "CREATED".into(),
-        "CREATED BY".into(),
-        "SIZE".into(),
-        "COMMENT".into(),
-    ]];
+    let (l, rows) = s
+        .history_for(&a.image, platform.as_ref())
+        .map_err(lib_error)?;
+    let human_form = a.human.unwrap_or(true);
     let n = rows.len();
+    let mut items = Vec::new();
     for (i, row) in rows.into_iter().enumerate().rev() {
         let h = &row.entry;
         let mut by = h.created_by.clone().unwrap_or_default();
-        if by.chars().count() > 60 {
-            by = by.chars().take(57).collect::<String>() + "...";
+        if !a.no_trunc && a.format.is_none() && by.chars().count() > 45 {
+            by = by.chars().take(44).collect::<String>() + "…";
         }
-        table.push(vec![
-            if i + 1 == n {
-                short_id(&l.config_digest)
+        let id = if i + 1 == n {
+            if a.no_trunc {
+                l.config_digest.clone()
             } else {
-                "<missing>".into()
-            },
-            ago(h.created.as_deref()),
-            by,
-            human(row.size),
-            h.comment.clone().unwrap_or_default(),
-        ]);
+                short_id(&l.config_digest)
+            }
+        } else {
+            "<missing>".into()
+        };
+        items.push(serde_json::json!({
+            "ID": id,
+            "CreatedSince": if human_form { ago(h.created.as_deref()) } else { h.created.clone().unwrap_or_default() },
+            "CreatedAt": h.created.clone().unwrap_or_default(),
+            "CreatedBy": by,
+            "Size": if human_form { human(row.size) } else { row.size.to_string() },
+            "Comment": h.comment.clone().unwrap_or_default(),
+        }));
     }
-    print_table(&table);
+    if a.quiet {
+        for it in &items {
+            outln!("{}", it["ID"].as_str().unwrap_or_default());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let format = a.format.as_deref().unwrap_or("table");
+    if format == "json" {
+        for it in &items {
+            outln!("{it}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let format = if format == "table" {
+        "table {{.ID}}\t{{.CreatedSince}}\t{{.CreatedBy}}\t{{.Size}}\t{{.Comment}}"
+    } else {
+        format
+    };
+    let headers = serde_json::json!({
+        "ID": "IMAGE", "CreatedSince": "CREATED", "CreatedAt": "CREATED AT",
+        "CreatedBy": "CREATED BY", "Size": "SIZE", "Comment": "COMMENT",
+    });
+    let out = crate::gotemplate::render_rows(format, &items, &headers).map_err(template_error)?;
+    out_str(&out);
     Ok(ExitCode::SUCCESS)
 }
 
 /// `kiln tag SRC DST`.
-pub fn tag(root: &Path, src: &str, dst: &str) -> anyhow::Result<ExitCode> {
-    session(root, false)?.tag(src, dst).map_err(lib_error)?;
+pub fn tag(root: &Path, a: TagArgs) -> anyhow::Result<ExitCode> {
+    session(root, false)?
+        .tag(&a.source, &a.target)
+        .map_err(lib_error)?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `kiln rmi [-f] IMAGE...`.
-pub fn rmi(root: &Path, force: bool, images: Vec<String>) -> anyhow::Result<ExitCode> {
+pub fn rmi(root: &Path, a: RmiArgs) -> anyhow::Result<ExitCode> {
     let s = session(root, false)?;
     let mut failed = false;
-    for r in &images {
-        match s.untag(r, force) {
-            Ok(names) => {
-                for n in names {
+    let _ = a.no_prune;
+    for r in &a.images {
+        match s.untag(r, a.force) {
+            Ok(removed) => {
+                for n in removed.untagged {
                     let (repo, tag) = familiar(&n);
                     outln!("Untagged: {repo}:{tag}");
+                }
+                if let Some(id) = removed.deleted {
+                    outln!("Deleted: {id}");
                 }
             }
             Err(
                 e @ (ImagesError::NoSuchImage(_)
-                | ImagesError::AmbiguousId(_)
+                | ImagesError::AmbiguousId(..)
                 | ImagesError::MustForce(_)
                 | ImagesError::InvalidReference { .. }),
             ) => {
-                eprintln!("Error: {e}");
+                eprintln!("error: {e}");
                 failed = true;
             }
             Err(e) => return Err(lib_error(e)),
@@ -412,13 +754,24 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         CancellationToken, ExecError, ExitStatus, NetworkMode, OutputLine, RunError, RunRequest,
         Stream, Volume,
     };
+    if a.detach {
+        return Err(usage(
+            "not supported by kiln: --detach (kiln runs an image in the foreground only)",
+        ));
+    }
+    let _ = &a.name;
     let unconfined = seccomp_unconfined(&a.security_opt)?;
+    let mut from_files = Vec::new();
+    for f in &a.env_file {
+        from_files.extend(crate::run_io::read_env_file(f)?);
+    }
     let platform = platform_arg(a.platform.as_deref())?;
     let session = session(root, false)?;
-    // `-e KEY` takes KEY from kiln's environment (left out when unset).
-    let env = a
-        .env
+    // `--env-file` first, then `-e`; `KEY` alone takes KEY from kiln's
+    // environment (left out when unset).
+    let env = from_files
         .iter()
+        .chain(&a.env)
         .filter_map(|e| match e.split_once('=') {
             Some(_) => Some(e.clone()),
             None => std::env::var(e).ok().map(|v| format!("{e}={v}")),
@@ -459,6 +812,19 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         },
         seccomp_unconfined: unconfined,
         volumes,
+        stdin: None,
+        tty: None,
+    };
+    let mut req = req;
+    let terminal = if a.tty {
+        let t = crate::run_io::Terminal::open(a.interactive)?;
+        req.tty = t.slave();
+        Some(t)
+    } else {
+        if a.interactive {
+            req.stdin = Some(std::sync::Arc::new(crate::run_io::dup_stdin()?));
+        }
+        None
     };
     let prepared = match session.prepare_run(&req) {
         Ok(p) => p,
@@ -469,6 +835,9 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(anyhow::anyhow!(e)),
     };
+    // The request's reference to the terminal's slave goes now: the
+    // terminal's output ends when the sandbox's last one closes.
+    drop(req);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -502,6 +871,9 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         let _ = printer.await;
         r
     });
+    if let Some(t) = terminal {
+        t.finish();
+    }
     let _ = (a.rm, a.init);
     match outcome {
         Ok(o) => Ok(ExitCode::from(match o.status {
@@ -511,8 +883,15 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         // Killed after the last of the SIGINT/SIGTERMs it was sent: the
         // status of a SIGKILLed container (what `docker kill` gives).
         Err(ExecError::Cancelled { .. }) => Ok(ExitCode::from(128 + 9)),
+        // docker's statuses: 127 when the command is not found, 126 when
+        // it cannot be run, 125 for kiln's own failures.
+        Err(ExecError::Setup { stage, message, .. }) if stage == "exec" => {
+            eprintln!("error: {message}");
+            let not_found = message.contains("not found") || message.contains("no such file");
+            Ok(ExitCode::from(if not_found { 127 } else { 126 }))
+        }
         Err(e) => {
-            eprintln!("Error: {e}");
+            eprintln!("error: {e}");
             Ok(ExitCode::from(125))
         }
     }

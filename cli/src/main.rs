@@ -20,9 +20,14 @@ macro_rules! outln {
 }
 
 mod build_cmd;
+mod build_flags;
+mod dist;
+mod gotemplate;
 mod image_cmds;
+mod mgmt;
 mod progress;
 mod registry_cmds;
+mod run_io;
 mod signals;
 mod store_cmds;
 
@@ -59,38 +64,29 @@ enum Command {
     Build(Box<build_cmd::BuildArgs>),
     /// List images.
     Images(image_cmds::ImagesArgs),
-    /// Show images' configuration as JSON.
-    Inspect {
-        /// Of a multi-platform image, this platform's (default: the host's).
-        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
-        platform: Option<String>,
-        /// Images (name, ID or ID prefix).
-        #[arg(required = true)]
-        images: Vec<String>,
-    },
+    /// Show images' configuration as JSON (or through a Go template).
+    Inspect(image_cmds::InspectArgs),
     /// Show the history of an image.
-    History {
-        /// Of a multi-platform image, this platform's (default: the host's).
-        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
-        platform: Option<String>,
-        /// The image.
-        image: String,
-    },
+    History(image_cmds::HistoryArgs),
     /// Give an image another name.
-    Tag {
-        /// The existing image.
-        source: String,
-        /// The new name.
-        target: String,
-    },
+    Tag(image_cmds::TagArgs),
     /// Remove image names (the data goes with the next prune).
-    Rmi {
-        /// Remove every name of an image given by ID.
-        #[arg(short, long)]
-        force: bool,
-        /// Images.
-        #[arg(required = true)]
-        images: Vec<String>,
+    Rmi(image_cmds::RmiArgs),
+    /// docker's `image` spellings: `image ls|rm|inspect|prune|history|tag|
+    /// save|load|import|push|pull|build`.
+    Image {
+        #[command(subcommand)]
+        what: mgmt::ImageCommand,
+    },
+    /// docker's `builder` spellings: `builder prune|build`.
+    Builder {
+        #[command(subcommand)]
+        what: mgmt::BuilderCommand,
+    },
+    /// buildx spellings: `buildx build` (also `buildx b`), `buildx prune`.
+    Buildx {
+        #[command(subcommand)]
+        what: mgmt::BuildxCommand,
     },
     /// Run a command in a new container from an image.
     Run(Box<image_cmds::RunArgs>),
@@ -117,6 +113,16 @@ enum Command {
         #[command(subcommand)]
         what: store_cmds::SystemCommand,
     },
+    /// Show kiln's version, commit and build date (docker's layout).
+    Version(dist::VersionArgs),
+    /// Print a shell completion script (bash, zsh, fish).
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: dist::Shell,
+    },
+    /// Print the kiln(1) man page (roff).
+    Man,
     /// Run a command (default: $SHELL) in the user and mount namespace a
     /// rootless kiln builds in, as `buildah unshare` does (as root: just
     /// runs it).
@@ -308,16 +314,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Build(args) => build_cmd::run(&store_root(cli.root)?, *args),
         Command::Images(args) => image_cmds::images(&store_root(cli.root)?, args),
-        Command::Inspect { images, platform } => {
-            image_cmds::inspect(&store_root(cli.root)?, images, platform.as_deref())
-        }
-        Command::History { image, platform } => {
-            image_cmds::history(&store_root(cli.root)?, &image, platform.as_deref())
-        }
-        Command::Tag { source, target } => {
-            image_cmds::tag(&store_root(cli.root)?, &source, &target)
-        }
-        Command::Rmi { force, images } => image_cmds::rmi(&store_root(cli.root)?, force, images),
+        Command::Inspect(args) => image_cmds::inspect(&store_root(cli.root)?, args),
+        Command::History(args) => image_cmds::history(&store_root(cli.root)?, args),
+        Command::Tag(args) => image_cmds::tag(&store_root(cli.root)?, args),
+        Command::Rmi(args) => image_cmds::rmi(&store_root(cli.root)?, args),
+        Command::Image { what } => mgmt::image(&store_root(cli.root)?, what),
+        Command::Builder { what } => mgmt::builder(&store_root(cli.root)?, what),
+        Command::Buildx { what } => mgmt::buildx(&store_root(cli.root)?, what),
         Command::Run(args) => image_cmds::run(&store_root(cli.root)?, *args),
         Command::Save(args) => image_cmds::save(&store_root(cli.root)?, args),
         Command::Load(args) => store_cmds::load(&store_root(cli.root)?, args),
@@ -329,6 +332,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logout(args) => registry_cmds::logout(args),
         Command::Export(args) => image_cmds::export(&store_root(cli.root)?, args),
         Command::System { what } => store_cmds::system(&store_root(cli.root)?, what),
+        Command::Version(args) => dist::version(args),
+        Command::Completion { shell } => dist::completion(shell),
+        Command::Man => dist::man(),
         Command::Unshare { command } => unshare(command),
         Command::Debug {
             what: DebugCommand::Ast { file, json },

@@ -27,7 +27,7 @@ pub struct PullArgs {
     /// Allow plain HTTP for this registry (HOST:PORT); repeatable.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure: Vec<String>,
-    /// Print only the manifest digest.
+    /// Print only the image's name (as `docker pull -q`).
     #[arg(short, long)]
     quiet: bool,
     /// Layers downloaded at once.
@@ -76,6 +76,9 @@ pub struct PushArgs {
     /// Write the pushed manifest digest to this file.
     #[arg(long = "digestfile", value_name = "FILE")]
     digestfile: Option<std::path::PathBuf>,
+    /// Push every tag of the repository `IMAGE` names.
+    #[arg(short = 'a', long = "all-tags", conflicts_with = "destination")]
+    all_tags: bool,
     /// The local image.
     image: String,
     /// Where to push (default: the image's own name).
@@ -218,7 +221,7 @@ pub fn pull(root: &Path, a: PullArgs) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(lib_error(e)),
     };
     if a.quiet {
-        outln!("{}", r.manifest_digest);
+        outln!("{}", r.name);
     } else {
         if let Some(i) = &r.index_digest {
             eprintln!("index: {i}");
@@ -252,21 +255,52 @@ pub fn push(root: &Path, a: PushArgs) -> anyhow::Result<ExitCode> {
         cancel,
         ..Default::default()
     };
-    let (dest, d) =
-        match session(root, a.quiet)?.push(&a.image, a.destination.as_deref(), enc, &opts) {
+    let s = session(root, a.quiet)?;
+    let images = if a.all_tags {
+        all_tags(&s, &a.image)?
+    } else {
+        vec![a.image.clone()]
+    };
+    for image in &images {
+        let (dest, d) = match s.push(image, a.destination.as_deref(), enc, &opts) {
             Ok(r) => r,
             Err(ImagesError::Cancelled) => return Ok(cancelled("push")),
             Err(e) => return Err(lib_error(e)),
         };
-    if let Some(f) = &a.digestfile {
-        std::fs::write(f, d.to_string())?;
-    }
-    if a.quiet {
-        outln!("{d}");
-    } else {
-        eprintln!("{dest}: digest: {d}");
+        if let Some(f) = &a.digestfile {
+            std::fs::write(f, d.to_string())
+                .map_err(|e| anyhow::anyhow!("writing --digestfile {}: {e}", f.display()))?;
+        }
+        if a.quiet {
+            outln!("{d}");
+        } else {
+            eprintln!("{dest}: digest: {d}");
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The names of the stored images in `repository`'s repository (its tag,
+/// if any, ignored), for `push --all-tags`.
+fn all_tags(s: &kiln_solver::session::Session, repository: &str) -> anyhow::Result<Vec<String>> {
+    let want = kiln_solver::cache::normalize_reference(repository)
+        .map_err(|e| usage(format!("invalid reference {repository:?}: {e}")))?;
+    let repo = images::repository(&want);
+    let mut names: Vec<String> = s
+        .images()
+        .map_err(lib_error)?
+        .into_iter()
+        .flat_map(|l| l.names)
+        .filter(|n| !n.contains('@') && images::repository(n) == repo)
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(anyhow::anyhow!(
+            "An image does not exist locally with the tag: {}",
+            images::familiar(&want).0
+        ));
+    }
+    Ok(names)
 }
 
 /// Runs `kiln login`: checks the credentials against the registry, then

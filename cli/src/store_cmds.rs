@@ -17,9 +17,10 @@ use crate::{lib_error, session};
 #[derive(Args, Debug)]
 pub struct LoadArgs {
     /// The archive: docker-archive (`docker save`) or OCI layout tar, plain,
-    /// gzip or zstd compressed.
+    /// gzip or zstd compressed (default, or `-`: stdin, as `kiln load <
+    /// image.tar`).
     #[arg(short = 'i', long = "input", value_name = "FILE")]
-    pub input: PathBuf,
+    pub input: Option<PathBuf>,
     /// Print only the loaded names.
     #[arg(short, long)]
     pub quiet: bool,
@@ -58,11 +59,91 @@ pub struct PruneArgs {
     /// Keep this much build cache (most recently used first), e.g. `10GB`.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub keep_storage: Option<u64>,
+    /// Do not prompt for confirmation (kiln never does; accepted for
+    /// docker's scripts).
+    #[arg(short, long)]
+    pub force: bool,
+    /// `until=DURATION` (`24h`, `90m`, `1h30m`): only untagged images made
+    /// and (with `--all`) cache records last used before then.
+    #[arg(long = "filter", value_name = "until=DURATION")]
+    pub filter: Vec<String>,
+}
+
+/// docker's `until=` value as an age in seconds: a Go duration (`24h`,
+/// `1h30m`, `90s`, `1.5h`; the parser's HEALTHCHECK reading) or a Unix
+/// timestamp (seconds).
+pub fn parse_go_duration(s: &str) -> Result<u64, String> {
+    if let Ok(ts) = s.parse::<u64>() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        return Ok(now.saturating_sub(ts));
+    }
+    kiln_solver::parser::instructions::parse_go_duration(s)
+        .map(|d| d.as_secs())
+        .ok_or_else(|| {
+            format!("invalid duration {s:?} (e.g. 24h, 90m, 1h30m, or a Unix timestamp)")
+        })
+}
+
+/// The `until=` of `--filter` values (others are refused).
+pub fn prune_until(filters: &[String]) -> anyhow::Result<Option<u64>> {
+    let mut until = None;
+    for f in filters {
+        match f.split_once('=') {
+            Some(("until", v)) => {
+                until = Some(parse_go_duration(v).map_err(crate::build_cmd::usage)?)
+            }
+            _ => {
+                return Err(crate::build_cmd::usage(format!(
+                    "--filter {f:?}: kiln's prune takes until=DURATION"
+                )))
+            }
+        }
+    }
+    Ok(until)
+}
+
+/// `kiln image prune` arguments.
+#[derive(Args, Debug)]
+pub struct ImagePruneArgs {
+    /// Every image, not only untagged ones (kiln has no containers: no
+    /// image is in use).
+    #[arg(short, long)]
+    pub all: bool,
+    /// Do not prompt (kiln never does).
+    #[arg(short, long)]
+    pub force: bool,
+    /// `until=DURATION`: only images made before then.
+    #[arg(long = "filter", value_name = "until=DURATION")]
+    pub filter: Vec<String>,
+}
+
+/// `kiln system prune` arguments.
+#[derive(Args, Debug)]
+pub struct SystemPruneArgs {
+    /// Every image and all build cache, not only untagged images and
+    /// unreferenced data.
+    #[arg(short, long)]
+    pub all: bool,
+    /// Do not prompt (kiln never does).
+    #[arg(short, long)]
+    pub force: bool,
+    /// Accepted (kiln has no volumes).
+    #[arg(long)]
+    pub volumes: bool,
+    /// `until=DURATION`: only what is older.
+    #[arg(long = "filter", value_name = "until=DURATION")]
+    pub filter: Vec<String>,
 }
 
 /// `kiln system …`.
 #[derive(Subcommand, Debug)]
 pub enum SystemCommand {
+    /// Remove untagged images, unreferenced data and (with `-a`) every
+    /// image and all build cache, as `docker system prune`.
+    Prune(SystemPruneArgs),
     /// Show what uses the store's space.
     Df {
         /// Print JSON.
@@ -110,15 +191,29 @@ pub enum SystemCommand {
     },
 }
 
-/// `kiln load -i FILE`.
+/// `kiln load [-i FILE]` (stdin without `-i` or with `-i -`).
 pub fn load(root: &Path, args: LoadArgs) -> anyhow::Result<ExitCode> {
-    session(root, false)?
-        .load(&args.input, &mut |l| match l {
-            Loaded::Untagged(config) => outln!("Loaded image ID: {config}"),
-            Loaded::Named(name) if args.quiet => outln!("{name}"),
-            Loaded::Named(name) => outln!("Loaded image: {name}"),
-        })
-        .map_err(lib_error)?;
+    let s = session(root, false)?;
+    let mut report = |l: Loaded| match l {
+        Loaded::Untagged(config) => outln!("Loaded image ID: {config}"),
+        Loaded::Named(name) if args.quiet => outln!("{name}"),
+        Loaded::Named(name) => {
+            let (repo, tag) = kiln_solver::images::familiar(&name);
+            outln!("Loaded image: {repo}:{tag}")
+        }
+    };
+    match args.input.as_deref().filter(|p| p.as_os_str() != "-") {
+        Some(path) => s.load(path, &mut report),
+        None => {
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                return Err(crate::build_cmd::usage(
+                    "requested load from stdin, but stdin is a terminal: use -i FILE or redirect",
+                ));
+            }
+            s.load_from(Box::new(std::io::stdin()), Path::new("stdin"), &mut report)
+        }
+    }
+    .map_err(lib_error)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -149,12 +244,79 @@ pub fn import(root: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> {
 
 /// `kiln prune`.
 pub fn prune(root: &Path, args: PruneArgs) -> anyhow::Result<ExitCode> {
-    let r = session(root, false)?
-        .prune(&PruneOptions {
+    cache_prune(root, args, false)
+}
+
+/// `kiln builder prune`: build cache only, images stay.
+pub fn builder_prune(root: &Path, args: PruneArgs) -> anyhow::Result<ExitCode> {
+    cache_prune(root, args, true)
+}
+
+fn cache_prune(root: &Path, args: PruneArgs, keep_untagged: bool) -> anyhow::Result<ExitCode> {
+    let _ = args.force;
+    run_prune(
+        root,
+        &PruneOptions {
             all: args.all,
             keep_storage: args.keep_storage,
-        })
-        .map_err(lib_error)?;
+            until: prune_until(&args.filter)?,
+            keep_untagged,
+        },
+        false,
+    )
+}
+
+/// `kiln image prune`: untagged images (`-a`: every image), the cache
+/// stays.
+pub fn image_prune(root: &Path, args: ImagePruneArgs) -> anyhow::Result<ExitCode> {
+    let _ = args.force;
+    let until = prune_until(&args.filter)?;
+    run_prune(
+        root,
+        &PruneOptions {
+            until,
+            ..Default::default()
+        },
+        args.all,
+    )
+}
+
+/// Every name of every image made before `until` seconds ago (all with
+/// `None`) removed, as docker's `prune -a` removes unused images; prints
+/// them as docker does.
+fn untag_all(root: &Path, until: Option<u64>) -> anyhow::Result<()> {
+    let s = session(root, false)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    for l in s.images().map_err(lib_error)? {
+        if until.is_some_and(|u| l.recorded > now - u as i64) || l.names.is_empty() {
+            continue;
+        }
+        for n in &l.names {
+            let removed = s.untag(n, true).map_err(lib_error)?;
+            for u in removed.untagged {
+                let (repo, tag) = kiln_solver::images::familiar(&u);
+                println!("untagged: {repo}:{tag}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_prune(root: &Path, opts: &PruneOptions, all_images: bool) -> anyhow::Result<ExitCode> {
+    if all_images {
+        untag_all(root, opts.until)?;
+    }
+    let r = session(root, false)?.prune(opts).map_err(lib_error)?;
+    if !r.untagged_removed.is_empty() {
+        println!("Deleted Images:");
+        for id in &r.untagged_removed {
+            println!("deleted: {id}");
+        }
+        println!();
+    }
     println!(
         "Deleted: {} blobs, {} snapshots, {} cache records, {} temp files; expired {} leases",
         r.blobs_removed,
@@ -176,11 +338,23 @@ pub fn system(root: &Path, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
         // Not about the store: no store is opened (or created).
         return binfmt(uninstall);
     }
-    let s = session(root, false)?;
+    let s = || session(root, false);
     match cmd {
-        SystemCommand::Info { json } => info(&s, json),
+        SystemCommand::Prune(a) => {
+            let _ = (a.force, a.volumes);
+            run_prune(
+                root,
+                &PruneOptions {
+                    all: a.all,
+                    until: prune_until(&a.filter)?,
+                    ..Default::default()
+                },
+                a.all,
+            )
+        }
+        SystemCommand::Info { json } => info(&s()?, json),
         SystemCommand::Df { json } => {
-            let du = s.disk_usage().map_err(lib_error)?;
+            let du = s()?.disk_usage().map_err(lib_error)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&du)?);
             } else {
@@ -205,7 +379,7 @@ pub fn system(root: &Path, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         SystemCommand::Check { deep } => {
-            let r = s.check_store(deep).map_err(lib_error)?;
+            let r = s()?.check_store(deep).map_err(lib_error)?;
             if r.ok() {
                 let layers = if deep {
                     format!(

@@ -39,6 +39,8 @@ use crate::user::resolve_user;
 pub const INIT_ARG: &str = "__init";
 /// Environment variable carrying the executor's pid to the init.
 pub(crate) const PARENT_PID_ENV: &str = "_KILN_EXECUTOR_PID";
+/// Set when the executor hands the init the step's stdin as fd 3.
+pub(crate) const STDIN_FD_ENV: &str = "_KILN_EXECUTOR_STDIN";
 /// Docker's default PATH.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -206,12 +208,20 @@ fn supervisor() -> i32 {
     // Catch the forwarded signals before anything else: one that arrives
     // while the sandbox is being set up waits (pending) for the step.
     let set = block_signals();
-    // Only stdin (the socket), stdout and stderr were meant for us.
-    close_fds_from(3, false);
+    // Only stdin (the socket), stdout and stderr were meant for us, and
+    // fd 3 when the executor says it is the step's stdin.
+    let given_stdin = std::env::var_os(STDIN_FD_ENV).is_some();
+    close_fds_from(if given_stdin { 4 } else { 3 }, false);
     // Move the socket off stdin to a close-on-exec descriptor, and give
     // stdin /dev/null (what the step reads).
     // SAFETY: fcntl/open/dup2/close on descriptor numbers we own.
-    let moved = unsafe { libc::fcntl(INIT_FD, libc::F_DUPFD_CLOEXEC, 3) };
+    let moved = unsafe {
+        libc::fcntl(
+            INIT_FD,
+            libc::F_DUPFD_CLOEXEC,
+            if given_stdin { 4 } else { 3 },
+        )
+    };
     if moved < 0 {
         eprintln!(
             "kiln init: moving the message socket: {}",
@@ -219,10 +229,14 @@ fn supervisor() -> i32 {
         );
         return 2;
     }
-    let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    let null = if given_stdin {
+        3
+    } else {
+        unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) }
+    };
     if null < 0 || unsafe { libc::dup2(null, INIT_FD) } < 0 {
         eprintln!(
-            "kiln init: /dev/null on stdin: {}",
+            "kiln init: the step's stdin: {}",
             std::io::Error::last_os_error()
         );
         return 2;
@@ -451,6 +465,23 @@ fn exec_step(cfg: &InitConfig) -> (&'static str, String) {
 enum Never {}
 
 fn exec_step_inner(cfg: &InitConfig) -> Result<Never, (&'static str, String)> {
+    if cfg.tty {
+        // A session of its own with the terminal (stdin) as controlling
+        // terminal, and the terminal as stdout and stderr too.
+        // SAFETY: plain syscalls on our own descriptors.
+        let ok = unsafe {
+            libc::setsid() >= 0
+                && libc::ioctl(0, libc::TIOCSCTTY, 0) == 0
+                && libc::dup2(0, 1) >= 0
+                && libc::dup2(0, 2) >= 0
+        };
+        if !ok {
+            return Err((
+                "tty",
+                format!("terminal: {}", std::io::Error::last_os_error()),
+            ));
+        }
+    }
     let (uid, gid, groups, home) = match &cfg.user {
         UserSpec::Docker(s) => {
             let u = stage(resolve_user(Path::new("/"), s), "user", || {

@@ -99,6 +99,13 @@ pub(crate) struct InitConfig {
     pub readonly_paths: Vec<String>,
     /// Seccomp programs to install in order (none: unconfined).
     pub seccomp: Vec<Vec<crate::seccomp::Insn>>,
+    /// Size of the /dev/shm tmpfs in bytes (default 64 MiB).
+    #[serde(default)]
+    pub shm_size: Option<u64>,
+    /// The step's stdin (the descriptor the init got as fd 3) is a
+    /// terminal: it becomes stdout, stderr and the controlling terminal.
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// What the init tells the parent.

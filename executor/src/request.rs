@@ -128,6 +128,14 @@ pub struct ExecRequest {
     /// Files handed over by value (build secrets), placed after the spec's
     /// mounts.
     pub files: Vec<InlineFile>,
+    /// The process's stdin (`kiln run -i`): this descriptor instead of
+    /// /dev/null.
+    pub stdin: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    /// `kiln run -t`: the slave side of a pseudo-terminal, which becomes
+    /// the process's stdin, stdout, stderr and controlling terminal (the
+    /// caller reads and writes the master; no output lines are sent).
+    /// Takes precedence over `stdin`.
+    pub tty: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 impl ExecRequest {
@@ -140,6 +148,8 @@ impl ExecRequest {
             user: None,
             timeout: None,
             files: Vec::new(),
+            stdin: None,
+            tty: None,
         }
     }
 }

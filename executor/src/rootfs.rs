@@ -289,7 +289,7 @@ pub(crate) fn setup_mounts(cfg: &InitConfig) -> Result<()> {
     let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_at(&root, "/proc", "proc", "proc", common, "")?;
     sysfs(&root, common)?;
-    let dev_fd = setup_dev(&root)?;
+    let dev_fd = setup_dev(&root, cfg.shm_size)?;
     for m in &cfg.mounts {
         extra_mount(&root, m)?;
     }
@@ -349,7 +349,7 @@ fn dev_path(dev_fd: &Dir) -> PathBuf {
 /// /dev, first part: a `nodev` tmpfs with empty mount points for the
 /// allowed nodes, shm, mqueue, the pts directory and the standard links.
 /// Returns a descriptor of the tmpfs.
-fn setup_dev(root: &Root) -> Result<Dir> {
+fn setup_dev(root: &Root, shm_size: Option<u64>) -> Result<Dir> {
     mount_at(
         root,
         "/dev",
@@ -389,7 +389,13 @@ fn setup_dev(root: &Root) -> Result<Dir> {
             &dev.join("shm"),
             Some("tmpfs"),
             nsx | MsFlags::MS_NODEV,
-            Some("mode=1777,size=65536k"),
+            Some(
+                match shm_size {
+                    Some(n) => format!("mode=1777,size={n}"),
+                    None => "mode=1777,size=65536k".to_string(),
+                }
+                .as_str(),
+            ),
         ),
         || "mounting tmpfs on /dev/shm".into(),
     )?;

@@ -46,6 +46,11 @@ pub struct ExecutorConfig {
     pub tail_lines: usize,
     /// The host file copied to the sandbox's /etc/resolv.conf.
     pub resolv_conf: PathBuf,
+    /// Extra `/etc/hosts` entries (host name, address), as docker's
+    /// `--add-host`; checked by [`crate::check_extra_host`].
+    pub extra_hosts: Vec<(String, String)>,
+    /// Size of each sandbox's /dev/shm tmpfs in bytes (default 64 MiB).
+    pub shm_size: Option<u64>,
 }
 
 impl Default for ExecutorConfig {
@@ -56,6 +61,8 @@ impl Default for ExecutorConfig {
             cgroup_parent: "kiln".into(),
             tail_lines: 20,
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            extra_hosts: Vec::new(),
+            shm_size: None,
         }
     }
 }
@@ -291,6 +298,8 @@ fn init_config(req: &ExecRequest) -> Result<InitConfig, RequestError> {
             .and_then(|l| l.readonly_paths().clone())
             .unwrap_or_else(|| strings(DEFAULT_READONLY_PATHS)),
         seccomp,
+        shm_size: None,
+        tty: req.tty.is_some(),
     })
 }
 
@@ -520,8 +529,32 @@ fn create_bind_stubs(root: &Path, entries: &[(PathBuf, bool)]) -> std::io::Resul
     Ok(created)
 }
 
-fn hosts_file(hostname: &str) -> String {
-    format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+fn hosts_file(hostname: &str, extra: &[(String, String)]) -> String {
+    let mut s =
+        format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    for (name, addr) in extra {
+        s.push_str(&format!("{addr}\t{name}\n"));
+    }
+    s
+}
+
+/// Checks an `--add-host` entry (`name`, `address`) before it is written
+/// to a sandbox's /etc/hosts: a host name (letters, digits, `.`, `-`,
+/// `_`, at most 253 bytes) and an IPv4 or IPv6 address, so that nothing
+/// else (a newline, another entry) can be slipped into the file.
+pub fn check_extra_host(name: &str, addr: &str) -> Result<(), String> {
+    let name_ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if !name_ok {
+        return Err(format!("invalid host name {name:?}"));
+    }
+    if addr.parse::<std::net::IpAddr>().is_err() {
+        return Err(format!("invalid IP address {addr:?} for {name}"));
+    }
+    Ok(())
 }
 
 async fn pump<R: AsyncRead + Unpin>(
@@ -687,11 +720,15 @@ impl Executor {
         fs::create_dir(&rootfs_dir)
             .map_err(io_err(format!("creating {}", rootfs_dir.display())))?;
         cfg.rootfs_dir = rootfs_dir;
+        cfg.shm_size = self.config.shm_size;
         let hostname = cfg.hostname.clone().unwrap_or_else(|| "kiln".into());
         let resolv = fs::read(&self.config.resolv_conf).unwrap_or_default();
         let provided = [
             ("resolv.conf", resolv),
-            ("hosts", hosts_file(&hostname).into_bytes()),
+            (
+                "hosts",
+                hosts_file(&hostname, &self.config.extra_hosts).into_bytes(),
+            ),
             ("hostname", format!("{hostname}\n").into_bytes()),
         ];
         for (name, content) in &provided {
@@ -770,6 +807,7 @@ impl Executor {
                     timeout: req.timeout,
                     cancel,
                     signals,
+                    stdin: req.tty.clone().or_else(|| req.stdin.clone()),
                 },
                 cgroup.clone(),
             )
@@ -796,6 +834,7 @@ impl Executor {
             timeout,
             cancel,
             mut signals,
+            stdin,
         } = control;
         let start = Instant::now();
         let proto = |source| Error::Protocol {
@@ -819,6 +858,28 @@ impl Executor {
             .kill_on_drop(true)
             // Signals from the terminal are for kiln, which decides.
             .process_group(0);
+        if let Some(fd) = &stdin {
+            use std::os::fd::AsRawFd;
+            let raw = fd.as_raw_fd();
+            cmd.env(crate::init::STDIN_FD_ENV, "3");
+            // The step's stdin goes in as fd 3 (dup2 clears close-on-exec).
+            // SAFETY: dup2 is async-signal-safe; `raw` stays open (the Arc
+            // lives in this frame) until spawn returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    // dup2 onto itself keeps close-on-exec: clear it then.
+                    let r = if raw == 3 {
+                        libc::fcntl(3, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(raw, 3)
+                    };
+                    if r < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         if signals.is_some() {
             // Keep the forwarded signals blocked across exec until the init
             // has its handlers: one sent in that window must not kill it.
@@ -994,6 +1055,8 @@ struct Control {
     cancel: CancellationToken,
     /// Signals to forward to the step.
     signals: Option<mpsc::Receiver<i32>>,
+    /// The step's stdin (a terminal's slave with `ExecRequest::tty`).
+    stdin: Option<Arc<OwnedFd>>,
 }
 
 /// Sends `sig` to the init (which forwards it to the step) if it is one

@@ -139,7 +139,7 @@ impl std::error::Error for ParseError {}
 
 /// Suggests the candidate closest to `word` (case-insensitive Levenshtein
 /// distance of at most a third of the word, BuildKit's `suggest` rule).
-pub(crate) fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+pub fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     let w = word.to_lowercase();
     let mut best: Option<(&str, usize)> = None;
     for c in candidates {

@@ -46,7 +46,7 @@ pub mod shell;
 pub mod units;
 
 pub use ast::Ast;
-pub use error::{Location, ParseError};
+pub use error::{suggest, Location, ParseError};
 pub use instructions::Dockerfile;
 pub use reader::{parse_heredoc, HeredocError};
 

@@ -365,9 +365,20 @@ impl Registry {
                     }
                 },
                 Err(e) => {
-                    last = format!(
-                        "{e} (plain HTTP is only used for localhost and --insecure-registry hosts)"
-                    );
+                    // The hint is for a server that answers, but not with
+                    // TLS; not for a name that does not resolve or a port
+                    // nobody listens on.
+                    let lower = e.to_lowercase();
+                    let unreachable = ["dns", "refused", "unreachable", "no route"]
+                        .iter()
+                        .any(|m| lower.contains(m));
+                    last = if unreachable {
+                        e.to_string()
+                    } else {
+                        format!(
+                            "{e} (plain HTTP is only used for localhost and --insecure-registry hosts)"
+                        )
+                    };
                     continue;
                 }
             };

@@ -62,9 +62,10 @@ pub enum Error {
     /// No image has that name or ID.
     #[error("No such image: {0}")]
     NoSuchImage(String),
-    /// An ID prefix that several images share.
-    #[error("{0}: ambiguous image ID prefix")]
-    AmbiguousId(String),
+    /// An ID prefix that several images share (the prefix, then the IDs
+    /// it matches).
+    #[error("{0}: ambiguous image ID prefix, it matches {1}")]
+    AmbiguousId(String, String),
     /// `rmi` of an image by ID that has several names, without `force`.
     #[error(
         "unable to delete {0} (must be forced) - image is referenced in multiple repositories"
@@ -120,6 +121,9 @@ pub enum Error {
     /// The pull or push was cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// A push of an image given by ID without a destination.
+    #[error("{0}: an image given by ID needs a destination to push to (kiln push ID NAME[:TAG])")]
+    NoDestination(String),
     /// A push that named no destination (should not happen).
     #[error("{0}: nothing was pushed")]
     NothingPushed(String),
@@ -151,6 +155,7 @@ impl Error {
         matches!(
             self,
             Error::InvalidReference { .. }
+                | Error::NoDestination(_)
                 | Error::Change(_)
                 | Error::Export(ExportError::Usage(_))
                 | Error::Export(ExportError::Terminal)
@@ -270,8 +275,18 @@ pub enum LoadError {
 /// An image in the store with every name it has.
 #[derive(Debug, Clone)]
 pub struct ImageInfo {
-    /// Its normalised names (`docker.io/library/busybox:latest`).
+    /// Its normalised names (`docker.io/library/busybox:latest`); empty
+    /// for an untagged ("dangling") image.
     pub names: Vec<String>,
+    /// The name of a store record of it, for the store's lookups: its
+    /// first name, or for an untagged image the ID it is kept under.
+    pub key: String,
+    /// When it got the name (or, untagged, was made), Unix seconds.
+    pub recorded: i64,
+    /// Where it is known to be in registries, `repo@digest` (normalised;
+    /// docker's RepoDigests): pushed there, pulled from there, or named
+    /// by digest.
+    pub repo_digests: Vec<String>,
     /// What the names point at: the manifest, or an index (an image for
     /// several platforms, of which this is one).
     pub stored_digest: String,
@@ -294,6 +309,16 @@ pub struct HistoryEntry {
     pub entry: History,
     /// The size of the layer it made (0 for an empty layer).
     pub size: u64,
+}
+
+/// What [`Session::untag`] removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// The names removed (normalised).
+    pub untagged: Vec<String>,
+    /// The image's ID when no record of it is left (its data goes with
+    /// the next prune).
+    pub deleted: Option<String>,
 }
 
 /// What [`Session::load`] took in, one per name.
@@ -337,8 +362,16 @@ impl Default for TransferOptions {
 }
 
 /// `docker.io/library/busybox:latest` -> (`busybox`, `latest`): docker's
-/// familiar form of a normalised name (`<none>` for a name without tag).
+/// familiar form of a normalised name (`<none>` for a name without tag,
+/// and for a name by digest, `busybox@sha256:…`, as docker lists an
+/// image pulled by digest).
 pub fn familiar(name: &str) -> (String, String) {
+    if let Some((repo, _)) = name.split_once('@') {
+        return (
+            kiln_image::reference::familiar(repo).to_string(),
+            "<none>".to_string(),
+        );
+    }
     let (repo, tag) = match name.rfind(':') {
         Some(i) if !name[i..].contains('/') => (&name[..i], &name[i + 1..]),
         _ => (name, "<none>"),
@@ -347,6 +380,16 @@ pub fn familiar(name: &str) -> (String, String) {
         kiln_image::reference::familiar(repo).to_string(),
         tag.to_string(),
     )
+}
+
+/// The repository of a normalised name: the name without its tag or
+/// digest (`docker.io/library/busybox`).
+pub fn repository(name: &str) -> &str {
+    let name = name.split_once('@').map_or(name, |(r, _)| r);
+    match name.rfind(':') {
+        Some(i) if !name[i..].contains('/') => &name[..i],
+        _ => name,
+    }
 }
 
 /// The registry a `kiln login SERVER` / `kiln logout SERVER` names:
@@ -417,7 +460,17 @@ fn read_image(
         .map_err(|e| corrupt(format!("manifest: {e}")))?;
     let cd: kiln_cache::Digest = m.config.digest.as_str().parse()?;
     let config = ImageConfig::from_bytes(&store.content().read(&cd)?)?;
+    let mut repo_digests: Vec<String> = names.iter().filter(|n| n.contains('@')).cloned().collect();
+    for (repo, d) in store.meta().repo_digests(digest)? {
+        let rd = format!("{repo}@{d}");
+        if !repo_digests.contains(&rd) {
+            repo_digests.push(rd);
+        }
+    }
     Ok(ImageInfo {
+        key: names.first().cloned().unwrap_or_default(),
+        recorded: 0,
+        repo_digests,
         names,
         stored_digest: digest.to_string(),
         platforms: sel.platforms.iter().map(|p| p.to_string()).collect(),
@@ -432,11 +485,28 @@ fn read_image(
 fn all_images(store: &Store) -> Result<Vec<ImageInfo>, Error> {
     let mut by_manifest: BTreeMap<String, ImageInfo> = BTreeMap::new();
     for rec in store.meta().images()? {
+        let untagged = kiln_cache::is_untagged_name(&rec.name);
         if let Some(l) = by_manifest.get_mut(&rec.manifest) {
-            l.names.push(rec.name.clone());
+            if !untagged {
+                if l.names.is_empty() {
+                    l.key = rec.name.clone();
+                }
+                if rec.name.contains('@') && !l.repo_digests.contains(&rec.name) {
+                    l.repo_digests.push(rec.name.clone());
+                }
+                l.names.push(rec.name.clone());
+                l.recorded = l.recorded.max(rec.created);
+            }
             continue;
         }
-        let info = read_image(store, vec![rec.name.clone()], &rec.manifest, None, true)?;
+        let names = if untagged {
+            Vec::new()
+        } else {
+            vec![rec.name.clone()]
+        };
+        let mut info = read_image(store, names, &rec.manifest, None, true)?;
+        info.key = rec.name.clone();
+        info.recorded = rec.created;
         by_manifest.insert(rec.manifest.clone(), info);
     }
     let mut v: Vec<ImageInfo> = by_manifest.into_values().collect();
@@ -444,27 +514,70 @@ fn all_images(store: &Store) -> Result<Vec<ImageInfo>, Error> {
     Ok(v)
 }
 
-/// Finds an image by name, full ID or ID prefix (4 hex digits at least).
+/// Finds an image as docker does: by name first, then by ID (the config
+/// digest, `sha256:…` or bare hex) or any unique prefix of it. Names of an
+/// image (tagged or untagged) all share its ID; a prefix that several IDs
+/// share is [`Error::AmbiguousId`].
 fn find(store: &Store, reference: &str) -> Result<ImageInfo, Error> {
-    let id = reference.trim_start_matches("sha256:");
     let images = all_images(store)?;
-    if id.len() >= 4 && id.bytes().all(|c| c.is_ascii_hexdigit()) {
-        let mut hits = images.iter().filter(|l| {
-            l.config_digest
-                .trim_start_matches("sha256:")
-                .starts_with(id)
-        });
-        match (hits.next(), hits.next()) {
-            (Some(_), Some(_)) => return Err(Error::AmbiguousId(reference.to_string())),
-            (Some(l), None) => return Ok(l.clone()),
-            _ => {}
+    let explicit = reference.strip_prefix("sha256:");
+    let hex = explicit.unwrap_or(reference);
+    let named = if explicit.is_none() {
+        normalize_reference(reference).map_err(invalid("reference", reference))
+    } else {
+        Err(Error::NoSuchImage(reference.to_string()))
+    };
+    if let Ok(name) = &named {
+        if let Some(l) = images.iter().find(|l| l.names.contains(name)) {
+            return Ok(l.clone());
         }
     }
-    let name = normalize_reference(reference).map_err(invalid("reference", reference))?;
-    images
-        .into_iter()
-        .find(|l| l.names.contains(&name))
-        .ok_or_else(|| Error::NoSuchImage(reference.to_string()))
+    let is_hex = !hex.is_empty()
+        && hex.len() <= 64
+        && hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    if is_hex {
+        let hits: Vec<&ImageInfo> = images
+            .iter()
+            .filter(|l| {
+                l.config_digest
+                    .strip_prefix("sha256:")
+                    .is_some_and(|h| h.starts_with(hex))
+            })
+            .collect();
+        let mut ids: Vec<&str> = hits.iter().map(|l| l.config_digest.as_str()).collect();
+        ids.dedup();
+        ids.sort_unstable();
+        ids.dedup();
+        match ids.len() {
+            0 => {}
+            1 => {
+                // The named record first (an image both named and kept
+                // untagged under another manifest is one image).
+                let best = hits
+                    .iter()
+                    .find(|l| !l.names.is_empty())
+                    .or(hits.first())
+                    .copied();
+                if let Some(l) = best {
+                    return Ok(l.clone());
+                }
+            }
+            _ => {
+                let shown: Vec<String> = ids
+                    .iter()
+                    .take(3)
+                    .map(|i| i.trim_start_matches("sha256:").chars().take(12).collect())
+                    .collect();
+                let more = if ids.len() > 3 { ", …" } else { "" };
+                return Err(Error::AmbiguousId(
+                    reference.to_string(),
+                    format!("{}{more}", shown.join(", ")),
+                ));
+            }
+        }
+    }
+    named?;
+    Err(Error::NoSuchImage(reference.to_string()))
 }
 
 /// [`find`], then (with a platform) that platform's image of it.
@@ -476,7 +589,12 @@ fn find_for(
     let l = find(store, reference)?;
     match platform {
         None => Ok(l),
-        Some(p) => read_image(store, l.names.clone(), &l.stored_digest, Some(p), false),
+        Some(p) => {
+            let mut one = read_image(store, l.names.clone(), &l.stored_digest, Some(p), false)?;
+            one.key = l.key;
+            one.recorded = l.recorded;
+            Ok(one)
+        }
     }
 }
 
@@ -569,8 +687,8 @@ impl Session {
         all_images(&self.open_images()?)
     }
 
-    /// The image with this name, full ID or ID prefix (4 hex digits at
-    /// least).
+    /// The image with this name, else this full ID (`sha256:…` or bare
+    /// hex) or unique ID prefix, as docker finds images.
     pub fn find_image(&self, reference: &str) -> Result<ImageInfo, Error> {
         find(&self.open_images()?, reference)
     }
@@ -583,6 +701,13 @@ impl Session {
         platform: Option<&Platform>,
     ) -> Result<ImageInfo, Error> {
         find_for(&self.open_images()?, reference, platform)
+    }
+
+    /// The size of the stored blob `digest` (`sha256:…`), e.g. a built
+    /// image's manifest for `--metadata-file`'s descriptor.
+    pub fn blob_size(&self, digest: &str) -> Result<u64, Error> {
+        let d: kiln_cache::Digest = digest.parse()?;
+        Ok(self.open_images()?.blob_size(&d)?)
     }
 
     /// Each layer's uncompressed size (docker's sizes).
@@ -652,11 +777,19 @@ impl Session {
 
     /// Removes names of an image (`kiln rmi`): the name given, or every
     /// name of an image given by ID (which needs `force` when it has
-    /// several). Returns the names removed; the data goes with the next
-    /// prune.
-    pub fn untag(&self, reference: &str, force: bool) -> Result<Vec<String>, Error> {
+    /// several); an untagged image given by ID is removed. Returns the
+    /// names removed and, when the image has no record left, its ID
+    /// (docker's "Deleted:"); the data goes with the next prune.
+    pub fn untag(&self, reference: &str, force: bool) -> Result<Removed, Error> {
         let store = self.open_images()?;
         let l = find(&store, reference)?;
+        if l.names.is_empty() {
+            store.meta().untag_image(&l.key)?;
+            return Ok(Removed {
+                untagged: Vec::new(),
+                deleted: Some(l.config_digest),
+            });
+        }
         let by_name = normalize_reference(reference)
             .ok()
             .filter(|n| l.names.contains(n));
@@ -676,31 +809,51 @@ impl Session {
         for n in &names {
             store.meta().untag_image(n)?;
         }
-        Ok(names)
+        let deleted = (names.len() == l.names.len()).then(|| l.config_digest.clone());
+        Ok(Removed {
+            untagged: names,
+            deleted,
+        })
     }
 
     /// Loads a docker-archive or OCI layout tar (plain, gzip or zstd):
     /// every blob verified and stored, every image named (an unnamed one
     /// under its ID). `loaded` hears of each name as it is recorded.
     pub fn load(&self, archive: &Path, loaded: &mut dyn FnMut(Loaded)) -> Result<(), Error> {
-        self.load_inner(archive, loaded)
+        let file = std::fs::File::open(archive).map_err(|source| Error::Open {
+            path: archive.to_path_buf(),
+            source,
+        })?;
+        self.load_from(Box::new(file), archive, loaded)
+    }
+
+    /// [`Session::load`] of an archive read from `input` (stdin: `kiln
+    /// load < image.tar`); `what` names it in errors.
+    pub fn load_from(
+        &self,
+        input: Box<dyn Read>,
+        what: &Path,
+        loaded: &mut dyn FnMut(Loaded),
+    ) -> Result<(), Error> {
+        self.load_inner(input, what, loaded)
             .map_err(|e| self.explain_no_space(e))
     }
 
-    fn load_inner(&self, path: &Path, loaded: &mut dyn FnMut(Loaded)) -> Result<(), Error> {
+    fn load_inner(
+        &self,
+        input: Box<dyn Read>,
+        path: &Path,
+        loaded: &mut dyn FnMut(Loaded),
+    ) -> Result<(), Error> {
         let store = self.open_images()?;
         // The lease keeps what we write from a concurrent prune until
         // tagged; the GC guard keeps prune from reclaiming our spill
         // directory.
         let store = store.leased(None)?;
         let _gc = store.gc_guard()?;
-        let file = std::fs::File::open(path).map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
         use kiln_image::archive::BlobSource;
         let archive =
-            kiln_image::archive::read_archive(file, store.tmp_dir()).map_err(|source| {
+            kiln_image::archive::read_archive(input, store.tmp_dir()).map_err(|source| {
                 LoadError::Read {
                     path: path.to_path_buf(),
                     source,
@@ -751,8 +904,7 @@ impl Session {
             if img.names.is_empty() {
                 // Keep it reachable: an untagged load would be pruned at
                 // once.
-                let name = format!("sha256:{}", config.hex());
-                store.record_image(&name, &manifest, &config, &layers)?;
+                store.record_untagged(&manifest, &config, &layers)?;
                 loaded(Loaded::Untagged(config.clone()));
             }
             for n in &img.names {
@@ -865,7 +1017,7 @@ impl Session {
         let report = self.reporter();
         report.note(&format!("pulling {name}"));
         let progress = |t| report.transfer("pull", t);
-        if opts.all_platforms {
+        let r = if opts.all_platforms {
             transfer::pull_all_platforms(&store, &cfg, &name, opts.jobs, &progress)
         } else {
             transfer::pull_platform(
@@ -883,7 +1035,27 @@ impl Session {
             } else {
                 Error::Transfer(e)
             }
-        })
+        })?;
+        // docker's RepoDigests: the digest the registry gave for the name.
+        if let Some(rec) = store.meta().image(&r.name)? {
+            let d = r.index_digest.as_ref().unwrap_or(&r.manifest_digest);
+            store
+                .meta()
+                .put_repo_digest(&rec.manifest, repository(&r.name), d.as_str())?;
+        }
+        Ok(r)
+    }
+
+    /// Records that the stored image `image` (name or ID) was pushed to
+    /// `destination` with manifest digest `digest` (its RepoDigests).
+    pub fn record_push(&self, image: &str, destination: &str, digest: &str) -> Result<(), Error> {
+        let store = self.open_images()?;
+        let l = find(&store, image)?;
+        let dest = normalize_reference(destination).map_err(invalid("destination", destination))?;
+        store
+            .meta()
+            .put_repo_digest(&l.stored_digest, repository(&dest), digest)?;
+        Ok(())
     }
 
     /// Pushes the stored image `image` to `destination` (default: its own
@@ -898,8 +1070,19 @@ impl Session {
     ) -> Result<(String, kiln_image::Digest), Error> {
         let cfg = RegistryConfig::load(&opts.insecure_registries)?.with_cancel(opts.cancel.clone());
         let store = self.open_images()?;
-        let name = normalize_reference(image).map_err(invalid("reference", image))?;
-        let dest = destination.unwrap_or(&name);
+        // A name, or (with a destination) an ID.
+        let found = find(&store, image)?;
+        let name = match normalize_reference(image) {
+            Ok(n) if found.names.contains(&n) => n,
+            _ => found.key.clone(),
+        };
+        let dest = match destination {
+            Some(d) => d,
+            None if found.names.contains(&name) => name.as_str(),
+            None => {
+                return Err(Error::NoDestination(image.to_string()));
+            }
+        };
         let dest = normalize_reference(dest).map_err(invalid("destination", dest))?;
         // A name that points at an index goes out whole: every stored
         // platform's image, then the index.
@@ -932,6 +1115,9 @@ impl Session {
                     Error::Transfer(e)
                 }
             })?;
+            store
+                .meta()
+                .put_repo_digest(&stored.manifest, repository(&dest), d.as_str())?;
             return Ok((dest, d));
         }
         let manifest = transfer::local_manifest(&store, &name).map_err(Error::Transfer)?;
@@ -964,6 +1150,9 @@ impl Session {
             .next()
             .map(|(_, d)| d)
             .ok_or_else(|| Error::NothingPushed(dest.clone()))?;
+        store
+            .meta()
+            .put_repo_digest(&stored.manifest, repository(&dest), d.as_str())?;
         Ok((dest, d))
     }
 
@@ -1039,12 +1228,9 @@ impl Session {
         platform: Option<&Platform>,
     ) -> Result<(), Error> {
         let store = self.open_images()?;
-        let name = normalize_reference(image).map_err(invalid("reference", image))?;
-        let rec = store
-            .meta()
-            .image(&name)?
-            .ok_or_else(|| Error::NoSuchImage(image.to_string()))?;
-        let manifest = crate::platforms::select(&store, &rec.manifest, platform, false)?.manifest;
+        let l = find(&store, image)?;
+        let manifest =
+            crate::platforms::select(&store, &l.stored_digest, platform, false)?.manifest;
         let input = ExportInput {
             store: &store,
             images: vec![ArchiveImage {

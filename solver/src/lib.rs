@@ -101,7 +101,9 @@ pub mod store;
 pub mod testing;
 pub mod transfer;
 
-pub use build::{build, build_with_runner, BuildOptions, BuildResult, ResourceLimits};
+pub use build::{
+    build, build_with_runner, BuildOptions, BuildResult, ResourceLimits, SandboxOptions, Ulimit,
+};
 pub use error::BuildError;
 pub use frontend::{lint, plan};
 pub use op::key;

@@ -51,6 +51,12 @@ pub struct RunRequest {
     pub seccomp_unconfined: bool,
     /// Host directories bound into the container.
     pub volumes: Vec<Volume>,
+    /// The process's stdin (`kiln run -i`; default /dev/null).
+    pub stdin: Option<Arc<std::os::fd::OwnedFd>>,
+    /// `kiln run -t`: a pseudo-terminal's slave, the process's stdin,
+    /// stdout, stderr and controlling terminal (see
+    /// [`kiln_executor::ExecRequest::tty`]).
+    pub tty: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 /// A host directory bound into the container (`-v HOST:CONTAINER[:ro]`).
@@ -143,7 +149,8 @@ impl Session {
     pub fn prepare_run(&self, req: &RunRequest) -> Result<PreparedRun, RunError> {
         let l = self.find_image_for(&req.image, req.platform.as_ref())?;
         let store = self.store()?;
-        let name = l.names.first().cloned().ok_or(RunError::NoName)?;
+        // Its name, or for an untagged image the ID it is kept under.
+        let name = l.key.clone();
         // A foreign platform runs only under emulation: say so before
         // anything is unpacked or started (architectures kiln cannot name
         // are left to the kernel).
@@ -251,6 +258,8 @@ impl Session {
         let mut request =
             kiln_executor::ExecRequest::new(format!("run {}", req.image), spec, mounts);
         request.user = user;
+        request.stdin = req.stdin.clone();
+        request.tty = req.tty.clone();
         Ok(PreparedRun {
             layer,
             request,

@@ -157,6 +157,11 @@ pub struct BuildRequest {
     /// `--platform`: target platforms (empty: the host's). Normalised and
     /// deduplicated by [`Session::prepare`]; several give an image index.
     pub platforms: Vec<kiln_image::manifest::Platform>,
+    /// The RUN steps' sandbox (`--add-host`, `--shm-size`, `--ulimit`,
+    /// `--cgroup-parent`).
+    pub sandbox: crate::build::SandboxOptions,
+    /// Annotations of the image's manifest (`--annotation`).
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl BuildRequest {
@@ -184,6 +189,8 @@ impl BuildRequest {
             named_contexts: BTreeMap::new(),
             source_date_epoch: None,
             platforms: Vec::new(),
+            sandbox: Default::default(),
+            annotations: BTreeMap::new(),
         }
     }
 
@@ -398,7 +405,25 @@ impl Session {
         for c in &req.cache_to {
             exporters.push(Box::new(c.exporter(&req.outputs)?));
         }
-        let store_backend = StoreBackend::new(store).with_registry(registry.clone(), req.pull);
+        for (name, addr) in &req.sandbox.extra_hosts {
+            kiln_executor::check_extra_host(name, addr)
+                .map_err(|e| usage(format!("--add-host {:?}: {e}", format!("{name}:{addr}"))))?;
+        }
+        if let Some(p) = &req.sandbox.cgroup_parent {
+            let ok = !p.is_empty()
+                && p.len() <= 255
+                && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+            if !ok {
+                return Err(usage(format!(
+                    "--cgroup-parent {p:?}: want a relative cgroup path (letters, digits, ., _, -, /; no ..)"
+                )));
+            }
+        }
+        let store_backend = StoreBackend::new(store)
+            .with_registry(registry.clone(), req.pull)
+            .with_annotations(req.annotations.clone());
         let backend = if req.cache_from.is_empty() && req.cache_to.is_empty() {
             Stores::Plain(Arc::new(store_backend))
         } else {
@@ -427,6 +452,7 @@ impl Session {
             allow_insecure: req.allow_insecure,
             named_contexts,
             platforms,
+            sandbox: req.sandbox,
         };
         Ok(Prepared {
             registry_cancel,
@@ -535,10 +561,17 @@ impl Prepared {
         progress: Progress,
         cancel: CancellationToken,
     ) -> Result<Solved, Error> {
-        let executor = kiln_executor::Executor::new(kiln_executor::ExecutorConfig {
+        let sandbox = &self.opts.sandbox;
+        let mut exec_config = kiln_executor::ExecutorConfig {
             state_dir: self.root.join("tmp").join("executor"),
+            extra_hosts: sandbox.extra_hosts.clone(),
+            shm_size: sandbox.shm_size,
             ..Default::default()
-        });
+        };
+        if let Some(p) = &sandbox.cgroup_parent {
+            exec_config.cgroup_parent = p.clone();
+        }
+        let executor = kiln_executor::Executor::new(exec_config);
         let link = {
             let (c, r) = (cancel.clone(), self.registry_cancel.clone());
             tokio::spawn(async move {

@@ -33,6 +33,8 @@ pub struct StoreBackend {
     /// snapshot name (immutable; those found are added to the build's
     /// lease, those made are in it).
     flats: std::sync::Mutex<std::collections::HashMap<String, PathBuf>>,
+    /// Annotations of the manifests [`Backend::export`] writes.
+    annotations: std::collections::BTreeMap<String, String>,
 }
 
 static ACTIVE: AtomicU64 = AtomicU64::new(0);
@@ -85,6 +87,7 @@ impl StoreBackend {
             store,
             registry: None,
             flats: Default::default(),
+            annotations: Default::default(),
         }
     }
 
@@ -92,6 +95,16 @@ impl StoreBackend {
     /// every image when `always` (`--pull`).
     pub fn with_registry(mut self, cfg: kiln_registry::RegistryConfig, always: bool) -> Self {
         self.registry = Some((cfg, always));
+        self
+    }
+
+    /// Puts `annotations` in the manifest of the image the build writes
+    /// (`--annotation`).
+    pub fn with_annotations(
+        mut self,
+        annotations: std::collections::BTreeMap<String, String>,
+    ) -> Self {
+        self.annotations = annotations;
         self
     }
 
@@ -401,11 +414,24 @@ impl Backend for StoreBackend {
     ) -> BackendResult<Option<BaseImage>> {
         // Docker/BuildKit word every unparsable name "invalid reference
         // format"; the detail follows.
-        let name = kiln_cache::normalize_reference(reference).map_err(|err| {
-            BackendError::Invalid(format!(
-                "failed to parse stage name {reference:?}: invalid reference format ({err})"
-            ))
-        })?;
+        // An untagged image is found by the ID it is kept under, and only
+        // in the store.
+        let untagged = kiln_cache::is_untagged_name(reference)
+            && self
+                .store
+                .meta()
+                .image(reference)
+                .map_err(BackendError::ctx("image table"))?
+                .is_some();
+        let name = if untagged {
+            reference.to_string()
+        } else {
+            kiln_cache::normalize_reference(reference).map_err(|err| {
+                BackendError::Invalid(format!(
+                    "failed to parse stage name {reference:?}: invalid reference format ({err})"
+                ))
+            })?
+        };
         let want = platform;
         // The stored image for `want` (a name pointing at an index, or an
         // explicit platform: the platform's image; else the one stored).
@@ -438,7 +464,7 @@ impl Backend for StoreBackend {
                 .manifest;
             Ok(Some((m.bytes, m.digest.to_string())))
         };
-        let imported = name.starts_with(&format!("{OCI_LAYOUT_DOMAIN}/"));
+        let imported = untagged || name.starts_with(&format!("{OCI_LAYOUT_DOMAIN}/"));
         let found = match self.registry.as_ref().filter(|_| !imported) {
             Some((cfg, always)) => {
                 // A stored name for another platform is pulled for this
@@ -684,7 +710,10 @@ impl Backend for StoreBackend {
             .iter()
             .map(|l| Descriptor::new(oci_layer_type(&l.media_type), l.digest.clone(), l.size))
             .collect();
-        let manifest = ImageManifest::new(config_desc, layer_descs, true);
+        let mut manifest = ImageManifest::new(config_desc, layer_descs, true);
+        if !self.annotations.is_empty() {
+            manifest.annotations = Some(self.annotations.clone());
+        }
         let mbytes = manifest.to_bytes().map_err(BackendError::ctx("manifest"))?;
         let mdigest = self
             .store
@@ -700,9 +729,12 @@ impl Backend for StoreBackend {
                 .map_err(BackendError::ctx("tagging"))?;
         }
         if tags.is_empty() {
-            // Keep the image reachable by ID only through the lease; an
-            // untagged image is collected by the next prune, as dangling
-            // images are by `docker image prune`.
+            // Reachable by its ID (`kiln run $(kiln build -q .)`) until it
+            // is named or the next prune removes it, as docker's dangling
+            // images.
+            self.store
+                .record_untagged(&mdigest, &cdigest, &layer_blobs)
+                .map_err(BackendError::ctx("recording the untagged image"))?;
         }
         Ok(Exported {
             image_id: cdigest.to_string(),

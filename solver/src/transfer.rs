@@ -791,7 +791,12 @@ fn store_manifest(
     layers: Vec<Descriptor>,
     enc: LayerEncoding,
 ) -> Result<RawManifest, TransferError> {
-    let out = ImageManifest::new(config_of(m), layers, enc.oci_media_types);
+    let mut out = ImageManifest::new(config_of(m), layers, enc.oci_media_types);
+    // Annotations stay with the image (OCI manifests have them; Docker's
+    // schema2 does not).
+    if enc.oci_media_types {
+        out.annotations = m.annotations.clone();
+    }
     let raw = out.to_raw().map_err(TransferError::src)?;
     store
         .put_bytes(&raw.bytes, Some(&raw.media_type))

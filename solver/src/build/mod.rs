@@ -64,6 +64,99 @@ pub struct BuildOptions {
     /// duplicates (empty: the host's). One gives an image for it; several
     /// give an image index of one image per platform, in this order.
     pub platforms: Vec<kiln_image::manifest::Platform>,
+    /// The RUN steps' sandbox: `--add-host`, `--shm-size`, `--ulimit`,
+    /// `--cgroup-parent`.
+    pub sandbox: SandboxOptions,
+}
+
+/// How RUN steps' sandboxes are set up besides their limits: docker
+/// build's `--add-host`, `--shm-size`, `--ulimit` and `--cgroup-parent`.
+/// None of them is part of a step's cache key (as `--memory`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxOptions {
+    /// Extra `/etc/hosts` entries: (host name, IP address).
+    pub extra_hosts: Vec<(String, String)>,
+    /// Size of /dev/shm in bytes (default 64 MiB).
+    pub shm_size: Option<u64>,
+    /// Resource limits set with setrlimit in the sandbox.
+    pub ulimits: Vec<Ulimit>,
+    /// The cgroup (below kiln's own) that holds the steps' cgroups
+    /// (default `kiln`).
+    pub cgroup_parent: Option<String>,
+}
+
+/// One `--ulimit`: docker's `NAME=SOFT[:HARD]` (`-1`: unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ulimit {
+    /// The resource.
+    pub resource: kiln_executor::oci::PosixRlimitType,
+    /// Soft limit.
+    pub soft: u64,
+    /// Hard limit.
+    pub hard: u64,
+}
+
+/// A `--ulimit` value that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid --ulimit {value:?}: {why}")]
+pub struct UlimitError {
+    /// As given.
+    pub value: String,
+    /// What is wrong.
+    pub why: String,
+}
+
+impl std::str::FromStr for Ulimit {
+    type Err = UlimitError;
+
+    /// Parses docker's `nofile=1024:2048`, `nproc=512`, `core=-1`.
+    fn from_str(s: &str) -> Result<Ulimit, UlimitError> {
+        use kiln_executor::oci::PosixRlimitType as T;
+        let err = |why: &str| UlimitError {
+            value: s.to_string(),
+            why: why.to_string(),
+        };
+        let (name, limits) = s
+            .split_once('=')
+            .ok_or_else(|| err("want NAME=SOFT[:HARD]"))?;
+        let resource = match name {
+            "core" => T::RlimitCore,
+            "cpu" => T::RlimitCpu,
+            "data" => T::RlimitData,
+            "fsize" => T::RlimitFsize,
+            "locks" => T::RlimitLocks,
+            "memlock" => T::RlimitMemlock,
+            "msgqueue" => T::RlimitMsgqueue,
+            "nice" => T::RlimitNice,
+            "nofile" => T::RlimitNofile,
+            "nproc" => T::RlimitNproc,
+            "rss" => T::RlimitRss,
+            "rtprio" => T::RlimitRtprio,
+            "rttime" => T::RlimitRttime,
+            "sigpending" => T::RlimitSigpending,
+            "stack" => T::RlimitStack,
+            _ => return Err(err("unknown resource (core, cpu, data, fsize, locks, memlock, msgqueue, nice, nofile, nproc, rss, rtprio, rttime, sigpending, stack)")),
+        };
+        let num = |v: &str| -> Result<u64, UlimitError> {
+            if v == "-1" {
+                return Ok(u64::MAX);
+            }
+            v.parse::<u64>()
+                .map_err(|_| err("limits are numbers or -1"))
+        };
+        let (soft, hard) = match limits.split_once(':') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(limits)?, num(limits)?),
+        };
+        if soft > hard {
+            return Err(err("the soft limit is above the hard limit"));
+        }
+        Ok(Ulimit {
+            resource,
+            soft,
+            hard,
+        })
+    }
 }
 
 /// What a build produced.

@@ -203,8 +203,11 @@ pub fn plan_for(
             .position(|s| s.name.as_deref() == Some(t.to_lowercase().as_str()))
             .ok_or_else(|| {
                 let names: Vec<&str> = df.stages.iter().filter_map(|s| s.name.as_deref()).collect();
+                let hint = kiln_parser::suggest(t, &names)
+                    .map(|s| format!("; did you mean {s:?}?"))
+                    .unwrap_or_default();
                 BuildError::Usage(format!(
-                    "target stage {t:?} could not be found (stages: {})",
+                    "target stage {t:?} could not be found (stages: {}{hint})",
                     if names.is_empty() {
                         "none named".into()
                     } else {

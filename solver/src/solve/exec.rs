@@ -45,6 +45,8 @@ pub struct ProcessSpec {
     pub seccomp_unconfined: bool,
     /// Memory, CPU and pids limits.
     pub limits: ResourceLimits,
+    /// setrlimit limits (`--ulimit`).
+    pub ulimits: Vec<crate::build::Ulimit>,
 }
 
 /// The OCI runtime spec of `p`: kiln's sandbox defaults
@@ -72,6 +74,23 @@ pub fn spec(p: &ProcessSpec) -> kiln_executor::oci::Spec {
     }
     kiln_executor::set_network(&mut spec, p.network);
     apply_limits(&mut spec, &p.limits);
+    if !p.ulimits.is_empty() {
+        let rl: Vec<_> = p
+            .ulimits
+            .iter()
+            .filter_map(|u| {
+                kiln_executor::oci::PosixRlimitBuilder::default()
+                    .typ(u.resource)
+                    .soft(u.soft)
+                    .hard(u.hard)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        if let Some(proc_) = spec.process_mut() {
+            proc_.set_rlimits(Some(rl));
+        }
+    }
     spec
 }
 
@@ -180,6 +199,7 @@ impl Solver {
                     insecure,
                     seccomp_unconfined: false,
                     limits: me.opts.limits,
+                    ulimits: me.opts.sandbox.ulimits.clone(),
                 });
                 let mut req = ExecRequest::new(step_name.clone(), spec, active.mounts.clone());
                 req.user = user.clone();

@@ -146,7 +146,16 @@ impl Images {
         cell.get_or_try_init(|| async move {
             let r = reference.clone();
             let p = platform.clone();
-            let img = blocking(move || backend.resolve_image(&r, foreign.then_some(&p))).await?;
+            let img = blocking(move || backend.resolve_image(&r, foreign.then_some(&p)))
+                .await
+                .map_err(|e| match e {
+                    BuildError::Cancelled | BuildError::Step { .. } => e,
+                    e => BuildError::Step {
+                        location: line,
+                        message: format!("{reference}: failed to resolve source metadata: {e}"),
+                        cause: Some(crate::error::Cause::new(e)),
+                    },
+                })?;
             let Some(img) = img else {
                 let hint = if foreign {
                     format!("for {platform} (pull it with `kiln pull --platform {platform} {reference}`)")
@@ -271,6 +280,15 @@ pub async fn solve(
     .await
 }
 
+/// " (did you mean stage "builder"?)" when `reference` is close to a
+/// stage name (a typo of one), else nothing.
+fn stage_hint(reference: &str, names: &[String]) -> String {
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    kiln_parser::suggest(reference, &names)
+        .map(|s| format!(" (did you mean stage {s:?}?)"))
+        .unwrap_or_default()
+}
+
 /// The graphs of several platforms as one: platform `k`'s stage `i`
 /// becomes stage `k * stages + i` (its edges renumbered alike) and, with
 /// several platforms, its progress names start with the platform
@@ -377,8 +395,21 @@ async fn resolve_bases(
     }
     results.sort_by_key(|(n, _, _)| *n);
     let mut configs = HashMap::new();
+    let names: Vec<String> = df.stages.iter().filter_map(|s| s.name.clone()).collect();
     for (_, reference, r) in results {
-        configs.insert(reference, r?.config.clone());
+        let r = r.map_err(|e| match e {
+            BuildError::Step {
+                location,
+                message,
+                cause,
+            } => BuildError::Step {
+                location,
+                message: format!("{message}{}", stage_hint(&reference.0, &names)),
+                cause,
+            },
+            e => e,
+        })?;
+        configs.insert(reference, r.config.clone());
     }
     Ok(configs)
 }
@@ -570,6 +601,26 @@ impl Solver {
         }
     }
 
+    /// The error of a `--from` value that names no stage and that does
+    /// not resolve as an image either: says both, with the closest stage
+    /// name when there is one.
+    fn not_a_stage(&self, r: &str, e: BuildError, line: crate::error::Location) -> BuildError {
+        if matches!(e, BuildError::Cancelled) {
+            return e;
+        }
+        let names: Vec<String> = kiln_parser::parse(&self.opts.dockerfile)
+            .map(|df| df.stages.into_iter().filter_map(|s| s.name).collect())
+            .unwrap_or_default();
+        BuildError::Step {
+            location: e.location().unwrap_or(line),
+            message: format!(
+                "--from={r}: no build stage is named {r:?}{}, and as an image: {e}",
+                stage_hint(r, &names)
+            ),
+            cause: Some(crate::error::Cause::new(e)),
+        }
+    }
+
     /// The state `src` names, with the layer view of its files.
     async fn source_state(
         &self,
@@ -586,7 +637,8 @@ impl Solver {
             } => self
                 .images
                 .get(reference, platform, line)
-                .await?
+                .await
+                .map_err(|e| self.not_a_stage(reference, e, line))?
                 .solved
                 .clone(),
         };
