@@ -567,7 +567,10 @@ fn a_run_for_a_platform_without_emulation_fails_before_the_step_at_its_line() {
         "{err}"
     );
     assert!(err.contains(":3"), "the error names line 3: {err}");
-    assert!(!err.contains("MARK42X"), "the step must not have run: {err}");
+    assert!(
+        !err.contains("MARK42X"),
+        "the step must not have run: {err}"
+    );
     let copy_only = context(&[("Dockerfile", "FROM sparcbox:1\nCOPY f /f\n"), ("f", "x\n")]);
     let o = c.run(&[
         "build",

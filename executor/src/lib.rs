@@ -83,7 +83,7 @@ pub use request::{
     ExecOutcome, ExecRequest, ExitStatus, InlineFile, OutputLine, RequestError, RootfsKind,
     RootfsMount, Stream, MAX_INLINE_FILE, MAX_LINE,
 };
-pub use run::{check_extra_host, Executor, ExecutorConfig};
+pub use run::{check_extra_host, Executor, ExecutorConfig, ExtraHostError};
 pub use seccomp::default_seccomp;
 pub use spec::{default_spec, set_network, NetworkMode};
 /// The cancellation token type [`Executor::run`] takes.

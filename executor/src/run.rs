@@ -542,19 +542,38 @@ fn hosts_file(hostname: &str, extra: &[(String, String)]) -> String {
 /// to a sandbox's /etc/hosts: a host name (letters, digits, `.`, `-`,
 /// `_`, at most 253 bytes) and an IPv4 or IPv6 address, so that nothing
 /// else (a newline, another entry) can be slipped into the file.
-pub fn check_extra_host(name: &str, addr: &str) -> Result<(), String> {
+pub fn check_extra_host(name: &str, addr: &str) -> Result<(), ExtraHostError> {
     let name_ok = !name.is_empty()
         && name.len() <= 253
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
     if !name_ok {
-        return Err(format!("invalid host name {name:?}"));
+        return Err(ExtraHostError::Name(name.to_string()));
     }
     if addr.parse::<std::net::IpAddr>().is_err() {
-        return Err(format!("invalid IP address {addr:?} for {name}"));
+        return Err(ExtraHostError::Address {
+            name: name.to_string(),
+            addr: addr.to_string(),
+        });
     }
     Ok(())
+}
+
+/// Why an `--add-host` entry was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExtraHostError {
+    /// Not a host name.
+    #[error("invalid host name {0:?}")]
+    Name(String),
+    /// Not an IPv4 or IPv6 address.
+    #[error("invalid IP address {addr:?} for {name}")]
+    Address {
+        /// The host name.
+        name: String,
+        /// The address given.
+        addr: String,
+    },
 }
 
 async fn pump<R: AsyncRead + Unpin>(
