@@ -219,25 +219,12 @@ fn parse_rfc3339(s: &str) -> Option<i64> {
 
 /// Docker's human sizes (`4.26MB`, decimal units).
 fn human(n: u64) -> String {
-    let units = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1000.0 && i < units.len() - 1 {
-        v /= 1000.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n}B")
-    } else {
-        format!(
-            "{}{}",
-            format!("{v:.3}")
-                .chars()
-                .take(4)
-                .collect::<String>()
-                .trim_end_matches('.'),
-            units[i]
-        )
+    match kiln_solver::units::decimal_units(n) {
+        (_, "B") => format!("{n}B"),
+        (v, unit) => {
+            let s: String = format!("{v:.3}").chars().take(4).collect();
+            format!("{}{unit}", s.trim_end_matches('.'))
+        }
     }
 }
 

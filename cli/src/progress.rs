@@ -138,17 +138,9 @@ struct Transfer {
 
 /// A byte count as BuildKit's (go-units, decimal): `512B`, `3.15MB`.
 fn bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "kB", "MB", "GB", "TB", "PB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u < UNITS.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n}B")
-    } else {
-        format!("{v:.2}{}", UNITS[u])
+    match kiln_solver::units::decimal_units(n) {
+        (_, "B") => format!("{n}B"),
+        (v, unit) => format!("{v:.2}{unit}"),
     }
 }
 

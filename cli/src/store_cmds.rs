@@ -446,17 +446,9 @@ fn binfmt(uninstall: bool) -> anyhow::Result<ExitCode> {
 
 /// `1.5GB`-style sizes (decimal units, as Docker prints them).
 fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u < UNITS.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n}B")
-    } else {
-        format!("{v:.3}{}", UNITS[u])
+    match kiln_solver::units::decimal_units(n) {
+        (_, "B") => format!("{n}B"),
+        (v, unit) => format!("{v:.3}{unit}"),
     }
 }
 

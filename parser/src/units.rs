@@ -31,6 +31,26 @@ pub fn from_human_size(s: &str) -> Result<u64, SizeError> {
     parse(s, 1000.0)
 }
 
+/// A byte count in decimal units, as go-units' `HumanSize` scales it:
+/// divided by 1000 while it is at least 1000, with its unit (`B`, `kB`,
+/// `MB`, `GB`, `TB`, `PB`). The callers choose the precision (docker's
+/// `images` and `system df`, BuildKit's progress differ).
+///
+/// ```
+/// assert_eq!(kiln_parser::units::decimal_units(999), (999.0, "B"));
+/// assert_eq!(kiln_parser::units::decimal_units(4_260_000), (4.26, "MB"));
+/// ```
+pub fn decimal_units(n: u64) -> (f64, &'static str) {
+    const UNITS: [&str; 6] = ["B", "kB", "MB", "GB", "TB", "PB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    (v, UNITS[u])
+}
+
 /// go-units `parseSize`: a number, an optional space, then an optional
 /// suffix `b`, or one of `k m g t p` optionally followed by `b` or `ib`
 /// (any case). Outer whitespace is ignored; negative, non-finite and
