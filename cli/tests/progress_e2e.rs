@@ -140,3 +140,41 @@ fn json_progress_ends_with_the_result() {
     let started = events.iter().filter(|e| e["event"] == "started").count();
     assert_eq!(planned["steps"], started, "the plan counts every step");
 }
+
+/// A base image pulled during the build shows its blobs under the FROM
+/// step in the tty view (`=> => sha256:… 1.20MB / 1.20MB`), as BuildKit's
+/// does; the build's pull used to report nothing.
+#[test]
+fn a_base_pulled_during_the_build_shows_its_blobs_under_from() {
+    if !common::registry::ready(&["docker-registry"]) {
+        return;
+    }
+    let reg = common::registry::Reg::start(common::registry::RegOpts::default());
+    let c = common::registry::Client::new(true);
+    let name = format!("{}/kiln/progress-base:1", reg.host());
+    c.ok(&["tag", "busybox:latest", &name]);
+    c.ok(&["push", "-q", &name]);
+    let fresh = common::registry::Client::new(false);
+    let ctx = context(&[("Dockerfile", &format!("FROM {name}\nRUN true\n"))]);
+    let o = fresh
+        .cmd()
+        .args(["build", "--progress=tty", "-t", "pulled:1"])
+        .arg(ctx.path())
+        .env("COLUMNS", "120")
+        .output()
+        .expect("run kiln");
+    let raw = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{raw}");
+    let text = strip_ansi(&raw);
+    let last = text.rsplit("[+] Building").next().unwrap_or_default();
+    let from = last
+        .lines()
+        .position(|l| l.contains("FROM ") && l.contains("progress-base"))
+        .unwrap_or_else(|| panic!("a FROM line: {last}"));
+    let blob = last
+        .lines()
+        .nth(from + 1)
+        .unwrap_or_else(|| panic!("a line after FROM: {last}"));
+    assert!(blob.starts_with(" => => sha256:"), "{last}");
+    assert!(blob.contains("B"), "a size: {last}");
+}

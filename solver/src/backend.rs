@@ -109,11 +109,13 @@ pub trait Backend: Send + Sync + 'static {
     /// into snapshots. `None` is the host's platform, leniently: the
     /// host's image of an index, or the one image stored whatever it is
     /// for. With a platform, a name pointing at an index gives that
-    /// platform's child and a single image must be for it.
+    /// platform's child and a single image must be for it. A pull reports
+    /// its blobs to `progress`.
     fn resolve_image(
         &self,
         reference: &str,
         platform: Option<&kiln_image::manifest::Platform>,
+        progress: &(dyn Fn(kiln_registry::Transfer) + Sync),
     ) -> BackendResult<Option<BaseImage>>;
     /// The layer stored under a cache key, if its snapshot still exists.
     fn cache_get(&self, key: &str) -> BackendResult<Option<LayerRecord>>;

@@ -826,8 +826,9 @@ impl Backend for RemoteCacheBackend {
         &self,
         reference: &str,
         platform: Option<&kiln_image::manifest::Platform>,
+        progress: &(dyn Fn(kiln_registry::Transfer) + Sync),
     ) -> BackendResult<Option<BaseImage>> {
-        self.inner.resolve_image(reference, platform)
+        self.inner.resolve_image(reference, platform, progress)
     }
 
     fn export_index(

@@ -179,7 +179,7 @@ impl Session {
         });
         let backend = Arc::new(StoreBackend::new(store));
         let base = backend
-            .resolve_image(&name, want.as_ref())?
+            .resolve_image(&name, want.as_ref(), &|_| {})?
             .ok_or_else(|| RunError::NoSuchImage(req.image.clone()))?;
         let cfg = base.config.config.clone().unwrap_or_default();
         let mut args: Vec<String> = match &req.entrypoint {

@@ -411,6 +411,7 @@ impl Backend for StoreBackend {
         &self,
         reference: &str,
         platform: Option<&kiln_image::manifest::Platform>,
+        progress: &(dyn Fn(kiln_registry::Transfer) + Sync),
     ) -> BackendResult<Option<BaseImage>> {
         // Docker/BuildKit word every unparsable name "invalid reference
         // format"; the detail follows.
@@ -484,7 +485,7 @@ impl Backend for StoreBackend {
                             &name,
                             want,
                             4,
-                            &|_| {},
+                            progress,
                         )
                         .map_err(BackendError::src)?;
                         if let Some(index) = &pulled.index_digest {

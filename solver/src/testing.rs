@@ -228,6 +228,7 @@ impl Backend for MemBackend {
         &self,
         reference: &str,
         platform: Option<&Platform>,
+        _progress: &(dyn Fn(kiln_registry::Transfer) + Sync),
     ) -> BackendResult<Option<BaseImage>> {
         let name = kiln_cache::normalize_reference(reference)
             .map_err(BackendError::ctx("invalid reference format"))?;

@@ -88,6 +88,8 @@ struct Images {
     backend: Arc<dyn Backend>,
     named: BTreeMap<String, NamedContext>,
     cells: Mutex<HashMap<ImageKey, Arc<OnceCell<Arc<ResolvedImage>>>>>,
+    /// Where a pull's blob events go.
+    progress: Progress,
 }
 
 /// An image of the build: (reference, normalised platform).
@@ -142,11 +144,16 @@ impl Images {
                 .clone()
         };
         let backend = self.backend.clone();
+        let progress = self.progress.clone();
         let foreign = !platform.matches(&crate::frontend::plan::host_platform());
         cell.get_or_try_init(|| async move {
             let r = reference.clone();
             let p = platform.clone();
-            let img = blocking(move || backend.resolve_image(&r, foreign.then_some(&p)))
+            let img = blocking(move || {
+                // A pull's blobs show under the FROM step that waits for it.
+                let report = |t| progress.send(Event::transfer("pull", t));
+                backend.resolve_image(&r, foreign.then_some(&p), &report)
+            })
                 .await
                 .map_err(|e| match e {
                     BuildError::Cancelled | BuildError::Step { .. } => e,
@@ -244,6 +251,7 @@ pub async fn solve(
         backend: backend.clone(),
         named: opts.named_contexts.clone(),
         cells: Mutex::new(HashMap::new()),
+        progress: progress.clone(),
     });
     let platforms = if opts.platforms.is_empty() {
         vec![crate::frontend::plan::host_platform()]
