@@ -264,6 +264,38 @@ impl Registry {
         })
     }
 
+    /// Runs `f` (a pull step: resolve, fetch) against the pull mirrors of
+    /// `registry` in order, then `registry` itself; returns the client
+    /// that answered and `f`'s result. Any failure of a mirror (connection
+    /// refused, a 404, auth, a digest mismatch) is logged at debug level
+    /// and the next source is tried; the registry's own error is returned
+    /// when it fails too. Cancellation stops at once. Tags are resolved by
+    /// whichever source answers (as docker and BuildKit trust mirrors);
+    /// every byte is still checked against its digest. Pushes never use
+    /// this.
+    pub fn through_mirrors<T>(
+        registry: &str,
+        cfg: &RegistryConfig,
+        mut f: impl FnMut(&Registry) -> Result<T>,
+    ) -> Result<(Registry, T)> {
+        for mirror in cfg.mirrors_for(registry) {
+            let attempt = Registry::new(mirror, cfg).and_then(|m| f(&m).map(|t| (m, t)));
+            match attempt {
+                Ok(ok) => {
+                    tracing::debug!(registry, mirror = %mirror, "pulled through mirror");
+                    return Ok(ok);
+                }
+                Err(e @ RegistryError::Cancelled { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(registry, mirror = %mirror, error = %e, "mirror failed; trying the next source");
+                }
+            }
+        }
+        let origin = Registry::new(registry, cfg)?;
+        let t = f(&origin)?;
+        Ok((origin, t))
+    }
+
     /// Replace the tunables.
     pub fn set_options(&mut self, opts: ClientOptions) {
         self.opts = opts;
