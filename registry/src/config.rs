@@ -622,6 +622,54 @@ mod tests {
     }
 
     #[test]
+    fn mirror_entries() {
+        assert_eq!(parse_mirror("m.example"), Ok(("m.example".into(), false)));
+        assert_eq!(
+            parse_mirror("https://m.example:5000/"),
+            Ok(("m.example:5000".into(), false))
+        );
+        assert_eq!(
+            parse_mirror("http://127.0.0.1:5001"),
+            Ok(("127.0.0.1:5001".into(), true))
+        );
+        for bad in [
+            "",
+            "https://",
+            "m.example/v2",
+            "user@m.example",
+            "ftp://m.example",
+            "bad host",
+            "mirror",
+        ] {
+            assert!(parse_mirror(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn mirrors_merge_in_order_with_a_bound() {
+        let mut c = RegistryConfig::default();
+        let f = Path::new("/x/config.json");
+        let g = |k: &str, v: &[&str]| {
+            BTreeMap::from([(k.to_string(), v.iter().map(|s| s.to_string()).collect())])
+        };
+        c.add_mirrors(f, g("index.docker.io", &["a.example", "http://b.example"]))
+            .unwrap();
+        c.add_mirrors(f, g("docker.io", &["a.example", "c.example"]))
+            .unwrap();
+        assert_eq!(
+            c.mirrors_for(DOCKER_HUB),
+            ["a.example", "b.example", "c.example"]
+        );
+        assert!(c.is_insecure("b.example"));
+        assert!(!c.is_insecure("a.example"));
+        assert!(c.mirrors_for("ghcr.io").is_empty());
+        let many: Vec<String> = (0..=MAX_MIRRORS).map(|i| format!("m{i}.example")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let e = c.add_mirrors(f, g("ghcr.io", &many)).unwrap_err();
+        assert!(e.to_string().contains("at most 8"), "{e}");
+    }
+
+    #[test]
     fn insecure_hosts() {
         let c = RegistryConfig {
             insecure: vec!["reg.example:5000".into(), "http://other.example".into()],
