@@ -180,3 +180,45 @@ fn invalid_mirror_entries_are_refused_with_the_config_file_named() {
         assert!(err.contains("mirror"), "{bad}: {err}");
     }
 }
+
+#[test]
+fn registry_cache_import_resolves_through_the_mirror() {
+    if !ready(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let mirror = Reg::start(RegOpts::default());
+    let origin = format!("127.0.0.1:{}", free_port());
+    publish(&format!("{}/team/base:1", mirror.host()));
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {origin}/team/base:1\nRUN echo MARK$((1+1))ER > /m; echo MARK$((1+1))ER\n"),
+    )]);
+
+    // the cache is exported to the mirror's repository path
+    let a = Client::new(false);
+    configure(&a, &origin, &[mirror.host()]);
+    let to = format!("type=registry,ref={}/team/cache:1,mode=max", mirror.host());
+    let out = a.ok(&[
+        "build",
+        "--progress",
+        "plain",
+        "--cache-to",
+        &to,
+        ctx.path().to_str().expect("utf8"),
+    ]);
+    assert!(out.contains("MARK2ER"), "{out}");
+
+    // imported under the origin's name, whose registry is down
+    let b = Client::new(false);
+    configure(&b, &origin, &[mirror.host()]);
+    let from = format!("type=registry,ref={origin}/team/cache:1");
+    let out = b.ok(&[
+        "build",
+        "--progress",
+        "plain",
+        "--cache-from",
+        &from,
+        ctx.path().to_str().expect("utf8"),
+    ]);
+    assert!(!out.contains("MARK2ER"), "the RUN ran again: {out}");
+}
