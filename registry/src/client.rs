@@ -47,6 +47,10 @@ impl Default for ClientOptions {
     }
 }
 
+/// Attempts after the first for transient failures of a pull mirror
+/// (the registry itself gets [`ClientOptions::default`]'s).
+pub const MIRROR_RETRIES: u32 = 1;
+
 /// How a pushed blob reached the registry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PushOutcome {
@@ -269,7 +273,8 @@ impl Registry {
     /// that answered and `f`'s result. Any failure of a mirror (connection
     /// refused, a 404, auth, a digest mismatch) is logged at debug level
     /// and the next source is tried; the registry's own error is returned
-    /// when it fails too. Cancellation stops at once. Tags are resolved by
+    /// when it fails too. A mirror gets [`MIRROR_RETRIES`] retries.
+    /// Cancellation stops at once. Tags are resolved by
     /// whichever source answers (as docker and BuildKit trust mirrors);
     /// every byte is still checked against its digest. Pushes never use
     /// this.
@@ -279,7 +284,15 @@ impl Registry {
         mut f: impl FnMut(&Registry) -> Result<T>,
     ) -> Result<(Registry, T)> {
         for mirror in cfg.mirrors_for(registry) {
-            let attempt = Registry::new(mirror, cfg).and_then(|m| f(&m).map(|t| (m, t)));
+            // One retry: a dead mirror should cost little before the next
+            // source; blobs it did deliver are kept by the sink.
+            let attempt = Registry::new(mirror, cfg).and_then(|mut m| {
+                m.set_options(ClientOptions {
+                    retries: MIRROR_RETRIES,
+                    ..ClientOptions::default()
+                });
+                f(&m).map(|t| (m, t))
+            });
             match attempt {
                 Ok(ok) => {
                     tracing::debug!(registry, mirror = %mirror, "pulled through mirror");

@@ -43,7 +43,9 @@ pub mod tls;
 mod transfer;
 
 pub use auth::{parse_challenge, Challenge};
-pub use client::{ClientOptions, PushOutcome, Registry, VerifyingReader, MANIFEST_ACCEPT};
+pub use client::{
+    ClientOptions, PushOutcome, Registry, VerifyingReader, MANIFEST_ACCEPT, MIRROR_RETRIES,
+};
 pub use config::{Credentials, RegistryConfig};
 pub use error::{RegistryError, Result};
 pub use reference::{api_host, Reference, ReferenceError, DOCKER_HUB};
