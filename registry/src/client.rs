@@ -47,6 +47,10 @@ impl Default for ClientOptions {
     }
 }
 
+/// Attempts after the first for transient failures of a pull mirror
+/// (the registry itself gets [`ClientOptions::default`]'s).
+pub const MIRROR_RETRIES: u32 = 1;
+
 /// How a pushed blob reached the registry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PushOutcome {
@@ -262,6 +266,47 @@ impl Registry {
             auth: Mutex::new(AuthState::default()),
             opts: ClientOptions::default(),
         })
+    }
+
+    /// Runs `f` (a pull step: resolve, fetch) against the pull mirrors of
+    /// `registry` in order, then `registry` itself; returns the client
+    /// that answered and `f`'s result. Any failure of a mirror (connection
+    /// refused, a 404, auth, a digest mismatch) is logged at debug level
+    /// and the next source is tried; the registry's own error is returned
+    /// when it fails too. A mirror gets [`MIRROR_RETRIES`] retries.
+    /// Cancellation stops at once. Tags are resolved by
+    /// whichever source answers (as docker and BuildKit trust mirrors);
+    /// every byte is still checked against its digest. Pushes never use
+    /// this.
+    pub fn through_mirrors<T>(
+        registry: &str,
+        cfg: &RegistryConfig,
+        mut f: impl FnMut(&Registry) -> Result<T>,
+    ) -> Result<(Registry, T)> {
+        for mirror in cfg.mirrors_for(registry) {
+            // One retry: a dead mirror should cost little before the next
+            // source; blobs it did deliver are kept by the sink.
+            let attempt = Registry::new(mirror, cfg).and_then(|mut m| {
+                m.set_options(ClientOptions {
+                    retries: MIRROR_RETRIES,
+                    ..ClientOptions::default()
+                });
+                f(&m).map(|t| (m, t))
+            });
+            match attempt {
+                Ok(ok) => {
+                    tracing::debug!(registry, mirror = %mirror, "pulled through mirror");
+                    return Ok(ok);
+                }
+                Err(e @ RegistryError::Cancelled { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(registry, mirror = %mirror, error = %e, "mirror failed; trying the next source");
+                }
+            }
+        }
+        let origin = Registry::new(registry, cfg)?;
+        let t = f(&origin)?;
+        Ok((origin, t))
     }
 
     /// Replace the tunables.

@@ -2,6 +2,8 @@
 //! (`{"insecure-registries": [...]}`, like daemon.json), per-registry CA
 //! certificates (`certs.d/HOST:PORT/ca.crt`, like Docker's), and Docker's
 //! `config.json` for credentials (`auths`, `credsStore`, `credHelpers`).
+//! The config file also names pull mirrors per registry (`mirrors`, and
+//! daemon.json's `registry-mirrors` for Docker Hub).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -24,6 +26,9 @@ pub struct RegistryConfig {
     pub certs_dirs: Vec<PathBuf>,
     /// Docker's config directory (`$DOCKER_CONFIG`, else `~/.docker`).
     pub docker_config_dir: Option<PathBuf>,
+    /// Pull mirrors (`HOST[:PORT]`, tried in order before the registry
+    /// itself) by registry name (`docker.io`, `HOST[:PORT]`).
+    pub mirrors: BTreeMap<String, Vec<String>>,
     /// Stops every transfer of the clients made with these settings:
     /// checked before each request and blob and between reads of a blob
     /// (a cancelled transfer fails with [`RegistryError::Cancelled`]).
@@ -36,6 +41,56 @@ struct KilnConfigFile {
     insecure_registries: Vec<String>,
     #[serde(rename = "certs-dir", default)]
     certs_dir: Option<PathBuf>,
+    #[serde(rename = "registry-mirrors", default)]
+    registry_mirrors: Vec<String>,
+    #[serde(default)]
+    mirrors: BTreeMap<String, Vec<String>>,
+}
+
+/// At most this many mirrors per registry.
+pub const MAX_MIRRORS: usize = 8;
+
+/// A mirror entry (`HOST[:PORT]`, `https://HOST[:PORT]`,
+/// `http://HOST[:PORT]`, a trailing `/` allowed) as `HOST[:PORT]` and
+/// whether plain HTTP was asked for. A path, user info, query or an
+/// invalid host is refused.
+fn parse_mirror(entry: &str) -> std::result::Result<(String, bool), String> {
+    let (rest, http) = if let Some(r) = entry.strip_prefix("http://") {
+        (r, true)
+    } else if let Some(r) = entry.strip_prefix("https://") {
+        (r, false)
+    } else if entry.contains("://") {
+        return Err(format!(
+            "mirror {entry:?}: only http:// and https:// are supported"
+        ));
+    } else {
+        (entry, false)
+    };
+    let host = rest.strip_suffix('/').unwrap_or(rest);
+    if host.is_empty() || host.len() > 255 {
+        return Err(format!(
+            "mirror {entry:?}: no host, or a host over 255 bytes"
+        ));
+    }
+    if host.contains(['/', '@', '?', '#']) {
+        return Err(format!(
+            "mirror {entry:?}: give HOST[:PORT] only (no path, user or query)"
+        ));
+    }
+    // The host must parse as a registry host of an image reference.
+    let probe = format!("{host}/mirror-check");
+    match kiln_image::reference::Reference::parse(&probe) {
+        Ok(r) if r.registry == normalize_registry(host) => Ok((host.to_string(), http)),
+        _ => Err(format!("mirror {entry:?}: not a valid HOST[:PORT]")),
+    }
+}
+
+/// Docker Hub's other spellings as `docker.io`; other names unchanged.
+fn normalize_registry(name: &str) -> &str {
+    match name {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => DOCKER_HUB,
+        n => n,
+    }
 }
 
 fn env_path(name: &str) -> Option<PathBuf> {
@@ -83,6 +138,7 @@ impl RegistryConfig {
             insecure: insecure.to_vec(),
             certs_dirs: Vec::new(),
             docker_config_dir: docker_config_dir(),
+            mirrors: BTreeMap::new(),
             cancel: Default::default(),
         };
         for dir in kiln_config_dirs() {
@@ -95,6 +151,14 @@ impl RegistryConfig {
                             detail: e.to_string(),
                         })?;
                     cfg.insecure.extend(f.insecure_registries);
+                    let mut groups = f.mirrors;
+                    if !f.registry_mirrors.is_empty() {
+                        groups
+                            .entry(DOCKER_HUB.to_string())
+                            .or_default()
+                            .extend(f.registry_mirrors);
+                    }
+                    cfg.add_mirrors(&file, groups)?;
                     if let Some(c) = f.certs_dir {
                         cfg.certs_dirs.push(c);
                     }
@@ -110,6 +174,51 @@ impl RegistryConfig {
             cfg.certs_dirs.push(dir.join("certs.d"));
         }
         Ok(cfg)
+    }
+
+    /// Adds the mirrors of one config file (`file`, for errors). A more
+    /// specific config directory's mirrors come first.
+    fn add_mirrors(&mut self, file: &Path, groups: BTreeMap<String, Vec<String>>) -> Result<()> {
+        let err = |detail: String| RegistryError::Config {
+            path: file.display().to_string(),
+            detail,
+        };
+        for (registry, entries) in groups {
+            let key = normalize_registry(registry.trim_end_matches('/')).to_string();
+            let probe = format!("{key}/mirror-check");
+            if !kiln_image::reference::Reference::parse(&probe).is_ok_and(|r| r.registry == key) {
+                return Err(err(format!(
+                    "mirrors: {registry:?} is not a registry HOST[:PORT]"
+                )));
+            }
+            let mut list = self.mirrors.remove(&key).unwrap_or_default();
+            for e in entries {
+                let (host, http) = parse_mirror(&e).map_err(&err)?;
+                if http && !self.is_insecure(&host) {
+                    self.insecure.push(host.clone());
+                }
+                if host != key && !list.contains(&host) {
+                    list.push(host);
+                }
+            }
+            let list = self.mirrors.entry(key.clone()).or_insert(list);
+            if list.len() > MAX_MIRRORS {
+                return Err(err(format!(
+                    "mirrors of {key}: {} given, kiln takes at most {MAX_MIRRORS}",
+                    list.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The pull mirrors of `registry` (`docker.io`, `HOST[:PORT]`), in
+    /// the order to try them; the registry itself comes after them.
+    pub fn mirrors_for(&self, registry: &str) -> &[String] {
+        self.mirrors
+            .get(normalize_registry(registry))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 
     /// Whether plain HTTP may be used for `host` (`HOST[:PORT]`).
@@ -510,6 +619,54 @@ mod tests {
             dirs(&[("XDG_CONFIG_HOME", "/x"), ("KILN_CONFIG_DIR", "/k")]),
             vec![p("/k"), p("/x/kiln"), p("/etc/kiln")]
         );
+    }
+
+    #[test]
+    fn mirror_entries() {
+        assert_eq!(parse_mirror("m.example"), Ok(("m.example".into(), false)));
+        assert_eq!(
+            parse_mirror("https://m.example:5000/"),
+            Ok(("m.example:5000".into(), false))
+        );
+        assert_eq!(
+            parse_mirror("http://127.0.0.1:5001"),
+            Ok(("127.0.0.1:5001".into(), true))
+        );
+        for bad in [
+            "",
+            "https://",
+            "m.example/v2",
+            "user@m.example",
+            "ftp://m.example",
+            "bad host",
+            "mirror",
+        ] {
+            assert!(parse_mirror(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn mirrors_merge_in_order_with_a_bound() {
+        let mut c = RegistryConfig::default();
+        let f = Path::new("/x/config.json");
+        let g = |k: &str, v: &[&str]| {
+            BTreeMap::from([(k.to_string(), v.iter().map(|s| s.to_string()).collect())])
+        };
+        c.add_mirrors(f, g("index.docker.io", &["a.example", "http://b.example"]))
+            .unwrap();
+        c.add_mirrors(f, g("docker.io", &["a.example", "c.example"]))
+            .unwrap();
+        assert_eq!(
+            c.mirrors_for(DOCKER_HUB),
+            ["a.example", "b.example", "c.example"]
+        );
+        assert!(c.is_insecure("b.example"));
+        assert!(!c.is_insecure("a.example"));
+        assert!(c.mirrors_for("ghcr.io").is_empty());
+        let many: Vec<String> = (0..=MAX_MIRRORS).map(|i| format!("m{i}.example")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let e = c.add_mirrors(f, g("ghcr.io", &many)).unwrap_err();
+        assert!(e.to_string().contains("at most 8"), "{e}");
     }
 
     #[test]

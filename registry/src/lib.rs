@@ -8,8 +8,10 @@
 //! **What it owns.** Everything that crosses the network to a registry:
 //! the HTTP client (`ureq` on rustls/ring), TLS trust for every https
 //! client kiln has ([`tls`]: the system store, `SSL_CERT_FILE`/`SSL_CERT_DIR`
-//! and `certs.d/HOST:PORT/*.crt`), which hosts may use plain HTTP, and the
-//! reading and writing of Docker's `config.json` credentials.
+//! and `certs.d/HOST:PORT/*.crt`), which hosts may use plain HTTP, the
+//! pull mirrors of each registry (kiln's config file; tried in order by
+//! [`Registry::through_mirrors`], never for pushes), and the reading and
+//! writing of Docker's `config.json` credentials.
 //!
 //! **What it must not do.** It never writes the local store directly: blobs
 //! flow through the [`BlobSink`] and [`PushSource`] traits whose
@@ -43,7 +45,9 @@ pub mod tls;
 mod transfer;
 
 pub use auth::{parse_challenge, Challenge};
-pub use client::{ClientOptions, PushOutcome, Registry, VerifyingReader, MANIFEST_ACCEPT};
+pub use client::{
+    ClientOptions, PushOutcome, Registry, VerifyingReader, MANIFEST_ACCEPT, MIRROR_RETRIES,
+};
 pub use config::{Credentials, RegistryConfig};
 pub use error::{RegistryError, Result};
 pub use reference::{api_host, Reference, ReferenceError, DOCKER_HUB};

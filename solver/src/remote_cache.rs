@@ -234,10 +234,10 @@ impl RemoteCacheBackend {
                 let name = kiln_cache::normalize_reference(reference)
                     .map_err(|e| RemoteCacheError::ctx(reference)(e))?;
                 let r = Reference::parse(&name).map_err(|e| RemoteCacheError::ctx(reference)(e))?;
-                let reg =
-                    Registry::new(&r.registry, &self.registry).map_err(RemoteCacheError::src)?;
-                let resolved = reg
-                    .resolve(&r, &Platform::host())
+                let (reg, resolved) =
+                    Registry::through_mirrors(&r.registry, &self.registry, |reg| {
+                        reg.resolve(&r, &Platform::host())
+                    })
                     .map_err(RemoteCacheError::src)?;
                 let mut platforms: Vec<Platform> = match &resolved.index {
                     Some(i) => i

@@ -29,6 +29,13 @@ fn cd(d: &Digest) -> Result<kiln_cache::Digest, TransferError> {
         .map_err(TransferError::ctx(format!("digest {d}")))
 }
 
+/// The normalised name and its parsed reference.
+fn parse_name(reference: &str) -> Result<(String, Reference), TransferError> {
+    let name = kiln_cache::normalize_reference(reference).map_err(TransferError::src)?;
+    let r = Reference::parse(&name).map_err(TransferError::src)?;
+    Ok((name, r))
+}
+
 /// The normalised name, its parsed reference and a client of its registry.
 fn connect(
     reference: &str,
@@ -140,13 +147,16 @@ pub fn pull_platform(
 ) -> Result<PullResult, TransferError> {
     let _span = tracing::info_span!("pull", reference).entered();
     tracing::info!("pull started");
-    let (name, r, reg) = connect(reference, cfg)?;
+    let (name, r) = parse_name(reference)?;
     let sink = StoreSink(store);
     let host = Platform::host();
     let want = platform.unwrap_or(&host);
-    let p = reg
-        .pull_image(&r, want, &sink, jobs, progress)
-        .map_err(TransferError::src)?;
+    // Mirrors first (a mirror's bad blob fails its digest check there
+    // and the next source is tried); the name stays the origin's.
+    let (_, p) = Registry::through_mirrors(&r.registry, cfg, |reg| {
+        reg.pull_image(&r, want, &sink, jobs, progress)
+    })
+    .map_err(TransferError::src)?;
     let config = ImageConfig::from_bytes(&p.config)
         .map_err(TransferError::ctx(format!("{name}: config")))?;
     let m = &p.resolved.manifest;
@@ -295,10 +305,11 @@ pub fn pull_all_platforms(
     progress: &(dyn Fn(Transfer) + Sync),
 ) -> Result<PullResult, TransferError> {
     let _span = tracing::info_span!("pull", reference).entered();
-    let (name, r, reg) = connect(reference, cfg)?;
-    let first = reg
-        .get_manifest(&r.repository, &r.manifest_ref())
-        .map_err(TransferError::src)?;
+    let (name, r) = parse_name(reference)?;
+    let (reg, first) = Registry::through_mirrors(&r.registry, cfg, |reg| {
+        reg.get_manifest(&r.repository, &r.manifest_ref())
+    })
+    .map_err(TransferError::src)?;
     if !first.is_index() {
         return pull_platform(store, cfg, reference, None, jobs, progress);
     }
