@@ -880,8 +880,8 @@ pub fn local_manifest(store: &Store, name: &str) -> Result<RawManifest, Transfer
 /// Push a stored image (manifest) to `target`: layers encoded per `enc`
 /// (a layer not yet compressed that way is compressed while it is
 /// uploaded, and remembered), blobs up to `jobs` at once (HEAD, mount,
-/// upload), then the config and the manifest. Returns the pushed manifest
-/// digest.
+/// upload), then the config and the manifest. An index goes whole
+/// ([`push_index`]). Returns the pushed manifest (or index) digest.
 #[allow(clippy::too_many_arguments)]
 pub fn push(
     store: &Store,
@@ -893,6 +893,9 @@ pub fn push(
     progress: &(dyn Fn(&str) + Sync),
     transfer: &(dyn Fn(Transfer) + Sync),
 ) -> Result<Digest, TransferError> {
+    if manifest.is_index() {
+        return push_index(store, cfg, manifest, target, enc, jobs, progress, transfer);
+    }
     let _span = tracing::info_span!("push", target).entered();
     tracing::info!("push started");
     let (_, r, reg) = connect(target, cfg)?;

@@ -602,15 +602,10 @@ impl Exporter for RegistryExporter {
     ) -> Result<Exported, ExportError> {
         let img = input.image()?;
         let mut done = Exported::default();
-        // A multi-platform build's index goes whole: its images, then it.
-        let push = if img.manifest.is_index() {
-            transfer::push_index
-        } else {
-            transfer::push
-        };
         for n in &self.names {
             let _span = tracing::info_span!("push", dest = %n).entered();
-            let d = push(
+            // A multi-platform build's index goes whole: its images, then it.
+            let d = transfer::push(
                 input.store,
                 &self.registry,
                 &img.manifest,
