@@ -77,16 +77,7 @@ pub fn busybox_rootfs_tar() -> PathBuf {
         let dir = process_tempdir();
         let root = dir.join("rootfs");
         make_rootfs(&root);
-        let tar = dir.join("rootfs.tar");
-        let st = Command::new("tar")
-            .arg("-C")
-            .arg(&root)
-            .args(["--numeric-owner", "-cf"])
-            .arg(&tar)
-            .arg(".")
-            .status()
-            .expect("tar");
-        assert!(st.success(), "tar failed");
+        let tar = tar_of(&root, &dir);
         (dir, tar)
     })
     .1
@@ -121,16 +112,21 @@ pub fn foreign_busybox(deb_arch: &str) -> PathBuf {
 
 /// A tar of a busybox root filesystem for Debian architecture `deb_arch`
 /// (the applet links are the host busybox's list: the same Debian
-/// version). Made once per test process, removed when it exits.
+/// version). Made in the test process's temp dir, removed when it exits.
 pub fn foreign_rootfs_tar(deb_arch: &str) -> PathBuf {
     let bb = foreign_busybox(deb_arch);
     let dir = process_tempdir();
     let root = dir.join("rootfs");
     make_rootfs_with(&root, &bb);
+    tar_of(&root, &dir)
+}
+
+/// `dir/rootfs.tar`: the tree `root`, with numeric owners.
+fn tar_of(root: &Path, dir: &Path) -> PathBuf {
     let tar = dir.join("rootfs.tar");
     let st = Command::new("tar")
         .arg("-C")
-        .arg(&root)
+        .arg(root)
         .args(["--numeric-owner", "-cf"])
         .arg(&tar)
         .arg(".")
