@@ -125,6 +125,9 @@ pub struct BuildRequest {
     pub target: Option<String>,
     /// Run every step.
     pub no_cache: bool,
+    /// `--no-cache-filter`: run these stages' RUN, COPY and ADD steps
+    /// again (see [`crate::build::BuildOptions::no_cache_filter`]).
+    pub no_cache_filter: Vec<String>,
     /// Always ask the registry for base images.
     pub pull: bool,
     /// Registries reachable over plain HTTP (`HOST:PORT`).
@@ -174,6 +177,7 @@ impl BuildRequest {
             build_args: BTreeMap::new(),
             target: None,
             no_cache: false,
+            no_cache_filter: Vec::new(),
             pull: false,
             insecure_registries: Vec::new(),
             cache_from: Vec::new(),
@@ -441,6 +445,7 @@ impl Session {
             build_args: req.build_args,
             target: req.target,
             no_cache: req.no_cache,
+            no_cache_filter: req.no_cache_filter,
             labels: req.labels,
             network: req.network,
             limits: req.limits,
