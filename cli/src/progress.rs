@@ -272,7 +272,7 @@ impl View {
                 if let Some(i) = step(id) {
                     let s = &mut self.steps[i];
                     let line = clean(&line);
-                    if s.name.starts_with("exporting") {
+                    if s.name.starts_with("exporting") || s.name.starts_with("pushing ") {
                         // An exporter's lines are its sub-steps, as
                         // BuildKit's `=> => writing image sha256:…`.
                         let before: f64 = s.subs.iter().map(|(_, t)| t).sum();
