@@ -95,22 +95,14 @@ pub fn chown_errno(uid: u32, gid: u32) -> io::Error {
         return e;
     }
     let maps = idmap::IdMaps::current();
-    let unmapped = if maps.in_userns && !maps.maps_uid(uid) {
-        format!("uid {uid}")
+    let message = if maps.in_userns && !maps.maps_uid(uid) {
+        maps.unmapped_message(idmap::IdKind::Uid, uid)
     } else if maps.in_userns && !maps.maps_gid(gid) {
-        format!("gid {gid}")
+        maps.unmapped_message(idmap::IdKind::Gid, gid)
     } else {
         return e;
     };
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        format!(
-            "{unmapped} does not exist in kiln's rootless user namespace (uid map {}, gid map {}): \
-             give the user subordinate ids in /etc/subuid and /etc/subgid",
-            idmap::describe(&maps.uid_map),
-            idmap::describe(&maps.gid_map)
-        ),
-    )
+    io::Error::new(io::ErrorKind::InvalidInput, message)
 }
 
 /// How many symlinks one resolution may follow (Linux's own limit).
