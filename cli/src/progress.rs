@@ -736,6 +736,22 @@ mod tests {
     }
 
     #[test]
+    fn a_push_step_s_lines_are_its_sub_steps() {
+        let mut v = View::default();
+        started(&mut v, 1, "pushing reg:5000/app:1", 0);
+        log(&mut v, 1, "abc: compressing (gzip) while uploading", 100);
+        let f = v.frame(S(200), look(60), false);
+        assert_eq!(
+            f[1],
+            " => pushing reg:5000/app:1                             0.2s"
+        );
+        assert_eq!(
+            f[2],
+            " => => abc: compressing (gzip) while uploading         0.0s"
+        );
+    }
+
+    #[test]
     fn colours_unless_no_color() {
         let v = build();
         let mut l = look(60);
