@@ -1274,7 +1274,7 @@ impl Dir {
     pub fn set_times_self(&self, t: (i64, i64)) -> Result<()> {
         let p = self.proc_link("utimensat")?;
         let ts = libc::timespec {
-            tv_sec: t.0 as libc::time_t,
+            tv_sec: t.0 as _,
             tv_nsec: t.1 as libc::c_long,
         };
         let times = [ts, ts];
@@ -1433,7 +1433,7 @@ fn apply_spec(dir: RawFd, name: &CStr, host: &Path, spec: &DirSpec) -> Result<()
 
 fn utimes_at(dir: RawFd, name: &CStr, t: (i64, i64)) -> io::Result<()> {
     let ts = libc::timespec {
-        tv_sec: t.0 as libc::time_t,
+        tv_sec: t.0 as _,
         tv_nsec: t.1 as libc::c_long,
     };
     let times = [ts, ts];
@@ -1463,7 +1463,7 @@ fn utimes2_at(
     flags: i32,
 ) -> io::Result<()> {
     let ts = |t: (i64, i64)| libc::timespec {
-        tv_sec: t.0 as libc::time_t,
+        tv_sec: t.0 as _,
         tv_nsec: t.1 as libc::c_long,
     };
     let times = [ts(atime), ts(mtime)];

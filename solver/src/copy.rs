@@ -1118,7 +1118,7 @@ fn copy_file(
         return Err(err(io::Error::last_os_error()));
     }
     let ts = libc::timespec {
-        tv_sec: t as libc::time_t,
+        tv_sec: t as _,
         tv_nsec: ns as libc::c_long,
     };
     let times = [ts, ts];
