@@ -240,8 +240,29 @@ fn all_platforms_pull_falls_back_to_the_origin_for_a_mirror_s_bad_blobs() {
         ("arm64", tar.clone(), "linux/arm64"),
     ];
     let name = common::registry::push_busybox_index(&origin, "multi", &images);
-    common::registry::push_busybox_index(&hostile, "multi", &images);
-    corrupt_layers(&hostile, "kiln/busybox:amd64");
+    // The mirror holds the same index, byte for byte (the same children),
+    // with the amd64 image's layers corrupted.
+    let copy = format!("{}/kiln/busybox:multi", hostile.host());
+    sh(Command::new("skopeo").args([
+        "copy",
+        "--all",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        &format!("docker://{name}"),
+        &format!("docker://{copy}"),
+    ]));
+    let index: serde_json::Value =
+        serde_json::from_slice(&common::registry::raw(&name)).expect("index");
+    let amd64 = index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .find(|d| d["platform"]["architecture"] == "amd64")
+        .and_then(|d| d["digest"].as_str())
+        .expect("amd64 entry")
+        .to_string();
+    corrupt_layers(&hostile, &format!("kiln/busybox@{amd64}"));
 
     let b = Client::new(false);
     configure(&b, &origin.host(), &[hostile.host()]);
