@@ -140,3 +140,51 @@ fn copy_from_a_context_whose_directory_is_swapped_for_a_symlink_never_reads_the_
     );
     eprintln!("{built}/40 builds succeeded while the context was swapped");
 }
+
+#[test]
+fn a_dockerfile_or_ignore_file_swapped_for_a_symlink_is_never_read_from_the_host() {
+    let top = tempfile::tempdir().expect("tempdir");
+    // What a parse error would echo: the secret on the first line.
+    let secret = top.path().join("shadow");
+    std::fs::write(&secret, format!("{SECRET}:$6$salt$hash:19000::::::\n[")).expect("write");
+    let ctx = top.path().join("ctx");
+    std::fs::create_dir_all(ctx.join("sub")).expect("mkdir");
+    std::fs::write(ctx.join("a"), "a").expect("write");
+    std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY a /a\n").expect("write");
+    std::fs::write(ctx.join(".dockerignore"), "nothing\n").expect("write");
+    std::fs::write(ctx.join("sub/Dockerfile"), "FROM scratch\nCOPY a /a\n").expect("write");
+    let secrets = top.path().join("secrets");
+    std::fs::create_dir_all(&secrets).expect("mkdir");
+    std::fs::copy(&secret, secrets.join("Dockerfile")).expect("copy");
+    std::os::unix::fs::symlink(&secret, ctx.join("DockerfileL")).expect("symlink");
+    std::os::unix::fs::symlink(&secret, ctx.join("ignoreL")).expect("symlink");
+    std::os::unix::fs::symlink(&secrets, ctx.join("subL")).expect("symlink");
+    let k = Kiln::new();
+    let _swaps = [
+        Swapper::start(&ctx.join("Dockerfile"), &ctx.join("DockerfileL")),
+        Swapper::start(&ctx.join(".dockerignore"), &ctx.join("ignoreL")),
+        Swapper::start(&ctx.join("sub"), &ctx.join("subL")),
+    ];
+    let mut echoed = Vec::new();
+    for i in 0..40 {
+        let mut args = vec!["build", "-q", "--no-cache"];
+        if i % 2 == 1 {
+            args.extend(["-f", "sub/Dockerfile"]);
+        }
+        args.push(ctx.to_str().expect("utf-8"));
+        let o = k.run(&args);
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        if all.contains(SECRET) {
+            echoed.push(all);
+        }
+    }
+    assert!(
+        echoed.is_empty(),
+        "a host file was read: {:?}",
+        echoed.first()
+    );
+}
