@@ -188,3 +188,51 @@ fn a_dockerfile_or_ignore_file_swapped_for_a_symlink_is_never_read_from_the_host
         echoed.first()
     );
 }
+
+#[test]
+fn iidfile_and_metadata_file_replace_a_symlink_and_never_hang_on_a_fifo() {
+    let top = tempfile::tempdir().expect("tempdir");
+    let ctx = top.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("mkdir");
+    std::fs::write(ctx.join("a"), "a").expect("write");
+    std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY a /a\n").expect("write");
+    // A host file the symlinks point at: it must stay as it is.
+    let victim = top.path().join("passwd");
+    std::fs::write(&victim, "root:x:0:0::/root:/bin/sh\n").expect("write");
+    let iid = top.path().join("iid");
+    let meta = top.path().join("meta");
+    std::os::unix::fs::symlink(&victim, &iid).expect("symlink");
+    std::os::unix::fs::symlink(&victim, &meta).expect("symlink");
+    let k = Kiln::new();
+    let id = k.build(
+        &ctx,
+        &[
+            "--iidfile",
+            iid.to_str().expect("utf-8"),
+            "--metadata-file",
+            meta.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("read"),
+        "root:x:0:0::/root:/bin/sh\n",
+        "the symlinks' target was written"
+    );
+    assert!(!std::fs::symlink_metadata(&iid).expect("lstat").is_symlink());
+    assert_eq!(std::fs::read_to_string(&iid).expect("read"), id);
+    assert!(std::fs::read_to_string(&meta)
+        .expect("read")
+        .contains("containerimage.digest"));
+
+    // A FIFO with a reader gets the ID; the build never blocks in open(2).
+    let fifo = top.path().join("fifo");
+    let c = CString::new(fifo.as_os_str().as_bytes()).expect("path");
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read_to_string(fifo).expect("read fifo"))
+    };
+    let id2 = k.build(&ctx, &["--iidfile", fifo.to_str().expect("utf-8")]);
+    assert_eq!(reader.join().expect("reader"), id2);
+}
