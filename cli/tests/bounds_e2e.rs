@@ -596,6 +596,41 @@ fn saved_archives_honour_the_umask() {
 }
 
 #[test]
+fn an_oci_layout_directory_honours_the_umask() {
+    if !prerequisites() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let k = Kiln::with_busybox();
+    let ctx = context(&[("Dockerfile", "FROM busybox\n")]);
+    let d = tempfile::tempdir().expect("tmp");
+    for (umask, want) in [(0o022, 0o644), (0o027, 0o640)] {
+        let out = d.path().join(format!("oci-{umask:o}"));
+        let mut cmd = k.cmd();
+        cmd.args(["build", "-q", "-o"])
+            .arg(format!("type=oci,tar=false,dest={}", out.display()))
+            .arg(ctx.path());
+        // SAFETY: umask is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::umask(umask);
+                Ok(())
+            });
+        }
+        let o = cmd.output().expect("build");
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let mut files = vec![out.join("index.json"), out.join("oci-layout")];
+        for e in std::fs::read_dir(out.join("blobs/sha256")).expect("blobs") {
+            files.push(e.expect("entry").path());
+        }
+        for f in files {
+            let mode = std::fs::metadata(&f).expect("stat").permissions().mode() & 0o777;
+            assert_eq!(mode, want, "umask {umask:o}: {} mode {mode:o}", f.display());
+        }
+    }
+}
+
+#[test]
 fn a_closed_stdout_ends_kiln_quietly() {
     if !prerequisites() {
         return;

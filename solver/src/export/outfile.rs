@@ -232,17 +232,7 @@ fn link_into_place(file: &File, dir: &Path, path: &Path) -> std::io::Result<()> 
     Err(last.unwrap_or_else(|| std::io::Error::other("no free temp name")))
 }
 
-/// The process umask (from /proc; 022 when it cannot be read).
-fn umask() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Umask:"))
-                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-        })
-        .unwrap_or(0o022)
-}
+use kiln_fs::umask;
 
 #[cfg(test)]
 mod tests {
