@@ -304,7 +304,8 @@ impl Selector<'_> {
             }
             let link = if found.meta.file_type().is_symlink() {
                 Some(
-                    fs::read_link(&found.host)
+                    self.view
+                        .read_link(&found.host)
                         .map_err(|e| io_err(&found.host, e))?
                         .into_os_string()
                         .into_vec(),

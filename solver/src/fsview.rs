@@ -300,6 +300,21 @@ impl LayerView {
         Ok(out)
     }
 
+    /// The target of the symlink found at `host` (a path in one of the
+    /// layers). In a one-layer view it is read in its parent directory
+    /// opened from the layer's top with no symlink followed (see
+    /// [`LayerView::lookup`]): a parent swapped for a link meanwhile never
+    /// shows a host link's target.
+    pub fn read_link(&self, host: &Path) -> io::Result<PathBuf> {
+        match (self.layers.as_slice(), host.parent(), host.file_name()) {
+            ([layer], Some(parent), Some(name)) => {
+                let dir = open_dir_below(layer, parent)?;
+                fs::read_link(fd_path(&dir).join(name))
+            }
+            _ => fs::read_link(host),
+        }
+    }
+
     /// Resolves `path` inside the root, following symlinks in every
     /// component (and in the last one when `follow_last`). Returns the
     /// clean resolved path; the entry itself may not exist.
@@ -338,7 +353,8 @@ impl LayerView {
             if hops > 40 {
                 return Err(ViewError::Loop(show(path)));
             }
-            let target = fs::read_link(&found.host)
+            let target = self
+                .read_link(&found.host)
                 .map_err(|e| io_err(&found.host, e))?
                 .into_os_string()
                 .into_vec();
