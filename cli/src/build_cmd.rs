@@ -325,7 +325,12 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
             .map_err(facade_error)?;
             let r = &solved.result;
             if let Some(f) = &a.iidfile {
-                std::fs::write(f, &r.image_id).map_err(|e| {
+                // As `save -o` writes: a symlink is replaced, not followed
+                // to the file it names; a device or FIFO is written in place.
+                kiln_solver::export::outfile::write_atomically(f, |w| {
+                    w.write_all(r.image_id.as_bytes())
+                })
+                .map_err(|e: std::io::Error| {
                     anyhow::anyhow!("writing the image ID to --iidfile {}: {e}", f.display())
                 })?;
             }
@@ -348,8 +353,11 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
                     &names,
                     pushed.as_deref(),
                 );
-                std::fs::write(f, serde_json::to_string_pretty(&v)? + "\n")
-                    .map_err(|e| anyhow::anyhow!("writing --metadata-file {}: {e}", f.display()))?;
+                let text = serde_json::to_string_pretty(&v)? + "\n";
+                kiln_solver::export::outfile::write_atomically(f, |w| w.write_all(text.as_bytes()))
+                    .map_err(|e: std::io::Error| {
+                        anyhow::anyhow!("writing --metadata-file {}: {e}", f.display())
+                    })?;
             }
             // docker's RepoDigests for what the build pushed.
             if !exported.pushed.is_empty() {

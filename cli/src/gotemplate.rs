@@ -442,6 +442,24 @@ impl Template {
 
 // ---------------------------------------------------------- execution
 
+/// The most a template may print (`{{range …}}{{printf "%0999999d" 0}}`
+/// once took 2.8 GB): past it rendering stops with an error.
+pub const MAX_OUTPUT: usize = 64 << 20;
+
+/// The most items `{{range N}}` counts to.
+const MAX_RANGE: u64 = 10_000_000;
+
+/// The error once `out` has grown past [`MAX_OUTPUT`].
+fn check_output(out: &str) -> Result<(), TemplateError> {
+    if out.len() > MAX_OUTPUT {
+        return err(format!(
+            "the template's output is larger than {} MiB",
+            MAX_OUTPUT >> 20
+        ));
+    }
+    Ok(())
+}
+
 /// A missing map key: prints `<no value>`, is false.
 fn missing() -> Value {
     Value::String("\u{0}<no value>".into())
@@ -514,11 +532,15 @@ fn exec(
 ) -> Result<(), TemplateError> {
     for n in nodes {
         match n {
-            Node::Text(t) => out.push_str(t),
+            Node::Text(t) => {
+                out.push_str(t);
+                check_output(out)?;
+            }
             Node::Action(p) => {
                 let v = eval_pipeline(p, dot, vars)?;
                 if p.decl.is_empty() {
                     out.push_str(&print(&v));
+                    check_output(out)?;
                 }
             }
             Node::If(branches, otherwise) => {
@@ -562,6 +584,9 @@ fn exec(
                         .collect(),
                     Value::Object(o) => o.into_iter().map(|(k, x)| (Value::String(k), x)).collect(),
                     Value::Null => Vec::new(),
+                    Value::Number(n) if n.as_u64().is_some_and(|n| n > MAX_RANGE) => {
+                        return err(format!("range {n}: more than {MAX_RANGE} items"))
+                    }
                     Value::Number(n) => (0..n.as_u64().unwrap_or(0))
                         .map(|i| (Value::from(i), Value::from(i)))
                         .collect(),
@@ -719,7 +744,9 @@ fn sprintf(fmt: &str, args: &[Value]) -> String {
             .next()
             .and_then(|w| w.parse().ok())
             .unwrap_or(0);
-        let pad = w.saturating_sub(s.chars().count());
+        // A width past the output bound is clipped to just past it: the
+        // output check then stops the template, with no huge allocation.
+        let pad = w.min(MAX_OUTPUT + 1).saturating_sub(s.chars().count());
         if left {
             out.push_str(&s);
             out.push_str(&" ".repeat(pad));
@@ -803,8 +830,8 @@ fn call(f: &str, args: Vec<Value>) -> Result<Value, TemplateError> {
         "pad" => {
             want(f, &args, 3)?;
             let (l, r) = (
-                num(&args[1]).unwrap_or(0.0) as usize,
-                num(&args[2]).unwrap_or(0.0) as usize,
+                (num(&args[1]).unwrap_or(0.0) as usize).min(MAX_OUTPUT + 1),
+                (num(&args[2]).unwrap_or(0.0) as usize).min(MAX_OUTPUT + 1),
             );
             Value::String(format!(
                 "{}{}{}",
@@ -990,6 +1017,20 @@ pub fn tabwrite(lines: &[String]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_template_that_prints_without_end_stops_at_the_output_bound() {
+        let t = super::Template::parse(
+            r#"{{range split (printf "%0999999d" 0) ""}}{{printf "%0999999d" 0}}{{end}}"#,
+        )
+        .expect("parse");
+        let e = t
+            .render(&serde_json::json!({}))
+            .expect_err("unbounded output");
+        assert!(e.0.contains("larger than 64 MiB"), "{e}");
+        let t = super::Template::parse(r#"{{printf "%099999999999d" 0}}"#).expect("parse");
+        assert!(t.render(&serde_json::json!({})).is_err());
+    }
+
     use super::*;
 
     fn r(t: &str, v: &Value) -> String {

@@ -268,8 +268,14 @@ pub fn push(root: &Path, a: PushArgs) -> anyhow::Result<ExitCode> {
             Err(e) => return Err(lib_error(e)),
         };
         if let Some(f) = &a.digestfile {
-            std::fs::write(f, d.to_string())
-                .map_err(|e| anyhow::anyhow!("writing --digestfile {}: {e}", f.display()))?;
+            // As --iidfile: a symlink is replaced, never followed.
+            let text = d.to_string();
+            kiln_solver::export::outfile::write_atomically(f, |w| {
+                std::io::Write::write_all(w, text.as_bytes())
+            })
+            .map_err(|e: std::io::Error| {
+                anyhow::anyhow!("writing --digestfile {}: {e}", f.display())
+            })?;
         }
         if a.quiet {
             outln!("{d}");

@@ -74,6 +74,9 @@ enum Reply {
     Send(Vec<u8>),
     /// Keep the connection open and say nothing.
     Silence,
+    /// Send this head, then a body of one byte a second (until the
+    /// client goes away).
+    Drip(Vec<u8>),
 }
 
 struct Fake {
@@ -132,6 +135,18 @@ fn serve(mut c: TcpStream, heads: &Mutex<Vec<String>>, handler: &dyn Fn(&str) ->
                 }
                 Reply::Silence => {
                     std::thread::sleep(Duration::from_secs(600));
+                    return;
+                }
+                Reply::Drip(head) => {
+                    if c.write_all(&head).is_err() {
+                        return;
+                    }
+                    for _ in 0..600 {
+                        if c.write_all(b" ").is_err() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
                     return;
                 }
             }
@@ -437,6 +452,76 @@ fn a_silent_server_times_out_pull_and_add() {
     );
 }
 
+/// A registry that answers `/v2/` and sends a manifest one byte a second
+/// (Content-Length 100000).
+fn dripping_registry() -> Fake {
+    Fake::start(|head| {
+        if head.contains("/manifests/") {
+            Reply::Drip(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: 100000\r\n\r\n"
+                    .to_vec(),
+            )
+        } else {
+            response(
+                "200 OK",
+                &[("Docker-Distribution-API-Version", "registry/2.0")],
+                "{}",
+            )
+        }
+    })
+}
+
+#[test]
+fn a_manifest_sent_a_byte_a_second_is_bounded_in_total_and_ctrl_c_ends_the_pull() {
+    if !prerequisites() {
+        return;
+    }
+    let fake = dripping_registry();
+    let k = Kiln::new();
+    // The total bound: not the idle timeout, which a byte a second never
+    // trips.
+    let mut cmd = k.cmd();
+    cmd.env("KILN_REQUEST_TIMEOUT", "3")
+        .args(["pull", &format!("{}/img:1", fake.host())]);
+    let t0 = Instant::now();
+    let out = run_with_limit(&mut cmd, Duration::from_secs(60))
+        .expect("pull of a dripping manifest still running after 60 s");
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("timed out"), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t0.elapsed()
+    );
+    // Ctrl-C: kiln ends within a few seconds, exit 130.
+    let mut child = k
+        .cmd()
+        .args(["pull", &format!("{}/img:1", fake.host())])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t1 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if t1.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let status = status.expect("kiln pull ignored SIGINT for 10 s");
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(k.ok(&["images", "-q"]).trim().is_empty());
+}
+
 #[test]
 fn push_sends_no_credentials_to_another_host_named_in_an_upload_location() {
     if !prerequisites() {
@@ -592,6 +677,41 @@ fn saved_archives_honour_the_umask() {
         assert!(out.status.success(), "{}", text(&out.stderr));
         let mode = std::fs::metadata(&p).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode, want, "umask {umask:o}: mode {mode:o}");
+    }
+}
+
+#[test]
+fn an_oci_layout_directory_honours_the_umask() {
+    if !prerequisites() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let k = Kiln::with_busybox();
+    let ctx = context(&[("Dockerfile", "FROM busybox\n")]);
+    let d = tempfile::tempdir().expect("tmp");
+    for (umask, want) in [(0o022, 0o644), (0o027, 0o640)] {
+        let out = d.path().join(format!("oci-{umask:o}"));
+        let mut cmd = k.cmd();
+        cmd.args(["build", "-q", "-o"])
+            .arg(format!("type=oci,tar=false,dest={}", out.display()))
+            .arg(ctx.path());
+        // SAFETY: umask is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::umask(umask);
+                Ok(())
+            });
+        }
+        let o = cmd.output().expect("build");
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let mut files = vec![out.join("index.json"), out.join("oci-layout")];
+        for e in std::fs::read_dir(out.join("blobs/sha256")).expect("blobs") {
+            files.push(e.expect("entry").path());
+        }
+        for f in files {
+            let mode = std::fs::metadata(&f).expect("stat").permissions().mode() & 0o777;
+            assert_eq!(mode, want, "umask {umask:o}: {} mode {mode:o}", f.display());
+        }
     }
 }
 

@@ -339,6 +339,45 @@ fn hostile_indexes_are_refused() {
     }
     assert!(c.stdout(&["images", "-q"]).is_empty());
 
+    // Platforms --platform would refuse: a variant that is a path, a
+    // 100 KB os.version, 1,000 os.features. Refused, naming the entry;
+    // nothing stored.
+    let hostile = [
+        serde_json::json!({"os": "linux", "architecture": "amd64", "variant": "../../../etc"}),
+        serde_json::json!({"os": "linux", "architecture": "amd64", "os.version": "1".repeat(100_000)}),
+        serde_json::json!({"os": "linux", "architecture": "amd64", "os.features": vec!["f"; 1000]}),
+    ];
+    for (i, platform) in hostile.into_iter().enumerate() {
+        let mut e = amd64.clone();
+        e["platform"] = platform;
+        let body =
+            serde_json::json!({"schemaVersion": 2, "mediaType": oci_index, "manifests": [e]});
+        let tag = format!("hostile{i}");
+        put_manifest(
+            &reg,
+            "kiln/busybox",
+            &tag,
+            oci_index,
+            &serde_json::to_vec(&body).expect("json"),
+        );
+        let o = c.run(&[
+            "pull",
+            "--all-platforms",
+            &format!("{}/kiln/busybox:{tag}", reg.host()),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{tag}: {err}");
+        assert!(
+            err.contains("index entry") && err.contains("invalid platform"),
+            "{tag}: {err}"
+        );
+        assert!(
+            err.len() < 4096,
+            "{tag}: the error repeats the hostile string"
+        );
+        assert!(c.stdout(&["images", "-q"]).is_empty());
+    }
+
     // Bad --platform values are usage errors.
     let o = c.run(&["pull", "--platform", "linux/arm64/v8/x", &multi]);
     assert_eq!(

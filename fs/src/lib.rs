@@ -68,6 +68,21 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
+/// The process umask (read from `/proc/self/status`, which leaves it
+/// unchanged; 022 when it cannot be read). Files kiln writes for the user
+/// outside its store (`save -o`, `-o type=oci,tar=false`) get
+/// `0666 & !umask`, as an ordinary `creat(2)` would.
+pub fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
 /// Gives a file opened through a [`Dir`] (e.g. by [`Dir::create_file`],
 /// once its content is written) its owner, when given, then its permission
 /// bits: chown first, because it clears set-id bits. Works on the

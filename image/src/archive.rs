@@ -433,6 +433,14 @@ fn write_atomic(path: &Path, r: &mut dyn Read, expect: Option<&Digest>) -> Resul
             });
         }
     }
+    // A temp file is 0600; the layout's files get what creat(0666) would
+    // under the umask (0644 under 022), as the README says.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o666 & !kiln_fs::umask()))
+            .map_err(|e| ImageError::path("chmod", path, e))?;
+    }
     tmp.as_file()
         .sync_all()
         .map_err(|e| ImageError::path("fsync", path, e))?;

@@ -74,6 +74,55 @@ pub fn parse(s: &str) -> Result<Platform, PlatformError> {
     Ok(normalize(&p))
 }
 
+/// At most this many `os.features` of a platform read from an index.
+pub const MAX_OS_FEATURES: usize = 16;
+
+/// Checks a platform read from an image index (an untrusted registry's)
+/// with the rules [`parse`] applies to `--platform`: `os`, `architecture`
+/// and `variant` are short names of letters, digits, `_`, `-` and `.`
+/// (never `..` or a `/`, which would make a path of an export directory
+/// such as `linux_arm64/`), and the rest is bounded: `os.version` at most
+/// 128 bytes of the same characters, at most [`MAX_OS_FEATURES`] features
+/// of at most 32 each.
+pub fn validate(p: &Platform) -> Result<(), PlatformError> {
+    let shown = || {
+        let mut s = format!("{}/{}", p.os, p.architecture);
+        if let Some(v) = &p.variant {
+            s.push('/');
+            s.push_str(v);
+        }
+        s.chars().take(MAX_LEN).collect::<String>()
+    };
+    let err = |reason| PlatformError {
+        input: shown(),
+        reason,
+    };
+    let name_ok = |s: &str| component_ok(s) && s != "." && s != "..";
+    if !name_ok(&p.os)
+        || !name_ok(&p.architecture)
+        || p.variant.as_deref().is_some_and(|v| !name_ok(v))
+    {
+        return Err(err("empty or unexpected characters in a component"));
+    }
+    if let Some(v) = &p.os_version {
+        if v.len() > MAX_LEN
+            || !v
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        {
+            return Err(err("os.version too long or with unexpected characters"));
+        }
+    }
+    if let Some(f) = &p.os_features {
+        if f.len() > MAX_OS_FEATURES || f.iter().any(|x| !name_ok(x)) {
+            return Err(err(
+                "too many os.features, or one with unexpected characters",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// containerd's normalisation: architecture aliases, default and implied
 /// variants (`arm` is `arm/v7`; `arm64/v8` and `amd64/v1` drop the variant).
 pub fn normalize(p: &Platform) -> Platform {
@@ -181,6 +230,28 @@ impl ImageIndex {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn platforms_from_an_index_are_held_to_the_platform_flag_rules() {
+        use crate::manifest::Platform;
+        let p = |os: &str, arch: &str, variant: Option<&str>| Platform {
+            os: os.into(),
+            architecture: arch.into(),
+            variant: variant.map(str::to_string),
+            ..Default::default()
+        };
+        assert!(super::validate(&p("linux", "arm", Some("v7"))).is_ok());
+        assert!(super::validate(&p("linux", "arm64", Some("../../../etc"))).is_err());
+        assert!(super::validate(&p("linux", "..", None)).is_err());
+        assert!(super::validate(&p("", "amd64", None)).is_err());
+        let mut long = p("windows", "amd64", None);
+        long.os_version = Some("1".repeat(100_000));
+        assert!(super::validate(&long).is_err());
+        long.os_version = Some("10.0.17763.1".into());
+        assert!(super::validate(&long).is_ok());
+        long.os_features = Some(vec!["win32k".into(); 1000]);
+        assert!(super::validate(&long).is_err());
+    }
+
     use super::*;
     use crate::manifest::media_types;
 

@@ -482,6 +482,9 @@ pub fn lower_instruction(node: &Node, source: &str) -> Result<Instruction, Parse
 pub fn lower(ast: &Ast, source: &str) -> Result<Dockerfile, ParseError> {
     let mut meta_args = Vec::new();
     let mut stages: Vec<Stage> = Vec::new();
+    // Stage names seen so far: a set, so that N stages cost N lookups,
+    // not N² comparisons.
+    let mut names: std::collections::HashSet<String> = std::collections::HashSet::new();
     for node in &ast.children {
         let located = |e: InstrError| {
             ParseError::new(e.message, node.start_line, node.end_line)
@@ -491,7 +494,7 @@ pub fn lower(ast: &Ast, source: &str) -> Result<Dockerfile, ParseError> {
         if node.keyword.eq_ignore_ascii_case("from") {
             let stage = parse_from(node, stages.len()).map_err(located)?;
             if let Some(name) = &stage.name {
-                if stages.iter().any(|s| s.name.as_deref() == Some(name)) {
+                if !names.insert(name.clone()) {
                     return Err(located(
                         InstrError::new(format!("duplicate stage name {name:?}")).at(name),
                     ));
@@ -1336,6 +1339,27 @@ fn parse_healthcheck(node: &Node) -> IResult<Healthcheck> {
 
 #[cfg(test)]
 mod tests {
+    /// 50,000 `FROM … AS sN` lines: the duplicate-name check is a set
+    /// lookup (it was a scan of every earlier stage: 100,000 stages took
+    /// over two minutes).
+    #[test]
+    fn many_named_stages_lower_in_linear_time() {
+        let src: String = (0..50_000)
+            .map(|i| format!("FROM busybox AS s{i}\n"))
+            .collect();
+        let t = std::time::Instant::now();
+        let df = crate::parse(&src).expect("parse");
+        assert_eq!(df.stages.len(), 50_000);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
+        let dup = format!("{src}FROM busybox AS s7\n");
+        let e = crate::parse(&dup).expect_err("a duplicate name");
+        assert!(e.to_string().contains("duplicate stage name"), "{e}");
+    }
+
     use super::*;
 
     #[test]

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use kiln_image::manifest::{media_types, Descriptor, RawManifest};
@@ -88,6 +88,8 @@ pub struct Registry {
     cancel: tokio_util::sync::CancellationToken,
     auth: Mutex<AuthState>,
     opts: ClientOptions,
+    /// Total time of a small request ([`crate::http::NetTimeouts::request`]).
+    request_timeout: Duration,
 }
 
 impl std::fmt::Debug for Registry {
@@ -265,6 +267,7 @@ impl Registry {
             cancel: cfg.cancel.clone(),
             auth: Mutex::new(AuthState::default()),
             opts: ClientOptions::default(),
+            request_timeout: timeouts.request,
         })
     }
 
@@ -331,11 +334,29 @@ impl Registry {
         }
     }
 
+    /// The body of a small response (a manifest, a token reply), at most
+    /// `limit + 1` bytes: the read stops once the transfer is cancelled,
+    /// and fails as timed out once the request, begun at `started`, has
+    /// taken longer than the request timeout in all (a server sending a
+    /// byte a second never trips the idle timeout, and held `kiln pull`
+    /// for hours, deaf to Ctrl-C).
+    fn read_small(&self, r: ureq::Response, limit: u64, started: Instant) -> Result<Vec<u8>> {
+        let mut reader = CancelReader {
+            inner: Box::new(r.into_reader().take(limit + 1)),
+            cancel: self.cancel.clone(),
+            deadline: Some((started + self.request_timeout, self.request_timeout)),
+        };
+        let mut buf = Vec::new();
+        reader.read_to_end(&mut buf).map_err(|e| self.net(e))?;
+        Ok(buf)
+    }
+
     /// `r`, failing its reads once the transfer is cancelled.
     pub fn cancellable<'r>(&self, r: Box<dyn Read + 'r>) -> Box<dyn Read + 'r> {
         Box::new(CancelReader {
             inner: r,
             cancel: self.cancel.clone(),
+            deadline: None,
         })
     }
 
@@ -457,6 +478,7 @@ impl Registry {
 
     /// Fetch a bearer token for `scope` (space-separated scopes).
     fn fetch_token(&self, realm: &str, service: Option<&str>, scope: &str) -> Result<String> {
+        let started = Instant::now();
         let basic = self.basic_header();
         let mut url = crate::http::check_url(realm)
             .map_err(|e| self.proto(format!("token endpoint: {e}")))?;
@@ -500,11 +522,7 @@ impl Registry {
                 return Err(self.net(format!("token endpoint {realm}: {t}")))
             }
         };
-        let mut buf = Vec::new();
-        resp.into_reader()
-            .take(1 << 20)
-            .read_to_end(&mut buf)
-            .map_err(|e| self.net(e))?;
+        let buf = self.read_small(resp, 1 << 20, started)?;
         let t: TokenReply =
             serde_json::from_slice(&buf).map_err(|e| self.proto(format!("token reply: {e}")))?;
         t.token
@@ -727,6 +745,7 @@ impl Registry {
         let path = format!("/v2/{repo}/manifests/{reference}");
         let what = format!("manifest {repo}:{reference}");
         let (bytes, mt) = self.retry(|| {
+            let started = Instant::now();
             let r = self.send_once(
                 "GET",
                 &path,
@@ -736,11 +755,7 @@ impl Registry {
                 &what,
             )?;
             let mt = mime(&r);
-            let mut buf = Vec::new();
-            r.into_reader()
-                .take(MAX_MANIFEST + 1)
-                .read_to_end(&mut buf)
-                .map_err(|e| self.net(e))?;
+            let buf = self.read_small(r, MAX_MANIFEST, started)?;
             Ok((buf, mt))
         })?;
         if bytes.len() as u64 > MAX_MANIFEST {
@@ -1054,6 +1069,9 @@ impl Registry {
 struct CancelReader<'r> {
     inner: Box<dyn Read + 'r>,
     cancel: tokio_util::sync::CancellationToken,
+    /// When given, reads fail as timed out after this instant (the
+    /// duration is for the message).
+    deadline: Option<(Instant, Duration)>,
 }
 
 impl Read for CancelReader<'_> {
@@ -1061,6 +1079,17 @@ impl Read for CancelReader<'_> {
         if self.cancel.is_cancelled() {
             // Not `Interrupted`: `read_to_end` and `io::copy` would retry.
             return Err(io::Error::other("cancelled"));
+        }
+        if let Some((at, total)) = self.deadline {
+            if Instant::now() >= at {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "timed out: the response took longer than {} s in all (KILN_REQUEST_TIMEOUT)",
+                        total.as_secs_f64()
+                    ),
+                ));
+            }
         }
         self.inner.read(buf)
     }

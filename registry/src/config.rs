@@ -143,7 +143,7 @@ impl RegistryConfig {
         };
         for dir in kiln_config_dirs() {
             let file = dir.join("config.json");
-            match std::fs::read(&file) {
+            match read_config_file(&file) {
                 Ok(bytes) => {
                     let f: KilnConfigFile =
                         serde_json::from_slice(&bytes).map_err(|e| RegistryError::Config {
@@ -360,7 +360,7 @@ pub fn lookup_credentials(cfg: &RegistryConfig, registry: &str) -> Result<Option
     let Some(path) = cfg.docker_config_file() else {
         return Ok(None);
     };
-    let bytes = match std::fs::read(&path) {
+    let bytes = match read_config_file(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(config_err(&path, e)),
@@ -465,8 +465,31 @@ pub fn helper_get(helper: &str, server: &str) -> Result<Option<Credentials>> {
     }))
 }
 
+/// The largest configuration file kiln reads (its own and docker's
+/// `config.json`), as the CA files.
+pub const MAX_CONFIG_FILE: u64 = crate::tls::MAX_CA_FILE;
+
+/// Reads a configuration file: a regular file of at most
+/// [`MAX_CONFIG_FILE`] bytes, never blocking on a FIFO
+/// (`config.json -> /dev/zero` once ate 23 GB). A missing file is
+/// `NotFound`; the other refusals say what was wrong.
+fn read_config_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use crate::tls::BoundedRead;
+    crate::tls::read_regular_bounded(path, MAX_CONFIG_FILE).map_err(|e| match e {
+        BoundedRead::Io(e) => e,
+        BoundedRead::NotAFile => std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a device, FIFO, socket or directory)",
+        ),
+        BoundedRead::TooLarge => std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {} MiB", MAX_CONFIG_FILE >> 20),
+        ),
+    })
+}
+
 fn read_config_value(path: &Path) -> Result<serde_json::Value> {
-    match std::fs::read(path) {
+    match read_config_file(path) {
         Ok(b) if !b.iter().all(|c| c.is_ascii_whitespace()) => {
             serde_json::from_slice(&b).map_err(|e| config_err(path, e))
         }
@@ -681,6 +704,45 @@ mod tests {
         assert!(!c.is_insecure("reg.example:5001"));
         assert!(c.is_insecure("other.example"));
         assert!(!c.is_insecure("docker.io"));
+    }
+
+    /// Runs `f` on a thread; `None` if it has not returned within 10 s.
+    fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10)).ok()
+    }
+
+    #[test]
+    fn a_config_json_that_is_a_fifo_or_dev_zero_is_refused_naming_it() {
+        let d = tempfile::tempdir().expect("tmp");
+        let file = d.path().join("config.json");
+        let c = std::ffi::CString::new(file.to_str().expect("utf-8")).expect("path");
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let conf = cfg(d.path());
+        let e = within_10s(move || lookup_credentials(&conf, "docker.io"))
+            .expect("reading a FIFO config.json blocked")
+            .expect_err("a FIFO config.json");
+        assert!(e.to_string().contains("config.json"), "{e}");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        std::fs::remove_file(&file).expect("rm");
+        std::os::unix::fs::symlink("/dev/zero", &file).expect("symlink");
+        let conf = cfg(d.path());
+        let e = within_10s(move || lookup_credentials(&conf, "docker.io"))
+            .expect("reading /dev/zero as config.json did not stop")
+            .expect_err("/dev/zero as config.json");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let big = d.path().join("big");
+        std::fs::File::create(&big)
+            .and_then(|f| f.set_len(MAX_CONFIG_FILE + 1))
+            .expect("sparse file");
+        std::fs::remove_file(&file).expect("rm");
+        std::os::unix::fs::symlink(&big, &file).expect("symlink");
+        let e = lookup_credentials(&cfg(d.path()), "docker.io").expect_err("too big");
+        assert!(e.to_string().contains("larger than 16 MiB"), "{e}");
     }
 
     #[test]

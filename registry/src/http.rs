@@ -4,7 +4,9 @@
 //! * **timeouts**: a connect timeout and an idle timeout (no byte read or
 //!   written for that long ends the request), from `KILN_CONNECT_TIMEOUT`
 //!   and `KILN_IDLE_TIMEOUT` (seconds, or with a `ms`/`s`/`m` suffix;
-//!   defaults [`DEFAULT_CONNECT_TIMEOUT`] and [`DEFAULT_IDLE_TIMEOUT`]).
+//!   defaults [`DEFAULT_CONNECT_TIMEOUT`] and [`DEFAULT_IDLE_TIMEOUT`]),
+//!   and for small registry requests (manifests, tokens) a total bound,
+//!   `KILN_REQUEST_TIMEOUT` ([`DEFAULT_REQUEST_TIMEOUT`]).
 //! * **http(s) only**: redirects are followed here, not inside the HTTP
 //!   library, at most [`MAX_REDIRECTS`] of them, and only to `http://` or
 //!   `https://` URLs; anything else (`file:///…`) is a clear error.
@@ -23,6 +25,11 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The most redirects one request follows.
 pub const MAX_REDIRECTS: usize = 10;
+
+/// Default total time of a small registry request (a manifest, a token):
+/// from sending it to the last byte of its body, however slowly the
+/// bytes come (`KILN_REQUEST_TIMEOUT`).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A URL, redirect or timeout setting that kiln will not use.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +93,10 @@ pub struct NetTimeouts {
     pub connect: Duration,
     /// Longest time without a byte read or written.
     pub idle: Duration,
+    /// Longest total time of a small request (manifest, token), body
+    /// included: a server that sends one byte a second never trips the
+    /// idle timeout.
+    pub request: Duration,
 }
 
 impl Default for NetTimeouts {
@@ -93,6 +104,7 @@ impl Default for NetTimeouts {
         NetTimeouts {
             connect: DEFAULT_CONNECT_TIMEOUT,
             idle: DEFAULT_IDLE_TIMEOUT,
+            request: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
@@ -118,7 +130,8 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 }
 
 impl NetTimeouts {
-    /// The timeouts from `KILN_CONNECT_TIMEOUT` and `KILN_IDLE_TIMEOUT`,
+    /// The timeouts from `KILN_CONNECT_TIMEOUT`, `KILN_IDLE_TIMEOUT` and
+    /// `KILN_REQUEST_TIMEOUT`,
     /// defaults where unset; a value that does not parse is an error.
     pub fn from_env() -> Result<NetTimeouts, HttpError> {
         let get = |name: &'static str, default: Duration| match std::env::var(name) {
@@ -130,6 +143,7 @@ impl NetTimeouts {
         Ok(NetTimeouts {
             connect: get("KILN_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)?,
             idle: get("KILN_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT)?,
+            request: get("KILN_REQUEST_TIMEOUT", DEFAULT_REQUEST_TIMEOUT)?,
         })
     }
 

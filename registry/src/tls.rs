@@ -88,39 +88,58 @@ pub enum TlsError {
     Setup(String),
 }
 
-/// Reads a regular file of at most [`MAX_CA_FILE`] bytes (never blocks on
-/// a FIFO: opened non-blocking, then checked to be a regular file).
-fn read_bounded(path: &Path) -> Result<Vec<u8>, TlsError> {
-    let read_err = |source| TlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
+/// Why [`read_regular_bounded`] read nothing.
+#[derive(Debug)]
+pub(crate) enum BoundedRead {
+    /// Opening or reading failed (a missing file is `NotFound`).
+    Io(std::io::Error),
+    /// Not a regular file (a device, FIFO, socket or directory).
+    NotAFile,
+    /// Larger than the bound.
+    TooLarge,
+}
+
+/// Reads `path` if it is a regular file of at most `max` bytes: opened
+/// non-blocking (a FIFO never blocks) and checked before anything is read
+/// (`/dev/zero` is refused, not read until memory runs out).
+pub(crate) fn read_regular_bounded(path: &Path, max: u64) -> Result<Vec<u8>, BoundedRead> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
         .open(path)
-        .map_err(read_err)?;
-    let meta = f.metadata().map_err(read_err)?;
+        .map_err(BoundedRead::Io)?;
+    let meta = f.metadata().map_err(BoundedRead::Io)?;
     if !meta.is_file() {
-        return Err(TlsError::NotAFile {
-            path: path.to_path_buf(),
-        });
+        return Err(BoundedRead::NotAFile);
     }
-    if meta.len() > MAX_CA_FILE {
-        return Err(TlsError::TooLarge {
-            path: path.to_path_buf(),
-        });
+    if meta.len() > max {
+        return Err(BoundedRead::TooLarge);
     }
     let mut buf = Vec::with_capacity(meta.len() as usize);
-    f.take(MAX_CA_FILE + 1)
+    f.take(max + 1)
         .read_to_end(&mut buf)
-        .map_err(read_err)?;
-    if buf.len() as u64 > MAX_CA_FILE {
-        return Err(TlsError::TooLarge {
-            path: path.to_path_buf(),
-        });
+        .map_err(BoundedRead::Io)?;
+    if buf.len() as u64 > max {
+        return Err(BoundedRead::TooLarge);
     }
     Ok(buf)
+}
+
+/// Reads a regular file of at most [`MAX_CA_FILE`] bytes
+/// ([`read_regular_bounded`]).
+fn read_bounded(path: &Path) -> Result<Vec<u8>, TlsError> {
+    read_regular_bounded(path, MAX_CA_FILE).map_err(|e| match e {
+        BoundedRead::Io(source) => TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        },
+        BoundedRead::NotAFile => TlsError::NotAFile {
+            path: path.to_path_buf(),
+        },
+        BoundedRead::TooLarge => TlsError::TooLarge {
+            path: path.to_path_buf(),
+        },
+    })
 }
 
 /// How strictly a source is read.

@@ -7,6 +7,7 @@
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 
 use kiln_image::apply::{apply_layer, WhiteoutMode};
 
@@ -18,8 +19,11 @@ fn io_err(what: &str, e: impl std::fmt::Display) -> CopyError {
 }
 
 /// The decompressor for a file's first bytes, if it is an archive.
-pub(crate) fn open_archive(path: &std::path::Path) -> io::Result<Option<Box<dyn Read>>> {
-    let mut f = fs::File::open(path)?;
+/// `open` opens the file (it is called again to read from the start).
+pub(crate) fn open_archive(
+    open: impl Fn() -> io::Result<fs::File>,
+) -> io::Result<Option<Box<dyn Read>>> {
+    let mut f = open()?;
     let mut head = [0u8; 512];
     let mut n = 0;
     while n < head.len() {
@@ -30,7 +34,7 @@ pub(crate) fn open_archive(path: &std::path::Path) -> io::Result<Option<Box<dyn 
         n += r;
     }
     let head = &head[..n];
-    let reopen = || fs::File::open(path);
+    let reopen = &open;
     let reader: Box<dyn Read> = if head.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::read::MultiGzDecoder::new(reopen()?))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
@@ -106,7 +110,11 @@ pub fn add_selections(
         } else {
             s.entries
                 .first()
-                .map(|e| open_archive(&e.host))
+                .map(|e| {
+                    open_archive(|| {
+                        crate::fsview::open_found(&e.host, (e.meta.dev(), e.meta.ino()))
+                    })
+                })
                 .transpose()
                 .map_err(|e| io_err(&show(&s.path), e))?
                 .flatten()
@@ -201,8 +209,14 @@ mod tests {
         io::Write::write_all(&mut gz, &bytes).unwrap();
         fs::write(t.path().join("x.tgz"), gz.finish().unwrap()).unwrap();
         fs::write(t.path().join("plain.tar"), "not a tar at all").unwrap();
-        assert!(open_archive(&t.path().join("x.bin")).unwrap().is_some());
-        assert!(open_archive(&t.path().join("x.tgz")).unwrap().is_some());
-        assert!(open_archive(&t.path().join("plain.tar")).unwrap().is_none());
+        assert!(open_archive(|| fs::File::open(t.path().join("x.bin")))
+            .unwrap()
+            .is_some());
+        assert!(open_archive(|| fs::File::open(t.path().join("x.tgz")))
+            .unwrap()
+            .is_some());
+        assert!(open_archive(|| fs::File::open(t.path().join("plain.tar")))
+            .unwrap()
+            .is_none());
     }
 }

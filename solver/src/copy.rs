@@ -304,7 +304,8 @@ impl Selector<'_> {
             }
             let link = if found.meta.file_type().is_symlink() {
                 Some(
-                    fs::read_link(&found.host)
+                    self.view
+                        .read_link(&found.host)
                         .map_err(|e| io_err(&found.host, e))?
                         .into_os_string()
                         .into_vec(),
@@ -463,7 +464,7 @@ pub fn hash_selection(
 
 /// Hashes files not known to the cache, on every core.
 fn hash_files(
-    paths: &[&Path],
+    paths: &[&StatKey],
     cancel: Option<&kiln_executor::CancellationToken>,
 ) -> Result<Vec<[u8; 32]>, CopyError> {
     if paths.len() < 16 {
@@ -559,8 +560,7 @@ pub fn hash_selection_map(
         .filter(|(_, h)| h.is_none())
         .map(|(k, _)| k)
         .collect();
-    let paths: Vec<&Path> = missing.iter().map(|k| k.path.as_path()).collect();
-    let computed = hash_files(&paths, cancel)?;
+    let computed = hash_files(&missing, cancel)?;
     let fresh: Vec<(StatKey, [u8; 32])> = missing.into_iter().cloned().zip(computed).collect();
     for (k, h) in files.iter().zip(known) {
         if let Some(h) = h {
@@ -599,14 +599,16 @@ pub fn hash_selection_map(
 }
 
 fn sha256_file(
-    p: &Path,
+    p: &StatKey,
     cancel: Option<&kiln_executor::CancellationToken>,
 ) -> Result<[u8; 32], CopyError> {
     let cancelled = || cancel.is_some_and(|c| c.is_cancelled());
     if cancelled() {
         return Err(CopyError::Cancelled);
     }
-    let mut f = fs::File::open(p).map_err(|e| io_err(p, e))?;
+    let mut f =
+        crate::fsview::open_found(&p.path, (p.dev, p.ino)).map_err(|e| io_err(&p.path, e))?;
+    let p = &p.path;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 17];
     // Asked every HASH_CHECK bytes: a big file stops within one such run.
@@ -1070,7 +1072,7 @@ fn write_entry(
         let f = dir
             .create_file_unset(name, kiln_fs::Create::Exclusive)
             .map_err(fs_err)?;
-        copy_file(&e.host, f, to, (uid, gid, mode), (t, ns), opts)?;
+        copy_file(e, f, to, (uid, gid, mode), (t, ns), opts)?;
     } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
         dir.mknod(name, m.mode(), m.rdev()).map_err(fs_err)?;
         dir.chown(name, uid, gid).map_err(fs_err)?;
@@ -1082,7 +1084,7 @@ fn write_entry(
 /// file system allows it), then gives it its owner, mode and times, all
 /// through its descriptor.
 fn copy_file(
-    from: &Path,
+    from: &Entry,
     mut dst: fs::File,
     to: &[u8],
     (uid, gid, mode): (u32, u32, u32),
@@ -1092,7 +1094,8 @@ fn copy_file(
     use std::os::fd::AsRawFd;
     let err = |e: io::Error| CopyError::Io(show(to), e);
     opts.check_cancel()?;
-    let mut src = fs::File::open(from).map_err(|e| io_err(from, e))?;
+    let mut src = crate::fsview::open_found(&from.host, (from.meta.dev(), from.meta.ino()))
+        .map_err(|e| io_err(&from.host, e))?;
     // SAFETY: two open descriptors; FICLONE fails harmlessly when
     // unsupported.
     let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
@@ -1336,6 +1339,12 @@ mod tests {
         let opts = CopyOptions {
             cancel: Some(cancel),
             ..CopyOptions::default()
+        };
+        let from = Entry {
+            rel: Vec::new(),
+            meta: fs::symlink_metadata(&from).unwrap(),
+            host: from,
+            link: None,
         };
         assert!(matches!(
             copy_file(&from, f, b"/copy", (0, 0, 0o644), (0, 0), &opts),

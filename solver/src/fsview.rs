@@ -161,6 +161,26 @@ impl LayerView {
         let comps: Vec<&OsStr> = components(resolved.as_ref())
             .map(OsStr::from_bytes)
             .collect();
+        if let ([layer], Some((last, parents))) = (self.layers.as_slice(), comps.split_last()) {
+            // One layer (the build context, a named context, a bind
+            // source): its tree may be changing under us, so the parent is
+            // opened from the layer's top with no symlink followed and
+            // the name is stat'ed in that very directory — a directory
+            // swapped for a link to the host's `/etc` is never walked.
+            let mut host = layer.clone();
+            host.extend(parents);
+            let dir = open_dir_below(layer, &host).ok()?;
+            let meta = fs::symlink_metadata(fd_path(&dir).join(last)).ok()?;
+            if is_whiteout(&meta) {
+                return None;
+            }
+            host.push(last);
+            return Some(Found {
+                layer: 0,
+                host,
+                meta,
+            });
+        }
         'layers: for (i, layer) in self.layers.iter().enumerate() {
             // A whiteout of any ancestor, or an opaque ancestor in an upper
             // layer, hides this layer's entry.
@@ -234,7 +254,12 @@ impl LayerView {
                 .collect());
         }
         let mut out = Vec::new();
-        let rd = match fs::read_dir(dir_host) {
+        // Listed through a directory opened with no symlink followed below
+        // the layer's top (see `lookup`); each entry's lstat is relative to
+        // that open directory.
+        let listed =
+            open_dir_below(&self.layers[0], dir_host).and_then(|d| fs::read_dir(fd_path(&d)));
+        let rd = match listed {
             Ok(rd) => rd,
             // Gone, or no longer a directory, since it was found: as
             // `read_dir`, nothing to list.
@@ -256,7 +281,7 @@ impl LayerView {
                 Ok(m) => m,
                 // Removed since it was listed.
                 Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-                Err(err) => return Err(io_err(&e.path(), err)),
+                Err(err) => return Err(io_err(&dir_host.join(OsStr::from_bytes(&name)), err)),
             };
             if is_whiteout(&meta) {
                 continue;
@@ -273,6 +298,21 @@ impl LayerView {
         }
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
+    }
+
+    /// The target of the symlink found at `host` (a path in one of the
+    /// layers). In a one-layer view it is read in its parent directory
+    /// opened from the layer's top with no symlink followed (see
+    /// [`LayerView::lookup`]): a parent swapped for a link meanwhile never
+    /// shows a host link's target.
+    pub fn read_link(&self, host: &Path) -> io::Result<PathBuf> {
+        match (self.layers.as_slice(), host.parent(), host.file_name()) {
+            ([layer], Some(parent), Some(name)) => {
+                let dir = open_dir_below(layer, parent)?;
+                fs::read_link(fd_path(&dir).join(name))
+            }
+            _ => fs::read_link(host),
+        }
     }
 
     /// Resolves `path` inside the root, following symlinks in every
@@ -313,7 +353,8 @@ impl LayerView {
             if hops > 40 {
                 return Err(ViewError::Loop(show(path)));
             }
-            let target = fs::read_link(&found.host)
+            let target = self
+                .read_link(&found.host)
                 .map_err(|e| io_err(&found.host, e))?
                 .into_os_string()
                 .into_vec();
@@ -537,6 +578,63 @@ pub fn parent_bytes(p: &[u8]) -> Vec<u8> {
     let mut comps: Vec<Vec<u8>> = components(p).map(<[u8]>::to_vec).collect();
     comps.pop();
     abs_of(&comps)
+}
+
+/// The directory `host`, a path at or below the (trusted) layer directory
+/// `layer`, opened from the layer's top with no symlink followed on the
+/// way (`RESOLVE_NO_SYMLINKS`): a component swapped for a symlink
+/// meanwhile is an error (`ELOOP`), never followed out of the tree.
+fn open_dir_below(layer: &Path, host: &Path) -> io::Result<kiln_fs::Dir> {
+    let rel = host
+        .strip_prefix(layer)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "outside its layer"))?;
+    kiln_fs::Root::open(layer)
+        .and_then(|r| r.open_dir(rel, kiln_fs::Follow::Never))
+        .map_err(|e| io::Error::new(e.kind(), e))
+}
+
+/// A path naming the open directory `dir` itself (its `/proc/self/fd`
+/// link), for std calls that take a path: resolution starts at that very
+/// directory, whatever its host path names by now.
+fn fd_path(dir: &kiln_fs::Dir) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+}
+
+/// Opens for reading the regular file a walk found at `host`, and only
+/// that file: the name is opened `O_PATH` without
+/// following a final symlink, and refused (`the file changed while it was
+/// read`) unless it is still the very inode the walk saw (`dev`,
+/// `ino`) and a regular file; only then is it opened for reading, through
+/// its descriptor. A build context a user can write to may swap a
+/// directory for a symlink to the host's `/etc` between the walk and this
+/// open: the swapped path names another inode and is refused, and a
+/// device or fifo put in its place is never opened.
+pub fn open_found(host: &Path, (dev, ino): (u64, u64)) -> io::Result<fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let open = |p: &Path, flags: i32| -> io::Result<OwnedFd> {
+        let c = CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: a NUL-terminated path; the result is checked.
+        let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor just opened and owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let p = open(host, libc::O_PATH | libc::O_NOFOLLOW)?;
+    let at = fs::metadata(format!("/proc/self/fd/{}", p.as_raw_fd()))?;
+    if !at.file_type().is_file() || (at.dev(), at.ino()) != (dev, ino) {
+        return Err(io::Error::other(
+            "the file changed while it was read (another file is at its path now)",
+        ));
+    }
+    let fd = open(
+        Path::new(&format!("/proc/self/fd/{}", p.as_raw_fd())),
+        libc::O_RDONLY,
+    )?;
+    Ok(fs::File::from(fd))
 }
 
 /// An `OsStr` view of a slash path relative to its root.

@@ -81,9 +81,9 @@ fn from_file(
 ) -> Result<Prepared, MainContextError> {
     let dir = guard.path().join("ctx");
     std::fs::create_dir(&dir).map_err(MainContextError::ctx(format!("{}", dir.display())))?;
-    let archive = crate::archive::open_archive(path).map_err(MainContextError::ctx(format!(
-        "reading the build context from {what}"
-    )))?;
+    let archive = crate::archive::open_archive(|| std::fs::File::open(path)).map_err(
+        MainContextError::ctx(format!("reading the build context from {what}")),
+    )?;
     let dockerfile = match archive {
         Some(reader) => {
             apply_layer(reader, &dir, WhiteoutMode::Delete).map_err(MainContextError::ctx(

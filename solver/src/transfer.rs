@@ -294,7 +294,9 @@ fn store_pulled(
 /// Pull every platform of `reference` (`pull --all-platforms`): when it
 /// names an index, each child image manifest with a platform (at most
 /// [`crate::platforms::MAX_INDEX_ENTRIES`] entries; a child that is itself an index,
-/// or whose config lies about its platform, is refused; attestation
+/// whose platform `--platform` would refuse
+/// ([`kiln_image::platform::validate`]), or whose config lies about its
+/// platform, is refused; attestation
 /// entries, `unknown/unknown`, are left out), then the index; the name
 /// points at the index. A single image is pulled as [`pull`] does.
 pub fn pull_all_platforms(
@@ -336,6 +338,12 @@ pub fn pull_all_platforms(
         let Some(claimed) = d.platform.as_ref().filter(|p| p.os != "unknown") else {
             continue;
         };
+        // A platform --platform would refuse (a variant `../../../etc`,
+        // a 100 KB os.version) is no platform kiln stores: the pull is
+        // refused, naming the entry (nothing is stored).
+        kiln_image::platform::validate(claimed).map_err(|e| {
+            TransferError::Invalid(format!("{name}: index entry {}: {e}", d.digest))
+        })?;
         let child = Reference {
             tag: None,
             digest: Some(d.digest.clone()),

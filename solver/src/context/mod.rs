@@ -129,12 +129,13 @@ pub fn resolve(
                     )));
                 }
                 let path = context.join(rel);
-                let found = confined_path(&path).ok_or_else(|| {
-                    usage(format!(
+                let bytes = read_confined(&context, &path, rel)
+                    .map_err(usage)?
+                    .ok_or_else(|| {
+                        usage(format!(
                         "unable to prepare context: the Dockerfile {rel:?} was not found in {spelled:?}"
                     ))
-                })?;
-                let bytes = read_regular(&found, rel).map_err(usage)?;
+                    })?;
                 let ignore = ignore_file_candidates(rel)
                     .into_iter()
                     .map(|c| context.join(c))
@@ -156,7 +157,20 @@ pub fn resolve(
             };
             // Given with -f: it may live outside the context, but it must
             // be a regular file (not a device or a FIFO) of bounded size.
-            let bytes = read_regular(&p, &p.display().to_string()).map_err(usage)?;
+            // Inside the context its path is the context's to change under
+            // us: it is read through the context's descriptors.
+            let shown = p.display().to_string();
+            let bytes = if p.starts_with(&context) {
+                read_confined(&context, &p, &shown)
+                    .map_err(usage)?
+                    .ok_or_else(|| {
+                        usage(format!(
+                            "reading Dockerfile {shown}: not found inside the build context"
+                        ))
+                    })?
+            } else {
+                read_regular(&p, &shown).map_err(usage)?
+            };
             let ignore = find_ignore_file(&p, &context);
             (
                 f.to_string(),
@@ -168,13 +182,14 @@ pub fn resolve(
             // The context's Dockerfile: resolved inside the context (a
             // symlink cannot name a host file), a regular file only.
             let p = context.join("Dockerfile");
-            let found = confined_path(&p).ok_or_else(|| {
-                usage(format!(
-                    "reading Dockerfile {}: not found inside the build context",
-                    p.display()
-                ))
-            })?;
-            let bytes = read_regular(&found, "Dockerfile").map_err(usage)?;
+            let bytes = read_confined(&context, &p, "Dockerfile")
+                .map_err(usage)?
+                .ok_or_else(|| {
+                    usage(format!(
+                        "reading Dockerfile {}: not found inside the build context",
+                        p.display()
+                    ))
+                })?;
             let ignore = find_ignore_file(&p, &context);
             (
                 "Dockerfile".to_string(),
@@ -183,9 +198,9 @@ pub fn resolve(
             )
         }
     };
-    let ignore = match read_confined(&ignore_path) {
-        Some(b) => read_ignore_file(&String::from_utf8_lossy(&b)),
-        None => Vec::new(),
+    let ignore = match read_confined(&context, &ignore_path, &ignore_path.display().to_string()) {
+        Ok(Some(b)) => read_ignore_file(&String::from_utf8_lossy(&b)),
+        _ => Vec::new(),
     };
     Ok(Resolved {
         dir: context,
@@ -196,19 +211,57 @@ pub fn resolve(
     })
 }
 /// Reads `path` with symlinks resolved inside its own directory, as
-/// BuildKit reads the ignore file from the context (or Dockerfile) source:
-/// a link leading outside that directory is never followed to the host.
-fn read_confined(path: &Path) -> Option<Vec<u8>> {
-    read_regular(&confined_path(path)?, &path.display().to_string()).ok()
+/// BuildKit reads the Dockerfile and the ignore file from the context (or
+/// Dockerfile) source: a link leading outside that directory is never
+/// followed to the host. Through descriptors only: when `path` is inside
+/// `context`, its directory is opened from the context's top with links
+/// resolved inside the context, then the file inside that directory
+/// (`RESOLVE_IN_ROOT`), so a directory swapped for a symlink to `/etc`
+/// meanwhile leads nowhere outside. `Ok(None)` when there is no such file.
+fn read_confined(context: &Path, path: &Path, shown: &str) -> Result<Option<Vec<u8>>, String> {
+    use kiln_fs::{Follow, Root};
+    let err = |e: kiln_fs::Error| format!("reading Dockerfile {shown}: {}", e.io());
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(None);
+    };
+    let dir = match parent.strip_prefix(context) {
+        Ok(rel) if rel.as_os_str().is_empty() => Root::open(context),
+        Ok(rel) => Root::open(context)
+            .and_then(|r| r.open_dir(rel, Follow::InRoot))
+            .map(Root::from_dir),
+        // Beside a Dockerfile given with -f outside the context: a path
+        // the user chose.
+        Err(_) => Root::open(parent),
+    };
+    let found = dir.and_then(|d| d.open_path(name, Follow::InRoot));
+    match found {
+        Ok(fd) => read_opened(fd, shown).map(Some),
+        Err(e) if e.is_not_found() || e.raw_os_error() == Some(libc::ENOTDIR) => Ok(None),
+        Err(e) => Err(err(e)),
+    }
 }
 
 /// The largest Dockerfile (or ignore file) kiln reads.
 pub const MAX_DOCKERFILE: u64 = 16 << 20;
 
-/// Reads `path` if it is a regular file of at most [`MAX_DOCKERFILE`]
-/// bytes: devices (`/dev/zero`), FIFOs and sockets are refused before
-/// anything is read, and the open never blocks on a FIFO.
+/// Reads `path` (a path the user gave, followed as given) if it is a
+/// regular file of at most [`MAX_DOCKERFILE`] bytes ([`read_opened`]).
 fn read_regular(path: &Path, shown: &str) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)
+        .map_err(|e| format!("reading Dockerfile {shown}: {e}"))?;
+    read_opened(fd.into(), shown)
+}
+
+/// Reads the file `fd` (an `O_PATH` descriptor) names if it is a regular
+/// file of at most [`MAX_DOCKERFILE`] bytes: devices (`/dev/zero`), FIFOs
+/// and sockets are refused before anything is opened for reading, and the
+/// open never blocks on a FIFO. The very inode `fd` names is read.
+fn read_opened(fd: std::os::fd::OwnedFd, shown: &str) -> Result<Vec<u8>, String> {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let kind = |t: std::fs::FileType| {
         if t.is_char_device() {
@@ -226,14 +279,15 @@ fn read_regular(path: &Path, shown: &str) -> Result<Vec<u8>, String> {
         }
     };
     let refuse = |t| format!("the Dockerfile {shown} is {}, not a regular file", kind(t));
-    let m = std::fs::metadata(path).map_err(|e| format!("reading Dockerfile {shown}: {e}"))?;
+    let at = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let m = std::fs::metadata(&at).map_err(|e| format!("reading Dockerfile {shown}: {e}"))?;
     if !m.is_file() {
         return Err(refuse(m.file_type()));
     }
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
+        .open(&at)
         .map_err(|e| format!("reading Dockerfile {shown}: {e}"))?;
     let m = f
         .metadata()
@@ -258,49 +312,6 @@ fn read_regular(path: &Path, shown: &str) -> Result<Vec<u8>, String> {
         return Err(too_big());
     }
     Ok(b)
-}
-
-/// Where `path` leads when its symlinks are resolved inside its parent
-/// directory (an absolute or `..` link cannot leave it); `None` when it
-/// does not exist.
-fn confined_path(path: &Path) -> Option<PathBuf> {
-    let root = path.parent()?;
-    let mut todo: std::collections::VecDeque<std::ffi::OsString> =
-        [path.file_name()?.to_os_string()].into();
-    let mut cur: Vec<std::ffi::OsString> = Vec::new();
-    let mut hops = 0;
-    while let Some(c) = todo.pop_front() {
-        if c.is_empty() || c == "." {
-            continue;
-        }
-        if c == ".." {
-            cur.pop();
-            continue;
-        }
-        let mut p = root.to_path_buf();
-        p.extend(&cur);
-        p.push(&c);
-        let m = std::fs::symlink_metadata(&p).ok()?;
-        if !m.file_type().is_symlink() {
-            cur.push(c);
-            continue;
-        }
-        hops += 1;
-        if hops > 40 {
-            return None;
-        }
-        let target = std::fs::read_link(&p).ok()?;
-        if target.is_absolute() {
-            cur.clear();
-        }
-        for (i, t) in target.iter().filter(|t| *t != "/").enumerate() {
-            todo.insert(i, t.to_os_string());
-        }
-    }
-    let mut p = root.to_path_buf();
-    p.extend(&cur);
-    std::fs::symlink_metadata(&p).ok()?;
-    Some(p)
 }
 
 /// `<name>.dockerignore` beside the Dockerfile wins over the context's

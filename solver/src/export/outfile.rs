@@ -13,7 +13,8 @@
 //! (`/dev/null`, a FIFO, a terminal, a socket — also through a symlink)
 //! is opened and written in place, as docker does: renaming over it would
 //! replace the device node (`save -o /dev/null` as root once turned
-//! `/dev/null` into a 2 MB regular file).
+//! `/dev/null` into a 2 MB regular file). A FIFO waits for a reader at
+//! most [`FIFO_READER_WAIT`], never in an uninterruptible `open(2)`.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -37,10 +38,15 @@ pub fn write_atomically<E: From<std::io::Error>>(
     if let Ok(meta) = std::fs::metadata(path) {
         let t = meta.file_type();
         if !t.is_file() && !t.is_dir() {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)
-                .map_err(ctx)?;
+            use std::os::unix::fs::FileTypeExt;
+            let file = if t.is_fifo() {
+                open_fifo(path, FIFO_READER_WAIT).map_err(ctx)?
+            } else {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(ctx)?
+            };
             return write_in_place(file, f);
         }
     }
@@ -73,6 +79,53 @@ pub fn write_atomically<E: From<std::io::Error>>(
             Ok(())
         }
         Err(e) => Err(ctx(e)),
+    }
+}
+
+/// How long a FIFO target waits for a process to open it for reading.
+pub const FIFO_READER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Opens the FIFO `path` for writing once a process has it open for
+/// reading, waiting at most `wait` for one. A blocking `open(2)` would
+/// wait for ever and is not ended by Ctrl-C (the runtime handles SIGINT
+/// and the open is retried); the open here never blocks (`O_NONBLOCK`,
+/// which then is cleared for the writes).
+fn open_fifo(path: &Path, wait: std::time::Duration) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(file) => {
+                // SAFETY: an open descriptor; F_GETFL/F_SETFL take an int.
+                let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+                // SAFETY: as above.
+                if fl < 0
+                    || unsafe {
+                        libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK)
+                    } < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                return Ok(file);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "a FIFO no process opened for reading within {} s",
+                            wait.as_secs()
+                        ),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -179,17 +232,7 @@ fn link_into_place(file: &File, dir: &Path, path: &Path) -> std::io::Result<()> 
     Err(last.unwrap_or_else(|| std::io::Error::other("no free temp name")))
 }
 
-/// The process umask (from /proc; 022 when it cannot be read).
-fn umask() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Umask:"))
-                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-        })
-        .unwrap_or(0o022)
-}
+use kiln_fs::umask;
 
 #[cfg(test)]
 mod tests {
@@ -205,6 +248,19 @@ mod tests {
         assert_eq!(names.len(), 1);
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o666 & !umask());
+    }
+
+    #[test]
+    fn a_fifo_nobody_reads_is_an_error_not_a_hang() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("pipe");
+        let c = cstring(&fifo).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let t = std::time::Instant::now();
+        let e = open_fifo(&fifo, std::time::Duration::from_millis(300)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]

@@ -442,10 +442,27 @@ fn copy_into(dir: &Path, sel: &[Selection]) -> Result<(), MountError> {
 
 fn read_secret(id: &str, source: &SecretSource) -> Result<Vec<u8>, MountError> {
     match source {
-        SecretSource::File(p) => fs::read(p).map_err(MountError::ctx(format!(
-            "secret {id}: reading {}",
-            p.display()
-        ))),
+        SecretSource::File(p) => {
+            // Bounded: a secret file that is `/dev/zero` or a pipe that
+            // never ends is an error, not all of memory.
+            use std::io::Read;
+            let limit = crate::fsview::MAX_SMALL_FILE;
+            let mut b = Vec::new();
+            fs::File::open(p)
+                .and_then(|f| f.take(limit + 1).read_to_end(&mut b))
+                .map_err(MountError::ctx(format!(
+                    "secret {id}: reading {}",
+                    p.display()
+                )))?;
+            if b.len() as u64 > limit {
+                return Err(MountError::Invalid(format!(
+                    "secret {id}: {} is larger than {} MiB",
+                    p.display(),
+                    limit >> 20
+                )));
+            }
+            Ok(b)
+        }
         SecretSource::Env(v) => std::env::var_os(v)
             .map(std::os::unix::ffi::OsStringExt::into_vec)
             .ok_or_else(|| {
