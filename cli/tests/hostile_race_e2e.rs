@@ -142,6 +142,53 @@ fn copy_from_a_context_whose_directory_is_swapped_for_a_symlink_never_reads_the_
 }
 
 #[test]
+fn a_run_bind_mount_of_a_context_directory_swapped_for_a_symlink_never_shows_the_host() {
+    let top = tempfile::tempdir().expect("tempdir");
+    let secrets = secret_dir(top.path());
+    let ctx = top.path().join("ctx");
+    std::fs::create_dir_all(ctx.join("sub")).expect("mkdir");
+    for n in 0..64 {
+        std::fs::write(ctx.join("sub").join(format!("f{n}")), "public").expect("write");
+    }
+    std::os::unix::fs::symlink(&secrets, ctx.join("subL")).expect("symlink");
+    // Read-only and writable binds: a plain bind and an overlay of the source.
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\n\
+         RUN --mount=type=bind,source=sub,target=/m cat /m/* > /ro.txt 2>&1; true\n\
+         RUN --mount=type=bind,source=sub,target=/m,rw cat /m/* > /rw.txt 2>&1; true\n",
+    )
+    .expect("write");
+    let k = Kiln::with_busybox();
+    let swap = Swapper::start(&ctx.join("sub"), &ctx.join("subL"));
+    let (mut built, mut leaked) = (0, Vec::new());
+    for i in 0..20 {
+        let out = top.path().join(format!("out{i}"));
+        let dest = format!("type=local,dest={}", out.display());
+        let o = k.run(&[
+            "build",
+            "-q",
+            "--no-cache",
+            "-o",
+            &dest,
+            "-f",
+            ctx.join("Dockerfile").to_str().expect("utf-8"),
+            ctx.to_str().expect("utf-8"),
+        ]);
+        if o.status.success() {
+            built += 1;
+        }
+        leaked.extend(files_with_secret(&out));
+    }
+    drop(swap);
+    assert!(
+        leaked.is_empty(),
+        "a RUN step saw host files through its bind mount: {leaked:?}"
+    );
+    eprintln!("{built}/20 builds succeeded while the context was swapped");
+}
+
+#[test]
 fn a_dockerfile_or_ignore_file_swapped_for_a_symlink_is_never_read_from_the_host() {
     let top = tempfile::tempdir().expect("tempdir");
     // What a parse error would echo: the secret on the first line.

@@ -57,7 +57,7 @@ const MAX_OVERLAY_DATA: usize = 3500;
 /// What a mount reads from a bind source.
 #[derive(Debug, Clone)]
 enum BindSrc {
-    /// A host path bound directly (the context without ignore rules).
+    /// A file of a stage/image layer (a kiln-owned snapshot) bound directly.
     Host(PathBuf),
     /// Selected entries copied into a throwaway directory.
     Copy(Vec<Selection>),
@@ -321,12 +321,12 @@ impl Solver {
             hash_selection(&mut h, &sel, backend.hash_cache(), false, Some(&cancel))
                 .map_err(MountError::src)?;
             let key = format!("context={}", h.finish());
-            if ignore.is_some() {
-                return Ok((BindSrc::Copy(sel), key));
-            }
-            let resolved = view.resolve(&source, true).map_err(MountError::src)?;
-            let host = context.join(crate::fsview::rel(&resolved));
-            Ok((BindSrc::Host(host), key))
+            // Always a copy of what was selected, made through the walk's
+            // own directory handles: a host path handed to mount(2) or to
+            // overlay is resolved again when the sandbox mounts it, and a
+            // user who can write in the context could swap a directory on
+            // that path for a symlink out of it in between.
+            Ok((BindSrc::Copy(sel), key))
         })
         .await;
         match hashed {
