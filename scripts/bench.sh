@@ -68,6 +68,10 @@
 #        PEER_TOOLS (default ../shared/tools next to the checkout),
 #        KILN_BIN (a kiln binary to use instead of building one),
 #        BENCH_KEEP=1 (keep kiln's store and buildah's bench images at the end),
+#        PEER_REGISTRY (default 127.0.0.1:5000) and PEER_REGISTRY_DIR
+#        (default /tmp/peer-registry): the bench's registry, emptied by
+#        the push and fleet scenarios and at exit (give both, and a
+#        BENCH_DIR of its own, when another bench may run beside it),
 #        DEBIAN_BASE_CACHE (where scripts/debian-base.sh keeps its tar;
 #        default $BENCH_DIR/debian-cache),
 #        BUILDKIT_HOST, BUILDCTL (default buildctl): the BuildKit peer
@@ -101,7 +105,7 @@ if [ "$ONLY_ROOTLESS" = 1 ]; then
   bash "$PEER_ENV" fixtures "$FIX" >&2
 else
   log "peer setup (packages, base image, registry, fixtures) in $OUT"
-  bash "$PEER_ENV" all "$OUT" >&2
+  bash "$PEER_ENV" all "$OUT" "$REG_DIR" >&2
 fi
 
 if [ -n "${KILN_BIN:-}" ]; then
@@ -529,18 +533,27 @@ fleet_bump() {  # fixture round: a new commit
     runs) echo "round $2 $RANDOM" > "$FIX/runs/round.txt" ;;
   esac
 }
+fleet_base() {  # the registry emptied, the base pushed again (same digest)
+  bash "$PEER_ENV" registry-wipe "$REG_DIR" >/dev/null 2>&1
+  bash "$PEER_ENV" push-base "$OUT" >/dev/null 2>&1
+}
 run_fleet() {  # fixture
-  local f=$1 i t ke=() ki=() be=() bi=() fresh kref bref
+  local f=$1 i t ke=() ki=() be=() bi=() fresh kref bref n
+  local ra="$OUT/fleet-root/a"
   kref="$REG/bench-cache-kiln-$f:latest"
   bref="$REG/bench-cache-bk-$f:latest"
+  # Runner A's store: the base pulled from the registry, as runner B
+  # will pull it (kiln keys a base image by its manifest digest).
+  if [ ! -d "$ra" ]; then
+    fleet_base
+    KILN_ROOT="$ra" "$KILN" pull "$REG/busybox:latest" >/dev/null 2>&1 \
+      || { log "kiln pull of the base failed"; return 1; }
+  fi
   for i in $(seq 1 "$ROUNDS"); do
     fleet_bump "$f" "$i"
-    bash "$PEER_ENV" registry-wipe "$REG_DIR" >/dev/null 2>&1
-    # the base both runners B pull: kiln's own, so its digest is the one
-    # runner A built on
-    "$KILN" push "$REG/busybox:latest" >/dev/null 2>&1
-    kiln_build "$f" || { log "kiln build $f failed"; return 1; }
-    t=$(now); kiln_build "$f" --cache-to "type=registry,ref=$kref,mode=max" \
+    fleet_base
+    KILN_ROOT="$ra" kiln_build "$f" || { log "kiln build $f failed"; return 1; }
+    t=$(now); KILN_ROOT="$ra" kiln_build "$f" --cache-to "type=registry,ref=$kref,mode=max" \
       || { log "kiln cache export of $f failed"; return 1; }
     ke+=("$(elapsed "$t")")
     if [ "$BK" = 1 ]; then
@@ -551,17 +564,26 @@ run_fleet() {  # fixture
     fi
     fresh="$OUT/fleet-root/$f-$i"
     rm -rf "$fresh"
-    t=$(now); KILN_ROOT="$fresh" kiln_build "$f" --cache-from "type=registry,ref=$kref" \
+    t=$(now); KILN_ROOT="$fresh" "$KILN" build -q --network none --progress json -t "bench-$f:latest" \
+      --cache-from "type=registry,ref=$kref" "$FIX/$f" >/dev/null 2>"$OUT/fleet-b.log" \
       || { log "kiln cache import of $f failed"; return 1; }
     ki+=("$(elapsed "$t")")
+    n=$(grep -c '"event": *"cached"' "$OUT/fleet-b.log" || true)
+    [ "$n" -gt 0 ] || log "kiln runner B ($f, round $i) took no step from the cache"
     if [ "$BK" = 1 ]; then
       "$BUILDCTL" --addr "$BUILDKIT_HOST" prune --all >/dev/null 2>&1 || true
-      t=$(now); bk_solve "$f" --import-cache "type=registry,ref=$bref,registry.insecure=true" \
+      t=$(now); "$BUILDCTL" --addr "$BUILDKIT_HOST" build --progress plain \
+        --frontend dockerfile.v0 --opt force-network-mode=none \
+        --local context="$FIX/$f" --local dockerfile="$FIX/$f" \
+        --import-cache "type=registry,ref=$bref,registry.insecure=true" \
         --output "type=image,name=docker.io/library/bench-fleet-$f:latest,unpack=true" \
-        || { log "BuildKit cache import of $f failed"; return 1; }
+        >/dev/null 2>"$OUT/fleet-b.log" || { log "BuildKit cache import of $f failed"; return 1; }
       bi+=("$(elapsed "$t")")
+      n=$(grep -c ' CACHED$' "$OUT/fleet-b.log" || true)
+      [ "$n" -gt 0 ] || log "BuildKit runner B ($f, round $i) took no step from the cache"
     fi
   done
+  rm -f "$OUT/fleet-b.log"
   local bem="" bim=""
   [ "$BK" = 1 ] && { bem=$(med "${be[@]}"); bim=$(med "${bi[@]}"); }
   row "$f" "fleet: runner A, cache export (registry, mode=max; build cached, layers new)" "$(med "${ke[@]}")" "" "$bem"
@@ -705,6 +727,7 @@ for f in "${fixtures[@]}"; do
     fleet_prepare
     run_fleet c
     run_fleet runs
+    rm -rf "$OUT/fleet-root"
   elif [ "$f" = debian ]; then
     run_debian
   elif [ "$f" = rss ]; then
