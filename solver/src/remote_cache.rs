@@ -448,6 +448,25 @@ impl RemoteCacheBackend {
         if !have_tar {
             self.fetch(r)?;
             if r.desc.digest != r.rec.diff_id {
+                // One pass over the compressed blob: its files applied
+                // while the verified tar is kept. The fallback below
+                // (decompress into the store) is for a snapshot that
+                // exists already without its tar.
+                let blob = cd(&r.desc.digest)?;
+                store
+                    .unpack_layer_keeping_tar(
+                        &r.rec.chain_id,
+                        r.rec.parent_chain_id.as_deref(),
+                        kiln_cache::LayerBlob {
+                            digest: &blob,
+                            size: Some(r.desc.size),
+                            diff_id: &diff,
+                        },
+                    )
+                    .map_err(|e| RemoteCacheError::ctx("applying")(e))?;
+            }
+            let have_tar = store.has_blob(&diff) && store.meta().has_blob(&diff).unwrap_or(false);
+            if !have_tar && r.desc.digest != r.rec.diff_id {
                 let f = store
                     .open_blob(&cd(&r.desc.digest)?)
                     .map_err(RemoteCacheError::src)?;
@@ -461,6 +480,8 @@ impl RemoteCacheBackend {
                     .map_err(|e| {
                         RemoteCacheError::ctx("layer content does not match its diffID")(e)
                     })?;
+            }
+            if r.desc.digest != r.rec.diff_id {
                 // Remember the compressed form: pushing it again needs no
                 // recompression.
                 let memo = match r.desc.media_type.as_str() {
