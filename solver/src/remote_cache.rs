@@ -44,7 +44,9 @@ use crate::backend::{
 };
 use crate::copy::HashCache;
 use crate::store::{chain_id, StoreBackend};
-use crate::transfer::{encode_image, encode_one, LayerEncoding, StoreSink, StoreSource};
+use crate::transfer::{
+    encode_image, encode_one, push_layers, LayerEncoding, StoreSink, StoreSource,
+};
 
 crate::error::module_error! {
     /// Why a cache import or export failed.
@@ -529,12 +531,34 @@ impl RemoteCacheBackend {
     }
 
     /// The records to export and their layer blobs (gzip), everything
-    /// materialised locally first.
+    /// materialised locally first, each layer compressed into the store
+    /// (and the memo) once.
     fn collect(
         &self,
         mode: CacheMode,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<(CacheConfig, Vec<Descriptor>), RemoteCacheError> {
+        let (cfg, plain) = self.collect_plain(mode)?;
+        let mut layers = Vec::with_capacity(plain.len());
+        for (l, diff) in &plain {
+            layers.push(encode_one(
+                self.store(),
+                l,
+                diff,
+                LayerEncoding::default(),
+                progress,
+            )?);
+        }
+        Ok((cfg, layers))
+    }
+
+    /// The records to export and their layers as stored (uncompressed,
+    /// each with its diffID, each once), everything materialised locally
+    /// first: a record's `layer` indexes the list.
+    fn collect_plain(
+        &self,
+        mode: CacheMode,
+    ) -> Result<(CacheConfig, Vec<(Descriptor, Digest)>), RemoteCacheError> {
         let finals: HashSet<String> = self
             .final_layers
             .lock()
@@ -550,29 +574,22 @@ impl RemoteCacheBackend {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let store = self.store();
-        let mut layers: Vec<Descriptor> = Vec::new();
+        let mut layers: Vec<(Descriptor, Digest)> = Vec::new();
         let mut records = Vec::new();
         for (key, sn) in seen {
             if mode == CacheMode::Min && !finals.contains(&sn.snapshot) {
                 continue;
             }
             self.materialize(&sn.snapshot)?;
-            let diff = cd(&sn.diff_id)?;
-            let size = store
-                .blob_size(&diff)
-                .map_err(|e| RemoteCacheError::ctx("layer")(e))?;
-            let plain = Descriptor::new(media_types::OCI_LAYER, sn.diff_id.clone(), size);
-            let desc = encode_one(
-                store,
-                &plain,
-                &sn.diff_id,
-                LayerEncoding::default(),
-                progress,
-            )?;
-            let layer = match layers.iter().position(|d| d.digest == desc.digest) {
+            let layer = match layers.iter().position(|(_, d)| d == &sn.diff_id) {
                 Some(i) => i,
                 None => {
-                    layers.push(desc);
+                    let diff = cd(&sn.diff_id)?;
+                    let size = store
+                        .blob_size(&diff)
+                        .map_err(|e| RemoteCacheError::ctx("layer")(e))?;
+                    let plain = Descriptor::new(media_types::OCI_LAYER, sn.diff_id.clone(), size);
+                    layers.push((plain, sn.diff_id.clone()));
                     layers.len() - 1
                 }
             };
@@ -636,10 +653,7 @@ impl RemoteCacheBackend {
             .map_err(|e| RemoteCacheError::ctx(reference)(e))?;
         let r = Reference::parse(&name).map_err(|e| RemoteCacheError::ctx(reference)(e))?;
         let reg = Registry::new(&r.registry, &self.registry).map_err(RemoteCacheError::src)?;
-        let (cfg, layers) = self.collect(mode, progress)?;
-        let (raw, config) = self.cache_manifest(&cfg, layers.clone())?;
-        let mut blobs = layers.clone();
-        blobs.push(config);
+        let (cfg, plain) = self.collect_plain(mode)?;
         let written = AtomicUsize::new(0);
         let count = |t: Transfer| {
             if matches!(t, Transfer::Done(..)) {
@@ -651,7 +665,21 @@ impl RemoteCacheBackend {
             mounts: HashMap::new(),
             target: None,
         };
-        reg.push_blobs(&r.repository, &blobs, &source, jobs, &count)
+        // Layers not compressed yet are compressed while they upload
+        // (as `kiln push` does), several at once.
+        let layers = push_layers(
+            self.store(),
+            &reg,
+            &r.repository,
+            &source,
+            &plain,
+            LayerEncoding::default(),
+            jobs,
+            progress,
+            &count,
+        )?;
+        let (raw, config) = self.cache_manifest(&cfg, layers.clone())?;
+        reg.push_blobs(&r.repository, &[config], &source, 1, &count)
             .map_err(RemoteCacheError::src)?;
         let tag = r.tag.clone().unwrap_or_else(|| "latest".to_string());
         let digest = reg
