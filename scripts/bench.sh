@@ -507,11 +507,13 @@ med() { printf '%s\n' "$@" | median; }
 # registry, hash/transfer the context, and take every step from the
 # imported cache:
 #   kiln:     kiln build -t … --cache-from type=registry,ref=…
-#   BuildKit: buildctl build --import-cache type=registry,ref=…
-#             --output type=image,name=…,unpack=true (unpack: the image's
-#             layers are downloaded and applied, as kiln's store holds
-#             them; without it BuildKit's image store keeps lazy
-#             references and downloads nothing)
+#   BuildKit: buildctl build --import-cache type=registry,ref=…, twice
+#             (pruned before each): --output type=image,name=… (its image
+#             store keeps lazy references to the cache's blobs and
+#             downloads no layer; `unpack=true` changes nothing with the
+#             OCI worker), and --output type=oci,dest=FILE (every layer
+#             downloaded and written out; kiln's store holds the layers
+#             downloaded and applied)
 # The registry is emptied every round. Fixtures: c, and "runs" (a COPY of
 # a small file that changes every round, then 10 RUN steps each writing
 # 200 small files, 1 MiB of random bytes and 2 MiB of text).
@@ -538,7 +540,7 @@ fleet_base() {  # the registry emptied, the base pushed again (same digest)
   bash "$PEER_ENV" push-base "$OUT" >/dev/null 2>&1
 }
 run_fleet() {  # fixture
-  local f=$1 i t ke=() ki=() be=() bi=() fresh kref bref n
+  local f=$1 i t ke=() ki=() be=() bi=() bo=() fresh kref bref n
   local ra="$OUT/fleet-root/a"
   kref="$REG/bench-cache-kiln-$f:latest"
   bref="$REG/bench-cache-bk-$f:latest"
@@ -564,30 +566,34 @@ run_fleet() {  # fixture
     fi
     fresh="$OUT/fleet-root/$f-$i"
     rm -rf "$fresh"
-    t=$(now); KILN_ROOT="$fresh" "$KILN" build -q --network none --progress json -t "bench-$f:latest" \
+    t=$(now); KILN_ROOT="$fresh" "$KILN" build --network none --progress json -t "bench-$f:latest" \
       --cache-from "type=registry,ref=$kref" "$FIX/$f" >/dev/null 2>"$OUT/fleet-b.log" \
       || { log "kiln cache import of $f failed"; return 1; }
     ki+=("$(elapsed "$t")")
     n=$(grep -c '"event": *"cached"' "$OUT/fleet-b.log" || true)
     [ "$n" -gt 0 ] || log "kiln runner B ($f, round $i) took no step from the cache"
     if [ "$BK" = 1 ]; then
-      "$BUILDCTL" --addr "$BUILDKIT_HOST" prune --all >/dev/null 2>&1 || true
-      t=$(now); "$BUILDCTL" --addr "$BUILDKIT_HOST" build --progress plain \
-        --frontend dockerfile.v0 --opt force-network-mode=none \
-        --local context="$FIX/$f" --local dockerfile="$FIX/$f" \
-        --import-cache "type=registry,ref=$bref,registry.insecure=true" \
-        --output "type=image,name=docker.io/library/bench-fleet-$f:latest,unpack=true" \
-        >/dev/null 2>"$OUT/fleet-b.log" || { log "BuildKit cache import of $f failed"; return 1; }
-      bi+=("$(elapsed "$t")")
-      n=$(grep -c ' CACHED$' "$OUT/fleet-b.log" || true)
-      [ "$n" -gt 0 ] || log "BuildKit runner B ($f, round $i) took no step from the cache"
+      local out
+      for out in "type=image,name=docker.io/library/bench-fleet-$f:latest" "type=oci,dest=$OUT/fleet-b.tar"; do
+        "$BUILDCTL" --addr "$BUILDKIT_HOST" prune --all >/dev/null 2>&1 || true
+        t=$(now); "$BUILDCTL" --addr "$BUILDKIT_HOST" build --progress plain \
+          --frontend dockerfile.v0 --opt force-network-mode=none \
+          --local context="$FIX/$f" --local dockerfile="$FIX/$f" \
+          --import-cache "type=registry,ref=$bref,registry.insecure=true" --output "$out" \
+          >/dev/null 2>"$OUT/fleet-b.log" || { log "BuildKit cache import of $f failed"; return 1; }
+        case "$out" in type=image*) bi+=("$(elapsed "$t")") ;; *) bo+=("$(elapsed "$t")") ;; esac
+        n=$(grep -c ' CACHED$' "$OUT/fleet-b.log" || true)
+        [ "$n" -gt 0 ] || log "BuildKit runner B ($f, round $i) took no step from the cache"
+        rm -f "$OUT/fleet-b.tar"
+      done
     fi
   done
   rm -f "$OUT/fleet-b.log"
-  local bem="" bim=""
-  [ "$BK" = 1 ] && { bem=$(med "${be[@]}"); bim=$(med "${bi[@]}"); }
+  local bem="" bim="" bom=""
+  [ "$BK" = 1 ] && { bem=$(med "${be[@]}"); bim=$(med "${bi[@]}"); bom=$(med "${bo[@]}"); }
   row "$f" "fleet: runner A, cache export (registry, mode=max; build cached, layers new)" "$(med "${ke[@]}")" "" "$bem"
-  row "$f" "fleet: runner B, empty store, cache import + build" "$(med "${ki[@]}")" "" "$bim"
+  row "$f" "fleet: runner B, empty store, cache import + build (BuildKit: type=image, lazy: downloads no layer)" "$(med "${ki[@]}")" "" "$bim"
+  row "$f" "fleet: runner B, the same kiln build (BuildKit: type=oci tar, every layer downloaded)" "$(med "${ki[@]}")" "" "$bom"
 }
 
 # debian: a Debian bookworm base (scripts/debian-base.sh, mmdebstrap,
@@ -602,7 +608,7 @@ run_debian() {
   local d="$FIX/debian" tar s i t k b
   tar=$(bash "$REPO/scripts/debian-base.sh" "${DEBIAN_BASE_CACHE:-$OUT/debian-cache}") \
     || { log "scripts/debian-base.sh failed (mmdebstrap? network?)"; return 1; }
-  "$KILN" import -q -c 'CMD ["bash"]' \
+  "$KILN" import -c 'CMD ["bash"]' \
     -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     "$tar" "$REG/debian:bookworm" >/dev/null
   "$KILN" push "$REG/debian:bookworm" >/dev/null 2>&1 || { log "push of the Debian base failed"; return 1; }

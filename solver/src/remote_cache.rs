@@ -412,6 +412,9 @@ impl RemoteCacheBackend {
                 todo.push(r.clone());
             }
         }
+        if todo.len() > 1 {
+            self.prefetch(&todo);
+        }
         for r in todo.iter().rev() {
             self.apply_remote(r).map_err(BackendError::ctx(format!(
                 "importing cached layer {}",
@@ -422,6 +425,30 @@ impl RemoteCacheBackend {
             }
         }
         Ok(())
+    }
+
+    /// Downloads the blobs of `todo` (a chain about to be applied) up to
+    /// four at once, so that applying them in order waits for no
+    /// download. A failure is left for [`Self::apply_remote`] to meet
+    /// again and report.
+    fn prefetch(&self, todo: &[Remote]) {
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..todo.len().min(4) {
+                s.spawn(|| loop {
+                    let Some(r) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        return;
+                    };
+                    let Ok(diff) = cd(&r.rec.diff_id) else {
+                        continue;
+                    };
+                    let store = self.store();
+                    if !(store.has_blob(&diff) && store.meta().has_blob(&diff).unwrap_or(false)) {
+                        let _ = self.fetch(r);
+                    }
+                });
+            }
+        });
     }
 
     fn fetch(&self, r: &Remote) -> Result<(), RemoteCacheError> {
@@ -942,6 +969,11 @@ impl Backend for RemoteCacheBackend {
             .keys()
             .cloned()
             .collect();
+        // The topmost pending layer first: its chain (every pending layer
+        // below it) is downloaded at once, then applied in order.
+        if let Some(top) = layers.iter().rev().find(|l| was_pending.contains(&l.snapshot)) {
+            self.materialize(&top.snapshot)?;
+        }
         let mut fixed = Vec::with_capacity(layers.len());
         for l in layers {
             let mut l = l.clone();
