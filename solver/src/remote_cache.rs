@@ -971,7 +971,11 @@ impl Backend for RemoteCacheBackend {
             .collect();
         // The topmost pending layer first: its chain (every pending layer
         // below it) is downloaded at once, then applied in order.
-        if let Some(top) = layers.iter().rev().find(|l| was_pending.contains(&l.snapshot)) {
+        if let Some(top) = layers
+            .iter()
+            .rev()
+            .find(|l| was_pending.contains(&l.snapshot))
+        {
             self.materialize(&top.snapshot)?;
         }
         let mut fixed = Vec::with_capacity(layers.len());
