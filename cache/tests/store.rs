@@ -21,6 +21,20 @@ fn tmp_entries(s: &Store) -> usize {
     std::fs::read_dir(s.tmp_dir()).unwrap().count()
 }
 
+/// The tar of the tree `src` (the tree differ's), its diffID, and the tar
+/// gzip-compressed.
+fn gzip_layer(src: &std::path::Path) -> (Vec<u8>, Digest, Vec<u8>) {
+    use kiln_image::compression::{Compression, CompressionOpts, Encoder};
+    use kiln_image::diff::{write_tree_diff, DiffOptions};
+    let mut tar = Vec::new();
+    write_tree_diff(None, src, &mut tar, &DiffOptions::default()).unwrap();
+    let diff_id = Digest::sha256_of(&tar);
+    let mut enc = Encoder::new(Vec::new(), CompressionOpts::new(Compression::Gzip)).unwrap();
+    enc.write_all(&tar).unwrap();
+    let gz = enc.finish().unwrap();
+    (tar, diff_id, gz)
+}
+
 #[test]
 fn layout_and_schema() {
     let dir = tempfile::tempdir().unwrap();
@@ -658,17 +672,10 @@ fn retired_snapshots_wait_for_the_sweep_or_prune() {
 #[test]
 fn layer_size_is_the_uncompressed_tar_recorded_at_unpack_or_found_once() {
     use kiln_cache::LayerBlob;
-    use kiln_image::compression::{Compression, CompressionOpts, Encoder};
-    use kiln_image::diff::{write_tree_diff, DiffOptions};
     let dir = tempfile::tempdir().unwrap();
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("zeros"), vec![0u8; 200_000]).unwrap();
-    let mut tar = Vec::new();
-    write_tree_diff(None, src.path(), &mut tar, &DiffOptions::default()).unwrap();
-    let diff_id = Digest::sha256_of(&tar);
-    let mut enc = Encoder::new(Vec::new(), CompressionOpts::new(Compression::Gzip)).unwrap();
-    enc.write_all(&tar).unwrap();
-    let gz = enc.finish().unwrap();
+    let (tar, diff_id, gz) = gzip_layer(src.path());
     assert!(gz.len() * 10 < tar.len(), "the test layer compresses well");
 
     // Unpacked: recorded.
@@ -729,41 +736,30 @@ fn layer_size_is_the_uncompressed_tar_recorded_at_unpack_or_found_once() {
 #[test]
 fn unpack_keeping_tar_stores_the_verified_tar_once() {
     use kiln_cache::LayerBlob;
-    use kiln_image::compression::{Compression, CompressionOpts, Encoder};
-    use kiln_image::diff::{write_tree_diff, DiffOptions};
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("a.txt"), b"alpha\n").unwrap();
     std::fs::write(src.path().join("zeros"), vec![0u8; 300_000]).unwrap();
-    let mut tar = Vec::new();
-    write_tree_diff(None, src.path(), &mut tar, &DiffOptions::default()).unwrap();
-    let diff_id = Digest::sha256_of(&tar);
-    let mut enc = Encoder::new(Vec::new(), CompressionOpts::new(Compression::Gzip)).unwrap();
-    enc.write_all(&tar).unwrap();
-    let gz = enc.finish().unwrap();
+    let (tar, diff_id, gz) = gzip_layer(src.path());
     let s = open(dir.path());
     let bd = s.put_bytes(&gz, None).unwrap();
+    let blob = |diff_id| LayerBlob {
+        digest: &bd,
+        size: Some(gz.len() as u64),
+        diff_id,
+    };
 
     // Not the layer its config names: nothing kept.
     let wrong = Digest::sha256_of(b"another layer");
-    let lying = LayerBlob {
-        digest: &bd,
-        size: Some(gz.len() as u64),
-        diff_id: &wrong,
-    };
     assert!(s
-        .unpack_layer_keeping_tar(wrong.as_str(), None, lying)
+        .unpack_layer_keeping_tar(wrong.as_str(), None, blob(&wrong))
         .is_err());
     assert!(!s.has_blob(&wrong));
     assert!(s.snapshotter().stat(wrong.as_str()).is_err());
     assert_eq!(tmp_entries(&s), 0, "no temp file left behind");
 
-    let lb = LayerBlob {
-        digest: &bd,
-        size: Some(gz.len() as u64),
-        diff_id: &diff_id,
-    };
+    let lb = blob(&diff_id);
     assert!(s
         .unpack_layer_keeping_tar(diff_id.as_str(), None, lb)
         .unwrap());
