@@ -582,8 +582,11 @@ run_fleet() {  # fixture
           --import-cache "type=registry,ref=$bref,registry.insecure=true" --output "$out" \
           >/dev/null 2>"$OUT/fleet-b.log" || { log "BuildKit cache import of $f failed"; return 1; }
         case "$out" in type=image*) bi+=("$(elapsed "$t")") ;; *) bo+=("$(elapsed "$t")") ;; esac
+        # (with type=oci BuildKit shows a step taken from the imported
+        # cache as done, not CACHED: only the type=image run is checked)
         n=$(grep -c ' CACHED$' "$OUT/fleet-b.log" || true)
-        [ "$n" -gt 0 ] || log "BuildKit runner B ($f, round $i) took no step from the cache"
+        case "$out" in type=image*) [ "$n" -gt 0 ] \
+          || log "BuildKit runner B ($f, round $i) took no step from the cache" ;; esac
         rm -f "$OUT/fleet-b.tar"
       done
     fi
