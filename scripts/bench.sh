@@ -28,8 +28,24 @@
 #            base image loaded first, untimed), buildah with its store
 #            holding only the base image, BuildKit after `buildctl prune
 #            --all` (it pulls the base from the local registry)
-#   push     fixture c to an empty registry: `kiln push` vs `buildah push`
-#   pushmemo the same, kiln reusing the compressed layer it remembered
+#   push     fixture c to an empty registry: `kiln push` vs `buildah push`;
+#            with BuildKit, a second row: a cached build of c that pushes
+#            (`kiln build --push` vs `--output type=image,push=true`), the
+#            layers compressed anew on both sides (gzip, the default)
+#   pushmemo the same, kiln (and BuildKit) reusing the compressed layer
+#            remembered from the previous push
+#   fleet    a CI fleet sharing its cache through the registry, fixtures c
+#            and runs (10 RUN steps writing files): runner A exports the
+#            cache (`--cache-to type=registry,mode=max` vs BuildKit's
+#            `--export-cache`), runner B with an empty store (new
+#            KILN_ROOT; BuildKit pruned) builds from it (`--cache-from` vs
+#            `--import-cache`); see run_fleet for what each side does
+#   debian   a Debian bookworm build (scripts/debian-base.sh: needs
+#            mmdebstrap and the network, deb.debian.org and pypi.org):
+#            apt-get install through cache mounts and a pip venv, cold
+#            (--no-cache, package caches warm) and cached
+#   rss      kiln's peak RSS building c cold / cached / changed / fresh
+#            (GNU time %M; BuildKit's daemon VmHWM for reference)
 #   pull     that image into an empty store: `kiln pull` vs `skopeo copy`
 #            (to an OCI layout)
 #   layers500 500 x RUN on one chain, per-step time by depth (kiln only)
@@ -45,12 +61,19 @@
 #            cached (kiln only; needs qemu-user-static and `kiln system
 #            binfmt`; the arm64 busybox comes from scripts/foreign-busybox.sh)
 #
-# Usage: scripts/bench.sh [fixture...]
-#        (default: a b c runstep fresh push pushmemo pull layers500 platforms)
+# Usage: scripts/bench.sh [fixture|scenario...]
+#        (default: a b c runstep fresh push pushmemo pull layers500 platforms
+#         fleet rss; debian only when named: it needs the network)
 # Env:   ROUNDS (default 5), BENCH_DIR (default /tmp/kiln-bench),
 #        PEER_TOOLS (default ../shared/tools next to the checkout),
 #        KILN_BIN (a kiln binary to use instead of building one),
 #        BENCH_KEEP=1 (keep kiln's store and buildah's bench images at the end),
+#        PEER_REGISTRY (default 127.0.0.1:5000) and PEER_REGISTRY_DIR
+#        (default /tmp/peer-registry): the bench's registry, emptied by
+#        the push and fleet scenarios and at exit (give both, and a
+#        BENCH_DIR of its own, when another bench may run beside it),
+#        DEBIAN_BASE_CACHE (where scripts/debian-base.sh keeps its tar;
+#        default $BENCH_DIR/debian-cache),
 #        BUILDKIT_HOST, BUILDCTL (default buildctl): the BuildKit peer
 #        (BUILDKIT_PRUNE=0 leaves BuildKit's cache alone; by default the
 #        bench's builds are pruned from it after each scenario, as buildah's)
@@ -67,6 +90,7 @@ TOOLS=${PEER_TOOLS:-$REPO/../shared/tools}
 PEER_ENV="$TOOLS/peer-env.sh"
 PEER_BUILD="$TOOLS/peer-build.sh"
 REG=${PEER_REGISTRY:-127.0.0.1:5000}
+REG_DIR=${PEER_REGISTRY_DIR:-/tmp/peer-registry}
 log() { printf '[bench] %s\n' "$*" >&2; }
 
 [ "$(id -u)" = 0 ] || { log "run as root"; exit 1; }
@@ -81,7 +105,7 @@ if [ "$ONLY_ROOTLESS" = 1 ]; then
   bash "$PEER_ENV" fixtures "$FIX" >&2
 else
   log "peer setup (packages, base image, registry, fixtures) in $OUT"
-  bash "$PEER_ENV" all "$OUT" >&2
+  bash "$PEER_ENV" all "$OUT" "$REG_DIR" >&2
 fi
 
 if [ -n "${KILN_BIN:-}" ]; then
@@ -103,7 +127,9 @@ cleanup() {
   buildah --storage-driver overlay images --format '{{.Name}}:{{.Tag}}' 2>/dev/null \
     | grep '/bench-' | xargs -r buildah --storage-driver overlay rmi -f >/dev/null 2>&1 || true
   peer_prune
-  rm -rf "$KILN_ROOT" "$OUT/pull-root" "$OUT/pull-oci" "$OUT/fresh-root" || true
+  # the registry's repositories (the next run pushes its base again)
+  [ "$ONLY_ROOTLESS" = 1 ] || bash "$PEER_ENV" registry-wipe "$REG_DIR" >/dev/null 2>&1 || true
+  rm -rf "$KILN_ROOT" "$OUT/pull-root" "$OUT/pull-oci" "$OUT/fresh-root" "$OUT/fleet-root" "$OUT/rss-root" || true
 }
 trap cleanup EXIT
 if [ "$ONLY_ROOTLESS" = 1 ] && [ ! -f "$OUT/busybox.tar" ]; then
@@ -145,12 +171,15 @@ if [ -n "${BUILDKIT_HOST:-}" ]; then
     log "BuildKit peer: $("$BUILDCTL" --version 2>/dev/null | head -1) at $BUILDKIT_HOST"
   fi
 fi
-bk_build() {  # fixture, extra buildctl args...
+bk_solve() {  # fixture, extra buildctl args... (no exporter unless given)
   local f=$1; shift
   "$BUILDCTL" --addr "$BUILDKIT_HOST" build --progress quiet \
     --frontend dockerfile.v0 --opt force-network-mode=none \
-    --local context="$FIX/$f" --local dockerfile="$FIX/$f" \
-    --output "type=image,name=docker.io/library/bench-$f:latest" "$@" >/dev/null 2>&1
+    --local context="$FIX/$f" --local dockerfile="$FIX/$f" "$@" >/dev/null 2>&1
+}
+bk_build() {  # fixture, extra buildctl args...
+  local f=$1; shift
+  bk_solve "$f" --output "type=image,name=docker.io/library/bench-$f:latest" "$@"
 }
 bk_prune() {  # drop BuildKit's build cache and records (its images stay)
   [ "$BK" = 1 ] && [ "${BUILDKIT_PRUNE:-1}" = 1 ] || return 0
@@ -249,11 +278,11 @@ run_fresh() {
   fi
 }
 
-REG_DIR=${PEER_REGISTRY_DIR:-/tmp/peer-registry}
 run_transfer() {  # push | pull
-  local s=$1 i t k=() p=()
+  local s=$1 i t k=() p=() kb=() b=()
   kiln_build c || { log "kiln build c failed"; return 1; }
   peer_build c || { log "buildah build c failed"; return 1; }
+  if [ "$BK" = 1 ] && [ "$s" != pull ]; then bk_build c || { log "BuildKit build c failed"; return 1; }; fi
   for i in $(seq 1 "$ROUNDS"); do
     case "$s" in
       push|pushmemo)
@@ -265,7 +294,29 @@ run_transfer() {  # push | pull
         t=$(now); "$KILN" push bench-c:latest "$REG/bench-kiln:latest" >/dev/null 2>&1; k+=("$(elapsed "$t")")
         bash "$PEER_ENV" registry-wipe "$REG_DIR" >/dev/null 2>&1
         t=$(now); buildah --storage-driver overlay push --quiet --tls-verify=false \
-          localhost/bench-c:latest "docker://$REG/bench-buildah:latest" >/dev/null 2>&1; p+=("$(elapsed "$t")") ;;
+          localhost/bench-c:latest "docker://$REG/bench-buildah:latest" >/dev/null 2>&1; p+=("$(elapsed "$t")")
+        if [ "$BK" = 1 ]; then
+          # Against BuildKit: a cached build of c pushed by the build itself
+          # (kiln: `build --push`; BuildKit: --output type=image,push=true).
+          # push: the layers are compressed anew on both sides (kiln prune
+          # drops kiln's remembered blob; BuildKit's cache is pruned and
+          # the image built again without an exporter, so its new
+          # snapshots have no compressed blob yet); pushmemo: both reuse
+          # the compressed blobs of the previous round.
+          bash "$PEER_ENV" registry-wipe "$REG_DIR" >/dev/null 2>&1
+          bash "$PEER_ENV" push-base "$OUT" >/dev/null 2>&1
+          [ "$s" = push ] && "$KILN" prune >/dev/null 2>&1
+          t=$(now); "$KILN" build -q --network none -t "$REG/bench-kiln-build:latest" --push "$FIX/c" >/dev/null 2>&1 \
+            || { log "kiln build --push of c failed"; return 1; }
+          kb+=("$(elapsed "$t")")
+          if [ "$s" = push ]; then
+            "$BUILDCTL" --addr "$BUILDKIT_HOST" prune --all >/dev/null 2>&1 || true
+            bk_solve c || { log "BuildKit build c failed"; return 1; }
+          fi
+          t=$(now); bk_solve c --output "type=image,name=$REG/bench-bk:latest,push=true,registry.insecure=true" \
+            || { log "BuildKit push of c failed"; return 1; }
+          b+=("$(elapsed "$t")")
+        fi ;;
       pull)
         if [ "$i" = 1 ]; then
           bash "$PEER_ENV" registry-wipe "$REG_DIR" >/dev/null 2>&1
@@ -284,6 +335,13 @@ run_transfer() {  # push | pull
   pm=$(printf '%s\n' "${p[@]}" | median)
   peer=$([ "$s" = pull ] && echo "skopeo copy" || echo "buildah push")
   printf '| c | %s (vs %s) | %.3f s | %.3f s | — | %.3f | — |\n' "$s" "$peer" "$km" "$pm" "$(echo "$km / $pm" | bc -l)"
+  if [ "$s" != pull ]; then
+    if [ "$BK" = 1 ]; then
+      row c "$s, cached build + push (kiln build --push vs BuildKit push=true)" "$(med "${kb[@]}")" "" "$(med "${b[@]}")"
+    else
+      printf '| c | %s, cached build + push (vs BuildKit push=true) | not run | — | not run | — | not run |\n' "$s"
+    fi
+  fi
 }
 
 # layers500: 500 x RUN on one chain (no peer: buildah's overlay stops at
@@ -422,8 +480,233 @@ EOF
   done
 }
 
+# A row: fixture, scenario, kiln, peer (buildah or "" for "—"), BuildKit
+# ("" when not run). Times in seconds; the ratios are computed here.
+row() {
+  local f=$1 s=$2 km=$3 pm=$4 bm=$5 pc bc pr br
+  if [ -n "$pm" ]; then pc=$(printf '%.3f s' "$pm"); pr=$(printf '%.3f' "$(echo "$km / $pm" | bc -l)")
+  else pc="—"; pr="—"; fi
+  if [ "$BK" != 1 ]; then bc="not run"; br="not run"
+  elif [ -n "$bm" ]; then bc=$(printf '%.3f s' "$bm"); br=$(printf '%.3f' "$(echo "$km / $bm" | bc -l)")
+  else bc="—"; br="—"; fi
+  printf '| %s | %s | %.3f s | %s | %s | %s | %s |\n' "$f" "$s" "$km" "$pc" "$bc" "$pr" "$br"
+}
+med() { printf '%s\n' "$@" | median; }
+
+# fleet: a CI fleet sharing its build cache through the registry.
+# Runner A has built the fixture (a new commit: one file changed, so the
+# layers are new and nobody has compressed them yet) and builds it again
+# with the cache export: the build is cached, the time is the export
+# (layers compressed and uploaded, cache manifest pushed; mode=max).
+#   kiln:     kiln build -t … --cache-to type=registry,ref=…,mode=max
+#   BuildKit: buildctl build --export-cache type=registry,ref=…,mode=max
+#             (no --output: its image exporter would compress the layers
+#             for its image store before the cache export)
+# Runner B is a new runner: kiln with an empty store (a new KILN_ROOT),
+# BuildKit after `buildctl prune --all`; both pull the base from the
+# registry, hash/transfer the context, and take every step from the
+# imported cache:
+#   kiln:     kiln build -t … --cache-from type=registry,ref=…
+#   BuildKit: buildctl build --import-cache type=registry,ref=…, twice
+#             (pruned before each): --output type=image,name=… (its image
+#             store keeps lazy references to the cache's blobs and
+#             downloads no layer; `unpack=true` changes nothing with the
+#             OCI worker), and --output type=oci,dest=FILE (every layer
+#             downloaded and written out; kiln's store holds the layers
+#             downloaded and applied)
+# The registry is emptied every round. Fixtures: c, and "runs" (a COPY of
+# a small file that changes every round, then 10 RUN steps each writing
+# 200 small files, 1 MiB of random bytes and 2 MiB of text).
+fleet_prepare() {
+  local d="$FIX/runs" i
+  mkdir -p "$d"
+  echo 0 > "$d/round.txt"
+  {
+    echo "FROM $REG/busybox:latest"
+    echo "COPY round.txt /round.txt"
+    for i in $(seq 1 10); do
+      echo "RUN mkdir -p /out/$i && n=0 && while [ \$n -lt 200 ]; do echo \"step $i file \$n\" > /out/$i/f\$n; n=\$((n+1)); done && head -c 1048576 /dev/urandom > /out/$i/random && yes \"step $i text\" | head -c 2097152 > /out/$i/text"
+    done
+  } > "$d/Dockerfile"
+}
+fleet_bump() {  # fixture round: a new commit
+  case "$1" in
+    c) touch_one c ;;
+    runs) echo "round $2 $RANDOM" > "$FIX/runs/round.txt" ;;
+  esac
+}
+fleet_base() {  # the registry emptied, the base pushed again (same digest)
+  bash "$PEER_ENV" registry-wipe "$REG_DIR" >/dev/null 2>&1
+  bash "$PEER_ENV" push-base "$OUT" >/dev/null 2>&1
+}
+run_fleet() {  # fixture
+  local f=$1 i t ke=() ki=() be=() bi=() bo=() fresh kref bref n
+  local ra="$OUT/fleet-root/a"
+  kref="$REG/bench-cache-kiln-$f:latest"
+  bref="$REG/bench-cache-bk-$f:latest"
+  # Runner A's store: the base pulled from the registry, as runner B
+  # will pull it (kiln keys a base image by its manifest digest).
+  if [ ! -d "$ra" ]; then
+    fleet_base
+    KILN_ROOT="$ra" "$KILN" pull "$REG/busybox:latest" >/dev/null 2>&1 \
+      || { log "kiln pull of the base failed"; return 1; }
+  fi
+  for i in $(seq 1 "$ROUNDS"); do
+    fleet_bump "$f" "$i"
+    fleet_base
+    KILN_ROOT="$ra" kiln_build "$f" || { log "kiln build $f failed"; return 1; }
+    t=$(now); KILN_ROOT="$ra" kiln_build "$f" --cache-to "type=registry,ref=$kref,mode=max" \
+      || { log "kiln cache export of $f failed"; return 1; }
+    ke+=("$(elapsed "$t")")
+    if [ "$BK" = 1 ]; then
+      bk_solve "$f" || { log "BuildKit build $f failed"; return 1; }
+      t=$(now); bk_solve "$f" --export-cache "type=registry,ref=$bref,mode=max,registry.insecure=true" \
+        || { log "BuildKit cache export of $f failed"; return 1; }
+      be+=("$(elapsed "$t")")
+    fi
+    fresh="$OUT/fleet-root/$f-$i"
+    rm -rf "$fresh"
+    t=$(now); KILN_ROOT="$fresh" "$KILN" build --network none --progress json -t "bench-$f:latest" \
+      --cache-from "type=registry,ref=$kref" "$FIX/$f" >/dev/null 2>"$OUT/fleet-b.log" \
+      || { log "kiln cache import of $f failed"; return 1; }
+    ki+=("$(elapsed "$t")")
+    n=$(grep -c '"event": *"cached"' "$OUT/fleet-b.log" || true)
+    [ "$n" -gt 0 ] || log "kiln runner B ($f, round $i) took no step from the cache"
+    if [ "$BK" = 1 ]; then
+      local out
+      for out in "type=image,name=docker.io/library/bench-fleet-$f:latest" "type=oci,dest=$OUT/fleet-b.tar"; do
+        "$BUILDCTL" --addr "$BUILDKIT_HOST" prune --all >/dev/null 2>&1 || true
+        t=$(now); "$BUILDCTL" --addr "$BUILDKIT_HOST" build --progress plain \
+          --frontend dockerfile.v0 --opt force-network-mode=none \
+          --local context="$FIX/$f" --local dockerfile="$FIX/$f" \
+          --import-cache "type=registry,ref=$bref,registry.insecure=true" --output "$out" \
+          >/dev/null 2>"$OUT/fleet-b.log" || { log "BuildKit cache import of $f failed"; return 1; }
+        case "$out" in type=image*) bi+=("$(elapsed "$t")") ;; *) bo+=("$(elapsed "$t")") ;; esac
+        # (with type=oci BuildKit shows a step taken from the imported
+        # cache as done, not CACHED: only the type=image run is checked)
+        n=$(grep -c ' CACHED$' "$OUT/fleet-b.log" || true)
+        case "$out" in type=image*) [ "$n" -gt 0 ] \
+          || log "BuildKit runner B ($f, round $i) took no step from the cache" ;; esac
+        rm -f "$OUT/fleet-b.tar"
+      done
+    fi
+  done
+  rm -f "$OUT/fleet-b.log"
+  local bem="" bim="" bom=""
+  [ "$BK" = 1 ] && { bem=$(med "${be[@]}"); bim=$(med "${bi[@]}"); bom=$(med "${bo[@]}"); }
+  row "$f" "fleet: runner A, cache export (registry, mode=max; build cached, layers new)" "$(med "${ke[@]}")" "" "$bem"
+  row "$f" "fleet: runner B, empty store, cache import + build (BuildKit: type=image, lazy: downloads no layer)" "$(med "${ki[@]}")" "" "$bim"
+  row "$f" "fleet: runner B, the same kiln build (BuildKit: type=oci tar, every layer downloaded)" "$(med "${ki[@]}")" "" "$bom"
+}
+
+# debian: a Debian bookworm base (scripts/debian-base.sh, mmdebstrap,
+# imported by kiln and pushed to the bench registry, from where BuildKit
+# pulls it), apt-get install of a few packages through the cache mounts of
+# BuildKit's documented pattern, and a pip venv. RUN steps use the host's
+# network (both tools' default): deb.debian.org and pypi.org must be
+# reachable. cold: --no-cache with the package cache mounts warm (apt
+# still revalidates its indexes; pip still asks PyPI); cached: nothing
+# changed.
+run_debian() {
+  local d="$FIX/debian" tar s i t k b
+  tar=$(bash "$REPO/scripts/debian-base.sh" "${DEBIAN_BASE_CACHE:-$OUT/debian-cache}") \
+    || { log "scripts/debian-base.sh failed (mmdebstrap? network?)"; return 1; }
+  "$KILN" import -c 'CMD ["bash"]' \
+    -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    "$tar" "$REG/debian:bookworm" >/dev/null
+  "$KILN" push "$REG/debian:bookworm" >/dev/null 2>&1 || { log "push of the Debian base failed"; return 1; }
+  mkdir -p "$d"
+  cat > "$d/Dockerfile" <<DF
+FROM $REG/debian:bookworm
+RUN rm -f /etc/apt/apt.conf.d/docker-clean
+RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \\
+    --mount=type=cache,target=/var/lib/apt,sharing=locked \\
+    apt-get update && apt-get install -y --no-install-recommends python3-venv jq
+RUN --mount=type=cache,target=/root/.cache/pip \\
+    python3 -m venv /v && /v/bin/pip install --disable-pip-version-check six==1.16.0
+DF
+  kd() { "$KILN" build -q -t bench-debian:latest "$@" "$d" >/dev/null; }
+  bd() {
+    "$BUILDCTL" --addr "$BUILDKIT_HOST" build --progress quiet --frontend dockerfile.v0 \
+      --local context="$d" --local dockerfile="$d" \
+      --output "type=image,name=docker.io/library/bench-debian:latest" "$@" >/dev/null 2>&1
+  }
+  kd || { log "kiln build debian failed"; return 1; }
+  if [ "$BK" = 1 ]; then bd || { log "BuildKit build debian failed"; return 1; }; fi
+  for s in cold cached; do
+    k=(); b=()
+    local extra=()
+    [ "$s" = cold ] && extra=(--no-cache)
+    for i in $(seq 1 "$ROUNDS"); do
+      t=$(now); kd "${extra[@]}" || { log "kiln build debian failed"; return 1; }; k+=("$(elapsed "$t")")
+      if [ "$BK" = 1 ]; then
+        t=$(now); bd "${extra[@]}" || { log "BuildKit build debian failed"; return 1; }; b+=("$(elapsed "$t")")
+      fi
+    done
+    local bm=""
+    [ "$BK" = 1 ] && bm=$(med "${b[@]}")
+    if [ "$s" = cold ]; then
+      row debian "cold (--no-cache), apt + pip cache mounts warm" "$(med "${k[@]}")" "" "$bm"
+    else
+      row debian "cached" "$(med "${k[@]}")" "" "$bm"
+    fi
+  done
+}
+
+# rss: kiln's peak resident set building fixture c (GNU time's %M: the
+# largest of kiln and the children it waited for), cold (--no-cache),
+# cached, changed, and fresh (an empty store); the largest of ROUNDS
+# builds each. BuildKit for reference: the daemon's VmHWM over the same
+# four builds of c (reset through /proc/PID/clear_refs first), found by
+# the unix socket it listens on.
+run_rss() {
+  local s i m fresh bkpid="" kr=() br=()
+  kiln_build c || { log "kiln build c failed"; return 1; }
+  if [ "$BK" = 1 ]; then
+    bk_build c || { log "BuildKit build c failed"; return 1; }
+    bkpid=$(ss -xlpn 2>/dev/null | grep -F "${BUILDKIT_HOST#unix://} " | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -1)
+  fi
+  for s in cold cached changed fresh; do
+    local best=0 bbest=0
+    for i in $(seq 1 "$ROUNDS"); do
+      local extra=() root="$KILN_ROOT"
+      case "$s" in
+        cold) extra=(--no-cache) ;;
+        changed) touch_one c ;;
+        fresh)
+          root="$OUT/rss-root/$i"; rm -rf "$root"
+          KILN_ROOT="$root" "$KILN" load -i "$OUT/busybox.tar" >/dev/null 2>&1
+          KILN_ROOT="$root" "$KILN" tag busybox:latest "$REG/busybox:latest" >/dev/null 2>&1 ;;
+      esac
+      KILN_ROOT="$root" /usr/bin/time -f %M -o "$OUT/rss.txt" \
+        "$KILN" build -q --network none -t bench-c:latest "${extra[@]}" "$FIX/c" >/dev/null \
+        || { log "kiln build c ($s) failed"; return 1; }
+      m=$(tail -1 "$OUT/rss.txt")
+      [ "$m" -gt "$best" ] && best=$m
+      if [ -n "$bkpid" ]; then
+        echo 5 > "/proc/$bkpid/clear_refs" 2>/dev/null || true
+        [ "$s" = fresh ] && "$BUILDCTL" --addr "$BUILDKIT_HOST" prune --all >/dev/null 2>&1
+        [ "$s" = changed ] && touch_one c
+        bk_build c "${extra[@]}" || { log "BuildKit build c ($s) failed"; return 1; }
+        m=$(awk '/^VmHWM:/ {print $2}' "/proc/$bkpid/status")
+        [ "$m" -gt "$bbest" ] && bbest=$m
+      fi
+    done
+    kr+=("$((best / 1024))")
+    br+=("$((bbest / 1024))")
+  done
+  # the stores stay until exit: deleting 60,000 files now would slow
+  # the next scenario's file creation (ext4's recently_deleted, see run_fresh)
+  rm -f "$OUT/rss.txt"
+  local bcol="not run"
+  [ -n "$bkpid" ] && bcol="buildkitd ${br[0]} / ${br[1]} / ${br[2]} / ${br[3]} MiB"
+  [ "$BK" = 1 ] && [ -z "$bkpid" ] && bcol="(buildkitd's pid not found)"
+  printf '| c | peak RSS, cold / cached / changed / fresh (max of %s) | %s / %s / %s / %s MiB | — | %s | — | — |\n' \
+    "$ROUNDS" "${kr[0]}" "${kr[1]}" "${kr[2]}" "${kr[3]}" "$bcol"
+}
+
 fixtures=("$@")
-[ ${#fixtures[@]} -gt 0 ] || fixtures=(a b c runstep fresh push pushmemo pull layers500 platforms)
+[ ${#fixtures[@]} -gt 0 ] || fixtures=(a b c runstep fresh push pushmemo pull layers500 platforms fleet rss)
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); $(buildah --version 2>/dev/null || echo 'no buildah')"
 if [ "$BK" = 1 ]; then
   echo "BuildKit: $("$BUILDCTL" --addr "$BUILDKIT_HOST" debug workers -v 2>/dev/null | awk '
@@ -451,6 +734,14 @@ for f in "${fixtures[@]}"; do
     run_platforms
   elif [ "$f" = push ] || [ "$f" = pushmemo ] || [ "$f" = pull ]; then
     run_transfer "$f"
+  elif [ "$f" = fleet ]; then
+    fleet_prepare
+    run_fleet c
+    run_fleet runs
+  elif [ "$f" = debian ]; then
+    run_debian
+  elif [ "$f" = rss ]; then
+    run_rss
   else
     for s in cold cached changed; do run_scenario "$f" "$s"; peer_prune; bk_prune; done
   fi

@@ -20,6 +20,7 @@ use std::rc::Rc;
 
 use kiln_image::compression::{decompress, sniff_reader, Compression};
 
+use crate::content::BlobWriter;
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
 use crate::snapshot::{apply_into, ApplyMode, Info};
@@ -62,8 +63,12 @@ struct Streamed {
 }
 
 /// Reads `src` (the blob), hashes it, decompresses it, hashes the tar and
-/// writes the tar to `out`, to its end.
-fn stream_layer(src: Box<dyn Read + Send>, out: &mut dyn Write) -> io::Result<Streamed> {
+/// writes the tar to `out` (and to `tee`, when given), to its end.
+fn stream_layer(
+    src: Box<dyn Read + Send>,
+    out: &mut dyn Write,
+    mut tee: Option<&mut BlobWriter>,
+) -> io::Result<Streamed> {
     let blob_hash = Rc::new(RefCell::new(Hasher::new()));
     let hashed = HashInto {
         inner: src,
@@ -85,6 +90,9 @@ fn stream_layer(src: Box<dyn Read + Send>, out: &mut dyn Write) -> io::Result<St
             h.update(&buf[..n]);
         }
         out.write_all(&buf[..n])?;
+        if let Some(t) = tee.as_mut() {
+            t.write_all(&buf[..n])?;
+        }
     }
     out.flush()?;
     drop(tar);
@@ -122,11 +130,58 @@ impl Store {
         layer: LayerBlob<'_>,
     ) -> Result<Info> {
         apply_into(self.snapshotter(), name, parent, |dir, mode| {
-            self.unpack_verified(layer, dir, mode)
+            self.unpack_verified(layer, dir, mode, None).map(|(d, _)| d)
         })
     }
 
-    fn unpack_verified(&self, layer: LayerBlob<'_>, dir: &Path, mode: ApplyMode) -> Result<Digest> {
+    /// [`Store::unpack_layer`] of a compressed blob that also keeps the
+    /// layer's uncompressed tar, as the blob `layer.diff_id`: the thread
+    /// that decompresses the blob writes the tar while the files are
+    /// applied, and the tar is committed once its digest is proved to be
+    /// the diffID — one decompression and one hash of the tar instead of
+    /// a decompression into the store followed by an unpack that reads,
+    /// hashes and applies the tar again. Returns whether the tar was kept:
+    /// `false` when the snapshot existed already (nothing is unpacked) or
+    /// the blob is not compressed (it is the tar).
+    pub fn unpack_layer_keeping_tar(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        layer: LayerBlob<'_>,
+    ) -> Result<bool> {
+        if layer.digest == layer.diff_id {
+            self.unpack_layer(name, parent, layer)?;
+            return Ok(false);
+        }
+        let mut tar = self.content().writer_prehashed()?;
+        let mut tar_len = None;
+        apply_into(self.snapshotter(), name, parent, |dir, mode| {
+            let (d, n) = self.unpack_verified(layer, dir, mode, Some(&mut tar))?;
+            tar_len = Some(n);
+            Ok(d)
+        })?;
+        let Some(n) = tar_len else {
+            return Ok(false);
+        };
+        self.commit_blob(
+            tar,
+            Some(layer.diff_id),
+            Some(n),
+            Some(kiln_image::manifest::media_types::OCI_LAYER),
+        )?;
+        Ok(true)
+    }
+
+    /// Applies `layer` onto `dir`, verified; returns the tar's digest and
+    /// size. `tee` gets a copy of the tar (see
+    /// [`Store::unpack_layer_keeping_tar`]).
+    fn unpack_verified(
+        &self,
+        layer: LayerBlob<'_>,
+        dir: &Path,
+        mode: ApplyMode,
+        tee: Option<&mut BlobWriter>,
+    ) -> Result<(Digest, u64)> {
         // A stored file: kept open so that a corrupt one can be moved
         // aside (the very file that was read, not a repaired copy).
         let (src, file): (Box<dyn Read + Send>, Option<std::fs::File>) =
@@ -145,7 +200,7 @@ impl Store {
         let (mut w, mut r) = crate::chunkpipe::chunk_pipe();
         let (streamed, applied) = std::thread::scope(|s| {
             let reader = s.spawn(move || {
-                let res = stream_layer(src, &mut w);
+                let res = stream_layer(src, &mut w, tee);
                 drop(w);
                 res
             });
@@ -185,7 +240,7 @@ impl Store {
                 // A memo of a value [`Store::layer_size`] can derive again:
                 // a failure to record it does not fail the unpack.
                 let _ = self.meta().put_diff_size(layer.diff_id, st.tar.1);
-                Ok(st.tar.0)
+                Ok(st.tar)
             }
             Err(e) => {
                 // The blob could not be read or decompressed to its end:

@@ -21,6 +21,20 @@ fn tmp_entries(s: &Store) -> usize {
     std::fs::read_dir(s.tmp_dir()).unwrap().count()
 }
 
+/// The tar of the tree `src` (the tree differ's), its diffID, and the tar
+/// gzip-compressed.
+fn gzip_layer(src: &std::path::Path) -> (Vec<u8>, Digest, Vec<u8>) {
+    use kiln_image::compression::{Compression, CompressionOpts, Encoder};
+    use kiln_image::diff::{write_tree_diff, DiffOptions};
+    let mut tar = Vec::new();
+    write_tree_diff(None, src, &mut tar, &DiffOptions::default()).unwrap();
+    let diff_id = Digest::sha256_of(&tar);
+    let mut enc = Encoder::new(Vec::new(), CompressionOpts::new(Compression::Gzip)).unwrap();
+    enc.write_all(&tar).unwrap();
+    let gz = enc.finish().unwrap();
+    (tar, diff_id, gz)
+}
+
 #[test]
 fn layout_and_schema() {
     let dir = tempfile::tempdir().unwrap();
@@ -658,17 +672,10 @@ fn retired_snapshots_wait_for_the_sweep_or_prune() {
 #[test]
 fn layer_size_is_the_uncompressed_tar_recorded_at_unpack_or_found_once() {
     use kiln_cache::LayerBlob;
-    use kiln_image::compression::{Compression, CompressionOpts, Encoder};
-    use kiln_image::diff::{write_tree_diff, DiffOptions};
     let dir = tempfile::tempdir().unwrap();
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("zeros"), vec![0u8; 200_000]).unwrap();
-    let mut tar = Vec::new();
-    write_tree_diff(None, src.path(), &mut tar, &DiffOptions::default()).unwrap();
-    let diff_id = Digest::sha256_of(&tar);
-    let mut enc = Encoder::new(Vec::new(), CompressionOpts::new(Compression::Gzip)).unwrap();
-    enc.write_all(&tar).unwrap();
-    let gz = enc.finish().unwrap();
+    let (tar, diff_id, gz) = gzip_layer(src.path());
     assert!(gz.len() * 10 < tar.len(), "the test layer compresses well");
 
     // Unpacked: recorded.
@@ -719,4 +726,57 @@ fn layer_size_is_the_uncompressed_tar_recorded_at_unpack_or_found_once() {
     };
     assert_eq!(s.layer_size(lying).unwrap(), gz.len() as u64);
     assert_eq!(s.meta().diff_size(&wrong).unwrap(), None);
+}
+
+/// A cache import unpacks a compressed layer once and keeps its tar on
+/// the way (`unpack_layer_keeping_tar`): the tar is stored under the
+/// diffID, byte for byte, and the files are applied; a blob whose tar is
+/// not the diffID leaves neither a snapshot nor a tar; an existing
+/// snapshot is not unpacked again (nothing kept, the caller falls back).
+#[test]
+fn unpack_keeping_tar_stores_the_verified_tar_once() {
+    use kiln_cache::LayerBlob;
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("a.txt"), b"alpha\n").unwrap();
+    std::fs::write(src.path().join("zeros"), vec![0u8; 300_000]).unwrap();
+    let (tar, diff_id, gz) = gzip_layer(src.path());
+    let s = open(dir.path());
+    let bd = s.put_bytes(&gz, None).unwrap();
+    let blob = |diff_id| LayerBlob {
+        digest: &bd,
+        size: Some(gz.len() as u64),
+        diff_id,
+    };
+
+    // Not the layer its config names: nothing kept.
+    let wrong = Digest::sha256_of(b"another layer");
+    assert!(s
+        .unpack_layer_keeping_tar(wrong.as_str(), None, blob(&wrong))
+        .is_err());
+    assert!(!s.has_blob(&wrong));
+    assert!(s.snapshotter().stat(wrong.as_str()).is_err());
+    assert_eq!(tmp_entries(&s), 0, "no temp file left behind");
+
+    let lb = blob(&diff_id);
+    assert!(s
+        .unpack_layer_keeping_tar(diff_id.as_str(), None, lb)
+        .unwrap());
+    let mut kept = Vec::new();
+    s.open_blob(&diff_id)
+        .unwrap()
+        .read_to_end(&mut kept)
+        .unwrap();
+    assert!(kept == tar, "the kept tar is the layer's tar");
+    assert_eq!(s.blob_size(&diff_id).unwrap(), tar.len() as u64);
+    let applied: Vec<_> = std::fs::read_dir(dir.path().join("snapshots"))
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.unwrap().path().join("fs/a.txt")).ok())
+        .collect();
+    assert_eq!(applied, vec![b"alpha\n".to_vec()], "the files are applied");
+    // Already there: nothing unpacked, nothing kept.
+    assert!(!s
+        .unpack_layer_keeping_tar(diff_id.as_str(), None, lb)
+        .unwrap());
 }

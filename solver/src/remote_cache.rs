@@ -44,7 +44,9 @@ use crate::backend::{
 };
 use crate::copy::HashCache;
 use crate::store::{chain_id, StoreBackend};
-use crate::transfer::{encode_image, encode_one, LayerEncoding, StoreSink, StoreSource};
+use crate::transfer::{
+    encode_image, encode_one, push_layers, LayerEncoding, StoreSink, StoreSource,
+};
 
 crate::error::module_error! {
     /// Why a cache import or export failed.
@@ -423,6 +425,9 @@ impl RemoteCacheBackend {
                 todo.push(r.clone());
             }
         }
+        if todo.len() > 1 {
+            self.prefetch(&todo);
+        }
         for r in todo.iter().rev() {
             self.apply_remote(r).map_err(BackendError::ctx(format!(
                 "importing cached layer {}",
@@ -433,6 +438,30 @@ impl RemoteCacheBackend {
             }
         }
         Ok(())
+    }
+
+    /// Downloads the blobs of `todo` (a chain about to be applied) up to
+    /// four at once, so that applying them in order waits for no
+    /// download. A failure is left for [`Self::apply_remote`] to meet
+    /// again and report.
+    fn prefetch(&self, todo: &[Remote]) {
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..todo.len().min(4) {
+                s.spawn(|| loop {
+                    let Some(r) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        return;
+                    };
+                    let Ok(diff) = cd(&r.rec.diff_id) else {
+                        continue;
+                    };
+                    let store = self.store();
+                    if !(store.has_blob(&diff) && store.meta().has_blob(&diff).unwrap_or(false)) {
+                        let _ = self.fetch(r);
+                    }
+                });
+            }
+        });
     }
 
     fn fetch(&self, r: &Remote) -> Result<(), RemoteCacheError> {
@@ -465,6 +494,25 @@ impl RemoteCacheBackend {
         if !have_tar {
             self.fetch(r)?;
             if r.desc.digest != r.rec.diff_id {
+                // One pass over the compressed blob: its files applied
+                // while the verified tar is kept. The fallback below
+                // (decompress into the store) is for a snapshot that
+                // exists already without its tar.
+                let blob = cd(&r.desc.digest)?;
+                store
+                    .unpack_layer_keeping_tar(
+                        &r.rec.chain_id,
+                        r.rec.parent_chain_id.as_deref(),
+                        kiln_cache::LayerBlob {
+                            digest: &blob,
+                            size: Some(r.desc.size),
+                            diff_id: &diff,
+                        },
+                    )
+                    .map_err(|e| RemoteCacheError::ctx("applying")(e))?;
+            }
+            let have_tar = store.has_blob(&diff) && store.meta().has_blob(&diff).unwrap_or(false);
+            if !have_tar && r.desc.digest != r.rec.diff_id {
                 let f = store
                     .open_blob(&cd(&r.desc.digest)?)
                     .map_err(RemoteCacheError::src)?;
@@ -478,6 +526,8 @@ impl RemoteCacheBackend {
                     .map_err(|e| {
                         RemoteCacheError::ctx("layer content does not match its diffID")(e)
                     })?;
+            }
+            if r.desc.digest != r.rec.diff_id {
                 // Remember the compressed form: pushing it again needs no
                 // recompression.
                 let memo = match r.desc.media_type.as_str() {
@@ -525,12 +575,34 @@ impl RemoteCacheBackend {
     }
 
     /// The records to export and their layer blobs (gzip), everything
-    /// materialised locally first.
+    /// materialised locally first, each layer compressed into the store
+    /// (and the memo) once.
     fn collect(
         &self,
         mode: CacheMode,
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<(CacheConfig, Vec<Descriptor>), RemoteCacheError> {
+        let (cfg, plain) = self.collect_plain(mode)?;
+        let mut layers = Vec::with_capacity(plain.len());
+        for (l, diff) in &plain {
+            layers.push(encode_one(
+                self.store(),
+                l,
+                diff,
+                LayerEncoding::default(),
+                progress,
+            )?);
+        }
+        Ok((cfg, layers))
+    }
+
+    /// The records to export and their layers as stored (uncompressed,
+    /// each with its diffID, each once), everything materialised locally
+    /// first: a record's `layer` indexes the list.
+    fn collect_plain(
+        &self,
+        mode: CacheMode,
+    ) -> Result<(CacheConfig, Vec<(Descriptor, Digest)>), RemoteCacheError> {
         let finals: HashSet<String> = self
             .final_layers
             .lock()
@@ -546,29 +618,22 @@ impl RemoteCacheBackend {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let store = self.store();
-        let mut layers: Vec<Descriptor> = Vec::new();
+        let mut layers: Vec<(Descriptor, Digest)> = Vec::new();
         let mut records = Vec::new();
         for (key, sn) in seen {
             if mode == CacheMode::Min && !finals.contains(&sn.snapshot) {
                 continue;
             }
             self.materialize(&sn.snapshot)?;
-            let diff = cd(&sn.diff_id)?;
-            let size = store
-                .blob_size(&diff)
-                .map_err(|e| RemoteCacheError::ctx("layer")(e))?;
-            let plain = Descriptor::new(media_types::OCI_LAYER, sn.diff_id.clone(), size);
-            let desc = encode_one(
-                store,
-                &plain,
-                &sn.diff_id,
-                LayerEncoding::default(),
-                progress,
-            )?;
-            let layer = match layers.iter().position(|d| d.digest == desc.digest) {
+            let layer = match layers.iter().position(|(_, d)| d == &sn.diff_id) {
                 Some(i) => i,
                 None => {
-                    layers.push(desc);
+                    let diff = cd(&sn.diff_id)?;
+                    let size = store
+                        .blob_size(&diff)
+                        .map_err(|e| RemoteCacheError::ctx("layer")(e))?;
+                    let plain = Descriptor::new(media_types::OCI_LAYER, sn.diff_id.clone(), size);
+                    layers.push((plain, sn.diff_id.clone()));
                     layers.len() - 1
                 }
             };
@@ -632,10 +697,7 @@ impl RemoteCacheBackend {
             .map_err(|e| RemoteCacheError::ctx(reference)(e))?;
         let r = Reference::parse(&name).map_err(|e| RemoteCacheError::ctx(reference)(e))?;
         let reg = Registry::new(&r.registry, &self.registry).map_err(RemoteCacheError::src)?;
-        let (cfg, layers) = self.collect(mode, progress)?;
-        let (raw, config) = self.cache_manifest(&cfg, layers.clone())?;
-        let mut blobs = layers.clone();
-        blobs.push(config);
+        let (cfg, plain) = self.collect_plain(mode)?;
         let written = AtomicUsize::new(0);
         let count = |t: Transfer| {
             if matches!(t, Transfer::Done(..)) {
@@ -647,7 +709,21 @@ impl RemoteCacheBackend {
             mounts: HashMap::new(),
             target: None,
         };
-        reg.push_blobs(&r.repository, &blobs, &source, jobs, &count)
+        // Layers not compressed yet are compressed while they upload
+        // (as `kiln push` does), several at once.
+        let layers = push_layers(
+            self.store(),
+            &reg,
+            &r.repository,
+            &source,
+            &plain,
+            LayerEncoding::default(),
+            jobs,
+            progress,
+            &count,
+        )?;
+        let (raw, config) = self.cache_manifest(&cfg, layers.clone())?;
+        reg.push_blobs(&r.repository, &[config], &source, 1, &count)
             .map_err(RemoteCacheError::src)?;
         let tag = r.tag.clone().unwrap_or_else(|| "latest".to_string());
         let digest = reg
@@ -910,6 +986,15 @@ impl Backend for RemoteCacheBackend {
             .keys()
             .cloned()
             .collect();
+        // The topmost pending layer first: its chain (every pending layer
+        // below it) is downloaded at once, then applied in order.
+        if let Some(top) = layers
+            .iter()
+            .rev()
+            .find(|l| was_pending.contains(&l.snapshot))
+        {
+            self.materialize(&top.snapshot)?;
+        }
         let mut fixed = Vec::with_capacity(layers.len());
         for l in layers {
             let mut l = l.clone();

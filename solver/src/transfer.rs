@@ -1016,23 +1016,18 @@ fn push_to(
         target: Some((r.registry.clone(), r.repository.clone())),
     };
     let repo = r.repository.as_str();
-    let streaming = std::sync::atomic::AtomicBool::new(true);
-    let one = |i: usize| -> Result<Descriptor, TransferError> {
-        let (Some(l), Some(diff)) = (m.layers.get(i), config.rootfs.diff_ids.get(i)) else {
-            return Err(TransferError::invalid("layer index out of range"));
-        };
-        match plan_layer(store, l, diff, enc, progress)? {
-            LayerPlan::Ready(d) => {
-                reg.push_blobs(repo, std::slice::from_ref(&*d), &source, 1, transfer)
-                    .map_err(TransferError::src)?;
-                Ok(*d)
-            }
-            LayerPlan::Compress(t) => stream_layer(
-                store, reg, repo, l, diff, enc, t, &streaming, progress, transfer,
-            ),
-        }
-    };
-    let layers = parallel(m.layers.len(), jobs, &one)?;
+    if m.layers.len() != config.rootfs.diff_ids.len() {
+        return Err(TransferError::invalid("layer index out of range"));
+    }
+    let pairs: Vec<(Descriptor, Digest)> = m
+        .layers
+        .iter()
+        .cloned()
+        .zip(config.rootfs.diff_ids.iter().cloned())
+        .collect();
+    let layers = push_layers(
+        store, reg, repo, &source, &pairs, enc, jobs, progress, transfer,
+    )?;
     let raw = store_manifest(store, &m, layers.clone(), enc)?;
     reg.push_blobs(repo, &[config_of(&m)], &source, 1, transfer)
         .map_err(TransferError::src)?;
@@ -1041,6 +1036,42 @@ fn push_to(
         .map_err(TransferError::src)?;
     remember_locations(store, r, &m.config, &layers);
     Ok(raw)
+}
+
+/// Pushes `layers` (each a stored layer blob and its diffID) to `repo`
+/// encoded per `enc`, up to `jobs` at once: a blob already encoded that
+/// way (or remembered in the memo) is sent as it is (HEAD first, mount,
+/// upload); one that must be compressed is compressed while it is
+/// uploaded, and remembered. Returns the pushed descriptors, in order.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn push_layers(
+    store: &Store,
+    reg: &Registry,
+    repo: &str,
+    source: &StoreSource<'_>,
+    layers: &[(Descriptor, Digest)],
+    enc: LayerEncoding,
+    jobs: usize,
+    progress: &(dyn Fn(&str) + Sync),
+    transfer: &(dyn Fn(Transfer) + Sync),
+) -> Result<Vec<Descriptor>, TransferError> {
+    let streaming = std::sync::atomic::AtomicBool::new(true);
+    let one = |i: usize| -> Result<Descriptor, TransferError> {
+        let Some((l, diff)) = layers.get(i) else {
+            return Err(TransferError::invalid("layer index out of range"));
+        };
+        match plan_layer(store, l, diff, enc, progress)? {
+            LayerPlan::Ready(d) => {
+                reg.push_blobs(repo, std::slice::from_ref(&*d), source, 1, transfer)
+                    .map_err(TransferError::src)?;
+                Ok(*d)
+            }
+            LayerPlan::Compress(t) => stream_layer(
+                store, reg, repo, l, diff, enc, t, &streaming, progress, transfer,
+            ),
+        }
+    };
+    parallel(layers.len(), jobs, &one)
 }
 
 /// Notes that `r`'s repository holds `config` and `layers`, for
