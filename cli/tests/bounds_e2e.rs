@@ -813,3 +813,28 @@ fn one_config_limit_for_load_and_build() {
     assert!(err.contains("more than the limit of 8 MiB"), "{err}");
     assert!(err.contains("| LABEL l"), "no source line: {err}");
 }
+
+#[test]
+fn an_ignore_file_that_cannot_be_read_fails_the_build_instead_of_excluding_nothing() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = tempfile::tempdir().expect("tmp");
+    std::fs::write(ctx.path().join("Dockerfile"), "FROM busybox\nCOPY . /c\n").expect("write");
+    std::fs::write(ctx.path().join("secret.key"), "do not ship").expect("write");
+    let p = std::ffi::CString::new(ctx.path().join(".dockerignore").to_str().expect("utf8"))
+        .expect("cstr");
+    // SAFETY: valid path.
+    assert_eq!(unsafe { libc::mkfifo(p.as_ptr(), 0o644) }, 0);
+    let o = k.run(&["build", "-q", ctx.path().to_str().expect("utf8")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "built with an unreadable .dockerignore"
+    );
+    assert!(
+        err.contains(".dockerignore is a FIFO, not a regular file"),
+        "{err}"
+    );
+}

@@ -129,7 +129,7 @@ pub fn resolve(
                     )));
                 }
                 let path = context.join(rel);
-                let bytes = read_confined(&context, &path, rel)
+                let bytes = read_confined(&context, &path, &format!("Dockerfile {rel}"))
                     .map_err(usage)?
                     .ok_or_else(|| {
                         usage(format!(
@@ -161,7 +161,7 @@ pub fn resolve(
             // us: it is read through the context's descriptors.
             let shown = p.display().to_string();
             let bytes = if p.starts_with(&context) {
-                read_confined(&context, &p, &shown)
+                read_confined(&context, &p, &format!("Dockerfile {shown}"))
                     .map_err(usage)?
                     .ok_or_else(|| {
                         usage(format!(
@@ -169,7 +169,7 @@ pub fn resolve(
                         ))
                     })?
             } else {
-                read_regular(&p, &shown).map_err(usage)?
+                read_regular(&p, &format!("Dockerfile {shown}")).map_err(usage)?
             };
             let ignore = find_ignore_file(&p, &context);
             (
@@ -198,9 +198,17 @@ pub fn resolve(
             )
         }
     };
-    let ignore = match read_confined(&context, &ignore_path, &ignore_path.display().to_string()) {
-        Ok(Some(b)) => read_ignore_file(&String::from_utf8_lossy(&b)),
-        _ => Vec::new(),
+    // A missing ignore file is no rules; one that cannot be read (a FIFO,
+    // too large, a directory) is an error, never silently no rules.
+    let ignore = match read_confined(
+        &context,
+        &ignore_path,
+        &format!("ignore file {}", ignore_path.display()),
+    )
+    .map_err(usage)?
+    {
+        Some(b) => read_ignore_file(&String::from_utf8_lossy(&b)),
+        None => Vec::new(),
     };
     Ok(Resolved {
         dir: context,
@@ -220,7 +228,7 @@ pub fn resolve(
 /// meanwhile leads nowhere outside. `Ok(None)` when there is no such file.
 fn read_confined(context: &Path, path: &Path, shown: &str) -> Result<Option<Vec<u8>>, String> {
     use kiln_fs::{Follow, Root};
-    let err = |e: kiln_fs::Error| format!("reading Dockerfile {shown}: {}", e.io());
+    let err = |e: kiln_fs::Error| format!("reading {shown}: {}", e.io());
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         return Ok(None);
     };
@@ -236,7 +244,10 @@ fn read_confined(context: &Path, path: &Path, shown: &str) -> Result<Option<Vec<
     let found = dir.and_then(|d| d.open_path(name, Follow::InRoot));
     match found {
         Ok(fd) => read_opened(fd, shown).map(Some),
-        Err(e) if e.is_not_found() || e.raw_os_error() == Some(libc::ENOTDIR) => Ok(None),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+            Err(format!("reading {shown}: not a directory"))
+        }
         Err(e) => Err(err(e)),
     }
 }
@@ -252,7 +263,7 @@ fn read_regular(path: &Path, shown: &str) -> Result<Vec<u8>, String> {
         .read(true)
         .custom_flags(libc::O_PATH)
         .open(path)
-        .map_err(|e| format!("reading Dockerfile {shown}: {e}"))?;
+        .map_err(|e| format!("reading {shown}: {e}"))?;
     read_opened(fd.into(), shown)
 }
 
@@ -278,9 +289,9 @@ fn read_opened(fd: std::os::fd::OwnedFd, shown: &str) -> Result<Vec<u8>, String>
             "not a regular file"
         }
     };
-    let refuse = |t| format!("the Dockerfile {shown} is {}, not a regular file", kind(t));
+    let refuse = |t| format!("{shown} is {}, not a regular file", kind(t));
     let at = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    let m = std::fs::metadata(&at).map_err(|e| format!("reading Dockerfile {shown}: {e}"))?;
+    let m = std::fs::metadata(&at).map_err(|e| format!("reading {shown}: {e}"))?;
     if !m.is_file() {
         return Err(refuse(m.file_type()));
     }
@@ -288,26 +299,19 @@ fn read_opened(fd: std::os::fd::OwnedFd, shown: &str) -> Result<Vec<u8>, String>
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(&at)
-        .map_err(|e| format!("reading Dockerfile {shown}: {e}"))?;
-    let m = f
-        .metadata()
-        .map_err(|e| format!("reading Dockerfile {shown}: {e}"))?;
+        .map_err(|e| format!("reading {shown}: {e}"))?;
+    let m = f.metadata().map_err(|e| format!("reading {shown}: {e}"))?;
     if !m.is_file() {
         return Err(refuse(m.file_type()));
     }
-    let too_big = || {
-        format!(
-            "the Dockerfile {shown} is larger than {} MiB",
-            MAX_DOCKERFILE >> 20
-        )
-    };
+    let too_big = || format!("{shown} is larger than {} MiB", MAX_DOCKERFILE >> 20);
     if m.len() > MAX_DOCKERFILE {
         return Err(too_big());
     }
     let mut b = Vec::new();
     f.take(MAX_DOCKERFILE + 1)
         .read_to_end(&mut b)
-        .map_err(|e| format!("reading Dockerfile {shown}: {e}"))?;
+        .map_err(|e| format!("reading {shown}: {e}"))?;
     if b.len() as u64 > MAX_DOCKERFILE {
         return Err(too_big());
     }
