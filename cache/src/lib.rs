@@ -53,6 +53,7 @@ mod content;
 mod digest;
 mod error;
 mod gc;
+mod layerstream;
 mod meta;
 mod reference;
 pub mod snapshot;
@@ -65,6 +66,7 @@ pub use content::{BlobListing, BlobWriter, ContentStore};
 pub use digest::{Digest, Hasher};
 pub use error::{Error, Result};
 pub use gc::{CheckReport, DfEntry, DiskUsage, PruneOptions, PruneReport};
+pub use layerstream::{LayerStream, StreamedDiff};
 pub use meta::{
     CacheRecord, FileStat, ImageRecord, Kind, Lease, LeaseRecord, Meta, SnapshotRow, SCHEMA_VERSION,
 };

@@ -279,6 +279,9 @@ struct Ctx<W: Write> {
     usage: (u64, u64),
     counted: HashSet<(u64, u64)>,
     partial: bool,
+    /// Headers only ([`overlay_fingerprint`]): each entry's
+    /// [`Meta::fingerprint`] goes here and nothing is written or read.
+    headers: Option<crate::Hasher>,
 }
 
 impl<W: Write> Ctx<W> {
@@ -292,6 +295,7 @@ impl<W: Write> Ctx<W> {
             usage: (0, 0),
             counted: HashSet::new(),
             partial: false,
+            headers: None,
         }
     }
 
@@ -322,6 +326,11 @@ impl<W: Write> Ctx<W> {
 
     fn put(&mut self, meta: &Meta, data: Option<&mut dyn Read>) -> Result<(), ImageError> {
         self.check()?;
+        if let Some(h) = &mut self.headers {
+            meta.fingerprint(h);
+            self.stats.entries += 1;
+            return Ok(());
+        }
         let appended = match (data, &self.opts.cancel) {
             (Some(r), Some(cancel)) => self
                 .tar
@@ -434,8 +443,8 @@ impl<W: Write> Ctx<W> {
             }
             self.links.insert(key, meta.path.clone());
         }
-        if let Kind::Regular(n) = meta.kind {
-            if n > 0 {
+        if let (Kind::Regular(n), None) = (&meta.kind, &self.headers) {
+            if *n > 0 {
                 let mut f = match open {
                     Some(f) => f,
                     None => open_nofollow(abs)?,
@@ -528,6 +537,32 @@ pub fn write_overlay_diff(
     ctx.count(&St::of(&md));
     overlay_dir(&mut ctx, &root, upper, &[])?;
     ctx.finish_measured()
+}
+
+/// The fingerprint ([`Meta::fingerprint`], in order) of the headers
+/// [`write_overlay_diff`] would write for `upper`, without reading any
+/// file's content, and the walked directory's disk usage (bytes,
+/// inodes). A writer that streamed a layer while making the upperdir
+/// compares its own entries' fingerprint with this one: equal, its tar
+/// has the headers the differ would write.
+pub fn overlay_fingerprint(
+    upper: &Path,
+    opts: &DiffOptions,
+) -> Result<(crate::Digest, Option<(u64, u64)>), ImageError> {
+    let mut ctx = Ctx::new(std::io::sink(), opts);
+    ctx.headers = Some(crate::Hasher::new());
+    let root = File::open(upper).map_err(|e| ImageError::path("open", upper, e))?;
+    let md = root
+        .metadata()
+        .map_err(|e| ImageError::path("stat", upper, e))?;
+    ctx.count(&St::of(&md));
+    overlay_dir(&mut ctx, &root, upper, &[])?;
+    let usage = (!ctx.partial).then_some(ctx.usage);
+    let h = ctx
+        .headers
+        .take()
+        .ok_or_else(|| ImageError::from(std::io::Error::other("no fingerprint")))?;
+    Ok((h.finish(), usage))
 }
 
 /// `openat(dir, name)` for reading, never following a symlink;

@@ -42,6 +42,42 @@ pub struct Meta {
     pub xattrs: Xattrs,
 }
 
+impl Meta {
+    /// Feeds everything of this entry that its tar header says (path,
+    /// kind with its size or link target, mode, owner, mtime, xattrs)
+    /// into `h`, each field length-prefixed: two entries with equal
+    /// fingerprints write equal headers.
+    pub fn fingerprint(&self, h: &mut crate::Hasher) {
+        fn field(h: &mut crate::Hasher, b: &[u8]) {
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        }
+        field(h, &self.path);
+        let (tag, a, b, bytes): (u8, u64, u64, &[u8]) = match &self.kind {
+            Kind::Regular(n) => (b'0', *n, 0, &[]),
+            Kind::Dir => (b'5', 0, 0, &[]),
+            Kind::Symlink(t) => (b'2', 0, 0, t),
+            Kind::Hardlink(t) => (b'1', 0, 0, t),
+            Kind::Char(x, y) => (b'3', u64::from(*x), u64::from(*y), &[]),
+            Kind::Block(x, y) => (b'4', u64::from(*x), u64::from(*y), &[]),
+            Kind::Fifo => (b'6', 0, 0, &[]),
+        };
+        h.update(&[tag]);
+        h.update(&a.to_le_bytes());
+        h.update(&b.to_le_bytes());
+        field(h, bytes);
+        h.update(&self.mode.to_le_bytes());
+        h.update(&self.uid.to_le_bytes());
+        h.update(&self.gid.to_le_bytes());
+        h.update(&self.mtime.to_le_bytes());
+        h.update(&(self.xattrs.len() as u64).to_le_bytes());
+        for (k, v) in &self.xattrs {
+            field(h, k);
+            field(h, v);
+        }
+    }
+}
+
 /// Extended attributes as (name, value) pairs.
 pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 

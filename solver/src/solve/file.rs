@@ -40,7 +40,7 @@ impl Solver {
             let resolved = view.resolve(&dir, true).map_err(BuildError::from_cause)?;
             view.ensure_dir(&resolved, owner)
                 .map_err(BuildError::from_cause)?;
-            Ok(())
+            Ok(None)
         })
         .await
     }
@@ -78,7 +78,9 @@ impl Solver {
             ..CopyOptions::default()
         };
         self.layer_step(&lop.name, state, key, move |dst| {
-            copy_selections(dst, "/", true, &selections, &opts).map_err(BuildError::from_cause)
+            copy_selections(dst, "/", true, &selections, &opts)
+                .map(|()| None)
+                .map_err(BuildError::from_cause)
         })
         .await
     }
@@ -153,6 +155,7 @@ impl Solver {
         };
         let prev_snapshot = prev_layer.as_ref().map(|l| l.snapshot.clone());
         let cancel = self.cancel.clone();
+        let t = std::time::Instant::now();
         let ((selections, fetched_sel, src_hashes), key) =
             blocking(move || -> Result<_, BuildError> {
                 let selector = Selector {
@@ -204,6 +207,10 @@ impl Solver {
             })
             .await
             .map_err(at_line(line))?;
+        tracing::debug!(
+            seconds = t.elapsed().as_secs_f64(),
+            "COPY sources selected and hashed"
+        );
         let contents: Vec<(String, String)> = op
             .heredocs
             .iter()
@@ -224,6 +231,13 @@ impl Solver {
         let chown = op.chown.clone();
         let dest = op.dest.clone();
         let dest_is_dir = op.dest_is_dir;
+        // A plain COPY into its fresh snapshot digests the layer as it
+        // writes it (one read of each file feeds the copy and the layer
+        // hash); the commit then diffs nothing. Everything else is
+        // diffed at the commit as before.
+        let streamable = !add && fetched.is_empty() && contents.is_empty();
+        let clamp = self.opts.source_date_epoch;
+        let diff_opts = self.diff_options();
         let work = move |dst: &LayerView| {
             let mut opts = opts;
             if reusable {
@@ -260,10 +274,38 @@ impl Solver {
                 crate::archive::add_selections(dst, &dest, dest_is_dir, &selections, &opts)
                     .map_err(BuildError::from_cause)?;
             } else {
-                copy_selections(dst, &dest, dest_is_dir, &selections, &opts)
-                    .map_err(BuildError::from_cause)?;
+                let mut stream = match dst.top() {
+                    Some(top) if streamable && upper_is_empty(top) => {
+                        Some(kiln_cache::LayerStream::start(clamp))
+                    }
+                    _ => None,
+                };
+                match stream.as_mut() {
+                    Some(st) => crate::copy::copy_selections_streamed(
+                        dst,
+                        &dest,
+                        dest_is_dir,
+                        &selections,
+                        &opts,
+                        st,
+                    ),
+                    None => copy_selections(dst, &dest, dest_is_dir, &selections, &opts),
+                }
+                .map_err(BuildError::from_cause)?;
                 if let (Some(r), Some(top)) = (&opts.reuse, dst.top()) {
                     r.store_index(top).map_err(BuildError::from_cause)?;
+                }
+                if let (Some(st), Some(top)) = (stream, dst.top()) {
+                    let t = std::time::Instant::now();
+                    // A stream that does not match the upperdir, or fails
+                    // its check, is dropped: the commit diffs instead.
+                    let streamed = st.finish(top, &diff_opts).ok().flatten();
+                    tracing::debug!(
+                        seconds = t.elapsed().as_secs_f64(),
+                        streamed = streamed.is_some(),
+                        "COPY layer stream checked"
+                    );
+                    return Ok(streamed);
                 }
             }
             for (name, data) in &contents {
@@ -277,7 +319,7 @@ impl Solver {
                 )
                 .map_err(BuildError::from_cause)?;
             }
-            Ok(())
+            Ok(None)
         };
         let layer = if link {
             self.clone().link_step(name, state, key, work).await
@@ -295,6 +337,12 @@ impl Solver {
         }
         Ok(layer)
     }
+}
+
+/// Whether a snapshot's top layer directory holds nothing yet (a COPY
+/// into it may stream its layer, see [`kiln_cache::LayerStream`]).
+fn upper_is_empty(top: &std::path::Path) -> bool {
+    std::fs::read_dir(top).is_ok_and(|mut d| d.next().is_none())
 }
 
 /// Resolves `user[:group]` through the view's /etc/passwd and /etc/group
