@@ -140,16 +140,19 @@ impl LayerStream {
         self.put(&m, None)
     }
 
-    /// A regular file at `path`: the inode `(dev, ino)` with its final
-    /// mode, owner and mtime, `size` bytes read from `data` (which must
-    /// yield exactly that many). A second name of an inode streamed
-    /// already is written as a hard link and `data` is not read. The
-    /// stream gives up (rather than fail) when `data` runs short; errors
-    /// of `data` itself are returned.
+    /// A regular file at `path`, open as `file` (its extended attributes
+    /// are looked at through it: a file with any gives up the stream, as
+    /// the final check does not read them): the inode `(dev, ino)` with
+    /// its final mode, owner and mtime, `size` bytes read from `data`
+    /// (which must yield exactly that many). A second name of an inode
+    /// streamed already is written as a hard link and `data` is not read.
+    /// The stream gives up (rather than fail) when `data` runs short;
+    /// errors of `data` itself are returned.
     #[allow(clippy::too_many_arguments)]
     pub fn file(
         &mut self,
         path: &[u8],
+        file: &std::fs::File,
         inode: (u64, u64),
         mode: u32,
         owner: (u32, u32),
@@ -166,6 +169,10 @@ impl LayerStream {
             mtime: self.clamp(mtime),
             xattrs: Vec::new(),
         };
+        if has_xattrs(file) {
+            self.give_up();
+            return Ok(());
+        }
         if let Some(first) = self.links.get(&inode) {
             m.kind = Kind::Hardlink(first.clone());
             return self.put(&m, None);
@@ -229,6 +236,16 @@ impl Drop for LayerStream {
             let _ = h.join();
         }
     }
+}
+
+/// Whether the open file has any extended attribute (or its file system
+/// cannot say).
+fn has_xattrs(f: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an open descriptor; a null buffer of size 0 only asks for
+    // the size of the name list.
+    let n = unsafe { libc::flistxattr(f.as_raw_fd(), std::ptr::null_mut(), 0) };
+    n != 0 && !(n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTSUP))
 }
 
 /// Tells a read error of the data apart from the tar writer's own

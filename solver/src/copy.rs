@@ -1203,10 +1203,12 @@ fn write_entry(
             if let Some(st) = stream {
                 // A second name of an inode streamed already: a hard link
                 // entry, the inode's own metadata (as the differ sees it).
+                let back = open_read_at(dir.as_raw_fd(), &cname).map_err(io)?;
                 match dir.stat(name).map_err(fs_err)? {
                     Some(h) if h.is_file() => st
                         .file(
                             layer_path(to),
+                            &back,
                             (h.dev(), h.ino()),
                             h.mode(),
                             (h.uid(), h.gid()),
@@ -1289,6 +1291,7 @@ fn stream_linked(
     stream
         .file(
             layer_path(to),
+            &f,
             (fm.dev(), fm.ino()),
             mode,
             (uid, gid),
@@ -1303,7 +1306,7 @@ fn stream_linked(
 /// destination: what the layer stream hashes is what the file holds.
 struct Tee<'a> {
     src: io::Take<&'a mut fs::File>,
-    dst: &'a mut fs::File,
+    dst: &'a fs::File,
     opts: &'a CopyOptions,
 }
 
@@ -1313,7 +1316,7 @@ impl Read for Tee<'_> {
             return Err(io::Error::other(CopyError::Cancelled));
         }
         let n = self.src.read(buf)?;
-        self.dst.write_all(&buf[..n])?;
+        (&mut &*self.dst).write_all(&buf[..n])?;
         Ok(n)
     }
 }
@@ -1346,14 +1349,32 @@ fn copy_file_streamed(
     let streamed = if cloned {
         let back = open_read_at(dir, name).map_err(err)?;
         let n = back.metadata().map_err(err)?.len();
-        stream.file(layer_path(to), inode, mode, (uid, gid), t, n, &mut &back)
+        stream.file(
+            layer_path(to),
+            &back,
+            inode,
+            mode,
+            (uid, gid),
+            t,
+            n,
+            &mut &back,
+        )
     } else {
         let mut tee = Tee {
             src: (&mut src).take(size),
-            dst: &mut dst,
+            dst: &dst,
             opts,
         };
-        stream.file(layer_path(to), inode, mode, (uid, gid), t, size, &mut tee)
+        stream.file(
+            layer_path(to),
+            &dst,
+            inode,
+            mode,
+            (uid, gid),
+            t,
+            size,
+            &mut tee,
+        )
     };
     if let Err(e) = streamed {
         return Err(
@@ -1781,7 +1802,7 @@ mod tests {
         lower: Option<&Path>,
         dest: &str,
         clamp: Option<i64>,
-        between: impl FnOnce(),
+        between: impl FnOnce(&Path),
         after: impl FnOnce(&Path),
     ) -> (Option<kiln_cache::StreamedDiff>, (kiln_image::Digest, u64)) {
         let view = LayerView::new(vec![ctx.to_path_buf()], true);
@@ -1791,10 +1812,10 @@ mod tests {
             exclude: None,
         };
         let picked = sel.select(src).unwrap();
-        between();
         let t = tempfile::tempdir_in(ctx.parent().unwrap()).unwrap();
         let upper = t.path().join("upper");
         fs::create_dir_all(&upper).unwrap();
+        between(&upper);
         let mut layers = vec![upper.clone()];
         layers.extend(lower.map(Path::to_path_buf));
         let dst = LayerView::new(layers, false);
@@ -1856,7 +1877,8 @@ mod tests {
             (Some(lower.as_path()), "/usr/local/app/", None),
             (None, "/app", Some(1_000_000)),
         ] {
-            let (streamed, (d, n)) = stream_vs_differ(&ctx, ".", lower, dest, clamp, || {}, |_| {});
+            let (streamed, (d, n)) =
+                stream_vs_differ(&ctx, ".", lower, dest, clamp, |_| {}, |_| {});
             let s = streamed.unwrap_or_else(|| panic!("{dest}: the stream gave up"));
             assert_eq!((s.diff_id, s.size), (d, n), "{dest}");
         }
@@ -1880,7 +1902,7 @@ mod tests {
             None,
             "/app",
             None,
-            || {
+            |_| {
                 fs::write(ctx.join("d/grows"), vec![1u8; 300_000]).unwrap();
                 fs::write(ctx.join("d/shrinks"), vec![2u8; 10]).unwrap();
                 fs::write(ctx.join("d/swapped.new"), vec![9u8; 4096]).unwrap();
@@ -1908,7 +1930,7 @@ mod tests {
             None,
             "/app",
             None,
-            || {},
+            |_| {},
             |up| {
                 fs::set_permissions(up.join("app/run"), fs::Permissions::from_mode(0o755)).unwrap()
             },
@@ -1920,9 +1942,61 @@ mod tests {
             None,
             "/app",
             None,
-            || {},
+            |_| {},
             |up| fs::write(up.join("app/a/extra"), "").unwrap(),
         );
         assert!(s.is_none());
+    }
+
+    /// Files that get extended attributes of their own where they are
+    /// made (here a default ACL on the layer directory, which new files
+    /// inherit as an access ACL) are not streamed: the layer is diffed,
+    /// attributes and all.
+    #[test]
+    fn files_with_extended_attributes_are_not_streamed() {
+        let t = tempfile::tempdir().unwrap();
+        let ctx = t.path().join("ctx");
+        fs::create_dir_all(ctx.join("d")).unwrap();
+        fs::write(ctx.join("d/f"), "x").unwrap();
+        // version 2; user::rwx, user:1000:r--, group::r-x, mask::r-x, other::r-x
+        let mut acl = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in [
+            (1u16, 7u16, u32::MAX),
+            (2, 4, 1000),
+            (4, 5, u32::MAX),
+            (0x10, 5, u32::MAX),
+            (0x20, 5, u32::MAX),
+        ] {
+            acl.extend(tag.to_le_bytes());
+            acl.extend(perm.to_le_bytes());
+            acl.extend(id.to_le_bytes());
+        }
+        let mut acl_set = false;
+        let (s, _) = stream_vs_differ(
+            &ctx,
+            "d",
+            None,
+            "/app",
+            None,
+            |up| {
+                let p = std::ffi::CString::new(up.as_os_str().as_bytes()).unwrap();
+                // SAFETY: NUL-terminated path and name, a buffer of its length.
+                acl_set = unsafe {
+                    libc::setxattr(
+                        p.as_ptr(),
+                        c"system.posix_acl_default".as_ptr(),
+                        acl.as_ptr().cast(),
+                        acl.len(),
+                        0,
+                    )
+                } == 0;
+            },
+            |_| {},
+        );
+        if acl_set {
+            assert!(s.is_none());
+        } else {
+            assert!(std::env::var_os("CI").is_none(), "ACLs unsupported here");
+        }
     }
 }
