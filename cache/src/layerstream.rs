@@ -1,28 +1,34 @@
 //! A layer digested while its files are written: a COPY into a fresh
 //! overlay upperdir describes each entry as it makes it, in the order the
 //! overlay differ walks ([`kiln_image::diff::write_overlay_diff`]), and
-//! hands over the bytes it writes; the tar of those entries is hashed on
-//! a second thread as they come. The commit then needs neither a second
-//! read of the files nor a second sha256 pass.
+//! hands over each file it wrote, open; a second thread reads those files
+//! and hashes the tar of the entries as they come (the headers from here,
+//! the content from the files). The commit then needs no second walk of
+//! the snapshot, and the copying thread neither reads nor hashes.
 //!
 //! The digest is only used when it describes the upperdir exactly: at
 //! the end the upperdir is walked as the differ walks it, headers only
-//! (names, types, modes, owners, mtimes, sizes, link targets, xattrs,
-//! hard links; no content read), and the fingerprint of those headers
-//! must equal that of the entries streamed. Content is what the writer
-//! wrote into files it created itself (or what it read from the files it
-//! hard-linked), the same bytes that went into the hash. Anything else
-//! — an entry the stream could not describe, a mismatch — gives `None`
-//! and the commit diffs the snapshot as before.
+//! (names, types, modes, owners, mtimes, sizes, link targets, directory
+//! xattrs and overlay flags, hard links; no file opened), and the
+//! fingerprint of those headers must equal that of the entries streamed.
+//! Files' extended attributes are looked at through the descriptors the
+//! writer hands over (any at all: the stream gives up). Content is read
+//! from the files in the snapshot themselves, and a file that gives other
+//! than its size in bytes fails the stream. Anything else — an entry the
+//! stream could not describe, a mismatch — gives `None` and the commit
+//! diffs the snapshot as before. The snapshot is the kiln process's own
+//! until it is committed: nothing else writes into it meanwhile.
 
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Arc;
 
 use kiln_image::diff::DiffOptions;
 use kiln_image::tarw::{Kind, Meta, TarWriter};
 
-use crate::chunkpipe::{chunk_pipe, ChunkWriter};
 use crate::{Digest, Hasher, Usage};
 
 /// The layer a [`LayerStream`] digested: what a commit would otherwise
@@ -37,10 +43,28 @@ pub struct StreamedDiff {
     pub usage: Option<Usage>,
 }
 
+/// A piece of the tar, in order: bytes written here, or a file's content
+/// (so many bytes, then zeros to a 512-byte boundary) read by the hasher.
+enum Piece {
+    Bytes(Vec<u8>),
+    File(std::fs::File, u64),
+}
+
+/// Pieces per batch handed to the hasher, and batches in flight (so at
+/// most `BATCH * DEPTH` files are held open).
+const BATCH: usize = 32;
+const DEPTH: usize = 4;
+/// Header bytes gathered before they are handed over.
+const BYTES: usize = 256 << 10;
+
 /// A layer tar hashed as its entries are written (see the module doc).
 pub struct LayerStream {
-    tar: Option<TarWriter<ChunkWriter>>,
-    hasher: Option<std::thread::JoinHandle<(Digest, u64)>>,
+    tar: Option<TarWriter<Vec<u8>>>,
+    batch: Vec<Piece>,
+    tx: Option<SyncSender<Vec<Piece>>>,
+    hasher: Option<std::thread::JoinHandle<Option<(Digest, u64)>>>,
+    /// Tells the hasher to stop early (the stream was dropped).
+    stop: Arc<AtomicBool>,
     headers: Hasher,
     clamp: Option<i64>,
     /// Regular files streamed so far, by (device, inode): a second name
@@ -57,20 +81,73 @@ impl std::fmt::Debug for LayerStream {
     }
 }
 
+/// The hasher thread: the pieces' bytes in order through sha256, or
+/// `None` when a file did not give its size in bytes or could not be read.
+fn hash_pieces(
+    rx: std::sync::mpsc::Receiver<Vec<Piece>>,
+    stop: &AtomicBool,
+) -> Option<(Digest, u64)> {
+    let mut h = Hasher::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let zeros = [0u8; 512];
+    let mut whole = true;
+    for batch in rx {
+        for piece in batch {
+            if !whole || stop.load(Ordering::Relaxed) {
+                whole = false;
+                continue;
+            }
+            match piece {
+                Piece::Bytes(b) => h.update(&b),
+                Piece::File(mut f, size) => {
+                    let mut left = size;
+                    while left > 0 {
+                        let want = buf.len().min(usize::try_from(left).unwrap_or(buf.len()));
+                        match f.read(&mut buf[..want]) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                h.update(&buf[..n]);
+                                left -= n as u64;
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(_) => break,
+                        }
+                    }
+                    if left > 0 {
+                        whole = false;
+                        continue;
+                    }
+                    let rem = (size % 512) as usize;
+                    if rem != 0 {
+                        h.update(&zeros[..512 - rem]);
+                    }
+                }
+            }
+        }
+    }
+    if !whole {
+        return None;
+    }
+    let len = h.len();
+    Some((h.finish(), len))
+}
+
 impl LayerStream {
     /// A stream for a layer whose mtimes are clamped to `clamp_mtime`
     /// (the commit's [`DiffOptions::clamp_mtime`]).
     pub fn start(clamp_mtime: Option<i64>) -> Self {
-        let (w, mut r) = chunk_pipe();
-        let hasher = std::thread::spawn(move || {
-            let mut h = Hasher::new();
-            r.for_each_chunk(|c| h.update(c));
-            let len = h.len();
-            (h.finish(), len)
-        });
+        let (tx, rx) = sync_channel(DEPTH);
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let hasher = std::thread::spawn(move || hash_pieces(rx, &s2));
+        let mut tar = TarWriter::new(Vec::with_capacity(BYTES));
+        tar.defer_content();
         LayerStream {
-            tar: Some(TarWriter::new(w)),
+            tar: Some(tar),
+            batch: Vec::with_capacity(BATCH),
+            tx: Some(tx),
             hasher: Some(hasher),
+            stop,
             headers: Hasher::new(),
             clamp: clamp_mtime,
             links: HashMap::new(),
@@ -88,6 +165,9 @@ impl LayerStream {
     pub fn give_up(&mut self) {
         self.live = false;
         self.tar = None;
+        self.batch.clear();
+        self.stop.store(true, Ordering::Relaxed);
+        self.tx = None;
     }
 
     fn clamp(&self, t: i64) -> i64 {
@@ -97,12 +177,55 @@ impl LayerStream {
         }
     }
 
-    fn put(&mut self, meta: &Meta, data: Option<&mut dyn Read>) -> io::Result<()> {
+    /// Moves the header bytes gathered so far into the batch.
+    fn take_bytes(&mut self) {
+        if let Some(tar) = self.tar.as_mut() {
+            let out = tar.get_mut();
+            if !out.is_empty() {
+                let b = std::mem::replace(out, Vec::with_capacity(BYTES));
+                self.batch.push(Piece::Bytes(b));
+            }
+        }
+    }
+
+    /// Hands the batch to the hasher (a gone hasher gives up the stream).
+    fn send(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(batch).is_ok());
+        if !sent {
+            self.give_up();
+        }
+    }
+
+    fn put(&mut self, meta: &Meta, file: Option<std::fs::File>) -> io::Result<()> {
         let Some(tar) = self.tar.as_mut() else {
             return Ok(());
         };
         meta.fingerprint(&mut self.headers);
-        tar.append(meta, data)
+        tar.append(meta, None)?;
+        match (file, &meta.kind) {
+            (Some(f), Kind::Regular(n)) if *n > 0 => {
+                self.take_bytes();
+                self.batch.push(Piece::File(f, *n));
+                if self.batch.len() >= BATCH {
+                    self.send();
+                }
+            }
+            _ => {
+                if self
+                    .tar
+                    .as_mut()
+                    .is_some_and(|t| t.get_mut().len() >= BYTES)
+                {
+                    self.take_bytes();
+                    self.send();
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A directory at `path` (relative to the layer root) with its final
@@ -140,26 +263,28 @@ impl LayerStream {
         self.put(&m, None)
     }
 
-    /// A regular file at `path`, open as `file` (its extended attributes
-    /// are looked at through it: a file with any gives up the stream, as
-    /// the final check does not read them): the inode `(dev, ino)` with
-    /// its final mode, owner and mtime, `size` bytes read from `data`
-    /// (which must yield exactly that many). A second name of an inode
-    /// streamed already is written as a hard link and `data` is not read.
-    /// The stream gives up (rather than fail) when `data` runs short;
-    /// errors of `data` itself are returned.
+    /// A regular file at `path`, `file` open for reading on that very
+    /// file in the snapshot (at offset 0): the inode `(dev, ino)` with its
+    /// final mode, owner and mtime, and `size` bytes, which the hasher
+    /// reads from `file` (fewer or a read error fail the stream). A file
+    /// with any extended attribute gives up the stream (the final check
+    /// does not read them). A second name of an inode streamed already is
+    /// a hard-link entry.
     #[allow(clippy::too_many_arguments)]
     pub fn file(
         &mut self,
         path: &[u8],
-        file: &std::fs::File,
+        file: std::fs::File,
         inode: (u64, u64),
         mode: u32,
         owner: (u32, u32),
         mtime: i64,
         size: u64,
-        data: &mut dyn Read,
     ) -> io::Result<()> {
+        if has_xattrs(&file) {
+            self.give_up();
+            return Ok(());
+        }
         let mut m = Meta {
             path: path.to_vec(),
             kind: Kind::Regular(size),
@@ -169,30 +294,12 @@ impl LayerStream {
             mtime: self.clamp(mtime),
             xattrs: Vec::new(),
         };
-        if has_xattrs(file) {
-            self.give_up();
-            return Ok(());
-        }
         if let Some(first) = self.links.get(&inode) {
             m.kind = Kind::Hardlink(first.clone());
             return self.put(&m, None);
         }
         self.links.insert(inode, path.to_vec());
-        let mut counted = Counted {
-            inner: data,
-            n: 0,
-            failed: false,
-        };
-        match self.put(&m, Some(&mut counted)) {
-            Ok(()) => Ok(()),
-            Err(e) if counted.failed => Err(e),
-            // Short: the file shrank under us. What was read is written;
-            // the tar is no longer whole.
-            Err(_) => {
-                self.give_up();
-                Ok(())
-            }
-        }
+        self.put(&m, Some(file))
     }
 
     /// Ends the stream and checks it against `upper` (see the module
@@ -203,13 +310,20 @@ impl LayerStream {
         upper: &Path,
         opts: &DiffOptions,
     ) -> Result<Option<StreamedDiff>, kiln_image::ImageError> {
-        let tar = self.tar.take();
-        let finished = match tar {
-            Some(t) if self.live => t.finish().map(drop).is_ok(),
+        let finished = match self.tar.take() {
+            Some(t) if self.live => match t.finish() {
+                Ok(rest) => {
+                    self.batch.push(Piece::Bytes(rest));
+                    true
+                }
+                Err(_) => false,
+            },
             _ => false,
         };
-        let hashed = self.hasher.take().and_then(|h| h.join().ok());
-        let (Some((diff_id, size)), true) = (hashed, finished) else {
+        self.send();
+        self.tx = None;
+        let hashed = self.hasher.take().and_then(|h| h.join().ok()).flatten();
+        let (Some((diff_id, size)), true) = (hashed, finished && self.live) else {
             return Ok(None);
         };
         if opts.clamp_mtime != self.clamp || !opts.exclude.is_empty() {
@@ -230,8 +344,10 @@ impl LayerStream {
 
 impl Drop for LayerStream {
     fn drop(&mut self) {
-        // The hasher ends once the writer is gone.
-        self.tar = None;
+        // The hasher stops at its next piece and ends once the sender is
+        // gone.
+        self.stop.store(true, Ordering::Relaxed);
+        self.tx = None;
         if let Some(h) = self.hasher.take() {
             let _ = h.join();
         }
@@ -245,28 +361,5 @@ fn has_xattrs(f: &std::fs::File) -> bool {
     // SAFETY: an open descriptor; a null buffer of size 0 only asks for
     // the size of the name list.
     let n = unsafe { libc::flistxattr(f.as_raw_fd(), std::ptr::null_mut(), 0) };
-    n != 0 && !(n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTSUP))
-}
-
-/// Tells a read error of the data apart from the tar writer's own
-/// complaint that the data ran short.
-struct Counted<'a> {
-    inner: &'a mut dyn Read,
-    n: u64,
-    failed: bool,
-}
-
-impl Read for Counted<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.inner.read(buf) {
-            Ok(n) => {
-                self.n += n as u64;
-                Ok(n)
-            }
-            Err(e) => {
-                self.failed = true;
-                Err(e)
-            }
-        }
-    }
+    n != 0 && !(n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOTSUP))
 }

@@ -87,6 +87,8 @@ pub struct TarWriter<W: Write> {
     written: u64,
     /// Copy buffer for file data (large reads: few syscalls per file).
     buf: Vec<u8>,
+    /// See [`TarWriter::defer_content`].
+    deferred: bool,
 }
 
 const BLOCK: usize = 512;
@@ -174,12 +176,26 @@ impl<W: Write> TarWriter<W> {
             out,
             written: 0,
             buf: Vec::new(),
+            deferred: false,
         }
     }
 
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
         self.written
+    }
+
+    /// From now on, [`TarWriter::append`] of a regular file without
+    /// `data` writes only its header(s): the caller puts the file's
+    /// content and its padding to 512 bytes into the stream itself,
+    /// right after (see [`TarWriter::get_mut`]).
+    pub fn defer_content(&mut self) {
+        self.deferred = true;
+    }
+
+    /// The writer entries go to.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
     }
 
     fn raw(&mut self, b: &[u8]) -> io::Result<()> {
@@ -320,6 +336,11 @@ impl<W: Write> TarWriter<W> {
             dev,
         );
         self.raw(&h)?;
+        if size > 0 && data.is_none() && self.deferred {
+            // The caller supplies the content and padding itself.
+            self.written += size.div_ceil(BLOCK as u64) * BLOCK as u64;
+            return Ok(());
+        }
         if size > 0 {
             let data = data.ok_or_else(|| io::Error::other("regular file without data"))?;
             let n = self.copy_data(data, size)?;

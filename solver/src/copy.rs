@@ -1208,13 +1208,12 @@ fn write_entry(
                     Some(h) if h.is_file() => st
                         .file(
                             layer_path(to),
-                            &back,
+                            back,
                             (h.dev(), h.ino()),
                             h.mode(),
                             (h.uid(), h.gid()),
                             h.mtime().0,
                             h.size(),
-                            &mut io::empty(),
                         )
                         .map_err(io)?,
                     _ => st.give_up(),
@@ -1291,43 +1290,24 @@ fn stream_linked(
     stream
         .file(
             layer_path(to),
-            &f,
+            f,
             (fm.dev(), fm.ino()),
             mode,
             (uid, gid),
             t,
             fm.size(),
-            &mut &f,
         )
         .map_err(io)
 }
 
-/// Reads from a source file and writes every byte it gives into the
-/// destination: what the layer stream hashes is what the file holds.
-struct Tee<'a> {
-    src: io::Take<&'a mut fs::File>,
-    dst: &'a fs::File,
-    opts: &'a CopyOptions,
-}
-
-impl Read for Tee<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.opts.check_cancel().is_err() {
-            return Err(io::Error::other(CopyError::Cancelled));
-        }
-        let n = self.src.read(buf)?;
-        (&mut &*self.dst).write_all(&buf[..n])?;
-        Ok(n)
-    }
-}
-
-/// [`copy_file`] for a streamed layer: the source's bytes go into the new
-/// file and into `stream` in one read (or, where the file system clones
-/// files, the clone is read back through `dir`/`name`).
+/// [`copy_file`] for a streamed layer: the file is copied as ever (in
+/// the kernel, or cloned), then opened again for reading through its
+/// directory `dir` and handed to `stream`, whose hasher reads what the
+/// snapshot holds (from the page cache, on its own thread).
 #[allow(clippy::too_many_arguments)]
 fn copy_file_streamed(
     from: &Path,
-    mut dst: fs::File,
+    dst: fs::File,
     to: &[u8],
     (uid, gid, mode): (u32, u32, u32),
     (t, ns): (i64, i64),
@@ -1336,56 +1316,21 @@ fn copy_file_streamed(
     dir: i32,
     name: &std::ffi::CStr,
 ) -> Result<(), CopyError> {
-    use std::os::fd::AsRawFd;
     let err = |e: io::Error| CopyError::Io(show(to), e);
-    opts.check_cancel()?;
-    let mut src = fs::File::open(from).map_err(|e| io_err(from, e))?;
-    let size = src.metadata().map_err(|e| io_err(from, e))?.len();
-    let dm = dst.metadata().map_err(err)?;
-    let inode = (dm.dev(), dm.ino());
-    // SAFETY: two open descriptors; FICLONE fails harmlessly when
-    // unsupported.
-    let cloned = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0;
-    let streamed = if cloned {
-        let back = open_read_at(dir, name).map_err(err)?;
-        let n = back.metadata().map_err(err)?.len();
-        stream.file(
+    copy_file(from, dst, to, (uid, gid, mode), (t, ns), opts)?;
+    let back = open_read_at(dir, name).map_err(err)?;
+    let m = back.metadata().map_err(err)?;
+    stream
+        .file(
             layer_path(to),
-            &back,
-            inode,
+            back,
+            (m.dev(), m.ino()),
             mode,
             (uid, gid),
             t,
-            n,
-            &mut &back,
+            m.size(),
         )
-    } else {
-        let mut tee = Tee {
-            src: (&mut src).take(size),
-            dst: &dst,
-            opts,
-        };
-        stream.file(
-            layer_path(to),
-            &dst,
-            inode,
-            mode,
-            (uid, gid),
-            t,
-            size,
-            &mut tee,
-        )
-    };
-    if let Err(e) = streamed {
-        return Err(
-            match e.get_ref().and_then(|i| i.downcast_ref::<CopyError>()) {
-                Some(CopyError::Cancelled) => CopyError::Cancelled,
-                _ => err(e),
-            },
-        );
-    }
-    dst.flush().map_err(err)?;
-    set_file_meta(&dst, to, (uid, gid, mode), (t, ns))
+        .map_err(err)
 }
 
 /// Copies file content into the new file `dst` (with a reflink when the
