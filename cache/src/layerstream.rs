@@ -47,7 +47,9 @@ pub struct StreamedDiff {
 /// (so many bytes, then zeros to a 512-byte boundary) read by the hasher.
 enum Piece {
     Bytes(Vec<u8>),
-    File(std::fs::File, u64),
+    /// The file `name` in the directory `dir`, opened (never following a
+    /// symlink) and read by the hasher.
+    At(Arc<std::fs::File>, std::ffi::CString, u64),
 }
 
 /// Pieces per batch handed to the hasher, and batches in flight (so at
@@ -99,7 +101,11 @@ fn hash_pieces(
             }
             match piece {
                 Piece::Bytes(b) => h.update(&b),
-                Piece::File(mut f, size) => {
+                Piece::At(dir, name, size) => {
+                    let Some(mut f) = open_at(&dir, &name).filter(|f| !has_xattrs(f)) else {
+                        whole = false;
+                        continue;
+                    };
                     let mut left = size;
                     while left > 0 {
                         let want = buf.len().min(usize::try_from(left).unwrap_or(buf.len()));
@@ -200,16 +206,21 @@ impl LayerStream {
         }
     }
 
-    fn put(&mut self, meta: &Meta, file: Option<std::fs::File>) -> io::Result<()> {
+    fn put(
+        &mut self,
+        meta: &Meta,
+        file: Option<(&Arc<std::fs::File>, &std::ffi::CStr)>,
+    ) -> io::Result<()> {
         let Some(tar) = self.tar.as_mut() else {
             return Ok(());
         };
         meta.fingerprint(&mut self.headers);
         tar.append(meta, None)?;
         match (file, &meta.kind) {
-            (Some(f), Kind::Regular(n)) if *n > 0 => {
+            // Empty files too: the hasher looks at their attributes.
+            (Some((dir, name)), Kind::Regular(n)) => {
                 self.take_bytes();
-                self.batch.push(Piece::File(f, *n));
+                self.batch.push(Piece::At(dir.clone(), name.to_owned(), *n));
                 if self.batch.len() >= BATCH {
                     self.send();
                 }
@@ -263,28 +274,23 @@ impl LayerStream {
         self.put(&m, None)
     }
 
-    /// A regular file at `path`, `file` open for reading on that very
-    /// file in the snapshot (at offset 0): the inode `(dev, ino)` with its
-    /// final mode, owner and mtime, and `size` bytes, which the hasher
-    /// reads from `file` (fewer or a read error fail the stream). A file
-    /// with any extended attribute gives up the stream (the final check
-    /// does not read them). A second name of an inode streamed already is
-    /// a hard-link entry.
+    /// A regular file at `path`, which is `name` in the snapshot's open
+    /// directory `dir`: the inode `(dev, ino)` with its final mode, owner
+    /// and mtime, and `size` bytes. The hasher opens it there and reads
+    /// them (fewer, a read error, or any extended attribute on the file —
+    /// which the final check does not read — fail the stream). A second
+    /// name of an inode streamed already is a hard-link entry.
     #[allow(clippy::too_many_arguments)]
     pub fn file(
         &mut self,
         path: &[u8],
-        file: std::fs::File,
+        (dir, name): (&Arc<std::fs::File>, &std::ffi::CStr),
         inode: (u64, u64),
         mode: u32,
         owner: (u32, u32),
         mtime: i64,
         size: u64,
     ) -> io::Result<()> {
-        if has_xattrs(&file) {
-            self.give_up();
-            return Ok(());
-        }
         let mut m = Meta {
             path: path.to_vec(),
             kind: Kind::Regular(size),
@@ -299,7 +305,7 @@ impl LayerStream {
             return self.put(&m, None);
         }
         self.links.insert(inode, path.to_vec());
-        self.put(&m, Some(file))
+        self.put(&m, Some((dir, name)))
     }
 
     /// Ends the stream and checks it against `upper` (see the module
@@ -322,18 +328,17 @@ impl LayerStream {
         };
         self.send();
         self.tx = None;
+        if !finished || !self.live || opts.clamp_mtime != self.clamp || !opts.exclude.is_empty() {
+            return Ok(None);
+        }
+        // The check walks while the hasher finishes.
+        let walked = kiln_image::diff::overlay_fingerprint(upper, opts);
         let hashed = self.hasher.take().and_then(|h| h.join().ok()).flatten();
-        let (Some((diff_id, size)), true) = (hashed, finished && self.live) else {
+        let (walked, usage) = walked?;
+        let streamed = std::mem::take(&mut self.headers).finish();
+        let Some((diff_id, size)) = hashed.filter(|_| walked == streamed) else {
             return Ok(None);
         };
-        if opts.clamp_mtime != self.clamp || !opts.exclude.is_empty() {
-            return Ok(None);
-        }
-        let (walked, usage) = kiln_image::diff::overlay_fingerprint(upper, opts)?;
-        let streamed = std::mem::take(&mut self.headers).finish();
-        if walked != streamed {
-            return Ok(None);
-        }
         Ok(Some(StreamedDiff {
             diff_id,
             size,
@@ -350,6 +355,26 @@ impl Drop for LayerStream {
         self.tx = None;
         if let Some(h) = self.hasher.take() {
             let _ = h.join();
+        }
+    }
+}
+
+/// `openat(dir, name)` for reading: no symlink followed, no atime
+/// update where the caller may skip it.
+fn open_at(dir: &std::fs::File, name: &std::ffi::CStr) -> Option<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOATIME;
+    loop {
+        // SAFETY: an open directory descriptor and a NUL-terminated name.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+        if fd >= 0 {
+            // SAFETY: a descriptor just opened, owned by nothing else.
+            return Some(unsafe { std::fs::File::from_raw_fd(fd) });
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => {}
+            Some(libc::EPERM) if flags & libc::O_NOATIME != 0 => flags &= !libc::O_NOATIME,
+            _ => return None,
         }
     }
 }

@@ -783,6 +783,9 @@ pub(crate) struct DirFds {
     /// The previous run's layer, and a directory in it.
     prev_root: Option<kiln_fs::Root>,
     prev: Option<(Vec<u8>, kiln_fs::Dir)>,
+    /// The top layer's directory again, as a descriptor a layer stream's
+    /// hasher may keep (see [`DirFds::shared`]).
+    shared: Option<(Vec<u8>, std::sync::Arc<fs::File>)>,
 }
 
 impl DirFds {
@@ -801,12 +804,43 @@ impl DirFds {
         }
     }
 
+    /// The top layer's directory at `dir` as a shared descriptor of its
+    /// own (one per directory, for a layer stream's hasher to open the
+    /// files in it by name).
+    fn shared(
+        &mut self,
+        root: &kiln_fs::Root,
+        dir: &[u8],
+    ) -> Result<std::sync::Arc<fs::File>, CopyError> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        if let Some((p, f)) = &self.shared {
+            if p == dir {
+                return Ok(f.clone());
+            }
+        }
+        let fd = self.dir(root, dir)?.as_raw_fd();
+        // SAFETY: an open descriptor; the duplicate is owned by the File.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(CopyError::Io(show(dir), io::Error::last_os_error()));
+        }
+        // SAFETY: a descriptor just made, owned by nothing else.
+        let f = std::sync::Arc::new(unsafe { fs::File::from_raw_fd(dup) });
+        self.shared = Some((dir.to_vec(), f.clone()));
+        Ok(f)
+    }
+
     /// Drops a held directory at or below `path`, which is about to go.
     fn forget_below(&mut self, path: &[u8]) {
         if self.host.as_ref().is_some_and(|(p, _)| {
             p == path || (p.starts_with(path) && p.get(path.len()) == Some(&b'/'))
         }) {
             self.host = None;
+        }
+        if self.shared.as_ref().is_some_and(|(p, _)| {
+            p == path || (p.starts_with(path) && p.get(path.len()) == Some(&b'/'))
+        }) {
+            self.shared = None;
         }
     }
 
@@ -1033,27 +1067,6 @@ fn layer_path(to: &[u8]) -> &[u8] {
     to.strip_prefix(b"/").unwrap_or(to)
 }
 
-/// `openat(dir, name)` for reading, no symlink followed, no atime
-/// update where allowed.
-fn open_read_at(dir: i32, name: &std::ffi::CStr) -> io::Result<fs::File> {
-    use std::os::fd::FromRawFd;
-    let mut flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOATIME;
-    loop {
-        // SAFETY: a valid directory descriptor and a NUL-terminated name.
-        let fd = unsafe { libc::openat(dir, name.as_ptr(), flags) };
-        if fd >= 0 {
-            // SAFETY: a descriptor just opened and owned by nobody else.
-            return Ok(unsafe { fs::File::from_raw_fd(fd) });
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => {}
-            Some(libc::EPERM) if flags & libc::O_NOATIME != 0 => flags &= !libc::O_NOATIME,
-            _ => return Err(e),
-        }
-    }
-}
-
 fn clamp(t: i64, c: Option<i64>) -> i64 {
     match c {
         Some(c) if t > c => c,
@@ -1073,7 +1086,6 @@ fn write_entry(
     dirs: &mut DirFds,
     mut stream: Option<&mut kiln_cache::LayerStream>,
 ) -> Result<(), CopyError> {
-    use std::os::fd::AsRawFd;
     let m = &e.meta;
     let (uid, gid) = match opts.owner {
         Some(o) => o,
@@ -1203,12 +1215,13 @@ fn write_entry(
             if let Some(st) = stream {
                 // A second name of an inode streamed already: a hard link
                 // entry, the inode's own metadata (as the differ sees it).
-                let back = open_read_at(dir.as_raw_fd(), &cname).map_err(io)?;
-                match dir.stat(name).map_err(fs_err)? {
+                let here = dir.stat(name).map_err(fs_err)?;
+                let shared = dirs.shared(root, &parent)?;
+                match here {
                     Some(h) if h.is_file() => st
                         .file(
                             layer_path(to),
-                            back,
+                            (&shared, &cname),
                             (h.dev(), h.ino()),
                             h.mode(),
                             (h.uid(), h.gid()),
@@ -1239,7 +1252,7 @@ fn write_entry(
             .map_err(fs_err)?;
         match stream {
             Some(st) => {
-                let dfd = dir.as_raw_fd();
+                let shared = dirs.shared(root, &parent)?;
                 copy_file_streamed(
                     &e.host,
                     f,
@@ -1248,7 +1261,7 @@ fn write_entry(
                     (t, ns),
                     opts,
                     st,
-                    dfd,
+                    &shared,
                     &cname,
                 )?
             }
@@ -1265,8 +1278,7 @@ fn write_entry(
 }
 
 /// Streams a file hard-linked from the previous run (`pm`, its `lstat`
-/// before the link): its content read from the new name itself, which
-/// must still be that inode.
+/// before the link: the same inode); the hasher reads it by its new name.
 #[allow(clippy::too_many_arguments)]
 fn stream_linked(
     stream: &mut kiln_cache::LayerStream,
@@ -1278,32 +1290,24 @@ fn stream_linked(
     parent: &[u8],
     dirs: &mut DirFds,
 ) -> Result<(), CopyError> {
-    use std::os::fd::AsRawFd;
-    let io = |err: io::Error| CopyError::Io(show(to), err);
-    let dir = dirs.dir(root, parent)?;
-    let f = open_read_at(dir.as_raw_fd(), name).map_err(io)?;
-    let fm = f.metadata().map_err(io)?;
-    if fm.ino() != pm.st_ino || fm.dev() != pm.st_dev || fm.size() != pm.st_size as u64 {
-        stream.give_up();
-        return Ok(());
-    }
+    let shared = dirs.shared(root, parent)?;
     stream
         .file(
             layer_path(to),
-            f,
-            (fm.dev(), fm.ino()),
+            (&shared, name),
+            (pm.st_dev, pm.st_ino),
             mode,
             (uid, gid),
             t,
-            fm.size(),
+            pm.st_size.max(0) as u64,
         )
-        .map_err(io)
+        .map_err(|e| CopyError::Io(show(to), e))
 }
 
 /// [`copy_file`] for a streamed layer: the file is copied as ever (in
-/// the kernel, or cloned), then opened again for reading through its
-/// directory `dir` and handed to `stream`, whose hasher reads what the
-/// snapshot holds (from the page cache, on its own thread).
+/// the kernel, or cloned), then handed to `stream` by its name in the
+/// shared directory descriptor `dir`: the hasher reads what the snapshot
+/// holds (from the page cache, on its own thread).
 #[allow(clippy::too_many_arguments)]
 fn copy_file_streamed(
     from: &Path,
@@ -1313,22 +1317,32 @@ fn copy_file_streamed(
     (t, ns): (i64, i64),
     opts: &CopyOptions,
     stream: &mut kiln_cache::LayerStream,
-    dir: i32,
+    dir: &std::sync::Arc<fs::File>,
     name: &std::ffi::CStr,
 ) -> Result<(), CopyError> {
+    use std::os::fd::AsRawFd;
     let err = |e: io::Error| CopyError::Io(show(to), e);
+    let m = dst.metadata().map_err(err)?;
+    let inode = (m.dev(), m.ino());
     copy_file(from, dst, to, (uid, gid, mode), (t, ns), opts)?;
-    let back = open_read_at(dir, name).map_err(err)?;
-    let m = back.metadata().map_err(err)?;
+    // The size as written: the hasher reads that many bytes back, and
+    // the final check finds the same size in the snapshot.
+    let size = match lstat_at(dir.as_raw_fd(), name) {
+        Ok(st) if (st.st_dev, st.st_ino) == inode => st.st_size.max(0) as u64,
+        _ => {
+            stream.give_up();
+            return Ok(());
+        }
+    };
     stream
         .file(
             layer_path(to),
-            back,
-            (m.dev(), m.ino()),
+            (dir, name),
+            inode,
             mode,
             (uid, gid),
             t,
-            m.size(),
+            size,
         )
         .map_err(err)
 }
