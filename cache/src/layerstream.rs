@@ -145,19 +145,25 @@ impl LayerStream {
         let (tx, rx) = sync_channel(DEPTH);
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
-        let hasher = std::thread::spawn(move || hash_pieces(rx, &s2));
+        // Without a thread to hash on, nothing is streamed (the commit
+        // diffs as before).
+        let hasher = std::thread::Builder::new()
+            .name("kiln-layer-hash".into())
+            .spawn(move || hash_pieces(rx, &s2))
+            .ok();
         let mut tar = TarWriter::new(Vec::with_capacity(BYTES));
         tar.defer_content();
+        let live = hasher.is_some();
         LayerStream {
-            tar: Some(tar),
+            tar: live.then_some(tar),
             batch: Vec::with_capacity(BATCH),
-            tx: Some(tx),
-            hasher: Some(hasher),
+            tx: live.then_some(tx),
+            hasher,
             stop,
             headers: Hasher::new(),
             clamp: clamp_mtime,
             links: HashMap::new(),
-            live: true,
+            live,
         }
     }
 
