@@ -6,7 +6,10 @@
 //! snapshotters (overlay by default, a copying native fallback) in
 //! containerd's lifecycle terms, the SQLite metadata database (images,
 //! manifests, snapshots, the cache index, leases, the stat-keyed file-hash
-//! cache) and garbage collection.
+//! cache) and garbage collection; also the layer digests of snapshots:
+//! diffed at commit ([`DiffSource::digest`]), or hashed while a COPY
+//! writes its fresh snapshot ([`LayerStream`], checked against the
+//! snapshot before it is trusted).
 //!
 //! **What it owns.** The directory layout under the root and every write to
 //! it; crash safety (a `kill -9` at any instant leaves a store that opens and
