@@ -530,13 +530,18 @@ pub fn write_overlay_diff(
     opts: &DiffOptions,
 ) -> Result<DiffStats, ImageError> {
     let mut ctx = Ctx::new(out, opts);
+    walk_upper(&mut ctx, upper)?;
+    ctx.finish_measured()
+}
+
+/// Walks the upperdir `upper` into `ctx`, its root counted in the usage.
+fn walk_upper<W: Write>(ctx: &mut Ctx<W>, upper: &Path) -> Result<(), ImageError> {
     let root = File::open(upper).map_err(|e| ImageError::path("open", upper, e))?;
     let md = root
         .metadata()
         .map_err(|e| ImageError::path("stat", upper, e))?;
     ctx.count(&St::of(&md));
-    overlay_dir(&mut ctx, &root, upper, &[])?;
-    ctx.finish_measured()
+    overlay_dir(ctx, &root, upper, &[])
 }
 
 /// The fingerprint ([`Meta::fingerprint`], in order) of the headers
@@ -554,12 +559,7 @@ pub fn overlay_fingerprint(
 ) -> Result<(crate::Digest, Option<(u64, u64)>), ImageError> {
     let mut ctx = Ctx::new(std::io::sink(), opts);
     ctx.headers = Some(crate::Hasher::new());
-    let root = File::open(upper).map_err(|e| ImageError::path("open", upper, e))?;
-    let md = root
-        .metadata()
-        .map_err(|e| ImageError::path("stat", upper, e))?;
-    ctx.count(&St::of(&md));
-    overlay_dir(&mut ctx, &root, upper, &[])?;
+    walk_upper(&mut ctx, upper)?;
     let usage = (!ctx.partial).then_some(ctx.usage);
     let h = ctx
         .headers

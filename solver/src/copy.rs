@@ -1883,28 +1883,16 @@ mod tests {
         let ctx = t.path().join("ctx");
         fs::create_dir_all(&ctx).unwrap();
         odd_tree(&ctx);
-        let (s, _) = stream_vs_differ(
-            &ctx,
-            ".",
-            None,
-            "/app",
-            None,
-            |_| {},
-            |up| {
+        let tampers: [&dyn Fn(&Path); 2] = [
+            &|up| {
                 fs::set_permissions(up.join("app/run"), fs::Permissions::from_mode(0o755)).unwrap()
             },
-        );
-        assert!(s.is_none());
-        let (s, _) = stream_vs_differ(
-            &ctx,
-            ".",
-            None,
-            "/app",
-            None,
-            |_| {},
-            |up| fs::write(up.join("app/a/extra"), "").unwrap(),
-        );
-        assert!(s.is_none());
+            &|up| fs::write(up.join("app/a/extra"), "").unwrap(),
+        ];
+        for tamper in tampers {
+            let (s, _) = stream_vs_differ(&ctx, ".", None, "/app", None, |_| {}, tamper);
+            assert!(s.is_none());
+        }
     }
 
     /// Files that get extended attributes of their own where they are
