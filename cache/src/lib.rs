@@ -69,7 +69,7 @@ pub use content::{BlobListing, BlobWriter, ContentStore};
 pub use digest::{Digest, Hasher};
 pub use error::{Error, Result};
 pub use gc::{CheckReport, DfEntry, DiskUsage, PruneOptions, PruneReport};
-pub use layerstream::{LayerStream, StreamedDiff};
+pub use layerstream::{LayerStream, Marks, StreamedDiff, MARKS_FILE};
 pub use meta::{
     CacheRecord, FileStat, ImageRecord, Kind, Lease, LeaseRecord, Meta, SnapshotRow, SCHEMA_VERSION,
 };

@@ -1789,7 +1789,7 @@ mod tests {
             clamp_mtime: clamp,
             ..Default::default()
         };
-        let streamed = stream.finish(&upper, &dopts).unwrap();
+        let streamed = stream.finish(&upper, &dopts).unwrap().map(|(s, _)| s);
         let (d, n, _) = kiln_cache::DiffSource::Overlay {
             upper: upper.clone(),
         }

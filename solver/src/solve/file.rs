@@ -274,9 +274,17 @@ impl Solver {
                 crate::archive::add_selections(dst, &dest, dest_is_dir, &selections, &opts)
                     .map_err(BuildError::from_cause)?;
             } else {
+                // A rerun of this COPY resumes the layer's hash where its
+                // first entries stop being the previous run's.
+                let prev_marks = opts
+                    .reuse
+                    .as_ref()
+                    .and_then(|r| r.prev.as_ref())
+                    .map(|(dir, _)| kiln_cache::Marks::load(dir))
+                    .unwrap_or_default();
                 let mut stream = match dst.top() {
                     Some(top) if streamable && upper_is_empty(top) => {
-                        Some(kiln_cache::LayerStream::start(clamp))
+                        Some(kiln_cache::LayerStream::resuming(clamp, prev_marks))
                     }
                     _ => None,
                 };
@@ -297,15 +305,21 @@ impl Solver {
                 }
                 if let (Some(st), Some(top)) = (stream, dst.top()) {
                     let t = std::time::Instant::now();
+                    let resumed_from = st.resumed_from();
                     // A stream that does not match the upperdir, or fails
                     // its check, is dropped: the commit diffs instead.
                     let streamed = st.finish(top, &diff_opts).ok().flatten();
                     tracing::debug!(
                         seconds = t.elapsed().as_secs_f64(),
                         streamed = streamed.is_some(),
+                        resumed_from,
                         "COPY layer stream checked"
                     );
-                    return Ok(streamed);
+                    return Ok(streamed.map(|(s, marks)| {
+                        // Best effort: without marks a rerun hashes it all.
+                        let _ = marks.store(top);
+                        s
+                    }));
                 }
             }
             for (name, data) in &contents {
