@@ -1,10 +1,17 @@
 //! A layer digested while its files are written: a COPY into a fresh
 //! overlay upperdir describes each entry as it makes it, in the order the
 //! overlay differ walks ([`kiln_image::diff::write_overlay_diff`]), and
-//! hands over each file it wrote, open; a second thread reads those files
-//! and hashes the tar of the entries as they come (the headers from here,
-//! the content from the files). The commit then needs no second walk of
-//! the snapshot, and the copying thread neither reads nor hashes.
+//! hands over each file it wrote by its name in a directory descriptor; a
+//! second thread opens and reads those files and hashes the tar of the
+//! entries as they come (the headers from here, the content from the
+//! files). The commit then needs no second walk of the snapshot, and the
+//! copying thread neither reads nor hashes.
+//!
+//! A rerun of the same COPY (its unchanged files hard-linked from the
+//! previous run's snapshot) resumes the hash: the previous layer's
+//! [`Marks`] give the sha256 state at entry boundaries with the identity
+//! of the entries before them, and the stream starts hashing at the last
+//! mark its own first entries share — those files are never read.
 //!
 //! The digest is only used when it describes the upperdir exactly: at
 //! the end the upperdir is walked as the differ walks it, headers only

@@ -232,9 +232,10 @@ impl Solver {
         let dest = op.dest.clone();
         let dest_is_dir = op.dest_is_dir;
         // A plain COPY into its fresh snapshot digests the layer as it
-        // writes it (one read of each file feeds the copy and the layer
-        // hash); the commit then diffs nothing. Everything else is
-        // diffed at the commit as before.
+        // writes it (a second thread reads the written files back and
+        // hashes the tar; a rerun resumes that hash past the entries it
+        // shares with its previous run); the commit then diffs nothing.
+        // Everything else is diffed at the commit as before.
         let streamable = !add && fetched.is_empty() && contents.is_empty();
         let clamp = self.opts.source_date_epoch;
         let diff_opts = self.diff_options();
