@@ -280,10 +280,7 @@ type Hashed = (Digest, u64, Vec<Mark>);
 /// The hasher thread: the pieces' bytes in order through sha256, or
 /// `None` when a file did not give its size in bytes or could not be read;
 /// and the marks it was asked to take.
-fn hash_pieces(
-    rx: std::sync::mpsc::Receiver<Vec<Piece>>,
-    stop: &AtomicBool,
-) -> Option<Hashed> {
+fn hash_pieces(rx: std::sync::mpsc::Receiver<Vec<Piece>>, stop: &AtomicBool) -> Option<Hashed> {
     let mut h = Sha::at(IV, 0);
     let mut marks = Vec::new();
     let mut buf = vec![0u8; 256 << 10];

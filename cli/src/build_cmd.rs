@@ -283,17 +283,46 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     // token when a step fails).
     let interrupted = kiln_solver::session::CancellationToken::new();
     let signalled = interrupted.clone();
+    // The tty and plain views show the exporters as steps (BuildKit's
+    // `=> exporting to oci image format`, `=> => …`); quiet and json
+    // runs export after the view, their notes and warnings as lines.
+    let live_export = matches!(mode.resolve(), Mode::Tty | Mode::Plain);
     let result = rt.block_on(async move {
         let (progress_tx, rx) = kiln_solver::progress::channel();
         let render = tokio::spawn(progress::render(mode, rx));
         crate::signals::cancel_on_interrupt(&signalled);
-        let r = prepared.solve(progress_tx, signalled.child_token()).await;
+        let r = prepared
+            .solve(progress_tx.clone(), signalled.child_token())
+            .await;
+        let r = match r {
+            Ok(solved) if live_export => {
+                let tx = progress_tx.clone();
+                match tokio::task::spawn_blocking(move || {
+                    let e = solved.export_to(&tx);
+                    (solved, Some(e))
+                })
+                .await
+                {
+                    Ok(done) => Ok(done),
+                    // The export panicked: so does kiln, as it would have
+                    // on this thread.
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                }
+            }
+            Ok(solved) => Ok((solved, None)),
+            Err(e) => Err(e),
+        };
+        drop(progress_tx);
         let _ = render.await;
         r
     });
     match result {
-        Ok(solved) => {
-            let exported = solved.export().map_err(facade_error)?;
+        Ok((solved, exported)) => {
+            let exported = match exported {
+                Some(e) => e,
+                None => solved.export(),
+            }
+            .map_err(facade_error)?;
             let r = &solved.result;
             if let Some(f) = &a.iidfile {
                 std::fs::write(f, &r.image_id).map_err(|e| {

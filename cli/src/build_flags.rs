@@ -57,8 +57,8 @@ pub struct CompatFlags {
     /// The cgroup (below kiln's own) that holds the RUN steps' cgroups.
     #[arg(long = "cgroup-parent", value_name = "PATH")]
     cgroup_parent: Option<String>,
-    /// Stages not to take from the cache (kiln then runs every step
-    /// again, as with --no-cache); comma-separated or repeated.
+    /// Stages whose RUN, COPY and ADD steps are not taken from the cache
+    /// (by name; comma-separated or repeated).
     #[arg(long = "no-cache-filter", value_name = "STAGE", value_delimiter = ',')]
     no_cache_filter: Vec<String>,
     /// Write BuildKit's build result metadata (image digest, config
@@ -238,9 +238,7 @@ impl CompatFlags {
         if let Some(p) = &self.cgroup_parent {
             req.sandbox.cgroup_parent = Some(p.trim_start_matches('/').to_string());
         }
-        if !self.no_cache_filter.is_empty() {
-            req.no_cache = true;
-        }
+        req.no_cache_filter = self.no_cache_filter.clone();
         let mut annotations = BTreeMap::new();
         for a in &self.annotation {
             let (k, v) = a

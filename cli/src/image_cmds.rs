@@ -825,6 +825,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     // The request's reference to the terminal's slave goes now: the
     // terminal's output ends when the sandbox's last one closes.
     drop(req);
+    let resizer = terminal.as_ref().map(crate::run_io::Terminal::resizer);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -853,7 +854,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
             }
         });
         let cancel = CancellationToken::new();
-        let signals = crate::signals::forward_to_step(&cancel);
+        let signals = crate::signals::forward_to_step(&cancel, resizer);
         let r = prepared.run(Some(tx), cancel, signals).await;
         let _ = printer.await;
         r

@@ -47,7 +47,8 @@ impl std::error::Error for UsageError {}
 #[derive(Parser, Debug)]
 #[command(name = "kiln", version, about, propagate_version = true)]
 struct Cli {
-    /// Store root (default: $KILN_ROOT, else /var/lib/kiln as root).
+    /// Store root (default: $KILN_ROOT unless empty, else /var/lib/kiln
+    /// as root).
     #[arg(long, global = true, env = "KILN_ROOT", value_name = "DIR")]
     root: Option<PathBuf>,
     /// Verbose diagnostics on stderr (also `KILN_DEBUG=1`; `RUST_LOG`
@@ -216,6 +217,12 @@ fn main() -> ExitCode {
     // anything else (and before any thread exists).
     kiln_executor::maybe_run_init();
     quiet_on_closed_pipe();
+    // `KILN_ROOT=` (set but empty) is unset, as docker treats its empty
+    // variables (`DOCKER_HOST=`): the default store, not clap's "a value
+    // is required for --root". Still one thread here.
+    if std::env::var_os("KILN_ROOT").is_some_and(|v| v.is_empty()) {
+        std::env::remove_var("KILN_ROOT");
+    }
     let mut cli = Cli::parse();
     // The default store is the calling user's: chosen before entering the
     // user namespace, where this process is root.
@@ -343,7 +350,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// `kiln unshare`: runs `command` (default `$SHELL`, else `/bin/sh`) in
-/// the namespace `main` entered, replacing kiln.
+/// the namespace `main` entered, replacing kiln. A command that cannot
+/// be run exits as a shell's (and `docker run`'s) would: 127 when it is
+/// not found, 126 when it is there but cannot be executed.
 fn unshare(command: Vec<std::ffi::OsString>) -> anyhow::Result<ExitCode> {
     use std::os::unix::process::CommandExt as _;
     let mut argv = command.into_iter();
@@ -352,10 +361,20 @@ fn unshare(command: Vec<std::ffi::OsString>) -> anyhow::Result<ExitCode> {
         .or_else(|| std::env::var_os("SHELL").filter(|s| !s.is_empty()))
         .unwrap_or_else(|| "/bin/sh".into());
     let err = std::process::Command::new(&prog).args(argv).exec();
-    Err(anyhow::anyhow!(
-        "kiln unshare: running {}: {err}",
+    eprintln!(
+        "error: kiln unshare: running {}: {err}",
         std::path::Path::new(&prog).display()
-    ))
+    );
+    Ok(ExitCode::from(exec_failure_status(&err)))
+}
+
+/// The exit status of a command that could not be executed: 127 when it
+/// does not exist (or a directory of its path does not), else 126.
+fn exec_failure_status(err: &std::io::Error) -> u8 {
+    match err.raw_os_error() {
+        Some(libc::ENOENT | libc::ENOTDIR) => 127,
+        _ => 126,
+    }
 }
 
 /// Reads a Dockerfile from a path, or stdin for `None` / `-`.

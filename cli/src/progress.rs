@@ -272,7 +272,7 @@ impl View {
                 if let Some(i) = step(id) {
                     let s = &mut self.steps[i];
                     let line = clean(&line);
-                    if s.name.starts_with("exporting") {
+                    if s.name.starts_with("exporting") || s.name.starts_with("pushing ") {
                         // An exporter's lines are its sub-steps, as
                         // BuildKit's `=> => writing image sha256:…`.
                         let before: f64 = s.subs.iter().map(|(_, t)| t).sum();
@@ -733,6 +733,22 @@ mod tests {
         assert!(f.iter().all(|l| !l.contains("compiling")), "{f:#?}");
         assert_eq!(f[5], " => => writing image sha256:abc              0.0s");
         assert_eq!(f[6], " => => naming to app:1.0                     0.0s");
+    }
+
+    #[test]
+    fn a_push_step_s_lines_are_its_sub_steps() {
+        let mut v = View::default();
+        started(&mut v, 1, "pushing reg:5000/app:1", 0);
+        log(&mut v, 1, "abc: compressing (gzip) while uploading", 100);
+        let f = v.frame(S(200), look(60), false);
+        assert_eq!(
+            f[1],
+            " => pushing reg:5000/app:1                             0.2s"
+        );
+        assert_eq!(
+            f[2],
+            " => => abc: compressing (gzip) while uploading         0.0s"
+        );
     }
 
     #[test]

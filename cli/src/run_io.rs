@@ -73,6 +73,7 @@ pub fn dup_stdin() -> anyhow::Result<OwnedFd> {
 /// copies kiln's stdin to the master (kiln's terminal in raw mode).
 pub struct Terminal {
     slave: Option<Arc<OwnedFd>>,
+    resizer: Resizer,
     output: Option<std::thread::JoinHandle<()>>,
     saved: Option<libc::termios>,
 }
@@ -83,9 +84,7 @@ impl Terminal {
     pub fn open(interactive: bool) -> anyhow::Result<Terminal> {
         let mut master: libc::c_int = -1;
         let mut slave: libc::c_int = -1;
-        // SAFETY: a zeroed winsize is valid; the ioctl fills it or fails.
-        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-        let have_ws = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) } == 0;
+        let ws = own_window_size();
         // SAFETY: openpty writes two descriptors; the name is not asked for.
         let r = unsafe {
             libc::openpty(
@@ -93,7 +92,10 @@ impl Terminal {
                 &mut slave,
                 std::ptr::null_mut(),
                 std::ptr::null(),
-                if have_ws { &ws } else { std::ptr::null() },
+                match &ws {
+                    Some(ws) => ws,
+                    None => std::ptr::null(),
+                },
             )
         };
         if r != 0 {
@@ -143,6 +145,11 @@ impl Terminal {
                 let _ = to.write_all(&[4]);
             });
         }
+        let resizer = Resizer(Arc::new(
+            master
+                .try_clone()
+                .map_err(|e| anyhow::anyhow!("pseudo-terminal: {e}"))?,
+        ));
         let mut from = std::fs::File::from(master);
         let output = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -157,6 +164,7 @@ impl Terminal {
         });
         Ok(Terminal {
             slave: Some(Arc::new(slave)),
+            resizer,
             output: Some(output),
             saved,
         })
@@ -167,6 +175,12 @@ impl Terminal {
         self.slave.clone()
     }
 
+    /// What follows kiln's window size onto the application's terminal
+    /// (for [`crate::signals::forward_to_step`]).
+    pub fn resizer(&self) -> Resizer {
+        self.resizer.clone()
+    }
+
     /// After the run: the rest of the output copied, kiln's terminal as it
     /// was.
     pub fn finish(mut self) {
@@ -175,6 +189,33 @@ impl Terminal {
         self.slave = None;
         if let Some(h) = self.output.take() {
             let _ = h.join();
+        }
+    }
+}
+
+/// The window size of kiln's terminal: stdout's, else stdin's or
+/// stderr's (none when kiln has no terminal).
+fn own_window_size() -> Option<libc::winsize> {
+    [1, 0, 2].into_iter().find_map(|fd| {
+        // SAFETY: a zeroed winsize is valid; the ioctl fills it or fails.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        (unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0).then_some(ws)
+    })
+}
+
+/// The master side of `kiln run -t`'s terminal, for following kiln's
+/// window size: docker sets the container's terminal size on every
+/// SIGWINCH, and the kernel then signals the terminal's foreground
+/// process group.
+#[derive(Clone)]
+pub struct Resizer(Arc<OwnedFd>);
+
+impl Resizer {
+    /// Sets kiln's terminal's current window size on the application's.
+    pub fn follow(&self) {
+        if let Some(ws) = own_window_size() {
+            // SAFETY: TIOCSWINSZ reads a winsize; the master is ours.
+            unsafe { libc::ioctl(self.0.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
         }
     }
 }

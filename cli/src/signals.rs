@@ -96,10 +96,15 @@ pub const FORCE_KILL_AFTER: usize = 3;
 /// As a way out, the [`FORCE_KILL_AFTER`]th SIGINT or SIGTERM cancels
 /// `token` instead (which kills the container; kiln still cleans up).
 ///
+/// With `-t`, `resize` is the master of the application's terminal: on
+/// SIGWINCH the window size of kiln's terminal is set on it first (as
+/// `docker run -t` does), so that the application reads the new size.
+///
 /// The handlers are installed before this returns, so that no signal in
 /// between takes its default action. Call it inside the runtime.
 pub fn forward_to_step(
     token: &kiln_solver::session::CancellationToken,
+    resize: Option<crate::run_io::Resizer>,
 ) -> tokio::sync::mpsc::Receiver<i32> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let (count_tx, mut count_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -111,8 +116,12 @@ pub fn forward_to_step(
         let tx = tx.clone();
         let count_tx = count_tx.clone();
         let interrupt = n == libc::SIGINT || n == libc::SIGTERM;
+        let resize = resize.clone().filter(|_| n == libc::SIGWINCH);
         tokio::spawn(async move {
             while stream.recv().await.is_some() {
+                if let Some(r) = &resize {
+                    r.follow();
+                }
                 if interrupt {
                     let _ = count_tx.send(());
                 }
@@ -121,6 +130,10 @@ pub fn forward_to_step(
                 }
             }
         });
+    }
+    // A resize before the handler was there.
+    if let Some(r) = &resize {
+        r.follow();
     }
     let c = token.clone();
     tokio::spawn(async move {

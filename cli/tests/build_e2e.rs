@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{build_fails, context, prerequisites, Kiln};
+use common::{build_fails, context, prerequisites, sh, Kiln};
 use serde_json::Value;
 
 fn testdata(p: &str) -> std::path::PathBuf {
@@ -990,4 +990,59 @@ fn seccomp_profile_in_run_steps_and_kiln_run_lifted_by_insecure_and_unconfined()
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("--security-opt"), "{err}");
     }
+}
+
+/// `--no-cache-filter=b` runs stage `b`'s RUN again and takes stage `a`'s
+/// from the cache (docker buildx's per-stage semantics, not --no-cache);
+/// an unknown stage name is warned about, not refused (BuildKit ignores it).
+#[test]
+fn no_cache_filter_runs_only_the_named_stages_again() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox AS a\nRUN cat /proc/sys/kernel/random/uuid > /a\n\
+         FROM busybox AS b\nRUN cat /proc/sys/kernel/random/uuid > /b\n\
+         FROM busybox\nCOPY --from=a /a /a\nCOPY --from=b /b /b\n",
+    )]);
+    let dir = ctx.path().to_str().unwrap();
+    k.build(ctx.path(), &["-t", "f:1"]);
+    let stamp = |f: &str| sh(&k, "f:1", &format!("cat {f}"));
+    let (a1, b1) = (stamp("/a"), stamp("/b"));
+    let o = k.run(&[
+        "build",
+        "--progress=json",
+        "--no-cache-filter=b,nosuch",
+        "-t",
+        "f:1",
+        dir,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    let ev = events(&o.stderr);
+    let name_of = |id: &Value| {
+        ev.iter()
+            .find(|e| e["event"] == "started" && e["id"] == *id)
+            .and_then(|e| e["name"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let cached: Vec<String> = ev
+        .iter()
+        .filter(|e| e["event"] == "cached")
+        .map(|e| name_of(&e["id"]))
+        .collect();
+    assert!(
+        cached.iter().any(|n| n.starts_with("[a 2/2] RUN")),
+        "{cached:?}"
+    );
+    assert!(!cached.iter().any(|n| n.starts_with("[b ")), "{cached:?}");
+    assert!(
+        err.contains("--no-cache-filter: no build stage is named") && err.contains("nosuch"),
+        "{err}"
+    );
+    assert_eq!(stamp("/a"), a1);
+    assert_ne!(stamp("/b"), b1);
 }

@@ -222,3 +222,97 @@ fn registry_cache_import_resolves_through_the_mirror() {
     ]);
     assert!(!out.contains("MARK2ER"), "the RUN ran again: {out}");
 }
+
+/// `pull --all-platforms`: the index and then every platform's image go
+/// through the mirror first; a mirror that answers the index but serves
+/// a child's layers with bytes that do not match their digests is left
+/// for the origin, for that child too.
+#[test]
+fn all_platforms_pull_falls_back_to_the_origin_for_a_mirror_s_bad_blobs() {
+    if !ready(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let origin = Reg::start(RegOpts::default());
+    let hostile = Reg::start(RegOpts::default());
+    let tar = common::busybox_rootfs_tar();
+    let images = [
+        ("amd64", tar.clone(), "linux/amd64"),
+        ("arm64", tar.clone(), "linux/arm64"),
+    ];
+    let name = common::registry::push_busybox_index(&origin, "multi", &images);
+    // The mirror holds the same index, byte for byte (the same children),
+    // with the amd64 image's layers corrupted.
+    let copy = format!("{}/kiln/busybox:multi", hostile.host());
+    sh(Command::new("skopeo").args([
+        "copy",
+        "--all",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        &format!("docker://{name}"),
+        &format!("docker://{copy}"),
+    ]));
+    let index: serde_json::Value =
+        serde_json::from_slice(&common::registry::raw(&name)).expect("index");
+    let amd64 = index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .find(|d| d["platform"]["architecture"] == "amd64")
+        .and_then(|d| d["digest"].as_str())
+        .expect("amd64 entry")
+        .to_string();
+    corrupt_layers(&hostile, &format!("kiln/busybox@{amd64}"));
+
+    let b = Client::new(false);
+    configure(&b, &origin.host(), &[hostile.host()]);
+    let out = b.ok(&["--debug", "pull", "--all-platforms", &name]);
+    assert!(out.contains("mismatch"), "{out}");
+    assert!(image_names(&b).contains(&name), "{}", image_names(&b));
+}
+
+/// `--cache-from type=registry`: the cache manifest, its config and the
+/// cached layers go through the mirror first, then the origin; a mirror
+/// serving bad layer bytes costs nothing but the retry.
+#[test]
+fn registry_cache_import_falls_back_to_the_origin_for_a_mirror_s_bad_blobs() {
+    if !ready(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let origin = Reg::start(RegOpts::default());
+    let hostile = Reg::start(RegOpts::default());
+    publish(&format!("{}/team/base:1", origin.host()));
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {}/team/base:1\nRUN echo MARK$((1+1))ER > /m; echo MARK$((1+1))ER\n",
+            origin.host()
+        ),
+    )]);
+    let dir = ctx.path().to_str().expect("utf8");
+    // the same cache in both registries, the mirror's layers corrupted
+    let a = Client::new(false);
+    for reg in [&origin, &hostile] {
+        let to = format!("type=registry,ref={}/team/cache:1,mode=max", reg.host());
+        a.ok(&["build", "--progress", "plain", "--cache-to", &to, dir]);
+    }
+    corrupt_layers(&hostile, "team/cache:1");
+
+    let b = Client::new(false);
+    configure(&b, &origin.host(), &[hostile.host()]);
+    let from = format!("type=registry,ref={}/team/cache:1", origin.host());
+    let out = b.ok(&[
+        "--debug",
+        "build",
+        "--progress",
+        "plain",
+        "--cache-from",
+        &from,
+        "-t",
+        "cached:1",
+        dir,
+    ]);
+    assert!(out.contains("mismatch"), "{out}");
+    assert!(!out.contains("MARK2ER"), "the RUN ran again: {out}");
+    assert_eq!(common::sh(&b.kiln, "cached:1", "cat /m"), "MARK2ER\n");
+}

@@ -178,3 +178,60 @@ fn a_base_pulled_during_the_build_shows_its_blobs_under_from() {
     assert!(blob.starts_with(" => => sha256:"), "{last}");
     assert!(blob.contains("B"), "a size: {last}");
 }
+
+/// The exporters are steps of the tty view, as BuildKit shows them:
+/// `=> exporting to oci image format`, `=> exporting cache to client
+/// directory` with their lines as `=> =>` sub-steps, inside the last
+/// frame (nothing printed below it); `-t X` named once.
+#[test]
+fn exporters_are_steps_of_the_tty_view() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[("Dockerfile", "FROM busybox\nRUN echo x > /x\n")]);
+    let out = tempfile::tempdir().expect("tmp");
+    let oci = out.path().join("o.tar");
+    let cache = out.path().join("cache");
+    let o = k
+        .cmd()
+        .args(["build", "--progress=tty", "-t", "exp:1", "-o"])
+        .arg(format!("type=oci,dest={}", oci.display()))
+        .arg("--cache-to")
+        .arg(format!("type=local,dest={}", cache.display()))
+        .arg(ctx.path())
+        .env("COLUMNS", "150")
+        .output()
+        .expect("run kiln");
+    let raw = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{raw}");
+    let text = strip_ansi(&raw);
+    let last = &text[text.rfind("[+] Building").unwrap()..];
+    let lines: Vec<&str> = last.lines().collect();
+    // FROM, RUN, the image and the two exporters.
+    assert!(lines[0].ends_with("(5/5) FINISHED"), "{last}");
+    let at = |prefix: &str| {
+        lines
+            .iter()
+            .position(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in the last frame:\n{last}"))
+    };
+    let oci_step = at(" => exporting to oci image format");
+    let cache_step = at(" => exporting cache to client directory");
+    assert!(oci_step < cache_step, "{last}");
+    let manifest = at(" => => exported cache manifest sha256:");
+    assert!(manifest > cache_step, "{last}");
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("naming to")).count(),
+        1,
+        "{last}"
+    );
+    // Every line of the last frame is the header or a step's.
+    for l in &lines[1..] {
+        assert!(
+            l.starts_with(" =>"),
+            "a line outside the view: {l:?}\n{last}"
+        );
+    }
+    assert!(oci.exists() && cache.join("index.json").exists());
+}

@@ -358,3 +358,95 @@ fn run_accepts_docker_s_init_flag() {
     let out = k.ok(&["run", "--rm", "--init", "busybox", "sh", "-c", "echo $$"]);
     assert_ne!(out.trim(), "1", "the app is not PID 1");
 }
+
+/// `kiln run -it` follows its terminal's window size, as `docker run -t`
+/// does: kiln runs on a pseudo-terminal of the test's (its controlling
+/// terminal), the test resizes it (the kernel sends kiln SIGWINCH), and
+/// `stty size` inside the container reports the new size.
+#[test]
+fn run_tty_follows_the_window_size() {
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let (mut master, slave) = {
+        let (mut m, mut s) = (-1, -1);
+        let ws = libc::winsize {
+            ws_row: 24,
+            ws_col: 80,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty fills two descriptors, which we own from here.
+        let r =
+            unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+        assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+        unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
+    };
+    let mut cmd = k.cmd();
+    cmd.args(["run", "--rm", "-it", "busybox", "sh", "-c"])
+        .arg("stty size; read x; stty size; echo done")
+        .stdin(Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(Stdio::from(slave.try_clone().expect("dup")));
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn kiln");
+    drop(slave);
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let mut reader = master.try_clone().expect("dup master");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        // EIO once kiln and the container have closed the slave.
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let mut wait_for = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !seen.contains(what) {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+                Err(_) => panic!("no {what:?} within 30 s:\n{seen}"),
+            }
+        }
+    };
+    wait_for("24 80");
+    let ws = libc::winsize {
+        ws_row: 50,
+        ws_col: 132,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ on our master; the kernel signals kiln (the
+    // foreground process group of the slave).
+    assert_eq!(
+        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+        0
+    );
+    // Kiln handles the SIGWINCH asynchronously: give it a moment before
+    // the application reads the size again.
+    std::thread::sleep(Duration::from_millis(500));
+    master.write_all(b"\n").expect("write to the terminal");
+    wait_for("done");
+    let status = child.wait().expect("wait kiln");
+    let sizes: Vec<&str> = seen
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.split(' ').count() == 2 && l.split(' ').all(|n| n.parse::<u32>().is_ok()))
+        .collect();
+    assert_eq!(sizes, ["24 80", "50 132"], "{seen}");
+    assert!(status.success(), "{seen}");
+}

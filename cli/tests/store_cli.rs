@@ -587,3 +587,51 @@ fn enospc_while_unpacking_a_layer_leaves_no_partial_snapshot() {
     ok(&big, &["load", "-i", archive.to_str().unwrap()]);
     ok(&big, &["run", "--rm", "big:1", "true"]);
 }
+
+/// `KILN_ROOT=` (set but empty) is unset, as docker treats its empty
+/// variables: no "a value is required for --root" (`version` reads no
+/// store; `--root` still wins over it).
+#[test]
+fn an_empty_kiln_root_counts_as_unset() {
+    let bin = env!("CARGO_BIN_EXE_kiln");
+    let o = Command::new(bin)
+        .arg("version")
+        .env("KILN_ROOT", "")
+        .output()
+        .expect("run kiln");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let root = tempfile::tempdir().expect("tmp");
+    let o = Command::new(bin)
+        .arg("--root")
+        .arg(root.path())
+        .arg("images")
+        .env("KILN_ROOT", "")
+        .output()
+        .expect("run kiln");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// `kiln unshare CMD` exits as a shell would when CMD cannot run: 127
+/// not found, 126 not executable (docker run's statuses too).
+#[test]
+fn unshare_of_a_missing_or_unexecutable_command_exits_127_or_126() {
+    let bin = env!("CARGO_BIN_EXE_kiln");
+    let root = tempfile::tempdir().expect("tmp");
+    let run = |cmd: &Path| {
+        Command::new(bin)
+            .arg("--root")
+            .arg(root.path())
+            .arg("unshare")
+            .arg(cmd)
+            .output()
+            .expect("run kiln")
+    };
+    let o = run(Path::new("/nonexistent/kiln-no-such-command"));
+    assert_eq!(o.status.code(), Some(127), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("kiln-no-such-command"));
+    let plain = root.path().join("not-executable");
+    std::fs::write(&plain, "#!/bin/sh\n").expect("write");
+    assert_eq!(run(&plain).status.code(), Some(126));
+    assert_eq!(run(root.path()).status.code(), Some(126));
+    assert_eq!(run(Path::new("/bin/true")).status.code(), Some(0));
+}

@@ -572,27 +572,20 @@ fn exec_step_inner(cfg: &InitConfig) -> Result<Never, (&'static str, String)> {
         "keepcaps".into()
     })?;
     let maps = kiln_fs::idmap::IdMaps::current();
-    if let Some(id) = std::iter::once(uid)
+    use kiln_fs::idmap::IdKind;
+    if let Some(message) = std::iter::once(uid)
         .filter(|_| maps.in_userns)
         .filter(|u| !maps.maps_uid(*u))
-        .map(|u| format!("uid {u}"))
+        .map(|u| maps.unmapped_message(IdKind::Uid, u))
         .chain(
             std::iter::once(&gid)
                 .chain(groups.iter())
                 .filter(|g| !maps.maps_gid(**g))
-                .map(|g| format!("gid {g}")),
+                .map(|g| maps.unmapped_message(IdKind::Gid, *g)),
         )
         .next()
     {
-        return Err((
-            "user",
-            format!(
-                "{id} does not exist in kiln's rootless user namespace (uid map {}, gid map {}); \
-                 give the user subordinate ids in /etc/subuid and /etc/subgid",
-                kiln_fs::idmap::describe(&maps.uid_map),
-                kiln_fs::idmap::describe(&maps.gid_map)
-            ),
-        ));
+        return Err(("user", message));
     }
     let gids: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
     // Where setgroups is denied (a one-id rootless map) only the group

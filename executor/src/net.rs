@@ -18,12 +18,18 @@ pub(crate) fn loopback_up() -> nix::Result<()> {
         *dst = *src as libc::c_char;
     }
     // SAFETY: valid socket and ifreq for SIOCGIFFLAGS / SIOCSIFFLAGS.
+    // (The request's type is the target's: c_ulong on glibc, c_int on musl.)
     unsafe {
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+        if libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCGIFFLAGS as libc::Ioctl,
+            &mut req,
+        ) < 0
+        {
             return Err(nix::Error::last());
         }
         req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as libc::Ioctl, &req) < 0 {
             return Err(nix::Error::last());
         }
     }

@@ -48,6 +48,24 @@ pub fn describe(map: &[IdRange]) -> String {
         .join(",")
 }
 
+/// Which of the two maps an id is looked up in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdKind {
+    /// A user id (`/etc/subuid`).
+    Uid,
+    /// A group id (`/etc/subgid`).
+    Gid,
+}
+
+impl IdKind {
+    fn name(self) -> &'static str {
+        match self {
+            IdKind::Uid => "uid",
+            IdKind::Gid => "gid",
+        }
+    }
+}
+
 /// This process's user namespace, as its id maps show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdMaps {
@@ -105,6 +123,39 @@ impl IdMaps {
         maps(&self.gid_map, gid)
     }
 
+    /// Why `id` cannot be had here, for an error: it does not exist in
+    /// the rootless namespace (both maps shown), and the fix: subordinate
+    /// ids when only the user's own id is mapped, else a range that
+    /// reaches `id` (its subordinate ids stop short of it).
+    pub fn unmapped_message(&self, kind: IdKind, id: u32) -> String {
+        let k = kind.name();
+        let map = match kind {
+            IdKind::Uid => &self.uid_map,
+            IdKind::Gid => &self.gid_map,
+        };
+        let mapped: u64 = map.iter().map(|r| u64::from(r.count)).sum();
+        let head = format!(
+            "{k} {id} does not exist in kiln's rootless user namespace (uid map {}, gid map {})",
+            describe(&self.uid_map),
+            describe(&self.gid_map)
+        );
+        if mapped <= 1 {
+            return format!(
+                "{head}: only your own id is mapped; give the user subordinate ids in /etc/subuid \
+                 and /etc/subgid (e.g. `usermod --add-subuids 100000-165535 --add-subgids \
+                 100000-165535 $USER`)"
+            );
+        }
+        // Id 0 is the user's own; subordinate ids are 1 and up, so `id`
+        // needs `id` of them.
+        let last = 100_000 + u64::from(id) - 1;
+        format!(
+            "{head}: the user's subordinate {k}s map {k}s 1 to {} only; {k} {id} needs a range of \
+             at least {id} ids in /etc/sub{k} (e.g. `usermod --add-sub{k}s 100000-{last} $USER`)",
+            mapped - 1
+        )
+    }
+
     /// The xattr namespace of an overlay this process mounts: `user.`
     /// (mounted with `userxattr`) in a user namespace, where `trusted.`
     /// xattrs cannot be written; else `trusted.`.
@@ -125,6 +176,27 @@ fn maps(map: &[IdRange], id: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unmapped_id_s_hint_fits_the_map() {
+        let one = parse_id_map("0 1000 1\n");
+        let m = IdMaps::from_maps(one.clone(), one);
+        let s = m.unmapped_message(IdKind::Uid, 33);
+        assert!(s.starts_with("uid 33 does not exist"), "{s}");
+        assert!(s.contains("only your own id is mapped"), "{s}");
+        assert!(s.contains("give the user subordinate ids"), "{s}");
+        // With subordinate ids, the range is too short: no advice to add
+        // what the user already has.
+        let some = parse_id_map("0 1000 1\n1 100000 65536\n");
+        let m = IdMaps::from_maps(some.clone(), some);
+        let s = m.unmapped_message(IdKind::Gid, 70000);
+        assert!(!s.contains("give the user subordinate ids"), "{s}");
+        assert!(
+            s.contains("map gids 1 to 65536 only; gid 70000 needs a range of at least 70000 ids in /etc/subgid"),
+            "{s}"
+        );
+        assert!(s.contains("--add-subgids 100000-169999"), "{s}");
+    }
 
     #[test]
     fn maps_parse_and_answer() {

@@ -95,22 +95,14 @@ pub fn chown_errno(uid: u32, gid: u32) -> io::Error {
         return e;
     }
     let maps = idmap::IdMaps::current();
-    let unmapped = if maps.in_userns && !maps.maps_uid(uid) {
-        format!("uid {uid}")
+    let message = if maps.in_userns && !maps.maps_uid(uid) {
+        maps.unmapped_message(idmap::IdKind::Uid, uid)
     } else if maps.in_userns && !maps.maps_gid(gid) {
-        format!("gid {gid}")
+        maps.unmapped_message(idmap::IdKind::Gid, gid)
     } else {
         return e;
     };
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        format!(
-            "{unmapped} does not exist in kiln's rootless user namespace (uid map {}, gid map {}): \
-             give the user subordinate ids in /etc/subuid and /etc/subgid",
-            idmap::describe(&maps.uid_map),
-            idmap::describe(&maps.gid_map)
-        ),
-    )
+    io::Error::new(io::ErrorKind::InvalidInput, message)
 }
 
 /// How many symlinks one resolution may follow (Linux's own limit).
@@ -1282,7 +1274,7 @@ impl Dir {
     pub fn set_times_self(&self, t: (i64, i64)) -> Result<()> {
         let p = self.proc_link("utimensat")?;
         let ts = libc::timespec {
-            tv_sec: t.0 as libc::time_t,
+            tv_sec: t.0 as _,
             tv_nsec: t.1 as libc::c_long,
         };
         let times = [ts, ts];
@@ -1441,7 +1433,7 @@ fn apply_spec(dir: RawFd, name: &CStr, host: &Path, spec: &DirSpec) -> Result<()
 
 fn utimes_at(dir: RawFd, name: &CStr, t: (i64, i64)) -> io::Result<()> {
     let ts = libc::timespec {
-        tv_sec: t.0 as libc::time_t,
+        tv_sec: t.0 as _,
         tv_nsec: t.1 as libc::c_long,
     };
     let times = [ts, ts];
@@ -1471,7 +1463,7 @@ fn utimes2_at(
     flags: i32,
 ) -> io::Result<()> {
     let ts = |t: (i64, i64)| libc::timespec {
-        tv_sec: t.0 as libc::time_t,
+        tv_sec: t.0 as _,
         tv_nsec: t.1 as libc::c_long,
     };
     let times = [ts(atime), ts(mtime)];

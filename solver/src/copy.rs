@@ -1399,7 +1399,7 @@ fn set_file_meta(
         return Err(err(io::Error::last_os_error()));
     }
     let ts = libc::timespec {
-        tv_sec: t as libc::time_t,
+        tv_sec: t as _,
         tv_nsec: ns as libc::c_long,
     };
     let times = [ts, ts];

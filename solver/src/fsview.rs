@@ -505,7 +505,7 @@ pub fn set_mtime(path: &Path, secs: i64, nsecs: i64, nofollow: bool) -> Result<(
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io_err(path, io::Error::new(io::ErrorKind::InvalidInput, e)))?;
     let ts = libc::timespec {
-        tv_sec: secs as libc::time_t,
+        tv_sec: secs as _,
         tv_nsec: nsecs as libc::c_long,
     };
     let times = [ts, ts];

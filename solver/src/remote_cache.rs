@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use kiln_cache::{Snapshotter, Store};
 use kiln_image::compression::{
@@ -135,7 +135,12 @@ pub struct ExportSummary {
 
 #[derive(Clone)]
 enum Origin {
-    Registry { reg: Arc<Registry>, repo: String },
+    /// A registry (by host: each blob is fetched through its mirrors
+    /// first, then from it) and a repository.
+    Registry {
+        registry: String,
+        repo: String,
+    },
     Dir(PathBuf),
 }
 
@@ -234,11 +239,14 @@ impl RemoteCacheBackend {
                 let name = kiln_cache::normalize_reference(reference)
                     .map_err(|e| RemoteCacheError::ctx(reference)(e))?;
                 let r = Reference::parse(&name).map_err(|e| RemoteCacheError::ctx(reference)(e))?;
-                let (reg, resolved) =
-                    Registry::through_mirrors(&r.registry, &self.registry, |reg| {
-                        reg.resolve(&r, &Platform::host())
-                    })
-                    .map_err(RemoteCacheError::src)?;
+                // Every fetch below goes through the mirrors then the
+                // origin, as a pull does: a mirror that answered the tag
+                // may lack a blob or serve bad bytes.
+                let cfg = &self.registry.clone();
+                let (_, resolved) = Registry::through_mirrors(&r.registry, cfg, |reg| {
+                    reg.resolve(&r, &Platform::host())
+                })
+                .map_err(RemoteCacheError::src)?;
                 let mut platforms: Vec<Platform> = match &resolved.index {
                     Some(i) => i
                         .index()
@@ -251,16 +259,18 @@ impl RemoteCacheBackend {
                         .collect(),
                     None => Vec::new(),
                 };
-                let reg = Arc::new(reg);
                 let origin = Origin::Registry {
-                    reg: reg.clone(),
+                    registry: r.registry.clone(),
                     repo: r.repository.clone(),
                 };
                 let mut n = 0;
                 let mut manifests = vec![resolved.manifest];
                 platforms.retain(|p| !p.matches(&Platform::host()));
                 for p in &platforms {
-                    manifests.push(reg.resolve(&r, p).map_err(RemoteCacheError::src)?.manifest);
+                    let (_, other) =
+                        Registry::through_mirrors(&r.registry, cfg, |reg| reg.resolve(&r, p))
+                            .map_err(RemoteCacheError::src)?;
+                    manifests.push(other.manifest);
                 }
                 for raw in manifests {
                     let m = raw
@@ -268,8 +278,11 @@ impl RemoteCacheBackend {
                         .map_err(|e| RemoteCacheError::ctx(reference)(e))?;
                     let config = if is_cache_manifest(&m) {
                         Some(
-                            reg.get_blob_bytes(&r.repository, &m.config)
-                                .map_err(RemoteCacheError::src)?,
+                            Registry::through_mirrors(&r.registry, cfg, |reg| {
+                                reg.get_blob_bytes(&r.repository, &m.config)
+                            })
+                            .map_err(RemoteCacheError::src)?
+                            .1,
                         )
                     } else {
                         None
@@ -429,9 +442,13 @@ impl RemoteCacheBackend {
             return Ok(());
         }
         match &r.origin {
-            Origin::Registry { reg, repo } => reg
-                .pull_blob(repo, &r.desc, &sink, &|_: Transfer| {})
-                .map_err(RemoteCacheError::src),
+            Origin::Registry { registry, repo } => {
+                Registry::through_mirrors(registry, &self.registry, |reg| {
+                    reg.pull_blob(repo, &r.desc, &sink, &|_: Transfer| {})
+                })
+                .map(|_| ())
+                .map_err(RemoteCacheError::src)
+            }
             Origin::Dir(dir) => {
                 let mut f = std::fs::File::open(blob_path(dir, &r.desc.digest))
                     .map_err(|e| RemoteCacheError::ctx(format!("blob {}", r.desc.digest))(e))?;

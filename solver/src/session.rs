@@ -125,6 +125,9 @@ pub struct BuildRequest {
     pub target: Option<String>,
     /// Run every step.
     pub no_cache: bool,
+    /// `--no-cache-filter`: run these stages' RUN, COPY and ADD steps
+    /// again (see [`crate::build::BuildOptions::no_cache_filter`]).
+    pub no_cache_filter: Vec<String>,
     /// Always ask the registry for base images.
     pub pull: bool,
     /// Registries reachable over plain HTTP (`HOST:PORT`).
@@ -174,6 +177,7 @@ impl BuildRequest {
             build_args: BTreeMap::new(),
             target: None,
             no_cache: false,
+            no_cache_filter: Vec::new(),
             pull: false,
             insecure_registries: Vec::new(),
             cache_from: Vec::new(),
@@ -354,6 +358,10 @@ impl Session {
         for o in &req.outputs {
             tags.extend(o.names()?);
         }
+        // `-t X --push` names X twice (the tag and the push's name): once
+        // is enough.
+        let mut seen = std::collections::HashSet::new();
+        tags.retain(|t| seen.insert(t.clone()));
         let platforms = target_platforms(&req.platforms)?;
         if platforms.len() > 1
             && req
@@ -441,6 +449,7 @@ impl Session {
             build_args: req.build_args,
             target: req.target,
             no_cache: req.no_cache,
+            no_cache_filter: req.no_cache_filter,
             labels: req.labels,
             network: req.network,
             limits: req.limits,
@@ -645,6 +654,13 @@ impl Solved {
     /// rebuilds replaced once they take more than a tenth of the store's
     /// filesystem (best effort).
     pub fn export(&self) -> Result<Exported, Error> {
+        self.export_to(&*self.reporter)
+    }
+
+    /// [`Solved::export`] reporting to `report`: with the build's
+    /// [`crate::progress::Progress`], each exporter is a step of the
+    /// build's view (its notes the step's lines), as BuildKit shows them.
+    pub fn export_to(&self, report: &dyn Reporter) -> Result<Exported, Error> {
         let mut done = Exported::default();
         if !self.exporters.is_empty() {
             let store = self.backend.store();
@@ -657,7 +673,7 @@ impl Solved {
                     Stores::Plain(_) => None,
                 },
             };
-            done = export::run(&input, &self.exporters, &*self.reporter)?;
+            done = export::run(&input, &self.exporters, report)?;
         }
         if kiln_cache::retired_over_budget(&self.root) {
             let store = self.backend.store();

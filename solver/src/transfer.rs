@@ -306,7 +306,7 @@ pub fn pull_all_platforms(
 ) -> Result<PullResult, TransferError> {
     let _span = tracing::info_span!("pull", reference).entered();
     let (name, r) = parse_name(reference)?;
-    let (reg, first) = Registry::through_mirrors(&r.registry, cfg, |reg| {
+    let (_, first) = Registry::through_mirrors(&r.registry, cfg, |reg| {
         reg.get_manifest(&r.repository, &r.manifest_ref())
     })
     .map_err(TransferError::src)?;
@@ -341,9 +341,12 @@ pub fn pull_all_platforms(
             digest: Some(d.digest.clone()),
             ..r.clone()
         };
-        let p = reg
-            .pull_image(&child, claimed, &sink, jobs, progress)
-            .map_err(TransferError::src)?;
+        // Each child (by digest) through the mirrors again: one that
+        // served the index may lack a child or serve a bad blob.
+        let (_, p) = Registry::through_mirrors(&r.registry, cfg, |reg| {
+            reg.pull_image(&child, claimed, &sink, jobs, progress)
+        })
+        .map_err(TransferError::src)?;
         if p.resolved.manifest.digest != d.digest
             || p.resolved.manifest.bytes.len() as u64 != d.size
         {

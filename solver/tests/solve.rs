@@ -466,6 +466,40 @@ async fn no_cache_runs_every_op_again_under_the_same_keys() {
     );
 }
 
+/// `--no-cache-filter=B` (BuildKit: `llb.IgnoreCache` on the named
+/// stages' RUN/COPY/ADD, names matched without case): stage `b`'s COPY and
+/// RUN run again; stage `a` (its WORKDIR and RUN) comes from the cache, and
+/// so does the stage that copies from `b`, whose input did not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_cache_filter_runs_only_the_named_stage_again() {
+    let ctx = context(&[("src", "s\n")]);
+    let df = "FROM alpine AS a\nWORKDIR /w\nRUN make a\n\
+              FROM alpine AS b\nCOPY src /src\nRUN make b\n\
+              FROM alpine\nCOPY --from=a /w /fa\nCOPY --from=b /src /fb\nRUN make final\n";
+    let backend = Arc::new(MemBackend::new().expect("backend"));
+    alpine(&backend);
+    let runner = Arc::new(writing_runner());
+    let first = solve(&backend, &runner, opts(df, ctx.path()))
+        .await
+        .expect("build");
+    assert_eq!(runner.ran().len(), 3);
+    let mut o = opts(df, ctx.path());
+    o.no_cache_filter = vec!["B".into()];
+    let r = solve(&backend, &runner, o).await.expect("rebuild");
+    let ran: Vec<String> = runner.ran()[3..].iter().map(|s| s.args.join(" ")).collect();
+    assert_eq!(ran.len(), 1, "{ran:?}");
+    assert!(ran[0].ends_with("make b"), "{ran:?}");
+    // b's COPY and RUN; a's WORKDIR and RUN and the last stage's three
+    // steps are cached.
+    assert_eq!((r.executed, r.cached), (2, 5));
+    assert_eq!(r.image_id, first.image_id);
+    // An unknown name is not an error (BuildKit ignores it).
+    let mut o = opts(df, ctx.path());
+    o.no_cache_filter = vec!["nosuch".into()];
+    let r = solve(&backend, &runner, o).await.expect("rebuild");
+    assert_eq!((r.executed, r.cached), (0, 7));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_base_for_another_platform_names_the_platform() {
     let ctx = context(&[]);

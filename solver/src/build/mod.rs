@@ -37,6 +37,10 @@ pub struct BuildOptions {
     pub target: Option<String>,
     /// `--no-cache`.
     pub no_cache: bool,
+    /// `--no-cache-filter`: the names of the stages whose RUN, COPY and
+    /// ADD steps run again (matched without regard to case, as BuildKit
+    /// does; unnamed stages cannot be named).
+    pub no_cache_filter: Vec<String>,
     /// `--label` values added to the image.
     pub labels: BTreeMap<String, String>,
     /// Default network of RUN steps.

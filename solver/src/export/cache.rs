@@ -204,6 +204,14 @@ pub struct CacheExporter {
 }
 
 impl Exporter for CacheExporter {
+    fn title(&self) -> String {
+        match &self.to {
+            CacheExport::Registry { .. } => "exporting cache to registry",
+            CacheExport::Local { .. } => "exporting cache to client directory",
+            CacheExport::Inline => "exporting inline cache",
+        }
+        .to_string()
+    }
     fn export(
         &self,
         input: &ExportInput<'_>,

@@ -122,6 +122,38 @@ pub trait Reporter: Send + Sync {
     fn transfer(&self, verb: &'static str, t: Transfer) {
         self.event(Event::transfer(verb, t))
     }
+    /// Opens a step of the build's view for one exporter (`exporting to
+    /// oci image format`, as BuildKit names them); [`run`] makes its notes
+    /// the step's lines until [`Reporter::step_done`]. `None` (the
+    /// default): no view, the notes stay lines of their own.
+    fn step(&self, _name: &str) -> Option<usize> {
+        None
+    }
+    /// Closes step `id` (from [`Reporter::step`]): done after `elapsed`,
+    /// or failed with `error`.
+    fn step_done(&self, _id: usize, _elapsed: std::time::Duration, _error: Option<String>) {}
+}
+
+/// A reporter whose notes are the lines of one step (its exporter's):
+/// `=> => writing layer …` under `=> exporting cache to registry`.
+struct StepReporter<'a> {
+    inner: &'a dyn Reporter,
+    id: usize,
+    started: std::time::Instant,
+}
+
+impl Reporter for StepReporter<'_> {
+    fn event(&self, e: Event) {
+        match e {
+            Event::Note { message } => self.inner.event(Event::Log {
+                id: self.id,
+                stream: "stdout",
+                line: message,
+                elapsed: self.started.elapsed().as_secs_f64(),
+            }),
+            e => self.inner.event(e),
+        }
+    }
 }
 
 /// A [`Reporter`] that logs with `tracing` (info for notes, warn for
@@ -140,10 +172,19 @@ impl Reporter for TracingReporter {
 }
 
 /// The build's progress sender as a reporter: every event goes on the
-/// one (bounded) stream.
+/// one (bounded) stream, and each exporter is a step of the view.
 impl Reporter for Progress {
     fn event(&self, e: Event) {
         self.send(e)
+    }
+    fn step(&self, name: &str) -> Option<usize> {
+        Some(self.start(name.to_string()))
+    }
+    fn step_done(&self, id: usize, elapsed: std::time::Duration, error: Option<String>) {
+        match error {
+            None => self.done(id, elapsed),
+            Some(error) => self.send(Event::Failed { id, error }),
+        }
     }
 }
 
@@ -178,6 +219,11 @@ pub struct Exported {
 
 /// One destination of a built image.
 pub trait Exporter: Send + Sync {
+    /// Its step's name in the build's view (BuildKit's: `exporting to oci
+    /// image format`).
+    fn title(&self) -> String {
+        "exporting".to_string()
+    }
     /// Writes `input` out.
     fn export(
         &self,
@@ -205,7 +251,26 @@ pub fn run(
     let mut all = Exported::default();
     tracing::info!(exporters = exporters.len(), "export started");
     for e in exporters {
-        let done = e.export(input, report)?;
+        let started = std::time::Instant::now();
+        let done = match report.step(&e.title()) {
+            Some(id) => {
+                let r = e.export(
+                    input,
+                    &StepReporter {
+                        inner: report,
+                        id,
+                        started,
+                    },
+                );
+                report.step_done(
+                    id,
+                    started.elapsed(),
+                    r.as_ref().err().map(|e| e.to_string()),
+                );
+                r?
+            }
+            None => e.export(input, report)?,
+        };
         all.pushed.extend(done.pushed);
     }
     tracing::info!("export done");
@@ -595,6 +660,9 @@ pub struct RegistryExporter {
 }
 
 impl Exporter for RegistryExporter {
+    fn title(&self) -> String {
+        format!("pushing {}", self.names.join(", "))
+    }
     fn export(
         &self,
         input: &ExportInput<'_>,
@@ -646,6 +714,13 @@ pub struct ArchiveExporter {
 }
 
 impl Exporter for ArchiveExporter {
+    fn title(&self) -> String {
+        match self.format {
+            ArchiveFormat::Oci => "exporting to oci image format",
+            ArchiveFormat::Docker => "exporting to docker image format",
+        }
+        .to_string()
+    }
     fn export(
         &self,
         input: &ExportInput<'_>,
@@ -696,6 +771,9 @@ pub struct LocalExporter {
 }
 
 impl Exporter for LocalExporter {
+    fn title(&self) -> String {
+        "exporting to client directory".to_string()
+    }
     fn export(
         &self,
         input: &ExportInput<'_>,
@@ -757,6 +835,9 @@ pub struct TarExporter {
 }
 
 impl Exporter for TarExporter {
+    fn title(&self) -> String {
+        "exporting to client tarball".to_string()
+    }
     fn export(
         &self,
         input: &ExportInput<'_>,

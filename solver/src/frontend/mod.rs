@@ -347,6 +347,12 @@ impl Lowerer<'_> {
             ops,
             config: state.config.clone(),
             base_history: state.base_history,
+            ignore_cache: stage.name.as_deref().is_some_and(|n| {
+                self.opts
+                    .no_cache_filter
+                    .iter()
+                    .any(|f| f.eq_ignore_ascii_case(n))
+            }),
         };
         self.states.insert(index, state);
         Ok(result)

@@ -72,6 +72,10 @@ pub struct StageOps {
     /// How many history entries came from a base image (their times are
     /// kept).
     pub base_history: usize,
+    /// `--no-cache-filter` names this stage: its RUN, COPY and ADD steps
+    /// run again (BuildKit's `llb.IgnoreCache` on those ops); its base and
+    /// its WORKDIRs are taken as usual.
+    pub ignore_cache: bool,
 }
 
 /// The lowered build.

@@ -121,6 +121,7 @@ impl Solver {
         state: &Solved,
         lop: &LayerOp,
         op: &ExecOp,
+        ignore_cache: bool,
     ) -> Result<LayerRecord, BuildError> {
         let line = lop.location;
         let name = lop.name.as_str();
@@ -152,7 +153,7 @@ impl Solver {
         let k = key.clone();
         let r = self
             .single_flight(&key, async move {
-                if let Some(hit) = me.cache_lookup(&k).await? {
+                if let Some(hit) = me.cache_lookup(&k, ignore_cache).await? {
                     return Ok((hit, true));
                 }
                 check_emulation(&platform, line).await?;

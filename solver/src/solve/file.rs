@@ -32,7 +32,7 @@ impl Solver {
         .finish();
         let user = op.user.clone();
         let dir = op.path.clone();
-        self.layer_step(&lop.name, state, key, move |view| {
+        self.layer_step(&lop.name, state, key, false, move |view| {
             let owner = match &user {
                 Some(u) => resolve_owner(view, u)?,
                 None => (0, 0),
@@ -77,7 +77,7 @@ impl Solver {
             cancel: Some(self.cancel.clone()),
             ..CopyOptions::default()
         };
-        self.layer_step(&lop.name, state, key, move |dst| {
+        self.layer_step(&lop.name, state, key, false, move |dst| {
             copy_selections(dst, "/", true, &selections, &opts)
                 .map(|()| None)
                 .map_err(BuildError::from_cause)
@@ -90,6 +90,7 @@ impl Solver {
         state: &Solved,
         lop: &LayerOp,
         op: &CopyOp,
+        ignore_cache: bool,
     ) -> Result<LayerRecord, BuildError> {
         let line = lop.location;
         let name = lop.name.as_str();
@@ -144,7 +145,7 @@ impl Solver {
         let shape = copy_shape_key(op, &state.key);
         // Only the previous run's record is looked up here; its index is
         // read by the copy itself, which a cache hit never runs.
-        let prev_layer = if reusable && !self.opts.no_cache {
+        let prev_layer = if reusable && !self.opts.no_cache && !ignore_cache {
             let backend = self.backend.clone();
             let sk = shape.clone();
             blocking(move || backend.cache_get(&sk))
@@ -337,9 +338,13 @@ impl Solver {
             Ok(None)
         };
         let layer = if link {
-            self.clone().link_step(name, state, key, work).await
+            self.clone()
+                .link_step(name, state, key, ignore_cache, work)
+                .await
         } else {
-            self.clone().layer_step(name, state, key, work).await
+            self.clone()
+                .layer_step(name, state, key, ignore_cache, work)
+                .await
         }
         .map_err(at_line(line))?;
         // A fully cached COPY whose shape already names this layer writes

@@ -22,6 +22,7 @@ impl Solver {
         name: &str,
         state: &Solved,
         key: String,
+        ignore_cache: bool,
         work: F,
     ) -> Result<LayerRecord, BuildError>
     where
@@ -38,10 +39,10 @@ impl Solver {
         let sk = stack_key.clone();
         let r = self
             .single_flight(&stack_key, async move {
-                if let Some(hit) = me.cache_lookup(&sk).await? {
+                if let Some(hit) = me.cache_lookup(&sk, ignore_cache).await? {
                     return Ok((hit, true));
                 }
-                let (layer, cached) = me.clone().build_once(key, None, work).await?;
+                let (layer, cached) = me.clone().build_once(key, None, ignore_cache, work).await?;
                 let backend = me.backend.clone();
                 let stacked =
                     blocking(move || backend.stack_layer(parent.as_deref(), &layer, &sk)).await?;

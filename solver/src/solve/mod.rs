@@ -239,6 +239,20 @@ pub async fn solve(
     opts: BuildOptions,
 ) -> Result<BuildResult, BuildError> {
     let df = kiln_parser::parse(&opts.dockerfile)?;
+    // BuildKit ignores a `--no-cache-filter` name no stage has; kiln
+    // says so (a typo would otherwise go unnoticed).
+    for f in &opts.no_cache_filter {
+        if !df
+            .stages
+            .iter()
+            .filter_map(|s| s.name.as_deref())
+            .any(|n| n.eq_ignore_ascii_case(f))
+        {
+            progress.send(Event::Warning {
+                message: format!("[Warning] --no-cache-filter: no build stage is named {f:?}"),
+            });
+        }
+    }
     let plan = crate::frontend::plan::plan(&df, &opts.build_args, opts.target.as_deref())?;
     let ignore = if opts.ignore.is_empty() {
         None
@@ -591,21 +605,24 @@ impl Solver {
             if self.cancel.is_cancelled() {
                 return Err(BuildError::Cancelled);
             }
-            let layer = self.clone().run_op(&state, op).await?;
+            let layer = self.clone().run_op(&state, op, stage.ignore_cache).await?;
             state.push(layer);
         }
         Ok(Arc::new(state))
     }
 
-    /// Looks up, or prepares, runs and commits, one op on `state`.
+    /// Looks up, or prepares, runs and commits, one op on `state`. In a
+    /// stage `--no-cache-filter` names (`ignore_cache`), RUN, COPY and ADD
+    /// are not looked up (BuildKit marks only those ops).
     async fn run_op(
         self: Arc<Self>,
         state: &Solved,
         lop: &LayerOp,
+        ignore_cache: bool,
     ) -> Result<LayerRecord, BuildError> {
         match &lop.op {
-            Op::Exec(e) => self.run_exec(state, lop, e).await,
-            Op::Copy(c) => self.run_copy(state, lop, c).await,
+            Op::Exec(e) => self.run_exec(state, lop, e, ignore_cache).await,
+            Op::Copy(c) => self.run_copy(state, lop, c, ignore_cache).await,
             Op::Mkdir(m) => self.run_mkdir(state, lop, m).await,
             Op::ContextDir(d) => self.run_context_dir(state, lop, d).await,
         }
@@ -660,13 +677,15 @@ impl Solver {
         Ok((Some(state), LayerView::new(dirs, false)))
     }
 
-    /// Runs (or takes from the cache) one layer-producing step whose work
-    /// is `work` on the writable view of a fresh snapshot on `state`.
+    /// Runs (or takes from the cache, unless `ignore_cache`) one
+    /// layer-producing step whose work is `work` on the writable view of
+    /// a fresh snapshot on `state`.
     async fn layer_step<F>(
         self: Arc<Self>,
         name: &str,
         state: &Solved,
         key: String,
+        ignore_cache: bool,
         work: F,
     ) -> Result<LayerRecord, BuildError>
     where
@@ -676,18 +695,23 @@ impl Solver {
         let t = Instant::now();
         tracing::debug!(step = id, %name, key = %key, "step cache key");
         let parent = state.top().map(str::to_string);
-        let r = self.clone().build_once(key, parent, work).await;
+        let r = self
+            .clone()
+            .build_once(key, parent, ignore_cache, work)
+            .await;
         self.finish(id, t, r)
     }
 
     /// The one way a layer is made: once per key among concurrent callers,
-    /// the cached layer if there is one, else `work` on a fresh snapshot
-    /// on `parent`, committed under `key` (aborted if it failed or the
-    /// build was cancelled). Returns whether it came from the cache.
+    /// the cached layer if there is one (not looked up when
+    /// `ignore_cache`), else `work` on a fresh snapshot on `parent`,
+    /// committed under `key` (aborted if it failed or the build was
+    /// cancelled). Returns whether it came from the cache.
     async fn build_once<F>(
         self: Arc<Self>,
         key: String,
         parent: Option<String>,
+        ignore_cache: bool,
         work: F,
     ) -> Result<(LayerRecord, bool), BuildError>
     where
@@ -696,7 +720,7 @@ impl Solver {
         let me = self.clone();
         let k = key.clone();
         self.single_flight(&key, async move {
-            if let Some(hit) = me.cache_lookup(&k).await? {
+            if let Some(hit) = me.cache_lookup(&k, ignore_cache).await? {
                 return Ok((hit, true));
             }
             let backend = me.backend.clone();
@@ -776,8 +800,14 @@ impl Solver {
         }
     }
 
-    async fn cache_lookup(&self, key: &str) -> Result<Option<LayerRecord>, BuildError> {
-        if self.opts.no_cache {
+    /// The cached layer of `key`; none with `--no-cache` or when the
+    /// step's stage is named by `--no-cache-filter` (`ignore_cache`).
+    async fn cache_lookup(
+        &self,
+        key: &str,
+        ignore_cache: bool,
+    ) -> Result<Option<LayerRecord>, BuildError> {
+        if self.opts.no_cache || ignore_cache {
             return Ok(None);
         }
         let backend = self.backend.clone();
