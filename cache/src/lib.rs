@@ -6,7 +6,10 @@
 //! snapshotters (overlay by default, a copying native fallback) in
 //! containerd's lifecycle terms, the SQLite metadata database (images,
 //! manifests, snapshots, the cache index, leases, the stat-keyed file-hash
-//! cache) and garbage collection.
+//! cache) and garbage collection; also the layer digests of snapshots:
+//! diffed at commit ([`DiffSource::digest`]), or hashed while a COPY
+//! writes its fresh snapshot ([`LayerStream`], checked against the
+//! snapshot before it is trusted).
 //!
 //! **What it owns.** The directory layout under the root and every write to
 //! it; crash safety (a `kill -9` at any instant leaves a store that opens and
@@ -53,6 +56,7 @@ mod content;
 mod digest;
 mod error;
 mod gc;
+mod layerstream;
 mod meta;
 mod reference;
 pub mod snapshot;
@@ -65,6 +69,7 @@ pub use content::{BlobListing, BlobWriter, ContentStore};
 pub use digest::{Digest, Hasher};
 pub use error::{Error, Result};
 pub use gc::{CheckReport, DfEntry, DiskUsage, PruneOptions, PruneReport};
+pub use layerstream::{LayerStream, Marks, StreamedDiff, MARKS_FILE};
 pub use meta::{
     CacheRecord, FileStat, ImageRecord, Kind, Lease, LeaseRecord, Meta, SnapshotRow, SCHEMA_VERSION,
 };

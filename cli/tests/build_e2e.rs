@@ -741,6 +741,125 @@ fn changed_file_costs_that_file_unchanged_ones_are_hard_linked() {
     assert_eq!(linked, 2 * 49, "49 files linked in each of the two layers");
 }
 
+/// `kiln save` of `image` into `dir`: each layer file's sha256 must be the
+/// diffID its config names (docker-archive layers are uncompressed), as
+/// `sha256sum` computes it. Returns the diffIDs.
+fn saved_layers_are_true(k: &Kiln, image: &str, dir: &Path) -> Vec<String> {
+    let tar = dir.join("saved.tar");
+    let out = dir.join("saved");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    k.ok(&["save", "-o", tar.to_str().unwrap(), image]);
+    let st = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&out)
+        .arg("-xf")
+        .arg(&tar)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let config: Value = serde_json::from_slice(
+        &std::fs::read(out.join(manifest[0]["Config"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect();
+    let layers = manifest[0]["Layers"].as_array().unwrap();
+    assert_eq!(layers.len(), diff_ids.len());
+    for (l, d) in layers.iter().zip(&diff_ids) {
+        let o = std::process::Command::new("sha256sum")
+            .arg(out.join(l.as_str().unwrap()))
+            .output()
+            .unwrap();
+        let sum = String::from_utf8_lossy(&o.stdout);
+        let sum = format!("sha256:{}", sum.split_whitespace().next().unwrap());
+        assert_eq!(&sum, d, "layer {l} of {image}");
+    }
+    diff_ids
+}
+
+/// A COPY into its fresh snapshot digests its layer while writing it
+/// (no diff at commit): the diffIDs it records are those of the tars
+/// `kiln save` writes again from the snapshots, after a first build and
+/// after a rebuild with one file changed (the unchanged ones hard-linked
+/// from the first layer), and the store checks clean.
+#[test]
+fn a_copy_layer_digested_while_copying_exports_with_true_digests() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let big = "b".repeat(300_000);
+    let first_big = "0".repeat(3 << 20);
+    let long = format!("src/{}/f", "d".repeat(120));
+    let ctx = context(&[
+        ("src/0big", first_big.as_str()),
+        ("src/a/one", "1"),
+        ("src/a/empty", ""),
+        ("src/a-b/two", "2"),
+        ("src/big", big.as_str()),
+        (long.as_str(), "long"),
+        (
+            "Dockerfile",
+            "FROM busybox\nCOPY src/ /app/\nCOPY src/a /usr/local/a\n",
+        ),
+    ]);
+    std::os::unix::fs::symlink("a/one", ctx.path().join("src/link")).unwrap();
+    std::fs::hard_link(
+        ctx.path().join("src/a/one"),
+        ctx.path().join("src/one-again"),
+    )
+    .unwrap();
+    // Both COPY steps take the streamed layer (the debug log says so);
+    // the rerun of the first resumes its hash after `0big`, which sorts
+    // before the changed file and is not read again.
+    let streamed = |k: &Kiln| {
+        let o = k.run(&[
+            "--debug",
+            "build",
+            "-q",
+            "-t",
+            "streamed:1",
+            ctx.path().to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        let resumed = err
+            .lines()
+            .any(|l| l.contains("streamed=true") && !l.contains("resumed_from=0"));
+        (err.matches("streamed=true").count(), resumed)
+    };
+    assert_eq!(streamed(&k), (2, false));
+    let first = saved_layers_are_true(&k, "streamed:1", k.root.path());
+    std::fs::write(ctx.path().join("src/a-b/two"), "changed").unwrap();
+    assert_eq!(
+        streamed(&k),
+        (2, true),
+        "the second COPY sits on the changed first; the first resumes"
+    );
+    let second = saved_layers_are_true(&k, "streamed:1", k.root.path());
+    assert_ne!(first[1], second[1], "the COPY layer changed");
+    assert_eq!(
+        k.ok(&[
+            "run",
+            "streamed:1",
+            "cat",
+            "/app/a-b/two",
+            "/app/link",
+            "/usr/local/a/one"
+        ]),
+        "changed11"
+    );
+    let check = k.ok(&["system", "check"]);
+    assert!(check.starts_with("ok"), "{check}");
+}
+
 #[test]
 fn run_heredoc_with_a_shebang_runs_as_a_script() {
     if !prerequisites() {

@@ -42,6 +42,42 @@ pub struct Meta {
     pub xattrs: Xattrs,
 }
 
+impl Meta {
+    /// Feeds everything of this entry that its tar header says (path,
+    /// kind with its size or link target, mode, owner, mtime, xattrs)
+    /// into `h`, each field length-prefixed: two entries with equal
+    /// fingerprints write equal headers.
+    pub fn fingerprint(&self, h: &mut crate::Hasher) {
+        fn field(h: &mut crate::Hasher, b: &[u8]) {
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        }
+        field(h, &self.path);
+        let (tag, a, b, bytes): (u8, u64, u64, &[u8]) = match &self.kind {
+            Kind::Regular(n) => (b'0', *n, 0, &[]),
+            Kind::Dir => (b'5', 0, 0, &[]),
+            Kind::Symlink(t) => (b'2', 0, 0, t),
+            Kind::Hardlink(t) => (b'1', 0, 0, t),
+            Kind::Char(x, y) => (b'3', u64::from(*x), u64::from(*y), &[]),
+            Kind::Block(x, y) => (b'4', u64::from(*x), u64::from(*y), &[]),
+            Kind::Fifo => (b'6', 0, 0, &[]),
+        };
+        h.update(&[tag]);
+        h.update(&a.to_le_bytes());
+        h.update(&b.to_le_bytes());
+        field(h, bytes);
+        h.update(&self.mode.to_le_bytes());
+        h.update(&self.uid.to_le_bytes());
+        h.update(&self.gid.to_le_bytes());
+        h.update(&self.mtime.to_le_bytes());
+        h.update(&(self.xattrs.len() as u64).to_le_bytes());
+        for (k, v) in &self.xattrs {
+            field(h, k);
+            field(h, v);
+        }
+    }
+}
+
 /// Extended attributes as (name, value) pairs.
 pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -51,6 +87,8 @@ pub struct TarWriter<W: Write> {
     written: u64,
     /// Copy buffer for file data (large reads: few syscalls per file).
     buf: Vec<u8>,
+    /// See [`TarWriter::defer_content`].
+    deferred: bool,
 }
 
 const BLOCK: usize = 512;
@@ -138,12 +176,26 @@ impl<W: Write> TarWriter<W> {
             out,
             written: 0,
             buf: Vec::new(),
+            deferred: false,
         }
     }
 
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
         self.written
+    }
+
+    /// From now on, [`TarWriter::append`] of a regular file without
+    /// `data` writes only its header(s): the caller puts the file's
+    /// content and its padding to 512 bytes into the stream itself,
+    /// right after (see [`TarWriter::get_mut`]).
+    pub fn defer_content(&mut self) {
+        self.deferred = true;
+    }
+
+    /// The writer entries go to.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
     }
 
     fn raw(&mut self, b: &[u8]) -> io::Result<()> {
@@ -284,6 +336,11 @@ impl<W: Write> TarWriter<W> {
             dev,
         );
         self.raw(&h)?;
+        if size > 0 && data.is_none() && self.deferred {
+            // The caller supplies the content and padding itself.
+            self.written += size.div_ceil(BLOCK as u64) * BLOCK as u64;
+            return Ok(());
+        }
         if size > 0 {
             let data = data.ok_or_else(|| io::Error::other("regular file without data"))?;
             let n = self.copy_data(data, size)?;

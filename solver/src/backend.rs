@@ -130,6 +130,20 @@ pub trait Backend: Send + Sync + 'static {
     /// Turns the writable snapshot into a layer: diff, store the blob,
     /// commit the snapshot and record `key` in the cache index.
     fn commit(&self, active: Active, key: &str, opts: &DiffOptions) -> BackendResult<LayerRecord>;
+    /// [`Backend::commit`] of a snapshot whose layer was digested while
+    /// it was written ([`kiln_cache::LayerStream`], checked against the
+    /// snapshot): a backend that diffs overlay upperdirs takes `streamed`
+    /// instead of diffing again; any other diffs as `commit` does.
+    fn commit_streamed(
+        &self,
+        active: Active,
+        key: &str,
+        opts: &DiffOptions,
+        streamed: kiln_cache::StreamedDiff,
+    ) -> BackendResult<LayerRecord> {
+        let _ = streamed;
+        self.commit(active, key, opts)
+    }
     /// Drops a writable snapshot.
     fn abort(&self, active: Active);
     /// The layer directories of a committed snapshot chain, top first.

@@ -731,10 +731,10 @@ impl Reuse {
         }
     }
 
-    /// Hard-links `to` from the previous run when `e` is unchanged there.
-    /// `dirs` keeps the directories of both sides open, so the check and
-    /// the link name the file relative to them. Fails (false) as well
-    /// when `to` exists already.
+    /// Hard-links `to` from the previous run when `e` is unchanged there,
+    /// giving the linked file's `lstat`. `dirs` keeps the directories of
+    /// both sides open, so the check and the link name the file relative
+    /// to them. Fails (`None`) as well when `to` exists already.
     #[allow(clippy::too_many_arguments)]
     fn link_unchanged(
         &self,
@@ -745,23 +745,15 @@ impl Reuse {
         want: (u32, u32, u32, i64, i64),
         name: &std::ffi::CStr,
         dirs: &mut DirFds,
-    ) -> bool {
+    ) -> Option<libc::stat> {
         use std::os::fd::AsRawFd;
-        let Some(h) = self.src_hashes.get(&e.host) else {
-            return false;
-        };
-        let Some((prev_dir, index)) = &self.prev else {
-            return false;
-        };
+        let h = self.src_hashes.get(&e.host)?;
+        let (prev_dir, index) = self.prev.as_ref()?;
         if index.get(&index_key(to)) != Some(h) {
-            return false;
+            return None;
         }
-        let Some(pfd) = dirs.prev_dir(prev_dir, parent) else {
-            return false;
-        };
-        let Ok(pm) = lstat_at(pfd, name) else {
-            return false;
-        };
+        let pfd = dirs.prev_dir(prev_dir, parent)?;
+        let pm = lstat_at(pfd, name).ok()?;
         let (uid, gid, mode, mtime, nsec) = want;
         let same = pm.st_mode & libc::S_IFMT == libc::S_IFREG
             && pm.st_size as u64 == e.meta.size()
@@ -771,14 +763,14 @@ impl Reuse {
             && pm.st_mtime == mtime
             && pm.st_mtime_nsec == nsec;
         if !same {
-            return false;
+            return None;
         }
-        let Ok(hdir) = dirs.dir(root, parent) else {
-            return false;
-        };
+        let hdir = dirs.dir(root, parent).ok()?;
         // SAFETY: two open directory descriptors and NUL-terminated names;
         // flags 0 never follow a link.
-        unsafe { libc::linkat(pfd, name.as_ptr(), hdir.as_raw_fd(), name.as_ptr(), 0) == 0 }
+        let linked =
+            unsafe { libc::linkat(pfd, name.as_ptr(), hdir.as_raw_fd(), name.as_ptr(), 0) == 0 };
+        linked.then_some(pm)
     }
 }
 
@@ -793,6 +785,9 @@ pub(crate) struct DirFds {
     /// The previous run's layer, and a directory in it.
     prev_root: Option<kiln_fs::Root>,
     prev: Option<(Vec<u8>, kiln_fs::Dir)>,
+    /// The top layer's directory again, as a descriptor a layer stream's
+    /// hasher may keep (see [`DirFds::shared`]).
+    shared: Option<(Vec<u8>, std::sync::Arc<fs::File>)>,
 }
 
 impl DirFds {
@@ -811,12 +806,43 @@ impl DirFds {
         }
     }
 
+    /// The top layer's directory at `dir` as a shared descriptor of its
+    /// own (one per directory, for a layer stream's hasher to open the
+    /// files in it by name).
+    fn shared(
+        &mut self,
+        root: &kiln_fs::Root,
+        dir: &[u8],
+    ) -> Result<std::sync::Arc<fs::File>, CopyError> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        if let Some((p, f)) = &self.shared {
+            if p == dir {
+                return Ok(f.clone());
+            }
+        }
+        let fd = self.dir(root, dir)?.as_raw_fd();
+        // SAFETY: an open descriptor; the duplicate is owned by the File.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(CopyError::Io(show(dir), io::Error::last_os_error()));
+        }
+        // SAFETY: a descriptor just made, owned by nothing else.
+        let f = std::sync::Arc::new(unsafe { fs::File::from_raw_fd(dup) });
+        self.shared = Some((dir.to_vec(), f.clone()));
+        Ok(f)
+    }
+
     /// Drops a held directory at or below `path`, which is about to go.
     fn forget_below(&mut self, path: &[u8]) {
         if self.host.as_ref().is_some_and(|(p, _)| {
             p == path || (p.starts_with(path) && p.get(path.len()) == Some(&b'/'))
         }) {
             self.host = None;
+        }
+        if self.shared.as_ref().is_some_and(|(p, _)| {
+            p == path || (p.starts_with(path) && p.get(path.len()) == Some(&b'/'))
+        }) {
+            self.shared = None;
         }
     }
 
@@ -867,6 +893,43 @@ pub fn copy_selections(
     selections: &[Selection],
     opts: &CopyOptions,
 ) -> Result<(), CopyError> {
+    copy_inner(dst, dest, dest_is_dir_hint, selections, opts, None)
+}
+
+/// [`copy_selections`] into a fresh (empty) overlay upperdir, also
+/// describing every entry it makes to `stream`, in the overlay differ's
+/// order, with the bytes it writes (see [`kiln_cache::LayerStream`]).
+/// What the stream cannot be given this way (several sources, a file
+/// source, special files, a destination that exists in the top layer)
+/// makes it give up; the copy is the same either way.
+pub fn copy_selections_streamed(
+    dst: &LayerView,
+    dest: &str,
+    dest_is_dir_hint: bool,
+    selections: &[Selection],
+    opts: &CopyOptions,
+    stream: &mut kiln_cache::LayerStream,
+) -> Result<(), CopyError> {
+    copy_inner(dst, dest, dest_is_dir_hint, selections, opts, Some(stream))
+}
+
+fn copy_inner(
+    dst: &LayerView,
+    dest: &str,
+    dest_is_dir_hint: bool,
+    selections: &[Selection],
+    opts: &CopyOptions,
+    mut stream: Option<&mut kiln_cache::LayerStream>,
+) -> Result<(), CopyError> {
+    let one_dir = selections.len() == 1
+        && selections
+            .first()
+            .is_some_and(|s| s.is_dir && s.entries.first().is_some_and(|e| e.rel.is_empty()));
+    if !one_dir {
+        if let Some(st) = stream.as_deref_mut() {
+            st.give_up();
+        }
+    }
     let multiple = selections.len() > 1;
     let dest_clean = clean_bytes(dest.as_bytes());
     let dest_resolved = dst.resolve(&dest_clean, true)?;
@@ -915,6 +978,13 @@ pub fn copy_selections(
                 skip_root = root_entry;
             }
         }
+        if let Some(st) = stream.as_deref_mut().filter(|st| st.is_live()) {
+            let root_mtime = s.entries.first().map(|e| e.meta.mtime());
+            match (skip_root, root_mtime) {
+                (true, Some(t)) => stream_chain(st, &root, &target, clamp(t, opts.clamp_mtime))?,
+                _ => st.give_up(),
+            }
+        }
         for e in &s.entries[usize::from(skip_root)..] {
             let to = if e.rel.is_empty() {
                 target.clone()
@@ -922,7 +992,15 @@ pub fn copy_selections(
                 join_bytes(&target, &e.rel)
             };
             opts.check_cancel()?;
-            write_entry(&root, &to, e, opts, &mut links, &mut dirs)?;
+            write_entry(
+                &root,
+                &to,
+                e,
+                opts,
+                &mut links,
+                &mut dirs,
+                stream.as_deref_mut().filter(|st| st.is_live()),
+            )?;
         }
         // Directory mtimes are set after their contents are written.
         if s.is_dir {
@@ -946,6 +1024,51 @@ pub fn copy_selections(
     Ok(())
 }
 
+/// Streams the directories from the layer root down to `target` (a
+/// resolved view path whose directories all exist in the top layer): each
+/// as it is now, but `target` with the mtime it gets once its contents
+/// are written.
+fn stream_chain(
+    stream: &mut kiln_cache::LayerStream,
+    root: &kiln_fs::Root,
+    target: &[u8],
+    target_mtime: i64,
+) -> Result<(), CopyError> {
+    let comps: Vec<&[u8]> = components(target).collect();
+    let mut dir = root.dir().try_clone().map_err(ViewError::from)?;
+    let mut rel: Vec<u8> = Vec::new();
+    for (i, c) in comps.iter().enumerate() {
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(c);
+        let name = OsStr::from_bytes(c);
+        let Some(st) = dir
+            .stat(name)
+            .map_err(ViewError::from)?
+            .filter(|st| st.is_dir())
+        else {
+            stream.give_up();
+            return Ok(());
+        };
+        let mtime = if i + 1 == comps.len() {
+            target_mtime
+        } else {
+            st.mtime().0
+        };
+        stream
+            .dir(&rel, st.mode(), (st.uid(), st.gid()), mtime)
+            .map_err(|e| CopyError::Io(show(&rel), e))?;
+        dir = dir.open_dir(name).map_err(ViewError::from)?;
+    }
+    Ok(())
+}
+
+/// The path of a view path `to` in the layer (no leading `/`).
+fn layer_path(to: &[u8]) -> &[u8] {
+    to.strip_prefix(b"/").unwrap_or(to)
+}
+
 fn clamp(t: i64, c: Option<i64>) -> i64 {
     match c {
         Some(c) if t > c => c,
@@ -963,6 +1086,7 @@ fn write_entry(
     opts: &CopyOptions,
     links: &mut HashMap<(u64, u64), Vec<u8>>,
     dirs: &mut DirFds,
+    mut stream: Option<&mut kiln_cache::LayerStream>,
 ) -> Result<(), CopyError> {
     let m = &e.meta;
     let (uid, gid) = match opts.owner {
@@ -1007,9 +1131,23 @@ fn write_entry(
         // unchanged file, linked from the previous run into a destination
         // that does not exist yet (if it does, the link fails and the
         // general way below replaces it).
-        if r.link_unchanged(root, to, &parent, e, (uid, gid, mode, t, ns), &cname, dirs) {
+        if let Some(pm) =
+            r.link_unchanged(root, to, &parent, e, (uid, gid, mode, t, ns), &cname, dirs)
+        {
             if m.nlink() > 1 {
                 links.insert((m.dev(), m.ino()), to.to_vec());
+            }
+            if let Some(st) = stream {
+                stream_linked(
+                    st,
+                    to,
+                    &pm,
+                    (uid, gid, mode, t),
+                    &cname,
+                    root,
+                    &parent,
+                    dirs,
+                )?;
             }
             return Ok(());
         }
@@ -1019,6 +1157,12 @@ fn write_entry(
     // says so.
     let old = dirs.dir(root, &parent)?.stat(name).map_err(fs_err)?;
     let absent = old.is_none();
+    if let (Some(st), Some(_)) = (stream.as_deref_mut(), &old) {
+        // The upperdir was empty: nothing there is replaced.
+        st.give_up();
+        stream = None;
+    }
+    let io = |err: io::Error| CopyError::Io(show(to), err);
     if let Some(old) = old {
         if old.is_dir() && ft.is_dir() {
             // merge into the existing directory
@@ -1035,6 +1179,10 @@ fn write_entry(
         dir.mkdir(name, 0o700).map_err(fs_err)?;
         dir.chown(name, uid, gid).map_err(fs_err)?;
         dir.chmod(name, mode).map_err(fs_err)?;
+        if let Some(st) = stream {
+            // Its mtime is set once its contents are written.
+            st.dir(layer_path(to), mode, (uid, gid), t).map_err(io)?;
+        }
     } else if ft.is_symlink() {
         let target = match &e.link {
             Some(l) => l.clone(),
@@ -1047,6 +1195,15 @@ fn write_entry(
         dir.chown(name, uid, gid).map_err(fs_err)?;
         dir.set_times(name, (clamp(m.mtime(), opts.clamp_mtime), 0))
             .map_err(fs_err)?;
+        if let Some(st) = stream {
+            st.symlink(
+                layer_path(to),
+                &target,
+                (uid, gid),
+                clamp(m.mtime(), opts.clamp_mtime),
+            )
+            .map_err(io)?;
+        }
     } else if ft.is_file() && m.nlink() > 1 && links.contains_key(&(m.dev(), m.ino())) {
         if let Some(first) = links.get(&(m.dev(), m.ino())) {
             let from = root
@@ -1057,6 +1214,26 @@ fn write_entry(
                 .map_err(fs_err)?;
             dir.hard_link(name, &from, OsStr::from_bytes(base_bytes(first)))
                 .map_err(fs_err)?;
+            if let Some(st) = stream {
+                // A second name of an inode streamed already: a hard link
+                // entry, the inode's own metadata (as the differ sees it).
+                let here = dir.stat(name).map_err(fs_err)?;
+                let shared = dirs.shared(root, &parent)?;
+                match here {
+                    Some(h) if h.is_file() => st
+                        .file(
+                            layer_path(to),
+                            (&shared, &cname),
+                            (h.dev(), h.ino()),
+                            h.mode(),
+                            (h.uid(), h.gid()),
+                            h.mtime().0,
+                            h.size(),
+                        )
+                        .map_err(io)?,
+                    _ => st.give_up(),
+                }
+            }
         }
     } else if ft.is_file() {
         if m.nlink() > 1 {
@@ -1064,7 +1241,10 @@ fn write_entry(
         }
         // The link above found the destination taken; it is gone now.
         if let (true, false, Some(r)) = (link_tried, absent, &opts.reuse) {
-            if r.link_unchanged(root, to, &parent, e, (uid, gid, mode, t, ns), &cname, dirs) {
+            if r.link_unchanged(root, to, &parent, e, (uid, gid, mode, t, ns), &cname, dirs)
+                .is_some()
+            {
+                // Not reached with a stream: the upperdir was empty.
                 return Ok(());
             }
         }
@@ -1072,12 +1252,101 @@ fn write_entry(
         let f = dir
             .create_file_unset(name, kiln_fs::Create::Exclusive)
             .map_err(fs_err)?;
-        copy_file(e, f, to, (uid, gid, mode), (t, ns), opts)?;
+        match stream {
+            Some(st) => {
+                let shared = dirs.shared(root, &parent)?;
+                copy_file_streamed(
+                    e,
+                    f,
+                    to,
+                    (uid, gid, mode),
+                    (t, ns),
+                    opts,
+                    st,
+                    &shared,
+                    &cname,
+                )?
+            }
+            None => copy_file(e, f, to, (uid, gid, mode), (t, ns), opts)?,
+        }
     } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
+        if let Some(st) = stream {
+            st.give_up();
+        }
         dir.mknod(name, m.mode(), m.rdev()).map_err(fs_err)?;
         dir.chown(name, uid, gid).map_err(fs_err)?;
     }
     Ok(())
+}
+
+/// Streams a file hard-linked from the previous run (`pm`, its `lstat`
+/// before the link: the same inode); the hasher reads it by its new name.
+#[allow(clippy::too_many_arguments)]
+fn stream_linked(
+    stream: &mut kiln_cache::LayerStream,
+    to: &[u8],
+    pm: &libc::stat,
+    (uid, gid, mode, t): (u32, u32, u32, i64),
+    name: &std::ffi::CStr,
+    root: &kiln_fs::Root,
+    parent: &[u8],
+    dirs: &mut DirFds,
+) -> Result<(), CopyError> {
+    let shared = dirs.shared(root, parent)?;
+    stream
+        .file(
+            layer_path(to),
+            (&shared, name),
+            (pm.st_dev, pm.st_ino),
+            mode,
+            (uid, gid),
+            t,
+            pm.st_size.max(0) as u64,
+        )
+        .map_err(|e| CopyError::Io(show(to), e))
+}
+
+/// [`copy_file`] for a streamed layer: the file is copied as ever (in
+/// the kernel, or cloned), then handed to `stream` by its name in the
+/// shared directory descriptor `dir`: the hasher reads what the snapshot
+/// holds (from the page cache, on its own thread).
+#[allow(clippy::too_many_arguments)]
+fn copy_file_streamed(
+    from: &Entry,
+    dst: fs::File,
+    to: &[u8],
+    (uid, gid, mode): (u32, u32, u32),
+    (t, ns): (i64, i64),
+    opts: &CopyOptions,
+    stream: &mut kiln_cache::LayerStream,
+    dir: &std::sync::Arc<fs::File>,
+    name: &std::ffi::CStr,
+) -> Result<(), CopyError> {
+    use std::os::fd::AsRawFd;
+    let err = |e: io::Error| CopyError::Io(show(to), e);
+    let m = dst.metadata().map_err(err)?;
+    let inode = (m.dev(), m.ino());
+    copy_file(from, dst, to, (uid, gid, mode), (t, ns), opts)?;
+    // The size as written: the hasher reads that many bytes back, and
+    // the final check finds the same size in the snapshot.
+    let size = match lstat_at(dir.as_raw_fd(), name) {
+        Ok(st) if (st.st_dev, st.st_ino) == inode => st.st_size.max(0) as u64,
+        _ => {
+            stream.give_up();
+            return Ok(());
+        }
+    };
+    stream
+        .file(
+            layer_path(to),
+            (dir, name),
+            inode,
+            mode,
+            (uid, gid),
+            t,
+            size,
+        )
+        .map_err(err)
 }
 
 /// Copies file content into the new file `dst` (with a reflink when the
@@ -1111,6 +1380,18 @@ fn copy_file(
         }
         dst.flush().map_err(err)?;
     }
+    set_file_meta(&dst, to, (uid, gid, mode), (t, ns))
+}
+
+/// Gives a file written through `dst` its owner, mode and times.
+fn set_file_meta(
+    dst: &fs::File,
+    to: &[u8],
+    (uid, gid, mode): (u32, u32, u32),
+    (t, ns): (i64, i64),
+) -> Result<(), CopyError> {
+    use std::os::fd::AsRawFd;
+    let err = |e: io::Error| CopyError::Io(show(to), e);
     // Owner first: chown clears set-id bits.
     // SAFETY: an open descriptor.
     if unsafe { libc::fchown(dst.as_raw_fd(), uid, gid) } != 0 {
@@ -1476,5 +1757,202 @@ mod tests {
             fs::read_to_string(upper.join("one").join(p(b"caf\xe9"))).unwrap(),
             "top"
         );
+    }
+
+    /// Copies `src` (selected from `ctx`) to `dest` in a fresh upperdir on
+    /// `lower` with a layer stream; `between` runs after the selection and
+    /// before the copy, `after` after the copy and before the stream's
+    /// check. Gives the streamed layer and the differ's digest and size of
+    /// the same upperdir.
+    fn stream_vs_differ(
+        ctx: &Path,
+        src: &str,
+        lower: Option<&Path>,
+        dest: &str,
+        clamp: Option<i64>,
+        between: impl FnOnce(&Path),
+        after: impl FnOnce(&Path),
+    ) -> (Option<kiln_cache::StreamedDiff>, (kiln_image::Digest, u64)) {
+        let view = LayerView::new(vec![ctx.to_path_buf()], true);
+        let sel = Selector {
+            view: &view,
+            ignore: None,
+            exclude: None,
+        };
+        let picked = sel.select(src).unwrap();
+        let t = tempfile::tempdir_in(ctx.parent().unwrap()).unwrap();
+        let upper = t.path().join("upper");
+        fs::create_dir_all(&upper).unwrap();
+        between(&upper);
+        let mut layers = vec![upper.clone()];
+        layers.extend(lower.map(Path::to_path_buf));
+        let dst = LayerView::new(layers, false);
+        let opts = CopyOptions {
+            clamp_mtime: clamp,
+            ..CopyOptions::default()
+        };
+        let mut stream = kiln_cache::LayerStream::start(clamp);
+        copy_selections_streamed(&dst, dest, true, &picked, &opts, &mut stream).unwrap();
+        after(&upper);
+        let dopts = kiln_image::diff::DiffOptions {
+            clamp_mtime: clamp,
+            ..Default::default()
+        };
+        let streamed = stream.finish(&upper, &dopts).unwrap().map(|(s, _)| s);
+        let (d, n, _) = kiln_cache::DiffSource::Overlay {
+            upper: upper.clone(),
+        }
+        .digest(&dopts)
+        .unwrap();
+        (streamed, (d, n))
+    }
+
+    /// A tree with what a layer tar has to get right: empty and large
+    /// files, odd modes, symlinks, hard links, long and non-UTF-8 names.
+    fn odd_tree(ctx: &Path) {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let long = "n".repeat(120);
+        fs::create_dir_all(ctx.join("a/b/c")).unwrap();
+        fs::create_dir_all(ctx.join(format!("a/{long}"))).unwrap();
+        fs::create_dir_all(ctx.join("a-b")).unwrap();
+        fs::write(ctx.join("a/empty"), "").unwrap();
+        fs::write(ctx.join("a/b/c/big"), vec![7u8; 3 << 20]).unwrap();
+        fs::write(ctx.join(format!("a/{long}/{long}")), "long").unwrap();
+        fs::write(ctx.join("a-b/x"), "x").unwrap();
+        fs::write(ctx.join("run"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(ctx.join("run"), fs::Permissions::from_mode(0o4755)).unwrap();
+        fs::set_permissions(ctx.join("a/b"), fs::Permissions::from_mode(0o2750)).unwrap();
+        symlink("b/c/big", ctx.join("a/to-big")).unwrap();
+        symlink("/nowhere", ctx.join("dangling")).unwrap();
+        fs::hard_link(ctx.join("a-b/x"), ctx.join("a/x-again")).unwrap();
+        fs::write(ctx.join(OsStr::from_bytes(b"bad-\xff-name")), "?").unwrap();
+    }
+
+    /// The layer a COPY streams while writing is, byte for byte, the tar
+    /// the overlay differ makes of the same upperdir: same diffID, same
+    /// size — into a new directory, into one whose parents come from a
+    /// lower layer, and with SOURCE_DATE_EPOCH clamping.
+    #[test]
+    fn a_streamed_copy_layer_is_the_differs_tar() {
+        let t = tempfile::tempdir().unwrap();
+        let ctx = t.path().join("ctx");
+        fs::create_dir_all(&ctx).unwrap();
+        odd_tree(&ctx);
+        let lower = t.path().join("lower");
+        fs::create_dir_all(lower.join("usr/local")).unwrap();
+        for (lower, dest, clamp) in [
+            (None, "/app", None),
+            (Some(lower.as_path()), "/usr/local/app/", None),
+            (None, "/app", Some(1_000_000)),
+        ] {
+            let (streamed, (d, n)) =
+                stream_vs_differ(&ctx, ".", lower, dest, clamp, |_| {}, |_| {});
+            let s = streamed.unwrap_or_else(|| panic!("{dest}: the stream gave up"));
+            assert_eq!((s.diff_id, s.size), (d, n), "{dest}");
+        }
+    }
+
+    /// Hostile: a context file grown or shrunk after it was selected (and
+    /// hashed for the key) and before it is copied. The layer's digest is
+    /// that of what the snapshot holds — streamed or, when the stream
+    /// gives up, diffed — never of what the selection saw.
+    #[test]
+    fn a_file_changed_between_hash_and_copy_never_gives_a_lying_digest() {
+        let t = tempfile::tempdir().unwrap();
+        let ctx = t.path().join("ctx");
+        fs::create_dir_all(ctx.join("d")).unwrap();
+        fs::write(ctx.join("d/grows"), vec![1u8; 100_000]).unwrap();
+        fs::write(ctx.join("d/shrinks"), vec![2u8; 100_000]).unwrap();
+        fs::write(ctx.join("d/swapped"), vec![3u8; 4096]).unwrap();
+        let (streamed, (d, n)) = stream_vs_differ(
+            &ctx,
+            "d",
+            None,
+            "/app",
+            None,
+            |_| {
+                fs::write(ctx.join("d/grows"), vec![1u8; 300_000]).unwrap();
+                fs::write(ctx.join("d/shrinks"), vec![2u8; 10]).unwrap();
+                fs::write(ctx.join("d/swapped.new"), vec![9u8; 4096]).unwrap();
+                fs::rename(ctx.join("d/swapped.new"), ctx.join("d/swapped")).unwrap();
+            },
+            |_| {},
+        );
+        if let Some(s) = streamed {
+            assert_eq!((s.diff_id, s.size), (d, n));
+        }
+    }
+
+    /// Anything in the upperdir the stream did not describe — a mode
+    /// changed, a file added — makes its check fail: the commit diffs.
+    #[test]
+    fn a_streamed_layer_that_does_not_match_its_upperdir_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let ctx = t.path().join("ctx");
+        fs::create_dir_all(&ctx).unwrap();
+        odd_tree(&ctx);
+        let tampers: [&dyn Fn(&Path); 2] = [
+            &|up| {
+                fs::set_permissions(up.join("app/run"), fs::Permissions::from_mode(0o755)).unwrap()
+            },
+            &|up| fs::write(up.join("app/a/extra"), "").unwrap(),
+        ];
+        for tamper in tampers {
+            let (s, _) = stream_vs_differ(&ctx, ".", None, "/app", None, |_| {}, tamper);
+            assert!(s.is_none());
+        }
+    }
+
+    /// Files that get extended attributes of their own where they are
+    /// made (here a default ACL on the layer directory, which new files
+    /// inherit as an access ACL) are not streamed: the layer is diffed,
+    /// attributes and all.
+    #[test]
+    fn files_with_extended_attributes_are_not_streamed() {
+        let t = tempfile::tempdir().unwrap();
+        let ctx = t.path().join("ctx");
+        fs::create_dir_all(ctx.join("d")).unwrap();
+        fs::write(ctx.join("d/f"), "x").unwrap();
+        // version 2; user::rwx, user:1000:r--, group::r-x, mask::r-x, other::r-x
+        let mut acl = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in [
+            (1u16, 7u16, u32::MAX),
+            (2, 4, 1000),
+            (4, 5, u32::MAX),
+            (0x10, 5, u32::MAX),
+            (0x20, 5, u32::MAX),
+        ] {
+            acl.extend(tag.to_le_bytes());
+            acl.extend(perm.to_le_bytes());
+            acl.extend(id.to_le_bytes());
+        }
+        let mut acl_set = false;
+        let (s, _) = stream_vs_differ(
+            &ctx,
+            "d",
+            None,
+            "/app",
+            None,
+            |up| {
+                let p = std::ffi::CString::new(up.as_os_str().as_bytes()).unwrap();
+                // SAFETY: NUL-terminated path and name, a buffer of its length.
+                acl_set = unsafe {
+                    libc::setxattr(
+                        p.as_ptr(),
+                        c"system.posix_acl_default".as_ptr(),
+                        acl.as_ptr().cast(),
+                        acl.len(),
+                        0,
+                    )
+                } == 0;
+            },
+            |_| {},
+        );
+        if acl_set {
+            assert!(s.is_none());
+        } else {
+            assert!(std::env::var_os("CI").is_none(), "ACLs unsupported here");
+        }
     }
 }

@@ -960,6 +960,18 @@ impl Backend for RemoteCacheBackend {
         Ok(l)
     }
 
+    fn commit_streamed(
+        &self,
+        active: Active,
+        key: &str,
+        opts: &DiffOptions,
+        streamed: kiln_cache::StreamedDiff,
+    ) -> BackendResult<LayerRecord> {
+        let l = self.inner.commit_streamed(active, key, opts, streamed)?;
+        self.note(key, &l);
+        Ok(l)
+    }
+
     fn abort(&self, active: Active) {
         self.inner.abort(active)
     }

@@ -355,6 +355,83 @@ fn stat_of(k: &StatKey) -> FileStat {
 pub const OCI_LAYOUT_DOMAIN: &str = "oci-layout.kiln.invalid";
 
 impl StoreBackend {
+    /// [`Backend::commit`], taking the layer's digest from `streamed`
+    /// (for an overlay snapshot) instead of diffing the snapshot.
+    fn commit_with(
+        &self,
+        active: Active,
+        key: &str,
+        opts: &DiffOptions,
+        streamed: Option<kiln_cache::StreamedDiff>,
+    ) -> BackendResult<LayerRecord> {
+        let sn = self.sn();
+
+        let result = (|| {
+            let parent = sn
+                .stat(&active.key)
+                .map_err(BackendError::ctx("snapshot"))?
+                .parent;
+            // The layer's bytes stay in the snapshot: only its diffID and
+            // size are computed here (one streaming pass, nothing written);
+            // the tar is written again when the blob is read (export,
+            // push) — see `Store::record_layer_source`.
+            let source = sn
+                .diff_source(&active.key)
+                .map_err(BackendError::ctx("diff source"))?;
+            // A layer streamed while the snapshot was written is taken
+            // only for an overlay upperdir (what the stream was checked
+            // against); the tar written again on export is verified
+            // against this diffID.
+            let (blob, size, usage) = match (streamed, &source) {
+                (Some(s), kiln_cache::DiffSource::Overlay { .. }) => (s.diff_id, s.size, s.usage),
+                _ => source.digest(opts).map_err(BackendError::ctx("diff"))?,
+            };
+            let diff_id: Digest = blob
+                .to_string()
+                .parse()
+                .map_err(BackendError::ctx("digest"))?;
+            let name = chain_id(parent.as_deref(), diff_id.as_str());
+            let committed = match usage {
+                Some(u) => sn.commit_measured(&name, &active.key, u),
+                None => sn.commit(&name, &active.key),
+            };
+            match committed {
+                Ok(()) => {
+                    let _ = sn.meta().set_snapshot_diff_id(&name, &blob);
+                }
+                Err(_) if sn.stat(&name).is_ok() => {
+                    // The same layer on the same parent exists already
+                    // (a --no-cache rebuild): keep that one; this copy is
+                    // left for prune rather than deleted now.
+                    let _ = sn.retire(&active.key);
+                }
+                Err(err) => return Err(BackendError::ctx("commit snapshot")(err)),
+            }
+            self.store
+                .record_layer_source(&blob, size, &name, opts)
+                .map_err(BackendError::ctx("recording layer"))?;
+            self.store
+                .meta()
+                .cache_put(key, Some(&name), Some(&blob), std::slice::from_ref(&blob))
+                .map_err(BackendError::ctx("cache index"))?;
+            Ok(LayerRecord {
+                diff_id: diff_id.clone(),
+                digest: diff_id,
+                size,
+                media_type: media_types::OCI_LAYER.to_string(),
+                snapshot: name,
+                created: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0),
+            })
+        })();
+        if result.is_err() {
+            let _ = sn.remove(&active.key);
+        }
+        result
+    }
+
     /// Stored manifest `md`: its bytes, config digest and layer digests.
     fn manifest_parts(
         &self,
@@ -609,65 +686,17 @@ impl Backend for StoreBackend {
     }
 
     fn commit(&self, active: Active, key: &str, opts: &DiffOptions) -> BackendResult<LayerRecord> {
-        let sn = self.sn();
-        let result = (|| {
-            let parent = sn
-                .stat(&active.key)
-                .map_err(BackendError::ctx("snapshot"))?
-                .parent;
-            // The layer's bytes stay in the snapshot: only its diffID and
-            // size are computed here (one streaming pass, nothing written);
-            // the tar is written again when the blob is read (export,
-            // push) — see `Store::record_layer_source`.
-            let (blob, size, usage) = sn
-                .diff_source(&active.key)
-                .map_err(BackendError::ctx("diff source"))?
-                .digest(opts)
-                .map_err(BackendError::ctx("diff"))?;
-            let diff_id: Digest = blob
-                .to_string()
-                .parse()
-                .map_err(BackendError::ctx("digest"))?;
-            let name = chain_id(parent.as_deref(), diff_id.as_str());
-            let committed = match usage {
-                Some(u) => sn.commit_measured(&name, &active.key, u),
-                None => sn.commit(&name, &active.key),
-            };
-            match committed {
-                Ok(()) => {
-                    let _ = sn.meta().set_snapshot_diff_id(&name, &blob);
-                }
-                Err(_) if sn.stat(&name).is_ok() => {
-                    // The same layer on the same parent exists already
-                    // (a --no-cache rebuild): keep that one; this copy is
-                    // left for prune rather than deleted now.
-                    let _ = sn.retire(&active.key);
-                }
-                Err(err) => return Err(BackendError::ctx("commit snapshot")(err)),
-            }
-            self.store
-                .record_layer_source(&blob, size, &name, opts)
-                .map_err(BackendError::ctx("recording layer"))?;
-            self.store
-                .meta()
-                .cache_put(key, Some(&name), Some(&blob), std::slice::from_ref(&blob))
-                .map_err(BackendError::ctx("cache index"))?;
-            Ok(LayerRecord {
-                diff_id: diff_id.clone(),
-                digest: diff_id,
-                size,
-                media_type: media_types::OCI_LAYER.to_string(),
-                snapshot: name,
-                created: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs() as i64)
-                    .unwrap_or(0),
-            })
-        })();
-        if result.is_err() {
-            let _ = sn.remove(&active.key);
-        }
-        result
+        self.commit_with(active, key, opts, None)
+    }
+
+    fn commit_streamed(
+        &self,
+        active: Active,
+        key: &str,
+        opts: &DiffOptions,
+        streamed: kiln_cache::StreamedDiff,
+    ) -> BackendResult<LayerRecord> {
+        self.commit_with(active, key, opts, Some(streamed))
     }
 
     fn abort(&self, active: Active) {

@@ -40,7 +40,7 @@ impl Solver {
             let resolved = view.resolve(&dir, true).map_err(BuildError::from_cause)?;
             view.ensure_dir(&resolved, owner)
                 .map_err(BuildError::from_cause)?;
-            Ok(())
+            Ok(None)
         })
         .await
     }
@@ -78,7 +78,9 @@ impl Solver {
             ..CopyOptions::default()
         };
         self.layer_step(&lop.name, state, key, false, move |dst| {
-            copy_selections(dst, "/", true, &selections, &opts).map_err(BuildError::from_cause)
+            copy_selections(dst, "/", true, &selections, &opts)
+                .map(|()| None)
+                .map_err(BuildError::from_cause)
         })
         .await
     }
@@ -154,6 +156,7 @@ impl Solver {
         };
         let prev_snapshot = prev_layer.as_ref().map(|l| l.snapshot.clone());
         let cancel = self.cancel.clone();
+        let t = std::time::Instant::now();
         let ((selections, fetched_sel, src_hashes), key) =
             blocking(move || -> Result<_, BuildError> {
                 let selector = Selector {
@@ -205,6 +208,10 @@ impl Solver {
             })
             .await
             .map_err(at_line(line))?;
+        tracing::debug!(
+            seconds = t.elapsed().as_secs_f64(),
+            "COPY sources selected and hashed"
+        );
         let contents: Vec<(String, String)> = op
             .heredocs
             .iter()
@@ -225,6 +232,14 @@ impl Solver {
         let chown = op.chown.clone();
         let dest = op.dest.clone();
         let dest_is_dir = op.dest_is_dir;
+        // A plain COPY into its fresh snapshot digests the layer as it
+        // writes it (a second thread reads the written files back and
+        // hashes the tar; a rerun resumes that hash past the entries it
+        // shares with its previous run); the commit then diffs nothing.
+        // Everything else is diffed at the commit as before.
+        let streamable = !add && fetched.is_empty() && contents.is_empty();
+        let clamp = self.opts.source_date_epoch;
+        let diff_opts = self.diff_options();
         let work = move |dst: &LayerView| {
             let mut opts = opts;
             if reusable {
@@ -261,10 +276,52 @@ impl Solver {
                 crate::archive::add_selections(dst, &dest, dest_is_dir, &selections, &opts)
                     .map_err(BuildError::from_cause)?;
             } else {
-                copy_selections(dst, &dest, dest_is_dir, &selections, &opts)
-                    .map_err(BuildError::from_cause)?;
+                // A rerun of this COPY resumes the layer's hash where its
+                // first entries stop being the previous run's.
+                let prev_marks = opts
+                    .reuse
+                    .as_ref()
+                    .and_then(|r| r.prev.as_ref())
+                    .map(|(dir, _)| kiln_cache::Marks::load(dir))
+                    .unwrap_or_default();
+                let mut stream = match dst.top() {
+                    Some(top) if streamable && upper_is_empty(top) => {
+                        Some(kiln_cache::LayerStream::resuming(clamp, prev_marks))
+                    }
+                    _ => None,
+                };
+                match stream.as_mut() {
+                    Some(st) => crate::copy::copy_selections_streamed(
+                        dst,
+                        &dest,
+                        dest_is_dir,
+                        &selections,
+                        &opts,
+                        st,
+                    ),
+                    None => copy_selections(dst, &dest, dest_is_dir, &selections, &opts),
+                }
+                .map_err(BuildError::from_cause)?;
                 if let (Some(r), Some(top)) = (&opts.reuse, dst.top()) {
                     r.store_index(top).map_err(BuildError::from_cause)?;
+                }
+                if let (Some(st), Some(top)) = (stream, dst.top()) {
+                    let t = std::time::Instant::now();
+                    let resumed_from = st.resumed_from();
+                    // A stream that does not match the upperdir, or fails
+                    // its check, is dropped: the commit diffs instead.
+                    let streamed = st.finish(top, &diff_opts).ok().flatten();
+                    tracing::debug!(
+                        seconds = t.elapsed().as_secs_f64(),
+                        streamed = streamed.is_some(),
+                        resumed_from,
+                        "COPY layer stream checked"
+                    );
+                    return Ok(streamed.map(|(s, marks)| {
+                        // Best effort: without marks a rerun hashes it all.
+                        let _ = marks.store(top);
+                        s
+                    }));
                 }
             }
             for (name, data) in &contents {
@@ -278,7 +335,7 @@ impl Solver {
                 )
                 .map_err(BuildError::from_cause)?;
             }
-            Ok(())
+            Ok(None)
         };
         let layer = if link {
             self.clone()
@@ -300,6 +357,12 @@ impl Solver {
         }
         Ok(layer)
     }
+}
+
+/// Whether a snapshot's top layer directory holds nothing yet (a COPY
+/// into it may stream its layer, see [`kiln_cache::LayerStream`]).
+fn upper_is_empty(top: &std::path::Path) -> bool {
+    std::fs::read_dir(top).is_ok_and(|mut d| d.next().is_none())
 }
 
 /// Resolves `user[:group]` through the view's /etc/passwd and /etc/group

@@ -26,7 +26,9 @@ impl Solver {
         work: F,
     ) -> Result<LayerRecord, BuildError>
     where
-        F: FnOnce(&LayerView) -> Result<(), BuildError> + Send + 'static,
+        F: FnOnce(&LayerView) -> Result<Option<kiln_cache::StreamedDiff>, BuildError>
+            + Send
+            + 'static,
     {
         let id = self.progress.start(name.to_string());
         let t = Instant::now();

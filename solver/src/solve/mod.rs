@@ -14,6 +14,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use kiln_cache::StreamedDiff;
+
 use kiln_executor::CancellationToken;
 use kiln_image::config::ImageConfig;
 use kiln_image::diff::DiffOptions;
@@ -687,7 +689,7 @@ impl Solver {
         work: F,
     ) -> Result<LayerRecord, BuildError>
     where
-        F: FnOnce(&LayerView) -> Result<(), BuildError> + Send + 'static,
+        F: FnOnce(&LayerView) -> Result<Option<StreamedDiff>, BuildError> + Send + 'static,
     {
         let id = self.progress.start(name.to_string());
         let t = Instant::now();
@@ -713,7 +715,7 @@ impl Solver {
         work: F,
     ) -> Result<(LayerRecord, bool), BuildError>
     where
-        F: FnOnce(&LayerView) -> Result<(), BuildError> + Send + 'static,
+        F: FnOnce(&LayerView) -> Result<Option<StreamedDiff>, BuildError> + Send + 'static,
     {
         let me = self.clone();
         let k = key.clone();
@@ -725,20 +727,32 @@ impl Solver {
             let opts = me.diff_options();
             let cancel = me.cancel.clone();
             let layer = blocking(move || -> Result<LayerRecord, BuildError> {
+                let t = Instant::now();
                 let active = backend.prepare(parent.as_deref())?;
                 let view = LayerView::new(active.layers.clone(), false);
                 let worked = work(&view);
+                tracing::debug!(key = %k, seconds = t.elapsed().as_secs_f64(), "step work done");
                 // A cancelled build commits nothing (the work stopped
                 // part way, or would be thrown away).
                 if cancel.is_cancelled() {
                     backend.abort(active);
                     return Err(BuildError::Cancelled);
                 }
-                if let Err(e) = worked {
-                    backend.abort(active);
-                    return Err(e);
-                }
-                committed(backend.commit(active, &k, &opts), &cancel)
+                let streamed = match worked {
+                    Ok(s) => s,
+                    Err(e) => {
+                        backend.abort(active);
+                        return Err(e);
+                    }
+                };
+                let t = Instant::now();
+                let r = match streamed {
+                    // The layer was digested while the work wrote it.
+                    Some(s) => committed(backend.commit_streamed(active, &k, &opts, s), &cancel),
+                    None => committed(backend.commit(active, &k, &opts), &cancel),
+                };
+                tracing::debug!(key = %k, seconds = t.elapsed().as_secs_f64(), "step committed");
+                r
             })
             .await?;
             Ok((layer, false))
