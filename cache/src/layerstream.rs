@@ -30,8 +30,9 @@ use std::collections::HashMap;
 use std::io::{self, Read};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use kiln_image::diff::DiffOptions;
 use kiln_image::tarw::{Kind, Meta, TarWriter};
@@ -65,19 +66,95 @@ enum Piece {
     At(Arc<std::fs::File>, std::ffi::CString, u64),
 }
 
-/// Pieces per batch handed to the hasher, and batches in flight (so at
-/// most `BATCH * DEPTH` files are held open).
+/// Files per batch handed to the hasher.
 const BATCH: usize = 32;
-const DEPTH: usize = 4;
 /// Header bytes gathered before they are handed over.
 const BYTES: usize = 256 << 10;
+/// What the batches in flight may hold (see [`Budget`]): directory
+/// descriptors (each piece naming a file holds its directory open) and
+/// bytes. Deep enough that the writer runs far ahead of the hasher —
+/// thousands of small files are written while it reads a big one — and
+/// bounded so that neither memory nor descriptors grow with the layer.
+const DIRS_IN_FLIGHT: usize = 256;
+const BYTES_IN_FLIGHT: usize = 16 << 20;
+
+/// What a batch holds: (directory descriptors, bytes).
+type Cost = (usize, usize);
+
+/// The batches handed to the hasher and not yet hashed, counted so the
+/// writer waits when they hold too much (see [`DIRS_IN_FLIGHT`]).
+#[derive(Default)]
+struct Budget {
+    used: Mutex<Cost>,
+    freed: Condvar,
+}
+
+impl Budget {
+    /// Takes `cost`, waiting while the batches in flight hold too much
+    /// (a batch is always let through when nothing is in flight). False
+    /// when the hasher is gone (`alive` says no) before there was room.
+    fn take(&self, cost: Cost, alive: &dyn Fn() -> bool) -> bool {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used != (0, 0)
+            && (used.0 + cost.0 > DIRS_IN_FLIGHT || used.1 + cost.1 > BYTES_IN_FLIGHT)
+        {
+            if !alive() {
+                return false;
+            }
+            used = match self.freed.wait_timeout(used, Duration::from_millis(50)) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        used.0 += cost.0;
+        used.1 += cost.1;
+        true
+    }
+
+    /// Gives back what a hashed batch held.
+    fn give(&self, cost: Cost) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        used.0 = used.0.saturating_sub(cost.0);
+        used.1 = used.1.saturating_sub(cost.1);
+        self.freed.notify_all();
+    }
+}
+
+/// What `batch` holds: its bytes, and the directories its files are
+/// named in, counted each time the directory changes from the piece
+/// before it — in the batch or, for its first piece, the last piece of
+/// the batch before (`last`). Summed over the batches in flight that is
+/// at least the number of directories they hold open, less one (a
+/// directory whose run began in a batch already hashed).
+fn cost(batch: &[Piece], last: &mut Option<Arc<std::fs::File>>) -> Cost {
+    let mut dirs = 0;
+    let mut bytes = 0;
+    for p in batch {
+        bytes += 64;
+        match p {
+            Piece::Bytes(b) => bytes += b.len(),
+            Piece::At(dir, name, _) => {
+                bytes += name.as_bytes().len();
+                if !last.as_ref().is_some_and(|l| Arc::ptr_eq(l, dir)) {
+                    dirs += 1;
+                    *last = Some(dir.clone());
+                }
+            }
+            Piece::Start(..) | Piece::Mark(..) => {}
+        }
+    }
+    (dirs, bytes)
+}
 
 /// A layer tar hashed as its entries are written (see the module doc).
 pub struct LayerStream {
     tar: Option<TarWriter<Vec<u8>>>,
     batch: Vec<Piece>,
-    tx: Option<SyncSender<Vec<Piece>>>,
+    tx: Option<Sender<(Vec<Piece>, Cost)>>,
     hasher: Option<std::thread::JoinHandle<Option<Hashed>>>,
+    budget: Arc<Budget>,
+    /// The directory of the last file handed over (see [`cost`]).
+    last_dir: Option<Arc<std::fs::File>>,
     /// Tells the hasher to stop early (the stream was dropped).
     stop: Arc<AtomicBool>,
     headers: Hasher,
@@ -280,13 +357,26 @@ type Hashed = (Digest, u64, Vec<Mark>);
 /// The hasher thread: the pieces' bytes in order through sha256, or
 /// `None` when a file did not give its size in bytes or could not be read;
 /// and the marks it was asked to take.
-fn hash_pieces(rx: std::sync::mpsc::Receiver<Vec<Piece>>, stop: &AtomicBool) -> Option<Hashed> {
+fn hash_pieces(
+    rx: std::sync::mpsc::Receiver<(Vec<Piece>, Cost)>,
+    stop: &AtomicBool,
+    budget: &Budget,
+) -> Option<Hashed> {
     let mut h = Sha::at(IV, 0);
     let mut marks = Vec::new();
     let mut buf = vec![0u8; 256 << 10];
     let zeros = [0u8; 512];
     let mut whole = true;
-    for batch in rx {
+    for (batch, held) in rx {
+        // Gives the batch's budget back once its pieces (and the
+        // directories they hold open) are dropped, whatever happens.
+        struct Done<'a>(&'a Budget, Cost);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.give(self.1);
+            }
+        }
+        let _done = Done(budget, held);
         for piece in batch {
             if !whole || stop.load(Ordering::Relaxed) {
                 whole = false;
@@ -354,14 +444,16 @@ impl LayerStream {
     /// at the last of those marks this layer shares, and the files before
     /// it are not read.
     pub fn resuming(clamp_mtime: Option<i64>, prev: Marks) -> Self {
-        let (tx, rx) = sync_channel(DEPTH);
+        let (tx, rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
+        let budget = Arc::new(Budget::default());
+        let b2 = budget.clone();
         // Without a thread to hash on, nothing is streamed (the commit
         // diffs as before).
         let hasher = std::thread::Builder::new()
             .name("kiln-layer-hash".into())
-            .spawn(move || hash_pieces(rx, &s2))
+            .spawn(move || hash_pieces(rx, &s2, &b2))
             .ok();
         let mut tar = TarWriter::new(Vec::with_capacity(BYTES));
         tar.defer_content();
@@ -377,6 +469,8 @@ impl LayerStream {
             batch,
             tx: live.then_some(tx),
             hasher,
+            budget,
+            last_dir: None,
             stop,
             headers: Hasher::new(),
             identity: Hasher::new(),
@@ -424,8 +518,11 @@ impl LayerStream {
         if let Some(tar) = self.tar.as_mut() {
             let out = tar.get_mut();
             if !out.is_empty() {
-                let b = std::mem::replace(out, Vec::with_capacity(BYTES));
-                self.batch.push(Piece::Bytes(b));
+                // A copy of just these bytes: the buffer keeps its
+                // capacity for the next headers (a fresh 256 KiB buffer
+                // per file cost an mmap and munmap each).
+                self.batch.push(Piece::Bytes(out.clone()));
+                out.clear();
             }
         }
     }
@@ -495,7 +592,16 @@ impl LayerStream {
             return;
         }
         let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
-        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(batch).is_ok());
+        let held = cost(&batch, &mut self.last_dir);
+        let hasher = self.hasher.as_ref();
+        let alive = || hasher.is_some_and(|h| !h.is_finished());
+        let sent = self.budget.take(held, &alive)
+            && self.tx.as_ref().is_some_and(|tx| {
+                tx.send((batch, held)).is_ok() || {
+                    self.budget.give(held);
+                    false
+                }
+            });
         if !sent {
             self.give_up();
         }
@@ -715,6 +821,30 @@ fn has_xattrs(f: &std::fs::File) -> bool {
 mod tests {
     use super::*;
     use sha2::Digest as _;
+
+    /// The writer waits while the batches in flight hold too many
+    /// directories or bytes, goes on as the hasher gives them back, and
+    /// stops waiting once the hasher is gone; a batch bigger than the
+    /// whole budget still goes when nothing else is in flight.
+    #[test]
+    fn the_budget_bounds_what_is_in_flight() {
+        let b = Arc::new(Budget::default());
+        let yes = || true;
+        assert!(b.take((DIRS_IN_FLIGHT, 10), &yes));
+        let b2 = b.clone();
+        let waiter = std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            assert!(b2.take((1, 10), &|| true));
+            t.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        b.give((DIRS_IN_FLIGHT, 10));
+        let waited = waiter.join().unwrap();
+        assert!(waited >= Duration::from_millis(150), "{waited:?}");
+        assert!(!b.take((1, BYTES_IN_FLIGHT), &|| false), "hasher gone");
+        b.give((1, 10));
+        assert!(b.take((DIRS_IN_FLIGHT * 2, BYTES_IN_FLIGHT * 2), &yes));
+    }
 
     /// The resumable sha256 is sha256, fed in any pieces, and resumed
     /// from a state taken at a block boundary it goes on the same.

@@ -1818,6 +1818,27 @@ mod tests {
         (streamed, (d, n))
     }
 
+    /// More directories than the stream keeps in flight, behind a big
+    /// file the hasher takes a while over (so the writer runs ahead and
+    /// has to wait for the budget): still the differ's tar.
+    #[test]
+    fn a_streamed_layer_of_many_directories_is_the_differs_tar() {
+        let t = tempfile::tempdir().unwrap();
+        let ctx = t.path().join("ctx");
+        fs::create_dir_all(&ctx).unwrap();
+        fs::write(ctx.join("a-big"), vec![3u8; 64 << 20]).unwrap();
+        for d in 0..700 {
+            let dir = ctx.join(format!("d{d:03}"));
+            fs::create_dir_all(&dir).unwrap();
+            for f in 0..3 {
+                fs::write(dir.join(format!("f{f}")), format!("{d} {f}")).unwrap();
+            }
+        }
+        let (streamed, (d, n)) = stream_vs_differ(&ctx, ".", None, "/app", None, |_| {}, |_| {});
+        let s = streamed.expect("streamed");
+        assert_eq!((s.diff_id, s.size), (d, n));
+    }
+
     /// A tree with what a layer tar has to get right: empty and large
     /// files, odd modes, symlinks, hard links, long and non-UTF-8 names.
     fn odd_tree(ctx: &Path) {
