@@ -1278,7 +1278,9 @@ fn write_entry(
                     &cname,
                 )?
             }
-            None => copy_file(e, f, to, (uid, gid, mode), (t, ns), opts)?,
+            None => {
+                copy_file(e, f, to, (uid, gid, mode), (t, ns), opts)?;
+            }
         }
     } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
         if let Some(st) = stream {
@@ -1337,15 +1339,17 @@ fn copy_file_streamed(
     let err = |e: io::Error| CopyError::Io(show(to), e);
     let m = dst.metadata().map_err(err)?;
     let inode = (m.dev(), m.ino());
-    copy_file(from, dst, to, (uid, gid, mode), (t, ns), opts)?;
     // The size as written: the hasher reads that many bytes back, and
     // the final check finds the same size in the snapshot.
-    let size = match lstat_at(dir.as_raw_fd(), name) {
-        Ok(st) if (st.st_dev, st.st_ino) == inode => st.st_size.max(0) as u64,
-        _ => {
-            stream.give_up();
-            return Ok(());
-        }
+    let size = match copy_file(from, dst, to, (uid, gid, mode), (t, ns), opts)? {
+        Some(n) => n,
+        None => match lstat_at(dir.as_raw_fd(), name) {
+            Ok(st) if (st.st_dev, st.st_ino) == inode => st.st_size.max(0) as u64,
+            _ => {
+                stream.give_up();
+                return Ok(());
+            }
+        },
     };
     stream
         .file(
@@ -1362,7 +1366,8 @@ fn copy_file_streamed(
 
 /// Copies file content into the new file `dst` (with a reflink when the
 /// file system allows it), then gives it its owner, mode and times, all
-/// through its descriptor.
+/// through its descriptor. Returns the bytes written, or `None` when the
+/// content was cloned.
 fn copy_file(
     from: &Entry,
     mut dst: fs::File,
@@ -1370,28 +1375,106 @@ fn copy_file(
     (uid, gid, mode): (u32, u32, u32),
     (t, ns): (i64, i64),
     opts: &CopyOptions,
-) -> Result<(), CopyError> {
-    use std::os::fd::AsRawFd;
+) -> Result<Option<u64>, CopyError> {
     let err = |e: io::Error| CopyError::Io(show(to), e);
     opts.check_cancel()?;
     let mut src = crate::fsview::open_found(&from.host, (from.meta.dev(), from.meta.ino()))
         .map_err(|e| io_err(&from.host, e))?;
-    // SAFETY: two open descriptors; FICLONE fails harmlessly when
-    // unsupported.
-    let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
-    if r != 0 {
-        // In chunks (each still copied in the kernel where it can be), so
-        // that a cancelled build stops within one chunk of a large file.
+    let mut written = None;
+    if !reflink(&src, &dst, from.meta.dev()) {
+        let mut n = 0;
+        // In chunks (each copied in the kernel where it can be), so that
+        // a cancelled build stops within one chunk of a large file; until
+        // the source ends, whatever size it had when it was walked.
         loop {
             opts.check_cancel()?;
-            let n = io::copy(&mut (&mut src).take(COPY_CHUNK), &mut dst).map_err(err)?;
-            if n == 0 {
+            let step = match kernel_copy(&src, &dst, COPY_CHUNK) {
+                // Some file systems say "end" at once for files that have
+                // content (procfs, sysfs, some FUSE): then read them.
+                Some(Ok(0)) if n == 0 && from.meta.len() > 0 => {
+                    io::copy(&mut (&mut src).take(COPY_CHUNK), &mut dst).map_err(err)?
+                }
+                Some(r) => r.map_err(err)?,
+                // Not here (another file system, an old kernel): through
+                // a buffer from where the kernel stopped.
+                None => io::copy(&mut (&mut src).take(COPY_CHUNK), &mut dst).map_err(err)?,
+            };
+            if step == 0 {
                 break;
             }
+            n += step;
         }
         dst.flush().map_err(err)?;
+        written = Some(n);
     }
-    set_file_meta(&dst, to, (uid, gid, mode), (t, ns))
+    set_file_meta(&dst, to, (uid, gid, mode), (t, ns))?;
+    Ok(written)
+}
+
+/// Source devices whose files cannot be cloned into the destination's
+/// file system (each pair is tried once per process, not once per file).
+static NO_REFLINK: std::sync::Mutex<Vec<(u64, u64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Clones `src` (on device `src_dev`) into the empty `dst`: whether it
+/// was.
+fn reflink(src: &fs::File, dst: &fs::File, src_dev: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(dm) = dst.metadata() else { return false };
+    let pair = (src_dev, dm.dev());
+    let known = |v: &Vec<(u64, u64)>| v.contains(&pair);
+    if NO_REFLINK.lock().map(|v| known(&v)).unwrap_or(false) {
+        return false;
+    }
+    // SAFETY: two open descriptors; FICLONE fails harmlessly when
+    // unsupported.
+    if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
+        return true;
+    }
+    let e = io::Error::last_os_error().raw_os_error();
+    if matches!(
+        e,
+        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY | libc::ENOSYS)
+    ) {
+        if let Ok(mut v) = NO_REFLINK.lock() {
+            if !known(&v) {
+                v.push(pair);
+            }
+        }
+    }
+    false
+}
+
+/// One `copy_file_range(2)` of up to `max` bytes from `src`'s offset to
+/// `dst`'s: the bytes copied (0 at the end of `src`), or `None` when the
+/// kernel cannot copy between these two files (nothing was copied).
+fn kernel_copy(src: &fs::File, dst: &fs::File, max: u64) -> Option<io::Result<u64>> {
+    use std::os::fd::AsRawFd;
+    let len = usize::try_from(max).unwrap_or(usize::MAX);
+    loop {
+        // SAFETY: two open descriptors; null offsets use and advance the
+        // files' own.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                std::ptr::null_mut(),
+                dst.as_raw_fd(),
+                std::ptr::null_mut(),
+                len,
+                0,
+            )
+        };
+        if n >= 0 {
+            return Some(Ok(n as u64));
+        }
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM) => {
+                None
+            }
+            _ => Some(Err(e)),
+        };
+    }
 }
 
 /// Gives a file written through `dst` its owner, mode and times.

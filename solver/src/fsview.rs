@@ -624,8 +624,14 @@ pub fn open_found(host: &Path, (dev, ino): (u64, u64)) -> io::Result<fs::File> {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     };
     let p = open(host, libc::O_PATH | libc::O_NOFOLLOW)?;
-    let at = fs::metadata(format!("/proc/self/fd/{}", p.as_raw_fd()))?;
-    if !at.file_type().is_file() || (at.dev(), at.ino()) != (dev, ino) {
+    // SAFETY: an all-zero `stat` is a valid value to be overwritten.
+    let mut at: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: an open (O_PATH) descriptor, which fstat(2) takes, and a
+    // stat buffer.
+    if unsafe { libc::fstat(p.as_raw_fd(), &mut at) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if at.st_mode & libc::S_IFMT != libc::S_IFREG || (at.st_dev, at.st_ino) != (dev, ino) {
         return Err(io::Error::other(
             "the file changed while it was read (another file is at its path now)",
         ));
