@@ -108,6 +108,27 @@ else
   bash "$PEER_ENV" all "$OUT" "$REG_DIR" >&2
 fi
 
+# ext4 without a journal (this project's CI VMs) skips every inode freed in
+# the last 60-360 s when it allocates one, reading the inode table for
+# each: a tool creating 20,000 files right after 20,000 were deleted (the
+# previous round's store, a registry wipe, a BuildKit prune) then takes
+# several times as long, and by how much depends on what ran before it.
+# Real machines journal their ext4; give BENCH_DIR (and PEER_REGISTRY_DIR,
+# and buildkitd's --root) a journaled file system, e.g. a loop-mounted
+# image made with plain `mkfs.ext4` (BENCHMARKS.md).
+journal_check() {  # dir
+  local src dev
+  src=$(findmnt -no SOURCE,FSTYPE -T "$1" 2>/dev/null) || return 0
+  case "$src" in *" ext4") ;; *) return 0 ;; esac
+  dev=$(basename "${src%% *}")
+  if ! ls /proc/fs/jbd2/ 2>/dev/null | grep -q "^$dev-"; then
+    log "WARNING: $1 is on ext4 without a journal ($dev): file creation after deletions is"
+    log "         slowed by ext4's recently-deleted inode scan; figures will be noisy (see BENCHMARKS.md)"
+  fi
+}
+journal_check "$OUT"
+journal_check "$REG_DIR"
+
 if [ -n "${KILN_BIN:-}" ]; then
   KILN="$KILN_BIN"
 else

@@ -278,6 +278,16 @@ impl Store {
                 "DELETE FROM lease_resources WHERE lease NOT IN (SELECT id FROM leases)",
                 [],
             )?;
+            // Lazy layers live as long as their blobs (kept by the image
+            // that names them); then neither they nor their steps are hits.
+            tx.execute(
+                "DELETE FROM lazy_layers WHERE blob NOT IN (SELECT digest FROM blobs)",
+                [],
+            )?;
+            tx.execute(
+                "DELETE FROM lazy_cache WHERE snapshot NOT IN (SELECT snapshot FROM lazy_layers)",
+                [],
+            )?;
             Ok((dead, dead_blobs))
         })?;
         report.snapshots_removed = dead_snaps.len();

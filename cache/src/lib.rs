@@ -71,7 +71,8 @@ pub use error::{Error, Result};
 pub use gc::{CheckReport, DfEntry, DiskUsage, PruneOptions, PruneReport};
 pub use layerstream::{LayerStream, Marks, StreamedDiff, MARKS_FILE};
 pub use meta::{
-    CacheRecord, FileStat, ImageRecord, Kind, Lease, LeaseRecord, Meta, SnapshotRow, SCHEMA_VERSION,
+    CacheRecord, FileStat, ImageRecord, Kind, LazyLayer, Lease, LeaseRecord, Meta, SnapshotRow,
+    SCHEMA_VERSION,
 };
 pub use reference::normalize_reference;
 pub use snapshot::{apply_into, ApplyMode, DiffSource, Info, Mount, Snapshotter, Usage};

@@ -231,6 +231,25 @@ pub struct ImageRecord {
     pub created: i64,
 }
 
+/// A layer whose snapshot is made from its stored (compressed) blob when
+/// first needed: the blob was verified against its digest when it was
+/// stored; its tar is verified against `diff_id` when it is unpacked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LazyLayer {
+    /// The snapshot (chain ID) it makes.
+    pub snapshot: String,
+    /// The snapshot it goes on (`None`: the bottom layer).
+    pub parent: Option<String>,
+    /// The stored layer blob.
+    pub blob: Digest,
+    /// The blob's media type.
+    pub media_type: String,
+    /// The blob's size.
+    pub size: u64,
+    /// The uncompressed tar's digest.
+    pub diff_id: Digest,
+}
+
 /// A build cache record: a step's cache key and what it produced.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct CacheRecord {
@@ -376,6 +395,27 @@ impl Meta {
                  repo     TEXT NOT NULL,
                  digest   TEXT NOT NULL,
                  PRIMARY KEY(manifest, repo)
+             ) WITHOUT ROWID;",
+        )?;
+        // Layers whose snapshots are made when first needed (a build that
+        // took its result from a registry cache keeps the compressed
+        // blobs, verified against their digests, and unpacks them on
+        // first use, as a pulled image's): additive, keyed by chain ID and
+        // step key, and checked before use (a row whose blob is gone is
+        // no hit), so it needs no schema version either.
+        meta.conn().execute_batch(
+            "CREATE TABLE IF NOT EXISTS lazy_layers(
+                 snapshot   TEXT PRIMARY KEY,
+                 parent     TEXT,
+                 blob       TEXT NOT NULL,
+                 media_type TEXT NOT NULL,
+                 size       INTEGER NOT NULL,
+                 diff_id    TEXT NOT NULL
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS lazy_cache(
+                 key      TEXT PRIMARY KEY,
+                 snapshot TEXT NOT NULL,
+                 created  INTEGER NOT NULL
              ) WITHOUT ROWID;",
         )?;
         Ok(meta)
@@ -1061,6 +1101,80 @@ impl Meta {
                 params![diff_id.to_string(), size as i64],
             )?;
             Ok(())
+        })
+    }
+
+    // ------------------------------------------------------- lazy layers
+
+    /// Records `l`: its snapshot can be made from its stored blob.
+    pub fn put_lazy_layer(&self, l: &LazyLayer) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO lazy_layers(snapshot, parent, blob, media_type, size, diff_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    l.snapshot,
+                    l.parent,
+                    l.blob.to_string(),
+                    l.media_type,
+                    l.size as i64,
+                    l.diff_id.to_string()
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The lazy layer that makes the snapshot `snapshot`, if one is
+    /// recorded.
+    pub fn lazy_layer(&self, snapshot: &str) -> Result<Option<LazyLayer>> {
+        let row: Option<(Option<String>, String, String, i64, String)> = self.read(|tx| {
+            Ok(tx
+                .query_row(
+                    "SELECT parent, blob, media_type, size, diff_id FROM lazy_layers WHERE snapshot = ?1",
+                    [snapshot],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .optional()?)
+        })?;
+        let Some((parent, blob, media_type, size, diff_id)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(LazyLayer {
+            snapshot: snapshot.to_string(),
+            parent,
+            blob: blob
+                .parse()
+                .map_err(|_| Error::InvalidDigest(blob.clone()))?,
+            media_type,
+            size: size.max(0) as u64,
+            diff_id: diff_id
+                .parse()
+                .map_err(|_| Error::InvalidDigest(diff_id.clone()))?,
+        }))
+    }
+
+    /// Records that the step `key` made the lazy layer `snapshot`.
+    pub fn put_lazy_cache(&self, key: &str, snapshot: &str, created: i64) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO lazy_cache(key, snapshot, created) VALUES (?1, ?2, ?3)",
+                params![key, snapshot, created],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The lazy layer the step `key` made and when: (snapshot, created).
+    pub fn lazy_cache(&self, key: &str) -> Result<Option<(String, i64)>> {
+        self.read(|tx| {
+            Ok(tx
+                .query_row(
+                    "SELECT snapshot, created FROM lazy_cache WHERE key = ?1",
+                    [key],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?)
         })
     }
 

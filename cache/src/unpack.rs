@@ -23,6 +23,7 @@ use kiln_image::compression::{decompress, sniff_reader, Compression};
 use crate::content::BlobWriter;
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
+use crate::meta::LazyLayer;
 use crate::snapshot::{apply_into, ApplyMode, Info};
 use crate::store::Store;
 
@@ -132,6 +133,72 @@ impl Store {
         apply_into(self.snapshotter(), name, parent, |dir, mode| {
             self.unpack_verified(layer, dir, mode, None).map(|(d, _)| d)
         })
+    }
+
+    /// Whether the committed snapshot `name` exists.
+    fn committed(&self, name: &str) -> bool {
+        self.snapshotter()
+            .stat(name)
+            .is_ok_and(|i| i.kind == crate::Kind::Committed)
+    }
+
+    /// The lazy layers (see [`crate::LazyLayer`]) that make `snapshot`,
+    /// top first, down to a committed snapshot or the bottom: `None` when
+    /// `snapshot` is not a lazy layer, or a layer of its chain is neither
+    /// committed nor lazy with its blob stored (`need_blobs`).
+    fn lazy_chain(&self, snapshot: &str, need_blobs: bool) -> Result<Option<Vec<LazyLayer>>> {
+        // A chain longer than any image may have is a loop in the rows.
+        const MAX_CHAIN: usize = 4096;
+        let mut chain = Vec::new();
+        let mut cur = Some(snapshot.to_string());
+        while let Some(name) = cur {
+            if self.committed(&name) {
+                break;
+            }
+            let Some(l) = self.meta().lazy_layer(&name)? else {
+                return Ok(None);
+            };
+            if chain.len() >= MAX_CHAIN || (need_blobs && self.content().size(&l.blob).is_err()) {
+                return Ok(None);
+            }
+            cur = l.parent.clone();
+            chain.push(l);
+        }
+        Ok(Some(chain))
+    }
+
+    /// The lazy layer `snapshot` when it can be had: its snapshot is
+    /// committed already, or it and every ancestor not yet unpacked are
+    /// lazy layers whose blobs are stored.
+    pub fn lazy_ready(&self, snapshot: &str) -> Result<Option<LazyLayer>> {
+        let Some(top) = self.meta().lazy_layer(snapshot)? else {
+            return Ok(None);
+        };
+        Ok(self.lazy_chain(snapshot, true)?.map(|_| top))
+    }
+
+    /// Makes the snapshot `snapshot` from its lazy layer, its lazy
+    /// ancestors first, each unpacked as [`Store::unpack_layer`] does
+    /// (the blob verified against its digest and size, the tar against
+    /// the diffID, before the snapshot is committed). Returns whether
+    /// there was anything to do: `false` when `snapshot` is committed
+    /// already or is not a lazy layer.
+    pub fn unpack_lazy(&self, snapshot: &str) -> Result<bool> {
+        let Some(chain) = self.lazy_chain(snapshot, false)? else {
+            return Ok(false);
+        };
+        for l in chain.iter().rev() {
+            self.unpack_layer(
+                &l.snapshot,
+                l.parent.as_deref(),
+                LayerBlob {
+                    digest: &l.blob,
+                    size: Some(l.size),
+                    diff_id: &l.diff_id,
+                },
+            )?;
+        }
+        Ok(!chain.is_empty())
     }
 
     /// [`Store::unpack_layer`] of a compressed blob that also keeps the

@@ -780,3 +780,80 @@ fn unpack_keeping_tar_stores_the_verified_tar_once() {
         .unpack_layer_keeping_tar(diff_id.as_str(), None, lb)
         .unwrap());
 }
+
+/// A lazy layer (a cached result kept as its compressed blob) is a hit
+/// while its blob is stored, becomes its snapshot on first use — verified
+/// like any unpack, its parent first — and is forgotten by prune once its
+/// blob is gone; a lazy layer whose tar is not its diffID is refused and
+/// leaves no snapshot.
+#[test]
+fn lazy_layers_unpack_on_first_use_verified_and_go_with_their_blobs() {
+    use kiln_cache::LazyLayer;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let layer = |name: &str, body: &[u8]| {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join(name), body).unwrap();
+        let (_, diff_id, gz) = gzip_layer(src.path());
+        let blob = s.put_bytes(&gz, None).unwrap();
+        (diff_id, blob, gz.len() as u64)
+    };
+    let (d1, b1, n1) = layer("one.txt", b"one\n");
+    let (d2, b2, n2) = layer("two.txt", b"two\n");
+    let c1 = d1.to_string();
+    let c2 = Digest::sha256_of(format!("{c1} {d2}").as_bytes()).to_string();
+    let lazy = |snapshot: &str, parent: Option<&str>, blob: &Digest, size, diff_id: &Digest| {
+        s.meta()
+            .put_lazy_layer(&LazyLayer {
+                snapshot: snapshot.to_string(),
+                parent: parent.map(str::to_string),
+                blob: blob.clone(),
+                media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                size,
+                diff_id: diff_id.clone(),
+            })
+            .unwrap()
+    };
+    lazy(&c1, None, &b1, n1, &d1);
+    lazy(&c2, Some(&c1), &b2, n2, &d2);
+    s.meta().put_lazy_cache("step-2", &c2, 7).unwrap();
+    assert_eq!(
+        s.meta().lazy_cache("step-2").unwrap(),
+        Some((c2.clone(), 7))
+    );
+    assert_eq!(s.lazy_ready(&c2).unwrap().map(|l| l.blob), Some(b2.clone()));
+    assert!(s.snapshotter().stat(&c1).is_err(), "nothing unpacked yet");
+
+    // First use: the parent, then the layer.
+    assert!(s.unpack_lazy(&c2).unwrap());
+    assert!(s.snapshotter().stat(&c1).is_ok() && s.snapshotter().stat(&c2).is_ok());
+    assert!(!s.unpack_lazy(&c2).unwrap(), "made once");
+    let files: Vec<String> = std::fs::read_dir(dir.path().join("snapshots"))
+        .unwrap()
+        .flat_map(|e| std::fs::read_dir(e.unwrap().path().join("fs")).unwrap())
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        files.contains(&"one.txt".into()) && files.contains(&"two.txt".into()),
+        "{files:?}"
+    );
+
+    // A lazy layer claiming another diffID: refused, no snapshot.
+    let liar = Digest::sha256_of(b"not the layer");
+    let (_, b3, n3) = layer("three.txt", b"three\n");
+    lazy(liar.as_str(), None, &b3, n3, &liar);
+    assert!(s.unpack_lazy(liar.as_str()).is_err());
+    assert!(s.snapshotter().stat(liar.as_str()).is_err());
+
+    // Without its blob a lazy layer is no hit; prune forgets it.
+    let (d4, b4, n4) = layer("four.txt", b"four\n");
+    lazy(d4.as_str(), None, &b4, n4, &d4);
+    s.meta().put_lazy_cache("step-4", d4.as_str(), 1).unwrap();
+    s.prune(&PruneOptions::default()).unwrap();
+    assert!(
+        s.lazy_ready(d4.as_str()).unwrap().is_none(),
+        "blob collected"
+    );
+    assert_eq!(s.meta().lazy_cache("step-4").unwrap(), None);
+    assert!(s.meta().lazy_layer(d4.as_str()).unwrap().is_none());
+}

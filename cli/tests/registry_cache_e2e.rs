@@ -69,6 +69,13 @@ fn ran(ev: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// How many snapshot directories `c`'s store holds.
+fn snapshots(c: &Client) -> usize {
+    std::fs::read_dir(c.kiln.root.path().join("snapshots"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
 /// Pushes the busybox base to the registry; returns its name.
 fn push_base(reg: &Reg) -> String {
     let seed = Client::new(true);
@@ -147,13 +154,26 @@ fn registry_cache_makes_an_empty_runner_run_nothing_and_download_only_the_result
     want.sort();
     assert_eq!(gets.keys().cloned().collect::<Vec<_>>(), want, "{gets:?}");
     assert!(gets.values().all(|n| *n == 1), "{gets:?}");
-    // The imported snapshots are real: the image runs, a rebuild hits locally.
+    // The image's layers were downloaded, not unpacked: they become
+    // snapshots when first needed (here by `kiln run`), as a pulled
+    // image's do. The steps are local cache hits from then on.
+    let made = snapshots(&b);
+    let (_, ev) = build_json(&b, ctx.path(), &["-t", "app:1"]);
+    assert_eq!(count(&ev, "cached"), 3, "lazy layers are hits: {ev:?}");
+    assert_eq!(snapshots(&b), made, "a cached rebuild unpacks nothing");
     assert_eq!(
         b.stdout(&["run", "--rm", "app:1", "cat", "/b.txt"]),
         "one\nfirst"
     );
+    assert!(
+        snapshots(&b) >= made + 3,
+        "run unpacked the three layers: {made} -> {}",
+        snapshots(&b)
+    );
     let (_, ev) = build_json(&b, ctx.path(), &["-t", "app:1"]);
     assert_eq!(count(&ev, "cached"), 3);
+    let o = b.run(&["system", "check"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     // One changed file: a fresh runner takes the first RUN from the cache
     // and runs the COPY and the RUN after it.
@@ -270,4 +290,116 @@ fn a_missing_cache_is_a_warning_and_the_build_runs() {
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("failed to import cache"), "{err}");
+}
+
+/// A cache whose top record lies about its layer's diffID (the blob is
+/// the real one, so its digest checks out; the chain ID fits the lie): the
+/// layer is kept as its blob, and unpacking it — here for `kiln run` —
+/// finds the lie and refuses it; nothing of it becomes a snapshot, and the
+/// store stays sound.
+#[test]
+fn a_cache_record_lying_about_a_diff_id_is_refused_when_the_layer_is_unpacked() {
+    if !ready() {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let base = push_base(&reg);
+    let ctx = app(&base);
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("cache");
+    let a = Client::new(false);
+    let to = format!("type=local,dest={}", dest.display());
+    build_json(&a, ctx.path(), &["-t", "app:1", "--cache-to", &to]);
+
+    // Rewrite the layout: every record's diffID becomes another digest.
+    let blob = |d: &str| {
+        dest.join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let d = kiln_image::Digest::sha256_of(bytes).to_string();
+        std::fs::write(blob(&d), bytes).expect("write blob");
+        (d, bytes.len())
+    };
+    let mut index: Value =
+        serde_json::from_slice(&std::fs::read(dest.join("index.json")).expect("index"))
+            .expect("index json");
+    let md = index["manifests"][0]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    let mut m: Value = serde_json::from_slice(&std::fs::read(blob(&md)).expect("manifest"))
+        .expect("manifest json");
+    let cd = m["config"]["digest"].as_str().expect("config").to_string();
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(blob(&cd)).expect("config")).expect("config json");
+    // The top record (no other names it as its parent) claims another
+    // diffID, with the chain ID that diffID gives, so the record is
+    // consistent and used.
+    let lie = kiln_image::Digest::sha256_of(b"not this layer").to_string();
+    let records = cfg["records"].as_array_mut().expect("records");
+    let parents: Vec<String> = records
+        .iter()
+        .filter_map(|r| r["parentChainID"].as_str().map(str::to_string))
+        .collect();
+    let top = records
+        .iter_mut()
+        .find(|r| {
+            !parents
+                .iter()
+                .any(|p| Some(p.as_str()) == r["chainID"].as_str())
+        })
+        .expect("a top record");
+    let parent = top["parentChainID"].as_str().expect("parent").to_string();
+    top["diffID"] = Value::String(lie.clone());
+    top["chainID"] = Value::String(
+        kiln_image::Digest::sha256_of(format!("{parent} {lie}").as_bytes()).to_string(),
+    );
+    let (cd, cn) = put(&serde_json::to_vec(&cfg).expect("json"));
+    m["config"]["digest"] = Value::String(cd);
+    m["config"]["size"] = cn.into();
+    let (md, mn) = put(&serde_json::to_vec(&m).expect("json"));
+    index["manifests"][0]["digest"] = Value::String(md);
+    index["manifests"][0]["size"] = mn.into();
+    std::fs::write(
+        dest.join("index.json"),
+        serde_json::to_vec(&index).expect("json"),
+    )
+    .expect("index");
+
+    let b = Client::new(false);
+    let from = format!("type=local,src={}", dest.display());
+    let o = b.run(&[
+        "build",
+        "-q",
+        "-t",
+        "lie:1",
+        "--cache-from",
+        &from,
+        ctx.path().to_str().expect("utf8"),
+    ]);
+    let made = snapshots(&b);
+    if o.status.success() {
+        // Kept lazily: the lie is found when the layer is unpacked.
+        let r = b.run(&["run", "--rm", "lie:1", "cat", "/b.txt"]);
+        assert!(!r.status.success(), "a lying layer ran");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(
+            err.contains(&lie) || err.to_lowercase().contains("diffid"),
+            "{err}"
+        );
+    } else {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&lie) || err.to_lowercase().contains("diffid"),
+            "{err}"
+        );
+    }
+    assert!(
+        snapshots(&b) <= made + 2,
+        "at most the two true layers were unpacked: {made} -> {}",
+        snapshots(&b)
+    );
+    let o = b.run(&["system", "check"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

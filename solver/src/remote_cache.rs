@@ -464,6 +464,40 @@ impl RemoteCacheBackend {
         });
     }
 
+    /// Downloads the blobs of `todo` up to four at once (a failure is
+    /// left for the caller's own fetch to meet again and report).
+    fn fetch_all(&self, todo: &[Remote]) {
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..todo.len().min(4) {
+                s.spawn(|| {
+                    while let Some(r) = todo.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        let _ = self.fetch(r);
+                    }
+                });
+            }
+        });
+    }
+
+    /// Keeps the compressed layer of `r` as a lazy layer: its blob stored
+    /// (verified against its digest), its snapshot made on first use.
+    fn keep_lazy(&self, r: &Remote) -> Result<(), RemoteCacheError> {
+        self.fetch(r)?;
+        let store = self.store();
+        store
+            .meta()
+            .put_lazy_layer(&kiln_cache::LazyLayer {
+                snapshot: r.rec.chain_id.clone(),
+                parent: r.rec.parent_chain_id.clone(),
+                blob: cd(&r.desc.digest)?,
+                media_type: r.desc.media_type.clone(),
+                size: r.desc.size,
+                diff_id: cd(&r.rec.diff_id)?,
+            })
+            .map_err(|e| RemoteCacheError::ctx("cache index")(e))?;
+        remember_compressed(store, r)
+    }
+
     fn fetch(&self, r: &Remote) -> Result<(), RemoteCacheError> {
         let store = self.store();
         let sink = StoreSink(store);
@@ -528,23 +562,7 @@ impl RemoteCacheBackend {
                     })?;
             }
             if r.desc.digest != r.rec.diff_id {
-                // Remember the compressed form: pushing it again needs no
-                // recompression.
-                let memo = match r.desc.media_type.as_str() {
-                    media_types::OCI_LAYER_GZIP | media_types::DOCKER_LAYER_GZIP => {
-                        Some((Compression::Gzip, GZIP_DEFAULT_LEVEL))
-                    }
-                    media_types::OCI_LAYER_ZSTD => Some((Compression::Zstd, ZSTD_DEFAULT_LEVEL)),
-                    _ => None,
-                };
-                if let Some((c, level)) = memo {
-                    let _ = store.meta().put_layer_blob(
-                        &diff,
-                        &c.to_string(),
-                        level,
-                        &cd(&r.desc.digest)?,
-                    );
-                }
+                remember_compressed(store, r)?;
             }
         }
         store
@@ -877,6 +895,28 @@ impl RemoteCacheBackend {
     }
 }
 
+/// Remembers the compressed form of the cached layer `r` (stored), so
+/// that pushing it again needs no recompression. A failure to remember
+/// costs only that.
+fn remember_compressed(store: &Store, r: &Remote) -> Result<(), RemoteCacheError> {
+    let memo = match r.desc.media_type.as_str() {
+        media_types::OCI_LAYER_GZIP | media_types::DOCKER_LAYER_GZIP => {
+            Some((Compression::Gzip, GZIP_DEFAULT_LEVEL))
+        }
+        media_types::OCI_LAYER_ZSTD => Some((Compression::Zstd, ZSTD_DEFAULT_LEVEL)),
+        _ => None,
+    };
+    if let Some((c, level)) = memo {
+        let _ = store.meta().put_layer_blob(
+            &cd(&r.rec.diff_id)?,
+            &c.to_string(),
+            level,
+            &cd(&r.desc.digest)?,
+        );
+    }
+    Ok(())
+}
+
 fn is_cache_manifest(m: &ImageManifest) -> bool {
     m.config.media_type == CACHE_CONFIG_MEDIA_TYPE
         || m.artifact_type.as_deref() == Some(CACHE_CONFIG_MEDIA_TYPE)
@@ -991,33 +1031,64 @@ impl Backend for RemoteCacheBackend {
         layers: &[LayerRecord],
         tags: &[String],
     ) -> BackendResult<Exported> {
-        let was_pending: HashSet<String> = self
+        let pending: HashMap<String, Remote> = self
             .pending
             .lock()
             .map_err(|_| BackendError::invalid("lock poisoned"))?
-            .keys()
-            .cloned()
-            .collect();
-        // The topmost pending layer first: its chain (every pending layer
-        // below it) is downloaded at once, then applied in order.
-        if let Some(top) = layers
+            .clone();
+        // The image's layers taken from the cache are not unpacked: their
+        // blobs are downloaded (up to four at once, each verified against
+        // its digest) and kept as lazy layers, unpacked when something
+        // first needs their files — a step on top, `kiln run`, a later
+        // build — as a pulled image's are (the tar is verified against
+        // the diffID then).
+        let todo: Vec<Remote> = layers
             .iter()
-            .rev()
-            .find(|l| was_pending.contains(&l.snapshot))
-        {
-            self.materialize(&top.snapshot)?;
-        }
+            .filter_map(|l| pending.get(&l.snapshot).cloned())
+            .collect();
+        self.fetch_all(&todo);
         let mut fixed = Vec::with_capacity(layers.len());
+        let mut lazy = HashSet::new();
         for l in layers {
             let mut l = l.clone();
-            if was_pending.contains(&l.snapshot) {
-                self.materialize(&l.snapshot)?;
-                l.size = self
-                    .store()
-                    .blob_size(&cd(&l.diff_id)?)
-                    .map_err(|e| RemoteCacheError::ctx("layer blob")(e))?;
+            if let Some(r) = pending.get(&l.snapshot) {
+                if r.desc.digest == r.rec.diff_id {
+                    // An uncompressed cache layer: applied, as its blob
+                    // is its tar.
+                    self.materialize(&l.snapshot)?;
+                    l.size = self
+                        .store()
+                        .blob_size(&cd(&l.diff_id)?)
+                        .map_err(|e| RemoteCacheError::ctx("layer blob")(e))?;
+                } else {
+                    self.keep_lazy(r).map_err(BackendError::ctx(format!(
+                        "importing cached layer {}",
+                        r.desc.digest
+                    )))?;
+                    l.digest = r.desc.digest.clone();
+                    l.size = r.desc.size;
+                    l.media_type = r.desc.media_type.clone();
+                    lazy.insert(l.snapshot.clone());
+                }
             }
             fixed.push(l);
+        }
+        // The steps that made them are cache hits for later builds too.
+        if !lazy.is_empty() {
+            let seen: Vec<(String, Seen)> = self
+                .seen
+                .lock()
+                .map_err(|_| BackendError::invalid("lock poisoned"))?
+                .iter()
+                .filter(|(_, v)| lazy.contains(&v.snapshot))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for (key, v) in seen {
+                self.store()
+                    .meta()
+                    .put_lazy_cache(&key, &v.snapshot, v.created)
+                    .map_err(|e| RemoteCacheError::ctx("cache index")(e))?;
+            }
         }
         // A multi-platform build exports one image per platform: the
         // final layers of all of them are the build's (`mode=min`).

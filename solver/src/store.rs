@@ -148,6 +148,51 @@ impl StoreBackend {
         })
     }
 
+    /// Unpacks `snapshot` if it is a lazy layer not unpacked yet (a
+    /// result taken from a registry cache, kept as its compressed blob;
+    /// see [`kiln_cache::Store::unpack_lazy`]).
+    fn ensure(&self, snapshot: &str) -> BackendResult<()> {
+        if self.sn().stat(snapshot).is_ok() {
+            return Ok(());
+        }
+        self.store
+            .unpack_lazy(snapshot)
+            .map(|_| ())
+            .map_err(BackendError::ctx("unpacking a layer taken from a cache"))
+    }
+
+    /// A step whose layer is a lazy layer (see [`StoreBackend::ensure`])
+    /// that can still be had: its record, described by its blob.
+    fn lazy_hit(&self, key: &str) -> BackendResult<Option<LayerRecord>> {
+        let meta = self.store.meta();
+        let Some((snapshot, created)) = meta
+            .lazy_cache(key)
+            .map_err(BackendError::ctx("cache index"))?
+        else {
+            return Ok(None);
+        };
+        let Some(l) = self
+            .store
+            .lazy_ready(&snapshot)
+            .map_err(BackendError::ctx("cache index"))?
+        else {
+            return Ok(None);
+        };
+        let digest = |d: &kiln_cache::Digest| {
+            d.to_string()
+                .parse::<Digest>()
+                .map_err(BackendError::ctx("digest"))
+        };
+        Ok(Some(LayerRecord {
+            diff_id: digest(&l.diff_id)?,
+            digest: digest(&l.blob)?,
+            size: l.size,
+            media_type: l.media_type,
+            snapshot,
+            created,
+        }))
+    }
+
     /// The tree of the snapshot with directory id `id`.
     fn snapshot_dir(&self, id: &str) -> PathBuf {
         self.store.root().join("snapshots").join(id).join("fs")
@@ -603,6 +648,20 @@ impl Backend for StoreBackend {
     }
 
     fn cache_alias(&self, key: &str, layer: &LayerRecord) -> BackendResult<()> {
+        if self.sn().stat(&layer.snapshot).is_err() {
+            let lazy = self
+                .store
+                .meta()
+                .lazy_layer(&layer.snapshot)
+                .map_err(BackendError::ctx("cache index"))?;
+            if lazy.is_some() {
+                return self
+                    .store
+                    .meta()
+                    .put_lazy_cache(key, &layer.snapshot, layer.created)
+                    .map_err(BackendError::ctx("cache index"));
+            }
+        }
         self.store
             .meta()
             .cache_put(
@@ -621,7 +680,7 @@ impl Backend for StoreBackend {
             .cache_get(key)
             .map_err(BackendError::ctx("cache index"))?
         else {
-            return Ok(None);
+            return self.lazy_hit(key);
         };
         let (Some(snap), Some(diff)) = (rec.snapshot, rec.diff_id) else {
             return Ok(None);
@@ -636,6 +695,9 @@ impl Backend for StoreBackend {
     }
 
     fn prepare(&self, parent: Option<&str>) -> BackendResult<Active> {
+        if let Some(p) = parent {
+            self.ensure(p)?;
+        }
         let key = format!(
             "build-{}-{}-{}",
             std::process::id(),
@@ -704,6 +766,7 @@ impl Backend for StoreBackend {
     }
 
     fn layer_dirs(&self, snapshot: &str) -> BackendResult<Vec<PathBuf>> {
+        self.ensure(snapshot)?;
         let sn = self.sn();
         if sn.name() != "overlay" {
             // A committed native snapshot is a full, immutable tree: read it
@@ -834,6 +897,10 @@ impl Backend for StoreBackend {
         layer: &LayerRecord,
         key: &str,
     ) -> BackendResult<LayerRecord> {
+        self.ensure(&layer.snapshot)?;
+        if let Some(p) = parent {
+            self.ensure(p)?;
+        }
         crate::link::stack_layer(&self.store, parent, layer, key)
     }
 }
