@@ -405,12 +405,14 @@ impl Meta {
         // no hit), so it needs no schema version either.
         meta.conn().execute_batch(
             "CREATE TABLE IF NOT EXISTS lazy_layers(
-                 snapshot   TEXT PRIMARY KEY,
-                 parent     TEXT,
+                 snapshot   TEXT NOT NULL,
                  blob       TEXT NOT NULL,
+                 parent     TEXT,
                  media_type TEXT NOT NULL,
                  size       INTEGER NOT NULL,
-                 diff_id    TEXT NOT NULL
+                 diff_id    TEXT NOT NULL,
+                 added      INTEGER NOT NULL, -- insertion order
+                 PRIMARY KEY(snapshot, blob)
              ) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS lazy_cache(
                  key      TEXT PRIMARY KEY,
@@ -1106,16 +1108,21 @@ impl Meta {
 
     // ------------------------------------------------------- lazy layers
 
-    /// Records `l`: its snapshot can be made from its stored blob.
+    /// Records `l`: its snapshot can be made from its stored blob. A
+    /// snapshot may have several such blobs (a cache may offer another
+    /// compression of the same layer — or claim a layer a blob is not:
+    /// each is verified when it is unpacked, and one that fails is
+    /// dropped, see [`crate::Store::unpack_lazy`]).
     pub fn put_lazy_layer(&self, l: &LazyLayer) -> Result<()> {
         self.write(|tx| {
             tx.execute(
-                "INSERT OR REPLACE INTO lazy_layers(snapshot, parent, blob, media_type, size, diff_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR IGNORE INTO lazy_layers(snapshot, blob, parent, media_type, size, diff_id, added)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6,
+                         (SELECT COALESCE(MAX(added), 0) + 1 FROM lazy_layers))",
                 params![
                     l.snapshot,
-                    l.parent,
                     l.blob.to_string(),
+                    l.parent,
                     l.media_type,
                     l.size as i64,
                     l.diff_id.to_string()
@@ -1125,33 +1132,47 @@ impl Meta {
         })
     }
 
-    /// The lazy layer that makes the snapshot `snapshot`, if one is
-    /// recorded.
-    pub fn lazy_layer(&self, snapshot: &str) -> Result<Option<LazyLayer>> {
-        let row: Option<(Option<String>, String, String, i64, String)> = self.read(|tx| {
-            Ok(tx
-                .query_row(
-                    "SELECT parent, blob, media_type, size, diff_id FROM lazy_layers WHERE snapshot = ?1",
-                    [snapshot],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-                )
-                .optional()?)
+    /// The lazy layers that make the snapshot `snapshot`, first recorded
+    /// first.
+    pub fn lazy_layers(&self, snapshot: &str) -> Result<Vec<LazyLayer>> {
+        type Row = (String, Option<String>, String, i64, String);
+        let rows: Vec<Row> = self.read(|tx| {
+            let mut st = tx.prepare(
+                "SELECT blob, parent, media_type, size, diff_id FROM lazy_layers
+                 WHERE snapshot = ?1 ORDER BY added, blob",
+            )?;
+            let rows = st
+                .query_map([snapshot], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect::<rusqlite::Result<Vec<Row>>>()?;
+            Ok(rows)
         })?;
-        let Some((parent, blob, media_type, size, diff_id)) = row else {
-            return Ok(None);
-        };
-        Ok(Some(LazyLayer {
-            snapshot: snapshot.to_string(),
-            parent,
-            blob: blob
-                .parse()
-                .map_err(|_| Error::InvalidDigest(blob.clone()))?,
-            media_type,
-            size: size.max(0) as u64,
-            diff_id: diff_id
-                .parse()
-                .map_err(|_| Error::InvalidDigest(diff_id.clone()))?,
-        }))
+        let digest = |s: String| s.parse().map_err(|_| Error::InvalidDigest(s.clone()));
+        rows.into_iter()
+            .map(|(blob, parent, media_type, size, diff_id)| {
+                Ok(LazyLayer {
+                    snapshot: snapshot.to_string(),
+                    parent,
+                    blob: digest(blob)?,
+                    media_type,
+                    size: size.max(0) as u64,
+                    diff_id: digest(diff_id)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Forgets the lazy layer (`snapshot`, `blob`): its blob is not the
+    /// layer it claimed, or is gone.
+    pub fn drop_lazy_layer(&self, snapshot: &str, blob: &Digest) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM lazy_layers WHERE snapshot = ?1 AND blob = ?2",
+                params![snapshot, blob.to_string()],
+            )?;
+            Ok(())
+        })
     }
 
     /// Records that the step `key` made the lazy layer `snapshot`.

@@ -24,6 +24,15 @@ use crate::content::BlobWriter;
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
 use crate::meta::LazyLayer;
+
+/// The OCI chain ID of a layer with diffID `diff_id` on the chain
+/// `parent` (the name of its snapshot).
+fn chain_id(parent: Option<&str>, diff_id: &Digest) -> String {
+    match parent {
+        None => diff_id.to_string(),
+        Some(p) => Digest::sha256_of(format!("{p} {diff_id}").as_bytes()).to_string(),
+    }
+}
 use crate::snapshot::{apply_into, ApplyMode, Info};
 use crate::store::Store;
 
@@ -142,11 +151,13 @@ impl Store {
             .is_ok_and(|i| i.kind == crate::Kind::Committed)
     }
 
-    /// The lazy layers (see [`crate::LazyLayer`]) that make `snapshot`,
-    /// top first, down to a committed snapshot or the bottom: `None` when
-    /// `snapshot` is not a lazy layer, or a layer of its chain is neither
-    /// committed nor lazy with its blob stored (`need_blobs`).
-    fn lazy_chain(&self, snapshot: &str, need_blobs: bool) -> Result<Option<Vec<LazyLayer>>> {
+    /// The candidates for each lazy layer (see [`crate::LazyLayer`]) of
+    /// `snapshot`'s chain not yet unpacked, top first, down to a committed
+    /// snapshot or the bottom. `None` when a layer of the chain is neither
+    /// committed nor has a candidate: a lazy layer whose name is the chain
+    /// ID of its parent and diffID (a row naming a snapshot it cannot be
+    /// is never used) and, with `need_blobs`, whose blob is stored.
+    fn lazy_chain(&self, snapshot: &str, need_blobs: bool) -> Result<Option<Vec<Vec<LazyLayer>>>> {
         // A chain longer than any image may have is a loop in the rows.
         const MAX_CHAIN: usize = 4096;
         let mut chain = Vec::new();
@@ -155,48 +166,83 @@ impl Store {
             if self.committed(&name) {
                 break;
             }
-            let Some(l) = self.meta().lazy_layer(&name)? else {
+            let found: Vec<LazyLayer> = self
+                .meta()
+                .lazy_layers(&name)?
+                .into_iter()
+                .filter(|l| chain_id(l.parent.as_deref(), &l.diff_id) == l.snapshot)
+                .filter(|l| !need_blobs || self.content().size(&l.blob).is_ok())
+                .collect();
+            let Some(first) = found.first() else {
                 return Ok(None);
             };
-            if chain.len() >= MAX_CHAIN || (need_blobs && self.content().size(&l.blob).is_err()) {
+            if chain.len() >= MAX_CHAIN {
                 return Ok(None);
             }
-            cur = l.parent.clone();
-            chain.push(l);
+            cur = first.parent.clone();
+            chain.push(found);
         }
         Ok(Some(chain))
     }
 
-    /// The lazy layer `snapshot` when it can be had: its snapshot is
-    /// committed already, or it and every ancestor not yet unpacked are
-    /// lazy layers whose blobs are stored.
+    /// The lazy layer `snapshot` (its first usable candidate: a blob
+    /// stored) when it can be had: it is unpacked already, or it and every
+    /// ancestor not yet unpacked have such a candidate.
     pub fn lazy_ready(&self, snapshot: &str) -> Result<Option<LazyLayer>> {
-        let Some(top) = self.meta().lazy_layer(snapshot)? else {
-            return Ok(None);
-        };
-        Ok(self.lazy_chain(snapshot, true)?.map(|_| top))
+        if self.committed(snapshot) {
+            return Ok(self.meta().lazy_layers(snapshot)?.into_iter().find(|l| {
+                chain_id(l.parent.as_deref(), &l.diff_id) == l.snapshot
+                    && self.content().size(&l.blob).is_ok()
+            }));
+        }
+        Ok(self
+            .lazy_chain(snapshot, true)?
+            .and_then(|c| c.into_iter().next())
+            .and_then(|top| top.into_iter().next()))
     }
 
     /// Makes the snapshot `snapshot` from its lazy layer, its lazy
     /// ancestors first, each unpacked as [`Store::unpack_layer`] does
     /// (the blob verified against its digest and size, the tar against
-    /// the diffID, before the snapshot is committed). Returns whether
-    /// there was anything to do: `false` when `snapshot` is committed
-    /// already or is not a lazy layer.
+    /// the diffID, before the snapshot is committed). A candidate whose
+    /// blob fails that (or is gone) is dropped and the next tried.
+    /// Returns whether there was anything to do: `false` when `snapshot`
+    /// is committed already or is not a lazy layer.
     pub fn unpack_lazy(&self, snapshot: &str) -> Result<bool> {
         let Some(chain) = self.lazy_chain(snapshot, false)? else {
             return Ok(false);
         };
-        for l in chain.iter().rev() {
-            self.unpack_layer(
-                &l.snapshot,
-                l.parent.as_deref(),
-                LayerBlob {
-                    digest: &l.blob,
-                    size: Some(l.size),
-                    diff_id: &l.diff_id,
-                },
-            )?;
+        for candidates in chain.iter().rev() {
+            let mut last = None;
+            for l in candidates {
+                let r = self.unpack_layer(
+                    &l.snapshot,
+                    l.parent.as_deref(),
+                    LayerBlob {
+                        digest: &l.blob,
+                        size: Some(l.size),
+                        diff_id: &l.diff_id,
+                    },
+                );
+                match r {
+                    Ok(_) => {
+                        last = None;
+                        break;
+                    }
+                    Err(
+                        e @ (Error::DiffIdMismatch { .. }
+                        | Error::CorruptBlob { .. }
+                        | Error::NotFound { .. }),
+                    ) => {
+                        let _ = self.meta().drop_lazy_layer(&l.snapshot, &l.blob);
+                        last = Some(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if let Some(e) = last {
+                return Err(e);
+            }
         }
         Ok(!chain.is_empty())
     }

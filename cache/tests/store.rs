@@ -785,7 +785,7 @@ fn unpack_keeping_tar_stores_the_verified_tar_once() {
 /// while its blob is stored, becomes its snapshot on first use — verified
 /// like any unpack, its parent first — and is forgotten by prune once its
 /// blob is gone; a lazy layer whose tar is not its diffID is refused and
-/// leaves no snapshot.
+/// leaves no snapshot, and a truer candidate for the same snapshot wins.
 #[test]
 fn lazy_layers_unpack_on_first_use_verified_and_go_with_their_blobs() {
     use kiln_cache::LazyLayer;
@@ -828,6 +828,10 @@ fn lazy_layers_unpack_on_first_use_verified_and_go_with_their_blobs() {
     assert!(s.unpack_lazy(&c2).unwrap());
     assert!(s.snapshotter().stat(&c1).is_ok() && s.snapshotter().stat(&c2).is_ok());
     assert!(!s.unpack_lazy(&c2).unwrap(), "made once");
+    assert!(
+        s.lazy_ready(&c2).unwrap().is_some(),
+        "still a hit once unpacked"
+    );
     let files: Vec<String> = std::fs::read_dir(dir.path().join("snapshots"))
         .unwrap()
         .flat_map(|e| std::fs::read_dir(e.unwrap().path().join("fs")).unwrap())
@@ -855,5 +859,26 @@ fn lazy_layers_unpack_on_first_use_verified_and_go_with_their_blobs() {
         "blob collected"
     );
     assert_eq!(s.meta().lazy_cache("step-4").unwrap(), None);
-    assert!(s.meta().lazy_layer(d4.as_str()).unwrap().is_none());
+    assert!(s.meta().lazy_layers(d4.as_str()).unwrap().is_empty());
+
+    // Two candidates for one snapshot, the first lying: it is dropped and
+    // the true one unpacked. A row whose name is not its chain ID is
+    // never used.
+    let (d5, b5, n5) = layer("five.txt", b"five\n");
+    let (_, evil, evil_n) = layer("evil.txt", b"evil\n");
+    lazy(d5.as_str(), None, &evil, evil_n, &d5);
+    lazy(d5.as_str(), None, &b5, n5, &d5);
+    assert!(s.unpack_lazy(d5.as_str()).unwrap());
+    let left: Vec<Digest> = s
+        .meta()
+        .lazy_layers(d5.as_str())
+        .unwrap()
+        .into_iter()
+        .map(|l| l.blob)
+        .collect();
+    assert_eq!(left, vec![b5.clone()], "the lying candidate is forgotten");
+    let (d6, b6, n6) = layer("six.txt", b"six\n");
+    lazy("not-its-chain-id", None, &b6, n6, &d6);
+    assert!(s.lazy_ready("not-its-chain-id").unwrap().is_none());
+    assert!(!s.unpack_lazy("not-its-chain-id").unwrap());
 }

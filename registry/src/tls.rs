@@ -266,7 +266,55 @@ pub fn root_store(cfg: &RegistryConfig, host: &str) -> Result<rustls::RootCertSt
 
 /// A rustls client configuration (ring provider) trusting
 /// [`root_store`]`(cfg, host)`.
+///
+/// Made once per process for each host, CA files and OpenSSL variables
+/// (reading and parsing the system bundle took milliseconds, and a client
+/// is made per registry contacted — per blob, through mirrors).
 pub fn client_config(
+    cfg: &RegistryConfig,
+    host: &str,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    // The CA files by name, size and change time: a file replaced is read
+    // again.
+    type Key = (
+        Option<std::ffi::OsString>,
+        Option<std::ffi::OsString>,
+        String,
+        Vec<(PathBuf, u64, Option<std::time::SystemTime>)>,
+    );
+    static MADE: std::sync::Mutex<Vec<(Key, Arc<rustls::ClientConfig>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let key: Key = (
+        std::env::var_os(ENV_CERT_FILE),
+        std::env::var_os(ENV_CERT_DIR),
+        host.to_string(),
+        cfg.ca_files(host)
+            .into_iter()
+            .map(|f| {
+                let m = std::fs::metadata(&f).ok();
+                let len = m.as_ref().map_or(0, |m| m.len());
+                (f, len, m.and_then(|m| m.modified().ok()))
+            })
+            .collect(),
+    );
+    if let Some(c) = MADE
+        .lock()
+        .ok()
+        .and_then(|m| m.iter().find(|(k, _)| *k == key).map(|(_, c)| c.clone()))
+    {
+        return Ok(c);
+    }
+    let c = make_client_config(cfg, host)?;
+    if let Ok(mut m) = MADE.lock() {
+        // A handful of hosts in practice; bounded all the same.
+        if m.len() < 256 {
+            m.push((key, c.clone()));
+        }
+    }
+    Ok(c)
+}
+
+fn make_client_config(
     cfg: &RegistryConfig,
     host: &str,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {

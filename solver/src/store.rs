@@ -652,9 +652,9 @@ impl Backend for StoreBackend {
             let lazy = self
                 .store
                 .meta()
-                .lazy_layer(&layer.snapshot)
+                .lazy_layers(&layer.snapshot)
                 .map_err(BackendError::ctx("cache index"))?;
-            if lazy.is_some() {
+            if !lazy.is_empty() {
                 return self
                     .store
                     .meta()
