@@ -1164,8 +1164,44 @@ fn write_entry(
         }
         link_tried = true;
     }
-    // Most destinations do not exist yet: one fstatat in the open parent
-    // says so.
+    // Most destinations do not exist yet: a regular file (not a second
+    // name of one copied already) is created at once, exclusively, and
+    // only a name that is taken is looked at below.
+    if ft.is_file() && !link_tried && !(m.nlink() > 1 && links.contains_key(&(m.dev(), m.ino()))) {
+        match dirs
+            .dir(root, &parent)?
+            .create_file_unset(name, kiln_fs::Create::Exclusive)
+        {
+            Ok(f) => {
+                if m.nlink() > 1 {
+                    links.insert((m.dev(), m.ino()), to.to_vec());
+                }
+                match stream {
+                    Some(st) => {
+                        let shared = dirs.shared(root, &parent)?;
+                        copy_file_streamed(
+                            e,
+                            f,
+                            to,
+                            (uid, gid, mode),
+                            (t, ns),
+                            opts,
+                            st,
+                            &shared,
+                            &cname,
+                        )?
+                    }
+                    None => {
+                        copy_file(e, f, to, (uid, gid, mode), (t, ns), opts, None)?;
+                    }
+                }
+                return Ok(());
+            }
+            Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(err) => return Err(fs_err(err)),
+        }
+    }
+    // Otherwise one fstatat in the open parent says what is there.
     let old = dirs.dir(root, &parent)?.stat(name).map_err(fs_err)?;
     let absent = old.is_none();
     if let (Some(st), Some(_)) = (stream.as_deref_mut(), &old) {
@@ -1279,7 +1315,7 @@ fn write_entry(
                 )?
             }
             None => {
-                copy_file(e, f, to, (uid, gid, mode), (t, ns), opts)?;
+                copy_file(e, f, to, (uid, gid, mode), (t, ns), opts, None)?;
             }
         }
     } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
@@ -1341,7 +1377,7 @@ fn copy_file_streamed(
     let inode = (m.dev(), m.ino());
     // The size as written: the hasher reads that many bytes back, and
     // the final check finds the same size in the snapshot.
-    let size = match copy_file(from, dst, to, (uid, gid, mode), (t, ns), opts)? {
+    let size = match copy_file(from, dst, to, (uid, gid, mode), (t, ns), opts, Some(&m))? {
         Some(n) => n,
         None => match lstat_at(dir.as_raw_fd(), name) {
             Ok(st) if (st.st_dev, st.st_ino) == inode => st.st_size.max(0) as u64,
@@ -1375,13 +1411,18 @@ fn copy_file(
     (uid, gid, mode): (u32, u32, u32),
     (t, ns): (i64, i64),
     opts: &CopyOptions,
+    made: Option<&fs::Metadata>,
 ) -> Result<Option<u64>, CopyError> {
     let err = |e: io::Error| CopyError::Io(show(to), e);
     opts.check_cancel()?;
     let mut src = crate::fsview::open_found(&from.host, (from.meta.dev(), from.meta.ino()))
         .map_err(|e| io_err(&from.host, e))?;
     let mut written = None;
-    if !reflink(&src, &dst, from.meta.dev()) {
+    let made = match made {
+        Some(m) => m.clone(),
+        None => dst.metadata().map_err(err)?,
+    };
+    if !reflink(&src, &dst, from.meta.dev(), made.dev()) {
         let mut n = 0;
         // In chunks (each copied in the kernel where it can be), so that
         // a cancelled build stops within one chunk of a large file; until
@@ -1407,7 +1448,10 @@ fn copy_file(
         dst.flush().map_err(err)?;
         written = Some(n);
     }
-    set_file_meta(&dst, to, (uid, gid, mode), (t, ns))?;
+    // A new file is its creator's already (not in a set-group-ID
+    // directory): no chown, which would only say so again.
+    let owner = (made.uid() == uid && made.gid() == gid).then_some((uid, gid));
+    set_file_meta(&dst, to, (uid, gid, mode), (t, ns), owner)?;
     Ok(written)
 }
 
@@ -1415,12 +1459,11 @@ fn copy_file(
 /// file system (each pair is tried once per process, not once per file).
 static NO_REFLINK: std::sync::Mutex<Vec<(u64, u64)>> = std::sync::Mutex::new(Vec::new());
 
-/// Clones `src` (on device `src_dev`) into the empty `dst`: whether it
-/// was.
-fn reflink(src: &fs::File, dst: &fs::File, src_dev: u64) -> bool {
+/// Clones `src` (on device `src_dev`) into the empty `dst` (on
+/// `dst_dev`): whether it was.
+fn reflink(src: &fs::File, dst: &fs::File, src_dev: u64, dst_dev: u64) -> bool {
     use std::os::fd::AsRawFd;
-    let Ok(dm) = dst.metadata() else { return false };
-    let pair = (src_dev, dm.dev());
+    let pair = (src_dev, dst_dev);
     let known = |v: &Vec<(u64, u64)>| v.contains(&pair);
     if NO_REFLINK.lock().map(|v| known(&v)).unwrap_or(false) {
         return false;
@@ -1477,18 +1520,20 @@ fn kernel_copy(src: &fs::File, dst: &fs::File, max: u64) -> Option<io::Result<u6
     }
 }
 
-/// Gives a file written through `dst` its owner, mode and times.
+/// Gives a file written through `dst` its owner, mode and times (no
+/// chown when it has the owner `owned` already).
 fn set_file_meta(
     dst: &fs::File,
     to: &[u8],
     (uid, gid, mode): (u32, u32, u32),
     (t, ns): (i64, i64),
+    owned: Option<(u32, u32)>,
 ) -> Result<(), CopyError> {
     use std::os::fd::AsRawFd;
     let err = |e: io::Error| CopyError::Io(show(to), e);
     // Owner first: chown clears set-id bits.
     // SAFETY: an open descriptor.
-    if unsafe { libc::fchown(dst.as_raw_fd(), uid, gid) } != 0 {
+    if owned != Some((uid, gid)) && unsafe { libc::fchown(dst.as_raw_fd(), uid, gid) } != 0 {
         return Err(err(kiln_fs::chown_errno(uid, gid)));
     }
     // SAFETY: an open descriptor.
@@ -1722,7 +1767,7 @@ mod tests {
             link: None,
         };
         assert!(matches!(
-            copy_file(&from, f, b"/copy", (0, 0, 0o644), (0, 0), &opts),
+            copy_file(&from, f, b"/copy", (0, 0, 0o644), (0, 0), &opts, None),
             Err(CopyError::Cancelled)
         ));
         assert_eq!(fs::metadata(&to).unwrap().len(), 0);
