@@ -955,17 +955,126 @@ fn copy_inner(
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     let root = dst.top_root()?;
     let mut dirs = DirFds::default();
+    // Files are created here, in order, and filled by workers (content,
+    // owner, mode, times: the other half of a small file's cost) when
+    // there are many and no previous run to link from; each is streamed
+    // once its worker is done, in order.
+    let many = selections.iter().map(|s| s.entries.len()).sum::<usize>() >= 64;
+    let no_links = opts.reuse.as_ref().is_none_or(|r| r.prev.is_none());
+    let workers = if many && no_links {
+        cores().saturating_sub(1).clamp(1, 3)
+    } else {
+        0
+    };
+    let (jobs, queue) =
+        std::sync::mpsc::channel::<(FileJob<'_>, std::sync::mpsc::SyncSender<JobDone>)>();
+    let queue = std::sync::Mutex::new(queue);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let queue = &queue;
+            scope.spawn(move || loop {
+                let next = match queue.lock() {
+                    Ok(q) => q.recv(),
+                    Err(_) => return,
+                };
+                let Ok((job, reply)) = next else { return };
+                let _ = reply.send(job.run(opts));
+            });
+        }
+        let mut pool = (workers > 0).then(|| Pool {
+            jobs,
+            pending: std::collections::VecDeque::new(),
+        });
+        let r = copy_selections_in(
+            dst,
+            selections,
+            opts,
+            stream,
+            &root,
+            &mut dirs,
+            &mut links,
+            (dest_is_dir, &dest_resolved, new_owner),
+            &mut pool,
+        );
+        // The workers end once the queue is gone.
+        drop(pool);
+        r
+    })
+}
+
+/// Workers filling created files (see [`copy_inner`]) and the files
+/// handed to them, in order.
+struct Pool<'e> {
+    jobs: std::sync::mpsc::Sender<(FileJob<'e>, std::sync::mpsc::SyncSender<JobDone>)>,
+    pending: std::collections::VecDeque<std::sync::mpsc::Receiver<JobDone>>,
+}
+
+impl<'e> Pool<'e> {
+    /// Most files handed over and not yet streamed (each holds two
+    /// descriptors).
+    const MAX_PENDING: usize = 128;
+
+    fn dispatch(
+        &mut self,
+        job: FileJob<'e>,
+        stream: Option<&mut kiln_cache::LayerStream>,
+    ) -> Result<(), CopyError> {
+        if self.pending.len() >= Self::MAX_PENDING {
+            self.drain_one(stream)?;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.jobs
+            .send((job, tx))
+            .map_err(|_| CopyError::Io("COPY".into(), io::Error::other("no worker thread")))?;
+        self.pending.push_back(rx);
+        Ok(())
+    }
+
+    /// Waits for the oldest file handed over and streams it.
+    fn drain_one(&mut self, stream: Option<&mut kiln_cache::LayerStream>) -> Result<(), CopyError> {
+        let Some(rx) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        let done = rx.recv().map_err(|_| {
+            CopyError::Io("COPY".into(), io::Error::other("a worker thread stopped"))
+        })?;
+        stream_done(stream.filter(|st| st.is_live()), done)
+    }
+
+    /// Waits for every file handed over, streaming each in order.
+    fn drain(&mut self, mut stream: Option<&mut kiln_cache::LayerStream>) -> Result<(), CopyError> {
+        while !self.pending.is_empty() {
+            self.drain_one(stream.as_deref_mut())?;
+        }
+        Ok(())
+    }
+}
+
+/// The loop of [`copy_inner`]: each selection's entries written in order,
+/// plain files handed to `pool` when there is one.
+#[allow(clippy::too_many_arguments)]
+fn copy_selections_in<'e>(
+    dst: &LayerView,
+    selections: &'e [Selection],
+    opts: &CopyOptions,
+    mut stream: Option<&mut kiln_cache::LayerStream>,
+    root: &kiln_fs::Root,
+    dirs: &mut DirFds,
+    links: &mut HashMap<(u64, u64), Vec<u8>>,
+    (dest_is_dir, dest_resolved, new_owner): (bool, &[u8], (u32, u32)),
+    pool: &mut Option<Pool<'e>>,
+) -> Result<(), CopyError> {
     for s in selections {
         let target = if s.is_dir {
-            dest_resolved.clone()
+            dest_resolved.to_vec()
         } else if dest_is_dir {
-            join_bytes(&dest_resolved, &s.name)
+            join_bytes(dest_resolved, &s.name)
         } else {
-            dest_resolved.clone()
+            dest_resolved.to_vec()
         };
         let parent = parent_bytes(&target);
         let parent = dst.resolve(&parent, true)?;
-        dst.ensure_dir_in(&root, &parent, new_owner)?;
+        dst.ensure_dir_in(root, &parent, new_owner)?;
         let target = join_bytes(&parent, base_bytes(&target));
         // The directory a directory's contents go into is never given the
         // source directory's owner or mode (BuildKit's copier, fsutil
@@ -982,7 +1091,7 @@ fn copy_inner(
             let is_dir = here.as_ref().is_some_and(|f| f.meta.is_dir());
             let root_entry = s.entries.first().is_some_and(|e| e.rel.is_empty());
             if is_dir || here.is_none() || !root_entry {
-                let d = dst.ensure_dir_in(&root, &target, new_owner)?;
+                let d = dst.ensure_dir_in(root, &target, new_owner)?;
                 if let (None, Some(crate::chmod::Chmod::Octal(m))) = (&here, &opts.chmod) {
                     d.chmod_self(*m).map_err(ViewError::from)?;
                 }
@@ -992,7 +1101,7 @@ fn copy_inner(
         if let Some(st) = stream.as_deref_mut().filter(|st| st.is_live()) {
             let root_mtime = s.entries.first().map(|e| e.meta.mtime());
             match (skip_root, root_mtime) {
-                (true, Some(t)) => stream_chain(st, &root, &target, clamp(t, opts.clamp_mtime))?,
+                (true, Some(t)) => stream_chain(st, root, &target, clamp(t, opts.clamp_mtime))?,
                 _ => st.give_up(),
             }
         }
@@ -1003,15 +1112,44 @@ fn copy_inner(
                 join_bytes(&target, &e.rel)
             };
             opts.check_cancel()?;
+            if let Some(p) = pool.as_mut() {
+                if to != b"/" && e.meta.file_type().is_file() && e.meta.nlink() == 1 {
+                    let w = write_entry(
+                        root,
+                        &to,
+                        e,
+                        opts,
+                        links,
+                        dirs,
+                        stream.as_deref_mut().filter(|st| st.is_live()),
+                        true,
+                    )?;
+                    match w {
+                        Written::Later(job) => {
+                            p.dispatch(*job, stream.as_deref_mut())?;
+                            continue;
+                        }
+                        Written::Done => continue,
+                        Written::Taken => {}
+                    }
+                }
+                // Anything else is written (and streamed) after the files
+                // handed over before it.
+                p.drain(stream.as_deref_mut())?;
+            }
             write_entry(
-                &root,
+                root,
                 &to,
                 e,
                 opts,
-                &mut links,
-                &mut dirs,
+                links,
+                dirs,
                 stream.as_deref_mut().filter(|st| st.is_live()),
+                false,
             )?;
+        }
+        if let Some(p) = pool.as_mut() {
+            p.drain(stream.as_deref_mut())?;
         }
         // Directory mtimes are set after their contents are written.
         if s.is_dir {
@@ -1025,7 +1163,7 @@ fn copy_inner(
                 if to == b"/" {
                     root.dir().set_times_self(t).map_err(ViewError::from)?;
                 } else {
-                    let d = dirs.dir(&root, &parent_bytes(&to))?;
+                    let d = dirs.dir(root, &parent_bytes(&to))?;
                     d.set_times(OsStr::from_bytes(base_bytes(&to)), t)
                         .map_err(ViewError::from)?;
                 }
@@ -1087,18 +1225,113 @@ fn clamp(t: i64, c: Option<i64>) -> i64 {
     }
 }
 
+/// What [`write_entry`] did.
+enum Written<'e> {
+    /// The entry is written (and streamed).
+    Done,
+    /// A file was created; its content and metadata are left to a worker.
+    Later(Box<FileJob<'e>>),
+    /// Its name is taken: nothing was done (the caller writes it the
+    /// general way).
+    Taken,
+}
+
+/// A created file whose content, owner, mode and times a worker thread
+/// gives it (see [`copy_inner`]), then streamed in order.
+struct FileJob<'e> {
+    e: &'e Entry,
+    f: fs::File,
+    to: Vec<u8>,
+    ids: (u32, u32, u32),
+    times: (i64, i64),
+    made: fs::Metadata,
+    /// Its directory and name, for the layer stream.
+    shared: Option<(std::sync::Arc<fs::File>, std::ffi::CString)>,
+}
+
+/// What a worker reports of a [`FileJob`]: what stays for streaming it,
+/// and the bytes written (`None`: cloned).
+type JobDone = (JobMeta, Result<Option<u64>, CopyError>);
+
+/// A [`FileJob`] without its file and source.
+struct JobMeta {
+    to: Vec<u8>,
+    ids: (u32, u32, u32),
+    t: i64,
+    inode: (u64, u64),
+    shared: Option<(std::sync::Arc<fs::File>, std::ffi::CString)>,
+}
+
+impl FileJob<'_> {
+    /// Copies the content and sets the metadata.
+    fn run(self, opts: &CopyOptions) -> JobDone {
+        let meta = JobMeta {
+            to: self.to,
+            ids: self.ids,
+            t: self.times.0,
+            inode: (self.made.dev(), self.made.ino()),
+            shared: self.shared,
+        };
+        let r = copy_file(
+            self.e,
+            self.f,
+            &meta.to,
+            self.ids,
+            self.times,
+            opts,
+            Some(&self.made),
+        );
+        (meta, r)
+    }
+}
+
+/// Streams a file a worker has written (in the entries' order).
+fn stream_done(
+    stream: Option<&mut kiln_cache::LayerStream>,
+    (meta, r): JobDone,
+) -> Result<(), CopyError> {
+    use std::os::fd::AsRawFd;
+    let written = r?;
+    let (Some(st), Some((dir, name))) = (stream, &meta.shared) else {
+        return Ok(());
+    };
+    let size = match written {
+        Some(n) => n,
+        None => match lstat_at(dir.as_raw_fd(), name) {
+            Ok(l) if (l.st_dev, l.st_ino) == meta.inode => l.st_size.max(0) as u64,
+            _ => {
+                st.give_up();
+                return Ok(());
+            }
+        },
+    };
+    let (uid, gid, mode) = meta.ids;
+    st.file(
+        layer_path(&meta.to),
+        (dir, name),
+        meta.inode,
+        mode,
+        (uid, gid),
+        meta.t,
+        size,
+    )
+    .map_err(|e| CopyError::Io(show(&meta.to), e))
+}
+
 /// Writes one entry at `to` (a path in the top layer whose parents were
 /// resolved through the view and exist) through its open parent
 /// directory: nothing here follows a symlink on the host.
-fn write_entry(
+#[allow(clippy::too_many_arguments)]
+fn write_entry<'e>(
     root: &kiln_fs::Root,
     to: &[u8],
-    e: &Entry,
+    e: &'e Entry,
     opts: &CopyOptions,
     links: &mut HashMap<(u64, u64), Vec<u8>>,
     dirs: &mut DirFds,
     mut stream: Option<&mut kiln_cache::LayerStream>,
-) -> Result<(), CopyError> {
+    later: bool,
+) -> Result<Written<'e>, CopyError> {
     let m = &e.meta;
     let (uid, gid) = match opts.owner {
         Some(o) => o,
@@ -1114,7 +1347,7 @@ fn write_entry(
     if to == b"/" {
         // The layer's root is never replaced, and keeps its owner and mode
         // (see `copy_selections`).
-        return Ok(());
+        return Ok(Written::Done);
     }
     let name_b = base_bytes(to);
     let name = OsStr::from_bytes(name_b);
@@ -1135,6 +1368,36 @@ fn write_entry(
         },
     );
     let parent = parent_bytes(to);
+    if later {
+        // The caller's promise: a regular file with one name and no
+        // previous run to link it from. Created here, in order; its
+        // content and metadata are for a worker (see `FileJob`).
+        let dir = dirs.dir(root, &parent)?;
+        return match dir.create_file_unset(name, kiln_fs::Create::Exclusive) {
+            Ok(f) => {
+                if let Some(r) = &opts.reuse {
+                    r.note(to, e);
+                }
+                let made = f.metadata().map_err(|err| CopyError::Io(show(to), err))?;
+                let shared = if stream.is_some() {
+                    Some((dirs.shared(root, &parent)?, cname))
+                } else {
+                    None
+                };
+                Ok(Written::Later(Box::new(FileJob {
+                    e,
+                    f,
+                    to: to.to_vec(),
+                    ids: (uid, gid, mode),
+                    times: (t, ns),
+                    made,
+                    shared,
+                })))
+            }
+            Err(err) if err.raw_os_error() == Some(libc::EEXIST) => Ok(Written::Taken),
+            Err(err) => Err(fs_err(err)),
+        };
+    }
     let mut link_tried = false;
     if let (true, Some(r)) = (first_name, &opts.reuse) {
         r.note(to, e);
@@ -1160,9 +1423,10 @@ fn write_entry(
                     dirs,
                 )?;
             }
-            return Ok(());
+            return Ok(Written::Done);
         }
-        link_tried = true;
+        // Only a previous run can have had the name linked (and taken).
+        link_tried = r.prev.is_some();
     }
     // Most destinations do not exist yet: a regular file (not a second
     // name of one copied already) is created at once, exclusively, and
@@ -1195,7 +1459,7 @@ fn write_entry(
                         copy_file(e, f, to, (uid, gid, mode), (t, ns), opts, None)?;
                     }
                 }
-                return Ok(());
+                return Ok(Written::Done);
             }
             Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {}
             Err(err) => return Err(fs_err(err)),
@@ -1292,7 +1556,7 @@ fn write_entry(
                 .is_some()
             {
                 // Not reached with a stream: the upperdir was empty.
-                return Ok(());
+                return Ok(Written::Done);
             }
         }
         let dir = dirs.dir(root, &parent)?;
@@ -1325,7 +1589,7 @@ fn write_entry(
         dir.mknod(name, m.mode(), m.rdev()).map_err(fs_err)?;
         dir.chown(name, uid, gid).map_err(fs_err)?;
     }
-    Ok(())
+    Ok(Written::Done)
 }
 
 /// Streams a file hard-linked from the previous run (`pm`, its `lstat`
@@ -1944,6 +2208,64 @@ mod tests {
         .digest(&dopts)
         .unwrap();
         (streamed, (d, n))
+    }
+
+    /// Many files are filled by worker threads; names already taken in
+    /// the destination (a file, a directory, a symlink) are replaced the
+    /// general way, in order, and every file ends with its source's
+    /// content, mode and mtime.
+    #[test]
+    fn files_filled_by_workers_replace_taken_names_and_keep_their_metadata() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let t = tempfile::tempdir().unwrap();
+        let ctx = t.path().join("ctx");
+        fs::create_dir_all(ctx.join("d")).unwrap();
+        for i in 0..300 {
+            let f = ctx.join(format!("d/f{i:03}"));
+            fs::write(&f, format!("file {i}\n").repeat(i % 7 + 1)).unwrap();
+            fs::set_permissions(
+                &f,
+                fs::Permissions::from_mode(0o600 + (i as u32 % 2) * 0o155),
+            )
+            .unwrap();
+        }
+        let upper = t.path().join("upper");
+        fs::create_dir_all(upper.join("app/d/f010")).unwrap();
+        fs::write(upper.join("app/d/f020"), "old").unwrap();
+        symlink("/etc/passwd", upper.join("app/d/f030")).unwrap();
+        let view = LayerView::new(vec![ctx.clone()], true);
+        let sel = Selector {
+            view: &view,
+            ignore: None,
+            exclude: None,
+        };
+        let picked = sel.select(".").unwrap();
+        let dst = LayerView::new(vec![upper.clone()], false);
+        let passwd = fs::read("/etc/passwd").unwrap();
+        copy_selections(&dst, "/app", true, &picked, &CopyOptions::default()).unwrap();
+        for i in 0..300 {
+            let (a, b) = (
+                ctx.join(format!("d/f{i:03}")),
+                upper.join(format!("app/d/f{i:03}")),
+            );
+            let (ma, mb) = (
+                fs::symlink_metadata(&a).unwrap(),
+                fs::symlink_metadata(&b).unwrap(),
+            );
+            assert!(mb.is_file(), "{i}");
+            assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap(), "{i}");
+            assert_eq!(
+                ma.permissions().mode() & 0o7777,
+                mb.permissions().mode() & 0o7777,
+                "{i}"
+            );
+            assert_eq!(ma.mtime(), mb.mtime(), "{i}");
+        }
+        assert_eq!(
+            fs::read("/etc/passwd").unwrap(),
+            passwd,
+            "the symlink was not followed"
+        );
     }
 
     /// More directories than the stream keeps in flight, behind a big
