@@ -747,3 +747,40 @@ fn ctrl_c_during_a_builds_base_image_pull_stops_the_pull() {
     assert_eq!(b.stdout(&["images", "-q"]), "");
     assert!(b.ok(&["system", "check"]).starts_with("ok:"));
 }
+
+/// A registry slower than the compressor: the layer is compressed into
+/// the store ahead of the upload, which reads it behind; what arrives is
+/// whole, and the compressed copy is kept (a second push finds it).
+#[test]
+fn a_slow_registry_gets_a_layer_compressed_ahead_of_the_upload() {
+    if !ready(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let a = Client::new(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tar = random_rootfs_tar(tmp.path(), 6 << 20);
+    let proxy = SlowProxy::start(reg.port, 4 << 20);
+    let name = format!("{}/kiln/slow-push:1", proxy.host());
+    a.ok(&["import", tar.to_str().expect("utf8"), &name]);
+    a.ok(&["push", &name]);
+    let v = skopeo_inspect(&[
+        "--tls-verify=false",
+        &format!("docker://{}/kiln/slow-push:1", reg.host()),
+    ]);
+    assert_eq!(v["Layers"].as_array().map(Vec::len), Some(1), "{v}");
+    let o = Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{}/kiln/slow-push:1", reg.host()))
+        .arg(format!("oci:{}:x", tmp.path().join("oci").display()))
+        .output()
+        .expect("skopeo");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let again = a.ok(&["push", &name]);
+    assert!(
+        again.contains("blob found") || again.contains("exists"),
+        "{again}"
+    );
+    let o = a.run(&["system", "check"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

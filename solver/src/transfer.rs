@@ -606,6 +606,124 @@ impl<R: Read> Read for Teed<'_, R> {
     }
 }
 
+/// How far a layer being compressed into the store's file has got, for
+/// the upload reading that file behind it (see [`stream_layer`]).
+#[derive(Default)]
+struct Spool {
+    state: std::sync::Mutex<SpoolState>,
+    moved: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct SpoolState {
+    /// Bytes in the file.
+    written: u64,
+    /// How the compression ended (an error's text).
+    end: Option<Result<(), String>>,
+    /// The upload is over (it read everything, or failed): stop.
+    stopped: bool,
+}
+
+impl Spool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SpoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Compresses `inner` into `w`, telling the reader as the file grows;
+    /// at the end the tar must have been the layer `diff_id`.
+    fn fill<R: Read>(
+        &self,
+        inner: &mut EncodingReader<R>,
+        w: &mut kiln_cache::BlobWriter,
+        diff_id: &Digest,
+    ) -> Result<(), String> {
+        let end = self.fill_inner(inner, w, diff_id);
+        let mut st = self.lock();
+        st.end = Some(end.clone());
+        self.moved.notify_all();
+        end
+    }
+
+    fn fill_inner<R: Read>(
+        &self,
+        inner: &mut EncodingReader<R>,
+        w: &mut kiln_cache::BlobWriter,
+        diff_id: &Digest,
+    ) -> Result<(), String> {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            if self.lock().stopped {
+                return Err("the upload ended early".into());
+            }
+            let n = match inner.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.to_string()),
+            };
+            w.write_all(&buf[..n])
+                .map_err(|e| format!("writing the compressed layer into the store: {e}"))?;
+            let mut st = self.lock();
+            st.written += n as u64;
+            self.moved.notify_all();
+        }
+        match inner.tar_digest() {
+            Some((d, _)) if &d == diff_id => Ok(()),
+            Some((d, _)) => Err(format!("content has diffID {d}, config says {diff_id}")),
+            None => Err("compressed stream ended early".into()),
+        }
+    }
+}
+
+/// The upload's side of a [`Spool`]: the file, read up to what has been
+/// written; its end once the compression has ended well.
+struct SpoolReader<'a> {
+    spool: &'a Spool,
+    file: std::fs::File,
+    pos: u64,
+}
+
+impl Read for SpoolReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let avail = {
+            let mut st = self.spool.lock();
+            loop {
+                if st.written > self.pos {
+                    break st.written - self.pos;
+                }
+                match &st.end {
+                    Some(Ok(())) => return Ok(0),
+                    Some(Err(e)) => return Err(std::io::Error::other(e.clone())),
+                    None => {}
+                }
+                st = self.spool.moved.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let want = buf.len().min(usize::try_from(avail).unwrap_or(usize::MAX));
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the store's copy of the layer is shorter than written",
+            ));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Drop for SpoolReader<'_> {
+    fn drop(&mut self) {
+        let mut st = self.spool.lock();
+        st.stopped = true;
+        self.spool.moved.notify_all();
+    }
+}
+
 /// Push one layer that must be compressed: compressed while it is
 /// uploaded (no wait for the whole blob before the first byte goes out),
 /// then remembered in the store's memo. When the registry turns the
@@ -647,21 +765,59 @@ fn stream_layer(
     ));
     let slot = std::sync::Mutex::new(None);
     let (tar, verified) = layer_tar(store, layer, diff_id)?;
-    let inner = EncodingReader::new(tar, enc.compression, enc.oci_media_types, verified)
+    let mut inner = EncodingReader::new(tar, enc.compression, enc.oci_media_types, verified)
         .map_err(TransferError::ctx(format!("layer {}", short(diff_id))))?
         .without_blob_digest();
-    let source = Box::new(Teed {
-        inner,
-        copy: store.content().writer_prehashed().ok(),
-        diff_id,
-        slot: &slot,
-    });
     let moved = std::sync::atomic::AtomicU64::new(0);
     let count = |n: u64| {
         let total = moved.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
         transfer(Transfer::Bytes(diff_id.clone(), total));
     };
-    let (digest, size) = match reg.push_blob_streamed(repo, source, &count) {
+    // The layer is compressed into the store's file on this thread while
+    // the upload, on another, reads the file behind it: the compressor
+    // never waits for the registry (random data goes out at the
+    // registry's pace while the text after it is being deflated). Without
+    // a file to spool to, the upload reads the compressor directly.
+    let copy = store.content().writer_prehashed().ok();
+    let reader = copy
+        .as_ref()
+        .and_then(|w| std::fs::File::open(w.temp_path()).ok());
+    let pushed = match (copy, reader) {
+        (Some(mut w), Some(file)) => {
+            let spool = Spool::default();
+            std::thread::scope(|s| {
+                let up = s.spawn(|| {
+                    let source = SpoolReader {
+                        spool: &spool,
+                        file,
+                        pos: 0,
+                    };
+                    reg.push_blob_streamed(repo, Box::new(source), &count)
+                });
+                let end = spool.fill(&mut inner, &mut w, diff_id);
+                if end.is_ok() {
+                    if let Ok(mut sl) = slot.lock() {
+                        *sl = Some(w);
+                    }
+                }
+                up.join().unwrap_or_else(|_| {
+                    Err(kiln_registry::RegistryError::Local(
+                        "the upload thread panicked".into(),
+                    ))
+                })
+            })
+        }
+        _ => {
+            let source = Box::new(Teed {
+                inner,
+                copy: None,
+                diff_id,
+                slot: &slot,
+            });
+            reg.push_blob_streamed(repo, source, &count)
+        }
+    };
+    let (digest, size) = match pushed {
         Ok(v) => v,
         Err(e) if e.stream_refused() => {
             streaming.store(false, std::sync::atomic::Ordering::Relaxed);
