@@ -96,6 +96,27 @@ fn app(base: &str) -> tempfile::TempDir {
     ])
 }
 
+/// Runner A: `app` built with its cache exported to an OCI layout. Gives
+/// the registry (holding the base), the context, the layout's directory
+/// and path, and the image ID.
+fn app_cached_in_a_layout() -> (
+    Reg,
+    tempfile::TempDir,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    String,
+) {
+    let reg = Reg::start(RegOpts::default());
+    let base = push_base(&reg);
+    let ctx = app(&base);
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("cache");
+    let a = Client::new(false);
+    let to = format!("type=local,dest={}", dest.display());
+    let (id, _) = build_json(&a, ctx.path(), &["-t", "app:1", "--cache-to", &to]);
+    (reg, ctx, dir, dest, id)
+}
+
 fn raw_manifest(reference: &str) -> Value {
     let o = Command::new("skopeo")
         .args(["inspect", "--raw", "--tls-verify=false"])
@@ -198,15 +219,7 @@ fn local_oci_layout_cache_round_trips() {
     if !ready() {
         return;
     }
-    let reg = Reg::start(RegOpts::default());
-    let base = push_base(&reg);
-    let ctx = app(&base);
-    let dir = tempfile::tempdir().expect("tmp");
-    let dest = dir.path().join("cache");
-
-    let a = Client::new(false);
-    let to = format!("type=local,dest={}", dest.display());
-    let (id_a, _) = build_json(&a, ctx.path(), &["-t", "app:1", "--cache-to", &to]);
+    let (_reg, ctx, _dir, dest, id_a) = app_cached_in_a_layout();
     let index: Value =
         serde_json::from_slice(&std::fs::read(dest.join("index.json")).expect("index"))
             .expect("index json");
@@ -302,14 +315,7 @@ fn a_cache_record_lying_about_a_diff_id_is_refused_when_the_layer_is_unpacked() 
     if !ready() {
         return;
     }
-    let reg = Reg::start(RegOpts::default());
-    let base = push_base(&reg);
-    let ctx = app(&base);
-    let dir = tempfile::tempdir().expect("tmp");
-    let dest = dir.path().join("cache");
-    let a = Client::new(false);
-    let to = format!("type=local,dest={}", dest.display());
-    build_json(&a, ctx.path(), &["-t", "app:1", "--cache-to", &to]);
+    let (_reg, ctx, _dir, dest, _) = app_cached_in_a_layout();
 
     // Rewrite the layout: every record's diffID becomes another digest.
     let blob = |d: &str| {

@@ -1440,25 +1440,8 @@ fn write_entry<'e>(
                 if m.nlink() > 1 {
                     links.insert((m.dev(), m.ino()), to.to_vec());
                 }
-                match stream {
-                    Some(st) => {
-                        let shared = dirs.shared(root, &parent)?;
-                        copy_file_streamed(
-                            e,
-                            f,
-                            to,
-                            (uid, gid, mode),
-                            (t, ns),
-                            opts,
-                            st,
-                            &shared,
-                            &cname,
-                        )?
-                    }
-                    None => {
-                        copy_file(e, f, to, (uid, gid, mode), (t, ns), opts, None)?;
-                    }
-                }
+                let at = (root, parent.as_slice(), cname.as_c_str());
+                fill_new_file(e, f, to, (uid, gid, mode), (t, ns), opts, stream, at, dirs)?;
                 return Ok(Written::Done);
             }
             Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {}
@@ -1563,25 +1546,8 @@ fn write_entry<'e>(
         let f = dir
             .create_file_unset(name, kiln_fs::Create::Exclusive)
             .map_err(fs_err)?;
-        match stream {
-            Some(st) => {
-                let shared = dirs.shared(root, &parent)?;
-                copy_file_streamed(
-                    e,
-                    f,
-                    to,
-                    (uid, gid, mode),
-                    (t, ns),
-                    opts,
-                    st,
-                    &shared,
-                    &cname,
-                )?
-            }
-            None => {
-                copy_file(e, f, to, (uid, gid, mode), (t, ns), opts, None)?;
-            }
-        }
+        let at = (root, parent.as_slice(), cname.as_c_str());
+        fill_new_file(e, f, to, (uid, gid, mode), (t, ns), opts, stream, at, dirs)?;
     } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
         if let Some(st) = stream {
             st.give_up();
@@ -1590,6 +1556,29 @@ fn write_entry<'e>(
         dir.chown(name, uid, gid).map_err(fs_err)?;
     }
     Ok(Written::Done)
+}
+
+/// Fills the file `f` just created at `to` (named `name` in `parent`
+/// under `root`) from `e` — and streams it, when there is a stream.
+#[allow(clippy::too_many_arguments)]
+fn fill_new_file(
+    e: &Entry,
+    f: fs::File,
+    to: &[u8],
+    ids: (u32, u32, u32),
+    times: (i64, i64),
+    opts: &CopyOptions,
+    stream: Option<&mut kiln_cache::LayerStream>,
+    (root, parent, name): (&kiln_fs::Root, &[u8], &std::ffi::CStr),
+    dirs: &mut DirFds,
+) -> Result<(), CopyError> {
+    match stream {
+        Some(st) => {
+            let shared = dirs.shared(root, parent)?;
+            copy_file_streamed(e, f, to, ids, times, opts, st, &shared, name)
+        }
+        None => copy_file(e, f, to, ids, times, opts, None).map(|_| ()),
+    }
 }
 
 /// Streams a file hard-linked from the previous run (`pm`, its `lstat`
