@@ -401,7 +401,27 @@ impl Registry {
     /// The base URL (`https://host`, or `http://host` where allowed and
     /// HTTPS is not answered), found once by pinging `/v2/`.
     fn base(&self) -> Result<String> {
+        // What a ping found, per host, for the whole process: a client is
+        // made per blob (through the mirror logic), and each pinged again
+        // (two requests, one of them a failed TLS handshake to a plain-HTTP
+        // registry).
+        type Found = (String, bool, Option<String>, Option<Challenge>);
+        static FOUND: Mutex<Vec<Found>> = Mutex::new(Vec::new());
         if let Some(b) = self.base.lock().map_err(|_| self.proto("lock"))?.clone() {
+            return Ok(b);
+        }
+        let known = FOUND.lock().ok().and_then(|f| {
+            f.iter()
+                .find(|(h, i, _, _)| *h == self.host && *i == self.insecure)
+                .map(|(_, _, b, c)| (b.clone(), c.clone()))
+        });
+        if let Some((Some(b), challenge)) = known {
+            if let Ok(mut a) = self.auth.lock() {
+                a.challenge = challenge;
+            }
+            if let Ok(mut g) = self.base.lock() {
+                *g = Some(b.clone());
+            }
             return Ok(b);
         }
         let mut last = String::new();
@@ -460,6 +480,12 @@ impl Registry {
             let b = format!("{scheme}://{}", self.host);
             if let Ok(mut g) = self.base.lock() {
                 *g = Some(b.clone());
+            }
+            let challenge = self.auth.lock().ok().and_then(|a| a.challenge.clone());
+            if let Ok(mut f) = FOUND.lock() {
+                if f.len() < 256 {
+                    f.push((self.host.clone(), self.insecure, Some(b.clone()), challenge));
+                }
             }
             return Ok(b);
         }

@@ -464,12 +464,13 @@ impl RemoteCacheBackend {
         });
     }
 
-    /// Downloads the blobs of `todo` up to four at once (a failure is
-    /// left for the caller's own fetch to meet again and report).
+    /// Downloads the blobs of `todo` up to eight at once (small layers
+    /// wait mostly for the registry; a failure is left for the caller's
+    /// own fetch to meet again and report).
     fn fetch_all(&self, todo: &[Remote]) {
         let next = AtomicUsize::new(0);
         std::thread::scope(|s| {
-            for _ in 0..todo.len().min(4) {
+            for _ in 0..todo.len().min(8) {
                 s.spawn(|| {
                     while let Some(r) = todo.get(next.fetch_add(1, Ordering::Relaxed)) {
                         let _ = self.fetch(r);
