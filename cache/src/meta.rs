@@ -374,52 +374,60 @@ impl Meta {
             lease: None,
         };
         meta.migrate()?;
-        // Uncompressed layer sizes by diffID (what `images`, `inspect` and
-        // `history` show). Additive and content-addressed (a diffID's size
-        // never changes, a stale row is harmless), so it needs no schema
-        // version: a kiln without it opens this store as before, and a
-        // store without it gets it here, its sizes found lazily.
-        meta.conn().execute_batch(
-            "CREATE TABLE IF NOT EXISTS diff_sizes(
-                 diff_id TEXT PRIMARY KEY,
-                 size    INTEGER NOT NULL
-             ) WITHOUT ROWID;",
+        // Additive tables, created when missing (a read says whether they
+        // are: opening a store costs no write when they exist). None needs
+        // a schema version: a kiln without them opens this store as
+        // before, and a store without them gets them here.
+        //
+        // - diff_sizes: uncompressed layer sizes by diffID (what `images`,
+        //   `inspect` and `history` show); content-addressed, a stale row
+        //   is harmless, sizes found lazily.
+        // - repo_digests: where stored images are known to be in
+        //   registries (docker's RepoDigests); a row whose manifest is
+        //   gone is never shown.
+        // - lazy_layers, lazy_cache: layers whose snapshots are made when
+        //   first needed (a build that took its result from a registry
+        //   cache keeps the compressed blobs, verified against their
+        //   digests, and unpacks them on first use, as a pulled image's),
+        //   and the step keys that made them; checked before use (a row
+        //   whose blob is gone is no hit).
+        let have: i64 = meta.conn().query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'
+               AND name IN ('diff_sizes', 'repo_digests', 'lazy_layers', 'lazy_cache')",
+            [],
+            |r| r.get(0),
         )?;
-        // Where stored images are known to be in registries (docker's
-        // RepoDigests): additive and keyed by content digests like
-        // diff_sizes, so it needs no schema version either; a row whose
-        // manifest is gone is never shown.
-        meta.conn().execute_batch(
-            "CREATE TABLE IF NOT EXISTS repo_digests(
-                 manifest TEXT NOT NULL,
-                 repo     TEXT NOT NULL,
-                 digest   TEXT NOT NULL,
-                 PRIMARY KEY(manifest, repo)
-             ) WITHOUT ROWID;",
-        )?;
-        // Layers whose snapshots are made when first needed (a build that
-        // took its result from a registry cache keeps the compressed
-        // blobs, verified against their digests, and unpacks them on
-        // first use, as a pulled image's): additive, keyed by chain ID and
-        // step key, and checked before use (a row whose blob is gone is
-        // no hit), so it needs no schema version either.
-        meta.conn().execute_batch(
-            "CREATE TABLE IF NOT EXISTS lazy_layers(
-                 snapshot   TEXT NOT NULL,
-                 blob       TEXT NOT NULL,
-                 parent     TEXT,
-                 media_type TEXT NOT NULL,
-                 size       INTEGER NOT NULL,
-                 diff_id    TEXT NOT NULL,
-                 added      INTEGER NOT NULL, -- insertion order
-                 PRIMARY KEY(snapshot, blob)
-             ) WITHOUT ROWID;
-             CREATE TABLE IF NOT EXISTS lazy_cache(
-                 key      TEXT PRIMARY KEY,
-                 snapshot TEXT NOT NULL,
-                 created  INTEGER NOT NULL
-             ) WITHOUT ROWID;",
-        )?;
+        if have < 4 {
+            meta.conn().execute_batch(
+                "BEGIN IMMEDIATE;
+                 CREATE TABLE IF NOT EXISTS diff_sizes(
+                     diff_id TEXT PRIMARY KEY,
+                     size    INTEGER NOT NULL
+                 ) WITHOUT ROWID;
+                 CREATE TABLE IF NOT EXISTS repo_digests(
+                     manifest TEXT NOT NULL,
+                     repo     TEXT NOT NULL,
+                     digest   TEXT NOT NULL,
+                     PRIMARY KEY(manifest, repo)
+                 ) WITHOUT ROWID;
+                 CREATE TABLE IF NOT EXISTS lazy_layers(
+                     snapshot   TEXT NOT NULL,
+                     blob       TEXT NOT NULL,
+                     parent     TEXT,
+                     media_type TEXT NOT NULL,
+                     size       INTEGER NOT NULL,
+                     diff_id    TEXT NOT NULL,
+                     added      INTEGER NOT NULL, -- insertion order
+                     PRIMARY KEY(snapshot, blob)
+                 ) WITHOUT ROWID;
+                 CREATE TABLE IF NOT EXISTS lazy_cache(
+                     key      TEXT PRIMARY KEY,
+                     snapshot TEXT NOT NULL,
+                     created  INTEGER NOT NULL
+                 ) WITHOUT ROWID;
+                 COMMIT;",
+            )?;
+        }
         Ok(meta)
     }
 
