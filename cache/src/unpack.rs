@@ -151,6 +151,13 @@ impl Store {
             .is_ok_and(|i| i.kind == crate::Kind::Committed)
     }
 
+    /// Whether the lazy layer `l` may be used: its name is the chain ID of
+    /// its parent and diffID, and (with `need_blob`) its blob is stored.
+    fn lazy_usable(&self, l: &LazyLayer, need_blob: bool) -> bool {
+        chain_id(l.parent.as_deref(), &l.diff_id) == l.snapshot
+            && (!need_blob || self.content().size(&l.blob).is_ok())
+    }
+
     /// The candidates for each lazy layer (see [`crate::LazyLayer`]) of
     /// `snapshot`'s chain not yet unpacked, top first, down to a committed
     /// snapshot or the bottom. `None` when a layer of the chain is neither
@@ -170,8 +177,7 @@ impl Store {
                 .meta()
                 .lazy_layers(&name)?
                 .into_iter()
-                .filter(|l| chain_id(l.parent.as_deref(), &l.diff_id) == l.snapshot)
-                .filter(|l| !need_blobs || self.content().size(&l.blob).is_ok())
+                .filter(|l| self.lazy_usable(l, need_blobs))
                 .collect();
             let Some(first) = found.first() else {
                 return Ok(None);
@@ -190,10 +196,11 @@ impl Store {
     /// ancestor not yet unpacked have such a candidate.
     pub fn lazy_ready(&self, snapshot: &str) -> Result<Option<LazyLayer>> {
         if self.committed(snapshot) {
-            return Ok(self.meta().lazy_layers(snapshot)?.into_iter().find(|l| {
-                chain_id(l.parent.as_deref(), &l.diff_id) == l.snapshot
-                    && self.content().size(&l.blob).is_ok()
-            }));
+            return Ok(self
+                .meta()
+                .lazy_layers(snapshot)?
+                .into_iter()
+                .find(|l| self.lazy_usable(l, true)));
         }
         Ok(self
             .lazy_chain(snapshot, true)?

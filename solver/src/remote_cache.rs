@@ -445,32 +445,26 @@ impl RemoteCacheBackend {
     /// download. A failure is left for [`Self::apply_remote`] to meet
     /// again and report.
     fn prefetch(&self, todo: &[Remote]) {
-        let next = AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..todo.len().min(4) {
-                s.spawn(|| loop {
-                    let Some(r) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                        return;
-                    };
-                    let Ok(diff) = cd(&r.rec.diff_id) else {
-                        continue;
-                    };
-                    let store = self.store();
-                    if !(store.has_blob(&diff) && store.meta().has_blob(&diff).unwrap_or(false)) {
-                        let _ = self.fetch(r);
-                    }
-                });
-            }
-        });
+        let store = self.store();
+        let missing: Vec<Remote> = todo
+            .iter()
+            .filter(|r| {
+                cd(&r.rec.diff_id).is_ok_and(|diff| {
+                    !(store.has_blob(&diff) && store.meta().has_blob(&diff).unwrap_or(false))
+                })
+            })
+            .cloned()
+            .collect();
+        self.fetch_all(&missing, 4);
     }
 
-    /// Downloads the blobs of `todo` up to eight at once (small layers
-    /// wait mostly for the registry; a failure is left for the caller's
-    /// own fetch to meet again and report).
-    fn fetch_all(&self, todo: &[Remote]) {
+    /// Downloads the blobs of `todo`, up to `at_once` at a time (a
+    /// failure is left for the caller's own fetch to meet again and
+    /// report).
+    fn fetch_all(&self, todo: &[Remote], at_once: usize) {
         let next = AtomicUsize::new(0);
         std::thread::scope(|s| {
-            for _ in 0..todo.len().min(8) {
+            for _ in 0..todo.len().min(at_once) {
                 s.spawn(|| {
                     while let Some(r) = todo.get(next.fetch_add(1, Ordering::Relaxed)) {
                         let _ = self.fetch(r);
@@ -1047,7 +1041,8 @@ impl Backend for RemoteCacheBackend {
             .iter()
             .filter_map(|l| pending.get(&l.snapshot).cloned())
             .collect();
-        self.fetch_all(&todo);
+        // Eight at once: small layers wait mostly for the registry.
+        self.fetch_all(&todo, 8);
         let mut fixed = Vec::with_capacity(layers.len());
         let mut lazy = HashSet::new();
         for l in layers {
