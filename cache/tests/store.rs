@@ -35,6 +35,35 @@ fn gzip_layer(src: &std::path::Path) -> (Vec<u8>, Digest, Vec<u8>) {
     (tar, diff_id, gz)
 }
 
+/// Opening a store that is up to date writes nothing (no WAL frame, no
+/// checkpoint), and what a process wrote is there for the next one
+/// although no checkpoint ran when it closed.
+#[test]
+fn reopening_writes_nothing_and_keeps_what_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.meta().setting_init("probe", "one").unwrap();
+    drop(s);
+    let files = |d: &std::path::Path| -> Vec<(String, Vec<u8>)> {
+        ["meta.db", "meta.db-wal"]
+            .iter()
+            .map(|n| (n.to_string(), std::fs::read(d.join(n)).unwrap_or_default()))
+            .collect()
+    };
+    let before = files(dir.path());
+    assert!(
+        !before[1].1.is_empty(),
+        "the WAL was checkpointed and removed at close"
+    );
+    for _ in 0..3 {
+        let s = open(dir.path());
+        assert_eq!(s.meta().setting("probe").unwrap().as_deref(), Some("one"));
+        assert_eq!(s.meta().setting_init("probe", "two").unwrap(), "one");
+        drop(s);
+    }
+    assert!(before == files(dir.path()), "opening the store wrote to it");
+}
+
 #[test]
 fn layout_and_schema() {
     let dir = tempfile::tempdir().unwrap();

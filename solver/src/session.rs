@@ -278,6 +278,10 @@ fn target_platforms(
 pub struct Session {
     root: PathBuf,
     reporter: Arc<dyn Reporter>,
+    /// The store [`Session::open`] opened, handed to the first caller of
+    /// [`Session::store`] (a build): a second open of the database per
+    /// command costs its own WAL and checkpoint.
+    opened: Arc<std::sync::Mutex<Option<kiln_cache::Store>>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -298,10 +302,11 @@ impl Session {
     /// warnings go to `tracing` until [`Session::with_reporter`].
     pub fn open(root: impl Into<PathBuf>) -> Result<Session, Error> {
         let root = root.into();
-        open_store(&root)?;
+        let store = open_store(&root)?;
         Ok(Session {
             root,
             reporter: Arc::new(export::TracingReporter),
+            opened: Arc::new(std::sync::Mutex::new(Some(store))),
         })
     }
 
@@ -323,7 +328,11 @@ impl Session {
 
     /// A handle on the store.
     pub fn store(&self) -> Result<kiln_cache::Store, Error> {
-        open_store(&self.root)
+        let first = self.opened.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match first {
+            Some(store) => Ok(store),
+            None => open_store(&self.root),
+        }
     }
 
     /// Builds `req` and runs its exports; progress is discarded.
@@ -392,7 +401,7 @@ impl Session {
                     .map_err(|_| usage(format!("invalid SOURCE_DATE_EPOCH {s:?}")))
             })
             .transpose()?;
-        let store = open_store(&self.root)?;
+        let store = self.store()?;
         let mut named_contexts = req.named_contexts.clone();
         for ctx in named_contexts.values_mut() {
             if let NamedContext::OciLayout(dir, tag) = ctx {
