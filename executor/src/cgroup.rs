@@ -1,12 +1,23 @@
 //! One cgroup per step, on cgroup v1, v2 or a hybrid of both.
 //!
 //! The step's cgroup is `<hierarchy>/<our own cgroup>/<parent>/<id>` in each
-//! hierarchy used: on v1 the `memory`, `cpu`, `pids` and `freezer`
-//! hierarchies (when mounted), on v2 the unified hierarchy. Nesting under
-//! the caller's own cgroup keeps any limit the caller is under. A limit goes
-//! to the v1 hierarchy that has its controller, else to v2 when the unified
-//! hierarchy offers it. Killing uses `cgroup.kill` (v2) or freeze + SIGKILL
-//! of every listed process (v1).
+//! hierarchy used: on v1 the `memory`, `cpu`, `pids`, `freezer` and
+//! `devices` hierarchies (when mounted), on v2 the unified hierarchy — on a
+//! hybrid host only when no v1 `freezer` is there to kill with or a limit
+//! needs a controller only v2 offers. Nesting under the caller's own cgroup
+//! keeps any limit the caller is under. A limit goes to the v1 hierarchy
+//! that has its controller, else to v2 when the unified hierarchy offers
+//! it. Killing uses `cgroup.kill` (v2) or freeze + SIGKILL of every listed
+//! process (v1).
+//!
+//! **Entering.** Writing a process's pid to `cgroup.procs` takes a
+//! process-wide lock whose first writer waits for an RCU grace period: 5–20
+//! ms per step on the kernels we measured, most of a `RUN true`. A thread
+//! that writes `0` to a v1 `tasks` file moves itself alone, without that
+//! lock (Linux ≥ 5.19), and a process it forks starts where it is. So the
+//! thread that starts the sandbox steps into the step's v1 cgroups, starts
+//! it and steps back ([`StepCgroup::enter_thread`]); only the unified
+//! hierarchy, which moves whole processes, still gets the pid written.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -279,6 +290,43 @@ pub(crate) fn stale_owner(id: &str) -> bool {
 #[derive(Debug)]
 pub struct StepCgroup {
     dirs: Vec<(Kind, PathBuf)>,
+    /// This process's own cgroup in the same hierarchy as `dirs[i]`.
+    own: Vec<PathBuf>,
+}
+
+/// The calling thread inside a step's v1 cgroups (see
+/// [`StepCgroup::enter_thread`]); [`ThreadInside::leave`] takes it back.
+#[derive(Debug)]
+pub struct ThreadInside<'a> {
+    cg: &'a StepCgroup,
+    /// Indexes into `cg.dirs` of the hierarchies the thread entered.
+    entered: Vec<usize>,
+    left: bool,
+}
+
+/// Writes `0` to `dir/tasks`: moves the calling thread (alone) there.
+fn move_this_thread(dir: &Path) -> Result<(), CgroupError> {
+    write(&dir.join("tasks"), "0")
+}
+
+impl ThreadInside<'_> {
+    /// Moves the thread back to the cgroups it came from, and says which
+    /// hierarchies it had entered (a process it started meanwhile is in
+    /// the step's cgroup there).
+    pub fn leave(mut self) -> Result<Vec<usize>, CgroupError> {
+        self.left = true;
+        let entered = std::mem::take(&mut self.entered);
+        self.cg.leave(&entered)?;
+        Ok(entered)
+    }
+}
+
+impl Drop for ThreadInside<'_> {
+    fn drop(&mut self) {
+        if !self.left {
+            let _ = self.cg.leave(&self.entered);
+        }
+    }
 }
 
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
@@ -289,7 +337,10 @@ impl StepCgroup {
     /// Create `<own>/<parent>/<id>` in each hierarchy and apply `limits`.
     pub fn create(parent: &str, id: &str, limits: &Limits) -> Result<StepCgroup, CgroupError> {
         let hier = discover()?;
-        let mut cg = StepCgroup { dirs: Vec::new() };
+        let mut cg = StepCgroup {
+            dirs: Vec::new(),
+            own: Vec::new(),
+        };
         let rootless = kiln_fs::idmap::IdMaps::current().in_userns;
         let mut refused: Option<(PathBuf, std::io::Error)> = None;
         let v1_has = |c: &str| {
@@ -298,8 +349,15 @@ impl StepCgroup {
                 Kind::V2 => false,
             })
         };
-        for h in &hier {
+        // v1 hierarchies first: whether the unified one is needed depends
+        // on which of them could be used.
+        let mut order: Vec<&Hierarchy> = hier.iter().collect();
+        order.sort_by_key(|h| matches!(h.kind, Kind::V2));
+        for h in order {
             sweep_stale(&h.own_dir.join(parent));
+            if matches!(h.kind, Kind::V2) && !cg.needs_v2(limits, &v1_has) {
+                continue;
+            }
             let dir = h.own_dir.join(parent).join(id);
             if let Err(e) = fs::create_dir_all(&dir) {
                 // A hierarchy we cannot write to (read-only, not delegated)
@@ -316,6 +374,7 @@ impl StepCgroup {
                 continue;
             }
             cg.dirs.push((h.kind.clone(), dir));
+            cg.own.push(h.own_dir.clone());
         }
         let res = cg
             .restrict_devices()
@@ -330,6 +389,59 @@ impl StepCgroup {
             });
         }
         Ok(cg)
+    }
+
+    /// Whether the unified hierarchy is needed beside the v1 directories
+    /// made so far: to kill with when no v1 `freezer` could be used, or
+    /// for a limit whose controller no v1 hierarchy has.
+    fn needs_v2(&self, l: &Limits, v1_has: &dyn Fn(&str) -> bool) -> bool {
+        self.v1_dir("freezer").is_none()
+            || (l.memory.is_some() && !v1_has("memory"))
+            || (l.pids.is_some() && !v1_has("pids"))
+            || ((l.cpu_quota.is_some() || l.cpu_shares.is_some()) && !v1_has("cpu"))
+    }
+
+    /// Moves the calling thread into the step's v1 cgroups (see the
+    /// module notes): a process it forks before [`ThreadInside::leave`]
+    /// starts in them, without the grace-period wait of
+    /// [`StepCgroup::add`]. Hierarchies the thread cannot leave again (its
+    /// own cgroup there not writable) are not entered; nor is any when one
+    /// fails — [`StepCgroup::add_except`] then writes the pid.
+    pub fn enter_thread(&self) -> ThreadInside<'_> {
+        let mut inside = ThreadInside {
+            cg: self,
+            entered: Vec::new(),
+            left: false,
+        };
+        let v1: Vec<usize> = (0..self.dirs.len())
+            .filter(|&i| matches!(self.dirs[i].0, Kind::V1 { .. }))
+            .collect();
+        // Moving to where the thread already is proves the way back.
+        if v1.iter().any(|&i| move_this_thread(&self.own[i]).is_err()) {
+            return inside;
+        }
+        for i in v1 {
+            if move_this_thread(&self.dirs[i].1).is_err() {
+                let _ = self.leave(&std::mem::take(&mut inside.entered));
+                return inside;
+            }
+            inside.entered.push(i);
+        }
+        inside
+    }
+
+    /// Moves the calling thread back from the hierarchies `entered`.
+    fn leave(&self, entered: &[usize]) -> Result<(), CgroupError> {
+        let mut first_err = None;
+        for &i in entered {
+            // A retry: a failure here would leave a kiln thread in the
+            // step's cgroup (its devices rules, its kill).
+            let r = move_this_thread(&self.own[i]).or_else(|_| move_this_thread(&self.own[i]));
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     fn v1_dir(&self, controller: &str) -> Option<&Path> {
@@ -448,17 +560,30 @@ impl StepCgroup {
 
     /// Move process `pid` into the cgroup (every hierarchy).
     pub fn add(&self, pid: u32) -> Result<(), CgroupError> {
-        for (_, d) in &self.dirs {
-            write(&d.join("cgroup.procs"), &pid.to_string())?;
+        self.add_except(pid, &[])
+    }
+
+    /// Move process `pid` into the cgroup in every hierarchy but those
+    /// `entered` (indexes [`ThreadInside::leave`] returned: it started
+    /// there already).
+    pub fn add_except(&self, pid: u32, entered: &[usize]) -> Result<(), CgroupError> {
+        for (i, (_, d)) in self.dirs.iter().enumerate() {
+            if !entered.contains(&i) {
+                write(&d.join("cgroup.procs"), &pid.to_string())?;
+            }
         }
         Ok(())
     }
 
+    /// The processes in the cgroup — never this one: a kiln thread that
+    /// could not leave a step's cgroup lists kiln itself there.
     fn procs(&self) -> Vec<i32> {
+        let me = std::process::id() as i32;
         let mut v: Vec<i32> = self
             .dirs
             .iter()
             .flat_map(|(_, d)| listed_procs(d))
+            .filter(|&p| p != me)
             .collect();
         v.sort_unstable();
         v.dedup();

@@ -916,7 +916,12 @@ impl Executor {
                 });
             }
         }
-        let mut child = cmd.spawn().map_err(|source| Error::Io {
+        // Started from inside the step's v1 cgroups (see `cgroup`): the
+        // init begins there; the unified hierarchy gets its pid below.
+        let inside = cgroup.enter_thread();
+        let spawned = cmd.spawn();
+        let entered = inside.leave();
+        let mut child = spawned.map_err(|source| Error::Io {
             step: step.to_string(),
             what: format!("starting sandbox init {}", self.config.init_path.display()),
             source,
@@ -927,7 +932,7 @@ impl Executor {
         let kill_tree = |cg: Arc<StepCgroup>| async move {
             let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
         };
-        if let Err(source) = cgroup.add(pid) {
+        if let Err(source) = entered.and_then(|entered| cgroup.add_except(pid, &entered)) {
             let _ = child.start_kill();
             let _ = child.wait().await;
             return Err(Error::Cgroup {

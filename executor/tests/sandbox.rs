@@ -1156,10 +1156,17 @@ fn step_cgroups_removed() -> TestResult {
                 }
             }
         }
+        // The unified hierarchy is used on a hybrid host only when no v1
+        // freezer is there to kill with (no limit is asked for here).
+        let wanted: &[&str] = if Path::new("/sys/fs/cgroup/freezer").exists() {
+            &["memory", "pids", "freezer", "devices"]
+        } else {
+            &["memory", "pids", "freezer", "devices", "unified"]
+        };
         let n_hier = cgroup_parents()
             .iter()
             .filter(|p| {
-                ["memory", "pids", "freezer", "unified"]
+                wanted
                     .iter()
                     .any(|h| p.starts_with(format!("/sys/fs/cgroup/{h}")))
             })
@@ -1174,6 +1181,96 @@ fn step_cgroups_removed() -> TestResult {
     let left: Vec<_> = dirs.iter().filter(|d| d.exists()).collect();
     ensure!(left.is_empty(), "cgroups not removed: {left:?}");
     wait_no_processes("987006", Duration::from_secs(3))?;
+    f.host_clean()
+}
+
+/// Child mode: run steps (one with a pids limit) from this process, then
+/// check that every thread of it is back in the process's own cgroups
+/// (the thread that starts a sandbox steps into the step's v1 cgroups for
+/// the spawn). Exits 0 when all are, else prints the strays.
+fn thread_cgroups_child(dir: &Path, parent: &str) -> ! {
+    let ex = Executor::new(ExecutorConfig {
+        state_dir: dir.join("state"),
+        cgroup_parent: parent.to_string(),
+        ..ExecutorConfig::default()
+    });
+    let rt = runtime();
+    let mut failed = Vec::new();
+    rt.block_on(async {
+        for i in 0..4 {
+            let mut spec = default_spec(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("echo step {i}"),
+            ]);
+            if i == 2 {
+                set_resources(&mut spec, |r| {
+                    r.set_pids(
+                        kiln_executor::oci::LinuxPidsBuilder::default()
+                            .limit(64i64)
+                            .build()
+                            .ok(),
+                    );
+                });
+            }
+            let m =
+                RootfsMount::overlay(&[dir.join("rootfs")], dir.join("upper"), dir.join("work"));
+            match ex
+                .run(
+                    ExecRequest::new("RUN echo", spec, vec![m]),
+                    None,
+                    CancellationToken::new(),
+                )
+                .await
+            {
+                Ok(o) if o.status.success() => {}
+                other => failed.push(format!("step {i}: {other:?}")),
+            }
+        }
+    });
+    let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    for t in fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let cg = fs::read_to_string(t.path().join("cgroup")).unwrap_or_default();
+        if !cg.is_empty() && cg != own {
+            failed.push(format!(
+                "thread {:?} in {cg:?}",
+                t.file_name().to_string_lossy()
+            ));
+        }
+    }
+    for base in cgroup_parents_named(parent) {
+        let _ = fs::remove_dir(base);
+    }
+    if failed.is_empty() {
+        std::process::exit(0);
+    }
+    println!("{}", failed.join("\n"));
+    std::process::exit(1)
+}
+
+/// The executor's threads never stay in a step's cgroup, with or without
+/// limits (a stray thread would carry the step's device rules and be
+/// listed, so killed, with the step's processes).
+fn threads_leave_the_step_cgroups() -> TestResult {
+    let f = Fixture::new()?;
+    let parent = format!("kiln-threads-test-{}", std::process::id());
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let o = Command::new(exe)
+        .arg("__thread_cgroups_child")
+        .arg(f.tmp.path())
+        .arg(&parent)
+        .output()
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     f.host_clean()
 }
 
@@ -1955,6 +2052,10 @@ const TESTS: &[(&str, TestFn)] = &[
     ("devices_restricted", devices_restricted),
     ("step_cgroups_removed", step_cgroups_removed),
     (
+        "threads_leave_the_step_cgroups",
+        threads_leave_the_step_cgroups,
+    ),
+    (
         "signals_forwarded_to_the_step",
         signals_forwarded_to_the_step,
     ),
@@ -1997,6 +2098,11 @@ fn main() {
         let dir = PathBuf::from(args.get(1).cloned().unwrap_or_default());
         let parent = args.get(2).cloned().unwrap_or_else(|| "kiln".into());
         pdeathsig_child(&dir, &parent);
+    }
+    if args.first().map(String::as_str) == Some("__thread_cgroups_child") {
+        let dir = PathBuf::from(args.get(1).cloned().unwrap_or_default());
+        let parent = args.get(2).cloned().unwrap_or_else(|| "kiln".into());
+        thread_cgroups_child(&dir, &parent);
     }
     if args.first().map(String::as_str) == Some("__hidden_cgroups_child") {
         let mode = args.get(1).cloned().unwrap_or_default();
