@@ -84,7 +84,7 @@ pub use request::{
     RootfsMount, Stream, MAX_INLINE_FILE, MAX_LINE,
 };
 pub use run::{check_extra_host, Executor, ExecutorConfig, ExtraHostError};
-pub use seccomp::default_seccomp;
+pub use seccomp::{default_seccomp, ANSWERED_WITHOUT_SYNC};
 pub use spec::{default_spec, set_network, NetworkMode};
 /// The cancellation token type [`Executor::run`] takes.
 pub use tokio_util::sync::CancellationToken;

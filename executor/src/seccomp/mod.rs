@@ -16,9 +16,12 @@
 //! **How.** The allowlist is compiled by `seccompiler` (rust-vmm) for the
 //! host architecture (x86_64 and aarch64). `seccompiler` has one action per
 //! filter and matches syscall numbers one by one, so the `ENOSYS` answers
-//! live in a second, seven-instruction filter installed after the first:
-//! the kernel runs every filter and, for two `ERRNO` answers, returns the
-//! newer filter's. Processes of the compat ABI (i386 on x86_64, arm on
+//! live in a second, small filter installed after the first: the kernel
+//! runs every filter and, for two `ERRNO` answers, returns the newer
+//! filter's. That filter also answers the flush calls (`fsync`,
+//! `fdatasync`, `sync_file_range`, `syncfs`, `sync`) with success without
+//! running them (see [`ANSWERED_WITHOUT_SYNC`]): an `ERRNO` answer of 0
+//! outranks the allowlist's `ALLOW`. Processes of the compat ABI (i386 on x86_64, arm on
 //! aarch64) are killed at their first syscall (Docker allows them; see
 //! `docs/security.md`).
 //!
@@ -651,10 +654,27 @@ fn to_insns(p: BpfProgram) -> Vec<Insn> {
     p.into_iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect()
 }
 
-/// The seven-instruction filter answering `ENOSYS` for syscalls above
-/// [`LAST_KNOWN`] and, when `clone3_enosys`, for `clone3`. Other
-/// architectures pass (the allowlist filter kills them).
-fn enosys_filter(clone3_enosys: bool) -> Vec<Insn> {
+/// Syscalls answered with success without running: the step's requests
+/// to flush files to disk. A step's files become a layer through the page
+/// cache (kiln commits a snapshot without syncing it, and `kiln system
+/// check` finds a layer a power loss damaged), so a flush inside a step
+/// buys nothing, while `dpkg` alone flushes every file it unpacks and
+/// `sync`/`syncfs` flush the whole host's dirty pages, other builds' too.
+/// What the step reads back is the same either way.
+pub const ANSWERED_WITHOUT_SYNC: &[&str] = &[
+    "fsync",
+    "fdatasync",
+    "sync_file_range",
+    "sync_file_range2",
+    "syncfs",
+    "sync",
+];
+
+/// The small filter answering, before the allowlist: `ENOSYS` for
+/// syscalls above [`LAST_KNOWN`] and, when `clone3_enosys`, for `clone3`;
+/// success for [`ANSWERED_WITHOUT_SYNC`]. Other architectures pass (the
+/// allowlist filter kills them).
+fn answers_filter(clone3_enosys: bool) -> Vec<Insn> {
     const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
     const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
     const JGT_K: u16 = (libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K) as u16;
@@ -666,15 +686,30 @@ fn enosys_filter(clone3_enosys: bool) -> Vec<Insn> {
         .filter(|_| clone3_enosys)
         .map(|n| n as u32)
         .unwrap_or(u32::MAX);
-    vec![
+    let synced: Vec<u32> = ANSWERED_WITHOUT_SYNC
+        .iter()
+        .filter_map(|n| syscall_nr(n))
+        .map(|n| n as u32)
+        .collect();
+    let n = synced.len() as u8;
+    // 0 ld arch; 1 our arch? (else ALLOW); 2 ld nr; 3 newer than the
+    // profile? -> ENOSYS; 4 clone3? -> ENOSYS; 5.. one test per synced
+    // call -> 0; then ret ALLOW (5+n), ret ENOSYS (6+n), ret 0 (7+n).
+    // A jump counts from the next instruction.
+    let mut p = vec![
         (LD_W_ABS, 0, 0, ARCH_OFFSET),
-        (JEQ_K, 0, 4, AUDIT_ARCH), // other arch -> 6 (allow)
+        (JEQ_K, 0, 3 + n, AUDIT_ARCH),
         (LD_W_ABS, 0, 0, NR_OFFSET),
-        (JGT_K, 1, 0, LAST_KNOWN), // newer than the profile -> 5
-        (JEQ_K, 0, 1, clone3),     // clone3 -> 5, else 6
-        (RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
-        (RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
-    ]
+        (JGT_K, 2 + n, 0, LAST_KNOWN),
+        (JEQ_K, 1 + n, 0, clone3),
+    ];
+    for (i, nr) in synced.iter().enumerate() {
+        p.push((JEQ_K, 1 + n - i as u8, 0, *nr));
+    }
+    p.push((RET_K, 0, 0, libc::SECCOMP_RET_ALLOW));
+    p.push((RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32));
+    p.push((RET_K, 0, 0, libc::SECCOMP_RET_ERRNO)); // errno 0: success
+    p
 }
 
 /// Compile the filters for a spec's `linux.seccomp` section, the step's
@@ -752,7 +787,7 @@ fn build(errno: u32, bounding: u64, host_network: bool) -> Result<Vec<Vec<Insn>>
         )));
     }
     let clone3_enosys = bounding & (1u64 << CAP_SYS_ADMIN) == 0;
-    Ok(vec![to_insns(main), enosys_filter(clone3_enosys)])
+    Ok(vec![to_insns(main), answers_filter(clone3_enosys)])
 }
 
 /// Install `programs` in order on the calling thread. Needs CAP_SYS_ADMIN
@@ -894,7 +929,12 @@ mod tests {
         let p = compile(&default_seccomp(), DEFAULT_CAPS, true).unwrap();
         assert_eq!(p.len(), 2);
         assert!(p[0].len() < libc::BPF_MAXINSNS as usize);
-        assert_eq!(p[1].len(), 7);
+        let synced = ANSWERED_WITHOUT_SYNC
+            .iter()
+            .filter(|n| syscall_nr(n).is_some())
+            .count();
+        assert!(synced >= 5, "{synced}");
+        assert_eq!(p[1].len(), 8 + synced);
     }
 
     #[test]

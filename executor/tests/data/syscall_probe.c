@@ -86,5 +86,11 @@ int main(int argc, char **argv) {
     report("perf_event_open", syscall(SYS_perf_event_open, NULL, 0, -1, -1, 0));
     report("personality-query", personality(0xffffffff));
     report("personality-read-implies-exec", personality(READ_IMPLIES_EXEC));
+    /* Flushes on a descriptor that is not open: EBADF (9) when run, 0 when
+     * answered without running. */
+    report("fsync-badfd", syscall(SYS_fsync, -1));
+    report("fdatasync-badfd", syscall(SYS_fdatasync, -1));
+    report("syncfs-badfd", syscall(SYS_syncfs, -1));
+    report("sync_file_range-badfd", syscall(SYS_sync_file_range, -1, 0, 0, 0));
     return 0;
 }
