@@ -248,12 +248,24 @@ pub fn system_certs() -> Result<Vec<CertificateDer<'static>>, TlsError> {
 /// only when it is not the scheme's default): kiln's bundled roots, the
 /// system store and the host's certs.d CAs.
 pub fn root_store(cfg: &RegistryConfig, host: &str) -> Result<rustls::RootCertStore, TlsError> {
+    roots_with(&cfg.ca_files(host))
+}
+
+/// [`root_store`] with the host's certs.d files already listed.
+fn roots_with(ca_files: &[PathBuf]) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     // A system certificate rustls cannot use (an old, odd encoding) is
-    // passed over, as every TLS library does with its bundle.
-    let (_added, _ignored) = roots.add_parsable_certificates(system_certs()?);
-    for f in cfg.ca_files(host) {
+    // passed over, as every TLS library does with its bundle. The same
+    // certificate in the bundle and in a directory (`SSL_CERT_FILE` and
+    // `SSL_CERT_DIR` both set, as often) is parsed once.
+    let mut seen = std::collections::HashSet::new();
+    let system: Vec<CertificateDer<'static>> = system_certs()?
+        .into_iter()
+        .filter(|c| seen.insert(c.as_ref().to_vec()))
+        .collect();
+    let (_added, _ignored) = roots.add_parsable_certificates(system);
+    for f in ca_files.iter().cloned() {
         for c in pem_certs(&f, Strict::Named)? {
             roots.add(c).map_err(|e| TlsError::Invalid {
                 path: f.clone(),
@@ -318,14 +330,102 @@ fn make_client_config(
     cfg: &RegistryConfig,
     host: &str,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let roots = root_store(cfg, host)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(LazyRoots {
+        ca_files: cfg.ca_files(host),
+        provider: provider.clone(),
+        inner: std::sync::OnceLock::new(),
+    });
     let c = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Setup(e.to_string()))?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     Ok(Arc::new(c))
+}
+
+/// rustls' own WebPKI verifier over [`root_store`], made when a server
+/// first shows a certificate: the CA files are read and parsed then, not
+/// when a client is made. A registry spoken to over plain HTTP (localhost,
+/// `--insecure-registry`: kiln tries https first, and such a server
+/// answers the hello with HTTP) never costs the system bundle — read and
+/// parsed, it was a tenth of a cache import from a local registry. A CA
+/// file that cannot be used fails the handshake with its own error.
+#[derive(Debug)]
+struct LazyRoots {
+    ca_files: Vec<PathBuf>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    inner: std::sync::OnceLock<Result<Arc<rustls::client::WebPkiServerVerifier>, TlsError>>,
+}
+
+impl LazyRoots {
+    fn verifier(&self) -> Result<&Arc<rustls::client::WebPkiServerVerifier>, rustls::Error> {
+        let made = self.inner.get_or_init(|| {
+            let roots = roots_with(&self.ca_files)?;
+            rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                self.provider.clone(),
+            )
+            .build()
+            .map_err(|e| TlsError::Setup(e.to_string()))
+        });
+        made.as_ref()
+            .map_err(|e| rustls::Error::General(e.to_string()))
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for LazyRoots {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.verifier()?.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// A PEM bundle for a client that reads one CA file (git's
