@@ -254,6 +254,80 @@ impl Store {
         Ok(!chain.is_empty())
     }
 
+    /// Records `layer` as the lazy layer `name` over `parent` (see
+    /// [`crate::LazyLayer`]): its snapshot is made when first used. The
+    /// blob is verified now as [`Store::unpack_layer`] would — its digest
+    /// and size, and the digest of the tar it decompresses to against the
+    /// diffID — in one streaming pass that writes no file. Nothing is done
+    /// when the snapshot exists or a usable lazy layer of the same blob was
+    /// recorded (it was verified then).
+    ///
+    /// Errors: those of [`Store::unpack_layer`] for a blob that is not the
+    /// layer (nothing is recorded).
+    pub fn keep_layer_lazy(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        layer: LayerBlob<'_>,
+        media_type: &str,
+    ) -> Result<()> {
+        if self.committed(name) {
+            return Ok(());
+        }
+        let recorded = self.meta().lazy_layers(name)?;
+        if recorded
+            .iter()
+            .any(|l| &l.blob == layer.digest && self.lazy_usable(l, true))
+        {
+            return Ok(());
+        }
+        let file = match self.content().open(layer.digest) {
+            Ok(f) => f,
+            // Not a stored file (a layer kept as the snapshot it is made
+            // again from): unpacked now, as before.
+            Err(Error::NotFound { .. }) => {
+                return self.unpack_layer(name, parent, layer).map(|_| ());
+            }
+            Err(e) => return Err(e),
+        };
+        let keep = file.try_clone().ok();
+        let src: Box<dyn Read + Send> = Box::new(io::BufReader::with_capacity(256 * 1024, file));
+        let blob_ok =
+            |got: &(Digest, u64)| &got.0 == layer.digest && layer.size.is_none_or(|s| s == got.1);
+        let st = match stream_layer(src, &mut io::sink(), None) {
+            Ok(st) => st,
+            Err(e) => {
+                if let Some(f) = keep.as_ref() {
+                    if let Ok(got) = hash_file(f) {
+                        if !blob_ok(&got) {
+                            return Err(self.corrupt(layer, Some(f), Some(got)));
+                        }
+                    }
+                }
+                return Err(Error::Image(format!("reading layer {}: {e}", layer.digest)));
+            }
+        };
+        if !blob_ok(&st.blob) {
+            return Err(self.corrupt(layer, keep.as_ref(), Some(st.blob)));
+        }
+        if &st.tar.0 != layer.diff_id {
+            return Err(Error::DiffIdMismatch {
+                blob: layer.digest.to_string(),
+                expected: layer.diff_id.to_string(),
+                actual: st.tar.0.to_string(),
+            });
+        }
+        let _ = self.meta().put_diff_size(layer.diff_id, st.tar.1);
+        self.meta().put_lazy_layer(&LazyLayer {
+            snapshot: name.to_string(),
+            parent: parent.map(str::to_string),
+            blob: layer.digest.clone(),
+            media_type: media_type.to_string(),
+            size: st.blob.1,
+            diff_id: layer.diff_id.clone(),
+        })
+    }
+
     /// [`Store::unpack_layer`] of a compressed blob that also keeps the
     /// layer's uncompressed tar, as the blob `layer.diff_id`: the thread
     /// that decompresses the blob writes the tar while the files are

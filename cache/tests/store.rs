@@ -810,6 +810,69 @@ fn unpack_keeping_tar_stores_the_verified_tar_once() {
         .unwrap());
 }
 
+/// A base image's layer kept lazy: verified when it is kept (a blob that
+/// is not the diffID's tar is refused and nothing is recorded), no
+/// snapshot until first use, then unpacked with its files; keeping it again
+/// hashes nothing new.
+#[test]
+fn base_layers_kept_lazy_are_verified_first_and_unpacked_on_use() {
+    use kiln_cache::LayerBlob;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("base.txt"), b"base\n").unwrap();
+    let (_, diff_id, gz) = gzip_layer(src.path());
+    let blob = s.put_bytes(&gz, None).unwrap();
+    let gzip = "application/vnd.oci.image.layer.v1.tar+gzip";
+    let lb = LayerBlob {
+        digest: &blob,
+        size: Some(gz.len() as u64),
+        diff_id: &diff_id,
+    };
+
+    // A config lying about the diffID: refused, nothing kept.
+    let liar = Digest::sha256_of(b"another layer");
+    let lying = LayerBlob {
+        diff_id: &liar,
+        ..lb
+    };
+    let e = s
+        .keep_layer_lazy(liar.as_str(), None, lying, gzip)
+        .unwrap_err();
+    assert!(matches!(e, Error::DiffIdMismatch { .. }), "{e}");
+    assert!(s.meta().lazy_layers(liar.as_str()).unwrap().is_empty());
+    s.keep_layer_lazy(diff_id.as_str(), None, lb, gzip).unwrap();
+    assert!(s.snapshotter().stat(diff_id.as_str()).is_err(), "unpacked");
+    assert_eq!(s.meta().lazy_layers(diff_id.as_str()).unwrap().len(), 1);
+    assert_eq!(
+        s.meta().diff_size(&diff_id).unwrap(),
+        Some(gzip_layer(src.path()).0.len() as u64)
+    );
+    s.keep_layer_lazy(diff_id.as_str(), None, lb, gzip).unwrap();
+    assert_eq!(s.meta().lazy_layers(diff_id.as_str()).unwrap().len(), 1);
+
+    assert!(s.unpack_lazy(diff_id.as_str()).unwrap());
+    let info = s.snapshotter().stat(diff_id.as_str()).unwrap();
+    let made = dir
+        .path()
+        .join("snapshots")
+        .join(&info.id)
+        .join("fs/base.txt");
+    assert_eq!(std::fs::read(made).unwrap(), b"base\n");
+    // Unpacked: keeping it again is nothing.
+    s.keep_layer_lazy(diff_id.as_str(), None, lb, gzip).unwrap();
+
+    // A manifest size that is not the blob's: refused (and, as for an
+    // unpack, the stored blob is moved aside: pulling again repairs it).
+    let other = Digest::sha256_of(b"no such chain").to_string();
+    let wrong_size = LayerBlob {
+        size: Some(1),
+        ..lb
+    };
+    assert!(s.keep_layer_lazy(&other, None, wrong_size, gzip).is_err());
+    assert!(s.meta().lazy_layers(&other).unwrap().is_empty());
+}
+
 /// A lazy layer (a cached result kept as its compressed blob) is a hit
 /// while its blob is stored, becomes its snapshot on first use — verified
 /// like any unpack, its parent first — and is forgotten by prune once its

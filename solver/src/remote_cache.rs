@@ -358,10 +358,13 @@ impl RemoteCacheBackend {
         Ok(n)
     }
 
+    /// Whether `name` is here: committed, or a lazy layer that can be
+    /// made (a base image's layers are kept lazy until a step needs them).
     fn has_snapshot(&self, name: &str) -> bool {
         self.sn()
             .stat(name)
             .is_ok_and(|i| i.kind == kiln_cache::Kind::Committed)
+            || self.store().lazy_ready(name).is_ok_and(|l| l.is_some())
     }
 
     fn note(&self, key: &str, l: &LayerRecord) {
@@ -427,6 +430,13 @@ impl RemoteCacheBackend {
         }
         if todo.len() > 1 {
             self.prefetch(&todo);
+        }
+        // What the chain goes on may be a lazy layer (a base image's):
+        // made first.
+        if let Some(p) = todo.last().and_then(|r| r.rec.parent_chain_id.as_deref()) {
+            self.store()
+                .unpack_lazy(p)
+                .map_err(BackendError::ctx("unpacking a base layer"))?;
         }
         for r in todo.iter().rev() {
             self.apply_remote(r).map_err(BackendError::ctx(format!(
@@ -583,8 +593,20 @@ impl RemoteCacheBackend {
             .map_err(|e| RemoteCacheError::ctx("cache index")(e))
     }
 
+    /// The snapshot `snapshot` goes on: its row's, or a lazy layer's.
     fn parent_of(&self, snapshot: &str) -> Option<String> {
-        self.sn().stat(snapshot).ok().and_then(|i| i.parent)
+        match self.sn().stat(snapshot) {
+            Ok(i) => i.parent,
+            Err(_) => {
+                self.store()
+                    .meta()
+                    .lazy_layers(snapshot)
+                    .ok()?
+                    .into_iter()
+                    .next()?
+                    .parent
+            }
+        }
     }
 
     /// The records to export and their layer blobs (gzip), everything

@@ -277,11 +277,13 @@ impl StoreBackend {
         Ok(remember(self.snapshot_dir(&info.id)))
     }
 
-    /// Unpacks an image's layers into snapshots (once; later calls find
-    /// them) and returns the layer records. Each layer is verified as it
-    /// is unpacked — its blob against the manifest's digest and size, its
-    /// tar against the config's diffID — before its snapshot is committed
-    /// (see [`Store::unpack_layer`]); `image` names it in errors.
+    /// Verifies an image's layers and returns the layer records; each
+    /// snapshot is made when a step first needs it (a build whose every
+    /// step is a cache hit unpacks no base layer). Each layer is verified
+    /// here all the same — its blob against the manifest's digest and
+    /// size, its tar against the config's diffID (see
+    /// [`kiln_cache::Store::keep_layer_lazy`]), and again when it is
+    /// unpacked; `image` names it in errors.
     fn unpack(
         &self,
         image: &str,
@@ -307,7 +309,7 @@ impl StoreBackend {
             let blob = cache_digest(&desc.digest)?;
             let diff = cache_digest(diff_id)?;
             self.store
-                .unpack_layer(
+                .keep_layer_lazy(
                     &name,
                     parent.as_deref(),
                     kiln_cache::LayerBlob {
@@ -315,9 +317,10 @@ impl StoreBackend {
                         size: Some(desc.size),
                         diff_id: &diff,
                     },
+                    &desc.media_type,
                 )
                 .map_err(BackendError::ctx(format!(
-                    "image {image}: unpacking layer {} of {} ({})",
+                    "image {image}: verifying layer {} of {} ({})",
                     i + 1,
                     manifest.layers.len(),
                     desc.digest
