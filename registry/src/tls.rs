@@ -265,8 +265,8 @@ fn roots_with(ca_files: &[PathBuf]) -> Result<rustls::RootCertStore, TlsError> {
         .filter(|c| seen.insert(c.as_ref().to_vec()))
         .collect();
     let (_added, _ignored) = roots.add_parsable_certificates(system);
-    for f in ca_files.iter().cloned() {
-        for c in pem_certs(&f, Strict::Named)? {
+    for f in ca_files {
+        for c in pem_certs(f, Strict::Named)? {
             roots.add(c).map_err(|e| TlsError::Invalid {
                 path: f.clone(),
                 detail: e.to_string(),
