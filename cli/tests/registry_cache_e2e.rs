@@ -179,6 +179,8 @@ fn registry_cache_makes_an_empty_runner_run_nothing_and_download_only_the_result
     // snapshots when first needed (here by `kiln run`), as a pulled
     // image's do. The steps are local cache hits from then on.
     let made = snapshots(&b);
+    // Nor was the base image's layer: FROM verified it and left it lazy.
+    assert_eq!(made, 0, "runner B unpacked a layer no step needed");
     let (_, ev) = build_json(&b, ctx.path(), &["-t", "app:1"]);
     assert_eq!(count(&ev, "cached"), 3, "lazy layers are hits: {ev:?}");
     assert_eq!(snapshots(&b), made, "a cached rebuild unpacks nothing");
