@@ -1046,3 +1046,30 @@ fn no_cache_filter_runs_only_the_named_stages_again() {
     assert_eq!(stamp("/a"), a1);
     assert_ne!(stamp("/b"), b1);
 }
+
+/// A build step's flushes are answered without running (`fdatasync` of
+/// `/dev/null`, EINVAL from the kernel, succeeds); `kiln run`'s reach the
+/// kernel (its `-v` mounts are the user's files).
+#[test]
+fn build_steps_skip_flushes_and_kiln_run_keeps_them() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN sync -d /dev/null && sync && echo skipped > /flushed\n",
+    )]);
+    k.build(ctx.path(), &["-t", "flush:1"]);
+    assert_eq!(
+        k.ok(&["run", "--rm", "flush:1", "cat", "/flushed"]),
+        "skipped\n"
+    );
+    let o = k.run(&["run", "--rm", "flush:1", "sync", "-d", "/dev/null"]);
+    assert!(!o.status.success(), "kiln run's fdatasync did not run");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Invalid argument"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

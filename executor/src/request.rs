@@ -136,6 +136,13 @@ pub struct ExecRequest {
     /// caller reads and writes the master; no output lines are sent).
     /// Takes precedence over `stdin`.
     pub tty: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    /// Answer the step's flush calls (`fsync`, `fdatasync`,
+    /// `sync_file_range`, `syncfs`, `sync`) with success without running
+    /// them (see [`crate::ANSWERED_WITHOUT_SYNC`]), under the default
+    /// seccomp profile. For build steps, whose writes all land in trees
+    /// kiln owns and never syncs itself; not for `kiln run`, whose `-v`
+    /// mounts are the user's own files. Default `false`.
+    pub skip_flushes: bool,
 }
 
 impl ExecRequest {
@@ -150,6 +157,7 @@ impl ExecRequest {
             files: Vec::new(),
             stdin: None,
             tty: None,
+            skip_flushes: false,
         }
     }
 }

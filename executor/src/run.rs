@@ -262,7 +262,9 @@ fn init_config(req: &ExecRequest) -> Result<InitConfig, RequestError> {
         format!("/{cwd}")
     };
     let seccomp = match linux.and_then(|l| l.seccomp().as_ref()) {
-        Some(section) => crate::seccomp::compile(section, caps.bounding, !new_net)?,
+        Some(section) => {
+            crate::seccomp::compile(section, caps.bounding, !new_net, req.skip_flushes)?
+        }
         None => Vec::new(),
     };
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();

@@ -18,10 +18,10 @@
 //! filter and matches syscall numbers one by one, so the `ENOSYS` answers
 //! live in a second, small filter installed after the first: the kernel
 //! runs every filter and, for two `ERRNO` answers, returns the newer
-//! filter's. That filter also answers the flush calls (`fsync`,
-//! `fdatasync`, `sync_file_range`, `syncfs`, `sync`) with success without
-//! running them (see [`ANSWERED_WITHOUT_SYNC`]): an `ERRNO` answer of 0
-//! outranks the allowlist's `ALLOW`. Processes of the compat ABI (i386 on x86_64, arm on
+//! filter's. For a build step that filter also answers the flush calls
+//! (`fsync`, `fdatasync`, `sync_file_range`, `syncfs`, `sync`) with
+//! success without running them (see [`ANSWERED_WITHOUT_SYNC`]): an
+//! `ERRNO` answer of 0 outranks the allowlist's `ALLOW`. Processes of the compat ABI (i386 on x86_64, arm on
 //! aarch64) are killed at their first syscall (Docker allows them; see
 //! `docs/security.md`).
 //!
@@ -654,13 +654,15 @@ fn to_insns(p: BpfProgram) -> Vec<Insn> {
     p.into_iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect()
 }
 
-/// Syscalls answered with success without running: the step's requests
-/// to flush files to disk. A step's files become a layer through the page
-/// cache (kiln commits a snapshot without syncing it, and `kiln system
-/// check` finds a layer a power loss damaged), so a flush inside a step
-/// buys nothing, while `dpkg` alone flushes every file it unpacks and
-/// `sync`/`syncfs` flush the whole host's dirty pages, other builds' too.
-/// What the step reads back is the same either way.
+/// Syscalls a build step's filter answers with success without running
+/// them (`ExecRequest::skip_flushes`): its requests to flush files to
+/// disk. A build step's files become a layer through the page cache (kiln
+/// commits a snapshot without syncing it, and `kiln system check` finds a
+/// layer a power loss damaged), so a flush inside it buys nothing, while
+/// `dpkg` alone flushes every file it unpacks and `sync`/`syncfs` flush the
+/// whole host's dirty pages, other builds' too. What the step reads back
+/// is the same either way. `kiln run` flushes for real: its `-v` mounts
+/// are the user's own files.
 pub const ANSWERED_WITHOUT_SYNC: &[&str] = &[
     "fsync",
     "fdatasync",
@@ -672,9 +674,9 @@ pub const ANSWERED_WITHOUT_SYNC: &[&str] = &[
 
 /// The small filter answering, before the allowlist: `ENOSYS` for
 /// syscalls above [`LAST_KNOWN`] and, when `clone3_enosys`, for `clone3`;
-/// success for [`ANSWERED_WITHOUT_SYNC`]. Other architectures pass (the
-/// allowlist filter kills them).
-fn answers_filter(clone3_enosys: bool) -> Vec<Insn> {
+/// with `skip_flushes`, success for [`ANSWERED_WITHOUT_SYNC`]. Other
+/// architectures pass (the allowlist filter kills them).
+fn answers_filter(clone3_enosys: bool, skip_flushes: bool) -> Vec<Insn> {
     const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
     const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
     const JGT_K: u16 = (libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K) as u16;
@@ -688,6 +690,7 @@ fn answers_filter(clone3_enosys: bool) -> Vec<Insn> {
         .unwrap_or(u32::MAX);
     let synced: Vec<u32> = ANSWERED_WITHOUT_SYNC
         .iter()
+        .filter(|_| skip_flushes)
         .filter_map(|n| syscall_nr(n))
         .map(|n| n as u32)
         .collect();
@@ -719,6 +722,7 @@ pub(crate) fn compile(
     section: &LinuxSeccomp,
     bounding: u64,
     host_network: bool,
+    skip_flushes: bool,
 ) -> Result<Vec<Vec<Insn>>, RequestError> {
     let bad = |why: String| RequestError::UnsupportedSeccomp(why);
     if section.syscalls().as_ref().is_some_and(|s| !s.is_empty()) {
@@ -739,16 +743,16 @@ pub(crate) fn compile(
         )));
     }
     let errno = section.default_errno_ret().unwrap_or(libc::EPERM as u32);
-    // The programs depend on these three only: compiled once a process,
+    // The programs depend on these four only: compiled once a process,
     // not once a step.
-    type Memo = std::collections::HashMap<(u32, u64, bool), Vec<Vec<Insn>>>;
+    type Memo = std::collections::HashMap<(u32, u64, bool, bool), Vec<Vec<Insn>>>;
     static MEMO: std::sync::OnceLock<std::sync::Mutex<Memo>> = std::sync::OnceLock::new();
     let memo = MEMO.get_or_init(Default::default);
-    let key = (errno, bounding, host_network);
+    let key = (errno, bounding, host_network, skip_flushes);
     if let Some(p) = memo.lock().ok().and_then(|m| m.get(&key).cloned()) {
         return Ok(p);
     }
-    let programs = build(errno, bounding, host_network)?;
+    let programs = build(errno, bounding, host_network, skip_flushes)?;
     if let Ok(mut m) = memo.lock() {
         m.insert(key, programs.clone());
     }
@@ -756,7 +760,12 @@ pub(crate) fn compile(
 }
 
 /// Compiles the two programs [`compile`] hands out.
-fn build(errno: u32, bounding: u64, host_network: bool) -> Result<Vec<Vec<Insn>>, RequestError> {
+fn build(
+    errno: u32,
+    bounding: u64,
+    host_network: bool,
+    skip_flushes: bool,
+) -> Result<Vec<Vec<Insn>>, RequestError> {
     let bad = |why: String| RequestError::UnsupportedSeccomp(why);
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| bad(e.to_string()))?;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
@@ -787,7 +796,10 @@ fn build(errno: u32, bounding: u64, host_network: bool) -> Result<Vec<Vec<Insn>>
         )));
     }
     let clone3_enosys = bounding & (1u64 << CAP_SYS_ADMIN) == 0;
-    Ok(vec![to_insns(main), answers_filter(clone3_enosys)])
+    Ok(vec![
+        to_insns(main),
+        answers_filter(clone3_enosys, skip_flushes),
+    ])
 }
 
 /// Install `programs` in order on the calling thread. Needs CAP_SYS_ADMIN
@@ -926,14 +938,16 @@ mod tests {
 
     #[test]
     fn compiles_within_limits() {
-        let p = compile(&default_seccomp(), DEFAULT_CAPS, true).unwrap();
+        let p = compile(&default_seccomp(), DEFAULT_CAPS, true, false).unwrap();
         assert_eq!(p.len(), 2);
         assert!(p[0].len() < libc::BPF_MAXINSNS as usize);
+        assert_eq!(p[1].len(), 8);
         let synced = ANSWERED_WITHOUT_SYNC
             .iter()
             .filter(|n| syscall_nr(n).is_some())
             .count();
         assert!(synced >= 5, "{synced}");
+        let p = compile(&default_seccomp(), DEFAULT_CAPS, true, true).unwrap();
         assert_eq!(p[1].len(), 8 + synced);
     }
 
@@ -941,7 +955,7 @@ mod tests {
     fn custom_profiles_are_refused() {
         let mut s = default_seccomp();
         s.set_default_action(LinuxSeccompAction::ScmpActAllow);
-        assert!(compile(&s, DEFAULT_CAPS, true).is_err());
+        assert!(compile(&s, DEFAULT_CAPS, true, false).is_err());
         let mut s = default_seccomp();
         s.set_syscalls(Some(vec![oci_spec::runtime::LinuxSyscallBuilder::default(
         )
@@ -949,6 +963,6 @@ mod tests {
         .action(LinuxSeccompAction::ScmpActAllow)
         .build()
         .unwrap()]));
-        assert!(compile(&s, DEFAULT_CAPS, true).is_err());
+        assert!(compile(&s, DEFAULT_CAPS, true, false).is_err());
     }
 }

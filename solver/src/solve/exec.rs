@@ -203,6 +203,10 @@ impl Solver {
                     ulimits: me.opts.sandbox.ulimits.clone(),
                 });
                 let mut req = ExecRequest::new(step_name.clone(), spec, active.mounts.clone());
+                // A build step's writes land in trees kiln owns and never
+                // syncs itself: its flushes buy nothing (see
+                // `kiln_executor::ANSWERED_WITHOUT_SYNC`).
+                req.skip_flushes = true;
                 req.user = user.clone();
                 req.files = prepared.files.clone();
                 let (tx, mut rx) = tokio::sync::mpsc::channel::<OutputLine>(256);
