@@ -94,13 +94,28 @@ chmod 0755 "$hook"
 
 log "making $out (mmdebstrap minbase bookworm from $MIRROR)"
 start=$SECONDS
-mmdebstrap --quiet --variant=minbase --mode=root --format=tar \
-  --aptopt='Acquire::Languages "none"' \
-  --dpkgopt='force-unsafe-io' \
-  --customize-hook="$hook" \
-  --customize-hook='rm -f "$1/etc/apt/apt.conf.d/99mmdebstrap" "$1/etc/dpkg/dpkg.cfg.d/99mmdebstrap"' \
-  bookworm - "deb $MIRROR bookworm main" \
-  | tar --delete --wildcards './dev/?*' > "$tmp"
+# In a session of its own (setsid --wait): when mmdebstrap fails to write
+# its tarball it sends SIGHUP to its whole process group, which was ours
+# and our caller's — a test process died of it, and the failure behind it
+# was never seen. A failure (a mirror's hiccup) is tried again twice.
+make_tar() {
+  setsid --wait mmdebstrap --quiet --variant=minbase --mode=root --format=tar \
+    --aptopt='Acquire::Languages "none"' \
+    --dpkgopt='force-unsafe-io' \
+    --customize-hook="$hook" \
+    --customize-hook='rm -f "$1/etc/apt/apt.conf.d/99mmdebstrap" "$1/etc/dpkg/dpkg.cfg.d/99mmdebstrap"' \
+    bookworm - "deb $MIRROR bookworm main" \
+    | tar --delete --wildcards './dev/?*' > "$tmp"
+}
+for try in 1 2 3; do
+  if make_tar; then
+    break
+  fi
+  [ "$try" -lt 3 ] || die "mmdebstrap failed 3 times"
+  log "mmdebstrap failed (try $try of 3); trying again"
+  rm -f "$tmp"
+  sleep 2
+done
 mv "$tmp" "$out"
 rm -f "$hook"
 trap - EXIT

@@ -75,78 +75,7 @@ fn base_tar() -> Option<PathBuf> {
 }
 
 /// A fresh store with the Debian base as `debian:bookworm`.
-/// Twice in many full runs (sessions 9 and 11) a test of this file — the
-/// test process itself, not a kiln it ran — died of a SIGHUP at about 20
-/// s, and passed alone and in the next run; nothing in kiln or the tests
-/// sends SIGHUP to it. Such a signal is now written down with its sender
-/// (pid, `si_code`: 0 a `kill`, 128 the kernel) and the test goes on, so
-/// that the next one says where it came from instead of losing the run.
-/// kiln, run by exec, starts with the default disposition.
-fn note_stray_sighup() {
-    use std::sync::Once;
-    static ONCE: Once = Once::new();
-    extern "C" fn on_hup(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-        // Only async-signal-safe calls: digits by hand, one write(2).
-        let (pid, code) = if info.is_null() {
-            (-1, -1)
-        } else {
-            // SAFETY: the kernel's siginfo for this SA_SIGINFO handler.
-            unsafe { ((*info).si_pid(), (*info).si_code) }
-        };
-        let mut buf = [0u8; 96];
-        let head = b"distro_e2e: stray SIGHUP from pid ";
-        let mut n = 0;
-        let mut put = |b: &[u8], n: &mut usize| {
-            for &c in b {
-                if *n < buf.len() {
-                    buf[*n] = c;
-                    *n += 1;
-                }
-            }
-        };
-        let digits = |mut v: i64| -> ([u8; 24], usize) {
-            let mut d = [0u8; 24];
-            let mut i = d.len();
-            let neg = v < 0;
-            v = v.abs();
-            loop {
-                i -= 1;
-                d[i] = b'0' + (v % 10) as u8;
-                v /= 10;
-                if v == 0 || i == 1 {
-                    break;
-                }
-            }
-            if neg {
-                i -= 1;
-                d[i] = b'-';
-            }
-            (d, i)
-        };
-        put(head, &mut n);
-        let (d, i) = digits(pid as i64);
-        put(&d[i..], &mut n);
-        put(b", si_code ", &mut n);
-        let (d, i) = digits(code as i64);
-        put(&d[i..], &mut n);
-        put(b" (kept running)\n", &mut n);
-        // SAFETY: write(2) of our own buffer to stderr.
-        unsafe { libc::write(2, buf.as_ptr().cast(), n) };
-    }
-    ONCE.call_once(|| {
-        // SAFETY: a zeroed sigaction with our handler and SA_SIGINFO.
-        unsafe {
-            let mut act: libc::sigaction = std::mem::zeroed();
-            act.sa_sigaction = on_hup as *const () as usize;
-            act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-            libc::sigemptyset(&mut act.sa_mask);
-            libc::sigaction(libc::SIGHUP, &act, std::ptr::null_mut());
-        }
-    });
-}
-
 fn debian() -> Option<Kiln> {
-    note_stray_sighup();
     let tar = base_tar()?;
     let k = Kiln::new();
     let cmd = r#"CMD ["bash"]"#;
