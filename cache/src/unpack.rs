@@ -292,38 +292,15 @@ impl Store {
         };
         let keep = file.try_clone().ok();
         let src: Box<dyn Read + Send> = Box::new(io::BufReader::with_capacity(256 * 1024, file));
-        let blob_ok =
-            |got: &(Digest, u64)| &got.0 == layer.digest && layer.size.is_none_or(|s| s == got.1);
-        let st = match stream_layer(src, &mut io::sink(), None) {
-            Ok(st) => st,
-            Err(e) => {
-                if let Some(f) = keep.as_ref() {
-                    if let Ok(got) = hash_file(f) {
-                        if !blob_ok(&got) {
-                            return Err(self.corrupt(layer, Some(f), Some(got)));
-                        }
-                    }
-                }
-                return Err(Error::Image(format!("reading layer {}: {e}", layer.digest)));
-            }
-        };
-        if !blob_ok(&st.blob) {
-            return Err(self.corrupt(layer, keep.as_ref(), Some(st.blob)));
-        }
-        if &st.tar.0 != layer.diff_id {
-            return Err(Error::DiffIdMismatch {
-                blob: layer.digest.to_string(),
-                expected: layer.diff_id.to_string(),
-                actual: st.tar.0.to_string(),
-            });
-        }
-        let _ = self.meta().put_diff_size(layer.diff_id, st.tar.1);
+        let streamed = stream_layer(src, &mut io::sink(), None);
+        let blob_size = streamed.as_ref().map(|st| st.blob.1).unwrap_or(0);
+        self.check_streamed(layer, keep.as_ref(), streamed, Ok(()))?;
         self.meta().put_lazy_layer(&LazyLayer {
             snapshot: name.to_string(),
             parent: parent.map(str::to_string),
             blob: layer.digest.clone(),
             media_type: media_type.to_string(),
-            size: st.blob.1,
+            size: blob_size,
             diff_id: layer.diff_id.clone(),
         })
     }
@@ -417,12 +394,32 @@ impl Store {
                 .unwrap_or_else(|_| Err(io::Error::other("layer reader panicked")));
             (streamed, applied)
         });
+        self.check_streamed(
+            layer,
+            file.as_ref(),
+            streamed,
+            applied.map_err(|e| Error::Image(e.to_string())),
+        )
+    }
+
+    /// What [`stream_layer`] saw of `layer`, checked: the blob against its
+    /// digest and size (a stored `file` that no longer matches is moved
+    /// aside, as `corrupt` does), then `applied` (what was done with
+    /// the tar), then the tar against the diffID, whose size is recorded.
+    /// Returns the tar's digest and size.
+    fn check_streamed(
+        &self,
+        layer: LayerBlob<'_>,
+        file: Option<&std::fs::File>,
+        streamed: io::Result<Streamed>,
+        applied: Result<()>,
+    ) -> Result<(Digest, u64)> {
         let blob_ok =
             |got: &(Digest, u64)| &got.0 == layer.digest && layer.size.is_none_or(|s| s == got.1);
         match streamed {
-            Ok(st) if !blob_ok(&st.blob) => Err(self.corrupt(layer, file.as_ref(), Some(st.blob))),
+            Ok(st) if !blob_ok(&st.blob) => Err(self.corrupt(layer, file, Some(st.blob))),
             Ok(st) => {
-                applied.map_err(|e| Error::Image(e.to_string()))?;
+                applied?;
                 if &st.tar.0 != layer.diff_id {
                     return Err(Error::DiffIdMismatch {
                         blob: layer.digest.to_string(),
@@ -439,7 +436,7 @@ impl Store {
             Err(e) => {
                 // The blob could not be read or decompressed to its end:
                 // corrupt in the store, or bad from the start.
-                if let Some(f) = file.as_ref() {
+                if let Some(f) = file {
                     if let Ok(got) = hash_file(f) {
                         if !blob_ok(&got) {
                             return Err(self.corrupt(layer, Some(f), Some(got)));
@@ -448,7 +445,7 @@ impl Store {
                 }
                 // A failed apply stops the reader (a broken pipe): then
                 // the apply's error is the one to tell.
-                applied.map_err(|ae| Error::Image(ae.to_string()))?;
+                applied?;
                 Err(Error::Image(format!("reading layer {}: {e}", layer.digest)))
             }
         }
