@@ -299,9 +299,9 @@ pub struct StepCgroup {
 #[derive(Debug)]
 pub struct ThreadInside<'a> {
     cg: &'a StepCgroup,
-    /// Indexes into `cg.dirs` of the hierarchies the thread entered.
+    /// Indexes into `cg.dirs` of the hierarchies the thread is in (none
+    /// once it has left).
     entered: Vec<usize>,
-    left: bool,
 }
 
 /// Writes `0` to `dir/tasks`: moves the calling thread (alone) there.
@@ -314,7 +314,6 @@ impl ThreadInside<'_> {
     /// hierarchies it had entered (a process it started meanwhile is in
     /// the step's cgroup there).
     pub fn leave(mut self) -> Result<Vec<usize>, CgroupError> {
-        self.left = true;
         let entered = std::mem::take(&mut self.entered);
         self.cg.leave(&entered)?;
         Ok(entered)
@@ -323,9 +322,7 @@ impl ThreadInside<'_> {
 
 impl Drop for ThreadInside<'_> {
     fn drop(&mut self) {
-        if !self.left {
-            let _ = self.cg.leave(&self.entered);
-        }
+        let _ = self.cg.leave(&self.entered);
     }
 }
 
@@ -404,14 +401,13 @@ impl StepCgroup {
     /// Moves the calling thread into the step's v1 cgroups (see the
     /// module notes): a process it forks before [`ThreadInside::leave`]
     /// starts in them, without the grace-period wait of
-    /// [`StepCgroup::add`]. Hierarchies the thread cannot leave again (its
+    /// [`StepCgroup::add_except`]. Hierarchies the thread cannot leave again (its
     /// own cgroup there not writable) are not entered; nor is any when one
     /// fails — [`StepCgroup::add_except`] then writes the pid.
     pub fn enter_thread(&self) -> ThreadInside<'_> {
         let mut inside = ThreadInside {
             cg: self,
             entered: Vec::new(),
-            left: false,
         };
         let v1: Vec<usize> = (0..self.dirs.len())
             .filter(|&i| matches!(self.dirs[i].0, Kind::V1 { .. }))
@@ -558,14 +554,9 @@ impl StepCgroup {
         Ok(())
     }
 
-    /// Move process `pid` into the cgroup (every hierarchy).
-    pub fn add(&self, pid: u32) -> Result<(), CgroupError> {
-        self.add_except(pid, &[])
-    }
-
-    /// Move process `pid` into the cgroup in every hierarchy but those
-    /// `entered` (indexes [`ThreadInside::leave`] returned: it started
-    /// there already).
+    /// Move process `pid` into the cgroup (`cgroup.procs`) in every
+    /// hierarchy but those `entered` (indexes [`ThreadInside::leave`]
+    /// returned: it started there already).
     pub fn add_except(&self, pid: u32, entered: &[usize]) -> Result<(), CgroupError> {
         for (i, (_, d)) in self.dirs.iter().enumerate() {
             if !entered.contains(&i) {

@@ -284,7 +284,7 @@ impl StoreBackend {
     /// size, its tar against the config's diffID (see
     /// [`kiln_cache::Store::keep_layer_lazy`]), and again when it is
     /// unpacked; `image` names it in errors.
-    fn unpack(
+    fn verify_layers(
         &self,
         image: &str,
         manifest: &ImageManifest,
@@ -641,7 +641,7 @@ impl Backend for StoreBackend {
             .map_err(BackendError::ctx("config"))?;
         let config =
             ImageConfig::from_bytes(&cbytes).map_err(BackendError::ctx("parsing config"))?;
-        let layers = self.unpack(&name, &manifest, &config)?;
+        let layers = self.verify_layers(&name, &manifest, &config)?;
         Ok(Some(BaseImage {
             reference: name,
             manifest_digest,
