@@ -1,10 +1,14 @@
 //! A pipe between two threads of this process that moves whole buffers
 //! (no kernel copy, no wake-up per 64 KiB as with an OS pipe). Emptied
 //! buffers go back to the writer, so a long stream reuses a few buffers
-//! instead of allocating (and page-faulting) a fresh one per mebibyte.
+//! instead of allocating (and page-faulting) a fresh one per mebibyte;
+//! they come from and go back to [`kiln_image::bufpool`], so the next
+//! stream (the next layer of a push) reuses them too.
 
 use std::io::{self, Read, Write};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+
+use kiln_image::bufpool;
 
 /// Bytes per buffer handed across.
 const CHUNK: usize = 1 << 20;
@@ -19,7 +23,7 @@ pub(crate) fn chunk_pipe() -> (ChunkWriter, ChunkReader) {
         ChunkWriter {
             tx: Some(tx),
             back: back_rx,
-            buf: Vec::with_capacity(CHUNK),
+            buf: bufpool::take(CHUNK),
         },
         ChunkReader {
             rx,
@@ -50,7 +54,7 @@ impl ChunkWriter {
                 b.clear();
                 b
             }
-            Err(_) => Vec::with_capacity(CHUNK),
+            Err(_) => bufpool::take(CHUNK),
         };
         let full = std::mem::replace(&mut self.buf, next);
         let gone = || io::Error::new(io::ErrorKind::BrokenPipe, "the reader went away");
@@ -80,6 +84,19 @@ impl Write for ChunkWriter {
 impl Drop for ChunkWriter {
     fn drop(&mut self) {
         let _ = self.send();
+        bufpool::give(std::mem::take(&mut self.buf));
+        while let Ok(b) = self.back.try_recv() {
+            bufpool::give(b);
+        }
+    }
+}
+
+impl Drop for ChunkReader {
+    fn drop(&mut self) {
+        bufpool::give(std::mem::take(&mut self.cur));
+        while let Ok(b) = self.rx.try_recv() {
+            bufpool::give(b);
+        }
     }
 }
 

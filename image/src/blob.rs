@@ -116,7 +116,7 @@ impl<R: Read> EncodingReader<R> {
             enc: Some(Encoder::new(Vec::new(), opts)?),
             out: Vec::new(),
             pos: 0,
-            buf: vec![0u8; 1 << 20],
+            buf: crate::bufpool::take_filled(1 << 20),
             diff: Hasher::new(),
             tar_len: 0,
             known_diff: verified,
@@ -198,6 +198,13 @@ impl<R: Read> EncodingReader<R> {
             h.update(&self.out);
         }
         Ok(())
+    }
+}
+
+impl<R> Drop for EncodingReader<R> {
+    fn drop(&mut self) {
+        crate::bufpool::give(std::mem::take(&mut self.buf));
+        crate::bufpool::give(std::mem::take(&mut self.out));
     }
 }
 

@@ -49,6 +49,7 @@
 pub mod apply;
 pub mod archive;
 pub mod blob;
+pub mod bufpool;
 pub mod compression;
 pub mod config;
 pub mod diff;

@@ -11,11 +11,19 @@
 //! The bytes depend only on the input and the level — never on the number
 //! of workers or on timing — so a layer compresses to the same digest on
 //! every machine (the store memoises compressed layers by digest).
+//!
+//! The workers are the process's, shared by every stream (a push
+//! compresses several layers at once: one set of workers per core, not
+//! per layer), each keeping its deflate state for the next block; the
+//! blocks' buffers come from and go back to [`crate::bufpool`].
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::bufpool;
 
 use flate2::{Compress, Crc, FlushCompress, Status};
 
@@ -32,16 +40,51 @@ struct Job {
     data: Vec<u8>,
     dict: Vec<u8>,
     last: bool,
+    level: u32,
     reply: SyncSender<BlockResult>,
 }
 
 impl Job {
-    /// Compresses the block and sends the result.
-    fn run(self, level: u32) {
-        let _ = self
-            .reply
-            .send(deflate_block(&self.data, &self.dict, self.last, level));
+    /// Compresses the block, gives its input buffer back and sends the
+    /// result.
+    fn run(self) {
+        let result = deflate_block(&self.data, &self.dict, self.last, self.level);
+        bufpool::give(self.data);
+        let _ = self.reply.send(result);
     }
+}
+
+/// The process's gzip workers (one per core, started at the first
+/// stream that outgrows a block), or `None` when none could start.
+fn workers() -> Option<&'static SyncSender<Job>> {
+    static WORKERS: OnceLock<Option<SyncSender<Job>>> = OnceLock::new();
+    WORKERS
+        .get_or_init(|| {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let (tx, rx) = mpsc::sync_channel::<Job>(n);
+            let rx = Arc::new(Mutex::new(rx));
+            let mut started = 0;
+            for _ in 0..n {
+                let rx = rx.clone();
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("kiln-gzip".into())
+                        .spawn(move || loop {
+                            // The lock is held only while waiting for a job.
+                            let job = match rx.lock() {
+                                Ok(r) => r.recv(),
+                                Err(_) => return,
+                            };
+                            let Ok(job) = job else { return };
+                            job.run();
+                        });
+                if spawned.is_ok() {
+                    started += 1;
+                }
+            }
+            (started > 0).then_some(tx)
+        })
+        .as_ref()
 }
 
 /// A parallel gzip writer; [`ParGzEncoder::finish`] writes the trailer.
@@ -53,14 +96,16 @@ pub struct ParGzEncoder<W: Write> {
     /// The tail of the previous block (the next block's dictionary).
     dict: Vec<u8>,
     crc: Crc,
-    jobs: Option<SyncSender<Job>>,
+    /// Blocks go to the shared workers (set at the first full block).
+    parallel: bool,
     pending: VecDeque<Receiver<BlockResult>>,
 }
 
 impl<W: Write> ParGzEncoder<W> {
-    /// A gzip writer at `level` (0–9) using up to `threads` workers
-    /// (started when the input outgrows one block). The header carries no
-    /// name and mtime 0.
+    /// A gzip writer at `level` (0–9); with `threads` > 1 its blocks go to
+    /// the process's workers once the input outgrows one block, up to
+    /// `2 × threads` in flight (with 1, it compresses on the caller's
+    /// thread). The header carries no name and mtime 0.
     pub fn new(mut out: W, level: u32, threads: usize) -> io::Result<Self> {
         // ID1 ID2 CM=deflate FLG=0 MTIME=0 XFL=0 OS=255 (unknown).
         out.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255])?;
@@ -68,10 +113,10 @@ impl<W: Write> ParGzEncoder<W> {
             out: Some(out),
             level: level.min(9),
             threads: threads.max(1),
-            buf: Vec::with_capacity(BLOCK),
+            buf: bufpool::take(BLOCK),
             dict: Vec::new(),
             crc: Crc::new(),
-            jobs: None,
+            parallel: false,
             pending: VecDeque::new(),
         })
     }
@@ -88,36 +133,15 @@ impl<W: Write> ParGzEncoder<W> {
             .ok_or_else(|| io::Error::other("gzip stream already finished"))
     }
 
-    fn start_workers(&self) -> SyncSender<Job> {
-        let (tx, rx) = mpsc::sync_channel::<Job>(self.threads);
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..self.threads {
-            let rx = rx.clone();
-            let level = self.level;
-            let spawned =
-                std::thread::Builder::new()
-                    .name("kiln-gzip".into())
-                    .spawn(move || loop {
-                        let job = match rx.lock() {
-                            Ok(r) => r.recv(),
-                            Err(_) => return,
-                        };
-                        let Ok(job) = job else { return };
-                        job.run(level);
-                    });
-            if spawned.is_err() {
-                // Fewer workers than asked for still make progress; with
-                // none, `submit` compresses inline.
-                break;
-            }
-        }
-        tx
-    }
-
     /// Hands the current block to a worker (or compresses it here when
     /// single-threaded) and writes finished blocks in order.
     fn submit(&mut self, last: bool) -> io::Result<()> {
-        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(BLOCK));
+        let next = if last {
+            Vec::new()
+        } else {
+            bufpool::take(BLOCK)
+        };
+        let data = std::mem::replace(&mut self.buf, next);
         let next_dict = if last {
             Vec::new()
         } else {
@@ -129,21 +153,21 @@ impl<W: Write> ParGzEncoder<W> {
             data,
             dict,
             last,
+            level: self.level,
             reply,
         };
         // A stream of one block is compressed here, without workers.
-        let parallel = self.threads > 1 && !(last && self.jobs.is_none());
-        if parallel && self.jobs.is_none() {
-            self.jobs = Some(self.start_workers());
+        if self.threads > 1 && !last {
+            self.parallel = true;
         }
-        match self.jobs.as_ref().filter(|_| parallel) {
+        match workers().filter(|_| self.parallel) {
             Some(jobs) => {
                 if let Err(mpsc::SendError(job)) = jobs.send(job) {
                     // No worker left: compress here.
-                    job.run(self.level);
+                    job.run();
                 }
             }
-            None => job.run(self.level),
+            None => job.run(),
         }
         self.pending.push_back(result);
         // Keep a bounded number of blocks in flight.
@@ -161,13 +185,14 @@ impl<W: Write> ParGzEncoder<W> {
             .recv()
             .map_err(|_| io::Error::other("a gzip worker stopped"))??;
         self.crc.combine(&crc);
-        self.out()?.write_all(&bytes)
+        let written = self.out()?.write_all(&bytes);
+        bufpool::give(bytes);
+        written
     }
 
     /// Compresses what is left, writes the trailer, returns the writer.
     pub fn finish(mut self) -> io::Result<W> {
         self.submit(true)?;
-        self.jobs = None;
         let (sum, amount) = (self.crc.sum(), self.crc.amount());
         let mut out = self
             .out
@@ -267,7 +292,7 @@ fn store_blocks(out: &mut Vec<u8>, data: &[u8], last: bool) {
 fn deflate_block(data: &[u8], dict: &[u8], last: bool, level: u32) -> BlockResult {
     let mut crc = Crc::new();
     crc.update(data);
-    let mut out = Vec::with_capacity(data.len() + data.len() / 8 + 64);
+    let mut out = bufpool::take(data.len() + data.len() / 8 + 64);
     let stored: Vec<bool> = data.chunks(PIECE).map(incompressible).collect();
     if data.is_empty() {
         // Nothing to add: just the sync flush or the final empty block.
@@ -313,7 +338,36 @@ fn deflate_run(
     last: bool,
     level: u32,
 ) -> io::Result<()> {
-    let mut c = Compress::new(flate2::Compression::new(level), false);
+    // This thread's deflate state from its last run, reset (a reset
+    // stream compresses exactly as a new one: the output does not depend
+    // on which thread ran before), else a new one.
+    let mut c = DEFLATE
+        .with(|d| d.borrow_mut().take())
+        .filter(|(l, _)| *l == level)
+        .map(|(_, mut c)| {
+            c.reset();
+            c
+        })
+        .unwrap_or_else(|| Compress::new(flate2::Compression::new(level), false));
+    let r = deflate_with(&mut c, out, data, dict, last);
+    if r.is_ok() {
+        DEFLATE.with(|d| *d.borrow_mut() = Some((level, c)));
+    }
+    r
+}
+
+thread_local! {
+    /// The deflate state a thread keeps between runs (with its level).
+    static DEFLATE: RefCell<Option<(u32, Compress)>> = const { RefCell::new(None) };
+}
+
+fn deflate_with(
+    c: &mut Compress,
+    out: &mut Vec<u8>,
+    data: &[u8],
+    dict: &[u8],
+    last: bool,
+) -> io::Result<()> {
     if !dict.is_empty() {
         c.set_dictionary(dict).map_err(io::Error::other)?;
     }
@@ -323,12 +377,12 @@ fn deflate_run(
         FlushCompress::Sync
     };
     out.reserve(data.len() + data.len() / 8 + 64);
+    let base = c.total_in();
     loop {
-        let consumed = c.total_in() as usize;
-        let status = c
-            .compress_vec(&data[consumed..], out, flush)
-            .map_err(io::Error::other)?;
-        let all_in = c.total_in() as usize == data.len();
+        let consumed = usize::try_from(c.total_in() - base).unwrap_or(usize::MAX);
+        let rest = data.get(consumed..).unwrap_or_default();
+        let status = c.compress_vec(rest, out, flush).map_err(io::Error::other)?;
+        let all_in = c.total_in() - base == data.len() as u64;
         // Done when everything is in and the flush fit (zlib's rule: room
         // left in the output after a flush means it is complete).
         let done = match status {
@@ -386,6 +440,23 @@ mod tests {
             let data = sample(n);
             assert_eq!(gunzip(&encode(&data, 2, 70_000)), data, "size {n}");
         }
+    }
+
+    #[test]
+    fn a_kept_deflate_state_compresses_as_a_new_one() {
+        let data = sample(2 * BLOCK + 99);
+        let first = encode(&data, 1, 1 << 20);
+        // The same thread again (its state kept and reset), at another
+        // level in between, and on a new thread (a new state).
+        let _ = encode(&data[..5000], 1, 1 << 20);
+        let mut e = ParGzEncoder::new(Vec::new(), 1, 1).expect("new");
+        e.write_all(&data[..BLOCK + 5]).expect("write");
+        let _ = e.finish().expect("finish");
+        assert_eq!(encode(&data, 1, 1 << 20), first);
+        let other = std::thread::spawn(move || encode(&data, 1, 333))
+            .join()
+            .expect("thread");
+        assert_eq!(other, first);
     }
 
     #[test]

@@ -650,12 +650,24 @@ impl Spool {
         w: &mut kiln_cache::BlobWriter,
         diff_id: &Digest,
     ) -> Result<(), String> {
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = kiln_image::bufpool::take_filled(1 << 20);
+        let end = self.fill_from(inner, w, &mut buf, diff_id);
+        kiln_image::bufpool::give(buf);
+        end
+    }
+
+    fn fill_from<R: Read>(
+        &self,
+        inner: &mut EncodingReader<R>,
+        w: &mut kiln_cache::BlobWriter,
+        buf: &mut [u8],
+        diff_id: &Digest,
+    ) -> Result<(), String> {
         loop {
             if self.lock().stopped {
                 return Err("the upload ended early".into());
             }
-            let n = match inner.read(&mut buf) {
+            let n = match inner.read(buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -741,6 +753,7 @@ fn stream_layer(
     enc: LayerEncoding,
     t: Target,
     streaming: &std::sync::atomic::AtomicBool,
+    memo: &std::sync::mpsc::Sender<Memo>,
     progress: &(dyn Fn(&str) + Sync),
     transfer: &(dyn Fn(Transfer) + Sync),
 ) -> Result<Descriptor, TransferError> {
@@ -840,12 +853,30 @@ fn stream_layer(
         short(&digest)
     ));
     transfer(Transfer::Done(digest.clone(), size));
+    let desc = Descriptor::new(t.media_type.clone(), digest.clone(), size);
     if let Some(w) = slot.lock().ok().and_then(|mut s| s.take()) {
-        // The memo is a cache: a failure to keep it costs a later push
-        // its compression, nothing else.
-        let _ = remember(store, w, &digest, size, diff_id, &t);
+        // Committed on the push's memo thread (its syncs off this
+        // layer's path). The memo is a cache: a failure to keep it costs
+        // a later push its compression, nothing else.
+        let _ = memo.send(Memo {
+            w,
+            digest,
+            size,
+            diff_id: diff_id.clone(),
+            t,
+        });
     }
-    Ok(Descriptor::new(t.media_type, digest, size))
+    Ok(desc)
+}
+
+/// A compressed layer written into a store writer, to be committed and
+/// recorded in the memo.
+struct Memo {
+    w: kiln_cache::BlobWriter,
+    digest: Digest,
+    size: u64,
+    diff_id: Digest,
+    t: Target,
 }
 
 /// Commits a compressed layer written by a prehashed store writer and
@@ -1212,22 +1243,35 @@ pub(crate) fn push_layers(
     transfer: &(dyn Fn(Transfer) + Sync),
 ) -> Result<Vec<Descriptor>, TransferError> {
     let streaming = std::sync::atomic::AtomicBool::new(true);
-    let one = |i: usize| -> Result<Descriptor, TransferError> {
-        let Some((l, diff)) = layers.get(i) else {
-            return Err(TransferError::invalid("layer index out of range"));
-        };
-        match plan_layer(store, l, diff, enc, progress)? {
-            LayerPlan::Ready(d) => {
-                reg.push_blobs(repo, std::slice::from_ref(&*d), source, 1, transfer)
-                    .map_err(TransferError::src)?;
-                Ok(*d)
+    std::thread::scope(|s| {
+        // Layers compressed while uploaded are committed on this thread,
+        // one after another, while the other layers go on; all are kept
+        // before the push returns.
+        let (memo, kept) = std::sync::mpsc::channel::<Memo>();
+        s.spawn(move || {
+            for m in kept {
+                let _ = remember(store, m.w, &m.digest, m.size, &m.diff_id, &m.t);
             }
-            LayerPlan::Compress(t) => stream_layer(
-                store, reg, repo, l, diff, enc, t, &streaming, progress, transfer,
-            ),
-        }
-    };
-    parallel(layers.len(), jobs, &one)
+        });
+        let one = |i: usize| -> Result<Descriptor, TransferError> {
+            let Some((l, diff)) = layers.get(i) else {
+                return Err(TransferError::invalid("layer index out of range"));
+            };
+            match plan_layer(store, l, diff, enc, progress)? {
+                LayerPlan::Ready(d) => {
+                    reg.push_blobs(repo, std::slice::from_ref(&*d), source, 1, transfer)
+                        .map_err(TransferError::src)?;
+                    Ok(*d)
+                }
+                LayerPlan::Compress(t) => stream_layer(
+                    store, reg, repo, l, diff, enc, t, &streaming, &memo, progress, transfer,
+                ),
+            }
+        };
+        let pushed = parallel(layers.len(), jobs, &one);
+        drop(memo);
+        pushed
+    })
 }
 
 /// Notes that `r`'s repository holds `config` and `layers`, for
