@@ -690,22 +690,27 @@ impl RemoteCacheBackend {
         ))
     }
 
-    fn cache_manifest(
-        &self,
-        cfg: &CacheConfig,
-        layers: Vec<Descriptor>,
-    ) -> Result<(RawManifest, Descriptor), RemoteCacheError> {
+    /// The cache config, stored, and its descriptor.
+    fn cache_config(&self, cfg: &CacheConfig) -> Result<Descriptor, RemoteCacheError> {
         let cbytes =
             serde_json::to_vec(cfg).map_err(|e| RemoteCacheError::ctx("cache config")(e))?;
         self.store()
             .put_bytes(&cbytes, Some(CACHE_CONFIG_MEDIA_TYPE))
             .map_err(|e| RemoteCacheError::ctx("storing the cache config")(e))?;
-        let config = Descriptor::of_bytes(CACHE_CONFIG_MEDIA_TYPE, &cbytes);
+        Ok(Descriptor::of_bytes(CACHE_CONFIG_MEDIA_TYPE, &cbytes))
+    }
+
+    /// The cache manifest of `config` and `layers`, stored.
+    fn cache_manifest(
+        &self,
+        config: Descriptor,
+        layers: Vec<Descriptor>,
+    ) -> Result<RawManifest, RemoteCacheError> {
         let m = ImageManifest {
             schema_version: 2,
             media_type: Some(media_types::OCI_MANIFEST.to_string()),
             artifact_type: Some(CACHE_CONFIG_MEDIA_TYPE.to_string()),
-            config: config.clone(),
+            config,
             layers,
             subject: None,
             annotations: None,
@@ -716,7 +721,7 @@ impl RemoteCacheBackend {
         self.store()
             .put_bytes(&raw.bytes, Some(&raw.media_type))
             .map_err(|e| RemoteCacheError::ctx("storing the cache manifest")(e))?;
-        Ok((raw, config))
+        Ok(raw)
     }
 
     /// `--cache-to type=registry,ref=REF`: layers and the cache manifest
@@ -745,25 +750,29 @@ impl RemoteCacheBackend {
             target: None,
         };
         // Layers not compressed yet are compressed while they upload
-        // (as `kiln push` does), several at once.
-        let layers = push_layers(
+        // (as `kiln push` does), several at once, the config beside them;
+        // the manifest goes up while the last memo entries are committed.
+        let config = self.cache_config(&cfg)?;
+        let tag = r.tag.clone().unwrap_or_else(|| "latest".to_string());
+        let (layers, digest) = push_layers(
             self.store(),
             &reg,
             &r.repository,
             &source,
             &plain,
+            std::slice::from_ref(&config),
             LayerEncoding::default(),
             jobs,
             progress,
             &count,
-        )?;
-        let (raw, config) = self.cache_manifest(&cfg, layers.clone())?;
-        reg.push_blobs(&r.repository, &[config], &source, 1, &count)
-            .map_err(RemoteCacheError::src)?;
-        let tag = r.tag.clone().unwrap_or_else(|| "latest".to_string());
-        let digest = reg
-            .put_manifest(&r.repository, &tag, &raw)
-            .map_err(RemoteCacheError::src)?;
+            |layers| -> Result<_, RemoteCacheError> {
+                let raw = self.cache_manifest(config.clone(), layers.clone())?;
+                let digest = reg
+                    .put_manifest(&r.repository, &tag, &raw)
+                    .map_err(RemoteCacheError::src)?;
+                Ok((layers, digest))
+            },
+        )??;
         Ok(ExportSummary {
             records: cfg.records.len(),
             layers: layers.len(),
@@ -782,7 +791,8 @@ impl RemoteCacheBackend {
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<ExportSummary, RemoteCacheError> {
         let (cfg, layers) = self.collect(mode, progress)?;
-        let (raw, config) = self.cache_manifest(&cfg, layers.clone())?;
+        let config = self.cache_config(&cfg)?;
+        let raw = self.cache_manifest(config.clone(), layers.clone())?;
         let io = |e: std::io::Error| RemoteCacheError::ctx(dir.display().to_string())(e);
         std::fs::create_dir_all(dir.join("blobs").join("sha256")).map_err(io)?;
         std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io)?;

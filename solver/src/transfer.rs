@@ -1212,15 +1212,28 @@ fn push_to(
         .cloned()
         .zip(config.rootfs.diff_ids.iter().cloned())
         .collect();
-    let layers = push_layers(
-        store, reg, repo, &source, &pairs, enc, jobs, progress, transfer,
-    )?;
-    let raw = store_manifest(store, &m, layers.clone(), enc)?;
-    reg.push_blobs(repo, &[config_of(&m)], &source, 1, transfer)
-        .map_err(TransferError::src)?;
-    let reference = tag.map_or_else(|| raw.digest.to_string(), str::to_string);
-    reg.put_manifest(repo, &reference, &raw)
-        .map_err(TransferError::src)?;
+    // The image's config goes up beside the layers; the manifest is
+    // stored and put while the last layers' memo entries are committed.
+    let config_desc = config_of(&m);
+    let (raw, layers) = push_layers(
+        store,
+        reg,
+        repo,
+        &source,
+        &pairs,
+        std::slice::from_ref(&config_desc),
+        enc,
+        jobs,
+        progress,
+        transfer,
+        |layers| -> Result<_, TransferError> {
+            let raw = store_manifest(store, &m, layers.clone(), enc)?;
+            let reference = tag.map_or_else(|| raw.digest.to_string(), str::to_string);
+            reg.put_manifest(repo, &reference, &raw)
+                .map_err(TransferError::src)?;
+            Ok((raw, layers))
+        },
+    )??;
     remember_locations(store, r, &m.config, &layers);
     Ok(raw)
 }
@@ -1229,24 +1242,28 @@ fn push_to(
 /// encoded per `enc`, up to `jobs` at once: a blob already encoded that
 /// way (or remembered in the memo) is sent as it is (HEAD first, mount,
 /// upload); one that must be compressed is compressed while it is
-/// uploaded, and remembered. Returns the pushed descriptors, in order.
+/// uploaded, and remembered. `configs` (stored blobs, sent as they are)
+/// go first among them. Then `then` gets the pushed layers' descriptors,
+/// in order, and runs while the last layers' memo entries are committed;
+/// every memo entry is kept before this returns `then`'s result.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn push_layers(
+pub(crate) fn push_layers<R>(
     store: &Store,
     reg: &Registry,
     repo: &str,
     source: &StoreSource<'_>,
     layers: &[(Descriptor, Digest)],
+    configs: &[Descriptor],
     enc: LayerEncoding,
     jobs: usize,
     progress: &(dyn Fn(&str) + Sync),
     transfer: &(dyn Fn(Transfer) + Sync),
-) -> Result<Vec<Descriptor>, TransferError> {
+    then: impl FnOnce(Vec<Descriptor>) -> R,
+) -> Result<R, TransferError> {
     let streaming = std::sync::atomic::AtomicBool::new(true);
     std::thread::scope(|s| {
         // Layers compressed while uploaded are committed on this thread,
-        // one after another, while the other layers go on; all are kept
-        // before the push returns.
+        // one after another, while the other layers go on.
         let (memo, kept) = std::sync::mpsc::channel::<Memo>();
         s.spawn(move || {
             for m in kept {
@@ -1254,7 +1271,12 @@ pub(crate) fn push_layers(
             }
         });
         let one = |i: usize| -> Result<Descriptor, TransferError> {
-            let Some((l, diff)) = layers.get(i) else {
+            if let Some(c) = configs.get(i) {
+                reg.push_blobs(repo, std::slice::from_ref(c), source, 1, transfer)
+                    .map_err(TransferError::src)?;
+                return Ok(c.clone());
+            }
+            let Some((l, diff)) = layers.get(i - configs.len()) else {
                 return Err(TransferError::invalid("layer index out of range"));
             };
             match plan_layer(store, l, diff, enc, progress)? {
@@ -1268,9 +1290,10 @@ pub(crate) fn push_layers(
                 ),
             }
         };
-        let pushed = parallel(layers.len(), jobs, &one);
+        let pushed = parallel(configs.len() + layers.len(), jobs, &one);
         drop(memo);
-        pushed
+        let mut pushed = pushed?;
+        Ok(then(pushed.split_off(configs.len())))
     })
 }
 
