@@ -672,6 +672,49 @@ DF
       row debian "cached" "$(med "${k[@]}")" "" "$bm"
     fi
   done
+  debian_floor "$tar"
+}
+
+# The floor of the cold debian row: the Dockerfile's two RUN commands
+# with no builder at all, as root in a bare chroot (a mount namespace,
+# /proc, /dev and the host's resolv.conf; no other namespace, no
+# seccomp, no cgroup) on an overlay of the same base on the same file
+# system, the same three cache directories bind-mounted and warm; the
+# overlay is made anew for every round. What a builder can take off the
+# cold row is what it adds on top of this.
+debian_floor() {
+  local tar=$1 b="$OUT/debian-floor" i t f=() step
+  command -v unshare >/dev/null && command -v chroot >/dev/null \
+    || { log "debian floor: unshare/chroot missing, not measured"; return 0; }
+  if [ ! -d "$b/base/usr" ]; then
+    rm -rf "$b/base"; mkdir -p "$b/base"
+    tar -xf "$tar" -C "$b/base" || { log "debian floor: cannot unpack the base"; return 0; }
+    rm -f "$b/base/etc/apt/apt.conf.d/docker-clean"
+    touch "$b/base/etc/resolv.conf"
+  fi
+  mkdir -p "$b/apt-cache" "$b/apt-lib" "$b/pip"
+  # shellcheck disable=SC2016
+  step='p=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+    mount -t proc proc "$1/root/proc" && mount --rbind /dev "$1/root/dev" &&
+    mount --bind /etc/resolv.conf "$1/root/etc/resolv.conf" &&
+    mount --bind "$1/apt-cache" "$1/root/var/cache/apt" &&
+    mount --bind "$1/apt-lib" "$1/root/var/lib/apt" &&
+    mkdir -p "$1/root/root/.cache/pip" && mount --bind "$1/pip" "$1/root/root/.cache/pip" &&
+    chroot "$1/root" env -i PATH=$p HOME=/root sh -c "apt-get update && apt-get install -y --no-install-recommends python3-venv jq" &&
+    chroot "$1/root" env -i PATH=$p HOME=/root sh -c "python3 -m venv /v && /v/bin/pip install --disable-pip-version-check six==1.16.0"'
+  # One round to warm the caches, then ROUNDS timed.
+  for i in $(seq 0 "$ROUNDS"); do
+    rm -rf "$b/root" "$b/upper" "$b/work"; mkdir -p "$b/root" "$b/upper" "$b/work"
+    mount -t overlay overlay -o "lowerdir=$b/base,upperdir=$b/upper,workdir=$b/work" "$b/root" \
+      || { log "debian floor: overlay mount failed"; return 0; }
+    t=$(now)
+    unshare -m --propagation private sh -c "$step" sh "$b" >/dev/null 2>&1 \
+      || { umount "$b/root"; log "debian floor: the commands failed in the chroot"; return 0; }
+    [ "$i" -gt 0 ] && f+=("$(elapsed "$t")")
+    umount "$b/root"
+  done
+  rm -rf "$b/root" "$b/upper" "$b/work"
+  row debian "floor: the same two RUN commands in a bare chroot (no builder, no sandbox), caches warm" "$(med "${f[@]}")" "" ""
 }
 
 # rss: kiln's peak resident set building fixture c (GNU time's %M: the
