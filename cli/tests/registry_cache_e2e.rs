@@ -414,3 +414,162 @@ fn a_cache_record_lying_about_a_diff_id_is_refused_when_the_layer_is_unpacked() 
     let o = b.run(&["system", "check"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// The blobs (hex digests) an OCI layout's `index.json` reaches: the
+/// first manifest's layers, then its config and the manifest itself.
+fn layout_blobs(dir: &Path) -> Vec<String> {
+    let read = |p: std::path::PathBuf| -> Value {
+        serde_json::from_slice(&std::fs::read(p).expect("read")).expect("json")
+    };
+    let hex = |d: &Value| {
+        d.as_str()
+            .and_then(|s| s.strip_prefix("sha256:"))
+            .expect("digest")
+            .to_string()
+    };
+    let index = read(dir.join("index.json"));
+    let m = hex(&index["manifests"][0]["digest"]);
+    let manifest = read(dir.join("blobs/sha256").join(&m));
+    let mut out: Vec<String> = manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| hex(&l["digest"]))
+        .collect();
+    out.push(hex(&manifest["config"]["digest"]));
+    out.push(m);
+    out
+}
+
+/// A cache layout directory is not trusted (a CI cache restored from
+/// another branch may have been written by anyone): symlinks planted at
+/// every name the export writes — `oci-layout`, `index.json.tmp`, each
+/// blob's temp name, a blob's own name pointing at a host file of the
+/// same size, a symlinked `index.json` — are replaced or refused, never
+/// written through; what the export leaves is a layout another runner
+/// builds from.
+#[test]
+fn a_planted_cache_layout_is_written_inside_never_through_its_symlinks() {
+    use std::os::unix::fs::symlink;
+    if !ready() {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let base = push_base(&reg);
+    let ctx = app(&base);
+    let dir = tempfile::tempdir().expect("tmp");
+    let first = dir.path().join("first");
+    let a = Client::new(false);
+    let to = format!("type=local,dest={}", first.display());
+    let (id_a, _) = build_json(&a, ctx.path(), &["-t", "app:1", "--cache-to", &to]);
+    let mut names: Vec<String> = std::fs::read_dir(first.join("blobs/sha256"))
+        .expect("blobs")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 4, "{names:?}");
+
+    let host = tempfile::tempdir().expect("tmp");
+    let victim = |n: &str, body: &[u8]| {
+        let p = host.path().join(n);
+        std::fs::write(&p, body).expect("victim");
+        p
+    };
+    let dest = dir.path().join("planted");
+    let blobs = dest.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("mkdir");
+    let mut victims = vec![
+        victim("layout", b"host file\n"),
+        victim("index-tmp", b"host file\n"),
+    ];
+    symlink(&victims[0], dest.join("oci-layout")).expect("symlink");
+    symlink(&victims[1], dest.join("index.json.tmp")).expect("symlink");
+    for n in &names {
+        let v = victim(&format!("{n}.tmp"), b"host file\n");
+        symlink(&v, blobs.join(format!("{n}.tmp"))).expect("symlink");
+        victims.push(v);
+    }
+    // A layer blob's own name: a host file of the blob's size (the
+    // export used to take a file of the right size for the blob).
+    let layer = layout_blobs(&first)[0].clone();
+    let size = std::fs::metadata(first.join("blobs/sha256").join(&layer))
+        .expect("blob")
+        .len();
+    let same = victim("same-size", &vec![b'x'; size as usize]);
+    symlink(&same, blobs.join(&layer)).expect("symlink");
+
+    let to = format!("type=local,dest={}", dest.display());
+    build_json(&a, ctx.path(), &["-t", "app:1", "--cache-to", &to]);
+    for v in &victims {
+        assert_eq!(
+            std::fs::read(v).expect("victim"),
+            b"host file\n",
+            "{} was written through a symlink",
+            v.display()
+        );
+    }
+    assert_eq!(
+        std::fs::read(&same).expect("victim"),
+        vec![b'x'; size as usize]
+    );
+    let written = layout_blobs(&dest);
+    assert!(written.contains(&layer), "{written:?}");
+    for n in &written {
+        let p = blobs.join(n);
+        let st = std::fs::symlink_metadata(&p).expect("blob");
+        assert!(st.file_type().is_file(), "{} is not a file", p.display());
+        let got = kiln_image::Digest::sha256_of(&std::fs::read(&p).expect("blob"));
+        assert_eq!(got.hex(), n.as_str());
+    }
+    assert!(std::fs::symlink_metadata(dest.join("oci-layout"))
+        .expect("layout")
+        .file_type()
+        .is_file());
+
+    // Another runner builds from what was left.
+    let b = Client::new(false);
+    let from = format!("type=local,src={}", dest.display());
+    let (id_b, ev) = build_json(&b, ctx.path(), &["-t", "app:1", "--cache-from", &from]);
+    assert_eq!(count(&ev, "cached"), 3, "{ev:?}");
+    assert_eq!(id_a, id_b);
+
+    // A symlinked index.json is refused, and its target left alone.
+    let idx = victim("index", b"{\"schemaVersion\":2,\"manifests\":[]}\n");
+    std::fs::remove_file(dest.join("index.json")).expect("rm");
+    symlink(&idx, dest.join("index.json")).expect("symlink");
+    let o = a.run(&[
+        "build",
+        "-q",
+        "-t",
+        "app:1",
+        "--cache-to",
+        &to,
+        ctx.path().to_str().expect("utf8"),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() || err.contains("index.json"), "{err}");
+    assert_eq!(
+        std::fs::read(&idx).expect("victim"),
+        b"{\"schemaVersion\":2,\"manifests\":[]}\n"
+    );
+
+    // Read back, the layout's names are not followed either: an
+    // index.json that is a symlink to an endless device is refused at
+    // once (it used to be read to the end of memory).
+    std::fs::remove_file(dest.join("index.json")).expect("rm");
+    symlink("/dev/zero", dest.join("index.json")).expect("symlink");
+    let c = Client::new(false);
+    let started = std::time::Instant::now();
+    let o = c.run(&[
+        "build",
+        "-q",
+        "-t",
+        "app:1",
+        "--cache-from",
+        &from,
+        ctx.path().to_str().expect("utf8"),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("index.json"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}

@@ -166,23 +166,58 @@ fn cd(d: &Digest) -> Result<kiln_cache::Digest, RemoteCacheError> {
         .map_err(|e| RemoteCacheError::ctx(d.as_str())(e))
 }
 
-fn blob_path(dir: &Path, d: &Digest) -> PathBuf {
-    dir.join("blobs").join(d.algorithm()).join(d.hex())
+/// The most of an OCI layout's `index.json` read back.
+const INDEX_LIMIT: u64 = 16 << 20;
+
+/// Opens `rel` in the OCI layout `dir` for reading: resolved with file
+/// descriptors below `dir`, a symlink never followed, anything but a
+/// regular file (a fifo, a device) refused without being opened. A cache
+/// layout may have been written by anyone.
+fn open_in_layout(dir: &Path, rel: &str) -> Result<std::fs::File, RemoteCacheError> {
+    kiln_fs::Root::open(dir)
+        .and_then(|root| root.open_file(rel, kiln_fs::Follow::Never))
+        .map_err(|e| layout_error(dir, e))
+}
+
+/// A file-system error in a cache layout; a symlink met on the way (the
+/// kernel's "too many levels of symbolic links") is said as such.
+fn layout_error(dir: &Path, e: kiln_fs::Error) -> RemoteCacheError {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        return RemoteCacheError::Invalid(format!(
+            "{}: a symlink, not followed: a cache layout holds only directories and regular files",
+            e.path().display()
+        ));
+    }
+    RemoteCacheError::ctx(dir.display().to_string())(e)
+}
+
+/// A blob of an OCI layout opened for reading (see [`open_in_layout`]).
+fn open_layout_blob(dir: &Path, d: &Digest) -> Result<std::fs::File, RemoteCacheError> {
+    open_in_layout(dir, &format!("blobs/{}/{}", d.algorithm(), d.hex()))
+}
+
+/// Reads at most `limit` bytes of `f` (more is an error naming `what`).
+fn read_bounded(
+    f: std::fs::File,
+    limit: u64,
+    what: &dyn Fn() -> String,
+) -> Result<Vec<u8>, RemoteCacheError> {
+    let mut v = Vec::new();
+    f.take(limit + 1)
+        .read_to_end(&mut v)
+        .map_err(|e| RemoteCacheError::ctx(what())(e))?;
+    if v.len() as u64 > limit {
+        return Err(RemoteCacheError::Invalid(format!(
+            "{}: larger than {limit} bytes",
+            what()
+        )));
+    }
+    Ok(v)
 }
 
 /// Reads a blob of an OCI layout, verified against `d`.
 fn read_layout_blob(dir: &Path, d: &Digest, limit: u64) -> Result<Vec<u8>, RemoteCacheError> {
-    let f = std::fs::File::open(blob_path(dir, d))
-        .map_err(|e| RemoteCacheError::ctx(format!("blob {d}"))(e))?;
-    let mut v = Vec::new();
-    f.take(limit + 1)
-        .read_to_end(&mut v)
-        .map_err(|e| RemoteCacheError::ctx(format!("blob {d}"))(e))?;
-    if v.len() as u64 > limit {
-        return Err(RemoteCacheError::Invalid(format!(
-            "blob {d}: larger than {limit} bytes"
-        )));
-    }
+    let v = read_bounded(open_layout_blob(dir, d)?, limit, &|| format!("blob {d}"))?;
     if &Digest::sha256_of(&v) != d {
         return Err(RemoteCacheError::Invalid(format!(
             "blob {d}: content does not match its digest"
@@ -518,8 +553,7 @@ impl RemoteCacheBackend {
                 .map_err(RemoteCacheError::src)
             }
             Origin::Dir(dir) => {
-                let mut f = std::fs::File::open(blob_path(dir, &r.desc.digest))
-                    .map_err(|e| RemoteCacheError::ctx(format!("blob {}", r.desc.digest))(e))?;
+                let mut f = open_layout_blob(dir, &r.desc.digest)?;
                 sink.put_blob(&r.desc, &mut f)
                     .map_err(RemoteCacheError::src)
             }
@@ -793,34 +827,60 @@ impl RemoteCacheBackend {
         let (cfg, layers) = self.collect(mode, progress)?;
         let config = self.cache_config(&cfg)?;
         let raw = self.cache_manifest(config.clone(), layers.clone())?;
+        // What is in `dir` already may not be ours (a CI cache restored
+        // from another branch): every name below it is resolved with
+        // file descriptors, never followed out of it, and replaced rather
+        // than written through.
         let io = |e: std::io::Error| RemoteCacheError::ctx(dir.display().to_string())(e);
-        std::fs::create_dir_all(dir.join("blobs").join("sha256")).map_err(io)?;
-        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io)?;
+        let fs = |e: kiln_fs::Error| layout_error(dir, e);
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let root = kiln_fs::Root::open(dir).map_err(fs)?;
+        let blob_dir = root
+            .mkdir_all(
+                "blobs/sha256",
+                kiln_fs::Follow::Never,
+                &kiln_fs::DirSpec::default(),
+            )
+            .map_err(fs)?;
+        root.dir()
+            .write_file(
+                "oci-layout",
+                br#"{"imageLayoutVersion":"1.0.0"}"#,
+                0o644,
+                None,
+            )
+            .map_err(fs)?;
         let mut written = 0;
         let mut blobs = layers.clone();
         blobs.push(config);
         blobs.push(raw.descriptor());
         for b in &blobs {
-            let path = blob_path(dir, &b.digest);
-            if std::fs::metadata(&path).is_ok_and(|m| m.len() == b.size) {
+            let hex = b.digest.hex();
+            let kept = blob_dir.stat(hex).map_err(fs)?;
+            if kept.is_some_and(|st| st.is_file() && st.size() == b.size) {
                 continue;
             }
             let mut src = self
                 .store()
                 .open_blob(&cd(&b.digest)?)
                 .map_err(|e| RemoteCacheError::ctx(format!("blob {}", b.digest))(e))?;
-            let tmp = path.with_extension("tmp");
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            let tmp = format!("{hex}.tmp");
+            let mut f = blob_dir
+                .create_file(&tmp, 0o644, kiln_fs::Create::Replace)
+                .map_err(fs)?;
             std::io::copy(&mut src, &mut f).map_err(io)?;
             f.sync_all().map_err(io)?;
-            std::fs::rename(&tmp, &path).map_err(io)?;
+            blob_dir.rename(&tmp, &blob_dir, hex).map_err(fs)?;
             written += 1;
         }
-        let index_path = dir.join("index.json");
-        let mut index = match std::fs::read(&index_path) {
-            Ok(b) => serde_json::from_slice::<ImageIndex>(&b)
-                .map_err(|e| RemoteCacheError::ctx(index_path.display().to_string())(e))?,
-            Err(_) => ImageIndex::new(Vec::new()),
+        let index_ctx = || dir.join("index.json").display().to_string();
+        let mut index = match root.dir().open_file("index.json") {
+            Ok(f) => {
+                serde_json::from_slice::<ImageIndex>(&read_bounded(f, INDEX_LIMIT, &index_ctx)?)
+                    .map_err(|e| RemoteCacheError::ctx(index_ctx())(e))?
+            }
+            Err(e) if e.is_not_found() => ImageIndex::new(Vec::new()),
+            Err(e) => return Err(fs(e)),
         };
         index
             .manifests
@@ -832,9 +892,12 @@ impl RemoteCacheBackend {
         let bytes = index
             .to_bytes()
             .map_err(|e| RemoteCacheError::ctx("index.json")(e))?;
-        let tmp = dir.join("index.json.tmp");
-        std::fs::write(&tmp, bytes).map_err(io)?;
-        std::fs::rename(&tmp, &index_path).map_err(io)?;
+        root.dir()
+            .write_file("index.json.tmp", &bytes, 0o644, None)
+            .map_err(fs)?;
+        root.dir()
+            .rename("index.json.tmp", root.dir(), "index.json")
+            .map_err(fs)?;
         Ok(ExportSummary {
             records: cfg.records.len(),
             layers: layers.len(),
@@ -960,8 +1023,8 @@ fn ref_name(d: &Descriptor) -> Option<&str> {
 /// none has that name and there is just one), verified.
 fn read_layout_manifest(dir: &Path, tag: &str) -> Result<RawManifest, RemoteCacheError> {
     let path = dir.join("index.json");
-    let bytes =
-        std::fs::read(&path).map_err(|e| RemoteCacheError::ctx(path.display().to_string())(e))?;
+    let what = || path.display().to_string();
+    let bytes = read_bounded(open_in_layout(dir, "index.json")?, INDEX_LIMIT, &what)?;
     let index: ImageIndex = serde_json::from_slice(&bytes)
         .map_err(|e| RemoteCacheError::ctx(path.display().to_string())(e))?;
     let d = index
