@@ -1195,6 +1195,43 @@ impl Meta {
             .collect()
     }
 
+    /// The lazy layers that claim to be the layer `diff_id` in one of
+    /// `media_types`, first recorded first (not verified: a claim).
+    pub fn lazy_layers_of_diff(
+        &self,
+        diff_id: &Digest,
+        media_types: &[&str],
+    ) -> Result<Vec<LazyLayer>> {
+        type Row = (String, String, Option<String>, String, i64);
+        let rows: Vec<Row> = self.read(|tx| {
+            let mut st = tx.prepare(
+                "SELECT snapshot, blob, parent, media_type, size FROM lazy_layers
+                 WHERE diff_id = ?1 ORDER BY added, blob",
+            )?;
+            let rows = st
+                .query_map([diff_id.to_string()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect::<rusqlite::Result<Vec<Row>>>()?;
+            Ok(rows)
+        })?;
+        rows.into_iter()
+            .filter(|r| media_types.contains(&r.3.as_str()))
+            .map(|(snapshot, blob, parent, media_type, size)| {
+                Ok(LazyLayer {
+                    snapshot,
+                    parent,
+                    blob: blob
+                        .parse()
+                        .map_err(|_| Error::InvalidDigest(blob.clone()))?,
+                    media_type,
+                    size: size.max(0) as u64,
+                    diff_id: diff_id.clone(),
+                })
+            })
+            .collect()
+    }
+
     /// Forgets the lazy layer (`snapshot`, `blob`): its blob is not the
     /// layer it claimed, or is gone.
     pub fn drop_lazy_layer(&self, snapshot: &str, blob: &Digest) -> Result<()> {

@@ -305,6 +305,43 @@ impl Store {
         })
     }
 
+    /// A stored blob in one of `media_types` proved to be the layer
+    /// `diff_id`, among those lazy layers claim (a remote cache's records
+    /// claim them: a claim is checked here — the blob against its digest
+    /// and size, the tar it decompresses to against `diff_id`, in one
+    /// streaming pass that writes nothing — before anyone relies on it; a
+    /// claim that fails is forgotten). `None` when no claim holds.
+    pub fn verified_lazy_blob(
+        &self,
+        diff_id: &Digest,
+        media_types: &[&str],
+    ) -> Result<Option<(Digest, u64)>> {
+        for l in self.meta().lazy_layers_of_diff(diff_id, media_types)? {
+            let file = match self.content().open(&l.blob) {
+                Ok(f) => f,
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            let keep = file.try_clone().ok();
+            let src: Box<dyn Read + Send> =
+                Box::new(io::BufReader::with_capacity(256 * 1024, file));
+            let layer = LayerBlob {
+                digest: &l.blob,
+                size: Some(l.size),
+                diff_id,
+            };
+            let streamed = stream_layer(src, &mut io::sink(), None);
+            match self.check_streamed(layer, keep.as_ref(), streamed, Ok(())) {
+                Ok(_) => return Ok(Some((l.blob.clone(), l.size))),
+                Err(Error::DiffIdMismatch { .. } | Error::CorruptBlob { .. }) => {
+                    let _ = self.meta().drop_lazy_layer(&l.snapshot, &l.blob);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
     /// [`Store::unpack_layer`] of a compressed blob that also keeps the
     /// layer's uncompressed tar, as the blob `layer.diff_id`: the thread
     /// that decompresses the blob writes the tar while the files are

@@ -307,19 +307,11 @@ fn a_missing_cache_is_a_warning_and_the_build_runs() {
     assert!(err.contains("failed to import cache"), "{err}");
 }
 
-/// A cache whose top record lies about its layer's diffID (the blob is
-/// the real one, so its digest checks out; the chain ID fits the lie): the
-/// layer is kept as its blob, and unpacking it — here for `kiln run` —
-/// finds the lie and refuses it; nothing of it becomes a snapshot, and the
-/// store stays sound.
-#[test]
-fn a_cache_record_lying_about_a_diff_id_is_refused_when_the_layer_is_unpacked() {
-    if !ready() {
-        return;
-    }
-    let (_reg, ctx, _dir, dest, _) = app_cached_in_a_layout();
-
-    // Rewrite the layout: every record's diffID becomes another digest.
+/// Rewrites the cache in the layout `dest`: its top record (no other
+/// names it as its parent) claims the diffID `lie`, with the chain ID that
+/// diffID gives, so the record is consistent and used; its blob stays the
+/// real one. Returns that blob's digest.
+fn claim_in_layout(dest: &Path, lie: &str) -> String {
     let blob = |d: &str| {
         dest.join("blobs/sha256")
             .join(d.trim_start_matches("sha256:"))
@@ -344,7 +336,6 @@ fn a_cache_record_lying_about_a_diff_id_is_refused_when_the_layer_is_unpacked() 
     // The top record (no other names it as its parent) claims another
     // diffID, with the chain ID that diffID gives, so the record is
     // consistent and used.
-    let lie = kiln_image::Digest::sha256_of(b"not this layer").to_string();
     let records = cfg["records"].as_array_mut().expect("records");
     let parents: Vec<String> = records
         .iter()
@@ -359,7 +350,8 @@ fn a_cache_record_lying_about_a_diff_id_is_refused_when_the_layer_is_unpacked() 
         })
         .expect("a top record");
     let parent = top["parentChainID"].as_str().expect("parent").to_string();
-    top["diffID"] = Value::String(lie.clone());
+    let layer = top["layer"].as_u64().expect("layer") as usize;
+    top["diffID"] = Value::String(lie.to_string());
     top["chainID"] = Value::String(
         kiln_image::Digest::sha256_of(format!("{parent} {lie}").as_bytes()).to_string(),
     );
@@ -374,6 +366,26 @@ fn a_cache_record_lying_about_a_diff_id_is_refused_when_the_layer_is_unpacked() 
         serde_json::to_vec(&index).expect("json"),
     )
     .expect("index");
+    m["layers"][layer]["digest"]
+        .as_str()
+        .expect("layer digest")
+        .to_string()
+}
+
+/// A cache whose top record lies about its layer's diffID (the blob is
+/// the real one, so its digest checks out; the chain ID fits the lie): the
+/// layer is kept as its blob, and unpacking it — here for `kiln run` —
+/// finds the lie and refuses it; nothing of it becomes a snapshot, and the
+/// store stays sound.
+#[test]
+fn a_cache_record_lying_about_a_diff_id_is_refused_when_the_layer_is_unpacked() {
+    if !ready() {
+        return;
+    }
+    let (_reg, ctx, _dir, dest, _) = app_cached_in_a_layout();
+
+    let lie = kiln_image::Digest::sha256_of(b"not this layer").to_string();
+    claim_in_layout(&dest, &lie);
 
     let b = Client::new(false);
     let from = format!("type=local,src={}", dest.display());
@@ -410,6 +422,70 @@ fn a_cache_record_lying_about_a_diff_id_is_refused_when_the_layer_is_unpacked() 
         snapshots(&b) <= made + 3,
         "at most the base and the two true layers were unpacked: {made} -> {}",
         snapshots(&b)
+    );
+    let o = b.run(&["system", "check"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A cache record that claims the diffID of another layer the runner has
+/// (its own image's, built here) with a blob that is not that layer: the
+/// claim must not become the runner's memo of how that layer compresses,
+/// or every later push of its own image would send the cache's blob for
+/// its layer. The push sends the true layer, which a pull verifies.
+#[test]
+fn a_cache_record_claiming_a_local_layer_never_ships_its_blob_for_that_layer() {
+    if !ready() {
+        return;
+    }
+    let (reg, ctx, _dir, dest, _) = app_cached_in_a_layout();
+    let base = push_base(&reg);
+    let b = Client::new(false);
+    let own = context(&[
+        ("Dockerfile", &format!("FROM {base}\nCOPY v.txt /v.txt\n")),
+        ("v.txt", "the runner's own layer\n"),
+    ]);
+    build_json(&b, own.path(), &["-t", "own:1"]);
+    let v: Value = serde_json::from_str(&b.stdout(&["inspect", "own:1"])).expect("inspect");
+    let own_diff = v[0]["RootFS"]["Layers"]
+        .as_array()
+        .and_then(|l| l.last())
+        .and_then(Value::as_str)
+        .expect("a layer")
+        .to_string();
+
+    let claimed = claim_in_layout(&dest, &own_diff);
+    let from = format!("type=local,src={}", dest.display());
+    let o = b.run(&[
+        "build",
+        "-q",
+        "-t",
+        "app:1",
+        "--cache-from",
+        &from,
+        ctx.path().to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let target = format!("{}/own:1", reg.host());
+    b.ok(&["tag", "own:1", &target]);
+    b.ok(&["push", &target]);
+    let m = raw_manifest(&target);
+    let pushed = m["layers"]
+        .as_array()
+        .and_then(|l| l.last())
+        .and_then(|l| l["digest"].as_str())
+        .expect("pushed layer")
+        .to_string();
+    assert_ne!(
+        pushed, claimed,
+        "the cache's blob went out as the runner's layer"
+    );
+    // A pull (which checks every layer against its diffID) gets the file.
+    let c = Client::new(false);
+    c.ok(&["pull", &target]);
+    assert_eq!(
+        c.stdout(&["run", "--rm", &target, "cat", "/v.txt"]),
+        "the runner's own layer"
     );
     let o = b.run(&["system", "check"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

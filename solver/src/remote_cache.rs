@@ -535,7 +535,10 @@ impl RemoteCacheBackend {
                 diff_id: cd(&r.rec.diff_id)?,
             })
             .map_err(|e| RemoteCacheError::ctx("cache index")(e))?;
-        remember_compressed(store, r)
+        // Not in the compression memo yet: the record's diffID is only a
+        // claim until the blob is unpacked or checked (a push checks it
+        // before sending the blob for that diffID: see `plan_layer`).
+        Ok(())
     }
 
     fn fetch(&self, r: &Remote) -> Result<(), RemoteCacheError> {

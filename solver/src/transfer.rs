@@ -491,6 +491,28 @@ fn plan_layer(
             return Ok(LayerPlan::Ready(Box::new(Descriptor::new(mt, d, size))));
         }
     }
+    // A blob a remote cache brought for this diffID (at the default
+    // level, as BuildKit compresses): used once it is proved to be the
+    // layer (decompressing and hashing costs less than compressing), and
+    // then remembered.
+    let claimed: &[&str] = match (want, level) {
+        (Compression::Gzip, GZIP_DEFAULT_LEVEL) => {
+            &[media_types::OCI_LAYER_GZIP, media_types::DOCKER_LAYER_GZIP]
+        }
+        (Compression::Zstd, ZSTD_DEFAULT_LEVEL) => &[media_types::OCI_LAYER_ZSTD],
+        _ => &[],
+    };
+    if !claimed.is_empty() {
+        if let Ok(Some((b, size))) = store.verified_lazy_blob(&did, claimed) {
+            let _ = store.meta().put_layer_blob(&did, &cname, level, &b);
+            progress(&format!(
+                "{}: {cname} blob of the imported cache checked ({size} bytes)",
+                short(diff_id)
+            ));
+            let d: Digest = b.to_string().parse().map_err(TransferError::src)?;
+            return Ok(LayerPlan::Ready(Box::new(Descriptor::new(mt, d, size))));
+        }
+    }
     Ok(LayerPlan::Compress(Target {
         media_type: mt,
         cname,
