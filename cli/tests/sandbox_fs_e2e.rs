@@ -392,6 +392,45 @@ fn chown_lookup_never_opens_a_device_or_fifo_from_the_image() {
     }
 }
 
+/// Hostile-review finding: a writable bind mount of a single file from a
+/// stage (`RUN --mount=type=bind,from=s,source=F,rw`) copied F on the host
+/// side, where nothing is nodev: a device node an earlier step made was
+/// opened as the host's device (here /dev/null's numbers, so the step got
+/// an empty copy; a disk's numbers would have copied the host's disk into
+/// the step) and a fifo hung the build. A special file is now bound as it
+/// is, read-only, under the step's nodev; a regular file is still copied.
+#[test]
+fn a_writable_bind_of_a_special_file_never_opens_it_on_the_host() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[("f", "x")]);
+    dockerfile(
+        ctx.path(),
+        "FROM busybox AS s\n\
+         RUN mknod /null c 1 3 && mkfifo /fifo && echo text > /file\n\
+         FROM busybox\n\
+         RUN --mount=type=bind,from=s,source=/null,target=/x,rw test -c /x && echo null-is-a-device\n\
+         RUN --mount=type=bind,from=s,source=/fifo,target=/x,rw test -p /x && echo fifo-is-a-fifo\n\
+         RUN --mount=type=bind,from=s,source=/file,target=/x,rw test -f /x && echo more >> /x && cat /x\n",
+    );
+    let child = k
+        .cmd()
+        .args(["build", "--no-cache", "--progress", "plain"])
+        .arg(ctx.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = within_a_minute(child, "the build hung on a fifo of the image");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("null-is-a-device"), "{err}");
+    assert!(err.contains("fifo-is-a-fifo"), "{err}");
+    assert!(err.contains("text\n") && err.contains("more"), "{err}");
+}
+
 #[test]
 fn a_pipeline_whose_reader_exits_ends() {
     if !prerequisites() {

@@ -595,17 +595,28 @@ fn bind_src(
 ) -> Result<oci::Mount, MountError> {
     match src {
         BindSrc::Host(h) => {
-            let is_dir = fs::metadata(h).map(|m| m.is_dir()).unwrap_or(false);
             if readonly {
                 return bind_mount(target, h, true);
             }
-            if is_dir {
-                return overlay(backend, temps, target, std::slice::from_ref(h), false);
-            }
-            // A writable single file: a throwaway copy.
+            // A writable single file: a throwaway copy of a regular file,
+            // read through a descriptor proved to be one. A special file
+            // of the image (a device node, a fifo, a socket) is never
+            // opened on the host — where nothing is nodev, a device node
+            // there is the host's device, a fifo hangs — but bound as it
+            // is, read-only (the step's mounts are nodev).
+            let Some((mut from, mode)) =
+                open_regular(h).map_err(MountError::ctx(format!("opening {}", h.display())))?
+            else {
+                return bind_mount(target, h, true);
+            };
             let t = scratch(backend, "bind-")?;
             let copy = t.path().join("file");
-            fs::copy(h, &copy).map_err(MountError::ctx(format!("copying {}", h.display())))?;
+            let mut to = fs::File::create(&copy)
+                .map_err(MountError::ctx(format!("creating {}", copy.display())))?;
+            std::io::copy(&mut from, &mut to)
+                .map_err(MountError::ctx(format!("copying {}", h.display())))?;
+            to.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777))
+                .map_err(MountError::ctx(format!("chmod {}", copy.display())))?;
             let m = bind_mount(target, &copy, false)?;
             temps.push(t);
             Ok(m)
@@ -632,6 +643,26 @@ fn bind_src(
             many => overlay(backend, temps, target, many, readonly),
         },
     }
+}
+
+/// `path` opened for reading when it is a regular file (not following a
+/// symlink; the descriptor's own file checked, then reopened through it),
+/// with its mode; `None` for anything else, which is not opened.
+fn open_regular(path: &Path) -> std::io::Result<Option<(fs::File, u32)>> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let p = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    let st = p.metadata()?;
+    if !st.file_type().is_file() {
+        return Ok(None);
+    }
+    let f = fs::File::open(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&p)
+    ))?;
+    Ok(Some((f, st.mode())))
 }
 
 /// An overlay of `lowers` (top first); writable ones get a throwaway upper.
