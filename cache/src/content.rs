@@ -141,7 +141,14 @@ impl ContentStore {
         }
         let mut w = self.writer()?;
         let tmp = w.tmp_path.clone();
-        io::copy(&mut reader, &mut w).map_err(|e| io_err("write", tmp, e))?;
+        match expected_size {
+            // One byte past the size is enough to know the stream is too
+            // long (the commit refuses it): a source that does not end (a
+            // device, an endless download) does not fill the disk.
+            Some(s) => io::copy(&mut (&mut reader).take(s.saturating_add(1)), &mut w),
+            None => io::copy(&mut reader, &mut w),
+        }
+        .map_err(|e| io_err("write", tmp, e))?;
         w.commit(expected, expected_size)
     }
 

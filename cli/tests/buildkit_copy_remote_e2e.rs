@@ -930,6 +930,62 @@ fn build_context_from_an_oci_layout_directory_by_tag() {
         ],
     );
     assert!(err.contains("not an OCI image layout"), "{err}");
+
+    // The layout is the image's, and not trusted: a symlinked index.json
+    // (here to an endless device, read to the end of memory before), a
+    // layer blob that is a fifo (a hang before) or a symlink to a host
+    // file are refused, each with an error naming it.
+    let hostile = layouts.path().join("hostile");
+    let run = |cmd: &str, args: &[&std::path::Path]| {
+        let o = std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .expect(cmd);
+        assert!(o.status.success(), "{cmd}: {o:?}");
+    };
+    run("cp", &[Path::new("-a"), &lay, &hostile]);
+    let named = format!("base=oci-layout://{}:v1", hostile.display());
+    let index = hostile.join("index.json");
+    let kept = hostile.join("index.json.kept");
+    std::fs::rename(&index, &kept).expect("rename");
+    std::os::unix::fs::symlink("/dev/zero", &index).expect("symlink");
+    let err = build_fails(&k2, ctx_a.path(), &["--build-context", &named]);
+    assert!(
+        err.contains("index.json") && err.contains("symlink"),
+        "{err}"
+    );
+    std::fs::remove_file(&index).expect("rm");
+    std::fs::rename(&kept, &index).expect("rename");
+    let k3 = Kiln::with_busybox();
+    let blobs = hostile.join("blobs/sha256");
+    let mut biggest: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(&blobs)
+        .expect("blobs")
+        .map(|e| {
+            let p = e.expect("entry").path();
+            (std::fs::metadata(&p).expect("meta").len(), p)
+        })
+        .collect();
+    biggest.sort();
+    let (_, layer) = biggest.pop().expect("a layer blob");
+    std::fs::remove_file(&layer).expect("rm");
+    run("mkfifo", &[&layer]);
+    let t = std::time::Instant::now();
+    let err = build_fails(&k3, ctx_a.path(), &["--build-context", &named]);
+    assert!(t.elapsed() < std::time::Duration::from_secs(60));
+    assert!(
+        err.contains(
+            &layer
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .to_string()
+        ),
+        "{err}"
+    );
+    std::fs::remove_file(&layer).expect("rm");
+    std::os::unix::fs::symlink("/etc/passwd", &layer).expect("symlink");
+    let err = build_fails(&k3, ctx_a.path(), &["--build-context", &named]);
+    assert!(err.contains("symlink"), "{err}");
 }
 
 /// Sets `p`'s mtime (a directory too) to `secs` since the epoch.

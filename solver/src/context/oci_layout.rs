@@ -3,7 +3,10 @@
 //! uses it like a `docker-image://` context. Every blob is verified
 //! against its digest as it is stored.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+/// The most of a layout's `index.json` read.
+const INDEX_LIMIT: u64 = 16 << 20;
 
 /// The registry domain of the names `oci-layout://` contexts are imported
 /// under (reserved: never pulled).
@@ -83,33 +86,56 @@ pub fn import(
         ImageIndex, Platform, RawManifest, ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME,
     };
     let what = || format!("oci-layout://{}", dir.display());
-    let blob_path = |d: &kiln_image::Digest| -> Result<PathBuf, OciLayoutError> {
+    // The layout is the image's: its files are opened below `dir` with
+    // descriptors, a symlink never followed, a fifo or device never
+    // opened, and what is read into memory is bounded.
+    let root = kiln_fs::Root::open(dir).map_err(|e| {
+        caused(
+            format!("{}: not an OCI image layout: {}", what(), chain(&e)),
+            e,
+        )
+    })?;
+    let open = |rel: &str| -> Result<std::fs::File, OciLayoutError> {
+        root.open_file(rel, kiln_fs::Follow::Never).map_err(|e| {
+            let why = if e.raw_os_error() == Some(libc::ELOOP) {
+                "a symlink, not followed in a layout".to_string()
+            } else {
+                chain(&e)
+            };
+            caused(format!("{}: {rel}: {why}", what()), e)
+        })
+    };
+    let read_bounded = |rel: &str, limit: u64| -> Result<Vec<u8>, OciLayoutError> {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(open(rel)?, limit + 1), &mut bytes)
+            .map_err(|e| caused(format!("{}: reading {rel}: {e}", what()), e))?;
+        if bytes.len() as u64 > limit {
+            return Err(err(format!(
+                "{}: {rel} is larger than {limit} bytes",
+                what()
+            )));
+        }
+        Ok(bytes)
+    };
+    let blob_rel = |d: &kiln_image::Digest| -> Result<String, OciLayoutError> {
         let s = d.to_string();
         let hex = s
             .strip_prefix("sha256:")
             .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
             .ok_or_else(|| err(format!("{}: unsupported digest {s}", what())))?;
-        Ok(dir.join("blobs/sha256").join(hex))
+        Ok(format!("blobs/sha256/{hex}"))
     };
     let read_blob = |d: &kiln_image::Digest| -> Result<Vec<u8>, OciLayoutError> {
-        let p = blob_path(d)?;
-        let bytes = std::fs::read(&p)
-            .map_err(|e| caused(format!("{}: reading {}: {e}", what(), p.display()), e))?;
+        let bytes = read_bounded(&blob_rel(d)?, kiln_image::manifest::MAX_MANIFEST_SIZE)?;
         let (got, _) = kiln_image::archive::digest_reader(&bytes[..])?;
         if &got != d {
             return Err(err(format!("{}: blob {d} has digest {got}", what())));
         }
         Ok(bytes)
     };
-    let idx_path = dir.join("index.json");
-    let idx_bytes = std::fs::read(&idx_path).map_err(|e| {
-        caused(
-            format!(
-                "{}: not an OCI image layout (reading index.json): {e}",
-                what()
-            ),
-            e,
-        )
+    let idx_bytes = read_bounded("index.json", INDEX_LIMIT).map_err(|e| OciLayoutError {
+        message: format!("{} (not an OCI image layout?)", e.message),
+        cause: e.cause,
     })?;
     let index: ImageIndex = serde_json::from_slice(&idx_bytes)
         .map_err(|e| caused(format!("{}: parsing index.json: {e}", what()), e))?;
@@ -151,10 +177,9 @@ pub fn import(
     let man = raw.manifest()?;
     let store = store.leased(None)?;
     let mut stored = Vec::new();
+    kiln_image::config::check_config_size(man.config.size)?;
     for desc in std::iter::once(&man.config).chain(&man.layers) {
-        let p = blob_path(&desc.digest)?;
-        let f = std::fs::File::open(&p)
-            .map_err(|e| caused(format!("{}: blob {} missing: {e}", what(), desc.digest), e))?;
+        let f = open(&blob_rel(&desc.digest)?)?;
         let want: kiln_cache::Digest = desc
             .digest
             .to_string()
