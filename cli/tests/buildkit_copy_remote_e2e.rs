@@ -1095,3 +1095,75 @@ fn copy_the_root_of_an_empty_scratch_stage_copies_nothing() {
     let err = build_fails(&k, bad.path(), &[]);
     assert!(err.contains("not found"), "{err}");
 }
+
+/// A server that accepts connections and then sends `prefix` and one byte
+/// every 300 ms for ever (or nothing, for an empty prefix with no bytes):
+/// the idle timeout never trips. Returns its port.
+fn trickling_server(prefix: &'static [u8], drip: bool) -> u16 {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let _ = conn.write_all(prefix);
+                loop {
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    if drip && conn.write_all(b"x").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Hostile-review finding: a download or git fetch had only an idle
+/// timeout, so a server sending a byte now and then (or a git:// daemon
+/// that accepts and says nothing, which git waits on for ever) held the
+/// build for ever. Each now ends at `KILN_FETCH_TIMEOUT` with an error
+/// that names it.
+#[test]
+fn a_trickling_download_or_a_silent_git_server_ends_at_the_fetch_timeout() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let http = trickling_server(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nContent-Type: application/octet-stream\r\n\r\n",
+        true,
+    );
+    let git_port = trickling_server(b"", false);
+    for (src, needle) in [
+        (format!("http://127.0.0.1:{http}/big.bin"), "big.bin"),
+        (format!("git://127.0.0.1:{git_port}/repo.git"), "git"),
+    ] {
+        let ctx = context(&[("Dockerfile", &format!("FROM busybox\nADD {src} /got\n"))]);
+        let started = std::time::Instant::now();
+        let o = k
+            .cmd()
+            .env("KILN_FETCH_TIMEOUT", "3s")
+            .args(["build", "-q"])
+            .arg(ctx.path())
+            .output()
+            .expect("kiln");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{src}: {err}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{src}: took {:?}",
+            started.elapsed()
+        );
+        assert!(err.contains(needle), "{src}: {err}");
+        if src.starts_with("git") {
+            assert!(err.contains("KILN_FETCH_TIMEOUT"), "{src}: {err}");
+        } else {
+            assert!(
+                err.to_lowercase().contains("timed out") || err.contains("timeout"),
+                "{src}: {err}"
+            );
+        }
+    }
+}

@@ -873,7 +873,14 @@ impl Registry {
             return Err(self.proto(format!("blob {} too large to hold", desc.digest)));
         }
         self.retry(|| {
-            let mut r = self.open_blob(repo, desc)?;
+            // A small read has a total deadline, as a manifest's: a server
+            // sending a byte a minute never trips the idle timeout.
+            let started = Instant::now();
+            let mut r = CancelReader {
+                inner: Box::new(self.open_blob(repo, desc)?),
+                cancel: self.cancel.clone(),
+                deadline: Some((started + self.request_timeout, self.request_timeout)),
+            };
             let mut v = Vec::with_capacity(desc.size as usize);
             r.read_to_end(&mut v).map_err(|e| {
                 if e.kind() == io::ErrorKind::InvalidData {

@@ -6,7 +6,9 @@
 //!   and `KILN_IDLE_TIMEOUT` (seconds, or with a `ms`/`s`/`m` suffix;
 //!   defaults [`DEFAULT_CONNECT_TIMEOUT`] and [`DEFAULT_IDLE_TIMEOUT`]),
 //!   and for small registry requests (manifests, tokens) a total bound,
-//!   `KILN_REQUEST_TIMEOUT` ([`DEFAULT_REQUEST_TIMEOUT`]).
+//!   `KILN_REQUEST_TIMEOUT` ([`DEFAULT_REQUEST_TIMEOUT`]); an `ADD <url>`
+//!   download, a remote context or a git fetch has a total bound too,
+//!   `KILN_FETCH_TIMEOUT` ([`DEFAULT_FETCH_TIMEOUT`]).
 //! * **http(s) only**: redirects are followed here, not inside the HTTP
 //!   library, at most [`MAX_REDIRECTS`] of them, and only to `http://` or
 //!   `https://` URLs; anything else (`file:///…`) is a clear error.
@@ -30,6 +32,10 @@ pub const MAX_REDIRECTS: usize = 10;
 /// from sending it to the last byte of its body, however slowly the
 /// bytes come (`KILN_REQUEST_TIMEOUT`).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default total time of an `ADD <url>` download, a remote build context
+/// or a git fetch, however slowly the bytes come (`KILN_FETCH_TIMEOUT`).
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 /// A URL, redirect or timeout setting that kiln will not use.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +103,8 @@ pub struct NetTimeouts {
     /// included: a server that sends one byte a second never trips the
     /// idle timeout.
     pub request: Duration,
+    /// Longest total time of a download or git fetch of a build source.
+    pub fetch: Duration,
 }
 
 impl Default for NetTimeouts {
@@ -105,6 +113,7 @@ impl Default for NetTimeouts {
             connect: DEFAULT_CONNECT_TIMEOUT,
             idle: DEFAULT_IDLE_TIMEOUT,
             request: DEFAULT_REQUEST_TIMEOUT,
+            fetch: DEFAULT_FETCH_TIMEOUT,
         }
     }
 }
@@ -144,6 +153,7 @@ impl NetTimeouts {
             connect: get("KILN_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)?,
             idle: get("KILN_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT)?,
             request: get("KILN_REQUEST_TIMEOUT", DEFAULT_REQUEST_TIMEOUT)?,
+            fetch: get("KILN_FETCH_TIMEOUT", DEFAULT_FETCH_TIMEOUT)?,
         })
     }
 

@@ -68,7 +68,9 @@ pub struct Fetched {
 /// the host's `certs.d` CAs; see [`kiln_registry::tls`]).
 fn http_agent(url: &kiln_registry::http::Url) -> Result<ureq::Agent, FetchError> {
     let t = kiln_registry::http::NetTimeouts::from_env().map_err(FetchError::src)?;
-    let mut b = t.agent_builder();
+    // The whole download (body included) within `KILN_FETCH_TIMEOUT`: a
+    // server trickling a byte a minute never trips the idle timeout.
+    let mut b = t.agent_builder().timeout(t.fetch);
     if url.scheme() == "https" {
         let host = kiln_registry::tls::url_host(url).unwrap_or_default();
         let cfg = kiln_registry::RegistryConfig::load(&[]).map_err(FetchError::src)?;
@@ -338,21 +340,113 @@ fn git(dir: &Path, args: &[&str]) -> Result<String, FetchError> {
     if std::env::var_os("GIT_SSH_COMMAND").is_none() {
         cmd.env("GIT_SSH_COMMAND", t.git_ssh_command());
     }
-    let out = cmd.output().map_err(|e| {
+    let what = args.first().copied().unwrap_or_default();
+    let out = run_bounded(cmd, t.fetch).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             FetchError::invalid("git sources need the git command (apt-get install git)")
         } else {
             FetchError::ctx("running git")(e)
         }
     })?;
+    if out.timed_out {
+        return Err(FetchError::Invalid(format!(
+            "git {what}: stopped after {}s (KILN_FETCH_TIMEOUT): {}",
+            t.fetch.as_secs(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
     if !out.status.success() {
         return Err(FetchError::Invalid(format!(
-            "git {}: {}",
-            args.first().copied().unwrap_or_default(),
+            "git {what}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// What [`run_bounded`] kept of a command's run.
+struct Bounded {
+    status: std::process::ExitStatus,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    timed_out: bool,
+}
+
+/// Bytes of a command's stdout, and of its stderr, kept (the rest is read
+/// and dropped: a server's endless `remote:` lines cost no memory).
+const OUTPUT_KEPT: u64 = 1 << 20;
+
+/// Runs `cmd` in a process group of its own, for at most `limit`: after
+/// that the whole group (git and the transports it started) is killed.
+fn run_bounded(mut cmd: Command, limit: std::time::Duration) -> io::Result<Bounded> {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    cmd.process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let keep = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            if let Some(mut r) = r {
+                let _ = (&mut r).take(OUTPUT_KEPT).read_to_end(&mut kept);
+                let _ = io::copy(&mut r, &mut io::sink());
+            }
+            kept
+        })
+    };
+    let out = keep(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let err = keep(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let deadline = std::time::Instant::now() + limit;
+    let pgid = child.id() as libc::pid_t;
+    let mut timed_out = false;
+    // Until the leader is reaped its pid (the group's id) cannot be
+    // reused, so the group is signalled only before `wait`: once the
+    // leader has ended (seen without reaping it) or the time is up, the
+    // rest of the group (a transport left behind would hold the pipes
+    // open) is killed, then the leader is reaped.
+    loop {
+        // SAFETY: an all-zero siginfo_t is a valid value to be written.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own child, WNOWAIT: nothing is reaped.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pgid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: reading the pid field waitid filled in (0: not ended).
+        let ended = r != 0 || unsafe { info.si_pid() } != 0;
+        if !ended && std::time::Instant::now() >= deadline {
+            timed_out = true;
+        }
+        if ended || timed_out {
+            // SAFETY: signalling the group our unreaped child leads.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = child.wait()?;
+    Ok(Bounded {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+        timed_out,
+    })
 }
 
 /// git's CA settings for an https `remote` (`-c http.sslCAInfo=FILE`):
