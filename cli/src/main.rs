@@ -379,18 +379,23 @@ fn exec_failure_status(err: &std::io::Error) -> u8 {
 
 /// Reads a Dockerfile from a path, or stdin for `None` / `-`.
 fn read_dockerfile(file: Option<&PathBuf>) -> anyhow::Result<(String, String)> {
+    let limit = kiln_solver::context::MAX_DOCKERFILE;
     let mut bytes = Vec::new();
     let name = match file.filter(|f| f.as_os_str() != "-") {
         Some(path) => {
-            bytes = std::fs::read(path)
+            std::fs::File::open(path)
+                .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
             path.display().to_string()
         }
         None => {
-            std::io::stdin().read_to_end(&mut bytes)?;
+            std::io::stdin().take(limit + 1).read_to_end(&mut bytes)?;
             "Dockerfile".to_string()
         }
     };
+    if bytes.len() as u64 > limit {
+        anyhow::bail!("{name}: a Dockerfile is at most {} MiB", limit >> 20);
+    }
     Ok((name, String::from_utf8_lossy(&bytes).into_owned()))
 }
 

@@ -91,9 +91,24 @@ fn from_file(
             ))?;
             None
         }
-        None => Some(std::fs::read(path).map_err(MainContextError::ctx(format!(
-            "reading the build context from {what}"
-        )))?),
+        // Not an archive: the context is a Dockerfile, read as any other
+        // (at most MAX_DOCKERFILE bytes).
+        None => {
+            let limit = crate::context::MAX_DOCKERFILE;
+            let mut b = Vec::new();
+            std::fs::File::open(path)
+                .and_then(|f| f.take(limit + 1).read_to_end(&mut b))
+                .map_err(MainContextError::ctx(format!(
+                    "reading the build context from {what}"
+                )))?;
+            if b.len() as u64 > limit {
+                return Err(MainContextError::Invalid(format!(
+                    "the build context from {what} is neither an archive nor a Dockerfile of at most {} MiB",
+                    limit >> 20
+                )));
+            }
+            Some(b)
+        }
     };
     std::fs::remove_file(path).map_err(MainContextError::ctx(format!("{}", path.display())))?;
     Ok(Prepared {
