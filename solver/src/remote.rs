@@ -68,9 +68,7 @@ pub struct Fetched {
 /// the host's `certs.d` CAs; see [`kiln_registry::tls`]).
 fn http_agent(url: &kiln_registry::http::Url) -> Result<ureq::Agent, FetchError> {
     let t = kiln_registry::http::NetTimeouts::from_env().map_err(FetchError::src)?;
-    // The whole download (body included) within `KILN_FETCH_TIMEOUT`: a
-    // server trickling a byte a minute never trips the idle timeout.
-    let mut b = t.agent_builder().timeout(t.fetch);
+    let mut b = t.agent_builder();
     if url.scheme() == "https" {
         let host = kiln_registry::tls::url_host(url).unwrap_or_default();
         let cfg = kiln_registry::RegistryConfig::load(&[]).map_err(FetchError::src)?;
@@ -125,6 +123,7 @@ pub fn fetch_http(
     checksum: Option<&str>,
 ) -> Result<Fetched, FetchError> {
     let want = checksum.map(parse_sha256).transpose()?;
+    let started = std::time::Instant::now();
     let dir = tempfile::Builder::new()
         .prefix("add-url-")
         .tempdir_in(scratch)
@@ -181,7 +180,19 @@ pub fn fetch_http(
     let mut reader = resp.into_reader();
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
+    // The whole download within `KILN_FETCH_TIMEOUT`: a server trickling
+    // a byte a minute never trips the idle timeout (which still ends a
+    // read that waits too long).
+    let limit = kiln_registry::http::NetTimeouts::from_env()
+        .map_err(FetchError::src)?
+        .fetch;
     loop {
+        if started.elapsed() > limit {
+            return Err(FetchError::Invalid(format!(
+                "failed to load {url}: timed out after {}s (KILN_FETCH_TIMEOUT)",
+                limit.as_secs()
+            )));
+        }
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
