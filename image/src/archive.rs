@@ -417,36 +417,46 @@ pub fn write_oci_archive(
     Ok(())
 }
 
-fn write_atomic(path: &Path, r: &mut dyn Read, expect: Option<&Digest>) -> Result<(), ImageError> {
-    let dir = path.parent().ok_or_else(|| arch_err("no parent"))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .map_err(|e| ImageError::path("create temp in", dir, e))?;
-    let mut w = HashingWriter::new(tmp.as_file_mut());
-    io::copy(r, &mut w).map_err(|e| ImageError::path("write", path, e))?;
-    let (_, got, _) = w.finish();
-    if let Some(d) = expect {
-        if &got != d {
-            return Err(ImageError::DigestMismatch {
-                what: path.display().to_string(),
-                expected: d.to_string(),
-                actual: got.to_string(),
-            });
+/// Writes `name` in `dir` from `r` (hashed on the way and checked against
+/// `expect`) through a temp name in the same directory, then renames it
+/// into place: every step is an `*at` call on one name below the open
+/// directory, so nothing renamed or symlinked in `dir` meanwhile sends a
+/// write elsewhere. `path` names the file in errors.
+fn write_atomic(
+    dir: &kiln_fs::Dir,
+    name: &str,
+    path: &Path,
+    r: &mut dyn Read,
+    expect: Option<&Digest>,
+) -> Result<(), ImageError> {
+    let fs_err = |e: kiln_fs::Error| {
+        ImageError::path(e.op(), path, io::Error::new(e.kind(), e.io().to_string()))
+    };
+    let tmp = format!(".{name}.kiln-tmp-{}", std::process::id());
+    let mut f = dir
+        .create_file(&tmp, 0o666 & !kiln_fs::umask(), kiln_fs::Create::Replace)
+        .map_err(fs_err)?;
+    let written = (|| {
+        let mut w = HashingWriter::new(&mut f);
+        io::copy(r, &mut w).map_err(|e| ImageError::path("write", path, e))?;
+        let (_, got, _) = w.finish();
+        if let Some(d) = expect {
+            if &got != d {
+                return Err(ImageError::DigestMismatch {
+                    what: path.display().to_string(),
+                    expected: d.to_string(),
+                    actual: got.to_string(),
+                });
+            }
         }
+        f.sync_all()
+            .map_err(|e| ImageError::path("fsync", path, e))?;
+        dir.rename(&tmp, dir, name).map_err(fs_err)
+    })();
+    if written.is_err() {
+        let _ = dir.remove(&tmp);
     }
-    // A temp file is 0600; the layout's files get what creat(0666) would
-    // under the umask (0644 under 022), as the README says.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(fs::Permissions::from_mode(0o666 & !kiln_fs::umask()))
-            .map_err(|e| ImageError::path("chmod", path, e))?;
-    }
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| ImageError::path("fsync", path, e))?;
-    tmp.persist(path)
-        .map_err(|e| ImageError::path("rename", path, e.error))?;
-    Ok(())
+    written
 }
 
 /// Write an OCI image layout into the directory `dir` (created if needed).
@@ -461,33 +471,61 @@ pub fn write_oci_dir(
     fs::create_dir_all(dir).map_err(|e| ImageError::path("mkdir", dir, e))?;
     // What is in `dir` already may come from an earlier export of an
     // untrusted image: a symlink named `blobs` or `blobs/sha256` is an
-    // error, never followed out of `dir`.
-    kiln_fs::Root::open(dir)
-        .and_then(|r| r.mkdir_all("blobs/sha256", kiln_fs::Follow::Never, &Default::default()))
-        .map_err(|e| {
-            let msg = if e.raw_os_error() == Some(libc::ELOOP) {
-                "a symlink, never followed out of the layout directory".to_string()
-            } else {
-                e.io().to_string()
-            };
-            ImageError::path(e.op(), e.path(), io::Error::new(e.kind(), msg))
-        })?;
-    write_atomic(&dir.join("oci-layout"), &mut &OCI_LAYOUT[..], None)?;
+    // error, never followed out of `dir`; every file is then written
+    // below the directories opened here (see `write_atomic`).
+    let fs_err = |e: kiln_fs::Error| {
+        let msg = if e.raw_os_error() == Some(libc::ELOOP) {
+            "a symlink, never followed out of the layout directory".to_string()
+        } else {
+            e.io().to_string()
+        };
+        ImageError::path(e.op(), e.path(), io::Error::new(e.kind(), msg))
+    };
+    let root = kiln_fs::Root::open(dir).map_err(fs_err)?;
+    let blob_dir = root
+        .mkdir_all("blobs/sha256", kiln_fs::Follow::Never, &Default::default())
+        .map_err(fs_err)?;
+    write_atomic(
+        root.dir(),
+        "oci-layout",
+        &dir.join("oci-layout"),
+        &mut &OCI_LAYOUT[..],
+        None,
+    )?;
+    let kept = |hex: &str| {
+        blob_dir
+            .stat(hex)
+            .ok()
+            .flatten()
+            .is_some_and(|st| st.is_file())
+    };
     for img in images {
-        let p = bdir.join(img.manifest.digest.hex());
-        if !fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
-            write_atomic(&p, &mut &img.manifest.bytes[..], Some(&img.manifest.digest))?;
+        let hex = img.manifest.digest.hex();
+        if !kept(hex) {
+            write_atomic(
+                &blob_dir,
+                hex,
+                &bdir.join(hex),
+                &mut &img.manifest.bytes[..],
+                Some(&img.manifest.digest),
+            )?;
         }
     }
     for d in collect_blobs(images, blobs)? {
-        let p = bdir.join(d.digest.hex());
-        if !fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
+        let hex = d.digest.hex();
+        if !kept(hex) {
             let mut r = blobs.open_blob(&d.digest)?;
-            write_atomic(&p, &mut r, Some(&d.digest))?;
+            write_atomic(&blob_dir, hex, &bdir.join(hex), &mut r, Some(&d.digest))?;
         }
     }
     let idx = index_for(images, blobs)?;
-    write_atomic(&dir.join("index.json"), &mut &idx[..], None)
+    write_atomic(
+        root.dir(),
+        "index.json",
+        &dir.join("index.json"),
+        &mut &idx[..],
+        None,
+    )
 }
 
 /// Which kind of archive [`read_archive`] found.
