@@ -1167,32 +1167,7 @@ impl Meta {
     /// The lazy layers that make the snapshot `snapshot`, first recorded
     /// first.
     pub fn lazy_layers(&self, snapshot: &str) -> Result<Vec<LazyLayer>> {
-        type Row = (String, Option<String>, String, i64, String);
-        let rows: Vec<Row> = self.read(|tx| {
-            let mut st = tx.prepare(
-                "SELECT blob, parent, media_type, size, diff_id FROM lazy_layers
-                 WHERE snapshot = ?1 ORDER BY added, blob",
-            )?;
-            let rows = st
-                .query_map([snapshot], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                })?
-                .collect::<rusqlite::Result<Vec<Row>>>()?;
-            Ok(rows)
-        })?;
-        let digest = |s: String| s.parse().map_err(|_| Error::InvalidDigest(s.clone()));
-        rows.into_iter()
-            .map(|(blob, parent, media_type, size, diff_id)| {
-                Ok(LazyLayer {
-                    snapshot: snapshot.to_string(),
-                    parent,
-                    blob: digest(blob)?,
-                    media_type,
-                    size: size.max(0) as u64,
-                    diff_id: digest(diff_id)?,
-                })
-            })
-            .collect()
+        self.lazy_rows("snapshot", snapshot)
     }
 
     /// The lazy layers that claim to be the layer `diff_id` in one of
@@ -1202,31 +1177,44 @@ impl Meta {
         diff_id: &Digest,
         media_types: &[&str],
     ) -> Result<Vec<LazyLayer>> {
-        type Row = (String, String, Option<String>, String, i64);
+        let mut rows = self.lazy_rows("diff_id", &diff_id.to_string())?;
+        rows.retain(|l| media_types.contains(&l.media_type.as_str()));
+        Ok(rows)
+    }
+
+    /// The rows of `lazy_layers` whose `column` (a fixed name, never
+    /// input) is `value`, first recorded first.
+    fn lazy_rows(&self, column: &'static str, value: &str) -> Result<Vec<LazyLayer>> {
+        type Row = (String, String, Option<String>, String, i64, String);
         let rows: Vec<Row> = self.read(|tx| {
-            let mut st = tx.prepare(
-                "SELECT snapshot, blob, parent, media_type, size FROM lazy_layers
-                 WHERE diff_id = ?1 ORDER BY added, blob",
-            )?;
+            let mut st = tx.prepare(&format!(
+                "SELECT snapshot, blob, parent, media_type, size, diff_id FROM lazy_layers
+                 WHERE {column} = ?1 ORDER BY added, blob"
+            ))?;
             let rows = st
-                .query_map([diff_id.to_string()], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                .query_map([value], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
                 })?
                 .collect::<rusqlite::Result<Vec<Row>>>()?;
             Ok(rows)
         })?;
+        let digest = |s: String| s.parse().map_err(|_| Error::InvalidDigest(s.clone()));
         rows.into_iter()
-            .filter(|r| media_types.contains(&r.3.as_str()))
-            .map(|(snapshot, blob, parent, media_type, size)| {
+            .map(|(snapshot, blob, parent, media_type, size, diff_id)| {
                 Ok(LazyLayer {
                     snapshot,
                     parent,
-                    blob: blob
-                        .parse()
-                        .map_err(|_| Error::InvalidDigest(blob.clone()))?,
+                    blob: digest(blob)?,
                     media_type,
                     size: size.max(0) as u64,
-                    diff_id: diff_id.clone(),
+                    diff_id: digest(diff_id)?,
                 })
             })
             .collect()
