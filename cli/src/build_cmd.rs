@@ -190,7 +190,7 @@ fn request(a: &BuildArgs) -> anyhow::Result<BuildRequest> {
     for e in &a.allow {
         match e.as_str() {
             "security.insecure" => req.allow_insecure = true,
-            "network.host" => {}
+            "network.host" => req.allow_network_host = true,
             other => {
                 return Err(usage(format!(
                     "--allow {other:?}: unknown entitlement (security.insecure, network.host)"

@@ -419,7 +419,19 @@ fn run_network_modes_and_security_insecure() {
          RUN --network=default sh -c 'ls /sys/class/net > /default'\n\
          RUN grep CapEff /proc/self/status > /caps\n",
     );
-    k.build(ctx.path(), &["-t", "n:1"]);
+    // The host's network is the builder's to grant (as BuildKit's
+    // network.host entitlement): refused without it, at the RUN's line,
+    // even where the build's own default is the host's network — so a
+    // build run with `--network none` stays there whatever its Dockerfile
+    // says.
+    for extra in [&[][..], &["--network", "none"][..]] {
+        let err = build_fails(&k, ctx.path(), extra);
+        assert!(
+            err.contains("--allow network.host") && err.contains(":3"),
+            "{err}"
+        );
+    }
+    k.build(ctx.path(), &["-t", "n:1", "--allow", "network.host"]);
     assert_eq!(sh(&k, "n:1", "cat /none"), "lo\n");
     let host_ifaces = std::fs::read_dir("/sys/class/net").unwrap().count();
     let seen = sh(&k, "n:1", "cat /host");

@@ -152,6 +152,8 @@ pub struct BuildRequest {
     pub ssh: BTreeMap<String, PathBuf>,
     /// `security.insecure` granted.
     pub allow_insecure: bool,
+    /// `network.host` granted.
+    pub allow_network_host: bool,
     /// `--build-context`s.
     pub named_contexts: BTreeMap<String, NamedContext>,
     /// SOURCE_DATE_EPOCH when no build arg sets it (the CLI passes the
@@ -190,6 +192,7 @@ impl BuildRequest {
             secrets: BTreeMap::new(),
             ssh: BTreeMap::new(),
             allow_insecure: false,
+            allow_network_host: false,
             named_contexts: BTreeMap::new(),
             source_date_epoch: None,
             platforms: Vec::new(),
@@ -468,6 +471,7 @@ impl Session {
             secrets: req.secrets,
             ssh: req.ssh,
             allow_insecure: req.allow_insecure,
+            allow_network_host: req.allow_network_host,
             named_contexts,
             platforms,
             sandbox: req.sandbox,

@@ -62,6 +62,10 @@ pub struct BuildOptions {
     /// `--allow security.insecure`: `RUN --security=insecure` may run with
     /// every capability.
     pub allow_insecure: bool,
+    /// `--allow network.host`: `RUN --network=host` may run in the host's
+    /// network namespace (a build given `--network none` is not left by a
+    /// Dockerfile without it).
+    pub allow_network_host: bool,
     /// `--build-context`: names `FROM` and `--from` resolve to first.
     pub named_contexts: BTreeMap<String, crate::contexts::NamedContext>,
     /// `--platform`: the target platforms, normalised and without

@@ -797,11 +797,18 @@ impl Lowerer<'_> {
         let mounts = mounts::plan_mounts(specs, &state.workdir(), self.opts, line)?;
         let args = instr::run_args(&run.command, &state.shell())
             .map_err(|m| BuildError::at_cause(line, m))?;
-        let network = match run.network.as_deref() {
-            Some("none") => kiln_executor::NetworkMode::None,
-            Some("host") => kiln_executor::NetworkMode::Host,
-            _ => self.opts.network,
-        };
+        let network =
+            match run.network.as_deref() {
+                Some("none") => kiln_executor::NetworkMode::None,
+                // As BuildKit: the host's network is an entitlement the one
+                // who runs the build grants, not the Dockerfile.
+                Some("host") if self.opts.allow_network_host => kiln_executor::NetworkMode::Host,
+                Some("host") => return Err(BuildError::at(
+                    line,
+                    "RUN --network=host is not allowed: pass `--allow network.host` to kiln build",
+                )),
+                _ => self.opts.network,
+            };
         let env = state.run_env();
         // Proxy args reach the step without being declared, outside the key.
         let proxy_env = PROXY_ARGS
