@@ -528,6 +528,36 @@ pub fn write_oci_dir(
     )
 }
 
+/// The most [`read_archive`] reads between two members of a tar: their
+/// GNU long-name and PAX headers, which the tar crate holds in memory.
+const MEMBER_META: u64 = 16 << 20;
+
+/// A reader that fails once `left` bytes have been read (the caller sets
+/// the budget; `u64::MAX` is none).
+struct Budgeted<R> {
+    inner: R,
+    left: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R: Read> Read for Budgeted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left.get();
+        if left == 0 && !buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "a tar member's headers (long name, PAX records) exceed {} MiB",
+                    MEMBER_META >> 20
+                ),
+            ));
+        }
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let got = self.inner.read(&mut buf[..want])?;
+        self.left.set(left.saturating_sub(got as u64));
+        Ok(got)
+    }
+}
+
 /// Which kind of archive [`read_archive`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ArchiveFormat {
@@ -618,8 +648,24 @@ pub fn read_archive(r: impl Read + 'static, spill_dir: &Path) -> Result<LoadedAr
         .map_err(|e| ImageError::path("create temp dir in", spill_dir, e))?;
     let mut files: HashMap<String, Spilled> = HashMap::new();
     let mut links: HashMap<String, String> = HashMap::new();
-    let mut ar = tar::Archive::new(compression::decompress_auto(r)?);
-    for (n, e) in ar.entries()?.enumerate() {
+    // The tar crate reads a member's GNU long-name and PAX headers whole
+    // into memory before it hands the member out: between two members
+    // (those headers, and what is left of the member before, which the
+    // loop below reads to its end for files) at most MEMBER_META bytes
+    // are read, so a header that claims gigabytes is an error, not an
+    // allocation.
+    let budget = std::rc::Rc::new(std::cell::Cell::new(MEMBER_META));
+    let mut ar = tar::Archive::new(Budgeted {
+        inner: compression::decompress_auto(r)?,
+        left: budget.clone(),
+    });
+    let mut entries = ar.entries()?;
+    let mut n = 0usize;
+    loop {
+        budget.set(MEMBER_META);
+        let Some(e) = entries.next() else { break };
+        budget.set(u64::MAX);
+        n += 1;
         let mut e = e?;
         let name = norm(&e.path_bytes());
         match e.header().entry_type() {
@@ -809,6 +855,42 @@ pub fn digest_reader(mut r: impl Read) -> io::Result<(Digest, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tar whose first member has a GNU long-name header claiming
+    /// `claimed` bytes (of zeros, streamed, never held here).
+    fn long_name_bomb(claimed: u64) -> impl Read {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(claimed);
+        h.as_gnu_mut().expect("gnu").name[..13].copy_from_slice(b"././@LongLink");
+        h.set_cksum();
+        io::Cursor::new(h.as_bytes().to_vec()).chain(io::repeat(0).take(claimed))
+    }
+
+    #[test]
+    fn a_long_name_header_of_gigabytes_is_refused_not_read_into_memory() {
+        let spill = tempfile::tempdir().expect("tmp");
+        let t = std::time::Instant::now();
+        let err = read_archive(long_name_bomb(4 << 30), spill.path())
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("16 MiB"), "{err}");
+        // Refused after the budget, not after reading 4 GiB.
+        assert!(t.elapsed() < std::time::Duration::from_secs(20));
+        // A long name of ordinary length still works.
+        let mut b = tar::Builder::new(Vec::new());
+        let long = format!("{}/index.json", "d".repeat(300));
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o644);
+        b.append_data(&mut h, &long, &b"{}"[..]).expect("append");
+        let bytes = b.into_inner().expect("tar");
+        let err = read_archive(io::Cursor::new(bytes), spill.path())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(!err.contains("16 MiB"), "{err}");
+    }
 
     #[test]
     fn repo_tags() {
