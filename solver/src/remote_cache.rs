@@ -21,7 +21,6 @@
 //! into an annotation of the pushed image manifest.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -42,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{
     Active, Backend, BackendError, BackendResult, BaseImage, CacheMountHold, Exported, LayerRecord,
 };
+use crate::context::oci_layout::{layout_io_error, open_layout_file, read_layout_file};
 use crate::copy::HashCache;
 use crate::store::{chain_id, StoreBackend};
 use crate::transfer::{
@@ -169,55 +169,31 @@ fn cd(d: &Digest) -> Result<kiln_cache::Digest, RemoteCacheError> {
 /// The most of an OCI layout's `index.json` read back.
 const INDEX_LIMIT: u64 = 16 << 20;
 
-/// Opens `rel` in the OCI layout `dir` for reading: resolved with file
-/// descriptors below `dir`, a symlink never followed, anything but a
-/// regular file (a fifo, a device) refused without being opened. A cache
-/// layout may have been written by anyone.
-fn open_in_layout(dir: &Path, rel: &str) -> Result<std::fs::File, RemoteCacheError> {
-    kiln_fs::Root::open(dir)
-        .and_then(|root| root.open_file(rel, kiln_fs::Follow::Never))
-        .map_err(|e| layout_error(dir, e))
+/// A layout directory's root (see [`crate::context::oci_layout::open_layout_file`]).
+fn layout_root(dir: &Path) -> Result<kiln_fs::Root, RemoteCacheError> {
+    kiln_fs::Root::open(dir).map_err(|e| layout_error(dir, e))
 }
 
-/// A file-system error in a cache layout; a symlink met on the way (the
-/// kernel's "too many levels of symbolic links") is said as such.
+/// A file-system error in a cache layout (a symlink said as such).
 fn layout_error(dir: &Path, e: kiln_fs::Error) -> RemoteCacheError {
-    if e.raw_os_error() == Some(libc::ELOOP) {
-        return RemoteCacheError::Invalid(format!(
-            "{}: a symlink, not followed: a cache layout holds only directories and regular files",
-            e.path().display()
-        ));
-    }
-    RemoteCacheError::ctx(dir.display().to_string())(e)
+    RemoteCacheError::ctx(dir.display().to_string())(layout_io_error(e))
 }
 
-/// A blob of an OCI layout opened for reading (see [`open_in_layout`]).
+/// A blob of an OCI layout opened for reading (never through a symlink,
+/// never a fifo or device).
 fn open_layout_blob(dir: &Path, d: &Digest) -> Result<std::fs::File, RemoteCacheError> {
-    open_in_layout(dir, &format!("blobs/{}/{}", d.algorithm(), d.hex()))
+    open_layout_file(&layout_root(dir)?, &layout_blob(d))
+        .map_err(|e| RemoteCacheError::ctx(dir.display().to_string())(e))
 }
 
-/// Reads at most `limit` bytes of `f` (more is an error naming `what`).
-fn read_bounded(
-    f: std::fs::File,
-    limit: u64,
-    what: &dyn Fn() -> String,
-) -> Result<Vec<u8>, RemoteCacheError> {
-    let mut v = Vec::new();
-    f.take(limit + 1)
-        .read_to_end(&mut v)
-        .map_err(|e| RemoteCacheError::ctx(what())(e))?;
-    if v.len() as u64 > limit {
-        return Err(RemoteCacheError::Invalid(format!(
-            "{}: larger than {limit} bytes",
-            what()
-        )));
-    }
-    Ok(v)
+fn layout_blob(d: &Digest) -> String {
+    format!("blobs/{}/{}", d.algorithm(), d.hex())
 }
 
 /// Reads a blob of an OCI layout, verified against `d`.
 fn read_layout_blob(dir: &Path, d: &Digest, limit: u64) -> Result<Vec<u8>, RemoteCacheError> {
-    let v = read_bounded(open_layout_blob(dir, d)?, limit, &|| format!("blob {d}"))?;
+    let v = read_layout_file(&layout_root(dir)?, &layout_blob(d), limit)
+        .map_err(|e| RemoteCacheError::ctx(format!("blob {d}"))(e))?;
     if &Digest::sha256_of(&v) != d {
         return Err(RemoteCacheError::Invalid(format!(
             "blob {d}: content does not match its digest"
@@ -877,13 +853,11 @@ impl RemoteCacheBackend {
             written += 1;
         }
         let index_ctx = || dir.join("index.json").display().to_string();
-        let mut index = match root.dir().open_file("index.json") {
-            Ok(f) => {
-                serde_json::from_slice::<ImageIndex>(&read_bounded(f, INDEX_LIMIT, &index_ctx)?)
-                    .map_err(|e| RemoteCacheError::ctx(index_ctx())(e))?
-            }
-            Err(e) if e.is_not_found() => ImageIndex::new(Vec::new()),
-            Err(e) => return Err(fs(e)),
+        let mut index = match read_layout_file(&root, "index.json", INDEX_LIMIT) {
+            Ok(b) => serde_json::from_slice::<ImageIndex>(&b)
+                .map_err(|e| RemoteCacheError::ctx(index_ctx())(e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ImageIndex::new(Vec::new()),
+            Err(e) => return Err(RemoteCacheError::ctx(dir.display().to_string())(e)),
         };
         index
             .manifests
@@ -1026,8 +1000,8 @@ fn ref_name(d: &Descriptor) -> Option<&str> {
 /// none has that name and there is just one), verified.
 fn read_layout_manifest(dir: &Path, tag: &str) -> Result<RawManifest, RemoteCacheError> {
     let path = dir.join("index.json");
-    let what = || path.display().to_string();
-    let bytes = read_bounded(open_in_layout(dir, "index.json")?, INDEX_LIMIT, &what)?;
+    let bytes = read_layout_file(&layout_root(dir)?, "index.json", INDEX_LIMIT)
+        .map_err(|e| RemoteCacheError::ctx(dir.display().to_string())(e))?;
     let index: ImageIndex = serde_json::from_slice(&bytes)
         .map_err(|e| RemoteCacheError::ctx(path.display().to_string())(e))?;
     let d = index

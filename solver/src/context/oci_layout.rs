@@ -96,26 +96,10 @@ pub fn import(
         )
     })?;
     let open = |rel: &str| -> Result<std::fs::File, OciLayoutError> {
-        root.open_file(rel, kiln_fs::Follow::Never).map_err(|e| {
-            let why = if e.raw_os_error() == Some(libc::ELOOP) {
-                "a symlink, not followed in a layout".to_string()
-            } else {
-                chain(&e)
-            };
-            caused(format!("{}: {rel}: {why}", what()), e)
-        })
+        open_layout_file(&root, rel).map_err(|e| caused(format!("{}: {e}", what()), e))
     };
     let read_bounded = |rel: &str, limit: u64| -> Result<Vec<u8>, OciLayoutError> {
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::Read::take(open(rel)?, limit + 1), &mut bytes)
-            .map_err(|e| caused(format!("{}: reading {rel}: {e}", what()), e))?;
-        if bytes.len() as u64 > limit {
-            return Err(err(format!(
-                "{}: {rel} is larger than {limit} bytes",
-                what()
-            )));
-        }
-        Ok(bytes)
+        read_layout_file(&root, rel, limit).map_err(|e| caused(format!("{}: {e}", what()), e))
     };
     let blob_rel = |d: &kiln_image::Digest| -> Result<String, OciLayoutError> {
         let s = d.to_string();
@@ -206,4 +190,53 @@ pub fn import(
     let name = kiln_cache::normalize_reference(&name)?;
     store.record_image(&name, &manifest, &config, &stored)?;
     Ok(name)
+}
+
+/// A file-system error met in an OCI layout as an I/O error naming the
+/// path; a symlink (the kernel's "too many levels of symbolic links") is
+/// said as such.
+pub(crate) fn layout_io_error(e: kiln_fs::Error) -> std::io::Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        return std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{}: a symlink, not followed: a layout holds only directories and regular files",
+                e.path().display()
+            ),
+        );
+    }
+    std::io::Error::new(e.kind(), e.to_string())
+}
+
+/// Opens `rel` in the layout `root` for reading. A layout (an image's, a
+/// cache's) may have been written by anyone: `rel` is resolved with file
+/// descriptors below `root`, a symlink is never followed, and anything but
+/// a regular file (a fifo, a device) is refused without being opened.
+pub(crate) fn open_layout_file(root: &kiln_fs::Root, rel: &str) -> std::io::Result<std::fs::File> {
+    root.open_file(rel, kiln_fs::Follow::Never)
+        .map_err(layout_io_error)
+}
+
+/// [`open_layout_file`] read whole, at most `limit` bytes (more is an
+/// `InvalidData` error naming the file).
+pub(crate) fn read_layout_file(
+    root: &kiln_fs::Root,
+    rel: &str,
+    limit: u64,
+) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_layout_file(root, rel)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{}: larger than {limit} bytes",
+                root.path().join(rel).display()
+            ),
+        ));
+    }
+    Ok(bytes)
 }
