@@ -290,11 +290,7 @@ impl Store {
             }
             Err(e) => return Err(e),
         };
-        let keep = file.try_clone().ok();
-        let src: Box<dyn Read + Send> = Box::new(io::BufReader::with_capacity(256 * 1024, file));
-        let streamed = stream_layer(src, &mut io::sink(), None);
-        let blob_size = streamed.as_ref().map(|st| st.blob.1).unwrap_or(0);
-        self.check_streamed(layer, keep.as_ref(), streamed, Ok(()))?;
+        let blob_size = self.check_stored(file, layer)?;
         self.meta().put_lazy_layer(&LazyLayer {
             snapshot: name.to_string(),
             parent: parent.map(str::to_string),
@@ -303,6 +299,19 @@ impl Store {
             size: blob_size,
             diff_id: layer.diff_id.clone(),
         })
+    }
+
+    /// Checks that the stored blob `file` is `layer` — its digest and
+    /// size, and the digest of the tar it decompresses to against the
+    /// diffID — in one streaming pass that writes nothing (as
+    /// [`Store::unpack_layer`] would check it). Returns the blob's size.
+    fn check_stored(&self, file: std::fs::File, layer: LayerBlob<'_>) -> Result<u64> {
+        let keep = file.try_clone().ok();
+        let src: Box<dyn Read + Send> = Box::new(io::BufReader::with_capacity(256 * 1024, file));
+        let streamed = stream_layer(src, &mut io::sink(), None);
+        let size = streamed.as_ref().map(|st| st.blob.1).unwrap_or(0);
+        self.check_streamed(layer, keep.as_ref(), streamed, Ok(()))?;
+        Ok(size)
     }
 
     /// A stored blob in one of `media_types` proved to be the layer
@@ -322,16 +331,12 @@ impl Store {
                 Err(Error::NotFound { .. }) => continue,
                 Err(e) => return Err(e),
             };
-            let keep = file.try_clone().ok();
-            let src: Box<dyn Read + Send> =
-                Box::new(io::BufReader::with_capacity(256 * 1024, file));
             let layer = LayerBlob {
                 digest: &l.blob,
                 size: Some(l.size),
                 diff_id,
             };
-            let streamed = stream_layer(src, &mut io::sink(), None);
-            match self.check_streamed(layer, keep.as_ref(), streamed, Ok(())) {
+            match self.check_stored(file, layer) {
                 Ok(_) => return Ok(Some((l.blob.clone(), l.size))),
                 Err(Error::DiffIdMismatch { .. } | Error::CorruptBlob { .. }) => {
                     let _ = self.meta().drop_lazy_layer(&l.snapshot, &l.blob);
