@@ -115,6 +115,24 @@ pub enum Error {
     /// A layer format error from kiln-image.
     #[error("layer: {0}")]
     Image(String),
+    /// A blob kept in a registry (a registry cache's layer, see
+    /// [`crate::RemoteBlob`]) could not be fetched when it was needed.
+    #[error(
+        "blob {digest} is kept in the registry {} ({}), where a cache import found it, \
+         and fetching it failed: {source}",
+        from.registry,
+        from.repo
+    )]
+    Fetch {
+        /// The blob's digest.
+        digest: String,
+        /// Where it is kept.
+        from: Box<crate::RemoteBlob>,
+        /// Why the download failed (no fetcher on this handle, the
+        /// network, a digest mismatch).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// The crate's result type.

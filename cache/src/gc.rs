@@ -429,6 +429,9 @@ impl Store {
                     problems.push(format!("blob {d}: size {actual}, database says {size}"))
                 }
                 Err(Error::NotFound { .. }) => match self.meta().blob_row(&digest)? {
+                    // Kept in a registry (a cache import's layer): checked
+                    // when it is downloaded.
+                    Some((_, Some(_))) if self.remote_blob(&digest)?.is_some() => {}
                     // A layer kept as its snapshot's diff: write it again
                     // and compare (the reader checks digest and size).
                     Some((_, Some(_))) => match self.open_blob(&digest).and_then(|mut r| {

@@ -77,8 +77,8 @@ pub use meta::{
 pub use reference::normalize_reference;
 pub use snapshot::{apply_into, ApplyMode, DiffSource, Info, Mount, Snapshotter, Usage};
 pub use store::{
-    default_root, is_untagged_name, retired_over_budget, untagged_name, GcGuard, NoHome,
-    SnapshotterKind, Store, StoreOptions,
+    default_root, is_untagged_name, retired_over_budget, untagged_name, BlobFetcher, GcGuard,
+    NoHome, RemoteBlob, SnapshotterKind, Store, StoreOptions,
 };
 pub use unpack::LayerBlob;
 pub use util::ProcessId;

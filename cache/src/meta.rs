@@ -685,9 +685,14 @@ impl Meta {
     ) -> Result<()> {
         let d = digest.to_string();
         self.write(|tx| {
+            // A row of a blob kept in a registry (a cache import's claim)
+            // gives way: the layer is here.
             tx.execute(
                 "INSERT INTO blobs(digest, size, media_type, created, source)
-                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(digest) DO NOTHING",
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(digest) DO UPDATE
+                 SET size = excluded.size, media_type = excluded.media_type,
+                     source = excluded.source
+                 WHERE blobs.source LIKE '{\"remote\":%'",
                 params![d, size as i64, media_type, now_unix(), source],
             )?;
             tx.execute(
@@ -695,6 +700,41 @@ impl Meta {
                 params![d, snapshot],
             )?;
             self.lease_add(tx, "blob", &d)
+        })
+    }
+
+    /// Record a blob that has no file and no snapshot: `source` (JSON,
+    /// see [`crate::RemoteBlob`]) says where it is. A row that exists
+    /// already is kept.
+    pub fn add_source_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        media_type: &str,
+        source: &str,
+    ) -> Result<()> {
+        let d = digest.to_string();
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO blobs(digest, size, media_type, created, source)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(digest) DO NOTHING",
+                params![d, size as i64, media_type, now_unix(), source],
+            )?;
+            self.lease_add(tx, "blob", &d)
+        })
+    }
+
+    /// The media type recorded with a blob.
+    pub fn blob_media_type(&self, digest: &Digest) -> Result<Option<String>> {
+        self.read(|tx| {
+            Ok(tx
+                .query_row(
+                    "SELECT media_type FROM blobs WHERE digest = ?1",
+                    [digest.to_string()],
+                    |r| r.get::<_, Option<String>>(0),
+                )
+                .optional()?
+                .flatten())
         })
     }
 

@@ -120,6 +120,53 @@ pub struct Store {
     overlay: bool,
     /// The snapshotters' chain memo, shared by this store's handles.
     chains: crate::snapshot::Chains,
+    /// What downloads a blob kept in a registry ([`RemoteBlob`]) when it
+    /// is first read; none: such a read fails with [`Error::Fetch`].
+    fetcher: Option<Arc<dyn BlobFetcher>>,
+}
+
+/// Where a blob with no file is kept: a registry's repository (a layer a
+/// `--cache-from` import named, recorded by
+/// [`Store::record_remote_blob`] instead of downloaded). The first read
+/// downloads it through the store's [`BlobFetcher`], verified against its
+/// digest and size as any blob entering the store is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RemoteBlob {
+    /// The registry (host\[:port\]).
+    pub registry: String,
+    /// The repository in it.
+    pub repo: String,
+    /// Whether the build that recorded it reached this registry over
+    /// plain HTTP (it was an insecure registry then): a later fetch may
+    /// too. The bytes are verified against the digest either way.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// Downloads a blob kept in a registry into the store (see
+/// [`RemoteBlob`]).
+pub trait BlobFetcher: Send + Sync {
+    /// Writes blob `digest` (`size` bytes, `media_type`) from `from` into
+    /// `store`, verified against its digest and size (as
+    /// [`Store::commit_blob`] with both expected does).
+    fn fetch(
+        &self,
+        store: &Store,
+        from: &RemoteBlob,
+        digest: &Digest,
+        size: u64,
+        media_type: Option<&str>,
+    ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// What the `source` column of a blob row says.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum BlobSource {
+    /// Kept in a registry.
+    Remote { remote: RemoteBlob },
+    /// The diff of a committed snapshot.
+    Layer(LayerSource),
 }
 
 impl std::fmt::Debug for Store {
@@ -202,7 +249,16 @@ impl Store {
             tmp,
             overlay,
             chains,
+            fetcher: None,
         })
+    }
+
+    /// This store with `fetcher` downloading the blobs kept in registries
+    /// (see [`RemoteBlob`]) when they are first read; handles made from it
+    /// ([`Store::with_lease`]) share it.
+    pub fn with_fetcher(mut self, fetcher: Arc<dyn BlobFetcher>) -> Store {
+        self.fetcher = Some(fetcher);
+        self
     }
 
     /// A handle on the same store whose writes (blobs, snapshots, their
@@ -219,6 +275,7 @@ impl Store {
             tmp: self.tmp.clone(),
             overlay: self.overlay,
             chains: self.chains.clone(),
+            fetcher: self.fetcher.clone(),
         }
     }
 
@@ -379,8 +436,98 @@ impl Store {
         self.meta.put_diff_size(digest, size)
     }
 
+    /// Record a blob kept in a registry instead of downloading it (see
+    /// [`RemoteBlob`]): readable from now on ([`Store::has_blob`]), it is
+    /// downloaded and verified when first read. A row that exists already
+    /// (a file, another source) is kept. The registry is also recorded as
+    /// a place holding the blob (a push there mounts it, downloading
+    /// nothing).
+    pub fn record_remote_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        media_type: &str,
+        from: &RemoteBlob,
+    ) -> Result<()> {
+        let source = serde_json::to_string(&BlobSource::Remote {
+            remote: from.clone(),
+        })
+        .map_err(|e| Error::InvalidState(format!("blob source: {e}")))?;
+        let _gc = self.gc_guard()?;
+        self.meta
+            .add_source_blob(digest, size, media_type, &source)?;
+        self.meta
+            .add_blob_locations(&from.registry, &from.repo, std::slice::from_ref(digest))
+    }
+
+    /// Where the blob `digest` is kept when it is a [`RemoteBlob`] not
+    /// downloaded yet.
+    pub fn remote_blob(&self, digest: &Digest) -> Result<Option<RemoteBlob>> {
+        if self.content.size(digest).is_ok() {
+            return Ok(None);
+        }
+        Ok(match self.meta.blob_row(digest)? {
+            Some((_, Some(source))) => match serde_json::from_str(&source) {
+                Ok(BlobSource::Remote { remote }) => Some(remote),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
+
+    /// Downloads the blob `digest` when it is a [`RemoteBlob`] (through
+    /// this handle's [`BlobFetcher`], verified). Returns whether it did.
+    pub fn fetch_remote(&self, digest: &Digest) -> Result<bool> {
+        let Some((size, Some(source))) = self.meta.blob_row(digest)? else {
+            return Ok(false);
+        };
+        let Ok(BlobSource::Remote { remote }) = serde_json::from_str(&source) else {
+            return Ok(false);
+        };
+        if self.content.size(digest).is_ok() {
+            return Ok(false);
+        }
+        let media_type = self.meta.blob_media_type(digest)?;
+        let fail = |source: Box<dyn std::error::Error + Send + Sync>| Error::Fetch {
+            digest: digest.to_string(),
+            from: Box::new(remote.clone()),
+            source,
+        };
+        let Some(fetcher) = &self.fetcher else {
+            return Err(fail("this command does not reach registries".into()));
+        };
+        fetcher
+            .fetch(self, &remote, digest, size, media_type.as_deref())
+            .map_err(fail)?;
+        match self.content.size(digest) {
+            Ok(n) if n == size => Ok(true),
+            Ok(n) => Err(fail(
+                format!("the fetcher stored {n} bytes, {size} expected").into(),
+            )),
+            Err(_) => Err(fail("the fetcher stored nothing".into())),
+        }
+    }
+
+    /// The stored file of blob `digest`, downloaded first when it is a
+    /// [`RemoteBlob`].
+    pub(crate) fn open_file_fetching(&self, digest: &Digest) -> Result<std::fs::File> {
+        match self.content.open(digest) {
+            Err(Error::NotFound { .. }) if self.fetch_remote(digest)? => self.content.open(digest),
+            other => other,
+        }
+    }
+
+    /// Whether the blob is here: its file is stored, or it is a layer kept
+    /// as its snapshot's diff — not a [`RemoteBlob`] (a pull downloads
+    /// one: a cache import's record of a digest must not stand in for the
+    /// blob, nor make it depend on that registry).
+    pub fn has_local_blob(&self, digest: &Digest) -> bool {
+        self.has_blob(digest) && self.remote_blob(digest).is_ok_and(|r| r.is_none())
+    }
+
     /// Whether the blob can be read: its file is stored, or it is a layer
-    /// kept as its source (see [`Store::record_layer_source`]).
+    /// kept as its source (see [`Store::record_layer_source`]) or in a
+    /// registry (see [`Store::record_remote_blob`]).
     pub fn has_blob(&self, digest: &Digest) -> bool {
         self.blob_size(digest).is_ok()
     }
@@ -431,8 +578,16 @@ impl Store {
         let Some((size, Some(source))) = self.meta.blob_row(digest)? else {
             return Err(not_found());
         };
-        let src: LayerSource = serde_json::from_str(&source)
-            .map_err(|e| Error::InvalidState(format!("blob {digest}: layer source: {e}")))?;
+        let src = match serde_json::from_str(&source)
+            .map_err(|e| Error::InvalidState(format!("blob {digest}: layer source: {e}")))?
+        {
+            BlobSource::Layer(src) => src,
+            BlobSource::Remote { .. } => {
+                drop(gc);
+                let f = self.open_file_fetching(digest)?;
+                return Ok((Box::new(f), false));
+            }
+        };
         let diff = self.snapshotter().diff_source(&src.snapshot).map_err(|e| {
             Error::InvalidState(format!(
                 "blob {digest} is kept as the diff of snapshot {}, which cannot be read: {e}",

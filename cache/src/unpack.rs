@@ -155,7 +155,9 @@ impl Store {
     /// its parent and diffID, and (with `need_blob`) its blob is stored.
     fn lazy_usable(&self, l: &LazyLayer, need_blob: bool) -> bool {
         chain_id(l.parent.as_deref(), &l.diff_id) == l.snapshot
-            && (!need_blob || self.content().size(&l.blob).is_ok())
+            && (!need_blob
+                || self.content().size(&l.blob).is_ok()
+                || self.remote_blob(&l.blob).is_ok_and(|r| r.is_some()))
     }
 
     /// The candidates for each lazy layer (see [`crate::LazyLayer`]) of
@@ -281,7 +283,7 @@ impl Store {
         {
             return Ok(());
         }
-        let file = match self.content().open(layer.digest) {
+        let file = match self.open_file_fetching(layer.digest) {
             Ok(f) => f,
             // Not a stored file (a layer kept as the snapshot it is made
             // again from): unpacked now, as before.
@@ -326,9 +328,11 @@ impl Store {
         media_types: &[&str],
     ) -> Result<Option<(Digest, u64)>> {
         for l in self.meta().lazy_layers_of_diff(diff_id, media_types)? {
-            let file = match self.content().open(&l.blob) {
+            let file = match self.open_file_fetching(&l.blob) {
                 Ok(f) => f,
-                Err(Error::NotFound { .. }) => continue,
+                // Gone, or kept in a registry that cannot be reached now:
+                // the caller makes the blob itself.
+                Err(Error::NotFound { .. } | Error::Fetch { .. }) => continue,
                 Err(e) => return Err(e),
             };
             let layer = LayerBlob {
@@ -398,7 +402,7 @@ impl Store {
         // A stored file: kept open so that a corrupt one can be moved
         // aside (the very file that was read, not a repaired copy).
         let (src, file): (Box<dyn Read + Send>, Option<std::fs::File>) =
-            match self.content().open(layer.digest) {
+            match self.open_file_fetching(layer.digest) {
                 Ok(f) => {
                     let keep = f.try_clone().ok();
                     (Box::new(io::BufReader::with_capacity(256 * 1024, f)), keep)

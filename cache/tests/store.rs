@@ -974,3 +974,112 @@ fn lazy_layers_unpack_on_first_use_verified_and_go_with_their_blobs() {
     assert!(s.lazy_ready("not-its-chain-id").unwrap().is_none());
     assert!(!s.unpack_lazy("not-its-chain-id").unwrap());
 }
+
+/// A fetcher over an in-memory "registry" (a unit test of the store's
+/// logic; the registry path is `registry_cache_e2e`'s): serves `bytes` for
+/// every digest, through the store's verified ingest.
+struct MemFetcher {
+    bytes: Vec<u8>,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl kiln_cache::BlobFetcher for MemFetcher {
+    fn fetch(
+        &self,
+        store: &Store,
+        _from: &kiln_cache::RemoteBlob,
+        digest: &Digest,
+        size: u64,
+        media_type: Option<&str>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        store.put_blob(&self.bytes[..], Some(digest), Some(size), media_type)?;
+        Ok(())
+    }
+}
+
+/// A blob kept in a registry is readable, downloaded (verified) on first
+/// read and once; a registry serving other bytes under its digest stores
+/// nothing; without a fetcher the read is a clear error; and the record
+/// never stands in for the blob where a local copy is at stake (a pull
+/// must download it; a local layer of that digest replaces the record).
+#[test]
+fn a_blob_kept_in_a_registry_is_fetched_verified_on_first_read() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let from = kiln_cache::RemoteBlob {
+        registry: "registry.example".into(),
+        repo: "cache".into(),
+        insecure: false,
+    };
+    let bytes = b"a layer kept in a registry".to_vec();
+    let d = Digest::sha256_of(&bytes);
+    let gz = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+    // No fetcher: readable on paper, a clear error on read.
+    let bare = open(dir.path());
+    bare.record_remote_blob(&d, bytes.len() as u64, gz, &from)
+        .unwrap();
+    assert!(bare.has_blob(&d) && !bare.has_local_blob(&d));
+    assert_eq!(bare.remote_blob(&d).unwrap(), Some(from.clone()));
+    let err = bare.open_blob(&d).err().expect("no fetcher");
+    assert!(matches!(err, Error::Fetch { .. }), "{err}");
+    assert!(err.to_string().contains("registry.example"), "{err}");
+    drop(bare);
+
+    // A lying registry: nothing stored, the record kept.
+    let liar = Arc::new(MemFetcher {
+        bytes: b"other bytes of the same size!!".to_vec()[..bytes.len()].to_vec(),
+        calls: Default::default(),
+    });
+    let s = open(dir.path()).with_fetcher(liar.clone());
+    let err = s.open_blob(&d).err().expect("lying registry");
+    assert!(matches!(err, Error::Fetch { .. }), "{err}");
+    assert!(
+        s.content().size(&d).is_err(),
+        "unverified bytes were stored"
+    );
+    assert!(s.remote_blob(&d).unwrap().is_some());
+
+    // An honest one: fetched once, then an ordinary blob.
+    let honest = Arc::new(MemFetcher {
+        bytes: bytes.clone(),
+        calls: Default::default(),
+    });
+    let s = open(dir.path()).with_fetcher(honest.clone());
+    let mut got = Vec::new();
+    s.open_blob(&d).unwrap().read_to_end(&mut got).unwrap();
+    assert_eq!(got, bytes);
+    s.open_blob(&d)
+        .unwrap()
+        .read_to_end(&mut Vec::new())
+        .unwrap();
+    assert_eq!(honest.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(s.has_local_blob(&d) && s.remote_blob(&d).unwrap().is_none());
+    assert!(s.check().unwrap().problems.is_empty());
+
+    // A record claiming a digest a local layer has: the layer wins.
+    let sn = s.snapshotter();
+    sn.prepare("b", None).unwrap();
+    let w = sn.writable_dir("b").unwrap();
+    std::fs::write(w.join("f"), "local").unwrap();
+    let opts = kiln_image::diff::DiffOptions::default();
+    let mut tar = Vec::new();
+    kiln_image::diff::write_tree_diff(None, &w, &mut tar, &opts).unwrap();
+    let digest = Digest::sha256_of(&tar);
+    s.record_remote_blob(&digest, tar.len() as u64, gz, &from)
+        .unwrap();
+    sn.commit("layer-a", "b").unwrap();
+    s.record_layer_source(&digest, tar.len() as u64, "layer-a", &opts)
+        .unwrap();
+    assert!(
+        s.has_local_blob(&digest),
+        "the cache's record shadowed a local layer"
+    );
+    let mut back = Vec::new();
+    s.open_blob(&digest)
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert_eq!(back, tar);
+}

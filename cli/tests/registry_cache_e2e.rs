@@ -167,23 +167,40 @@ fn registry_cache_makes_an_empty_runner_run_nothing_and_download_only_the_result
     assert!(ran(&ev).is_empty(), "{:?}", ran(&ev));
     assert!(!logged(&ev, "MARKER"), "{ev:?}");
     assert_eq!(id_a, id_b);
-    // Downloads: the cache config and the three layers, each once.
+    // Downloads: the cache config only. The image's layers stay in the
+    // registry (BuildKit's lazy blobs) until something reads them.
     let log = reg.log();
     let gets = Reg::blob_gets(&log[before..], "cache");
-    let mut want: Vec<String> = layers.clone();
-    want.push(m["config"]["digest"].as_str().expect("config").to_string());
-    want.sort();
-    assert_eq!(gets.keys().cloned().collect::<Vec<_>>(), want, "{gets:?}");
-    assert!(gets.values().all(|n| *n == 1), "{gets:?}");
-    // The image's layers were downloaded, not unpacked: they become
-    // snapshots when first needed (here by `kiln run`), as a pulled
-    // image's do. The steps are local cache hits from then on.
+    let config = m["config"]["digest"].as_str().expect("config").to_string();
+    assert_eq!(
+        gets.keys().cloned().collect::<Vec<_>>(),
+        vec![config],
+        "{gets:?}"
+    );
+    let stored = |c: &Client, d: &str| {
+        c.kiln
+            .root
+            .path()
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+            .exists()
+    };
+    assert!(
+        layers.iter().all(|l| !stored(&b, l)),
+        "a cache layer was stored"
+    );
+    // Nor were they unpacked: they become snapshots when first needed
+    // (here by `kiln run`), as a pulled image's do. The steps are local
+    // cache hits from then on.
     let made = snapshots(&b);
     // Nor was the base image's layer: FROM verified it and left it lazy.
     assert_eq!(made, 0, "runner B unpacked a layer no step needed");
+    let o = b.run(&["system", "check"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (_, ev) = build_json(&b, ctx.path(), &["-t", "app:1"]);
     assert_eq!(count(&ev, "cached"), 3, "lazy layers are hits: {ev:?}");
     assert_eq!(snapshots(&b), made, "a cached rebuild unpacks nothing");
+    let before = reg.log().len();
     assert_eq!(
         b.stdout(&["run", "--rm", "app:1", "cat", "/b.txt"]),
         "one\nfirst"
@@ -193,6 +210,14 @@ fn registry_cache_makes_an_empty_runner_run_nothing_and_download_only_the_result
         "run unpacked the three layers: {made} -> {}",
         snapshots(&b)
     );
+    // `kiln run` downloaded each layer once (verified), and kept it.
+    let log = reg.log();
+    let gets = Reg::blob_gets(&log[before..], "cache");
+    let mut want = layers.clone();
+    want.sort();
+    assert_eq!(gets.keys().cloned().collect::<Vec<_>>(), want, "{gets:?}");
+    assert!(gets.values().all(|n| *n == 1), "{gets:?}");
+    assert!(layers.iter().all(|l| stored(&b, l)));
     let (_, ev) = build_json(&b, ctx.path(), &["-t", "app:1"]);
     assert_eq!(count(&ev, "cached"), 3);
     let o = b.run(&["system", "check"]);
@@ -213,6 +238,103 @@ fn registry_cache_makes_an_empty_runner_run_nothing_and_download_only_the_result
     assert_eq!(
         c.stdout(&["run", "--rm", "app:2", "cat", "/b.txt"]),
         "two\nfirst"
+    );
+}
+
+/// Where the test registry keeps the bytes of blob `d`.
+fn registry_blob_file(reg: &Reg, d: &str) -> std::path::PathBuf {
+    let hex = d.trim_start_matches("sha256:");
+    reg.dir
+        .path()
+        .join("data/docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data")
+}
+
+/// A layer an import left in the registry is verified when it is fetched:
+/// a registry that serves other bytes under its digest (same size) gets a
+/// clear error naming the blob and the registry, nothing is stored, the
+/// image and the store stay as they were; the true bytes fetched later
+/// serve. A registry that is gone is the same error, not a panic.
+#[test]
+fn a_cache_layer_left_in_the_registry_is_verified_when_it_is_fetched() {
+    if !ready() {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let base = push_base(&reg);
+    let ctx = app(&base);
+    let cache = format!("{}/cache:1", reg.host());
+    let a = Client::new(false);
+    let to = format!("type=registry,ref={cache},mode=max");
+    build_json(&a, ctx.path(), &["-t", "app:1", "--cache-to", &to]);
+    let m = raw_manifest(&cache);
+    let top = m["layers"][2]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+
+    let b = Client::new(false);
+    let from = format!("type=registry,ref={cache}");
+    let (id_b, ev) = build_json(&b, ctx.path(), &["-t", "app:1", "--cache-from", &from]);
+    assert_eq!(count(&ev, "cached"), 3, "{ev:?}");
+
+    // Other bytes under the top layer's digest, of the same size.
+    let file = registry_blob_file(&reg, &top);
+    let good = std::fs::read(&file).expect("registry blob");
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    std::fs::write(&file, &bad).expect("tamper");
+    let o = b.run(&["run", "--rm", "app:1", "cat", "/b.txt"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "ran on a tampered layer: {err}");
+    assert!(
+        err.contains(top.trim_start_matches("sha256:").get(..12).expect("hex"))
+            && err.contains(&reg.host()),
+        "the error names the blob and the registry: {err}"
+    );
+    let stored = b
+        .kiln
+        .root
+        .path()
+        .join("blobs/sha256")
+        .join(top.trim_start_matches("sha256:"));
+    assert!(!stored.exists(), "a tampered blob entered the store");
+    assert_eq!(
+        b.stdout(&["images", "-q", "--no-trunc", "app:1"]).trim(),
+        id_b.trim()
+    );
+    let o = b.run(&["system", "check"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // The true bytes back: the same command works.
+    std::fs::write(&file, &good).expect("restore");
+    assert_eq!(
+        b.stdout(&["run", "--rm", "app:1", "cat", "/b.txt"]),
+        "one\nfirst"
+    );
+    assert!(stored.exists());
+
+    // A second runner whose registry is gone by the time it needs the
+    // layers: a clear error, the image still there.
+    let c = Client::new(false);
+    build_json(&c, ctx.path(), &["-t", "app:1", "--cache-from", &from]);
+    drop(reg);
+    let o = c.run(&[
+        "save",
+        "-o",
+        c.conf.path().join("app.tar").to_str().expect("utf8"),
+        "app:1",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "saved without its layers: {err}");
+    assert!(err.contains("kept in the registry"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        c.stdout(&["images", "-q", "--no-trunc", "app:1"]).trim(),
+        id_b.trim()
     );
 }
 

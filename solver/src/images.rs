@@ -663,10 +663,16 @@ fn store_digest(d: &kiln_image::Digest) -> Result<kiln_cache::Digest, Error> {
 
 impl Session {
     fn open_images(&self) -> Result<Store, Error> {
-        Store::open(self.root()).map_err(|source| Error::OpenStore {
-            path: self.root().to_path_buf(),
-            source,
-        })
+        Store::open(self.root())
+            .map(|s| {
+                s.with_fetcher(std::sync::Arc::new(
+                    crate::transfer::RegistryFetcher::default(),
+                ))
+            })
+            .map_err(|source| Error::OpenStore {
+                path: self.root().to_path_buf(),
+                source,
+            })
     }
 
     /// Wraps a failure of a writing operation in [`Error::NoSpace`] when

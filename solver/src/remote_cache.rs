@@ -44,9 +44,7 @@ use crate::backend::{
 use crate::context::oci_layout::{layout_io_error, open_layout_file, read_layout_file};
 use crate::copy::HashCache;
 use crate::store::{chain_id, StoreBackend};
-use crate::transfer::{
-    encode_image, encode_one, push_layers, LayerEncoding, StoreSink, StoreSource,
-};
+use crate::transfer::{encode_image, encode_one, push_layers, LayerEncoding, StoreSource};
 
 crate::error::module_error! {
     /// Why a cache import or export failed.
@@ -495,11 +493,29 @@ impl RemoteCacheBackend {
         });
     }
 
-    /// Keeps the compressed layer of `r` as a lazy layer: its blob stored
-    /// (verified against its digest), its snapshot made on first use.
+    /// Keeps the compressed layer of `r` as a lazy layer, its snapshot
+    /// made on first use. Its blob stays in the registry until something
+    /// reads it (a push elsewhere, `kiln save`, a step or `kiln run` that
+    /// needs the files), as BuildKit's lazy blobs: then it is downloaded
+    /// and verified against its digest. A cache directory's blob is
+    /// stored now (verified), the directory being no place to keep it.
     fn keep_lazy(&self, r: &Remote) -> Result<(), RemoteCacheError> {
-        self.fetch(r)?;
         let store = self.store();
+        match &r.origin {
+            Origin::Registry { registry, repo } => store
+                .record_remote_blob(
+                    &cd(&r.desc.digest)?,
+                    r.desc.size,
+                    &r.desc.media_type,
+                    &kiln_cache::RemoteBlob {
+                        registry: registry.clone(),
+                        repo: repo.clone(),
+                        insecure: self.registry.is_insecure(registry),
+                    },
+                )
+                .map_err(|e| RemoteCacheError::ctx("cache index")(e))?,
+            Origin::Dir(_) => self.fetch(r)?,
+        }
         store
             .meta()
             .put_lazy_layer(&kiln_cache::LazyLayer {
@@ -519,7 +535,9 @@ impl RemoteCacheBackend {
 
     fn fetch(&self, r: &Remote) -> Result<(), RemoteCacheError> {
         let store = self.store();
-        let sink = StoreSink(store);
+        // A file stored: a blob kept in the registry (see `keep_lazy`) is
+        // fetched here too.
+        let sink = crate::transfer::FileSink(store);
         if sink.has_blob(&r.desc) {
             return Ok(());
         }
@@ -1103,15 +1121,19 @@ impl Backend for RemoteCacheBackend {
             .lock()
             .map_err(|_| BackendError::invalid("lock poisoned"))?
             .clone();
-        // The image's layers taken from the cache are not unpacked: their
-        // blobs are downloaded (up to four at once, each verified against
-        // its digest) and kept as lazy layers, unpacked when something
-        // first needs their files — a step on top, `kiln run`, a later
-        // build — as a pulled image's are (the tar is verified against
-        // the diffID then).
+        // The image's layers taken from the cache are not unpacked: they
+        // are kept as lazy layers, unpacked when something first needs
+        // their files — a step on top, `kiln run`, a later build — as a
+        // pulled image's are (the tar is verified against the diffID
+        // then). A registry's blobs stay there until read (see
+        // `keep_lazy`); a cache directory's are copied in now, up to
+        // eight at once, each verified against its digest.
         let todo: Vec<Remote> = layers
             .iter()
             .filter_map(|l| pending.get(&l.snapshot).cloned())
+            .filter(|r| {
+                !matches!(r.origin, Origin::Registry { .. }) || r.desc.digest == r.rec.diff_id
+            })
             .collect();
         // Eight at once: small layers wait mostly for the registry.
         self.fetch_all(&todo, 8);

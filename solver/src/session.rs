@@ -294,10 +294,12 @@ impl std::fmt::Debug for Session {
 }
 
 fn open_store(root: &Path) -> Result<kiln_cache::Store, Error> {
-    kiln_cache::Store::open(root).map_err(|source| Error::OpenStore {
-        path: root.to_path_buf(),
-        source,
-    })
+    kiln_cache::Store::open(root)
+        .map(|s| s.with_fetcher(Arc::new(crate::transfer::RegistryFetcher::default())))
+        .map_err(|source| Error::OpenStore {
+            path: root.to_path_buf(),
+            source,
+        })
 }
 
 impl Session {

@@ -55,6 +55,7 @@ impl BlobSink for StoreSink<'_> {
         cd(&desc.digest).is_ok_and(|d| {
             self.0.blob_size(&d).is_ok_and(|s| s == desc.size)
                 && self.0.meta().has_blob(&d).unwrap_or(false)
+                && self.0.has_local_blob(&d)
         })
     }
     fn put_blob(&self, desc: &Descriptor, r: &mut dyn Read) -> Result<(), SinkError> {
@@ -70,6 +71,66 @@ impl BlobSink for StoreSink<'_> {
             .put_verified_blob(r, &d, desc.size, Some(&desc.media_type))
             .map(|_| ())
             .map_err(SinkError::new)
+    }
+}
+
+/// Downloads the blobs a store keeps in registries (a `--cache-from`
+/// import's layers, see [`kiln_cache::RemoteBlob`]) when they are first
+/// read: through the registry's mirrors, then the registry, each verified
+/// against its digest and size as a pull's. The registry settings
+/// (credentials, CAs, mirrors) are those of the environment when the first
+/// such blob is read; a registry the recording build reached over plain
+/// HTTP may be reached so again.
+#[derive(Debug, Default)]
+pub struct RegistryFetcher {
+    cfg: std::sync::OnceLock<Result<RegistryConfig, String>>,
+}
+
+/// [`StoreSink`] that has a blob only when its file is stored (a blob kept
+/// in a registry is what is being fetched).
+pub(crate) struct FileSink<'a>(pub(crate) &'a Store);
+
+impl BlobSink for FileSink<'_> {
+    fn has_blob(&self, desc: &Descriptor) -> bool {
+        cd(&desc.digest).is_ok_and(|d| {
+            self.0.content().size(&d).is_ok_and(|s| s == desc.size)
+                && self.0.meta().has_blob(&d).unwrap_or(false)
+        })
+    }
+    fn put_blob(&self, desc: &Descriptor, r: &mut dyn Read) -> Result<(), SinkError> {
+        StoreSink(self.0).put_blob(desc, r)
+    }
+    fn put_verified_blob(&self, desc: &Descriptor, r: &mut dyn Read) -> Result<(), SinkError> {
+        StoreSink(self.0).put_verified_blob(desc, r)
+    }
+}
+
+impl kiln_cache::BlobFetcher for RegistryFetcher {
+    fn fetch(
+        &self,
+        store: &Store,
+        from: &kiln_cache::RemoteBlob,
+        digest: &kiln_cache::Digest,
+        size: u64,
+        media_type: Option<&str>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let mut cfg = self
+            .cfg
+            .get_or_init(|| RegistryConfig::load(&[]).map_err(|e| e.to_string()))
+            .clone()?;
+        if from.insecure && !cfg.is_insecure(&from.registry) {
+            cfg.insecure.push(from.registry.clone());
+        }
+        let desc = Descriptor::new(
+            media_type.unwrap_or(media_types::OCI_LAYER_GZIP),
+            digest.as_str().parse::<Digest>()?,
+            size,
+        );
+        tracing::debug!(%digest, registry = %from.registry, repo = %from.repo, "fetching a blob kept in a registry");
+        Registry::through_mirrors(&from.registry, &cfg, |reg| {
+            reg.pull_blob(&from.repo, &desc, &FileSink(store), &|_: Transfer| {})
+        })?;
+        Ok(())
     }
 }
 
