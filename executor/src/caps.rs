@@ -91,17 +91,13 @@ pub fn capabilities_of(mask: u64) -> Capabilities {
         .collect()
 }
 
-/// Highest capability the running kernel knows.
-pub(crate) fn last_cap() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40)
-}
-
-/// Drop every capability not in `keep` from the bounding set.
+/// Drop every capability not in `keep` from the bounding set: every
+/// number a capability set can hold (the kernel's EINVAL for those it
+/// does not know is ignored). Nothing is read to find how many there are:
+/// inside the sandbox, `/proc/sys/kernel/cap_last_cap` is a path the
+/// step's mounts could have chosen the content of.
 pub(crate) fn drop_bounding(keep: u64) -> nix::Result<()> {
-    for cap in 0..=last_cap().min(63) {
+    for cap in 0..=63u32 {
         if keep & (1 << cap) == 0 {
             // SAFETY: plain prctl with integer arguments.
             let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };

@@ -465,6 +465,18 @@ fn exec_step(cfg: &InitConfig) -> (&'static str, String) {
 enum Never {}
 
 fn exec_step_inner(cfg: &InitConfig) -> Result<Never, (&'static str, String)> {
+    if !cfg.tty {
+        // A session of its own, as runc gives every container process:
+        // never kiln's terminal as its controlling terminal (`/dev/tty`
+        // would reach it: TIOCSTI could type into the user's shell).
+        // SAFETY: plain syscall; the step is not a group leader (forked).
+        if unsafe { libc::setsid() } < 0 {
+            return Err((
+                "session",
+                format!("setsid: {}", std::io::Error::last_os_error()),
+            ));
+        }
+    }
     if cfg.tty {
         // A session of its own with the terminal (stdin) as controlling
         // terminal, and the terminal as stdout and stderr too.

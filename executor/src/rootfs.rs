@@ -262,7 +262,30 @@ pub(crate) fn mount_rootfs(dir: &Path, mounts: &[RootfsMount]) -> Result<()> {
     Ok(())
 }
 
-/// Mount `typ` on `dest` inside the root, resolving `dest` safely.
+/// A system mount point (`/proc`, `/sys`, `/dev` and those in the fresh
+/// /dev): no symlink on the way (runc refuses them too). Followed inside
+/// the root, an image's `/proc -> /somewhere` would put procfs where the
+/// masked and read-only paths, applied to `/proc/...` after pivot_root,
+/// never reach it.
+fn open_system_dir(root: &Root, dest: &str) -> Result<OwnedFd> {
+    root.open_path(Path::new(dest), Follow::Never)
+        .map_err(|e| {
+            let source = fs_to_nix(e);
+            MountError {
+                what: if source == nix::Error::ELOOP {
+                    format!(
+                        "opening mount point {dest}: the image has a symlink on the way, where the sandbox mounts its own file system"
+                    )
+                } else {
+                    format!("opening mount point {dest}")
+                },
+                source,
+            }
+        })
+}
+
+/// Mount `typ` on the system mount point `dest` inside the root (see
+/// [`open_system_dir`]).
 fn mount_at(
     root: &Root,
     dest: &str,
@@ -271,9 +294,7 @@ fn mount_at(
     flags: MsFlags,
     data: &str,
 ) -> Result<()> {
-    let target = ctx(open_in_root(root, Path::new(dest)), || {
-        format!("opening mount point {dest}")
-    })?;
+    let target = open_system_dir(root, dest)?;
     let data = (!data.is_empty()).then_some(data);
     ctx(
         mount(Some(source), &fd_path(&target), Some(typ), flags, data),
@@ -309,9 +330,7 @@ fn sysfs(root: &Root, common: MsFlags) -> Result<()> {
         Err(e) if e.source == nix::Error::EPERM && kiln_fs::idmap::IdMaps::current().in_userns => {}
         other => return other,
     }
-    let target = ctx(open_in_root(root, Path::new("/sys")), || {
-        "opening mount point /sys".into()
-    })?;
+    let target = open_system_dir(root, "/sys")?;
     ctx(
         mount(
             Some("/sys"),
@@ -724,6 +743,18 @@ fn extra_mount(root: &Root, m: &MountEntry) -> Result<()> {
     let target = ctx(open_in_root(root, &m.destination), || {
         format!("opening mount point {dest}")
     })?;
+    // Nothing is mounted inside the sandbox's procfs, whichever path led
+    // there (`/proc/sys/kernel`, a symlink to it): the step would choose
+    // what the kernel files it and its init read say (runc refuses these
+    // too, but for a short list of lxcfs-style files).
+    if nix::sys::statfs::fstatfs(&target)
+        .is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::PROC_SUPER_MAGIC)
+    {
+        return Err(MountError {
+            what: format!("mounting on {dest}: the destination is inside /proc"),
+            source: nix::Error::EPERM,
+        });
+    }
     let tp = fd_path(&target);
     if flags.contains(MsFlags::MS_BIND) {
         ctx(

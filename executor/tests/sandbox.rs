@@ -1741,6 +1741,110 @@ fn dotdot_mount_point_stays_in_the_root() -> TestResult {
     f.host_clean()
 }
 
+/// Nothing is mounted inside the sandbox's procfs, by its path or through
+/// a symlink to it: a step that chose what `/proc/sys/kernel/cap_last_cap`
+/// says could keep capabilities (the bounding set is dropped in full
+/// anyway: checked here with such a file in place at another path).
+fn nothing_is_mounted_inside_proc() -> TestResult {
+    let f = Fixture::new()?;
+    let fake = f.tmp.path().join("fake-kernel");
+    fs::create_dir_all(&fake).map_err(|e| e.to_string())?;
+    fs::write(fake.join("cap_last_cap"), "0\n").map_err(|e| e.to_string())?;
+    std::os::unix::fs::symlink("/proc", f.upper.join("p")).map_err(|e| e.to_string())?;
+    for dest in [
+        "/proc/sys/kernel",
+        "/p/sys/kernel",
+        "/proc/self/../sys/kernel",
+    ] {
+        let mut req = f.sh("grep CapBnd /proc/self/status");
+        req.spec
+            .set_mounts(Some(vec![kiln_executor::oci::MountBuilder::default()
+                .destination(dest)
+                .typ("bind")
+                .source(fake.to_string_lossy().into_owned())
+                .options(vec!["rbind".to_string(), "ro".to_string()])
+                .build()
+                .map_err(|e| e.to_string())?]));
+        let (r, lines) = f.run(req);
+        match r {
+            Err(e) => {
+                let m = e.to_string();
+                ensure!(m.contains("inside /proc"), "{dest}: {m}");
+            }
+            Ok(o) => {
+                return Err(format!(
+                    "{dest}: mounted inside /proc (status {}): {:?}",
+                    o.status,
+                    text(&lines, Stream::Stdout)
+                ))
+            }
+        }
+    }
+    f.host_clean()
+}
+
+/// An image whose `/proc` is a symlink (here `/proc -> /dev/x -> /realproc`,
+/// the middle link hidden by the sandbox's /dev once mounted) is refused:
+/// followed, procfs would land at `/realproc`, out of reach of the masked
+/// and read-only paths (`/realproc/sys` writable).
+fn a_symlinked_proc_in_the_image_is_refused() -> TestResult {
+    let f = Fixture::new()?;
+    let bind_root = f.tmp.path().join("bind-root");
+    let o = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&f.rootfs)
+        .arg(&bind_root)
+        .output()
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        o.status.success(),
+        "cp: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let _ = fs::remove_dir(bind_root.join("proc"));
+    fs::create_dir_all(bind_root.join("dev")).map_err(|e| e.to_string())?;
+    std::os::unix::fs::symlink("/dev/x", bind_root.join("proc")).map_err(|e| e.to_string())?;
+    std::os::unix::fs::symlink("/realproc", bind_root.join("dev/x")).map_err(|e| e.to_string())?;
+    fs::create_dir_all(bind_root.join("realproc")).map_err(|e| e.to_string())?;
+    let spec = default_spec(vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "test -e /realproc/self && echo PROC-ESCAPED; echo ran".into(),
+    ]);
+    let req = ExecRequest::new(
+        "RUN symlinked proc",
+        spec,
+        vec![RootfsMount::bind(bind_root)],
+    );
+    let (r, lines) = f.run(req);
+    match r {
+        Err(e) => {
+            let m = e.to_string();
+            ensure!(m.contains("/proc") && m.contains("symlink"), "{m}");
+        }
+        Ok(_) => {
+            return Err(format!(
+                "ran on a symlinked /proc: {:?}",
+                text(&lines, Stream::Stdout)
+            ))
+        }
+    }
+    f.host_clean()
+}
+
+/// The step has a session of its own (runc's `setsid`): kiln's terminal,
+/// if any, is never its controlling terminal.
+fn the_step_leads_its_own_session() -> TestResult {
+    let f = Fixture::new()?;
+    let out = f.stdout(f.sh("echo $$; cut -d' ' -f6 /proc/self/stat"))?;
+    let v: Vec<&str> = out.lines().collect();
+    ensure!(
+        v.len() == 2 && v[0] == v[1],
+        "session is not the step's: {out:?}"
+    );
+    f.host_clean()
+}
+
 fn bad_namespace_request_rejected() -> TestResult {
     let f = Fixture::new()?;
     let mut req = f.sh("true");
@@ -2102,6 +2206,18 @@ const TESTS: &[(&str, TestFn)] = &[
     (
         "custom_seccomp_profile_refused",
         custom_seccomp_profile_refused,
+    ),
+    (
+        "nothing_is_mounted_inside_proc",
+        nothing_is_mounted_inside_proc,
+    ),
+    (
+        "a_symlinked_proc_in_the_image_is_refused",
+        a_symlinked_proc_in_the_image_is_refused,
+    ),
+    (
+        "the_step_leads_its_own_session",
+        the_step_leads_its_own_session,
     ),
 ];
 
