@@ -306,6 +306,11 @@ fn pid1(cfg: &InitConfig, sock: BorrowedFd<'_>, set: &SigSet) -> i32 {
             return 1;
         }
     };
+    // PID 1 keeps its capabilities and has no seccomp filter: not
+    // dumpable, so the step cannot ptrace it nor open its /proc files
+    // (`/proc/1/exe`, `/proc/1/mem`) whatever it holds (runc's init is
+    // not dumpable either).
+    let _ = nix::sys::prctl::set_dumpable(false);
     let status = supervise(step, set, true);
     let _ = send_msg(sock, &ChildMessage::Exited(status));
     // The step is over: nothing it left behind may outlive it.

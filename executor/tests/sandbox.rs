@@ -1833,14 +1833,18 @@ fn a_symlinked_proc_in_the_image_is_refused() -> TestResult {
 }
 
 /// The step has a session of its own (runc's `setsid`): kiln's terminal,
-/// if any, is never its controlling terminal.
+/// if any, is never its controlling terminal. The sandbox's PID 1 (which
+/// keeps its capabilities) is not dumpable: its /proc files are closed to
+/// the step.
 fn the_step_leads_its_own_session() -> TestResult {
     let f = Fixture::new()?;
-    let out = f.stdout(f.sh("echo $$; cut -d' ' -f6 /proc/self/stat"))?;
+    let out = f.stdout(f.sh("echo $$; cut -d' ' -f6 /proc/self/stat; \
+         cat /proc/1/environ >/dev/null 2>&1 && echo PID1-READABLE; \
+         readlink /proc/1/exe 2>/dev/null && echo PID1-EXE; true"))?;
     let v: Vec<&str> = out.lines().collect();
     ensure!(
         v.len() == 2 && v[0] == v[1],
-        "session is not the step's: {out:?}"
+        "session is not the step's, or PID 1 is open to it: {out:?}"
     );
     f.host_clean()
 }
