@@ -497,21 +497,20 @@ impl Store {
         }
     }
 
-    /// Applies the stored blob `digest` (compressed or not) onto `dir`,
-    /// a tree outside the snapshotter (a `type=local` export): the same
-    /// applier as [`Store::unpack_layer`], with `mode` and `opts` as
-    /// [`kiln_image::apply::apply_layer_with`] takes them. The blob was
-    /// verified when it was stored; nothing is committed.
-    pub fn apply_blob_to_dir(
+    /// One layer of an image's series applied over `dir`, which may hold
+    /// files of its own (a `type=local` export's destination): whiteouts
+    /// remove only what the series wrote (see
+    /// [`kiln_image::apply::Merge`]).
+    pub fn apply_blob_merging(
         &self,
         digest: &Digest,
         dir: &Path,
-        mode: kiln_image::apply::WhiteoutMode,
         opts: &kiln_image::apply::ApplyOptions,
+        merge: &mut kiln_image::apply::Merge,
     ) -> Result<kiln_image::apply::ApplyStats> {
         let r = kiln_image::compression::decompress_auto(self.open_blob(digest)?)
             .map_err(|e| Error::Image(format!("layer {digest}: {e}")))?;
-        kiln_image::apply::apply_layer_with(r, dir, mode, opts)
+        kiln_image::apply::apply_layer_merging(r, dir, opts, merge)
             .map_err(|e| Error::Image(format!("layer {digest}: {e}")))
     }
 

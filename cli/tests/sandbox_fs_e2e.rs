@@ -307,6 +307,55 @@ fn local_export_never_creates_device_nodes_on_the_host() {
     assert!(err.contains("/null2"), "{err}");
 }
 
+/// `-o type=local` into a directory that has files of its own (`-o .`):
+/// the image's whiteouts remove what its earlier layers wrote there, never
+/// what the directory held (BuildKit merges its tree into `dest` too). An
+/// image made to whiteout `.git` or a whole directory deletes nothing of
+/// the user's.
+#[test]
+fn local_export_whiteouts_never_delete_what_dest_held() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[]);
+    dockerfile(
+        ctx.path(),
+        "FROM busybox\n\
+         RUN mkdir -p /src /data /.git && echo img > /src/f && echo img > /data/g && echo img > /.git/HEAD\n\
+         RUN rm -rf /src /.git /data && mkdir /data && echo new > /data/h\n",
+    );
+    let dest = tempfile::tempdir().unwrap();
+    let out = dest.path();
+    for (p, c) in [
+        ("src/user.txt", "mine"),
+        ("data/user.txt", "mine"),
+        (".git/config", "mine"),
+    ] {
+        std::fs::create_dir_all(out.join(p).parent().unwrap()).unwrap();
+        std::fs::write(out.join(p), c).unwrap();
+    }
+    let o = format!("type=local,dest={}", out.display());
+    let r = k.run(&["build", "-q", "-o", &o, ctx.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    for p in ["src/user.txt", "data/user.txt", ".git/config"] {
+        assert_eq!(
+            std::fs::read_to_string(out.join(p)).ok().as_deref(),
+            Some("mine"),
+            "the export deleted {p}, which dest held"
+        );
+    }
+    for gone in ["src/f", "data/g", ".git/HEAD"] {
+        assert!(!out.join(gone).exists(), "{gone} survived its whiteout");
+    }
+    assert_eq!(
+        std::fs::read_to_string(out.join("data/h")).unwrap(),
+        "new\n"
+    );
+    assert!(out.join("bin/busybox").is_file());
+}
+
 /// `-o type=local` whose dest is `/` (here through a symlink) is refused
 /// before anything is written: the image's directories would replace the
 /// host's symlinks (`/bin -> usr/bin`) and its files the host's.

@@ -210,10 +210,26 @@ fn read_entry<R: Read>(
     })
 }
 
+/// What a series of layers applied over a directory that holds files of
+/// its own (a `type=local` export's `dest`) wrote there: whiteouts and
+/// opaque directories remove only these, never what was there before the
+/// first layer (BuildKit's local exporter merges the image's final tree
+/// into `dest` and deletes nothing of its own either).
+#[derive(Debug, Default)]
+pub struct Merge {
+    ours: Paths,
+}
+
+/// Paths in a layer, by component.
+type Paths = std::collections::BTreeSet<Vec<Vec<u8>>>;
+
 struct Applier {
     root: Root,
     mode: WhiteoutMode,
     opts: ApplyOptions,
+    /// With [`apply_layer_merging`]: the paths the earlier layers and this
+    /// one wrote.
+    ours: Option<Paths>,
     created: HashSet<Vec<Vec<u8>>>,
     skipped_devices: HashSet<Vec<Vec<u8>>>,
     dir_times: Vec<(Vec<Vec<u8>>, i64)>,
@@ -246,10 +262,36 @@ pub fn apply_layer_with(
     mode: WhiteoutMode,
     opts: &ApplyOptions,
 ) -> Result<ApplyStats, ImageError> {
+    apply_inner(tar, root, mode, opts, None).map(|(st, _)| st)
+}
+
+/// One layer of a series applied over a directory that has files of its
+/// own ([`WhiteoutMode::Delete`]): whiteouts remove only what the series
+/// wrote (see [`Merge`]; pass the same `merge` for every layer, in order).
+pub fn apply_layer_merging(
+    tar: impl Read,
+    root: &Path,
+    opts: &ApplyOptions,
+    merge: &mut Merge,
+) -> Result<ApplyStats, ImageError> {
+    let ours = std::mem::take(&mut merge.ours);
+    let (st, ours) = apply_inner(tar, root, WhiteoutMode::Delete, opts, Some(ours))?;
+    merge.ours = ours.unwrap_or_default();
+    Ok(st)
+}
+
+fn apply_inner(
+    tar: impl Read,
+    root: &Path,
+    mode: WhiteoutMode,
+    opts: &ApplyOptions,
+    ours: Option<Paths>,
+) -> Result<(ApplyStats, Option<Paths>), ImageError> {
     let mut ap = Applier {
         root: Root::open(root).map_err(|e| ImageError::path("open", root, io_of(e)))?,
         mode,
         opts: *opts,
+        ours,
         created: HashSet::new(),
         skipped_devices: HashSet::new(),
         dir_times: Vec::new(),
@@ -296,7 +338,7 @@ pub fn apply_layer_with(
         pdir.set_times(os(&name[0]), (mtime, 0))
             .map_err(|e| ImageError::path("utimensat", display(&comps), io_of(e)))?;
     }
-    Ok(ap.stats)
+    Ok((ap.stats, ap.ours))
 }
 
 impl Applier {
@@ -441,6 +483,9 @@ impl Applier {
                         .map_err(ferr("link"))?;
                 }
                 self.created.insert(e.comps.clone());
+                if let Some(o) = &mut self.ours {
+                    o.insert(e.comps.clone());
+                }
                 self.stats.entries += 1;
                 // a hardlink shares the target's metadata
                 return Ok(());
@@ -461,6 +506,9 @@ impl Applier {
             }
         }
         self.created.insert(e.comps.clone());
+        if let Some(o) = &mut self.ours {
+            o.insert(e.comps.clone());
+        }
         self.stats.entries += 1;
         if file.is_none() {
             // ownership first: chown clears setuid bits and security.capability
@@ -490,6 +538,46 @@ impl Applier {
         Ok(())
     }
 
+    /// Removes `prefix` and what is below it, as far as the layers of
+    /// this merge wrote them (see [`Merge`]): deepest first, a directory
+    /// only once empty (what was there before stays, and so do the
+    /// directories holding it).
+    fn remove_ours(&mut self, prefix: &[Vec<u8>]) -> Result<(), ImageError> {
+        let Some(ours) = &mut self.ours else {
+            return Ok(());
+        };
+        let mut victims: Vec<Vec<Vec<u8>>> = ours
+            .range(prefix.to_vec()..)
+            .take_while(|p| p.starts_with(prefix))
+            .cloned()
+            .collect();
+        if victims.is_empty() {
+            return Ok(());
+        }
+        for v in &victims {
+            ours.remove(v);
+        }
+        self.removed();
+        victims.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        for v in victims {
+            let Some((name, parent)) = v.split_last() else {
+                continue;
+            };
+            let pdir = match self.root.open_dir(display(parent), Follow::InRoot) {
+                Ok(d) => d,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(ImageError::path("open", display(parent), io_of(e))),
+            };
+            match pdir.remove(os(name)) {
+                Ok(()) => {}
+                // A directory that holds what was there before.
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {}
+                Err(e) => return Err(ImageError::path("remove", display(&v), io_of(e))),
+            }
+        }
+        Ok(())
+    }
+
     fn whiteout(&mut self, parent: &[Vec<u8>], name: &[u8], path: &Path) -> Result<(), ImageError> {
         let perr = |op: &'static str| {
             let path = path.to_path_buf();
@@ -508,6 +596,16 @@ impl Applier {
                 WhiteoutMode::Overlay => {
                     pdir.set_xattr_self(self.opts.overlay_xattrs.opaque().as_bytes(), OPAQUE_VALUE)
                         .map_err(ferr("setxattr overlay opaque"))?;
+                }
+                WhiteoutMode::Delete if self.ours.is_some() => {
+                    let children = pdir.read_dir().map_err(ferr("readdir"))?;
+                    for child in children {
+                        let mut c = parent.to_vec();
+                        c.push(child.as_bytes().to_vec());
+                        if !self.created.contains(&c) {
+                            self.remove_ours(&c)?;
+                        }
+                    }
                 }
                 WhiteoutMode::Delete => {
                     let mut gone = false;
@@ -538,6 +636,11 @@ impl Applier {
         cstr(target)?;
         let otarget = os(target);
         match self.mode {
+            WhiteoutMode::Delete if self.ours.is_some() => {
+                let mut t = parent.to_vec();
+                t.push(target.to_vec());
+                self.remove_ours(&t)?;
+            }
             WhiteoutMode::Delete => {
                 let pdir = match Self::parent(&self.root, &mut self.last, parent, false) {
                     Ok(d) => d,

@@ -538,7 +538,8 @@ impl Dest {
 }
 
 /// The final filesystem of `manifest` unpacked into `dir` (layers applied
-/// in order, whiteouts deleting). Every write is resolved inside `dir`
+/// in order, whiteouts deleting what earlier layers wrote, never what
+/// `dir` held before). Every write is resolved inside `dir`
 /// with file descriptors (the applier's `RESOLVE_IN_ROOT`), and device
 /// nodes are never made on the host: they are left out, and named in a
 /// warning.
@@ -555,6 +556,9 @@ pub fn unpack_rootfs(
         ..Default::default()
     };
     let mut skipped = Vec::new();
+    // `dir` may hold files of its own (`-o type=local,dest=.`): the
+    // image's whiteouts remove only what its own layers wrote.
+    let mut merge = kiln_image::apply::Merge::default();
     for l in &m.layers {
         let d: kiln_cache::Digest = l
             .digest
@@ -562,7 +566,7 @@ pub fn unpack_rootfs(
             .parse()
             .map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
         let st = store
-            .apply_blob_to_dir(&d, dir, kiln_image::apply::WhiteoutMode::Delete, &opts)
+            .apply_blob_merging(&d, dir, &opts, &mut merge)
             .map_err(|e| ExportError::Context {
                 context: format!("layer {}", l.digest),
                 cause: crate::error::Cause::new(e),
