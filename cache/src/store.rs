@@ -690,9 +690,53 @@ impl Store {
         self.record_image(&untagged_name(config), manifest, config, layers)
     }
 
+    /// Whether `name` may point at the stored manifest or index `target`:
+    /// a name without a digest may point anywhere; one pinned to a digest
+    /// (`repo@sha256:…`) only at that digest's manifest or index, or at a
+    /// manifest that index (stored) lists — a pull by an index's digest
+    /// names the platform's manifest so. A loaded archive or a `kiln tag`
+    /// naming another image `alpine@sha256:<alpine's digest>` would make
+    /// every `FROM` pinned to that digest use it.
+    pub fn pin_holds(&self, name: &str, target: &Digest) -> bool {
+        let Some((_, pin)) = name.rsplit_once('@') else {
+            return true;
+        };
+        if pin == target.as_str() {
+            return true;
+        }
+        #[derive(serde::Deserialize)]
+        struct Child {
+            digest: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Index {
+            #[serde(default)]
+            manifests: Vec<Child>,
+        }
+        let Ok(pd) = pin.parse::<Digest>() else {
+            return false;
+        };
+        self.content.read(&pd).is_ok_and(|bytes| {
+            serde_json::from_slice::<Index>(&bytes)
+                .is_ok_and(|i| i.manifests.iter().any(|c| c.digest == target.as_str()))
+        })
+    }
+
+    fn check_pin(&self, name: &str, target: &Digest) -> Result<()> {
+        if self.pin_holds(name, target) {
+            return Ok(());
+        }
+        Err(Error::InvalidReference {
+            reference: name.to_string(),
+            reason: "a name pinned to a digest names that digest's image only",
+        })
+    }
+
     /// Record an image: the manifest references `config` and `layers` (all
     /// already stored with [`Store::put_blob`]) and `name` (normalised, see
-    /// [`crate::normalize_reference`]) points at it. One transaction.
+    /// [`crate::normalize_reference`]) points at it. One transaction. A
+    /// name pinned to a digest must be that image's (see
+    /// [`Store::pin_holds`]).
     pub fn record_image(
         &self,
         name: &str,
@@ -700,6 +744,7 @@ impl Store {
         config: &Digest,
         layers: &[Digest],
     ) -> Result<()> {
+        self.check_pin(name, manifest)?;
         self.meta.write(|tx| {
             for child in std::iter::once(config).chain(layers) {
                 tx.execute(
@@ -770,6 +815,7 @@ impl Store {
         index: &Digest,
         children: &[(Digest, Digest, Vec<Digest>)],
     ) -> Result<()> {
+        self.check_pin(name, index)?;
         self.meta.write(|tx| {
             for (manifest, config, layers) in children {
                 tx.execute(

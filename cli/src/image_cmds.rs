@@ -482,6 +482,7 @@ pub fn images(root: &Path, a: ImagesArgs) -> anyhow::Result<ExitCode> {
 /// Writes `s` to stdout as it is (see [`outln`]).
 fn out_str(s: &str) {
     use std::io::Write as _;
+    let s = crate::term::shown(s, crate::term::stdout_tty());
     if let Err(e) = std::io::stdout().lock().write_all(s.as_bytes()) {
         crate::stdout_failed(e)
     }
@@ -769,10 +770,10 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         let parts: Vec<&str> = v.split(':').collect();
         let (host, ctr, ro) = match parts.as_slice() {
             [h, c] => (*h, *c, false),
-            [h, c, o] => (*h, *c, *o == "ro"),
+            [h, c, o] => (*h, *c, volume_read_only(v, o)?),
             _ => {
                 return Err(usage(format!(
-                    "invalid volume {v:?}: want HOST:CONTAINER[:ro]"
+                    "invalid volume {v:?}: want HOST:CONTAINER[:OPTIONS]"
                 )))
             }
         };
@@ -967,4 +968,54 @@ pub fn export(root: &Path, a: ExportArgs) -> anyhow::Result<ExitCode> {
             )
         })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether the options of `-v HOST:CONTAINER:OPTIONS` (docker's, comma
+/// separated) make the mount read-only. Every option is understood or
+/// refused: one taken for another (`ro,z` read as "not `ro`") would give
+/// the container a writable host directory the user meant to protect.
+fn volume_read_only(v: &str, opts: &str) -> anyhow::Result<bool> {
+    let mut ro = None;
+    for o in opts.split(',') {
+        match o {
+            "ro" | "rw" => {
+                if ro.replace(o == "ro").is_some() {
+                    return Err(usage(format!(
+                        "invalid volume {v:?}: both ro and rw, or one twice"
+                    )));
+                }
+            }
+            // SELinux labels (no SELinux here), the default propagation
+            // and docker's no-op cache hints.
+            "z" | "Z" | "private" | "rprivate" | "nocopy" | "consistent" | "cached"
+            | "delegated" => {}
+            _ => {
+                return Err(usage(format!(
+                    "invalid volume {v:?}: option {o:?} is not supported (ro, rw, z, Z, rprivate)"
+                )))
+            }
+        }
+    }
+    Ok(ro.unwrap_or(false))
+}
+
+#[cfg(test)]
+mod volume_tests {
+    use super::volume_read_only;
+
+    #[test]
+    fn volume_options_are_understood_or_refused() {
+        for (o, ro) in [
+            ("ro", true),
+            ("rw", false),
+            ("ro,z", true),
+            ("Z,ro", true),
+            ("z", false),
+        ] {
+            assert_eq!(volume_read_only("a:b:x", o).unwrap(), ro, "{o}");
+        }
+        for bad in ["RO", "readonly", "ro,rw", "ro,ro", "rshared", "ro,bogus"] {
+            assert!(volume_read_only("a:b:x", bad).is_err(), "{bad} accepted");
+        }
+    }
 }

@@ -11,9 +11,17 @@ use clap::{Parser, Subcommand};
 /// ends kiln quietly with status 141 (128 + SIGPIPE, what a shell shows
 /// for docker, whose writes die of SIGPIPE) instead of panicking.
 macro_rules! outln {
+    () => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock()) {
+            $crate::stdout_failed(e)
+        }
+    }};
     ($($t:tt)*) => {{
         use std::io::Write as _;
-        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
+        let text = format!($($t)*);
+        let text = $crate::term::shown(&text, $crate::term::stdout_tty());
+        if let Err(e) = writeln!(std::io::stdout().lock(), "{text}") {
             $crate::stdout_failed(e)
         }
     }};
@@ -30,6 +38,7 @@ mod registry_cmds;
 mod run_io;
 mod signals;
 mod store_cmds;
+mod term;
 
 /// An error in how kiln was called: exit status 2, like a clap error.
 #[derive(Debug)]
@@ -246,11 +255,14 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) if e.downcast_ref::<UsageError>().is_some() => {
-            eprintln!("error: {e:#}");
+            let text = format!("{e:#}");
+            eprintln!("error: {}", term::shown(&text, term::stderr_tty()));
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // An error may quote what an image, archive or registry said.
+            let text = format!("{e:#}");
+            eprintln!("error: {}", term::shown(&text, term::stderr_tty()));
             ExitCode::from(1)
         }
     }

@@ -61,22 +61,26 @@ pub async fn render(mode: Mode, mut rx: Receiver) {
 async fn plain(mut rx: Receiver) {
     let mut names = BTreeMap::new();
     let transfers = crate::registry_cmds::TransferLog::new();
+    // Step names, RUN output and errors are untrusted: on a terminal
+    // their control sequences are shown, not obeyed (see `crate::term`).
+    let tty = crate::term::stderr_tty();
+    let sh = |s: &str| crate::term::shown(s, tty).into_owned();
     while let Some(e) = rx.recv().await {
         let mut err = std::io::stderr().lock();
         let _ = match e {
             Event::Started { id, name } => {
-                let r = writeln!(err, "\n#{id} {name}");
+                let r = writeln!(err, "\n#{id} {}", sh(&name));
                 names.insert(id, name);
                 r
             }
             Event::Cached { id } => writeln!(err, "#{id} CACHED"),
             Event::Log {
                 id, line, elapsed, ..
-            } => writeln!(err, "#{id} {elapsed:.3} {line}"),
+            } => writeln!(err, "#{id} {elapsed:.3} {}", sh(&line)),
             Event::Done { id, seconds } => writeln!(err, "#{id} DONE {seconds:.1}s"),
-            Event::Failed { id, error } => writeln!(err, "#{id} ERROR: {error}"),
+            Event::Failed { id, error } => writeln!(err, "#{id} ERROR: {}", sh(&error)),
             Event::Info { message } | Event::Note { message } | Event::Warning { message } => {
-                writeln!(err, "{message}")
+                writeln!(err, "{}", sh(&message))
             }
             Event::Transfer {
                 verb,

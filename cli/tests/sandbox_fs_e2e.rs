@@ -356,6 +356,129 @@ fn local_export_whiteouts_never_delete_what_dest_held() {
     assert!(out.join("bin/busybox").is_file());
 }
 
+/// A bind source whose name holds `:` (overlayfs' lowerdir separator):
+/// `source=/s/x:.` lowered `.`, kiln's working directory on the host, into
+/// the step. The name is the image's own directory, nothing else.
+#[test]
+fn a_bind_source_named_with_an_overlay_separator_lowers_nothing_of_the_host() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let host = outside();
+    let ctx = context(&[]);
+    dockerfile(
+        ctx.path(),
+        "FROM busybox AS evil\nRUN mkdir -p /s/x '/s/x:.' && echo image > '/s/x:./own'\n\
+         FROM busybox\n\
+         RUN --mount=type=bind,from=evil,source=/s/x:.,target=/m,rw echo LIST:$(ls -a /m | tr '\\n' ,)\n",
+    );
+    let o = k
+        .cmd()
+        .current_dir(host.path())
+        .args([
+            "build",
+            "--no-cache",
+            "--progress",
+            "plain",
+            ctx.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !err.contains("victim"),
+        "the host's directory was lowered: {err}"
+    );
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("LIST:.,..,own,"),
+        "the mount is the image's directory and nothing else: {err}"
+    );
+    untouched(host.path());
+}
+
+/// `-o type=local` leaves no set-id bit nor file capability on the host
+/// (a setuid-root shell from an untrusted image, in a directory other
+/// users reach, would be theirs to run); `type=tar` keeps them.
+#[test]
+fn local_export_leaves_no_setuid_file_on_the_host() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[]);
+    dockerfile(
+        ctx.path(),
+        "FROM busybox\nRUN cp /bin/busybox /sh && chmod 6755 /sh && mkdir /d && chmod 2775 /d\n",
+    );
+    let dest = tempfile::tempdir().unwrap();
+    let o = format!("type=local,dest={}", dest.path().join("out").display());
+    let r = k.run(&["build", "-q", "-o", &o, ctx.path().to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let m = std::fs::metadata(dest.path().join("out/sh")).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o755, "set-id bits reached the host");
+    let d = std::fs::metadata(dest.path().join("out/d")).unwrap();
+    assert_eq!(d.mode() & 0o7777, 0o2775, "a directory's setgid is kept");
+    let tar = dest.path().join("out.tar");
+    let o = format!("type=tar,dest={}", tar.display());
+    let r = k.run(&["build", "-q", "-o", &o, ctx.path().to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let listed = std::process::Command::new("tar")
+        .args(["-tvf"])
+        .arg(&tar)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("-rwsr-sr-x") && l.ends_with(" sh")),
+        "the tar keeps the image's modes: {listed}"
+    );
+}
+
+/// `-f` naming a symlink out of its directory (`Dockerfile.ci ->
+/// /etc/shadow` in an untrusted checkout) reads nothing of the host: a
+/// parse error would print the file's lines.
+#[test]
+fn a_dockerfile_given_with_f_is_never_a_symlink_to_a_host_file() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::new();
+    let host = tempfile::tempdir().unwrap();
+    let secret = host.path().join("shadow");
+    std::fs::write(&secret, "root:SECRET-HASH:19000:0:99999:7:::\n").unwrap();
+    let ctx = context(&[("a", "x")]);
+    let elsewhere = tempfile::tempdir().unwrap();
+    for dir in [ctx.path(), elsewhere.path()] {
+        symlink(&secret, dir.join("Dockerfile.ci")).unwrap();
+        let f = dir.join("Dockerfile.ci");
+        let r = k.run(&[
+            "build",
+            "-f",
+            f.to_str().unwrap(),
+            ctx.path().to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "built from a host file: {err}");
+        assert!(
+            !err.contains("SECRET-HASH"),
+            "the host file was printed: {err}"
+        );
+        // Relative to the working directory too.
+        let r = k
+            .cmd()
+            .current_dir(dir)
+            .args(["build", "-f", "Dockerfile.ci", ctx.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success() && !err.contains("SECRET-HASH"), "{err}");
+    }
+}
+
 /// `-o type=local` whose dest is `/` (here through a symlink) is refused
 /// before anything is written: the image's directories would replace the
 /// host's symlinks (`/bin -> usr/bin`) and its files the host's.

@@ -417,3 +417,65 @@ fn another_user_cannot_read_the_store_or_run_its_setuid_files() {
         );
     }
 }
+
+/// A name pinned to a digest names that digest's image only: an archive
+/// whose RepoTags say `alpine@sha256:<alpine's digest>` for another image
+/// (which every `FROM alpine@sha256:…` would then have used) is refused
+/// whole — no name of it recorded, not even its plain ones — and so is
+/// `kiln tag IMAGE NAME@DIGEST` (docker's "refusing to create a tag with a
+/// digest reference").
+#[test]
+fn a_name_pinned_to_another_digest_is_never_recorded() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let dir = tempfile::tempdir().expect("tmp");
+    let saved = dir.path().join("bb.tar");
+    k.ok(&["save", "-o", saved.to_str().expect("utf8"), "busybox"]);
+    let x = dir.path().join("x");
+    std::fs::create_dir_all(&x).expect("mkdir");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&x)
+        .arg("-xf")
+        .arg(&saved)
+        .status()
+        .expect("tar");
+    assert!(st.success());
+    let pinned = format!("alpine@sha256:{}", "a".repeat(64));
+    let mf = x.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&mf).expect("manifest.json")).expect("json");
+    m[0]["RepoTags"] = serde_json::json!(["innocent:1", pinned]);
+    std::fs::write(&mf, serde_json::to_vec(&m).expect("json")).expect("write");
+    let forged = dir.path().join("forged.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&x)
+        .arg("-cf")
+        .arg(&forged)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(st.success());
+    let o = k.run(&["load", "-i", forged.to_str().expect("utf8")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "a digest-pinned name was loaded: {err}"
+    );
+    assert!(err.contains("digest reference"), "{err}");
+    let names = k.ok(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+    assert!(
+        !names.contains("innocent"),
+        "a name of a refused archive was recorded: {names}"
+    );
+    assert!(!names.contains("alpine"), "{names}");
+
+    let o = k.run(&["tag", "busybox", &pinned]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "tagged with a digest: {err}");
+    assert!(err.contains("digest reference"), "{err}");
+    assert!(!k.ok(&["images"]).contains("alpine"));
+}

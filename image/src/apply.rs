@@ -66,6 +66,12 @@ pub struct ApplyOptions {
     /// `type=local` export, where a node from an untrusted image would
     /// give whoever can open it the host's device.
     pub skip_devices: bool,
+    /// Leave out what would make a file run with more privileges than its
+    /// runner's: set-user-ID and set-group-ID bits of non-directories and
+    /// `security.capability` xattrs. For trees on the host (a `type=local`
+    /// export written as root): a setuid-root shell from an untrusted
+    /// image in a directory other users reach would be theirs to run.
+    pub strip_privileges: bool,
     /// The xattr namespace an overlay upperdir's opaque markers are
     /// written in ([`WhiteoutMode::Overlay`]): `trusted.` (the default,
     /// root) or `user.` (an overlay mounted with `userxattr`).
@@ -385,7 +391,14 @@ impl Applier {
         self.last = None;
     }
 
-    fn apply(&mut self, e: Entry, data: &mut dyn Read) -> Result<(), ImageError> {
+    fn apply(&mut self, mut e: Entry, data: &mut dyn Read) -> Result<(), ImageError> {
+        if self.opts.strip_privileges {
+            if e.kind != tar::EntryType::Directory {
+                e.mode &= !(libc::S_ISUID | libc::S_ISGID);
+            }
+            e.xattrs
+                .retain(|(k, _)| k.as_slice() != b"security.capability");
+        }
         let Some((name, parent)) = e.comps.split_last() else {
             // the root itself ("./"): leave the target root as it is
             return Ok(());

@@ -282,6 +282,10 @@ struct Ctx<W: Write> {
     /// Headers only ([`overlay_fingerprint`]): each entry's
     /// [`Meta::fingerprint`] goes here and nothing is written or read.
     headers: Option<crate::Hasher>,
+    /// [`write_tree_diff_since`]: entries of the upper tree changed
+    /// (ctime) after this instant have their contents compared whatever
+    /// their size and mtime say.
+    since: Option<(i64, i64)>,
 }
 
 impl<W: Write> Ctx<W> {
@@ -296,6 +300,7 @@ impl<W: Write> Ctx<W> {
             counted: HashSet::new(),
             partial: false,
             headers: None,
+            since: None,
         }
     }
 
@@ -724,7 +729,24 @@ pub fn write_tree_diff(
     out: impl Write,
     opts: &DiffOptions,
 ) -> Result<DiffStats, ImageError> {
+    write_tree_diff_since(lower, upper, out, opts, None)
+}
+
+/// [`write_tree_diff`] of an upper tree that began as a copy of the lower
+/// one, finished at `since` (seconds, nanoseconds): a file whose inode
+/// changed after that (its ctime, which no unprivileged process can set
+/// back) has its contents compared even when its size and mtime are the
+/// lower file's — a step that changed a file and put its mtime back
+/// (`touch -r`) hides nothing.
+pub fn write_tree_diff_since(
+    lower: Option<&Path>,
+    upper: &Path,
+    out: impl Write,
+    opts: &DiffOptions,
+    since: Option<(i64, i64)>,
+) -> Result<DiffStats, ImageError> {
     let mut ctx = Ctx::new(out, opts);
+    ctx.since = since;
     let mut pending = Vec::new();
     tree_dir(&mut ctx, lower, upper, &[], &mut pending)?;
     ctx.finish()
@@ -793,7 +815,9 @@ fn tree_dir<W: Write>(
         let meta = ctx.meta(&uabs, rel.clone(), &ust, xattrs, || fs::read_link(&uabs))?;
         let changed = match &lower_child {
             None => true,
-            Some((labs, lmd)) => !same_entry(labs, lmd, &uabs, &umd, ctx.opts.cancel.as_ref())?,
+            Some((labs, lmd)) => {
+                !same_entry(labs, lmd, &uabs, &umd, ctx.since, ctx.opts.cancel.as_ref())?
+            }
         };
         if umd.is_dir() {
             let lower_dir = match &lower_child {
@@ -823,6 +847,7 @@ fn same_entry(
     l: &Metadata,
     uabs: &Path,
     u: &Metadata,
+    since: Option<(i64, i64)>,
     cancel: Option<&Cancel>,
 ) -> Result<bool, ImageError> {
     if l.mode() != u.mode() || l.uid() != u.uid() || l.gid() != u.gid() || l.rdev() != u.rdev() {
@@ -846,7 +871,8 @@ fn same_entry(
     if l.len() != u.len() || l.mtime() != u.mtime() || l.mtime_nsec() != u.mtime_nsec() {
         return Ok(false);
     }
-    if u.mtime_nsec() != 0 {
+    let touched = since.is_some_and(|t| (u.ctime(), u.ctime_nsec()) >= t);
+    if u.mtime_nsec() != 0 && !touched {
         return Ok(true);
     }
     same_content(labs, uabs, cancel)

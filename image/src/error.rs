@@ -60,6 +60,11 @@ pub enum ImageError {
     /// A malformed archive (docker-archive / OCI layout).
     #[error("archive: {0}")]
     Archive(String),
+    /// A manifest or index whose JSON says it is the other kind (both
+    /// `manifests` and `layers`, or a `mediaType` of the other kind): one
+    /// digest must name one image.
+    #[error("ambiguous manifest: {0}")]
+    Ambiguous(String),
     /// The work was cancelled (a [`crate::diff::Cancel`] fired).
     #[error("cancelled")]
     Cancelled,

@@ -272,7 +272,9 @@ pub struct RawManifest {
 struct Probe {
     #[serde(rename = "mediaType")]
     media_type: Option<String>,
-    manifests: Option<serde_json::Value>,
+    manifests: Option<serde::de::IgnoredAny>,
+    config: Option<serde::de::IgnoredAny>,
+    layers: Option<serde::de::IgnoredAny>,
 }
 
 /// The largest manifest or index kiln fetches, loads or keeps
@@ -296,19 +298,34 @@ impl RawManifest {
     /// Wrap `bytes`; when `media_type` is None it is read from the JSON
     /// (`mediaType`, else by shape: `manifests` -> OCI index, else OCI
     /// manifest).
+    ///
+    /// A document that is both kinds is refused (containerd's check, after
+    /// CVE-2021-41190): an index with `config` or `layers`, a manifest with
+    /// `manifests`, or a JSON `mediaType` of the other kind than the one
+    /// given. Pulled as a manifest and used as an index here (or the other
+    /// way), one digest would name two images.
     pub fn new(bytes: Vec<u8>, media_type: Option<&str>) -> Result<Self, ImageError> {
         check_manifest_size(bytes.len() as u64)?;
-        let mt = match media_type {
-            Some(m) => m.to_string(),
-            None => {
-                let p: Probe = serde_json::from_slice(&bytes)?;
-                match (p.media_type, p.manifests) {
-                    (Some(m), _) => m,
-                    (None, Some(_)) => media_types::OCI_INDEX.to_string(),
-                    (None, None) => media_types::OCI_MANIFEST.to_string(),
-                }
-            }
+        let p: Probe = serde_json::from_slice(&bytes)?;
+        let mt = match (media_type, &p.media_type, &p.manifests) {
+            (Some(m), _, _) => m.to_string(),
+            (None, Some(m), _) => m.clone(),
+            (None, None, Some(_)) => media_types::OCI_INDEX.to_string(),
+            (None, None, None) => media_types::OCI_MANIFEST.to_string(),
         };
+        let json = p.media_type.as_deref().unwrap_or("");
+        let ambiguous = if media_types::is_index(&mt) {
+            (p.config.is_some() || p.layers.is_some() || media_types::is_manifest(json))
+                .then_some("an index with config or layers, or a manifest's mediaType")
+        } else if media_types::is_manifest(&mt) {
+            (p.manifests.is_some() || media_types::is_index(json))
+                .then_some("a manifest with manifests, or an index's mediaType")
+        } else {
+            None
+        };
+        if let Some(what) = ambiguous {
+            return Err(ImageError::Ambiguous(format!("{mt} document is {what}")));
+        }
         Ok(RawManifest {
             digest: Digest::sha256_of(&bytes),
             bytes,
@@ -340,6 +357,35 @@ impl RawManifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A document that is both an index and a manifest is refused,
+    /// whichever type it is declared as (CVE-2021-41190's class: one
+    /// digest, two images); consistent ones are taken.
+    #[test]
+    fn a_document_of_both_kinds_is_refused() {
+        let both = br#"{"schemaVersion":2,"config":{"mediaType":"x","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":2},"layers":[],"manifests":[]}"#.to_vec();
+        for declared in [
+            None,
+            Some(media_types::OCI_MANIFEST),
+            Some(media_types::OCI_INDEX),
+            Some(media_types::DOCKER_MANIFEST_LIST),
+        ] {
+            assert!(
+                matches!(
+                    RawManifest::new(both.clone(), declared),
+                    Err(ImageError::Ambiguous(_))
+                ),
+                "{declared:?}"
+            );
+        }
+        let index_typed = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#.to_vec();
+        assert!(RawManifest::new(index_typed.clone(), Some(media_types::OCI_MANIFEST)).is_err());
+        assert!(RawManifest::new(index_typed.clone(), Some(media_types::OCI_INDEX)).is_ok());
+        assert!(RawManifest::new(index_typed, None).is_ok_and(|r| r.is_index()));
+        let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"x","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":2},"layers":[]}"#.to_vec();
+        assert!(RawManifest::new(manifest.clone(), Some(media_types::OCI_INDEX)).is_err());
+        assert!(RawManifest::new(manifest, Some(media_types::OCI_MANIFEST)).is_ok());
+    }
 
     #[test]
     fn docker_and_oci_manifests() {

@@ -303,3 +303,55 @@ fn real_overlay_whiteouts_and_opaque_dirs() {
     assert_eq!(entry_names(&layer), entry_names(&layer2));
     drop(ov);
 }
+
+/// A file changed in the upper tree with its size and mtime put back
+/// (`touch -r`, nanoseconds included) is in the diff when the upper tree is
+/// known to have been copied before the change (`since`): its ctime moved.
+/// Without `since` the size-and-mtime check is all there is (containerd's
+/// too), and the change would be missed.
+#[test]
+fn a_change_hidden_by_touch_r_is_found_after_the_copy() {
+    use std::os::unix::fs::MetadataExt;
+    let t = tempfile::tempdir().unwrap();
+    let (lower, upper) = (t.path().join("lower"), t.path().join("upper"));
+    fs::create_dir_all(&lower).unwrap();
+    fs::write(lower.join("tool"), "genuine!").unwrap();
+    fs::write(lower.join("other"), "same").unwrap();
+    let o = std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(&lower)
+        .arg(&upper)
+        .status()
+        .unwrap();
+    assert!(o.success());
+    // The copy is done: anything changed from here on counts.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let copied = (now.as_secs() as i64, now.subsec_nanos() as i64);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let before = fs::metadata(upper.join("tool")).unwrap();
+    assert_ne!(before.mtime_nsec(), 0, "the test needs a fine-grained fs");
+    fs::write(upper.join("tool"), "trojaned").unwrap();
+    let f = fs::File::options()
+        .write(true)
+        .open(upper.join("tool"))
+        .unwrap();
+    f.set_times(fs::FileTimes::new().set_modified(before.modified().unwrap()))
+        .unwrap();
+    drop(f);
+    let opts = DiffOptions::default();
+    let blind = tree_tar(Some(&lower), &upper, &opts);
+    assert!(
+        !entry_names(&blind).iter().any(|n| n.contains("tool")),
+        "size and mtime alone are expected to miss it: {:?}",
+        entry_names(&blind)
+    );
+    let mut seen = Vec::new();
+    kiln_image::diff::write_tree_diff_since(Some(&lower), &upper, &mut seen, &opts, Some(copied))
+        .unwrap();
+    let names = entry_names(&seen);
+    assert!(names.iter().any(|n| n.ends_with("tool")), "{names:?}");
+    assert!(!names.iter().any(|n| n.ends_with("other")), "{names:?}");
+}

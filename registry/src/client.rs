@@ -508,6 +508,15 @@ impl Registry {
         let basic = self.basic_header();
         let mut url = crate::http::check_url(realm)
             .map_err(|e| self.proto(format!("token endpoint: {e}")))?;
+        if basic.is_some() && url.scheme() != "https" && !self.insecure {
+            // The credentials would cross the network in the clear, at
+            // the word of the registry's challenge.
+            return Err(self.proto(format!(
+                "token endpoint {realm} is not HTTPS: the credentials for {} are sent only over \
+                 HTTPS (or to a registry marked insecure)",
+                self.name
+            )));
+        }
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = service {

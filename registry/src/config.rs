@@ -500,30 +500,25 @@ fn read_config_value(path: &Path) -> Result<serde_json::Value> {
 }
 
 fn write_config_value(path: &Path, v: &serde_json::Value) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = path
         .parent()
         .ok_or_else(|| config_err(path, "no parent directory"))?;
     std::fs::create_dir_all(dir).map_err(|e| config_err(dir, e))?;
-    let tmp = dir.join(format!(".config.json.{}", std::process::id()));
     let mut bytes = serde_json::to_vec_pretty(v).map_err(|e| config_err(path, e))?;
     bytes.push(b'\n');
+    // A new file (0600, `O_EXCL`) of a name no one can guess: never one
+    // that is there already nor a symlink (the directory may be shared:
+    // another user's planted `.config.json.<pid>` got the credentials).
     let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut f = tempfile::Builder::new()
+            .prefix(".config.json.")
+            .tempfile_in(dir)?;
         f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        f.as_file().sync_all()?;
+        f.persist(path).map_err(|e| e.error)?;
+        Ok(())
     })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(config_err(path, e));
-    }
-    Ok(())
+    res.map_err(|e| config_err(path, e))
 }
 
 fn helper_for(v: &serde_json::Value, registry: &str) -> Option<String> {

@@ -205,12 +205,19 @@ impl LayerView {
                 }
                 if self.layers.len() > 1 && is_opaque(&host) {
                     // Lower layers are hidden below this directory: finish
-                    // the lookup in this layer only.
+                    // the lookup in this layer only — its directories
+                    // opened with no symlink followed: a layer's own
+                    // `o/x -> /` under an upper layer's directory `o/x`
+                    // is not a way to the host's `/`.
                     let mut h = host.clone();
                     for c in &comps[n + 1..] {
                         h.push(c);
                     }
-                    return fs::symlink_metadata(&h)
+                    let (Some(parent), Some(last)) = (h.parent(), h.file_name()) else {
+                        return None;
+                    };
+                    let dir = open_dir_below(layer, parent).ok()?;
+                    return fs::symlink_metadata(fd_path(&dir).join(last))
                         .ok()
                         .filter(|m| !is_whiteout(m))
                         .map(|meta| Found {
@@ -414,17 +421,17 @@ impl LayerView {
         let rel = rel(resolved.as_ref());
         let mut names = std::collections::BTreeMap::<Vec<u8>, bool>::new();
         for layer in &self.layers {
-            let dir = if rel.is_empty() {
-                layer.clone()
-            } else {
-                layer.join(rel)
+            // Opened below the layer's top with no symlink followed: a
+            // layer's link on the way (`o/x -> /` under an upper layer's
+            // directory `o/x`) lists nothing of the host's.
+            let opened = open_dir_below(layer, &layer.join(rel));
+            let dir = match &opened {
+                Ok(d) => fd_path(d),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                // A whiteout, a file or a symlink here hides the layers
+                // below.
+                Err(_) => break,
             };
-            let Ok(meta) = fs::symlink_metadata(&dir) else {
-                continue;
-            };
-            if is_whiteout(&meta) || !meta.is_dir() {
-                break;
-            }
             let rd = fs::read_dir(&dir).map_err(|e| io_err(&dir, e))?;
             for e in rd {
                 let e = e.map_err(|e| io_err(&dir, e))?;
@@ -708,5 +715,40 @@ mod tests {
             strict.resolve("../x", true),
             Err(ViewError::Escape(_))
         ));
+    }
+
+    /// A lower layer's opaque directory holding a symlink to the host's
+    /// `/` under an upper layer's real directory of that name: neither a
+    /// lookup nor a listing below it reaches the host (a `COPY --from` of
+    /// `/o/x/etc/passwd` read the host's file).
+    #[test]
+    fn a_lower_layers_link_under_an_opaque_dir_never_reaches_the_host() {
+        let t = tempfile::tempdir().unwrap();
+        let (upper, lower) = (t.path().join("b"), t.path().join("a"));
+        fs::create_dir_all(upper.join("o/x")).unwrap();
+        fs::write(upper.join("o/x/mine"), "upper").unwrap();
+        fs::create_dir_all(lower.join("o")).unwrap();
+        symlink("/", lower.join("o/x")).unwrap();
+        // The opaque marker in the user namespace (no privilege needed).
+        let p = CString::new(lower.join("o").as_os_str().as_bytes()).unwrap();
+        let n = CString::new(XattrNs::User.opaque()).unwrap();
+        // SAFETY: valid NUL-terminated strings and value.
+        let r = unsafe {
+            libc::lsetxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                OPAQUE_VALUE.as_ptr().cast(),
+                OPAQUE_VALUE.len(),
+                0,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        let v = LayerView::new(vec![upper, lower], false);
+        assert!(
+            v.lookup("/o/x/etc/passwd").is_none(),
+            "the host's /etc/passwd was found through the lower layer's link"
+        );
+        assert!(v.lookup("/o/x/etc").is_none());
+        assert_eq!(v.read_dir("/o/x").unwrap(), vec![b"mine".to_vec()]);
     }
 }

@@ -528,7 +528,15 @@ fn find(store: &Store, reference: &str) -> Result<ImageInfo, Error> {
         Err(Error::NoSuchImage(reference.to_string()))
     };
     if let Ok(name) = &named {
-        if let Some(l) = images.iter().find(|l| l.names.contains(name)) {
+        // A name pinned to a digest counts only where the digest is the
+        // image's (a store written before names were checked may hold
+        // another: see `Store::pin_holds`).
+        if let Some(l) = images.iter().find(|l| {
+            l.names.contains(name)
+                && l.stored_digest
+                    .parse()
+                    .is_ok_and(|d| store.pin_holds(name, &d))
+        }) {
             return Ok(l.clone());
         }
     }
@@ -763,6 +771,17 @@ impl Session {
         let store = self.open_images()?;
         let l = find(&store, source)?;
         let name = normalize_reference(target).map_err(invalid("reference", target))?;
+        if name.contains('@') {
+            // docker: "refusing to create a tag with a digest reference".
+            return Err(Error::InvalidReference {
+                what: "tag",
+                reference: target.to_string(),
+                source: kiln_cache::Error::InvalidReference {
+                    reference: target.to_string(),
+                    reason: "refusing to create a tag with a digest reference",
+                },
+            });
+        }
         if !l.platforms.is_empty() {
             // An index: the new name points at the same index.
             let id: kiln_cache::Digest = l.stored_digest.parse()?;
@@ -868,6 +887,34 @@ impl Session {
         if archive.images.is_empty() {
             return Err(LoadError::Empty(path.to_path_buf()).into());
         }
+        // Every image checked and stored first, then every name recorded:
+        // a bad image anywhere in the archive moves no name (the lease
+        // keeps the stored blobs from prune until then; unnamed, the next
+        // prune takes them). A name pinned to a digest must be the image's
+        // own (docker refuses digest references as tags).
+        let mut named = Vec::new();
+        for img in &archive.images {
+            let mut names = Vec::new();
+            for n in &img.names {
+                let name = normalize_reference(n).map_err(|source| LoadError::Name {
+                    name: n.clone(),
+                    source,
+                })?;
+                if name.contains('@') {
+                    return Err(LoadError::Name {
+                        name: n.clone(),
+                        source: kiln_cache::Error::InvalidReference {
+                            reference: n.clone(),
+                            reason: "refusing to create a tag with a digest reference",
+                        },
+                    }
+                    .into());
+                }
+                names.push(name);
+            }
+            named.push(names);
+        }
+        let mut stored = Vec::new();
         for img in &archive.images {
             let man = img.manifest.manifest().map_err(LoadError::Manifest)?;
             let what = img
@@ -907,18 +954,17 @@ impl Session {
             }
             let config = layers.remove(0);
             let manifest = store.put_bytes(&img.manifest.bytes, Some(&img.manifest.media_type))?;
-            if img.names.is_empty() {
+            stored.push((manifest, config, layers));
+        }
+        for ((manifest, config, layers), names) in stored.iter().zip(named) {
+            if names.is_empty() {
                 // Keep it reachable: an untagged load would be pruned at
                 // once.
-                store.record_untagged(&manifest, &config, &layers)?;
+                store.record_untagged(manifest, config, layers)?;
                 loaded(Loaded::Untagged(config.clone()));
             }
-            for n in &img.names {
-                let name = normalize_reference(n).map_err(|source| LoadError::Name {
-                    name: n.clone(),
-                    source,
-                })?;
-                store.record_image(&name, &manifest, &config, &layers)?;
+            for name in names {
+                store.record_image(&name, manifest, config, layers)?;
                 loaded(Loaded::Named(name));
             }
         }

@@ -574,6 +574,11 @@ impl Backend for StoreBackend {
                 .manifest
                 .parse()
                 .map_err(BackendError::ctx("manifest digest"))?;
+            if !self.store.pin_holds(name, &md) {
+                // Pinned to another digest (see `Store::pin_holds`): not
+                // this image; pulled by its digest instead.
+                return Ok(None);
+            }
             let bytes = self
                 .store
                 .content()

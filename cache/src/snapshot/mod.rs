@@ -59,6 +59,10 @@ pub enum DiffSource {
         lower: Option<PathBuf>,
         /// This snapshot's full tree.
         upper: PathBuf,
+        /// When the copy of `lower` that `upper` began as was finished:
+        /// what changed after it has its contents compared (see
+        /// `kiln_image::diff::write_tree_diff_since`).
+        since: Option<(i64, i64)>,
     },
 }
 
@@ -73,8 +77,12 @@ impl DiffSource {
     ) -> std::result::Result<kiln_image::diff::DiffStats, kiln_image::ImageError> {
         match self {
             DiffSource::Overlay { upper } => kiln_image::diff::write_overlay_diff(upper, out, opts),
-            DiffSource::Tree { lower, upper } => {
-                kiln_image::diff::write_tree_diff(lower.as_deref(), upper, out, opts)
+            DiffSource::Tree {
+                lower,
+                upper,
+                since,
+            } => {
+                kiln_image::diff::write_tree_diff_since(lower.as_deref(), upper, out, opts, *since)
             }
         }
     }

@@ -11,6 +11,10 @@ use super::{ApplyMode, Chains, Core, DiffSource, Info, Mount, Paths, Snapshotter
 use crate::error::{Error, IoContext, Result};
 use crate::meta::{Kind, Meta};
 
+/// In an active snapshot's directory (beside `fs/`): made once the copy
+/// of the parent is complete.
+const COPIED: &str = "copied";
+
 /// The copying snapshotter (see the module doc).
 #[derive(Debug)]
 pub struct NativeSnapshotter {
@@ -33,8 +37,13 @@ impl NativeSnapshotter {
         self.core.create(key, parent, kind, |dir| {
             let fs = dir.join("fs");
             match (&parent_fs, kind) {
-                // An active snapshot owns a full copy.
-                (Some(src), Kind::Active) => copy_tree(src, &fs)?,
+                // An active snapshot owns a full copy; the marker's
+                // mtime says when the copy was done (see `diff_source`).
+                (Some(src), Kind::Active) => {
+                    copy_tree(src, &fs)?;
+                    let marker = dir.join(COPIED);
+                    std::fs::File::create(&marker).ctx("create", &marker)?;
+                }
                 // A view of a parent binds the (immutable) parent read-only.
                 _ => std::fs::create_dir(&fs).ctx("mkdir", &fs)?,
             }
@@ -75,9 +84,20 @@ impl Snapshotter for NativeSnapshotter {
             Some(p) => Some(self.core.fs(&self.core.get(p)?.id)),
             None => None,
         };
+        // A step may change a file and set its mtime back: what changed
+        // after the copy was made is compared by content (a snapshot is
+        // named by the chain ID of its diff, and a later build's step
+        // producing that diff on that parent takes the snapshot as it is).
+        let since = std::fs::metadata(self.core.dir(&row.id).join(COPIED))
+            .ok()
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.mtime(), m.mtime_nsec())
+            });
         Ok(DiffSource::Tree {
             lower,
             upper: self.core.fs(&row.id),
+            since,
         })
     }
 

@@ -159,18 +159,29 @@ pub fn resolve(
             // be a regular file (not a device or a FIFO) of bounded size.
             // Inside the context its path is the context's to change under
             // us: it is read through the context's descriptors.
+            // Outside it, the name is resolved in its own directory (a
+            // symlink `Dockerfile.ci -> /etc/shadow` in a checkout names
+            // nothing there, as BuildKit reads it from a mount of that
+            // directory): never followed to a host file whose lines a
+            // parse error would print.
             let shown = p.display().to_string();
-            let bytes = if p.starts_with(&context) {
-                read_confined(&context, &p, &format!("Dockerfile {shown}"))
-                    .map_err(usage)?
-                    .ok_or_else(|| {
-                        usage(format!(
-                            "reading Dockerfile {shown}: not found inside the build context"
-                        ))
-                    })?
-            } else {
-                read_regular(&p, &format!("Dockerfile {shown}")).map_err(usage)?
+            let dir = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
             };
+            let dir = std::fs::canonicalize(&dir)
+                .map_err(|e| usage(format!("reading Dockerfile {shown}: {e}")))?;
+            let name = p
+                .file_name()
+                .ok_or_else(|| usage(format!("reading Dockerfile {shown}: not a file name")))?;
+            let bytes = read_confined(&context, &dir.join(name), &format!("Dockerfile {shown}"))
+                .map_err(usage)?
+                .ok_or_else(|| {
+                    usage(format!(
+                        "reading Dockerfile {shown}: not found (a symlink is followed only \
+                         inside the Dockerfile's own directory)"
+                    ))
+                })?;
             let ignore = find_ignore_file(&p, &context);
             (
                 f.to_string(),
@@ -254,18 +265,6 @@ fn read_confined(context: &Path, path: &Path, shown: &str) -> Result<Option<Vec<
 
 /// The largest Dockerfile (or ignore file) kiln reads.
 pub const MAX_DOCKERFILE: u64 = 16 << 20;
-
-/// Reads `path` (a path the user gave, followed as given) if it is a
-/// regular file of at most [`MAX_DOCKERFILE`] bytes ([`read_opened`]).
-fn read_regular(path: &Path, shown: &str) -> Result<Vec<u8>, String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let fd = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_PATH)
-        .open(path)
-        .map_err(|e| format!("reading {shown}: {e}"))?;
-    read_opened(fd.into(), shown)
-}
 
 /// Reads the file `fd` (an `O_PATH` descriptor) names if it is a regular
 /// file of at most [`MAX_DOCKERFILE`] bytes: devices (`/dev/zero`), FIFOs

@@ -539,7 +539,8 @@ impl Dest {
 
 /// The final filesystem of `manifest` unpacked into `dir` (layers applied
 /// in order, whiteouts deleting what earlier layers wrote, never what
-/// `dir` held before). Every write is resolved inside `dir`
+/// `dir` held before). `for_host`: `dir` stays on the host (a `type=local`
+/// export), so set-id bits and file capabilities are left out. Every write is resolved inside `dir`
 /// with file descriptors (the applier's `RESOLVE_IN_ROOT`), and device
 /// nodes are never made on the host: they are left out, and named in a
 /// warning.
@@ -547,12 +548,17 @@ pub fn unpack_rootfs(
     store: &Store,
     manifest: &RawManifest,
     dir: &Path,
+    for_host: bool,
     report: &dyn Reporter,
 ) -> Result<(), ExportError> {
     std::fs::create_dir_all(dir)?;
     let m = manifest.manifest()?;
     let opts = kiln_image::apply::ApplyOptions {
         skip_devices: true,
+        // The tree is left on the host (`type=local`): no set-id bit nor
+        // file capability (see `ApplyOptions::strip_privileges`). A tar
+        // export (a temporary tree) keeps them.
+        strip_privileges: for_host,
         ..Default::default()
     };
     let mut skipped = Vec::new();
@@ -598,7 +604,7 @@ pub fn rootfs_tar(
 ) -> Result<(), ExportError> {
     let tmp = tempfile::tempdir_in(store.tmp_dir())?;
     let root = tmp.path().join("rootfs");
-    unpack_rootfs(store, manifest, &root, report)?;
+    unpack_rootfs(store, manifest, &root, false, report)?;
     let opts = kiln_image::diff::DiffOptions {
         clamp_mtime: clamp,
         exclude: Vec::new(),
@@ -799,7 +805,7 @@ impl Exporter for LocalExporter {
             } else {
                 platform_subdir(&self.dir, &sub)?
             };
-            unpack_rootfs(input.store, &manifest, &dir, report)?;
+            unpack_rootfs(input.store, &manifest, &dir, true, report)?;
         }
         Ok(Exported::default())
     }
@@ -863,7 +869,7 @@ impl Exporter for TarExporter {
                 let tmp = tempfile::tempdir_in(input.store.tmp_dir())?;
                 let root = tmp.path().join("rootfs");
                 for (sub, manifest) in &roots {
-                    unpack_rootfs(input.store, manifest, &root.join(sub), report)?;
+                    unpack_rootfs(input.store, manifest, &root.join(sub), false, report)?;
                 }
                 let opts = kiln_image::diff::DiffOptions {
                     clamp_mtime: clamp,

@@ -395,7 +395,16 @@ fn bind_layers(view: &LayerView, source: &str) -> Result<BindSrc, MountError> {
         }
     }
     let data: usize = lowers.iter().map(|l| l.as_os_str().len() + 1).sum();
-    if data > MAX_OVERLAY_DATA {
+    // A name from the image with `:`, `,` or `\` would be read by overlayfs
+    // as a separator or an escape (`source=/s/x:etc` lowering a relative
+    // `etc`: the host's, from the init's working directory): copied
+    // instead, as an over-long option string is.
+    let odd = lowers.iter().any(|l| {
+        std::os::unix::ffi::OsStrExt::as_bytes(l.as_os_str())
+            .iter()
+            .any(|b| matches!(b, b':' | b',' | b'\\'))
+    });
+    if data > MAX_OVERLAY_DATA || odd {
         let selector = Selector {
             view,
             ignore: None,
