@@ -634,6 +634,15 @@ fn norm(p: &[u8]) -> String {
         .join("/")
 }
 
+/// The most members an image archive may have (each is a file spilled to
+/// disk and a name kept in memory; docker's archives have a few per
+/// layer).
+pub const MAX_MEMBERS: usize = 100_000;
+
+/// The longest member name or link target (Linux's `PATH_MAX`): names are
+/// kept in memory for the whole load.
+pub const MAX_MEMBER_NAME: usize = 4096;
+
 /// Read a docker-archive or OCI-layout tar (plain, gzip or zstd wrapped).
 ///
 /// Every regular file is streamed into a temp directory created inside
@@ -667,7 +676,21 @@ pub fn read_archive(r: impl Read + 'static, spill_dir: &Path) -> Result<LoadedAr
         budget.set(u64::MAX);
         n += 1;
         let mut e = e?;
-        let name = norm(&e.path_bytes());
+        if n > MAX_MEMBERS {
+            return Err(ImageError::Archive(format!(
+                "more than {MAX_MEMBERS} members: not an image archive"
+            )));
+        }
+        let raw_name = e.path_bytes();
+        let long_link = e
+            .link_name_bytes()
+            .is_some_and(|l| l.len() > MAX_MEMBER_NAME);
+        if raw_name.len() > MAX_MEMBER_NAME || long_link {
+            return Err(ImageError::Archive(format!(
+                "member {n}: a name or link target over {MAX_MEMBER_NAME} bytes"
+            )));
+        }
+        let name = norm(&raw_name);
         match e.header().entry_type() {
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let path = spill.path().join(n.to_string());
@@ -890,6 +913,24 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(!err.contains("16 MiB"), "{err}");
+    }
+
+    /// Names are kept for the whole load: one over `PATH_MAX` is refused
+    /// (16 MiB each, under the per-member header budget, were N × 16 MiB).
+    #[test]
+    fn a_member_name_over_path_max_is_refused() {
+        let spill = tempfile::tempdir().expect("tmp");
+        let mut b = tar::Builder::new(Vec::new());
+        let long = format!("{}/x", "d".repeat(MAX_MEMBER_NAME));
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_mode(0o644);
+        b.append_data(&mut h, &long, &b""[..]).expect("append");
+        let bytes = b.into_inner().expect("tar");
+        let err = read_archive(io::Cursor::new(bytes), spill.path())
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("4096 bytes"), "{err}");
     }
 
     #[test]

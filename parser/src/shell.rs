@@ -215,6 +215,38 @@ pub enum ShellErrorKind {
     /// The expansion grew past [`MAX_EXPANSION`] bytes.
     #[error("the expanded value is larger than {} MiB", MAX_EXPANSION >> 20)]
     TooLong,
+    /// `#`, `%` and `/` patterns matched against values took more than
+    /// [`MAX_MATCH_STEPS`] steps on this thread since
+    /// [`reset_match_budget`] (pattern length × value length each).
+    #[error("pattern substitutions too costly: more than {MAX_MATCH_STEPS} matching steps (pattern length × value length)")]
+    TooComplex,
+}
+
+/// The most work `${V#p}`, `${V%p}` and `${V/p/r}` may do on a thread
+/// between two [`reset_match_budget`] calls (a build's frontend resets it):
+/// both the pattern and the value can be a 1 MiB ARG, and a match costs
+/// their product.
+pub const MAX_MATCH_STEPS: u64 = 2_000_000_000;
+
+thread_local! {
+    static MATCH_STEPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Starts a new matching budget on this thread (see [`MAX_MATCH_STEPS`]).
+pub fn reset_match_budget() {
+    MATCH_STEPS.with(|c| c.set(0));
+}
+
+fn charge_match(steps: u64) -> Result<(), ShellErrorKind> {
+    MATCH_STEPS.with(|c| {
+        let n = c.get().saturating_add(steps);
+        c.set(n);
+        if n > MAX_MATCH_STEPS {
+            Err(ShellErrorKind::TooComplex)
+        } else {
+            Ok(())
+        }
+    })
 }
 
 /// A word that could not be expanded, and why.
@@ -788,7 +820,7 @@ impl Expander<'_> {
         };
         let glob = glob_for(&pattern, true)?;
         let value: Vec<char> = value.chars().collect();
-        let ends = glob.match_ends(&value);
+        let ends = glob.match_ends(&value)?;
         if replace_all {
             replace_all_matches(&value, &ends, &replacement)
         } else {
@@ -925,8 +957,9 @@ impl Glob {
     /// Dynamic programming over (token, position) from the back: the first
     /// successful path from a state does not depend on how it was reached,
     /// so `O(tokens × len)` time and `O(len)` space.
-    fn match_ends(&self, s: &[char]) -> Vec<Option<usize>> {
+    fn match_ends(&self, s: &[char]) -> Result<Vec<Option<usize>>, ShellErrorKind> {
         let n = s.len();
+        charge_match((self.toks.len() as u64).saturating_mul(n as u64 + 1))?;
         let mut next: Vec<Option<usize>> = (0..=n).map(Some).collect();
         let mut row: Vec<Option<usize>> = vec![None; n + 1];
         for tok in self.toks.iter().rev() {
@@ -950,7 +983,7 @@ impl Glob {
             }
             std::mem::swap(&mut next, &mut row);
         }
-        next
+        Ok(next)
     }
 }
 
@@ -965,7 +998,7 @@ fn glob_for(pattern: &str, greedy: bool) -> Result<Glob, ShellErrorKind> {
 fn trim_prefix(pattern: &str, value: &str, greedy: bool) -> Result<String, ShellErrorKind> {
     let glob = glob_for(pattern, greedy)?;
     let value: Vec<char> = value.chars().collect();
-    let end = glob.match_ends(&value)[0].unwrap_or(0);
+    let end = glob.match_ends(&value)?[0].unwrap_or(0);
     Ok(value[end..].iter().collect())
 }
 
@@ -1363,12 +1396,12 @@ mod tests {
     fn glob_priority_matches_go_regexp() {
         let s: Vec<char> = "xaxbxa".chars().collect();
         let greedy = Glob::compile("*x", true).unwrap();
-        assert_eq!(greedy.match_ends(&s)[0], Some(5));
+        assert_eq!(greedy.match_ends(&s).unwrap()[0], Some(5));
         let lazy = Glob::compile("*x", false).unwrap();
-        assert_eq!(lazy.match_ends(&s)[0], Some(1));
+        assert_eq!(lazy.match_ends(&s).unwrap()[0], Some(1));
         let unanchored = Glob::compile("b*", true).unwrap();
-        assert_eq!(unanchored.match_ends(&s)[3], Some(6));
-        assert_eq!(unanchored.match_ends(&s)[2], None);
+        assert_eq!(unanchored.match_ends(&s).unwrap()[3], Some(6));
+        assert_eq!(unanchored.match_ends(&s).unwrap()[2], None);
         assert!(Glob::compile("\\", true).is_err());
         assert!(Glob::compile("a\\}\\/", true).is_ok());
     }

@@ -452,3 +452,93 @@ fn from_platform_garbage_is_a_located_error() {
         }
     }
 }
+
+/// The ARG prelude of the amplification attacks below: `a16` is 1 MiB.
+fn doubled_args() -> String {
+    let mut s = String::from("ARG a0=xxxxxxxxxxxxxxxx\n");
+    for i in 1..=16 {
+        s.push_str(&format!("ARG a{i}=$a{}$a{}\n", i - 1, i - 1));
+    }
+    s
+}
+
+/// A Dockerfile that multiplies one 1 MiB ARG into memory — as global
+/// ARGs, into every RUN's environment, into ever-longer WORKDIRs, into
+/// stage after stage — fails at a line, quickly, instead of taking the
+/// machine's memory.
+#[test]
+fn amplified_args_fail_at_a_line_instead_of_taking_the_memory() {
+    let started = std::time::Instant::now();
+    let p = doubled_args();
+    // Global ARGs: 100 copies of 1 MiB.
+    let global = format!("{p}{}FROM scratch\n", "ARG c=$a16\n".repeat(100));
+    let e = lower_with(&global, &HashMap::new(), |_| {}).expect_err("refused");
+    assert!(e.to_string().contains("MiB"), "{e}");
+    // Every RUN copies the environment.
+    let runs = format!("FROM scratch\n{p}ENV big=$a16\n{}", "RUN x\n".repeat(2000));
+    let e = lower_with(&runs, &HashMap::new(), |_| {}).expect_err("refused");
+    assert!(e.to_string().contains("MiB"), "{e}");
+    // WORKDIR grows by 1 MiB a line.
+    let wd = format!("FROM scratch\n{p}{}", "WORKDIR $a16\n".repeat(50));
+    let e = lower_with(&wd, &HashMap::new(), |_| {}).expect_err("refused");
+    assert!(e.to_string().contains("4096"), "{e}");
+    // Stage after stage copies its base's state.
+    let mut stages = format!("FROM scratch AS s0\n{p}ENV e=$a16\n");
+    for i in 1..1000 {
+        stages.push_str(&format!("FROM s{} AS s{i}\n", i - 1));
+    }
+    let e = lower_with(&stages, &HashMap::new(), |_| {}).expect_err("refused");
+    assert!(e.to_string().contains("MiB"), "{e}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// `${V//pattern/x}` costs pattern length × value length: 512 KiB of `?`
+/// against 512 KiB of `x`, over and over, stops at the budget with an
+/// error instead of running for hours.
+#[test]
+fn costly_pattern_substitutions_stop_at_the_budget() {
+    let started = std::time::Instant::now();
+    let mut df = String::from("FROM scratch\nARG p0=????????????????\nARG b0=xxxxxxxxxxxxxxxx\n");
+    for i in 1..=15 {
+        df.push_str(&format!(
+            "ARG p{i}=$p{}$p{}\nARG b{i}=$b{}$b{}\n",
+            i - 1,
+            i - 1,
+            i - 1,
+            i - 1
+        ));
+    }
+    df.push_str(&"ENV r=${b15//$p15/y}\n".repeat(40));
+    let e = lower_with(&df, &HashMap::new(), |_| {}).expect_err("refused");
+    assert!(e.to_string().contains("too costly"), "{e}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(120),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// A base image's ONBUILD trigger is one instruction, as BuildKit
+/// requires: a trigger carrying several lines (another FROM, a chained
+/// ONBUILD) is refused at the FROM that would run it.
+#[test]
+fn an_onbuild_trigger_is_one_instruction() {
+    for trigger in [
+        "RUN a\nRUN b",
+        "RUN a\nFROM x\nRUN b",
+        "ONBUILD RUN x",
+        "MAINTAINER me",
+    ] {
+        let mut cfg = ImageConfig::new(&Platform::host());
+        cfg.config_mut().on_build = Some(vec![trigger.to_string()]);
+        let images = HashMap::from([("base".to_string(), cfg)]);
+        let e = lower_with("FROM base\nRUN ok\n", &images, |_| {})
+            .err()
+            .unwrap_or_else(|| panic!("trigger {trigger:?} ran"));
+        assert!(e.to_string().contains("ONBUILD"), "{trigger:?}: {e}");
+    }
+}

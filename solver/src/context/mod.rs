@@ -164,17 +164,13 @@ pub fn resolve(
             // nothing there, as BuildKit reads it from a mount of that
             // directory): never followed to a host file whose lines a
             // parse error would print.
+            // The path is made absolute without resolving anything (a
+            // directory of the context swapped for a symlink is resolved
+            // inside the context, by `read_confined`).
             let shown = p.display().to_string();
-            let dir = match p.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
-            let dir = std::fs::canonicalize(&dir)
+            let p = std::path::absolute(&p)
                 .map_err(|e| usage(format!("reading Dockerfile {shown}: {e}")))?;
-            let name = p
-                .file_name()
-                .ok_or_else(|| usage(format!("reading Dockerfile {shown}: not a file name")))?;
-            let bytes = read_confined(&context, &dir.join(name), &format!("Dockerfile {shown}"))
+            let bytes = read_confined(&context, &p, &format!("Dockerfile {shown}"))
                 .map_err(usage)?
                 .ok_or_else(|| {
                     usage(format!(

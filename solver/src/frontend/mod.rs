@@ -206,6 +206,7 @@ pub fn lower(
     created: &str,
     images: &dyn ImageConfigs,
 ) -> Result<Graph, BuildError> {
+    kiln_parser::shell::reset_match_budget();
     let mut l = Lowerer {
         df,
         plan,
@@ -213,6 +214,16 @@ pub fn lower(
         created,
         lex: Lex::new(df.escape),
         states: HashMap::new(),
+        held: std::cell::Cell::new(0),
+        line_starts: std::iter::once(0)
+            .chain(
+                opts.dockerfile
+                    .bytes()
+                    .enumerate()
+                    .filter(|(_, b)| *b == b'\n')
+                    .map(|(i, _)| i + 1),
+            )
+            .collect(),
     };
     let mut stages = Vec::with_capacity(plan.stages.len());
     for p in &plan.stages {
@@ -234,6 +245,37 @@ struct Lowerer<'a> {
     lex: Lex,
     /// Lowered stages by index (for `FROM <stage>`).
     states: HashMap<usize, StageState>,
+    /// Bytes the plan holds so far (see [`Lowerer::hold`]).
+    held: std::cell::Cell<u64>,
+    /// Where each line of the Dockerfile starts (for locations).
+    line_starts: Vec<usize>,
+}
+
+/// The most the lowered plan may hold (environments copied into every
+/// RUN, stage states copied into the stages built on them, working
+/// directories): a Dockerfile that doubles an ARG sixteen times and copies
+/// it into every step fails with its line instead of taking the machine's
+/// memory.
+pub const PLAN_BUDGET: u64 = 512 << 20;
+
+/// The longest working directory (Linux's `PATH_MAX`).
+pub const MAX_WORKDIR: usize = 4096;
+
+/// The rough size of a stage's state (its environment and config).
+fn state_size(s: &StageState) -> usize {
+    let env: usize = s.env.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+    let args: usize = s
+        .args
+        .iter()
+        .map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len) + 4)
+        .sum();
+    let history: usize = s
+        .config
+        .history
+        .iter()
+        .map(|h| h.created_by.as_deref().map_or(0, str::len) + 64)
+        .sum();
+    env + args + history
 }
 
 /// Where `dispatch` appends a stage's ops.
@@ -273,6 +315,7 @@ impl Lowerer<'_> {
                 let mut s = self.states.get(j).cloned().ok_or_else(|| {
                     BuildError::internal_msg(format!("plan: stage {j} lowered after its user"))
                 })?;
+                self.hold(state_size(&s), stage.line)?;
                 s.cmd_set = false;
                 (Source::Stage(*j), s)
             }
@@ -324,6 +367,30 @@ impl Lowerer<'_> {
                         format!("invalid ONBUILD trigger {trigger:?}: {e}"),
                     )
                 })?;
+            // One instruction, as BuildKit requires ("onbuild trigger
+            // should be a single expression"), never FROM, ONBUILD or
+            // MAINTAINER: a trigger is one line of the image's config, not
+            // a Dockerfile of its own to inject.
+            let bad = |why: &str| {
+                BuildError::at(
+                    stage.line,
+                    format!("invalid ONBUILD trigger {trigger:?}: {why}"),
+                )
+            };
+            if parsed.stages.len() != 1 || parsed.stages[0].instructions.len() != 1 {
+                return Err(bad("an ONBUILD trigger should be a single expression"));
+            }
+            if let Some(i) = parsed.stages[0].instructions.first() {
+                if matches!(
+                    i.kind,
+                    kiln_parser::instructions::Kind::Onbuild { .. }
+                        | kiln_parser::instructions::Kind::Maintainer { .. }
+                ) {
+                    return Err(bad(
+                        "ONBUILD and MAINTAINER are not allowed as ONBUILD triggers",
+                    ));
+                }
+            }
             for instr in parsed.stages.into_iter().flat_map(|s| s.instructions) {
                 let instr = Instruction {
                     line: stage.line,
@@ -358,13 +425,30 @@ impl Lowerer<'_> {
         Ok(result)
     }
 
+    /// Counts `bytes` more held by the plan; an error at `line` past
+    /// [`PLAN_BUDGET`].
+    fn hold(&self, bytes: usize, line: usize) -> Result<(), BuildError> {
+        let n = self.held.get().saturating_add(bytes as u64);
+        self.held.set(n);
+        if n > PLAN_BUDGET {
+            return Err(self.located(
+                line,
+                "",
+                format!(
+                    "the build's plan would hold more than {} MiB (ARG and ENV values copied into every step and stage)",
+                    PLAN_BUDGET >> 20
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn expand(
         &self,
         word: &str,
         env: &[(String, String)],
         line: usize,
     ) -> Result<String, BuildError> {
-        let env: Vec<(String, String)> = env.to_vec();
         self.lex.process_word(word, &env).map_err(|e| {
             if *e.kind() == kiln_parser::shell::ShellErrorKind::TooLong {
                 let shown: String = word.chars().take(40).collect();
@@ -387,10 +471,10 @@ impl Lowerer<'_> {
     /// column at the first non-blank character.
     fn location(&self, line: usize, end_line: usize) -> kiln_parser::Location {
         let text = self
-            .opts
-            .dockerfile
-            .lines()
-            .nth(line.saturating_sub(1))
+            .line_starts
+            .get(line.saturating_sub(1))
+            .and_then(|&start| self.opts.dockerfile.get(start..))
+            .map(|rest| rest.split('\n').next().unwrap_or(""))
             .unwrap_or("");
         kiln_parser::Location {
             line,
@@ -667,6 +751,17 @@ impl Lowerer<'_> {
             Kind::Workdir { path } => {
                 let p = self.expand(path, &state.env, line)?;
                 let wd = join_abs(&state.workdir(), &p);
+                if wd.len() > MAX_WORKDIR {
+                    return Err(self.located(
+                        line,
+                        path,
+                        format!(
+                            "WORKDIR: the working directory would be {} bytes, more than {MAX_WORKDIR}",
+                            wd.len()
+                        ),
+                    ));
+                }
+                self.hold(wd.len() * 2, line)?;
                 state.config.config_mut().working_dir = Some(wd.clone());
                 let msg = format!("WORKDIR {wd}");
                 if wd == "/" {
@@ -822,6 +917,8 @@ impl Lowerer<'_> {
             "RUN {}",
             history::run_command_string(&args, &state.args, &env)
         );
+        let env_bytes: usize = env.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+        self.hold(env_bytes + created_by.len() * 2, line)?;
         Ok((
             ExecOp {
                 script: instr::shebang_script(&run.command),

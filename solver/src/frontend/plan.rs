@@ -121,6 +121,7 @@ pub fn global_args(
     let lex = Lex::new(df.escape);
     let mut env: Vec<(String, String)> = platform_args_for(target);
     let mut out = Vec::new();
+    let mut bytes = 0;
     for instr in &df.meta_args {
         let Kind::Arg { args } = &instr.kind else {
             continue;
@@ -135,12 +136,37 @@ pub fn global_args(
                 (None, None) => None,
             };
             if let Some(v) = &value {
+                bytes += 2 * (def.key.len() + v.len() + 4);
+                check_env_bytes(bytes, instr.line)?;
                 env.push((def.key.clone(), v.clone()));
             }
             out.push((def.key.clone(), value));
         }
     }
     Ok(out)
+}
+
+/// The bytes of ARG/ENV values in `env`.
+fn env_bytes(env: &[(String, String)]) -> usize {
+    env.iter().map(|(k, v)| k.len() + v.len() + 4).sum()
+}
+
+/// ARG and ENV values of a stage (or the global ARGs) are part of an image
+/// config, which is at most [`kiln_image::config::MAX_CONFIG_SIZE`]: more
+/// is an error at `line`, before an ARG doubled on every line takes the
+/// machine's memory.
+fn check_env_bytes(bytes: usize, line: usize) -> Result<(), BuildError> {
+    let limit = kiln_image::config::MAX_CONFIG_SIZE;
+    if bytes as u64 > limit {
+        return Err(BuildError::at(
+            line,
+            format!(
+                "ARG and ENV values would be more than {} MiB (the limit of an image config)",
+                limit >> 20
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The environment FROM lines and `--from` values expand in: predefined
@@ -192,6 +218,8 @@ pub fn plan_for(
     platform: &Platform,
 ) -> Result<Plan, BuildError> {
     let platform = kiln_image::platform::normalize(platform);
+    // This build's pattern substitutions get their own budget.
+    kiln_parser::shell::reset_match_budget();
     let global = global_args(df, build_args, &platform)?;
     let env = global_env(&global, &platform);
     let lex = Lex::new(df.escape);
@@ -257,8 +285,12 @@ pub fn plan_for(
         // `--from` expands with the stage's ARG/ENV values seen so far
         // over the global ARGs (a stage `ARG SRC=b` wins over a global one).
         let mut stage_env = env.clone();
+        let mut stage_bytes = env_bytes(&stage_env);
         for instr in &stage.instructions {
+            let before = stage_env.len();
             track_stage_env(&lex, &global, build_args, &mut stage_env, &instr.kind);
+            stage_bytes += env_bytes(&stage_env[before.min(stage_env.len())..]);
+            check_env_bytes(stage_bytes, instr.line)?;
             for from in source_refs(&instr.kind) {
                 let from = lex
                     .process_word(&from, &stage_env)
