@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,7 +57,10 @@ impl Default for ExecutorConfig {
     fn default() -> Self {
         ExecutorConfig {
             init_path: PathBuf::from("/proc/self/exe"),
-            state_dir: std::env::temp_dir().join("kiln-executor"),
+            // Per user (another's is refused: see `Executor::run`).
+            // SAFETY: geteuid has no failure mode.
+            state_dir: std::env::temp_dir()
+                .join(format!("kiln-executor-{}", unsafe { libc::geteuid() })),
             cgroup_parent: "kiln".into(),
             tail_lines: 20,
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
@@ -716,6 +719,28 @@ impl Executor {
                 "creating {}",
                 self.config.state_dir.display()
             )))?;
+        // Root writes each step's files in there: a directory someone else
+        // owns or can write to (made first in a shared /tmp) could have
+        // them renamed and replaced by symlinks to anywhere.
+        let st = fs::symlink_metadata(&self.config.state_dir).map_err(io_err(format!(
+            "checking {}",
+            self.config.state_dir.display()
+        )))?;
+        // SAFETY: geteuid has no failure mode.
+        let me = unsafe { libc::geteuid() };
+        if !st.is_dir() || st.uid() != me || st.mode() & 0o022 != 0 {
+            return Err(io_err(format!(
+                "using {} (a directory of uid {me}, writable by no one else)",
+                self.config.state_dir.display()
+            ))(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "it belongs to uid {} with mode {:o}: refused",
+                    st.uid(),
+                    st.mode() & 0o7777
+                ),
+            )));
+        }
         // State of executors that were SIGKILLed (their mounts died with
         // their namespaces; only files are left).
         for e in fs::read_dir(&self.config.state_dir)

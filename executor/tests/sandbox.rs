@@ -1849,6 +1849,33 @@ fn the_step_leads_its_own_session() -> TestResult {
     f.host_clean()
 }
 
+/// A state directory someone else owns, or others can write to (made
+/// first in a shared /tmp), is refused before anything is written in it.
+fn a_state_dir_of_another_user_is_refused() -> TestResult {
+    let f = Fixture::new()?;
+    for (uid, mode) in [(65534u32, 0o700u32), (0, 0o777)] {
+        let planted = f.tmp.path().join(format!("planted-{uid}-{mode:o}"));
+        fs::create_dir(&planted).map_err(|e| e.to_string())?;
+        std::os::unix::fs::chown(&planted, Some(uid), Some(uid)).map_err(|e| e.to_string())?;
+        fs::set_permissions(&planted, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(|e| e.to_string())?;
+        let ex = Executor::new(ExecutorConfig {
+            state_dir: planted.clone(),
+            ..ExecutorConfig::default()
+        });
+        let rt = runtime();
+        let r = rt.block_on(ex.run(f.sh("true"), None, CancellationToken::new()));
+        let m = match r {
+            Err(e) => e.to_string(),
+            Ok(_) => return Err(format!("ran with state dir {mode:o} of uid {uid}")),
+        };
+        ensure!(m.contains("refused"), "{m}");
+        let left: Vec<_> = fs::read_dir(&planted).map_err(|e| e.to_string())?.collect();
+        ensure!(left.is_empty(), "wrote into the planted directory");
+    }
+    f.host_clean()
+}
+
 fn bad_namespace_request_rejected() -> TestResult {
     let f = Fixture::new()?;
     let mut req = f.sh("true");
@@ -2222,6 +2249,10 @@ const TESTS: &[(&str, TestFn)] = &[
     (
         "the_step_leads_its_own_session",
         the_step_leads_its_own_session,
+    ),
+    (
+        "a_state_dir_of_another_user_is_refused",
+        a_state_dir_of_another_user_is_refused,
     ),
 ];
 
