@@ -197,7 +197,7 @@ fn registry_cache_makes_an_empty_runner_run_nothing_and_download_only_the_result
     assert_eq!(made, 0, "runner B unpacked a layer no step needed");
     let o = b.run(&["system", "check"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (_, ev) = build_json(&b, ctx.path(), &["-t", "app:1"]);
+    let (_, ev) = build_json(&b, ctx.path(), &["-t", "app:1", "--cache-from", &from]);
     assert_eq!(count(&ev, "cached"), 3, "lazy layers are hits: {ev:?}");
     assert_eq!(snapshots(&b), made, "a cached rebuild unpacks nothing");
     let before = reg.log().len();
@@ -218,10 +218,20 @@ fn registry_cache_makes_an_empty_runner_run_nothing_and_download_only_the_result
     assert_eq!(gets.keys().cloned().collect::<Vec<_>>(), want, "{gets:?}");
     assert!(gets.values().all(|n| *n == 1), "{gets:?}");
     assert!(layers.iter().all(|l| stored(&b, l)));
-    let (_, ev) = build_json(&b, ctx.path(), &["-t", "app:1"]);
+    let (_, ev) = build_json(&b, ctx.path(), &["-t", "app:1", "--cache-from", &from]);
     assert_eq!(count(&ev, "cached"), 3);
     let o = b.run(&["system", "check"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // What the import brought is the import's word: a build of the same
+    // steps without `--cache-from` (another job on a shared store) takes
+    // none of it, and runs the steps.
+    let (_, ev) = build_json(&b, ctx.path(), &["-t", "app:own"]);
+    assert_eq!(
+        count(&ev, "cached"),
+        0,
+        "an import's record served a build without it: {ev:?}"
+    );
+    assert!(logged(&ev, "MARKER-FIRST") && logged(&ev, "MARKER-SECOND"));
 
     // One changed file: a fresh runner takes the first RUN from the cache
     // and runs the COPY and the RUN after it.
@@ -492,6 +502,108 @@ fn claim_in_layout(dest: &Path, lie: &str) -> String {
         .as_str()
         .expect("layer digest")
         .to_string()
+}
+
+/// A cache record naming a layer on another parent than the step's (here
+/// on top of another build's image in the same store, to read its files):
+/// the record is consistent in itself (its chain ID is that parent's and
+/// its diffID's), but the step's parent is not that one, so the record is
+/// not used and the step runs. Used, the image would have had the other
+/// build's `/secret`.
+#[test]
+fn a_cache_record_on_another_parent_is_not_used() {
+    if !ready() {
+        return;
+    }
+    let (reg, ctx, _dir, dest, _) = app_cached_in_a_layout();
+    let base = format!("{}/base/busybox:1", reg.host());
+    let c = Client::new(false);
+    // Another build's image in the same store.
+    let other = context(&[(
+        "Dockerfile",
+        &format!("FROM {base}\nRUN echo TOPSECRET > /secret\n"),
+    )]);
+    build_json(&c, other.path(), &["-t", "other:1"]);
+    let diff_ids: Vec<String> = serde_json::from_str(&c.stdout(&[
+        "inspect",
+        "--format",
+        "{{json .RootFS.Layers}}",
+        "other:1",
+    ]))
+    .expect("diff ids");
+    let mut chain = diff_ids[0].clone();
+    for d in &diff_ids[1..] {
+        chain = kiln_image::Digest::sha256_of(format!("{chain} {d}").as_bytes()).to_string();
+    }
+    // The cache's top record re-parented onto it.
+    let blob = |d: &str| {
+        dest.join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let mut index: Value =
+        serde_json::from_slice(&std::fs::read(dest.join("index.json")).expect("index"))
+            .expect("json");
+    let md = index["manifests"][0]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    let mut m: Value =
+        serde_json::from_slice(&std::fs::read(blob(&md)).expect("manifest")).expect("json");
+    let cd = m["config"]["digest"].as_str().expect("config").to_string();
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(blob(&cd)).expect("config")).expect("json");
+    let records = cfg["records"].as_array_mut().expect("records");
+    let parents: Vec<String> = records
+        .iter()
+        .filter_map(|r| r["parentChainID"].as_str().map(str::to_string))
+        .collect();
+    let top = records
+        .iter_mut()
+        .find(|r| {
+            !parents
+                .iter()
+                .any(|p| Some(p.as_str()) == r["chainID"].as_str())
+        })
+        .expect("a top record");
+    let diff = top["diffID"].as_str().expect("diff").to_string();
+    top["parentChainID"] = Value::String(chain.clone());
+    top["chainID"] = Value::String(
+        kiln_image::Digest::sha256_of(format!("{chain} {diff}").as_bytes()).to_string(),
+    );
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let d = kiln_image::Digest::sha256_of(bytes).to_string();
+        std::fs::write(blob(&d), bytes).expect("write blob");
+        (d, bytes.len())
+    };
+    let (cd, cn) = put(&serde_json::to_vec(&cfg).expect("json"));
+    m["config"]["digest"] = Value::String(cd);
+    m["config"]["size"] = cn.into();
+    let (md, mn) = put(&serde_json::to_vec(&m).expect("json"));
+    index["manifests"][0]["digest"] = Value::String(md);
+    index["manifests"][0]["size"] = mn.into();
+    std::fs::write(
+        dest.join("index.json"),
+        serde_json::to_vec(&index).expect("json"),
+    )
+    .expect("index");
+
+    let from = format!("type=local,src={}", dest.display());
+    let (_, ev) = build_json(&c, ctx.path(), &["-t", "app:1", "--cache-from", &from]);
+    assert!(
+        logged(&ev, "MARKER-SECOND"),
+        "the re-parented record was used: {ev:?}"
+    );
+    let o = c.run(&[
+        "run",
+        "--rm",
+        "app:1",
+        "sh",
+        "-c",
+        "cat /secret 2>/dev/null; cat /b.txt",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.contains("TOPSECRET"), "another build's files: {out}");
+    assert_eq!(out, "one\nfirst\n");
 }
 
 /// A cache whose top record lies about its layer's diffID (the blob is

@@ -119,6 +119,15 @@ pub trait Backend: Send + Sync + 'static {
     ) -> BackendResult<Option<BaseImage>>;
     /// The layer stored under a cache key, if its snapshot still exists.
     fn cache_get(&self, key: &str) -> BackendResult<Option<LayerRecord>>;
+    /// Whether the cache hit `hit` is a layer on the snapshot `parent`
+    /// (the step's parent): a record naming a layer on another parent (an
+    /// imported cache's claim) must not be used — the step would go on
+    /// another build's files. Backends whose snapshot names say nothing of
+    /// their parents (the in-memory test backend) take every hit.
+    fn hit_on(&self, hit: &LayerRecord, parent: Option<&str>) -> bool {
+        let _ = (hit, parent);
+        true
+    }
     /// Records `layer` under one more key (e.g. a COPY's shape key, which
     /// leads a later run with changed content to the files it can reuse).
     fn cache_alias(&self, key: &str, layer: &LayerRecord) -> BackendResult<()> {

@@ -587,6 +587,12 @@ pub fn hash_selection_map(
     for s in selections {
         key.field(&s.path)
             .field(if s.is_dir { "dir" } else { "file" });
+        // A file copied into a directory takes the name it was selected
+        // by, which may be a link's, not its target's.
+        let target_name = s.path.rsplit(|b| *b == b'/').next().unwrap_or(&[]);
+        if !s.is_dir && s.name.as_slice() != target_name {
+            key.field("name").field(&s.name);
+        }
         key.field((s.entries.len() as u64).to_le_bytes());
         for e in &s.entries {
             let m = &e.meta;
@@ -597,6 +603,13 @@ pub fn hash_selection_map(
             }
             if let Some(l) = &e.link {
                 key.field(l);
+            }
+            {
+                use std::os::unix::fs::FileTypeExt;
+                let ft = m.file_type();
+                if ft.is_block_device() || ft.is_char_device() {
+                    key.field(m.rdev().to_le_bytes());
+                }
             }
             if m.file_type().is_file() {
                 key.field(m.size().to_le_bytes());
@@ -1701,6 +1714,31 @@ fn copy_file(
         dst.flush().map_err(err)?;
         written = Some(n);
     }
+    // The step's key holds the content hashed when the file was walked: a
+    // file changed since (a context a hostile job rewrites in place after
+    // the hash) would put other bytes in the layer under that key. Its
+    // inode's change time moved then (fine-grained once it was stat'ed,
+    // on kernels with multigrain timestamps).
+    let now = src.metadata().map_err(|e| io_err(&from.host, e))?;
+    let was = &from.meta;
+    if (
+        now.len(),
+        now.mtime(),
+        now.mtime_nsec(),
+        now.ctime(),
+        now.ctime_nsec(),
+    ) != (
+        was.len(),
+        was.mtime(),
+        was.mtime_nsec(),
+        was.ctime(),
+        was.ctime_nsec(),
+    ) {
+        return Err(io_err(
+            &from.host,
+            io::Error::other("the file changed while the build read it: not copied"),
+        ));
+    }
     // A new file is its creator's already (not in a set-group-ID
     // directory): no chown, which would only say so again.
     let owner = (made.uid() == uid && made.gid() == gid).then_some((uid, gid));
@@ -2328,28 +2366,45 @@ mod tests {
     /// that of what the snapshot holds — streamed or, when the stream
     /// gives up, diffed — never of what the selection saw.
     #[test]
-    fn a_file_changed_between_hash_and_copy_never_gives_a_lying_digest() {
+    fn a_file_changed_between_hash_and_copy_is_never_copied() {
         let t = tempfile::tempdir().unwrap();
         let ctx = t.path().join("ctx");
         fs::create_dir_all(ctx.join("d")).unwrap();
         fs::write(ctx.join("d/grows"), vec![1u8; 100_000]).unwrap();
-        fs::write(ctx.join("d/shrinks"), vec![2u8; 100_000]).unwrap();
+        fs::write(ctx.join("d/same-size"), vec![2u8; 100_000]).unwrap();
         // (A file replaced by another at its path is refused by the copy
-        // itself: `fsview::open_found` checks the walk's inode.)
-        let (streamed, (d, n)) = stream_vs_differ(
-            &ctx,
-            "d",
-            None,
-            "/app",
-            None,
-            |_| {
-                fs::write(ctx.join("d/grows"), vec![1u8; 300_000]).unwrap();
-                fs::write(ctx.join("d/shrinks"), vec![2u8; 10]).unwrap();
-            },
-            |_| {},
-        );
-        if let Some(s) = streamed {
-            assert_eq!((s.diff_id, s.size), (d, n));
+        // itself: `fsview::open_found` checks the walk's inode.) A file
+        // rewritten in place after the walk — bigger, or the same size
+        // with its mtime put back — is refused too: the step's key holds
+        // what was hashed, not what would be copied.
+        let view = LayerView::new(vec![ctx.clone()], true);
+        let sel = Selector {
+            view: &view,
+            ignore: None,
+            exclude: None,
+        };
+        for (name, bytes) in [
+            ("grows", vec![1u8; 300_000]),
+            ("same-size", vec![9u8; 100_000]),
+        ] {
+            let picked = sel.select(&format!("d/{name}")).unwrap();
+            let before = fs::metadata(ctx.join("d").join(name)).unwrap();
+            fs::write(ctx.join("d").join(name), &bytes).unwrap();
+            let f = fs::File::options()
+                .write(true)
+                .open(ctx.join("d").join(name))
+                .unwrap();
+            f.set_times(fs::FileTimes::new().set_modified(before.modified().unwrap()))
+                .unwrap();
+            drop(f);
+            let out = tempfile::tempdir_in(&t).unwrap();
+            let dst = LayerView::new(vec![out.path().to_path_buf()], false);
+            let r = copy_selections(&dst, "/app/", true, &picked, &CopyOptions::default());
+            let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                e.contains("changed while the build read it"),
+                "{name}: {e:?}"
+            );
         }
     }
 

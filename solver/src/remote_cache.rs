@@ -144,6 +144,24 @@ enum Origin {
     Dir(PathBuf),
 }
 
+impl Origin {
+    /// The key under which a step taken from this cache source is
+    /// remembered in the store's cache index: a record an import brought
+    /// is the import's word, not the store's, so it is a hit again only
+    /// for a build that imports from the same source — never for a build
+    /// without `--cache-from` (a hostile job's cache naming a victim's step
+    /// keys would otherwise poison the victim's later builds on a shared
+    /// store).
+    fn scoped(&self, key: &str) -> String {
+        match self {
+            Origin::Registry { registry, repo } => {
+                format!("cache-from registry {registry}/{repo} {key}")
+            }
+            Origin::Dir(dir) => format!("cache-from dir {} {key}", dir.display()),
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Remote {
     rec: CacheRecord,
@@ -616,7 +634,7 @@ impl RemoteCacheBackend {
         store
             .meta()
             .cache_put(
-                &r.rec.key,
+                &r.origin.scoped(&r.rec.key),
                 Some(&r.rec.chain_id),
                 Some(&diff),
                 std::slice::from_ref(&diff),
@@ -1061,10 +1079,22 @@ impl Backend for RemoteCacheBackend {
         self.inner.cache_alias(key, layer)
     }
 
+    fn hit_on(&self, hit: &LayerRecord, parent: Option<&str>) -> bool {
+        self.inner.hit_on(hit, parent)
+    }
+
     fn cache_get(&self, key: &str) -> BackendResult<Option<LayerRecord>> {
         let hit = match self.inner.cache_get(key)? {
             Some(l) => Some(l),
-            None => self.remote_hit(key)?,
+            // What an earlier import from the same source brought (see
+            // `Origin::scoped`), else the import's record itself.
+            None => match self.index.get(key) {
+                Some(r) => match self.inner.cache_get(&r.origin.scoped(key))? {
+                    Some(l) => Some(l),
+                    None => self.remote_hit(key)?,
+                },
+                None => None,
+            },
         };
         if let Some(l) = &hit {
             self.note(key, l);
@@ -1174,6 +1204,11 @@ impl Backend for RemoteCacheBackend {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             for (key, v) in seen {
+                // Taken from an import: remembered for that source only.
+                let key = match self.index.get(&key) {
+                    Some(r) => r.origin.scoped(&key),
+                    None => key,
+                };
                 self.store()
                     .meta()
                     .put_lazy_cache(&key, &v.snapshot, v.created)

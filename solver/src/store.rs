@@ -681,6 +681,11 @@ impl Backend for StoreBackend {
             .map_err(BackendError::ctx("cache index"))
     }
 
+    /// A snapshot's name is the chain ID of its parent and its diffID.
+    fn hit_on(&self, hit: &LayerRecord, parent: Option<&str>) -> bool {
+        hit.snapshot == chain_id(parent, hit.diff_id.as_str())
+    }
+
     fn cache_get(&self, key: &str) -> BackendResult<Option<LayerRecord>> {
         let Some(rec) = self
             .store

@@ -91,8 +91,16 @@ fn copy_key(c: &CopyOp, inputs: &KeyInputs<'_>) -> KeyHasher {
             .field(&h.path)
             .field(&h.raw)
             .field(if h.expand { "1" } else { "0" });
+        if h.expand {
+            // What is written: the text as ARG and ENV values expanded it
+            // (those make no layer, so no parent key says them).
+            key.field(&h.data);
+        }
     }
     key.field(if c.parents { "parents" } else { "" });
+    if c.unpack_remote {
+        key.field("unpack-remote");
+    }
     key
 }
 

@@ -153,7 +153,7 @@ impl Solver {
         let k = key.clone();
         let r = self
             .single_flight(&key, async move {
-                if let Some(hit) = me.cache_lookup(&k, ignore_cache).await? {
+                if let Some(hit) = me.cache_lookup(&k, ignore_cache, parent.as_deref()).await? {
                     return Ok((hit, true));
                 }
                 check_emulation(&platform, line).await?;

@@ -39,7 +39,10 @@ impl Solver {
         let sk = stack_key.clone();
         let r = self
             .single_flight(&stack_key, async move {
-                if let Some(hit) = me.cache_lookup(&sk, ignore_cache).await? {
+                if let Some(hit) = me
+                    .cache_lookup(&sk, ignore_cache, parent.as_deref())
+                    .await?
+                {
                     return Ok((hit, true));
                 }
                 let (layer, cached) = me.clone().build_once(key, None, ignore_cache, work).await?;

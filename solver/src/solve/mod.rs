@@ -720,7 +720,7 @@ impl Solver {
         let me = self.clone();
         let k = key.clone();
         self.single_flight(&key, async move {
-            if let Some(hit) = me.cache_lookup(&k, ignore_cache).await? {
+            if let Some(hit) = me.cache_lookup(&k, ignore_cache, parent.as_deref()).await? {
                 return Ok((hit, true));
             }
             let backend = me.backend.clone();
@@ -802,17 +802,34 @@ impl Solver {
 
     /// The cached layer of `key`; none with `--no-cache` or when the
     /// step's stage is named by `--no-cache-filter` (`ignore_cache`).
+    ///
+    /// A hit must be a layer on `parent` (the step's parent snapshot): its
+    /// snapshot is the chain ID of `parent` and its diffID. A record naming
+    /// a layer on another parent (an imported cache's claim) is not used:
+    /// the step would go on another build's files.
     async fn cache_lookup(
         &self,
         key: &str,
         ignore_cache: bool,
+        parent: Option<&str>,
     ) -> Result<Option<LayerRecord>, BuildError> {
         if self.opts.no_cache || ignore_cache {
             return Ok(None);
         }
         let backend = self.backend.clone();
         let k = key.to_string();
-        blocking(move || backend.cache_get(&k)).await
+        let hit = blocking(move || backend.cache_get(&k)).await?;
+        Ok(hit.filter(|h| {
+            let on_parent = self.backend.hit_on(h, parent);
+            if !on_parent {
+                tracing::warn!(
+                    key,
+                    snapshot = %h.snapshot,
+                    "a cache record for this step names a layer on another parent: not used"
+                );
+            }
+            on_parent
+        }))
     }
 
     /// Runs `fut` once per key among concurrent callers; returns whether
