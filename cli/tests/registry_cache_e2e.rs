@@ -444,6 +444,19 @@ fn a_missing_cache_is_a_warning_and_the_build_runs() {
 /// diffID gives, so the record is consistent and used; its blob stays the
 /// real one. Returns that blob's digest.
 fn claim_in_layout(dest: &Path, lie: &str) -> String {
+    edit_top_record(dest, |top| {
+        let parent = top["parentChainID"].as_str().expect("parent").to_string();
+        top["diffID"] = Value::String(lie.to_string());
+        top["chainID"] = Value::String(
+            kiln_image::Digest::sha256_of(format!("{parent} {lie}").as_bytes()).to_string(),
+        );
+    })
+}
+
+/// Rewrites the top record (no other names it as its parent) of the cache
+/// in the layout at `dest` with `edit`, and the config, manifest and index
+/// above it. Gives the record's layer digest.
+fn edit_top_record(dest: &Path, edit: impl FnOnce(&mut Value)) -> String {
     let blob = |d: &str| {
         dest.join("blobs/sha256")
             .join(d.trim_start_matches("sha256:"))
@@ -465,9 +478,6 @@ fn claim_in_layout(dest: &Path, lie: &str) -> String {
     let cd = m["config"]["digest"].as_str().expect("config").to_string();
     let mut cfg: Value =
         serde_json::from_slice(&std::fs::read(blob(&cd)).expect("config")).expect("config json");
-    // The top record (no other names it as its parent) claims another
-    // diffID, with the chain ID that diffID gives, so the record is
-    // consistent and used.
     let records = cfg["records"].as_array_mut().expect("records");
     let parents: Vec<String> = records
         .iter()
@@ -481,12 +491,8 @@ fn claim_in_layout(dest: &Path, lie: &str) -> String {
                 .any(|p| Some(p.as_str()) == r["chainID"].as_str())
         })
         .expect("a top record");
-    let parent = top["parentChainID"].as_str().expect("parent").to_string();
     let layer = top["layer"].as_u64().expect("layer") as usize;
-    top["diffID"] = Value::String(lie.to_string());
-    top["chainID"] = Value::String(
-        kiln_image::Digest::sha256_of(format!("{parent} {lie}").as_bytes()).to_string(),
-    );
+    edit(top);
     let (cd, cn) = put(&serde_json::to_vec(&cfg).expect("json"));
     m["config"]["digest"] = Value::String(cd);
     m["config"]["size"] = cn.into();
@@ -536,56 +542,13 @@ fn a_cache_record_on_another_parent_is_not_used() {
         chain = kiln_image::Digest::sha256_of(format!("{chain} {d}").as_bytes()).to_string();
     }
     // The cache's top record re-parented onto it.
-    let blob = |d: &str| {
-        dest.join("blobs/sha256")
-            .join(d.trim_start_matches("sha256:"))
-    };
-    let mut index: Value =
-        serde_json::from_slice(&std::fs::read(dest.join("index.json")).expect("index"))
-            .expect("json");
-    let md = index["manifests"][0]["digest"]
-        .as_str()
-        .expect("digest")
-        .to_string();
-    let mut m: Value =
-        serde_json::from_slice(&std::fs::read(blob(&md)).expect("manifest")).expect("json");
-    let cd = m["config"]["digest"].as_str().expect("config").to_string();
-    let mut cfg: Value =
-        serde_json::from_slice(&std::fs::read(blob(&cd)).expect("config")).expect("json");
-    let records = cfg["records"].as_array_mut().expect("records");
-    let parents: Vec<String> = records
-        .iter()
-        .filter_map(|r| r["parentChainID"].as_str().map(str::to_string))
-        .collect();
-    let top = records
-        .iter_mut()
-        .find(|r| {
-            !parents
-                .iter()
-                .any(|p| Some(p.as_str()) == r["chainID"].as_str())
-        })
-        .expect("a top record");
-    let diff = top["diffID"].as_str().expect("diff").to_string();
-    top["parentChainID"] = Value::String(chain.clone());
-    top["chainID"] = Value::String(
-        kiln_image::Digest::sha256_of(format!("{chain} {diff}").as_bytes()).to_string(),
-    );
-    let put = |bytes: &[u8]| -> (String, usize) {
-        let d = kiln_image::Digest::sha256_of(bytes).to_string();
-        std::fs::write(blob(&d), bytes).expect("write blob");
-        (d, bytes.len())
-    };
-    let (cd, cn) = put(&serde_json::to_vec(&cfg).expect("json"));
-    m["config"]["digest"] = Value::String(cd);
-    m["config"]["size"] = cn.into();
-    let (md, mn) = put(&serde_json::to_vec(&m).expect("json"));
-    index["manifests"][0]["digest"] = Value::String(md);
-    index["manifests"][0]["size"] = mn.into();
-    std::fs::write(
-        dest.join("index.json"),
-        serde_json::to_vec(&index).expect("json"),
-    )
-    .expect("index");
+    edit_top_record(&dest, |top| {
+        let diff = top["diffID"].as_str().expect("diff").to_string();
+        top["parentChainID"] = Value::String(chain.clone());
+        top["chainID"] = Value::String(
+            kiln_image::Digest::sha256_of(format!("{chain} {diff}").as_bytes()).to_string(),
+        );
+    });
 
     let from = format!("type=local,src={}", dest.display());
     let (_, ev) = build_json(&c, ctx.path(), &["-t", "app:1", "--cache-from", &from]);

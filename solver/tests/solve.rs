@@ -151,7 +151,10 @@ const GOLDEN_SCRATCH: &[&str] = &[
     "sha256:67828c4ee033ff054e4dc5633b06b0db88987db0efa1a00bfad92b6f36b13f12",
     "sha256:7406ceaf5dee240a5a157876f434a1ceae9507a5577bf4d377de2ed6fce74074",
     "sha256:41a4fd7429379692610f77f9480b4007c181f45d3d13693be68c52169c46b9f8",
-    "sha256:42f213d47aa89c12e7478e8d24966478392cd4210ef086eee9ab1f4deda14b78",
+    // The ADD heredoc's key holds its expanded text too (session 13: the
+    // text ARG and ENV values make is what is written; only this key
+    // moved).
+    "sha256:5f108c85ad7d8f1d40ef78c8116284ef8992970053244380ec76fce5b0ff9d3e",
     "sha256:18d556ab30e83db91e06361f7d9f26d04aaf5c4b99dc9b55947550e93e697289",
     "sha256:e512e3f1eef5f642a567c7542aa92dff7cd9d6ef159eed3451947759fc426a33",
     "sha256:781b02c74549d004ed5a9b1a7427def3eac251c5b7eb90f1294cba047c43c4fe",
