@@ -952,6 +952,9 @@ fn stream_layer(
     Ok(desc)
 }
 
+/// How many threads commit a push's memo entries (see `push_layers`).
+const MEMO_COMMITTERS: usize = 4;
+
 /// A compressed layer written into a store writer, to be committed and
 /// recorded in the memo.
 struct Memo {
@@ -1344,15 +1347,23 @@ pub(crate) fn push_layers<R>(
     then: impl FnOnce(Vec<Descriptor>) -> R,
 ) -> Result<R, TransferError> {
     let streaming = std::sync::atomic::AtomicBool::new(true);
+    // Layers compressed while uploaded are committed by a few threads of
+    // their own while the other layers go on: each commit waits for its
+    // syncs, and syncs issued together share the file system's journal
+    // commits (one after another, ten layers' syncs were the push's tail).
+    let (memo, kept) = std::sync::mpsc::channel::<Memo>();
+    let kept = std::sync::Mutex::new(kept);
     std::thread::scope(|s| {
-        // Layers compressed while uploaded are committed on this thread,
-        // one after another, while the other layers go on.
-        let (memo, kept) = std::sync::mpsc::channel::<Memo>();
-        s.spawn(move || {
-            for m in kept {
+        for _ in 0..MEMO_COMMITTERS {
+            s.spawn(|| loop {
+                let next = match kept.lock() {
+                    Ok(k) => k.recv(),
+                    Err(_) => return,
+                };
+                let Ok(m) = next else { return };
                 let _ = remember(store, m.w, &m.digest, m.size, &m.diff_id, &m.t);
-            }
-        });
+            });
+        }
         let one = |i: usize| -> Result<Descriptor, TransferError> {
             if let Some(c) = configs.get(i) {
                 reg.push_blobs(repo, std::slice::from_ref(c), source, 1, transfer)
