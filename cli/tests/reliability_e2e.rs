@@ -230,7 +230,13 @@ fn interrupt_build(sig: libc::c_int, name: &str) {
     let (mut child, rx) = spawn_build(&k, ctx.path(), "sig:keep");
     wait_for_line(&rx, &format!("started-{name}"));
     let needle = format!("sleep 4321{sig}");
-    assert!(!processes_with(&needle).is_empty(), "step not running");
+    // The shell may be exec'ing `sleep` right then (its cmdline reads
+    // empty for that instant): looked for again for a while.
+    let t = Instant::now();
+    while processes_with(&needle).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(5), "step not running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let status = signal_and_wait(&mut child, sig, Duration::from_secs(15));
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(
