@@ -460,33 +460,33 @@ impl Store {
             .add_blob_locations(&from.registry, &from.repo, std::slice::from_ref(digest))
     }
 
-    /// Where the blob `digest` is kept when it is a [`RemoteBlob`] not
-    /// downloaded yet.
-    pub fn remote_blob(&self, digest: &Digest) -> Result<Option<RemoteBlob>> {
+    /// The recorded size and place of the blob `digest` when it is a
+    /// [`RemoteBlob`] not downloaded yet.
+    fn remote_row(&self, digest: &Digest) -> Result<Option<(u64, RemoteBlob)>> {
         if self.content.size(digest).is_ok() {
             return Ok(None);
         }
         Ok(match self.meta.blob_row(digest)? {
-            Some((_, Some(source))) => match serde_json::from_str(&source) {
-                Ok(BlobSource::Remote { remote }) => Some(remote),
+            Some((size, Some(source))) => match serde_json::from_str(&source) {
+                Ok(BlobSource::Remote { remote }) => Some((size, remote)),
                 _ => None,
             },
             _ => None,
         })
     }
 
+    /// Where the blob `digest` is kept when it is a [`RemoteBlob`] not
+    /// downloaded yet.
+    pub fn remote_blob(&self, digest: &Digest) -> Result<Option<RemoteBlob>> {
+        Ok(self.remote_row(digest)?.map(|(_, r)| r))
+    }
+
     /// Downloads the blob `digest` when it is a [`RemoteBlob`] (through
     /// this handle's [`BlobFetcher`], verified). Returns whether it did.
     pub fn fetch_remote(&self, digest: &Digest) -> Result<bool> {
-        let Some((size, Some(source))) = self.meta.blob_row(digest)? else {
+        let Some((size, remote)) = self.remote_row(digest)? else {
             return Ok(false);
         };
-        let Ok(BlobSource::Remote { remote }) = serde_json::from_str(&source) else {
-            return Ok(false);
-        };
-        if self.content.size(digest).is_ok() {
-            return Ok(false);
-        }
         let media_type = self.meta.blob_media_type(digest)?;
         let fail = |source: Box<dyn std::error::Error + Send + Sync>| Error::Fetch {
             digest: digest.to_string(),

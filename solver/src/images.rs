@@ -665,6 +665,21 @@ fn check_uncompressed_diff_ids(
     Ok(())
 }
 
+/// `reference` normalised as a name to give an image: never one pinned
+/// to a digest (docker: "refusing to create a tag with a digest
+/// reference" — a name `alpine@sha256:…` for another image would serve
+/// every `FROM` pinned to that digest).
+fn tag_name(reference: &str) -> Result<String, kiln_cache::Error> {
+    let name = normalize_reference(reference)?;
+    if name.contains('@') {
+        return Err(kiln_cache::Error::InvalidReference {
+            reference: reference.to_string(),
+            reason: "refusing to create a tag with a digest reference",
+        });
+    }
+    Ok(name)
+}
+
 fn store_digest(d: &kiln_image::Digest) -> Result<kiln_cache::Digest, Error> {
     Ok(d.as_str().parse()?)
 }
@@ -770,18 +785,7 @@ impl Session {
     pub fn tag(&self, source: &str, target: &str) -> Result<(), Error> {
         let store = self.open_images()?;
         let l = find(&store, source)?;
-        let name = normalize_reference(target).map_err(invalid("reference", target))?;
-        if name.contains('@') {
-            // docker: "refusing to create a tag with a digest reference".
-            return Err(Error::InvalidReference {
-                what: "tag",
-                reference: target.to_string(),
-                source: kiln_cache::Error::InvalidReference {
-                    reference: target.to_string(),
-                    reason: "refusing to create a tag with a digest reference",
-                },
-            });
-        }
+        let name = tag_name(target).map_err(invalid("tag", target))?;
         if !l.platforms.is_empty() {
             // An index: the new name points at the same index.
             let id: kiln_cache::Digest = l.stored_digest.parse()?;
@@ -896,21 +900,10 @@ impl Session {
         for img in &archive.images {
             let mut names = Vec::new();
             for n in &img.names {
-                let name = normalize_reference(n).map_err(|source| LoadError::Name {
+                names.push(tag_name(n).map_err(|source| LoadError::Name {
                     name: n.clone(),
                     source,
-                })?;
-                if name.contains('@') {
-                    return Err(LoadError::Name {
-                        name: n.clone(),
-                        source: kiln_cache::Error::InvalidReference {
-                            reference: n.clone(),
-                            reason: "refusing to create a tag with a digest reference",
-                        },
-                    }
-                    .into());
-                }
-                names.push(name);
+                })?);
             }
             named.push(names);
         }
@@ -1012,7 +1005,7 @@ impl Session {
         changes: &[String],
         platform: Option<Platform>,
     ) -> Result<kiln_cache::Digest, Error> {
-        let name = normalize_reference(name).map_err(|source| LoadError::Name {
+        let name = tag_name(name).map_err(|source| LoadError::Name {
             name: name.to_string(),
             source,
         })?;

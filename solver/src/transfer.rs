@@ -55,7 +55,7 @@ impl BlobSink for StoreSink<'_> {
         cd(&desc.digest).is_ok_and(|d| {
             self.0.blob_size(&d).is_ok_and(|s| s == desc.size)
                 && self.0.meta().has_blob(&d).unwrap_or(false)
-                && self.0.has_local_blob(&d)
+                && self.0.remote_blob(&d).is_ok_and(|r| r.is_none())
         })
     }
     fn put_blob(&self, desc: &Descriptor, r: &mut dyn Read) -> Result<(), SinkError> {

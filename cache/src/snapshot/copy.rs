@@ -23,7 +23,7 @@ fn cstr(p: &Path) -> Result<CString> {
     })
 }
 
-fn fs_err(e: kiln_fs::Error) -> crate::error::Error {
+pub(crate) fn fs_err(e: kiln_fs::Error) -> crate::error::Error {
     let io = match e.raw_os_error() {
         Some(n) => std::io::Error::from_raw_os_error(n),
         None => std::io::Error::new(e.kind(), e.to_string()),

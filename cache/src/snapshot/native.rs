@@ -41,8 +41,9 @@ impl NativeSnapshotter {
                 // mtime says when the copy was done (see `diff_source`).
                 (Some(src), Kind::Active) => {
                     copy_tree(src, &fs)?;
-                    let marker = dir.join(COPIED);
-                    std::fs::File::create(&marker).ctx("create", &marker)?;
+                    kiln_fs::Root::open(dir)
+                        .and_then(|r| r.dir().write_file(COPIED, &[], 0o600, None))
+                        .map_err(super::copy::fs_err)?;
                 }
                 // A view of a parent binds the (immutable) parent read-only.
                 _ => std::fs::create_dir(&fs).ctx("mkdir", &fs)?,
