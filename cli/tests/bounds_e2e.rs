@@ -814,3 +814,75 @@ fn an_ignore_file_that_cannot_be_read_fails_the_build_instead_of_excluding_nothi
         "{err}"
     );
 }
+
+/// A server that sends its status line and then its headers a byte a
+/// second (the idle timeout never trips) is bounded in total too: the
+/// registry's ping, and an `ADD` of a URL. (Before: the total bounds were
+/// checked only while a body was read, so such a server held kiln for
+/// hours.)
+#[test]
+fn headers_sent_a_byte_a_second_are_bounded_in_total() {
+    if !prerequisites() {
+        return;
+    }
+    let fake = Fake::start(|_| Reply::Drip(b"HTTP/1.1 200 OK\r\nX-Drip: ".to_vec()));
+    let k = Kiln::with_busybox();
+    let mut cmd = k.cmd();
+    cmd.env("KILN_REQUEST_TIMEOUT", "3")
+        .args(["pull", &format!("{}/img:1", fake.host())]);
+    let err = fails_within_30s(&mut cmd, "pull from a registry dripping its headers");
+    assert!(err.contains("timed out"), "{err}");
+    let ctx = common::context(&[(
+        "Dockerfile",
+        &format!("FROM busybox\nADD http://{}/f /f\n", fake.host()),
+    )]);
+    let mut cmd = k.cmd();
+    cmd.env("KILN_FETCH_TIMEOUT", "3")
+        .args(["build", "-q", ctx.path().to_str().expect("utf-8")]);
+    let err = fails_within_30s(&mut cmd, "ADD of a URL dripping its headers");
+    assert!(err.contains("failed to load"), "{err}");
+}
+
+/// A registry's Basic credentials go over plain HTTP only to a token
+/// endpoint on the registry's own host or this machine — not to another
+/// host a challenge names (before: any `http://` realm got them when the
+/// registry itself was plain HTTP, as every localhost registry is).
+#[test]
+fn basic_credentials_never_go_over_plain_http_to_a_token_server_on_another_host() {
+    if !prerequisites() {
+        return;
+    }
+    let registry = Fake::start(|head| {
+        if head
+            .to_ascii_lowercase()
+            .contains("\r\nauthorization: bearer")
+        {
+            return response("404 Not Found", &[], "");
+        }
+        response(
+            "401 Unauthorized",
+            &[(
+                "WWW-Authenticate",
+                "Bearer realm=\"http://tokens.kiln-test.invalid/token\",service=\"x\"",
+            )],
+            "",
+        )
+    });
+    let k = Kiln::new();
+    let conf = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir_all(conf.path().join("docker")).expect("mkdir");
+    std::fs::write(
+        conf.path().join("docker/config.json"),
+        format!(
+            "{{\"auths\":{{\"{}\":{{\"auth\":\"dXNlcjpzZWNyZXQ=\"}}}}}}",
+            registry.host()
+        ),
+    )
+    .expect("config");
+    let mut cmd = k.cmd();
+    cmd.env("DOCKER_CONFIG", conf.path().join("docker"))
+        .env("KILN_CONFIG_DIR", conf.path().join("kiln"))
+        .args(["pull", &format!("{}/img:1", registry.host())]);
+    let err = fails_within_30s(&mut cmd, "pull with a foreign plain-HTTP realm");
+    assert!(err.contains("is not HTTPS"), "{err}");
+}

@@ -1167,3 +1167,169 @@ fn a_trickling_download_or_a_silent_git_server_ends_at_the_fetch_timeout() {
         }
     }
 }
+
+/// A Dockerfile's git source gets none of the credentials of the user
+/// running kiln: git reads no configuration of the host (a URL rewrite
+/// in `~/.gitconfig` or `GIT_CONFIG_GLOBAL` is not applied), and ssh gets
+/// no agent but the one given with `--ssh`, no key files, no config.
+/// (Before: git ran with kiln's environment — the host's git config,
+/// `SSH_AUTH_SOCK`, `~/.ssh` keys and `~/.netrc` all applied.)
+#[test]
+fn a_dockerfiles_git_source_gets_none_of_the_hosts_git_or_ssh_credentials() {
+    if !prerequisites() || !have_git() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    git_repo(root.path());
+    let srv = Server::start(Some(root.path().to_path_buf()));
+    let repo = srv.url("/repo.git");
+    let home = tempfile::tempdir().expect("tempdir");
+    let gitconfig = home.path().join(".gitconfig");
+    std::fs::write(
+        &gitconfig,
+        format!(
+            "[url \"{}\"]\n\tinsteadOf = {repo}\n[http]\n\textraHeader = X-Host-Secret: s3cret\n",
+            srv.url("/host-rewrite.git")
+        ),
+    )
+    .expect("write");
+    let k = Kiln::with_busybox();
+    let ctx = context(&[("Dockerfile", &format!("FROM busybox\nADD {repo}#v1 /r/\n"))]);
+    let o = k
+        .cmd()
+        .env("HOME", home.path())
+        .env("GIT_CONFIG_GLOBAL", &gitconfig)
+        .args(["build", "-q", "-t", "g:1", ctx.path().to_str().unwrap()])
+        .output()
+        .expect("run kiln");
+    common::succeeded(&o, format_args!("kiln build"));
+    let rewritten = srv
+        .hits
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| p.starts_with("/host-rewrite"))
+        .count();
+    assert_eq!(rewritten, 0, "git applied the host's configuration");
+    assert_eq!(sh(&k, "g:1", "cat /r/sub/f"), "one");
+
+    // ssh: a fake `ssh` first on PATH records what git gave it.
+    let bin = tempfile::tempdir().expect("tempdir");
+    let log = bin.path().join("ssh.log");
+    let fake = bin.path().join("ssh");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho \"agent=$SSH_AUTH_SOCK home=$HOME args=$*\" >> {}\nexit 1\n",
+            log.display()
+        ),
+    )
+    .expect("write");
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let ssh_ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox\nADD ssh://git@127.0.0.1:1/x.git /x/\n",
+    )]);
+    let given = bin.path().join("given.sock");
+    for extra in [None, Some(format!("default={}", given.display()))] {
+        let _ = std::fs::remove_file(&log);
+        let mut c = k.cmd();
+        c.env("PATH", &path)
+            .env("SSH_AUTH_SOCK", "/tmp/the-hosts-agent.sock")
+            .args(["build", "-q"]);
+        if let Some(e) = &extra {
+            c.args(["--ssh", e]);
+        }
+        let o = c
+            .arg(ssh_ctx.path().to_str().unwrap())
+            .output()
+            .expect("run kiln");
+        assert!(!o.status.success(), "the fake ssh fails");
+        let seen = std::fs::read_to_string(&log).expect("the fake ssh ran");
+        assert!(!seen.contains("the-hosts-agent"), "{seen}");
+        assert!(seen.contains("-F /dev/null"), "{seen}");
+        assert!(seen.contains("IdentityFile=none"), "{seen}");
+        assert!(seen.contains("BatchMode=yes"), "{seen}");
+        match &extra {
+            None => assert!(seen.contains("agent= "), "{seen}"),
+            Some(_) => assert!(
+                seen.contains(&format!("agent={} ", given.display())),
+                "{seen}"
+            ),
+        }
+    }
+}
+
+/// `#ref:subdir` names a directory of the repository: a link in the
+/// repository (here to `..`, the scratch directory around the checkout)
+/// is refused, as BuildKit refuses it. Credentials in a source's URL
+/// never reach a message.
+#[test]
+fn a_git_subdir_that_is_a_link_is_refused_and_url_credentials_are_not_shown() {
+    if !prerequisites() || !have_git() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let work = root.path().join("work");
+    std::fs::create_dir_all(work.join("d")).expect("mkdir");
+    std::fs::write(work.join("d/f"), "x").expect("write");
+    std::os::unix::fs::symlink("..", work.join("up")).expect("symlink");
+    std::os::unix::fs::symlink("d", work.join("alias")).expect("symlink");
+    git(&work, &["init", "-q", "-b", "main"]);
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-q", "-m", "one"]);
+    let bare = root.path().join("repo.git");
+    git(
+        root.path(),
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            work.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+    );
+    git(&bare, &["update-server-info"]);
+    let srv = Server::start(Some(root.path().to_path_buf()));
+    let repo = srv.url("/repo.git");
+    let k = Kiln::with_busybox();
+    for sub in ["up", "alias"] {
+        let ctx = context(&[(
+            "Dockerfile",
+            &format!("FROM busybox\nADD {repo}#main:{sub} /x/\n"),
+        )]);
+        let err = build_fails(&k, ctx.path(), &[]);
+        assert!(
+            err.contains("is not a directory of the repository"),
+            "{err}"
+        );
+    }
+    let ok = context(&[(
+        "Dockerfile",
+        &format!("FROM busybox\nADD {repo}#main:d /x/\n"),
+    )]);
+    k.build(ok.path(), &["-t", "sub:1"]);
+    assert_eq!(sh(&k, "sub:1", "cat /x/f"), "x");
+
+    let port = srv.port;
+    for src in [
+        format!("http://user:s3cret-token@127.0.0.1:{port}/missing.git"),
+        format!("http://user:s3cret-token@127.0.0.1:{port}/missing.txt"),
+    ] {
+        let ctx = context(&[("Dockerfile", &format!("FROM busybox\nADD {src} /x\n"))]);
+        let err = build_fails(&k, ctx.path(), &[]);
+        // (The Dockerfile's own line, quoted under the message, is the
+        // user's text.)
+        let msg: Vec<&str> = err.lines().filter(|l| l.contains("failed to")).collect();
+        assert!(!msg.is_empty(), "{err}");
+        for l in msg {
+            assert!(!l.contains("s3cret-token"), "{err}");
+        }
+        assert!(err.contains("xxxxx@127.0.0.1"), "{err}");
+    }
+}

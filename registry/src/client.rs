@@ -90,6 +90,8 @@ pub struct Registry {
     opts: ClientOptions,
     /// Total time of a small request ([`crate::http::NetTimeouts::request`]).
     request_timeout: Duration,
+    /// Total time of a blob's transfer ([`crate::http::NetTimeouts::fetch`]).
+    fetch_timeout: Duration,
 }
 
 impl std::fmt::Debug for Registry {
@@ -268,6 +270,7 @@ impl Registry {
             auth: Mutex::new(AuthState::default()),
             opts: ClientOptions::default(),
             request_timeout: timeouts.request,
+            fetch_timeout: timeouts.fetch,
         })
     }
 
@@ -389,7 +392,7 @@ impl Registry {
     /// Ping `/v2/` on `scheme`; `Ok(Some(resp status))`, transport error as Err.
     fn ping_scheme(&self, scheme: &str) -> std::result::Result<(u16, Option<String>), String> {
         let url = format!("{scheme}://{}/v2/", self.host);
-        match self.agent.get(&url).call() {
+        match self.agent.get(&url).timeout(self.request_timeout).call() {
             Ok(r) => Ok((r.status(), None)),
             Err(ureq::Error::Status(code, r)) => {
                 Ok((code, r.header("WWW-Authenticate").map(str::to_string)))
@@ -502,13 +505,36 @@ impl Registry {
         })
     }
 
+    /// Whether the registry's Basic credentials may go to the plain-HTTP
+    /// token endpoint `realm`: only when the registry itself is reached
+    /// over plain HTTP (localhost, `--insecure-registry`) and the endpoint
+    /// is on the registry's own host or on this machine — never to
+    /// another host a challenge names.
+    fn may_send_basic_over_http(&self, realm: &crate::http::Url) -> bool {
+        if !self.insecure {
+            return false;
+        }
+        let Some(host) = realm.host_str() else {
+            return false;
+        };
+        let bare = |h: &str| h.trim_start_matches('[').trim_end_matches(']').to_string();
+        let own = crate::http::Url::parse(&format!("http://{}/", self.host))
+            .ok()
+            .and_then(|u| u.host_str().map(bare));
+        let host = bare(host);
+        own.as_deref() == Some(host.as_str())
+            || host == "localhost"
+            || host == "::1"
+            || host.starts_with("127.")
+    }
+
     /// Fetch a bearer token for `scope` (space-separated scopes).
     fn fetch_token(&self, realm: &str, service: Option<&str>, scope: &str) -> Result<String> {
         let started = Instant::now();
         let basic = self.basic_header();
         let mut url = crate::http::check_url(realm)
             .map_err(|e| self.proto(format!("token endpoint: {e}")))?;
-        if basic.is_some() && url.scheme() != "https" && !self.insecure {
+        if basic.is_some() && url.scheme() != "https" && !self.may_send_basic_over_http(&url) {
             // The credentials would cross the network in the clear, at
             // the word of the registry's challenge.
             return Err(self.proto(format!(
@@ -527,7 +553,10 @@ impl Registry {
             }
         }
         let followed = crate::http::follow(url.as_str(), |url, first_origin| {
-            let mut req = self.agent.request_url("GET", url);
+            let mut req = self
+                .agent
+                .request_url("GET", url)
+                .timeout(self.request_timeout);
             // The registry named the realm: its credentials go there, and
             // to no other host a redirect names.
             if let (Some(h), true) = (&basic, first_origin) {
@@ -661,8 +690,20 @@ impl Registry {
         // Credentials go to the registry's own origin only: an upload
         // `Location` or a redirect naming another host gets none.
         let own = crate::http::same_origin(&base_url, &target);
+        // Every request ends within a total time, from connecting to the
+        // last byte of its body (a server sending its status line or its
+        // headers a byte at a time never resets it): a blob's transfer
+        // within KILN_FETCH_TIMEOUT, anything else within
+        // KILN_REQUEST_TIMEOUT.
+        let blob_transfer = matches!(body, Body::Stream(..))
+            || (method == "GET" && target.path().contains("/blobs/"));
+        let total = if blob_transfer {
+            self.fetch_timeout
+        } else {
+            self.request_timeout
+        };
         let build = |u: &crate::http::Url, auth: Option<&str>| {
-            let mut req = self.agent.request_url(method, u);
+            let mut req = self.agent.request_url(method, u).timeout(total);
             for (k, v) in headers {
                 req = req.set(k, v);
             }

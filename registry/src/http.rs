@@ -180,13 +180,19 @@ impl NetTimeouts {
         ]
     }
 
-    /// Environment for git's ssh transport (`GIT_SSH_COMMAND`): connect
-    /// timeout and keep-alives that end a silent connection.
+    /// Environment for git's ssh transport (`GIT_SSH_COMMAND`): none of
+    /// the host's ssh configuration, key files or known hosts (read or
+    /// written: host keys are not checked, as BuildKit's git does without
+    /// known hosts), never a prompt, a connect timeout and keep-alives
+    /// that end a silent connection. Keys come only from an agent the
+    /// caller names (`SSH_AUTH_SOCK`).
     pub fn git_ssh_command(&self) -> String {
         let connect = self.connect.as_secs().max(1);
         let alive = (self.idle.as_secs() / 3).max(1);
         format!(
-            "ssh -o ConnectTimeout={connect} -o ServerAliveInterval={alive} -o ServerAliveCountMax=3"
+            "ssh -F /dev/null -o BatchMode=yes -o IdentityFile=none \
+             -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no \
+             -o ConnectTimeout={connect} -o ServerAliveInterval={alive} -o ServerAliveCountMax=3"
         )
     }
 }

@@ -144,11 +144,16 @@ pub fn from_http(url: &str, scratch: &Path) -> Result<Prepared, MainContextError
     from_file(fetched.dir, &path, url)
 }
 
-/// A context cloned from a git repository, at its ref and subdirectory.
-pub fn from_git(url: &str, scratch: &Path) -> Result<Prepared, MainContextError> {
+/// A context cloned from a git repository, at its ref and subdirectory
+/// (with `auth`'s credentials only: see [`crate::remote::fetch_git`]).
+pub fn from_git(
+    url: &str,
+    scratch: &Path,
+    auth: &crate::remote::GitAuth,
+) -> Result<Prepared, MainContextError> {
     std::fs::create_dir_all(scratch)
         .map_err(MainContextError::ctx(format!("{}", scratch.display())))?;
-    let fetched = crate::remote::fetch_git(url, scratch, false, None)
+    let fetched = crate::remote::fetch_git(url, scratch, false, None, auth)
         .map_err(MainContextError::ctx("unable to prepare context"))?;
     let dir = fetched
         .dir
@@ -192,11 +197,12 @@ pub fn prepare(
     spec: &ContextSpec,
     stdin: impl Read,
     scratch: &Path,
+    git: &crate::remote::GitAuth,
 ) -> Result<Option<Prepared>, MainContextError> {
     Ok(Some(match spec {
         ContextSpec::Dir(_) => return Ok(None),
         ContextSpec::Stdin => from_reader(stdin, scratch)?,
-        ContextSpec::Git(u) => from_git(u, scratch)?,
+        ContextSpec::Git(u) => from_git(u, scratch, git)?,
         ContextSpec::Http(u) => from_http(u, scratch)?,
     }))
 }

@@ -124,6 +124,14 @@ pub fn fetch_http(
 ) -> Result<Fetched, FetchError> {
     let want = checksum.map(parse_sha256).transpose()?;
     let started = std::time::Instant::now();
+    let shown = redact_urls(url);
+    // The whole download within `KILN_FETCH_TIMEOUT`, from connecting to
+    // the last byte: a server trickling its headers or its body a byte a
+    // minute never trips the idle timeout (which still ends a read that
+    // waits too long).
+    let limit = kiln_registry::http::NetTimeouts::from_env()
+        .map_err(FetchError::src)?
+        .fetch;
     let dir = tempfile::Builder::new()
         .prefix("add-url-")
         .tempdir_in(scratch)
@@ -152,23 +160,27 @@ pub fn fetch_http(
                 a
             }
         };
-        agent.request_url("GET", u).call().map_err(Box::new)
+        agent
+            .request_url("GET", u)
+            .timeout(limit.saturating_sub(started.elapsed()))
+            .call()
+            .map_err(Box::new)
     })
-    .map_err(|e| FetchError::Invalid(format!("failed to load {url}: {e}")))?;
+    .map_err(|e| FetchError::Invalid(format!("failed to load {shown}: {e}")))?;
     if let Some(e) = setup_err {
-        return Err(FetchError::ctx(format!("failed to load {url}"))(e));
+        return Err(FetchError::ctx(format!("failed to load {shown}"))(e));
     }
     let resp = match followed.map_err(|e| *e) {
         Ok(r) => r,
         Err(ureq::Error::Status(code, r)) => {
             return Err(FetchError::Invalid(format!(
-                "failed to load {url}: invalid response status {code} {}",
+                "failed to load {shown}: invalid response status {code} {}",
                 r.status_text()
             )))
         }
         Err(e) => {
             return Err(FetchError::Invalid(format!(
-                "failed to load {url}: {}",
+                "failed to load {shown}: {}",
                 transport_error(&e)
             )))
         }
@@ -180,16 +192,10 @@ pub fn fetch_http(
     let mut reader = resp.into_reader();
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
-    // The whole download within `KILN_FETCH_TIMEOUT`: a server trickling
-    // a byte a minute never trips the idle timeout (which still ends a
-    // read that waits too long).
-    let limit = kiln_registry::http::NetTimeouts::from_env()
-        .map_err(FetchError::src)?
-        .fetch;
     loop {
         if started.elapsed() > limit {
             return Err(FetchError::Invalid(format!(
-                "failed to load {url}: timed out after {}s (KILN_FETCH_TIMEOUT)",
+                "failed to load {shown}: timed out after {}s (KILN_FETCH_TIMEOUT)",
                 limit.as_secs()
             )));
         }
@@ -197,7 +203,7 @@ pub fn fetch_http(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(FetchError::Invalid(format!("failed to load {url}: {e}"))),
+            Err(e) => return Err(FetchError::Invalid(format!("failed to load {shown}: {e}"))),
         };
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n])
@@ -210,7 +216,7 @@ pub fn fetch_http(
     if let Some(w) = want {
         if w != got {
             return Err(FetchError::Invalid(format!(
-                "digest mismatch for {url}: --checksum=sha256:{w} but the download is sha256:{got}"
+                "digest mismatch for {shown}: --checksum=sha256:{w} but the download is sha256:{got}"
             )));
         }
     }
@@ -334,22 +340,84 @@ pub fn parse_git_url(s: &str) -> Result<GitRef, FetchError> {
     })
 }
 
-fn git(dir: &Path, args: &[&str]) -> Result<String, FetchError> {
+/// Settings every git run of kiln gets (`-c` arguments, before the
+/// command's own): only the network transports (`file`, `ext`, `fd` and
+/// the rest are refused, for a repository's submodules too), no
+/// credential helper, no hooks, no file-system monitor.
+const GIT_LOCKDOWN: &[&str] = &[
+    "-c",
+    "protocol.allow=never",
+    "-c",
+    "protocol.https.allow=always",
+    "-c",
+    "protocol.http.allow=always",
+    "-c",
+    "protocol.ssh.allow=always",
+    "-c",
+    "protocol.git.allow=always",
+    "-c",
+    "credential.helper=",
+    "-c",
+    "core.hooksPath=/dev/null",
+    "-c",
+    "core.fsmonitor=false",
+];
+
+/// Variables of kiln's environment a git run keeps: the path, the
+/// proxies and the CA bundle git is told to use. Nothing else — no
+/// `HOME` (git's and curl's config, `.git-credentials`, `.netrc`), no
+/// `SSH_AUTH_SOCK`, no `GIT_*` — reaches git, as BuildKit runs it: a
+/// Dockerfile names the repository, so it gets none of the credentials
+/// of the user running kiln but the SSH agent given with `--ssh`.
+const GIT_ENV_KEPT: &[&str] = &[
+    "PATH",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "GIT_SSL_CAINFO",
+];
+
+/// Where a git fetch may authenticate: the SSH agent socket the build was
+/// given (`--ssh default=…`), else nowhere.
+#[derive(Debug, Clone, Default)]
+pub struct GitAuth {
+    /// The SSH agent socket for ssh remotes.
+    pub ssh_agent: Option<PathBuf>,
+}
+
+fn git(dir: &Path, args: &[&str], auth: &GitAuth) -> Result<String, FetchError> {
     // The same connect and idle bounds as every other fetch: http(s)
     // transfers slower than 1 byte/s for the idle time are aborted, ssh
-    // gets a connect timeout and keep-alives; local `file` remotes (say,
-    // from a submodule) are refused.
+    // gets a connect timeout and keep-alives.
     let t = kiln_registry::http::NetTimeouts::from_env().map_err(FetchError::src)?;
     let mut cmd = Command::new("git");
+    cmd.env_clear();
+    for k in GIT_ENV_KEPT {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
+    if std::env::var_os("PATH").is_none() {
+        cmd.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+    }
     cmd.arg("-C")
         .arg(dir)
+        .args(GIT_LOCKDOWN)
         .args(t.git_config())
-        .args(["-c", "protocol.file.allow=never"])
         .args(args)
+        .env("HOME", "/dev/null")
+        .env("LC_ALL", "C")
         .env("GIT_TERMINAL_PROMPT", "0")
-        .env("GIT_CONFIG_NOSYSTEM", "1");
-    if std::env::var_os("GIT_SSH_COMMAND").is_none() {
-        cmd.env("GIT_SSH_COMMAND", t.git_ssh_command());
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_SSH_COMMAND", t.git_ssh_command());
+    if let Some(sock) = &auth.ssh_agent {
+        cmd.env("SSH_AUTH_SOCK", sock);
     }
     let what = args.first().copied().unwrap_or_default();
     let out = run_bounded(cmd, t.fetch).map_err(|e| {
@@ -363,13 +431,13 @@ fn git(dir: &Path, args: &[&str]) -> Result<String, FetchError> {
         return Err(FetchError::Invalid(format!(
             "git {what}: stopped after {}s (KILN_FETCH_TIMEOUT): {}",
             t.fetch.as_secs(),
-            String::from_utf8_lossy(&out.stderr).trim()
+            redact_urls(String::from_utf8_lossy(&out.stderr).trim())
         )));
     }
     if !out.status.success() {
         return Err(FetchError::Invalid(format!(
             "git {what}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            redact_urls(String::from_utf8_lossy(&out.stderr).trim())
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
@@ -488,15 +556,69 @@ fn git_ca_args(remote: &str, dir: &Path) -> Result<Vec<String>, FetchError> {
     ])
 }
 
+/// `text` with the user-info of every URL in it (`scheme://user:pass@`)
+/// replaced by `xxxxx`, as BuildKit shows them: a token in a git or
+/// http(s) URL never reaches a message or a log.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '\'')
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                out.push_str("xxxxx");
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A subdirectory of a checkout (`#ref:subdir`) is a directory of the
+/// repository: every component a real directory, no link — not a link
+/// out of the checkout, as BuildKit refuses it.
+fn check_subdir(repo: &Path, subdir: &str, url: &str) -> Result<(), FetchError> {
+    let mut at = repo.to_path_buf();
+    for c in subdir.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        at.push(c);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(FetchError::Invalid(format!(
+                "failed to fetch {}: subdirectory {subdir} is not a directory of the repository",
+                redact_urls(url)
+            ))),
+            Err(_) => {
+                return Err(FetchError::Invalid(format!(
+                    "failed to fetch {}: subdirectory {subdir} not found in the repository",
+                    redact_urls(url)
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Clones `url` into a fresh directory under `scratch`; the selection is
-/// the checked-out tree (or its subdirectory).
+/// the checked-out tree (or its subdirectory). git runs with none of the
+/// host's git or ssh configuration and credentials but `auth`'s.
 pub fn fetch_git(
     url: &str,
     scratch: &Path,
     keep_git_dir: bool,
     checksum: Option<&str>,
+    auth: &GitAuth,
 ) -> Result<Fetched, FetchError> {
     let r = parse_git_url(url)?;
+    let shown = redact_urls(url);
+    let url = shown.as_str();
     let dir = tempfile::Builder::new()
         .prefix("add-git-")
         .tempdir_in(scratch)
@@ -510,9 +632,17 @@ pub fn fetch_git(
         dir.path(),
         &[
             &ca[..],
-            &["clone", "--quiet", "--no-checkout", &r.remote, &repo_s],
+            &[
+                "clone",
+                "--quiet",
+                "--no-checkout",
+                "--",
+                &r.remote,
+                &repo_s,
+            ],
         ]
         .concat(),
+        auth,
     )
     .map_err(FetchError::ctx(format!("failed to fetch {url}")))?;
     let target = match &r.reference {
@@ -523,14 +653,14 @@ pub fn fetch_git(
             let commit = format!("{reference}^{{commit}}");
             [remote_ref, tag, commit]
                 .iter()
-                .find_map(|c| git(&repo, &["rev-parse", "--verify", "--quiet", c]).ok())
+                .find_map(|c| git(&repo, &["rev-parse", "--verify", "--quiet", c], auth).ok())
                 .ok_or_else(|| {
                     FetchError::Invalid(format!(
                         "failed to fetch {url}: ref {reference:?} not found"
                     ))
                 })?
         }
-        None => git(&repo, &["rev-parse", "HEAD^{commit}"])
+        None => git(&repo, &["rev-parse", "HEAD^{commit}"], auth)
             .map_err(FetchError::ctx(format!("failed to fetch {url}")))?,
     };
     if let Some(c) = checksum {
@@ -541,7 +671,7 @@ pub fn fetch_git(
             )));
         }
     }
-    git(&repo, &["checkout", "--quiet", "--detach", &target])
+    git(&repo, &["checkout", "--quiet", "--detach", &target], auth)
         .map_err(FetchError::ctx(format!("failed to fetch {url}")))?;
     // Submodules are followed as BuildKit does by default (best effort:
     // a repository without them does nothing here).
@@ -553,6 +683,7 @@ pub fn fetch_git(
                 &["submodule", "update", "--init", "--recursive", "--quiet"],
             ]
             .concat(),
+            auth,
         )
         .map_err(FetchError::ctx(format!(
             "failed to fetch submodules of {url}"
@@ -560,6 +691,17 @@ pub fn fetch_git(
     }
     if !keep_git_dir {
         fs::remove_dir_all(repo.join(".git")).map_err(FetchError::ctx("removing .git"))?;
+    } else if r.remote.contains('@') && redact_urls(&r.remote) != r.remote {
+        // The kept .git names its origin without the URL's credentials.
+        git(
+            &repo,
+            &["remote", "set-url", "origin", &redact_urls(&r.remote)],
+            auth,
+        )
+        .map_err(FetchError::ctx(format!("failed to fetch {url}")))?;
+    }
+    if let Some(d) = &r.subdir {
+        check_subdir(&repo, d, url)?;
     }
     let select = match &r.subdir {
         Some(d) => format!("/repo/{d}"),
@@ -580,6 +722,17 @@ pub fn fetch_git(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(
+            redact_urls("failed https://u:tok@h.example/r.git and git://x@h/y, ok https://h/z"),
+            "failed https://xxxxx@h.example/r.git and git://xxxxx@h/y, ok https://h/z"
+        );
+        assert_eq!(redact_urls("git@github.com:o/r.git"), "git@github.com:o/r.git");
+        assert_eq!(redact_urls("'http://a:b@h'"), "'http://xxxxx@h'");
+        assert_eq!(redact_urls("no url"), "no url");
+    }
 
     #[test]
     fn url_kinds_and_names() {

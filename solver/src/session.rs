@@ -361,6 +361,7 @@ impl Session {
             &req.context,
             req.dockerfile.as_deref(),
             &self.root.join("tmp"),
+            &main_context_git_auth(&req),
         )?;
         let mut tags = Vec::new();
         for t in &req.tags {
@@ -495,8 +496,12 @@ impl Session {
     /// store at `root` when it exists and has them; nothing is pulled and
     /// no store is created.
     pub fn check(root: &Path, req: &BuildRequest) -> Result<Checked, Error> {
-        let resolved =
-            context::resolve(&req.context, req.dockerfile.as_deref(), &root.join("tmp"))?;
+        let resolved = context::resolve(
+            &req.context,
+            req.dockerfile.as_deref(),
+            &root.join("tmp"),
+            &main_context_git_auth(req),
+        )?;
         let name = resolved.dockerfile_name.clone();
         let df = kiln_parser::parse(&resolved.dockerfile)
             .map_err(|e| Error::Usage(format!("{name}: {e}")))?;
@@ -556,6 +561,21 @@ impl Stores {
             Stores::Plain(b) => b.store(),
             Stores::Cached(b) => b.store(),
         }
+    }
+}
+
+/// The credentials git gets for a main context from a repository: the
+/// user named it on the command line, so, as buildx forwards the SSH
+/// agent for a git context, the agent given with `--ssh default`, else
+/// kiln's own `SSH_AUTH_SOCK`. (A repository a Dockerfile names gets only
+/// `--ssh default`.)
+fn main_context_git_auth(req: &BuildRequest) -> crate::remote::GitAuth {
+    crate::remote::GitAuth {
+        ssh_agent: req
+            .ssh
+            .get("default")
+            .cloned()
+            .or_else(|| std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from)),
     }
 }
 

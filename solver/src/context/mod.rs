@@ -68,6 +68,7 @@ pub fn resolve(
     context: &Path,
     file: Option<&str>,
     scratch: &Path,
+    git: &crate::remote::GitAuth,
 ) -> Result<Resolved, ContextError> {
     let _span = tracing::debug_span!("context", context = %context.display()).entered();
     let spelled = context.to_string_lossy().into_owned();
@@ -77,7 +78,7 @@ pub fn resolve(
             "invalid argument: can't use stdin for both the build context and the Dockerfile",
         ));
     }
-    let prepared = prepare(&spec, std::io::stdin().lock(), scratch)?;
+    let prepared = prepare(&spec, std::io::stdin().lock(), scratch, git)?;
     let context = match &prepared {
         Some(p) => p.dir.clone(),
         None => context.to_path_buf(),

@@ -42,9 +42,14 @@ impl Solver {
             let scratch = self.backend.scratch_dir();
             let url = s.clone();
             let sum = checksum.map(str::to_string);
+            // A repository a Dockerfile names gets the SSH agent given
+            // with `--ssh default`, and no other credential of the host.
+            let auth = remote::GitAuth {
+                ssh_agent: self.opts.ssh.get("default").cloned(),
+            };
             let f = blocking(move || {
                 if remote::is_git_url(&url) {
-                    remote::fetch_git(&url, &scratch, keep_git_dir, sum.as_deref())
+                    remote::fetch_git(&url, &scratch, keep_git_dir, sum.as_deref(), &auth)
                 } else {
                     remote::fetch_http(&url, &scratch, sum.as_deref())
                 }
