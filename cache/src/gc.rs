@@ -285,7 +285,7 @@ impl Store {
                 [],
             )?;
             tx.execute(
-                "DELETE FROM lazy_cache WHERE snapshot NOT IN (SELECT snapshot FROM lazy_layers)",
+                "DELETE FROM lazy_steps WHERE (snapshot, blob) NOT IN (SELECT snapshot, blob FROM lazy_layers)",
                 [],
             )?;
             Ok((dead, dead_blobs))

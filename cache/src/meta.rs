@@ -397,15 +397,18 @@ impl Meta {
         // - repo_digests: where stored images are known to be in
         //   registries (docker's RepoDigests); a row whose manifest is
         //   gone is never shown.
-        // - lazy_layers, lazy_cache: layers whose snapshots are made when
+        // - lazy_layers, lazy_steps: layers whose snapshots are made when
         //   first needed (a build that took its result from a registry
         //   cache keeps the compressed blobs, verified against their
         //   digests, and unpacks them on first use, as a pulled image's),
-        //   and the step keys that made them; checked before use (a row
-        //   whose blob is gone is no hit).
+        //   and the step keys that made them, each bound to the one blob
+        //   its import named (another build's blob claiming the same
+        //   snapshot never describes it); checked before use (a row whose
+        //   blob is gone is no hit). (`lazy_cache`, the steps' table of
+        //   kilns that did not bind the blob, is no longer read.)
         let have: i64 = meta.conn().query_row(
             "SELECT count(*) FROM sqlite_master WHERE type = 'table'
-               AND name IN ('diff_sizes', 'repo_digests', 'lazy_layers', 'lazy_cache')",
+               AND name IN ('diff_sizes', 'repo_digests', 'lazy_layers', 'lazy_steps')",
             [],
             |r| r.get(0),
         )?;
@@ -432,9 +435,10 @@ impl Meta {
                      added      INTEGER NOT NULL, -- insertion order
                      PRIMARY KEY(snapshot, blob)
                  ) WITHOUT ROWID;
-                 CREATE TABLE IF NOT EXISTS lazy_cache(
+                 CREATE TABLE IF NOT EXISTS lazy_steps(
                      key      TEXT PRIMARY KEY,
                      snapshot TEXT NOT NULL,
+                     blob     TEXT NOT NULL,
                      created  INTEGER NOT NULL
                  ) WITHOUT ROWID;
                  COMMIT;",
@@ -661,9 +665,15 @@ impl Meta {
         media_type: Option<&str>,
     ) -> Result<()> {
         let d = digest.to_string();
+        // A row of a blob kept in a registry (a cache import's claim of
+        // its size and type) takes the stored file's size and type.
         tx.execute(
             "INSERT INTO blobs(digest, size, media_type, created) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(digest) DO UPDATE SET media_type = COALESCE(blobs.media_type, excluded.media_type),
+             ON CONFLICT(digest) DO UPDATE SET
+               size = excluded.size,
+               media_type = CASE WHEN blobs.source LIKE '{\"remote\":%'
+                 THEN COALESCE(excluded.media_type, blobs.media_type)
+                 ELSE COALESCE(blobs.media_type, excluded.media_type) END,
                source = NULL",
             params![d, size as i64, media_type, now_unix()],
         )?;
@@ -705,22 +715,23 @@ impl Meta {
 
     /// Record a blob that has no file and no snapshot: `source` (JSON,
     /// see [`crate::RemoteBlob`]) says where it is. A row that exists
-    /// already is kept.
+    /// already is kept. Returns whether the row was added.
     pub fn add_source_blob(
         &self,
         digest: &Digest,
         size: u64,
         media_type: &str,
         source: &str,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let d = digest.to_string();
         self.write(|tx| {
-            tx.execute(
+            let added = tx.execute(
                 "INSERT INTO blobs(digest, size, media_type, created, source)
                  VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(digest) DO NOTHING",
                 params![d, size as i64, media_type, now_unix(), source],
             )?;
-            self.lease_add(tx, "blob", &d)
+            self.lease_add(tx, "blob", &d)?;
+            Ok(added > 0)
         })
     }
 
@@ -1272,28 +1283,44 @@ impl Meta {
         })
     }
 
-    /// Records that the step `key` made the lazy layer `snapshot`.
-    pub fn put_lazy_cache(&self, key: &str, snapshot: &str, created: i64) -> Result<()> {
+    /// Records that the step `key` made the lazy layer (`snapshot`,
+    /// `blob`): the step is described by that blob, whatever other blobs
+    /// claim the snapshot.
+    pub fn put_lazy_cache(
+        &self,
+        key: &str,
+        snapshot: &str,
+        blob: &Digest,
+        created: i64,
+    ) -> Result<()> {
         self.write(|tx| {
             tx.execute(
-                "INSERT OR REPLACE INTO lazy_cache(key, snapshot, created) VALUES (?1, ?2, ?3)",
-                params![key, snapshot, created],
+                "INSERT OR REPLACE INTO lazy_steps(key, snapshot, blob, created) VALUES (?1, ?2, ?3, ?4)",
+                params![key, snapshot, blob.to_string(), created],
             )?;
             Ok(())
         })
     }
 
-    /// The lazy layer the step `key` made and when: (snapshot, created).
-    pub fn lazy_cache(&self, key: &str) -> Result<Option<(String, i64)>> {
-        self.read(|tx| {
+    /// The lazy layer the step `key` made and when: (snapshot, blob,
+    /// created).
+    pub fn lazy_cache(&self, key: &str) -> Result<Option<(String, Digest, i64)>> {
+        let row: Option<(String, String, i64)> = self.read(|tx| {
             Ok(tx
                 .query_row(
-                    "SELECT snapshot, created FROM lazy_cache WHERE key = ?1",
+                    "SELECT snapshot, blob, created FROM lazy_steps WHERE key = ?1",
                     [key],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?)
+        })?;
+        row.map(|(snapshot, blob, created)| {
+            let blob = blob
+                .parse()
+                .map_err(|_| Error::InvalidDigest(blob.clone()))?;
+            Ok((snapshot, blob, created))
         })
+        .transpose()
     }
 
     // ------------------------------------------------------ repo digests

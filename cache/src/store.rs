@@ -137,8 +137,9 @@ pub struct RemoteBlob {
     /// The repository in it.
     pub repo: String,
     /// Whether the build that recorded it reached this registry over
-    /// plain HTTP (it was an insecure registry then): a later fetch may
-    /// too. The bytes are verified against the digest either way.
+    /// plain HTTP (it was an insecure registry then). For information
+    /// only: a fetch reaches the registry as the fetching command's own
+    /// settings say, never as a row of the shared store says.
     #[serde(default)]
     pub insecure: bool,
 }
@@ -454,10 +455,18 @@ impl Store {
         })
         .map_err(|e| Error::InvalidState(format!("blob source: {e}")))?;
         let _gc = self.gc_guard()?;
-        self.meta
-            .add_source_blob(digest, size, media_type, &source)?;
-        self.meta
-            .add_blob_locations(&from.registry, &from.repo, std::slice::from_ref(digest))
+        // Where a blob already stored is, an import's word does not say.
+        if self
+            .meta
+            .add_source_blob(digest, size, media_type, &source)?
+        {
+            self.meta.add_blob_locations(
+                &from.registry,
+                &from.repo,
+                std::slice::from_ref(digest),
+            )?;
+        }
+        Ok(())
     }
 
     /// The recorded size and place of the blob `digest` when it is a

@@ -193,6 +193,24 @@ impl Store {
         Ok(Some(chain))
     }
 
+    /// [`Store::lazy_ready`] for the one candidate of `snapshot` whose
+    /// blob is `blob`: what a step taken from an import is described by
+    /// (another candidate, recorded by another build, may claim the same
+    /// snapshot with other bytes).
+    pub fn lazy_ready_with(&self, snapshot: &str, blob: &Digest) -> Result<Option<LazyLayer>> {
+        let top = if self.committed(snapshot) {
+            self.meta().lazy_layers(snapshot)?
+        } else {
+            match self.lazy_chain(snapshot, true)? {
+                Some(c) => c.into_iter().next().unwrap_or_default(),
+                None => return Ok(None),
+            }
+        };
+        Ok(top
+            .into_iter()
+            .find(|l| &l.blob == blob && self.lazy_usable(l, true)))
+    }
+
     /// The lazy layer `snapshot` (its first usable candidate: a blob
     /// stored) when it can be had: it is unpacked already, or it and every
     /// ancestor not yet unpacked have such a candidate.

@@ -908,12 +908,30 @@ fn lazy_layers_unpack_on_first_use_verified_and_go_with_their_blobs() {
     };
     lazy(&c1, None, &b1, n1, &d1);
     lazy(&c2, Some(&c1), &b2, n2, &d2);
-    s.meta().put_lazy_cache("step-2", &c2, 7).unwrap();
+    s.meta().put_lazy_cache("step-2", &c2, &b2, 7).unwrap();
     assert_eq!(
         s.meta().lazy_cache("step-2").unwrap(),
-        Some((c2.clone(), 7))
+        Some((c2.clone(), b2.clone(), 7))
     );
     assert_eq!(s.lazy_ready(&c2).unwrap().map(|l| l.blob), Some(b2.clone()));
+    assert_eq!(
+        s.lazy_ready_with(&c2, &b2).unwrap().map(|l| l.blob),
+        Some(b2.clone())
+    );
+    // Another build's blob claiming the same snapshot, recorded first or
+    // later, never describes the step bound to b2.
+    let (_, other, other_n) = layer("other.txt", b"other\n");
+    lazy(&c2, Some(&c1), &other, other_n, &d2);
+    assert_eq!(
+        s.lazy_ready_with(&c2, &b2).unwrap().map(|l| l.blob),
+        Some(b2.clone())
+    );
+    assert_eq!(
+        s.lazy_ready_with(&c2, &other).unwrap().map(|l| l.blob),
+        Some(other.clone())
+    );
+    assert!(s.lazy_ready_with(&c2, &b1).unwrap().is_none());
+    s.meta().drop_lazy_layer(&c2, &other).unwrap();
     assert!(s.snapshotter().stat(&c1).is_err(), "nothing unpacked yet");
 
     // First use: the parent, then the layer.
@@ -944,7 +962,9 @@ fn lazy_layers_unpack_on_first_use_verified_and_go_with_their_blobs() {
     // Without its blob a lazy layer is no hit; prune forgets it.
     let (d4, b4, n4) = layer("four.txt", b"four\n");
     lazy(d4.as_str(), None, &b4, n4, &d4);
-    s.meta().put_lazy_cache("step-4", d4.as_str(), 1).unwrap();
+    s.meta()
+        .put_lazy_cache("step-4", d4.as_str(), &b4, 1)
+        .unwrap();
     s.prune(&PruneOptions::default()).unwrap();
     assert!(
         s.lazy_ready(d4.as_str()).unwrap().is_none(),
@@ -1082,4 +1102,30 @@ fn a_blob_kept_in_a_registry_is_fetched_verified_on_first_read() {
         .read_to_end(&mut back)
         .unwrap();
     assert_eq!(back, tar);
+
+    // A record claiming another size for a blob later stored: the stored
+    // file's size is recorded (the claim does not outlive the bytes), and
+    // a blob already stored gets no location from a record.
+    let real = b"the real bytes".to_vec();
+    let rd = Digest::sha256_of(&real);
+    s.record_remote_blob(&rd, 999_999, gz, &from).unwrap();
+    assert_eq!(s.put_bytes(&real, None).unwrap(), rd);
+    assert_eq!(
+        s.meta().blob_row(&rd).unwrap().map(|r| r.0),
+        Some(real.len() as u64)
+    );
+    assert!(s.check().unwrap().problems.is_empty());
+    let stored = s.put_bytes(b"stored first", None).unwrap();
+    let elsewhere = kiln_cache::RemoteBlob {
+        registry: "elsewhere.example".into(),
+        repo: "r".into(),
+        insecure: false,
+    };
+    s.record_remote_blob(&stored, 12, gz, &elsewhere).unwrap();
+    assert_eq!(
+        s.meta()
+            .blob_location(&stored, "elsewhere.example", "")
+            .unwrap(),
+        None
+    );
 }

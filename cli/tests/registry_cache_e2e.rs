@@ -457,6 +457,12 @@ fn claim_in_layout(dest: &Path, lie: &str) -> String {
 /// in the layout at `dest` with `edit`, and the config, manifest and index
 /// above it. Gives the record's layer digest.
 fn edit_top_record(dest: &Path, edit: impl FnOnce(&mut Value)) -> String {
+    edit_top_record_and_layer(dest, |top, _| edit(top))
+}
+
+/// [`edit_top_record`] whose `edit` also gets the record's layer
+/// descriptor in the manifest (to name another blob).
+fn edit_top_record_and_layer(dest: &Path, edit: impl FnOnce(&mut Value, &mut Value)) -> String {
     let blob = |d: &str| {
         dest.join("blobs/sha256")
             .join(d.trim_start_matches("sha256:"))
@@ -492,7 +498,7 @@ fn edit_top_record(dest: &Path, edit: impl FnOnce(&mut Value)) -> String {
         })
         .expect("a top record");
     let layer = top["layer"].as_u64().expect("layer") as usize;
-    edit(top);
+    edit(top, &mut m["layers"][layer]);
     let (cd, cn) = put(&serde_json::to_vec(&cfg).expect("json"));
     m["config"]["digest"] = Value::String(cd);
     m["config"]["size"] = cn.into();
@@ -845,4 +851,154 @@ fn a_planted_cache_layout_is_written_inside_never_through_its_symlinks() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("index.json"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}
+
+/// The top record of the cache in the layout `dest` and its layer's
+/// descriptor.
+fn top_record(dest: &Path) -> (Value, Value) {
+    let mut got = None;
+    let copy = tempfile::tempdir().expect("tmp");
+    // Read through an edit of a copy that changes nothing.
+    copy_dir(dest, copy.path());
+    edit_top_record_and_layer(copy.path(), |top, layer| {
+        got = Some((top.clone(), layer.clone()));
+    });
+    got.expect("a top record")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let o = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .output()
+        .expect("cp");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A cache imported from one place never answers later for another cache
+/// at the same place (the same `src=` path, as the same registry
+/// repository under another tag) that names other bytes for a step:
+///
+/// 1. A cache whose record for the last step names another layer (a
+///    consistent one: its own diffID and chain ID on the same parent) —
+///    before, the step was remembered under "this source, this key" and
+///    that memory answered for the honest cache imported later.
+/// 2. A cache whose record keeps the honest diffID and chain ID but names
+///    another blob — before, the lazy layer's first recorded blob
+///    described the step for every later build, so the image's manifest
+///    (and a push) named the other blob for the honest diffID.
+#[test]
+fn a_cache_imported_earlier_from_the_same_place_never_answers_for_another() {
+    if !ready() {
+        return;
+    }
+    let (reg, ctx, dir, honest, _) = app_cached_in_a_layout();
+    let base = format!("{}/base/busybox:1", reg.host());
+    // Another layer on the same parent: the same first steps, another last.
+    let other_ctx = context(&[
+        (
+            "Dockerfile",
+            &format!(
+                "FROM {base}\nRUN echo MARKER-FIRST && echo first > /first.txt\nCOPY a.txt /a.txt\nRUN echo EVIL > /b.txt\n"
+            ),
+        ),
+        ("a.txt", "one\n"),
+    ]);
+    let other = dir.path().join("other");
+    let o = Client::new(false);
+    build_json(
+        &o,
+        other_ctx.path(),
+        &[
+            "-t",
+            "o:1",
+            "--cache-to",
+            &format!("type=local,dest={}", other.display()),
+        ],
+    );
+    let (evil_rec, evil_layer) = top_record(&other);
+    let (honest_rec, honest_layer) = top_record(&honest);
+    let evil_blob = evil_layer["digest"].as_str().expect("digest").to_string();
+    let blob_file = |d: &Path, digest: &str| {
+        d.join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    // 1: the other layer under the honest step's key.
+    let graft = dir.path().join("graft");
+    std::fs::create_dir_all(&graft).expect("mkdir");
+    copy_dir(&honest, &graft);
+    std::fs::copy(blob_file(&other, &evil_blob), blob_file(&graft, &evil_blob)).expect("copy");
+    edit_top_record_and_layer(&graft, |top, layer| {
+        top["diffID"] = evil_rec["diffID"].clone();
+        top["chainID"] = evil_rec["chainID"].clone();
+        *layer = evil_layer.clone();
+    });
+    // 2: the honest record naming the other blob.
+    let swap = dir.path().join("swap");
+    std::fs::create_dir_all(&swap).expect("mkdir");
+    copy_dir(&honest, &swap);
+    std::fs::copy(blob_file(&other, &evil_blob), blob_file(&swap, &evil_blob)).expect("copy");
+    edit_top_record_and_layer(&swap, |_, layer| {
+        *layer = evil_layer.clone();
+    });
+
+    // The victim's store imports each from one place first…
+    let v = Client::new(false);
+    let place = dir.path().join("place");
+    let from = format!("type=local,src={}", place.display());
+    for (i, hostile) in [&graft, &swap].into_iter().enumerate() {
+        let _ = std::fs::remove_dir_all(&place);
+        std::fs::create_dir_all(&place).expect("mkdir");
+        copy_dir(hostile, &place);
+        let _ = v.run(&[
+            "build",
+            "-q",
+            "-t",
+            &format!("hostile:{i}"),
+            "--cache-from",
+            &from,
+            ctx.path().to_str().expect("utf8"),
+        ]);
+    }
+    // …then the honest cache there, twice.
+    std::fs::remove_dir_all(&place).expect("rm");
+    std::fs::create_dir_all(&place).expect("mkdir");
+    copy_dir(&honest, &place);
+    build_json(&v, ctx.path(), &["-t", "app:1", "--cache-from", &from]);
+    assert_eq!(
+        v.stdout(&["run", "--rm", "app:1", "cat", "/b.txt"]),
+        "one\nfirst"
+    );
+    build_json(&v, ctx.path(), &["-t", "app:2", "--cache-from", &from]);
+    let target = format!("{}/victim/app:2", reg.host());
+    v.ok(&["tag", "app:2", &target]);
+    v.ok(&["push", &target]);
+    let m = raw_manifest(&target);
+    let top = m["layers"]
+        .as_array()
+        .and_then(|l| l.last())
+        .and_then(|l| l["digest"].as_str())
+        .expect("pushed layer")
+        .to_string();
+    assert_ne!(
+        top, evil_blob,
+        "the other blob went out for the honest layer"
+    );
+    assert_eq!(top, honest_layer["digest"].as_str().expect("digest"));
+    assert_eq!(honest_rec["diffID"], {
+        let cfg: Value = serde_json::from_str(&v.stdout(&[
+            "inspect",
+            "--format",
+            "{{json .RootFS.Layers}}",
+            "app:2",
+        ]))
+        .expect("json");
+        cfg.as_array()
+            .and_then(|l| l.last())
+            .cloned()
+            .expect("layer")
+    });
+    let c = v.run(&["system", "check"]);
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
 }

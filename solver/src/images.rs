@@ -1055,6 +1055,7 @@ impl Session {
     /// then pointing at the index) into the store and names it there;
     /// notes and blob transfers go to the session's reporter.
     pub fn pull(&self, reference: &str, opts: &TransferOptions) -> Result<PullResult, Error> {
+        crate::transfer::fetch_insecure_registries(&opts.insecure_registries);
         let cfg = RegistryConfig::load(&opts.insecure_registries)?.with_cancel(opts.cancel.clone());
         let store = self.open_images()?;
         let store = store.leased(None)?;
@@ -1113,6 +1114,7 @@ impl Session {
         encoding: LayerEncoding,
         opts: &TransferOptions,
     ) -> Result<(String, kiln_image::Digest), Error> {
+        crate::transfer::fetch_insecure_registries(&opts.insecure_registries);
         let cfg = RegistryConfig::load(&opts.insecure_registries)?.with_cancel(opts.cancel.clone());
         let store = self.open_images()?;
         // A name, or (with a destination) an ID.

@@ -591,10 +591,12 @@ fn check_subdir(repo: &Path, subdir: &str, url: &str) -> Result<(), FetchError> 
         at.push(c);
         match fs::symlink_metadata(&at) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(FetchError::Invalid(format!(
+            Ok(_) => {
+                return Err(FetchError::Invalid(format!(
                 "failed to fetch {}: subdirectory {subdir} is not a directory of the repository",
                 redact_urls(url)
-            ))),
+            )))
+            }
             Err(_) => {
                 return Err(FetchError::Invalid(format!(
                     "failed to fetch {}: subdirectory {subdir} not found in the repository",
@@ -729,7 +731,10 @@ mod tests {
             redact_urls("failed https://u:tok@h.example/r.git and git://x@h/y, ok https://h/z"),
             "failed https://xxxxx@h.example/r.git and git://xxxxx@h/y, ok https://h/z"
         );
-        assert_eq!(redact_urls("git@github.com:o/r.git"), "git@github.com:o/r.git");
+        assert_eq!(
+            redact_urls("git@github.com:o/r.git"),
+            "git@github.com:o/r.git"
+        );
         assert_eq!(redact_urls("'http://a:b@h'"), "'http://xxxxx@h'");
         assert_eq!(redact_urls("no url"), "no url");
     }

@@ -144,21 +144,26 @@ enum Origin {
     Dir(PathBuf),
 }
 
-impl Origin {
-    /// The key under which a step taken from this cache source is
-    /// remembered in the store's cache index: a record an import brought
-    /// is the import's word, not the store's, so it is a hit again only
-    /// for a build that imports from the same source — never for a build
-    /// without `--cache-from` (a hostile job's cache naming a victim's step
+impl Remote {
+    /// The key under which this imported step is remembered in the
+    /// store's cache index: a record an import brought is the import's
+    /// word, not the store's, so it is a hit again only for a build whose
+    /// import says the same — the same source, and the same layer (chain
+    /// ID) and blob for the step's key. Never for a build without
+    /// `--cache-from`, nor for one importing another tag of the same
+    /// repository or another cache at the same path that names other
+    /// bytes for the key (a hostile job's cache naming a victim's step
     /// keys would otherwise poison the victim's later builds on a shared
     /// store).
     fn scoped(&self, key: &str) -> String {
-        match self {
-            Origin::Registry { registry, repo } => {
-                format!("cache-from registry {registry}/{repo} {key}")
-            }
-            Origin::Dir(dir) => format!("cache-from dir {} {key}", dir.display()),
-        }
+        let source = match &self.origin {
+            Origin::Registry { registry, repo } => format!("registry {registry}/{repo}"),
+            Origin::Dir(dir) => format!("dir {}", dir.display()),
+        };
+        format!(
+            "cache-from {source} {key} {} {}",
+            self.rec.chain_id, self.desc.digest
+        )
     }
 }
 
@@ -581,13 +586,18 @@ impl RemoteCacheBackend {
         let have_tar = store.has_blob(&diff) && store.meta().has_blob(&diff).unwrap_or(false);
         if !have_tar {
             self.fetch(r)?;
+            // Whether this blob was proved here to be the layer (its tar
+            // hashed to the diffID): only then is it the memo's blob for
+            // the diffID. A tar another build stored meanwhile proves
+            // nothing about this blob.
+            let mut proved = false;
             if r.desc.digest != r.rec.diff_id {
                 // One pass over the compressed blob: its files applied
                 // while the verified tar is kept. The fallback below
                 // (decompress into the store) is for a snapshot that
                 // exists already without its tar.
                 let blob = cd(&r.desc.digest)?;
-                store
+                proved = store
                     .unpack_layer_keeping_tar(
                         &r.rec.chain_id,
                         r.rec.parent_chain_id.as_deref(),
@@ -614,8 +624,9 @@ impl RemoteCacheBackend {
                     .map_err(|e| {
                         RemoteCacheError::ctx("layer content does not match its diffID")(e)
                     })?;
+                proved = true;
             }
-            if r.desc.digest != r.rec.diff_id {
+            if proved {
                 remember_compressed(store, r)?;
             }
         }
@@ -634,7 +645,7 @@ impl RemoteCacheBackend {
         store
             .meta()
             .cache_put(
-                &r.origin.scoped(&r.rec.key),
+                &r.scoped(&r.rec.key),
                 Some(&r.rec.chain_id),
                 Some(&diff),
                 std::slice::from_ref(&diff),
@@ -1089,7 +1100,7 @@ impl Backend for RemoteCacheBackend {
             // What an earlier import from the same source brought (see
             // `Origin::scoped`), else the import's record itself.
             None => match self.index.get(key) {
-                Some(r) => match self.inner.cache_get(&r.origin.scoped(key))? {
+                Some(r) => match self.inner.cache_get(&r.scoped(key))? {
                     Some(l) => Some(l),
                     None => self.remote_hit(key)?,
                 },
@@ -1204,14 +1215,20 @@ impl Backend for RemoteCacheBackend {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             for (key, v) in seen {
+                // Described by the blob this build's import named for the
+                // layer (not by whichever candidate was recorded first).
+                let Some(p) = pending.get(&v.snapshot) else {
+                    continue;
+                };
+                let blob = cd(&p.desc.digest)?;
                 // Taken from an import: remembered for that source only.
                 let key = match self.index.get(&key) {
-                    Some(r) => r.origin.scoped(&key),
+                    Some(r) => r.scoped(&key),
                     None => key,
                 };
                 self.store()
                     .meta()
-                    .put_lazy_cache(&key, &v.snapshot, v.created)
+                    .put_lazy_cache(&key, &v.snapshot, &blob, v.created)
                     .map_err(|e| RemoteCacheError::ctx("cache index")(e))?;
             }
         }

@@ -419,6 +419,7 @@ impl Session {
         // Pulls of base images and cache imports stop when the build is
         // cancelled (linked in `solve`).
         let registry_cancel = CancellationToken::new();
+        crate::transfer::fetch_insecure_registries(&req.insecure_registries);
         let registry =
             RegistryConfig::load(&req.insecure_registries)?.with_cancel(registry_cancel.clone());
         let mut exporters: Vec<Box<dyn Exporter>> = Vec::new();

@@ -165,7 +165,7 @@ impl StoreBackend {
     /// that can still be had: its record, described by its blob.
     fn lazy_hit(&self, key: &str) -> BackendResult<Option<LayerRecord>> {
         let meta = self.store.meta();
-        let Some((snapshot, created)) = meta
+        let Some((snapshot, blob, created)) = meta
             .lazy_cache(key)
             .map_err(BackendError::ctx("cache index"))?
         else {
@@ -173,7 +173,7 @@ impl StoreBackend {
         };
         let Some(l) = self
             .store
-            .lazy_ready(&snapshot)
+            .lazy_ready_with(&snapshot, &blob)
             .map_err(BackendError::ctx("cache index"))?
         else {
             return Ok(None);
@@ -663,10 +663,15 @@ impl Backend for StoreBackend {
                 .lazy_layers(&layer.snapshot)
                 .map_err(BackendError::ctx("cache index"))?;
             if !lazy.is_empty() {
+                let blob: kiln_cache::Digest = layer
+                    .digest
+                    .to_string()
+                    .parse()
+                    .map_err(BackendError::ctx("digest"))?;
                 return self
                     .store
                     .meta()
-                    .put_lazy_cache(key, &layer.snapshot, layer.created)
+                    .put_lazy_cache(key, &layer.snapshot, &blob, layer.created)
                     .map_err(BackendError::ctx("cache index"));
             }
         }

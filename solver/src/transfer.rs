@@ -78,12 +78,33 @@ impl BlobSink for StoreSink<'_> {
 /// import's layers, see [`kiln_cache::RemoteBlob`]) when they are first
 /// read: through the registry's mirrors, then the registry, each verified
 /// against its digest and size as a pull's. The registry settings
-/// (credentials, CAs, mirrors) are those of the environment when the first
-/// such blob is read; a registry the recording build reached over plain
-/// HTTP may be reached so again.
+/// (credentials, CAs, mirrors, plain-HTTP registries) are those of the
+/// command reading it (its environment, and the `--insecure-registry`
+/// hosts it was given: see [`fetch_insecure_registries`]) — never the
+/// recording build's word, which a row of the shared store carries (a
+/// hostile build's row marking a registry insecure would otherwise send
+/// a victim's later fetch, and its credentials, over plain HTTP).
 #[derive(Debug, Default)]
 pub struct RegistryFetcher {
     cfg: std::sync::OnceLock<Result<RegistryConfig, String>>,
+}
+
+/// The `--insecure-registry` hosts of this command, for its fetches of
+/// blobs kept in registries.
+static FETCH_INSECURE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Adds the command's `--insecure-registry` hosts to those a blob kept in
+/// a registry may be fetched from over plain HTTP (see
+/// [`RegistryFetcher`]); called where the command loads its registry
+/// settings, before anything is fetched.
+pub fn fetch_insecure_registries(hosts: &[String]) {
+    if let Ok(mut v) = FETCH_INSECURE.lock() {
+        for h in hosts {
+            if !v.contains(h) {
+                v.push(h.clone());
+            }
+        }
+    }
 }
 
 /// [`StoreSink`] that has a blob only when its file is stored (a blob kept
@@ -114,13 +135,13 @@ impl kiln_cache::BlobFetcher for RegistryFetcher {
         size: u64,
         media_type: Option<&str>,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let mut cfg = self
+        let cfg = self
             .cfg
-            .get_or_init(|| RegistryConfig::load(&[]).map_err(|e| e.to_string()))
+            .get_or_init(|| {
+                let insecure = FETCH_INSECURE.lock().map(|v| v.clone()).unwrap_or_default();
+                RegistryConfig::load(&insecure).map_err(|e| e.to_string())
+            })
             .clone()?;
-        if from.insecure && !cfg.is_insecure(&from.registry) {
-            cfg.insecure.push(from.registry.clone());
-        }
         let desc = Descriptor::new(
             media_type.unwrap_or(media_types::OCI_LAYER_GZIP),
             digest.as_str().parse::<Digest>()?,
