@@ -49,7 +49,14 @@ if [ -z "$deb" ]; then
   # root-owned cache, so apt downloads as root (its warning is harmless).
   if ! (cd "$cache" && apt-get download -q "busybox-static:$arch" >&2 2>/dev/null); then
     log "apt-get update (apt does not know busybox-static:$arch yet)"
-    apt-get update -q >&2
+    # A mirror caught mid-sync fails one index now and then: try again,
+    # and at the end try the download anyway (the index it needs may be
+    # among those that came).
+    for try in 1 2 3; do
+      apt-get update -q >&2 && break
+      log "apt-get update failed (try $try of 3)"
+      sleep $((try * 5))
+    done
     (cd "$cache" && apt-get download -q "busybox-static:$arch" >&2)
   fi
   deb="$(find "$cache" -maxdepth 1 -name "busybox-static_*_$arch.deb" | head -n1)"

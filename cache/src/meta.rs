@@ -405,7 +405,8 @@ impl Meta {
         //   its import named (another build's blob claiming the same
         //   snapshot never describes it); checked before use (a row whose
         //   blob is gone is no hit). (`lazy_cache`, the steps' table of
-        //   kilns that did not bind the blob, is no longer read.)
+        //   kilns that did not bind the blob, is dropped: its steps are
+        //   taken from their imports again.)
         let have: i64 = meta.conn().query_row(
             "SELECT count(*) FROM sqlite_master WHERE type = 'table'
                AND name IN ('diff_sizes', 'repo_digests', 'lazy_layers', 'lazy_steps')",
@@ -435,6 +436,7 @@ impl Meta {
                      added      INTEGER NOT NULL, -- insertion order
                      PRIMARY KEY(snapshot, blob)
                  ) WITHOUT ROWID;
+                 DROP TABLE IF EXISTS lazy_cache;
                  CREATE TABLE IF NOT EXISTS lazy_steps(
                      key      TEXT PRIMARY KEY,
                      snapshot TEXT NOT NULL,

@@ -1316,7 +1316,21 @@ fn a_git_subdir_that_is_a_link_is_refused_and_url_credentials_are_not_shown() {
     k.build(ok.path(), &["-t", "sub:1"]);
     assert_eq!(sh(&k, "sub:1", "cat /x/f"), "x");
 
+    // A kept .git names its origin without the URL's credentials.
     let port = srv.port;
+    let kept = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM busybox\nADD --keep-git-dir=true http://user:s3cret-token@127.0.0.1:{port}/repo.git#main /k/\n"
+        ),
+    )]);
+    k.build(kept.path(), &["-t", "kept:1"]);
+    let cfg = sh(&k, "kept:1", "cat /k/.git/config");
+    assert!(!cfg.contains("s3cret-token"), "{cfg}");
+    assert!(
+        cfg.contains(&format!("url = http://127.0.0.1:{port}/repo.git")),
+        "{cfg}"
+    );
     for src in [
         format!("http://user:s3cret-token@127.0.0.1:{port}/missing.git"),
         format!("http://user:s3cret-token@127.0.0.1:{port}/missing.txt"),

@@ -1002,3 +1002,100 @@ fn a_cache_imported_earlier_from_the_same_place_never_answers_for_another() {
     let c = v.run(&["system", "check"]);
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
 }
+
+/// Rewrites the cache config and manifest of the layout at `dest` with
+/// `edit`, and the index above them.
+fn edit_cache(dest: &Path, edit: impl FnOnce(&mut Value, &mut Value)) {
+    let blob = |d: &str| {
+        dest.join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let d = kiln_image::Digest::sha256_of(bytes).to_string();
+        std::fs::write(blob(&d), bytes).expect("write blob");
+        (d, bytes.len())
+    };
+    let mut index: Value =
+        serde_json::from_slice(&std::fs::read(dest.join("index.json")).expect("index"))
+            .expect("index json");
+    let md = index["manifests"][0]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    let mut m: Value = serde_json::from_slice(&std::fs::read(blob(&md)).expect("manifest"))
+        .expect("manifest json");
+    let cd = m["config"]["digest"].as_str().expect("config").to_string();
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(blob(&cd)).expect("config")).expect("config json");
+    edit(&mut cfg, &mut m);
+    let (cd, cn) = put(&serde_json::to_vec(&cfg).expect("json"));
+    m["config"]["digest"] = Value::String(cd);
+    m["config"]["size"] = cn.into();
+    let (md, mn) = put(&serde_json::to_vec(&m).expect("json"));
+    index["manifests"][0]["digest"] = Value::String(md);
+    index["manifests"][0]["size"] = mn.into();
+    std::fs::write(
+        dest.join("index.json"),
+        serde_json::to_vec(&index).expect("json"),
+    )
+    .expect("index");
+}
+
+/// A `COPY --link` layer taken from an import is stacked on the chain
+/// under a key of the import's, never under the stacking key a build
+/// without the import looks up (that key leaves the layer's content
+/// out). Here a cache names the victim's `--link` step with another
+/// layer: the build importing it gets it (the import's word), and the
+/// next build without `--cache-from` copies the context's own file.
+/// (Before: the stacked layer was remembered under the stacking key, and
+/// every later build on the store got the cache's file.)
+#[test]
+fn a_link_layer_taken_from_an_import_is_not_remembered_for_other_builds() {
+    if !ready() {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let base = push_base(&reg);
+    let df = format!("FROM {base}\nCOPY --link a.txt /a.txt\n");
+    let honest = context(&[("Dockerfile", &df), ("a.txt", "one\n")]);
+    let other = context(&[("Dockerfile", &df), ("a.txt", "EVIL\n")]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let layout = |name: &str| dir.path().join(name);
+    for (ctx, name) in [(&honest, "honest"), (&other, "other")] {
+        let c = Client::new(false);
+        let to = format!("type=local,dest={},mode=max", layout(name).display());
+        build_json(&c, ctx.path(), &["-t", "x:1", "--cache-to", &to]);
+    }
+    // The honest inner (chain-free) key of the --link step.
+    let inner_key = |dest: &Path| {
+        let mut key = None;
+        let copy = tempfile::tempdir().expect("tmp");
+        copy_dir(dest, copy.path());
+        edit_cache(copy.path(), |cfg, _| {
+            key = cfg["records"]
+                .as_array()
+                .expect("records")
+                .iter()
+                .find(|r| r["parentChainID"].is_null())
+                .map(|r| r["key"].clone());
+        });
+        key.expect("a --link record")
+    };
+    let honest_key = inner_key(&layout("honest"));
+    // The other cache's --link layer under the honest key; its stacking
+    // record dropped.
+    edit_cache(&layout("other"), |cfg, _| {
+        let recs = cfg["records"].as_array_mut().expect("records");
+        recs.retain(|r| r["parentChainID"].is_null());
+        recs[0]["key"] = honest_key.clone();
+    });
+    let v = Client::new(false);
+    let from = format!("type=local,src={}", layout("other").display());
+    build_json(
+        &v,
+        honest.path(),
+        &["-t", "imported:1", "--cache-from", &from],
+    );
+    build_json(&v, honest.path(), &["-t", "own:1"]);
+    assert_eq!(v.stdout(&["run", "--rm", "own:1", "cat", "/a.txt"]), "one");
+}

@@ -90,8 +90,9 @@ pub struct Registry {
     opts: ClientOptions,
     /// Total time of a small request ([`crate::http::NetTimeouts::request`]).
     request_timeout: Duration,
-    /// Total time of a blob's transfer ([`crate::http::NetTimeouts::fetch`]).
-    fetch_timeout: Duration,
+    /// The plain-HTTP registries of the configuration (for a token
+    /// endpoint on another host the user marked insecure).
+    insecure_hosts: RegistryConfig,
 }
 
 impl std::fmt::Debug for Registry {
@@ -128,8 +129,17 @@ fn mime(resp: &ureq::Response) -> Option<String> {
 
 /// Reads an error body and extracts distribution's `errors[].code/message`.
 fn error_detail(resp: ureq::Response) -> String {
+    // At most 8 KiB, within 10 s however slowly they come.
     let mut buf = Vec::new();
-    let _ = resp.into_reader().take(8192).read_to_end(&mut buf);
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut r = resp.into_reader().take(8192);
+    let mut chunk = [0u8; 1024];
+    while Instant::now() < until {
+        match r.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
     #[derive(serde::Deserialize)]
     struct E {
         #[serde(default)]
@@ -270,7 +280,7 @@ impl Registry {
             auth: Mutex::new(AuthState::default()),
             opts: ClientOptions::default(),
             request_timeout: timeouts.request,
-            fetch_timeout: timeouts.fetch,
+            insecure_hosts: cfg.clone(),
         })
     }
 
@@ -392,7 +402,8 @@ impl Registry {
     /// Ping `/v2/` on `scheme`; `Ok(Some(resp status))`, transport error as Err.
     fn ping_scheme(&self, scheme: &str) -> std::result::Result<(u16, Option<String>), String> {
         let url = format!("{scheme}://{}/v2/", self.host);
-        match self.agent.get(&url).timeout(self.request_timeout).call() {
+        let req = self.agent.get(&url);
+        match crate::http::call_within(req, None, self.request_timeout, Some(&self.cancel)) {
             Ok(r) => Ok((r.status(), None)),
             Err(ureq::Error::Status(code, r)) => {
                 Ok((code, r.header("WWW-Authenticate").map(str::to_string)))
@@ -514,18 +525,19 @@ impl Registry {
         if !self.insecure {
             return false;
         }
-        let Some(host) = realm.host_str() else {
-            return false;
+        let loopback = match realm.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+            None => return false,
         };
-        let bare = |h: &str| h.trim_start_matches('[').trim_end_matches(']').to_string();
         let own = crate::http::Url::parse(&format!("http://{}/", self.host))
             .ok()
-            .and_then(|u| u.host_str().map(bare));
-        let host = bare(host);
-        own.as_deref() == Some(host.as_str())
-            || host == "localhost"
-            || host == "::1"
-            || host.starts_with("127.")
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase));
+        let host = realm.host_str().map(str::to_ascii_lowercase);
+        loopback
+            || (own.is_some() && own == host)
+            || crate::tls::url_host(realm).is_some_and(|h| self.insecure_hosts.is_insecure(&h))
     }
 
     /// Fetch a bearer token for `scope` (space-separated scopes).
@@ -553,16 +565,14 @@ impl Registry {
             }
         }
         let followed = crate::http::follow(url.as_str(), |url, first_origin| {
-            let mut req = self
-                .agent
-                .request_url("GET", url)
-                .timeout(self.request_timeout);
+            let mut req = self.agent.request_url("GET", url);
             // The registry named the realm: its credentials go there, and
             // to no other host a redirect names.
             if let (Some(h), true) = (&basic, first_origin) {
                 req = req.set("Authorization", h);
             }
-            req.call().map_err(Box::new)
+            crate::http::call_within(req, None, self.request_timeout, Some(&self.cancel))
+                .map_err(Box::new)
         })
         .map_err(|e| self.proto(format!("token endpoint: {e}")))?;
         let resp = match followed.map_err(|e| *e) {
@@ -690,20 +700,13 @@ impl Registry {
         // Credentials go to the registry's own origin only: an upload
         // `Location` or a redirect naming another host gets none.
         let own = crate::http::same_origin(&base_url, &target);
-        // Every request ends within a total time, from connecting to the
-        // last byte of its body (a server sending its status line or its
-        // headers a byte at a time never resets it): a blob's transfer
-        // within KILN_FETCH_TIMEOUT, anything else within
-        // KILN_REQUEST_TIMEOUT.
-        let blob_transfer = matches!(body, Body::Stream(..))
-            || (method == "GET" && target.path().contains("/blobs/"));
-        let total = if blob_transfer {
-            self.fetch_timeout
-        } else {
-            self.request_timeout
-        };
+        // Every request but a streamed upload gets its status line and
+        // headers within KILN_REQUEST_TIMEOUT however slowly they come
+        // (`call_within`); every read keeps the idle timeout, and the body
+        // of a small response is bounded in all by its reader
+        // (`read_small`).
         let build = |u: &crate::http::Url, auth: Option<&str>| {
-            let mut req = self.agent.request_url(method, u).timeout(total);
+            let mut req = self.agent.request_url(method, u);
             for (k, v) in headers {
                 req = req.set(k, v);
             }
@@ -720,10 +723,21 @@ impl Registry {
         // A streamed body can be sent once. Uploads send one only after
         // their POST, on the same scope, has answered any 401 challenge,
         // so it goes out with credentials.
+        let call = |req: ureq::Request| {
+            crate::http::call_within(req, None, self.request_timeout, Some(&self.cancel))
+        };
+        let send_bytes = |req: ureq::Request, b: &[u8]| {
+            crate::http::call_within(
+                req,
+                Some(b.to_vec()),
+                self.request_timeout,
+                Some(&self.cancel),
+            )
+        };
         let (first, body_again) = match body {
-            Body::Empty => (build(&target, auth.as_deref()).call(), Some(Body::Empty)),
+            Body::Empty => (call(build(&target, auth.as_deref())), Some(Body::Empty)),
             Body::Bytes(b) => (
-                build(&target, auth.as_deref()).send_bytes(b),
+                send_bytes(build(&target, auth.as_deref()), b),
                 Some(Body::Bytes(b)),
             ),
             Body::Stream(r, len) => {
@@ -745,8 +759,8 @@ impl Registry {
                     return Err(self.status_error(method, &url, what, 401, r));
                 };
                 match body {
-                    Body::Bytes(b) => build(&target, Some(&auth)).send_bytes(b),
-                    _ => build(&target, Some(&auth)).call(),
+                    Body::Bytes(b) => send_bytes(build(&target, Some(&auth)), b),
+                    _ => call(build(&target, Some(&auth))),
                 }
             }
             (other, _) => other,
@@ -771,7 +785,7 @@ impl Registry {
             };
             let keep = own && crate::http::same_origin(&base_url, &next);
             let auth = if keep { auth.as_deref() } else { None };
-            resp = lift(build(&next, auth).call(), next.as_str())?;
+            resp = lift(call(build(&next, auth)), next.as_str())?;
             cur = next;
         }
         Err(self.proto(format!(

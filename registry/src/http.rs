@@ -20,6 +20,56 @@ use std::time::Duration;
 
 pub use url::Url;
 
+/// Sends `req` (with `body`, if any) on a thread of its own and waits at most `limit` for the response's status line and
+/// headers, however slowly they come; the body is then read under the
+/// agent's idle timeout, each read (a ureq deadline would replace the
+/// idle timeout of every read with the time left). On time out the
+/// request's thread is left behind, blocked on a socket nothing reads: it
+/// ends with the process, or when the server stops. Cancellation is
+/// checked every 50 ms. (The result is `ureq::Request::call`'s.)
+pub fn call_within(
+    req: ureq::Request,
+    body: Option<Vec<u8>>,
+    limit: Duration,
+    cancel: Option<&tokio_util::sync::CancellationToken>,
+) -> Result<ureq::Response, ureq::Error> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("kiln-http".into())
+        .spawn(move || {
+            let _ = tx.send(match body {
+                Some(b) => req.send_bytes(&b),
+                None => req.call(),
+            });
+        })
+        .map_err(ureq::Error::from)?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(ureq::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "timed out: no response within {} s (KILN_REQUEST_TIMEOUT)",
+                    limit.as_secs_f64()
+                ),
+            )));
+        }
+        if cancel.is_some_and(|c| c.is_cancelled()) {
+            return Err(ureq::Error::from(std::io::Error::other("cancelled")));
+        }
+        match rx.recv_timeout(left.min(Duration::from_millis(50))) {
+            Ok(r) => return r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(ureq::Error::from(std::io::Error::other(
+                    "the request's thread ended without an answer",
+                )))
+            }
+        }
+    }
+}
+
 /// Default connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default idle timeout: the longest wait for the next byte of a request

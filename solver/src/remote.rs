@@ -122,16 +122,44 @@ pub fn fetch_http(
     scratch: &Path,
     checksum: Option<&str>,
 ) -> Result<Fetched, FetchError> {
+    fetch_http_inner(url, scratch, checksum).map_err(redacted)
+}
+
+/// `e` with the credentials of every URL in its text redacted (see
+/// [`redact_urls`]): the HTTP client's and git's own messages name the
+/// URL as given.
+fn redacted(e: FetchError) -> FetchError {
+    let mut text = e.to_string();
+    let mut cur = std::error::Error::source(&e);
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !text.ends_with(&t) {
+            text = format!("{text}: {t}");
+        }
+        cur = c.source();
+    }
+    let clean = redact_urls(&text);
+    if clean == text {
+        e
+    } else {
+        FetchError::Invalid(clean)
+    }
+}
+
+fn fetch_http_inner(
+    url: &str,
+    scratch: &Path,
+    checksum: Option<&str>,
+) -> Result<Fetched, FetchError> {
     let want = checksum.map(parse_sha256).transpose()?;
     let started = std::time::Instant::now();
     let shown = redact_urls(url);
-    // The whole download within `KILN_FETCH_TIMEOUT`, from connecting to
-    // the last byte: a server trickling its headers or its body a byte a
-    // minute never trips the idle timeout (which still ends a read that
-    // waits too long).
-    let limit = kiln_registry::http::NetTimeouts::from_env()
-        .map_err(FetchError::src)?
-        .fetch;
+    // The response headers within `KILN_REQUEST_TIMEOUT` and the whole
+    // download within `KILN_FETCH_TIMEOUT`: a server trickling its
+    // headers or its body a byte a minute never trips the idle timeout
+    // (which still ends a read that waits too long).
+    let timeouts = kiln_registry::http::NetTimeouts::from_env().map_err(FetchError::src)?;
+    let limit = timeouts.fetch;
     let dir = tempfile::Builder::new()
         .prefix("add-url-")
         .tempdir_in(scratch)
@@ -160,11 +188,11 @@ pub fn fetch_http(
                 a
             }
         };
-        agent
-            .request_url("GET", u)
-            .timeout(limit.saturating_sub(started.elapsed()))
-            .call()
-            .map_err(Box::new)
+        let req = agent.request_url("GET", u);
+        let wait = timeouts
+            .request
+            .min(limit.saturating_sub(started.elapsed()));
+        kiln_registry::http::call_within(req, None, wait, None).map_err(Box::new)
     })
     .map_err(|e| FetchError::Invalid(format!("failed to load {shown}: {e}")))?;
     if let Some(e) = setup_err {
@@ -582,6 +610,59 @@ pub fn redact_urls(text: &str) -> String {
     out
 }
 
+/// `text` with the user-info of its http(s) URLs removed (`https://u:t@h`
+/// → `https://h`): what a kept `.git`'s config says of its remotes. An
+/// ssh URL's user (`ssh://git@host`) is a login name, not a secret, and
+/// stays.
+fn without_http_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let scheme_start = rest[..i]
+            .rfind(|c: char| !c.is_ascii_alphanumeric() && c != '+' && c != '-' && c != '.')
+            .map_or(0, |p| p + 1);
+        let scheme = rest[scheme_start..i].to_ascii_lowercase();
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"')
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) if scheme == "http" || scheme == "https" => out.push_str(&authority[at + 1..]),
+            _ => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Removes the credentials of http(s) URLs from every `config` file of a
+/// kept `.git` (the repository's and its submodules' under `modules/`).
+/// The directory is git's own work in kiln's scratch directory; links
+/// are not followed.
+fn strip_http_credentials(git_dir: &Path) -> io::Result<()> {
+    let mut todo = vec![git_dir.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for e in fs::read_dir(&dir)? {
+            let e = e?;
+            let t = e.file_type()?;
+            let p = e.path();
+            if t.is_dir() {
+                todo.push(p);
+            } else if t.is_file() && e.file_name() == "config" {
+                let text = fs::read_to_string(&p)?;
+                let clean = without_http_credentials(&text);
+                if clean != text {
+                    fs::write(&p, clean)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A subdirectory of a checkout (`#ref:subdir`) is a directory of the
 /// repository: every component a real directory, no link — not a link
 /// out of the checkout, as BuildKit refuses it.
@@ -612,6 +693,16 @@ fn check_subdir(repo: &Path, subdir: &str, url: &str) -> Result<(), FetchError> 
 /// the checked-out tree (or its subdirectory). git runs with none of the
 /// host's git or ssh configuration and credentials but `auth`'s.
 pub fn fetch_git(
+    url: &str,
+    scratch: &Path,
+    keep_git_dir: bool,
+    checksum: Option<&str>,
+    auth: &GitAuth,
+) -> Result<Fetched, FetchError> {
+    fetch_git_inner(url, scratch, keep_git_dir, checksum, auth).map_err(redacted)
+}
+
+fn fetch_git_inner(
     url: &str,
     scratch: &Path,
     keep_git_dir: bool,
@@ -693,14 +784,11 @@ pub fn fetch_git(
     }
     if !keep_git_dir {
         fs::remove_dir_all(repo.join(".git")).map_err(FetchError::ctx("removing .git"))?;
-    } else if r.remote.contains('@') && redact_urls(&r.remote) != r.remote {
-        // The kept .git names its origin without the URL's credentials.
-        git(
-            &repo,
-            &["remote", "set-url", "origin", &redact_urls(&r.remote)],
-            auth,
-        )
-        .map_err(FetchError::ctx(format!("failed to fetch {url}")))?;
+    } else {
+        // The kept .git names its origin, and the submodules git resolved
+        // against it, without the URL's credentials.
+        strip_http_credentials(&repo.join(".git"))
+            .map_err(FetchError::ctx(format!("failed to fetch {url}")))?;
     }
     if let Some(d) = &r.subdir {
         check_subdir(&repo, d, url)?;
@@ -737,6 +825,15 @@ mod tests {
         );
         assert_eq!(redact_urls("'http://a:b@h'"), "'http://xxxxx@h'");
         assert_eq!(redact_urls("no url"), "no url");
+    }
+
+    #[test]
+    fn a_kept_git_config_loses_http_credentials_only() {
+        let cfg = "[remote \"origin\"]\n\turl = https://u:tok@h.example/r.git\n[submodule \"s\"]\n\turl = HTTP://tok@h.example/s.git\n\turl = ssh://git@h.example/x.git\n";
+        assert_eq!(
+            without_http_credentials(cfg),
+            "[remote \"origin\"]\n\turl = https://h.example/r.git\n[submodule \"s\"]\n\turl = HTTP://h.example/s.git\n\turl = ssh://git@h.example/x.git\n"
+        );
     }
 
     #[test]

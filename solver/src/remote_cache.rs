@@ -238,6 +238,10 @@ pub struct RemoteCacheBackend {
     final_layers: Mutex<Vec<String>>,
     /// One materialisation at a time.
     materializing: Mutex<()>,
+    /// Snapshots of the steps this build took from an import (its
+    /// records, or what an earlier build remembered of them): the
+    /// import's word, never remembered under a key of the store's own.
+    imported: Mutex<HashSet<String>>,
 }
 
 impl RemoteCacheBackend {
@@ -251,7 +255,16 @@ impl RemoteCacheBackend {
             seen: Mutex::new(BTreeMap::new()),
             final_layers: Mutex::new(Vec::new()),
             materializing: Mutex::new(()),
+            imported: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Whether the step whose layer is `snapshot` was taken from an import.
+    fn is_imported(&self, snapshot: &str) -> bool {
+        self.imported
+            .lock()
+            .map(|i| i.contains(snapshot))
+            .unwrap_or(true)
     }
 
     /// The store.
@@ -1087,6 +1100,11 @@ impl Backend for RemoteCacheBackend {
     }
 
     fn cache_alias(&self, key: &str, layer: &LayerRecord) -> BackendResult<()> {
+        // An imported step's layer is the import's word: not remembered
+        // under another key of the store's own.
+        if self.is_imported(&layer.snapshot) {
+            return Ok(());
+        }
         self.inner.cache_alias(key, layer)
     }
 
@@ -1100,10 +1118,16 @@ impl Backend for RemoteCacheBackend {
             // What an earlier import from the same source brought (see
             // `Origin::scoped`), else the import's record itself.
             None => match self.index.get(key) {
-                Some(r) => match self.inner.cache_get(&r.scoped(key))? {
-                    Some(l) => Some(l),
-                    None => self.remote_hit(key)?,
-                },
+                Some(r) => {
+                    let l = match self.inner.cache_get(&r.scoped(key))? {
+                        Some(l) => Some(l),
+                        None => self.remote_hit(key)?,
+                    };
+                    if let (Some(l), Ok(mut i)) = (&l, self.imported.lock()) {
+                        i.insert(l.snapshot.clone());
+                    }
+                    l
+                }
                 None => None,
             },
         };
@@ -1266,7 +1290,32 @@ impl Backend for RemoteCacheBackend {
             self.materialize(p)?;
         }
         self.materialize(&layer.snapshot)?;
-        let l = self.inner.stack_layer(parent, layer, key)?;
+        // An imported layer's record carries the compressed blob's size
+        // until it is applied: stacked, it is its tar (see `remote_hit`).
+        let mut layer = layer.clone();
+        if layer.digest == layer.diff_id {
+            if let Ok(n) = self.store().blob_size(&cd(&layer.diff_id)?) {
+                layer.size = n;
+            }
+        }
+        let layer = &layer;
+        // A `--link` layer taken from an import, stacked: remembered under
+        // a key scoped to that layer (the stacking key leaves the layer's
+        // content out), never under the stacking key a build without the
+        // import looks up.
+        let l = if self.is_imported(&layer.snapshot) {
+            let scoped = format!(
+                "cache-from stacked {key} {} {}",
+                layer.snapshot, layer.digest
+            );
+            let l = self.inner.stack_layer(parent, layer, &scoped)?;
+            if let Ok(mut i) = self.imported.lock() {
+                i.insert(l.snapshot.clone());
+            }
+            l
+        } else {
+            self.inner.stack_layer(parent, layer, key)?
+        };
         self.note(key, &l);
         Ok(l)
     }

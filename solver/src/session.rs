@@ -576,7 +576,8 @@ fn main_context_git_auth(req: &BuildRequest) -> crate::remote::GitAuth {
             .ssh
             .get("default")
             .cloned()
-            .or_else(|| std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from)),
+            .or_else(|| std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from))
+            .map(|p| std::path::absolute(&p).unwrap_or(p)),
     }
 }
 

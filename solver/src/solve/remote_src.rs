@@ -45,7 +45,12 @@ impl Solver {
             // A repository a Dockerfile names gets the SSH agent given
             // with `--ssh default`, and no other credential of the host.
             let auth = remote::GitAuth {
-                ssh_agent: self.opts.ssh.get("default").cloned(),
+                // (absolute: git runs ssh in the checkout's directory)
+                ssh_agent: self
+                    .opts
+                    .ssh
+                    .get("default")
+                    .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
             };
             let f = blocking(move || {
                 if remote::is_git_url(&url) {
