@@ -241,15 +241,36 @@ const PIECE: usize = 64 * 1024;
 /// correct.)
 const STORE_RATIO: u64 = 251;
 
-/// Whether `piece` looks incompressible (see [`STORE_RATIO`]).
+/// Bytes at the start of a piece that can settle the test alone.
+const PROBE: usize = 4096;
+
+/// Whether `piece` looks incompressible (see [`STORE_RATIO`]). A piece
+/// whose first [`PROBE`] bytes are far from random (collision entropy
+/// under about 7 bits per byte: text, tables, code) is judged on them
+/// alone — deflated — without counting the rest; random data is about 30
+/// standard deviations away from that line, so it is always counted in
+/// full. The choice stays exact integer arithmetic over the piece's bytes.
 fn incompressible(piece: &[u8]) -> bool {
-    if piece.len() < 4096 {
+    if piece.len() < PROBE {
         return false;
     }
     // Four histograms side by side, so that runs of one byte value do not
     // serialise on one counter.
     let mut h = [[0u32; 256]; 4];
-    let mut quads = piece.chunks_exact(4);
+    let (probe, rest) = piece.split_at(PROBE);
+    count(&mut h, probe);
+    let n = PROBE as u64;
+    if collisions(&h).saturating_mul(STORE_RATIO) > 2 * n * n {
+        return false;
+    }
+    count(&mut h, rest);
+    let n = piece.len() as u64;
+    collisions(&h).saturating_mul(STORE_RATIO) <= n * n
+}
+
+/// Adds the bytes of `data` to the histograms `h`.
+fn count(h: &mut [[u32; 256]; 4], data: &[u8]) {
+    let mut quads = data.chunks_exact(4);
     for q in &mut quads {
         h[0][q[0] as usize] += 1;
         h[1][q[1] as usize] += 1;
@@ -259,16 +280,17 @@ fn incompressible(piece: &[u8]) -> bool {
     for &b in quads.remainder() {
         h[0][b as usize] += 1;
     }
-    let [a, b, c, d] = &h;
-    let collisions: u64 = a
-        .iter()
+}
+
+/// Σ count² over the byte values of the histograms `h`.
+fn collisions(h: &[[u32; 256]; 4]) -> u64 {
+    let [a, b, c, d] = h;
+    a.iter()
         .zip(b)
         .zip(c)
         .zip(d)
         .map(|(((a, b), c), d)| u64::from(a + b + c + d).pow(2))
-        .sum();
-    let n = piece.len() as u64;
-    collisions.saturating_mul(STORE_RATIO) <= n * n
+        .sum()
 }
 
 /// Appends `data` as stored deflate blocks (the stream must be at a byte
