@@ -716,8 +716,12 @@ impl Meta {
     }
 
     /// Record a blob that has no file and no snapshot: `source` (JSON,
-    /// see [`crate::RemoteBlob`]) says where it is. A row that exists
-    /// already is kept. Returns whether the row was added.
+    /// see [`crate::RemoteBlob`]) says where it is. A stored blob's row
+    /// (a file, a layer source) is kept; another registry's row for the
+    /// same digest gives way to this one (the latest import names where
+    /// its build reads the blob: an earlier, hostile import naming an
+    /// unreachable place would otherwise fail every later build's first
+    /// read). Returns whether the row was added or replaced.
     pub fn add_source_blob(
         &self,
         digest: &Digest,
@@ -729,7 +733,10 @@ impl Meta {
         self.write(|tx| {
             let added = tx.execute(
                 "INSERT INTO blobs(digest, size, media_type, created, source)
-                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(digest) DO NOTHING",
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(digest) DO UPDATE
+                 SET size = excluded.size, media_type = excluded.media_type,
+                     source = excluded.source
+                 WHERE blobs.source LIKE '{\"remote\":%' AND blobs.source != excluded.source",
                 params![d, size as i64, media_type, now_unix(), source],
             )?;
             self.lease_add(tx, "blob", &d)?;

@@ -439,10 +439,11 @@ impl Store {
 
     /// Record a blob kept in a registry instead of downloading it (see
     /// [`RemoteBlob`]): readable from now on ([`Store::has_blob`]), it is
-    /// downloaded and verified when first read. A row that exists already
-    /// (a file, another source) is kept. The registry is also recorded as
-    /// a place holding the blob (a push there mounts it, downloading
-    /// nothing).
+    /// downloaded and verified when first read. A stored blob's row (a
+    /// file, a layer source) is kept; an earlier record of the blob in
+    /// another registry gives way to this one. The registry is also
+    /// recorded as a place holding the blob (a push there mounts it,
+    /// downloading nothing).
     pub fn record_remote_blob(
         &self,
         digest: &Digest,

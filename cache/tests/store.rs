@@ -1115,6 +1115,18 @@ fn a_blob_kept_in_a_registry_is_fetched_verified_on_first_read() {
         Some(real.len() as u64)
     );
     assert!(s.check().unwrap().problems.is_empty());
+    // A later record of a blob not downloaded yet replaces an earlier
+    // one (a hostile import naming an unreachable place): the later
+    // build reads it where its own import said.
+    let pending = Digest::sha256_of(b"not downloaded");
+    s.record_remote_blob(&pending, 14, gz, &from).unwrap();
+    let later = kiln_cache::RemoteBlob {
+        registry: "later.example".into(),
+        repo: "r".into(),
+        insecure: false,
+    };
+    s.record_remote_blob(&pending, 14, gz, &later).unwrap();
+    assert_eq!(s.remote_blob(&pending).unwrap(), Some(later.clone()));
     let stored = s.put_bytes(b"stored first", None).unwrap();
     let elsewhere = kiln_cache::RemoteBlob {
         registry: "elsewhere.example".into(),
