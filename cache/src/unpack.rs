@@ -36,6 +36,10 @@ fn chain_id(parent: Option<&str>, diff_id: &Digest) -> String {
 use crate::snapshot::{apply_into, ApplyMode, Info};
 use crate::store::Store;
 
+/// Bytes one command may decompress in all to find the sizes of layers
+/// not unpacked ([`Store::layer_size`]).
+pub const SIZE_PROBE_BUDGET: u64 = 8 << 30;
+
 /// One layer of an image, as its manifest and config name it.
 #[derive(Debug, Clone, Copy)]
 pub struct LayerBlob<'a> {
@@ -540,6 +544,7 @@ impl Store {
     /// store from before sizes were recorded); else, when the blob is
     /// not here, the blob's size from the manifest (the best there is).
     pub fn layer_size(&self, layer: LayerBlob<'_>) -> Result<u64> {
+        use std::io::Read as _;
         if let Some(n) = self.meta().diff_size(layer.diff_id)? {
             return Ok(n);
         }
@@ -553,11 +558,28 @@ impl Store {
         if let Ok(n) = self.blob_size(layer.diff_id) {
             return Ok(n);
         }
+        // What one command may decompress to find sizes, in all: a layer
+        // whose blob is a decompression bomb under a diffID it is not
+        // (nothing recorded, so every listing would count it again, once
+        // per entry naming it) costs a bounded amount, then the
+        // manifest's size is shown.
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static PROBE_BUDGET: AtomicU64 = AtomicU64::new(SIZE_PROBE_BUDGET);
+        let left = PROBE_BUDGET.load(Ordering::Relaxed);
+        if left == 0 {
+            return Ok(blob_size);
+        }
         let counted = self.open_blob(layer.digest).and_then(|r| {
             let (kind, r) = sniff_reader(r).map_err(|e| Error::Image(e.to_string()))?;
             let r = decompress(r, kind).map_err(|e| Error::Image(e.to_string()))?;
-            kiln_image::archive::digest_reader(r).map_err(|e| Error::Image(e.to_string()))
+            kiln_image::archive::digest_reader(r.take(left))
+                .map_err(|e| Error::Image(e.to_string()))
         });
+        if let Ok((_, n)) = &counted {
+            let _ = PROBE_BUDGET.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(*n))
+            });
+        }
         match counted {
             Ok((d, n)) if &d == layer.diff_id => {
                 self.meta().put_diff_size(layer.diff_id, n)?;

@@ -591,7 +591,10 @@ pub fn inspect(root: &Path, a: InspectArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!(
+                    "error: {}",
+                    crate::term::shown(&e.to_string(), crate::term::stderr_tty())
+                );
                 failed = true;
             }
         }
@@ -720,7 +723,10 @@ pub fn rmi(root: &Path, a: RmiArgs) -> anyhow::Result<ExitCode> {
                 | ImagesError::MustForce(_)
                 | ImagesError::InvalidReference { .. }),
             ) => {
-                eprintln!("error: {e}");
+                eprintln!(
+                    "error: {}",
+                    crate::term::shown(&e.to_string(), crate::term::stderr_tty())
+                );
                 failed = true;
             }
             Err(e) => return Err(lib_error(e)),
@@ -875,12 +881,18 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         // docker's statuses: 127 when the command is not found, 126 when
         // it cannot be run, 125 for kiln's own failures.
         Err(ExecError::Setup { stage, message, .. }) if stage == "exec" => {
-            eprintln!("error: {message}");
+            eprintln!(
+                "error: {}",
+                crate::term::shown(&message, crate::term::stderr_tty())
+            );
             let not_found = message.contains("not found") || message.contains("no such file");
             Ok(ExitCode::from(if not_found { 127 } else { 126 }))
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!(
+                "error: {}",
+                crate::term::shown(&e.to_string(), crate::term::stderr_tty())
+            );
             Ok(ExitCode::from(125))
         }
     }

@@ -181,9 +181,20 @@ impl CliReporter {
 impl Reporter for CliReporter {
     fn event(&self, e: Event) {
         match e {
-            Event::Warning { message } => eprintln!("{message}"),
+            // (Image data — a layer's file names — can be in them.)
+            Event::Warning { message } => {
+                eprintln!(
+                    "{}",
+                    crate::term::shown(&message, crate::term::stderr_tty())
+                )
+            }
             _ if self.quiet => {}
-            Event::Note { message } | Event::Info { message } => eprintln!("{message}"),
+            Event::Note { message } | Event::Info { message } => {
+                eprintln!(
+                    "{}",
+                    crate::term::shown(&message, crate::term::stderr_tty())
+                )
+            }
             Event::Transfer {
                 verb,
                 digest,

@@ -154,6 +154,20 @@ fn serve(mut c: TcpStream, heads: &Mutex<Vec<String>>, handler: &dyn Fn(&str) ->
     }
 }
 
+/// A config directory whose `docker/config.json` holds a login (user
+/// `user`, password `secret`) for `host`; `kiln` reads it with
+/// `DOCKER_CONFIG=DIR/docker` and `KILN_CONFIG_DIR=DIR/kiln`.
+fn config_with_login(host: &str) -> tempfile::TempDir {
+    let conf = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir_all(conf.path().join("docker")).expect("mkdir");
+    std::fs::write(
+        conf.path().join("docker/config.json"),
+        format!("{{\"auths\":{{\"{host}\":{{\"auth\":\"dXNlcjpzZWNyZXQ=\"}}}}}}"),
+    )
+    .expect("config");
+    conf
+}
+
 fn response(status: &str, headers: &[(&str, &str)], body: &str) -> Reply {
     let mut r = format!(
         "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
@@ -532,16 +546,7 @@ fn push_sends_no_credentials_to_another_host_named_in_an_upload_location() {
         response("404 Not Found", &[], "")
     });
     let k = Kiln::with_busybox();
-    let conf = tempfile::tempdir().expect("tmp");
-    std::fs::create_dir_all(conf.path().join("docker")).expect("mkdir");
-    std::fs::write(
-        conf.path().join("docker/config.json"),
-        format!(
-            "{{\"auths\":{{\"{}\":{{\"auth\":\"dXNlcjpzZWNyZXQ=\"}}}}}}",
-            registry.host()
-        ),
-    )
-    .expect("config");
+    let conf = config_with_login(&registry.host());
     let target = format!("{}/repo:1", registry.host());
     k.ok(&["tag", "busybox:latest", &target]);
     let out = run_with_limit(
@@ -869,16 +874,7 @@ fn basic_credentials_never_go_over_plain_http_to_a_token_server_on_another_host(
         )
     });
     let k = Kiln::new();
-    let conf = tempfile::tempdir().expect("tmp");
-    std::fs::create_dir_all(conf.path().join("docker")).expect("mkdir");
-    std::fs::write(
-        conf.path().join("docker/config.json"),
-        format!(
-            "{{\"auths\":{{\"{}\":{{\"auth\":\"dXNlcjpzZWNyZXQ=\"}}}}}}",
-            registry.host()
-        ),
-    )
-    .expect("config");
+    let conf = config_with_login(&registry.host());
     let mut cmd = k.cmd();
     cmd.env("DOCKER_CONFIG", conf.path().join("docker"))
         .env("KILN_CONFIG_DIR", conf.path().join("kiln"))

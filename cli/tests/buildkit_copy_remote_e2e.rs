@@ -470,6 +470,13 @@ fn git_repo(root: &Path) -> String {
     let v1 = git(&work, &["rev-parse", "HEAD"]);
     std::fs::write(work.join("sub/f"), "two").expect("write");
     git(&work, &["commit", "-q", "-am", "two"]);
+    publish(root, &work);
+    v1
+}
+
+/// A bare clone of the repository `work` at `root/repo.git`, served
+/// dumb-HTTP style.
+fn publish(root: &Path, work: &Path) {
     let bare = root.join("repo.git");
     git(
         root,
@@ -482,7 +489,6 @@ fn git_repo(root: &Path) -> String {
         ],
     );
     git(&bare, &["update-server-info"]);
-    v1
 }
 
 #[test]
@@ -1283,18 +1289,7 @@ fn a_git_subdir_that_is_a_link_is_refused_and_url_credentials_are_not_shown() {
     git(&work, &["init", "-q", "-b", "main"]);
     git(&work, &["add", "."]);
     git(&work, &["commit", "-q", "-m", "one"]);
-    let bare = root.path().join("repo.git");
-    git(
-        root.path(),
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            work.to_str().unwrap(),
-            bare.to_str().unwrap(),
-        ],
-    );
-    git(&bare, &["update-server-info"]);
+    publish(root.path(), &work);
     let srv = Server::start(Some(root.path().to_path_buf()));
     let repo = srv.url("/repo.git");
     let k = Kiln::with_busybox();

@@ -2036,8 +2036,16 @@ fn seccomp_denies_docker_denials_and_keyring_is_fresh() -> TestResult {
         "request_key errno=1",
         "socket-vsock errno=1",
         "socket-alg errno=1",
-        // On the host's network: no link-level sniffing.
+        // On the host's network: no link-level sniffing, no raw IP
+        // sockets (a raw TCP socket gets a copy of every TCP segment the
+        // host receives), no obsolete SOCK_PACKET; netlink and ordinary
+        // sockets as usual.
         "socket-packet errno=1",
+        "socket-inet-raw errno=1",
+        "socket-inet6-raw errno=1",
+        "socket-inet-packet errno=1",
+        "socket-inet-dgram ok",
+        "socket-netlink-raw ok",
         "socket-inet ok",
         "socket-unix ok",
         "unshare-user errno=1",
@@ -2068,6 +2076,7 @@ fn seccomp_denies_docker_denials_and_keyring_is_fresh() -> TestResult {
     let out = f.stdout(req)?;
     ensure!(
         out.lines().any(|l| l == "socket-packet ok")
+            && out.lines().any(|l| l == "socket-inet-raw ok")
             && out.lines().any(|l| l == "socket-vsock errno=1")
             && out.lines().any(|l| l == "fsync-badfd errno=9")
             && !out.contains("hunter2"),

@@ -643,6 +643,51 @@ pub const MAX_MEMBERS: usize = 100_000;
 /// kept in memory for the whole load.
 pub const MAX_MEMBER_NAME: usize = 4096;
 
+/// Images one archive may describe (`kiln load`).
+pub const MAX_IMAGES: usize = 10_000;
+
+/// Bytes of configs and manifests an archive's images may hold in all
+/// while they are loaded (each config is read whole: one 8 MiB config
+/// named by 100,000 entries would otherwise be held 100,000 times).
+pub const MAX_HELD: usize = 256 << 20;
+
+/// Layer entries an archive's images may list in all.
+pub const MAX_LAYER_ENTRIES: usize = 1_000_000;
+
+/// Counts what an archive's images hold against [`MAX_IMAGES`],
+/// [`MAX_HELD`] and [`MAX_LAYER_ENTRIES`].
+#[derive(Default)]
+struct Held {
+    images: usize,
+    bytes: usize,
+    layers: usize,
+}
+
+impl Held {
+    fn add(&mut self, bytes: usize, layers: usize) -> Result<(), ImageError> {
+        self.images += 1;
+        self.bytes = self.bytes.saturating_add(bytes);
+        self.layers = self.layers.saturating_add(layers);
+        if self.images > MAX_IMAGES {
+            return Err(arch_err(format!(
+                "more than {MAX_IMAGES} images in one archive"
+            )));
+        }
+        if self.bytes > MAX_HELD {
+            return Err(arch_err(format!(
+                "the archive's images hold more than {} MiB of configs and manifests",
+                MAX_HELD >> 20
+            )));
+        }
+        if self.layers > MAX_LAYER_ENTRIES {
+            return Err(arch_err(format!(
+                "the archive's images list more than {MAX_LAYER_ENTRIES} layers"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Read a docker-archive or OCI-layout tar (plain, gzip or zstd wrapped).
 ///
 /// Every regular file is streamed into a temp directory created inside
@@ -732,6 +777,7 @@ pub fn read_archive(r: impl Read + 'static, spill_dir: &Path) -> Result<LoadedAr
     };
     let mut blobs = HashMap::new();
     let mut images = Vec::new();
+    let mut held = Held::default();
     let format;
     if let Some(idx_file) = lookup("index.json") {
         format = ArchiveFormat::Oci;
@@ -789,6 +835,7 @@ pub fn read_archive(r: impl Read + 'static, spill_dir: &Path) -> Result<LoadedAr
             }
             let m = raw.manifest()?;
             let config = blob_bytes(&m.config.digest)?;
+            held.add(config.len() + raw.bytes.len(), m.layers.len())?;
             images.push(LoadedImage {
                 names: names.remove(&d.digest).unwrap_or_default(),
                 manifest: raw,
@@ -802,6 +849,7 @@ pub fn read_archive(r: impl Read + 'static, spill_dir: &Path) -> Result<LoadedAr
         for ent in entries {
             let cfg = lookup(&norm(ent.config.as_bytes()))
                 .ok_or_else(|| arch_err(format!("config {} missing", ent.config)))?;
+            held.add(cfg.size as usize, ent.layers.len())?;
             let config = read(cfg)?;
             blobs.insert(cfg.digest.clone(), cfg.path.clone());
             let mut layers = Vec::new();
@@ -931,6 +979,41 @@ mod tests {
             .err()
             .expect("refused");
         assert!(err.to_string().contains("4096 bytes"), "{err}");
+    }
+
+    /// One config named by many `manifest.json` entries is held once per
+    /// entry: the images' total is bounded (before, 8 MiB × 300,000
+    /// entries were read into memory).
+    #[test]
+    fn configs_held_by_many_entries_are_bounded() {
+        let spill = tempfile::tempdir().expect("tmp");
+        let archive = |config: &[u8], entries: usize| {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_size(config.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, "c.json", config).expect("append");
+            let one = r#"{"Config":"c.json","RepoTags":null,"Layers":[]}"#;
+            let mf = format!("[{}]", vec![one; entries].join(","));
+            let mut h = tar::Header::new_gnu();
+            h.set_size(mf.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, "manifest.json", mf.as_bytes())
+                .expect("append");
+            b.into_inner().expect("tar")
+        };
+        let big = vec![b' '; 1 << 20];
+        let err = read_archive(io::Cursor::new(archive(&big, 300)), spill.path())
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("256 MiB"), "{err}");
+        let err = read_archive(
+            io::Cursor::new(archive(b"{}", MAX_IMAGES + 1)),
+            spill.path(),
+        )
+        .err()
+        .expect("refused");
+        assert!(err.to_string().contains("images in one archive"), "{err}");
     }
 
     #[test]

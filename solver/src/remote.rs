@@ -584,37 +584,9 @@ fn git_ca_args(remote: &str, dir: &Path) -> Result<Vec<String>, FetchError> {
     ])
 }
 
-/// `text` with the user-info of every URL in it (`scheme://user:pass@`)
-/// replaced by `xxxxx`, as BuildKit shows them: a token in a git or
-/// http(s) URL never reaches a message or a log.
-pub fn redact_urls(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find("://") {
-        let (head, tail) = rest.split_at(i + 3);
-        out.push_str(head);
-        let end = tail
-            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '\'')
-            .unwrap_or(tail.len());
-        let authority = &tail[..end];
-        match authority.rfind('@') {
-            Some(at) => {
-                out.push_str("xxxxx");
-                out.push_str(&authority[at..]);
-            }
-            None => out.push_str(authority),
-        }
-        rest = &tail[end..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// `text` with the user-info of its http(s) URLs removed (`https://u:t@h`
-/// → `https://h`): what a kept `.git`'s config says of its remotes. An
-/// ssh URL's user (`ssh://git@host`) is a login name, not a secret, and
-/// stays.
-fn without_http_credentials(text: &str) -> String {
+/// `text` with the authority of every URL in it (`scheme://AUTHORITY/…`)
+/// passed through `f(scheme in lower case, authority, out)`.
+fn rewrite_authorities(text: &str, f: impl Fn(&str, &str, &mut String)) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find("://") {
@@ -625,17 +597,37 @@ fn without_http_credentials(text: &str) -> String {
         let (head, tail) = rest.split_at(i + 3);
         out.push_str(head);
         let end = tail
-            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"')
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '\'' | '"') || c.is_whitespace())
             .unwrap_or(tail.len());
-        let authority = &tail[..end];
-        match authority.rfind('@') {
-            Some(at) if scheme == "http" || scheme == "https" => out.push_str(&authority[at + 1..]),
-            _ => out.push_str(authority),
-        }
+        f(&scheme, &tail[..end], &mut out);
         rest = &tail[end..];
     }
     out.push_str(rest);
     out
+}
+
+/// `text` with the user-info of every URL in it (`scheme://user:pass@`)
+/// replaced by `xxxxx`, as BuildKit shows them: a token in a git or
+/// http(s) URL never reaches a message or a log.
+pub fn redact_urls(text: &str) -> String {
+    rewrite_authorities(text, |_, authority, out| match authority.rfind('@') {
+        Some(at) => {
+            out.push_str("xxxxx");
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
+    })
+}
+
+/// `text` with the user-info of its http(s) URLs removed (`https://u:t@h`
+/// → `https://h`): what a kept `.git`'s config says of its remotes. An
+/// ssh URL's user (`ssh://git@host`) is a login name, not a secret, and
+/// stays.
+fn without_http_credentials(text: &str) -> String {
+    rewrite_authorities(text, |scheme, authority, out| match authority.rfind('@') {
+        Some(at) if scheme == "http" || scheme == "https" => out.push_str(&authority[at + 1..]),
+        _ => out.push_str(authority),
+    })
 }
 
 /// Removes the credentials of http(s) URLs from every `config` file of a

@@ -7,7 +7,9 @@
 //! values, `clone` without namespace flags);
 //! one addition: a step on the host's network namespace (kiln's default,
 //! where a Docker container has its own) cannot open `AF_PACKET` sockets,
-//! which would see every frame of the host's interfaces; rules Docker ties to a
+//! which would see every frame of the host's interfaces, nor raw or
+//! `SOCK_PACKET` sockets of `AF_INET`/`AF_INET6` (a raw TCP socket gets a
+//! copy of every TCP segment the host receives); rules Docker ties to a
 //! capability apply when the step's bounding set holds it (with Docker's
 //! default set that adds only `chroot`); `clone3` without `CAP_SYS_ADMIN`
 //! and any syscall newer than the profile knows fail with `ENOSYS`, so libc
@@ -518,6 +520,15 @@ const AF_ALG: u64 = 38;
 const AF_VSOCK: u64 = 40;
 /// Link-level sockets: refused on the host's network namespace.
 const AF_PACKET: u64 = 17;
+const AF_INET: u64 = 2;
+const AF_INET6: u64 = 10;
+/// The type bits of socket(2)'s second argument (the rest are
+/// `SOCK_NONBLOCK` and `SOCK_CLOEXEC`).
+const SOCK_TYPE_MASK: u64 = 0xf;
+/// The socket types an AF_INET/AF_INET6 socket may have on the host's
+/// network: stream, datagram, SCTP's seqpacket, DCCP (not raw, not the
+/// obsolete SOCK_PACKET).
+const INET_TYPES: [u64; 4] = [1, 2, 5, 6];
 
 /// `personality` values Docker allows: PER_LINUX, PER_LINUX32,
 /// UNAME26, UNAME26|PER_LINUX32, and the query 0xffffffff.
@@ -600,14 +611,32 @@ fn allowlist(
         Allow::When(v) => v.push(r),
     };
     use SeccompCmpArgLen::{Dword, Qword};
-    // socket(2): every domain but AF_ALG and AF_VSOCK (and AF_PACKET on
-    // the host's network).
+    // socket(2): every domain but AF_ALG and AF_VSOCK (and, on the host's
+    // network, AF_PACKET and raw or SOCK_PACKET sockets of AF_INET and
+    // AF_INET6: a raw TCP socket receives a copy of every TCP segment the
+    // host gets; netlink's raw sockets stay).
     let below_alg = if host_network {
         when(
             &mut m,
             "socket",
-            rule(vec![cond(0, Dword, SeccompCmpOp::Lt, AF_PACKET)?])?,
+            rule(vec![
+                cond(0, Dword, SeccompCmpOp::Lt, AF_PACKET)?,
+                cond(0, Dword, SeccompCmpOp::Ne, AF_INET)?,
+                cond(0, Dword, SeccompCmpOp::Ne, AF_INET6)?,
+            ])?,
         );
+        for domain in [AF_INET, AF_INET6] {
+            for ty in INET_TYPES {
+                when(
+                    &mut m,
+                    "socket",
+                    rule(vec![
+                        cond(0, Dword, SeccompCmpOp::Eq, domain)?,
+                        cond(1, Dword, SeccompCmpOp::MaskedEq(SOCK_TYPE_MASK), ty)?,
+                    ])?,
+                );
+            }
+        }
         rule(vec![
             cond(0, Dword, SeccompCmpOp::Gt, AF_PACKET)?,
             cond(0, Dword, SeccompCmpOp::Lt, AF_ALG)?,

@@ -70,6 +70,21 @@ int main(int argc, char **argv) {
     fd = socket(AF_UNIX, SOCK_STREAM, 0);
     report("socket-unix", fd);
     if (fd >= 0) close(fd);
+    fd = socket(AF_INET, SOCK_RAW | SOCK_CLOEXEC, 6 /* IPPROTO_TCP */);
+    report("socket-inet-raw", fd);
+    if (fd >= 0) close(fd);
+    fd = socket(AF_INET6, SOCK_RAW, 6 /* IPPROTO_TCP */);
+    report("socket-inet6-raw", fd);
+    if (fd >= 0) close(fd);
+    fd = socket(AF_INET, 10 /* SOCK_PACKET */, 0x0300 /* htons(ETH_P_ALL) */);
+    report("socket-inet-packet", fd);
+    if (fd >= 0) close(fd);
+    fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+    report("socket-inet-dgram", fd);
+    if (fd >= 0) close(fd);
+    fd = socket(16 /* AF_NETLINK */, SOCK_RAW, 0 /* NETLINK_ROUTE */);
+    report("socket-netlink-raw", fd);
+    if (fd >= 0) close(fd);
 
     report("unshare-user", unshare(CLONE_NEWUSER));
     report("unshare-net", unshare(CLONE_NEWNET));
