@@ -202,6 +202,20 @@ impl Store {
     /// (another candidate, recorded by another build, may claim the same
     /// snapshot with other bytes).
     pub fn lazy_ready_with(&self, snapshot: &str, blob: &Digest) -> Result<Option<LazyLayer>> {
+        self.lazy_candidate(snapshot, Some(blob))
+    }
+
+    /// The lazy layer `snapshot` (its first usable candidate: a blob
+    /// stored) when it can be had: it is unpacked already, or it and every
+    /// ancestor not yet unpacked have such a candidate.
+    pub fn lazy_ready(&self, snapshot: &str) -> Result<Option<LazyLayer>> {
+        self.lazy_candidate(snapshot, None)
+    }
+
+    /// The first usable candidate of `snapshot` (whose blob is `blob`,
+    /// when given), if `snapshot` is unpacked or every ancestor not yet
+    /// unpacked has a usable candidate.
+    fn lazy_candidate(&self, snapshot: &str, blob: Option<&Digest>) -> Result<Option<LazyLayer>> {
         let top = if self.committed(snapshot) {
             self.meta().lazy_layers(snapshot)?
         } else {
@@ -212,24 +226,7 @@ impl Store {
         };
         Ok(top
             .into_iter()
-            .find(|l| &l.blob == blob && self.lazy_usable(l, true)))
-    }
-
-    /// The lazy layer `snapshot` (its first usable candidate: a blob
-    /// stored) when it can be had: it is unpacked already, or it and every
-    /// ancestor not yet unpacked have such a candidate.
-    pub fn lazy_ready(&self, snapshot: &str) -> Result<Option<LazyLayer>> {
-        if self.committed(snapshot) {
-            return Ok(self
-                .meta()
-                .lazy_layers(snapshot)?
-                .into_iter()
-                .find(|l| self.lazy_usable(l, true)));
-        }
-        Ok(self
-            .lazy_chain(snapshot, true)?
-            .and_then(|c| c.into_iter().next())
-            .and_then(|top| top.into_iter().next()))
+            .find(|l| blob.is_none_or(|b| &l.blob == b) && self.lazy_usable(l, true)))
     }
 
     /// Makes the snapshot `snapshot` from its lazy layer, its lazy

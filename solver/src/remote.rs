@@ -647,7 +647,13 @@ fn strip_http_credentials(git_dir: &Path) -> io::Result<()> {
                 let text = fs::read_to_string(&p)?;
                 let clean = without_http_credentials(&text);
                 if clean != text {
-                    fs::write(&p, clean)?;
+                    use std::os::unix::fs::OpenOptionsExt;
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .truncate(true)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&p)?
+                        .write_all(clean.as_bytes())?;
                 }
             }
         }

@@ -1116,7 +1116,7 @@ impl Backend for RemoteCacheBackend {
         let hit = match self.inner.cache_get(key)? {
             Some(l) => Some(l),
             // What an earlier import from the same source brought (see
-            // `Origin::scoped`), else the import's record itself.
+            // `Remote::scoped`), else the import's record itself.
             None => match self.index.get(key) {
                 Some(r) => {
                     let l = match self.inner.cache_get(&r.scoped(key))? {
