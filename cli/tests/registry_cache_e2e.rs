@@ -877,6 +877,21 @@ fn a_cache_imported_earlier_from_the_same_place_never_answers_for_another() {
         ),
         ("a.txt", "one\n"),
     ]);
+    // The same parent under both: the other build takes its first steps
+    // from the honest cache, and a.txt's mtime (in the COPY layer's tar)
+    // is the honest one's. (Built on its own, the other's first RUN layer
+    // held its own /first.txt mtime: a second later, under load, its top
+    // record sat on another parent, the import dropped it as
+    // inconsistent, and the victim ran the step itself — the flaky miss
+    // of session 14.)
+    let honest_mtime = std::fs::metadata(ctx.path().join("a.txt"))
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    std::fs::File::options()
+        .write(true)
+        .open(other_ctx.path().join("a.txt"))
+        .and_then(|f| f.set_modified(honest_mtime))
+        .expect("set mtime");
     let other = dir.path().join("other");
     let o = Client::new(false);
     build_json(
@@ -885,6 +900,8 @@ fn a_cache_imported_earlier_from_the_same_place_never_answers_for_another() {
         &[
             "-t",
             "o:1",
+            "--cache-from",
+            &format!("type=local,src={}", honest.display()),
             "--cache-to",
             &format!("type=local,dest={}", other.display()),
         ],
@@ -923,15 +940,27 @@ fn a_cache_imported_earlier_from_the_same_place_never_answers_for_another() {
         let _ = std::fs::remove_dir_all(&place);
         std::fs::create_dir_all(&place).expect("mkdir");
         copy_dir(hostile, &place);
-        let _ = v.run(&[
+        let o = v.run(&[
             "build",
-            "-q",
+            "--progress",
+            "json",
             "-t",
             &format!("hostile:{i}"),
             "--cache-from",
             &from,
             ctx.path().to_str().expect("utf8"),
         ]);
+        if i == 0 {
+            // The premise: the graft is a consistent cache, every step
+            // taken from it (had the victim run the last step itself, its
+            // own record would answer every later build).
+            let err = String::from_utf8_lossy(&o.stderr);
+            let ev: Vec<Value> = err
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            assert_eq!(count(&ev, "cached"), 3, "{err}");
+        }
     }
     // …then the honest cache there, twice.
     std::fs::remove_dir_all(&place).expect("rm");
@@ -971,9 +1000,7 @@ fn a_cache_imported_earlier_from_the_same_place_never_answers_for_another() {
         fresh.stdout(&["run", "--rm", &target, "cat", "/b.txt"]),
         "one\nfirst"
     );
-    // The step is the honest cache's layer, or (seen once in CI, not
-    // understood yet: see the session 14 note) the victim's own run of it;
-    // never the other layer (the pull above holds the honest file).
+    // The step is the honest cache's layer.
     let last: Value = {
         let cfg: Value = serde_json::from_str(&v.stdout(&[
             "inspect",
@@ -988,9 +1015,7 @@ fn a_cache_imported_earlier_from_the_same_place_never_answers_for_another() {
             .expect("layer")
     };
     assert_ne!(last, evil_rec["diffID"], "the other layer's diffID");
-    if last != honest_rec["diffID"] {
-        eprintln!("app:2's last layer {last} is not the honest cache's: the step ran");
-    }
+    assert_eq!(last, honest_rec["diffID"]);
     let c = v.run(&["system", "check"]);
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
 }
