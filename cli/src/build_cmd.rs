@@ -255,6 +255,66 @@ fn render_error(e: &BuildError, name: &str, text: &str) -> String {
     out
 }
 
+/// Refuses outputs inside a `type=local` destination: the image's tree
+/// is written there first and could hold, where the next output goes, a
+/// symlink (`iid -> /dev/sda`, `cache -> /etc`) or a directory of its
+/// choosing.
+fn outputs_apart(a: &BuildArgs, req: &BuildRequest) -> anyhow::Result<()> {
+    let abs = |p: &Path| -> PathBuf {
+        let p = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir().unwrap_or_default().join(p)
+        };
+        // Lexically (`a/./b`, `a/../b`): nothing is looked up.
+        let mut out = PathBuf::new();
+        for c in p.components() {
+            match c {
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                std::path::Component::CurDir => {}
+                c => out.push(c),
+            }
+        }
+        out
+    };
+    // (what, where, whether a local export's tree)
+    let mut outs: Vec<(String, PathBuf, bool)> = Vec::new();
+    for o in &req.outputs {
+        if let Some(dest) = o.attrs.get("dest").filter(|d| d.as_str() != "-") {
+            let what = format!("--output type={}", o.kind);
+            outs.push((what, abs(Path::new(dest)), o.kind == "local"));
+        }
+    }
+    for c in &req.cache_to {
+        if let kiln_solver::export::cache::CacheExport::Local { dir, .. } = c {
+            outs.push(("--cache-to type=local".into(), abs(dir), false));
+        }
+    }
+    if let Some(f) = &a.iidfile {
+        outs.push(("--iidfile".into(), abs(f), false));
+    }
+    if let Some(f) = &a.compat.metadata_file {
+        outs.push(("--metadata-file".into(), abs(f), false));
+    }
+    for (i, (_, tree, local)) in outs.iter().enumerate() {
+        if !local {
+            continue;
+        }
+        for (j, (what, p, _)) in outs.iter().enumerate() {
+            if i != j && p.starts_with(tree) {
+                return Err(usage(format!(
+                    "{what} {} is inside the type=local destination {}: the image's files are written there first (pick a path outside it)",
+                    p.display(),
+                    tree.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs `kiln build`: flags -> [`BuildRequest`] -> the session's three
 /// phases, with progress rendered while it solves.
 pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
@@ -269,6 +329,16 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     let caches = CacheFlags::parse(&a.cache_from, &a.cache_to).map_err(|e| usage(e.to_string()))?;
     req.cache_from = caches.imports;
     req.cache_to = caches.exports;
+    outputs_apart(&a, &req)?;
+    // A failed build leaves no ID or metadata of an earlier one where a
+    // script would read them (as docker and buildx, which remove them
+    // first); only a regular file is removed (`--iidfile /dev/stdout`).
+    for f in a.iidfile.iter().chain(a.compat.metadata_file.iter()) {
+        if std::fs::symlink_metadata(f).is_ok_and(|m| m.is_file()) {
+            std::fs::remove_file(f)
+                .map_err(|e| anyhow::anyhow!("removing the old {}: {e}", f.display()))?;
+        }
+    }
     let session = Session::open(root)
         .map_err(facade_error)?
         .with_reporter(Arc::new(crate::registry_cmds::CliReporter::new(a.quiet)));
@@ -294,6 +364,16 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
         let r = prepared
             .solve(progress_tx.clone(), signalled.child_token())
             .await;
+        if r.is_ok() {
+            // A signal from here on ends kiln (the solve is over; the
+            // exporters do not watch the token), one that came just
+            // before as well.
+            crate::signals::exporting();
+            if signalled.is_cancelled() {
+                eprintln!("\ninterrupted: nothing was exported");
+                std::process::exit(i32::from(crate::signals::EXIT_CANCELLED));
+            }
+        }
         let r = match r {
             Ok(solved) if live_export => {
                 let tx = progress_tx.clone();

@@ -42,12 +42,30 @@ async fn first_of(
     }
 }
 
-/// Spawns a task that cancels `token` on the first SIGINT or SIGTERM.
+/// Set once a build's export has begun ([`exporting`]).
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says that the build's export has begun: from now on SIGINT or SIGTERM
+/// ends kiln at once (exit [`EXIT_CANCELLED`]) instead of cancelling the
+/// solve, which is over. Nothing is lost by that: output files are
+/// written under a temporary name and renamed into place, and the store
+/// survives a kill at any point (pushes and a `type=local` directory are
+/// left as far as they got, as by `kill -9`).
+pub fn exporting() {
+    EXPORTING.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Spawns a task that cancels `token` on the first SIGINT or SIGTERM (or,
+/// once [`exporting`], ends the process).
 pub fn cancel_on_interrupt(token: &kiln_solver::session::CancellationToken) {
     let c = token.clone();
     tokio::spawn(async move {
         interrupted().await;
         c.cancel();
+        if EXPORTING.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("\ninterrupted: the export was stopped");
+            std::process::exit(i32::from(EXIT_CANCELLED));
+        }
     });
 }
 

@@ -356,6 +356,133 @@ fn local_export_whiteouts_never_delete_what_dest_held() {
     assert!(out.join("bin/busybox").is_file());
 }
 
+/// `-o type=local` merges only the image's final tree into `dest`: an
+/// entry an earlier layer made and a later one removed never touches what
+/// `dest` held (a file `src` over the user's `src/` directory, then
+/// deleted, used to delete the directory); what is written belongs to
+/// the user running kiln, not to the image's uid; a directory `dest` had
+/// keeps its owner and mode (an image's `.ssh` 0777 of uid 1001 made the
+/// user's own `.ssh` that); a symlink in `dest` is replaced, never
+/// written through; a final file over one of the user's directories is
+/// an error that deletes nothing.
+#[test]
+fn local_export_merges_the_final_tree_as_the_user_and_keeps_dest_own() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let out = outside();
+    let ctx = context(&[]);
+    dockerfile(
+        ctx.path(),
+        "FROM busybox\n\
+         RUN echo img > /src && echo img > /.git\n\
+         RUN rm /src /.git && mkdir -m 777 /.ssh && echo k > /.ssh/key \
+         && chown -R 1001:1001 /.ssh && echo img > /link && chown 1001:1001 /link\n",
+    );
+    let dest = tempfile::tempdir().unwrap();
+    let d = dest.path();
+    std::fs::create_dir_all(d.join("src/deep")).unwrap();
+    std::fs::write(d.join("src/deep/code.rs"), "mine").unwrap();
+    std::fs::create_dir_all(d.join(".git")).unwrap();
+    std::fs::write(d.join(".git/config"), "mine").unwrap();
+    std::fs::create_dir(d.join(".ssh")).unwrap();
+    std::fs::set_permissions(d.join(".ssh"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    symlink(out.path().join("victim"), d.join("link")).unwrap();
+    let o = format!("type=local,dest={}", d.display());
+    let r = k.run(&["build", "-q", "-o", &o, ctx.path().to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(
+        std::fs::read_to_string(d.join("src/deep/code.rs")).unwrap(),
+        "mine"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join(".git/config")).unwrap(),
+        "mine"
+    );
+    let ssh = std::fs::metadata(d.join(".ssh")).unwrap();
+    assert_eq!(ssh.mode() & 0o7777, 0o700, "dest's own .ssh was chmod'ed");
+    // SAFETY: no arguments.
+    let me = unsafe { libc::geteuid() };
+    assert_eq!(ssh.uid(), me, "dest's own .ssh was chown'ed");
+    let key = std::fs::metadata(d.join(".ssh/key")).unwrap();
+    assert_eq!((key.uid(), key.gid()), (me, unsafe { libc::getegid() }));
+    assert!(std::fs::symlink_metadata(d.join("link")).unwrap().is_file());
+    assert_eq!(std::fs::read_to_string(d.join("link")).unwrap(), "img\n");
+    assert_eq!(std::fs::metadata(d.join("bin/busybox")).unwrap().uid(), me);
+    untouched(out.path());
+
+    // A final file where dest has a directory: refused, nothing lost.
+    let ctx = context(&[]);
+    dockerfile(ctx.path(), "FROM busybox\nRUN echo img > /conf\n");
+    std::fs::create_dir(d.join("conf")).unwrap();
+    std::fs::write(d.join("conf/x"), "mine").unwrap();
+    let r = k.run(&["build", "-q", "-o", &o, ctx.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "{err}");
+    assert!(
+        err.contains("is a directory and the image has a file there"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(d.join("conf/x")).unwrap(), "mine");
+}
+
+/// Another output inside a `type=local` destination is refused before the
+/// build: the image's tree is written there first and could hold, where
+/// `--iidfile` or a tar goes next, a symlink to a device or a directory
+/// of the host (`iid -> /dev/sda` was written through as root). A stale
+/// `--iidfile` of an earlier build is gone after a failed one.
+#[test]
+fn outputs_inside_a_local_destination_are_refused() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[]);
+    dockerfile(ctx.path(), "FROM busybox\nRUN ln -s /dev/full /iid\n");
+    let dest = tempfile::tempdir().unwrap();
+    let out = dest.path().join("out");
+    let o = format!("type=local,dest={}", out.display());
+    for extra in [
+        vec![
+            "--iidfile".to_string(),
+            out.join("iid").display().to_string(),
+        ],
+        vec![
+            "-o".to_string(),
+            format!("type=tar,dest={}/./rootfs.tar", out.display()),
+        ],
+        vec![
+            "--cache-to".to_string(),
+            format!("type=local,dest={}/cache", out.display()),
+        ],
+    ] {
+        let mut args = vec!["build", "-q", "-o", &o];
+        args.extend(extra.iter().map(String::as_str));
+        args.push(ctx.path().to_str().unwrap());
+        let r = k.run(&args);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("is inside the type=local destination"),
+            "{err}"
+        );
+    }
+    // A failed build removes the --iidfile an earlier one left.
+    let iid = dest.path().join("iid");
+    std::fs::write(&iid, "sha256:old").unwrap();
+    let bad = context(&[]);
+    dockerfile(bad.path(), "FROM busybox\nRUN false\n");
+    let r = k.run(&[
+        "build",
+        "--iidfile",
+        iid.to_str().unwrap(),
+        bad.path().to_str().unwrap(),
+    ]);
+    assert!(!r.status.success());
+    assert!(!iid.exists(), "the old image ID survived a failed build");
+}
+
 /// A bind source whose name holds `:` (overlayfs' lowerdir separator):
 /// `source=/s/x:.` lowered `.`, kiln's working directory on the host, into
 /// the step. The name is the image's own directory, nothing else.

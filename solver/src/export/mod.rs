@@ -17,6 +17,7 @@
 //! `dest=-` writes to stdout.
 
 pub mod cache;
+mod local;
 pub mod outfile;
 
 use std::collections::BTreeMap;
@@ -537,33 +538,27 @@ impl Dest {
     }
 }
 
-/// The final filesystem of `manifest` unpacked into `dir` (layers applied
-/// in order, whiteouts deleting what earlier layers wrote, never what
-/// `dir` held before). `for_host`: `dir` stays on the host (a `type=local`
-/// export), so set-id bits and file capabilities are left out. Every write is resolved inside `dir`
-/// with file descriptors (the applier's `RESOLVE_IN_ROOT`), and device
-/// nodes are never made on the host: they are left out, and named in a
-/// warning.
+/// The final filesystem of `manifest` unpacked into `dir`, a new
+/// directory of the store's (layers applied in order, whiteouts deleting
+/// what earlier layers wrote). Every write is resolved inside `dir` with
+/// file descriptors (the applier's `RESOLVE_IN_ROOT`); device nodes are
+/// left out (a tar or local export never makes one), and named in a
+/// warning. Set-id bits and file capabilities are kept: a tar export
+/// keeps them, a local export leaves them out as it copies (see
+/// `local`).
 pub fn unpack_rootfs(
     store: &Store,
     manifest: &RawManifest,
     dir: &Path,
-    for_host: bool,
     report: &dyn Reporter,
 ) -> Result<(), ExportError> {
     std::fs::create_dir_all(dir)?;
     let m = manifest.manifest()?;
     let opts = kiln_image::apply::ApplyOptions {
         skip_devices: true,
-        // The tree is left on the host (`type=local`): no set-id bit nor
-        // file capability (see `ApplyOptions::strip_privileges`). A tar
-        // export (a temporary tree) keeps them.
-        strip_privileges: for_host,
         ..Default::default()
     };
     let mut skipped = Vec::new();
-    // `dir` may hold files of its own (`-o type=local,dest=.`): the
-    // image's whiteouts remove only what its own layers wrote.
     let mut merge = kiln_image::apply::Merge::default();
     for l in &m.layers {
         let d: kiln_cache::Digest = l
@@ -604,7 +599,7 @@ pub fn rootfs_tar(
 ) -> Result<(), ExportError> {
     let tmp = tempfile::tempdir_in(store.tmp_dir())?;
     let root = tmp.path().join("rootfs");
-    unpack_rootfs(store, manifest, &root, false, report)?;
+    unpack_rootfs(store, manifest, &root, report)?;
     let opts = kiln_image::diff::DiffOptions {
         clamp_mtime: clamp,
         exclude: Vec::new(),
@@ -791,21 +786,20 @@ impl Exporter for LocalExporter {
     ) -> Result<Exported, ExportError> {
         let _span =
             tracing::info_span!("export", kind = "local", dir = %self.dir.display()).entered();
-        // The image's tree over the host's own: its directories replace
-        // the host's symlinks (/bin -> usr/bin), its files the host's.
-        if std::fs::canonicalize(&self.dir).is_ok_and(|p| p == Path::new("/")) {
-            return Err(ExportError::Usage(format!(
-                "refusing to export the image's filesystem over / (dest={})",
-                self.dir.display()
-            )));
-        }
+        // The image's final tree merged into dest (see `local`): the
+        // layers applied in a directory of the store first.
+        let dest = local::open_dest(&self.dir)?;
         for (sub, manifest) in platform_roots(input.store, &input.image()?.manifest)? {
-            let dir = if sub.as_os_str().is_empty() {
-                self.dir.clone()
+            let target = if sub.as_os_str().is_empty() {
+                kiln_fs::Root::from_dir(dest.dir().try_clone().map_err(std::io::Error::from)?)
             } else {
-                platform_subdir(&self.dir, &sub)?
+                platform_subdir(&dest, &sub)?
             };
-            unpack_rootfs(input.store, &manifest, &dir, true, report)?;
+            let tmp = tempfile::tempdir_in(input.store.tmp_dir())?;
+            let tree = tmp.path().join("rootfs");
+            unpack_rootfs(input.store, &manifest, &tree, report)?;
+            let src = kiln_fs::Root::open(&tree).map_err(std::io::Error::from)?;
+            local::merge_tree(&src, &target)?;
         }
         Ok(Exported::default())
     }
@@ -815,24 +809,21 @@ impl Exporter for LocalExporter {
 /// missing). What is already there came perhaps from an earlier export of
 /// an untrusted image: a symlink (or anything not a directory) by that
 /// name is refused, never followed out of `dest`.
-fn platform_subdir(dest: &Path, sub: &Path) -> Result<PathBuf, ExportError> {
-    std::fs::create_dir_all(dest)?;
-    let root =
-        kiln_fs::Root::open(dest).map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
-    let path = dest.join(sub);
-    match root.dir().stat(sub.as_os_str()) {
+fn platform_subdir(dest: &kiln_fs::Root, sub: &Path) -> Result<kiln_fs::Root, ExportError> {
+    match dest.dir().stat(sub.as_os_str()) {
         Ok(Some(st)) if !st.is_dir() => {
             return Err(ExportError::Usage(format!(
                 "{} exists and is not a directory (a symlink is never followed out of dest): remove it or pick another dest",
-                path.display()
+                dest.path().join(sub).display()
             )))
         }
         Ok(_) => {}
         Err(e) => return Err(ExportError::Source(crate::error::Cause::new(e))),
     }
-    root.mkdir_all(sub, kiln_fs::Follow::Never, &kiln_fs::DirSpec::default())
+    let d = dest
+        .mkdir_all(sub, kiln_fs::Follow::Never, &kiln_fs::DirSpec::default())
         .map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
-    Ok(path)
+    Ok(kiln_fs::Root::from_dir(d))
 }
 
 /// Writes the image's final filesystem as one tar.
@@ -869,7 +860,7 @@ impl Exporter for TarExporter {
                 let tmp = tempfile::tempdir_in(input.store.tmp_dir())?;
                 let root = tmp.path().join("rootfs");
                 for (sub, manifest) in &roots {
-                    unpack_rootfs(input.store, manifest, &root.join(sub), false, report)?;
+                    unpack_rootfs(input.store, manifest, &root.join(sub), report)?;
                 }
                 let opts = kiln_image::diff::DiffOptions {
                     clamp_mtime: clamp,

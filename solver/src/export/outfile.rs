@@ -10,11 +10,15 @@
 //! `O_TMPFILE`, a named temp file is used as before (`.kiln-*.tmp`).
 //!
 //! A target that exists and is not a regular file or a directory
-//! (`/dev/null`, a FIFO, a terminal, a socket — also through a symlink)
-//! is opened and written in place, as docker does: renaming over it would
-//! replace the device node (`save -o /dev/null` as root once turned
-//! `/dev/null` into a 2 MB regular file). A FIFO waits for a reader at
-//! most [`FIFO_READER_WAIT`], never in an uninterruptible `open(2)`.
+//! (`/dev/null`, a FIFO, a terminal, a socket) is opened and written in
+//! place, as docker does: renaming over it would replace the device node
+//! (`save -o /dev/null` as root once turned `/dev/null` into a 2 MB
+//! regular file). Only names under `/dev` and `/proc` are followed to
+//! one (`/dev/stdout`); a symlink anywhere else is replaced, never
+//! written through (an untrusted image's `type=local` export could leave
+//! `iid -> /dev/sda` where `--iidfile` writes next), and a block device
+//! is never written. A FIFO waits for a reader at most
+//! [`FIFO_READER_WAIT`], never in an uninterruptible `open(2)`.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -35,15 +39,23 @@ pub fn write_atomically<E: From<std::io::Error>>(
             format!("writing {}: {e}", path.display()),
         ))
     };
-    if let Ok(meta) = std::fs::metadata(path) {
-        let t = meta.file_type();
-        if !t.is_file() && !t.is_dir() {
-            use std::os::unix::fs::FileTypeExt;
+    if let Some((t, follow)) = in_place(path) {
+        {
+            use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+            // Not followed now if it was not a symlink when looked at.
+            let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
+            if t.is_block_device() {
+                return Err(ctx(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a block device: not written",
+                )));
+            }
             let file = if t.is_fifo() {
-                open_fifo(path, FIFO_READER_WAIT).map_err(ctx)?
+                open_fifo(path, nofollow, FIFO_READER_WAIT).map_err(ctx)?
             } else {
                 std::fs::OpenOptions::new()
                     .write(true)
+                    .custom_flags(nofollow)
                     .open(path)
                     .map_err(ctx)?
             };
@@ -82,6 +94,32 @@ pub fn write_atomically<E: From<std::io::Error>>(
     }
 }
 
+/// The type of what `path` names when the output goes into it in place
+/// (a device, FIFO, socket — not a regular file or directory): the path
+/// itself, never through a symlink, but for names under `/dev` and
+/// `/proc` (`/dev/stdout`, `/proc/self/fd/1`). A symlink elsewhere (one
+/// an untrusted image's `type=local` export left in `dest`, one another
+/// user planted) is replaced by the rename, never written through.
+/// Also whether `path` is such a symlink, to be followed.
+fn in_place(path: &Path) -> Option<(std::fs::FileType, bool)> {
+    let own = std::fs::symlink_metadata(path).ok()?;
+    let follow = own.file_type().is_symlink();
+    let t = if follow {
+        let abs = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir().ok()?.join(path)
+        };
+        if !(abs.starts_with("/dev") || abs.starts_with("/proc")) {
+            return None;
+        }
+        std::fs::metadata(path).ok()?.file_type()
+    } else {
+        own.file_type()
+    };
+    (!t.is_file() && !t.is_dir()).then_some((t, follow))
+}
+
 /// How long a FIFO target waits for a process to open it for reading.
 pub const FIFO_READER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -90,13 +128,13 @@ pub const FIFO_READER_WAIT: std::time::Duration = std::time::Duration::from_secs
 /// wait for ever and is not ended by Ctrl-C (the runtime handles SIGINT
 /// and the open is retried); the open here never blocks (`O_NONBLOCK`,
 /// which then is cleared for the writes).
-fn open_fifo(path: &Path, wait: std::time::Duration) -> std::io::Result<File> {
+fn open_fifo(path: &Path, flags: i32, wait: std::time::Duration) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     let deadline = std::time::Instant::now() + wait;
     loop {
         match std::fs::OpenOptions::new()
             .write(true)
-            .custom_flags(libc::O_NONBLOCK)
+            .custom_flags(libc::O_NONBLOCK | flags)
             .open(path)
         {
             Ok(file) => {
@@ -258,7 +296,7 @@ mod tests {
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let t = std::time::Instant::now();
-        let e = open_fifo(&fifo, std::time::Duration::from_millis(300)).unwrap_err();
+        let e = open_fifo(&fifo, 0, std::time::Duration::from_millis(300)).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
         assert!(t.elapsed() < std::time::Duration::from_secs(5));
     }
@@ -281,19 +319,42 @@ mod tests {
             .unwrap()
             .file_type()
             .is_fifo());
-        // A symlink to /dev/null: the device is written, never renamed over.
-        let link = d.path().join("null");
-        std::os::unix::fs::symlink("/dev/null", &link).unwrap();
-        write_atomically::<std::io::Error>(&link, |w| w.write_all(b"gone")).unwrap();
-        assert!(std::fs::symlink_metadata(&link)
-            .unwrap()
-            .file_type()
-            .is_symlink());
+        // A device named directly is written, never renamed over.
+        write_atomically::<std::io::Error>(Path::new("/dev/null"), |w| w.write_all(b"gone"))
+            .unwrap();
         assert!(std::fs::metadata("/dev/null")
             .unwrap()
             .file_type()
             .is_char_device());
+        // A symlink elsewhere to a device (left by an image's local export
+        // where --iidfile writes) is replaced: /dev/full was not written
+        // (that would fail with ENOSPC), the link is now the file.
+        let link = d.path().join("full");
+        std::os::unix::fs::symlink("/dev/full", &link).unwrap();
+        write_atomically::<std::io::Error>(&link, |w| w.write_all(b"mine")).unwrap();
+        assert_eq!(std::fs::read(&link).unwrap(), b"mine");
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+        assert!(std::fs::metadata("/dev/full")
+            .unwrap()
+            .file_type()
+            .is_char_device());
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn a_block_device_is_never_written() {
+        use std::os::unix::fs::FileTypeExt;
+        let Some(dev) = std::fs::read_dir("/dev")
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_type().is_ok_and(|t| t.is_block_device()))
+        else {
+            return;
+        };
+        let r = write_atomically::<std::io::Error>(&dev.path(), |_| {
+            panic!("a block device was opened for writing")
+        });
+        assert!(r.is_err());
     }
 
     #[test]
