@@ -335,3 +335,52 @@ fn sigint_stops_the_commit_of_a_large_layer() {
     )]);
     interrupt_big_build(&k, ctx.path(), Some("made-big"), Duration::from_millis(700));
 }
+
+/// SIGINT or SIGTERM while the build exports (here into a FIFO nobody
+/// reads, which waits a minute for a reader) ends kiln at once with 130:
+/// the exporters do not watch the build's cancellation, and the signal
+/// used to be taken and ignored. The store checks clean after it.
+#[test]
+fn a_signal_during_the_export_ends_kiln() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[("Dockerfile", "FROM busybox\nRUN echo x > /x\n")]);
+    let dir = tempfile::tempdir().expect("tmp");
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let fifo = dir.path().join(format!("out-{sig}"));
+        let c = std::ffi::CString::new(fifo.to_str().expect("utf8")).expect("cstr");
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut child = k
+            .cmd()
+            .args(["build", "--progress", "plain", "-o"])
+            .arg(format!("type=tar,dest={}", fifo.display()))
+            .arg(ctx.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        wait_for_line(&rx, "exporting to client tarball");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "no reader, yet done"
+        );
+        let status = signal_and_wait(&mut child, sig, Duration::from_secs(5));
+        assert_eq!(status.code(), Some(130), "{status:?}");
+    }
+    k.ok(&["system", "check"]);
+}
