@@ -415,8 +415,8 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
                 })?;
             }
             if let Some(f) = &a.compat.metadata_file {
-                let size = crate::session(root, true)?
-                    .blob_size(&r.manifest_digest)
+                let desc = crate::session(root, true)?
+                    .manifest_descriptor(&r.manifest_digest)
                     .ok();
                 let mut names: Vec<String> = Vec::new();
                 for t in &a.tags {
@@ -429,7 +429,7 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
                 let v = crate::build_flags::metadata(
                     &r.image_id,
                     &r.manifest_digest,
-                    size,
+                    desc,
                     &names,
                     pushed.as_deref(),
                 );

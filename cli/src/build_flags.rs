@@ -296,7 +296,7 @@ pub fn output(spec: &str, tags: &[String]) -> anyhow::Result<OutputSpec> {
 pub fn metadata(
     image_id: &str,
     manifest_digest: &str,
-    manifest_size: Option<u64>,
+    manifest: Option<(String, u64)>,
     names: &[String],
     pushed: Option<&str>,
 ) -> serde_json::Value {
@@ -305,9 +305,9 @@ pub fn metadata(
         "containerimage.config.digest": image_id,
         "containerimage.digest": digest,
     });
-    if let (Some(size), None) = (manifest_size, pushed) {
+    if let (Some((media_type, size)), None) = (manifest, pushed) {
         v["containerimage.descriptor"] = serde_json::json!({
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "mediaType": media_type,
             "digest": manifest_digest,
             "size": size,
         });

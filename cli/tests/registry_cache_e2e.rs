@@ -373,6 +373,29 @@ fn local_oci_layout_cache_round_trips() {
         b.stdout(&["run", "--rm", "app:1", "cat", "/b.txt"]),
         "one\nfirst"
     );
+
+    // A blob of the layout corrupted in place (same size) is written
+    // again by the next export to it, not kept by its name and size.
+    let (_, layer) = top_record(&dest);
+    let hex = layer["digest"]
+        .as_str()
+        .expect("digest")
+        .trim_start_matches("sha256:")
+        .to_string();
+    let blob = dest.join("blobs/sha256").join(&hex);
+    let mut bytes = std::fs::read(&blob).expect("blob");
+    for b in bytes.iter_mut().take(64) {
+        *b ^= 0xff;
+    }
+    std::fs::write(&blob, &bytes).expect("corrupt");
+    let to = format!("type=local,dest={}", dest.display());
+    build_json(&b, ctx.path(), &["-t", "app:1", "--cache-to", &to]);
+    let again = std::fs::read(&blob).expect("blob");
+    assert_eq!(
+        kiln_image::Digest::sha256_of(&again).hex(),
+        hex,
+        "the corrupt blob was kept"
+    );
 }
 
 #[test]
@@ -387,12 +410,31 @@ fn inline_cache_in_the_pushed_image() {
 
     let a = Client::new(false);
     let out = format!("type=registry,name={image}");
+    let meta = a.conf.path().join("metadata.json");
     let (id_a, _) = build_json(
         &a,
         ctx.path(),
-        &["--output", &out, "--cache-to", "type=inline"],
+        &[
+            "--output",
+            &out,
+            "--cache-to",
+            "type=inline",
+            "--metadata-file",
+            meta.to_str().expect("utf8"),
+        ],
     );
     let m = raw_manifest(&image);
+    // The metadata names the manifest the tag now points at (the
+    // annotated one the inline cache put), not the one pushed before it.
+    let raw = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{image}"))
+        .output()
+        .expect("skopeo");
+    let tagged = kiln_image::Digest::sha256_of(&raw.stdout).to_string();
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(&meta).expect("metadata")).expect("json");
+    assert_eq!(meta["containerimage.digest"], tagged.as_str(), "{meta}");
     let records: Value = serde_json::from_str(
         m["annotations"]["dev.kiln.cache.v1"]
             .as_str()

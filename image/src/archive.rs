@@ -29,6 +29,11 @@ pub trait BlobSource {
     fn open_blob(&self, d: &Digest) -> io::Result<Box<dyn Read + '_>>;
     /// The blob's size in bytes.
     fn blob_size(&self, d: &Digest) -> io::Result<u64>;
+    /// The size of the layer tar `diff_id`, when known from a tar that was
+    /// checked against it (saves decompressing a layer only to size it).
+    fn tar_size(&self, _diff_id: &Digest) -> Option<u64> {
+        None
+    }
 }
 
 /// Blobs held in memory (tests, tiny images).
@@ -271,21 +276,32 @@ fn write_uncompressed_layer<W: Write>(
     desc: &Descriptor,
     diff_id: &Digest,
 ) -> Result<(), ImageError> {
-    let size = match layer_kind(desc) {
-        Compression::Uncompressed => blobs.blob_size(&desc.digest)?,
-        _ => io::copy(&mut open_decompressed(blobs, desc)?, &mut io::sink())?,
+    let check = |got: Digest| {
+        if &got != diff_id {
+            return Err(ImageError::DigestMismatch {
+                what: format!("layer {} (diffID)", desc.digest),
+                expected: diff_id.to_string(),
+                actual: got.to_string(),
+            });
+        }
+        Ok(())
+    };
+    let size = match (layer_kind(desc), blobs.tar_size(diff_id)) {
+        (Compression::Uncompressed, _) => blobs.blob_size(&desc.digest)?,
+        (_, Some(n)) => n,
+        // Sized by decompressing it once, and checked then: a blob that
+        // is not its diffID (a decompression bomb under a false one) is
+        // refused before anything of it is written.
+        _ => {
+            let mut r = HashingReader::new(open_decompressed(blobs, desc)?);
+            let n = io::copy(&mut r, &mut io::sink())?;
+            check(r.finish().1)?;
+            n
+        }
     };
     let mut r = HashingReader::new(open_decompressed(blobs, desc)?);
     tar.append(&file_meta(path, size), Some(&mut r))?;
-    let got = r.finish().1;
-    if &got != diff_id {
-        return Err(ImageError::DigestMismatch {
-            what: format!("layer {} (diffID)", desc.digest),
-            expected: diff_id.to_string(),
-            actual: got.to_string(),
-        });
-    }
-    Ok(())
+    check(r.finish().1)
 }
 
 /// The blobs of `images` in write order (config, layers; for an index,
@@ -417,6 +433,17 @@ pub fn write_oci_archive(
     Ok(())
 }
 
+/// Whether `hex` in `dir` is a regular file holding exactly the blob
+/// `digest` names: a blob kept from an earlier export is read back, not
+/// trusted by its name (a corrupt one is written again).
+pub fn blob_intact(dir: &kiln_fs::Dir, hex: &str, digest: &Digest) -> bool {
+    let Ok(f) = dir.open_file(hex) else {
+        return false;
+    };
+    let mut r = HashingReader::new(f);
+    io::copy(&mut r, &mut io::sink()).is_ok() && &r.finish().1 == digest
+}
+
 /// Writes `name` in `dir` from `r` (hashed on the way and checked against
 /// `expect`) through a temp name in the same directory, then renames it
 /// into place: every step is an `*at` call on one name below the open
@@ -492,16 +519,9 @@ pub fn write_oci_dir(
         &mut &OCI_LAYOUT[..],
         None,
     )?;
-    let kept = |hex: &str| {
-        blob_dir
-            .stat(hex)
-            .ok()
-            .flatten()
-            .is_some_and(|st| st.is_file())
-    };
     for img in images {
         let hex = img.manifest.digest.hex();
-        if !kept(hex) {
+        if !blob_intact(&blob_dir, hex, &img.manifest.digest) {
             write_atomic(
                 &blob_dir,
                 hex,
@@ -513,7 +533,7 @@ pub fn write_oci_dir(
     }
     for d in collect_blobs(images, blobs)? {
         let hex = d.digest.hex();
-        if !kept(hex) {
+        if !blob_intact(&blob_dir, hex, &d.digest) {
             let mut r = blobs.open_blob(&d.digest)?;
             write_atomic(&blob_dir, hex, &bdir.join(hex), &mut r, Some(&d.digest))?;
         }
@@ -1014,6 +1034,28 @@ mod tests {
         .err()
         .expect("refused");
         assert!(err.to_string().contains("images in one archive"), "{err}");
+    }
+
+    /// A compressed layer that is not its diffID (a decompression bomb
+    /// under a false one) is refused before any of it is written: it was
+    /// decompressed once to size it, then again into the archive, checked
+    /// only at the end.
+    #[test]
+    fn a_layer_that_is_not_its_diffid_is_refused_before_it_is_written() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::copy(&mut io::repeat(0).take(4 << 20), &mut gz).expect("gzip");
+        let blob = gz.finish().expect("gzip");
+        let mut blobs = MemoryBlobs::default();
+        let size = blob.len() as u64;
+        let d = blobs.put(blob);
+        let desc = Descriptor::new(crate::manifest::media_types::OCI_LAYER_GZIP, d, size);
+        let bogus = Digest::sha256_of(b"not this layer");
+        let mut tar = TarWriter::new(Vec::new());
+        let err = write_uncompressed_layer(&mut tar, "l/layer.tar", &blobs, &desc, &bogus)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("diffID"), "{err}");
+        assert_eq!(tar.written(), 0, "the layer was written before the check");
     }
 
     #[test]

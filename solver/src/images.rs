@@ -732,11 +732,15 @@ impl Session {
         find_for(&self.open_images()?, reference, platform)
     }
 
-    /// The size of the stored blob `digest` (`sha256:…`), e.g. a built
-    /// image's manifest for `--metadata-file`'s descriptor.
-    pub fn blob_size(&self, digest: &str) -> Result<u64, Error> {
+    /// The media type and size of the stored manifest or index `digest`
+    /// (`sha256:…`), e.g. a built image's for `--metadata-file`'s
+    /// descriptor.
+    pub fn manifest_descriptor(&self, digest: &str) -> Result<(String, u64), Error> {
         let d: kiln_cache::Digest = digest.parse()?;
-        Ok(self.open_images()?.blob_size(&d)?)
+        let bytes = self.open_images()?.content().read(&d)?;
+        let size = bytes.len() as u64;
+        let raw = kiln_image::manifest::RawManifest::new(bytes, None)?;
+        Ok((raw.media_type, size))
     }
 
     /// Each layer's uncompressed size (docker's sizes).

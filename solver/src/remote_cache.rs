@@ -893,24 +893,41 @@ impl RemoteCacheBackend {
         let mut blobs = layers.clone();
         blobs.push(config);
         blobs.push(raw.descriptor());
+        // Temporary names of this process only (another build exporting
+        // to the same directory writes its own).
+        let tmp_name = |what: &str| format!(".{what}.kiln-{}.tmp", std::process::id());
         for b in &blobs {
             let hex = b.digest.hex();
-            let kept = blob_dir.stat(hex).map_err(fs)?;
-            if kept.is_some_and(|st| st.is_file() && st.size() == b.size) {
+            // A kept blob is read back (a corrupt one would fail every
+            // later import of the step instead of being written again).
+            if kiln_image::archive::blob_intact(&blob_dir, hex, &b.digest) {
                 continue;
             }
             let mut src = self
                 .store()
                 .open_blob(&cd(&b.digest)?)
                 .map_err(|e| RemoteCacheError::ctx(format!("blob {}", b.digest))(e))?;
-            let tmp = format!("{hex}.tmp");
+            let tmp = tmp_name(hex);
             let mut f = blob_dir
                 .create_file(&tmp, 0o644, kiln_fs::Create::Replace)
                 .map_err(fs)?;
-            std::io::copy(&mut src, &mut f).map_err(io)?;
-            f.sync_all().map_err(io)?;
-            blob_dir.rename(&tmp, &blob_dir, hex).map_err(fs)?;
+            let copied = std::io::copy(&mut src, &mut f)
+                .and_then(|_| f.sync_all())
+                .map_err(io)
+                .and_then(|()| blob_dir.rename(&tmp, &blob_dir, hex).map_err(fs));
+            if copied.is_err() {
+                let _ = blob_dir.remove(&tmp);
+            }
+            copied?;
             written += 1;
+        }
+        // index.json is read, changed and replaced under a lock on the
+        // directory: two builds exporting here at once both keep their
+        // tag.
+        let locked = root.dir().open_self().map_err(fs)?;
+        // SAFETY: an open descriptor.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&locked), libc::LOCK_EX) } != 0 {
+            return Err(io(std::io::Error::last_os_error()));
         }
         let index_ctx = || dir.join("index.json").display().to_string();
         let mut index = match read_layout_file(&root, "index.json", INDEX_LIMIT) {
@@ -929,12 +946,23 @@ impl RemoteCacheBackend {
         let bytes = index
             .to_bytes()
             .map_err(|e| RemoteCacheError::ctx("index.json")(e))?;
-        root.dir()
-            .write_file("index.json.tmp", &bytes, 0o644, None)
-            .map_err(fs)?;
-        root.dir()
-            .rename("index.json.tmp", root.dir(), "index.json")
-            .map_err(fs)?;
+        let tmp = tmp_name("index.json");
+        let put = (|| {
+            let mut f = root
+                .dir()
+                .create_file(&tmp, 0o644, kiln_fs::Create::Replace)
+                .map_err(fs)?;
+            std::io::Write::write_all(&mut f, &bytes).map_err(io)?;
+            f.sync_all().map_err(io)?;
+            root.dir()
+                .rename(&tmp, root.dir(), "index.json")
+                .map_err(fs)
+        })();
+        if put.is_err() {
+            let _ = root.dir().remove(&tmp);
+        }
+        put?;
+        drop(locked);
         Ok(ExportSummary {
             records: cfg.records.len(),
             layers: layers.len(),

@@ -273,6 +273,7 @@ impl Exporter for CacheExporter {
             }
             CacheExport::Inline => {
                 let manifest_digest = input.image()?.manifest.digest.to_string();
+                let mut done = Exported::default();
                 for (n, enc) in &self.inline {
                     let s = b
                         .push_inline(&manifest_digest, n, *enc)
@@ -280,12 +281,21 @@ impl Exporter for CacheExporter {
                     say(&format!(
                         "inline cache: {} records in {n}@{}",
                         s.records,
-                        s.manifest.map(|d| d.to_string()).unwrap_or_default()
+                        s.manifest
+                            .as_ref()
+                            .map(|d| d.to_string())
+                            .unwrap_or_default()
                     ));
+                    // The name now points at the annotated manifest: what
+                    // `--metadata-file` and RepoDigests must name.
+                    if let Some(d) = s.manifest {
+                        done.pushed.push((n.clone(), d));
+                    }
                 }
                 if self.inline.is_empty() {
                     report.warn("WARNING: --cache-to type=inline needs an output that pushes (--output type=registry,name=...)");
                 }
+                return Ok(done);
             }
         }
         Ok(Exported::default())

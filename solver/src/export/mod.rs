@@ -272,7 +272,14 @@ pub fn run(
             }
             None => e.export(input, report)?,
         };
-        all.pushed.extend(done.pushed);
+        // A later exporter re-putting a name (inline cache) replaces the
+        // digest an earlier one reported for it.
+        for (n, d) in done.pushed {
+            match all.pushed.iter_mut().find(|(m, _)| *m == n) {
+                Some(e) => e.1 = d,
+                None => all.pushed.push((n, d)),
+            }
+        }
     }
     tracing::info!("export done");
     Ok(all)
@@ -311,6 +318,11 @@ impl kiln_image::archive::BlobSource for StoreBlobs<'_> {
         self.0
             .blob_size(&cd)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{e}")))
+    }
+    fn tar_size(&self, diff_id: &kiln_image::Digest) -> Option<u64> {
+        let cd: kiln_cache::Digest = diff_id.as_str().parse().ok()?;
+        // Recorded when the layer was unpacked or built: checked then.
+        self.0.meta().diff_size(&cd).ok().flatten()
     }
 }
 
