@@ -1052,8 +1052,7 @@ mod tests {
         let bogus = Digest::sha256_of(b"not this layer");
         let mut tar = TarWriter::new(Vec::new());
         let err = write_uncompressed_layer(&mut tar, "l/layer.tar", &blobs, &desc, &bogus)
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert!(err.to_string().contains("diffID"), "{err}");
         assert_eq!(tar.written(), 0, "the layer was written before the check");
     }
