@@ -11,8 +11,13 @@
 //! [`check`] says, before a foreign-platform step, whether that holds and
 //! why not; [`install`] registers the QEMU user-mode interpreters that
 //! Debian's `qemu-user-static` installs (magic and mask from its
-//! `/usr/share/binfmts/qemu-*` files) with the flags docker's
-//! `tonistiigi/binfmt` uses, `C` and `F`; [`uninstall`] removes them.
+//! `/usr/share/binfmts/qemu-*` files) with `F` and without `C` (Debian's
+//! own `credentials no`; docker's `tonistiigi/binfmt` sets `C`, which
+//! starts QEMU with a setuid foreign binary's credentials: QEMU still
+//! obeys its caller's `QEMU_*` variables — a debugger stub, its own
+//! loader, a log file anywhere — so any local user who can reach a
+//! setuid-root foreign binary, e.g. in an unpacked image, became root);
+//! [`uninstall`] removes them.
 //!
 //! Everything read from `/proc/sys/fs/binfmt_misc` is bounded (entry count
 //! and size) and a malformed entry is skipped, never trusted.
@@ -573,15 +578,16 @@ pub fn ensure_mounted(mount: &Path) -> Result<(), EmulationError> {
 }
 
 /// The interpreter and flags to register for `arch`: `/usr/bin/qemu-<arch>-static`
-/// with `CF` (as tonistiigi/binfmt), else the format file's own
-/// interpreter (Debian's `…-binfmt-P` wrapper wants `P` as well).
+/// with `F`, else the format file's own interpreter (Debian's
+/// `…-binfmt-P` wrapper wants `P` as well). Never `C` (see the module
+/// doc).
 fn choose_interpreter(
     arch: &'static ElfArch,
     ff: &FormatFile,
 ) -> Result<(PathBuf, String), EmulationError> {
     let plain = PathBuf::from(format!("/usr/bin/qemu-{}-static", arch.qemu));
     if plain.is_file() {
-        return Ok((plain, "CF".to_string()));
+        return Ok((plain, "F".to_string()));
     }
     if ff.interpreter.exists() {
         let p = ff
@@ -590,7 +596,7 @@ fn choose_interpreter(
             .is_some_and(|n| n.to_string_lossy().ends_with("-binfmt-P"));
         return Ok((
             ff.interpreter.clone(),
-            if p { "CFP" } else { "CF" }.to_string(),
+            if p { "FP" } else { "F" }.to_string(),
         ));
     }
     Err(EmulationError::NoInterpreter {
@@ -601,8 +607,9 @@ fn choose_interpreter(
 
 /// Registers every installed QEMU user-mode interpreter (for the
 /// architectures in [`ARCHES`] the host does not run natively) with the
-/// `C` and `F` flags. Idempotent: an equal registration is left alone, a
-/// different one of the same name (e.g. without `F`) is replaced.
+/// `F` flag. Idempotent: an equal registration is left alone, a
+/// different one of the same name (without `F`, or with `C`) is
+/// replaced.
 /// Architectures without an installed interpreter or format file are
 /// left out. Needs root.
 pub fn install(mount: &Path, formats: &Path) -> Result<Vec<Registration>, EmulationError> {
@@ -638,7 +645,8 @@ pub fn install(mount: &Path, formats: &Path) -> Result<Vec<Registration>, Emulat
         let entry_path = mount.join(&name);
         if let Ok(text) = read_bounded(&entry_path) {
             if let Some(e) = BinfmtEntry::parse(&name, &text) {
-                let same_flags = flags.chars().all(|c| e.flags.contains(c));
+                let same_flags =
+                    flags.chars().all(|c| e.flags.contains(c)) && !e.flags.contains('C');
                 if e.enabled && e.interpreter == interpreter && same_flags {
                     done.push(Registration {
                         arch,
@@ -829,6 +837,43 @@ mod tests {
         assert!(e.matches(&dyn_));
         assert!(!e.matches(&ElfArch::from_oci("amd64").expect("x").elf_header()));
         assert!(!e.matches(&a.elf_header()[..10]));
+    }
+
+    /// `install` registers with `F` and never `C`, and replaces a
+    /// registration of the same name that has `C` (kiln's own earlier
+    /// ones did: a setuid foreign binary then ran QEMU as its owner).
+    #[test]
+    fn install_registers_without_credentials_and_replaces_a_c_entry() {
+        if ElfArch::from_oci("arm64").expect("arm64").is_native() {
+            return;
+        }
+        let mount = fake(&[("qemu-aarch64", AARCH64_F)]);
+        let formats = tempfile::tempdir().expect("tmp");
+        let interp = formats.path().join("qemu-aarch64-fake");
+        std::fs::write(&interp, "").expect("w");
+        std::fs::write(
+            formats.path().join("qemu-aarch64"),
+            format!(
+                "package qemu-user-static\ninterpreter {}\nmagic \\x7f\\x45\\x4c\\x46\\x02\\x01\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x02\\x00\\xb7\\x00\noffset 0\nmask \\xff\\xff\\xff\\xff\\xff\\xff\\xff\\x00\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xfe\\xff\\xff\\xff\ncredentials no\n",
+                interp.display()
+            ),
+        )
+        .expect("w");
+        let done = install(mount.path(), formats.path()).expect("install");
+        let r = done
+            .iter()
+            .find(|r| r.name == "qemu-aarch64")
+            .expect("registered");
+        assert!(r.changed, "the C registration was kept");
+        assert!(
+            r.flags.contains('F') && !r.flags.contains('C'),
+            "{}",
+            r.flags
+        );
+        let line = std::fs::read_to_string(mount.path().join("register")).expect("r");
+        assert!(line.starts_with(":qemu-aarch64:M:"), "{line}");
+        let flags = line.rsplit(':').next().expect("flags");
+        assert!(flags.contains('F') && !flags.contains('C'), "{line}");
     }
 
     #[test]
