@@ -112,6 +112,14 @@ pub enum Error {
         /// The effective uid kiln runs as (as seen here).
         me: u32,
     },
+    /// The store root is a directory with other files and no store in it
+    /// (a `--root` that names, perhaps through a symlink another user
+    /// planted, a directory such as `/etc`).
+    #[error("{path} is not a kiln store (it holds other files and no meta.db): pass --root with an empty or new directory")]
+    NotAStore {
+        /// The store's root.
+        path: PathBuf,
+    },
     /// A layer format error from kiln-image.
     #[error("layer: {0}")]
     Image(String),

@@ -193,18 +193,24 @@ impl Store {
         let snapshots = root.join("snapshots");
         let links = root.join("l");
         let tmp = root.join("tmp");
-        for d in [&root, &blobs, &snapshots, &links, &tmp] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .ctx("mkdir", &root)?;
+        // The store holds every image's files (setuid binaries among
+        // them) and the build cache: no other user may reach into it. A
+        // store made by an older kiln (0755) is closed here; the root's
+        // mode alone cuts every path below it. Checked before anything is
+        // made in it.
+        private_root(&root)?;
+        for d in [&blobs, &snapshots, &links, &tmp] {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(d)
                 .ctx("mkdir", d)?;
         }
-        // The store holds every image's files (setuid binaries among
-        // them) and the build cache: no other user may reach into it. A
-        // store made by an older kiln (0755) is closed here; the root's
-        // mode alone cuts every path below it.
-        private_root(&root)?;
         let paths = Paths {
             snapshots,
             links,
@@ -874,6 +880,31 @@ fn private_root(root: &Path) -> Result<()> {
             owner: m.uid(),
             me,
         });
+    }
+    // A store, or a directory with nothing else in it yet (a file
+    // system's lost+found, what an interrupted first open made): never
+    // another directory of this user's (root given `--root` through a
+    // symlink a user planted to `/etc` made it 0700 and filled it).
+    if !root.join("meta.db").exists() {
+        const OURS: [&str; 8] = [
+            "lost+found",
+            "blobs",
+            "snapshots",
+            "l",
+            "tmp",
+            "gc.lock",
+            "meta.db-wal",
+            "meta.db-shm",
+        ];
+        let others = std::fs::read_dir(root)
+            .ctx("read", root)?
+            .filter_map(|e| e.ok())
+            .any(|e| !OURS.iter().any(|o| e.file_name() == *o));
+        if others {
+            return Err(Error::NotAStore {
+                path: root.to_path_buf(),
+            });
+        }
     }
     if m.mode() & 0o077 != 0 {
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))

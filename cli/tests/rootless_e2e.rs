@@ -206,6 +206,35 @@ fn namespace_info_and_unshare() {
         text(&o.stderr)
     );
     assert_eq!(std::fs::read_dir(k.root()).expect("ls").count(), before);
+    // Nor, through a symlink the user made in place of a store, a
+    // directory of root's with files of its own: refused, its mode and
+    // contents untouched (it was made 0700 and filled).
+    let victim = tempfile::tempdir().expect("tmp");
+    std::fs::write(victim.path().join("keep"), "root's").expect("write");
+    std::fs::set_permissions(victim.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let link = user.home.join("store-link");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(victim.path(), &link).expect("symlink");
+    std::os::unix::fs::lchown(&link, Some(user.uid), Some(user.gid)).expect("lchown");
+    let o = Command::new(common::rootless::kiln_bin())
+        .arg("--root")
+        .arg(&link)
+        .args(["images"])
+        .output()
+        .expect("kiln");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("is not a kiln store"),
+        "{}",
+        text(&o.stderr)
+    );
+    let m = std::fs::metadata(victim.path()).expect("stat");
+    assert_eq!(m.permissions().mode() & 0o7777, 0o755, "chmod'ed");
+    let names: Vec<_> = std::fs::read_dir(victim.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names, ["keep"]);
 }
 
 /// RUN, whiteouts, COPY --chown, ADD (file and tar), every RUN --mount
