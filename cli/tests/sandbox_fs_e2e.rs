@@ -483,6 +483,31 @@ fn outputs_inside_a_local_destination_are_refused() {
     assert!(!iid.exists(), "the old image ID survived a failed build");
 }
 
+/// A bind mount of a stage's directory shows that stage's files only:
+/// what an earlier layer had under a directory a later one made opaque
+/// (`rm -rf /a && mkdir /a`) stays deleted, as `COPY --from` sees it.
+#[test]
+fn a_bind_mount_from_a_stage_shows_nothing_its_opaque_directory_deleted() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[]);
+    dockerfile(
+        ctx.path(),
+        "FROM busybox AS s\n\
+         RUN mkdir -p /a/b && echo secret > /a/b/s\n\
+         RUN rm -rf /a && mkdir /a\n\
+         RUN mkdir -p /a/b && echo new > /a/b/n\n\
+         FROM busybox\n\
+         RUN --mount=type=bind,from=s,source=/a/b,target=/m echo LIST:$(ls /m | tr '\\n' ,)\n",
+    );
+    let o = k.run(&["build", "--progress", "plain", ctx.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.lines().any(|l| l.ends_with("LIST:n,")), "{err}");
+}
+
 /// A bind source whose name holds `:` (overlayfs' lowerdir separator):
 /// `source=/s/x:.` lowered `.`, kiln's working directory on the host, into
 /// the step. The name is the image's own directory, nothing else.

@@ -22,7 +22,6 @@
 //! `userxattr`, `sysfs` may have to be bound from the host, and cgroups are
 //! written only where a delegated subtree allows it.
 
-use std::ffi::OsString;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -164,10 +163,15 @@ fn full_map(id: u32, ranges: &[(u32, u32)]) -> Vec<IdRange> {
     out
 }
 
+/// `newuidmap`/`newgidmap`: the system's own first, then absolute
+/// `PATH` entries (never a relative one: `.` in `PATH` ran a
+/// `newuidmap` of the build context's).
 fn helper_path(name: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
-    std::env::split_paths(&path)
-        .chain(["/usr/bin".into(), "/bin".into(), "/usr/sbin".into()])
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .chain(std::env::split_paths(&path).filter(|d| d.is_absolute()))
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }

@@ -386,6 +386,9 @@ fn bind_layers(view: &LayerView, source: &str) -> Result<BindSrc, MountError> {
             match fs::symlink_metadata(&cur) {
                 Ok(m) if is_whiteout(&m) || !m.is_dir() => break 'layers,
                 Ok(_) => stop |= is_opaque(&cur),
+                // Missing below a directory this layer made opaque: the
+                // layers under it are hidden (their files were deleted).
+                Err(_) if stop => break 'layers,
                 Err(_) => continue 'layers,
             }
         }
