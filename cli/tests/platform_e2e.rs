@@ -275,6 +275,39 @@ fn hostile_indexes_are_refused() {
         assert!(err.contains("its config says linux/amd64"), "{err}");
     }
     assert!(c.stdout(&["images", "-q"]).is_empty());
+    // The arm64 image named twice: truthfully (or with no platform) first,
+    // then as amd64 — only the first entry of the digest was checked.
+    let arm64 = index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .find(|m| m["platform"]["architecture"] == "arm64")
+        .expect("an arm64 entry")
+        .clone();
+    let mut as_amd64 = arm64.clone();
+    as_amd64["platform"] = serde_json::json!({"os": "linux", "architecture": "amd64"});
+    let mut bare = arm64.clone();
+    bare.as_object_mut().expect("object").remove("platform");
+    for (tag, first) in [("twice", arm64.clone()), ("bare", bare)] {
+        let body = serde_json::json!({"schemaVersion": 2, "mediaType": oci_index, "manifests": [first, as_amd64.clone()]});
+        put_manifest(
+            &reg,
+            "kiln/busybox",
+            tag,
+            oci_index,
+            &serde_json::to_vec(&body).expect("json"),
+        );
+        let o = c.run(&[
+            "pull",
+            "--platform",
+            "linux/amd64",
+            &format!("{}/kiln/busybox:{tag}", reg.host()),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{tag}: {err}");
+        assert!(err.contains("its config says linux/arm64"), "{tag}: {err}");
+    }
+    assert!(c.stdout(&["images", "-q"]).is_empty());
     // A single image asked for as another platform (docker: "does not
     // match the specified platform").
     let o = c.run(&[

@@ -247,14 +247,20 @@ pub fn pull_platform(
             let idx = i
                 .index()
                 .map_err(TransferError::ctx(format!("{name}: index")))?;
-            let claimed = idx
+            // Every entry naming the chosen manifest must tell its
+            // config's truth, and that must be the platform asked for
+            // (the first entry alone was checked: one without a platform,
+            // or one telling the truth before a lying one, let an arm64
+            // image through as the host's).
+            for c in idx
                 .manifests
                 .iter()
-                .find(|d| d.digest == m.digest)
-                .and_then(|d| d.platform.clone());
-            if let Some(c) = claimed {
-                check_config_platform(&name, &m.digest, &c, &config)?;
+                .filter(|d| d.digest == m.digest)
+                .filter_map(|d| d.platform.as_ref())
+            {
+                check_config_platform(&name, &m.digest, c, &config)?;
             }
+            check_config_platform(&name, &m.digest, want, &config)?;
         }
         None => {
             if let Some(w) = platform {
