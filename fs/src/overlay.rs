@@ -36,6 +36,14 @@ impl XattrNs {
     /// Both namespaces, for readers that accept either.
     pub const ALL: [XattrNs; 2] = [XattrNs::Trusted, XattrNs::User];
 
+    /// The namespace of this process's overlays (and of its snapshots'
+    /// markers): what a reader of a snapshot interprets. The other one is
+    /// an ordinary xattr there — in a root store, `user.overlay.opaque`
+    /// is one any RUN step may set, which the live overlay ignores.
+    pub fn current() -> XattrNs {
+        crate::idmap::IdMaps::current().overlay_xattrs()
+    }
+
     /// The prefix of every overlay xattr in this namespace (`trusted.overlay.`).
     pub fn prefix(self) -> &'static str {
         match self {

@@ -242,7 +242,7 @@ fn overlay_flag(
     key: &str,
     path: &Path,
 ) -> Result<Option<Vec<u8>>, ImageError> {
-    for prefix in XattrNs::ALL.map(XattrNs::prefix) {
+    for prefix in [XattrNs::current().prefix()] {
         let Some(name) = names.iter().find(|n| {
             let b = n.as_bytes();
             b.len() == prefix.len() + key.len()

@@ -122,7 +122,7 @@ fn meta_to(dir: &Dir, name: &OsStr, m: &fs::Metadata, symlink: bool) -> io::Resu
 /// The overlay xattr that marks `p` opaque, if it has one set to "y".
 fn opaque_xattr(p: &Path) -> Option<&'static str> {
     let c = CString::new(p.as_os_str().as_bytes()).ok()?;
-    XattrNs::ALL.map(XattrNs::opaque).into_iter().find(|name| {
+    [XattrNs::current().opaque()].into_iter().find(|name| {
         let Ok(n) = CString::new(*name) else {
             return false;
         };

@@ -134,9 +134,7 @@ fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
 }
 
 fn is_opaque(path: &Path) -> bool {
-    XattrNs::ALL
-        .iter()
-        .any(|ns| getxattr(path, ns.opaque()).is_some_and(|v| v == OPAQUE_VALUE))
+    getxattr(path, XattrNs::current().opaque()).is_some_and(|v| v == OPAQUE_VALUE)
 }
 
 impl LayerView {
@@ -663,6 +661,34 @@ pub fn rel(p: &[u8]) -> &OsStr {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    /// Only this process's overlay namespace marks a directory opaque: in
+    /// a root store `user.overlay.opaque` is an ordinary xattr a RUN step
+    /// may set (the live overlay ignores it, so must the views).
+    #[test]
+    fn only_the_stores_own_namespace_marks_a_directory_opaque() {
+        let d = tempfile::tempdir().expect("tmp");
+        let other = match XattrNs::current() {
+            XattrNs::Trusted => XattrNs::User,
+            XattrNs::User => XattrNs::Trusted,
+        };
+        let p = CString::new(d.path().as_os_str().as_bytes()).expect("c");
+        let set = |ns: XattrNs| {
+            let n = CString::new(ns.opaque()).expect("c");
+            // SAFETY: valid NUL-terminated strings and a 1-byte value.
+            unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), b"y".as_ptr().cast(), 1, 0) }
+        };
+        if set(other) != 0 {
+            return; // this file system keeps no such xattrs
+        }
+        assert!(
+            !is_opaque(d.path()),
+            "the other namespace's marker was read"
+        );
+        if set(XattrNs::current()) == 0 {
+            assert!(is_opaque(d.path()));
+        }
+    }
 
     #[test]
     fn clean_and_join() {

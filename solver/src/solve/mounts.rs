@@ -346,7 +346,7 @@ fn is_opaque(p: &Path) -> bool {
     let Ok(cp) = CString::new(p.as_os_str().as_bytes()) else {
         return false;
     };
-    kiln_fs::overlay::XattrNs::ALL.iter().any(|ns| {
+    [kiln_fs::overlay::XattrNs::current()].iter().any(|ns| {
         let Ok(cn) = CString::new(ns.opaque()) else {
             return false;
         };
