@@ -508,6 +508,78 @@ fn a_bind_mount_from_a_stage_shows_nothing_its_opaque_directory_deleted() {
     assert!(err.lines().any(|l| l.ends_with("LIST:n,")), "{err}");
 }
 
+/// A read-only bind is read-only before it is attached, and nothing is
+/// mounted over the root: a target that led to `/` (an image's `/x -> /`,
+/// or a symlink a cache mount holds) got the bind of a layer of the store
+/// over the root, its read-only remount then landed on the rootfs below,
+/// and the step wrote the stored layer — every later build of that base
+/// saw the file. `kiln run -v HOST:/x:ro` was writable the same way.
+#[test]
+fn a_read_only_bind_is_never_left_writable_and_never_over_the_root() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    for (df, want) in [
+        (
+            "FROM busybox\nRUN ln -s / /x\n\
+             RUN --mount=type=bind,from=busybox,target=/x sh -c 'echo pwned > /POISON'\n",
+            "it leads to /",
+        ),
+        (
+            "FROM busybox\nRUN --mount=type=cache,id=c1,target=/a ln -sfn / /a/b\n\
+             RUN --mount=type=cache,id=c1,target=/a --mount=type=bind,from=busybox,target=/a/b \
+             sh -c 'echo pwned > /POISON'\n",
+            "the destination is the root of the filesystem",
+        ),
+    ] {
+        let ctx = context(&[]);
+        dockerfile(ctx.path(), df);
+        let r = k.run(&["build", "-q", ctx.path().to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{err}");
+        assert!(err.contains(want), "{err}");
+    }
+    // No later build sees a planted file; a read-only bind refuses writes.
+    let ctx = context(&[]);
+    dockerfile(
+        ctx.path(),
+        "FROM busybox\nRUN test ! -e /POISON && mkdir /m\n\
+         RUN --mount=type=bind,from=busybox,target=/m sh -c 'touch /m/x 2>&1 || echo REFUSED'\n",
+    );
+    let r = k.run(&[
+        "build",
+        "--no-cache",
+        "--progress",
+        "plain",
+        ctx.path().to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        r.status.success(),
+        "a layer of the store was written: {err}"
+    );
+    assert!(err.contains("REFUSED"), "{err}");
+    // kiln run -v HOST:/x:ro where the image has /x -> /.
+    let ctx = context(&[]);
+    dockerfile(ctx.path(), "FROM busybox\nRUN ln -s / /x\n");
+    k.build(ctx.path(), &["-t", "rootlink:1"]);
+    let host = outside();
+    let v = format!("{}:/x:ro", host.path().display());
+    let r = k.run(&[
+        "run",
+        "--rm",
+        "-v",
+        &v,
+        "rootlink:1",
+        "sh",
+        "-c",
+        "echo hi > /f2",
+    ]);
+    assert!(!r.status.success());
+    untouched(host.path());
+}
+
 /// A bind source whose name holds `:` (overlayfs' lowerdir separator):
 /// `source=/s/x:.` lowered `.`, kiln's working directory on the host, into
 /// the step. The name is the image's own directory, nothing else.

@@ -53,7 +53,7 @@ fn ctx<T>(r: nix::Result<T>, what: impl FnOnce() -> String) -> Result<T> {
 }
 
 /// Destinations the executor provides itself.
-pub(crate) const SYSTEM_DESTINATIONS: &[&str] = &[
+pub const SYSTEM_DESTINATIONS: &[&str] = &[
     "/proc",
     "/dev",
     "/dev/pts",
@@ -667,47 +667,233 @@ fn place_inline_files(root: &Root, stage: &Path, files: &[InlineFile]) -> Result
         let target = ctx(open_in_root(root, &f.destination), || {
             format!("opening mount point {dest}")
         })?;
+        check_mount_point(root, &target, &dest)?;
         ctx(
-            mount(
-                Some(&p),
-                &fd_path(&target),
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
+            bind_onto(
+                root,
+                &f.destination,
+                &p,
+                &target,
+                false,
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                MsFlags::empty(),
             ),
-            || format!("binding the file onto {dest}"),
-        )?;
-        remount_bind(
-            root,
-            &f.destination,
-            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            || format!("remounting {dest} read-only"),
+            || format!("binding the file read-only onto {dest}"),
         )?;
     }
     Ok(())
 }
 
-/// Remounts the bind mount now at `destination` with `flags` added
-/// (re-opened: the path names the new mount, not the mount point below).
-fn remount_bind(
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+const MOUNT_ATTR_NOATIME: u64 = 0x10;
+const MOUNT_ATTR_STRICTATIME: u64 = 0x20;
+const MOUNT_ATTR_ATIME_MASK: u64 = 0x70;
+const MOUNT_ATTR_NODIRATIME: u64 = 0x80;
+
+/// `extra` mount flags as mount_setattr(2)'s (set, clear); `None` for a
+/// flag it has no attribute for.
+fn mount_attrs(extra: MsFlags) -> Option<(u64, u64)> {
+    let mut set = 0;
+    let mut clr = 0;
+    for (f, a) in [
+        (MsFlags::MS_RDONLY, MOUNT_ATTR_RDONLY),
+        (MsFlags::MS_NOSUID, MOUNT_ATTR_NOSUID),
+        (MsFlags::MS_NODEV, MOUNT_ATTR_NODEV),
+        (MsFlags::MS_NOEXEC, MOUNT_ATTR_NOEXEC),
+        (MsFlags::MS_NODIRATIME, MOUNT_ATTR_NODIRATIME),
+    ] {
+        if extra.contains(f) {
+            set |= a;
+        }
+    }
+    for (f, a) in [
+        (MsFlags::MS_NOATIME, MOUNT_ATTR_NOATIME),
+        (MsFlags::MS_STRICTATIME, MOUNT_ATTR_STRICTATIME),
+        (MsFlags::MS_RELATIME, 0),
+    ] {
+        if extra.contains(f) {
+            set |= a;
+            clr |= MOUNT_ATTR_ATIME_MASK;
+        }
+    }
+    let known = MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV
+        | MsFlags::MS_NOEXEC
+        | MsFlags::MS_NODIRATIME
+        | MsFlags::MS_NOATIME
+        | MsFlags::MS_STRICTATIME
+        | MsFlags::MS_RELATIME;
+    (extra & !known).is_empty().then_some((set, clr))
+}
+
+/// Binds `source` onto the mount point `target` (a descriptor opened in
+/// the rootfs) with the `extra` flags and `prop` propagation set on the
+/// new mount before it is attached (`open_tree`, `mount_setattr`,
+/// `move_mount`; Linux 5.12): nothing is looked up again once it is
+/// there. A remount by path after a plain bind re-resolved the
+/// destination: through a symlink to `/` it named the rootfs below the
+/// bind (which stayed writable: a layer of the store, written by the
+/// step), or it walked through the new mount's own symlinks to another
+/// one. Where the calls are missing, the bind and remount of old, with
+/// the remounted path checked to be the bound source.
+fn bind_onto(
     root: &Root,
     destination: &Path,
-    flags: MsFlags,
-    what: impl FnOnce() -> String,
-) -> Result<()> {
-    let target = ctx(open_in_root(root, destination), || {
-        format!("opening mount point {}", destination.display())
-    })?;
-    ctx(
+    source: &Path,
+    target: &OwnedFd,
+    rec: bool,
+    extra: MsFlags,
+    prop: MsFlags,
+) -> nix::Result<()> {
+    let src =
+        CString::new(source.as_os_str().as_encoded_bytes()).map_err(|_| nix::Error::EINVAL)?;
+    let recursive = if rec { AT_RECURSIVE as libc::c_uint } else { 0 };
+    // SAFETY: a NUL-terminated path; the flags of open_tree(2).
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | recursive,
+        )
+    };
+    if fd < 0 {
+        let e = nix::Error::last();
+        if e == nix::Error::ENOSYS {
+            return bind_then_remount(root, destination, source, target, rec, extra, prop);
+        }
+        return Err(e);
+    }
+    // SAFETY: open_tree returned a new descriptor, owned here.
+    let tree = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as libc::c_int) };
+    let (set, clr) = mount_attrs(extra).ok_or(nix::Error::EINVAL)?;
+    let propagation = (prop & (MsFlags::MS_PRIVATE | MsFlags::MS_SLAVE)).bits() as u64;
+    if set != 0 || clr != 0 || propagation != 0 {
+        let attr = MountAttr {
+            attr_set: set,
+            attr_clr: clr,
+            propagation,
+            userns_fd: 0,
+        };
+        let all = if rec || prop.contains(MsFlags::MS_REC) {
+            AT_RECURSIVE as libc::c_uint
+        } else {
+            0
+        };
+        // SAFETY: valid fd, NUL-terminated empty path, attr of the size
+        // passed.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH as libc::c_uint | all,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if r != 0 {
+            return Err(nix::Error::last());
+        }
+    }
+    // SAFETY: two valid descriptors and empty NUL-terminated paths.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    if r != 0 {
+        return Err(nix::Error::last());
+    }
+    Ok(())
+}
+
+/// [`bind_onto`] on a kernel without the new mount calls: bind, then
+/// remount the destination by path — once it is checked to be the source
+/// just bound (same device and inode), never another mount.
+fn bind_then_remount(
+    root: &Root,
+    destination: &Path,
+    source: &Path,
+    target: &OwnedFd,
+    rec: bool,
+    extra: MsFlags,
+    prop: MsFlags,
+) -> nix::Result<()> {
+    let bind = if rec {
+        MsFlags::MS_BIND | MsFlags::MS_REC
+    } else {
+        MsFlags::MS_BIND
+    };
+    mount(
+        Some(source),
+        &fd_path(target),
+        None::<&str>,
+        bind,
+        None::<&str>,
+    )?;
+    if extra.is_empty() && prop.is_empty() {
+        return Ok(());
+    }
+    let want = nix::sys::stat::stat(source)?;
+    let now = open_in_root(root, destination)?;
+    let got = nix::sys::stat::fstat(&now)?;
+    if (got.st_dev, got.st_ino) != (want.st_dev, want.st_ino) {
+        return Err(nix::Error::EXDEV);
+    }
+    if !extra.is_empty() {
         mount(
             None::<&str>,
-            &fd_path(&target),
+            &fd_path(&now),
             None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
             None::<&str>,
-        ),
-        what,
-    )
+        )?;
+    }
+    if !prop.is_empty() {
+        mount(
+            None::<&str>,
+            &fd_path(&now),
+            None::<&str>,
+            prop,
+            None::<&str>,
+        )?;
+    }
+    Ok(())
+}
+
+/// Refuses a mount point that is the rootfs itself or inside the
+/// sandbox's sysfs (a destination that reached them through a symlink:
+/// the step would replace its whole filesystem, or what the kernel's
+/// files say).
+fn check_mount_point(root: &Root, target: &OwnedFd, dest: &str) -> Result<()> {
+    let top = ctx(root.dir().stat_self().map_err(fs_to_nix), || {
+        "stat of the rootfs".into()
+    })?;
+    let t = ctx(nix::sys::stat::fstat(target), || format!("stat of {dest}"))?;
+    if (t.st_dev as u64, t.st_ino as u64) == (top.dev(), top.ino()) {
+        return Err(MountError {
+            what: format!("mounting on {dest}: the destination is the root of the filesystem"),
+            source: nix::Error::EPERM,
+        });
+    }
+    if nix::sys::statfs::fstatfs(target)
+        .is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::SYSFS_MAGIC)
+    {
+        return Err(MountError {
+            what: format!("mounting on {dest}: the destination is inside /sys"),
+            source: nix::Error::EPERM,
+        });
+    }
+    Ok(())
 }
 
 fn io_to_nix(e: std::io::Error) -> nix::Error {
@@ -755,24 +941,29 @@ fn extra_mount(root: &Root, m: &MountEntry) -> Result<()> {
             source: nix::Error::EPERM,
         });
     }
+    check_mount_point(root, &target, &dest)?;
     let tp = fd_path(&target);
     if flags.contains(MsFlags::MS_BIND) {
-        ctx(
-            mount(
-                Some(&m.source),
-                &tp,
-                None::<&str>,
-                flags & (MsFlags::MS_BIND | MsFlags::MS_REC),
-                None::<&str>,
-            ),
-            || format!("bind-mounting {} on {dest}", m.source.display()),
-        )?;
+        // Its options (`ro` above all) set before it is attached.
         let extra = flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
-        if !extra.is_empty() {
-            remount_bind(root, &m.destination, extra, || {
-                format!("remounting {dest} ({})", m.options.join(","))
-            })?;
-        }
+        return ctx(
+            bind_onto(
+                root,
+                &m.destination,
+                &m.source,
+                &target,
+                flags.contains(MsFlags::MS_REC),
+                extra,
+                prop,
+            ),
+            || {
+                format!(
+                    "bind-mounting {} on {dest} ({})",
+                    m.source.display(),
+                    m.options.join(",")
+                )
+            },
+        );
     } else {
         let data = (!data.is_empty()).then_some(data.as_str());
         ctx(

@@ -349,6 +349,19 @@ fn resolve_mount_targets(
                 "mount target {}",
                 crate::fsview::show(&dest)
             )))?;
+        // Checked where it leads (the Dockerfile's text was): `/x -> /`
+        // made a read-only bind of a layer over the root, where its
+        // read-only remount then missed it.
+        let shown = String::from_utf8_lossy(&resolved).into_owned();
+        if shown == "/" || kiln_executor::rootfs::SYSTEM_DESTINATIONS.contains(&shown.as_str()) {
+            return Err(super::StepError::ctx(format!(
+                "mount target {}",
+                crate::fsview::show(&dest)
+            ))(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("it leads to {shown}, where nothing may be mounted"),
+            )));
+        }
         m.set_destination(PathBuf::from(std::ffi::OsString::from_vec(resolved)));
     }
     Ok(mounts)
