@@ -770,7 +770,7 @@ fn bind_onto(
     // SAFETY: open_tree returned a new descriptor, owned here.
     let tree = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as libc::c_int) };
     let (set, clr) = mount_attrs(extra).ok_or(nix::Error::EINVAL)?;
-    let propagation = u64::from((prop & (MsFlags::MS_PRIVATE | MsFlags::MS_SLAVE)).bits());
+    let propagation = (prop & (MsFlags::MS_PRIVATE | MsFlags::MS_SLAVE)).bits();
     if set != 0 || clr != 0 || propagation != 0 {
         let attr = MountAttr {
             attr_set: set,
