@@ -63,7 +63,32 @@ enum Locked {
     Busy,
 }
 
-fn flock(path: &Path, exclusive: bool, wait: bool) -> Result<Locked> {
+/// Takes the lock at `path`; with `wait`, retries until it is free,
+/// asking `cancelled` between tries (a blocking `flock` could be ended by
+/// nothing: a RUN holding a locked cache and asking for it again, or a
+/// build whose lock another never releases, hung kiln past Ctrl-C).
+fn flock(path: &Path, exclusive: bool, wait: bool, cancelled: &dyn Fn() -> bool) -> Result<Locked> {
+    loop {
+        match flock_once(path, exclusive)? {
+            Locked::Busy if wait => {
+                if cancelled() {
+                    return Err(io_err(
+                        "flock",
+                        path,
+                        std::io::Error::new(
+                            std::io::ErrorKind::Interrupted,
+                            "cancelled while waiting for the cache mount's lock",
+                        ),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            got => return Ok(got),
+        }
+    }
+}
+
+fn flock_once(path: &Path, exclusive: bool) -> Result<Locked> {
     loop {
         let file = OpenOptions::new()
             .read(true)
@@ -73,14 +98,12 @@ fn flock(path: &Path, exclusive: bool, wait: bool) -> Result<Locked> {
             .mode(0o600)
             .open(path)
             .ctx("open lock", path)?;
-        let mut op = if exclusive {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_SH
-        };
-        if !wait {
-            op |= libc::LOCK_NB;
-        }
+        let op = libc::LOCK_NB
+            | if exclusive {
+                libc::LOCK_EX
+            } else {
+                libc::LOCK_SH
+            };
         // SAFETY: flock on a valid fd we own.
         let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
         if rc != 0 {
@@ -121,8 +144,14 @@ impl Store {
 
     /// The cache-mount directory for `id` under `sharing`, created (empty,
     /// mode 0755, owned by root) on first use. `Locked` waits for other
-    /// users; `Private` picks an instance nobody else holds.
-    pub fn cache_mount(&self, id: &str, sharing: CacheSharing) -> Result<CacheMountDir> {
+    /// users (and `Shared` for a `Locked` one) until `cancelled` says
+    /// stop; `Private` picks an instance nobody else holds.
+    pub fn cache_mount(
+        &self,
+        id: &str,
+        sharing: CacheSharing,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<CacheMountDir> {
         let base = self.cachemounts_dir()?;
         let stem = stem(id);
         let mut n = 0usize;
@@ -130,9 +159,9 @@ impl Store {
             let name = format!("{stem}-{n}");
             let lock_path = base.join(format!("{name}.lock"));
             let got = match sharing {
-                CacheSharing::Shared => flock(&lock_path, false, true)?,
-                CacheSharing::Locked => flock(&lock_path, true, true)?,
-                CacheSharing::Private => flock(&lock_path, true, false)?,
+                CacheSharing::Shared => flock(&lock_path, false, true, cancelled)?,
+                CacheSharing::Locked => flock(&lock_path, true, true, cancelled)?,
+                CacheSharing::Private => flock(&lock_path, true, false, cancelled)?,
             };
             match got {
                 Locked::Yes(f) => break (name, f),
@@ -204,7 +233,7 @@ impl Store {
         }
         for name in names {
             let lock_path = base.join(format!("{name}.lock"));
-            let Locked::Yes(_held) = flock(&lock_path, true, false)? else {
+            let Locked::Yes(_held) = flock(&lock_path, true, false, &|| false)? else {
                 continue;
             };
             let dir = base.join(&name);

@@ -66,6 +66,11 @@ pub fn cancel_on_interrupt(token: &kiln_solver::session::CancellationToken) {
             eprintln!("\ninterrupted: the export was stopped");
             std::process::exit(i32::from(EXIT_CANCELLED));
         }
+        // A second one ends kiln at once, whatever the build is waiting
+        // for (the store survives a kill at any point).
+        interrupted().await;
+        eprintln!("\ninterrupted again: stopping now");
+        std::process::exit(i32::from(EXIT_CANCELLED));
     });
 }
 

@@ -99,6 +99,62 @@ fn cache_mount_from_a_stage_seeds_a_new_cache_and_ro_is_read_only() {
     assert_eq!(sh(&k, "seeded", "cat /ro"), "readonly\n");
 }
 
+/// A cache seeded `from=` a stage is that seed's own: a cache another
+/// build filled under the same id (BuildKit keys seeded caches by id and
+/// source too) is not what the seeded mount shows.
+#[test]
+fn a_seeded_cache_is_not_the_one_another_build_filled_under_its_id() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let evil = dockerfile(
+        "FROM busybox\nRUN --mount=type=cache,id=deps,target=/c sh -c 'echo EVIL > /c/marker'\n",
+    );
+    k.build(evil.path(), &[]);
+    let victim = dockerfile(
+        "FROM busybox AS src\nRUN mkdir /d && echo GOOD > /d/marker\n\
+         FROM busybox\n\
+         RUN --mount=type=cache,id=deps,from=src,source=/d,target=/c cat /c/marker > /got\n",
+    );
+    k.build(victim.path(), &["-t", "victim"]);
+    assert_eq!(sh(&k, "victim", "cat /got"), "GOOD\n");
+}
+
+/// One RUN mounting one locked cache twice shares it (each mount waited
+/// for the other's lock for ever, past Ctrl-C).
+#[test]
+fn one_locked_cache_mounted_twice_in_a_run_does_not_wait_for_itself() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = dockerfile(
+        "FROM busybox\n\
+         RUN --mount=type=cache,id=x,target=/a,sharing=locked \
+         --mount=type=cache,id=x,target=/b,sharing=locked sh -c 'touch /a/f && ls /b > /seen'\n",
+    );
+    let mut child = k
+        .cmd()
+        .args(["build", "-q", "-t", "twice"])
+        .arg(ctx.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let t = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if t.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the build waited for its own cache lock");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().expect("output");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(sh(&k, "twice", "cat /seen"), "f\n");
+}
+
 /// Two builds on one store at once, both holding the cache `id=shared-id`
 /// for ~2 s with `sharing`. Returns what each saw.
 fn concurrent_cache_users(sharing: &str) -> Vec<String> {
@@ -395,6 +451,18 @@ fn ssh_agent_socket_is_forwarded() {
     );
     let flag = format!("default={}", sock.display());
     k.build(ctx.path(), &["-t", "ssh:1", "--ssh", &flag]);
+    // The host's socket is the step's to connect to, not to change.
+    let before = std::fs::metadata(&sock).unwrap();
+    let ch = dockerfile(
+        "FROM busybox\nRUN --mount=type=ssh sh -c 'chmod 777 $SSH_AUTH_SOCK; chown 4242 $SSH_AUTH_SOCK; touch -d 2001-01-01 $SSH_AUTH_SOCK; true'\n",
+    );
+    k.build(ch.path(), &["--ssh", &flag]);
+    let after = std::fs::metadata(&sock).unwrap();
+    assert_eq!(
+        (after.mode(), after.uid(), after.mtime()),
+        (before.mode(), before.uid(), before.mtime()),
+        "the step changed the host's agent socket"
+    );
     assert_eq!(
         sh(&k, "ssh:1", "cat /ssh"),
         format!("/run/buildkit/ssh_agent.0\n{ino}\n")

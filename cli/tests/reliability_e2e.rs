@@ -384,3 +384,31 @@ fn a_signal_during_the_export_ends_kiln() {
     }
     k.ok(&["system", "check"]);
 }
+
+/// A build waiting for a locked cache mount another build holds stops on
+/// Ctrl-C (the wait was a blocking `flock` nothing ended: SIGINT and
+/// SIGTERM were taken and ignored, only SIGKILL stopped it).
+#[test]
+fn ctrl_c_stops_a_build_waiting_for_a_cache_lock() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let holder = context(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN --mount=type=cache,id=held,target=/c,sharing=locked sh -c 'echo holding && sleep 30'\n",
+    )]);
+    let (mut a, rx) = spawn_build(&k, holder.path(), "holder:1");
+    wait_for_line(&rx, "holding");
+    let waiter = context(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN --mount=type=cache,id=held,target=/c,sharing=locked echo got-it\n",
+    )]);
+    let (mut b, _rx_b) = spawn_build(&k, waiter.path(), "waiter:1");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(b.try_wait().expect("wait").is_none(), "it did not wait");
+    let status = signal_and_wait(&mut b, libc::SIGINT, Duration::from_secs(5));
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let _ = signal_and_wait(&mut a, libc::SIGINT, Duration::from_secs(15));
+    k.ok(&["system", "check"]);
+}

@@ -179,13 +179,15 @@ pub trait Backend: Send + Sync + 'static {
         Err(BackendError::Unsupported("a multi-platform build"))
     }
     /// The persistent cache-mount directory `id` (see
-    /// [`kiln_cache::CacheSharing`] for how concurrent users share it).
+    /// [`kiln_cache::CacheSharing`] for how concurrent users share it); a
+    /// wait for its lock ends when `cancelled` says so.
     fn cache_mount(
         &self,
         id: &str,
         sharing: kiln_cache::CacheSharing,
+        cancelled: &dyn Fn() -> bool,
     ) -> BackendResult<CacheMountHold> {
-        let _ = (id, sharing);
+        let _ = (id, sharing, cancelled);
         Err(BackendError::Unsupported("RUN --mount=type=cache"))
     }
     /// A directory for throwaway files of a step (writable upper layers of

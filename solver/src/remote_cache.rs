@@ -1300,8 +1300,9 @@ impl Backend for RemoteCacheBackend {
         &self,
         id: &str,
         sharing: kiln_cache::CacheSharing,
+        cancelled: &dyn Fn() -> bool,
     ) -> BackendResult<CacheMountHold> {
-        self.inner.cache_mount(id, sharing)
+        self.inner.cache_mount(id, sharing, cancelled)
     }
 
     fn scratch_dir(&self) -> PathBuf {

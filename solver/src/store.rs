@@ -893,10 +893,11 @@ impl Backend for StoreBackend {
         &self,
         id: &str,
         sharing: kiln_cache::CacheSharing,
+        cancelled: &dyn Fn() -> bool,
     ) -> BackendResult<crate::backend::CacheMountHold> {
         let m = self
             .store
-            .cache_mount(id, sharing)
+            .cache_mount(id, sharing, cancelled)
             .map_err(BackendError::ctx("cache mount"))?;
         Ok(crate::backend::CacheMountHold {
             dir: m.dir.clone(),

@@ -388,6 +388,7 @@ impl Backend for MemBackend {
         &self,
         id: &str,
         _sharing: kiln_cache::CacheSharing,
+        _cancelled: &dyn Fn() -> bool,
     ) -> BackendResult<crate::backend::CacheMountHold> {
         let name = format!("cache-{}", hex::encode(Sha256::digest(id.as_bytes())));
         let dir = self.root.path().join(name);

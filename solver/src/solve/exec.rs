@@ -163,7 +163,8 @@ impl Solver {
                 } else {
                     let backend = me.backend.clone();
                     let rm = run_mounts.clone();
-                    blocking(move || rm.prepare(backend.as_ref()))
+                    let cancel = me.cancel.clone();
+                    blocking(move || rm.prepare(backend.as_ref(), &|| cancel.is_cancelled()))
                         .await
                         .map_err(at_line(line))?
                 };

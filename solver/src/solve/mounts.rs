@@ -213,6 +213,17 @@ impl Solver {
                         opt(&m.gid),
                         opt(&m.source),
                     ));
+                    // A cache seeded from a stage or image is its own:
+                    // BuildKit keys it by the id and the source too (one
+                    // keyed by the id alone was any build's, which could
+                    // fill it first with what the seed never held).
+                    let id = match &spec.from {
+                        Some(_) => format!(
+                            "{id} from={from_key} source={}",
+                            m.source.as_deref().unwrap_or("/")
+                        ),
+                        None => id,
+                    };
                     Planned::Cache {
                         target,
                         id,
@@ -489,23 +500,50 @@ impl RunMounts {
         self.planned.is_empty()
     }
 
-    /// Sets the mounts up for one execution (blocking).
-    pub fn prepare(&self, backend: &dyn Backend) -> Result<Prepared, MountError> {
+    /// Sets the mounts up for one execution (blocking); waits for cache
+    /// locks until `cancelled` says stop.
+    pub fn prepare(
+        &self,
+        backend: &dyn Backend,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Prepared, MountError> {
         let mut p = Prepared::default();
+        // The caches first, each id once (two mounts of one locked cache
+        // in one RUN waited for each other for ever), in the order of
+        // their ids (two steps locking two caches in opposite orders
+        // waited for each other).
+        let mut ids: Vec<(&str, CacheSharing)> = Vec::new();
+        for m in &self.planned {
+            if let Planned::Cache { id, sharing, .. } = m {
+                if !ids.iter().any(|(i, _)| i == id) {
+                    ids.push((id, *sharing));
+                }
+            }
+        }
+        ids.sort_by(|a, b| a.0.cmp(b.0));
+        let mut holds = std::collections::HashMap::new();
+        for (id, sharing) in ids {
+            let hold = backend.cache_mount(id, sharing, cancelled)?;
+            holds.insert(id.to_string(), (hold, false));
+        }
         for m in &self.planned {
             match m {
                 Planned::Cache {
                     target,
                     id,
-                    sharing,
+                    sharing: _,
                     readonly,
                     mode,
                     uid,
                     gid,
                     seed,
                 } => {
-                    let hold = backend.cache_mount(id, *sharing)?;
-                    if hold.created {
+                    let Some((hold, seen)) = holds.get_mut(id.as_str()) else {
+                        return Err(MountError::Invalid(format!("cache {id}: not prepared")));
+                    };
+                    // Made by this call, and not yet set up by another
+                    // mount of the same id in this RUN.
+                    if hold.created && !*seen {
                         let init = || -> Result<(), MountError> {
                             if let Some(sel) = seed {
                                 copy_into(&hold.dir, sel)?;
@@ -522,8 +560,8 @@ impl RunMounts {
                             return Err(e);
                         }
                     }
+                    *seen = true;
                     p.mounts.push(bind_mount(target, &hold.dir, *readonly)?);
-                    p._holds.push(hold);
                 }
                 Planned::Bind {
                     target,
@@ -583,17 +621,30 @@ impl RunMounts {
                     }
                 }
                 Planned::Ssh { target, socket } => {
-                    if fs::metadata(socket).is_err() {
-                        return Err(MountError::Invalid(format!(
-                            "SSH agent socket {} not found",
-                            socket.display()
-                        )));
+                    use std::os::unix::fs::FileTypeExt;
+                    match fs::metadata(socket) {
+                        Ok(m) if m.file_type().is_socket() => {}
+                        Ok(_) => {
+                            return Err(MountError::Invalid(format!(
+                                "SSH agent socket {} is not a socket",
+                                socket.display()
+                            )))
+                        }
+                        Err(_) => {
+                            return Err(MountError::Invalid(format!(
+                                "SSH agent socket {} not found",
+                                socket.display()
+                            )))
+                        }
                     }
-                    p.mounts.push(bind_mount(target, socket, false)?);
+                    // Read-only (a socket still connects): the step may
+                    // not chmod, chown or touch the host's socket.
+                    p.mounts.push(bind_mount(target, socket, true)?);
                     p.env.push(("SSH_AUTH_SOCK".into(), target.clone()));
                 }
             }
         }
+        p._holds.extend(holds.into_values().map(|(h, _)| h));
         Ok(p)
     }
 }
