@@ -885,13 +885,21 @@ fn check_mount_point(root: &Root, target: &OwnedFd, dest: &str) -> Result<()> {
             source: nix::Error::EPERM,
         });
     }
-    if nix::sys::statfs::fstatfs(target)
-        .is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::SYSFS_MAGIC)
-    {
-        return Err(MountError {
-            what: format!("mounting on {dest}: the destination is inside /sys"),
-            source: nix::Error::EPERM,
-        });
+    // Nothing is mounted inside the sandbox's procfs or sysfs, whichever
+    // path led there (`/proc/sys/kernel`, a symlink to it): the step would
+    // choose what the kernel files it and its init read say (runc refuses
+    // these too, but for a short list of lxcfs-style files).
+    let fs = nix::sys::statfs::fstatfs(target).map(|f| f.filesystem_type());
+    for (magic, name) in [
+        (nix::sys::statfs::PROC_SUPER_MAGIC, "/proc"),
+        (nix::sys::statfs::SYSFS_MAGIC, "/sys"),
+    ] {
+        if fs.is_ok_and(|t| t == magic) {
+            return Err(MountError {
+                what: format!("mounting on {dest}: the destination is inside {name}"),
+                source: nix::Error::EPERM,
+            });
+        }
     }
     Ok(())
 }
@@ -929,18 +937,6 @@ fn extra_mount(root: &Root, m: &MountEntry) -> Result<()> {
     let target = ctx(open_in_root(root, &m.destination), || {
         format!("opening mount point {dest}")
     })?;
-    // Nothing is mounted inside the sandbox's procfs, whichever path led
-    // there (`/proc/sys/kernel`, a symlink to it): the step would choose
-    // what the kernel files it and its init read say (runc refuses these
-    // too, but for a short list of lxcfs-style files).
-    if nix::sys::statfs::fstatfs(&target)
-        .is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::PROC_SUPER_MAGIC)
-    {
-        return Err(MountError {
-            what: format!("mounting on {dest}: the destination is inside /proc"),
-            source: nix::Error::EPERM,
-        });
-    }
     check_mount_point(root, &target, &dest)?;
     let tp = fd_path(&target);
     if flags.contains(MsFlags::MS_BIND) {
