@@ -580,6 +580,50 @@ fn a_read_only_bind_is_never_left_writable_and_never_over_the_root() {
     untouched(host.path());
 }
 
+/// A COPY's reuse of its previous run's unchanged files (hard links
+/// into the new layer, found by the step's shape and the source's hash)
+/// never takes another build's bytes: a build on a shared store whose
+/// `/app/config` was, at the end of its COPY, a hard link of another
+/// source's file (or a heredoc written over it) left an index row naming
+/// `config`'s content over other bytes, and the victim's COPY of the same
+/// shape linked them into its layer under its own key.
+#[test]
+fn a_copy_never_reuses_another_builds_file_under_its_own_content() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    let touch = |p: &Path| {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .and_then(|f| f.set_modified(when))
+            .unwrap();
+    };
+    let df = "FROM busybox\nCOPY a b /app/\n";
+    let attacker = context(&[("Dockerfile", df)]);
+    let a = attacker.path();
+    std::fs::create_dir_all(a.join("a")).unwrap();
+    std::fs::create_dir_all(a.join("b")).unwrap();
+    std::fs::write(a.join("a/config"), "GOOD-CONFIG").unwrap();
+    std::fs::write(a.join("a/zz"), "EVIL-CONFIG").unwrap();
+    std::fs::hard_link(a.join("a/zz"), a.join("b/config")).unwrap();
+    for f in ["a/config", "a/zz"] {
+        touch(&a.join(f));
+    }
+    k.build(a, &[]);
+    let victim = context(&[("Dockerfile", df)]);
+    let v = victim.path();
+    std::fs::create_dir_all(v.join("a")).unwrap();
+    std::fs::create_dir_all(v.join("b")).unwrap();
+    std::fs::write(v.join("a/config"), "GOOD-CONFIG").unwrap();
+    std::fs::write(v.join("b/other"), "x").unwrap();
+    touch(&v.join("a/config"));
+    k.build(v, &["-t", "victim:1"]);
+    assert_eq!(sh(&k, "victim:1", "cat /app/config"), "GOOD-CONFIG");
+}
+
 /// A bind source whose name holds `:` (overlayfs' lowerdir separator):
 /// `source=/s/x:.` lowered `.`, kiln's working directory on the host, into
 /// the step. The name is the image's own directory, nothing else.

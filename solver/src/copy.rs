@@ -730,16 +730,40 @@ impl Reuse {
         Some(out)
     }
 
-    /// Writes this run's index beside the layer directory `fs`.
+    /// Writes this run's index beside the layer directory `fs`: only rows
+    /// the final tree still holds as they were noted — a path written once
+    /// in the run, a regular file of one name. (A later source of the same
+    /// destination, or a hard link of another source's file over it, left
+    /// a row naming the first source's content over another's bytes; a
+    /// later build of the same shape then linked those bytes into its own
+    /// layer under its own, honest key.)
     pub fn store_index(&self, fs: &Path) -> Result<(), CopyError> {
         let Some(dir) = fs.parent() else {
             return Ok(());
         };
-        let rows: Vec<(String, String)> = self
+        let written = self
             .written
             .lock()
             .map_err(|_| CopyError::Io("copy index".into(), io::Error::other("poisoned")))?
+            .clone();
+        let mut times: HashMap<&str, usize> = HashMap::with_capacity(written.len());
+        for (p, _) in &written {
+            *times.entry(p.as_str()).or_default() += 1;
+        }
+        let mut single = std::collections::HashSet::with_capacity(written.len());
+        let root = kiln_fs::Root::open(fs).map_err(|e| io_err(fs, e.into()))?;
+        root.walk(&mut |rel, st| {
+            if st.is_file() && st.nlink() == 1 {
+                let mut b = b"/".to_vec();
+                b.extend_from_slice(rel.as_os_str().as_bytes());
+                single.insert(index_key(&b));
+            }
+            Ok(kiln_fs::Walk::Into)
+        })
+        .map_err(|e| io_err(fs, e.into()))?;
+        let rows: Vec<(String, String)> = written
             .iter()
+            .filter(|(p, _)| times.get(p.as_str()) == Some(&1) && single.contains(p))
             .map(|(p, h)| (p.clone(), hex::encode(h)))
             .collect();
         let bytes = serde_json::to_vec(&rows)

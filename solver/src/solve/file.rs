@@ -141,7 +141,14 @@ impl Solver {
         // A plain COPY from the context may hard-link the files it shares
         // with its previous run: find that run by the step's shape (the key
         // without the content).
-        let reusable = from_context && !op.add && !op.link && fetched.is_empty();
+        let reusable = from_context
+            && !op.add
+            && !op.link
+            && fetched.is_empty()
+            // Heredocs are written after the copy, over its files, and are
+            // not in the shape: such a layer's index would name a file a
+            // heredoc replaced.
+            && op.heredocs.is_empty();
         let shape = copy_shape_key(op, &state.key);
         // Only the previous run's record is looked up here; its index is
         // read by the copy itself, which a cache hit never runs.
