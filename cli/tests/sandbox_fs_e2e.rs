@@ -624,6 +624,63 @@ fn a_copy_never_reuses_another_builds_file_under_its_own_content() {
     assert_eq!(sh(&k, "victim:1", "cat /app/config"), "GOOD-CONFIG");
 }
 
+/// A step that executes `/proc/self/exe` runs kiln's own binary inside
+/// the sandbox; a child of it reached the host's file through
+/// `/proc/$PPID/exe` and, as its owner, made it setuid root (any local
+/// user then had root). The init now runs from a read-only clone of the
+/// binary: the file keeps its mode. (Run on a copy of the binary; the
+/// image carries the host's libraries kiln needs.)
+#[test]
+fn a_step_never_changes_the_hosts_kiln_binary() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("kiln-copy");
+    let src = std::env::var_os("KILN_E2E_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_kiln").into());
+    std::fs::copy(&src, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ctx = context(&[]);
+    let ldd = std::process::Command::new("ldd")
+        .arg(&bin)
+        .output()
+        .unwrap();
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let to = ctx.path().join("libs").join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(lib, &to).unwrap();
+    }
+    std::fs::create_dir_all(ctx.path().join("evil")).unwrap();
+    let helper = ctx.path().join("evil/docker-credential-evil");
+    std::fs::write(&helper, "#!/bin/sh\nchmod 4755 /proc/$PPID/exe\n").unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dockerfile(
+        ctx.path(),
+        "FROM busybox\nCOPY libs/ /\nCOPY evil/ /evil/\n\
+         RUN mkdir /dc && echo '{\"credsStore\":\"evil\"}' > /dc/config.json\n\
+         ENV PATH=/evil:/bin DOCKER_CONFIG=/dc\n\
+         RUN [\"/proc/self/exe\", \"logout\", \"example.invalid\"]\n",
+    );
+    let o = std::process::Command::new(&bin)
+        .arg("--root")
+        .arg(k.root.path())
+        .args(["build", "-q", "--no-cache"])
+        .arg(ctx.path())
+        .output()
+        .unwrap();
+    let mode = std::fs::metadata(&bin).unwrap().mode() & 0o7777;
+    assert_eq!(
+        mode,
+        0o755,
+        "the host's kiln binary was changed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// A bind source whose name holds `:` (overlayfs' lowerdir separator):
 /// `source=/s/x:.` lowered `.`, kiln's working directory on the host, into
 /// the step. The name is the image's own directory, nothing else.

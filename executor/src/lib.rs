@@ -61,6 +61,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod emulation;
 mod error;
+mod exe;
 mod init;
 mod net;
 mod protocol;

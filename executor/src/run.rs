@@ -888,7 +888,16 @@ impl Executor {
             source,
         };
         let (parent_end, child_end) = socketpair().map_err(proto)?;
-        let mut cmd = tokio::process::Command::new(&self.config.init_path);
+        // Never the host's file itself (see `exe`).
+        let init = crate::exe::init_exe(&self.config.init_path).map_err(|source| Error::Io {
+            step: step.to_string(),
+            what: format!(
+                "making a read-only copy of the sandbox init {}",
+                self.config.init_path.display()
+            ),
+            source,
+        })?;
+        let mut cmd = tokio::process::Command::new(&init);
         cmd.arg(INIT_ARG)
             .env_clear()
             .env(PARENT_PID_ENV, std::process::id().to_string())
