@@ -681,6 +681,50 @@ fn a_step_never_changes_the_hosts_kiln_binary() {
     );
 }
 
+/// An image's `/etc/passwd` that is a FIFO is never waited on: the init
+/// read it for every step (HOME, even without USER) and hung there.
+#[test]
+fn a_fifo_for_etc_passwd_is_an_error_not_a_hang() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[]);
+    dockerfile(
+        ctx.path(),
+        "FROM busybox\nRUN rm /etc/passwd && mkfifo /etc/passwd\nRUN echo after\n",
+    );
+    let child = k
+        .cmd()
+        .args(["build", "-q"])
+        .arg(ctx.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = within_a_minute(child, "the step waited on a FIFO /etc/passwd");
+    // No USER: the step runs as root, its HOME looked up in vain.
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A USER by name is then a clear error.
+    let ctx = context(&[]);
+    dockerfile(
+        ctx.path(),
+        "FROM busybox\nRUN rm /etc/passwd && mkfifo /etc/passwd\nUSER nobody\nRUN echo after\n",
+    );
+    let child = k
+        .cmd()
+        .args(["build", "-q"])
+        .arg(ctx.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = within_a_minute(child, "the step waited on a FIFO /etc/passwd");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+}
+
 /// A bind source whose name holds `:` (overlayfs' lowerdir separator):
 /// `source=/s/x:.` lowered `.`, kiln's working directory on the host, into
 /// the step. The name is the image's own directory, nothing else.

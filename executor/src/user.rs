@@ -57,8 +57,10 @@ pub fn resolve_user(rootfs: &Path, user: &str) -> Result<ResolvedUser, UserError
 
 /// Read a file inside `root` (missing file = empty).
 fn read_in_root(root: &OwnedFd, rel: &str) -> Result<String, UserError> {
+    // Never blocking on a FIFO the image put there (every later step
+    // hung): a regular file only.
     let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
         .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     let io_err = |e: std::io::Error| UserError::Io {
         path: PathBuf::from("/").join(rel),
@@ -69,10 +71,14 @@ fn read_in_root(root: &OwnedFd, rel: &str) -> Result<String, UserError> {
         Err(nix::Error::ENOENT) | Err(nix::Error::ENOTDIR) => return Ok(String::new()),
         Err(e) => return Err(io_err(e.into())),
     };
+    let file = std::fs::File::from(fd);
+    if !file.metadata().map_err(io_err)?.is_file() {
+        return Err(io_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
     let mut s = Vec::new();
-    std::fs::File::from(fd)
-        .take(MAX_FILE)
-        .read_to_end(&mut s)
-        .map_err(io_err)?;
+    file.take(MAX_FILE).read_to_end(&mut s).map_err(io_err)?;
     Ok(String::from_utf8_lossy(&s).into_owned())
 }

@@ -62,6 +62,13 @@ pub struct PasswdEntry<'a> {
     pub home: &'a str,
 }
 
+/// An id field of a passwd or group line: a number up to 2^31-1 (as
+/// runc: `4294967295` is `(uid_t)-1`, which `setresuid` takes as "leave
+/// it", so a user by that id ran as root).
+fn file_id(s: &str) -> Option<u32> {
+    s.parse::<u32>().ok().filter(|n| *n <= i32::MAX as u32)
+}
+
 /// The well-formed entries of a passwd file, in order (blank lines,
 /// comments and lines without numeric ids are skipped).
 pub fn passwd_entries(passwd: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
@@ -73,8 +80,8 @@ pub fn passwd_entries(passwd: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
         let f: Vec<&str> = l.split(':').collect();
         Some(PasswdEntry {
             name: f.first().copied()?,
-            uid: f.get(2)?.parse().ok()?,
-            gid: f.get(3)?.parse().ok()?,
+            uid: file_id(f.get(2)?)?,
+            gid: file_id(f.get(3)?)?,
             home: f.get(5).copied().unwrap_or(""),
         })
     })
@@ -101,7 +108,7 @@ pub fn group_entries(group: &str) -> impl Iterator<Item = GroupEntry<'_>> {
         let f: Vec<&str> = l.split(':').collect();
         Some(GroupEntry {
             name: f.first().copied()?,
-            gid: f.get(2)?.parse().ok()?,
+            gid: file_id(f.get(2)?)?,
             members: f
                 .get(3)
                 .map(|m| m.split(',').filter(|s| !s.is_empty()).collect())
@@ -224,6 +231,17 @@ mod tests {
         alice:x:1000:1000:Alice:/home/alice:/bin/sh\n\
         nohome:x:1001:1001::\n";
     const GROUP: &str = "root:x:0:\nalice:x:1000:\nstaff:x:50:alice,bob\nwheel:x:10:alice\n";
+
+    /// An id above 2^31-1 in the image's files is no id (4294967295 is
+    /// `(uid_t)-1`: `setresuid` left the step as root).
+    #[test]
+    fn ids_out_of_range_in_the_files_are_not_users() {
+        let passwd = "evil:x:4294967295:1000::/:/bin/sh\nok:x:2147483647:1::/:/bin/sh\n";
+        assert!(resolve_exec_user("evil", passwd, "").is_err());
+        assert_eq!(resolve_exec_user("ok", passwd, "").unwrap().uid, 2147483647);
+        let group = "g:x:4294967295:\n";
+        assert!(resolve_exec_user("0:g", "", group).is_err());
+    }
 
     #[test]
     fn name_gets_home_and_supplementary_groups() {
