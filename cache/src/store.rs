@@ -211,6 +211,7 @@ impl Store {
                 .create(d)
                 .ctx("mkdir", d)?;
         }
+        tmp_users::join(&root)?;
         let paths = Paths {
             snapshots,
             links,
@@ -865,6 +866,104 @@ impl Store {
     }
 }
 
+/// Who uses the store's `tmp`: every process that opened the store holds
+/// a shared lock on `tmp.lock` for as long as it lives (its contexts,
+/// exports, mount scratch and executor state are there, in files of no
+/// lease); prune empties `tmp` only when it can take that lock
+/// exclusively — no other kiln is alive on the store — and else only of
+/// entries a day old. (Prune deleted a running build's stdin context: the
+/// build then copied nothing, tagged its image and exited 0.)
+pub(crate) mod tmp_users {
+    use std::collections::HashMap;
+    use std::fs::File;
+    use std::os::unix::io::AsRawFd;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    use crate::error::{io_err, Result};
+
+    static HELD: Mutex<Option<HashMap<PathBuf, File>>> = Mutex::new(None);
+
+    fn lock_file(root: &Path) -> Result<File> {
+        let p = root.join("tmp.lock");
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .map_err(|e| io_err("open", &p, e))
+    }
+
+    fn flock(f: &File, op: libc::c_int) -> bool {
+        loop {
+            // SAFETY: an open descriptor.
+            if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+                return true;
+            }
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return false;
+            }
+        }
+    }
+
+    /// This process uses `root`'s tmp (once per process and root).
+    pub(crate) fn join(root: &Path) -> Result<()> {
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        let map = held.get_or_insert_with(HashMap::new);
+        if map.contains_key(root) {
+            return Ok(());
+        }
+        let f = lock_file(root)?;
+        // Waits only while a prune empties tmp.
+        if !flock(&f, libc::LOCK_SH) {
+            return Err(io_err(
+                "flock",
+                &root.join("tmp.lock"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        map.insert(root.to_path_buf(), f);
+        Ok(())
+    }
+
+    /// Whether this process is the only one using `root`'s tmp; while the
+    /// returned guard lives, no other can start using it.
+    pub(crate) fn alone(root: &Path) -> Option<Alone> {
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = held.as_mut().and_then(|m| m.remove(root));
+        let f = mine.or_else(|| lock_file(root).ok())?;
+        if flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
+            return Some(Alone {
+                root: root.to_path_buf(),
+                file: Some(f),
+            });
+        }
+        // Others are there: this process keeps its shared hold.
+        let _ = flock(&f, libc::LOCK_SH);
+        held.get_or_insert_with(HashMap::new)
+            .insert(root.to_path_buf(), f);
+        None
+    }
+
+    /// An exclusive hold of a store's tmp (see [`alone`]).
+    pub(crate) struct Alone {
+        root: PathBuf,
+        file: Option<File>,
+    }
+
+    impl Drop for Alone {
+        fn drop(&mut self) {
+            if let Some(f) = self.file.take() {
+                let _ = flock(&f, libc::LOCK_SH);
+                let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+                held.get_or_insert_with(HashMap::new)
+                    .insert(self.root.clone(), f);
+            }
+        }
+    }
+}
+
 /// Refuses a store root another user owns (root opening a rootless
 /// user's store: that user controls every file and record in it, and
 /// root's files would be left in it), and makes this user's 0700 when it
@@ -886,8 +985,9 @@ fn private_root(root: &Path) -> Result<()> {
     // another directory of this user's (root given `--root` through a
     // symlink a user planted to `/etc` made it 0700 and filled it).
     if !root.join("meta.db").exists() {
-        const OURS: [&str; 8] = [
+        const OURS: [&str; 9] = [
             "lost+found",
+            "tmp.lock",
             "blobs",
             "snapshots",
             "l",

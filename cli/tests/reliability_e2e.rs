@@ -412,3 +412,49 @@ fn ctrl_c_stops_a_build_waiting_for_a_cache_lock() {
     let _ = signal_and_wait(&mut a, libc::SIGINT, Duration::from_secs(15));
     k.ok(&["system", "check"]);
 }
+
+/// `kiln system prune` while a build runs leaves that build's temporary
+/// files (here its context from stdin) alone: it deleted them, and the
+/// build copied an empty context, tagged its image and exited 0.
+#[test]
+fn prune_during_a_build_keeps_the_builds_temporary_files() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN echo sleeping && sleep 3\nCOPY . /ctx\nRUN ls /ctx | wc -l > /n\n",
+    )]);
+    for i in 0..50 {
+        std::fs::write(ctx.path().join(format!("f{i}")), "x").expect("write");
+    }
+    let bin = std::env::var_os("KILN_E2E_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_kiln").into());
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("tar -C \"$1\" -cf - . | \"$2\" --root \"$3\" build --progress plain -t pruned:1 -")
+        .arg("sh")
+        .arg(ctx.path())
+        .arg(&bin)
+        .arg(k.root.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    wait_for_line(&rx, "sleeping");
+    k.ok(&["prune", "-f"]);
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(common::sh(&k, "pruned:1", "cat /n").trim(), "51");
+}
