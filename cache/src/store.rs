@@ -919,7 +919,7 @@ pub(crate) mod tmp_users {
         if !flock(&f, libc::LOCK_SH) {
             return Err(io_err(
                 "flock",
-                &root.join("tmp.lock"),
+                root.join("tmp.lock"),
                 std::io::Error::last_os_error(),
             ));
         }
