@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{io_err, IoContext, Result};
 
@@ -177,12 +177,11 @@ impl FileLock {
 /// Recursively remove `path` if it exists (no error if it does not).
 pub(crate) fn remove_all(path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => {
-            make_writable(path);
-            std::fs::remove_dir_all(path)
-                .or_else(ignore_not_found)
-                .ctx("remove", path)
-        }
+        // Any depth, one directory open at a time, read-only directories
+        // opened up on the way (see `kiln_fs::remove_tree`).
+        Ok(m) if m.is_dir() => kiln_fs::remove_tree(path)
+            .or_else(ignore_not_found)
+            .ctx("remove", path),
         Ok(_) => std::fs::remove_file(path)
             .or_else(ignore_not_found)
             .ctx("remove", path),
@@ -196,36 +195,6 @@ fn ignore_not_found(e: std::io::Error) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(e)
-    }
-}
-
-/// Give the owner write+exec permission on every directory below `path`, so
-/// that read-only directories inside a layer (e.g. `dr-xr-xr-x`) can be
-/// removed even without CAP_DAC_OVERRIDE. The tree may hold anything an
-/// image or a step put there: it is walked and changed through kiln-fs
-/// (each directory opened with `Follow::Never`, each chmod by descriptor),
-/// so no symlink in it, even one swapped in meanwhile, is ever followed.
-fn make_writable(path: &Path) {
-    let Ok(root) = kiln_fs::Root::open(path) else {
-        return;
-    };
-    // Paths inside the root, not open directories: a wide tree must not
-    // hold a descriptor per pending directory.
-    let mut pending = vec![PathBuf::new()];
-    while let Some(rel) = pending.pop() {
-        let Ok(dir) = root.open_dir(&rel, kiln_fs::Follow::Never) else {
-            continue;
-        };
-        if let Ok(st) = dir.stat_self() {
-            if st.mode() & 0o700 != 0o700 {
-                let _ = dir.chmod_self(st.mode() | 0o700);
-            }
-        }
-        for name in dir.read_dir().unwrap_or_default() {
-            if matches!(dir.stat(&name), Ok(Some(st)) if st.is_dir()) {
-                pending.push(rel.join(name));
-            }
-        }
     }
 }
 
@@ -269,12 +238,9 @@ mod tests {
         for d in ["ro/deeper", "ro"] {
             std::fs::set_permissions(tree.join(d), std::fs::Permissions::from_mode(0o555)).unwrap();
         }
-        make_writable(&tree);
         let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
-        assert_eq!(mode(&tree.join("ro")), 0o755);
-        assert_eq!(mode(&tree.join("ro/deeper")), 0o755);
-        assert_eq!(mode(&outside), 0o500, "a link's target is never changed");
         remove_all(&tree).unwrap();
         assert!(!tree.exists() && outside.is_dir());
+        assert_eq!(mode(&outside), 0o500, "a link's target is never changed");
     }
 }

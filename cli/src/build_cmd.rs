@@ -347,6 +347,9 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     let prepared = session.prepare(req).map_err(facade_error)?;
     let mode = if a.quiet { Mode::Quiet } else { a.progress };
     let rt = tokio::runtime::Builder::new_multi_thread()
+        // A layer's tree is walked recursively, per level (see
+        // `kiln_image::diff::MAX_TREE_DEPTH`).
+        .thread_stack_size(kiln_solver::copy::DEEP_STACK)
         .enable_all()
         .build()?;
     // Cancelled by SIGINT/SIGTERM only (the build cancels its own child

@@ -834,6 +834,9 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     drop(req);
     let resizer = terminal.as_ref().map(crate::run_io::Terminal::resizer);
     let rt = tokio::runtime::Builder::new_multi_thread()
+        // A layer's tree is walked recursively, per level (see
+        // `kiln_image::diff::MAX_TREE_DEPTH`).
+        .thread_stack_size(kiln_solver::copy::DEEP_STACK)
         .enable_all()
         .build()?;
     let outcome = rt.block_on(async {

@@ -232,6 +232,13 @@ fn main() -> ExitCode {
     if std::env::var_os("KILN_ROOT").is_some_and(|v| v.is_empty()) {
         std::env::remove_var("KILN_ROOT");
     }
+    // Every thread's stack (std reads this once, at the first spawn) room
+    // for the walks of a layer's tree, which recurse per level, down to
+    // `kiln_image::diff::MAX_TREE_DEPTH` (a deep tree a step made
+    // overflowed a 2 MiB stack). Address space only until used.
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        std::env::set_var("RUST_MIN_STACK", kiln_solver::copy::DEEP_STACK.to_string());
+    }
     let mut cli = Cli::parse();
     // The default store is the calling user's: chosen before entering the
     // user namespace, where this process is root.

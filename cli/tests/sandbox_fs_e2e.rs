@@ -725,6 +725,39 @@ fn a_fifo_for_etc_passwd_is_an_error_not_a_hang() {
     assert!(err.contains("not a regular file"), "{err}");
 }
 
+/// A directory tree deeper than a layer may be (1,500 levels from a RUN
+/// step, 1,100 in the context) is an error that says so, not a stack
+/// overflow that aborts kiln; the step's snapshot is pruned whole after
+/// (prune recursed per level too, and failed on it for ever).
+#[test]
+fn a_tree_too_deep_is_an_error_and_prune_removes_it() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[]);
+    dockerfile(
+        ctx.path(),
+        "FROM busybox\nRUN mkdir -p x/$(printf 'a/%.0s' $(seq 1500))\n",
+    );
+    let r = k.run(&["build", "-q", ctx.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("deeper than 1000 levels"), "{err}");
+    let deep = context(&[("Dockerfile", "FROM busybox\nCOPY . /d/\n")]);
+    let mut p = deep.path().to_path_buf();
+    for _ in 0..1100 {
+        p.push("a");
+    }
+    std::fs::create_dir_all(&p).unwrap();
+    let r = k.run(&["build", "-q", deep.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("deeper than 1000 levels"), "{err}");
+    k.ok(&["prune", "-f"]);
+    k.ok(&["system", "check"]);
+}
+
 /// A bind source whose name holds `:` (overlayfs' lowerdir separator):
 /// `source=/s/x:.` lowered `.`, kiln's working directory on the host, into
 /// the step. The name is the image's own directory, nothing else.

@@ -1403,31 +1403,144 @@ fn remove_all_at(dir: RawFd, name: &CStr) -> io::Result<()> {
         Some(libc::EISDIR) | Some(libc::EPERM) => {}
         _ => return Err(e),
     }
-    let sub = openat(
-        dir,
-        name,
-        libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-        0,
-    )?;
-    let d = Dir {
-        fd: sub,
-        path: PathBuf::new(),
+    // Depth first without recursion and with one directory open at a
+    // time (a tree a step made 30,000 levels deep overflowed the stack,
+    // or ran out of descriptors, and every later prune failed on it): the
+    // names still to remove at each level are kept, the way back up is
+    // `..`.
+    let open_dir = |at: RawFd, n: &CStr| {
+        openat(
+            at,
+            n,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )
     };
-    let names = d
-        .read_dir()
-        .map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
-    for n in names {
-        let c = cstring(n.as_bytes())?;
-        remove_all_at(d.raw(), &c)?;
-    }
-    // SAFETY: a valid descriptor and a NUL-terminated name.
-    if unsafe { libc::unlinkat(dir, name.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
-        let e = errno();
-        if e.raw_os_error() != Some(libc::ENOENT) {
-            return Err(e);
+    let mut cur = open_dir(dir, name)?;
+    // Per level below `dir`: the directory's own name and the
+    // subdirectories of it still to empty.
+    let mut levels: Vec<(CString, Vec<CString>)> = vec![(name.to_owned(), Vec::new())];
+    let mut fresh = true;
+    loop {
+        if fresh {
+            // First visit of `cur`: remove what is not a directory, note
+            // the directories.
+            let d = Dir {
+                fd: cur,
+                path: PathBuf::new(),
+            };
+            let names = d
+                .read_dir()
+                .map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
+            cur = d.fd;
+            let mut subdirs = Vec::new();
+            for n in names {
+                let c = cstring(n.as_bytes())?;
+                // SAFETY: a valid descriptor and a NUL-terminated name.
+                if unsafe { libc::unlinkat(cur.as_raw_fd(), c.as_ptr(), 0) } == 0 {
+                    continue;
+                }
+                let e = errno();
+                match e.raw_os_error() {
+                    Some(libc::ENOENT) => {}
+                    Some(libc::EISDIR) | Some(libc::EPERM) => subdirs.push(c),
+                    Some(libc::EACCES) => {
+                        // A directory the owner may not write (rootless):
+                        // opened up, then tried again.
+                        // SAFETY: a valid descriptor.
+                        unsafe { libc::fchmod(cur.as_raw_fd(), 0o700) };
+                        // SAFETY: as above.
+                        if unsafe { libc::unlinkat(cur.as_raw_fd(), c.as_ptr(), 0) } != 0 {
+                            let e = errno();
+                            match e.raw_os_error() {
+                                Some(libc::EISDIR) | Some(libc::EPERM) => subdirs.push(c),
+                                Some(libc::ENOENT) => {}
+                                _ => return Err(e),
+                            }
+                        }
+                    }
+                    _ => return Err(e),
+                }
+            }
+            if let Some(top) = levels.last_mut() {
+                top.1 = subdirs;
+            }
+        }
+        let next = levels.last_mut().and_then(|(_, subs)| subs.pop());
+        match next {
+            Some(sub) => {
+                // SAFETY: a valid descriptor.
+                unsafe { libc::fchmod(cur.as_raw_fd(), 0o700) };
+                match open_dir(cur.as_raw_fd(), &sub) {
+                    Ok(fd) => {
+                        cur = fd;
+                        levels.push((sub, Vec::new()));
+                        fresh = true;
+                    }
+                    // Gone meanwhile, or not a directory after all.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => fresh = false,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                        // SAFETY: a valid descriptor and a NUL-terminated name.
+                        if unsafe { libc::unlinkat(cur.as_raw_fd(), sub.as_ptr(), 0) } != 0 {
+                            return Err(errno());
+                        }
+                        fresh = false;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            None => {
+                // `cur` is empty: up one level and remove it there.
+                let Some((own, _)) = levels.pop() else {
+                    return Ok(());
+                };
+                let up = if levels.is_empty() {
+                    None
+                } else {
+                    Some(openat(
+                        cur.as_raw_fd(),
+                        c"..",
+                        libc::O_RDONLY | libc::O_DIRECTORY,
+                        0,
+                    )?)
+                };
+                let at = up.as_ref().map_or(dir, |u| u.as_raw_fd());
+                // SAFETY: a valid descriptor and a NUL-terminated name.
+                if unsafe { libc::unlinkat(at, own.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
+                    let e = errno();
+                    if e.raw_os_error() != Some(libc::ENOENT) {
+                        return Err(e);
+                    }
+                }
+                match up {
+                    Some(u) => {
+                        cur = u;
+                        fresh = false;
+                    }
+                    None => return Ok(()),
+                }
+            }
         }
     }
-    Ok(())
+}
+
+/// Removes `path` and, if it is a directory, everything below it, never
+/// following a symlink, without recursion and with one directory open at
+/// a time (any depth). Nothing there is not an error.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Some(name) = path.file_name() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no name to remove",
+        ));
+    };
+    let c = cstring(parent.as_os_str().as_bytes())?;
+    let pfd = openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    remove_all_at(pfd.as_raw_fd(), &cstring(name.as_bytes())?)
 }
 
 /// Gives the entry `name` in `dir` the owner, mode and times of `spec`,

@@ -481,3 +481,49 @@ fn walk_visits_parents_first_in_name_order_and_never_follows_links() {
         .iter()
         .any(|n| n.contains("victim") || n.contains("hidden")));
 }
+
+/// A tree deeper than any path (made level by level through descriptors)
+/// is removed whole: no recursion, one directory open at a time.
+#[test]
+fn remove_tree_takes_a_tree_of_any_depth() {
+    let t = tempfile::tempdir().unwrap();
+    let top = t.path().join("deep");
+    std::fs::create_dir(&top).unwrap();
+    let mut cur = std::fs::File::open(&top).unwrap();
+    for i in 0..3000 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid descriptor and a NUL-terminated name.
+        assert_eq!(
+            unsafe { libc::mkdirat(cur.as_raw_fd(), c"a".as_ptr(), 0o755) },
+            0
+        );
+        if i % 100 == 0 {
+            // SAFETY: as above.
+            let fd = unsafe {
+                libc::openat(
+                    cur.as_raw_fd(),
+                    c"f".as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY,
+                    0o600,
+                )
+            };
+            assert!(fd >= 0);
+            // SAFETY: a descriptor just opened.
+            unsafe { libc::close(fd) };
+        }
+        // SAFETY: as above.
+        let fd = unsafe {
+            libc::openat(
+                cur.as_raw_fd(),
+                c"a".as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+            )
+        };
+        assert!(fd >= 0);
+        // SAFETY: a descriptor just opened, owned from here.
+        cur = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    }
+    drop(cur);
+    crate::remove_tree(&top).unwrap();
+    assert!(!top.exists());
+}

@@ -625,12 +625,37 @@ fn readlink_at(dir: &File, name: &[u8]) -> std::io::Result<PathBuf> {
 /// files we may not open are still described by path). Walking whole
 /// paths several times per file cost more than reading the files. One
 /// descriptor stays open per directory level being walked.
+/// The deepest directory tree a layer is made of, in levels: a step that
+/// made a deeper one (30,000 levels is a loop of `mkdir a && mv`) crashed
+/// kiln with a stack overflow; it is now an error that says so.
+pub const MAX_TREE_DEPTH: usize = 1000;
+
+fn check_depth(at: &Path, rel_dir: &[u8]) -> Result<(), ImageError> {
+    let depth = rel_dir.iter().filter(|b| **b == b'/').count() + 1;
+    if depth > MAX_TREE_DEPTH {
+        let mut shown = at.display().to_string();
+        if shown.len() > 160 {
+            let mut cut = 160;
+            while !shown.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            shown.truncate(cut);
+            shown.push_str("...");
+        }
+        return Err(ImageError::Unsupported(format!(
+            "a directory tree deeper than {MAX_TREE_DEPTH} levels ({shown})"
+        )));
+    }
+    Ok(())
+}
+
 fn overlay_dir<W: Write>(
     ctx: &mut Ctx<W>,
     dir: &File,
     abs_dir: &Path,
     rel_dir: &[u8],
 ) -> Result<(), ImageError> {
+    check_depth(abs_dir, rel_dir)?;
     let names = sorted_names(abs_dir)?;
     let mut rest = Vec::with_capacity(names.len());
     for name in names {
@@ -771,6 +796,7 @@ fn tree_dir<W: Write>(
     rel_dir: &[u8],
     pending: &mut Vec<Option<Meta>>,
 ) -> Result<(), ImageError> {
+    check_depth(upper, rel_dir)?;
     let unames = sorted_names(upper)?;
     let lnames = match lower {
         Some(l) => sorted_names(l)?,

@@ -345,6 +345,20 @@ impl Selector<'_> {
 
     /// Everything below `job`'s directory, depth first in name order.
     fn walk(&self, job: &Job, out: &mut Vec<Entry>) -> Result<(), CopyError> {
+        // A tree deeper than a layer may be (a context of 2,000 nested
+        // directories overflowed the stack): an error that says so.
+        if job.rel.iter().filter(|b| **b == b'/').count() + 1 > kiln_image::diff::MAX_TREE_DEPTH {
+            return Err(io_err(
+                &job.host,
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "a directory tree deeper than {} levels",
+                        kiln_image::diff::MAX_TREE_DEPTH
+                    ),
+                ),
+            ));
+        }
         self.visit(job, &mut |s| match s {
             Step::Entry(e) => {
                 out.push(e);
@@ -495,6 +509,10 @@ fn cores() -> usize {
 /// `f` of every item, on [`cores`] threads that take the next item as
 /// they finish one; the results come in the items' order, or the first
 /// error in that order (after an error no more items are started).
+/// The stack of a thread that walks a tree (16 MiB: a tree of
+/// [`kiln_image::diff::MAX_TREE_DEPTH`] levels, unoptimised builds too).
+pub const DEEP_STACK: usize = 16 << 20;
+
 fn map_on_cores<T: Sync, R: Send>(
     items: &[T],
     f: impl Fn(&T) -> Result<R, CopyError> + Sync,
@@ -505,30 +523,41 @@ fn map_on_cores<T: Sync, R: Send>(
         return items.iter().map(f).collect();
     }
     let next = AtomicUsize::new(0);
+    let work = || {
+        let mut mine = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(item) = items.get(i) else { break };
+            let r = f(item);
+            if r.is_err() {
+                next.store(items.len(), Ordering::Relaxed);
+            }
+            mine.push((i, r));
+        }
+        mine
+    };
     let parts = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(item) = items.get(i) else { break };
-                        let r = f(item);
-                        if r.is_err() {
-                            next.store(items.len(), Ordering::Relaxed);
-                        }
-                        mine.push((i, r));
-                    }
-                    mine
-                })
-            })
-            .collect();
+        let mut handles = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            // Room for a tree of MAX_TREE_DEPTH levels (the walk recurses
+            // per level).
+            match std::thread::Builder::new()
+                .stack_size(DEEP_STACK)
+                .spawn_scoped(scope, work)
+            {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    next.store(items.len(), Ordering::Relaxed);
+                    return Err(CopyError::Io("COPY".into(), e));
+                }
+            }
+        }
         handles
             .into_iter()
             .map(|h| h.join())
             .collect::<Result<Vec<_>, _>>()
-    })
-    .map_err(|_| CopyError::Io("COPY".into(), io::Error::other("a worker thread panicked")))?;
+            .map_err(|_| CopyError::Io("COPY".into(), io::Error::other("a worker thread panicked")))
+    })?;
     // Items are handed out in order, so those done are a prefix of them,
     // and one cut short ends in an error.
     let mut parts: Vec<_> = parts.into_iter().flatten().collect();
