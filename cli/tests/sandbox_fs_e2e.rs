@@ -758,6 +758,44 @@ fn a_tree_too_deep_is_an_error_and_prune_removes_it() {
     k.ok(&["system", "check"]);
 }
 
+/// What `.dockerignore` leaves out is not in the context: no symlink of
+/// the context leads to it (`COPY cfg` with `cfg -> .env`, `COPY gitdir/`
+/// with `gitdir -> .git` copied the secrets), as BuildKit, which never
+/// sends them, says "not found".
+#[test]
+fn dockerignored_files_are_not_reached_through_symlinks() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[
+        (".env", "TOKEN=supersecret\n"),
+        (".dockerignore", ".env\n.git\n"),
+    ]);
+    std::fs::create_dir(ctx.path().join(".git")).unwrap();
+    std::fs::write(ctx.path().join(".git/config"), "url=https://u:SECRET@x\n").unwrap();
+    symlink(".env", ctx.path().join("cfg")).unwrap();
+    symlink(".git", ctx.path().join("gitdir")).unwrap();
+    for copy in ["COPY cfg /cfg", "COPY gitdir/ /g/", "COPY gitdir/config /c"] {
+        dockerfile(ctx.path(), &format!("FROM busybox\n{copy}\n"));
+        let r = k.run(&["build", "-q", ctx.path().to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{copy}: copied an ignored file");
+        assert!(err.contains("not found"), "{copy}: {err}");
+    }
+    // The links themselves are context files, copied as links.
+    dockerfile(ctx.path(), "FROM busybox\nCOPY . /all/\n");
+    k.build(ctx.path(), &["-t", "all:1"]);
+    assert_eq!(
+        sh(
+            &k,
+            "all:1",
+            "readlink /all/cfg; test -e /all/.env || echo no-env"
+        ),
+        ".env\nno-env\n"
+    );
+}
+
 /// A bind source whose name holds `:` (overlayfs' lowerdir separator):
 /// `source=/s/x:.` lowered `.`, kiln's working directory on the host, into
 /// the step. The name is the image's own directory, nothing else.

@@ -142,6 +142,26 @@ impl Selector<'_> {
         self.excluded_at(path, path)
     }
 
+    /// `.dockerignore` matches `resolved`, where a path reached through
+    /// symlinks of the context really is: what it leaves out is not in
+    /// the context at all (BuildKit never sends it), so no link leads to
+    /// it either (`cfg -> .env`, `gitdir -> .git` copied the secrets the
+    /// file excluded).
+    fn ignored_target(&self, logical: &[u8], resolved: &[u8]) -> Result<bool, CopyError> {
+        let Some(m) = self.ignore else {
+            return Ok(false);
+        };
+        if clean_bytes(logical) == clean_bytes(resolved) {
+            return Ok(false);
+        }
+        let rel = crate::fsview::rel(resolved).as_bytes();
+        if rel.is_empty() {
+            return Ok(false);
+        }
+        m.matches_or_parent_matches_bytes(rel)
+            .map_err(|e| CopyError::Ignore(e.to_string()))
+    }
+
     /// `.dockerignore` matches `path` (relative to the context root);
     /// `--exclude` matches `in_source` (relative to the copied source, as
     /// BuildKit's copier does: `COPY --exclude=*.log src/ /app/` drops
@@ -184,7 +204,7 @@ impl Selector<'_> {
         let mut out = Vec::new();
         for p in paths {
             let resolved = self.view.resolve(&p, true)?;
-            if self.excluded(&p)? {
+            if self.excluded(&p)? || self.ignored_target(&p, &resolved)? {
                 continue;
             }
             let Some(found) = self.view.lookup(&resolved) else {
@@ -298,7 +318,7 @@ impl Selector<'_> {
                 r
             };
             let is_dir = found.meta.is_dir();
-            if self.excluded_at(&lpath, &r)? {
+            if self.excluded_at(&lpath, &r)? || self.ignored_target(&lpath, &path)? {
                 let reinclude = [self.ignore, self.exclude]
                     .into_iter()
                     .flatten()
