@@ -796,6 +796,28 @@ fn dockerignored_files_are_not_reached_through_symlinks() {
     );
 }
 
+/// A file named `.wh.*` (a deletion, to whoever unpacks the layer) never
+/// goes into a layer: the build saw `/etc/passwd` and `/etc/.wh.passwd`,
+/// the image unpacked elsewhere had no `/etc/passwd`.
+#[test]
+fn a_file_named_like_a_whiteout_never_enters_a_layer() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[(".wh.passwd", "x\n")]);
+    for df in [
+        "FROM busybox\nCOPY .wh.passwd /etc/\n",
+        "FROM busybox\nRUN touch /etc/.wh..wh..opq\n",
+    ] {
+        dockerfile(ctx.path(), df);
+        let r = k.run(&["build", "-q", ctx.path().to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{df}");
+        assert!(err.contains("reads as a deletion"), "{err}");
+    }
+}
+
 /// A bind source whose name holds `:` (overlayfs' lowerdir separator):
 /// `source=/s/x:.` lowered `.`, kiln's working directory on the host, into
 /// the step. The name is the image's own directory, nothing else.

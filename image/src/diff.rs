@@ -630,6 +630,19 @@ fn readlink_at(dir: &File, name: &[u8]) -> std::io::Result<PathBuf> {
 /// kiln with a stack overflow; it is now an error that says so.
 pub const MAX_TREE_DEPTH: usize = 1000;
 
+/// A file of the tree whose name a layer tar reads as a deletion
+/// (`.wh.NAME`, `.wh..wh..opq`) cannot be in a layer: it was a plain file
+/// while the build ran and a deletion wherever the image is unpacked.
+fn not_a_whiteout_name(at: &Path, name: &[u8]) -> Result<(), ImageError> {
+    if name.starts_with(b".wh.") {
+        return Err(ImageError::Unsupported(format!(
+            "{}: a file named .wh.* reads as a deletion in a layer; rename it",
+            at.display()
+        )));
+    }
+    Ok(())
+}
+
 fn check_depth(at: &Path, rel_dir: &[u8]) -> Result<(), ImageError> {
     let depth = rel_dir.iter().filter(|b| **b == b'/').count() + 1;
     if depth > MAX_TREE_DEPTH {
@@ -671,6 +684,7 @@ fn overlay_dir<W: Write>(
         if st.is_whiteout() {
             ctx.whiteout(rel_dir, &name)?;
         } else {
+            not_a_whiteout_name(&abs, &name)?;
             rest.push((name, abs, rel, st));
         }
     }
@@ -823,6 +837,7 @@ fn tree_dir<W: Write>(
             continue;
         }
         let uabs = upper.join(OsStr::from_bytes(name));
+        not_a_whiteout_name(&uabs, name)?;
         let umd = lstat(&uabs)?;
         let lower_child = match lower {
             Some(l) if lset.contains(name.as_slice()) => {
