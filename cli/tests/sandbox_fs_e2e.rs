@@ -818,6 +818,25 @@ fn a_file_named_like_a_whiteout_never_enters_a_layer() {
     }
 }
 
+/// Which copied files are one (hard links) is part of a COPY's key: a
+/// context of two separate files got the links of another build's
+/// context with the same bytes, from the cache.
+#[test]
+fn a_copy_key_covers_its_hard_links() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let df = "FROM busybox\nCOPY f1 f2 /app/\n";
+    let linked = context(&[("Dockerfile", df), ("f1", "same\n")]);
+    std::fs::hard_link(linked.path().join("f1"), linked.path().join("f2")).unwrap();
+    k.build(linked.path(), &["-t", "linked:1"]);
+    let apart = context(&[("Dockerfile", df), ("f1", "same\n"), ("f2", "same\n")]);
+    k.build(apart.path(), &["-t", "apart:1"]);
+    assert_eq!(sh(&k, "linked:1", "stat -c %h /app/f1"), "2\n");
+    assert_eq!(sh(&k, "apart:1", "stat -c %h /app/f1"), "1\n");
+}
+
 /// A bind source whose name holds `:` (overlayfs' lowerdir separator):
 /// `source=/s/x:.` lowered `.`, kiln's working directory on the host, into
 /// the step. The name is the image's own directory, nothing else.

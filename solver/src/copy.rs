@@ -633,6 +633,10 @@ pub fn hash_selection_map(
     if !fresh.is_empty() {
         cache.store(&fresh);
     }
+    // A copy keeps hard links: which entries are one file is part of
+    // what it makes (whichever build ran first decided it for both).
+    let mut inodes: HashMap<(u64, u64), u64> = HashMap::new();
+    let mut ordinal = 0u64;
     for s in selections {
         key.field(&s.path)
             .field(if s.is_dir { "dir" } else { "file" });
@@ -665,7 +669,18 @@ pub fn hash_selection_map(
                 if let Some(h) = hashes.get(&e.host) {
                     key.field(h);
                 }
+                if m.nlink() > 1 {
+                    match inodes.entry((m.dev(), m.ino())) {
+                        std::collections::hash_map::Entry::Occupied(o) => {
+                            key.field("hardlink").field(o.get().to_le_bytes());
+                        }
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(ordinal);
+                        }
+                    }
+                }
             }
+            ordinal += 1;
         }
     }
     Ok(hashes)

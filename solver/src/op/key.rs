@@ -31,18 +31,27 @@ pub struct KeyInputs<'a> {
     /// `ADD`: identities of the fetched remote sources (content digest,
     /// commit).
     pub remote: &'a [String],
+    /// SOURCE_DATE_EPOCH: the layer's mtimes are clamped to it when it is
+    /// committed, so it is part of what the step makes (a layer of a
+    /// build without it was the hit of a build with it, and the other way
+    /// round).
+    pub clamp: Option<i64>,
 }
 
 /// Starts the cache key of `op`: its definition and `inputs`. The caller
 /// adds the digests of the content the op selects (COPY sources, a
 /// context directory) and finishes it.
 pub fn cache_key(op: &Op, inputs: &KeyInputs<'_>) -> KeyHasher {
-    match op {
+    let mut key = match op {
         Op::Exec(e) => exec_key(e, inputs),
         Op::Copy(c) => copy_key(c, inputs),
         Op::Mkdir(m) => mkdir_key(m, inputs),
-        Op::ContextDir(d) => context_dir_key(d),
+        Op::ContextDir(d) => return context_dir_key(d),
+    };
+    if let Some(e) = inputs.clamp {
+        key.field("source-date-epoch").field(e.to_string());
     }
+    key
 }
 
 fn exec_key(e: &ExecOp, inputs: &KeyInputs<'_>) -> KeyHasher {

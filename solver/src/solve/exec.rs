@@ -132,6 +132,7 @@ impl Solver {
                 parent: &state.key,
                 mounts: &run_mounts.key,
                 remote: &[],
+                clamp: self.opts.source_date_epoch,
             },
         )
         .finish();

@@ -26,6 +26,7 @@ impl Solver {
             &Op::Mkdir(op.clone()),
             &KeyInputs {
                 parent: &state.key,
+                clamp: self.opts.source_date_epoch,
                 ..KeyInputs::default()
             },
         )
@@ -134,6 +135,7 @@ impl Solver {
                 parent: &state.key,
                 mounts: &[],
                 remote: &remote,
+                clamp: self.opts.source_date_epoch,
             },
         );
         let view2 = view.clone();
