@@ -236,6 +236,16 @@ impl Session {
                     container: v.container.clone(),
                     source,
                 })?;
+            // Where it leads, checked (a volume over `/` or `/proc` was
+            // dropped, silently).
+            let shown = String::from_utf8_lossy(&dest).into_owned();
+            if shown == "/" || kiln_executor::rootfs::SYSTEM_DESTINATIONS.contains(&shown.as_str())
+            {
+                return Err(RunError::VolumeMount {
+                    container: v.container.clone(),
+                    message: format!("it leads to {shown}, which kiln provides itself"),
+                });
+            }
             let mut opts = vec!["rbind".to_string()];
             if v.read_only {
                 opts.push("ro".into());
