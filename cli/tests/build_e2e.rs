@@ -1086,3 +1086,27 @@ fn build_steps_skip_flushes_and_kiln_run_keeps_them() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// A `.dockerignore` exclusion re-included in part (`src/skipped`,
+/// `!src/skipped/keep`) copies the kept file inside its directory, as
+/// docker does (the directory was never made: "No such file or
+/// directory").
+#[test]
+fn a_reincluded_file_in_an_excluded_directory_is_copied() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[
+        ("Dockerfile", "FROM busybox\nCOPY src /app/\n"),
+        (".dockerignore", "src/skipped\n!src/skipped/keep\n"),
+        ("src/skipped/keep", "k\n"),
+        ("src/skipped/drop", "d\n"),
+        ("src/other/o", "o\n"),
+    ]);
+    k.build(ctx.path(), &["-t", "reinc:1"]);
+    assert_eq!(
+        k.ok(&["run", "--rm", "reinc:1", "sh", "-c", "find /app | sort"]),
+        "/app\n/app/other\n/app/other/o\n/app/skipped\n/app/skipped/keep\n"
+    );
+}

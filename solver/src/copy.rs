@@ -246,6 +246,7 @@ impl Selector<'_> {
                         host: found.host.clone(),
                         logical: p.clone(),
                         rel: Vec::new(),
+                        hidden: None,
                     },
                     &mut entries,
                 )?;
@@ -324,11 +325,21 @@ impl Selector<'_> {
                     .flatten()
                     .any(|m| m.exclusions());
                 if is_dir && reinclude {
+                    // Its own entry goes in before its first re-included
+                    // file, if one is (as the context then holds the
+                    // directory: COPY failed making the file in it).
+                    let own = Entry {
+                        rel: r.clone(),
+                        host: found.host.clone(),
+                        meta: found.meta,
+                        link: None,
+                    };
                     f(Step::Descend(Job {
                         dir: path,
                         host: found.host,
                         logical: lpath,
                         rel: r,
+                        hidden: Some(Box::new(own)),
                     }))?;
                 }
                 continue;
@@ -349,6 +360,7 @@ impl Selector<'_> {
                 host: found.host.clone(),
                 logical: lpath,
                 rel: r.clone(),
+                hidden: None,
             });
             f(Step::Entry(Entry {
                 rel: r,
@@ -379,13 +391,20 @@ impl Selector<'_> {
                 ),
             ));
         }
+        let before = out.len();
         self.visit(job, &mut |s| match s {
             Step::Entry(e) => {
                 out.push(e);
                 Ok(())
             }
             Step::Descend(j) => self.walk(&j, out),
-        })
+        })?;
+        if let Some(own) = &job.hidden {
+            if out.len() > before {
+                out.insert(before, (**own).clone());
+            }
+        }
+        Ok(())
     }
 
     /// [`Selector::walk`] on every core: the top levels are listed here
@@ -409,9 +428,11 @@ impl Selector<'_> {
             let mut next = Vec::with_capacity(pieces.len() + todo * 4);
             for p in pieces {
                 let job = match p {
-                    Piece::Todo(j) => j,
-                    done => {
-                        next.push(done);
+                    // An excluded directory is walked whole (its own entry
+                    // depends on what is found below it).
+                    Piece::Todo(j) if j.hidden.is_none() => j,
+                    other => {
+                        next.push(other);
                         continue;
                     }
                 };
@@ -480,6 +501,9 @@ struct Job {
     logical: Vec<u8>,
     /// Its path relative to the selected source.
     rel: Vec<u8>,
+    /// An excluded directory walked for what exclusions re-include: its
+    /// own entry, which goes before the first of them (none: none is).
+    hidden: Option<Box<Entry>>,
 }
 
 /// What [`Selector::visit`] found.
