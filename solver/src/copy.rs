@@ -2028,6 +2028,7 @@ mod tests {
                 host: ctx.join("src"),
                 logical: b"/src".to_vec(),
                 rel: Vec::new(),
+                hidden: None,
             };
             let mut one = Vec::new();
             sel.walk(&root(), &mut one).unwrap();
