@@ -752,6 +752,23 @@ fn changed_file_costs_that_file_unchanged_ones_are_hard_linked() {
         }
     }
     assert_eq!(linked, 2 * 49, "49 files linked in each of the two layers");
+    // And again from that layer: its files linked from the first run are
+    // still in its index (a third run linked nothing and copied all).
+    std::fs::write(ctx.path().join("src/f9"), "changed too").unwrap();
+    k.build(ctx.path(), &["-t", "reuse:1"]);
+    let mut most = 0;
+    for snap in std::fs::read_dir(k.root.path().join("snapshots"))
+        .unwrap()
+        .flatten()
+    {
+        let app = snap.path().join("fs/app");
+        for f in std::fs::read_dir(&app).into_iter().flatten().flatten() {
+            if let Ok(m) = f.metadata() {
+                most = most.max(m.nlink());
+            }
+        }
+    }
+    assert_eq!(most, 3, "the third run linked nothing from the second");
 }
 
 /// `kiln save` of `image` into `dir`: each layer file's sha256 must be the

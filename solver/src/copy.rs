@@ -838,17 +838,28 @@ impl Reuse {
         for (p, _) in &written {
             *times.entry(p.as_str()).or_default() += 1;
         }
-        let mut single = std::collections::HashSet::with_capacity(written.len());
+        // The layer's regular files by inode: one name in this layer each
+        // (a file linked from the previous run has another name there,
+        // which is fine; two names here are a hard link this copy made).
+        let mut files: HashMap<(u64, u64), Vec<String>> = HashMap::with_capacity(written.len());
         let root = kiln_fs::Root::open(fs).map_err(|e| io_err(fs, e.into()))?;
         root.walk(&mut |rel, st| {
-            if st.is_file() && st.nlink() == 1 {
+            if st.is_file() {
                 let mut b = b"/".to_vec();
                 b.extend_from_slice(rel.as_os_str().as_bytes());
-                single.insert(index_key(&b));
+                files
+                    .entry((st.dev(), st.ino()))
+                    .or_default()
+                    .push(index_key(&b));
             }
             Ok(kiln_fs::Walk::Into)
         })
         .map_err(|e| io_err(fs, e.into()))?;
+        let single: std::collections::HashSet<String> = files
+            .into_values()
+            .filter(|names| names.len() == 1)
+            .flatten()
+            .collect();
         let rows: Vec<(String, String)> = written
             .iter()
             .filter(|(p, _)| times.get(p.as_str()) == Some(&1) && single.contains(p))
