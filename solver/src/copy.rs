@@ -789,6 +789,9 @@ pub struct Reuse {
     pub prev: Option<(PathBuf, HashMap<String, [u8; 32]>)>,
     /// This run's index, filled while copying.
     pub written: std::sync::Mutex<Vec<(String, [u8; 32])>>,
+    /// Destinations that are one of several names of a file of this
+    /// layer (never indexed).
+    pub shared: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// A destination path as a key of the copy index (JSON text): the path
@@ -820,7 +823,8 @@ impl Reuse {
 
     /// Writes this run's index beside the layer directory `fs`: only rows
     /// the final tree still holds as they were noted — a path written once
-    /// in the run, a regular file of one name. (A later source of the same
+    /// in the run, not a name of a file with another name in this layer
+    /// (a file linked from the previous run has one there; fine). (A later source of the same
     /// destination, or a hard link of another source's file over it, left
     /// a row naming the first source's content over another's bytes; a
     /// later build of the same shape then linked those bytes into its own
@@ -838,37 +842,26 @@ impl Reuse {
         for (p, _) in &written {
             *times.entry(p.as_str()).or_default() += 1;
         }
-        // The layer's regular files by inode: one name in this layer each
-        // (a file linked from the previous run has another name there,
-        // which is fine; two names here are a hard link this copy made).
-        let mut files: HashMap<(u64, u64), Vec<String>> = HashMap::with_capacity(written.len());
-        let root = kiln_fs::Root::open(fs).map_err(|e| io_err(fs, e.into()))?;
-        root.walk(&mut |rel, st| {
-            if st.is_file() {
-                let mut b = b"/".to_vec();
-                b.extend_from_slice(rel.as_os_str().as_bytes());
-                files
-                    .entry((st.dev(), st.ino()))
-                    .or_default()
-                    .push(index_key(&b));
-            }
-            Ok(kiln_fs::Walk::Into)
-        })
-        .map_err(|e| io_err(fs, e.into()))?;
-        let single: std::collections::HashSet<String> = files
-            .into_values()
-            .filter(|names| names.len() == 1)
-            .flatten()
-            .collect();
+        let shared = self
+            .shared
+            .lock()
+            .map_err(|_| CopyError::Io("copy index".into(), io::Error::other("poisoned")))?;
         let rows: Vec<(String, String)> = written
             .iter()
-            .filter(|(p, _)| times.get(p.as_str()) == Some(&1) && single.contains(p))
+            .filter(|(p, _)| times.get(p.as_str()) == Some(&1) && !shared.contains(p))
             .map(|(p, h)| (p.clone(), hex::encode(h)))
             .collect();
         let bytes = serde_json::to_vec(&rows)
             .map_err(|e| CopyError::Io("copy index".into(), io::Error::other(e)))?;
         let path = dir.join(COPY_INDEX);
         fs::write(&path, bytes).map_err(|e| io_err(&path, e))
+    }
+
+    /// Notes that `to` is one of several names of a file of this layer.
+    fn shared_name(&self, to: &[u8]) {
+        if let Ok(mut s) = self.shared.lock() {
+            s.insert(index_key(to));
+        }
     }
 
     /// Notes `to` in this run's index (with its source's content hash).
@@ -1642,6 +1635,12 @@ fn write_entry<'e>(
                     kiln_fs::Follow::Never,
                 )
                 .map_err(fs_err)?;
+            // Two names of one file in this layer: neither is indexed
+            // (the first's row would name its source over the other's).
+            if let Some(r) = &opts.reuse {
+                r.shared_name(first);
+                r.shared_name(to);
+            }
             dir.hard_link(name, &from, OsStr::from_bytes(base_bytes(first)))
                 .map_err(fs_err)?;
             if let Some(st) = stream {

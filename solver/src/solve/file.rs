@@ -265,6 +265,7 @@ impl Solver {
                     src_hashes,
                     prev,
                     written: Default::default(),
+                    shared: Default::default(),
                 }));
             }
             if let Some(c) = &chown {
