@@ -184,7 +184,7 @@ fn image_roots(tx: &Transaction<'_>) -> Result<Vec<String>> {
 /// Everything something still needs: tagged images, the build cache,
 /// live leases and the active snapshots of running processes, with all
 /// they reach.
-fn live_marks(tx: &Transaction<'_>) -> Result<Marks> {
+fn live_marks(tx: &Transaction<'_>, trust_pids: bool) -> Result<Marks> {
     let mut blob_roots = image_roots(tx)?;
     blob_roots.extend(strings(tx, "SELECT blob FROM cache_blobs")?);
     blob_roots.extend(strings(
@@ -196,12 +196,13 @@ fn live_marks(tx: &Transaction<'_>) -> Result<Marks> {
         tx,
         "SELECT name FROM lease_resources WHERE kind = 'snapshot'",
     )?);
-    snap_roots.extend(live_active(tx)?);
+    snap_roots.extend(live_active(tx, trust_pids)?);
     mark(tx, blob_roots, snap_roots)
 }
 
-/// Active/view snapshots whose owner still runs.
-fn live_active(tx: &Transaction<'_>) -> Result<Vec<String>> {
+/// Active/view snapshots whose owner still runs (all of them unless
+/// `trust_pids`: see [`crate::Meta::expire_leases`]).
+fn live_active(tx: &Transaction<'_>, trust_pids: bool) -> Result<Vec<String>> {
     let mut st =
         tx.prepare("SELECT key, owner_pid, owner_start FROM snapshots WHERE kind != 'committed'")?;
     let mut out = Vec::new();
@@ -210,13 +211,14 @@ fn live_active(tx: &Transaction<'_>) -> Result<Vec<String>> {
         let key: String = r.get(0)?;
         let pid: Option<i64> = r.get(1)?;
         let start: Option<i64> = r.get(2)?;
-        let alive = pid.is_some_and(|pid| {
-            ProcessId {
-                pid,
-                start: start.unwrap_or(0),
-            }
-            .is_alive()
-        });
+        let alive = !trust_pids
+            || pid.is_some_and(|pid| {
+                ProcessId {
+                    pid,
+                    start: start.unwrap_or(0),
+                }
+                .is_alive()
+            });
         if alive {
             out.push(key);
         }
@@ -229,14 +231,19 @@ impl Store {
     pub fn prune(&self, opts: &PruneOptions) -> Result<PruneReport> {
         let _gc = FileLock::exclusive(&self.paths().gc_lock)?;
         let mut report = PruneReport::default();
+        // A process id says whether a lease's owner runs only when no
+        // other kiln uses the store: one in another pid namespace (a
+        // build in a container, a prune on the host) has pids that mean
+        // nothing here.
+        let trust_pids = crate::store::tmp_users::alone(self.root()).is_some();
         // Rows first (one transaction), files after.
         let (dead_snaps, dead_blobs) = self.meta().write(|tx| {
-            report.leases_expired = self.meta().expire_leases(tx)?;
+            report.leases_expired = self.meta().expire_leases(tx, trust_pids)?;
             report.cache_records_removed = apply_cache_policy(tx, opts)?;
             if !opts.keep_untagged {
                 report.untagged_removed = remove_untagged(tx, opts.until)?;
             }
-            let marks = live_marks(tx)?;
+            let marks = live_marks(tx, trust_pids)?;
             // Snapshots: children before parents (unmarked snapshots only
             // have unmarked children).
             let mut dead: Vec<(String, String, Option<String>)> = Vec::new();
@@ -607,7 +614,7 @@ impl Store {
                 strings(tx, "SELECT blob FROM cache_blobs")?,
                 strings(tx, "SELECT snapshot FROM cache WHERE snapshot IS NOT NULL")?,
             )?;
-            let all = live_marks(tx)?;
+            let all = live_marks(tx, true)?;
             du.images.count =
                 tx.query_row("SELECT COUNT(*) FROM images", [], |r| r.get::<_, i64>(0))? as usize;
             du.build_cache.count =

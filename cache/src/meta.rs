@@ -623,7 +623,11 @@ impl Meta {
 
     /// Delete leases whose process is gone or whose TTL passed; returns how
     /// many.
-    pub(crate) fn expire_leases(&self, tx: &Transaction<'_>) -> Result<usize> {
+    /// Removes leases past their time and, with `trust_pids`, those whose
+    /// process is gone (without it — another kiln uses the store, perhaps
+    /// from another pid namespace, where a live pid looks dead here — only
+    /// by time).
+    pub(crate) fn expire_leases(&self, tx: &Transaction<'_>, trust_pids: bool) -> Result<usize> {
         let now = now_unix();
         let mut dead = Vec::new();
         {
@@ -634,13 +638,14 @@ impl Meta {
                 let pid: Option<i64> = r.get(1)?;
                 let start: Option<i64> = r.get(2)?;
                 let expires: Option<i64> = r.get(3)?;
-                let proc_gone = pid.is_some_and(|pid| {
-                    !ProcessId {
-                        pid,
-                        start: start.unwrap_or(0),
-                    }
-                    .is_alive()
-                });
+                let proc_gone = trust_pids
+                    && pid.is_some_and(|pid| {
+                        !ProcessId {
+                            pid,
+                            start: start.unwrap_or(0),
+                        }
+                        .is_alive()
+                    });
                 if proc_gone || expires.is_some_and(|e| e <= now) {
                     dead.push(id);
                 }

@@ -458,3 +458,48 @@ fn prune_during_a_build_keeps_the_builds_temporary_files() {
     assert!(status.success(), "{status:?}");
     assert_eq!(common::sh(&k, "pruned:1", "cat /n").trim(), "51");
 }
+
+/// A prune while a build runs in another pid namespace (a build in a
+/// container, a prune on the host, one store) leaves the build alone: its
+/// lease and active snapshot were taken for a dead process's (its pid
+/// means nothing here), expired and deleted, and the build failed.
+#[test]
+fn prune_leaves_a_build_in_another_pid_namespace_alone() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN echo one > /one\nRUN echo sleeping && sleep 3 && echo two > /two\nRUN cat /one /two\n",
+    )]);
+    let bin = std::env::var_os("KILN_E2E_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_kiln").into());
+    let mut child = std::process::Command::new("unshare")
+        .args(["-fp", "--mount-proc"])
+        .arg(&bin)
+        .arg("--root")
+        .arg(k.root.path())
+        .args(["build", "--no-cache", "--progress", "plain", "-t", "ns:1"])
+        .arg(ctx.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("unshare (util-linux)");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    wait_for_line(&rx, "sleeping");
+    k.ok(&["prune", "-f"]);
+    let status = child.wait().expect("wait");
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(status.success(), "{status:?}\n{}", rest.join("\n"));
+    k.ok(&["system", "check"]);
+}
