@@ -590,3 +590,33 @@ fn a_run_for_a_platform_without_emulation_fails_before_the_step_at_its_line() {
         .or_else(|| v.pointer("/Architecture"));
     assert_eq!(arch.and_then(|a| a.as_str()), Some("sparc64"), "{v}");
 }
+
+/// An emulated step reaches QEMU's binary through `/proc/self/exe` (the
+/// kernel runs the interpreter it pinned at registration): kiln's
+/// registration pins a read-only copy, so a step running as root cannot
+/// change the host's file (a `chmod 4755` made QEMU setuid root: local
+/// root for any user).
+#[test]
+fn an_emulated_step_cannot_change_the_hosts_qemu() {
+    if !ready(&["docker-registry", "skopeo"]) || !arm64_emulation() {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let base = busybox_amd64_arm64(&reg);
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM --platform=linux/arm64 {base}\nRUN chmod 4755 /proc/self/exe 2>&1; chmod 4755 /proc/self/exe || echo REFUSED\n"
+        ),
+    )]);
+    let qemu = std::path::Path::new("/usr/bin/qemu-aarch64-static");
+    let before = std::fs::metadata(qemu).map(|m| m.permissions());
+    let c = Client::new(false);
+    let progress = build(&c, ctx.path(), &["--no-cache"]);
+    assert!(progress.contains("REFUSED"), "{progress}");
+    assert_eq!(
+        std::fs::metadata(qemu).map(|m| m.permissions()).ok(),
+        before.ok(),
+        "the host's QEMU changed"
+    );
+}

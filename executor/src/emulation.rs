@@ -95,6 +95,18 @@ pub enum EmulationError {
         /// Its interpreter.
         interpreter: PathBuf,
     },
+    /// A handler pins an interpreter on a writable mount: a step's
+    /// emulated process reaches that file through `/proc/self/exe` and,
+    /// as root, could change it on the host (make it setuid root).
+    #[error("RUN for {platform} needs emulation: the binfmt_misc handler {name:?} pins its interpreter {} where a step running as root could change it on the host (through /proc/self/exe). Run `kiln system binfmt` (as root): it registers read-only copies under {PINNED_DIR}.", interpreter.display())]
+    WritableInterpreter {
+        /// `os/arch[/variant]`.
+        platform: String,
+        /// The handler's name.
+        name: String,
+        /// Its interpreter.
+        interpreter: PathBuf,
+    },
     /// No QEMU interpreter is installed for an architecture to register.
     #[error("no QEMU user-mode interpreter for {elf} is installed (looked for {}; apt-get install qemu-user-static)", looked.display())]
     NoInterpreter {
@@ -467,6 +479,15 @@ pub fn check_at(
         .filter(|e| e.enabled && e.matches(&header))
         .collect();
     if let Some(e) = matching.iter().find(|e| e.fix_binary()) {
+        // As root, only an interpreter kiln pinned read-only (a user
+        // namespace's root does not own the host's file).
+        if !kiln_fs::idmap::IdMaps::current().in_userns && !e.interpreter.starts_with(PINNED_DIR) {
+            return Err(EmulationError::WritableInterpreter {
+                platform,
+                name: e.name.clone(),
+                interpreter: e.interpreter.clone(),
+            });
+        }
         return Ok(Emulation::Handler((*e).clone()));
     }
     match matching.first() {
@@ -605,6 +626,82 @@ fn choose_interpreter(
     })
 }
 
+/// Where `kiln system binfmt` puts the interpreters it registers: each a
+/// read-only, nosuid bind mount of the installed file. With `F` the
+/// kernel keeps the file it opened at registration, and an emulated
+/// process's `/proc/self/exe` is that file: on the host's writable mount
+/// a step running as root (the file's owner) could `chmod 4755` it — any
+/// local user then had root through a setuid QEMU.
+pub const PINNED_DIR: &str = "/run/kiln/binfmt";
+
+/// A read-only, nosuid bind mount of `interpreter` at
+/// `PINNED_DIR/<its name>` (made once; kept until reboot, as the
+/// registration).
+fn pinned(interpreter: &Path) -> Result<PathBuf, EmulationError> {
+    let name = interpreter.file_name().ok_or_else(|| EmulationError::Io {
+        what: "naming",
+        path: interpreter.to_path_buf(),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })?;
+    let dir = Path::new(PINNED_DIR);
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(io("creating", dir))?;
+    let at = dir.join(name);
+    // Already there: the same file, on a read-only mount.
+    let mounted = || -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (Ok(a), Ok(i)) = (std::fs::metadata(&at), std::fs::metadata(interpreter)) else {
+            return false;
+        };
+        (a.dev(), a.ino()) == (i.dev(), i.ino())
+            && nix::sys::statvfs::statvfs(&at)
+                .is_ok_and(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+    };
+    if mounted() {
+        return Ok(at);
+    }
+    if std::fs::symlink_metadata(&at).is_err() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&at)
+            .map_err(io("creating", &at))?;
+    }
+    nix::mount::mount(
+        Some(interpreter),
+        &at,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| EmulationError::Io {
+        what: "bind-mounting the interpreter at",
+        path: at.clone(),
+        source: std::io::Error::from(e),
+    })?;
+    nix::mount::mount(
+        None::<&str>,
+        &at,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND
+            | nix::mount::MsFlags::MS_REMOUNT
+            | nix::mount::MsFlags::MS_RDONLY
+            | nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(|e| EmulationError::Io {
+        what: "making the interpreter read-only at",
+        path: at.clone(),
+        source: std::io::Error::from(e),
+    })?;
+    Ok(at)
+}
+
 /// Registers every installed QEMU user-mode interpreter (for the
 /// architectures in [`ARCHES`] the host does not run natively) with the
 /// `F` flag. Idempotent: an equal registration is left alone, a
@@ -613,6 +710,16 @@ fn choose_interpreter(
 /// Architectures without an installed interpreter or format file are
 /// left out. Needs root.
 pub fn install(mount: &Path, formats: &Path) -> Result<Vec<Registration>, EmulationError> {
+    install_with(mount, formats, true)
+}
+
+/// [`install`]; `pin`: register read-only copies under [`PINNED_DIR`]
+/// (tests of the registration itself leave it out).
+pub fn install_with(
+    mount: &Path,
+    formats: &Path,
+    pin: bool,
+) -> Result<Vec<Registration>, EmulationError> {
     ensure_mounted(mount)?;
     let status = mount.join("status");
     if read_bounded(&status)
@@ -633,6 +740,12 @@ pub fn install(mount: &Path, formats: &Path) -> Result<Vec<Registration>, Emulat
             Ok(x) => x,
             Err(EmulationError::NoInterpreter { .. }) => continue,
             Err(e) => return Err(e),
+        };
+        // Registered from a read-only copy (see `PINNED_DIR`).
+        let interpreter = if pin {
+            pinned(&interpreter)?
+        } else {
+            interpreter
         };
         let interp_str = interpreter.to_string_lossy().into_owned();
         if interp_str.contains(':') || interp_str.contains('\n') {
@@ -716,10 +829,24 @@ mod tests {
         if !host_is_amd64() {
             return;
         }
-        let d = fake(&[("qemu-aarch64", AARCH64_F)]);
+        // As root, only a handler pinned read-only under PINNED_DIR.
+        let pinned = AARCH64_F.replace(
+            "/usr/bin/qemu-aarch64-static",
+            &format!("{PINNED_DIR}/qemu-aarch64-static"),
+        );
+        let d = fake(&[("qemu-aarch64", &pinned)]);
         match check_at(d.path(), "linux", "arm64", Some("v8")).expect("ok") {
             Emulation::Handler(e) => assert_eq!(e.name, "qemu-aarch64"),
             other => panic!("{other:?}"),
+        }
+        let writable = fake(&[("qemu-aarch64", AARCH64_F)]);
+        if !kiln_fs::idmap::IdMaps::current().in_userns {
+            let e = check_at(writable.path(), "linux", "arm64", Some("v8"))
+                .expect_err("a writable interpreter");
+            assert!(
+                e.to_string().contains("where a step running as root"),
+                "{e}"
+            );
         }
         // …but not arm (32-bit): another machine.
         let e = check_at(d.path(), "linux", "arm", Some("v7")).expect_err("no arm");
@@ -859,7 +986,7 @@ mod tests {
             ),
         )
         .expect("w");
-        let done = install(mount.path(), formats.path()).expect("install");
+        let done = install_with(mount.path(), formats.path(), false).expect("install");
         let r = done
             .iter()
             .find(|r| r.name == "qemu-aarch64")
