@@ -14,7 +14,7 @@
 //! and is reclaimed.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use rusqlite::{OptionalExtension, Transaction};
 
@@ -358,22 +358,15 @@ impl Store {
             report.bytes_freed += bytes;
         }
         // Another kiln on the store may be using tmp (a stdin context,
-        // an export's tree, a step's scratch): then only what is a day old
-        // goes (see `tmp_users`).
+        // an export's tree, a step's scratch, however old): then tmp is
+        // left for a prune that runs alone (see `tmp_users`).
         let tmp = self.tmp_dir();
         let alone = crate::store::tmp_users::alone(self.root());
-        let stale = |p: &Path| {
-            std::fs::symlink_metadata(p)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > std::time::Duration::from_secs(24 * 3600))
-        };
         for entry in std::fs::read_dir(tmp).ctx("read dir", tmp)? {
             let entry = entry.ctx("read dir", tmp)?;
             let p = entry.path();
-            if alone.is_none() && !stale(&p) {
-                continue;
+            if alone.is_none() {
+                break;
             }
             report.bytes_freed += disk_usage(&p).map(|(s, _)| s).unwrap_or(0);
             remove_all(&p)?;

@@ -1417,9 +1417,16 @@ fn remove_all_at(dir: RawFd, name: &CStr) -> io::Result<()> {
         )
     };
     let mut cur = open_dir(dir, name)?;
-    // Per level below `dir`: the directory's own name and the
-    // subdirectories of it still to empty.
-    let mut levels: Vec<(CString, Vec<CString>)> = vec![(name.to_owned(), Vec::new())];
+    let id = |fd: &OwnedFd| -> io::Result<(u64, u64)> {
+        let st = fstatat(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
+        Ok((st.st_dev, st.st_ino))
+    };
+    // Per level below `dir`: the directory's own name, its identity (the
+    // way back up is checked against it: a directory moved meanwhile —
+    // by a step renaming in a bind mount — would send `..` out of the
+    // tree) and the subdirectories of it still to empty.
+    let mut levels: Vec<(CString, (u64, u64), Vec<CString>)> =
+        vec![(name.to_owned(), id(&cur)?, Vec::new())];
     let mut fresh = true;
     loop {
         if fresh {
@@ -1463,18 +1470,19 @@ fn remove_all_at(dir: RawFd, name: &CStr) -> io::Result<()> {
                 }
             }
             if let Some(top) = levels.last_mut() {
-                top.1 = subdirs;
+                top.2 = subdirs;
             }
         }
-        let next = levels.last_mut().and_then(|(_, subs)| subs.pop());
+        let next = levels.last_mut().and_then(|(_, _, subs)| subs.pop());
         match next {
             Some(sub) => {
                 // SAFETY: a valid descriptor.
                 unsafe { libc::fchmod(cur.as_raw_fd(), 0o700) };
                 match open_dir(cur.as_raw_fd(), &sub) {
                     Ok(fd) => {
+                        let me = id(&fd)?;
                         cur = fd;
-                        levels.push((sub, Vec::new()));
+                        levels.push((sub, me, Vec::new()));
                         fresh = true;
                     }
                     // Gone meanwhile, or not a directory after all.
@@ -1491,18 +1499,25 @@ fn remove_all_at(dir: RawFd, name: &CStr) -> io::Result<()> {
             }
             None => {
                 // `cur` is empty: up one level and remove it there.
-                let Some((own, _)) = levels.pop() else {
+                let Some((own, _, _)) = levels.pop() else {
                     return Ok(());
                 };
-                let up = if levels.is_empty() {
-                    None
-                } else {
-                    Some(openat(
-                        cur.as_raw_fd(),
-                        c"..",
-                        libc::O_RDONLY | libc::O_DIRECTORY,
-                        0,
-                    )?)
+                let up = match levels.last() {
+                    None => None,
+                    Some((_, want, _)) => {
+                        let up = openat(
+                            cur.as_raw_fd(),
+                            c"..",
+                            libc::O_RDONLY | libc::O_DIRECTORY,
+                            0,
+                        )?;
+                        if id(&up)? != *want {
+                            return Err(io::Error::other(
+                                "the tree moved while it was removed: stopped",
+                            ));
+                        }
+                        Some(up)
+                    }
                 };
                 let at = up.as_ref().map_or(dir, |u| u.as_raw_fd());
                 // SAFETY: a valid descriptor and a NUL-terminated name.
