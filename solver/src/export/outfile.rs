@@ -40,27 +40,51 @@ pub fn write_atomically<E: From<std::io::Error>>(
         ))
     };
     if let Some((t, follow)) = in_place(path) {
-        {
-            use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-            // Not followed now if it was not a symlink when looked at.
-            let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
-            if t.is_block_device() {
-                return Err(ctx(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "a block device: not written",
-                )));
-            }
-            let file = if t.is_fifo() {
-                open_fifo(path, nofollow, FIFO_READER_WAIT).map_err(ctx)?
-            } else {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .custom_flags(nofollow)
-                    .open(path)
-                    .map_err(ctx)?
-            };
-            return write_in_place(file, f);
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        if t.is_block_device() {
+            return Err(ctx(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a block device: not written",
+            )));
         }
+        // Not followed now if it was not a symlink when looked at.
+        let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
+        let file = if t.is_fifo() {
+            open_fifo(path, nofollow, FIFO_READER_WAIT).map_err(ctx)?
+        } else {
+            // A regular file behind `/dev/stdout` (`> out.tar`): written
+            // from its start, in place (renaming over the link replaced
+            // the system's /dev/stdout with a file).
+            let trunc = if t.is_file() { libc::O_TRUNC } else { 0 };
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nofollow | trunc | libc::O_NONBLOCK)
+                .open(path)
+                .map_err(ctx)?
+        };
+        // What was opened, not what was looked at: never a block device
+        // (a link swapped meanwhile), never a directory.
+        let now = file.metadata().map_err(ctx)?.file_type();
+        if now.is_block_device() || now.is_dir() {
+            return Err(ctx(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a block device or directory: not written",
+            )));
+        }
+        // Blocking writes from here (O_NONBLOCK only kept open(2) from
+        // waiting).
+        // SAFETY: an open descriptor; F_GETFL/F_SETFL take an int.
+        unsafe {
+            let fl = libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GETFL);
+            if fl >= 0 {
+                libc::fcntl(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    libc::F_SETFL,
+                    fl & !libc::O_NONBLOCK,
+                );
+            }
+        }
+        return write_in_place(file, f);
     }
     let dir = path
         .parent()
@@ -94,30 +118,36 @@ pub fn write_atomically<E: From<std::io::Error>>(
     }
 }
 
-/// The type of what `path` names when the output goes into it in place
-/// (a device, FIFO, socket — not a regular file or directory): the path
-/// itself, never through a symlink, but for names under `/dev` and
-/// `/proc` (`/dev/stdout`, `/proc/self/fd/1`). A symlink elsewhere (one
-/// an untrusted image's `type=local` export left in `dest`, one another
-/// user planted) is replaced by the rename, never written through.
-/// Also whether `path` is such a symlink, to be followed.
+/// The type of what `path` names when the output goes into it in place,
+/// and whether it is a link to follow. In place: a device, FIFO or socket
+/// named directly (never through a symlink), and whatever the standard
+/// streams' names lead to — `/dev/stdout`, `/dev/stderr`, `/dev/fd/N`,
+/// `/proc/self/fd/N`, spelled so exactly (a text check of "under /dev"
+/// let a link in the world-writable `/dev/shm` lead to `/dev/watchdog`).
+/// A symlink anywhere else (one an untrusted image's `type=local` export
+/// left in `dest`, one another user planted) is replaced by the rename,
+/// never written through.
 fn in_place(path: &Path) -> Option<(std::fs::FileType, bool)> {
     let own = std::fs::symlink_metadata(path).ok()?;
-    let follow = own.file_type().is_symlink();
-    let t = if follow {
+    if own.file_type().is_symlink() {
         let abs = if path.is_absolute() {
             path.to_path_buf()
         } else {
             std::env::current_dir().ok()?.join(path)
         };
-        if !(abs.starts_with("/dev") || abs.starts_with("/proc")) {
+        let s = abs.to_str()?;
+        let fd = |prefix: &str| {
+            s.strip_prefix(prefix)
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        };
+        if !(s == "/dev/stdout" || s == "/dev/stderr" || fd("/dev/fd/") || fd("/proc/self/fd/")) {
             return None;
         }
-        std::fs::metadata(path).ok()?.file_type()
-    } else {
-        own.file_type()
-    };
-    (!t.is_file() && !t.is_dir()).then_some((t, follow))
+        let t = std::fs::metadata(path).ok()?.file_type();
+        return (!t.is_dir()).then_some((t, true));
+    }
+    let t = own.file_type();
+    (!t.is_file() && !t.is_dir()).then_some((t, false))
 }
 
 /// How long a FIFO target waits for a process to open it for reading.
@@ -355,6 +385,26 @@ mod tests {
             panic!("a block device was opened for writing")
         });
         assert!(r.is_err());
+    }
+
+    /// The standard streams' names lead where they lead: a file behind
+    /// `/proc/self/fd/N` is written in place, from its start.
+    #[test]
+    fn a_stream_name_is_written_where_it_leads() {
+        use std::os::fd::AsRawFd;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("out");
+        std::fs::write(&p, b"old contents that are longer").unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        let name = format!("/proc/self/fd/{}", f.as_raw_fd());
+        write_atomically::<std::io::Error>(Path::new(&name), |w| w.write_all(b"new")).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        // A link elsewhere to the same stream name is not followed.
+        let link = d.path().join("shm-link");
+        std::os::unix::fs::symlink(&name, &link).unwrap();
+        write_atomically::<std::io::Error>(&link, |w| w.write_all(b"mine")).unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
     }
 
     #[test]
