@@ -837,6 +837,29 @@ fn a_copy_key_covers_its_hard_links() {
     assert_eq!(sh(&k, "apart:1", "stat -c %h /app/f1"), "1\n");
 }
 
+/// A `type=local` dest that is a symlink another user made (planted in a
+/// shared directory) is not followed: root merged the image into the
+/// directory it named (`/etc`, `/usr`).
+#[test]
+fn a_local_dest_symlinked_by_another_user_is_not_followed() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let shared = tempfile::tempdir().unwrap();
+    let victim = outside();
+    let link = shared.path().join("out");
+    symlink(victim.path(), &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+    let ctx = context(&[("Dockerfile", "FROM busybox\nRUN echo x > /planted\n")]);
+    let o = format!("type=local,dest={}", link.display());
+    let r = k.run(&["build", "-q", "-o", &o, ctx.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(err.contains("not followed"), "{err}");
+    untouched(victim.path());
+}
+
 /// A bind source whose name holds `:` (overlayfs' lowerdir separator):
 /// `source=/s/x:.` lowered `.`, kiln's working directory on the host, into
 /// the step. The name is the image's own directory, nothing else.

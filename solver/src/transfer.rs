@@ -260,7 +260,28 @@ pub fn pull_platform(
             {
                 check_config_platform(&name, &m.digest, c, &config)?;
             }
-            check_config_platform(&name, &m.digest, want, &config)?;
+            // By the rules the index was chosen by (an older ARM variant,
+            // an image naming no variant, serve).
+            let have = Platform {
+                os: config.os.clone(),
+                architecture: config.architecture.clone(),
+                variant: config.variant.clone(),
+                ..Default::default()
+            };
+            let (w, h) = (
+                kiln_image::platform::normalize(want),
+                kiln_image::platform::normalize(&have),
+            );
+            let serves = want.rank(&have).is_some()
+                || (w.os == h.os
+                    && w.architecture == h.architecture
+                    && (w.variant.is_none() || h.variant.is_none()));
+            if !serves {
+                return Err(TransferError::Invalid(format!(
+                    "{name}: manifest {} is for platform {h}, not the {w} asked for: refusing it",
+                    m.digest
+                )));
+            }
         }
         None => {
             if let Some(w) = platform {

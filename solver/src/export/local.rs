@@ -36,6 +36,21 @@ use super::ExportError;
 /// (a `dest` swapped for a symlink meanwhile changes nothing). The host's
 /// `/` is refused.
 pub(crate) fn open_dest(dest: &Path) -> Result<Root, ExportError> {
+    // A dest that is a symlink another user made (`/tmp/out -> /etc`
+    // planted where protected_symlinks is off) is never followed: root
+    // merged the image into its target.
+    if let Ok(m) = std::fs::symlink_metadata(dest) {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: no arguments, cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if m.file_type().is_symlink() && m.uid() != me && m.uid() != 0 {
+            return Err(ExportError::Usage(format!(
+                "{} is a symlink of uid {}: not followed (pass the directory it names)",
+                dest.display(),
+                m.uid()
+            )));
+        }
+    }
     std::fs::create_dir_all(dest)?;
     let root = Root::open(dest).map_err(io::Error::from)?;
     let st = root.dir().stat_self().map_err(io::Error::from)?;

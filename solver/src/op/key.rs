@@ -32,9 +32,7 @@ pub struct KeyInputs<'a> {
     /// commit).
     pub remote: &'a [String],
     /// SOURCE_DATE_EPOCH: the layer's mtimes are clamped to it when it is
-    /// committed, so it is part of what the step makes (a layer of a
-    /// build without it was the hit of a build with it, and the other way
-    /// round).
+    /// committed (whether it is set is part of the key).
     pub clamp: Option<i64>,
 }
 
@@ -48,8 +46,13 @@ pub fn cache_key(op: &Op, inputs: &KeyInputs<'_>) -> KeyHasher {
         Op::Mkdir(m) => mkdir_key(m, inputs),
         Op::ContextDir(d) => return context_dir_key(d),
     };
-    if let Some(e) = inputs.clamp {
-        key.field("source-date-epoch").field(e.to_string());
+    // Whether mtimes are clamped, not to what: a layer made without the
+    // clamp is never the hit of a build with it (its files carry the
+    // build's clock), while builds with SOURCE_DATE_EPOCH set from each
+    // commit's date still share their cache (a layer clamped to an
+    // earlier epoch has no mtime past the later one).
+    if inputs.clamp.is_some() {
+        key.field("source-date-epoch");
     }
     key
 }
