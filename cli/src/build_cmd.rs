@@ -255,11 +255,11 @@ fn render_error(e: &BuildError, name: &str, text: &str) -> String {
     out
 }
 
-/// Refuses outputs inside a `type=local` destination: the image's tree
-/// is written there first and could hold, where the next output goes, a
-/// symlink (`iid -> /dev/sda`, `cache -> /etc`) or a directory of its
-/// choosing.
-fn outputs_apart(a: &BuildArgs, req: &BuildRequest) -> anyhow::Result<()> {
+/// Refuses directory outputs inside a `type=local` destination: the
+/// image's tree is written there first and could hold, where the next
+/// output goes, a symlink (`cache -> /etc`). (Files there are replaced,
+/// never written through: see `outfile`.)
+fn outputs_apart(req: &BuildRequest) -> anyhow::Result<()> {
     let abs = |p: &Path| -> PathBuf {
         let p = if p.is_absolute() {
             p.to_path_buf()
@@ -279,31 +279,30 @@ fn outputs_apart(a: &BuildArgs, req: &BuildRequest) -> anyhow::Result<()> {
         }
         out
     };
-    // (what, where, whether a local export's tree)
-    let mut outs: Vec<(String, PathBuf, bool)> = Vec::new();
+    // (what, where, whether a local export's tree, whether a directory
+    // of its own). A single file written into a local dest is fine: it
+    // replaces whatever the image put at its name, never writes through
+    // it (`-o . --iidfile iid`); a directory there would be opened
+    // through the image's symlinks.
+    let mut outs: Vec<(String, PathBuf, bool, bool)> = Vec::new();
     for o in &req.outputs {
         if let Some(dest) = o.attrs.get("dest").filter(|d| d.as_str() != "-") {
             let what = format!("--output type={}", o.kind);
-            outs.push((what, abs(Path::new(dest)), o.kind == "local"));
+            let dir = o.kind == "local" || o.attrs.get("tar").is_some_and(|t| t == "false");
+            outs.push((what, abs(Path::new(dest)), o.kind == "local", dir));
         }
     }
     for c in &req.cache_to {
         if let kiln_solver::export::cache::CacheExport::Local { dir, .. } = c {
-            outs.push(("--cache-to type=local".into(), abs(dir), false));
+            outs.push(("--cache-to type=local".into(), abs(dir), false, true));
         }
     }
-    if let Some(f) = &a.iidfile {
-        outs.push(("--iidfile".into(), abs(f), false));
-    }
-    if let Some(f) = &a.compat.metadata_file {
-        outs.push(("--metadata-file".into(), abs(f), false));
-    }
-    for (i, (_, tree, local)) in outs.iter().enumerate() {
+    for (i, (_, tree, local, _)) in outs.iter().enumerate() {
         if !local {
             continue;
         }
-        for (j, (what, p, _)) in outs.iter().enumerate() {
-            if i != j && p.starts_with(tree) {
+        for (j, (what, p, _, dir)) in outs.iter().enumerate() {
+            if i != j && *dir && p.starts_with(tree) {
                 return Err(usage(format!(
                     "{what} {} is inside the type=local destination {}: the image's files are written there first (pick a path outside it)",
                     p.display(),
@@ -329,7 +328,7 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
     let caches = CacheFlags::parse(&a.cache_from, &a.cache_to).map_err(|e| usage(e.to_string()))?;
     req.cache_from = caches.imports;
     req.cache_to = caches.exports;
-    outputs_apart(&a, &req)?;
+    outputs_apart(&req)?;
     // A failed build leaves no ID or metadata of an earlier one where a
     // script would read them (as docker and buildx, which remove them
     // first); only a regular file is removed (`--iidfile /dev/stdout`).

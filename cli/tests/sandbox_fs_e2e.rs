@@ -439,22 +439,22 @@ fn outputs_inside_a_local_destination_are_refused() {
     }
     let k = Kiln::with_busybox();
     let ctx = context(&[]);
-    dockerfile(ctx.path(), "FROM busybox\nRUN ln -s /dev/full /iid\n");
+    dockerfile(
+        ctx.path(),
+        "FROM busybox\nRUN ln -s /dev/full /iid && mkdir /cache && ln -s /dev/full /rootfs.tar\n",
+    );
     let dest = tempfile::tempdir().unwrap();
     let out = dest.path().join("out");
     let o = format!("type=local,dest={}", out.display());
+    // Directories there are refused (opened through the image's links).
     for extra in [
-        vec![
-            "--iidfile".to_string(),
-            out.join("iid").display().to_string(),
-        ],
-        vec![
-            "-o".to_string(),
-            format!("type=tar,dest={}/./rootfs.tar", out.display()),
-        ],
         vec![
             "--cache-to".to_string(),
             format!("type=local,dest={}/cache", out.display()),
+        ],
+        vec![
+            "-o".to_string(),
+            format!("type=oci,tar=false,dest={}/./layout", out.display()),
         ],
     ] {
         let mut args = vec!["build", "-q", "-o", &o];
@@ -468,6 +468,29 @@ fn outputs_inside_a_local_destination_are_refused() {
             "{err}"
         );
     }
+    // A file there replaces what the image put at its name (`iid ->
+    // /dev/full` was written through as root).
+    let iid = out.join("iid");
+    let tar = format!("type=tar,dest={}/rootfs.tar", out.display());
+    let r = k.run(&[
+        "build",
+        "-q",
+        "-o",
+        &o,
+        "-o",
+        &tar,
+        "--iidfile",
+        iid.to_str().unwrap(),
+        ctx.path().to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(std::fs::symlink_metadata(&iid).unwrap().is_file());
+    assert!(std::fs::read_to_string(&iid)
+        .unwrap()
+        .starts_with("sha256:"));
+    assert!(std::fs::symlink_metadata(out.join("rootfs.tar"))
+        .unwrap()
+        .is_file());
     // A failed build removes the --iidfile an earlier one left.
     let iid = dest.path().join("iid");
     std::fs::write(&iid, "sha256:old").unwrap();

@@ -43,9 +43,26 @@ pub(crate) fn init_exe(path: &Path) -> io::Result<PathBuf> {
         Ok(fd) => fd,
         Err(_) => sealed_copy(path)?,
     };
+    // Above the descriptors a spawn moves into place (the init's socket
+    // goes to 3): this one must still name the binary at exec.
+    let fd = high(fd)?;
     let p = fd_path(&fd);
     made.push((path.to_path_buf(), fd));
     Ok(p)
+}
+
+/// `fd` moved to a number of 10 or more (close-on-exec).
+fn high(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() >= 10 {
+        return Ok(fd);
+    }
+    // SAFETY: a valid descriptor; F_DUPFD_CLOEXEC returns a new one.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor, owned from here.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
 fn fd_path(fd: &OwnedFd) -> PathBuf {
