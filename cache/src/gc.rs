@@ -184,7 +184,7 @@ fn image_roots(tx: &Transaction<'_>) -> Result<Vec<String>> {
 /// Everything something still needs: tagged images, the build cache,
 /// live leases and the active snapshots of running processes, with all
 /// they reach.
-fn live_marks(tx: &Transaction<'_>, trust_pids: bool) -> Result<Marks> {
+fn live_marks(tx: &Transaction<'_>, owner_alive: OwnerAlive<'_>) -> Result<Marks> {
     let mut blob_roots = image_roots(tx)?;
     blob_roots.extend(strings(tx, "SELECT blob FROM cache_blobs")?);
     blob_roots.extend(strings(
@@ -196,13 +196,16 @@ fn live_marks(tx: &Transaction<'_>, trust_pids: bool) -> Result<Marks> {
         tx,
         "SELECT name FROM lease_resources WHERE kind = 'snapshot'",
     )?);
-    snap_roots.extend(live_active(tx, trust_pids)?);
+    snap_roots.extend(live_active(tx, owner_alive)?);
     mark(tx, blob_roots, snap_roots)
 }
 
-/// Active/view snapshots whose owner still runs (all of them unless
-/// `trust_pids`: see [`crate::Meta::expire_leases`]).
-fn live_active(tx: &Transaction<'_>, trust_pids: bool) -> Result<Vec<String>> {
+/// Whether the process that recorded an owner (pid, start time as it saw
+/// them) still runs.
+pub(crate) type OwnerAlive<'a> = &'a dyn Fn(Option<i64>, Option<i64>) -> bool;
+
+/// Active/view snapshots whose owner still runs.
+fn live_active(tx: &Transaction<'_>, owner_alive: OwnerAlive<'_>) -> Result<Vec<String>> {
     let mut st =
         tx.prepare("SELECT key, owner_pid, owner_start FROM snapshots WHERE kind != 'committed'")?;
     let mut out = Vec::new();
@@ -211,14 +214,7 @@ fn live_active(tx: &Transaction<'_>, trust_pids: bool) -> Result<Vec<String>> {
         let key: String = r.get(0)?;
         let pid: Option<i64> = r.get(1)?;
         let start: Option<i64> = r.get(2)?;
-        let alive = !trust_pids
-            || pid.is_some_and(|pid| {
-                ProcessId {
-                    pid,
-                    start: start.unwrap_or(0),
-                }
-                .is_alive()
-            });
+        let alive = owner_alive(pid, start);
         if alive {
             out.push(key);
         }
@@ -236,14 +232,28 @@ impl Store {
         // build in a container, a prune on the host) has pids that mean
         // nothing here.
         let trust_pids = crate::store::tmp_users::alone(self.root()).is_some();
+        let root = self.root().to_path_buf();
+        // A process's `procs/` lock says whether it runs, across pid
+        // namespaces; one that left none (a kiln of before) by its pid,
+        // when that can be trusted.
+        let owner_alive = move |pid: Option<i64>, start: Option<i64>| -> bool {
+            let Some(pid) = pid else {
+                return false;
+            };
+            let start = start.unwrap_or(0);
+            match crate::store::tmp_users::lives(&root, pid, start) {
+                Some(alive) => alive,
+                None => !trust_pids || ProcessId { pid, start }.is_alive(),
+            }
+        };
         // Rows first (one transaction), files after.
         let (dead_snaps, dead_blobs) = self.meta().write(|tx| {
-            report.leases_expired = self.meta().expire_leases(tx, trust_pids)?;
+            report.leases_expired = self.meta().expire_leases(tx, &owner_alive)?;
             report.cache_records_removed = apply_cache_policy(tx, opts)?;
             if !opts.keep_untagged {
                 report.untagged_removed = remove_untagged(tx, opts.until)?;
             }
-            let marks = live_marks(tx, trust_pids)?;
+            let marks = live_marks(tx, &owner_alive)?;
             // Snapshots: children before parents (unmarked snapshots only
             // have unmarked children).
             let mut dead: Vec<(String, String, Option<String>)> = Vec::new();
@@ -373,6 +383,20 @@ impl Store {
             report.temp_removed += 1;
         }
         drop(alone);
+        // The lock files of processes gone.
+        if let Ok(rd) = std::fs::read_dir(self.root().join("procs")) {
+            for e in rd.flatten() {
+                let name = e.file_name();
+                let Some((pid, start)) = name
+                    .to_str()
+                    .and_then(|n| n.split_once('-'))
+                    .and_then(|(p, s)| Some((p.parse().ok()?, s.parse().ok()?)))
+                else {
+                    continue;
+                };
+                let _ = crate::store::tmp_users::lives(self.root(), pid, start);
+            }
+        }
         Ok(report)
     }
 
@@ -607,7 +631,15 @@ impl Store {
                 strings(tx, "SELECT blob FROM cache_blobs")?,
                 strings(tx, "SELECT snapshot FROM cache WHERE snapshot IS NOT NULL")?,
             )?;
-            let all = live_marks(tx, true)?;
+            let all = live_marks(tx, &|pid: Option<i64>, start: Option<i64>| {
+                pid.is_some_and(|pid| {
+                    ProcessId {
+                        pid,
+                        start: start.unwrap_or(0),
+                    }
+                    .is_alive()
+                })
+            })?;
             du.images.count =
                 tx.query_row("SELECT COUNT(*) FROM images", [], |r| r.get::<_, i64>(0))? as usize;
             du.build_cache.count =

@@ -623,11 +623,13 @@ impl Meta {
 
     /// Delete leases whose process is gone or whose TTL passed; returns how
     /// many.
-    /// Removes leases past their time and, with `trust_pids`, those whose
-    /// process is gone (without it — another kiln uses the store, perhaps
-    /// from another pid namespace, where a live pid looks dead here — only
-    /// by time).
-    pub(crate) fn expire_leases(&self, tx: &Transaction<'_>, trust_pids: bool) -> Result<usize> {
+    /// Removes leases past their time and those whose process is gone
+    /// (as `owner_alive` tells).
+    pub(crate) fn expire_leases(
+        &self,
+        tx: &Transaction<'_>,
+        owner_alive: crate::gc::OwnerAlive<'_>,
+    ) -> Result<usize> {
         let now = now_unix();
         let mut dead = Vec::new();
         {
@@ -638,14 +640,7 @@ impl Meta {
                 let pid: Option<i64> = r.get(1)?;
                 let start: Option<i64> = r.get(2)?;
                 let expires: Option<i64> = r.get(3)?;
-                let proc_gone = trust_pids
-                    && pid.is_some_and(|pid| {
-                        !ProcessId {
-                            pid,
-                            start: start.unwrap_or(0),
-                        }
-                        .is_alive()
-                    });
+                let proc_gone = pid.is_some() && !owner_alive(pid, start);
                 if proc_gone || expires.is_some_and(|e| e <= now) {
                     dead.push(id);
                 }

@@ -212,6 +212,7 @@ impl Store {
                 .ctx("mkdir", d)?;
         }
         tmp_users::join(&root)?;
+        tmp_users::alive_here(&root)?;
         let paths = Paths {
             snapshots,
             links,
@@ -927,6 +928,63 @@ pub(crate) mod tmp_users {
         Ok(())
     }
 
+    static MINE: Mutex<Option<HashMap<PathBuf, File>>> = Mutex::new(None);
+
+    /// The lock file that says a process of the store lives:
+    /// `procs/PID-START` as that process sees its own id (a pid means
+    /// nothing in another pid namespace, a file lock does).
+    fn proc_file(root: &Path, pid: i64, start: i64) -> PathBuf {
+        root.join("procs").join(format!("{pid}-{start}"))
+    }
+
+    /// This process holds its `procs/` lock for its life (once per root).
+    pub(crate) fn alive_here(root: &Path) -> Result<()> {
+        let mut mine = MINE.lock().unwrap_or_else(|e| e.into_inner());
+        let map = mine.get_or_insert_with(HashMap::new);
+        if map.contains_key(root) {
+            return Ok(());
+        }
+        let dir = root.join("procs");
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&dir)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|e| io_err("mkdir", &dir, e))?;
+        let me = crate::util::ProcessId::current();
+        let p = proc_file(root, me.pid, me.start);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .map_err(|e| io_err("open", &p, e))?;
+        if !flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
+            return Err(io_err("flock", &p, std::io::Error::last_os_error()));
+        }
+        map.insert(root.to_path_buf(), f);
+        Ok(())
+    }
+
+    /// Whether the process `pid`/`start` (as it saw itself) still runs:
+    /// its `procs/` lock is held. `None`: it left no lock file (a kiln of
+    /// before, or long gone and swept).
+    pub(crate) fn lives(root: &Path, pid: i64, start: i64) -> Option<bool> {
+        let p = proc_file(root, pid, start);
+        let f = std::fs::OpenOptions::new().read(true).open(&p).ok()?;
+        if flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
+            // Nobody holds it: gone; the file goes too.
+            let _ = std::fs::remove_file(&p);
+            return Some(false);
+        }
+        Some(true)
+    }
+
     /// Whether this process is the only one using `root`'s tmp; while the
     /// returned guard lives, no other can start using it.
     pub(crate) fn alone(root: &Path) -> Option<Alone> {
@@ -985,9 +1043,10 @@ fn private_root(root: &Path) -> Result<()> {
     // another directory of this user's (root given `--root` through a
     // symlink a user planted to `/etc` made it 0700 and filled it).
     if !root.join("meta.db").exists() {
-        const OURS: [&str; 9] = [
+        const OURS: [&str; 10] = [
             "lost+found",
             "tmp.lock",
+            "procs",
             "blobs",
             "snapshots",
             "l",

@@ -503,3 +503,33 @@ fn prune_leaves_a_build_in_another_pid_namespace_alone() {
     assert!(status.success(), "{status:?}\n{}", rest.join("\n"));
     k.ok(&["system", "check"]);
 }
+
+/// While one build runs, prune still collects what a SIGKILLed one left:
+/// a process's liveness is its lock file in the store (across pid
+/// namespaces), not "no other kiln runs".
+#[test]
+fn prune_collects_a_killed_build_while_another_runs() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let live = context(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN echo live-running && sleep 6 && echo done > /d\n",
+    )]);
+    let doomed = context(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN echo doomed-running && sleep 60\n",
+    )]);
+    let (mut a, rx_a) = spawn_build(&k, live.path(), "live:1");
+    wait_for_line(&rx_a, "live-running");
+    let (mut b, rx_b) = spawn_build(&k, doomed.path(), "doomed:1");
+    wait_for_line(&rx_b, "doomed-running");
+    b.kill().expect("kill -9");
+    let _ = b.wait();
+    let out = k.ok(&["prune", "-f"]);
+    assert!(out.contains("expired 1 leases"), "{out}");
+    let status = a.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+    k.ok(&["system", "check"]);
+}
