@@ -148,22 +148,10 @@ fn processes_with(needle: &str) -> Vec<i32> {
     out
 }
 
-/// Starts `kiln build --progress plain -t TAG CTX`; its stderr lines come
-/// through the receiver.
-fn spawn_build(
-    k: &Kiln,
-    ctx: &std::path::Path,
-    tag: &str,
-) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+/// The stderr lines of `child` (spawned with a piped stderr), through a
+/// receiver.
+fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     use std::io::BufRead;
-    let mut child = k
-        .cmd()
-        .args(["build", "--progress", "plain", "-t", tag])
-        .arg(ctx)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -174,6 +162,25 @@ fn spawn_build(
             let _ = tx.send(line);
         }
     });
+    rx
+}
+
+/// Starts `kiln build --progress plain -t TAG CTX`; its stderr lines come
+/// through the receiver.
+fn spawn_build(
+    k: &Kiln,
+    ctx: &std::path::Path,
+    tag: &str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = k
+        .cmd()
+        .args(["build", "--progress", "plain", "-t", tag])
+        .arg(ctx)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let rx = stderr_lines(&mut child);
     (child, rx)
 }
 
@@ -362,17 +369,7 @@ fn a_signal_during_the_export_ends_kiln() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stderr_lines(&mut child);
         wait_for_line(&rx, "exporting to client tarball");
         std::thread::sleep(Duration::from_millis(300));
         assert!(
@@ -441,17 +438,7 @@ fn prune_during_a_build_keeps_the_builds_temporary_files() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stderr_lines(&mut child);
     wait_for_line(&rx, "sleeping");
     k.ok(&["prune", "-f"]);
     let status = child.wait().expect("wait");
@@ -485,17 +472,7 @@ fn prune_leaves_a_build_in_another_pid_namespace_alone() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("unshare (util-linux)");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stderr_lines(&mut child);
     wait_for_line(&rx, "sleeping");
     k.ok(&["prune", "-f"]);
     let status = child.wait().expect("wait");

@@ -481,18 +481,63 @@ fn allowed_devices(dev_fd: &Dir) -> Result<()> {
 
 /// `struct mount_attr` of mount_setattr(2).
 #[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
+pub(crate) struct MountAttr {
+    pub(crate) attr_set: u64,
+    pub(crate) attr_clr: u64,
+    pub(crate) propagation: u64,
+    pub(crate) userns_fd: u64,
 }
 
-const MOUNT_ATTR_RDONLY: u64 = 0x1;
-const MOUNT_ATTR_NOSUID: u64 = 0x2;
-const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub(crate) const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub(crate) const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub(crate) const MOUNT_ATTR_NODEV: u64 = 0x4;
 const MOUNT_ATTR_NOEXEC: u64 = 0x8;
 const AT_RECURSIVE: libc::c_int = 0x8000;
+
+/// `mount_setattr(fd, "", AT_EMPTY_PATH | flags, attr)` (Linux 5.12).
+pub(crate) fn mount_setattr(
+    fd: &impl AsRawFd,
+    flags: libc::c_uint,
+    attr: &MountAttr,
+) -> nix::Result<()> {
+    // SAFETY: a valid descriptor, an empty NUL-terminated path and an
+    // attr of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint | flags,
+            attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(nix::Error::last())
+    }
+}
+
+/// `open_tree(AT_FDCWD, path, OPEN_TREE_CLONE | O_CLOEXEC | flags)`: a
+/// detached copy of the mount at `path`.
+pub(crate) fn open_tree_clone(path: &Path, flags: libc::c_uint) -> nix::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| nix::Error::EINVAL)?;
+    // SAFETY: a NUL-terminated path and open_tree(2)'s flags.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | flags,
+        )
+    };
+    if fd < 0 {
+        return Err(nix::Error::last());
+    }
+    // SAFETY: a new descriptor open_tree returned, owned from here.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as libc::c_int) })
+}
 
 /// `mount_setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE)` setting `set`
 /// on the mount `fd` is on and every mount below it (Linux 5.12).
@@ -503,22 +548,7 @@ fn setattr_recursive(fd: &impl AsRawFd, set: u64) -> nix::Result<()> {
         propagation: 0,
         userns_fd: 0,
     };
-    // SAFETY: valid fd, NUL-terminated empty path, attr of the size passed.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            (libc::AT_EMPTY_PATH | AT_RECURSIVE) as libc::c_uint,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(nix::Error::last())
-    }
+    mount_setattr(fd, AT_RECURSIVE as libc::c_uint, &attr)
 }
 
 /// Make every mount at and below the root `nodev`, keeping their other
@@ -684,7 +714,7 @@ fn place_inline_files(root: &Root, stage: &Path, files: &[InlineFile]) -> Result
     Ok(())
 }
 
-const OPEN_TREE_CLONE: libc::c_uint = 1;
+pub(crate) const OPEN_TREE_CLONE: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
 const MOUNT_ATTR_NOATIME: u64 = 0x10;
@@ -748,56 +778,32 @@ fn bind_onto(
     extra: MsFlags,
     prop: MsFlags,
 ) -> nix::Result<()> {
-    let src =
-        CString::new(source.as_os_str().as_encoded_bytes()).map_err(|_| nix::Error::EINVAL)?;
     let recursive = if rec { AT_RECURSIVE as libc::c_uint } else { 0 };
-    // SAFETY: a NUL-terminated path; the flags of open_tree(2).
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            src.as_ptr(),
-            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | recursive,
-        )
-    };
-    if fd < 0 {
-        let e = nix::Error::last();
-        if e == nix::Error::ENOSYS {
-            return bind_then_remount(root, destination, source, target, rec, extra, prop);
+    let tree = match open_tree_clone(source, recursive) {
+        Ok(t) => t,
+        Err(nix::Error::ENOSYS) => {
+            return bind_then_remount(root, destination, source, target, rec, extra, prop)
         }
-        return Err(e);
-    }
-    // SAFETY: open_tree returned a new descriptor, owned here.
-    let tree = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as libc::c_int) };
+        Err(e) => return Err(e),
+    };
     let (set, clr) = mount_attrs(extra).ok_or(nix::Error::EINVAL)?;
     let propagation = (prop & (MsFlags::MS_PRIVATE | MsFlags::MS_SLAVE)).bits();
     if set != 0 || clr != 0 || propagation != 0 {
-        let attr = MountAttr {
-            attr_set: set,
-            attr_clr: clr,
-            propagation,
-            userns_fd: 0,
-        };
         let all = if rec || prop.contains(MsFlags::MS_REC) {
             AT_RECURSIVE as libc::c_uint
         } else {
             0
         };
-        // SAFETY: valid fd, NUL-terminated empty path, attr of the size
-        // passed.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_mount_setattr,
-                tree.as_raw_fd(),
-                c"".as_ptr(),
-                libc::AT_EMPTY_PATH as libc::c_uint | all,
-                &attr as *const MountAttr,
-                std::mem::size_of::<MountAttr>(),
-            )
-        };
-        if r != 0 {
-            return Err(nix::Error::last());
-        }
+        mount_setattr(
+            &tree,
+            all,
+            &MountAttr {
+                attr_set: set,
+                attr_clr: clr,
+                propagation,
+                userns_fd: 0,
+            },
+        )?;
     }
     // SAFETY: two valid descriptors and empty NUL-terminated paths.
     let r = unsafe {
