@@ -1539,6 +1539,52 @@ fn remove_all_at(dir: RawFd, name: &CStr) -> io::Result<()> {
     }
 }
 
+/// The extended attributes of `path` (read without following it: the
+/// link's own when it is one), names with their values; an attribute
+/// that vanishes while read is left out.
+pub fn xattrs_of(path: &Path) -> io::Result<Vec<(CString, Vec<u8>)>> {
+    let s = cstring(path.as_os_str().as_bytes())?;
+    // SAFETY: a size query with a null buffer.
+    let len = unsafe { libc::llistxattr(s.as_ptr(), std::ptr::null_mut(), 0) };
+    if len <= 0 {
+        return Ok(Vec::new());
+    }
+    let mut names = vec![0u8; len as usize];
+    // SAFETY: a buffer of the size just queried.
+    let len = unsafe { libc::llistxattr(s.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if len < 0 {
+        return Err(errno());
+    }
+    names.truncate(len as usize);
+    let mut out = Vec::new();
+    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let Ok(cname) = CString::new(name) else {
+            continue;
+        };
+        // SAFETY: a size query.
+        let vlen = unsafe { libc::lgetxattr(s.as_ptr(), cname.as_ptr(), std::ptr::null_mut(), 0) };
+        if vlen < 0 {
+            continue;
+        }
+        let mut value = vec![0u8; vlen as usize];
+        // SAFETY: a buffer of the queried size.
+        let vlen = unsafe {
+            libc::lgetxattr(
+                s.as_ptr(),
+                cname.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        if vlen < 0 {
+            continue;
+        }
+        value.truncate(vlen as usize);
+        out.push((cname, value));
+    }
+    Ok(out)
+}
+
 /// Removes `path` and, if it is a directory, everything below it, never
 /// following a symlink, without recursion and with one directory open at
 /// a time (any depth). Nothing there is not an error.

@@ -3,25 +3,13 @@
 //! the filesystem allows, else copied with `copy_file_range`.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use kiln_fs::{Create, Dir, Follow, Root, Stat};
 
 use crate::error::{io_err, IoContext, Result};
-
-fn cstr(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| {
-        io_err(
-            "path",
-            p,
-            std::io::Error::from(std::io::ErrorKind::InvalidInput),
-        )
-    })
-}
 
 pub(crate) fn fs_err(e: kiln_fs::Error) -> crate::error::Error {
     let io = match e.raw_os_error() {
@@ -166,42 +154,8 @@ fn copy_file(src: &Path, to: &File, dst: &Path) -> Result<()> {
 /// The source entry's extended attributes (read without following it)
 /// onto `name` in `dir` (or `dir` itself), through kiln-fs.
 fn copy_xattrs(src: &Path, dir: &Dir, entry: Option<&std::ffi::OsStr>) -> Result<()> {
-    let s = cstr(src)?;
-    // SAFETY: size query with a null buffer.
-    let len = unsafe { libc::llistxattr(s.as_ptr(), std::ptr::null_mut(), 0) };
-    if len <= 0 {
-        return Ok(());
-    }
-    let mut names = vec![0u8; len as usize];
-    // SAFETY: buffer of the size just queried.
-    let len = unsafe { libc::llistxattr(s.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    if len < 0 {
-        return Err(io_err("listxattr", src, std::io::Error::last_os_error()));
-    }
-    names.truncate(len as usize);
-    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
-        let Ok(cname) = CString::new(name) else {
-            continue;
-        };
-        // SAFETY: size query.
-        let vlen = unsafe { libc::lgetxattr(s.as_ptr(), cname.as_ptr(), std::ptr::null_mut(), 0) };
-        if vlen < 0 {
-            continue;
-        }
-        let mut value = vec![0u8; vlen as usize];
-        // SAFETY: buffer of the queried size.
-        let vlen = unsafe {
-            libc::lgetxattr(
-                s.as_ptr(),
-                cname.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
-            )
-        };
-        if vlen < 0 {
-            continue;
-        }
-        value.truncate(vlen as usize);
+    let all = kiln_fs::xattrs_of(src).map_err(|e| io_err("listxattr", src, e))?;
+    for (cname, value) in all {
         let set = match entry {
             Some(n) => dir.set_xattr(n, cname.as_bytes(), &value),
             None => dir.set_xattr_self(cname.as_bytes(), &value),

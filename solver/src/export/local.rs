@@ -20,11 +20,10 @@
 //!   had keeps its owner, mode and times.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use kiln_fs::{Create, Dir, Follow, Root, Stat};
@@ -280,47 +279,11 @@ fn copy_content(from: &File, to: &File) -> io::Result<()> {
 /// the host they would label files, grant access or steer an overlay
 /// mount.
 fn copy_user_xattrs(src: &Path, dir: &Dir, name: &OsStr) -> Result<(), ExportError> {
-    let s = CString::new(src.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: a size query with a null buffer.
-    let len = unsafe { libc::llistxattr(s.as_ptr(), std::ptr::null_mut(), 0) };
-    if len <= 0 {
-        return Ok(());
-    }
-    let mut names = vec![0u8; len as usize];
-    // SAFETY: a buffer of the size just queried.
-    let len = unsafe { libc::llistxattr(s.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    if len < 0 {
-        return Err(io::Error::last_os_error().into());
-    }
-    names.truncate(len as usize);
-    for key in names.split(|b| *b == 0) {
-        if !key.starts_with(b"user.") {
+    for (key, value) in kiln_fs::xattrs_of(src)? {
+        if !key.as_bytes().starts_with(b"user.") {
             continue;
         }
-        let Ok(k) = CString::new(key) else {
-            continue;
-        };
-        // SAFETY: a size query.
-        let vlen = unsafe { libc::lgetxattr(s.as_ptr(), k.as_ptr(), std::ptr::null_mut(), 0) };
-        if vlen < 0 {
-            continue;
-        }
-        let mut value = vec![0u8; vlen as usize];
-        // SAFETY: a buffer of the queried size.
-        let vlen = unsafe {
-            libc::lgetxattr(
-                s.as_ptr(),
-                k.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
-            )
-        };
-        if vlen < 0 {
-            continue;
-        }
-        value.truncate(vlen as usize);
-        match dir.set_xattr(name, key, &value) {
+        match dir.set_xattr(name, key.as_bytes(), &value) {
             Ok(()) => {}
             // A file system without user xattrs (tmpfs of old kernels), or
             // none on a symlink: the data is what was asked for.
