@@ -384,19 +384,7 @@ impl Store {
         }
         drop(alone);
         // The lock files of processes gone.
-        if let Ok(rd) = std::fs::read_dir(self.root().join("procs")) {
-            for e in rd.flatten() {
-                let name = e.file_name();
-                let Some((pid, start)) = name
-                    .to_str()
-                    .and_then(|n| n.split_once('-'))
-                    .and_then(|(p, s)| Some((p.parse().ok()?, s.parse().ok()?)))
-                else {
-                    continue;
-                };
-                let _ = crate::store::tmp_users::lives(self.root(), pid, start);
-            }
-        }
+        crate::store::tmp_users::sweep(self.root());
         Ok(report)
     }
 

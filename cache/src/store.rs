@@ -968,7 +968,29 @@ pub(crate) mod tmp_users {
             return Err(io_err("flock", &p, std::io::Error::last_os_error()));
         }
         map.insert(root.to_path_buf(), f);
+        // Every run of kiln leaves its file; past a few, the dead go.
+        if std::fs::read_dir(&dir).is_ok_and(|rd| rd.count() > 32) {
+            sweep(root);
+        }
         Ok(())
+    }
+
+    /// Removes the `procs/` files of processes gone.
+    pub(crate) fn sweep(root: &Path) {
+        let Ok(rd) = std::fs::read_dir(root.join("procs")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some((pid, start)) = name
+                .to_str()
+                .and_then(|n| n.split_once('-'))
+                .and_then(|(p, s)| Some((p.parse().ok()?, s.parse().ok()?)))
+            else {
+                continue;
+            };
+            let _ = lives(root, pid, start);
+        }
     }
 
     /// Whether the process `pid`/`start` (as it saw itself) still runs:

@@ -1868,6 +1868,27 @@ fn copy_file(
     Ok(written)
 }
 
+/// `src`'s content into the new, empty `dst`: cloned where the file
+/// systems allow (tried once per pair of devices), else copied in the
+/// kernel, else through a buffer from where the kernel stopped.
+pub(crate) fn copy_content(src: &fs::File, dst: &fs::File) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if reflink(src, dst, src.metadata()?.dev(), dst.metadata()?.dev()) {
+        return Ok(());
+    }
+    loop {
+        match kernel_copy(src, dst, COPY_CHUNK) {
+            Some(Ok(0)) => return Ok(()),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e),
+            None => {
+                io::copy(&mut &*src, &mut &*dst)?;
+                return Ok(());
+            }
+        }
+    }
+}
+
 /// Source devices whose files cannot be cloned into the destination's
 /// file system (each pair is tried once per process, not once per file).
 static NO_REFLINK: std::sync::Mutex<Vec<(u64, u64)>> = std::sync::Mutex::new(Vec::new());

@@ -21,9 +21,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use kiln_fs::{Create, Dir, Follow, Root, Stat};
@@ -202,7 +200,7 @@ impl Merger<'_> {
                 let to = dir
                     .create_file_unset(tmp, Create::Exclusive)
                     .map_err(io::Error::from)?;
-                copy_content(&from, &to).map_err(|e| {
+                crate::copy::copy_content(&from, &to).map_err(|e| {
                     io::Error::new(
                         e.kind(),
                         format!("writing {}: {e}", self.dst.path().join(rel).display()),
@@ -230,46 +228,6 @@ impl Merger<'_> {
         }
         dir.set_times(name, st.mtime()).map_err(io::Error::from)?;
         Ok(())
-    }
-}
-
-/// `from`'s content into the new, empty `to`: cloned where the file
-/// system allows, else copied in the kernel, else through a buffer.
-fn copy_content(from: &File, to: &File) -> io::Result<()> {
-    // SAFETY: two open descriptors; FICLONE fails harmlessly when the
-    // file system cannot clone.
-    if unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) } == 0 {
-        return Ok(());
-    }
-    loop {
-        // SAFETY: two open descriptors; null offsets use and advance the
-        // files' own.
-        let n = unsafe {
-            libc::copy_file_range(
-                from.as_raw_fd(),
-                std::ptr::null_mut(),
-                to.as_raw_fd(),
-                std::ptr::null_mut(),
-                1 << 30,
-                0,
-            )
-        };
-        if n == 0 {
-            return Ok(());
-        }
-        if n > 0 {
-            continue;
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM) => {
-                // From where the kernel stopped, through a buffer.
-                io::copy(&mut &*from, &mut &*to)?;
-                return Ok(());
-            }
-            _ => return Err(e),
-        }
     }
 }
 
