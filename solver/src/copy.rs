@@ -836,8 +836,7 @@ impl Reuse {
         let written = self
             .written
             .lock()
-            .map_err(|_| CopyError::Io("copy index".into(), io::Error::other("poisoned")))?
-            .clone();
+            .map_err(|_| CopyError::Io("copy index".into(), io::Error::other("poisoned")))?;
         let mut times: HashMap<&str, usize> = HashMap::with_capacity(written.len());
         for (p, _) in &written {
             *times.entry(p.as_str()).or_default() += 1;
