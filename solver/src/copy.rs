@@ -838,7 +838,7 @@ impl Reuse {
             .lock()
             .map_err(|_| CopyError::Io("copy index".into(), io::Error::other("poisoned")))?;
         let mut times: HashMap<&str, usize> = HashMap::with_capacity(written.len());
-        for (p, _) in &written {
+        for (p, _) in written.iter() {
             *times.entry(p.as_str()).or_default() += 1;
         }
         let shared = self
