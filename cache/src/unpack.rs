@@ -370,6 +370,59 @@ impl Store {
         Ok(None)
     }
 
+    /// Stores the uncompressed tar of the layer `diff_id` (the blob
+    /// `diff_id`) from the compressed blob a lazy layer of that diffID
+    /// names (fetched first if it is kept in a registry), the tar proved
+    /// to be `diff_id` before it is committed. For an export of a build
+    /// whose steps came from an imported cache: their layers were kept
+    /// compressed, never unpacked. Returns whether a tar was stored: `false`
+    /// when no lazy layer's blob can be had or makes the diffID (a claim
+    /// that fails is forgotten).
+    pub fn keep_lazy_tar(&self, diff_id: &Digest) -> Result<bool> {
+        use kiln_image::manifest::media_types as mt;
+        let compressed = [
+            mt::OCI_LAYER_GZIP,
+            mt::DOCKER_LAYER_GZIP,
+            mt::OCI_LAYER_ZSTD,
+        ];
+        for l in self.meta().lazy_layers_of_diff(diff_id, &compressed)? {
+            let file = match self.open_file_fetching(&l.blob) {
+                Ok(f) => f,
+                Err(Error::NotFound { .. } | Error::Fetch { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            // Bytes that do not decompress are a claim that fails; a
+            // full disk is the store's error.
+            let mut w = self.content().writer()?;
+            let copied = sniff_reader(io::BufReader::with_capacity(256 * 1024, file))
+                .and_then(|(kind, r)| decompress(r, kind))
+                .and_then(|mut tar| io::copy(&mut tar, &mut w));
+            match copied {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    return Err(crate::error::io_err("writing", self.root(), e));
+                }
+                Err(_) => {
+                    let _ = self.meta().drop_lazy_layer(&l.snapshot, &l.blob);
+                    continue;
+                }
+            }
+            match self.commit_blob(
+                w,
+                Some(diff_id),
+                None,
+                Some(kiln_image::manifest::media_types::OCI_LAYER),
+            ) {
+                Ok(_) => return Ok(true),
+                Err(Error::DigestMismatch { .. }) => {
+                    let _ = self.meta().drop_lazy_layer(&l.snapshot, &l.blob);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
     /// [`Store::unpack_layer`] of a compressed blob that also keeps the
     /// layer's uncompressed tar, as the blob `layer.diff_id`: the thread
     /// that decompresses the blob writes the tar while the files are

@@ -348,6 +348,77 @@ fn a_cache_layer_left_in_the_registry_is_verified_when_it_is_fetched() {
     );
 }
 
+/// The CI pattern on a runner that keeps its store: `--cache-from` and
+/// `--cache-to` the same ref, run again after an earlier import. The
+/// steps are hits whose layers are still the import's compressed blobs
+/// (never unpacked); the export makes their tars from those blobs, proved
+/// against the diffIDs, instead of failing with "blob not found".
+#[test]
+fn a_runner_that_imported_before_exports_the_cache_again() {
+    if !ready() {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let base = push_base(&reg);
+    let ctx = app(&base);
+    let cache = format!("{}/cache:1", reg.host());
+    let a = Client::new(false);
+    let to = format!("type=registry,ref={cache},mode=max");
+    let (id_a, _) = build_json(&a, ctx.path(), &["-t", "app:1", "--cache-to", &to]);
+    let layers = |m: &Value| -> Vec<String> {
+        let mut l: Vec<String> = m["layers"]
+            .as_array()
+            .expect("layers")
+            .iter()
+            .map(|l| l["digest"].as_str().expect("digest").to_string())
+            .collect();
+        l.sort();
+        l
+    };
+    let first = layers(&raw_manifest(&cache));
+
+    let b = Client::new(false);
+    let from = format!("type=registry,ref={cache}");
+    build_json(&b, ctx.path(), &["-t", "app:1", "--cache-from", &from]);
+    let (id_b, ev) = build_json(
+        &b,
+        ctx.path(),
+        &["-t", "app:1", "--cache-from", &from, "--cache-to", &to],
+    );
+    assert!(!logged(&ev, "MARKER"), "{ev:?}");
+    assert_eq!(id_a, id_b);
+    assert_eq!(layers(&raw_manifest(&cache)), first);
+    let o = b.run(&["system", "check"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // The same with a cache directory.
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("cache");
+    let local_to = format!("type=local,dest={}", dest.display());
+    build_json(&a, ctx.path(), &["-t", "app:1", "--cache-to", &local_to]);
+    let c = Client::new(false);
+    let local_from = format!("type=local,src={}", dest.display());
+    build_json(
+        &c,
+        ctx.path(),
+        &["-t", "app:1", "--cache-from", &local_from],
+    );
+    let (id_c, ev) = build_json(
+        &c,
+        ctx.path(),
+        &[
+            "-t",
+            "app:1",
+            "--cache-from",
+            &local_from,
+            "--cache-to",
+            &local_to,
+        ],
+    );
+    assert!(!logged(&ev, "MARKER"), "{ev:?}");
+    assert_eq!(id_a, id_c);
+}
+
 #[test]
 fn local_oci_layout_cache_round_trips() {
     if !ready() {
@@ -375,7 +446,12 @@ fn local_oci_layout_cache_round_trips() {
     );
 
     // A blob of the layout corrupted in place (same size) is written
-    // again by the next export to it, not kept by its name and size.
+    // again by the next export to it, not kept by its name and size. The
+    // export is the CI pattern (`--cache-from` and `--cache-to` the same
+    // place): a build without the import would run the steps again (an
+    // imported record answers only for its import) and export other
+    // layers whenever the clock moved to the next second, leaving the
+    // corrupt blob unreferenced rather than rewritten.
     let (_, layer) = top_record(&dest);
     let hex = layer["digest"]
         .as_str()
@@ -389,7 +465,17 @@ fn local_oci_layout_cache_round_trips() {
     }
     std::fs::write(&blob, &bytes).expect("corrupt");
     let to = format!("type=local,dest={}", dest.display());
-    build_json(&b, ctx.path(), &["-t", "app:1", "--cache-to", &to]);
+    let (_, ev) = build_json(
+        &b,
+        ctx.path(),
+        &["-t", "app:1", "--cache-from", &from, "--cache-to", &to],
+    );
+    assert!(!logged(&ev, "MARKER"), "{ev:?}");
+    let (_, still) = top_record(&dest);
+    assert_eq!(
+        still["digest"], layer["digest"],
+        "the export names the blob"
+    );
     let again = std::fs::read(&blob).expect("blob");
     assert_eq!(
         kiln_image::Digest::sha256_of(&again).hex(),

@@ -737,6 +737,14 @@ impl RemoteCacheBackend {
                 Some(i) => i,
                 None => {
                     let diff = cd(&sn.diff_id)?;
+                    // A step taken from a cache imported by an earlier
+                    // build has its layer as the compressed blob of that
+                    // import only: its tar is made (and proved) now.
+                    if !store.has_blob(&diff) {
+                        store
+                            .keep_lazy_tar(&diff)
+                            .map_err(|e| RemoteCacheError::ctx("layer")(e))?;
+                    }
                     let size = store
                         .blob_size(&diff)
                         .map_err(|e| RemoteCacheError::ctx("layer")(e))?;
