@@ -30,6 +30,18 @@ pub enum Error {
         /// What was actually written.
         actual: String,
     },
+    /// A blob whose content is the digest it is named by, but not the
+    /// size a descriptor claims for it: the claim is wrong, the blob is
+    /// not (it stays where it is).
+    #[error("blob {digest} is {actual} bytes, not the {claimed} its descriptor says")]
+    WrongSize {
+        /// The blob's digest.
+        digest: String,
+        /// The size claimed.
+        claimed: u64,
+        /// Its size.
+        actual: u64,
+    },
     /// A blob, snapshot, image or record that does not exist.
     #[error("{kind} {name:?} not found")]
     NotFound {

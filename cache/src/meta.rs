@@ -718,10 +718,12 @@ impl Meta {
     /// Record a blob that has no file and no snapshot: `source` (JSON,
     /// see [`crate::RemoteBlob`]) says where it is. A stored blob's row
     /// (a file, a layer source) is kept; another registry's row for the
-    /// same digest gives way to this one (the latest import names where
-    /// its build reads the blob: an earlier, hostile import naming an
-    /// unreachable place would otherwise fail every later build's first
-    /// read). Returns whether the row was added or replaced.
+    /// same digest and size gives way to this one (the latest import
+    /// names where its build reads the blob: an earlier, hostile import
+    /// naming an unreachable place would otherwise fail every later
+    /// build's first read). A row's size never changes: a claim of
+    /// another size is a lie of one of the two. Returns whether the row
+    /// was added or replaced.
     pub fn add_source_blob(
         &self,
         digest: &Digest,
@@ -736,7 +738,8 @@ impl Meta {
                  VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(digest) DO UPDATE
                  SET size = excluded.size, media_type = excluded.media_type,
                      source = excluded.source
-                 WHERE blobs.source LIKE '{\"remote\":%' AND blobs.source != excluded.source",
+                 WHERE blobs.source LIKE '{\"remote\":%' AND blobs.source != excluded.source
+                   AND blobs.size = excluded.size",
                 params![d, size as i64, media_type, now_unix(), source],
             )?;
             self.lease_add(tx, "blob", &d)?;
@@ -1049,13 +1052,41 @@ impl Meta {
         diff_id: Option<&Digest>,
         blobs: &[Digest],
     ) -> Result<()> {
+        self.cache_put_record(key, snapshot, diff_id, blobs, None)
+    }
+
+    /// [`Meta::cache_put`] of a record made elsewhere: `created` is its
+    /// maker's time (a remote cache's record keeps the exporter's, so the
+    /// image's history and ID are the same on every runner), and replaces
+    /// the one a record of the key had.
+    pub fn cache_put_created(
+        &self,
+        key: &str,
+        snapshot: Option<&str>,
+        diff_id: Option<&Digest>,
+        blobs: &[Digest],
+        created: i64,
+    ) -> Result<()> {
+        self.cache_put_record(key, snapshot, diff_id, blobs, Some(created))
+    }
+
+    fn cache_put_record(
+        &self,
+        key: &str,
+        snapshot: Option<&str>,
+        diff_id: Option<&Digest>,
+        blobs: &[Digest],
+        created: Option<i64>,
+    ) -> Result<()> {
         let now = now_unix();
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO cache(key, snapshot, diff_id, created, last_used) VALUES (?1, ?2, ?3, ?4, ?4)
+                "INSERT INTO cache(key, snapshot, diff_id, created, last_used)
+                 VALUES (?1, ?2, ?3, COALESCE(?5, ?4), ?4)
                  ON CONFLICT(key) DO UPDATE SET snapshot = excluded.snapshot,
-                   diff_id = excluded.diff_id, last_used = excluded.last_used",
-                params![key, snapshot, diff_id.map(|d| d.to_string()), now],
+                   diff_id = excluded.diff_id, last_used = excluded.last_used,
+                   created = COALESCE(?5, cache.created)",
+                params![key, snapshot, diff_id.map(|d| d.to_string()), now, created],
             )?;
             tx.execute("DELETE FROM cache_blobs WHERE key = ?1", [key])?;
             for (i, b) in blobs.iter().enumerate() {

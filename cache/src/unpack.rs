@@ -260,6 +260,7 @@ impl Store {
                     Err(
                         e @ (Error::DiffIdMismatch { .. }
                         | Error::CorruptBlob { .. }
+                        | Error::WrongSize { .. }
                         | Error::NotFound { .. }),
                     ) => {
                         let _ = self.meta().drop_lazy_layer(&l.snapshot, &l.blob);
@@ -361,7 +362,11 @@ impl Store {
             };
             match self.check_stored(file, layer) {
                 Ok(_) => return Ok(Some((l.blob.clone(), l.size))),
-                Err(Error::DiffIdMismatch { .. } | Error::CorruptBlob { .. }) => {
+                Err(
+                    Error::DiffIdMismatch { .. }
+                    | Error::CorruptBlob { .. }
+                    | Error::WrongSize { .. },
+                ) => {
                     let _ = self.meta().drop_lazy_layer(&l.snapshot, &l.blob);
                 }
                 Err(e) => return Err(e),
@@ -770,6 +775,17 @@ impl Store {
         file: Option<&std::fs::File>,
         got: Option<(Digest, u64)>,
     ) -> Error {
+        // The right bytes under a wrong size claim: the claim is what
+        // fails, and the blob stays (another image may name it rightly).
+        if let Some((d, n)) = &got {
+            if d == layer.digest {
+                return Error::WrongSize {
+                    digest: d.to_string(),
+                    claimed: layer.size.unwrap_or(*n),
+                    actual: *n,
+                };
+            }
+        }
         let moved =
             file.is_some_and(|f| self.content().move_aside(layer.digest, f, self.tmp_dir()));
         let actual = match got {

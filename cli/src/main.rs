@@ -262,13 +262,13 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) if e.downcast_ref::<UsageError>().is_some() => {
-            let text = format!("{e:#}");
+            let text = chain_text(&e);
             eprintln!("error: {}", term::shown(&text, term::stderr_tty()));
             ExitCode::from(2)
         }
         Err(e) => {
             // An error may quote what an image, archive or registry said.
-            let text = format!("{e:#}");
+            let text = chain_text(&e);
             eprintln!("error: {}", term::shown(&text, term::stderr_tty()));
             ExitCode::from(1)
         }
@@ -294,6 +294,25 @@ fn init_logging(debug: bool) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+/// An error and its causes, `: `-joined as anyhow's `{:#}` does, but
+/// without the causes whose text a message before them already includes
+/// (many errors quote their source: the chain would say it twice or
+/// three times).
+pub fn chain_text(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for c in e.chain() {
+        let t = c.to_string();
+        if msg.contains(&t) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&t);
+    }
+    msg
 }
 
 /// A library session on the store at `root`, reporting on stderr (notes

@@ -388,6 +388,16 @@ fn a_runner_that_imported_before_exports_the_cache_again() {
     assert!(!logged(&ev, "MARKER"), "{ev:?}");
     assert_eq!(id_a, id_b);
     assert_eq!(layers(&raw_manifest(&cache)), first);
+    // The export unpacked the imported layers; the steps keep the
+    // exporter's times (not the unpacking's), so the image is the same
+    // on this runner a second later — and on every runner importing the
+    // cache it exported.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (id_again, _) = build_json(&b, ctx.path(), &["-t", "app:1", "--cache-from", &from]);
+    assert_eq!(id_a, id_again, "the import's times were replaced");
+    let fresh = Client::new(false);
+    let (id_fresh, _) = build_json(&fresh, ctx.path(), &["-t", "app:1", "--cache-from", &from]);
+    assert_eq!(id_a, id_fresh);
     let o = b.run(&["system", "check"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
@@ -417,6 +427,144 @@ fn a_runner_that_imported_before_exports_the_cache_again() {
     );
     assert!(!logged(&ev, "MARKER"), "{ev:?}");
     assert_eq!(id_a, id_c);
+}
+
+/// Mounts `digest` from `from` into `repo` on `reg` (a cross-repository
+/// mount, as a job with push rights to `repo` can do for any blob it can
+/// read).
+fn mount_blob(reg: &Reg, repo: &str, from: &str, digest: &str) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", reg.port)).expect("connect");
+    let head = format!(
+        "POST /v2/{repo}/blobs/uploads/?mount={digest}&from={from} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        reg.host()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 201"), "mount {digest}: {resp}");
+}
+
+/// A cache that names an honest cache's blobs with a wrong size (one byte
+/// more for a layer: digests and records untouched) breaks no other
+/// build's image on a shared store, whichever job imports first. Before,
+/// the later import's size replaced the blob's (the victim's image then
+/// failed to download its layer), or the honest image's digest-verified
+/// blob was moved aside as "corrupt" for not being the claimed size,
+/// leaving the store inconsistent.
+#[test]
+fn a_cache_lying_about_a_layer_size_breaks_no_other_image() {
+    if !ready() {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let base = push_base(&reg);
+    let ctx = context(&[("Dockerfile", &format!("FROM {base}\nRUN echo hi > /f\n"))]);
+    let honest = format!("{}/cache/s1:main", reg.host());
+    let a = Client::new(false);
+    build_json(
+        &a,
+        ctx.path(),
+        &[
+            "-t",
+            "app",
+            "--cache-to",
+            &format!("type=registry,ref={honest}"),
+        ],
+    );
+    let mut m = raw_manifest(&honest);
+    let mut digests = vec![m["config"]["digest"].as_str().expect("config").to_string()];
+    for l in m["layers"].as_array().expect("layers") {
+        digests.push(l["digest"].as_str().expect("digest").to_string());
+    }
+    for d in &digests {
+        mount_blob(&reg, "evil/s1", "cache/s1", d);
+    }
+    let size = m["layers"][0]["size"].as_u64().expect("size");
+    m["layers"][0]["size"] = (size + 1).into();
+    common::registry::put_manifest(
+        &reg,
+        "evil/s1",
+        "x",
+        "application/vnd.oci.image.manifest.v1+json",
+        &serde_json::to_vec(&m).expect("json"),
+    );
+    let evil = format!("{}/evil/s1:x", reg.host());
+    for evil_first in [false, true] {
+        let c = Client::new(false);
+        let import = |tag: &str, r: &str| {
+            build_json(
+                &c,
+                ctx.path(),
+                &["-t", tag, "--cache-from", &format!("type=registry,ref={r}")],
+            )
+        };
+        if evil_first {
+            import("evil", &evil);
+            import("app", &honest);
+        } else {
+            import("app", &honest);
+            import("evil", &evil);
+        }
+        assert_eq!(
+            c.stdout(&["run", "--rm", "app", "cat", "/f"]),
+            "hi",
+            "evil first: {evil_first}"
+        );
+        let o = c.run(&["save", "-o", "/dev/null", "app"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = c.run(&["system", "check"]);
+        assert!(
+            o.status.success(),
+            "evil first: {evil_first}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// `COPY --link` under `mode=max`: a fully cached build (the stacked
+/// layer a hit) still exports the copy's own record, so a runner whose
+/// chain below differs takes the copy from the cache. Before, the second
+/// export of the CI pattern dropped it and every later change above the
+/// step ran the copy again.
+#[test]
+fn a_cached_link_copy_stays_in_a_max_cache() {
+    if !ready() {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let base = push_base(&reg);
+    let ctx = context(&[
+        (
+            "Dockerfile",
+            &format!("FROM {base}\nARG V=1\nRUN echo $V > /v\nCOPY --link big /big\n"),
+        ),
+        ("big", "payload\n"),
+    ]);
+    let cache = format!("{}/cache/link:1", reg.host());
+    let to = format!("type=registry,ref={cache},mode=max");
+    let a = Client::new(false);
+    build_json(&a, ctx.path(), &["-t", "l", "--cache-to", &to]);
+    let (_, ev) = build_json(&a, ctx.path(), &["-t", "l", "--cache-to", &to]);
+    assert!(ran(&ev).is_empty(), "{ev:?}");
+    let b = Client::new(false);
+    let (_, ev) = build_json(
+        &b,
+        ctx.path(),
+        &[
+            "--build-arg",
+            "V=2",
+            "--cache-from",
+            &format!("type=registry,ref={cache}"),
+        ],
+    );
+    let ran = ran(&ev);
+    assert!(ran.iter().any(|n| n.contains("RUN")), "{ran:?}");
+    assert!(
+        !ran.iter().any(|n| n.contains("COPY")),
+        "the copy ran: {ran:?}"
+    );
 }
 
 #[test]

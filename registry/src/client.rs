@@ -192,6 +192,19 @@ impl<R: Read> Read for VerifyingReader<R> {
         }
         if n == 0 && !buf.is_empty() {
             let got = self.hasher.clone().finish();
+            if got == self.expected && self.hasher.len() != self.size {
+                // The right bytes; the descriptor's size is what is wrong.
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: blob size mismatch: {} is {} bytes, not the {} its descriptor says",
+                        self.registry,
+                        self.expected,
+                        self.hasher.len(),
+                        self.size
+                    ),
+                ));
+            }
             if got != self.expected || self.hasher.len() != self.size {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,

@@ -185,7 +185,10 @@ impl Registry {
                 // A broken stream is worth a retry; a digest mismatch or
                 // a local failure is not.
                 let e = e.to_string();
-                if e.contains("digest mismatch") || counting.n == 0 && !e.contains("network") {
+                if e.contains("digest mismatch")
+                    || e.contains("size mismatch")
+                    || counting.n == 0 && !e.contains("network")
+                {
                     RegistryError::Local(format!("{}: {e}", desc.digest))
                 } else {
                     RegistryError::Network {

@@ -388,6 +388,16 @@ impl RemoteCacheBackend {
             if chain_id(rec.parent_chain_id.as_deref(), rec.diff_id.as_str()) != rec.chain_id {
                 continue;
             }
+            // Nor may its layer's size contradict what the store knows of
+            // the blob (stored, or claimed by an earlier import): one of
+            // the two is a lie, and a lie kept would describe — and break
+            // the download of — every image naming the blob.
+            if let Ok(known) = self.store().blob_size(&cd(&desc.digest)?) {
+                if known != desc.size {
+                    tracing::debug!(blob = %desc.digest, claimed = desc.size, known, "cache record skipped: its layer's size contradicts the store");
+                    continue;
+                }
+            }
             if !self.index.contains_key(&rec.key) {
                 n += 1;
                 self.index.insert(
@@ -657,11 +667,12 @@ impl RemoteCacheBackend {
         let _ = store.meta().add_blob_snapshot(&diff, &r.rec.chain_id);
         store
             .meta()
-            .cache_put(
+            .cache_put_created(
                 &r.scoped(&r.rec.key),
                 Some(&r.rec.chain_id),
                 Some(&diff),
                 std::slice::from_ref(&diff),
+                r.rec.created,
             )
             .map_err(|e| RemoteCacheError::ctx("cache index")(e))
     }

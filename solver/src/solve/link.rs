@@ -43,6 +43,12 @@ impl Solver {
                     .cache_lookup(&sk, ignore_cache, parent.as_deref())
                     .await?
                 {
+                    // The copy's own record (on no parent) is looked up
+                    // too: a cache export (`mode=max`) then names it, so a
+                    // runner whose chain below differs reuses the copy —
+                    // and its last use is marked for prune. A miss or a
+                    // failure here changes nothing for this build.
+                    let _ = me.cache_lookup(&key, ignore_cache, None).await;
                     return Ok((hit, true));
                 }
                 let (layer, cached) = me.clone().build_once(key, None, ignore_cache, work).await?;
