@@ -816,7 +816,7 @@ pub fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
         Some(t)
     } else {
         if a.interactive {
-            req.stdin = Some(std::sync::Arc::new(crate::run_io::dup_stdin()?));
+            req.stdin = Some(std::sync::Arc::new(crate::run_io::stdin_pipe()?));
         }
         None
     };

@@ -3,7 +3,7 @@
 //! while it runs).
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -60,12 +60,43 @@ fn parse_env_file(text: &str) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-/// A copy of kiln's stdin for the application (`-i` without `-t`).
-pub fn dup_stdin() -> anyhow::Result<OwnedFd> {
-    std::io::stdin()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| anyhow::anyhow!("duplicating stdin: {e}"))
+/// The application's stdin for `-i` without `-t`: a pipe that a thread
+/// fills from kiln's stdin, as docker's. Never kiln's own descriptor: the
+/// application would get the file behind it (a file redirected into
+/// kiln, kiln's terminal) and could open it again through
+/// `/proc/self/fd/0` for writing, as root — or push input into the
+/// user's shell through the terminal (`TIOCSTI`).
+pub fn stdin_pipe() -> anyhow::Result<OwnedFd> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(anyhow::anyhow!(
+            "a pipe for stdin: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: both descriptors were just made, and are owned here only.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // Not joined: it ends at kiln's EOF, or when the application's end is
+    // closed (EPIPE), or with kiln (a read of stdin cannot be interrupted).
+    std::thread::spawn(move || {
+        let mut out = std::fs::File::from(w);
+        let mut buf = [0u8; 64 * 1024];
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    });
+    Ok(r)
 }
 
 /// A pseudo-terminal for `kiln run -t`: the slave goes to the sandbox,

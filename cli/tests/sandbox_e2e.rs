@@ -44,6 +44,47 @@ fn ok(o: Output, what: &str) -> String {
 
 // ------------------------------------------------------------ descriptors
 
+/// `kiln run -i IMAGE < FILE`: the application reads FILE's bytes through
+/// a pipe, as with docker, never FILE's own descriptor — through which it
+/// could open `/proc/self/fd/0` again for writing (as root) and change a
+/// host file, or learn its name.
+#[test]
+fn run_i_gives_the_application_a_pipe_not_kilns_stdin() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let host = tempfile::tempdir().expect("tempdir");
+    let victim = host.path().join("victim");
+    fs::write(&victim, "HOST-ORIGINAL\n").expect("victim");
+    let mut perms = fs::metadata(&victim).expect("stat").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
+    fs::set_permissions(&victim, perms).expect("chmod");
+    let out = k
+        .cmd()
+        .args([
+            "run",
+            "--rm",
+            "-i",
+            "busybox",
+            "sh",
+            "-c",
+            "cat; readlink /proc/self/fd/0; echo pwned > /proc/self/fd/0 2>/dev/null; true",
+        ])
+        .stdin(fs::File::open(&victim).expect("open"))
+        .output()
+        .expect("kiln run");
+    let out = ok(out, "kiln run -i");
+    assert!(out.starts_with("HOST-ORIGINAL\n"), "{out}");
+    assert!(out.contains("pipe:"), "stdin is not a pipe: {out}");
+    assert!(!out.contains(&victim.display().to_string()), "{out}");
+    assert_eq!(
+        fs::read_to_string(&victim).expect("read"),
+        "HOST-ORIGINAL\n",
+        "the application wrote the host file behind kiln's stdin"
+    );
+}
+
 /// `(exec 7</; exec 9>lock; flock 9; kiln …)`: neither a RUN step nor a
 /// `kiln run` process gets fd 7 (the host's root directory) or fd 9.
 #[test]
