@@ -456,10 +456,10 @@ pub fn run(root: &Path, a: BuildArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(kiln_solver::session::Error::Build(failed)) => {
-            eprint!(
-                "{}",
-                render_error(&failed.error, &failed.dockerfile_name, &failed.dockerfile)
-            );
+            // The Dockerfile's own text is quoted: shown escaped on a
+            // terminal (a line of it could carry escape sequences).
+            let text = render_error(&failed.error, &failed.dockerfile_name, &failed.dockerfile);
+            eprint!("{}", crate::term::shown(&text, crate::term::stderr_tty()));
             // Stopped by Ctrl-C/SIGTERM: 130, as a pull or push.
             Ok(if interrupted.is_cancelled() {
                 ExitCode::from(crate::signals::EXIT_CANCELLED)

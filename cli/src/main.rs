@@ -445,7 +445,8 @@ fn debug_ast(file: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(kiln_solver::DebugAstError::Parse(e)) => {
-            eprint!("{}", e.render(&name, &text));
+            let text = e.render(&name, &text);
+            eprint!("{}", term::shown(&text, term::stderr_tty()));
             Ok(ExitCode::from(1))
         }
         Err(e) => Err(e.into()),

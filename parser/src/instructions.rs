@@ -1256,7 +1256,9 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
         rest = &rest[u_end..];
         total += num * unit;
     }
-    Duration::try_from_secs_f64(total).ok()
+    // Go's time.Duration is an int64 of nanoseconds: longer is an error.
+    let d = Duration::try_from_secs_f64(total).ok()?;
+    (d.as_nanos() <= i64::MAX as u128).then_some(d)
 }
 
 fn parse_healthcheck(node: &Node) -> IResult<Healthcheck> {

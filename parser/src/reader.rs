@@ -277,6 +277,18 @@ fn new_node_from_line(
     d: &Directives,
     comments: Vec<String>,
 ) -> Result<Node, LineError> {
+    node_from_line(line, d, comments, false)
+}
+
+/// The node of `line`; `in_onbuild`: it is an `ONBUILD`'s trigger, where
+/// another `ONBUILD` is kept as its text, not parsed (`ONBUILD ONBUILD …`
+/// is refused later, and thousands of them recursed once per word).
+fn node_from_line(
+    line: &str,
+    d: &Directives,
+    comments: Vec<String>,
+    in_onbuild: bool,
+) -> Result<Node, LineError> {
     let (cmd, flags, args) = split_command(line, d.escape);
     let (args, json) = match cmd.to_ascii_lowercase().as_str() {
         "add" | "copy" | "volume" => parse_maybe_json_to_list(&args)?,
@@ -296,8 +308,10 @@ fn new_node_from_line(
         "onbuild" => {
             if args.is_empty() {
                 (Vec::new(), false)
+            } else if in_onbuild {
+                (vec![Arg::Value(args.clone())], false)
             } else {
-                let inner = new_node_from_line(&args, d, Vec::new())?;
+                let inner = node_from_line(&args, d, Vec::new(), true)?;
                 (vec![Arg::Nested(Box::new(inner))], false)
             }
         }

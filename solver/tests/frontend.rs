@@ -542,3 +542,89 @@ fn an_onbuild_trigger_is_one_instruction() {
         assert!(e.to_string().contains("ONBUILD"), "{trigger:?}: {e}");
     }
 }
+
+/// Hostile Dockerfiles are lowered in linear time and bounded memory, or
+/// refused at their line: 100,000 `ENV` lines (each cloned the whole
+/// environment and summed the whole config before), 5,000 chained
+/// `ONBUILD`s (one stack frame per word: a crash), 5,000 stages, an
+/// `EXPOSE` of every port a thousand times (4.4 GB), a duration past
+/// Go's int64 of nanoseconds.
+#[test]
+fn hostile_dockerfiles_are_bounded() {
+    let t = std::time::Instant::now();
+    let mut df = String::from("FROM scratch\n");
+    for i in 0..100_000 {
+        df.push_str(&format!("ENV K{}=v\n", i % 1000));
+    }
+    let e = lower_with(&df, &HashMap::new(), |_| {}).expect_err("config too big");
+    assert!(e.to_string().contains("limit"), "{e}");
+    let mut df = String::from("FROM scratch\n");
+    for i in 0..20_000 {
+        df.push_str(&format!("ENV K{i}=$K{}\n", i / 2));
+    }
+    lower(&df);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(60),
+        "{:?}",
+        t.elapsed()
+    );
+
+    let onbuild = format!("FROM scratch\n{}RUN true\n", "ONBUILD ".repeat(5000));
+    let e = lower_with(&onbuild, &HashMap::new(), |_| {}).expect_err("chained");
+    assert!(e.to_string().contains("Chaining ONBUILD"), "{e}");
+
+    let mut stages = String::from("FROM scratch AS s0\n");
+    for i in 0..5000 {
+        stages.push_str(&format!("FROM s{i} AS s{}\n", i + 1));
+    }
+    let e = lower_with(&stages, &HashMap::new(), |_| {}).expect_err("stages");
+    assert!(e.to_string().contains("at most 4096 stages"), "{e}");
+
+    let expose = format!("FROM scratch\nEXPOSE{}\n", " 1-65535".repeat(1000));
+    let e = lower_with(&expose, &HashMap::new(), |_| {}).expect_err("ports");
+    assert!(e.to_string().contains("more than"), "{e}");
+
+    let e = lower_with(
+        "FROM scratch\nHEALTHCHECK --interval=9999999999h CMD x\n",
+        &HashMap::new(),
+        |_| {},
+    )
+    .expect_err("duration");
+    assert!(e.to_string().contains("invalid duration"), "{e}");
+}
+
+/// `EXPOSE` and `STOPSIGNAL` read as BuildKit reads them: a published
+/// form counts its container port, an empty protocol is tcp, the
+/// protocol any case; the history keeps the order written. A signal name
+/// in any case, with or without `SIG`, or any nonzero number.
+#[test]
+fn expose_and_stopsignal_read_as_buildkit() {
+    let g =
+        lower("FROM scratch\nEXPOSE 8080:80 80/ 90/UDP 127.0.0.1:1:2/sctp\nSTOPSIGNAL sigterm\n");
+    let s = &g.stages[0];
+    let c = s.config.config.as_ref().expect("config");
+    let ports: Vec<&String> = c.exposed_ports.as_ref().expect("ports").keys().collect();
+    assert_eq!(ports, ["2/sctp", "80/tcp", "90/udp"]);
+    assert_eq!(c.stop_signal.as_deref(), Some("sigterm"));
+    let hist: Vec<&str> = s
+        .config
+        .history
+        .iter()
+        .filter_map(|h| h.created_by.as_deref())
+        .collect();
+    // The words sorted as written (BuildKit's parser sorts them), then
+    // expanded in that order, repeats kept.
+    assert_eq!(hist[0], "EXPOSE [2/sctp 80/tcp 80/tcp 90/udp]");
+    for ok in ["100", "SIGRTMIN+3", "rtmax-1", "SIGIOT"] {
+        lower(&format!("FROM scratch\nSTOPSIGNAL {ok}\n"));
+    }
+    for bad in ["0", "SIGSIGTERM", "RTMIN+16", "NOPE"] {
+        let e = lower_with(
+            &format!("FROM scratch\nSTOPSIGNAL {bad}\n"),
+            &HashMap::new(),
+            |_| {},
+        )
+        .expect_err(bad);
+        assert!(e.to_string().contains("Invalid signal"), "{bad}: {e}");
+    }
+}

@@ -60,44 +60,115 @@ pub fn run_args(cl: &CommandLine, shell: &[String]) -> Result<Vec<String>, Instr
     Ok(args)
 }
 
-/// `EXPOSE` port specs: `80`, `80/tcp`, `8000-8002/udp`.
+/// The most ports one `EXPOSE` may expand to (every port of the three
+/// protocols is 196,608): `EXPOSE 1-65535 1-65535 …` must not take the
+/// machine's memory.
+pub const MAX_EXPOSED_PORTS: usize = 3 << 16;
+
+/// `EXPOSE` port specs as BuildKit reads them: `80`, `80/tcp`,
+/// `8000-8002/udp`, `80/` (tcp), and a published form
+/// (`[IP:]HOST:CONTAINER`) of which only the container port counts; the
+/// protocol is lower-cased. `total` counts the ports of the instruction
+/// so far (bounded by [`MAX_EXPOSED_PORTS`]).
 pub fn parse_ports(w: &str) -> Result<Vec<String>, InstrError> {
-    let (ports, proto) = match w.split_once('/') {
-        Some((p, proto)) => (p, proto.to_ascii_lowercase()),
-        None => (w, "tcp".to_string()),
+    let mut total = 0;
+    parse_ports_counted(w, &mut total)
+}
+
+/// [`parse_ports`], adding to `total` the ports expanded.
+pub fn parse_ports_counted(w: &str, total: &mut usize) -> Result<Vec<String>, InstrError> {
+    let parts: Vec<&str> = w.split(':').collect();
+    let (ip, host, container) = match parts.len() {
+        1 => ("", "", parts[0]),
+        2 => ("", parts[0], parts[1]),
+        n => (
+            w.rsplitn(3, ':').nth(2).unwrap_or(""),
+            parts[n - 2],
+            parts[n - 1],
+        ),
     };
-    if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
-        return Err(InstrError::Invalid(format!("invalid proto: {proto}")));
+    let invalid = |m: String| InstrError::Invalid(format!("invalid port: {w:?}: {m}"));
+    let (port, proto) = container.split_once('/').unwrap_or((container, ""));
+    if port.is_empty() {
+        return Err(invalid("no port specified".into()));
     }
-    let (lo, hi) = match ports.split_once('-') {
-        Some((a, b)) => (a, b),
-        None => (ports, ports),
+    let proto = match proto.to_ascii_lowercase().as_str() {
+        "" => "tcp".to_string(),
+        p @ ("tcp" | "udp" | "sctp") => p.to_string(),
+        _ => return Err(invalid(format!("invalid proto: {proto}"))),
     };
-    let lo: u16 = lo
-        .parse()
-        .map_err(|_| InstrError::Invalid(format!("invalid containerPort: {ports}")))?;
-    let hi: u16 = hi
-        .parse()
-        .map_err(|_| InstrError::Invalid(format!("invalid containerPort: {ports}")))?;
-    if hi < lo {
-        return Err(InstrError::Invalid(format!("invalid port range: {ports}")));
+    if !ip.is_empty() {
+        let bare = ip
+            .strip_prefix('[')
+            .and_then(|i| i.strip_suffix(']'))
+            .unwrap_or(ip);
+        if bare.parse::<std::net::IpAddr>().is_err() {
+            return Err(InstrError::Invalid(format!("invalid IP address: {ip}")));
+        }
+    }
+    let (lo, hi) = port_range(port)
+        .ok_or_else(|| InstrError::Invalid(format!("invalid containerPort: {port}")))?;
+    if !host.is_empty() {
+        let (hlo, hhi) = port_range(host)
+            .ok_or_else(|| InstrError::Invalid(format!("invalid hostPort: {host}")))?;
+        if hi - lo != hhi - hlo && hi != lo {
+            return Err(InstrError::Invalid(format!(
+                "invalid ranges specified for container and host Ports: {port} and {host}"
+            )));
+        }
+    }
+    let n = usize::from(hi - lo) + 1;
+    *total = total.saturating_add(n);
+    if *total > MAX_EXPOSED_PORTS {
+        return Err(InstrError::Invalid(format!(
+            "EXPOSE names more than {MAX_EXPOSED_PORTS} ports"
+        )));
     }
     Ok((lo..=hi).map(|p| format!("{p}/{proto}")).collect())
 }
 
-/// `STOPSIGNAL`: a signal name or number.
+/// `N` or `N-M` (0–65535, `M` ≥ `N`).
+fn port_range(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let num = |x: &str| -> Option<u16> {
+        if x.is_empty() || !x.bytes().all(|c| c.is_ascii_digit() || c == b'+') {
+            return None;
+        }
+        x.parse().ok()
+    };
+    let lo = num(a)?;
+    let hi = if a == b { lo } else { num(b)? };
+    (hi >= lo).then_some((lo, hi))
+}
+
+/// `STOPSIGNAL`: a signal name (any case, `SIG` or not) or a nonzero
+/// number, as moby's `signal.ParseSignal` takes it.
 pub fn validate_signal(s: &str) -> Result<(), InstrError> {
-    let name = s.trim_start_matches("SIG");
-    const NAMES: [&str; 31] = [
-        "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
-        "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG",
-        "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
+    if let Ok(n) = s.parse::<i64>() {
+        return if n != 0 {
+            Ok(())
+        } else {
+            Err(InstrError::Invalid(format!("Invalid signal: {s}")))
+        };
+    }
+    let up = s.to_ascii_uppercase();
+    let name = up.strip_prefix("SIG").unwrap_or(&up);
+    const NAMES: [&str; 35] = [
+        "ABRT", "ALRM", "BUS", "CHLD", "CLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT",
+        "KILL", "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM",
+        "TRAP", "TSTP", "TTIN", "TTOU", "UNUSED", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU",
+        "XFSZ",
     ];
-    if s.parse::<u32>().is_ok_and(|n| (1..=64).contains(&n))
-        || NAMES.contains(&name)
-        || name.starts_with("RTMIN")
-        || name.starts_with("RTMAX")
-    {
+    let rt = |prefix: &str, sign: char, max: u32| {
+        name.strip_prefix(prefix).is_some_and(|rest| {
+            rest.is_empty()
+                || rest
+                    .strip_prefix(sign)
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|n| (1..=max).contains(&n) && !rest[1..].starts_with('0'))
+        })
+    };
+    if NAMES.contains(&name) || rt("RTMIN", '+', 15) || rt("RTMAX", '-', 14) {
         Ok(())
     } else {
         Err(InstrError::Invalid(format!("Invalid signal: {s}")))

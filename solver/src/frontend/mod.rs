@@ -77,12 +77,22 @@ pub fn base_images(plan: &Plan, opts: &BuildOptions) -> Vec<(usize, String, Plat
         .collect()
 }
 
+/// The bytes a history entry takes in the config's JSON besides its
+/// `created_by` (its time, comment and flags).
+const HISTORY_ENTRY_JSON: usize = 128;
+
 /// A stage's state while it is lowered.
 #[derive(Debug, Clone)]
 struct StageState {
     config: ImageConfig,
     /// Environment for expansion and RUN: config env plus ARGs, last wins.
-    env: Vec<(String, String)>,
+    env: EnvVars,
+    /// Where each key of the config's `Env` list is in it.
+    config_env: HashMap<String, usize>,
+    /// At least the config's size: its last sum plus what instructions
+    /// added since (`None`: not summed yet; see
+    /// [`Lowerer::check_config_growth`]).
+    estimate: Option<usize>,
     /// Declared build args in scope, for RUN history and environment.
     args: Vec<(String, Option<String>)>,
     /// CMD set in this stage (ENTRYPOINT then keeps it).
@@ -118,37 +128,99 @@ impl StageState {
     fn set_env(&mut self, k: &str, v: &str) {
         let env = self.config.config_mut().env.get_or_insert_with(Vec::new);
         let entry = format!("{k}={v}");
-        match env
-            .iter_mut()
-            .find(|e| e.split_once('=').map_or(e.as_str(), |(a, _)| a) == k)
-        {
+        match self.config_env.get(k).and_then(|&i| env.get_mut(i)) {
             Some(e) => *e = entry,
-            None => env.push(entry),
-        }
-        self.env.push((k.into(), v.into()));
-    }
-    /// The environment a RUN sees: the state env with duplicates resolved
-    /// (last wins, first position kept).
-    fn run_env(&self) -> Vec<(String, String)> {
-        let mut out: Vec<(String, String)> = Vec::new();
-        for (k, v) in &self.env {
-            match out.iter_mut().find(|(ok, _)| ok == k) {
-                Some(e) => e.1 = v.clone(),
-                None => out.push((k.clone(), v.clone())),
+            None => {
+                self.config_env.insert(k.to_string(), env.len());
+                env.push(entry);
             }
         }
-        out
+        self.env.set(k, v);
+    }
+    /// The environment a RUN sees: the state env (last wins, first
+    /// position kept).
+    fn run_env(&self) -> Vec<(String, String)> {
+        self.env.pairs().to_vec()
     }
     /// A layer op's history entry (the solver adds the diffID).
     fn push_layer_history(&mut self, created: &str, created_by: String) {
+        self.grow(created_by.len() + HISTORY_ENTRY_JSON);
         self.config.history.push(kiln_image::config::History {
             empty_layer: false,
             ..history(created, created_by)
         });
     }
     fn push_empty(&mut self, created: &str, created_by: String) {
+        self.grow(created_by.len() + HISTORY_ENTRY_JSON);
         self.config.push_empty(history(created, created_by));
     }
+    /// Counts `n` more bytes in the config's size estimate.
+    fn grow(&mut self, n: usize) {
+        if let Some(e) = &mut self.estimate {
+            *e = e.saturating_add(n);
+        }
+    }
+}
+
+/// A stage's environment: each key once, in the order it was first set
+/// (a later value replaces the earlier one in place), looked up by key in
+/// constant time — a Dockerfile of 100,000 `ENV` lines is lowered in
+/// linear time.
+#[derive(Debug, Clone, Default)]
+struct EnvVars {
+    pairs: Vec<(String, String)>,
+    index: HashMap<String, usize>,
+}
+
+impl EnvVars {
+    fn from_pairs(pairs: Vec<(String, String)>) -> EnvVars {
+        let mut env = EnvVars::default();
+        for (k, v) in pairs {
+            env.set(&k, &v);
+        }
+        env
+    }
+    fn set(&mut self, k: &str, v: &str) {
+        match self.index.get(k) {
+            Some(&i) => self.pairs[i].1 = v.to_string(),
+            None => {
+                self.index.insert(k.to_string(), self.pairs.len());
+                self.pairs.push((k.to_string(), v.to_string()));
+            }
+        }
+    }
+    fn pairs(&self) -> &[(String, String)] {
+        &self.pairs
+    }
+    fn iter(&self) -> std::slice::Iter<'_, (String, String)> {
+        self.pairs.iter()
+    }
+}
+
+impl kiln_parser::shell::Env for EnvVars {
+    fn get(&self, key: &str) -> Option<String> {
+        self.index.get(key).map(|&i| self.pairs[i].1.clone())
+    }
+}
+
+/// Where each key of `config`'s `Env` list is (the last of a repeated one).
+fn config_env_index(config: &ImageConfig) -> HashMap<String, usize> {
+    config
+        .config
+        .as_ref()
+        .and_then(|c| c.env.as_ref())
+        .map(|env| {
+            env.iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    (
+                        e.split_once('=').map_or(e.as_str(), |(k, _)| k).to_string(),
+                        i,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn env_pairs(config: &ImageConfig) -> Vec<(String, String)> {
@@ -170,7 +242,9 @@ fn scratch_state(platform: &Platform) -> StageState {
     let mut config = ImageConfig::new(platform);
     config.config_mut().env = Some(vec![format!("PATH={}", kiln_executor::DEFAULT_PATH)]);
     StageState {
-        env: env_pairs(&config),
+        env: EnvVars::from_pairs(env_pairs(&config)),
+        config_env: config_env_index(&config),
+        estimate: None,
         config,
         args: Vec::new(),
         cmd_set: false,
@@ -189,7 +263,9 @@ fn image_state(mut config: ImageConfig) -> StageState {
             .push(format!("PATH={}", kiln_executor::DEFAULT_PATH));
     }
     StageState {
-        env: env_pairs(&config),
+        env: EnvVars::from_pairs(env_pairs(&config)),
+        config_env: config_env_index(&config),
+        estimate: None,
         config,
         args: Vec::new(),
         cmd_set: false,
@@ -446,10 +522,10 @@ impl Lowerer<'_> {
     fn expand(
         &self,
         word: &str,
-        env: &[(String, String)],
+        env: &dyn kiln_parser::shell::Env,
         line: usize,
     ) -> Result<String, BuildError> {
-        self.lex.process_word(word, &env).map_err(|e| {
+        self.lex.process_word(word, env).map_err(|e| {
             if *e.kind() == kiln_parser::shell::ShellErrorKind::TooLong {
                 let shown: String = word.chars().take(40).collect();
                 let more = if shown.len() < word.len() { "…" } else { "" };
@@ -507,7 +583,24 @@ impl Lowerer<'_> {
     /// an error at `line` when the config would pass
     /// [`kiln_image::config::MAX_CONFIG_SIZE`] (an estimate from the sizes
     /// of its environment, labels and history; export checks the real one).
-    fn check_config_growth(&self, state: &StageState, line: usize) -> Result<(), BuildError> {
+    ///
+    /// `added` bounds the bytes the instruction added: the config is
+    /// summed again only when what was added since the last sum could
+    /// pass the limit, so a long Dockerfile is not summed once per line.
+    fn check_config_growth(
+        &self,
+        state: &mut StageState,
+        line: usize,
+        added: usize,
+    ) -> Result<(), BuildError> {
+        let limit = kiln_image::config::MAX_CONFIG_SIZE;
+        if let Some(e) = state.estimate {
+            let e = e.saturating_add(added);
+            state.estimate = Some(e);
+            if e as u64 <= limit {
+                return Ok(());
+            }
+        }
         let cfg = &state.config;
         let env: usize = state.env.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
         let labels: usize = cfg
@@ -519,10 +612,10 @@ impl Lowerer<'_> {
         let history: usize = cfg
             .history
             .iter()
-            .map(|h| h.created_by.as_deref().map_or(0, str::len) + 64)
+            .map(|h| h.created_by.as_deref().map_or(0, str::len) + HISTORY_ENTRY_JSON)
             .sum();
         let size = (env + labels + history) as u64;
-        let limit = kiln_image::config::MAX_CONFIG_SIZE;
+        state.estimate = Some(size as usize);
         if size > limit {
             return Err(self.located(
                 line,
@@ -577,23 +670,30 @@ impl Lowerer<'_> {
                 // instruction (`ENV abc=bye def=$abc` gives def the old
                 // abc), as docker and BuildKit expand a whole instruction
                 // before they apply it.
-                let before = state.env.clone();
                 let mut msg = String::from("ENV");
+                let mut set = Vec::with_capacity(vars.len());
                 for kv in vars {
-                    let k = self.expand(&kv.key, &before, line)?;
-                    let v = self.expand(&kv.value, &before, line)?;
+                    let k = self.expand(&kv.key, &state.env, line)?;
+                    let v = self.expand(&kv.value, &state.env, line)?;
                     msg.push_str(&format!(" {k}={v}"));
+                    set.push((k, v));
+                }
+                let mut added = 0;
+                for (k, v) in set {
+                    added += 2 * (k.len() + v.len() + 4);
                     state.set_env(&k, &v);
                 }
                 state.push_empty(created, msg);
-                self.check_config_growth(state, line)?;
+                self.check_config_growth(state, line, added)?;
             }
             Kind::Label { labels } => {
                 let mut msg = String::from("LABEL");
+                let mut added = 0;
                 for kv in labels {
                     let k = self.expand(&kv.key, &state.env, line)?;
                     let v = self.expand(&kv.value, &state.env, line)?;
                     msg.push_str(&format!(" {k}={v}"));
+                    added += k.len() + v.len() + 6;
                     state
                         .config
                         .config_mut()
@@ -602,7 +702,7 @@ impl Lowerer<'_> {
                         .insert(k, v);
                 }
                 state.push_empty(created, msg);
-                self.check_config_growth(state, line)?;
+                self.check_config_growth(state, line, added)?;
             }
             Kind::Arg { args } => {
                 let mut parts = Vec::new();
@@ -629,7 +729,7 @@ impl Lowerer<'_> {
                             });
                     }
                     if let Some(v) = &value {
-                        state.env.push((key.clone(), v.clone()));
+                        state.env.set(&key, v);
                         parts.push(format!("{key}={v}"));
                     } else {
                         parts.push(key.clone());
@@ -637,8 +737,10 @@ impl Lowerer<'_> {
                     state.args.retain(|(k, _)| *k != key);
                     state.args.push((key, value));
                 }
-                state.push_empty(created, format!("ARG {}", parts.join(" ")));
-                self.check_config_growth(state, line)?;
+                let msg = format!("ARG {}", parts.join(" "));
+                let added = msg.len();
+                state.push_empty(created, msg);
+                self.check_config_growth(state, line, added)?;
             }
             Kind::Maintainer { name } => {
                 state.config.author = Some(name.clone());
@@ -676,7 +778,10 @@ impl Lowerer<'_> {
                 state.push_empty(created, format!("VOLUME [{}]", vs.join(" ")));
             }
             Kind::Expose { ports } => {
+                // In the order of the (sorted) words, repeats kept, as
+                // BuildKit's history.
                 let mut specs = Vec::new();
+                let mut total = 0;
                 for p in ports {
                     let words = self
                         .lex
@@ -684,12 +789,11 @@ impl Lowerer<'_> {
                         .map_err(|e| BuildError::at(line, e.to_string()))?;
                     for w in words {
                         specs.extend(
-                            instr::parse_ports(&w).map_err(|m| BuildError::at_cause(line, m))?,
+                            instr::parse_ports_counted(&w, &mut total)
+                                .map_err(|m| BuildError::at_cause(line, m))?,
                         );
                     }
                 }
-                specs.sort();
-                specs.dedup();
                 for s in &specs {
                     state
                         .config

@@ -181,6 +181,10 @@ pub fn global_env(global: &[(String, Option<String>)], target: &Platform) -> Vec
     env
 }
 
+/// The most stages a Dockerfile may have: stages are looked up by name
+/// from each other (a chain of 100,000 took minutes and a gigabyte).
+pub const MAX_STAGES: usize = 4096;
+
 fn find_stage(stages: &[Stage], name: &str, before: usize) -> Option<usize> {
     let lower = name.to_lowercase();
     if let Some(i) = stages[..before]
@@ -218,6 +222,12 @@ pub fn plan_for(
     platform: &Platform,
 ) -> Result<Plan, BuildError> {
     let platform = kiln_image::platform::normalize(platform);
+    if let Some(s) = df.stages.get(MAX_STAGES) {
+        return Err(BuildError::at(
+            s.line,
+            format!("a Dockerfile may have at most {MAX_STAGES} stages"),
+        ));
+    }
     // This build's pattern substitutions get their own budget.
     kiln_parser::shell::reset_match_budget();
     let global = global_args(df, build_args, &platform)?;
