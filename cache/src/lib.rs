@@ -80,5 +80,5 @@ pub use store::{
     default_root, is_untagged_name, retired_over_budget, untagged_name, BlobFetcher, GcGuard,
     NoHome, RemoteBlob, SnapshotterKind, Store, StoreOptions,
 };
-pub use unpack::LayerBlob;
+pub use unpack::{LayerBlob, MAX_CHAIN};
 pub use util::ProcessId;

@@ -36,6 +36,10 @@ fn chain_id(parent: Option<&str>, diff_id: &Digest) -> String {
 use crate::snapshot::{apply_into, ApplyMode, Info};
 use crate::store::Store;
 
+/// The most layers an image's chain may have (a pull or a load of an
+/// image with more is refused; Docker stops at about 128).
+pub const MAX_CHAIN: usize = 4096;
+
 /// Bytes one command may decompress in all to find the sizes of layers
 /// not unpacked ([`Store::layer_size`]).
 pub const SIZE_PROBE_BUDGET: u64 = 8 << 30;
@@ -172,7 +176,6 @@ impl Store {
     /// is never used) and, with `need_blobs`, whose blob is stored.
     fn lazy_chain(&self, snapshot: &str, need_blobs: bool) -> Result<Option<Vec<Vec<LazyLayer>>>> {
         // A chain longer than any image may have is a loop in the rows.
-        const MAX_CHAIN: usize = 4096;
         let mut chain = Vec::new();
         let mut cur = Some(snapshot.to_string());
         while let Some(name) = cur {
@@ -577,18 +580,68 @@ impl Store {
     /// One layer of an image's series applied over `dir`, which may hold
     /// files of its own (a `type=local` export's destination): whiteouts
     /// remove only what the series wrote (see
-    /// [`kiln_image::apply::Merge`]).
+    /// [`kiln_image::apply::Merge`]). The tar is proved to be
+    /// `layer.diff_id` before the apply returns: its size is known once a
+    /// blob was proved to be that diffID (else the blob is checked first,
+    /// in a pass that writes nothing), the apply reads no more than that,
+    /// and the tar's digest is compared at its end — a blob that is not
+    /// its layer (a pulled image whose config names other content, a
+    /// decompression bomb) fails the export instead of being written out.
     pub fn apply_blob_merging(
         &self,
-        digest: &Digest,
+        layer: LayerBlob<'_>,
         dir: &Path,
         opts: &kiln_image::apply::ApplyOptions,
         merge: &mut kiln_image::apply::Merge,
     ) -> Result<kiln_image::apply::ApplyStats> {
+        let digest = layer.digest;
+        if digest == layer.diff_id {
+            let (r, checked) = self.open_blob_checked(digest)?;
+            if checked {
+                // Written again from the snapshot it was built as, and
+                // checked against its digest (the diffID) as it is read.
+                return kiln_image::apply::apply_layer_merging(r, dir, opts, merge)
+                    .map_err(|e| Error::Image(format!("layer {digest}: {e}")));
+            }
+        }
+        let size = match self.meta().diff_size(layer.diff_id)? {
+            Some(n) => n,
+            None => {
+                let file = self.open_file_fetching(digest)?;
+                self.check_stored(
+                    file,
+                    LayerBlob {
+                        size: None,
+                        ..layer
+                    },
+                )?;
+                self.meta().diff_size(layer.diff_id)?.ok_or_else(|| {
+                    Error::Image(format!("layer {digest}: its size was not recorded"))
+                })?
+            }
+        };
         let r = kiln_image::compression::decompress_auto(self.open_blob(digest)?)
             .map_err(|e| Error::Image(format!("layer {digest}: {e}")))?;
-        kiln_image::apply::apply_layer_merging(r, dir, opts, merge)
-            .map_err(|e| Error::Image(format!("layer {digest}: {e}")))
+        // One byte more than the layer's tar: a longer stream is caught.
+        let mut hashed = kiln_image::HashingReader::new(r.take(size + 1));
+        let stats = kiln_image::apply::apply_layer_merging(&mut hashed, dir, opts, merge)
+            .map_err(|e| Error::Image(format!("layer {digest}: {e}")))?;
+        // The tar's end (padding the applier does not read) counts too.
+        io::copy(&mut hashed, &mut io::sink())
+            .map_err(|e| Error::Image(format!("layer {digest}: {e}")))?;
+        let (_, got, n) = hashed.finish();
+        if n != size || got.as_str() != layer.diff_id.as_str() {
+            return Err(Error::DiffIdMismatch {
+                blob: digest.to_string(),
+                expected: layer.diff_id.to_string(),
+                actual: if n > size {
+                    format!("more than {size} bytes")
+                } else {
+                    got.to_string()
+                },
+            });
+        }
+        Ok(stats)
     }
 
     /// The size of `layer`'s uncompressed tar, as docker reports layer and

@@ -164,19 +164,48 @@ fn a_registry_image_claiming_busyboxs_diff_id_never_becomes_busyboxs_snapshot() 
         return;
     }
     let reg = Reg::start(RegOpts::default());
-    // The attacker: crafts the image and pushes its blobs as they are.
-    let attacker = Client::new(true);
-    let bb_diff = diff_id_of(&attacker.kiln, "busybox");
+    // The attacker: crafts the image and pushes its blobs as they are,
+    // with its own client (kiln loads no such image).
+    let bb_diff = diff_id_of(&Client::new(true).kiln, "busybox");
     let tmp = tempfile::tempdir().expect("tmp");
     let (arch, blob, real) = evil_archive(tmp.path(), &bb_diff, true);
-    attacker.ok(&["load", "-i", arch.to_str().expect("utf8")]);
+    let work = arch.parent().expect("dir").join("arch");
+    let layer = std::fs::read(work.join("l/layer.tar.gz")).expect("layer");
+    let cfg = std::fs::read(work.join("cfg.json")).expect("config");
+    let layer_digest = common::registry::push_blob(&reg, "evil", &layer);
+    assert_eq!(layer_digest, blob);
+    let cfg_digest = common::registry::push_blob(&reg, "evil", &cfg);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg_digest, "size": cfg.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": layer.len()}],
+    });
+    common::registry::put_manifest(
+        &reg,
+        "evil",
+        "1",
+        "application/vnd.oci.image.manifest.v1+json",
+        &serde_json::to_vec(&manifest).expect("json"),
+    );
     let name = format!("{}/evil:1", reg.host());
-    attacker.ok(&["tag", "evil", &name]);
-    attacker.ok(&["push", &name]);
 
-    // The victim has busybox (not yet unpacked) and pulls the image.
+    // The victim has busybox (not yet unpacked): the pull proves the
+    // layer before the name is taken, and fails; so does a build from it.
     let victim = Client::new(true);
-    victim.ok(&["pull", &name]);
+    let o = victim.run(&["pull", &name]);
+    assert!(!o.status.success(), "the hostile image was pulled");
+    let err = String::from_utf8_lossy(&o.stderr);
+    for needle in [&bb_diff, &real, &blob] {
+        assert!(
+            err.contains(needle.as_str()),
+            "the pull's error should name {needle}:\n{err}"
+        );
+    }
+    assert!(
+        victim.stdout(&["images", "-q"]).lines().count() == 1,
+        "the pull named an image"
+    );
     let ctx = common::context(&[("Dockerfile", &format!("FROM {name}\nLABEL x=y\n"))]);
     let err = common::build_fails(&victim.kiln, ctx.path(), &[]);
     for needle in [&bb_diff, &real, &blob] {

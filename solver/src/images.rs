@@ -252,6 +252,18 @@ pub enum LoadError {
         /// What the config says.
         diff_id: kiln_image::Digest,
     },
+    /// A layer that is not the layer its image's config names (or could
+    /// not be read to tell).
+    #[error("{what}: layer {index}: {source}; nothing was loaded")]
+    Layer {
+        /// The image.
+        what: String,
+        /// 1-based layer number.
+        index: usize,
+        /// Why.
+        #[source]
+        source: kiln_cache::Error,
+    },
     /// A name in the archive that is not a reference.
     #[error("image name {name:?}: {source}")]
     Name {
@@ -950,6 +962,19 @@ impl Session {
                 layers.push(want);
             }
             let config = layers.remove(0);
+            // Each layer proved to be its config's before any name moves
+            // (a compressed layer's diffID was not checked before).
+            let cfg = ImageConfig::from_bytes(&img.config).map_err(|source| LoadError::Config {
+                what: what.clone(),
+                source,
+            })?;
+            crate::store::prove_layers(&store, &man.layers, &cfg.rootfs.diff_ids).map_err(
+                |(index, source)| LoadError::Layer {
+                    what: what.clone(),
+                    index,
+                    source,
+                },
+            )?;
             let manifest = store.put_bytes(&img.manifest.bytes, Some(&img.manifest.media_type))?;
             stored.push((manifest, config, layers));
         }

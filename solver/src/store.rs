@@ -62,6 +62,43 @@ pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
     }
 }
 
+/// Proves each layer of an image to be the diffID its config names — the
+/// blob against its digest and size, the tar it decompresses to against
+/// the diffID, in one streaming pass that writes nothing — and records
+/// it as a lazy layer (see [`Store::keep_layer_lazy`]): what a pull, a
+/// load or an OCI layout brings does so before any name points at it.
+/// On failure: the 1-based number of the layer, and why.
+pub fn prove_layers(
+    store: &Store,
+    layers: &[kiln_image::manifest::Descriptor],
+    diff_ids: &[Digest],
+) -> Result<(), (usize, kiln_cache::Error)> {
+    let mut parent: Option<String> = None;
+    for (i, (l, diff_id)) in layers.iter().zip(diff_ids).enumerate() {
+        let parse = |d: &Digest| {
+            d.as_str()
+                .parse::<kiln_cache::Digest>()
+                .map_err(|_| (i + 1, kiln_cache::Error::InvalidDigest(d.to_string())))
+        };
+        let chain = chain_id(parent.as_deref(), diff_id.as_str());
+        let (blob, diff) = (parse(&l.digest)?, parse(diff_id)?);
+        store
+            .keep_layer_lazy(
+                &chain,
+                parent.as_deref(),
+                kiln_cache::LayerBlob {
+                    digest: &blob,
+                    size: Some(l.size),
+                    diff_id: &diff,
+                },
+                &l.media_type,
+            )
+            .map_err(|e| (i + 1, e))?;
+        parent = Some(chain);
+    }
+    Ok(())
+}
+
 /// The OCI media type for a layer blob of `media_type` (a base image may
 /// come with Docker's; the bytes are the same format).
 fn oci_layer_type(media_type: &str) -> String {

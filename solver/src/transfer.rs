@@ -376,7 +376,26 @@ fn store_pulled(
             config.rootfs.diff_ids.len()
         )));
     }
+    if p.manifest.layers.len() > kiln_cache::MAX_CHAIN {
+        return Err(TransferError::Invalid(format!(
+            "{name}: {} layers; an image may have at most {}",
+            p.manifest.layers.len(),
+            kiln_cache::MAX_CHAIN
+        )));
+    }
     let err = |e: kiln_cache::Error| TransferError::ctx(format!("storing {name}"))(e);
+    // Every layer proved to be the diffID the config names (blob digest
+    // and size, the tar it decompresses to: one streaming pass that
+    // writes nothing) before the name moves: an image whose layers are
+    // not its config's never takes a tag, and is never exported.
+    crate::store::prove_layers(store, &p.manifest.layers, &config.rootfs.diff_ids).map_err(
+        |(i, e)| {
+            TransferError::ctx(format!(
+                "{name}: verifying layer {i} of {}",
+                p.manifest.layers.len()
+            ))(e)
+        },
+    )?;
     let cdig = cd(&p.manifest.config.digest)?;
     store
         .put_blob(

@@ -432,6 +432,52 @@ fn slow_one(client: TcpStream, upstream: u16, rate: usize) -> std::io::Result<()
     }
 }
 
+/// Uploads `body` as a blob of `repo` (POST, then one PUT with the
+/// bytes), whatever they are: what an attacker's own client can push.
+/// Returns its digest.
+pub fn push_blob(reg: &Reg, repo: &str, body: &[u8]) -> String {
+    let digest = kiln_image::Digest::sha256_of(body).to_string();
+    let request = |head: String, body: &[u8]| -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", reg.port)).expect("connect");
+        s.write_all(head.as_bytes()).expect("write");
+        s.write_all(body).expect("write");
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp
+    };
+    let resp = request(
+        format!(
+            "POST /v2/{repo}/blobs/uploads/ HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            reg.host()
+        ),
+        b"",
+    );
+    assert!(resp.starts_with("HTTP/1.1 202"), "POST upload: {resp}");
+    let location = resp
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("location")
+                .then(|| v.trim().to_string())
+        })
+        .expect("Location");
+    let path = match location.find("/v2/") {
+        Some(i) => location[i..].to_string(),
+        None => location,
+    };
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let resp = request(
+        format!(
+            "PUT {path}{sep}digest={digest} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            reg.host(),
+            body.len()
+        ),
+        body,
+    );
+    assert!(resp.starts_with("HTTP/1.1 201"), "PUT blob: {resp}");
+    digest
+}
+
 /// PUTs `body` as a manifest of `media_type` at `/v2/{repo}/manifests/{reference}`.
 pub fn put_manifest(reg: &Reg, repo: &str, reference: &str, media_type: &str, body: &[u8]) {
     let mut s = TcpStream::connect(("127.0.0.1", reg.port)).expect("connect");

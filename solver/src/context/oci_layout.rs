@@ -180,6 +180,23 @@ pub fn import(
         stored.push(want);
     }
     let config = stored.remove(0);
+    // Each layer proved to be its config's before the layout's image is
+    // named (and used as a stage's base).
+    let cfg = store
+        .content()
+        .read(&config)
+        .map_err(|e| caused(format!("{}: config: {}", what(), chain(&e)), e))?;
+    let cfg = kiln_image::config::ImageConfig::from_bytes(&cfg)?;
+    if cfg.rootfs.diff_ids.len() != man.layers.len() {
+        return Err(err(format!(
+            "{}: {} layers but {} diffIDs",
+            what(),
+            man.layers.len(),
+            cfg.rootfs.diff_ids.len()
+        )));
+    }
+    crate::store::prove_layers(&store, &man.layers, &cfg.rootfs.diff_ids)
+        .map_err(|(i, e)| caused(format!("{}: layer {i}: {}", what(), chain(&e)), e))?;
     let manifest = store
         .put_bytes(&raw.bytes, Some(&raw.media_type))
         .map_err(|e| caused(format!("storing manifest: {}", chain(&e)), e))?;

@@ -572,14 +572,44 @@ pub fn unpack_rootfs(
     };
     let mut skipped = Vec::new();
     let mut merge = kiln_image::apply::Merge::default();
-    for l in &m.layers {
+    // Each layer is proved to be the diffID its config names as it is
+    // applied (a pulled image's blobs are not trusted for their names).
+    let src = |e: kiln_cache::Error| ExportError::Source(crate::error::Cause::new(e));
+    let cd: kiln_cache::Digest = m
+        .config
+        .digest
+        .as_str()
+        .parse()
+        .map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
+    let config =
+        kiln_image::config::ImageConfig::from_bytes(&store.content().read(&cd).map_err(src)?)
+            .map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
+    if config.rootfs.diff_ids.len() != m.layers.len() {
+        return Err(ExportError::Source(crate::error::Cause::new(
+            std::io::Error::other(format!(
+                "the image has {} layers but its config names {} diffIDs",
+                m.layers.len(),
+                config.rootfs.diff_ids.len()
+            )),
+        )));
+    }
+    for (l, diff_id) in m.layers.iter().zip(&config.rootfs.diff_ids) {
         let d: kiln_cache::Digest = l
             .digest
             .as_str()
             .parse()
             .map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
+        let diff: kiln_cache::Digest = diff_id
+            .as_str()
+            .parse()
+            .map_err(|e| ExportError::Source(crate::error::Cause::new(e)))?;
+        let layer = kiln_cache::LayerBlob {
+            digest: &d,
+            size: Some(l.size),
+            diff_id: &diff,
+        };
         let st = store
-            .apply_blob_merging(&d, dir, &opts, &mut merge)
+            .apply_blob_merging(layer, dir, &opts, &mut merge)
             .map_err(|e| ExportError::Context {
                 context: format!("layer {}", l.digest),
                 cause: crate::error::Cause::new(e),
