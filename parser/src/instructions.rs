@@ -943,8 +943,9 @@ fn parse_run(node: &Node) -> IResult<Run> {
     })
 }
 
-/// Splits one CSV record (the `--mount` value) into fields.
-fn csv_fields(s: &str) -> Result<Vec<String>, String> {
+/// The fields of a `--mount` value: comma-separated, a field in double
+/// quotes may hold commas (`""` is a quote), as Go's `encoding/csv`.
+pub fn csv_fields(s: &str) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     let mut chars = s.chars().peekable();
     loop {

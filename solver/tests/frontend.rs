@@ -628,3 +628,36 @@ fn expose_and_stopsignal_read_as_buildkit() {
         assert!(e.to_string().contains("Invalid signal"), "{bad}: {e}");
     }
 }
+
+/// An ONBUILD trigger of a base stage that copies from another stage
+/// makes that stage part of the build (it was pruned: "stage 0 is not
+/// part of the build"), as BuildKit's initOnBuildTriggers.
+#[test]
+fn an_onbuild_copy_from_a_stage_keeps_that_stage() {
+    let g = lower(
+        "FROM scratch AS src\nCOPY a /a\nFROM scratch AS base\nONBUILD COPY --from=src /a /a\nFROM base\n",
+    );
+    assert!(g.stages.iter().any(|s| s.index == 0), "src was pruned");
+}
+
+/// A `--mount` value whose variable expands to commas stays one field's
+/// value (BuildKit splits the fields first, then expands each): a build
+/// argument `foo,target=/etc` is the cache's id, never a new target.
+#[test]
+fn a_mount_value_expanding_to_commas_adds_no_field() {
+    let g = lower_with(
+        "FROM scratch\nARG ID\nRUN --mount=type=cache,target=/c,id=$ID true\n",
+        &HashMap::new(),
+        |o| {
+            o.build_args.insert("ID".into(), "foo,target=/etc".into());
+        },
+    )
+    .expect("lower");
+    let ops = &g.stages[0].ops;
+    let Some(Op::Exec(e)) = ops.iter().map(|o| &o.op).find(|o| matches!(o, Op::Exec(_))) else {
+        panic!("no exec op");
+    };
+    let m = &e.mounts[0];
+    assert_eq!(m.target.as_deref(), Some("/c"), "{m:?}");
+    assert_eq!(m.id, "foo,target=/etc", "{m:?}");
+}

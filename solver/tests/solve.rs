@@ -786,3 +786,29 @@ async fn cancelling_reaches_the_hashing_of_copy_sources_before_the_lookup() {
     assert!(backend.committed_keys().is_empty());
     assert_eq!(backend.active_snapshots(), 0);
 }
+
+/// `# check=error=true` fails the build on a lint finding, at its line,
+/// naming the rule (BuildKit: "lint violation found for rules: …"); the
+/// same Dockerfile without the directive builds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_error_true_fails_the_build_on_a_lint_finding() {
+    let ctx = context(&[]);
+    let backend = Arc::new(MemBackend::new().expect("backend"));
+    let runner = Arc::new(writing_runner());
+    let df = "FROM scratch as base\nENV A=1\n";
+    let e = solve(
+        &backend,
+        &runner,
+        opts(&format!("# check=error=true\n{df}"), ctx.path()),
+    )
+    .await
+    .expect_err("must fail");
+    let text = e.to_string();
+    assert!(
+        text.contains("lint violation found for rules: FromAsCasing"),
+        "{text}"
+    );
+    solve(&backend, &runner, opts(df, ctx.path()))
+        .await
+        .expect("builds without the directive");
+}

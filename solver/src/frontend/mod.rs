@@ -77,6 +77,10 @@ pub fn base_images(plan: &Plan, opts: &BuildOptions) -> Vec<(usize, String, Plat
         .collect()
 }
 
+/// The most ONBUILD triggers a base image may bring (each is parsed and
+/// run as an instruction; real images have a few).
+pub const MAX_ONBUILD_TRIGGERS: usize = 1024;
+
 /// The bytes a history entry takes in the config's JSON besides its
 /// `created_by` (its time, comment and flags).
 const HISTORY_ENTRY_JSON: usize = 128;
@@ -435,6 +439,15 @@ impl Lowerer<'_> {
             .as_mut()
             .and_then(|c| c.on_build.take())
             .unwrap_or_default();
+        if triggers.len() > MAX_ONBUILD_TRIGGERS {
+            return Err(BuildError::at(
+                stage.line,
+                format!(
+                    "the base image has {} ONBUILD triggers; at most {MAX_ONBUILD_TRIGGERS} are run",
+                    triggers.len()
+                ),
+            ));
+        }
         for trigger in triggers {
             let parsed =
                 kiln_parser::parse(&format!("FROM scratch\n{trigger}\n")).map_err(|e| {

@@ -22,13 +22,22 @@ pub fn expand_mount(
     if !m.raw.contains('$') {
         return Ok(m.clone());
     }
+    // The fields first, then each value expanded (BuildKit's order): a
+    // value that expands to `a,target=/etc` stays one field's value, never
+    // new fields.
+    let raw_fields = kiln_parser::instructions::csv_fields(&m.raw)
+        .map_err(|e| BuildError::at(line, format!("--mount={}: {e}", m.raw)))?;
     let mut fields = Vec::new();
-    for f in m.raw.split(',') {
-        match f.split_once('=') {
-            Some((k, v)) if !k.eq_ignore_ascii_case("from") => {
-                fields.push(format!("{k}={}", expand(v)?))
-            }
-            _ => fields.push(f.to_string()),
+    for f in raw_fields {
+        let field = match f.split_once('=') {
+            Some((k, v)) if !k.eq_ignore_ascii_case("from") => format!("{k}={}", expand(v)?),
+            _ => f,
+        };
+        // Quoted again as CSV when it must be, to be read back as one.
+        if field.contains([',', '"']) {
+            fields.push(format!("\"{}\"", field.replace('"', "\"\"")));
+        } else {
+            fields.push(field);
         }
     }
     parse_mount(&fields.join(","))

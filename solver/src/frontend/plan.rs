@@ -276,6 +276,24 @@ pub fn plan_for(
         let mut deps = Vec::new();
         if let Base::Stage(j) = base {
             deps.push(j);
+            // The base stage's ONBUILD triggers run first in this stage:
+            // the stages they read (`COPY --from`, `RUN --mount=from=`)
+            // are this stage's too (BuildKit's initOnBuildTriggers).
+            for instr in &df.stages[j].instructions {
+                let Kind::Onbuild { trigger, .. } = &instr.kind else {
+                    continue;
+                };
+                for from in source_refs(trigger) {
+                    let from = lex
+                        .process_word(&from, &env)
+                        .map_err(|e| BuildError::at(instr.line, format!("--from {from}: {e}")))?;
+                    if let Source::Stage(k) = resolve_source(df, i, &from) {
+                        if !deps.contains(&k) {
+                            deps.push(k);
+                        }
+                    }
+                }
+            }
         }
         let stage_platform = match (&stage.platform, &base) {
             (Some(p), _) => {

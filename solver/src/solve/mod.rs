@@ -239,6 +239,28 @@ pub async fn solve(
     opts: BuildOptions,
 ) -> Result<BuildResult, BuildError> {
     let df = kiln_parser::parse(&opts.dockerfile)?;
+    // `# check=error=true`: a lint finding fails the build, as BuildKit
+    // ("lint violation found for rules: …"). Base images' variables are
+    // not known yet: a stage on an image is left out of UndefinedVar.
+    let report = crate::lint::lint(&df);
+    if report.error {
+        if let Some(first) = report.warnings.first() {
+            let mut rules: Vec<&str> = Vec::new();
+            for w in &report.warnings {
+                if !rules.contains(&w.rule) {
+                    rules.push(w.rule);
+                }
+            }
+            return Err(BuildError::at(
+                first.line,
+                format!(
+                    "lint violation found for rules: {} ({})",
+                    rules.join(", "),
+                    first.message
+                ),
+            ));
+        }
+    }
     // BuildKit ignores a `--no-cache-filter` name no stage has; kiln
     // says so (a typo would otherwise go unnoticed).
     for f in &opts.no_cache_filter {
