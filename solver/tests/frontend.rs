@@ -110,7 +110,7 @@ fn run_lowers_to_an_exec_with_the_stage_env_cwd_user_and_history() {
     let last = s.config.history.last().expect("history");
     assert_eq!(
         last.created_by.as_deref(),
-        Some("RUN |1 V=1 /bin/sh -c echo $V $P")
+        Some("RUN |1 V=1 /bin/sh -c echo $V $P # buildkit")
     );
     assert!(!last.empty_layer);
 }

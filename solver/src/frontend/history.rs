@@ -102,30 +102,69 @@ pub fn go_quote_list(v: &[String]) -> String {
     kiln_parser::ast::go_quote_list(v)
 }
 
-/// Go's `time.Duration.String()` for whole durations, `0s` when unset.
+/// Go's `time.Duration.String()`, `0s` when unset: `1h2m3.5s`, `1.5ms`,
+/// `2µs`, `3ns`.
 pub fn go_duration(d: Option<std::time::Duration>) -> String {
-    let Some(d) = d else { return "0s".into() };
-    let total = d.as_secs_f64();
-    if total == 0.0 {
-        return "0s".into();
+    let n = d.map_or(0, |d| d.as_nanos());
+    // `n / unit` with up to `digits` decimals, trailing zeros dropped.
+    let frac = |n: u128, unit: u128, digits: usize| -> String {
+        let (whole, rest) = (n / unit, n % unit);
+        if rest == 0 {
+            return whole.to_string();
+        }
+        let f = format!("{rest:0digits$}");
+        format!("{whole}.{}", f.trim_end_matches('0'))
+    };
+    match n {
+        0 => "0s".into(),
+        n if n < 1_000 => format!("{n}ns"),
+        n if n < 1_000_000 => format!("{}µs", frac(n, 1_000, 3)),
+        n if n < 1_000_000_000 => format!("{}ms", frac(n, 1_000_000, 6)),
+        n => {
+            let secs = n / 1_000_000_000;
+            let (h, m) = (secs / 3600, secs % 3600 / 60);
+            let mut out = String::new();
+            if h > 0 {
+                out.push_str(&format!("{h}h"));
+            }
+            if h > 0 || m > 0 {
+                out.push_str(&format!("{m}m"));
+            }
+            let s = n - (h * 3600 + m * 60) * 1_000_000_000;
+            out.push_str(&format!("{}s", frac(s, 1_000_000_000, 9)));
+            out
+        }
     }
-    let h = (total / 3600.0).floor();
-    let m = ((total - h * 3600.0) / 60.0).floor();
-    let s = total - h * 3600.0 - m * 60.0;
-    let mut out = String::new();
-    if h > 0.0 {
-        out.push_str(&format!("{h}h"));
-    }
-    if h > 0.0 || m > 0.0 {
-        out.push_str(&format!("{m}m"));
-    }
-    out.push_str(&format!("{}s", trim_float(s)));
-    out
 }
 
-fn trim_float(f: f64) -> String {
-    let s = format!("{f:.9}");
-    s.trim_end_matches('0').trim_end_matches('.').to_string()
+/// Go's `%q` of an integer: the character literal of that code point
+/// (`'\x03'`, `'A'`; not a code point: `'�'`), as `fmt` prints it.
+pub fn go_quote_rune(n: i64) -> String {
+    let c = u32::try_from(n)
+        .ok()
+        .and_then(char::from_u32)
+        .unwrap_or('\u{FFFD}');
+    let body = match c {
+        '\'' => "\\'".to_string(),
+        '\\' => "\\\\".to_string(),
+        '\u{7}' => "\\a".to_string(),
+        '\u{8}' => "\\b".to_string(),
+        '\u{c}' => "\\f".to_string(),
+        '\n' => "\\n".to_string(),
+        '\r' => "\\r".to_string(),
+        '\t' => "\\t".to_string(),
+        '\u{b}' => "\\v".to_string(),
+        c if (c as u32) < 0x20 || c as u32 == 0x7f => format!("\\x{:02x}", c as u32),
+        c if c.is_control() || c.is_whitespace() && c != ' ' => {
+            if (c as u32) < 0x10000 {
+                format!("\\u{:04x}", c as u32)
+            } else {
+                format!("\\U{:08x}", c as u32)
+            }
+        }
+        c => c.to_string(),
+    };
+    format!("'{body}'")
 }
 
 #[cfg(test)]
@@ -139,6 +178,14 @@ mod tests {
         assert_eq!(go_duration(Some(Duration::from_secs(30))), "30s");
         assert_eq!(go_duration(Some(Duration::from_secs(90))), "1m30s");
         assert_eq!(go_duration(Some(Duration::from_secs(3600))), "1h0m0s");
+        assert_eq!(go_duration(Some(Duration::from_millis(1500))), "1.5s");
+        assert_eq!(go_duration(Some(Duration::from_millis(500))), "500ms");
+        assert_eq!(go_duration(Some(Duration::from_micros(1500))), "1.5ms");
+        assert_eq!(go_duration(Some(Duration::from_nanos(2500))), "2.5µs");
+        assert_eq!(go_duration(Some(Duration::from_nanos(3))), "3ns");
+        assert_eq!(go_quote_rune(3), "'\\x03'");
+        assert_eq!(go_quote_rune(65), "'A'");
+        assert_eq!(go_quote_rune(-1), "'\u{FFFD}'");
     }
 
     #[test]

@@ -747,8 +747,12 @@ impl Lowerer<'_> {
                     } else {
                         parts.push(key.clone());
                     }
-                    state.args.retain(|(k, _)| *k != key);
-                    state.args.push((key, value));
+                    // A re-declared ARG keeps its place (BuildKit's
+                    // history lists build args in first-declared order).
+                    match state.args.iter_mut().find(|(k, _)| *k == key) {
+                        Some(a) => a.1 = value,
+                        None => state.args.push((key, value)),
+                    }
                 }
                 let msg = format!("ARG {}", parts.join(" "));
                 let added = msg.len();
@@ -832,6 +836,8 @@ impl Lowerer<'_> {
             Kind::Cmd(cl) => {
                 let args = history::shell_wrap(cl, &state.shell());
                 state.config.config_mut().cmd = Some(args.clone());
+                // As BuildKit sets it on every CMD (Docker's image spec).
+                state.config.config_mut().args_escaped = Some(true);
                 state.cmd_set = true;
                 state.push_empty(created, format!("CMD {}", history::go_quote_list(&args)));
             }
@@ -853,14 +859,17 @@ impl Lowerer<'_> {
             }
             Kind::Healthcheck(h) => {
                 let hc = instr::healthcheck_config(h);
+                // BuildKit v0.29's `fmt.Sprintf("HEALTHCHECK %q", config)`:
+                // each field of the struct quoted (durations as strings,
+                // the retry count as a character literal).
                 let msg = format!(
-                    "HEALTHCHECK &{{Test:[{}] Interval:{} Timeout:{} StartPeriod:{} StartInterval:{} Retries:{}}}",
-                    h.test.join(" "),
+                    "HEALTHCHECK &{{{} {:?} {:?} {:?} {:?} {}}}",
+                    history::go_quote_list(&h.test),
                     history::go_duration(h.interval),
                     history::go_duration(h.timeout),
                     history::go_duration(h.start_period),
                     history::go_duration(h.start_interval),
-                    h.retries.unwrap_or(0)
+                    history::go_quote_rune(i64::from(h.retries.unwrap_or(0)))
                 );
                 state.config.config_mut().healthcheck = Some(hc);
                 state.push_empty(created, msg);
@@ -1030,8 +1039,9 @@ impl Lowerer<'_> {
                 (!env.iter().any(|(k, _)| k == p)).then(|| (p.to_string(), v.clone()))
             })
             .collect();
+        // BuildKit marks the history of a step that made a layer.
         let created_by = format!(
-            "RUN {}",
+            "RUN {} # buildkit",
             history::run_command_string(&args, &state.args, &env)
         );
         let env_bytes: usize = env.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
