@@ -238,8 +238,18 @@ fn render_error(e: &BuildError, name: &str, text: &str) -> String {
             out.push_str("------\n");
         }
     }
-    if let Some(line) = e.line() {
+    if let Some(loc) = e.location() {
+        let line = loc.line;
         let lines: Vec<&str> = text.lines().collect();
+        let at = lines.get(line - 1).copied().unwrap_or_default();
+        // A caret under the column (the instruction's first character
+        // when the error names none); the header stays docker's
+        // `file:line`, which scripts match.
+        let col = if loc.column > 0 {
+            loc.column
+        } else {
+            at.chars().take_while(|c| c.is_whitespace()).count() + 1
+        };
         out.push_str(&format!("{name}:{line}\n--------------------\n"));
         let lo = line.saturating_sub(2).max(1);
         let hi = (line + 2).min(lines.len());
@@ -249,6 +259,14 @@ fn render_error(e: &BuildError, name: &str, text: &str) -> String {
                 "{marker}{n:>3} | {}\n",
                 lines.get(n - 1).copied().unwrap_or_default()
             ));
+            if n == line {
+                let pad: String = at
+                    .chars()
+                    .take(col - 1)
+                    .map(|c| if c == '\t' { '\t' } else { ' ' })
+                    .collect();
+                out.push_str(&format!("       | {pad}^\n"));
+            }
         }
         out.push_str("--------------------\n");
     }

@@ -270,6 +270,8 @@ pub struct RawManifest {
 
 #[derive(Deserialize)]
 struct Probe {
+    #[serde(rename = "schemaVersion")]
+    schema_version: Option<serde_json::Value>,
     #[serde(rename = "mediaType")]
     media_type: Option<String>,
     manifests: Option<serde::de::IgnoredAny>,
@@ -307,6 +309,16 @@ impl RawManifest {
     pub fn new(bytes: Vec<u8>, media_type: Option<&str>) -> Result<Self, ImageError> {
         check_manifest_size(bytes.len() as u64)?;
         let p: Probe = serde_json::from_slice(&bytes)?;
+        // Docker's schema 1 (signed, `application/vnd.docker.distribution
+        // .manifest.v1+prettyjws`): gone from Docker, said so.
+        let v1 = p.schema_version.as_ref().and_then(|v| v.as_u64()) == Some(1)
+            || media_type
+                .is_some_and(|m| m.starts_with("application/vnd.docker.distribution.manifest.v1"));
+        if v1 {
+            return Err(ImageError::Unsupported(
+                "a Docker schema 1 manifest: support for it was removed from Docker; push the image again with a current client".into(),
+            ));
+        }
         let mt = match (media_type, &p.media_type, &p.manifests) {
             (Some(m), _, _) => m.to_string(),
             (None, Some(m), _) => m.clone(),

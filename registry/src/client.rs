@@ -166,6 +166,66 @@ fn error_detail(resp: ureq::Response) -> String {
         .collect()
 }
 
+/// The slowest a blob body may arrive, held for [`LOW_SPEED_TIME`]: a
+/// registry trickling a byte every few seconds (under the idle timeout)
+/// fails the download instead of holding it for days (git's
+/// `http.lowSpeedLimit`/`lowSpeedTime`).
+pub const LOW_SPEED_LIMIT: u64 = 1024;
+/// See [`LOW_SPEED_LIMIT`].
+pub const LOW_SPEED_TIME: Duration = Duration::from_secs(60);
+
+/// A body reader that fails when fewer than [`LOW_SPEED_LIMIT`] bytes a
+/// second arrived over a whole [`LOW_SPEED_TIME`].
+struct LowSpeed<R> {
+    inner: R,
+    window: Instant,
+    bytes: u64,
+    registry: String,
+    limit: u64,
+    time: Duration,
+}
+
+impl<R> LowSpeed<R> {
+    fn new(inner: R, registry: &str) -> Self {
+        Self::with(inner, registry, LOW_SPEED_LIMIT, LOW_SPEED_TIME)
+    }
+    fn with(inner: R, registry: &str, limit: u64, time: Duration) -> Self {
+        LowSpeed {
+            inner,
+            window: Instant::now(),
+            bytes: 0,
+            registry: registry.to_string(),
+            limit,
+            time,
+        }
+    }
+}
+
+impl<R: Read> Read for LowSpeed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        let spent = self.window.elapsed();
+        if spent >= self.time {
+            let rate = (self.bytes as f64 / spent.as_secs_f64()) as u64;
+            if rate < self.limit {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{}: network: the blob arrived at {rate} bytes/s over {:.0} s, under {} bytes/s",
+                        self.registry,
+                        spent.as_secs_f64(),
+                        self.limit
+                    ),
+                ));
+            }
+            self.window = Instant::now();
+            self.bytes = 0;
+        }
+        Ok(n)
+    }
+}
+
 /// A reader that checks size and digest when the stream ends and fails
 /// the read that reaches EOF on a mismatch, so a sink never commits bad
 /// content.
@@ -936,7 +996,7 @@ impl Registry {
             &what,
         )?;
         Ok(VerifyingReader {
-            inner: r.into_reader(),
+            inner: Box::new(LowSpeed::new(r.into_reader(), &self.name)),
             hasher: Hasher::new(),
             expected: desc.digest.clone(),
             size: desc.size,
@@ -1202,6 +1262,34 @@ impl Read for CancelReader<'_> {
             }
         }
         self.inner.read(buf)
+    }
+}
+
+#[cfg(test)]
+mod low_speed_tests {
+    use super::*;
+
+    /// One byte every 30 ms against 100 bytes/s over 200 ms: an error
+    /// once the window has passed; a fast body reads to its end.
+    #[test]
+    fn a_trickling_body_fails_and_a_fast_one_does_not() {
+        struct Trickle(usize);
+        impl Read for Trickle {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 || buf.is_empty() {
+                    return Ok(0);
+                }
+                std::thread::sleep(Duration::from_millis(30));
+                self.0 -= 1;
+                buf[0] = b'x';
+                Ok(1)
+            }
+        }
+        let mut slow = LowSpeed::with(Trickle(100), "r", 100, Duration::from_millis(200));
+        let e = io::copy(&mut slow, &mut io::sink()).expect_err("too slow");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        let mut fast = LowSpeed::with(&[7u8; 4096][..], "r", 100, Duration::from_millis(200));
+        assert_eq!(io::copy(&mut fast, &mut io::sink()).expect("fast"), 4096);
     }
 }
 

@@ -190,6 +190,10 @@ fn cd(d: &Digest) -> Result<kiln_cache::Digest, RemoteCacheError> {
 /// The most of an OCI layout's `index.json` read back.
 const INDEX_LIMIT: u64 = 16 << 20;
 
+/// The bytes of manifests and cache configs one `--cache-from` of a
+/// registry may bring in all.
+const IMPORT_BUDGET: u64 = 256 << 20;
+
 /// A layout directory's root (see [`crate::context::oci_layout::open_layout_file`]).
 fn layout_root(dir: &Path) -> Result<kiln_fs::Root, RemoteCacheError> {
     kiln_fs::Root::open(dir).map_err(|e| layout_error(dir, e))
@@ -294,15 +298,24 @@ impl RemoteCacheBackend {
                     reg.resolve(&r, &Platform::host())
                 })
                 .map_err(RemoteCacheError::src)?;
-                let mut platforms: Vec<Platform> = match &resolved.index {
+                // The other platforms' manifests of an index (a
+                // multi-platform build's inline caches): each distinct
+                // digest fetched once, by digest, and taken in before the
+                // next is fetched, within a budget of bytes for the whole
+                // import (1,024 entries naming one 4 MiB manifest took
+                // 4 GB of memory before).
+                let others: Vec<Descriptor> = match &resolved.index {
                     Some(i) => i
                         .index()
                         .map_err(|e| RemoteCacheError::ctx(reference)(e))?
                         .manifests
-                        .iter()
+                        .into_iter()
                         .take(crate::platforms::MAX_INDEX_ENTRIES)
-                        .filter_map(|d| d.platform.clone())
-                        .filter(|p| p.os != "unknown")
+                        .filter(|d| {
+                            d.platform
+                                .as_ref()
+                                .is_some_and(|p| p.os != "unknown" && !p.matches(&Platform::host()))
+                        })
                         .collect(),
                     None => Vec::new(),
                 };
@@ -310,31 +323,53 @@ impl RemoteCacheBackend {
                     registry: r.registry.clone(),
                     repo: r.repository.clone(),
                 };
+                let mut seen = std::collections::HashSet::new();
+                let mut budget: u64 = IMPORT_BUDGET;
                 let mut n = 0;
-                let mut manifests = vec![resolved.manifest];
-                platforms.retain(|p| !p.matches(&Platform::host()));
-                for p in &platforms {
-                    let (_, other) =
-                        Registry::through_mirrors(&r.registry, cfg, |reg| reg.resolve(&r, p))
-                            .map_err(RemoteCacheError::src)?;
-                    manifests.push(other.manifest);
-                }
-                for raw in manifests {
-                    let m = raw
-                        .manifest()
-                        .map_err(|e| RemoteCacheError::ctx(reference)(e))?;
-                    let config = if is_cache_manifest(&m) {
-                        Some(
-                            Registry::through_mirrors(&r.registry, cfg, |reg| {
+                let mut next = Some(resolved.manifest);
+                let mut rest = others.into_iter();
+                while let Some(raw) = next.take() {
+                    if seen.insert(raw.digest.clone()) {
+                        budget = budget.saturating_sub(raw.bytes.len() as u64);
+                        let m = raw
+                            .manifest()
+                            .map_err(|e| RemoteCacheError::ctx(reference)(e))?;
+                        let config = if is_cache_manifest(&m) {
+                            let bytes = Registry::through_mirrors(&r.registry, cfg, |reg| {
                                 reg.get_blob_bytes(&r.repository, &m.config)
                             })
                             .map_err(RemoteCacheError::src)?
-                            .1,
-                        )
-                    } else {
-                        None
-                    };
-                    n += self.import_records(&m, &origin, config)?;
+                            .1;
+                            budget = budget.saturating_sub(bytes.len() as u64);
+                            Some(bytes)
+                        } else {
+                            None
+                        };
+                        n += self.import_records(&m, &origin, config)?;
+                    }
+                    for d in rest.by_ref() {
+                        if seen.contains(&d.digest) {
+                            continue;
+                        }
+                        if budget == 0 {
+                            return Err(RemoteCacheError::invalid(format!(
+                                "{reference}: the cache's manifests and configs pass {} MiB in all",
+                                IMPORT_BUDGET >> 20
+                            )));
+                        }
+                        let by_digest = Reference {
+                            tag: None,
+                            digest: Some(d.digest.clone()),
+                            ..r.clone()
+                        };
+                        let p = d.platform.clone().unwrap_or_else(Platform::host);
+                        let (_, other) = Registry::through_mirrors(&r.registry, cfg, |reg| {
+                            reg.resolve(&by_digest, &p)
+                        })
+                        .map_err(RemoteCacheError::src)?;
+                        next = Some(other.manifest);
+                        break;
+                    }
                 }
                 return Ok(n);
             }

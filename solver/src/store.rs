@@ -73,7 +73,11 @@ pub fn prove_layers(
     layers: &[kiln_image::manifest::Descriptor],
     diff_ids: &[Digest],
 ) -> Result<(), (usize, kiln_cache::Error)> {
+    // The chain names first (cheap), then the layers checked on as many
+    // threads as there are cores: each is one decompression and two
+    // hashes of its own.
     let mut parent: Option<String> = None;
+    let mut work = Vec::with_capacity(layers.len());
     for (i, (l, diff_id)) in layers.iter().zip(diff_ids).enumerate() {
         let parse = |d: &Digest| {
             d.as_str()
@@ -81,22 +85,61 @@ pub fn prove_layers(
                 .map_err(|_| (i + 1, kiln_cache::Error::InvalidDigest(d.to_string())))
         };
         let chain = chain_id(parent.as_deref(), diff_id.as_str());
-        let (blob, diff) = (parse(&l.digest)?, parse(diff_id)?);
-        store
-            .keep_layer_lazy(
-                &chain,
-                parent.as_deref(),
-                kiln_cache::LayerBlob {
-                    digest: &blob,
-                    size: Some(l.size),
-                    diff_id: &diff,
-                },
-                &l.media_type,
-            )
-            .map_err(|e| (i + 1, e))?;
+        work.push((
+            i,
+            parse(&l.digest)?,
+            parse(diff_id)?,
+            parent.take(),
+            chain.clone(),
+            l,
+        ));
         parent = Some(chain);
     }
-    Ok(())
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed: std::sync::Mutex<Option<(usize, kiln_cache::Error)>> = Default::default();
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 4)
+        .min(work.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((i, blob, diff, parent, chain, l)) = work.get(k) else {
+                    return;
+                };
+                if failed.lock().map_or(true, |f| f.is_some()) {
+                    return;
+                }
+                let r = store.keep_layer_lazy(
+                    chain,
+                    parent.as_deref(),
+                    kiln_cache::LayerBlob {
+                        digest: blob,
+                        size: Some(l.size),
+                        diff_id: diff,
+                    },
+                    &l.media_type,
+                );
+                if let Err(e) = r {
+                    if let Ok(mut f) = failed.lock() {
+                        // The first layer that fails is the one named.
+                        if f.as_ref().is_none_or(|(j, _)| *i + 1 < *j) {
+                            *f = Some((*i + 1, e));
+                        }
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner() {
+        Ok(Some(e)) => Err(e),
+        Ok(None) => Ok(()),
+        Err(_) => Err((
+            0,
+            kiln_cache::Error::InvalidState("a layer check panicked".into()),
+        )),
+    }
 }
 
 /// The OCI media type for a layer blob of `media_type` (a base image may
