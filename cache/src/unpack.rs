@@ -326,6 +326,38 @@ impl Store {
         })
     }
 
+    /// [`Store::keep_layer_lazy`] that trusts nothing recorded: the blob
+    /// itself is proved to be `layer` (one streaming pass that writes
+    /// nothing) even when snapshot `name` exists or a lazy layer (a cache
+    /// import's claim) names the blob — for a name about to move onto an
+    /// image, whose manifest will name this blob for that diffID. A blob
+    /// that is its own tar (its digest is the diffID) was proved when it
+    /// was stored.
+    pub fn prove_layer(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        layer: LayerBlob<'_>,
+        media_type: &str,
+    ) -> Result<()> {
+        if layer.digest == layer.diff_id && self.has_blob(layer.digest) {
+            return self.keep_layer_lazy(name, parent, layer, media_type);
+        }
+        let file = self.open_file_fetching(layer.digest)?;
+        let blob_size = self.check_stored(file, layer)?;
+        if self.committed(name) {
+            return Ok(());
+        }
+        self.meta().put_lazy_layer(&LazyLayer {
+            snapshot: name.to_string(),
+            parent: parent.map(str::to_string),
+            blob: layer.digest.clone(),
+            media_type: media_type.to_string(),
+            size: blob_size,
+            diff_id: layer.diff_id.clone(),
+        })
+    }
+
     /// Checks that the stored blob `file` is `layer` — its digest and
     /// size, and the digest of the tar it decompresses to against the
     /// diffID — in one streaming pass that writes nothing (as

@@ -164,8 +164,15 @@ fn a_registry_image_claiming_busyboxs_diff_id_never_becomes_busyboxs_snapshot() 
         return;
     }
     let reg = Reg::start(RegOpts::default());
+    let name = format!("{}/evil:1", reg.host());
+    // First the tag names an honest image, which a victim pulls.
+    let seed = Client::new(true);
+    seed.ok(&["push", "-q", "busybox:latest", &name]);
+    let moved = Client::new(true);
+    moved.ok(&["pull", &name]);
+    let honest_id = moved.stdout(&["images", "-q", "--no-trunc", &name]);
     // The attacker: crafts the image and pushes its blobs as they are,
-    // with its own client (kiln loads no such image).
+    // with its own client (kiln loads no such image), under that tag.
     let bb_diff = diff_id_of(&Client::new(true).kiln, "busybox");
     let tmp = tempfile::tempdir().expect("tmp");
     let (arch, blob, real) = evil_archive(tmp.path(), &bb_diff, true);
@@ -188,27 +195,40 @@ fn a_registry_image_claiming_busyboxs_diff_id_never_becomes_busyboxs_snapshot() 
         "application/vnd.oci.image.manifest.v1+json",
         &serde_json::to_vec(&manifest).expect("json"),
     );
-    let name = format!("{}/evil:1", reg.host());
+    let needles = [&bb_diff, &real, &blob];
 
-    // The victim has busybox (not yet unpacked): the pull proves the
-    // layer before the name is taken, and fails; so does a build from it.
-    let victim = Client::new(true);
-    let o = victim.run(&["pull", &name]);
-    assert!(!o.status.success(), "the hostile image was pulled");
+    // The victim holding the honest image pulls again: the tag would move,
+    // so the layer is proved first, and the pull fails; the tag stays.
+    let o = moved.run(&["pull", &name]);
+    assert!(!o.status.success(), "the hostile image took the tag");
     let err = String::from_utf8_lossy(&o.stderr);
-    for needle in [&bb_diff, &real, &blob] {
+    for needle in needles {
         assert!(
             err.contains(needle.as_str()),
             "the pull's error should name {needle}:\n{err}"
         );
     }
-    assert!(
-        victim.stdout(&["images", "-q"]).lines().count() == 1,
-        "the pull named an image"
+    assert_eq!(
+        moved.stdout(&["images", "-q", "--no-trunc", &name]),
+        honest_id
     );
+    let o = moved.run(&["run", "--rm", &name, "true"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // So does `build --pull`.
     let ctx = common::context(&[("Dockerfile", &format!("FROM {name}\nLABEL x=y\n"))]);
+    common::build_fails(&moved.kiln, ctx.path(), &["--pull"]);
+    assert_eq!(
+        moved.stdout(&["images", "-q", "--no-trunc", &name]),
+        honest_id
+    );
+
+    // A victim without the name (busybox, not yet unpacked) pulls it as
+    // it is; nothing uses it: a build from it, a run and an export fail
+    // naming the layer, and nothing of it becomes busybox's snapshot.
+    let victim = Client::new(true);
+    victim.ok(&["pull", &name]);
     let err = common::build_fails(&victim.kiln, ctx.path(), &[]);
-    for needle in [&bb_diff, &real, &blob] {
+    for needle in needles {
         assert!(
             err.contains(needle.as_str()),
             "the error should name {needle}:\n{err}"
@@ -220,6 +240,12 @@ fn a_registry_image_claiming_busyboxs_diff_id_never_becomes_busyboxs_snapshot() 
     );
     let o = victim.run(&["run", "--rm", &name, "/pwned"]);
     assert!(!o.status.success(), "the hostile image ran");
+    let o = victim.run(&["export", &name]);
+    assert!(!o.status.success(), "the hostile image was exported");
+    assert!(
+        !o.stdout.windows(7).any(|w| w == b"planted"),
+        "the hostile layer's bytes were written out"
+    );
     busybox_is_intact(&victim.kiln);
 }
 

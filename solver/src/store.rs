@@ -64,9 +64,10 @@ pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
 
 /// Proves each layer of an image to be the diffID its config names — the
 /// blob against its digest and size, the tar it decompresses to against
-/// the diffID, in one streaming pass that writes nothing — and records
-/// it as a lazy layer (see [`Store::keep_layer_lazy`]): what a pull, a
-/// load or an OCI layout brings does so before any name points at it.
+/// the diffID, in one streaming pass that writes nothing, whatever the
+/// store already holds for that diffID — and records it as a lazy layer
+/// (see [`Store::prove_layer`]): what a load or an OCI layout brings, and
+/// a pull that moves a name, does so before the name points at it.
 /// On failure: the 1-based number of the layer, and why.
 pub fn prove_layers(
     store: &Store,
@@ -111,7 +112,7 @@ pub fn prove_layers(
                 if failed.lock().map_or(true, |f| f.is_some()) {
                     return;
                 }
-                let r = store.keep_layer_lazy(
+                let r = store.prove_layer(
                     chain,
                     parent.as_deref(),
                     kiln_cache::LayerBlob {

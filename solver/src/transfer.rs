@@ -384,18 +384,28 @@ fn store_pulled(
         )));
     }
     let err = |e: kiln_cache::Error| TransferError::ctx(format!("storing {name}"))(e);
-    // Every layer proved to be the diffID the config names (blob digest
-    // and size, the tar it decompresses to: one streaming pass that
-    // writes nothing) before the name moves: an image whose layers are
-    // not its config's never takes a tag, and is never exported.
-    crate::store::prove_layers(store, &p.manifest.layers, &config.rootfs.diff_ids).map_err(
-        |(i, e)| {
-            TransferError::ctx(format!(
-                "{name}: verifying layer {i} of {}",
-                p.manifest.layers.len()
-            ))(e)
-        },
-    )?;
+    // A name that points at another image moves only onto an image whose
+    // every layer is proved to be the diffID its config names (blob digest
+    // and size, the tar it decompresses to: one streaming pass that writes
+    // nothing): a lying image never takes a working image's tag, and a
+    // failed `build --pull` leaves the old one. A new name points at the
+    // image as pulled, its layers proved when first unpacked or exported
+    // (as BuildKit's lazy pulls): a pull costs no decompression.
+    let moves = store
+        .meta()
+        .image(name)
+        .map_err(err)?
+        .is_some_and(|rec| rec.manifest != p.resolved.manifest.digest.to_string());
+    if moves {
+        crate::store::prove_layers(store, &p.manifest.layers, &config.rootfs.diff_ids).map_err(
+            |(i, e)| {
+                TransferError::ctx(format!(
+                    "{name}: verifying layer {i} of {}",
+                    p.manifest.layers.len()
+                ))(e)
+            },
+        )?;
+    }
     let cdig = cd(&p.manifest.config.digest)?;
     store
         .put_blob(
