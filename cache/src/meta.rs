@@ -1184,6 +1184,21 @@ impl Meta {
         })
     }
 
+    /// Whether the memo names `blob` for `diff_id` at any compression and
+    /// level (it was made, or proved, to be that layer).
+    pub fn memo_has(&self, diff_id: &Digest, blob: &Digest) -> Result<bool> {
+        self.read(|tx| {
+            Ok(tx
+                .query_row(
+                    "SELECT 1 FROM layer_blobs WHERE diff_id = ?1 AND blob = ?2 LIMIT 1",
+                    params![diff_id.to_string(), blob.to_string()],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+        })
+    }
+
     /// Remember the blob for (diffID, compression, level); the blob must be
     /// recorded.
     pub fn put_layer_blob(

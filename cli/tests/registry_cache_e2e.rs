@@ -567,6 +567,80 @@ fn a_cached_link_copy_stays_in_a_max_cache() {
     );
 }
 
+/// A cache record that keeps a step's honest diffID but names another
+/// blob for it (a gzip of other files): the build takes the step from the
+/// cache (the claim is lazy, as BuildKit's), but a push of the image
+/// proves the blob against the diffID before sending it, and fails —
+/// before, the hostile bytes went out under the honest diffID, exit 0.
+#[test]
+fn a_push_never_ships_a_claimed_blob_it_did_not_prove() {
+    if !ready() {
+        return;
+    }
+    let reg = Reg::start(RegOpts::default());
+    let base = push_base(&reg);
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {base}\nRUN echo hello > /hello\n"),
+    )]);
+    let cache = format!("{}/cache:1", reg.host());
+    let a = Client::new(false);
+    build_json(
+        &a,
+        ctx.path(),
+        &["--cache-to", &format!("type=registry,ref={cache},mode=max")],
+    );
+    // The hostile blob: a gzip of a tar holding other bytes.
+    let tmp = tempfile::tempdir().expect("tmp");
+    std::fs::write(tmp.path().join("hello"), "EVIL\n").expect("write");
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("tar -C \"$1\" -cf - hello | gzip -n > \"$1/layer.tgz\"")
+        .arg("sh")
+        .arg(tmp.path())
+        .output()
+        .expect("tar");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let evil = std::fs::read(tmp.path().join("layer.tgz")).expect("layer");
+    let digest = common::registry::push_blob(&reg, "cache", &evil);
+    let mut m = raw_manifest(&cache);
+    let last = m["layers"].as_array().expect("layers").len() - 1;
+    m["layers"][last] = serde_json::json!({
+        "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+        "digest": digest,
+        "size": evil.len(),
+    });
+    common::registry::put_manifest(
+        &reg,
+        "cache",
+        "evil",
+        "application/vnd.oci.image.manifest.v1+json",
+        &serde_json::to_vec(&m).expect("json"),
+    );
+    let b = Client::new(false);
+    let target = format!("{}/victim:1", reg.host());
+    build_json(
+        &b,
+        ctx.path(),
+        &[
+            "-t",
+            &target,
+            "--cache-from",
+            &format!("type=registry,ref={}/cache:evil", reg.host()),
+        ],
+    );
+    let o = b.run(&["push", &target]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the claimed blob was pushed: {err}");
+    assert!(err.contains(&digest), "{err}");
+    let o = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{target}"))
+        .output()
+        .expect("skopeo");
+    assert!(!o.status.success(), "a manifest was pushed");
+}
+
 #[test]
 fn local_oci_layout_cache_round_trips() {
     if !ready() {

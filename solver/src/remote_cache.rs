@@ -348,7 +348,9 @@ impl RemoteCacheBackend {
                         n += self.import_records(&m, &origin, config)?;
                     }
                     for d in rest.by_ref() {
-                        if seen.contains(&d.digest) {
+                        // Each entry's own digest once (an entry naming a
+                        // nested index is fetched once, then refused).
+                        if !seen.insert(d.digest.clone()) {
                             continue;
                         }
                         if budget == 0 {
@@ -367,6 +369,12 @@ impl RemoteCacheBackend {
                             reg.resolve(&by_digest, &p)
                         })
                         .map_err(RemoteCacheError::src)?;
+                        budget = budget.saturating_sub(other.manifest.bytes.len() as u64);
+                        if other.index.is_some() || other.manifest.digest != d.digest {
+                            // A nested index: not a platform's manifest.
+                            continue;
+                        }
+                        seen.remove(&d.digest);
                         next = Some(other.manifest);
                         break;
                     }

@@ -604,6 +604,33 @@ fn plan_layer(
     };
     if keep {
         let kind = have.unwrap_or(Compression::Uncompressed);
+        // A compressed blob sent for this diffID must be that layer: one
+        // a cache import only claimed (or a pull kept unproved) is proved
+        // first — once, then remembered — or a push would ship a hostile
+        // cache's bytes under an honest diffID.
+        if kind != Compression::Uncompressed && &layer.digest != diff_id {
+            let (blob, did) = (cd(&layer.digest)?, cd(diff_id)?);
+            if !store.meta().memo_has(&did, &blob).unwrap_or(false) {
+                progress(&format!(
+                    "{}: checking the blob against its diffID",
+                    short(diff_id)
+                ));
+                store
+                    .prove_blob(kiln_cache::LayerBlob {
+                        digest: &blob,
+                        size: Some(layer.size),
+                        diff_id: &did,
+                    })
+                    .map_err(TransferError::ctx(format!("layer {}", layer.digest)))?;
+                let level = match kind {
+                    Compression::Zstd => ZSTD_DEFAULT_LEVEL,
+                    _ => GZIP_DEFAULT_LEVEL,
+                };
+                let _ = store
+                    .meta()
+                    .put_layer_blob(&did, &kind.to_string(), level, &blob);
+            }
+        }
         let mt = if have.is_some() {
             layer_media_type(kind, enc.oci_media_types).to_string()
         } else {

@@ -661,3 +661,26 @@ fn a_mount_value_expanding_to_commas_adds_no_field() {
     assert_eq!(m.target.as_deref(), Some("/c"), "{m:?}");
     assert_eq!(m.id, "foo,target=/etc", "{m:?}");
 }
+
+/// `ENV` on a base whose Env repeats a key replaces the first entry
+/// (BuildKit's addEnv); `EXPOSE +80` and `STOPSIGNAL RTMIN++1` are
+/// refused as Go's parsers refuse them.
+#[test]
+fn env_replaces_the_first_repeat_and_signs_are_refused() {
+    let mut cfg = ImageConfig::new(&Platform::host());
+    cfg.config_mut().env = Some(vec!["PATH=/bin".into(), "A=1".into(), "A=2".into()]);
+    let images = HashMap::from([("base".to_string(), cfg)]);
+    let g = lower_with("FROM base\nENV A=3\n", &images, |_| {}).expect("lower");
+    let env = g.stages[0]
+        .config
+        .config
+        .as_ref()
+        .and_then(|c| c.env.clone());
+    assert_eq!(
+        env,
+        Some(vec!["PATH=/bin".into(), "A=3".into(), "A=2".into()])
+    );
+    for bad in ["EXPOSE +80", "STOPSIGNAL RTMIN++1"] {
+        lower_with(&format!("FROM scratch\n{bad}\n"), &HashMap::new(), |_| {}).expect_err(bad);
+    }
+}

@@ -131,7 +131,7 @@ pub fn parse_ports_counted(w: &str, total: &mut usize) -> Result<Vec<String>, In
 fn port_range(s: &str) -> Option<(u16, u16)> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));
     let num = |x: &str| -> Option<u16> {
-        if x.is_empty() || !x.bytes().all(|c| c.is_ascii_digit() || c == b'+') {
+        if x.is_empty() || !x.bytes().all(|c| c.is_ascii_digit()) {
             return None;
         }
         x.parse().ok()
@@ -164,6 +164,7 @@ pub fn validate_signal(s: &str) -> Result<(), InstrError> {
             rest.is_empty()
                 || rest
                     .strip_prefix(sign)
+                    .filter(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()))
                     .and_then(|n| n.parse::<u32>().ok())
                     .is_some_and(|n| (1..=max).contains(&n) && !rest[1..].starts_with('0'))
         })

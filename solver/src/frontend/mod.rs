@@ -81,6 +81,19 @@ pub fn base_images(plan: &Plan, opts: &BuildOptions) -> Vec<(usize, String, Plat
 /// run as an instruction; real images have a few).
 pub const MAX_ONBUILD_TRIGGERS: usize = 1024;
 
+/// The bytes `s` takes as a JSON string's content: a quote or backslash
+/// is two, a control character six (`\u0001`).
+fn json_len(s: &str) -> usize {
+    s.len()
+        + s.bytes()
+            .map(|b| match b {
+                b'"' | b'\\' => 1,
+                0..=0x1f => 5,
+                _ => 0,
+            })
+            .sum::<usize>()
+}
+
 /// The bytes a history entry takes in the config's JSON besides its
 /// `created_by` (its time, comment and flags).
 const HISTORY_ENTRY_JSON: usize = 128;
@@ -148,14 +161,14 @@ impl StageState {
     }
     /// A layer op's history entry (the solver adds the diffID).
     fn push_layer_history(&mut self, created: &str, created_by: String) {
-        self.grow(created_by.len() + HISTORY_ENTRY_JSON);
+        self.grow(json_len(&created_by) + HISTORY_ENTRY_JSON);
         self.config.history.push(kiln_image::config::History {
             empty_layer: false,
             ..history(created, created_by)
         });
     }
     fn push_empty(&mut self, created: &str, created_by: String) {
-        self.grow(created_by.len() + HISTORY_ENTRY_JSON);
+        self.grow(json_len(&created_by) + HISTORY_ENTRY_JSON);
         self.config.push_empty(history(created, created_by));
     }
     /// Counts `n` more bytes in the config's size estimate.
@@ -207,22 +220,21 @@ impl kiln_parser::shell::Env for EnvVars {
     }
 }
 
-/// Where each key of `config`'s `Env` list is (the last of a repeated one).
+/// Where each key of `config`'s `Env` list is (the first of a repeated
+/// one).
 fn config_env_index(config: &ImageConfig) -> HashMap<String, usize> {
     config
         .config
         .as_ref()
         .and_then(|c| c.env.as_ref())
         .map(|env| {
-            env.iter()
-                .enumerate()
-                .map(|(i, e)| {
-                    (
-                        e.split_once('=').map_or(e.as_str(), |(k, _)| k).to_string(),
-                        i,
-                    )
-                })
-                .collect()
+            // The first of a repeated key (BuildKit's addEnv replaces it).
+            let mut index = HashMap::new();
+            for (i, e) in env.iter().enumerate() {
+                let k = e.split_once('=').map_or(e.as_str(), |(k, _)| k);
+                index.entry(k.to_string()).or_insert(i);
+            }
+            index
         })
         .unwrap_or_default()
 }
@@ -615,17 +627,21 @@ impl Lowerer<'_> {
             }
         }
         let cfg = &state.config;
-        let env: usize = state.env.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+        let env: usize = state
+            .env
+            .iter()
+            .map(|(k, v)| json_len(k) + json_len(v) + 4)
+            .sum();
         let labels: usize = cfg
             .config
             .as_ref()
             .and_then(|c| c.labels.as_ref())
-            .map(|l| l.iter().map(|(k, v)| k.len() + v.len() + 6).sum())
+            .map(|l| l.iter().map(|(k, v)| json_len(k) + json_len(v) + 6).sum())
             .unwrap_or(0);
         let history: usize = cfg
             .history
             .iter()
-            .map(|h| h.created_by.as_deref().map_or(0, str::len) + HISTORY_ENTRY_JSON)
+            .map(|h| h.created_by.as_deref().map_or(0, json_len) + HISTORY_ENTRY_JSON)
             .sum();
         let size = (env + labels + history) as u64;
         state.estimate = Some(size as usize);
@@ -693,7 +709,7 @@ impl Lowerer<'_> {
                 }
                 let mut added = 0;
                 for (k, v) in set {
-                    added += 2 * (k.len() + v.len() + 4);
+                    added += 2 * (json_len(&k) + json_len(&v) + 4);
                     state.set_env(&k, &v);
                 }
                 state.push_empty(created, msg);
@@ -706,7 +722,7 @@ impl Lowerer<'_> {
                     let k = self.expand(&kv.key, &state.env, line)?;
                     let v = self.expand(&kv.value, &state.env, line)?;
                     msg.push_str(&format!(" {k}={v}"));
-                    added += k.len() + v.len() + 6;
+                    added += json_len(&k) + json_len(&v) + 6;
                     state
                         .config
                         .config_mut()
