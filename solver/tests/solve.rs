@@ -814,3 +814,31 @@ async fn check_error_true_fails_the_build_on_a_lint_finding() {
         .await
         .expect("builds without the directive");
 }
+
+/// A base image's ONBUILD `COPY --from=<stage>` reads a stage of the
+/// child's Dockerfile: that stage joins the plan once the base's config
+/// is known (it was pruned: "stage 0 is not part of the build"), as
+/// BuildKit's initOnBuildTriggers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_onbuild_copy_from_a_stage_in_a_base_image_builds_that_stage() {
+    let ctx = context(&[("h", "hhh\n")]);
+    let backend = Arc::new(MemBackend::new().expect("backend"));
+    let runner = Arc::new(writing_runner());
+    let mut cfg = ImageConfig::new(&Platform::host());
+    cfg.config_mut().on_build = Some(vec!["COPY --from=helper /h /h".into()]);
+    backend
+        .add_image(
+            "docker.io/library/ob:2",
+            "sha256:2222222222222222222222222222222222222222222222222222222222222222",
+            cfg,
+            &[("bin/sh", b"#!fake\n")],
+        )
+        .expect("image");
+    solve(
+        &backend,
+        &runner,
+        opts("FROM scratch AS helper\nCOPY h /h\nFROM ob:2\n", ctx.path()),
+    )
+    .await
+    .expect("builds");
+}

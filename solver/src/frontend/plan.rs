@@ -3,7 +3,7 @@
 //! stage-to-stage edges (`FROM <stage>`, `COPY --from`, `RUN --mount=from=`)
 //! collected, and everything the target does not reach pruned away.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use kiln_image::manifest::Platform;
 use kiln_parser::instructions::{Dockerfile, Kind, Stage};
@@ -221,6 +221,19 @@ pub fn plan_for(
     target: Option<&str>,
     platform: &Platform,
 ) -> Result<Plan, BuildError> {
+    plan_with(df, build_args, target, platform, &HashMap::new())
+}
+
+/// [`plan_for`] with `extra` dependencies by stage index: the stages a
+/// base image's ONBUILD triggers read (`COPY --from`, `RUN
+/// --mount=from=`), known once its config is (see [`trigger_deps`]).
+pub fn plan_with(
+    df: &Dockerfile,
+    build_args: &BTreeMap<String, String>,
+    target: Option<&str>,
+    platform: &Platform,
+    extra: &HashMap<usize, Vec<usize>>,
+) -> Result<Plan, BuildError> {
     let platform = kiln_image::platform::normalize(platform);
     if let Some(s) = df.stages.get(MAX_STAGES) {
         return Err(BuildError::at(
@@ -273,7 +286,7 @@ pub fn plan_for(
         } else {
             Base::Image(base_name)
         };
-        let mut deps = Vec::new();
+        let mut deps: Vec<usize> = extra.get(&i).cloned().unwrap_or_default();
         if let Base::Stage(j) = base {
             deps.push(j);
             // The base stage's ONBUILD triggers run first in this stage:
@@ -439,6 +452,28 @@ fn track_stage_env(
 }
 
 /// `--from` values an instruction reads from (COPY --from, RUN --mount from=).
+/// The stages the ONBUILD `triggers` of stage `stage`'s base image read,
+/// as stage indexes (names resolved as in that stage; a trigger that
+/// does not parse is left for lowering to report).
+pub fn trigger_deps(df: &Dockerfile, stage: usize, triggers: &[String]) -> Vec<usize> {
+    let mut out = Vec::new();
+    for t in triggers.iter().take(crate::frontend::MAX_ONBUILD_TRIGGERS) {
+        let Ok(parsed) = kiln_parser::parse(&format!("FROM scratch\n{t}\n")) else {
+            continue;
+        };
+        for instr in parsed.stages.iter().flat_map(|s| &s.instructions) {
+            for from in source_refs(&instr.kind) {
+                if let Source::Stage(j) = resolve_source(df, stage, &from) {
+                    if !out.contains(&j) {
+                        out.push(j);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 fn source_refs(kind: &Kind) -> Vec<String> {
     match kind {
         Kind::Copy(c) => c.from.iter().cloned().collect(),

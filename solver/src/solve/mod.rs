@@ -311,7 +311,60 @@ pub async fn solve(
         // The frontend needs the base images' configs: resolve them
         // first, concurrently (this is where they are pulled).
         let prefix = multi.then(|| p.to_string());
-        let configs = resolve_bases(&images, &progress, &df, &plan, &opts, prefix).await?;
+        let mut plan = plan;
+        let mut configs =
+            resolve_bases(&images, &progress, &df, &plan, &opts, prefix.clone()).await?;
+        // A base image's ONBUILD triggers may read other stages (`COPY
+        // --from=helper`): known only now, they join the plan (BuildKit's
+        // initOnBuildTriggers), and their bases are resolved in turn.
+        let mut extra: HashMap<usize, Vec<usize>> = HashMap::new();
+        for _ in 0..8 {
+            let mut grew = false;
+            for st in &plan.stages {
+                let crate::frontend::plan::Base::Image(r) = &st.base else {
+                    continue;
+                };
+                let Some(triggers) = configs
+                    .get(&(r.clone(), st.platform.to_string()))
+                    .and_then(|c| c.config.as_ref())
+                    .and_then(|c| c.on_build.as_ref())
+                else {
+                    continue;
+                };
+                for j in crate::frontend::plan::trigger_deps(&df, st.index, triggers) {
+                    if plan.stages.iter().all(|s| s.index != j) {
+                        let e = extra.entry(st.index).or_default();
+                        if !e.contains(&j) {
+                            e.push(j);
+                            grew = true;
+                        }
+                    }
+                }
+            }
+            if !grew {
+                break;
+            }
+            let wider = crate::frontend::plan::plan_with(
+                &df,
+                &opts.build_args,
+                opts.target.as_deref(),
+                &plan.platform,
+                &extra,
+            )?;
+            let added = crate::frontend::plan::Plan {
+                stages: wider
+                    .stages
+                    .iter()
+                    .filter(|s| plan.stages.iter().all(|o| o.index != s.index))
+                    .cloned()
+                    .collect(),
+                ..wider.clone()
+            };
+            configs.extend(
+                resolve_bases(&images, &progress, &df, &added, &opts, prefix.clone()).await?,
+            );
+            plan = wider;
+        }
         if cancel.is_cancelled() {
             return Err(BuildError::Cancelled);
         }
