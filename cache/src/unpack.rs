@@ -316,12 +316,25 @@ impl Store {
             Err(e) => return Err(e),
         };
         let blob_size = self.check_stored(file, layer)?;
+        self.record_lazy(name, parent, layer, media_type, blob_size)
+    }
+
+    /// Records the proved `layer` (a blob of `size` bytes) as the lazy
+    /// layer `name` over `parent`.
+    fn record_lazy(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        layer: LayerBlob<'_>,
+        media_type: &str,
+        size: u64,
+    ) -> Result<()> {
         self.meta().put_lazy_layer(&LazyLayer {
             snapshot: name.to_string(),
             parent: parent.map(str::to_string),
             blob: layer.digest.clone(),
             media_type: media_type.to_string(),
-            size: blob_size,
+            size,
             diff_id: layer.diff_id.clone(),
         })
     }
@@ -361,14 +374,7 @@ impl Store {
         if self.committed(name) {
             return Ok(());
         }
-        self.meta().put_lazy_layer(&LazyLayer {
-            snapshot: name.to_string(),
-            parent: parent.map(str::to_string),
-            blob: layer.digest.clone(),
-            media_type: media_type.to_string(),
-            size: blob_size,
-            diff_id: layer.diff_id.clone(),
-        })
+        self.record_lazy(name, parent, layer, media_type, blob_size)
     }
 
     /// Proves the blob `layer.digest` (fetched first if it is kept in a
