@@ -359,10 +359,7 @@ impl Store {
             // Its own tar kept as a snapshot's diff (a layer this store
             // built: read back checked against its digest): proved.
             _ if layer.digest == layer.diff_id && self.has_blob(layer.digest) => return Ok(()),
-            _ => {
-                let file = self.open_file_fetching(layer.digest)?;
-                self.check_stored(file, layer)?
-            }
+            _ => self.prove_blob(layer)?,
         };
         if layer.size.is_some_and(|s| s != blob_size) {
             return Err(Error::WrongSize {
@@ -380,10 +377,10 @@ impl Store {
     /// Proves the blob `layer.digest` (fetched first if it is kept in a
     /// registry) to be `layer`: its digest and size, the tar it
     /// decompresses to against the diffID, in one pass that writes
-    /// nothing.
-    pub fn prove_blob(&self, layer: LayerBlob<'_>) -> Result<()> {
+    /// nothing. Returns the blob's size.
+    pub fn prove_blob(&self, layer: LayerBlob<'_>) -> Result<u64> {
         let file = self.open_file_fetching(layer.digest)?;
-        self.check_stored(file, layer).map(|_| ())
+        self.check_stored(file, layer)
     }
 
     /// Checks that the stored blob `file` is `layer` — its digest and

@@ -323,61 +323,39 @@ impl RemoteCacheBackend {
                     registry: r.registry.clone(),
                     repo: r.repository.clone(),
                 };
-                let mut seen = std::collections::HashSet::new();
                 let mut budget: u64 = IMPORT_BUDGET;
-                let mut n = 0;
-                let mut next = Some(resolved.manifest);
-                let mut rest = others.into_iter();
-                while let Some(raw) = next.take() {
-                    if seen.insert(raw.digest.clone()) {
-                        budget = budget.saturating_sub(raw.bytes.len() as u64);
-                        let m = raw
-                            .manifest()
-                            .map_err(|e| RemoteCacheError::ctx(reference)(e))?;
-                        let config = if is_cache_manifest(&m) {
-                            let bytes = Registry::through_mirrors(&r.registry, cfg, |reg| {
-                                reg.get_blob_bytes(&r.repository, &m.config)
-                            })
-                            .map_err(RemoteCacheError::src)?
-                            .1;
-                            budget = budget.saturating_sub(bytes.len() as u64);
-                            Some(bytes)
-                        } else {
-                            None
-                        };
-                        n += self.import_records(&m, &origin, config)?;
+                let mut seen = HashSet::from([resolved.manifest.digest.clone()]);
+                let mut n =
+                    self.import_registry_manifest(&resolved.manifest, &r, &origin, &mut budget)?;
+                for d in others {
+                    // Each entry's own digest once (an entry naming a
+                    // nested index is fetched once, then refused).
+                    if !seen.insert(d.digest.clone()) {
+                        continue;
                     }
-                    for d in rest.by_ref() {
-                        // Each entry's own digest once (an entry naming a
-                        // nested index is fetched once, then refused).
-                        if !seen.insert(d.digest.clone()) {
-                            continue;
-                        }
-                        if budget == 0 {
-                            return Err(RemoteCacheError::invalid(format!(
-                                "{reference}: the cache's manifests and configs pass {} MiB in all",
-                                IMPORT_BUDGET >> 20
-                            )));
-                        }
-                        let by_digest = Reference {
-                            tag: None,
-                            digest: Some(d.digest.clone()),
-                            ..r.clone()
-                        };
-                        let p = d.platform.clone().unwrap_or_else(Platform::host);
-                        let (_, other) = Registry::through_mirrors(&r.registry, cfg, |reg| {
-                            reg.resolve(&by_digest, &p)
-                        })
-                        .map_err(RemoteCacheError::src)?;
+                    if budget == 0 {
+                        return Err(RemoteCacheError::invalid(format!(
+                            "{reference}: the cache's manifests and configs pass {} MiB in all",
+                            IMPORT_BUDGET >> 20
+                        )));
+                    }
+                    let by_digest = Reference {
+                        tag: None,
+                        digest: Some(d.digest.clone()),
+                        ..r.clone()
+                    };
+                    let p = d.platform.clone().unwrap_or_else(Platform::host);
+                    let (_, other) = Registry::through_mirrors(&r.registry, cfg, |reg| {
+                        reg.resolve(&by_digest, &p)
+                    })
+                    .map_err(RemoteCacheError::src)?;
+                    if other.index.is_some() || other.manifest.digest != d.digest {
+                        // A nested index: not a platform's manifest.
                         budget = budget.saturating_sub(other.manifest.bytes.len() as u64);
-                        if other.index.is_some() || other.manifest.digest != d.digest {
-                            // A nested index: not a platform's manifest.
-                            continue;
-                        }
-                        seen.remove(&d.digest);
-                        next = Some(other.manifest);
-                        break;
+                        continue;
                     }
+                    n +=
+                        self.import_registry_manifest(&other.manifest, &r, &origin, &mut budget)?;
                 }
                 return Ok(n);
             }
@@ -395,6 +373,34 @@ impl RemoteCacheBackend {
             }
         };
         self.import_records(&manifest, &origin, config)
+    }
+
+    /// The records of one manifest fetched from the registry of `r` (a
+    /// cache manifest, whose config is fetched too, or an image with
+    /// inline cache); what was read is charged to `budget`.
+    fn import_registry_manifest(
+        &mut self,
+        raw: &RawManifest,
+        r: &Reference,
+        origin: &Origin,
+        budget: &mut u64,
+    ) -> Result<usize, RemoteCacheError> {
+        *budget = budget.saturating_sub(raw.bytes.len() as u64);
+        let m = raw
+            .manifest()
+            .map_err(|e| RemoteCacheError::ctx(r.to_string())(e))?;
+        let config = if is_cache_manifest(&m) {
+            let bytes = Registry::through_mirrors(&r.registry, &self.registry, |reg| {
+                reg.get_blob_bytes(&r.repository, &m.config)
+            })
+            .map_err(RemoteCacheError::src)?
+            .1;
+            *budget = budget.saturating_sub(bytes.len() as u64);
+            Some(bytes)
+        } else {
+            None
+        };
+        self.import_records(&m, origin, config)
     }
 
     /// The records of one cache manifest (its `config`) or image with

@@ -87,7 +87,6 @@ pub fn prove_layers(
         };
         let chain = chain_id(parent.as_deref(), diff_id.as_str());
         work.push((
-            i,
             parse(&l.digest)?,
             parse(diff_id)?,
             parent.take(),
@@ -96,23 +95,14 @@ pub fn prove_layers(
         ));
         parent = Some(chain);
     }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let failed: std::sync::Mutex<Option<(usize, kiln_cache::Error)>> = Default::default();
-    let threads = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(1, 4)
-        .min(work.len().max(1));
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| loop {
-                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((i, blob, diff, parent, chain, l)) = work.get(k) else {
-                    return;
-                };
-                if failed.lock().map_or(true, |f| f.is_some()) {
-                    return;
-                }
-                let r = store.prove_layer(
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    crate::transfer::parallel(
+        work.len(),
+        threads,
+        &|k| {
+            let (blob, diff, parent, chain, l) = &work[k];
+            store
+                .prove_layer(
                     chain,
                     parent.as_deref(),
                     kiln_cache::LayerBlob {
@@ -121,26 +111,12 @@ pub fn prove_layers(
                         diff_id: diff,
                     },
                     &l.media_type,
-                );
-                if let Err(e) = r {
-                    if let Ok(mut f) = failed.lock() {
-                        // The first layer that fails is the one named.
-                        if f.as_ref().is_none_or(|(j, _)| *i + 1 < *j) {
-                            *f = Some((*i + 1, e));
-                        }
-                    }
-                }
-            });
-        }
-    });
-    match failed.into_inner() {
-        Ok(Some(e)) => Err(e),
-        Ok(None) => Ok(()),
-        Err(_) => Err((
-            0,
-            kiln_cache::Error::InvalidState("a layer check panicked".into()),
-        )),
-    }
+                )
+                .map_err(|e| (k + 1, e))
+        },
+        &|m| (0, kiln_cache::Error::InvalidState(m.to_string())),
+    )
+    .map(|_| ())
 }
 
 /// The OCI media type for a layer blob of `media_type` (a base image may

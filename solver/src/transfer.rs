@@ -622,10 +622,7 @@ fn plan_layer(
                         diff_id: &did,
                     })
                     .map_err(TransferError::ctx(format!("layer {}", layer.digest)))?;
-                let level = match kind {
-                    Compression::Zstd => ZSTD_DEFAULT_LEVEL,
-                    _ => GZIP_DEFAULT_LEVEL,
-                };
+                let level = level_of(CompressionOpts { kind, level: None });
                 let _ = store
                     .meta()
                     .put_layer_blob(&did, &kind.to_string(), level, &blob);
@@ -1108,7 +1105,7 @@ pub fn encode_image(
         (Some(l), Some(diff)) => encode_one(store, l, diff, enc, progress),
         _ => Err(TransferError::invalid("layer index out of range")),
     };
-    let layers = parallel(m.layers.len(), jobs, &one)?;
+    let layers = parallel(m.layers.len(), jobs, &one, &|m| TransferError::invalid(m))?;
     store_manifest(store, &m, layers, enc)
 }
 
@@ -1488,7 +1485,9 @@ pub(crate) fn push_layers<R>(
                 ),
             }
         };
-        let pushed = parallel(configs.len() + layers.len(), jobs, &one);
+        let pushed = parallel(configs.len() + layers.len(), jobs, &one, &|m| {
+            TransferError::invalid(m)
+        });
         drop(memo);
         let mut pushed = pushed?;
         Ok(then(pushed.split_off(configs.len())))
@@ -1510,13 +1509,16 @@ fn remember_locations(store: &Store, r: &Reference, config: &Descriptor, layers:
 }
 
 /// `f(0..n)` on up to `jobs` threads, results in order; the first error
-/// stops the others from starting more.
-fn parallel<T: Send>(
+/// stops the others from starting more, and is the one returned (the
+/// lowest index that failed). `stopped` makes the error of a slot left
+/// unfilled.
+pub(crate) fn parallel<T: Send, E: Send>(
     n: usize,
     jobs: usize,
-    f: &(dyn Fn(usize) -> Result<T, TransferError> + Sync),
-) -> Result<Vec<T>, TransferError> {
-    let results: Vec<std::sync::Mutex<Option<Result<T, TransferError>>>> =
+    f: &(dyn Fn(usize) -> Result<T, E> + Sync),
+    stopped: &dyn Fn(&str) -> E,
+) -> Result<Vec<T>, E> {
+    let results: Vec<std::sync::Mutex<Option<Result<T, E>>>> =
         (0..n).map(|_| std::sync::Mutex::new(None)).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failed = std::sync::atomic::AtomicBool::new(false);
@@ -1547,12 +1549,10 @@ fn parallel<T: Send>(
                 first_err.get_or_insert(e);
             }
             Ok(None) => {
-                first_err.get_or_insert_with(|| {
-                    TransferError::invalid("stopped after an earlier error")
-                });
+                first_err.get_or_insert_with(|| stopped("stopped after an earlier error"));
             }
             Err(_) => {
-                first_err.get_or_insert_with(|| TransferError::invalid("a worker thread panicked"));
+                first_err.get_or_insert_with(|| stopped("a worker thread panicked"));
             }
         }
     }
