@@ -208,6 +208,19 @@ impl<R> Drop for EncodingReader<R> {
     }
 }
 
+impl<R: Read> EncodingReader<R> {
+    /// The next piece of the compressed stream, lent rather than copied
+    /// (what [`Read::read`] would copy out); empty at the end.
+    pub fn next_chunk(&mut self) -> io::Result<&[u8]> {
+        if self.pos == self.out.len() {
+            self.fill()?;
+        }
+        let start = self.pos;
+        self.pos = self.out.len();
+        Ok(&self.out[start..])
+    }
+}
+
 impl<R: Read> Read for EncodingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {

@@ -296,11 +296,25 @@ impl<R: Read> Read for CountingReader<'_, R> {
     }
 }
 
-/// Hashes what it reads and notes a read error (so that the caller can
-/// tell a failing source from a failing network).
+/// The body of a streamed blob upload (a layer compressed while it is
+/// sent): its bytes as they come.
+pub trait StreamBody: Read {
+    /// Called once, when the upload session is open and before any byte
+    /// is sent; may wait. The blob's digest and size when all of it is
+    /// ready by then (a small layer compressed while the session was
+    /// being opened): it then goes up in one PUT with its length — one
+    /// request fewer, and a body the registry reads in one piece. `None`:
+    /// it is streamed.
+    fn whole(&mut self) -> Option<(Digest, u64)> {
+        None
+    }
+}
+
+/// Hashes what it reads (when it has a hasher) and notes a read error
+/// (so that the caller can tell a failing source from a failing network).
 struct NotingReader<R> {
     inner: R,
-    hasher: Hasher,
+    hasher: Option<Hasher>,
     failed: Option<String>,
 }
 
@@ -308,7 +322,9 @@ impl<R: Read> Read for NotingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.inner.read(buf) {
             Ok(n) => {
-                self.hasher.update(&buf[..n]);
+                if let Some(h) = self.hasher.as_mut() {
+                    h.update(&buf[..n]);
+                }
                 Ok(n)
             }
             Err(e) => {
@@ -1074,7 +1090,7 @@ impl Registry {
     pub fn push_blob_streamed(
         &self,
         repo: &str,
-        source: Box<dyn Read + '_>,
+        mut source: Box<dyn StreamBody + '_>,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<(Digest, u64)> {
         let what = format!("blob upload to {repo}");
@@ -1091,21 +1107,66 @@ impl Registry {
             )
         })?;
         let url = self.upload_url(&r)?;
+        let whole = source.whole();
+        let source: Box<dyn Read + '_> = source;
         let source = self.cancellable(source);
-        let result = self
-            .stream_to(&url, &scope, &what, source, progress)
-            .map_err(|e| {
-                if self.cancel.is_cancelled() {
-                    self.cancelled()
-                } else {
-                    e
-                }
-            });
+        let result = match whole {
+            Some((digest, size)) => {
+                self.put_whole(&url, &scope, &what, source, digest, size, progress)
+            }
+            None => self.stream_to(&url, &scope, &what, source, progress),
+        }
+        .map_err(|e| {
+            if self.cancel.is_cancelled() {
+                self.cancelled()
+            } else {
+                e
+            }
+        });
         if result.is_err() {
             // Best effort: let the registry drop the unfinished upload.
             let _ = self.send_once("DELETE", &url, &scope, &[], Body::Empty, &what);
         }
         result
+    }
+
+    /// The single PUT of [`Registry::push_blob_streamed`] for a blob that
+    /// was whole before its upload began.
+    #[allow(clippy::too_many_arguments)]
+    fn put_whole(
+        &self,
+        url: &str,
+        scope: &str,
+        what: &str,
+        source: Box<dyn Read + '_>,
+        digest: Digest,
+        size: u64,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<(Digest, u64)> {
+        let mut reader = NotingReader {
+            inner: CountingReader {
+                inner: source,
+                progress,
+            },
+            hasher: None,
+            failed: None,
+        };
+        let digest_q = format!("digest={}", percent(digest.as_str()));
+        let sent = self.send_once(
+            "PUT",
+            &with_query(url, &digest_q),
+            scope,
+            &[("Content-Type", "application/octet-stream")],
+            Body::Stream(Box::new(&mut reader), Some(size)),
+            what,
+        );
+        if let Some(e) = reader.failed.take() {
+            return Err(RegistryError::Local(format!(
+                "reading the blob to upload: {e}"
+            )));
+        }
+        sent?;
+        Ok((digest, size))
     }
 
     /// The PATCH and PUT of [`Registry::push_blob_streamed`] on the upload
@@ -1124,7 +1185,7 @@ impl Registry {
                 inner: source,
                 progress,
             },
-            hasher: Hasher::new(),
+            hasher: Some(Hasher::new()),
             failed: None,
         };
         let sent = self.send_once(
@@ -1139,8 +1200,9 @@ impl Registry {
             return Err(local(e));
         }
         let url = self.upload_url(&sent?)?;
-        let size = reader.hasher.len();
-        let digest = reader.hasher.finish();
+        let hasher = reader.hasher.take().unwrap_or_default();
+        let size = hasher.len();
+        let digest = hasher.finish();
         let digest_q = format!("digest={}", percent(digest.as_str()));
         self.send_once(
             "PUT",

@@ -49,7 +49,8 @@ mod transfer;
 
 pub use auth::{parse_challenge, Challenge};
 pub use client::{
-    ClientOptions, PushOutcome, Registry, VerifyingReader, MANIFEST_ACCEPT, MIRROR_RETRIES,
+    ClientOptions, PushOutcome, Registry, StreamBody, VerifyingReader, MANIFEST_ACCEPT,
+    MIRROR_RETRIES,
 };
 pub use config::{Credentials, RegistryConfig};
 pub use error::{RegistryError, Result};

@@ -847,18 +847,7 @@ impl RemoteCacheBackend {
         config: Descriptor,
         layers: Vec<Descriptor>,
     ) -> Result<RawManifest, RemoteCacheError> {
-        let m = ImageManifest {
-            schema_version: 2,
-            media_type: Some(media_types::OCI_MANIFEST.to_string()),
-            artifact_type: Some(CACHE_CONFIG_MEDIA_TYPE.to_string()),
-            config,
-            layers,
-            subject: None,
-            annotations: None,
-        };
-        let raw = m
-            .to_raw()
-            .map_err(|e| RemoteCacheError::ctx("cache manifest")(e))?;
+        let raw = cache_manifest_raw(config, layers)?;
         self.store()
             .put_bytes(&raw.bytes, Some(&raw.media_type))
             .map_err(|e| RemoteCacheError::ctx("storing the cache manifest")(e))?;
@@ -893,13 +882,23 @@ impl RemoteCacheBackend {
         // Layers not compressed yet are compressed while they upload
         // (as `kiln push` does), several at once, the config beside them;
         // the manifest goes up while the last memo entries are committed.
-        let config = self.cache_config(&cfg)?;
+        // The config and the manifest are made for this push and sent
+        // from memory: the store has no use for them (a local export
+        // stores its own).
+        let cbytes =
+            serde_json::to_vec(&cfg).map_err(|e| RemoteCacheError::ctx("cache config")(e))?;
+        let config = Descriptor::of_bytes(CACHE_CONFIG_MEDIA_TYPE, &cbytes);
+        let held = [(config.digest.clone(), cbytes.as_slice())];
+        let with_config = crate::transfer::WithBytes {
+            inner: &source,
+            bytes: &held,
+        };
         let tag = r.tag.clone().unwrap_or_else(|| "latest".to_string());
         let (layers, digest) = push_layers(
             self.store(),
             &reg,
             &r.repository,
-            &source,
+            &with_config,
             &plain,
             std::slice::from_ref(&config),
             LayerEncoding::default(),
@@ -907,7 +906,7 @@ impl RemoteCacheBackend {
             progress,
             &count,
             |layers| -> Result<_, RemoteCacheError> {
-                let raw = self.cache_manifest(config.clone(), layers.clone())?;
+                let raw = cache_manifest_raw(config.clone(), layers.clone())?;
                 let digest = reg
                     .put_manifest(&r.repository, &tag, &raw)
                     .map_err(RemoteCacheError::src)?;
@@ -1116,6 +1115,25 @@ impl RemoteCacheBackend {
             manifest: Some(digest),
         })
     }
+}
+
+/// The cache manifest of `config` and `layers` (an OCI manifest whose
+/// artifact type is the cache config's).
+fn cache_manifest_raw(
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+) -> Result<RawManifest, RemoteCacheError> {
+    ImageManifest {
+        schema_version: 2,
+        media_type: Some(media_types::OCI_MANIFEST.to_string()),
+        artifact_type: Some(CACHE_CONFIG_MEDIA_TYPE.to_string()),
+        config,
+        layers,
+        subject: None,
+        annotations: None,
+    }
+    .to_raw()
+    .map_err(|e| RemoteCacheError::ctx("cache manifest")(e))
 }
 
 /// Remembers the compressed form of the cached layer `r` (stored), so

@@ -155,6 +155,27 @@ impl kiln_cache::BlobFetcher for RegistryFetcher {
     }
 }
 
+/// Blobs held in memory (a cache config made for one push) in front of
+/// another source.
+pub(crate) struct WithBytes<'a> {
+    /// Where every other blob comes from.
+    pub inner: &'a dyn PushSource,
+    /// The blobs held here, by digest.
+    pub bytes: &'a [(Digest, &'a [u8])],
+}
+
+impl PushSource for WithBytes<'_> {
+    fn open(&self, desc: &Descriptor) -> std::io::Result<Box<dyn Read + '_>> {
+        match self.bytes.iter().find(|(d, _)| d == &desc.digest) {
+            Some((_, b)) => Ok(Box::new(*b)),
+            None => self.inner.open(desc),
+        }
+    }
+    fn mount_from(&self, desc: &Descriptor) -> Option<String> {
+        self.inner.mount_from(desc)
+    }
+}
+
 /// The store as a [`PushSource`]; mounts from another repository of the
 /// same registry when a local image from there lists the blob, or when
 /// the store remembers pushing it there or pulling it from there.
@@ -806,7 +827,16 @@ struct SpoolState {
     end: Option<Result<(), String>>,
     /// The upload is over (it read everything, or failed): stop.
     stopped: bool,
+    /// The compressed blob's digest and size, when it ended within
+    /// [`WHOLE_LIMIT`] (it is then uploaded in one PUT).
+    whole: Option<(Digest, u64)>,
 }
+
+/// A compressed layer at most this large that is complete by the time its
+/// upload session is open goes up in one PUT with its length (one request
+/// fewer than streaming it, and cheaper for the registry to take in); a
+/// larger one is streamed while it is compressed.
+const WHOLE_LIMIT: u64 = 8 << 20;
 
 impl Spool {
     fn lock(&self) -> std::sync::MutexGuard<'_, SpoolState> {
@@ -821,9 +851,13 @@ impl Spool {
         w: &mut kiln_cache::BlobWriter,
         diff_id: &Digest,
     ) -> Result<(), String> {
-        let end = self.fill_inner(inner, w, diff_id);
+        let mut hasher = Some(kiln_image::Hasher::new());
+        let end = self.fill_inner(inner, w, diff_id, &mut hasher);
         let mut st = self.lock();
         st.end = Some(end.clone());
+        if end.is_ok() {
+            st.whole = hasher.map(|h| (h.len(), h.finish())).map(|(n, d)| (d, n));
+        }
         self.moved.notify_all();
         end
     }
@@ -833,34 +867,31 @@ impl Spool {
         inner: &mut EncodingReader<R>,
         w: &mut kiln_cache::BlobWriter,
         diff_id: &Digest,
-    ) -> Result<(), String> {
-        let mut buf = kiln_image::bufpool::take_filled(1 << 20);
-        let end = self.fill_from(inner, w, &mut buf, diff_id);
-        kiln_image::bufpool::give(buf);
-        end
-    }
-
-    fn fill_from<R: Read>(
-        &self,
-        inner: &mut EncodingReader<R>,
-        w: &mut kiln_cache::BlobWriter,
-        buf: &mut [u8],
-        diff_id: &Digest,
+        hasher: &mut Option<kiln_image::Hasher>,
     ) -> Result<(), String> {
         loop {
             if self.lock().stopped {
                 return Err("the upload ended early".into());
             }
-            let n = match inner.read(buf) {
-                Ok(0) => break,
-                Ok(n) => n,
+            // The compressor's output is written from its own buffer.
+            let piece = match inner.next_chunk() {
+                Ok([]) => break,
+                Ok(p) => p,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.to_string()),
             };
-            w.write_all(&buf[..n])
+            w.write_all(piece)
                 .map_err(|e| format!("writing the compressed layer into the store: {e}"))?;
+            // Hashed only while the blob may still go up whole (a larger
+            // one is hashed by its streamed upload).
+            if let Some(h) = hasher.as_mut() {
+                h.update(piece);
+                if h.len() > WHOLE_LIMIT {
+                    *hasher = None;
+                }
+            }
             let mut st = self.lock();
-            st.written += n as u64;
+            st.written += piece.len() as u64;
             self.moved.notify_all();
         }
         match inner.tar_digest() {
@@ -911,6 +942,23 @@ impl Read for SpoolReader<'_> {
         Ok(n)
     }
 }
+
+impl kiln_registry::StreamBody for SpoolReader<'_> {
+    fn whole(&mut self) -> Option<(Digest, u64)> {
+        let mut st = self.spool.lock();
+        loop {
+            match &st.end {
+                Some(Ok(())) => return st.whole.clone(),
+                Some(Err(_)) => return None,
+                None if st.written > WHOLE_LIMIT => return None,
+                None => {}
+            }
+            st = self.spool.moved.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl<R: Read> kiln_registry::StreamBody for Teed<'_, R> {}
 
 impl Drop for SpoolReader<'_> {
     fn drop(&mut self) {
@@ -1438,7 +1486,7 @@ pub(crate) fn push_layers<R>(
     store: &Store,
     reg: &Registry,
     repo: &str,
-    source: &StoreSource<'_>,
+    source: &dyn PushSource,
     layers: &[(Descriptor, Digest)],
     configs: &[Descriptor],
     enc: LayerEncoding,
@@ -1465,13 +1513,15 @@ pub(crate) fn push_layers<R>(
                 let _ = remember(store, m.w, &m.digest, m.size, &m.diff_id, &m.t);
             });
         }
+        // The configs go up on a thread of their own beside the layers'
+        // slots (a small blob's requests would hold a slot for as long as
+        // a layer's compression takes a turn).
+        let configs_up = s.spawn(|| {
+            reg.push_blobs(repo, configs, source, configs.len().max(1), transfer)
+                .map_err(TransferError::src)
+        });
         let one = |i: usize| -> Result<Descriptor, TransferError> {
-            if let Some(c) = configs.get(i) {
-                reg.push_blobs(repo, std::slice::from_ref(c), source, 1, transfer)
-                    .map_err(TransferError::src)?;
-                return Ok(c.clone());
-            }
-            let Some((l, diff)) = layers.get(i - configs.len()) else {
+            let Some((l, diff)) = layers.get(i) else {
                 return Err(TransferError::invalid("layer index out of range"));
             };
             match plan_layer(store, l, diff, enc, progress)? {
@@ -1485,12 +1535,14 @@ pub(crate) fn push_layers<R>(
                 ),
             }
         };
-        let pushed = parallel(configs.len() + layers.len(), jobs, &one, &|m| {
-            TransferError::invalid(m)
-        });
+        let pushed = parallel(layers.len(), jobs, &one, &|m| TransferError::invalid(m));
         drop(memo);
-        let mut pushed = pushed?;
-        Ok(then(pushed.split_off(configs.len())))
+        let configs_pushed = configs_up
+            .join()
+            .unwrap_or_else(|_| Err(TransferError::invalid("the config upload panicked")));
+        let pushed = pushed?;
+        configs_pushed?;
+        Ok(then(pushed))
     })
 }
 
