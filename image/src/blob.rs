@@ -84,6 +84,11 @@ fn encode(
         .ok_or_else(|| ImageError::Io(io::Error::other("layer stream ended early")))
 }
 
+/// The capacity of an [`EncodingReader`]'s output buffers: one block of
+/// the parallel gzip ([`crate::pargz::BLOCK`]) deflated at worst, with
+/// room to spare.
+const OUT_CAPACITY: usize = crate::pargz::BLOCK + crate::pargz::BLOCK / 4;
+
 /// A layer tar compressed as it is read, for a consumer that pulls (an
 /// upload whose digest is known only at its end). Both sides are hashed
 /// on the way (the tar side unless its reader verifies itself); after the
@@ -111,10 +116,14 @@ impl<R: Read> EncodingReader<R> {
         oci_media_types: bool,
         verified: Option<Digest>,
     ) -> io::Result<Self> {
+        // The two output buffers take turns (the encoder writes into one
+        // while the other is read out); each holds about one compressed
+        // block, and comes from the pool so that it is not grown (and its
+        // pages faulted in) again for every layer.
         Ok(EncodingReader {
             src: tar,
-            enc: Some(Encoder::new(Vec::new(), opts)?),
-            out: Vec::new(),
+            enc: Some(Encoder::new(crate::bufpool::take(OUT_CAPACITY), opts)?),
+            out: crate::bufpool::take(OUT_CAPACITY),
             pos: 0,
             buf: crate::bufpool::take_filled(1 << 20),
             diff: Hasher::new(),
@@ -181,7 +190,8 @@ impl<R: Read> EncodingReader<R> {
                     .enc
                     .take()
                     .ok_or_else(|| io::Error::other("encoder gone"))?;
-                self.out = enc.finish()?;
+                let emptied = std::mem::replace(&mut self.out, enc.finish()?);
+                crate::bufpool::give(emptied);
             } else {
                 let piece = &self.buf[..n];
                 if self.known_diff.is_none() {
