@@ -674,10 +674,40 @@ impl Store {
         fs_tenth(self.root())
     }
 
-    /// [`Store::put_blob`] for bytes in memory (manifests, configs). Their
-    /// digest is known before anything is written, so a blob already
-    /// stored (a cached rebuild's config and manifest) is only recorded,
-    /// not written and synced again.
+    /// [`Store::put_blob`] for blobs in memory (an image's config and
+    /// manifest), stored together: their digests are known before
+    /// anything is written, so a blob already stored (a cached rebuild's
+    /// config and manifest) is only recorded, not written and synced
+    /// again; the others are synced at once, then their directory once
+    /// (see `content::commit_all`), and all are recorded in one
+    /// transaction. Returns their digests, in order.
+    pub fn put_bytes_all(&self, items: &[(&[u8], Option<&str>)]) -> Result<Vec<Digest>> {
+        let _gc = self.gc_guard()?;
+        let digests: Vec<Digest> = items.iter().map(|(b, _)| Digest::sha256_of(b)).collect();
+        let mut writers = Vec::new();
+        for ((bytes, _), d) in items.iter().zip(&digests) {
+            let n = bytes.len() as u64;
+            if self.content.size(d).is_ok_and(|s| s == n) || writers.iter().any(|(_, w, _)| w == d)
+            {
+                continue;
+            }
+            let mut w = self.content.writer_prehashed()?;
+            let tmp = w.temp_path().to_path_buf();
+            std::io::Write::write_all(&mut w, bytes).ctx("write", &tmp)?;
+            writers.push((w, d.clone(), n));
+        }
+        crate::content::commit_all(writers)?;
+        self.meta.write(|tx| {
+            for ((bytes, media_type), d) in items.iter().zip(&digests) {
+                self.meta
+                    .add_blob_tx(tx, d, bytes.len() as u64, *media_type)?;
+            }
+            Ok(())
+        })?;
+        Ok(digests)
+    }
+
+    /// [`Store::put_bytes_all`] for one blob.
     pub fn put_bytes(&self, bytes: &[u8], media_type: Option<&str>) -> Result<Digest> {
         let d = Digest::sha256_of(bytes);
         Ok(self

@@ -163,6 +163,40 @@ fn partial_write_is_invisible() {
 }
 
 #[test]
+fn blobs_stored_together_read_back_and_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let kept = s.put_bytes(b"kept already", None).unwrap();
+    let items: [(&[u8], Option<&str>); 4] = [
+        (
+            b"{\"config\":1}",
+            Some("application/vnd.oci.image.config.v1+json"),
+        ),
+        (b"kept already", None),
+        (
+            b"{\"manifest\":1}",
+            Some("application/vnd.oci.image.manifest.v1+json"),
+        ),
+        (b"{\"config\":1}", None),
+    ];
+    let ds = s.put_bytes_all(&items).unwrap();
+    assert_eq!(ds.len(), 4);
+    assert_eq!(ds[1], kept);
+    assert_eq!(ds[0], ds[3]);
+    for ((bytes, _), d) in items.iter().zip(&ds) {
+        assert_eq!(*d, Digest::sha256_of(bytes));
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut s.open_blob(d).unwrap(), &mut got).unwrap();
+        assert_eq!(&got, bytes);
+        assert!(s.has_local_blob(d));
+    }
+    assert_eq!(tmp_entries(&s), 0, "no temp file left");
+    // Again: nothing is written, the same digests come back.
+    assert_eq!(s.put_bytes_all(&items).unwrap(), ds);
+    assert!(s.put_bytes_all(&[]).unwrap().is_empty());
+}
+
+#[test]
 fn a_cache_hit_is_marked_used_and_kept_while_its_build_runs() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());

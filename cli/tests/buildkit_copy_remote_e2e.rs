@@ -593,6 +593,58 @@ fn build_context_names_a_directory_or_an_image_for_from_and_copy_from() {
     );
 }
 
+#[test]
+fn a_named_context_replaces_the_stage_of_its_name() {
+    if !prerequisites() {
+        return;
+    }
+    let k = Kiln::with_busybox();
+    let dir = context(&[("which", "from the context\n")]);
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox AS base\n\
+         RUN echo from the stage > /which\n\
+         FROM busybox AS tools\n\
+         RUN echo tool > /tool\n\
+         FROM busybox\n\
+         COPY --from=base /which /which\n\
+         COPY --from=tools /tool /tool\n",
+    )]);
+    k.build(ctx.path(), &["-t", "replaced:0"]);
+    assert_eq!(sh(&k, "replaced:0", "cat /which"), "from the stage\n");
+    // As BuildKit: `--build-context base=DIR` replaces the stage named
+    // base (its RUN does not run); the other stage is built as before.
+    let base = format!("base={}", dir.path().display());
+    let p = build_progress(
+        &k,
+        ctx.path(),
+        &["-t", "replaced:1", "--build-context", &base],
+    );
+    assert!(!p.contains("echo from the stage"), "{p}");
+    assert_eq!(
+        sh(&k, "replaced:1", "cat /which /tool"),
+        "from the context\ntool\n"
+    );
+    // An image replacing a stage that is another stage's base.
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox AS base\n\
+         RUN echo stage > /marker\n\
+         FROM base\n\
+         RUN test ! -e /marker && echo replaced > /ok\n",
+    )]);
+    k.build(
+        ctx.path(),
+        &[
+            "-t",
+            "replaced:2",
+            "--build-context",
+            "base=docker-image://busybox",
+        ],
+    );
+    assert_eq!(sh(&k, "replaced:2", "cat /ok"), "replaced\n");
+}
+
 /// `kiln build ARGS…` with `input` on stdin.
 fn run_stdin(k: &Kiln, args: &[&str], input: &[u8]) -> std::process::Output {
     use std::io::Write;

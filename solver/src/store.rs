@@ -869,10 +869,6 @@ impl Backend for StoreBackend {
         let mut config = config.clone();
         config.rootfs.diff_ids = layers.iter().map(|l| l.diff_id.clone()).collect();
         let cbytes = config.to_bytes().map_err(BackendError::ctx("config"))?;
-        let cdigest = self
-            .store
-            .put_bytes(&cbytes, Some(media_types::OCI_CONFIG))
-            .map_err(BackendError::ctx("storing config"))?;
         let config_desc = Descriptor::of_bytes(media_types::OCI_CONFIG, &cbytes);
         let layer_descs: Vec<Descriptor> = layers
             .iter()
@@ -883,10 +879,17 @@ impl Backend for StoreBackend {
             manifest.annotations = Some(self.annotations.clone());
         }
         let mbytes = manifest.to_bytes().map_err(BackendError::ctx("manifest"))?;
-        let mdigest = self
+        // Config and manifest are stored together (synced at once).
+        let stored = self
             .store
-            .put_bytes(&mbytes, Some(media_types::OCI_MANIFEST))
-            .map_err(BackendError::ctx("storing manifest"))?;
+            .put_bytes_all(&[
+                (&cbytes, Some(media_types::OCI_CONFIG)),
+                (&mbytes, Some(media_types::OCI_MANIFEST)),
+            ])
+            .map_err(BackendError::ctx("storing the config and manifest"))?;
+        let [cdigest, mdigest]: [kiln_cache::Digest; 2] = stored
+            .try_into()
+            .map_err(|_| BackendError::ctx("storing")(std::io::Error::other("two blobs")))?;
         let layer_blobs = layers
             .iter()
             .map(|l| cache_digest(&l.digest))

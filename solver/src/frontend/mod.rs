@@ -444,13 +444,18 @@ impl Lowerer<'_> {
                 }
             },
         };
-        // ONBUILD triggers of the base run first, then are dropped.
-        let triggers = state
+        // ONBUILD triggers of the base run first, then are dropped. A
+        // stage replaced by a named context is that context as it is: no
+        // trigger runs (BuildKit's replaced stage is not dispatched).
+        let mut triggers = state
             .config
             .config
             .as_mut()
             .and_then(|c| c.on_build.take())
             .unwrap_or_default();
+        if plan::replacing_context(stage, self.opts.named_contexts.keys()).is_some() {
+            triggers.clear();
+        }
         if triggers.len() > MAX_ONBUILD_TRIGGERS {
             return Err(BuildError::at(
                 stage.line,

@@ -196,6 +196,39 @@ fn find_stage(stages: &[Stage], name: &str, before: usize) -> Option<usize> {
     name.parse::<usize>().ok().filter(|i| *i < before)
 }
 
+/// The named context (its key) that replaces `stage`, if any: a
+/// `--build-context NAME=…` whose NAME is the stage's `AS` name replaces
+/// the whole stage, as BuildKit does (its instructions are not run; every
+/// `FROM NAME` and `COPY --from=NAME` reads the context instead).
+pub fn replacing_context<'a>(
+    stage: &Stage,
+    names: impl IntoIterator<Item = &'a String>,
+) -> Option<&'a String> {
+    let name = stage.name.as_deref()?;
+    names
+        .into_iter()
+        .find(|k| k.eq_ignore_ascii_case(name) && !k.contains('$'))
+}
+
+/// Replaces every stage a named context names (see
+/// [`replacing_context`]) by `FROM NAME` with no instructions, keeping its
+/// `--platform`; `FROM NAME` then resolves to the context (no stage before
+/// it has that name). Returns the replaced stages' indexes.
+pub fn replace_named_stages<'a>(
+    df: &mut Dockerfile,
+    names: impl IntoIterator<Item = &'a String> + Clone,
+) -> Vec<usize> {
+    let mut replaced = Vec::new();
+    for st in &mut df.stages {
+        if let Some(k) = replacing_context(st, names.clone()) {
+            st.base = k.clone();
+            st.instructions.clear();
+            replaced.push(st.index);
+        }
+    }
+    replaced
+}
+
 /// Resolves a `--from` value seen in stage `stage`.
 pub fn resolve_source(df: &Dockerfile, stage: usize, from: &str) -> Source {
     match find_stage(&df.stages, from, stage) {

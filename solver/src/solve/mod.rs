@@ -238,7 +238,7 @@ pub async fn solve(
     cancel: CancellationToken,
     opts: BuildOptions,
 ) -> Result<BuildResult, BuildError> {
-    let df = kiln_parser::parse(&opts.dockerfile)?;
+    let mut df = kiln_parser::parse(&opts.dockerfile)?;
     // `# check=error=true`: a lint finding fails the build, as BuildKit
     // ("lint violation found for rules: …"). Base images' variables are
     // not known yet: a stage on an image is left out of UndefinedVar.
@@ -275,6 +275,8 @@ pub async fn solve(
             });
         }
     }
+    // A named context with a stage's name replaces that stage (BuildKit).
+    let replaced = crate::frontend::plan::replace_named_stages(&mut df, opts.named_contexts.keys());
     let plan = crate::frontend::plan::plan(&df, &opts.build_args, opts.target.as_deref())?;
     let ignore = if opts.ignore.is_empty() {
         None
@@ -324,6 +326,10 @@ pub async fn solve(
                 let crate::frontend::plan::Base::Image(r) = &st.base else {
                     continue;
                 };
+                // A replaced stage runs no ONBUILD trigger of its context.
+                if replaced.contains(&st.index) {
+                    continue;
+                }
                 let Some(triggers) = configs
                     .get(&(r.clone(), st.platform.to_string()))
                     .and_then(|c| c.config.as_ref())
