@@ -707,7 +707,8 @@ impl Store {
         Ok(digests)
     }
 
-    /// [`Store::put_bytes_all`] for one blob.
+    /// One blob in memory (see [`Store::put_bytes_all`]): a blob already
+    /// stored is only recorded.
     pub fn put_bytes(&self, bytes: &[u8], media_type: Option<&str>) -> Result<Digest> {
         let d = Digest::sha256_of(bytes);
         Ok(self

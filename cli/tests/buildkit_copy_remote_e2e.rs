@@ -643,6 +643,41 @@ fn a_named_context_replaces_the_stage_of_its_name() {
         ],
     );
     assert_eq!(sh(&k, "replaced:2", "cat /ok"), "replaced\n");
+    // The replaced stage's own ONBUILD lines still run in its children,
+    // and it may be read before it is defined (both as BuildKit).
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox AS first\n\
+         COPY --from=base /which /early\n\
+         FROM busybox AS base\n\
+         ONBUILD RUN echo trigger > /trig\n\
+         RUN echo stage > /which\n\
+         FROM base\n\
+         COPY --from=first /early /early\n",
+    )]);
+    let rootfs = tempfile::tempdir().expect("tempdir");
+    common::make_rootfs(rootfs.path());
+    std::fs::write(rootfs.path().join("which"), "from the context\n").expect("write");
+    let rooted = format!("base={}", rootfs.path().display());
+    k.build(
+        ctx.path(),
+        &["-t", "replaced:3", "--build-context", &rooted],
+    );
+    assert_eq!(
+        sh(&k, "replaced:3", "cat /early /which /trig"),
+        "from the context\nfrom the context\ntrigger\n"
+    );
+    // BuildKit never takes `scratch` or `context` from a named context.
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox AS context\n\
+         RUN echo from the stage > /which\n\
+         FROM busybox\n\
+         COPY --from=context /which /which\n",
+    )]);
+    let named = format!("context={}", dir.path().display());
+    k.build(ctx.path(), &["-t", "replaced:4", "--build-context", &named]);
+    assert_eq!(sh(&k, "replaced:4", "cat /which"), "from the stage\n");
 }
 
 /// `kiln build ARGS…` with `input` on stdin.

@@ -300,21 +300,28 @@ impl<R: Read> Read for CountingReader<'_, R> {
 /// sent): its bytes as they come.
 pub trait StreamBody: Read {
     /// Called once, when the upload session is open and before any byte
-    /// is sent; may wait. The blob's digest and size when all of it is
-    /// ready by then (a small layer compressed while the session was
-    /// being opened): it then goes up in one PUT with its length — one
-    /// request fewer, and a body the registry reads in one piece. `None`:
-    /// it is streamed.
-    fn whole(&mut self) -> Option<(Digest, u64)> {
+    /// is sent; may wait a little (`stop` says when to give up waiting:
+    /// the push is being cancelled). The blob's digest and size when all
+    /// of it is ready by then (a small layer compressed while the session
+    /// was being opened): it is then read into memory and goes up in one
+    /// PUT with its length — one request fewer, a body the registry reads
+    /// in one piece, and one that can be sent again after a 401. `None`:
+    /// it is streamed. A blob whole this way is at most
+    /// [`MAX_WHOLE_BODY`] bytes.
+    fn whole(&mut self, _stop: &dyn Fn() -> bool) -> Option<(Digest, u64)> {
         None
     }
 }
 
-/// Hashes what it reads (when it has a hasher) and notes a read error
-/// (so that the caller can tell a failing source from a failing network).
+/// The largest blob [`StreamBody::whole`] may offer (it is held in memory
+/// while it is sent).
+pub const MAX_WHOLE_BODY: u64 = 16 << 20;
+
+/// Hashes what it reads and notes a read error (so that the caller can
+/// tell a failing source from a failing network).
 struct NotingReader<R> {
     inner: R,
-    hasher: Option<Hasher>,
+    hasher: Hasher,
     failed: Option<String>,
 }
 
@@ -322,9 +329,7 @@ impl<R: Read> Read for NotingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.inner.read(buf) {
             Ok(n) => {
-                if let Some(h) = self.hasher.as_mut() {
-                    h.update(&buf[..n]);
-                }
+                self.hasher.update(&buf[..n]);
                 Ok(n)
             }
             Err(e) => {
@@ -1107,7 +1112,9 @@ impl Registry {
             )
         })?;
         let url = self.upload_url(&r)?;
-        let whole = source.whole();
+        let whole = source
+            .whole(&|| self.cancel.is_cancelled())
+            .filter(|(_, n)| *n <= MAX_WHOLE_BODY);
         let source: Box<dyn Read + '_> = source;
         let source = self.cancellable(source);
         let result = match whole {
@@ -1143,29 +1150,30 @@ impl Registry {
         size: u64,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<(Digest, u64)> {
-        let mut reader = NotingReader {
-            inner: CountingReader {
-                inner: source,
-                progress,
-            },
-            hasher: None,
-            failed: None,
-        };
+        // Read whole (at most MAX_WHOLE_BODY), so that a 401 (a token
+        // that expired while the layer was compressed) can be answered
+        // by sending it again.
+        let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        source
+            .take(size)
+            .read_to_end(&mut bytes)
+            .map_err(|e| RegistryError::Local(format!("reading the blob to upload: {e}")))?;
+        if bytes.len() as u64 != size {
+            return Err(RegistryError::Local(format!(
+                "reading the blob to upload: {} bytes of {size}",
+                bytes.len()
+            )));
+        }
         let digest_q = format!("digest={}", percent(digest.as_str()));
-        let sent = self.send_once(
+        self.send_once(
             "PUT",
             &with_query(url, &digest_q),
             scope,
             &[("Content-Type", "application/octet-stream")],
-            Body::Stream(Box::new(&mut reader), Some(size)),
+            Body::Bytes(&bytes),
             what,
-        );
-        if let Some(e) = reader.failed.take() {
-            return Err(RegistryError::Local(format!(
-                "reading the blob to upload: {e}"
-            )));
-        }
-        sent?;
+        )?;
+        progress(size);
         Ok((digest, size))
     }
 
@@ -1185,7 +1193,7 @@ impl Registry {
                 inner: source,
                 progress,
             },
-            hasher: Some(Hasher::new()),
+            hasher: Hasher::new(),
             failed: None,
         };
         let sent = self.send_once(
@@ -1200,9 +1208,8 @@ impl Registry {
             return Err(local(e));
         }
         let url = self.upload_url(&sent?)?;
-        let hasher = reader.hasher.take().unwrap_or_default();
-        let size = hasher.len();
-        let digest = hasher.finish();
+        let size = reader.hasher.len();
+        let digest = reader.hasher.finish();
         let digest_q = format!("digest={}", percent(digest.as_str()));
         self.send_once(
             "PUT",

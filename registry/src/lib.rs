@@ -50,7 +50,7 @@ mod transfer;
 pub use auth::{parse_challenge, Challenge};
 pub use client::{
     ClientOptions, PushOutcome, Registry, StreamBody, VerifyingReader, MANIFEST_ACCEPT,
-    MIRROR_RETRIES,
+    MAX_WHOLE_BODY, MIRROR_RETRIES,
 };
 pub use config::{Credentials, RegistryConfig};
 pub use error::{RegistryError, Result};

@@ -838,6 +838,12 @@ struct SpoolState {
 /// larger one is streamed while it is compressed.
 const WHOLE_LIMIT: u64 = 8 << 20;
 
+const _: () = assert!(WHOLE_LIMIT <= kiln_registry::MAX_WHOLE_BODY);
+
+/// How long an upload waits for its layer to be whole (see
+/// [`WHOLE_LIMIT`]) before it streams it instead.
+const WHOLE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Spool {
     fn lock(&self) -> std::sync::MutexGuard<'_, SpoolState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -944,7 +950,11 @@ impl Read for SpoolReader<'_> {
 }
 
 impl kiln_registry::StreamBody for SpoolReader<'_> {
-    fn whole(&mut self) -> Option<(Digest, u64)> {
+    /// Waits for the compression to end, to pass [`WHOLE_LIMIT`], to
+    /// take longer than [`WHOLE_WAIT`] (a layer slow to compress is
+    /// streamed: the upload session is not left idle), or for `stop`.
+    fn whole(&mut self, stop: &dyn Fn() -> bool) -> Option<(Digest, u64)> {
+        let until = std::time::Instant::now() + WHOLE_WAIT;
         let mut st = self.spool.lock();
         loop {
             match &st.end {
@@ -953,7 +963,17 @@ impl kiln_registry::StreamBody for SpoolReader<'_> {
                 None if st.written > WHOLE_LIMIT => return None,
                 None => {}
             }
-            st = self.spool.moved.wait(st).unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            if now >= until || stop() {
+                return None;
+            }
+            let step = (until - now).min(std::time::Duration::from_millis(50));
+            st = self
+                .spool
+                .moved
+                .wait_timeout(st, step)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
         }
     }
 }
@@ -1477,8 +1497,11 @@ fn push_to(
 /// encoded per `enc`, up to `jobs` at once: a blob already encoded that
 /// way (or remembered in the memo) is sent as it is (HEAD first, mount,
 /// upload); one that must be compressed is compressed while it is
-/// uploaded, and remembered. `configs` (stored blobs, sent as they are)
-/// go first among them. Then `then` gets the pushed layers' descriptors,
+/// uploaded (a small layer whole by the time its upload session is open
+/// goes up in one `PUT`), and remembered. `configs` (blobs `source`
+/// reads, sent as they are) go up on a thread of their own beside the
+/// layers; one refused stops the layers not yet started. Then `then` gets
+/// the pushed layers' descriptors,
 /// in order, and runs while the last layers' memo entries are committed;
 /// every memo entry is kept before this returns `then`'s result.
 #[allow(clippy::too_many_arguments)]
@@ -1502,6 +1525,8 @@ pub(crate) fn push_layers<R>(
     // commits (one after another, ten layers' syncs were the push's tail).
     let (memo, kept) = std::sync::mpsc::channel::<Memo>();
     let kept = std::sync::Mutex::new(kept);
+    // A config the registry refuses stops the layers not yet started.
+    let config_failed = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         for _ in 0..MEMO_COMMITTERS {
             s.spawn(|| loop {
@@ -1517,10 +1542,18 @@ pub(crate) fn push_layers<R>(
         // slots (a small blob's requests would hold a slot for as long as
         // a layer's compression takes a turn).
         let configs_up = s.spawn(|| {
-            reg.push_blobs(repo, configs, source, configs.len().max(1), transfer)
-                .map_err(TransferError::src)
+            let r = reg
+                .push_blobs(repo, configs, source, configs.len().max(1), transfer)
+                .map_err(TransferError::src);
+            if r.is_err() {
+                config_failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            r
         });
         let one = |i: usize| -> Result<Descriptor, TransferError> {
+            if config_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(TransferError::invalid("stopped: the config upload failed"));
+            }
             let Some((l, diff)) = layers.get(i) else {
                 return Err(TransferError::invalid("layer index out of range"));
             };
@@ -1540,9 +1573,10 @@ pub(crate) fn push_layers<R>(
         let configs_pushed = configs_up
             .join()
             .unwrap_or_else(|_| Err(TransferError::invalid("the config upload panicked")));
-        let pushed = pushed?;
+        // The config's own error first (the layers' may only say they
+        // stopped for it).
         configs_pushed?;
-        Ok(then(pushed))
+        Ok(then(pushed?))
     })
 }
 

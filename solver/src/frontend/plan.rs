@@ -202,18 +202,27 @@ fn find_stage(stages: &[Stage], name: &str, before: usize) -> Option<usize> {
 /// `FROM NAME` and `COPY --from=NAME` reads the context instead).
 pub fn replacing_context<'a>(
     stage: &Stage,
-    names: impl IntoIterator<Item = &'a String>,
+    names: impl IntoIterator<Item = &'a String> + Clone,
 ) -> Option<&'a String> {
     let name = stage.name.as_deref()?;
+    // BuildKit never takes `scratch` or `context` from a named context.
+    if ["scratch", "context"].contains(&name) {
+        return None;
+    }
+    // The name as written, else one differing only in case.
     names
+        .clone()
         .into_iter()
-        .find(|k| k.eq_ignore_ascii_case(name) && !k.contains('$'))
+        .find(|k| k.as_str() == name)
+        .or_else(|| names.into_iter().find(|k| k.eq_ignore_ascii_case(name)))
 }
 
 /// Replaces every stage a named context names (see
-/// [`replacing_context`]) by `FROM NAME` with no instructions, keeping its
-/// `--platform`; `FROM NAME` then resolves to the context (no stage before
-/// it has that name). Returns the replaced stages' indexes.
+/// [`replacing_context`]) by `FROM NAME`, keeping its `--platform` and
+/// of its instructions only the `ONBUILD`s (as BuildKit, whose child
+/// stages still run a replaced stage's `ONBUILD` lines); `FROM NAME` then
+/// resolves to the context (no stage before it has that name). Returns
+/// the replaced stages' indexes.
 pub fn replace_named_stages<'a>(
     df: &mut Dockerfile,
     names: impl IntoIterator<Item = &'a String> + Clone,
@@ -222,11 +231,27 @@ pub fn replace_named_stages<'a>(
     for st in &mut df.stages {
         if let Some(k) = replacing_context(st, names.clone()) {
             st.base = k.clone();
-            st.instructions.clear();
+            st.instructions
+                .retain(|i| matches!(i.kind, Kind::Onbuild { .. }));
             replaced.push(st.index);
         }
     }
     replaced
+}
+
+/// Whether `stage` is only `FROM X AS X` (ONBUILD lines aside): a stage a
+/// named context replaced (see [`replace_named_stages`]), or one that is
+/// the image of its name. Read before it is defined, it is that image or
+/// context (BuildKit: a replaced stage may be read from anywhere).
+fn is_bare_alias(stage: &Stage) -> bool {
+    stage
+        .name
+        .as_deref()
+        .is_some_and(|n| stage.base.eq_ignore_ascii_case(n))
+        && stage
+            .instructions
+            .iter()
+            .all(|i| matches!(i.kind, Kind::Onbuild { .. }))
 }
 
 /// Resolves a `--from` value seen in stage `stage`.
@@ -373,12 +398,9 @@ pub fn plan_with(
                     if !deps.contains(&j) {
                         deps.push(j);
                     }
-                } else if df
-                    .stages
-                    .iter()
-                    .skip(i)
-                    .any(|s| s.name.as_deref() == Some(from.to_lowercase().as_str()))
-                {
+                } else if df.stages.iter().skip(i).any(|s| {
+                    s.name.as_deref() == Some(from.to_lowercase().as_str()) && !is_bare_alias(s)
+                }) {
                     return Err(BuildError::at(
                         instr.line,
                         format!("stage {from:?} is used before it is defined; stages can only refer to earlier stages"),
