@@ -541,6 +541,21 @@ fn an_onbuild_trigger_is_one_instruction() {
             .unwrap_or_else(|| panic!("trigger {trigger:?} ran"));
         assert!(e.to_string().contains("ONBUILD"), "{trigger:?}: {e}");
     }
+    // A base with more triggers than kiln runs is refused at its FROM,
+    // before any is parsed; one at the cap runs.
+    for (n, ok) in [(1024, true), (1025, false)] {
+        let mut cfg = ImageConfig::new(&Platform::host());
+        cfg.config_mut().on_build = Some(vec!["RUN true".to_string(); n]);
+        let images = HashMap::from([("base".to_string(), cfg)]);
+        let r = lower_with("FROM base\nRUN ok\n", &images, |_| {});
+        match r {
+            Ok(_) => assert!(ok, "{n} triggers ran"),
+            Err(e) => {
+                assert!(!ok, "{n} triggers: {e}");
+                assert!(e.to_string().contains("at most 1024"), "{e}");
+            }
+        }
+    }
 }
 
 /// Hostile Dockerfiles are lowered in linear time and bounded memory, or
