@@ -678,6 +678,33 @@ fn a_named_context_replaces_the_stage_of_its_name() {
     let named = format!("context={}", dir.path().display());
     k.build(ctx.path(), &["-t", "replaced:4", "--build-context", &named]);
     assert_eq!(sh(&k, "replaced:4", "cat /which"), "from the stage\n");
+    // Names are compared as BuildKit compares them: a context named
+    // `docker.io/library/base:latest` is `base`, and `FROM img:latest`
+    // finds a context named `img`.
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox AS base\n\
+         RUN echo from the stage > /which\n\
+         FROM img:latest\n\
+         COPY --from=base /which /which\n\
+         RUN test -x /bin/sh && echo ok > /ok\n",
+    )]);
+    let long = format!("docker.io/library/base:latest={}", dir.path().display());
+    k.build(
+        ctx.path(),
+        &[
+            "-t",
+            "replaced:5",
+            "--build-context",
+            &long,
+            "--build-context",
+            "img=docker-image://busybox",
+        ],
+    );
+    assert_eq!(
+        sh(&k, "replaced:5", "cat /which /ok"),
+        "from the context\nok\n"
+    );
 }
 
 /// `kiln build ARGS…` with `input` on stdin.

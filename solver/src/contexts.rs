@@ -5,6 +5,7 @@
 //! (`oci-layout://PATH[:TAG]`, which `kiln build` imports into the store
 //! and then uses as an image).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 crate::error::module_error! {
@@ -61,9 +62,71 @@ pub fn parse_build_context(s: &str) -> Result<(String, NamedContext), NamedConte
     Ok((name.to_string(), ctx))
 }
 
+/// The name a named context is found by, as BuildKit compares them: an
+/// image reference in its short form without `:latest`
+/// (`docker.io/library/alpine:latest`, `alpine:latest` and `alpine` are
+/// one name); a name that is not a valid reference, as it is.
+pub fn context_key(name: &str) -> String {
+    match kiln_image::reference::normalize(name) {
+        Ok(full) => {
+            let short = full
+                .strip_prefix("docker.io/library/")
+                .or_else(|| full.strip_prefix("docker.io/"))
+                .unwrap_or(&full);
+            short.strip_suffix(":latest").unwrap_or(short).to_string()
+        }
+        Err(_) => name.to_string(),
+    }
+}
+
+/// The context `name` (a `FROM` image, a `--from` value) stands for: the
+/// entry of that name, else one naming the same image (see
+/// [`context_key`]).
+pub fn lookup<'a>(map: &'a BTreeMap<String, NamedContext>, name: &str) -> Option<&'a NamedContext> {
+    if let Some(c) = map.get(name) {
+        return Some(c);
+    }
+    let key = context_key(name);
+    map.iter()
+        .find(|(n, _)| context_key(n) == key)
+        .map(|(_, c)| c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_compared_as_buildkit_does() {
+        let map = BTreeMap::from([
+            (
+                "docker.io/library/alpine:latest".to_string(),
+                NamedContext::Image("busybox".into()),
+            ),
+            ("tools".to_string(), NamedContext::Image("x".into())),
+        ]);
+        for n in [
+            "alpine",
+            "alpine:latest",
+            "docker.io/alpine",
+            "docker.io/library/alpine",
+        ] {
+            assert_eq!(
+                lookup(&map, n),
+                Some(&NamedContext::Image("busybox".into())),
+                "{n}"
+            );
+        }
+        assert_eq!(lookup(&map, "alpine:3.19"), None);
+        assert_eq!(
+            lookup(&map, "tools:latest"),
+            Some(&NamedContext::Image("x".into()))
+        );
+        assert_eq!(lookup(&map, "other"), None);
+        assert_eq!(context_key("Not A Reference"), "Not A Reference");
+        assert_eq!(context_key("ghcr.io/o/i:latest"), "ghcr.io/o/i");
+        assert_eq!(context_key("docker.io/user/img:1"), "user/img:1");
+    }
 
     #[test]
     fn parses_kinds() {

@@ -68,7 +68,10 @@ pub fn base_images(plan: &Plan, opts: &BuildOptions) -> Vec<(usize, String, Plat
         .iter()
         .filter_map(|s| match &s.base {
             plan::Base::Image(r)
-                if !matches!(opts.named_contexts.get(r), Some(NamedContext::Dir(_))) =>
+                if !matches!(
+                    crate::contexts::lookup(&opts.named_contexts, r),
+                    Some(NamedContext::Dir(_))
+                ) =>
             {
                 Some((s.index, r.clone(), s.platform.clone()))
             }
@@ -411,38 +414,43 @@ impl Lowerer<'_> {
                 s.cmd_set = false;
                 (Source::Stage(*j), s)
             }
-            plan::Base::Image(reference) => match self.opts.named_contexts.get(reference) {
-                Some(NamedContext::Dir(dir)) => {
-                    // The directory's files (owned by root, as the build
-                    // context's are) become the base's one layer.
-                    let mut s = scratch_state(platform);
-                    out.ops.push(LayerOp {
-                        name: format!("[{label} 1/{total}] FROM {reference} ({})", dir.display()),
-                        location: self.location(stage.line, stage.line),
-                        op: Op::ContextDir(ContextDirOp { dir: dir.clone() }),
-                    });
-                    s.push_layer_history(
-                        self.created,
-                        format!("FROM {reference} (directory {})", dir.display()),
-                    );
-                    (Source::Scratch, s)
-                }
-                _ => {
-                    let config = images.image_config(reference, platform).ok_or_else(|| {
-                        BuildError::at(
-                            stage.line,
-                            format!("{reference} ({platform}): image not resolved"),
+            plan::Base::Image(reference) => {
+                match crate::contexts::lookup(&self.opts.named_contexts, reference) {
+                    Some(NamedContext::Dir(dir)) => {
+                        // The directory's files (owned by root, as the build
+                        // context's are) become the base's one layer.
+                        let mut s = scratch_state(platform);
+                        out.ops.push(LayerOp {
+                            name: format!(
+                                "[{label} 1/{total}] FROM {reference} ({})",
+                                dir.display()
+                            ),
+                            location: self.location(stage.line, stage.line),
+                            op: Op::ContextDir(ContextDirOp { dir: dir.clone() }),
+                        });
+                        s.push_layer_history(
+                            self.created,
+                            format!("FROM {reference} (directory {})", dir.display()),
+                        );
+                        (Source::Scratch, s)
+                    }
+                    _ => {
+                        let config = images.image_config(reference, platform).ok_or_else(|| {
+                            BuildError::at(
+                                stage.line,
+                                format!("{reference} ({platform}): image not resolved"),
+                            )
+                        })?;
+                        (
+                            Source::Image {
+                                reference: reference.clone(),
+                                platform: platform.clone(),
+                            },
+                            image_state(config),
                         )
-                    })?;
-                    (
-                        Source::Image {
-                            reference: reference.clone(),
-                            platform: platform.clone(),
-                        },
-                        image_state(config),
-                    )
+                    }
                 }
-            },
+            }
         };
         // ONBUILD triggers of the base run first, then are dropped. A
         // stage replaced by a named context is that context as it is: no
@@ -669,13 +677,15 @@ impl Lowerer<'_> {
     fn source_ref(&self, stage: usize, from: &str) -> Source {
         match plan::resolve_source(self.df, stage, from) {
             plan::Source::Stage(j) => Source::Stage(j),
-            plan::Source::Image(reference) => match self.opts.named_contexts.get(&reference) {
-                Some(NamedContext::Dir(d)) => Source::ContextDir(d.clone()),
-                _ => Source::Image {
-                    reference,
-                    platform: self.plan.platform.clone(),
-                },
-            },
+            plan::Source::Image(reference) => {
+                match crate::contexts::lookup(&self.opts.named_contexts, &reference) {
+                    Some(NamedContext::Dir(d)) => Source::ContextDir(d.clone()),
+                    _ => Source::Image {
+                        reference,
+                        platform: self.plan.platform.clone(),
+                    },
+                }
+            }
         }
     }
 

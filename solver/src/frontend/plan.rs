@@ -209,12 +209,24 @@ pub fn replacing_context<'a>(
     if ["scratch", "context"].contains(&name) {
         return None;
     }
-    // The name as written, else one differing only in case.
+    // The name as written, else one differing only in case, else one
+    // naming the same image (`docker.io/library/base:latest`).
+    let key = crate::contexts::context_key(name);
     names
         .clone()
         .into_iter()
         .find(|k| k.as_str() == name)
-        .or_else(|| names.into_iter().find(|k| k.eq_ignore_ascii_case(name)))
+        .or_else(|| {
+            names
+                .clone()
+                .into_iter()
+                .find(|k| k.eq_ignore_ascii_case(name))
+        })
+        .or_else(|| {
+            names
+                .into_iter()
+                .find(|k| crate::contexts::context_key(k) == key)
+        })
 }
 
 /// Replaces every stage a named context names (see

@@ -105,7 +105,7 @@ impl Images {
         reference: &str,
         line: crate::error::Location,
     ) -> Result<String, BuildError> {
-        match self.named.get(reference) {
+        match crate::contexts::lookup(&self.named, reference) {
             None => Ok(reference.to_string()),
             Some(NamedContext::Image(r)) => Ok(r.clone()),
             Some(NamedContext::Dir(d)) => Err(BuildError::at(
