@@ -710,10 +710,9 @@ impl Store {
     /// One blob in memory (see [`Store::put_bytes_all`]): a blob already
     /// stored is only recorded.
     pub fn put_bytes(&self, bytes: &[u8], media_type: Option<&str>) -> Result<Digest> {
-        let d = Digest::sha256_of(bytes);
-        Ok(self
-            .put_verified_blob(bytes, &d, bytes.len() as u64, media_type)?
-            .0)
+        self.put_bytes_all(&[(bytes, media_type)])?
+            .pop()
+            .ok_or_else(|| Error::InvalidState("no digest for a stored blob".to_string()))
     }
 
     /// Record an image without a name (a build without tags, an archive

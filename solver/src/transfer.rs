@@ -862,7 +862,10 @@ impl Spool {
         let mut st = self.lock();
         st.end = Some(end.clone());
         if end.is_ok() {
-            st.whole = hasher.map(|h| (h.len(), h.finish())).map(|(n, d)| (d, n));
+            st.whole = hasher.map(|h| {
+                let n = h.len();
+                (h.finish(), n)
+            });
         }
         self.moved.notify_all();
         end
