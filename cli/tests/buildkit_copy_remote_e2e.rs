@@ -705,6 +705,26 @@ fn a_named_context_replaces_the_stage_of_its_name() {
         sh(&k, "replaced:5", "cat /which /ok"),
         "from the context\nok\n"
     );
+    // Under that long name too, the replaced stage may be read first.
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox AS first\n\
+         COPY --from=base /which /early\n\
+         FROM busybox AS base\n\
+         RUN echo from the stage > /which\n",
+    )]);
+    k.build(
+        ctx.path(),
+        &[
+            "-t",
+            "replaced:6",
+            "--target",
+            "first",
+            "--build-context",
+            &long,
+        ],
+    );
+    assert_eq!(sh(&k, "replaced:6", "cat /early"), "from the context\n");
 }
 
 /// `kiln build ARGS…` with `input` on stdin.

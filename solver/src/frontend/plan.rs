@@ -256,14 +256,13 @@ pub fn replace_named_stages<'a>(
 /// the image of its name. Read before it is defined, it is that image or
 /// context (BuildKit: a replaced stage may be read from anywhere).
 fn is_bare_alias(stage: &Stage) -> bool {
-    stage
-        .name
-        .as_deref()
-        .is_some_and(|n| stage.base.eq_ignore_ascii_case(n))
-        && stage
-            .instructions
-            .iter()
-            .all(|i| matches!(i.kind, Kind::Onbuild { .. }))
+    stage.name.as_deref().is_some_and(|n| {
+        stage.base.eq_ignore_ascii_case(n)
+            || crate::contexts::context_key(&stage.base) == crate::contexts::context_key(n)
+    }) && stage
+        .instructions
+        .iter()
+        .all(|i| matches!(i.kind, Kind::Onbuild { .. }))
 }
 
 /// Resolves a `--from` value seen in stage `stage`.
